@@ -1,0 +1,285 @@
+// CPU kernels for varlen_rnn: one GRU layer (both directions) over a padded
+// batch driven by lengths, forward and backward, + TORCH_LIBRARY_IMPL(CPU).
+//
+// Schedule. Rows are visited longest-first through `perm`, a stable argsort of
+// the B lengths; the caller's tensors are never permuted. The hidden state is
+// kept in that sorted order, so at step s the running rows are exactly the
+// first active[s] rows: the per-step GEMM runs on a contiguous block and
+// finished sequences cost nothing. The reverse direction uses the same
+// schedule: at step s row i is at time len[i]-1-s.
+//
+// Packed layout. Valid positions (t, i) are numbered offset[t] + i (the
+// PackedSequence order). The input projection runs once over the N packed rows
+// (no work on padding), and the workspace stores each direction's step s at
+// rows offset[s] + i, so the backward's weight GEMMs cover exactly N rows.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <numeric>
+#include <vector>
+
+#include "gate_math.h"
+#include "gru.h"
+
+namespace varlen_rnn {
+namespace {
+
+struct Schedule {
+  std::vector<int64_t> perm;    // [B] perm[i]: batch row of the i-th longest sequence
+  std::vector<int64_t> len;     // [B] len[i] = lengths[perm[i]], descending
+  std::vector<int64_t> active;  // [max_len] rows with length > s
+  std::vector<int64_t> offset;  // [max_len + 1] packed row of (s, 0); offset[max_len] = N
+  int64_t max_len = 0;
+  int64_t N() const { return offset.back(); }
+};
+
+Schedule make_schedule(const at::Tensor& lengths, int64_t T) {
+  const at::Tensor l = lengths.to(at::kLong).contiguous();
+  const int64_t* p = l.const_data_ptr<int64_t>();
+  const int64_t B = l.numel();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(p[b] >= 0 && p[b] <= T, "lengths must be in [0, T] with T=", T,
+                " (the input's time dimension), got lengths[", b, "]=", p[b]);
+  }
+  Schedule s;
+  s.perm.resize(B);
+  std::iota(s.perm.begin(), s.perm.end(), 0);
+  std::stable_sort(s.perm.begin(), s.perm.end(),
+                   [p](int64_t a, int64_t b) { return p[a] > p[b]; });
+  s.len.resize(B);
+  for (int64_t i = 0; i < B; ++i) s.len[i] = p[s.perm[i]];
+  s.max_len = B > 0 ? s.len[0] : 0;
+  s.active.assign(s.max_len, 0);
+  int64_t i = B;
+  for (int64_t t = 0; t < s.max_len; ++t) {
+    while (i > 0 && s.len[i - 1] <= t) --i;
+    s.active[t] = i;
+  }
+  s.offset.assign(s.max_len + 1, 0);
+  for (int64_t t = 0; t < s.max_len; ++t) s.offset[t + 1] = s.offset[t] + s.active[t];
+  return s;
+}
+
+// Row of the 2-D input view [T*B or B*T, I] for each packed position.
+at::Tensor packed_rows(const Schedule& s, const LayerDims& d) {
+  at::Tensor idx = at::empty({s.N()}, at::kLong);
+  int64_t* q = idx.data_ptr<int64_t>();
+  for (int64_t t = 0; t < s.max_len; ++t)
+    for (int64_t i = 0; i < s.active[t]; ++i)
+      q[s.offset[t] + i] = d.batch_first ? s.perm[i] * d.T + t : t * d.B + s.perm[i];
+  return idx;
+}
+
+at::Tensor perm_tensor(const Schedule& s) {
+  return at::tensor(s.perm, at::TensorOptions().dtype(at::kLong));
+}
+
+// Rows per parallel task: enough elements to pay for a thread hand-off.
+int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 4096 / H); }
+
+// Time of sorted row i at step s of direction `reverse`.
+inline int64_t time_of(const Schedule& s, int64_t i, int64_t step, bool reverse) {
+  return reverse ? s.len[i] - 1 - step : step;
+}
+
+template <typename scalar_t>
+void forward_impl(const LayerDims& d, const Schedule& s, const at::Tensor& input2d,
+                  const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                  const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+                  at::Tensor& output, at::Tensor& h_n, at::Tensor* workspace) {
+  const int64_t H = d.H, G = 3 * H, DG = d.D * G, N = s.N();
+  const at::Tensor xp = input2d.index_select(0, packed_rows(s, d));  // [N, I]
+  const at::Tensor w_ih2 = w_ih.reshape({DG, d.I});
+  // [N, D*3H]: both directions' input projections in one GEMM.
+  const at::Tensor gx = b_ih ? at::addmm(b_ih->reshape({DG}), xp, w_ih2.t()) : at::mm(xp, w_ih2.t());
+  const at::Tensor perm = perm_tensor(s);
+  const int64_t st = d.stride_t(d.D * H), sb = d.stride_b(d.D * H);
+  const scalar_t* gx_p = gx.const_data_ptr<scalar_t>();
+  scalar_t* out_p = output.data_ptr<scalar_t>();
+  at::Tensor gh = at::empty({d.B, G}, input2d.options());  // [B, 3H] per-step W_hh h
+  if (workspace) workspace->narrow(1, N, d.T * d.B - N).zero_();
+
+  for (int64_t dir = 0; dir < d.D; ++dir) {
+    const bool reverse = dir == 1;
+    at::Tensor h = hx[dir].index_select(0, perm);  // [B, H] sorted order
+    const at::Tensor w_hh_t = w_hh[dir].t();       // [H, 3H]
+    const scalar_t* bhh = b_hh ? b_hh->const_data_ptr<scalar_t>() + dir * G : nullptr;
+    scalar_t* h_p = h.data_ptr<scalar_t>();
+    const scalar_t* gh_p = gh.const_data_ptr<scalar_t>();
+    scalar_t* ws_p = workspace ? workspace->data_ptr<scalar_t>() + dir * d.T * d.B * 4 * H : nullptr;
+    for (int64_t step = 0; step < s.max_len; ++step) {
+      const int64_t n = s.active[step];
+      at::Tensor gh_n = gh.narrow(0, 0, n);
+      at::mm_out(gh_n, h.narrow(0, 0, n), w_hh_t);
+      at::parallel_for(0, n, row_grain(H), [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t t = time_of(s, i, step, reverse);
+          const scalar_t* gxr = gx_p + (s.offset[t] + i) * DG + dir * G;
+          const scalar_t* ghr = gh_p + i * G;
+          scalar_t* hr = h_p + i * H;
+          scalar_t* outr = out_p + t * st + s.perm[i] * sb + dir * H;
+          scalar_t* wsr = ws_p ? ws_p + (s.offset[step] + i) * 4 * H : nullptr;
+          for (int64_t j = 0; j < H; ++j) {
+            const scalar_t br = bhh ? bhh[j] : 0, bz = bhh ? bhh[H + j] : 0,
+                           bn = bhh ? bhh[2 * H + j] : 0;
+            GruCellSaved<scalar_t> sv;
+            const scalar_t hnew = gru_cell_forward<scalar_t>(
+                gxr[j], gxr[H + j], gxr[2 * H + j], ghr[j] + br, ghr[H + j] + bz,
+                ghr[2 * H + j] + bn, hr[j], sv);
+            hr[j] = hnew;
+            outr[j] = hnew;
+            if (wsr) {
+              wsr[j] = sv.r;
+              wsr[H + j] = sv.z;
+              wsr[2 * H + j] = sv.n;
+              wsr[3 * H + j] = sv.hn;
+            }
+          }
+        }
+      });
+    }
+    h_n[dir].index_copy_(0, perm, h);
+  }
+}
+
+template <typename scalar_t>
+void backward_impl(const LayerDims& d, const Schedule& s, const at::Tensor& grad_output,
+                   const at::Tensor& grad_h_n, const at::Tensor& input2d, const at::Tensor& hx,
+                   const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output,
+                   const at::Tensor& workspace, at::Tensor& grad_input2d, at::Tensor& grad_hx,
+                   at::Tensor& grad_w_ih, at::Tensor& grad_w_hh, at::Tensor& grad_b_ih,
+                   at::Tensor& grad_b_hh) {
+  const int64_t H = d.H, G = 3 * H, DG = d.D * G, N = s.N();
+  const at::Tensor perm = perm_tensor(s);
+  const int64_t st = d.stride_t(d.D * H), sb = d.stride_b(d.D * H);
+  at::Tensor dgx = at::empty({N, DG}, input2d.options());  // [N, D*3H] packed, time order
+  at::Tensor dgh = at::empty({N, G}, input2d.options());   // [N, 3H] step order, one dir
+  at::Tensor hprev = at::empty({N, H}, input2d.options()); // [N, H] step order, one dir
+  const scalar_t* go_p = grad_output.const_data_ptr<scalar_t>();
+  const scalar_t* out_p = output.const_data_ptr<scalar_t>();
+  const scalar_t* hx_p = hx.const_data_ptr<scalar_t>();
+  scalar_t* dgx_p = dgx.data_ptr<scalar_t>();
+  scalar_t* dgh_p = dgh.data_ptr<scalar_t>();
+  scalar_t* hp_p = hprev.data_ptr<scalar_t>();
+
+  for (int64_t dir = 0; dir < d.D; ++dir) {
+    const bool reverse = dir == 1;
+    at::Tensor dh = grad_h_n[dir].index_select(0, perm);  // [B, H] sorted order
+    scalar_t* dh_p = dh.data_ptr<scalar_t>();
+    const scalar_t* ws_p = workspace.const_data_ptr<scalar_t>() + dir * d.T * d.B * 4 * H;
+    const at::Tensor w_hh_d = w_hh[dir];  // [3H, H]
+    for (int64_t step = s.max_len - 1; step >= 0; --step) {
+      const int64_t n = s.active[step];
+      at::parallel_for(0, n, row_grain(H), [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t t = time_of(s, i, step, reverse), b = s.perm[i];
+          const bool first = reverse ? t == s.len[i] - 1 : t == 0;
+          const scalar_t* prev =
+              first ? hx_p + (dir * d.B + b) * H
+                    : out_p + (reverse ? t + 1 : t - 1) * st + b * sb + dir * H;
+          const scalar_t* gor = go_p + t * st + b * sb + dir * H;
+          const int64_t row = s.offset[step] + i;
+          const scalar_t* wsr = ws_p + row * 4 * H;
+          scalar_t* dgxr = dgx_p + (s.offset[t] + i) * DG + dir * G;
+          scalar_t* dghr = dgh_p + row * G;
+          scalar_t* hpr = hp_p + row * H;
+          scalar_t* dhr = dh_p + i * H;
+          for (int64_t j = 0; j < H; ++j) {
+            const GruCellSaved<scalar_t> sv{wsr[j], wsr[H + j], wsr[2 * H + j], wsr[3 * H + j]};
+            const auto g = gru_cell_backward<scalar_t>(dhr[j] + gor[j], prev[j], sv);
+            dgxr[j] = dghr[j] = g.dr;
+            dgxr[H + j] = dghr[H + j] = g.dz;
+            dgxr[2 * H + j] = g.dn;
+            dghr[2 * H + j] = g.dhn;
+            hpr[j] = prev[j];
+            dhr[j] = g.dh_prev;
+          }
+        }
+      });
+      dh.narrow(0, 0, n).addmm_(dgh.narrow(0, s.offset[step], n), w_hh_d);
+    }
+    grad_hx[dir].index_copy_(0, perm, dh);
+    at::Tensor gw = grad_w_hh[dir], gb = grad_b_hh[dir];
+    at::mm_out(gw, dgh.t(), hprev);  // [3H, H]
+    at::sum_out(gb, dgh, {0});
+  }
+  const at::Tensor rows = packed_rows(s, d);
+  const at::Tensor xp = input2d.index_select(0, rows);  // [N, I]
+  at::Tensor gw = grad_w_ih.view({DG, d.I}), gb = grad_b_ih.view({DG});
+  at::mm_out(gw, dgx.t(), xp);
+  at::sum_out(gb, dgx, {0});
+  grad_input2d.index_copy_(0, rows, at::mm(dgx, w_ih.reshape({DG, d.I})));
+}
+
+// Half types run in float (their op-math type) and round at the end.
+bool is_half(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+at::Tensor opmath(const at::Tensor& t) { return is_half(t) ? t.to(at::kFloat) : t; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_forward_cpu(
+    const at::Tensor& input, const at::Tensor& lengths, const at::Tensor& hx,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, bool batch_first, bool need_workspace) {
+  const LayerDims d = check_layer_args(input, lengths, hx, w_ih, w_hh, b_ih, b_hh, batch_first);
+  const Schedule s = make_schedule(lengths, d.T);
+  const at::Tensor x = opmath(input).contiguous();
+  const auto ws_opts = x.options();
+  at::Tensor output = at::zeros(batch_first ? std::vector<int64_t>{d.B, d.T, d.D * d.H}
+                                            : std::vector<int64_t>{d.T, d.B, d.D * d.H},
+                                ws_opts);
+  at::Tensor h_n = at::empty({d.D, d.B, d.H}, ws_opts);
+  at::Tensor workspace = need_workspace ? at::empty({d.D, d.T * d.B, 4 * d.H}, ws_opts)
+                                        : at::empty({0}, ws_opts);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_layer_forward_cpu", [&] {
+    forward_impl<scalar_t>(d, s, x.view({-1, d.I}), opmath(hx).contiguous(),
+                           opmath(w_ih).contiguous(), opmath(w_hh).contiguous(),
+                           b_ih ? std::optional<at::Tensor>(opmath(*b_ih).contiguous()) : std::nullopt,
+                           b_hh ? std::optional<at::Tensor>(opmath(*b_hh).contiguous()) : std::nullopt,
+                           output, h_n, need_workspace ? &workspace : nullptr);
+  });
+  return {output.to(input.scalar_type()), h_n.to(input.scalar_type()), workspace};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gru_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                       const at::Tensor& input, const at::Tensor& lengths, const at::Tensor& hx,
+                       const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output,
+                       const at::Tensor& workspace, bool batch_first) {
+  const LayerDims d =
+      check_layer_args(input, lengths, hx, w_ih, w_hh, std::nullopt, std::nullopt, batch_first);
+  check_backward_args(d, grad_output, grad_h_n, output, workspace);
+  const at::Tensor x = opmath(input).contiguous();
+  TORCH_CHECK(workspace.scalar_type() == x.scalar_type(), "workspace must have dtype ",
+              x.scalar_type(), ", got ", workspace.scalar_type());
+  const Schedule s = make_schedule(lengths, d.T);
+  const auto opts = x.options();
+  at::Tensor grad_input = at::zeros(x.sizes(), opts);
+  at::Tensor grad_hx = at::empty({d.D, d.B, d.H}, opts);
+  at::Tensor grad_w_ih = at::empty({d.D, 3 * d.H, d.I}, opts);
+  at::Tensor grad_w_hh = at::empty({d.D, 3 * d.H, d.H}, opts);
+  at::Tensor grad_b_ih = at::empty({d.D, 3 * d.H}, opts);
+  at::Tensor grad_b_hh = at::empty({d.D, 3 * d.H}, opts);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_layer_backward_cpu", [&] {
+    at::Tensor gi2d = grad_input.view({-1, d.I});
+    backward_impl<scalar_t>(d, s, opmath(grad_output).contiguous(), opmath(grad_h_n).contiguous(),
+                            x.view({-1, d.I}), opmath(hx).contiguous(), opmath(w_ih).contiguous(),
+                            opmath(w_hh).contiguous(), opmath(output).contiguous(),
+                            workspace.contiguous(), gi2d, grad_hx, grad_w_ih, grad_w_hh,
+                            grad_b_ih, grad_b_hh);
+  });
+  const auto dt = input.scalar_type();
+  return {grad_input.to(dt), grad_hx.to(dt), grad_w_ih.to(dt),
+          grad_w_hh.to(dt), grad_b_ih.to(dt), grad_b_hh.to(dt)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(varlen_rnn, CPU, m) {
+  m.impl("gru_layer_forward", &gru_layer_forward_cpu);
+  m.impl("gru_layer_backward", &gru_layer_backward_cpu);
+}
+
+}  // namespace varlen_rnn

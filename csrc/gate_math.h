@@ -1,0 +1,70 @@
+// The GRU cell math, written once for the CPU and CUDA kernels.
+//
+// Gate order r|z|n as torch.nn.GRU. With gx = W_ih x + b_ih and
+// gh = W_hh h + b_hh (each split into r|z|n thirds):
+//   r  = sigmoid(gx_r + gh_r)
+//   z  = sigmoid(gx_z + gh_z)
+//   n  = tanh(gx_n + r * gh_n)
+//   h' = (1 - z) * n + z * h   computed as n + z * (h - n), as ATen does
+// The forward keeps (r, z, n, gh_n) per row and step: exactly what the
+// backward needs besides h, so nothing is recomputed.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define VR_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define VR_HOST_DEVICE inline
+#endif
+
+namespace varlen_rnn {
+
+template <typename T>
+VR_HOST_DEVICE T sigmoid(T x) {
+  using std::exp;
+  return T(1) / (T(1) + exp(-x));
+}
+
+// What the forward of one cell element saves for the backward.
+template <typename T>
+struct GruCellSaved {
+  T r, z, n, hn;  // hn = gh_n, the hidden-side n pre-activation incl. b_hn
+};
+
+template <typename T>
+VR_HOST_DEVICE T gru_cell_forward(T gx_r, T gx_z, T gx_n, T gh_r, T gh_z,
+                                  T gh_n, T h_prev, GruCellSaved<T>& s) {
+  using std::tanh;
+  s.r = sigmoid(gx_r + gh_r);
+  s.z = sigmoid(gx_z + gh_z);
+  s.hn = gh_n;
+  s.n = tanh(gx_n + s.r * gh_n);
+  return s.n + s.z * (h_prev - s.n);
+}
+
+// Gradients of one cell element. dh is the total gradient reaching h'.
+// Outputs the pre-activation gradients: d_gx = (dr, dz, dn) for the input
+// side, d_gh_n = dn * r for the hidden side (its r and z parts equal dr, dz),
+// and the direct part of dh_prev (the W_hh^T part is a GEMM).
+template <typename T>
+struct GruCellGrad {
+  T dr, dz, dn, dhn, dh_prev;
+};
+
+template <typename T>
+VR_HOST_DEVICE GruCellGrad<T> gru_cell_backward(T dh, T h_prev,
+                                                const GruCellSaved<T>& s) {
+  GruCellGrad<T> g;
+  const T dn_act = dh * (T(1) - s.z);
+  const T dz_act = dh * (h_prev - s.n);
+  g.dn = dn_act * (T(1) - s.n * s.n);
+  g.dz = dz_act * s.z * (T(1) - s.z);
+  g.dhn = g.dn * s.r;
+  const T dr_act = g.dn * s.hn;
+  g.dr = dr_act * s.r * (T(1) - s.r);
+  g.dh_prev = dh * s.z;
+  return g;
+}
+
+}  // namespace varlen_rnn

@@ -1,0 +1,111 @@
+// Shared declarations and argument checks for the varlen_rnn kernels.
+//
+// Shape legend, used in every shape comment:
+//   T  time steps (padded length)      B  batch
+//   I  input features                  H  hidden features
+//   D  directions (1, or 2 if bidirectional); gate order r|z|n as torch.nn.GRU
+//   N  sum of lengths: the valid (t, b) positions
+// Padded tensors are time-major [T, B, ...] unless batch_first ([B, T, ...]).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+namespace varlen_rnn {
+
+struct LayerDims {
+  int64_t T, B, I, H, D;
+  bool batch_first;
+  // Element strides of (t, b) in a padded tensor with `features` columns.
+  int64_t stride_t(int64_t features) const { return batch_first ? features : B * features; }
+  int64_t stride_b(int64_t features) const { return batch_first ? T * features : features; }
+};
+
+inline void check_same_device_dtype(const at::Tensor& ref, const at::Tensor& t,
+                                    const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), name, " must be on the input's device ",
+              ref.device(), ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name,
+              " must have the input's dtype ", ref.scalar_type(), ", got ",
+              t.scalar_type());
+}
+
+// Checks everything that shapes and dtypes alone decide. The values of
+// `lengths` (0 <= length <= T) are checked by each backend's kernel.
+inline LayerDims check_layer_args(const at::Tensor& input,
+                                  const at::Tensor& lengths,
+                                  const at::Tensor& hx, const at::Tensor& w_ih,
+                                  const at::Tensor& w_hh,
+                                  const std::optional<at::Tensor>& b_ih,
+                                  const std::optional<at::Tensor>& b_hh,
+                                  bool batch_first) {
+  TORCH_CHECK(input.dim() == 3, "input must be 3-D ", batch_first ? "[B, T, I]" : "[T, B, I]",
+              ", got shape ", input.sizes());
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "input must be a floating point tensor, got ", input.scalar_type());
+  LayerDims d;
+  d.batch_first = batch_first;
+  d.T = input.size(batch_first ? 1 : 0);
+  d.B = input.size(batch_first ? 0 : 1);
+  d.I = input.size(2);
+  TORCH_CHECK(w_ih.dim() == 3 && (w_ih.size(0) == 1 || w_ih.size(0) == 2) &&
+                  w_ih.size(1) % 3 == 0 && w_ih.size(2) == d.I,
+              "w_ih must be [D, 3H, I] with D in {1, 2} and I=", d.I, ", got shape ",
+              w_ih.sizes());
+  d.D = w_ih.size(0);
+  d.H = w_ih.size(1) / 3;
+  TORCH_CHECK(d.H > 0, "hidden size must be positive, got w_ih of shape ", w_ih.sizes());
+  TORCH_CHECK(w_hh.dim() == 3 && w_hh.size(0) == d.D && w_hh.size(1) == 3 * d.H &&
+                  w_hh.size(2) == d.H,
+              "w_hh must be [D, 3H, H] = [", d.D, ", ", 3 * d.H, ", ", d.H,
+              "], got shape ", w_hh.sizes());
+  check_same_device_dtype(input, w_ih, "w_ih");
+  check_same_device_dtype(input, w_hh, "w_hh");
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(),
+              "b_ih and b_hh must be given together or both be None");
+  for (const auto* b : {&b_ih, &b_hh}) {
+    if (!b->has_value()) continue;
+    const char* name = b == &b_ih ? "b_ih" : "b_hh";
+    TORCH_CHECK((*b)->dim() == 2 && (*b)->size(0) == d.D && (*b)->size(1) == 3 * d.H,
+                name, " must be [D, 3H] = [", d.D, ", ", 3 * d.H, "], got shape ",
+                (*b)->sizes());
+    check_same_device_dtype(input, **b, name);
+  }
+  TORCH_CHECK(hx.dim() == 3 && hx.size(0) == d.D && hx.size(1) == d.B && hx.size(2) == d.H,
+              "hx must be [D, B, H] = [", d.D, ", ", d.B, ", ", d.H, "], got shape ",
+              hx.sizes());
+  check_same_device_dtype(input, hx, "hx");
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == d.B,
+              "lengths must be 1-D of size B=", d.B, ", got shape ", lengths.sizes());
+  TORCH_CHECK(lengths.scalar_type() == at::kLong || lengths.scalar_type() == at::kInt,
+              "lengths must be an int64 or int32 tensor, got ", lengths.scalar_type());
+  TORCH_CHECK(lengths.device() == input.device(),
+              "lengths must be on the input's device ", input.device(), ", got ",
+              lengths.device());
+  return d;
+}
+
+// Extra checks of the backward's tensors against the forward's dims.
+inline void check_backward_args(const LayerDims& d, const at::Tensor& grad_output,
+                                const at::Tensor& grad_h_n, const at::Tensor& output,
+                                const at::Tensor& workspace) {
+  const auto out_sizes = d.batch_first ? std::vector<int64_t>{d.B, d.T, d.D * d.H}
+                                       : std::vector<int64_t>{d.T, d.B, d.D * d.H};
+  TORCH_CHECK(grad_output.sizes() == out_sizes, "grad_output must have shape ",
+              out_sizes, ", got ", grad_output.sizes());
+  TORCH_CHECK(output.sizes() == out_sizes, "output must have shape ", out_sizes, ", got ",
+              output.sizes());
+  TORCH_CHECK(grad_h_n.dim() == 3 && grad_h_n.size(0) == d.D && grad_h_n.size(1) == d.B &&
+                  grad_h_n.size(2) == d.H,
+              "grad_h_n must be [D, B, H] = [", d.D, ", ", d.B, ", ", d.H, "], got ",
+              grad_h_n.sizes());
+  TORCH_CHECK(workspace.dim() == 3 && workspace.size(0) == d.D &&
+                  workspace.size(1) == d.T * d.B && workspace.size(2) == 4 * d.H,
+              "workspace must be [D, T*B, 4H] as gru_layer_forward(need_workspace=True) "
+              "returns it, got shape ",
+              workspace.sizes());
+}
+
+}  // namespace varlen_rnn

@@ -1,0 +1,118 @@
+"""Build varlen_rnn's C++ (always) and CUDA (when possible) kernels.
+
+Environment variables:
+  VARLEN_RNN_CUDA=0|1   force the CUDA kernels off or on (default: on when
+                        torch has CUDA and a toolkit is found)
+  CUDA_HOME             the CUDA toolkit; found from nvcc when unset
+  TORCH_CUDA_ARCH_LIST  defaults to "8.0;9.0" when no GPU is visible
+  MAX_JOBS              parallel compile jobs (ninja)
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _find_cuda_home():
+    """The real toolkit folder: the nvcc on PATH may be a wrapper script."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        candidates.append(os.path.dirname(os.path.dirname(real)))
+        try:  # a wrapper script: ask the real nvcc where it lives
+            with open(real, "rb") as f:
+                head = f.read(4096).decode("utf-8", "replace")
+            for tok in head.split():
+                if tok.endswith("/bin/nvcc"):
+                    candidates.append(os.path.dirname(os.path.dirname(tok)))
+        except OSError:
+            pass
+    candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True) + ["/usr/local/cuda"]
+    for c in candidates:
+        if os.path.isfile(os.path.join(c, "bin", "nvcc")) and os.path.isfile(
+            os.path.join(c, "include", "cuda_runtime.h")
+        ):
+            return c
+    return None
+
+
+def _want_cuda():
+    flag = os.environ.get("VARLEN_RNN_CUDA")
+    if flag is not None and flag.strip() not in ("", "auto"):
+        return flag.strip().lower() not in ("0", "false", "no", "off")
+    import torch
+
+    return torch.version.cuda is not None and _find_cuda_home() is not None
+
+
+WITH_CUDA = _want_cuda()
+if WITH_CUDA:
+    cuda_home = _find_cuda_home()
+    if cuda_home is None:
+        sys.exit("VARLEN_RNN_CUDA=1 but no CUDA toolkit found: set CUDA_HOME")
+    # cpp_extension reads CUDA_HOME when it is imported.
+    os.environ["CUDA_HOME"] = cuda_home
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def _extra_cuda_includes():
+    """cuBLAS/cuSPARSE headers shipped in the nvidia pip wheels beside torch."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    found = []
+    for base in list(nvidia.__path__):
+        for sub in ("cu13/include", "cu12/include", "cublas/include", "cusparse/include"):
+            p = os.path.join(base, sub)
+            if os.path.isdir(p):
+                found.append(p)
+    return found
+
+
+def extensions():
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-fopenmp" if sys.platform.startswith("linux") else "-O3"]
+    define_macros = [("VARLEN_RNN_TORCH_VERSION", '"%s"' % torch.__version__)]
+    kwargs = dict(
+        name="varlen_rnn._C",
+        include_dirs=[os.path.join(HERE, "csrc")],
+        define_macros=define_macros,
+        py_limited_api=False,
+    )
+    if not WITH_CUDA:
+        return [CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)]
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    kwargs["include_dirs"] += _extra_cuda_includes()
+    kwargs["define_macros"] = define_macros + [("VARLEN_RNN_WITH_CUDA", "1")]
+    nvcc = ["-O3", "--use_fast_math" if os.environ.get("VARLEN_RNN_FAST_MATH") else "-O3",
+            "-lineinfo", "--expt-relaxed-constexpr"]
+    return [CUDAExtension(sources=sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)]
+
+
+def _build_info():
+    """Record what this build was made against, for the import-time check."""
+    path = os.path.join(HERE, "varlen_rnn", "_build_info.py")
+    with open(path, "w") as f:
+        f.write("# Written by setup.py at build time.\n")
+        f.write("TORCH_VERSION = %r\n" % torch.__version__)
+        f.write("WITH_CUDA = %r\n" % WITH_CUDA)
+
+
+_build_info()
+setup(
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,123 @@
+"""Thin Python layer over torch.ops.varlen_rnn: autograd and fake (meta) kernels.
+
+The math lives in C++ (csrc/); this file only wires the registered backward op
+into autograd and gives shapes to torch.compile / torch.export.
+Shape legend: T time, B batch, I input, H hidden, D directions; r|z|n gates.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["gru_layer"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def gru_layer(
+    input: Tensor,  # [T, B, I] or [B, T, I] if batch_first
+    lengths: Tensor,  # [B] int64/int32 on input's device
+    hx: Tensor,  # [D, B, H]
+    w_ih: Tensor,  # [D, 3H, I]
+    w_hh: Tensor,  # [D, 3H, H]
+    b_ih: Tensor | None,  # [D, 3H]
+    b_hh: Tensor | None,  # [D, 3H]
+    batch_first: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """One GRU layer (both directions if D == 2) over a padded, length-masked batch.
+
+    Returns output [T, B, D*H] (or [B, T, D*H]), zero past each length, and
+    h_n [D, B, H], each row's state after its own last valid step.
+    """
+    tensors = (input, hx, w_ih, w_hh, b_ih, b_hh)
+    need_workspace = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors
+    )
+    output, h_n, _ = torch.ops.varlen_rnn.gru_layer_forward(
+        input, lengths, hx, w_ih, w_hh, b_ih, b_hh, batch_first, need_workspace
+    )
+    return output, h_n
+
+
+@torch.library.register_fake("varlen_rnn::gru_layer_forward")
+def _gru_layer_forward_fake(input, lengths, hx, w_ih, w_hh, b_ih, b_hh, batch_first, need_workspace):
+    torch._check(input.dim() == 3, lambda: f"input must be 3-D, got {input.dim()}-D")
+    torch._check(w_ih.dim() == 3, lambda: f"w_ih must be [D, 3H, I], got {tuple(w_ih.shape)}")
+    T, B = (input.shape[1], input.shape[0]) if batch_first else (input.shape[0], input.shape[1])
+    D, H = w_ih.shape[0], w_ih.shape[1] // 3
+    out_shape = (B, T, D * H) if batch_first else (T, B, D * H)
+    output = input.new_empty(out_shape)
+    h_n = input.new_empty((D, B, H))
+    ws_shape = (D, T * B, 4 * H) if need_workspace else (0,)
+    workspace = input.new_empty(ws_shape, dtype=_opmath(input.dtype))
+    return output, h_n, workspace
+
+
+@torch.library.register_fake("varlen_rnn::gru_layer_backward")
+def _gru_layer_backward_fake(
+    grad_output, grad_h_n, input, lengths, hx, w_ih, w_hh, output, workspace, batch_first
+):
+    D, G = w_ih.shape[0], w_ih.shape[1]
+    return (
+        torch.empty_like(input, memory_format=torch.contiguous_format),
+        torch.empty_like(hx, memory_format=torch.contiguous_format),
+        torch.empty_like(w_ih, memory_format=torch.contiguous_format),
+        torch.empty_like(w_hh, memory_format=torch.contiguous_format),
+        input.new_empty((D, G)),
+        input.new_empty((D, G)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    input, lengths, hx, w_ih, w_hh, b_ih, b_hh, batch_first, need_workspace = inputs
+    out, _h_n, workspace = output
+    ctx.batch_first = batch_first
+    ctx.need_workspace = need_workspace
+    ctx.has_bias = b_ih is not None
+    ctx.mark_non_differentiable(workspace)
+    ctx.save_for_backward(input, lengths, hx, w_ih, w_hh, out, workspace)
+
+
+def _backward(ctx, grad_output, grad_h_n, _grad_workspace):
+    if not ctx.need_workspace:
+        raise RuntimeError(
+            "varlen_rnn::gru_layer_forward was called with need_workspace=False, so it "
+            "kept nothing for the backward; call it with need_workspace=True (as "
+            "varlen_rnn.ops.gru_layer does when gradients are required)"
+        )
+    input, lengths, hx, w_ih, w_hh, out, workspace = ctx.saved_tensors
+    if grad_output is None:
+        grad_output = torch.zeros_like(out)
+    if grad_h_n is None:
+        grad_h_n = torch.zeros_like(hx)
+    g_in, g_hx, g_wih, g_whh, g_bih, g_bhh = torch.ops.varlen_rnn.gru_layer_backward(
+        grad_output, grad_h_n, input, lengths, hx, w_ih, w_hh, out, workspace, ctx.batch_first
+    )
+    if not ctx.has_bias:
+        g_bih = g_bhh = None
+    return g_in, None, g_hx, g_wih, g_whh, g_bih, g_bhh, None, None
+
+
+torch.library.register_autograd(
+    "varlen_rnn::gru_layer_forward", _backward, setup_context=_setup_context
+)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "varlen_rnn: double backward (gradients of gradients) of the GRU is not "
+        "supported; use torch.nn.GRU without cuDNN for higher-order gradients"
+    )
+
+
+def _setup_nothing(ctx, inputs, output):
+    pass
+
+
+torch.library.register_autograd(
+    "varlen_rnn::gru_layer_backward", _no_double_backward, setup_context=_setup_nothing
+)
