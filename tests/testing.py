@@ -1,0 +1,62 @@
+"""Shared helpers for the tests: devices, dtypes, and the torch.nn.GRU + packing baseline."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import varlen_rnn
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+# A device list whose cuda entry is reported as skipped (with a reason) on machines without one.
+ALL_DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")),
+]
+DTYPES = [torch.float32, torch.float64]
+# Absolute/relative tolerance of a comparison with torch.nn.GRU + packing.
+TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=1e-4)}
+
+LENGTH_PATTERNS = {
+    "unsorted": lambda T, B: [(3 * i + 2) % T + 1 for i in range(B)],
+    "repeated": lambda T, B: [T if i % 2 else max(1, T // 2) for i in range(B)],
+    "ones": lambda T, B: [1] * B,
+    "full": lambda T, B: [T] * B,
+    "all_equal": lambda T, B: [max(1, T - 2)] * B,
+}
+
+
+def make_pair(input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+              bidirectional=False, dtype=torch.float64, device="cpu", dropout=0.0, seed=0):
+    """A torch.nn.GRU and a varlen_rnn.GRU with identical weights."""
+    torch.manual_seed(seed)
+    ref = torch.nn.GRU(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                       bidirectional, device=device, dtype=dtype)
+    ours = varlen_rnn.GRU(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                          bidirectional, device=device, dtype=dtype)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def packed_baseline(gru: torch.nn.GRU, x, lengths, hx=None):
+    """The recipe varlen_rnn replaces: pack (unsorted), run, unpack to the padded length."""
+    bf = gru.batch_first
+    T = x.shape[1] if bf else x.shape[0]
+    packed = pack_padded_sequence(x, torch.as_tensor(lengths).cpu(), batch_first=bf,
+                                  enforce_sorted=False)
+    out, h_n = gru(packed, hx)
+    out, _ = pad_packed_sequence(out, batch_first=bf, total_length=T)
+    return out, h_n
+
+
+def grads(outputs, inputs, seed=1):
+    """Gradients of a random projection of outputs: every element gets its own weight."""
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype).to(o.device)).sum()
+               for o in outputs)
+    return torch.autograd.grad(loss, inputs, allow_unused=True)
+
+
+def assert_close(actual, expected, dtype, msg=""):
+    torch.testing.assert_close(actual, expected, **TOL[dtype], msg=lambda m: f"{msg}: {m}")
