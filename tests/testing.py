@@ -55,7 +55,7 @@ def grads(outputs, inputs, seed=1):
     g = torch.Generator().manual_seed(seed)
     loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype).to(o.device)).sum()
                for o in outputs)
-    return torch.autograd.grad(loss, inputs, allow_unused=True)
+    return torch.autograd.grad(loss, inputs, allow_unused=True, retain_graph=True)
 
 
 def assert_close(actual, expected, dtype, msg=""):
