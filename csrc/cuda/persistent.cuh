@@ -1,0 +1,311 @@
+// Persistent recurrence kernels: one cooperative launch runs every step of a
+// layer (both directions), with the block's slice of W_hh resident in shared
+// memory for the whole pass and one grid-wide barrier per step.
+//
+// Work split: direction d = blockIdx.x / blocks_per_dir owns hidden units
+// [j0, j0 + J). Rows are visited in the order `perm` (lengths descending), so
+// at step s the running rows are a prefix and whole tiles of finished rows
+// are skipped. Nothing is atomic: every sum has a fixed order, so results are
+// bitwise identical run to run.
+//
+// Exchange between blocks goes through global memory written with plain
+// stores before grid.sync() and read with __ldcg (L2, never a stale L1 line)
+// after it. Row conventions: see pointwise.cuh.
+#pragma once
+
+#include <cooperative_groups.h>
+
+#include "gate_math.h"
+#include "pointwise.cuh"
+
+namespace varlen_rnn {
+namespace cuda {
+
+constexpr int kPersistThreads = 256;
+constexpr int kPersistWarps = kPersistThreads / 32;
+// Rows per warp work item: the warp reduces kRows x NG dot products at once
+// and lanes 0..kRows-1 finish one row each.
+constexpr int kRows = 8;
+
+// How a persistent launch is cut; chosen on the host from the device's limits.
+struct PersistentShape {
+  int J;               // hidden units per block
+  int blocks_per_dir;  // ceil(H / J)
+  int tile_rows;       // rows staged per tile: kRows * (items per unit)
+  int kc;              // columns of the staged tile (K is walked in chunks)
+};
+
+// acc_s[item][g][r] = sum_k w_s[(g*J + jl)*K + k] * X[tile row sub*kRows + r][k]
+// for every item = (jl, sub) of the block, item = sub*J + jl. X is fetched
+// chunk by chunk through load(row, k) into `tile`. Ends with __syncthreads.
+template <int NG, typename acc_t, typename w_t, typename Load>
+__device__ __forceinline__ void tile_matvec(const w_t* w_s, int J, int K,
+                                            const PersistentShape& ps, acc_t* tile,
+                                            acc_t* acc_s, Load load) {
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int items = J * (ps.tile_rows / kRows);
+  for (int k0 = 0; k0 < K; k0 += ps.kc) {
+    const int kc = min(ps.kc, K - k0);
+    for (int e = threadIdx.x; e < ps.tile_rows * kc; e += blockDim.x) {
+      tile[(e / kc) * ps.kc + e % kc] = load(e / kc, k0 + e % kc);
+    }
+    __syncthreads();
+    for (int item = warp; item < items; item += kPersistWarps) {
+      const int jl = item % J;
+      const acc_t* x = tile + (item / J) * kRows * ps.kc;
+      acc_t a[NG][kRows];
+#pragma unroll
+      for (int g = 0; g < NG; ++g)
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) a[g][r] = acc_t(0);
+      for (int k = lane; k < kc; k += 32) {
+        acc_t w[NG];
+#pragma unroll
+        for (int g = 0; g < NG; ++g)
+          w[g] = static_cast<acc_t>(w_s[static_cast<int64_t>(g * J + jl) * K + k0 + k]);
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          const acc_t xv = x[r * ps.kc + k];
+#pragma unroll
+          for (int g = 0; g < NG; ++g) a[g][r] += w[g] * xv;
+        }
+      }
+      // Butterfly: every lane ends with the full sums, in the same order.
+#pragma unroll
+      for (int off = 16; off > 0; off /= 2)
+#pragma unroll
+        for (int g = 0; g < NG; ++g)
+#pragma unroll
+          for (int r = 0; r < kRows; ++r) a[g][r] += __shfl_xor_sync(0xffffffffu, a[g][r], off);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        if (lane == r) {  // a register array indexed by a constant stays in registers
+#pragma unroll
+          for (int g = 0; g < NG; ++g) {
+            acc_t* dst = acc_s + (item * NG + g) * kRows + r;
+            *dst = (k0 == 0 ? acc_t(0) : *dst) + a[g][r];
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+struct PersistentForwardArgs {
+  const scalar_t* gx;    // [T*B, D*3H]
+  const scalar_t* w_hh;  // [D, 3H, H]
+  const scalar_t* b_hh;  // [D, 3H] or nullptr
+  const scalar_t* hx;    // [D, B, H]
+  const int* lens;       // [B]
+  const int* perm;       // [B] rows by length, descending, stable
+  const int* sorted;     // [B] lens[perm[i]]
+  acc_t* hbuf;           // [2, D, B, H] state exchange, ping-pong by step parity
+  scalar_t* out;         // [T, B, D*H] or [B, T, D*H]
+  scalar_t* h_n;         // [D, B, H]
+  acc_t* ws;             // [D, T*B, 4H] or nullptr
+  RowStrides xs, os;
+  int T, B, H, D;
+  PersistentShape ps;
+};
+
+// Dynamic shared memory: tile [tile_rows][kc] acc_t | acc_s [items][3][kRows]
+// acc_t | w_s [3][J][H] scalar_t (acc_t first keeps every part aligned).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kPersistThreads)
+    persistent_forward_kernel(const PersistentForwardArgs<scalar_t, acc_t> a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const PersistentShape ps = a.ps;
+  const int J = ps.J, H = a.H, B = a.B;
+  const int d = blockIdx.x / ps.blocks_per_dir;
+  const int j0 = (blockIdx.x % ps.blocks_per_dir) * J;
+  const int items = J * (ps.tile_rows / kRows);
+  acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* acc_s = tile + ps.tile_rows * ps.kc;
+  scalar_t* w_s = reinterpret_cast<scalar_t*>(acc_s + items * 3 * kRows);
+
+  // Prologue (block-local, so no grid barrier): the W_hh slice (zero rows past
+  // H), the zeros of padded outputs, h_n of zero-length rows.
+  for (int e = threadIdx.x; e < 3 * J * H; e += blockDim.x) {
+    const int g = e / (J * H), jl = (e / H) % J, k = e % H;
+    const int j = j0 + jl;
+    w_s[e] = j < H ? a.w_hh[(static_cast<int64_t>(d) * 3 * H + g * H + j) * H + k] : scalar_t(0);
+  }
+  for (int e = threadIdx.x; e < B * J; e += blockDim.x) {
+    const int b = e / J, j = j0 + e % J;
+    if (j >= H) continue;
+    const int len = a.lens[b];
+    for (int t = len; t < a.T; ++t) a.out[a.os.at(t, b) + static_cast<int64_t>(d) * H + j] = scalar_t(0);
+    if (len == 0) a.h_n[(static_cast<int64_t>(d) * B + b) * H + j] = a.hx[(static_cast<int64_t>(d) * B + b) * H + j];
+  }
+  __syncthreads();
+
+  const scalar_t* hx_d = a.hx + static_cast<int64_t>(d) * B * H;
+  const int64_t buf_stride = static_cast<int64_t>(a.D) * B * H;
+  const int max_len = a.sorted[0];
+  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  for (int s = 0; s < max_len; ++s) {
+    const acc_t* cur = a.hbuf + (s & 1) * buf_stride + static_cast<int64_t>(d) * B * H;
+    acc_t* nxt = a.hbuf + ((s + 1) & 1) * buf_stride + static_cast<int64_t>(d) * B * H;
+    for (int base = 0; base < B && a.sorted[base] > s; base += ps.tile_rows) {
+      tile_matvec<3>(w_s, J, H, ps, tile, acc_s, [&](int r, int k) -> acc_t {
+        const int i = base + r;
+        if (i >= B || a.sorted[i] <= s) return acc_t(0);
+        const int64_t off = static_cast<int64_t>(a.perm[i]) * H + k;
+        return s == 0 ? static_cast<acc_t>(hx_d[off]) : __ldcg(cur + off);
+      });
+      for (int e = threadIdx.x; e < items * kRows; e += blockDim.x) {
+        const int item = e / kRows, r = e % kRows;
+        const int j = j0 + item % J;
+        const int i = base + (item / J) * kRows + r;
+        if (j >= H || i >= B || a.sorted[i] <= s) continue;
+        const int b = a.perm[i], len = a.sorted[i];
+        const int t = d == 1 ? len - 1 - s : s;
+        const scalar_t* gxr = a.gx + a.xs.at(t, b) + static_cast<int64_t>(d) * 3 * H;
+        const acc_t* acc = acc_s + item * 3 * kRows + r;
+        acc_t gh[3];
+#pragma unroll
+        for (int g = 0; g < 3; ++g) {
+          gh[g] = acc[g * kRows];
+          if (a.b_hh != nullptr) gh[g] += static_cast<acc_t>(a.b_hh[d * 3 * H + g * H + j]);
+        }
+        const int64_t hoff = static_cast<int64_t>(b) * H + j;
+        const acc_t hp = s == 0 ? static_cast<acc_t>(hx_d[hoff]) : __ldcg(cur + hoff);
+        GruCellSaved<acc_t> sv;
+        const acc_t hn = gru_cell_forward<acc_t>(
+            static_cast<acc_t>(gxr[j]), static_cast<acc_t>(gxr[H + j]),
+            static_cast<acc_t>(gxr[2 * H + j]), gh[0], gh[1], gh[2], hp, sv);
+        nxt[hoff] = hn;
+        a.out[a.os.at(t, b) + static_cast<int64_t>(d) * H + j] = static_cast<scalar_t>(hn);
+        if (s == len - 1) a.h_n[static_cast<int64_t>(d) * B * H + hoff] = static_cast<scalar_t>(hn);
+        if (a.ws != nullptr) {
+          acc_t* w = a.ws + ((static_cast<int64_t>(d) * a.T + t) * B + b) * 4 * H;
+          w[j] = sv.r;
+          w[H + j] = sv.z;
+          w[2 * H + j] = sv.n;
+          w[3 * H + j] = sv.hn;
+        }
+      }
+    }
+    grid.sync();
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+struct PersistentBackwardArgs {
+  const scalar_t* grad_out;  // like output
+  const scalar_t* out;       // forward output
+  const scalar_t* hx;        // [D, B, H]
+  const scalar_t* grad_h_n;  // [D, B, H]
+  const acc_t* ws;           // [D, T*B, 4H]
+  const scalar_t* w_hh;      // [D, 3H, H]
+  const int* lens;
+  const int* perm;
+  const int* sorted;
+  acc_t* dh;         // [D, B, H] gradient reaching the state; each block its slice
+  scalar_t* dgx;     // [T*B, D*3H]
+  acc_t* dgh;        // [D, T*B, 3H], also the exchange between blocks
+  acc_t* hprev;      // [D, T*B, H]
+  scalar_t* grad_hx;  // [D, B, H]
+  RowStrides xs, os;
+  int T, B, H, D;
+  PersistentShape ps;
+};
+
+// Per step (s = max_len-1 .. 0): phase 1 turns the block's own dh slice into
+// gate gradients (pointwise), grid barrier, phase 2 adds dgh_s @ W_hh[:, own]
+// to the own dh slice. Phase 2 only feeds the same block's next phase 1, and
+// each step writes its own dgh rows, so one barrier per step suffices.
+// Shared memory: tile | acc_s [items][1][kRows] | w_s [J][3H] (W_hh^T slice).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kPersistThreads)
+    persistent_backward_kernel(const PersistentBackwardArgs<scalar_t, acc_t> a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const PersistentShape ps = a.ps;
+  const int J = ps.J, H = a.H, B = a.B, T = a.T;
+  const int d = blockIdx.x / ps.blocks_per_dir;
+  const int j0 = (blockIdx.x % ps.blocks_per_dir) * J;
+  const int items = J * (ps.tile_rows / kRows);
+  acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* acc_s = tile + ps.tile_rows * ps.kc;
+  scalar_t* w_s = reinterpret_cast<scalar_t*>(acc_s + items * kRows);
+  const int64_t dBH = static_cast<int64_t>(d) * B * H;
+
+  for (int e = threadIdx.x; e < 3 * H * J; e += blockDim.x) {
+    const int jl = e % J, m = e / J, j = j0 + jl;
+    w_s[jl * 3 * H + m] = j < H ? a.w_hh[(static_cast<int64_t>(d) * 3 * H + m) * H + j] : scalar_t(0);
+  }
+  for (int e = threadIdx.x; e < B * J; e += blockDim.x) {
+    const int b = e / J, j = j0 + e % J;
+    if (j >= H) continue;
+    a.dh[dBH + static_cast<int64_t>(b) * H + j] =
+        static_cast<acc_t>(a.grad_h_n[dBH + static_cast<int64_t>(b) * H + j]);
+    for (int s = a.lens[b]; s < T; ++s) {  // inactive (s, b): zero gradients
+      scalar_t* dgxr = a.dgx + a.xs.at(s, b) + static_cast<int64_t>(d) * 3 * H;
+      acc_t* dghr = a.dgh + ((static_cast<int64_t>(d) * T + s) * B + b) * 3 * H;
+      for (int g = 0; g < 3; ++g) {
+        dgxr[g * H + j] = scalar_t(0);
+        dghr[g * H + j] = acc_t(0);
+      }
+      a.hprev[((static_cast<int64_t>(d) * T + s) * B + b) * H + j] = acc_t(0);
+    }
+  }
+  __syncthreads();
+
+  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  for (int s = a.sorted[0] - 1; s >= 0; --s) {
+    for (int e = threadIdx.x; e < B * J; e += blockDim.x) {
+      const int i = e / J, j = j0 + e % J;
+      if (a.sorted[i] <= s) break;  // sorted descending: the rest are finished too
+      if (j >= H) continue;
+      const int b = a.perm[i], len = a.sorted[i];
+      const int t = d == 1 ? len - 1 - s : s;
+      const int64_t col = static_cast<int64_t>(d) * H + j;
+      const int64_t hoff = dBH + static_cast<int64_t>(b) * H + j;
+      const acc_t dh_tot = a.dh[hoff] + static_cast<acc_t>(a.grad_out[a.os.at(t, b) + col]);
+      const acc_t h_prev = s == 0 ? static_cast<acc_t>(a.hx[hoff])
+                                  : static_cast<acc_t>(a.out[a.os.at(d == 1 ? t + 1 : t - 1, b) + col]);
+      const acc_t* w = a.ws + ((static_cast<int64_t>(d) * T + t) * B + b) * 4 * H;
+      const GruCellSaved<acc_t> sv{w[j], w[H + j], w[2 * H + j], w[3 * H + j]};
+      const GruCellGrad<acc_t> g = gru_cell_backward<acc_t>(dh_tot, h_prev, sv);
+      scalar_t* dgxr = a.dgx + a.xs.at(t, b) + static_cast<int64_t>(d) * 3 * H;
+      dgxr[j] = static_cast<scalar_t>(g.dr);
+      dgxr[H + j] = static_cast<scalar_t>(g.dz);
+      dgxr[2 * H + j] = static_cast<scalar_t>(g.dn);
+      const int64_t row = (static_cast<int64_t>(d) * T + s) * B + b;
+      a.dgh[row * 3 * H + j] = g.dr;
+      a.dgh[row * 3 * H + H + j] = g.dz;
+      a.dgh[row * 3 * H + 2 * H + j] = g.dhn;
+      a.hprev[row * H + j] = h_prev;
+      a.dh[hoff] = g.dh_prev;
+    }
+    grid.sync();
+    const acc_t* dgh_s = a.dgh + (static_cast<int64_t>(d) * T + s) * B * 3 * H;
+    for (int base = 0; base < B && a.sorted[base] > s; base += ps.tile_rows) {
+      tile_matvec<1>(w_s, J, 3 * H, ps, tile, acc_s, [&](int r, int k) -> acc_t {
+        const int i = base + r;
+        if (i >= B || a.sorted[i] <= s) return acc_t(0);
+        return __ldcg(dgh_s + static_cast<int64_t>(a.perm[i]) * 3 * H + k);
+      });
+      for (int e = threadIdx.x; e < items * kRows; e += blockDim.x) {
+        const int item = e / kRows, r = e % kRows;
+        const int j = j0 + item % J;
+        const int i = base + (item / J) * kRows + r;
+        if (j >= H || i >= B || a.sorted[i] <= s) continue;
+        a.dh[dBH + static_cast<int64_t>(a.perm[i]) * H + j] += acc_s[item * kRows + r];
+      }
+    }
+    __syncthreads();
+  }
+  for (int e = threadIdx.x; e < B * J; e += blockDim.x) {
+    const int b = e / J, j = j0 + e % J;
+    if (j >= H) continue;
+    const int64_t hoff = dBH + static_cast<int64_t>(b) * H + j;
+    a.grad_hx[hoff] = static_cast<scalar_t>(a.dh[hoff]);
+  }
+}
+
+}  // namespace cuda
+}  // namespace varlen_rnn
