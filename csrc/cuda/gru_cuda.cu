@@ -7,7 +7,7 @@
 //   fallback    per step one batched GEMM (both directions) + one fused
 //               pointwise kernel (pointwise.cuh), for shapes that do not fit.
 // VARLEN_RNN_CUDA_PATH=auto|persistent|fallback picks (auto: persistent when it
-// fits). The backward mirrors this, then forms the weight gradients as GEMMs
+// fits; VARLEN_RNN_PERSISTENT_MAX_KC caps its K chunk, for tests). The backward mirrors this, then forms the weight gradients as GEMMs
 // over all steps. Nothing copies lengths to the host: lengths are validated
 // and sorted on the device, so both ops are CUDA-graph capturable.
 #include <ATen/Dispatch.h>
@@ -91,6 +91,11 @@ PersistentPlan plan_persistent(Kernel kernel, int64_t H, int64_t D, int64_t K, i
     int64_t kc = static_cast<int64_t>((optin - w_smem - acc_smem) / (rows * acc_bytes));
     if (kc < K) kc = kc / 32 * 32;
     kc = std::min(kc, K);
+    // Test knob: a smaller K chunk, so small shapes exercise the chunked path.
+    if (const char* cap = std::getenv("VARLEN_RNN_PERSISTENT_MAX_KC")) {
+      const int64_t c = std::max<int64_t>(32, std::atoll(cap) / 32 * 32);
+      if (std::atoll(cap) > 0 && c < kc) kc = c;
+    }
     if (kc < std::min<int64_t>(K, 32)) continue;
     p.ps = PersistentShape{static_cast<int>(J_bal), static_cast<int>(bpd),
                            static_cast<int>(rows), static_cast<int>(kc)};
@@ -193,6 +198,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_cuda(
   const RowStrides os{dm.stride_t(D * H), dm.stride_b(D * H)};
   const Tensor hx_c = hx.contiguous();
   const Tensor w_hh_c = w_hh.contiguous();
+  const Tensor b_hh_c = b_hh.has_value() ? b_hh->contiguous() : Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "varlen_rnn_gru_forward_cuda", [&] {
@@ -205,7 +211,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_cuda(
       PersistentForwardArgs<scalar_t, acc_t> a{};
       a.gx = gx.data_ptr<scalar_t>();
       a.w_hh = w_hh_c.data_ptr<scalar_t>();
-      a.b_hh = b_hh.has_value() ? b_hh->contiguous().data_ptr<scalar_t>() : nullptr;
+      a.b_hh = b_hh_c.defined() ? b_hh_c.data_ptr<scalar_t>() : nullptr;
       a.hx = hx_c.data_ptr<scalar_t>();
       a.lens = l.lens.data_ptr<int>();
       a.perm = l.perm.data_ptr<int>();

@@ -1,0 +1,321 @@
+"""The CUDA backend: both recurrence paths (persistent, fallback) against nn.GRU + packing, the
+CPU kernels, each other and float64; gradcheck; determinism; CUDA graphs; no host sync;
+streams; half types. Every GPU test skips with a reason on a machine without CUDA; the
+registration test runs everywhere."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import varlen_rnn
+from testing import HAS_CUDA, assert_close, grads, make_pair, packed_baseline
+from varlen_rnn.reference import gru_reference
+
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+PATHS = ["persistent", "fallback"]
+
+
+def test_cuda_kernels_registered_when_built_with_cuda():
+    """CI has no GPU: this is what fails there if the CUDA build silently disappears."""
+    if not varlen_rnn.WITH_CUDA:
+        pytest.skip("varlen_rnn was built without CUDA (no toolkit, or a CPU torch)")
+    for op in ("gru_layer_forward", "gru_layer_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"varlen_rnn::{op}", "CUDA"), op
+
+
+@pytest.fixture
+def path(request, monkeypatch):
+    monkeypatch.setenv("VARLEN_RNN_CUDA_PATH", request.param)
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """float32 comparisons mean float32: TF32 off on both sides, restored after."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _lengths(B, T, seed=0, zeros=True):
+    g = torch.Generator().manual_seed(seed)
+    lo = 0 if zeros else 1
+    L = torch.randint(lo, T + 1, (B,), generator=g)
+    L[0] = T  # the longest row is the padded length
+    return L
+
+
+def _run(gru, x, lengths, hx=None):
+    """Forward + gradients of every input and parameter for a fixed random projection."""
+    out, h = gru(x, hx, lengths=lengths)
+    inputs = [x] + ([hx] if hx is not None else []) + list(gru.parameters())
+    return [out, h] + list(grads([out, h], inputs))
+
+
+def _inputs(T, B, I, D, H, layers, dtype, device, batch_first=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((B, T, I) if batch_first else (T, B, I), generator=g, dtype=torch.float64)
+    hx = torch.randn(layers * D, B, H, generator=g, dtype=torch.float64)
+    return (x.to(device, dtype).requires_grad_(), hx.to(device, dtype).requires_grad_())
+
+
+# ------------------------------------------------------------------ parity
+@needs_cuda
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("bidirectional,batch_first,bias",
+                         [(False, False, True), (True, False, True), (True, True, False),
+                          (False, True, False)])
+def test_cuda_matches_nn_gru_with_packing(path, dtype, bidirectional, batch_first, bias):
+    T, B, I, H, layers = 9, 6, 5, 7, 2
+    ref, ours = make_pair(I, H, layers, bias, batch_first, bidirectional, dtype, "cuda")
+    x, hx = _inputs(T, B, I, 2 if bidirectional else 1, H, layers, dtype, "cuda", batch_first)
+    lengths = _lengths(B, T, zeros=False)  # nn.GRU packing refuses length 0
+    out_ref, h_ref = packed_baseline(ref, x, lengths.tolist(), hx)
+    got = _run(ours, x, lengths.cuda(), hx)
+    inputs = [x, hx] + list(ref.parameters())
+    expected = [out_ref, h_ref] + list(grads([out_ref, h_ref], inputs))
+    for i, (a, e) in enumerate(zip(got, expected)):
+        assert_close(a, e, dtype, f"tensor {i}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shape", [(12, 37, 9, 33, True), (5, 3, 4, 257, False), (1, 1, 3, 4, True)],
+                         ids=["B37-H33-bi", "H257-tail-block", "T1-B1"])
+def test_cuda_matches_cpu_kernels(path, dtype, shape):
+    T, B, I, H, bidirectional = shape
+    torch.manual_seed(0)
+    cpu = varlen_rnn.GRU(I, H, 2, bidirectional=bidirectional, dtype=dtype)
+    gpu = varlen_rnn.GRU(I, H, 2, bidirectional=bidirectional, dtype=dtype, device="cuda")
+    gpu.load_state_dict(cpu.state_dict())
+    D = 2 if bidirectional else 1
+    x, hx = _inputs(T, B, I, D, H, 2, dtype, "cpu")
+    xg, hxg = (t.detach().cuda().requires_grad_() for t in (x, hx))
+    lengths = _lengths(B, T)  # zero lengths included: the CPU kernels are the oracle here
+    expected = _run(cpu, x, lengths, hx)
+    got = _run(gpu, xg, lengths.cuda(), hxg)
+    for i, (a, e) in enumerate(zip(got, expected)):
+        assert_close(a.cpu(), e, dtype, f"tensor {i}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("max_kc", ["", "32"], ids=["whole-K", "K-chunks-of-32"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_cuda_persistent_equals_fallback(monkeypatch, dtype, max_kc):
+    """Many tiles of rows, rows finishing at every step, zero lengths, a partial last block."""
+    T, B, I, H = 20, 45, 6, 70
+    torch.manual_seed(1)
+    gru = varlen_rnn.GRU(I, H, 2, bidirectional=True, dtype=dtype, device="cuda")
+    x, hx = _inputs(T, B, I, 2, H, 2, dtype, "cuda")
+    lengths = _lengths(B, T, seed=3).cuda()
+    monkeypatch.setenv("VARLEN_RNN_PERSISTENT_MAX_KC", max_kc)
+    results = {}
+    for p in PATHS:
+        monkeypatch.setenv("VARLEN_RNN_CUDA_PATH", p)
+        results[p] = _run(gru, x, lengths, hx)
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=2e-5, rtol=1e-4)
+    for i, (a, e) in enumerate(zip(results["persistent"], results["fallback"])):
+        torch.testing.assert_close(a, e, **tol, msg=lambda m: f"tensor {i}: {m}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("D", [1, 2])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_cuda_gradcheck_op(path, D, batch_first):
+    f = lambda *s: torch.randn(*s, dtype=torch.float64, device="cuda", requires_grad=True)
+    T, B, I, H = 5, 4, 3, 4
+    x = f(B, T, I) if batch_first else f(T, B, I)
+    args = (x, torch.tensor([3, 5, 0, 1], device="cuda"), f(D, B, H), f(D, 3 * H, I),
+            f(D, 3 * H, H), f(D, 3 * H), f(D, 3 * H), batch_first)
+    assert torch.autograd.gradcheck(lambda *a: varlen_rnn.ops.gru_layer(*a), args, eps=1e-6,
+                                    atol=1e-8)
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("lengths,B", [([0, 0, 0], 3), ([4, 0, 2], 3), ([5], 1), ([0], 1)],
+                         ids=["all-zero", "some-zero", "B1", "B1-zero"])
+def test_cuda_zero_lengths_and_single_row(path, lengths, B):
+    T, I, H = 5, 3, 8
+    torch.manual_seed(0)
+    gru = varlen_rnn.GRU(I, H, 2, bidirectional=True, dtype=torch.float64, device="cuda")
+    x, hx = _inputs(T, B, I, 2, H, 2, torch.float64, "cuda")
+    L = torch.tensor(lengths)
+    got = _run(gru, x, L.cuda(), hx)
+    out_ref, h_ref = gru_reference(gru, x, hx, L)
+    expected = [out_ref, h_ref] + list(grads([out_ref, h_ref], [x, hx] + list(gru.parameters())))
+    for i, (a, e) in enumerate(zip(got, expected)):
+        assert_close(a, e, torch.float64, f"tensor {i}")
+    zero = L == 0
+    assert torch.equal(got[0][:, zero.cuda()], torch.zeros_like(got[0][:, zero.cuda()]))
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_cuda_empty_time_and_batch(path):
+    gru = varlen_rnn.GRU(3, 4, dtype=torch.float64, device="cuda")
+    out, h = gru(torch.zeros(0, 2, 3, dtype=torch.float64, device="cuda"),
+                 lengths=torch.zeros(2, dtype=torch.long, device="cuda"))
+    assert out.shape == (0, 2, 4) and torch.equal(h, torch.zeros(1, 2, 4, dtype=torch.float64,
+                                                                 device="cuda"))
+    out, h = gru(torch.zeros(5, 0, 3, dtype=torch.float64, device="cuda"),
+                 lengths=torch.zeros(0, dtype=torch.long, device="cuda"))
+    assert out.shape == (5, 0, 4) and h.shape == (1, 0, 4)
+
+
+# --------------------------------------------------------- run-time behaviour
+@needs_cuda
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_cuda_deterministic(path, dtype):
+    T, B, I, H = 30, 19, 16, 48
+    torch.manual_seed(0)
+    gru = varlen_rnn.GRU(I, H, 2, bidirectional=True, dtype=dtype, device="cuda")
+    x, hx = _inputs(T, B, I, 2, H, 2, dtype, "cuda")
+    lengths = _lengths(B, T).cuda()
+    a, b = _run(gru, x, lengths, hx), _run(gru, x, lengths, hx)
+    for i, (u, v) in enumerate(zip(a, b)):
+        assert torch.equal(u, v), f"tensor {i} differs between two identical runs"
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_cuda_no_host_sync(path):
+    T, B, I, H = 8, 5, 4, 16
+    gru = varlen_rnn.GRU(I, H, 2, bidirectional=True, device="cuda")
+    x, hx = _inputs(T, B, I, 2, H, 2, torch.float32, "cuda")
+    lengths = _lengths(B, T).cuda()
+    _run(gru, x, lengths, hx)  # warm-up outside the check: first-use allocations, handles
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, h = gru(x, hx, lengths=lengths)
+        (out.sum() + h.sum()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_cuda_graph_capture_and_replay(path):
+    T, B, I, H = 10, 6, 5, 12
+    torch.manual_seed(0)
+    gru = varlen_rnn.GRU(I, H, 2, bidirectional=True, device="cuda")
+    x = torch.randn(T, B, I, device="cuda", requires_grad=True)
+    lengths = _lengths(B, T).cuda()
+    params = list(gru.parameters())
+
+    def step():
+        out, h = gru(x, lengths=lengths)
+        return [out, h] + list(torch.autograd.grad((out * out).sum() + h.sum(), [x] + params))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    for seed in (1, 2):
+        with torch.no_grad():
+            x.copy_(torch.randn(T, B, I, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)))
+            lengths.copy_(_lengths(B, T, seed=seed).cuda())
+        graph.replay()
+        eager = step()
+        for i, (a, e) in enumerate(zip(static, eager)):  # cuBLAS may pick other kernels in a graph
+            torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5,
+                                       msg=lambda m: f"replayed tensor {i} (seed {seed}): {m}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_cuda_non_default_stream(path):
+    T, B, I, H = 16, 7, 5, 24
+    torch.manual_seed(0)
+    gru = varlen_rnn.GRU(I, H, 2, bidirectional=True, device="cuda")
+    x, hx = _inputs(T, B, I, 2, H, 2, torch.float32, "cuda")
+    lengths = _lengths(B, T).cuda()
+    expected = _run(gru, x, lengths, hx)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(1_000_000)  # a busy stream: wrong-stream launches would race ahead
+        got = _run(gru, x, lengths, hx)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    for i, (a, e) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-6,
+                                   msg=lambda m: f"tensor {i} on a side stream: {m}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.bfloat16, 4e-2)],
+                         ids=["f16", "bf16"])
+def test_cuda_half_types_smoke(path, dtype, tol):
+    """Half storage, float state and accumulation: close to the float64 result."""
+    T, B, I, H = 24, 9, 16, 40
+    torch.manual_seed(0)
+    ref = varlen_rnn.GRU(I, H, 2, bidirectional=True, dtype=torch.float64, device="cuda")
+    half = varlen_rnn.GRU(I, H, 2, bidirectional=True, dtype=dtype, device="cuda")
+    half.load_state_dict(ref.state_dict())
+    x, hx = _inputs(T, B, I, 2, H, 2, torch.float64, "cuda")
+    xh, hxh = (t.detach().to(dtype).requires_grad_() for t in (x, hx))
+    lengths = _lengths(B, T).cuda()
+    expected = _run(ref, x, lengths, hx)
+    got = _run(half, xh, lengths, hxh)
+    for i, (a, e) in enumerate(zip(got, expected)):
+        assert a.dtype == dtype and torch.isfinite(a).all(), f"tensor {i}"
+        scale = e.abs().max().clamp_min(1.0)
+        err = (a.double() - e).abs().max() / scale
+        assert err < tol * 5 if i >= 2 else err < tol, f"tensor {i}: relative error {err:.3g}"
+
+
+@needs_cuda
+def test_cuda_forced_persistent_refuses_what_does_not_fit(monkeypatch):
+    monkeypatch.setenv("VARLEN_RNN_CUDA_PATH", "persistent")
+    H = 4096  # 3*H*H doubles (400 MB) cannot be spread over any GPU's shared memory
+    args = [torch.zeros(2, 1, 4, dtype=torch.float64, device="cuda"),
+            torch.tensor([2], device="cuda"),
+            torch.zeros(1, 1, H, dtype=torch.float64, device="cuda"),
+            torch.zeros(1, 3 * H, 4, dtype=torch.float64, device="cuda"),
+            torch.zeros(1, 3 * H, H, dtype=torch.float64, device="cuda"), None, None, False, False]
+    with pytest.raises(RuntimeError, match="persistent kernel cannot run"):
+        torch.ops.varlen_rnn.gru_layer_forward(*args)
+    monkeypatch.setenv("VARLEN_RNN_CUDA_PATH", "auto")  # auto falls back instead
+    out, h, _ = torch.ops.varlen_rnn.gru_layer_forward(*args)
+    assert out.shape == (2, 1, H)
+
+
+@needs_cuda
+def test_cuda_bad_path_name_is_refused(monkeypatch):
+    monkeypatch.setenv("VARLEN_RNN_CUDA_PATH", "fastest")
+    gru = varlen_rnn.GRU(3, 4, device="cuda")
+    with pytest.raises(RuntimeError, match="VARLEN_RNN_CUDA_PATH must be"):
+        gru(torch.zeros(2, 1, 3, device="cuda"))
+
+
+@needs_cuda
+@pytest.mark.parametrize("bad", [-1, 7])
+def test_cuda_out_of_range_length_is_a_device_assert(bad):
+    """Checked on the device (no host copy of lengths): a device-side assert, so in a child
+    process, since it leaves the CUDA context unusable."""
+    code = (
+        "import torch, varlen_rnn\n"
+        "gru = varlen_rnn.GRU(3, 4, device='cuda')\n"
+        f"out, h = gru(torch.zeros(6, 2, 3, device='cuda'), lengths=torch.tensor([2, {bad}], device='cuda'))\n"
+        "torch.cuda.synchronize()\n"
+    )
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=os.path.dirname(here), timeout=120)
+    assert r.returncode != 0
+    assert "assert" in r.stderr.lower(), r.stderr[-2000:]
