@@ -1,0 +1,198 @@
+"""Benchmark varlen_rnn.GRU against torch.nn.GRU + pack_padded_sequence.
+
+    python benchmarks/bench.py --preset quick                 # about a minute on a 2-core CPU
+    python benchmarks/bench.py --preset cpu-targets           # the three CPU target configs, 2 threads
+    python benchmarks/bench.py --preset gpu --device cuda     # the CUDA grid (training fp32/bf16, inference)
+    python benchmarks/bench.py --preset full [--device cuda]  # the whole grid
+
+Every competitor of a case is timed in the same run, on the same inputs and weights, in rounds
+that rotate their order (so drift in clocks or caches hits all of them alike), and the reported
+time is the median over all rounds. Results go to --out as JSON, markdown and PNG.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# This folder for the sibling modules; the repo root last, for an in-place build (an installed
+# varlen_rnn, or one on PYTHONPATH, wins).
+sys.path.insert(0, HERE)
+sys.path.append(os.path.dirname(HERE))
+
+import torch  # noqa: E402
+from torch.utils.benchmark import Timer  # noqa: E402
+
+import bench_memory  # noqa: E402
+import bench_report  # noqa: E402
+from bench_cases import COMPETITORS, DISTRIBUTIONS, Bench, Case, gru_flops, train_flops  # noqa: E402
+
+
+# Timing effort per preset: rounds of blocked_autorange(min_run_time) per competitor.
+EFFORT = {
+    "quick": dict(rounds=2, min_run_time=0.1, warmup=1),
+    "cpu-targets": dict(rounds=5, min_run_time=0.4, warmup=2),
+    "full": dict(rounds=3, min_run_time=0.2, warmup=2),
+    "gpu": dict(rounds=2, min_run_time=0.1, warmup=2),
+}
+
+
+def preset_cases(preset: str, device: str) -> list[Case]:
+    if preset == "quick":
+        base = dict(B=32, T=64, I=128, H=128, device=device)
+        return ([Case(**base, dist=d) for d in DISTRIBUTIONS]
+                + [Case(**base, layers=2, bidirectional=True, dist="uniform")])
+    if preset == "cpu-targets":
+        return [Case(B=64, T=100, I=256, H=256, device=device),
+                Case(B=16, T=200, I=256, H=512, device=device),
+                Case(B=128, T=50, I=128, H=128, layers=2, bidirectional=True, device=device)]
+    if preset == "gpu":
+        # Issue 3's grid: training step at T=256, lengths uniform in [1, T], fp32 (TF32 off) and bf16;
+        # inference forward at B <= 8. The B <= 8 cases time both modes on one set of inputs.
+        cases = []
+        # dtype innermost, so a run cut short by --time-budget still has both dtypes for what it ran.
+        for H, B, dtype in itertools.product((256, 512, 1024), (1, 8, 64, 256), ("float32", "bfloat16")):
+            modes = ("infer", "train") if B <= 8 else ("train",)
+            cases.append(Case(B=B, T=256, I=H, H=H, dtype=dtype, device=device, modes=modes))
+        return cases
+    if preset == "full":
+        if device.startswith("cuda"):
+            grid = itertools.product((1, 16, 128), (256,), (256, 1024), (1, 2), (False, True), DISTRIBUTIONS)
+        else:
+            grid = itertools.product((16, 64), (50, 200), (128, 512), (1, 2), (False, True), DISTRIBUTIONS)
+        return [Case(B=B, T=T, I=H, H=H, layers=L, bidirectional=bi, dist=d, device=device)
+                for B, T, H, L, bi, d in grid]
+    raise ValueError(f"unknown preset {preset!r}")
+
+
+def gemm_reference(device: str, dtype: str, threads: int, min_run_time: float) -> dict:
+    """A plain n x n x n torch.mm: what this machine's GEMM reaches, for the GFLOP/s column."""
+    n = 4096 if device.startswith("cuda") else 1024
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(n, n, generator=gen).to(device, getattr(torch, dtype))
+    b = torch.randn(n, n, generator=gen).to(device, getattr(torch, dtype))
+    m = Timer("torch.mm(a, b)", globals={"torch": torch, "a": a, "b": b},
+              num_threads=threads).blocked_autorange(min_run_time=min_run_time)
+    return {"n": n, "median_s": m.median, "gflops": 2 * n**3 / m.median / 1e9}
+
+
+def time_interleaved(steps: dict, threads: int, rounds: int, min_run_time: float, warmup: int) -> dict:
+    """Median and IQR per step, over `rounds` rounds whose order rotates."""
+    names = list(steps)
+    timers = {n: Timer("step()", globals={"step": steps[n]}, num_threads=threads) for n in names}
+    for n in names:
+        for _ in range(warmup):
+            steps[n]()
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            times[n].extend(timers[n].blocked_autorange(min_run_time=min_run_time).times)
+    out = {}
+    for n, ts in times.items():
+        q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+        out[n] = {"median_s": statistics.median(ts), "iqr_s": q[2] - q[0], "samples": len(ts)}
+    return out
+
+
+def run_case(case: Case, effort: dict, threads: int, gemm: dict, memory: bool = True,
+             competitors=COMPETITORS, seed: int = 0) -> dict:
+    bench = Bench(case, seed=seed)
+    record = {"name": case.name(), "case": case.asdict(),
+              "valid_tokens": int(bench.lengths.sum()), "padded_tokens": case.T * case.B,
+              "max_abs_diff": {c: bench.max_abs_diff(c) for c in competitors if c.startswith("varlen")},
+              "modes": {}}
+    cpu_peaks = {}
+    if memory and not case.device.startswith("cuda"):
+        cpu_peaks = bench_memory.cpu_peaks(case.asdict(), competitors, case.modes, seed)
+    for mode in case.modes:
+        steps = {c: bench.step(mode, c) for c in competitors}
+        timed = time_interleaved(steps, threads, effort["rounds"], effort["min_run_time"], effort["warmup"])
+        flops = (gru_flops if mode == "infer" else train_flops)(case, bench.lengths)
+        med = {c: timed[c]["median_s"] for c in competitors}
+        m = {"median_s": med, "iqr_s": {c: timed[c]["iqr_s"] for c in competitors},
+             "samples": {c: timed[c]["samples"] for c in competitors},
+             "speedup": {c: med["baseline"] / med[c] for c in competitors},
+             "gflops": {c: flops / med[c] / 1e9 for c in competitors}, "flops": flops}
+        m["gemm_fraction"] = m["gflops"].get("varlen", 0.0) / gemm["gflops"]
+        if mode == "infer":
+            m["us_per_step"] = {c: med[c] / case.T * 1e6 for c in competitors}
+        if memory and case.device.startswith("cuda"):
+            m["peak_bytes"] = {c: bench_memory.cuda_peak(steps[c]) for c in competitors}
+        elif memory:
+            m["peak_bytes"] = cpu_peaks[mode]
+        record["modes"][mode] = m
+    return record
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(EFFORT), default="quick")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda for --preset gpu, else cpu")
+    p.add_argument("--out", default=os.path.join(HERE, "results"), help="results folder (default benchmarks/results)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 2 for cpu-targets, else torch's default)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds; cases that would start after it are skipped and listed (gpu preset: 210)")
+    p.add_argument("--limit", type=int, default=None, help="run only the first N cases (dry runs)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    args = p.parse_args(argv)
+
+    device = args.device or ("cuda" if args.preset == "gpu" else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch.cuda.is_available() is False")
+    threads = args.threads or (2 if args.preset == "cpu-targets" else torch.get_num_threads())
+    torch.set_num_threads(threads)
+    budget = args.time_budget if args.time_budget is not None else (210.0 if args.preset == "gpu" else None)
+    try:
+        import varlen_rnn  # noqa: F401
+    except ImportError as e:
+        print(f"error: cannot import varlen_rnn ({e}); build it first: "
+              "pip install --no-build-isolation -e .", file=sys.stderr)
+        return 2
+    if device == "cuda":
+        # Issue 3: compare float32 without TF32 on both sides (cuDNN allows it by default).
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if device == "cpu" and load > 0.5:
+        print(f"warning: load average {load:.1f} before the run; other work on this machine makes CPU "
+              "timings noisy", file=sys.stderr)
+    effort = EFFORT[args.preset]
+    cases = preset_cases(args.preset, device)[: args.limit]
+    results = {"preset": args.preset, "machine": bench_report.machine_info(device, threads),
+               "effort": effort, "gemm": {}, "cases": [], "skipped": []}
+    start = time.perf_counter()
+    for dtype in sorted({c.dtype for c in cases}):
+        results["gemm"][dtype] = gemm_reference(device, dtype, threads, effort["min_run_time"] * 2)
+    for i, case in enumerate(cases):
+        elapsed = time.perf_counter() - start
+        if budget is not None and elapsed > budget:
+            results["skipped"].append(case.name())
+            continue
+        print(f"[{i + 1}/{len(cases)} {elapsed:5.0f}s] {case.name()} ...", file=sys.stderr, flush=True)
+        rec = run_case(case, effort, threads, results["gemm"][case.dtype], memory=not args.no_memory)
+        results["cases"].append(rec)
+        for mode, m in rec["modes"].items():
+            print(f"    {mode}: baseline {m['median_s']['baseline'] * 1e3:.2f} ms, varlen "
+                  f"{m['median_s']['varlen'] * 1e3:.2f} ms ({m['speedup']['varlen']:.2f}x)",
+                  file=sys.stderr, flush=True)
+    results["wall_s"] = time.perf_counter() - start
+
+    tag = results["machine"].get("gpu", "cpu").replace(" ", "_")
+    stem = f"{args.preset}_{device}_{tag}_{time.strftime('%Y%m%d-%H%M%S')}"
+    paths = bench_report.write_all(results, args.out, stem)
+    print("\nwrote " + ", ".join(paths.values()) + (" (no matplotlib: no plot)" if "png" not in paths else ""))
+    if results["skipped"]:
+        print(f"skipped for the time budget: {len(results['skipped'])} cases")
+    print(bench_report.short_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

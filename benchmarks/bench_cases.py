@@ -1,0 +1,169 @@
+"""What the benchmark times: cases, inputs, and the four competitors as step functions.
+
+Shape legend: T time steps, B batch, I input features, H hidden, D directions.
+Every competitor of one case shares the same weights (varlen_rnn.GRU loads nn.GRU's state_dict)
+and the same inputs, drawn fresh from a seeded generator (random, never zeros).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+# Competitor keys in display order; the first is the baseline every speedup is measured against.
+COMPETITORS = ("baseline", "padded", "varlen", "varlen_packed")
+LABELS = {
+    "baseline": "nn.GRU + pack/pad (baseline)",
+    "padded": "nn.GRU padded, no lengths (wrong results)",
+    "varlen": "varlen_rnn.GRU(x, lengths=)",
+    "varlen_packed": "varlen_rnn.GRU(PackedSequence)",
+}
+MODES = ("infer", "train")
+DISTRIBUTIONS = ("uniform", "full", "skewed")
+
+
+@dataclass(frozen=True)
+class Case:
+    B: int
+    T: int
+    I: int
+    H: int
+    layers: int = 1
+    bidirectional: bool = False
+    dist: str = "uniform"
+    dtype: str = "float32"
+    device: str = "cpu"
+    modes: tuple = MODES
+
+    @property
+    def D(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def name(self) -> str:
+        s = f"B={self.B} T={self.T} I={self.I} H={self.H} L={self.layers}"
+        if self.bidirectional:
+            s += " bi"
+        return f"{s} {self.dist} {self.dtype}"
+
+    def asdict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["modes"] = list(self.modes)
+        return d
+
+    @staticmethod
+    def fromdict(d: dict) -> "Case":
+        d = dict(d)
+        d["modes"] = tuple(d.get("modes", MODES))
+        return Case(**d)
+
+
+def make_lengths(dist: str, B: int, T: int, gen: torch.Generator) -> torch.Tensor:
+    """Lengths in caller order (never sorted): uniform in [1, T], all T, or skewed (most short, a few long)."""
+    if dist == "uniform":
+        return torch.randint(1, T + 1, (B,), generator=gen)
+    if dist == "full":
+        return torch.full((B,), T, dtype=torch.int64)
+    if dist == "skewed":
+        # ~90% of rows in [1, T/10], ~10% in [T/2, T], and one row at exactly T so the batch is T long.
+        short = torch.randint(1, max(1, T // 10) + 1, (B,), generator=gen)
+        n_long = max(1, round(0.1 * B))
+        long_ = torch.randint(max(1, T // 2), T + 1, (n_long,), generator=gen)
+        long_[0] = T
+        where = torch.randperm(B, generator=gen)[:n_long]
+        short[where] = long_
+        return short
+    raise ValueError(f"unknown length distribution {dist!r}; expected one of {DISTRIBUTIONS}")
+
+
+def gru_flops(case: Case, lengths: torch.Tensor) -> float:
+    """Forward FLOPs spent on valid tokens: per token, layer and direction, 2 * 3H * (I_layer + H)
+    (the input and recurrent GEMMs; the gate pointwise math is a rounding error next to them)."""
+    tokens = int(lengths.sum())
+    per_token = 0
+    for layer in range(case.layers):
+        i = case.I if layer == 0 else case.D * case.H
+        per_token += case.D * 2 * 3 * case.H * (i + case.H)
+    return float(tokens * per_token)
+
+
+def train_flops(case: Case, lengths: torch.Tensor) -> float:
+    # Convention: backward costs twice the forward (grad wrt inputs and wrt weights).
+    return 3.0 * gru_flops(case, lengths)
+
+
+class Bench:
+    """One case, built once: models with identical weights, inputs, and a step function per
+    (mode, competitor). Step functions return nothing, so timing measures the work only."""
+
+    def __init__(self, case: Case, seed: int = 0):
+        import varlen_rnn  # imported late so `bench.py --help` works before the package is built
+
+        self.case = case
+        dev = torch.device(case.device)
+        dtype = getattr(torch, case.dtype)
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        self.ref = nn.GRU(case.I, case.H, case.layers, bidirectional=case.bidirectional).to(dev, dtype)
+        self.var = varlen_rnn.GRU(case.I, case.H, case.layers, bidirectional=case.bidirectional,
+                                  device=dev, dtype=dtype)
+        self.var.load_state_dict(self.ref.state_dict())
+        self.lengths = make_lengths(case.dist, case.B, case.T, gen)           # [B] int64, CPU
+        self.lengths_dev = self.lengths.to(dev)                                 # [B] on device: no host sync
+        self.x = torch.randn(case.T, case.B, case.I, generator=gen).to(dev, dtype)  # [T, B, I]
+        # Random weights for the scalar loss, so gradients are not all ones.
+        self.w_out = torch.randn(case.T, case.B, case.D * case.H, generator=gen).to(dev, dtype)
+        self.w_h = torch.randn(case.layers * case.D, case.B, case.H, generator=gen).to(dev, dtype)
+        self.x_train = self.x.detach().clone().requires_grad_(True)
+
+    # -- forward of each competitor: (out [T, B, D*H], h_n [L*D, B, H]) ---------------------------
+    def _packed(self, gru, x):
+        packed = pack_padded_sequence(x, self.lengths, enforce_sorted=False)
+        out, h_n = gru(packed)  # with enforce_sorted=False, h_n comes back in caller order
+        out, _ = pad_packed_sequence(out, total_length=self.case.T)
+        return out, h_n
+
+    def forward(self, name: str, x: torch.Tensor):
+        if name == "baseline":
+            return self._packed(self.ref, x)
+        if name == "padded":
+            return self.ref(x)
+        if name == "varlen":
+            return self.var(x, lengths=self.lengths_dev)
+        if name == "varlen_packed":
+            return self._packed(self.var, x)
+        raise ValueError(f"unknown competitor {name!r}; expected one of {COMPETITORS}")
+
+    def step(self, mode: str, name: str):
+        gru = self.ref if name in ("baseline", "padded") else self.var
+        params = list(gru.parameters())
+        if mode == "infer":
+            def infer_step():
+                with torch.inference_mode():
+                    self.forward(name, self.x)
+            return infer_step
+        if mode == "train":
+            x = self.x_train
+
+            def clear_grads():
+                for p in params:
+                    p.grad = None
+                x.grad = None
+
+            def train_step():
+                clear_grads()
+                out, h_n = self.forward(name, x)
+                loss = (out * self.w_out).sum() + (h_n * self.w_h).sum()
+                loss.backward()
+            train_step.reset = clear_grads
+            return train_step
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+
+    def max_abs_diff(self, name: str) -> float:
+        """Largest |output - baseline| over out and h_n (padding positions included)."""
+        with torch.inference_mode():
+            ro, rh = self.forward("baseline", self.x)
+            o, h = self.forward(name, self.x)
+            return max((o - ro).abs().max().item(), (h - rh).abs().max().item())

@@ -1,0 +1,163 @@
+"""Where the results go: JSON (everything), a markdown table, a PNG plot, and a short console table.
+Every file names the machine, torch version and date, so a number never loses its provenance."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+
+import torch
+
+from bench_cases import COMPETITORS, LABELS
+
+
+def machine_info(device: str, threads: int) -> dict:
+    info = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": device,
+        "cpu": _cpu_model(),
+        "threads": threads,
+        # Other work on the machine skews CPU timings (an OpenMP barrier waits for a descheduled thread).
+        "loadavg_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        info.update(gpu=props.name, cuda=torch.version.cuda, sm_count=props.multi_processor_count,
+                    gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+                    tf32_cudnn=torch.backends.cudnn.allow_tf32,
+                    cudnn=torch.backends.cudnn.version())
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line(info: dict) -> str:
+    if "gpu" in info:
+        where = f"{info['gpu']} (CUDA {info['cuda']}, TF32 matmul={info['tf32_matmul']} cudnn={info['tf32_cudnn']})"
+    else:
+        where = f"{info['cpu']}, {info['threads']} threads"
+    return f"{where}; torch {info['torch']}; {info['date']}"
+
+
+def _ms(s):
+    return "-" if s is None else f"{s * 1e3:.2f}"
+
+
+def _mib(b):
+    return "-" if b is None else f"{b / 2**20:.1f}"
+
+
+def markdown(results: dict) -> str:
+    info = results["machine"]
+    lines = [f"# varlen_rnn benchmark: preset `{results['preset']}`", "",
+             f"Machine: {machine_line(info)}", "",
+             "Median time per call (ms) from one interleaved run (torch.utils.benchmark); speedup is "
+             "baseline time / competitor time. GFLOP/s count valid tokens only (training = 3x forward) and "
+             f"are compared with a plain torch.mm measured in the same run "
+             f"({_gemm_text(results)}). Peak memory is the step's peak above what was allocated before it.",
+             ""]
+    for mode in ("infer", "train"):
+        rows = [r for r in results["cases"] if mode in r["modes"]]
+        if not rows:
+            continue
+        title = "Inference forward (torch.inference_mode)" if mode == "infer" else "Training step (forward + backward)"
+        lines += [f"## {title}", "",
+                  "| case | baseline ms | padded ms (x) | varlen ms (x) | varlen packed ms (x) | "
+                  "varlen GFLOP/s (% GEMM) | peak MiB baseline / varlen | max abs diff |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            m = r["modes"][mode]
+            t = m["median_s"]
+            cells = [r["name"], _ms(t["baseline"])]
+            for c in COMPETITORS[1:]:
+                cells.append(f"{_ms(t.get(c))} ({m['speedup'].get(c, 0):.2f}x)" if t.get(c) else "-")
+            g = m["gflops"].get("varlen")
+            cells.append("-" if g is None else f"{g:.1f} ({m['gemm_fraction'] * 100:.0f}%)")
+            mem = m.get("peak_bytes", {})
+            cells.append(f"{_mib(mem.get('baseline'))} / {_mib(mem.get('varlen'))}")
+            cells.append(f"{r.get('max_abs_diff', {}).get('varlen', float('nan')):.1e}")
+            if "us_per_step" in m:
+                cells[0] += f" ({m['us_per_step']['varlen']:.1f} vs {m['us_per_step']['baseline']:.1f} µs/step)"
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    if results.get("skipped"):
+        lines += [f"Skipped for the time budget: {', '.join(results['skipped'])}", ""]
+    return "\n".join(lines)
+
+
+def _gemm_text(results):
+    return ", ".join(f"{k}: {v['gflops']:.0f} GFLOP/s at n={v['n']}" for k, v in results["gemm"].items())
+
+
+def short_table(results: dict) -> str:
+    """The few columns a reader needs at the end of a run."""
+    head = f"{'case':<44} {'mode':<5} {'base ms':>9} {'varlen ms':>9} {'speedup':>7} {'mem ratio':>9}"
+    out = [machine_line(results["machine"]), head, "-" * len(head)]
+    for r in results["cases"]:
+        for mode, m in r["modes"].items():
+            t = m["median_s"]
+            mem = m.get("peak_bytes", {})
+            ratio = (f"{mem['varlen'] / mem['baseline']:.2f}"
+                     if mem.get("baseline") and mem.get("varlen") is not None else "-")
+            out.append(f"{r['name']:<44} {mode:<5} {_ms(t['baseline']):>9} {_ms(t.get('varlen')):>9} "
+                       f"{m['speedup'].get('varlen', 0):>6.2f}x {ratio:>9}")
+    return "\n".join(out)
+
+
+def plot(results: dict, path: str) -> str | None:
+    """Grouped bars of speedup over the baseline, one panel per mode. None when matplotlib is absent
+    (the GPU machine has no package registry)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    modes = [m for m in ("infer", "train") if any(m in r["modes"] for r in results["cases"])]
+    fig, axes = plt.subplots(len(modes), 1, figsize=(max(8, 0.9 * len(results["cases"]) + 3), 4.2 * len(modes)),
+                             squeeze=False)
+    for ax, mode in zip(axes[:, 0], modes):
+        rows = [r for r in results["cases"] if mode in r["modes"]]
+        width = 0.8 / (len(COMPETITORS) - 1)
+        for k, c in enumerate(COMPETITORS[1:]):
+            ys = [r["modes"][mode]["speedup"].get(c, 0) for r in rows]
+            xs = [i + (k - 1) * width for i in range(len(rows))]
+            ax.bar(xs, ys, width, label=LABELS[c])
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels([r["name"].replace(" I=", "\nI=").replace(" uniform", "\nuniform")
+                            .replace(" full", "\nfull").replace(" skewed", "\nskewed") for r in rows], fontsize=7)
+        ax.set_ylabel("speedup vs nn.GRU + packing")
+        ax.set_title("inference forward" if mode == "infer" else "training step (forward + backward)")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"varlen_rnn `{results['preset']}`: {machine_line(results['machine'])}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_all(results: dict, out_dir: str, stem: str) -> dict:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, stem + ".json"), "md": os.path.join(out_dir, stem + ".md")}
+    with open(paths["json"], "w") as f:
+        json.dump(results, f, indent=1)
+    with open(paths["md"], "w") as f:
+        f.write(markdown(results))
+    png = plot(results, os.path.join(out_dir, stem + ".png"))
+    if png:
+        paths["png"] = png
+    return paths
