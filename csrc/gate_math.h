@@ -20,10 +20,24 @@
 
 namespace varlen_rnn {
 
-template <typename T>
+// The transcendental functions, as a policy so a backend can swap in a
+// vectorizable or fast-math version without touching the cell math.
+struct PreciseMath {
+  template <typename T>
+  static VR_HOST_DEVICE T exp(T x) {
+    using std::exp;
+    return exp(x);
+  }
+  template <typename T>
+  static VR_HOST_DEVICE T tanh(T x) {
+    using std::tanh;
+    return tanh(x);
+  }
+};
+
+template <typename T, typename Math = PreciseMath>
 VR_HOST_DEVICE T sigmoid(T x) {
-  using std::exp;
-  return T(1) / (T(1) + exp(-x));
+  return T(1) / (T(1) + Math::exp(-x));
 }
 
 // What the forward of one cell element saves for the backward.
@@ -32,14 +46,13 @@ struct GruCellSaved {
   T r, z, n, hn;  // hn = gh_n, the hidden-side n pre-activation incl. b_hn
 };
 
-template <typename T>
+template <typename T, typename Math = PreciseMath>
 VR_HOST_DEVICE T gru_cell_forward(T gx_r, T gx_z, T gx_n, T gh_r, T gh_z,
                                   T gh_n, T h_prev, GruCellSaved<T>& s) {
-  using std::tanh;
-  s.r = sigmoid(gx_r + gh_r);
-  s.z = sigmoid(gx_z + gh_z);
+  s.r = sigmoid<T, Math>(gx_r + gh_r);
+  s.z = sigmoid<T, Math>(gx_z + gh_z);
   s.hn = gh_n;
-  s.n = tanh(gx_n + s.r * gh_n);
+  s.n = Math::tanh(gx_n + s.r * gh_n);
   return s.n + s.z * (h_prev - s.n);
 }
 

@@ -17,7 +17,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "gate_math.h"
@@ -76,12 +78,130 @@ at::Tensor perm_tensor(const Schedule& s) {
   return at::tensor(s.perm, at::TensorOptions().dtype(at::kLong));
 }
 
-// Rows per parallel task: enough elements to pay for a thread hand-off.
-int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 4096 / H); }
+// Rows per parallel task. The vectorized gate pass does ~32K elements in tens
+// of microseconds, about what waking the other threads costs each step, so
+// smaller steps stay on one thread (the GEMMs are threaded either way).
+int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 32768 / H); }
 
 // Time of sorted row i at step s of direction `reverse`.
 inline int64_t time_of(const Schedule& s, int64_t i, int64_t step, bool reverse) {
   return reverse ? s.len[i] - 1 - step : step;
+}
+
+// exp and tanh for float in plain arithmetic, so that GCC vectorizes the gate
+// loops (a call into libm keeps a loop scalar). Cody-Waite range reduction and
+// the Cephes degree-6 polynomial: within a few ulp of expf. NaN propagates.
+struct VecMathF32 {
+  static inline float exp(float x) {
+    x = x > 88.0f ? 88.0f : x;
+    x = x < -87.0f ? -87.0f : x;
+    const float t = x * 1.44269504088896341f;  // round(x / ln 2), without a libm call
+    const int32_t ki = static_cast<int32_t>(t + (t >= 0.0f ? 0.5f : -0.5f));
+    const float k = static_cast<float>(ki);
+    const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    return p * std::bit_cast<float>((ki + 127) << 23);
+  }
+  static inline float tanh(float x) {
+    x = x > 9.0f ? 9.0f : x;  // tanh(9) rounds to 1 in float
+    x = x < -9.0f ? -9.0f : x;
+    return 1.0f - 2.0f / (exp(2.0f * x) + 1.0f);
+  }
+};
+
+// The forward gate pass of one row at one step. gx [3H] input projection,
+// gh [3H] = W_hh h (no bias), bh [3H] = b_hh, h [H] updated in place,
+// out [H] the output row, ws [4H] (r|z|n|hn) or null in inference.
+template <typename T, typename Math, bool kSave>
+inline void forward_row(const T* __restrict gx, const T* __restrict gh, const T* __restrict bh,
+                        T* __restrict h, T* __restrict out, T* __restrict ws, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) {
+    GruCellSaved<T> sv;
+    const T hnew = gru_cell_forward<T, Math>(gx[j], gx[H + j], gx[2 * H + j], gh[j] + bh[j],
+                                             gh[H + j] + bh[H + j], gh[2 * H + j] + bh[2 * H + j],
+                                             h[j], sv);
+    h[j] = hnew;
+    out[j] = hnew;
+    if constexpr (kSave) {
+      ws[j] = sv.r;
+      ws[H + j] = sv.z;
+      ws[2 * H + j] = sv.n;
+      ws[3 * H + j] = sv.hn;
+    }
+  }
+}
+
+template <typename T, typename Math>
+inline void forward_row(const T* gx, const T* gh, const T* bh, T* h, T* out, T* ws, int64_t H) {
+  if (ws != nullptr) {
+    forward_row<T, Math, true>(gx, gh, bh, h, out, ws, H);
+  } else {
+    forward_row<T, Math, false>(gx, gh, bh, h, out, ws, H);
+  }
+}
+
+// The backward gate pass of one row at one step. dh [H] in: gradient reaching
+// h' from later steps, out: its direct part for h (the W_hh^T part is a GEMM);
+// go [H] grad_output row; prev [H] h before the step; ws [4H] the forward's
+// saved gates; writes dgx [3H], dgh [3H] and hp [H] (prev, for dW_hh).
+template <typename T>
+inline void backward_row(T* __restrict dh, const T* __restrict go, const T* __restrict prev,
+                         const T* __restrict ws, T* __restrict dgx, T* __restrict dgh,
+                         T* __restrict hp, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) {
+    const GruCellSaved<T> sv{ws[j], ws[H + j], ws[2 * H + j], ws[3 * H + j]};
+    const auto g = gru_cell_backward<T>(dh[j] + go[j], prev[j], sv);
+    dgx[j] = dgh[j] = g.dr;
+    dgx[H + j] = dgh[H + j] = g.dz;
+    dgx[2 * H + j] = g.dn;
+    dgh[2 * H + j] = g.dhn;
+    hp[j] = prev[j];
+    dh[j] = g.dh_prev;
+  }
+}
+
+// float rows are compiled for several ISAs and picked at load time (GCC
+// target_clones), so one wheel runs everywhere and uses AVX-512/AVX2 where present.
+// setup.py adds -fno-trapping-math, without which GCC won't if-convert the clamps.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define VR_CPU_CLONES \
+  __attribute__((flatten, target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define VR_CPU_CLONES
+#endif
+
+VR_CPU_CLONES void forward_row_f32(const float* gx, const float* gh, const float* bh, float* h,
+                                   float* out, float* ws, int64_t H) {
+  forward_row<float, VecMathF32>(gx, gh, bh, h, out, ws, H);
+}
+VR_CPU_CLONES void backward_row_f32(float* dh, const float* go, const float* prev,
+                                    const float* ws, float* dgx, float* dgh, float* hp,
+                                    int64_t H) {
+  backward_row<float>(dh, go, prev, ws, dgx, dgh, hp, H);
+}
+
+template <typename T>
+void forward_row_any(const T* gx, const T* gh, const T* bh, T* h, T* out, T* ws, int64_t H) {
+  if constexpr (std::is_same_v<T, float>) {
+    forward_row_f32(gx, gh, bh, h, out, ws, H);
+  } else {
+    forward_row<T, PreciseMath>(gx, gh, bh, h, out, ws, H);
+  }
+}
+template <typename T>
+void backward_row_any(T* dh, const T* go, const T* prev, const T* ws, T* dgx, T* dgh, T* hp,
+                      int64_t H) {
+  if constexpr (std::is_same_v<T, float>) {
+    backward_row_f32(dh, go, prev, ws, dgx, dgh, hp, H);
+  } else {
+    backward_row<T>(dh, go, prev, ws, dgx, dgh, hp, H);
+  }
 }
 
 template <typename scalar_t>
@@ -99,13 +219,15 @@ void forward_impl(const LayerDims& d, const Schedule& s, const at::Tensor& input
   const scalar_t* gx_p = gx.const_data_ptr<scalar_t>();
   scalar_t* out_p = output.data_ptr<scalar_t>();
   at::Tensor gh = at::empty({d.B, G}, input2d.options());  // [B, 3H] per-step W_hh h
+  const at::Tensor b_hh_all = b_hh ? *b_hh : at::zeros({d.D, G}, input2d.options());
+  const scalar_t* b_hh_p = b_hh_all.const_data_ptr<scalar_t>();
   if (workspace) workspace->narrow(1, N, d.T * d.B - N).zero_();
 
   for (int64_t dir = 0; dir < d.D; ++dir) {
     const bool reverse = dir == 1;
     at::Tensor h = hx[dir].index_select(0, perm);  // [B, H] sorted order
     const at::Tensor w_hh_t = w_hh[dir].t();       // [H, 3H]
-    const scalar_t* bhh = b_hh ? b_hh->const_data_ptr<scalar_t>() + dir * G : nullptr;
+    const scalar_t* bhh = b_hh_p + dir * G;
     scalar_t* h_p = h.data_ptr<scalar_t>();
     const scalar_t* gh_p = gh.const_data_ptr<scalar_t>();
     scalar_t* ws_p = workspace ? workspace->data_ptr<scalar_t>() + dir * d.T * d.B * 4 * H : nullptr;
@@ -121,22 +243,7 @@ void forward_impl(const LayerDims& d, const Schedule& s, const at::Tensor& input
           scalar_t* hr = h_p + i * H;
           scalar_t* outr = out_p + t * st + s.perm[i] * sb + dir * H;
           scalar_t* wsr = ws_p ? ws_p + (s.offset[step] + i) * 4 * H : nullptr;
-          for (int64_t j = 0; j < H; ++j) {
-            const scalar_t br = bhh ? bhh[j] : 0, bz = bhh ? bhh[H + j] : 0,
-                           bn = bhh ? bhh[2 * H + j] : 0;
-            GruCellSaved<scalar_t> sv;
-            const scalar_t hnew = gru_cell_forward<scalar_t>(
-                gxr[j], gxr[H + j], gxr[2 * H + j], ghr[j] + br, ghr[H + j] + bz,
-                ghr[2 * H + j] + bn, hr[j], sv);
-            hr[j] = hnew;
-            outr[j] = hnew;
-            if (wsr) {
-              wsr[j] = sv.r;
-              wsr[H + j] = sv.z;
-              wsr[2 * H + j] = sv.n;
-              wsr[3 * H + j] = sv.hn;
-            }
-          }
+          forward_row_any<scalar_t>(gxr, ghr, bhh, hr, outr, wsr, H);
         }
       });
     }
@@ -185,17 +292,7 @@ void backward_impl(const LayerDims& d, const Schedule& s, const at::Tensor& grad
           scalar_t* dgxr = dgx_p + (s.offset[t] + i) * DG + dir * G;
           scalar_t* dghr = dgh_p + row * G;
           scalar_t* hpr = hp_p + row * H;
-          scalar_t* dhr = dh_p + i * H;
-          for (int64_t j = 0; j < H; ++j) {
-            const GruCellSaved<scalar_t> sv{wsr[j], wsr[H + j], wsr[2 * H + j], wsr[3 * H + j]};
-            const auto g = gru_cell_backward<scalar_t>(dhr[j] + gor[j], prev[j], sv);
-            dgxr[j] = dghr[j] = g.dr;
-            dgxr[H + j] = dghr[H + j] = g.dz;
-            dgxr[2 * H + j] = g.dn;
-            dghr[2 * H + j] = g.dhn;
-            hpr[j] = prev[j];
-            dhr[j] = g.dh_prev;
-          }
+          backward_row_any<scalar_t>(dh_p + i * H, gor, prev, wsr, dgxr, dghr, hpr, H);
         }
       });
       dh.narrow(0, 0, n).addmm_(dgh.narrow(0, s.offset[step], n), w_hh_d);
