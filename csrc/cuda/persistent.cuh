@@ -13,13 +13,22 @@
 // after it. Row conventions: see pointwise.cuh.
 #pragma once
 
+#ifndef VARLEN_RNN_HOST_EMULATION  // a test harness may run these kernels on CPU threads
 #include <cooperative_groups.h>
+#endif
 
 #include "gate_math.h"
 #include "pointwise.cuh"
 
 namespace varlen_rnn {
 namespace cuda {
+
+#ifndef VARLEN_RNN_HOST_EMULATION
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  return smem_raw;
+}
+#endif
 
 constexpr int kPersistThreads = 256;
 constexpr int kPersistWarps = kPersistThreads / 32;
@@ -116,7 +125,7 @@ struct PersistentForwardArgs {
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kPersistThreads)
     persistent_forward_kernel(const PersistentForwardArgs<scalar_t, acc_t> a) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_smem();
   const PersistentShape ps = a.ps;
   const int J = ps.J, H = a.H, B = a.B;
   const int d = blockIdx.x / ps.blocks_per_dir;
@@ -222,7 +231,7 @@ struct PersistentBackwardArgs {
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kPersistThreads)
     persistent_backward_kernel(const PersistentBackwardArgs<scalar_t, acc_t> a) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_smem();
   const PersistentShape ps = a.ps;
   const int J = ps.J, H = a.H, B = a.B, T = a.T;
   const int d = blockIdx.x / ps.blocks_per_dir;
