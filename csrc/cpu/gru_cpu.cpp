@@ -78,10 +78,10 @@ at::Tensor perm_tensor(const Schedule& s) {
   return at::tensor(s.perm, at::TensorOptions().dtype(at::kLong));
 }
 
-// Rows per parallel task. The vectorized gate pass does ~32K elements in tens
-// of microseconds, about what waking the other threads costs each step, so
-// smaller steps stay on one thread (the GEMMs are threaded either way).
-int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 32768 / H); }
+// Rows per parallel task: ~8K elements, tens of microseconds of gate math
+// (memory-bound on gx), several times what handing work to another thread
+// costs on an idle machine. The GEMMs are threaded by BLAS either way.
+int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 8192 / H); }
 
 // Time of sorted row i at step s of direction `reverse`.
 inline int64_t time_of(const Schedule& s, int64_t i, int64_t step, bool reverse) {

@@ -69,7 +69,7 @@ struct PersistentPlan {
 };
 
 template <typename Kernel>
-PersistentPlan plan_persistent(Kernel kernel, int64_t H, int64_t D, int64_t K, int NG,
+PersistentPlan plan_persistent(Kernel kernel, int64_t H, int64_t D, bool backward,
                                size_t w_bytes, size_t acc_bytes) {
   PersistentPlan p;
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
@@ -82,11 +82,16 @@ PersistentPlan plan_persistent(Kernel kernel, int64_t H, int64_t D, int64_t K, i
   // the same block count with balanced slices.
   const int64_t bpd = ceil_div(H, ceil_div(H, std::max<int64_t>(1, sms / D)));
   const int64_t J_bal = ceil_div(H, bpd);
+  // Matches the kernels' layout (persistent.cuh): forward items are single
+  // units with 3 gate rows of length H; backward items group 3 units, rows of
+  // length 3H. Both reduce 3 x kRows dot products per warp item.
+  const int64_t U = backward ? ceil_div(J_bal, 3) : J_bal;
+  const int64_t K = backward ? 3 * H : H;
   const size_t optin = prop->sharedMemPerBlockOptin;
-  const size_t w_smem = static_cast<size_t>(3 * J_bal * H) * w_bytes;
-  for (int64_t R = std::min<int64_t>(4, ceil_div(kPersistWarps, J_bal)); R >= 1; --R) {
+  const size_t w_smem = static_cast<size_t>((backward ? 3 * U : 3 * J_bal) * K) * w_bytes;
+  for (int64_t R = std::min<int64_t>(4, ceil_div(kPersistWarps, U)); R >= 1; --R) {
     const int64_t rows = kRows * R;
-    const size_t acc_smem = static_cast<size_t>(J_bal * R * NG * kRows) * acc_bytes;
+    const size_t acc_smem = static_cast<size_t>(U * R * 3 * kRows) * acc_bytes;
     if (w_smem + acc_smem >= optin) continue;
     int64_t kc = static_cast<int64_t>((optin - w_smem - acc_smem) / (rows * acc_bytes));
     if (kc < K) kc = kc / 32 * 32;
@@ -121,11 +126,11 @@ PersistentPlan plan_persistent(Kernel kernel, int64_t H, int64_t D, int64_t K, i
 // Decides the path; errors when persistent is forced but impossible, so tests
 // that compare the paths never compare the fallback with itself.
 template <typename Kernel>
-bool use_persistent(Kernel kernel, int64_t H, int64_t D, int64_t K, int NG, size_t w_bytes,
+bool use_persistent(Kernel kernel, int64_t H, int64_t D, bool backward, size_t w_bytes,
                     size_t acc_bytes, PersistentPlan& plan) {
   const Path path = requested_path();
   if (path == Path::kFallback) return false;
-  plan = plan_persistent(kernel, H, D, K, NG, w_bytes, acc_bytes);
+  plan = plan_persistent(kernel, H, D, backward, w_bytes, acc_bytes);
   TORCH_CHECK(plan.ok || path == Path::kAuto,
               "VARLEN_RNN_CUDA_PATH=persistent but the persistent kernel cannot run: ", plan.why);
   return plan.ok;
@@ -205,7 +210,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_cuda(
     using acc_t = at::opmath_type<scalar_t>;
     auto kernel = persistent_forward_kernel<scalar_t, acc_t>;
     PersistentPlan plan;
-    if (use_persistent(kernel, H, D, H, 3, sizeof(scalar_t), sizeof(acc_t), plan)) {
+    if (use_persistent(kernel, H, D, false, sizeof(scalar_t), sizeof(acc_t), plan)) {
       const Lengths l = prepare_lengths(lengths, T, true, stream);
       Tensor hbuf = at::empty({2, D, B, H}, opts.dtype(acc_type));
       PersistentForwardArgs<scalar_t, acc_t> a{};
@@ -302,7 +307,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_cu
     using acc_t = at::opmath_type<scalar_t>;
     auto kernel = persistent_backward_kernel<scalar_t, acc_t>;
     PersistentPlan plan;
-    if (use_persistent(kernel, H, D, 3 * H, 1, sizeof(scalar_t), sizeof(acc_t), plan)) {
+    if (use_persistent(kernel, H, D, true, sizeof(scalar_t), sizeof(acc_t), plan)) {
       const Lengths l = prepare_lengths(lengths, T, true, stream);
       const Tensor ghn = grad_h_n.contiguous();
       Tensor dh = at::empty({D, B, H}, opts.dtype(acc_type));

@@ -83,17 +83,20 @@ void emu_launch_seq(int grid, int block, F body) {
 // The cut plan_persistent (gru_cuda.cu) makes, for a pretend SM count; kc_cap and R_force
 // reach the K-chunked and few-rows-per-tile variants with tiny shapes.
 struct Plan { PersistentShape ps; int blocks; size_t smem; };
-Plan plan(int64_t H, int64_t D, int64_t K, int NG, size_t accb, size_t wb, int sms, int kc_cap, int R_force) {
+Plan plan(int64_t H, int64_t D, bool backward, size_t accb, size_t wb, int sms, int kc_cap, int R_force) {
   auto cd = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
   int64_t bpd = cd(H, cd(H, std::max<int64_t>(1, sms / D)));
   int64_t J = cd(H, bpd);
-  int64_t R = R_force > 0 ? R_force : std::min<int64_t>(4, cd(kPersistWarps, J));
+  int64_t U = backward ? cd(J, 3) : J;
+  int64_t K = backward ? 3 * H : H;
+  int64_t R = R_force > 0 ? R_force : std::min<int64_t>(4, cd(kPersistWarps, U));
   int64_t kc = K;
   if (kc_cap > 0 && kc_cap < kc) kc = kc_cap;
   Plan p;
   p.ps = PersistentShape{(int)J, (int)bpd, (int)(kRows * R), (int)kc};
   p.blocks = (int)(D * bpd);
-  p.smem = (size_t)(kRows * R * kc) * accb + (size_t)(J * R * NG * kRows) * accb + (size_t)(3 * J * H) * wb;
+  p.smem = (size_t)(kRows * R * kc) * accb + (size_t)(U * R * 3 * kRows) * accb +
+           (size_t)((backward ? 3 * U : 3 * J) * K) * wb;
   return p;
 }
 
@@ -122,7 +125,7 @@ std::vector<torch::Tensor> forward(torch::Tensor gx, torch::Tensor w_hh, c10::op
   RowStrides xs = xs_of(bf, T, B, D * 3 * H), os = xs_of(bf, T, B, D * H);
   using scalar_t = double;
   if (persistent) {
-    Plan p = plan(H, D, H, 3, 8, 8, (int)sms, (int)kc_cap, (int)R_force);
+    Plan p = plan(H, D, false, 8, 8, (int)sms, (int)kc_cap, (int)R_force);
     auto hbuf = torch::full({2, D, B, H}, 777.0, opts);
     PersistentForwardArgs<scalar_t, scalar_t> a{};
     a.gx = gx.data_ptr<double>(); a.w_hh = w_hh.data_ptr<double>();
@@ -161,7 +164,7 @@ std::vector<torch::Tensor> backward(torch::Tensor go, torch::Tensor ghn, torch::
   RowStrides xs = xs_of(bf, T, B, D * 3 * H), os = xs_of(bf, T, B, D * H);
   using scalar_t = double;
   if (persistent) {
-    Plan p = plan(H, D, 3 * H, 1, 8, 8, (int)sms, (int)kc_cap, (int)R_force);
+    Plan p = plan(H, D, true, 8, 8, (int)sms, (int)kc_cap, (int)R_force);
     auto dh = torch::full({D, B, H}, 777.0, opts);
     PersistentBackwardArgs<scalar_t, scalar_t> a{};
     a.grad_out = go.data_ptr<double>(); a.out = out.data_ptr<double>(); a.hx = hx.data_ptr<double>();
