@@ -244,7 +244,7 @@ class GRU(nn.Module):
             return torch.zeros(expected, dtype=input.dtype, device=input.device)
         if tuple(hx.shape) != expected:
             raise RuntimeError(f"Expected hidden size {expected}, got {list(hx.shape)}")
-        if hx.dtype != input.dtype:
+        if hx.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
             raise ValueError(f"hx dtype ({hx.dtype}) does not match input dtype ({input.dtype})")
         if hx.device != input.device:
             raise RuntimeError(f"hx is on {hx.device} but input is on {input.device}")
@@ -252,10 +252,8 @@ class GRU(nn.Module):
 
     def _run(self, x: Tensor, hx: Tensor, lengths: Tensor, batch_first: bool):
         D = 2 if self.bidirectional else 1
-        dtype = x.dtype
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, hx = x.to(dtype), hx.to(dtype)
+        dtype = _autocast_dtype(x, hx) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x, hx = x.to(dtype), hx.to(dtype)
         h_n = []
         for layer in range(self.num_layers):
             names = self._all_weights[layer * D : (layer + 1) * D]
@@ -266,6 +264,28 @@ class GRU(nn.Module):
             if self.dropout > 0 and self.training and layer + 1 < self.num_layers:
                 x = F.dropout(x, self.dropout, training=True)
         return x, torch.cat(h_n, 0) if len(h_n) > 1 else h_n[0]
+
+
+def _autocast_dtype(x: Tensor, hx: Tensor) -> torch.dtype:
+    """The dtype torch.nn.GRU computes in and returns under autocast, so that
+    swapping it for varlen_rnn.GRU changes no dtype downstream.
+
+    cuDNN (CUDA input of float32/float16/float64 with cuDNN enabled): autocast's
+    _cudnn_rnn wrapper casts input, hx and weights to float16 (whatever the
+    autocast dtype; float64 is left alone). Otherwise (CPU, bfloat16 input, cuDNN
+    off) nn.GRU has no autocast rule of its own: the state and outputs keep hx's
+    dtype (the input's when hx is None) and only its internal GEMMs are autocast;
+    the kernels here then run in that dtype (float32 state: float32 throughout).
+    """
+    if (
+        x.device.type == "cuda"
+        and x.dtype in (torch.float32, torch.float16, torch.float64)
+        and x.numel() > 0
+        and torch.backends.cudnn.enabled
+        and torch.backends.cudnn.is_available()
+    ):
+        return torch.float64 if x.dtype == torch.float64 else torch.float16
+    return hx.dtype
 
 
 def _stack(ws: list[Tensor], dtype: torch.dtype) -> Tensor:
