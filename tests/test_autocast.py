@@ -1,0 +1,145 @@
+"""Under torch.autocast varlen_rnn.GRU returns the dtypes torch.nn.GRU returns, and numbers
+close to nn.GRU's under the same autocast.
+
+nn.GRU has two policies. CPU (and CUDA without cuDNN, or bfloat16 input): no autocast rule
+for the RNN itself, so output and h_n keep hx's dtype (the input's when hx is None) and only
+the GEMMs inside run in the autocast dtype. CUDA with cuDNN: the _cudnn_rnn autocast wrapper
+casts input, hx and weights to float16. The tests compare with whatever nn.GRU returns at run
+time, so they hold for either.
+"""
+import pytest
+import torch
+
+import varlen_rnn
+from testing import HAS_CUDA, make_pair, packed_baseline
+
+T, B, I, H = 9, 6, 3, 8
+LENGTHS = [9, 2, 4, 7, 1, 9]
+F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
+
+# (device, autocast dtype, cuDNN on); CUDA cases are reported as skipped without a GPU.
+_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+CASES = [
+    pytest.param("cpu", BF16, True, id="cpu-bf16"),
+    pytest.param("cuda", F16, True, id="cuda-f16-cudnn", marks=_cuda),
+    pytest.param("cuda", BF16, True, id="cuda-bf16-cudnn", marks=_cuda),
+    pytest.param("cuda", F16, False, id="cuda-f16-native", marks=_cuda),
+    pytest.param("cuda", BF16, False, id="cuda-bf16-native", marks=_cuda),
+]
+# Max abs difference allowed from nn.GRU under the same autocast: both round to 8 (bf16) or
+# 11 (f16) mantissa bits in different places; nn.GRU's own distance from float32 is similar.
+TOL = {BF16: 3e-2, F16: 5e-3}
+
+
+def _cudnn(enabled):
+    return torch.backends.cudnn.flags(enabled=enabled)
+
+
+@pytest.mark.parametrize("device,amp_dtype,cudnn", CASES)
+@pytest.mark.parametrize("x_dtype,hx_dtype", [(F32, None), (F32, F32), (BF16, None),
+                                              (F32, BF16), (BF16, BF16)],
+                         ids=["x32", "x32-h32", "x16", "x32-h16", "x16-h16"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_dtypes_and_values_follow_nn_gru(device, amp_dtype, cudnn, x_dtype, hx_dtype,
+                                         batch_first):
+    x_dtype = amp_dtype if x_dtype is BF16 else x_dtype  # "the low-precision dtype" of the case
+    hx_dtype = amp_dtype if hx_dtype is BF16 else hx_dtype
+    ref, ours = make_pair(I, H, 2, batch_first=batch_first, bidirectional=True, dtype=F32,
+                          device=device)
+    torch.manual_seed(1)
+    x = torch.randn((B, T, I) if batch_first else (T, B, I), device=device).to(x_dtype)
+    hx = None if hx_dtype is None else torch.randn(4, B, H, device=device).to(hx_dtype)
+    x_r, x_o = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with _cudnn(cudnn), torch.autocast(device, dtype=amp_dtype):
+        out_r, h_r = packed_baseline(ref, x_r, LENGTHS, hx)
+        out, h = ours(x_o, hx, lengths=LENGTHS)
+    assert (out.dtype, h.dtype) == (out_r.dtype, h_r.dtype)
+    torch.testing.assert_close(out.float(), out_r.float(), atol=TOL[amp_dtype], rtol=0)
+    torch.testing.assert_close(h.float(), h_r.float(), atol=TOL[amp_dtype], rtol=0)
+    # Backward outside the region, as the autocast docs recommend: gradients have the
+    # dtypes of the leaves (float32 parameters, the input's dtype) and are close.
+    w = torch.randn(out.shape, device=device)
+    (out_r.float() * w).sum().add(h_r.float().sum()).backward()
+    (out.float() * w).sum().add(h.float().sum()).backward()
+    assert x_o.grad.dtype == x_r.grad.dtype
+    torch.testing.assert_close(x_o.grad.float(), x_r.grad.float(), atol=5 * TOL[amp_dtype], rtol=0)
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        assert p.grad.dtype == q.grad.dtype == F32, name
+        scale = q.grad.abs().max().item() + 1
+        torch.testing.assert_close(p.grad, q.grad, atol=5 * TOL[amp_dtype] * scale, rtol=0,
+                                   msg=lambda m: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("device,amp_dtype,cudnn", CASES)
+def test_packed_sequence_under_autocast(device, amp_dtype, cudnn):
+    from torch.nn.utils.rnn import pack_padded_sequence
+    ref, ours = make_pair(I, H, 2, dtype=F32, device=device)
+    x = torch.randn(T, B, I, device=device)
+    packed = pack_padded_sequence(x, LENGTHS, enforce_sorted=False)
+    with _cudnn(cudnn), torch.autocast(device, dtype=amp_dtype):
+        out_r, h_r = ref(packed)
+        out, h = ours(packed)
+    assert (out.data.dtype, h.dtype) == (out_r.data.dtype, h_r.dtype)
+    assert torch.equal(out.batch_sizes, out_r.batch_sizes)
+    torch.testing.assert_close(out.data.float(), out_r.data.float(), atol=TOL[amp_dtype], rtol=0)
+
+
+@pytest.mark.parametrize("device,amp_dtype,cudnn", CASES)
+def test_float64_model_is_left_alone(device, amp_dtype, cudnn):
+    """Autocast never touches float64: nn.GRU stays float64, and so does this GRU, exactly."""
+    ref, ours = make_pair(I, H, 2, bidirectional=True, dtype=F64, device=device)
+    x = torch.randn(T, B, I, dtype=F64, device=device)
+    expected = ours(x, lengths=LENGTHS)
+    with _cudnn(cudnn), torch.autocast(device, dtype=amp_dtype):
+        out_r, h_r = packed_baseline(ref, x, LENGTHS)
+        out, h = ours(x, lengths=LENGTHS)
+    assert out.dtype == h.dtype == out_r.dtype == h_r.dtype == F64
+    assert torch.equal(out, expected[0]) and torch.equal(h, expected[1])
+
+
+@pytest.mark.parametrize("device,amp_dtype,cudnn", CASES[:1] + CASES[3:])  # the native policy
+def test_float32_state_is_computed_in_float32(device, amp_dtype, cudnn):
+    """Where nn.GRU keeps a float32 state, the kernels run in float32: the result is the one
+    outside autocast, bit for bit (the kernels' own GEMMs are not autocast behind their back)."""
+    _, ours = make_pair(I, H, 2, bidirectional=True, dtype=F32, device=device)
+    x = torch.randn(T, B, I, device=device)
+    expected = ours(x, lengths=LENGTHS)
+    with _cudnn(cudnn), torch.autocast(device, dtype=amp_dtype):
+        got = ours(x, lengths=LENGTHS)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@pytest.mark.parametrize("device,amp_dtype,cudnn", CASES)
+def test_op_and_backward_inside_the_autocast_region(device, amp_dtype, cudnn):
+    """The op wrapper runs under autocast in any dtype, and backward() may be called inside
+    the region too (the backward kernel's GEMMs are not autocast either)."""
+    D = 2
+    f = lambda *s: torch.randn(*s, device=device, requires_grad=True)
+    args = (f(T, B, I), torch.tensor(LENGTHS, device=device), f(D, B, H), f(D, 3 * H, I),
+            f(D, 3 * H, H), f(D, 3 * H), f(D, 3 * H))
+    expected = varlen_rnn.ops.gru_layer(*args)
+    g_expected = torch.autograd.grad(expected[0].sum() + expected[1].sum(), args[0])
+    with _cudnn(cudnn), torch.autocast(device, dtype=amp_dtype):
+        out, h = varlen_rnn.ops.gru_layer(*args)
+        (g,) = torch.autograd.grad(out.sum() + h.sum(), args[0])
+    assert out.dtype == h.dtype == F32
+    assert torch.equal(out, expected[0]) and torch.equal(h, expected[1])
+    assert torch.equal(g, g_expected[0])
+
+
+@pytest.mark.parametrize("device,amp_dtype,cudnn", CASES[:2])
+def test_compiled_under_autocast_matches_eager_dtypes(device, amp_dtype, cudnn):
+    _, ours = make_pair(I, H, 2, dtype=F32, device=device)
+    x = torch.randn(T, B, I, device=device)
+    lengths = torch.tensor(LENGTHS, device=device)
+
+    def run(x, lengths):
+        with torch.autocast(device, dtype=amp_dtype):
+            return ours(x, lengths=lengths)
+
+    with _cudnn(cudnn):
+        expected = run(x, lengths)
+        got = torch.compile(run, fullgraph=True, backend="aot_eager")(x, lengths)
+    for g, e in zip(got, expected):
+        assert g.dtype == e.dtype
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6)
