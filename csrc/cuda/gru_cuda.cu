@@ -29,6 +29,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "gru.h"
@@ -235,23 +236,26 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_cuda(
       launch_cooperative(reinterpret_cast<const void*>(kernel), plan.blocks, plan.smem, &a, stream);
       return;
     }
+    // The state h stays in acc_t; the GEMM runs in the storage dtype (tensor cores for
+    // half types, on a rounded copy h_lo that the step kernel keeps).
     const Lengths l = prepare_lengths(lengths, T, false, stream);
+    const bool half = acc_type != input.scalar_type();
     Tensor h = at::empty({D, B, H}, opts.dtype(acc_type));
     h.copy_(hx);
-    const Tensor w_hh_t = w_hh_c.to(acc_type).transpose(1, 2);  // [D, H, 3H]
-    const Tensor bias = b_hh.has_value() ? b_hh->to(acc_type).view({D, 1, 3 * H}).expand({D, B, 3 * H})
-                                         : Tensor();
-    Tensor gh = at::empty({D, B, 3 * H}, opts.dtype(acc_type));
+    Tensor h_lo = half ? hx_c.clone() : h;
+    const Tensor w_hh_t = w_hh_c.transpose(1, 2);  // [D, H, 3H]
+    const Tensor bias = b_hh_c.defined() ? b_hh_c.view({D, 1, 3 * H}).expand({D, B, 3 * H}) : Tensor();
+    Tensor gh = at::empty({D, B, 3 * H}, opts);
     const int blocks = static_cast<int>(ceil_div(D * B * H, kPointwiseThreads));
     for (int64_t s = 0; s < T; ++s) {
       if (bias.defined()) {
-        at::baddbmm_out(gh, bias, h, w_hh_t);
+        at::baddbmm_out(gh, bias, h_lo, w_hh_t);
       } else {
-        at::bmm_out(gh, h, w_hh_t);
+        at::bmm_out(gh, h_lo, w_hh_t);
       }
       fallback_forward_step_kernel<scalar_t, acc_t><<<blocks, kPointwiseThreads, 0, stream>>>(
-          gx.data_ptr<scalar_t>(), gh.data_ptr<acc_t>(), l.lens.data_ptr<int>(),
-          h.data_ptr<acc_t>(), out.data_ptr<scalar_t>(),
+          gx.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(), l.lens.data_ptr<int>(),
+          h.data_ptr<acc_t>(), half ? h_lo.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
           need_workspace ? ws.data_ptr<acc_t>() : nullptr, static_cast<int>(s),
           static_cast<int>(T), static_cast<int>(B), static_cast<int>(H), static_cast<int>(D), xs, os);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -299,8 +303,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_cu
                                     : RowStrides{B * D * 3 * H, D * 3 * H};
   const RowStrides os{dm.stride_t(D * H), dm.stride_b(D * H)};
   Tensor dgx = at::empty({T * B, D * 3 * H}, opts);                    // input-layout rows
-  Tensor dgh = at::empty({D, T * B, 3 * H}, opts.dtype(acc_type));    // step-major rows
-  Tensor hprev = at::empty({D, T * B, H}, opts.dtype(acc_type));
+  // Gate gradients only feed GEMMs: kept in the storage dtype (tensor cores for half types).
+  Tensor dgh = at::empty({D, T * B, 3 * H}, opts);  // step-major rows
+  Tensor hprev = at::empty({D, T * B, H}, opts);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "varlen_rnn_gru_backward_cuda", [&] {
@@ -323,8 +328,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_cu
       a.sorted = l.sorted.data_ptr<int>();
       a.dh = dh.data_ptr<acc_t>();
       a.dgx = dgx.data_ptr<scalar_t>();
-      a.dgh = dgh.data_ptr<acc_t>();
-      a.hprev = hprev.data_ptr<acc_t>();
+      a.dgh = dgh.data_ptr<scalar_t>();
+      a.hprev = hprev.data_ptr<scalar_t>();
       a.grad_hx = grad_hx.data_ptr<scalar_t>();
       a.xs = xs;
       a.os = os;
@@ -336,32 +341,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_cu
       launch_cooperative(reinterpret_cast<const void*>(kernel), plan.blocks, plan.smem, &a, stream);
       return;
     }
+    // dh after step s = dh_a (direct part, acc_t) + dh_b (dgh_{s+1} @ W_hh, a GEMM in the
+    // storage dtype); the step kernel reads both and writes the next direct part.
     const Lengths l = prepare_lengths(lengths, T, false, stream);
-    Tensor dh = at::empty({D, B, H}, opts.dtype(acc_type));
-    dh.copy_(grad_h_n);
-    Tensor dh_direct = at::empty({D, B, H}, opts.dtype(acc_type));
-    const Tensor w_acc = w_hh_c.to(acc_type);  // [D, 3H, H]
+    Tensor dh_a = at::empty({D, B, H}, opts.dtype(acc_type));
+    dh_a.copy_(grad_h_n);
+    Tensor dh_a_next = at::empty({D, B, H}, opts.dtype(acc_type));
+    Tensor dh_b = at::zeros({D, B, H}, opts);
     const Tensor dgh4 = dgh.view({D, T, B, 3 * H});
     const int blocks = static_cast<int>(ceil_div(D * B * H, kPointwiseThreads));
     for (int64_t s = T - 1; s >= 0; --s) {
       fallback_backward_step_kernel<scalar_t, acc_t><<<blocks, kPointwiseThreads, 0, stream>>>(
           go.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), hx_c.data_ptr<scalar_t>(),
-          ws.data_ptr<acc_t>(), l.lens.data_ptr<int>(), dh.data_ptr<acc_t>(),
-          dh_direct.data_ptr<acc_t>(), dgx.data_ptr<scalar_t>(), dgh.data_ptr<acc_t>(),
-          hprev.data_ptr<acc_t>(), static_cast<int>(s), static_cast<int>(T), static_cast<int>(B),
-          static_cast<int>(H), static_cast<int>(D), xs, os);
+          ws.data_ptr<acc_t>(), l.lens.data_ptr<int>(), dh_a.data_ptr<acc_t>(),
+          dh_b.data_ptr<scalar_t>(), dh_a_next.data_ptr<acc_t>(), dgx.data_ptr<scalar_t>(),
+          dgh.data_ptr<scalar_t>(), hprev.data_ptr<scalar_t>(), static_cast<int>(s),
+          static_cast<int>(T), static_cast<int>(B), static_cast<int>(H), static_cast<int>(D), xs, os);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      at::baddbmm_out(dh, dh_direct, dgh4.select(1, s), w_acc);  // + dgh_s @ W_hh
+      std::swap(dh_a, dh_a_next);
+      at::bmm_out(dh_b, dgh4.select(1, s), w_hh_c);  // [D, B, 3H] @ [D, 3H, H]
     }
-    grad_hx.copy_(dh);
+    grad_hx.copy_(dh_a.add_(dh_b));
   });
 
   // Weight and input gradients: GEMMs over all steps, no atomics.
   const Tensor grad_input = at::mm(dgx, w_ih2d).view(input.sizes());
   const Tensor grad_w_ih = at::mm(dgx.t(), x2d).view({D, 3 * H, I});
   const Tensor grad_b_ih = at::sum(dgx, {0}, false, acc_type).view({D, 3 * H}).to(input.scalar_type());
-  const Tensor grad_w_hh = at::bmm(dgh.transpose(1, 2), hprev).to(input.scalar_type());
-  const Tensor grad_b_hh = at::sum(dgh, {1}, false).to(input.scalar_type());
+  const Tensor grad_w_hh = at::bmm(dgh.transpose(1, 2), hprev);
+  const Tensor grad_b_hh = at::sum(dgh, {1}, false, acc_type).to(input.scalar_type());
   return {grad_input, grad_hx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
 }
 

@@ -17,11 +17,29 @@
 #include <cooperative_groups.h>
 #endif
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include "gate_math.h"
 #include "pointwise.cuh"
 
 namespace varlen_rnn {
 namespace cuda {
+
+// A load that bypasses L1 (data other blocks wrote before the grid barrier).
+template <typename T>
+__device__ __forceinline__ T load_cg(const T* p) {
+  return __ldcg(p);
+}
+template <>
+__device__ __forceinline__ c10::Half load_cg(const c10::Half* p) {
+  return c10::Half(__ldcg(reinterpret_cast<const unsigned short*>(p)), c10::Half::from_bits());
+}
+template <>
+__device__ __forceinline__ c10::BFloat16 load_cg(const c10::BFloat16* p) {
+  return c10::BFloat16(__ldcg(reinterpret_cast<const unsigned short*>(p)),
+                       c10::BFloat16::from_bits());
+}
 
 #ifndef VARLEN_RNN_HOST_EMULATION
 __device__ __forceinline__ unsigned char* dynamic_smem() {
@@ -222,8 +240,8 @@ struct PersistentBackwardArgs {
   const int* sorted;
   acc_t* dh;         // [D, B, H] gradient reaching the state; each block its slice
   scalar_t* dgx;     // [T*B, D*3H]
-  acc_t* dgh;        // [D, T*B, 3H], also the exchange between blocks
-  acc_t* hprev;      // [D, T*B, H]
+  scalar_t* dgh;     // [D, T*B, 3H], also the exchange between blocks
+  scalar_t* hprev;   // [D, T*B, H]
   scalar_t* grad_hx;  // [D, B, H]
   RowStrides xs, os;
   int T, B, H, D;
@@ -265,12 +283,12 @@ __global__ void __launch_bounds__(kPersistThreads)
         static_cast<acc_t>(a.grad_h_n[dBH + static_cast<int64_t>(b) * H + j]);
     for (int s = a.lens[b]; s < T; ++s) {  // inactive (s, b): zero gradients
       scalar_t* dgxr = a.dgx + a.xs.at(s, b) + static_cast<int64_t>(d) * 3 * H;
-      acc_t* dghr = a.dgh + ((static_cast<int64_t>(d) * T + s) * B + b) * 3 * H;
+      scalar_t* dghr = a.dgh + ((static_cast<int64_t>(d) * T + s) * B + b) * 3 * H;
       for (int g = 0; g < 3; ++g) {
         dgxr[g * H + j] = scalar_t(0);
-        dghr[g * H + j] = acc_t(0);
+        dghr[g * H + j] = scalar_t(0);
       }
-      a.hprev[((static_cast<int64_t>(d) * T + s) * B + b) * H + j] = acc_t(0);
+      a.hprev[((static_cast<int64_t>(d) * T + s) * B + b) * H + j] = scalar_t(0);
     }
   }
   __syncthreads();
@@ -286,8 +304,8 @@ __global__ void __launch_bounds__(kPersistThreads)
       const int64_t col = static_cast<int64_t>(d) * H + j;
       const int64_t hoff = dBH + static_cast<int64_t>(b) * H + j;
       const acc_t dh_tot = a.dh[hoff] + static_cast<acc_t>(a.grad_out[a.os.at(t, b) + col]);
-      const acc_t h_prev = s == 0 ? static_cast<acc_t>(a.hx[hoff])
-                                  : static_cast<acc_t>(a.out[a.os.at(d == 1 ? t + 1 : t - 1, b) + col]);
+      const scalar_t h_prev_s = s == 0 ? a.hx[hoff] : a.out[a.os.at(d == 1 ? t + 1 : t - 1, b) + col];
+      const acc_t h_prev = static_cast<acc_t>(h_prev_s);
       const acc_t* w = a.ws + ((static_cast<int64_t>(d) * T + t) * B + b) * 4 * H;
       const GruCellSaved<acc_t> sv{w[j], w[H + j], w[2 * H + j], w[3 * H + j]};
       const GruCellGrad<acc_t> g = gru_cell_backward<acc_t>(dh_tot, h_prev, sv);
@@ -296,19 +314,19 @@ __global__ void __launch_bounds__(kPersistThreads)
       dgxr[H + j] = static_cast<scalar_t>(g.dz);
       dgxr[2 * H + j] = static_cast<scalar_t>(g.dn);
       const int64_t row = (static_cast<int64_t>(d) * T + s) * B + b;
-      a.dgh[row * 3 * H + j] = g.dr;
-      a.dgh[row * 3 * H + H + j] = g.dz;
-      a.dgh[row * 3 * H + 2 * H + j] = g.dhn;
-      a.hprev[row * H + j] = h_prev;
+      a.dgh[row * 3 * H + j] = static_cast<scalar_t>(g.dr);
+      a.dgh[row * 3 * H + H + j] = static_cast<scalar_t>(g.dz);
+      a.dgh[row * 3 * H + 2 * H + j] = static_cast<scalar_t>(g.dhn);
+      a.hprev[row * H + j] = h_prev_s;
       a.dh[hoff] = g.dh_prev;
     }
     grid.sync();
-    const acc_t* dgh_s = a.dgh + (static_cast<int64_t>(d) * T + s) * B * 3 * H;
+    const scalar_t* dgh_s = a.dgh + (static_cast<int64_t>(d) * T + s) * B * 3 * H;
     for (int base = 0; base < B && a.sorted[base] > s; base += ps.tile_rows) {
       tile_matvec<3>(w_s, U, 1, 3, 3 * H, ps, tile, acc_s, [&](int r, int k) -> acc_t {
         const int i = base + r;
         if (i >= B || a.sorted[i] <= s) return acc_t(0);
-        return __ldcg(dgh_s + static_cast<int64_t>(a.perm[i]) * 3 * H + k);
+        return static_cast<acc_t>(load_cg(dgh_s + static_cast<int64_t>(a.perm[i]) * 3 * H + k));
       });
       for (int e = threadIdx.x; e < items * 3 * kRows; e += blockDim.x) {
         const int item = e / (3 * kRows), g = (e / kRows) % 3, r = e % kRows;

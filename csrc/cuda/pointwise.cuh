@@ -5,9 +5,10 @@
 // Row conventions shared with the persistent kernels (persistent.cuh):
 //   gx / dgx   [T*B, D*3H]  rows in the input's layout: (t, b) -> t*sx_t + b*sx_b
 //   workspace  [D, T*B, 4H] rows t*B + b, columns r | z | n | gh_n, op-math
-//   dgh, hprev [D, T*B, 3H] / [D, T*B, H] rows s*B + b, s = the step index;
-//              zero where row b is inactive at step s, so the weight-gradient
-//              GEMMs can run over all rows.
+//   dgh, hprev [D, T*B, 3H] / [D, T*B, H] rows s*B + b, s = the step index,
+//              in the storage dtype (they only feed GEMMs: tensor cores for
+//              half types); zero where row b is inactive at step s, so the
+//              weight-gradient GEMMs can run over all rows.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -54,15 +55,18 @@ __global__ void lengths_prep_kernel(const len_t* __restrict__ lengths, int B, in
 }
 
 // One forward step of the fallback path, for every (d, b, j). gh already
-// holds h @ W_hh^T + b_hh for all rows. Rows past their length keep their
-// state and write the zero of the padded position t = s (every padded
-// position t >= length is visited exactly once that way, at step s = t).
+// holds h @ W_hh^T + b_hh for all rows, from a GEMM in the storage dtype (tensor
+// cores for half types, which therefore also get a rounded copy h_lo of the
+// state to multiply; the state itself stays in acc_t). Rows past their length
+// keep their state and write the zero of the padded position t = s (every
+// padded position t >= length is visited exactly once that way, at step s = t).
 template <typename scalar_t, typename acc_t>
 __global__ void fallback_forward_step_kernel(
     const scalar_t* __restrict__ gx,  // [T*B, D*3H]
-    const acc_t* __restrict__ gh,     // [D, B, 3H]
+    const scalar_t* __restrict__ gh,  // [D, B, 3H]
     const int* __restrict__ lens,     // [B]
     acc_t* __restrict__ h,            // [D, B, H], updated in place
+    scalar_t* __restrict__ h_lo,      // [D, B, H] copy of h for the GEMM, or nullptr
     scalar_t* __restrict__ out,       // [T, B, D*H] or [B, T, D*H]
     acc_t* __restrict__ ws,           // [D, T*B, 4H] or nullptr
     int s, int T, int B, int H, int D, RowStrides xs, RowStrides os) {
@@ -78,13 +82,15 @@ __global__ void fallback_forward_step_kernel(
   }
   const int t = d == 1 ? len - 1 - s : s;
   const scalar_t* gxr = gx + xs.at(t, b) + static_cast<int64_t>(d) * 3 * H;
-  const acc_t* ghr = gh + (static_cast<int64_t>(d) * B + b) * 3 * H;
+  const scalar_t* ghr = gh + (static_cast<int64_t>(d) * B + b) * 3 * H;
   GruCellSaved<acc_t> sv;
   const acc_t hp = h[idx];
   const acc_t hn = gru_cell_forward<acc_t>(
       static_cast<acc_t>(gxr[j]), static_cast<acc_t>(gxr[H + j]),
-      static_cast<acc_t>(gxr[2 * H + j]), ghr[j], ghr[H + j], ghr[2 * H + j], hp, sv);
+      static_cast<acc_t>(gxr[2 * H + j]), static_cast<acc_t>(ghr[j]),
+      static_cast<acc_t>(ghr[H + j]), static_cast<acc_t>(ghr[2 * H + j]), hp, sv);
   h[idx] = hn;
+  if (h_lo != nullptr) h_lo[idx] = static_cast<scalar_t>(hn);
   out[os.at(t, b) + static_cast<int64_t>(d) * H + j] = static_cast<scalar_t>(hn);
   if (ws != nullptr) {
     acc_t* w = ws + ((static_cast<int64_t>(d) * T + t) * B + b) * 4 * H;
@@ -95,9 +101,11 @@ __global__ void fallback_forward_step_kernel(
   }
 }
 
-// One backward step of the fallback path (steps run s = T-1 .. 0). Reads the
-// gradient reaching h after step s (dh), writes the gate gradients of step s
-// and the direct part of dh_prev; the W_hh^T part is added by a GEMM after.
+// One backward step of the fallback path (steps run s = T-1 .. 0). The
+// gradient reaching h after step s comes in two parts: dh_in (acc_t, the
+// direct part and grad_h_n) and dh_gemm (the previous step's dgh @ W_hh, a
+// GEMM in the storage dtype). Writes the gate gradients of step s and the
+// direct part of dh_prev to dh_out; the next GEMM adds the W_hh^T part.
 template <typename scalar_t, typename acc_t>
 __global__ void fallback_backward_step_kernel(
     const scalar_t* __restrict__ grad_out,  // like output
@@ -105,11 +113,12 @@ __global__ void fallback_backward_step_kernel(
     const scalar_t* __restrict__ hx,        // [D, B, H]
     const acc_t* __restrict__ ws,           // [D, T*B, 4H]
     const int* __restrict__ lens,           // [B]
-    const acc_t* __restrict__ dh,           // [D, B, H] gradient reaching h after step s
-    acc_t* __restrict__ dh_direct,          // [D, B, H]
+    const acc_t* __restrict__ dh_in,        // [D, B, H]
+    const scalar_t* __restrict__ dh_gemm,   // [D, B, H]
+    acc_t* __restrict__ dh_out,             // [D, B, H]
     scalar_t* __restrict__ dgx,             // [T*B, D*3H]
-    acc_t* __restrict__ dgh,                // [D, T*B, 3H]
-    acc_t* __restrict__ hprev,              // [D, T*B, H]
+    scalar_t* __restrict__ dgh,             // [D, T*B, 3H]
+    scalar_t* __restrict__ hprev,           // [D, T*B, H]
     int s, int T, int B, int H, int D, RowStrides xs, RowStrides os) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= static_cast<int64_t>(D) * B * H) return;
@@ -117,33 +126,33 @@ __global__ void fallback_backward_step_kernel(
   const int b = static_cast<int>((idx / H) % B);
   const int d = static_cast<int>(idx / (static_cast<int64_t>(H) * B));
   const int len = lens[b];
-  acc_t* dghr = dgh + ((static_cast<int64_t>(d) * T + s) * B + b) * 3 * H;
-  acc_t* hpr = hprev + ((static_cast<int64_t>(d) * T + s) * B + b) * H;
+  scalar_t* dghr = dgh + ((static_cast<int64_t>(d) * T + s) * B + b) * 3 * H;
+  scalar_t* hpr = hprev + ((static_cast<int64_t>(d) * T + s) * B + b) * H;
+  const acc_t dh = dh_in[idx] + static_cast<acc_t>(dh_gemm[idx]);
   if (s >= len) {
     scalar_t* dgxr = dgx + xs.at(s, b) + static_cast<int64_t>(d) * 3 * H;
     dgxr[j] = dgxr[H + j] = dgxr[2 * H + j] = scalar_t(0);
-    dghr[j] = dghr[H + j] = dghr[2 * H + j] = acc_t(0);
-    hpr[j] = acc_t(0);
-    dh_direct[idx] = dh[idx];
+    dghr[j] = dghr[H + j] = dghr[2 * H + j] = scalar_t(0);
+    hpr[j] = scalar_t(0);
+    dh_out[idx] = dh;
     return;
   }
   const int t = d == 1 ? len - 1 - s : s;
   const int64_t col = static_cast<int64_t>(d) * H + j;
-  const acc_t dh_tot = dh[idx] + static_cast<acc_t>(grad_out[os.at(t, b) + col]);
-  const acc_t h_prev = s == 0 ? static_cast<acc_t>(hx[idx])
-                              : static_cast<acc_t>(out[os.at(d == 1 ? t + 1 : t - 1, b) + col]);
+  const acc_t dh_tot = dh + static_cast<acc_t>(grad_out[os.at(t, b) + col]);
+  const scalar_t h_prev = s == 0 ? hx[idx] : out[os.at(d == 1 ? t + 1 : t - 1, b) + col];
   const acc_t* w = ws + ((static_cast<int64_t>(d) * T + t) * B + b) * 4 * H;
   const GruCellSaved<acc_t> sv{w[j], w[H + j], w[2 * H + j], w[3 * H + j]};
-  const GruCellGrad<acc_t> g = gru_cell_backward<acc_t>(dh_tot, h_prev, sv);
+  const GruCellGrad<acc_t> g = gru_cell_backward<acc_t>(dh_tot, static_cast<acc_t>(h_prev), sv);
   scalar_t* dgxr = dgx + xs.at(t, b) + static_cast<int64_t>(d) * 3 * H;
   dgxr[j] = static_cast<scalar_t>(g.dr);
   dgxr[H + j] = static_cast<scalar_t>(g.dz);
   dgxr[2 * H + j] = static_cast<scalar_t>(g.dn);
-  dghr[j] = g.dr;
-  dghr[H + j] = g.dz;
-  dghr[2 * H + j] = g.dhn;
+  dghr[j] = static_cast<scalar_t>(g.dr);
+  dghr[H + j] = static_cast<scalar_t>(g.dz);
+  dghr[2 * H + j] = static_cast<scalar_t>(g.dhn);
   hpr[j] = h_prev;
-  dh_direct[idx] = g.dh_prev;
+  dh_out[idx] = g.dh_prev;
 }
 
 }  // namespace cuda

@@ -143,7 +143,7 @@ std::vector<torch::Tensor> forward(torch::Tensor gx, torch::Tensor w_hh, c10::op
       else gh.copy_(torch::bmm(h, w_t));
       emu_launch_seq((D * B * H + 255) / 256, 256, [&] {
         fallback_forward_step_kernel<scalar_t, scalar_t>(gx.data_ptr<double>(), gh.data_ptr<double>(), l.lens.data(),
-            h.data_ptr<double>(), out.data_ptr<double>(), ws.data_ptr<double>(), s, T, B, H, D, xs, os);
+            h.data_ptr<double>(), nullptr, out.data_ptr<double>(), ws.data_ptr<double>(), s, T, B, H, D, xs, os);
       });
     }
     h_n.copy_(h);
@@ -175,19 +175,21 @@ std::vector<torch::Tensor> backward(torch::Tensor go, torch::Tensor ghn, torch::
     a.xs = xs; a.os = os; a.T = T; a.B = B; a.H = H; a.D = D; a.ps = p.ps;
     emu_launch(p.blocks, kPersistThreads, p.smem, [&] { persistent_backward_kernel<scalar_t, scalar_t>(a); });
   } else {
-    auto dh = ghn.clone();
-    auto dh_direct = torch::empty_like(dh);
+    auto dh_a = ghn.clone();
+    auto dh_a_next = torch::full_like(dh_a, 777.0);
+    auto dh_b = torch::zeros_like(dh_a);
     auto dgh4 = dgh.view({D, T, B, 3 * H});
     for (int64_t s = T - 1; s >= 0; --s) {
       emu_launch_seq((D * B * H + 255) / 256, 256, [&] {
         fallback_backward_step_kernel<scalar_t, scalar_t>(go.data_ptr<double>(), out.data_ptr<double>(),
-            hx.data_ptr<double>(), ws.data_ptr<double>(), l.lens.data(), dh.data_ptr<double>(),
-            dh_direct.data_ptr<double>(), dgx.data_ptr<double>(), dgh.data_ptr<double>(),
-            hprev.data_ptr<double>(), s, T, B, H, D, xs, os);
+            hx.data_ptr<double>(), ws.data_ptr<double>(), l.lens.data(), dh_a.data_ptr<double>(),
+            dh_b.data_ptr<double>(), dh_a_next.data_ptr<double>(), dgx.data_ptr<double>(),
+            dgh.data_ptr<double>(), hprev.data_ptr<double>(), s, T, B, H, D, xs, os);
       });
-      dh.copy_(torch::baddbmm(dh_direct, dgh4.select(1, s), w_hh));
+      std::swap(dh_a, dh_a_next);
+      dh_b.copy_(torch::bmm(dgh4.select(1, s), w_hh));
     }
-    grad_hx.copy_(dh);
+    grad_hx.copy_(dh_a.add_(dh_b));
   }
   return {dgx, dgh, hprev, grad_hx};
 }
