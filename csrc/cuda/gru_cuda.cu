@@ -28,7 +28,10 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -131,7 +134,22 @@ bool use_persistent(Kernel kernel, int64_t H, int64_t D, bool backward, size_t w
                     size_t acc_bytes, PersistentPlan& plan) {
   const Path path = requested_path();
   if (path == Path::kFallback) return false;
-  plan = plan_persistent(kernel, H, D, backward, w_bytes, acc_bytes);
+  // Cached per device and shape: after a warm-up, a CUDA-graph capture makes no
+  // attribute or occupancy calls at all.
+  const char* cap = std::getenv("VARLEN_RNN_PERSISTENT_MAX_KC");
+  const auto key = std::make_tuple(static_cast<int>(c10::cuda::current_device()),
+                                   reinterpret_cast<const void*>(kernel), H, D, backward,
+                                   std::string(cap == nullptr ? "" : cap));
+  static std::mutex mutex;
+  static std::map<decltype(key), PersistentPlan> cache;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = cache.find(key);
+    if (it == cache.end()) {
+      it = cache.emplace(key, plan_persistent(kernel, H, D, backward, w_bytes, acc_bytes)).first;
+    }
+    plan = it->second;
+  }
   TORCH_CHECK(plan.ok || path == Path::kAuto,
               "VARLEN_RNN_CUDA_PATH=persistent but the persistent kernel cannot run: ", plan.why);
   return plan.ok;
