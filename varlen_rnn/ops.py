@@ -30,6 +30,19 @@ def _exact_dtypes(device: torch.device):
     return contextlib.nullcontext()
 
 
+def _refuse_functorch_jvp() -> None:
+    """torch.func.jvp/jacfwd would otherwise run the op as if it were not differentiable
+    and return zero tangents without a word; torch.autograd.forward_ad already raises."""
+    if torch.compiler.is_compiling():  # dynamo/export: no functorch interpreters to look at
+        return
+    stack = torch._C._functorch.get_interpreter_stack() or []
+    if any(i.key() == torch._C._functorch.TransformType.Jvp for i in stack):
+        raise NotImplementedError(
+            "varlen_rnn: forward-mode AD (torch.func.jvp, jacfwd, hessian) of the GRU is not "
+            "supported; use reverse mode (backward, torch.func.grad, jacrev)"
+        )
+
+
 def gru_layer(
     input: Tensor,  # [T, B, I] or [B, T, I] if batch_first
     lengths: Tensor,  # [B] int64/int32 on input's device
@@ -45,6 +58,7 @@ def gru_layer(
     Returns output [T, B, D*H] (or [B, T, D*H]), zero past each length, and
     h_n [D, B, H], each row's state after its own last valid step.
     """
+    _refuse_functorch_jvp()
     tensors = (input, hx, w_ih, w_hh, b_ih, b_hh)
     need_workspace = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors
