@@ -9,7 +9,9 @@
 # 540) and a failed stage never stops the next. Logs, JUnit XML, bench JSON/markdown and
 # summary.md land in OUT_DIR. Without nvidia-smi the GPU stages are skipped (a dry run of the
 # rest). Knobs: PYTHON (default python), GPU_CHECK_STAGES (default
-# "env build tests_cuda tests_rest memcheck racecheck bench"), MAX_JOBS, TORCH_CUDA_ARCH_LIST.
+# "env build tests_cuda tests_rest memcheck racecheck bench bench_fallback"; the last one, the
+# same grid forced onto the fallback path to tune the auto choice, runs only if time is left),
+# MAX_JOBS, TORCH_CUDA_ARCH_LIST.
 set -u
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT_DIR="${1:-${OUT:-$REPO/gpu_check_out}}"
@@ -17,7 +19,7 @@ mkdir -p "$OUT_DIR"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 PY="${PYTHON:-python}"
 BUDGET="${GPU_CHECK_BUDGET:-540}"
-STAGES="${GPU_CHECK_STAGES:-env build tests_cuda tests_rest memcheck racecheck bench}"
+STAGES="${GPU_CHECK_STAGES:-env build tests_cuda tests_rest memcheck racecheck bench bench_fallback}"
 export MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 cd "$REPO"
@@ -115,8 +117,9 @@ stage_sanitize() {  # $1: memcheck | racecheck
     "$PY" -c "$SANITIZE_CASE"
 }
 
-stage_bench() {
-  "$PY" benchmarks/bench.py --preset gpu --device cuda --out "$OUT_DIR/bench" --time-budget 150
+stage_bench() {  # $1: auto | fallback (VARLEN_RNN_CUDA_PATH), $2: bench.py's time budget
+  VARLEN_RNN_CUDA_PATH="$1" "$PY" benchmarks/bench.py --preset gpu --device cuda \
+    --out "$OUT_DIR/bench${1/#auto/}" --time-budget "$2"
 }
 
 export -f stage_env stage_build stage_sanitize stage_bench
@@ -129,7 +132,8 @@ run_stage tests_rest 120 1 "$PY" -m pytest tests -q -rs -p no:cacheprovider -k c
   --ignore=tests/test_cuda.py --junitxml="$OUT_DIR/tests_rest.xml"
 run_stage memcheck 100 1 stage_sanitize memcheck
 run_stage racecheck 100 1 stage_sanitize racecheck
-run_stage bench 200 1 stage_bench
+run_stage bench 200 1 stage_bench auto 150
+run_stage bench_fallback 100 1 stage_bench fallback 60
 
 {
   echo "# gpu_check $(date -u +%Y-%m-%d) on $( (nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo 'no GPU') | head -1)"
@@ -138,6 +142,8 @@ run_stage bench 200 1 stage_bench
   echo "|---|---|---|---|"
   tail -n +2 "$SUMMARY" | awk -F'\t' '{printf "| %s | %s | %s | %s |\n", $1, $2, $3, $4}'
   ls "$OUT_DIR"/bench/*.md >/dev/null 2>&1 && { echo; cat "$OUT_DIR"/bench/*.md | head -60; }
+  ls "$OUT_DIR"/benchfallback/*.md >/dev/null 2>&1 && {
+    echo; echo "## fallback path (VARLEN_RNN_CUDA_PATH=fallback)"; cat "$OUT_DIR"/benchfallback/*.md | head -40; }
 } >"$OUT_DIR/summary.md"
 echo
 if [ -s "$OUT_DIR/bench.log" ]; then  # bench.py ends with its own short table

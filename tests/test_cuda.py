@@ -169,6 +169,31 @@ def test_cuda_empty_time_and_batch(path):
     assert out.shape == (5, 0, 4) and h.shape == (1, 0, 4)
 
 
+@needs_cuda
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_cuda_padding_is_never_read(path, batch_first):
+    """NaN in every padded position of x and grad_output: nothing non-finite may come out
+    (0 * NaN would, had any GEMM or kernel touched them)."""
+    T, B, I, H = 8, 6, 5, 12
+    torch.manual_seed(0)
+    gru = varlen_rnn.GRU(I, H, 2, batch_first=batch_first, bidirectional=True, device="cuda")
+    lengths = torch.tensor([8, 3, 0, 5, 1, 8])
+    x = torch.randn((B, T, I) if batch_first else (T, B, I), device="cuda")
+    pad = torch.arange(T).unsqueeze(1) >= lengths.unsqueeze(0)  # [T, B]
+    pad = (pad.t() if batch_first else pad).cuda()
+    x[pad] = float("nan")
+    x.requires_grad_()
+    out, h = gru(x, lengths=lengths.cuda())
+    g_out = torch.randn_like(out).masked_fill(pad.unsqueeze(-1), float("nan"))
+    grads_ = torch.autograd.grad([out, h], [x] + list(gru.parameters()),
+                                 [g_out, torch.randn_like(h)])
+    assert torch.isfinite(out).all() and torch.isfinite(h).all()
+    assert (out[pad] == 0).all()
+    for i, g in enumerate(grads_):
+        assert torch.isfinite(g).all(), f"gradient {i} is not finite"
+
+
 # --------------------------------------------------------- run-time behaviour
 @needs_cuda
 @pytest.mark.parametrize("path", PATHS, indirect=True)

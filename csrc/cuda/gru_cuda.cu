@@ -15,6 +15,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/baddbmm.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
@@ -384,7 +385,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_cu
 
   // Weight and input gradients: GEMMs over all steps, no atomics.
   const Tensor grad_input = at::mm(dgx, w_ih2d).view(input.sizes());
-  const Tensor grad_w_ih = at::mm(dgx.t(), x2d).view({D, 3 * H, I});
+  // Padded positions of x are never read, whatever they hold (NaN included): their dgx rows
+  // are 0, but 0 * NaN is not, so the GEMM sees them zeroed (a mask built on the device).
+  const Tensor valid = at::arange(T, lengths.options()).unsqueeze(1).lt(lengths.unsqueeze(0));
+  const Tensor x_valid = x2d.view(input.sizes())
+                             .masked_fill((batch_first ? valid.t() : valid).logical_not().unsqueeze(2), 0)
+                             .view({T * B, I});
+  const Tensor grad_w_ih = at::mm(dgx.t(), x_valid).view({D, 3 * H, I});
   const Tensor grad_b_ih = at::sum(dgx, {0}, false, acc_type).view({D, 3 * H}).to(input.scalar_type());
   const Tensor grad_w_hh = at::bmm(dgh.transpose(1, 2), hprev);
   const Tensor grad_b_hh = at::sum(dgh, {1}, false, acc_type).to(input.scalar_type());
