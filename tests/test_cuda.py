@@ -124,6 +124,24 @@ def test_cuda_persistent_equals_fallback(monkeypatch, dtype, max_kc):
 
 
 @needs_cuda
+@pytest.mark.parametrize("B", [8000, 9000], ids=["rank-sort", "device-sort"])
+def test_cuda_large_batch_orders_rows_either_way(monkeypatch, B):
+    """The persistent path orders rows by a counting kernel up to B = 8192, by a device sort
+    beyond: both must give the fallback's result."""
+    T, I, H = 6, 3, 8
+    torch.manual_seed(0)
+    gru = varlen_rnn.GRU(I, H, bidirectional=True, dtype=torch.float64, device="cuda")
+    x, hx = _inputs(T, B, I, 2, H, 1, torch.float64, "cuda")
+    lengths = _lengths(B, T, seed=5).cuda()
+    results = {}
+    for p in PATHS:
+        monkeypatch.setenv("VARLEN_RNN_CUDA_PATH", p)
+        results[p] = _run(gru, x, lengths, hx)
+    for i, (a, e) in enumerate(zip(results["persistent"], results["fallback"])):
+        torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-12, msg=lambda m: f"tensor {i}: {m}")
+
+
+@needs_cuda
 @pytest.mark.parametrize("path", PATHS, indirect=True)
 @pytest.mark.parametrize("D", [1, 2])
 @pytest.mark.parametrize("batch_first", [False, True])

@@ -20,6 +20,7 @@
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/sort.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
@@ -160,12 +161,17 @@ struct Lengths {
   Tensor lens, perm, sorted;  // int32 [B]; perm/sorted only when asked
 };
 
+// Up to this batch the order comes from the counting kernel (O(B^2) compares, one
+// launch); beyond it from ATen's device sort. Both are stable and sync-free.
+constexpr int64_t kRankSortMaxB = 8192;
+
 Lengths prepare_lengths(const Tensor& lengths, int64_t T, bool with_perm, cudaStream_t stream) {
   const int64_t B = lengths.size(0);
   const auto opts = lengths.options().dtype(at::kInt);
   Lengths l;
   l.lens = at::empty({B}, opts);
-  if (with_perm) {
+  const bool big = with_perm && B > kRankSortMaxB;
+  if (with_perm && !big) {
     l.perm = at::empty({B}, opts);
     l.sorted = at::empty({B}, opts);
   }
@@ -174,10 +180,15 @@ Lengths prepare_lengths(const Tensor& lengths, int64_t T, bool with_perm, cudaSt
   AT_DISPATCH_INDEX_TYPES(src.scalar_type(), "varlen_rnn_lengths_prep", [&] {
     lengths_prep_kernel<index_t><<<blocks, kPointwiseThreads, 0, stream>>>(
         src.data_ptr<index_t>(), static_cast<int>(B), static_cast<int>(T),
-        l.lens.data_ptr<int>(), with_perm ? l.perm.data_ptr<int>() : nullptr,
-        with_perm ? l.sorted.data_ptr<int>() : nullptr);
+        l.lens.data_ptr<int>(), l.perm.defined() ? l.perm.data_ptr<int>() : nullptr,
+        l.sorted.defined() ? l.sorted.data_ptr<int>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  if (big) {
+    auto sorted = at::sort(l.lens, /*stable=*/true, /*dim=*/0, /*descending=*/true);
+    l.sorted = std::get<0>(sorted).contiguous();
+    l.perm = std::get<1>(sorted).to(at::kInt).contiguous();
+  }
   return l;
 }
 
