@@ -266,6 +266,10 @@ class GRU(nn.Module):
         return x, torch.cat(h_n, 0) if len(h_n) > 1 else h_n[0]
 
 
+# Read once: dynamo cannot trace the call (a torch.* function returning a bool).
+_HAS_CUDNN = torch.backends.cudnn.is_available()
+
+
 def _autocast_dtype(x: Tensor, hx: Tensor) -> torch.dtype:
     """The dtype torch.nn.GRU computes in and returns under autocast, so that
     swapping it for varlen_rnn.GRU changes no dtype downstream.
@@ -282,7 +286,7 @@ def _autocast_dtype(x: Tensor, hx: Tensor) -> torch.dtype:
         and x.dtype in (torch.float32, torch.float16, torch.float64)
         and x.numel() > 0
         and torch.backends.cudnn.enabled
-        and torch.backends.cudnn.is_available()
+        and _HAS_CUDNN
     ):
         return torch.float64 if x.dtype == torch.float64 else torch.float16
     return hx.dtype
