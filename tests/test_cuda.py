@@ -124,6 +124,21 @@ def test_cuda_persistent_equals_fallback(monkeypatch, dtype, max_kc):
 
 
 @needs_cuda
+def test_cuda_persistent_shapes_interleaved(monkeypatch):
+    """Launch plans are cached per shape: a big-shared-memory shape, a small one, the big one
+    again (its cached launch must still be allowed its shared memory)."""
+    monkeypatch.setenv("VARLEN_RNN_CUDA_PATH", "persistent")
+    torch.manual_seed(0)
+    grus = {H: varlen_rnn.GRU(4, H, device="cuda") for H in (512, 16)}
+    x = torch.randn(5, 3, 4, device="cuda")
+    lengths = torch.tensor([5, 2, 4], device="cuda")
+    first = {H: grus[H](x, lengths=lengths) for H in (512, 16)}
+    for H in (512, 16, 512):
+        out, h = grus[H](x, lengths=lengths)
+        assert torch.equal(out, first[H][0]) and torch.equal(h, first[H][1])
+
+
+@needs_cuda
 @pytest.mark.parametrize("B", [8000, 9000], ids=["rank-sort", "device-sort"])
 def test_cuda_large_batch_orders_rows_either_way(monkeypatch, B):
     """The persistent path orders rows by a counting kernel up to B = 8192, by a device sort

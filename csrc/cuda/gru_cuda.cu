@@ -112,8 +112,10 @@ PersistentPlan plan_persistent(Kernel kernel, int64_t H, int64_t D, bool backwar
                            static_cast<int>(rows), static_cast<int>(kc)};
     p.blocks = static_cast<int>(D * bpd);
     p.smem = static_cast<size_t>(rows * kc) * acc_bytes + acc_smem + w_smem;
+    // The device's limit rather than p.smem: plans of other shapes are cached
+    // and launch later without setting the attribute again.
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(p.smem)));
+                                        static_cast<int>(optin)));
     int per_sm = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPersistThreads,
                                                                  p.smem));
