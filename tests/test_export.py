@@ -40,8 +40,9 @@ def _batch(B, T, batch_first, device, seed):
 
 
 @pytest.mark.parametrize("device", ALL_DEVICES)
-@pytest.mark.parametrize("batch_first", [True, False])
-def test_export_dynamic_batch_and_time(device, batch_first):
+@pytest.mark.parametrize("batch_first,strict", [(True, False), (False, True)],
+                         ids=["bf-nonstrict", "tf-strict"])
+def test_export_dynamic_batch_and_time(device, batch_first, strict):
     torch.manual_seed(0)
     model = Classifier(batch_first).to(device).eval()
     b_dim, t_dim = (0, 1) if batch_first else (1, 0)
@@ -49,7 +50,7 @@ def test_export_dynamic_batch_and_time(device, batch_first):
     tokens, lengths = _batch(4, 7, batch_first, device, seed=0)
     ep = torch.export.export(
         model, (tokens, lengths),
-        dynamic_shapes={"tokens": {b_dim: Bd, t_dim: Td}, "lengths": {0: Bd}},
+        dynamic_shapes={"tokens": {b_dim: Bd, t_dim: Td}, "lengths": {0: Bd}}, strict=strict,
     )
     # Lengths are read by the kernels only: no host sync, no value-specialised guard.
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
