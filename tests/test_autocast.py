@@ -36,14 +36,14 @@ def _cudnn(enabled):
 
 
 @pytest.mark.parametrize("device,amp_dtype,cudnn", CASES)
-@pytest.mark.parametrize("x_dtype,hx_dtype", [(F32, None), (F32, F32), (BF16, None),
-                                              (F32, BF16), (BF16, BF16)],
-                         ids=["x32", "x32-h32", "x16", "x32-h16", "x16-h16"])
+# "low" is the case's autocast dtype; None: no hx.
+@pytest.mark.parametrize("x_kind,hx_kind", [("f32", None), ("f32", "f32"), ("low", None),
+                                            ("f32", "low"), ("low", "low")],
+                         ids=["x32", "x32-h32", "xlow", "x32-hlow", "xlow-hlow"])
 @pytest.mark.parametrize("batch_first", [False, True])
-def test_dtypes_and_values_follow_nn_gru(device, amp_dtype, cudnn, x_dtype, hx_dtype,
-                                         batch_first):
-    x_dtype = amp_dtype if x_dtype is BF16 else x_dtype  # "the low-precision dtype" of the case
-    hx_dtype = amp_dtype if hx_dtype is BF16 else hx_dtype
+def test_dtypes_and_values_follow_nn_gru(device, amp_dtype, cudnn, x_kind, hx_kind, batch_first):
+    x_dtype = {"f32": F32, "low": amp_dtype}[x_kind]
+    hx_dtype = {"f32": F32, "low": amp_dtype, None: None}[hx_kind]
     ref, ours = make_pair(I, H, 2, batch_first=batch_first, bidirectional=True, dtype=F32,
                           device=device)
     torch.manual_seed(1)
