@@ -8,7 +8,7 @@
 # Each stage has its own timeout (shrunk to what is left of GPU_CHECK_BUDGET seconds, default
 # 540) and a failed stage never stops the next. Logs, JUnit XML, bench JSON/markdown and
 # summary.md land in OUT_DIR. Without nvidia-smi the GPU stages are skipped (a dry run of the
-# rest). Knobs: PYTHON (default python), GPU_CHECK_STAGES (default
+# rest). Knobs: PYTHON (default python, else python3), GPU_CHECK_STAGES (default
 # "env build tests_cuda tests_rest memcheck racecheck bench bench_fallback"; the last one, the
 # same grid forced onto the fallback path to tune the auto choice, runs only if time is left),
 # MAX_JOBS, TORCH_CUDA_ARCH_LIST.
@@ -17,7 +17,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT_DIR="${1:-${OUT:-$REPO/gpu_check_out}}"
 mkdir -p "$OUT_DIR"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
 BUDGET="${GPU_CHECK_BUDGET:-540}"
 STAGES="${GPU_CHECK_STAGES:-env build tests_cuda tests_rest memcheck racecheck bench bench_fallback}"
 export MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
@@ -26,6 +26,7 @@ cd "$REPO"
 START=$SECONDS
 HAVE_GPU=0
 command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && HAVE_GPU=1
+[ "${GPU_CHECK_FORCE_GPU:-0}" = 1 ] && HAVE_GPU=1  # dry-run the GPU stages' plumbing
 SUMMARY="$OUT_DIR/summary.tsv"
 printf 'stage\tstatus\tseconds\tnote\n' >"$SUMMARY"
 
@@ -52,8 +53,9 @@ run_stage() {
     *) status=FAIL; note="exit $rc" ;;
   esac
   # pytest's last line ("3 failed, 40 passed ...") says more than an exit code.
-  if grep -qE '^=+ .*(passed|failed|error|skipped).* in [0-9.]+s' "$log"; then
-    note="$(grep -E '^=+ .*(passed|failed|error|skipped).* in [0-9.]+s' "$log" | tail -1 | tr -d '=' | sed 's/^ *//; s/ *$//')${note:+; $note}"
+  local pyt='[0-9]+ (passed|failed|errors?|skipped)[^=]* in [0-9.]+s'
+  if grep -qE "$pyt" "$log"; then
+    note="$(grep -E "$pyt" "$log" | tail -1 | tr -d '=' | sed 's/^ *//; s/ *$//')${note:+; $note}"
   fi
   if [ "$name" = memcheck ] || [ "$name" = racecheck ]; then
     local s; s="$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -2 | tr '\n' ' ')"
@@ -146,7 +148,7 @@ run_stage bench_fallback 100 1 stage_bench fallback 60
     echo; echo "## fallback path (VARLEN_RNN_CUDA_PATH=fallback)"; cat "$OUT_DIR"/benchfallback/*.md | head -40; }
 } >"$OUT_DIR/summary.md"
 echo
-if [ -s "$OUT_DIR/bench.log" ]; then  # bench.py ends with its own short table
+if grep -q '^wrote ' "$OUT_DIR/bench.log" 2>/dev/null; then  # bench.py ends with its own short table
   echo "-- bench (full tables in $OUT_DIR/bench) --"
   sed -n '/^wrote /,$p' "$OUT_DIR/bench.log" | tail -n +2 | tail -30
   echo
