@@ -39,7 +39,7 @@ def _refuse_functorch_jvp() -> None:
     if any(i.key() == torch._C._functorch.TransformType.Jvp for i in stack):
         raise NotImplementedError(
             "varlen_rnn: forward-mode AD (torch.func.jvp, jacfwd, hessian) of the GRU is not "
-            "supported; use reverse mode (backward, torch.func.grad, jacrev)"
+            "supported; use reverse mode (loss.backward() or torch.autograd.grad)"
         )
 
 
