@@ -9,6 +9,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
@@ -21,6 +22,13 @@ struct LayerDims {
   // Element strides of (t, b) in a padded tensor with `features` columns.
   int64_t stride_t(int64_t features) const { return batch_first ? features : B * features; }
   int64_t stride_b(int64_t features) const { return batch_first ? T * features : features; }
+};
+
+// Kernels call ATen GEMMs internally; under torch.autocast those would be
+// re-cast behind the kernel's back. Every kernel entry holds this guard: the
+// module applies nn.GRU's autocast policy before calling the ops.
+struct NoAutocastGuard {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
 };
 
 inline void check_same_device_dtype(const at::Tensor& ref, const at::Tensor& t,

@@ -139,20 +139,10 @@ def _poison(kind, x, hx, lengths):
         hx[2, 6, 0] = float("inf")
 
 
-# CPU float32 gates use VecMathF32 (csrc/cpu/gru_cpu.cpp), whose exp clamps its argument to
-# [-87, 88]: sigmoid(-inf) is then ~6e-39 instead of 0, so where nn.GRU multiplies an exact 0
-# by inf (NaN) this kernel multiplies 6e-39 by inf (inf), in the gates (inf in hx) and in the
-# weight gradients (inf in x). float64 (std::exp) matches nn.GRU everywhere.
-_SIGMOID_NOT_ZERO = pytest.mark.xfail(
-    strict=True, reason="CPU float32 exp clamps at 88: sigmoid(-inf) != 0, inf where nn.GRU has NaN")
-
-
 @pytest.mark.parametrize("device", ALL_DEVICES)
 @pytest.mark.parametrize("kind", ["nan", "inf", "huge", "mixed", "padding", "hx"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_nonfinite_inputs_propagate_like_nn_gru(request, device, kind, dtype):
-    if device == "cpu" and dtype == torch.float32 and kind in ("inf", "hx"):
-        request.applymarker(_SIGMOID_NOT_ZERO)
+def test_nonfinite_inputs_propagate_like_nn_gru(device, kind, dtype):
     # H = 37: the vectorized gate loops run both their full-width body and their tail.
     ref, ours = make_pair(8, 37, 2, bidirectional=True, dtype=dtype, device=device, seed=1)
     T, B = 7, 9

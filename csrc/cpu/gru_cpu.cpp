@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <limits>
 #include <numeric>
 #include <type_traits>
 #include <vector>
@@ -93,6 +94,9 @@ inline int64_t time_of(const Schedule& s, int64_t i, int64_t step, bool reverse)
 // the Cephes degree-6 polynomial: within a few ulp of expf. NaN propagates.
 struct VecMathF32 {
   static inline float exp(float x) {
+    // Beyond the clamps expf is inf / below the smallest normal; inf is kept so
+    // that inf inputs give the same NaNs as nn.GRU (e.g. sigmoid(-inf) = 0).
+    const float big = x > 88.7228394f ? std::numeric_limits<float>::infinity() : 0.0f;
     x = x > 88.0f ? 88.0f : x;
     x = x < -87.0f ? -87.0f : x;
     const float t = x * 1.44269504088896341f;  // round(x / ln 2), without a libm call
@@ -106,12 +110,14 @@ struct VecMathF32 {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    return p * std::bit_cast<float>((ki + 127) << 23);
+    const float e = p * std::bit_cast<float>((ki + 127) << 23);
+    return big > 0.0f ? big : e;
   }
   static inline float tanh(float x) {
-    x = x > 9.0f ? 9.0f : x;  // tanh(9) rounds to 1 in float
-    x = x < -9.0f ? -9.0f : x;
-    return 1.0f - 2.0f / (exp(2.0f * x) + 1.0f);
+    // |x| > 9: tanh rounds to +-1 in float; exactly +-1 keeps inf * 0 = NaN as nn.GRU.
+    const float xc = x > 9.0f ? 9.0f : (x < -9.0f ? -9.0f : x);
+    const float v = 1.0f - 2.0f / (exp(2.0f * xc) + 1.0f);
+    return x > 9.0f ? 1.0f : (x < -9.0f ? -1.0f : v);
   }
 };
 
@@ -323,6 +329,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_forward_cpu(
     const at::Tensor& input, const at::Tensor& lengths, const at::Tensor& hx,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
     const std::optional<at::Tensor>& b_hh, bool batch_first, bool need_workspace) {
+  const NoAutocastGuard no_autocast;
   const LayerDims d = check_layer_args(input, lengths, hx, w_ih, w_hh, b_ih, b_hh, batch_first);
   const Schedule s = make_schedule(lengths, d.T);
   const at::Tensor x = opmath(input).contiguous();
@@ -348,6 +355,7 @@ gru_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n
                        const at::Tensor& input, const at::Tensor& lengths, const at::Tensor& hx,
                        const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output,
                        const at::Tensor& workspace, bool batch_first) {
+  const NoAutocastGuard no_autocast;
   const LayerDims d =
       check_layer_args(input, lengths, hx, w_ih, w_hh, std::nullopt, std::nullopt, batch_first);
   check_backward_args(d, grad_output, grad_h_n, output, workspace);

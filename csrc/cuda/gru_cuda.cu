@@ -206,6 +206,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_cuda(
     const Tensor& input, const Tensor& lengths, const Tensor& hx, const Tensor& w_ih,
     const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
     bool batch_first, bool need_workspace) {
+  const NoAutocastGuard no_autocast;
   const LayerDims dm = check_layer_args(input, lengths, hx, w_ih, w_hh, b_ih, b_hh, batch_first);
   const int64_t T = dm.T, B = dm.B, I = dm.I, H = dm.H, D = dm.D;
   TORCH_CHECK(T * B < (int64_t{1} << 31) && B < (int64_t{1} << 30),
@@ -301,6 +302,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_cu
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& input,
     const Tensor& lengths, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
     const Tensor& output, const Tensor& workspace, bool batch_first) {
+  const NoAutocastGuard no_autocast;
   const LayerDims dm =
       check_layer_args(input, lengths, hx, w_ih, w_hh, std::nullopt, std::nullopt, batch_first);
   check_backward_args(dm, grad_output, grad_h_n, output, workspace);
