@@ -18,7 +18,6 @@
 
 #include <algorithm>
 #include <bit>
-#include <limits>
 #include <numeric>
 #include <type_traits>
 #include <vector>
@@ -91,18 +90,19 @@ inline int64_t time_of(const Schedule& s, int64_t i, int64_t step, bool reverse)
 
 // exp and tanh for float in plain arithmetic, so that GCC vectorizes the gate
 // loops (a call into libm keeps a loop scalar). Cody-Waite range reduction and
-// the Cephes degree-6 polynomial: within a few ulp of expf. NaN propagates.
+// the Cephes degree-6 polynomial: within a few ulp of expf. No selects after
+// the math (GCC won't if-convert them): the clamps are chosen so that the edge
+// cases come out exact by themselves, matching nn.GRU on non-finite input.
 struct VecMathF32 {
   static inline float exp(float x) {
-    // Beyond the clamps expf is inf / below the smallest normal; inf is kept so
-    // that inf inputs give the same NaNs as nn.GRU (e.g. sigmoid(-inf) = 0).
-    const float big = x > 88.7228394f ? std::numeric_limits<float>::infinity() : 0.0f;
-    x = x > 88.0f ? 88.0f : x;
+    // Up to 89, past expf's overflow at 88.72: 2^k is applied in two halves, so
+    // exp(89) and exp(+inf) overflow to inf as expf does (sigmoid(-inf) = 0).
+    x = x > 89.0f ? 89.0f : x;
     x = x < -87.0f ? -87.0f : x;
     const float t = x * 1.44269504088896341f;  // round(x / ln 2), without a libm call
-    const int32_t ki = static_cast<int32_t>(t + (t >= 0.0f ? 0.5f : -0.5f));
-    const float k = static_cast<float>(ki);
-    const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
+    const int32_t k = static_cast<int32_t>(t + (t >= 0.0f ? 0.5f : -0.5f));
+    const float kf = static_cast<float>(k);
+    const float r = x - kf * 0.693359375f + kf * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
@@ -110,16 +110,17 @@ struct VecMathF32 {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    const float e = p * std::bit_cast<float>((ki + 127) << 23);
-    return big > 0.0f ? big : e;
+    const int32_t k1 = k >> 1;
+    return p * std::bit_cast<float>((k1 + 127) << 23) * std::bit_cast<float>((k - k1 + 127) << 23);
   }
   static inline float tanh(float x) {
-    // |x| > 9: tanh rounds to +-1 in float; exactly +-1 keeps inf * 0 = NaN as nn.GRU.
-    const float xc = x > 9.0f ? 9.0f : (x < -9.0f ? -9.0f : x);
-    const float v = 1.0f - 2.0f / (exp(2.0f * xc) + 1.0f);
-    return x > 9.0f ? 1.0f : (x < -9.0f ? -1.0f : v);
+    // At |x| = 10 the formula rounds to exactly +-1, as tanhf does from 9.01 on.
+    x = x > 10.0f ? 10.0f : x;
+    x = x < -10.0f ? -10.0f : x;
+    return 1.0f - 2.0f / (exp(2.0f * x) + 1.0f);
   }
 };
+
 
 // The forward gate pass of one row at one step. gx [3H] input projection,
 // gh [3H] = W_hh h (no bias), bh [3H] = b_hh, h [H] updated in place,
