@@ -140,6 +140,9 @@ def main(argv=None) -> int:
                    help="seconds; cases that would start after it are skipped and listed (gpu preset: 210)")
     p.add_argument("--limit", type=int, default=None, help="run only the first N cases (dry runs)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--rounds", type=int, default=None, help="override the preset's interleaved rounds")
+    p.add_argument("--min-run-time", type=float, default=None,
+                   help="override the preset's seconds per blocked_autorange")
     args = p.parse_args(argv)
 
     device = args.device or ("cuda" if args.preset == "gpu" else "cpu")
@@ -163,7 +166,11 @@ def main(argv=None) -> int:
     if device == "cpu" and load > 0.5:
         print(f"warning: load average {load:.1f} before the run; other work on this machine makes CPU "
               "timings noisy", file=sys.stderr)
-    effort = EFFORT[args.preset]
+    effort = dict(EFFORT[args.preset])
+    if args.rounds is not None:
+        effort["rounds"] = args.rounds
+    if args.min_run_time is not None:
+        effort["min_run_time"] = args.min_run_time
     cases = preset_cases(args.preset, device)[: args.limit]
     results = {"preset": args.preset, "machine": bench_report.machine_info(device, threads),
                "effort": effort, "gemm": {}, "cases": [], "skipped": []}

@@ -1,0 +1,54 @@
+"""A tiny run of benchmarks/bench.py's machinery, so the benchmark cannot rot unnoticed."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+BENCH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
+if not os.path.exists(os.path.join(BENCH_DIR, "bench.py")):
+    pytest.skip("benchmarks/ is not next to tests/ (not a source checkout)", allow_module_level=True)
+sys.path.insert(0, BENCH_DIR)
+
+import bench  # noqa: E402
+from bench_cases import COMPETITORS, Bench, Case, make_lengths  # noqa: E402
+
+
+@pytest.mark.parametrize("dist", ["uniform", "full", "skewed"])
+def test_lengths_in_range_and_unsorted_order_kept(dist):
+    lengths = make_lengths(dist, 50, 40, torch.Generator().manual_seed(0))
+    assert lengths.shape == (50,) and lengths.min() >= 1 and lengths.max() <= 40
+    if dist != "uniform":
+        assert lengths.max() == 40
+    if dist == "skewed":
+        assert (lengths <= 4).sum() >= 40  # most short
+
+
+def test_competitors_agree_with_baseline():
+    b = Bench(Case(B=5, T=7, I=3, H=4, layers=2, bidirectional=True, dtype="float64"))
+    assert b.max_abs_diff("varlen") < 1e-10
+    assert b.max_abs_diff("varlen_packed") < 1e-10
+    for mode in ("infer", "train"):
+        for c in COMPETITORS:
+            b.step(mode, c)()
+
+
+def test_cli_smoke(tmp_path, capsys):
+    rc = bench.main(["--preset", "quick", "--limit", "1", "--rounds", "1", "--min-run-time", "0.01",
+                     "--threads", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "speedup" in out and torch.__version__ in out
+    [js] = tmp_path.glob("*.json")
+    res = json.loads(js.read_text())
+    assert res["machine"]["torch"] == torch.__version__ and res["machine"]["threads"] == 1
+    [case] = res["cases"]
+    for mode in ("infer", "train"):
+        m = case["modes"][mode]
+        assert set(m["median_s"]) == set(COMPETITORS) and all(t > 0 for t in m["median_s"].values())
+        assert m["speedup"]["baseline"] == 1.0
+        assert all(b > 0 for b in m["peak_bytes"].values())
+    assert case["max_abs_diff"]["varlen"] < 1e-4
+    md = next(tmp_path.glob("*.md")).read_text()
+    assert "Training step" in md and res["machine"]["cpu"] in md
