@@ -1,0 +1,57 @@
+"""Where a step's time and memory go: torch.profiler tables for the baseline and varlen_rnn.
+
+    python benchmarks/bench_profile.py [--B 64 --T 100 --I 256 --H 256 --layers 1 --bi]
+        [--mode train|infer] [--competitors baseline,varlen] [--threads 2] [--rows 12]
+
+Prints, per competitor, the ops by self CPU time and by self CPU memory (allocated minus freed
+inside the op: a large positive number is what the op leaves allocated, e.g. saved for backward).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.append(os.path.dirname(HERE))
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from bench_cases import Bench, Case  # noqa: E402
+from bench_memory import _quiet_stderr  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, default in (("B", 64), ("T", 100), ("I", 256), ("H", 256), ("layers", 1)):
+        p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--bi", action="store_true", help="bidirectional")
+    p.add_argument("--dist", default="uniform")
+    p.add_argument("--mode", choices=("train", "infer"), default="train")
+    p.add_argument("--competitors", default="baseline,varlen")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--rows", type=int, default=12)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    case = Case(B=a.B, T=a.T, I=a.I, H=a.H, layers=a.layers, bidirectional=a.bi, dist=a.dist, device=a.device)
+    bench = Bench(case)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device.startswith("cuda") else [])
+    for name in a.competitors.split(","):
+        step = bench.step(a.mode, name)
+        for _ in range(3):
+            step()
+        with _quiet_stderr(), profile(activities=acts, profile_memory=True) as prof:
+            for _ in range(3):
+                step()
+        avg = prof.key_averages()
+        print(f"\n===== {name}: {case.name()} {a.mode} ({a.threads} threads), 3 steps =====")
+        print(avg.table(sort_by="self_cpu_time_total", row_limit=a.rows, max_name_column_width=48))
+        print(avg.table(sort_by="self_cpu_memory_usage", row_limit=6, max_name_column_width=48))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
