@@ -14,10 +14,9 @@ import contextlib
 import gc
 import json
 import os
+import subprocess
 import sys
 import tempfile
-
-import subprocess
 
 import torch
 
