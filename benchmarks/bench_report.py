@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 
 import torch
 
@@ -22,6 +23,7 @@ def machine_info(device: str, threads: int) -> dict:
         "threads": threads,
         # Other work on the machine skews CPU timings (an OpenMP barrier waits for a descheduled thread).
         "loadavg_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "git_commit": _git_commit(),
     }
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device))
@@ -31,6 +33,19 @@ def machine_info(device: str, threads: int) -> dict:
                     tf32_cudnn=torch.backends.cudnn.allow_tf32,
                     cudnn=torch.backends.cudnn.version())
     return info
+
+
+def _git_commit() -> str | None:
+    """The checkout the run measured ("+dirty" when it had uncommitted changes)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
 
 
 def _cpu_model() -> str:
@@ -49,7 +64,8 @@ def machine_line(info: dict) -> str:
         where = f"{info['gpu']} (CUDA {info['cuda']}, TF32 matmul={info['tf32_matmul']} cudnn={info['tf32_cudnn']})"
     else:
         where = f"{info['cpu']}, {info['threads']} threads"
-    return f"{where}; torch {info['torch']}; {info['date']}"
+    commit = f"; commit {info['git_commit']}" if info.get("git_commit") else ""
+    return f"{where}; torch {info['torch']}; {info['date']}{commit}"
 
 
 def _ms(s):
