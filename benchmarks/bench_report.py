@@ -36,12 +36,13 @@ def machine_info(device: str, threads: int) -> dict:
 
 
 def _git_commit() -> str | None:
-    """The checkout the run measured ("+dirty" when it had uncommitted changes)."""
+    """The checkout the run measured ("+dirty" when code had uncommitted changes; results don't count)."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         head = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no",
+                                "--", ".", ":!benchmarks/results"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
