@@ -106,6 +106,9 @@ def _setup_context(ctx, inputs, output):
     ctx.need_workspace = need_workspace
     ctx.has_bias = b_ih is not None
     ctx.mark_non_differentiable(workspace)
+    # Unused outputs reach _backward as None instead of zero tensors: autograd
+    # would otherwise fill a [D, T*B, 4H] zero gradient for the workspace.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(input, lengths, hx, w_ih, w_hh, out, workspace)
 
 

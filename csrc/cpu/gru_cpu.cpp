@@ -74,6 +74,17 @@ at::Tensor packed_rows(const Schedule& s, const LayerDims& d) {
   return idx;
 }
 
+// Rows of a 2-D padded view at the padding positions t >= length: the only
+// rows of output / grad_input that no kernel writes, so the only ones zeroed.
+at::Tensor padding_rows(const Schedule& s, const LayerDims& d) {
+  at::Tensor idx = at::empty({d.T * d.B - s.N()}, at::kLong);
+  int64_t* q = idx.data_ptr<int64_t>();
+  for (int64_t i = 0; i < d.B; ++i)
+    for (int64_t t = s.len[i]; t < d.T; ++t)
+      *q++ = d.batch_first ? s.perm[i] * d.T + t : t * d.B + s.perm[i];
+  return idx;
+}
+
 at::Tensor perm_tensor(const Schedule& s) {
   return at::tensor(s.perm, at::TensorOptions().dtype(at::kLong));
 }
@@ -156,18 +167,20 @@ inline void forward_row(const T* gx, const T* gh, const T* bh, T* h, T* out, T* 
 // The backward gate pass of one row at one step. dh [H] in: gradient reaching
 // h' from later steps, out: its direct part for h (the W_hh^T part is a GEMM);
 // go [H] grad_output row; prev [H] h before the step; ws [4H] the forward's
-// saved gates; writes dgx [3H], dgh [3H] and hp [H] (prev, for dW_hh).
+// saved gates. Writes the pre-activation gradients dgx [3H] (input side),
+// dgh [3H] (hidden side, for this step's GEMM), dghn [H] (its n part, kept
+// for dW_hh; the r|z parts equal dgx's) and hp [H] = prev (for dW_hh).
 template <typename T>
 inline void backward_row(T* __restrict dh, const T* __restrict go, const T* __restrict prev,
                          const T* __restrict ws, T* __restrict dgx, T* __restrict dgh,
-                         T* __restrict hp, int64_t H) {
+                         T* __restrict dghn, T* __restrict hp, int64_t H) {
   for (int64_t j = 0; j < H; ++j) {
     const GruCellSaved<T> sv{ws[j], ws[H + j], ws[2 * H + j], ws[3 * H + j]};
     const auto g = gru_cell_backward<T>(dh[j] + go[j], prev[j], sv);
     dgx[j] = dgh[j] = g.dr;
     dgx[H + j] = dgh[H + j] = g.dz;
     dgx[2 * H + j] = g.dn;
-    dgh[2 * H + j] = g.dhn;
+    dgh[2 * H + j] = dghn[j] = g.dhn;
     hp[j] = prev[j];
     dh[j] = g.dh_prev;
   }
@@ -188,9 +201,9 @@ VR_CPU_CLONES void forward_row_f32(const float* gx, const float* gh, const float
   forward_row<float, VecMathF32>(gx, gh, bh, h, out, ws, H);
 }
 VR_CPU_CLONES void backward_row_f32(float* dh, const float* go, const float* prev,
-                                    const float* ws, float* dgx, float* dgh, float* hp,
-                                    int64_t H) {
-  backward_row<float>(dh, go, prev, ws, dgx, dgh, hp, H);
+                                    const float* ws, float* dgx, float* dgh, float* dghn,
+                                    float* hp, int64_t H) {
+  backward_row<float>(dh, go, prev, ws, dgx, dgh, dghn, hp, H);
 }
 
 template <typename T>
@@ -202,12 +215,12 @@ void forward_row_any(const T* gx, const T* gh, const T* bh, T* h, T* out, T* ws,
   }
 }
 template <typename T>
-void backward_row_any(T* dh, const T* go, const T* prev, const T* ws, T* dgx, T* dgh, T* hp,
-                      int64_t H) {
+void backward_row_any(T* dh, const T* go, const T* prev, const T* ws, T* dgx, T* dgh, T* dghn,
+                      T* hp, int64_t H) {
   if constexpr (std::is_same_v<T, float>) {
-    backward_row_f32(dh, go, prev, ws, dgx, dgh, hp, H);
+    backward_row_f32(dh, go, prev, ws, dgx, dgh, dghn, hp, H);
   } else {
-    backward_row<T>(dh, go, prev, ws, dgx, dgh, hp, H);
+    backward_row<T>(dh, go, prev, ws, dgx, dgh, dghn, hp, H);
   }
 }
 
@@ -217,7 +230,7 @@ void forward_impl(const LayerDims& d, const Schedule& s, const at::Tensor& input
                   const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
                   at::Tensor& output, at::Tensor& h_n, at::Tensor* workspace) {
   const int64_t H = d.H, G = 3 * H, DG = d.D * G, N = s.N();
-  const at::Tensor xp = input2d.index_select(0, packed_rows(s, d));  // [N, I]
+  at::Tensor xp = input2d.index_select(0, packed_rows(s, d));  // [N, I]
   const at::Tensor w_ih2 = w_ih.reshape({DG, d.I});
   // [N, D*3H]: both directions' input projections in one GEMM.
   // Weights are transposed once per call: BLAS runs ~1.1-1.5x faster on a
@@ -271,13 +284,19 @@ void backward_impl(const LayerDims& d, const Schedule& s, const at::Tensor& grad
   const int64_t H = d.H, G = 3 * H, DG = d.D * G, N = s.N();
   const at::Tensor perm = perm_tensor(s);
   const int64_t st = d.stride_t(d.D * H), sb = d.stride_b(d.D * H);
-  at::Tensor dgx = at::empty({N, DG}, input2d.options());  // [N, D*3H] packed, time order
-  at::Tensor dgh = at::empty({N, G}, input2d.options());   // [N, 3H] step order, one dir
-  at::Tensor hprev = at::empty({N, H}, input2d.options()); // [N, H] step order, one dir
+  // Buffers over the N valid positions in time order (row offset[t] + i), so
+  // the weight gradients are GEMMs over exactly the valid positions. Only the
+  // per-step GEMM's operand dgh is step-sized: peak memory stays near the
+  // forward's.
+  at::Tensor dgx = at::empty({N, DG}, input2d.options());   // [N, D*3H]
+  at::Tensor dghn = at::empty({N, H}, input2d.options());   // [N, H] one dir
+  at::Tensor hprev = at::empty({N, H}, input2d.options());  // [N, H] one dir
+  at::Tensor dgh = at::empty({d.B, G}, input2d.options());  // [B, 3H] one step
   const scalar_t* go_p = grad_output.const_data_ptr<scalar_t>();
   const scalar_t* out_p = output.const_data_ptr<scalar_t>();
   const scalar_t* hx_p = hx.const_data_ptr<scalar_t>();
   scalar_t* dgx_p = dgx.data_ptr<scalar_t>();
+  scalar_t* dghn_p = dghn.data_ptr<scalar_t>();
   scalar_t* dgh_p = dgh.data_ptr<scalar_t>();
   scalar_t* hp_p = hprev.data_ptr<scalar_t>();
 
@@ -297,25 +316,31 @@ void backward_impl(const LayerDims& d, const Schedule& s, const at::Tensor& grad
               first ? hx_p + (dir * d.B + b) * H
                     : out_p + (reverse ? t + 1 : t - 1) * st + b * sb + dir * H;
           const scalar_t* gor = go_p + t * st + b * sb + dir * H;
-          const int64_t row = s.offset[step] + i;
-          const scalar_t* wsr = ws_p + row * 4 * H;
-          scalar_t* dgxr = dgx_p + (s.offset[t] + i) * DG + dir * G;
-          scalar_t* dghr = dgh_p + row * G;
-          scalar_t* hpr = hp_p + row * H;
-          backward_row_any<scalar_t>(dh_p + i * H, gor, prev, wsr, dgxr, dghr, hpr, H);
+          const int64_t row = s.offset[t] + i;
+          backward_row_any<scalar_t>(dh_p + i * H, gor, prev,
+                                     ws_p + (s.offset[step] + i) * 4 * H, dgx_p + row * DG + dir * G,
+                                     dgh_p + i * G, dghn_p + row * H, hp_p + row * H, H);
         }
       });
-      dh.narrow(0, 0, n).addmm_(dgh.narrow(0, s.offset[step], n), w_hh_d);
+      dh.narrow(0, 0, n).addmm_(dgh.narrow(0, 0, n), w_hh_d);
     }
     grad_hx[dir].index_copy_(0, perm, dh);
-    at::Tensor gw = grad_w_hh[dir], gb = grad_b_hh[dir];
-    at::mm_out(gw, dgh.t(), hprev);  // [3H, H]
-    at::sum_out(gb, dgh, {0});
+    // dW_hh = dgh^T hprev over all positions: the r|z rows from dgx's columns.
+    const at::Tensor dgx_rz = dgx.narrow(1, dir * G, 2 * H);  // [N, 2H]
+    at::Tensor gw_rz = grad_w_hh[dir].narrow(0, 0, 2 * H), gw_n = grad_w_hh[dir].narrow(0, 2 * H, H);
+    at::Tensor gb_rz = grad_b_hh[dir].narrow(0, 0, 2 * H), gb_n = grad_b_hh[dir].narrow(0, 2 * H, H);
+    at::mm_out(gw_rz, dgx_rz.t(), hprev);
+    at::mm_out(gw_n, dghn.t(), hprev);
+    at::sum_out(gb_rz, dgx_rz, {0});
+    at::sum_out(gb_n, dghn, {0});
   }
+  dghn.reset();
+  hprev.reset();
   const at::Tensor rows = packed_rows(s, d);
-  const at::Tensor xp = input2d.index_select(0, rows);  // [N, I]
+  at::Tensor xp = input2d.index_select(0, rows);  // [N, I]
   at::Tensor gw = grad_w_ih.view({DG, d.I}), gb = grad_b_ih.view({DG});
   at::mm_out(gw, dgx.t(), xp);
+  xp.reset();
   at::sum_out(gb, dgx, {0});
   grad_input2d.index_copy_(0, rows, at::mm(dgx, w_ih.reshape({DG, d.I})));
 }
@@ -335,9 +360,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_forward_cpu(
   const Schedule s = make_schedule(lengths, d.T);
   const at::Tensor x = opmath(input).contiguous();
   const auto ws_opts = x.options();
-  at::Tensor output = at::zeros(batch_first ? std::vector<int64_t>{d.B, d.T, d.D * d.H}
+  at::Tensor output = at::empty(batch_first ? std::vector<int64_t>{d.B, d.T, d.D * d.H}
                                             : std::vector<int64_t>{d.T, d.B, d.D * d.H},
                                 ws_opts);
+  output.view({-1, d.D * d.H}).index_fill_(0, padding_rows(s, d), 0);
   at::Tensor h_n = at::empty({d.D, d.B, d.H}, ws_opts);
   at::Tensor workspace = need_workspace ? at::empty({d.D, d.T * d.B, 4 * d.H}, ws_opts)
                                         : at::empty({0}, ws_opts);
@@ -365,7 +391,8 @@ gru_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n
               x.scalar_type(), ", got ", workspace.scalar_type());
   const Schedule s = make_schedule(lengths, d.T);
   const auto opts = x.options();
-  at::Tensor grad_input = at::zeros(x.sizes(), opts);
+  at::Tensor grad_input = at::empty(x.sizes(), opts);
+  grad_input.view({-1, d.I}).index_fill_(0, padding_rows(s, d), 0);
   at::Tensor grad_hx = at::empty({d.D, d.B, d.H}, opts);
   at::Tensor grad_w_ih = at::empty({d.D, 3 * d.H, d.I}, opts);
   at::Tensor grad_w_hh = at::empty({d.D, 3 * d.H, d.H}, opts);
