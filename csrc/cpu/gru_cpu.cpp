@@ -237,6 +237,7 @@ void forward_impl(const LayerDims& d, const Schedule& s, const at::Tensor& input
   // contiguous [K, N] right operand than on a transposed view (measured, MKL).
   const at::Tensor w_ih_t = w_ih2.t().contiguous();  // [I, D*3H]
   const at::Tensor gx = b_ih ? at::addmm(b_ih->reshape({DG}), xp, w_ih_t) : at::mm(xp, w_ih_t);
+  xp.reset();
   const at::Tensor perm = perm_tensor(s);
   const int64_t st = d.stride_t(d.D * H), sb = d.stride_b(d.D * H);
   const scalar_t* gx_p = gx.const_data_ptr<scalar_t>();
@@ -342,7 +343,12 @@ void backward_impl(const LayerDims& d, const Schedule& s, const at::Tensor& grad
   at::mm_out(gw, dgx.t(), xp);
   xp.reset();
   at::sum_out(gb, dgx, {0});
-  grad_input2d.index_copy_(0, rows, at::mm(dgx, w_ih.reshape({DG, d.I})));
+  at::Tensor dxp = at::mm(dgx, w_ih.reshape({DG, d.I}));  // [N, I]
+  dgx.reset();
+  // grad_input is allocated last, when the step buffers are gone: peak memory.
+  grad_input2d = at::empty({input2d.size(0), d.I}, input2d.options());
+  grad_input2d.index_fill_(0, padding_rows(s, d), 0);
+  grad_input2d.index_copy_(0, rows, dxp);
 }
 
 // Half types run in float (their op-math type) and round at the end.
@@ -391,21 +397,20 @@ gru_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n
               x.scalar_type(), ", got ", workspace.scalar_type());
   const Schedule s = make_schedule(lengths, d.T);
   const auto opts = x.options();
-  at::Tensor grad_input = at::empty(x.sizes(), opts);
-  grad_input.view({-1, d.I}).index_fill_(0, padding_rows(s, d), 0);
+  at::Tensor grad_input2d;  // [T*B or B*T, I], allocated by backward_impl
   at::Tensor grad_hx = at::empty({d.D, d.B, d.H}, opts);
   at::Tensor grad_w_ih = at::empty({d.D, 3 * d.H, d.I}, opts);
   at::Tensor grad_w_hh = at::empty({d.D, 3 * d.H, d.H}, opts);
   at::Tensor grad_b_ih = at::empty({d.D, 3 * d.H}, opts);
   at::Tensor grad_b_hh = at::empty({d.D, 3 * d.H}, opts);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_layer_backward_cpu", [&] {
-    at::Tensor gi2d = grad_input.view({-1, d.I});
     backward_impl<scalar_t>(d, s, opmath(grad_output).contiguous(), opmath(grad_h_n).contiguous(),
                             x.view({-1, d.I}), opmath(hx).contiguous(), opmath(w_ih).contiguous(),
                             opmath(w_hh).contiguous(), opmath(output).contiguous(),
-                            workspace.contiguous(), gi2d, grad_hx, grad_w_ih, grad_w_hh,
+                            workspace.contiguous(), grad_input2d, grad_hx, grad_w_ih, grad_w_hh,
                             grad_b_ih, grad_b_hh);
   });
+  const at::Tensor grad_input = grad_input2d.view(x.sizes());
   const auto dt = input.scalar_type();
   return {grad_input.to(dt), grad_hx.to(dt), grad_w_ih.to(dt),
           grad_w_hh.to(dt), grad_b_ih.to(dt), grad_b_hh.to(dt)};
