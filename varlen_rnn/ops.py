@@ -6,8 +6,6 @@ Shape legend: T time, B batch, I input, H hidden, D directions; r|z|n gates.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
@@ -18,16 +16,6 @@ _HALF = (torch.float16, torch.bfloat16)
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _HALF else dtype
-
-
-def _exact_dtypes(device: torch.device):
-    """Autocast off around a kernel call: the kernels call ATen GEMMs (at::mm,
-    at::addmm) that autocast would otherwise recast to a lower precision behind
-    the kernel's back ("expected scalar type Float but found BFloat16"). The
-    dtypes are chosen by the caller (GRU._run follows torch.nn.GRU's policy)."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _refuse_functorch_jvp() -> None:
@@ -63,10 +51,11 @@ def gru_layer(
     need_workspace = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors
     )
-    with _exact_dtypes(input.device):
-        output, h_n, _ = torch.ops.varlen_rnn.gru_layer_forward(
-            input, lengths, hx, w_ih, w_hh, b_ih, b_hh, batch_first, need_workspace
-        )
+    # The kernels run with autocast excluded (csrc/gru.h NoAutocastGuard); GRU._run
+    # picks the dtypes by torch.nn.GRU's autocast policy.
+    output, h_n, _ = torch.ops.varlen_rnn.gru_layer_forward(
+        input, lengths, hx, w_ih, w_hh, b_ih, b_hh, batch_first, need_workspace
+    )
     return output, h_n
 
 
@@ -124,11 +113,9 @@ def _backward(ctx, grad_output, grad_h_n, _grad_workspace):
         grad_output = torch.zeros_like(out)
     if grad_h_n is None:
         grad_h_n = torch.zeros_like(hx)
-    with _exact_dtypes(input.device):  # backward() called inside an autocast region
-        g_in, g_hx, g_wih, g_whh, g_bih, g_bhh = torch.ops.varlen_rnn.gru_layer_backward(
-            grad_output, grad_h_n, input, lengths, hx, w_ih, w_hh, out, workspace,
-            ctx.batch_first,
-        )
+    g_in, g_hx, g_wih, g_whh, g_bih, g_bhh = torch.ops.varlen_rnn.gru_layer_backward(
+        grad_output, grad_h_n, input, lengths, hx, w_ih, w_hh, out, workspace, ctx.batch_first
+    )
     if not ctx.has_bias:
         g_bih = g_bhh = None
     return g_in, None, g_hx, g_wih, g_whh, g_bih, g_bhh, None, None
