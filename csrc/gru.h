@@ -96,9 +96,10 @@ inline LayerDims check_layer_args(const at::Tensor& input,
 }
 
 // Extra checks of the backward's tensors against the forward's dims.
+// workspace_rows: how many rows the backend's forward gives the workspace.
 inline void check_backward_args(const LayerDims& d, const at::Tensor& grad_output,
                                 const at::Tensor& grad_h_n, const at::Tensor& output,
-                                const at::Tensor& workspace) {
+                                const at::Tensor& workspace, int64_t workspace_rows) {
   const auto out_sizes = d.batch_first ? std::vector<int64_t>{d.B, d.T, d.D * d.H}
                                        : std::vector<int64_t>{d.T, d.B, d.D * d.H};
   TORCH_CHECK(grad_output.sizes() == out_sizes, "grad_output must have shape ",
@@ -110,9 +111,9 @@ inline void check_backward_args(const LayerDims& d, const at::Tensor& grad_outpu
               "grad_h_n must be [D, B, H] = [", d.D, ", ", d.B, ", ", d.H, "], got ",
               grad_h_n.sizes());
   TORCH_CHECK(workspace.dim() == 3 && workspace.size(0) == d.D &&
-                  workspace.size(1) == d.T * d.B && workspace.size(2) == 4 * d.H,
-              "workspace must be [D, T*B, 4H] as gru_layer_forward(need_workspace=True) "
-              "returns it, got shape ",
+                  workspace.size(1) == workspace_rows && workspace.size(2) == 4 * d.H,
+              "workspace must be [D, ", workspace_rows, ", 4H] as this backend's "
+              "gru_layer_forward(need_workspace=True) returns it, got shape ",
               workspace.sizes());
 }
 

@@ -16,9 +16,10 @@ TORCH_LIBRARY(varlen_rnn, m) {
   //   output    [T, B, D*H] (or [B, T, D*H]); 0 at positions t >= lengths[b]
   //   h_n       [D, B, H]: state after each row's own last valid step
   //             (the reverse direction starts at that step), hx where length 0
-  //   workspace [D, T*B, 4H] in the op-math dtype when need_workspace, else
-  //             [0]: what the backward needs; its row layout is private to the
-  //             backend that wrote it.
+  //   workspace [D, rows, 4H] in the op-math dtype when need_workspace, else
+  //             [0]: what the backward needs. Its rows and their layout are
+  //             the backend's: N = sum(lengths) on the CPU (nothing for
+  //             padding), T*B on CUDA (N is not known without a host sync).
   m.def(
       "gru_layer_forward(Tensor input, Tensor lengths, Tensor hx, Tensor w_ih, "
       "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, bool batch_first, "

@@ -68,8 +68,13 @@ def _gru_layer_forward_fake(input, lengths, hx, w_ih, w_hh, b_ih, b_hh, batch_fi
     out_shape = (B, T, D * H) if batch_first else (T, B, D * H)
     output = input.new_empty(out_shape)
     h_n = input.new_empty((D, B, H))
-    ws_shape = (D, T * B, 4 * H) if need_workspace else (0,)
-    workspace = input.new_empty(ws_shape, dtype=_opmath(input.dtype))
+    if need_workspace:
+        # Rows are the backend's choice: the N valid positions on the CPU (a value
+        # known only from lengths' data), T*B on CUDA (no host sync to learn N).
+        rows = torch.library.get_ctx().new_dynamic_size()
+        workspace = input.new_empty((D, rows, 4 * H), dtype=_opmath(input.dtype))
+    else:
+        workspace = input.new_empty((0,), dtype=_opmath(input.dtype))
     return output, h_n, workspace
 
 

@@ -10,8 +10,9 @@
 //
 // Packed layout. Valid positions (t, i) are numbered offset[t] + i (the
 // PackedSequence order). The input projection runs once over the N packed rows
-// (no work on padding), and the workspace stores each direction's step s at
-// rows offset[s] + i, so the backward's weight GEMMs cover exactly N rows.
+// (no work on padding), and the workspace ([D, N, 4H]: nothing for padding)
+// stores each direction's step s at rows offset[s] + i, so the backward's
+// weight GEMMs cover exactly N rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -245,7 +246,6 @@ void forward_impl(const LayerDims& d, const Schedule& s, const at::Tensor& input
   at::Tensor gh = at::empty({d.B, G}, input2d.options());  // [B, 3H] per-step W_hh h
   const at::Tensor b_hh_all = b_hh ? *b_hh : at::zeros({d.D, G}, input2d.options());
   const scalar_t* b_hh_p = b_hh_all.const_data_ptr<scalar_t>();
-  if (workspace) workspace->narrow(1, N, d.T * d.B - N).zero_();
 
   for (int64_t dir = 0; dir < d.D; ++dir) {
     const bool reverse = dir == 1;
@@ -254,7 +254,7 @@ void forward_impl(const LayerDims& d, const Schedule& s, const at::Tensor& input
     const scalar_t* bhh = b_hh_p + dir * G;
     scalar_t* h_p = h.data_ptr<scalar_t>();
     const scalar_t* gh_p = gh.const_data_ptr<scalar_t>();
-    scalar_t* ws_p = workspace ? workspace->data_ptr<scalar_t>() + dir * d.T * d.B * 4 * H : nullptr;
+    scalar_t* ws_p = workspace ? workspace->data_ptr<scalar_t>() + dir * N * 4 * H : nullptr;
     for (int64_t step = 0; step < s.max_len; ++step) {
       const int64_t n = s.active[step];
       at::Tensor gh_n = gh.narrow(0, 0, n);
@@ -305,7 +305,7 @@ void backward_impl(const LayerDims& d, const Schedule& s, const at::Tensor& grad
     const bool reverse = dir == 1;
     at::Tensor dh = grad_h_n[dir].index_select(0, perm);  // [B, H] sorted order
     scalar_t* dh_p = dh.data_ptr<scalar_t>();
-    const scalar_t* ws_p = workspace.const_data_ptr<scalar_t>() + dir * d.T * d.B * 4 * H;
+    const scalar_t* ws_p = workspace.const_data_ptr<scalar_t>() + dir * N * 4 * H;
     const at::Tensor w_hh_d = w_hh[dir];  // [3H, H]
     for (int64_t step = s.max_len - 1; step >= 0; --step) {
       const int64_t n = s.active[step];
@@ -371,7 +371,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_forward_cpu(
                                 ws_opts);
   output.view({-1, d.D * d.H}).index_fill_(0, padding_rows(s, d), 0);
   at::Tensor h_n = at::empty({d.D, d.B, d.H}, ws_opts);
-  at::Tensor workspace = need_workspace ? at::empty({d.D, d.T * d.B, 4 * d.H}, ws_opts)
+  at::Tensor workspace = need_workspace ? at::empty({d.D, s.N(), 4 * d.H}, ws_opts)
                                         : at::empty({0}, ws_opts);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_layer_forward_cpu", [&] {
     forward_impl<scalar_t>(d, s, x.view({-1, d.I}), opmath(hx).contiguous(),
@@ -391,11 +391,11 @@ gru_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n
   const NoAutocastGuard no_autocast;
   const LayerDims d =
       check_layer_args(input, lengths, hx, w_ih, w_hh, std::nullopt, std::nullopt, batch_first);
-  check_backward_args(d, grad_output, grad_h_n, output, workspace);
+  const Schedule s = make_schedule(lengths, d.T);
+  check_backward_args(d, grad_output, grad_h_n, output, workspace, s.N());
   const at::Tensor x = opmath(input).contiguous();
   TORCH_CHECK(workspace.scalar_type() == x.scalar_type(), "workspace must have dtype ",
               x.scalar_type(), ", got ", workspace.scalar_type());
-  const Schedule s = make_schedule(lengths, d.T);
   const auto opts = x.options();
   at::Tensor grad_input2d;  // [T*B or B*T, I], allocated by backward_impl
   at::Tensor grad_hx = at::empty({d.D, d.B, d.H}, opts);

@@ -305,7 +305,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_cu
   const NoAutocastGuard no_autocast;
   const LayerDims dm =
       check_layer_args(input, lengths, hx, w_ih, w_hh, std::nullopt, std::nullopt, batch_first);
-  check_backward_args(dm, grad_output, grad_h_n, output, workspace);
+  check_backward_args(dm, grad_output, grad_h_n, output, workspace, dm.T * dm.B);
   const int64_t T = dm.T, B = dm.B, I = dm.I, H = dm.H, D = dm.D;
   const auto acc_type = opmath_dtype(input.scalar_type());
   check_same_device_dtype(input, grad_output, "grad_output");
