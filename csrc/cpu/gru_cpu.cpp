@@ -18,8 +18,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
+#include <cstdint>
+#include <cstring>
 #include <numeric>
+#if __has_include(<bit>)
+#include <bit>
+#endif
 #include <type_traits>
 #include <vector>
 
@@ -107,6 +111,18 @@ inline int64_t time_of(const Schedule& s, int64_t i, int64_t step, bool reverse)
 // the math (GCC won't if-convert them): the clamps are chosen so that the edge
 // cases come out exact by themselves, matching nn.GRU on non-finite input.
 struct VecMathF32 {
+  // std::bit_cast is C++20, but torch < 2.13 builds extensions with -std=c++17
+  // (the GPU machine's torch 2.11 does): there the same bits go through memcpy,
+  // which GCC folds to a register move, so the loops still vectorize.
+  static inline float as_float(int32_t i) {
+#if defined(__cpp_lib_bit_cast)
+    return std::bit_cast<float>(i);
+#else
+    float f;
+    std::memcpy(&f, &i, sizeof f);
+    return f;
+#endif
+  }
   static inline float exp(float x) {
     // Up to 89, past expf's overflow at 88.72: 2^k is applied in two halves, so
     // exp(89) and exp(+inf) overflow to inf as expf does (sigmoid(-inf) = 0).
@@ -124,7 +140,7 @@ struct VecMathF32 {
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
     const int32_t k1 = k >> 1;
-    return p * std::bit_cast<float>((k1 + 127) << 23) * std::bit_cast<float>((k - k1 + 127) << 23);
+    return p * as_float((k1 + 127) << 23) * as_float((k - k1 + 127) << 23);
   }
   static inline float tanh(float x) {
     // At |x| = 10 the formula rounds to exactly +-1, as tanhf does from 9.01 on.
