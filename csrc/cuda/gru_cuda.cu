@@ -68,6 +68,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // be resident; the cooperative launch itself verifies co-residency again.
 struct PersistentPlan {
   bool ok = false;
+  bool cacheable = true;  // false after a CUDA API error: plan again next call
   std::string why;
   PersistentShape ps{};
   int blocks = 0;
@@ -93,7 +94,26 @@ PersistentPlan plan_persistent(Kernel kernel, int64_t H, int64_t D, bool backwar
   // length 3H. Both reduce 3 x kRows dot products per warp item.
   const int64_t U = backward ? ceil_div(J_bal, 3) : J_bal;
   const int64_t K = backward ? 3 * H : H;
-  const size_t optin = prop->sharedMemPerBlockOptin;
+  // What this kernel can launch with: its register use caps the block size,
+  // and any static shared memory comes off the opt-in dynamic limit (asking
+  // cudaFuncSetAttribute for more than optin - static is an error).
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
+    (void)cudaGetLastError();  // not sticky: clear it, fall back
+    p.why = "cudaFuncGetAttributes failed";
+    p.cacheable = false;
+    return p;
+  }
+  if (attr.maxThreadsPerBlock < kPersistThreads) {
+    p.why = "the kernel uses too many registers for " + std::to_string(kPersistThreads) +
+            " threads per block";
+    return p;
+  }
+  if (prop->sharedMemPerBlockOptin <= attr.sharedSizeBytes) {
+    p.why = "no dynamic shared memory left beside the kernel's static shared memory";
+    return p;
+  }
+  const size_t optin = prop->sharedMemPerBlockOptin - attr.sharedSizeBytes;
   const size_t w_smem = static_cast<size_t>((backward ? 3 * U : 3 * J_bal) * K) * w_bytes;
   for (int64_t R = std::min<int64_t>(4, ceil_div(kPersistWarps, U)); R >= 1; --R) {
     const int64_t rows = kRows * R;
@@ -114,11 +134,20 @@ PersistentPlan plan_persistent(Kernel kernel, int64_t H, int64_t D, bool backwar
     p.smem = static_cast<size_t>(rows * kc) * acc_bytes + acc_smem + w_smem;
     // The device's limit rather than p.smem: plans of other shapes are cached
     // and launch later without setting the attribute again.
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(optin)));
+    // A failure here makes the plan "does not fit" (auto falls back; forced
+    // persistent reports why) instead of failing every call of the op.
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(optin));
     int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPersistThreads,
-                                                                 p.smem));
+    if (err == cudaSuccess) {
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPersistThreads, p.smem);
+    }
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();
+      p.why = std::string("setting up the launch failed: ") + cudaGetErrorString(err);
+      p.cacheable = false;
+      return p;
+    }
     if (static_cast<int64_t>(per_sm) * sms < p.blocks) {
       p.why = "not enough blocks resident (" + std::to_string(per_sm) + " per SM)";
       return p;
@@ -153,6 +182,7 @@ bool use_persistent(Kernel kernel, int64_t H, int64_t D, bool backward, size_t w
       it = cache.emplace(key, plan_persistent(kernel, H, D, backward, w_bytes, acc_bytes)).first;
     }
     plan = it->second;
+    if (!plan.cacheable) cache.erase(it);
   }
   TORCH_CHECK(plan.ok || path == Path::kAuto,
               "VARLEN_RNN_CUDA_PATH=persistent but the persistent kernel cannot run: ", plan.why);
