@@ -232,6 +232,21 @@ void launch_cooperative(const void* kernel, int blocks, size_t smem, void* args,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The fields both persistent launches share (see PersistentCommonArgs).
+void fill_common(PersistentCommonArgs& a, const Lengths& l, RowStrides xs, RowStrides os,
+                 int64_t T, int64_t B, int64_t H, int64_t D, const PersistentShape& ps) {
+  a.lens = l.lens.data_ptr<int>();
+  a.perm = l.perm.data_ptr<int>();
+  a.sorted = l.sorted.data_ptr<int>();
+  a.xs = xs;
+  a.os = os;
+  a.T = static_cast<int>(T);
+  a.B = static_cast<int>(B);
+  a.H = static_cast<int>(H);
+  a.D = static_cast<int>(D);
+  a.ps = ps;
+}
+
 std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_cuda(
     const Tensor& input, const Tensor& lengths, const Tensor& hx, const Tensor& w_ih,
     const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
@@ -282,20 +297,11 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_cuda(
       a.w_hh = w_hh_c.data_ptr<scalar_t>();
       a.b_hh = b_hh_c.defined() ? b_hh_c.data_ptr<scalar_t>() : nullptr;
       a.hx = hx_c.data_ptr<scalar_t>();
-      a.lens = l.lens.data_ptr<int>();
-      a.perm = l.perm.data_ptr<int>();
-      a.sorted = l.sorted.data_ptr<int>();
       a.hbuf = hbuf.data_ptr<acc_t>();
       a.out = out.data_ptr<scalar_t>();
       a.h_n = h_n.data_ptr<scalar_t>();
       a.ws = need_workspace ? ws.data_ptr<acc_t>() : nullptr;
-      a.xs = xs;
-      a.os = os;
-      a.T = static_cast<int>(T);
-      a.B = static_cast<int>(B);
-      a.H = static_cast<int>(H);
-      a.D = static_cast<int>(D);
-      a.ps = plan.ps;
+      fill_common(a, l, xs, os, T, B, H, D, plan.ps);
       launch_cooperative(reinterpret_cast<const void*>(kernel), plan.blocks, plan.smem, &a, stream);
       return;
     }
@@ -387,21 +393,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_cu
       a.grad_h_n = ghn.data_ptr<scalar_t>();
       a.ws = ws.data_ptr<acc_t>();
       a.w_hh = w_hh_c.data_ptr<scalar_t>();
-      a.lens = l.lens.data_ptr<int>();
-      a.perm = l.perm.data_ptr<int>();
-      a.sorted = l.sorted.data_ptr<int>();
       a.dh = dh.data_ptr<acc_t>();
       a.dgx = dgx.data_ptr<scalar_t>();
       a.dgh = dgh.data_ptr<scalar_t>();
       a.hprev = hprev.data_ptr<scalar_t>();
       a.grad_hx = grad_hx.data_ptr<scalar_t>();
-      a.xs = xs;
-      a.os = os;
-      a.T = static_cast<int>(T);
-      a.B = static_cast<int>(B);
-      a.H = static_cast<int>(H);
-      a.D = static_cast<int>(D);
-      a.ps = plan.ps;
+      fill_common(a, l, xs, os, T, B, H, D, plan.ps);
       launch_cooperative(reinterpret_cast<const void*>(kernel), plan.blocks, plan.smem, &a, stream);
       return;
     }

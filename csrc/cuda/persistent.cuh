@@ -127,22 +127,27 @@ __device__ __forceinline__ void tile_matvec(const w_t* w_s, int U, int g_rows, i
   }
 }
 
+// What both persistent kernels get besides their tensors: the schedule, the
+// padded layouts and the launch shape (filled once, by the launcher's helper).
+struct PersistentCommonArgs {
+  const int* lens;    // [B]
+  const int* perm;    // [B] rows by length, descending, stable
+  const int* sorted;  // [B] lens[perm[i]]
+  RowStrides xs, os;
+  int T, B, H, D;
+  PersistentShape ps;
+};
+
 template <typename scalar_t, typename acc_t>
-struct PersistentForwardArgs {
+struct PersistentForwardArgs : PersistentCommonArgs {
   const scalar_t* gx;    // [T*B, D*3H]
   const scalar_t* w_hh;  // [D, 3H, H]
   const scalar_t* b_hh;  // [D, 3H] or nullptr
   const scalar_t* hx;    // [D, B, H]
-  const int* lens;       // [B]
-  const int* perm;       // [B] rows by length, descending, stable
-  const int* sorted;     // [B] lens[perm[i]]
   acc_t* hbuf;           // [2, D, B, H] state exchange, ping-pong by step parity
   scalar_t* out;         // [T, B, D*H] or [B, T, D*H]
   scalar_t* h_n;         // [D, B, H]
   acc_t* ws;             // [D, T*B, 4H] or nullptr
-  RowStrides xs, os;
-  int T, B, H, D;
-  PersistentShape ps;
 };
 
 // Dynamic shared memory: tile [tile_rows][kc] acc_t | acc_s [items][3][kRows]
@@ -228,24 +233,18 @@ __global__ void __launch_bounds__(kPersistThreads)
 }
 
 template <typename scalar_t, typename acc_t>
-struct PersistentBackwardArgs {
+struct PersistentBackwardArgs : PersistentCommonArgs {
   const scalar_t* grad_out;  // like output
   const scalar_t* out;       // forward output
   const scalar_t* hx;        // [D, B, H]
   const scalar_t* grad_h_n;  // [D, B, H]
   const acc_t* ws;           // [D, T*B, 4H]
   const scalar_t* w_hh;      // [D, 3H, H]
-  const int* lens;
-  const int* perm;
-  const int* sorted;
   acc_t* dh;         // [D, B, H] gradient reaching the state; each block its slice
   scalar_t* dgx;     // [T*B, D*3H]
   scalar_t* dgh;     // [D, T*B, 3H], also the exchange between blocks
   scalar_t* hprev;   // [D, T*B, H]
   scalar_t* grad_hx;  // [D, B, H]
-  RowStrides xs, os;
-  int T, B, H, D;
-  PersistentShape ps;
 };
 
 // Per step (s = max_len-1 .. 0): phase 1 turns the block's own dh slice into
