@@ -80,4 +80,55 @@ VR_HOST_DEVICE GruCellGrad<T> gru_cell_backward(T dh, T h_prev,
   return g;
 }
 
+// ---- The saved-gate layout and step order, shared by every backend ---------
+//
+// A workspace row holds 4H op-math values r | z | n | gh_n for one (d, t, b);
+// feature j of gate g sits at [g*H + j]. The gate gradients go to two rows:
+// dgx [3H] (input side: dr | dz | dn) and dgh [3H] (hidden side, the operand
+// of the W_hh^T GEMM: dr | dz | dn*r).
+
+template <typename T, typename Idx>
+VR_HOST_DEVICE void store_saved(T* ws_row, Idx j, Idx H, const GruCellSaved<T>& s) {
+  ws_row[j] = s.r;
+  ws_row[H + j] = s.z;
+  ws_row[2 * H + j] = s.n;
+  ws_row[3 * H + j] = s.hn;
+}
+
+template <typename T, typename Idx>
+VR_HOST_DEVICE GruCellSaved<T> load_saved(const T* ws_row, Idx j, Idx H) {
+  return GruCellSaved<T>{ws_row[j], ws_row[H + j], ws_row[2 * H + j], ws_row[3 * H + j]};
+}
+
+// Writes one element's gate gradients, converted to the rows' dtype. Either
+// row may be null when a backend keeps only one of them.
+template <typename T, typename A, typename Idx>
+VR_HOST_DEVICE void store_gate_grads(T* dgx_row, T* dgh_row, Idx j, Idx H,
+                                     const GruCellGrad<A>& g) {
+  if (dgx_row != nullptr) {
+    dgx_row[j] = static_cast<T>(g.dr);
+    dgx_row[H + j] = static_cast<T>(g.dz);
+    dgx_row[2 * H + j] = static_cast<T>(g.dn);
+  }
+  if (dgh_row != nullptr) {
+    dgh_row[j] = static_cast<T>(g.dr);
+    dgh_row[H + j] = static_cast<T>(g.dz);
+    dgh_row[2 * H + j] = static_cast<T>(g.dhn);
+  }
+}
+
+// The time index of step s in direction d (0 forward, 1 reverse) for a
+// sequence of length len: the reverse direction starts at the sequence's own
+// last valid step, not at T-1.
+template <typename Idx>
+VR_HOST_DEVICE Idx step_time(int d, Idx len, Idx s) {
+  return d == 1 ? len - 1 - s : s;
+}
+
+// The time of the state that step s reads (h_prev), for s > 0.
+template <typename Idx>
+VR_HOST_DEVICE Idx prev_time(int d, Idx t) {
+  return d == 1 ? t + 1 : t - 1;
+}
+
 }  // namespace varlen_rnn

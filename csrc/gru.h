@@ -13,16 +13,27 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <vector>
 
 namespace varlen_rnn {
 
 struct LayerDims {
   int64_t T, B, I, H, D;
   bool batch_first;
+  // output's shape: [T, B, D*H], or [B, T, D*H] if batch_first.
+  std::vector<int64_t> output_sizes() const {
+    return batch_first ? std::vector<int64_t>{B, T, D * H} : std::vector<int64_t>{T, B, D * H};
+  }
   // Element strides of (t, b) in a padded tensor with `features` columns.
   int64_t stride_t(int64_t features) const { return batch_first ? features : B * features; }
   int64_t stride_b(int64_t features) const { return batch_first ? T * features : features; }
 };
+
+// Half types are computed in float (their op-math type): the state, the saved
+// gates and every accumulation. The one C++ statement of that rule.
+inline at::ScalarType opmath_dtype(at::ScalarType t) {
+  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
 
 // Kernels call ATen GEMMs internally; under torch.autocast those would be
 // re-cast behind the kernel's back. Every kernel entry holds this guard: the
@@ -95,26 +106,35 @@ inline LayerDims check_layer_args(const at::Tensor& input,
   return d;
 }
 
-// Extra checks of the backward's tensors against the forward's dims.
-// workspace_rows: how many rows the backend's forward gives the workspace.
-inline void check_backward_args(const LayerDims& d, const at::Tensor& grad_output,
-                                const at::Tensor& grad_h_n, const at::Tensor& output,
-                                const at::Tensor& workspace, int64_t workspace_rows) {
-  const auto out_sizes = d.batch_first ? std::vector<int64_t>{d.B, d.T, d.D * d.H}
-                                       : std::vector<int64_t>{d.T, d.B, d.D * d.H};
-  TORCH_CHECK(grad_output.sizes() == out_sizes, "grad_output must have shape ",
-              out_sizes, ", got ", grad_output.sizes());
+// Extra checks of the backward's tensors against the forward's dims, the same
+// for every backend. workspace_rows: how many rows the backend's forward gives
+// the workspace.
+inline void check_backward_args(const LayerDims& dims, const at::Tensor& input,
+                                const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                                const at::Tensor& output, const at::Tensor& workspace,
+                                int64_t workspace_rows) {
+  const auto out_sizes = dims.output_sizes();
+  TORCH_CHECK(grad_output.sizes() == out_sizes, "grad_output must have shape ", out_sizes,
+              ", got ", grad_output.sizes());
   TORCH_CHECK(output.sizes() == out_sizes, "output must have shape ", out_sizes, ", got ",
               output.sizes());
-  TORCH_CHECK(grad_h_n.dim() == 3 && grad_h_n.size(0) == d.D && grad_h_n.size(1) == d.B &&
-                  grad_h_n.size(2) == d.H,
-              "grad_h_n must be [D, B, H] = [", d.D, ", ", d.B, ", ", d.H, "], got ",
+  TORCH_CHECK(grad_h_n.dim() == 3 && grad_h_n.size(0) == dims.D && grad_h_n.size(1) == dims.B &&
+                  grad_h_n.size(2) == dims.H,
+              "grad_h_n must be [D, B, H] = [", dims.D, ", ", dims.B, ", ", dims.H, "], got ",
               grad_h_n.sizes());
-  TORCH_CHECK(workspace.dim() == 3 && workspace.size(0) == d.D &&
-                  workspace.size(1) == workspace_rows && workspace.size(2) == 4 * d.H,
+  check_same_device_dtype(input, grad_output, "grad_output");
+  check_same_device_dtype(input, grad_h_n, "grad_h_n");
+  check_same_device_dtype(input, output, "output");
+  TORCH_CHECK(workspace.dim() == 3 && workspace.size(0) == dims.D &&
+                  workspace.size(1) == workspace_rows && workspace.size(2) == 4 * dims.H,
               "workspace must be [D, ", workspace_rows, ", 4H] as this backend's "
               "gru_layer_forward(need_workspace=True) returns it, got shape ",
               workspace.sizes());
+  const auto ws_dtype = opmath_dtype(input.scalar_type());
+  TORCH_CHECK(workspace.device() == input.device() && workspace.scalar_type() == ws_dtype,
+              "workspace must be a ", ws_dtype, " tensor on ", input.device(),
+              " as gru_layer_forward returns it, got ", workspace.scalar_type(), " on ",
+              workspace.device());
 }
 
 }  // namespace varlen_rnn

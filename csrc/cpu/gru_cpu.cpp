@@ -409,10 +409,8 @@ gru_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n
   const LayerDims d =
       check_layer_args(input, lengths, hx, w_ih, w_hh, std::nullopt, std::nullopt, batch_first);
   const Schedule s = make_schedule(lengths, d.T);
-  check_backward_args(d, grad_output, grad_h_n, output, workspace, s.N());
+  check_backward_args(d, input, grad_output, grad_h_n, output, workspace, s.N());
   const at::Tensor x = opmath(input).contiguous();
-  TORCH_CHECK(workspace.scalar_type() == x.scalar_type(), "workspace must have dtype ",
-              x.scalar_type(), ", got ", workspace.scalar_type());
   const auto opts = x.options();
   at::Tensor grad_input2d;  // [T*B or B*T, I], allocated by backward_impl
   at::Tensor grad_hx = at::empty({d.D, d.B, d.H}, opts);

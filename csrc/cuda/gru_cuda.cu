@@ -57,10 +57,6 @@ Path requested_path() {
   TORCH_CHECK(false, "VARLEN_RNN_CUDA_PATH must be auto, persistent or fallback, got '", env, "'");
 }
 
-at::ScalarType opmath_dtype(at::ScalarType t) {
-  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
-}
-
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The cut of a persistent launch that fits the current device, or why none
@@ -341,16 +337,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_cu
   const NoAutocastGuard no_autocast;
   const LayerDims dm =
       check_layer_args(input, lengths, hx, w_ih, w_hh, std::nullopt, std::nullopt, batch_first);
-  check_backward_args(dm, grad_output, grad_h_n, output, workspace, dm.T * dm.B);
+  check_backward_args(dm, input, grad_output, grad_h_n, output, workspace, dm.T * dm.B);
   const int64_t T = dm.T, B = dm.B, I = dm.I, H = dm.H, D = dm.D;
   const auto acc_type = opmath_dtype(input.scalar_type());
-  check_same_device_dtype(input, grad_output, "grad_output");
-  check_same_device_dtype(input, grad_h_n, "grad_h_n");
-  check_same_device_dtype(input, output, "output");
-  TORCH_CHECK(workspace.device() == input.device() && workspace.scalar_type() == acc_type,
-              "workspace must be a ", acc_type, " tensor on ", input.device(),
-              " as the CUDA gru_layer_forward returns it, got ", workspace.scalar_type(), " on ",
-              workspace.device());
   c10::cuda::CUDAGuard guard(input.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto opts = input.options();
