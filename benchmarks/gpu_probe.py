@@ -131,7 +131,7 @@ def child(impl: str, a, out: str, deadline: Deadline) -> int:
             q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
             r.update(median_ms=statistics.median(ts), iqr_ms=q[2] - q[0], reps=len(ts))
             print(f"{impl} H={H} {dtype} {mode} B={B}: {r['median_ms']:.3f} ms", flush=True)
-        except Exception as e:  # e.g. a shape the persistent path refuses: recorded, not fatal
+        except Exception as e:  # noqa: BLE001  e.g. a shape the persistent path refuses: recorded, not fatal
             r["error"] = f"{type(e).__name__}: {e}"[:300]
             print(f"{impl} H={H} {dtype} {mode} B={B}: ERROR {r['error']}", flush=True)
         res["results"].append(r)
@@ -184,8 +184,8 @@ def render(merged: dict, impls: list[str], Bs: list[int], T: int) -> tuple[str, 
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | " + " | ".join(cells)
                      + f" | {speed} | {step} |")
     cross = crossovers(table, Bs)
-    lines += ["", "Crossover (smallest B where persistent is not faster than fallback; "
-              "persistent/fallback time per B):", ""]
+    lines += ["", ("Crossover (smallest B where persistent is not faster than fallback; "
+                   "persistent/fallback time per B):"), ""]
     first = Bs[0] if Bs else None
     lines += [f"- H={k[0]} {k[1]} {k[2]}: B={c}"
               + (" (persistent never faster)" if c == str(first) else

@@ -82,7 +82,8 @@ def parse_spills(text: str) -> dict:
 def demangle(names: list[str]) -> dict:
     if not names or not shutil.which("c++filt"):
         return {n: n for n in names}
-    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout
+    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True,
+                         check=False).stdout
     return {n: _short(d) for n, d in zip(names, out.splitlines())}
 
 
