@@ -13,7 +13,9 @@
 # work folder outside OUT_DIR (GPU_CHECK_WORK, default a fresh temp folder).
 #
 # Environment: GPU_CHECK_BUDGET (when no second argument), GPU_CHECK_STAGES (a subset of the stages
-# above), GPU_CHECK_LIMITS="probe=60 bench=120" (own limits), PYTHON (default python3),
+# above), GPU_CHECK_LIMITS="probe=60 bench=120" (own limits), GPU_CHECK_PROBE_ARGS and
+# GPU_CHECK_BENCH_ARGS (added to gpu_probe.py's and bench.py's arguments, e.g. "--impls
+# persistent,fallback,auto,cudnn" or "--tf32 off"), PYTHON (default python3),
 # VARLEN_RNN_COMMIT (the commit measured, for a copy without .git), MAX_JOBS, TORCH_CUDA_ARCH_LIST.
 # Dry run on a CPU machine: GPU_CHECK_DRY_RUN=1 replaces every GPU stage by a cheap CPU stand-in
 # through the same plumbing; GPU_CHECK_HANG=<stage> makes that stage hang (SIGTERM ignored, so
@@ -155,8 +157,8 @@ stage_sanitize() {  # memcheck | racecheck: our kernels only, float32 and bfloat
     esac
   done
   [ $refused = 2 ] && { echo "NOT RUN: compute-sanitizer refused the device (Device not supported)"; return 0; }
-  local IFS=';'
-  echo "KEY: ${notes[*]}"
+  s="$(printf '%s; ' "${notes[@]}")"
+  echo "KEY: ${s%; }"
   return $bad
 }
 
@@ -166,7 +168,9 @@ stage_bench() {  # bench | cpu_bench16 | cpu_bench1: results written as each cas
   case $1:$DRY in
     bench:1) "$PY" "$b" --preset quick --device cpu --limit 1 --rounds 1 --min-run-time 0.01 \
                --threads 1 --no-memory --out "$WORK/bench" ;;
-    bench:*) "$PY" "$b" --preset gpu --device cuda --out "$WORK/bench" --time-budget $budget ;;
+    # shellcheck disable=SC2086  # extra arguments, split on purpose
+    bench:*) "$PY" "$b" --preset gpu --device cuda --out "$WORK/bench" --time-budget $budget \
+               ${GPU_CHECK_BENCH_ARGS:-} ;;
     cpu_bench*:1) "$PY" "$b" --preset quick --device cpu --limit 1 --rounds 1 --min-run-time 0.01 \
                     --threads 1 --no-memory --out "$WORK/$1" ;;
     cpu_bench*) "$PY" "$b" --preset cpu-targets --device cpu --threads "${1#cpu_bench}" --rounds 2 \
@@ -184,7 +188,8 @@ stage_cmd() {  # the command line of a stage, quoted for bash -c
              --time-budget $((STAGE_LIMIT - 5)) --out "$WORK/smoke" ;;
     tests_cuda) printf '%q ' stage_pytest tests_cuda "$REPO/tests/test_cuda.py" ;;
     probe) printf '%q ' "$PY" "$REPO/benchmarks/gpu_probe.py" --device "$DEV" \
-             --time-budget $((STAGE_LIMIT - 8)) --out "$WORK/probe" "${probe_extra[@]}" ;;
+             --time-budget $((STAGE_LIMIT - 8)) --out "$WORK/probe" "${probe_extra[@]}"
+           echo "${GPU_CHECK_PROBE_ARGS:-}" ;;
     memcheck|racecheck) echo "stage_sanitize $1" ;;
     bench|cpu_bench16|cpu_bench1) echo "stage_bench $1" ;;
     tests_rest) printf '%q ' stage_pytest tests_rest "${rest[@]}" -k "cuda and not emulated" ;;

@@ -49,11 +49,13 @@ def build(impl: str, B: int, H: int, T: int, dtype: str, device: str):
         mod.load_state_dict(ref.state_dict())
     else:
         mod = ref
-    g = torch.Generator().manual_seed(B * 7919 + H)
-    lengths = torch.randint(1, T + 1, (B,), generator=g)
-    xs = [torch.randn(T, B, H, generator=g).to(device, dt) for _ in range(2)]
-    w_out = torch.randn(T, B, H, generator=g).to(device, dt)
-    w_h = torch.randn(1, B, H, generator=g).to(device, dt)
+    lengths = torch.randint(1, T + 1, (B,), generator=torch.Generator().manual_seed(B * 7919 + H))
+    # Drawn on the device (seeded: every child gets the same data); a CPU draw of B=256 x H=1024
+    # inputs would cost seconds per configuration.
+    g = torch.Generator(device).manual_seed(B * 7919 + H)
+    xs = [torch.randn(T, B, H, generator=g, device=device, dtype=dt) for _ in range(2)]
+    w_out = torch.randn(T, B, H, generator=g, device=device, dtype=dt)
+    w_h = torch.randn(1, B, H, generator=g, device=device, dtype=dt)
     return mod, xs, lengths, lengths.to(device), w_out, w_h
 
 
@@ -207,7 +209,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--B", default="1,8,64,256", help="batch sizes, comma-separated")
-    p.add_argument("--H", default="256,1024", help="hidden sizes (I = H), comma-separated")
+    p.add_argument("--H", default=None, help="hidden sizes (I = H), comma-separated (default 256,1024)")
     p.add_argument("--T", type=int, default=256, help="padded length; lengths uniform in [1, T]")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--modes", default="fwd,train", help="fwd (inference) and/or train (fwd+bwd)")
@@ -215,13 +217,14 @@ def main(argv=None) -> int:
                    help="persistent, fallback, auto (our paths) and cudnn (nn.GRU + packing)")
     p.add_argument("--min-time", type=float, default=0.2, help="seconds of timed calls per config")
     p.add_argument("--time-budget", type=float, default=90.0, help="seconds for all children")
-    p.add_argument("--tiny", action="store_true", help="B 1,4 H 16,32 T 16: a dry run's sizes")
+    p.add_argument("--tiny", action="store_true", help="B 1,4 T 16, H 16,32 unless given: a dry run")
     p.add_argument("--out", default=None, help="folder for probe.json, probe.md, the children's logs")
     p.add_argument("--child", default=None, help="run one implementation (internal)")
     p.add_argument("--json", default=None, help="the child's result file (internal)")
     a = p.parse_args(argv)
     if a.tiny:
-        a.B, a.H, a.T, a.min_time = "1,4", "16,32", 16, 0.02
+        a.B, a.T, a.min_time = "1,4", 16, 0.02
+    a.H = a.H or ("16,32" if a.tiny else "256,1024")
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False (use --device cpu for a dry run)")
     impls = a.impls.split(",")
