@@ -51,8 +51,8 @@ def preset_cases(preset: str, device: str) -> list[Case]:
                 Case(B=16, T=200, I=256, H=512, device=device),
                 Case(B=128, T=50, I=128, H=128, layers=2, bidirectional=True, device=device)]
     if preset == "gpu":
-        # Issue 3's grid: training step at T=256, lengths uniform in [1, T], fp32 (TF32 off) and bf16;
-        # inference forward at B <= 8. The B <= 8 cases time both modes on one set of inputs.
+        # Issue 12's grid: training step at T=256, lengths uniform in [1, T], float32 and bfloat16,
+        # torch's default flags (--tf32); inference forward at B <= 8 (both modes on one set of inputs).
         cases = []
         # dtype innermost, so a run cut short by --time-budget still has both dtypes for what it ran.
         for H, B, dtype in itertools.product((256, 512, 1024), (1, 8, 64, 256), ("float32", "bfloat16")):
@@ -118,8 +118,8 @@ def run_case(case: Case, effort: dict, threads: int, gemm: dict, memory: bool = 
              "speedup": {c: med["baseline"] / med[c] for c in competitors},
              "gflops": {c: flops / med[c] / 1e9 for c in competitors}, "flops": flops}
         m["gemm_fraction"] = m["gflops"].get("varlen", 0.0) / gemm["gflops"]
-        if mode == "infer":
-            m["us_per_step"] = {c: med[c] / case.T * 1e6 for c in competitors}
+        if mode == "infer":  # per layer-step: the time one layer spends on one time step
+            m["us_per_step"] = {c: med[c] / (case.T * case.layers) * 1e6 for c in competitors}
         if memory and case.device.startswith("cuda"):
             m["peak_bytes"] = {c: bench_memory.cuda_peak(steps[c]) for c in competitors}
         elif memory:
@@ -143,6 +143,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="override the preset's interleaved rounds")
     p.add_argument("--min-run-time", type=float, default=None,
                    help="override the preset's seconds per blocked_autorange")
+    p.add_argument("--tf32", choices=("default", "off"), default="default",
+                   help="CUDA: default keeps torch's flags (cuDNN's TF32 on for float32, as nn.GRU users "
+                   "get it); off turns TF32 off on both sides")
     args = p.parse_args(argv)
 
     device = args.device or ("cuda" if args.preset == "gpu" else "cpu")
@@ -157,8 +160,7 @@ def main(argv=None) -> int:
         print(f"error: cannot import varlen_rnn ({e}); build it first: "
               "pip install --no-build-isolation -e .", file=sys.stderr)
         return 2
-    if device == "cuda":
-        # Issue 3: compare float32 without TF32 on both sides (cuDNN allows it by default).
+    if device == "cuda" and args.tf32 == "off":  # machine_info records the flags either way
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
 
@@ -175,29 +177,36 @@ def main(argv=None) -> int:
     results = {"preset": args.preset, "machine": bench_report.machine_info(device, threads),
                "effort": effort, "gemm": {}, "cases": [], "skipped": []}
     start = time.perf_counter()
+    tag = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in results["machine"].get("gpu", "cpu"))
+    stem = f"{args.preset}_{device}_{tag}_{time.strftime('%Y%m%d-%H%M%S')}"
     for dtype in sorted({c.dtype for c in cases}):
         results["gemm"][dtype] = gemm_reference(device, dtype, threads, effort["min_run_time"] * 2)
+    last = 0.0  # the previous case's seconds: a case that would end past the budget is not started
     for i, case in enumerate(cases):
         elapsed = time.perf_counter() - start
-        if budget is not None and elapsed > budget:
+        if budget is not None and elapsed + last > budget:
             results["skipped"].append(case.name())
             continue
         print(f"[{i + 1}/{len(cases)} {elapsed:5.0f}s] {case.name()} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
         rec = run_case(case, effort, threads, results["gemm"][case.dtype], memory=not args.no_memory)
+        last = time.perf_counter() - t0
         results["cases"].append(rec)
         for mode, m in rec["modes"].items():
             print(f"    {mode}: baseline {m['median_s']['baseline'] * 1e3:.2f} ms, varlen "
                   f"{m['median_s']['varlen'] * 1e3:.2f} ms ({m['speedup']['varlen']:.2f}x)",
                   file=sys.stderr, flush=True)
+        # JSON and markdown after every case: a run killed by a time limit keeps what it measured.
+        results["wall_s"] = time.perf_counter() - start
+        bench_report.write_all(results, args.out, stem, plot=False)
     results["wall_s"] = time.perf_counter() - start
 
-    tag = results["machine"].get("gpu", "cpu").replace(" ", "_")
-    stem = f"{args.preset}_{device}_{tag}_{time.strftime('%Y%m%d-%H%M%S')}"
     paths = bench_report.write_all(results, args.out, stem)
     print("\nwrote " + ", ".join(paths.values()) + (" (no matplotlib: no plot)" if "png" not in paths else ""))
     if results["skipped"]:
         print(f"skipped for the time budget: {len(results['skipped'])} cases")
     print(bench_report.short_table(results))
+    print(bench_report.key_line(results, len(cases)))
     return 0
 
 

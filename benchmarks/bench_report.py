@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 
 import torch
 
@@ -27,7 +28,8 @@ def machine_info(device: str, threads: int) -> dict:
     }
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device))
-        info.update(gpu=props.name, cuda=torch.version.cuda, sm_count=props.multi_processor_count,
+        info.update(gpu=props.name, driver=_driver(), cuda=torch.version.cuda,
+                    sm_count=props.multi_processor_count,
                     gpu_memory_gib=round(props.total_memory / 2**30, 1),
                     tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
                     tf32_cudnn=torch.backends.cudnn.allow_tf32,
@@ -35,9 +37,21 @@ def machine_info(device: str, threads: int) -> dict:
     return info
 
 
+def _driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0] if out else None
+
+
 def _git_commit() -> str | None:
-    """The checkout the run measured ("+dirty" when code had uncommitted changes; results don't count)."""
+    """The checkout the run measured ("+dirty" when code had uncommitted changes; results don't count).
+    A copy without .git (a GPU machine gets the working tree only) names it in VARLEN_RNN_COMMIT."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.exists(os.path.join(repo, ".git")):
+        return os.environ.get("VARLEN_RNN_COMMIT")
     try:
         head = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=10).stdout.strip()
@@ -62,7 +76,8 @@ def _cpu_model() -> str:
 
 def machine_line(info: dict) -> str:
     if "gpu" in info:
-        where = f"{info['gpu']} (CUDA {info['cuda']}, TF32 matmul={info['tf32_matmul']} cudnn={info['tf32_cudnn']})"
+        where = (f"{info['gpu']} (driver {info.get('driver')}, CUDA {info['cuda']}, TF32 matmul="
+                 f"{info['tf32_matmul']} cudnn={info['tf32_cudnn']})")
     else:
         where = f"{info['cpu']}, {info['threads']} threads"
     commit = f"; commit {info['git_commit']}" if info.get("git_commit") else ""
@@ -134,7 +149,7 @@ def short_table(results: dict) -> str:
     return "\n".join(out)
 
 
-def plot(results: dict, path: str) -> str | None:
+def make_plot(results: dict, path: str) -> str | None:
     """Grouped bars of speedup over the baseline, one panel per mode. None when matplotlib is absent
     (the GPU machine has no package registry)."""
     try:
@@ -167,14 +182,36 @@ def plot(results: dict, path: str) -> str | None:
     return path
 
 
-def write_all(results: dict, out_dir: str, stem: str) -> dict:
+def key_line(results: dict, n_cases: int) -> str:
+    """One line for a run's summary: cases done and the spread of varlen's speedup per mode."""
+    parts = [f"{len(results['cases'])}/{n_cases} cases"]
+    for mode in ("train", "infer"):
+        s = sorted(r["modes"][mode]["speedup"]["varlen"] for r in results["cases"] if mode in r["modes"])
+        if s:
+            parts.append(f"{mode} speedup vs baseline {s[0]:.2f}-{s[-1]:.2f}x (median {s[len(s) // 2]:.2f}x)")
+    return "KEY: " + "; ".join(parts)
+
+
+def _write(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)  # a kill mid-write leaves the previous complete file
+
+
+def write_all(results: dict, out_dir: str, stem: str, plot: bool = True) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, stem + ".json"), "md": os.path.join(out_dir, stem + ".md")}
-    with open(paths["json"], "w") as f:
-        json.dump(results, f, indent=1)
-    with open(paths["md"], "w") as f:
-        f.write(markdown(results))
-    png = plot(results, os.path.join(out_dir, stem + ".png"))
+    _write(paths["json"], json.dumps(results, indent=1))
+    _write(paths["md"], markdown(results))
+    png = make_plot(results, os.path.join(out_dir, stem + ".png")) if plot else None
     if png:
         paths["png"] = png
     return paths
+
+
+if __name__ == "__main__":  # re-make the markdown and plot of a results JSON (e.g. after a cut-off run)
+    with open(sys.argv[1]) as f:
+        res = json.load(f)
+    folder, name = os.path.split(os.path.abspath(sys.argv[1]))
+    print(write_all(res, folder, name[: -len(".json")] if name.endswith(".json") else name))

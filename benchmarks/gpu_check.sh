@@ -1,158 +1,280 @@
 #!/usr/bin/env bash
-# Everything a GPU session checks, in one command of under ~8 minutes:
-#   build in place -> CUDA tests -> compute-sanitizer (memcheck, racecheck) on a small
-#   forward+backward of both recurrence paths -> the GPU benchmark -> a short table.
+# Everything a GPU session checks, in one command that returns what it learned even if a stage hangs.
 #
-#   bash benchmarks/gpu_check.sh [OUT_DIR]        # default: $OUT, else ./gpu_check_out
+#   bash benchmarks/gpu_check.sh [OUT_DIR] [BUDGET_S]   # defaults: $OUT (else ./gpu_check_out), 540
 #
-# Each stage has its own timeout (shrunk to what is left of GPU_CHECK_BUDGET seconds, default
-# 540) and a failed stage never stops the next. Logs, JUnit XML, bench JSON/markdown and
-# summary.md land in OUT_DIR. Without nvidia-smi the GPU stages are skipped (a dry run of the
-# rest). Knobs: PYTHON (default python, else python3), GPU_CHECK_STAGES (default
-# "env build tests_cuda tests_rest memcheck racecheck bench bench_fallback"; the last one, the
-# same grid forced onto the fallback path to tune the auto choice, runs only if time is left),
-# MAX_JOBS, TORCH_CUDA_ARCH_LIST.
+# Stages, most valuable first; each runs under `timeout -k` with min(its own limit, what is left of
+# the budget), and one that cannot get its minimum is "skipped (no time left)":
+#   env -> build -> resources (cuobjdump) -> smoke -> tests_cuda -> probe -> memcheck -> racecheck
+#   -> bench -> tests_rest -> cpu_bench16 -> cpu_bench1
+# OUT_DIR gets at most 8 files (what the device tool brings back): summary.md (also printed last),
+# gpu_check_logs.tar.gz (every log, JSON and XML, rewritten after every stage, so a cut-off keeps
+# all that finished), the benchmark's JSON/MD/PNG and the timing probe's JSON/MD. Logs live in a
+# work folder outside OUT_DIR (GPU_CHECK_WORK, default a fresh temp folder).
+#
+# Environment: GPU_CHECK_BUDGET (when no second argument), GPU_CHECK_STAGES (a subset of the stages
+# above), GPU_CHECK_LIMITS="probe=60 bench=120" (own limits), GPU_CHECK_PROBE_ARGS and
+# GPU_CHECK_BENCH_ARGS (added to gpu_probe.py's and bench.py's arguments, e.g. "--impls
+# persistent,fallback,auto,cudnn" or "--tf32 off"), PYTHON (default python3),
+# VARLEN_RNN_COMMIT (the commit measured, for a copy without .git), MAX_JOBS, TORCH_CUDA_ARCH_LIST.
+# Dry run on a CPU machine: GPU_CHECK_DRY_RUN=1 replaces every GPU stage by a cheap CPU stand-in
+# through the same plumbing; GPU_CHECK_HANG=<stage> makes that stage hang (SIGTERM ignored, so
+# only the kill ends it), GPU_CHECK_FAIL=<stage> makes it fail, GPU_CHECK_SANITIZER=refuse fakes
+# compute-sanitizer's "Device not supported", GPU_CHECK_KILL_AFTER (default 5) is the grace in
+# seconds between a stage's SIGTERM and its SIGKILL. tests/test_gpu_check.py runs these in CI.
 set -u
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT_DIR="${1:-${OUT:-$REPO/gpu_check_out}}"
-mkdir -p "$OUT_DIR"
-OUT_DIR="$(cd "$OUT_DIR" && pwd)"
-PY="${PYTHON:-$(command -v python || command -v python3)}"
-BUDGET="${GPU_CHECK_BUDGET:-540}"
-STAGES="${GPU_CHECK_STAGES:-env build tests_cuda tests_rest memcheck racecheck bench bench_fallback}"
-export MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-cd "$REPO"
+mkdir -p "$OUT_DIR" && OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+BUDGET="${2:-${GPU_CHECK_BUDGET:-540}}"
+DRY="${GPU_CHECK_DRY_RUN:-0}"
+WORK="${GPU_CHECK_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")}"
+mkdir -p "$WORK" && WORK="$(cd "$WORK" && pwd)"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+RESERVE=8      # seconds kept back for the kill grace, the summary and the archive
+KILL_AFTER="${GPU_CHECK_KILL_AFTER:-5}"  # SIGKILL this long after a stage's SIGTERM
+STAGES="${GPU_CHECK_STAGES:-env build resources smoke tests_cuda probe memcheck racecheck bench tests_rest cpu_bench16 cpu_bench1}"
+KERNEL_REGEX='persistent_(forward|backward)_kernel|fallback_[a-z]+_step_kernel|lengths_prep_kernel'
+ARCHIVE="$OUT_DIR/gpu_check_logs.tar.gz"
+TABLE="$WORK/stages.tsv"
+: >"$TABLE"
 START=$SECONDS
 HAVE_GPU=0
-command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && HAVE_GPU=1
-[ "${GPU_CHECK_FORCE_GPU:-0}" = 1 ] && HAVE_GPU=1  # dry-run the GPU stages' plumbing
-SUMMARY="$OUT_DIR/summary.tsv"
-printf 'stage\tstatus\tseconds\tnote\n' >"$SUMMARY"
+nvidia-smi -L >/dev/null 2>&1 && HAVE_GPU=1
+DEV=cuda
+[ "$DRY" = 1 ] && DEV=cpu
+BUILD_OK=1  # set to 0 by a build that fails; stages that need the extension are then skipped
+COMMIT="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo "${VARLEN_RNN_COMMIT:-unknown}")"
+export PY REPO WORK DEV DRY KERNEL_REGEX PYTHONUNBUFFERED=1
+# An in-place build wins over an installed package (the GPU machine has only the in-place one);
+# every Python command runs from $WORK, so the source tree is never imported by accident.
+in_place() { [ -f "$REPO/varlen_rnn/_build_info.py" ] && export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"; }
+in_place
+cd "$WORK" || exit 2
 
-# run_stage NAME MAX_SECONDS NEEDS_GPU(0|1) COMMAND...: output to OUT_DIR/NAME.log
-run_stage() {
-  local name="$1" max="$2" gpu="$3"; shift 3
-  local log="$OUT_DIR/$name.log" status note="" rc t0=$SECONDS
-  if [[ " $STAGES " != *" $name "* ]]; then return; fi
-  local left=$((BUDGET - (SECONDS - START) - 10))
-  if [ "$gpu" = 1 ] && [ "$HAVE_GPU" = 0 ]; then
-    printf '%s\tSKIP\t0\tno GPU (nvidia-smi absent)\n' "$name" >>"$SUMMARY"; return
-  fi
-  if [ "$left" -lt 15 ]; then
-    printf '%s\tSKIP\t0\tout of budget\n' "$name" >>"$SUMMARY"; return
-  fi
-  [ "$max" -gt "$left" ] && max=$left
-  echo "== $name (timeout ${max}s) -> $log"
-  # bash -c so that stage_* shell functions (exported below) run under timeout too.
-  timeout --kill-after=10 "$max" bash -c '"$@"' _ "$@" >"$log" 2>&1
-  rc=$?
-  case $rc in
-    0) status=PASS ;;
-    124|137) status=TIMEOUT; note="after ${max}s" ;;
-    *) status=FAIL; note="exit $rc" ;;
-  esac
-  # pytest's last line ("3 failed, 40 passed ...") says more than an exit code.
-  local pyt='[0-9]+ (passed|failed|errors?|skipped)[^=]* in [0-9.]+s'
-  if grep -qE "$pyt" "$log"; then
-    note="$(grep -E "$pyt" "$log" | tail -1 | tr -d '=' | sed 's/^ *//; s/ *$//')${note:+; $note}"
-  fi
-  if [ "$name" = memcheck ] || [ "$name" = racecheck ]; then
-    local s; s="$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -2 | tr '\n' ' ')"
-    note="${s:-no sanitizer summary}${note:+; $note}"
-  fi
-  printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - t0))" "$note" >>"$SUMMARY"
-  echo "   $status ($((SECONDS - t0))s) $note"
-}
-
+# ------------------------------------------------------------------------------------- stages
 stage_env() {
   date -u +%Y-%m-%dT%H:%M:%SZ
-  git -C "$REPO" rev-parse HEAD 2>/dev/null
-  git -C "$REPO" status --short 2>/dev/null | head -20
-  nvidia-smi 2>/dev/null || echo "nvidia-smi: not available"
-  nvcc --version 2>/dev/null | tail -2
-  "$PY" - <<'EOF'
-import json, platform, torch
-info = {"python": platform.python_version(), "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
-if torch.cuda.is_available():
-    p = torch.cuda.get_device_properties(0)
-    info.update(gpu=p.name, sms=p.multi_processor_count, capability=f"{p.major}.{p.minor}",
-                memory_gib=round(p.total_memory / 2**30, 1))
-print(json.dumps(info, indent=1))
-EOF
+  echo "commit $COMMIT; budget ${BUDGET}s; dry run $DRY; $(nproc) CPUs; $(uname -srm)"
+  nvidia-smi 2>&1 || echo "nvidia-smi: not available"
+  nvcc --version 2>&1 | tail -2
+  compute-sanitizer --version 2>&1 | head -2
+  local driver
+  driver="$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1)"
+  "$PY" -c "
+import platform, torch
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU (CPU only)'
+print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda,
+      'cudnn', torch.backends.cudnn.version(), 'tf32 cudnn', torch.backends.cudnn.allow_tf32,
+      'tf32 matmul', torch.backends.cuda.matmul.allow_tf32)
+print('KEY: %s, driver ${driver:-none}, torch %s, CUDA %s, commit $COMMIT' % (gpu, torch.__version__, torch.version.cuda))"
 }
 
 stage_build() {
-  # In place: varlen_rnn/_C*.so and _build_info.py next to the sources (no network needed).
-  "$PY" setup.py build_ext --inplace && "$PY" -c "import varlen_rnn, torch; \
-print('WITH_CUDA', varlen_rnn.WITH_CUDA, 'CUDA kernel', \
-torch._C._dispatch_has_kernel_for_dispatch_key('varlen_rnn::gru_layer_forward', 'CUDA'))"
+  if [ "$DRY" = 1 ]; then
+    echo "dry run: would run MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 python3 setup.py build_ext --inplace"
+  else
+    (cd "$REPO" && MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
+      VARLEN_RNN_CUDA="${VARLEN_RNN_CUDA:-1}" NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:--Xptxas=-v}" \
+      "$PY" setup.py build_ext --inplace) || return 1
+    export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  "$PY" -c "
+import torch, varlen_rnn
+ok = torch._C._dispatch_has_kernel_for_dispatch_key('varlen_rnn::gru_layer_forward', 'CUDA')
+print('KEY: WITH_CUDA %s, CUDA kernels registered: %s (%s)' % (varlen_rnn.WITH_CUDA, ok, varlen_rnn.__file__))
+raise SystemExit(0 if ok or '$DRY' == '1' else 1)"
 }
 
-# A small forward+backward of both paths, for compute-sanitizer: D=2, zero lengths, partial tiles,
-# K chunks (VARLEN_RNN_PERSISTENT_MAX_KC) and all four dtypes; each path checked against the other.
-SANITIZE_CASE='
-import os, torch, varlen_rnn
-torch.manual_seed(0)
-for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-    gru = varlen_rnn.GRU(5, 40, 2, bidirectional=True, dtype=dtype, device="cuda")
-    x = torch.randn(7, 11, 5, dtype=dtype, device="cuda", requires_grad=True)
-    lengths = torch.tensor([7, 0, 3, 1, 7, 2, 5, 6, 0, 4, 7], device="cuda")
-    res = {}
-    for path in ("persistent", "fallback"):
-        os.environ["VARLEN_RNN_CUDA_PATH"] = path
-        os.environ["VARLEN_RNN_PERSISTENT_MAX_KC"] = "32"
-        out, h = gru(x, lengths=lengths)
-        g = torch.autograd.grad((out.float() ** 2).sum() + h.float().sum(), [x] + list(gru.parameters()))
-        res[path] = [out, h, *g]
-    torch.cuda.synchronize()
-    err = max((a.double() - b.double()).abs().max().item() for a, b in zip(*res.values()))
-    print(dtype, "persistent vs fallback max abs diff", err)
-print("sanitize case done")
-'
-
-stage_sanitize() {  # $1: memcheck | racecheck
-  local extra=()
-  [ "$1" = memcheck ] && extra=(--leak-check no)
-  compute-sanitizer --tool "$1" "${extra[@]}" --error-exitcode 3 --print-limit 20 \
-    "$PY" -c "$SANITIZE_CASE"
+stage_resources() {
+  if [ "$DRY" = 1 ]; then "$PY" "$REPO/benchmarks/gpu_resources.py" --self-test; return; fi
+  local so
+  so="$(ls "$REPO"/varlen_rnn/_C*.so 2>/dev/null | head -1)"
+  [ -n "$so" ] || { echo "no varlen_rnn/_C*.so"; return 1; }
+  cuobjdump --dump-resource-usage "$so" >"$WORK/cuobjdump.txt" || return 1
+  "$PY" "$REPO/benchmarks/gpu_resources.py" "$WORK/cuobjdump.txt" --ptxas-log "$WORK/build.log"
 }
 
-stage_bench() {  # $1: auto | fallback (VARLEN_RNN_CUDA_PATH), $2: bench.py's time budget
-  VARLEN_RNN_CUDA_PATH="$1" "$PY" benchmarks/bench.py --preset gpu --device cuda \
-    --out "$OUT_DIR/bench${1/#auto/}" --time-budget "$2"
+stage_pytest() {  # NAME PYTEST_ARGS...: per-test timeout where pytest-timeout is installed
+  local name=$1 extra=() rc
+  shift
+  if "$PY" -c "import pytest_timeout" 2>/dev/null; then
+    extra=(--timeout "${GPU_CHECK_TEST_TIMEOUT:-60}" --timeout-method thread)
+  else
+    echo "pytest-timeout not installed: no per-test timeout"
+  fi
+  "$PY" -m pytest "$@" -q -rfEs -p no:cacheprovider --rootdir "$REPO" --junitxml "$WORK/$name.xml" "${extra[@]}"
+  rc=$?
+  [ $rc = 5 ] && { echo "KEY: no tests selected"; return 0; }
+  return $rc
 }
 
-export -f stage_env stage_build stage_sanitize stage_bench
-export PY REPO OUT_DIR SANITIZE_CASE
-run_stage env 60 0 stage_env
-run_stage build 300 0 stage_build
-run_stage tests_cuda 200 1 "$PY" -m pytest tests/test_cuda.py -q -rs -p no:cacheprovider \
-  --junitxml="$OUT_DIR/tests_cuda.xml"
-run_stage tests_rest 120 1 "$PY" -m pytest tests -q -rs -p no:cacheprovider -k cuda \
-  --ignore=tests/test_cuda.py --junitxml="$OUT_DIR/tests_rest.xml"
-run_stage memcheck 100 1 stage_sanitize memcheck
-run_stage racecheck 100 1 stage_sanitize racecheck
-run_stage bench 200 1 stage_bench auto 150
-run_stage bench_fallback 100 1 stage_bench fallback 60
+fake_sanitizer() {  # dry run: compute-sanitizer's output around the same command
+  while [ $# -gt 0 ] && [ "$1" != "$PY" ]; do shift; done
+  if [ "${GPU_CHECK_SANITIZER:-}" = refuse ]; then
+    echo "========= Error: Device not supported"; return 1
+  fi
+  "$@"
+  local rc=$?
+  echo "========= ERROR SUMMARY: 0 errors"
+  return $rc
+}
 
-{
-  echo "# gpu_check $(date -u +%Y-%m-%d) on $( (nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo 'no GPU') | head -1)"
+stage_sanitize() {  # memcheck | racecheck: our kernels only, float32 and bfloat16, each path
+  local tool=$1 san=(compute-sanitizer) filt=() extra=() per notes=() refused=0 bad=0 path log rc s
+  per=$(((STAGE_LIMIT - 2) / 2))
+  [ "$DRY" = 1 ] && san=(fake_sanitizer)
+  if [ "$DRY" != 1 ] && compute-sanitizer --help 2>&1 | grep -q -- --kernel-regex; then
+    filt=(--kernel-regex "kns=$KERNEL_REGEX")
+  fi
+  [ "$tool" = memcheck ] && extra=(--leak-check no)
+  for path in persistent fallback; do
+    log="$WORK/${tool}_$path.log"
+    # The inner timeout keeps the second path's share even if the first one hangs.
+    VARLEN_RNN_CUDA_PATH=$path timeout -k 3 "$per" bash -c '"$@"' _ "${san[@]}" --tool "$tool" \
+      "${filt[@]}" "${extra[@]}" --error-exitcode 3 --print-limit 20 "$PY" "$REPO/benchmarks/gpu_smoke.py" \
+      --child "$path" --device "$DEV" --sizes "$([ "$DRY" = 1 ] && echo tiny || echo sanitize)" \
+      --dtypes float32,bfloat16 --no-graph --out "$WORK/${tool}_$path.pt" >"$log" 2>&1
+    rc=$?
+    if [ ${#filt[@]} -gt 0 ] && ! grep -q 'SUMMARY' "$log" && grep -qi 'kernel-regex\|unrecognized\|invalid value' "$log"; then
+      echo "---- $path: the kernel filter was refused; checking every kernel instead"
+      cp "$log" "$log.refused-filter.log"
+      filt=()
+      VARLEN_RNN_CUDA_PATH=$path timeout -k 3 "$per" compute-sanitizer --tool "$tool" "${extra[@]}" \
+        --error-exitcode 3 --print-limit 20 "$PY" "$REPO/benchmarks/gpu_smoke.py" --child "$path" \
+        --device "$DEV" --sizes sanitize --dtypes float32,bfloat16 --no-graph \
+        --out "$WORK/${tool}_$path.pt" >"$log" 2>&1
+      rc=$?
+    fi
+    echo "---- $path: exit $rc"
+    tail -40 "$log"
+    if grep -q "Device not supported" "$log"; then refused=$((refused + 1)); notes+=("$path refused"); continue; fi
+    s="$(grep -aoE '(ERROR|RACECHECK) SUMMARY: .*' "$log" | tail -1)"
+    case $rc in
+      0) notes+=("$path: ${s:-no summary}") ;;
+      124|137) notes+=("$path: timed out after ${per}s"); bad=1 ;;
+      *) notes+=("$path: exit $rc, ${s:-no summary}"); bad=1 ;;
+    esac
+  done
+  [ $refused = 2 ] && { echo "NOT RUN: compute-sanitizer refused the device (Device not supported)"; return 0; }
+  s="$(printf '%s; ' "${notes[@]}")"
+  echo "KEY: ${s%; }"
+  return $bad
+}
+
+stage_bench() {  # bench | cpu_bench16 | cpu_bench1: results written as each case finishes
+  local b="$REPO/benchmarks/bench.py" budget=$((STAGE_LIMIT - 45))
+  [ $budget -lt 10 ] && budget=10
+  case $1:$DRY in
+    bench:1) "$PY" "$b" --preset quick --device cpu --limit 1 --rounds 1 --min-run-time 0.01 \
+               --threads 1 --no-memory --out "$WORK/bench" ;;
+    # shellcheck disable=SC2086  # extra arguments, split on purpose
+    bench:*) "$PY" "$b" --preset gpu --device cuda --out "$WORK/bench" --time-budget $budget \
+               ${GPU_CHECK_BENCH_ARGS:-} ;;
+    cpu_bench*:1) "$PY" "$b" --preset quick --device cpu --limit 1 --rounds 1 --min-run-time 0.01 \
+                    --threads 1 --no-memory --out "$WORK/$1" ;;
+    cpu_bench*) "$PY" "$b" --preset cpu-targets --device cpu --threads "${1#cpu_bench}" --rounds 2 \
+                  --min-run-time 0.2 --no-memory --time-budget $budget --out "$WORK/$1" ;;
+  esac
+}
+
+stage_cmd() {  # the command line of a stage, quoted for bash -c
+  local probe_extra=() rest=("$REPO/tests" --ignore="$REPO/tests/test_cuda.py"
+                             --ignore="$REPO/tests/test_cuda_emulated.py")
+  [ "$DRY" = 1 ] && probe_extra=(--tiny --dtypes float32 --H 16) && rest=("$REPO/tests/test_autocast.py")
+  case $1 in
+    env|build|resources) echo "stage_$1" ;;
+    smoke) printf '%q ' "$PY" "$REPO/benchmarks/gpu_smoke.py" --device "$DEV" \
+             --time-budget $((STAGE_LIMIT - 5)) --out "$WORK/smoke" ;;
+    tests_cuda) printf '%q ' stage_pytest tests_cuda "$REPO/tests/test_cuda.py" ;;
+    probe) printf '%q ' "$PY" "$REPO/benchmarks/gpu_probe.py" --device "$DEV" \
+             --time-budget $((STAGE_LIMIT - 8)) --out "$WORK/probe" "${probe_extra[@]}"
+           echo "${GPU_CHECK_PROBE_ARGS:-}" ;;
+    memcheck|racecheck) echo "stage_sanitize $1" ;;
+    bench|cpu_bench16|cpu_bench1) echo "stage_bench $1" ;;
+    tests_rest) printf '%q ' stage_pytest tests_rest "${rest[@]}" -k "cuda and not emulated" ;;
+  esac
+}
+export -f stage_env stage_build stage_resources stage_pytest fake_sanitizer stage_sanitize stage_bench
+export COMMIT BUDGET
+
+# ------------------------------------------------------------------------------ bookkeeping
+source "$REPO/benchmarks/gpu_check_report.sh"
+
+own_limit() {  # NAME DEFAULT: GPU_CHECK_LIMITS="name=seconds ..." overrides
+  local kv
+  for kv in ${GPU_CHECK_LIMITS:-}; do
+    [ "${kv%%=*}" = "$1" ] && { echo "${kv#*=}"; return; }
+  done
+  echo "$2"
+}
+
+record() {  # NAME STATUS SECONDS NOTE: replaces the stage's row, then summary and archive
+  grep -v "^$1"$'\t' "$TABLE" >"$TABLE.tmp"
+  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$TABLE.tmp"
+  mv "$TABLE.tmp" "$TABLE"
+  write_summary
+  write_archive
+}
+
+run_stage() {  # NAME OWN_LIMIT MIN_SECONDS NEEDS(none|build|gpu)
+  local name=$1 own min=$3 needs=$4 left lim log="$WORK/$1.log" t0 rc secs status note cmd
+  case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
+  own="$(own_limit "$name" "$2")"
+  left=$((BUDGET - (SECONDS - START) - RESERVE))
+  if [ "$needs" = gpu ] && [ "$HAVE_GPU" = 0 ] && [ "$DRY" != 1 ]; then
+    record "$name" "skipped (no GPU: nvidia-smi finds none)" 0 ""; return
+  fi
+  if [ "$needs" != none ] && [ "$BUILD_OK" = 0 ]; then record "$name" "skipped (build failed)" 0 ""; return; fi
+  if [ "$left" -lt "$min" ]; then record "$name" "skipped (no time left: ${left}s, needs ${min}s)" 0 ""; return; fi
+  lim=$own
+  [ "$lim" -gt "$left" ] && lim=$left
+  export STAGE_LIMIT=$lim
+  cmd="$(stage_cmd "$name")"
+  [ "${GPU_CHECK_FAIL:-}" = "$name" ] && cmd="echo simulated failure; exit 7"
+  [ "${GPU_CHECK_HANG:-}" = "$name" ] && cmd="trap '' TERM; echo simulated hang, SIGTERM ignored; sleep 100000"
+  record "$name" "running (limit ${lim}s)" 0 ""  # what a cut-off during this stage leaves behind
+  echo "== $name (limit ${lim}s): $cmd"
+  t0=$SECONDS
+  timeout -k "$KILL_AFTER" "$lim" bash -c "$cmd" >"$log" 2>&1 </dev/null
+  rc=$?
+  secs=$((SECONDS - t0))
+  if [ $rc = 0 ]; then status=ok
+  elif { [ $rc = 124 ] || [ $rc = 137 ]; } && [ $secs -ge "$lim" ]; then status="timed out (after ${lim}s)"
+  else status="failed (exit $rc)"; fi
+  note="$(stage_note "$log")"
+  if [ $rc = 0 ] && grep -q '^NOT RUN: ' "$log"; then
+    status="not run ($(grep -m1 '^NOT RUN: ' "$log" | cut -c10-))" note=""
+  fi
+  [ "$name" = build ] && [ $rc != 0 ] && BUILD_OK=0
+  [ "$name" = build ] && in_place
+  collect "$name"
+  record "$name" "$status" "$secs" "$note"
+  echo "   $status (${secs}s) $note"
+}
+
+finish() {
+  trap - TERM INT
+  write_summary
+  write_archive
   echo
-  echo "| stage | status | s | note |"
-  echo "|---|---|---|---|"
-  tail -n +2 "$SUMMARY" | awk -F'\t' '{printf "| %s | %s | %s | %s |\n", $1, $2, $3, $4}'
-  ls "$OUT_DIR"/bench/*.md >/dev/null 2>&1 && { echo; cat "$OUT_DIR"/bench/*.md | head -60; }
-  ls "$OUT_DIR"/benchfallback/*.md >/dev/null 2>&1 && {
-    echo; echo "## fallback path (VARLEN_RNN_CUDA_PATH=fallback)"; cat "$OUT_DIR"/benchfallback/*.md | head -40; }
-} >"$OUT_DIR/summary.md"
-echo
-if grep -q '^wrote ' "$OUT_DIR/bench.log" 2>/dev/null; then  # bench.py ends with its own short table
-  echo "-- bench (full tables in $OUT_DIR/bench) --"
-  sed -n '/^wrote /,$p' "$OUT_DIR/bench.log" | tail -n +2 | tail -30
-  echo
-fi
-echo "results in $OUT_DIR (total $((SECONDS - START))s)"
-column -t -s $'\t' "$SUMMARY" 2>/dev/null || cat "$SUMMARY"
-! grep -qE $'\t(FAIL|TIMEOUT)\t' "$SUMMARY"
+  cat "$WORK/summary.md"
+  grep -qE $'\t(failed|timed out|running)' "$TABLE" && exit 1
+  exit 0
+}
+trap 'record interrupted "interrupted (signal)" 0 ""; finish' TERM INT
+
+echo "gpu_check: out $OUT_DIR, work $WORK, budget ${BUDGET}s, dry run $DRY, GPU $HAVE_GPU"
+run_stage env 30 5 none
+run_stage build 300 30 none
+run_stage resources 20 5 gpu
+run_stage smoke 60 15 gpu
+run_stage tests_cuda 150 20 gpu
+run_stage probe 100 20 gpu
+run_stage memcheck 80 20 gpu
+run_stage racecheck 80 20 gpu
+run_stage bench 200 40 gpu
+run_stage tests_rest 90 20 gpu
+run_stage cpu_bench16 100 30 build
+run_stage cpu_bench1 100 30 build
+finish

@@ -1,0 +1,274 @@
+"""Timing probe: where the persistent path stops beating the fallback, and both against cuDNN.
+
+    python benchmarks/gpu_probe.py                          # on a GPU: about a minute
+    python benchmarks/gpu_probe.py --device cpu --tiny      # the plumbing, on a CPU machine
+    python benchmarks/gpu_probe.py --B 1,8 --H 512 --impls persistent,cudnn --modes fwd
+
+One layer, T steps, lengths uniform in [1, T], I = H, for every B x H x dtype x mode (fwd: a forward
+under inference_mode; train: forward + backward of a random projection). Implementations: our
+persistent and fallback paths (VARLEN_RNN_CUDA_PATH, read once per process, so each runs in a
+child process of its own; `auto` may be added) and nn.GRU + pack_padded_sequence(enforce_sorted=
+False) + pad_packed_sequence on cuDNN, with torch's default backend flags (cuDNN's TF32 for float32
+included), as a user gets them. Times are medians of CUDA-event intervals after a warm-up, over
+two input sets used in turn (fresh random data, never zeros). Prints a table and, per (H, dtype,
+mode), the measured crossover: the smallest B at which persistent is no longer faster than fallback,
+the number the path-choice model's constants are set from. Writes probe.json and probe.md to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+from gpu_children import Deadline, import_path, run_child
+
+import_path()
+import torch  # noqa: E402
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
+
+OURS = ("persistent", "fallback", "auto")
+
+
+def parse_ints(s: str) -> list[int]:
+    return [int(v) for v in s.split(",") if v]
+
+
+def build(impl: str, B: int, H: int, T: int, dtype: str, device: str):
+    """Module, two input sets [T, B, H], lengths [B] (CPU and device), loss weights."""
+    import varlen_rnn
+
+    dt = getattr(torch, dtype)
+    torch.manual_seed(0)
+    ref = torch.nn.GRU(H, H).to(device, dt)
+    if impl in OURS:
+        mod = varlen_rnn.GRU(H, H, device=device, dtype=dt)
+        mod.load_state_dict(ref.state_dict())
+    else:
+        mod = ref
+    lengths = torch.randint(1, T + 1, (B,), generator=torch.Generator().manual_seed(B * 7919 + H))
+    # Drawn on the device (seeded: every child gets the same data); a CPU draw of B=256 x H=1024
+    # inputs would cost seconds per configuration.
+    g = torch.Generator(device).manual_seed(B * 7919 + H)
+    xs = [torch.randn(T, B, H, generator=g, device=device, dtype=dt) for _ in range(2)]
+    w_out = torch.randn(T, B, H, generator=g, device=device, dtype=dt)
+    w_h = torch.randn(1, B, H, generator=g, device=device, dtype=dt)
+    return mod, xs, lengths, lengths.to(device), w_out, w_h
+
+
+def step_fn(impl: str, mode: str, mod, xs, lengths, lengths_dev, w_out, w_h, T: int):
+    """fn(k) runs one step on input set k."""
+    def forward(x):
+        if impl in OURS:
+            return mod(x, lengths=lengths_dev)
+        out, h = mod(pack_padded_sequence(x, lengths, enforce_sorted=False))
+        return pad_packed_sequence(out, total_length=T)[0], h
+
+    if mode == "fwd":
+        def fwd(k):
+            with torch.inference_mode():
+                forward(xs[k])
+        return fwd
+    xs_grad = [x.detach().clone().requires_grad_() for x in xs]
+    params = list(mod.parameters())
+
+    def train(k):
+        for p in params:
+            p.grad = None
+        out, h = forward(xs_grad[k])
+        ((out * w_out).sum() + (h * w_h).sum()).backward()
+    return train
+
+
+def time_fn(fn, device: str, min_time: float, min_reps: int = 3, max_reps: int = 100) -> list[float]:
+    """Milliseconds per call: CUDA events around each call on the current stream (host clock on
+    the CPU), after two warm-up calls; calls continue until min_time seconds have passed."""
+    cuda = device.startswith("cuda")
+    fn(0)
+    fn(1)
+    if cuda:
+        torch.cuda.synchronize()
+    times, pairs, t0 = [], [], time.perf_counter()
+    k = 0
+    while k < max_reps and (k < min_reps or time.perf_counter() - t0 < min_time):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(k % 2)
+            end.record()
+            pairs.append((start, end))
+            if k % 8 == 7:  # bound the queue, and let the host clock see the device's progress
+                end.synchronize()
+        else:
+            s = time.perf_counter()
+            fn(k % 2)
+            times.append((time.perf_counter() - s) * 1e3)
+        k += 1
+    if cuda:
+        torch.cuda.synchronize()
+        times = [s.elapsed_time(e) for s, e in pairs]
+    return times
+
+
+def child(impl: str, a, out: str, deadline: Deadline) -> int:
+    res = {"impl": impl, "env_path": os.environ.get("VARLEN_RNN_CUDA_PATH"),
+           "flags": {"cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+                     "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+                     "cudnn.enabled": torch.backends.cudnn.enabled},
+           "T": a.T, "results": [], "not_reached": 0}
+    configs = [(H, d, m, B) for H in parse_ints(a.H) for d in a.dtypes.split(",")
+               for m in a.modes.split(",") for B in parse_ints(a.B)]
+    for H, dtype, mode, B in configs:
+        if deadline.left() < 2 * a.min_time + 1:
+            res["not_reached"] += 1
+            continue
+        r = {"H": H, "dtype": dtype, "mode": mode, "B": B}
+        parts = None
+        try:
+            parts = build(impl, B, H, a.T, dtype, a.device)
+            ts = time_fn(step_fn(impl, mode, *parts, a.T), a.device, a.min_time)
+            q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+            r.update(median_ms=statistics.median(ts), iqr_ms=q[2] - q[0], reps=len(ts))
+            print(f"{impl} H={H} {dtype} {mode} B={B}: {r['median_ms']:.3f} ms", flush=True)
+        except Exception as e:  # noqa: BLE001  e.g. a shape the persistent path refuses: recorded, not fatal
+            r["error"] = f"{type(e).__name__}: {e}"[:300]
+            print(f"{impl} H={H} {dtype} {mode} B={B}: ERROR {r['error']}", flush=True)
+        res["results"].append(r)
+        del parts
+        if a.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        tmp = out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(tmp, out)
+    return 0
+
+
+def crossovers(table: dict, Bs: list[int]) -> dict:
+    """{(H, dtype, mode): text}: the smallest B at which persistent is no longer faster than
+    fallback ("none" if it wins at every B measured), with the ratio persistent/fallback per B."""
+    out = {}
+    for key in sorted({k[:3] for k in table}):
+        ratios, cross = [], "none"
+        for B in Bs:
+            t = table.get((*key, B), {})
+            p, f = t.get("persistent"), t.get("fallback")
+            if p is None or f is None:
+                ratios.append(f"B{B} -")
+                continue
+            ratios.append(f"B{B} {p / f:.2f}")
+            if p >= f and cross == "none":
+                cross = str(B)
+        out[key] = (cross, ", ".join(ratios))
+    return out
+
+
+def render(merged: dict, impls: list[str], Bs: list[int], T: int) -> tuple[str, str]:
+    """(markdown, KEY line)."""
+    table = {}
+    for impl, res in merged.items():
+        for r in res.get("results", []):
+            if "median_ms" in r:
+                table.setdefault((r["H"], r["dtype"], r["mode"], r["B"]), {})[impl] = r["median_ms"]
+    ours = [i for i in impls if i in OURS]
+    lines = ["| H | dtype | mode | B | " + " | ".join(f"{i} ms" for i in impls)
+             + " | best ours vs cudnn | best ours µs/step |",
+             "|---|---|---|---|" + "---:|" * len(impls) + "---:|---:|"]
+    for key in sorted(table):
+        t = table[key]
+        cells = [f"{t[i]:.3f}" if i in t else "-" for i in impls]
+        best = min((t[i] for i in ours if i in t), default=None)
+        speed = f"{t['cudnn'] / best:.2f}x" if best and "cudnn" in t else "-"
+        step = f"{best * 1e3 / T:.1f}" if best else "-"
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | " + " | ".join(cells)
+                     + f" | {speed} | {step} |")
+    cross = crossovers(table, Bs)
+    lines += ["", ("Crossover (smallest B where persistent is not faster than fallback; "
+                   "persistent/fallback time per B):"), ""]
+    first = Bs[0] if Bs else None
+    lines += [f"- H={k[0]} {k[1]} {k[2]}: B={c}"
+              + (" (persistent never faster)" if c == str(first) else
+                 " (persistent faster at every B)" if c == "none" else "") + f"; {r}"
+              for k, (c, r) in cross.items()]
+    for impl, res in merged.items():
+        errs = [r for r in res.get("results", []) if "error" in r]
+        if errs:
+            lines.append(f"- {impl}: {len(errs)} configs raised, e.g. {errs[0]['error']}")
+        if res.get("not_reached"):
+            lines.append(f"- {impl}: {res['not_reached']} configs not reached in its time share")
+    short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64"}
+    key_line = "KEY: crossover B " + ("; ".join(
+        f"H{k[0]} {short.get(k[1], k[1])} {k[2]} {c}" for k, (c, _) in cross.items()) or "none measured")
+    return "\n".join(lines), key_line
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--B", default="1,8,64,256", help="batch sizes, comma-separated")
+    p.add_argument("--H", default=None, help="hidden sizes (I = H), comma-separated (default 256,1024)")
+    p.add_argument("--T", type=int, default=256, help="padded length; lengths uniform in [1, T]")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--modes", default="fwd,train", help="fwd (inference) and/or train (fwd+bwd)")
+    p.add_argument("--impls", default="persistent,fallback,cudnn",
+                   help="persistent, fallback, auto (our paths) and cudnn (nn.GRU + packing)")
+    p.add_argument("--min-time", type=float, default=0.2, help="seconds of timed calls per config")
+    p.add_argument("--time-budget", type=float, default=90.0, help="seconds for all children")
+    p.add_argument("--tiny", action="store_true", help="B 1,4 T 16, H 16,32 unless given: a dry run")
+    p.add_argument("--out", default=None, help="folder for probe.json, probe.md, the children's logs")
+    p.add_argument("--child", default=None, help="run one implementation (internal)")
+    p.add_argument("--json", default=None, help="the child's result file (internal)")
+    a = p.parse_args(argv)
+    if a.tiny:
+        a.B, a.T, a.min_time = "1,4", 16, 0.02
+    a.H = a.H or ("16,32" if a.tiny else "256,1024")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch.cuda.is_available() is False (use --device cpu for a dry run)")
+    impls = a.impls.split(",")
+    bad = [i for i in impls if i not in (*OURS, "cudnn")]
+    if bad:
+        p.error(f"--impls must be among {(*OURS, 'cudnn')}, got {bad}")
+    if a.child:
+        return child(a.child, a, a.json, Deadline(a.time_budget))
+
+    out_dir = a.out or tempfile.mkdtemp(prefix="gpu_probe")
+    os.makedirs(out_dir, exist_ok=True)
+    deadline = Deadline(a.time_budget)
+    merged = {}
+    with open(os.path.join(out_dir, "children.log"), "w") as log:
+        for i, impl in enumerate(impls):
+            share = deadline.share(len(impls) - i)
+            js = os.path.join(out_dir, f"{impl}.json")
+            args = [os.path.abspath(__file__), "--child", impl, "--json", js, "--device", a.device,
+                    "--B", a.B, "--H", a.H, "--T", str(a.T), "--dtypes", a.dtypes, "--modes", a.modes,
+                    "--min-time", str(a.min_time), "--time-budget", str(max(1.0, share - 3))]
+            env = {"VARLEN_RNN_CUDA_PATH": impl} if impl in OURS else {}
+            r = run_child(args, share, env, log)
+            print(f"child {impl}: {r['status']} ({r['seconds']:.0f}s)", flush=True)
+            if r["status"] != "ok":
+                print("    " + r["tail"][-1000:].replace("\n", "\n    "), flush=True)
+            if os.path.exists(js):
+                with open(js) as f:
+                    merged[impl] = json.load(f)
+                merged[impl]["child_status"] = r["status"]
+            else:
+                merged[impl] = {"child_status": r["status"]}
+    md, key = render(merged, impls, parse_ints(a.B), a.T)
+    flags = next((m["flags"] for m in merged.values() if "flags" in m), {})
+    head = (f"# Timing probe: T={a.T}, lengths uniform in [1, T], I=H, 1 layer, device {a.device}"
+            f" ({torch.cuda.get_device_name() if a.device == 'cuda' else 'CPU'}), torch "
+            f"{torch.__version__}, flags {flags}\n\n")
+    with open(os.path.join(out_dir, "probe.md"), "w") as f:
+        f.write(head + md + "\n")
+    with open(os.path.join(out_dir, "probe.json"), "w") as f:
+        json.dump({"args": vars(a), "children": merged}, f, indent=1)
+    print(head + md)
+    print(key)
+    return 0 if all(m.get("child_status") == "ok" for m in merged.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""benchmarks/gpu_check.sh's plumbing, by its CPU dry run (GPU_CHECK_DRY_RUN=1): what the device tool
+brings back (at most 8 files, two folders deep, plain names), the summary printed last, the archive
+rewritten after every stage, a hung stage killed while later ones still run, a spent budget; and
+the pure logic of the smoke test's and the timing probe's reports."""
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
+if not SCRIPT.exists():
+    pytest.skip("benchmarks/ is not next to tests/ (not a source checkout)", allow_module_level=True)
+missing = [t for t in ("bash", "timeout", "tar") if shutil.which(t) is None]
+if missing:
+    pytest.skip(f"the GPU check needs {missing}", allow_module_level=True)
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+NAME = re.compile(r"[A-Za-z0-9._-]+")
+ROW = re.compile(r"^\| (\w+) \| ([^|]+?) \| (\d+) \|", re.MULTILINE)
+
+
+def _env(tmp_path, **extra):
+    env = dict(os.environ, GPU_CHECK_DRY_RUN="1", PYTHON=sys.executable,
+               GPU_CHECK_WORK=str(tmp_path / "work"), GPU_CHECK_KILL_AFTER="1")
+    env.update(extra)
+    return env
+
+
+def _check(tmp_path, budget, **extra):
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    proc = subprocess.run(["bash", str(SCRIPT), str(out), str(budget)], check=False, env=_env(tmp_path, **extra),
+                          capture_output=True, text=True, timeout=300)
+    return proc, out, time.monotonic() - t0
+
+
+def _statuses(summary: str) -> dict:
+    return {m.group(1): (m.group(2), int(m.group(3))) for m in ROW.finditer(summary)}
+
+
+def _assert_device_tool_can_return(out: Path):
+    entries = list(out.rglob("*"))
+    files = [p for p in entries if p.is_file()]
+    assert 0 < len(files) <= 8, [str(p) for p in files]
+    for p in entries:
+        rel = p.relative_to(out)
+        assert len(rel.parts) <= 3, f"{rel} is more than two folders down"
+        assert all(NAME.fullmatch(part) for part in rel.parts), f"{rel} has a name the tool refuses"
+        assert not p.is_symlink(), rel
+
+
+def _archive(out: Path) -> dict:
+    with tarfile.open(out / "gpu_check_logs.tar.gz") as tar:
+        return {m.name.removeprefix("./"): m for m in tar.getmembers() if m.isfile()}
+
+
+def _archived_text(out: Path, name: str) -> str:
+    with tarfile.open(out / "gpu_check_logs.tar.gz") as tar:
+        return tar.extractfile("./" + name).read().decode()
+
+
+def test_dry_run_survives_a_hang_and_a_failure(tmp_path):
+    proc, out, _ = _check(tmp_path, 300, GPU_CHECK_STAGES="env smoke probe memcheck bench",
+                          GPU_CHECK_FAIL="smoke", GPU_CHECK_HANG="probe", GPU_CHECK_LIMITS="probe=2",
+                          GPU_CHECK_SANITIZER="refuse")
+    assert proc.returncode != 0, "a failed and a timed-out stage must fail the run"
+    _assert_device_tool_can_return(out)
+    summary = (out / "summary.md").read_text()
+    assert proc.stdout.rstrip().endswith(summary.rstrip()), "summary.md must be printed last"
+    st = _statuses(summary)
+    assert list(st) == ["env", "smoke", "probe", "memcheck", "bench"]
+    assert st["env"][0] == "ok" and "torch " + torch.__version__ in summary
+    assert st["smoke"][0] == "failed (exit 7)"
+    assert st["probe"][0] == "timed out (after 2s)"
+    assert st["probe"][1] <= 2 + 1 + 2, "SIGTERM was ignored: the kill must follow within the grace"
+    assert st["memcheck"][0].startswith("not run (") and "Device not supported" in st["memcheck"][0]
+    assert st["bench"][0] == "ok", "the stage after the hang must still run"
+    names = {p.name for p in out.iterdir()}
+    stems = {n.rsplit(".", 1)[0] for n in names if n.startswith("quick_cpu")}
+    assert len(stems) == 1, names
+    stem = stems.pop()
+    assert {f"{stem}.{e}" for e in ("json", "md", "png")} <= names
+    archived = _archive(out)
+    for stage in st:
+        assert f"{stage}.log" in archived, f"{stage}.log missing from the archive"
+    assert "simulated hang" in _archived_text(out, "probe.log")
+    assert _statuses(_archived_text(out, "summary.md")) == st, "the archive holds the final summary"
+
+
+def test_a_cut_off_run_keeps_every_finished_stage(tmp_path):
+    """Killed from outside (as the device tool does at its limit) while a stage hangs: the
+    archive written after the previous stage is complete, and the summary says which one ran."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(["bash", str(SCRIPT), str(out), "300"],
+                            env=_env(tmp_path, GPU_CHECK_STAGES="resources smoke bench", GPU_CHECK_HANG="smoke"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            summary = out / "summary.md"
+            if summary.exists() and "| smoke | running" in summary.read_text():
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the smoke stage never showed as running")
+        time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    _assert_device_tool_can_return(out)
+    archived = _archive(out)
+    assert "resources.log" in archived and "| kernel |" in _archived_text(out, "resources.log")
+    st = _statuses(_archived_text(out, "summary.md"))
+    assert st["resources"][0] == "ok" and st["smoke"][0].startswith("running")
+    assert "bench" not in st
+
+
+def test_a_spent_budget_skips_the_later_stages(tmp_path):
+    proc, out, seconds = _check(tmp_path, 16, GPU_CHECK_STAGES="env smoke bench", GPU_CHECK_HANG="env")
+    summary = (out / "summary.md").read_text()
+    st = _statuses(summary)
+    # 16 s less the 8 s kept back for the summary: env gets 8 s, then nothing is left.
+    assert st["env"][0] == "timed out (after 8s)"
+    for stage in ("smoke", "bench"):
+        assert st[stage][0].startswith("skipped (no time left"), st[stage]
+    assert seconds < 16 + 5
+    assert proc.returncode != 0 and proc.stdout.rstrip().endswith(summary.rstrip())
+    _assert_device_tool_can_return(out)
+
+
+def test_probe_crossover_is_the_first_batch_where_persistent_loses():
+    from gpu_probe import crossovers
+
+    Bs = [1, 8, 64, 256]
+    table = {}
+    for B, (p, f) in zip(Bs, [(1.0, 2.0), (1.0, 1.5), (3.0, 2.0), (1.0, 2.0)]):
+        table[(256, "float32", "train", B)] = {"persistent": p, "fallback": f}
+    for B in Bs:
+        table[(1024, "float32", "train", B)] = {"persistent": 2.0, "fallback": 1.0}
+        table[(256, "bfloat16", "fwd", B)] = {"persistent": 1.0, "fallback": 1.5}
+    got = crossovers(table, Bs)
+    assert got[(256, "float32", "train")][0] == "64"  # a later win does not move it
+    assert got[(1024, "float32", "train")][0] == "1"
+    assert got[(256, "bfloat16", "fwd")][0] == "none"
+    assert "B64 1.50" in got[(256, "float32", "train")][1]
+
+
+def test_smoke_comparison_flags_a_wrong_path_and_a_missing_one():
+    from gpu_smoke import SIZES, case_name, compare, run_one
+
+    c = SIZES["tiny"][0]
+    tag = f"{case_name(c)}/float64"
+    ref = run_one(c, "float64", "cpu", reference=True)
+    cpu = run_one(c, "float64", "cpu")
+    wrong = [t * (1 + 1e-6) for t in cpu]
+    results = {"cpu": {"runs": {f"{tag}/ref": ref, f"{tag}/cpu": cpu}},
+               "persistent": {"runs": {f"{tag}/persistent": cpu}},
+               "fallback": {"runs": {f"{tag}/fallback": wrong}}}
+    _, checks = compare(results, ["persistent", "fallback"], "tiny", ("float64",))
+    verdict = {name: ok for name, _, _, ok in checks if name.startswith(case_name(c))}
+    assert verdict[f"{tag}: persistent vs float64 reference"]
+    assert not verdict[f"{tag}: fallback vs float64 reference"]
+    assert not verdict[f"{tag}: persistent vs fallback"]
+    assert verdict[f"{tag}: persistent output past each length is 0"]
+    _, checks = compare({"cpu": results["cpu"]}, ["persistent"], "tiny", ("float64",))
+    assert any(name.endswith("persistent vs float64 reference") and not ok for name, _, _, ok in checks)
