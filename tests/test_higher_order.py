@@ -1,12 +1,13 @@
 """Beyond first-order reverse mode: gradients of gradients, forward-mode AD and torch.func,
 each checked numerically (gradgradcheck, gradcheck's forward-AD check) and against
 torch.nn.GRU. The first-order backward stays on the fused kernels."""
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
+from testing import ALL_DEVICES, assert_close, make_pair, packed_baseline
 
 import varlen_rnn
-from testing import ALL_DEVICES, assert_close, make_pair, packed_baseline
 
 F64 = torch.float64
 op = varlen_rnn.ops.gru_layer
@@ -17,8 +18,10 @@ def _module_fn(gru, lengths):
     names = [n for n, _ in gru.named_parameters()]
 
     def fn(x, hx, *params):
-        return torch.func.functional_call(gru, dict(zip(names, params)), (x, hx),
-                                          {"lengths": lengths})
+        return torch.func.functional_call(
+            gru, dict(zip(names, params)), (x, hx), {"lengths": lengths}
+        )
+
     return fn
 
 
@@ -31,17 +34,21 @@ def _module_args(gru, device, T, B):
 
 
 @pytest.mark.parametrize("device", ALL_DEVICES)
-@pytest.mark.parametrize("num_layers,bidirectional,batch_first,fast_mode",
-                         [(1, False, False, False), (1, True, True, False), (2, True, False, True)])
+@pytest.mark.parametrize(
+    "num_layers,bidirectional,batch_first,fast_mode",
+    [(1, False, False, False), (1, True, True, False), (2, True, False, True)],
+)
 def test_gradgradcheck_module(device, num_layers, bidirectional, batch_first, fast_mode):
     """Input, hx and every weight; lengths T, 1, 0 and in between. fast_mode checks random
     projections of the second derivatives instead of every entry (the same math, cheaper)."""
-    _, gru = make_pair(2, 2, num_layers, bidirectional=bidirectional, batch_first=batch_first,
-                       device=device)
+    _, gru = make_pair(
+        2, 2, num_layers, bidirectional=bidirectional, batch_first=batch_first, device=device
+    )
     T, lengths = 3, torch.tensor([3, 1, 0, 2])
     args = _module_args(gru, device, T, len(lengths))
-    assert torch.autograd.gradgradcheck(_module_fn(gru, lengths), args, eps=1e-6, atol=1e-6,
-                                        fast_mode=fast_mode)
+    assert torch.autograd.gradgradcheck(
+        _module_fn(gru, lengths), args, eps=1e-6, atol=1e-6, fast_mode=fast_mode
+    )
 
 
 @pytest.mark.parametrize("device", ALL_DEVICES)
@@ -49,9 +56,16 @@ def test_gradgradcheck_module(device, num_layers, bidirectional, batch_first, fa
 def test_gradgradcheck_op(device, D, bias, batch_first):
     T, B, I, H = 3, 3, 2, 2
     f = lambda *s: torch.randn(*s, dtype=F64, device=device, requires_grad=True)
-    args = (f(B, T, I) if batch_first else f(T, B, I), torch.tensor([3, 1, 2], device=device),
-            f(D, B, H), f(D, 3 * H, I), f(D, 3 * H, H), f(D, 3 * H) if bias else None,
-            f(D, 3 * H) if bias else None, batch_first)
+    args = (
+        f(B, T, I) if batch_first else f(T, B, I),
+        torch.tensor([3, 1, 2], device=device),
+        f(D, B, H),
+        f(D, 3 * H, I),
+        f(D, 3 * H, H),
+        f(D, 3 * H) if bias else None,
+        f(D, 3 * H) if bias else None,
+        batch_first,
+    )
     assert torch.autograd.gradgradcheck(lambda *a: op(*a), args, eps=1e-6, atol=1e-6)
 
 
@@ -70,10 +84,10 @@ def test_gradient_penalty_matches_nn_gru(bidirectional):
     lengths = [5, 1, 3]
     x = torch.randn(5, 3, 3, dtype=F64, requires_grad=True)
     hx = torch.randn(4 if bidirectional else 2, 3, 4, dtype=F64, requires_grad=True)
-    got = _penalty_grads(lambda x, hx: ours(x, hx, lengths=lengths), x, hx,
-                         list(ours.parameters()))
-    expected = _penalty_grads(lambda x, hx: packed_baseline(ref, x, lengths, hx), x, hx,
-                              list(ref.parameters()))
+    got = _penalty_grads(lambda x, hx: ours(x, hx, lengths=lengths), x, hx, list(ours.parameters()))
+    expected = _penalty_grads(
+        lambda x, hx: packed_baseline(ref, x, lengths, hx), x, hx, list(ref.parameters())
+    )
     for a, b in zip(got, expected):
         assert_close(a, b, F64, "penalty gradient")
 
@@ -96,14 +110,24 @@ def test_first_order_backward_never_recomputes(monkeypatch):
 def test_the_backward_op_itself_is_not_differentiable():
     T, B, D, I, H = 4, 2, 1, 3, 2
     f = lambda *s: torch.randn(*s, dtype=F64)
-    x, lengths, hx, w_ih, w_hh = f(T, B, I), torch.tensor([4, 2]), f(D, B, H), f(D, 3 * H, I), f(D, 3 * H, H)
-    out, h, ws = torch.ops.varlen_rnn.gru_layer_forward(x, lengths, hx, w_ih, w_hh, None, None,
-                                                        False, True)
+    x, lengths, hx, w_ih, w_hh = (
+        f(T, B, I),
+        torch.tensor([4, 2]),
+        f(D, B, H),
+        f(D, 3 * H, I),
+        f(D, 3 * H, H),
+    )
+    out, h, ws = torch.ops.varlen_rnn.gru_layer_forward(
+        x, lengths, hx, w_ih, w_hh, None, None, False, True
+    )
     go = torch.randn_like(out, requires_grad=True)
-    g = torch.ops.varlen_rnn.gru_layer_backward(go, torch.zeros_like(h), x, lengths, hx, w_ih,
-                                                w_hh, out, ws, False)
-    with pytest.raises(RuntimeError, match="gru_layer_backward has no derivative of its own: "
-                                           "for gradients of gradients call"):
+    g = torch.ops.varlen_rnn.gru_layer_backward(
+        go, torch.zeros_like(h), x, lengths, hx, w_ih, w_hh, out, ws, False
+    )
+    with pytest.raises(
+        RuntimeError,
+        match="gru_layer_backward has no derivative of its own: for gradients of gradients call",
+    ):
         g[0].sum().backward()
 
 
@@ -111,8 +135,11 @@ def _rows_alone(ref, x, tangent, lengths, hx, ht):
     """nn.GRU's jvp one sequence at a time, padded back: packing has no forward AD."""
     outs, hs = [], []
     for b, L in enumerate(lengths):
-        _, (o, h) = torch.func.jvp(lambda x, hx: ref(x, hx), (x[:L, b : b + 1], hx[:, b : b + 1]),
-                                   (tangent[:L, b : b + 1], ht[:, b : b + 1]))
+        _, (o, h) = torch.func.jvp(
+            lambda x, hx: ref(x, hx),
+            (x[:L, b : b + 1], hx[:, b : b + 1]),
+            (tangent[:L, b : b + 1], ht[:, b : b + 1]),
+        )
         outs.append(torch.cat([o, o.new_zeros(x.shape[0] - L, 1, o.shape[2])]))
         hs.append(h)
     return torch.cat(outs, 1), torch.cat(hs, 1)
@@ -140,13 +167,21 @@ def test_forward_ad_of_weights_passes_gradcheck():
     """gradcheck's forward-mode check: jvp of every input and weight against finite differences."""
     _, gru = make_pair(2, 2, 2, bidirectional=True)
     args = _module_args(gru, "cpu", 3, 3)
-    assert torch.autograd.gradcheck(_module_fn(gru, [3, 1, 0]), args, eps=1e-6, atol=1e-7,
-                                    check_forward_ad=True, check_backward_ad=False,
-                                    check_undefined_grad=False)
+    assert torch.autograd.gradcheck(
+        _module_fn(gru, [3, 1, 0]),
+        args,
+        eps=1e-6,
+        atol=1e-7,
+        check_forward_ad=True,
+        check_backward_ad=False,
+        check_undefined_grad=False,
+    )
 
 
-@pytest.mark.parametrize("transform", ["grad", "jacrev", "jacfwd", "hessian", "vmap_grad",
-                                       "functional.jvp", "functional.hessian"])
+@pytest.mark.parametrize(
+    "transform",
+    ["grad", "jacrev", "jacfwd", "hessian", "vmap_grad", "functional.jvp", "functional.hessian"],
+)
 def test_torch_func_transforms_match_nn_gru(transform):
     """One sequence (nn.GRU's own transforms cannot go through packing); a second row of
     length 0 rides along in ours and must not change a thing."""
@@ -161,8 +196,11 @@ def test_torch_func_transforms_match_nn_gru(transform):
         "jacrev": lambda f: torch.func.jacrev(f)(x),
         "jacfwd": lambda f: torch.func.jacfwd(f)(x),
         "hessian": lambda f: torch.func.hessian(f)(x),
-        "vmap_grad": lambda f: (torch.vmap(torch.func.grad(f))(torch.stack([x, t])) if f is f_ours
-                                else torch.stack([torch.func.grad(f)(x), torch.func.grad(f)(t)])),
+        "vmap_grad": lambda f: (
+            torch.vmap(torch.func.grad(f))(torch.stack([x, t]))
+            if f is f_ours
+            else torch.stack([torch.func.grad(f)(x), torch.func.grad(f)(t)])
+        ),
         "functional.jvp": lambda f: torch.autograd.functional.jvp(f, x, t)[1],
         "functional.hessian": lambda f: torch.autograd.functional.hessian(f, x),
     }[transform]
@@ -190,5 +228,7 @@ def test_vmap_matches_a_loop():
 def test_bad_lengths_are_refused_on_the_differentiable_path_too():
     _, gru = make_pair(3, 4)
     x = torch.randn(5, 2, 3, dtype=F64)
-    with pytest.raises(RuntimeError, match=r"lengths must be in \[0, T\] with T=5, got lengths\[1\]=6"):
+    with pytest.raises(
+        RuntimeError, match=r"lengths must be in \[0, T\] with T=5, got lengths\[1\]=6"
+    ):
         torch.func.jvp(lambda x: gru(x, lengths=torch.tensor([2, 6])), (x,), (x,))

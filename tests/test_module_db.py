@@ -7,16 +7,17 @@ test/test_modules.py does, with varlen_rnn.GRU in nn.GRU's place, and also compa
 nn.GRU on the same weights. No sample or error input is skipped: none of them uses T = 0 or
 a zero length (the documented extensions where nn.GRU raises and we do not).
 """
+
 import io
 import pickle
 
 import pytest
 import torch
+from testing import ALL_DEVICES
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
 import varlen_rnn
-from testing import ALL_DEVICES
 
 _was_frozen = torch.backends.flags_frozen()
 from torch.testing._internal.common_modules import ModuleErrorEnum, module_db  # noqa: E402
@@ -32,11 +33,18 @@ DTYPES = [torch.float32, torch.float64]
 
 
 def samples(device, dtype, requires_grad=False, training=True, packed=False):
-    inputs = INFO.module_inputs_func(INFO, device=device, dtype=dtype,
-                                     requires_grad=requires_grad, training=training,
-                                     with_packed_sequence=packed)
+    inputs = INFO.module_inputs_func(
+        INFO,
+        device=device,
+        dtype=dtype,
+        requires_grad=requires_grad,
+        training=training,
+        with_packed_sequence=packed,
+    )
     if packed:  # the packed samples are the ones the call adds to the others
-        inputs = [s for s in inputs if isinstance(s.forward_input.args[0], nn.utils.rnn.PackedSequence)]
+        inputs = [
+            s for s in inputs if isinstance(s.forward_input.args[0], nn.utils.rnn.PackedSequence)
+        ]
     assert inputs
     return inputs
 
@@ -50,8 +58,15 @@ def build(sample, device, dtype, training, cls=varlen_rnn.GRU):
 
 def twin(ours):
     """nn.GRU with ours' configuration and weights."""
-    ref = nn.GRU(ours.input_size, ours.hidden_size, ours.num_layers, ours.bias,
-                 ours.batch_first, ours.dropout, ours.bidirectional)
+    ref = nn.GRU(
+        ours.input_size,
+        ours.hidden_size,
+        ours.num_layers,
+        ours.bias,
+        ours.batch_first,
+        ours.dropout,
+        ours.bidirectional,
+    )
     ref.load_state_dict(ours.state_dict())
     return ref.to(ours.weight_ih_l0).train(ours.training)
 
@@ -135,8 +150,14 @@ def test_non_contiguous_tensors(device):
         for make in (lambda t: t, _noncontiguous):
             a = [make(t) for t in args]
             outs = m(*a)
-            results.append((outs, torch.autograd.grad(
-                flat(outs), a + list(m.parameters()), [make(g) for g in grads_out])))
+            results.append(
+                (
+                    outs,
+                    torch.autograd.grad(
+                        flat(outs), a + list(m.parameters()), [make(g) for g in grads_out]
+                    ),
+                )
+            )
         close(results[0][0], results[1][0], rtol=0, atol=0)
         close(results[0][1], results[1][1])
 
@@ -171,15 +192,17 @@ def _gradient_check(device, check, packed=False):
 def test_grad(device, packed):
     """fast_mode (random projections of the Jacobian) keeps the 32 samples quick; every
     entry is checked in test_gradcheck.py."""
-    _gradient_check(device, lambda f, a: torch.autograd.gradcheck(f, a, atol=1e-7,
-                                                                  fast_mode=True), packed)
+    _gradient_check(
+        device, lambda f, a: torch.autograd.gradcheck(f, a, atol=1e-7, fast_mode=True), packed
+    )
 
 
 @pytest.mark.parametrize("device", ALL_DEVICES)
 def test_gradgrad(device):
     """nn.GRU passes gradgradcheck on the CPU (cuDNN cannot: an expectedFailure there)."""
-    _gradient_check(device, lambda f, a: torch.autograd.gradgradcheck(f, a, atol=1e-6,
-                                                                      fast_mode=True))
+    _gradient_check(
+        device, lambda f, a: torch.autograd.gradgradcheck(f, a, atol=1e-6, fast_mode=True)
+    )
 
 
 @pytest.mark.parametrize("device", ALL_DEVICES)
@@ -187,8 +210,9 @@ def test_gradgrad(device):
 @pytest.mark.parametrize("training", [True, False])
 def test_errors(device, dtype, training):
     """Every error input: the same exception type, the message matching torch's regex."""
-    errors = INFO.module_error_inputs_func(INFO, device=device, dtype=dtype,
-                                           requires_grad=False, training=training)
+    errors = INFO.module_error_inputs_func(
+        INFO, device=device, dtype=dtype, requires_grad=False, training=training
+    )
     assert errors
     for e in errors:
         c = e.module_error_input.constructor_input
@@ -213,8 +237,9 @@ def test_cpu_gpu_parity(device, training):
         close(out_g, out_c, atol=4e-4, rtol=0, check_device=False)
         g = [torch.randn_like(t) for t in flat(out_c)]
         grads_c = torch.autograd.grad(flat(out_c), list(a_cpu) + list(cpu.parameters()), g)
-        grads_g = torch.autograd.grad(flat(out_g), a_gpu + list(gpu.parameters()),
-                                      [t.to(device) for t in g])
+        grads_g = torch.autograd.grad(
+            flat(out_g), a_gpu + list(gpu.parameters()), [t.to(device) for t in g]
+        )
         close(grads_g, grads_c, atol=4e-4, rtol=0, check_device=False)
 
 

@@ -2,13 +2,14 @@
 checks with nn.GRU's exact messages, the initial hidden state, a zero-size batch, two
 backward passes over one graph, grad and gradgrad, changing dropout, and variable-length
 sequences (a padded batch against each sequence run alone)."""
+
 import pytest
 import torch
+from testing import ALL_DEVICES, assert_close, make_pair
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import varlen_rnn
-from testing import ALL_DEVICES, assert_close, make_pair
 
 F64 = torch.float64
 SEQ, BATCH, IN, HID, LAYERS = 7, 6, 3, 5, 2
@@ -21,8 +22,19 @@ def _error(module, *args):
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
-@pytest.mark.parametrize("bad", ["input_size", "hx_batch", "hx_layers", "hx_hidden",
-                                 "hx_rank", "unbatched_hx_rank", "input_rank", "input_dtype"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "input_size",
+        "hx_batch",
+        "hx_layers",
+        "hx_hidden",
+        "hx_rank",
+        "unbatched_hx_rank",
+        "input_rank",
+        "input_dtype",
+    ],
+)
 def test_argument_checks_say_what_nn_gru_says(bidirectional, bad):
     ref, ours = make_pair(IN, HID, LAYERS, bidirectional=bidirectional)
     D = 2 if bidirectional else 1
@@ -44,8 +56,9 @@ def test_argument_checks_say_what_nn_gru_says(bidirectional, bad):
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_initial_hidden_state_none_is_zeros(device, bidirectional, batch_first):
-    _, ours = make_pair(IN, HID, LAYERS, bidirectional=bidirectional, batch_first=batch_first,
-                        device=device)
+    _, ours = make_pair(
+        IN, HID, LAYERS, bidirectional=bidirectional, batch_first=batch_first, device=device
+    )
     D = 2 if bidirectional else 1
     x = torch.randn((BATCH, SEQ, IN) if batch_first else (SEQ, BATCH, IN), dtype=F64, device=device)
     lengths = [7, 1, 4, 7, 2, 3]
@@ -75,8 +88,10 @@ def test_backward_twice_over_a_retained_graph():
     out, h = ours(x, lengths=lengths)
     out_r, h_r = ref(pack_padded_sequence(x, lengths, enforce_sorted=False))
     firsts = []
-    for loss, params in ((out.sum() + h.sum(), ours.parameters()),
-                         (out_r.data.sum() + h_r.sum(), ref.parameters())):
+    for loss, params in (
+        (out.sum() + h.sum(), ours.parameters()),
+        (out_r.data.sum() + h_r.sum(), ref.parameters()),
+    ):
         params = list(params)
         x.grad = None
         loss.backward(retain_graph=True)
@@ -110,17 +125,23 @@ def test_dropout_can_be_changed_between_calls():
         out, h = ours(x, lengths=lengths)
         out_r, h_r = ref(pack_padded_sequence(x, lengths, enforce_sorted=False))
         assert_close(h, h_r, F64, f"h_n with dropout={p}")
-        assert_close(pack_padded_sequence(out, lengths, enforce_sorted=False).data, out_r.data,
-                     F64, f"output with dropout={p}")
+        assert_close(
+            pack_padded_sequence(out, lengths, enforce_sorted=False).data,
+            out_r.data,
+            F64,
+            f"output with dropout={p}",
+        )
 
 
 @pytest.mark.parametrize("device", ALL_DEVICES)
 @pytest.mark.parametrize("num_layers,bidirectional", [(1, False), (2, True)])
 @pytest.mark.parametrize("batch_first", [False, True])
-def test_variable_sequence_batch_equals_each_sequence_alone(device, num_layers, bidirectional,
-                                                            batch_first):
-    _, ours = make_pair(IN, HID, num_layers, bidirectional=bidirectional,
-                        batch_first=batch_first, device=device)
+def test_variable_sequence_batch_equals_each_sequence_alone(
+    device, num_layers, bidirectional, batch_first
+):
+    _, ours = make_pair(
+        IN, HID, num_layers, bidirectional=bidirectional, batch_first=batch_first, device=device
+    )
     lengths = [3, 7, 1, 5, 7, 2]
     seqs = [torch.randn(L, IN, dtype=F64, device=device, requires_grad=True) for L in lengths]
     padded = nn.utils.rnn.pad_sequence(seqs, batch_first=batch_first)
@@ -134,7 +155,8 @@ def test_variable_sequence_batch_equals_each_sequence_alone(device, num_layers, 
         assert_close(row, alone_out.squeeze(0 if batch_first else 1), F64, "output")
         assert_close(h[:, b], alone_h[:, 0], F64, "h_n")
         w = weights[b, :L] if batch_first else weights[:L, b]
-        (alone_grad,) = torch.autograd.grad((alone_out.squeeze(0 if batch_first else 1) * w).sum()
-                                            + alone_h.sum(), s)
+        (alone_grad,) = torch.autograd.grad(
+            (alone_out.squeeze(0 if batch_first else 1) * w).sum() + alone_h.sum(), s
+        )
         assert_close(batch_grads[b], alone_grad, F64, "input gradient")
         assert not (out[b, L:] if batch_first else out[L:, b]).any()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -25,7 +25,11 @@ _LENGTHS_KINDS = "a list or tuple of ints, a NumPy integer array or an integer t
 
 def check_constructor_args(input_size, hidden_size, num_layers, bias, batch_first, dropout):
     """torch.nn.GRU's constructor checks, in its order, with its types and wording."""
-    if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
+    if (
+        not isinstance(dropout, numbers.Number)
+        or isinstance(dropout, bool)
+        or not 0 <= dropout <= 1
+    ):
         raise ValueError(
             "dropout should be a number in range [0, 1] representing the "
             "probability of an element being zeroed"
@@ -115,14 +119,17 @@ def as_lengths(lengths, B: int, T: int, device: torch.device) -> Tensor:
         return torch.full((B,), T, dtype=torch.int64, device=device)
     if np is not None and isinstance(lengths, np.ndarray):
         if not np.issubdtype(lengths.dtype, np.integer):
-            raise TypeError(f"lengths must be {_LENGTHS_KINDS}, got a NumPy array of {lengths.dtype}")
+            got = f"a NumPy array of {lengths.dtype}"
+            raise TypeError(f"lengths must be {_LENGTHS_KINDS}, got {got}")
         lengths = torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int64))
     if isinstance(lengths, Tensor):
         return _tensor_lengths(lengths, B, device)
     if isinstance(lengths, numbers.Integral) and not isinstance(lengths, bool):
         lengths = [lengths]
-    if not isinstance(lengths, Sequence) or isinstance(lengths, str) or not all(
-        isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in lengths
+    if (
+        not isinstance(lengths, Sequence)
+        or isinstance(lengths, str)
+        or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in lengths)
     ):
         shown = f" {list(lengths)!r}" if isinstance(lengths, (list, tuple)) else ""
         raise TypeError(f"lengths must be {_LENGTHS_KINDS}, got {type(lengths).__name__}{shown}")

@@ -88,8 +88,10 @@ class GRU(nn.Module):
                     (f"weight_hh_{sfx}", (3 * hidden_size, hidden_size)),
                 ]
                 if bias:
-                    shapes += [(f"bias_ih_{sfx}", (3 * hidden_size,)),
-                               (f"bias_hh_{sfx}", (3 * hidden_size,))]
+                    shapes += [
+                        (f"bias_ih_{sfx}", (3 * hidden_size,)),
+                        (f"bias_hh_{sfx}", (3 * hidden_size,)),
+                    ]
                 for name, shape in shapes:
                     param = torch.empty(shape, device=device, dtype=dtype)
                     self.register_parameter(name, nn.Parameter(param))
@@ -98,14 +100,21 @@ class GRU(nn.Module):
         self.reset_parameters()
 
     @classmethod
-    def from_torch(cls, gru: nn.GRU) -> "GRU":
+    def from_torch(cls, gru: nn.GRU) -> GRU:
         """A varlen_rnn.GRU with gru's configuration, weights, device, dtype and mode."""
         if getattr(gru, "proj_size", 0):
             raise ValueError("from_torch: GRU with proj_size is not supported")
         w = gru.weight_ih_l0
         new = cls(
-            gru.input_size, gru.hidden_size, gru.num_layers, gru.bias, gru.batch_first,
-            gru.dropout, gru.bidirectional, device=w.device, dtype=w.dtype,
+            gru.input_size,
+            gru.hidden_size,
+            gru.num_layers,
+            gru.bias,
+            gru.batch_first,
+            gru.dropout,
+            gru.bidirectional,
+            device=w.device,
+            dtype=w.dtype,
         )
         new.load_state_dict(gru.state_dict())
         new.train(gru.training)
@@ -229,7 +238,13 @@ class GRU(nn.Module):
         for layer in range(self.num_layers):
             w = self._layer_weights(layer, dtype)
             x, h = gru_layer(
-                x, lengths, hx[layer * D : (layer + 1) * D], w.w_ih, w.w_hh, w.b_ih, w.b_hh,
+                x,
+                lengths,
+                hx[layer * D : (layer + 1) * D],
+                w.w_ih,
+                w.w_hh,
+                w.b_ih,
+                w.b_hh,
                 batch_first,
             )
             h_n.append(h)

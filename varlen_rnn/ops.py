@@ -6,6 +6,7 @@ derivative for (gradients of gradients, forward-mode AD, torch.func's grad) goes
 through the plain-PyTorch layer of varlen_rnn.reference instead.
 Shape legend: T time, B batch, I input, H hidden, D directions; r|z|n gates.
 """
+
 from __future__ import annotations
 
 import torch
@@ -71,7 +72,9 @@ def gru_layer(
 
 
 @torch.library.register_fake("varlen_rnn::gru_layer_forward")
-def _gru_layer_forward_fake(input, lengths, hx, w_ih, w_hh, b_ih, b_hh, batch_first, need_workspace):
+def _gru_layer_forward_fake(
+    input, lengths, hx, w_ih, w_hh, b_ih, b_hh, batch_first, need_workspace
+):
     torch._check(input.dim() == 3, lambda: f"input must be 3-D, got {input.dim()}-D")
     torch._check(w_ih.dim() == 3, lambda: f"w_ih must be [D, 3H, I], got {tuple(w_ih.shape)}")
     T, B = (input.shape[1], input.shape[0]) if batch_first else (input.shape[0], input.shape[1])
@@ -148,7 +151,8 @@ def _differentiable_backward(ctx, grads, inputs):
     of gradients pay for it; first-order backward never comes here."""
     input, lengths, hx, w_ih, w_hh, b_ih, b_hh = inputs
     wanted = [
-        k for k, t in enumerate(inputs)
+        k
+        for k, t in enumerate(inputs)
         if t is not None and ctx.needs_input_grad[k] and t.requires_grad
     ]
     result: list[Tensor | None] = [None] * 9
@@ -156,12 +160,14 @@ def _differentiable_backward(ctx, grads, inputs):
         return tuple(result)
     # The kernels run with autocast off; so does their stand-in.
     with torch.autocast(input.device.type, enabled=False):
-        out, h_n = gru_layer_reference(
-            input, lengths, hx, w_ih, w_hh, b_ih, b_hh, ctx.batch_first
-        )
+        out, h_n = gru_layer_reference(input, lengths, hx, w_ih, w_hh, b_ih, b_hh, ctx.batch_first)
     found = torch.autograd.grad(
-        (out, h_n), [inputs[k] for k in wanted], grads,
-        create_graph=True, allow_unused=True, materialize_grads=True,
+        (out, h_n),
+        [inputs[k] for k in wanted],
+        grads,
+        create_graph=True,
+        allow_unused=True,
+        materialize_grads=True,
     )
     for k, g in zip(wanted, found):
         result[k] = g
@@ -186,6 +192,7 @@ def _setup_nothing(ctx, inputs, output):
 
 
 torch.library.register_autograd(
-    "varlen_rnn::gru_layer_backward", _backward_op_not_differentiable,
+    "varlen_rnn::gru_layer_backward",
+    _backward_op_not_differentiable,
     setup_context=_setup_nothing,
 )

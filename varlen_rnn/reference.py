@@ -39,7 +39,8 @@ def gru_layer_reference(
     bad = ((lengths < 0) | (lengths > T)).nonzero()
     if bad.numel():  # the kernels' check, with the kernels' words
         i = int(bad[0, 0])
-        raise RuntimeError(f"lengths must be in [0, T] with T={T}, got lengths[{i}]={int(lengths[i])}")
+        got = int(lengths[i])
+        raise RuntimeError(f"lengths must be in [0, T] with T={T}, got lengths[{i}]={got}")
     steps = torch.arange(T, device=x.device).unsqueeze(1)  # [T, 1]
     valid = steps < lengths  # [T, B]
     # Masked, not merely ignored: a NaN in the padding would otherwise reach the weight
@@ -82,15 +83,12 @@ def gru_reference(module, input: Tensor, hx: Tensor | None = None, lengths=None)
         hx = input.new_zeros(module.num_layers * D, B, H)
     x, h_n = input, []
     for layer in range(module.num_layers):
+        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")[: 4 if module.bias else 2]
         sfx = [f"l{layer}", f"l{layer}_reverse"][:D]
-
-        def stacked(kind):
-            return torch.stack([getattr(module, f"{kind}_{s}") for s in sfx])
-
-        biases = (stacked("bias_ih"), stacked("bias_hh")) if module.bias else (None, None)
+        w = [torch.stack([getattr(module, f"{n}_{s}") for s in sfx]) for n in names]
+        w += [None] * (4 - len(w))
         x, h = gru_layer_reference(
-            x, lengths, hx[layer * D : (layer + 1) * D], stacked("weight_ih"),
-            stacked("weight_hh"), *biases, batch_first=module.batch_first,
+            x, lengths, hx[layer * D : (layer + 1) * D], *w, batch_first=module.batch_first
         )
         h_n.append(h)
     return x, torch.cat(h_n, 0)
