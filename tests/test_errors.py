@@ -196,7 +196,7 @@ def test_hx_dtype_mismatch_is_a_runtime_error_as_in_nn_gru(pair):
     with pytest.raises(
         RuntimeError,
         match=r"hx dtype \(torch.float64\) does not match input "
-        r"dtype \(torch.float32\): convert hx with",
+        r"dtype \(torch.float32\): convert hx with hx.to\(torch.float32\)$",
     ):
         pair[1](x_(), hx)
 
