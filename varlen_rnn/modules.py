@@ -31,6 +31,26 @@ class LayerWeights(NamedTuple):
     b_hh: Tensor | None  # [D, 3H]
 
 
+_DEFAULTS = {
+    "num_layers": 1,
+    "bias": True,
+    "batch_first": False,
+    "dropout": 0.0,
+    "bidirectional": False,
+}
+
+
+def _parameter_shapes(sfx: str, layer_in: int, H: int, bias: bool) -> list[tuple[str, tuple]]:
+    """One direction of one layer: nn.GRU's parameter names and shapes, in its order."""
+    shapes = [
+        ("weight_ih", (3 * H, layer_in)),
+        ("weight_hh", (3 * H, H)),
+        ("bias_ih", (3 * H,)),
+        ("bias_hh", (3 * H,)),
+    ]
+    return [(f"{kind}_{sfx}", shape) for kind, shape in shapes[: 4 if bias else 2]]
+
+
 class GRU(nn.Module):
     """Multi-layer GRU over variable-length batches; see torch.nn.GRU.
 
@@ -83,15 +103,7 @@ class GRU(nn.Module):
         for layer in range(num_layers):
             layer_in = input_size if layer == 0 else hidden_size * self.num_directions
             for sfx in self._suffixes(layer):
-                shapes = [
-                    (f"weight_ih_{sfx}", (3 * hidden_size, layer_in)),
-                    (f"weight_hh_{sfx}", (3 * hidden_size, hidden_size)),
-                ]
-                if bias:
-                    shapes += [
-                        (f"bias_ih_{sfx}", (3 * hidden_size,)),
-                        (f"bias_hh_{sfx}", (3 * hidden_size,)),
-                    ]
+                shapes = _parameter_shapes(sfx, layer_in, hidden_size, bias)
                 for name, shape in shapes:
                     param = torch.empty(shape, device=device, dtype=dtype)
                     self.register_parameter(name, nn.Parameter(param))
@@ -157,18 +169,12 @@ class GRU(nn.Module):
         """No-op, kept so code written for torch.nn.GRU runs unchanged."""
 
     def extra_repr(self) -> str:
-        s = "{input_size}, {hidden_size}"
-        if self.num_layers != 1:
-            s += ", num_layers={num_layers}"
-        if self.bias is not True:
-            s += ", bias={bias}"
-        if self.batch_first is not False:
-            s += ", batch_first={batch_first}"
-        if self.dropout != 0:
-            s += ", dropout={dropout}"
-        if self.bidirectional is not False:
-            s += ", bidirectional={bidirectional}"
-        return s.format(**self.__dict__)
+        """nn.GRU's: the sizes, then every argument that differs from its default."""
+        changed = [k for k, default in _DEFAULTS.items() if getattr(self, k) != default]
+        return ", ".join(
+            [f"{self.input_size}, {self.hidden_size}"]
+            + [f"{k}={getattr(self, k)}" for k in changed]
+        )
 
     # ----------------------------------------------------------------- forward
     def forward(self, input, hx: Tensor | None = None, lengths=None):
