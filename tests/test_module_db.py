@@ -10,6 +10,7 @@ a zero length (the documented extensions where nn.GRU raises and we do not).
 
 import io
 import pickle
+from unittest import mock
 
 import pytest
 import torch
@@ -19,14 +20,11 @@ from torch.utils._pytree import tree_flatten
 
 import varlen_rnn
 
-_was_frozen = torch.backends.flags_frozen()
-from torch.testing._internal.common_modules import ModuleErrorEnum, module_db  # noqa: E402
-from torch.testing._internal.common_utils import freeze_rng_state  # noqa: E402
-
-if not _was_frozen:
-    # Importing torch's test utilities freezes torch.backends flags for the whole process
-    # (disable_global_flags); other test files set them, so they are released again.
-    setattr(torch.backends, "__allow_nonbracketed_mutation_flag", True)
+# Importing torch's test utilities would freeze torch.backends flags for the whole pytest
+# process (torch.backends.disable_global_flags); other test files set them.
+with mock.patch.object(torch.backends, "disable_global_flags", lambda: None):
+    from torch.testing._internal.common_modules import ModuleErrorEnum, module_db
+    from torch.testing._internal.common_utils import freeze_rng_state
 
 INFO = next(m for m in module_db if m.module_cls is nn.GRU)
 DTYPES = [torch.float32, torch.float64]
