@@ -4,8 +4,9 @@ Written from the GRU equations with ordinary tensor ops, so every autograd featu
 through it: double backward, forward-mode AD (torch.autograd.forward_ad, torch.func.jvp)
 and the torch.func transforms. It also covers what torch.nn.GRU + packing refuses:
 zero-length sequences and T = 0. varlen_rnn.ops uses gru_layer_reference where the fused
-kernels have no derivative of their own (gradients of gradients, forward mode); it is never
-on the first-order path.
+kernels have no derivative of their own (gradients of gradients, forward mode) and under
+torch.func's grad/jacrev (which refuse ops with a registered autograd formula); it is never
+on the first-order path of loss.backward().
 Shape legend: T time, B batch, I input, H hidden, D directions; r|z|n gates.
 """
 
