@@ -103,6 +103,11 @@ def test_first_order_backward_never_recomputes(monkeypatch):
     monkeypatch.setattr(varlen_rnn.ops, "gru_layer_reference", fail)
     out, h = gru(x, lengths=[5, 2, 0])
     torch.autograd.grad(out.sum() + h.sum(), [x, *gru.parameters()], retain_graph=True)
+    for reentrant in (True, False):  # activation checkpointing backpropagates first-order too
+        y = torch.utils.checkpoint.checkpoint(
+            lambda x: gru(x, lengths=[5, 2, 0])[0], x, use_reentrant=reentrant
+        )
+        y.sum().backward()  # reentrant checkpointing refuses torch.autograd.grad
     with pytest.raises(AssertionError, match="recomputed"):
         torch.autograd.grad(out.sum() + h.sum(), x, create_graph=True)
 
