@@ -251,3 +251,21 @@ def test_multiple_device_transfer(device):
         assert all(p.device.type == "cpu" for p in m.parameters())
         m.to(device)
         close(m(*s_dev.forward_input.args), out_dev)
+
+
+def test_the_documented_extensions_where_nn_gru_raises():
+    """T = 0 and zero-length sequences: nn.GRU (and packing) refuse them, we define them
+    (empty output / zero rows, h_n = hx). The only places the two modules differ."""
+    ours = varlen_rnn.GRU(2, 3, 2, bidirectional=True, dtype=torch.float64)
+    ref = twin(ours)
+    hx = torch.randn(4, 2, 3, dtype=torch.float64)
+    empty = torch.randn(0, 2, 2, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="Expected sequence length to be larger than 0 in RNN"):
+        ref(empty, hx)
+    out, h = ours(empty, hx)
+    assert out.shape == (0, 2, 6) and torch.equal(h, hx)
+    x = torch.randn(4, 2, 2, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="Length of all samples has to be greater than 0"):
+        nn.utils.rnn.pack_padded_sequence(x, [4, 0], enforce_sorted=False)
+    out, h = ours(x, hx, lengths=[4, 0])
+    assert not out[:, 1].any() and torch.equal(h[:, 1], hx[:, 1])
