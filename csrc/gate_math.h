@@ -21,7 +21,8 @@
 namespace varlen_rnn {
 
 // The transcendental functions, as a policy so a backend can swap in a
-// vectorizable or fast-math version without touching the cell math.
+// vectorizable or fast-math version without touching the cell math (the CPU's
+// float rows use cpu/vec_math.h's VecMathF32).
 struct PreciseMath {
   template <typename T>
   static VR_HOST_DEVICE T exp(T x) {

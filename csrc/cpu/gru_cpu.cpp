@@ -55,7 +55,8 @@ at::Tensor opmath_contiguous(const at::Tensor& t) {
   return t.to(opmath_dtype(t.scalar_type())).contiguous();
 }
 
-// Checks the layer's arguments and fills the fields both passes read.
+// Checks the layer's arguments (shapes as in ops.cpp's schema) and fills the
+// fields both passes read.
 void set_layer_args(ForwardArgs& args, const at::Tensor& input, const at::Tensor& lengths,
                     const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
                     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
@@ -209,6 +210,8 @@ void backward_impl(BackwardArgs& args) {
   args.grad_input2d.index_copy_(0, rows, dxp);
 }
 
+// The ops' arguments and results, with their shapes, are documented once in
+// ops.cpp's schemas; the structs above repeat the shapes.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_forward_cpu(
     const at::Tensor& input, const at::Tensor& lengths, const at::Tensor& hx,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
