@@ -79,8 +79,10 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 // Calibration against the issue-9 roofline: fp32 inference at B <= 8 and
 // H = 256..1024 gives the persistent path 1.8-2.7x over the fallback; B = 64,
 // H = 1024 training loses 2.7x and B = 256, H = 1024 training ~10x, matching
-// "1.2-2x" won at small B and "1.2-7x" / "4-15x" lost against cuDNN. These are
-// estimates until benchmarks/gpu_check.sh measures the crossover.
+// "1.2-2x" won at small B and "1.2-7x" / "4-15x" lost against cuDNN. The
+// resulting crossover on an H100, float32, D = 1: the fallback from B = 97 at
+// H = 256 and B = 17 at H = 1024 (forward), B = 33 and always (backward).
+// These are estimates until benchmarks/gpu_check.sh measures the crossover.
 struct CostModel {
   static constexpr double kClockGHz = 1.75;          // sustained SM clock
   static constexpr double kGridSyncCycles = 3000;    // grid.sync with one block per SM (~1.7 us)
