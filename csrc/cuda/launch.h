@@ -13,7 +13,6 @@
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/util/Exception.h>
-#include <torch/version.h>
 
 #include <algorithm>
 #include <atomic>
@@ -23,6 +22,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "plan.h"
@@ -185,13 +185,51 @@ inline bool launch_cooperative(const void* kernel, int64_t blocks, int64_t smem,
 // (input projection, the fallback's per-step GEMMs, the weight gradients)
 // follow the same flag. The persistent kernel stays exact FP32 on CUDA cores;
 // TF32 there comes with its tensor-core version.
-inline bool cudnn_rnn_allows_tf32() {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
-  return at::globalContext().allowTF32CuDNN(at::Float32Op::RNN);
-#else
-  return at::globalContext().allowTF32CuDNN();
-#endif
-}
+//
+// torch's per-operator float32 precision API changed over releases:
+// Context::allowTF32CuDNN takes an operator enum (recent torch), a string
+// before, nothing before that. Fp32Api is chosen by that argument's type, so
+// only the branch this torch has is compiled (no version numbers to get wrong).
+template <typename M>
+struct FirstArg {
+  using type = void;
+};
+template <typename R, typename C, typename A>
+struct FirstArg<R (C::*)(A) const> {
+  using type = std::decay_t<A>;
+};
+template <typename R, typename C, typename A, typename B>
+struct FirstArg<R (C::*)(A, B) const> {
+  using type = std::decay_t<A>;
+};
+
+template <typename Ctx, typename Arg = typename FirstArg<decltype(&Ctx::allowTF32CuDNN)>::type>
+struct Fp32Api {  // allowTF32CuDNN(const std::string& op)
+  using Saved = bool;
+  static bool rnn_tf32(const Ctx& c) { return c.allowTF32CuDNN(Arg("rnn")); }
+  static Saved matmul_precision(const Ctx&) { return false; }
+  static void restore_matmul_precision(Ctx&, Saved) {}
+};
+template <typename Ctx>
+struct Fp32Api<Ctx, void> {  // allowTF32CuDNN(): one flag for all of cuDNN
+  using Saved = bool;
+  static bool rnn_tf32(const Ctx& c) { return c.allowTF32CuDNN(); }
+  static Saved matmul_precision(const Ctx&) { return false; }
+  static void restore_matmul_precision(Ctx&, Saved) {}
+};
+template <typename Ctx, typename Op>
+struct Fp32Api<Ctx, std::optional<Op>> {  // allowTF32CuDNN(optional<Float32Op>) and per-op precisions
+  using Backend = typename FirstArg<decltype(&Ctx::float32Precision)>::type;
+  using Saved = decltype(std::declval<const Ctx&>().float32Precision(Backend::CUDA, Op::MATMUL));
+  static bool rnn_tf32(const Ctx& c) { return c.allowTF32CuDNN(Op::RNN); }
+  static Saved matmul_precision(const Ctx& c) { return c.float32Precision(Backend::CUDA, Op::MATMUL); }
+  static void restore_matmul_precision(Ctx& c, Saved s) {
+    c.setFloat32Precision(Backend::CUDA, Op::MATMUL, s);
+  }
+};
+using TorchFp32Api = Fp32Api<at::Context>;
+
+inline bool cudnn_rnn_allows_tf32() { return TorchFp32Api::rnn_tf32(at::globalContext()); }
 
 // Makes ATen's cuBLAS calls of this op follow `tf32` for float32.
 // Turning TF32 off uses ATen's thread-local NoTF32Guard: exact, no shared
@@ -213,9 +251,7 @@ class MatmulTf32Guard {
     std::lock_guard<std::mutex> lock(st.mutex);
     if (st.holders == 0) {
       if (at::globalContext().allowTF32CuBLAS()) return;  // the user's own setting
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
-      st.saved = at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL);
-#endif
+      st.saved = TorchFp32Api::matmul_precision(at::globalContext());
       at::globalContext().setAllowTF32CuBLAS(true);
     }
     ++st.holders;
@@ -227,9 +263,7 @@ class MatmulTf32Guard {
     std::lock_guard<std::mutex> lock(st.mutex);
     if (--st.holders > 0) return;
     at::globalContext().setAllowTF32CuBLAS(false);
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
-    at::globalContext().setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL, st.saved);
-#endif
+    TorchFp32Api::restore_matmul_precision(at::globalContext(), st.saved);
   }
   MatmulTf32Guard(const MatmulTf32Guard&) = delete;
   MatmulTf32Guard& operator=(const MatmulTf32Guard&) = delete;
@@ -238,9 +272,7 @@ class MatmulTf32Guard {
   struct State {
     std::mutex mutex;
     int holders = 0;
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
-    at::Float32Precision saved{};
-#endif
+    TorchFp32Api::Saved saved{};
   };
   static State& state() {
     static State* const s = new State();
