@@ -5,6 +5,7 @@ policy; a refused cooperative launch. Every GPU test skips with a reason on a ma
 CUDA; the registration tests run everywhere."""
 import ctypes
 import os
+import shutil
 import subprocess
 import sys
 
@@ -605,3 +606,76 @@ def test_cuda_float32_gemms_follow_cudnn_tf32_flag(path):
     assert all(torch.equal(g, e) for g, e in zip(_tf32_run(True, True, args, lengths), tf32))
     rel = max(((g - e).abs().max() / e.abs().max()).item() for g, e in zip(tf32, exact))
     assert 1e-5 < rel < 3e-2, f"relative difference {rel:.2e} is not TF32-sized"
+
+
+TF32_GUARD_PROGRAM = r"""
+#include "cuda/launch.h"
+#include <cstdio>
+#include <thread>
+using namespace varlen_rnn::cuda;
+static int mm() { return at::globalContext().allowTF32CuBLAS(); }
+int main() {
+  auto& ctx = at::globalContext();
+  std::printf("default %d %d\n", int(cudnn_rnn_allows_tf32()), mm());
+  {
+    MatmulTf32Guard a(true, true);
+    std::printf("enabled %d\n", mm());
+    { MatmulTf32Guard b(true, true); }
+    std::printf("inner-exit %d\n", mm());
+  }
+  std::printf("restored %d\n", mm());
+  ctx.setAllowTF32CuBLAS(true);
+  {
+    MatmulTf32Guard c(true, false);
+    int other = -1;
+    std::thread t([&] { other = at::NoTF32Guard::should_disable_tf32(); });
+    t.join();
+    std::printf("disabled %d other-thread %d global %d\n",
+                int(at::NoTF32Guard::should_disable_tf32()), other, mm());
+  }
+  std::printf("after %d %d\n", int(at::NoTF32Guard::should_disable_tf32()), mm());
+  ctx.setAllowTF32CuBLAS(false);
+  ctx.setAllowTF32CuDNN(false);
+  std::printf("cudnn-off %d\n", int(cudnn_rnn_allows_tf32()));
+  { MatmulTf32Guard d(false, true); std::printf("not-float32 %d\n", mm()); }
+}
+"""
+
+
+def test_cuda_tf32_guard_on_the_host(tmp_path):
+    """The TF32 policy's flag handling needs no GPU: compiled against csrc/cuda/launch.h, the
+    guard turns matmul TF32 on while held (counted), restores the user's setting, and turns it
+    off only on its own thread."""
+    import glob
+
+    import torch.utils.cpp_extension as ext
+
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), ext.CUDA_HOME]
+    homes += sorted(glob.glob("/usr/local/cuda-*"), reverse=True) + ["/usr/local/cuda"]
+    cuda_home = next((h for h in homes if h and os.path.isfile(
+        os.path.join(h, "include", "cuda_runtime.h"))), None)
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not varlen_rnn.WITH_CUDA or cuda_home is None or cxx is None:
+        pytest.skip("needs a CUDA build of varlen_rnn, a CUDA toolkit and a C++ compiler")
+    includes = ext.include_paths() + [os.path.join(cuda_home, "include")]
+    try:
+        import nvidia
+
+        includes += [os.path.join(b, sub) for b in nvidia.__path__
+                     for sub in ("cu13/include", "cu12/include", "cublas/include")]
+    except ImportError:
+        pass
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src, exe = tmp_path / "guard.cpp", tmp_path / "guard"
+    src.write_text(TF32_GUARD_PROGRAM)
+    libs = ext.library_paths() + [os.path.join(cuda_home, "lib64")]
+    cmd = [cxx, "-std=c++20", "-O0", "-w", "-I", os.path.join(root, "csrc")]
+    cmd += [f"-I{p}" for p in includes if os.path.isdir(p)] + [str(src), "-o", str(exe)]
+    cmd += [f"-L{p}" for p in libs] + [f"-Wl,-rpath,{p}" for p in libs]
+    cmd += ["-ltorch", "-ltorch_cpu", "-lc10", "-ltorch_cuda", "-lc10_cuda", "-lcudart"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.split("\n")
+    assert got[:8] == ["default 1 0", "enabled 1", "inner-exit 1", "restored 0",
+                       "disabled 1 other-thread 0 global 1", "after 0 1", "cudnn-off 0",
+                       "not-float32 0"], got
