@@ -191,8 +191,8 @@ bool persistent_forward(const ForwardCall& c, const plan::Cut& cut) {
   a.h_n = c.h_n.data_ptr<scalar_t>();
   a.ws = c.need_workspace ? c.ws.data_ptr<acc_t>() : nullptr;
   fill_common(a, c, l, cut);
-  return launch_cooperative(reinterpret_cast<const void*>(persistent_forward_kernel<scalar_t, acc_t>),
-                            cut.blocks, cut.smem, &a, c.stream);
+  const auto kernel = reinterpret_cast<const void*>(persistent_forward_kernel<scalar_t, acc_t>);
+  return launch_cooperative(kernel, cut.blocks, cut.smem, &a, c.stream);
 }
 
 // The state h stays in acc_t; the GEMM runs in the storage dtype (tensor cores for
@@ -208,7 +208,8 @@ void fallback_forward(const ForwardCall& c) {
   h.copy_(c.hx);
   Tensor h_lo = half ? c.hx.clone() : h;
   const Tensor w_hh_t = c.w_hh.transpose(1, 2);  // [D, H, 3H]
-  const Tensor bias = c.b_hh.defined() ? c.b_hh.view({D, 1, 3 * H}).expand({D, B, 3 * H}) : Tensor();
+  const Tensor bias =
+      c.b_hh.defined() ? c.b_hh.view({D, 1, 3 * H}).expand({D, B, 3 * H}) : Tensor();  // [D, B, 3H]
   Tensor gh = at::empty({D, B, 3 * H}, c.opts);
   const int blocks = static_cast<int>(plan::ceil_div(D * B * H, kPointwiseThreads));
   for (int64_t s = 0; s < T; ++s) {
@@ -293,8 +294,8 @@ bool persistent_backward(const BackwardCall& c, const plan::Cut& cut) {
   a.hprev = c.hprev.data_ptr<scalar_t>();
   a.grad_hx = c.grad_hx.data_ptr<scalar_t>();
   fill_common(a, c, l, cut);
-  return launch_cooperative(reinterpret_cast<const void*>(persistent_backward_kernel<scalar_t, acc_t>),
-                            cut.blocks, cut.smem, &a, c.stream);
+  const auto kernel = reinterpret_cast<const void*>(persistent_backward_kernel<scalar_t, acc_t>);
+  return launch_cooperative(kernel, cut.blocks, cut.smem, &a, c.stream);
 }
 
 // dh after step s = dh_a (direct part, acc_t) + dh_b (dgh_{s+1} @ W_hh, a GEMM in the

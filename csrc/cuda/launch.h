@@ -74,8 +74,8 @@ inline Knobs& knobs() {
 
 inline plan::Path requested_path() {
   const Knobs& k = knobs();
-  TORCH_CHECK(k.bad_path.empty(), "VARLEN_RNN_CUDA_PATH must be auto, persistent or fallback, got '",
-              k.bad_path, "'");
+  TORCH_CHECK(k.bad_path.empty(),
+              "VARLEN_RNN_CUDA_PATH must be auto, persistent or fallback, got '", k.bad_path, "'");
   return static_cast<plan::Path>(k.path.load());
 }
 
@@ -115,8 +115,8 @@ inline KernelFacts kernel_facts(const void* kernel) {
   KernelFacts f;
   f.dev.sms = prop->multiProcessorCount;
   f.dev.cooperative = prop->cooperativeLaunch != 0;
-  f.max_resident_blocks =
-      prop->maxThreadsPerMultiProcessor / static_cast<int>(plan::kThreads) * prop->multiProcessorCount;
+  f.max_resident_blocks = prop->maxThreadsPerMultiProcessor / static_cast<int>(plan::kThreads) *
+                          prop->multiProcessorCount;
   cudaFuncAttributes attr{};
   cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
   if (err == cudaSuccess) {
@@ -168,7 +168,8 @@ inline bool launch_cooperative(const void* kernel, int64_t blocks, int64_t smem,
   {
     KernelFactsCache& cache = kernel_facts_cache();
     std::lock_guard<std::mutex> lock(cache.mutex);
-    KernelFacts& f = cache.facts[std::make_pair(static_cast<int>(c10::cuda::current_device()), kernel)];
+    const int device = static_cast<int>(c10::cuda::current_device());
+    KernelFacts& f = cache.facts[std::make_pair(device, kernel)];
     f.unavailable = std::string("the driver refused its cooperative launch (") +
                     cudaGetErrorString(err) + ")";
   }
@@ -218,11 +219,13 @@ struct Fp32Api<Ctx, void> {  // allowTF32CuDNN(): one flag for all of cuDNN
   static void restore_matmul_precision(Ctx&, Saved) {}
 };
 template <typename Ctx, typename Op>
-struct Fp32Api<Ctx, std::optional<Op>> {  // allowTF32CuDNN(optional<Float32Op>) and per-op precisions
+struct Fp32Api<Ctx, std::optional<Op>> {  // allowTF32CuDNN(optional<Float32Op>), per-op precisions
   using Backend = typename FirstArg<decltype(&Ctx::float32Precision)>::type;
   using Saved = decltype(std::declval<const Ctx&>().float32Precision(Backend::CUDA, Op::MATMUL));
   static bool rnn_tf32(const Ctx& c) { return c.allowTF32CuDNN(Op::RNN); }
-  static Saved matmul_precision(const Ctx& c) { return c.float32Precision(Backend::CUDA, Op::MATMUL); }
+  static Saved matmul_precision(const Ctx& c) {
+    return c.float32Precision(Backend::CUDA, Op::MATMUL);
+  }
   static void restore_matmul_precision(Ctx& c, Saved s) {
     c.setFloat32Precision(Backend::CUDA, Op::MATMUL, s);
   }
@@ -286,7 +289,7 @@ class MatmulTf32Guard {
 // lengths [B] on `device`. CPU lengths (the common case: lists, NumPy arrays
 // and pack_padded_sequence's lengths all live there) are checked here, with the
 // CPU backend's message, before any kernel runs, then copied without a host
-// sync (the copy from pageable memory is staged before it returns). Lengths
+// sync (a copy from pageable memory is staged before it returns). Lengths
 // already on the device are checked by lengths_prep_kernel's device assert.
 // A copy from the CPU cannot be captured in a CUDA graph: inside a capture,
 // lengths must already be on the device.
@@ -296,7 +299,9 @@ inline at::Tensor lengths_on_device(const at::Tensor& lengths, int64_t T, at::De
               "lengths must be on the input's device ", device,
               " inside a CUDA graph capture (a copy from the CPU cannot be captured), got lengths "
               "on ", lengths.device());
-  const at::Tensor l = lengths.contiguous();
+  // Our own pageable copy: what is checked is what is sent (a pinned source could be
+  // rewritten by the caller while an asynchronous copy of it is in flight).
+  const at::Tensor l = lengths.clone(at::MemoryFormat::Contiguous);
   AT_DISPATCH_INDEX_TYPES(l.scalar_type(), "varlen_rnn_check_lengths", [&] {
     const index_t* p = l.data_ptr<index_t>();
     for (int64_t b = 0; b < l.numel(); ++b) {

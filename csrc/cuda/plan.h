@@ -133,7 +133,8 @@ inline double fallback_step_us(const Problem& p, const Device& dev) {
   const double per_us = dev.sms * CostModel::kClockGHz * 1e3;  // SM-cycles per microsecond
   const double flops = 2.0 * p.D * std::max<int64_t>(p.B, 1) * 3 * p.H * p.H;
   const double w_bytes = double(p.D) * 3 * p.H * p.H * p.storage_bytes;
-  const double gemm = std::max(flops / gemm_flops_per_cycle(p), w_bytes / CostModel::kL2BytesPerCycle);
+  const double gemm =
+      std::max(flops / gemm_flops_per_cycle(p), w_bytes / CostModel::kL2BytesPerCycle);
   return std::max(CostModel::kFallbackHostUs, CostModel::kFallbackKernelUs + gemm / per_us);
 }
 
