@@ -174,6 +174,21 @@ bool launched_or_allowed_to_fall_back(bool launched) {
   return launched;
 }
 
+// gx = x @ w_ih^T + b_ih: [T*B, D*3H], rows in the input's layout, one GEMM for all
+// steps and directions. ATen may run an addmm with a bias through cuBLASLt, which takes
+// TF32 from the global matmul flag alone (NoTF32Guard does not reach it): where TF32
+// must be off but that flag is on, the bias is added on its own.
+Tensor input_projection(const LayerCall& c, const Tensor& x2d, const Tensor& w_ih2d,
+                        const std::optional<Tensor>& b_ih) {
+  if (!b_ih.has_value()) return at::mm(x2d, w_ih2d.t());
+  const Tensor b = b_ih->contiguous().view({-1});
+  const bool float32 = c.opts.dtype().toScalarType() == at::kFloat;
+  if (float32 && !c.tf32 && at::globalContext().allowTF32CuBLAS()) {
+    return at::mm(x2d, w_ih2d.t()).add_(b);
+  }
+  return at::addmm(b, x2d, w_ih2d.t());
+}
+
 // ---- Forward: one function per path -------------------------------------------
 template <typename scalar_t>
 bool persistent_forward(const ForwardCall& c, const plan::Cut& cut) {
@@ -253,11 +268,9 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_cuda(
     c.h_n.copy_(hx);
     return {c.out, c.h_n, c.ws};
   }
-  // gx rows follow the input's layout: one GEMM for all steps and directions.
   const Tensor x2d = input.contiguous().view({T * B, I});
   const Tensor w_ih2d = w_ih.contiguous().view({D * 3 * H, I});
-  c.gx = b_ih.has_value() ? at::addmm(b_ih->contiguous().view({D * 3 * H}), x2d, w_ih2d.t())
-                          : at::mm(x2d, w_ih2d.t());
+  c.gx = input_projection(c, x2d, w_ih2d, b_ih);
   if (b_hh.has_value()) c.b_hh = b_hh->contiguous();
   const plan::Pass pass = need_workspace ? plan::Pass::kTraining : plan::Pass::kInference;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),

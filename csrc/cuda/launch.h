@@ -236,7 +236,10 @@ inline bool cudnn_rnn_allows_tf32() { return TorchFp32Api::rnn_tf32(at::globalCo
 
 // Makes ATen's cuBLAS calls of this op follow `tf32` for float32.
 // Turning TF32 off uses ATen's thread-local NoTF32Guard: exact, no shared
-// state. Turning it on (the default flags: cuDNN on, matmul off) can only be
+// state; it reaches the GEMMs ATen runs on its cuBLAS handle (mm, bmm,
+// baddbmm by default), not cuBLASLt ones (gru_cuda.cu keeps its addmm off
+// that path when it matters; with preferred_blas_library="cublaslt" the flag
+// is not guaranteed off). Turning it on (the default flags: cuDNN on, matmul off) can only be
 // done through the process-wide matmul flag, so the holders are counted under
 // a mutex: the first sets the flag, the last restores the user's setting, and
 // concurrent varlen_rnn calls never restore each other's change. While any
