@@ -52,7 +52,8 @@ inline void check_same_device_dtype(const at::Tensor& ref, const at::Tensor& t,
 }
 
 // Checks everything that shapes and dtypes alone decide. The values of
-// `lengths` (0 <= length <= T) are checked by each backend's kernel.
+// `lengths` (0 <= length <= T) are checked by each backend: on the host where
+// they live on the CPU, else by the kernel.
 inline LayerDims check_layer_args(const at::Tensor& input,
                                   const at::Tensor& lengths,
                                   const at::Tensor& hx, const at::Tensor& w_ih,
@@ -100,8 +101,10 @@ inline LayerDims check_layer_args(const at::Tensor& input,
               "lengths must be 1-D of size B=", dims.B, ", got shape ", lengths.sizes());
   TORCH_CHECK(lengths.scalar_type() == at::kLong || lengths.scalar_type() == at::kInt,
               "lengths must be an int64 or int32 tensor, got ", lengths.scalar_type());
-  TORCH_CHECK(lengths.device() == input.device(),
-              "lengths must be on the input's device ", input.device(), ", got ",
+  // On the CPU (where pack_padded_sequence keeps them) or on the input's
+  // device; a CUDA backend checks CPU lengths on the host (cuda/launch.h).
+  TORCH_CHECK(lengths.device() == input.device() || lengths.device().is_cpu(),
+              "lengths must be on the CPU or on the input's device ", input.device(), ", got ",
               lengths.device());
   return dims;
 }
