@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kPersistThreads)
         const int i = base + (item / J) * kRows + r;
         if (j >= H || i >= B || a.sorted[i] <= s) continue;
         const int b = a.perm[i], len = a.sorted[i];
-        const int t = d == 1 ? len - 1 - s : s;
+        const int t = step_time(d, len, s);
         const scalar_t* gxr = a.gx + a.xs.at(t, b) + static_cast<int64_t>(d) * 3 * H;
         const acc_t* acc = acc_s + item * 3 * kRows + r;
         acc_t gh[3];
@@ -220,11 +220,7 @@ __global__ void __launch_bounds__(kPersistThreads)
         a.out[a.os.at(t, b) + static_cast<int64_t>(d) * H + j] = static_cast<scalar_t>(hn);
         if (s == len - 1) a.h_n[static_cast<int64_t>(d) * B * H + hoff] = static_cast<scalar_t>(hn);
         if (a.ws != nullptr) {
-          acc_t* w = a.ws + ((static_cast<int64_t>(d) * a.T + t) * B + b) * 4 * H;
-          w[j] = sv.r;
-          w[H + j] = sv.z;
-          w[2 * H + j] = sv.n;
-          w[3 * H + j] = sv.hn;
+          store_saved(a.ws + ((static_cast<int64_t>(d) * a.T + t) * B + b) * 4 * H, j, H, sv);
         }
       }
     }
@@ -281,12 +277,9 @@ __global__ void __launch_bounds__(kPersistThreads)
     a.dh[dBH + static_cast<int64_t>(b) * H + j] =
         static_cast<acc_t>(a.grad_h_n[dBH + static_cast<int64_t>(b) * H + j]);
     for (int s = a.lens[b]; s < T; ++s) {  // inactive (s, b): zero gradients
-      scalar_t* dgxr = a.dgx + a.xs.at(s, b) + static_cast<int64_t>(d) * 3 * H;
-      scalar_t* dghr = a.dgh + ((static_cast<int64_t>(d) * T + s) * B + b) * 3 * H;
-      for (int g = 0; g < 3; ++g) {
-        dgxr[g * H + j] = scalar_t(0);
-        dghr[g * H + j] = scalar_t(0);
-      }
+      store_gate_grads(a.dgx + a.xs.at(s, b) + static_cast<int64_t>(d) * 3 * H,
+                       a.dgh + ((static_cast<int64_t>(d) * T + s) * B + b) * 3 * H, j, H,
+                       GruCellGrad<acc_t>{});
       a.hprev[((static_cast<int64_t>(d) * T + s) * B + b) * H + j] = scalar_t(0);
     }
   }
@@ -299,23 +292,18 @@ __global__ void __launch_bounds__(kPersistThreads)
       if (a.sorted[i] <= s) break;  // sorted descending: the rest are finished too
       if (j >= H) continue;
       const int b = a.perm[i], len = a.sorted[i];
-      const int t = d == 1 ? len - 1 - s : s;
+      const int t = step_time(d, len, s);
       const int64_t col = static_cast<int64_t>(d) * H + j;
       const int64_t hoff = dBH + static_cast<int64_t>(b) * H + j;
       const acc_t dh_tot = a.dh[hoff] + static_cast<acc_t>(a.grad_out[a.os.at(t, b) + col]);
-      const scalar_t h_prev_s = s == 0 ? a.hx[hoff] : a.out[a.os.at(d == 1 ? t + 1 : t - 1, b) + col];
-      const acc_t h_prev = static_cast<acc_t>(h_prev_s);
-      const acc_t* w = a.ws + ((static_cast<int64_t>(d) * T + t) * B + b) * 4 * H;
-      const GruCellSaved<acc_t> sv{w[j], w[H + j], w[2 * H + j], w[3 * H + j]};
-      const GruCellGrad<acc_t> g = gru_cell_backward<acc_t>(dh_tot, h_prev, sv);
-      scalar_t* dgxr = a.dgx + a.xs.at(t, b) + static_cast<int64_t>(d) * 3 * H;
-      dgxr[j] = static_cast<scalar_t>(g.dr);
-      dgxr[H + j] = static_cast<scalar_t>(g.dz);
-      dgxr[2 * H + j] = static_cast<scalar_t>(g.dn);
+      const scalar_t h_prev_s = s == 0 ? a.hx[hoff] : a.out[a.os.at(prev_time(d, t), b) + col];
+      const GruCellSaved<acc_t> sv =
+          load_saved(a.ws + ((static_cast<int64_t>(d) * T + t) * B + b) * 4 * H, j, H);
+      const GruCellGrad<acc_t> g =
+          gru_cell_backward<acc_t>(dh_tot, static_cast<acc_t>(h_prev_s), sv);
       const int64_t row = (static_cast<int64_t>(d) * T + s) * B + b;
-      a.dgh[row * 3 * H + j] = static_cast<scalar_t>(g.dr);
-      a.dgh[row * 3 * H + H + j] = static_cast<scalar_t>(g.dz);
-      a.dgh[row * 3 * H + 2 * H + j] = static_cast<scalar_t>(g.dhn);
+      store_gate_grads(a.dgx + a.xs.at(t, b) + static_cast<int64_t>(d) * 3 * H,
+                       a.dgh + row * 3 * H, j, H, g);
       a.hprev[row * H + j] = h_prev_s;
       a.dh[hoff] = g.dh_prev;
     }
