@@ -67,6 +67,43 @@ __device__ __forceinline__ int tile_items(int U, const PersistentShape& ps) {
   return U * (ps.tile_rows / kRows);
 }
 
+// Sums a[g][r] over the warp's 32 lanes so that lane r (and r + kRows, ...)
+// ends with row r's sums in a[g][0], for every g: a reduce-scatter. Each of
+// the log2(kRows) halving steps sends half of the rows a lane still holds to
+// the partner lane ^ off and keeps the other half (the rows whose bit matches
+// the lane's bit), then two butterfly steps add up the 32 / kRows lanes that
+// hold the same row. NG * (kRows/2 + kRows/4 + ... + 1 + 2) = 27 shuffles for
+// NG = 3 instead of the butterfly's 5 * NG * kRows = 120. Every lane runs the
+// same shuffles (full mask), and each sum has a fixed order, so the result is
+// bitwise the same every run.
+template <int NG, typename acc_t>
+__device__ __forceinline__ void warp_reduce_scatter(acc_t (&a)[NG][kRows], int lane) {
+  static_assert((kRows & (kRows - 1)) == 0 && kRows <= 32, "kRows must be a power of two <= 32");
+  // Invariant: after the step with offset off, a[g][m] holds the partial sum of
+  // row (lane & (2*off - 1)) + m * 2*off over the lanes that differ from this
+  // one in bits below 2*off.
+#pragma unroll
+  for (int off = 1, n = kRows; off < kRows; off *= 2, n /= 2) {
+    const bool upper = (lane & off) != 0;
+#pragma unroll
+    for (int m = 0; m < kRows / 2; ++m) {
+      if (2 * m < n) {  // compile-time after unrolling
+#pragma unroll
+        for (int g = 0; g < NG; ++g) {
+          const acc_t lo = a[g][2 * m], hi = a[g][2 * m + 1];
+          const acc_t keep = upper ? hi : lo;
+          const acc_t recv = __shfl_xor_sync(0xffffffffu, upper ? lo : hi, off);
+          a[g][m] = keep + recv;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int off = kRows; off < 32; off *= 2)
+#pragma unroll
+    for (int g = 0; g < NG; ++g) a[g][0] += __shfl_xor_sync(0xffffffffu, a[g][0], off);
+}
+
 // For every work item = sub*U + u of the block and g < NG, r < kRows:
 //   acc_s[item][g][r] = sum_k w_s[(g*g_rows + u*u_rows)*K + k] * X[sub*kRows + r][k]
 // i.e. NG rows of the on-chip weights against kRows rows of X, so each value
@@ -105,21 +142,12 @@ __device__ __forceinline__ void tile_matvec(const w_t* w_s, int U, int g_rows, i
           for (int g = 0; g < NG; ++g) a[g][r] += w[g] * xv;
         }
       }
-      // Butterfly: every lane ends with the full sums, in the same order.
+      warp_reduce_scatter<NG>(a, lane);
+      if (lane < kRows) {
 #pragma unroll
-      for (int off = 16; off > 0; off /= 2)
-#pragma unroll
-        for (int g = 0; g < NG; ++g)
-#pragma unroll
-          for (int r = 0; r < kRows; ++r) a[g][r] += __shfl_xor_sync(0xffffffffu, a[g][r], off);
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        if (lane == r) {  // a register array indexed by a constant stays in registers
-#pragma unroll
-          for (int g = 0; g < NG; ++g) {
-            acc_t* dst = acc_s + (item * NG + g) * kRows + r;
-            *dst = (k0 == 0 ? acc_t(0) : *dst) + a[g][r];
-          }
+        for (int g = 0; g < NG; ++g) {
+          acc_t* dst = acc_s + (item * NG + g) * kRows + lane;
+          *dst = (k0 == 0 ? acc_t(0) : *dst) + a[g][0];
         }
       }
     }
