@@ -53,7 +53,7 @@ CASES = {
                              lengths=[(i * 7) % 5 for i in range(20)]),
     "K-chunks-tail-block": dict(T=7, B=9, I=4, H=37, D=2, bias=True, bf=False,
                                 lengths=[7, 6, 5, 4, 3, 2, 1, 0, 7], kc=32),
-    "K-chunks-small": dict(T=3, B=9, I=2, H=9, D=2, bias=True, bf=True,
+    "K-chunks-small": dict(T=3, B=9, I=2, H=13, D=2, bias=True, bf=True,
                            lengths=[3, 2, 0, 1, 3, 1, 2, 0, 3], kc=8),
     "one-row-per-warp-tiles": dict(T=3, B=17, I=2, H=9, D=1, bias=True, bf=True,
                                    lengths=[3] * 17, R=1),

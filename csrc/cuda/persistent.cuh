@@ -20,6 +20,9 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cstdint>
+#include <type_traits>
+
 #include "gate_math.h"
 #include "pointwise.cuh"
 
@@ -104,22 +107,46 @@ __device__ __forceinline__ void warp_reduce_scatter(acc_t (&a)[NG][kRows], int l
     for (int g = 0; g < NG; ++g) a[g][0] += __shfl_xor_sync(0xffffffffu, a[g][0], off);
 }
 
+// Copies kc values of one tile row from src into dst (zeros when src is
+// null, i.e. the row is inactive), the warp's lanes striding over the columns.
+// kCg: src was written by other blocks before the grid barrier (read through
+// L2). fp32 rows go as 16-byte loads where src, dst and kc allow it.
+template <bool kCg, typename acc_t, typename T>
+__device__ __forceinline__ void stage_row(acc_t* dst, const T* src, int kc, int lane) {
+  if (src == nullptr) {
+    for (int k = lane; k < kc; k += 32) dst[k] = acc_t(0);
+    return;
+  }
+  if constexpr (std::is_same<T, float>::value && std::is_same<acc_t, float>::value) {
+    const uintptr_t addr = reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst);
+    if ((kc & 3) == 0 && (addr & 15) == 0) {
+      const float4* s4 = reinterpret_cast<const float4*>(src);
+      float4* d4 = reinterpret_cast<float4*>(dst);
+      for (int k = lane; k < kc / 4; k += 32) d4[k] = kCg ? __ldcg(s4 + k) : s4[k];
+      return;
+    }
+  }
+  for (int k = lane; k < kc; k += 32) dst[k] = static_cast<acc_t>(kCg ? load_cg(src + k) : src[k]);
+}
+
 // For every work item = sub*U + u of the block and g < NG, r < kRows:
 //   acc_s[item][g][r] = sum_k w_s[(g*g_rows + u*u_rows)*K + k] * X[sub*kRows + r][k]
 // i.e. NG rows of the on-chip weights against kRows rows of X, so each value
 // read from shared memory feeds NG (or kRows) FMAs. X is fetched chunk by
-// chunk through load(row, k) into `tile`. Ends with __syncthreads.
-template <int NG, typename acc_t, typename w_t, typename Load>
+// chunk into `tile`: warp w stages rows w, w + kPersistWarps, ... through
+// stage(dst, row, k0, kc, lane), which looks the row's source up once and
+// copies columns k0 .. k0+kc-1 (see stage_row). Ends with __syncthreads.
+template <int NG, typename acc_t, typename w_t, typename Stage>
 __device__ __forceinline__ void tile_matvec(const w_t* w_s, int U, int g_rows, int u_rows, int K,
                                             const PersistentShape& ps, acc_t* tile,
-                                            acc_t* acc_s, Load load) {
+                                            acc_t* acc_s, Stage stage) {
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int items = tile_items(U, ps);
   for (int k0 = 0; k0 < K; k0 += ps.kc) {
     const int kc = min(ps.kc, K - k0);
-    for (int e = threadIdx.x; e < ps.tile_rows * kc; e += blockDim.x) {
-      tile[(e / kc) * ps.kc + e % kc] = load(e / kc, k0 + e % kc);
+    for (int r = warp; r < ps.tile_rows; r += kPersistWarps) {
+      stage(tile + r * ps.kc, r, k0, kc, lane);
     }
     __syncthreads();
     for (int item = warp; item < items; item += kPersistWarps) {
@@ -217,12 +244,17 @@ __global__ void __launch_bounds__(kPersistThreads)
     const acc_t* cur = a.hbuf + (s & 1) * buf_stride + static_cast<int64_t>(d) * B * H;
     acc_t* nxt = a.hbuf + ((s + 1) & 1) * buf_stride + static_cast<int64_t>(d) * B * H;
     for (int base = 0; base < B && a.sorted[base] > s; base += ps.tile_rows) {
-      tile_matvec<3>(w_s, J, J, 1, H, ps, tile, acc_s, [&](int r, int k) -> acc_t {
+      auto stage = [&](acc_t* dst, int r, int k0, int kc, int lane) {
         const int i = base + r;
-        if (i >= B || a.sorted[i] <= s) return acc_t(0);
-        const int64_t off = static_cast<int64_t>(a.perm[i]) * H + k;
-        return s == 0 ? static_cast<acc_t>(hx_d[off]) : __ldcg(cur + off);
-      });
+        const bool active = i < B && a.sorted[i] > s;
+        const int64_t off = active ? static_cast<int64_t>(a.perm[i]) * H + k0 : 0;
+        if (s == 0) {
+          stage_row<false>(dst, active ? hx_d + off : nullptr, kc, lane);
+        } else {
+          stage_row<true>(dst, active ? cur + off : nullptr, kc, lane);
+        }
+      };
+      tile_matvec<3>(w_s, J, J, 1, H, ps, tile, acc_s, stage);
       for (int e = threadIdx.x; e < items * kRows; e += blockDim.x) {
         const int item = e / kRows, r = e % kRows;
         const int j = j0 + item % J;
@@ -338,11 +370,13 @@ __global__ void __launch_bounds__(kPersistThreads)
     grid.sync();
     const scalar_t* dgh_s = a.dgh + (static_cast<int64_t>(d) * T + s) * B * 3 * H;
     for (int base = 0; base < B && a.sorted[base] > s; base += ps.tile_rows) {
-      tile_matvec<3>(w_s, U, 1, 3, 3 * H, ps, tile, acc_s, [&](int r, int k) -> acc_t {
+      auto stage = [&](acc_t* dst, int r, int k0, int kc, int lane) {
         const int i = base + r;
-        if (i >= B || a.sorted[i] <= s) return acc_t(0);
-        return static_cast<acc_t>(load_cg(dgh_s + static_cast<int64_t>(a.perm[i]) * 3 * H + k));
-      });
+        const bool active = i < B && a.sorted[i] > s;
+        const int64_t off = active ? static_cast<int64_t>(a.perm[i]) * 3 * H + k0 : 0;
+        stage_row<true>(dst, active ? dgh_s + off : nullptr, kc, lane);
+      };
+      tile_matvec<3>(w_s, U, 1, 3, 3 * H, ps, tile, acc_s, stage);
       for (int e = threadIdx.x; e < items * 3 * kRows; e += blockDim.x) {
         const int item = e / (3 * kRows), g = (e / kRows) % 3, r = e % kRows;
         const int jl = (item % U) * 3 + g, j = j0 + jl;

@@ -25,6 +25,7 @@
 #define CUDA_KERNEL_ASSERT(c) assert(c)
 #endif
 
+struct alignas(16) float4 { float x, y, z, w; };  // CUDA's vector type, for 16-byte loads
 struct EmuIdx { int x = 0, y = 0, z = 0; };
 thread_local EmuIdx threadIdx, blockIdx, blockDim, gridDim;
 struct EmuWarp { std::barrier<> bar{32}; double slot[2][32]; };
