@@ -48,7 +48,12 @@ COMMIT="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo "${VARLEN_RN
 export PY REPO WORK DEV DRY KERNEL_REGEX PYTHONUNBUFFERED=1
 # An in-place build wins over an installed package (the GPU machine has only the in-place one);
 # every Python command runs from $WORK, so the source tree is never imported by accident.
-in_place() { [ -f "$REPO/varlen_rnn/_build_info.py" ] && export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"; }
+# The sign of an in-place build is the compiled extension beside the sources (setup.py writes
+# _build_info.py there for every build, pip installs included).
+in_place() {
+  compgen -G "$REPO/varlen_rnn/_C*.so" >/dev/null && export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+  return 0
+}
 in_place
 cd "$WORK" || exit 2
 
