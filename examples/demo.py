@@ -1,4 +1,4 @@
-"""The classic variable-length classifier, trained twice: python -m varlen_rnn.demo
+"""The classic variable-length classifier, trained twice: python examples/demo.py
 
 Embedding(padding_idx=0) -> GRU -> each sequence's last state -> Linear, trained from the same
 initial weights on the same batches in the same order:
@@ -9,14 +9,24 @@ initial weights on the same batches in the same order:
     No sorting, no packing, labels stay where they are.
 
 Both runs see identical arithmetic up to float rounding, so their loss curves agree; the
-difference is the time. Default data is generated here: texts in four made-up "languages" (each
-favours a few letters) with lengths from 4 to --max-len, to be told apart.
---data FILE trains on your own `label<TAB>text` lines instead, one character per token.
+difference is the time. One character per token. The data (--data):
+
+  wordfreq   the default when the wordfreq package is installed (scripts/setup.sh installs it):
+             tell a word's language from its letters, as PyTorch's character-level name
+             classification tutorial does. --words words of each of --languages, drawn (seeded)
+             from the word-frequency lists that ship inside the package: nothing is downloaded.
+             Without the package the default is `synthetic`, with a one-line note.
+  synthetic  generated texts in four made-up "languages" (each favours a few letters), lengths
+             from 4 to --max-len: long sequences, where fusing the recurrence pays most.
+  FILE       your own `label<TAB>text` lines.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
+import importlib.metadata
+import importlib.util
 import math
 import random
 import sys
@@ -32,12 +42,48 @@ import varlen_rnn
 
 
 class DataFormatError(ValueError):
-    """A --data file line that is not `label<TAB>text`."""
+    """A --data file line that is not `label<TAB>text`, or a word list that cannot be made."""
 
 
 # ---------------------------------------------------------------------------------------- data
+LANGUAGES = ("de", "en", "es", "fi", "fr", "it", "nl", "pl")  # wordfreq codes, all in Latin script
+WORD_POOL = 20000  # each language's most frequent words to draw from: everyday words, few rarities
+
+
+def have_wordfreq() -> bool:
+    return importlib.util.find_spec("wordfreq") is not None
+
+
+def wordfreq_words(languages, per_language: int, seed: int) -> list[tuple[str, str]]:
+    """`per_language` (language, word) pairs for each language, drawn with `seed` from the WORD_POOL
+    most frequent alphabetic words of wordfreq's "small" lists, which ship in the package (read
+    from its data folder; no network). A word spelled alike in two of the languages ("hotel",
+    "in") is left out: it has no single right answer. Lengths are the words' own, 1 to ~25."""
+    import wordfreq
+
+    known = set(wordfreq.available_languages(wordlist="small"))
+    for lang in languages:
+        if lang not in known:
+            raise DataFormatError(f"--languages: expected wordfreq language codes such as "
+                                  f"{','.join(LANGUAGES)}; {lang!r} is not one of {len(known)} it has")
+    if len(set(languages)) < 2:
+        raise DataFormatError(f"--languages: expected at least 2 distinct languages, got {languages}")
+    tops = {lang: [w for w in wordfreq.top_n_list(lang, WORD_POOL, wordlist="small") if w.isalpha()]
+            for lang in dict.fromkeys(languages)}
+    count = collections.Counter(w for words in tops.values() for w in set(words))
+    rng = random.Random(seed)
+    pairs = []
+    for lang, words in tops.items():
+        unique = [w for w in words if count[w] == 1]
+        if len(unique) < per_language:
+            raise DataFormatError(f"--words: expected at most {len(unique)} (the words of {lang!r} "
+                                  f"found in no other language), got {per_language}")
+        pairs += [(lang, w) for w in rng.sample(unique, per_language)]
+    return pairs
+
+
 ALPHABET = "abcdefghijklmnopqrstuvwxyz "
-LANGUAGES = ("ardic", "belan", "corvu", "dusht")
+MADE_UP = ("ardic", "belan", "corvu", "dusht")
 
 
 def generate_data(n: int, max_len: int, seed: int) -> list[tuple[str, str]]:
@@ -49,15 +95,15 @@ def generate_data(n: int, max_len: int, seed: int) -> list[tuple[str, str]]:
     rng = random.Random(seed)
     letters = list(ALPHABET)
     rng.shuffle(letters)
-    k = len(ALPHABET) // len(LANGUAGES)
-    favourites = [letters[i * k:(i + 1) * k] for i in range(len(LANGUAGES))]
+    k = len(ALPHABET) // len(MADE_UP)
+    favourites = [letters[i * k:(i + 1) * k] for i in range(len(MADE_UP))]
     pairs = []
     for _ in range(n):
-        c = rng.randrange(len(LANGUAGES))
+        c = rng.randrange(len(MADE_UP))
         length = int(round(math.exp(rng.uniform(math.log(min(4, max_len)), math.log(max(4, max_len))))))
         text = "".join(rng.choice(favourites[c]) if rng.random() < 0.4 else rng.choice(ALPHABET)
                        for _ in range(length))
-        pairs.append((LANGUAGES[c], text))
+        pairs.append((MADE_UP[c], text))
     return pairs
 
 
@@ -251,31 +297,52 @@ def report(res: dict, cfg: Config, n_train: int, n_test: int) -> str:
     return "\n".join(lines)
 
 
+def load(args) -> tuple[list[tuple[str, str]], str]:
+    """The (label, text) pairs that --data names, and a few words saying where they came from."""
+    if args.data == "wordfreq":
+        langs = args.languages.split(",")
+        return (wordfreq_words(langs, args.words, args.seed),
+                f"wordfreq {importlib.metadata.version('wordfreq')} word lists, {args.words} words each of {','.join(langs)}")
+    if args.data == "synthetic":
+        return generate_data(args.samples, args.max_len, args.seed), "generated"
+    return read_data(args.data), f"from {args.data}"
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m varlen_rnn.demo", description=__doc__,
+    p = argparse.ArgumentParser(prog="python examples/demo.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", metavar="FILE", help="your own data: one 'label<TAB>text' per line")
-    p.add_argument("--samples", type=int, default=6000, help="generated sequences (default 6000)")
-    p.add_argument("--max-len", type=int, default=200, help="longest generated sequence (default 200)")
+    p.add_argument("--data", default=None, help="wordfreq, synthetic or a FILE of 'label<TAB>text' lines "
+                   "(default: wordfreq when the package is installed, else synthetic)")
+    p.add_argument("--languages", default=",".join(LANGUAGES), help="wordfreq: the classes (default %(default)s)")
+    p.add_argument("--words", type=int, default=3000, help="wordfreq: words per language (default %(default)s)")
+    p.add_argument("--samples", type=int, default=6000, help="synthetic: sequences (default %(default)s)")
+    p.add_argument("--max-len", type=int, default=200, help="synthetic: longest sequence (default %(default)s)")
     p.add_argument("--epochs", type=int, default=Config.epochs)
     p.add_argument("--batch-size", type=int, default=Config.batch_size)
     p.add_argument("--embed", type=int, default=Config.embed, help="embedding size")
     p.add_argument("--hidden", type=int, default=Config.hidden, help="GRU hidden size")
     p.add_argument("--layers", type=int, default=Config.layers, help="GRU layers")
     p.add_argument("--lr", type=float, default=Config.lr)
-    p.add_argument("--seed", type=int, default=Config.seed)
+    p.add_argument("--seed", type=int, default=Config.seed, help="weights, data selection, split, batch order")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     args = p.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {device}: torch.cuda.is_available() is False")
-    for flag in ("samples", "max_len", "epochs", "batch_size", "embed", "hidden", "layers"):
+    for flag in ("words", "samples", "max_len", "epochs", "batch_size", "embed", "hidden", "layers"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.data is None:
+        args.data = "wordfreq" if have_wordfreq() else "synthetic"
+        if args.data == "synthetic":
+            print("note: the wordfreq package is not installed (pip install wordfreq), so the data is "
+                  "generated (--data synthetic)", file=sys.stderr)
+    elif args.data == "wordfreq" and not have_wordfreq():
+        p.error("--data wordfreq: the wordfreq package is not installed (pip install wordfreq)")
 
     try:
-        pairs = read_data(args.data) if args.data else generate_data(args.samples, args.max_len, args.seed)
+        pairs, source = load(args)
     except (DataFormatError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -288,7 +355,7 @@ def main(argv=None) -> int:
                  layers=args.layers, lr=args.lr, seed=args.seed, device=device, dtype=getattr(torch, args.dtype))
     lens = sorted(len(t) for t in ds.tokens)
     where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{len(pairs)} sequences ({'from ' + args.data if args.data else 'generated'}), {len(ds.classes)} classes, "
+    print(f"{len(pairs)} sequences ({source}), {len(ds.classes)} classes, "
           f"{len(ds.vocab)} characters; lengths {lens[0]}..{lens[-1]} (median {lens[len(lens) // 2]})\n"
           f"model: Embedding({len(ds.vocab) + 1}, {cfg.embed}, padding_idx=0) -> GRU({cfg.embed}, {cfg.hidden}, "
           f"num_layers={cfg.layers}) -> last state -> Linear({cfg.hidden}, {len(ds.classes)}); "
