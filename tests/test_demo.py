@@ -40,6 +40,8 @@ def _assert_train_identically(ds, train, test, dtype, tol, epochs=2):
     assert sum(la[-n:]) < sum(la[:n])  # it learns: the last epoch's loss is below the first's
     acc = list(res["accuracy"].values())
     assert acc[0] == acc[1]
+    labels = ds.labels[test].tolist()
+    assert res["majority"] == max(labels.count(c) for c in labels) / len(labels)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
@@ -110,6 +112,7 @@ def test_main_defaults_to_words(capsys):
     assert demo.main(["--words", "12", "--languages", "en,fi,pl", *SMALL]) == 0
     out = capsys.readouterr().out
     assert "36 sequences (wordfreq " in out and "3 classes" in out
+    assert "(always naming the most common class: " in out
     assert "the curves agree" in out and "speedup" in out
 
 
