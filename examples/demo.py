@@ -195,7 +195,7 @@ class Config:
     epochs: int = 3
     batch_size: int = 64
     embed: int = 32
-    hidden: int = 64
+    hidden: int = 128
     layers: int = 1
     lr: float = 3e-3
     clip: float = 1.0
@@ -317,7 +317,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=None, help="wordfreq, synthetic or a FILE of 'label<TAB>text' lines "
                    "(default: wordfreq when the package is installed, else synthetic)")
     p.add_argument("--languages", default=",".join(LANGUAGES), help="wordfreq: the classes (default %(default)s)")
-    p.add_argument("--words", type=int, default=2500, help="wordfreq: words per language (default %(default)s)")
+    p.add_argument("--words", type=int, default=5000, help="wordfreq: words per language (default %(default)s)")
     p.add_argument("--samples", type=int, default=6000, help="synthetic: sequences (default %(default)s)")
     p.add_argument("--max-len", type=int, default=200, help="synthetic: longest sequence (default %(default)s)")
     p.add_argument("--epochs", type=int, default=Config.epochs)
