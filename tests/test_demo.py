@@ -1,8 +1,8 @@
 """The demo (examples/demo.py): both recipes train identically on every kind of data (wordfreq's
 word lists, generated texts, a file), the word lists load offline, and --data errors are clear."""
-import importlib.util
+
+import importlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,22 +10,22 @@ from pathlib import Path
 import pytest
 import torch
 
-DEMO_PATH = Path(__file__).resolve().parents[1] / "examples" / "demo.py"
-_spec = importlib.util.spec_from_file_location("varlen_rnn_demo", DEMO_PATH)
-demo = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = demo  # dataclasses look their module up there
-_spec.loader.exec_module(demo)
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))  # as `python examples/demo.py` has it
+demo = importlib.import_module("demo")
+demo_data = importlib.import_module("demo_data")
 
 needs_wordfreq = pytest.mark.skipif(
-    not demo.have_wordfreq(),
+    not demo_data.have_wordfreq(),
     reason="the wordfreq package is not installed (scripts/setup.sh installs it): the demo's real-data "
-           "path is untested here")
+    "path is untested here",
+)
 
 SMALL = ["--epochs", "1", "--hidden", "8", "--embed", "4", "--batch-size", "8", "--device", "cpu"]
 
 
 def _split(pairs, n_test=8):
-    ds = demo.encode(pairs)
+    ds = demo_data.encode(pairs)
     idx = list(range(len(pairs)))
     return ds, idx[n_test:], idx[:n_test]
 
@@ -46,18 +46,18 @@ def _assert_train_identically(ds, train, test, dtype, tol, epochs=2):
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 def test_both_recipes_train_identically_on_generated_data(dtype, tol):
-    _assert_train_identically(*_split(demo.generate_data(48, 30, 0)), dtype, tol)
+    _assert_train_identically(*_split(demo_data.generate_data(48, 30, 0)), dtype, tol)
 
 
 @needs_wordfreq
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 def test_both_recipes_train_identically_on_words(dtype, tol):
-    pairs = demo.wordfreq_words(["en", "fi", "pl"], 16, seed=0)
+    pairs = demo_data.wordfreq_words(["en", "fi", "pl"], 16, seed=0)
     _assert_train_identically(*_split(pairs), dtype, tol)
 
 
-# A fresh interpreter (no word list cached yet) whose every way to reach the network raises, and
-# records that it was tried, before wordfreq is imported.
+# A fresh interpreter (no word list cached yet) in which every way to reach the network raises and
+# is recorded, set up before wordfreq is imported.
 _OFFLINE = """
 import json, socket, sys
 tried = []
@@ -67,18 +67,22 @@ def refuse(*args, **kwargs):
 socket.socket.connect = socket.socket.connect_ex = refuse
 socket.create_connection = socket.getaddrinfo = refuse
 sys.path.insert(0, sys.argv[1])
-import demo
-pairs = demo.wordfreq_words(["de", "en", "es", "fi", "fr", "it", "nl", "pl"], 200, seed=3)
-print(json.dumps({"pairs": pairs, "tried": tried, "again": pairs == demo.wordfreq_words(
+import demo_data
+pairs = demo_data.wordfreq_words(["de", "en", "es", "fi", "fr", "it", "nl", "pl"], 200, seed=3)
+print(json.dumps({"pairs": pairs, "tried": tried, "again": pairs == demo_data.wordfreq_words(
     ["de", "en", "es", "fi", "fr", "it", "nl", "pl"], 200, seed=3)}))
 """
 
 
 @needs_wordfreq
 def test_words_load_offline_and_make_a_real_task():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    run = subprocess.run([sys.executable, "-c", _OFFLINE, str(DEMO_PATH.parent)], env=env,
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", _OFFLINE, str(EXAMPLES)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert run.returncode == 0, run.stderr
     got = json.loads(run.stdout.splitlines()[-1])
     assert got["tried"] == [] and got["again"]  # no network tried; the same seed, the same words
@@ -93,18 +97,23 @@ def test_words_load_offline_and_make_a_real_task():
     assert min(lengths) <= 3 and max(lengths) >= 14
     assert len(set(lengths)) >= 10
     assert any(not w.isascii() for w in words)  # real spelling: ä, é, ł, ñ ...
-    assert pairs != demo.wordfreq_words(["de", "en", "es", "fi", "fr", "it", "nl", "pl"], 200, seed=4)
+    assert pairs != demo_data.wordfreq_words(
+        ["de", "en", "es", "fi", "fr", "it", "nl", "pl"], 200, seed=4
+    )
 
 
 @needs_wordfreq
-@pytest.mark.parametrize("languages, words, expected", [
-    (["en", "xx"], 10, "--languages: expected wordfreq language codes .* 'xx' is not one"),
-    (["en", "en"], 10, "--languages: expected at least 2 distinct languages"),
-    (["en", "fi"], 10**6, "--words: expected at most"),
-])
+@pytest.mark.parametrize(
+    "languages, words, expected",
+    [
+        (["en", "xx"], 10, "--languages: expected wordfreq language codes .* 'xx' is not one"),
+        (["en", "en"], 10, "--languages: expected at least 2 distinct languages"),
+        (["en", "fi"], 10**6, "--words: expected at most"),
+    ],
+)
 def test_words_bad_arguments(languages, words, expected):
-    with pytest.raises(demo.DataFormatError, match=expected):
-        demo.wordfreq_words(languages, words, seed=0)
+    with pytest.raises(demo_data.DataFormatError, match=expected):
+        demo_data.wordfreq_words(languages, words, seed=0)
 
 
 @needs_wordfreq
@@ -120,7 +129,9 @@ def test_main_without_wordfreq_falls_back_to_generated(monkeypatch, capsys):
     monkeypatch.setattr(demo, "have_wordfreq", lambda: False)
     assert demo.main(["--samples", "40", "--max-len", "20", *SMALL]) == 0
     captured = capsys.readouterr()
-    assert "wordfreq package is not installed" in captured.err and "--data synthetic" in captured.err
+    assert (
+        "wordfreq package is not installed" in captured.err and "--data synthetic" in captured.err
+    )
     assert "40 sequences (generated)" in captured.out and "the curves agree" in captured.out
     with pytest.raises(SystemExit) as e:
         demo.main(["--data", "wordfreq", *SMALL])
@@ -135,34 +146,44 @@ def test_main_on_generated_data(capsys):
 
 
 def test_generated_data_lengths_vary_widely():
-    lengths = [len(t) for _, t in demo.generate_data(500, 200, 0)]
+    lengths = [len(t) for _, t in demo_data.generate_data(500, 200, 0)]
     assert min(lengths) <= 6 and max(lengths) >= 150
 
 
 def test_read_data(tmp_path):
     f = tmp_path / "data.tsv"
     f.write_text("pos\tgood film\nneg\tbad\tfilm\n\npos\tfine\nneg\tawful\n", encoding="utf-8")
-    assert demo.read_data(str(f)) == [("pos", "good film"), ("neg", "bad\tfilm"), ("pos", "fine"),
-                                      ("neg", "awful")]
+    assert demo_data.read_data(str(f)) == [
+        ("pos", "good film"),
+        ("neg", "bad\tfilm"),
+        ("pos", "fine"),
+        ("neg", "awful"),
+    ]
 
 
-@pytest.mark.parametrize("line, expected", [
-    ("no tab here", "line 3: expected 'label<TAB>text', found no tab"),
-    ("\tjust text", "line 3: expected a label before the tab"),
-    ("pos\t", "line 3: expected text after the tab"),
-])
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("no tab here", "line 3: expected 'label<TAB>text', found no tab"),
+        ("\tjust text", "line 3: expected a label before the tab"),
+        ("pos\t", "line 3: expected text after the tab"),
+    ],
+)
 def test_malformed_line_names_line_and_expectation(tmp_path, capsys, line, expected):
     f = tmp_path / "bad.tsv"
     f.write_text(f"pos\tgood\nneg\tbad\n{line}\npos\tok\n", encoding="utf-8")
-    with pytest.raises(demo.DataFormatError, match=expected):
-        demo.read_data(str(f))
+    with pytest.raises(demo_data.DataFormatError, match=expected):
+        demo_data.read_data(str(f))
     assert demo.main(["--data", str(f)]) == 2
     assert expected in capsys.readouterr().err
 
 
 def test_main_on_a_file(tmp_path, capsys):
     f = tmp_path / "data.tsv"
-    f.write_text("".join(f"{lab}\t{text}\n" for lab, text in demo.generate_data(40, 20, 1)), encoding="utf-8")
+    f.write_text(
+        "".join(f"{lab}\t{text}\n" for lab, text in demo_data.generate_data(40, 20, 1)),
+        encoding="utf-8",
+    )
     assert demo.main(["--data", str(f), *SMALL]) == 0
     out = capsys.readouterr().out
     assert f"40 sequences (from {f})" in out
