@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 VENV=${VENV:-.venv}
-exec "$VENV/bin/python" -P -m varlen_rnn.demo "$@"
+exec "$VENV/bin/python" -P examples/demo.py "$@"

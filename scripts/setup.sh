@@ -16,7 +16,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 echo "== installing $TORCH_SPEC and the test/demo dependencies"
 "$VENV/bin/pip" install -q --disable-pip-version-check "$TORCH_SPEC" ninja pybind11 pytest numpy \
-  hypothesis expecttest matplotlib setuptools wheel
+  hypothesis expecttest matplotlib setuptools wheel "wordfreq==3.1.1"
 echo "== building and installing varlen_rnn (this compiles the C++/CUDA kernels)"
 start=$(date +%s)
 MAX_JOBS=${MAX_JOBS:-$(nproc)} "$VENV/bin/pip" install -q --disable-pip-version-check \
