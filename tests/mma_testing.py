@@ -2,6 +2,7 @@
 test_mma_gpu.py on a GPU): the element roundings written independently of csrc/cuda/mma.cuh,
 the accuracy bound of an fp32-accumulated product, the PTX ISA's fragment tables as data, and
 the test cases both files run."""
+
 from __future__ import annotations
 
 import torch
@@ -44,9 +45,28 @@ def conversion_values() -> torch.Tensor:
     """float32 values whose rounding tells ties-away from ties-to-even and covers signs,
     binade carries and random values (no NaN, infinity or float32 subnormals)."""
     u = 2.0**-23
-    special = [0.0, -0.0, 1.0, -1.0, 1 + 2**-11, -(1 + 2**-11), 1 + 2**-11 - u, 1 + 2**-11 + 2 * u,
-               1 + 2**-9, 1 + 2**-8, 1 + 2**-8 + 2**-9, 2 - u, -(2 - u), 3 * 2**-40, 65504.0,
-               65520.0, 1e30, -3.3e-20, 2**-14, 2**-14 * (1 + 2**-11)]
+    special = [
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        1 + 2**-11,
+        -(1 + 2**-11),
+        1 + 2**-11 - u,
+        1 + 2**-11 + 2 * u,
+        1 + 2**-9,
+        1 + 2**-8,
+        1 + 2**-8 + 2**-9,
+        2 - u,
+        -(2 - u),
+        3 * 2**-40,
+        65504.0,
+        65520.0,
+        1e30,
+        -3.3e-20,
+        2**-14,
+        2**-14 * (1 + 2**-11),
+    ]
     g = torch.Generator().manual_seed(7)
     rand = torch.randn(4000, generator=g) * torch.exp2(torch.randint(-20, 20, (4000,), generator=g))
     return torch.cat([torch.tensor(special, dtype=torch.float32), rand.float()])
@@ -55,8 +75,11 @@ def conversion_values() -> torch.Tensor:
 def gemm_inputs(kind: str, M: int, N: int, K: int, seed: int = 0):
     """float32 a [M, K], b [K, N], c [M, N]: random, not yet rounded to kind's type."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(M, K, generator=g), torch.randn(K, N, generator=g),
-            torch.randn(M, N, generator=g))
+    return (
+        torch.randn(M, K, generator=g),
+        torch.randn(K, N, generator=g),
+        torch.randn(M, N, generator=g),
+    )
 
 
 def fp32_accumulation_bound(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor):
@@ -172,6 +195,8 @@ ACC_C = """
 24.2 24.3 25.2 25.3 26.2 26.3 27.2 27.3
 28.2 28.3 29.2 29.3 30.2 30.3 31.2 31.3
 """
-ISA_TABLES = {"tf32": {"A": TF32_A, "B": TF32_B, "C": ACC_C},
-              "bf16": {"A": HALF_A, "B": HALF_B, "C": ACC_C},
-              "f16": {"A": HALF_A, "B": HALF_B, "C": ACC_C}}
+ISA_TABLES = {
+    "tf32": {"A": TF32_A, "B": TF32_B, "C": ACC_C},
+    "bf16": {"A": HALF_A, "B": HALF_B, "C": ACC_C},
+    "f16": {"A": HALF_A, "B": HALF_B, "C": ACC_C},
+}

@@ -4,6 +4,7 @@ mma.sync of tests/cuda_emulation/mma_emu.h, against float64 products of the inpu
 TF32 / bfloat16 / float16. The fragment layouts are checked against the PTX ISA's figures, and
 deliberately wrong layouts must fail. The same kernel runs on a GPU in test_mma_gpu.py.
 Compiles a small extension (~30 s); VARLEN_RNN_SKIP_EMULATION=1 skips it."""
+
 import os
 import shutil
 
@@ -31,7 +32,8 @@ EMU = os.path.join(HERE, "cuda_emulation")
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("VARLEN_RNN_SKIP_EMULATION") == "1" or shutil.which("c++") is None,
-    reason="emulation skipped (VARLEN_RNN_SKIP_EMULATION=1 or no C++ compiler)")
+    reason="emulation skipped (VARLEN_RNN_SKIP_EMULATION=1 or no C++ compiler)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +41,13 @@ def emu(tmp_path_factory):
     from torch.utils.cpp_extension import load
 
     build = tmp_path_factory.mktemp("mma_emu_build")
-    return load(name="varlen_rnn_mma_emulation", sources=[os.path.join(EMU, "mma_emu_test.cpp")],
-                build_directory=str(build), extra_include_paths=[CSRC, EMU],
-                extra_cflags=["-O1", "-std=c++20"])
+    return load(
+        name="varlen_rnn_mma_emulation",
+        sources=[os.path.join(EMU, "mma_emu_test.cpp")],
+        build_directory=str(build),
+        extra_include_paths=[CSRC, EMU],
+        extra_cflags=["-O1", "-std=c++20"],
+    )
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -49,17 +55,29 @@ def test_fragment_layouts_are_the_ptx_isa_figures(emu, kind):
     got = emu.layout(KINDS[kind])
     for operand, table in ISA_TABLES[kind].items():
         t = got[operand]
-        ours = {(lane, i): tuple(t[lane, i].tolist()) for lane in range(32)
-                for i in range(t.shape[1])}
+        ours = {
+            (lane, i): tuple(t[lane, i].tolist()) for lane in range(32) for i in range(t.shape[1])
+        }
         assert ours == parse_table(table), f"{kind} {operand} fragment layout"
 
 
 def test_tf32_reference_rounds_ties_away_from_zero():
     # The test's own reference, on values whose answer is known by hand.
-    x = torch.tensor([1 + 2**-11, -(1 + 2**-11), 1 + 2**-11 - 2**-23, 1 + 3 * 2**-11,
-                      2 - 2**-23, 3.4028234663852886e38, 2**-130 + 2**-137])
-    want = torch.tensor([1 + 2**-10, -(1 + 2**-10), 1.0, 1 + 2**-9, 2.0, float("inf"),
-                         2**-130 + 2**-136], dtype=torch.float64)
+    x = torch.tensor(
+        [
+            1 + 2**-11,
+            -(1 + 2**-11),
+            1 + 2**-11 - 2**-23,
+            1 + 3 * 2**-11,
+            2 - 2**-23,
+            3.4028234663852886e38,
+            2**-130 + 2**-137,
+        ]
+    )
+    want = torch.tensor(
+        [1 + 2**-10, -(1 + 2**-10), 1.0, 1 + 2**-9, 2.0, float("inf"), 2**-130 + 2**-136],
+        dtype=torch.float64,
+    )
     assert torch.equal(tf32_round(x).double(), want)
 
 
@@ -71,8 +89,17 @@ def test_element_conversions_match_the_ptx_roundings(emu, kind):
 
 def test_tf32_conversion_edge_values(emu):
     # Overflow by rounding, infinities, float32 subnormals (the GPU test leaves these out).
-    x = torch.tensor([3.4028234663852886e38, -3.4028234663852886e38, float("inf"), -float("inf"),
-                      2**-140 + 2**-147, -(2**-149), 2**-126 - 2**-149])
+    x = torch.tensor(
+        [
+            3.4028234663852886e38,
+            -3.4028234663852886e38,
+            float("inf"),
+            -float("inf"),
+            2**-140 + 2**-147,
+            -(2**-149),
+            2**-126 - 2**-149,
+        ]
+    )
     assert torch.equal(emu.to_bits(0, x), element_bits("tf32", x))
     nan_bits = int(emu.to_bits(0, torch.tensor([float("nan")]))[0])
     assert (nan_bits & 0x7F800000) == 0x7F800000 and (nan_bits & 0x7FFFFF) != 0

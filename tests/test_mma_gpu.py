@@ -4,6 +4,7 @@ threads) against float64 products of the rounded inputs, the element conversions
 and deliberately wrong fragment layouts, which must fail. A wrong fragment layout in mma.cuh
 shows here in seconds. Built with nvcc alone (no torch headers) and called through ctypes.
 Run: python -m pytest tests/test_mma_gpu.py -q"""
+
 import ctypes
 import os
 import shutil
@@ -55,16 +56,18 @@ class _Lib:
         a, b, c = (t.float().contiguous() for t in (a, b, c))
         (M, K), N = a.shape, b.shape[1]
         d = torch.empty(M, N)
-        err = self.lib.mma_tile_gemm(kind, variant, a.data_ptr(), b.data_ptr(), c.data_ptr(),
-                                     d.data_ptr(), M, N, K)
+        err = self.lib.mma_tile_gemm(
+            kind, variant, a.data_ptr(), b.data_ptr(), c.data_ptr(), d.data_ptr(), M, N, K
+        )
         self._check(err, "mma_tile_gemm")
         return d
 
     def to_bits(self, kind, x):
         x = x.float().contiguous()
         y = torch.empty(x.numel(), dtype=torch.int32)
-        self._check(self.lib.mma_to_bits(kind, x.data_ptr(), y.data_ptr(), x.numel()),
-                    "mma_to_bits")
+        self._check(
+            self.lib.mma_to_bits(kind, x.data_ptr(), y.data_ptr(), x.numel()), "mma_to_bits"
+        )
         return y.long() & 0xFFFFFFFF
 
 
@@ -77,9 +80,22 @@ def gpu(tmp_path_factory):
     if nvcc is None:
         pytest.skip("nvcc not found (CUDA_HOME/bin or PATH)")
     so = str(tmp_path_factory.mktemp("mma_gpu_build") / "libmma_gpu.so")
-    cmd = [nvcc, "-std=c++17", "-O2", "-shared", "-Xcompiler", "-fPIC",
-           f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}", "-I", CSRC, "-I", EMU,
-           "-o", so, os.path.join(EMU, "mma_gpu.cu")]
+    cmd = [
+        nvcc,
+        "-std=c++17",
+        "-O2",
+        "-shared",
+        "-Xcompiler",
+        "-fPIC",
+        f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}",
+        "-I",
+        CSRC,
+        "-I",
+        EMU,
+        "-o",
+        so,
+        os.path.join(EMU, "mma_gpu.cu"),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout}{r.stderr}"
     return _Lib(so)

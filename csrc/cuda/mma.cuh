@@ -117,26 +117,34 @@ __host__ __device__ __forceinline__ void set_bits(Frag& f, int i, uint32_t bits)
 }
 template <Kind k, typename Frag>
 __host__ __device__ __forceinline__ uint32_t get_bits(const Frag& f, int i) {
-  if constexpr (Shape<k>::kPerReg == 1) return f.reg[i];
-  else return (f.reg[i >> 1] >> (16 * (i & 1))) & 0xFFFFu;
+  if constexpr (Shape<k>::kPerReg == 1) {
+    return f.reg[i];
+  } else {
+    return (f.reg[i >> 1] >> (16 * (i & 1))) & 0xFFFFu;
+  }
 }
 template <Kind k>
-__device__ __forceinline__ void set(FragA<k>& f, int i, float v) { set_bits<k>(f, i, to_bits<k>(v)); }
+__device__ __forceinline__ void set(FragA<k>& f, int i, float v) {
+  set_bits<k>(f, i, to_bits<k>(v));
+}
 template <Kind k>
-__device__ __forceinline__ void set(FragB<k>& f, int i, float v) { set_bits<k>(f, i, to_bits<k>(v)); }
+__device__ __forceinline__ void set(FragB<k>& f, int i, float v) {
+  set_bits<k>(f, i, to_bits<k>(v));
+}
 
 // d = a * b + c over the warp; every lane of the warp must call it together (mma.sync.aligned).
 // d may be c.
 template <Kind k>
-__device__ __forceinline__ void mma(FragC& d, const FragA<k>& a, const FragB<k>& b, const FragC& c) {
+__device__ __forceinline__ void mma(FragC& d, const FragA<k>& a, const FragB<k>& b,
+                                    const FragC& c) {
 #if defined(VARLEN_RNN_HOST_EMULATION)
   mma_emulated<k>(d, a, b, c);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   // Operands: 4 D, 4 A, 2 B, 4 C registers in every shape.
-#define VARLEN_RNN_MMA_SYNC(INSTR)                                                                \
-  asm volatile(INSTR " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};\n"   \
-               : "=f"(d.x[0]), "=f"(d.x[1]), "=f"(d.x[2]), "=f"(d.x[3])                          \
-               : "r"(a.reg[0]), "r"(a.reg[1]), "r"(a.reg[2]), "r"(a.reg[3]), "r"(b.reg[0]),      \
+#define VARLEN_RNN_MMA_SYNC(INSTR)                                                            \
+  asm volatile(INSTR " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};\n" \
+               : "=f"(d.x[0]), "=f"(d.x[1]), "=f"(d.x[2]), "=f"(d.x[3])                       \
+               : "r"(a.reg[0]), "r"(a.reg[1]), "r"(a.reg[2]), "r"(a.reg[3]), "r"(b.reg[0]),   \
                  "r"(b.reg[1]), "f"(c.x[0]), "f"(c.x[1]), "f"(c.x[2]), "f"(c.x[3]))
   if constexpr (k == Kind::tf32) {
     VARLEN_RNN_MMA_SYNC("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32");

@@ -59,9 +59,13 @@ inline uint32_t tf32_rna_bits(float v) {
 
 template <Kind k>
 uint32_t cvt_emulated(float v) {
-  if constexpr (k == Kind::tf32) return tf32_rna_bits(v);
-  else if constexpr (k == Kind::bf16) return c10::BFloat16(v).x;  // round to nearest even
-  else return c10::Half(v).x;                                      // round to nearest even
+  if constexpr (k == Kind::tf32) {
+    return tf32_rna_bits(v);
+  } else if constexpr (k == Kind::bf16) {
+    return c10::BFloat16(v).x;  // round to nearest even
+  } else {
+    return c10::Half(v).x;  // round to nearest even
+  }
 }
 
 // The value of an element from its bits in kind k's type.
@@ -69,8 +73,10 @@ template <Kind k>
 float value_of_bits(uint32_t bits) {
   if constexpr (k == Kind::tf32) {
     if (bits & 0x1FFFu) {
-      std::fprintf(stderr, "emulated mma: a TF32 operand 0x%08x has low mantissa bits set; "
-                           "fill fragments with set() (cvt.rna.tf32.f32)\n", bits);
+      std::fprintf(stderr,
+                   "emulated mma: a TF32 operand 0x%08x has low mantissa bits set; "
+                   "fill fragments with set() (cvt.rna.tf32.f32)\n",
+                   bits);
       std::abort();
     }
     return float_of_bits(bits);
@@ -82,7 +88,8 @@ float value_of_bits(uint32_t bits) {
 }
 
 [[noreturn]] inline void layout_not_bijective(const char* which) {
-  std::fprintf(stderr, "emulated mma: the %s fragment layout does not cover the matrix once\n", which);
+  std::fprintf(stderr, "emulated mma: the %s fragment layout does not cover the matrix once\n",
+               which);
   std::abort();
 }
 

@@ -13,7 +13,9 @@
 #define __host__
 #define __forceinline__ inline
 
-struct EmuIdx { int x = 0, y = 0, z = 0; };
+struct EmuIdx {
+  int x = 0, y = 0, z = 0;
+};
 thread_local EmuIdx threadIdx, blockIdx, blockDim, gridDim;
 
 #include "mma_emu.h"
@@ -33,7 +35,10 @@ void emu_launch(int grid, int block, F body) {
     std::vector<std::thread> th;
     for (int t = 0; t < block; ++t)
       th.emplace_back([&, b, t] {
-        threadIdx.x = t; blockIdx.x = b; blockDim.x = block; gridDim.x = grid;
+        threadIdx.x = t;
+        blockIdx.x = b;
+        blockDim.x = block;
+        gridDim.x = grid;
         tl_exchange = warps[t / 32].get();
         body();
       });
@@ -72,7 +77,9 @@ torch::Tensor to_bits(int64_t kind, torch::Tensor x) {
   const float* px = x32.data_ptr<float>();
   const bool ok = tc_test::dispatch(kind, 0, [&](auto kc, auto) {
     for (int i = 0; i < n; ++i) {
-      threadIdx.x = i; blockIdx.x = 0; blockDim.x = n;  // no barriers: one thread after another
+      threadIdx.x = i;
+      blockIdx.x = 0;
+      blockDim.x = n;  // no barriers: one thread after another
       tc_test::to_bits_kernel<decltype(kc)::value>(px, y.data(), n);
     }
   });
@@ -80,7 +87,8 @@ torch::Tensor to_bits(int64_t kind, torch::Tensor x) {
   return torch::tensor(std::vector<int64_t>(y.begin(), y.end()), torch::kLong);
 }
 
-// The wrapper's fragment layouts for kind: {"A", "B", "C"} -> int64 [32, elements, 2] of (row, col).
+// The wrapper's fragment layouts for kind: {"A", "B", "C"} -> int64 [32, elements, 2] of (row,
+// col).
 std::map<std::string, torch::Tensor> layout(int64_t kind) {
   std::map<std::string, torch::Tensor> out;
   tc_test::dispatch(kind, 0, [&](auto kc, auto) {

@@ -20,10 +20,10 @@ struct DeviceBuffer {
 };
 }  // namespace
 
-#define MMA_GPU_CHECK(expr)                  \
-  do {                                       \
-    const cudaError_t err_ = (expr);         \
-    if (err_ != cudaSuccess) return err_;    \
+#define MMA_GPU_CHECK(expr)               \
+  do {                                    \
+    const cudaError_t err_ = (expr);      \
+    if (err_ != cudaSuccess) return err_; \
   } while (0)
 
 // a [M, K], b [K, N], c [M, N] -> d [M, N], all float32 row-major.
@@ -43,9 +43,9 @@ extern "C" int mma_tile_gemm(int kind, int variant, const float* a, const float*
   MMA_GPU_CHECK(cudaMemcpy(dc.p, c, sc, cudaMemcpyHostToDevice));
   MMA_GPU_CHECK(cudaMemset(dd.p, 0xFF, sc));  // NaN everywhere a kernel forgets to write
   const bool ok = tc_test::dispatch(kind, variant, [&](auto kc, auto vc) {
-    tc_test::tile_gemm_kernel<decltype(kc)::value, decltype(vc)::value><<<M / 16, 4 * N>>>(
-        static_cast<const float*>(da.p), static_cast<const float*>(db.p),
-        static_cast<const float*>(dc.p), static_cast<float*>(dd.p), N, K);
+    tc_test::tile_gemm_kernel<decltype(kc)::value, decltype(vc)::value>
+        <<<M / 16, 4 * N>>>(static_cast<const float*>(da.p), static_cast<const float*>(db.p),
+                            static_cast<const float*>(dc.p), static_cast<float*>(dd.p), N, K);
   });
   if (!ok) return -1;
   MMA_GPU_CHECK(cudaGetLastError());

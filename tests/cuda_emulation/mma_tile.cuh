@@ -77,18 +77,31 @@ template <typename F>
 bool dispatch(int kind, int variant, F&& f) {
   auto with_kind = [&](auto kc) {
     switch (variant) {
-      case kCorrect: f(kc, std::integral_constant<int, kCorrect>{}); return true;
-      case kARowsSwapped: f(kc, std::integral_constant<int, kARowsSwapped>{}); return true;
-      case kBOtherKind: f(kc, std::integral_constant<int, kBOtherKind>{}); return true;
-      case kCPairsTransposed: f(kc, std::integral_constant<int, kCPairsTransposed>{}); return true;
-      default: return false;
+      case kCorrect:
+        f(kc, std::integral_constant<int, kCorrect>{});
+        return true;
+      case kARowsSwapped:
+        f(kc, std::integral_constant<int, kARowsSwapped>{});
+        return true;
+      case kBOtherKind:
+        f(kc, std::integral_constant<int, kBOtherKind>{});
+        return true;
+      case kCPairsTransposed:
+        f(kc, std::integral_constant<int, kCPairsTransposed>{});
+        return true;
+      default:
+        return false;
     }
   };
   switch (kind) {
-    case 0: return with_kind(std::integral_constant<Kind, Kind::tf32>{});
-    case 1: return with_kind(std::integral_constant<Kind, Kind::bf16>{});
-    case 2: return with_kind(std::integral_constant<Kind, Kind::f16>{});
-    default: return false;
+    case 0:
+      return with_kind(std::integral_constant<Kind, Kind::tf32>{});
+    case 1:
+      return with_kind(std::integral_constant<Kind, Kind::bf16>{});
+    case 2:
+      return with_kind(std::integral_constant<Kind, Kind::f16>{});
+    default:
+      return false;
   }
 }
 
