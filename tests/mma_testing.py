@@ -99,6 +99,37 @@ def sequential_fp32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.
     return acc
 
 
+# tile_matvec_mma cases: (U, K, staged rows, kc_max) - K tails that are not a multiple of the
+# mma's K, K in several chunks, one and several sub-tiles of 8 rows, 3U not a multiple of 16.
+MATVEC_CASES = [(5, 16, 8, 16), (6, 37, 16, 64), (11, 70, 24, 32), (3, 8, 8, 8), (16, 48, 8, 32)]
+
+
+def matvec_inputs(kind: str, U: int, K: int, rows: int, seed: int = 0):
+    """(w for the extension, w's float32 element values, x float32): w [3U, K] as float32 for
+    TF32, as int16 bits of bfloat16/float16 otherwise (the kernel takes 2-byte weights raw)."""
+    g = torch.Generator().manual_seed(seed)
+    w, x = torch.randn(3 * U, K, generator=g), torch.randn(rows, K, generator=g)
+    if kind == "tf32":
+        return w, tf32_round(w), x
+    half = w.to(torch.bfloat16 if kind == "bf16" else torch.float16)
+    return half.view(torch.int16), half.float(), x
+
+
+def matvec_reference(kind: str, w: torch.Tensor, x: torch.Tensor, U: int, g_major: bool):
+    """(acc [rows/8, U, 3, 8] in float64, bound) for weight values w [3U, K] and staged rows x
+    [rows, K] rounded to kind's type; weight row g*U + u (g_major) or u*3 + g."""
+    xr = element_round(kind, x).double()
+    p = xr @ w.double().T  # [rows, 3U]
+    bound_p = (xr.abs() @ w.double().abs().T) * (w.shape[1] + 2) * 2.0**-23
+    want = torch.empty(x.shape[0] // 8, U, 3, 8, dtype=torch.float64)
+    bound = torch.empty_like(want)
+    for row in range(3 * U):
+        g, u = divmod(row, U) if g_major else (row % 3, row // 3)
+        want[:, u, g, :] = p[:, row].view(-1, 8)
+        bound[:, u, g, :] = bound_p[:, row].view(-1, 8)
+    return want, bound
+
+
 def parse_table(table: str) -> dict:
     """A fragment figure as text (cell 'lane.i' at row r, column c) -> {(lane, i): (r, c)}."""
     cells = {}

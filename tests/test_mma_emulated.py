@@ -15,12 +15,15 @@ from mma_testing import (
     ISA_TABLES,
     K_STEP,
     KINDS,
+    MATVEC_CASES,
     WRONG_VARIANTS,
     conversion_values,
     element_bits,
     element_round,
     fp32_accumulation_bound,
     gemm_inputs,
+    matvec_inputs,
+    matvec_reference,
     parse_table,
     sequential_fp32,
     tf32_round,
@@ -134,3 +137,28 @@ def test_wrong_fragment_layout_fails_the_check(emu, kind, variant):
     want, bound = fp32_accumulation_bound(element_round(kind, a), element_round(kind, b), c)
     d = emu.tile_gemm(KINDS[kind], WRONG_VARIANTS[variant], a, b, c)
     assert ((d.double() - want).abs() > bound).any()
+
+
+@pytest.mark.parametrize("g_major", [True, False], ids=["forward-order", "backward-order"])
+@pytest.mark.parametrize("U,K,rows,kc_max", MATVEC_CASES)
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_tile_matvec_mma_matches_float64(emu, kind, U, K, rows, kc_max, g_major):
+    w_arg, w, x = matvec_inputs(kind, U, K, rows)
+    got = emu.matvec(KINDS[kind], w_arg, x, U, g_major, kc_max)
+    want, bound = matvec_reference(kind, w, x, U, g_major)
+    err = (got.double() - want).abs()
+    assert (err <= bound).all(), f"max error {err.max():.3g}"
+    # Bit for bit the emulation's order: each K chunk summed in fp32 from zero in k order,
+    # the chunk sums added in fp32.
+    xr = element_round(kind, x)
+    total = None
+    for k0 in range(0, K, kc_max):
+        part = sequential_fp32(
+            xr[:, k0 : k0 + kc_max], w[:, k0 : k0 + kc_max].T, torch.zeros(rows, 1)
+        )
+        total = part if total is None else total + part
+    exact = torch.empty_like(got)
+    for row in range(3 * U):
+        g, u = divmod(row, U) if g_major else (row % 3, row // 3)
+        exact[:, u, g, :] = total[:, row].view(-1, 8)
+    assert torch.equal(got, exact)

@@ -16,12 +16,15 @@ from mma_testing import (
     GEMM_CASES,
     K_STEP,
     KINDS,
+    MATVEC_CASES,
     WRONG_VARIANTS,
     conversion_values,
     element_bits,
     element_round,
     fp32_accumulation_bound,
     gemm_inputs,
+    matvec_inputs,
+    matvec_reference,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -45,6 +48,7 @@ class _Lib:
         i, p = ctypes.c_int, ctypes.c_void_p
         lib.mma_tile_gemm.argtypes = [i, i, p, p, p, p, i, i, i]
         lib.mma_to_bits.argtypes = [i, p, p, i]
+        lib.mma_matvec.argtypes = [i, p, p, p, i, i, i, i, i]
         lib.mma_error_string.argtypes = [i]
         lib.mma_error_string.restype = ctypes.c_char_p
         self.lib = lib
@@ -69,6 +73,16 @@ class _Lib:
             self.lib.mma_to_bits(kind, x.data_ptr(), y.data_ptr(), x.numel()), "mma_to_bits"
         )
         return y.long() & 0xFFFFFFFF
+
+    def matvec(self, kind, w, x, U, g_major, kc_max):
+        w, x = w.contiguous(), x.float().contiguous()
+        rows, K = x.shape
+        acc = torch.empty(rows // 8, U, 3, 8)
+        err = self.lib.mma_matvec(
+            kind, w.data_ptr(), x.data_ptr(), acc.data_ptr(), U, int(g_major), K, rows, kc_max
+        )
+        self._check(err, "mma_matvec")
+        return acc
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +143,14 @@ def test_gpu_wrong_fragment_layout_fails_the_check(gpu, kind, variant):
     want, bound = fp32_accumulation_bound(element_round(kind, a), element_round(kind, b), c)
     d = gpu.tile_gemm(KINDS[kind], WRONG_VARIANTS[variant], a, b, c)
     assert ((d.double() - want).abs() > bound).any()
+
+
+@pytest.mark.parametrize("g_major", [True, False], ids=["forward-order", "backward-order"])
+@pytest.mark.parametrize("U,K,rows,kc_max", MATVEC_CASES)
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_gpu_tile_matvec_mma_matches_float64(gpu, kind, U, K, rows, kc_max, g_major):
+    w_arg, w, x = matvec_inputs(kind, U, K, rows)
+    got = gpu.matvec(KINDS[kind], w_arg, x, U, g_major, kc_max)
+    want, bound = matvec_reference(kind, w, x, U, g_major)
+    err = (got.double() - want).abs()
+    assert (err <= bound).all(), f"max error {err.max():.3g}"

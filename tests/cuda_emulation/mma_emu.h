@@ -72,7 +72,8 @@ uint32_t cvt_emulated(float v) {
 template <Kind k>
 float value_of_bits(uint32_t bits) {
   if constexpr (k == Kind::tf32) {
-    if (bits & 0x1FFFu) {
+    const bool nan = (bits & 0x7F800000u) == 0x7F800000u && (bits & 0x7FFFFFu) != 0;
+    if ((bits & 0x1FFFu) && !nan) {
       std::fprintf(stderr,
                    "emulated mma: a TF32 operand 0x%08x has low mantissa bits set; "
                    "fill fragments with set() (cvt.rna.tf32.f32)\n",

@@ -1,8 +1,11 @@
 // The tensor-core wrapper's test kernels (mma_tile.cuh) on CPU threads, through the emulated
 // mma() of mma_emu.h: each block's threads run concurrently as std::threads (a warp's lanes must
-// meet in mma()), blocks one after another. Test-only; see tests/test_mma_emulated.py.
+// meet in mma() and the block in __syncthreads), blocks one after another. Test-only; see
+// tests/test_mma_emulated.py.
 #include <torch/extension.h>
 
+#include <barrier>
+#include <cmath>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -17,6 +20,9 @@ struct EmuIdx {
   int x = 0, y = 0, z = 0;
 };
 thread_local EmuIdx threadIdx, blockIdx, blockDim, gridDim;
+thread_local std::barrier<>* tl_block_barrier = nullptr;
+inline void __syncthreads() { tl_block_barrier->arrive_and_wait(); }
+inline int min(int a, int b) { return a < b ? a : b; }
 
 #include "mma_emu.h"
 #include "mma_tile.cuh"
@@ -30,6 +36,7 @@ template <typename F>
 void emu_launch(int grid, int block, F body) {
   TORCH_CHECK(block % 32 == 0, "block must be whole warps, got ", block);
   for (int b = 0; b < grid; ++b) {
+    std::barrier<> block_barrier(block);
     std::vector<std::unique_ptr<tc::MmaExchange>> warps;
     for (int w = 0; w < block / 32; ++w) warps.emplace_back(new tc::MmaExchange);
     std::vector<std::thread> th;
@@ -40,6 +47,7 @@ void emu_launch(int grid, int block, F body) {
         blockDim.x = block;
         gridDim.x = grid;
         tl_exchange = warps[t / 32].get();
+        tl_block_barrier = &block_barrier;
         body();
       });
     for (auto& t : th) t.join();
@@ -87,6 +95,34 @@ torch::Tensor to_bits(int64_t kind, torch::Tensor x) {
   return torch::tensor(std::vector<int64_t>(y.begin(), y.end()), torch::kLong);
 }
 
+// w [3U, K] (float32 for kind 0, int16 bits for 1/2), x [tile_rows, K] float32 ->
+// acc [tile_rows / 8, U, 3, 8]: matvec_kernel<kind>, the tile chunked by kc_max columns.
+torch::Tensor matvec(int64_t kind, torch::Tensor w, torch::Tensor x, int64_t U, bool g_major,
+                     int64_t kc_max) {
+  const int64_t K = w.size(1), rows = x.size(0);
+  TORCH_CHECK(w.size(0) == 3 * U && x.size(1) == K && rows % 8 == 0 && kc_max > 0,
+              "matvec: w [3U, K], x [rows, K] with rows % 8 == 0; got ", w.sizes(), x.sizes());
+  TORCH_CHECK(w.scalar_type() == (kind == 0 ? torch::kFloat : torch::kShort),
+              "matvec: w must be float32 for TF32 and int16 bits for bf16/f16");
+  auto wc = w.contiguous(), xc = x.to(torch::kFloat).contiguous();
+  auto tile = torch::full({rows, kc_max}, std::nanf(""), xc.options());
+  auto acc = torch::full({rows / 8, U, 3, 8}, 777.0f, xc.options());
+  const float* px = xc.data_ptr<float>();
+  float *pt = tile.data_ptr<float>(), *pa = acc.data_ptr<float>();
+  tc_test::dispatch(kind, 0, [&](auto kc, auto) {
+    constexpr tc::Kind k = decltype(kc)::value;
+    emu_launch(1, 32 * tc_test::kMatvecWarps, [&] {
+      if constexpr (k == tc::Kind::tf32) {
+        tc_test::matvec_kernel<k>(wc.data_ptr<float>(), px, pt, pa, U, g_major, K, rows, kc_max);
+      } else {
+        const auto* pw = reinterpret_cast<const uint16_t*>(wc.data_ptr<int16_t>());
+        tc_test::matvec_kernel<k>(pw, px, pt, pa, U, g_major, K, rows, kc_max);
+      }
+    });
+  });
+  return acc;
+}
+
 // The wrapper's fragment layouts for kind: {"A", "B", "C"} -> int64 [32, elements, 2] of (row,
 // col).
 std::map<std::string, torch::Tensor> layout(int64_t kind) {
@@ -115,4 +151,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tile_gemm", &tile_gemm);
   m.def("to_bits", &to_bits);
   m.def("layout", &layout);
+  m.def("matvec", &matvec);
 }

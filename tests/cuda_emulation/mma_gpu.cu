@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "mma_tile.cuh"
 
@@ -66,6 +67,34 @@ extern "C" int mma_to_bits(int kind, const float* x, uint32_t* y, int n) {
   });
   MMA_GPU_CHECK(cudaGetLastError());
   MMA_GPU_CHECK(cudaMemcpy(y, dy.p, sizeof(uint32_t) * n, cudaMemcpyDeviceToHost));
+  return 0;
+}
+
+// w [3U, K] (float for kind 0, 2-byte element bits otherwise), x [rows, K] -> acc [rows/8, U, 3,
+// 8]: matvec_kernel, the tile chunked by kc_max columns.
+extern "C" int mma_matvec(int kind, const void* w, const float* x, float* acc, int U, int g_major,
+                          int K, int rows, int kc_max) {
+  if (kind < 0 || kind > 2 || U <= 0 || K <= 0 || rows <= 0 || rows % 8 || kc_max <= 0) return -1;
+  const size_t sw = (kind == 0 ? sizeof(float) : sizeof(uint16_t)) * 3 * U * K;
+  const size_t sx = sizeof(float) * rows * K, sa = sizeof(float) * 3 * U * rows;
+  DeviceBuffer dw, dx, dt, da;
+  MMA_GPU_CHECK(cudaMalloc(&dw.p, sw));
+  MMA_GPU_CHECK(cudaMalloc(&dx.p, sx));
+  MMA_GPU_CHECK(cudaMalloc(&dt.p, sizeof(float) * rows * kc_max));
+  MMA_GPU_CHECK(cudaMalloc(&da.p, sa));
+  MMA_GPU_CHECK(cudaMemcpy(dw.p, w, sw, cudaMemcpyHostToDevice));
+  MMA_GPU_CHECK(cudaMemcpy(dx.p, x, sx, cudaMemcpyHostToDevice));
+  MMA_GPU_CHECK(cudaMemset(dt.p, 0xFF, sizeof(float) * rows * kc_max));  // NaN past each chunk
+  MMA_GPU_CHECK(cudaMemset(da.p, 0xFF, sa));
+  tc_test::dispatch(kind, 0, [&](auto kc, auto) {
+    constexpr tc::Kind k = decltype(kc)::value;
+    using w_t = std::conditional_t<k == tc::Kind::tf32, float, uint16_t>;
+    tc_test::matvec_kernel<k><<<1, 32 * tc_test::kMatvecWarps>>>(
+        static_cast<const w_t*>(dw.p), static_cast<const float*>(dx.p), static_cast<float*>(dt.p),
+        static_cast<float*>(da.p), U, g_major, K, rows, kc_max);
+  });
+  MMA_GPU_CHECK(cudaGetLastError());
+  MMA_GPU_CHECK(cudaMemcpy(acc, da.p, sa, cudaMemcpyDeviceToHost));
   return 0;
 }
 

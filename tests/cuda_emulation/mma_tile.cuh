@@ -6,6 +6,7 @@
 #include <type_traits>
 
 #include "cuda/mma.cuh"
+#include "cuda/mma_matvec.cuh"
 
 namespace varlen_rnn {
 namespace cuda {
@@ -103,6 +104,22 @@ bool dispatch(int kind, int variant, F&& f) {
     default:
       return false;
   }
+}
+
+constexpr int kMatvecWarps = 4;
+
+// tile_matvec_mma (mma_matvec.cuh) with NG = 3 in one block of kMatvecWarps warps:
+//   acc [(sub*U + u)*3 + g][8] from W [3U, K] (w_t: float, or the kind's 2-byte bits) and the
+//   staged rows X [tile_rows, K] fp32; row order g*U + u (g_major) or u*3 + g. tile: scratch
+//   [tile_rows, kc_max].
+template <Kind k, typename w_t>
+__global__ void matvec_kernel(const w_t* w, const float* X, float* tile, float* acc, int U,
+                              int g_major, int K, int tile_rows, int kc_max) {
+  auto stage = [&](float* dst, int r, int k0, int kc, int lane) {
+    for (int c = lane; c < kc; c += 32) dst[c] = X[r * K + k0 + c];
+  };
+  tile_matvec_mma<3, kMatvecWarps, k>(w, U, g_major ? U : 1, g_major ? 1 : 3, K, tile_rows, kc_max,
+                                      tile, acc, stage);
 }
 
 inline int k_step(int kind) { return kind == 0 ? 8 : 16; }
