@@ -7,6 +7,8 @@ Environment variables:
   TORCH_CUDA_ARCH_LIST  defaults to "8.0;9.0" when no GPU is visible
   MAX_JOBS              parallel compile jobs (ninja)
   VARLEN_RNN_FAST_MATH=1  nvcc --use_fast_math (off by default: parity with nn.GRU first)
+  DEBUG=1               a build for a debugger: C++ -O0 -g, nvcc -O0 -g -lineinfo
+                        (the default is -O3, with -lineinfo for nvcc's profilers)
 """
 import glob
 import os
@@ -83,13 +85,15 @@ def _extra_cuda_includes():
 
 def extensions():
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    debug = os.environ.get("DEBUG", "0") == "1"
+    opt = ["-O0", "-g"] if debug else ["-O3"]
     # -fno-trapping-math changes no result; it lets GCC vectorize the gate loops.
-    cxx = ["-O3", "-fno-trapping-math"] + (["-fopenmp"] if sys.platform.startswith("linux") else [])
-    define_macros = [("VARLEN_RNN_TORCH_VERSION", '"%s"' % torch.__version__)]
+    cxx = opt + ["-fno-trapping-math"]
+    if sys.platform.startswith("linux"):
+        cxx.append("-fopenmp")
     kwargs = dict(
         name="varlen_rnn._C",
         include_dirs=[os.path.join(HERE, "csrc")],
-        define_macros=define_macros,
         py_limited_api=False,
     )
     if not WITH_CUDA:
@@ -98,8 +102,7 @@ def extensions():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     kwargs["include_dirs"] += _extra_cuda_includes()
-    kwargs["define_macros"] = define_macros + [("VARLEN_RNN_WITH_CUDA", "1")]
-    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    nvcc = opt + ["-lineinfo", "--expt-relaxed-constexpr"]
     if os.environ.get("VARLEN_RNN_FAST_MATH") == "1":  # an experiment: changes results slightly
         nvcc.append("--use_fast_math")
     return [CUDAExtension(sources=sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)]

@@ -21,7 +21,8 @@
 namespace varlen_rnn {
 
 // The transcendental functions, as a policy so a backend can swap in a
-// vectorizable or fast-math version without touching the cell math.
+// vectorizable or fast-math version without touching the cell math (the CPU's
+// float rows use cpu/vec_math.h's VecMathF32).
 struct PreciseMath {
   template <typename T>
   static VR_HOST_DEVICE T exp(T x) {
@@ -100,21 +101,31 @@ VR_HOST_DEVICE GruCellSaved<T> load_saved(const T* ws_row, Idx j, Idx H) {
   return GruCellSaved<T>{ws_row[j], ws_row[H + j], ws_row[2 * H + j], ws_row[3 * H + j]};
 }
 
-// Writes one element's gate gradients, converted to the rows' dtype. Either
-// row may be null when a backend keeps only one of them.
+// Writes one element's input-side gate gradients dr | dz | dn to a dgx row,
+// converted to the row's dtype.
+template <typename T, typename A, typename Idx>
+VR_HOST_DEVICE void store_input_gate_grads(T* dgx_row, Idx j, Idx H, const GruCellGrad<A>& g) {
+  dgx_row[j] = static_cast<T>(g.dr);
+  dgx_row[H + j] = static_cast<T>(g.dz);
+  dgx_row[2 * H + j] = static_cast<T>(g.dn);
+}
+
+// Writes one element's hidden-side gate gradients dr | dz | dn*r to a dgh row.
+template <typename T, typename A, typename Idx>
+VR_HOST_DEVICE void store_hidden_gate_grads(T* dgh_row, Idx j, Idx H, const GruCellGrad<A>& g) {
+  dgh_row[j] = static_cast<T>(g.dr);
+  dgh_row[H + j] = static_cast<T>(g.dz);
+  dgh_row[2 * H + j] = static_cast<T>(g.dhn);
+}
+
+// Both of the above. Either row may be null when a backend keeps only one of
+// them; a loop that must vectorize calls the two above (GCC does not
+// vectorize a loop with these branches).
 template <typename T, typename A, typename Idx>
 VR_HOST_DEVICE void store_gate_grads(T* dgx_row, T* dgh_row, Idx j, Idx H,
                                      const GruCellGrad<A>& g) {
-  if (dgx_row != nullptr) {
-    dgx_row[j] = static_cast<T>(g.dr);
-    dgx_row[H + j] = static_cast<T>(g.dz);
-    dgx_row[2 * H + j] = static_cast<T>(g.dn);
-  }
-  if (dgh_row != nullptr) {
-    dgh_row[j] = static_cast<T>(g.dr);
-    dgh_row[H + j] = static_cast<T>(g.dz);
-    dgh_row[2 * H + j] = static_cast<T>(g.dhn);
-  }
+  if (dgx_row != nullptr) store_input_gate_grads(dgx_row, j, H, g);
+  if (dgh_row != nullptr) store_hidden_gate_grads(dgh_row, j, H, g);
 }
 
 // The time index of step s in direction d (0 forward, 1 reverse) for a

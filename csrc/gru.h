@@ -52,7 +52,8 @@ inline void check_same_device_dtype(const at::Tensor& ref, const at::Tensor& t,
 }
 
 // Checks everything that shapes and dtypes alone decide. The values of
-// `lengths` (0 <= length <= T) are checked by each backend's kernel.
+// `lengths` (0 <= length <= T) are checked by each backend: on the host where
+// they live on the CPU, else by the kernel.
 inline LayerDims check_layer_args(const at::Tensor& input,
                                   const at::Tensor& lengths,
                                   const at::Tensor& hx, const at::Tensor& w_ih,
@@ -64,21 +65,21 @@ inline LayerDims check_layer_args(const at::Tensor& input,
               ", got shape ", input.sizes());
   TORCH_CHECK(at::isFloatingType(input.scalar_type()),
               "input must be a floating point tensor, got ", input.scalar_type());
-  LayerDims d;
-  d.batch_first = batch_first;
-  d.T = input.size(batch_first ? 1 : 0);
-  d.B = input.size(batch_first ? 0 : 1);
-  d.I = input.size(2);
+  LayerDims dims;
+  dims.batch_first = batch_first;
+  dims.T = input.size(batch_first ? 1 : 0);
+  dims.B = input.size(batch_first ? 0 : 1);
+  dims.I = input.size(2);
   TORCH_CHECK(w_ih.dim() == 3 && (w_ih.size(0) == 1 || w_ih.size(0) == 2) &&
-                  w_ih.size(1) % 3 == 0 && w_ih.size(2) == d.I,
-              "w_ih must be [D, 3H, I] with D in {1, 2} and I=", d.I, ", got shape ",
+                  w_ih.size(1) % 3 == 0 && w_ih.size(2) == dims.I,
+              "w_ih must be [D, 3H, I] with D in {1, 2} and I=", dims.I, ", got shape ",
               w_ih.sizes());
-  d.D = w_ih.size(0);
-  d.H = w_ih.size(1) / 3;
-  TORCH_CHECK(d.H > 0, "hidden size must be positive, got w_ih of shape ", w_ih.sizes());
-  TORCH_CHECK(w_hh.dim() == 3 && w_hh.size(0) == d.D && w_hh.size(1) == 3 * d.H &&
-                  w_hh.size(2) == d.H,
-              "w_hh must be [D, 3H, H] = [", d.D, ", ", 3 * d.H, ", ", d.H,
+  dims.D = w_ih.size(0);
+  dims.H = w_ih.size(1) / 3;
+  TORCH_CHECK(dims.H > 0, "hidden size must be positive, got w_ih of shape ", w_ih.sizes());
+  TORCH_CHECK(w_hh.dim() == 3 && w_hh.size(0) == dims.D && w_hh.size(1) == 3 * dims.H &&
+                  w_hh.size(2) == dims.H,
+              "w_hh must be [D, 3H, H] = [", dims.D, ", ", 3 * dims.H, ", ", dims.H,
               "], got shape ", w_hh.sizes());
   check_same_device_dtype(input, w_ih, "w_ih");
   check_same_device_dtype(input, w_hh, "w_hh");
@@ -87,23 +88,25 @@ inline LayerDims check_layer_args(const at::Tensor& input,
   for (const auto* b : {&b_ih, &b_hh}) {
     if (!b->has_value()) continue;
     const char* name = b == &b_ih ? "b_ih" : "b_hh";
-    TORCH_CHECK((*b)->dim() == 2 && (*b)->size(0) == d.D && (*b)->size(1) == 3 * d.H,
-                name, " must be [D, 3H] = [", d.D, ", ", 3 * d.H, "], got shape ",
+    TORCH_CHECK((*b)->dim() == 2 && (*b)->size(0) == dims.D && (*b)->size(1) == 3 * dims.H,
+                name, " must be [D, 3H] = [", dims.D, ", ", 3 * dims.H, "], got shape ",
                 (*b)->sizes());
     check_same_device_dtype(input, **b, name);
   }
-  TORCH_CHECK(hx.dim() == 3 && hx.size(0) == d.D && hx.size(1) == d.B && hx.size(2) == d.H,
-              "hx must be [D, B, H] = [", d.D, ", ", d.B, ", ", d.H, "], got shape ",
+  TORCH_CHECK(hx.dim() == 3 && hx.size(0) == dims.D && hx.size(1) == dims.B && hx.size(2) == dims.H,
+              "hx must be [D, B, H] = [", dims.D, ", ", dims.B, ", ", dims.H, "], got shape ",
               hx.sizes());
   check_same_device_dtype(input, hx, "hx");
-  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == d.B,
-              "lengths must be 1-D of size B=", d.B, ", got shape ", lengths.sizes());
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == dims.B,
+              "lengths must be 1-D of size B=", dims.B, ", got shape ", lengths.sizes());
   TORCH_CHECK(lengths.scalar_type() == at::kLong || lengths.scalar_type() == at::kInt,
               "lengths must be an int64 or int32 tensor, got ", lengths.scalar_type());
-  TORCH_CHECK(lengths.device() == input.device(),
-              "lengths must be on the input's device ", input.device(), ", got ",
+  // On the CPU (where pack_padded_sequence keeps them) or on the input's
+  // device; a CUDA backend checks CPU lengths on the host (cuda/launch.h).
+  TORCH_CHECK(lengths.device() == input.device() || lengths.device().is_cpu(),
+              "lengths must be on the CPU or on the input's device ", input.device(), ", got ",
               lengths.device());
-  return d;
+  return dims;
 }
 
 // Extra checks of the backward's tensors against the forward's dims, the same

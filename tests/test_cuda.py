@@ -1,8 +1,11 @@
 """The CUDA backend: both recurrence paths (persistent, fallback) against nn.GRU + packing, the
-CPU kernels, each other and float64; gradcheck; determinism; CUDA graphs; no host sync;
-streams; half types. Every GPU test skips with a reason on a machine without CUDA; the
-registration test runs everywhere."""
+CPU kernels, each other and float64; gradcheck; determinism; CUDA graphs (also a first call
+inside the capture); no host sync; streams; half types; lengths on the CPU; nn.GRU's TF32
+policy; a refused cooperative launch. Every GPU test skips with a reason on a machine without
+CUDA; the registration tests run everywhere."""
+import ctypes
 import os
+import shutil
 import subprocess
 import sys
 
@@ -25,10 +28,42 @@ def test_cuda_kernels_registered_when_built_with_cuda():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"varlen_rnn::{op}", "CUDA"), op
 
 
+def test_cuda_knob_hook_exported_when_built_with_cuda():
+    """The tests below switch paths through this hook (the environment is read once)."""
+    if not varlen_rnn.WITH_CUDA:
+        pytest.skip("varlen_rnn was built without CUDA (no toolkit, or a CPU torch)")
+    assert _knob_hook()(b"no-such-path", 0, 0) == -1
+
+
+def _knob_hook():
+    f = ctypes.CDLL(varlen_rnn._C.__file__).varlen_rnn_cuda_set_knobs_for_testing
+    f.argtypes, f.restype = [ctypes.c_char_p, ctypes.c_longlong, ctypes.c_int], ctypes.c_int
+    return f
+
+
+def set_knobs(path="auto", max_kc=0, oversubscribe=False):
+    """VARLEN_RNN_CUDA_PATH and VARLEN_RNN_PERSISTENT_MAX_KC for this process, from now on."""
+    assert _knob_hook()(path.encode(), max_kc, int(oversubscribe)) == 0
+
+
+@pytest.fixture(autouse=True)
+def auto_knobs_after():
+    yield
+    if varlen_rnn.WITH_CUDA:
+        set_knobs()
+
+
 @pytest.fixture
-def path(request, monkeypatch):
-    monkeypatch.setenv("VARLEN_RNN_CUDA_PATH", request.param)
+def path(request):
+    set_knobs(request.param)
     return request.param
+
+
+def _child(code, env=None, timeout=180):
+    """Runs `code` in a fresh Python process (a cold plan cache, its own warnings and knobs)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                          timeout=timeout, env=dict(os.environ, **(env or {})), check=False)
 
 
 @pytest.fixture(autouse=True)
@@ -104,19 +139,18 @@ def test_cuda_matches_cpu_kernels(path, dtype, shape):
 
 
 @needs_cuda
-@pytest.mark.parametrize("max_kc", ["", "32"], ids=["whole-K", "K-chunks-of-32"])
+@pytest.mark.parametrize("max_kc", [0, 32], ids=["whole-K", "K-chunks-of-32"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-def test_cuda_persistent_equals_fallback(monkeypatch, dtype, max_kc):
+def test_cuda_persistent_equals_fallback(dtype, max_kc):
     """Many tiles of rows, rows finishing at every step, zero lengths, a partial last block."""
     T, B, I, H = 20, 45, 6, 70
     torch.manual_seed(1)
     gru = varlen_rnn.GRU(I, H, 2, bidirectional=True, dtype=dtype, device="cuda")
     x, hx = _inputs(T, B, I, 2, H, 2, dtype, "cuda")
     lengths = _lengths(B, T, seed=3).cuda()
-    monkeypatch.setenv("VARLEN_RNN_PERSISTENT_MAX_KC", max_kc)
     results = {}
     for p in PATHS:
-        monkeypatch.setenv("VARLEN_RNN_CUDA_PATH", p)
+        set_knobs(p, max_kc=max_kc)
         results[p] = _run(gru, x, lengths, hx)
     tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=2e-5, rtol=1e-4)
     for i, (a, e) in enumerate(zip(results["persistent"], results["fallback"])):
@@ -124,10 +158,10 @@ def test_cuda_persistent_equals_fallback(monkeypatch, dtype, max_kc):
 
 
 @needs_cuda
-def test_cuda_persistent_shapes_interleaved(monkeypatch):
-    """Launch plans are cached per shape: a big-shared-memory shape, a small one, the big one
-    again (its cached launch must still be allowed its shared memory)."""
-    monkeypatch.setenv("VARLEN_RNN_CUDA_PATH", "persistent")
+def test_cuda_persistent_shapes_interleaved():
+    """Kernel facts are cached per device, plans made per call: a big-shared-memory shape, a
+    small one, the big one again (its launch must still be allowed its shared memory)."""
+    set_knobs("persistent")
     torch.manual_seed(0)
     grus = {H: varlen_rnn.GRU(4, H, device="cuda") for H in (512, 16)}
     x = torch.randn(5, 3, 4, device="cuda")
@@ -140,7 +174,7 @@ def test_cuda_persistent_shapes_interleaved(monkeypatch):
 
 @needs_cuda
 @pytest.mark.parametrize("B", [8000, 9000], ids=["rank-sort", "device-sort"])
-def test_cuda_large_batch_orders_rows_either_way(monkeypatch, B):
+def test_cuda_large_batch_orders_rows_either_way(B):
     """The persistent path orders rows by a counting kernel up to B = 8192, by a device sort
     beyond: both must give the fallback's result."""
     T, I, H = 6, 3, 8
@@ -150,7 +184,7 @@ def test_cuda_large_batch_orders_rows_either_way(monkeypatch, B):
     lengths = _lengths(B, T, seed=5).cuda()
     results = {}
     for p in PATHS:
-        monkeypatch.setenv("VARLEN_RNN_CUDA_PATH", p)
+        set_knobs(p)
         results[p] = _run(gru, x, lengths, hx)
     for i, (a, e) in enumerate(zip(results["persistent"], results["fallback"])):
         torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-12, msg=lambda m: f"tensor {i}: {m}")
@@ -338,8 +372,8 @@ def test_cuda_half_types_smoke(path, dtype, tol):
 
 
 @needs_cuda
-def test_cuda_forced_persistent_refuses_what_does_not_fit(monkeypatch):
-    monkeypatch.setenv("VARLEN_RNN_CUDA_PATH", "persistent")
+def test_cuda_forced_persistent_refuses_what_does_not_fit():
+    set_knobs("persistent")
     H = 4096  # 3*H*H doubles (400 MB) cannot be spread over any GPU's shared memory
     args = [torch.zeros(2, 1, 4, dtype=torch.float64, device="cuda"),
             torch.tensor([2], device="cuda"),
@@ -348,32 +382,303 @@ def test_cuda_forced_persistent_refuses_what_does_not_fit(monkeypatch):
             torch.zeros(1, 3 * H, H, dtype=torch.float64, device="cuda"), None, None, False, False]
     with pytest.raises(RuntimeError, match="persistent kernel cannot run"):
         torch.ops.varlen_rnn.gru_layer_forward(*args)
-    monkeypatch.setenv("VARLEN_RNN_CUDA_PATH", "auto")  # auto falls back instead
+    set_knobs("auto")  # auto falls back instead
     out, h, _ = torch.ops.varlen_rnn.gru_layer_forward(*args)
     assert out.shape == (2, 1, H)
 
 
 @needs_cuda
-def test_cuda_bad_path_name_is_refused(monkeypatch):
-    monkeypatch.setenv("VARLEN_RNN_CUDA_PATH", "fastest")
-    gru = varlen_rnn.GRU(3, 4, device="cuda")
-    with pytest.raises(RuntimeError, match="VARLEN_RNN_CUDA_PATH must be"):
-        gru(torch.zeros(2, 1, 3, device="cuda"))
+def test_cuda_bad_path_name_is_refused():
+    """The environment is read once per process: a child process starts with the bad value."""
+    code = (
+        "import torch, varlen_rnn\n"
+        "gru = varlen_rnn.GRU(3, 4, device='cuda')\n"
+        "try:\n"
+        "    gru(torch.zeros(2, 1, 3, device='cuda'))\n"
+        "except RuntimeError as e:\n"
+        "    print('refused:', e)\n"
+    )
+    r = _child(code, env={"VARLEN_RNN_CUDA_PATH": "fastest"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "VARLEN_RNN_CUDA_PATH must be auto, persistent or fallback, got 'fastest'" in r.stdout
 
 
 @needs_cuda
 @pytest.mark.parametrize("bad", [-1, 7])
 def test_cuda_out_of_range_length_is_a_device_assert(bad):
-    """Checked on the device (no host copy of lengths): a device-side assert, so in a child
-    process, since it leaves the CUDA context unusable."""
+    """Lengths already on the device are checked there (no host copy): a device-side assert,
+    so in a child process, since it leaves the CUDA context unusable."""
     code = (
         "import torch, varlen_rnn\n"
         "gru = varlen_rnn.GRU(3, 4, device='cuda')\n"
         f"out, h = gru(torch.zeros(6, 2, 3, device='cuda'), lengths=torch.tensor([2, {bad}], device='cuda'))\n"
         "torch.cuda.synchronize()\n"
     )
-    here = os.path.dirname(os.path.abspath(__file__))
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       cwd=os.path.dirname(here), timeout=120)
+    r = _child(code, timeout=120)
     assert r.returncode != 0
     assert "assert" in r.stderr.lower(), r.stderr[-2000:]
+
+
+# ------------------------------------------------------------- lengths on the CPU
+def _layer_args(T=6, B=3, I=4, H=8, D=2, dtype=torch.float32, seed=0):
+    """Leaf tensors of one layer on the GPU: input, hx, w_ih, w_hh, b_ih, b_hh."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(T, B, I), (D, B, H), (D, 3 * H, I), (D, 3 * H, H), (D, 3 * H), (D, 3 * H)]
+    return [(0.5 * torch.randn(s, generator=g, dtype=torch.float64)).to("cuda", dtype)
+            .requires_grad_() for s in shapes]
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("ldtype", [torch.int64, torch.int32], ids=["i64", "i32"])
+def test_cuda_cpu_lengths_equal_device_lengths(path, ldtype):
+    """CPU lengths (checked on the host, then copied) give the result of device lengths,
+    forward and backward, bit for bit."""
+    x, hx, *w = _layer_args()
+    L = torch.tensor([6, 0, 3], dtype=ldtype)
+    results = []
+    for lengths in (L, L.cuda()):
+        out, h = varlen_rnn.ops.gru_layer(x, lengths, hx, *w)
+        results.append([out, h] + list(grads([out, h], [x, hx] + w)))
+    for i, (a, e) in enumerate(zip(*results)):
+        assert torch.equal(a, e), f"tensor {i}"
+    assert L.device.type == "cpu" and L.tolist() == [6, 0, 3]  # the input is untouched
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_cuda_cpu_lengths_no_host_sync(path):
+    """The host check reads the CPU tensor; the copy to the device does not wait for the GPU."""
+    x, hx, *w = _layer_args()
+    L = torch.tensor([6, 0, 3])
+    out, h = varlen_rnn.ops.gru_layer(x, L, hx, *w)  # warm-up: first-use allocations, handles
+    (out.sum() + h.sum()).backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, h = varlen_rnn.ops.gru_layer(x, L, hx, *w)
+        (out.sum() + h.sum()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda
+@pytest.mark.parametrize("bad", [-1, 7])
+def test_cuda_cpu_lengths_out_of_range_is_a_clear_error(bad):
+    """The CPU backend's message, raised before any kernel runs: the context stays usable."""
+    x, hx, *w = _layer_args()
+    with pytest.raises(RuntimeError, match=rf"lengths must be in \[0, T\] with T=6 .*"
+                                           rf"got lengths\[1\]={bad}"):
+        torch.ops.varlen_rnn.gru_layer_forward(x, torch.tensor([2, bad, 1]), hx, *w, False, False)
+    out, _, _ = torch.ops.varlen_rnn.gru_layer_forward(x, torch.tensor([2, 6, 1]), hx, *w, False,
+                                                       False)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+
+
+@needs_cuda
+def test_cuda_cpu_lengths_refused_inside_graph_capture():
+    """A host-to-device copy cannot be captured: a clear error, and the capture ends cleanly."""
+    x, hx, *w = _layer_args()
+    args = [t.detach() for t in (x, hx, *w)]
+    torch.ops.varlen_rnn.gru_layer_forward(args[0], torch.tensor([6, 2, 3]).cuda(), *args[1:],
+                                           False, False)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="lengths must be on the input's device .* inside a "
+                                           "CUDA graph capture"), torch.cuda.graph(graph):
+        torch.ops.varlen_rnn.gru_layer_forward(args[0], torch.tensor([6, 2, 3]), *args[1:], False,
+                                               False)
+    out, _, _ = torch.ops.varlen_rnn.gru_layer_forward(args[0], torch.tensor([6, 2, 3]),
+                                                       *args[1:], False, False)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------ first call in a capture
+COLD_CAPTURE = """
+import torch, varlen_rnn
+torch.manual_seed(0)
+T, B, I, H = 7, 5, 4, 16
+gru = varlen_rnn.GRU(I, H, 2, bidirectional=True, device="cuda")
+x = torch.randn(T, B, I, device="cuda", requires_grad=True)
+lengths = torch.tensor([7, 3, 0, 5, 1], device="cuda")
+params = list(gru.parameters())
+side = torch.cuda.Stream()
+side.wait_stream(torch.cuda.current_stream())
+with torch.cuda.stream(side):  # cuBLAS and the allocator warmed up, varlen_rnn not called
+    a = torch.randn(64, 48, device="cuda")
+    (a @ a.t()).sum(); torch.bmm(a[None], a.t()[None]).sum(); torch.cuda.synchronize()
+torch.cuda.current_stream().wait_stream(side)
+def step():
+    out, h = gru(x, lengths=lengths)
+    return [out, h] + list(torch.autograd.grad((out * out).sum() + h.sum(), [x] + params))
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):
+    static = step()
+graph.replay()
+torch.cuda.synchronize()
+eager = step()
+err = max((s - e).abs().max().item() for s, e in zip(static, eager))
+assert err < 1e-5, err
+print("cold capture ok", err)
+"""
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", ["auto", "persistent", "fallback"])
+def test_cuda_graph_capture_first_call_inside_capture(path):
+    """A cold plan cache inside the capture: the kernel-attribute queries and the shared-memory
+    opt-in happen during capture (a fresh process, so no earlier test warmed them)."""
+    r = _child(COLD_CAPTURE, env={"VARLEN_RNN_CUDA_PATH": path})
+    assert r.returncode == 0 and "cold capture ok" in r.stdout, r.stderr[-3000:]
+
+
+# -------------------------------------------------------- a refused cooperative launch
+REFUSED = """
+import ctypes, warnings, torch, varlen_rnn
+hook = ctypes.CDLL(varlen_rnn._C.__file__).varlen_rnn_cuda_set_knobs_for_testing
+hook.argtypes = [ctypes.c_char_p, ctypes.c_longlong, ctypes.c_int]
+torch.manual_seed(0)
+gru = varlen_rnn.GRU(4, 16, bidirectional=True, device="cuda")  # small: auto picks persistent
+x = torch.randn(6, 2, 4, device="cuda", requires_grad=True)
+lengths = torch.tensor([6, 3], device="cuda")
+def run():
+    out, h = gru(x, lengths=lengths)
+    return [out, h] + list(torch.autograd.grad(out.sum() + h.sum(), [x] + list(gru.parameters())))
+hook(b"fallback", 0, 0)
+expected = run()
+hook(b"auto", 0, 1)  # grids too large to be co-resident: the driver must refuse them
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    first, second = run(), run()
+torch.cuda.synchronize()
+refusals = [w for w in caught if "refused" in str(w.message)]
+assert len(refusals) == 1, [str(w.message) for w in caught]
+for got in (first, second):
+    for a, e in zip(got, expected):
+        assert torch.equal(a, e)
+hook(b"persistent", 0, 0)
+try:
+    run()
+    raise AssertionError("forced persistent ran after the refusal")
+except RuntimeError as e:
+    assert "refused its cooperative launch" in str(e), str(e)
+print("refused launch ok")
+"""
+
+
+@needs_cuda
+def test_cuda_refused_cooperative_launch_falls_back_once():
+    """auto: a warning once, the fallback's exact result, no exception; the refusal is
+    remembered, so forced persistent then reports it."""
+    r = _child(REFUSED)
+    assert r.returncode == 0 and "refused launch ok" in r.stdout, r.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------- TF32
+def _tf32_run(cudnn, matmul, args, lengths):
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
+    out, h = varlen_rnn.ops.gru_layer(args[0], lengths, *args[1:])
+    res = [out, h] + list(grads([out, h], args))
+    assert torch.backends.cuda.matmul.allow_tf32 == matmul, "the matmul flag was not restored"
+    assert torch.backends.cudnn.allow_tf32 == cudnn
+    return res
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_cuda_float32_gemms_follow_cudnn_tf32_flag(path):
+    """nn.GRU's policy: TF32 exactly when torch.backends.cudnn.allow_tf32 says so, whatever
+    torch.backends.cuda.matmul.allow_tf32 says (which is left as the user set it)."""
+    a = torch.randn(256, 512, device="cuda")
+    b = torch.randn(512, 768, device="cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    tf32_mm = a @ b
+    torch.backends.cuda.matmul.allow_tf32 = False
+    if torch.equal(tf32_mm, a @ b):
+        pytest.skip("cuBLAS uses no TF32 kernel for this shape on this GPU")
+    x, hx, *w = _layer_args(T=8, B=32, I=512, H=256, D=1)
+    args, lengths = [x, hx, *w], torch.arange(8, 0, -1).repeat(4).cuda()
+    def rel(got, ref):
+        return max(((g - e).abs().max() / e.abs().max()).item() for g, e in zip(got, ref))
+
+    exact = _tf32_run(False, False, args, lengths)
+    # matmul on, cuDNN off: exact float32 (other GEMM kernels may sum in another order).
+    assert rel(_tf32_run(False, True, args, lengths), exact) < 1e-5
+    tf32 = _tf32_run(True, False, args, lengths)
+    assert all(torch.equal(g, e) for g, e in zip(_tf32_run(True, True, args, lengths), tf32))
+    diff = rel(tf32, exact)
+    assert 1e-5 < diff < 3e-2, f"relative difference {diff:.2e} is not TF32-sized"
+
+
+TF32_GUARD_PROGRAM = r"""
+#include "cuda/launch.h"
+#include <cstdio>
+#include <thread>
+using namespace varlen_rnn::cuda;
+static int mm() { return at::globalContext().allowTF32CuBLAS(); }
+int main() {
+  auto& ctx = at::globalContext();
+  std::printf("default %d %d\n", int(cudnn_rnn_allows_tf32()), mm());
+  {
+    MatmulTf32Guard a(true, true);
+    std::printf("enabled %d\n", mm());
+    { MatmulTf32Guard b(true, true); }
+    std::printf("inner-exit %d\n", mm());
+  }
+  std::printf("restored %d\n", mm());
+  ctx.setAllowTF32CuBLAS(true);
+  {
+    MatmulTf32Guard c(true, false);
+    int other = -1;
+    std::thread t([&] { other = at::NoTF32Guard::should_disable_tf32(); });
+    t.join();
+    std::printf("disabled %d other-thread %d global %d\n",
+                int(at::NoTF32Guard::should_disable_tf32()), other, mm());
+  }
+  std::printf("after %d %d\n", int(at::NoTF32Guard::should_disable_tf32()), mm());
+  ctx.setAllowTF32CuBLAS(false);
+  ctx.setAllowTF32CuDNN(false);
+  std::printf("cudnn-off %d\n", int(cudnn_rnn_allows_tf32()));
+  { MatmulTf32Guard d(false, true); std::printf("not-float32 %d\n", mm()); }
+}
+"""
+
+
+def test_cuda_tf32_guard_on_the_host(tmp_path):
+    """The TF32 policy's flag handling needs no GPU: compiled against csrc/cuda/launch.h, the
+    guard turns matmul TF32 on while held (counted), restores the user's setting, and turns it
+    off only on its own thread."""
+    import glob
+
+    import torch.utils.cpp_extension as ext
+
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), ext.CUDA_HOME]
+    homes += sorted(glob.glob("/usr/local/cuda-*"), reverse=True) + ["/usr/local/cuda"]
+    cuda_home = next((h for h in homes if h and os.path.isfile(
+        os.path.join(h, "include", "cuda_runtime.h"))), None)
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not varlen_rnn.WITH_CUDA or cuda_home is None or cxx is None:
+        pytest.skip("needs a CUDA build of varlen_rnn, a CUDA toolkit and a C++ compiler")
+    includes = ext.include_paths() + [os.path.join(cuda_home, "include")]
+    try:
+        import nvidia
+
+        includes += [os.path.join(b, sub) for b in nvidia.__path__
+                     for sub in ("cu13/include", "cu12/include", "cublas/include")]
+    except ImportError:
+        pass
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src, exe = tmp_path / "guard.cpp", tmp_path / "guard"
+    src.write_text(TF32_GUARD_PROGRAM)
+    libs = ext.library_paths() + [os.path.join(cuda_home, "lib64")]
+    cmd = [cxx, "-std=c++20", "-O0", "-w", "-I", os.path.join(root, "csrc")]
+    cmd += [f"-I{p}" for p in includes if os.path.isdir(p)] + [str(src), "-o", str(exe)]
+    cmd += [f"-L{p}" for p in libs] + [f"-Wl,-rpath,{p}" for p in libs]
+    cmd += ["-ltorch", "-ltorch_cpu", "-lc10", "-ltorch_cuda", "-lc10_cuda", "-lcudart"]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.split("\n")
+    assert got[:8] == ["default 1 0", "enabled 1", "inner-exit 1", "restored 0",
+                       "disabled 1 other-thread 0 global 1", "after 0 1", "cudnn-off 0",
+                       "not-float32 0"], got

@@ -1,10 +1,25 @@
 """The CUDA kernels' logic on a machine without a GPU: tests/cuda_emulation/emu.cpp runs the real
-kernel code of csrc/cuda/*.cuh on CPU threads (float64) and must agree with the CPU kernels.
+kernel code of csrc/cuda/*.cuh on CPU threads, in every dtype the CUDA build dispatches, and must
+agree with the CPU kernels.
 
-What it checks: indexing, padding zeros, h_n, the length sort, the tiling and K chunks, and
-the persistent kernels' one-barrier-per-step exchange. What it cannot: anything about the GPU
-itself (memory model, occupancy, cooperative launch), which tests/test_cuda.py covers on a GPU.
-Compiles a small extension (~25 s); VARLEN_RNN_SKIP_EMULATION=1 skips it."""
+What it checks: indexing, padding zeros, h_n, the length sort, the tiling and K chunks, the warp
+reduction, the half-type loads and stores, and the persistent kernels' one-barrier-per-step
+exchange. What it cannot: anything about the GPU itself (memory model, occupancy, cooperative
+launch), which tests/test_cuda.py covers on a GPU. Compiles a small extension (~60 s);
+VARLEN_RNN_SKIP_EMULATION=1 skips it.
+
+The reference is always the CPU op in float64. For float64 the kernels must match it to rounding
+(1e-12). For float32, float16 and bfloat16 the reference runs on the same inputs rounded to the
+dtype, so the only differences left are the kernels' own roundings: gx, the outputs, dgx, dgh
+and hprev are stored in the dtype (relative error eps/2 each), the fallback's gh is a GEMM
+rounded to the dtype, and the backward reads the rounded outputs as its previous state. Each is
+a few eps relative to the values involved, propagated through T steps of a contracting
+recurrence and summed over T*B rows by the weight-gradient GEMMs. The bound is
+C * eps * (|ref| + max(1, max|ref|)) with C = TOL_EPS below, about five times the largest C
+these cases need (float32 1.7, float16 0.7, bfloat16 0.6: for the half types the storage
+roundings dominate, for float32 its own sums over up to 3H terms in the kernels and T*B rows in
+the GEMMs). A wrong bit-cast, index or missing term gives errors of order max|ref|, far above
+the bound for every dtype (bfloat16: 4 * 2^-7 ~ 0.03 of max|ref|)."""
 import os
 import shutil
 
@@ -26,7 +41,8 @@ def emu(tmp_path_factory):
     from torch.utils.cpp_extension import load
 
     build = tmp_path_factory.mktemp("emu_build")
-    return load(name="varlen_rnn_cuda_emulation", sources=[os.path.join(HERE, "cuda_emulation", "emu.cpp")],
+    return load(name="varlen_rnn_cuda_emulation",
+                sources=[os.path.join(HERE, "cuda_emulation", "emu.cpp")],
                 build_directory=str(build), extra_include_paths=[CSRC],
                 extra_cflags=["-O1", "-std=c++20"])
 
@@ -39,19 +55,33 @@ CASES = {
                              lengths=[(i * 7) % 5 for i in range(20)]),
     "K-chunks-tail-block": dict(T=7, B=9, I=4, H=37, D=2, bias=True, bf=False,
                                 lengths=[7, 6, 5, 4, 3, 2, 1, 0, 7], kc=32),
-    "one-row-per-warp-tiles": dict(T=3, B=17, I=2, H=9, D=1, bias=True, bf=True, lengths=[3] * 17, R=1),
+    "K-chunks-small": dict(T=3, B=9, I=2, H=13, D=2, bias=True, bf=True,
+                           lengths=[3, 2, 0, 1, 3, 1, 2, 0, 3], kc=8),
+    "one-row-per-warp-tiles": dict(T=3, B=17, I=2, H=9, D=1, bias=True, bf=True,
+                                   lengths=[3] * 17, R=1),
     "all-zero": dict(T=3, B=2, I=2, H=3, D=2, bias=True, bf=False, lengths=[0, 0]),
     "T1-B1-H1": dict(T=1, B=1, I=1, H=1, D=1, bias=True, bf=False, lengths=[1]),
 }
+# The lower-precision dtypes run the cases that reach every code path between them (D=1 and 2,
+# zero lengths, batch_first, several row tiles, K chunks with a tail, a block past H), to keep
+# the emulation's run time down.
+HALF_CASES = ["uni-basic", "two-tiles-nobias", "K-chunks-small"]
+TOL_EPS = {torch.float32: 8, torch.float16: 4, torch.bfloat16: 4}
+DTYPE_IDS = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16",
+             torch.bfloat16: "bf16"}
+PARAMS = [(n, torch.float64) for n in sorted(CASES)] + [
+    (n, dt) for dt in (torch.float32, torch.float16, torch.bfloat16) for n in HALF_CASES]
 
 
-@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "fallback"])
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_emulated_cuda_kernels_match_cpu_kernels(emu, name, persistent):
-    c = CASES[name]
+def run_case(emu, c, dtype, persistent):
+    """(got, ref): the emulated kernels' results in `dtype` with the launchers' GEMMs around
+    them, and the CPU op's in float64 on the same (rounded) inputs."""
     T, B, I, H, D, bias, bf = (c[k] for k in ("T", "B", "I", "H", "D", "bias", "bf"))
     g = torch.Generator().manual_seed(0)
-    f = lambda *s: torch.randn(*s, dtype=torch.float64, generator=g)
+
+    def f(*s):  # float64 values that are exact in `dtype`
+        return torch.randn(*s, dtype=torch.float64, generator=g).to(dtype).double()
+
     x = f(B, T, I) if bf else f(T, B, I)
     L = torch.tensor(c["lengths"], dtype=torch.long)
     hx, w_ih, w_hh = f(D, B, H), f(D, 3 * H, I) * 0.5, f(D, 3 * H, H) * 0.5
@@ -59,19 +89,43 @@ def test_emulated_cuda_kernels_match_cpu_kernels(emu, name, persistent):
     ops = torch.ops.varlen_rnn
     out_r, hn_r, ws_r = ops.gru_layer_forward(x, L, hx, w_ih, w_hh, b_ih, b_hh, bf, True)
     go, ghn = f(*out_r.shape), f(*hn_r.shape)
-    ref = ops.gru_layer_backward(go, ghn, x, L, hx, w_ih, w_hh, out_r, ws_r, bf)
+    ref = [out_r, hn_r, *ops.gru_layer_backward(go, ghn, x, L, hx, w_ih, w_hh, out_r, ws_r, bf)]
 
-    # The launchers' GEMMs (gru_cuda.cu), here in plain torch around the emulated kernels.
+    # The launchers' GEMMs (gru_cuda.cu), in the storage dtype around the emulated kernels.
+    x, hx, w_ih, w_hh, go, ghn = (t.to(dtype) for t in (x, hx, w_ih, w_hh, go, ghn))
+    b_ih, b_hh = (None, None) if not bias else (b_ih.to(dtype), b_hh.to(dtype))
     knobs = (4, c.get("kc", 0), c.get("R", 0))  # 4 pretend SMs: several units per block
     x2d, w2d = x.reshape(T * B, I), w_ih.reshape(D * 3 * H, I)
-    gx = (x2d @ w2d.T + (b_ih.reshape(-1) if bias else 0)).contiguous()
-    out, hn, ws = emu.forward(gx, w_hh, b_hh, hx, L, T, bf, persistent, *knobs)
+    gx = torch.addmm(b_ih.reshape(-1), x2d, w2d.T) if bias else x2d @ w2d.T
+    out, hn, ws = emu.forward(gx.contiguous(), w_hh, b_hh, hx, L, T, bf, persistent, *knobs)
     dgx, dgh, hprev, ghx = emu.backward(go, ghn, out, hx, ws, w_hh, L, T, bf, persistent, *knobs)
-    got = [(dgx @ w2d).view(x.shape), ghx, (dgx.T @ x2d).view(D, 3 * H, I),
-           torch.bmm(dgh.transpose(1, 2), hprev), dgx.sum(0).view(D, 3 * H), dgh.sum(1)]
-    tol = dict(atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(out, out_r, **tol)  # every element written: outputs start at 777
-    torch.testing.assert_close(hn, hn_r, **tol)
-    names = ["input", "hx", "w_ih", "w_hh", "b_ih", "b_hh"]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    got = [out, hn, (dgx @ w2d).view(x.shape), ghx, (dgx.T @ x2d).view(D, 3 * H, I),
+           torch.bmm(dgh.transpose(1, 2), hprev), dgx.sum(0, dtype=acc).view(D, 3 * H),
+           dgh.sum(1, dtype=acc)]
+    return [t.double() for t in got], ref
+
+
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "fallback"])
+@pytest.mark.parametrize("name,dtype", PARAMS, ids=[f"{n}-{DTYPE_IDS[d]}" for n, d in PARAMS])
+def test_emulated_cuda_kernels_match_cpu_kernels(emu, name, dtype, persistent):
+    got, ref = run_case(emu, CASES[name], dtype, persistent)
+    names = ["output", "h_n", "grad input", "grad hx", "grad w_ih", "grad w_hh", "grad b_ih",
+             "grad b_hh"]
     for n, a, e in zip(names, got, ref):
-        torch.testing.assert_close(a, e, **tol, msg=lambda m: f"grad {n}: {m}")
+        # Every element is written: the kernels' outputs start at 777.
+        if dtype == torch.float64:
+            tol = dict(atol=1e-12, rtol=1e-12)
+        else:
+            c_eps = TOL_EPS[dtype] * torch.finfo(dtype).eps
+            tol = dict(atol=c_eps * max(1.0, e.abs().max().item()), rtol=c_eps)  # see top
+        torch.testing.assert_close(a, e, **tol, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("dtype", list(DTYPE_IDS), ids=list(DTYPE_IDS.values()))
+def test_emulated_persistent_kernels_are_deterministic(emu, dtype):
+    # The emulated threads interleave differently every run, so equal bits show that no sum
+    # (the warp reduction, the K chunks, the dh updates) depends on timing.
+    runs = [run_case(emu, CASES["two-tiles-nobias"], dtype, True)[0] for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -52,10 +52,3 @@ def test_gradcheck_module(device, bidirectional):
 
     assert torch.autograd.gradcheck(fn, (x, hx, *params), eps=1e-6, atol=1e-8)
 
-
-def test_double_backward_is_refused_clearly():
-    args = _args("cpu", 1, True, False)
-    out, h = op(*args)
-    (g,) = torch.autograd.grad(h.sum(), args[0], create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        g.sum().backward()

@@ -1,13 +1,14 @@
 """The module as a drop-in for torch.nn.GRU: parameters, state_dict, PackedSequence,
 unbatched input, zero lengths, empty batches, dropout, convert()."""
+
 import pytest
 import torch
+from testing import ALL_DEVICES, assert_close, grads, make_pair
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_sequence
 
 import varlen_rnn
 from varlen_rnn.reference import gru_reference
-from testing import ALL_DEVICES, assert_close, grads, make_pair
 
 F64 = torch.float64
 
@@ -72,16 +73,21 @@ def test_unbatched_input(device, batch_first):
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_zero_lengths_match_reference(device, bidirectional, batch_first):
     """nn.GRU refuses zero lengths; the plain-PyTorch reference defines them: output 0, h_n = hx."""
-    _, ours = make_pair(3, 4, 2, bidirectional=bidirectional, batch_first=batch_first, device=device)
+    _, ours = make_pair(
+        3, 4, 2, bidirectional=bidirectional, batch_first=batch_first, device=device
+    )
     D = 2 if bidirectional else 1
     lengths = [0, 5, 0, 2, 7]
-    x = torch.randn((5, 7, 3) if batch_first else (7, 5, 3), dtype=F64, device=device, requires_grad=True)
+    x = torch.randn(
+        (5, 7, 3) if batch_first else (7, 5, 3), dtype=F64, device=device, requires_grad=True
+    )
     hx = torch.randn(2 * D, 5, 4, dtype=F64, device=device, requires_grad=True)
     out, h = ours(x, hx, lengths=lengths)
     out_r, h_r = gru_reference(ours, x, hx, lengths)
     assert_close(out, out_r, F64, "output")
     assert_close(h, h_r, F64, "h_n")
-    rows = (slice(None), 0) if batch_first else (0,)
+    by_row = out if batch_first else out.transpose(0, 1)  # [B, T, D*H]
+    assert not by_row[[0, 2]].any()  # the zero-length rows' outputs are 0
     assert torch.equal(h[:, 0], hx[:, 0]) and torch.equal(h[:, 2], hx[:, 2])
     params = [x, hx] + list(ours.parameters())
     for a, b in zip(grads([out, h], params), grads([out_r, h_r], params)):
@@ -92,6 +98,7 @@ def test_zero_lengths_match_reference(device, bidirectional, batch_first):
 def test_reference_agrees_with_nn_gru(device):
     """The oracle itself is checked against torch.nn.GRU + packing."""
     from testing import packed_baseline
+
     ref, ours = make_pair(3, 4, 2, bidirectional=True, device=device)
     x = torch.randn(6, 3, 3, dtype=F64, device=device)
     lengths = [2, 6, 3]
@@ -122,6 +129,7 @@ def test_dropout_between_layers():
     x = torch.randn(6, 2, 3, dtype=F64)
     lengths = [6, 3]
     from testing import packed_baseline
+
     out_r, h_r = packed_baseline(ref, x, lengths)
     out, h = ours(x, lengths=lengths)
     assert_close(out, out_r, F64, "output")
@@ -160,12 +168,35 @@ def test_readme_example_unsorted_lengths_labels_untouched():
     torch.manual_seed(0)
     emb = nn.Embedding(10, 5, padding_idx=0)
     gru = varlen_rnn.GRU(5, 8, batch_first=True)
-    tokens = torch.tensor([[1, 2, 3, 4, 0, 0, 0, 0],
-                           [5, 6, 0, 0, 0, 0, 0, 0],
-                           [7, 8, 9, 1, 2, 3, 4, 5]])
+    tokens = torch.tensor(
+        [[1, 2, 3, 4, 0, 0, 0, 0], [5, 6, 0, 0, 0, 0, 0, 0], [7, 8, 9, 1, 2, 3, 4, 5]]
+    )
     lengths = [4, 2, 8]
     out, h_n = gru(emb(tokens), lengths=lengths)
     for b, L in enumerate(lengths):  # h_n is row b's state after its own last token
         assert torch.allclose(h_n[0, b], out[b, L - 1])
         _, h1 = gru(emb(tokens[b : b + 1, :L]))
         assert torch.allclose(h_n[0, b], h1[0, 0], atol=1e-6)
+
+
+@pytest.mark.parametrize("bidirectional,bias", [(False, True), (True, False)])
+def test_layer_weights_are_the_named_parameters_stacked(bidirectional, bias):
+    gru = varlen_rnn.GRU(3, 4, num_layers=2, bidirectional=bidirectional, bias=bias, dtype=F64)
+    D = gru.num_directions
+    assert D == (2 if bidirectional else 1)
+    w = gru._layer_weights(1, F64)
+    sfx = ["l1", "l1_reverse"][:D]
+    for field, name in [
+        ("w_ih", "weight_ih"),
+        ("w_hh", "weight_hh"),
+        ("b_ih", "bias_ih"),
+        ("b_hh", "bias_hh"),
+    ]:
+        got = getattr(w, field)
+        if not bias and name.startswith("bias"):
+            assert got is None
+            continue
+        assert torch.equal(got, torch.stack([getattr(gru, f"{name}_{s}") for s in sfx]))
+    assert w.w_ih.shape == (D, 12, 4 * D)
+    if D == 1:  # one direction: a view of the parameter, no copy per forward
+        assert w.w_hh.data_ptr() == gru.weight_hh_l1.data_ptr()

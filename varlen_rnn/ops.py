@@ -1,13 +1,19 @@
 """Thin Python layer over torch.ops.varlen_rnn: autograd and fake (meta) kernels.
 
-The math lives in C++ (csrc/); this file only wires the registered backward op
-into autograd and gives shapes to torch.compile / torch.export.
+The math lives in C++ (csrc/); this file wires the registered backward op into
+autograd and gives shapes to torch.compile / torch.export. What the kernels have no
+derivative for (gradients of gradients, forward-mode AD, torch.func's grad) goes
+through the plain-PyTorch layer of varlen_rnn.reference instead.
 Shape legend: T time, B batch, I input, H hidden, D directions; r|z|n gates.
 """
+
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
+
+from .reference import gru_layer_reference
 
 __all__ = ["gru_layer"]
 
@@ -18,22 +24,27 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _HALF else dtype
 
 
-def _refuse_functorch_jvp() -> None:
-    """torch.func.jvp/jacfwd would otherwise run the op as if it were not differentiable
-    and return zero tangents without a word; torch.autograd.forward_ad already raises."""
+def _needs_differentiable_path(tensors) -> bool:
+    """Forward-mode AD (a dual tensor of torch.autograd.forward_ad, or torch.func.jvp,
+    jacfwd, hessian) and torch.func's grad/jacrev: the registered autograd formula covers
+    none of them (forward mode has no formula; functorch refuses register_autograd), so
+    the layer runs as plain differentiable ops (varlen_rnn.reference) instead."""
     if torch.compiler.is_compiling():  # dynamo/export: no functorch interpreters to look at
-        return
-    stack = torch._C._functorch.get_interpreter_stack() or []
-    if any(i.key() == torch._C._functorch.TransformType.Jvp for i in stack):
-        raise NotImplementedError(
-            "varlen_rnn: forward-mode AD (torch.func.jvp, jacfwd, hessian) of the GRU is not "
-            "supported; use reverse mode (loss.backward() or torch.autograd.grad)"
-        )
+        return False
+    stack = torch._C._functorch.get_interpreter_stack()
+    if stack and any(i.key() in _FUNCTORCH_AD for i in stack):
+        return True
+    return fwAD._current_level >= 0 and any(
+        t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors
+    )
+
+
+_FUNCTORCH_AD = (torch._C._functorch.TransformType.Jvp, torch._C._functorch.TransformType.Grad)
 
 
 def gru_layer(
     input: Tensor,  # [T, B, I] or [B, T, I] if batch_first
-    lengths: Tensor,  # [B] int64/int32 on input's device
+    lengths: Tensor,  # [B] int64/int32, on the CPU or input's device
     hx: Tensor,  # [D, B, H]
     w_ih: Tensor,  # [D, 3H, I]
     w_hh: Tensor,  # [D, 3H, H]
@@ -46,8 +57,9 @@ def gru_layer(
     Returns output [T, B, D*H] (or [B, T, D*H]), zero past each length, and
     h_n [D, B, H], each row's state after its own last valid step.
     """
-    _refuse_functorch_jvp()
     tensors = (input, hx, w_ih, w_hh, b_ih, b_hh)
+    if _needs_differentiable_path(tensors):
+        return gru_layer_reference(input, lengths, *tensors[1:], batch_first)
     need_workspace = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors
     )
@@ -60,7 +72,9 @@ def gru_layer(
 
 
 @torch.library.register_fake("varlen_rnn::gru_layer_forward")
-def _gru_layer_forward_fake(input, lengths, hx, w_ih, w_hh, b_ih, b_hh, batch_first, need_workspace):
+def _gru_layer_forward_fake(
+    input, lengths, hx, w_ih, w_hh, b_ih, b_hh, batch_first, need_workspace
+):
     torch._check(input.dim() == 3, lambda: f"input must be 3-D, got {input.dim()}-D")
     torch._check(w_ih.dim() == 3, lambda: f"w_ih must be [D, 3H, I], got {tuple(w_ih.shape)}")
     T, B = (input.shape[1], input.shape[0]) if batch_first else (input.shape[0], input.shape[1])
@@ -98,12 +112,12 @@ def _setup_context(ctx, inputs, output):
     out, _h_n, workspace = output
     ctx.batch_first = batch_first
     ctx.need_workspace = need_workspace
-    ctx.has_bias = b_ih is not None
     ctx.mark_non_differentiable(workspace)
     # Unused outputs reach _backward as None instead of zero tensors: autograd
     # would otherwise fill a [D, T*B, 4H] zero gradient for the workspace.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(input, lengths, hx, w_ih, w_hh, out, workspace)
+    # The kernels' backward never reads the biases; the double-backward recomputation does.
+    ctx.save_for_backward(input, lengths, hx, w_ih, w_hh, b_ih, b_hh, out, workspace)
 
 
 def _backward(ctx, grad_output, grad_h_n, _grad_workspace):
@@ -113,17 +127,51 @@ def _backward(ctx, grad_output, grad_h_n, _grad_workspace):
             "kept nothing for the backward; call it with need_workspace=True (as "
             "varlen_rnn.ops.gru_layer does when gradients are required)"
         )
-    input, lengths, hx, w_ih, w_hh, out, workspace = ctx.saved_tensors
+    input, lengths, hx, w_ih, w_hh, b_ih, b_hh, out, workspace = ctx.saved_tensors
     if grad_output is None:
         grad_output = torch.zeros_like(out)
     if grad_h_n is None:
         grad_h_n = torch.zeros_like(hx)
+    if torch.is_grad_enabled():  # backward(create_graph=True): the gradients need a graph
+        return _differentiable_backward(
+            ctx, (grad_output, grad_h_n), (input, lengths, hx, w_ih, w_hh, b_ih, b_hh)
+        )
     g_in, g_hx, g_wih, g_whh, g_bih, g_bhh = torch.ops.varlen_rnn.gru_layer_backward(
         grad_output, grad_h_n, input, lengths, hx, w_ih, w_hh, out, workspace, ctx.batch_first
     )
-    if not ctx.has_bias:
+    if b_ih is None:
         g_bih = g_bhh = None
     return g_in, None, g_hx, g_wih, g_whh, g_bih, g_bhh, None, None
+
+
+def _differentiable_backward(ctx, grads, inputs):
+    """The layer's gradients as a function of its inputs and of grads, differentiable
+    once more: the layer is recomputed with plain ops (varlen_rnn.reference, the same
+    semantics as the kernels) and differentiated with create_graph=True. Only gradients
+    of gradients pay for it; first-order backward never comes here."""
+    input, lengths, hx, w_ih, w_hh, b_ih, b_hh = inputs
+    wanted = [
+        k
+        for k, t in enumerate(inputs)
+        if t is not None and ctx.needs_input_grad[k] and t.requires_grad
+    ]
+    result: list[Tensor | None] = [None] * 9
+    if not wanted:
+        return tuple(result)
+    # The kernels run with autocast off; so does their stand-in.
+    with torch.autocast(input.device.type, enabled=False):
+        out, h_n = gru_layer_reference(input, lengths, hx, w_ih, w_hh, b_ih, b_hh, ctx.batch_first)
+    found = torch.autograd.grad(
+        (out, h_n),
+        [inputs[k] for k in wanted],
+        grads,
+        create_graph=True,
+        allow_unused=True,
+        materialize_grads=True,
+    )
+    for k, g in zip(wanted, found):
+        result[k] = g
+    return tuple(result)
 
 
 torch.library.register_autograd(
@@ -131,10 +179,11 @@ torch.library.register_autograd(
 )
 
 
-def _no_double_backward(ctx, *grads):
+def _backward_op_not_differentiable(ctx, *grads):
     raise RuntimeError(
-        "varlen_rnn: double backward (gradients of gradients) of the GRU is not "
-        "supported; use torch.nn.GRU without cuDNN for higher-order gradients"
+        "varlen_rnn::gru_layer_backward has no derivative of its own: for gradients of "
+        "gradients call varlen_rnn.ops.gru_layer (or varlen_rnn.GRU) and differentiate "
+        "with create_graph=True, which recomputes the layer with differentiable ops"
     )
 
 
@@ -143,5 +192,7 @@ def _setup_nothing(ctx, inputs, output):
 
 
 torch.library.register_autograd(
-    "varlen_rnn::gru_layer_backward", _no_double_backward, setup_context=_setup_nothing
+    "varlen_rnn::gru_layer_backward",
+    _backward_op_not_differentiable,
+    setup_context=_setup_nothing,
 )

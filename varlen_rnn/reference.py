@@ -1,53 +1,95 @@
-"""A plain PyTorch GRU with length masking: the test oracle, never on a hot path.
+"""A plain PyTorch GRU with length masking: the test oracle, and the differentiable path.
 
-Written from the GRU equations with ordinary tensor ops (autograd works through
-it), so it also covers what torch.nn.GRU + packing refuses: zero-length
-sequences and T = 0.
+Written from the GRU equations with ordinary tensor ops, so every autograd feature works
+through it: double backward, forward-mode AD (torch.autograd.forward_ad, torch.func.jvp)
+and the torch.func transforms. It also covers what torch.nn.GRU + packing refuses:
+zero-length sequences and T = 0. varlen_rnn.ops uses gru_layer_reference where the fused
+kernels have no derivative of their own (gradients of gradients, forward mode) and under
+torch.func's grad/jacrev (which refuse ops with a registered autograd formula); it is never
+on the first-order path of loss.backward().
+Shape legend: T time, B batch, I input, H hidden, D directions; r|z|n gates.
 """
+
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["gru_reference"]
+__all__ = ["gru_layer_reference", "gru_reference"]
+
+
+def gru_layer_reference(
+    input: Tensor,  # [T, B, I] or [B, T, I] if batch_first
+    lengths,  # [B] ints, on any device (a list or tensor)
+    hx: Tensor,  # [D, B, H]
+    w_ih: Tensor,  # [D, 3H, I]
+    w_hh: Tensor,  # [D, 3H, H]
+    b_ih: Tensor | None = None,  # [D, 3H]
+    b_hh: Tensor | None = None,  # [D, 3H]
+    batch_first: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """What varlen_rnn.ops.gru_layer returns, with the kernels' semantics: output
+    [T, B, D*H] (or [B, T, D*H]) that is 0 past each length, h_n [D, B, H] each row's
+    state after its own last valid step (hx for a zero-length row); the reverse
+    direction starts at each row's own last valid step. Padding is never read."""
+    x = input.transpose(0, 1) if batch_first else input  # [T, B, I]
+    T, B = x.shape[0], x.shape[1]
+    D, H = w_ih.shape[0], w_hh.shape[2]
+    lengths = torch.as_tensor(lengths, device=x.device).to(torch.int64)
+    bad = ((lengths < 0) | (lengths > T)).nonzero()
+    if bad.numel():  # the kernels' check, with the kernels' words
+        i = int(bad[0, 0])
+        got = int(lengths[i])
+        raise RuntimeError(f"lengths must be in [0, T] with T={T}, got lengths[{i}]={got}")
+    steps = torch.arange(T, device=x.device).unsqueeze(1)  # [T, 1]
+    valid = steps < lengths  # [T, B]
+    # Masked, not merely ignored: a NaN in the padding would otherwise reach the weight
+    # gradients as 0 * NaN.
+    x = torch.where(valid.unsqueeze(2), x, 0)
+    # Step t of a row's reverse pass reads position len-1-t; past the length the index
+    # stays put. The map is its own inverse, so it also puts the outputs back in place.
+    flip = torch.where(valid, lengths - 1 - steps, steps).unsqueeze(2)  # [T, B, 1]
+    outs, h_n = [], []
+    for d in range(D):
+        xd = x.gather(0, flip.expand(T, B, x.shape[2])) if d else x
+        gx = F.linear(xd, w_ih[d], None if b_ih is None else b_ih[d])  # [T, B, 3H]
+        h = hx[d]  # [B, H]
+        ys = []
+        for t in range(T):
+            gh = F.linear(h, w_hh[d], None if b_hh is None else b_hh[d])  # [B, 3H]
+            r = torch.sigmoid(gx[t, :, :H] + gh[:, :H])
+            z = torch.sigmoid(gx[t, :, H : 2 * H] + gh[:, H : 2 * H])
+            n = torch.tanh(gx[t, :, 2 * H :] + r * gh[:, 2 * H :])
+            h_new = (1 - z) * n + z * h
+            keep = valid[t].unsqueeze(1)  # [B, 1]
+            h = torch.where(keep, h_new, h)
+            ys.append(torch.where(keep, h_new, 0))
+        y = torch.stack(ys) if ys else x.new_zeros(0, B, H)  # [T, B, H]
+        outs.append(y.gather(0, flip.expand(T, B, H)) if d else y)
+        h_n.append(h)
+    out = torch.cat(outs, 2) if D > 1 else outs[0]
+    return (out.transpose(0, 1) if batch_first else out), torch.stack(h_n)
 
 
 def gru_reference(module, input: Tensor, hx: Tensor | None = None, lengths=None):
-    """What varlen_rnn.GRU(input, hx, lengths) must return, for a batched padded input,
-    computed with module's parameters (a varlen_rnn.GRU or a torch.nn.GRU)."""
-    x = input.transpose(0, 1) if module.batch_first else input  # [T, B, I]
-    T, B = x.shape[0], x.shape[1]
+    """What varlen_rnn.GRU(input, hx, lengths) must return (without dropout), for a
+    batched padded input, computed with module's parameters (a varlen_rnn.GRU or a
+    torch.nn.GRU)."""
+    T, B = (input.shape[1], input.shape[0]) if module.batch_first else input.shape[:2]
     D, H = (2 if module.bidirectional else 1), module.hidden_size
     if lengths is None:
-        lengths = torch.full((B,), T, dtype=torch.long)
-    lengths = torch.as_tensor(lengths, dtype=torch.long, device=x.device)
+        lengths = [T] * B
     if hx is None:
-        hx = x.new_zeros(module.num_layers * D, B, H)
-    rows = torch.arange(B, device=x.device)
-    h_n = []
+        hx = input.new_zeros(module.num_layers * D, B, H)
+    x, h_n = input, []
     for layer in range(module.num_layers):
-        outs = []
-        for d in range(D):
-            sfx = f"l{layer}" + ("_reverse" if d else "")
-            w_ih, w_hh = getattr(module, "weight_ih_" + sfx), getattr(module, "weight_hh_" + sfx)
-            b_ih = getattr(module, "bias_ih_" + sfx) if module.bias else None
-            b_hh = getattr(module, "bias_hh_" + sfx) if module.bias else None
-            h = hx[layer * D + d]
-            out = x.new_zeros(T, B, H)
-            for step in range(T):
-                # Reverse: each row starts at its own last valid step.
-                t = (lengths - 1 - step).clamp(min=0) if d else torch.full_like(lengths, step)
-                valid = (step < lengths).unsqueeze(1)
-                gx = torch.nn.functional.linear(x[t, rows], w_ih, b_ih)
-                gh = torch.nn.functional.linear(h, w_hh, b_hh)
-                r = torch.sigmoid(gx[:, :H] + gh[:, :H])
-                z = torch.sigmoid(gx[:, H : 2 * H] + gh[:, H : 2 * H])
-                n = torch.tanh(gx[:, 2 * H :] + r * gh[:, 2 * H :])
-                h_new = (1 - z) * n + z * h
-                h = torch.where(valid, h_new, h)
-                out = out.index_put((t, rows), torch.where(valid, h_new, out[t, rows]))
-            outs.append(out)
-            h_n.append(h)
-        x = torch.cat(outs, 2) if D == 2 else outs[0]
-    out = x.transpose(0, 1) if module.batch_first else x
-    return out, torch.stack(h_n, 0)
+        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")[: 4 if module.bias else 2]
+        sfx = [f"l{layer}", f"l{layer}_reverse"][:D]
+        w = [torch.stack([getattr(module, f"{n}_{s}") for s in sfx]) for n in names]
+        w += [None] * (4 - len(w))
+        x, h = gru_layer_reference(
+            x, lengths, hx[layer * D : (layer + 1) * D], *w, batch_first=module.batch_first
+        )
+        h_n.append(h)
+    return x, torch.cat(h_n, 0)

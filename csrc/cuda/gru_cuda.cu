@@ -5,11 +5,14 @@
 //   persistent  one cooperative launch for all steps (persistent.cuh), W_hh
 //               resident on chip, a grid barrier per step;
 //   fallback    per step one batched GEMM (both directions) + one fused
-//               pointwise kernel (pointwise.cuh), for shapes that do not fit.
-// VARLEN_RNN_CUDA_PATH=auto|persistent|fallback picks (auto: persistent when it
-// fits; VARLEN_RNN_PERSISTENT_MAX_KC caps its K chunk, for tests). The backward mirrors this, then forms the weight gradients as GEMMs
-// over all steps. Nothing copies lengths to the host: lengths are validated
-// and sorted on the device, so both ops are CUDA-graph capturable.
+//               pointwise kernel (pointwise.cuh).
+// plan.h chooses (VARLEN_RNN_CUDA_PATH=auto: the path its cost model of B, H,
+// D, dtype and the SM count says is faster) and cuts the persistent launch;
+// launch.h holds the knobs, the per-device kernel facts, the refused-launch
+// fallback, the TF32 policy and the lengths check. The backward mirrors the
+// forward, then forms the weight gradients as GEMMs over all steps. With
+// lengths on the device nothing is copied to the host, so both ops are
+// CUDA-graph capturable.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -28,17 +31,14 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
-#include <map>
-#include <mutex>
-#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
 
 #include "gru.h"
+#include "launch.h"
 #include "persistent.cuh"
+#include "plan.h"
 #include "pointwise.cuh"
 
 namespace varlen_rnn {
@@ -46,144 +46,8 @@ namespace cuda {
 namespace {
 
 using at::Tensor;
-
-enum class Path { kAuto, kPersistent, kFallback };
-
-Path requested_path() {
-  const char* env = std::getenv("VARLEN_RNN_CUDA_PATH");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return Path::kAuto;
-  if (std::strcmp(env, "persistent") == 0) return Path::kPersistent;
-  if (std::strcmp(env, "fallback") == 0) return Path::kFallback;
-  TORCH_CHECK(false, "VARLEN_RNN_CUDA_PATH must be auto, persistent or fallback, got '", env, "'");
-}
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// The cut of a persistent launch that fits the current device, or why none
-// does. The block count never exceeds the SM count, so one block per SM must
-// be resident; the cooperative launch itself verifies co-residency again.
-struct PersistentPlan {
-  bool ok = false;
-  bool cacheable = true;  // false after a CUDA API error: plan again next call
-  std::string why;
-  PersistentShape ps{};
-  int blocks = 0;
-  size_t smem = 0;
-};
-
-template <typename Kernel>
-PersistentPlan plan_persistent(Kernel kernel, int64_t H, int64_t D, bool backward,
-                               size_t w_bytes, size_t acc_bytes) {
-  PersistentPlan p;
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  if (!prop->cooperativeLaunch) {
-    p.why = "the device does not support cooperative launches";
-    return p;
-  }
-  const int64_t sms = prop->multiProcessorCount;
-  // The fewest units per block that keeps every block on its own SM, then
-  // the same block count with balanced slices.
-  const int64_t bpd = ceil_div(H, ceil_div(H, std::max<int64_t>(1, sms / D)));
-  const int64_t J_bal = ceil_div(H, bpd);
-  // Matches the kernels' layout (persistent.cuh): forward items are single
-  // units with 3 gate rows of length H; backward items group 3 units, rows of
-  // length 3H. Both reduce 3 x kRows dot products per warp item.
-  const int64_t U = backward ? ceil_div(J_bal, 3) : J_bal;
-  const int64_t K = backward ? 3 * H : H;
-  // What this kernel can launch with: its register use caps the block size,
-  // and any static shared memory comes off the opt-in dynamic limit (asking
-  // cudaFuncSetAttribute for more than optin - static is an error).
-  cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
-    (void)cudaGetLastError();  // not sticky: clear it, fall back
-    p.why = "cudaFuncGetAttributes failed";
-    p.cacheable = false;
-    return p;
-  }
-  if (attr.maxThreadsPerBlock < kPersistThreads) {
-    p.why = "the kernel uses too many registers for " + std::to_string(kPersistThreads) +
-            " threads per block";
-    return p;
-  }
-  if (prop->sharedMemPerBlockOptin <= attr.sharedSizeBytes) {
-    p.why = "no dynamic shared memory left beside the kernel's static shared memory";
-    return p;
-  }
-  const size_t optin = prop->sharedMemPerBlockOptin - attr.sharedSizeBytes;
-  const size_t w_smem = static_cast<size_t>((backward ? 3 * U : 3 * J_bal) * K) * w_bytes;
-  for (int64_t R = std::min<int64_t>(4, ceil_div(kPersistWarps, U)); R >= 1; --R) {
-    const int64_t rows = kRows * R;
-    const size_t acc_smem = static_cast<size_t>(U * R * 3 * kRows) * acc_bytes;
-    if (w_smem + acc_smem >= optin) continue;
-    int64_t kc = static_cast<int64_t>((optin - w_smem - acc_smem) / (rows * acc_bytes));
-    if (kc < K) kc = kc / 32 * 32;
-    kc = std::min(kc, K);
-    // Test knob: a smaller K chunk, so small shapes exercise the chunked path.
-    if (const char* cap = std::getenv("VARLEN_RNN_PERSISTENT_MAX_KC")) {
-      const int64_t c = std::max<int64_t>(32, std::atoll(cap) / 32 * 32);
-      if (std::atoll(cap) > 0 && c < kc) kc = c;
-    }
-    if (kc < std::min<int64_t>(K, 32)) continue;
-    p.ps = PersistentShape{static_cast<int>(J_bal), static_cast<int>(bpd),
-                           static_cast<int>(rows), static_cast<int>(kc)};
-    p.blocks = static_cast<int>(D * bpd);
-    p.smem = static_cast<size_t>(rows * kc) * acc_bytes + acc_smem + w_smem;
-    // The device's limit rather than p.smem: plans of other shapes are cached
-    // and launch later without setting the attribute again.
-    // A failure here makes the plan "does not fit" (auto falls back; forced
-    // persistent reports why) instead of failing every call of the op.
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(optin));
-    int per_sm = 0;
-    if (err == cudaSuccess) {
-      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPersistThreads, p.smem);
-    }
-    if (err != cudaSuccess) {
-      (void)cudaGetLastError();
-      p.why = std::string("setting up the launch failed: ") + cudaGetErrorString(err);
-      p.cacheable = false;
-      return p;
-    }
-    if (static_cast<int64_t>(per_sm) * sms < p.blocks) {
-      p.why = "not enough blocks resident (" + std::to_string(per_sm) + " per SM)";
-      return p;
-    }
-    p.ok = true;
-    return p;
-  }
-  p.why = "W_hh slice of " + std::to_string(w_smem) + " bytes per block does not fit in " +
-          std::to_string(optin) + " bytes of shared memory";
-  return p;
-}
-
-// Decides the path; errors when persistent is forced but impossible, so tests
-// that compare the paths never compare the fallback with itself.
-template <typename Kernel>
-bool use_persistent(Kernel kernel, int64_t H, int64_t D, bool backward, size_t w_bytes,
-                    size_t acc_bytes, PersistentPlan& plan) {
-  const Path path = requested_path();
-  if (path == Path::kFallback) return false;
-  // Cached per device and shape: after a warm-up, a CUDA-graph capture makes no
-  // attribute or occupancy calls at all.
-  const char* cap = std::getenv("VARLEN_RNN_PERSISTENT_MAX_KC");
-  const auto key = std::make_tuple(static_cast<int>(c10::cuda::current_device()),
-                                   reinterpret_cast<const void*>(kernel), H, D, backward,
-                                   std::string(cap == nullptr ? "" : cap));
-  static std::mutex mutex;
-  static std::map<decltype(key), PersistentPlan> cache;
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    auto it = cache.find(key);
-    if (it == cache.end()) {
-      it = cache.emplace(key, plan_persistent(kernel, H, D, backward, w_bytes, acc_bytes)).first;
-    }
-    plan = it->second;
-    if (!plan.cacheable) cache.erase(it);
-  }
-  TORCH_CHECK(plan.ok || path == Path::kAuto,
-              "VARLEN_RNN_CUDA_PATH=persistent but the persistent kernel cannot run: ", plan.why);
-  return plan.ok;
-}
+static_assert(plan::kThreads == kPersistThreads && plan::kRowsPerItem == kRows,
+              "plan.h must model the kernels' geometry (persistent.cuh)");
 
 struct Lengths {
   Tensor lens, perm, sorted;  // int32 [B]; perm/sorted only when asked
@@ -193,6 +57,7 @@ struct Lengths {
 // launch); beyond it from ATen's device sort. Both are stable and sync-free.
 constexpr int64_t kRankSortMaxB = 8192;
 
+// lengths: [B] on the device.
 Lengths prepare_lengths(const Tensor& lengths, int64_t T, bool with_perm, cudaStream_t stream) {
   const int64_t B = lengths.size(0);
   const auto opts = lengths.options().dtype(at::kInt);
@@ -204,7 +69,7 @@ Lengths prepare_lengths(const Tensor& lengths, int64_t T, bool with_perm, cudaSt
     l.sorted = at::empty({B}, opts);
   }
   const Tensor src = lengths.contiguous();
-  const int blocks = static_cast<int>(ceil_div(B, kPointwiseThreads));
+  const int blocks = static_cast<int>(plan::ceil_div(B, kPointwiseThreads));
   AT_DISPATCH_INDEX_TYPES(src.scalar_type(), "varlen_rnn_lengths_prep", [&] {
     lengths_prep_kernel<index_t><<<blocks, kPointwiseThreads, 0, stream>>>(
         src.data_ptr<index_t>(), static_cast<int>(B), static_cast<int>(T),
@@ -220,27 +85,163 @@ Lengths prepare_lengths(const Tensor& lengths, int64_t T, bool with_perm, cudaSt
   return l;
 }
 
-void launch_cooperative(const void* kernel, int blocks, size_t smem, void* args,
-                        cudaStream_t stream) {
-  void* arg_list[] = {args};
-  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, dim3(blocks), dim3(kPersistThreads), arg_list,
-                                             smem, stream));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+// ---- What forward and backward share -----------------------------------------
+struct LayerCall {
+  LayerDims dims;
+  at::TensorOptions opts;   // the input's
+  at::ScalarType acc_type;  // op-math dtype: the state, saved gates, sums
+  bool tf32 = false;        // float32 GEMMs may use TF32 (nn.GRU's cuDNN policy)
+  cudaStream_t stream;
+  Tensor lengths;           // [B] on the input's device
+  RowStrides xs, os;        // rows of gx/dgx [T*B, D*3H] and of output [.., D*H]
+  Tensor hx, w_hh;          // contiguous [D, B, H], [D, 3H, H]
+};
+
+void set_layer_call(LayerCall& c, const LayerDims& dims, const Tensor& input,
+                    const Tensor& lengths, const Tensor& hx, const Tensor& w_hh) {
+  const int64_t G = dims.D * 3 * dims.H;
+  c.dims = dims;
+  c.opts = input.options();
+  c.acc_type = opmath_dtype(input.scalar_type());
+  c.tf32 = input.scalar_type() == at::kFloat && cudnn_rnn_allows_tf32();
+  c.stream = at::cuda::getCurrentCUDAStream();
+  c.lengths = lengths_on_device(lengths, dims.T, input.device());
+  c.xs = RowStrides{dims.stride_t(G), dims.stride_b(G)};
+  c.os = RowStrides{dims.stride_t(dims.D * dims.H), dims.stride_b(dims.D * dims.H)};
+  c.hx = hx.contiguous();
+  c.w_hh = w_hh.contiguous();
+}
+
+struct ForwardCall : LayerCall {
+  Tensor gx;            // [T*B, D*3H] input projection incl. b_ih, input-layout rows
+  Tensor b_hh;          // [D, 3H] contiguous, or undefined
+  Tensor out, h_n, ws;  // outputs: like output, [D, B, H], [D, T*B, 4H] or [0]
+  bool need_workspace = false;
+};
+
+struct BackwardCall : LayerCall {
+  Tensor grad_out, out, grad_h_n, ws;  // contiguous, as the forward gave them
+  Tensor dgx;      // [T*B, D*3H] input-layout rows
+  Tensor dgh;      // [D, T*B, 3H] step-major rows, storage dtype (only feeds GEMMs)
+  Tensor hprev;    // [D, T*B, H]
+  Tensor grad_hx;  // [D, B, H]
+};
+
+// The path of one pass for this kernel; errors when persistent is forced but
+// cannot run, so tests that compare the paths never compare the fallback with itself.
+plan::Choice choose(const LayerCall& c, const void* kernel, plan::Pass pass, int64_t storage_bytes,
+                    int64_t acc_bytes) {
+  const plan::Path requested = requested_path();
+  if (requested == plan::Path::kFallback) return plan::Choice{};
+  const KernelFacts facts = kernel_facts(kernel);
+  plan::Device dev = facts.dev;
+  if (!facts.unavailable.empty()) dev.cooperative = false;
+  const plan::Problem p{c.dims.B, c.dims.H, c.dims.D, pass, storage_bytes, acc_bytes,
+                        storage_bytes != 4 || c.tf32};
+  plan::Choice choice = plan::choose_path(p, dev, requested, knobs().max_kc.load());
+  if (!facts.unavailable.empty()) choice.why = facts.unavailable;
+  TORCH_CHECK(choice.fits || requested == plan::Path::kAuto,
+              "VARLEN_RNN_CUDA_PATH=persistent but the persistent kernel cannot run: ", choice.why);
+  return choice;
+}
+
+PersistentShape shape_of(const plan::Cut& cut) {
+  return PersistentShape{static_cast<int>(cut.J), static_cast<int>(cut.blocks_per_dir),
+                         static_cast<int>(cut.tile_rows), static_cast<int>(cut.kc)};
 }
 
 // The fields both persistent launches share (see PersistentCommonArgs).
-void fill_common(PersistentCommonArgs& a, const Lengths& l, RowStrides xs, RowStrides os,
-                 int64_t T, int64_t B, int64_t H, int64_t D, const PersistentShape& ps) {
+void fill_common(PersistentCommonArgs& a, const LayerCall& c, const Lengths& l,
+                 const plan::Cut& cut) {
   a.lens = l.lens.data_ptr<int>();
   a.perm = l.perm.data_ptr<int>();
   a.sorted = l.sorted.data_ptr<int>();
-  a.xs = xs;
-  a.os = os;
-  a.T = static_cast<int>(T);
-  a.B = static_cast<int>(B);
-  a.H = static_cast<int>(H);
-  a.D = static_cast<int>(D);
-  a.ps = ps;
+  a.xs = c.xs;
+  a.os = c.os;
+  a.T = static_cast<int>(c.dims.T);
+  a.B = static_cast<int>(c.dims.B);
+  a.H = static_cast<int>(c.dims.H);
+  a.D = static_cast<int>(c.dims.D);
+  a.ps = shape_of(cut);
+}
+
+// A refused launch leaves every output untouched; the caller runs the fallback
+// (or, when persistent was forced, reports it).
+bool launched_or_allowed_to_fall_back(bool launched) {
+  TORCH_CHECK(launched || requested_path() != plan::Path::kPersistent,
+              "VARLEN_RNN_CUDA_PATH=persistent but the persistent kernel cannot run: the driver "
+              "refused its cooperative launch");
+  return launched;
+}
+
+// gx = x @ w_ih^T + b_ih: [T*B, D*3H], rows in the input's layout, one GEMM for all
+// steps and directions. ATen may run an addmm with a bias through cuBLASLt, which takes
+// TF32 from the global matmul flag alone (NoTF32Guard does not reach it): where TF32
+// must be off but that flag is on, the bias is added on its own.
+Tensor input_projection(const LayerCall& c, const Tensor& x2d, const Tensor& w_ih2d,
+                        const std::optional<Tensor>& b_ih) {
+  if (!b_ih.has_value()) return at::mm(x2d, w_ih2d.t());
+  const Tensor b = b_ih->contiguous().view({-1});
+  const bool float32 = c.opts.dtype().toScalarType() == at::kFloat;
+  if (float32 && !c.tf32 && at::globalContext().allowTF32CuBLAS()) {
+    return at::mm(x2d, w_ih2d.t()).add_(b);
+  }
+  return at::addmm(b, x2d, w_ih2d.t());
+}
+
+// ---- Forward: one function per path -------------------------------------------
+template <typename scalar_t>
+bool persistent_forward(const ForwardCall& c, const plan::Cut& cut) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const LayerDims& dims = c.dims;
+  const Lengths l = prepare_lengths(c.lengths, dims.T, true, c.stream);
+  Tensor hbuf = at::empty({2, dims.D, dims.B, dims.H}, c.opts.dtype(c.acc_type));
+  PersistentForwardArgs<scalar_t, acc_t> a{};
+  a.gx = c.gx.data_ptr<scalar_t>();
+  a.w_hh = c.w_hh.data_ptr<scalar_t>();
+  a.b_hh = c.b_hh.defined() ? c.b_hh.data_ptr<scalar_t>() : nullptr;
+  a.hx = c.hx.data_ptr<scalar_t>();
+  a.hbuf = hbuf.data_ptr<acc_t>();
+  a.out = c.out.data_ptr<scalar_t>();
+  a.h_n = c.h_n.data_ptr<scalar_t>();
+  a.ws = c.need_workspace ? c.ws.data_ptr<acc_t>() : nullptr;
+  fill_common(a, c, l, cut);
+  const auto kernel = reinterpret_cast<const void*>(persistent_forward_kernel<scalar_t, acc_t>);
+  return launch_cooperative(kernel, cut.blocks, cut.smem, &a, c.stream);
+}
+
+// The state h stays in acc_t; the GEMM runs in the storage dtype (tensor cores for
+// half types, on a rounded copy h_lo that the step kernel keeps).
+template <typename scalar_t>
+void fallback_forward(const ForwardCall& c) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const LayerDims& dims = c.dims;
+  const int64_t T = dims.T, B = dims.B, H = dims.H, D = dims.D;
+  const Lengths l = prepare_lengths(c.lengths, T, false, c.stream);
+  const bool half = c.acc_type != c.opts.dtype().toScalarType();
+  Tensor h = at::empty({D, B, H}, c.opts.dtype(c.acc_type));
+  h.copy_(c.hx);
+  Tensor h_lo = half ? c.hx.clone() : h;
+  const Tensor w_hh_t = c.w_hh.transpose(1, 2);  // [D, H, 3H]
+  const Tensor bias =
+      c.b_hh.defined() ? c.b_hh.view({D, 1, 3 * H}).expand({D, B, 3 * H}) : Tensor();  // [D, B, 3H]
+  Tensor gh = at::empty({D, B, 3 * H}, c.opts);
+  const int blocks = static_cast<int>(plan::ceil_div(D * B * H, kPointwiseThreads));
+  for (int64_t s = 0; s < T; ++s) {
+    if (bias.defined()) {
+      at::baddbmm_out(gh, bias, h_lo, w_hh_t);
+    } else {
+      at::bmm_out(gh, h_lo, w_hh_t);
+    }
+    fallback_forward_step_kernel<scalar_t, acc_t><<<blocks, kPointwiseThreads, 0, c.stream>>>(
+        c.gx.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(), l.lens.data_ptr<int>(),
+        h.data_ptr<acc_t>(), half ? h_lo.data_ptr<scalar_t>() : nullptr,
+        c.out.data_ptr<scalar_t>(), c.need_workspace ? c.ws.data_ptr<acc_t>() : nullptr,
+        static_cast<int>(s), static_cast<int>(T), static_cast<int>(B), static_cast<int>(H),
+        static_cast<int>(D), c.xs, c.os);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  c.h_n.copy_(h);
 }
 
 std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_cuda(
@@ -248,86 +249,95 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_cuda(
     const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
     bool batch_first, bool need_workspace) {
   const NoAutocastGuard no_autocast;
-  const LayerDims dm = check_layer_args(input, lengths, hx, w_ih, w_hh, b_ih, b_hh, batch_first);
-  const int64_t T = dm.T, B = dm.B, I = dm.I, H = dm.H, D = dm.D;
+  const LayerDims dims = check_layer_args(input, lengths, hx, w_ih, w_hh, b_ih, b_hh, batch_first);
+  const int64_t T = dims.T, B = dims.B, I = dims.I, H = dims.H, D = dims.D;
   TORCH_CHECK(T * B < (int64_t{1} << 31) && B < (int64_t{1} << 30),
               "T*B must be below 2^31, got T=", T, ", B=", B);
   c10::cuda::CUDAGuard guard(input.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const auto acc_type = opmath_dtype(input.scalar_type());
-  const auto opts = input.options();
-  const std::vector<int64_t> out_sizes =
-      batch_first ? std::vector<int64_t>{B, T, D * H} : std::vector<int64_t>{T, B, D * H};
-  Tensor out = at::empty(out_sizes, opts);
-  Tensor h_n = at::empty({D, B, H}, opts);
-  Tensor ws = need_workspace ? at::empty({D, T * B, 4 * H}, opts.dtype(acc_type))
-                             : at::empty({0}, opts.dtype(acc_type));
-  if (B == 0) return {out, h_n, ws};
+  ForwardCall c;
+  set_layer_call(c, dims, input, lengths, hx, w_hh);
+  const MatmulTf32Guard tf32(input.scalar_type() == at::kFloat, c.tf32);
+  c.need_workspace = need_workspace;
+  c.out = at::empty(dims.output_sizes(), c.opts);
+  c.h_n = at::empty({D, B, H}, c.opts);
+  c.ws = need_workspace ? at::empty({D, T * B, 4 * H}, c.opts.dtype(c.acc_type))
+                        : at::empty({0}, c.opts.dtype(c.acc_type));
+  if (B == 0) return {c.out, c.h_n, c.ws};
   if (T == 0) {
-    prepare_lengths(lengths, T, false, stream);  // still asserts lengths == 0
-    h_n.copy_(hx);
-    return {out, h_n, ws};
+    prepare_lengths(c.lengths, T, false, c.stream);  // device lengths: still asserts == 0
+    c.h_n.copy_(hx);
+    return {c.out, c.h_n, c.ws};
   }
-  // gx rows follow the input's layout: one GEMM for all steps and directions.
   const Tensor x2d = input.contiguous().view({T * B, I});
   const Tensor w_ih2d = w_ih.contiguous().view({D * 3 * H, I});
-  const Tensor gx = b_ih.has_value() ? at::addmm(b_ih->contiguous().view({D * 3 * H}), x2d, w_ih2d.t())
-                                     : at::mm(x2d, w_ih2d.t());  // [T*B, D*3H]
-  const RowStrides xs = batch_first ? RowStrides{D * 3 * H, T * D * 3 * H}
-                                    : RowStrides{B * D * 3 * H, D * 3 * H};
-  const RowStrides os{dm.stride_t(D * H), dm.stride_b(D * H)};
-  const Tensor hx_c = hx.contiguous();
-  const Tensor w_hh_c = w_hh.contiguous();
-  const Tensor b_hh_c = b_hh.has_value() ? b_hh->contiguous() : Tensor();
-
+  c.gx = input_projection(c, x2d, w_ih2d, b_ih);
+  if (b_hh.has_value()) c.b_hh = b_hh->contiguous();
+  const plan::Pass pass = need_workspace ? plan::Pass::kTraining : plan::Pass::kInference;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "varlen_rnn_gru_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto kernel = persistent_forward_kernel<scalar_t, acc_t>;
-    PersistentPlan plan;
-    if (use_persistent(kernel, H, D, false, sizeof(scalar_t), sizeof(acc_t), plan)) {
-      const Lengths l = prepare_lengths(lengths, T, true, stream);
-      Tensor hbuf = at::empty({2, D, B, H}, opts.dtype(acc_type));
-      PersistentForwardArgs<scalar_t, acc_t> a{};
-      a.gx = gx.data_ptr<scalar_t>();
-      a.w_hh = w_hh_c.data_ptr<scalar_t>();
-      a.b_hh = b_hh_c.defined() ? b_hh_c.data_ptr<scalar_t>() : nullptr;
-      a.hx = hx_c.data_ptr<scalar_t>();
-      a.hbuf = hbuf.data_ptr<acc_t>();
-      a.out = out.data_ptr<scalar_t>();
-      a.h_n = h_n.data_ptr<scalar_t>();
-      a.ws = need_workspace ? ws.data_ptr<acc_t>() : nullptr;
-      fill_common(a, l, xs, os, T, B, H, D, plan.ps);
-      launch_cooperative(reinterpret_cast<const void*>(kernel), plan.blocks, plan.smem, &a, stream);
+    const auto kernel = reinterpret_cast<const void*>(persistent_forward_kernel<scalar_t, acc_t>);
+    const plan::Choice choice = choose(c, kernel, pass, sizeof(scalar_t), sizeof(acc_t));
+    if (choice.path == plan::Path::kPersistent &&
+        launched_or_allowed_to_fall_back(persistent_forward<scalar_t>(c, choice.cut))) {
       return;
     }
-    // The state h stays in acc_t; the GEMM runs in the storage dtype (tensor cores for
-    // half types, on a rounded copy h_lo that the step kernel keeps).
-    const Lengths l = prepare_lengths(lengths, T, false, stream);
-    const bool half = acc_type != input.scalar_type();
-    Tensor h = at::empty({D, B, H}, opts.dtype(acc_type));
-    h.copy_(hx);
-    Tensor h_lo = half ? hx_c.clone() : h;
-    const Tensor w_hh_t = w_hh_c.transpose(1, 2);  // [D, H, 3H]
-    const Tensor bias = b_hh_c.defined() ? b_hh_c.view({D, 1, 3 * H}).expand({D, B, 3 * H}) : Tensor();
-    Tensor gh = at::empty({D, B, 3 * H}, opts);
-    const int blocks = static_cast<int>(ceil_div(D * B * H, kPointwiseThreads));
-    for (int64_t s = 0; s < T; ++s) {
-      if (bias.defined()) {
-        at::baddbmm_out(gh, bias, h_lo, w_hh_t);
-      } else {
-        at::bmm_out(gh, h_lo, w_hh_t);
-      }
-      fallback_forward_step_kernel<scalar_t, acc_t><<<blocks, kPointwiseThreads, 0, stream>>>(
-          gx.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(), l.lens.data_ptr<int>(),
-          h.data_ptr<acc_t>(), half ? h_lo.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
-          need_workspace ? ws.data_ptr<acc_t>() : nullptr, static_cast<int>(s),
-          static_cast<int>(T), static_cast<int>(B), static_cast<int>(H), static_cast<int>(D), xs, os);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    h_n.copy_(h);
+    fallback_forward<scalar_t>(c);
   });
-  return {out, h_n, ws};
+  return {c.out, c.h_n, c.ws};
+}
+
+// ---- Backward: one function per path ------------------------------------------
+template <typename scalar_t>
+bool persistent_backward(const BackwardCall& c, const plan::Cut& cut) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const LayerDims& dims = c.dims;
+  const Lengths l = prepare_lengths(c.lengths, dims.T, true, c.stream);
+  Tensor dh = at::empty({dims.D, dims.B, dims.H}, c.opts.dtype(c.acc_type));
+  PersistentBackwardArgs<scalar_t, acc_t> a{};
+  a.grad_out = c.grad_out.data_ptr<scalar_t>();
+  a.out = c.out.data_ptr<scalar_t>();
+  a.hx = c.hx.data_ptr<scalar_t>();
+  a.grad_h_n = c.grad_h_n.data_ptr<scalar_t>();
+  a.ws = c.ws.data_ptr<acc_t>();
+  a.w_hh = c.w_hh.data_ptr<scalar_t>();
+  a.dh = dh.data_ptr<acc_t>();
+  a.dgx = c.dgx.data_ptr<scalar_t>();
+  a.dgh = c.dgh.data_ptr<scalar_t>();
+  a.hprev = c.hprev.data_ptr<scalar_t>();
+  a.grad_hx = c.grad_hx.data_ptr<scalar_t>();
+  fill_common(a, c, l, cut);
+  const auto kernel = reinterpret_cast<const void*>(persistent_backward_kernel<scalar_t, acc_t>);
+  return launch_cooperative(kernel, cut.blocks, cut.smem, &a, c.stream);
+}
+
+// dh after step s = dh_a (direct part, acc_t) + dh_b (dgh_{s+1} @ W_hh, a GEMM in the
+// storage dtype); the step kernel reads both and writes the next direct part.
+template <typename scalar_t>
+void fallback_backward(const BackwardCall& c) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const LayerDims& dims = c.dims;
+  const int64_t T = dims.T, B = dims.B, H = dims.H, D = dims.D;
+  const Lengths l = prepare_lengths(c.lengths, T, false, c.stream);
+  Tensor dh_a = at::empty({D, B, H}, c.opts.dtype(c.acc_type));
+  dh_a.copy_(c.grad_h_n);
+  Tensor dh_a_next = at::empty({D, B, H}, c.opts.dtype(c.acc_type));
+  Tensor dh_b = at::zeros({D, B, H}, c.opts);
+  const Tensor dgh4 = c.dgh.view({D, T, B, 3 * H});
+  const int blocks = static_cast<int>(plan::ceil_div(D * B * H, kPointwiseThreads));
+  for (int64_t s = T - 1; s >= 0; --s) {
+    fallback_backward_step_kernel<scalar_t, acc_t><<<blocks, kPointwiseThreads, 0, c.stream>>>(
+        c.grad_out.data_ptr<scalar_t>(), c.out.data_ptr<scalar_t>(), c.hx.data_ptr<scalar_t>(),
+        c.ws.data_ptr<acc_t>(), l.lens.data_ptr<int>(), dh_a.data_ptr<acc_t>(),
+        dh_b.data_ptr<scalar_t>(), dh_a_next.data_ptr<acc_t>(), c.dgx.data_ptr<scalar_t>(),
+        c.dgh.data_ptr<scalar_t>(), c.hprev.data_ptr<scalar_t>(), static_cast<int>(s),
+        static_cast<int>(T), static_cast<int>(B), static_cast<int>(H), static_cast<int>(D), c.xs,
+        c.os);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    std::swap(dh_a, dh_a_next);
+    at::bmm_out(dh_b, dgh4.select(1, s), c.w_hh);  // [D, B, 3H] @ [D, 3H, H]
+  }
+  c.grad_hx.copy_(dh_a.add_(dh_b));
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_cuda(
@@ -335,103 +345,79 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_cu
     const Tensor& lengths, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
     const Tensor& output, const Tensor& workspace, bool batch_first) {
   const NoAutocastGuard no_autocast;
-  const LayerDims dm =
+  const LayerDims dims =
       check_layer_args(input, lengths, hx, w_ih, w_hh, std::nullopt, std::nullopt, batch_first);
-  check_backward_args(dm, input, grad_output, grad_h_n, output, workspace, dm.T * dm.B);
-  const int64_t T = dm.T, B = dm.B, I = dm.I, H = dm.H, D = dm.D;
-  const auto acc_type = opmath_dtype(input.scalar_type());
+  check_backward_args(dims, input, grad_output, grad_h_n, output, workspace, dims.T * dims.B);
+  const int64_t T = dims.T, B = dims.B, I = dims.I, H = dims.H, D = dims.D;
   c10::cuda::CUDAGuard guard(input.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const auto opts = input.options();
-
-  Tensor grad_hx = at::empty({D, B, H}, opts);
+  BackwardCall c;
+  set_layer_call(c, dims, input, lengths, hx, w_hh);
+  const MatmulTf32Guard tf32(input.scalar_type() == at::kFloat, c.tf32);
+  c.grad_hx = at::empty({D, B, H}, c.opts);
   if (B == 0 || T == 0) {
-    if (B > 0) prepare_lengths(lengths, T, false, stream);
-    grad_hx.copy_(grad_h_n);
-    return {at::zeros_like(input, at::MemoryFormat::Contiguous), grad_hx, at::zeros_like(w_ih),
-            at::zeros_like(w_hh), at::zeros({D, 3 * H}, opts), at::zeros({D, 3 * H}, opts)};
+    if (B > 0) prepare_lengths(c.lengths, T, false, c.stream);
+    c.grad_hx.copy_(grad_h_n);
+    return {at::zeros_like(input, at::MemoryFormat::Contiguous), c.grad_hx, at::zeros_like(w_ih),
+            at::zeros_like(w_hh), at::zeros({D, 3 * H}, c.opts), at::zeros({D, 3 * H}, c.opts)};
   }
-  const Tensor go = grad_output.contiguous();
-  const Tensor out = output.contiguous();
-  const Tensor ws = workspace.contiguous();
-  const Tensor hx_c = hx.contiguous();
-  const Tensor w_hh_c = w_hh.contiguous();
-  const Tensor x2d = input.contiguous().view({T * B, I});
-  const Tensor w_ih2d = w_ih.contiguous().view({D * 3 * H, I});
-  const RowStrides xs = batch_first ? RowStrides{D * 3 * H, T * D * 3 * H}
-                                    : RowStrides{B * D * 3 * H, D * 3 * H};
-  const RowStrides os{dm.stride_t(D * H), dm.stride_b(D * H)};
-  Tensor dgx = at::empty({T * B, D * 3 * H}, opts);                    // input-layout rows
-  // Gate gradients only feed GEMMs: kept in the storage dtype (tensor cores for half types).
-  Tensor dgh = at::empty({D, T * B, 3 * H}, opts);  // step-major rows
-  Tensor hprev = at::empty({D, T * B, H}, opts);
-
+  c.grad_out = grad_output.contiguous();
+  c.out = output.contiguous();
+  c.grad_h_n = grad_h_n.contiguous();
+  c.ws = workspace.contiguous();
+  c.dgx = at::empty({T * B, D * 3 * H}, c.opts);
+  c.dgh = at::empty({D, T * B, 3 * H}, c.opts);
+  c.hprev = at::empty({D, T * B, H}, c.opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "varlen_rnn_gru_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto kernel = persistent_backward_kernel<scalar_t, acc_t>;
-    PersistentPlan plan;
-    if (use_persistent(kernel, H, D, true, sizeof(scalar_t), sizeof(acc_t), plan)) {
-      const Lengths l = prepare_lengths(lengths, T, true, stream);
-      const Tensor ghn = grad_h_n.contiguous();
-      Tensor dh = at::empty({D, B, H}, opts.dtype(acc_type));
-      PersistentBackwardArgs<scalar_t, acc_t> a{};
-      a.grad_out = go.data_ptr<scalar_t>();
-      a.out = out.data_ptr<scalar_t>();
-      a.hx = hx_c.data_ptr<scalar_t>();
-      a.grad_h_n = ghn.data_ptr<scalar_t>();
-      a.ws = ws.data_ptr<acc_t>();
-      a.w_hh = w_hh_c.data_ptr<scalar_t>();
-      a.dh = dh.data_ptr<acc_t>();
-      a.dgx = dgx.data_ptr<scalar_t>();
-      a.dgh = dgh.data_ptr<scalar_t>();
-      a.hprev = hprev.data_ptr<scalar_t>();
-      a.grad_hx = grad_hx.data_ptr<scalar_t>();
-      fill_common(a, l, xs, os, T, B, H, D, plan.ps);
-      launch_cooperative(reinterpret_cast<const void*>(kernel), plan.blocks, plan.smem, &a, stream);
+    const auto kernel = reinterpret_cast<const void*>(persistent_backward_kernel<scalar_t, acc_t>);
+    const plan::Choice choice =
+        choose(c, kernel, plan::Pass::kBackward, sizeof(scalar_t), sizeof(acc_t));
+    if (choice.path == plan::Path::kPersistent &&
+        launched_or_allowed_to_fall_back(persistent_backward<scalar_t>(c, choice.cut))) {
       return;
     }
-    // dh after step s = dh_a (direct part, acc_t) + dh_b (dgh_{s+1} @ W_hh, a GEMM in the
-    // storage dtype); the step kernel reads both and writes the next direct part.
-    const Lengths l = prepare_lengths(lengths, T, false, stream);
-    Tensor dh_a = at::empty({D, B, H}, opts.dtype(acc_type));
-    dh_a.copy_(grad_h_n);
-    Tensor dh_a_next = at::empty({D, B, H}, opts.dtype(acc_type));
-    Tensor dh_b = at::zeros({D, B, H}, opts);
-    const Tensor dgh4 = dgh.view({D, T, B, 3 * H});
-    const int blocks = static_cast<int>(ceil_div(D * B * H, kPointwiseThreads));
-    for (int64_t s = T - 1; s >= 0; --s) {
-      fallback_backward_step_kernel<scalar_t, acc_t><<<blocks, kPointwiseThreads, 0, stream>>>(
-          go.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), hx_c.data_ptr<scalar_t>(),
-          ws.data_ptr<acc_t>(), l.lens.data_ptr<int>(), dh_a.data_ptr<acc_t>(),
-          dh_b.data_ptr<scalar_t>(), dh_a_next.data_ptr<acc_t>(), dgx.data_ptr<scalar_t>(),
-          dgh.data_ptr<scalar_t>(), hprev.data_ptr<scalar_t>(), static_cast<int>(s),
-          static_cast<int>(T), static_cast<int>(B), static_cast<int>(H), static_cast<int>(D), xs, os);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      std::swap(dh_a, dh_a_next);
-      at::bmm_out(dh_b, dgh4.select(1, s), w_hh_c);  // [D, B, 3H] @ [D, 3H, H]
-    }
-    grad_hx.copy_(dh_a.add_(dh_b));
+    fallback_backward<scalar_t>(c);
   });
 
   // Weight and input gradients: GEMMs over all steps, no atomics.
-  const Tensor grad_input = at::mm(dgx, w_ih2d).view(input.sizes());
+  const Tensor x2d = input.contiguous().view({T * B, I});
+  const Tensor w_ih2d = w_ih.contiguous().view({D * 3 * H, I});
+  const Tensor grad_input = at::mm(c.dgx, w_ih2d).view(input.sizes());
   // Padded positions of x are never read, whatever they hold (NaN included): their dgx rows
   // are 0, but 0 * NaN is not, so the GEMM sees them zeroed (a mask built on the device).
-  const Tensor valid = at::arange(T, lengths.options()).unsqueeze(1).lt(lengths.unsqueeze(0));
-  const Tensor x_valid = x2d.view(input.sizes())
-                             .masked_fill((batch_first ? valid.t() : valid).logical_not().unsqueeze(2), 0)
-                             .view({T * B, I});
-  const Tensor grad_w_ih = at::mm(dgx.t(), x_valid).view({D, 3 * H, I});
-  const Tensor grad_b_ih = at::sum(dgx, {0}, false, acc_type).view({D, 3 * H}).to(input.scalar_type());
-  const Tensor grad_w_hh = at::bmm(dgh.transpose(1, 2), hprev);
-  const Tensor grad_b_hh = at::sum(dgh, {1}, false, acc_type).to(input.scalar_type());
-  return {grad_input, grad_hx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
+  const Tensor valid =
+      at::arange(T, c.lengths.options()).unsqueeze(1).lt(c.lengths.unsqueeze(0));  // [T, B]
+  const Tensor x_valid =
+      x2d.view(input.sizes())
+          .masked_fill((batch_first ? valid.t() : valid).logical_not().unsqueeze(2), 0)
+          .view({T * B, I});
+  const Tensor grad_w_ih = at::mm(c.dgx.t(), x_valid).view({D, 3 * H, I});
+  const Tensor grad_b_ih =
+      at::sum(c.dgx, {0}, false, c.acc_type).view({D, 3 * H}).to(input.scalar_type());
+  const Tensor grad_w_hh = at::bmm(c.dgh.transpose(1, 2), c.hprev);
+  const Tensor grad_b_hh = at::sum(c.dgh, {1}, false, c.acc_type).to(input.scalar_type());
+  return {grad_input, c.grad_hx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
 }
 
 }  // namespace
 }  // namespace cuda
 }  // namespace varlen_rnn
+
+// Test hook (ctypes, tests/test_cuda.py): sets the knobs that the environment
+// gives once per process. path: "auto" | "persistent" | "fallback"; max_kc <= 0
+// lifts the cap; oversubscribe != 0 launches persistent grids too large to be
+// co-resident, which the driver must refuse. Returns 0, or -1 for a bad path.
+extern "C" __attribute__((visibility("default"))) int varlen_rnn_cuda_set_knobs_for_testing(
+    const char* path, long long max_kc, int oversubscribe) {
+  varlen_rnn::plan::Path p;
+  if (!varlen_rnn::cuda::parse_path(path, p)) return -1;
+  varlen_rnn::cuda::Knobs& k = varlen_rnn::cuda::knobs();
+  k.path = static_cast<int>(p);
+  k.max_kc = max_kc > 0 ? max_kc : 0;
+  k.oversubscribe = oversubscribe != 0;
+  return 0;
+}
 
 TORCH_LIBRARY_IMPL(varlen_rnn, CUDA, m) {
   m.impl("gru_layer_forward", TORCH_FN(varlen_rnn::cuda::gru_layer_forward_cuda));

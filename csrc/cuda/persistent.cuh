@@ -20,6 +20,9 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cstdint>
+#include <type_traits>
+
 #include "gate_math.h"
 #include "pointwise.cuh"
 
@@ -67,22 +70,83 @@ __device__ __forceinline__ int tile_items(int U, const PersistentShape& ps) {
   return U * (ps.tile_rows / kRows);
 }
 
+// Sums a[g][r] over the warp's 32 lanes so that lane r (and r + kRows, ...)
+// ends with row r's sums in a[g][0], for every g: a reduce-scatter. Each of
+// the log2(kRows) halving steps sends half of the rows a lane still holds to
+// the partner lane ^ off and keeps the other half (the rows whose bit matches
+// the lane's bit), then two butterfly steps add up the 32 / kRows lanes that
+// hold the same row. NG * (kRows/2 + kRows/4 + ... + 1 + 2) = 27 shuffles for
+// NG = 3 instead of the butterfly's 5 * NG * kRows = 120. Every lane runs the
+// same shuffles (full mask), and each sum has a fixed order, so the result is
+// bitwise the same every run.
+template <int NG, typename acc_t>
+__device__ __forceinline__ void warp_reduce_scatter(acc_t (&a)[NG][kRows], int lane) {
+  static_assert((kRows & (kRows - 1)) == 0 && kRows <= 32, "kRows must be a power of two <= 32");
+  // Invariant: after the step with offset off, a[g][m] holds the partial sum of
+  // row (lane & (2*off - 1)) + m * 2*off over the lanes that differ from this
+  // one in bits below 2*off.
+#pragma unroll
+  for (int off = 1, n = kRows; off < kRows; off *= 2, n /= 2) {
+    const bool upper = (lane & off) != 0;
+#pragma unroll
+    for (int m = 0; m < kRows / 2; ++m) {
+      if (2 * m < n) {  // compile-time after unrolling
+#pragma unroll
+        for (int g = 0; g < NG; ++g) {
+          const acc_t lo = a[g][2 * m], hi = a[g][2 * m + 1];
+          const acc_t keep = upper ? hi : lo;
+          const acc_t recv = __shfl_xor_sync(0xffffffffu, upper ? lo : hi, off);
+          a[g][m] = keep + recv;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int off = kRows; off < 32; off *= 2)
+#pragma unroll
+    for (int g = 0; g < NG; ++g) a[g][0] += __shfl_xor_sync(0xffffffffu, a[g][0], off);
+}
+
+// Copies kc values of one tile row from src into dst (zeros when src is
+// null, i.e. the row is inactive), the warp's lanes striding over the columns.
+// kCg: src was written by other blocks before the grid barrier (read through
+// L2). fp32 rows go as 16-byte loads where src, dst and kc allow it.
+template <bool kCg, typename acc_t, typename T>
+__device__ __forceinline__ void stage_row(acc_t* dst, const T* src, int kc, int lane) {
+  if (src == nullptr) {
+    for (int k = lane; k < kc; k += 32) dst[k] = acc_t(0);
+    return;
+  }
+  if constexpr (std::is_same<T, float>::value && std::is_same<acc_t, float>::value) {
+    const uintptr_t addr = reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst);
+    if ((kc & 3) == 0 && (addr & 15) == 0) {
+      const float4* s4 = reinterpret_cast<const float4*>(src);
+      float4* d4 = reinterpret_cast<float4*>(dst);
+      for (int k = lane; k < kc / 4; k += 32) d4[k] = kCg ? __ldcg(s4 + k) : s4[k];
+      return;
+    }
+  }
+  for (int k = lane; k < kc; k += 32) dst[k] = static_cast<acc_t>(kCg ? load_cg(src + k) : src[k]);
+}
+
 // For every work item = sub*U + u of the block and g < NG, r < kRows:
 //   acc_s[item][g][r] = sum_k w_s[(g*g_rows + u*u_rows)*K + k] * X[sub*kRows + r][k]
 // i.e. NG rows of the on-chip weights against kRows rows of X, so each value
 // read from shared memory feeds NG (or kRows) FMAs. X is fetched chunk by
-// chunk through load(row, k) into `tile`. Ends with __syncthreads.
-template <int NG, typename acc_t, typename w_t, typename Load>
+// chunk into `tile`: warp w stages rows w, w + kPersistWarps, ... through
+// stage(dst, row, k0, kc, lane), which looks the row's source up once and
+// copies columns k0 .. k0+kc-1 (see stage_row). Ends with __syncthreads.
+template <int NG, typename acc_t, typename w_t, typename Stage>
 __device__ __forceinline__ void tile_matvec(const w_t* w_s, int U, int g_rows, int u_rows, int K,
                                             const PersistentShape& ps, acc_t* tile,
-                                            acc_t* acc_s, Load load) {
+                                            acc_t* acc_s, Stage stage) {
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int items = tile_items(U, ps);
   for (int k0 = 0; k0 < K; k0 += ps.kc) {
     const int kc = min(ps.kc, K - k0);
-    for (int e = threadIdx.x; e < ps.tile_rows * kc; e += blockDim.x) {
-      tile[(e / kc) * ps.kc + e % kc] = load(e / kc, k0 + e % kc);
+    for (int r = warp; r < ps.tile_rows; r += kPersistWarps) {
+      stage(tile + r * ps.kc, r, k0, kc, lane);
     }
     __syncthreads();
     for (int item = warp; item < items; item += kPersistWarps) {
@@ -105,21 +169,12 @@ __device__ __forceinline__ void tile_matvec(const w_t* w_s, int U, int g_rows, i
           for (int g = 0; g < NG; ++g) a[g][r] += w[g] * xv;
         }
       }
-      // Butterfly: every lane ends with the full sums, in the same order.
+      warp_reduce_scatter<NG>(a, lane);
+      if (lane < kRows) {
 #pragma unroll
-      for (int off = 16; off > 0; off /= 2)
-#pragma unroll
-        for (int g = 0; g < NG; ++g)
-#pragma unroll
-          for (int r = 0; r < kRows; ++r) a[g][r] += __shfl_xor_sync(0xffffffffu, a[g][r], off);
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        if (lane == r) {  // a register array indexed by a constant stays in registers
-#pragma unroll
-          for (int g = 0; g < NG; ++g) {
-            acc_t* dst = acc_s + (item * NG + g) * kRows + r;
-            *dst = (k0 == 0 ? acc_t(0) : *dst) + a[g][r];
-          }
+        for (int g = 0; g < NG; ++g) {
+          acc_t* dst = acc_s + (item * NG + g) * kRows + lane;
+          *dst = (k0 == 0 ? acc_t(0) : *dst) + a[g][0];
         }
       }
     }
@@ -189,19 +244,24 @@ __global__ void __launch_bounds__(kPersistThreads)
     const acc_t* cur = a.hbuf + (s & 1) * buf_stride + static_cast<int64_t>(d) * B * H;
     acc_t* nxt = a.hbuf + ((s + 1) & 1) * buf_stride + static_cast<int64_t>(d) * B * H;
     for (int base = 0; base < B && a.sorted[base] > s; base += ps.tile_rows) {
-      tile_matvec<3>(w_s, J, J, 1, H, ps, tile, acc_s, [&](int r, int k) -> acc_t {
+      auto stage = [&](acc_t* dst, int r, int k0, int kc, int lane) {
         const int i = base + r;
-        if (i >= B || a.sorted[i] <= s) return acc_t(0);
-        const int64_t off = static_cast<int64_t>(a.perm[i]) * H + k;
-        return s == 0 ? static_cast<acc_t>(hx_d[off]) : __ldcg(cur + off);
-      });
+        const bool active = i < B && a.sorted[i] > s;
+        const int64_t off = active ? static_cast<int64_t>(a.perm[i]) * H + k0 : 0;
+        if (s == 0) {
+          stage_row<false>(dst, active ? hx_d + off : nullptr, kc, lane);
+        } else {
+          stage_row<true>(dst, active ? cur + off : nullptr, kc, lane);
+        }
+      };
+      tile_matvec<3>(w_s, J, J, 1, H, ps, tile, acc_s, stage);
       for (int e = threadIdx.x; e < items * kRows; e += blockDim.x) {
         const int item = e / kRows, r = e % kRows;
         const int j = j0 + item % J;
         const int i = base + (item / J) * kRows + r;
         if (j >= H || i >= B || a.sorted[i] <= s) continue;
         const int b = a.perm[i], len = a.sorted[i];
-        const int t = d == 1 ? len - 1 - s : s;
+        const int t = step_time(d, len, s);
         const scalar_t* gxr = a.gx + a.xs.at(t, b) + static_cast<int64_t>(d) * 3 * H;
         const acc_t* acc = acc_s + item * 3 * kRows + r;
         acc_t gh[3];
@@ -220,11 +280,7 @@ __global__ void __launch_bounds__(kPersistThreads)
         a.out[a.os.at(t, b) + static_cast<int64_t>(d) * H + j] = static_cast<scalar_t>(hn);
         if (s == len - 1) a.h_n[static_cast<int64_t>(d) * B * H + hoff] = static_cast<scalar_t>(hn);
         if (a.ws != nullptr) {
-          acc_t* w = a.ws + ((static_cast<int64_t>(d) * a.T + t) * B + b) * 4 * H;
-          w[j] = sv.r;
-          w[H + j] = sv.z;
-          w[2 * H + j] = sv.n;
-          w[3 * H + j] = sv.hn;
+          store_saved(a.ws + ((static_cast<int64_t>(d) * a.T + t) * B + b) * 4 * H, j, H, sv);
         }
       }
     }
@@ -281,12 +337,9 @@ __global__ void __launch_bounds__(kPersistThreads)
     a.dh[dBH + static_cast<int64_t>(b) * H + j] =
         static_cast<acc_t>(a.grad_h_n[dBH + static_cast<int64_t>(b) * H + j]);
     for (int s = a.lens[b]; s < T; ++s) {  // inactive (s, b): zero gradients
-      scalar_t* dgxr = a.dgx + a.xs.at(s, b) + static_cast<int64_t>(d) * 3 * H;
-      scalar_t* dghr = a.dgh + ((static_cast<int64_t>(d) * T + s) * B + b) * 3 * H;
-      for (int g = 0; g < 3; ++g) {
-        dgxr[g * H + j] = scalar_t(0);
-        dghr[g * H + j] = scalar_t(0);
-      }
+      store_gate_grads(a.dgx + a.xs.at(s, b) + static_cast<int64_t>(d) * 3 * H,
+                       a.dgh + ((static_cast<int64_t>(d) * T + s) * B + b) * 3 * H, j, H,
+                       GruCellGrad<acc_t>{});
       a.hprev[((static_cast<int64_t>(d) * T + s) * B + b) * H + j] = scalar_t(0);
     }
   }
@@ -299,34 +352,31 @@ __global__ void __launch_bounds__(kPersistThreads)
       if (a.sorted[i] <= s) break;  // sorted descending: the rest are finished too
       if (j >= H) continue;
       const int b = a.perm[i], len = a.sorted[i];
-      const int t = d == 1 ? len - 1 - s : s;
+      const int t = step_time(d, len, s);
       const int64_t col = static_cast<int64_t>(d) * H + j;
       const int64_t hoff = dBH + static_cast<int64_t>(b) * H + j;
       const acc_t dh_tot = a.dh[hoff] + static_cast<acc_t>(a.grad_out[a.os.at(t, b) + col]);
-      const scalar_t h_prev_s = s == 0 ? a.hx[hoff] : a.out[a.os.at(d == 1 ? t + 1 : t - 1, b) + col];
-      const acc_t h_prev = static_cast<acc_t>(h_prev_s);
-      const acc_t* w = a.ws + ((static_cast<int64_t>(d) * T + t) * B + b) * 4 * H;
-      const GruCellSaved<acc_t> sv{w[j], w[H + j], w[2 * H + j], w[3 * H + j]};
-      const GruCellGrad<acc_t> g = gru_cell_backward<acc_t>(dh_tot, h_prev, sv);
-      scalar_t* dgxr = a.dgx + a.xs.at(t, b) + static_cast<int64_t>(d) * 3 * H;
-      dgxr[j] = static_cast<scalar_t>(g.dr);
-      dgxr[H + j] = static_cast<scalar_t>(g.dz);
-      dgxr[2 * H + j] = static_cast<scalar_t>(g.dn);
+      const scalar_t h_prev_s = s == 0 ? a.hx[hoff] : a.out[a.os.at(prev_time(d, t), b) + col];
+      const GruCellSaved<acc_t> sv =
+          load_saved(a.ws + ((static_cast<int64_t>(d) * T + t) * B + b) * 4 * H, j, H);
+      const GruCellGrad<acc_t> g =
+          gru_cell_backward<acc_t>(dh_tot, static_cast<acc_t>(h_prev_s), sv);
       const int64_t row = (static_cast<int64_t>(d) * T + s) * B + b;
-      a.dgh[row * 3 * H + j] = static_cast<scalar_t>(g.dr);
-      a.dgh[row * 3 * H + H + j] = static_cast<scalar_t>(g.dz);
-      a.dgh[row * 3 * H + 2 * H + j] = static_cast<scalar_t>(g.dhn);
+      store_gate_grads(a.dgx + a.xs.at(t, b) + static_cast<int64_t>(d) * 3 * H,
+                       a.dgh + row * 3 * H, j, H, g);
       a.hprev[row * H + j] = h_prev_s;
       a.dh[hoff] = g.dh_prev;
     }
     grid.sync();
     const scalar_t* dgh_s = a.dgh + (static_cast<int64_t>(d) * T + s) * B * 3 * H;
     for (int base = 0; base < B && a.sorted[base] > s; base += ps.tile_rows) {
-      tile_matvec<3>(w_s, U, 1, 3, 3 * H, ps, tile, acc_s, [&](int r, int k) -> acc_t {
+      auto stage = [&](acc_t* dst, int r, int k0, int kc, int lane) {
         const int i = base + r;
-        if (i >= B || a.sorted[i] <= s) return acc_t(0);
-        return static_cast<acc_t>(load_cg(dgh_s + static_cast<int64_t>(a.perm[i]) * 3 * H + k));
-      });
+        const bool active = i < B && a.sorted[i] > s;
+        const int64_t off = active ? static_cast<int64_t>(a.perm[i]) * 3 * H + k0 : 0;
+        stage_row<true>(dst, active ? dgh_s + off : nullptr, kc, lane);
+      };
+      tile_matvec<3>(w_s, U, 1, 3, 3 * H, ps, tile, acc_s, stage);
       for (int e = threadIdx.x; e < items * 3 * kRows; e += blockDim.x) {
         const int item = e / (3 * kRows), g = (e / kRows) % 3, r = e % kRows;
         const int jl = (item % U) * 3 + g, j = j0 + jl;

@@ -80,7 +80,7 @@ __global__ void fallback_forward_step_kernel(
     out[os.at(s, b) + static_cast<int64_t>(d) * H + j] = scalar_t(0);
     return;
   }
-  const int t = d == 1 ? len - 1 - s : s;
+  const int t = step_time(d, len, s);
   const scalar_t* gxr = gx + xs.at(t, b) + static_cast<int64_t>(d) * 3 * H;
   const scalar_t* ghr = gh + (static_cast<int64_t>(d) * B + b) * 3 * H;
   GruCellSaved<acc_t> sv;
@@ -92,13 +92,7 @@ __global__ void fallback_forward_step_kernel(
   h[idx] = hn;
   if (h_lo != nullptr) h_lo[idx] = static_cast<scalar_t>(hn);
   out[os.at(t, b) + static_cast<int64_t>(d) * H + j] = static_cast<scalar_t>(hn);
-  if (ws != nullptr) {
-    acc_t* w = ws + ((static_cast<int64_t>(d) * T + t) * B + b) * 4 * H;
-    w[j] = sv.r;
-    w[H + j] = sv.z;
-    w[2 * H + j] = sv.n;
-    w[3 * H + j] = sv.hn;
-  }
+  if (ws != nullptr) store_saved(ws + ((static_cast<int64_t>(d) * T + t) * B + b) * 4 * H, j, H, sv);
 }
 
 // One backward step of the fallback path (steps run s = T-1 .. 0). The
@@ -130,27 +124,20 @@ __global__ void fallback_backward_step_kernel(
   scalar_t* hpr = hprev + ((static_cast<int64_t>(d) * T + s) * B + b) * H;
   const acc_t dh = dh_in[idx] + static_cast<acc_t>(dh_gemm[idx]);
   if (s >= len) {
-    scalar_t* dgxr = dgx + xs.at(s, b) + static_cast<int64_t>(d) * 3 * H;
-    dgxr[j] = dgxr[H + j] = dgxr[2 * H + j] = scalar_t(0);
-    dghr[j] = dghr[H + j] = dghr[2 * H + j] = scalar_t(0);
+    store_gate_grads(dgx + xs.at(s, b) + static_cast<int64_t>(d) * 3 * H, dghr, j, H,
+                     GruCellGrad<acc_t>{});
     hpr[j] = scalar_t(0);
     dh_out[idx] = dh;
     return;
   }
-  const int t = d == 1 ? len - 1 - s : s;
+  const int t = step_time(d, len, s);
   const int64_t col = static_cast<int64_t>(d) * H + j;
   const acc_t dh_tot = dh + static_cast<acc_t>(grad_out[os.at(t, b) + col]);
-  const scalar_t h_prev = s == 0 ? hx[idx] : out[os.at(d == 1 ? t + 1 : t - 1, b) + col];
-  const acc_t* w = ws + ((static_cast<int64_t>(d) * T + t) * B + b) * 4 * H;
-  const GruCellSaved<acc_t> sv{w[j], w[H + j], w[2 * H + j], w[3 * H + j]};
+  const scalar_t h_prev = s == 0 ? hx[idx] : out[os.at(prev_time(d, t), b) + col];
+  const GruCellSaved<acc_t> sv =
+      load_saved(ws + ((static_cast<int64_t>(d) * T + t) * B + b) * 4 * H, j, H);
   const GruCellGrad<acc_t> g = gru_cell_backward<acc_t>(dh_tot, static_cast<acc_t>(h_prev), sv);
-  scalar_t* dgxr = dgx + xs.at(t, b) + static_cast<int64_t>(d) * 3 * H;
-  dgxr[j] = static_cast<scalar_t>(g.dr);
-  dgxr[H + j] = static_cast<scalar_t>(g.dz);
-  dgxr[2 * H + j] = static_cast<scalar_t>(g.dn);
-  dghr[j] = static_cast<scalar_t>(g.dr);
-  dghr[H + j] = static_cast<scalar_t>(g.dz);
-  dghr[2 * H + j] = static_cast<scalar_t>(g.dhn);
+  store_gate_grads(dgx + xs.at(t, b) + static_cast<int64_t>(d) * 3 * H, dghr, j, H, g);
   hpr[j] = h_prev;
   dh_out[idx] = g.dh_prev;
 }

@@ -1,0 +1,60 @@
+// A Math policy for gate_math.h (the role PreciseMath plays there): exp and
+// tanh for float in plain arithmetic, so that GCC vectorizes the CPU gate
+// loops (a call into libm keeps a loop scalar).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#if __has_include(<bit>)
+#include <bit>
+#endif
+
+namespace varlen_rnn {
+
+// Cody-Waite range reduction and the Cephes degree-6 polynomial: within a few
+// ulp of expf. No selects after the math (GCC won't if-convert them): the
+// clamps are chosen so that the edge cases come out exact by themselves,
+// matching nn.GRU on non-finite input. The loops vectorize only with
+// -fno-trapping-math (setup.py adds it), without which GCC won't if-convert
+// the clamps.
+struct VecMathF32 {
+  // std::bit_cast is C++20, but torch < 2.13 builds extensions with
+  // -std=c++17: there the same bits go through memcpy, which GCC folds to a
+  // register move, so the loops still vectorize.
+  static inline float as_float(int32_t i) {
+#if defined(__cpp_lib_bit_cast)
+    return std::bit_cast<float>(i);
+#else
+    float f;
+    std::memcpy(&f, &i, sizeof f);
+    return f;
+#endif
+  }
+  static inline float exp(float x) {
+    // Up to 89, past expf's overflow at 88.72: 2^k is applied in two halves, so
+    // exp(89) and exp(+inf) overflow to inf as expf does (sigmoid(-inf) = 0).
+    x = x > 89.0f ? 89.0f : x;
+    x = x < -87.0f ? -87.0f : x;
+    const float t = x * 1.44269504088896341f;  // round(x / ln 2), without a libm call
+    const int32_t k = static_cast<int32_t>(t + (t >= 0.0f ? 0.5f : -0.5f));
+    const float kf = static_cast<float>(k);
+    const float r = x - kf * 0.693359375f + kf * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t k1 = k >> 1;
+    return p * as_float((k1 + 127) << 23) * as_float((k - k1 + 127) << 23);
+  }
+  static inline float tanh(float x) {
+    // At |x| = 10 the formula rounds to exactly +-1, as tanhf does from 9.01 on.
+    x = x > 10.0f ? 10.0f : x;
+    x = x < -10.0f ? -10.0f : x;
+    return 1.0f - 2.0f / (exp(2.0f * x) + 1.0f);
+  }
+};
+
+}  // namespace varlen_rnn

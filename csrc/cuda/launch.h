@@ -1,0 +1,319 @@
+// Host-side run-time state of the CUDA backend, kept out of the launchers:
+// the environment knobs (read once), what each persistent kernel can launch
+// with on each device (queried once), the cooperative launch that falls back
+// when the driver refuses it, nn.GRU's TF32 policy for our float32 GEMMs, and
+// lengths moved to the device after a host-side check.
+#pragma once
+
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+#include "plan.h"
+
+namespace varlen_rnn {
+namespace cuda {
+
+// ---- Knobs -----------------------------------------------------------------
+// VARLEN_RNN_CUDA_PATH=auto|persistent|fallback and VARLEN_RNN_PERSISTENT_MAX_KC
+// (a cap on the K chunk, so small shapes exercise the chunked loop) are read
+// once per process. Tests switch them through varlen_rnn_cuda_set_knobs_for_testing.
+struct Knobs {
+  std::atomic<int> path{static_cast<int>(plan::Path::kAuto)};
+  std::atomic<int64_t> max_kc{0};
+  std::atomic<bool> oversubscribe{false};  // tests: launch a grid the driver must refuse
+  std::string bad_path;                    // an unparsable VARLEN_RNN_CUDA_PATH, reported per call
+};
+
+inline bool parse_path(const char* s, plan::Path& out) {
+  if (s == nullptr || *s == '\0' || std::strcmp(s, "auto") == 0) {
+    out = plan::Path::kAuto;
+  } else if (std::strcmp(s, "persistent") == 0) {
+    out = plan::Path::kPersistent;
+  } else if (std::strcmp(s, "fallback") == 0) {
+    out = plan::Path::kFallback;
+  } else {
+    return false;
+  }
+  return true;
+}
+
+inline Knobs& knobs() {
+  static Knobs* const k = [] {
+    auto* n = new Knobs();  // never destroyed: kernels may run during static destruction
+    const char* env = std::getenv("VARLEN_RNN_CUDA_PATH");
+    plan::Path p;
+    if (parse_path(env, p)) {
+      n->path = static_cast<int>(p);
+    } else {
+      n->bad_path = env;
+    }
+    if (const char* cap = std::getenv("VARLEN_RNN_PERSISTENT_MAX_KC")) {
+      n->max_kc = std::max<long long>(0, std::atoll(cap));
+    }
+    return n;
+  }();
+  return *k;
+}
+
+inline plan::Path requested_path() {
+  const Knobs& k = knobs();
+  TORCH_CHECK(k.bad_path.empty(),
+              "VARLEN_RNN_CUDA_PATH must be auto, persistent or fallback, got '", k.bad_path, "'");
+  return static_cast<plan::Path>(k.path.load());
+}
+
+// ---- What a persistent kernel can launch with, per device ------------------
+// Queried once per (device, kernel) and cached: its register and static
+// shared-memory use, and the opt-in shared-memory limit raised to the device's
+// maximum (so plans of any shape launch without setting it again). Both calls
+// neither enqueue work nor synchronize, so stream capture does not restrict
+// them (flash-attention raises the same attribute on every call and is
+// routinely captured): a first call inside a capture plans as one outside.
+// No occupancy query is needed: a cut has at most one block per SM, and a
+// block that fits the opt-in shared memory and kThreads threads fits an SM;
+// should the driver still disagree, the launch is refused and falls back.
+struct KernelFacts {
+  plan::Device dev{};
+  int max_resident_blocks = 0;  // more blocks than this are never co-resident
+  std::string unavailable;      // set: the persistent path cannot run, and why
+};
+
+struct KernelFactsCache {
+  std::mutex mutex;
+  std::map<std::pair<int, const void*>, KernelFacts> facts;
+};
+
+inline KernelFactsCache& kernel_facts_cache() {
+  static KernelFactsCache* const c = new KernelFactsCache();
+  return *c;
+}
+
+inline KernelFacts kernel_facts(const void* kernel) {
+  const auto key = std::make_pair(static_cast<int>(c10::cuda::current_device()), kernel);
+  KernelFactsCache& cache = kernel_facts_cache();
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  auto it = cache.facts.find(key);
+  if (it != cache.facts.end()) return it->second;
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  KernelFacts f;
+  f.dev.sms = prop->multiProcessorCount;
+  f.dev.cooperative = prop->cooperativeLaunch != 0;
+  f.max_resident_blocks = prop->maxThreadsPerMultiProcessor / static_cast<int>(plan::kThreads) *
+                          prop->multiProcessorCount;
+  cudaFuncAttributes attr{};
+  cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
+  if (err == cudaSuccess) {
+    f.dev.threads_fit = attr.maxThreadsPerBlock >= plan::kThreads;
+    const size_t optin = prop->sharedMemPerBlockOptin;
+    f.dev.smem_per_block =
+        optin > attr.sharedSizeBytes ? static_cast<int64_t>(optin - attr.sharedSizeBytes) : 0;
+    if (f.dev.smem_per_block > 0) {
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(f.dev.smem_per_block));
+    }
+  }
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // not sticky: clear it; not cached, so the next call retries
+    f.unavailable = std::string("setting up the launch failed: ") + cudaGetErrorString(err);
+    return f;
+  }
+  cache.facts.emplace(key, f);
+  return f;
+}
+
+// Errors by which the driver declines a cooperative launch without anything
+// having gone wrong on the device (MPS client limits, a sanitizer's reserved
+// resources, a grid that cannot be co-resident).
+inline bool is_refusal(cudaError_t err) {
+  return err == cudaErrorCooperativeLaunchTooLarge || err == cudaErrorNotSupported ||
+         err == cudaErrorNotPermitted || err == cudaErrorLaunchOutOfResources;
+}
+
+// Launches a persistent kernel with `blocks` blocks. A refused launch clears
+// the error, is remembered for this (device, kernel) so later calls plan the
+// fallback directly, warns once, and returns false: the caller runs the
+// fallback path on the same (untouched) outputs. Any other error throws.
+inline bool launch_cooperative(const void* kernel, int64_t blocks, int64_t smem, void* args,
+                               cudaStream_t stream) {
+  const KernelFacts facts = kernel_facts(kernel);
+  if (knobs().oversubscribe) blocks = facts.max_resident_blocks + 1;
+  void* arg_list[] = {args};
+  const cudaError_t err =
+      cudaLaunchCooperativeKernel(kernel, dim3(static_cast<unsigned>(blocks)),
+                                  dim3(static_cast<unsigned>(plan::kThreads)), arg_list,
+                                  static_cast<size_t>(smem), stream);
+  if (err == cudaSuccess) {
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return true;
+  }
+  if (!is_refusal(err)) C10_CUDA_CHECK(err);
+  (void)cudaGetLastError();
+  {
+    KernelFactsCache& cache = kernel_facts_cache();
+    std::lock_guard<std::mutex> lock(cache.mutex);
+    const int device = static_cast<int>(c10::cuda::current_device());
+    KernelFacts& f = cache.facts[std::make_pair(device, kernel)];
+    f.unavailable = std::string("the driver refused its cooperative launch (") +
+                    cudaGetErrorString(err) + ")";
+  }
+  TORCH_WARN_ONCE("varlen_rnn: the driver refused the persistent GRU kernel's cooperative launch (",
+                  cudaGetErrorString(err), "; this happens under MPS or a sanitizer); this "
+                  "process uses the per-step fallback path for it from now on");
+  return false;
+}
+
+// ---- nn.GRU's TF32 policy ----------------------------------------------------
+// nn.GRU runs float32 on cuDNN, which uses TF32 tensor cores when the cuDNN
+// RNN precision allows it (torch.backends.cudnn.allow_tf32, on by default),
+// whatever torch.backends.cuda.matmul.allow_tf32 says. Our float32 GEMMs
+// (input projection, the fallback's per-step GEMMs, the weight gradients)
+// follow the same flag. The persistent kernel stays exact FP32 on CUDA cores;
+// TF32 there comes with its tensor-core version.
+//
+// torch's per-operator float32 precision API changed over releases:
+// Context::allowTF32CuDNN takes an operator enum (recent torch), a string
+// before, nothing before that. Fp32Api is chosen by that argument's type, so
+// only the branch this torch has is compiled (no version numbers to get wrong).
+template <typename M>
+struct FirstArg {
+  using type = void;
+};
+template <typename R, typename C, typename A>
+struct FirstArg<R (C::*)(A) const> {
+  using type = std::decay_t<A>;
+};
+template <typename R, typename C, typename A, typename B>
+struct FirstArg<R (C::*)(A, B) const> {
+  using type = std::decay_t<A>;
+};
+
+template <typename Ctx, typename Arg = typename FirstArg<decltype(&Ctx::allowTF32CuDNN)>::type>
+struct Fp32Api {  // allowTF32CuDNN(const std::string& op)
+  using Saved = bool;
+  static bool rnn_tf32(const Ctx& c) { return c.allowTF32CuDNN(Arg("rnn")); }
+  static Saved matmul_precision(const Ctx&) { return false; }
+  static void restore_matmul_precision(Ctx&, Saved) {}
+};
+template <typename Ctx>
+struct Fp32Api<Ctx, void> {  // allowTF32CuDNN(): one flag for all of cuDNN
+  using Saved = bool;
+  static bool rnn_tf32(const Ctx& c) { return c.allowTF32CuDNN(); }
+  static Saved matmul_precision(const Ctx&) { return false; }
+  static void restore_matmul_precision(Ctx&, Saved) {}
+};
+template <typename Ctx, typename Op>
+struct Fp32Api<Ctx, std::optional<Op>> {  // allowTF32CuDNN(optional<Float32Op>), per-op precisions
+  using Backend = typename FirstArg<decltype(&Ctx::float32Precision)>::type;
+  using Saved = decltype(std::declval<const Ctx&>().float32Precision(Backend::CUDA, Op::MATMUL));
+  static bool rnn_tf32(const Ctx& c) { return c.allowTF32CuDNN(Op::RNN); }
+  static Saved matmul_precision(const Ctx& c) {
+    return c.float32Precision(Backend::CUDA, Op::MATMUL);
+  }
+  static void restore_matmul_precision(Ctx& c, Saved s) {
+    c.setFloat32Precision(Backend::CUDA, Op::MATMUL, s);
+  }
+};
+using TorchFp32Api = Fp32Api<at::Context>;
+
+inline bool cudnn_rnn_allows_tf32() { return TorchFp32Api::rnn_tf32(at::globalContext()); }
+
+// Makes ATen's cuBLAS calls of this op follow `tf32` for float32.
+// Turning TF32 off uses ATen's thread-local NoTF32Guard: exact, no shared
+// state; it reaches the GEMMs ATen runs on its cuBLAS handle (mm, bmm,
+// baddbmm by default), not cuBLASLt ones (gru_cuda.cu keeps its addmm off
+// that path when it matters; with preferred_blas_library="cublaslt" the flag
+// is not guaranteed off). Turning it on (the default flags: cuDNN on, matmul off) can only be
+// done through the process-wide matmul flag, so the holders are counted under
+// a mutex: the first sets the flag, the last restores the user's setting, and
+// concurrent varlen_rnn calls never restore each other's change. While any
+// holder runs, a float32 matmul of another thread also sees TF32 allowed;
+// that is the price of ATen offering no thread-local way to enable it.
+class MatmulTf32Guard {
+ public:
+  MatmulTf32Guard(bool float32, bool tf32) {
+    if (!float32) return;
+    if (!tf32) {
+      no_tf32_.emplace();
+      return;
+    }
+    State& st = state();
+    std::lock_guard<std::mutex> lock(st.mutex);
+    if (st.holders == 0) {
+      if (at::globalContext().allowTF32CuBLAS()) return;  // the user's own setting
+      st.saved = TorchFp32Api::matmul_precision(at::globalContext());
+      at::globalContext().setAllowTF32CuBLAS(true);
+    }
+    ++st.holders;
+    holding_ = true;
+  }
+  ~MatmulTf32Guard() {
+    if (!holding_) return;
+    State& st = state();
+    std::lock_guard<std::mutex> lock(st.mutex);
+    if (--st.holders > 0) return;
+    at::globalContext().setAllowTF32CuBLAS(false);
+    TorchFp32Api::restore_matmul_precision(at::globalContext(), st.saved);
+  }
+  MatmulTf32Guard(const MatmulTf32Guard&) = delete;
+  MatmulTf32Guard& operator=(const MatmulTf32Guard&) = delete;
+
+ private:
+  struct State {
+    std::mutex mutex;
+    int holders = 0;
+    TorchFp32Api::Saved saved{};
+  };
+  static State& state() {
+    static State* const s = new State();
+    return *s;
+  }
+  std::optional<at::NoTF32Guard> no_tf32_;
+  bool holding_ = false;
+};
+
+// ---- Lengths -----------------------------------------------------------------
+// lengths [B] on `device`. CPU lengths (the common case: lists, NumPy arrays
+// and pack_padded_sequence's lengths all live there) are checked here, with the
+// CPU backend's message, before any kernel runs, then copied without a host
+// sync (a copy from pageable memory is staged before it returns). Lengths
+// already on the device are checked by lengths_prep_kernel's device assert.
+// A copy from the CPU cannot be captured in a CUDA graph: inside a capture,
+// lengths must already be on the device.
+inline at::Tensor lengths_on_device(const at::Tensor& lengths, int64_t T, at::Device device) {
+  if (lengths.device() == device) return lengths;
+  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+              "lengths must be on the input's device ", device,
+              " inside a CUDA graph capture (a copy from the CPU cannot be captured), got lengths "
+              "on ", lengths.device());
+  // Our own pageable copy: what is checked is what is sent (a pinned source could be
+  // rewritten by the caller while an asynchronous copy of it is in flight).
+  const at::Tensor l = lengths.clone(at::MemoryFormat::Contiguous);
+  AT_DISPATCH_INDEX_TYPES(l.scalar_type(), "varlen_rnn_check_lengths", [&] {
+    const index_t* p = l.data_ptr<index_t>();
+    for (int64_t b = 0; b < l.numel(); ++b) {
+      TORCH_CHECK(p[b] >= 0 && p[b] <= T, "lengths must be in [0, T] with T=", T,
+                  " (the input's time dimension), got lengths[", b, "]=", p[b]);
+    }
+  });
+  return l.to(l.options().device(device), /*non_blocking=*/true);
+}
+
+}  // namespace cuda
+}  // namespace varlen_rnn

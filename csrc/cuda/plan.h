@@ -1,0 +1,214 @@
+// The CUDA backend's path choice and tiling, as small pure functions of the
+// problem and the device. No CUDA or torch headers: tests/test_plan.py
+// compiles this file alone with the host compiler and checks the choices.
+//
+// Vocabulary (see gru.h for the shape legend): a *pass* is one layer's forward
+// (inference or training, which also saves the gates) or backward; a *step* s
+// is one time step of the recurrence; a *cut* is how a persistent launch is
+// divided: blocks_per_dir blocks per direction own J hidden units each, rows
+// are staged tile_rows at a time, and the reduction dimension K is walked in
+// chunks of kc columns.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+namespace varlen_rnn {
+namespace plan {
+
+// The persistent kernels' fixed geometry (persistent.cuh: kPersistThreads,
+// kRows, the 3 gate rows per work item); gru_cuda.cu asserts they agree.
+constexpr int64_t kThreads = 256;
+constexpr int64_t kWarps = kThreads / 32;
+constexpr int64_t kRowsPerItem = 8;
+constexpr int64_t kGatesPerItem = 3;
+// At most this many row groups per tile: beyond it the accumulators eat the
+// shared memory that K chunks need.
+constexpr int64_t kMaxRowGroups = 4;
+
+enum class Path { kAuto, kPersistent, kFallback };
+enum class Pass { kInference, kTraining, kBackward };
+
+struct Problem {
+  int64_t B, H, D;
+  Pass pass;
+  int64_t storage_bytes;    // sizeof(scalar_t)
+  int64_t acc_bytes;        // sizeof(op-math type)
+  bool gemm_tensor_cores;   // the fallback's GEMMs run on tensor cores
+};
+
+struct Device {
+  int64_t sms;
+  int64_t smem_per_block;  // dynamic shared memory a block may use (opt-in limit minus static)
+  bool cooperative;        // cooperative launches possible (and not refused)
+  bool threads_fit;        // the kernel's registers allow kThreads per block
+};
+
+struct Cut {
+  int64_t J = 0, blocks_per_dir = 0, tile_rows = 0, kc = 0;
+  int64_t blocks = 0;       // D * blocks_per_dir, never more than the SM count
+  int64_t smem = 0;         // dynamic shared memory bytes per block
+  double step_cycles = 0;   // modelled cost of one step (see CostModel)
+};
+
+struct Choice {
+  Path path = Path::kFallback;  // kPersistent or kFallback
+  bool fits = false;            // a persistent cut exists
+  Cut cut;
+  std::string why;              // why the persistent path does not fit
+  double persistent_us = 0, fallback_us = 0;  // modelled time per step
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// ---- The cost model: every constant in one place --------------------------
+//
+// Time per step of one layer, both paths, modelled on an H100 (132 SMs,
+// 227 KiB shared memory per block, ~5.5 TB/s of L2, TF32 ~490 and BF16
+// ~990 dense TFLOP/s). The persistent kernel runs on CUDA cores: per work
+// item and 32 columns every lane loads 3 weights and 8 staged values from
+// shared memory (one warp-wide 4-byte load per cycle per SM) for 24 FMAs, so
+// shared memory, not FMA, bounds it at ~11 cycles per item and 32 columns;
+// the butterfly costs 5 x 24 shuffles per item and chunk; each step every
+// block stages the state of the running rows from L2 and ends with a grid
+// barrier. The fallback runs per step one cuBLAS GEMM (tensor cores for
+// half types, float64 (DMMA), and float32 under TF32) plus one pointwise
+// kernel, and is bounded below by the host cost of issuing them.
+// Calibration against the issue-9 roofline: fp32 inference at B <= 8 and
+// H = 256..1024 gives the persistent path 1.8-2.7x over the fallback; B = 64,
+// H = 1024 training loses 2.7x and B = 256, H = 1024 training ~10x, matching
+// "1.2-2x" won at small B and "1.2-7x" / "4-15x" lost against cuDNN. The
+// resulting crossover on an H100, float32, D = 1: the fallback from B = 97 at
+// H = 256 and B = 17 at H = 1024 (forward), B = 33 and always (backward).
+// These are estimates until benchmarks/gpu_check.sh measures the crossover.
+struct CostModel {
+  static constexpr double kClockGHz = 1.75;          // sustained SM clock
+  static constexpr double kGridSyncCycles = 3000;    // grid.sync with one block per SM (~1.7 us)
+  static constexpr double kPassCycles = 1000;        // per chunk: two __syncthreads + L2 latency
+  static constexpr double kL2BytesPerCycle = 24;     // per SM: 5.5 TB/s / 132 SMs / 1.75 GHz
+  static constexpr double kShuffleCyclesPerItem = 5 * 24;  // butterfly, one warp shuffle per cycle
+  // One thread's pointwise work per step: a few dependent global loads/stores.
+  static constexpr double kPointwiseCycles[3] = {400, 600, 800};  // inference, training, backward
+  static constexpr double kFallbackHostUs = 10;      // ATen GEMM call + kernel launch per step
+  static constexpr double kFallbackKernelUs = 4;     // fixed GPU cost of the step's two kernels
+  // Effective GEMM flop per cycle per SM at the skinny [B, H] x [H, 3H] shape:
+  // about half of dense peak on tensor cores, ~70% of CUDA-core peak without.
+  static constexpr double kGemmHalf = 2048, kGemmTf32 = 1024, kGemmFloat64 = 200,
+                          kGemmFloat32 = 180;
+};
+
+inline double gemm_flops_per_cycle(const Problem& p) {
+  if (p.storage_bytes == 2) return CostModel::kGemmHalf;
+  if (p.storage_bytes == 8) return CostModel::kGemmFloat64;
+  return p.gemm_tensor_cores ? CostModel::kGemmTf32 : CostModel::kGemmFloat32;
+}
+
+// Modelled cycles of one persistent step for a block owning J units, with
+// tiles of `rows` rows and K walked in chunks of kc (all B rows running).
+inline double persistent_step_cycles(const Problem& p, int64_t J, int64_t rows, int64_t kc) {
+  const bool bwd = p.pass == Pass::kBackward;
+  const int64_t U = bwd ? ceil_div(J, 3) : J;  // unit groups (persistent.cuh)
+  const int64_t K = bwd ? 3 * p.H : p.H;
+  const int64_t B = std::max<int64_t>(p.B, 1);
+  const int64_t tiles = ceil_div(B, rows);
+  const int64_t chunks = ceil_div(K, kc);
+  const int64_t iters = (chunks - 1) * ceil_div(kc, 32) + ceil_div(K - (chunks - 1) * kc, 32);
+  const int64_t padded_items = round_up(U * rows / kRowsPerItem, kWarps);  // idle warps cost too
+  const double w_load = std::max<double>(1, p.storage_bytes / 4.0);
+  const double x_load = std::max<double>(1, p.acc_bytes / 4.0);
+  const double fma = double(kGatesPerItem * kRowsPerItem) / (p.acc_bytes == 8 ? 2 : 4);
+  const double item_cycles = std::max(kGatesPerItem * w_load + kRowsPerItem * x_load, fma);
+  const double staged_bytes = bwd ? p.storage_bytes : p.acc_bytes;  // dgh, or the state h
+  const double load = rows * K * staged_bytes / CostModel::kL2BytesPerCycle +
+                      chunks * CostModel::kPassCycles;
+  const double compute =
+      padded_items * (iters * item_cycles + chunks * CostModel::kShuffleCyclesPerItem);
+  const double pointwise = ceil_div(B * J, kThreads) * CostModel::kPointwiseCycles[int(p.pass)];
+  return CostModel::kGridSyncCycles + tiles * (load + compute) + pointwise;
+}
+
+inline double fallback_step_us(const Problem& p, const Device& dev) {
+  const double per_us = dev.sms * CostModel::kClockGHz * 1e3;  // SM-cycles per microsecond
+  const double flops = 2.0 * p.D * std::max<int64_t>(p.B, 1) * 3 * p.H * p.H;
+  const double w_bytes = double(p.D) * 3 * p.H * p.H * p.storage_bytes;
+  const double gemm =
+      std::max(flops / gemm_flops_per_cycle(p), w_bytes / CostModel::kL2BytesPerCycle);
+  return std::max(CostModel::kFallbackHostUs, CostModel::kFallbackKernelUs + gemm / per_us);
+}
+
+// The persistent cut with the least modelled step time, or false and why not.
+// Rows per tile follow B (no 32-row tiles for B = 3); the K chunk is chosen
+// after the row count, as wide as the shared memory left allows and then
+// balanced (K = 1536 in two chunks of 768, not 1504 + 32). max_kc > 0 caps the
+// chunk (a test knob).
+inline bool persistent_cut(const Problem& p, const Device& dev, int64_t max_kc, Cut& best,
+                           std::string& why) {
+  if (!dev.cooperative) {
+    why = "the device does not support cooperative launches";
+    return false;
+  }
+  if (!dev.threads_fit) {
+    why = "the kernel uses too many registers for " + std::to_string(kThreads) +
+          " threads per block";
+    return false;
+  }
+  const bool bwd = p.pass == Pass::kBackward;
+  // The fewest units per block that keeps every block on its own SM, then
+  // the same block count with balanced slices.
+  const int64_t bpd = ceil_div(p.H, ceil_div(p.H, std::max<int64_t>(1, dev.sms / p.D)));
+  const int64_t J = ceil_div(p.H, bpd);
+  const int64_t U = bwd ? ceil_div(J, 3) : J;
+  const int64_t K = bwd ? 3 * p.H : p.H;
+  const int64_t w_smem = (bwd ? 3 * U : 3 * J) * K * p.storage_bytes;
+  const int64_t max_groups =
+      std::min(kMaxRowGroups, ceil_div(std::max<int64_t>(p.B, 1), kRowsPerItem));
+  bool found = false;
+  for (int64_t groups = 1; groups <= max_groups; ++groups) {
+    const int64_t rows = kRowsPerItem * groups;
+    const int64_t acc_smem = U * groups * kGatesPerItem * kRowsPerItem * p.acc_bytes;
+    if (w_smem + acc_smem >= dev.smem_per_block) break;  // more rows only need more
+    int64_t kc = (dev.smem_per_block - w_smem - acc_smem) / (rows * p.acc_bytes);
+    if (max_kc > 0) kc = std::min(kc, std::max<int64_t>(32, max_kc / 32 * 32));
+    if (kc < K) {
+      kc = kc / 32 * 32;
+      if (kc < 32) break;
+      kc = round_up(ceil_div(K, ceil_div(K, kc)), 32);  // same chunk count, balanced
+    }
+    kc = std::min(kc, K);
+    Cut c;
+    c.J = J;
+    c.blocks_per_dir = bpd;
+    c.tile_rows = rows;
+    c.kc = kc;
+    c.blocks = p.D * bpd;
+    c.smem = rows * kc * p.acc_bytes + acc_smem + w_smem;
+    c.step_cycles = persistent_step_cycles(p, J, rows, kc);
+    if (!found || c.step_cycles < best.step_cycles) best = c;
+    found = true;
+  }
+  if (!found) {
+    why = "W_hh slice of " + std::to_string(w_smem) + " bytes per block does not fit in " +
+          std::to_string(dev.smem_per_block) + " bytes of shared memory";
+  }
+  return found;
+}
+
+// The path for one pass. `requested` is VARLEN_RNN_CUDA_PATH: kAuto takes the
+// path the cost model says is faster; kPersistent takes it whenever it fits
+// (the caller reports `why` when it does not).
+inline Choice choose_path(const Problem& p, const Device& dev, Path requested, int64_t max_kc) {
+  Choice c;
+  c.fallback_us = fallback_step_us(p, dev);
+  if (requested == Path::kFallback) return c;
+  c.fits = persistent_cut(p, dev, max_kc, c.cut, c.why);
+  if (!c.fits) return c;
+  c.persistent_us = c.cut.step_cycles / (CostModel::kClockGHz * 1e3);
+  const bool persistent = requested == Path::kPersistent || c.persistent_us < c.fallback_us;
+  c.path = persistent ? Path::kPersistent : Path::kFallback;
+  return c;
+}
+
+}  // namespace plan
+}  // namespace varlen_rnn

@@ -1,0 +1,181 @@
+"""csrc/cuda/plan.h, the CUDA backend's path choice and tiling, checked on the host: the header
+has no CUDA includes, so a small driver compiled with the host C++ compiler asks it for choices.
+Runs everywhere (no GPU needed); skips with a reason where no C++ compiler is found."""
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(os.path.dirname(HERE), "csrc")
+
+DRIVER = r"""
+#include <cstdio>
+#include "cuda/plan.h"
+using namespace varlen_rnn::plan;
+int main() {
+  long long B, H, D, pass, sb, ab, tc, sms, smem, coop, fit, req, max_kc;
+  while (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld", &B, &H,
+                    &D, &pass, &sb, &ab, &tc, &sms, &smem, &coop, &fit, &req, &max_kc) == 13) {
+    const Problem p{B, H, D, Pass(pass), sb, ab, tc != 0};
+    const Device d{sms, smem, coop != 0, fit != 0};
+    const Choice c = choose_path(p, d, Path(req), max_kc);
+    std::printf("%d %d %lld %lld %lld %lld %lld %lld %.6f %.6f %s\n", int(c.path), int(c.fits),
+                (long long)c.cut.J, (long long)c.cut.blocks_per_dir, (long long)c.cut.tile_rows,
+                (long long)c.cut.kc, (long long)c.cut.blocks, (long long)c.cut.smem,
+                c.persistent_us, c.fallback_us, c.why.c_str());
+  }
+}
+"""
+
+AUTO, PERSISTENT, FALLBACK = 0, 1, 2
+INFERENCE, TRAINING, BACKWARD = 0, 1, 2
+PASSES = {"inference": INFERENCE, "training": TRAINING, "backward": BACKWARD}
+# (storage bytes, op-math bytes, fallback GEMMs on tensor cores)
+DTYPES = {"f32": (4, 4, False), "f32-tf32": (4, 4, True), "f64": (8, 8, True), "bf16": (2, 4, True)}
+# (SMs, dynamic shared memory per block: the opt-in limit of the device)
+DEVICES = {"H100": (132, 227 * 1024), "A100": (108, 163 * 1024)}
+
+
+@dataclass
+class Answer:
+    path: int
+    fits: bool
+    J: int
+    blocks_per_dir: int
+    tile_rows: int
+    kc: int
+    blocks: int
+    smem: int
+    persistent_us: float
+    fallback_us: float
+    why: str
+
+
+@pytest.fixture(scope="module")
+def ask(tmp_path_factory):
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler on PATH to build the plan.h driver")
+    d = tmp_path_factory.mktemp("plan")
+    src, exe = d / "driver.cpp", d / "driver"
+    src.write_text(DRIVER)
+    subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Werror", "-I", CSRC, str(src), "-o",
+                    str(exe)], check=True, capture_output=True, text=True)
+
+    def run(queries):
+        """queries: dicts with B, H, D, pass_, dtype, device, and optional requested, max_kc,
+        cooperative."""
+        lines = []
+        for q in queries:
+            sb, ab, tc = DTYPES[q["dtype"]]
+            sms, smem = DEVICES[q.get("device", "H100")]
+            lines.append(" ".join(str(v) for v in (
+                q["B"], q["H"], q["D"], PASSES[q["pass_"]], sb, ab, int(tc), sms, smem,
+                int(q.get("cooperative", True)), 1, q.get("requested", AUTO), q.get("max_kc", 0))))
+        out = subprocess.run([str(exe)], input="\n".join(lines) + "\n", capture_output=True,
+                             text=True, check=True).stdout.splitlines()
+        assert len(out) == len(queries)
+        answers = []
+        for line in out:
+            f = line.split(" ", 10)
+            answers.append(Answer(int(f[0]), f[1] == "1", *map(int, f[2:8]), float(f[8]),
+                                  float(f[9]), f[10] if len(f) > 10 else ""))
+        return answers
+
+    return run
+
+
+def q(B, H, D=1, pass_="inference", dtype="f32-tf32", **kw):
+    return dict(B=B, H=H, D=D, pass_=pass_, dtype=dtype, **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_small_batch_inference_and_training_take_persistent(ask, device):
+    """Issue 9's roofline: the persistent kernel wins at small B (B <= 8, H = 256)."""
+    cases = [q(B, 256, D, p, dt, device=device) for B in (1, 8) for D in (1, 2)
+             for p in ("inference", "training") for dt in ("f32", "f32-tf32")]
+    for case, a in zip(cases, ask(cases)):
+        assert a.path == PERSISTENT, (case, a)
+        assert a.persistent_us < a.fallback_us
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_batch_training_takes_fallback(ask, device):
+    """Issue 9's roofline: at B = 256, H = 1024 in training the persistent kernel loses 4-15x."""
+    cases = [q(256, 1024, D, p, dt, device=device) for D in (1, 2)
+             for p in ("training", "backward") for dt in ("f32", "f32-tf32", "bf16")]
+    for case, a in zip(cases, ask(cases)):
+        assert a.path == FALLBACK, (case, a)
+        if a.fits:
+            assert a.persistent_us > 2 * a.fallback_us, (case, a)
+
+
+def test_choice_is_monotone_in_batch(ask):
+    """Once the fallback wins at some B it wins at every larger B: never a persistent island."""
+    Bs = list(range(1, 65)) + list(range(72, 1025, 8))
+    for H in (32, 256, 512, 1024):
+        for D in (1, 2):
+            for p in PASSES:
+                for dt in DTYPES:
+                    for device in DEVICES:
+                        paths = [a.path for a in ask([q(B, H, D, p, dt, device=device)
+                                                      for B in Bs])]
+                        first_fallback = paths.index(FALLBACK) if FALLBACK in paths else len(paths)
+                        assert set(paths[first_fallback:]) <= {FALLBACK}, (H, D, p, dt, device)
+
+
+def test_k_chunk_is_chosen_after_the_rows(ask):
+    """Issue 9's two examples on an H100, float32 backward, B = 64 rows:
+    D=2, H=1024: 16 units per block leave ~10 KiB beside W_hh^T; one row group of 8 gives a
+    320-wide chunk (10 chunks over K = 3H = 3072), two give 128 (24 chunks).
+    D=1, H=512: K = 1536 fits in two chunks; balanced they are 768 + 768, not 1504 + 32."""
+    a, b = ask([q(64, 1024, 2, "backward", "f32", requested=PERSISTENT),
+                q(64, 512, 1, "backward", "f32", requested=PERSISTENT)])
+    assert a.fits and a.tile_rows == 8 and -(-3072 // a.kc) == 10, a
+    assert b.fits and -(-1536 // b.kc) == 2, b
+    tail = 1536 - b.kc
+    assert tail >= b.kc - 32, f"unbalanced chunks: {b.kc} + {tail}"
+
+
+def test_tile_rows_follow_the_batch(ask):
+    Bs = list(range(1, 70))
+    for H, D, p in ((256, 1, "inference"), (128, 2, "backward"), (64, 1, "training")):
+        for B, a in zip(Bs, ask([q(B, H, D, p, requested=PERSISTENT) for B in Bs])):
+            assert a.fits
+            assert a.tile_rows <= -(-B // 8) * 8, (B, H, D, p, a)
+    (a,) = ask([q(3, 256, 1, "inference", requested=PERSISTENT)])
+    assert a.tile_rows == 8
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_cut_fits_the_device(ask, device):
+    sms, smem = DEVICES[device]
+    cases = [q(B, H, D, p, dt, device=device, requested=PERSISTENT, max_kc=cap)
+             for B in (1, 7, 33, 300) for H in (1, 5, 33, 256, 700, 1024) for D in (1, 2)
+             for p in PASSES for dt in DTYPES for cap in (0, 32, 100)]
+    for case, a in zip(cases, ask(cases)):
+        if not a.fits:
+            assert "does not fit" in a.why, (case, a)
+            continue
+        H, D = case["H"], case["D"]
+        K = 3 * H if case["pass_"] == "backward" else H
+        assert a.smem <= smem and a.blocks == D * a.blocks_per_dir <= sms, (case, a)
+        assert a.J * a.blocks_per_dir >= H > (a.blocks_per_dir - 1) * a.J, (case, a)
+        assert 0 < a.kc <= K and (a.kc == K or a.kc % 32 == 0), (case, a)
+        if case["max_kc"] and a.kc < K:
+            assert a.kc <= max(32, case["max_kc"]), (case, a)
+        assert a.tile_rows % 8 == 0 and 8 <= a.tile_rows <= 32, (case, a)
+
+
+def test_what_cannot_run_persistent_says_why(ask):
+    big, no_coop, fallback = ask([
+        q(2, 4096, 1, "inference", "f64", requested=PERSISTENT),  # 3*H*H doubles: 400 MB
+        q(2, 64, 1, "inference", requested=PERSISTENT, cooperative=False),
+        q(1, 64, 1, "inference", requested=FALLBACK),
+    ])
+    assert not big.fits and big.path == FALLBACK and "does not fit" in big.why
+    assert not no_coop.fits and "cooperative" in no_coop.why
+    assert fallback.path == FALLBACK

@@ -1,0 +1,158 @@
+"""Argument checks and conversions of varlen_rnn.GRU, kept apart from the module itself.
+
+Wherever torch.nn.GRU has a message for the same mistake, the same exception type and
+text come first (code that matches nn.GRU's errors keeps working); anything after it is
+our hint. `lengths` is ours alone and accepts what pack_padded_sequence accepts.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+try:  # NumPy is optional for torch; data loaders hand out its arrays as lengths
+    import numpy as np
+except ImportError:  # pragma: no cover
+    np = None
+
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_LENGTHS_KINDS = "a list or tuple of ints, a NumPy integer array or an integer tensor"
+
+
+def check_constructor_args(input_size, hidden_size, num_layers, bias, batch_first, dropout):
+    """torch.nn.GRU's constructor checks, in its order, with its types and wording."""
+    if (
+        not isinstance(dropout, numbers.Number)
+        or isinstance(dropout, bool)
+        or not 0 <= dropout <= 1
+    ):
+        raise ValueError(
+            "dropout should be a number in range [0, 1] representing the "
+            "probability of an element being zeroed"
+        )
+    if dropout > 0 and num_layers == 1:
+        warnings.warn(
+            "dropout option adds dropout after all but last recurrent layer, so "
+            "non-zero dropout expects num_layers greater than 1, but got "
+            f"dropout={dropout} and num_layers={num_layers}",
+            stacklevel=3,
+        )
+    for name, value in (("bias", bias), ("batch_first", batch_first)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}")
+    for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
+        if not isinstance(value, int):
+            raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+        if value <= 0:
+            raise ValueError(f"{name} must be greater than zero")
+    if num_layers <= 0:
+        raise ValueError("num_layers must be greater than zero")
+
+
+def autocast_on(device: torch.device) -> bool:
+    """torch.is_autocast_enabled for device, False where autocast does not exist (meta)."""
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+
+
+def check_hx_rank(hx: Tensor | None, batched: bool) -> None:
+    want = 3 if batched else 2
+    if hx is not None and hx.dim() != want:
+        kind = "batched 3-D" if batched else "unbatched 2-D"
+        raise RuntimeError(
+            f"For {kind} input, hx should also be {want}-D but got {hx.dim()}-D tensor"
+        )
+
+
+def check_input(input: Tensor, weight: Tensor, input_size: int) -> None:
+    """input [..., I] against the GRU's first weight: dtype, then feature size."""
+    if input.dtype != weight.dtype and not autocast_on(input.device):
+        raise ValueError(
+            f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
+            f"Convert input: input.to({weight.dtype}), or convert model: model.to({input.dtype})"
+        )
+    if input.size(-1) != input_size:
+        raise RuntimeError(
+            "input.size(-1) must be equal to input_size. "
+            f"Expected {input_size}, got {input.size(-1)}"
+        )
+
+
+def check_hx_shape(hx: Tensor, expected: tuple[int, int, int]) -> None:
+    if tuple(hx.shape) != expected:
+        raise RuntimeError(f"Expected hidden size {expected}, got {list(hx.shape)}")
+
+
+def check_devices(input: Tensor, params: Iterable[Tensor], hx: Tensor | None) -> None:
+    """Before any kernel runs (a meta tensor never reaches one by mistake)."""
+    for p in params:
+        if p.device != input.device:
+            raise RuntimeError(
+                "Input and parameter tensors are not at the same device, found input tensor "
+                f"at {input.device} and parameter tensor at {p.device}"
+            )
+    if hx is not None and hx.device != input.device:
+        raise RuntimeError(
+            "Input and hidden tensors are not at the same device, found input tensor at "
+            f"{input.device} and hidden tensor at {hx.device}"
+        )
+
+
+def check_hx_dtype(hx: Tensor, input: Tensor) -> None:
+    # nn.GRU fails later, in a GEMM, with a RuntimeError that names neither argument.
+    if hx.dtype != input.dtype and not autocast_on(input.device):
+        raise RuntimeError(
+            f"hx dtype ({hx.dtype}) does not match input dtype ({input.dtype}): "
+            f"convert hx with hx.to({input.dtype})"
+        )
+
+
+def as_lengths(lengths, B: int, T: int, device: torch.device) -> Tensor:
+    """lengths as an int64/int32 [B] tensor. Lengths that live on the CPU (a list, tuple,
+    NumPy array or CPU tensor) stay there, so the backend checks their values on the host
+    before any kernel runs; a device tensor moves to `device`. None: T for every row,
+    made on `device`. A list is range-checked here; tensor values by the kernels."""
+    if lengths is None:
+        return torch.full((B,), T, dtype=torch.int64, device=device)
+    if np is not None and isinstance(lengths, np.ndarray):
+        if not np.issubdtype(lengths.dtype, np.integer):
+            got = f"a NumPy array of {lengths.dtype}"
+            raise TypeError(f"lengths must be {_LENGTHS_KINDS}, got {got}")
+        lengths = torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int64))
+    if isinstance(lengths, Tensor):
+        return _tensor_lengths(lengths, B, device)
+    if isinstance(lengths, numbers.Integral) and not isinstance(lengths, bool):
+        lengths = [lengths]
+    if (
+        not isinstance(lengths, Sequence)
+        or isinstance(lengths, str)
+        or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in lengths)
+    ):
+        shown = f" {list(lengths)!r}" if isinstance(lengths, (list, tuple)) else ""
+        raise TypeError(f"lengths must be {_LENGTHS_KINDS}, got {type(lengths).__name__}{shown}")
+    if len(lengths) != B:
+        raise ValueError(f"lengths must have one entry per sequence (B={B}), got {len(lengths)}")
+    for i, v in enumerate(lengths):
+        if not 0 <= v <= T:
+            raise ValueError(f"lengths must be in [0, T] with T={T}, got lengths[{i}]={v}")
+    return torch.tensor([int(v) for v in lengths], dtype=torch.int64)
+
+
+def _tensor_lengths(lengths: Tensor, B: int, device: torch.device) -> Tensor:
+    if lengths.dtype not in _INT_DTYPES:
+        raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
+    if lengths.dim() == 0:
+        lengths = lengths.reshape(1)
+    if lengths.dim() != 1 or lengths.numel() != B:
+        raise ValueError(
+            f"lengths must be 1-D with one entry per sequence (B={B}), "
+            f"got shape {tuple(lengths.shape)}"
+        )
+    if lengths.dtype not in (torch.int64, torch.int32):
+        lengths = lengths.to(torch.int64)
+    if lengths.device.type != "cpu" and lengths.device != device:
+        lengths = lengths.to(device)
+    return lengths
