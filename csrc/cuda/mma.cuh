@@ -85,7 +85,7 @@ template <Kind k>
 __device__ __forceinline__ uint32_t to_bits(float v) {
 #if defined(VARLEN_RNN_HOST_EMULATION)
   return cvt_emulated<k>(v);
-#elif defined(__CUDA_ARCH__)
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   uint32_t r = 0;
   if constexpr (k == Kind::tf32) {
     asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
@@ -99,6 +99,9 @@ __device__ __forceinline__ uint32_t to_bits(float v) {
     r = h;
   }
   return r;
+#elif defined(__CUDA_ARCH__)
+  __trap();  // cvt to TF32/bf16 needs sm_80
+  return 0;
 #else
   return 0;  // nvcc's host pass; never called there
 #endif
