@@ -19,7 +19,7 @@
 //
 // The host emulation (tests/cuda_emulation/mma_emu.h) implements mma() and the element
 // conversions with these same helpers, so kernels written on this header run on CPU threads.
-// Needs sm_80 or newer; a device build for an older arch traps if it reaches mma().
+// Needs sm_80 or newer; a device build for an older arch traps if it reaches mma() or to_bits().
 #pragma once
 
 #include <cstdint>
