@@ -73,9 +73,10 @@ PARAMS = [(n, torch.float64) for n in sorted(CASES)] + [
     (n, dt) for dt in (torch.float32, torch.float16, torch.bfloat16) for n in HALF_CASES]
 
 
-def run_case(emu, c, dtype, persistent):
+def run_case(emu, c, dtype, persistent, mma=False):
     """(got, ref): the emulated kernels' results in `dtype` with the launchers' GEMMs around
-    them, and the CPU op's in float64 on the same (rounded) inputs."""
+    them, and the CPU op's in float64 on the same (rounded) inputs. mma: the persistent kernels'
+    tensor-core path."""
     T, B, I, H, D, bias, bf = (c[k] for k in ("T", "B", "I", "H", "D", "bias", "bf"))
     g = torch.Generator().manual_seed(0)
 
@@ -97,8 +98,9 @@ def run_case(emu, c, dtype, persistent):
     knobs = (4, c.get("kc", 0), c.get("R", 0))  # 4 pretend SMs: several units per block
     x2d, w2d = x.reshape(T * B, I), w_ih.reshape(D * 3 * H, I)
     gx = torch.addmm(b_ih.reshape(-1), x2d, w2d.T) if bias else x2d @ w2d.T
-    out, hn, ws = emu.forward(gx.contiguous(), w_hh, b_hh, hx, L, T, bf, persistent, *knobs)
-    dgx, dgh, hprev, ghx = emu.backward(go, ghn, out, hx, ws, w_hh, L, T, bf, persistent, *knobs)
+    out, hn, ws = emu.forward(gx.contiguous(), w_hh, b_hh, hx, L, T, bf, persistent, *knobs, mma)
+    dgx, dgh, hprev, ghx = emu.backward(go, ghn, out, hx, ws, w_hh, L, T, bf, persistent, *knobs,
+                                        mma)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     got = [out, hn, (dgx @ w2d).view(x.shape), ghx, (dgx.T @ x2d).view(D, 3 * H, I),
            torch.bmm(dgh.transpose(1, 2), hprev), dgx.sum(0, dtype=acc).view(D, 3 * H),
@@ -129,3 +131,37 @@ def test_emulated_persistent_kernels_are_deterministic(emu, dtype):
     runs = [run_case(emu, CASES["two-tiles-nobias"], dtype, True)[0] for _ in range(2)]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+# The persistent kernels' tensor-core path (kMma): the recurrent products on the emulated
+# mma.sync, with h (forward) rounded to the operand type - TF32 for float32 (the policy that
+# torch.backends.cudnn.allow_tf32 allows), the storage type for the half types, as the
+# fallback's cuBLAS GEMMs do - and fp32 sums. The bound is the one above with the operand
+# type's eps (TF32: 2^-10) and C about five times the largest these cases need (TF32 0.45,
+# float16 0.64, bfloat16 0.44).
+MMA_CASES = ["uni-basic", "bi-bf-zeros", "two-tiles-nobias", "K-chunks-small"]
+MMA_EPS = {torch.float32: 2.0**-10, torch.float16: torch.finfo(torch.float16).eps,
+           torch.bfloat16: torch.finfo(torch.bfloat16).eps}
+MMA_TOL_EPS = {torch.float32: 2, torch.float16: 4, torch.bfloat16: 4}
+MMA_PARAMS = [(n, dt) for dt in MMA_EPS for n in MMA_CASES]
+
+
+@pytest.mark.parametrize("name,dtype", MMA_PARAMS,
+                         ids=[f"{n}-{DTYPE_IDS[d]}" for n, d in MMA_PARAMS])
+def test_emulated_tensor_core_path_matches_cpu_kernels(emu, name, dtype):
+    got, ref = run_case(emu, CASES[name], dtype, True, mma=True)
+    names = ["output", "h_n", "grad input", "grad hx", "grad w_ih", "grad w_hh", "grad b_ih",
+             "grad b_hh"]
+    for n, a, e in zip(names, got, ref):
+        c_eps = MMA_TOL_EPS[dtype] * MMA_EPS[dtype]
+        tol = dict(atol=c_eps * max(1.0, e.abs().max().item()), rtol=c_eps)
+        torch.testing.assert_close(a, e, **tol, msg=lambda m: f"{n}: {m}")
+
+
+def test_emulated_tensor_core_path_rounds_float32_to_tf32(emu):
+    # The TF32 path is not the exact one: its results differ from the exact kernels' by far
+    # more than float32 rounding (and by less than bfloat16's).
+    exact, _ = run_case(emu, CASES["two-tiles-nobias"], torch.float32, True)
+    tf32, _ = run_case(emu, CASES["two-tiles-nobias"], torch.float32, True, mma=True)
+    rel = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(tf32, exact))
+    assert 2.0**-20 < rel < 2.0**-7, rel

@@ -91,6 +91,7 @@ struct LayerCall {
   at::TensorOptions opts;   // the input's
   at::ScalarType acc_type;  // op-math dtype: the state, saved gates, sums
   bool tf32 = false;        // float32 GEMMs may use TF32 (nn.GRU's cuDNN policy)
+  bool mma = false;         // the persistent kernels' recurrent products on tensor cores
   cudaStream_t stream;
   Tensor lengths;           // [B] on the input's device
   RowStrides xs, os;        // rows of gx/dgx [T*B, D*3H] and of output [.., D*H]
@@ -104,6 +105,11 @@ void set_layer_call(LayerCall& c, const LayerDims& dims, const Tensor& input,
   c.opts = input.options();
   c.acc_type = opmath_dtype(input.scalar_type());
   c.tf32 = input.scalar_type() == at::kFloat && cudnn_rnn_allows_tf32();
+  // Tensor cores (sm_80+) where the fallback's cuBLAS GEMMs would use them too: the half
+  // types, and float32 where TF32 is allowed; float64 and exact float32 stay on CUDA cores.
+  c.mma = knobs().tensor_cores && input.scalar_type() != at::kDouble &&
+          (input.scalar_type() != at::kFloat || c.tf32) &&
+          at::cuda::getCurrentDeviceProperties()->major >= 8;
   c.stream = at::cuda::getCurrentCUDAStream();
   c.lengths = lengths_on_device(lengths, dims.T, input.device());
   c.xs = RowStrides{dims.stride_t(G), dims.stride_b(G)};
@@ -189,6 +195,28 @@ Tensor input_projection(const LayerCall& c, const Tensor& x2d, const Tensor& w_i
   return at::addmm(b, x2d, w_ih2d.t());
 }
 
+// The persistent kernel instantiation for the call: kMma (tensor cores) or not.
+template <typename scalar_t>
+const void* forward_kernel(bool mma) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (std::is_same<acc_t, float>::value) {
+    if (mma) {
+      return reinterpret_cast<const void*>(persistent_forward_kernel<scalar_t, acc_t, true>);
+    }
+  }
+  return reinterpret_cast<const void*>(persistent_forward_kernel<scalar_t, acc_t>);
+}
+template <typename scalar_t>
+const void* backward_kernel(bool mma) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (std::is_same<acc_t, float>::value) {
+    if (mma) {
+      return reinterpret_cast<const void*>(persistent_backward_kernel<scalar_t, acc_t, true>);
+    }
+  }
+  return reinterpret_cast<const void*>(persistent_backward_kernel<scalar_t, acc_t>);
+}
+
 // ---- Forward: one function per path -------------------------------------------
 template <typename scalar_t>
 bool persistent_forward(const ForwardCall& c, const plan::Cut& cut) {
@@ -206,8 +234,7 @@ bool persistent_forward(const ForwardCall& c, const plan::Cut& cut) {
   a.h_n = c.h_n.data_ptr<scalar_t>();
   a.ws = c.need_workspace ? c.ws.data_ptr<acc_t>() : nullptr;
   fill_common(a, c, l, cut);
-  const auto kernel = reinterpret_cast<const void*>(persistent_forward_kernel<scalar_t, acc_t>);
-  return launch_cooperative(kernel, cut.blocks, cut.smem, &a, c.stream);
+  return launch_cooperative(forward_kernel<scalar_t>(c.mma), cut.blocks, cut.smem, &a, c.stream);
 }
 
 // The state h stays in acc_t; the GEMM runs in the storage dtype (tensor cores for
@@ -276,8 +303,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "varlen_rnn_gru_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto kernel = reinterpret_cast<const void*>(persistent_forward_kernel<scalar_t, acc_t>);
-    const plan::Choice choice = choose(c, kernel, pass, sizeof(scalar_t), sizeof(acc_t));
+    const plan::Choice choice =
+        choose(c, forward_kernel<scalar_t>(c.mma), pass, sizeof(scalar_t), sizeof(acc_t));
     if (choice.path == plan::Path::kPersistent &&
         launched_or_allowed_to_fall_back(persistent_forward<scalar_t>(c, choice.cut))) {
       return;
@@ -307,8 +334,7 @@ bool persistent_backward(const BackwardCall& c, const plan::Cut& cut) {
   a.hprev = c.hprev.data_ptr<scalar_t>();
   a.grad_hx = c.grad_hx.data_ptr<scalar_t>();
   fill_common(a, c, l, cut);
-  const auto kernel = reinterpret_cast<const void*>(persistent_backward_kernel<scalar_t, acc_t>);
-  return launch_cooperative(kernel, cut.blocks, cut.smem, &a, c.stream);
+  return launch_cooperative(backward_kernel<scalar_t>(c.mma), cut.blocks, cut.smem, &a, c.stream);
 }
 
 // dh after step s = dh_a (direct part, acc_t) + dh_b (dgh_{s+1} @ W_hh, a GEMM in the
@@ -370,9 +396,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_cu
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "varlen_rnn_gru_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto kernel = reinterpret_cast<const void*>(persistent_backward_kernel<scalar_t, acc_t>);
-    const plan::Choice choice =
-        choose(c, kernel, plan::Pass::kBackward, sizeof(scalar_t), sizeof(acc_t));
+    const plan::Choice choice = choose(c, backward_kernel<scalar_t>(c.mma), plan::Pass::kBackward,
+                                       sizeof(scalar_t), sizeof(acc_t));
     if (choice.path == plan::Path::kPersistent &&
         launched_or_allowed_to_fall_back(persistent_backward<scalar_t>(c, choice.cut))) {
       return;

@@ -34,10 +34,13 @@ namespace cuda {
 // VARLEN_RNN_CUDA_PATH=auto|persistent|fallback and VARLEN_RNN_PERSISTENT_MAX_KC
 // (a cap on the K chunk, so small shapes exercise the chunked loop) are read
 // once per process. Tests switch them through varlen_rnn_cuda_set_knobs_for_testing.
+// VARLEN_RNN_TENSOR_CORES=0 keeps the persistent kernels' recurrent products off the tensor
+// cores (the exact CUDA-core path in every dtype), to compare or bisect.
 struct Knobs {
   std::atomic<int> path{static_cast<int>(plan::Path::kAuto)};
   std::atomic<int64_t> max_kc{0};
   std::atomic<bool> oversubscribe{false};  // tests: launch a grid the driver must refuse
+  std::atomic<bool> tensor_cores{true};    // VARLEN_RNN_TENSOR_CORES (0: off)
   std::string bad_path;                    // an unparsable VARLEN_RNN_CUDA_PATH, reported per call
 };
 
@@ -63,6 +66,9 @@ inline Knobs& knobs() {
       n->path = static_cast<int>(p);
     } else {
       n->bad_path = env;
+    }
+    if (const char* tc = std::getenv("VARLEN_RNN_TENSOR_CORES")) {
+      n->tensor_cores = std::strcmp(tc, "0") != 0;
     }
     if (const char* cap = std::getenv("VARLEN_RNN_PERSISTENT_MAX_KC")) {
       n->max_kc = std::max<long long>(0, std::atoll(cap));

@@ -24,6 +24,7 @@
 #include <type_traits>
 
 #include "gate_math.h"
+#include "mma_matvec.cuh"
 #include "pointwise.cuh"
 
 namespace varlen_rnn {
@@ -182,6 +183,26 @@ __device__ __forceinline__ void tile_matvec(const w_t* w_s, int U, int g_rows, i
   }
 }
 
+// The recurrent product of a step: exact in acc_t on CUDA cores (tile_matvec), or with kMma on
+// tensor cores (mma_matvec.cuh: operands rounded to TF32 for float, taken as they are for the
+// 2-byte types, sums in fp32) - the precision cuBLAS gives the fallback path's GEMMs.
+template <typename scalar_t>
+constexpr tc::Kind mma_kind = std::is_same<scalar_t, c10::BFloat16>::value ? tc::Kind::bf16
+                              : std::is_same<scalar_t, c10::Half>::value   ? tc::Kind::f16
+                                                                           : tc::Kind::tf32;
+template <bool kMma, typename w_t, typename acc_t, typename Stage>
+__device__ __forceinline__ void recurrent_matvec(const w_t* w_s, int U, int g_rows, int u_rows,
+                                                 int K, const PersistentShape& ps, acc_t* tile,
+                                                 acc_t* acc_s, Stage stage) {
+  if constexpr (kMma) {
+    static_assert(std::is_same<acc_t, float>::value, "tensor cores: float, half or bfloat16");
+    tile_matvec_mma<3, kPersistWarps, mma_kind<w_t>>(w_s, U, g_rows, u_rows, K, ps.tile_rows, ps.kc,
+                                                     tile, acc_s, stage);
+  } else {
+    tile_matvec<3>(w_s, U, g_rows, u_rows, K, ps, tile, acc_s, stage);
+  }
+}
+
 // What both persistent kernels get besides their tensors: the schedule, the
 // padded layouts and the launch shape (filled once, by the launcher's helper).
 struct PersistentCommonArgs {
@@ -207,7 +228,7 @@ struct PersistentForwardArgs : PersistentCommonArgs {
 
 // Dynamic shared memory: tile [tile_rows][kc] acc_t | acc_s [items][3][kRows]
 // acc_t | w_s [3][J][H] scalar_t (acc_t first keeps every part aligned).
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, bool kMma = false>
 __global__ void __launch_bounds__(kPersistThreads)
     persistent_forward_kernel(const PersistentForwardArgs<scalar_t, acc_t> a) {
   unsigned char* smem_raw = dynamic_smem();
@@ -254,7 +275,7 @@ __global__ void __launch_bounds__(kPersistThreads)
           stage_row<true>(dst, active ? cur + off : nullptr, kc, lane);
         }
       };
-      tile_matvec<3>(w_s, J, J, 1, H, ps, tile, acc_s, stage);
+      recurrent_matvec<kMma>(w_s, J, J, 1, H, ps, tile, acc_s, stage);
       for (int e = threadIdx.x; e < items * kRows; e += blockDim.x) {
         const int item = e / kRows, r = e % kRows;
         const int j = j0 + item % J;
@@ -311,7 +332,7 @@ struct PersistentBackwardArgs : PersistentCommonArgs {
 // products have the forward's shape: 3 weight rows x kRows rows of dgh.
 // Shared memory: tile | acc_s [items][3][kRows] | w_s [3U][3H] (W_hh^T slice,
 // zero rows past J).
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, bool kMma = false>
 __global__ void __launch_bounds__(kPersistThreads)
     persistent_backward_kernel(const PersistentBackwardArgs<scalar_t, acc_t> a) {
   unsigned char* smem_raw = dynamic_smem();
@@ -376,7 +397,7 @@ __global__ void __launch_bounds__(kPersistThreads)
         const int64_t off = active ? static_cast<int64_t>(a.perm[i]) * 3 * H + k0 : 0;
         stage_row<true>(dst, active ? dgh_s + off : nullptr, kc, lane);
       };
-      tile_matvec<3>(w_s, U, 1, 3, 3 * H, ps, tile, acc_s, stage);
+      recurrent_matvec<kMma>(w_s, U, 1, 3, 3 * H, ps, tile, acc_s, stage);
       for (int e = threadIdx.x; e < items * 3 * kRows; e += blockDim.x) {
         const int item = e / (3 * kRows), g = (e / kRows) % 3, r = e % kRows;
         const int jl = (item % U) * 3 + g, j = j0 + jl;

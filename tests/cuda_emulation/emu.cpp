@@ -3,7 +3,8 @@
 // through a per-warp exchange. It runs the real kernel code in every dtype the CUDA build
 // dispatches (double, float, c10::Half, c10::BFloat16 with float op-math), so tests can check
 // the index math, padding, sorting, the half-type bit-cast loads and the one-barrier-per-step
-// schemes against the CPU kernels. Test-only; see tests/test_cuda_emulated.py.
+// schemes against the CPU kernels; the tensor-core path (kMma) through the emulated mma.sync of
+// mma_emu.h. Test-only; see tests/test_cuda_emulated.py.
 #include <ATen/OpMathType.h>
 #include <torch/extension.h>
 #include <barrier>
@@ -28,7 +29,8 @@
 struct alignas(16) float4 { float x, y, z, w; };  // CUDA's vector type, for 16-byte loads
 struct EmuIdx { int x = 0, y = 0, z = 0; };
 thread_local EmuIdx threadIdx, blockIdx, blockDim, gridDim;
-struct EmuWarp { std::barrier<> bar{32}; double slot[2][32]; };
+#include "mma_emu.h"
+struct EmuWarp { std::barrier<> bar{32}; double slot[2][32]; varlen_rnn::cuda::tc::MmaExchange mma; };
 struct EmuBlock {
   explicit EmuBlock(int n, size_t smem) : bar(n), smem(smem + 16, 0xCD), warps(n / 32) {}
   std::barrier<> bar;
@@ -38,6 +40,9 @@ struct EmuBlock {
 thread_local EmuBlock* tl_block = nullptr;
 thread_local std::barrier<>* tl_grid = nullptr;
 inline void __syncthreads() { tl_block->bar.arrive_and_wait(); }
+varlen_rnn::cuda::tc::MmaExchange& varlen_rnn::cuda::tc::emu_mma_exchange() {
+  return tl_block->warps[threadIdx.x / 32].mma;
+}
 inline unsigned char* dynamic_smem() { return tl_block->smem.data(); }
 template <typename T> inline T __ldcg(const T* p) { return *p; }
 inline int min(int a, int b) { return a < b ? a : b; }
@@ -128,7 +133,7 @@ template <typename scalar_t>
 std::vector<torch::Tensor> forward_t(const torch::Tensor& gx, const torch::Tensor& w_hh,
                                      const c10::optional<torch::Tensor>& b_hh, const torch::Tensor& hx,
                                      const torch::Tensor& lengths, int64_t T, bool bf, bool persistent,
-                                     int64_t sms, int64_t kc_cap, int64_t R_force) {
+                                     int64_t sms, int64_t kc_cap, int64_t R_force, bool mma) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t D = w_hh.size(0), H = w_hh.size(2), B = hx.size(1);
   const at::TensorOptions opts = gx.options();
@@ -148,6 +153,13 @@ std::vector<torch::Tensor> forward_t(const torch::Tensor& gx, const torch::Tenso
     a.lens = l.lens.data(); a.perm = l.perm.data(); a.sorted = l.sorted.data();
     a.hbuf = hbuf.data_ptr<acc_t>(); a.out = out.data_ptr<scalar_t>(); a.h_n = h_n.data_ptr<scalar_t>();
     a.ws = ws.data_ptr<acc_t>(); a.xs = xs; a.os = os; a.T = T; a.B = B; a.H = H; a.D = D; a.ps = p.ps;
+    if constexpr (std::is_same<acc_t, float>::value) {
+      if (mma) {
+        emu_launch(p.blocks, kPersistThreads, p.smem, [&] { persistent_forward_kernel<scalar_t, acc_t, true>(a); });
+        return {out, h_n, ws};
+      }
+    }
+    TORCH_CHECK(!mma, "the tensor-core path takes float32, float16 or bfloat16");
     emu_launch(p.blocks, kPersistThreads, p.smem, [&] { persistent_forward_kernel<scalar_t, acc_t>(a); });
   } else {
     torch::Tensor h = hx.to(acc_opts.dtype(), false, /*copy=*/true);  // updated in place
@@ -172,7 +184,7 @@ template <typename scalar_t>
 std::vector<torch::Tensor> backward_t(const torch::Tensor& go, const torch::Tensor& ghn, const torch::Tensor& out,
                                       const torch::Tensor& hx, const torch::Tensor& ws, const torch::Tensor& w_hh,
                                       const torch::Tensor& lengths, int64_t T, bool bf, bool persistent,
-                                      int64_t sms, int64_t kc_cap, int64_t R_force) {
+                                      int64_t sms, int64_t kc_cap, int64_t R_force, bool mma) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t D = w_hh.size(0), H = w_hh.size(2), B = hx.size(1);
   const at::TensorOptions opts = go.options();
@@ -193,6 +205,13 @@ std::vector<torch::Tensor> backward_t(const torch::Tensor& go, const torch::Tens
     a.dh = dh.data_ptr<acc_t>(); a.dgx = dgx.data_ptr<scalar_t>(); a.dgh = dgh.data_ptr<scalar_t>();
     a.hprev = hprev.data_ptr<scalar_t>(); a.grad_hx = grad_hx.data_ptr<scalar_t>();
     a.xs = xs; a.os = os; a.T = T; a.B = B; a.H = H; a.D = D; a.ps = p.ps;
+    if constexpr (std::is_same<acc_t, float>::value) {
+      if (mma) {
+        emu_launch(p.blocks, kPersistThreads, p.smem, [&] { persistent_backward_kernel<scalar_t, acc_t, true>(a); });
+        return {dgx, dgh, hprev, grad_hx};
+      }
+    }
+    TORCH_CHECK(!mma, "the tensor-core path takes float32, float16 or bfloat16");
     emu_launch(p.blocks, kPersistThreads, p.smem, [&] { persistent_backward_kernel<scalar_t, acc_t>(a); });
   } else {
     torch::Tensor dh_a = ghn.to(acc_opts.dtype(), false, /*copy=*/true);
@@ -216,20 +235,20 @@ std::vector<torch::Tensor> backward_t(const torch::Tensor& go, const torch::Tens
 
 std::vector<torch::Tensor> forward(torch::Tensor gx, torch::Tensor w_hh, c10::optional<torch::Tensor> b_hh,
                                    torch::Tensor hx, torch::Tensor lengths, int64_t T, bool bf,
-                                   bool persistent, int64_t sms, int64_t kc_cap, int64_t R_force) {
+                                   bool persistent, int64_t sms, int64_t kc_cap, int64_t R_force, bool mma) {
   std::vector<torch::Tensor> r;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gx.scalar_type(), "emu_forward", [&] {
-    r = forward_t<scalar_t>(gx, w_hh, b_hh, hx, lengths, T, bf, persistent, sms, kc_cap, R_force);
+    r = forward_t<scalar_t>(gx, w_hh, b_hh, hx, lengths, T, bf, persistent, sms, kc_cap, R_force, mma);
   });
   return r;
 }
 
 std::vector<torch::Tensor> backward(torch::Tensor go, torch::Tensor ghn, torch::Tensor out, torch::Tensor hx,
                                     torch::Tensor ws, torch::Tensor w_hh, torch::Tensor lengths, int64_t T, bool bf,
-                                    bool persistent, int64_t sms, int64_t kc_cap, int64_t R_force) {
+                                    bool persistent, int64_t sms, int64_t kc_cap, int64_t R_force, bool mma) {
   std::vector<torch::Tensor> r;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "emu_backward", [&] {
-    r = backward_t<scalar_t>(go, ghn, out, hx, ws, w_hh, lengths, T, bf, persistent, sms, kc_cap, R_force);
+    r = backward_t<scalar_t>(go, ghn, out, hx, ws, w_hh, lengths, T, bf, persistent, sms, kc_cap, R_force, mma);
   });
   return r;
 }

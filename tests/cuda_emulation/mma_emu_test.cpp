@@ -1,0 +1,155 @@
+// The tensor-core wrapper's test kernels (mma_tile.cuh) on CPU threads, through the emulated
+// mma() of mma_emu.h: each block's threads run concurrently as std::threads (a warp's lanes must
+// meet in mma() and the block in __syncthreads), blocks one after another. Test-only; see
+// tests/test_mma_emulated.py.
+#include <torch/extension.h>
+
+#include <barrier>
+#include <cmath>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#define VARLEN_RNN_HOST_EMULATION 1
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+
+struct EmuIdx {
+  int x = 0, y = 0, z = 0;
+};
+thread_local EmuIdx threadIdx, blockIdx, blockDim, gridDim;
+thread_local std::barrier<>* tl_block_barrier = nullptr;
+inline void __syncthreads() { tl_block_barrier->arrive_and_wait(); }
+inline int min(int a, int b) { return a < b ? a : b; }
+
+#include "mma_emu.h"
+#include "mma_tile.cuh"
+
+using namespace varlen_rnn::cuda;
+
+thread_local tc::MmaExchange* tl_exchange = nullptr;
+tc::MmaExchange& tc::emu_mma_exchange() { return *tl_exchange; }
+
+template <typename F>
+void emu_launch(int grid, int block, F body) {
+  TORCH_CHECK(block % 32 == 0, "block must be whole warps, got ", block);
+  for (int b = 0; b < grid; ++b) {
+    std::barrier<> block_barrier(block);
+    std::vector<std::unique_ptr<tc::MmaExchange>> warps;
+    for (int w = 0; w < block / 32; ++w) warps.emplace_back(new tc::MmaExchange);
+    std::vector<std::thread> th;
+    for (int t = 0; t < block; ++t)
+      th.emplace_back([&, b, t] {
+        threadIdx.x = t;
+        blockIdx.x = b;
+        blockDim.x = block;
+        gridDim.x = grid;
+        tl_exchange = warps[t / 32].get();
+        tl_block_barrier = &block_barrier;
+        body();
+      });
+    for (auto& t : th) t.join();
+  }
+}
+
+// a [M, K], b [K, N], c [M, N] float32 -> d [M, N]: tile_gemm_kernel<kind, variant>.
+torch::Tensor tile_gemm(int64_t kind, int64_t variant, torch::Tensor a, torch::Tensor b,
+                        torch::Tensor c) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2, "a, b, c must be 2-D");
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  TORCH_CHECK(M % 16 == 0 && N % 8 == 0 && K % tc_test::k_step(kind) == 0 && b.size(0) == K &&
+                  c.size(0) == M && c.size(1) == N,
+              "shapes: a [M, K], b [K, N], c [M, N] with M % 16, N % 8, K % k_step == 0; got ",
+              a.sizes(), b.sizes(), c.sizes());
+  auto a32 = a.to(torch::kFloat).contiguous(), b32 = b.to(torch::kFloat).contiguous();
+  auto c32 = c.to(torch::kFloat).contiguous();
+  auto d = torch::full({M, N}, 777.0f, a32.options());
+  const float *pa = a32.data_ptr<float>(), *pb = b32.data_ptr<float>(), *pc = c32.data_ptr<float>();
+  float* pd = d.data_ptr<float>();
+  const bool ok = tc_test::dispatch(kind, variant, [&](auto kc, auto vc) {
+    emu_launch(M / 16, 4 * N, [&] {
+      tc_test::tile_gemm_kernel<decltype(kc)::value, decltype(vc)::value>(pa, pb, pc, pd, N, K);
+    });
+  });
+  TORCH_CHECK(ok, "kind must be 0..2 and variant 0..3, got ", kind, ", ", variant);
+  return d;
+}
+
+// x float32 [n] -> int64 [n]: the element bits to_bits<kind> gives each value.
+torch::Tensor to_bits(int64_t kind, torch::Tensor x) {
+  auto x32 = x.to(torch::kFloat).contiguous();
+  const int n = x32.numel();
+  std::vector<uint32_t> y(n);
+  const float* px = x32.data_ptr<float>();
+  const bool ok = tc_test::dispatch(kind, 0, [&](auto kc, auto) {
+    for (int i = 0; i < n; ++i) {
+      threadIdx.x = i;
+      blockIdx.x = 0;
+      blockDim.x = n;  // no barriers: one thread after another
+      tc_test::to_bits_kernel<decltype(kc)::value>(px, y.data(), n);
+    }
+  });
+  TORCH_CHECK(ok, "kind must be 0..2, got ", kind);
+  return torch::tensor(std::vector<int64_t>(y.begin(), y.end()), torch::kLong);
+}
+
+// w [3U, K] (float32 for kind 0, int16 bits for 1/2), x [tile_rows, K] float32 ->
+// acc [tile_rows / 8, U, 3, 8]: matvec_kernel<kind>, the tile chunked by kc_max columns.
+torch::Tensor matvec(int64_t kind, torch::Tensor w, torch::Tensor x, int64_t U, bool g_major,
+                     int64_t kc_max) {
+  const int64_t K = w.size(1), rows = x.size(0);
+  TORCH_CHECK(w.size(0) == 3 * U && x.size(1) == K && rows % 8 == 0 && kc_max > 0,
+              "matvec: w [3U, K], x [rows, K] with rows % 8 == 0; got ", w.sizes(), x.sizes());
+  TORCH_CHECK(w.scalar_type() == (kind == 0 ? torch::kFloat : torch::kShort),
+              "matvec: w must be float32 for TF32 and int16 bits for bf16/f16");
+  auto wc = w.contiguous(), xc = x.to(torch::kFloat).contiguous();
+  auto tile = torch::full({rows, kc_max}, std::nanf(""), xc.options());
+  auto acc = torch::full({rows / 8, U, 3, 8}, 777.0f, xc.options());
+  const float* px = xc.data_ptr<float>();
+  float *pt = tile.data_ptr<float>(), *pa = acc.data_ptr<float>();
+  tc_test::dispatch(kind, 0, [&](auto kc, auto) {
+    constexpr tc::Kind k = decltype(kc)::value;
+    emu_launch(1, 32 * tc_test::kMatvecWarps, [&] {
+      if constexpr (k == tc::Kind::tf32) {
+        tc_test::matvec_kernel<k>(wc.data_ptr<float>(), px, pt, pa, U, g_major, K, rows, kc_max);
+      } else {
+        const auto* pw = reinterpret_cast<const uint16_t*>(wc.data_ptr<int16_t>());
+        tc_test::matvec_kernel<k>(pw, px, pt, pa, U, g_major, K, rows, kc_max);
+      }
+    });
+  });
+  return acc;
+}
+
+// The wrapper's fragment layouts for kind: {"A", "B", "C"} -> int64 [32, elements, 2] of (row,
+// col).
+std::map<std::string, torch::Tensor> layout(int64_t kind) {
+  std::map<std::string, torch::Tensor> out;
+  tc_test::dispatch(kind, 0, [&](auto kc, auto) {
+    constexpr tc::Kind k = decltype(kc)::value;
+    using S = tc::Shape<k>;
+    auto t = [](int elems, auto row, auto col) {
+      auto r = torch::empty({32, elems, 2}, torch::kLong);
+      for (int l = 0; l < 32; ++l)
+        for (int i = 0; i < elems; ++i) {
+          r[l][i][0] = row(l, i);
+          r[l][i][1] = col(l, i);
+        }
+      return r;
+    };
+    out["A"] = t(S::kAElems, tc::a_row<k>, tc::a_col<k>);
+    out["B"] = t(S::kBElems, tc::b_row<k>, tc::b_col<k>);
+    out["C"] = t(S::kCElems, tc::c_row, tc::c_col);
+  });
+  TORCH_CHECK(!out.empty(), "kind must be 0..2, got ", kind);
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("tile_gemm", &tile_gemm);
+  m.def("to_bits", &to_bits);
+  m.def("layout", &layout);
+  m.def("matvec", &matvec);
+}
