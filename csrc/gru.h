@@ -197,14 +197,16 @@ inline void check_offsets_values(const int64_t* offsets, int64_t B, int64_t N,
                                   int64_t max_len) {
   TORCH_CHECK(offsets[0] == 0, "offsets[0] must be 0, got seq_index (offsets)[0]=", offsets[0]);
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t len = offsets[b + 1] - offsets[b];
-    TORCH_CHECK(len >= 0, "seq_index (offsets) must be non-decreasing, got offsets[", b,
-                "]=", offsets[b], " > offsets[", b + 1, "]=", offsets[b + 1]);
-    TORCH_CHECK(len <= max_len, "max_len=", max_len, " must be >= every length, got length ",
-                len, " for sequence ", b, " (offsets[", b + 1, "] - offsets[", b, "])");
+    TORCH_CHECK(offsets[b] <= offsets[b + 1], "seq_index (offsets) must be non-decreasing, got "
+                "offsets[", b, "]=", offsets[b], " > offsets[", b + 1, "]=", offsets[b + 1]);
   }
   TORCH_CHECK(offsets[B] == N, "offsets[B] must equal input.size(0)=", N, ", got offsets[", B,
               "]=", offsets[B]);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = offsets[b + 1] - offsets[b];
+    TORCH_CHECK(len <= max_len, "max_len=", max_len, " must be >= every length, got length ",
+                len, " for sequence ", b, " (offsets[", b + 1, "] - offsets[", b, "])");
+  }
 }
 
 // batch_sizes [T]
@@ -245,9 +247,10 @@ inline void check_backward_args(const Dims& dims, const at::Tensor& input,
                                 const at::Tensor& output, const at::Tensor& workspace,
                                 int64_t workspace_rows) {
   const auto out_sizes = dims.output_sizes();
-  TORCH_CHECK(grad_output.sizes() == out_sizes, "grad_output must have shape ", out_sizes,
-              ", got ", grad_output.sizes());
-  TORCH_CHECK(output.sizes() == out_sizes, "output must have shape ", out_sizes, ", got ",
+  const c10::IntArrayRef want(out_sizes);  // prints as [a, b, c]
+  TORCH_CHECK(grad_output.sizes() == want, "grad_output must have shape ", want, ", got ",
+              grad_output.sizes());
+  TORCH_CHECK(output.sizes() == want, "output must have shape ", want, ", got ",
               output.sizes());
   TORCH_CHECK(grad_h_n.dim() == 3 && grad_h_n.size(0) == dims.D && grad_h_n.size(1) == dims.B &&
                   grad_h_n.size(2) == dims.H,

@@ -228,3 +228,107 @@ def test_opcheck(layout, D, bias):
     bwd = (torch.randn_like(out), torch.randn_like(h_n), x, seq_index, sorted_indices, layout,
            max_len, hx, w[0], w[1], out, ws)
     torch.library.opcheck(ops.gru_layer_ragged_backward.default, bwd)
+
+
+def _bad_call(kind, **change):
+    """The forward on a small valid case, with some arguments replaced."""
+    lengths = [2, 3, 1]
+    seqs, hx = _sequences(lengths, 1, torch.float64)
+    x, seq_index, sorted_indices, max_len, _ = _ragged(seqs, kind)
+    w_ih, w_hh, b_ih, b_hh = _weights(1, True, torch.float64)
+    args = dict(input=x, seq_index=seq_index, sorted_indices=sorted_indices, layout=kind,
+                max_len=max_len, hx=hx, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh,
+                need_workspace=False)
+    args.update(change)
+    return ops.gru_layer_ragged_forward(*args.values())
+
+
+# offsets of the valid case: [0, 2, 5, 6]; N = 6; max_len = 3.
+OFFSETS_ERRORS = {
+    "decreasing": (dict(seq_index=torch.tensor([0, 4, 3, 6])),
+                   r"seq_index \(offsets\) must be non-decreasing, got offsets\[1\]=4 > "
+                   r"offsets\[2\]=3"),
+    "first_not_zero": (dict(seq_index=torch.tensor([1, 2, 5, 6])), r"offsets\[0\] must be 0"),
+    "last_not_n": (dict(seq_index=torch.tensor([0, 2, 5, 5])),
+                   r"offsets\[B\] must equal input.size\(0\)=6, got offsets\[3\]=5"),
+    "float": (dict(seq_index=torch.tensor([0.0, 2, 5, 6])),
+              r"seq_index must be an int64 or int32 tensor, got Float"),
+    "2d": (dict(seq_index=torch.tensor([[0, 2, 5, 6]])),
+           r"seq_index \(offsets\) must be 1-D of size B\+1 >= 1"),
+    "empty": (dict(seq_index=torch.tensor([], dtype=torch.long)),
+              r"seq_index \(offsets\) must be 1-D of size B\+1 >= 1"),
+    "wrong_size_for_hx": (dict(seq_index=torch.tensor([0, 2, 6])),
+                          r"hx must be \[D, B, H\] = \[1, 2, 4\]"),
+    "max_len_short": (dict(max_len=2),
+                      r"max_len=2 must be >= every length, got length 3 for sequence 1"),
+    "max_len_negative": (dict(max_len=-1), r"max_len must be >= 0, got -1"),
+    "sorted_indices_given": (dict(sorted_indices=torch.tensor([1, 0, 2])),
+                             r"sorted_indices must be None for layout 0 \(offsets\)"),
+    "bad_layout": (dict(layout=2), r"layout must be 0 \(offsets, sequence-major\) or 1"),
+    "input_3d": (dict(input=torch.zeros(6, 1, I, dtype=torch.float64)),
+                 r"input must be 2-D \[N, I\]"),
+}
+
+
+@pytest.mark.parametrize("change,match", OFFSETS_ERRORS.values(), ids=OFFSETS_ERRORS.keys())
+def test_bad_offsets_name_the_argument(change, match):
+    with pytest.raises(RuntimeError, match=match):
+        _bad_call(OFFSETS, **change)
+
+
+# The valid case packed: batch_sizes [3, 2, 1], sorted_indices [1, 0, 2]; N = 6, B = 3.
+PACKED_ERRORS = {
+    "increasing": (dict(seq_index=torch.tensor([2, 3, 1])),
+                   r"seq_index \(batch_sizes\) must be non-increasing, got batch_sizes\[0\]=2 < "
+                   r"batch_sizes\[1\]=3"),
+    "zero": (dict(seq_index=torch.tensor([3, 3, 0])),
+             r"seq_index \(batch_sizes\) must be >= 1, got batch_sizes\[2\]=0"),
+    "first_not_b": (dict(seq_index=torch.tensor([2, 2, 2])),
+                    r"batch_sizes\[0\] must equal B=3 \(hx.size\(1\)\), got 2"),
+    "wrong_sum": (dict(seq_index=torch.tensor([3, 2])),
+                  r"seq_index \(batch_sizes\) must sum to input.size\(0\)=6, got 5"),
+    "2d": (dict(seq_index=torch.tensor([[3, 2, 1]])),
+           r"seq_index \(batch_sizes\) must be 1-D \[T\]"),
+    "float": (dict(seq_index=torch.tensor([3.0, 2, 1])),
+              r"seq_index must be an int64 or int32 tensor"),
+    "max_len_short": (dict(max_len=2),
+                      r"max_len must be >= batch_sizes.size\(0\)=3 \(the longest length\), got 2"),
+    "indices_repeat": (dict(sorted_indices=torch.tensor([1, 0, 1])),
+                       r"sorted_indices must be a permutation of 0..B-1 \(B=3\), got "
+                       r"sorted_indices\[2\]=1 twice"),
+    "indices_out_of_range": (dict(sorted_indices=torch.tensor([1, 0, 3])),
+                             r"sorted_indices\[2\]=3 out of range"),
+    "indices_size": (dict(sorted_indices=torch.tensor([1, 0])),
+                     r"sorted_indices must be 1-D of size B=3 \(hx.size\(1\)\), got shape"),
+    "indices_int32": (dict(sorted_indices=torch.tensor([1, 0, 2], dtype=torch.int32)),
+                      r"sorted_indices must be an int64 tensor, got Int"),
+}
+
+
+@pytest.mark.parametrize("change,match", PACKED_ERRORS.values(), ids=PACKED_ERRORS.keys())
+def test_bad_batch_sizes_and_sorted_indices_name_the_argument(change, match):
+    with pytest.raises(RuntimeError, match=match):
+        _bad_call(PACKED, **change)
+
+
+def test_backward_checks_its_tensors_against_the_forward():
+    seqs, hx = _sequences([2, 3, 1], 1, torch.float64)
+    x, off, _, T, _ = _ragged(seqs, OFFSETS)
+    w_ih, w_hh, b_ih, b_hh = _weights(1, True, torch.float64)
+    out, h_n, ws = ops.gru_layer_ragged_forward(x, off, None, OFFSETS, T, hx, w_ih, w_hh, b_ih,
+                                                b_hh, True)
+
+    def backward(**change):
+        args = dict(grad_output=out, grad_h_n=h_n, input=x, seq_index=off, sorted_indices=None,
+                    layout=OFFSETS, max_len=T, hx=hx, w_ih=w_ih, w_hh=w_hh, output=out,
+                    workspace=ws)
+        args.update(change)
+        return ops.gru_layer_ragged_backward(*args.values())
+
+    backward()  # the valid call
+    with pytest.raises(RuntimeError, match=r"grad_output must have shape \[6, 4\]"):
+        backward(grad_output=out[:5])
+    with pytest.raises(RuntimeError, match=r"workspace must be \[D, 6, 4H\]"):
+        backward(workspace=ws[:, :5])
+    with pytest.raises(RuntimeError, match=r"offsets\[B\] must equal input.size\(0\)=6"):
+        backward(seq_index=torch.tensor([0, 2, 5, 7]))
