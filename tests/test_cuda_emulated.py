@@ -10,17 +10,17 @@ exchange. What it cannot: anything about the GPU itself (memory model, occupancy
 launch), which tests/test_cuda.py covers on a GPU. Compiles a small extension (~60 s);
 VARLEN_RNN_SKIP_EMULATION=1 skips it.
 
-The reference is always a CPU op in float64: the padded op for padded cases; for ragged cases
-the CPU ragged op where it is registered, else the padded op on a padded copy of the data. For float64 the kernels must match it to rounding
-(1e-12). For float32, float16 and bfloat16 the reference runs on the same inputs rounded to the
-dtype, so the only differences left are the kernels' own roundings: gx, the outputs, dgx, dgh
-and hprev are stored in the dtype (relative error eps/2 each), the fallback's gh is a GEMM
-rounded to the dtype, and the backward reads the rounded outputs as its previous state. Each is
-a few eps relative to the values involved, propagated through T steps of a contracting
-recurrence and summed over T*B rows by the weight-gradient GEMMs. The bound is
+The reference is always a CPU op in float64 (the padded op for padded cases, the ragged op for
+ragged ones). For float64 the kernels must match it to rounding (1e-12). For float32, float16
+and bfloat16 the reference runs on the same inputs rounded to the dtype, so the only differences
+left are the kernels' own roundings: gx, the outputs, dgx, dgh and hprev are stored in the
+dtype (relative error eps/2 each), the fallback's gh is a GEMM rounded to the dtype, and the
+backward reads the rounded outputs as its previous state. Each is a few eps relative to the
+values involved, propagated through T steps of a contracting recurrence and summed over all rows
+by the weight-gradient GEMMs. The bound is
 C * eps * (|ref| + max(1, max|ref|)) with C = TOL_EPS below, about five times the largest C
 these cases need (float32 1.7, float16 0.7, bfloat16 0.6: for the half types the storage
-roundings dominate, for float32 its own sums over up to 3H terms in the kernels and T*B rows in
+roundings dominate, for float32 its own sums over up to 3H terms in the kernels and all rows in
 the GEMMs). A wrong bit-cast, index or missing term gives errors of order max|ref|, far above
 the bound for every dtype (bfloat16: 4 * 2^-7 ~ 0.03 of max|ref|)."""
 import os
@@ -41,8 +41,9 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    import varlen_rnn  # noqa: F401  the CPU kernels are the oracle
     from torch.utils.cpp_extension import load
+
+    import varlen_rnn  # noqa: F401  the CPU kernels are the oracle
 
     build = tmp_path_factory.mktemp("emu_build")
     return load(name="varlen_rnn_cuda_emulation",
@@ -123,31 +124,16 @@ def ragged_rows(c, L):
     return seq_index, si, t, b
 
 
-def cpu_has_ragged_ops():
-    return torch._C._dispatch_has_kernel_for_dispatch_key(
-        "varlen_rnn::gru_layer_ragged_forward", "CPU")
-
-
 def reference(c, x, L, hx, w_ih, w_hh, b_ih, b_hh, go, ghn, rows):
     """The CPU op's output, h_n and six gradients in float64 (grad input in x's layout)."""
     ops = torch.ops.varlen_rnn
     if c["layout"] == "padded":
         out, hn, ws = ops.gru_layer_forward(x, L, hx, w_ih, w_hh, b_ih, b_hh, c["bf"], True)
         return [out, hn, *ops.gru_layer_backward(go, ghn, x, L, hx, w_ih, w_hh, out, ws, c["bf"])]
-    seq_index, si, t, b = rows
-    max_len = c.get("max_len", c["T"])
-    if cpu_has_ragged_ops():
-        out, hn, ws = ops.gru_layer_ragged_forward(x, seq_index, si, LAYOUTS[c["layout"]], max_len,
-                                                   hx, w_ih, w_hh, b_ih, b_hh, True)
-        return [out, hn, *ops.gru_layer_ragged_backward(
-            go, ghn, x, seq_index, si, LAYOUTS[c["layout"]], max_len, hx, w_ih, w_hh, out, ws)]
-    # The padded op on padded copies: values scattered to their (t, b), results gathered back.
-    T, B = c["T"], c["B"]
-    xp = x.new_zeros(T, B, x.shape[1]).index_put_((t, b), x)
-    gop = go.new_zeros(T, B, go.shape[1]).index_put_((t, b), go)
-    out, hn, ws = ops.gru_layer_forward(xp, L, hx, w_ih, w_hh, b_ih, b_hh, False, True)
-    gi, *rest = ops.gru_layer_backward(gop, ghn, xp, L, hx, w_ih, w_hh, out, ws, False)
-    return [out[t, b], hn, gi[t, b], *rest]
+    seq_index, si, _, _ = rows
+    index = (seq_index, si, LAYOUTS[c["layout"]], c.get("max_len", c["T"]))
+    out, hn, ws = ops.gru_layer_ragged_forward(x, *index, hx, w_ih, w_hh, b_ih, b_hh, True)
+    return [out, hn, *ops.gru_layer_ragged_backward(go, ghn, x, *index, hx, w_ih, w_hh, out, ws)]
 
 
 LAYOUTS = {"offsets": OFFSETS, "packed": PACKED, "padded": PADDED}
