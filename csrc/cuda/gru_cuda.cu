@@ -9,10 +9,11 @@
 // plan.h chooses (VARLEN_RNN_CUDA_PATH=auto: the path its cost model of B, H,
 // D, dtype and the SM count says is faster) and cuts the persistent launch;
 // launch.h holds the knobs, the per-device kernel facts, the refused-launch
-// fallback, the TF32 policy and the lengths check. The backward mirrors the
-// forward, then forms the weight gradients as GEMMs over all steps. With
-// lengths on the device nothing is copied to the host, so both ops are
-// CUDA-graph capturable.
+// fallback, the TF32 policy and the lengths check; rows.h puts the rows and
+// lengths of either op on the device. The backward mirrors the forward, then
+// forms the weight gradients as GEMMs over all steps. With lengths (offsets)
+// on the device nothing is copied to the host, so the ops are CUDA-graph
+// capturable.
 //
 // The ragged ops run the same kernels: every per-position buffer (gx, output,
 // workspace, dgx, dgh, hprev) has the input's rows through layout.h's RowMap,
@@ -28,10 +29,8 @@
 #include <ATen/ops/baddbmm.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/index_select.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/sort.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
@@ -49,6 +48,7 @@
 #include "persistent.cuh"
 #include "plan.h"
 #include "pointwise.cuh"
+#include "rows.h"
 
 namespace varlen_rnn {
 namespace cuda {
@@ -58,42 +58,6 @@ using at::Tensor;
 static_assert(plan::kThreads == kPersistThreads && plan::kRowsPerItem == kRows,
               "plan.h must model the kernels' geometry (persistent.cuh)");
 
-struct Lengths {
-  Tensor lens, perm, sorted;  // int32 [B]; perm/sorted only when asked
-};
-
-// Up to this batch the order comes from the counting kernel (O(B^2) compares, one
-// launch); beyond it from ATen's device sort. Both are stable and sync-free.
-constexpr int64_t kRankSortMaxB = 8192;
-
-// lengths: [B] on the device.
-Lengths prepare_lengths(const Tensor& lengths, int64_t T, bool with_perm, cudaStream_t stream) {
-  const int64_t B = lengths.size(0);
-  const auto opts = lengths.options().dtype(at::kInt);
-  Lengths l;
-  l.lens = at::empty({B}, opts);
-  const bool big = with_perm && B > kRankSortMaxB;
-  if (with_perm && !big) {
-    l.perm = at::empty({B}, opts);
-    l.sorted = at::empty({B}, opts);
-  }
-  const Tensor src = lengths.contiguous();
-  const int blocks = static_cast<int>(plan::ceil_div(B, kPointwiseThreads));
-  AT_DISPATCH_INDEX_TYPES(src.scalar_type(), "varlen_rnn_lengths_prep", [&] {
-    lengths_prep_kernel<index_t><<<blocks, kPointwiseThreads, 0, stream>>>(
-        src.data_ptr<index_t>(), static_cast<int>(B), static_cast<int>(T),
-        l.lens.data_ptr<int>(), l.perm.defined() ? l.perm.data_ptr<int>() : nullptr,
-        l.sorted.defined() ? l.sorted.data_ptr<int>() : nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  if (big) {
-    auto sorted = at::sort(l.lens, /*stable=*/true, /*dim=*/0, /*descending=*/true);
-    l.sorted = std::get<0>(sorted).contiguous();
-    l.perm = std::get<1>(sorted).to(at::kInt).contiguous();
-  }
-  return l;
-}
-
 // ---- What forward and backward share -----------------------------------------
 struct LayerCall {
   LayerDims dims;
@@ -101,11 +65,7 @@ struct LayerCall {
   at::ScalarType acc_type;  // op-math dtype: the state, saved gates, sums
   bool tf32 = false;        // float32 GEMMs may use TF32 (nn.GRU's cuDNN policy)
   cudaStream_t stream;
-  Tensor lengths;           // [B] on the input's device, int64 or int32, <= dims.T
-  RowMap rows;              // (t, b) -> row of every per-position buffer (pointwise.cuh)
-  int64_t R = 0;            // rows per direction: T*B padded, N ragged
-  Tensor starts;            // ragged: what rows.starts points to, on the device
-  Tensor order;             // packed: sorted_indices on the device (rank -> b), or undefined
+  DeviceRows rows;          // the rows of every per-position buffer, the lengths (rows.h)
   Tensor hx, w_hh;          // contiguous [D, B, H] (rank order when packed), [D, 3H, H]
 };
 
@@ -119,86 +79,6 @@ void set_layer_call(LayerCall& c, const LayerDims& dims, const Tensor& input, co
   c.stream = at::cuda::getCurrentCUDAStream();
   c.hx = hx.contiguous();
   c.w_hh = w_hh.contiguous();
-}
-
-void set_padded_rows(LayerCall& c, const Tensor& lengths, at::Device device) {
-  c.lengths = lengths_on_device(lengths, c.dims.T, device);
-  c.rows = padded_map(c.dims.batch_first, c.dims.T, c.dims.B, nullptr);
-  c.R = c.dims.T * c.dims.B;
-}
-
-// sorted_indices [B] int64 on the device, checked to be a permutation by two
-// sync-free kernels (device asserts); returned with its values clamped.
-Tensor checked_permutation(const Tensor& sorted_indices, cudaStream_t stream) {
-  const int64_t B = sorted_indices.size(0);
-  const Tensor idx = sorted_indices.contiguous();
-  Tensor order = at::empty({B}, idx.options());
-  if (B == 0) return order;
-  Tensor count = at::zeros({B}, idx.options().dtype(at::kInt));
-  const int blocks = static_cast<int>(plan::ceil_div(B, kPointwiseThreads));
-  permutation_count_kernel<<<blocks, kPointwiseThreads, 0, stream>>>(
-      idx.data_ptr<int64_t>(), B, count.data_ptr<int>(), order.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  permutation_check_kernel<<<blocks, kPointwiseThreads, 0, stream>>>(count.data_ptr<int>(), B);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return order;
-}
-
-// The ragged layouts on the device: rows, lengths and (packed) the rank order,
-// without a host sync where seq_index lives on the device. Values on the CPU
-// are checked there (gru.h's checks, the CPU backend's messages); offsets on
-// the device by offsets_prep_kernel's asserts.
-void set_ragged_rows(LayerCall& c, const RaggedDims& dims, const Tensor& seq_index,
-                     const std::optional<Tensor>& sorted_indices, at::Device device) {
-  const int64_t B = dims.B, N = dims.N, max_len = dims.T;
-  c.R = N;
-  const auto long_opts = at::TensorOptions().dtype(at::kLong);
-  if (dims.layout == kOffsets) {
-    Tensor offsets = seq_index;
-    if (offsets.is_cpu()) {
-      offsets = host_checked_copy(seq_index, "seq_index (offsets)", [&](const int64_t* p) {
-        check_offsets_values(p, B, N, max_len);
-      }).to(device, /*non_blocking=*/true);
-    }
-    offsets = offsets.contiguous();
-    c.starts = at::empty({B + 1}, long_opts.device(device));
-    c.lengths = at::empty({B}, long_opts.device(device));
-    const int blocks = static_cast<int>(plan::ceil_div(B + 1, kPointwiseThreads));
-    AT_DISPATCH_INDEX_TYPES(offsets.scalar_type(), "varlen_rnn_offsets_prep", [&] {
-      offsets_prep_kernel<index_t><<<blocks, kPointwiseThreads, 0, c.stream>>>(
-          offsets.data_ptr<index_t>(), B, N, max_len, c.starts.data_ptr<int64_t>(),
-          c.lengths.data_ptr<int64_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-    c.rows = offsets_map(c.starts.data_ptr<int64_t>(), nullptr);
-    return;
-  }
-  // Packed: batch_sizes [T] lives on the CPU (checked by check_ragged_args).
-  const int64_t T = seq_index.size(0);
-  const Tensor host_rows = at::empty({T + 1 + B}, long_opts);  // starts [T+1] | lengths [B]
-  host_checked_copy(seq_index, "seq_index (batch_sizes)", [&](const int64_t* p) {
-    check_batch_sizes_values(p, T, B, N);
-    packed_rows(p, T, B, host_rows.data_ptr<int64_t>(), host_rows.data_ptr<int64_t>() + T + 1);
-  });
-  const Tensor dev_rows = host_rows.to(device, /*non_blocking=*/true);
-  c.starts = dev_rows.narrow(0, 0, T + 1);
-  c.lengths = dev_rows.narrow(0, T + 1, B);
-  c.rows = packed_map(c.starts.data_ptr<int64_t>(), nullptr);
-  if (sorted_indices.has_value()) {
-    c.order = sorted_indices->is_cpu()
-                  ? host_checked_copy(*sorted_indices, "sorted_indices", [&](const int64_t* p) {
-                      check_sorted_indices_values(p, B);
-                    }).to(device, /*non_blocking=*/true)
-                  : checked_permutation(*sorted_indices, c.stream);
-  }
-}
-
-// [D, B, H] in sequence order b -> the kernels' rank order (packed), and back.
-Tensor to_rank_order(const LayerCall& c, const Tensor& t) {
-  return c.order.defined() ? t.index_select(1, c.order).contiguous() : t.contiguous();
-}
-Tensor to_sequence_order(const LayerCall& c, const Tensor& t) {
-  return c.order.defined() ? at::empty_like(t).index_copy_(1, c.order, t) : t;
 }
 
 struct ForwardCall : LayerCall {
@@ -245,8 +125,8 @@ void fill_common(PersistentCommonArgs& a, const LayerCall& c, const Lengths& l,
   a.lens = l.lens.data_ptr<int>();
   a.perm = l.perm.data_ptr<int>();
   a.sorted = l.sorted.data_ptr<int>();
-  a.rows = c.rows;
-  a.R = c.R;
+  a.rows = c.rows.map;
+  a.R = c.rows.R;
   a.T = static_cast<int>(c.dims.T);
   a.B = static_cast<int>(c.dims.B);
   a.H = static_cast<int>(c.dims.H);
@@ -283,7 +163,7 @@ template <typename scalar_t>
 bool persistent_forward(const ForwardCall& c, const plan::Cut& cut) {
   using acc_t = at::opmath_type<scalar_t>;
   const LayerDims& dims = c.dims;
-  const Lengths l = prepare_lengths(c.lengths, dims.T, true, c.stream);
+  const Lengths l = prepare_lengths(c.rows.lengths, dims.T, true, c.stream);
   Tensor hbuf = at::empty({2, dims.D, dims.B, dims.H}, c.opts.dtype(c.acc_type));
   PersistentForwardArgs<scalar_t, acc_t> a{};
   a.gx = c.gx.data_ptr<scalar_t>();
@@ -306,7 +186,7 @@ void fallback_forward(const ForwardCall& c) {
   using acc_t = at::opmath_type<scalar_t>;
   const LayerDims& dims = c.dims;
   const int64_t T = dims.T, B = dims.B, H = dims.H, D = dims.D;
-  const Lengths l = prepare_lengths(c.lengths, T, false, c.stream);
+  const Lengths l = prepare_lengths(c.rows.lengths, T, false, c.stream);
   const bool half = c.acc_type != c.opts.dtype().toScalarType();
   Tensor h = at::empty({D, B, H}, c.opts.dtype(c.acc_type));
   h.copy_(c.hx);
@@ -326,8 +206,8 @@ void fallback_forward(const ForwardCall& c) {
         c.gx.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(), l.lens.data_ptr<int>(),
         h.data_ptr<acc_t>(), half ? h_lo.data_ptr<scalar_t>() : nullptr,
         c.out.data_ptr<scalar_t>(), c.need_workspace ? c.ws.data_ptr<acc_t>() : nullptr,
-        static_cast<int>(s), static_cast<int>(B), static_cast<int>(H), static_cast<int>(D), c.rows,
-        c.R);
+        static_cast<int>(s), static_cast<int>(B), static_cast<int>(H), static_cast<int>(D),
+        c.rows.map, c.rows.R);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   c.h_n.copy_(h);
@@ -357,7 +237,7 @@ void make_forward_outputs(ForwardCall& c, const std::vector<int64_t>& out_sizes,
   c.need_workspace = need_workspace;
   c.out = at::empty(out_sizes, c.opts);
   c.h_n = at::empty({dims.D, dims.B, dims.H}, c.opts);
-  c.ws = need_workspace ? at::empty({dims.D, c.R, 4 * dims.H}, c.opts.dtype(c.acc_type))
+  c.ws = need_workspace ? at::empty({dims.D, c.rows.R, 4 * dims.H}, c.opts.dtype(c.acc_type))
                         : at::empty({0}, c.opts.dtype(c.acc_type));
 }
 
@@ -373,12 +253,12 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_cuda(
   c10::cuda::CUDAGuard guard(input.device());
   ForwardCall c;
   set_layer_call(c, dims, input, hx, w_hh);
-  set_padded_rows(c, lengths, input.device());
+  c.rows = padded_rows(dims, lengths, input.device());
   const MatmulTf32Guard tf32(input.scalar_type() == at::kFloat, c.tf32);
   make_forward_outputs(c, dims.output_sizes(), need_workspace);
   if (B == 0) return {c.out, c.h_n, c.ws};
   if (T == 0) {
-    prepare_lengths(c.lengths, T, false, c.stream);  // device lengths: still asserts == 0
+    prepare_lengths(c.rows.lengths, T, false, c.stream);  // device lengths: still asserts == 0
     c.h_n.copy_(hx);
     return {c.out, c.h_n, c.ws};
   }
@@ -405,18 +285,18 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_ragged_forward_cuda(
   ForwardCall c;
   set_layer_call(c, dims, input, hx, w_hh);
   const MatmulTf32Guard tf32(input.scalar_type() == at::kFloat, c.tf32);
-  set_ragged_rows(c, dims, seq_index, sorted_indices, input.device());
+  c.rows = ragged_rows(dims, seq_index, sorted_indices, input.device(), c.stream);
   make_forward_outputs(c, dims.output_sizes(), need_workspace);
   if (N == 0 || dims.T == 0) {  // every length is 0 (the offsets kernel asserts it)
     c.h_n.copy_(hx);
     return {c.out, c.h_n, c.ws};
   }
-  c.hx = to_rank_order(c, hx);
+  c.hx = to_rank_order(c.rows, hx);
   const Tensor w_ih2d = w_ih.contiguous().view({D * 3 * H, dims.I});
   c.gx = input_projection(c, input.contiguous(), w_ih2d, b_ih);
   if (b_hh.has_value()) c.b_hh = b_hh->contiguous();
   run_forward(c);
-  return {c.out, to_sequence_order(c, c.h_n), c.ws};
+  return {c.out, to_sequence_order(c.rows, c.h_n), c.ws};
 }
 
 // ---- Backward: one function per path ------------------------------------------
@@ -424,7 +304,7 @@ template <typename scalar_t>
 bool persistent_backward(const BackwardCall& c, const plan::Cut& cut) {
   using acc_t = at::opmath_type<scalar_t>;
   const LayerDims& dims = c.dims;
-  const Lengths l = prepare_lengths(c.lengths, dims.T, true, c.stream);
+  const Lengths l = prepare_lengths(c.rows.lengths, dims.T, true, c.stream);
   Tensor dh = at::empty({dims.D, dims.B, dims.H}, c.opts.dtype(c.acc_type));
   PersistentBackwardArgs<scalar_t, acc_t> a{};
   a.grad_out = c.grad_out.data_ptr<scalar_t>();
@@ -451,7 +331,7 @@ void fallback_backward(const BackwardCall& c) {
   using acc_t = at::opmath_type<scalar_t>;
   const LayerDims& dims = c.dims;
   const int64_t T = dims.T, B = dims.B, H = dims.H, D = dims.D;
-  const Lengths l = prepare_lengths(c.lengths, T, false, c.stream);
+  const Lengths l = prepare_lengths(c.rows.lengths, T, false, c.stream);
   Tensor dh_a = at::empty({D, B, H}, c.opts.dtype(c.acc_type));
   dh_a.copy_(c.grad_h_n);
   Tensor dh_a_next = at::empty({D, B, H}, c.opts.dtype(c.acc_type));
@@ -464,8 +344,8 @@ void fallback_backward(const BackwardCall& c) {
         c.ws.data_ptr<acc_t>(), l.lens.data_ptr<int>(), dh_a.data_ptr<acc_t>(),
         dh_b.data_ptr<scalar_t>(), dh_a_next.data_ptr<acc_t>(), c.dgx.data_ptr<scalar_t>(),
         c.dgh.data_ptr<scalar_t>(), dgh_step.data_ptr<scalar_t>(), c.hprev.data_ptr<scalar_t>(),
-        static_cast<int>(s), static_cast<int>(B), static_cast<int>(H), static_cast<int>(D), c.rows,
-        c.R);
+        static_cast<int>(s), static_cast<int>(B), static_cast<int>(H), static_cast<int>(D),
+        c.rows.map, c.rows.R);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     std::swap(dh_a, dh_a_next);
     at::bmm_out(dh_b, dgh_step, c.w_hh);  // [D, B, 3H] @ [D, 3H, H]
@@ -507,12 +387,12 @@ void set_backward_buffers(BackwardCall& c, const Tensor& grad_output, const Tens
   const int64_t D = c.dims.D, H = c.dims.H, B = c.dims.B;
   c.grad_out = grad_output.contiguous();
   c.out = output.contiguous();
-  c.grad_h_n = to_rank_order(c, grad_h_n);
+  c.grad_h_n = to_rank_order(c.rows, grad_h_n);
   c.ws = workspace.contiguous();
   c.grad_hx = at::empty({D, B, H}, c.opts);
-  c.dgx = at::empty({c.R, D * 3 * H}, c.opts);
-  c.dgh = at::empty({D, c.R, 3 * H}, c.opts);
-  c.hprev = at::empty({D, c.R, H}, c.opts);
+  c.dgx = at::empty({c.rows.R, D * 3 * H}, c.opts);
+  c.dgh = at::empty({D, c.rows.R, 3 * H}, c.opts);
+  c.hprev = at::empty({D, c.rows.R, H}, c.opts);
 }
 
 // The gradients where no step runs (B, T or N is 0).
@@ -536,17 +416,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_cu
   c10::cuda::CUDAGuard guard(input.device());
   BackwardCall c;
   set_layer_call(c, dims, input, hx, w_hh);
-  set_padded_rows(c, lengths, input.device());
+  c.rows = padded_rows(dims, lengths, input.device());
   const MatmulTf32Guard tf32(input.scalar_type() == at::kFloat, c.tf32);
   if (B == 0 || T == 0) {
-    if (B > 0) prepare_lengths(c.lengths, T, false, c.stream);
+    if (B > 0) prepare_lengths(c.rows.lengths, T, false, c.stream);
     return empty_backward(c, input, grad_h_n, w_ih);
   }
   set_backward_buffers(c, grad_output, grad_h_n, output, workspace);
   // Padded positions of x are never read, whatever they hold (NaN included): their dgx rows
   // are 0, but 0 * NaN is not, so the GEMM sees them zeroed (a mask built on the device).
+  const Tensor& lengths_d = c.rows.lengths;
   const Tensor valid =
-      at::arange(T, c.lengths.options()).unsqueeze(1).lt(c.lengths.unsqueeze(0));  // [T, B]
+      at::arange(T, lengths_d.options()).unsqueeze(1).lt(lengths_d.unsqueeze(0));  // [T, B]
   const Tensor x_valid =
       input.contiguous()
           .masked_fill((batch_first ? valid.t() : valid).logical_not().unsqueeze(2), 0)
@@ -572,12 +453,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_ragged_back
   BackwardCall c;
   set_layer_call(c, dims, input, hx, w_hh);
   const MatmulTf32Guard tf32(input.scalar_type() == at::kFloat, c.tf32);
-  set_ragged_rows(c, dims, seq_index, sorted_indices, input.device());
+  c.rows = ragged_rows(dims, seq_index, sorted_indices, input.device(), c.stream);
   if (dims.N == 0 || dims.T == 0) return empty_backward(c, input, grad_h_n, w_ih);
-  c.hx = to_rank_order(c, hx);
+  c.hx = to_rank_order(c.rows, hx);
   set_backward_buffers(c, grad_output, grad_h_n, output, workspace);
   auto grads = run_backward(c, input.contiguous(), w_ih);
-  std::get<1>(grads) = to_sequence_order(c, std::get<1>(grads));
+  std::get<1>(grads) = to_sequence_order(c.rows, std::get<1>(grads));
   return grads;
 }
 
