@@ -70,14 +70,18 @@ def _to(a, device, index_device=None):
     return SimpleNamespace(**moved)
 
 
-def _run(a, seed=1):
+def _run(a, seed=1, on_device=False):
     """[output, h_n, grad_input, grad_hx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh] and the
-    workspace, for a fixed random projection of output and h_n."""
+    workspace, for a fixed random projection of output and h_n (on_device: gradients computed
+    from the outputs where they are, so nothing is copied from the host)."""
     index = (a.seq_index, a.si, a.layout, a.max_len)
     out, h_n, ws = ops.gru_layer_ragged_forward(a.x, *index, a.hx, a.w_ih, a.w_hh, a.b_ih, a.b_hh,
                                                 True)
-    g = torch.Generator().manual_seed(seed)
-    go, ghn = (torch.randn(t.shape, generator=g, dtype=torch.float64).to(t) for t in (out, h_n))
+    if on_device:
+        go, ghn = out.cos(), h_n.sin()
+    else:
+        g = torch.Generator().manual_seed(seed)
+        go, ghn = (torch.randn(t.shape, generator=g, dtype=torch.float64).to(t) for t in (out, h_n))
     grads = ops.gru_layer_ragged_backward(go, ghn, a.x, *index, a.hx, a.w_ih, a.w_hh, out, ws)
     return [out, h_n, *grads], ws
 
@@ -179,11 +183,11 @@ def test_cuda_ragged_offsets_on_device_no_host_sync(path):
     """Offsets on the device, max_len a Python int: forward and backward never wait for the
     GPU (N is input.size(0); the lengths and their order are computed on the device)."""
     a = _layer(LENGTHS[OFFSETS], OFFSETS, dtype=torch.float32)
-    _run(a)  # warm-up outside the check: first-use allocations, handles
+    _run(a, on_device=True)  # warm-up outside the check: first-use allocations, handles
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        _run(a)
+        _run(a, on_device=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -198,11 +202,11 @@ def test_cuda_ragged_graph_capture_with_device_offsets(path):
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):
-            _run(a)
+            _run(a, on_device=True)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static, _ = _run(a)
+        static, _ = _run(a, on_device=True)
     for seed, lengths in ((1, [6, 6, 0, 4, 2]), (2, [1, 5, 5, 5, 2])):
         new = _layer(lengths, OFFSETS, H=12, dtype=torch.float32, seed=seed)
         with torch.no_grad():
@@ -210,7 +214,7 @@ def test_cuda_ragged_graph_capture_with_device_offsets(path):
             a.seq_index.copy_(new.seq_index)
             a.hx.copy_(new.hx)
         graph.replay()
-        eager, _ = _run(a)
+        eager, _ = _run(a, on_device=True)
         for n, u, e in zip(NAMES, static, eager):  # cuBLAS may pick other kernels in a graph
             torch.testing.assert_close(u, e, atol=1e-5, rtol=1e-5,
                                        msg=lambda m: f"replayed {n} (seed {seed}): {m}")
