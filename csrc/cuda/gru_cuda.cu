@@ -9,10 +9,17 @@
 // plan.h chooses (VARLEN_RNN_CUDA_PATH=auto: the path its cost model of B, H,
 // D, dtype and the SM count says is faster) and cuts the persistent launch;
 // launch.h holds the knobs, the per-device kernel facts, the refused-launch
-// fallback, the TF32 policy and the lengths check. The backward mirrors the
-// forward, then forms the weight gradients as GEMMs over all steps. With
-// lengths on the device nothing is copied to the host, so both ops are
-// CUDA-graph capturable.
+// fallback, the TF32 policy and the lengths check; rows.h puts the rows and
+// lengths of either op on the device. The backward mirrors the forward, then
+// forms the weight gradients as GEMMs over all steps. With lengths (offsets)
+// on the device nothing is copied to the host, so the ops are CUDA-graph
+// capturable.
+//
+// The ragged ops run the same kernels: every per-position buffer (gx, output,
+// workspace, dgx, dgh, hprev) has the input's rows through layout.h's RowMap,
+// N of them (input.size(0), known without a host sync) instead of T*B. The
+// persistent kernel's step loop ends at the longest length, read on the
+// device; the fallback's host loop runs max_len steps.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -22,8 +29,8 @@
 #include <ATen/ops/baddbmm.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/index_select.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/sort.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
@@ -37,9 +44,11 @@
 
 #include "gru.h"
 #include "launch.h"
+#include "layout.h"
 #include "persistent.cuh"
 #include "plan.h"
 #include "pointwise.cuh"
+#include "rows.h"
 
 namespace varlen_rnn {
 namespace cuda {
@@ -49,42 +58,6 @@ using at::Tensor;
 static_assert(plan::kThreads == kPersistThreads && plan::kRowsPerItem == kRows,
               "plan.h must model the kernels' geometry (persistent.cuh)");
 
-struct Lengths {
-  Tensor lens, perm, sorted;  // int32 [B]; perm/sorted only when asked
-};
-
-// Up to this batch the order comes from the counting kernel (O(B^2) compares, one
-// launch); beyond it from ATen's device sort. Both are stable and sync-free.
-constexpr int64_t kRankSortMaxB = 8192;
-
-// lengths: [B] on the device.
-Lengths prepare_lengths(const Tensor& lengths, int64_t T, bool with_perm, cudaStream_t stream) {
-  const int64_t B = lengths.size(0);
-  const auto opts = lengths.options().dtype(at::kInt);
-  Lengths l;
-  l.lens = at::empty({B}, opts);
-  const bool big = with_perm && B > kRankSortMaxB;
-  if (with_perm && !big) {
-    l.perm = at::empty({B}, opts);
-    l.sorted = at::empty({B}, opts);
-  }
-  const Tensor src = lengths.contiguous();
-  const int blocks = static_cast<int>(plan::ceil_div(B, kPointwiseThreads));
-  AT_DISPATCH_INDEX_TYPES(src.scalar_type(), "varlen_rnn_lengths_prep", [&] {
-    lengths_prep_kernel<index_t><<<blocks, kPointwiseThreads, 0, stream>>>(
-        src.data_ptr<index_t>(), static_cast<int>(B), static_cast<int>(T),
-        l.lens.data_ptr<int>(), l.perm.defined() ? l.perm.data_ptr<int>() : nullptr,
-        l.sorted.defined() ? l.sorted.data_ptr<int>() : nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  if (big) {
-    auto sorted = at::sort(l.lens, /*stable=*/true, /*dim=*/0, /*descending=*/true);
-    l.sorted = std::get<0>(sorted).contiguous();
-    l.perm = std::get<1>(sorted).to(at::kInt).contiguous();
-  }
-  return l;
-}
-
 // ---- What forward and backward share -----------------------------------------
 struct LayerCall {
   LayerDims dims;
@@ -93,14 +66,13 @@ struct LayerCall {
   bool tf32 = false;        // float32 GEMMs may use TF32 (nn.GRU's cuDNN policy)
   bool mma = false;         // the persistent kernels' recurrent products on tensor cores
   cudaStream_t stream;
-  Tensor lengths;           // [B] on the input's device
-  RowStrides xs, os;        // rows of gx/dgx [T*B, D*3H] and of output [.., D*H]
-  Tensor hx, w_hh;          // contiguous [D, B, H], [D, 3H, H]
+  DeviceRows rows;          // the rows of every per-position buffer, the lengths (rows.h)
+  Tensor hx, w_hh;          // contiguous [D, B, H] (rank order when packed), [D, 3H, H]
 };
 
-void set_layer_call(LayerCall& c, const LayerDims& dims, const Tensor& input,
-                    const Tensor& lengths, const Tensor& hx, const Tensor& w_hh) {
-  const int64_t G = dims.D * 3 * dims.H;
+// dims.T is the step loop's bound: the padded time dimension, or max_len.
+void set_layer_call(LayerCall& c, const LayerDims& dims, const Tensor& input, const Tensor& hx,
+                    const Tensor& w_hh) {
   c.dims = dims;
   c.opts = input.options();
   c.acc_type = opmath_dtype(input.scalar_type());
@@ -111,25 +83,22 @@ void set_layer_call(LayerCall& c, const LayerDims& dims, const Tensor& input,
           (input.scalar_type() != at::kFloat || c.tf32) &&
           at::cuda::getCurrentDeviceProperties()->major >= 8;
   c.stream = at::cuda::getCurrentCUDAStream();
-  c.lengths = lengths_on_device(lengths, dims.T, input.device());
-  c.xs = RowStrides{dims.stride_t(G), dims.stride_b(G)};
-  c.os = RowStrides{dims.stride_t(dims.D * dims.H), dims.stride_b(dims.D * dims.H)};
   c.hx = hx.contiguous();
   c.w_hh = w_hh.contiguous();
 }
 
 struct ForwardCall : LayerCall {
-  Tensor gx;            // [T*B, D*3H] input projection incl. b_ih, input-layout rows
+  Tensor gx;            // [R, D*3H] input projection incl. b_ih, the input's rows
   Tensor b_hh;          // [D, 3H] contiguous, or undefined
-  Tensor out, h_n, ws;  // outputs: like output, [D, B, H], [D, T*B, 4H] or [0]
+  Tensor out, h_n, ws;  // outputs: [R, D*H] rows, [D, B, H], [D, R, 4H] or [0]
   bool need_workspace = false;
 };
 
 struct BackwardCall : LayerCall {
   Tensor grad_out, out, grad_h_n, ws;  // contiguous, as the forward gave them
-  Tensor dgx;      // [T*B, D*3H] input-layout rows
-  Tensor dgh;      // [D, T*B, 3H] step-major rows, storage dtype (only feeds GEMMs)
-  Tensor hprev;    // [D, T*B, H]
+  Tensor dgx;      // [R, D*3H] the input's rows
+  Tensor dgh;      // [D, R, 3H] storage dtype (only feeds GEMMs)
+  Tensor hprev;    // [D, R, H]
   Tensor grad_hx;  // [D, B, H]
 };
 
@@ -162,8 +131,8 @@ void fill_common(PersistentCommonArgs& a, const LayerCall& c, const Lengths& l,
   a.lens = l.lens.data_ptr<int>();
   a.perm = l.perm.data_ptr<int>();
   a.sorted = l.sorted.data_ptr<int>();
-  a.xs = c.xs;
-  a.os = c.os;
+  a.rows = c.rows.map;
+  a.R = c.rows.R;
   a.T = static_cast<int>(c.dims.T);
   a.B = static_cast<int>(c.dims.B);
   a.H = static_cast<int>(c.dims.H);
@@ -222,7 +191,7 @@ template <typename scalar_t>
 bool persistent_forward(const ForwardCall& c, const plan::Cut& cut) {
   using acc_t = at::opmath_type<scalar_t>;
   const LayerDims& dims = c.dims;
-  const Lengths l = prepare_lengths(c.lengths, dims.T, true, c.stream);
+  const Lengths l = prepare_lengths(c.rows.lengths, dims.T, true, c.stream);
   Tensor hbuf = at::empty({2, dims.D, dims.B, dims.H}, c.opts.dtype(c.acc_type));
   PersistentForwardArgs<scalar_t, acc_t> a{};
   a.gx = c.gx.data_ptr<scalar_t>();
@@ -244,7 +213,7 @@ void fallback_forward(const ForwardCall& c) {
   using acc_t = at::opmath_type<scalar_t>;
   const LayerDims& dims = c.dims;
   const int64_t T = dims.T, B = dims.B, H = dims.H, D = dims.D;
-  const Lengths l = prepare_lengths(c.lengths, T, false, c.stream);
+  const Lengths l = prepare_lengths(c.rows.lengths, T, false, c.stream);
   const bool half = c.acc_type != c.opts.dtype().toScalarType();
   Tensor h = at::empty({D, B, H}, c.opts.dtype(c.acc_type));
   h.copy_(c.hx);
@@ -264,11 +233,39 @@ void fallback_forward(const ForwardCall& c) {
         c.gx.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(), l.lens.data_ptr<int>(),
         h.data_ptr<acc_t>(), half ? h_lo.data_ptr<scalar_t>() : nullptr,
         c.out.data_ptr<scalar_t>(), c.need_workspace ? c.ws.data_ptr<acc_t>() : nullptr,
-        static_cast<int>(s), static_cast<int>(T), static_cast<int>(B), static_cast<int>(H),
-        static_cast<int>(D), c.xs, c.os);
+        static_cast<int>(s), static_cast<int>(B), static_cast<int>(H), static_cast<int>(D),
+        c.rows.map, c.rows.R);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   c.h_n.copy_(h);
+}
+
+// The recurrence of one forward call (c.gx, the outputs and the rows set), on
+// the path plan.h chooses.
+void run_forward(const ForwardCall& c) {
+  const plan::Pass pass = c.need_workspace ? plan::Pass::kTraining : plan::Pass::kInference;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.opts.dtype().toScalarType(),
+                                  "varlen_rnn_gru_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const plan::Choice choice =
+        choose(c, forward_kernel<scalar_t>(c.mma), pass, sizeof(scalar_t), sizeof(acc_t));
+    if (choice.path == plan::Path::kPersistent &&
+        launched_or_allowed_to_fall_back(persistent_forward<scalar_t>(c, choice.cut))) {
+      return;
+    }
+    fallback_forward<scalar_t>(c);
+  });
+}
+
+// Outputs of a forward call: out [rows, D*H] shaped out_sizes, h_n, workspace.
+void make_forward_outputs(ForwardCall& c, const std::vector<int64_t>& out_sizes,
+                          bool need_workspace) {
+  const LayerDims& dims = c.dims;
+  c.need_workspace = need_workspace;
+  c.out = at::empty(out_sizes, c.opts);
+  c.h_n = at::empty({dims.D, dims.B, dims.H}, c.opts);
+  c.ws = need_workspace ? at::empty({dims.D, c.rows.R, 4 * dims.H}, c.opts.dtype(c.acc_type))
+                        : at::empty({0}, c.opts.dtype(c.acc_type));
 }
 
 std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_cuda(
@@ -282,16 +279,13 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_cuda(
               "T*B must be below 2^31, got T=", T, ", B=", B);
   c10::cuda::CUDAGuard guard(input.device());
   ForwardCall c;
-  set_layer_call(c, dims, input, lengths, hx, w_hh);
+  set_layer_call(c, dims, input, hx, w_hh);
+  c.rows = padded_rows(dims, lengths, input.device());
   const MatmulTf32Guard tf32(input.scalar_type() == at::kFloat, c.tf32);
-  c.need_workspace = need_workspace;
-  c.out = at::empty(dims.output_sizes(), c.opts);
-  c.h_n = at::empty({D, B, H}, c.opts);
-  c.ws = need_workspace ? at::empty({D, T * B, 4 * H}, c.opts.dtype(c.acc_type))
-                        : at::empty({0}, c.opts.dtype(c.acc_type));
+  make_forward_outputs(c, dims.output_sizes(), need_workspace);
   if (B == 0) return {c.out, c.h_n, c.ws};
   if (T == 0) {
-    prepare_lengths(c.lengths, T, false, c.stream);  // device lengths: still asserts == 0
+    prepare_lengths(c.rows.lengths, T, false, c.stream);  // device lengths: still asserts == 0
     c.h_n.copy_(hx);
     return {c.out, c.h_n, c.ws};
   }
@@ -299,19 +293,37 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_cuda(
   const Tensor w_ih2d = w_ih.contiguous().view({D * 3 * H, I});
   c.gx = input_projection(c, x2d, w_ih2d, b_ih);
   if (b_hh.has_value()) c.b_hh = b_hh->contiguous();
-  const plan::Pass pass = need_workspace ? plan::Pass::kTraining : plan::Pass::kInference;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
-                                  "varlen_rnn_gru_forward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const plan::Choice choice =
-        choose(c, forward_kernel<scalar_t>(c.mma), pass, sizeof(scalar_t), sizeof(acc_t));
-    if (choice.path == plan::Path::kPersistent &&
-        launched_or_allowed_to_fall_back(persistent_forward<scalar_t>(c, choice.cut))) {
-      return;
-    }
-    fallback_forward<scalar_t>(c);
-  });
+  run_forward(c);
   return {c.out, c.h_n, c.ws};
+}
+
+// Ragged input [N, I]: the same kernels over N rows; max_len bounds the steps.
+std::tuple<Tensor, Tensor, Tensor> gru_layer_ragged_forward_cuda(
+    const Tensor& input, const Tensor& seq_index, const std::optional<Tensor>& sorted_indices,
+    int64_t layout, c10::SymInt max_len, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
+    const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, bool need_workspace) {
+  const NoAutocastGuard no_autocast;
+  const RaggedDims dims = check_ragged_args(input, seq_index, sorted_indices, layout,
+                                            max_len.expect_int(), hx, w_ih, w_hh, b_ih, b_hh);
+  const int64_t B = dims.B, N = dims.N, H = dims.H, D = dims.D;
+  TORCH_CHECK(dims.T < (int64_t{1} << 31) && B < (int64_t{1} << 30),
+              "max_len must be below 2^31 and B below 2^30, got max_len=", dims.T, ", B=", B);
+  c10::cuda::CUDAGuard guard(input.device());
+  ForwardCall c;
+  set_layer_call(c, dims, input, hx, w_hh);
+  const MatmulTf32Guard tf32(input.scalar_type() == at::kFloat, c.tf32);
+  c.rows = ragged_rows(dims, seq_index, sorted_indices, input.device(), c.stream);
+  make_forward_outputs(c, dims.output_sizes(), need_workspace);
+  if (N == 0 || dims.T == 0) {  // every length is 0 (the offsets kernel asserts it)
+    c.h_n.copy_(hx);
+    return {c.out, c.h_n, c.ws};
+  }
+  c.hx = to_rank_order(c.rows, hx);
+  const Tensor w_ih2d = w_ih.contiguous().view({D * 3 * H, dims.I});
+  c.gx = input_projection(c, input.contiguous(), w_ih2d, b_ih);
+  if (b_hh.has_value()) c.b_hh = b_hh->contiguous();
+  run_forward(c);
+  return {c.out, to_sequence_order(c.rows, c.h_n), c.ws};
 }
 
 // ---- Backward: one function per path ------------------------------------------
@@ -319,7 +331,7 @@ template <typename scalar_t>
 bool persistent_backward(const BackwardCall& c, const plan::Cut& cut) {
   using acc_t = at::opmath_type<scalar_t>;
   const LayerDims& dims = c.dims;
-  const Lengths l = prepare_lengths(c.lengths, dims.T, true, c.stream);
+  const Lengths l = prepare_lengths(c.rows.lengths, dims.T, true, c.stream);
   Tensor dh = at::empty({dims.D, dims.B, dims.H}, c.opts.dtype(c.acc_type));
   PersistentBackwardArgs<scalar_t, acc_t> a{};
   a.grad_out = c.grad_out.data_ptr<scalar_t>();
@@ -338,62 +350,41 @@ bool persistent_backward(const BackwardCall& c, const plan::Cut& cut) {
 }
 
 // dh after step s = dh_a (direct part, acc_t) + dh_b (dgh_{s+1} @ W_hh, a GEMM in the
-// storage dtype); the step kernel reads both and writes the next direct part.
+// storage dtype); the step kernel reads both, writes the next direct part and the
+// step's dgh rows [D, B, 3H] for that GEMM.
 template <typename scalar_t>
 void fallback_backward(const BackwardCall& c) {
   using acc_t = at::opmath_type<scalar_t>;
   const LayerDims& dims = c.dims;
   const int64_t T = dims.T, B = dims.B, H = dims.H, D = dims.D;
-  const Lengths l = prepare_lengths(c.lengths, T, false, c.stream);
+  const Lengths l = prepare_lengths(c.rows.lengths, T, false, c.stream);
   Tensor dh_a = at::empty({D, B, H}, c.opts.dtype(c.acc_type));
   dh_a.copy_(c.grad_h_n);
   Tensor dh_a_next = at::empty({D, B, H}, c.opts.dtype(c.acc_type));
   Tensor dh_b = at::zeros({D, B, H}, c.opts);
-  const Tensor dgh4 = c.dgh.view({D, T, B, 3 * H});
+  Tensor dgh_step = at::empty({D, B, 3 * H}, c.opts);
   const int blocks = static_cast<int>(plan::ceil_div(D * B * H, kPointwiseThreads));
   for (int64_t s = T - 1; s >= 0; --s) {
     fallback_backward_step_kernel<scalar_t, acc_t><<<blocks, kPointwiseThreads, 0, c.stream>>>(
         c.grad_out.data_ptr<scalar_t>(), c.out.data_ptr<scalar_t>(), c.hx.data_ptr<scalar_t>(),
         c.ws.data_ptr<acc_t>(), l.lens.data_ptr<int>(), dh_a.data_ptr<acc_t>(),
         dh_b.data_ptr<scalar_t>(), dh_a_next.data_ptr<acc_t>(), c.dgx.data_ptr<scalar_t>(),
-        c.dgh.data_ptr<scalar_t>(), c.hprev.data_ptr<scalar_t>(), static_cast<int>(s),
-        static_cast<int>(T), static_cast<int>(B), static_cast<int>(H), static_cast<int>(D), c.xs,
-        c.os);
+        c.dgh.data_ptr<scalar_t>(), dgh_step.data_ptr<scalar_t>(), c.hprev.data_ptr<scalar_t>(),
+        static_cast<int>(s), static_cast<int>(B), static_cast<int>(H), static_cast<int>(D),
+        c.rows.map, c.rows.R);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     std::swap(dh_a, dh_a_next);
-    at::bmm_out(dh_b, dgh4.select(1, s), c.w_hh);  // [D, B, 3H] @ [D, 3H, H]
+    at::bmm_out(dh_b, dgh_step, c.w_hh);  // [D, B, 3H] @ [D, 3H, H]
   }
   c.grad_hx.copy_(dh_a.add_(dh_b));
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_cuda(
-    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& input,
-    const Tensor& lengths, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
-    const Tensor& output, const Tensor& workspace, bool batch_first) {
-  const NoAutocastGuard no_autocast;
-  const LayerDims dims =
-      check_layer_args(input, lengths, hx, w_ih, w_hh, std::nullopt, std::nullopt, batch_first);
-  check_backward_args(dims, input, grad_output, grad_h_n, output, workspace, dims.T * dims.B);
-  const int64_t T = dims.T, B = dims.B, I = dims.I, H = dims.H, D = dims.D;
-  c10::cuda::CUDAGuard guard(input.device());
-  BackwardCall c;
-  set_layer_call(c, dims, input, lengths, hx, w_hh);
-  const MatmulTf32Guard tf32(input.scalar_type() == at::kFloat, c.tf32);
-  c.grad_hx = at::empty({D, B, H}, c.opts);
-  if (B == 0 || T == 0) {
-    if (B > 0) prepare_lengths(c.lengths, T, false, c.stream);
-    c.grad_hx.copy_(grad_h_n);
-    return {at::zeros_like(input, at::MemoryFormat::Contiguous), c.grad_hx, at::zeros_like(w_ih),
-            at::zeros_like(w_hh), at::zeros({D, 3 * H}, c.opts), at::zeros({D, 3 * H}, c.opts)};
-  }
-  c.grad_out = grad_output.contiguous();
-  c.out = output.contiguous();
-  c.grad_h_n = grad_h_n.contiguous();
-  c.ws = workspace.contiguous();
-  c.dgx = at::empty({T * B, D * 3 * H}, c.opts);
-  c.dgh = at::empty({D, T * B, 3 * H}, c.opts);
-  c.hprev = at::empty({D, T * B, H}, c.opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+// The recurrence of one backward call (inputs, rows and the R-row buffers set),
+// then the weight and input gradients as GEMMs over all R rows (no atomics).
+// x_rows [R, I]: the input's rows, padded ones zeroed.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run_backward(
+    BackwardCall& c, const Tensor& x_rows, const Tensor& w_ih) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.opts.dtype().toScalarType(),
                                   "varlen_rnn_gru_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const plan::Choice choice = choose(c, backward_kernel<scalar_t>(c.mma), plan::Pass::kBackward,
@@ -404,25 +395,96 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_cu
     }
     fallback_backward<scalar_t>(c);
   });
-
-  // Weight and input gradients: GEMMs over all steps, no atomics.
-  const Tensor x2d = input.contiguous().view({T * B, I});
+  const int64_t I = c.dims.I, H = c.dims.H, D = c.dims.D;
+  const auto dtype = c.opts.dtype().toScalarType();
   const Tensor w_ih2d = w_ih.contiguous().view({D * 3 * H, I});
-  const Tensor grad_input = at::mm(c.dgx, w_ih2d).view(input.sizes());
+  const Tensor grad_input = at::mm(c.dgx, w_ih2d);  // [R, I]
+  const Tensor grad_w_ih = at::mm(c.dgx.t(), x_rows).view({D, 3 * H, I});
+  const Tensor grad_b_ih = at::sum(c.dgx, {0}, false, c.acc_type).view({D, 3 * H}).to(dtype);
+  const Tensor grad_w_hh = at::bmm(c.dgh.transpose(1, 2), c.hprev);
+  const Tensor grad_b_hh = at::sum(c.dgh, {1}, false, c.acc_type).to(dtype);
+  return {grad_input, c.grad_hx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
+}
+
+// The backward's saved and incoming tensors, contiguous, and its R-row buffers.
+void set_backward_buffers(BackwardCall& c, const Tensor& grad_output, const Tensor& grad_h_n,
+                          const Tensor& output, const Tensor& workspace) {
+  const int64_t D = c.dims.D, H = c.dims.H, B = c.dims.B;
+  c.grad_out = grad_output.contiguous();
+  c.out = output.contiguous();
+  c.grad_h_n = to_rank_order(c.rows, grad_h_n);
+  c.ws = workspace.contiguous();
+  c.grad_hx = at::empty({D, B, H}, c.opts);
+  c.dgx = at::empty({c.rows.R, D * 3 * H}, c.opts);
+  c.dgh = at::empty({D, c.rows.R, 3 * H}, c.opts);
+  c.hprev = at::empty({D, c.rows.R, H}, c.opts);
+}
+
+// The gradients where no step runs (B, T or N is 0).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> empty_backward(
+    const LayerCall& c, const Tensor& input, const Tensor& grad_h_n, const Tensor& w_ih) {
+  const int64_t D = c.dims.D, H = c.dims.H;
+  return {at::zeros_like(input, at::MemoryFormat::Contiguous),
+          grad_h_n.clone(at::MemoryFormat::Contiguous), at::zeros_like(w_ih),
+          at::zeros_like(c.w_hh), at::zeros({D, 3 * H}, c.opts), at::zeros({D, 3 * H}, c.opts)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_cuda(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& input,
+    const Tensor& lengths, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
+    const Tensor& output, const Tensor& workspace, bool batch_first) {
+  const NoAutocastGuard no_autocast;
+  const LayerDims dims =
+      check_layer_args(input, lengths, hx, w_ih, w_hh, std::nullopt, std::nullopt, batch_first);
+  check_backward_args(dims, input, grad_output, grad_h_n, output, workspace, dims.T * dims.B);
+  const int64_t T = dims.T, B = dims.B, I = dims.I;
+  c10::cuda::CUDAGuard guard(input.device());
+  BackwardCall c;
+  set_layer_call(c, dims, input, hx, w_hh);
+  c.rows = padded_rows(dims, lengths, input.device());
+  const MatmulTf32Guard tf32(input.scalar_type() == at::kFloat, c.tf32);
+  if (B == 0 || T == 0) {
+    if (B > 0) prepare_lengths(c.rows.lengths, T, false, c.stream);
+    return empty_backward(c, input, grad_h_n, w_ih);
+  }
+  set_backward_buffers(c, grad_output, grad_h_n, output, workspace);
   // Padded positions of x are never read, whatever they hold (NaN included): their dgx rows
   // are 0, but 0 * NaN is not, so the GEMM sees them zeroed (a mask built on the device).
+  const Tensor& lengths_d = c.rows.lengths;
   const Tensor valid =
-      at::arange(T, c.lengths.options()).unsqueeze(1).lt(c.lengths.unsqueeze(0));  // [T, B]
+      at::arange(T, lengths_d.options()).unsqueeze(1).lt(lengths_d.unsqueeze(0));  // [T, B]
   const Tensor x_valid =
-      x2d.view(input.sizes())
+      input.contiguous()
           .masked_fill((batch_first ? valid.t() : valid).logical_not().unsqueeze(2), 0)
           .view({T * B, I});
-  const Tensor grad_w_ih = at::mm(c.dgx.t(), x_valid).view({D, 3 * H, I});
-  const Tensor grad_b_ih =
-      at::sum(c.dgx, {0}, false, c.acc_type).view({D, 3 * H}).to(input.scalar_type());
-  const Tensor grad_w_hh = at::bmm(c.dgh.transpose(1, 2), c.hprev);
-  const Tensor grad_b_hh = at::sum(c.dgh, {1}, false, c.acc_type).to(input.scalar_type());
-  return {grad_input, c.grad_hx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
+  auto grads = run_backward(c, x_valid, w_ih);
+  std::get<0>(grads) = std::get<0>(grads).view(input.sizes());
+  return grads;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_ragged_backward_cuda(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& input,
+    const Tensor& seq_index, const std::optional<Tensor>& sorted_indices, int64_t layout,
+    c10::SymInt max_len, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
+    const Tensor& output, const Tensor& workspace) {
+  const NoAutocastGuard no_autocast;
+  const RaggedDims dims = check_ragged_args(input, seq_index, sorted_indices, layout,
+                                            max_len.expect_int(), hx, w_ih, w_hh, std::nullopt,
+                                            std::nullopt);
+  check_backward_args(dims, input, grad_output, grad_h_n, output, workspace, dims.N);
+  TORCH_CHECK(dims.T < (int64_t{1} << 31) && dims.B < (int64_t{1} << 30),
+              "max_len must be below 2^31 and B below 2^30, got max_len=", dims.T, ", B=", dims.B);
+  c10::cuda::CUDAGuard guard(input.device());
+  BackwardCall c;
+  set_layer_call(c, dims, input, hx, w_hh);
+  const MatmulTf32Guard tf32(input.scalar_type() == at::kFloat, c.tf32);
+  c.rows = ragged_rows(dims, seq_index, sorted_indices, input.device(), c.stream);
+  if (dims.N == 0 || dims.T == 0) return empty_backward(c, input, grad_h_n, w_ih);
+  c.hx = to_rank_order(c.rows, hx);
+  set_backward_buffers(c, grad_output, grad_h_n, output, workspace);
+  auto grads = run_backward(c, input.contiguous(), w_ih);
+  std::get<1>(grads) = to_sequence_order(c.rows, std::get<1>(grads));
+  return grads;
 }
 
 }  // namespace
@@ -447,4 +509,6 @@ extern "C" __attribute__((visibility("default"))) int varlen_rnn_cuda_set_knobs_
 TORCH_LIBRARY_IMPL(varlen_rnn, CUDA, m) {
   m.impl("gru_layer_forward", TORCH_FN(varlen_rnn::cuda::gru_layer_forward_cuda));
   m.impl("gru_layer_backward", TORCH_FN(varlen_rnn::cuda::gru_layer_backward_cuda));
+  m.impl("gru_layer_ragged_forward", TORCH_FN(varlen_rnn::cuda::gru_layer_ragged_forward_cuda));
+  m.impl("gru_layer_ragged_backward", TORCH_FN(varlen_rnn::cuda::gru_layer_ragged_backward_cuda));
 }

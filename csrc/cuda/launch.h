@@ -321,5 +321,19 @@ inline at::Tensor lengths_on_device(const at::Tensor& lengths, int64_t T, at::De
   return l.to(l.options().device(device), /*non_blocking=*/true);
 }
 
+// A ragged op's index tensor on the CPU (batch_sizes, or offsets and
+// sorted_indices given there): our own contiguous int64 copy, checked by
+// `check` (gru.h's value checks) and returned for the copy to the device, so
+// what is checked is what is sent. Like CPU lengths, not capturable.
+template <typename Check>
+at::Tensor host_checked_copy(const at::Tensor& t, const char* name, Check check) {
+  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+              name, " on the CPU cannot be used inside a CUDA graph capture (a copy from the CPU "
+              "cannot be captured); pass it on the input's device");
+  const at::Tensor c = t.to(at::kLong).clone(at::MemoryFormat::Contiguous);
+  check(c.data_ptr<int64_t>());
+  return c;
+}
+
 }  // namespace cuda
 }  // namespace varlen_rnn

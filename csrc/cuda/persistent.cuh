@@ -204,26 +204,27 @@ __device__ __forceinline__ void recurrent_matvec(const w_t* w_s, int U, int g_ro
 }
 
 // What both persistent kernels get besides their tensors: the schedule, the
-// padded layouts and the launch shape (filled once, by the launcher's helper).
+// row layout and the launch shape (filled once, by the launcher's helper).
 struct PersistentCommonArgs {
   const int* lens;    // [B]
   const int* perm;    // [B] rows by length, descending, stable
   const int* sorted;  // [B] lens[perm[i]]
-  RowStrides xs, os;
-  int T, B, H, D;
+  RowMap rows;        // (t, b) -> row of every per-position buffer (pointwise.cuh)
+  int64_t R;          // rows per direction: T*B padded, N ragged
+  int T, B, H, D;     // T: the padded time dimension (padding's zeros only)
   PersistentShape ps;
 };
 
 template <typename scalar_t, typename acc_t>
 struct PersistentForwardArgs : PersistentCommonArgs {
-  const scalar_t* gx;    // [T*B, D*3H]
+  const scalar_t* gx;    // [R, D*3H]
   const scalar_t* w_hh;  // [D, 3H, H]
   const scalar_t* b_hh;  // [D, 3H] or nullptr
   const scalar_t* hx;    // [D, B, H]
   acc_t* hbuf;           // [2, D, B, H] state exchange, ping-pong by step parity
-  scalar_t* out;         // [T, B, D*H] or [B, T, D*H]
+  scalar_t* out;         // [R, D*H]
   scalar_t* h_n;         // [D, B, H]
-  acc_t* ws;             // [D, T*B, 4H] or nullptr
+  acc_t* ws;             // [D, R, 4H] or nullptr
 };
 
 // Dynamic shared memory: tile [tile_rows][kc] acc_t | acc_s [items][3][kRows]
@@ -243,6 +244,8 @@ __global__ void __launch_bounds__(kPersistThreads)
 
   // Prologue (block-local, so no grid barrier): the W_hh slice (zero rows past
   // H), the zeros of padded outputs, h_n of zero-length rows.
+  const bool padded = has_padding(a.rows);
+  const int64_t DH = static_cast<int64_t>(a.D) * H;
   for (int e = threadIdx.x; e < 3 * J * H; e += blockDim.x) {
     const int g = e / (J * H), jl = (e / H) % J, k = e % H;
     const int j = j0 + jl;
@@ -252,7 +255,9 @@ __global__ void __launch_bounds__(kPersistThreads)
     const int b = e / J, j = j0 + e % J;
     if (j >= H) continue;
     const int len = a.lens[b];
-    for (int t = len; t < a.T; ++t) a.out[a.os.at(t, b) + static_cast<int64_t>(d) * H + j] = scalar_t(0);
+    for (int t = padded ? len : a.T; t < a.T; ++t) {
+      a.out[a.rows.row(t, b) * DH + static_cast<int64_t>(d) * H + j] = scalar_t(0);
+    }
     if (len == 0) a.h_n[(static_cast<int64_t>(d) * B + b) * H + j] = a.hx[(static_cast<int64_t>(d) * B + b) * H + j];
   }
   __syncthreads();
@@ -283,7 +288,8 @@ __global__ void __launch_bounds__(kPersistThreads)
         if (j >= H || i >= B || a.sorted[i] <= s) continue;
         const int b = a.perm[i], len = a.sorted[i];
         const int t = step_time(d, len, s);
-        const scalar_t* gxr = a.gx + a.xs.at(t, b) + static_cast<int64_t>(d) * 3 * H;
+        const int64_t row = a.rows.row(t, b);
+        const scalar_t* gxr = a.gx + row * 3 * DH + static_cast<int64_t>(d) * 3 * H;
         const acc_t* acc = acc_s + item * 3 * kRows + r;
         acc_t gh[3];
 #pragma unroll
@@ -298,10 +304,10 @@ __global__ void __launch_bounds__(kPersistThreads)
             static_cast<acc_t>(gxr[j]), static_cast<acc_t>(gxr[H + j]),
             static_cast<acc_t>(gxr[2 * H + j]), gh[0], gh[1], gh[2], hp, sv);
         nxt[hoff] = hn;
-        a.out[a.os.at(t, b) + static_cast<int64_t>(d) * H + j] = static_cast<scalar_t>(hn);
+        a.out[row * DH + static_cast<int64_t>(d) * H + j] = static_cast<scalar_t>(hn);
         if (s == len - 1) a.h_n[static_cast<int64_t>(d) * B * H + hoff] = static_cast<scalar_t>(hn);
         if (a.ws != nullptr) {
-          store_saved(a.ws + ((static_cast<int64_t>(d) * a.T + t) * B + b) * 4 * H, j, H, sv);
+          store_saved(a.ws + (static_cast<int64_t>(d) * a.R + row) * 4 * H, j, H, sv);
         }
       }
     }
@@ -311,16 +317,16 @@ __global__ void __launch_bounds__(kPersistThreads)
 
 template <typename scalar_t, typename acc_t>
 struct PersistentBackwardArgs : PersistentCommonArgs {
-  const scalar_t* grad_out;  // like output
-  const scalar_t* out;       // forward output
+  const scalar_t* grad_out;  // [R, D*H]
+  const scalar_t* out;       // [R, D*H] forward output
   const scalar_t* hx;        // [D, B, H]
   const scalar_t* grad_h_n;  // [D, B, H]
-  const acc_t* ws;           // [D, T*B, 4H]
+  const acc_t* ws;           // [D, R, 4H]
   const scalar_t* w_hh;      // [D, 3H, H]
   acc_t* dh;         // [D, B, H] gradient reaching the state; each block its slice
-  scalar_t* dgx;     // [T*B, D*3H]
-  scalar_t* dgh;     // [D, T*B, 3H], also the exchange between blocks
-  scalar_t* hprev;   // [D, T*B, H]
+  scalar_t* dgx;     // [R, D*3H]
+  scalar_t* dgh;     // [D, R, 3H], also the exchange between blocks
+  scalar_t* hprev;   // [D, R, H]
   scalar_t* grad_hx;  // [D, B, H]
 };
 
@@ -346,6 +352,8 @@ __global__ void __launch_bounds__(kPersistThreads)
   acc_t* acc_s = tile + ps.tile_rows * ps.kc;
   scalar_t* w_s = reinterpret_cast<scalar_t*>(acc_s + items * 3 * kRows);
   const int64_t dBH = static_cast<int64_t>(d) * B * H;
+  const int64_t DH = static_cast<int64_t>(a.D) * H;
+  const bool padded = has_padding(a.rows);
 
   for (int e = threadIdx.x; e < 3 * H * 3 * U; e += blockDim.x) {
     const int jl = e % (3 * U), m = e / (3 * U), j = j0 + jl;
@@ -357,11 +365,12 @@ __global__ void __launch_bounds__(kPersistThreads)
     if (j >= H) continue;
     a.dh[dBH + static_cast<int64_t>(b) * H + j] =
         static_cast<acc_t>(a.grad_h_n[dBH + static_cast<int64_t>(b) * H + j]);
-    for (int s = a.lens[b]; s < T; ++s) {  // inactive (s, b): zero gradients
-      store_gate_grads(a.dgx + a.xs.at(s, b) + static_cast<int64_t>(d) * 3 * H,
-                       a.dgh + ((static_cast<int64_t>(d) * T + s) * B + b) * 3 * H, j, H,
+    for (int t = padded ? a.lens[b] : T; t < T; ++t) {  // padded (t, b): zero gradients
+      const int64_t row = a.rows.row(t, b);
+      store_gate_grads(a.dgx + row * 3 * DH + static_cast<int64_t>(d) * 3 * H,
+                       a.dgh + (static_cast<int64_t>(d) * a.R + row) * 3 * H, j, H,
                        GruCellGrad<acc_t>{});
-      a.hprev[((static_cast<int64_t>(d) * T + s) * B + b) * H + j] = scalar_t(0);
+      a.hprev[(static_cast<int64_t>(d) * a.R + row) * H + j] = scalar_t(0);
     }
   }
   __syncthreads();
@@ -376,26 +385,28 @@ __global__ void __launch_bounds__(kPersistThreads)
       const int t = step_time(d, len, s);
       const int64_t col = static_cast<int64_t>(d) * H + j;
       const int64_t hoff = dBH + static_cast<int64_t>(b) * H + j;
-      const acc_t dh_tot = a.dh[hoff] + static_cast<acc_t>(a.grad_out[a.os.at(t, b) + col]);
-      const scalar_t h_prev_s = s == 0 ? a.hx[hoff] : a.out[a.os.at(prev_time(d, t), b) + col];
-      const GruCellSaved<acc_t> sv =
-          load_saved(a.ws + ((static_cast<int64_t>(d) * T + t) * B + b) * 4 * H, j, H);
+      const int64_t row = a.rows.row(t, b);
+      const acc_t dh_tot = a.dh[hoff] + static_cast<acc_t>(a.grad_out[row * DH + col]);
+      const scalar_t h_prev_s =
+          s == 0 ? a.hx[hoff] : a.out[a.rows.row(prev_time(d, t), b) * DH + col];
+      const int64_t drow = static_cast<int64_t>(d) * a.R + row;
+      const GruCellSaved<acc_t> sv = load_saved(a.ws + drow * 4 * H, j, H);
       const GruCellGrad<acc_t> g =
           gru_cell_backward<acc_t>(dh_tot, static_cast<acc_t>(h_prev_s), sv);
-      const int64_t row = (static_cast<int64_t>(d) * T + s) * B + b;
-      store_gate_grads(a.dgx + a.xs.at(t, b) + static_cast<int64_t>(d) * 3 * H,
-                       a.dgh + row * 3 * H, j, H, g);
-      a.hprev[row * H + j] = h_prev_s;
+      store_gate_grads(a.dgx + row * 3 * DH + static_cast<int64_t>(d) * 3 * H,
+                       a.dgh + drow * 3 * H, j, H, g);
+      a.hprev[drow * H + j] = h_prev_s;
       a.dh[hoff] = g.dh_prev;
     }
     grid.sync();
-    const scalar_t* dgh_s = a.dgh + (static_cast<int64_t>(d) * T + s) * B * 3 * H;
+    const scalar_t* dgh_d = a.dgh + static_cast<int64_t>(d) * a.R * 3 * H;
     for (int base = 0; base < B && a.sorted[base] > s; base += ps.tile_rows) {
       auto stage = [&](acc_t* dst, int r, int k0, int kc, int lane) {
         const int i = base + r;
         const bool active = i < B && a.sorted[i] > s;
-        const int64_t off = active ? static_cast<int64_t>(a.perm[i]) * 3 * H + k0 : 0;
-        stage_row<true>(dst, active ? dgh_s + off : nullptr, kc, lane);
+        const int64_t off =
+            active ? a.rows.row(step_time(d, a.sorted[i], s), a.perm[i]) * 3 * H + k0 : 0;
+        stage_row<true>(dst, active ? dgh_d + off : nullptr, kc, lane);
       };
       recurrent_matvec<kMma>(w_s, U, 1, 3, 3 * H, ps, tile, acc_s, stage);
       for (int e = threadIdx.x; e < items * 3 * kRows; e += blockDim.x) {
