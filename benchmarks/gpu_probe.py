@@ -40,7 +40,8 @@ OURS = ("persistent", "persistent_exact", "fallback", "auto")
 PERSISTENT = ("persistent", "persistent_exact")
 # Each implementation's child environment: the path, and the tensor-core knob.
 CHILD_ENV = {"persistent": {"VARLEN_RNN_CUDA_PATH": "persistent"},
-             "persistent_exact": {"VARLEN_RNN_CUDA_PATH": "persistent", "VARLEN_RNN_TENSOR_CORES": "0"},
+             "persistent_exact": {"VARLEN_RNN_CUDA_PATH": "persistent",
+                                  "VARLEN_RNN_TENSOR_CORES": "0"},
              "fallback": {"VARLEN_RNN_CUDA_PATH": "fallback"},
              "auto": {"VARLEN_RNN_CUDA_PATH": "auto"},
              "cudnn": {}}

@@ -12,9 +12,9 @@ import sys
 
 import pytest
 import torch
+from testing import HAS_CUDA
 
 import varlen_rnn
-from testing import HAS_CUDA
 
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
 needs_sm80 = pytest.mark.skipif(

@@ -147,8 +147,9 @@ def _knob(out: Path, stage: str) -> str:
 
 @pytest.mark.parametrize("mma_fails", [False, True])
 def test_the_wrapper_test_runs_first_and_a_failure_turns_tensor_cores_off(tmp_path, mma_fails):
-    """The mma stage runs right after the build whatever order GPU_CHECK_STAGES lists; when it does
-    not pass, every later stage inherits VARLEN_RNN_TENSOR_CORES=0 and the summary says so on top."""
+    """The mma stage runs right after the build whatever order GPU_CHECK_STAGES lists; when it
+    does not pass, every later stage inherits VARLEN_RNN_TENSOR_CORES=0 and the summary says so
+    on top."""
     extra = {"GPU_CHECK_FAIL": "mma"} if mma_fails else {}
     proc, out, _ = _check(tmp_path, 300, GPU_CHECK_STAGES="smoke resources mma build env", **extra)
     summary = (out / "summary.md").read_text()
@@ -231,8 +232,9 @@ def test_smoke_comparison_flags_a_wrong_path_and_a_missing_one():
 
 
 def test_smoke_holds_only_tensor_core_results_to_the_looser_tolerance():
-    """A bfloat16 error of 4e-2 (above TOL, within MMA_TOL) passes for `persistent` (tensor cores)
-    and fails for `persistent_exact`; persistent_tf32 runs float32 only and is not asked for bf16."""
+    """A bfloat16 error of 4e-2 (above TOL, within MMA_TOL) passes for `persistent` (tensor
+    cores) and fails for `persistent_exact`; persistent_tf32 runs float32 only and is not asked
+    for bf16."""
     from gpu_smoke import MMA_TOL, SIZES, TOL, case_name, compare, run_one
 
     assert TOL["bfloat16"] < 4e-2 <= MMA_TOL["bfloat16"]
