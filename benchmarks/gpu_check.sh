@@ -5,8 +5,12 @@
 #
 # Stages, most valuable first; each runs under `timeout -k` with min(its own limit, what is left of
 # the budget), and one that cannot get its minimum is "skipped (no time left)":
-#   env -> build -> resources (cuobjdump) -> smoke -> tests_cuda -> probe -> memcheck -> racecheck
-#   -> bench -> tests_rest -> cpu_bench16 -> cpu_bench1
+#   env -> build -> mma -> resources (cuobjdump) -> smoke -> tests_cuda -> probe -> memcheck
+#   -> racecheck -> bench -> tests_rest -> cpu_bench16 -> cpu_bench1
+# mma is the tensor-core wrapper's GPU unit test (tests/test_mma_gpu.py, seconds): a wrong fragment
+# layout shows there first. If it does not pass, every later stage runs with
+# VARLEN_RNN_TENSOR_CORES=0 (the exact CUDA-core kernels) and the summary says so at the top, so
+# the rest of the run still measures and checks something sound.
 # OUT_DIR gets at most 8 files (what the device tool brings back): summary.md (also printed last),
 # gpu_check_logs.tar.gz (every log, JSON and XML, rewritten after every stage, so a cut-off keeps
 # all that finished), the benchmark's JSON/MD/PNG and the timing probe's JSON/MD. Logs live in a
@@ -33,7 +37,7 @@ mkdir -p "$WORK" && WORK="$(cd "$WORK" && pwd)"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 RESERVE=8      # seconds kept back for the kill grace, the summary and the archive
 KILL_AFTER="${GPU_CHECK_KILL_AFTER:-5}"  # SIGKILL this long after a stage's SIGTERM
-STAGES="${GPU_CHECK_STAGES:-env build resources smoke tests_cuda probe memcheck racecheck bench tests_rest cpu_bench16 cpu_bench1}"
+STAGES="${GPU_CHECK_STAGES:-env build mma resources smoke tests_cuda probe memcheck racecheck bench tests_rest cpu_bench16 cpu_bench1}"
 KERNEL_REGEX='persistent_(forward|backward)_kernel|fallback_[a-z]+_step_kernel|lengths_prep_kernel'
 ARCHIVE="$OUT_DIR/gpu_check_logs.tar.gz"
 TABLE="$WORK/stages.tsv"
@@ -44,6 +48,7 @@ nvidia-smi -L >/dev/null 2>&1 && HAVE_GPU=1
 DEV=cuda
 [ "$DRY" = 1 ] && DEV=cpu
 BUILD_OK=1  # set to 0 by a build that fails; stages that need the extension are then skipped
+TC_OFF=""   # why the later stages run with VARLEN_RNN_TENSOR_CORES=0 (empty: they do not)
 COMMIT="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo "${VARLEN_RNN_COMMIT:-unknown}")"
 export PY REPO WORK DEV DRY KERNEL_REGEX PYTHONUNBUFFERED=1
 # An in-place build wins over an installed package (the GPU machine has only the in-place one);
@@ -108,10 +113,24 @@ stage_pytest() {  # NAME PYTEST_ARGS...: per-test timeout where pytest-timeout i
   else
     echo "pytest-timeout not installed: no per-test timeout"
   fi
-  "$PY" -m pytest "$@" -q -rfEs -p no:cacheprovider --rootdir "$REPO" --junitxml "$WORK/$name.xml" "${extra[@]}"
+  "$PY" -m pytest -q -rfEs -p no:cacheprovider --rootdir "$REPO" --junitxml "$WORK/$name.xml" "${extra[@]}" "$@"
   rc=$?
   [ $rc = 5 ] && { echo "KEY: no tests selected"; return 0; }
   return $rc
+}
+
+stage_mma() {  # the tensor-core wrapper on the GPU; on a GPU, a run where no test passed fails
+  stage_pytest mma "$REPO/tests/test_mma_gpu.py" -ra || return $?
+  [ "$DRY" = 1 ] && return 0
+  "$PY" - "$WORK/mma.xml" <<'PYEOF'
+import sys, xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+n = {k: sum(int(s.get(k, 0)) for s in root.iter("testsuite")) for k in ("tests", "failures", "errors", "skipped")}
+passed = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
+if passed == 0:
+    print(f"KEY: no wrapper test passed ({n['skipped']} skipped): the tensor-core layout is unverified")
+    sys.exit(1)
+PYEOF
 }
 
 fake_sanitizer() {  # dry run: compute-sanitizer's output around the same command
@@ -185,13 +204,15 @@ stage_bench() {  # bench | cpu_bench16 | cpu_bench1: results written as each cas
 
 stage_cmd() {  # the command line of a stage, quoted for bash -c
   local probe_extra=() rest=("$REPO/tests" --ignore="$REPO/tests/test_cuda.py"
+                             --ignore="$REPO/tests/test_cuda_tensor_cores.py"
                              --ignore="$REPO/tests/test_cuda_emulated.py")
   [ "$DRY" = 1 ] && probe_extra=(--tiny --dtypes float32 --H 16) && rest=("$REPO/tests/test_autocast.py")
   case $1 in
-    env|build|resources) echo "stage_$1" ;;
+    env|build|resources|mma) echo "stage_$1" ;;
     smoke) printf '%q ' "$PY" "$REPO/benchmarks/gpu_smoke.py" --device "$DEV" \
              --time-budget $((STAGE_LIMIT - 5)) --out "$WORK/smoke" ;;
-    tests_cuda) printf '%q ' stage_pytest tests_cuda "$REPO/tests/test_cuda.py" ;;
+    tests_cuda) printf '%q ' stage_pytest tests_cuda "$REPO/tests/test_cuda.py" \
+                  "$REPO/tests/test_cuda_tensor_cores.py" ;;
     probe) printf '%q ' "$PY" "$REPO/benchmarks/gpu_probe.py" --device "$DEV" \
              --time-budget $((STAGE_LIMIT - 8)) --out "$WORK/probe" "${probe_extra[@]}"
            echo "${GPU_CHECK_PROBE_ARGS:-}" ;;
@@ -200,7 +221,8 @@ stage_cmd() {  # the command line of a stage, quoted for bash -c
     tests_rest) printf '%q ' stage_pytest tests_rest "${rest[@]}" -k "cuda and not emulated" ;;
   esac
 }
-export -f stage_env stage_build stage_resources stage_pytest fake_sanitizer stage_sanitize stage_bench
+export -f stage_env stage_build stage_resources stage_pytest stage_mma fake_sanitizer stage_sanitize \
+  stage_bench
 export COMMIT BUDGET
 
 # ------------------------------------------------------------------------------ bookkeeping
@@ -241,7 +263,9 @@ run_stage() {  # NAME OWN_LIMIT MIN_SECONDS NEEDS(none|build|gpu)
   record "$name" "running (limit ${lim}s)" 0 ""  # what a cut-off during this stage leaves behind
   echo "== $name (limit ${lim}s): $cmd"
   t0=$SECONDS
-  timeout -k "$KILL_AFTER" "$lim" bash -c "$cmd" >"$log" 2>&1 </dev/null
+  # The first line of every log: the tensor-core knob the stage's processes inherit.
+  timeout -k "$KILL_AFTER" "$lim" bash -c 'echo "VARLEN_RNN_TENSOR_CORES=${VARLEN_RNN_TENSOR_CORES-unset}"
+    '"$cmd" >"$log" 2>&1 </dev/null
   rc=$?
   secs=$((SECONDS - t0))
   if [ $rc = 0 ]; then status=ok
@@ -253,6 +277,10 @@ run_stage() {  # NAME OWN_LIMIT MIN_SECONDS NEEDS(none|build|gpu)
   fi
   [ "$name" = build ] && [ $rc != 0 ] && BUILD_OK=0
   [ "$name" = build ] && in_place
+  if [ "$name" = mma ] && [ "$status" != ok ]; then
+    TC_OFF="the tensor-core wrapper test (mma) $status"
+    export VARLEN_RNN_TENSOR_CORES=0 TC_OFF
+  fi
   collect "$name"
   record "$name" "$status" "$secs" "$note"
   echo "   $status (${secs}s) $note"
@@ -272,6 +300,7 @@ trap 'record interrupted "interrupted (signal)" 0 ""; finish' TERM INT
 echo "gpu_check: out $OUT_DIR, work $WORK, budget ${BUDGET}s, dry run $DRY, GPU $HAVE_GPU"
 run_stage env 30 5 none
 run_stage build 300 30 none
+run_stage mma 60 15 gpu
 run_stage resources 20 5 gpu
 run_stage smoke 60 15 gpu
 run_stage tests_cuda 150 20 gpu

@@ -51,6 +51,11 @@ write_summary() {
   {
     echo "# gpu_check: ${gpu:-environment not recorded}"
     echo
+    if [ -n "${TC_OFF:-}" ]; then
+      echo "**TENSOR CORES OFF: $TC_OFF, so every later stage ran with VARLEN_RNN_TENSOR_CORES=0"
+      echo "(the exact CUDA-core kernels). Their results say nothing about the tensor-core path.**"
+      echo
+    fi
     echo "$(date -u +%Y-%m-%dT%H:%M:%SZ), commit $COMMIT, budget ${BUDGET}s, $((SECONDS - START))s used." \
       "Full logs: gpu_check_logs.tar.gz."
     echo
@@ -64,7 +69,7 @@ write_summary() {
     grep -ah '^FAIL \|^ERROR \|^child .*\(failed\|timed out\)' "$WORK/smoke.log" 2>/dev/null | head -25
   } >"$tmp"
   _add "Smoke failures" "$tmp" 30 "$s"
-  grep -ahE '^(FAILED|ERROR) ' "$WORK/tests_cuda.log" "$WORK/tests_rest.log" 2>/dev/null | cut -c1-240 >"$tmp"
+  grep -ahE '^(FAILED|ERROR) ' "$WORK/mma.log" "$WORK/tests_cuda.log" "$WORK/tests_rest.log" 2>/dev/null | cut -c1-240 >"$tmp"
   _add "Failed tests" "$tmp" 30 "$s"
   grep -ahE '^=+ +(Invalid|Error|ERROR|Race|.*[Hh]azard)' "$WORK"/memcheck_*.log "$WORK"/racecheck_*.log \
     2>/dev/null | grep -v 'SUMMARY' | cut -c1-200 >"$tmp"

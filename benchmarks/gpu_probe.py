@@ -1,4 +1,5 @@
-"""Timing probe: where the persistent path stops beating the fallback, and both against cuDNN.
+"""Timing probe: where the persistent path (tensor cores and exact) stops beating the fallback, and
+all against cuDNN.
 
     python benchmarks/gpu_probe.py                          # on a GPU: about a minute
     python benchmarks/gpu_probe.py --device cpu --tiny      # the plumbing, on a CPU machine
@@ -13,6 +14,11 @@ included), as a user gets them. Times are medians of CUDA-event intervals after 
 two input sets used in turn (fresh random data, never zeros). Prints a table and, per (H, dtype,
 mode), the measured crossover: the smallest B at which persistent is no longer faster than fallback,
 the number the path-choice model's constants are set from. Writes probe.json and probe.md to --out.
+The persistent path is measured twice: `persistent` with tensor cores where the library allows
+them (bfloat16/float16 always, float32 under cudnn.allow_tf32, which is on by default; sm_80+),
+and `persistent_exact` with VARLEN_RNN_TENSOR_CORES=0 in its child (the CUDA-core kernels); each
+gets its crossover. A VARLEN_RNN_TENSOR_CORES=0 in the probe's own environment (gpu_check.sh sets
+it when the wrapper test failed) reaches both children, and the header says so.
 """
 from __future__ import annotations
 
@@ -30,7 +36,15 @@ import_path()
 import torch  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
 
-OURS = ("persistent", "fallback", "auto")
+OURS = ("persistent", "persistent_exact", "fallback", "auto")
+PERSISTENT = ("persistent", "persistent_exact")
+# Each implementation's child environment: the path, and the tensor-core knob.
+CHILD_ENV = {"persistent": {"VARLEN_RNN_CUDA_PATH": "persistent"},
+             "persistent_exact": {"VARLEN_RNN_CUDA_PATH": "persistent",
+                                  "VARLEN_RNN_TENSOR_CORES": "0"},
+             "fallback": {"VARLEN_RNN_CUDA_PATH": "fallback"},
+             "auto": {"VARLEN_RNN_CUDA_PATH": "auto"},
+             "cudnn": {}}
 
 
 def parse_ints(s: str) -> list[int]:
@@ -115,6 +129,7 @@ def time_fn(fn, device: str, min_time: float, min_reps: int = 3, max_reps: int =
 
 def child(impl: str, a, out: str, deadline: Deadline) -> int:
     res = {"impl": impl, "env_path": os.environ.get("VARLEN_RNN_CUDA_PATH"),
+           "env_tensor_cores": os.environ.get("VARLEN_RNN_TENSOR_CORES"),
            "flags": {"cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
                      "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
                      "cudnn.enabled": torch.backends.cudnn.enabled},
@@ -147,15 +162,16 @@ def child(impl: str, a, out: str, deadline: Deadline) -> int:
     return 0
 
 
-def crossovers(table: dict, Bs: list[int]) -> dict:
-    """{(H, dtype, mode): text}: the smallest B at which persistent is no longer faster than
-    fallback ("none" if it wins at every B measured), with the ratio persistent/fallback per B."""
+def crossovers(table: dict, Bs: list[int], persistent: str = "persistent") -> dict:
+    """{(H, dtype, mode): (B, text)}: the smallest B at which `persistent` (an implementation's
+    name) is no longer faster than fallback ("none" if it wins at every B measured), with the
+    ratio persistent/fallback per B."""
     out = {}
     for key in sorted({k[:3] for k in table}):
         ratios, cross = [], "none"
         for B in Bs:
             t = table.get((*key, B), {})
-            p, f = t.get("persistent"), t.get("fallback")
+            p, f = t.get(persistent), t.get("fallback")
             if p is None or f is None:
                 ratios.append(f"B{B} -")
                 continue
@@ -185,14 +201,16 @@ def render(merged: dict, impls: list[str], Bs: list[int], T: int) -> tuple[str, 
         step = f"{best * 1e3 / T:.1f}" if best else "-"
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | " + " | ".join(cells)
                      + f" | {speed} | {step} |")
-    cross = crossovers(table, Bs)
     lines += ["", ("Crossover (smallest B where persistent is not faster than fallback; "
-                   "persistent/fallback time per B):"), ""]
+                   "persistent/fallback time per B), `persistent` on tensor cores where allowed, "
+                   "`persistent_exact` with VARLEN_RNN_TENSOR_CORES=0:"), ""]
     first = Bs[0] if Bs else None
-    lines += [f"- H={k[0]} {k[1]} {k[2]}: B={c}"
-              + (" (persistent never faster)" if c == str(first) else
-                 " (persistent faster at every B)" if c == "none" else "") + f"; {r}"
-              for k, (c, r) in cross.items()]
+    cross = {v: crossovers(table, Bs, v) for v in PERSISTENT if v in impls}
+    for v, cv in cross.items():
+        lines += [f"- H={k[0]} {k[1]} {k[2]}, {v}: B={c}"
+                  + (" (never faster)" if c == str(first) else
+                     " (faster at every B)" if c == "none" else "") + f"; {r}"
+                  for k, (c, r) in cv.items()]
     for impl, res in merged.items():
         errs = [r for r in res.get("results", []) if "error" in r]
         if errs:
@@ -200,8 +218,10 @@ def render(merged: dict, impls: list[str], Bs: list[int], T: int) -> tuple[str, 
         if res.get("not_reached"):
             lines.append(f"- {impl}: {res['not_reached']} configs not reached in its time share")
     short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64"}
+    tag = {"persistent": "tc", "persistent_exact": "exact"}
     key_line = "KEY: crossover B " + ("; ".join(
-        f"H{k[0]} {short.get(k[1], k[1])} {k[2]} {c}" for k, (c, _) in cross.items()) or "none measured")
+        f"{tag[v]} H{k[0]} {short.get(k[1], k[1])} {k[2]} {c}"
+        for v, cv in cross.items() for k, (c, _) in cv.items()) or "none measured")
     return "\n".join(lines), key_line
 
 
@@ -213,8 +233,9 @@ def main(argv=None) -> int:
     p.add_argument("--T", type=int, default=256, help="padded length; lengths uniform in [1, T]")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--modes", default="fwd,train", help="fwd (inference) and/or train (fwd+bwd)")
-    p.add_argument("--impls", default="persistent,fallback,cudnn",
-                   help="persistent, fallback, auto (our paths) and cudnn (nn.GRU + packing)")
+    p.add_argument("--impls", default="persistent,persistent_exact,fallback,cudnn",
+                   help="persistent (tensor cores where allowed), persistent_exact (without), "
+                   "fallback, auto (our paths) and cudnn (nn.GRU + packing)")
     p.add_argument("--min-time", type=float, default=0.2, help="seconds of timed calls per config")
     p.add_argument("--time-budget", type=float, default=90.0, help="seconds for all children")
     p.add_argument("--tiny", action="store_true", help="B 1,4 T 16, H 16,32 unless given: a dry run")
@@ -245,7 +266,7 @@ def main(argv=None) -> int:
             args = [os.path.abspath(__file__), "--child", impl, "--json", js, "--device", a.device,
                     "--B", a.B, "--H", a.H, "--T", str(a.T), "--dtypes", a.dtypes, "--modes", a.modes,
                     "--min-time", str(a.min_time), "--time-budget", str(max(1.0, share - 3))]
-            env = {"VARLEN_RNN_CUDA_PATH": impl} if impl in OURS else {}
+            env = CHILD_ENV[impl]
             r = run_child(args, share, env, log)
             print(f"child {impl}: {r['status']} ({r['seconds']:.0f}s)", flush=True)
             if r["status"] != "ok":
@@ -261,6 +282,9 @@ def main(argv=None) -> int:
     head = (f"# Timing probe: T={a.T}, lengths uniform in [1, T], I=H, 1 layer, device {a.device}"
             f" ({torch.cuda.get_device_name() if a.device == 'cuda' else 'CPU'}), torch "
             f"{torch.__version__}, flags {flags}\n\n")
+    if os.environ.get("VARLEN_RNN_TENSOR_CORES") == "0":
+        head += ("**VARLEN_RNN_TENSOR_CORES=0 in the probe's environment: `persistent` ran without "
+                 "tensor cores too.**\n\n")
     with open(os.path.join(out_dir, "probe.md"), "w") as f:
         f.write(head + md + "\n")
     with open(os.path.join(out_dir, "probe.json"), "w") as f:

@@ -12,6 +12,12 @@ A child that hangs is killed after its share of --time-budget and reported; the 
 Every comparison is ||a - b|| / ||b|| over output, h_n and every gradient, TF32 off (float32 means
 float32); the reference is varlen_rnn.reference.gru_reference in float64 on the same inputs and
 weights rounded to the dtype under test, so the tolerance measures the computation, not the inputs.
+
+The persistent path runs in three children: `persistent` (tensor cores where the library allows
+them: bfloat16 and float16 on sm_80+; float32 stays on the exact path because TF32 is off in the
+children), `persistent_exact` (VARLEN_RNN_TENSOR_CORES=0: the CUDA-core kernels in every dtype) and
+`persistent_tf32` (float32 only, cudnn.allow_tf32 on: the TF32 mma path). Tensor-core results are
+held to MMA_TOL (the compute precision's rounding of h and, for TF32, of W_hh), the others to TOL.
 """
 from __future__ import annotations
 
@@ -37,6 +43,32 @@ ALL_DTYPES = ("float64", "float32", "float16", "bfloat16")
 CPU_DTYPES = ("float64", "float32")  # what the CPU kernels dispatch
 # ||a - b|| / ||b|| allowed: against the float64 reference, and between two of our paths.
 TOL = {"float64": 1e-10, "float32": 2e-5, "float16": 5e-3, "bfloat16": 3e-2}
+# The same for a path whose recurrent product runs on tensor cores: about ten units of the
+# product's input precision (TF32 and float16: 2^-10; bfloat16: 2^-7, as TOL already allows for
+# bfloat16 storage, plus the staged h rounded to bfloat16). Estimates until a GPU run sets them.
+MMA_TOL = {"float64": 1e-10, "float32": 1e-2, "float16": 1e-2, "bfloat16": 5e-2}
+# Each CUDA child's environment (VARLEN_RNN_CUDA_PATH and the tensor-core knob), whether it turns
+# TF32 on, and the dtypes it runs (None: all asked for).
+CHILDREN = {
+    "persistent": ({"VARLEN_RNN_CUDA_PATH": "persistent"}, False, None),
+    "persistent_exact": ({"VARLEN_RNN_CUDA_PATH": "persistent", "VARLEN_RNN_TENSOR_CORES": "0"},
+                         False, None),
+    "persistent_tf32": ({"VARLEN_RNN_CUDA_PATH": "persistent"}, True, ("float32",)),
+    "fallback": ({"VARLEN_RNN_CUDA_PATH": "fallback"}, False, None),
+    "auto": ({"VARLEN_RNN_CUDA_PATH": "auto"}, False, None),
+}
+
+
+def path_dtypes(path: str, dtypes) -> tuple:
+    only = CHILDREN.get(path, ({}, False, None))[2]
+    return tuple(d for d in dtypes if only is None or d in only)
+
+
+def tolerance(path: str, dtype: str) -> float:
+    """TOL, or MMA_TOL where `path` runs the recurrent product on tensor cores (a GPU's sm_80+
+    assumed: on older ones the looser bound still holds)."""
+    mma = (path == "persistent" and dtype in ("float16", "bfloat16")) or path == "persistent_tf32"
+    return (MMA_TOL if mma else TOL)[dtype]
 
 
 def case_name(c) -> str:
@@ -134,8 +166,11 @@ def child(name: str, device: str, sizes: str, dtypes, graph: bool, out: str) -> 
     """One process: `name` is a CUDA path (persistent|fallback|auto, read by the library from the
     environment) or "cpu" (CPU kernels + float64 references)."""
     old_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    res = {"child": name, "env_path": os.environ.get("VARLEN_RNN_CUDA_PATH"), "runs": {},
+    tf32 = CHILDREN.get(name, ({}, False, None))[1]
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    dtypes = path_dtypes(name, dtypes)
+    res = {"child": name, "env_path": os.environ.get("VARLEN_RNN_CUDA_PATH"), "tf32": tf32,
+           "env_tensor_cores": os.environ.get("VARLEN_RNN_TENSOR_CORES"), "runs": {},
            "errors": {}, "warnings": []}
     failed = 0
     try:
@@ -191,23 +226,31 @@ def compare(results: dict, paths, sizes: str, dtypes) -> tuple[list, list]:
         T = c[0]
         pad = torch.arange(T).unsqueeze(1) >= lengths.unsqueeze(0)  # [T, B]
         for d in dtypes:
-            tol = TOL[d]
             tag = f"{case_name(c)}/{d}"
             ref = ref_runs.get(f"{tag}/ref")
-            got = {p: results.get(p, {}).get("runs", {}).get(f"{tag}/{p}") for p in paths}
+            here = [p for p in paths if d in path_dtypes(p, dtypes)]  # the paths that ran d
+            got = {p: results.get(p, {}).get("runs", {}).get(f"{tag}/{p}") for p in here}
             row = [case_name(c), d]
             for p in paths:
-                row.append(check(f"{tag}: {p} vs float64 reference", got[p], ref, tol))
+                if p not in here:
+                    row.append("n/a")
+                    continue
+                row.append(check(f"{tag}: {p} vs float64 reference", got[p], ref, tolerance(p, d)))
                 if got[p] is not None:
                     zero = bool((got[p][0][pad] == 0).all())
                     checks.append((f"{tag}: {p} output past each length is 0", None, None, zero))
-            if len(paths) >= 2:
-                row.append(check(f"{tag}: {paths[0]} vs {paths[1]}", got[paths[0]], got[paths[1]], tol))
+            for a, b in zip(paths, paths[1:]):  # neighbours: each pair at the looser tolerance
+                if a in here and b in here:
+                    row.append(check(f"{tag}: {a} vs {b}", got[a], got[b],
+                                     max(tolerance(a, d), tolerance(b, d))))
+                else:
+                    row.append("n/a")
             if d in CPU_DTYPES:
                 cpu = ref_runs.get(f"{tag}/cpu")
-                check(f"{tag}: CPU kernels vs float64 reference", cpu, ref, tol)
+                check(f"{tag}: CPU kernels vs float64 reference", cpu, ref, TOL[d])
                 for p in paths:
-                    row.append(check(f"{tag}: {p} vs CPU kernels", got[p], cpu, tol))
+                    row.append(check(f"{tag}: {p} vs CPU kernels", got[p], cpu, tolerance(p, d))
+                               if p in here else "n/a")
             rows.append(row)
     for p in paths:
         if "graph" in results.get(p, {}):
@@ -221,7 +264,7 @@ def compare(results: dict, paths, sizes: str, dtypes) -> tuple[list, list]:
 
 
 def fmt(e) -> str:
-    return "missing" if e is None else f"{e:.1e}"
+    return "missing" if e is None else e if isinstance(e, str) else f"{e:.1e}"
 
 
 def main(argv=None) -> int:
@@ -231,7 +274,9 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", choices=sorted(SIZES), default=None, help="default: smoke (tiny on cpu)")
     p.add_argument("--dtypes", default=None, help=f"comma-separated (default: {','.join(ALL_DTYPES)}; "
                    f"on cpu {','.join(CPU_DTYPES)})")
-    p.add_argument("--paths", default="persistent,fallback", help="VARLEN_RNN_CUDA_PATH values to compare")
+    p.add_argument("--paths", default="persistent,persistent_exact,fallback,persistent_tf32",
+                   help=f"CUDA children to compare, among {', '.join(CHILDREN)}; neighbours are "
+                   "compared with each other")
     p.add_argument("--time-budget", type=float, default=60.0, help="seconds for all children")
     p.add_argument("--out", default=None, help="folder for the children's results (default: a temp dir)")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA graph capture")
@@ -251,6 +296,9 @@ def main(argv=None) -> int:
     out_dir = a.out or tempfile.mkdtemp(prefix="gpu_smoke")
     os.makedirs(out_dir, exist_ok=True)
     paths = a.paths.split(",")
+    if any(q not in CHILDREN for q in paths):
+        p.error(f"--paths must be among {tuple(CHILDREN)}, got {paths}")
+    paths = [q for q in paths if path_dtypes(q, dtypes)]  # persistent_tf32 without float32: none
     deadline = Deadline(a.time_budget)
     results, status = {}, {}
     order = ["cpu", *paths]  # cpu first: the reference is cheap and everything compares with it
@@ -259,7 +307,7 @@ def main(argv=None) -> int:
             pt = os.path.join(out_dir, f"{name}.pt")
             args = [os.path.abspath(__file__), "--child", name, "--device", a.device, "--sizes", sizes,
                     "--dtypes", ",".join(dtypes), "--out", pt] + (["--no-graph"] if a.no_graph else [])
-            env = {} if name == "cpu" else {"VARLEN_RNN_CUDA_PATH": name}
+            env = {} if name == "cpu" else CHILDREN[name][0]
             r = run_child(args, deadline.share(len(order) - i), env, log)
             status[name] = f"{r['status']} ({r['seconds']:.0f}s)"
             print(f"child {name}: {status[name]}", flush=True)
@@ -269,10 +317,11 @@ def main(argv=None) -> int:
                 results[name] = torch.load(pt, weights_only=False)
     rows, checks = compare(results, paths, sizes, dtypes)
     head = ["case", "dtype", *[f"{q} vs f64" for q in paths]]
-    head += [f"{paths[0]} vs {paths[1]}"] if len(paths) >= 2 else []
+    head += [f"{q} vs {r}" for q, r in zip(paths, paths[1:])]
     head += [f"{q} vs CPU" for q in paths]
     print("\nrelative error ||a-b||/||b|| (tolerance per dtype: "
-          + ", ".join(f"{d} {TOL[d]:.0e}" for d in dtypes) + ")")
+          + ", ".join(f"{d} {TOL[d]:.0e}" for d in dtypes) + "; on tensor cores "
+          + ", ".join(f"{d} {MMA_TOL[d]:.0e}" for d in dtypes) + ")")
     print(" | ".join(head))
     for r in rows:
         print(" | ".join(r[:2] + [fmt(e) for e in r[2:]]))

@@ -29,7 +29,8 @@ ROW = re.compile(r"^\| (\w+) \| ([^|]+?) \| (\d+) \|", re.MULTILINE)
 
 
 def _env(tmp_path, **extra):
-    env = dict(os.environ, GPU_CHECK_DRY_RUN="1", PYTHON=sys.executable,
+    env = {k: v for k, v in os.environ.items() if k != "VARLEN_RNN_TENSOR_CORES"}
+    env = dict(env, GPU_CHECK_DRY_RUN="1", PYTHON=sys.executable,
                GPU_CHECK_WORK=str(tmp_path / "work"), GPU_CHECK_KILL_AFTER="1")
     env.update(extra)
     return env
@@ -44,7 +45,9 @@ def _check(tmp_path, budget, **extra):
 
 
 def _statuses(summary: str) -> dict:
-    return {m.group(1): (m.group(2), int(m.group(3))) for m in ROW.finditer(summary)}
+    """{stage: (status, seconds)} from the stage table (the sections below have tables too)."""
+    table = summary.split("\n## ", 1)[0]
+    return {m.group(1): (m.group(2), int(m.group(3))) for m in ROW.finditer(table)}
 
 
 def _assert_device_tool_can_return(out: Path):
@@ -137,6 +140,40 @@ def test_a_spent_budget_skips_the_later_stages(tmp_path):
     _assert_device_tool_can_return(out)
 
 
+def _knob(out: Path, stage: str) -> str:
+    """The VARLEN_RNN_TENSOR_CORES a stage's processes inherited (its log's first line)."""
+    return _archived_text(out, f"{stage}.log").splitlines()[0]
+
+
+@pytest.mark.parametrize("mma_fails", [False, True])
+def test_the_wrapper_test_runs_first_and_a_failure_turns_tensor_cores_off(tmp_path, mma_fails):
+    """The mma stage runs right after the build whatever order GPU_CHECK_STAGES lists; when it
+    does not pass, every later stage inherits VARLEN_RNN_TENSOR_CORES=0 and the summary says so
+    on top."""
+    extra = {"GPU_CHECK_FAIL": "mma"} if mma_fails else {}
+    proc, out, _ = _check(tmp_path, 300, GPU_CHECK_STAGES="smoke resources mma build env", **extra)
+    summary = (out / "summary.md").read_text()
+    st = _statuses(summary)
+    assert list(st) == ["env", "build", "mma", "resources", "smoke"]
+    for stage in ("env", "build", "mma"):
+        assert _knob(out, stage) == "VARLEN_RNN_TENSOR_CORES=unset", stage
+    off = "TENSOR CORES OFF" in summary
+    if mma_fails:
+        assert st["mma"][0] == "failed (exit 7)" and proc.returncode != 0
+        assert off and summary.index("TENSOR CORES OFF") < summary.index("| stage |")
+        for stage in ("resources", "smoke"):
+            assert _knob(out, stage) == "VARLEN_RNN_TENSOR_CORES=0", stage
+            assert st[stage][0] == "ok", (stage, st[stage])
+    else:
+        assert st["mma"][0] == "ok", st["mma"]
+        row = next(line for line in summary.splitlines() if line.startswith("| mma |"))
+        assert "skipped" in row and "passed" not in row, row  # no GPU: the wrapper tests skip
+        assert not off
+        for stage in ("resources", "smoke"):
+            assert _knob(out, stage) == "VARLEN_RNN_TENSOR_CORES=unset", stage
+        assert "mma.xml" in _archive(out), "the wrapper test's junit XML is archived"
+
+
 def test_probe_crossover_is_the_first_batch_where_persistent_loses():
     from gpu_probe import crossovers
 
@@ -152,6 +189,25 @@ def test_probe_crossover_is_the_first_batch_where_persistent_loses():
     assert got[(1024, "float32", "train")][0] == "1"
     assert got[(256, "bfloat16", "fwd")][0] == "none"
     assert "B64 1.50" in got[(256, "float32", "train")][1]
+
+
+def test_probe_reports_a_crossover_for_each_persistent_variant():
+    from gpu_probe import crossovers, render
+
+    def child(impl, times):
+        return {"results": [{"H": 256, "dtype": "bfloat16", "mode": "train", "B": B, "median_ms": t}
+                            for B, t in zip((1, 8, 64), times)]}
+
+    merged = {"persistent": child("persistent", (1.0, 1.0, 1.0)),
+              "persistent_exact": child("persistent_exact", (1.0, 3.0, 4.0)),
+              "fallback": child("fallback", (2.0, 2.0, 2.0))}
+    impls = ["persistent", "persistent_exact", "fallback"]
+    md, key = render(merged, impls, [1, 8, 64], 16)
+    assert "- H=256 bfloat16 train, persistent: B=none (faster at every B)" in md
+    assert "- H=256 bfloat16 train, persistent_exact: B=8;" in md
+    assert key == "KEY: crossover B tc H256 bf16 train none; exact H256 bf16 train 8"
+    table = {(256, "bfloat16", "train", 1): {"persistent_exact": 3.0, "fallback": 2.0}}
+    assert crossovers(table, [1], "persistent_exact")[(256, "bfloat16", "train")][0] == "1"
 
 
 def test_smoke_comparison_flags_a_wrong_path_and_a_missing_one():
@@ -173,3 +229,28 @@ def test_smoke_comparison_flags_a_wrong_path_and_a_missing_one():
     assert verdict[f"{tag}: persistent output past each length is 0"]
     _, checks = compare({"cpu": results["cpu"]}, ["persistent"], "tiny", ("float64",))
     assert any(name.endswith("persistent vs float64 reference") and not ok for name, _, _, ok in checks)
+
+
+def test_smoke_holds_only_tensor_core_results_to_the_looser_tolerance():
+    """A bfloat16 error of 4e-2 (above TOL, within MMA_TOL) passes for `persistent` (tensor
+    cores) and fails for `persistent_exact`; persistent_tf32 runs float32 only and is not asked
+    for bf16."""
+    from gpu_smoke import MMA_TOL, SIZES, TOL, case_name, compare, run_one
+
+    assert TOL["bfloat16"] < 4e-2 <= MMA_TOL["bfloat16"]
+    c = SIZES["tiny"][0]
+    tag = f"{case_name(c)}/bfloat16"
+    ref = run_one(c, "float64", "cpu")
+    off = [t * (1 + 4e-2) for t in ref]
+    results = {"cpu": {"runs": {f"{tag}/ref": ref}},
+               "persistent": {"runs": {f"{tag}/persistent": off}},
+               "persistent_exact": {"runs": {f"{tag}/persistent_exact": off}},
+               "persistent_tf32": {"runs": {}}}
+    paths = ["persistent", "persistent_exact", "persistent_tf32"]
+    rows, checks = compare(results, paths, "tiny", ("bfloat16",))
+    verdict = {name: ok for name, _, _, ok in checks if name.startswith(tag)}
+    assert verdict[f"{tag}: persistent vs float64 reference"]
+    assert not verdict[f"{tag}: persistent_exact vs float64 reference"]
+    assert verdict[f"{tag}: persistent vs persistent_exact"]
+    assert not any("persistent_tf32" in name for name in verdict), verdict
+    assert rows[0][4] == "n/a"  # persistent_tf32's column

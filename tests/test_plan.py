@@ -16,10 +16,12 @@ DRIVER = r"""
 #include "cuda/plan.h"
 using namespace varlen_rnn::plan;
 int main() {
-  long long B, H, D, pass, sb, ab, tc, sms, smem, coop, fit, req, max_kc;
-  while (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld", &B, &H,
-                    &D, &pass, &sb, &ab, &tc, &sms, &smem, &coop, &fit, &req, &max_kc) == 13) {
-    const Problem p{B, H, D, Pass(pass), sb, ab, tc != 0};
+  long long B, H, D, pass, sb, ab, tc, sms, smem, coop, fit, req, max_kc, mma;
+  while (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld", &B,
+                    &H, &D, &pass, &sb, &ab, &tc, &sms, &smem, &coop, &fit, &req, &max_kc,
+                    &mma) == 14) {
+    Problem p{B, H, D, Pass(pass), sb, ab, tc != 0};  // gru_cuda.cu's aggregate, then the field
+    p.persistent_mma = mma != 0;
     const Device d{sms, smem, coop != 0, fit != 0};
     const Choice c = choose_path(p, d, Path(req), max_kc);
     std::printf("%d %d %lld %lld %lld %lld %lld %lld %.6f %.6f %s\n", int(c.path), int(c.fits),
@@ -67,14 +69,15 @@ def ask(tmp_path_factory):
 
     def run(queries):
         """queries: dicts with B, H, D, pass_, dtype, device, and optional requested, max_kc,
-        cooperative."""
+        cooperative, mma (the persistent kernel on tensor cores)."""
         lines = []
         for q in queries:
             sb, ab, tc = DTYPES[q["dtype"]]
             sms, smem = DEVICES[q.get("device", "H100")]
             lines.append(" ".join(str(v) for v in (
                 q["B"], q["H"], q["D"], PASSES[q["pass_"]], sb, ab, int(tc), sms, smem,
-                int(q.get("cooperative", True)), 1, q.get("requested", AUTO), q.get("max_kc", 0))))
+                int(q.get("cooperative", True)), 1, q.get("requested", AUTO), q.get("max_kc", 0),
+                int(q.get("mma", False)))))
         out = subprocess.run([str(exe)], input="\n".join(lines) + "\n", capture_output=True,
                              text=True, check=True).stdout.splitlines()
         assert len(out) == len(queries)
@@ -179,3 +182,45 @@ def test_what_cannot_run_persistent_says_why(ask):
     assert not big.fits and big.path == FALLBACK and "does not fit" in big.why
     assert not no_coop.fits and "cooperative" in no_coop.why
     assert fallback.path == FALLBACK
+
+
+# ------------------------------------------------------------ the persistent kernel on tensor cores
+def _first_fallback(paths):
+    return paths.index(FALLBACK) if FALLBACK in paths else len(paths)
+
+
+def test_tensor_cores_choice_is_monotone_in_batch(ask):
+    Bs = list(range(1, 65)) + list(range(72, 513, 8))
+    for H in (64, 256, 260, 1024):
+        for p in PASSES:
+            for dt in ("f32-tf32", "bf16"):
+                paths = [a.path for a in ask([q(B, H, 1, p, dt, mma=True) for B in Bs])]
+                assert set(paths[_first_fallback(paths):]) <= {FALLBACK}, (H, p, dt)
+
+
+def test_tensor_cores_move_the_choice_toward_persistent_where_loads_are_conflict_free(ask):
+    """H = 260 (a weight row stride of 260 words: 8 rows in 32 distinct banks): 6 conflict-free
+    fragment loads per 16x8x8 TF32 mma do the work of ~5 CUDA-core item passes, so every step is
+    modelled cheaper and `auto` keeps persistent up to at least the same batch."""
+    Bs = [1, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512]
+    for p in ("inference", "training"):
+        exact = ask([q(B, 260, 1, p, "f32-tf32") for B in Bs])
+        mma = ask([q(B, 260, 1, p, "f32-tf32", mma=True) for B in Bs])
+        for B, e, m in zip(Bs, exact, mma):
+            assert m.persistent_us < e.persistent_us, (p, B, e, m)
+            assert m.fallback_us == e.fallback_us
+        assert _first_fallback([m.path for m in mma]) >= _first_fallback([e.path for e in exact])
+
+
+def test_tensor_cores_pay_for_bank_conflicts(ask):
+    """H = 256 bf16 training, B = 64 (weight rows 128 words apart, a 256-wide staged chunk): every
+    fragment load is an 8-way bank conflict, so the mma product is modelled slower than the
+    CUDA-core one it replaces; the fallback's modelled time does not depend on the field."""
+    for dt in ("bf16", "f32-tf32"):
+        e, m = ask([q(64, 256, 1, "training", dt), q(64, 256, 1, "training", dt, mma=True)])
+        assert m.persistent_us > 1.3 * e.persistent_us, (dt, e, m)
+        assert m.fallback_us == e.fallback_us
+    # At B = 1 the fixed costs (grid barrier, staging, pointwise) dominate: the two stay close.
+    e, m = ask([q(1, 256, 1, "training", "bf16"), q(1, 256, 1, "training", "bf16", mma=True)])
+    assert abs(m.persistent_us - e.persistent_us) < 0.1 * e.persistent_us, (e, m)
+    assert m.path == e.path == PERSISTENT

@@ -35,7 +35,8 @@ namespace cuda {
 // (a cap on the K chunk, so small shapes exercise the chunked loop) are read
 // once per process. Tests switch them through varlen_rnn_cuda_set_knobs_for_testing.
 // VARLEN_RNN_TENSOR_CORES=0 keeps the persistent kernels' recurrent products off the tensor
-// cores (the exact CUDA-core path in every dtype), to compare or bisect.
+// cores (the exact CUDA-core path in every dtype), to compare or bisect; tests switch it
+// through varlen_rnn_cuda_set_tensor_cores_for_testing (end of this file).
 struct Knobs {
   std::atomic<int> path{static_cast<int>(plan::Path::kAuto)};
   std::atomic<int64_t> max_kc{0};
@@ -337,3 +338,17 @@ at::Tensor host_checked_copy(const at::Tensor& t, const char* name, Check check)
 
 }  // namespace cuda
 }  // namespace varlen_rnn
+
+// Test hook (ctypes, tests/test_cuda_tensor_cores.py), beside varlen_rnn_cuda_set_knobs_for_testing
+// (gru_cuda.cu) whose three-argument signature its callers rely on: sets what
+// VARLEN_RNN_TENSOR_CORES gives once per process. on: 1 lets the persistent kernels use tensor
+// cores where the dtype and TF32 policy allow, 0 keeps them on the exact CUDA-core path, < 0 only
+// reads. Returns the setting before the call (1 or 0). Defined here, not inline, because only one
+// translation unit (gru_cuda.cu) includes this header and ctypes needs the symbol emitted.
+extern "C" __attribute__((visibility("default"))) int varlen_rnn_cuda_set_tensor_cores_for_testing(
+    int on) {
+  varlen_rnn::cuda::Knobs& k = varlen_rnn::cuda::knobs();
+  const int before = k.tensor_cores.load() ? 1 : 0;
+  if (on >= 0) k.tensor_cores = on != 0;
+  return before;
+}

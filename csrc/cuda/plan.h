@@ -36,6 +36,9 @@ struct Problem {
   int64_t storage_bytes;    // sizeof(scalar_t)
   int64_t acc_bytes;        // sizeof(op-math type)
   bool gemm_tensor_cores;   // the fallback's GEMMs run on tensor cores
+  // The persistent kernel's recurrent product runs on tensor cores (kMma: mma_matvec.cuh);
+  // gru_cuda.cu passes LayerCall::mma. False: the exact CUDA-core product.
+  bool persistent_mma = false;
 };
 
 struct Device {
@@ -105,6 +108,70 @@ inline double gemm_flops_per_cycle(const Problem& p) {
   return p.gemm_tensor_cores ? CostModel::kGemmTf32 : CostModel::kGemmFloat32;
 }
 
+// ---- The persistent kernel on tensor cores (kMma) ---------------------------
+// Peak dense rates of an H100 SXM (NVIDIA's datasheet, without sparsity): TF32 ~495 TFLOP/s,
+// bf16/f16 ~990, FP32 on CUDA cores ~67; per SM at 1.75 GHz that is ~2100, ~4300 and ~290
+// flop/cycle. One m16n8k8 TF32 mma is 2048 flop and one m16n8k16 16-bit mma 4096: about a
+// cycle of an SM's tensor cores each, so the tensor cores are not what bounds the kernel.
+// What does, per mma: each fragment element is one warp-wide scalar load from shared memory
+// (mma_matvec.cuh; no ldmatrix), A = 16 x K_mma weights and B = K_mma x 8 staged values, i.e.
+// 4 + 2 loads (TF32) or 8 + 4 (16-bit), each taking as many cycles as its worst bank conflict.
+// Lanes read rows lane/4 (8 rows) and word columns lane%4 of a row-major array, so a row stride
+// that is a multiple of 32 words (K = 256 fp32 weights, K = 512 bf16 weights, a 256-wide chunk)
+// puts all 8 rows in 4 banks: 8-way conflicts, 8 cycles per load. Then the mma product costs
+// more shared-memory cycles than the CUDA-core product it replaces, and the model says so; a
+// padded stride (K + 4 words) brings it to one cycle per load. Beside these the step keeps
+// its fixed costs (grid barrier, staging h from L2, pointwise), which dominate at small B and
+// which tensor cores do not touch. A dependent chain of mmas per warp costs kMmaLatency cycles
+// per mma where there are fewer tasks than warps. Estimates until gpu_probe.py measures them.
+struct MmaModel {
+  static constexpr double kLatencyCycles = 32;     // mma.sync issue-to-result, A100/H100 microbenchmarks
+  static constexpr double kTf32FlopPerCycle = 2048, kHalfFlopPerCycle = 4096;  // per SM, dense
+};
+
+// Cycles of one warp-wide shared-memory load where lane reads word
+// (lane / 4) * row_stride + (lane % 4) * col_step: the most distinct words in one bank.
+inline int64_t smem_load_cycles(int64_t row_stride_words, int64_t col_step) {
+  int64_t words[32], n = 0, worst = 1;
+  for (int64_t g = 0; g < 8; ++g) {
+    for (int64_t t = 0; t < 4; ++t) {
+      const int64_t w = g * row_stride_words + t * col_step;
+      bool seen = false;
+      for (int64_t i = 0; i < n; ++i) seen = seen || words[i] == w;
+      if (!seen) words[n++] = w;
+    }
+  }
+  for (int64_t bank = 0; bank < 32; ++bank) {
+    int64_t c = 0;
+    for (int64_t i = 0; i < n; ++i) c += ((words[i] % 32) + 32) % 32 == bank;
+    worst = std::max(worst, c);
+  }
+  return worst;
+}
+
+// Modelled cycles of one tile's recurrent product on tensor cores: w_rows weight rows of K
+// (row stride K in storage elements), `rows` staged rows in chunks of kc (row stride kc fp32).
+inline double mma_tile_cycles(const Problem& p, int64_t w_rows, int64_t rows, int64_t K,
+                              int64_t kc) {
+  const bool half = p.storage_bytes == 2;
+  const int64_t k_mma = half ? 16 : 8;
+  const int64_t a_loads = half ? 8 : 4, b_loads = half ? 4 : 2;
+  // 16-bit weights: two per word, lanes 4 bytes apart; staged values: fp32, lanes 1 (TF32) or
+  // 2 (16-bit: element pairs) words apart.
+  const int64_t a_cycles = smem_load_cycles(K * p.storage_bytes / 4, 1);
+  const int64_t b_cycles = smem_load_cycles(kc, half ? 2 : 1);
+  const double flop = 2.0 * 16 * 8 * k_mma;
+  const double per_mma =
+      std::max<double>(a_loads * a_cycles + b_loads * b_cycles,
+                       flop / (half ? MmaModel::kHalfFlopPerCycle : MmaModel::kTf32FlopPerCycle));
+  const int64_t chunks = ceil_div(K, kc);
+  const int64_t k_steps = (chunks - 1) * ceil_div(kc, k_mma) + ceil_div(K - (chunks - 1) * kc, k_mma);
+  const int64_t tasks = ceil_div(w_rows, 16) * (rows / kRowsPerItem);
+  const double loads = tasks * k_steps * per_mma;  // one shared-memory pipe per SM
+  const double chain = ceil_div(tasks, kWarps) * k_steps * MmaModel::kLatencyCycles;
+  return std::max(loads, chain);
+}
+
 // Modelled cycles of one persistent step for a block owning J units, with
 // tiles of `rows` rows and K walked in chunks of kc (all B rows running).
 inline double persistent_step_cycles(const Problem& p, int64_t J, int64_t rows, int64_t kc) {
@@ -124,7 +191,9 @@ inline double persistent_step_cycles(const Problem& p, int64_t J, int64_t rows, 
   const double load = rows * K * staged_bytes / CostModel::kL2BytesPerCycle +
                       chunks * CostModel::kPassCycles;
   const double compute =
-      padded_items * (iters * item_cycles + chunks * CostModel::kShuffleCyclesPerItem);
+      p.persistent_mma
+          ? mma_tile_cycles(p, kGatesPerItem * U, rows, K, kc)
+          : padded_items * (iters * item_cycles + chunks * CostModel::kShuffleCyclesPerItem);
   const double pointwise = ceil_div(B * J, kThreads) * CostModel::kPointwiseCycles[int(p.pass)];
   return CostModel::kGridSyncCycles + tiles * (load + compute) + pointwise;
 }
