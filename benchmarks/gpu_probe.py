@@ -39,7 +39,10 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa
 OURS = ("persistent", "persistent_exact", "fallback", "auto")
 PERSISTENT = ("persistent", "persistent_exact")
 # Each implementation's child environment: the path, and the tensor-core knob.
-CHILD_ENV = {"persistent": {"VARLEN_RNN_CUDA_PATH": "persistent"},
+# `persistent` forces the tensor-core kernel where the dtype allows (auto would price it against the
+# exact one), unless the check turned tensor cores off for the whole run after a failed mma stage.
+_TC = "0" if os.environ.get("VARLEN_RNN_TENSOR_CORES") == "0" else "1"
+CHILD_ENV = {"persistent": {"VARLEN_RNN_CUDA_PATH": "persistent", "VARLEN_RNN_TENSOR_CORES": _TC},
              "persistent_exact": {"VARLEN_RNN_CUDA_PATH": "persistent",
                                   "VARLEN_RNN_TENSOR_CORES": "0"},
              "fallback": {"VARLEN_RNN_CUDA_PATH": "fallback"},

@@ -49,11 +49,17 @@ TOL = {"float64": 1e-10, "float32": 2e-5, "float16": 5e-3, "bfloat16": 3e-2}
 MMA_TOL = {"float64": 1e-10, "float32": 1e-2, "float16": 1e-2, "bfloat16": 5e-2}
 # Each CUDA child's environment (VARLEN_RNN_CUDA_PATH and the tensor-core knob), whether it turns
 # TF32 on, and the dtypes it runs (None: all asked for).
+# `persistent` forces the tensor-core kernel wherever the dtype allows (VARLEN_RNN_TENSOR_CORES=1:
+# auto would pick the exact kernel where the cost model prices it faster), unless the check
+# turned tensor cores off for the whole run after a failed mma stage.
+_TC = "0" if os.environ.get("VARLEN_RNN_TENSOR_CORES") == "0" else "1"
 CHILDREN = {
-    "persistent": ({"VARLEN_RNN_CUDA_PATH": "persistent"}, False, None),
+    "persistent": ({"VARLEN_RNN_CUDA_PATH": "persistent", "VARLEN_RNN_TENSOR_CORES": _TC}, False,
+                   None),
     "persistent_exact": ({"VARLEN_RNN_CUDA_PATH": "persistent", "VARLEN_RNN_TENSOR_CORES": "0"},
                          False, None),
-    "persistent_tf32": ({"VARLEN_RNN_CUDA_PATH": "persistent"}, True, ("float32",)),
+    "persistent_tf32": ({"VARLEN_RNN_CUDA_PATH": "persistent", "VARLEN_RNN_TENSOR_CORES": _TC},
+                        True, ("float32",)),
     "fallback": ({"VARLEN_RNN_CUDA_PATH": "fallback"}, False, None),
     "auto": ({"VARLEN_RNN_CUDA_PATH": "auto"}, False, None),
 }

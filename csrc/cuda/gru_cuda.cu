@@ -79,7 +79,7 @@ void set_layer_call(LayerCall& c, const LayerDims& dims, const Tensor& input, co
   c.tf32 = input.scalar_type() == at::kFloat && cudnn_rnn_allows_tf32();
   // Tensor cores (sm_80+) where the fallback's cuBLAS GEMMs would use them too: the half
   // types, and float32 where TF32 is allowed; float64 and exact float32 stay on CUDA cores.
-  c.mma = knobs().tensor_cores && input.scalar_type() != at::kDouble &&
+  c.mma = knobs().tensor_cores != 0 && input.scalar_type() != at::kDouble &&
           (input.scalar_type() != at::kFloat || c.tf32) &&
           at::cuda::getCurrentDeviceProperties()->major >= 8;
   c.stream = at::cuda::getCurrentCUDAStream();
@@ -102,19 +102,38 @@ struct BackwardCall : LayerCall {
   Tensor grad_hx;  // [D, B, H]
 };
 
-// The path of one pass for this kernel; errors when persistent is forced but
-// cannot run, so tests that compare the paths never compare the fallback with itself.
-plan::Choice choose(const LayerCall& c, const void* kernel, plan::Pass pass, int64_t storage_bytes,
-                    int64_t acc_bytes) {
+// The path of one pass; errors when persistent is forced but cannot run, so tests
+// that compare the paths never compare the fallback with itself. kernel_of(mma) is
+// the persistent kernel's instantiation. Where the call may use tensor cores
+// (c.mma), the tensor-core and the exact persistent kernel are both priced and the
+// faster one runs: the model (plan.h) finds the tensor-core kernel slower where its
+// fragment loads conflict in shared memory, and auto never picks a slower path.
+template <typename KernelOf>
+plan::Choice choose(const LayerCall& c, KernelOf kernel_of, plan::Pass pass,
+                    int64_t storage_bytes, int64_t acc_bytes) {
   const plan::Path requested = requested_path();
   if (requested == plan::Path::kFallback) return plan::Choice{};
-  const KernelFacts facts = kernel_facts(kernel);
-  plan::Device dev = facts.dev;
-  if (!facts.unavailable.empty()) dev.cooperative = false;
-  const plan::Problem p{c.dims.B, c.dims.H, c.dims.D, pass, storage_bytes, acc_bytes,
-                        storage_bytes != 4 || c.tf32};
-  plan::Choice choice = plan::choose_path(p, dev, requested, knobs().max_kc.load());
-  if (!facts.unavailable.empty()) choice.why = facts.unavailable;
+  auto one = [&](bool mma) {
+    const KernelFacts facts = kernel_facts(kernel_of(mma));
+    plan::Device dev = facts.dev;
+    if (!facts.unavailable.empty()) dev.cooperative = false;
+    const plan::Problem p{c.dims.B, c.dims.H, c.dims.D, pass, storage_bytes, acc_bytes,
+                          storage_bytes != 4 || c.tf32, mma};
+    plan::Choice choice = plan::choose_path(p, dev, requested, knobs().max_kc.load());
+    if (!facts.unavailable.empty()) choice.why = facts.unavailable;
+    choice.mma = mma;
+    return choice;
+  };
+  plan::Choice choice = one(false);
+  if (c.mma) {
+    plan::Choice tc = one(true);
+    const bool tc_runs = tc.path == plan::Path::kPersistent;
+    const bool exact_runs = choice.path == plan::Path::kPersistent;
+    const bool forced = knobs().tensor_cores == 1;
+    if (tc_runs && (forced || !exact_runs || tc.persistent_us <= choice.persistent_us)) {
+      choice = tc;
+    }
+  }
   TORCH_CHECK(choice.fits || requested == plan::Path::kAuto,
               "VARLEN_RNN_CUDA_PATH=persistent but the persistent kernel cannot run: ", choice.why);
   return choice;
@@ -188,7 +207,8 @@ const void* backward_kernel(bool mma) {
 
 // ---- Forward: one function per path -------------------------------------------
 template <typename scalar_t>
-bool persistent_forward(const ForwardCall& c, const plan::Cut& cut) {
+bool persistent_forward(const ForwardCall& c, const plan::Choice& choice) {
+  const plan::Cut& cut = choice.cut;
   using acc_t = at::opmath_type<scalar_t>;
   const LayerDims& dims = c.dims;
   const Lengths l = prepare_lengths(c.rows.lengths, dims.T, true, c.stream);
@@ -203,7 +223,7 @@ bool persistent_forward(const ForwardCall& c, const plan::Cut& cut) {
   a.h_n = c.h_n.data_ptr<scalar_t>();
   a.ws = c.need_workspace ? c.ws.data_ptr<acc_t>() : nullptr;
   fill_common(a, c, l, cut);
-  return launch_cooperative(forward_kernel<scalar_t>(c.mma), cut.blocks, cut.smem, &a, c.stream);
+  return launch_cooperative(forward_kernel<scalar_t>(choice.mma), cut.blocks, cut.smem, &a, c.stream);
 }
 
 // The state h stays in acc_t; the GEMM runs in the storage dtype (tensor cores for
@@ -248,9 +268,9 @@ void run_forward(const ForwardCall& c) {
                                   "varlen_rnn_gru_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const plan::Choice choice =
-        choose(c, forward_kernel<scalar_t>(c.mma), pass, sizeof(scalar_t), sizeof(acc_t));
+        choose(c, forward_kernel<scalar_t>, pass, sizeof(scalar_t), sizeof(acc_t));
     if (choice.path == plan::Path::kPersistent &&
-        launched_or_allowed_to_fall_back(persistent_forward<scalar_t>(c, choice.cut))) {
+        launched_or_allowed_to_fall_back(persistent_forward<scalar_t>(c, choice))) {
       return;
     }
     fallback_forward<scalar_t>(c);
@@ -328,7 +348,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_ragged_forward_cuda(
 
 // ---- Backward: one function per path ------------------------------------------
 template <typename scalar_t>
-bool persistent_backward(const BackwardCall& c, const plan::Cut& cut) {
+bool persistent_backward(const BackwardCall& c, const plan::Choice& choice) {
+  const plan::Cut& cut = choice.cut;
   using acc_t = at::opmath_type<scalar_t>;
   const LayerDims& dims = c.dims;
   const Lengths l = prepare_lengths(c.rows.lengths, dims.T, true, c.stream);
@@ -346,7 +367,7 @@ bool persistent_backward(const BackwardCall& c, const plan::Cut& cut) {
   a.hprev = c.hprev.data_ptr<scalar_t>();
   a.grad_hx = c.grad_hx.data_ptr<scalar_t>();
   fill_common(a, c, l, cut);
-  return launch_cooperative(backward_kernel<scalar_t>(c.mma), cut.blocks, cut.smem, &a, c.stream);
+  return launch_cooperative(backward_kernel<scalar_t>(choice.mma), cut.blocks, cut.smem, &a, c.stream);
 }
 
 // dh after step s = dh_a (direct part, acc_t) + dh_b (dgh_{s+1} @ W_hh, a GEMM in the
@@ -387,10 +408,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run_backward(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.opts.dtype().toScalarType(),
                                   "varlen_rnn_gru_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const plan::Choice choice = choose(c, backward_kernel<scalar_t>(c.mma), plan::Pass::kBackward,
-                                       sizeof(scalar_t), sizeof(acc_t));
+    const plan::Choice choice =
+        choose(c, backward_kernel<scalar_t>, plan::Pass::kBackward, sizeof(scalar_t), sizeof(acc_t));
     if (choice.path == plan::Path::kPersistent &&
-        launched_or_allowed_to_fall_back(persistent_backward<scalar_t>(c, choice.cut))) {
+        launched_or_allowed_to_fall_back(persistent_backward<scalar_t>(c, choice))) {
       return;
     }
     fallback_backward<scalar_t>(c);

@@ -34,14 +34,18 @@ namespace cuda {
 // VARLEN_RNN_CUDA_PATH=auto|persistent|fallback and VARLEN_RNN_PERSISTENT_MAX_KC
 // (a cap on the K chunk, so small shapes exercise the chunked loop) are read
 // once per process. Tests switch them through varlen_rnn_cuda_set_knobs_for_testing.
-// VARLEN_RNN_TENSOR_CORES=0 keeps the persistent kernels' recurrent products off the tensor
-// cores (the exact CUDA-core path in every dtype), to compare or bisect; tests switch it
+// VARLEN_RNN_TENSOR_CORES: auto (default) runs the persistent kernels' recurrent products on
+// tensor cores where the dtype and TF32 policy allow it and the cost model prices that kernel
+// no slower than the exact one; 1 wherever the policy allows; 0 never (the exact CUDA-core
+// path in every dtype), to compare or bisect. Tests switch it
 // through varlen_rnn_cuda_set_tensor_cores_for_testing (end of this file).
+constexpr int kTensorCoresAuto = 2;  // VARLEN_RNN_TENSOR_CORES unset or "auto"
+
 struct Knobs {
   std::atomic<int> path{static_cast<int>(plan::Path::kAuto)};
   std::atomic<int64_t> max_kc{0};
   std::atomic<bool> oversubscribe{false};  // tests: launch a grid the driver must refuse
-  std::atomic<bool> tensor_cores{true};    // VARLEN_RNN_TENSOR_CORES (0: off)
+  std::atomic<int> tensor_cores{kTensorCoresAuto};  // VARLEN_RNN_TENSOR_CORES: 0, 1 or auto
   std::string bad_path;                    // an unparsable VARLEN_RNN_CUDA_PATH, reported per call
 };
 
@@ -69,7 +73,9 @@ inline Knobs& knobs() {
       n->bad_path = env;
     }
     if (const char* tc = std::getenv("VARLEN_RNN_TENSOR_CORES")) {
-      n->tensor_cores = std::strcmp(tc, "0") != 0;
+      n->tensor_cores = std::strcmp(tc, "0") == 0   ? 0
+                        : std::strcmp(tc, "1") == 0 ? 1
+                                                    : kTensorCoresAuto;
     }
     if (const char* cap = std::getenv("VARLEN_RNN_PERSISTENT_MAX_KC")) {
       n->max_kc = std::max<long long>(0, std::atoll(cap));
@@ -341,14 +347,14 @@ at::Tensor host_checked_copy(const at::Tensor& t, const char* name, Check check)
 
 // Test hook (ctypes, tests/test_cuda_tensor_cores.py), beside varlen_rnn_cuda_set_knobs_for_testing
 // (gru_cuda.cu) whose three-argument signature its callers rely on: sets what
-// VARLEN_RNN_TENSOR_CORES gives once per process. on: 1 lets the persistent kernels use tensor
-// cores where the dtype and TF32 policy allow, 0 keeps them on the exact CUDA-core path, < 0 only
-// reads. Returns the setting before the call (1 or 0). Defined here, not inline, because only one
+// VARLEN_RNN_TENSOR_CORES gives once per process. on: 1 puts the persistent kernels' products on
+// tensor cores wherever the dtype and TF32 policy allow, 0 keeps them on the exact CUDA-core path,
+// 2 is auto (priced by the cost model), < 0 only reads. Returns the setting before the call. Defined here, not inline, because only one
 // translation unit (gru_cuda.cu) includes this header and ctypes needs the symbol emitted.
 extern "C" __attribute__((visibility("default"))) int varlen_rnn_cuda_set_tensor_cores_for_testing(
     int on) {
   varlen_rnn::cuda::Knobs& k = varlen_rnn::cuda::knobs();
-  const int before = k.tensor_cores.load() ? 1 : 0;
-  if (on >= 0) k.tensor_cores = on != 0;
+  const int before = k.tensor_cores.load();
+  if (on >= 0) k.tensor_cores = on > 1 ? varlen_rnn::cuda::kTensorCoresAuto : on;
   return before;
 }

@@ -61,6 +61,7 @@ struct Choice {
   Cut cut;
   std::string why;              // why the persistent path does not fit
   double persistent_us = 0, fallback_us = 0;  // modelled time per step
+  bool mma = false;  // the persistent kernel runs its recurrent product on tensor cores
 };
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
