@@ -59,11 +59,14 @@ def test_tensor_core_hook_exported_when_built_with_cuda():
     if not varlen_rnn.WITH_CUDA:
         pytest.skip("varlen_rnn was built without CUDA (no toolkit, or a CPU torch)")
     start = set_tensor_cores(-1)
-    assert start in (0, 1)
+    expected = {"0": 0, "1": 1}.get(os.environ.get("VARLEN_RNN_TENSOR_CORES"), 2)
+    assert start == expected, "the default (unset or auto) is 2: priced by the cost model"
     assert set_tensor_cores(0) == start
     assert set_tensor_cores(-1) == 0, "-1 only reads"
     assert set_tensor_cores(1) == 0
-    assert set_tensor_cores(-1) == 1
+    assert set_tensor_cores(2) == 1
+    assert set_tensor_cores(7) == 2, "above 1 means auto"
+    assert set_tensor_cores(start) == 2
 
 
 def run(dtype, seed=0):
