@@ -48,8 +48,8 @@ struct GruCellSaved {
 };
 
 template <typename T, typename Math = PreciseMath>
-VR_HOST_DEVICE T gru_cell_forward(T gx_r, T gx_z, T gx_n, T gh_r, T gh_z,
-                                  T gh_n, T h_prev, GruCellSaved<T>& s) {
+VR_HOST_DEVICE T gru_cell_forward(T gx_r, T gx_z, T gx_n, T gh_r, T gh_z, T gh_n, T h_prev,
+                                  GruCellSaved<T>& s) {
   s.r = sigmoid<T, Math>(gx_r + gh_r);
   s.z = sigmoid<T, Math>(gx_z + gh_z);
   s.hn = gh_n;
@@ -67,8 +67,7 @@ struct GruCellGrad {
 };
 
 template <typename T>
-VR_HOST_DEVICE GruCellGrad<T> gru_cell_backward(T dh, T h_prev,
-                                                const GruCellSaved<T>& s) {
+VR_HOST_DEVICE GruCellGrad<T> gru_cell_backward(T dh, T h_prev, const GruCellSaved<T>& s) {
   GruCellGrad<T> g;
   const T dn_act = dh * (T(1) - s.z);
   const T dz_act = dh * (h_prev - s.n);

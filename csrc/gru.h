@@ -42,13 +42,11 @@ struct NoAutocastGuard {
   c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
 };
 
-inline void check_same_device_dtype(const at::Tensor& ref, const at::Tensor& t,
-                                    const char* name) {
-  TORCH_CHECK(t.device() == ref.device(), name, " must be on the input's device ",
-              ref.device(), ", got ", t.device());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name,
-              " must have the input's dtype ", ref.scalar_type(), ", got ",
-              t.scalar_type());
+inline void check_same_device_dtype(const at::Tensor& ref, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), name, " must be on the input's device ", ref.device(),
+              ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have the input's dtype ",
+              ref.scalar_type(), ", got ", t.scalar_type());
 }
 
 // The checks of the weights, biases and hx that every layer op shares. I is
@@ -75,9 +73,8 @@ inline void check_weight_args(LayerDims& dims, const at::Tensor& input, const at
   for (const auto* b : {&b_ih, &b_hh}) {
     if (!b->has_value()) continue;
     const char* name = b == &b_ih ? "b_ih" : "b_hh";
-    TORCH_CHECK((*b)->dim() == 2 && (*b)->size(0) == dims.D && (*b)->size(1) == 3 * dims.H,
-                name, " must be [D, 3H] = [", dims.D, ", ", 3 * dims.H, "], got shape ",
-                (*b)->sizes());
+    TORCH_CHECK((*b)->dim() == 2 && (*b)->size(0) == dims.D && (*b)->size(1) == 3 * dims.H, name,
+                " must be [D, 3H] = [", dims.D, ", ", 3 * dims.H, "], got shape ", (*b)->sizes());
     check_same_device_dtype(input, **b, name);
   }
   TORCH_CHECK(hx.dim() == 3 && hx.size(0) == dims.D && hx.size(1) == dims.B && hx.size(2) == dims.H,
@@ -89,13 +86,10 @@ inline void check_weight_args(LayerDims& dims, const at::Tensor& input, const at
 // Checks everything that shapes and dtypes alone decide. The values of
 // `lengths` (0 <= length <= T) are checked by each backend: on the host where
 // they live on the CPU, else by the kernel.
-inline LayerDims check_layer_args(const at::Tensor& input,
-                                  const at::Tensor& lengths,
+inline LayerDims check_layer_args(const at::Tensor& input, const at::Tensor& lengths,
                                   const at::Tensor& hx, const at::Tensor& w_ih,
-                                  const at::Tensor& w_hh,
-                                  const std::optional<at::Tensor>& b_ih,
-                                  const std::optional<at::Tensor>& b_hh,
-                                  bool batch_first) {
+                                  const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                                  const std::optional<at::Tensor>& b_hh, bool batch_first) {
   TORCH_CHECK(input.dim() == 3, "input must be 3-D ", batch_first ? "[B, T, I]" : "[T, B, I]",
               ", got shape ", input.sizes());
   TORCH_CHECK(at::isFloatingType(input.scalar_type()),
@@ -135,18 +129,16 @@ struct RaggedDims : LayerDims {
 // seq_index and sorted_indices are checked where a backend reads them (the
 // check_*_values functions below, on host copies).
 inline RaggedDims check_ragged_args(const at::Tensor& input, const at::Tensor& seq_index,
-                                    const std::optional<at::Tensor>& sorted_indices,
-                                    int64_t layout, int64_t max_len, const at::Tensor& hx,
-                                    const at::Tensor& w_ih, const at::Tensor& w_hh,
-                                    const std::optional<at::Tensor>& b_ih,
+                                    const std::optional<at::Tensor>& sorted_indices, int64_t layout,
+                                    int64_t max_len, const at::Tensor& hx, const at::Tensor& w_ih,
+                                    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
                                     const std::optional<at::Tensor>& b_hh) {
   TORCH_CHECK(input.dim() == 2, "input must be 2-D [N, I] (the valid rows), got shape ",
               input.sizes());
   TORCH_CHECK(at::isFloatingType(input.scalar_type()),
               "input must be a floating point tensor, got ", input.scalar_type());
   TORCH_CHECK(layout == 0 || layout == 1,
-              "layout must be 0 (offsets, sequence-major) or 1 (packed, time-major), got ",
-              layout);
+              "layout must be 0 (offsets, sequence-major) or 1 (packed, time-major), got ", layout);
   TORCH_CHECK(seq_index.scalar_type() == at::kLong || seq_index.scalar_type() == at::kInt,
               "seq_index must be an int64 or int32 tensor, got ", seq_index.scalar_type());
   TORCH_CHECK(max_len >= 0, "max_len must be >= 0, got ", max_len);
@@ -172,8 +164,9 @@ inline RaggedDims check_ragged_args(const at::Tensor& input, const at::Tensor& s
     TORCH_CHECK(seq_index.is_cpu(),
                 "seq_index (batch_sizes) must be on the CPU, as PackedSequence keeps it, got ",
                 seq_index.device());
-    TORCH_CHECK(max_len >= seq_index.size(0), "max_len must be >= batch_sizes.size(0)=",
-                seq_index.size(0), " (the longest length), got ", max_len);
+    TORCH_CHECK(max_len >= seq_index.size(0),
+                "max_len must be >= batch_sizes.size(0)=", seq_index.size(0),
+                " (the longest length), got ", max_len);
     TORCH_CHECK(hx.dim() == 3, "hx must be 3-D [D, B, H], got shape ", hx.sizes());
     dims.B = hx.size(1);  // batch_sizes[0], checked with the values
     if (sorted_indices.has_value()) {
@@ -196,32 +189,32 @@ inline RaggedDims check_ragged_args(const at::Tensor& input, const at::Tensor& s
 // CPU backend runs them always, CUDA where the values live on the CPU.
 
 // offsets [B+1]
-inline void check_offsets_values(const int64_t* offsets, int64_t B, int64_t N,
-                                  int64_t max_len) {
+inline void check_offsets_values(const int64_t* offsets, int64_t B, int64_t N, int64_t max_len) {
   TORCH_CHECK(offsets[0] == 0, "offsets[0] must be 0, got seq_index (offsets)[0]=", offsets[0]);
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(offsets[b] <= offsets[b + 1], "seq_index (offsets) must be non-decreasing, got "
-                "offsets[", b, "]=", offsets[b], " > offsets[", b + 1, "]=", offsets[b + 1]);
+    TORCH_CHECK(offsets[b] <= offsets[b + 1],
+                "seq_index (offsets) must be non-decreasing, got "
+                "offsets[",
+                b, "]=", offsets[b], " > offsets[", b + 1, "]=", offsets[b + 1]);
   }
   TORCH_CHECK(offsets[B] == N, "offsets[B] must equal input.size(0)=", N, ", got offsets[", B,
               "]=", offsets[B]);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t len = offsets[b + 1] - offsets[b];
-    TORCH_CHECK(len <= max_len, "max_len=", max_len, " must be >= every length, got length ",
-                len, " for sequence ", b, " (offsets[", b + 1, "] - offsets[", b, "])");
+    TORCH_CHECK(len <= max_len, "max_len=", max_len, " must be >= every length, got length ", len,
+                " for sequence ", b, " (offsets[", b + 1, "] - offsets[", b, "])");
   }
 }
 
 // batch_sizes [T]
-inline void check_batch_sizes_values(const int64_t* batch_sizes, int64_t T, int64_t B,
-                                     int64_t N) {
+inline void check_batch_sizes_values(const int64_t* batch_sizes, int64_t T, int64_t B, int64_t N) {
   int64_t sum = 0;
   for (int64_t t = 0; t < T; ++t) {
-    TORCH_CHECK(batch_sizes[t] >= 1, "seq_index (batch_sizes) must be >= 1, got batch_sizes[",
-                t, "]=", batch_sizes[t]);
+    TORCH_CHECK(batch_sizes[t] >= 1, "seq_index (batch_sizes) must be >= 1, got batch_sizes[", t,
+                "]=", batch_sizes[t]);
     TORCH_CHECK(t == 0 || batch_sizes[t] <= batch_sizes[t - 1],
-                "seq_index (batch_sizes) must be non-increasing, got batch_sizes[", t - 1, "]=",
-                batch_sizes[t - 1], " < batch_sizes[", t, "]=", batch_sizes[t]);
+                "seq_index (batch_sizes) must be non-increasing, got batch_sizes[", t - 1,
+                "]=", batch_sizes[t - 1], " < batch_sizes[", t, "]=", batch_sizes[t]);
     sum += batch_sizes[t];
   }
   TORCH_CHECK(T == 0 || batch_sizes[0] == B, "batch_sizes[0] must equal B=", B,
@@ -234,9 +227,9 @@ inline void check_sorted_indices_values(const int64_t* sorted_indices, int64_t B
   std::vector<bool> seen(B, false);
   for (int64_t i = 0; i < B; ++i) {
     const int64_t b = sorted_indices[i];
-    TORCH_CHECK(b >= 0 && b < B && !seen[b], "sorted_indices must be a permutation of 0..B-1 (B=",
-                B, "), got sorted_indices[", i, "]=", b,
-                (b >= 0 && b < B) ? " twice" : " out of range");
+    TORCH_CHECK(b >= 0 && b < B && !seen[b],
+                "sorted_indices must be a permutation of 0..B-1 (B=", B, "), got sorted_indices[",
+                i, "]=", b, (b >= 0 && b < B) ? " twice" : " out of range");
     seen[b] = true;
   }
 }
@@ -253,8 +246,7 @@ inline void check_backward_args(const Dims& dims, const at::Tensor& input,
   const c10::IntArrayRef want(out_sizes);  // prints as [a, b, c]
   TORCH_CHECK(grad_output.sizes() == want, "grad_output must have shape ", want, ", got ",
               grad_output.sizes());
-  TORCH_CHECK(output.sizes() == want, "output must have shape ", want, ", got ",
-              output.sizes());
+  TORCH_CHECK(output.sizes() == want, "output must have shape ", want, ", got ", output.sizes());
   TORCH_CHECK(grad_h_n.dim() == 3 && grad_h_n.size(0) == dims.D && grad_h_n.size(1) == dims.B &&
                   grad_h_n.size(2) == dims.H,
               "grad_h_n must be [D, B, H] = [", dims.D, ", ", dims.B, ", ", dims.H, "], got ",
@@ -264,7 +256,8 @@ inline void check_backward_args(const Dims& dims, const at::Tensor& input,
   check_same_device_dtype(input, output, "output");
   TORCH_CHECK(workspace.dim() == 3 && workspace.size(0) == dims.D &&
                   workspace.size(1) == workspace_rows && workspace.size(2) == 4 * dims.H,
-              "workspace must be [D, ", workspace_rows, ", 4H] as this backend's "
+              "workspace must be [D, ", workspace_rows,
+              ", 4H] as this backend's "
               "forward (need_workspace=True) returns it, got shape ",
               workspace.sizes());
   const auto ws_dtype = opmath_dtype(input.scalar_type());

@@ -5,9 +5,9 @@
 
 extern "C" {
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "varlen_rnn kernels (registered with torch.library)",
-      -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
+                                          "varlen_rnn kernels (registered with torch.library)", -1,
+                                          nullptr};
   return PyModule_Create(&module_def);
 }
 }

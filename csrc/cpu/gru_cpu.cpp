@@ -93,14 +93,13 @@ void set_layer_args(ForwardArgs& args, const at::Tensor& input, const at::Tensor
 }
 
 // The ragged ops' version; returns the dims with N and the layout.
-RaggedDims set_ragged_args(ForwardArgs& args, const at::Tensor& input,
-                           const at::Tensor& seq_index,
+RaggedDims set_ragged_args(ForwardArgs& args, const at::Tensor& input, const at::Tensor& seq_index,
                            const std::optional<at::Tensor>& sorted_indices, int64_t layout,
                            int64_t max_len, const at::Tensor& hx, const at::Tensor& w_ih,
                            const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
                            const std::optional<at::Tensor>& b_hh) {
-  const RaggedDims dims = check_ragged_args(input, seq_index, sorted_indices, layout, max_len,
-                                            hx, w_ih, w_hh, b_ih, b_hh);
+  const RaggedDims dims = check_ragged_args(input, seq_index, sorted_indices, layout, max_len, hx,
+                                            w_ih, w_hh, b_ih, b_hh);
   args.dims = dims;
   args.sched = make_ragged_schedule(dims, seq_index, sorted_indices);
   // Packed input is in the schedule's own order: its rows are the positions.
@@ -153,7 +152,7 @@ void forward_impl(ForwardArgs& args) {
     const at::Tensor gx = args.b_ih ? at::addmm((*args.b_ih)[d], xp, w_ih_t) : at::mm(xp, w_ih_t);
     if (d == dims.D - 1) xp.reset();
     const at::Tensor w_hh_t = args.w_hh[d].t().contiguous();  // [H, 3H]
-    at::Tensor h = args.hx[d].index_select(0, perm);           // [B, H] sorted order
+    at::Tensor h = args.hx[d].index_select(0, perm);          // [B, H] sorted order
     const scalar_t* gx_p = gx.const_data_ptr<scalar_t>();
     const scalar_t* bh_p = b_hh.const_data_ptr<scalar_t>() + d * G;
     scalar_t* h_p = h.data_ptr<scalar_t>();
@@ -261,8 +260,7 @@ void backward_impl(BackwardArgs& args) {
 }
 
 using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-using Backward =
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The part of each forward op after its arguments are set and its output is
 // allocated: the results in the input's dtype.
@@ -270,8 +268,8 @@ Forward run_forward(ForwardArgs& args, at::ScalarType dtype, bool need_workspace
   const LayerDims& dims = args.dims;
   const auto opts = args.input2d.options();
   args.h_n = at::empty({dims.D, dims.B, dims.H}, opts);
-  args.workspace = need_workspace ? at::empty({dims.D, args.sched.N(), 4 * dims.H}, opts)
-                                  : at::empty({0}, opts);
+  args.workspace =
+      need_workspace ? at::empty({dims.D, args.sched.N(), 4 * dims.H}, opts) : at::empty({0}, opts);
   AT_DISPATCH_FLOATING_TYPES(args.input2d.scalar_type(), "gru_layer_forward_cpu",
                              [&] { forward_impl<scalar_t>(args); });
   return {args.output.to(dtype), args.h_n.to(dtype), args.workspace};
@@ -306,8 +304,8 @@ Backward run_backward(BackwardArgs& args, const at::Tensor& input, const at::Ten
 // The ops' arguments and results, with their shapes, are documented once in
 // ops.cpp's schemas; the structs above repeat the shapes.
 Forward gru_layer_forward_cpu(const at::Tensor& input, const at::Tensor& lengths,
-                              const at::Tensor& hx, const at::Tensor& w_ih,
-                              const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                              const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                              const std::optional<at::Tensor>& b_ih,
                               const std::optional<at::Tensor>& b_hh, bool batch_first,
                               bool need_workspace) {
   const NoAutocastGuard no_autocast;
@@ -328,8 +326,7 @@ Backward gru_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor&
   const NoAutocastGuard no_autocast;
   BackwardArgs args;
   set_layer_args(args, input, lengths, hx, w_ih, w_hh, std::nullopt, std::nullopt, batch_first);
-  check_backward_args(args.dims, input, grad_output, grad_h_n, output, workspace,
-                      args.sched.N());
+  check_backward_args(args.dims, input, grad_output, grad_h_n, output, workspace, args.sched.N());
   return run_backward(args, input, grad_output, grad_h_n, output, workspace);
 }
 
@@ -339,12 +336,11 @@ Forward gru_layer_ragged_forward_cpu(const at::Tensor& input, const at::Tensor& 
                                      int64_t layout, int64_t max_len, const at::Tensor& hx,
                                      const at::Tensor& w_ih, const at::Tensor& w_hh,
                                      const std::optional<at::Tensor>& b_ih,
-                                     const std::optional<at::Tensor>& b_hh,
-                                     bool need_workspace) {
+                                     const std::optional<at::Tensor>& b_hh, bool need_workspace) {
   const NoAutocastGuard no_autocast;
   ForwardArgs args;
-  const RaggedDims dims = set_ragged_args(args, input, seq_index, sorted_indices, layout,
-                                          max_len, hx, w_ih, w_hh, b_ih, b_hh);
+  const RaggedDims dims = set_ragged_args(args, input, seq_index, sorted_indices, layout, max_len,
+                                          hx, w_ih, w_hh, b_ih, b_hh);
   args.output = at::empty(dims.output_sizes(), args.input2d.options());
   return run_forward(args, input.scalar_type(), need_workspace);
 }
@@ -357,8 +353,8 @@ Backward gru_layer_ragged_backward_cpu(const at::Tensor& grad_output, const at::
                                        const at::Tensor& output, const at::Tensor& workspace) {
   const NoAutocastGuard no_autocast;
   BackwardArgs args;
-  const RaggedDims dims = set_ragged_args(args, input, seq_index, sorted_indices, layout,
-                                          max_len, hx, w_ih, w_hh, std::nullopt, std::nullopt);
+  const RaggedDims dims = set_ragged_args(args, input, seq_index, sorted_indices, layout, max_len,
+                                          hx, w_ih, w_hh, std::nullopt, std::nullopt);
   check_backward_args(dims, input, grad_output, grad_h_n, output, workspace, dims.N);
   return run_backward(args, input, grad_output, grad_h_n, output, workspace);
 }

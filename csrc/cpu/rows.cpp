@@ -46,8 +46,8 @@ template <typename T>
 inline void backward_any(const BackwardRow<T>& row, int64_t H) {
   VR_IVDEP
   for (int64_t j = 0; j < H; ++j) {
-    const auto g = gru_cell_backward<T>(row.dh[j] + row.go[j], row.prev[j],
-                                        load_saved(row.ws, j, H));
+    const auto g =
+        gru_cell_backward<T>(row.dh[j] + row.go[j], row.prev[j], load_saved(row.ws, j, H));
     store_input_gate_grads(row.dgx, j, H, g);
     store_hidden_gate_grads(row.dgh, j, H, g);
     row.dghn[j] = g.dhn;

@@ -29,10 +29,10 @@
 namespace varlen_rnn {
 
 struct Schedule {
-  std::vector<int64_t> perm;    // [B] perm[i]: sequence (index of hx/h_n) of sorted row i
-  std::vector<int64_t> len;     // [B] len[i]: length of sorted row i, descending
-  std::vector<int64_t> active;  // [max_len] rows with length > s
-  std::vector<int64_t> offset;  // [max_len + 1] packed row of (s, 0); offset[max_len] = N
+  std::vector<int64_t> perm;         // [B] perm[i]: sequence (index of hx/h_n) of sorted row i
+  std::vector<int64_t> len;          // [B] len[i]: length of sorted row i, descending
+  std::vector<int64_t> active;       // [max_len] rows with length > s
+  std::vector<int64_t> offset;       // [max_len + 1] packed row of (s, 0); offset[max_len] = N
   std::vector<int64_t> seq_offsets;  // [B+1] the offsets layout's offsets, else empty
   int64_t max_len = 0;
   int64_t N() const { return offset.back(); }

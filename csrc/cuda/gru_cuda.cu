@@ -66,8 +66,8 @@ struct LayerCall {
   bool tf32 = false;        // float32 GEMMs may use TF32 (nn.GRU's cuDNN policy)
   bool mma = false;         // the persistent kernels' recurrent products on tensor cores
   cudaStream_t stream;
-  DeviceRows rows;          // the rows of every per-position buffer, the lengths (rows.h)
-  Tensor hx, w_hh;          // contiguous [D, B, H] (rank order when packed), [D, 3H, H]
+  DeviceRows rows;  // the rows of every per-position buffer, the lengths (rows.h)
+  Tensor hx, w_hh;  // contiguous [D, B, H] (rank order when packed), [D, 3H, H]
 };
 
 // dims.T is the step loop's bound: the padded time dimension, or max_len.
@@ -96,10 +96,10 @@ struct ForwardCall : LayerCall {
 
 struct BackwardCall : LayerCall {
   Tensor grad_out, out, grad_h_n, ws;  // contiguous, as the forward gave them
-  Tensor dgx;      // [R, D*3H] the input's rows
-  Tensor dgh;      // [D, R, 3H] storage dtype (only feeds GEMMs)
-  Tensor hprev;    // [D, R, H]
-  Tensor grad_hx;  // [D, B, H]
+  Tensor dgx;                          // [R, D*3H] the input's rows
+  Tensor dgh;                          // [D, R, 3H] storage dtype (only feeds GEMMs)
+  Tensor hprev;                        // [D, R, H]
+  Tensor grad_hx;                      // [D, B, H]
 };
 
 // The path of one pass; errors when persistent is forced but cannot run, so tests
@@ -109,16 +109,17 @@ struct BackwardCall : LayerCall {
 // faster one runs: the model (plan.h) finds the tensor-core kernel slower where its
 // fragment loads conflict in shared memory, and auto never picks a slower path.
 template <typename KernelOf>
-plan::Choice choose(const LayerCall& c, KernelOf kernel_of, plan::Pass pass,
-                    int64_t storage_bytes, int64_t acc_bytes) {
+plan::Choice choose(const LayerCall& c, KernelOf kernel_of, plan::Pass pass, int64_t storage_bytes,
+                    int64_t acc_bytes) {
   const plan::Path requested = requested_path();
   if (requested == plan::Path::kFallback) return plan::Choice{};
   auto one = [&](bool mma) {
     const KernelFacts facts = kernel_facts(kernel_of(mma));
     plan::Device dev = facts.dev;
     if (!facts.unavailable.empty()) dev.cooperative = false;
-    const plan::Problem p{c.dims.B, c.dims.H, c.dims.D, pass, storage_bytes, acc_bytes,
-                          storage_bytes != 4 || c.tf32, mma};
+    const plan::Problem p{
+        c.dims.B, c.dims.H, c.dims.D, pass, storage_bytes, acc_bytes, storage_bytes != 4 || c.tf32,
+        mma};
     plan::Choice choice = plan::choose_path(p, dev, requested, knobs().max_kc.load());
     if (!facts.unavailable.empty()) choice.why = facts.unavailable;
     choice.mma = mma;
@@ -223,7 +224,8 @@ bool persistent_forward(const ForwardCall& c, const plan::Choice& choice) {
   a.h_n = c.h_n.data_ptr<scalar_t>();
   a.ws = c.need_workspace ? c.ws.data_ptr<acc_t>() : nullptr;
   fill_common(a, c, l, cut);
-  return launch_cooperative(forward_kernel<scalar_t>(choice.mma), cut.blocks, cut.smem, &a, c.stream);
+  return launch_cooperative(forward_kernel<scalar_t>(choice.mma), cut.blocks, cut.smem, &a,
+                            c.stream);
 }
 
 // The state h stays in acc_t; the GEMM runs in the storage dtype (tensor cores for
@@ -251,10 +253,9 @@ void fallback_forward(const ForwardCall& c) {
     }
     fallback_forward_step_kernel<scalar_t, acc_t><<<blocks, kPointwiseThreads, 0, c.stream>>>(
         c.gx.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(), l.lens.data_ptr<int>(),
-        h.data_ptr<acc_t>(), half ? h_lo.data_ptr<scalar_t>() : nullptr,
-        c.out.data_ptr<scalar_t>(), c.need_workspace ? c.ws.data_ptr<acc_t>() : nullptr,
-        static_cast<int>(s), static_cast<int>(B), static_cast<int>(H), static_cast<int>(D),
-        c.rows.map, c.rows.R);
+        h.data_ptr<acc_t>(), half ? h_lo.data_ptr<scalar_t>() : nullptr, c.out.data_ptr<scalar_t>(),
+        c.need_workspace ? c.ws.data_ptr<acc_t>() : nullptr, static_cast<int>(s),
+        static_cast<int>(B), static_cast<int>(H), static_cast<int>(D), c.rows.map, c.rows.R);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   c.h_n.copy_(h);
@@ -264,17 +265,17 @@ void fallback_forward(const ForwardCall& c) {
 // the path plan.h chooses.
 void run_forward(const ForwardCall& c) {
   const plan::Pass pass = c.need_workspace ? plan::Pass::kTraining : plan::Pass::kInference;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.opts.dtype().toScalarType(),
-                                  "varlen_rnn_gru_forward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const plan::Choice choice =
-        choose(c, forward_kernel<scalar_t>, pass, sizeof(scalar_t), sizeof(acc_t));
-    if (choice.path == plan::Path::kPersistent &&
-        launched_or_allowed_to_fall_back(persistent_forward<scalar_t>(c, choice))) {
-      return;
-    }
-    fallback_forward<scalar_t>(c);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, c.opts.dtype().toScalarType(), "varlen_rnn_gru_forward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const plan::Choice choice =
+            choose(c, forward_kernel<scalar_t>, pass, sizeof(scalar_t), sizeof(acc_t));
+        if (choice.path == plan::Path::kPersistent &&
+            launched_or_allowed_to_fall_back(persistent_forward<scalar_t>(c, choice))) {
+          return;
+        }
+        fallback_forward<scalar_t>(c);
+      });
 }
 
 // Outputs of a forward call: out [rows, D*H] shaped out_sizes, h_n, workspace.
@@ -288,10 +289,12 @@ void make_forward_outputs(ForwardCall& c, const std::vector<int64_t>& out_sizes,
                         : at::empty({0}, c.opts.dtype(c.acc_type));
 }
 
-std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_cuda(
-    const Tensor& input, const Tensor& lengths, const Tensor& hx, const Tensor& w_ih,
-    const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
-    bool batch_first, bool need_workspace) {
+std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_cuda(const Tensor& input,
+                                                          const Tensor& lengths, const Tensor& hx,
+                                                          const Tensor& w_ih, const Tensor& w_hh,
+                                                          const std::optional<Tensor>& b_ih,
+                                                          const std::optional<Tensor>& b_hh,
+                                                          bool batch_first, bool need_workspace) {
   const NoAutocastGuard no_autocast;
   const LayerDims dims = check_layer_args(input, lengths, hx, w_ih, w_hh, b_ih, b_hh, batch_first);
   const int64_t T = dims.T, B = dims.B, I = dims.I, H = dims.H, D = dims.D;
@@ -367,7 +370,8 @@ bool persistent_backward(const BackwardCall& c, const plan::Choice& choice) {
   a.hprev = c.hprev.data_ptr<scalar_t>();
   a.grad_hx = c.grad_hx.data_ptr<scalar_t>();
   fill_common(a, c, l, cut);
-  return launch_cooperative(backward_kernel<scalar_t>(choice.mma), cut.blocks, cut.smem, &a, c.stream);
+  return launch_cooperative(backward_kernel<scalar_t>(choice.mma), cut.blocks, cut.smem, &a,
+                            c.stream);
 }
 
 // dh after step s = dh_a (direct part, acc_t) + dh_b (dgh_{s+1} @ W_hh, a GEMM in the
@@ -403,19 +407,20 @@ void fallback_backward(const BackwardCall& c) {
 // The recurrence of one backward call (inputs, rows and the R-row buffers set),
 // then the weight and input gradients as GEMMs over all R rows (no atomics).
 // x_rows [R, I]: the input's rows, padded ones zeroed.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run_backward(
-    BackwardCall& c, const Tensor& x_rows, const Tensor& w_ih) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.opts.dtype().toScalarType(),
-                                  "varlen_rnn_gru_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const plan::Choice choice =
-        choose(c, backward_kernel<scalar_t>, plan::Pass::kBackward, sizeof(scalar_t), sizeof(acc_t));
-    if (choice.path == plan::Path::kPersistent &&
-        launched_or_allowed_to_fall_back(persistent_backward<scalar_t>(c, choice))) {
-      return;
-    }
-    fallback_backward<scalar_t>(c);
-  });
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run_backward(BackwardCall& c,
+                                                                        const Tensor& x_rows,
+                                                                        const Tensor& w_ih) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, c.opts.dtype().toScalarType(), "varlen_rnn_gru_backward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const plan::Choice choice = choose(c, backward_kernel<scalar_t>, plan::Pass::kBackward,
+                                           sizeof(scalar_t), sizeof(acc_t));
+        if (choice.path == plan::Path::kPersistent &&
+            launched_or_allowed_to_fall_back(persistent_backward<scalar_t>(c, choice))) {
+          return;
+        }
+        fallback_backward<scalar_t>(c);
+      });
   const int64_t I = c.dims.I, H = c.dims.H, D = c.dims.D;
   const auto dtype = c.opts.dtype().toScalarType();
   const Tensor w_ih2d = w_ih.contiguous().view({D * 3 * H, I});
@@ -442,18 +447,23 @@ void set_backward_buffers(BackwardCall& c, const Tensor& grad_output, const Tens
 }
 
 // The gradients where no step runs (B, T or N is 0).
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> empty_backward(
-    const LayerCall& c, const Tensor& input, const Tensor& grad_h_n, const Tensor& w_ih) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> empty_backward(const LayerCall& c,
+                                                                          const Tensor& input,
+                                                                          const Tensor& grad_h_n,
+                                                                          const Tensor& w_ih) {
   const int64_t D = c.dims.D, H = c.dims.H;
   return {at::zeros_like(input, at::MemoryFormat::Contiguous),
-          grad_h_n.clone(at::MemoryFormat::Contiguous), at::zeros_like(w_ih),
-          at::zeros_like(c.w_hh), at::zeros({D, 3 * H}, c.opts), at::zeros({D, 3 * H}, c.opts)};
+          grad_h_n.clone(at::MemoryFormat::Contiguous),
+          at::zeros_like(w_ih),
+          at::zeros_like(c.w_hh),
+          at::zeros({D, 3 * H}, c.opts),
+          at::zeros({D, 3 * H}, c.opts)};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_cuda(
-    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& input,
-    const Tensor& lengths, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
-    const Tensor& output, const Tensor& workspace, bool batch_first) {
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& input, const Tensor& lengths,
+    const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh, const Tensor& output,
+    const Tensor& workspace, bool batch_first) {
   const NoAutocastGuard no_autocast;
   const LayerDims dims =
       check_layer_args(input, lengths, hx, w_ih, w_hh, std::nullopt, std::nullopt, batch_first);
@@ -484,14 +494,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_cu
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_ragged_backward_cuda(
-    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& input,
-    const Tensor& seq_index, const std::optional<Tensor>& sorted_indices, int64_t layout,
-    c10::SymInt max_len, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
-    const Tensor& output, const Tensor& workspace) {
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& input, const Tensor& seq_index,
+    const std::optional<Tensor>& sorted_indices, int64_t layout, c10::SymInt max_len,
+    const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh, const Tensor& output,
+    const Tensor& workspace) {
   const NoAutocastGuard no_autocast;
-  const RaggedDims dims = check_ragged_args(input, seq_index, sorted_indices, layout,
-                                            max_len.expect_int(), hx, w_ih, w_hh, std::nullopt,
-                                            std::nullopt);
+  const RaggedDims dims =
+      check_ragged_args(input, seq_index, sorted_indices, layout, max_len.expect_int(), hx, w_ih,
+                        w_hh, std::nullopt, std::nullopt);
   check_backward_args(dims, input, grad_output, grad_h_n, output, workspace, dims.N);
   TORCH_CHECK(dims.T < (int64_t{1} << 31) && dims.B < (int64_t{1} << 30),
               "max_len must be below 2^31 and B below 2^30, got max_len=", dims.T, ", B=", dims.B);

@@ -44,9 +44,9 @@ constexpr int kTensorCoresAuto = 2;  // VARLEN_RNN_TENSOR_CORES unset or "auto"
 struct Knobs {
   std::atomic<int> path{static_cast<int>(plan::Path::kAuto)};
   std::atomic<int64_t> max_kc{0};
-  std::atomic<bool> oversubscribe{false};  // tests: launch a grid the driver must refuse
+  std::atomic<bool> oversubscribe{false};           // tests: launch a grid the driver must refuse
   std::atomic<int> tensor_cores{kTensorCoresAuto};  // VARLEN_RNN_TENSOR_CORES: 0, 1 or auto
-  std::string bad_path;                    // an unparsable VARLEN_RNN_CUDA_PATH, reported per call
+  std::string bad_path;  // an unparsable VARLEN_RNN_CUDA_PATH, reported per call
 };
 
 inline bool parse_path(const char* s, plan::Path& out) {
@@ -168,10 +168,9 @@ inline bool launch_cooperative(const void* kernel, int64_t blocks, int64_t smem,
   const KernelFacts facts = kernel_facts(kernel);
   if (knobs().oversubscribe) blocks = facts.max_resident_blocks + 1;
   void* arg_list[] = {args};
-  const cudaError_t err =
-      cudaLaunchCooperativeKernel(kernel, dim3(static_cast<unsigned>(blocks)),
-                                  dim3(static_cast<unsigned>(plan::kThreads)), arg_list,
-                                  static_cast<size_t>(smem), stream);
+  const cudaError_t err = cudaLaunchCooperativeKernel(kernel, dim3(static_cast<unsigned>(blocks)),
+                                                      dim3(static_cast<unsigned>(plan::kThreads)),
+                                                      arg_list, static_cast<size_t>(smem), stream);
   if (err == cudaSuccess) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return true;
@@ -183,11 +182,12 @@ inline bool launch_cooperative(const void* kernel, int64_t blocks, int64_t smem,
     std::lock_guard<std::mutex> lock(cache.mutex);
     const int device = static_cast<int>(c10::cuda::current_device());
     KernelFacts& f = cache.facts[std::make_pair(device, kernel)];
-    f.unavailable = std::string("the driver refused its cooperative launch (") +
-                    cudaGetErrorString(err) + ")";
+    f.unavailable =
+        std::string("the driver refused its cooperative launch (") + cudaGetErrorString(err) + ")";
   }
   TORCH_WARN_ONCE("varlen_rnn: the driver refused the persistent GRU kernel's cooperative launch (",
-                  cudaGetErrorString(err), "; this happens under MPS or a sanitizer); this "
+                  cudaGetErrorString(err),
+                  "; this happens under MPS or a sanitizer); this "
                   "process uses the per-step fallback path for it from now on");
   return false;
 }
@@ -314,7 +314,8 @@ inline at::Tensor lengths_on_device(const at::Tensor& lengths, int64_t T, at::De
   TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
               "lengths must be on the input's device ", device,
               " inside a CUDA graph capture (a copy from the CPU cannot be captured), got lengths "
-              "on ", lengths.device());
+              "on ",
+              lengths.device());
   // Our own pageable copy: what is checked is what is sent (a pinned source could be
   // rewritten by the caller while an asynchronous copy of it is in flight).
   const at::Tensor l = lengths.clone(at::MemoryFormat::Contiguous);
@@ -335,7 +336,8 @@ inline at::Tensor lengths_on_device(const at::Tensor& lengths, int64_t T, at::De
 template <typename Check>
 at::Tensor host_checked_copy(const at::Tensor& t, const char* name, Check check) {
   TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
-              name, " on the CPU cannot be used inside a CUDA graph capture (a copy from the CPU "
+              name,
+              " on the CPU cannot be used inside a CUDA graph capture (a copy from the CPU "
               "cannot be captured); pass it on the input's device");
   const at::Tensor c = t.to(at::kLong).clone(at::MemoryFormat::Contiguous);
   check(c.data_ptr<int64_t>());
@@ -349,8 +351,9 @@ at::Tensor host_checked_copy(const at::Tensor& t, const char* name, Check check)
 // (gru_cuda.cu) whose three-argument signature its callers rely on: sets what
 // VARLEN_RNN_TENSOR_CORES gives once per process. on: 1 puts the persistent kernels' products on
 // tensor cores wherever the dtype and TF32 policy allow, 0 keeps them on the exact CUDA-core path,
-// 2 is auto (priced by the cost model), < 0 only reads. Returns the setting before the call. Defined here, not inline, because only one
-// translation unit (gru_cuda.cu) includes this header and ctypes needs the symbol emitted.
+// 2 is auto (priced by the cost model), < 0 only reads. Returns the setting before the call.
+// Defined here, not inline, because only one translation unit (gru_cuda.cu) includes this header
+// and ctypes needs the symbol emitted.
 extern "C" __attribute__((visibility("default"))) int varlen_rnn_cuda_set_tensor_cores_for_testing(
     int on) {
   varlen_rnn::cuda::Knobs& k = varlen_rnn::cuda::knobs();

@@ -139,8 +139,8 @@ __device__ __forceinline__ void stage_row(acc_t* dst, const T* src, int kc, int 
 // copies columns k0 .. k0+kc-1 (see stage_row). Ends with __syncthreads.
 template <int NG, typename acc_t, typename w_t, typename Stage>
 __device__ __forceinline__ void tile_matvec(const w_t* w_s, int U, int g_rows, int u_rows, int K,
-                                            const PersistentShape& ps, acc_t* tile,
-                                            acc_t* acc_s, Stage stage) {
+                                            const PersistentShape& ps, acc_t* tile, acc_t* acc_s,
+                                            Stage stage) {
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int items = tile_items(U, ps);
@@ -258,7 +258,9 @@ __global__ void __launch_bounds__(kPersistThreads)
     for (int t = padded ? len : a.T; t < a.T; ++t) {
       a.out[a.rows.row(t, b) * DH + static_cast<int64_t>(d) * H + j] = scalar_t(0);
     }
-    if (len == 0) a.h_n[(static_cast<int64_t>(d) * B + b) * H + j] = a.hx[(static_cast<int64_t>(d) * B + b) * H + j];
+    if (len == 0)
+      a.h_n[(static_cast<int64_t>(d) * B + b) * H + j] =
+          a.hx[(static_cast<int64_t>(d) * B + b) * H + j];
   }
   __syncthreads();
 
@@ -323,11 +325,11 @@ struct PersistentBackwardArgs : PersistentCommonArgs {
   const scalar_t* grad_h_n;  // [D, B, H]
   const acc_t* ws;           // [D, R, 4H]
   const scalar_t* w_hh;      // [D, 3H, H]
-  acc_t* dh;         // [D, B, H] gradient reaching the state; each block its slice
-  scalar_t* dgx;     // [R, D*3H]
-  scalar_t* dgh;     // [D, R, 3H], also the exchange between blocks
-  scalar_t* hprev;   // [D, R, H]
-  scalar_t* grad_hx;  // [D, B, H]
+  acc_t* dh;                 // [D, B, H] gradient reaching the state; each block its slice
+  scalar_t* dgx;             // [R, D*3H]
+  scalar_t* dgh;             // [D, R, 3H], also the exchange between blocks
+  scalar_t* hprev;           // [D, R, H]
+  scalar_t* grad_hx;         // [D, B, H]
 };
 
 // Per step (s = max_len-1 .. 0): phase 1 turns the block's own dh slice into
@@ -393,8 +395,8 @@ __global__ void __launch_bounds__(kPersistThreads)
       const GruCellSaved<acc_t> sv = load_saved(a.ws + drow * 4 * H, j, H);
       const GruCellGrad<acc_t> g =
           gru_cell_backward<acc_t>(dh_tot, static_cast<acc_t>(h_prev_s), sv);
-      store_gate_grads(a.dgx + row * 3 * DH + static_cast<int64_t>(d) * 3 * H,
-                       a.dgh + drow * 3 * H, j, H, g);
+      store_gate_grads(a.dgx + row * 3 * DH + static_cast<int64_t>(d) * 3 * H, a.dgh + drow * 3 * H,
+                       j, H, g);
       a.hprev[drow * H + j] = h_prev_s;
       a.dh[hoff] = g.dh_prev;
     }

@@ -33,9 +33,9 @@ enum class Pass { kInference, kTraining, kBackward };
 struct Problem {
   int64_t B, H, D;
   Pass pass;
-  int64_t storage_bytes;    // sizeof(scalar_t)
-  int64_t acc_bytes;        // sizeof(op-math type)
-  bool gemm_tensor_cores;   // the fallback's GEMMs run on tensor cores
+  int64_t storage_bytes;   // sizeof(scalar_t)
+  int64_t acc_bytes;       // sizeof(op-math type)
+  bool gemm_tensor_cores;  // the fallback's GEMMs run on tensor cores
   // The persistent kernel's recurrent product runs on tensor cores (kMma: mma_matvec.cuh);
   // gru_cuda.cu passes LayerCall::mma. False: the exact CUDA-core product.
   bool persistent_mma = false;
@@ -50,16 +50,16 @@ struct Device {
 
 struct Cut {
   int64_t J = 0, blocks_per_dir = 0, tile_rows = 0, kc = 0;
-  int64_t blocks = 0;       // D * blocks_per_dir, never more than the SM count
-  int64_t smem = 0;         // dynamic shared memory bytes per block
-  double step_cycles = 0;   // modelled cost of one step (see CostModel)
+  int64_t blocks = 0;      // D * blocks_per_dir, never more than the SM count
+  int64_t smem = 0;        // dynamic shared memory bytes per block
+  double step_cycles = 0;  // modelled cost of one step (see CostModel)
 };
 
 struct Choice {
   Path path = Path::kFallback;  // kPersistent or kFallback
   bool fits = false;            // a persistent cut exists
   Cut cut;
-  std::string why;              // why the persistent path does not fit
+  std::string why;                            // why the persistent path does not fit
   double persistent_us = 0, fallback_us = 0;  // modelled time per step
   bool mma = false;  // the persistent kernel runs its recurrent product on tensor cores
 };
@@ -88,15 +88,15 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 // H = 256 and B = 17 at H = 1024 (forward), B = 33 and always (backward).
 // These are estimates until benchmarks/gpu_check.sh measures the crossover.
 struct CostModel {
-  static constexpr double kClockGHz = 1.75;          // sustained SM clock
-  static constexpr double kGridSyncCycles = 3000;    // grid.sync with one block per SM (~1.7 us)
-  static constexpr double kPassCycles = 1000;        // per chunk: two __syncthreads + L2 latency
-  static constexpr double kL2BytesPerCycle = 24;     // per SM: 5.5 TB/s / 132 SMs / 1.75 GHz
+  static constexpr double kClockGHz = 1.75;        // sustained SM clock
+  static constexpr double kGridSyncCycles = 3000;  // grid.sync with one block per SM (~1.7 us)
+  static constexpr double kPassCycles = 1000;      // per chunk: two __syncthreads + L2 latency
+  static constexpr double kL2BytesPerCycle = 24;   // per SM: 5.5 TB/s / 132 SMs / 1.75 GHz
   static constexpr double kShuffleCyclesPerItem = 5 * 24;  // butterfly, one warp shuffle per cycle
   // One thread's pointwise work per step: a few dependent global loads/stores.
   static constexpr double kPointwiseCycles[3] = {400, 600, 800};  // inference, training, backward
-  static constexpr double kFallbackHostUs = 10;      // ATen GEMM call + kernel launch per step
-  static constexpr double kFallbackKernelUs = 4;     // fixed GPU cost of the step's two kernels
+  static constexpr double kFallbackHostUs = 10;   // ATen GEMM call + kernel launch per step
+  static constexpr double kFallbackKernelUs = 4;  // fixed GPU cost of the step's two kernels
   // Effective GEMM flop per cycle per SM at the skinny [B, H] x [H, 3H] shape:
   // about half of dense peak on tensor cores, ~70% of CUDA-core peak without.
   static constexpr double kGemmHalf = 2048, kGemmTf32 = 1024, kGemmFloat64 = 200,
@@ -126,7 +126,8 @@ inline double gemm_flops_per_cycle(const Problem& p) {
 // which tensor cores do not touch. A dependent chain of mmas per warp costs kMmaLatency cycles
 // per mma where there are fewer tasks than warps. Estimates until gpu_probe.py measures them.
 struct MmaModel {
-  static constexpr double kLatencyCycles = 32;     // mma.sync issue-to-result, A100/H100 microbenchmarks
+  static constexpr double kLatencyCycles =
+      32;  // mma.sync issue-to-result, A100/H100 microbenchmarks
   static constexpr double kTf32FlopPerCycle = 2048, kHalfFlopPerCycle = 4096;  // per SM, dense
 };
 
@@ -166,7 +167,8 @@ inline double mma_tile_cycles(const Problem& p, int64_t w_rows, int64_t rows, in
       std::max<double>(a_loads * a_cycles + b_loads * b_cycles,
                        flop / (half ? MmaModel::kHalfFlopPerCycle : MmaModel::kTf32FlopPerCycle));
   const int64_t chunks = ceil_div(K, kc);
-  const int64_t k_steps = (chunks - 1) * ceil_div(kc, k_mma) + ceil_div(K - (chunks - 1) * kc, k_mma);
+  const int64_t k_steps =
+      (chunks - 1) * ceil_div(kc, k_mma) + ceil_div(K - (chunks - 1) * kc, k_mma);
   const int64_t tasks = ceil_div(w_rows, 16) * (rows / kRowsPerItem);
   const double loads = tasks * k_steps * per_mma;  // one shared-memory pipe per SM
   const double chain = ceil_div(tasks, kWarps) * k_steps * MmaModel::kLatencyCycles;
@@ -189,8 +191,8 @@ inline double persistent_step_cycles(const Problem& p, int64_t J, int64_t rows, 
   const double fma = double(kGatesPerItem * kRowsPerItem) / (p.acc_bytes == 8 ? 2 : 4);
   const double item_cycles = std::max(kGatesPerItem * w_load + kRowsPerItem * x_load, fma);
   const double staged_bytes = bwd ? p.storage_bytes : p.acc_bytes;  // dgh, or the state h
-  const double load = rows * K * staged_bytes / CostModel::kL2BytesPerCycle +
-                      chunks * CostModel::kPassCycles;
+  const double load =
+      rows * K * staged_bytes / CostModel::kL2BytesPerCycle + chunks * CostModel::kPassCycles;
   const double compute =
       p.persistent_mma
           ? mma_tile_cycles(p, kGatesPerItem * U, rows, K, kc)
@@ -220,8 +222,8 @@ inline bool persistent_cut(const Problem& p, const Device& dev, int64_t max_kc, 
     return false;
   }
   if (!dev.threads_fit) {
-    why = "the kernel uses too many registers for " + std::to_string(kThreads) +
-          " threads per block";
+    why =
+        "the kernel uses too many registers for " + std::to_string(kThreads) + " threads per block";
     return false;
   }
   const bool bwd = p.pass == Pass::kBackward;

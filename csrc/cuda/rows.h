@@ -50,8 +50,8 @@ inline Lengths prepare_lengths(const at::Tensor& lengths, int64_t T, bool with_p
   const int blocks = static_cast<int>(plan::ceil_div(B, kPointwiseThreads));
   AT_DISPATCH_INDEX_TYPES(src.scalar_type(), "varlen_rnn_lengths_prep", [&] {
     lengths_prep_kernel<index_t><<<blocks, kPointwiseThreads, 0, stream>>>(
-        src.data_ptr<index_t>(), static_cast<int>(B), static_cast<int>(T),
-        l.lens.data_ptr<int>(), l.perm.defined() ? l.perm.data_ptr<int>() : nullptr,
+        src.data_ptr<index_t>(), static_cast<int>(B), static_cast<int>(T), l.lens.data_ptr<int>(),
+        l.perm.defined() ? l.perm.data_ptr<int>() : nullptr,
         l.sorted.defined() ? l.sorted.data_ptr<int>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -74,8 +74,7 @@ struct DeviceRows {
 };
 
 // lengths [B] on the CPU or the device; T the padded time dimension.
-inline DeviceRows padded_rows(const LayerDims& dims, const at::Tensor& lengths,
-                              at::Device device) {
+inline DeviceRows padded_rows(const LayerDims& dims, const at::Tensor& lengths, at::Device device) {
   DeviceRows r;
   r.lengths = lengths_on_device(lengths, dims.T, device);
   r.map = padded_map(dims.batch_first, dims.T, dims.B, nullptr);
@@ -144,9 +143,9 @@ inline DeviceRows ragged_rows(const RaggedDims& dims, const at::Tensor& seq_inde
   r.map = packed_map(r.starts.data_ptr<int64_t>(), nullptr);
   if (sorted_indices.has_value()) {
     r.order = sorted_indices->is_cpu()
-                  ? host_checked_copy(*sorted_indices, "sorted_indices", [&](const int64_t* p) {
-                      check_sorted_indices_values(p, B);
-                    }).to(device, /*non_blocking=*/true)
+                  ? host_checked_copy(*sorted_indices, "sorted_indices",
+                                      [&](const int64_t* p) { check_sorted_indices_values(p, B); })
+                        .to(device, /*non_blocking=*/true)
                   : checked_permutation(*sorted_indices, stream);
   }
   return r;

@@ -5,8 +5,9 @@
 // the index math, padding, sorting, the half-type bit-cast loads and the one-barrier-per-step
 // schemes against the CPU kernels, for padded and ragged (offsets, packed) rows. The persistent
 // launches are cut by csrc/cuda/plan.h's persistent_cut for a pretend device, as on a GPU; the
-// launchers' host set-up (gru_cuda.cu) is mirrored here around the kernels. The tensor-core path (kMma) runs
-// through the emulated mma.sync of mma_emu.h. Test-only; see tests/test_cuda_emulated.py.
+// launchers' host set-up (gru_cuda.cu) is mirrored here around the kernels. The tensor-core path
+// (kMma) runs through the emulated mma.sync of mma_emu.h. Test-only; see
+// tests/test_cuda_emulated.py.
 #include <ATen/OpMathType.h>
 #include <torch/extension.h>
 #include <barrier>
@@ -28,11 +29,19 @@
 #define CUDA_KERNEL_ASSERT(c) assert(c)
 #endif
 
-struct alignas(16) float4 { float x, y, z, w; };  // CUDA's vector type, for 16-byte loads
-struct EmuIdx { int x = 0, y = 0, z = 0; };
+struct alignas(16) float4 {
+  float x, y, z, w;
+};  // CUDA's vector type, for 16-byte loads
+struct EmuIdx {
+  int x = 0, y = 0, z = 0;
+};
 thread_local EmuIdx threadIdx, blockIdx, blockDim, gridDim;
 #include "mma_emu.h"
-struct EmuWarp { std::barrier<> bar{32}; double slot[2][32]; varlen_rnn::cuda::tc::MmaExchange mma; };
+struct EmuWarp {
+  std::barrier<> bar{32};
+  double slot[2][32];
+  varlen_rnn::cuda::tc::MmaExchange mma;
+};
 struct EmuBlock {
   explicit EmuBlock(int n, size_t smem) : bar(n), smem(smem + 16, 0xCD), warps(n / 32) {}
   std::barrier<> bar;
@@ -46,15 +55,23 @@ varlen_rnn::cuda::tc::MmaExchange& varlen_rnn::cuda::tc::emu_mma_exchange() {
   return tl_block->warps[threadIdx.x / 32].mma;
 }
 inline unsigned char* dynamic_smem() { return tl_block->smem.data(); }
-template <typename T> inline T __ldcg(const T* p) { return *p; }
-inline int atomicAdd(int* p, int v) { const int old = *p; *p += v; return old; }  // sequential launches
+template <typename T>
+inline T __ldcg(const T* p) {
+  return *p;
+}
+inline int atomicAdd(int* p, int v) {
+  const int old = *p;
+  *p += v;
+  return old;
+}  // sequential launches
 inline int min(int a, int b) { return a < b ? a : b; }
 // Every lane of the warp must call it (the kernels use the full mask): each shuffle is one
 // barrier of all 32 lanes. Consecutive shuffles alternate between two slot arrays, so a lane
 // writing shuffle i+2's value cannot overwrite one that a slower lane still reads for shuffle i
 // (everyone has passed shuffle i+1's barrier, hence finished reading shuffle i).
 thread_local unsigned tl_shfl_phase = 0;
-template <typename T> inline T __shfl_xor_sync(unsigned mask, T v, int off) {
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T v, int off) {
   assert(mask == 0xffffffffu);
   EmuWarp& w = tl_block->warps[threadIdx.x / 32];
   const int lane = threadIdx.x % 32;
@@ -64,9 +81,11 @@ template <typename T> inline T __shfl_xor_sync(unsigned mask, T v, int off) {
   return static_cast<T>(slot[lane ^ off]);
 }
 namespace cooperative_groups {
-struct grid_group { void sync() const { tl_grid->arrive_and_wait(); } };
+struct grid_group {
+  void sync() const { tl_grid->arrive_and_wait(); }
+};
 inline grid_group this_grid() { return {}; }
-}
+}  // namespace cooperative_groups
 
 #include "cuda/persistent.cuh"
 #include "cuda/plan.h"
@@ -82,8 +101,12 @@ void emu_launch(int grid, int block, size_t smem, F body) {
   for (int b = 0; b < grid; ++b)
     for (int t = 0; t < block; ++t)
       th.emplace_back([&, b, t] {
-        threadIdx.x = t; blockIdx.x = b; blockDim.x = block; gridDim.x = grid;
-        tl_block = blocks[b].get(); tl_grid = &gbar;
+        threadIdx.x = t;
+        blockIdx.x = b;
+        blockDim.x = block;
+        gridDim.x = grid;
+        tl_block = blocks[b].get();
+        tl_grid = &gbar;
         body();
       });
   for (auto& t : th) t.join();
@@ -94,7 +117,10 @@ template <typename F>
 void emu_launch_seq(int grid, int block, F body) {
   for (int b = 0; b < grid; ++b)
     for (int t = 0; t < block; ++t) {
-      threadIdx.x = t; blockIdx.x = b; blockDim.x = block; gridDim.x = grid;
+      threadIdx.x = t;
+      blockIdx.x = b;
+      blockDim.x = block;
+      gridDim.x = grid;
       body();
     }
 }
@@ -115,7 +141,9 @@ torch::Tensor cut_tensor(const plan::Cut& c) {
   return torch::tensor({c.J, c.blocks_per_dir, c.tile_rows, c.kc, c.blocks}, torch::kLong);
 }
 
-struct Lens { std::vector<int> lens, perm, sorted; };
+struct Lens {
+  std::vector<int> lens, perm, sorted;
+};
 Lens prep(const int64_t* lengths, int B, int T) {
   Lens l{std::vector<int>(B), std::vector<int>(B), std::vector<int>(B)};
   emu_launch_seq((B + 255) / 256, 256, [&] {
@@ -163,7 +191,8 @@ Rows rows_of(int64_t layout, const torch::Tensor& seq_index, const torch::Tensor
       std::vector<int> count(B, 0);
       r.order = torch::empty({B}, torch::kLong);
       emu_launch_seq((B + 255) / 256, 256, [&] {
-        permutation_count_kernel(si.data_ptr<int64_t>(), B, count.data(), r.order.data_ptr<int64_t>());
+        permutation_count_kernel(si.data_ptr<int64_t>(), B, count.data(),
+                                 r.order.data_ptr<int64_t>());
       });
       emu_launch_seq((B + 255) / 256, 256, [&] { permutation_check_kernel(count.data(), B); });
     }
@@ -182,8 +211,15 @@ torch::Tensor to_sequence(const Rows& r, const torch::Tensor& t) {
 template <typename scalar_t, typename acc_t>
 void fill_common(PersistentCommonArgs& a, const Rows& r, const plan::Cut& cut, int64_t T, int64_t B,
                  int64_t H, int64_t D) {
-  a.lens = r.l.lens.data(); a.perm = r.l.perm.data(); a.sorted = r.l.sorted.data();
-  a.rows = r.map; a.R = r.R; a.T = T; a.B = B; a.H = H; a.D = D;
+  a.lens = r.l.lens.data();
+  a.perm = r.l.perm.data();
+  a.sorted = r.l.sorted.data();
+  a.rows = r.map;
+  a.R = r.R;
+  a.T = T;
+  a.B = B;
+  a.H = H;
+  a.D = D;
   a.ps = PersistentShape{(int)cut.J, (int)cut.blocks_per_dir, (int)cut.tile_rows, (int)cut.kc};
 }
 
@@ -191,9 +227,10 @@ void fill_common(PersistentCommonArgs& a, const Rows& r, const plan::Cut& cut, i
 // workspace and exchange buffers, around the emulated kernels. hx, h_n in sequence order.
 template <typename scalar_t>
 std::vector<torch::Tensor> forward_t(const torch::Tensor& gx, const torch::Tensor& w_hh,
-                                     const c10::optional<torch::Tensor>& b_hh, const torch::Tensor& hx_b,
-                                     const Rows& r, int64_t T, bool persistent, int64_t sms,
-                                     int64_t smem, int64_t max_kc, bool mma) {
+                                     const c10::optional<torch::Tensor>& b_hh,
+                                     const torch::Tensor& hx_b, const Rows& r, int64_t T,
+                                     bool persistent, int64_t sms, int64_t smem, int64_t max_kc,
+                                     bool mma) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t D = w_hh.size(0), H = w_hh.size(2), B = hx_b.size(1);
   const at::TensorOptions opts = gx.options();
@@ -205,36 +242,45 @@ std::vector<torch::Tensor> forward_t(const torch::Tensor& gx, const torch::Tenso
   torch::Tensor ws = torch::full({D, r.R, 4 * H}, 777.0, acc_opts);
   torch::Tensor cut_info = torch::empty({0}, torch::kLong);
   if (persistent) {
-    const plan::Cut cut = cut_of(B, H, D, plan::Pass::kTraining, sizeof(scalar_t), sizeof(acc_t),
-                                 sms, smem, max_kc);
+    const plan::Cut cut =
+        cut_of(B, H, D, plan::Pass::kTraining, sizeof(scalar_t), sizeof(acc_t), sms, smem, max_kc);
     cut_info = cut_tensor(cut);
     torch::Tensor hbuf = torch::full({2, D, B, H}, 777.0, acc_opts);
     PersistentForwardArgs<scalar_t, acc_t> a{};
-    a.gx = gx.data_ptr<scalar_t>(); a.w_hh = w_hh.data_ptr<scalar_t>();
-    a.b_hh = b_hh ? b_hh->data_ptr<scalar_t>() : nullptr; a.hx = hx.data_ptr<scalar_t>();
-    a.hbuf = hbuf.data_ptr<acc_t>(); a.out = out.data_ptr<scalar_t>(); a.h_n = h_n.data_ptr<scalar_t>();
+    a.gx = gx.data_ptr<scalar_t>();
+    a.w_hh = w_hh.data_ptr<scalar_t>();
+    a.b_hh = b_hh ? b_hh->data_ptr<scalar_t>() : nullptr;
+    a.hx = hx.data_ptr<scalar_t>();
+    a.hbuf = hbuf.data_ptr<acc_t>();
+    a.out = out.data_ptr<scalar_t>();
+    a.h_n = h_n.data_ptr<scalar_t>();
     a.ws = ws.data_ptr<acc_t>();
     fill_common<scalar_t, acc_t>(a, r, cut, T, B, H, D);
     if constexpr (std::is_same<acc_t, float>::value) {
       if (mma) {
-        emu_launch(cut.blocks, kPersistThreads, cut.smem, [&] { persistent_forward_kernel<scalar_t, acc_t, true>(a); });
+        emu_launch(cut.blocks, kPersistThreads, cut.smem,
+                   [&] { persistent_forward_kernel<scalar_t, acc_t, true>(a); });
         return {out, to_sequence(r, h_n), ws, cut_info};
       }
     }
     TORCH_CHECK(!mma, "the tensor-core path takes float32, float16 or bfloat16");
-    emu_launch(cut.blocks, kPersistThreads, cut.smem, [&] { persistent_forward_kernel<scalar_t, acc_t>(a); });
+    emu_launch(cut.blocks, kPersistThreads, cut.smem,
+               [&] { persistent_forward_kernel<scalar_t, acc_t>(a); });
   } else {
     torch::Tensor h = hx.to(acc_opts.dtype(), false, /*copy=*/true);  // updated in place
     torch::Tensor h_lo = half ? hx.clone() : h;  // the GEMM's operand, rounded for half types
     torch::Tensor w_t = w_hh.transpose(1, 2);
     torch::Tensor gh = torch::empty({D, B, 3 * H}, opts);
     for (int64_t s = 0; s < T; ++s) {
-      if (b_hh) torch::baddbmm_out(gh, b_hh->view({D, 1, 3 * H}).expand({D, B, 3 * H}), h_lo, w_t);
-      else torch::bmm_out(gh, h_lo, w_t);
+      if (b_hh)
+        torch::baddbmm_out(gh, b_hh->view({D, 1, 3 * H}).expand({D, B, 3 * H}), h_lo, w_t);
+      else
+        torch::bmm_out(gh, h_lo, w_t);
       emu_launch_seq((D * B * H + 255) / 256, 256, [&] {
-        fallback_forward_step_kernel<scalar_t, acc_t>(gx.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(),
-            r.l.lens.data(), h.data_ptr<acc_t>(), half ? h_lo.data_ptr<scalar_t>() : nullptr,
-            out.data_ptr<scalar_t>(), ws.data_ptr<acc_t>(), s, B, H, D, r.map, r.R);
+        fallback_forward_step_kernel<scalar_t, acc_t>(
+            gx.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(), r.l.lens.data(), h.data_ptr<acc_t>(),
+            half ? h_lo.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
+            ws.data_ptr<acc_t>(), s, B, H, D, r.map, r.R);
       });
     }
     h_n.copy_(h);
@@ -243,8 +289,9 @@ std::vector<torch::Tensor> forward_t(const torch::Tensor& gx, const torch::Tenso
 }
 
 template <typename scalar_t>
-std::vector<torch::Tensor> backward_t(const torch::Tensor& go, const torch::Tensor& ghn_b, const torch::Tensor& out,
-                                      const torch::Tensor& hx_b, const torch::Tensor& ws, const torch::Tensor& w_hh,
+std::vector<torch::Tensor> backward_t(const torch::Tensor& go, const torch::Tensor& ghn_b,
+                                      const torch::Tensor& out, const torch::Tensor& hx_b,
+                                      const torch::Tensor& ws, const torch::Tensor& w_hh,
                                       const Rows& r, int64_t T, bool persistent, int64_t sms,
                                       int64_t smem, int64_t max_kc, bool mma) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -258,24 +305,33 @@ std::vector<torch::Tensor> backward_t(const torch::Tensor& go, const torch::Tens
   torch::Tensor grad_hx = torch::full({D, B, H}, 777.0, opts);
   torch::Tensor cut_info = torch::empty({0}, torch::kLong);
   if (persistent) {
-    const plan::Cut cut = cut_of(B, H, D, plan::Pass::kBackward, sizeof(scalar_t), sizeof(acc_t),
-                                 sms, smem, max_kc);
+    const plan::Cut cut =
+        cut_of(B, H, D, plan::Pass::kBackward, sizeof(scalar_t), sizeof(acc_t), sms, smem, max_kc);
     cut_info = cut_tensor(cut);
     torch::Tensor dh = torch::full({D, B, H}, 777.0, acc_opts);
     PersistentBackwardArgs<scalar_t, acc_t> a{};
-    a.grad_out = go.data_ptr<scalar_t>(); a.out = out.data_ptr<scalar_t>(); a.hx = hx.data_ptr<scalar_t>();
-    a.grad_h_n = ghn.data_ptr<scalar_t>(); a.ws = ws.data_ptr<acc_t>(); a.w_hh = w_hh.data_ptr<scalar_t>();
-    a.dh = dh.data_ptr<acc_t>(); a.dgx = dgx.data_ptr<scalar_t>(); a.dgh = dgh.data_ptr<scalar_t>();
-    a.hprev = hprev.data_ptr<scalar_t>(); a.grad_hx = grad_hx.data_ptr<scalar_t>();
+    a.grad_out = go.data_ptr<scalar_t>();
+    a.out = out.data_ptr<scalar_t>();
+    a.hx = hx.data_ptr<scalar_t>();
+    a.grad_h_n = ghn.data_ptr<scalar_t>();
+    a.ws = ws.data_ptr<acc_t>();
+    a.w_hh = w_hh.data_ptr<scalar_t>();
+    a.dh = dh.data_ptr<acc_t>();
+    a.dgx = dgx.data_ptr<scalar_t>();
+    a.dgh = dgh.data_ptr<scalar_t>();
+    a.hprev = hprev.data_ptr<scalar_t>();
+    a.grad_hx = grad_hx.data_ptr<scalar_t>();
     fill_common<scalar_t, acc_t>(a, r, cut, T, B, H, D);
     if constexpr (std::is_same<acc_t, float>::value) {
       if (mma) {
-        emu_launch(cut.blocks, kPersistThreads, cut.smem, [&] { persistent_backward_kernel<scalar_t, acc_t, true>(a); });
+        emu_launch(cut.blocks, kPersistThreads, cut.smem,
+                   [&] { persistent_backward_kernel<scalar_t, acc_t, true>(a); });
         return {dgx, dgh, hprev, to_sequence(r, grad_hx), cut_info};
       }
     }
     TORCH_CHECK(!mma, "the tensor-core path takes float32, float16 or bfloat16");
-    emu_launch(cut.blocks, kPersistThreads, cut.smem, [&] { persistent_backward_kernel<scalar_t, acc_t>(a); });
+    emu_launch(cut.blocks, kPersistThreads, cut.smem,
+               [&] { persistent_backward_kernel<scalar_t, acc_t>(a); });
   } else {
     torch::Tensor dh_a = ghn.to(acc_opts.dtype(), false, /*copy=*/true);
     torch::Tensor dh_a_next = torch::full_like(dh_a, 777.0);
@@ -283,8 +339,9 @@ std::vector<torch::Tensor> backward_t(const torch::Tensor& go, const torch::Tens
     torch::Tensor dgh_step = torch::full({D, B, 3 * H}, 777.0, opts);
     for (int64_t s = T - 1; s >= 0; --s) {
       emu_launch_seq((D * B * H + 255) / 256, 256, [&] {
-        fallback_backward_step_kernel<scalar_t, acc_t>(go.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-            hx.data_ptr<scalar_t>(), ws.data_ptr<acc_t>(), r.l.lens.data(), dh_a.data_ptr<acc_t>(),
+        fallback_backward_step_kernel<scalar_t, acc_t>(
+            go.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), hx.data_ptr<scalar_t>(),
+            ws.data_ptr<acc_t>(), r.l.lens.data(), dh_a.data_ptr<acc_t>(),
             dh_b.data_ptr<scalar_t>(), dh_a_next.data_ptr<acc_t>(), dgx.data_ptr<scalar_t>(),
             dgh.data_ptr<scalar_t>(), dgh_step.data_ptr<scalar_t>(), hprev.data_ptr<scalar_t>(), s,
             B, H, D, r.map, r.R);
@@ -299,12 +356,14 @@ std::vector<torch::Tensor> backward_t(const torch::Tensor& go, const torch::Tens
 
 // layout, seq_index, sorted_indices, T, bf: see rows_of. The knobs: persistent or fallback;
 // the pretend device's SM count and shared memory per block; the K-chunk cap.
-std::vector<torch::Tensor> forward(torch::Tensor gx, torch::Tensor w_hh, c10::optional<torch::Tensor> b_hh,
-                                   torch::Tensor hx, int64_t layout, torch::Tensor seq_index,
-                                   torch::Tensor sorted_indices, int64_t T, bool bf, bool persistent,
-                                   int64_t sms, int64_t smem, int64_t max_kc, bool mma) {
-  const Rows r = rows_of(layout, seq_index, sorted_indices, T, bf, hx.size(1),
-                         layout == 2 ? 0 : gx.size(0));
+std::vector<torch::Tensor> forward(torch::Tensor gx, torch::Tensor w_hh,
+                                   c10::optional<torch::Tensor> b_hh, torch::Tensor hx,
+                                   int64_t layout, torch::Tensor seq_index,
+                                   torch::Tensor sorted_indices, int64_t T, bool bf,
+                                   bool persistent, int64_t sms, int64_t smem, int64_t max_kc,
+                                   bool mma) {
+  const Rows r =
+      rows_of(layout, seq_index, sorted_indices, T, bf, hx.size(1), layout == 2 ? 0 : gx.size(0));
   std::vector<torch::Tensor> res;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gx.scalar_type(), "emu_forward", [&] {
     res = forward_t<scalar_t>(gx, w_hh, b_hh, hx, r, T, persistent, sms, smem, max_kc, mma);
@@ -312,16 +371,18 @@ std::vector<torch::Tensor> forward(torch::Tensor gx, torch::Tensor w_hh, c10::op
   return res;
 }
 
-std::vector<torch::Tensor> backward(torch::Tensor go, torch::Tensor ghn, torch::Tensor out, torch::Tensor hx,
-                                    torch::Tensor ws, torch::Tensor w_hh, int64_t layout,
-                                    torch::Tensor seq_index, torch::Tensor sorted_indices, int64_t T,
-                                    bool bf, bool persistent, int64_t sms, int64_t smem, int64_t max_kc,
+std::vector<torch::Tensor> backward(torch::Tensor go, torch::Tensor ghn, torch::Tensor out,
+                                    torch::Tensor hx, torch::Tensor ws, torch::Tensor w_hh,
+                                    int64_t layout, torch::Tensor seq_index,
+                                    torch::Tensor sorted_indices, int64_t T, bool bf,
+                                    bool persistent, int64_t sms, int64_t smem, int64_t max_kc,
                                     bool mma) {
-  const Rows r = rows_of(layout, seq_index, sorted_indices, T, bf, hx.size(1),
-                         layout == 2 ? 0 : go.size(0));
+  const Rows r =
+      rows_of(layout, seq_index, sorted_indices, T, bf, hx.size(1), layout == 2 ? 0 : go.size(0));
   std::vector<torch::Tensor> res;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "emu_backward", [&] {
-    res = backward_t<scalar_t>(go, ghn, out, hx, ws, w_hh, r, T, persistent, sms, smem, max_kc, mma);
+    res =
+        backward_t<scalar_t>(go, ghn, out, hx, ws, w_hh, r, T, persistent, sms, smem, max_kc, mma);
   });
   return res;
 }
