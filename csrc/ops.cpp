@@ -3,7 +3,8 @@
 //
 // Shape legend (see gru.h): T time steps, B batch, I input features, H hidden,
 // D directions (1 or 2). Gate order r|z|n as torch.nn.GRU. Tensors are
-// time-major [T, B, ...] unless batch_first, then [B, T, ...].
+// time-major [T, B, ...] unless batch_first, then [B, T, ...]; ragged
+// tensors are [N, ...] (N valid positions).
 #include <torch/library.h>
 
 TORCH_LIBRARY(varlen_rnn, m) {
@@ -34,4 +35,44 @@ TORCH_LIBRARY(varlen_rnn, m) {
       "Tensor workspace, bool batch_first) -> (Tensor grad_input, "
       "Tensor grad_hx, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, "
       "Tensor grad_b_hh)");
+
+  // One GRU layer over ragged rows: `input` holds only the N valid positions,
+  // nothing padded. How (t, b) maps to a row is csrc/layout.h's RowMap.
+  //   input       [N, I], rows in the layout's order (N = input.size(0))
+  //   layout      0 "offsets" (sequence-major, a jagged nested tensor's values):
+  //                 seq_index = offsets [B+1] int64/int32 on input's device or
+  //                 the CPU, non-decreasing, offsets[0] = 0, offsets[B] = N;
+  //                 row of (b, t) = offsets[b] + t; length of b =
+  //                 offsets[b+1] - offsets[b] (0 allowed). sorted_indices
+  //                 must be None.
+  //               1 "packed" (time-major, PackedSequence.data): seq_index =
+  //                 batch_sizes [T] int64 on the CPU, non-increasing, >= 1,
+  //                 batch_sizes[0] = B, summing to N; sorted_indices [B] int64
+  //                 (None: identity) maps rank i to sequence b; row of
+  //                 (rank i, t) = sum(batch_sizes[:t]) + i.
+  //   max_len     >= every length: the step loop's bound (layout 1:
+  //               batch_sizes.size(0)); checked by each backend.
+  //   hx          [D, B, H] in sequence order b (not rank order)
+  //   w_ih, w_hh, b_ih, b_hh as gru_layer_forward
+  // Returns
+  //   output    [N, D*H], the input's row order
+  //   h_n       [D, B, H] in sequence order b: each sequence's state after
+  //             its own last step, hx where the length is 0
+  //   workspace [D, N, 4H] in the op-math dtype when need_workspace, else
+  //             [0]; its row order is the backend's.
+  m.def(
+      "gru_layer_ragged_forward(Tensor input, Tensor seq_index, "
+      "Tensor? sorted_indices, int layout, SymInt max_len, Tensor hx, "
+      "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "bool need_workspace) -> (Tensor output, Tensor h_n, Tensor workspace)");
+  // The gradient of gru_layer_ragged_forward, shaped like
+  // gru_layer_backward's: grad_input [N, I], grad_hx [D, B, H], and the
+  // weight and bias gradients (grad_b_* [D, 3H] whether or not the layer has
+  // biases).
+  m.def(
+      "gru_layer_ragged_backward(Tensor grad_output, Tensor grad_h_n, "
+      "Tensor input, Tensor seq_index, Tensor? sorted_indices, int layout, "
+      "SymInt max_len, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor output, "
+      "Tensor workspace) -> (Tensor grad_input, Tensor grad_hx, "
+      "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
 }
