@@ -51,24 +51,12 @@ inline void check_same_device_dtype(const at::Tensor& ref, const at::Tensor& t,
               t.scalar_type());
 }
 
-// Checks everything that shapes and dtypes alone decide. The values of
-// `lengths` (0 <= length <= T) are checked by each backend's kernel.
-inline LayerDims check_layer_args(const at::Tensor& input,
-                                  const at::Tensor& lengths,
-                                  const at::Tensor& hx, const at::Tensor& w_ih,
-                                  const at::Tensor& w_hh,
-                                  const std::optional<at::Tensor>& b_ih,
-                                  const std::optional<at::Tensor>& b_hh,
-                                  bool batch_first) {
-  TORCH_CHECK(input.dim() == 3, "input must be 3-D ", batch_first ? "[B, T, I]" : "[T, B, I]",
-              ", got shape ", input.sizes());
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
-              "input must be a floating point tensor, got ", input.scalar_type());
-  LayerDims dims;
-  dims.batch_first = batch_first;
-  dims.T = input.size(batch_first ? 1 : 0);
-  dims.B = input.size(batch_first ? 0 : 1);
-  dims.I = input.size(2);
+// The checks of the weights, biases and hx that every layer op shares. I is
+// the input's feature count, B the batch; fills dims.D and dims.H.
+inline void check_weight_args(LayerDims& dims, const at::Tensor& input, const at::Tensor& hx,
+                              const at::Tensor& w_ih, const at::Tensor& w_hh,
+                              const std::optional<at::Tensor>& b_ih,
+                              const std::optional<at::Tensor>& b_hh) {
   TORCH_CHECK(w_ih.dim() == 3 && (w_ih.size(0) == 1 || w_ih.size(0) == 2) &&
                   w_ih.size(1) % 3 == 0 && w_ih.size(2) == dims.I,
               "w_ih must be [D, 3H, I] with D in {1, 2} and I=", dims.I, ", got shape ",
@@ -96,6 +84,27 @@ inline LayerDims check_layer_args(const at::Tensor& input,
               "hx must be [D, B, H] = [", dims.D, ", ", dims.B, ", ", dims.H, "], got shape ",
               hx.sizes());
   check_same_device_dtype(input, hx, "hx");
+}
+
+// Checks everything that shapes and dtypes alone decide. The values of
+// `lengths` (0 <= length <= T) are checked by each backend's kernel.
+inline LayerDims check_layer_args(const at::Tensor& input,
+                                  const at::Tensor& lengths,
+                                  const at::Tensor& hx, const at::Tensor& w_ih,
+                                  const at::Tensor& w_hh,
+                                  const std::optional<at::Tensor>& b_ih,
+                                  const std::optional<at::Tensor>& b_hh,
+                                  bool batch_first) {
+  TORCH_CHECK(input.dim() == 3, "input must be 3-D ", batch_first ? "[B, T, I]" : "[T, B, I]",
+              ", got shape ", input.sizes());
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "input must be a floating point tensor, got ", input.scalar_type());
+  LayerDims dims;
+  dims.batch_first = batch_first;
+  dims.T = input.size(batch_first ? 1 : 0);
+  dims.B = input.size(batch_first ? 0 : 1);
+  dims.I = input.size(2);
+  check_weight_args(dims, input, hx, w_ih, w_hh, b_ih, b_hh);
   TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == dims.B,
               "lengths must be 1-D of size B=", dims.B, ", got shape ", lengths.sizes());
   TORCH_CHECK(lengths.scalar_type() == at::kLong || lengths.scalar_type() == at::kInt,
@@ -106,17 +115,142 @@ inline LayerDims check_layer_args(const at::Tensor& input,
   return dims;
 }
 
+// ---- The ragged ops (ops.cpp's gru_layer_ragged_*) ---------------------------
+//
+// layout 0 "offsets": seq_index = offsets [B+1]; layout 1 "packed": seq_index =
+// batch_sizes [T] on the CPU, with sorted_indices [B] or None. RowMap in
+// layout.h says where (t, b) lives.
+
+// T is max_len (the step loop's bound), not a tensor dimension.
+struct RaggedDims : LayerDims {
+  int64_t N = 0;       // input.size(0): the valid positions
+  int32_t layout = 0;  // 0 offsets, 1 packed
+  std::vector<int64_t> output_sizes() const { return {N, D * H}; }
+};
+
+// Checks everything that shapes, dtypes and devices decide. The values of
+// seq_index and sorted_indices are checked where a backend reads them (the
+// check_*_values functions below, on host copies).
+inline RaggedDims check_ragged_args(const at::Tensor& input, const at::Tensor& seq_index,
+                                    const std::optional<at::Tensor>& sorted_indices,
+                                    int64_t layout, int64_t max_len, const at::Tensor& hx,
+                                    const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                    const std::optional<at::Tensor>& b_ih,
+                                    const std::optional<at::Tensor>& b_hh) {
+  TORCH_CHECK(input.dim() == 2, "input must be 2-D [N, I] (the valid rows), got shape ",
+              input.sizes());
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "input must be a floating point tensor, got ", input.scalar_type());
+  TORCH_CHECK(layout == 0 || layout == 1,
+              "layout must be 0 (offsets, sequence-major) or 1 (packed, time-major), got ",
+              layout);
+  TORCH_CHECK(seq_index.scalar_type() == at::kLong || seq_index.scalar_type() == at::kInt,
+              "seq_index must be an int64 or int32 tensor, got ", seq_index.scalar_type());
+  TORCH_CHECK(max_len >= 0, "max_len must be >= 0, got ", max_len);
+  RaggedDims dims;
+  dims.layout = static_cast<int32_t>(layout);
+  dims.batch_first = false;
+  dims.N = input.size(0);
+  dims.I = input.size(1);
+  dims.T = max_len;
+  if (layout == 0) {
+    TORCH_CHECK(seq_index.dim() == 1 && seq_index.size(0) >= 1,
+                "seq_index (offsets) must be 1-D of size B+1 >= 1, got shape ", seq_index.sizes());
+    TORCH_CHECK(seq_index.device() == input.device() || seq_index.is_cpu(),
+                "seq_index (offsets) must be on the input's device ", input.device(),
+                " or the CPU, got ", seq_index.device());
+    TORCH_CHECK(!sorted_indices.has_value(),
+                "sorted_indices must be None for layout 0 (offsets): the offsets give each "
+                "sequence's rows in order");
+    dims.B = seq_index.size(0) - 1;
+  } else {
+    TORCH_CHECK(seq_index.dim() == 1, "seq_index (batch_sizes) must be 1-D [T], got shape ",
+                seq_index.sizes());
+    TORCH_CHECK(seq_index.is_cpu(),
+                "seq_index (batch_sizes) must be on the CPU, as PackedSequence keeps it, got ",
+                seq_index.device());
+    TORCH_CHECK(max_len >= seq_index.size(0), "max_len must be >= batch_sizes.size(0)=",
+                seq_index.size(0), " (the longest length), got ", max_len);
+    TORCH_CHECK(hx.dim() == 3, "hx must be 3-D [D, B, H], got shape ", hx.sizes());
+    dims.B = hx.size(1);  // batch_sizes[0], checked with the values
+    if (sorted_indices.has_value()) {
+      const at::Tensor& si = *sorted_indices;
+      TORCH_CHECK(si.dim() == 1 && si.size(0) == dims.B,
+                  "sorted_indices must be 1-D of size B=", dims.B, " (hx.size(1)), got shape ",
+                  si.sizes());
+      TORCH_CHECK(si.scalar_type() == at::kLong, "sorted_indices must be an int64 tensor, got ",
+                  si.scalar_type());
+      TORCH_CHECK(si.device() == input.device() || si.is_cpu(),
+                  "sorted_indices must be on the input's device ", input.device(),
+                  " or the CPU, got ", si.device());
+    }
+  }
+  check_weight_args(dims, input, hx, w_ih, w_hh, b_ih, b_hh);
+  return dims;
+}
+
+// The value checks of seq_index and sorted_indices, on host int64 copies: the
+// CPU backend runs them always, CUDA where the values live on the CPU.
+
+// offsets [B+1]
+inline void check_offsets_values(const int64_t* offsets, int64_t B, int64_t N,
+                                  int64_t max_len) {
+  TORCH_CHECK(offsets[0] == 0, "offsets[0] must be 0, got seq_index (offsets)[0]=", offsets[0]);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(offsets[b] <= offsets[b + 1], "seq_index (offsets) must be non-decreasing, got "
+                "offsets[", b, "]=", offsets[b], " > offsets[", b + 1, "]=", offsets[b + 1]);
+  }
+  TORCH_CHECK(offsets[B] == N, "offsets[B] must equal input.size(0)=", N, ", got offsets[", B,
+              "]=", offsets[B]);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = offsets[b + 1] - offsets[b];
+    TORCH_CHECK(len <= max_len, "max_len=", max_len, " must be >= every length, got length ",
+                len, " for sequence ", b, " (offsets[", b + 1, "] - offsets[", b, "])");
+  }
+}
+
+// batch_sizes [T]
+inline void check_batch_sizes_values(const int64_t* batch_sizes, int64_t T, int64_t B,
+                                     int64_t N) {
+  int64_t sum = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(batch_sizes[t] >= 1, "seq_index (batch_sizes) must be >= 1, got batch_sizes[",
+                t, "]=", batch_sizes[t]);
+    TORCH_CHECK(t == 0 || batch_sizes[t] <= batch_sizes[t - 1],
+                "seq_index (batch_sizes) must be non-increasing, got batch_sizes[", t - 1, "]=",
+                batch_sizes[t - 1], " < batch_sizes[", t, "]=", batch_sizes[t]);
+    sum += batch_sizes[t];
+  }
+  TORCH_CHECK(T == 0 || batch_sizes[0] == B, "batch_sizes[0] must equal B=", B,
+              " (hx.size(1)), got ", batch_sizes[0]);
+  TORCH_CHECK(sum == N, "seq_index (batch_sizes) must sum to input.size(0)=", N, ", got ", sum);
+}
+
+// sorted_indices [B]
+inline void check_sorted_indices_values(const int64_t* sorted_indices, int64_t B) {
+  std::vector<bool> seen(B, false);
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t b = sorted_indices[i];
+    TORCH_CHECK(b >= 0 && b < B && !seen[b], "sorted_indices must be a permutation of 0..B-1 (B=",
+                B, "), got sorted_indices[", i, "]=", b,
+                (b >= 0 && b < B) ? " twice" : " out of range");
+    seen[b] = true;
+  }
+}
+
 // Extra checks of the backward's tensors against the forward's dims, the same
-// for every backend. workspace_rows: how many rows the backend's forward gives
-// the workspace.
-inline void check_backward_args(const LayerDims& dims, const at::Tensor& input,
+// for every backend (padded or ragged). workspace_rows: how many rows the
+// backend's forward gives the workspace.
+template <typename Dims>  // LayerDims or RaggedDims
+inline void check_backward_args(const Dims& dims, const at::Tensor& input,
                                 const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                                 const at::Tensor& output, const at::Tensor& workspace,
                                 int64_t workspace_rows) {
   const auto out_sizes = dims.output_sizes();
-  TORCH_CHECK(grad_output.sizes() == out_sizes, "grad_output must have shape ", out_sizes,
-              ", got ", grad_output.sizes());
-  TORCH_CHECK(output.sizes() == out_sizes, "output must have shape ", out_sizes, ", got ",
+  const c10::IntArrayRef want(out_sizes);  // prints as [a, b, c]
+  TORCH_CHECK(grad_output.sizes() == want, "grad_output must have shape ", want, ", got ",
+              grad_output.sizes());
+  TORCH_CHECK(output.sizes() == want, "output must have shape ", want, ", got ",
               output.sizes());
   TORCH_CHECK(grad_h_n.dim() == 3 && grad_h_n.size(0) == dims.D && grad_h_n.size(1) == dims.B &&
                   grad_h_n.size(2) == dims.H,
@@ -128,12 +262,12 @@ inline void check_backward_args(const LayerDims& dims, const at::Tensor& input,
   TORCH_CHECK(workspace.dim() == 3 && workspace.size(0) == dims.D &&
                   workspace.size(1) == workspace_rows && workspace.size(2) == 4 * dims.H,
               "workspace must be [D, ", workspace_rows, ", 4H] as this backend's "
-              "gru_layer_forward(need_workspace=True) returns it, got shape ",
+              "forward (need_workspace=True) returns it, got shape ",
               workspace.sizes());
   const auto ws_dtype = opmath_dtype(input.scalar_type());
   TORCH_CHECK(workspace.device() == input.device() && workspace.scalar_type() == ws_dtype,
               "workspace must be a ", ws_dtype, " tensor on ", input.device(),
-              " as gru_layer_forward returns it, got ", workspace.scalar_type(), " on ",
+              " as the forward returns it, got ", workspace.scalar_type(), " on ",
               workspace.device());
 }
 

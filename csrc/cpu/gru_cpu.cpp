@@ -1,5 +1,7 @@
 // The CPU recurrence: one GRU layer (both directions) over a padded batch
-// driven by lengths, forward and backward, + TORCH_LIBRARY_IMPL(CPU).
+// driven by lengths, or over ragged rows (offsets or packed), forward and
+// backward, + TORCH_LIBRARY_IMPL(CPU). One recurrence serves every layout: it
+// finds its rows through two layout.h RowMaps (ForwardArgs).
 //
 // Each step is one GEMM over the running rows (W_hh h, or dh W_hh in the
 // backward) and one parallel gate pass over them (cpu/rows.h). Rows run in the
@@ -7,6 +9,7 @@
 // projection is one GEMM over the N valid positions (no work on padding), and
 // the workspace ([D, N, 4H]: nothing for padding) stores direction d's step s
 // at rows offset[s] + i, so the backward's weight GEMMs cover exactly N rows.
+// Ragged input needs no gather: its own N rows are the projection's rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -20,6 +23,7 @@
 #include "cpu/schedule.h"
 #include "gate_math.h"
 #include "gru.h"
+#include "layout.h"
 
 namespace varlen_rnn {
 namespace {
@@ -27,14 +31,19 @@ namespace {
 // What the forward reads and writes; the backward reads the same and adds
 // its gradients (BackwardArgs). Tensors are contiguous, in the op-math dtype.
 struct ForwardArgs {
-  LayerDims dims;
+  LayerDims dims;  // ragged: T = max_len, batch_first false
   Schedule sched;
-  at::Tensor input2d;                    // [T*B, I] (or [B*T, I] if batch_first)
+  // (t, sorted row i) -> row. gx_rows: of xp (projection_input) and of the
+  // buffers over positions (gx, dgx, hprev, dghn); out_rows: of output's
+  // [rows, D*H] view. Their pointers are into sched, which outlives them.
+  RowMap gx_rows, out_rows;
+  at::Tensor gather;                     // padded: [N] input2d row of each position; ragged: none
+  at::Tensor input2d;                    // [T*B, I] (or [B*T, I] if batch_first); ragged [N, I]
   at::Tensor hx;                         // [D, B, H]
   at::Tensor w_ih;                       // [D, 3H, I]
   at::Tensor w_hh;                       // [D, 3H, H]
   std::optional<at::Tensor> b_ih, b_hh;  // [D, 3H]; the backward needs neither
-  at::Tensor output;                     // [T, B, D*H] (or [B, T, D*H])
+  at::Tensor output;                     // [T, B, D*H] (or [B, T, D*H]); ragged [N, D*H]
   at::Tensor h_n;                        // [D, B, H]; the backward needs none
   at::Tensor workspace;                  // [D, N, 4H] saved gates; [0] in inference
 };
@@ -57,18 +66,55 @@ at::Tensor opmath_contiguous(const at::Tensor& t) {
 
 // Checks the layer's arguments (shapes as in ops.cpp's schema) and fills the
 // fields both passes read.
+void set_weight_args(ForwardArgs& args, const at::Tensor& hx, const at::Tensor& w_ih,
+                     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                     const std::optional<at::Tensor>& b_hh) {
+  args.hx = opmath_contiguous(hx);
+  args.w_ih = opmath_contiguous(w_ih);
+  args.w_hh = opmath_contiguous(w_hh);
+  if (b_ih) args.b_ih = opmath_contiguous(*b_ih);
+  if (b_hh) args.b_hh = opmath_contiguous(*b_hh);
+}
+
 void set_layer_args(ForwardArgs& args, const at::Tensor& input, const at::Tensor& lengths,
                     const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
                     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
                     bool batch_first) {
   args.dims = check_layer_args(input, lengths, hx, w_ih, w_hh, b_ih, b_hh, batch_first);
   args.sched = make_schedule(lengths, args.dims.T);
-  args.input2d = opmath_contiguous(input).view({-1, args.dims.I});
-  args.hx = opmath_contiguous(hx);
-  args.w_ih = opmath_contiguous(w_ih);
-  args.w_hh = opmath_contiguous(w_hh);
-  if (b_ih) args.b_ih = opmath_contiguous(*b_ih);
-  if (b_hh) args.b_hh = opmath_contiguous(*b_hh);
+  const LayerDims& dims = args.dims;
+  // The projection runs on the N valid positions, gathered in packed order.
+  args.gx_rows = packed_map(args.sched.offset.data(), nullptr);
+  args.out_rows = padded_map(batch_first, dims.T, dims.B, args.sched.perm.data());
+  args.gather = packed_rows(args.sched, args.out_rows);
+  args.input2d = opmath_contiguous(input).view({-1, dims.I});
+  set_weight_args(args, hx, w_ih, w_hh, b_ih, b_hh);
+}
+
+// The ragged ops' version; returns the dims with N and the layout.
+RaggedDims set_ragged_args(ForwardArgs& args, const at::Tensor& input,
+                           const at::Tensor& seq_index,
+                           const std::optional<at::Tensor>& sorted_indices, int64_t layout,
+                           int64_t max_len, const at::Tensor& hx, const at::Tensor& w_ih,
+                           const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                           const std::optional<at::Tensor>& b_hh) {
+  const RaggedDims dims = check_ragged_args(input, seq_index, sorted_indices, layout, max_len,
+                                            hx, w_ih, w_hh, b_ih, b_hh);
+  args.dims = dims;
+  args.sched = make_ragged_schedule(dims, seq_index, sorted_indices);
+  // Packed input is in the schedule's own order: its rows are the positions.
+  args.gx_rows = dims.layout == kOffsets
+                     ? offsets_map(args.sched.seq_offsets.data(), args.sched.perm.data())
+                     : packed_map(args.sched.offset.data(), nullptr);
+  args.out_rows = args.gx_rows;
+  args.input2d = opmath_contiguous(input);
+  set_weight_args(args, hx, w_ih, w_hh, b_ih, b_hh);
+  return dims;
+}
+
+// [N, I]: the input rows the projection GEMMs run on, in gx_rows' order.
+at::Tensor projection_input(const ForwardArgs& args) {
+  return args.gather.defined() ? args.input2d.index_select(0, args.gather) : args.input2d;
 }
 
 // Rows per parallel task: ~4K elements, about ten microseconds of gate math
@@ -77,10 +123,10 @@ void set_layer_args(ForwardArgs& args, const at::Tensor& input, const at::Tensor
 // 8K-element tasks at B=16..128, H=128..512 on 2 threads.
 int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 4096 / H); }
 
-// Offset of direction d's [H] part at (t, batch row b) in an output-shaped
+// Offset of direction d's [H] part at (t, sorted row i) in an output-shaped
 // tensor.
-int64_t output_offset(const LayerDims& dims, int64_t t, int64_t b, int64_t d) {
-  return padded_row(dims, t, b) * dims.D * dims.H + d * dims.H;
+int64_t output_offset(const ForwardArgs& args, int64_t t, int64_t i, int64_t d) {
+  return args.out_rows.row(t, i) * args.dims.D * args.dims.H + d * args.dims.H;
 }
 
 template <typename scalar_t>
@@ -89,7 +135,7 @@ void forward_impl(ForwardArgs& args) {
   const Schedule& sched = args.sched;
   const int64_t H = dims.H, G = 3 * H, N = sched.N();
   const auto opts = args.input2d.options();
-  at::Tensor xp = args.input2d.index_select(0, packed_rows(sched, dims));  // [N, I]
+  at::Tensor xp = projection_input(args);  // [N, I]
   const at::Tensor perm = perm_tensor(sched);
   at::Tensor gh = at::empty({dims.B, G}, opts);  // [B, 3H] one step's W_hh h
   const at::Tensor b_hh = args.b_hh ? *args.b_hh : at::zeros({dims.D, G}, opts);  // [D, 3H]
@@ -119,11 +165,11 @@ void forward_impl(ForwardArgs& args) {
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t t = step_time(d, sched.len[i], s);
           ForwardRow<scalar_t> row;
-          row.gx = gx_p + (sched.offset[t] + i) * G;
+          row.gx = gx_p + args.gx_rows.row(t, i) * G;
           row.gh = gh_p + i * G;
           row.bh = bh_p;
           row.h = h_p + i * H;
-          row.out = out_p + output_offset(dims, t, sched.perm[i], d);
+          row.out = out_p + output_offset(args, t, i, d);
           row.ws = save ? ws_p + (sched.offset[s] + i) * 4 * H : nullptr;
           forward_row(row, H);
         }
@@ -140,8 +186,8 @@ void backward_impl(BackwardArgs& args) {
   const int64_t H = dims.H, G = 3 * H, DG = dims.D * G, N = sched.N();
   const auto opts = args.input2d.options();
   const at::Tensor perm = perm_tensor(sched);
-  // Buffers over the N valid positions in time order (row offset[t] + i), so
-  // the weight gradients are GEMMs over exactly the valid positions. Only the
+  // Buffers over the N valid positions (gx_rows' order), so the weight
+  // gradients are GEMMs over exactly the valid positions. Only the
   // per-step GEMM's operand dgh is step-sized: peak memory stays near the
   // forward's.
   at::Tensor dgx = at::empty({N, DG}, opts);      // [N, D*3H]
@@ -165,13 +211,13 @@ void backward_impl(BackwardArgs& args) {
       const int64_t n = sched.active[s];
       at::parallel_for(0, n, row_grain(H), [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
-          const int64_t t = step_time(d, sched.len[i], s), b = sched.perm[i];
-          const int64_t pos = sched.offset[t] + i;  // packed position of (t, i)
+          const int64_t t = step_time(d, sched.len[i], s);
+          const int64_t pos = args.gx_rows.row(t, i);
           BackwardRow<scalar_t> row;
           row.dh = dh_p + i * H;
-          row.go = go_p + output_offset(dims, t, b, d);
-          row.prev = s == 0 ? hx_p + (d * dims.B + b) * H
-                            : out_p + output_offset(dims, prev_time(d, t), b, d);
+          row.go = go_p + output_offset(args, t, i, d);
+          row.prev = s == 0 ? hx_p + (d * dims.B + sched.perm[i]) * H
+                            : out_p + output_offset(args, prev_time(d, t), i, d);
           row.ws = ws_p + (sched.offset[s] + i) * 4 * H;
           row.dgx = dgx_p + pos * DG + d * G;
           row.dgh = dgh_p + i * G;
@@ -196,52 +242,45 @@ void backward_impl(BackwardArgs& args) {
   }
   dghn.reset();
   hprev.reset();
-  const at::Tensor rows = packed_rows(sched, dims);
-  at::Tensor xp = args.input2d.index_select(0, rows);  // [N, I]
+  at::Tensor xp = projection_input(args);  // [N, I]
   at::Tensor gw = args.grad_w_ih.view({DG, dims.I}), gb = args.grad_b_ih.view({DG});
   at::mm_out(gw, dgx.t(), xp);
   xp.reset();
   at::sum_out(gb, dgx, {0});
   at::Tensor dxp = at::mm(dgx, args.w_ih.reshape({DG, dims.I}));  // [N, I]
   dgx.reset();
+  if (!args.gather.defined()) {  // ragged: the positions are grad_input's rows
+    args.grad_input2d = std::move(dxp);
+    return;
+  }
   // grad_input is allocated last, when the step buffers are gone: peak memory.
   args.grad_input2d = at::empty({args.input2d.size(0), dims.I}, opts);
-  args.grad_input2d.index_fill_(0, padding_rows(sched, dims), 0);
-  args.grad_input2d.index_copy_(0, rows, dxp);
+  args.grad_input2d.index_fill_(0, padding_rows(sched, args.out_rows, dims.T), 0);
+  args.grad_input2d.index_copy_(0, args.gather, dxp);
 }
 
-// The ops' arguments and results, with their shapes, are documented once in
-// ops.cpp's schemas; the structs above repeat the shapes.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_forward_cpu(
-    const at::Tensor& input, const at::Tensor& lengths, const at::Tensor& hx,
-    const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-    const std::optional<at::Tensor>& b_hh, bool batch_first, bool need_workspace) {
-  const NoAutocastGuard no_autocast;
-  ForwardArgs args;
-  set_layer_args(args, input, lengths, hx, w_ih, w_hh, b_ih, b_hh, batch_first);
+using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Backward =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The part of each forward op after its arguments are set and its output is
+// allocated: the results in the input's dtype.
+Forward run_forward(ForwardArgs& args, at::ScalarType dtype, bool need_workspace) {
   const LayerDims& dims = args.dims;
   const auto opts = args.input2d.options();
-  args.output = at::empty(dims.output_sizes(), opts);
-  args.output.view({-1, dims.D * dims.H}).index_fill_(0, padding_rows(args.sched, dims), 0);
   args.h_n = at::empty({dims.D, dims.B, dims.H}, opts);
   args.workspace = need_workspace ? at::empty({dims.D, args.sched.N(), 4 * dims.H}, opts)
                                   : at::empty({0}, opts);
   AT_DISPATCH_FLOATING_TYPES(args.input2d.scalar_type(), "gru_layer_forward_cpu",
                              [&] { forward_impl<scalar_t>(args); });
-  const auto dtype = input.scalar_type();
   return {args.output.to(dtype), args.h_n.to(dtype), args.workspace};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-gru_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
-                       const at::Tensor& input, const at::Tensor& lengths, const at::Tensor& hx,
-                       const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output,
-                       const at::Tensor& workspace, bool batch_first) {
-  const NoAutocastGuard no_autocast;
-  BackwardArgs args;
-  set_layer_args(args, input, lengths, hx, w_ih, w_hh, std::nullopt, std::nullopt, batch_first);
+// The same for each backward op, after its arguments are set and checked.
+Backward run_backward(BackwardArgs& args, const at::Tensor& input, const at::Tensor& grad_output,
+                      const at::Tensor& grad_h_n, const at::Tensor& output,
+                      const at::Tensor& workspace) {
   const LayerDims& dims = args.dims;
-  check_backward_args(dims, input, grad_output, grad_h_n, output, workspace, args.sched.N());
   args.grad_output = opmath_contiguous(grad_output);
   args.grad_h_n = opmath_contiguous(grad_h_n);
   args.output = opmath_contiguous(output);
@@ -263,11 +302,73 @@ gru_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n
           args.grad_b_hh.to(dtype)};
 }
 
+// The ops' arguments and results, with their shapes, are documented once in
+// ops.cpp's schemas; the structs above repeat the shapes.
+Forward gru_layer_forward_cpu(const at::Tensor& input, const at::Tensor& lengths,
+                              const at::Tensor& hx, const at::Tensor& w_ih,
+                              const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                              const std::optional<at::Tensor>& b_hh, bool batch_first,
+                              bool need_workspace) {
+  const NoAutocastGuard no_autocast;
+  ForwardArgs args;
+  set_layer_args(args, input, lengths, hx, w_ih, w_hh, b_ih, b_hh, batch_first);
+  const LayerDims& dims = args.dims;
+  args.output = at::empty(dims.output_sizes(), args.input2d.options());
+  args.output.view({-1, dims.D * dims.H})
+      .index_fill_(0, padding_rows(args.sched, args.out_rows, dims.T), 0);
+  return run_forward(args, input.scalar_type(), need_workspace);
+}
+
+Backward gru_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                                const at::Tensor& input, const at::Tensor& lengths,
+                                const at::Tensor& hx, const at::Tensor& w_ih,
+                                const at::Tensor& w_hh, const at::Tensor& output,
+                                const at::Tensor& workspace, bool batch_first) {
+  const NoAutocastGuard no_autocast;
+  BackwardArgs args;
+  set_layer_args(args, input, lengths, hx, w_ih, w_hh, std::nullopt, std::nullopt, batch_first);
+  check_backward_args(args.dims, input, grad_output, grad_h_n, output, workspace,
+                      args.sched.N());
+  return run_backward(args, input, grad_output, grad_h_n, output, workspace);
+}
+
+// Every output row is a valid position: nothing to zero.
+Forward gru_layer_ragged_forward_cpu(const at::Tensor& input, const at::Tensor& seq_index,
+                                     const std::optional<at::Tensor>& sorted_indices,
+                                     int64_t layout, int64_t max_len, const at::Tensor& hx,
+                                     const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                     const std::optional<at::Tensor>& b_ih,
+                                     const std::optional<at::Tensor>& b_hh,
+                                     bool need_workspace) {
+  const NoAutocastGuard no_autocast;
+  ForwardArgs args;
+  const RaggedDims dims = set_ragged_args(args, input, seq_index, sorted_indices, layout,
+                                          max_len, hx, w_ih, w_hh, b_ih, b_hh);
+  args.output = at::empty(dims.output_sizes(), args.input2d.options());
+  return run_forward(args, input.scalar_type(), need_workspace);
+}
+
+Backward gru_layer_ragged_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                                       const at::Tensor& input, const at::Tensor& seq_index,
+                                       const std::optional<at::Tensor>& sorted_indices,
+                                       int64_t layout, int64_t max_len, const at::Tensor& hx,
+                                       const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                       const at::Tensor& output, const at::Tensor& workspace) {
+  const NoAutocastGuard no_autocast;
+  BackwardArgs args;
+  const RaggedDims dims = set_ragged_args(args, input, seq_index, sorted_indices, layout,
+                                          max_len, hx, w_ih, w_hh, std::nullopt, std::nullopt);
+  check_backward_args(dims, input, grad_output, grad_h_n, output, workspace, dims.N);
+  return run_backward(args, input, grad_output, grad_h_n, output, workspace);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(varlen_rnn, CPU, m) {
   m.impl("gru_layer_forward", &gru_layer_forward_cpu);
   m.impl("gru_layer_backward", &gru_layer_backward_cpu);
+  m.impl("gru_layer_ragged_forward", &gru_layer_ragged_forward_cpu);
+  m.impl("gru_layer_ragged_backward", &gru_layer_ragged_backward_cpu);
 }
 
 }  // namespace varlen_rnn

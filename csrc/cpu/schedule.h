@@ -10,7 +10,8 @@
 //
 // Packed layout. The valid positions (t, i) are numbered offset[t] + i (the
 // PackedSequence order), so buffers over positions hold exactly N rows and
-// nothing for padding.
+// nothing for padding. Ragged input (make_ragged_schedule) gets the same
+// schedule; packed input is already in this order.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,37 +19,28 @@
 #include <algorithm>
 #include <cstdint>
 #include <numeric>
+#include <optional>
+#include <utility>
 #include <vector>
 
 #include "gru.h"
+#include "layout.h"
 
 namespace varlen_rnn {
 
 struct Schedule {
-  std::vector<int64_t> perm;    // [B] perm[i]: batch row of the i-th longest sequence
-  std::vector<int64_t> len;     // [B] len[i] = lengths[perm[i]], descending
+  std::vector<int64_t> perm;    // [B] perm[i]: sequence (index of hx/h_n) of sorted row i
+  std::vector<int64_t> len;     // [B] len[i]: length of sorted row i, descending
   std::vector<int64_t> active;  // [max_len] rows with length > s
   std::vector<int64_t> offset;  // [max_len + 1] packed row of (s, 0); offset[max_len] = N
+  std::vector<int64_t> seq_offsets;  // [B+1] the offsets layout's offsets, else empty
   int64_t max_len = 0;
   int64_t N() const { return offset.back(); }
 };
 
-// lengths [B] int64 or int32; checks each value is in [0, T].
-inline Schedule make_schedule(const at::Tensor& lengths, int64_t T) {
-  const at::Tensor l = lengths.to(at::kLong).contiguous();
-  const int64_t* p = l.const_data_ptr<int64_t>();
-  const int64_t B = l.numel();
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(p[b] >= 0 && p[b] <= T, "lengths must be in [0, T] with T=", T,
-                " (the input's time dimension), got lengths[", b, "]=", p[b]);
-  }
-  Schedule sched;
-  sched.perm.resize(B);
-  std::iota(sched.perm.begin(), sched.perm.end(), 0);
-  std::stable_sort(sched.perm.begin(), sched.perm.end(),
-                   [p](int64_t a, int64_t b) { return p[a] > p[b]; });
-  sched.len.resize(B);
-  for (int64_t i = 0; i < B; ++i) sched.len[i] = p[sched.perm[i]];
+// Fills active and offset from len (descending) and sets max_len.
+inline void finish_schedule(Schedule& sched) {
+  const int64_t B = static_cast<int64_t>(sched.len.size());
   sched.max_len = B > 0 ? sched.len[0] : 0;
   sched.active.assign(sched.max_len, 0);
   int64_t i = B;
@@ -60,34 +52,96 @@ inline Schedule make_schedule(const at::Tensor& lengths, int64_t T) {
   for (int64_t s = 0; s < sched.max_len; ++s) {
     sched.offset[s + 1] = sched.offset[s] + sched.active[s];
   }
+}
+
+// The schedule of B sequences of (already checked) lengths p[b]: a stable
+// longest-first sort.
+inline Schedule schedule_from_lengths(const int64_t* p, int64_t B) {
+  Schedule sched;
+  sched.perm.resize(B);
+  std::iota(sched.perm.begin(), sched.perm.end(), 0);
+  std::stable_sort(sched.perm.begin(), sched.perm.end(),
+                   [p](int64_t a, int64_t b) { return p[a] > p[b]; });
+  sched.len.resize(B);
+  for (int64_t i = 0; i < B; ++i) sched.len[i] = p[sched.perm[i]];
+  finish_schedule(sched);
   return sched;
 }
 
-// Row of (t, batch row b) in a 2-D view [T*B, F] (or [B*T, F] if batch_first)
-// of a padded tensor.
-inline int64_t padded_row(const LayerDims& dims, int64_t t, int64_t b) {
-  return dims.batch_first ? b * dims.T + t : t * dims.B + b;
+// lengths [B] int64 or int32; checks each value is in [0, T].
+inline Schedule make_schedule(const at::Tensor& lengths, int64_t T) {
+  const at::Tensor l = lengths.to(at::kLong).contiguous();
+  const int64_t* p = l.const_data_ptr<int64_t>();
+  const int64_t B = l.numel();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(p[b] >= 0 && p[b] <= T, "lengths must be in [0, T] with T=", T,
+                " (the input's time dimension), got lengths[", b, "]=", p[b]);
+  }
+  return schedule_from_lengths(p, B);
 }
 
-// [N] int64: the padded row (see padded_row) of each packed position.
-inline at::Tensor packed_rows(const Schedule& sched, const LayerDims& dims) {
+// [n] int64 host copy of a 1-D index tensor on any device.
+inline std::vector<int64_t> host_values(const at::Tensor& t) {
+  const at::Tensor c = t.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* p = c.const_data_ptr<int64_t>();
+  return std::vector<int64_t>(p, p + c.numel());
+}
+
+// The ragged ops' schedule (dims from check_ragged_args), after checking the
+// values of seq_index and sorted_indices.
+//   offsets: the lengths' longest-first sort, as for padded input.
+//   packed: the ranks are already longest-first, so sorted row i is rank i and
+//   the packed rows (t, i) are exactly the schedule's offset[t] + i;
+//   perm = sorted_indices (rank -> sequence).
+inline Schedule make_ragged_schedule(const RaggedDims& dims, const at::Tensor& seq_index,
+                                     const std::optional<at::Tensor>& sorted_indices) {
+  std::vector<int64_t> idx = host_values(seq_index);
+  if (dims.layout == 0) {
+    check_offsets_values(idx.data(), dims.B, dims.N, dims.T);
+    std::vector<int64_t> lengths(dims.B);
+    for (int64_t b = 0; b < dims.B; ++b) lengths[b] = idx[b + 1] - idx[b];
+    Schedule sched = schedule_from_lengths(lengths.data(), dims.B);
+    sched.seq_offsets = std::move(idx);
+    return sched;
+  }
+  const int64_t T = static_cast<int64_t>(idx.size());
+  check_batch_sizes_values(idx.data(), T, dims.B, dims.N);
+  Schedule sched;
+  if (sorted_indices.has_value()) {
+    sched.perm = host_values(*sorted_indices);
+    check_sorted_indices_values(sched.perm.data(), dims.B);
+  } else {
+    sched.perm.resize(dims.B);
+    std::iota(sched.perm.begin(), sched.perm.end(), 0);
+  }
+  // len[i] = #{t : batch_sizes[t] > i}: count where each run of ranks ends.
+  sched.len.assign(dims.B, 0);
+  for (int64_t t = 0; t < T; ++t) sched.len[idx[t] - 1] += 1;
+  for (int64_t i = dims.B - 2; i >= 0; --i) sched.len[i] += sched.len[i + 1];
+  finish_schedule(sched);
+  return sched;
+}
+
+// [N] int64: the row in `rows` (a padded map over the schedule's sorted rows)
+// of each packed position offset[t] + i.
+inline at::Tensor packed_rows(const Schedule& sched, const RowMap& rows) {
   at::Tensor idx = at::empty({sched.N()}, at::kLong);
   int64_t* q = idx.data_ptr<int64_t>();
   for (int64_t t = 0; t < sched.max_len; ++t) {
-    for (int64_t i = 0; i < sched.active[t]; ++i) {
-      q[sched.offset[t] + i] = padded_row(dims, t, sched.perm[i]);
-    }
+    for (int64_t i = 0; i < sched.active[t]; ++i) q[sched.offset[t] + i] = rows.row(t, i);
   }
   return idx;
 }
 
-// [T*B - N] int64: the padded rows at the positions t >= length: the only
-// rows of output / grad_input that no kernel writes, so the only ones zeroed.
-inline at::Tensor padding_rows(const Schedule& sched, const LayerDims& dims) {
-  at::Tensor idx = at::empty({dims.T * dims.B - sched.N()}, at::kLong);
+// [T*B - N] int64: the padded rows (of `rows`, as above) at the positions
+// t >= length: the only rows of output / grad_input that no kernel writes, so
+// the only ones zeroed.
+inline at::Tensor padding_rows(const Schedule& sched, const RowMap& rows, int64_t T) {
+  const int64_t B = static_cast<int64_t>(sched.len.size());
+  at::Tensor idx = at::empty({T * B - sched.N()}, at::kLong);
   int64_t* q = idx.data_ptr<int64_t>();
-  for (int64_t i = 0; i < dims.B; ++i) {
-    for (int64_t t = sched.len[i]; t < dims.T; ++t) *q++ = padded_row(dims, t, sched.perm[i]);
+  for (int64_t i = 0; i < B; ++i) {
+    for (int64_t t = sched.len[i]; t < T; ++t) *q++ = rows.row(t, i);
   }
   return idx;
 }
