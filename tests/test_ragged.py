@@ -303,5 +303,8 @@ def test_bad_seq_index_dtype_and_size_name_the_argument():
     op = varlen_rnn.ops.gru_layer_ragged
     with pytest.raises(RuntimeError, match="seq_index must be an int64 or int32 tensor"):
         op(x, torch.tensor([0.0, 2.0, 5.0]), None, 0, 3, hx, *w)
-    with pytest.raises(RuntimeError, match="seq_index"):  # B+1 = 3 offsets for hx's B = 2
+    # Offsets give B: 4 offsets are 3 sequences, hx has 2.
+    with pytest.raises(RuntimeError, match=r"hx must be \[D, B, H\] = \[1, 3, 3\], got"):
         op(x, torch.tensor([0, 1, 2, 5]), None, 0, 3, hx, *w)
+    with pytest.raises(RuntimeError, match="max_len=2 must be >= every length"):
+        op(x, torch.tensor([0, 2, 5]), None, 0, 2, hx, *w)
