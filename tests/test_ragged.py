@@ -5,11 +5,15 @@ import itertools
 
 import pytest
 import torch
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
-from torch.nn.utils.rnn import pad_sequence
+from testing import ALL_DEVICES, assert_close, grads, make_pair
+from torch.nn.utils.rnn import (
+    PackedSequence,
+    pack_padded_sequence,
+    pad_packed_sequence,
+    pad_sequence,
+)
 
 import varlen_rnn
-from testing import ALL_DEVICES, TOL, assert_close, grads, make_pair
 
 I, H = 4, 5
 LENGTHS = [5, 1, 7, 7, 3, 1]  # T = 7, a length of 1 and of T, repeats, unsorted
@@ -308,3 +312,42 @@ def test_bad_seq_index_dtype_and_size_name_the_argument():
         op(x, torch.tensor([0, 1, 2, 5]), None, 0, 3, hx, *w)
     with pytest.raises(RuntimeError, match="max_len=2 must be >= every length"):
         op(x, torch.tensor([0, 2, 5]), None, 0, 2, hx, *w)
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+def test_dropout_between_ragged_layers(device):
+    """Training mode drops [N, D*H] rows between layers (as nn.GRU); eval mode is the plain
+    stack, equal to the padded path."""
+    ours = varlen_rnn.GRU(I, H, num_layers=2, dropout=0.5, device=device, dtype=torch.float64)
+    parts = [torch.randn(L, I, dtype=torch.float64, device=device) for L in LENGTHS]
+    nt = torch.nested.nested_tensor(parts, layout=torch.jagged)
+    ours.eval()
+    out_eval, _ = ours(nt)
+    out_pad, _ = ours(pad_sequence(parts), lengths=LENGTHS)
+    want = torch.cat([out_pad[:L, b] for b, L in enumerate(LENGTHS)])
+    assert_close(out_eval.values(), want, torch.float64, "eval")
+    ours.train()
+    torch.manual_seed(3)
+    out_a, _ = ours(nt)
+    torch.manual_seed(3)
+    out_b, _ = ours(nt)
+    assert torch.equal(out_a.values(), out_b.values())
+    assert not torch.allclose(out_a.values(), out_eval.values())
+
+
+def test_autocast_and_noncontiguous_packed_data():
+    """CPU autocast keeps nn.GRU's dtypes (hx's: float32 here), and PackedSequence data that is
+    a strided view gives the contiguous copy's results."""
+    ref, ours, _, hx = _setup("cpu", torch.float32, 2, True, True, True)
+    padded = torch.randn(max(LENGTHS), len(LENGTHS), 2 * I)[..., ::2]
+    packed = pack_padded_sequence(padded, torch.tensor(LENGTHS), enforce_sorted=False)
+    strided = PackedSequence(torch.randn(packed.data.shape[0], 2 * I)[:, ::2].copy_(packed.data),
+                             packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+    assert not strided.data.is_contiguous()
+    (out, h_n), (out_ref, h_ref) = ours(strided, hx), ref(packed, hx)
+    assert_close(out.data, out_ref.data, torch.float32, "strided output")
+    nt = torch.nested.nested_tensor([torch.randn(L, I) for L in LENGTHS], layout=torch.jagged)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, h_n = ours(nt, hx)
+        out_ref, h_ref = ref(nt.values().new_zeros(1, 1, I), hx[:, :1])
+    assert out.dtype == out_ref.dtype == torch.float32 and h_n.dtype == h_ref.dtype
