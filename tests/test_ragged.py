@@ -65,6 +65,7 @@ def test_nested_matches_nn_gru_with_packing(device, dtype, num_layers, bidirecti
     out_ref, h_ref = _baseline_rows(ref, values, LENGTHS, hx)
     assert out.is_nested and out.layout == torch.jagged and out.offsets() is nt.offsets()
     assert out.shape[0] == len(LENGTHS) and out.shape[1] == nt.shape[1]
+    assert nt._maybe_max_seqlen is None and out._maybe_max_seqlen == max(LENGTHS)
     assert_close(out.values(), out_ref, dtype, "output")
     assert_close(h_n, h_ref, dtype, "h_n")
     leaves = [values] + ([hx] if with_hx else [])

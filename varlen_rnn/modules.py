@@ -238,9 +238,10 @@ class GRU(nn.Module):
         hx = self._checked_hx(hx, values, offsets.size(0) - 1)
         index = (offsets, None, 0, max_len)
         out, h_n = self._run(values, hx, lambda x, h, w: gru_layer_ragged(x, *index, h, *w))
-        # The same offsets tensor, so out's ragged dimension is input's (out + input works).
+        # The same offsets tensor, so out's ragged dimension is input's (out + input works);
+        # max_len goes along, so the next layer or GRU on out needs no host read to find it.
         out = torch.nested.nested_tensor_from_jagged(
-            out, offsets, min_seqlen=input._maybe_min_seqlen, max_seqlen=input._maybe_max_seqlen
+            out, offsets, min_seqlen=input._maybe_min_seqlen, max_seqlen=max_len
         )
         return out, h_n
 
