@@ -153,6 +153,29 @@ def test_int32_offsets_and_no_sorted_indices_mean_the_same():
     assert torch.equal(c[0], d[0]) and torch.equal(c[1], d[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_half_types_match_the_padded_op(dtype):
+    """Both run in float and round once at the end: the same numbers up to GEMM blocking."""
+    ours, padded = _run_both(LENGTHS["mixed"], OFFSETS, 2, True, dtype)
+    for name, a, b in zip(NAMES, ours, padded):
+        if name != "workspace shape":
+            assert a.dtype == dtype, name
+            torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2, msg=name)
+
+
+def test_non_contiguous_arguments():
+    seqs, hx = _sequences([2, 5, 3], 2, torch.float64)
+    w = _weights(2, True, torch.float64)
+    x, bs, si, T, _ = _ragged(seqs, PACKED)
+    expected = ops.gru_layer_ragged_forward(x, bs, si, PACKED, T, hx, *w, False)
+    x_nc = x.t().contiguous().t()  # [N, I] with strides (1, N)
+    hx_nc = hx.transpose(1, 2).contiguous().transpose(1, 2)
+    si_nc = torch.stack([si, si], 1)[:, 0]
+    assert not (x_nc.is_contiguous() or hx_nc.is_contiguous() or si_nc.is_contiguous())
+    got = ops.gru_layer_ragged_forward(x_nc, bs, si_nc, PACKED, T, hx_nc, *w, False)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
 def test_inference_returns_an_empty_workspace():
     seqs, hx = _sequences([2, 3], 1, torch.float64)
     x, off, _, T, _ = _ragged(seqs, OFFSETS)

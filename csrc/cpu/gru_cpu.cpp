@@ -35,7 +35,7 @@ struct ForwardArgs {
   Schedule sched;
   // (t, sorted row i) -> row. gx_rows: of xp (projection_input) and of the
   // buffers over positions (gx, dgx, hprev, dghn); out_rows: of output's
-  // [rows, D*H] view. Their pointers are into sched, which outlives them.
+  // [rows, D*H] view. They point into sched (ForwardArgs is never copied).
   RowMap gx_rows, out_rows;
   at::Tensor gather;                     // padded: [N] input2d row of each position; ragged: none
   at::Tensor input2d;                    // [T*B, I] (or [B*T, I] if batch_first); ragged [N, I]
@@ -64,8 +64,7 @@ at::Tensor opmath_contiguous(const at::Tensor& t) {
   return t.to(opmath_dtype(t.scalar_type())).contiguous();
 }
 
-// Checks the layer's arguments (shapes as in ops.cpp's schema) and fills the
-// fields both passes read.
+// The op-math, contiguous hx and weights.
 void set_weight_args(ForwardArgs& args, const at::Tensor& hx, const at::Tensor& w_ih,
                      const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
                      const std::optional<at::Tensor>& b_hh) {
@@ -76,6 +75,8 @@ void set_weight_args(ForwardArgs& args, const at::Tensor& hx, const at::Tensor& 
   if (b_hh) args.b_hh = opmath_contiguous(*b_hh);
 }
 
+// Checks the layer's arguments (shapes as in ops.cpp's schema) and fills the
+// fields both passes read.
 void set_layer_args(ForwardArgs& args, const at::Tensor& input, const at::Tensor& lengths,
                     const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
                     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
