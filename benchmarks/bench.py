@@ -153,6 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; cases that would start after it are skipped and listed (gpu preset: 210)")
     p.add_argument("--limit", type=int, default=None, help="run only the first N cases (dry runs)")
+    p.add_argument("--match", default=None, help="run only the cases whose name contains this text")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--rounds", type=int, default=None, help="override the preset's interleaved rounds")
     p.add_argument("--min-run-time", type=float, default=None,
@@ -187,7 +188,8 @@ def main(argv=None) -> int:
         effort["rounds"] = args.rounds
     if args.min_run_time is not None:
         effort["min_run_time"] = args.min_run_time
-    cases = preset_cases(args.preset, device)[: args.limit]
+    cases = [c for c in preset_cases(args.preset, device) if args.match is None or args.match in c.name()]
+    cases = cases[: args.limit]
     results = {"preset": args.preset, "machine": bench_report.machine_info(device, threads),
                "effort": effort, "gemm": {}, "cases": [], "skipped": []}
     start = time.perf_counter()
