@@ -4,6 +4,7 @@
     python benchmarks/bench.py --preset cpu-targets           # the three CPU target configs, 2 threads
     python benchmarks/bench.py --preset gpu --device cuda     # the CUDA grid (training fp32/bf16, inference)
     python benchmarks/bench.py --preset full [--device cuda]  # the whole grid
+    python benchmarks/bench.py --preset ragged                # issue 10: nested/PackedSequence input, memory
 
 Every competitor of a case is timed in the same run, on the same inputs and weights, in rounds
 that rotate their order (so drift in clocks or caches hits all of them alike), and the reported
@@ -29,7 +30,7 @@ from torch.utils.benchmark import Timer  # noqa: E402
 
 import bench_memory  # noqa: E402
 import bench_report  # noqa: E402
-from bench_cases import COMPETITORS, DISTRIBUTIONS, Bench, Case, gru_flops, train_flops  # noqa: E402
+from bench_cases import DISTRIBUTIONS, RAGGED, Bench, Case, gru_flops, train_flops  # noqa: E402
 
 
 # Timing effort per preset: rounds of blocked_autorange(min_run_time) per competitor.
@@ -38,6 +39,7 @@ EFFORT = {
     "cpu-targets": dict(rounds=5, min_run_time=0.4, warmup=2),
     "full": dict(rounds=3, min_run_time=0.2, warmup=2),
     "gpu": dict(rounds=2, min_run_time=0.1, warmup=2),
+    "ragged": dict(rounds=3, min_run_time=0.3, warmup=1),
 }
 
 
@@ -59,6 +61,16 @@ def preset_cases(preset: str, device: str) -> list[Case]:
             modes = ("infer", "train") if B <= 8 else ("train",)
             cases.append(Case(B=B, T=256, I=H, H=H, dtype=dtype, device=device, modes=modes))
         return cases
+    if preset == "ragged":
+        # Issue 10. The skewed batch (one sequence of 1000, 255 of 20): training-step memory of
+        # nested input vs the baseline and padded + lengths, each with the input it needs. Then
+        # PackedSequence (and nested) input vs padded + lengths on the same data.
+        ragged = ("baseline", "varlen", "varlen_packed") + RAGGED
+        return [Case(B=256, T=1000, I=128, H=128, dist="one_long", device=device,
+                     competitors=("baseline", "varlen", "varlen_nested")),
+                Case(B=64, T=100, I=256, H=256, device=device, competitors=ragged),
+                Case(B=128, T=50, I=128, H=128, layers=2, bidirectional=True, device=device,
+                     competitors=ragged)]
     if preset == "full":
         if device.startswith("cuda"):
             grid = itertools.product((1, 16, 128), (256,), (256, 1024), (1, 2), (False, True), DISTRIBUTIONS)
@@ -99,11 +111,13 @@ def time_interleaved(steps: dict, threads: int, rounds: int, min_run_time: float
 
 
 def run_case(case: Case, effort: dict, threads: int, gemm: dict, memory: bool = True,
-             competitors=COMPETITORS, seed: int = 0) -> dict:
+             seed: int = 0) -> dict:
     bench = Bench(case, seed=seed)
+    competitors = case.competitors
     record = {"name": case.name(), "case": case.asdict(),
               "valid_tokens": int(bench.lengths.sum()), "padded_tokens": case.T * case.B,
               "max_abs_diff": {c: bench.max_abs_diff(c) for c in competitors if c.startswith("varlen")},
+              "input_bytes": {c: bench.input_bytes(c) for c in competitors},
               "modes": {}}
     cpu_peaks = {}
     if memory and not case.device.startswith("cuda"):
@@ -139,6 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; cases that would start after it are skipped and listed (gpu preset: 210)")
     p.add_argument("--limit", type=int, default=None, help="run only the first N cases (dry runs)")
+    p.add_argument("--match", default=None, help="run only the cases whose name contains this text")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--rounds", type=int, default=None, help="override the preset's interleaved rounds")
     p.add_argument("--min-run-time", type=float, default=None,
@@ -173,7 +188,8 @@ def main(argv=None) -> int:
         effort["rounds"] = args.rounds
     if args.min_run_time is not None:
         effort["min_run_time"] = args.min_run_time
-    cases = preset_cases(args.preset, device)[: args.limit]
+    cases = [c for c in preset_cases(args.preset, device) if args.match is None or args.match in c.name()]
+    cases = cases[: args.limit]
     results = {"preset": args.preset, "machine": bench_report.machine_info(device, threads),
                "effort": effort, "gemm": {}, "cases": [], "skipped": []}
     start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""What the benchmark times: cases, inputs, and the four competitors as step functions.
+"""What the benchmark times: cases, inputs, and the competitors as step functions.
 
 Shape legend: T time steps, B batch, I input features, H hidden, D directions.
 Every competitor of one case shares the same weights (varlen_rnn.GRU loads nn.GRU's state_dict)
@@ -11,18 +11,22 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 # Competitor keys in display order; the first is the baseline every speedup is measured against.
 COMPETITORS = ("baseline", "padded", "varlen", "varlen_packed")
+# Ragged competitors take their input as stored (no padded batch) and return rows [N, D*H].
+RAGGED = ("varlen_packseq", "varlen_nested")
 LABELS = {
     "baseline": "nn.GRU + pack/pad (baseline)",
     "padded": "nn.GRU padded, no lengths (wrong results)",
     "varlen": "varlen_rnn.GRU(x, lengths=)",
-    "varlen_packed": "varlen_rnn.GRU(PackedSequence)",
+    "varlen_packed": "varlen_rnn.GRU(PackedSequence), packed from and padded back to x",
+    "varlen_packseq": "varlen_rnn.GRU(PackedSequence) -> PackedSequence",
+    "varlen_nested": "varlen_rnn.GRU(jagged nested tensor)",
 }
 MODES = ("infer", "train")
-DISTRIBUTIONS = ("uniform", "full", "skewed")
+DISTRIBUTIONS = ("uniform", "full", "skewed", "one_long")
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class Case:
     dtype: str = "float32"
     device: str = "cpu"
     modes: tuple = MODES
+    competitors: tuple = COMPETITORS
 
     @property
     def D(self) -> int:
@@ -51,17 +56,20 @@ class Case:
     def asdict(self) -> dict:
         d = dataclasses.asdict(self)
         d["modes"] = list(self.modes)
+        d["competitors"] = list(self.competitors)
         return d
 
     @staticmethod
     def fromdict(d: dict) -> "Case":
         d = dict(d)
         d["modes"] = tuple(d.get("modes", MODES))
+        d["competitors"] = tuple(d.get("competitors", COMPETITORS))
         return Case(**d)
 
 
 def make_lengths(dist: str, B: int, T: int, gen: torch.Generator) -> torch.Tensor:
-    """Lengths in caller order (never sorted): uniform in [1, T], all T, or skewed (most short, a few long)."""
+    """Lengths in caller order (never sorted): uniform in [1, T], all T, skewed (most short, a few long),
+    or one_long (one sequence of T, the rest T/50)."""
     if dist == "uniform":
         return torch.randint(1, T + 1, (B,), generator=gen)
     if dist == "full":
@@ -75,6 +83,10 @@ def make_lengths(dist: str, B: int, T: int, gen: torch.Generator) -> torch.Tenso
         where = torch.randperm(B, generator=gen)[:n_long]
         short[where] = long_
         return short
+    if dist == "one_long":  # issue 10's skewed batch: one sequence of T, every other of T/50
+        lengths = torch.full((B,), max(1, T // 50), dtype=torch.int64)
+        lengths[torch.randint(0, B, (1,), generator=gen)] = T
+        return lengths
     raise ValueError(f"unknown length distribution {dist!r}; expected one of {DISTRIBUTIONS}")
 
 
@@ -117,6 +129,41 @@ class Bench:
         self.w_out = torch.randn(case.T, case.B, case.D * case.H, generator=gen).to(dev, dtype)
         self.w_h = torch.randn(case.layers * case.D, case.B, case.H, generator=gen).to(dev, dtype)
         self.x_train = self.x.detach().clone().requires_grad_(True)
+        self._ragged_inputs(dev)
+
+    def _ragged_inputs(self, dev):
+        """The same valid positions stored ragged: a PackedSequence and a jagged nested tensor's
+        values [N, I] (sequence-major), with their leaves for training and the loss weights of
+        w_out at the same rows."""
+        lengths = self.lengths.tolist()
+        t = torch.cat([torch.arange(L) for L in lengths])                       # [N]
+        b = torch.cat([torch.full((L,), i) for i, L in enumerate(lengths)])     # [N]
+        self.nested_rows = (t.to(dev), b.to(dev))
+        self.offsets = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device=dev)
+        self.max_len = max(lengths)
+        values = self.x[self.nested_rows].contiguous()                          # [N, I]
+        self.packed = pack_padded_sequence(self.x, self.lengths, enforce_sorted=False)
+        self.leaf = {"varlen_packseq": self.packed.data.detach().clone().requires_grad_(True),
+                     "varlen_nested": values.requires_grad_(True)}
+        self.w_rows = {"varlen_packseq": self.rows("varlen_packseq", self.w_out),
+                       "varlen_nested": self.rows("varlen_nested", self.w_out)}
+
+    def rows(self, name: str, padded: torch.Tensor) -> torch.Tensor:
+        """padded [T, B, F] at the valid positions, in competitor name's row order: [N, F]."""
+        if name == "varlen_packseq":
+            return pack_padded_sequence(padded, self.lengths, enforce_sorted=False).data
+        return padded[self.nested_rows]
+
+    def input_bytes(self, name: str) -> int:
+        """What the competitor's input holds: the padded batch, or only the valid rows."""
+        x = self.leaf[name] if name in RAGGED else self.x
+        return x.numel() * x.element_size()
+
+    def ragged_input(self, name: str, data: torch.Tensor):
+        if name == "varlen_packseq":
+            p = self.packed
+            return PackedSequence(data, p.batch_sizes, p.sorted_indices, p.unsorted_indices)
+        return torch.nested.nested_tensor_from_jagged(data, self.offsets, max_seqlen=self.max_len)
 
     # -- forward of each competitor: (out [T, B, D*H], h_n [L*D, B, H]) ---------------------------
     def _packed(self, gru, x):
@@ -134,18 +181,25 @@ class Bench:
             return self.var(x, lengths=self.lengths_dev)
         if name == "varlen_packed":
             return self._packed(self.var, x)
-        raise ValueError(f"unknown competitor {name!r}; expected one of {COMPETITORS}")
+        if name in RAGGED:  # x: a PackedSequence or a nested tensor; returns rows [N, D*H]
+            out, h_n = self.var(x)
+            return (out.data if name == "varlen_packseq" else out.values()), h_n
+        raise ValueError(f"unknown competitor {name!r}; expected one of {tuple(LABELS)}")
 
     def step(self, mode: str, name: str):
         gru = self.ref if name in ("baseline", "padded") else self.var
         params = list(gru.parameters())
         if mode == "infer":
+            # Built outside inference_mode: torch.nested cannot view a normal tensor inside it.
+            x_in = self.ragged_input(name, self.leaf[name].detach()) if name in RAGGED else self.x
+
             def infer_step():
                 with torch.inference_mode():
-                    self.forward(name, self.x)
+                    self.forward(name, x_in)
             return infer_step
         if mode == "train":
-            x = self.x_train
+            x = self.leaf[name] if name in RAGGED else self.x_train
+            w_out = self.w_rows[name] if name in RAGGED else self.w_out
 
             def clear_grads():
                 for p in params:
@@ -154,16 +208,22 @@ class Bench:
 
             def train_step():
                 clear_grads()
-                out, h_n = self.forward(name, x)
-                loss = (out * self.w_out).sum() + (h_n * self.w_h).sum()
+                out, h_n = self.forward(name, self.ragged_input(name, x) if name in RAGGED else x)
+                loss = (out * w_out).sum() + (h_n * self.w_h).sum()
                 loss.backward()
             train_step.reset = clear_grads
             return train_step
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
 
     def max_abs_diff(self, name: str) -> float:
-        """Largest |output - baseline| over out and h_n (padding positions included)."""
+        """Largest |output - baseline| over out and h_n (padding positions included; for a
+        ragged competitor, the valid positions it returns)."""
+        x_in = self.ragged_input(name, self.leaf[name].detach()) if name in RAGGED else None
         with torch.inference_mode():
             ro, rh = self.forward("baseline", self.x)
-            o, h = self.forward(name, self.x)
+            if name in RAGGED:
+                o, h = self.forward(name, x_in)
+                ro = self.rows(name, ro)
+            else:
+                o, h = self.forward(name, self.x)
             return max((o - ro).abs().max().item(), (h - rh).abs().max().item())

@@ -82,9 +82,16 @@ def cpu_peak(step) -> int:
 
 def cpu_peaks(case_dict: dict, competitors, modes, seed: int) -> dict:
     """{mode: {competitor: bytes}}, measured by this file run as a subprocess."""
+    import varlen_rnn
+
     arg = json.dumps({"case": case_dict, "competitors": list(competitors), "modes": list(modes), "seed": seed})
+    # The worker imports the varlen_rnn this process measures (an in-place build first on sys.path
+    # here would otherwise lose to an installed one there).
+    env = dict(os.environ)
+    where = os.path.dirname(os.path.dirname(os.path.abspath(varlen_rnn.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (where, env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), arg], capture_output=True, text=True,
-                          timeout=900)
+                          timeout=900, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"memory worker failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

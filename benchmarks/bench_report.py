@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from bench_cases import COMPETITORS, LABELS
+from bench_cases import LABELS
 
 
 def machine_info(device: str, threads: int) -> dict:
@@ -106,15 +106,16 @@ def markdown(results: dict) -> str:
         if not rows:
             continue
         title = "Inference forward (torch.inference_mode)" if mode == "infer" else "Training step (forward + backward)"
+        others = _competitors(rows)[1:]
         lines += [f"## {title}", "",
-                  "| case | baseline ms | padded ms (x) | varlen ms (x) | varlen packed ms (x) | "
-                  "varlen GFLOP/s (% GEMM) | peak MiB baseline / varlen | max abs diff |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| case | baseline ms | " + " | ".join(f"{_SHORT[c]} ms (x)" for c in others)
+                  + " | varlen GFLOP/s (% GEMM) | peak MiB baseline / varlen | max abs diff |",
+                  "|---|---:|" + "---:|" * len(others) + "---:|---:|---:|"]
         for r in rows:
             m = r["modes"][mode]
             t = m["median_s"]
             cells = [r["name"], _ms(t["baseline"])]
-            for c in COMPETITORS[1:]:
+            for c in others:
                 cells.append(f"{_ms(t.get(c))} ({m['speedup'].get(c, 0):.2f}x)" if t.get(c) else "-")
             g = m["gflops"].get("varlen")
             cells.append("-" if g is None else f"{g:.1f} ({m['gemm_fraction'] * 100:.0f}%)")
@@ -125,9 +126,45 @@ def markdown(results: dict) -> str:
                 cells[0] += f" ({m['us_per_step']['varlen']:.1f} vs {m['us_per_step']['baseline']:.1f} µs/step)"
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    lines += _memory_table(results)
     if results.get("skipped"):
         lines += [f"Skipped for the time budget: {', '.join(results['skipped'])}", ""]
     return "\n".join(lines)
+
+
+# Column names of the competitors (LABELS has the long ones, under the tables).
+_SHORT = {"baseline": "baseline", "padded": "padded", "varlen": "varlen", "varlen_packed": "varlen packed",
+          "varlen_packseq": "varlen PackedSequence", "varlen_nested": "varlen nested"}
+
+
+def _competitors(rows) -> list:
+    """The competitors the rows have, in LABELS' order (baseline first)."""
+    present = {c for r in rows for m in r["modes"].values() for c in m["median_s"]}
+    return [c for c in LABELS if c in present]
+
+
+def _memory_table(results: dict) -> list:
+    """Peak memory per competitor with the input it needs: a padded batch for the padded
+    competitors, only the valid rows for the ragged ones (cases that record input_bytes)."""
+    rows = [r for r in results["cases"] if "input_bytes" in r
+            and any("peak_bytes" in m for m in r["modes"].values())]
+    if not rows:
+        return []
+    lines = ["## Peak memory with the input (MiB)", "",
+             "Step peak + the input the competitor needs (padded [T, B, I] or ragged [N, I]); "
+             "ratio to the baseline's total.", "",
+             "| case | mode | competitor | step peak | input | total | vs baseline |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        for mode, m in r["modes"].items():
+            peaks = m.get("peak_bytes", {})
+            base = peaks["baseline"] + r["input_bytes"]["baseline"]
+            for c in _competitors([r]):
+                total = peaks[c] + r["input_bytes"][c]
+                lines.append(f"| {r['name']} | {mode} | {_SHORT[c]} | {_mib(peaks[c])} | "
+                             f"{_mib(r['input_bytes'][c])} | {_mib(total)} | {total / base:.2f} |")
+    lines += ["", "Competitors: " + "; ".join(f"{_SHORT[c]} = {LABELS[c]}" for c in LABELS), ""]
+    return lines
 
 
 def _gemm_text(results):
@@ -163,15 +200,17 @@ def make_plot(results: dict, path: str) -> str | None:
                              squeeze=False)
     for ax, mode in zip(axes[:, 0], modes):
         rows = [r for r in results["cases"] if mode in r["modes"]]
-        width = 0.8 / (len(COMPETITORS) - 1)
-        for k, c in enumerate(COMPETITORS[1:]):
+        others = _competitors(rows)[1:]
+        width = 0.8 / len(others)
+        for k, c in enumerate(others):
             ys = [r["modes"][mode]["speedup"].get(c, 0) for r in rows]
-            xs = [i + (k - 1) * width for i in range(len(rows))]
+            xs = [i + (k - (len(others) - 1) / 2) * width for i in range(len(rows))]
             ax.bar(xs, ys, width, label=LABELS[c])
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_xticks(range(len(rows)))
         ax.set_xticklabels([r["name"].replace(" I=", "\nI=").replace(" uniform", "\nuniform")
-                            .replace(" full", "\nfull").replace(" skewed", "\nskewed") for r in rows], fontsize=7)
+                            .replace(" full", "\nfull").replace(" skewed", "\nskewed")
+                            .replace(" one_long", "\none_long") for r in rows], fontsize=7)
         ax.set_ylabel("speedup vs nn.GRU + packing")
         ax.set_title("inference forward" if mode == "infer" else "training step (forward + backward)")
         ax.legend(fontsize=7)

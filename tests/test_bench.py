@@ -12,10 +12,11 @@ if not os.path.exists(os.path.join(BENCH_DIR, "bench.py")):
 sys.path.insert(0, BENCH_DIR)
 
 import bench  # noqa: E402
-from bench_cases import COMPETITORS, Bench, Case, make_lengths  # noqa: E402
+import bench_report  # noqa: E402
+from bench_cases import COMPETITORS, RAGGED, Bench, Case, make_lengths  # noqa: E402
 
 
-@pytest.mark.parametrize("dist", ["uniform", "full", "skewed"])
+@pytest.mark.parametrize("dist", ["uniform", "full", "skewed", "one_long"])
 def test_lengths_in_range_and_unsorted_order_kept(dist):
     lengths = make_lengths(dist, 50, 40, torch.Generator().manual_seed(0))
     assert lengths.shape == (50,) and lengths.min() >= 1 and lengths.max() <= 40
@@ -23,6 +24,8 @@ def test_lengths_in_range_and_unsorted_order_kept(dist):
         assert lengths.max() == 40
     if dist == "skewed":
         assert (lengths <= 4).sum() >= 40  # most short
+    if dist == "one_long":
+        assert sorted(lengths.tolist()) == [1] * 49 + [40]  # T // 50 = 0, at least 1
 
 
 def test_competitors_agree_with_baseline():
@@ -52,3 +55,23 @@ def test_cli_smoke(tmp_path, capsys):
     assert case["max_abs_diff"]["varlen"] < 1e-4
     md = next(tmp_path.glob("*.md")).read_text()
     assert "Training step" in md and res["machine"]["cpu"] in md
+
+
+def test_ragged_competitors_agree_and_count_their_input():
+    """Nested and PackedSequence input (no padded batch) give the baseline's numbers at the
+    valid positions; their input is the N valid rows, the others' the padded batch."""
+    case = Case(B=5, T=50, I=3, H=4, layers=2, bidirectional=True, dtype="float64",
+                dist="one_long", competitors=("baseline", "varlen") + RAGGED)
+    b = Bench(case)
+    assert b.lengths.tolist().count(50) == 1 and b.lengths.tolist().count(1) == 4
+    for c in RAGGED:
+        assert b.max_abs_diff(c) < 1e-10
+        assert b.input_bytes(c) == 54 * 3 * 8  # N = 50 + 4 rows
+    assert b.input_bytes("baseline") == 50 * 5 * 3 * 8
+    rec = bench.run_case(case, dict(rounds=1, min_run_time=0.01, warmup=1), 1, {"gflops": 1.0})
+    for mode in ("infer", "train"):
+        assert set(rec["modes"][mode]["median_s"]) == set(case.competitors)
+        assert all(v > 0 for v in rec["modes"][mode]["peak_bytes"].values())
+    md = bench_report.markdown({"preset": "ragged", "machine": bench_report.machine_info("cpu", 1),
+                                "gemm": {}, "cases": [rec]})
+    assert "Peak memory with the input" in md and "varlen nested" in md

@@ -156,3 +156,31 @@ def _tensor_lengths(lengths: Tensor, B: int, device: torch.device) -> Tensor:
     if lengths.device.type != "cpu" and lengths.device != device:
         lengths = lengths.to(device)
     return lengths
+
+
+def jagged_parts(input: Tensor) -> tuple[Tensor, Tensor, int]:
+    """A jagged nested tensor [B, j, I] as values [N, I], offsets [B+1] and max_len, the
+    step-loop bound: the nested tensor's cached max seqlen when it has one (nested_tensor,
+    as_nested_tensor and this GRU's outputs have it; under torch.compile it is a SymInt),
+    else offsets.diff().max(), which reads a value back to the host (a sync on CUDA)."""
+    if input.layout != torch.jagged:
+        raise ValueError(
+            f"a nested tensor input must have layout=torch.jagged, got {input.layout}: "
+            "build it with torch.nested.nested_tensor(..., layout=torch.jagged)"
+        )
+    if input.dim() != 3 or input._ragged_idx != 1:
+        raise ValueError(
+            "a nested tensor input must be [B, j, I] with the ragged dimension second "
+            f"(whatever batch_first says), got {input.dim()}-D with the ragged dimension "
+            f"at {input._ragged_idx}"
+        )
+    if input._lengths is not None:
+        raise ValueError(
+            "a nested tensor input with holes (offsets and lengths) is not supported: "
+            "call input.contiguous() first"
+        )
+    offsets = input.offsets()  # [B+1]
+    max_len = input._maybe_max_seqlen
+    if max_len is None:
+        max_len = int(offsets.diff().max()) if offsets.numel() > 1 else 0
+    return input.values(), offsets, max_len

@@ -14,10 +14,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from . import _inputs
-from .ops import gru_layer
+from .ops import gru_layer, gru_layer_ragged
 
 __all__ = ["GRU", "convert"]
 
@@ -55,15 +55,19 @@ class GRU(nn.Module):
     """Multi-layer GRU over variable-length batches; see torch.nn.GRU.
 
     forward(input, hx=None, lengths=None):
-      input   [T, B, I] ([B, T, I] if batch_first), [T, I] unbatched, or a PackedSequence
+      input   [T, B, I] ([B, T, I] if batch_first), [T, I] unbatched, a PackedSequence,
+              or a jagged nested tensor [B, j, I] (ragged dimension second whatever
+              batch_first says)
       hx      [num_layers * D, B, H] ([num_layers * D, H] unbatched), default zeros
       lengths B ints in [0, T] in the caller's order: a list or tuple of ints, a NumPy
               integer array, or an integer tensor (on the CPU or the input's device);
-              default: every sequence has length T. Not allowed with a PackedSequence,
-              which carries its own.
+              default: every sequence has length T. Not allowed with a PackedSequence
+              or a nested tensor, which carry their own.
     Returns output like input (0 past each length; a PackedSequence for a
-    PackedSequence) and h_n [num_layers * D, B, H], each sequence's state after
-    its own last valid step (hx for a zero-length sequence).
+    PackedSequence; a jagged nested tensor [B, j, D*H] with input's offsets for a nested
+    tensor) and h_n [num_layers * D, B, H], each sequence's state after its own last
+    valid step (hx for a zero-length sequence). Ragged input (packed, nested) runs on its
+    rows as stored: nothing is padded, layers pass [N, D*H] rows to each other.
     """
 
     def __init__(
@@ -189,6 +193,13 @@ class GRU(nn.Module):
             raise TypeError(
                 f"input must be a Tensor or a PackedSequence, got {type(input).__name__}"
             )
+        if input.is_nested:
+            if lengths is not None:
+                raise ValueError(
+                    "lengths must be None when input is a nested tensor: the nested "
+                    "tensor carries its own lengths (its offsets)"
+                )
+            return self._forward_nested(input, hx)
         if input.dim() not in (2, 3):
             raise ValueError(f"GRU: Expected input to be 2D or 3D, got {input.dim()}D instead")
         batched = input.dim() == 3
@@ -200,28 +211,39 @@ class GRU(nn.Module):
         B, T = input.size(batch_dim), input.size(1 - batch_dim)
         hx = self._checked_hx(hx, input, B)
         lengths = _inputs.as_lengths(lengths, B, T, input.device)
-        output, h_n = self._run(input, hx, lengths, self.batch_first)
+        bf = self.batch_first
+        output, h_n = self._run(input, hx, lambda x, h, w: gru_layer(x, lengths, h, *w, bf))
         if not batched:
             output, h_n = output.squeeze(batch_dim), h_n.squeeze(1)
         return output, h_n
 
     def _forward_packed(self, packed: PackedSequence, hx: Tensor | None):
+        """PackedSequence.data [N, I] as it is (layout 1, time-major): hx and h_n stay in the
+        caller's order, the op reads sorted_indices itself (what nn.GRU's permutations do)."""
         data, batch_sizes, sorted_indices, unsorted_indices = packed
         if data.dim() != 2:
             raise RuntimeError(f"input must have 2 dimensions, got {data.dim()}")
         _inputs.check_hx_rank(hx, batched=True)
-        if hx is not None and sorted_indices is not None:
-            _inputs.check_devices(data, (), hx)  # before index_select reports it its own way
-            hx = hx.index_select(1, sorted_indices)
-        # Padded in the PackedSequence's own (sorted) order; nothing is re-sorted. The
-        # lengths come back on the CPU, where the backend checks them on the host.
-        padded, lens = pad_packed_sequence(PackedSequence(data, batch_sizes))
-        hx = self._checked_hx(hx, data, padded.size(1))
-        output, h_n = self._run(padded, hx, lens, batch_first=False)
-        out_data = pack_padded_sequence(output, lens, enforce_sorted=True).data
-        if unsorted_indices is not None:
-            h_n = h_n.index_select(1, unsorted_indices)
-        return PackedSequence(out_data, batch_sizes, sorted_indices, unsorted_indices), h_n
+        # batch_sizes lives on the CPU (PackedSequence keeps it there): no host sync.
+        B = int(batch_sizes[0]) if batch_sizes.numel() else 0
+        hx = self._checked_hx(hx, data, B)
+        index = (batch_sizes, sorted_indices, 1, batch_sizes.numel())
+        out, h_n = self._run(data, hx, lambda x, h, w: gru_layer_ragged(x, *index, h, *w))
+        return PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices), h_n
+
+    def _forward_nested(self, input: Tensor, hx: Tensor | None):
+        """A jagged nested tensor's values [N, I] as they are (layout 0, sequence-major)."""
+        values, offsets, max_len = _inputs.jagged_parts(input)
+        _inputs.check_hx_rank(hx, batched=True)
+        hx = self._checked_hx(hx, values, offsets.size(0) - 1)
+        index = (offsets, None, 0, max_len)
+        out, h_n = self._run(values, hx, lambda x, h, w: gru_layer_ragged(x, *index, h, *w))
+        # The same offsets tensor, so out's ragged dimension is input's (out + input works);
+        # max_len goes along, so the next layer or GRU on out needs no host read to find it.
+        out = torch.nested.nested_tensor_from_jagged(
+            out, offsets, min_seqlen=input._maybe_min_seqlen, max_seqlen=max_len
+        )
+        return out, h_n
 
     def _checked_hx(self, hx: Tensor | None, input: Tensor, B: int) -> Tensor:
         """Every check of input [..., I] and hx [L*D, B, H] in torch.nn.GRU's order (dtype,
@@ -236,23 +258,15 @@ class GRU(nn.Module):
         _inputs.check_hx_dtype(hx, input)
         return hx
 
-    def _run(self, x: Tensor, hx: Tensor, lengths: Tensor, batch_first: bool):
+    def _run(self, x: Tensor, hx: Tensor, layer_fn):
+        """The layer loop; layer_fn(x, hx [D, B, H], LayerWeights) -> (output, h_n [D, B, H])
+        runs one layer on x's layout (padded, or ragged rows [N, D*H])."""
         D = self.num_directions
         dtype = _autocast_dtype(x, hx) if _inputs.autocast_on(x.device) else x.dtype
         x, hx = x.to(dtype), hx.to(dtype)
         h_n = []
         for layer in range(self.num_layers):
-            w = self._layer_weights(layer, dtype)
-            x, h = gru_layer(
-                x,
-                lengths,
-                hx[layer * D : (layer + 1) * D],
-                w.w_ih,
-                w.w_hh,
-                w.b_ih,
-                w.b_hh,
-                batch_first,
-            )
+            x, h = layer_fn(x, hx[layer * D : (layer + 1) * D], self._layer_weights(layer, dtype))
             h_n.append(h)
             if self.dropout > 0 and self.training and layer + 1 < self.num_layers:
                 x = F.dropout(x, self.dropout, training=True)

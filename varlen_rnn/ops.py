@@ -13,9 +13,9 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from .reference import gru_layer_reference
+from .reference import gru_layer_ragged_reference, gru_layer_reference
 
-__all__ = ["gru_layer"]
+__all__ = ["gru_layer", "gru_layer_ragged"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -133,9 +133,12 @@ def _backward(ctx, grad_output, grad_h_n, _grad_workspace):
     if grad_h_n is None:
         grad_h_n = torch.zeros_like(hx)
     if torch.is_grad_enabled():  # backward(create_graph=True): the gradients need a graph
-        return _differentiable_backward(
-            ctx, (grad_output, grad_h_n), (input, lengths, hx, w_ih, w_hh, b_ih, b_hh)
-        )
+        inputs = (input, lengths, hx, w_ih, w_hh, b_ih, b_hh)
+
+        def layer(*args):
+            return gru_layer_reference(*args, ctx.batch_first)
+
+        return _differentiable_backward(ctx, (grad_output, grad_h_n), inputs, layer, 9)
     g_in, g_hx, g_wih, g_whh, g_bih, g_bhh = torch.ops.varlen_rnn.gru_layer_backward(
         grad_output, grad_h_n, input, lengths, hx, w_ih, w_hh, out, workspace, ctx.batch_first
     )
@@ -144,23 +147,23 @@ def _backward(ctx, grad_output, grad_h_n, _grad_workspace):
     return g_in, None, g_hx, g_wih, g_whh, g_bih, g_bhh, None, None
 
 
-def _differentiable_backward(ctx, grads, inputs):
+def _differentiable_backward(ctx, grads, inputs, layer, n_results):
     """The layer's gradients as a function of its inputs and of grads, differentiable
-    once more: the layer is recomputed with plain ops (varlen_rnn.reference, the same
-    semantics as the kernels) and differentiated with create_graph=True. Only gradients
+    once more: the layer is recomputed with plain ops (layer(*inputs), varlen_rnn.reference,
+    the same semantics as the kernels) and differentiated with create_graph=True. inputs are
+    the op's leading arguments in order; n_results the op's argument count. Only gradients
     of gradients pay for it; first-order backward never comes here."""
-    input, lengths, hx, w_ih, w_hh, b_ih, b_hh = inputs
     wanted = [
         k
         for k, t in enumerate(inputs)
-        if t is not None and ctx.needs_input_grad[k] and t.requires_grad
+        if isinstance(t, Tensor) and ctx.needs_input_grad[k] and t.requires_grad
     ]
-    result: list[Tensor | None] = [None] * 9
+    result: list[Tensor | None] = [None] * n_results
     if not wanted:
         return tuple(result)
     # The kernels run with autocast off; so does their stand-in.
-    with torch.autocast(input.device.type, enabled=False):
-        out, h_n = gru_layer_reference(input, lengths, hx, w_ih, w_hh, b_ih, b_hh, ctx.batch_first)
+    with torch.autocast(inputs[0].device.type, enabled=False):
+        out, h_n = layer(*inputs)
     found = torch.autograd.grad(
         (out, h_n),
         [inputs[k] for k in wanted],
@@ -179,20 +182,135 @@ torch.library.register_autograd(
 )
 
 
-def _backward_op_not_differentiable(ctx, *grads):
-    raise RuntimeError(
-        "varlen_rnn::gru_layer_backward has no derivative of its own: for gradients of "
-        "gradients call varlen_rnn.ops.gru_layer (or varlen_rnn.GRU) and differentiate "
-        "with create_graph=True, which recomputes the layer with differentiable ops"
+# ------------------------------------------------------------------ ragged rows
+# N = input.size(0) valid positions, nothing padded; seq_index/layout say which row is (t, b):
+# layout 0 = offsets [B+1] (a jagged nested tensor's values, sequence-major), layout 1 =
+# batch_sizes [T] + sorted_indices (PackedSequence.data, time-major). See csrc/ops.cpp.
+
+
+def gru_layer_ragged(
+    input: Tensor,  # [N, I]
+    seq_index: Tensor,  # layout 0: offsets [B+1]; layout 1: batch_sizes [T] int64 on the CPU
+    sorted_indices: Tensor | None,  # layout 1: [B] rank -> sequence (None = identity)
+    layout: int,  # 0 = offsets, 1 = packed
+    max_len: int,  # >= every length: the step-loop bound
+    hx: Tensor,  # [D, B, H] in sequence order b
+    w_ih: Tensor,  # [D, 3H, I]
+    w_hh: Tensor,  # [D, 3H, H]
+    b_ih: Tensor | None,  # [D, 3H]
+    b_hh: Tensor | None,  # [D, 3H]
+) -> tuple[Tensor, Tensor]:
+    """One GRU layer (both directions if D == 2) over ragged rows.
+
+    Returns output [N, D*H] in input's row order and h_n [D, B, H], each sequence's
+    state after its own last step (hx for a zero-length sequence).
+    """
+    tensors = (input, hx, w_ih, w_hh, b_ih, b_hh)
+    index = (seq_index, sorted_indices, layout, max_len)
+    if _needs_differentiable_path(tensors):
+        return gru_layer_ragged_reference(input, *index, *tensors[1:])
+    need_workspace = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors
     )
+    output, h_n, _ = torch.ops.varlen_rnn.gru_layer_ragged_forward(
+        input, *index, *tensors[1:], need_workspace
+    )
+    return output, h_n
+
+
+@torch.library.register_fake("varlen_rnn::gru_layer_ragged_forward")
+def _gru_layer_ragged_forward_fake(
+    input, seq_index, sorted_indices, layout, max_len, hx, w_ih, w_hh, b_ih, b_hh, need_workspace
+):
+    torch._check(input.dim() == 2, lambda: f"input must be [N, I], got {tuple(input.shape)}")
+    torch._check(hx.dim() == 3, lambda: f"hx must be [D, B, H], got {tuple(hx.shape)}")
+    torch._check(w_ih.dim() == 3, lambda: f"w_ih must be [D, 3H, I], got {tuple(w_ih.shape)}")
+    N, B = input.shape[0], hx.shape[1]
+    D, H = w_ih.shape[0], w_ih.shape[1] // 3
+    output = input.new_empty((N, D * H))
+    h_n = input.new_empty((D, B, H))
+    rows = N if need_workspace else 0  # every backend keeps the N valid rows
+    shape = (D, rows, 4 * H) if need_workspace else (0,)
+    workspace = input.new_empty(shape, dtype=_opmath(input.dtype))
+    return output, h_n, workspace
+
+
+@torch.library.register_fake("varlen_rnn::gru_layer_ragged_backward")
+def _gru_layer_ragged_backward_fake(
+    grad_output, grad_h_n, input, seq_index, sorted_indices, layout, max_len, hx, w_ih, w_hh,
+    output, workspace,
+):
+    D, G = w_ih.shape[0], w_ih.shape[1]
+    return (
+        torch.empty_like(input, memory_format=torch.contiguous_format),
+        torch.empty_like(hx, memory_format=torch.contiguous_format),
+        torch.empty_like(w_ih, memory_format=torch.contiguous_format),
+        torch.empty_like(w_hh, memory_format=torch.contiguous_format),
+        input.new_empty((D, G)),
+        input.new_empty((D, G)),
+    )
+
+
+def _setup_ragged_context(ctx, inputs, output):
+    input, seq_index, sorted_indices, layout, max_len, hx, w_ih, w_hh, b_ih, b_hh, need_ws = inputs
+    out, _h_n, workspace = output
+    ctx.layout, ctx.max_len, ctx.need_workspace = layout, max_len, need_ws
+    ctx.mark_non_differentiable(workspace)
+    ctx.set_materialize_grads(False)  # as _setup_context: no zero gradient for the workspace
+    ctx.save_for_backward(
+        input, seq_index, sorted_indices, hx, w_ih, w_hh, b_ih, b_hh, out, workspace
+    )
+
+
+def _ragged_backward(ctx, grad_output, grad_h_n, _grad_workspace):
+    if not ctx.need_workspace:
+        raise RuntimeError(
+            "varlen_rnn::gru_layer_ragged_forward was called with need_workspace=False, so "
+            "it kept nothing for the backward; call it with need_workspace=True (as "
+            "varlen_rnn.ops.gru_layer_ragged does when gradients are required)"
+        )
+    input, seq_index, sorted_indices, hx, w_ih, w_hh, b_ih, b_hh, out, ws = ctx.saved_tensors
+    if grad_output is None:
+        grad_output = torch.zeros_like(out)
+    if grad_h_n is None:
+        grad_h_n = torch.zeros_like(hx)
+    inputs = (input, seq_index, sorted_indices, ctx.layout, ctx.max_len, hx, w_ih, w_hh)
+    if torch.is_grad_enabled():  # backward(create_graph=True): the gradients need a graph
+        grads = (grad_output, grad_h_n)
+        inputs += (b_ih, b_hh)
+        return _differentiable_backward(ctx, grads, inputs, gru_layer_ragged_reference, 11)
+    g_in, g_hx, g_wih, g_whh, g_bih, g_bhh = torch.ops.varlen_rnn.gru_layer_ragged_backward(
+        grad_output, grad_h_n, *inputs, out, ws
+    )
+    if b_ih is None:
+        g_bih = g_bhh = None
+    return g_in, None, None, None, None, g_hx, g_wih, g_whh, g_bih, g_bhh, None
+
+
+torch.library.register_autograd(
+    "varlen_rnn::gru_layer_ragged_forward", _ragged_backward, setup_context=_setup_ragged_context
+)
+
+
+def _not_differentiable(op: str, wrapper: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"varlen_rnn::{op} has no derivative of its own: for gradients of "
+            f"gradients call varlen_rnn.ops.{wrapper} (or varlen_rnn.GRU) and differentiate "
+            "with create_graph=True, which recomputes the layer with differentiable ops"
+        )
+
+    return backward
 
 
 def _setup_nothing(ctx, inputs, output):
     pass
 
 
-torch.library.register_autograd(
-    "varlen_rnn::gru_layer_backward",
-    _backward_op_not_differentiable,
-    setup_context=_setup_nothing,
-)
+for _op, _wrapper in (
+    ("gru_layer_backward", "gru_layer"),
+    ("gru_layer_ragged_backward", "gru_layer_ragged"),
+):
+    torch.library.register_autograd(
+        f"varlen_rnn::{_op}", _not_differentiable(_op, _wrapper), setup_context=_setup_nothing
+    )

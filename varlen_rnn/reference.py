@@ -93,3 +93,74 @@ def gru_reference(module, input: Tensor, hx: Tensor | None = None, lengths=None)
         )
         h_n.append(h)
     return x, torch.cat(h_n, 0)
+
+
+def ragged_rows(
+    seq_index: Tensor,  # layout 0: offsets [B+1]; layout 1: batch_sizes [T]
+    sorted_indices: Tensor | None,  # layout 1: [B], rank -> sequence; None = identity
+    layout: int,
+    max_len: int,
+    B: int,
+    N: int,
+    device: torch.device,
+) -> tuple[Tensor, Tensor]:
+    """Where each (t, b) of a ragged batch lives: rows [T, B] (T = max_len) with the row of
+    step t of sequence b, N past its length, and lengths [B], both in sequence order b.
+    Layout 0 (offsets, sequence-major): row = offsets[b] + t. Layout 1 (packed, time-major):
+    row of rank i at step t = sum(batch_sizes[:t]) + i, for the sequence sorted_indices[i]."""
+    T = int(max_len)
+    steps = torch.arange(T, device=device).unsqueeze(1)  # [T, 1]
+    if layout == 0:
+        offsets = seq_index.to(device, torch.int64)
+        lengths = offsets.diff()  # [B]
+        rows = offsets[:-1] + steps  # [T, B]
+    elif layout == 1:
+        batch_sizes = seq_index.to(device, torch.int64)  # [T'] (T' <= T)
+        ranks = torch.arange(B, device=device)  # [B]
+        lengths = (batch_sizes.unsqueeze(1) > ranks).sum(0)  # [B] by rank
+        starts = torch.zeros(T, dtype=torch.int64, device=device)
+        starts[: batch_sizes.numel()] = batch_sizes.cumsum(0) - batch_sizes
+        rows = starts.unsqueeze(1) + ranks  # [T, B] by rank
+        if sorted_indices is not None:  # rank i holds sequence sorted_indices[i]
+            order = sorted_indices.to(device, torch.int64)
+            lengths = torch.empty_like(lengths).index_copy_(0, order, lengths)
+            rows = torch.empty_like(rows).index_copy_(1, order, rows)
+    else:
+        raise ValueError(f"layout must be 0 (offsets) or 1 (packed), got {layout}")
+    if lengths.numel() != B:
+        raise RuntimeError(f"seq_index describes {lengths.numel()} sequences, hx has B={B}")
+    if B and (lengths.min() < 0 or lengths.max() > T or int(lengths.sum()) != N):
+        raise RuntimeError(
+            f"seq_index must describe lengths in [0, max_len={T}] summing to "
+            f"input.size(0)={N}, got lengths {lengths.tolist()}"
+        )
+    return torch.where(steps < lengths, rows, N), lengths
+
+
+def gru_layer_ragged_reference(
+    input: Tensor,  # [N, I]: only the valid positions, rows in the layout's order
+    seq_index: Tensor,  # layout 0: offsets [B+1]; layout 1: batch_sizes [T] (CPU)
+    sorted_indices: Tensor | None,  # layout 1: [B] rank -> sequence; None = identity
+    layout: int,  # 0 = offsets (sequence-major), 1 = packed (time-major)
+    max_len: int,  # >= every length
+    hx: Tensor,  # [D, B, H], sequence order b
+    w_ih: Tensor,  # [D, 3H, I]
+    w_hh: Tensor,  # [D, 3H, H]
+    b_ih: Tensor | None = None,  # [D, 3H]
+    b_hh: Tensor | None = None,  # [D, 3H]
+) -> tuple[Tensor, Tensor]:
+    """What varlen_rnn.ops.gru_layer_ragged returns: output [N, D*H] in input's row order and
+    h_n [D, B, H]. Built on gru_layer_reference through differentiable gathers (rows to a
+    padded [T, B, I] batch and back), so every autograd feature works through it too."""
+    N, B = input.shape[0], hx.shape[1]
+    rows, lengths = ragged_rows(seq_index, sorted_indices, layout, max_len, B, N, input.device)
+    T = rows.shape[0]
+    # Row N is a zero sentinel for the positions past each length (and makes N = 0 work).
+    ext = torch.cat([input, input.new_zeros(1, input.shape[1])])  # [N+1, I]
+    padded = ext[rows]  # [T, B, I]
+    out, h_n = gru_layer_reference(padded, lengths, hx, w_ih, w_hh, b_ih, b_hh)
+    # Each valid row is the image of exactly one (t, b): invert the map to read out back.
+    where = torch.full((N + 1,), T * B, dtype=torch.int64, device=input.device)
+    where.scatter_(0, rows.flatten(), torch.arange(T * B, device=input.device))
+    flat = torch.cat([out.reshape(T * B, -1), out.new_zeros(1, out.shape[2])])  # [T*B+1, D*H]
+    return flat[where[:N]], h_n
