@@ -10,10 +10,10 @@ Environment variables:
   DEBUG=1               a build for a debugger: C++ -O0 -g, nvcc -O0 -g -lineinfo
                         (the default is -O3, with -lineinfo for nvcc's profilers)
 """
+
 import glob
 import os
 import shutil
-import subprocess
 import sys
 
 from setuptools import setup
@@ -113,8 +113,8 @@ def _build_info():
     path = os.path.join(HERE, "varlen_rnn", "_build_info.py")
     with open(path, "w") as f:
         f.write("# Written by setup.py at build time.\n")
-        f.write("TORCH_VERSION = %r\n" % torch.__version__)
-        f.write("WITH_CUDA = %r\n" % WITH_CUDA)
+        f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
+        f.write(f"WITH_CUDA = {WITH_CUDA!r}\n")
 
 
 _build_info()

@@ -10,6 +10,7 @@ Every competitor of a case is timed in the same run, on the same inputs and weig
 that rotate their order (so drift in clocks or caches hits all of them alike), and the reported
 time is the median over all rounds. Results go to --out as JSON, markdown and PNG.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,13 +26,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.append(os.path.dirname(HERE))
 
-import torch  # noqa: E402
-from torch.utils.benchmark import Timer  # noqa: E402
-
 import bench_memory  # noqa: E402
 import bench_report  # noqa: E402
+import torch  # noqa: E402
 from bench_cases import DISTRIBUTIONS, RAGGED, Bench, Case, gru_flops, train_flops  # noqa: E402
-
+from torch.utils.benchmark import Timer  # noqa: E402
 
 # Timing effort per preset: rounds of blocked_autorange(min_run_time) per competitor.
 EFFORT = {
@@ -46,18 +45,23 @@ EFFORT = {
 def preset_cases(preset: str, device: str) -> list[Case]:
     if preset == "quick":
         base = dict(B=32, T=64, I=128, H=128, device=device)
-        return ([Case(**base, dist=d) for d in DISTRIBUTIONS]
-                + [Case(**base, layers=2, bidirectional=True, dist="uniform")])
+        return [Case(**base, dist=d) for d in DISTRIBUTIONS] + [
+            Case(**base, layers=2, bidirectional=True, dist="uniform")
+        ]
     if preset == "cpu-targets":
-        return [Case(B=64, T=100, I=256, H=256, device=device),
-                Case(B=16, T=200, I=256, H=512, device=device),
-                Case(B=128, T=50, I=128, H=128, layers=2, bidirectional=True, device=device)]
+        return [
+            Case(B=64, T=100, I=256, H=256, device=device),
+            Case(B=16, T=200, I=256, H=512, device=device),
+            Case(B=128, T=50, I=128, H=128, layers=2, bidirectional=True, device=device),
+        ]
     if preset == "gpu":
         # Issue 12's grid: training step at T=256, lengths uniform in [1, T], float32 and bfloat16,
         # torch's default flags (--tf32); inference forward at B <= 8 (both modes on one set of inputs).
         cases = []
         # dtype innermost, so a run cut short by --time-budget still has both dtypes for what it ran.
-        for H, B, dtype in itertools.product((256, 512, 1024), (1, 8, 64, 256), ("float32", "bfloat16")):
+        for H, B, dtype in itertools.product(
+            (256, 512, 1024), (1, 8, 64, 256), ("float32", "bfloat16")
+        ):
             modes = ("infer", "train") if B <= 8 else ("train",)
             cases.append(Case(B=B, T=256, I=H, H=H, dtype=dtype, device=device, modes=modes))
         return cases
@@ -66,18 +70,41 @@ def preset_cases(preset: str, device: str) -> list[Case]:
         # nested input vs the baseline and padded + lengths, each with the input it needs. Then
         # PackedSequence (and nested) input vs padded + lengths on the same data.
         ragged = ("baseline", "varlen", "varlen_packed") + RAGGED
-        return [Case(B=256, T=1000, I=128, H=128, dist="one_long", device=device,
-                     competitors=("baseline", "varlen", "varlen_nested")),
-                Case(B=64, T=100, I=256, H=256, device=device, competitors=ragged),
-                Case(B=128, T=50, I=128, H=128, layers=2, bidirectional=True, device=device,
-                     competitors=ragged)]
+        return [
+            Case(
+                B=256,
+                T=1000,
+                I=128,
+                H=128,
+                dist="one_long",
+                device=device,
+                competitors=("baseline", "varlen", "varlen_nested"),
+            ),
+            Case(B=64, T=100, I=256, H=256, device=device, competitors=ragged),
+            Case(
+                B=128,
+                T=50,
+                I=128,
+                H=128,
+                layers=2,
+                bidirectional=True,
+                device=device,
+                competitors=ragged,
+            ),
+        ]
     if preset == "full":
         if device.startswith("cuda"):
-            grid = itertools.product((1, 16, 128), (256,), (256, 1024), (1, 2), (False, True), DISTRIBUTIONS)
+            grid = itertools.product(
+                (1, 16, 128), (256,), (256, 1024), (1, 2), (False, True), DISTRIBUTIONS
+            )
         else:
-            grid = itertools.product((16, 64), (50, 200), (128, 512), (1, 2), (False, True), DISTRIBUTIONS)
-        return [Case(B=B, T=T, I=H, H=H, layers=L, bidirectional=bi, dist=d, device=device)
-                for B, T, H, L, bi, d in grid]
+            grid = itertools.product(
+                (16, 64), (50, 200), (128, 512), (1, 2), (False, True), DISTRIBUTIONS
+            )
+        return [
+            Case(B=B, T=T, I=H, H=H, layers=L, bidirectional=bi, dist=d, device=device)
+            for B, T, H, L, bi, d in grid
+        ]
     raise ValueError(f"unknown preset {preset!r}")
 
 
@@ -87,12 +114,15 @@ def gemm_reference(device: str, dtype: str, threads: int, min_run_time: float) -
     gen = torch.Generator().manual_seed(1)
     a = torch.randn(n, n, generator=gen).to(device, getattr(torch, dtype))
     b = torch.randn(n, n, generator=gen).to(device, getattr(torch, dtype))
-    m = Timer("torch.mm(a, b)", globals={"torch": torch, "a": a, "b": b},
-              num_threads=threads).blocked_autorange(min_run_time=min_run_time)
+    m = Timer(
+        "torch.mm(a, b)", globals={"torch": torch, "a": a, "b": b}, num_threads=threads
+    ).blocked_autorange(min_run_time=min_run_time)
     return {"n": n, "median_s": m.median, "gflops": 2 * n**3 / m.median / 1e9}
 
 
-def time_interleaved(steps: dict, threads: int, rounds: int, min_run_time: float, warmup: int) -> dict:
+def time_interleaved(
+    steps: dict, threads: int, rounds: int, min_run_time: float, warmup: int
+) -> dict:
     """Median and IQR per step, over `rounds` rounds whose order rotates."""
     names = list(steps)
     timers = {n: Timer("step()", globals={"step": steps[n]}, num_threads=threads) for n in names}
@@ -101,7 +131,7 @@ def time_interleaved(steps: dict, threads: int, rounds: int, min_run_time: float
             steps[n]()
     times = {n: [] for n in names}
     for r in range(rounds):
-        for n in names[r % len(names):] + names[:r % len(names)]:
+        for n in names[r % len(names) :] + names[: r % len(names)]:
             times[n].extend(timers[n].blocked_autorange(min_run_time=min_run_time).times)
     out = {}
     for n, ts in times.items():
@@ -110,27 +140,38 @@ def time_interleaved(steps: dict, threads: int, rounds: int, min_run_time: float
     return out
 
 
-def run_case(case: Case, effort: dict, threads: int, gemm: dict, memory: bool = True,
-             seed: int = 0) -> dict:
+def run_case(
+    case: Case, effort: dict, threads: int, gemm: dict, memory: bool = True, seed: int = 0
+) -> dict:
     bench = Bench(case, seed=seed)
     competitors = case.competitors
-    record = {"name": case.name(), "case": case.asdict(),
-              "valid_tokens": int(bench.lengths.sum()), "padded_tokens": case.T * case.B,
-              "max_abs_diff": {c: bench.max_abs_diff(c) for c in competitors if c.startswith("varlen")},
-              "input_bytes": {c: bench.input_bytes(c) for c in competitors},
-              "modes": {}}
+    record = {
+        "name": case.name(),
+        "case": case.asdict(),
+        "valid_tokens": int(bench.lengths.sum()),
+        "padded_tokens": case.T * case.B,
+        "max_abs_diff": {c: bench.max_abs_diff(c) for c in competitors if c.startswith("varlen")},
+        "input_bytes": {c: bench.input_bytes(c) for c in competitors},
+        "modes": {},
+    }
     cpu_peaks = {}
     if memory and not case.device.startswith("cuda"):
         cpu_peaks = bench_memory.cpu_peaks(case.asdict(), competitors, case.modes, seed)
     for mode in case.modes:
         steps = {c: bench.step(mode, c) for c in competitors}
-        timed = time_interleaved(steps, threads, effort["rounds"], effort["min_run_time"], effort["warmup"])
+        timed = time_interleaved(
+            steps, threads, effort["rounds"], effort["min_run_time"], effort["warmup"]
+        )
         flops = (gru_flops if mode == "infer" else train_flops)(case, bench.lengths)
         med = {c: timed[c]["median_s"] for c in competitors}
-        m = {"median_s": med, "iqr_s": {c: timed[c]["iqr_s"] for c in competitors},
-             "samples": {c: timed[c]["samples"] for c in competitors},
-             "speedup": {c: med["baseline"] / med[c] for c in competitors},
-             "gflops": {c: flops / med[c] / 1e9 for c in competitors}, "flops": flops}
+        m = {
+            "median_s": med,
+            "iqr_s": {c: timed[c]["iqr_s"] for c in competitors},
+            "samples": {c: timed[c]["samples"] for c in competitors},
+            "speedup": {c: med["baseline"] / med[c] for c in competitors},
+            "gflops": {c: flops / med[c] / 1e9 for c in competitors},
+            "flops": flops,
+        }
         m["gemm_fraction"] = m["gflops"].get("varlen", 0.0) / gemm["gflops"]
         if mode == "infer":  # per layer-step: the time one layer spends on one time step
             m["us_per_step"] = {c: med[c] / (case.T * case.layers) * 1e6 for c in competitors}
@@ -143,24 +184,52 @@ def run_case(case: Case, effort: dict, threads: int, gemm: dict, memory: bool = 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--preset", choices=sorted(EFFORT), default="quick")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                   help="default: cuda for --preset gpu, else cpu")
-    p.add_argument("--out", default=os.path.join(HERE, "results"), help="results folder (default benchmarks/results)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 2 for cpu-targets, else torch's default)")
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds; cases that would start after it are skipped and listed (gpu preset: 210)")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="default: cuda for --preset gpu, else cpu",
+    )
+    p.add_argument(
+        "--out",
+        default=os.path.join(HERE, "results"),
+        help="results folder (default benchmarks/results)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: 2 for cpu-targets, else torch's default)",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds; cases that would start after it are skipped and listed (gpu preset: 210)",
+    )
     p.add_argument("--limit", type=int, default=None, help="run only the first N cases (dry runs)")
     p.add_argument("--match", default=None, help="run only the cases whose name contains this text")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--rounds", type=int, default=None, help="override the preset's interleaved rounds")
-    p.add_argument("--min-run-time", type=float, default=None,
-                   help="override the preset's seconds per blocked_autorange")
-    p.add_argument("--tf32", choices=("default", "off"), default="default",
-                   help="CUDA: default keeps torch's flags (cuDNN's TF32 on for float32, as nn.GRU users "
-                   "get it); off turns TF32 off on both sides")
+    p.add_argument(
+        "--rounds", type=int, default=None, help="override the preset's interleaved rounds"
+    )
+    p.add_argument(
+        "--min-run-time",
+        type=float,
+        default=None,
+        help="override the preset's seconds per blocked_autorange",
+    )
+    p.add_argument(
+        "--tf32",
+        choices=("default", "off"),
+        default="default",
+        help="CUDA: default keeps torch's flags (cuDNN's TF32 on for float32, as nn.GRU users "
+        "get it); off turns TF32 off on both sides",
+    )
     args = p.parse_args(argv)
 
     device = args.device or ("cuda" if args.preset == "gpu" else "cpu")
@@ -168,12 +237,19 @@ def main(argv=None) -> int:
         p.error("--device cuda but torch.cuda.is_available() is False")
     threads = args.threads or (2 if args.preset == "cpu-targets" else torch.get_num_threads())
     torch.set_num_threads(threads)
-    budget = args.time_budget if args.time_budget is not None else (210.0 if args.preset == "gpu" else None)
+    budget = (
+        args.time_budget
+        if args.time_budget is not None
+        else (210.0 if args.preset == "gpu" else None)
+    )
     try:
         import varlen_rnn  # noqa: F401
     except ImportError as e:
-        print(f"error: cannot import varlen_rnn ({e}); build it first: "
-              "pip install --no-build-isolation -e .", file=sys.stderr)
+        print(
+            f"error: cannot import varlen_rnn ({e}); build it first: "
+            "pip install --no-build-isolation -e .",
+            file=sys.stderr,
+        )
         return 2
     if device == "cuda" and args.tf32 == "off":  # machine_info records the flags either way
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -181,19 +257,32 @@ def main(argv=None) -> int:
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if device == "cpu" and load > 0.5:
-        print(f"warning: load average {load:.1f} before the run; other work on this machine makes CPU "
-              "timings noisy", file=sys.stderr)
+        print(
+            f"warning: load average {load:.1f} before the run; other work on this machine makes CPU "
+            "timings noisy",
+            file=sys.stderr,
+        )
     effort = dict(EFFORT[args.preset])
     if args.rounds is not None:
         effort["rounds"] = args.rounds
     if args.min_run_time is not None:
         effort["min_run_time"] = args.min_run_time
-    cases = [c for c in preset_cases(args.preset, device) if args.match is None or args.match in c.name()]
+    cases = [
+        c for c in preset_cases(args.preset, device) if args.match is None or args.match in c.name()
+    ]
     cases = cases[: args.limit]
-    results = {"preset": args.preset, "machine": bench_report.machine_info(device, threads),
-               "effort": effort, "gemm": {}, "cases": [], "skipped": []}
+    results = {
+        "preset": args.preset,
+        "machine": bench_report.machine_info(device, threads),
+        "effort": effort,
+        "gemm": {},
+        "cases": [],
+        "skipped": [],
+    }
     start = time.perf_counter()
-    tag = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in results["machine"].get("gpu", "cpu"))
+    tag = "".join(
+        ch if ch.isalnum() or ch in "-_." else "_" for ch in results["machine"].get("gpu", "cpu")
+    )
     stem = f"{args.preset}_{device}_{tag}_{time.strftime('%Y%m%d-%H%M%S')}"
     for dtype in sorted({c.dtype for c in cases}):
         results["gemm"][dtype] = gemm_reference(device, dtype, threads, effort["min_run_time"] * 2)
@@ -203,22 +292,33 @@ def main(argv=None) -> int:
         if budget is not None and elapsed + last > budget:
             results["skipped"].append(case.name())
             continue
-        print(f"[{i + 1}/{len(cases)} {elapsed:5.0f}s] {case.name()} ...", file=sys.stderr, flush=True)
+        print(
+            f"[{i + 1}/{len(cases)} {elapsed:5.0f}s] {case.name()} ...", file=sys.stderr, flush=True
+        )
         t0 = time.perf_counter()
-        rec = run_case(case, effort, threads, results["gemm"][case.dtype], memory=not args.no_memory)
+        rec = run_case(
+            case, effort, threads, results["gemm"][case.dtype], memory=not args.no_memory
+        )
         last = time.perf_counter() - t0
         results["cases"].append(rec)
         for mode, m in rec["modes"].items():
-            print(f"    {mode}: baseline {m['median_s']['baseline'] * 1e3:.2f} ms, varlen "
-                  f"{m['median_s']['varlen'] * 1e3:.2f} ms ({m['speedup']['varlen']:.2f}x)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"    {mode}: baseline {m['median_s']['baseline'] * 1e3:.2f} ms, varlen "
+                f"{m['median_s']['varlen'] * 1e3:.2f} ms ({m['speedup']['varlen']:.2f}x)",
+                file=sys.stderr,
+                flush=True,
+            )
         # JSON and markdown after every case: a run killed by a time limit keeps what it measured.
         results["wall_s"] = time.perf_counter() - start
         bench_report.write_all(results, args.out, stem, plot=False)
     results["wall_s"] = time.perf_counter() - start
 
     paths = bench_report.write_all(results, args.out, stem)
-    print("\nwrote " + ", ".join(paths.values()) + (" (no matplotlib: no plot)" if "png" not in paths else ""))
+    print(
+        "\nwrote "
+        + ", ".join(paths.values())
+        + (" (no matplotlib: no plot)" if "png" not in paths else "")
+    )
     if results["skipped"]:
         print(f"skipped for the time budget: {len(results['skipped'])} cases")
     print(bench_report.short_table(results))

@@ -4,6 +4,7 @@ Shape legend: T time steps, B batch, I input features, H hidden, D directions.
 Every competitor of one case shares the same weights (varlen_rnn.GRU loads nn.GRU's state_dict)
 and the same inputs, drawn fresh from a seeded generator (random, never zeros).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,7 +61,7 @@ class Case:
         return d
 
     @staticmethod
-    def fromdict(d: dict) -> "Case":
+    def fromdict(d: dict) -> Case:
         d = dict(d)
         d["modes"] = tuple(d.get("modes", MODES))
         d["competitors"] = tuple(d.get("competitors", COMPETITORS))
@@ -118,12 +119,15 @@ class Bench:
         dtype = getattr(torch, case.dtype)
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
-        self.ref = nn.GRU(case.I, case.H, case.layers, bidirectional=case.bidirectional).to(dev, dtype)
-        self.var = varlen_rnn.GRU(case.I, case.H, case.layers, bidirectional=case.bidirectional,
-                                  device=dev, dtype=dtype)
+        self.ref = nn.GRU(case.I, case.H, case.layers, bidirectional=case.bidirectional).to(
+            dev, dtype
+        )
+        self.var = varlen_rnn.GRU(
+            case.I, case.H, case.layers, bidirectional=case.bidirectional, device=dev, dtype=dtype
+        )
         self.var.load_state_dict(self.ref.state_dict())
-        self.lengths = make_lengths(case.dist, case.B, case.T, gen)           # [B] int64, CPU
-        self.lengths_dev = self.lengths.to(dev)                                 # [B] on device: no host sync
+        self.lengths = make_lengths(case.dist, case.B, case.T, gen)  # [B] int64, CPU
+        self.lengths_dev = self.lengths.to(dev)  # [B] on device: no host sync
         self.x = torch.randn(case.T, case.B, case.I, generator=gen).to(dev, dtype)  # [T, B, I]
         # Random weights for the scalar loss, so gradients are not all ones.
         self.w_out = torch.randn(case.T, case.B, case.D * case.H, generator=gen).to(dev, dtype)
@@ -136,17 +140,21 @@ class Bench:
         values [N, I] (sequence-major), with their leaves for training and the loss weights of
         w_out at the same rows."""
         lengths = self.lengths.tolist()
-        t = torch.cat([torch.arange(L) for L in lengths])                       # [N]
-        b = torch.cat([torch.full((L,), i) for i, L in enumerate(lengths)])     # [N]
+        t = torch.cat([torch.arange(L) for L in lengths])  # [N]
+        b = torch.cat([torch.full((L,), i) for i, L in enumerate(lengths)])  # [N]
         self.nested_rows = (t.to(dev), b.to(dev))
         self.offsets = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device=dev)
         self.max_len = max(lengths)
-        values = self.x[self.nested_rows].contiguous()                          # [N, I]
+        values = self.x[self.nested_rows].contiguous()  # [N, I]
         self.packed = pack_padded_sequence(self.x, self.lengths, enforce_sorted=False)
-        self.leaf = {"varlen_packseq": self.packed.data.detach().clone().requires_grad_(True),
-                     "varlen_nested": values.requires_grad_(True)}
-        self.w_rows = {"varlen_packseq": self.rows("varlen_packseq", self.w_out),
-                       "varlen_nested": self.rows("varlen_nested", self.w_out)}
+        self.leaf = {
+            "varlen_packseq": self.packed.data.detach().clone().requires_grad_(True),
+            "varlen_nested": values.requires_grad_(True),
+        }
+        self.w_rows = {
+            "varlen_packseq": self.rows("varlen_packseq", self.w_out),
+            "varlen_nested": self.rows("varlen_nested", self.w_out),
+        }
 
     def rows(self, name: str, padded: torch.Tensor) -> torch.Tensor:
         """padded [T, B, F] at the valid positions, in competitor name's row order: [N, F]."""
@@ -196,6 +204,7 @@ class Bench:
             def infer_step():
                 with torch.inference_mode():
                     self.forward(name, x_in)
+
             return infer_step
         if mode == "train":
             x = self.leaf[name] if name in RAGGED else self.x_train
@@ -211,6 +220,7 @@ class Bench:
                 out, h_n = self.forward(name, self.ragged_input(name, x) if name in RAGGED else x)
                 loss = (out * w_out).sum() + (h_n * self.w_h).sum()
                 loss.backward()
+
             train_step.reset = clear_grads
             return train_step
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")

@@ -8,6 +8,7 @@ step's peak. (Like max_memory_allocated, it counts tensors, not a backend's priv
 The profiler slows every later op of its process, so CPU peaks are measured in a subprocess: run as
 a script, this file is that subprocess.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -71,7 +72,9 @@ def cpu_peak(step) -> int:
             events = json.load(f)["traceEvents"]
     finally:
         os.unlink(path)
-    mem = [e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0]
+    mem = [
+        e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0
+    ]
     mem.sort(key=lambda e: e["args"].get("Ev Idx", 0))
     held = peak = 0
     for e in mem:
@@ -84,14 +87,21 @@ def cpu_peaks(case_dict: dict, competitors, modes, seed: int) -> dict:
     """{mode: {competitor: bytes}}, measured by this file run as a subprocess."""
     import varlen_rnn
 
-    arg = json.dumps({"case": case_dict, "competitors": list(competitors), "modes": list(modes), "seed": seed})
+    arg = json.dumps(
+        {"case": case_dict, "competitors": list(competitors), "modes": list(modes), "seed": seed}
+    )
     # The worker imports the varlen_rnn this process measures (an in-place build first on sys.path
     # here would otherwise lose to an installed one there).
     env = dict(os.environ)
     where = os.path.dirname(os.path.dirname(os.path.abspath(varlen_rnn.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (where, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), arg], capture_output=True, text=True,
-                          timeout=900, env=env)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), arg],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"memory worker failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -104,7 +114,11 @@ def _worker(arg: str) -> None:
 
     spec = json.loads(arg)
     bench = Bench(Case.fromdict(spec["case"]), seed=spec["seed"])
-    steps = {(mode, name): bench.step(mode, name) for mode in spec["modes"] for name in spec["competitors"]}
+    steps = {
+        (mode, name): bench.step(mode, name)
+        for mode in spec["modes"]
+        for name in spec["competitors"]
+    }
     for step in steps.values():
         step()  # lazy one-time allocations (thread pools, oneDNN primitives) are not a step's
     result = {mode: {} for mode in spec["modes"]}

@@ -6,6 +6,7 @@
 Prints, per competitor, the ops by self CPU time and by self CPU memory (allocated minus freed
 inside the op: a large positive number is what the op leaves allocated, e.g. saved for backward).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,14 +18,15 @@ sys.path.insert(0, HERE)
 sys.path.append(os.path.dirname(HERE))
 
 import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-
 from bench_cases import Bench, Case  # noqa: E402
 from bench_memory import _quiet_stderr  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     for name, default in (("B", 64), ("T", 100), ("I", 256), ("H", 256), ("layers", 1)):
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--bi", action="store_true", help="bidirectional")
@@ -36,7 +38,16 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=12)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    case = Case(B=a.B, T=a.T, I=a.I, H=a.H, layers=a.layers, bidirectional=a.bi, dist=a.dist, device=a.device)
+    case = Case(
+        B=a.B,
+        T=a.T,
+        I=a.I,
+        H=a.H,
+        layers=a.layers,
+        bidirectional=a.bi,
+        dist=a.dist,
+        device=a.device,
+    )
     bench = Bench(case)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device.startswith("cuda") else [])
     for name in a.competitors.split(","):

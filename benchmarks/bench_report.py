@@ -1,5 +1,6 @@
 """Where the results go: JSON (everything), a markdown table, a PNG plot, and a short console table.
 Every file names the machine, torch version and date, so a number never loses its provenance."""
+
 from __future__ import annotations
 
 import datetime
@@ -10,7 +11,6 @@ import subprocess
 import sys
 
 import torch
-
 from bench_cases import LABELS
 
 
@@ -28,19 +28,28 @@ def machine_info(device: str, threads: int) -> dict:
     }
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device))
-        info.update(gpu=props.name, driver=_driver(), cuda=torch.version.cuda,
-                    sm_count=props.multi_processor_count,
-                    gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
-                    tf32_cudnn=torch.backends.cudnn.allow_tf32,
-                    cudnn=torch.backends.cudnn.version())
+        info.update(
+            gpu=props.name,
+            driver=_driver(),
+            cuda=torch.version.cuda,
+            sm_count=props.multi_processor_count,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+            tf32_cudnn=torch.backends.cudnn.allow_tf32,
+            cudnn=torch.backends.cudnn.version(),
+        )
     return info
 
 
 def _driver() -> str | None:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20, check=False).stdout.strip()
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return out.splitlines()[0] if out else None
@@ -53,11 +62,28 @@ def _git_commit() -> str | None:
     if not os.path.exists(os.path.join(repo, ".git")):
         return os.environ.get("VARLEN_RNN_COMMIT")
     try:
-        head = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no",
-                                "--", ".", ":!benchmarks/results"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", repo, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [
+                "git",
+                "-C",
+                repo,
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                ":!benchmarks/results",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return (head + ("+dirty" if dirty else "")) or None
@@ -76,8 +102,10 @@ def _cpu_model() -> str:
 
 def machine_line(info: dict) -> str:
     if "gpu" in info:
-        where = (f"{info['gpu']} (driver {info.get('driver')}, CUDA {info['cuda']}, TF32 matmul="
-                 f"{info['tf32_matmul']} cudnn={info['tf32_cudnn']})")
+        where = (
+            f"{info['gpu']} (driver {info.get('driver')}, CUDA {info['cuda']}, TF32 matmul="
+            f"{info['tf32_matmul']} cudnn={info['tf32_cudnn']})"
+        )
     else:
         where = f"{info['cpu']}, {info['threads']} threads"
     commit = f"; commit {info['git_commit']}" if info.get("git_commit") else ""
@@ -94,36 +122,52 @@ def _mib(b):
 
 def markdown(results: dict) -> str:
     info = results["machine"]
-    lines = [f"# varlen_rnn benchmark: preset `{results['preset']}`", "",
-             f"Machine: {machine_line(info)}", "",
-             "Median time per call (ms) from one interleaved run (torch.utils.benchmark); speedup is "
-             "baseline time / competitor time. GFLOP/s count valid tokens only (training = 3x forward) and "
-             f"are compared with a plain torch.mm measured in the same run "
-             f"({_gemm_text(results)}). Peak memory is the step's peak above what was allocated before it.",
-             ""]
+    lines = [
+        f"# varlen_rnn benchmark: preset `{results['preset']}`",
+        "",
+        f"Machine: {machine_line(info)}",
+        "",
+        "Median time per call (ms) from one interleaved run (torch.utils.benchmark); speedup is "
+        "baseline time / competitor time. GFLOP/s count valid tokens only (training = 3x forward) and "
+        f"are compared with a plain torch.mm measured in the same run "
+        f"({_gemm_text(results)}). Peak memory is the step's peak above what was allocated before it.",
+        "",
+    ]
     for mode in ("infer", "train"):
         rows = [r for r in results["cases"] if mode in r["modes"]]
         if not rows:
             continue
-        title = "Inference forward (torch.inference_mode)" if mode == "infer" else "Training step (forward + backward)"
+        title = (
+            "Inference forward (torch.inference_mode)"
+            if mode == "infer"
+            else "Training step (forward + backward)"
+        )
         others = _competitors(rows)[1:]
-        lines += [f"## {title}", "",
-                  "| case | baseline ms | " + " | ".join(f"{_SHORT[c]} ms (x)" for c in others)
-                  + " | varlen GFLOP/s (% GEMM) | peak MiB baseline / varlen | max abs diff |",
-                  "|---|---:|" + "---:|" * len(others) + "---:|---:|---:|"]
+        lines += [
+            f"## {title}",
+            "",
+            "| case | baseline ms | "
+            + " | ".join(f"{_SHORT[c]} ms (x)" for c in others)
+            + " | varlen GFLOP/s (% GEMM) | peak MiB baseline / varlen | max abs diff |",
+            "|---|---:|" + "---:|" * len(others) + "---:|---:|---:|",
+        ]
         for r in rows:
             m = r["modes"][mode]
             t = m["median_s"]
             cells = [r["name"], _ms(t["baseline"])]
             for c in others:
-                cells.append(f"{_ms(t.get(c))} ({m['speedup'].get(c, 0):.2f}x)" if t.get(c) else "-")
+                cells.append(
+                    f"{_ms(t.get(c))} ({m['speedup'].get(c, 0):.2f}x)" if t.get(c) else "-"
+                )
             g = m["gflops"].get("varlen")
             cells.append("-" if g is None else f"{g:.1f} ({m['gemm_fraction'] * 100:.0f}%)")
             mem = m.get("peak_bytes", {})
             cells.append(f"{_mib(mem.get('baseline'))} / {_mib(mem.get('varlen'))}")
             cells.append(f"{r.get('max_abs_diff', {}).get('varlen', float('nan')):.1e}")
             if "us_per_step" in m:
-                cells[0] += f" ({m['us_per_step']['varlen']:.1f} vs {m['us_per_step']['baseline']:.1f} µs/step)"
+                cells[0] += (
+                    f" ({m['us_per_step']['varlen']:.1f} vs {m['us_per_step']['baseline']:.1f} µs/step)"
+                )
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     lines += _memory_table(results)
@@ -133,8 +177,14 @@ def markdown(results: dict) -> str:
 
 
 # Column names of the competitors (LABELS has the long ones, under the tables).
-_SHORT = {"baseline": "baseline", "padded": "padded", "varlen": "varlen", "varlen_packed": "varlen packed",
-          "varlen_packseq": "varlen PackedSequence", "varlen_nested": "varlen nested"}
+_SHORT = {
+    "baseline": "baseline",
+    "padded": "padded",
+    "varlen": "varlen",
+    "varlen_packed": "varlen packed",
+    "varlen_packseq": "varlen PackedSequence",
+    "varlen_nested": "varlen nested",
+}
 
 
 def _competitors(rows) -> list:
@@ -146,43 +196,61 @@ def _competitors(rows) -> list:
 def _memory_table(results: dict) -> list:
     """Peak memory per competitor with the input it needs: a padded batch for the padded
     competitors, only the valid rows for the ragged ones (cases that record input_bytes)."""
-    rows = [r for r in results["cases"] if "input_bytes" in r
-            and any("peak_bytes" in m for m in r["modes"].values())]
+    rows = [
+        r
+        for r in results["cases"]
+        if "input_bytes" in r and any("peak_bytes" in m for m in r["modes"].values())
+    ]
     if not rows:
         return []
-    lines = ["## Peak memory with the input (MiB)", "",
-             "Step peak + the input the competitor needs (padded [T, B, I] or ragged [N, I]); "
-             "ratio to the baseline's total.", "",
-             "| case | mode | competitor | step peak | input | total | vs baseline |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "## Peak memory with the input (MiB)",
+        "",
+        "Step peak + the input the competitor needs (padded [T, B, I] or ragged [N, I]); "
+        "ratio to the baseline's total.",
+        "",
+        "| case | mode | competitor | step peak | input | total | vs baseline |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
         for mode, m in r["modes"].items():
             peaks = m.get("peak_bytes", {})
             base = peaks["baseline"] + r["input_bytes"]["baseline"]
             for c in _competitors([r]):
                 total = peaks[c] + r["input_bytes"][c]
-                lines.append(f"| {r['name']} | {mode} | {_SHORT[c]} | {_mib(peaks[c])} | "
-                             f"{_mib(r['input_bytes'][c])} | {_mib(total)} | {total / base:.2f} |")
+                lines.append(
+                    f"| {r['name']} | {mode} | {_SHORT[c]} | {_mib(peaks[c])} | "
+                    f"{_mib(r['input_bytes'][c])} | {_mib(total)} | {total / base:.2f} |"
+                )
     lines += ["", "Competitors: " + "; ".join(f"{_SHORT[c]} = {LABELS[c]}" for c in LABELS), ""]
     return lines
 
 
 def _gemm_text(results):
-    return ", ".join(f"{k}: {v['gflops']:.0f} GFLOP/s at n={v['n']}" for k, v in results["gemm"].items())
+    return ", ".join(
+        f"{k}: {v['gflops']:.0f} GFLOP/s at n={v['n']}" for k, v in results["gemm"].items()
+    )
 
 
 def short_table(results: dict) -> str:
     """The few columns a reader needs at the end of a run."""
-    head = f"{'case':<44} {'mode':<5} {'base ms':>9} {'varlen ms':>9} {'speedup':>7} {'mem ratio':>9}"
+    head = (
+        f"{'case':<44} {'mode':<5} {'base ms':>9} {'varlen ms':>9} {'speedup':>7} {'mem ratio':>9}"
+    )
     out = [machine_line(results["machine"]), head, "-" * len(head)]
     for r in results["cases"]:
         for mode, m in r["modes"].items():
             t = m["median_s"]
             mem = m.get("peak_bytes", {})
-            ratio = (f"{mem['varlen'] / mem['baseline']:.2f}"
-                     if mem.get("baseline") and mem.get("varlen") is not None else "-")
-            out.append(f"{r['name']:<44} {mode:<5} {_ms(t['baseline']):>9} {_ms(t.get('varlen')):>9} "
-                       f"{m['speedup'].get('varlen', 0):>6.2f}x {ratio:>9}")
+            ratio = (
+                f"{mem['varlen'] / mem['baseline']:.2f}"
+                if mem.get("baseline") and mem.get("varlen") is not None
+                else "-"
+            )
+            out.append(
+                f"{r['name']:<44} {mode:<5} {_ms(t['baseline']):>9} {_ms(t.get('varlen')):>9} "
+                f"{m['speedup'].get('varlen', 0):>6.2f}x {ratio:>9}"
+            )
     return "\n".join(out)
 
 
@@ -191,13 +259,18 @@ def make_plot(results: dict, path: str) -> str | None:
     (the GPU machine has no package registry)."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
     modes = [m for m in ("infer", "train") if any(m in r["modes"] for r in results["cases"])]
-    fig, axes = plt.subplots(len(modes), 1, figsize=(max(8, 0.9 * len(results["cases"]) + 3), 4.2 * len(modes)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(modes),
+        1,
+        figsize=(max(8, 0.9 * len(results["cases"]) + 3), 4.2 * len(modes)),
+        squeeze=False,
+    )
     for ax, mode in zip(axes[:, 0], modes):
         rows = [r for r in results["cases"] if mode in r["modes"]]
         others = _competitors(rows)[1:]
@@ -208,13 +281,26 @@ def make_plot(results: dict, path: str) -> str | None:
             ax.bar(xs, ys, width, label=LABELS[c])
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels([r["name"].replace(" I=", "\nI=").replace(" uniform", "\nuniform")
-                            .replace(" full", "\nfull").replace(" skewed", "\nskewed")
-                            .replace(" one_long", "\none_long") for r in rows], fontsize=7)
+        ax.set_xticklabels(
+            [
+                r["name"]
+                .replace(" I=", "\nI=")
+                .replace(" uniform", "\nuniform")
+                .replace(" full", "\nfull")
+                .replace(" skewed", "\nskewed")
+                .replace(" one_long", "\none_long")
+                for r in rows
+            ],
+            fontsize=7,
+        )
         ax.set_ylabel("speedup vs nn.GRU + packing")
-        ax.set_title("inference forward" if mode == "infer" else "training step (forward + backward)")
+        ax.set_title(
+            "inference forward" if mode == "infer" else "training step (forward + backward)"
+        )
         ax.legend(fontsize=7)
-    fig.suptitle(f"varlen_rnn `{results['preset']}`: {machine_line(results['machine'])}", fontsize=8)
+    fig.suptitle(
+        f"varlen_rnn `{results['preset']}`: {machine_line(results['machine'])}", fontsize=8
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -225,9 +311,13 @@ def key_line(results: dict, n_cases: int) -> str:
     """One line for a run's summary: cases done and the spread of varlen's speedup per mode."""
     parts = [f"{len(results['cases'])}/{n_cases} cases"]
     for mode in ("train", "infer"):
-        s = sorted(r["modes"][mode]["speedup"]["varlen"] for r in results["cases"] if mode in r["modes"])
+        s = sorted(
+            r["modes"][mode]["speedup"]["varlen"] for r in results["cases"] if mode in r["modes"]
+        )
         if s:
-            parts.append(f"{mode} speedup vs baseline {s[0]:.2f}-{s[-1]:.2f}x (median {s[len(s) // 2]:.2f}x)")
+            parts.append(
+                f"{mode} speedup vs baseline {s[0]:.2f}-{s[-1]:.2f}x (median {s[len(s) // 2]:.2f}x)"
+            )
     return "KEY: " + "; ".join(parts)
 
 
@@ -240,7 +330,10 @@ def _write(path: str, text: str) -> None:
 
 def write_all(results: dict, out_dir: str, stem: str, plot: bool = True) -> dict:
     os.makedirs(out_dir, exist_ok=True)
-    paths = {"json": os.path.join(out_dir, stem + ".json"), "md": os.path.join(out_dir, stem + ".md")}
+    paths = {
+        "json": os.path.join(out_dir, stem + ".json"),
+        "md": os.path.join(out_dir, stem + ".md"),
+    }
     _write(paths["json"], json.dumps(results, indent=1))
     _write(paths["md"], markdown(results))
     png = make_plot(results, os.path.join(out_dir, stem + ".png")) if plot else None
@@ -249,7 +342,9 @@ def write_all(results: dict, out_dir: str, stem: str, plot: bool = True) -> dict
     return paths
 
 
-if __name__ == "__main__":  # re-make the markdown and plot of a results JSON (e.g. after a cut-off run)
+if (
+    __name__ == "__main__"
+):  # re-make the markdown and plot of a results JSON (e.g. after a cut-off run)
     with open(sys.argv[1]) as f:
         res = json.load(f)
     folder, name = os.path.split(os.path.abspath(sys.argv[1]))

@@ -4,6 +4,7 @@ The library reads VARLEN_RNN_CUDA_PATH once per process, so every path under tes
 process; a child that hangs (a grid barrier that never releases) is killed with its process group
 and costs only its share of the time, never the parent's report.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,13 @@ def run_child(args: list[str], timeout: float, env: dict | None = None, log=None
     full_env.update(env or {})
     full_env["PYTHONUNBUFFERED"] = "1"
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, *args], env=full_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         out, _ = proc.communicate(timeout=max(1.0, timeout))
         status = "ok" if proc.returncode == 0 else "failed"
@@ -43,10 +49,17 @@ def run_child(args: list[str], timeout: float, env: dict | None = None, log=None
     seconds = time.perf_counter() - t0
     if log is not None:
         tag = " ".join(f"{k}={v}" for k, v in (env or {}).items())
-        log.write(f"---- child {tag} {' '.join(args)}: {status} (rc {proc.returncode}, {seconds:.1f}s)\n")
+        log.write(
+            f"---- child {tag} {' '.join(args)}: {status} (rc {proc.returncode}, {seconds:.1f}s)\n"
+        )
         log.write(out or "")
         log.flush()
-    return {"status": status, "rc": proc.returncode, "seconds": seconds, "tail": (out or "")[-2000:]}
+    return {
+        "status": status,
+        "rc": proc.returncode,
+        "seconds": seconds,
+        "tail": (out or "")[-2000:],
+    }
 
 
 class Deadline:

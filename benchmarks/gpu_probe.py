@@ -20,6 +20,7 @@ and `persistent_exact` with VARLEN_RNN_TENSOR_CORES=0 in its child (the CUDA-cor
 gets its crossover. A VARLEN_RNN_TENSOR_CORES=0 in the probe's own environment (gpu_check.sh sets
 it when the wrapper test failed) reaches both children, and the header says so.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,12 +43,13 @@ PERSISTENT = ("persistent", "persistent_exact")
 # `persistent` forces the tensor-core kernel where the dtype allows (auto would price it against the
 # exact one), unless the check turned tensor cores off for the whole run after a failed mma stage.
 _TC = "0" if os.environ.get("VARLEN_RNN_TENSOR_CORES") == "0" else "1"
-CHILD_ENV = {"persistent": {"VARLEN_RNN_CUDA_PATH": "persistent", "VARLEN_RNN_TENSOR_CORES": _TC},
-             "persistent_exact": {"VARLEN_RNN_CUDA_PATH": "persistent",
-                                  "VARLEN_RNN_TENSOR_CORES": "0"},
-             "fallback": {"VARLEN_RNN_CUDA_PATH": "fallback"},
-             "auto": {"VARLEN_RNN_CUDA_PATH": "auto"},
-             "cudnn": {}}
+CHILD_ENV = {
+    "persistent": {"VARLEN_RNN_CUDA_PATH": "persistent", "VARLEN_RNN_TENSOR_CORES": _TC},
+    "persistent_exact": {"VARLEN_RNN_CUDA_PATH": "persistent", "VARLEN_RNN_TENSOR_CORES": "0"},
+    "fallback": {"VARLEN_RNN_CUDA_PATH": "fallback"},
+    "auto": {"VARLEN_RNN_CUDA_PATH": "auto"},
+    "cudnn": {},
+}
 
 
 def parse_ints(s: str) -> list[int]:
@@ -78,6 +80,7 @@ def build(impl: str, B: int, H: int, T: int, dtype: str, device: str):
 
 def step_fn(impl: str, mode: str, mod, xs, lengths, lengths_dev, w_out, w_h, T: int):
     """fn(k) runs one step on input set k."""
+
     def forward(x):
         if impl in OURS:
             return mod(x, lengths=lengths_dev)
@@ -85,9 +88,11 @@ def step_fn(impl: str, mode: str, mod, xs, lengths, lengths_dev, w_out, w_h, T: 
         return pad_packed_sequence(out, total_length=T)[0], h
 
     if mode == "fwd":
+
         def fwd(k):
             with torch.inference_mode():
                 forward(xs[k])
+
         return fwd
     xs_grad = [x.detach().clone().requires_grad_() for x in xs]
     params = list(mod.parameters())
@@ -97,10 +102,13 @@ def step_fn(impl: str, mode: str, mod, xs, lengths, lengths_dev, w_out, w_h, T: 
             p.grad = None
         out, h = forward(xs_grad[k])
         ((out * w_out).sum() + (h * w_h).sum()).backward()
+
     return train
 
 
-def time_fn(fn, device: str, min_time: float, min_reps: int = 3, max_reps: int = 100) -> list[float]:
+def time_fn(
+    fn, device: str, min_time: float, min_reps: int = 3, max_reps: int = 100
+) -> list[float]:
     """Milliseconds per call: CUDA events around each call on the current stream (host clock on
     the CPU), after two warm-up calls; calls continue until min_time seconds have passed."""
     cuda = device.startswith("cuda")
@@ -131,14 +139,26 @@ def time_fn(fn, device: str, min_time: float, min_reps: int = 3, max_reps: int =
 
 
 def child(impl: str, a, out: str, deadline: Deadline) -> int:
-    res = {"impl": impl, "env_path": os.environ.get("VARLEN_RNN_CUDA_PATH"),
-           "env_tensor_cores": os.environ.get("VARLEN_RNN_TENSOR_CORES"),
-           "flags": {"cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
-                     "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-                     "cudnn.enabled": torch.backends.cudnn.enabled},
-           "T": a.T, "results": [], "not_reached": 0}
-    configs = [(H, d, m, B) for H in parse_ints(a.H) for d in a.dtypes.split(",")
-               for m in a.modes.split(",") for B in parse_ints(a.B)]
+    res = {
+        "impl": impl,
+        "env_path": os.environ.get("VARLEN_RNN_CUDA_PATH"),
+        "env_tensor_cores": os.environ.get("VARLEN_RNN_TENSOR_CORES"),
+        "flags": {
+            "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+            "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn.enabled": torch.backends.cudnn.enabled,
+        },
+        "T": a.T,
+        "results": [],
+        "not_reached": 0,
+    }
+    configs = [
+        (H, d, m, B)
+        for H in parse_ints(a.H)
+        for d in a.dtypes.split(",")
+        for m in a.modes.split(",")
+        for B in parse_ints(a.B)
+    ]
     for H, dtype, mode, B in configs:
         if deadline.left() < 2 * a.min_time + 1:
             res["not_reached"] += 1
@@ -193,27 +213,47 @@ def render(merged: dict, impls: list[str], Bs: list[int], T: int) -> tuple[str, 
             if "median_ms" in r:
                 table.setdefault((r["H"], r["dtype"], r["mode"], r["B"]), {})[impl] = r["median_ms"]
     ours = [i for i in impls if i in OURS]
-    lines = ["| H | dtype | mode | B | " + " | ".join(f"{i} ms" for i in impls)
-             + " | best ours vs cudnn | best ours µs/step |",
-             "|---|---|---|---|" + "---:|" * len(impls) + "---:|---:|"]
+    lines = [
+        "| H | dtype | mode | B | "
+        + " | ".join(f"{i} ms" for i in impls)
+        + " | best ours vs cudnn | best ours µs/step |",
+        "|---|---|---|---|" + "---:|" * len(impls) + "---:|---:|",
+    ]
     for key in sorted(table):
         t = table[key]
         cells = [f"{t[i]:.3f}" if i in t else "-" for i in impls]
         best = min((t[i] for i in ours if i in t), default=None)
         speed = f"{t['cudnn'] / best:.2f}x" if best and "cudnn" in t else "-"
         step = f"{best * 1e3 / T:.1f}" if best else "-"
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | " + " | ".join(cells)
-                     + f" | {speed} | {step} |")
-    lines += ["", ("Crossover (smallest B where persistent is not faster than fallback; "
-                   "persistent/fallback time per B), `persistent` on tensor cores where allowed, "
-                   "`persistent_exact` with VARLEN_RNN_TENSOR_CORES=0:"), ""]
+        lines.append(
+            f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | "
+            + " | ".join(cells)
+            + f" | {speed} | {step} |"
+        )
+    lines += [
+        "",
+        (
+            "Crossover (smallest B where persistent is not faster than fallback; "
+            "persistent/fallback time per B), `persistent` on tensor cores where allowed, "
+            "`persistent_exact` with VARLEN_RNN_TENSOR_CORES=0:"
+        ),
+        "",
+    ]
     first = Bs[0] if Bs else None
     cross = {v: crossovers(table, Bs, v) for v in PERSISTENT if v in impls}
     for v, cv in cross.items():
-        lines += [f"- H={k[0]} {k[1]} {k[2]}, {v}: B={c}"
-                  + (" (never faster)" if c == str(first) else
-                     " (faster at every B)" if c == "none" else "") + f"; {r}"
-                  for k, (c, r) in cv.items()]
+        lines += [
+            f"- H={k[0]} {k[1]} {k[2]}, {v}: B={c}"
+            + (
+                " (never faster)"
+                if c == str(first)
+                else " (faster at every B)"
+                if c == "none"
+                else ""
+            )
+            + f"; {r}"
+            for k, (c, r) in cv.items()
+        ]
     for impl, res in merged.items():
         errs = [r for r in res.get("results", []) if "error" in r]
         if errs:
@@ -222,27 +262,43 @@ def render(merged: dict, impls: list[str], Bs: list[int], T: int) -> tuple[str, 
             lines.append(f"- {impl}: {res['not_reached']} configs not reached in its time share")
     short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64"}
     tag = {"persistent": "tc", "persistent_exact": "exact"}
-    key_line = "KEY: crossover B " + ("; ".join(
-        f"{tag[v]} H{k[0]} {short.get(k[1], k[1])} {k[2]} {c}"
-        for v, cv in cross.items() for k, (c, _) in cv.items()) or "none measured")
+    key_line = "KEY: crossover B " + (
+        "; ".join(
+            f"{tag[v]} H{k[0]} {short.get(k[1], k[1])} {k[2]} {c}"
+            for v, cv in cross.items()
+            for k, (c, _) in cv.items()
+        )
+        or "none measured"
+    )
     return "\n".join(lines), key_line
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--B", default="1,8,64,256", help="batch sizes, comma-separated")
-    p.add_argument("--H", default=None, help="hidden sizes (I = H), comma-separated (default 256,1024)")
+    p.add_argument(
+        "--H", default=None, help="hidden sizes (I = H), comma-separated (default 256,1024)"
+    )
     p.add_argument("--T", type=int, default=256, help="padded length; lengths uniform in [1, T]")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--modes", default="fwd,train", help="fwd (inference) and/or train (fwd+bwd)")
-    p.add_argument("--impls", default="persistent,persistent_exact,fallback,cudnn",
-                   help="persistent (tensor cores where allowed), persistent_exact (without), "
-                   "fallback, auto (our paths) and cudnn (nn.GRU + packing)")
+    p.add_argument(
+        "--impls",
+        default="persistent,persistent_exact,fallback,cudnn",
+        help="persistent (tensor cores where allowed), persistent_exact (without), "
+        "fallback, auto (our paths) and cudnn (nn.GRU + packing)",
+    )
     p.add_argument("--min-time", type=float, default=0.2, help="seconds of timed calls per config")
     p.add_argument("--time-budget", type=float, default=90.0, help="seconds for all children")
-    p.add_argument("--tiny", action="store_true", help="B 1,4 T 16, H 16,32 unless given: a dry run")
-    p.add_argument("--out", default=None, help="folder for probe.json, probe.md, the children's logs")
+    p.add_argument(
+        "--tiny", action="store_true", help="B 1,4 T 16, H 16,32 unless given: a dry run"
+    )
+    p.add_argument(
+        "--out", default=None, help="folder for probe.json, probe.md, the children's logs"
+    )
     p.add_argument("--child", default=None, help="run one implementation (internal)")
     p.add_argument("--json", default=None, help="the child's result file (internal)")
     a = p.parse_args(argv)
@@ -250,7 +306,9 @@ def main(argv=None) -> int:
         a.B, a.T, a.min_time = "1,4", 16, 0.02
     a.H = a.H or ("16,32" if a.tiny else "256,1024")
     if a.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda but torch.cuda.is_available() is False (use --device cpu for a dry run)")
+        p.error(
+            "--device cuda but torch.cuda.is_available() is False (use --device cpu for a dry run)"
+        )
     impls = a.impls.split(",")
     bad = [i for i in impls if i not in (*OURS, "cudnn")]
     if bad:
@@ -266,9 +324,29 @@ def main(argv=None) -> int:
         for i, impl in enumerate(impls):
             share = deadline.share(len(impls) - i)
             js = os.path.join(out_dir, f"{impl}.json")
-            args = [os.path.abspath(__file__), "--child", impl, "--json", js, "--device", a.device,
-                    "--B", a.B, "--H", a.H, "--T", str(a.T), "--dtypes", a.dtypes, "--modes", a.modes,
-                    "--min-time", str(a.min_time), "--time-budget", str(max(1.0, share - 3))]
+            args = [
+                os.path.abspath(__file__),
+                "--child",
+                impl,
+                "--json",
+                js,
+                "--device",
+                a.device,
+                "--B",
+                a.B,
+                "--H",
+                a.H,
+                "--T",
+                str(a.T),
+                "--dtypes",
+                a.dtypes,
+                "--modes",
+                a.modes,
+                "--min-time",
+                str(a.min_time),
+                "--time-budget",
+                str(max(1.0, share - 3)),
+            ]
             env = CHILD_ENV[impl]
             r = run_child(args, share, env, log)
             print(f"child {impl}: {r['status']} ({r['seconds']:.0f}s)", flush=True)
@@ -282,12 +360,16 @@ def main(argv=None) -> int:
                 merged[impl] = {"child_status": r["status"]}
     md, key = render(merged, impls, parse_ints(a.B), a.T)
     flags = next((m["flags"] for m in merged.values() if "flags" in m), {})
-    head = (f"# Timing probe: T={a.T}, lengths uniform in [1, T], I=H, 1 layer, device {a.device}"
-            f" ({torch.cuda.get_device_name() if a.device == 'cuda' else 'CPU'}), torch "
-            f"{torch.__version__}, flags {flags}\n\n")
+    head = (
+        f"# Timing probe: T={a.T}, lengths uniform in [1, T], I=H, 1 layer, device {a.device}"
+        f" ({torch.cuda.get_device_name() if a.device == 'cuda' else 'CPU'}), torch "
+        f"{torch.__version__}, flags {flags}\n\n"
+    )
     if os.environ.get("VARLEN_RNN_TENSOR_CORES") == "0":
-        head += ("**VARLEN_RNN_TENSOR_CORES=0 in the probe's environment: `persistent` ran without "
-                 "tensor cores too.**\n\n")
+        head += (
+            "**VARLEN_RNN_TENSOR_CORES=0 in the probe's environment: `persistent` ran without "
+            "tensor cores too.**\n\n"
+        )
     with open(os.path.join(out_dir, "probe.md"), "w") as f:
         f.write(head + md + "\n")
     with open(os.path.join(out_dir, "probe.json"), "w") as f:

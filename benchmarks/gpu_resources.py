@@ -9,6 +9,7 @@ with NVCC_APPEND_FLAGS=-Xptxas=-v); cuobjdump's report has no spill column. A ST
 usually means an array the compiler put in local memory (see HOPPER.md: register arrays indexed at
 run time).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,8 +83,9 @@ def parse_spills(text: str) -> dict:
 def demangle(names: list[str]) -> dict:
     if not names or not shutil.which("c++filt"):
         return {n: n for n in names}
-    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True,
-                         check=False).stdout
+    out = subprocess.run(
+        ["c++filt"], input="\n".join(names), capture_output=True, text=True, check=False
+    ).stdout
     return {n: _short(d) for n, d in zip(names, out.splitlines())}
 
 
@@ -102,27 +104,39 @@ def _short(d: str) -> str:
 def report(res_text: str, ptxas_text: str = "") -> tuple[str, str]:
     kernels, spills = parse_resources(res_text), parse_spills(ptxas_text)
     names = demangle(sorted(kernels))
-    lines = ["| kernel | arch | REG | STACK | SHARED | LOCAL | spill stores / loads (ptxas) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| kernel | arch | REG | STACK | SHARED | LOCAL | spill stores / loads (ptxas) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for n in sorted(kernels, key=lambda n: names[n]):
         k, s = kernels[n], spills.get(n)
-        lines.append(f"| {names[n]} | {k.get('arch')} | {k.get('REG', '-')} | {k.get('STACK', '-')} | "
-                     f"{k.get('SHARED', '-')} | {k.get('LOCAL', '-')} | "
-                     + (f"{s[1]} / {s[2]}" if s else "-") + " |")
+        lines.append(
+            f"| {names[n]} | {k.get('arch')} | {k.get('REG', '-')} | {k.get('STACK', '-')} | "
+            f"{k.get('SHARED', '-')} | {k.get('LOCAL', '-')} | "
+            + (f"{s[1]} / {s[2]}" if s else "-")
+            + " |"
+        )
     if not kernels:
         return "no kernels found in the cuobjdump output", "KEY: no kernels found"
     top = max(kernels, key=lambda n: kernels[n].get("REG", 0))
     stack = sum(1 for k in kernels.values() if k.get("STACK", 0) or k.get("LOCAL", 0))
     spilled = [n for n, s in spills.items() if s[1] or s[2]]
-    key = (f"KEY: {len(kernels)} kernels; max {kernels[top].get('REG')} registers ({names[top]}); "
-           f"{stack} with stack/local memory; "
-           + (f"{len(spilled)} spill ({', '.join(demangle(spilled).values())})" if spilled
-              else ("no spills" if spills else "spills unknown (no ptxas -v log)")))
+    key = (
+        f"KEY: {len(kernels)} kernels; max {kernels[top].get('REG')} registers ({names[top]}); "
+        f"{stack} with stack/local memory; "
+        + (
+            f"{len(spilled)} spill ({', '.join(demangle(spilled).values())})"
+            if spilled
+            else ("no spills" if spills else "spills unknown (no ptxas -v log)")
+        )
+    )
     return "\n".join(lines), key
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("resources", nargs="?", help="cuobjdump --dump-resource-usage output")
     p.add_argument("--ptxas-log", default=None, help="a build log with ptxas -v output")
     p.add_argument("--self-test", action="store_true", help="parse a built-in sample and check it")

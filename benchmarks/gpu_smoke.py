@@ -19,6 +19,7 @@ children), `persistent_exact` (VARLEN_RNN_TENSOR_CORES=0: the CUDA-core kernels 
 `persistent_tf32` (float32 only, cudnn.allow_tf32 on: the TF32 mma path). Tensor-core results are
 held to MMA_TOL (the compute precision's rounding of h and, for TF32, of W_hh), the others to TOL.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,12 +55,21 @@ MMA_TOL = {"float64": 1e-10, "float32": 1e-2, "float16": 1e-2, "bfloat16": 5e-2}
 # turned tensor cores off for the whole run after a failed mma stage.
 _TC = "0" if os.environ.get("VARLEN_RNN_TENSOR_CORES") == "0" else "1"
 CHILDREN = {
-    "persistent": ({"VARLEN_RNN_CUDA_PATH": "persistent", "VARLEN_RNN_TENSOR_CORES": _TC}, False,
-                   None),
-    "persistent_exact": ({"VARLEN_RNN_CUDA_PATH": "persistent", "VARLEN_RNN_TENSOR_CORES": "0"},
-                         False, None),
-    "persistent_tf32": ({"VARLEN_RNN_CUDA_PATH": "persistent", "VARLEN_RNN_TENSOR_CORES": _TC},
-                        True, ("float32",)),
+    "persistent": (
+        {"VARLEN_RNN_CUDA_PATH": "persistent", "VARLEN_RNN_TENSOR_CORES": _TC},
+        False,
+        None,
+    ),
+    "persistent_exact": (
+        {"VARLEN_RNN_CUDA_PATH": "persistent", "VARLEN_RNN_TENSOR_CORES": "0"},
+        False,
+        None,
+    ),
+    "persistent_tf32": (
+        {"VARLEN_RNN_CUDA_PATH": "persistent", "VARLEN_RNN_TENSOR_CORES": _TC},
+        True,
+        ("float32",),
+    ),
     "fallback": ({"VARLEN_RNN_CUDA_PATH": "fallback"}, False, None),
     "auto": ({"VARLEN_RNN_CUDA_PATH": "auto"}, False, None),
 }
@@ -175,22 +185,34 @@ def child(name: str, device: str, sizes: str, dtypes, graph: bool, out: str) -> 
     tf32 = CHILDREN.get(name, ({}, False, None))[1]
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     dtypes = path_dtypes(name, dtypes)
-    res = {"child": name, "env_path": os.environ.get("VARLEN_RNN_CUDA_PATH"), "tf32": tf32,
-           "env_tensor_cores": os.environ.get("VARLEN_RNN_TENSOR_CORES"), "runs": {},
-           "errors": {}, "warnings": []}
+    res = {
+        "child": name,
+        "env_path": os.environ.get("VARLEN_RNN_CUDA_PATH"),
+        "tf32": tf32,
+        "env_tensor_cores": os.environ.get("VARLEN_RNN_TENSOR_CORES"),
+        "runs": {},
+        "errors": {},
+        "warnings": [],
+    }
     failed = 0
     try:
         for c in SIZES[sizes]:
-            todo = ([(d, "cpu", False) for d in CPU_DTYPES if d in dtypes]
-                    + [(d, "ref", True) for d in dtypes]) if name == "cpu" else \
-                [(d, name, False) for d in dtypes]
+            todo = (
+                (
+                    [(d, "cpu", False) for d in CPU_DTYPES if d in dtypes]
+                    + [(d, "ref", True) for d in dtypes]
+                )
+                if name == "cpu"
+                else [(d, name, False) for d in dtypes]
+            )
             for dtype, key, reference in todo:
                 tag = f"{case_name(c)}/{dtype}/{key}"
                 try:
                     with warnings.catch_warnings(record=True) as caught:
                         warnings.simplefilter("always")
-                        res["runs"][tag] = run_one(c, dtype, "cpu" if name == "cpu" else device,
-                                                   reference)
+                        res["runs"][tag] = run_one(
+                            c, dtype, "cpu" if name == "cpu" else device, reference
+                        )
                     for w in caught:
                         res["warnings"].append(f"{tag}: {w.message}")
                         print(f"WARNING: {tag}: {w.message}", flush=True)
@@ -247,16 +269,25 @@ def compare(results: dict, paths, sizes: str, dtypes) -> tuple[list, list]:
                     checks.append((f"{tag}: {p} output past each length is 0", None, None, zero))
             for a, b in zip(paths, paths[1:]):  # neighbours: each pair at the looser tolerance
                 if a in here and b in here:
-                    row.append(check(f"{tag}: {a} vs {b}", got[a], got[b],
-                                     max(tolerance(a, d), tolerance(b, d))))
+                    row.append(
+                        check(
+                            f"{tag}: {a} vs {b}",
+                            got[a],
+                            got[b],
+                            max(tolerance(a, d), tolerance(b, d)),
+                        )
+                    )
                 else:
                     row.append("n/a")
             if d in CPU_DTYPES:
                 cpu = ref_runs.get(f"{tag}/cpu")
                 check(f"{tag}: CPU kernels vs float64 reference", cpu, ref, TOL[d])
                 for p in paths:
-                    row.append(check(f"{tag}: {p} vs CPU kernels", got[p], cpu, tolerance(p, d))
-                               if p in here else "n/a")
+                    row.append(
+                        check(f"{tag}: {p} vs CPU kernels", got[p], cpu, tolerance(p, d))
+                        if p in here
+                        else "n/a"
+                    )
             rows.append(row)
     for p in paths:
         if "graph" in results.get(p, {}):
@@ -274,27 +305,47 @@ def fmt(e) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                   help="cpu: the CUDA paths' children run on the CPU (a dry run of the plumbing)")
-    p.add_argument("--sizes", choices=sorted(SIZES), default=None, help="default: smoke (tiny on cpu)")
-    p.add_argument("--dtypes", default=None, help=f"comma-separated (default: {','.join(ALL_DTYPES)}; "
-                   f"on cpu {','.join(CPU_DTYPES)})")
-    p.add_argument("--paths", default="persistent,persistent_exact,fallback,persistent_tf32",
-                   help=f"CUDA children to compare, among {', '.join(CHILDREN)}; neighbours are "
-                   "compared with each other")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="cpu: the CUDA paths' children run on the CPU (a dry run of the plumbing)",
+    )
+    p.add_argument(
+        "--sizes", choices=sorted(SIZES), default=None, help="default: smoke (tiny on cpu)"
+    )
+    p.add_argument(
+        "--dtypes",
+        default=None,
+        help=f"comma-separated (default: {','.join(ALL_DTYPES)}; on cpu {','.join(CPU_DTYPES)})",
+    )
+    p.add_argument(
+        "--paths",
+        default="persistent,persistent_exact,fallback,persistent_tf32",
+        help=f"CUDA children to compare, among {', '.join(CHILDREN)}; neighbours are "
+        "compared with each other",
+    )
     p.add_argument("--time-budget", type=float, default=60.0, help="seconds for all children")
-    p.add_argument("--out", default=None, help="folder for the children's results (default: a temp dir)")
+    p.add_argument(
+        "--out", default=None, help="folder for the children's results (default: a temp dir)"
+    )
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA graph capture")
     p.add_argument("--child", default=None, help="run one child: a path name, or cpu")
     a = p.parse_args(argv)
     sizes = a.sizes or ("tiny" if a.device == "cpu" else "smoke")
-    dtypes = tuple((a.dtypes or ",".join(CPU_DTYPES if a.device == "cpu" else ALL_DTYPES)).split(","))
+    dtypes = tuple(
+        (a.dtypes or ",".join(CPU_DTYPES if a.device == "cpu" else ALL_DTYPES)).split(",")
+    )
     bad = [d for d in dtypes if d not in ALL_DTYPES]
     if bad:
         p.error(f"--dtypes must be among {ALL_DTYPES}, got {bad}")
     if a.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda but torch.cuda.is_available() is False (use --device cpu for a dry run)")
+        p.error(
+            "--device cuda but torch.cuda.is_available() is False (use --device cpu for a dry run)"
+        )
     if a.child:
         out = a.out or os.path.join(tempfile.mkdtemp(), f"{a.child}.pt")
         return child(a.child, a.device, sizes, dtypes, not a.no_graph, out)
@@ -311,8 +362,19 @@ def main(argv=None) -> int:
     with open(os.path.join(out_dir, "children.log"), "w") as log:
         for i, name in enumerate(order):
             pt = os.path.join(out_dir, f"{name}.pt")
-            args = [os.path.abspath(__file__), "--child", name, "--device", a.device, "--sizes", sizes,
-                    "--dtypes", ",".join(dtypes), "--out", pt] + (["--no-graph"] if a.no_graph else [])
+            args = [
+                os.path.abspath(__file__),
+                "--child",
+                name,
+                "--device",
+                a.device,
+                "--sizes",
+                sizes,
+                "--dtypes",
+                ",".join(dtypes),
+                "--out",
+                pt,
+            ] + (["--no-graph"] if a.no_graph else [])
             env = {} if name == "cpu" else CHILDREN[name][0]
             r = run_child(args, deadline.share(len(order) - i), env, log)
             status[name] = f"{r['status']} ({r['seconds']:.0f}s)"
@@ -325,9 +387,13 @@ def main(argv=None) -> int:
     head = ["case", "dtype", *[f"{q} vs f64" for q in paths]]
     head += [f"{q} vs {r}" for q, r in zip(paths, paths[1:])]
     head += [f"{q} vs CPU" for q in paths]
-    print("\nrelative error ||a-b||/||b|| (tolerance per dtype: "
-          + ", ".join(f"{d} {TOL[d]:.0e}" for d in dtypes) + "; on tensor cores "
-          + ", ".join(f"{d} {MMA_TOL[d]:.0e}" for d in dtypes) + ")")
+    print(
+        "\nrelative error ||a-b||/||b|| (tolerance per dtype: "
+        + ", ".join(f"{d} {TOL[d]:.0e}" for d in dtypes)
+        + "; on tensor cores "
+        + ", ".join(f"{d} {MMA_TOL[d]:.0e}" for d in dtypes)
+        + ")"
+    )
     print(" | ".join(head))
     for r in rows:
         print(" | ".join(r[:2] + [fmt(e) for e in r[2:]]))
@@ -335,10 +401,13 @@ def main(argv=None) -> int:
     for name, err, tol, _ in bad[:30]:
         print(f"FAIL {name}" + (f": {fmt(err)} > {tol:.0e}" if tol is not None else ""))
     warned = sum(len(results.get(q, {}).get("warnings", [])) for q in paths)
-    print(f"KEY: {len(checks) - len(bad)}/{len(checks)} checks passed"
-          + (f", {len(bad)} FAILED" if bad else "")
-          + "; children " + ", ".join(f"{k} {v}" for k, v in status.items())
-          + (f"; {warned} warnings" if warned else ""))
+    print(
+        f"KEY: {len(checks) - len(bad)}/{len(checks)} checks passed"
+        + (f", {len(bad)} FAILED" if bad else "")
+        + "; children "
+        + ", ".join(f"{k} {v}" for k, v in status.items())
+        + (f"; {warned} warnings" if warned else "")
+    )
     return 1 if bad or any(not s.startswith("ok") for s in status.values()) else 0
 
 

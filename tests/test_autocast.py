@@ -7,11 +7,12 @@ the GEMMs inside run in the autocast dtype. CUDA with cuDNN: the _cudnn_rnn auto
 casts input, hx and weights to float16. The tests compare with whatever nn.GRU returns at run
 time, so they hold for either.
 """
+
 import pytest
 import torch
+from testing import HAS_CUDA, make_pair, packed_baseline
 
 import varlen_rnn
-from testing import HAS_CUDA, make_pair, packed_baseline
 
 T, B, I, H = 9, 6, 3, 8
 LENGTHS = [9, 2, 4, 7, 1, 9]
@@ -37,15 +38,18 @@ def _cudnn(enabled):
 
 @pytest.mark.parametrize("device,amp_dtype,cudnn", CASES)
 # "low" is the case's autocast dtype; None: no hx.
-@pytest.mark.parametrize("x_kind,hx_kind", [("f32", None), ("f32", "f32"), ("low", None),
-                                            ("f32", "low"), ("low", "low")],
-                         ids=["x32", "x32-h32", "xlow", "x32-hlow", "xlow-hlow"])
+@pytest.mark.parametrize(
+    "x_kind,hx_kind",
+    [("f32", None), ("f32", "f32"), ("low", None), ("f32", "low"), ("low", "low")],
+    ids=["x32", "x32-h32", "xlow", "x32-hlow", "xlow-hlow"],
+)
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_dtypes_and_values_follow_nn_gru(device, amp_dtype, cudnn, x_kind, hx_kind, batch_first):
     x_dtype = {"f32": F32, "low": amp_dtype}[x_kind]
     hx_dtype = {"f32": F32, "low": amp_dtype, None: None}[hx_kind]
-    ref, ours = make_pair(I, H, 2, batch_first=batch_first, bidirectional=True, dtype=F32,
-                          device=device)
+    ref, ours = make_pair(
+        I, H, 2, batch_first=batch_first, bidirectional=True, dtype=F32, device=device
+    )
     torch.manual_seed(1)
     x = torch.randn((B, T, I) if batch_first else (T, B, I), device=device).to(x_dtype)
     hx = None if hx_dtype is None else torch.randn(4, B, H, device=device).to(hx_dtype)
@@ -66,13 +70,19 @@ def test_dtypes_and_values_follow_nn_gru(device, amp_dtype, cudnn, x_kind, hx_ki
     for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
         assert p.grad.dtype == q.grad.dtype == F32, name
         scale = q.grad.abs().max().item() + 1
-        torch.testing.assert_close(p.grad, q.grad, atol=5 * TOL[amp_dtype] * scale, rtol=0,
-                                   msg=lambda m: f"grad of {name}: {m}")
+        torch.testing.assert_close(
+            p.grad,
+            q.grad,
+            atol=5 * TOL[amp_dtype] * scale,
+            rtol=0,
+            msg=lambda m: f"grad of {name}: {m}",
+        )
 
 
 @pytest.mark.parametrize("device,amp_dtype,cudnn", CASES)
 def test_packed_sequence_under_autocast(device, amp_dtype, cudnn):
     from torch.nn.utils.rnn import pack_padded_sequence
+
     ref, ours = make_pair(I, H, 2, dtype=F32, device=device)
     x = torch.randn(T, B, I, device=device)
     packed = pack_padded_sequence(x, LENGTHS, enforce_sorted=False)
@@ -115,8 +125,15 @@ def test_op_and_backward_inside_the_autocast_region(device, amp_dtype, cudnn):
     the region too (the backward kernel's GEMMs are not autocast either)."""
     D = 2
     f = lambda *s: torch.randn(*s, device=device, requires_grad=True)
-    args = (f(T, B, I), torch.tensor(LENGTHS, device=device), f(D, B, H), f(D, 3 * H, I),
-            f(D, 3 * H, H), f(D, 3 * H), f(D, 3 * H))
+    args = (
+        f(T, B, I),
+        torch.tensor(LENGTHS, device=device),
+        f(D, B, H),
+        f(D, 3 * H, I),
+        f(D, 3 * H, H),
+        f(D, 3 * H),
+        f(D, 3 * H),
+    )
     expected = varlen_rnn.ops.gru_layer(*args)
     g_expected = torch.autograd.grad(expected[0].sum() + expected[1].sum(), args[0])
     with _cudnn(cudnn), torch.autocast(device, dtype=amp_dtype):

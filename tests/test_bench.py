@@ -1,4 +1,5 @@
 """A tiny run of benchmarks/bench.py's machinery, so the benchmark cannot rot unnoticed."""
+
 import json
 import os
 import sys
@@ -8,7 +9,9 @@ import torch
 
 BENCH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
 if not os.path.exists(os.path.join(BENCH_DIR, "bench.py")):
-    pytest.skip("benchmarks/ is not next to tests/ (not a source checkout)", allow_module_level=True)
+    pytest.skip(
+        "benchmarks/ is not next to tests/ (not a source checkout)", allow_module_level=True
+    )
 sys.path.insert(0, BENCH_DIR)
 
 import bench  # noqa: E402
@@ -38,8 +41,22 @@ def test_competitors_agree_with_baseline():
 
 
 def test_cli_smoke(tmp_path, capsys):
-    rc = bench.main(["--preset", "quick", "--limit", "1", "--rounds", "1", "--min-run-time", "0.01",
-                     "--threads", "1", "--out", str(tmp_path)])
+    rc = bench.main(
+        [
+            "--preset",
+            "quick",
+            "--limit",
+            "1",
+            "--rounds",
+            "1",
+            "--min-run-time",
+            "0.01",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "speedup" in out and torch.__version__ in out
@@ -60,8 +77,17 @@ def test_cli_smoke(tmp_path, capsys):
 def test_ragged_competitors_agree_and_count_their_input():
     """Nested and PackedSequence input (no padded batch) give the baseline's numbers at the
     valid positions; their input is the N valid rows, the others' the padded batch."""
-    case = Case(B=5, T=50, I=3, H=4, layers=2, bidirectional=True, dtype="float64",
-                dist="one_long", competitors=("baseline", "varlen") + RAGGED)
+    case = Case(
+        B=5,
+        T=50,
+        I=3,
+        H=4,
+        layers=2,
+        bidirectional=True,
+        dtype="float64",
+        dist="one_long",
+        competitors=("baseline", "varlen") + RAGGED,
+    )
     b = Bench(case)
     assert b.lengths.tolist().count(50) == 1 and b.lengths.tolist().count(1) == 4
     for c in RAGGED:
@@ -72,6 +98,12 @@ def test_ragged_competitors_agree_and_count_their_input():
     for mode in ("infer", "train"):
         assert set(rec["modes"][mode]["median_s"]) == set(case.competitors)
         assert all(v > 0 for v in rec["modes"][mode]["peak_bytes"].values())
-    md = bench_report.markdown({"preset": "ragged", "machine": bench_report.machine_info("cpu", 1),
-                                "gemm": {}, "cases": [rec]})
+    md = bench_report.markdown(
+        {
+            "preset": "ragged",
+            "machine": bench_report.machine_info("cpu", 1),
+            "gemm": {},
+            "cases": [rec],
+        }
+    )
     assert "Peak memory with the input" in md and "varlen nested" in md

@@ -1,4 +1,5 @@
 """The build: import-time version check, and what the extension registers."""
+
 import os
 import subprocess
 import sys
@@ -11,8 +12,13 @@ import varlen_rnn
 def test_import_refuses_a_different_torch_with_a_clear_message():
     code = "import torch; torch.__version__ = '0.0.1'; import varlen_rnn"
     env = dict(os.environ)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                       cwd=os.path.dirname(os.path.dirname(varlen_rnn.__file__)))
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(varlen_rnn.__file__)),
+    )
     assert r.returncode != 0
     assert "ImportError" in r.stderr
     assert f"built against torch {torch.__version__}" in r.stderr

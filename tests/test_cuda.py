@@ -3,6 +3,7 @@ CPU kernels, each other and float64; gradcheck; determinism; CUDA graphs (also a
 inside the capture); no host sync; streams; half types; lengths on the CPU; nn.GRU's TF32
 policy; a refused cooperative launch. Every GPU test skips with a reason on a machine without
 CUDA; the registration tests run everywhere."""
+
 import ctypes
 import os
 import shutil
@@ -11,9 +12,9 @@ import sys
 
 import pytest
 import torch
+from testing import HAS_CUDA, assert_close, grads, make_pair, packed_baseline
 
 import varlen_rnn
-from testing import HAS_CUDA, assert_close, grads, make_pair, packed_baseline
 from varlen_rnn.reference import gru_reference
 
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
@@ -62,8 +63,15 @@ def path(request):
 def _child(code, env=None, timeout=180):
     """Runs `code` in a fresh Python process (a cold plan cache, its own warnings and knobs)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
-                          timeout=timeout, env=dict(os.environ, **(env or {})), check=False)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=timeout,
+        env=dict(os.environ, **(env or {})),
+        check=False,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -101,9 +109,10 @@ def _inputs(T, B, I, D, H, layers, dtype, device, batch_first=False, seed=0):
 @needs_cuda
 @pytest.mark.parametrize("path", PATHS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("bidirectional,batch_first,bias",
-                         [(False, False, True), (True, False, True), (True, True, False),
-                          (False, True, False)])
+@pytest.mark.parametrize(
+    "bidirectional,batch_first,bias",
+    [(False, False, True), (True, False, True), (True, True, False), (False, True, False)],
+)
 def test_cuda_matches_nn_gru_with_packing(path, dtype, bidirectional, batch_first, bias):
     T, B, I, H, layers = 9, 6, 5, 7, 2
     ref, ours = make_pair(I, H, layers, bias, batch_first, bidirectional, dtype, "cuda")
@@ -120,8 +129,11 @@ def test_cuda_matches_nn_gru_with_packing(path, dtype, bidirectional, batch_firs
 @needs_cuda
 @pytest.mark.parametrize("path", PATHS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("shape", [(12, 37, 9, 33, True), (5, 3, 4, 257, False), (1, 1, 3, 4, True)],
-                         ids=["B37-H33-bi", "H257-tail-block", "T1-B1"])
+@pytest.mark.parametrize(
+    "shape",
+    [(12, 37, 9, 33, True), (5, 3, 4, 257, False), (1, 1, 3, 4, True)],
+    ids=["B37-H33-bi", "H257-tail-block", "T1-B1"],
+)
 def test_cuda_matches_cpu_kernels(path, dtype, shape):
     T, B, I, H, bidirectional = shape
     torch.manual_seed(0)
@@ -198,16 +210,28 @@ def test_cuda_gradcheck_op(path, D, batch_first):
     f = lambda *s: torch.randn(*s, dtype=torch.float64, device="cuda", requires_grad=True)
     T, B, I, H = 5, 4, 3, 4
     x = f(B, T, I) if batch_first else f(T, B, I)
-    args = (x, torch.tensor([3, 5, 0, 1], device="cuda"), f(D, B, H), f(D, 3 * H, I),
-            f(D, 3 * H, H), f(D, 3 * H), f(D, 3 * H), batch_first)
-    assert torch.autograd.gradcheck(lambda *a: varlen_rnn.ops.gru_layer(*a), args, eps=1e-6,
-                                    atol=1e-8)
+    args = (
+        x,
+        torch.tensor([3, 5, 0, 1], device="cuda"),
+        f(D, B, H),
+        f(D, 3 * H, I),
+        f(D, 3 * H, H),
+        f(D, 3 * H),
+        f(D, 3 * H),
+        batch_first,
+    )
+    assert torch.autograd.gradcheck(
+        lambda *a: varlen_rnn.ops.gru_layer(*a), args, eps=1e-6, atol=1e-8
+    )
 
 
 @needs_cuda
 @pytest.mark.parametrize("path", PATHS, indirect=True)
-@pytest.mark.parametrize("lengths,B", [([0, 0, 0], 3), ([4, 0, 2], 3), ([5], 1), ([0], 1)],
-                         ids=["all-zero", "some-zero", "B1", "B1-zero"])
+@pytest.mark.parametrize(
+    "lengths,B",
+    [([0, 0, 0], 3), ([4, 0, 2], 3), ([5], 1), ([0], 1)],
+    ids=["all-zero", "some-zero", "B1", "B1-zero"],
+)
 def test_cuda_zero_lengths_and_single_row(path, lengths, B):
     T, I, H = 5, 3, 8
     torch.manual_seed(0)
@@ -227,12 +251,17 @@ def test_cuda_zero_lengths_and_single_row(path, lengths, B):
 @pytest.mark.parametrize("path", PATHS, indirect=True)
 def test_cuda_empty_time_and_batch(path):
     gru = varlen_rnn.GRU(3, 4, dtype=torch.float64, device="cuda")
-    out, h = gru(torch.zeros(0, 2, 3, dtype=torch.float64, device="cuda"),
-                 lengths=torch.zeros(2, dtype=torch.long, device="cuda"))
-    assert out.shape == (0, 2, 4) and torch.equal(h, torch.zeros(1, 2, 4, dtype=torch.float64,
-                                                                 device="cuda"))
-    out, h = gru(torch.zeros(5, 0, 3, dtype=torch.float64, device="cuda"),
-                 lengths=torch.zeros(0, dtype=torch.long, device="cuda"))
+    out, h = gru(
+        torch.zeros(0, 2, 3, dtype=torch.float64, device="cuda"),
+        lengths=torch.zeros(2, dtype=torch.long, device="cuda"),
+    )
+    assert out.shape == (0, 2, 4) and torch.equal(
+        h, torch.zeros(1, 2, 4, dtype=torch.float64, device="cuda")
+    )
+    out, h = gru(
+        torch.zeros(5, 0, 3, dtype=torch.float64, device="cuda"),
+        lengths=torch.zeros(0, dtype=torch.long, device="cuda"),
+    )
     assert out.shape == (5, 0, 4) and h.shape == (1, 0, 4)
 
 
@@ -253,8 +282,9 @@ def test_cuda_padding_is_never_read(path, batch_first):
     x.requires_grad_()
     out, h = gru(x, lengths=lengths.cuda())
     g_out = torch.randn_like(out).masked_fill(pad.unsqueeze(-1), float("nan"))
-    grads_ = torch.autograd.grad([out, h], [x] + list(gru.parameters()),
-                                 [g_out, torch.randn_like(h)])
+    grads_ = torch.autograd.grad(
+        [out, h], [x] + list(gru.parameters()), [g_out, torch.randn_like(h)]
+    )
     assert torch.isfinite(out).all() and torch.isfinite(h).all()
     assert (out[pad] == 0).all()
     for i, g in enumerate(grads_):
@@ -318,13 +348,18 @@ def test_cuda_graph_capture_and_replay(path):
         static = step()
     for seed in (1, 2):
         with torch.no_grad():
-            x.copy_(torch.randn(T, B, I, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)))
+            x.copy_(
+                torch.randn(
+                    T, B, I, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)
+                )
+            )
             lengths.copy_(_lengths(B, T, seed=seed).cuda())
         graph.replay()
         eager = step()
         for i, (a, e) in enumerate(zip(static, eager)):  # cuBLAS may pick other kernels in a graph
-            torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5,
-                                       msg=lambda m: f"replayed tensor {i} (seed {seed}): {m}")
+            torch.testing.assert_close(
+                a, e, atol=1e-5, rtol=1e-5, msg=lambda m: f"replayed tensor {i} (seed {seed}): {m}"
+            )
 
 
 @needs_cuda
@@ -344,14 +379,16 @@ def test_cuda_non_default_stream(path):
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     for i, (a, e) in enumerate(zip(got, expected)):
-        torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-6,
-                                   msg=lambda m: f"tensor {i} on a side stream: {m}")
+        torch.testing.assert_close(
+            a, e, atol=1e-6, rtol=1e-6, msg=lambda m: f"tensor {i} on a side stream: {m}"
+        )
 
 
 @needs_cuda
 @pytest.mark.parametrize("path", PATHS, indirect=True)
-@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.bfloat16, 4e-2)],
-                         ids=["f16", "bf16"])
+@pytest.mark.parametrize(
+    "dtype,tol", [(torch.float16, 1e-2), (torch.bfloat16, 4e-2)], ids=["f16", "bf16"]
+)
 def test_cuda_half_types_smoke(path, dtype, tol):
     """Half storage, float state and accumulation: close to the float64 result."""
     T, B, I, H = 24, 9, 16, 40
@@ -375,11 +412,17 @@ def test_cuda_half_types_smoke(path, dtype, tol):
 def test_cuda_forced_persistent_refuses_what_does_not_fit():
     set_knobs("persistent")
     H = 4096  # 3*H*H doubles (400 MB) cannot be spread over any GPU's shared memory
-    args = [torch.zeros(2, 1, 4, dtype=torch.float64, device="cuda"),
-            torch.tensor([2], device="cuda"),
-            torch.zeros(1, 1, H, dtype=torch.float64, device="cuda"),
-            torch.zeros(1, 3 * H, 4, dtype=torch.float64, device="cuda"),
-            torch.zeros(1, 3 * H, H, dtype=torch.float64, device="cuda"), None, None, False, False]
+    args = [
+        torch.zeros(2, 1, 4, dtype=torch.float64, device="cuda"),
+        torch.tensor([2], device="cuda"),
+        torch.zeros(1, 1, H, dtype=torch.float64, device="cuda"),
+        torch.zeros(1, 3 * H, 4, dtype=torch.float64, device="cuda"),
+        torch.zeros(1, 3 * H, H, dtype=torch.float64, device="cuda"),
+        None,
+        None,
+        False,
+        False,
+    ]
     with pytest.raises(RuntimeError, match="persistent kernel cannot run"):
         torch.ops.varlen_rnn.gru_layer_forward(*args)
     set_knobs("auto")  # auto falls back instead
@@ -424,8 +467,10 @@ def _layer_args(T=6, B=3, I=4, H=8, D=2, dtype=torch.float32, seed=0):
     """Leaf tensors of one layer on the GPU: input, hx, w_ih, w_hh, b_ih, b_hh."""
     g = torch.Generator().manual_seed(seed)
     shapes = [(T, B, I), (D, B, H), (D, 3 * H, I), (D, 3 * H, H), (D, 3 * H), (D, 3 * H)]
-    return [(0.5 * torch.randn(s, generator=g, dtype=torch.float64)).to("cuda", dtype)
-            .requires_grad_() for s in shapes]
+    return [
+        (0.5 * torch.randn(s, generator=g, dtype=torch.float64)).to("cuda", dtype).requires_grad_()
+        for s in shapes
+    ]
 
 
 @needs_cuda
@@ -467,11 +512,15 @@ def test_cuda_cpu_lengths_no_host_sync(path):
 def test_cuda_cpu_lengths_out_of_range_is_a_clear_error(bad):
     """The CPU backend's message, raised before any kernel runs: the context stays usable."""
     x, hx, *w = _layer_args()
-    with pytest.raises(RuntimeError, match=rf"lengths must be in \[0, T\] with T=6 .*"
-                                           rf"got lengths\[1\]={bad}"):
+    with pytest.raises(
+        RuntimeError,
+        match=rf"lengths must be in \[0, T\] with T=6 .*"
+        rf"got lengths\[1\]={bad}",
+    ):
         torch.ops.varlen_rnn.gru_layer_forward(x, torch.tensor([2, bad, 1]), hx, *w, False, False)
-    out, _, _ = torch.ops.varlen_rnn.gru_layer_forward(x, torch.tensor([2, 6, 1]), hx, *w, False,
-                                                       False)
+    out, _, _ = torch.ops.varlen_rnn.gru_layer_forward(
+        x, torch.tensor([2, 6, 1]), hx, *w, False, False
+    )
     torch.cuda.synchronize()
     assert torch.isfinite(out).all()
 
@@ -481,15 +530,23 @@ def test_cuda_cpu_lengths_refused_inside_graph_capture():
     """A host-to-device copy cannot be captured: a clear error, and the capture ends cleanly."""
     x, hx, *w = _layer_args()
     args = [t.detach() for t in (x, hx, *w)]
-    torch.ops.varlen_rnn.gru_layer_forward(args[0], torch.tensor([6, 2, 3]).cuda(), *args[1:],
-                                           False, False)  # warm-up outside the capture
+    torch.ops.varlen_rnn.gru_layer_forward(
+        args[0], torch.tensor([6, 2, 3]).cuda(), *args[1:], False, False
+    )  # warm-up outside the capture
     graph = torch.cuda.CUDAGraph()
-    with pytest.raises(RuntimeError, match="lengths must be on the input's device .* inside a "
-                                           "CUDA graph capture"), torch.cuda.graph(graph):
-        torch.ops.varlen_rnn.gru_layer_forward(args[0], torch.tensor([6, 2, 3]), *args[1:], False,
-                                               False)
-    out, _, _ = torch.ops.varlen_rnn.gru_layer_forward(args[0], torch.tensor([6, 2, 3]),
-                                                       *args[1:], False, False)
+    with (
+        pytest.raises(
+            RuntimeError,
+            match="lengths must be on the input's device .* inside a CUDA graph capture",
+        ),
+        torch.cuda.graph(graph),
+    ):
+        torch.ops.varlen_rnn.gru_layer_forward(
+            args[0], torch.tensor([6, 2, 3]), *args[1:], False, False
+        )
+    out, _, _ = torch.ops.varlen_rnn.gru_layer_forward(
+        args[0], torch.tensor([6, 2, 3]), *args[1:], False, False
+    )
     torch.cuda.synchronize()
     assert torch.isfinite(out).all()
 
@@ -599,6 +656,7 @@ def test_cuda_float32_gemms_follow_cudnn_tf32_flag(path):
         pytest.skip("cuBLAS uses no TF32 kernel for this shape on this GPU")
     x, hx, *w = _layer_args(T=8, B=32, I=512, H=256, D=1)
     args, lengths = [x, hx, *w], torch.arange(8, 0, -1).repeat(4).cuda()
+
     def rel(got, ref):
         return max(((g - e).abs().max() / e.abs().max()).item() for g, e in zip(got, ref))
 
@@ -655,8 +713,10 @@ def test_cuda_tf32_guard_on_the_host(tmp_path):
 
     homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), ext.CUDA_HOME]
     homes += sorted(glob.glob("/usr/local/cuda-*"), reverse=True) + ["/usr/local/cuda"]
-    cuda_home = next((h for h in homes if h and os.path.isfile(
-        os.path.join(h, "include", "cuda_runtime.h"))), None)
+    cuda_home = next(
+        (h for h in homes if h and os.path.isfile(os.path.join(h, "include", "cuda_runtime.h"))),
+        None,
+    )
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if not varlen_rnn.WITH_CUDA or cuda_home is None or cxx is None:
         pytest.skip("needs a CUDA build of varlen_rnn, a CUDA toolkit and a C++ compiler")
@@ -664,8 +724,11 @@ def test_cuda_tf32_guard_on_the_host(tmp_path):
     try:
         import nvidia
 
-        includes += [os.path.join(b, sub) for b in nvidia.__path__
-                     for sub in ("cu13/include", "cu12/include", "cublas/include")]
+        includes += [
+            os.path.join(b, sub)
+            for b in nvidia.__path__
+            for sub in ("cu13/include", "cu12/include", "cublas/include")
+        ]
     except ImportError:
         pass
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -679,6 +742,13 @@ def test_cuda_tf32_guard_on_the_host(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     got = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.split("\n")
-    assert got[:8] == ["default 1 0", "enabled 1", "inner-exit 1", "restored 0",
-                       "disabled 1 other-thread 0 global 1", "after 0 1", "cudnn-off 0",
-                       "not-float32 0"], got
+    assert got[:8] == [
+        "default 1 0",
+        "enabled 1",
+        "inner-exit 1",
+        "restored 0",
+        "disabled 1 other-thread 0 global 1",
+        "after 0 1",
+        "cudnn-off 0",
+        "not-float32 0",
+    ], got

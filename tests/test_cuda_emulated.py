@@ -23,6 +23,7 @@ these cases need (float32 1.7, float16 0.7, bfloat16 0.6: for the half types the
 roundings dominate, for float32 its own sums over up to 3H terms in the kernels and all rows in
 the GEMMs). A wrong bit-cast, index or missing term gives errors of order max|ref|, far above
 the bound for every dtype (bfloat16: 4 * 2^-7 ~ 0.03 of max|ref|)."""
+
 import os
 import shutil
 
@@ -34,9 +35,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(os.path.dirname(HERE), "csrc")
 
 pytestmark = pytest.mark.skipif(
-    os.environ.get("VARLEN_RNN_SKIP_EMULATION") == "1" or shutil.which("c++") is None
+    os.environ.get("VARLEN_RNN_SKIP_EMULATION") == "1"
+    or shutil.which("c++") is None
     or not os.path.isdir(os.path.join(CSRC, "cuda")),
-    reason="emulation skipped (VARLEN_RNN_SKIP_EMULATION=1, no C++ compiler, or no csrc/cuda)")
+    reason="emulation skipped (VARLEN_RNN_SKIP_EMULATION=1, no C++ compiler, or no csrc/cuda)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +49,13 @@ def emu(tmp_path_factory):
     import varlen_rnn  # noqa: F401  the CPU kernels are the oracle
 
     build = tmp_path_factory.mktemp("emu_build")
-    return load(name="varlen_rnn_cuda_emulation",
-                sources=[os.path.join(HERE, "cuda_emulation", "emu.cpp")],
-                build_directory=str(build), extra_include_paths=[CSRC],
-                extra_cflags=["-O1", "-std=c++20"])
+    return load(
+        name="varlen_rnn_cuda_emulation",
+        sources=[os.path.join(HERE, "cuda_emulation", "emu.cpp")],
+        build_directory=str(build),
+        extra_include_paths=[CSRC],
+        extra_cflags=["-O1", "-std=c++20"],
+    )
 
 
 OFFSETS, PACKED, PADDED = 0, 1, 2
@@ -59,49 +65,136 @@ OFFSETS, PACKED, PADDED = 0, 1, 2
 # show, so that a case keeps reaching the code path it names: "chunks" (the backward walks K in
 # chunks), "tail" (the last block owns units past H), "tiles" (several row tiles).
 CASES = {
-    "uni-basic": dict(T=5, B=3, I=2, H=4, D=1, bias=True, layout="padded", bf=False,
-                      lengths=[5, 2, 0]),
-    "bi-bf-zeros": dict(T=6, B=11, I=3, H=5, D=2, bias=True, layout="padded", bf=True,
-                        lengths=[6, 0, 3, 1, 6, 2, 5, 4, 0, 6, 1]),
-    "two-tiles-nobias": dict(T=4, B=40, I=3, H=7, D=2, bias=False, layout="padded", bf=False,
-                             lengths=[(i * 7) % 5 for i in range(40)], expect=["tiles"]),
-    "K-chunks-tail-block": dict(T=7, B=9, I=4, H=37, D=2, bias=True, layout="padded", bf=False,
-                                lengths=[7, 6, 5, 4, 3, 2, 1, 0, 7], kc=32,
-                                expect=["chunks", "tail"]),
-    "K-chunks-small": dict(T=3, B=9, I=2, H=13, D=2, bias=True, layout="padded", bf=True,
-                           lengths=[3, 2, 0, 1, 3, 1, 2, 0, 3], kc=32, expect=["chunks"]),
-    "all-zero": dict(T=3, B=2, I=2, H=3, D=2, bias=True, layout="padded", bf=False,
-                     lengths=[0, 0]),
+    "uni-basic": dict(
+        T=5, B=3, I=2, H=4, D=1, bias=True, layout="padded", bf=False, lengths=[5, 2, 0]
+    ),
+    "bi-bf-zeros": dict(
+        T=6,
+        B=11,
+        I=3,
+        H=5,
+        D=2,
+        bias=True,
+        layout="padded",
+        bf=True,
+        lengths=[6, 0, 3, 1, 6, 2, 5, 4, 0, 6, 1],
+    ),
+    "two-tiles-nobias": dict(
+        T=4,
+        B=40,
+        I=3,
+        H=7,
+        D=2,
+        bias=False,
+        layout="padded",
+        bf=False,
+        lengths=[(i * 7) % 5 for i in range(40)],
+        expect=["tiles"],
+    ),
+    "K-chunks-tail-block": dict(
+        T=7,
+        B=9,
+        I=4,
+        H=37,
+        D=2,
+        bias=True,
+        layout="padded",
+        bf=False,
+        lengths=[7, 6, 5, 4, 3, 2, 1, 0, 7],
+        kc=32,
+        expect=["chunks", "tail"],
+    ),
+    "K-chunks-small": dict(
+        T=3,
+        B=9,
+        I=2,
+        H=13,
+        D=2,
+        bias=True,
+        layout="padded",
+        bf=True,
+        lengths=[3, 2, 0, 1, 3, 1, 2, 0, 3],
+        kc=32,
+        expect=["chunks"],
+    ),
+    "all-zero": dict(T=3, B=2, I=2, H=3, D=2, bias=True, layout="padded", bf=False, lengths=[0, 0]),
     "T1-B1-H1": dict(T=1, B=1, I=1, H=1, D=1, bias=True, layout="padded", bf=False, lengths=[1]),
     "offsets-uni": dict(T=5, B=3, I=2, H=4, D=1, bias=True, layout="offsets", lengths=[5, 2, 0]),
     "offsets-bi-zeros-loose-bound": dict(
-        T=6, B=11, I=3, H=5, D=2, bias=True, layout="offsets", max_len=9,
-        lengths=[6, 0, 3, 1, 6, 2, 5, 4, 0, 6, 1]),
+        T=6,
+        B=11,
+        I=3,
+        H=5,
+        D=2,
+        bias=True,
+        layout="offsets",
+        max_len=9,
+        lengths=[6, 0, 3, 1, 6, 2, 5, 4, 0, 6, 1],
+    ),
     "offsets-K-chunks-tiles-nobias": dict(
-        T=5, B=40, I=3, H=37, D=2, bias=False, layout="offsets", kc=32,
-        lengths=[(i * 7) % 6 for i in range(40)], expect=["chunks", "tail", "tiles"]),
-    "offsets-all-zero": dict(T=3, B=2, I=2, H=3, D=2, bias=True, layout="offsets",
-                             lengths=[0, 0]),
-    "packed-bi-K-chunks": dict(T=7, B=9, I=4, H=13, D=2, bias=True, layout="packed", kc=32,
-                               lengths=[7, 6, 5, 4, 3, 2, 1, 1, 7], expect=["chunks"]),
-    "packed-tiles-loose-bound": dict(T=4, B=40, I=3, H=7, D=2, bias=False, layout="packed",
-                                     max_len=6, lengths=[(i * 7) % 4 + 1 for i in range(40)],
-                                     expect=["tiles"]),
-    "packed-sorted-uni": dict(T=5, B=4, I=2, H=4, D=1, bias=True, layout="packed", sorted=True,
-                              lengths=[5, 3, 3, 1]),
+        T=5,
+        B=40,
+        I=3,
+        H=37,
+        D=2,
+        bias=False,
+        layout="offsets",
+        kc=32,
+        lengths=[(i * 7) % 6 for i in range(40)],
+        expect=["chunks", "tail", "tiles"],
+    ),
+    "offsets-all-zero": dict(T=3, B=2, I=2, H=3, D=2, bias=True, layout="offsets", lengths=[0, 0]),
+    "packed-bi-K-chunks": dict(
+        T=7,
+        B=9,
+        I=4,
+        H=13,
+        D=2,
+        bias=True,
+        layout="packed",
+        kc=32,
+        lengths=[7, 6, 5, 4, 3, 2, 1, 1, 7],
+        expect=["chunks"],
+    ),
+    "packed-tiles-loose-bound": dict(
+        T=4,
+        B=40,
+        I=3,
+        H=7,
+        D=2,
+        bias=False,
+        layout="packed",
+        max_len=6,
+        lengths=[(i * 7) % 4 + 1 for i in range(40)],
+        expect=["tiles"],
+    ),
+    "packed-sorted-uni": dict(
+        T=5, B=4, I=2, H=4, D=1, bias=True, layout="packed", sorted=True, lengths=[5, 3, 3, 1]
+    ),
 }
 # The lower-precision dtypes run the cases that reach every code path between them (D=1 and 2,
 # zero lengths, batch_first, several row tiles, K chunks with a tail, a block past H, each row
 # layout), to keep the emulation's run time down.
-HALF_CASES = ["uni-basic", "two-tiles-nobias", "K-chunks-small", "offsets-K-chunks-tiles-nobias",
-              "packed-bi-K-chunks"]
+HALF_CASES = [
+    "uni-basic",
+    "two-tiles-nobias",
+    "K-chunks-small",
+    "offsets-K-chunks-tiles-nobias",
+    "packed-bi-K-chunks",
+]
 F32_CASES = HALF_CASES + ["offsets-bi-zeros-loose-bound", "packed-tiles-loose-bound"]
 TOL_EPS = {torch.float32: 8, torch.float16: 4, torch.bfloat16: 4}
-DTYPE_IDS = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16",
-             torch.bfloat16: "bf16"}
-PARAMS = ([(n, torch.float64) for n in sorted(CASES)]
-          + [(n, torch.float32) for n in F32_CASES]
-          + [(n, dt) for dt in (torch.float16, torch.bfloat16) for n in HALF_CASES])
+DTYPE_IDS = {
+    torch.float64: "f64",
+    torch.float32: "f32",
+    torch.float16: "f16",
+    torch.bfloat16: "bf16",
+}
+PARAMS = (
+    [(n, torch.float64) for n in sorted(CASES)]
+    + [(n, torch.float32) for n in F32_CASES]
+    + [(n, dt) for dt in (torch.float16, torch.bfloat16) for n in HALF_CASES]
+)
 SMS, SMEM = 4, 227 * 1024  # a pretend device: 4 SMs (several units per block), H100 memory
 
 
@@ -114,13 +207,17 @@ def ragged_rows(c, L):
         seq_index = torch.tensor([0] + torch.tensor(L).cumsum(0).tolist(), dtype=torch.long)
         si = None
     else:
-        packed = pack_padded_sequence(torch.zeros(max(L), B, 1), torch.tensor(L),
-                                      enforce_sorted=bool(c.get("sorted")))
+        packed = pack_padded_sequence(
+            torch.zeros(max(L), B, 1), torch.tensor(L), enforce_sorted=bool(c.get("sorted"))
+        )
         seq_index, si = packed.batch_sizes, packed.sorted_indices
         order = si.tolist() if si is not None else list(range(B))
         pos = [(t, order[i]) for t, n in enumerate(seq_index.tolist()) for i in range(n)]
-    t, b = (torch.tensor(v, dtype=torch.long) for v in zip(*pos)) if pos else (
-        torch.zeros(0, dtype=torch.long),) * 2
+    t, b = (
+        (torch.tensor(v, dtype=torch.long) for v in zip(*pos))
+        if pos
+        else (torch.zeros(0, dtype=torch.long),) * 2
+    )
     return seq_index, si, t, b
 
 
@@ -173,12 +270,20 @@ def run_case(emu, c, dtype, persistent, mma=False):
     gx = torch.addmm(b_ih.reshape(-1), x2d, w2d.T) if bias else x2d @ w2d.T
     out, hn, ws, cut_f = emu.forward(gx.contiguous(), w_hh, b_hh, hx, *index, mma)
     out = out.view(out_shape)
-    dgx, dgh, hprev, ghx, cut_b = emu.backward(go.reshape(-1, D * H), ghn, out.reshape(-1, D * H),
-                                               hx, ws, w_hh, *index, mma)
+    dgx, dgh, hprev, ghx, cut_b = emu.backward(
+        go.reshape(-1, D * H), ghn, out.reshape(-1, D * H), hx, ws, w_hh, *index, mma
+    )
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    got = [out, hn, (dgx @ w2d).view(x.shape), ghx, (dgx.T @ x2d).view(D, 3 * H, I),
-           torch.bmm(dgh.transpose(1, 2), hprev), dgx.sum(0, dtype=acc).view(D, 3 * H),
-           dgh.sum(1, dtype=acc)]
+    got = [
+        out,
+        hn,
+        (dgx @ w2d).view(x.shape),
+        ghx,
+        (dgx.T @ x2d).view(D, 3 * H, I),
+        torch.bmm(dgh.transpose(1, 2), hprev),
+        dgx.sum(0, dtype=acc).view(D, 3 * H),
+        dgh.sum(1, dtype=acc),
+    ]
     return [t.double() for t in got], ref, (cut_f.tolist(), cut_b.tolist())
 
 
@@ -187,8 +292,16 @@ def run_case(emu, c, dtype, persistent, mma=False):
 def test_emulated_cuda_kernels_match_cpu_kernels(emu, name, dtype, persistent):
     c = CASES[name]
     got, ref, (cut_f, cut_b) = run_case(emu, c, dtype, persistent)
-    names = ["output", "h_n", "grad input", "grad hx", "grad w_ih", "grad w_hh", "grad b_ih",
-             "grad b_hh"]
+    names = [
+        "output",
+        "h_n",
+        "grad input",
+        "grad hx",
+        "grad w_ih",
+        "grad w_hh",
+        "grad b_ih",
+        "grad b_hh",
+    ]
     for n, a, e in zip(names, got, ref):
         # Every element is written: the kernels' outputs start at 777.
         if dtype == torch.float64:
@@ -201,8 +314,9 @@ def test_emulated_cuda_kernels_match_cpu_kernels(emu, name, dtype, persistent):
         J, bpd, rows_f, _, _ = cut_f
         kc_b = cut_b[3]
         for what in c.get("expect", []):
-            ok = {"chunks": kc_b < 3 * c["H"], "tail": J * bpd > c["H"],
-                  "tiles": rows_f < c["B"]}[what]
+            ok = {"chunks": kc_b < 3 * c["H"], "tail": J * bpd > c["H"], "tiles": rows_f < c["B"]}[
+                what
+            ]
             assert ok, f"{name} no longer reaches '{what}': cuts {cut_f} / {cut_b}"
 
 
@@ -223,18 +337,30 @@ def test_emulated_persistent_kernels_are_deterministic(emu, dtype):
 # type's eps (TF32: 2^-10) and C about five times the largest these cases need (TF32 0.45,
 # float16 0.64, bfloat16 0.44).
 MMA_CASES = ["uni-basic", "bi-bf-zeros", "two-tiles-nobias", "K-chunks-small", "offsets-uni"]
-MMA_EPS = {torch.float32: 2.0**-10, torch.float16: torch.finfo(torch.float16).eps,
-           torch.bfloat16: torch.finfo(torch.bfloat16).eps}
+MMA_EPS = {
+    torch.float32: 2.0**-10,
+    torch.float16: torch.finfo(torch.float16).eps,
+    torch.bfloat16: torch.finfo(torch.bfloat16).eps,
+}
 MMA_TOL_EPS = {torch.float32: 2, torch.float16: 4, torch.bfloat16: 4}
 MMA_PARAMS = [(n, dt) for dt in MMA_EPS for n in MMA_CASES]
 
 
-@pytest.mark.parametrize("name,dtype", MMA_PARAMS,
-                         ids=[f"{n}-{DTYPE_IDS[d]}" for n, d in MMA_PARAMS])
+@pytest.mark.parametrize(
+    "name,dtype", MMA_PARAMS, ids=[f"{n}-{DTYPE_IDS[d]}" for n, d in MMA_PARAMS]
+)
 def test_emulated_tensor_core_path_matches_cpu_kernels(emu, name, dtype):
     got, ref, _ = run_case(emu, CASES[name], dtype, True, mma=True)
-    names = ["output", "h_n", "grad input", "grad hx", "grad w_ih", "grad w_hh", "grad b_ih",
-             "grad b_hh"]
+    names = [
+        "output",
+        "h_n",
+        "grad input",
+        "grad hx",
+        "grad w_ih",
+        "grad w_hh",
+        "grad b_ih",
+        "grad b_hh",
+    ]
     for n, a, e in zip(names, got, ref):
         c_eps = MMA_TOL_EPS[dtype] * MMA_EPS[dtype]
         tol = dict(atol=c_eps * max(1.0, e.abs().max().item()), rtol=c_eps)

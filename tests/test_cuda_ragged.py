@@ -3,6 +3,7 @@ both recurrence paths and both layouts (offsets, packed), zero-length sequences,
 rows, index tensors on the CPU or the device, no host sync and CUDA graph capture with the
 offsets on the device, bad index values (host errors, device asserts). The registration test
 runs everywhere; every other test skips with a reason on a machine without CUDA."""
+
 from types import SimpleNamespace
 
 import pytest
@@ -33,8 +34,18 @@ def test_cuda_ragged_kernels_registered_when_built_with_cuda():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"varlen_rnn::{op}", "CUDA"), op
 
 
-def _layer(lengths, layout, I=5, H=33, D=2, bias=True, dtype=torch.float64, device="cuda",
-           seed=0, max_len_extra=0):
+def _layer(
+    lengths,
+    layout,
+    I=5,
+    H=33,
+    D=2,
+    bias=True,
+    dtype=torch.float64,
+    device="cuda",
+    seed=0,
+    max_len_extra=0,
+):
     """One ragged layer's arguments: values, seq_index (offsets on `device`; batch_sizes on the
     CPU), sorted_indices (on `device`), max_len, hx and the weights as leaves."""
     g = torch.Generator().manual_seed(seed)
@@ -52,12 +63,22 @@ def _layer(lengths, layout, I=5, H=33, D=2, bias=True, dtype=torch.float64, devi
         x, seq_index = packed.data, packed.batch_sizes
         si, max_len = packed.sorted_indices.to(device), len(packed.batch_sizes)
     B = len(lengths)
-    w = [r(D, B, H), r(D, 3 * H, I), r(D, 3 * H, H)] + ([r(D, 3 * H), r(D, 3 * H)] if bias
-                                                        else [None, None])
+    w = [r(D, B, H), r(D, 3 * H, I), r(D, 3 * H, H)] + (
+        [r(D, 3 * H), r(D, 3 * H)] if bias else [None, None]
+    )
     leaf = [None if t is None else t.to(device, dtype) for t in [x] + w]
-    return SimpleNamespace(x=leaf[0], seq_index=seq_index, si=si, layout=layout,
-                           max_len=max_len + max_len_extra, hx=leaf[1], w_ih=leaf[2],
-                           w_hh=leaf[3], b_ih=leaf[4], b_hh=leaf[5])
+    return SimpleNamespace(
+        x=leaf[0],
+        seq_index=seq_index,
+        si=si,
+        layout=layout,
+        max_len=max_len + max_len_extra,
+        hx=leaf[1],
+        w_ih=leaf[2],
+        w_hh=leaf[3],
+        b_ih=leaf[4],
+        b_hh=leaf[5],
+    )
 
 
 def _to(a, device, index_device=None):
@@ -75,8 +96,9 @@ def _run(a, seed=1, on_device=False):
     workspace, for a fixed random projection of output and h_n (on_device: gradients computed
     from the outputs where they are, so nothing is copied from the host)."""
     index = (a.seq_index, a.si, a.layout, a.max_len)
-    out, h_n, ws = ops.gru_layer_ragged_forward(a.x, *index, a.hx, a.w_ih, a.w_hh, a.b_ih, a.b_hh,
-                                                True)
+    out, h_n, ws = ops.gru_layer_ragged_forward(
+        a.x, *index, a.hx, a.w_ih, a.w_hh, a.b_ih, a.b_hh, True
+    )
     if on_device:
         go, ghn = out.cos(), h_n.sin()
     else:
@@ -86,8 +108,16 @@ def _run(a, seed=1, on_device=False):
     return [out, h_n, *grads], ws
 
 
-NAMES = ["output", "h_n", "grad input", "grad hx", "grad w_ih", "grad w_hh", "grad b_ih",
-         "grad b_hh"]
+NAMES = [
+    "output",
+    "h_n",
+    "grad input",
+    "grad hx",
+    "grad w_ih",
+    "grad w_hh",
+    "grad b_ih",
+    "grad b_hh",
+]
 
 
 def _assert_all_close(got, expected, **tol):
@@ -100,11 +130,20 @@ def _assert_all_close(got, expected, **tol):
 @pytest.mark.parametrize("path", PATHS, indirect=True)
 @pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("D,bias,max_len_extra", [(1, True, 0), (2, True, 0), (2, False, 3)],
-                         ids=["uni", "bi", "bi-nobias-loose-max_len"])
+@pytest.mark.parametrize(
+    "D,bias,max_len_extra",
+    [(1, True, 0), (2, True, 0), (2, False, 3)],
+    ids=["uni", "bi", "bi-nobias-loose-max_len"],
+)
 def test_cuda_ragged_matches_cpu_ragged_ops(path, layout, dtype, D, bias, max_len_extra):
-    a = _layer(LENGTHS[LAYOUTS[layout]], LAYOUTS[layout], D=D, bias=bias, dtype=dtype,
-               max_len_extra=max_len_extra)
+    a = _layer(
+        LENGTHS[LAYOUTS[layout]],
+        LAYOUTS[layout],
+        D=D,
+        bias=bias,
+        dtype=dtype,
+        max_len_extra=max_len_extra,
+    )
     got, ws = _run(a)
     expected, _ = _run(_to(a, "cpu"))
     _assert_all_close(got, expected, **TOL[dtype])
@@ -161,19 +200,29 @@ def test_cuda_ragged_index_on_cpu_equals_device(path, layout, idtype):
 
 @needs_cuda
 @pytest.mark.parametrize("path", PATHS, indirect=True)
-@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 6e-2)],
-                         ids=["f16", "bf16"])
+@pytest.mark.parametrize(
+    "dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 6e-2)], ids=["f16", "bf16"]
+)
 def test_cuda_ragged_half_types_smoke(path, dtype, tol):
     a = _layer(LENGTHS[OFFSETS], OFFSETS, dtype=torch.float32)
     expected, _ = _run(a)
-    got, ws = _run(_to(SimpleNamespace(**{k: (v.to(dtype) if torch.is_tensor(v) and
-                                             v.is_floating_point() else v)
-                                          for k, v in vars(a).items()}), "cuda"))
+    got, ws = _run(
+        _to(
+            SimpleNamespace(
+                **{
+                    k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v)
+                    for k, v in vars(a).items()
+                }
+            ),
+            "cuda",
+        )
+    )
     assert ws.dtype == torch.float32
     for n, u, e in zip(NAMES, got, expected):
         scale = max(1.0, e.abs().max().item())
-        torch.testing.assert_close(u.float(), e, atol=tol * scale, rtol=tol,
-                                   msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(
+            u.float(), e, atol=tol * scale, rtol=tol, msg=lambda m: f"{n}: {m}"
+        )
 
 
 # ------------------------------------------------------------ no host sync, graphs
@@ -216,8 +265,9 @@ def test_cuda_ragged_graph_capture_with_device_offsets(path):
         graph.replay()
         eager, _ = _run(a, on_device=True)
         for n, u, e in zip(NAMES, static, eager):  # cuBLAS may pick other kernels in a graph
-            torch.testing.assert_close(u, e, atol=1e-5, rtol=1e-5,
-                                       msg=lambda m: f"replayed {n} (seed {seed}): {m}")
+            torch.testing.assert_close(
+                u, e, atol=1e-5, rtol=1e-5, msg=lambda m: f"replayed {n} (seed {seed}): {m}"
+            )
 
 
 @needs_cuda
@@ -228,8 +278,14 @@ def test_cuda_ragged_cpu_index_refused_inside_graph_capture():
     args = (a.hx, a.w_ih, a.w_hh, a.b_ih, a.b_hh, False)
     ops.gru_layer_ragged_forward(a.x, *index, *args)  # warm-up outside the capture
     graph = torch.cuda.CUDAGraph()
-    with pytest.raises(RuntimeError, match=r"seq_index \(batch_sizes\) on the CPU cannot be used "
-                                           "inside a CUDA graph capture"), torch.cuda.graph(graph):
+    with (
+        pytest.raises(
+            RuntimeError,
+            match=r"seq_index \(batch_sizes\) on the CPU cannot be used "
+            "inside a CUDA graph capture",
+        ),
+        torch.cuda.graph(graph),
+    ):
         ops.gru_layer_ragged_forward(a.x, *index, *args)
     out, _, _ = ops.gru_layer_ragged_forward(a.x, *index, *args)
     torch.cuda.synchronize()
@@ -238,35 +294,49 @@ def test_cuda_ragged_cpu_index_refused_inside_graph_capture():
 
 # ------------------------------------------------------------------ bad index values
 @needs_cuda
-@pytest.mark.parametrize("bad,match", [
-    ([0, 3, 2, 6], r"seq_index \(offsets\) must be non-decreasing"),
-    ([1, 3, 4, 6], r"offsets\[0\] must be 0"),
-    ([0, 3, 4, 5], r"offsets\[B\] must equal input.size\(0\)=6"),
-    ([0, 1, 2, 6], r"max_len=3 must be >= every length"),
-], ids=["decreasing", "first", "last", "max_len"])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ([0, 3, 2, 6], r"seq_index \(offsets\) must be non-decreasing"),
+        ([1, 3, 4, 6], r"offsets\[0\] must be 0"),
+        ([0, 3, 4, 5], r"offsets\[B\] must equal input.size\(0\)=6"),
+        ([0, 1, 2, 6], r"max_len=3 must be >= every length"),
+    ],
+    ids=["decreasing", "first", "last", "max_len"],
+)
 def test_cuda_ragged_bad_cpu_offsets_are_clear_errors(bad, match):
     """Offsets on the CPU are checked on the host before any kernel runs (the CPU backend's
     messages): the context stays usable."""
     a = _layer([3, 1, 2], OFFSETS, dtype=torch.float32)
     with pytest.raises(RuntimeError, match=match):
-        ops.gru_layer_ragged_forward(a.x, torch.tensor(bad), None, OFFSETS, 3, a.hx, a.w_ih,
-                                     a.w_hh, a.b_ih, a.b_hh, False)
-    out, _, _ = ops.gru_layer_ragged_forward(a.x, a.seq_index, None, OFFSETS, 3, a.hx, a.w_ih,
-                                             a.w_hh, a.b_ih, a.b_hh, False)
+        ops.gru_layer_ragged_forward(
+            a.x, torch.tensor(bad), None, OFFSETS, 3, a.hx, a.w_ih, a.w_hh, a.b_ih, a.b_hh, False
+        )
+    out, _, _ = ops.gru_layer_ragged_forward(
+        a.x, a.seq_index, None, OFFSETS, 3, a.hx, a.w_ih, a.w_hh, a.b_ih, a.b_hh, False
+    )
     assert torch.isfinite(out).all()
 
 
 @needs_cuda
-@pytest.mark.parametrize("offsets,sorted_indices", [
-    ("[0, 3, 2, 6]", None), ("[1, 3, 4, 6]", None), ("[0, 3, 4, 5]", None),
-    ("[0, 1, 2, 6]", None), ("[0, 3, 4, 6]", "[0, 0, 1]"), ("[0, 3, 4, 6]", "[0, 3, 1]")],
-    ids=["decreasing", "first", "last", "max_len", "sorted-dup", "sorted-range"])
+@pytest.mark.parametrize(
+    "offsets,sorted_indices",
+    [
+        ("[0, 3, 2, 6]", None),
+        ("[1, 3, 4, 6]", None),
+        ("[0, 3, 4, 5]", None),
+        ("[0, 1, 2, 6]", None),
+        ("[0, 3, 4, 6]", "[0, 0, 1]"),
+        ("[0, 3, 4, 6]", "[0, 3, 1]"),
+    ],
+    ids=["decreasing", "first", "last", "max_len", "sorted-dup", "sorted-range"],
+)
 def test_cuda_ragged_bad_device_index_is_a_device_assert(offsets, sorted_indices):
     """Index values on the device are checked there (no host copy): a device-side assert, so in
     a child process, since it leaves the CUDA context unusable. sorted_indices goes with a
     packed call (batch_sizes [3, 2, 1] on the CPU), the offsets with an offsets call."""
     if sorted_indices is None:
-        call = (f"torch.tensor({offsets}, device='cuda'), None, 0, 3")
+        call = f"torch.tensor({offsets}, device='cuda'), None, 0, 3"
     else:
         call = f"torch.tensor([3, 2, 1]), torch.tensor({sorted_indices}, device='cuda'), 1, 3"
     code = (

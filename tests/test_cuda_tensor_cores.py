@@ -5,6 +5,7 @@ compute precision (TF32, bfloat16, float16), VARLEN_RNN_TENSOR_CORES=0 gives bit
 environment variable gives, and float32 without TF32 never takes the tensor-core path. Every GPU
 test skips with a reason on a machine without CUDA; the hook's export is checked wherever the
 extension was built with CUDA."""
+
 import ctypes
 import os
 import subprocess
@@ -19,7 +20,8 @@ import varlen_rnn
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
 needs_sm80 = pytest.mark.skipif(
     not HAS_CUDA or torch.cuda.get_device_capability()[0] < 8,
-    reason="no CUDA device" if not HAS_CUDA else "the tensor-core (mma.sync) path needs sm_80+")
+    reason="no CUDA device" if not HAS_CUDA else "the tensor-core (mma.sync) path needs sm_80+",
+)
 # ||a - b|| / ||b|| allowed between the tensor-core and the exact kernels (the same bounds as
 # benchmarks/gpu_smoke.py's MMA_TOL: about ten units of the product's input precision).
 MMA_TOL = {torch.float32: 1e-2, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -112,14 +114,22 @@ def test_hook_off_is_bitwise_the_environment_variable(dtype):
     torch.backends.cudnn.allow_tf32 = True
     set_tensor_cores(0)
     here = run(dtype)
-    code = ("import sys, torch, varlen_rnn; sys.path.insert(0, sys.argv[1]);"
-            "import test_cuda_tensor_cores as t; torch.backends.cudnn.allow_tf32 = True;"
-            f"torch.save(t.run(torch.{str(dtype).split('.')[1]}), sys.argv[2])")
+    code = (
+        "import sys, torch, varlen_rnn; sys.path.insert(0, sys.argv[1]);"
+        "import test_cuda_tensor_cores as t; torch.backends.cudnn.allow_tf32 = True;"
+        f"torch.save(t.run(torch.{str(dtype).split('.')[1]}), sys.argv[2])"
+    )
     out = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"tc_off_{os.getpid()}.pt")
     env = dict(os.environ, VARLEN_RNN_TENSOR_CORES="0", VARLEN_RNN_CUDA_PATH="persistent")
     try:
-        subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__), out], env=env,
-                       check=True, capture_output=True, text=True, timeout=300)
+        subprocess.run(
+            [sys.executable, "-c", code, os.path.dirname(__file__), out],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         child = torch.load(out)
     finally:
         if os.path.exists(out):

@@ -2,6 +2,7 @@
 equal one process on the whole batch, training stays identical to single-process training,
 and the GRU's parameters are the same objects from construction to the last step. FSDP2
 (fully_shard) in the same processes: sharded parameters, the same gradients and updates."""
+
 import copy
 import os
 import socket
@@ -18,16 +19,19 @@ WORLD = 2
 B, T, VOCAB, E, H, C = 8, 7, 30, 5, 6, 3  # B splits evenly: each rank gets B // WORLD rows
 STEPS = 3
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(),
+    reason="torch.distributed with gloo is not available",
+)
 
 
 class Model(nn.Module):
     def __init__(self):
         super().__init__()
         self.emb = nn.Embedding(VOCAB, E, dtype=torch.float64)
-        self.gru = varlen_rnn.GRU(E, H, num_layers=2, batch_first=True, bidirectional=True,
-                                  dtype=torch.float64)
+        self.gru = varlen_rnn.GRU(
+            E, H, num_layers=2, batch_first=True, bidirectional=True, dtype=torch.float64
+        )
         self.fc = nn.Linear(2 * H, C, dtype=torch.float64)
 
     def forward(self, tokens, lengths):
@@ -51,8 +55,9 @@ def _worker(rank, port, errors):
     try:
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=WORLD)
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+        )
         _check_ddp(rank)
         _check_fsdp2(rank)
         dist.barrier()
@@ -92,8 +97,13 @@ def _check_ddp(rank):
             single_opt.zero_grad()
             _loss(single, tokens, lengths, labels).backward()
             for (name, p), g in zip(single.named_parameters(), grads):
-                torch.testing.assert_close(g, p.grad, atol=1e-12, rtol=1e-10,
-                                           msg=lambda m: f"step {step}, grad of {name}: {m}")
+                torch.testing.assert_close(
+                    g,
+                    p.grad,
+                    atol=1e-12,
+                    rtol=1e-10,
+                    msg=lambda m: f"step {step}, grad of {name}: {m}",
+                )
             single_opt.step()
         opt.step()
     assert all(p is q for p, q in zip(model.parameters(), params_before))
@@ -101,14 +111,16 @@ def _check_ddp(rank):
     assert all(a is b for a, b in zip(model.gru._flat_weights, gru_params_before.values()))
     if rank == 0:
         for (name, p), q in zip(single.named_parameters(), model.parameters()):
-            torch.testing.assert_close(q, p, atol=1e-12, rtol=1e-10,
-                                       msg=lambda m: f"after {STEPS} steps, {name}: {m}")
+            torch.testing.assert_close(
+                q, p, atol=1e-12, rtol=1e-10, msg=lambda m: f"after {STEPS} steps, {name}: {m}"
+            )
 
 
 def _check_fsdp2(rank):
     """fully_shard swaps the GRU's parameters for DTensor shards and back for each forward;
     the module looks its weights up by name on every call, so it sees whichever is current."""
     from torch.distributed.fsdp import fully_shard
+
     torch.manual_seed(0)
     model = Model()
     single = copy.deepcopy(model)
@@ -125,13 +137,23 @@ def _check_fsdp2(rank):
         single_opt.zero_grad()
         _loss(single, tokens, lengths, labels).backward()
         for (name, p), q in zip(model.named_parameters(), single.parameters()):
-            torch.testing.assert_close(p.grad.full_tensor(), q.grad, atol=1e-12, rtol=1e-10,
-                                       msg=lambda m: f"FSDP2 step {step}, grad of {name}: {m}")
+            torch.testing.assert_close(
+                p.grad.full_tensor(),
+                q.grad,
+                atol=1e-12,
+                rtol=1e-10,
+                msg=lambda m: f"FSDP2 step {step}, grad of {name}: {m}",
+            )
         opt.step()
         single_opt.step()
     for (name, p), q in zip(model.named_parameters(), single.parameters()):
-        torch.testing.assert_close(p.full_tensor(), q, atol=1e-12, rtol=1e-10,
-                                   msg=lambda m: f"FSDP2 after {STEPS} steps, {name}: {m}")
+        torch.testing.assert_close(
+            p.full_tensor(),
+            q,
+            atol=1e-12,
+            rtol=1e-10,
+            msg=lambda m: f"FSDP2 after {STEPS} steps, {name}: {m}",
+        )
 
 
 def _free_port():
@@ -144,8 +166,9 @@ def test_ddp_and_fsdp2_match_single_process_and_parameters_are_kept():
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     try:
-        mp.start_processes(_worker, args=(_free_port(), errors), nprocs=WORLD, join=True,
-                           start_method="spawn")
+        mp.start_processes(
+            _worker, args=(_free_port(), errors), nprocs=WORLD, join=True, start_method="spawn"
+        )
     except Exception as e:
         msgs = []
         while not errors.empty():

@@ -1,15 +1,16 @@
 """torch.export with dynamic batch and time, and torch.compile(fullgraph=True) of a whole
 training step (forward, loss, backward, optimizer update) of a model using varlen_rnn.GRU."""
+
 import copy
 import io
 
 import pytest
 import torch
+from testing import ALL_DEVICES
 from torch import nn
 from torch.optim.sgd import sgd
 
 import varlen_rnn
-from testing import ALL_DEVICES
 
 VOCAB, E, H, C = 20, 5, 6, 3
 
@@ -20,8 +21,9 @@ class Classifier(nn.Module):
     def __init__(self, batch_first=True, bidirectional=True):
         super().__init__()
         self.emb = nn.Embedding(VOCAB, E)
-        self.gru = varlen_rnn.GRU(E, H, num_layers=2, batch_first=batch_first,
-                                  bidirectional=bidirectional)
+        self.gru = varlen_rnn.GRU(
+            E, H, num_layers=2, batch_first=batch_first, bidirectional=bidirectional
+        )
         self.fc = nn.Linear(H, C)
 
     def forward(self, tokens, lengths):
@@ -40,8 +42,9 @@ def _batch(B, T, batch_first, device, seed):
 
 
 @pytest.mark.parametrize("device", ALL_DEVICES)
-@pytest.mark.parametrize("batch_first,strict", [(True, False), (False, True)],
-                         ids=["bf-nonstrict", "tf-strict"])
+@pytest.mark.parametrize(
+    "batch_first,strict", [(True, False), (False, True)], ids=["bf-nonstrict", "tf-strict"]
+)
 def test_export_dynamic_batch_and_time(device, batch_first, strict):
     torch.manual_seed(0)
     model = Classifier(batch_first).to(device).eval()
@@ -49,12 +52,16 @@ def test_export_dynamic_batch_and_time(device, batch_first, strict):
     Bd, Td = torch.export.Dim("B", min=1, max=64), torch.export.Dim("T", min=1, max=256)
     tokens, lengths = _batch(4, 7, batch_first, device, seed=0)
     ep = torch.export.export(
-        model, (tokens, lengths),
-        dynamic_shapes={"tokens": {b_dim: Bd, t_dim: Td}, "lengths": {0: Bd}}, strict=strict,
+        model,
+        (tokens, lengths),
+        dynamic_shapes={"tokens": {b_dim: Bd, t_dim: Td}, "lengths": {0: Bd}},
+        strict=strict,
     )
     # Lengths are read by the kernels only: no host sync, no value-specialised guard.
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
-    assert not any(t.startswith("aten.item") or "_local_scalar_dense" in t for t in targets), targets
+    assert not any(t.startswith("aten.item") or "_local_scalar_dense" in t for t in targets), (
+        targets
+    )
     assert "varlen_rnn.gru_layer_forward.default" in targets
 
     buf = io.BytesIO()  # what a serving stack does: save, then load elsewhere
@@ -84,8 +91,18 @@ def _train_step(model, params, momentum_buffers, tokens, lengths, labels, lr):
     with torch.no_grad():
         # torch.optim.SGD.step's own math (the functional form it calls); the method itself
         # graph-breaks on purpose (torch/optim/optimizer.py, _use_grad_for_differentiable).
-        sgd(params, [p.grad for p in params], momentum_buffers, weight_decay=1e-4, momentum=0.9,
-            lr=lr, dampening=0.0, nesterov=False, maximize=False, foreach=True)
+        sgd(
+            params,
+            [p.grad for p in params],
+            momentum_buffers,
+            weight_decay=1e-4,
+            momentum=0.9,
+            lr=lr,
+            dampening=0.0,
+            nesterov=False,
+            maximize=False,
+            foreach=True,
+        )
         for p in params:
             p.grad = None
     return loss.detach()
@@ -107,7 +124,9 @@ def test_compile_fullgraph_training_step_matches_eager(device, backend):
         step = torch.compile(_train_step, fullgraph=True, backend=backend, dynamic=True)
         for i, (B, T) in enumerate([(4, 7), (4, 7), (5, 9), (3, 4)]):
             tokens, lengths = _batch(B, T, True, device, seed=i)
-            labels = torch.randint(0, C, (B,), generator=torch.Generator().manual_seed(i)).to(device)
+            labels = torch.randint(0, C, (B,), generator=torch.Generator().manual_seed(i)).to(
+                device
+            )
             opt.zero_grad()
             logits, _ = eager(tokens, lengths)
             loss = nn.functional.cross_entropy(logits, labels)

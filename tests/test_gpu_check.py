@@ -2,6 +2,7 @@
 brings back (at most 8 files, two folders deep, plain names), the summary printed last, the archive
 rewritten after every stage, a hung stage killed while later ones still run, a spent budget; and
 the pure logic of the smoke test's and the timing probe's reports."""
+
 import os
 import re
 import shutil
@@ -18,7 +19,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
 if not SCRIPT.exists():
-    pytest.skip("benchmarks/ is not next to tests/ (not a source checkout)", allow_module_level=True)
+    pytest.skip(
+        "benchmarks/ is not next to tests/ (not a source checkout)", allow_module_level=True
+    )
 missing = [t for t in ("bash", "timeout", "tar") if shutil.which(t) is None]
 if missing:
     pytest.skip(f"the GPU check needs {missing}", allow_module_level=True)
@@ -30,8 +33,13 @@ ROW = re.compile(r"^\| (\w+) \| ([^|]+?) \| (\d+) \|", re.MULTILINE)
 
 def _env(tmp_path, **extra):
     env = {k: v for k, v in os.environ.items() if k != "VARLEN_RNN_TENSOR_CORES"}
-    env = dict(env, GPU_CHECK_DRY_RUN="1", PYTHON=sys.executable,
-               GPU_CHECK_WORK=str(tmp_path / "work"), GPU_CHECK_KILL_AFTER="1")
+    env = dict(
+        env,
+        GPU_CHECK_DRY_RUN="1",
+        PYTHON=sys.executable,
+        GPU_CHECK_WORK=str(tmp_path / "work"),
+        GPU_CHECK_KILL_AFTER="1",
+    )
     env.update(extra)
     return env
 
@@ -39,8 +47,14 @@ def _env(tmp_path, **extra):
 def _check(tmp_path, budget, **extra):
     out = tmp_path / "out"
     t0 = time.monotonic()
-    proc = subprocess.run(["bash", str(SCRIPT), str(out), str(budget)], check=False, env=_env(tmp_path, **extra),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), str(out), str(budget)],
+        check=False,
+        env=_env(tmp_path, **extra),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return proc, out, time.monotonic() - t0
 
 
@@ -72,9 +86,15 @@ def _archived_text(out: Path, name: str) -> str:
 
 
 def test_dry_run_survives_a_hang_and_a_failure(tmp_path):
-    proc, out, _ = _check(tmp_path, 300, GPU_CHECK_STAGES="env smoke probe memcheck bench",
-                          GPU_CHECK_FAIL="smoke", GPU_CHECK_HANG="probe", GPU_CHECK_LIMITS="probe=2",
-                          GPU_CHECK_SANITIZER="refuse")
+    proc, out, _ = _check(
+        tmp_path,
+        300,
+        GPU_CHECK_STAGES="env smoke probe memcheck bench",
+        GPU_CHECK_FAIL="smoke",
+        GPU_CHECK_HANG="probe",
+        GPU_CHECK_LIMITS="probe=2",
+        GPU_CHECK_SANITIZER="refuse",
+    )
     assert proc.returncode != 0, "a failed and a timed-out stage must fail the run"
     _assert_device_tool_can_return(out)
     summary = (out / "summary.md").read_text()
@@ -103,9 +123,13 @@ def test_a_cut_off_run_keeps_every_finished_stage(tmp_path):
     """Killed from outside (as the device tool does at its limit) while a stage hangs: the
     archive written after the previous stage is complete, and the summary says which one ran."""
     out = tmp_path / "out"
-    proc = subprocess.Popen(["bash", str(SCRIPT), str(out), "300"],
-                            env=_env(tmp_path, GPU_CHECK_STAGES="resources smoke bench", GPU_CHECK_HANG="smoke"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", str(SCRIPT), str(out), "300"],
+        env=_env(tmp_path, GPU_CHECK_STAGES="resources smoke bench", GPU_CHECK_HANG="smoke"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -128,7 +152,9 @@ def test_a_cut_off_run_keeps_every_finished_stage(tmp_path):
 
 
 def test_a_spent_budget_skips_the_later_stages(tmp_path):
-    proc, out, seconds = _check(tmp_path, 16, GPU_CHECK_STAGES="env smoke bench", GPU_CHECK_HANG="env")
+    proc, out, seconds = _check(
+        tmp_path, 16, GPU_CHECK_STAGES="env smoke bench", GPU_CHECK_HANG="env"
+    )
     summary = (out / "summary.md").read_text()
     st = _statuses(summary)
     # 16 s less the 8 s kept back for the summary: env gets 8 s, then nothing is left.
@@ -195,12 +221,18 @@ def test_probe_reports_a_crossover_for_each_persistent_variant():
     from gpu_probe import crossovers, render
 
     def child(impl, times):
-        return {"results": [{"H": 256, "dtype": "bfloat16", "mode": "train", "B": B, "median_ms": t}
-                            for B, t in zip((1, 8, 64), times)]}
+        return {
+            "results": [
+                {"H": 256, "dtype": "bfloat16", "mode": "train", "B": B, "median_ms": t}
+                for B, t in zip((1, 8, 64), times)
+            ]
+        }
 
-    merged = {"persistent": child("persistent", (1.0, 1.0, 1.0)),
-              "persistent_exact": child("persistent_exact", (1.0, 3.0, 4.0)),
-              "fallback": child("fallback", (2.0, 2.0, 2.0))}
+    merged = {
+        "persistent": child("persistent", (1.0, 1.0, 1.0)),
+        "persistent_exact": child("persistent_exact", (1.0, 3.0, 4.0)),
+        "fallback": child("fallback", (2.0, 2.0, 2.0)),
+    }
     impls = ["persistent", "persistent_exact", "fallback"]
     md, key = render(merged, impls, [1, 8, 64], 16)
     assert "- H=256 bfloat16 train, persistent: B=none (faster at every B)" in md
@@ -218,9 +250,11 @@ def test_smoke_comparison_flags_a_wrong_path_and_a_missing_one():
     ref = run_one(c, "float64", "cpu", reference=True)
     cpu = run_one(c, "float64", "cpu")
     wrong = [t * (1 + 1e-6) for t in cpu]
-    results = {"cpu": {"runs": {f"{tag}/ref": ref, f"{tag}/cpu": cpu}},
-               "persistent": {"runs": {f"{tag}/persistent": cpu}},
-               "fallback": {"runs": {f"{tag}/fallback": wrong}}}
+    results = {
+        "cpu": {"runs": {f"{tag}/ref": ref, f"{tag}/cpu": cpu}},
+        "persistent": {"runs": {f"{tag}/persistent": cpu}},
+        "fallback": {"runs": {f"{tag}/fallback": wrong}},
+    }
     _, checks = compare(results, ["persistent", "fallback"], "tiny", ("float64",))
     verdict = {name: ok for name, _, _, ok in checks if name.startswith(case_name(c))}
     assert verdict[f"{tag}: persistent vs float64 reference"]
@@ -228,7 +262,9 @@ def test_smoke_comparison_flags_a_wrong_path_and_a_missing_one():
     assert not verdict[f"{tag}: persistent vs fallback"]
     assert verdict[f"{tag}: persistent output past each length is 0"]
     _, checks = compare({"cpu": results["cpu"]}, ["persistent"], "tiny", ("float64",))
-    assert any(name.endswith("persistent vs float64 reference") and not ok for name, _, _, ok in checks)
+    assert any(
+        name.endswith("persistent vs float64 reference") and not ok for name, _, _, ok in checks
+    )
 
 
 def test_smoke_holds_only_tensor_core_results_to_the_looser_tolerance():
@@ -242,10 +278,12 @@ def test_smoke_holds_only_tensor_core_results_to_the_looser_tolerance():
     tag = f"{case_name(c)}/bfloat16"
     ref = run_one(c, "float64", "cpu")
     off = [t * (1 + 4e-2) for t in ref]
-    results = {"cpu": {"runs": {f"{tag}/ref": ref}},
-               "persistent": {"runs": {f"{tag}/persistent": off}},
-               "persistent_exact": {"runs": {f"{tag}/persistent_exact": off}},
-               "persistent_tf32": {"runs": {}}}
+    results = {
+        "cpu": {"runs": {f"{tag}/ref": ref}},
+        "persistent": {"runs": {f"{tag}/persistent": off}},
+        "persistent_exact": {"runs": {f"{tag}/persistent_exact": off}},
+        "persistent_tf32": {"runs": {}},
+    }
     paths = ["persistent", "persistent_exact", "persistent_tf32"]
     rows, checks = compare(results, paths, "tiny", ("bfloat16",))
     verdict = {name: ok for name, _, _, ok in checks if name.startswith(tag)}

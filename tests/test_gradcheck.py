@@ -1,9 +1,10 @@
 """torch.autograd.gradcheck in float64 on the op and on the module path."""
+
 import pytest
 import torch
+from testing import ALL_DEVICES
 
 import varlen_rnn
-from testing import ALL_DEVICES
 
 op = varlen_rnn.ops.gru_layer
 
@@ -11,8 +12,16 @@ op = varlen_rnn.ops.gru_layer
 def _args(device, D, bias, batch_first, T=5, B=4, I=3, H=4, lengths=(3, 5, 0, 1)):
     f = lambda *s: torch.randn(*s, dtype=torch.float64, device=device, requires_grad=True)
     x = f(B, T, I) if batch_first else f(T, B, I)
-    return (x, torch.tensor(lengths, device=device), f(D, B, H), f(D, 3 * H, I), f(D, 3 * H, H),
-            f(D, 3 * H) if bias else None, f(D, 3 * H) if bias else None, batch_first)
+    return (
+        x,
+        torch.tensor(lengths, device=device),
+        f(D, B, H),
+        f(D, 3 * H, I),
+        f(D, 3 * H, H),
+        f(D, 3 * H) if bias else None,
+        f(D, 3 * H) if bias else None,
+        batch_first,
+    )
 
 
 @pytest.mark.parametrize("device", ALL_DEVICES)
@@ -36,8 +45,9 @@ def test_gradcheck_backward_op_against_finite_differences_of_outputs_only(device
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_gradcheck_module(device, bidirectional):
     torch.manual_seed(0)
-    gru = varlen_rnn.GRU(3, 4, num_layers=2, bidirectional=bidirectional, dtype=torch.float64,
-                         device=device)
+    gru = varlen_rnn.GRU(
+        3, 4, num_layers=2, bidirectional=bidirectional, dtype=torch.float64, device=device
+    )
     names = [n for n, _ in gru.named_parameters()]
     D = 2 if bidirectional else 1
     x = torch.randn(6, 4, 3, dtype=torch.float64, device=device, requires_grad=True)
@@ -46,9 +56,9 @@ def test_gradcheck_module(device, bidirectional):
     lengths = torch.tensor([6, 0, 2, 5])
 
     def fn(x, hx, *ps):
-        out, h = torch.func.functional_call(gru, dict(zip(names, ps)), (x, hx),
-                                            {"lengths": lengths})
+        out, h = torch.func.functional_call(
+            gru, dict(zip(names, ps)), (x, hx), {"lengths": lengths}
+        )
         return out, h
 
     assert torch.autograd.gradcheck(fn, (x, hx, *params), eps=1e-6, atol=1e-8)
-

@@ -1,20 +1,40 @@
 """torch.library.opcheck on every op, and torch.compile(fullgraph=True) of the module."""
+
 import pytest
 import torch
+from testing import ALL_DEVICES, assert_close
 
 import varlen_rnn
-from testing import ALL_DEVICES, assert_close
 
 ops = torch.ops.varlen_rnn
 
 
-def _forward_args(device, dtype, D=2, bias=True, batch_first=False, need_workspace=True,
-                  requires_grad=True, T=5, B=4, I=3, H=4):
+def _forward_args(
+    device,
+    dtype,
+    D=2,
+    bias=True,
+    batch_first=False,
+    need_workspace=True,
+    requires_grad=True,
+    T=5,
+    B=4,
+    I=3,
+    H=4,
+):
     f = lambda *s: torch.randn(*s, dtype=dtype, device=device, requires_grad=requires_grad)
     x = f(B, T, I) if batch_first else f(T, B, I)
-    return (x, torch.tensor([3, 5, 0, 1], device=device), f(D, B, H), f(D, 3 * H, I),
-            f(D, 3 * H, H), f(D, 3 * H) if bias else None, f(D, 3 * H) if bias else None,
-            batch_first, need_workspace)
+    return (
+        x,
+        torch.tensor([3, 5, 0, 1], device=device),
+        f(D, B, H),
+        f(D, 3 * H, I),
+        f(D, 3 * H, H),
+        f(D, 3 * H) if bias else None,
+        f(D, 3 * H) if bias else None,
+        batch_first,
+        need_workspace,
+    )
 
 
 @pytest.mark.parametrize("device", ALL_DEVICES)
@@ -25,8 +45,9 @@ def _forward_args(device, dtype, D=2, bias=True, batch_first=False, need_workspa
 def test_opcheck_forward(device, dtype, D, bias, batch_first):
     args = _forward_args(device, dtype, D, bias, batch_first)
     torch.library.opcheck(ops.gru_layer_forward.default, args)
-    no_ws = _forward_args(device, dtype, D, bias, batch_first, need_workspace=False,
-                          requires_grad=False)
+    no_ws = _forward_args(
+        device, dtype, D, bias, batch_first, need_workspace=False, requires_grad=False
+    )
     torch.library.opcheck(ops.gru_layer_forward.default, no_ws)
 
 
@@ -36,10 +57,21 @@ def test_opcheck_forward(device, dtype, D, bias, batch_first):
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_opcheck_backward(device, dtype, D, batch_first):
     x, lengths, hx, w_ih, w_hh, b_ih, b_hh, _, _ = _forward_args(
-        device, dtype, D, True, batch_first, requires_grad=False)
+        device, dtype, D, True, batch_first, requires_grad=False
+    )
     out, h_n, ws = ops.gru_layer_forward(x, lengths, hx, w_ih, w_hh, b_ih, b_hh, batch_first, True)
-    args = (torch.randn_like(out), torch.randn_like(h_n), x, lengths, hx, w_ih, w_hh, out, ws,
-            batch_first)
+    args = (
+        torch.randn_like(out),
+        torch.randn_like(h_n),
+        x,
+        lengths,
+        hx,
+        w_ih,
+        w_hh,
+        out,
+        ws,
+        batch_first,
+    )
     torch.library.opcheck(ops.gru_layer_backward.default, args)
 
 
@@ -47,8 +79,15 @@ def test_opcheck_backward(device, dtype, D, batch_first):
 @pytest.mark.parametrize("batch_first,backend", [(False, "inductor"), (True, "aot_eager")])
 def test_compile_fullgraph_matches_eager(device, batch_first, backend):
     torch.manual_seed(0)
-    gru = varlen_rnn.GRU(3, 5, num_layers=2, bidirectional=True, batch_first=batch_first,
-                         device=device, dtype=torch.float64)
+    gru = varlen_rnn.GRU(
+        3,
+        5,
+        num_layers=2,
+        bidirectional=True,
+        batch_first=batch_first,
+        device=device,
+        dtype=torch.float64,
+    )
 
     def step(x, lengths):
         out, h = gru(x, lengths=lengths)

@@ -1,10 +1,10 @@
 """Parity with torch.nn.GRU + pack_padded_sequence(enforce_sorted=False) + pad_packed_sequence:
 output, h_n and every gradient, over the product of configurations."""
+
 import itertools
 
 import pytest
 import torch
-
 from testing import ALL_DEVICES, LENGTH_PATTERNS, assert_close, grads, make_pair, packed_baseline
 
 T, B, I, H = 7, 5, 4, 6
@@ -15,19 +15,29 @@ CONFIGS = list(itertools.product([1, 2, 3], [False, True], [False, True], [True,
 @pytest.mark.parametrize("device", ALL_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("pattern", sorted(LENGTH_PATTERNS))
-@pytest.mark.parametrize("num_layers,bidirectional,batch_first,bias", CONFIGS,
-                         ids=[f"L{c[0]}-{'bi' if c[1] else 'uni'}-{'bf' if c[2] else 'tf'}-{'b' if c[3] else 'nob'}"
-                              for c in CONFIGS])
+@pytest.mark.parametrize(
+    "num_layers,bidirectional,batch_first,bias",
+    CONFIGS,
+    ids=[
+        f"L{c[0]}-{'bi' if c[1] else 'uni'}-{'bf' if c[2] else 'tf'}-{'b' if c[3] else 'nob'}"
+        for c in CONFIGS
+    ],
+)
 @pytest.mark.parametrize("with_hx", [False, True], ids=["nohx", "hx"])
-def test_matches_nn_gru_with_packing(device, dtype, pattern, num_layers, bidirectional,
-                                     batch_first, bias, with_hx):
+def test_matches_nn_gru_with_packing(
+    device, dtype, pattern, num_layers, bidirectional, batch_first, bias, with_hx
+):
     ref, ours = make_pair(I, H, num_layers, bias, batch_first, bidirectional, dtype, device)
     D = 2 if bidirectional else 1
     lengths = LENGTH_PATTERNS[pattern](T, B)
-    x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=dtype, device=device,
-                    requires_grad=True)
-    hx = (torch.randn(num_layers * D, B, H, dtype=dtype, device=device, requires_grad=True)
-          if with_hx else None)
+    x = torch.randn(
+        (B, T, I) if batch_first else (T, B, I), dtype=dtype, device=device, requires_grad=True
+    )
+    hx = (
+        torch.randn(num_layers * D, B, H, dtype=dtype, device=device, requires_grad=True)
+        if with_hx
+        else None
+    )
     out_ref, h_ref = packed_baseline(ref, x, lengths, hx)
     out, h = ours(x, hx, lengths=torch.tensor(lengths))
     assert out.shape == out_ref.shape and h.shape == h_ref.shape

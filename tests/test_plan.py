@@ -1,6 +1,7 @@
 """csrc/cuda/plan.h, the CUDA backend's path choice and tiling, checked on the host: the header
 has no CUDA includes, so a small driver compiled with the host C++ compiler asks it for choices.
 Runs everywhere (no GPU needed); skips with a reason where no C++ compiler is found."""
+
 import os
 import shutil
 import subprocess
@@ -64,8 +65,12 @@ def ask(tmp_path_factory):
     d = tmp_path_factory.mktemp("plan")
     src, exe = d / "driver.cpp", d / "driver"
     src.write_text(DRIVER)
-    subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Werror", "-I", CSRC, str(src), "-o",
-                    str(exe)], check=True, capture_output=True, text=True)
+    subprocess.run(
+        [cxx, "-std=c++17", "-O1", "-Wall", "-Werror", "-I", CSRC, str(src), "-o", str(exe)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
 
     def run(queries):
         """queries: dicts with B, H, D, pass_, dtype, device, and optional requested, max_kc,
@@ -74,18 +79,44 @@ def ask(tmp_path_factory):
         for q in queries:
             sb, ab, tc = DTYPES[q["dtype"]]
             sms, smem = DEVICES[q.get("device", "H100")]
-            lines.append(" ".join(str(v) for v in (
-                q["B"], q["H"], q["D"], PASSES[q["pass_"]], sb, ab, int(tc), sms, smem,
-                int(q.get("cooperative", True)), 1, q.get("requested", AUTO), q.get("max_kc", 0),
-                int(q.get("mma", False)))))
-        out = subprocess.run([str(exe)], input="\n".join(lines) + "\n", capture_output=True,
-                             text=True, check=True).stdout.splitlines()
+            lines.append(
+                " ".join(
+                    str(v)
+                    for v in (
+                        q["B"],
+                        q["H"],
+                        q["D"],
+                        PASSES[q["pass_"]],
+                        sb,
+                        ab,
+                        int(tc),
+                        sms,
+                        smem,
+                        int(q.get("cooperative", True)),
+                        1,
+                        q.get("requested", AUTO),
+                        q.get("max_kc", 0),
+                        int(q.get("mma", False)),
+                    )
+                )
+            )
+        out = subprocess.run(
+            [str(exe)], input="\n".join(lines) + "\n", capture_output=True, text=True, check=True
+        ).stdout.splitlines()
         assert len(out) == len(queries)
         answers = []
         for line in out:
             f = line.split(" ", 10)
-            answers.append(Answer(int(f[0]), f[1] == "1", *map(int, f[2:8]), float(f[8]),
-                                  float(f[9]), f[10] if len(f) > 10 else ""))
+            answers.append(
+                Answer(
+                    int(f[0]),
+                    f[1] == "1",
+                    *map(int, f[2:8]),
+                    float(f[8]),
+                    float(f[9]),
+                    f[10] if len(f) > 10 else "",
+                )
+            )
         return answers
 
     return run
@@ -98,8 +129,13 @@ def q(B, H, D=1, pass_="inference", dtype="f32-tf32", **kw):
 @pytest.mark.parametrize("device", DEVICES)
 def test_small_batch_inference_and_training_take_persistent(ask, device):
     """Issue 9's roofline: the persistent kernel wins at small B (B <= 8, H = 256)."""
-    cases = [q(B, 256, D, p, dt, device=device) for B in (1, 8) for D in (1, 2)
-             for p in ("inference", "training") for dt in ("f32", "f32-tf32")]
+    cases = [
+        q(B, 256, D, p, dt, device=device)
+        for B in (1, 8)
+        for D in (1, 2)
+        for p in ("inference", "training")
+        for dt in ("f32", "f32-tf32")
+    ]
     for case, a in zip(cases, ask(cases)):
         assert a.path == PERSISTENT, (case, a)
         assert a.persistent_us < a.fallback_us
@@ -108,8 +144,12 @@ def test_small_batch_inference_and_training_take_persistent(ask, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_large_batch_training_takes_fallback(ask, device):
     """Issue 9's roofline: at B = 256, H = 1024 in training the persistent kernel loses 4-15x."""
-    cases = [q(256, 1024, D, p, dt, device=device) for D in (1, 2)
-             for p in ("training", "backward") for dt in ("f32", "f32-tf32", "bf16")]
+    cases = [
+        q(256, 1024, D, p, dt, device=device)
+        for D in (1, 2)
+        for p in ("training", "backward")
+        for dt in ("f32", "f32-tf32", "bf16")
+    ]
     for case, a in zip(cases, ask(cases)):
         assert a.path == FALLBACK, (case, a)
         if a.fits:
@@ -124,8 +164,9 @@ def test_choice_is_monotone_in_batch(ask):
             for p in PASSES:
                 for dt in DTYPES:
                     for device in DEVICES:
-                        paths = [a.path for a in ask([q(B, H, D, p, dt, device=device)
-                                                      for B in Bs])]
+                        paths = [
+                            a.path for a in ask([q(B, H, D, p, dt, device=device) for B in Bs])
+                        ]
                         first_fallback = paths.index(FALLBACK) if FALLBACK in paths else len(paths)
                         assert set(paths[first_fallback:]) <= {FALLBACK}, (H, D, p, dt, device)
 
@@ -135,8 +176,12 @@ def test_k_chunk_is_chosen_after_the_rows(ask):
     D=2, H=1024: 16 units per block leave ~10 KiB beside W_hh^T; one row group of 8 gives a
     320-wide chunk (10 chunks over K = 3H = 3072), two give 128 (24 chunks).
     D=1, H=512: K = 1536 fits in two chunks; balanced they are 768 + 768, not 1504 + 32."""
-    a, b = ask([q(64, 1024, 2, "backward", "f32", requested=PERSISTENT),
-                q(64, 512, 1, "backward", "f32", requested=PERSISTENT)])
+    a, b = ask(
+        [
+            q(64, 1024, 2, "backward", "f32", requested=PERSISTENT),
+            q(64, 512, 1, "backward", "f32", requested=PERSISTENT),
+        ]
+    )
     assert a.fits and a.tile_rows == 8 and -(-3072 // a.kc) == 10, a
     assert b.fits and -(-1536 // b.kc) == 2, b
     tail = 1536 - b.kc
@@ -156,9 +201,15 @@ def test_tile_rows_follow_the_batch(ask):
 @pytest.mark.parametrize("device", DEVICES)
 def test_every_cut_fits_the_device(ask, device):
     sms, smem = DEVICES[device]
-    cases = [q(B, H, D, p, dt, device=device, requested=PERSISTENT, max_kc=cap)
-             for B in (1, 7, 33, 300) for H in (1, 5, 33, 256, 700, 1024) for D in (1, 2)
-             for p in PASSES for dt in DTYPES for cap in (0, 32, 100)]
+    cases = [
+        q(B, H, D, p, dt, device=device, requested=PERSISTENT, max_kc=cap)
+        for B in (1, 7, 33, 300)
+        for H in (1, 5, 33, 256, 700, 1024)
+        for D in (1, 2)
+        for p in PASSES
+        for dt in DTYPES
+        for cap in (0, 32, 100)
+    ]
     for case, a in zip(cases, ask(cases)):
         if not a.fits:
             assert "does not fit" in a.why, (case, a)
@@ -174,11 +225,13 @@ def test_every_cut_fits_the_device(ask, device):
 
 
 def test_what_cannot_run_persistent_says_why(ask):
-    big, no_coop, fallback = ask([
-        q(2, 4096, 1, "inference", "f64", requested=PERSISTENT),  # 3*H*H doubles: 400 MB
-        q(2, 64, 1, "inference", requested=PERSISTENT, cooperative=False),
-        q(1, 64, 1, "inference", requested=FALLBACK),
-    ])
+    big, no_coop, fallback = ask(
+        [
+            q(2, 4096, 1, "inference", "f64", requested=PERSISTENT),  # 3*H*H doubles: 400 MB
+            q(2, 64, 1, "inference", requested=PERSISTENT, cooperative=False),
+            q(1, 64, 1, "inference", requested=FALLBACK),
+        ]
+    )
     assert not big.fits and big.path == FALLBACK and "does not fit" in big.why
     assert not no_coop.fits and "cooperative" in no_coop.why
     assert fallback.path == FALLBACK
@@ -195,7 +248,7 @@ def test_tensor_cores_choice_is_monotone_in_batch(ask):
         for p in PASSES:
             for dt in ("f32-tf32", "bf16"):
                 paths = [a.path for a in ask([q(B, H, 1, p, dt, mma=True) for B in Bs])]
-                assert set(paths[_first_fallback(paths):]) <= {FALLBACK}, (H, p, dt)
+                assert set(paths[_first_fallback(paths) :]) <= {FALLBACK}, (H, p, dt)
 
 
 def test_tensor_cores_move_the_choice_toward_persistent_where_loads_are_conflict_free(ask):

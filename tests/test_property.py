@@ -2,6 +2,7 @@
 bias, lengths (0 and T included), hx or not, contiguous or not. Forward and backward in float64
 match torch.nn.GRU + packing on the rows it accepts (length > 0) and the plain-PyTorch reference
 (varlen_rnn.reference.gru_reference) on every row."""
+
 import pytest
 import torch
 
@@ -9,16 +10,21 @@ import torch
 pytest.importorskip("hypothesis", reason="hypothesis is not installed")
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from testing import assert_close, make_pair, packed_baseline
 
 from varlen_rnn.reference import gru_reference
-from testing import assert_close, make_pair, packed_baseline
 
 F64 = torch.float64
 LAYOUTS = ["contiguous", "transposed", "strided", "expanded"]
 
 # Reproducible in CI: the same examples every run, no example database, no time limit.
-CI = settings(derandomize=True, max_examples=40, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow])
+CI = settings(
+    derandomize=True,
+    max_examples=40,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 @st.composite
@@ -26,13 +32,19 @@ def configs(draw):
     T = draw(st.integers(0, 6))
     B = draw(st.integers(1, 5))
     return dict(
-        T=T, B=B, I=draw(st.integers(1, 4)), H=draw(st.integers(1, 5)),
-        num_layers=draw(st.integers(1, 3)), bidirectional=draw(st.booleans()),
-        batch_first=draw(st.booleans()), bias=draw(st.booleans()),
+        T=T,
+        B=B,
+        I=draw(st.integers(1, 4)),
+        H=draw(st.integers(1, 5)),
+        num_layers=draw(st.integers(1, 3)),
+        bidirectional=draw(st.booleans()),
+        batch_first=draw(st.booleans()),
+        bias=draw(st.booleans()),
         lengths=draw(st.lists(st.sampled_from([0, T]) | st.integers(0, T), min_size=B, max_size=B)),
         lengths_as=draw(st.sampled_from(["list", "int64", "int32"])),
         with_hx=draw(st.booleans()),
-        x_layout=draw(st.sampled_from(LAYOUTS)), hx_layout=draw(st.sampled_from(LAYOUTS)),
+        x_layout=draw(st.sampled_from(LAYOUTS)),
+        hx_layout=draw(st.sampled_from(LAYOUTS)),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -79,8 +91,11 @@ def _check(cfg):
     x_base, x = _view((B, T, I) if bf else (T, B, I), cfg["x_layout"], gen)
     hx_base, hx = _view((L * D, B, H), cfg["hx_layout"], gen) if cfg["with_hx"] else (None, None)
     lengths = cfg["lengths"]
-    given_lengths = {"list": lengths, "int64": torch.tensor(lengths),
-                     "int32": torch.tensor(lengths, dtype=torch.int32)}[cfg["lengths_as"]]
+    given_lengths = {
+        "list": lengths,
+        "int64": torch.tensor(lengths),
+        "int32": torch.tensor(lengths, dtype=torch.int32),
+    }[cfg["lengths_as"]]
     leaves = [x_base] + ([hx_base] if hx_base is not None else []) + list(ours.parameters())
     snapshot = [t.detach().clone() for t in (x, hx) if t is not None]
 
@@ -107,8 +122,12 @@ def _check(cfg):
         idx = torch.tensor(rows)
         bdim = 0 if bf else 1
         ref_leaves = leaves[: len(leaves) - len(list(ours.parameters()))] + list(ref.parameters())
-        out_p, h_p = packed_baseline(ref, x.index_select(bdim, idx), [lengths[b] for b in rows],
-                                     None if hx is None else hx.index_select(1, idx))
+        out_p, h_p = packed_baseline(
+            ref,
+            x.index_select(bdim, idx),
+            [lengths[b] for b in rows],
+            None if hx is None else hx.index_select(1, idx),
+        )
         out_o, h_o = out.index_select(bdim, idx), h_n.index_select(1, idx)
         assert_close(out_o, out_p, F64, "output vs nn.GRU")
         assert_close(h_o, h_p, F64, "h_n vs nn.GRU")
@@ -119,12 +138,23 @@ def _check(cfg):
             e = torch.zeros_like(ref_leaves[i]) if e is None else e
             assert_close(a, e, F64, f"grad {i} vs nn.GRU")
     # Inputs are read, never written.
-    assert all(torch.equal(t.detach(), s) for t, s in zip((t for t in (x, hx) if t is not None),
-                                                           snapshot))
+    assert all(
+        torch.equal(t.detach(), s) for t, s in zip((t for t in (x, hx) if t is not None), snapshot)
+    )
 
 
-_BASE = dict(I=3, H=4, num_layers=2, bidirectional=True, bias=True, lengths_as="int64",
-             with_hx=True, x_layout="transposed", hx_layout="strided", seed=7)
+_BASE = dict(
+    I=3,
+    H=4,
+    num_layers=2,
+    bidirectional=True,
+    bias=True,
+    lengths_as="int64",
+    with_hx=True,
+    x_layout="transposed",
+    hx_layout="strided",
+    seed=7,
+)
 
 
 @CI

@@ -1,6 +1,7 @@
 """Ragged input to varlen_rnn.GRU: jagged nested tensors and PackedSequence run on their rows as
 stored. Parity with torch.nn.GRU + pack_padded_sequence(enforce_sorted=False) (outputs, h_n and
 every gradient), gradcheck, torch.compile, zero-length components and bad input."""
+
 import itertools
 
 import pytest
@@ -18,8 +19,10 @@ import varlen_rnn
 I, H = 4, 5
 LENGTHS = [5, 1, 7, 7, 3, 1]  # T = 7, a length of 1 and of T, repeats, unsorted
 CONFIGS = list(itertools.product([1, 2, 3], [False, True], [True, False], [False, True]))
-IDS = [f"L{c[0]}-{'bi' if c[1] else 'uni'}-{'b' if c[2] else 'nob'}-{'hx' if c[3] else 'nohx'}"
-       for c in CONFIGS]
+IDS = [
+    f"L{c[0]}-{'bi' if c[1] else 'uni'}-{'b' if c[2] else 'nob'}-{'hx' if c[3] else 'nohx'}"
+    for c in CONFIGS
+]
 
 
 def _offsets(lengths, device):
@@ -40,8 +43,11 @@ def _setup(device, dtype, num_layers, bidirectional, bias, with_hx, lengths=LENG
     ref, ours = make_pair(I, H, num_layers, bias, False, bidirectional, dtype, device)
     D = 2 if bidirectional else 1
     values = torch.randn(sum(lengths), I, dtype=dtype, device=device, requires_grad=True)
-    hx = (torch.randn(num_layers * D, len(lengths), H, dtype=dtype, device=device,
-                      requires_grad=True) if with_hx else None)
+    hx = (
+        torch.randn(num_layers * D, len(lengths), H, dtype=dtype, device=device, requires_grad=True)
+        if with_hx
+        else None
+    )
     return ref, ours, values, hx
 
 
@@ -57,8 +63,9 @@ def _check_grads(outs, outs_ref, leaves, ours, ref, dtype):
 @pytest.mark.parametrize("device", ALL_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("num_layers,bidirectional,bias,with_hx", CONFIGS, ids=IDS)
-def test_nested_matches_nn_gru_with_packing(device, dtype, num_layers, bidirectional, bias,
-                                            with_hx):
+def test_nested_matches_nn_gru_with_packing(
+    device, dtype, num_layers, bidirectional, bias, with_hx
+):
     ref, ours, values, hx = _setup(device, dtype, num_layers, bidirectional, bias, with_hx)
     nt = torch.nested.nested_tensor_from_jagged(values, _offsets(LENGTHS, device))
     out, h_n = ours(nt, hx)
@@ -80,8 +87,9 @@ def test_packed_matches_nn_gru(device, dtype, num_layers, bidirectional, bias, w
     padded = torch.randn(max(LENGTHS), len(LENGTHS), I, dtype=dtype, device=device)
     packed = pack_padded_sequence(padded, torch.tensor(LENGTHS), enforce_sorted=False)
     data = packed.data.detach().requires_grad_()
-    packed = PackedSequence(data, packed.batch_sizes, packed.sorted_indices,
-                            packed.unsorted_indices)
+    packed = PackedSequence(
+        data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices
+    )
     out, h_n = ours(packed, hx)
     out_ref, h_ref = ref(packed, hx)
     assert isinstance(out, PackedSequence)
@@ -94,16 +102,18 @@ def test_packed_matches_nn_gru(device, dtype, num_layers, bidirectional, bias, w
 
 
 @pytest.mark.parametrize("device", ALL_DEVICES)
-@pytest.mark.parametrize("lengths", [[1], [4], [3, 3, 3], [1, 1, 2], [2, 9, 1, 9, 4, 4, 6]],
-                         ids=str)
+@pytest.mark.parametrize(
+    "lengths", [[1], [4], [3, 3, 3], [1, 1, 2], [2, 9, 1, 9, 4, 4, 6]], ids=str
+)
 def test_nested_and_packed_other_lengths(device, lengths):
     ref, ours, values, hx = _setup(device, torch.float64, 2, True, True, True, lengths)
     out, h_n = ours(torch.nested.nested_tensor_from_jagged(values, _offsets(lengths, device)), hx)
     out_ref, h_ref = _baseline_rows(ref, values, lengths, hx)
     assert_close(out.values(), out_ref, torch.float64, "output")
     assert_close(h_n, h_ref, torch.float64, "h_n")
-    packed = pack_padded_sequence(pad_sequence(values.split(lengths)), torch.tensor(lengths),
-                                  enforce_sorted=False)
+    packed = pack_padded_sequence(
+        pad_sequence(values.split(lengths)), torch.tensor(lengths), enforce_sorted=False
+    )
     (p_out, p_h), (r_out, r_h) = ours(packed, hx), ref(packed, hx)
     assert_close(p_out.data, r_out.data, torch.float64, "packed output")
     assert_close(p_h, r_h, torch.float64, "packed h_n")
@@ -135,8 +145,12 @@ def test_nested_zero_length_components(device, with_hx):
     out, h_n = ours(nt, hx)
     padded = pad_sequence(parts)
     out_pad, h_pad = ours(padded, hx, lengths=lengths)
-    assert_close(out.values(), torch.cat([out_pad[:L, b] for b, L in enumerate(lengths)]),
-                 torch.float64, "output")
+    assert_close(
+        out.values(),
+        torch.cat([out_pad[:L, b] for b, L in enumerate(lengths)]),
+        torch.float64,
+        "output",
+    )
     assert_close(h_n, h_pad, torch.float64, "h_n")
     expected = hx if with_hx else torch.zeros_like(h_n)
     assert torch.equal(h_n[:, [1, 3]], expected[:, [1, 3]])
@@ -147,23 +161,24 @@ def test_nested_zero_length_components(device, with_hx):
 @pytest.mark.parametrize("kind", ["nested", "packed"])
 def test_gradcheck_module(device, kind):
     torch.manual_seed(0)
-    gru = varlen_rnn.GRU(3, 2, num_layers=2, bidirectional=True, dtype=torch.float64,
-                         device=device)
+    gru = varlen_rnn.GRU(3, 2, num_layers=2, bidirectional=True, dtype=torch.float64, device=device)
     names = [n for n, _ in gru.named_parameters()]
     lengths = [3, 1, 2]
     values = torch.randn(6, 3, dtype=torch.float64, device=device, requires_grad=True)
     hx = torch.randn(4, 3, 2, dtype=torch.float64, device=device, requires_grad=True)
     params = [p.detach().clone().requires_grad_() for p in gru.parameters()]
     offsets = _offsets(lengths, device)
-    packed = pack_padded_sequence(pad_sequence(values.detach().split(lengths)), lengths,
-                                  enforce_sorted=False)
+    packed = pack_padded_sequence(
+        pad_sequence(values.detach().split(lengths)), lengths, enforce_sorted=False
+    )
 
     def fn(v, hx, *ps):
         if kind == "nested":
             x = torch.nested.nested_tensor_from_jagged(v, offsets)
         else:
-            x = PackedSequence(v, packed.batch_sizes, packed.sorted_indices,
-                               packed.unsorted_indices)
+            x = PackedSequence(
+                v, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices
+            )
         out, h = torch.func.functional_call(gru, dict(zip(names, ps)), (x, hx))
         return (out.values() if kind == "nested" else out.data), h
 
@@ -196,8 +211,7 @@ def test_gradgradcheck_ragged_op(device, layout):
 def test_gradgradcheck_packed_module(device):
     torch.manual_seed(0)
     gru = varlen_rnn.GRU(2, 2, bidirectional=True, dtype=torch.float64, device=device)
-    packed = pack_padded_sequence(torch.randn(2, 2, 2, dtype=torch.float64, device=device),
-                                  [2, 1])
+    packed = pack_padded_sequence(torch.randn(2, 2, 2, dtype=torch.float64, device=device), [2, 1])
     data = packed.data.detach().requires_grad_()
     hx = torch.randn(2, 2, 2, dtype=torch.float64, device=device, requires_grad=True)
     w = gru.weight_hh_l0.detach().clone().requires_grad_()
@@ -210,9 +224,12 @@ def test_gradgradcheck_packed_module(device):
     assert torch.autograd.gradgradcheck(fn, (data, hx, w), eps=1e-6, atol=1e-7)
 
 
-@pytest.mark.xfail(raises=NotImplementedError, strict=True,
-                   reason="torch.nested: the double backward of nested_tensor_from_jagged/values() "
-                   "needs aten._nested_tensor_storage_offsets, which has no jagged implementation")
+@pytest.mark.xfail(
+    raises=NotImplementedError,
+    strict=True,
+    reason="torch.nested: the double backward of nested_tensor_from_jagged/values() "
+    "needs aten._nested_tensor_storage_offsets, which has no jagged implementation",
+)
 def test_gradgrad_through_a_nested_tensor_is_torch_nested_limit():
     """Not ours: the same failure with no GRU at all. The layer itself is checked above."""
     offsets = _offsets([2, 1], "cpu")
@@ -256,7 +273,8 @@ def test_compile_fullgraph_nested(device, cached_max):
     for lengths in ([3, 1, 5], [2, 6, 1, 1], [4, 4]):
         values = torch.randn(sum(lengths), 4, device=device, requires_grad=True)
         nt = torch.nested.nested_tensor_from_jagged(
-            values, _offsets(lengths, device), max_seqlen=max(lengths) if cached_max else None)
+            values, _offsets(lengths, device), max_seqlen=max(lengths) if cached_max else None
+        )
         got, want = compiled(nt), step(nt)
         assert_close(got, want, torch.float32, f"loss {lengths}")
         (g,), (g_want,) = torch.autograd.grad(got, values), torch.autograd.grad(want, values)
@@ -267,8 +285,11 @@ def test_compile_fullgraph_nested(device, cached_max):
 def test_lengths_with_nested_is_a_value_error():
     gru = varlen_rnn.GRU(4, 3)
     nt = torch.nested.nested_tensor([torch.randn(2, 4), torch.randn(3, 4)], layout=torch.jagged)
-    with pytest.raises(ValueError, match="lengths must be None when input is a nested tensor: "
-                       "the nested tensor carries its own lengths"):
+    with pytest.raises(
+        ValueError,
+        match="lengths must be None when input is a nested tensor: "
+        "the nested tensor carries its own lengths",
+    ):
         gru(nt, lengths=[2, 3])
 
 
@@ -280,7 +301,8 @@ def test_nested_layout_rank_and_holes():
     with pytest.raises(ValueError, match=r"must be \[B, j, I\] with the ragged dimension second"):
         gru(torch.nested.nested_tensor([torch.randn(2, 4, 1)], layout=torch.jagged))
     holes = torch.nested.nested_tensor_from_jagged(
-        torch.randn(6, 4), torch.tensor([0, 3, 6]), lengths=torch.tensor([2, 3]))
+        torch.randn(6, 4), torch.tensor([0, 3, 6]), lengths=torch.tensor([2, 3])
+    )
     with pytest.raises(ValueError, match=r"holes .* call input.contiguous\(\) first"):
         gru(holes)
     with pytest.raises(RuntimeError, match="input.size\\(-1\\) must be equal to input_size"):
@@ -289,11 +311,15 @@ def test_nested_layout_rank_and_holes():
         gru(torch.nested.nested_tensor(parts, layout=torch.jagged), torch.zeros(1, 3, 3))
 
 
-@pytest.mark.parametrize("offsets,match", [
-    ([0, 3, 2, 5], "non-decreasing"),
-    ([1, 3, 5], r"offsets\[0\] must be 0"),
-    ([0, 2, 4], r"offsets\[B\] must equal input.size\(0\)=5"),
-], ids=["decreasing", "first_not_0", "last_not_N"])
+@pytest.mark.parametrize(
+    "offsets,match",
+    [
+        ([0, 3, 2, 5], "non-decreasing"),
+        ([1, 3, 5], r"offsets\[0\] must be 0"),
+        ([0, 2, 4], r"offsets\[B\] must equal input.size\(0\)=5"),
+    ],
+    ids=["decreasing", "first_not_0", "last_not_N"],
+)
 def test_bad_offsets_name_the_argument(offsets, match):
     gru = varlen_rnn.GRU(4, 3)
     nt = torch.nested.nested_tensor_from_jagged(torch.randn(5, 4), torch.tensor(offsets))
@@ -342,8 +368,12 @@ def test_autocast_and_noncontiguous_packed_data():
     ref, ours, _, hx = _setup("cpu", torch.float32, 2, True, True, True)
     padded = torch.randn(max(LENGTHS), len(LENGTHS), 2 * I)[..., ::2]
     packed = pack_padded_sequence(padded, torch.tensor(LENGTHS), enforce_sorted=False)
-    strided = PackedSequence(torch.randn(packed.data.shape[0], 2 * I)[:, ::2].copy_(packed.data),
-                             packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+    strided = PackedSequence(
+        torch.randn(packed.data.shape[0], 2 * I)[:, ::2].copy_(packed.data),
+        packed.batch_sizes,
+        packed.sorted_indices,
+        packed.unsorted_indices,
+    )
     assert not strided.data.is_contiguous()
     (out, h_n), (out_ref, h_ref) = ours(strided, hx), ref(packed, hx)
     assert_close(out.data, out_ref.data, torch.float32, "strided output")

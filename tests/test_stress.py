@@ -1,15 +1,16 @@
 """Stress: memory stays flat over hundreds of training steps, several Python threads get the
 results of a serial run bit for bit, and NaN/inf in the input propagate exactly as in
 torch.nn.GRU + packing. (Inputs are never modified: tests/test_errors.py.)"""
+
 import gc
 import os
 import threading
 
 import pytest
 import torch
+from testing import ALL_DEVICES, TOL, make_pair, packed_baseline
 
 import varlen_rnn
-from testing import ALL_DEVICES, TOL, make_pair, packed_baseline
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -42,8 +43,13 @@ def test_memory_is_flat_over_hundreds_of_steps(grad, one_thread):
     batches = []
     for i, (B, T) in enumerate(shapes):
         g = torch.Generator().manual_seed(i)
-        batches.append((torch.randn(B, T, 8, generator=g), torch.randint(0, T + 1, (B,), generator=g),
-                        torch.randint(0, 4, (B,), generator=g)))
+        batches.append(
+            (
+                torch.randn(B, T, 8, generator=g),
+                torch.randint(0, T + 1, (B,), generator=g),
+                torch.randint(0, 4, (B,), generator=g),
+            )
+        )
 
     def step(i):
         x, lengths, y = batches[i % len(batches)]
@@ -76,8 +82,12 @@ def test_threads_get_the_serial_results(device, grad):
     for i in range(12):
         g = torch.Generator().manual_seed(i)
         T, B = 4 + i % 5, 1 + (3 * i) % 7
-        jobs.append((torch.randn(T, B, 6, generator=g).to(device).requires_grad_(grad),
-                     torch.randint(0, T + 1, (B,), generator=g).to(device)))
+        jobs.append(
+            (
+                torch.randn(T, B, 6, generator=g).to(device).requires_grad_(grad),
+                torch.randint(0, T + 1, (B,), generator=g).to(device),
+            )
+        )
 
     def run(x, lengths):
         out, h = gru(x, lengths=lengths)
@@ -116,7 +126,6 @@ def test_threads_get_the_serial_results(device, grad):
 def _poison(kind, x, hx, lengths):
     """Put non-finite (or huge) values at chosen places of x (and hx)."""
     big = torch.finfo(x.dtype).max / 4
-    T, B = x.shape[0], x.shape[1]
     if kind == "nan":
         x[1, 0, 2] = x[0, 3, 0] = float("nan")
     elif kind == "inf":

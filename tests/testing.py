@@ -1,4 +1,5 @@
 """Shared helpers for the tests: devices, dtypes, and the torch.nn.GRU + packing baseline."""
+
 from __future__ import annotations
 
 import pytest
@@ -27,14 +28,42 @@ LENGTH_PATTERNS = {
 }
 
 
-def make_pair(input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-              bidirectional=False, dtype=torch.float64, device="cpu", dropout=0.0, seed=0):
+def make_pair(
+    input_size,
+    hidden_size,
+    num_layers=1,
+    bias=True,
+    batch_first=False,
+    bidirectional=False,
+    dtype=torch.float64,
+    device="cpu",
+    dropout=0.0,
+    seed=0,
+):
     """A torch.nn.GRU and a varlen_rnn.GRU with identical weights."""
     torch.manual_seed(seed)
-    ref = torch.nn.GRU(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                       bidirectional, device=device, dtype=dtype)
-    ours = varlen_rnn.GRU(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                          bidirectional, device=device, dtype=dtype)
+    ref = torch.nn.GRU(
+        input_size,
+        hidden_size,
+        num_layers,
+        bias,
+        batch_first,
+        dropout,
+        bidirectional,
+        device=device,
+        dtype=dtype,
+    )
+    ours = varlen_rnn.GRU(
+        input_size,
+        hidden_size,
+        num_layers,
+        bias,
+        batch_first,
+        dropout,
+        bidirectional,
+        device=device,
+        dtype=dtype,
+    )
     ours.load_state_dict(ref.state_dict())
     return ref, ours
 
@@ -43,8 +72,9 @@ def packed_baseline(gru: torch.nn.GRU, x, lengths, hx=None):
     """The recipe varlen_rnn replaces: pack (unsorted), run, unpack to the padded length."""
     bf = gru.batch_first
     T = x.shape[1] if bf else x.shape[0]
-    packed = pack_padded_sequence(x, torch.as_tensor(lengths).cpu(), batch_first=bf,
-                                  enforce_sorted=False)
+    packed = pack_padded_sequence(
+        x, torch.as_tensor(lengths).cpu(), batch_first=bf, enforce_sorted=False
+    )
     out, h_n = gru(packed, hx)
     out, _ = pad_packed_sequence(out, batch_first=bf, total_length=T)
     return out, h_n
@@ -53,8 +83,9 @@ def packed_baseline(gru: torch.nn.GRU, x, lengths, hx=None):
 def grads(outputs, inputs, seed=1):
     """Gradients of a random projection of outputs: every element gets its own weight."""
     g = torch.Generator().manual_seed(seed)
-    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype).to(o.device)).sum()
-               for o in outputs)
+    loss = sum(
+        (o * torch.randn(o.shape, generator=g, dtype=o.dtype).to(o.device)).sum() for o in outputs
+    )
     return torch.autograd.grad(loss, inputs, allow_unused=True, retain_graph=True)
 
 

@@ -237,8 +237,18 @@ def _gru_layer_ragged_forward_fake(
 
 @torch.library.register_fake("varlen_rnn::gru_layer_ragged_backward")
 def _gru_layer_ragged_backward_fake(
-    grad_output, grad_h_n, input, seq_index, sorted_indices, layout, max_len, hx, w_ih, w_hh,
-    output, workspace,
+    grad_output,
+    grad_h_n,
+    input,
+    seq_index,
+    sorted_indices,
+    layout,
+    max_len,
+    hx,
+    w_ih,
+    w_hh,
+    output,
+    workspace,
 ):
     D, G = w_ih.shape[0], w_ih.shape[1]
     return (
