@@ -8,9 +8,8 @@
 // are skipped. Nothing is atomic: every sum has a fixed order, so results are
 // bitwise identical run to run.
 //
-// Exchange between blocks goes through global memory written with plain
-// stores before grid.sync() and read with __ldcg (L2, never a stale L1 line)
-// after it. Row conventions: see pointwise.cuh.
+// The pieces both kernels share (staging, tile_matvec, the common args):
+// persistent_common.cuh. Row conventions: see pointwise.cuh.
 #pragma once
 
 #ifndef VARLEN_RNN_HOST_EMULATION  // a test harness may run these kernels on CPU threads
@@ -21,199 +20,13 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
-#include <type_traits>
 
 #include "gate_math.h"
-#include "mma_matvec.cuh"
+#include "persistent_common.cuh"
 #include "pointwise.cuh"
 
 namespace varlen_rnn {
 namespace cuda {
-
-// A load that bypasses L1 (data other blocks wrote before the grid barrier).
-template <typename T>
-__device__ __forceinline__ T load_cg(const T* p) {
-  return __ldcg(p);
-}
-template <>
-__device__ __forceinline__ c10::Half load_cg(const c10::Half* p) {
-  return c10::Half(__ldcg(reinterpret_cast<const unsigned short*>(p)), c10::Half::from_bits());
-}
-template <>
-__device__ __forceinline__ c10::BFloat16 load_cg(const c10::BFloat16* p) {
-  return c10::BFloat16(__ldcg(reinterpret_cast<const unsigned short*>(p)),
-                       c10::BFloat16::from_bits());
-}
-
-#ifndef VARLEN_RNN_HOST_EMULATION
-__device__ __forceinline__ unsigned char* dynamic_smem() {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  return smem_raw;
-}
-#endif
-
-constexpr int kPersistThreads = 256;
-constexpr int kPersistWarps = kPersistThreads / 32;
-// Rows per warp work item: the warp reduces kRows x NG dot products at once
-// and lanes 0..kRows-1 finish one row each.
-constexpr int kRows = 8;
-
-// How a persistent launch is cut; chosen on the host from the device's limits.
-struct PersistentShape {
-  int J;               // hidden units per block
-  int blocks_per_dir;  // ceil(H / J)
-  int tile_rows;       // rows staged per tile: kRows * (work items per unit group)
-  int kc;              // columns of the staged tile (K is walked in chunks)
-};
-
-// Items per tile: U unit groups times the row groups of a tile.
-__device__ __forceinline__ int tile_items(int U, const PersistentShape& ps) {
-  return U * (ps.tile_rows / kRows);
-}
-
-// Sums a[g][r] over the warp's 32 lanes so that lane r (and r + kRows, ...)
-// ends with row r's sums in a[g][0], for every g: a reduce-scatter. Each of
-// the log2(kRows) halving steps sends half of the rows a lane still holds to
-// the partner lane ^ off and keeps the other half (the rows whose bit matches
-// the lane's bit), then two butterfly steps add up the 32 / kRows lanes that
-// hold the same row. NG * (kRows/2 + kRows/4 + ... + 1 + 2) = 27 shuffles for
-// NG = 3 instead of the butterfly's 5 * NG * kRows = 120. Every lane runs the
-// same shuffles (full mask), and each sum has a fixed order, so the result is
-// bitwise the same every run.
-template <int NG, typename acc_t>
-__device__ __forceinline__ void warp_reduce_scatter(acc_t (&a)[NG][kRows], int lane) {
-  static_assert((kRows & (kRows - 1)) == 0 && kRows <= 32, "kRows must be a power of two <= 32");
-  // Invariant: after the step with offset off, a[g][m] holds the partial sum of
-  // row (lane & (2*off - 1)) + m * 2*off over the lanes that differ from this
-  // one in bits below 2*off.
-#pragma unroll
-  for (int off = 1, n = kRows; off < kRows; off *= 2, n /= 2) {
-    const bool upper = (lane & off) != 0;
-#pragma unroll
-    for (int m = 0; m < kRows / 2; ++m) {
-      if (2 * m < n) {  // compile-time after unrolling
-#pragma unroll
-        for (int g = 0; g < NG; ++g) {
-          const acc_t lo = a[g][2 * m], hi = a[g][2 * m + 1];
-          const acc_t keep = upper ? hi : lo;
-          const acc_t recv = __shfl_xor_sync(0xffffffffu, upper ? lo : hi, off);
-          a[g][m] = keep + recv;
-        }
-      }
-    }
-  }
-#pragma unroll
-  for (int off = kRows; off < 32; off *= 2)
-#pragma unroll
-    for (int g = 0; g < NG; ++g) a[g][0] += __shfl_xor_sync(0xffffffffu, a[g][0], off);
-}
-
-// Copies kc values of one tile row from src into dst (zeros when src is
-// null, i.e. the row is inactive), the warp's lanes striding over the columns.
-// kCg: src was written by other blocks before the grid barrier (read through
-// L2). fp32 rows go as 16-byte loads where src, dst and kc allow it.
-template <bool kCg, typename acc_t, typename T>
-__device__ __forceinline__ void stage_row(acc_t* dst, const T* src, int kc, int lane) {
-  if (src == nullptr) {
-    for (int k = lane; k < kc; k += 32) dst[k] = acc_t(0);
-    return;
-  }
-  if constexpr (std::is_same<T, float>::value && std::is_same<acc_t, float>::value) {
-    const uintptr_t addr = reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst);
-    if ((kc & 3) == 0 && (addr & 15) == 0) {
-      const float4* s4 = reinterpret_cast<const float4*>(src);
-      float4* d4 = reinterpret_cast<float4*>(dst);
-      for (int k = lane; k < kc / 4; k += 32) d4[k] = kCg ? __ldcg(s4 + k) : s4[k];
-      return;
-    }
-  }
-  for (int k = lane; k < kc; k += 32) dst[k] = static_cast<acc_t>(kCg ? load_cg(src + k) : src[k]);
-}
-
-// For every work item = sub*U + u of the block and g < NG, r < kRows:
-//   acc_s[item][g][r] = sum_k w_s[(g*g_rows + u*u_rows)*K + k] * X[sub*kRows + r][k]
-// i.e. NG rows of the on-chip weights against kRows rows of X, so each value
-// read from shared memory feeds NG (or kRows) FMAs. X is fetched chunk by
-// chunk into `tile`: warp w stages rows w, w + kPersistWarps, ... through
-// stage(dst, row, k0, kc, lane), which looks the row's source up once and
-// copies columns k0 .. k0+kc-1 (see stage_row). Ends with __syncthreads.
-template <int NG, typename acc_t, typename w_t, typename Stage>
-__device__ __forceinline__ void tile_matvec(const w_t* w_s, int U, int g_rows, int u_rows, int K,
-                                            const PersistentShape& ps, acc_t* tile, acc_t* acc_s,
-                                            Stage stage) {
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  const int items = tile_items(U, ps);
-  for (int k0 = 0; k0 < K; k0 += ps.kc) {
-    const int kc = min(ps.kc, K - k0);
-    for (int r = warp; r < ps.tile_rows; r += kPersistWarps) {
-      stage(tile + r * ps.kc, r, k0, kc, lane);
-    }
-    __syncthreads();
-    for (int item = warp; item < items; item += kPersistWarps) {
-      const int row0 = (item % U) * u_rows;
-      const acc_t* x = tile + (item / U) * kRows * ps.kc;
-      acc_t a[NG][kRows];
-#pragma unroll
-      for (int g = 0; g < NG; ++g)
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) a[g][r] = acc_t(0);
-      for (int k = lane; k < kc; k += 32) {
-        acc_t w[NG];
-#pragma unroll
-        for (int g = 0; g < NG; ++g)
-          w[g] = static_cast<acc_t>(w_s[static_cast<int64_t>(g * g_rows + row0) * K + k0 + k]);
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          const acc_t xv = x[r * ps.kc + k];
-#pragma unroll
-          for (int g = 0; g < NG; ++g) a[g][r] += w[g] * xv;
-        }
-      }
-      warp_reduce_scatter<NG>(a, lane);
-      if (lane < kRows) {
-#pragma unroll
-        for (int g = 0; g < NG; ++g) {
-          acc_t* dst = acc_s + (item * NG + g) * kRows + lane;
-          *dst = (k0 == 0 ? acc_t(0) : *dst) + a[g][0];
-        }
-      }
-    }
-    __syncthreads();
-  }
-}
-
-// The recurrent product of a step: exact in acc_t on CUDA cores (tile_matvec), or with kMma on
-// tensor cores (mma_matvec.cuh: operands rounded to TF32 for float, taken as they are for the
-// 2-byte types, sums in fp32) - the precision cuBLAS gives the fallback path's GEMMs.
-template <typename scalar_t>
-constexpr tc::Kind mma_kind = std::is_same<scalar_t, c10::BFloat16>::value ? tc::Kind::bf16
-                              : std::is_same<scalar_t, c10::Half>::value   ? tc::Kind::f16
-                                                                           : tc::Kind::tf32;
-template <bool kMma, typename w_t, typename acc_t, typename Stage>
-__device__ __forceinline__ void recurrent_matvec(const w_t* w_s, int U, int g_rows, int u_rows,
-                                                 int K, const PersistentShape& ps, acc_t* tile,
-                                                 acc_t* acc_s, Stage stage) {
-  if constexpr (kMma) {
-    static_assert(std::is_same<acc_t, float>::value, "tensor cores: float, half or bfloat16");
-    tile_matvec_mma<3, kPersistWarps, mma_kind<w_t>>(w_s, U, g_rows, u_rows, K, ps.tile_rows, ps.kc,
-                                                     tile, acc_s, stage);
-  } else {
-    tile_matvec<3>(w_s, U, g_rows, u_rows, K, ps, tile, acc_s, stage);
-  }
-}
-
-// What both persistent kernels get besides their tensors: the schedule, the
-// row layout and the launch shape (filled once, by the launcher's helper).
-struct PersistentCommonArgs {
-  const int* lens;    // [B]
-  const int* perm;    // [B] rows by length, descending, stable
-  const int* sorted;  // [B] lens[perm[i]]
-  RowMap rows;        // (t, b) -> row of every per-position buffer (pointwise.cuh)
-  int64_t R;          // rows per direction: T*B padded, N ragged
-  int T, B, H, D;     // T: the padded time dimension (padding's zeros only)
-  PersistentShape ps;
-};
 
 template <typename scalar_t, typename acc_t>
 struct PersistentForwardArgs : PersistentCommonArgs {

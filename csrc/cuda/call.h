@@ -1,0 +1,106 @@
+// The state of one layer call on the CUDA backend: what forward and backward
+// share (LayerCall: dims, dtypes, TF32 and tensor-core policy, stream, rows),
+// what each adds (ForwardCall, BackwardCall), and choose(), the path of one
+// pass. Included by gru_cuda.cu only, so the whole backend stays one
+// translation unit; the names keep its internal linkage.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+
+#include "gru.h"
+#include "launch.h"
+#include "plan.h"
+#include "rows.h"
+
+namespace varlen_rnn {
+namespace cuda {
+namespace {
+
+using at::Tensor;
+
+// ---- What forward and backward share -----------------------------------------
+struct LayerCall {
+  LayerDims dims;
+  at::TensorOptions opts;   // the input's
+  at::ScalarType acc_type;  // op-math dtype: the state, saved gates, sums
+  bool tf32 = false;        // float32 GEMMs may use TF32 (nn.GRU's cuDNN policy)
+  bool mma = false;         // the persistent kernels' recurrent products on tensor cores
+  cudaStream_t stream;
+  DeviceRows rows;  // the rows of every per-position buffer, the lengths (rows.h)
+  Tensor hx, w_hh;  // contiguous [D, B, H] (rank order when packed), [D, 3H, H]
+};
+
+// dims.T is the step loop's bound: the padded time dimension, or max_len.
+void set_layer_call(LayerCall& c, const LayerDims& dims, const Tensor& input, const Tensor& hx,
+                    const Tensor& w_hh) {
+  c.dims = dims;
+  c.opts = input.options();
+  c.acc_type = opmath_dtype(input.scalar_type());
+  c.tf32 = input.scalar_type() == at::kFloat && cudnn_rnn_allows_tf32();
+  // Tensor cores (sm_80+) where the fallback's cuBLAS GEMMs would use them too: the half
+  // types, and float32 where TF32 is allowed; float64 and exact float32 stay on CUDA cores.
+  c.mma = knobs().tensor_cores != 0 && input.scalar_type() != at::kDouble &&
+          (input.scalar_type() != at::kFloat || c.tf32) &&
+          at::cuda::getCurrentDeviceProperties()->major >= 8;
+  c.stream = at::cuda::getCurrentCUDAStream();
+  c.hx = hx.contiguous();
+  c.w_hh = w_hh.contiguous();
+}
+
+struct ForwardCall : LayerCall {
+  Tensor gx;            // [R, D*3H] input projection incl. b_ih, the input's rows
+  Tensor b_hh;          // [D, 3H] contiguous, or undefined
+  Tensor out, h_n, ws;  // outputs: [R, D*H] rows, [D, B, H], [D, R, 4H] or [0]
+  bool need_workspace = false;
+};
+
+struct BackwardCall : LayerCall {
+  Tensor grad_out, out, grad_h_n, ws;  // contiguous, as the forward gave them
+  Tensor dgx;                          // [R, D*3H] the input's rows
+  Tensor dgh;                          // [D, R, 3H] storage dtype (only feeds GEMMs)
+  Tensor hprev;                        // [D, R, H]
+  Tensor grad_hx;                      // [D, B, H]
+};
+
+// The path of one pass; errors when persistent is forced but cannot run, so tests
+// that compare the paths never compare the fallback with itself. kernel_of(mma) is
+// the persistent kernel's instantiation. Where the call may use tensor cores
+// (c.mma), the tensor-core and the exact persistent kernel are both priced and the
+// faster one runs: the model (plan.h) finds the tensor-core kernel slower where its
+// fragment loads conflict in shared memory, and auto never picks a slower path.
+template <typename KernelOf>
+plan::Choice choose(const LayerCall& c, KernelOf kernel_of, plan::Pass pass, int64_t storage_bytes,
+                    int64_t acc_bytes) {
+  const plan::Path requested = requested_path();
+  if (requested == plan::Path::kFallback) return plan::Choice{};
+  auto one = [&](bool mma) {
+    const KernelFacts facts = kernel_facts(kernel_of(mma));
+    plan::Device dev = facts.dev;
+    if (!facts.unavailable.empty()) dev.cooperative = false;
+    const plan::Problem p{
+        c.dims.B, c.dims.H, c.dims.D, pass, storage_bytes, acc_bytes, storage_bytes != 4 || c.tf32,
+        mma};
+    plan::Choice choice = plan::choose_path(p, dev, requested, knobs().max_kc.load());
+    if (!facts.unavailable.empty()) choice.why = facts.unavailable;
+    choice.mma = mma;
+    return choice;
+  };
+  plan::Choice choice = one(false);
+  if (c.mma) {
+    plan::Choice tc = one(true);
+    const bool tc_runs = tc.path == plan::Path::kPersistent;
+    const bool exact_runs = choice.path == plan::Path::kPersistent;
+    const bool forced = knobs().tensor_cores == 1;
+    if (tc_runs && (forced || !exact_runs || tc.persistent_us <= choice.persistent_us)) {
+      choice = tc;
+    }
+  }
+  TORCH_CHECK(choice.fits || requested == plan::Path::kAuto,
+              "VARLEN_RNN_CUDA_PATH=persistent but the persistent kernel cannot run: ", choice.why);
+  return choice;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace varlen_rnn
