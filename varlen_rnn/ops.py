@@ -42,6 +42,11 @@ def _needs_differentiable_path(tensors) -> bool:
 _FUNCTORCH_AD = (torch._C._functorch.TransformType.Jvp, torch._C._functorch.TransformType.Grad)
 
 
+def _need_workspace(tensors) -> bool:
+    """Whether the forward must keep what its backward reads: a gradient is wanted."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def gru_layer(
     input: Tensor,  # [T, B, I] or [B, T, I] if batch_first
     lengths: Tensor,  # [B] int64/int32, on the CPU or input's device
@@ -60,9 +65,7 @@ def gru_layer(
     tensors = (input, hx, w_ih, w_hh, b_ih, b_hh)
     if _needs_differentiable_path(tensors):
         return gru_layer_reference(input, lengths, *tensors[1:], batch_first)
-    need_workspace = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in tensors
-    )
+    need_workspace = _need_workspace(tensors)
     # The kernels run with autocast excluded (csrc/gru.h NoAutocastGuard); GRU._run
     # picks the dtypes by torch.nn.GRU's autocast policy.
     output, h_n, _ = torch.ops.varlen_rnn.gru_layer_forward(
@@ -92,10 +95,8 @@ def _gru_layer_forward_fake(
     return output, h_n, workspace
 
 
-@torch.library.register_fake("varlen_rnn::gru_layer_backward")
-def _gru_layer_backward_fake(
-    grad_output, grad_h_n, input, lengths, hx, w_ih, w_hh, output, workspace, batch_first
-):
+def _layer_grads_fake(input, hx, w_ih, w_hh):
+    """Shapes of a layer backward's six results, the same for every layout."""
     D, G = w_ih.shape[0], w_ih.shape[1]
     return (
         torch.empty_like(input, memory_format=torch.contiguous_format),
@@ -105,6 +106,13 @@ def _gru_layer_backward_fake(
         input.new_empty((D, G)),
         input.new_empty((D, G)),
     )
+
+
+@torch.library.register_fake("varlen_rnn::gru_layer_backward")
+def _gru_layer_backward_fake(
+    grad_output, grad_h_n, input, lengths, hx, w_ih, w_hh, output, workspace, batch_first
+):
+    return _layer_grads_fake(input, hx, w_ih, w_hh)
 
 
 def _setup_context(ctx, inputs, output):
@@ -128,10 +136,7 @@ def _backward(ctx, grad_output, grad_h_n, _grad_workspace):
             "varlen_rnn.ops.gru_layer does when gradients are required)"
         )
     input, lengths, hx, w_ih, w_hh, b_ih, b_hh, out, workspace = ctx.saved_tensors
-    if grad_output is None:
-        grad_output = torch.zeros_like(out)
-    if grad_h_n is None:
-        grad_h_n = torch.zeros_like(hx)
+    grad_output, grad_h_n = _materialize(grad_output, grad_h_n, out, hx)
     if torch.is_grad_enabled():  # backward(create_graph=True): the gradients need a graph
         inputs = (input, lengths, hx, w_ih, w_hh, b_ih, b_hh)
 
@@ -145,6 +150,13 @@ def _backward(ctx, grad_output, grad_h_n, _grad_workspace):
     if b_ih is None:
         g_bih = g_bhh = None
     return g_in, None, g_hx, g_wih, g_whh, g_bih, g_bhh, None, None
+
+
+def _materialize(grad_output, grad_h_n, out, hx):
+    """Zeros for an unused output's gradient (set_materialize_grads(False) passes None)."""
+    grad_output = torch.zeros_like(out) if grad_output is None else grad_output
+    grad_h_n = torch.zeros_like(hx) if grad_h_n is None else grad_h_n
+    return grad_output, grad_h_n
 
 
 def _differentiable_backward(ctx, grads, inputs, layer, n_results):
@@ -209,9 +221,7 @@ def gru_layer_ragged(
     index = (seq_index, sorted_indices, layout, max_len)
     if _needs_differentiable_path(tensors):
         return gru_layer_ragged_reference(input, *index, *tensors[1:])
-    need_workspace = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in tensors
-    )
+    need_workspace = _need_workspace(tensors)
     output, h_n, _ = torch.ops.varlen_rnn.gru_layer_ragged_forward(
         input, *index, *tensors[1:], need_workspace
     )
@@ -250,15 +260,7 @@ def _gru_layer_ragged_backward_fake(
     output,
     workspace,
 ):
-    D, G = w_ih.shape[0], w_ih.shape[1]
-    return (
-        torch.empty_like(input, memory_format=torch.contiguous_format),
-        torch.empty_like(hx, memory_format=torch.contiguous_format),
-        torch.empty_like(w_ih, memory_format=torch.contiguous_format),
-        torch.empty_like(w_hh, memory_format=torch.contiguous_format),
-        input.new_empty((D, G)),
-        input.new_empty((D, G)),
-    )
+    return _layer_grads_fake(input, hx, w_ih, w_hh)
 
 
 def _setup_ragged_context(ctx, inputs, output):
@@ -280,10 +282,7 @@ def _ragged_backward(ctx, grad_output, grad_h_n, _grad_workspace):
             "varlen_rnn.ops.gru_layer_ragged does when gradients are required)"
         )
     input, seq_index, sorted_indices, hx, w_ih, w_hh, b_ih, b_hh, out, ws = ctx.saved_tensors
-    if grad_output is None:
-        grad_output = torch.zeros_like(out)
-    if grad_h_n is None:
-        grad_h_n = torch.zeros_like(hx)
+    grad_output, grad_h_n = _materialize(grad_output, grad_h_n, out, hx)
     inputs = (input, seq_index, sorted_indices, ctx.layout, ctx.max_len, hx, w_ih, w_hh)
     if torch.is_grad_enabled():  # backward(create_graph=True): the gradients need a graph
         grads = (grad_output, grad_h_n)
