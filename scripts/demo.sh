@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 VENV=${VENV:-.venv}
-exec "$VENV/bin/python" -P examples/demo.py "$@"
+# Not -P: the script imports demo_data from its own folder; the installed varlen_rnn is imported
+# (the script's folder, not the repository root, comes first on sys.path).
+exec "$VENV/bin/python" examples/demo.py "$@"

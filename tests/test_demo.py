@@ -188,3 +188,20 @@ def test_main_on_a_file(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"40 sequences (from {f})" in out
     assert "the curves agree" in out and "speedup" in out
+
+
+def test_demo_script_runs_the_example_as_demo_sh_starts_it():
+    """scripts/demo.sh's last line, with this interpreter for the venv's: the example must start
+    (its own folder on sys.path for demo_data) exactly as the README's first command runs it."""
+    repo = EXAMPLES.parent
+    line = [
+        ln
+        for ln in (repo / "scripts" / "demo.sh").read_text().splitlines()
+        if ln.startswith("exec ")
+    ][-1]
+    argv = line.split()[1:]
+    assert argv[0] == '"$VENV/bin/python"' and argv[-1] == '"$@"', line
+    cmd = [sys.executable, *argv[1:-1], "--help"]
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--data" in proc.stdout
