@@ -10,36 +10,9 @@
 // backward needs besides h, so nothing is recomputed.
 #pragma once
 
-#include <cmath>
-
-#if defined(__CUDACC__)
-#define VR_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define VR_HOST_DEVICE inline
-#endif
+#include "cells/cell.h"  // VR_HOST_DEVICE, PreciseMath, sigmoid
 
 namespace varlen_rnn {
-
-// The transcendental functions, as a policy so a backend can swap in a
-// vectorizable or fast-math version without touching the cell math (the CPU's
-// float rows use cpu/vec_math.h's VecMathF32).
-struct PreciseMath {
-  template <typename T>
-  static VR_HOST_DEVICE T exp(T x) {
-    using std::exp;
-    return exp(x);
-  }
-  template <typename T>
-  static VR_HOST_DEVICE T tanh(T x) {
-    using std::tanh;
-    return tanh(x);
-  }
-};
-
-template <typename T, typename Math = PreciseMath>
-VR_HOST_DEVICE T sigmoid(T x) {
-  return T(1) / (T(1) + Math::exp(-x));
-}
 
 // What the forward of one cell element saves for the backward.
 template <typename T>

@@ -2,7 +2,10 @@
 // cpu/gru_cpu.cpp and cuda/gru_cuda.cu and register with TORCH_LIBRARY_IMPL.
 //
 // Shape legend (see gru.h): T time steps, B batch, I input features, H hidden,
-// D directions (1 or 2). Gate order r|z|n as torch.nn.GRU. Tensors are
+// D directions (1 or 2), G gates (GRU 3: r|z|n, LSTM 4: i|f|g|o, RNN 1, in
+// torch.nn's order), P the LSTM's state width (proj_size, or H without a
+// projection), S the values a cell saves per unit (csrc/cells/: GRU 4,
+// LSTM 6, RNN 1). Tensors are
 // time-major [T, B, ...] unless batch_first, then [B, T, ...]; ragged
 // tensors are [N, ...] (N valid positions).
 #include <torch/library.h>
@@ -75,4 +78,68 @@ TORCH_LIBRARY(varlen_rnn, m) {
       "SymInt max_len, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor output, "
       "Tensor workspace) -> (Tensor grad_input, Tensor grad_hx, "
       "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
+
+  // ---- LSTM and RNN: the GRU ops' contract with another cell --------------
+  // Each op below is its gru_* namesake with the cell changed; everything not
+  // stated is as documented there (lengths, layouts, padding zeros, h_n of
+  // zero-length rows, workspace rows per backend, grad_b_* always computed).
+
+  // One LSTM layer (torch.nn.LSTM), optionally with a projection.
+  //   hx [D, B, P], cx [D, B, H]; w_ih [D, 4H, I], w_hh [D, 4H, P],
+  //   b_ih/b_hh [D, 4H] or None, w_hr [D, P, H] or None (proj_size = 0).
+  // Returns output [T, B, D*P] (or [B, T, D*P]), h_n [D, B, P], c_n [D, B, H],
+  // workspace [D, rows, 6H].
+  m.def(
+      "lstm_layer_forward(Tensor input, Tensor lengths, Tensor hx, Tensor cx, "
+      "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, "
+      "bool batch_first, bool need_workspace) -> (Tensor output, Tensor h_n, "
+      "Tensor c_n, Tensor workspace)");
+  // grad_w_hr [D, P, H], or [0] when w_hr is None.
+  m.def(
+      "lstm_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, "
+      "Tensor input, Tensor lengths, Tensor hx, Tensor cx, Tensor w_ih, "
+      "Tensor w_hh, Tensor? w_hr, Tensor output, Tensor workspace, "
+      "bool batch_first) -> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, "
+      "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh, "
+      "Tensor grad_w_hr)");
+  m.def(
+      "lstm_layer_ragged_forward(Tensor input, Tensor seq_index, "
+      "Tensor? sorted_indices, int layout, SymInt max_len, Tensor hx, Tensor cx, "
+      "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, "
+      "bool need_workspace) -> (Tensor output, Tensor h_n, Tensor c_n, "
+      "Tensor workspace)");
+  m.def(
+      "lstm_layer_ragged_backward(Tensor grad_output, Tensor grad_h_n, "
+      "Tensor grad_c_n, Tensor input, Tensor seq_index, Tensor? sorted_indices, "
+      "int layout, SymInt max_len, Tensor hx, Tensor cx, Tensor w_ih, "
+      "Tensor w_hh, Tensor? w_hr, Tensor output, Tensor workspace) -> "
+      "(Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor grad_w_ih, "
+      "Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr)");
+
+  // One Elman RNN layer (torch.nn.RNN): nonlinearity "tanh" or "relu".
+  //   w_ih [D, H, I], w_hh [D, H, H], b_ih/b_hh [D, H] or None.
+  // Returns as gru_layer_forward, workspace [D, rows, H].
+  m.def(
+      "rnn_layer_forward(Tensor input, Tensor lengths, Tensor hx, Tensor w_ih, "
+      "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, str nonlinearity, "
+      "bool batch_first, bool need_workspace) -> (Tensor output, Tensor h_n, "
+      "Tensor workspace)");
+  m.def(
+      "rnn_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, "
+      "Tensor lengths, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor output, "
+      "Tensor workspace, str nonlinearity, bool batch_first) -> "
+      "(Tensor grad_input, Tensor grad_hx, Tensor grad_w_ih, Tensor grad_w_hh, "
+      "Tensor grad_b_ih, Tensor grad_b_hh)");
+  m.def(
+      "rnn_layer_ragged_forward(Tensor input, Tensor seq_index, "
+      "Tensor? sorted_indices, int layout, SymInt max_len, Tensor hx, "
+      "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, str nonlinearity, "
+      "bool need_workspace) -> (Tensor output, Tensor h_n, Tensor workspace)");
+  m.def(
+      "rnn_layer_ragged_backward(Tensor grad_output, Tensor grad_h_n, "
+      "Tensor input, Tensor seq_index, Tensor? sorted_indices, int layout, "
+      "SymInt max_len, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor output, "
+      "Tensor workspace, str nonlinearity) -> (Tensor grad_input, "
+      "Tensor grad_hx, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, "
+      "Tensor grad_b_hh)");
 }

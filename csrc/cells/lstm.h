@@ -1,0 +1,57 @@
+// The LSTM cell (torch.nn.LSTM), gate order i|f|g|o. With gx = W_ih x + b_ih
+// and gh = W_hh h + b_hh:
+//   i = sigmoid(gx_i + gh_i)   f = sigmoid(gx_f + gh_f)
+//   g = tanh(gx_g + gh_g)      o = sigmoid(gx_o + gh_o)
+//   c' = f * c + i * g
+//   h' = o * tanh(c')
+// With proj_size > 0 the recurrence (not the cell) maps h' to the state and
+// output W_hr h' ([P] per row); the cell sees only its own h' and c.
+// Saved i | f | g | o | c | tanh(c'): the backward needs no other state (the
+// previous c is saved rather than read from the previous step's row, so a
+// backward step reads one workspace row). The policy's contract: cells/cell.h.
+#pragma once
+
+#include "cells/cell.h"
+
+namespace varlen_rnn {
+
+struct LstmCell {
+  static constexpr int kGates = 4;
+  static constexpr int kSaved = 6;
+  static constexpr bool kHasC = true;
+  static constexpr bool kHiddenGradsDiffer = false;
+  static constexpr bool kReadsHPrev = false;
+
+  template <typename T, typename Math = PreciseMath>
+  static VR_HOST_DEVICE void forward(const T (&gx)[4], const T (&gh)[4], const CellState<T>& prev,
+                                     CellState<T>& next, T (&saved)[6]) {
+    const T i = sigmoid<T, Math>(gx[0] + gh[0]);
+    const T f = sigmoid<T, Math>(gx[1] + gh[1]);
+    const T g = Math::tanh(gx[2] + gh[2]);
+    const T o = sigmoid<T, Math>(gx[3] + gh[3]);
+    next.c = f * prev.c + i * g;
+    const T tc = Math::tanh(next.c);
+    next.h = o * tc;
+    saved[0] = i;
+    saved[1] = f;
+    saved[2] = g;
+    saved[3] = o;
+    saved[4] = prev.c;
+    saved[5] = tc;
+  }
+
+  template <typename T>
+  static VR_HOST_DEVICE void backward(const CellState<T>& grad, T /*h_prev*/, const T (&saved)[6],
+                                      T (&dgx)[4], T (&dgh)[4], CellState<T>& grad_prev) {
+    const T i = saved[0], f = saved[1], g = saved[2], o = saved[3], c = saved[4], tc = saved[5];
+    const T dc = grad.c + grad.h * o * (T(1) - tc * tc);
+    dgx[0] = dgh[0] = dc * g * i * (T(1) - i);
+    dgx[1] = dgh[1] = dc * c * f * (T(1) - f);
+    dgx[2] = dgh[2] = dc * i * (T(1) - g * g);
+    dgx[3] = dgh[3] = grad.h * tc * o * (T(1) - o);
+    grad_prev.h = T(0);
+    grad_prev.c = dc * f;
+  }
+};
+
+}  // namespace varlen_rnn
