@@ -24,38 +24,17 @@ roundings dominate, for float32 its own sums over up to 3H terms in the kernels 
 the GEMMs). A wrong bit-cast, index or missing term gives errors of order max|ref|, far above
 the bound for every dtype (bfloat16: 4 * 2^-7 ~ 0.03 of max|ref|)."""
 
-import os
-import shutil
-
 import pytest
 import torch
+from emulation import SKIP_REASON, load_emulation
 from torch.nn.utils.rnn import pack_padded_sequence
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-CSRC = os.path.join(os.path.dirname(HERE), "csrc")
-
-pytestmark = pytest.mark.skipif(
-    os.environ.get("VARLEN_RNN_SKIP_EMULATION") == "1"
-    or shutil.which("c++") is None
-    or not os.path.isdir(os.path.join(CSRC, "cuda")),
-    reason="emulation skipped (VARLEN_RNN_SKIP_EMULATION=1, no C++ compiler, or no csrc/cuda)",
-)
+pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
 
 
 @pytest.fixture(scope="module")
-def emu(tmp_path_factory):
-    from torch.utils.cpp_extension import load
-
-    import varlen_rnn  # noqa: F401  the CPU kernels are the oracle
-
-    build = tmp_path_factory.mktemp("emu_build")
-    return load(
-        name="varlen_rnn_cuda_emulation",
-        sources=[os.path.join(HERE, "cuda_emulation", "emu.cpp")],
-        build_directory=str(build),
-        extra_include_paths=[CSRC],
-        extra_cflags=["-O1", "-std=c++20"],
-    )
+def emu():
+    return load_emulation()
 
 
 OFFSETS, PACKED, PADDED = 0, 1, 2

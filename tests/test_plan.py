@@ -17,12 +17,14 @@ DRIVER = r"""
 #include "cuda/plan.h"
 using namespace varlen_rnn::plan;
 int main() {
-  long long B, H, D, pass, sb, ab, tc, sms, smem, coop, fit, req, max_kc, mma;
-  while (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld", &B,
-                    &H, &D, &pass, &sb, &ab, &tc, &sms, &smem, &coop, &fit, &req, &max_kc,
-                    &mma) == 14) {
-    Problem p{B, H, D, Pass(pass), sb, ab, tc != 0};  // gru_cuda.cu's aggregate, then the field
+  long long B, H, D, pass, sb, ab, tc, sms, smem, coop, fit, req, max_kc, mma, gates, proj;
+  while (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld",
+                    &B, &H, &D, &pass, &sb, &ab, &tc, &sms, &smem, &coop, &fit, &req, &max_kc,
+                    &mma, &gates, &proj) == 16) {
+    Problem p{B, H, D, Pass(pass), sb, ab, tc != 0};  // the GRU's aggregate, then the fields
     p.persistent_mma = mma != 0;
+    p.gates = gates;
+    p.proj = proj != 0;
     const Device d{sms, smem, coop != 0, fit != 0};
     const Choice c = choose_path(p, d, Path(req), max_kc);
     std::printf("%d %d %lld %lld %lld %lld %lld %lld %.6f %.6f %s\n", int(c.path), int(c.fits),
@@ -74,7 +76,8 @@ def ask(tmp_path_factory):
 
     def run(queries):
         """queries: dicts with B, H, D, pass_, dtype, device, and optional requested, max_kc,
-        cooperative, mma (the persistent kernel on tensor cores)."""
+        cooperative, mma (the persistent kernel on tensor cores), gates (the cell's: GRU 3,
+        LSTM 4, RNN 1) and proj (an LSTM with proj_size > 0)."""
         lines = []
         for q in queries:
             sb, ab, tc = DTYPES[q["dtype"]]
@@ -97,6 +100,8 @@ def ask(tmp_path_factory):
                         q.get("requested", AUTO),
                         q.get("max_kc", 0),
                         int(q.get("mma", False)),
+                        q.get("gates", 3),
+                        int(q.get("proj", False)),
                     )
                 )
             )
@@ -277,3 +282,86 @@ def test_tensor_cores_pay_for_bank_conflicts(ask):
     e, m = ask([q(1, 256, 1, "training", "bf16"), q(1, 256, 1, "training", "bf16", mma=True)])
     assert abs(m.persistent_us - e.persistent_us) < 0.1 * e.persistent_us, (e, m)
     assert m.path == e.path == PERSISTENT
+
+
+# ------------------------------------------------------------ the other cells: LSTM (4 gates), RNN (1)
+CELL_GATES = {"lstm": 4, "rnn": 1}
+
+
+def test_projected_lstm_never_takes_the_persistent_kernel(ask):
+    """An LSTM with proj_size > 0 has no persistent kernel: whatever is requested and however
+    small the problem, the choice is the fallback, and `why` says so (call.h runs the fallback
+    for it even when VARLEN_RNN_CUDA_PATH=persistent)."""
+    cases = [
+        q(B, H, D, p, dt, gates=4, proj=True, requested=req, device=dev)
+        for B in (1, 8, 256)
+        for H in (16, 256)
+        for D in (1, 2)
+        for p in PASSES
+        for dt in ("f32", "bf16")
+        for req in (AUTO, PERSISTENT)
+        for dev in DEVICES
+    ]
+    for case, a in zip(cases, ask(cases)):
+        assert a.path == FALLBACK and not a.fits, (case, a)
+        assert "proj_size" in a.why, (case, a)
+    # The same LSTM without a projection does take it where it is cheaper.
+    (a,) = ask([q(1, 256, 1, "inference", "f32", gates=4)])
+    assert a.path == PERSISTENT, a
+
+
+@pytest.mark.parametrize("cell", CELL_GATES)
+def test_cells_small_batch_take_persistent_large_batch_training_fallback(ask, cell):
+    """The GRU's crossover carries over: one gate or four change the work per step, not which
+    side of the roofline B = 1 and B = 256, H = 1024 training fall on."""
+    G = CELL_GATES[cell]
+    small = ask([q(B, 256, D, p, gates=G) for B in (1, 8) for D in (1, 2) for p in ("inference",)])
+    assert all(a.path == PERSISTENT for a in small), small
+    big = ask([q(256, 1024, D, p, gates=G) for D in (1, 2) for p in ("training", "backward")])
+    assert all(a.path == FALLBACK for a in big), big
+
+
+@pytest.mark.parametrize("cell", CELL_GATES)
+def test_cells_choice_is_monotone_in_batch(ask, cell):
+    Bs = list(range(1, 65)) + list(range(72, 1025, 24))
+    for H in (32, 256, 1024):
+        for D in (1, 2):
+            for p in PASSES:
+                for dt in ("f32", "bf16"):
+                    answers = ask([q(B, H, D, p, dt, gates=CELL_GATES[cell]) for B in Bs])
+                    paths = [a.path for a in answers]
+                    assert set(paths[_first_fallback(paths) :]) <= {FALLBACK}, (H, D, p, dt)
+
+
+@pytest.mark.parametrize("cell", CELL_GATES)
+def test_cells_cuts_fit_the_device(ask, cell):
+    """The shared memory of a cut counts G weight rows per unit in the forward and K = G*H in
+    the backward: every cut fits, and more gates never fit where fewer do not."""
+    G = CELL_GATES[cell]
+    sms, smem = DEVICES["A100"]
+    cases = [
+        q(B, H, D, p, dt, device="A100", requested=PERSISTENT, gates=G)
+        for B in (1, 33)
+        for H in (5, 256, 700)
+        for D in (1, 2)
+        for p in PASSES
+        for dt in ("f32", "f64", "bf16")
+    ]
+    gru = ask([dict(c, gates=3) for c in cases])
+    for case, a, g in zip(cases, ask(cases), gru):
+        if not a.fits:
+            assert "does not fit" in a.why and (G > 3 or not g.fits), (case, a, g)
+            continue
+        K = G * case["H"] if case["pass_"] == "backward" else case["H"]
+        assert a.smem <= smem and a.blocks <= sms, (case, a)
+        assert 0 < a.kc <= K and (a.kc == K or a.kc % 32 == 0), (case, a)
+        if case["pass_"] != "backward":  # the forward holds the G gate rows of its J units
+            assert a.smem >= G * a.J * case["H"] * {"f32": 4, "f64": 8, "bf16": 2}[case["dtype"]]
+
+
+def test_cells_fallback_cost_scales_with_gates(ask):
+    """The fallback's GEMM is [B, P] x [P, G*H]: where its flops dominate, 4 gates cost more
+    than 3 and 1 less."""
+    a1, a3, a4 = ask([q(4096, 1024, 2, "training", "f32", gates=G) for G in (1, 3, 4)])
+    assert a1.fallback_us < a3.fallback_us < a4.fallback_us
+    assert a4.fallback_us / a3.fallback_us == pytest.approx(4 / 3, rel=0.05)

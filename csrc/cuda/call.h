@@ -28,13 +28,20 @@ struct LayerCall {
   bool mma = false;         // the persistent kernels' recurrent products on tensor cores
   cudaStream_t stream;
   DeviceRows rows;  // the rows of every per-position buffer, the lengths (rows.h)
-  Tensor hx, w_hh;  // contiguous [D, B, H] (rank order when packed), [D, 3H, H]
+  Tensor hx, w_hh;  // contiguous [D, B, P] (rank order when packed), [D, GH, P]
+  // The cell's gate count G, and P, the state's width: H, or an LSTM's proj_size.
+  int64_t G = 3, P = 0;
+  Tensor cx;    // kHasC: [D, B, H] contiguous, rank order when packed
+  Tensor w_hr;  // [D, P, H] contiguous when the LSTM has a projection, else undefined
+  bool proj() const { return w_hr.defined(); }
 };
 
 // dims.T is the step loop's bound: the padded time dimension, or max_len.
 void set_layer_call(LayerCall& c, const LayerDims& dims, const Tensor& input, const Tensor& hx,
                     const Tensor& w_hh) {
   c.dims = dims;
+  c.G = w_hh.size(1) / dims.H;
+  c.P = hx.size(2);
   c.opts = input.options();
   c.acc_type = opmath_dtype(input.scalar_type());
   c.tf32 = input.scalar_type() == at::kFloat && cudnn_rnn_allows_tf32();
@@ -49,18 +56,21 @@ void set_layer_call(LayerCall& c, const LayerDims& dims, const Tensor& input, co
 }
 
 struct ForwardCall : LayerCall {
-  Tensor gx;            // [R, D*3H] input projection incl. b_ih, the input's rows
-  Tensor b_hh;          // [D, 3H] contiguous, or undefined
-  Tensor out, h_n, ws;  // outputs: [R, D*H] rows, [D, B, H], [D, R, 4H] or [0]
+  Tensor gx;            // [R, D*GH] input projection incl. b_ih, the input's rows
+  Tensor b_hh;          // [D, GH] contiguous, or undefined
+  Tensor out, h_n, ws;  // outputs: [R, D*P] rows, [D, B, P], [D, R, SH] or [0]
+  Tensor c_n;           // kHasC: [D, B, H]
   bool need_workspace = false;
 };
 
 struct BackwardCall : LayerCall {
   Tensor grad_out, out, grad_h_n, ws;  // contiguous, as the forward gave them
-  Tensor dgx;                          // [R, D*3H] the input's rows
-  Tensor dgh;                          // [D, R, 3H] storage dtype (only feeds GEMMs)
-  Tensor hprev;                        // [D, R, H]
-  Tensor grad_hx;                      // [D, B, H]
+  Tensor grad_c_n;                     // kHasC: [D, B, H] contiguous, rank order
+  Tensor dgx;                          // [R, D*GH] the input's rows
+  Tensor dgh;                          // [D, R, GH] storage dtype (only feeds GEMMs)
+  Tensor hprev;                        // [D, R, P]
+  Tensor grad_hx, grad_cx;             // [D, B, P], kHasC: [D, B, H]
+  Tensor dhr;                          // with a projection: [D, R, P], dW_hr's operand
 };
 
 // The path of one pass; errors when persistent is forced but cannot run, so tests
@@ -73,14 +83,16 @@ template <typename KernelOf>
 plan::Choice choose(const LayerCall& c, KernelOf kernel_of, plan::Pass pass, int64_t storage_bytes,
                     int64_t acc_bytes) {
   const plan::Path requested = requested_path();
-  if (requested == plan::Path::kFallback) return plan::Choice{};
+  // An LSTM with a projection has no persistent kernel (plan.h): it runs the
+  // fallback whatever VARLEN_RNN_CUDA_PATH asks, rather than failing every call.
+  if (requested == plan::Path::kFallback || c.proj()) return plan::Choice{};
   auto one = [&](bool mma) {
     const KernelFacts facts = kernel_facts(kernel_of(mma));
     plan::Device dev = facts.dev;
     if (!facts.unavailable.empty()) dev.cooperative = false;
     const plan::Problem p{
         c.dims.B, c.dims.H, c.dims.D, pass, storage_bytes, acc_bytes, storage_bytes != 4 || c.tf32,
-        mma};
+        mma,      c.G,      c.proj()};
     plan::Choice choice = plan::choose_path(p, dev, requested, knobs().max_kc.load());
     if (!facts.unavailable.empty()) choice.why = facts.unavailable;
     choice.mma = mma;

@@ -8,6 +8,13 @@
 // are skipped. Nothing is atomic: every sum has a fixed order, so results are
 // bitwise identical run to run.
 //
+// Both kernels are templates on the cell policy (csrc/cells/): the forward's
+// work item is one unit's Cell::kGates rows of W_hh, the pointwise part is
+// Cell::forward / Cell::backward, the workspace holds Cell::kSaved values per
+// unit. A cell with kHasC (LSTM) keeps c, and its gradient, in a buffer
+// [D, B, H] of which each block reads and writes only its own units: c never
+// crosses blocks, so it needs no exchange and no barrier of its own.
+//
 // The pieces both kernels share (staging, tile_matvec, the common args):
 // persistent_common.cuh. Row conventions: see pointwise.cuh.
 #pragma once
@@ -21,6 +28,7 @@
 
 #include <cstdint>
 
+#include "cells/cell.h"
 #include "gate_math.h"
 #include "persistent_common.cuh"
 #include "pointwise.cuh"
@@ -30,21 +38,25 @@ namespace cuda {
 
 template <typename scalar_t, typename acc_t>
 struct PersistentForwardArgs : PersistentCommonArgs {
-  const scalar_t* gx;    // [R, D*3H]
-  const scalar_t* w_hh;  // [D, 3H, H]
-  const scalar_t* b_hh;  // [D, 3H] or nullptr
+  const scalar_t* gx;    // [R, D*GH]
+  const scalar_t* w_hh;  // [D, GH, H]
+  const scalar_t* b_hh;  // [D, GH] or nullptr
   const scalar_t* hx;    // [D, B, H]
   acc_t* hbuf;           // [2, D, B, H] state exchange, ping-pong by step parity
   scalar_t* out;         // [R, D*H]
   scalar_t* h_n;         // [D, B, H]
-  acc_t* ws;             // [D, R, 4H] or nullptr
+  acc_t* ws;             // [D, R, SH] or nullptr
+  const scalar_t* cx;    // [D, B, H] (kHasC), else nullptr
+  acc_t* cbuf;           // [D, B, H] c, each block its own units (kHasC)
+  scalar_t* c_n;         // [D, B, H] (kHasC)
 };
 
-// Dynamic shared memory: tile [tile_rows][kc] acc_t | acc_s [items][3][kRows]
-// acc_t | w_s [3][J][H] scalar_t (acc_t first keeps every part aligned).
-template <typename scalar_t, typename acc_t, bool kMma = false>
+// Dynamic shared memory: tile [tile_rows][kc] acc_t | acc_s [items][G][kRows]
+// acc_t | w_s [G][J][H] scalar_t (acc_t first keeps every part aligned).
+template <typename Cell, typename scalar_t, typename acc_t, bool kMma = false>
 __global__ void __launch_bounds__(kPersistThreads)
     persistent_forward_kernel(const PersistentForwardArgs<scalar_t, acc_t> a) {
+  constexpr int G = Cell::kGates;
   unsigned char* smem_raw = dynamic_smem();
   const PersistentShape ps = a.ps;
   const int J = ps.J, H = a.H, B = a.B;
@@ -53,16 +65,17 @@ __global__ void __launch_bounds__(kPersistThreads)
   const int items = tile_items(J, ps);
   acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
   acc_t* acc_s = tile + ps.tile_rows * ps.kc;
-  scalar_t* w_s = reinterpret_cast<scalar_t*>(acc_s + items * 3 * kRows);
+  scalar_t* w_s = reinterpret_cast<scalar_t*>(acc_s + items * G * kRows);
 
   // Prologue (block-local, so no grid barrier): the W_hh slice (zero rows past
-  // H), the zeros of padded outputs, h_n of zero-length rows.
+  // H), the zeros of padded outputs, h_n (and c_n) of zero-length rows, the own
+  // units' c.
   const bool padded = has_padding(a.rows);
   const int64_t DH = static_cast<int64_t>(a.D) * H;
-  for (int e = threadIdx.x; e < 3 * J * H; e += blockDim.x) {
+  for (int e = threadIdx.x; e < G * J * H; e += blockDim.x) {
     const int g = e / (J * H), jl = (e / H) % J, k = e % H;
     const int j = j0 + jl;
-    w_s[e] = j < H ? a.w_hh[(static_cast<int64_t>(d) * 3 * H + g * H + j) * H + k] : scalar_t(0);
+    w_s[e] = j < H ? a.w_hh[(static_cast<int64_t>(d) * G * H + g * H + j) * H + k] : scalar_t(0);
   }
   for (int e = threadIdx.x; e < B * J; e += blockDim.x) {
     const int b = e / J, j = j0 + e % J;
@@ -71,9 +84,12 @@ __global__ void __launch_bounds__(kPersistThreads)
     for (int t = padded ? len : a.T; t < a.T; ++t) {
       a.out[a.rows.row(t, b) * DH + static_cast<int64_t>(d) * H + j] = scalar_t(0);
     }
-    if (len == 0)
-      a.h_n[(static_cast<int64_t>(d) * B + b) * H + j] =
-          a.hx[(static_cast<int64_t>(d) * B + b) * H + j];
+    const int64_t off = (static_cast<int64_t>(d) * B + b) * H + j;
+    if (len == 0) a.h_n[off] = a.hx[off];
+    if constexpr (Cell::kHasC) {
+      a.cbuf[off] = static_cast<acc_t>(a.cx[off]);
+      if (len == 0) a.c_n[off] = a.cx[off];
+    }
   }
   __syncthreads();
 
@@ -95,7 +111,7 @@ __global__ void __launch_bounds__(kPersistThreads)
           stage_row<true>(dst, active ? cur + off : nullptr, kc, lane);
         }
       };
-      recurrent_matvec<kMma>(w_s, J, J, 1, H, ps, tile, acc_s, stage);
+      recurrent_matvec<G, kMma>(w_s, J, J, 1, H, ps, tile, acc_s, stage);
       for (int e = threadIdx.x; e < items * kRows; e += blockDim.x) {
         const int item = e / kRows, r = e % kRows;
         const int j = j0 + item % J;
@@ -104,25 +120,32 @@ __global__ void __launch_bounds__(kPersistThreads)
         const int b = a.perm[i], len = a.sorted[i];
         const int t = step_time(d, len, s);
         const int64_t row = a.rows.row(t, b);
-        const scalar_t* gxr = a.gx + row * 3 * DH + static_cast<int64_t>(d) * 3 * H;
-        const acc_t* acc = acc_s + item * 3 * kRows + r;
-        acc_t gh[3];
-#pragma unroll
-        for (int g = 0; g < 3; ++g) {
+        const acc_t* acc = acc_s + item * G * kRows + r;
+        acc_t gx[G], gh[G];
+        load_cols<G>(a.gx + row * G * DH + static_cast<int64_t>(d) * G * H, j, H, gx);
+        VR_UNROLL
+        for (int g = 0; g < G; ++g) {
           gh[g] = acc[g * kRows];
-          if (a.b_hh != nullptr) gh[g] += static_cast<acc_t>(a.b_hh[d * 3 * H + g * H + j]);
+          if (a.b_hh != nullptr) gh[g] += static_cast<acc_t>(a.b_hh[d * G * H + g * H + j]);
         }
         const int64_t hoff = static_cast<int64_t>(b) * H + j;
-        const acc_t hp = s == 0 ? static_cast<acc_t>(hx_d[hoff]) : __ldcg(cur + hoff);
-        GruCellSaved<acc_t> sv;
-        const acc_t hn = gru_cell_forward<acc_t>(
-            static_cast<acc_t>(gxr[j]), static_cast<acc_t>(gxr[H + j]),
-            static_cast<acc_t>(gxr[2 * H + j]), gh[0], gh[1], gh[2], hp, sv);
-        nxt[hoff] = hn;
-        a.out[row * DH + static_cast<int64_t>(d) * H + j] = static_cast<scalar_t>(hn);
-        if (s == len - 1) a.h_n[static_cast<int64_t>(d) * B * H + hoff] = static_cast<scalar_t>(hn);
+        CellState<acc_t> prev, next;
+        if constexpr (Cell::kReadsHPrev) {
+          prev.h = s == 0 ? static_cast<acc_t>(hx_d[hoff]) : __ldcg(cur + hoff);
+        }
+        const int64_t coff = static_cast<int64_t>(d) * B * H + hoff;
+        if constexpr (Cell::kHasC) prev.c = a.cbuf[coff];
+        acc_t saved[Cell::kSaved];
+        Cell::template forward<acc_t>(gx, gh, prev, next, saved);
+        nxt[hoff] = next.h;
+        a.out[row * DH + static_cast<int64_t>(d) * H + j] = static_cast<scalar_t>(next.h);
+        if (s == len - 1) a.h_n[coff] = static_cast<scalar_t>(next.h);
+        if constexpr (Cell::kHasC) {
+          a.cbuf[coff] = next.c;
+          if (s == len - 1) a.c_n[coff] = static_cast<scalar_t>(next.c);
+        }
         if (a.ws != nullptr) {
-          store_saved(a.ws + (static_cast<int64_t>(d) * a.R + row) * 4 * H, j, H, sv);
+          store_cols(a.ws + (static_cast<int64_t>(d) * a.R + row) * Cell::kSaved * H, j, H, saved);
         }
       }
     }
@@ -136,55 +159,62 @@ struct PersistentBackwardArgs : PersistentCommonArgs {
   const scalar_t* out;       // [R, D*H] forward output
   const scalar_t* hx;        // [D, B, H]
   const scalar_t* grad_h_n;  // [D, B, H]
-  const acc_t* ws;           // [D, R, 4H]
-  const scalar_t* w_hh;      // [D, 3H, H]
+  const acc_t* ws;           // [D, R, SH]
+  const scalar_t* w_hh;      // [D, GH, H]
   acc_t* dh;                 // [D, B, H] gradient reaching the state; each block its slice
-  scalar_t* dgx;             // [R, D*3H]
-  scalar_t* dgh;             // [D, R, 3H], also the exchange between blocks
+  scalar_t* dgx;             // [R, D*GH]
+  scalar_t* dgh;             // [D, R, GH], also the exchange between blocks
   scalar_t* hprev;           // [D, R, H]
   scalar_t* grad_hx;         // [D, B, H]
+  const scalar_t* grad_c_n;  // [D, B, H] (kHasC), else nullptr
+  acc_t* dc;                 // [D, B, H] gradient reaching c, each block its units (kHasC)
+  scalar_t* grad_cx;         // [D, B, H] (kHasC)
 };
 
-// Per step (s = max_len-1 .. 0): phase 1 turns the block's own dh slice into
-// gate gradients (pointwise), grid barrier, phase 2 adds dgh_s @ W_hh[:, own]
-// to the own dh slice. Phase 2 only feeds the same block's next phase 1, and
-// each step writes its own dgh rows, so one barrier per step suffices.
-// Phase 2 groups the block's units by three (U = ceil(J/3) groups), so its dot
-// products have the forward's shape: 3 weight rows x kRows rows of dgh.
-// Shared memory: tile | acc_s [items][3][kRows] | w_s [3U][3H] (W_hh^T slice,
+// Per step (s = max_len-1 .. 0): phase 1 turns the block's own dh (and dc)
+// slice into gate gradients (pointwise), grid barrier, phase 2 adds
+// dgh_s @ W_hh[:, own] to the own dh slice. Phase 2 only feeds the same
+// block's next phase 1, and each step writes its own dgh rows, so one barrier
+// per step suffices; dc never leaves the block. Phase 2 groups the block's
+// units by kUnitsPerItem (U = ceil(J/3) groups), so its dot products have the
+// GRU forward's shape whatever the cell: 3 weight rows x kRows rows of dgh.
+// Shared memory: tile | acc_s [items][3][kRows] | w_s [3U][GH] (W_hh^T slice,
 // zero rows past J).
-template <typename scalar_t, typename acc_t, bool kMma = false>
+template <typename Cell, typename scalar_t, typename acc_t, bool kMma = false>
 __global__ void __launch_bounds__(kPersistThreads)
     persistent_backward_kernel(const PersistentBackwardArgs<scalar_t, acc_t> a) {
+  constexpr int G = Cell::kGates, NU = kUnitsPerItem;
   unsigned char* smem_raw = dynamic_smem();
   const PersistentShape ps = a.ps;
   const int J = ps.J, H = a.H, B = a.B, T = a.T;
   const int d = blockIdx.x / ps.blocks_per_dir;
   const int j0 = (blockIdx.x % ps.blocks_per_dir) * J;
-  const int U = (J + 2) / 3;
+  const int U = (J + NU - 1) / NU;
   const int items = tile_items(U, ps);
   acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
   acc_t* acc_s = tile + ps.tile_rows * ps.kc;
-  scalar_t* w_s = reinterpret_cast<scalar_t*>(acc_s + items * 3 * kRows);
+  scalar_t* w_s = reinterpret_cast<scalar_t*>(acc_s + items * NU * kRows);
   const int64_t dBH = static_cast<int64_t>(d) * B * H;
   const int64_t DH = static_cast<int64_t>(a.D) * H;
+  const int64_t GH = static_cast<int64_t>(G) * H;
   const bool padded = has_padding(a.rows);
+  const acc_t zeros[G] = {};
 
-  for (int e = threadIdx.x; e < 3 * H * 3 * U; e += blockDim.x) {
-    const int jl = e % (3 * U), m = e / (3 * U), j = j0 + jl;
-    w_s[static_cast<int64_t>(jl) * 3 * H + m] =
-        jl < J && j < H ? a.w_hh[(static_cast<int64_t>(d) * 3 * H + m) * H + j] : scalar_t(0);
+  for (int e = threadIdx.x; e < G * H * NU * U; e += blockDim.x) {
+    const int jl = e % (NU * U), m = e / (NU * U), j = j0 + jl;
+    w_s[static_cast<int64_t>(jl) * GH + m] =
+        jl < J && j < H ? a.w_hh[(static_cast<int64_t>(d) * GH + m) * H + j] : scalar_t(0);
   }
   for (int e = threadIdx.x; e < B * J; e += blockDim.x) {
     const int b = e / J, j = j0 + e % J;
     if (j >= H) continue;
-    a.dh[dBH + static_cast<int64_t>(b) * H + j] =
-        static_cast<acc_t>(a.grad_h_n[dBH + static_cast<int64_t>(b) * H + j]);
+    const int64_t off = dBH + static_cast<int64_t>(b) * H + j;
+    a.dh[off] = static_cast<acc_t>(a.grad_h_n[off]);
+    if constexpr (Cell::kHasC) a.dc[off] = static_cast<acc_t>(a.grad_c_n[off]);
     for (int t = padded ? a.lens[b] : T; t < T; ++t) {  // padded (t, b): zero gradients
       const int64_t row = a.rows.row(t, b);
-      store_gate_grads(a.dgx + row * 3 * DH + static_cast<int64_t>(d) * 3 * H,
-                       a.dgh + (static_cast<int64_t>(d) * a.R + row) * 3 * H, j, H,
-                       GruCellGrad<acc_t>{});
+      store_cols(a.dgx + row * G * DH + static_cast<int64_t>(d) * GH, j, H, zeros);
+      store_cols(a.dgh + (static_cast<int64_t>(d) * a.R + row) * GH, j, H, zeros);
       a.hprev[(static_cast<int64_t>(d) * a.R + row) * H + j] = scalar_t(0);
     }
   }
@@ -201,32 +231,35 @@ __global__ void __launch_bounds__(kPersistThreads)
       const int64_t col = static_cast<int64_t>(d) * H + j;
       const int64_t hoff = dBH + static_cast<int64_t>(b) * H + j;
       const int64_t row = a.rows.row(t, b);
-      const acc_t dh_tot = a.dh[hoff] + static_cast<acc_t>(a.grad_out[row * DH + col]);
+      CellState<acc_t> grad, grad_prev;
+      grad.h = a.dh[hoff] + static_cast<acc_t>(a.grad_out[row * DH + col]);
+      if constexpr (Cell::kHasC) grad.c = a.dc[hoff];
       const scalar_t h_prev_s =
           s == 0 ? a.hx[hoff] : a.out[a.rows.row(prev_time(d, t), b) * DH + col];
       const int64_t drow = static_cast<int64_t>(d) * a.R + row;
-      const GruCellSaved<acc_t> sv = load_saved(a.ws + drow * 4 * H, j, H);
-      const GruCellGrad<acc_t> g =
-          gru_cell_backward<acc_t>(dh_tot, static_cast<acc_t>(h_prev_s), sv);
-      store_gate_grads(a.dgx + row * 3 * DH + static_cast<int64_t>(d) * 3 * H, a.dgh + drow * 3 * H,
-                       j, H, g);
+      acc_t saved[Cell::kSaved], dgx[G], dgh[G];
+      load_cols<Cell::kSaved>(a.ws + drow * Cell::kSaved * H, j, H, saved);
+      Cell::backward(grad, static_cast<acc_t>(h_prev_s), saved, dgx, dgh, grad_prev);
+      store_cols(a.dgx + row * G * DH + static_cast<int64_t>(d) * GH, j, H, dgx);
+      store_cols(a.dgh + drow * GH, j, H, dgh);
       a.hprev[drow * H + j] = h_prev_s;
-      a.dh[hoff] = g.dh_prev;
+      a.dh[hoff] = grad_prev.h;
+      if constexpr (Cell::kHasC) a.dc[hoff] = grad_prev.c;
     }
     grid.sync();
-    const scalar_t* dgh_d = a.dgh + static_cast<int64_t>(d) * a.R * 3 * H;
+    const scalar_t* dgh_d = a.dgh + static_cast<int64_t>(d) * a.R * GH;
     for (int base = 0; base < B && a.sorted[base] > s; base += ps.tile_rows) {
       auto stage = [&](acc_t* dst, int r, int k0, int kc, int lane) {
         const int i = base + r;
         const bool active = i < B && a.sorted[i] > s;
         const int64_t off =
-            active ? a.rows.row(step_time(d, a.sorted[i], s), a.perm[i]) * 3 * H + k0 : 0;
+            active ? a.rows.row(step_time(d, a.sorted[i], s), a.perm[i]) * GH + k0 : 0;
         stage_row<true>(dst, active ? dgh_d + off : nullptr, kc, lane);
       };
-      recurrent_matvec<kMma>(w_s, U, 1, 3, 3 * H, ps, tile, acc_s, stage);
-      for (int e = threadIdx.x; e < items * 3 * kRows; e += blockDim.x) {
-        const int item = e / (3 * kRows), g = (e / kRows) % 3, r = e % kRows;
-        const int jl = (item % U) * 3 + g, j = j0 + jl;
+      recurrent_matvec<NU, kMma>(w_s, U, 1, NU, static_cast<int>(GH), ps, tile, acc_s, stage);
+      for (int e = threadIdx.x; e < items * NU * kRows; e += blockDim.x) {
+        const int item = e / (NU * kRows), g = (e / kRows) % NU, r = e % kRows;
+        const int jl = (item % U) * NU + g, j = j0 + jl;
         const int i = base + (item / U) * kRows + r;
         if (jl >= J || j >= H || i >= B || a.sorted[i] <= s) continue;
         a.dh[dBH + static_cast<int64_t>(a.perm[i]) * H + j] += acc_s[e];
@@ -239,6 +272,7 @@ __global__ void __launch_bounds__(kPersistThreads)
     if (j >= H) continue;
     const int64_t hoff = dBH + static_cast<int64_t>(b) * H + j;
     a.grad_hx[hoff] = static_cast<scalar_t>(a.dh[hoff]);
+    if constexpr (Cell::kHasC) a.grad_cx[hoff] = static_cast<scalar_t>(a.dc[hoff]);
   }
 }
 

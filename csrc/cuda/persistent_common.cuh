@@ -48,6 +48,9 @@ constexpr int kPersistWarps = kPersistThreads / 32;
 // Rows per warp work item: the warp reduces kRows x NG dot products at once
 // and lanes 0..kRows-1 finish one row each.
 constexpr int kRows = 8;
+// The backward's work item: the W_hh^T rows of this many hidden units (its NG,
+// whatever the cell), so its dot products have the GRU forward's shape.
+constexpr int kUnitsPerItem = 3;
 
 // How a persistent launch is cut; chosen on the host from the device's limits.
 struct PersistentShape {
@@ -181,16 +184,17 @@ template <typename scalar_t>
 constexpr tc::Kind mma_kind = std::is_same<scalar_t, c10::BFloat16>::value ? tc::Kind::bf16
                               : std::is_same<scalar_t, c10::Half>::value   ? tc::Kind::f16
                                                                            : tc::Kind::tf32;
-template <bool kMma, typename w_t, typename acc_t, typename Stage>
+// NG weight rows per work item: the cell's kGates in the forward, kUnitsPerItem in the backward.
+template <int NG, bool kMma, typename w_t, typename acc_t, typename Stage>
 __device__ __forceinline__ void recurrent_matvec(const w_t* w_s, int U, int g_rows, int u_rows,
                                                  int K, const PersistentShape& ps, acc_t* tile,
                                                  acc_t* acc_s, Stage stage) {
   if constexpr (kMma) {
     static_assert(std::is_same<acc_t, float>::value, "tensor cores: float, half or bfloat16");
-    tile_matvec_mma<3, kPersistWarps, mma_kind<w_t>>(w_s, U, g_rows, u_rows, K, ps.tile_rows, ps.kc,
-                                                     tile, acc_s, stage);
+    tile_matvec_mma<NG, kPersistWarps, mma_kind<w_t>>(w_s, U, g_rows, u_rows, K, ps.tile_rows,
+                                                      ps.kc, tile, acc_s, stage);
   } else {
-    tile_matvec<3>(w_s, U, g_rows, u_rows, K, ps, tile, acc_s, stage);
+    tile_matvec<NG>(w_s, U, g_rows, u_rows, K, ps, tile, acc_s, stage);
   }
 }
 

@@ -18,11 +18,13 @@ namespace varlen_rnn {
 namespace plan {
 
 // The persistent kernels' fixed geometry (persistent.cuh: kPersistThreads,
-// kRows, the 3 gate rows per work item); gru_cuda.cu asserts they agree.
+// kRows, the backward's kUnitsPerItem); gru_cuda.cu asserts they agree. A
+// forward work item holds one unit's gate rows (Problem::gates of them), a
+// backward one kUnitsPerItem units' rows of W_hh^T, whatever the cell.
 constexpr int64_t kThreads = 256;
 constexpr int64_t kWarps = kThreads / 32;
 constexpr int64_t kRowsPerItem = 8;
-constexpr int64_t kGatesPerItem = 3;
+constexpr int64_t kUnitsPerItem = 3;
 // At most this many row groups per tile: beyond it the accumulators eat the
 // shared memory that K chunks need.
 constexpr int64_t kMaxRowGroups = 4;
@@ -39,6 +41,10 @@ struct Problem {
   // The persistent kernel's recurrent product runs on tensor cores (kMma: mma_matvec.cuh);
   // gru_cuda.cu passes LayerCall::mma. False: the exact CUDA-core product.
   bool persistent_mma = false;
+  int64_t gates = 3;  // the cell's kGates: W_hh is [gates*H, H] (GRU 3, LSTM 4, RNN 1)
+  // An LSTM with proj_size > 0: its state is W_hr h, a per-step GEMM between the cell
+  // and the next step that the persistent kernels do not run, so only the fallback can.
+  bool proj = false;
 };
 
 struct Device {
@@ -179,8 +185,9 @@ inline double mma_tile_cycles(const Problem& p, int64_t w_rows, int64_t rows, in
 // tiles of `rows` rows and K walked in chunks of kc (all B rows running).
 inline double persistent_step_cycles(const Problem& p, int64_t J, int64_t rows, int64_t kc) {
   const bool bwd = p.pass == Pass::kBackward;
-  const int64_t U = bwd ? ceil_div(J, 3) : J;  // unit groups (persistent.cuh)
-  const int64_t K = bwd ? 3 * p.H : p.H;
+  const int64_t U = bwd ? ceil_div(J, kUnitsPerItem) : J;  // unit groups (persistent.cuh)
+  const int64_t K = bwd ? p.gates * p.H : p.H;
+  const int64_t ng = bwd ? kUnitsPerItem : p.gates;  // weight rows per work item
   const int64_t B = std::max<int64_t>(p.B, 1);
   const int64_t tiles = ceil_div(B, rows);
   const int64_t chunks = ceil_div(K, kc);
@@ -188,23 +195,23 @@ inline double persistent_step_cycles(const Problem& p, int64_t J, int64_t rows, 
   const int64_t padded_items = round_up(U * rows / kRowsPerItem, kWarps);  // idle warps cost too
   const double w_load = std::max<double>(1, p.storage_bytes / 4.0);
   const double x_load = std::max<double>(1, p.acc_bytes / 4.0);
-  const double fma = double(kGatesPerItem * kRowsPerItem) / (p.acc_bytes == 8 ? 2 : 4);
-  const double item_cycles = std::max(kGatesPerItem * w_load + kRowsPerItem * x_load, fma);
-  const double staged_bytes = bwd ? p.storage_bytes : p.acc_bytes;  // dgh, or the state h
+  const double fma = double(ng * kRowsPerItem) / (p.acc_bytes == 8 ? 2 : 4);
+  const double item_cycles = std::max(ng * w_load + kRowsPerItem * x_load, fma);
+  const double shuffles = CostModel::kShuffleCyclesPerItem * ng / 3;  // 5 x 8 per weight row
+  const double staged_bytes = bwd ? p.storage_bytes : p.acc_bytes;    // dgh, or the state h
   const double load =
       rows * K * staged_bytes / CostModel::kL2BytesPerCycle + chunks * CostModel::kPassCycles;
-  const double compute =
-      p.persistent_mma
-          ? mma_tile_cycles(p, kGatesPerItem * U, rows, K, kc)
-          : padded_items * (iters * item_cycles + chunks * CostModel::kShuffleCyclesPerItem);
+  const double compute = p.persistent_mma
+                             ? mma_tile_cycles(p, ng * U, rows, K, kc)
+                             : padded_items * (iters * item_cycles + chunks * shuffles);
   const double pointwise = ceil_div(B * J, kThreads) * CostModel::kPointwiseCycles[int(p.pass)];
   return CostModel::kGridSyncCycles + tiles * (load + compute) + pointwise;
 }
 
 inline double fallback_step_us(const Problem& p, const Device& dev) {
   const double per_us = dev.sms * CostModel::kClockGHz * 1e3;  // SM-cycles per microsecond
-  const double flops = 2.0 * p.D * std::max<int64_t>(p.B, 1) * 3 * p.H * p.H;
-  const double w_bytes = double(p.D) * 3 * p.H * p.H * p.storage_bytes;
+  const double flops = 2.0 * p.D * std::max<int64_t>(p.B, 1) * p.gates * p.H * p.H;
+  const double w_bytes = double(p.D) * p.gates * p.H * p.H * p.storage_bytes;
   const double gemm =
       std::max(flops / gemm_flops_per_cycle(p), w_bytes / CostModel::kL2BytesPerCycle);
   return std::max(CostModel::kFallbackHostUs, CostModel::kFallbackKernelUs + gemm / per_us);
@@ -217,6 +224,11 @@ inline double fallback_step_us(const Problem& p, const Device& dev) {
 // chunk (a test knob).
 inline bool persistent_cut(const Problem& p, const Device& dev, int64_t max_kc, Cut& best,
                            std::string& why) {
+  if (p.proj) {
+    why =
+        "an LSTM with proj_size > 0 runs on the fallback path (its projection is a GEMM per step)";
+    return false;
+  }
   if (!dev.cooperative) {
     why = "the device does not support cooperative launches";
     return false;
@@ -231,15 +243,16 @@ inline bool persistent_cut(const Problem& p, const Device& dev, int64_t max_kc, 
   // the same block count with balanced slices.
   const int64_t bpd = ceil_div(p.H, ceil_div(p.H, std::max<int64_t>(1, dev.sms / p.D)));
   const int64_t J = ceil_div(p.H, bpd);
-  const int64_t U = bwd ? ceil_div(J, 3) : J;
-  const int64_t K = bwd ? 3 * p.H : p.H;
-  const int64_t w_smem = (bwd ? 3 * U : 3 * J) * K * p.storage_bytes;
+  const int64_t U = bwd ? ceil_div(J, kUnitsPerItem) : J;
+  const int64_t K = bwd ? p.gates * p.H : p.H;
+  const int64_t ng = bwd ? kUnitsPerItem : p.gates;  // weight rows per work item
+  const int64_t w_smem = ng * U * K * p.storage_bytes;
   const int64_t max_groups =
       std::min(kMaxRowGroups, ceil_div(std::max<int64_t>(p.B, 1), kRowsPerItem));
   bool found = false;
   for (int64_t groups = 1; groups <= max_groups; ++groups) {
     const int64_t rows = kRowsPerItem * groups;
-    const int64_t acc_smem = U * groups * kGatesPerItem * kRowsPerItem * p.acc_bytes;
+    const int64_t acc_smem = U * groups * ng * kRowsPerItem * p.acc_bytes;
     if (w_smem + acc_smem >= dev.smem_per_block) break;  // more rows only need more
     int64_t kc = (dev.smem_per_block - w_smem - acc_smem) / (rows * p.acc_bytes);
     if (max_kc > 0) kc = std::min(kc, std::max<int64_t>(32, max_kc / 32 * 32));

@@ -6,11 +6,13 @@
 // per-position buffer has the input's rows: RowMap `rows` (layout.h) maps a
 // valid position (t, b) to a row, R rows per direction (T*B for padded input,
 // N for ragged input):
-//   gx / dgx   [R, D*3H]    row rows.row(t, b), direction d at columns d*3H
+//   gx / dgx   [R, D*GH]    row rows.row(t, b), direction d at columns d*GH
 //   output     [R, D*H]     row rows.row(t, b), direction d at columns d*H
-//   workspace  [D, R, 4H]   columns r | z | n | gh_n, op-math
-//   dgh, hprev [D, R, 3H] / [D, R, H] in the storage dtype (they only feed
+//   workspace  [D, R, SH]   the cell's saved values (cells/cell.h), op-math
+//   dgh, hprev [D, R, GH] / [D, R, H] in the storage dtype (they only feed
 //              GEMMs: tensor cores for half types)
+// G = Cell::kGates, S = Cell::kSaved; an LSTM with a projection has P-wide
+// output, hprev and state (P for H in those three).
 // Padded input has positions t >= length: the kernels write 0 there in
 // output, dgx, dgh and hprev, so that the output is defined and the
 // weight-gradient GEMMs can run over all rows. Ragged input has none.
@@ -20,6 +22,7 @@
 
 #include <c10/macros/Macros.h>
 
+#include "cells/cell.h"
 #include "gate_math.h"
 #include "layout.h"
 
@@ -124,46 +127,89 @@ inline void packed_rows(const int64_t* batch_sizes, int64_t T, int64_t B, int64_
 // holds h @ W_hh^T + b_hh for all rows, from a GEMM in the storage dtype (tensor
 // cores for half types, which therefore also get a rounded copy h_lo of the
 // state to multiply; the state itself stays in acc_t). Rows past their length
-// keep their state; with padding they write the zero of the padded position
-// t = s (every padded position t >= length is visited exactly once that way,
-// at step s = t).
-template <typename scalar_t, typename acc_t>
+// keep their state (and c); with padding they write the zero of the padded
+// position t = s (every padded position t >= length is visited exactly once
+// that way, at step s = t).
+// kProj (an LSTM with proj_size > 0): the cell's output h' goes to `out` =
+// hcell [D, B, H] (0 for rows that do not run), the operand of the projection
+// GEMM, and h / h_lo are not touched: fallback_proj_forward_kernel makes the
+// projected state and output from that GEMM.
+template <typename Cell, bool kProj, typename scalar_t, typename acc_t>
 __global__ void fallback_forward_step_kernel(
-    const scalar_t* __restrict__ gx,  // [R, D*3H]
-    const scalar_t* __restrict__ gh,  // [D, B, 3H]
+    const scalar_t* __restrict__ gx,  // [R, D*GH]
+    const scalar_t* __restrict__ gh,  // [D, B, GH]
     const int* __restrict__ lens,     // [B]
-    acc_t* __restrict__ h,            // [D, B, H], updated in place
+    acc_t* __restrict__ h,            // [D, B, H], updated in place (not kProj)
     scalar_t* __restrict__ h_lo,      // [D, B, H] copy of h for the GEMM, or nullptr
-    scalar_t* __restrict__ out,       // [R, D*H]
-    acc_t* __restrict__ ws,           // [D, R, 4H] or nullptr
+    acc_t* __restrict__ c,            // [D, B, H] updated in place (kHasC), else nullptr
+    scalar_t* __restrict__ out,       // [R, D*H]; kProj: hcell [D, B, H]
+    acc_t* __restrict__ ws,           // [D, R, SH] or nullptr
     int s, int B, int H, int D, RowMap rows, int64_t R) {
+  constexpr int G = Cell::kGates;
+  static_assert(!kProj || !Cell::kReadsHPrev, "a projected state cannot enter the cell's math");
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= static_cast<int64_t>(D) * B * H) return;
   const int j = static_cast<int>(idx % H);
   const int b = static_cast<int>((idx / H) % B);
   const int d = static_cast<int>(idx / (static_cast<int64_t>(H) * B));
   const int len = lens[b];
-  const int64_t G = static_cast<int64_t>(D) * 3 * H;
+  const int64_t GH = static_cast<int64_t>(G) * H;
   if (s >= len) {
-    if (has_padding(rows)) {
+    if constexpr (kProj) {
+      out[idx] = scalar_t(0);
+    } else if (has_padding(rows)) {
       out[rows.row(s, b) * D * H + static_cast<int64_t>(d) * H + j] = scalar_t(0);
     }
     return;
   }
   const int t = step_time(d, len, s);
   const int64_t row = rows.row(t, b);
-  const scalar_t* gxr = gx + row * G + static_cast<int64_t>(d) * 3 * H;
-  const scalar_t* ghr = gh + (static_cast<int64_t>(d) * B + b) * 3 * H;
-  GruCellSaved<acc_t> sv;
-  const acc_t hp = h[idx];
-  const acc_t hn = gru_cell_forward<acc_t>(
-      static_cast<acc_t>(gxr[j]), static_cast<acc_t>(gxr[H + j]),
-      static_cast<acc_t>(gxr[2 * H + j]), static_cast<acc_t>(ghr[j]),
-      static_cast<acc_t>(ghr[H + j]), static_cast<acc_t>(ghr[2 * H + j]), hp, sv);
-  h[idx] = hn;
-  if (h_lo != nullptr) h_lo[idx] = static_cast<scalar_t>(hn);
-  out[row * D * H + static_cast<int64_t>(d) * H + j] = static_cast<scalar_t>(hn);
-  if (ws != nullptr) store_saved(ws + (static_cast<int64_t>(d) * R + row) * 4 * H, j, H, sv);
+  acc_t gxv[G], ghv[G];
+  load_cols<G>(gx + row * D * GH + d * GH, j, H, gxv);
+  load_cols<G>(gh + (static_cast<int64_t>(d) * B + b) * GH, j, H, ghv);
+  CellState<acc_t> prev, next;
+  if constexpr (Cell::kReadsHPrev) prev.h = h[idx];
+  if constexpr (Cell::kHasC) prev.c = c[idx];
+  acc_t saved[Cell::kSaved];
+  Cell::template forward<acc_t>(gxv, ghv, prev, next, saved);
+  if constexpr (Cell::kHasC) c[idx] = next.c;
+  if constexpr (kProj) {
+    out[idx] = static_cast<scalar_t>(next.h);
+  } else {
+    h[idx] = next.h;
+    if (h_lo != nullptr) h_lo[idx] = static_cast<scalar_t>(next.h);
+    out[row * D * H + static_cast<int64_t>(d) * H + j] = static_cast<scalar_t>(next.h);
+  }
+  if (ws != nullptr)
+    store_cols(ws + (static_cast<int64_t>(d) * R + row) * Cell::kSaved * H, j, H, saved);
+}
+
+// kProj's second pass of a forward step, for every (d, b, p): the projected
+// state hr = hcell @ W_hr^T (a GEMM in the storage dtype) becomes the state
+// and the output of the rows that ran; the others keep theirs.
+template <typename scalar_t, typename acc_t>
+__global__ void fallback_proj_forward_kernel(const scalar_t* __restrict__ hr,  // [D, B, P]
+                                             const int* __restrict__ lens,     // [B]
+                                             acc_t* __restrict__ h,            // [D, B, P]
+                                             scalar_t* __restrict__ h_lo,  // [D, B, P] or nullptr
+                                             scalar_t* __restrict__ out,   // [R, D*P]
+                                             int s, int B, int P, int D, RowMap rows) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= static_cast<int64_t>(D) * B * P) return;
+  const int p = static_cast<int>(idx % P);
+  const int b = static_cast<int>((idx / P) % B);
+  const int d = static_cast<int>(idx / (static_cast<int64_t>(P) * B));
+  const int len = lens[b];
+  if (s >= len) {
+    if (has_padding(rows))
+      out[rows.row(s, b) * D * P + static_cast<int64_t>(d) * P + p] = scalar_t(0);
+    return;
+  }
+  const int64_t row = rows.row(step_time(d, len, s), b);
+  const scalar_t v = hr[idx];
+  h[idx] = static_cast<acc_t>(v);
+  if (h_lo != nullptr) h_lo[idx] = v;
+  out[row * D * P + static_cast<int64_t>(d) * P + p] = v;
 }
 
 // One backward step of the fallback path (steps run s = T-1 .. 0). The
@@ -172,55 +218,121 @@ __global__ void fallback_forward_step_kernel(
 // GEMM in the storage dtype). Writes the gate gradients of step s (to the
 // position's rows of dgx and dgh, and to dgh_step, the next GEMM's operand:
 // 0 for finished rows) and the direct part of dh_prev to dh_out; the next GEMM
-// adds the W_hh^T part.
-template <typename scalar_t, typename acc_t>
+// adds the W_hh^T part. dc (kHasC) is the gradient reaching c, updated in
+// place: c never goes through a GEMM.
+// kProj: dh_gemm is the whole gradient reaching the cell's h' (dhr @ W_hr,
+// from fallback_proj_backward_kernel's dhr_step, which already holds
+// grad_out); dh_in, dh_out and hprev are unused (the P-wide state's rows are
+// the projection kernel's).
+template <typename Cell, bool kProj, typename scalar_t, typename acc_t>
 __global__ void fallback_backward_step_kernel(
-    const scalar_t* __restrict__ grad_out,  // [R, D*H]
+    const scalar_t* __restrict__ grad_out,  // [R, D*H] (not kProj)
     const scalar_t* __restrict__ out,       // [R, D*H] forward output (h of valid steps)
     const scalar_t* __restrict__ hx,        // [D, B, H]
-    const acc_t* __restrict__ ws,           // [D, R, 4H]
+    const acc_t* __restrict__ ws,           // [D, R, SH]
     const int* __restrict__ lens,           // [B]
-    const acc_t* __restrict__ dh_in,        // [D, B, H]
+    const acc_t* __restrict__ dh_in,        // [D, B, H] (not kProj)
     const scalar_t* __restrict__ dh_gemm,   // [D, B, H]
-    acc_t* __restrict__ dh_out,             // [D, B, H]
-    scalar_t* __restrict__ dgx,             // [R, D*3H]
-    scalar_t* __restrict__ dgh,             // [D, R, 3H]
-    scalar_t* __restrict__ dgh_step,        // [D, B, 3H]
-    scalar_t* __restrict__ hprev,           // [D, R, H]
+    acc_t* __restrict__ dh_out,             // [D, B, H] (not kProj)
+    acc_t* __restrict__ dc,                 // [D, B, H] (kHasC), else nullptr
+    scalar_t* __restrict__ dgx,             // [R, D*GH]
+    scalar_t* __restrict__ dgh,             // [D, R, GH]
+    scalar_t* __restrict__ dgh_step,        // [D, B, GH]
+    scalar_t* __restrict__ hprev,           // [D, R, H] (not kProj)
     int s, int B, int H, int D, RowMap rows, int64_t R) {
+  constexpr int G = Cell::kGates;
+  static_assert(!kProj || !Cell::kReadsHPrev, "a projected state cannot enter the cell's math");
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= static_cast<int64_t>(D) * B * H) return;
   const int j = static_cast<int>(idx % H);
   const int b = static_cast<int>((idx / H) % B);
   const int d = static_cast<int>(idx / (static_cast<int64_t>(H) * B));
   const int len = lens[b];
-  const int64_t G = static_cast<int64_t>(D) * 3 * H;
-  scalar_t* dgh_s = dgh_step + idx / H * 3 * H;
-  const acc_t dh = dh_in[idx] + static_cast<acc_t>(dh_gemm[idx]);
+  const int64_t GH = static_cast<int64_t>(G) * H;
+  const acc_t zeros[G] = {};
+  scalar_t* dgh_s = dgh_step + idx / H * GH;
+  const acc_t dh =
+      kProj ? static_cast<acc_t>(dh_gemm[idx]) : dh_in[idx] + static_cast<acc_t>(dh_gemm[idx]);
   if (s >= len) {
-    store_hidden_gate_grads(dgh_s, j, H, GruCellGrad<acc_t>{});
+    store_cols(dgh_s, j, H, zeros);
     if (has_padding(rows)) {
       const int64_t row = rows.row(s, b);
-      store_gate_grads(dgx + row * G + static_cast<int64_t>(d) * 3 * H,
-                       dgh + (static_cast<int64_t>(d) * R + row) * 3 * H, j, H,
-                       GruCellGrad<acc_t>{});
-      hprev[(static_cast<int64_t>(d) * R + row) * H + j] = scalar_t(0);
+      store_cols(dgx + row * D * GH + d * GH, j, H, zeros);
+      store_cols(dgh + (static_cast<int64_t>(d) * R + row) * GH, j, H, zeros);
+      if constexpr (!kProj) hprev[(static_cast<int64_t>(d) * R + row) * H + j] = scalar_t(0);
     }
-    dh_out[idx] = dh;
+    if constexpr (!kProj) dh_out[idx] = dh;
     return;
   }
   const int t = step_time(d, len, s);
   const int64_t row = rows.row(t, b);
   const int64_t col = static_cast<int64_t>(d) * H + j;
-  const acc_t dh_tot = dh + static_cast<acc_t>(grad_out[row * D * H + col]);
-  const scalar_t h_prev = s == 0 ? hx[idx] : out[rows.row(prev_time(d, t), b) * D * H + col];
-  const GruCellSaved<acc_t> sv = load_saved(ws + (static_cast<int64_t>(d) * R + row) * 4 * H, j, H);
-  const GruCellGrad<acc_t> g = gru_cell_backward<acc_t>(dh_tot, static_cast<acc_t>(h_prev), sv);
-  store_gate_grads(dgx + row * G + static_cast<int64_t>(d) * 3 * H,
-                   dgh + (static_cast<int64_t>(d) * R + row) * 3 * H, j, H, g);
-  store_hidden_gate_grads(dgh_s, j, H, g);
-  hprev[(static_cast<int64_t>(d) * R + row) * H + j] = h_prev;
-  dh_out[idx] = g.dh_prev;
+  CellState<acc_t> grad, grad_prev;
+  grad.h = kProj ? dh : dh + static_cast<acc_t>(grad_out[row * D * H + col]);
+  if constexpr (Cell::kHasC) grad.c = dc[idx];
+  scalar_t h_prev = scalar_t(0);
+  if constexpr (!kProj) {
+    h_prev = s == 0 ? hx[idx] : out[rows.row(prev_time(d, t), b) * D * H + col];
+  }
+  acc_t saved[Cell::kSaved], dgxv[G], dghv[G];
+  load_cols<Cell::kSaved>(ws + (static_cast<int64_t>(d) * R + row) * Cell::kSaved * H, j, H, saved);
+  Cell::backward(grad, static_cast<acc_t>(h_prev), saved, dgxv, dghv, grad_prev);
+  store_cols(dgx + row * D * GH + d * GH, j, H, dgxv);
+  store_cols(dgh + (static_cast<int64_t>(d) * R + row) * GH, j, H, dghv);
+  store_cols(dgh_s, j, H, dghv);
+  if constexpr (!kProj) {
+    hprev[(static_cast<int64_t>(d) * R + row) * H + j] = h_prev;
+    dh_out[idx] = grad_prev.h;
+  }
+  if constexpr (Cell::kHasC) dc[idx] = grad_prev.c;
+}
+
+// kProj's first pass of a backward step, for every (d, b, p): the gradient
+// reaching the state hr after step s is dhr_in (acc_t: grad_h_n, and what
+// finished rows carry) + dhr_gemm (the previous step's dgh @ W_hh) + grad_out
+// at (t, b). It goes to drows (the dW_hr GEMM's operand, 0 at padding) and to
+// dhr_step (the operand of the GEMM dhr @ W_hr that gives the gradient
+// reaching h'; 0 for rows that do not run); hprev gets the state the step
+// read. A running row's direct part for the next step is 0 (hr_prev enters
+// the step only through W_hh); a finished row carries its gradient on.
+template <typename scalar_t, typename acc_t>
+__global__ void fallback_proj_backward_kernel(const scalar_t* __restrict__ grad_out,  // [R, D*P]
+                                              const scalar_t* __restrict__ out,       // [R, D*P]
+                                              const scalar_t* __restrict__ hx,        // [D, B, P]
+                                              const int* __restrict__ lens,           // [B]
+                                              const acc_t* __restrict__ dhr_in,       // [D, B, P]
+                                              const scalar_t* __restrict__ dhr_gemm,  // [D, B, P]
+                                              acc_t* __restrict__ dhr_out,            // [D, B, P]
+                                              scalar_t* __restrict__ drows,           // [D, R, P]
+                                              scalar_t* __restrict__ dhr_step,        // [D, B, P]
+                                              scalar_t* __restrict__ hprev,           // [D, R, P]
+                                              int s, int B, int P, int D, RowMap rows, int64_t R) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= static_cast<int64_t>(D) * B * P) return;
+  const int p = static_cast<int>(idx % P);
+  const int b = static_cast<int>((idx / P) % B);
+  const int d = static_cast<int>(idx / (static_cast<int64_t>(P) * B));
+  const int len = lens[b];
+  const acc_t dhr = dhr_in[idx] + static_cast<acc_t>(dhr_gemm[idx]);
+  if (s >= len) {
+    dhr_step[idx] = scalar_t(0);
+    if (has_padding(rows)) {
+      const int64_t prow = (static_cast<int64_t>(d) * R + rows.row(s, b)) * P + p;
+      drows[prow] = scalar_t(0);
+      hprev[prow] = scalar_t(0);
+    }
+    dhr_out[idx] = dhr;
+    return;
+  }
+  const int t = step_time(d, len, s);
+  const int64_t row = rows.row(t, b);
+  const int64_t col = static_cast<int64_t>(d) * P + p;
+  const scalar_t g = static_cast<scalar_t>(dhr + static_cast<acc_t>(grad_out[row * D * P + col]));
+  drows[(static_cast<int64_t>(d) * R + row) * P + p] = g;
+  dhr_step[idx] = g;
+  hprev[(static_cast<int64_t>(d) * R + row) * P + p] =
+      s == 0 ? hx[idx] : out[rows.row(prev_time(d, t), b) * D * P + col];
+  dhr_out[idx] = acc_t(0);
 }
 
 }  // namespace cuda

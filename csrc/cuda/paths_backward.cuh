@@ -1,0 +1,163 @@
+// The per-path launchers of the CUDA backend's backward: the recurrence of a
+// backward call on the persistent kernel (persistent.cuh) or the fallback
+// (per-step GEMM + pointwise.cuh), as choose() (call.h) decides, then the
+// weight and input gradients as GEMMs over all rows. Templates on the cell
+// policy, like the forward's (paths.cuh). Included by gru_cuda.cu only (one
+// translation unit, internal linkage).
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <utility>
+
+#include "call.h"
+#include "launch.h"
+#include "paths.cuh"
+#include "persistent.cuh"
+#include "plan.h"
+#include "pointwise.cuh"
+#include "rows.h"
+
+namespace varlen_rnn {
+namespace cuda {
+namespace {
+
+using at::Tensor;
+
+// Every gradient of a layer; grad_cx and grad_w_hr stay undefined where the
+// cell has no c or no projection.
+struct LayerGrads {
+  Tensor grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr;
+};
+
+template <typename Cell, typename scalar_t>
+bool persistent_backward(const BackwardCall& c, const plan::Choice& choice) {
+  const plan::Cut& cut = choice.cut;
+  using acc_t = at::opmath_type<scalar_t>;
+  const LayerDims& dims = c.dims;
+  const Lengths l = prepare_lengths(c.rows.lengths, dims.T, true, c.stream);
+  Tensor dh = at::empty({dims.D, dims.B, dims.H}, c.opts.dtype(c.acc_type));
+  Tensor dc =
+      Cell::kHasC ? at::empty({dims.D, dims.B, dims.H}, c.opts.dtype(c.acc_type)) : Tensor();
+  PersistentBackwardArgs<scalar_t, acc_t> a{};
+  a.grad_out = c.grad_out.data_ptr<scalar_t>();
+  a.out = c.out.data_ptr<scalar_t>();
+  a.hx = c.hx.data_ptr<scalar_t>();
+  a.grad_h_n = c.grad_h_n.data_ptr<scalar_t>();
+  a.ws = c.ws.data_ptr<acc_t>();
+  a.w_hh = c.w_hh.data_ptr<scalar_t>();
+  a.dh = dh.data_ptr<acc_t>();
+  a.dgx = c.dgx.data_ptr<scalar_t>();
+  a.dgh = c.dgh.data_ptr<scalar_t>();
+  a.hprev = c.hprev.data_ptr<scalar_t>();
+  a.grad_hx = c.grad_hx.data_ptr<scalar_t>();
+  a.grad_c_n = ptr_or_null<scalar_t>(c.grad_c_n);
+  a.dc = ptr_or_null<acc_t>(dc);
+  a.grad_cx = ptr_or_null<scalar_t>(c.grad_cx);
+  fill_common(a, c, l, cut);
+  return launch_cooperative(backward_kernel<Cell, scalar_t>(choice.mma), cut.blocks, cut.smem, &a,
+                            c.stream);
+}
+
+// dh after step s = dh_a (direct part, acc_t) + dh_b (dgh_{s+1} @ W_hh, a GEMM in the
+// storage dtype); the step kernel reads both, writes the next direct part and the
+// step's dgh rows [D, B, GH] for that GEMM. c's gradient dc stays in acc_t, in place.
+// With a projection (kProj) the same carry runs in the P-wide state: per step the
+// projection kernel forms dhr (-> c.dhr rows, dhr_step), the GEMM dhr_step @ W_hr
+// gives the gradient reaching the cell's h', the cell kernel runs on it.
+template <typename Cell, bool kProj, typename scalar_t>
+void fallback_backward(const BackwardCall& c) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const LayerDims& dims = c.dims;
+  const int64_t T = dims.T, B = dims.B, H = dims.H, D = dims.D, G = c.G, P = c.P;
+  const Lengths l = prepare_lengths(c.rows.lengths, T, false, c.stream);
+  Tensor dh_a = at::empty({D, B, P}, c.opts.dtype(c.acc_type));
+  dh_a.copy_(c.grad_h_n);
+  Tensor dh_a_next = at::empty({D, B, P}, c.opts.dtype(c.acc_type));
+  Tensor dh_b = at::zeros({D, B, P}, c.opts);
+  Tensor dgh_step = at::empty({D, B, G * H}, c.opts);
+  Tensor dc;
+  if constexpr (Cell::kHasC) {
+    dc = at::empty({D, B, H}, c.opts.dtype(c.acc_type));
+    dc.copy_(c.grad_c_n);
+  }
+  Tensor dhr_step = kProj ? at::empty({D, B, P}, c.opts) : Tensor();
+  Tensor dhcell = kProj ? at::empty({D, B, H}, c.opts) : Tensor();
+  const int blocks = static_cast<int>(plan::ceil_div(D * B * H, kPointwiseThreads));
+  const int proj_blocks = static_cast<int>(plan::ceil_div(D * B * P, kPointwiseThreads));
+  for (int64_t s = T - 1; s >= 0; --s) {
+    if constexpr (kProj) {
+      fallback_proj_backward_kernel<scalar_t, acc_t>
+          <<<proj_blocks, kPointwiseThreads, 0, c.stream>>>(
+              c.grad_out.data_ptr<scalar_t>(), c.out.data_ptr<scalar_t>(),
+              c.hx.data_ptr<scalar_t>(), l.lens.data_ptr<int>(), dh_a.data_ptr<acc_t>(),
+              dh_b.data_ptr<scalar_t>(), dh_a_next.data_ptr<acc_t>(), c.dhr.data_ptr<scalar_t>(),
+              dhr_step.data_ptr<scalar_t>(), c.hprev.data_ptr<scalar_t>(), static_cast<int>(s),
+              static_cast<int>(B), static_cast<int>(P), static_cast<int>(D), c.rows.map, c.rows.R);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      at::bmm_out(dhcell, dhr_step, c.w_hr);  // [D, B, P] @ [D, P, H]
+    }
+    fallback_backward_step_kernel<Cell, kProj, scalar_t, acc_t>
+        <<<blocks, kPointwiseThreads, 0, c.stream>>>(
+            c.grad_out.data_ptr<scalar_t>(), c.out.data_ptr<scalar_t>(), c.hx.data_ptr<scalar_t>(),
+            c.ws.data_ptr<acc_t>(), l.lens.data_ptr<int>(),
+            kProj ? nullptr : dh_a.data_ptr<acc_t>(),
+            kProj ? dhcell.data_ptr<scalar_t>() : dh_b.data_ptr<scalar_t>(),
+            kProj ? nullptr : dh_a_next.data_ptr<acc_t>(), ptr_or_null<acc_t>(dc),
+            c.dgx.data_ptr<scalar_t>(), c.dgh.data_ptr<scalar_t>(), dgh_step.data_ptr<scalar_t>(),
+            kProj ? nullptr : c.hprev.data_ptr<scalar_t>(), static_cast<int>(s),
+            static_cast<int>(B), static_cast<int>(H), static_cast<int>(D), c.rows.map, c.rows.R);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    std::swap(dh_a, dh_a_next);
+    at::bmm_out(dh_b, dgh_step, c.w_hh);  // [D, B, GH] @ [D, GH, P]
+  }
+  c.grad_hx.copy_(dh_a.add_(dh_b));
+  if constexpr (Cell::kHasC) c.grad_cx.copy_(dc);
+}
+
+// The recurrence of one backward call (inputs, rows and the R-row buffers set),
+// then the weight and input gradients as GEMMs over all R rows (no atomics).
+// x_rows [R, I]: the input's rows, padded ones zeroed. hcell [D, R, H] (with a
+// projection): the cell's output h' of every row, 0 where padded.
+template <typename Cell>
+LayerGrads run_backward(BackwardCall& c, const Tensor& x_rows, const Tensor& w_ih) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, c.opts.dtype().toScalarType(), "varlen_rnn_backward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const plan::Choice choice = choose(c, backward_kernel<Cell, scalar_t>,
+                                           plan::Pass::kBackward, sizeof(scalar_t), sizeof(acc_t));
+        if (choice.path == plan::Path::kPersistent &&
+            launched_or_allowed_to_fall_back(persistent_backward<Cell, scalar_t>(c, choice))) {
+          return;
+        }
+        if constexpr (Cell::kHasC) {
+          if (c.proj()) return fallback_backward<Cell, true, scalar_t>(c);
+        }
+        fallback_backward<Cell, false, scalar_t>(c);
+      });
+  const int64_t I = c.dims.I, GH = c.G * c.dims.H, D = c.dims.D;
+  const auto dtype = c.opts.dtype().toScalarType();
+  const Tensor w_ih2d = w_ih.contiguous().view({D * GH, I});
+  LayerGrads g;
+  g.grad_input = at::mm(c.dgx, w_ih2d);  // [R, I]
+  g.grad_hx = c.grad_hx;
+  g.grad_cx = c.grad_cx;
+  g.grad_w_ih = at::mm(c.dgx.t(), x_rows).view({D, GH, I});
+  g.grad_b_ih = at::sum(c.dgx, {0}, false, c.acc_type).view({D, GH}).to(dtype);
+  g.grad_w_hh = at::bmm(c.dgh.transpose(1, 2), c.hprev);
+  g.grad_b_hh = at::sum(c.dgh, {1}, false, c.acc_type).to(dtype);
+  return g;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace varlen_rnn

@@ -1,0 +1,344 @@
+"""The CUDA kernels for the LSTM (with and without a projection) and the Elman RNN (tanh, relu)
+on a machine without a GPU: the same emulation as tests/test_cuda_emulated.py (the real kernel
+code of csrc/cuda/*.cuh on CPU threads, tests/cuda_emulation/emu.cpp), with the kernels
+instantiated for the other cells. The recurrence, layouts and tiling are the GRU's, checked there;
+these cases check what a cell changes: G gate rows per unit in the persistent forward's work
+items and the backward's K = G*H, the workspace of S values per unit, the LSTM's c kept per block
+(and its gradient), the projection's extra GEMMs and kernels on the fallback path, padding and
+ragged rows with every cell.
+
+The oracle is torch.nn.LSTM / torch.nn.RNN with pack_padded_sequence in float64 (autograd for
+the gradients), on inputs rounded to the dtype under test, with the same bounds as the GRU's
+emulation test (see its docstring): 1e-12 for float64, C * eps * (|ref| + max(1, max|ref|))
+otherwise."""
+
+import pytest
+import torch
+from emulation import SKIP_REASON, load_emulation
+from test_cuda_emulated import DTYPE_IDS, LAYOUTS, PADDED, SMEM, SMS, ragged_rows
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
+
+GRU, LSTM, RNN_TANH, RNN_RELU = 0, 1, 2, 3
+CELLS = {"lstm": LSTM, "rnn-tanh": RNN_TANH, "rnn-relu": RNN_RELU}
+GATES = {LSTM: 4, RNN_TANH: 1, RNN_RELU: 1}
+SAVED = {LSTM: 6, RNN_TANH: 1, RNN_RELU: 1}
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return load_emulation()
+
+
+# As test_cuda_emulated.CASES; P: the LSTM's proj_size (LSTM only, fallback only).
+CASES = {
+    "uni-basic": dict(T=5, B=3, I=2, H=4, D=1, bias=True, layout="padded", lengths=[5, 2, 0]),
+    "bi-bf-zeros": dict(
+        T=6,
+        B=11,
+        I=3,
+        H=5,
+        D=2,
+        bias=True,
+        layout="padded",
+        bf=True,
+        lengths=[6, 0, 3, 1, 6, 2, 5, 4, 0, 6, 1],
+    ),
+    "K-chunks-tail-block": dict(
+        T=5,
+        B=9,
+        I=4,
+        H=37,
+        D=2,
+        bias=True,
+        layout="padded",
+        lengths=[5, 4, 3, 2, 1, 0, 5, 4, 3],
+        kc=32,
+        expect=["chunks", "tail"],
+    ),
+    "offsets-tiles-nobias": dict(
+        T=4,
+        B=40,
+        I=3,
+        H=7,
+        D=2,
+        bias=False,
+        layout="offsets",
+        max_len=6,
+        lengths=[(i * 7) % 5 for i in range(40)],
+        expect=["tiles"],
+    ),
+    "packed-bi-K-chunks": dict(
+        T=6,
+        B=9,
+        I=4,
+        H=13,
+        D=2,
+        bias=True,
+        layout="packed",
+        kc=32,
+        lengths=[6, 5, 4, 3, 2, 1, 1, 6, 2],
+        expect=["chunks"],
+    ),
+    "packed-sorted-uni": dict(
+        T=5, B=4, I=2, H=4, D=1, bias=True, layout="packed", sorted=True, lengths=[5, 3, 3, 1]
+    ),
+}
+PROJ_CASES = {  # the LSTM with proj_size P (below H, as torch.nn.LSTM requires)
+    "proj-uni-basic": dict(CASES["uni-basic"], P=3),
+    "proj-bi-bf-zeros": dict(CASES["bi-bf-zeros"], P=3),
+    "proj-offsets-nobias": dict(CASES["offsets-tiles-nobias"], P=2),
+    "proj-packed-bi": dict(CASES["packed-bi-K-chunks"], P=5, H=6),
+}
+ALL_CASES = {**CASES, **PROJ_CASES}
+HALF_CASES = ["uni-basic", "K-chunks-tail-block", "offsets-tiles-nobias", "packed-bi-K-chunks"]
+HALF_PROJ_CASES = ["proj-bi-bf-zeros", "proj-packed-bi"]
+TOL_EPS = {torch.float32: 8, torch.float16: 4, torch.bfloat16: 4}
+
+
+def _params():
+    out = []
+    for cell in CELLS:
+        for name in CASES:
+            out.append((cell, name, torch.float64))
+        for dt in (torch.float32, torch.float16, torch.bfloat16):
+            out += [(cell, name, dt) for name in HALF_CASES]
+    for name in PROJ_CASES:
+        out.append(("lstm", name, torch.float64))
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        out += [("lstm", name, dt) for name in HALF_PROJ_CASES]
+    return out
+
+
+PARAMS = _params()
+NAMES = [
+    "output",
+    "h_n",
+    "c_n",
+    "grad input",
+    "grad hx",
+    "grad cx",
+    "grad w_ih",
+    "grad w_hh",
+    "grad b_ih",
+    "grad b_hh",
+    "grad w_hr",
+]
+
+
+def reference(cell, c, x_tm, L, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, go_tm, ghn, gcn):
+    """torch.nn in float64 over the rows with a length (pack_padded_sequence refuses 0): output
+    [T, B, D*P] (time-major, zeros past each length), h_n, c_n and the gradients of
+    sum(out * go) + sum(h_n * ghn) + sum(c_n * gcn), in NAMES' order (None where the cell has
+    no such tensor). Zero-length rows keep hx / cx and pass grad_h_n / grad_c_n through."""
+    T, B, I = x_tm.shape
+    D, H = hx.shape[0], w_ih.shape[1] // GATES[cell]
+    P = hx.shape[2]
+    lstm = cell == LSTM
+    # Always with biases (zero where the layer has none): the ops compute the bias gradients
+    # whether or not the layer has biases.
+    kw = dict(bias=True, bidirectional=D == 2, dtype=torch.float64)
+    if lstm:
+        m = nn.LSTM(I, H, proj_size=P if w_hr is not None else 0, **kw)
+    else:
+        m = nn.RNN(I, H, nonlinearity="relu" if cell == RNN_RELU else "tanh", **kw)
+    with torch.no_grad():
+        for d, sfx in enumerate(["", "_reverse"][:D]):
+            getattr(m, "weight_ih_l0" + sfx).copy_(w_ih[d])
+            getattr(m, "weight_hh_l0" + sfx).copy_(w_hh[d])
+            getattr(m, "bias_ih_l0" + sfx).copy_(b_ih[d] if b_ih is not None else 0)
+            getattr(m, "bias_hh_l0" + sfx).copy_(b_hh[d] if b_hh is not None else 0)
+            if w_hr is not None:
+                getattr(m, "weight_hr_l0" + sfx).copy_(w_hr[d])
+    live = (L > 0).nonzero().flatten()
+    x = x_tm.clone().requires_grad_()
+    h0 = hx.clone().requires_grad_()
+    c0 = cx.clone().requires_grad_() if lstm else None
+    out = torch.zeros(T, B, D * P, dtype=torch.float64)
+    h_n, c_n = h0 * 1, (c0 * 1 if lstm else None)
+    loss = 0
+    if len(live):
+        packed = pack_padded_sequence(x[:, live], L[live], enforce_sorted=False)
+        state = (h0[:, live], c0[:, live]) if lstm else h0[:, live]
+        o, s = m(packed, state)
+        o = pad_packed_sequence(o, total_length=T)[0]
+        out = out.index_copy(1, live, o)
+        h_n = h_n.index_copy(1, live, s[0] if lstm else s)
+        if lstm:
+            c_n = c_n.index_copy(1, live, s[1])
+    loss = (out * go_tm).sum() + (h_n * ghn).sum() + ((c_n * gcn).sum() if lstm else 0)
+    leaves = [x, h0] + ([c0] if lstm else [])
+    grads = torch.autograd.grad(loss, leaves + list(m.parameters()), allow_unused=True)
+    g = dict(zip(["x", "hx"] + (["cx"] if lstm else []), grads))
+    named = dict(zip([n for n, _ in m.named_parameters()], grads[len(leaves) :]))
+
+    def stack(prefix):
+        ts = [named.get(prefix + sfx) for sfx in ["", "_reverse"][:D]]
+        return None if ts[0] is None else torch.stack(ts)
+
+    return [
+        out.detach(),
+        h_n.detach(),
+        c_n.detach() if lstm else None,
+        g["x"],
+        g["hx"],
+        g.get("cx"),
+        stack("weight_ih_l0"),
+        stack("weight_hh_l0"),
+        stack("bias_ih_l0"),
+        stack("bias_hh_l0"),
+        stack("weight_hr_l0"),
+    ]
+
+
+def run_case(emu, cell, c, dtype, persistent, mma=False):
+    """(got, ref, cuts) as test_cuda_emulated.run_case, for `cell`, in NAMES' order; ref from
+    torch.nn (reference) mapped to the case's layout, None where the cell lacks the tensor or
+    the layer the bias."""
+    T, B, I, H, D, bias = (c[k] for k in ("T", "B", "I", "H", "D", "bias"))
+    G, S = GATES[cell], SAVED[cell]
+    P = c.get("P", H)
+    proj = "P" in c
+    bf = c.get("bf", False)
+    lstm = cell == LSTM
+    g = torch.Generator().manual_seed(1)
+
+    def f(*s):  # float64 values that are exact in `dtype`
+        return torch.randn(*s, dtype=torch.float64, generator=g).to(dtype).double()
+
+    L = torch.tensor(c["lengths"], dtype=torch.long)
+    rows = None if c["layout"] == "padded" else ragged_rows(c, c["lengths"])
+    x_tm = f(T, B, I)
+    go_tm = f(T, B, D * P)
+    hx, cx = f(D, B, P), f(D, B, H)
+    w_ih, w_hh = f(D, G * H, I) * 0.5, f(D, G * H, P) * 0.5
+    b_ih, b_hh = (f(D, G * H), f(D, G * H)) if bias else (None, None)
+    w_hr = f(D, P, H) * 0.5 if proj else None
+    ghn, gcn = f(D, B, P), f(D, B, H)
+    ref = reference(cell, c, x_tm, L, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, go_tm, ghn, gcn)
+    # The kernels' view of x, go and the reference's output and input gradient: rows.
+    if rows is None:
+        to_rows = (lambda t: t.transpose(0, 1)) if bf else (lambda t: t)
+        layout, seq_index, si, steps = PADDED, L, None, T
+    else:
+        tt, bb = rows[2], rows[3]
+        to_rows = lambda t: t[tt, bb]  # noqa: E731
+        layout, seq_index, si, steps = LAYOUTS[c["layout"]], rows[0], rows[1], c.get("max_len", T)
+    ref[0], ref[3] = to_rows(ref[0]), to_rows(ref[3])
+    x, go = to_rows(x_tm).contiguous(), to_rows(go_tm).contiguous()
+
+    # The launchers' GEMMs (paths.cuh, paths_backward.cuh) around the emulated kernels.
+    x, hx, cx, w_ih, w_hh, go, ghn, gcn = (
+        t.to(dtype) for t in (x, hx, cx, w_ih, w_hh, go, ghn, gcn)
+    )
+    b_ih, b_hh = (None, None) if not bias else (b_ih.to(dtype), b_hh.to(dtype))
+    none = torch.zeros(0, dtype=dtype)
+    w_hr = w_hr.to(dtype) if proj else none
+    cx, gcn = (cx, gcn) if lstm else (none, none)
+    si = torch.zeros(0, dtype=torch.long) if si is None else si
+    index = (layout, seq_index, si, steps, bf, persistent, SMS, SMEM, c.get("kc", 0), mma)
+    out_shape = (*x.shape[:-1], D * P)
+    x2d, w2d = x.reshape(-1, I), w_ih.reshape(D * G * H, I)
+    gx = torch.addmm(b_ih.reshape(-1), x2d, w2d.T) if bias else x2d @ w2d.T
+    out, hn, cn, ws, cut_f = emu.cell_forward(
+        cell, gx.contiguous(), w_hh, b_hh, hx, cx, w_hr, *index
+    )
+    assert ws.shape == (D, ws.shape[1], S * H)
+    dgx, dgh, hprev, ghx, gcx, dhr, cut_b = emu.cell_backward(
+        cell, go.reshape(-1, D * P), ghn, gcn, out, hx, ws, w_hh, w_hr, *index
+    )
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    got = [
+        out.view(out_shape),
+        hn,
+        cn if lstm else None,
+        (dgx @ w2d).view(x.shape),
+        ghx,
+        gcx if lstm else None,
+        (dgx.T @ x2d).view(D, G * H, I),
+        torch.bmm(dgh.transpose(1, 2), hprev),
+        dgx.sum(0, dtype=acc).view(D, G * H),
+        dgh.sum(1, dtype=acc),
+        None,
+    ]
+    if proj:  # dW_hr = dhr^T h' with h' = o * tanh(c') from the workspace, 0 where padded
+        valid = torch.zeros(ws.shape[1], dtype=torch.bool)
+        if rows is None:
+            t_idx = torch.arange(T).unsqueeze(1 if not bf else 0)
+            lv = L.unsqueeze(0 if not bf else 1)
+            valid = (t_idx < lv).reshape(-1)
+        else:
+            valid[:] = True
+        hcell = (ws[:, :, 3 * H : 4 * H] * ws[:, :, 5 * H : 6 * H]).masked_fill(
+            ~valid.view(1, -1, 1), 0
+        )
+        got[10] = torch.bmm(dhr.transpose(1, 2), hcell.to(dtype))
+    got = [None if t is None else t.double() for t in got]
+    return got, ref, (cut_f.tolist(), cut_b.tolist())
+
+
+def check(got, ref, dtype, eps=None, c_eps=None):
+    for n, a, e in zip(NAMES, got, ref):
+        assert (a is None) == (e is None), n
+        if a is None:
+            continue
+        if dtype == torch.float64:
+            tol = dict(atol=1e-12, rtol=1e-12)
+        else:
+            ce = c_eps if c_eps is not None else TOL_EPS[dtype] * torch.finfo(dtype).eps
+            tol = dict(atol=ce * max(1.0, e.abs().max().item()), rtol=ce)
+        torch.testing.assert_close(a, e, **tol, msg=lambda m: f"{n}: {m}")
+
+
+def _id(p):
+    return f"{p[0]}-{p[1]}-{DTYPE_IDS[p[2]]}"
+
+
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "fallback"])
+@pytest.mark.parametrize("cell,name,dtype", PARAMS, ids=[_id(p) for p in PARAMS])
+def test_emulated_cell_kernels_match_torch_nn(emu, cell, name, dtype, persistent):
+    c = ALL_CASES[name]
+    if persistent and "P" in c:
+        pytest.skip("an LSTM with a projection has no persistent kernel (plan.h): fallback only")
+    got, ref, (cut_f, cut_b) = run_case(emu, CELLS[cell], c, dtype, persistent)
+    check(got, ref, dtype)
+    if persistent:  # the case reaches what it names (plan.h's cut of this pretend device)
+        J, bpd, rows_f, _, _ = cut_f
+        K = GATES[CELLS[cell]] * c["H"]
+        for what in c.get("expect", []):
+            ok = {"chunks": cut_b[3] < K, "tail": J * bpd > c["H"], "tiles": rows_f < c["B"]}
+            assert ok[what], f"{name} no longer reaches '{what}': cuts {cut_f} / {cut_b}"
+
+
+def test_emulated_projection_refuses_the_persistent_kernel(emu):
+    with pytest.raises(RuntimeError, match="no persistent kernel"):
+        run_case(emu, LSTM, PROJ_CASES["proj-uni-basic"], torch.float64, True)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_emulated_cell_persistent_kernels_are_deterministic(emu, cell):
+    # Equal bits over two runs whose threads interleave differently: no sum depends on timing
+    # (the LSTM's c and dc are block-local, read and written without a barrier of their own).
+    c = CASES["offsets-tiles-nobias"]
+    runs = [run_case(emu, CELLS[cell], c, torch.float32, True)[0] for _ in range(2)]
+    for a, b in zip(*runs):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+# The persistent kernels' tensor-core path with G = 4 and G = 1 gate rows per forward work item
+# (the GRU's emulation test covers G = 3); bounds as there (the operand type's eps).
+MMA_EPS = {torch.float32: 2.0**-10, torch.bfloat16: torch.finfo(torch.bfloat16).eps}
+MMA_PARAMS = [
+    (cell, name, dt)
+    for cell in CELLS
+    for name in ("uni-basic", "offsets-tiles-nobias")
+    for dt in MMA_EPS
+]
+
+
+@pytest.mark.parametrize("cell,name,dtype", MMA_PARAMS, ids=[_id(p) for p in MMA_PARAMS])
+def test_emulated_cell_tensor_core_path_matches_torch_nn(emu, cell, name, dtype):
+    got, ref, _ = run_case(emu, CELLS[cell], CASES[name], dtype, True, mma=True)
+    check(got, ref, dtype, c_eps=4 * MMA_EPS[dtype])
