@@ -110,9 +110,11 @@ void backward_impl(BackwardArgs& args) {
   // The projection is the LSTM's, whose cell math does not read h_prev: the
   // state's gradient reaches h_prev through W_hh alone.
   TORCH_INTERNAL_ASSERT(!proj || !Cell::kReadsHPrev);
-  // When dgh = dgx and step s's positions are consecutive rows, the step's
-  // GEMM reads dgx in place; otherwise the gate pass fills the step buffer.
-  const bool dgh_in_dgx = !kDiffer && steps_are_contiguous(args);
+  // When dgh = dgx and step s's positions are the consecutive rows
+  // offset[s] + i, the step's GEMM reads dgx in place; otherwise the gate pass
+  // fills a step buffer. Positions are numbered by time, so only the forward
+  // direction's steps are consecutive.
+  const bool dgx_in_place = !kDiffer && steps_are_contiguous(args);
   const auto opts = args.input2d.options();
   const at::Tensor perm = perm_tensor(sched);
   // Buffers over the N valid positions (gx_rows' order), so the weight
@@ -123,20 +125,22 @@ void backward_impl(BackwardArgs& args) {
   at::Tensor hprev = at::empty({N, P}, opts);                          // [N, P] one direction
   at::Tensor dhs = proj ? at::empty({N, P}, opts) : at::Tensor();      // [N, P] dh_state
   at::Tensor hout = proj ? at::empty({N, H}, opts) : at::Tensor();     // [N, H] h'
-  at::Tensor dgh = dgh_in_dgx ? at::Tensor() : at::empty({dims.B, G}, opts);  // [B, G*H] one step
-  at::Tensor dhp = proj ? at::empty({dims.B, H}, opts) : at::Tensor();        // [B, H] dh' one step
+  const bool need_dgh = !(dgx_in_place && dims.D == 1);
+  at::Tensor dgh = need_dgh ? at::empty({dims.B, G}, opts) : at::Tensor();  // [B, G*H] one step
+  at::Tensor dhp = proj ? at::empty({dims.B, H}, opts) : at::Tensor();      // [B, H] dh' one step
   const scalar_t* go_p = args.grad_output.const_data_ptr<scalar_t>();
   const scalar_t* out_p = args.output.const_data_ptr<scalar_t>();
   const scalar_t* hx_p = args.hx.const_data_ptr<scalar_t>();
   scalar_t* dgx_p = dgx.data_ptr<scalar_t>();
   scalar_t* dghn_p = kDiffer ? dghn.data_ptr<scalar_t>() : nullptr;
-  scalar_t* dgh_p = dgh_in_dgx ? nullptr : dgh.data_ptr<scalar_t>();
+  scalar_t* dgh_p = need_dgh ? dgh.data_ptr<scalar_t>() : nullptr;
   scalar_t* hp_p = hprev.data_ptr<scalar_t>();
   scalar_t* dhs_p = proj ? dhs.data_ptr<scalar_t>() : nullptr;
   scalar_t* hout_p = proj ? hout.data_ptr<scalar_t>() : nullptr;
   scalar_t* dhp_p = proj ? dhp.data_ptr<scalar_t>() : nullptr;
 
   for (int64_t d = 0; d < dims.D; ++d) {
+    const bool dgh_in_dgx = dgx_in_place && d == 0;
     at::Tensor dh = args.grad_h_n[d].index_select(0, perm);  // [B, P] sorted order
     at::Tensor dc = Cell::kHasC ? args.grad_c_n[d].index_select(0, perm) : at::Tensor();  // [B, H]
     scalar_t* dh_p = dh.data_ptr<scalar_t>();
