@@ -70,7 +70,7 @@ struct BackwardCall : LayerCall {
   Tensor dgh;                          // [D, R, GH] storage dtype (only feeds GEMMs)
   Tensor hprev;                        // [D, R, P]
   Tensor grad_hx, grad_cx;             // [D, B, P], kHasC: [D, B, H]
-  Tensor dhr;                          // with a projection: [D, R, P], dW_hr's operand
+  Tensor dhr, hcell;  // with a projection: [D, R, P] and [D, R, H], dW_hr's operands
 };
 
 // The path of one pass; errors when persistent is forced but cannot run, so tests

@@ -7,7 +7,6 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/arange.h>
-#include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
@@ -163,7 +162,10 @@ void set_backward_buffers(BackwardCall& c, const BackwardInputs& g) {
   c.dgx = at::empty({c.rows.R, D * GH}, c.opts);
   c.dgh = at::empty({D, c.rows.R, GH}, c.opts);
   c.hprev = at::empty({D, c.rows.R, c.P}, c.opts);
-  if (c.proj()) c.dhr = at::empty({D, c.rows.R, c.P}, c.opts);
+  if (c.proj()) {
+    c.dhr = at::empty({D, c.rows.R, c.P}, c.opts);
+    c.hcell = at::empty({D, c.rows.R, H}, c.opts);
+  }
 }
 
 // The gradients where no step runs (B, T or N is 0).
@@ -181,21 +183,6 @@ LayerGrads empty_backward(const LayerCall& c, const Tensor& input, const Backwar
   r.grad_b_hh = at::zeros({D, GH}, c.opts);
   if (c.proj()) r.grad_w_hr = at::zeros_like(c.w_hr);
   return r;
-}
-
-// dW_hr = dhr^T h' over all rows, h' = o * tanh(c') from the workspace (LstmCell
-// saves i | f | g | o | c | tanh(c')); valid_rows [R] bool masks padded rows,
-// whose workspace rows the forward never writes, or is undefined (ragged).
-template <typename Cell>
-void projection_grad(const BackwardCall& c, const Tensor& valid_rows, LayerGrads& r) {
-  if constexpr (Cell::kHasC) {
-    if (!c.proj()) return;
-    static_assert(Cell::kSaved == 6, "h' = o * tanh(c') is read from LstmCell's saved values");
-    const int64_t H = c.dims.H;
-    Tensor hcell = c.ws.narrow(2, 3 * H, H) * c.ws.narrow(2, 5 * H, H);  // [D, R, H]
-    if (valid_rows.defined()) hcell.masked_fill_(valid_rows.logical_not().view({1, -1, 1}), 0);
-    r.grad_w_hr = at::bmm(c.dhr.transpose(1, 2), hcell.to(c.opts.dtype()));  // [D, P, H]
-  }
 }
 
 template <typename Cell>
@@ -224,12 +211,12 @@ LayerGrads padded_backward(const BackwardInputs& g, const Tensor& input, const T
   const Tensor& lengths_d = c.rows.lengths;
   const Tensor valid =
       at::arange(T, lengths_d.options()).unsqueeze(1).lt(lengths_d.unsqueeze(0));  // [T, B]
-  const Tensor valid_rows = batch_first ? valid.t() : valid;  // the rows' order: [B, T] or [T, B]
   const Tensor x_valid =
-      input.contiguous().masked_fill(valid_rows.logical_not().unsqueeze(2), 0).view({T * B, I});
+      input.contiguous()
+          .masked_fill((batch_first ? valid.t() : valid).logical_not().unsqueeze(2), 0)
+          .view({T * B, I});
   LayerGrads r = run_backward<Cell>(c, x_valid, w_ih);
   r.grad_input = r.grad_input.view(input.sizes());
-  projection_grad<Cell>(c, valid_rows.reshape({-1}), r);
   return r;
 }
 
@@ -258,7 +245,6 @@ LayerGrads ragged_backward(const BackwardInputs& g, const Tensor& input, const T
   LayerGrads r = run_backward<Cell>(c, input.contiguous(), w_ih);
   r.grad_hx = to_sequence_order(c.rows, r.grad_hx);
   if constexpr (Cell::kHasC) r.grad_cx = to_sequence_order(c.rows, r.grad_cx);
-  projection_grad<Cell>(c, Tensor(), r);
   return r;
 }
 

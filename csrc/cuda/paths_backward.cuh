@@ -12,7 +12,6 @@
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/mul.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
@@ -114,7 +113,8 @@ void fallback_backward(const BackwardCall& c) {
             kProj ? dhcell.data_ptr<scalar_t>() : dh_b.data_ptr<scalar_t>(),
             kProj ? nullptr : dh_a_next.data_ptr<acc_t>(), ptr_or_null<acc_t>(dc),
             c.dgx.data_ptr<scalar_t>(), c.dgh.data_ptr<scalar_t>(), dgh_step.data_ptr<scalar_t>(),
-            kProj ? nullptr : c.hprev.data_ptr<scalar_t>(), static_cast<int>(s),
+            kProj ? nullptr : c.hprev.data_ptr<scalar_t>(),
+            kProj ? c.hcell.data_ptr<scalar_t>() : nullptr, static_cast<int>(s),
             static_cast<int>(B), static_cast<int>(H), static_cast<int>(D), c.rows.map, c.rows.R);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     std::swap(dh_a, dh_a_next);
@@ -126,8 +126,8 @@ void fallback_backward(const BackwardCall& c) {
 
 // The recurrence of one backward call (inputs, rows and the R-row buffers set),
 // then the weight and input gradients as GEMMs over all R rows (no atomics).
-// x_rows [R, I]: the input's rows, padded ones zeroed. hcell [D, R, H] (with a
-// projection): the cell's output h' of every row, 0 where padded.
+// x_rows [R, I]: the input's rows, padded ones zeroed. With a projection,
+// dW_hr = dhr^T h' over all rows.
 template <typename Cell>
 LayerGrads run_backward(BackwardCall& c, const Tensor& x_rows, const Tensor& w_ih) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -155,6 +155,7 @@ LayerGrads run_backward(BackwardCall& c, const Tensor& x_rows, const Tensor& w_i
   g.grad_b_ih = at::sum(c.dgx, {0}, false, c.acc_type).view({D, GH}).to(dtype);
   g.grad_w_hh = at::bmm(c.dgh.transpose(1, 2), c.hprev);
   g.grad_b_hh = at::sum(c.dgh, {1}, false, c.acc_type).to(dtype);
+  if (c.proj()) g.grad_w_hr = at::bmm(c.dhr.transpose(1, 2), c.hcell);  // [D, P, H]
   return g;
 }
 

@@ -120,9 +120,9 @@ __global__ void __launch_bounds__(kPersistThreads)
         const int b = a.perm[i], len = a.sorted[i];
         const int t = step_time(d, len, s);
         const int64_t row = a.rows.row(t, b);
+        const scalar_t* gxr = a.gx + row * G * DH + static_cast<int64_t>(d) * G * H;
         const acc_t* acc = acc_s + item * G * kRows + r;
-        acc_t gx[G], gh[G];
-        load_cols<G>(a.gx + row * G * DH + static_cast<int64_t>(d) * G * H, j, H, gx);
+        acc_t gh[G];
         VR_UNROLL
         for (int g = 0; g < G; ++g) {
           gh[g] = acc[g * kRows];
@@ -135,7 +135,8 @@ __global__ void __launch_bounds__(kPersistThreads)
         }
         const int64_t coff = static_cast<int64_t>(d) * B * H + hoff;
         if constexpr (Cell::kHasC) prev.c = a.cbuf[coff];
-        acc_t saved[Cell::kSaved];
+        acc_t gx[G], saved[Cell::kSaved];
+        load_cols<G>(gxr, j, H, gx);
         Cell::template forward<acc_t>(gx, gh, prev, next, saved);
         nxt[hoff] = next.h;
         a.out[row * DH + static_cast<int64_t>(d) * H + j] = static_cast<scalar_t>(next.h);

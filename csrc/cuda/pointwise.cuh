@@ -223,7 +223,8 @@ __global__ void fallback_proj_forward_kernel(const scalar_t* __restrict__ hr,  /
 // kProj: dh_gemm is the whole gradient reaching the cell's h' (dhr @ W_hr,
 // from fallback_proj_backward_kernel's dhr_step, which already holds
 // grad_out); dh_in, dh_out and hprev are unused (the P-wide state's rows are
-// the projection kernel's).
+// the projection kernel's), and hcell gets h' of the position (the cell's
+// output_from_saved; 0 where padded), the dW_hr GEMM's other operand.
 template <typename Cell, bool kProj, typename scalar_t, typename acc_t>
 __global__ void fallback_backward_step_kernel(
     const scalar_t* __restrict__ grad_out,  // [R, D*H] (not kProj)
@@ -239,6 +240,7 @@ __global__ void fallback_backward_step_kernel(
     scalar_t* __restrict__ dgh,             // [D, R, GH]
     scalar_t* __restrict__ dgh_step,        // [D, B, GH]
     scalar_t* __restrict__ hprev,           // [D, R, H] (not kProj)
+    scalar_t* __restrict__ hcell,           // [D, R, H] (kProj), else nullptr
     int s, int B, int H, int D, RowMap rows, int64_t R) {
   constexpr int G = Cell::kGates;
   static_assert(!kProj || !Cell::kReadsHPrev, "a projected state cannot enter the cell's math");
@@ -259,7 +261,12 @@ __global__ void fallback_backward_step_kernel(
       const int64_t row = rows.row(s, b);
       store_cols(dgx + row * D * GH + d * GH, j, H, zeros);
       store_cols(dgh + (static_cast<int64_t>(d) * R + row) * GH, j, H, zeros);
-      if constexpr (!kProj) hprev[(static_cast<int64_t>(d) * R + row) * H + j] = scalar_t(0);
+      const int64_t hrow = (static_cast<int64_t>(d) * R + row) * H + j;
+      if constexpr (kProj) {
+        hcell[hrow] = scalar_t(0);
+      } else {
+        hprev[hrow] = scalar_t(0);
+      }
     }
     if constexpr (!kProj) dh_out[idx] = dh;
     return;
@@ -280,7 +287,10 @@ __global__ void fallback_backward_step_kernel(
   store_cols(dgx + row * D * GH + d * GH, j, H, dgxv);
   store_cols(dgh + (static_cast<int64_t>(d) * R + row) * GH, j, H, dghv);
   store_cols(dgh_s, j, H, dghv);
-  if constexpr (!kProj) {
+  if constexpr (kProj) {
+    hcell[(static_cast<int64_t>(d) * R + row) * H + j] =
+        static_cast<scalar_t>(Cell::output_from_saved(saved));
+  } else {
     hprev[(static_cast<int64_t>(d) * R + row) * H + j] = h_prev;
     dh_out[idx] = grad_prev.h;
   }

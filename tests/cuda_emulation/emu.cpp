@@ -20,104 +20,7 @@
 using namespace varlen_rnn;
 using namespace varlen_rnn::cuda;
 
-// The persistent cut the launcher would take on a device with `sms` SMs and `smem` bytes of
-// dynamic shared memory per block (max_kc: VARLEN_RNN_PERSISTENT_MAX_KC).
-plan::Cut cut_of(int64_t B, int64_t H, int64_t D, plan::Pass pass, int64_t sb, int64_t ab,
-                 int64_t sms, int64_t smem, int64_t max_kc, int64_t gates) {
-  plan::Problem p{B, H, D, pass, sb, ab, true};
-  p.gates = gates;
-  const plan::Device dev{sms, smem, true, true};
-  plan::Cut cut;
-  std::string why;
-  TORCH_CHECK(plan::persistent_cut(p, dev, max_kc, cut, why), "no persistent cut: ", why);
-  return cut;
-}
-
-torch::Tensor cut_tensor(const plan::Cut& c) {
-  return torch::tensor({c.J, c.blocks_per_dir, c.tile_rows, c.kc, c.blocks}, torch::kLong);
-}
-
-struct Lens {
-  std::vector<int> lens, perm, sorted;
-};
-Lens prep(const int64_t* lengths, int B, int T) {
-  Lens l{std::vector<int>(B), std::vector<int>(B), std::vector<int>(B)};
-  emu_launch_seq((B + 255) / 256, 256, [&] {
-    lengths_prep_kernel<int64_t>(lengths, B, T, l.lens.data(), l.perm.data(), l.sorted.data());
-  });
-  return l;
-}
-
-// The launcher's rows (gru_cuda.cu: set_padded_rows / set_ragged_rows). layout: 0 offsets
-// (seq_index = offsets [B+1]), 1 packed (batch_sizes [T], sorted_indices or an empty tensor),
-// 2 padded (seq_index = lengths [B], bf: batch-major). T: the padded time dimension or max_len.
-struct Rows {
-  RowMap map;
-  int64_t R = 0;
-  std::vector<int64_t> starts, lengths;
-  torch::Tensor order;  // packed: rank -> sequence, or undefined
-  Lens l;
-};
-Rows rows_of(int64_t layout, const torch::Tensor& seq_index, const torch::Tensor& sorted_indices,
-             int64_t T, bool bf, int64_t B, int64_t N) {
-  Rows r;
-  const torch::Tensor idx = seq_index.to(torch::kLong).contiguous();
-  const int64_t* p = idx.data_ptr<int64_t>();
-  if (layout == 2) {
-    r.map = padded_map(bf, T, B, nullptr);
-    r.R = T * B;
-    r.lengths.assign(p, p + B);
-  } else if (layout == 0) {
-    r.R = N;
-    r.starts.resize(B + 1);
-    r.lengths.resize(B);
-    emu_launch_seq((B + 256) / 256, 256, [&] {
-      offsets_prep_kernel<int64_t>(p, B, N, T, r.starts.data(), r.lengths.data());
-    });
-    r.map = offsets_map(r.starts.data(), nullptr);
-  } else {
-    const int64_t steps = idx.size(0);
-    r.R = N;
-    r.starts.resize(steps + 1);
-    r.lengths.resize(B);
-    packed_rows(p, steps, B, r.starts.data(), r.lengths.data());
-    r.map = packed_map(r.starts.data(), nullptr);
-    if (sorted_indices.numel() > 0) {
-      const torch::Tensor si = sorted_indices.contiguous();
-      std::vector<int> count(B, 0);
-      r.order = torch::empty({B}, torch::kLong);
-      emu_launch_seq((B + 255) / 256, 256, [&] {
-        permutation_count_kernel(si.data_ptr<int64_t>(), B, count.data(),
-                                 r.order.data_ptr<int64_t>());
-      });
-      emu_launch_seq((B + 255) / 256, 256, [&] { permutation_check_kernel(count.data(), B); });
-    }
-  }
-  r.l = prep(r.lengths.data(), (int)B, (int)T);
-  return r;
-}
-
-torch::Tensor to_rank(const Rows& r, const torch::Tensor& t) {
-  return r.order.defined() ? t.index_select(1, r.order).contiguous() : t.contiguous();
-}
-torch::Tensor to_sequence(const Rows& r, const torch::Tensor& t) {
-  return r.order.defined() ? torch::empty_like(t).index_copy_(1, r.order, t) : t;
-}
-
-template <typename scalar_t, typename acc_t>
-void fill_common(PersistentCommonArgs& a, const Rows& r, const plan::Cut& cut, int64_t T, int64_t B,
-                 int64_t H, int64_t D) {
-  a.lens = r.l.lens.data();
-  a.perm = r.l.perm.data();
-  a.sorted = r.l.sorted.data();
-  a.rows = r.map;
-  a.R = r.R;
-  a.T = T;
-  a.B = B;
-  a.H = H;
-  a.D = D;
-  a.ps = PersistentShape{(int)cut.J, (int)cut.blocks_per_dir, (int)cut.tile_rows, (int)cut.kc};
-}
+#include "emu_rows.h"
 
 // An optional tensor's data, or nullptr.
 template <typename T>
@@ -230,8 +133,8 @@ std::vector<torch::Tensor> forward_t(const torch::Tensor& gx, const torch::Tenso
 }
 
 // The backward launchers' set-up (paths_backward.cuh). grad_c_n [D, B, H] (kHasC, else
-// empty). Returns dgx, dgh, hprev, grad_hx, grad_cx (or empty), dhr (the projection's
-// [D, R, P] rows, or empty), the persistent cut.
+// empty). Returns dgx, dgh, hprev, grad_hx, grad_cx (or empty), dhr and hcell (the
+// projection's [D, R, P] and [D, R, H] rows, or empty), the persistent cut.
 template <typename Cell, typename scalar_t>
 std::vector<torch::Tensor> backward_t(const torch::Tensor& go, const torch::Tensor& ghn_b,
                                       const torch::Tensor& gcn_b, const torch::Tensor& out,
@@ -253,6 +156,7 @@ std::vector<torch::Tensor> backward_t(const torch::Tensor& go, const torch::Tens
   torch::Tensor grad_hx = torch::full({D, B, P}, 777.0, opts);
   torch::Tensor grad_cx = Cell::kHasC ? torch::full({D, B, H}, 777.0, opts) : torch::Tensor();
   torch::Tensor dhr = proj ? torch::full({D, r.R, P}, 777.0, opts) : torch::Tensor();
+  torch::Tensor hcell_rows = proj ? torch::full({D, r.R, H}, 777.0, opts) : torch::Tensor();
   torch::Tensor cut_info = torch::empty({0}, torch::kLong);
   if (persistent) {
     TORCH_CHECK(!proj, "an LSTM with a projection has no persistent kernel");
@@ -308,7 +212,8 @@ std::vector<torch::Tensor> backward_t(const torch::Tensor& go, const torch::Tens
               kProj ? dhcell.data_ptr<scalar_t>() : dh_b.data_ptr<scalar_t>(),
               kProj ? nullptr : dh_a_next.data_ptr<acc_t>(), ptr_or_null<acc_t>(dc),
               dgx.data_ptr<scalar_t>(), dgh.data_ptr<scalar_t>(), dgh_step.data_ptr<scalar_t>(),
-              kProj ? nullptr : hprev.data_ptr<scalar_t>(), s, B, H, D, r.map, r.R);
+              kProj ? nullptr : hprev.data_ptr<scalar_t>(),
+              kProj ? hcell_rows.data_ptr<scalar_t>() : nullptr, s, B, H, D, r.map, r.R);
         });
       };
       bool stepped = false;
@@ -339,6 +244,7 @@ std::vector<torch::Tensor> backward_t(const torch::Tensor& go, const torch::Tens
           to_sequence(r, grad_hx),
           Cell::kHasC ? to_sequence(r, grad_cx) : torch::empty({0}),
           or_empty(dhr),
+          or_empty(hcell_rows),
           cut_info};
 }
 
@@ -427,7 +333,7 @@ std::vector<torch::Tensor> backward(torch::Tensor go, torch::Tensor ghn, torch::
   const torch::Tensor none = torch::empty({0}, go.options());
   auto r = cell_backward(kGru, go, ghn, none, out, hx, ws, w_hh, none, layout, seq_index,
                          sorted_indices, T, bf, persistent, sms, smem, max_kc, mma);
-  return {r[0], r[1], r[2], r[3], r[6]};
+  return {r[0], r[1], r[2], r[3], r[7]};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

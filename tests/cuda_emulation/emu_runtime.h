@@ -114,4 +114,3 @@ void emu_launch_seq(int grid, int block, F body) {
       body();
     }
 }
-
