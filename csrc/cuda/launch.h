@@ -185,10 +185,11 @@ inline bool launch_cooperative(const void* kernel, int64_t blocks, int64_t smem,
     f.unavailable =
         std::string("the driver refused its cooperative launch (") + cudaGetErrorString(err) + ")";
   }
-  TORCH_WARN_ONCE("varlen_rnn: the driver refused the persistent GRU kernel's cooperative launch (",
-                  cudaGetErrorString(err),
-                  "; this happens under MPS or a sanitizer); this "
-                  "process uses the per-step fallback path for it from now on");
+  TORCH_WARN_ONCE(
+      "varlen_rnn: the driver refused a persistent recurrence kernel's cooperative launch (",
+      cudaGetErrorString(err),
+      "; this happens under MPS or a sanitizer); this "
+      "process uses the per-step fallback path for it from now on");
   return false;
 }
 
