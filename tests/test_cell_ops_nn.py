@@ -154,3 +154,26 @@ def test_module_references_match_torch_nn(cell):
         torch.testing.assert_close(got[1][1], want[1][1], **TIGHT)
     else:
         torch.testing.assert_close(got[1], want[1], **TIGHT)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_non_finite_input_propagates_as_in_torch_nn(cell, dtype):
+    """NaN, +-inf and huge values give nn's NaNs and saturations (relu keeps a NaN; the
+    float rows' vectorized exp/tanh saturate as libm's)."""
+    module = make_module(cell, True, False, True).to(dtype)
+    lengths, lstm = [5, 4, 3, 5], cell.startswith("lstm")
+    x = torch.randn(5, 4, I, dtype=dtype, generator=torch.Generator().manual_seed(4)) * 30
+    x[1, 0, 0], x[2, 1, 1], x[0, 2, 2], x[3, 3] = float("nan"), float("inf"), -float("inf"), 1e30
+    hx = torch.zeros(2, 4, P if cell == "lstm_proj" else H, dtype=dtype)
+    cx = torch.zeros(2, 4, H, dtype=dtype) if lstm else None
+    with torch.no_grad():
+        r_out, state = module(
+            pack_padded_sequence(x, lengths, enforce_sorted=False), (hx, cx) if lstm else hx
+        )
+    r_out, _ = pad_packed_sequence(r_out, total_length=5)
+    want = [r_out, *(state if lstm else (state,))]
+    got = op_forward(layer_of(module, cell, hx, cx), Batch("padded", x, torch.tensor(lengths)))
+    assert r_out.isnan().any()  # the case is what it says
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, equal_nan=True, atol=1e-5, rtol=1e-5)
