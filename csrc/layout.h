@@ -18,7 +18,7 @@
 
 #include <cstdint>
 
-#include "gate_math.h"  // VR_HOST_DEVICE
+#include "cells/cell.h"  // VR_HOST_DEVICE
 
 namespace varlen_rnn {
 
@@ -79,6 +79,20 @@ inline RowMap padded_map(bool batch_first, int64_t T, int64_t B, const int64_t* 
   m.T = T;
   m.B = B;
   return m;
+}
+
+// The time index of step s in direction d (0 forward, 1 reverse) for a
+// sequence of length len: the reverse direction starts at the sequence's own
+// last valid step, not at T-1.
+template <typename Idx>
+VR_HOST_DEVICE Idx step_time(int d, Idx len, Idx s) {
+  return d == 1 ? len - 1 - s : s;
+}
+
+// The time of the state that step s reads (h_prev), for s > 0.
+template <typename Idx>
+VR_HOST_DEVICE Idx prev_time(int d, Idx t) {
+  return d == 1 ? t + 1 : t - 1;
 }
 
 }  // namespace varlen_rnn

@@ -1,5 +1,7 @@
 // The one schema file: every varlen_rnn operator, documented. Kernels live in
-// cpu/gru_cpu.cpp and cuda/gru_cuda.cu and register with TORCH_LIBRARY_IMPL.
+// cpu/{gru,lstm,rnn}_cpu.cpp and cuda/gru_cuda.cu, which register them with
+// TORCH_LIBRARY_IMPL; one recurrence per backend is templated on the cell
+// (csrc/cells/).
 //
 // Shape legend (see gru.h): T time steps, B batch, I input features, H hidden,
 // D directions (1 or 2), G gates (GRU 3: r|z|n, LSTM 4: i|f|g|o, RNN 1, in

@@ -21,7 +21,7 @@
 
 #include "cpu/layer_args.h"
 #include "cpu/rows.h"
-#include "gate_math.h"  // step_time, prev_time
+#include "layout.h"  // step_time, prev_time
 
 namespace varlen_rnn {
 namespace cpu {

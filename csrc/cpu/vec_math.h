@@ -1,4 +1,4 @@
-// A Math policy for gate_math.h (the role PreciseMath plays there): exp and
+// A Math policy for the cells (csrc/cells/cell.h; PreciseMath is the other): exp and
 // tanh for float in plain arithmetic, so that GCC vectorizes the CPU gate
 // loops (a call into libm keeps a loop scalar).
 #pragma once

@@ -29,7 +29,6 @@
 #include <cstdint>
 
 #include "cells/cell.h"
-#include "gate_math.h"
 #include "persistent_common.cuh"
 #include "pointwise.cuh"
 

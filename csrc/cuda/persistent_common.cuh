@@ -14,7 +14,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "gate_math.h"
+#include "cells/cell.h"
 #include "mma_matvec.cuh"
 #include "pointwise.cuh"
 

@@ -23,7 +23,6 @@
 #include <c10/macros/Macros.h>
 
 #include "cells/cell.h"
-#include "gate_math.h"
 #include "layout.h"
 
 namespace varlen_rnn {
