@@ -3,7 +3,10 @@
 // Shape legend, used in every shape comment:
 //   T  time steps (padded length)      B  batch
 //   I  input features                  H  hidden features
-//   D  directions (1, or 2 if bidirectional); gate order r|z|n as torch.nn.GRU
+//   D  directions (1, or 2 if bidirectional)
+//   G  gates of the cell (GRU 3: r|z|n, LSTM 4: i|f|g|o, RNN 1; torch.nn's order)
+//   S  op-math values the cell saves per unit for the backward (csrc/cells/)
+//   P  the state and output width: the LSTM's proj_size, else H
 //   N  sum of lengths: the valid (t, b) positions
 // Padded tensors are time-major [T, B, ...] unless batch_first ([B, T, ...]).
 #pragma once
@@ -13,6 +16,8 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <string>
+#include <string_view>
 #include <vector>
 
 namespace varlen_rnn {
@@ -20,9 +25,11 @@ namespace varlen_rnn {
 struct LayerDims {
   int64_t T, B, I, H, D;
   bool batch_first;
-  // output's shape: [T, B, D*H], or [B, T, D*H] if batch_first.
+  int64_t G = 3, S = 4;  // the cell's gates and saved values (GRU unless set)
+  int64_t P = 0;         // state width: H, or the LSTM's proj_size
+  // output's shape: [T, B, D*P], or [B, T, D*P] if batch_first.
   std::vector<int64_t> output_sizes() const {
-    return batch_first ? std::vector<int64_t>{B, T, D * H} : std::vector<int64_t>{T, B, D * H};
+    return batch_first ? std::vector<int64_t>{B, T, D * P} : std::vector<int64_t>{T, B, D * P};
   }
   // Element strides of (t, b) in a padded tensor with `features` columns.
   int64_t stride_t(int64_t features) const { return batch_first ? features : B * features; }
@@ -49,38 +56,89 @@ inline void check_same_device_dtype(const at::Tensor& ref, const at::Tensor& t, 
               ref.scalar_type(), ", got ", t.scalar_type());
 }
 
-// The checks of the weights, biases and hx that every layer op shares. I is
-// the input's feature count, B the batch; fills dims.D and dims.H.
+// What the checks know of the layer's cell, and the LSTM's extra tensors. The
+// default is the GRU's.
+struct CellArgs {
+  int64_t gates = 3;                                // Cell::kGates
+  int64_t saved = 4;                                // Cell::kSaved
+  const at::Tensor* cx = nullptr;                   // [D, B, H] for a cell with c (LSTM)
+  const std::optional<at::Tensor>* w_hr = nullptr;  // [D, P, H] or None (LSTM's projection)
+
+  template <typename Cell>
+  static CellArgs of(const at::Tensor* cx = nullptr,
+                     const std::optional<at::Tensor>* w_hr = nullptr) {
+    return CellArgs{Cell::kGates, Cell::kSaved, cx, w_hr};
+  }
+  bool has_c() const { return cx != nullptr; }
+};
+
+// "3H" for G = 3, "H" for G = 1: how the messages spell a gate block's rows.
+inline std::string gate_rows(int64_t G) { return G == 1 ? "H" : std::to_string(G) + "H"; }
+
+// The RNN's nonlinearity argument: true for "relu", false for "tanh".
+inline bool check_nonlinearity(std::string_view nonlinearity) {
+  TORCH_CHECK(nonlinearity == "tanh" || nonlinearity == "relu",
+              "nonlinearity must be 'tanh' or 'relu', got '", nonlinearity, "'");
+  return nonlinearity == "relu";
+}
+
+// Checks a [D, B, width] state tensor (hx, cx, grad_h_n, grad_c_n).
+inline void check_state(const LayerDims& dims, const at::Tensor& input, const at::Tensor& t,
+                        const char* name, int64_t width, const char* width_name) {
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == dims.D && t.size(1) == dims.B && t.size(2) == width,
+              name, " must be [D, B, ", width_name, "] = [", dims.D, ", ", dims.B, ", ", width,
+              "], got shape ", t.sizes());
+  check_same_device_dtype(input, t, name);
+}
+
+// The checks of the weights, biases and states that every layer op shares. I
+// is the input's feature count, B the batch; fills dims.D, H, P, G and S.
 inline void check_weight_args(LayerDims& dims, const at::Tensor& input, const at::Tensor& hx,
                               const at::Tensor& w_ih, const at::Tensor& w_hh,
                               const std::optional<at::Tensor>& b_ih,
-                              const std::optional<at::Tensor>& b_hh) {
+                              const std::optional<at::Tensor>& b_hh,
+                              const CellArgs& cell = CellArgs{}) {
+  const int64_t G = cell.gates;
+  const std::string GH = gate_rows(G);
+  dims.G = G;
+  dims.S = cell.saved;
   TORCH_CHECK(w_ih.dim() == 3 && (w_ih.size(0) == 1 || w_ih.size(0) == 2) &&
-                  w_ih.size(1) % 3 == 0 && w_ih.size(2) == dims.I,
-              "w_ih must be [D, 3H, I] with D in {1, 2} and I=", dims.I, ", got shape ",
+                  w_ih.size(1) % G == 0 && w_ih.size(2) == dims.I,
+              "w_ih must be [D, ", GH, ", I] with D in {1, 2} and I=", dims.I, ", got shape ",
               w_ih.sizes());
   dims.D = w_ih.size(0);
-  dims.H = w_ih.size(1) / 3;
+  dims.H = w_ih.size(1) / G;
   TORCH_CHECK(dims.H > 0, "hidden size must be positive, got w_ih of shape ", w_ih.sizes());
-  TORCH_CHECK(w_hh.dim() == 3 && w_hh.size(0) == dims.D && w_hh.size(1) == 3 * dims.H &&
-                  w_hh.size(2) == dims.H,
-              "w_hh must be [D, 3H, H] = [", dims.D, ", ", 3 * dims.H, ", ", dims.H,
-              "], got shape ", w_hh.sizes());
   check_same_device_dtype(input, w_ih, "w_ih");
+  dims.P = dims.H;
+  // The LSTM names its state width P (proj_size, or H without a projection).
+  const char* P_name = cell.has_c() ? "P" : "H";
+  if (cell.w_hr != nullptr && cell.w_hr->has_value()) {
+    const at::Tensor& w_hr = **cell.w_hr;
+    TORCH_CHECK(
+        w_hr.dim() == 3 && w_hr.size(0) == dims.D && w_hr.size(1) > 0 && w_hr.size(2) == dims.H,
+        "w_hr must be [D, P, H] = [", dims.D, ", P, ", dims.H,
+        "] with P > 0 (proj_size; None without a projection), got shape ", w_hr.sizes());
+    check_same_device_dtype(input, w_hr, "w_hr");
+    dims.P = w_hr.size(1);
+  }
+  TORCH_CHECK(w_hh.dim() == 3 && w_hh.size(0) == dims.D && w_hh.size(1) == G * dims.H &&
+                  w_hh.size(2) == dims.P,
+              "w_hh must be [D, ", GH, ", ", P_name, "] = [", dims.D, ", ", G * dims.H, ", ",
+              dims.P, "], got shape ", w_hh.sizes());
   check_same_device_dtype(input, w_hh, "w_hh");
   TORCH_CHECK(b_ih.has_value() == b_hh.has_value(),
               "b_ih and b_hh must be given together or both be None");
   for (const auto* b : {&b_ih, &b_hh}) {
     if (!b->has_value()) continue;
     const char* name = b == &b_ih ? "b_ih" : "b_hh";
-    TORCH_CHECK((*b)->dim() == 2 && (*b)->size(0) == dims.D && (*b)->size(1) == 3 * dims.H, name,
-                " must be [D, 3H] = [", dims.D, ", ", 3 * dims.H, "], got shape ", (*b)->sizes());
+    TORCH_CHECK((*b)->dim() == 2 && (*b)->size(0) == dims.D && (*b)->size(1) == G * dims.H, name,
+                " must be [D, ", GH, "] = [", dims.D, ", ", G * dims.H, "], got shape ",
+                (*b)->sizes());
     check_same_device_dtype(input, **b, name);
   }
-  TORCH_CHECK(hx.dim() == 3 && hx.size(0) == dims.D && hx.size(1) == dims.B && hx.size(2) == dims.H,
-              "hx must be [D, B, H] = [", dims.D, ", ", dims.B, ", ", dims.H, "], got shape ",
-              hx.sizes());
-  check_same_device_dtype(input, hx, "hx");
+  check_state(dims, input, hx, "hx", dims.P, P_name);
+  if (cell.has_c()) check_state(dims, input, *cell.cx, "cx", dims.H, "H");
 }
 
 // Checks everything that shapes and dtypes alone decide. The values of
@@ -89,7 +147,8 @@ inline void check_weight_args(LayerDims& dims, const at::Tensor& input, const at
 inline LayerDims check_layer_args(const at::Tensor& input, const at::Tensor& lengths,
                                   const at::Tensor& hx, const at::Tensor& w_ih,
                                   const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-                                  const std::optional<at::Tensor>& b_hh, bool batch_first) {
+                                  const std::optional<at::Tensor>& b_hh, bool batch_first,
+                                  const CellArgs& cell = CellArgs{}) {
   TORCH_CHECK(input.dim() == 3, "input must be 3-D ", batch_first ? "[B, T, I]" : "[T, B, I]",
               ", got shape ", input.sizes());
   TORCH_CHECK(at::isFloatingType(input.scalar_type()),
@@ -99,7 +158,7 @@ inline LayerDims check_layer_args(const at::Tensor& input, const at::Tensor& len
   dims.T = input.size(batch_first ? 1 : 0);
   dims.B = input.size(batch_first ? 0 : 1);
   dims.I = input.size(2);
-  check_weight_args(dims, input, hx, w_ih, w_hh, b_ih, b_hh);
+  check_weight_args(dims, input, hx, w_ih, w_hh, b_ih, b_hh, cell);
   TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == dims.B,
               "lengths must be 1-D of size B=", dims.B, ", got shape ", lengths.sizes());
   TORCH_CHECK(lengths.scalar_type() == at::kLong || lengths.scalar_type() == at::kInt,
@@ -122,7 +181,7 @@ inline LayerDims check_layer_args(const at::Tensor& input, const at::Tensor& len
 struct RaggedDims : LayerDims {
   int64_t N = 0;       // input.size(0): the valid positions
   int32_t layout = 0;  // 0 offsets, 1 packed
-  std::vector<int64_t> output_sizes() const { return {N, D * H}; }
+  std::vector<int64_t> output_sizes() const { return {N, D * P}; }
 };
 
 // Checks everything that shapes, dtypes and devices decide. The values of
@@ -132,7 +191,8 @@ inline RaggedDims check_ragged_args(const at::Tensor& input, const at::Tensor& s
                                     const std::optional<at::Tensor>& sorted_indices, int64_t layout,
                                     int64_t max_len, const at::Tensor& hx, const at::Tensor& w_ih,
                                     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-                                    const std::optional<at::Tensor>& b_hh) {
+                                    const std::optional<at::Tensor>& b_hh,
+                                    const CellArgs& cell = CellArgs{}) {
   TORCH_CHECK(input.dim() == 2, "input must be 2-D [N, I] (the valid rows), got shape ",
               input.sizes());
   TORCH_CHECK(at::isFloatingType(input.scalar_type()),
@@ -167,7 +227,8 @@ inline RaggedDims check_ragged_args(const at::Tensor& input, const at::Tensor& s
     TORCH_CHECK(max_len >= seq_index.size(0),
                 "max_len must be >= batch_sizes.size(0)=", seq_index.size(0),
                 " (the longest length), got ", max_len);
-    TORCH_CHECK(hx.dim() == 3, "hx must be 3-D [D, B, H], got shape ", hx.sizes());
+    TORCH_CHECK(hx.dim() == 3, "hx must be 3-D [D, B, ", cell.has_c() ? "P" : "H", "], got shape ",
+                hx.sizes());
     dims.B = hx.size(1);  // batch_sizes[0], checked with the values
     if (sorted_indices.has_value()) {
       const at::Tensor& si = *sorted_indices;
@@ -181,7 +242,7 @@ inline RaggedDims check_ragged_args(const at::Tensor& input, const at::Tensor& s
                   " or the CPU, got ", si.device());
     }
   }
-  check_weight_args(dims, input, hx, w_ih, w_hh, b_ih, b_hh);
+  check_weight_args(dims, input, hx, w_ih, w_hh, b_ih, b_hh, cell);
   return dims;
 }
 
@@ -236,28 +297,28 @@ inline void check_sorted_indices_values(const int64_t* sorted_indices, int64_t B
 
 // Extra checks of the backward's tensors against the forward's dims, the same
 // for every backend (padded or ragged). workspace_rows: how many rows the
-// backend's forward gives the workspace.
+// backend's forward gives the workspace. grad_c_n: the LSTM's [D, B, H], null
+// for the other cells.
 template <typename Dims>  // LayerDims or RaggedDims
 inline void check_backward_args(const Dims& dims, const at::Tensor& input,
                                 const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                                 const at::Tensor& output, const at::Tensor& workspace,
-                                int64_t workspace_rows) {
+                                int64_t workspace_rows, const at::Tensor* grad_c_n = nullptr) {
   const auto out_sizes = dims.output_sizes();
   const c10::IntArrayRef want(out_sizes);  // prints as [a, b, c]
   TORCH_CHECK(grad_output.sizes() == want, "grad_output must have shape ", want, ", got ",
               grad_output.sizes());
   TORCH_CHECK(output.sizes() == want, "output must have shape ", want, ", got ", output.sizes());
-  TORCH_CHECK(grad_h_n.dim() == 3 && grad_h_n.size(0) == dims.D && grad_h_n.size(1) == dims.B &&
-                  grad_h_n.size(2) == dims.H,
-              "grad_h_n must be [D, B, H] = [", dims.D, ", ", dims.B, ", ", dims.H, "], got ",
-              grad_h_n.sizes());
   check_same_device_dtype(input, grad_output, "grad_output");
-  check_same_device_dtype(input, grad_h_n, "grad_h_n");
   check_same_device_dtype(input, output, "output");
+  const bool has_c = grad_c_n != nullptr;
+  check_state(dims, input, grad_h_n, "grad_h_n", dims.P, has_c ? "P" : "H");
+  if (has_c) check_state(dims, input, *grad_c_n, "grad_c_n", dims.H, "H");
+  const std::string SH = gate_rows(dims.S);
   TORCH_CHECK(workspace.dim() == 3 && workspace.size(0) == dims.D &&
-                  workspace.size(1) == workspace_rows && workspace.size(2) == 4 * dims.H,
-              "workspace must be [D, ", workspace_rows,
-              ", 4H] as this backend's "
+                  workspace.size(1) == workspace_rows && workspace.size(2) == dims.S * dims.H,
+              "workspace must be [D, ", workspace_rows, ", ", SH,
+              "] as this backend's "
               "forward (need_workspace=True) returns it, got shape ",
               workspace.sizes());
   const auto ws_dtype = opmath_dtype(input.scalar_type());

@@ -84,7 +84,7 @@ struct CellState {
 // k*H + j), converted to A.
 template <int K, typename A, typename S, typename Idx>
 VR_HOST_DEVICE void load_cols(const S* row, Idx j, Idx H, A (&v)[K]) {
-VR_UNROLL
+  VR_UNROLL
   for (int k = 0; k < K; ++k) v[k] = static_cast<A>(row[k * H + j]);
 }
 
@@ -92,7 +92,7 @@ VR_UNROLL
 // the row's type.
 template <int K, typename S, typename A, typename Idx>
 VR_HOST_DEVICE void store_cols(S* row, Idx j, Idx H, const A (&v)[K]) {
-VR_UNROLL
+  VR_UNROLL
   for (int k = 0; k < K; ++k) row[k * H + j] = static_cast<S>(v[k]);
 }
 

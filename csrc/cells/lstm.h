@@ -40,6 +40,14 @@ struct LstmCell {
     saved[5] = tc;
   }
 
+  // h' = o * tanh(c') again, from the saved values: the projection's backward
+  // needs it at every position (dW_hr = sum dh_state^T h'), and recomputing
+  // it (bit-identical: the forward's one product) costs less than saving it.
+  template <typename T>
+  static VR_HOST_DEVICE T output_from_saved(const T (&saved)[6]) {
+    return saved[3] * saved[5];
+  }
+
   template <typename T>
   static VR_HOST_DEVICE void backward(const CellState<T>& grad, T /*h_prev*/, const T (&saved)[6],
                                       T (&dgx)[4], T (&dgh)[4], CellState<T>& grad_prev) {

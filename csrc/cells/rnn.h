@@ -17,8 +17,9 @@ struct RnnCell {
   static constexpr bool kReadsHPrev = false;
 
   template <typename T, typename Math = PreciseMath>
-  static VR_HOST_DEVICE void forward(const T (&gx)[1], const T (&gh)[1], const CellState<T>& /*prev*/,
-                                     CellState<T>& next, T (&saved)[1]) {
+  static VR_HOST_DEVICE void forward(const T (&gx)[1], const T (&gh)[1],
+                                     const CellState<T>& /*prev*/, CellState<T>& next,
+                                     T (&saved)[1]) {
     const T a = gx[0] + gh[0];
     if constexpr (kRelu) {
       next.h = a > T(0) ? a : T(0);

@@ -1,9 +1,8 @@
-// The row gate passes declared in rows.h, and the ISA dispatch of the float
-// ones.
+// The row gate passes declared in rows.h, one loop each for every cell, and
+// the ISA dispatch of the float ones.
 #include "cpu/rows.h"
 
 #include "cpu/vec_math.h"
-#include "gate_math.h"
 
 namespace varlen_rnn {
 namespace {
@@ -16,51 +15,83 @@ namespace {
 #define VR_IVDEP
 #endif
 
-template <typename T, typename Math, bool kSave>
+template <typename T, typename Cell, typename Math, bool kSave>
 inline void forward_loop(const ForwardRow<T>& row, int64_t H) {
-  const T* gx = row.gx;
-  const T* gh = row.gh;
-  const T* bh = row.bh;
+  constexpr int G = Cell::kGates, S = Cell::kSaved;
   VR_IVDEP
   for (int64_t j = 0; j < H; ++j) {
-    GruCellSaved<T> saved;
-    const T h_new = gru_cell_forward<T, Math>(gx[j], gx[H + j], gx[2 * H + j], gh[j] + bh[j],
-                                              gh[H + j] + bh[H + j], gh[2 * H + j] + bh[2 * H + j],
-                                              row.h[j], saved);
-    row.h[j] = h_new;
-    row.out[j] = h_new;
-    if constexpr (kSave) store_saved(row.ws, j, H, saved);
+    T gx[G], gh[G], bh[G], saved[S];
+    load_cols<G>(row.gx, j, H, gx);
+    load_cols<G>(row.gh, j, H, gh);
+    load_cols<G>(row.bh, j, H, bh);
+    VR_UNROLL
+    for (int k = 0; k < G; ++k) gh[k] += bh[k];
+    CellState<T> prev, next;
+    if constexpr (Cell::kReadsHPrev) prev.h = row.h[j];
+    if constexpr (Cell::kHasC) prev.c = row.c[j];
+    Cell::template forward<T, Math>(gx, gh, prev, next, saved);
+    row.h[j] = next.h;
+    row.out[j] = next.h;
+    if constexpr (Cell::kHasC) row.c[j] = next.c;
+    if constexpr (kSave) store_cols<S>(row.ws, j, H, saved);
   }
 }
 
-template <typename T, typename Math>
+template <typename T, typename Cell, typename Math>
 inline void forward_any(const ForwardRow<T>& row, int64_t H) {
   if (row.ws != nullptr) {
-    forward_loop<T, Math, true>(row, H);
+    forward_loop<T, Cell, Math, true>(row, H);
   } else {
-    forward_loop<T, Math, false>(row, H);
+    forward_loop<T, Cell, Math, false>(row, H);
   }
 }
 
-template <typename T>
-inline void backward_any(const BackwardRow<T>& row, int64_t H) {
+// kProj: the LSTM's projection; grad_output is already in dh, and h' is
+// recomputed for dW_hr.
+template <typename T, typename Cell, bool kProj>
+inline void backward_loop(const BackwardRow<T>& row, int64_t H) {
+  constexpr int G = Cell::kGates, S = Cell::kSaved;
   VR_IVDEP
   for (int64_t j = 0; j < H; ++j) {
-    const auto g =
-        gru_cell_backward<T>(row.dh[j] + row.go[j], row.prev[j], load_saved(row.ws, j, H));
-    store_input_gate_grads(row.dgx, j, H, g);
-    store_hidden_gate_grads(row.dgh, j, H, g);
-    row.dghn[j] = g.dhn;
-    row.hp[j] = row.prev[j];
-    row.dh[j] = g.dh_prev;
+    T saved[S], dgx[G], dgh[G];
+    load_cols<S>(row.ws, j, H, saved);
+    CellState<T> grad, grad_prev;
+    if constexpr (kProj) {
+      grad.h = row.dh[j];
+    } else {
+      grad.h = row.dh[j] + row.go[j];
+    }
+    if constexpr (Cell::kHasC) grad.c = row.dc[j];
+    const T h_prev = Cell::kReadsHPrev ? row.prev[j] : T(0);
+    Cell::template backward<T>(grad, h_prev, saved, dgx, dgh, grad_prev);
+    store_cols<G>(row.dgx, j, H, dgx);
+    if constexpr (Cell::kHiddenGradsDiffer) {
+      store_cols<G>(row.dgh, j, H, dgh);
+      row.dghn[j] = dgh[G - 1];
+    }
+    if constexpr (Cell::kReadsHPrev) row.dh[j] = grad_prev.h;
+    if constexpr (Cell::kHasC) row.dc[j] = grad_prev.c;
+    if constexpr (kProj) row.hout[j] = Cell::output_from_saved(saved);
   }
+}
+
+template <typename T, typename Cell>
+inline void backward_any(const BackwardRow<T>& row, int64_t H) {
+  if constexpr (Cell::kHasC) {  // only the LSTM has a projection
+    if (row.hout != nullptr) {
+      backward_loop<T, Cell, true>(row, H);
+      return;
+    }
+  }
+  backward_loop<T, Cell, false>(row, H);
 }
 
 }  // namespace
 
 // float rows are compiled for several ISAs and picked at load time (GCC
 // target_clones), so one wheel runs everywhere and uses AVX-512/AVX2 where
-// present. flatten inlines the loop and the cell math into each clone.
+// present. flatten inlines the loop and the cell math into each clone. The
+// overloads are plain functions (not templates), which target_clones needs.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define VR_CPU_CLONES \
   __attribute__((flatten, target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -68,17 +99,24 @@ inline void backward_any(const BackwardRow<T>& row, int64_t H) {
 #define VR_CPU_CLONES
 #endif
 
-VR_CPU_CLONES void forward_row(const ForwardRow<float>& row, int64_t H) {
-  forward_any<float, VecMathF32>(row, H);
-}
-VR_CPU_CLONES void backward_row(const BackwardRow<float>& row, int64_t H) {
-  backward_any<float>(row, H);
-}
-
 // double keeps libm's exp/tanh: the precision gradcheck needs.
-void forward_row(const ForwardRow<double>& row, int64_t H) {
-  forward_any<double, PreciseMath>(row, H);
-}
-void backward_row(const BackwardRow<double>& row, int64_t H) { backward_any<double>(row, H); }
+#define VR_DEFINE_ROWS(Cell)                                                        \
+  VR_CPU_CLONES void forward_row(Cell, const ForwardRow<float>& row, int64_t H) {   \
+    forward_any<float, Cell, VecMathF32>(row, H);                                   \
+  }                                                                                 \
+  VR_CPU_CLONES void backward_row(Cell, const BackwardRow<float>& row, int64_t H) { \
+    backward_any<float, Cell>(row, H);                                              \
+  }                                                                                 \
+  void forward_row(Cell, const ForwardRow<double>& row, int64_t H) {                \
+    forward_any<double, Cell, PreciseMath>(row, H);                                 \
+  }                                                                                 \
+  void backward_row(Cell, const BackwardRow<double>& row, int64_t H) {              \
+    backward_any<double, Cell>(row, H);                                             \
+  }
+
+VR_DEFINE_ROWS(GruCell)
+VR_DEFINE_ROWS(LstmCell)
+VR_DEFINE_ROWS(RnnTanhCell)
+VR_DEFINE_ROWS(RnnReluCell)
 
 }  // namespace varlen_rnn

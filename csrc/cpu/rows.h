@@ -1,42 +1,64 @@
 // The gate pass of one sorted row at one step: the elementwise part of the
-// CPU recurrence, between two GEMMs (see gru_cpu.cpp). Each row is a few
-// contiguous vectors; these functions run the cell math of gate_math.h over
-// them. The float ones are compiled for several ISAs (rows.cpp).
+// CPU recurrence, between two GEMMs (see cpu/recurrence.h). Each row is a few
+// contiguous vectors; these functions run a cell's math (csrc/cells/) over
+// them, unit by unit. One overload per cell and type, picked by the cell's
+// tag (forward_row(GruCell{}, row, H)); the float ones are compiled for several
+// ISAs (rows.cpp).
 #pragma once
 
 #include <cstdint>
 
+#include "cells/gru.h"
+#include "cells/lstm.h"
+#include "cells/rnn.h"
+
 namespace varlen_rnn {
 
-// The forward's rows at one (d, s, i). The workspace row takes the layout of
-// gate_math.h's store_saved.
+// The forward's rows at one (d, s, i). G = Cell::kGates, S = Cell::kSaved; a
+// row of G (or S) values per unit holds value k of unit j at k*H + j.
 template <typename T>
 struct ForwardRow {
-  const T* gx;  // [3H] input projection W_ih x + b_ih
-  const T* gh;  // [3H] W_hh h, without the bias
-  const T* bh;  // [3H] b_hh (zeros without biases)
-  T* h;         // [H] the state: h_prev in, h' out
-  T* out;       // [H] the output row, set to h'
-  T* ws;        // [4H] the saved gates r|z|n|gh_n, or null in inference
+  const T* gx;  // [G*H] input projection W_ih x + b_ih
+  const T* gh;  // [G*H] W_hh h, without the bias
+  const T* bh;  // [G*H] b_hh (zeros without biases)
+  T* h;         // [H] h_prev in (read only if Cell::kReadsHPrev), h' out
+  T* out;       // [H] also set to h'; may be h itself
+  T* c;         // [H] c in, c' out (Cell::kHasC); unused otherwise
+  T* ws;        // [S*H] the saved values, or null in inference
 };
 
 // The backward's rows at one (d, s, i).
 template <typename T>
 struct BackwardRow {
-  T* dh;          // [H] in: the gradient reaching h' from later steps;
-                  //     out: its direct part for h_prev (the W_hh^T part is a GEMM)
-  const T* go;    // [H] grad_output row
-  const T* prev;  // [H] h_prev, the state before the step
-  const T* ws;    // [4H] the forward's saved gates
-  T* dgx;         // [3H] input-side gate gradients dr|dz|dn
-  T* dgh;         // [3H] hidden-side dr|dz|dn*r: the operand of this step's GEMM
-  T* dghn;        // [H] dgh's n part again, kept over all steps for dW_hh
-  T* hp;          // [H] set to prev, kept over all steps for dW_hh
+  T* dh;          // [H] in: the gradient reaching h' from later steps (and the
+                  //     projection); out, if Cell::kReadsHPrev: its direct part
+                  //     for h_prev (the W_hh^T part is a GEMM)
+  const T* go;    // [H] grad_output row added to dh; null with a projection
+                  //     (grad_output is then in dh already)
+  T* dc;          // [H] (Cell::kHasC) in: the gradient reaching c'; out: c's
+  const T* prev;  // [H] h_prev (read only if Cell::kReadsHPrev)
+  const T* ws;    // [S*H] the forward's saved values
+  T* dgx;         // [G*H] input-side gate gradients
+  T* dgh;         // [G*H] hidden-side gate gradients, the operand of this
+                  //     step's GEMM: written only if Cell::kHiddenGradsDiffer
+                  //     (otherwise they equal dgx)
+  T* dghn;        // [H] (kHiddenGradsDiffer) the last gate's hidden-side
+                  //     gradient, kept over all steps for dW_hh (GRU's dn*r)
+  T* hout;        // [H] h' recomputed from ws, kept for dW_hr: with a
+                  //     projection (Cell::kHasC cells only), else null
 };
 
-void forward_row(const ForwardRow<float>& row, int64_t H);
-void forward_row(const ForwardRow<double>& row, int64_t H);
-void backward_row(const BackwardRow<float>& row, int64_t H);
-void backward_row(const BackwardRow<double>& row, int64_t H);
+#define VR_DECLARE_ROWS(Cell)                                        \
+  void forward_row(Cell, const ForwardRow<float>& row, int64_t H);   \
+  void forward_row(Cell, const ForwardRow<double>& row, int64_t H);  \
+  void backward_row(Cell, const BackwardRow<float>& row, int64_t H); \
+  void backward_row(Cell, const BackwardRow<double>& row, int64_t H);
+
+VR_DECLARE_ROWS(GruCell)
+VR_DECLARE_ROWS(LstmCell)
+VR_DECLARE_ROWS(RnnTanhCell)
+VR_DECLARE_ROWS(RnnReluCell)
+
+#undef VR_DECLARE_ROWS
 
 }  // namespace varlen_rnn

@@ -1,0 +1,240 @@
+// The CPU recurrence: one layer (both directions) of any cell (csrc/cells/),
+// forward and backward, over the rows cpu/layer_args.h sets up. Written once,
+// a template on the cell; the ops (gru_cpu.cpp, lstm_cpu.cpp, rnn_cpu.cpp)
+// instantiate it.
+//
+// Each step is one GEMM over the running rows (W_hh h, or dgh W_hh in the
+// backward) and one parallel gate pass over them (cpu/rows.h); the LSTM's
+// projection adds one GEMM per step (h' W_hr^T, or dh_state W_hr). Rows run in
+// the schedule's longest-first order (cpu/schedule.h). Each direction's input
+// projection is one GEMM over the N valid positions (no work on padding), and
+// the workspace ([D, N, S*H]: nothing for padding) stores direction d's step s
+// at rows offset[s] + i, so the backward's weight GEMMs cover exactly N rows.
+// Ragged input needs no gather: its own N rows are the projection's rows.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cpu/layer_args.h"
+#include "cpu/rows.h"
+#include "gate_math.h"  // step_time, prev_time
+
+namespace varlen_rnn {
+namespace cpu {
+
+template <typename Cell, typename scalar_t>
+void forward_impl(ForwardArgs& args) {
+  const LayerDims& dims = args.dims;
+  const Schedule& sched = args.sched;
+  const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H, S = Cell::kSaved * H;
+  const int64_t N = sched.N();
+  const bool proj = args.w_hr.defined();
+  const auto opts = args.input2d.options();
+  at::Tensor xp = projection_input(args);  // [N, I]
+  const at::Tensor perm = perm_tensor(sched);
+  at::Tensor gh = at::empty({dims.B, G}, opts);  // [B, G*H] one step's W_hh h
+  // [B, H] one step's h' before the projection (h_state = h' W_hr^T)
+  at::Tensor hraw = proj ? at::empty({dims.B, H}, opts) : at::Tensor();
+  const at::Tensor b_hh = args.b_hh ? *args.b_hh : at::zeros({dims.D, G}, opts);  // [D, G*H]
+  const scalar_t* gh_p = gh.const_data_ptr<scalar_t>();
+  scalar_t* hraw_p = proj ? hraw.data_ptr<scalar_t>() : nullptr;
+  scalar_t* out_p = args.output.data_ptr<scalar_t>();
+  const bool save = args.workspace.numel() > 0;
+
+  for (int64_t d = 0; d < dims.D; ++d) {
+    // [N, G*H]: this direction's input projection, one GEMM over the valid
+    // positions (one direction at a time: half the memory of both at once).
+    // Weights are transposed once per call: BLAS runs ~1.1-1.5x faster on a
+    // contiguous [K, N] right operand than on a transposed view (measured, MKL).
+    const at::Tensor w_ih_t = args.w_ih[d].t().contiguous();  // [I, G*H]
+    const at::Tensor gx = args.b_ih ? at::addmm((*args.b_ih)[d], xp, w_ih_t) : at::mm(xp, w_ih_t);
+    if (d == dims.D - 1) xp.reset();
+    const at::Tensor w_hh_t = args.w_hh[d].t().contiguous();                        // [P, G*H]
+    const at::Tensor w_hr_t = proj ? args.w_hr[d].t().contiguous() : at::Tensor();  // [H, P]
+    at::Tensor h = args.hx[d].index_select(0, perm);  // [B, P] sorted order
+    at::Tensor c = Cell::kHasC ? args.cx[d].index_select(0, perm) : at::Tensor();  // [B, H]
+    const scalar_t* gx_p = gx.const_data_ptr<scalar_t>();
+    const scalar_t* bh_p = b_hh.const_data_ptr<scalar_t>() + d * G;
+    scalar_t* h_p = h.data_ptr<scalar_t>();
+    scalar_t* c_p = Cell::kHasC ? c.data_ptr<scalar_t>() : nullptr;
+    scalar_t* ws_p = save ? args.workspace.data_ptr<scalar_t>() + d * N * S : nullptr;
+    for (int64_t s = 0; s < sched.max_len; ++s) {
+      const int64_t n = sched.active[s];
+      at::Tensor gh_s = gh.narrow(0, 0, n);
+      at::mm_out(gh_s, h.narrow(0, 0, n), w_hh_t);
+      at::parallel_for(0, n, row_grain(H), [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t t = step_time(d, sched.len[i], s);
+          ForwardRow<scalar_t> row;
+          row.gx = gx_p + args.gx_rows.row(t, i) * G;
+          row.gh = gh_p + i * G;
+          row.bh = bh_p;
+          // With a projection h' goes to hraw; the state and output follow.
+          row.h = proj ? hraw_p + i * H : h_p + i * H;
+          row.out = proj ? row.h : out_p + output_offset(args, t, i, d);
+          row.c = Cell::kHasC ? c_p + i * H : nullptr;
+          row.ws = save ? ws_p + (sched.offset[s] + i) * S : nullptr;
+          forward_row(Cell{}, row, H);
+        }
+      });
+      if (proj) {
+        at::Tensor h_s = h.narrow(0, 0, n);
+        at::mm_out(h_s, hraw.narrow(0, 0, n), w_hr_t);
+        at::parallel_for(0, n, row_grain(P), [&](int64_t i0, int64_t i1) {
+          for (int64_t i = i0; i < i1; ++i) {
+            const int64_t t = step_time(d, sched.len[i], s);
+            std::copy_n(h_p + i * P, P, out_p + output_offset(args, t, i, d));
+          }
+        });
+      }
+    }
+    args.h_n[d].index_copy_(0, perm, h);
+    if (Cell::kHasC) args.c_n[d].index_copy_(0, perm, c);
+  }
+}
+
+template <typename Cell, typename scalar_t>
+void backward_impl(BackwardArgs& args) {
+  // The hidden-side gate gradients differ from dgx (GRU) in the last gate
+  // only: that part is kept apart (dghn), the rest read from dgx.
+  constexpr bool kDiffer = Cell::kHiddenGradsDiffer;
+  const LayerDims& dims = args.dims;
+  const Schedule& sched = args.sched;
+  const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H, S = Cell::kSaved * H;
+  const int64_t DG = dims.D * G, N = sched.N();
+  const bool proj = args.w_hr.defined();
+  // The projection is the LSTM's, whose cell math does not read h_prev: the
+  // state's gradient reaches h_prev through W_hh alone.
+  TORCH_INTERNAL_ASSERT(!proj || !Cell::kReadsHPrev);
+  // When dgh = dgx and step s's positions are the consecutive rows
+  // offset[s] + i, the step's GEMM reads dgx in place; otherwise the gate pass
+  // fills a step buffer. Positions are numbered by time, so only the forward
+  // direction's steps are consecutive.
+  const bool dgx_in_place = !kDiffer && steps_are_contiguous(args);
+  const auto opts = args.input2d.options();
+  const at::Tensor perm = perm_tensor(sched);
+  // Buffers over the N valid positions (gx_rows' order), so the weight
+  // gradients are GEMMs over exactly the valid positions. Only the per-step
+  // GEMMs' operands are step-sized: peak memory stays near the forward's.
+  at::Tensor dgx = at::empty({N, DG}, opts);                           // [N, D*G*H]
+  at::Tensor dghn = kDiffer ? at::empty({N, H}, opts) : at::Tensor();  // [N, H] one direction
+  at::Tensor hprev = at::empty({N, P}, opts);                          // [N, P] one direction
+  at::Tensor dhs = proj ? at::empty({N, P}, opts) : at::Tensor();      // [N, P] dh_state
+  at::Tensor hout = proj ? at::empty({N, H}, opts) : at::Tensor();     // [N, H] h'
+  const bool need_dgh = !(dgx_in_place && dims.D == 1);
+  at::Tensor dgh = need_dgh ? at::empty({dims.B, G}, opts) : at::Tensor();  // [B, G*H] one step
+  at::Tensor dhp = proj ? at::empty({dims.B, H}, opts) : at::Tensor();      // [B, H] dh' one step
+  const scalar_t* go_p = args.grad_output.const_data_ptr<scalar_t>();
+  const scalar_t* out_p = args.output.const_data_ptr<scalar_t>();
+  const scalar_t* hx_p = args.hx.const_data_ptr<scalar_t>();
+  scalar_t* dgx_p = dgx.data_ptr<scalar_t>();
+  scalar_t* dghn_p = kDiffer ? dghn.data_ptr<scalar_t>() : nullptr;
+  scalar_t* dgh_p = need_dgh ? dgh.data_ptr<scalar_t>() : nullptr;
+  scalar_t* hp_p = hprev.data_ptr<scalar_t>();
+  scalar_t* dhs_p = proj ? dhs.data_ptr<scalar_t>() : nullptr;
+  scalar_t* hout_p = proj ? hout.data_ptr<scalar_t>() : nullptr;
+  scalar_t* dhp_p = proj ? dhp.data_ptr<scalar_t>() : nullptr;
+
+  for (int64_t d = 0; d < dims.D; ++d) {
+    const bool dgh_in_dgx = dgx_in_place && d == 0;
+    at::Tensor dh = args.grad_h_n[d].index_select(0, perm);  // [B, P] sorted order
+    at::Tensor dc = Cell::kHasC ? args.grad_c_n[d].index_select(0, perm) : at::Tensor();  // [B, H]
+    scalar_t* dh_p = dh.data_ptr<scalar_t>();
+    scalar_t* dc_p = Cell::kHasC ? dc.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* ws_p = args.workspace.const_data_ptr<scalar_t>() + d * N * S;
+    const at::Tensor w_hh_d = args.w_hh[d];                        // [G*H, P]
+    const at::Tensor w_hr_d = proj ? args.w_hr[d] : at::Tensor();  // [P, H]
+    for (int64_t s = sched.max_len - 1; s >= 0; --s) {
+      const int64_t n = sched.active[s];
+      if (proj) {  // dh_state = dh + grad_output; dh' = dh_state W_hr
+        at::parallel_for(0, n, row_grain(P), [&](int64_t i0, int64_t i1) {
+          for (int64_t i = i0; i < i1; ++i) {
+            const int64_t t = step_time(d, sched.len[i], s);
+            const scalar_t* go = go_p + output_offset(args, t, i, d);
+            scalar_t* dhi = dh_p + i * P;
+            for (int64_t k = 0; k < P; ++k) dhi[k] += go[k];
+            std::copy_n(dhi, P, dhs_p + args.gx_rows.row(t, i) * P);
+          }
+        });
+        at::Tensor dhp_s = dhp.narrow(0, 0, n);
+        at::mm_out(dhp_s, dh.narrow(0, 0, n), w_hr_d);
+      }
+      at::parallel_for(0, n, row_grain(H), [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t t = step_time(d, sched.len[i], s);
+          const int64_t pos = args.gx_rows.row(t, i);
+          BackwardRow<scalar_t> row;
+          row.dh = proj ? dhp_p + i * H : dh_p + i * H;
+          row.go = proj ? nullptr : go_p + output_offset(args, t, i, d);
+          row.dc = Cell::kHasC ? dc_p + i * H : nullptr;
+          row.prev = s == 0 ? hx_p + (d * dims.B + sched.perm[i]) * P
+                            : out_p + output_offset(args, prev_time(d, t), i, d);
+          row.ws = ws_p + (sched.offset[s] + i) * S;
+          row.dgx = dgx_p + pos * DG + d * G;
+          row.dgh = kDiffer ? dgh_p + i * G : nullptr;
+          row.dghn = kDiffer ? dghn_p + pos * H : nullptr;
+          row.hout = proj ? hout_p + pos * H : nullptr;
+          std::copy_n(row.prev, P, hp_p + pos * P);
+          backward_row(Cell{}, row, H);
+          if (!kDiffer && !dgh_in_dgx) std::copy_n(row.dgx, G, dgh_p + i * G);
+        }
+      });
+      const at::Tensor dgh_s = dgh_in_dgx ? dgx.narrow(0, sched.offset[s], n).narrow(1, d * G, G)
+                                          : dgh.narrow(0, 0, n);  // [n, G*H]
+      at::Tensor dh_s = dh.narrow(0, 0, n);
+      if (Cell::kReadsHPrev) {  // the gate pass left the direct part in dh
+        dh_s.addmm_(dgh_s, w_hh_d);
+      } else {
+        at::mm_out(dh_s, dgh_s, w_hh_d);
+      }
+    }
+    args.grad_hx[d].index_copy_(0, perm, dh);
+    if (Cell::kHasC) args.grad_cx[d].index_copy_(0, perm, dc);
+    // dW_hh = dgh^T hprev over all positions; dgh is dgx except kDiffer's
+    // last gate.
+    const int64_t G_same = kDiffer ? G - H : G;
+    const at::Tensor dgx_same = dgx.narrow(1, d * G, G_same);  // [N, G_same]
+    at::Tensor gw_same = args.grad_w_hh[d].narrow(0, 0, G_same);
+    at::Tensor gb_same = args.grad_b_hh[d].narrow(0, 0, G_same);
+    at::mm_out(gw_same, dgx_same.t(), hprev);
+    if (kDiffer) {
+      at::Tensor gw_last = args.grad_w_hh[d].narrow(0, G_same, H);
+      at::mm_out(gw_last, dghn.t(), hprev);
+    }
+    at::sum_out(gb_same, dgx_same, {0});
+    if (kDiffer) {
+      at::Tensor gb_last = args.grad_b_hh[d].narrow(0, G_same, H);
+      at::sum_out(gb_last, dghn, {0});
+    }
+    if (proj) {  // dW_hr = dh_state^T h' over all positions
+      at::Tensor gw_hr = args.grad_w_hr[d];
+      at::mm_out(gw_hr, dhs.t(), hout);
+    }
+  }
+  dghn.reset();
+  hprev.reset();
+  dhs.reset();
+  hout.reset();
+  at::Tensor xp = projection_input(args);  // [N, I]
+  at::Tensor gw = args.grad_w_ih.view({DG, dims.I}), gb = args.grad_b_ih.view({DG});
+  at::mm_out(gw, dgx.t(), xp);
+  xp.reset();
+  at::sum_out(gb, dgx, {0});
+  at::Tensor dxp = at::mm(dgx, args.w_ih.reshape({DG, dims.I}));  // [N, I]
+  dgx.reset();
+  if (!args.gather.defined()) {  // ragged: the positions are grad_input's rows
+    args.grad_input2d = std::move(dxp);
+    return;
+  }
+  // grad_input is allocated last, when the step buffers are gone: peak memory.
+  args.grad_input2d = at::empty({args.input2d.size(0), dims.I}, opts);
+  args.grad_input2d.index_fill_(0, padding_rows(sched, args.out_rows, dims.T), 0);
+  args.grad_input2d.index_copy_(0, args.gather, dxp);
+}
+
+}  // namespace cpu
+}  // namespace varlen_rnn
