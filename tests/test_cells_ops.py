@@ -9,6 +9,7 @@ import pytest
 import torch
 from testing import ALL_DEVICES, CELL_KINDS, assert_close, make_cell_pair, tensors_of
 from torch import nn
+from torch.optim.sgd import sgd
 
 import varlen_rnn
 
@@ -193,6 +194,28 @@ def _batch(B, T, seed):
     return tokens, lengths
 
 
+def _train_step(model, params, momentum_buffers, tokens, lengths, labels):
+    logits, _ = model(tokens, lengths)
+    loss = nn.functional.cross_entropy(logits, labels)
+    loss.backward()
+    with torch.no_grad():  # torch.optim.SGD.step's own math, as test_export.py's
+        sgd(
+            params,
+            [p.grad for p in params],
+            momentum_buffers,
+            weight_decay=0.0,
+            momentum=0.9,
+            lr=0.1,
+            dampening=0.0,
+            nesterov=False,
+            maximize=False,
+            foreach=True,
+        )
+        for p in params:
+            p.grad = None
+    return loss.detach()
+
+
 @pytest.mark.parametrize(
     "kind,backend", [("lstm_proj", "inductor"), ("lstm", "aot_eager"), ("rnn_tanh", "aot_eager")]
 )
@@ -201,22 +224,13 @@ def test_compile_fullgraph_training_step_matches_eager(kind, backend):
     eager = Classifier(kind)
     compiled_model = Classifier(kind)
     compiled_model.load_state_dict(eager.state_dict())
-    opt = torch.optim.SGD(eager.parameters(), lr=0.1)
+    opt = torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9)
     params = list(compiled_model.parameters())
-
-    def step(tokens, lengths, labels):
-        logits, _ = compiled_model(tokens, lengths)
-        loss = nn.functional.cross_entropy(logits, labels)
-        loss.backward()
-        with torch.no_grad():
-            for p in params:
-                p -= 0.1 * p.grad
-                p.grad = None
-        return loss.detach()
-
+    buffers = [None] * len(params)
     torch.compiler.reset()
+    # trace_autograd_ops lets dynamo put loss.backward() inside the one graph.
     with torch._dynamo.config.patch(trace_autograd_ops=True):
-        compiled = torch.compile(step, fullgraph=True, backend=backend, dynamic=True)
+        step = torch.compile(_train_step, fullgraph=True, backend=backend, dynamic=True)
         for i, (B, T) in enumerate([(4, 7), (5, 9), (3, 4)]):
             tokens, lengths = _batch(B, T, i)
             labels = torch.randint(0, 3, (B,), generator=torch.Generator().manual_seed(i))
@@ -225,7 +239,7 @@ def test_compile_fullgraph_training_step_matches_eager(kind, backend):
             loss = nn.functional.cross_entropy(logits, labels)
             loss.backward()
             opt.step()
-            loss_c = compiled(tokens, lengths, labels)
+            loss_c = step(compiled_model, params, buffers, tokens, lengths, labels)
             torch.testing.assert_close(loss_c, loss.detach(), atol=1e-6, rtol=1e-6)
     for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters()):
         torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
