@@ -192,6 +192,19 @@ class RNNBase(nn.Module):
         """The cell's non-tensor op arguments (the RNN's nonlinearity)."""
         return ()
 
+    def _autocast_dtype(self, x: Tensor, hx: Tensor) -> torch.dtype:
+        """The dtype torch.nn's module computes in and returns under autocast, so that
+        swapping it for its varlen_rnn twin changes no dtype downstream.
+
+        cuDNN (see _cudnn_autocast): float16. Otherwise torch.nn.GRU and LSTM (given a
+        PackedSequence, what lengths replace) have no autocast rule of their own: the state
+        and outputs keep hx's dtype (the input's when hx is None) and only their internal
+        GEMMs are autocast; the kernels here then run in that dtype (float32 state: float32
+        throughout). (nn.LSTM on a padded CPU batch runs oneDNN, whose autocast rule
+        returns the autocast dtype; the packed call it replaces does not.)
+        """
+        return _cudnn_autocast(x) or hx.dtype
+
     def _state_shapes(self, B: int) -> list[tuple[int, int, int]]:
         LD = self.num_layers * self.num_directions
         widths = [self.proj_size or self.hidden_size, self.hidden_size]
@@ -282,7 +295,7 @@ class RNNBase(nn.Module):
         ragged rows [N, D*P] (varlen_rnn.ops' argument layout). Returns (output, finals)."""
         D = self.num_directions
         layer_op = getattr(ops, f"{self._cell}_layer{'_ragged' if len(index) == 4 else ''}")
-        dtype = _autocast_dtype(x, states[0]) if _inputs.autocast_on(x.device) else x.dtype
+        dtype = self._autocast_dtype(x, states[0]) if _inputs.autocast_on(x.device) else x.dtype
         x, states = x.to(dtype), [s.to(dtype) for s in states]
         finals: list[list[Tensor]] = [[] for _ in states]
         for layer in range(self.num_layers):
@@ -300,17 +313,11 @@ class RNNBase(nn.Module):
 _HAS_CUDNN = torch.backends.cudnn.is_available()
 
 
-def _autocast_dtype(x: Tensor, hx: Tensor) -> torch.dtype:
-    """The dtype torch.nn's RNNs compute in and return under autocast, so that swapping
-    one for its varlen_rnn twin changes no dtype downstream.
-
-    cuDNN (CUDA input of float32/float16/float64 with cuDNN enabled): autocast's
-    _cudnn_rnn wrapper casts input, hx and weights to float16 (whatever the
-    autocast dtype; float64 is left alone). Otherwise (CPU, bfloat16 input, cuDNN
-    off) torch.nn has no autocast rule for a packed batch: the state and outputs keep
-    hx's dtype (the input's when hx is None) and only its internal GEMMs are autocast;
-    the kernels here then run in that dtype (float32 state: float32 throughout).
-    """
+def _cudnn_autocast(x: Tensor) -> torch.dtype | None:
+    """The dtype of torch.nn's RNNs under autocast when they run cuDNN (CUDA input of
+    float32/float16/float64 with cuDNN enabled): autocast's _cudnn_rnn wrapper casts input,
+    hx and weights to float16 (whatever the autocast dtype; float64 is left alone). None
+    when cuDNN would not run."""
     if (
         x.device.type == "cuda"
         and x.dtype in (torch.float32, torch.float16, torch.float64)
@@ -319,4 +326,4 @@ def _autocast_dtype(x: Tensor, hx: Tensor) -> torch.dtype:
         and _HAS_CUDNN
     ):
         return torch.float64 if x.dtype == torch.float64 else torch.float16
-    return hx.dtype
+    return None

@@ -10,10 +10,11 @@ is varlen_rnn._base.RNNBase; argument checks live in _inputs.py.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from . import _inputs
-from ._base import RNNBase
+from ._base import RNNBase, _cudnn_autocast
 
 __all__ = ["GRU", "LSTM", "RNN", "convert"]
 
@@ -126,6 +127,21 @@ class LSTM(RNNBase):
     def _result(self, finals: tuple[Tensor, ...]):
         return finals[0], finals[1]
 
+    def _run(self, x: Tensor, states: tuple[Tensor, ...], index: tuple, tail: tuple):
+        """With a projection and autocast off cuDNN, nn.LSTM's h is the output of an autocast
+        GEMM (w_hr): output and h_n come back in the autocast dtype, c_n in c_0's. The
+        kernels run in the state's dtype; output and h_n are cast to match."""
+        out, (h_n, c_n) = super()._run(x, states, index, tail)
+        if (
+            self.proj_size
+            and _inputs.autocast_on(out.device)
+            and out.dtype != torch.float64
+            and _cudnn_autocast(x) is None
+        ):
+            low = torch.get_autocast_dtype(out.device.type)
+            out, h_n = out.to(low), h_n.to(low)
+        return out, (h_n, c_n)
+
 
 class RNN(RNNBase):
     """Multi-layer Elman RNN (tanh or ReLU) over variable-length batches; see torch.nn.RNN.
@@ -180,6 +196,13 @@ class RNN(RNNBase):
 
     def _options(self) -> tuple:
         return (self.nonlinearity,)
+
+    def _autocast_dtype(self, x: Tensor, hx: Tensor) -> torch.dtype:
+        """Without cuDNN, nn.RNN's steps are autocast GEMMs whose results carry the state:
+        it returns the autocast dtype (a float64 input stays float64)."""
+        if x.dtype == torch.float64:
+            return torch.float64
+        return _cudnn_autocast(x) or torch.get_autocast_dtype(x.device.type)
 
 
 _REPLACEMENTS = ((nn.GRU, GRU), (nn.LSTM, LSTM), (nn.RNN, RNN))
