@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .ops import CELLS, Cell, _Args, _op, _opmath, _reference
+from .ops import CELLS, Cell, _Args, _layout, _op, _opmath, _reference
 
 
 # ------------------------------------------------------------------ fake kernels
@@ -69,57 +69,53 @@ def _setup_context(cell: Cell, ragged: bool, ctx, inputs, output):
     # Tensors (and absent optional tensors) go through save_for_backward, the rest
     # (layout, max_len, options, batch_first) stays on ctx. The kernels' backward never
     # reads the biases; the double-backward recomputation does.
-    ctx.tensor_slots = [k for k, t in enumerate(args) if t is None or isinstance(t, Tensor)]
-    ctx.args = [None if k in ctx.tensor_slots else t for k, t in enumerate(args)]
-    ctx.save_for_backward(*(args[k] for k in ctx.tensor_slots), out, workspace)
+    at = _layout(cell, ragged)
+    ctx.consts = [args[k] for k in at.consts]
+    ctx.save_for_backward(*(args[k] for k in at.tensors), out, workspace)
 
 
 def _backward(cell: Cell, ragged: bool, ctx, *grads):
-    name = f"{cell.name}_layer{'_ragged' if ragged else ''}"
     if not ctx.need_workspace:
+        name = f"{cell.name}_layer{'_ragged' if ragged else ''}"
         raise RuntimeError(
             f"varlen_rnn::{name}_forward was called with need_workspace=False, so it "
             "kept nothing for the backward; call it with need_workspace=True (as "
             f"varlen_rnn.ops.{name} does when gradients are required)"
         )
+    at = _layout(cell, ragged)
     *saved, out, workspace = ctx.saved_tensors
-    args = list(ctx.args)
-    for k, t in zip(ctx.tensor_slots, saved):
+    args = [None] * at.n
+    for k, t in zip(at.tensors, saved):
         args[k] = t
-    a = _Args.split(cell, ragged, args)
+    for k, v in zip(at.consts, ctx.consts):
+        args[k] = v
+    states, weights = args[at.states], args[at.weights]
     # Zeros for an unused output's gradient (set_materialize_grads(False) passes None).
-    like = (out, *a.states)
-    grads = tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads[:-1], like))
-    n_results = len(args) + 1
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, (out, *states))]
     if torch.is_grad_enabled():  # backward(create_graph=True): the gradients need a graph
-        return _differentiable_backward(ctx, grads, args, _reference(cell, ragged), n_results)
-    w_ih, w_hh, b_ih = a.weights[:3]
+        reference = _reference(cell, ragged)
+        return _differentiable_backward(ctx, grads, args, reference, at.n + 1)
     result = _op(cell, ragged, "backward")(
         *grads,
-        a.input,
-        *a.index,
-        *a.states,
-        w_ih,
-        w_hh,
-        *a.weights[4:],
+        args[0],
+        *args[at.index],
+        *states,
+        *weights[:2],
+        *weights[4:],
         out,
         workspace,
-        *a.options,
-        *a.tail,
+        *args[at.options],
+        *args[at.tail],
     )
-    g_in, g_states = result[0], result[1 : 1 + cell.states]
     g_w = list(result[1 + cell.states :])  # w_ih, w_hh, b_ih, b_hh[, w_hr]
-    if b_ih is None:
+    if weights[2] is None:  # no biases: their gradients are computed but not wanted
         g_w[2] = g_w[3] = None
-    if cell.proj and a.weights[4] is None:
+    if cell.proj and weights[4] is None:
         g_w[4] = None
-    found: list[Tensor | None] = [None] * n_results
-    i, s, w = a.grad_slots()
-    found[i] = g_in
-    for k, g in zip(s, g_states):
-        found[k] = g
-    for k, g in zip(w, g_w):
-        found[k] = g
+    found: list[Tensor | None] = [None] * (at.n + 1)
+    found[0] = result[0]
+    found[at.states] = result[1 : 1 + cell.states]
+    found[at.weights] = g_w
     return tuple(found)
 
 

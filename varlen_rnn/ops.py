@@ -59,37 +59,62 @@ CELLS = {
 }
 
 
+class _Layout(NamedTuple):
+    """Where each group of a forward op's arguments sits (need_workspace excluded): the
+    same for every call of one op, so computed once per (cell, ragged)."""
+
+    index: slice  # (lengths,) or (seq_index, sorted_indices, layout, max_len)
+    states: slice  # (hx,) or (hx, cx)
+    weights: slice  # (w_ih, w_hh, b_ih, b_hh) + (w_hr,) for a cell with a projection
+    options: slice  # (nonlinearity,) or ()
+    tail: slice  # (batch_first,) for a padded batch, () for ragged rows
+    n: int  # the argument count
+    consts: tuple[int, ...]  # the non-tensor arguments (layout, max_len, options, tail)
+    tensors: tuple[int, ...]  # the others: tensors, and optional tensors that may be None
+
+
+def _layout(cell: Cell, ragged: bool) -> _Layout:
+    return _LAYOUTS[cell.name, ragged]
+
+
+def _make_layout(cell: Cell, ragged: bool) -> _Layout:
+    a = 1 + (4 if ragged else 1)
+    b = a + cell.states
+    c = b + 4 + cell.proj
+    d = c + cell.options
+    n = d + (0 if ragged else 1)
+    consts = ((3, 4) if ragged else ()) + tuple(range(c, n))
+    tensors = tuple(k for k in range(n) if k not in consts)
+    return _Layout(
+        slice(1, a), slice(a, b), slice(b, c), slice(c, d), slice(d, n), n, consts, tensors
+    )
+
+
+# Built once (a plain dict: torch.compile traces a lookup in it, not a cache wrapper).
+_LAYOUTS = {(c.name, r): _make_layout(c, r) for c in CELLS.values() for r in (False, True)}
+
+
 class _Args(NamedTuple):
-    """A forward op's arguments (need_workspace excluded) in groups, with their positions."""
+    """A forward op's arguments (need_workspace excluded) in their groups."""
 
     input: Tensor
-    index: tuple  # (lengths,) or (seq_index, sorted_indices, layout, max_len)
-    states: tuple  # (hx,) or (hx, cx)
-    weights: tuple  # (w_ih, w_hh, b_ih, b_hh) + (w_hr,) for a cell with a projection
-    options: tuple  # (nonlinearity,) or ()
-    tail: tuple  # (batch_first,) for a padded batch, () for ragged rows
+    index: tuple
+    states: tuple
+    weights: tuple
+    options: tuple
+    tail: tuple
 
     @staticmethod
     def split(cell: Cell, ragged: bool, args) -> _Args:
-        ends, k = [], 1
-        for n in (4 if ragged else 1, cell.states, 4 + cell.proj, cell.options):
-            k += n
-            ends.append(k)
-        a, b, c, d = ends
+        at = _layout(cell, ragged)
         return _Args(
             args[0],
-            tuple(args[1:a]),
-            tuple(args[a:b]),
-            tuple(args[b:c]),
-            tuple(args[c:d]),
-            tuple(args[d:]),
+            args[at.index],
+            args[at.states],
+            args[at.weights],
+            args[at.options],
+            args[at.tail],
         )
-
-    def grad_slots(self) -> tuple[int, range, range]:
-        """Positions of input, the states and the weights among the forward's arguments."""
-        s = 1 + len(self.index)
-        w = s + len(self.states)
-        return 0, range(s, w), range(w, w + len(self.weights))
 
 
 def _op(cell: Cell, ragged: bool, kind: str):
