@@ -197,6 +197,27 @@ def test_inputs_are_never_modified(cell):
     )
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_non_contiguous_arguments_give_the_contiguous_result(cell):
+    layer = make_layer(cell, 2, 4, I, H)
+    batch = make_batch("padded", [3, 0, 2, 3], I)
+    want = op_forward(layer, batch)
+
+    def strided(t):  # the same values in a transposed-back view
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2) if t.dim() > 1 else t
+
+    layer_nc = layer.replace(**{k: strided(v) for k, v in layer.tensors().items()})
+    batch_nc = Batch(**{**vars(batch), "x": strided(batch.x)})
+    assert not batch_nc.x.is_contiguous() and not layer_nc.w_ih.is_contiguous()
+    got = op_forward(layer_nc, batch_nc)
+    for a, b in zip(got, want):
+        assert (a is None and b is None) or torch.equal(a, b)
+    grads_out = random_grads(*want[:3])
+    g = op_backward(layer_nc, batch_nc, got[0], got[3], *grads_out)
+    w = op_backward(layer, batch, want[0], want[3], *grads_out)
+    assert all(torch.equal(g[k], w[k]) for k in w)
+
+
 # ---- bad arguments: the error names the argument and the expected shape ----------------------
 
 D_, B_ = 2, 3

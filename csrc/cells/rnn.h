@@ -22,7 +22,8 @@ struct RnnCell {
                                      T (&saved)[1]) {
     const T a = gx[0] + gh[0];
     if constexpr (kRelu) {
-      next.h = a > T(0) ? a : T(0);
+      // As torch.relu: a NaN stays NaN (and -0 stays -0).
+      next.h = a < T(0) ? T(0) : a;
     } else {
       next.h = Math::tanh(a);
     }
@@ -34,7 +35,9 @@ struct RnnCell {
                                       T (&dgx)[1], T (&dgh)[1], CellState<T>& grad_prev) {
     const T h = saved[0];
     if constexpr (kRelu) {
-      dgx[0] = h > T(0) ? grad.h : T(0);
+      // As relu's backward (threshold_backward): 0 where h <= 0, else the
+      // gradient (a NaN h passes it on).
+      dgx[0] = h <= T(0) ? T(0) : grad.h;
     } else {
       dgx[0] = grad.h * (T(1) - h * h);
     }
