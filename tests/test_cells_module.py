@@ -286,3 +286,43 @@ def test_convert_swaps_every_gru_lstm_and_rnn():
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert type(varlen_rnn.convert(nn.LSTM(2, 3))) is varlen_rnn.LSTM
     assert type(varlen_rnn.convert(nn.RNN(2, 3))) is varlen_rnn.RNN
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_batch_and_empty_time(kind):
+    """B = 0 gives nn's empty shapes; T = 0 (nn refuses it) an empty output and the initial
+    states back."""
+    ref, ours = make_cell_pair(kind, 3, 4, 2, bidirectional=True)
+    x = torch.randn(5, 0, 3, dtype=F64)
+    for a, b in zip(tensors_of(ours(x)), tensors_of(ref(x)), strict=True):
+        assert a.shape == b.shape
+    hx = random_state(ref, 2, requires_grad=False)
+    out, *finals = tensors_of(ours(torch.randn(0, 2, 3, dtype=F64), hx, lengths=[0, 0]))
+    assert out.shape == (0, 2, 2 * (ref.proj_size or 4))
+    for f, s in zip(finals, hx if isinstance(hx, tuple) else (hx,), strict=True):
+        assert torch.equal(f, s)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inputs_are_never_modified_and_layouts_do_not_matter(kind):
+    """Non-contiguous input and states give the contiguous results, forward and backward,
+    and nothing the caller passed is written to."""
+    _, ours = make_cell_pair(kind, 3, 4, 2, bidirectional=True)
+    lengths = torch.tensor([5, 2, 0, 4])
+    x = torch.randn(4, 5, 3, dtype=F64).transpose(0, 1).requires_grad_()  # [T, B, I] view
+    hx = random_state(ours, 4, requires_grad=False)
+    states = hx if isinstance(hx, tuple) else (hx,)
+    strided = tuple(s.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for s in states)
+    assert not x.is_contiguous() and not any(s.is_contiguous() for s in strided)
+    before = [t.clone() for t in (x, lengths, *strided)]
+    arg = strided if len(strided) == 2 else strided[0]
+    got = tensors_of(ours(x, arg, lengths=lengths))
+    dense = [t.detach().contiguous().requires_grad_() for t in (x, *strided)]
+    arg = tuple(dense[1:]) if len(dense) == 3 else dense[1]
+    expected = tensors_of(ours(dense[0], arg, lengths=lengths))
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(grads(got, [x, *strided]), grads(expected, dense)):
+        assert torch.equal(a, b)
+    for t, b in zip((x, lengths, *strided), before):
+        assert torch.equal(t, b)
