@@ -326,3 +326,13 @@ def test_inputs_are_never_modified_and_layouts_do_not_matter(kind):
         assert torch.equal(a, b)
     for t, b in zip((x, lengths, *strided), before):
         assert torch.equal(t, b)
+
+
+def test_lstm_hx_must_be_a_pair():
+    """nn.LSTM indexes whatever it is given; a lone tensor is refused by name here."""
+    lstm = varlen_rnn.LSTM(3, 4, dtype=F64)
+    x = torch.randn(5, 2, 3, dtype=F64)
+    with pytest.raises(TypeError, match=r"hx must be a tuple \(h_0, c_0\) for an LSTM, got Tensor"):
+        lstm(x, torch.zeros(1, 2, 4, dtype=F64))
+    with pytest.raises(TypeError, match=r"got tuple of length 3"):
+        lstm(x, (torch.zeros(1, 2, 4, dtype=F64),) * 3)
