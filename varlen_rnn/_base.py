@@ -52,6 +52,17 @@ _DEFAULTS = {
 }
 
 
+_CONFIG = (
+    "input_size",
+    "hidden_size",
+    "num_layers",
+    "bias",
+    "batch_first",
+    "dropout",
+    "bidirectional",
+)
+
+
 class RNNBase(nn.Module):
     """The shared machinery; see varlen_rnn.GRU for forward's arguments and results."""
 
@@ -60,7 +71,7 @@ class RNNBase(nn.Module):
     # nn's message for an input of the wrong rank ({} is the rank it got).
     _rank_message = "{}: Expected input to be 2D or 3D, got {}D instead"
 
-    def _init_base(
+    def __init__(
         self,
         mode: str,
         input_size: int,
@@ -74,6 +85,7 @@ class RNNBase(nn.Module):
         device,
         dtype,
     ) -> None:
+        super().__init__()
         _inputs.check_constructor_args(
             input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size
         )
@@ -110,8 +122,7 @@ class RNNBase(nn.Module):
 
     def _config(self) -> dict:
         """The constructor's keyword arguments that rebuild this configuration."""
-        names = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout")
-        return {k: getattr(self, k) for k in names + ("bidirectional",)}
+        return {k: getattr(self, k) for k in _CONFIG}
 
     @classmethod
     def from_torch(cls, module: nn.Module):

@@ -58,8 +58,7 @@ class GRU(RNNBase):
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         if kwargs:
             raise TypeError(f"GRU got unexpected keyword arguments: {sorted(kwargs)}")
-        super().__init__()
-        self._init_base(
+        super().__init__(
             "GRU",
             input_size,
             hidden_size,
@@ -103,8 +102,7 @@ class LSTM(RNNBase):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__()
-        self._init_base(
+        super().__init__(
             "LSTM",
             input_size,
             hidden_size,
@@ -175,9 +173,8 @@ class RNN(RNNBase):
             raise ValueError(
                 f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'."
             )
-        super().__init__()
         self.nonlinearity = nonlinearity
-        self._init_base(
+        super().__init__(
             "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU",
             input_size,
             hidden_size,
