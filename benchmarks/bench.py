@@ -1,7 +1,8 @@
-"""Benchmark varlen_rnn.GRU against torch.nn.GRU + pack_padded_sequence.
+"""Benchmark varlen_rnn.GRU / LSTM / RNN against torch.nn.GRU / LSTM / RNN + pack_padded_sequence.
 
     python benchmarks/bench.py --preset quick                 # about a minute on a 2-core CPU
-    python benchmarks/bench.py --preset cpu-targets           # the three CPU target configs, 2 threads
+    python benchmarks/bench.py --preset cpu-targets           # the three CPU target configs, 2 threads,
+                                                              # for GRU, LSTM and RNN (--cell: one)
     python benchmarks/bench.py --preset gpu --device cuda     # the CUDA grid (training fp32/bf16, inference)
     python benchmarks/bench.py --preset full [--device cuda]  # the whole grid
     python benchmarks/bench.py --preset ragged                # issue 10: nested/PackedSequence input, memory
@@ -29,7 +30,15 @@ sys.path.append(os.path.dirname(HERE))
 import bench_memory  # noqa: E402
 import bench_report  # noqa: E402
 import torch  # noqa: E402
-from bench_cases import DISTRIBUTIONS, RAGGED, Bench, Case, gru_flops, train_flops  # noqa: E402
+from bench_cases import (  # noqa: E402
+    CELLS,
+    DISTRIBUTIONS,
+    RAGGED,
+    Bench,
+    Case,
+    layer_flops,
+    train_flops,
+)
 from torch.utils.benchmark import Timer  # noqa: E402
 
 # Timing effort per preset: rounds of blocked_autorange(min_run_time) per competitor.
@@ -49,10 +58,15 @@ def preset_cases(preset: str, device: str) -> list[Case]:
             Case(**base, layers=2, bidirectional=True, dist="uniform")
         ]
     if preset == "cpu-targets":
+        # Issue 13: the same three shapes for each cell (GRU first, as before it had company).
         return [
-            Case(B=64, T=100, I=256, H=256, device=device),
-            Case(B=16, T=200, I=256, H=512, device=device),
-            Case(B=128, T=50, I=128, H=128, layers=2, bidirectional=True, device=device),
+            Case(B=B, T=T, I=I, H=H, layers=L, bidirectional=bi, device=device, cell=cell)
+            for cell in CELLS
+            for B, T, I, H, L, bi in (
+                (64, 100, 256, 256, 1, False),
+                (16, 200, 256, 512, 1, False),
+                (128, 50, 128, 128, 2, True),
+            )
         ]
     if preset == "gpu":
         # Issue 12's grid: training step at T=256, lengths uniform in [1, T], float32 and bfloat16,
@@ -162,7 +176,7 @@ def run_case(
         timed = time_interleaved(
             steps, threads, effort["rounds"], effort["min_run_time"], effort["warmup"]
         )
-        flops = (gru_flops if mode == "infer" else train_flops)(case, bench.lengths)
+        flops = (layer_flops if mode == "infer" else train_flops)(case, bench.lengths)
         med = {c: timed[c]["median_s"] for c in competitors}
         m = {
             "median_s": med,
@@ -213,6 +227,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--limit", type=int, default=None, help="run only the first N cases (dry runs)")
     p.add_argument("--match", default=None, help="run only the cases whose name contains this text")
+    p.add_argument("--cell", choices=sorted(CELLS), default=None, help="run only this cell's cases")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument(
         "--rounds", type=int, default=None, help="override the preset's interleaved rounds"
@@ -268,7 +283,9 @@ def main(argv=None) -> int:
     if args.min_run_time is not None:
         effort["min_run_time"] = args.min_run_time
     cases = [
-        c for c in preset_cases(args.preset, device) if args.match is None or args.match in c.name()
+        c
+        for c in preset_cases(args.preset, device)
+        if (args.match is None or args.match in c.name()) and args.cell in (None, c.cell)
     ]
     cases = cases[: args.limit]
     results = {

@@ -1,8 +1,9 @@
 """What the benchmark times: cases, inputs, and the competitors as step functions.
 
-Shape legend: T time steps, B batch, I input features, H hidden, D directions.
-Every competitor of one case shares the same weights (varlen_rnn.GRU loads nn.GRU's state_dict)
-and the same inputs, drawn fresh from a seeded generator (random, never zeros).
+Shape legend: T time steps, B batch, I input features, H hidden, D directions, G gates.
+A case names its cell (gru, lstm, or rnn: tanh); every competitor of one case shares the same
+weights (varlen_rnn.GRU/LSTM/RNN loads nn.GRU/LSTM/RNN's state_dict) and the same inputs, drawn
+fresh from a seeded generator (random, never zeros).
 """
 
 from __future__ import annotations
@@ -18,14 +19,17 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 COMPETITORS = ("baseline", "padded", "varlen", "varlen_packed")
 # Ragged competitors take their input as stored (no padded batch) and return rows [N, D*H].
 RAGGED = ("varlen_packseq", "varlen_nested")
+# X is the case's cell: GRU, LSTM or RNN.
 LABELS = {
-    "baseline": "nn.GRU + pack/pad (baseline)",
-    "padded": "nn.GRU padded, no lengths (wrong results)",
-    "varlen": "varlen_rnn.GRU(x, lengths=)",
-    "varlen_packed": "varlen_rnn.GRU(PackedSequence), packed from and padded back to x",
-    "varlen_packseq": "varlen_rnn.GRU(PackedSequence) -> PackedSequence",
-    "varlen_nested": "varlen_rnn.GRU(jagged nested tensor)",
+    "baseline": "nn.X + pack/pad (baseline)",
+    "padded": "nn.X padded, no lengths (wrong results)",
+    "varlen": "varlen_rnn.X(x, lengths=)",
+    "varlen_packed": "varlen_rnn.X(PackedSequence), packed from and padded back to x",
+    "varlen_packseq": "varlen_rnn.X(PackedSequence) -> PackedSequence",
+    "varlen_nested": "varlen_rnn.X(jagged nested tensor)",
 }
+# A case's cell: the torch.nn / varlen_rnn class name and the gate blocks G of its weights.
+CELLS = {"gru": ("GRU", 3), "lstm": ("LSTM", 4), "rnn": ("RNN", 1)}
 MODES = ("infer", "train")
 DISTRIBUTIONS = ("uniform", "full", "skewed", "one_long")
 
@@ -43,6 +47,7 @@ class Case:
     device: str = "cpu"
     modes: tuple = MODES
     competitors: tuple = COMPETITORS
+    cell: str = "gru"
 
     @property
     def D(self) -> int:
@@ -52,7 +57,8 @@ class Case:
         s = f"B={self.B} T={self.T} I={self.I} H={self.H} L={self.layers}"
         if self.bidirectional:
             s += " bi"
-        return f"{s} {self.dist} {self.dtype}"
+        s = f"{s} {self.dist} {self.dtype}"
+        return s if self.cell == "gru" else f"{CELLS[self.cell][0]} {s}"
 
     def asdict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -91,20 +97,21 @@ def make_lengths(dist: str, B: int, T: int, gen: torch.Generator) -> torch.Tenso
     raise ValueError(f"unknown length distribution {dist!r}; expected one of {DISTRIBUTIONS}")
 
 
-def gru_flops(case: Case, lengths: torch.Tensor) -> float:
-    """Forward FLOPs spent on valid tokens: per token, layer and direction, 2 * 3H * (I_layer + H)
+def layer_flops(case: Case, lengths: torch.Tensor) -> float:
+    """Forward FLOPs spent on valid tokens: per token, layer and direction, 2 * G*H * (I_layer + H)
     (the input and recurrent GEMMs; the gate pointwise math is a rounding error next to them)."""
     tokens = int(lengths.sum())
+    G = CELLS[case.cell][1]
     per_token = 0
     for layer in range(case.layers):
         i = case.I if layer == 0 else case.D * case.H
-        per_token += case.D * 2 * 3 * case.H * (i + case.H)
+        per_token += case.D * 2 * G * case.H * (i + case.H)
     return float(tokens * per_token)
 
 
 def train_flops(case: Case, lengths: torch.Tensor) -> float:
     # Convention: backward costs twice the forward (grad wrt inputs and wrt weights).
-    return 3.0 * gru_flops(case, lengths)
+    return 3.0 * layer_flops(case, lengths)
 
 
 class Bench:
@@ -119,19 +126,21 @@ class Bench:
         dtype = getattr(torch, case.dtype)
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
-        self.ref = nn.GRU(case.I, case.H, case.layers, bidirectional=case.bidirectional).to(
-            dev, dtype
-        )
-        self.var = varlen_rnn.GRU(
-            case.I, case.H, case.layers, bidirectional=case.bidirectional, device=dev, dtype=dtype
-        )
-        self.var.load_state_dict(self.ref.state_dict())
+        name = CELLS[case.cell][0]
+        self.ref = getattr(nn, name)(
+            case.I, case.H, case.layers, bidirectional=case.bidirectional
+        ).to(dev, dtype)
+        self.var = getattr(varlen_rnn, name).from_torch(self.ref)
         self.lengths = make_lengths(case.dist, case.B, case.T, gen)  # [B] int64, CPU
         self.lengths_dev = self.lengths.to(dev)  # [B] on device: no host sync
         self.x = torch.randn(case.T, case.B, case.I, generator=gen).to(dev, dtype)  # [T, B, I]
         # Random weights for the scalar loss, so gradients are not all ones.
         self.w_out = torch.randn(case.T, case.B, case.D * case.H, generator=gen).to(dev, dtype)
-        self.w_h = torch.randn(case.layers * case.D, case.B, case.H, generator=gen).to(dev, dtype)
+        n_states = 2 if case.cell == "lstm" else 1  # h_n, and the LSTM's c_n
+        self.w_h = [
+            torch.randn(case.layers * case.D, case.B, case.H, generator=gen).to(dev, dtype)
+            for _ in range(n_states)
+        ]
         self.x_train = self.x.detach().clone().requires_grad_(True)
         self._ragged_inputs(dev)
 
@@ -173,14 +182,19 @@ class Bench:
             return PackedSequence(data, p.batch_sizes, p.sorted_indices, p.unsorted_indices)
         return torch.nested.nested_tensor_from_jagged(data, self.offsets, max_seqlen=self.max_len)
 
-    # -- forward of each competitor: (out [T, B, D*H], h_n [L*D, B, H]) ---------------------------
-    def _packed(self, gru, x):
+    # -- forward of each competitor: (out [T, B, D*H], states: (h_n [L*D, B, H],) or the LSTM's
+    # (h_n, c_n)) ---------------------------------------------------------------------------------
+    def _packed(self, rnn, x):
         packed = pack_padded_sequence(x, self.lengths, enforce_sorted=False)
-        out, h_n = gru(packed)  # with enforce_sorted=False, h_n comes back in caller order
+        out, state = rnn(packed)  # with enforce_sorted=False, states come back in caller order
         out, _ = pad_packed_sequence(out, total_length=self.case.T)
-        return out, h_n
+        return out, state
 
     def forward(self, name: str, x: torch.Tensor):
+        out, state = self._forward(name, x)
+        return out, state if isinstance(state, tuple) else (state,)
+
+    def _forward(self, name: str, x: torch.Tensor):
         if name == "baseline":
             return self._packed(self.ref, x)
         if name == "padded":
@@ -190,8 +204,8 @@ class Bench:
         if name == "varlen_packed":
             return self._packed(self.var, x)
         if name in RAGGED:  # x: a PackedSequence or a nested tensor; returns rows [N, D*H]
-            out, h_n = self.var(x)
-            return (out.data if name == "varlen_packseq" else out.values()), h_n
+            out, state = self.var(x)
+            return (out.data if name == "varlen_packseq" else out.values()), state
         raise ValueError(f"unknown competitor {name!r}; expected one of {tuple(LABELS)}")
 
     def step(self, mode: str, name: str):
@@ -217,8 +231,10 @@ class Bench:
 
             def train_step():
                 clear_grads()
-                out, h_n = self.forward(name, self.ragged_input(name, x) if name in RAGGED else x)
-                loss = (out * w_out).sum() + (h_n * self.w_h).sum()
+                out, states = self.forward(
+                    name, self.ragged_input(name, x) if name in RAGGED else x
+                )
+                loss = (out * w_out).sum() + sum((s * w).sum() for s, w in zip(states, self.w_h))
                 loss.backward()
 
             train_step.reset = clear_grads
@@ -226,7 +242,7 @@ class Bench:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
 
     def max_abs_diff(self, name: str) -> float:
-        """Largest |output - baseline| over out and h_n (padding positions included; for a
+        """Largest |output - baseline| over out and the states (padding positions included; for a
         ragged competitor, the valid positions it returns)."""
         x_in = self.ragged_input(name, self.leaf[name].detach()) if name in RAGGED else None
         with torch.inference_mode():
@@ -236,4 +252,6 @@ class Bench:
                 ro = self.rows(name, ro)
             else:
                 o, h = self.forward(name, self.x)
-            return max((o - ro).abs().max().item(), (h - rh).abs().max().item())
+            diffs = [(o - ro).abs().max().item()]
+            diffs += [(a - b).abs().max().item() for a, b in zip(h, rh, strict=True)]
+            return max(diffs)

@@ -293,7 +293,7 @@ def make_plot(results: dict, path: str) -> str | None:
             ],
             fontsize=7,
         )
-        ax.set_ylabel("speedup vs nn.GRU + packing")
+        ax.set_ylabel("speedup vs torch.nn + packing")
         ax.set_title(
             "inference forward" if mode == "infer" else "training step (forward + backward)"
         )

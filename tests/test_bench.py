@@ -107,3 +107,40 @@ def test_ragged_competitors_agree_and_count_their_input():
         }
     )
     assert "Peak memory with the input" in md and "varlen nested" in md
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_lstm_and_rnn_cases_agree_with_baseline(cell):
+    """Every competitor of an LSTM / RNN case runs, and the varlen ones give nn's numbers."""
+    case = Case(
+        B=5,
+        T=7,
+        I=3,
+        H=4,
+        layers=2,
+        bidirectional=True,
+        dtype="float64",
+        cell=cell,
+        competitors=COMPETITORS + RAGGED,
+    )
+    assert case.name().startswith(f"{cell.upper()} B=5")
+    assert Case.fromdict(case.asdict()) == case
+    b = Bench(case)
+    assert type(b.var).__name__ == cell.upper() and type(b.ref).__name__ == cell.upper()
+    for c in ("varlen", "varlen_packed") + RAGGED:
+        assert b.max_abs_diff(c) < 1e-10, c
+    for mode in ("infer", "train"):
+        for c in case.competitors:
+            b.step(mode, c)()
+
+
+def test_cpu_targets_preset_has_the_three_shapes_for_every_cell():
+    cases = bench.preset_cases("cpu-targets", "cpu")
+    shapes = {
+        cell: [(c.B, c.T, c.I, c.H, c.layers) for c in cases if c.cell == cell]
+        for cell in ("gru", "lstm", "rnn")
+    }
+    assert shapes["gru"][0] == (64, 100, 256, 256, 1) and len(shapes["gru"]) == 3
+    assert shapes["lstm"] == shapes["gru"] == shapes["rnn"]
+    # The GRU's case names (and so its earlier results) are unchanged.
+    assert cases[0].name() == "B=64 T=100 I=256 H=256 L=1 uniform float32"

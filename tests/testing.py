@@ -91,3 +91,66 @@ def grads(outputs, inputs, seed=1):
 
 def assert_close(actual, expected, dtype, msg=""):
     torch.testing.assert_close(actual, expected, **TOL[dtype], msg=lambda m: f"{msg}: {m}")
+
+
+# ------------------------------------------------------------------ LSTM and RNN
+# A cell kind: the torch.nn class and its extra constructor arguments for hidden size H.
+CELL_KINDS = {
+    "lstm": (torch.nn.LSTM, lambda H: {}),
+    "lstm_proj": (torch.nn.LSTM, lambda H: {"proj_size": max(1, H // 2)}),
+    "rnn_tanh": (torch.nn.RNN, lambda H: {"nonlinearity": "tanh"}),
+    "rnn_relu": (torch.nn.RNN, lambda H: {"nonlinearity": "relu"}),
+}
+
+
+def make_cell_pair(
+    kind,
+    input_size,
+    hidden_size,
+    num_layers=1,
+    bias=True,
+    batch_first=False,
+    bidirectional=False,
+    dtype=torch.float64,
+    device="cpu",
+    dropout=0.0,
+    seed=0,
+):
+    """A torch.nn.LSTM/RNN (per CELL_KINDS) and its varlen_rnn twin with identical weights."""
+    nn_cls, extra = CELL_KINDS[kind]
+    kwargs = dict(
+        num_layers=num_layers,
+        bias=bias,
+        batch_first=batch_first,
+        dropout=dropout,
+        bidirectional=bidirectional,
+        device=device,
+        dtype=dtype,
+        **extra(hidden_size),
+    )
+    torch.manual_seed(seed)
+    ref = nn_cls(input_size, hidden_size, **kwargs)
+    ours = getattr(varlen_rnn, nn_cls.__name__)(input_size, hidden_size, **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def random_state(module, B, dtype=torch.float64, device="cpu", requires_grad=True, seed=None):
+    """An initial state for module (an nn or varlen_rnn GRU/LSTM/RNN): hx, or (h_0, c_0)."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    LD = module.num_layers * (2 if module.bidirectional else 1)
+    H = module.hidden_size
+    shapes = [(LD, B, getattr(module, "proj_size", 0) or H)]
+    if isinstance(module, (torch.nn.LSTM, varlen_rnn.LSTM)):
+        shapes.append((LD, B, H))
+    states = tuple(
+        torch.randn(s, generator=g, dtype=dtype).to(device).requires_grad_(requires_grad)
+        for s in shapes
+    )
+    return states if len(states) == 2 else states[0]
+
+
+def tensors_of(result):
+    """(output, h_n) or (output, (h_n, c_n)) -> a flat list of tensors."""
+    out, state = result
+    return [out, *(state if isinstance(state, tuple) else (state,))]

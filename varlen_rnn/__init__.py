@@ -1,7 +1,9 @@
-"""varlen_rnn: a fused GRU over variable-length batches, a drop-in for torch.nn.GRU.
+"""varlen_rnn: fused GRU, LSTM and RNN layers over variable-length batches, drop-ins for
+torch.nn.GRU, torch.nn.LSTM and torch.nn.RNN.
 
-from varlen_rnn import GRU
+from varlen_rnn import GRU, LSTM, RNN
 out, h_n = GRU(input_size, hidden_size)(x, lengths=lengths)
+out, (h_n, c_n) = LSTM(input_size, hidden_size)(x, lengths=lengths)
 """
 
 import torch
@@ -25,7 +27,7 @@ from . import (
     _C,  # noqa: E402,F401  registers torch.ops.varlen_rnn.*
     ops,  # noqa: E402  autograd + fake kernels
 )
-from .modules import GRU, convert  # noqa: E402
+from .modules import GRU, LSTM, RNN, convert  # noqa: E402
 
-__all__ = ["GRU", "convert", "ops", "WITH_CUDA"]
+__all__ = ["GRU", "LSTM", "RNN", "convert", "ops", "WITH_CUDA"]
 __version__ = "0.1.0"

@@ -1,8 +1,9 @@
-"""Argument checks and conversions of varlen_rnn.GRU, kept apart from the module itself.
+"""Argument checks and conversions of varlen_rnn.GRU, LSTM and RNN, kept apart from the
+modules themselves.
 
-Wherever torch.nn.GRU has a message for the same mistake, the same exception type and
-text come first (code that matches nn.GRU's errors keeps working); anything after it is
-our hint. `lengths` is ours alone and accepts what pack_padded_sequence accepts.
+Wherever torch.nn.GRU / LSTM / RNN has a message for the same mistake, the same exception
+type and text come first (code that matches torch.nn's errors keeps working); anything after
+it is our hint. `lengths` is ours alone and accepts what pack_padded_sequence accepts.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 _LENGTHS_KINDS = "a list or tuple of ints, a NumPy integer array or an integer tensor"
 
 
-def check_constructor_args(input_size, hidden_size, num_layers, bias, batch_first, dropout):
-    """torch.nn.GRU's constructor checks, in its order, with its types and wording."""
+def check_constructor_args(
+    input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size=0
+):
+    """torch.nn.RNNBase's constructor checks, in its order, with its types and wording."""
     if (
         not isinstance(dropout, numbers.Number)
         or isinstance(dropout, bool)
@@ -39,7 +42,7 @@ def check_constructor_args(input_size, hidden_size, num_layers, bias, batch_firs
             "dropout option adds dropout after all but last recurrent layer, so "
             "non-zero dropout expects num_layers greater than 1, but got "
             f"dropout={dropout} and num_layers={num_layers}",
-            stacklevel=3,
+            stacklevel=4,  # the caller of GRU/LSTM/RNN(...)
         )
     for name, value in (("bias", bias), ("batch_first", batch_first)):
         if not isinstance(value, bool):
@@ -51,6 +54,10 @@ def check_constructor_args(input_size, hidden_size, num_layers, bias, batch_firs
             raise ValueError(f"{name} must be greater than zero")
     if num_layers <= 0:
         raise ValueError("num_layers must be greater than zero")
+    if proj_size < 0:
+        raise ValueError("proj_size should be a positive integer or zero to disable projections")
+    if proj_size >= hidden_size:
+        raise ValueError("proj_size has to be smaller than hidden_size")
 
 
 def autocast_on(device: torch.device) -> bool:
@@ -67,8 +74,28 @@ def check_hx_rank(hx: Tensor | None, batched: bool) -> None:
         )
 
 
+def check_lstm_hx(hx, batched: bool) -> tuple[Tensor, Tensor] | None:
+    """The LSTM's hx: None or a pair (h_0, c_0) of the input's rank (nn.LSTM's message)."""
+    if hx is None:
+        return None
+    if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+        raise TypeError(
+            f"hx must be a tuple (h_0, c_0) for an LSTM, got {type(hx).__name__}"
+            + (f" of length {len(hx)}" if isinstance(hx, (tuple, list)) else "")
+        )
+    h, c = hx
+    want = 3 if batched else 2
+    if h.dim() != want or c.dim() != want:
+        kind = "batched 3-D" if batched else "unbatched 2-D"
+        raise RuntimeError(
+            f"For {kind} input, hx and cx should also be {want}-D but got "
+            f"({h.dim()}-D, {c.dim()}-D) tensors"
+        )
+    return h, c
+
+
 def check_input(input: Tensor, weight: Tensor, input_size: int) -> None:
-    """input [..., I] against the GRU's first weight: dtype, then feature size."""
+    """input [..., I] against the module's first weight: dtype, then feature size."""
     if input.dtype != weight.dtype and not autocast_on(input.device):
         raise ValueError(
             f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
@@ -81,12 +108,15 @@ def check_input(input: Tensor, weight: Tensor, input_size: int) -> None:
         )
 
 
-def check_hx_shape(hx: Tensor, expected: tuple[int, int, int]) -> None:
+def check_hx_shape(
+    hx: Tensor, expected: tuple[int, int, int], what: str = "Expected hidden size"
+) -> None:
+    """what: nn's words, "Expected hidden size" or the LSTM's "Expected hidden[k] size"."""
     if tuple(hx.shape) != expected:
-        raise RuntimeError(f"Expected hidden size {expected}, got {list(hx.shape)}")
+        raise RuntimeError(f"{what} {expected}, got {list(hx.shape)}")
 
 
-def check_devices(input: Tensor, params: Iterable[Tensor], hx: Tensor | None) -> None:
+def check_devices(input: Tensor, params: Iterable[Tensor], states: Iterable[Tensor]) -> None:
     """Before any kernel runs (a meta tensor never reaches one by mistake)."""
     for p in params:
         if p.device != input.device:
@@ -94,19 +124,20 @@ def check_devices(input: Tensor, params: Iterable[Tensor], hx: Tensor | None) ->
                 "Input and parameter tensors are not at the same device, found input tensor "
                 f"at {input.device} and parameter tensor at {p.device}"
             )
-    if hx is not None and hx.device != input.device:
-        raise RuntimeError(
-            "Input and hidden tensors are not at the same device, found input tensor at "
-            f"{input.device} and hidden tensor at {hx.device}"
-        )
+    for hx in states:
+        if hx.device != input.device:
+            raise RuntimeError(
+                "Input and hidden tensors are not at the same device, found input tensor at "
+                f"{input.device} and hidden tensor at {hx.device}"
+            )
 
 
-def check_hx_dtype(hx: Tensor, input: Tensor) -> None:
+def check_hx_dtype(hx: Tensor, input: Tensor, name: str = "hx") -> None:
     # nn.GRU fails later, in a GEMM, with a RuntimeError that names neither argument.
     if hx.dtype != input.dtype and not autocast_on(input.device):
         raise RuntimeError(
-            f"hx dtype ({hx.dtype}) does not match input dtype ({input.dtype}): "
-            f"convert hx with hx.to({input.dtype})"
+            f"{name} dtype ({hx.dtype}) does not match input dtype ({input.dtype}): "
+            f"convert {name} with {name}.to({input.dtype})"
         )
 
 

@@ -1,23 +1,132 @@
-"""Thin Python layer over torch.ops.varlen_rnn: autograd and fake (meta) kernels.
+"""Thin Python layer over torch.ops.varlen_rnn: the layer functions the modules call.
 
-The math lives in C++ (csrc/); this file wires the registered backward op into
-autograd and gives shapes to torch.compile / torch.export. What the kernels have no
+The math lives in C++ (csrc/); varlen_rnn._autograd wires the registered backward ops
+into autograd and gives shapes to torch.compile / torch.export. What the kernels have no
 derivative for (gradients of gradients, forward-mode AD, torch.func's grad) goes
-through the plain-PyTorch layer of varlen_rnn.reference instead.
-Shape legend: T time, B batch, I input, H hidden, D directions; r|z|n gates.
+through the plain-PyTorch layers of varlen_rnn.reference instead.
+
+Every cell's ops share one argument layout (csrc/ops.cpp), so the wiring is written once
+over a table of cells: a forward op takes
+    input, index, states, w_ih, w_hh, b_ih, b_hh, [w_hr], [options], [batch_first], need_workspace
+with index = (lengths,) for a padded batch or (seq_index, sorted_indices, layout, max_len)
+for ragged rows, states = (hx,) or (hx, cx) for the LSTM, w_hr the LSTM's projection and
+options the RNN's nonlinearity; batch_first only for a padded batch. Its backward takes
+    grad_output, grad_states, input, index, states, w_ih, w_hh, [w_hr], output, workspace,
+    [options], [batch_first]
+and returns grad_input, grad_states, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, [grad_w_hr].
+Shape legend: T time, B batch, I input, H hidden, D directions, G gates, P the LSTM's
+state width (proj_size or H), S values saved per unit (see csrc/ops.cpp).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from .reference import gru_layer_ragged_reference, gru_layer_reference
+from . import reference
+from .reference import gru_layer_ragged_reference, gru_layer_reference  # noqa: F401
 
-__all__ = ["gru_layer", "gru_layer_ragged"]
+__all__ = [
+    "gru_layer",
+    "gru_layer_ragged",
+    "lstm_layer",
+    "lstm_layer_ragged",
+    "rnn_layer",
+    "rnn_layer_ragged",
+]
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+class Cell(NamedTuple):
+    """What this layer needs to know of a cell (csrc/cells/*.h has the rest)."""
+
+    name: str  # the ops are {name}_layer[_ragged]_forward / _backward
+    gates: int  # G: w_ih is [D, G*H, I]
+    saved: int  # S: the workspace is [D, rows, S*H]
+    states: int  # 1 (h) or 2 (h, c)
+    proj: bool  # an optional projection w_hr [D, P, H] after the biases
+    options: int  # non-tensor cell arguments after the weights (the RNN's nonlinearity)
+
+
+CELLS = {
+    "gru": Cell("gru", 3, 4, 1, False, 0),
+    "lstm": Cell("lstm", 4, 6, 2, True, 0),
+    "rnn": Cell("rnn", 1, 1, 1, False, 1),
+}
+
+
+class _Layout(NamedTuple):
+    """Where each group of a forward op's arguments sits (need_workspace excluded): the
+    same for every call of one op, so computed once per (cell, ragged)."""
+
+    index: slice  # (lengths,) or (seq_index, sorted_indices, layout, max_len)
+    states: slice  # (hx,) or (hx, cx)
+    weights: slice  # (w_ih, w_hh, b_ih, b_hh) + (w_hr,) for a cell with a projection
+    options: slice  # (nonlinearity,) or ()
+    tail: slice  # (batch_first,) for a padded batch, () for ragged rows
+    n: int  # the argument count
+    consts: tuple[int, ...]  # the non-tensor arguments (layout, max_len, options, tail)
+    tensors: tuple[int, ...]  # the others: tensors, and optional tensors that may be None
+
+
+def _layout(cell: Cell, ragged: bool) -> _Layout:
+    return _LAYOUTS[cell.name, ragged]
+
+
+def _make_layout(cell: Cell, ragged: bool) -> _Layout:
+    a = 1 + (4 if ragged else 1)
+    b = a + cell.states
+    c = b + 4 + cell.proj
+    d = c + cell.options
+    n = d + (0 if ragged else 1)
+    consts = ((3, 4) if ragged else ()) + tuple(range(c, n))
+    tensors = tuple(k for k in range(n) if k not in consts)
+    return _Layout(
+        slice(1, a), slice(a, b), slice(b, c), slice(c, d), slice(d, n), n, consts, tensors
+    )
+
+
+# Built once (a plain dict: torch.compile traces a lookup in it, not a cache wrapper).
+_LAYOUTS = {(c.name, r): _make_layout(c, r) for c in CELLS.values() for r in (False, True)}
+
+
+class _Args(NamedTuple):
+    """A forward op's arguments (need_workspace excluded) in their groups."""
+
+    input: Tensor
+    index: tuple
+    states: tuple
+    weights: tuple
+    options: tuple
+    tail: tuple
+
+    @staticmethod
+    def split(cell: Cell, ragged: bool, args) -> _Args:
+        at = _layout(cell, ragged)
+        return _Args(
+            args[0],
+            args[at.index],
+            args[at.states],
+            args[at.weights],
+            args[at.options],
+            args[at.tail],
+        )
+
+
+def _op(cell: Cell, ragged: bool, kind: str):
+    return getattr(torch.ops.varlen_rnn, f"{cell.name}_layer{'_ragged' if ragged else ''}_{kind}")
+
+
+def _reference(cell: Cell, ragged: bool):
+    """The plain-PyTorch layer (varlen_rnn.reference) with the op's arguments minus
+    need_workspace, looked up when called: a name set on this module wins, so a test can
+    replace it (to prove the first-order backward never calls it)."""
+    name = f"{cell.name}_layer{'_ragged' if ragged else ''}_reference"
+    return globals().get(name) or getattr(reference, name)
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
@@ -47,6 +156,26 @@ def _need_workspace(tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _layer(cell: Cell, ragged: bool, args) -> tuple[Tensor, ...]:
+    """Any cell's layer: (output, h_n[, c_n]) from the op's arguments minus need_workspace."""
+    a = _Args.split(cell, ragged, args)
+    tensors = (a.input, *a.states, *a.weights)
+    if _needs_differentiable_path(tensors):
+        return tuple(_reference(cell, ragged)(*args))
+    # The kernels run with autocast excluded (csrc/gru.h NoAutocastGuard); the modules
+    # pick the dtypes by torch.nn's autocast policy.
+    return tuple(_op(cell, ragged, "forward")(*args, _need_workspace(tensors))[:-1])
+
+
+# ------------------------------------------------------------------ the public layers
+# One layer (both directions if D == 2). Padded: output [T, B, D*P] (or [B, T, D*P]), zero
+# past each length. Ragged (N = input.size(0) valid positions, nothing padded; layout 0 =
+# offsets [B+1], a jagged nested tensor's values, sequence-major; layout 1 = batch_sizes [T]
+# + sorted_indices, PackedSequence.data, time-major; see csrc/ops.cpp): output [N, D*P] in
+# input's row order. h_n [D, B, P] (c_n [D, B, H]) is each sequence's state after its own
+# last valid step (hx for a zero-length sequence), in sequence order b.
+
+
 def gru_layer(
     input: Tensor,  # [T, B, I] or [B, T, I] if batch_first
     lengths: Tensor,  # [B] int64/int32, on the CPU or input's device
@@ -57,147 +186,8 @@ def gru_layer(
     b_hh: Tensor | None,  # [D, 3H]
     batch_first: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """One GRU layer (both directions if D == 2) over a padded, length-masked batch.
-
-    Returns output [T, B, D*H] (or [B, T, D*H]), zero past each length, and
-    h_n [D, B, H], each row's state after its own last valid step.
-    """
-    tensors = (input, hx, w_ih, w_hh, b_ih, b_hh)
-    if _needs_differentiable_path(tensors):
-        return gru_layer_reference(input, lengths, *tensors[1:], batch_first)
-    need_workspace = _need_workspace(tensors)
-    # The kernels run with autocast excluded (csrc/gru.h NoAutocastGuard); GRU._run
-    # picks the dtypes by torch.nn.GRU's autocast policy.
-    output, h_n, _ = torch.ops.varlen_rnn.gru_layer_forward(
-        input, lengths, hx, w_ih, w_hh, b_ih, b_hh, batch_first, need_workspace
-    )
-    return output, h_n
-
-
-@torch.library.register_fake("varlen_rnn::gru_layer_forward")
-def _gru_layer_forward_fake(
-    input, lengths, hx, w_ih, w_hh, b_ih, b_hh, batch_first, need_workspace
-):
-    torch._check(input.dim() == 3, lambda: f"input must be 3-D, got {input.dim()}-D")
-    torch._check(w_ih.dim() == 3, lambda: f"w_ih must be [D, 3H, I], got {tuple(w_ih.shape)}")
-    T, B = (input.shape[1], input.shape[0]) if batch_first else (input.shape[0], input.shape[1])
-    D, H = w_ih.shape[0], w_ih.shape[1] // 3
-    out_shape = (B, T, D * H) if batch_first else (T, B, D * H)
-    output = input.new_empty(out_shape)
-    h_n = input.new_empty((D, B, H))
-    if need_workspace:
-        # Rows are the backend's choice: the N valid positions on the CPU (a value
-        # known only from lengths' data), T*B on CUDA (no host sync to learn N).
-        rows = torch.library.get_ctx().new_dynamic_size()
-        workspace = input.new_empty((D, rows, 4 * H), dtype=_opmath(input.dtype))
-    else:
-        workspace = input.new_empty((0,), dtype=_opmath(input.dtype))
-    return output, h_n, workspace
-
-
-def _layer_grads_fake(input, hx, w_ih, w_hh):
-    """Shapes of a layer backward's six results, the same for every layout."""
-    D, G = w_ih.shape[0], w_ih.shape[1]
-    return (
-        torch.empty_like(input, memory_format=torch.contiguous_format),
-        torch.empty_like(hx, memory_format=torch.contiguous_format),
-        torch.empty_like(w_ih, memory_format=torch.contiguous_format),
-        torch.empty_like(w_hh, memory_format=torch.contiguous_format),
-        input.new_empty((D, G)),
-        input.new_empty((D, G)),
-    )
-
-
-@torch.library.register_fake("varlen_rnn::gru_layer_backward")
-def _gru_layer_backward_fake(
-    grad_output, grad_h_n, input, lengths, hx, w_ih, w_hh, output, workspace, batch_first
-):
-    return _layer_grads_fake(input, hx, w_ih, w_hh)
-
-
-def _setup_context(ctx, inputs, output):
-    input, lengths, hx, w_ih, w_hh, b_ih, b_hh, batch_first, need_workspace = inputs
-    out, _h_n, workspace = output
-    ctx.batch_first = batch_first
-    ctx.need_workspace = need_workspace
-    ctx.mark_non_differentiable(workspace)
-    # Unused outputs reach _backward as None instead of zero tensors: autograd
-    # would otherwise fill a [D, T*B, 4H] zero gradient for the workspace.
-    ctx.set_materialize_grads(False)
-    # The kernels' backward never reads the biases; the double-backward recomputation does.
-    ctx.save_for_backward(input, lengths, hx, w_ih, w_hh, b_ih, b_hh, out, workspace)
-
-
-def _backward(ctx, grad_output, grad_h_n, _grad_workspace):
-    if not ctx.need_workspace:
-        raise RuntimeError(
-            "varlen_rnn::gru_layer_forward was called with need_workspace=False, so it "
-            "kept nothing for the backward; call it with need_workspace=True (as "
-            "varlen_rnn.ops.gru_layer does when gradients are required)"
-        )
-    input, lengths, hx, w_ih, w_hh, b_ih, b_hh, out, workspace = ctx.saved_tensors
-    grad_output, grad_h_n = _materialize(grad_output, grad_h_n, out, hx)
-    if torch.is_grad_enabled():  # backward(create_graph=True): the gradients need a graph
-        inputs = (input, lengths, hx, w_ih, w_hh, b_ih, b_hh)
-
-        def layer(*args):
-            return gru_layer_reference(*args, ctx.batch_first)
-
-        return _differentiable_backward(ctx, (grad_output, grad_h_n), inputs, layer, 9)
-    g_in, g_hx, g_wih, g_whh, g_bih, g_bhh = torch.ops.varlen_rnn.gru_layer_backward(
-        grad_output, grad_h_n, input, lengths, hx, w_ih, w_hh, out, workspace, ctx.batch_first
-    )
-    if b_ih is None:
-        g_bih = g_bhh = None
-    return g_in, None, g_hx, g_wih, g_whh, g_bih, g_bhh, None, None
-
-
-def _materialize(grad_output, grad_h_n, out, hx):
-    """Zeros for an unused output's gradient (set_materialize_grads(False) passes None)."""
-    grad_output = torch.zeros_like(out) if grad_output is None else grad_output
-    grad_h_n = torch.zeros_like(hx) if grad_h_n is None else grad_h_n
-    return grad_output, grad_h_n
-
-
-def _differentiable_backward(ctx, grads, inputs, layer, n_results):
-    """The layer's gradients as a function of its inputs and of grads, differentiable
-    once more: the layer is recomputed with plain ops (layer(*inputs), varlen_rnn.reference,
-    the same semantics as the kernels) and differentiated with create_graph=True. inputs are
-    the op's leading arguments in order; n_results the op's argument count. Only gradients
-    of gradients pay for it; first-order backward never comes here."""
-    wanted = [
-        k
-        for k, t in enumerate(inputs)
-        if isinstance(t, Tensor) and ctx.needs_input_grad[k] and t.requires_grad
-    ]
-    result: list[Tensor | None] = [None] * n_results
-    if not wanted:
-        return tuple(result)
-    # The kernels run with autocast off; so does their stand-in.
-    with torch.autocast(inputs[0].device.type, enabled=False):
-        out, h_n = layer(*inputs)
-    found = torch.autograd.grad(
-        (out, h_n),
-        [inputs[k] for k in wanted],
-        grads,
-        create_graph=True,
-        allow_unused=True,
-        materialize_grads=True,
-    )
-    for k, g in zip(wanted, found):
-        result[k] = g
-    return tuple(result)
-
-
-torch.library.register_autograd(
-    "varlen_rnn::gru_layer_forward", _backward, setup_context=_setup_context
-)
-
-
-# ------------------------------------------------------------------ ragged rows
-# N = input.size(0) valid positions, nothing padded; seq_index/layout say which row is (t, b):
-# layout 0 = offsets [B+1] (a jagged nested tensor's values, sequence-major), layout 1 =
-# batch_sizes [T] + sorted_indices (PackedSequence.data, time-major). See csrc/ops.cpp.
+    """One GRU layer over a padded, length-masked batch: (output, h_n)."""
+    return _layer(CELLS["gru"], False, (input, lengths, hx, w_ih, w_hh, b_ih, b_hh, batch_first))
 
 
 def gru_layer_ragged(
@@ -212,114 +202,81 @@ def gru_layer_ragged(
     b_ih: Tensor | None,  # [D, 3H]
     b_hh: Tensor | None,  # [D, 3H]
 ) -> tuple[Tensor, Tensor]:
-    """One GRU layer (both directions if D == 2) over ragged rows.
-
-    Returns output [N, D*H] in input's row order and h_n [D, B, H], each sequence's
-    state after its own last step (hx for a zero-length sequence).
-    """
-    tensors = (input, hx, w_ih, w_hh, b_ih, b_hh)
+    """One GRU layer over ragged rows: (output [N, D*H], h_n)."""
     index = (seq_index, sorted_indices, layout, max_len)
-    if _needs_differentiable_path(tensors):
-        return gru_layer_ragged_reference(input, *index, *tensors[1:])
-    need_workspace = _need_workspace(tensors)
-    output, h_n, _ = torch.ops.varlen_rnn.gru_layer_ragged_forward(
-        input, *index, *tensors[1:], need_workspace
-    )
-    return output, h_n
+    return _layer(CELLS["gru"], True, (input, *index, hx, w_ih, w_hh, b_ih, b_hh))
 
 
-@torch.library.register_fake("varlen_rnn::gru_layer_ragged_forward")
-def _gru_layer_ragged_forward_fake(
-    input, seq_index, sorted_indices, layout, max_len, hx, w_ih, w_hh, b_ih, b_hh, need_workspace
-):
-    torch._check(input.dim() == 2, lambda: f"input must be [N, I], got {tuple(input.shape)}")
-    torch._check(hx.dim() == 3, lambda: f"hx must be [D, B, H], got {tuple(hx.shape)}")
-    torch._check(w_ih.dim() == 3, lambda: f"w_ih must be [D, 3H, I], got {tuple(w_ih.shape)}")
-    N, B = input.shape[0], hx.shape[1]
-    D, H = w_ih.shape[0], w_ih.shape[1] // 3
-    output = input.new_empty((N, D * H))
-    h_n = input.new_empty((D, B, H))
-    rows = N if need_workspace else 0  # every backend keeps the N valid rows
-    shape = (D, rows, 4 * H) if need_workspace else (0,)
-    workspace = input.new_empty(shape, dtype=_opmath(input.dtype))
-    return output, h_n, workspace
+def lstm_layer(
+    input: Tensor,  # [T, B, I] or [B, T, I] if batch_first
+    lengths: Tensor,  # [B] int64/int32, on the CPU or input's device
+    hx: Tensor,  # [D, B, P]
+    cx: Tensor,  # [D, B, H]
+    w_ih: Tensor,  # [D, 4H, I]
+    w_hh: Tensor,  # [D, 4H, P]
+    b_ih: Tensor | None,  # [D, 4H]
+    b_hh: Tensor | None,  # [D, 4H]
+    w_hr: Tensor | None,  # [D, P, H], None without a projection (P = H)
+    batch_first: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer (gates i|f|g|o) over a padded batch: (output, h_n, c_n)."""
+    args = (input, lengths, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_first)
+    return _layer(CELLS["lstm"], False, args)
 
 
-@torch.library.register_fake("varlen_rnn::gru_layer_ragged_backward")
-def _gru_layer_ragged_backward_fake(
-    grad_output,
-    grad_h_n,
-    input,
-    seq_index,
-    sorted_indices,
-    layout,
-    max_len,
-    hx,
-    w_ih,
-    w_hh,
-    output,
-    workspace,
-):
-    return _layer_grads_fake(input, hx, w_ih, w_hh)
+def lstm_layer_ragged(
+    input: Tensor,  # [N, I]
+    seq_index: Tensor,  # as gru_layer_ragged
+    sorted_indices: Tensor | None,
+    layout: int,
+    max_len: int,
+    hx: Tensor,  # [D, B, P] in sequence order b
+    cx: Tensor,  # [D, B, H]
+    w_ih: Tensor,  # [D, 4H, I]
+    w_hh: Tensor,  # [D, 4H, P]
+    b_ih: Tensor | None,  # [D, 4H]
+    b_hh: Tensor | None,  # [D, 4H]
+    w_hr: Tensor | None,  # [D, P, H]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer over ragged rows: (output [N, D*P], h_n, c_n)."""
+    index = (seq_index, sorted_indices, layout, max_len)
+    return _layer(CELLS["lstm"], True, (input, *index, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr))
 
 
-def _setup_ragged_context(ctx, inputs, output):
-    input, seq_index, sorted_indices, layout, max_len, hx, w_ih, w_hh, b_ih, b_hh, need_ws = inputs
-    out, _h_n, workspace = output
-    ctx.layout, ctx.max_len, ctx.need_workspace = layout, max_len, need_ws
-    ctx.mark_non_differentiable(workspace)
-    ctx.set_materialize_grads(False)  # as _setup_context: no zero gradient for the workspace
-    ctx.save_for_backward(
-        input, seq_index, sorted_indices, hx, w_ih, w_hh, b_ih, b_hh, out, workspace
-    )
+def rnn_layer(
+    input: Tensor,  # [T, B, I] or [B, T, I] if batch_first
+    lengths: Tensor,  # [B] int64/int32, on the CPU or input's device
+    hx: Tensor,  # [D, B, H]
+    w_ih: Tensor,  # [D, H, I]
+    w_hh: Tensor,  # [D, H, H]
+    b_ih: Tensor | None,  # [D, H]
+    b_hh: Tensor | None,  # [D, H]
+    nonlinearity: str = "tanh",  # or "relu"
+    batch_first: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """One Elman RNN layer over a padded batch: (output, h_n)."""
+    args = (input, lengths, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_first)
+    return _layer(CELLS["rnn"], False, args)
 
 
-def _ragged_backward(ctx, grad_output, grad_h_n, _grad_workspace):
-    if not ctx.need_workspace:
-        raise RuntimeError(
-            "varlen_rnn::gru_layer_ragged_forward was called with need_workspace=False, so "
-            "it kept nothing for the backward; call it with need_workspace=True (as "
-            "varlen_rnn.ops.gru_layer_ragged does when gradients are required)"
-        )
-    input, seq_index, sorted_indices, hx, w_ih, w_hh, b_ih, b_hh, out, ws = ctx.saved_tensors
-    grad_output, grad_h_n = _materialize(grad_output, grad_h_n, out, hx)
-    inputs = (input, seq_index, sorted_indices, ctx.layout, ctx.max_len, hx, w_ih, w_hh)
-    if torch.is_grad_enabled():  # backward(create_graph=True): the gradients need a graph
-        grads = (grad_output, grad_h_n)
-        inputs += (b_ih, b_hh)
-        return _differentiable_backward(ctx, grads, inputs, gru_layer_ragged_reference, 11)
-    g_in, g_hx, g_wih, g_whh, g_bih, g_bhh = torch.ops.varlen_rnn.gru_layer_ragged_backward(
-        grad_output, grad_h_n, *inputs, out, ws
-    )
-    if b_ih is None:
-        g_bih = g_bhh = None
-    return g_in, None, None, None, None, g_hx, g_wih, g_whh, g_bih, g_bhh, None
+def rnn_layer_ragged(
+    input: Tensor,  # [N, I]
+    seq_index: Tensor,  # as gru_layer_ragged
+    sorted_indices: Tensor | None,
+    layout: int,
+    max_len: int,
+    hx: Tensor,  # [D, B, H] in sequence order b
+    w_ih: Tensor,  # [D, H, I]
+    w_hh: Tensor,  # [D, H, H]
+    b_ih: Tensor | None,  # [D, H]
+    b_hh: Tensor | None,  # [D, H]
+    nonlinearity: str = "tanh",  # or "relu"
+) -> tuple[Tensor, Tensor]:
+    """One Elman RNN layer over ragged rows: (output [N, D*H], h_n)."""
+    index = (seq_index, sorted_indices, layout, max_len)
+    args = (input, *index, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+    return _layer(CELLS["rnn"], True, args)
 
 
-torch.library.register_autograd(
-    "varlen_rnn::gru_layer_ragged_forward", _ragged_backward, setup_context=_setup_ragged_context
-)
-
-
-def _not_differentiable(op: str, wrapper: str):
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            f"varlen_rnn::{op} has no derivative of its own: for gradients of "
-            f"gradients call varlen_rnn.ops.{wrapper} (or varlen_rnn.GRU) and differentiate "
-            "with create_graph=True, which recomputes the layer with differentiable ops"
-        )
-
-    return backward
-
-
-def _setup_nothing(ctx, inputs, output):
-    pass
-
-
-for _op, _wrapper in (
-    ("gru_layer_backward", "gru_layer"),
-    ("gru_layer_ragged_backward", "gru_layer_ragged"),
-):
-    torch.library.register_autograd(
-        f"varlen_rnn::{_op}", _not_differentiable(_op, _wrapper), setup_context=_setup_nothing
-    )
+# The fake kernels and autograd formulas (after the names above exist: they import them).
+from . import _autograd  # noqa: E402,F401

@@ -1,0 +1,340 @@
+"""RNNBase: what varlen_rnn.GRU, LSTM and RNN share, written once for every cell.
+
+Parameters with torch.nn's names, shapes, order and initialisation; forward on every input
+kind (padded + lengths, unbatched, PackedSequence, jagged nested tensor); the layer loop with
+dropout between layers; the autocast policy of torch.nn's RNNs. A subclass names its cell
+(a key of varlen_rnn.ops.CELLS) and says how its state looks (h, or the LSTM's (h, c)).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from . import _inputs, ops
+
+__all__ = ["RNNBase"]
+
+
+class LayerWeights(NamedTuple):
+    """One layer's parameters, both directions stacked (a view when D == 1), as the
+    layer ops of a cell without a projection take them."""
+
+    w_ih: Tensor  # [D, G*H, I] (I = D*H above layer 0)
+    w_hh: Tensor  # [D, G*H, H]
+    b_ih: Tensor | None  # [D, G*H]
+    b_hh: Tensor | None  # [D, G*H]
+
+
+class ProjectedLayerWeights(NamedTuple):
+    """The LSTM's: LayerWeights and the projection (P = proj_size, or H without one)."""
+
+    w_ih: Tensor  # [D, 4H, I] (I = D*P above layer 0)
+    w_hh: Tensor  # [D, 4H, P]
+    b_ih: Tensor | None  # [D, 4H]
+    b_hh: Tensor | None  # [D, 4H]
+    w_hr: Tensor | None  # [D, P, H], None without a projection
+
+
+# nn.RNNBase.extra_repr's order: the arguments shown when they differ from their default.
+_DEFAULTS = {
+    "proj_size": 0,
+    "num_layers": 1,
+    "bias": True,
+    "batch_first": False,
+    "dropout": 0.0,
+    "bidirectional": False,
+}
+
+
+_CONFIG = (
+    "input_size",
+    "hidden_size",
+    "num_layers",
+    "bias",
+    "batch_first",
+    "dropout",
+    "bidirectional",
+)
+
+
+class RNNBase(nn.Module):
+    """The shared machinery; see varlen_rnn.GRU for forward's arguments and results."""
+
+    _cell: str  # a key of varlen_rnn.ops.CELLS
+    _torch_cls: type  # the torch.nn class this one replaces
+    # nn's message for an input of the wrong rank ({} is the rank it got).
+    _rank_message = "{}: Expected input to be 2D or 3D, got {}D instead"
+
+    def __init__(
+        self,
+        mode: str,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int,
+        bias: bool,
+        batch_first: bool,
+        dropout: float,
+        bidirectional: bool,
+        proj_size: int,
+        device,
+        dtype,
+    ) -> None:
+        super().__init__()
+        _inputs.check_constructor_args(
+            input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size
+        )
+        self.mode = mode
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+        self._flat_weights_names: list[str] = []
+        self._all_weights: list[list[str]] = []
+        G, H = ops.CELLS[self._cell].gates, hidden_size
+        P = proj_size or H
+        # Registration order matches torch.nn's so that reset_parameters draws the same
+        # numbers from the same seed and state_dicts line up key for key.
+        for layer in range(num_layers):
+            layer_in = input_size if layer == 0 else P * self.num_directions
+            for sfx in self._suffixes(layer):
+                shapes = [("weight_ih", (G * H, layer_in)), ("weight_hh", (G * H, P))]
+                if bias:
+                    shapes += [("bias_ih", (G * H,)), ("bias_hh", (G * H,))]
+                if proj_size:
+                    shapes += [("weight_hr", (P, H))]
+                names = [f"{kind}_{sfx}" for kind, _ in shapes]
+                for name, (_, shape) in zip(names, shapes):
+                    param = torch.empty(shape, device=device, dtype=dtype)
+                    self.register_parameter(name, nn.Parameter(param))
+                self._flat_weights_names += names
+                self._all_weights.append(names)
+        self.reset_parameters()
+
+    def _config(self) -> dict:
+        """The constructor's keyword arguments that rebuild this configuration."""
+        return {k: getattr(self, k) for k in _CONFIG}
+
+    @classmethod
+    def from_torch(cls, module: nn.Module):
+        """This class with `module`'s configuration, weights, device, dtype and training mode
+        (`module` a torch.nn module of the class this one replaces)."""
+        if not isinstance(module, (cls._torch_cls, cls)):
+            raise TypeError(
+                f"from_torch expects a torch.nn.{cls._torch_cls.__name__}, "
+                f"got {type(module).__name__}"
+            )
+        w = module.weight_ih_l0
+        new = cls(**cls._config(module), device=w.device, dtype=w.dtype)
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        return new
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size)
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    @property
+    def num_directions(self) -> int:
+        """D: 2 if bidirectional, else 1."""
+        return 2 if self.bidirectional else 1
+
+    def _suffixes(self, layer: int) -> list[str]:
+        """Parameter-name suffixes of layer's directions, forward first (torch.nn's names)."""
+        return [f"l{layer}", f"l{layer}_reverse"][: self.num_directions]
+
+    def _layer_weights(self, layer: int, dtype: torch.dtype):
+        """LayerWeights, or ProjectedLayerWeights for a cell with a projection: the
+        layer op's weight arguments."""
+
+        def stacked(kind: str) -> Tensor:  # [D, ...]
+            ws = [getattr(self, f"{kind}_{sfx}").to(dtype) for sfx in self._suffixes(layer)]
+            return ws[0].unsqueeze(0) if len(ws) == 1 else torch.stack(ws)
+
+        weights = (stacked("weight_ih"), stacked("weight_hh"))
+        weights += (stacked("bias_ih"), stacked("bias_hh")) if self.bias else (None, None)
+        if not ops.CELLS[self._cell].proj:
+            return LayerWeights(*weights)
+        return ProjectedLayerWeights(*weights, stacked("weight_hr") if self.proj_size else None)
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        return [getattr(self, n) for n in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        return [[getattr(self, n) for n in names] for names in self._all_weights]
+
+    def flatten_parameters(self) -> None:
+        """No-op, kept so code written for torch.nn's RNNs runs unchanged."""
+
+    def extra_repr(self) -> str:
+        """torch.nn's: the sizes, then every argument that differs from its default."""
+        changed = [k for k, default in _DEFAULTS.items() if getattr(self, k) != default]
+        return ", ".join(
+            [f"{self.input_size}, {self.hidden_size}"]
+            + [f"{k}={getattr(self, k)}" for k in changed]
+        )
+
+    # ------------------------------------------------------------ the cell's state
+    # The state is a tuple: (hx,) for the GRU and RNN, (hx, cx) for the LSTM.
+    _state_messages = ("Expected hidden size",)  # nn's words per state
+
+    def _states_of(self, hx, batched: bool) -> tuple[Tensor, ...] | None:
+        """hx as the caller gave it -> a tuple of states (or None), ranks checked."""
+        _inputs.check_hx_rank(hx, batched)
+        return None if hx is None else (hx,)
+
+    def _result(self, finals: tuple[Tensor, ...]):
+        """The final states as forward returns them: h_n."""
+        return finals[0]
+
+    def _options(self) -> tuple:
+        """The cell's non-tensor op arguments (the RNN's nonlinearity)."""
+        return ()
+
+    def _autocast_dtype(self, x: Tensor, hx: Tensor) -> torch.dtype:
+        """The dtype torch.nn's module computes in and returns under autocast, so that
+        swapping it for its varlen_rnn twin changes no dtype downstream.
+
+        cuDNN (see _cudnn_autocast): float16. Otherwise torch.nn.GRU and LSTM (given a
+        PackedSequence, what lengths replace) have no autocast rule of their own: the state
+        and outputs keep hx's dtype (the input's when hx is None) and only their internal
+        GEMMs are autocast; the kernels here then run in that dtype (float32 state: float32
+        throughout). (nn.LSTM on a padded CPU batch runs oneDNN, whose autocast rule
+        returns the autocast dtype; the packed call it replaces does not.)
+        """
+        return _cudnn_autocast(x) or hx.dtype
+
+    def _state_shapes(self, B: int) -> list[tuple[int, int, int]]:
+        LD = self.num_layers * self.num_directions
+        widths = [self.proj_size or self.hidden_size, self.hidden_size]
+        return [(LD, B, w) for w in widths[: len(self._state_messages)]]
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, input, hx=None, lengths=None):
+        if isinstance(input, PackedSequence):
+            if lengths is not None:
+                raise ValueError(
+                    "lengths must be None when input is a PackedSequence: the "
+                    "PackedSequence carries its own lengths"
+                )
+            return self._forward_packed(input, hx)
+        if not isinstance(input, Tensor):
+            raise TypeError(
+                f"input must be a Tensor or a PackedSequence, got {type(input).__name__}"
+            )
+        if input.is_nested:
+            if lengths is not None:
+                raise ValueError(
+                    "lengths must be None when input is a nested tensor: the nested "
+                    "tensor carries its own lengths (its offsets)"
+                )
+            return self._forward_nested(input, hx)
+        if input.dim() not in (2, 3):
+            raise ValueError(self._rank_message.format(type(self).__name__, input.dim()))
+        batched = input.dim() == 3
+        batch_dim = 0 if self.batch_first else 1
+        states = self._states_of(hx, batched)
+        if not batched:
+            input = input.unsqueeze(batch_dim)
+            states = None if states is None else tuple(s.unsqueeze(1) for s in states)
+        B, T = input.size(batch_dim), input.size(1 - batch_dim)
+        states = self._checked_states(states, input, B)
+        lengths = _inputs.as_lengths(lengths, B, T, input.device)
+        output, finals = self._run(input, states, (lengths,), (self.batch_first,))
+        if not batched:
+            output, finals = output.squeeze(batch_dim), tuple(f.squeeze(1) for f in finals)
+        return output, self._result(finals)
+
+    def _forward_packed(self, packed: PackedSequence, hx):
+        """PackedSequence.data [N, I] as it is (layout 1, time-major): the states stay in
+        the caller's order, the op reads sorted_indices itself (what nn's permutations do)."""
+        data, batch_sizes, sorted_indices, unsorted_indices = packed
+        if data.dim() != 2:
+            raise RuntimeError(f"input must have 2 dimensions, got {data.dim()}")
+        states = self._states_of(hx, batched=True)
+        # batch_sizes lives on the CPU (PackedSequence keeps it there): no host sync.
+        B = int(batch_sizes[0]) if batch_sizes.numel() else 0
+        states = self._checked_states(states, data, B)
+        index = (batch_sizes, sorted_indices, 1, batch_sizes.numel())
+        out, finals = self._run(data, states, index, ())
+        out = PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices)
+        return out, self._result(finals)
+
+    def _forward_nested(self, input: Tensor, hx):
+        """A jagged nested tensor's values [N, I] as they are (layout 0, sequence-major)."""
+        values, offsets, max_len = _inputs.jagged_parts(input)
+        states = self._states_of(hx, batched=True)
+        states = self._checked_states(states, values, offsets.size(0) - 1)
+        out, finals = self._run(values, states, (offsets, None, 0, max_len), ())
+        # The same offsets tensor, so out's ragged dimension is input's (out + input works);
+        # max_len goes along, so the next layer or module on out needs no host read to find it.
+        out = torch.nested.nested_tensor_from_jagged(
+            out, offsets, min_seqlen=input._maybe_min_seqlen, max_seqlen=max_len
+        )
+        return out, self._result(finals)
+
+    def _checked_states(self, states, input: Tensor, B: int) -> tuple[Tensor, ...]:
+        """Every check of input [..., I] and the states [L*D, B, P or H] in torch.nn's order
+        (dtype, feature size, state shapes, devices); the states, or zeros where None."""
+        _inputs.check_input(input, self.weight_ih_l0, self.input_size)
+        expected = self._state_shapes(B)
+        if states is not None:
+            for s, shape, what in zip(states, expected, self._state_messages):
+                _inputs.check_hx_shape(s, shape, what)
+        _inputs.check_devices(input, self._flat_weights, states or ())
+        if states is None:
+            return tuple(torch.zeros(s, dtype=input.dtype, device=input.device) for s in expected)
+        for s, name in zip(states, ("hx", "cx")):
+            _inputs.check_hx_dtype(s, input, name)
+        return states
+
+    def _run(self, x: Tensor, states: tuple[Tensor, ...], index: tuple, tail: tuple):
+        """The layer loop over x's layout: index = (lengths,) and tail = (batch_first,) for a
+        padded batch, index = (seq_index, sorted_indices, layout, max_len) and tail = () for
+        ragged rows [N, D*P] (varlen_rnn.ops' argument layout). Returns (output, finals)."""
+        D = self.num_directions
+        layer_op = getattr(ops, f"{self._cell}_layer{'_ragged' if len(index) == 4 else ''}")
+        dtype = self._autocast_dtype(x, states[0]) if _inputs.autocast_on(x.device) else x.dtype
+        x, states = x.to(dtype), [s.to(dtype) for s in states]
+        finals: list[list[Tensor]] = [[] for _ in states]
+        for layer in range(self.num_layers):
+            w = self._layer_weights(layer, dtype)
+            mine = [s[layer * D : (layer + 1) * D] for s in states]
+            x, *ends = layer_op(x, *index, *mine, *w, *self._options(), *tail)
+            for f, e in zip(finals, ends):
+                f.append(e)
+            if self.dropout > 0 and self.training and layer + 1 < self.num_layers:
+                x = F.dropout(x, self.dropout, training=True)
+        return x, tuple(torch.cat(f, 0) if len(f) > 1 else f[0] for f in finals)
+
+
+# Read once: dynamo cannot trace the call (a torch.* function returning a bool).
+_HAS_CUDNN = torch.backends.cudnn.is_available()
+
+
+def _cudnn_autocast(x: Tensor) -> torch.dtype | None:
+    """The dtype of torch.nn's RNNs under autocast when they run cuDNN (CUDA input of
+    float32/float16/float64 with cuDNN enabled): autocast's _cudnn_rnn wrapper casts input,
+    hx and weights to float16 (whatever the autocast dtype; float64 is left alone). None
+    when cuDNN would not run."""
+    if (
+        x.device.type == "cuda"
+        and x.dtype in (torch.float32, torch.float16, torch.float64)
+        and x.numel() > 0
+        and torch.backends.cudnn.enabled
+        and _HAS_CUDNN
+    ):
+        return torch.float64 if x.dtype == torch.float64 else torch.float16
+    return None
