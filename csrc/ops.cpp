@@ -1,9 +1,9 @@
 // The one schema file: every varlen_rnn operator, documented. Kernels live in
-// cpu/{gru,lstm,rnn}_cpu.cpp and cuda/gru_cuda.cu, which register them with
+// cpu/{gru,lstm,rnn}_cpu.cpp and cuda/ops_cuda.cu, which register them with
 // TORCH_LIBRARY_IMPL; one recurrence per backend is templated on the cell
 // (csrc/cells/).
 //
-// Shape legend (see gru.h): T time steps, B batch, I input features, H hidden,
+// Shape legend (see layer.h): T time steps, B batch, I input features, H hidden,
 // D directions (1 or 2), G gates (GRU 3: r|z|n, LSTM 4: i|f|g|o, RNN 1, in
 // torch.nn's order), P the LSTM's state width (proj_size, or H without a
 // projection), S the values a cell saves per unit (csrc/cells/: GRU 4,

@@ -236,7 +236,7 @@ def run_case(emu, c, dtype, persistent, mma=False):
     go, ghn = f(*out_shape), f(D, B, H)
     ref = reference(c, x, L, hx, w_ih, w_hh, b_ih, b_hh, go, ghn, rows)
 
-    # The launchers' GEMMs (gru_cuda.cu), in the storage dtype around the emulated kernels.
+    # The launchers' GEMMs (ops_cuda.cu), in the storage dtype around the emulated kernels.
     x, hx, w_ih, w_hh, go, ghn = (t.to(dtype) for t in (x, hx, w_ih, w_hh, go, ghn))
     b_ih, b_hh = (None, None) if not bias else (b_ih.to(dtype), b_hh.to(dtype))
     if rows is None:

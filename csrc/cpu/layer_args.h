@@ -11,7 +11,7 @@
 #include <optional>
 
 #include "cpu/schedule.h"
-#include "gru.h"
+#include "layer.h"
 #include "layout.h"
 
 namespace varlen_rnn {
@@ -19,7 +19,7 @@ namespace cpu {
 
 // What the forward reads and writes; the backward reads the same and adds
 // its gradients (BackwardArgs). Tensors are contiguous, in the op-math dtype.
-// G = gates, S = saved values, P = state width (gru.h's legend).
+// G = gates, S = saved values, P = state width (layer.h's legend).
 struct ForwardArgs {
   LayerDims dims;  // ragged: T = max_len, batch_first false
   Schedule sched;
@@ -55,7 +55,7 @@ struct BackwardArgs : ForwardArgs {
   at::Tensor grad_w_hr;     // [D, P, H] with a projection
 };
 
-// Half types run in float (gru.h's opmath_dtype) and round at the end.
+// Half types run in float (layer.h's opmath_dtype) and round at the end.
 inline at::Tensor opmath_contiguous(const at::Tensor& t) {
   return t.to(opmath_dtype(t.scalar_type())).contiguous();
 }

@@ -13,7 +13,7 @@
 
 #include "cpu/layer_args.h"
 #include "cpu/recurrence.h"
-#include "gru.h"
+#include "layer.h"
 
 namespace varlen_rnn {
 namespace cpu {

@@ -23,7 +23,7 @@
 #include <utility>
 #include <vector>
 
-#include "gru.h"
+#include "layer.h"
 #include "layout.h"
 
 namespace varlen_rnn {

@@ -1,14 +1,14 @@
 // The state of one layer call on the CUDA backend: what forward and backward
 // share (LayerCall: dims, dtypes, TF32 and tensor-core policy, stream, rows),
 // what each adds (ForwardCall, BackwardCall), and choose(), the path of one
-// pass. Included by gru_cuda.cu only, so the whole backend stays one
+// pass. Included by ops_cuda.cu only, so the whole backend stays one
 // translation unit; the names keep its internal linkage.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 
-#include "gru.h"
+#include "layer.h"
 #include "launch.h"
 #include "plan.h"
 #include "rows.h"

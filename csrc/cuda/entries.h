@@ -1,8 +1,8 @@
 // The CUDA backend's op bodies, written once for every cell (templates on the
 // cell policy, csrc/cells/): argument checks, outputs, the rows of padded or
 // ragged input, then the launchers of paths.cuh / paths_backward.cuh.
-// gru_cuda.cu wraps them into the ops' signatures and registers them.
-// Included by gru_cuda.cu only (one translation unit, internal linkage).
+// ops_cuda.cu wraps them into the ops' signatures and registers them.
+// Included by ops_cuda.cu only (one translation unit, internal linkage).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "call.h"
-#include "gru.h"
+#include "layer.h"
 #include "launch.h"
 #include "layout.h"
 #include "paths.cuh"

@@ -251,7 +251,7 @@ inline bool cudnn_rnn_allows_tf32() { return TorchFp32Api::rnn_tf32(at::globalCo
 // Makes ATen's cuBLAS calls of this op follow `tf32` for float32.
 // Turning TF32 off uses ATen's thread-local NoTF32Guard: exact, no shared
 // state; it reaches the GEMMs ATen runs on its cuBLAS handle (mm, bmm,
-// baddbmm by default), not cuBLASLt ones (gru_cuda.cu keeps its addmm off
+// baddbmm by default), not cuBLASLt ones (ops_cuda.cu keeps its addmm off
 // that path when it matters; with preferred_blas_library="cublaslt" the flag
 // is not guaranteed off). Turning it on (the default flags: cuDNN on, matmul off) can only be
 // done through the process-wide matmul flag, so the holders are counted under
@@ -332,7 +332,7 @@ inline at::Tensor lengths_on_device(const at::Tensor& lengths, int64_t T, at::De
 
 // A ragged op's index tensor on the CPU (batch_sizes, or offsets and
 // sorted_indices given there): our own contiguous int64 copy, checked by
-// `check` (gru.h's value checks) and returned for the copy to the device, so
+// `check` (layer.h's value checks) and returned for the copy to the device, so
 // what is checked is what is sent. Like CPU lengths, not capturable.
 template <typename Check>
 at::Tensor host_checked_copy(const at::Tensor& t, const char* name, Check check) {
@@ -349,11 +349,11 @@ at::Tensor host_checked_copy(const at::Tensor& t, const char* name, Check check)
 }  // namespace varlen_rnn
 
 // Test hook (ctypes, tests/test_cuda_tensor_cores.py), beside varlen_rnn_cuda_set_knobs_for_testing
-// (gru_cuda.cu) whose three-argument signature its callers rely on: sets what
+// (ops_cuda.cu) whose three-argument signature its callers rely on: sets what
 // VARLEN_RNN_TENSOR_CORES gives once per process. on: 1 puts the persistent kernels' products on
 // tensor cores wherever the dtype and TF32 policy allow, 0 keeps them on the exact CUDA-core path,
 // 2 is auto (priced by the cost model), < 0 only reads. Returns the setting before the call.
-// Defined here, not inline, because only one translation unit (gru_cuda.cu) includes this header
+// Defined here, not inline, because only one translation unit (ops_cuda.cu) includes this header
 // and ctypes needs the symbol emitted.
 extern "C" __attribute__((visibility("default"))) int varlen_rnn_cuda_set_tensor_cores_for_testing(
     int on) {

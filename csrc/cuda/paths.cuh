@@ -3,7 +3,7 @@
 // (persistent.cuh) or the fallback (per-step GEMM + pointwise.cuh), as
 // choose() (call.h) decides. The backward's are paths_backward.cuh. Every
 // launcher is a template on the cell policy (csrc/cells/); the recurrence is
-// written once. Included by gru_cuda.cu only (one translation unit, internal
+// written once. Included by ops_cuda.cu only (one translation unit, internal
 // linkage).
 #pragma once
 

@@ -2,7 +2,7 @@
 // backward call on the persistent kernel (persistent.cuh) or the fallback
 // (per-step GEMM + pointwise.cuh), as choose() (call.h) decides, then the
 // weight and input gradients as GEMMs over all rows. Templates on the cell
-// policy, like the forward's (paths.cuh). Included by gru_cuda.cu only (one
+// policy, like the forward's (paths.cuh). Included by ops_cuda.cu only (one
 // translation unit, internal linkage).
 #pragma once
 

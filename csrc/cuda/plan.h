@@ -2,7 +2,7 @@
 // problem and the device. No CUDA or torch headers: tests/test_plan.py
 // compiles this file alone with the host compiler and checks the choices.
 //
-// Vocabulary (see gru.h for the shape legend): a *pass* is one layer's forward
+// Vocabulary (see layer.h for the shape legend): a *pass* is one layer's forward
 // (inference or training, which also saves the gates) or backward; a *step* s
 // is one time step of the recurrence; a *cut* is how a persistent launch is
 // divided: blocks_per_dir blocks per direction own J hidden units each, rows
@@ -18,7 +18,7 @@ namespace varlen_rnn {
 namespace plan {
 
 // The persistent kernels' fixed geometry (persistent.cuh: kPersistThreads,
-// kRows, the backward's kUnitsPerItem); gru_cuda.cu asserts they agree. A
+// kRows, the backward's kUnitsPerItem); ops_cuda.cu asserts they agree. A
 // forward work item holds one unit's gate rows (Problem::gates of them), a
 // backward one kUnitsPerItem units' rows of W_hh^T, whatever the cell.
 constexpr int64_t kThreads = 256;
@@ -39,7 +39,7 @@ struct Problem {
   int64_t acc_bytes;       // sizeof(op-math type)
   bool gemm_tensor_cores;  // the fallback's GEMMs run on tensor cores
   // The persistent kernel's recurrent product runs on tensor cores (kMma: mma_matvec.cuh);
-  // gru_cuda.cu passes LayerCall::mma. False: the exact CUDA-core product.
+  // ops_cuda.cu passes LayerCall::mma. False: the exact CUDA-core product.
   bool persistent_mma = false;
   int64_t gates = 3;  // the cell's kGates: W_hh is [gates*H, H] (GRU 3, LSTM 4, RNN 1)
   // An LSTM with proj_size > 0: its state is W_hr h, a per-step GEMM between the cell

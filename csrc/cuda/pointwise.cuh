@@ -1,5 +1,5 @@
 // Small CUDA kernels: lengths and ragged-index preparation and the fallback
-// path's per-step fused pointwise passes. Shape legend in gru.h; these tensors
+// path's per-step fused pointwise passes. Shape legend in layer.h; these tensors
 // are all contiguous and indexed with int64 offsets.
 //
 // Row conventions shared with the persistent kernels (persistent.cuh). Every

@@ -1,9 +1,9 @@
 // The rows and lengths the CUDA kernels read, put on the device: the padded
 // op's lengths, the ragged ops' offsets, batch_sizes and sorted_indices. Index
-// values on the CPU are checked on the host (gru.h's checks, the CPU backend's
+// values on the CPU are checked on the host (layer.h's checks, the CPU backend's
 // messages) and copied; values on the device are checked by pointwise.cuh's
 // kernels (device asserts, values clamped), without a host sync. Included by
-// gru_cuda.cu only (it launches kernels).
+// ops_cuda.cu only (it launches kernels).
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -17,7 +17,7 @@
 #include <optional>
 #include <tuple>
 
-#include "gru.h"
+#include "layer.h"
 #include "launch.h"
 #include "layout.h"
 #include "plan.h"

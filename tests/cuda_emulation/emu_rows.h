@@ -32,7 +32,7 @@ Lens prep(const int64_t* lengths, int B, int T) {
   return l;
 }
 
-// The launcher's rows (gru_cuda.cu: set_padded_rows / set_ragged_rows). layout: 0 offsets
+// The launcher's rows (ops_cuda.cu: set_padded_rows / set_ragged_rows). layout: 0 offsets
 // (seq_index = offsets [B+1]), 1 packed (batch_sizes [T], sorted_indices or an empty tensor),
 // 2 padded (seq_index = lengths [B], bf: batch-major). T: the padded time dimension or max_len.
 struct Rows {

@@ -38,7 +38,7 @@
 #include "cells/lstm.h"
 #include "cells/rnn.h"
 #include "entries.h"
-#include "gru.h"
+#include "layer.h"
 #include "launch.h"
 #include "plan.h"
 
