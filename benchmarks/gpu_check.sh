@@ -206,6 +206,7 @@ stage_cmd() {  # the command line of a stage, quoted for bash -c
   local probe_extra=() rest=("$REPO/tests" --ignore="$REPO/tests/test_cuda.py"
                              --ignore="$REPO/tests/test_cuda_tensor_cores.py"
                              --ignore="$REPO/tests/test_cuda_ragged.py"
+                             --ignore="$REPO/tests/test_cuda_cells.py"
                              --ignore="$REPO/tests/test_cuda_emulated.py")
   [ "$DRY" = 1 ] && probe_extra=(--tiny --dtypes float32 --H 16) && rest=("$REPO/tests/test_autocast.py")
   case $1 in
@@ -213,7 +214,8 @@ stage_cmd() {  # the command line of a stage, quoted for bash -c
     smoke) printf '%q ' "$PY" "$REPO/benchmarks/gpu_smoke.py" --device "$DEV" \
              --time-budget $((STAGE_LIMIT - 5)) --out "$WORK/smoke" ;;
     tests_cuda) printf '%q ' stage_pytest tests_cuda "$REPO/tests/test_cuda.py" \
-                  "$REPO/tests/test_cuda_tensor_cores.py" "$REPO/tests/test_cuda_ragged.py" ;;
+                  "$REPO/tests/test_cuda_tensor_cores.py" "$REPO/tests/test_cuda_ragged.py" \
+                  "$REPO/tests/test_cuda_cells.py" ;;
     probe) printf '%q ' "$PY" "$REPO/benchmarks/gpu_probe.py" --device "$DEV" \
              --time-budget $((STAGE_LIMIT - 8)) --out "$WORK/probe" "${probe_extra[@]}"
            echo "${GPU_CHECK_PROBE_ARGS:-}" ;;
