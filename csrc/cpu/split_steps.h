@@ -7,11 +7,11 @@
 // computes its gh slice with a single-threaded BLAS call (inside the parallel
 // region the BLAS runs sequentially) and runs the gate pass for its own units,
 // so there is no per-step BLAS fork/join and no separate gate pass over
-// [rows, G*H]. Two barriers per step: after the GEMMs (the gate pass
-// overwrites the h they read) and after the gate pass (the next step reads
-// all of h). With the LSTM's projection the gate pass writes h' (not read by
-// the GEMM), so the barriers fall after the gate pass and after the
-// projection, which is split by columns of h_state the same way.
+// [rows, G*H]. h ping-pongs between two buffers (step s reads one and writes
+// the other), so one barrier per step suffices: the next step reads all of h.
+// With the LSTM's projection the gate pass writes h' (not read by the GEMM)
+// and a second barrier follows the projection, which is split by columns of
+// h_state the same way.
 //
 // Every output element is computed by one thread in a fixed order, so the
 // results are deterministic (they may differ from the per-step loop's by the
@@ -39,8 +39,8 @@
 // Weak: where a build lacks it, the split loop is not used (blas_available).
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
-            const float*, const int*, const float*, const int*, const float*, float*,
-            const int*) __attribute__((weak));
+            const float*, const int*, const float*, const int*, const float*, float*, const int*)
+    __attribute__((weak));
 void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
             const double*, const int*, const double*, const int*, const double*, double*,
             const int*) __attribute__((weak));
@@ -57,8 +57,8 @@ inline void gemm_rm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda
   const float one = 1, zero = 0;
   sgemm_("N", "N", &M, &N, &K, &one, b, &la, a, &lb, &zero, c, &lc);
 }
-inline void gemm_rm(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda,
-                    const double* b, int64_t ldb, double* c, int64_t ldc) {
+inline void gemm_rm(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b,
+                    int64_t ldb, double* c, int64_t ldc) {
   const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
   const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
   const double one = 1, zero = 0;
@@ -107,7 +107,8 @@ void split_steps(ForwardArgs& args, int64_t d, const scalar_t* gx_p, const scala
   const bool proj = args.w_hr.defined();
   const auto opts = h.options();
   // Slices: as many as threads, fewer if H has fewer 16-unit blocks.
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (H + 15) / 16));
+  const int64_t parts =
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (H + 15) / 16));
   std::vector<at::Tensor> panels, gh;  // [P, G*Hs] and [B, G*Hs] per slice
   const at::Tensor w3 = args.w_hh[d].view({Cell::kGates, H, P});
   for (int64_t k = 0; k < parts; ++k) {
@@ -117,7 +118,12 @@ void split_steps(ForwardArgs& args, int64_t d, const scalar_t* gx_p, const scala
   }
   const at::Tensor w_hr_t = proj ? args.w_hr[d].t().contiguous() : at::Tensor();  // [H, P]
   at::Tensor hraw = proj ? at::empty({dims.B, H}, opts) : at::Tensor();           // [B, H] h'
+  // Without a projection, step s reads hbuf[s % 2] and writes hbuf[(s + 1) % 2]
+  // (a row's final state is in hbuf[len % 2]); with one, h' is hraw and the
+  // state is rewritten in place after the barrier.
+  at::Tensor h2 = proj ? at::Tensor() : at::empty_like(h);  // [B, P]
   scalar_t* h_p = h.data_ptr<scalar_t>();
+  scalar_t* const hbuf[2] = {h_p, proj ? h_p : h2.data_ptr<scalar_t>()};
   scalar_t* c_p = Cell::kHasC ? c.data_ptr<scalar_t>() : nullptr;
   scalar_t* hraw_p = proj ? hraw.data_ptr<scalar_t>() : nullptr;
   const scalar_t* wr_p = proj ? w_hr_t.const_data_ptr<scalar_t>() : nullptr;
@@ -132,26 +138,24 @@ void split_steps(ForwardArgs& args, int64_t d, const scalar_t* gx_p, const scala
 #endif
     for (int64_t s = 0; s < sched.max_len; ++s) {
       const int64_t n = sched.active[s];
+      if (n == 0) continue;  // the same for every thread
+      const scalar_t* h_cur = hbuf[s % 2];
+      scalar_t* h_next = hbuf[(s + 1) % 2];
       for (int64_t k = tid; k < parts; k += nth) {
         const auto [u0, u1] = slice_of(H, parts, k);
         const int64_t Hs = u1 - u0, ld = Cell::kGates * Hs;
         scalar_t* ghk = gh[k].data_ptr<scalar_t>();
-        gemm_rm(n, ld, P, h_p, P, panels[k].const_data_ptr<scalar_t>(), ld, ghk, ld);
-      }
-      if (!proj) {
-#pragma omp barrier
-      }
-      for (int64_t k = tid; k < parts; k += nth) {
-        const auto [u0, u1] = slice_of(H, parts, k);
-        const int64_t Hs = u1 - u0, ld = Cell::kGates * Hs;
-        const scalar_t* ghk = gh[k].const_data_ptr<scalar_t>();
+        gemm_rm(n, ld, P, h_cur, P, panels[k].const_data_ptr<scalar_t>(), ld, ghk, ld);
         for (int64_t i = 0; i < n; ++i) {
           const int64_t t = step_time(d, sched.len[i], s);
+          scalar_t* hi = (proj ? hraw_p : h_next) + i * H + u0;
+          // The gate pass updates h in place: it starts from h_prev.
+          if (Cell::kReadsHPrev && !proj) std::copy_n(h_cur + i * H + u0, Hs, hi);
           ForwardRow<scalar_t> row;
           row.gx = gx_p + args.gx_rows.row(t, i) * G + u0;
           row.gh = ghk + i * ld;
           row.bh = bh_p + u0;
-          row.h = (proj ? hraw_p : h_p) + i * H + u0;
+          row.h = hi;
           row.out = proj ? row.h : out_p + output_offset(args, t, i, d) + u0;
           row.c = Cell::kHasC ? c_p + i * H + u0 : nullptr;
           row.ws = ws_p ? ws_p + (sched.offset[s] + i) * S + u0 : nullptr;
@@ -171,6 +175,11 @@ void split_steps(ForwardArgs& args, int64_t d, const scalar_t* gx_p, const scala
         }
 #pragma omp barrier
       }
+    }
+  }
+  if (!proj) {  // rows whose last step wrote h2 (odd lengths) take their state from it
+    for (int64_t i = 0; i < dims.B; ++i) {
+      if (sched.len[i] % 2 == 1) std::copy_n(hbuf[1] + i * P, P, h_p + i * P);
     }
   }
 }
