@@ -4,7 +4,9 @@
 // instantiate it.
 //
 // Each step is one GEMM over the running rows (W_hh h, or dgh W_hh in the
-// backward) and one parallel gate pass over them (cpu/rows.h); the LSTM's
+// backward) and one parallel gate pass over them (cpu/rows.h), or, in the
+// forward where use_split_steps picks it, both split by hidden units across a
+// persistent thread team (cpu/split_steps.h); the LSTM's
 // projection adds one GEMM per step (h' W_hr^T, or dh_state W_hr). Rows run in
 // the schedule's longest-first order (cpu/schedule.h). Each direction's input
 // projection is one GEMM over the N valid positions (no work on padding), and
@@ -21,6 +23,7 @@
 
 #include "cpu/layer_args.h"
 #include "cpu/rows.h"
+#include "cpu/split_steps.h"
 #include "layout.h"  // step_time, prev_time
 
 namespace varlen_rnn {
@@ -44,6 +47,7 @@ void forward_impl(ForwardArgs& args) {
   scalar_t* hraw_p = proj ? hraw.data_ptr<scalar_t>() : nullptr;
   scalar_t* out_p = args.output.data_ptr<scalar_t>();
   const bool save = args.workspace.numel() > 0;
+  const bool split = use_split_steps(dims);
 
   for (int64_t d = 0; d < dims.D; ++d) {
     // [N, G*H]: this direction's input projection, one GEMM over the valid
@@ -62,7 +66,10 @@ void forward_impl(ForwardArgs& args) {
     scalar_t* h_p = h.data_ptr<scalar_t>();
     scalar_t* c_p = Cell::kHasC ? c.data_ptr<scalar_t>() : nullptr;
     scalar_t* ws_p = save ? args.workspace.data_ptr<scalar_t>() + d * N * S : nullptr;
-    for (int64_t s = 0; s < sched.max_len; ++s) {
+    if (split) {  // the same steps, split by hidden units (cpu/split_steps.h)
+      split_steps<Cell, scalar_t>(args, d, gx_p, bh_p, h, c, ws_p);
+    }
+    for (int64_t s = 0; s < (split ? 0 : sched.max_len); ++s) {
       const int64_t n = sched.active[s];
       at::Tensor gh_s = gh.narrow(0, 0, n);
       at::mm_out(gh_s, h.narrow(0, 0, n), w_hh_t);

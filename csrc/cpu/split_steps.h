@@ -1,0 +1,189 @@
+// The forward's step loop split by hidden units across a persistent team of
+// threads (cpu/recurrence.h picks it or the per-step GEMM loop: use_split_steps).
+//
+// Thread k owns a slice of the hidden units with all of their gates: a column
+// panel of W_hh^T packed once per call ([P, G*Hs], gate g of unit u0 + j at
+// column g*Hs + j), which stays in that core's L2 across steps. Each step it
+// computes its gh slice with a single-threaded BLAS call (inside the parallel
+// region the BLAS runs sequentially) and runs the gate pass for its own units,
+// so there is no per-step BLAS fork/join and no separate gate pass over
+// [rows, G*H]. h ping-pongs between two buffers (step s reads one and writes
+// the other), so one barrier per step suffices: the next step reads all of h.
+// With the LSTM's projection the gate pass writes h' (not read by the GEMM)
+// and a second barrier follows the projection, which is split by columns of
+// h_state the same way.
+//
+// Every output element is computed by one thread in a fixed order, so the
+// results are deterministic (they may differ from the per-step loop's by the
+// BLAS's rounding in float32; the cell math is the same code).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "cpu/layer_args.h"
+#include "cpu/rows.h"
+#include "layout.h"  // step_time
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+// The Fortran BLAS that torch's CPU build carries (MKL in the x86 wheels).
+// Weak: where a build lacks it, the split loop is not used (blas_available).
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
+            const float*, const int*, const float*, const int*, const float*, float*, const int*)
+    __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
+            const double*, const int*, const double*, const int*, const double*, double*,
+            const int*) __attribute__((weak));
+}
+
+namespace varlen_rnn {
+namespace cpu {
+
+// Row-major c[m, n] (ldc) = a[m, k] (lda) b[k, n] (ldb), one thread.
+inline void gemm_rm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+                    int64_t ldb, float* c, int64_t ldc) {
+  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  const float one = 1, zero = 0;
+  sgemm_("N", "N", &M, &N, &K, &one, b, &la, a, &lb, &zero, c, &lc);
+}
+inline void gemm_rm(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b,
+                    int64_t ldb, double* c, int64_t ldc) {
+  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  const double one = 1, zero = 0;
+  dgemm_("N", "N", &M, &N, &K, &one, b, &la, a, &lb, &zero, c, &lc);
+}
+
+inline bool blas_available() {
+#if defined(_OPENMP)
+  return sgemm_ != nullptr && dgemm_ != nullptr;
+#else
+  return false;
+#endif
+}
+
+// The one place the forward's step loop is chosen. VARLEN_RNN_CPU_STEPS=split
+// or =gemm forces one (tests exercise both); otherwise (auto) the split loop
+// runs with 2+ threads at H >= 256 or B <= 32. Measured (2-core Xeon, float32
+// inference, split vs gemm): 1.21x at B=16 H=512, 1.02x at B=64 H=256, 1.20x
+// at B=16 H=128, 1.33x at B=32 H=64; at B >= 128 with H = 128 the two tie
+// (0.97-1.01x), there the per-step BLAS call already keeps both cores busy.
+inline bool use_split_steps(const LayerDims& dims) {
+  if (!blas_available() || at::in_parallel_region()) return false;
+  if (const char* env = std::getenv("VARLEN_RNN_CPU_STEPS")) {
+    if (std::strcmp(env, "split") == 0) return true;
+    if (std::strcmp(env, "gemm") == 0) return false;
+  }
+  return at::get_num_threads() >= 2 && (dims.H >= 256 || dims.B <= 32);
+}
+
+// [lo, hi) of part k of n parts of `total`, cut at multiples of 16 (one
+// AVX-512 vector of floats) so each slice's gate pass vectorizes fully.
+inline std::pair<int64_t, int64_t> slice_of(int64_t total, int64_t parts, int64_t k) {
+  const int64_t blocks = (total + 15) / 16;
+  const int64_t b0 = blocks * k / parts, b1 = blocks * (k + 1) / parts;
+  return {std::min(total, b0 * 16), std::min(total, b1 * 16)};
+}
+
+// One direction d of forward_impl's step loop. h: [B, P] sorted order (in:
+// h0, out: h_n); c: [B, H] (Cell::kHasC); gx_p: [N, G*H] this direction's
+// input projection; ws_p: this direction's workspace or null.
+template <typename Cell, typename scalar_t>
+void split_steps(ForwardArgs& args, int64_t d, const scalar_t* gx_p, const scalar_t* bh_p,
+                 at::Tensor& h, at::Tensor& c, scalar_t* ws_p) {
+  const LayerDims& dims = args.dims;
+  const Schedule& sched = args.sched;
+  const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H, S = Cell::kSaved * H;
+  const bool proj = args.w_hr.defined();
+  const auto opts = h.options();
+  // Slices: as many as threads, fewer if H has fewer 16-unit blocks.
+  const int64_t parts =
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (H + 15) / 16));
+  std::vector<at::Tensor> panels, gh;  // [P, G*Hs] and [B, G*Hs] per slice
+  const at::Tensor w3 = args.w_hh[d].view({Cell::kGates, H, P});
+  for (int64_t k = 0; k < parts; ++k) {
+    const auto [u0, u1] = slice_of(H, parts, k);
+    panels.push_back(w3.narrow(1, u0, u1 - u0).reshape({-1, P}).t().contiguous());
+    gh.push_back(at::empty({dims.B, Cell::kGates * (u1 - u0)}, opts));
+  }
+  const at::Tensor w_hr_t = proj ? args.w_hr[d].t().contiguous() : at::Tensor();  // [H, P]
+  at::Tensor hraw = proj ? at::empty({dims.B, H}, opts) : at::Tensor();           // [B, H] h'
+  // Without a projection, step s reads hbuf[s % 2] and writes hbuf[(s + 1) % 2]
+  // (a row's final state is in hbuf[len % 2]); with one, h' is hraw and the
+  // state is rewritten in place after the barrier.
+  at::Tensor h2 = proj ? at::Tensor() : at::empty_like(h);  // [B, P]
+  scalar_t* h_p = h.data_ptr<scalar_t>();
+  scalar_t* const hbuf[2] = {h_p, proj ? h_p : h2.data_ptr<scalar_t>()};
+  scalar_t* c_p = Cell::kHasC ? c.data_ptr<scalar_t>() : nullptr;
+  scalar_t* hraw_p = proj ? hraw.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* wr_p = proj ? w_hr_t.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* out_p = args.output.data_ptr<scalar_t>();
+
+#pragma omp parallel num_threads(parts)
+  {
+#if defined(_OPENMP)
+    const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+#else
+    const int64_t tid = 0, nth = 1;
+#endif
+    for (int64_t s = 0; s < sched.max_len; ++s) {
+      const int64_t n = sched.active[s];
+      if (n == 0) continue;  // the same for every thread
+      const scalar_t* h_cur = hbuf[s % 2];
+      scalar_t* h_next = hbuf[(s + 1) % 2];
+      for (int64_t k = tid; k < parts; k += nth) {
+        const auto [u0, u1] = slice_of(H, parts, k);
+        const int64_t Hs = u1 - u0, ld = Cell::kGates * Hs;
+        scalar_t* ghk = gh[k].data_ptr<scalar_t>();
+        gemm_rm(n, ld, P, h_cur, P, panels[k].const_data_ptr<scalar_t>(), ld, ghk, ld);
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t t = step_time(d, sched.len[i], s);
+          scalar_t* hi = (proj ? hraw_p : h_next) + i * H + u0;
+          // The gate pass updates h in place: it starts from h_prev.
+          if (Cell::kReadsHPrev && !proj) std::copy_n(h_cur + i * H + u0, Hs, hi);
+          ForwardRow<scalar_t> row;
+          row.gx = gx_p + args.gx_rows.row(t, i) * G + u0;
+          row.gh = ghk + i * ld;
+          row.bh = bh_p + u0;
+          row.h = hi;
+          row.out = proj ? row.h : out_p + output_offset(args, t, i, d) + u0;
+          row.c = Cell::kHasC ? c_p + i * H + u0 : nullptr;
+          row.ws = ws_p ? ws_p + (sched.offset[s] + i) * S + u0 : nullptr;
+          forward_units(Cell{}, row, Hs, H, Hs);
+        }
+      }
+#pragma omp barrier
+      if (proj) {  // h_state[:, p0:p1] = h' W_hr^T[:, p0:p1], also the output
+        for (int64_t k = tid; k < parts; k += nth) {
+          const auto [p0, p1] = slice_of(P, parts, k);
+          if (p1 == p0) continue;
+          gemm_rm(n, p1 - p0, H, hraw_p, H, wr_p + p0, P, h_p + p0, P);
+          for (int64_t i = 0; i < n; ++i) {
+            const int64_t t = step_time(d, sched.len[i], s);
+            std::copy_n(h_p + i * P + p0, p1 - p0, out_p + output_offset(args, t, i, d) + p0);
+          }
+        }
+#pragma omp barrier
+      }
+    }
+  }
+  if (!proj) {  // rows whose last step wrote h2 (odd lengths) take their state from it
+    for (int64_t i = 0; i < dims.B; ++i) {
+      if (sched.len[i] % 2 == 1) std::copy_n(hbuf[1] + i * P, P, h_p + i * P);
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace varlen_rnn

@@ -1,0 +1,98 @@
+"""The CPU forward's two step loops (csrc/cpu/recurrence.h), each chosen on purpose through
+VARLEN_RNN_CPU_STEPS: "split" (hidden units split across a thread team, cpu/split_steps.h) and
+"gemm" (one BLAS call and one gate pass per step). Both against the plain-PyTorch reference in
+float64 to 1e-10 for every cell, padded and ragged, both directions; the backward reads the
+workspace the split loop saved. float32: the two loops agree, and the split loop is
+deterministic."""
+
+import pytest
+import torch
+from cell_ops_testing import make_batch, make_layer
+from test_cell_ops import check_against_reference
+
+from varlen_rnn import reference
+
+ops = torch.ops.varlen_rnn
+TIGHT = dict(atol=1e-10, rtol=1e-10)
+I = 6
+# H = 40: three 16-unit blocks, so two threads get uneven slices (32 + 8 units); P = 19 splits
+# the projection's columns unevenly too.
+H, P = 40, 19
+LENGTHS = [5, 1, 3, 7, 2, 7, 4]  # unsorted, ties, no zero length (the packed layout has none)
+
+
+@pytest.fixture(params=[2, 3], ids=["2threads", "3threads"])
+def threads(request):
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(params=["split", "gemm"])
+def steps(request, monkeypatch):
+    monkeypatch.setenv("VARLEN_RNN_CPU_STEPS", request.param)
+    return request.param
+
+
+def gru_layer(D, B, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return ((torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1) * 0.6).to(dtype)
+
+    return dict(
+        hx=rnd(D, B, H),
+        w_ih=rnd(D, 3 * H, I),
+        w_hh=rnd(D, 3 * H, H),
+        b_ih=rnd(D, 3 * H),
+        b_hh=rnd(D, 3 * H),
+    )
+
+
+def gru_forward(w, batch, fn_padded, fn_ragged, *tail):
+    args = (w["hx"], w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"])
+    if batch.padded:
+        return fn_padded(batch.x, batch.lengths, *args, batch.batch_first, *tail)
+    code = 0 if batch.layout == "offsets" else 1
+    index = (batch.seq_index, batch.sorted_indices, code, batch.max_len)
+    return fn_ragged(batch.x, *index, *args, *tail)
+
+
+@pytest.mark.parametrize("layout", ["padded", "padded_bf", "offsets", "packed"])
+@pytest.mark.parametrize("D", [1, 2], ids=["uni", "bi"])
+def test_gru_steps_match_the_reference(steps, threads, D, layout):
+    w = gru_layer(D, len(LENGTHS))
+    batch = make_batch(layout, LENGTHS, I)
+    out, h_n, ws = gru_forward(w, batch, ops.gru_layer_forward, ops.gru_layer_ragged_forward, True)
+    r_out, r_h = gru_forward(
+        w, batch, reference.gru_layer_reference, reference.gru_layer_ragged_reference
+    )
+    torch.testing.assert_close(out, r_out, **TIGHT)
+    torch.testing.assert_close(h_n, r_h, **TIGHT)
+    assert ws.numel() > 0
+
+
+@pytest.mark.parametrize("layout", ["padded", "offsets", "packed"])
+@pytest.mark.parametrize("D", [1, 2], ids=["uni", "bi"])
+@pytest.mark.parametrize("cell", ["lstm", "lstm_proj", "rnn_tanh", "rnn_relu"])
+def test_cell_steps_match_the_reference(steps, threads, cell, D, layout):
+    """Forward and, through the saved workspace, every gradient of the backward op."""
+    layer = make_layer(cell, D, len(LENGTHS), I, H, P=P)
+    check_against_reference(layer, make_batch(layout, LENGTHS, I))
+
+
+def run_gru_f32(monkeypatch, steps):
+    monkeypatch.setenv("VARLEN_RNN_CPU_STEPS", steps)
+    w = gru_layer(2, len(LENGTHS), dtype=torch.float32)
+    batch = make_batch("padded", LENGTHS, I, dtype=torch.float32)
+    return gru_forward(w, batch, ops.gru_layer_forward, ops.gru_layer_ragged_forward, False)
+
+
+def test_float32_split_agrees_with_gemm_and_repeats_exactly(threads, monkeypatch):
+    split_a = run_gru_f32(monkeypatch, "split")
+    split_b = run_gru_f32(monkeypatch, "split")
+    gemm = run_gru_f32(monkeypatch, "gemm")
+    for a, b, g in zip(split_a[:2], split_b[:2], gemm[:2]):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, g, atol=1e-5, rtol=1e-5)
