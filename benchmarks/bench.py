@@ -22,10 +22,16 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# This folder for the sibling modules; the repo root last, for an in-place build (an installed
-# varlen_rnn, or one on PYTHONPATH, wins).
+ROOT = os.path.dirname(HERE)
+# This folder for the sibling modules. The checkout's own package first when it is built in place
+# (setup.py build_ext --inplace writes varlen_rnn/_build_info.py), so a run measures the code of
+# the commit it reports, not an older installed copy; otherwise the installed varlen_rnn (pip
+# install .). The results record which one ran (bench_report.machine_info).
 sys.path.insert(0, HERE)
-sys.path.append(os.path.dirname(HERE))
+if os.path.exists(os.path.join(ROOT, "varlen_rnn", "_build_info.py")):
+    sys.path.insert(1, ROOT)
+else:
+    sys.path.append(ROOT)
 
 import bench_memory  # noqa: E402
 import bench_report  # noqa: E402

@@ -25,6 +25,9 @@ def machine_info(device: str, threads: int) -> dict:
         # Other work on the machine skews CPU timings (an OpenMP barrier waits for a descheduled thread).
         "loadavg_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "git_commit": _git_commit(),
+        # Which varlen_rnn ran: the checkout's in-place build (then git_commit is its code) or
+        # an installed copy (built from whatever was installed).
+        "varlen_rnn": _package_origin(),
     }
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device))
@@ -39,6 +42,14 @@ def machine_info(device: str, threads: int) -> dict:
             cudnn=torch.backends.cudnn.version(),
         )
     return info
+
+
+def _package_origin() -> str:
+    import varlen_rnn
+
+    pkg = os.path.dirname(os.path.abspath(varlen_rnn.__file__))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return "checkout" if os.path.dirname(pkg) == repo else f"installed copy {pkg}"
 
 
 def _driver() -> str | None:
@@ -109,7 +120,8 @@ def machine_line(info: dict) -> str:
     else:
         where = f"{info['cpu']}, {info['threads']} threads"
     commit = f"; commit {info['git_commit']}" if info.get("git_commit") else ""
-    return f"{where}; torch {info['torch']}; {info['date']}{commit}"
+    origin = f"; varlen_rnn from the {info['varlen_rnn']}" if info.get("varlen_rnn") else ""
+    return f"{where}; torch {info['torch']}; {info['date']}{commit}{origin}"
 
 
 def _ms(s):
