@@ -15,6 +15,7 @@ time is the median over all rounds. Results go to --out as JSON, markdown and PN
 from __future__ import annotations
 
 import argparse
+import glob
 import itertools
 import os
 import statistics
@@ -24,11 +25,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 # This folder for the sibling modules. The checkout's own package first when it is built in place
-# (setup.py build_ext --inplace writes varlen_rnn/_build_info.py), so a run measures the code of
-# the commit it reports, not an older installed copy; otherwise the installed varlen_rnn (pip
-# install .). The results record which one ran (bench_report.machine_info).
+# (setup.py build_ext --inplace puts the extension varlen_rnn/_C*.so beside the sources), so a run
+# measures the code of the commit it reports, not an older installed copy; otherwise the installed
+# varlen_rnn (pip install .). The results record which one ran (bench_report.machine_info).
 sys.path.insert(0, HERE)
-if os.path.exists(os.path.join(ROOT, "varlen_rnn", "_build_info.py")):
+if glob.glob(os.path.join(ROOT, "varlen_rnn", "_C*")):
     sys.path.insert(1, ROOT)
 else:
     sys.path.append(ROOT)
