@@ -2,26 +2,11 @@
 
 import pytest
 import torch
-from testing import ALL_DEVICES
+from testing import ALL_DEVICES, gru_op_args
 
 import varlen_rnn
 
 op = varlen_rnn.ops.gru_layer
-
-
-def _args(device, D, bias, batch_first, T=5, B=4, I=3, H=4, lengths=(3, 5, 0, 1)):
-    f = lambda *s: torch.randn(*s, dtype=torch.float64, device=device, requires_grad=True)
-    x = f(B, T, I) if batch_first else f(T, B, I)
-    return (
-        x,
-        torch.tensor(lengths, device=device),
-        f(D, B, H),
-        f(D, 3 * H, I),
-        f(D, 3 * H, H),
-        f(D, 3 * H) if bias else None,
-        f(D, 3 * H) if bias else None,
-        batch_first,
-    )
 
 
 @pytest.mark.parametrize("device", ALL_DEVICES)
@@ -29,14 +14,14 @@ def _args(device, D, bias, batch_first, T=5, B=4, I=3, H=4, lengths=(3, 5, 0, 1)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_gradcheck_op(device, D, bias, batch_first):
-    args = _args(device, D, bias, batch_first)
+    args = gru_op_args(device, D, bias, batch_first)
     assert torch.autograd.gradcheck(lambda *a: op(*a), args, eps=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("device", ALL_DEVICES)
 def test_gradcheck_backward_op_against_finite_differences_of_outputs_only(device):
     """Gradient of h_n alone (grad_output zero) and of output alone (grad_h_n zero)."""
-    args = _args(device, 2, True, False)
+    args = gru_op_args(device, 2, True, False)
     assert torch.autograd.gradcheck(lambda *a: op(*a)[1], args, eps=1e-6, atol=1e-8)
     assert torch.autograd.gradcheck(lambda *a: op(*a)[0], args, eps=1e-6, atol=1e-8)
 

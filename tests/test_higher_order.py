@@ -5,7 +5,7 @@ torch.nn.GRU. The first-order backward stays on the fused kernels."""
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-from testing import ALL_DEVICES, assert_close, make_pair, packed_baseline
+from testing import ALL_DEVICES, assert_close, gru_op_args, make_pair, packed_baseline
 
 import varlen_rnn
 
@@ -54,18 +54,7 @@ def test_gradgradcheck_module(device, num_layers, bidirectional, batch_first, fa
 @pytest.mark.parametrize("device", ALL_DEVICES)
 @pytest.mark.parametrize("D,bias,batch_first", [(1, True, False), (2, False, True)])
 def test_gradgradcheck_op(device, D, bias, batch_first):
-    T, B, I, H = 3, 3, 2, 2
-    f = lambda *s: torch.randn(*s, dtype=F64, device=device, requires_grad=True)
-    args = (
-        f(B, T, I) if batch_first else f(T, B, I),
-        torch.tensor([3, 1, 2], device=device),
-        f(D, B, H),
-        f(D, 3 * H, I),
-        f(D, 3 * H, H),
-        f(D, 3 * H) if bias else None,
-        f(D, 3 * H) if bias else None,
-        batch_first,
-    )
+    args = gru_op_args(device, D, bias, batch_first, lengths=(3, 1, 2), T=3, I=2, H=2)
     assert torch.autograd.gradgradcheck(lambda *a: op(*a), args, eps=1e-6, atol=1e-6)
 
 

@@ -1,11 +1,12 @@
-"""PyTorch's own test data for torch.nn.GRU, run against varlen_rnn.GRU.
+"""PyTorch's own test data for torch.nn.GRU, nn.LSTM and nn.RNN, run against varlen_rnn's
+modules.
 
-The GRU entry of torch.testing._internal.common_modules.module_db (installed with torch)
-gives sample inputs (module_inputs_func, with and without PackedSequence) and error inputs
-(module_error_inputs_func). Each test here does what the matching test of PyTorch's
-test/test_modules.py does, with varlen_rnn.GRU in nn.GRU's place, and also compares with
-nn.GRU on the same weights. No sample or error input is skipped: none of them uses T = 0 or
-a zero length (the documented extensions where nn.GRU raises and we do not).
+The entries of torch.testing._internal.common_modules.module_db (installed with torch) give
+sample inputs (module_inputs_func, with and without PackedSequence where the entry has them)
+and error inputs (module_error_inputs_func). Each test here does what the matching test of
+PyTorch's test/test_modules.py does, with our class in nn's place, and also compares with nn's
+module on the same weights. No sample or error input is skipped: none of them uses T = 0 or a
+zero length (the documented extensions where nn raises and we do not).
 """
 
 import io
@@ -16,7 +17,7 @@ import pytest
 import torch
 from testing import ALL_DEVICES
 from torch import nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 import varlen_rnn
 
@@ -26,13 +27,27 @@ with mock.patch.object(torch.backends, "disable_global_flags", lambda: None):
     from torch.testing._internal.common_modules import ModuleErrorEnum, module_db
     from torch.testing._internal.common_utils import freeze_rng_state
 
-INFO = next(m for m in module_db if m.module_cls is nn.GRU)
+CLASSES = {
+    "GRU": (nn.GRU, varlen_rnn.GRU),
+    "LSTM": (nn.LSTM, varlen_rnn.LSTM),
+    "RNN": (nn.RNN, varlen_rnn.RNN),
+}
+INFOS = {name: next(m for m in module_db if m.module_cls is c[0]) for name, c in CLASSES.items()}
+NAMES = sorted(CLASSES)
 DTYPES = [torch.float32, torch.float64]
+# The LSTM entry has no PackedSequence samples (its inputs function ignores the flag).
+CASES = [("GRU", False), ("GRU", True), ("LSTM", False), ("RNN", False), ("RNN", True)]
+GPUS = [d for d in ALL_DEVICES if d != "cpu"]
 
 
-def samples(device, dtype, requires_grad=False, training=True, packed=False):
-    inputs = INFO.module_inputs_func(
-        INFO,
+def _is_packed(x):
+    return isinstance(x, nn.utils.rnn.PackedSequence)
+
+
+def samples(name, device, dtype, requires_grad=False, training=True, packed=False):
+    info = INFOS[name]
+    inputs = info.module_inputs_func(
+        info,
         device=device,
         dtype=dtype,
         requires_grad=requires_grad,
@@ -40,37 +55,27 @@ def samples(device, dtype, requires_grad=False, training=True, packed=False):
         with_packed_sequence=packed,
     )
     if packed:  # the packed samples are the ones the call adds to the others
-        inputs = [
-            s for s in inputs if isinstance(s.forward_input.args[0], nn.utils.rnn.PackedSequence)
-        ]
+        inputs = [s for s in inputs if _is_packed(s.forward_input.args[0])]
     assert inputs
     return inputs
 
 
-def build(sample, device, dtype, training, cls=varlen_rnn.GRU):
+def build(name, sample, device, dtype, training):
     c = sample.constructor_input
-    m = cls(*c.args, **c.kwargs).to(device).to(dtype)
-    m.train(training)
-    return m
+    m = CLASSES[name][1](*c.args, **c.kwargs).to(device).to(dtype)
+    return m.train(training)
 
 
-def twin(ours):
-    """nn.GRU with ours' configuration and weights."""
-    ref = nn.GRU(
-        ours.input_size,
-        ours.hidden_size,
-        ours.num_layers,
-        ours.bias,
-        ours.batch_first,
-        ours.dropout,
-        ours.bidirectional,
-    )
+def twin(name, ours):
+    """nn's module with ours' configuration and weights."""
+    config = {k: v for k, v in ours._config().items() if k not in ("input_size", "hidden_size")}
+    ref = CLASSES[name][0](ours.input_size, ours.hidden_size, **config)
     ref.load_state_dict(ours.state_dict())
     return ref.to(ours.weight_ih_l0).train(ours.training)
 
 
 def flat(outputs):
-    """Tensors of (output, h_n); a PackedSequence contributes its data and indices."""
+    """Tensors of (output, state); a PackedSequence contributes its data and indices."""
     return [t for t in tree_flatten(outputs)[0] if isinstance(t, torch.Tensor)]
 
 
@@ -82,18 +87,18 @@ def close(a, b, **kw):
 @pytest.mark.parametrize("device", ALL_DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("packed", [False, True])
-def test_forward(device, dtype, training, packed):
+@pytest.mark.parametrize("name,packed", CASES)
+def test_forward(device, dtype, training, name, packed):
     """test_modules.py test_forward: the sample's reference (unbatched = batched of one),
-    then nn.GRU on the same weights; .float()/.double() keep parameters on device."""
-    for s in samples(device, dtype, training=training, packed=packed):
+    then nn's module on the same weights; .float()/.double() keep parameters on device."""
+    for s in samples(name, device, dtype, training=training, packed=packed):
         with freeze_rng_state():
-            m = build(s, device, dtype, training)
+            m = build(name, s, device, dtype, training)
             args, kwargs = s.forward_input.args, s.forward_input.kwargs
             out = m(*args, **kwargs)
             if s.reference_fn is not None and not packed:  # its reference unsqueezes a tensor
                 close(out, s.reference_fn(m, *args, **kwargs))
-            close(out, twin(m)(*args, **kwargs))
+            close(out, twin(name, m)(*args, **kwargs))
             getattr(m, {torch.float32: "float", torch.float64: "double"}[dtype])()
             m(*args, **kwargs)
             for p in m.parameters():
@@ -102,31 +107,26 @@ def test_forward(device, dtype, training, packed):
 
 @pytest.mark.parametrize("device", ALL_DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-def test_factory_kwargs(device, dtype):
-    for s in samples(device, dtype):
+@pytest.mark.parametrize("name", NAMES)
+def test_factory_kwargs_and_repr(device, dtype, name):
+    for s in samples(name, device, dtype):
         c = s.constructor_input
-        m = varlen_rnn.GRU(*c.args, **c.kwargs, device=device, dtype=dtype)
+        m = CLASSES[name][1](*c.args, **c.kwargs, device=device, dtype=dtype)
         assert all(p.device == torch.device(device) and p.dtype == dtype for p in m.parameters())
+        assert repr(m) == repr(twin(name, m)) and str(m) == str(twin(name, m))
 
 
 @pytest.mark.parametrize("device", ALL_DEVICES)
-def test_repr_is_nn_grus(device):
-    for s in samples(device, torch.float32):
-        m = build(s, device, torch.float32, True)
-        assert repr(m) == repr(twin(m)) and str(m) == str(twin(m))
-
-
-@pytest.mark.parametrize("device", ALL_DEVICES)
-@pytest.mark.parametrize("packed", [False, True])
-def test_pickle(device, packed):
-    for s in samples(device, torch.float64, packed=packed):
-        m = build(s, device, torch.float64, True)
+@pytest.mark.parametrize("name,packed", CASES)
+def test_pickle(device, name, packed):
+    for s in samples(name, device, torch.float64, packed=packed):
+        m = build(name, s, device, torch.float64, True)
         args = s.forward_input.args
         buf = io.BytesIO()
         torch.save(m, buf)
         buf.seek(0)
         for copy in (torch.load(buf, weights_only=False), pickle.loads(pickle.dumps(m))):
-            assert type(copy) is varlen_rnn.GRU
+            assert type(copy) is CLASSES[name][1]
             close(copy(*args), m(*args), rtol=0, atol=0)
 
 
@@ -137,48 +137,46 @@ def _noncontiguous(t):
 
 
 @pytest.mark.parametrize("device", ALL_DEVICES)
-def test_non_contiguous_tensors(device):
-    """Same outputs and gradients whether input, hx and the incoming gradients are
+@pytest.mark.parametrize("name", NAMES)
+def test_non_contiguous_tensors(device, name):
+    """Same outputs and gradients whether input, the states and the incoming gradients are
     contiguous or not."""
-    for s in samples(device, torch.float64, requires_grad=True):
-        m = build(s, device, torch.float64, True)
-        args = s.forward_input.args
+    for s in samples(name, device, torch.float64, requires_grad=True):
+        m = build(name, s, device, torch.float64, True)
+        args = list(s.forward_input.args)
         grads_out = [torch.randn_like(t) for t in flat(m(*args))]
         results = []
         for make in (lambda t: t, _noncontiguous):
-            a = [make(t) for t in args]
+            a = tree_map(make, args)
             outs = m(*a)
+            leaves = tree_flatten(a)[0] + list(m.parameters())
             results.append(
-                (
-                    outs,
-                    torch.autograd.grad(
-                        flat(outs), a + list(m.parameters()), [make(g) for g in grads_out]
-                    ),
-                )
+                (outs, torch.autograd.grad(flat(outs), leaves, tree_map(make, grads_out)))
             )
         close(results[0][0], results[1][0], rtol=0, atol=0)
         close(results[0][1], results[1][1])
 
 
-def _gradient_check(device, check, packed=False):
+def _gradient_check(name, device, check, packed=False):
     """test_modules.py _test_gradients_helper (total derivative): the forward inputs and
     every parameter are the differentiable arguments."""
-    for s in samples(device, torch.float64, requires_grad=True, packed=packed):
-        m = build(s, device, torch.float64, True)
+    for s in samples(name, device, torch.float64, requires_grad=True, packed=packed):
+        m = build(name, s, device, torch.float64, True)
         names = [n for n, _ in m.named_parameters()]
-        args = list(s.forward_input.args)
+        args, spec = tree_flatten(list(s.forward_input.args), is_leaf=_is_packed)
         if packed:  # the differentiable part of a PackedSequence is its data
             seq = args[0]
-            args[0] = seq.data
+            args = [seq.data, *args[1:]]
         n_in = len(args)
 
         def fn(*flat_args):
             a = list(flat_args[:n_in])
             if packed:
                 a[0] = seq._replace(data=a[0])
+            call = spec.unflatten(a)
             params = dict(zip(names, flat_args[n_in:]))
             with freeze_rng_state():
-                outs = flat(torch.func.functional_call(m, params, tuple(a)))
+                outs = flat(torch.func.functional_call(m, params, tuple(call)))
                 return tuple(t for t in outs if t.is_floating_point())  # not batch_sizes
 
         params = [p.detach().clone().requires_grad_() for p in m.parameters()]
@@ -186,65 +184,70 @@ def _gradient_check(device, check, packed=False):
 
 
 @pytest.mark.parametrize("device", ALL_DEVICES)
-@pytest.mark.parametrize("packed", [False, True])
-def test_grad(device, packed):
-    """fast_mode (random projections of the Jacobian) keeps the 32 samples quick; every
-    entry is checked in test_gradcheck.py."""
-    _gradient_check(
-        device, lambda f, a: torch.autograd.gradcheck(f, a, atol=1e-7, fast_mode=True), packed
-    )
+@pytest.mark.parametrize("name,packed", CASES)
+def test_grad(device, name, packed):
+    """fast_mode (random projections of the Jacobian) keeps the samples quick; every entry is
+    checked in test_gradcheck.py and test_cells_ops.py."""
+    check = lambda f, a: torch.autograd.gradcheck(f, a, atol=1e-7, fast_mode=True)  # noqa: E731
+    _gradient_check(name, device, check, packed)
 
 
 @pytest.mark.parametrize("device", ALL_DEVICES)
-def test_gradgrad(device):
-    """nn.GRU passes gradgradcheck on the CPU (cuDNN cannot: an expectedFailure there)."""
-    _gradient_check(
-        device, lambda f, a: torch.autograd.gradgradcheck(f, a, atol=1e-6, fast_mode=True)
-    )
+@pytest.mark.parametrize("name", NAMES)
+def test_gradgrad(device, name):
+    """nn's modules pass gradgradcheck on the CPU (cuDNN cannot: an expectedFailure there)."""
+    check = lambda f, a: torch.autograd.gradgradcheck(f, a, atol=1e-6, fast_mode=True)  # noqa: E731
+    _gradient_check(name, device, check)
 
 
 @pytest.mark.parametrize("device", ALL_DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("training", [True, False])
-def test_errors(device, dtype, training):
+@pytest.mark.parametrize("name", NAMES)
+def test_errors(device, dtype, training, name):
     """Every error input: the same exception type, the message matching torch's regex."""
-    errors = INFO.module_error_inputs_func(
-        INFO, device=device, dtype=dtype, requires_grad=False, training=training
+    info = INFOS[name]
+    errors = info.module_error_inputs_func(
+        info, device=device, dtype=dtype, requires_grad=False, training=training
     )
     assert errors
     for e in errors:
         c = e.module_error_input.constructor_input
         with pytest.raises(e.error_type, match=e.error_regex):
-            m = varlen_rnn.GRU(*c.args, **c.kwargs)
+            m = CLASSES[name][1](*c.args, **c.kwargs)
             assert e.error_on == ModuleErrorEnum.FORWARD_ERROR, "constructed without error"
             f = e.module_error_input.forward_input
             m(*f.args, **f.kwargs)
 
 
-@pytest.mark.parametrize("device", [d for d in ALL_DEVICES if d != "cpu"])
+@pytest.mark.parametrize("device", GPUS)
 @pytest.mark.parametrize("training", [True, False])
-def test_cpu_gpu_parity(device, training):
+@pytest.mark.parametrize("name", NAMES)
+def test_cpu_gpu_parity(device, training, name):
     """test_modules.py test_cpu_gpu_parity (its tolerance for float64: 4e-4)."""
-    for s in samples("cpu", torch.float64, requires_grad=True, training=training):
-        cpu = build(s, "cpu", torch.float64, training)
-        gpu = build(s, device, torch.float64, training)
+    for s in samples(name, "cpu", torch.float64, requires_grad=True, training=training):
+        cpu = build(name, s, "cpu", torch.float64, training)
+        gpu = build(name, s, device, torch.float64, training)
         gpu.load_state_dict(cpu.state_dict())
-        a_cpu = s.forward_input.args
+        a_cpu, spec = tree_flatten(list(s.forward_input.args))
         a_gpu = [t.detach().to(device).requires_grad_() for t in a_cpu]
-        out_c, out_g = cpu(*a_cpu), gpu(*a_gpu)
+        out_c, out_g = cpu(*spec.unflatten(a_cpu)), gpu(*spec.unflatten(a_gpu))
         close(out_g, out_c, atol=4e-4, rtol=0, check_device=False)
         g = [torch.randn_like(t) for t in flat(out_c)]
-        grads_c = torch.autograd.grad(flat(out_c), list(a_cpu) + list(cpu.parameters()), g)
+        grads_c = torch.autograd.grad(flat(out_c), a_cpu + list(cpu.parameters()), g)
         grads_g = torch.autograd.grad(
             flat(out_g), a_gpu + list(gpu.parameters()), [t.to(device) for t in g]
         )
         close(grads_g, grads_c, atol=4e-4, rtol=0, check_device=False)
 
 
-@pytest.mark.parametrize("device", [d for d in ALL_DEVICES if d != "cpu"])
-def test_multiple_device_transfer(device):
-    for s_dev, s_cpu in zip(samples(device, torch.float32), samples("cpu", torch.float32)):
-        m = build(s_dev, device, torch.float32, True)
+@pytest.mark.parametrize("device", GPUS)
+@pytest.mark.parametrize("name", NAMES)
+def test_multiple_device_transfer(device, name):
+    for s_dev, s_cpu in zip(
+        samples(name, device, torch.float32), samples(name, "cpu", torch.float32)
+    ):
+        m = build(name, s_dev, device, torch.float32, True)
         out_dev = m(*s_dev.forward_input.args)
         m.cpu()
         close(m(*s_cpu.forward_input.args), out_dev, check_device=False, atol=1e-5, rtol=1e-4)
@@ -253,19 +256,26 @@ def test_multiple_device_transfer(device):
         close(m(*s_dev.forward_input.args), out_dev)
 
 
-def test_the_documented_extensions_where_nn_gru_raises():
-    """T = 0 and zero-length sequences: nn.GRU (and packing) refuse them, we define them
-    (empty output / zero rows, h_n = hx). The only places the two modules differ."""
-    ours = varlen_rnn.GRU(2, 3, 2, bidirectional=True, dtype=torch.float64)
-    ref = twin(ours)
+@pytest.mark.parametrize("name", NAMES)
+def test_the_documented_extensions_where_nn_raises(name):
+    """T = 0 and zero-length sequences: nn's modules (and packing) refuse them, we define them
+    (empty output / zero rows, the final state = the initial one). The only places the
+    modules differ."""
+    ours = CLASSES[name][1](2, 3, 2, bidirectional=True, dtype=torch.float64)
+    ref = twin(name, ours)
     hx = torch.randn(4, 2, 3, dtype=torch.float64)
+    state = (hx, torch.randn_like(hx)) if name == "LSTM" else hx
     empty = torch.randn(0, 2, 2, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="Expected sequence length to be larger than 0 in RNN"):
-        ref(empty, hx)
-    out, h = ours(empty, hx)
-    assert out.shape == (0, 2, 6) and torch.equal(h, hx)
+        ref(empty, state)
+    out, h = ours(empty, state)
+    assert out.shape == (0, 2, 6)
+    for a, b in zip(flat(h), flat(state), strict=True):
+        assert torch.equal(a, b)
     x = torch.randn(4, 2, 2, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="Length of all samples has to be greater than 0"):
         nn.utils.rnn.pack_padded_sequence(x, [4, 0], enforce_sorted=False)
-    out, h = ours(x, hx, lengths=[4, 0])
-    assert not out[:, 1].any() and torch.equal(h[:, 1], hx[:, 1])
+    out, h = ours(x, state, lengths=[4, 0])
+    assert not out[:, 1].any()
+    for a, b in zip(flat(h), flat(state), strict=True):
+        assert torch.equal(a[:, 1], b[:, 1])

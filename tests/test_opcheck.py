@@ -2,39 +2,15 @@
 
 import pytest
 import torch
-from testing import ALL_DEVICES, assert_close
+from testing import ALL_DEVICES, assert_close, gru_op_args
 
 import varlen_rnn
 
 ops = torch.ops.varlen_rnn
 
 
-def _forward_args(
-    device,
-    dtype,
-    D=2,
-    bias=True,
-    batch_first=False,
-    need_workspace=True,
-    requires_grad=True,
-    T=5,
-    B=4,
-    I=3,
-    H=4,
-):
-    f = lambda *s: torch.randn(*s, dtype=dtype, device=device, requires_grad=requires_grad)
-    x = f(B, T, I) if batch_first else f(T, B, I)
-    return (
-        x,
-        torch.tensor([3, 5, 0, 1], device=device),
-        f(D, B, H),
-        f(D, 3 * H, I),
-        f(D, 3 * H, H),
-        f(D, 3 * H) if bias else None,
-        f(D, 3 * H) if bias else None,
-        batch_first,
-        need_workspace,
-    )
+def _forward_args(device, dtype, D=2, bias=True, batch_first=False, need_workspace=True, **kw):
+    return (*gru_op_args(device, D, bias, batch_first, dtype=dtype, **kw), need_workspace)
 
 
 @pytest.mark.parametrize("device", ALL_DEVICES)

@@ -93,6 +93,34 @@ def assert_close(actual, expected, dtype, msg=""):
     torch.testing.assert_close(actual, expected, **TOL[dtype], msg=lambda m: f"{msg}: {m}")
 
 
+def gru_op_args(
+    device,
+    D,
+    bias,
+    batch_first,
+    lengths=(3, 5, 0, 1),
+    T=5,
+    I=3,
+    H=4,
+    dtype=torch.float64,
+    requires_grad=True,
+):
+    """Random arguments of varlen_rnn.ops.gru_layer / the gru_layer_forward op, up to
+    batch_first: (x, lengths, hx, w_ih, w_hh, b_ih or None, b_hh or None, batch_first)."""
+    B = len(lengths)
+    f = lambda *s: torch.randn(*s, dtype=dtype, device=device, requires_grad=requires_grad)  # noqa: E731
+    return (
+        f(B, T, I) if batch_first else f(T, B, I),
+        torch.tensor(lengths, device=device),
+        f(D, B, H),
+        f(D, 3 * H, I),
+        f(D, 3 * H, H),
+        f(D, 3 * H) if bias else None,
+        f(D, 3 * H) if bias else None,
+        batch_first,
+    )
+
+
 # ------------------------------------------------------------------ LSTM and RNN
 # A cell kind: the torch.nn class and its extra constructor arguments for hidden size H.
 CELL_KINDS = {
