@@ -91,6 +91,9 @@ def _train_step(model, params, momentum_buffers, tokens, lengths, labels, lr):
     with torch.no_grad():
         # torch.optim.SGD.step's own math (the functional form it calls); the method itself
         # graph-breaks on purpose (torch/optim/optimizer.py, _use_grad_for_differentiable).
+        # A hand-written `p -= lr * p.grad` is not used: under trace_autograd_ops, torch 2.14
+        # drifts from eager from the second step on with it even for nn.Embedding + nn.Linear
+        # alone, with no op of ours in the graph (checked with the "eager" backend too).
         sgd(
             params,
             [p.grad for p in params],
