@@ -15,7 +15,6 @@ time is the median over all rounds. Results go to --out as JSON, markdown and PN
 from __future__ import annotations
 
 import argparse
-import glob
 import itertools
 import os
 import statistics
@@ -23,16 +22,10 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-# This folder for the sibling modules. The checkout's own package first when it is built in place
-# (setup.py build_ext --inplace puts the extension varlen_rnn/_C*.so beside the sources), so a run
-# measures the code of the commit it reports, not an older installed copy; otherwise the installed
-# varlen_rnn (pip install .). The results record which one ran (bench_report.machine_info).
 sys.path.insert(0, HERE)
-if glob.glob(os.path.join(ROOT, "varlen_rnn", "_C*")):
-    sys.path.insert(1, ROOT)
-else:
-    sys.path.append(ROOT)
+import checkout  # noqa: E402
+
+checkout.put_varlen_rnn_on_path()
 
 import bench_memory  # noqa: E402
 import bench_report  # noqa: E402

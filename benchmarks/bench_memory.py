@@ -108,8 +108,7 @@ def cpu_peaks(case_dict: dict, competitors, modes, seed: int) -> dict:
 
 
 def _worker(arg: str) -> None:
-    sys.path.insert(0, HERE)
-    sys.path.append(os.path.dirname(HERE))
+    sys.path.insert(0, HERE)  # PYTHONPATH (set by the parent) holds the varlen_rnn it measures
     from bench_cases import Bench, Case
 
     spec = json.loads(arg)

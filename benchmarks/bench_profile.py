@@ -15,7 +15,9 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.append(os.path.dirname(HERE))
+import checkout  # noqa: E402
+
+checkout.put_varlen_rnn_on_path()
 
 import torch  # noqa: E402
 from bench_cases import Bench, Case  # noqa: E402

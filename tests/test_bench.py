@@ -144,3 +144,28 @@ def test_cpu_targets_preset_has_the_three_shapes_for_every_cell():
     assert shapes["lstm"] == shapes["gru"] == shapes["rnn"]
     # The GRU's case names (and so its earlier results) are unchanged.
     assert cases[0].name() == "B=64 T=100 I=256 H=256 L=1 uniform float32"
+
+
+def test_perf_profile_report_is_parsed_and_grouped():
+    """bench_perf.py's reading of `perf report --stdio --sort dso,sym` (the profile itself needs
+    perf and an idle machine: it is a benchmark, not a test)."""
+    import bench_perf
+
+    text = """
+# Overhead  Shared Object      Symbol
+    55.20%  libgomp.so.1       [.] 0x000000000001e02a
+     4.90%  libtorch_cpu.so    [.] mkl_blas_avx512_sgemm_kernel_0
+     2.80%  _C.cpython-311-x86_64-linux-gnu.so  [.] varlen_rnn::forward_units
+     0.80%  libc.so.6          [.] __memmove_avx512_unaligned_erms
+     0.70%  [kernel.kallsyms]  [k] finish_task_switch.isra.0
+     0.30%  _C.cpython-311-x86_64-linux-gnu.so  [.] varlen_rnn::cpu::layer_forward
+"""
+    rows = bench_perf.parse_report(text)
+    assert [r[0] for r in rows] == [55.2, 4.9, 2.8, 0.8, 0.7, 0.3]
+    cats = bench_perf.categorize(rows)
+    assert cats["thread team: barriers, waits"] == pytest.approx(55.2)
+    assert cats["GEMM (BLAS / oneDNN)"] == pytest.approx(4.9)
+    assert cats["gate passes (ours)"] == pytest.approx(2.8)
+    assert cats["copies and fills"] == pytest.approx(0.8)
+    assert cats["kernel (OS)"] == pytest.approx(0.7)
+    assert cats["other"] == pytest.approx(0.3)
