@@ -224,8 +224,10 @@ void run_forward(const ForwardCall& c) {
             choose(c, forward_kernel<Cell, scalar_t>, pass, sizeof(scalar_t), sizeof(acc_t));
         if (choice.path == plan::Path::kPersistent &&
             launched_or_allowed_to_fall_back(persistent_forward<Cell, scalar_t>(c, choice))) {
+          note_exchange(false, exchange_of(true, choice.mma, sizeof(scalar_t)));
           return;
         }
+        note_exchange(false, Exchange::kFallback);
         if constexpr (Cell::kHasC) {
           if (c.proj()) return fallback_forward<Cell, true, scalar_t>(c);
         }
