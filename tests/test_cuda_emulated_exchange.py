@@ -83,9 +83,12 @@ EPS = {
 }
 
 
-def _ok_cell(cell, dtype):
-    # relu's kink in the half types: see test_cuda_emulated_cells._params.
-    return not (cell == "rnn-relu" and dtype in (torch.bfloat16, torch.float16))
+def _ok_cell(cell, dtype, mma):
+    # relu's kink: a pre-activation within a rounding of 0 (half types, or TF32 operands) takes
+    # the other side of it than the float64 oracle's, a difference of order 1 in its gradient
+    # (see test_cuda_emulated_cells._params); these cases hit it. The relu RNN runs the exact
+    # float64 kernels here; its 16-bit and TF32 code is the tanh RNN's.
+    return not (cell == "rnn-relu" and (mma or dtype != torch.float64))
 
 
 PARAMS = [
@@ -93,7 +96,7 @@ PARAMS = [
     for cell in ["gru", *cells.CELLS]
     for name in CASES
     for dt, mma in KINDS
-    if _ok_cell(cell, dt)
+    if _ok_cell(cell, dt, mma)
 ]
 
 
@@ -138,8 +141,11 @@ def test_emulated_exchange_and_staging_match_cpu(emu, cell, name, dtype, mma):
     check(cell, got, ref, dtype, mma)
     if VECTOR[name]:
         assert st["vector_rows"] > 0 and st["scalar_rows"] == 0, st
-    else:
-        assert st["vector_rows"] == 0 and st["scalar_rows"] > 0, st
+    else:  # h rows of 13 never fill vectors; the backward's dgh rows of G*13 do where G*13
+        # elements are whole 16 bytes (the LSTM's 52 in float32 and float64)
+        G = 3 if cell == "gru" else cells.GATES[cells.CELLS[cell]]
+        bwd_vector = G * CASES[name]["H"] * dtype.itemsize % 16 == 0
+        assert st["scalar_rows"] > 0 and (st["vector_rows"] > 0) == bwd_vector, st
     if mma:  # plan.h's padded strides: no fragment load waits on a bank
         assert st["fragment_ways"] == 1, st
 
