@@ -118,12 +118,12 @@ __device__ __forceinline__ uint32_t frag_reg(const T* p, int64_t stride, int row
 // locate(row) -> int64_t is called once per staged row and tile, its result handed to
 // stage(dst, handle, k0, kc, lane) for every chunk (the row's source looked up once).
 // Ends with __syncthreads.
-template <int NG, int kWarps, int kMaxRows, tc::Kind k, typename w_t, typename x_t,
-          typename Locate, typename Stage>
-__device__ __forceinline__ void tile_matvec_mma(const w_t* w_s, int64_t w_stride, int U,
-                                                int g_rows, int u_rows, int K, int tile_rows,
-                                                int kc_max, int64_t kc_stride, x_t* tile,
-                                                float* acc_s, Locate locate, Stage stage) {
+template <int NG, int kWarps, int kMaxRows, tc::Kind k, typename w_t, typename x_t, typename Locate,
+          typename Stage>
+__device__ __forceinline__ void tile_matvec_mma(const w_t* w_s, int64_t w_stride, int U, int g_rows,
+                                                int u_rows, int K, int tile_rows, int kc_max,
+                                                int64_t kc_stride, x_t* tile, float* acc_s,
+                                                Locate locate, Stage stage) {
   using S = tc::Shape<k>;
   static_assert(sizeof(x_t) == tile_elem_bytes<k>::value && sizeof(w_t) == sizeof(x_t),
                 "TF32 takes float weights and tile, the 16-bit kinds their own type");
@@ -167,8 +167,8 @@ __device__ __forceinline__ void tile_matvec_mma(const w_t* w_s, int64_t w_stride
         }
 #pragma unroll
         for (int r = 0; r < kRegsB; ++r) {
-          fb.reg[r] = frag_reg<k>(x, kc_stride, b_reg_row<k>(lane, r), kk + b_reg_col<k>(lane, r),
-                                  kN, kc);
+          fb.reg[r] =
+              frag_reg<k>(x, kc_stride, b_reg_row<k>(lane, r), kk + b_reg_col<k>(lane, r), kN, kc);
         }
         tc::mma(acc, fa, fb, acc);
       }

@@ -134,8 +134,8 @@ bool persistent_forward(const ForwardCall& c, const plan::Choice& choice) {
   // The exchange in the storage type on 16-bit tensor cores (persistent.cuh: tile_t), with the
   // exact state of each block's own units beside it where the cell reads h.
   const bool half_exchange = choice.mma && sizeof(scalar_t) == 2;
-  Tensor hbuf = at::empty({2, dims.D, dims.B, dims.H},
-                          half_exchange ? c.opts : c.opts.dtype(c.acc_type));
+  Tensor hbuf =
+      at::empty({2, dims.D, dims.B, dims.H}, half_exchange ? c.opts : c.opts.dtype(c.acc_type));
   Tensor hown = half_exchange && Cell::kReadsHPrev
                     ? at::empty({dims.D, dims.B, dims.H}, c.opts.dtype(c.acc_type))
                     : Tensor();

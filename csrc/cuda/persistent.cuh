@@ -46,14 +46,14 @@ struct PersistentForwardArgs : PersistentCommonArgs {
   // tile_t<kMma, scalar_t, acc_t>: acc_t, or the 16-bit storage type on tensor cores (the
   // mma rounds its operand to that type anyway, so the half-size copy changes no result).
   void* hbuf;
-  acc_t* hown;           // [D, B, H] the state of each block's own units where hbuf is 16-bit
-                         // and the cell reads h (kReadsHPrev), else nullptr
-  scalar_t* out;         // [R, D*H]
-  scalar_t* h_n;         // [D, B, H]
-  acc_t* ws;             // [D, R, SH] or nullptr
-  const scalar_t* cx;    // [D, B, H] (kHasC), else nullptr
-  acc_t* cbuf;           // [D, B, H] c, each block its own units (kHasC)
-  scalar_t* c_n;         // [D, B, H] (kHasC)
+  acc_t* hown;         // [D, B, H] the state of each block's own units where hbuf is 16-bit
+                       // and the cell reads h (kReadsHPrev), else nullptr
+  scalar_t* out;       // [R, D*H]
+  scalar_t* h_n;       // [D, B, H]
+  acc_t* ws;           // [D, R, SH] or nullptr
+  const scalar_t* cx;  // [D, B, H] (kHasC), else nullptr
+  acc_t* cbuf;         // [D, B, H] c, each block its own units (kHasC)
+  scalar_t* c_n;       // [D, B, H] (kHasC)
 };
 
 // Dynamic shared memory: tile [tile_rows][kc_stride] x_t | acc_s [items][G][kRows]
@@ -106,10 +106,10 @@ __global__ void __launch_bounds__(kPersistThreads)
   const int max_len = a.sorted[0];
   cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   for (int s = 0; s < max_len; ++s) {
-    const x_t* cur = static_cast<const x_t*>(a.hbuf) + (s & 1) * buf_stride +
-                     static_cast<int64_t>(d) * B * H;
-    x_t* nxt = static_cast<x_t*>(a.hbuf) + ((s + 1) & 1) * buf_stride +
-               static_cast<int64_t>(d) * B * H;
+    const x_t* cur =
+        static_cast<const x_t*>(a.hbuf) + (s & 1) * buf_stride + static_cast<int64_t>(d) * B * H;
+    x_t* nxt =
+        static_cast<x_t*>(a.hbuf) + ((s + 1) & 1) * buf_stride + static_cast<int64_t>(d) * B * H;
     for (int base = 0; base < B && a.sorted[base] > s; base += ps.tile_rows) {
       auto locate = [&](int r) -> int64_t {  // once per row and tile: h's row offset
         const int i = base + r;

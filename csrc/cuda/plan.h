@@ -177,8 +177,8 @@ inline int64_t smem_load_cycles(int64_t row_stride_words, int64_t col_step) {
 // Modelled cycles of one tile's recurrent product on tensor cores: w_rows weight rows of K
 // (row stride w_stride storage elements), `rows` staged rows in chunks of kc (row stride
 // kc_stride elements of the storage type for 16-bit kinds, fp32 for TF32).
-inline double mma_tile_cycles(const Problem& p, int64_t w_rows, int64_t rows, int64_t K,
-                              int64_t kc, int64_t w_stride, int64_t kc_stride) {
+inline double mma_tile_cycles(const Problem& p, int64_t w_rows, int64_t rows, int64_t K, int64_t kc,
+                              int64_t w_stride, int64_t kc_stride) {
   const bool half = p.storage_bytes == 2;
   const int64_t k_mma = half ? 16 : 8;
   const int64_t a_loads = 4, b_loads = 2;  // 32-bit registers per fragment

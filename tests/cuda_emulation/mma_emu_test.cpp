@@ -120,8 +120,7 @@ torch::Tensor matvec(int64_t kind, torch::Tensor w, torch::Tensor x, int64_t U, 
     constexpr tc::Kind k = decltype(kc)::value;
     emu_launch(1, 32 * tc_test::kMatvecWarps, [&] {
       if constexpr (k == tc::Kind::tf32) {
-        tc_test::matvec_kernel<k>(wc.data_ptr<float>(), K, px, pt, pa, U, g_major, K, rows,
-                                  kc_max);
+        tc_test::matvec_kernel<k>(wc.data_ptr<float>(), K, px, pt, pa, U, g_major, K, rows, kc_max);
       } else {  // rows of 2-byte bits: an even stride, so pairs load as aligned words
         const auto* pw = reinterpret_cast<const uint16_t*>(wc.data_ptr<int16_t>());
         tc_test::matvec_kernel<k>(pw, w_stride, px, pt, pa, U, g_major, K, rows, kc_max);
