@@ -154,6 +154,33 @@ def time_interleaved(
     return out
 
 
+# csrc/cuda/launch.h's Exchange codes: how the last pass shared h (forward) / dgh (backward).
+EXCHANGES = {
+    0: "fallback",
+    1: "persistent exact (acc-type h)",
+    2: "persistent tf32 mma (fp32 h, padded smem)",
+    3: "persistent 16-bit mma (16-bit h, padded smem)",
+}
+
+
+def last_exchange(step, passes) -> dict:
+    """Runs `step` once and returns, for each of `passes` ("forward", "backward"), which
+    exchange it took (the extension's varlen_rnn_cuda_last_exchange_for_testing hook;
+    "unknown" without it)."""
+    import ctypes
+
+    import varlen_rnn
+
+    try:
+        f = ctypes.CDLL(varlen_rnn._C.__file__).varlen_rnn_cuda_last_exchange_for_testing
+    except (AttributeError, OSError):
+        return {p: "unknown" for p in passes}
+    f.argtypes, f.restype = [ctypes.c_int], ctypes.c_int
+    step()
+    torch.cuda.synchronize()
+    return {p: EXCHANGES.get(f(int(p == "backward")), "unknown") for p in passes}
+
+
 def run_case(
     case: Case, effort: dict, threads: int, gemm: dict, memory: bool = True, seed: int = 0
 ) -> dict:
@@ -189,6 +216,11 @@ def run_case(
         m["gemm_fraction"] = m["gflops"].get("varlen", 0.0) / gemm["gflops"]
         if mode == "infer":  # per layer-step: the time one layer spends on one time step
             m["us_per_step"] = {c: med[c] / (case.T * case.layers) * 1e6 for c in competitors}
+        if case.device.startswith("cuda"):
+            passes = ("forward",) if mode == "infer" else ("forward", "backward")
+            m["exchange"] = {
+                c: last_exchange(steps[c], passes) for c in competitors if c.startswith("varlen")
+            }
         if memory and case.device.startswith("cuda"):
             m["peak_bytes"] = {c: bench_memory.cuda_peak(steps[c]) for c in competitors}
         elif memory:

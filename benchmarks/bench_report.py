@@ -180,6 +180,9 @@ def markdown(results: dict) -> str:
                 cells[0] += (
                     f" ({m['us_per_step']['varlen']:.1f} vs {m['us_per_step']['baseline']:.1f} µs/step)"
                 )
+            ex = m.get("exchange", {}).get("varlen")
+            if ex:  # which exchange the persistent kernels took (bench.py: last_exchange)
+                cells[0] += " [" + "; ".join(f"{p}: {v}" for p, v in ex.items()) + "]"
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     lines += _memory_table(results)

@@ -11,6 +11,11 @@
 # layout shows there first. If it does not pass, every later stage runs with
 # VARLEN_RNN_TENSOR_CORES=0 (the exact CUDA-core kernels) and the summary says so at the top, so
 # the rest of the run still measures and checks something sound.
+# The exchange between blocks (csrc/cuda/launch.h's Exchange: fp32 h on CUDA cores and TF32, 16-bit
+# h on 16-bit tensor cores, padded shared-memory rows on tensor cores): tests_cuda's
+# test_cuda_tensor_cores.py asserts which exchange each pass took, with rows that fill 16-byte
+# vectors (H=40) and rows that do not (H=37); bench records it per case and mode (JSON "exchange",
+# and in brackets after the case name in its table).
 # OUT_DIR gets at most 8 files (what the device tool brings back): summary.md (also printed last),
 # gpu_check_logs.tar.gz (every log, JSON and XML, rewritten after every stage, so a cut-off keeps
 # all that finished), the benchmark's JSON/MD/PNG and the timing probe's JSON/MD. Logs live in a

@@ -71,9 +71,20 @@ def test_tensor_core_hook_exported_when_built_with_cuda():
     assert set_tensor_cores(start) == 2
 
 
-def run(dtype, seed=0):
+def last_exchange(backward: int) -> int:
+    """csrc/cuda/launch.h's Exchange code of the last forward (0) or backward (1) pass."""
+    f = _lib().varlen_rnn_cuda_last_exchange_for_testing
+    f.argtypes, f.restype = [ctypes.c_int], ctypes.c_int
+    return f(backward)
+
+
+EXACT, MMA_FP32, MMA_16 = 1, 2, 3  # launch.h's Exchange
+
+
+def run(dtype, seed=0, H=None):
     """[out, h_n, d x, d params...] of a bidirectional 2-layer GRU on the persistent path."""
-    T, B, I, H, L = SHAPE["T"], SHAPE["B"], SHAPE["I"], SHAPE["H"], SHAPE["layers"]
+    T, B, I, L = SHAPE["T"], SHAPE["B"], SHAPE["I"], SHAPE["layers"]
+    H = H or SHAPE["H"]
     torch.manual_seed(seed)
     gru = varlen_rnn.GRU(I, H, L, bidirectional=True).to("cuda", dtype)
     g = torch.Generator().manual_seed(seed + 1)
@@ -91,14 +102,19 @@ def rel(a, b):
 
 
 @needs_sm80
+@pytest.mark.parametrize("H", [40, 37], ids=["vector-rows", "scalar-rows"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_tensor_cores_agree_with_the_exact_kernels(dtype):
+def test_tensor_cores_agree_with_the_exact_kernels(dtype, H):
+    # H = 40: h and dgh rows are whole 16-byte vectors (stage_row's vector copies); H = 37 not.
     set_path("persistent")
     torch.backends.cudnn.allow_tf32 = True  # float32: the TF32 mma path
     set_tensor_cores(0)
-    exact = run(dtype)
+    exact = run(dtype, H=H)
+    assert (last_exchange(0), last_exchange(1)) == (EXACT, EXACT)
     set_tensor_cores(1)
-    mma = run(dtype)
+    mma = run(dtype, H=H)
+    want = MMA_FP32 if dtype == torch.float32 else MMA_16  # 16-bit h published between blocks
+    assert (last_exchange(0), last_exchange(1)) == (want, want)
     errs = [rel(a, b) for a, b in zip(mma, exact)]
     assert max(errs) <= MMA_TOL[dtype], errs
     # The knob reaches the kernels: rounding h to the product's precision changes the bits.

@@ -90,9 +90,10 @@ plan::Choice choose(const LayerCall& c, KernelOf kernel_of, plan::Pass pass, int
     const KernelFacts facts = kernel_facts(kernel_of(mma));
     plan::Device dev = facts.dev;
     if (!facts.unavailable.empty()) dev.cooperative = false;
-    const plan::Problem p{
+    plan::Problem p{
         c.dims.B, c.dims.H, c.dims.D, pass, storage_bytes, acc_bytes, storage_bytes != 4 || c.tf32,
         mma,      c.G,      c.proj()};
+    p.pad_smem = knobs().pad_smem;
     plan::Choice choice = plan::choose_path(p, dev, requested, knobs().max_kc.load());
     if (!facts.unavailable.empty()) choice.why = facts.unavailable;
     choice.mma = mma;

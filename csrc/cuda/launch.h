@@ -39,6 +39,8 @@ namespace cuda {
 // no slower than the exact one; 1 wherever the policy allows; 0 never (the exact CUDA-core
 // path in every dtype), to compare or bisect. Tests switch it
 // through varlen_rnn_cuda_set_tensor_cores_for_testing (end of this file).
+// VARLEN_RNN_PERSISTENT_PAD=0 gives the tensor-core kernels unpadded shared-memory rows (plan.h
+// padded_stride), only to measure on a GPU what the padding buys.
 constexpr int kTensorCoresAuto = 2;  // VARLEN_RNN_TENSOR_CORES unset or "auto"
 
 struct Knobs {
@@ -46,8 +48,25 @@ struct Knobs {
   std::atomic<int64_t> max_kc{0};
   std::atomic<bool> oversubscribe{false};           // tests: launch a grid the driver must refuse
   std::atomic<int> tensor_cores{kTensorCoresAuto};  // VARLEN_RNN_TENSOR_CORES: 0, 1 or auto
+  std::atomic<bool> pad_smem{true};                 // VARLEN_RNN_PERSISTENT_PAD (not "0")
   std::string bad_path;  // an unparsable VARLEN_RNN_CUDA_PATH, reported per call
+  // The exchange between blocks of the last forward [0] and backward [1] pass (Exchange), for
+  // benchmarks and tests (varlen_rnn_cuda_last_exchange_for_testing).
+  std::atomic<int> last_exchange[2] = {0, 0};
 };
+
+// How the recurrence of a pass shared h (forward) or dgh (backward) between steps.
+enum class Exchange : int {
+  kFallback = 0,  // per-step GEMM kernels: through global memory, no persistent exchange
+  kExact = 1,     // persistent on CUDA cores: h in acc_t, tiles in acc_t
+  kMmaFp32 = 2,   // persistent on TF32 tensor cores: h and tiles fp32, padded strides
+  kMma16 = 3,     // persistent on 16-bit tensor cores: h and tiles in the storage type
+};
+inline Exchange exchange_of(bool persistent, bool mma, int64_t storage_bytes) {
+  if (!persistent) return Exchange::kFallback;
+  if (!mma) return Exchange::kExact;
+  return storage_bytes == 2 ? Exchange::kMma16 : Exchange::kMmaFp32;
+}
 
 inline bool parse_path(const char* s, plan::Path& out) {
   if (s == nullptr || *s == '\0' || std::strcmp(s, "auto") == 0) {
@@ -77,12 +96,19 @@ inline Knobs& knobs() {
                         : std::strcmp(tc, "1") == 0 ? 1
                                                     : kTensorCoresAuto;
     }
+    if (const char* pad = std::getenv("VARLEN_RNN_PERSISTENT_PAD")) {
+      n->pad_smem = std::strcmp(pad, "0") != 0;
+    }
     if (const char* cap = std::getenv("VARLEN_RNN_PERSISTENT_MAX_KC")) {
       n->max_kc = std::max<long long>(0, std::atoll(cap));
     }
     return n;
   }();
   return *k;
+}
+
+inline void note_exchange(bool backward, Exchange e) {
+  knobs().last_exchange[backward ? 1 : 0] = static_cast<int>(e);
 }
 
 inline plan::Path requested_path() {
@@ -361,4 +387,12 @@ extern "C" __attribute__((visibility("default"))) int varlen_rnn_cuda_set_tensor
   const int before = k.tensor_cores.load();
   if (on >= 0) k.tensor_cores = on > 1 ? varlen_rnn::cuda::kTensorCoresAuto : on;
   return before;
+}
+
+// Test and benchmark hook (ctypes, benchmarks/bench.py): the Exchange code of the last forward
+// (backward = 0) or backward (1) pass this process ran: 0 fallback, 1 persistent exact, 2
+// persistent TF32 tensor cores (fp32 h), 3 persistent 16-bit tensor cores (16-bit h).
+extern "C" __attribute__((visibility("default"))) int varlen_rnn_cuda_last_exchange_for_testing(
+    int backward) {
+  return varlen_rnn::cuda::knobs().last_exchange[backward != 0 ? 1 : 0].load();
 }

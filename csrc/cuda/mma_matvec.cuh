@@ -8,63 +8,167 @@
 // rows, walking K in steps of the mma's K. Two row orders are supported, the two the kernels
 // use: u_rows == 1 with g_rows == U (forward: row g*U + u) and g_rows == 1 with u_rows == NG
 // (backward: row u*NG + g).
-// Precision: the staged rows (fp32) are rounded to the kind's input type as fragments are filled
-// (cvt.rna to TF32, cvt.rn to bf16/f16); 2-byte weights are taken as the kind's raw bits, float
-// weights rounded like X. Products are exact and summed in fp32, chunk sums added in fp32.
-// Columns past K or past the staged chunk enter as zeros.
+// Precision: for TF32 the staged rows and weights are fp32, rounded by cvt.rna as fragments are
+// filled; for bf16/f16 both are already in the kind's type in shared memory (the kernels stage
+// h and dgh in it: round-to-nearest-even once, as cvt.rn would as the fragments are filled) and
+// go in as raw bits, two per 32-bit load. Products are exact and summed in fp32, chunk sums
+// added in fp32. Columns past K or past the staged chunk enter as zeros.
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "mma.cuh"
 
 namespace varlen_rnn {
 namespace cuda {
 
-// A weight's element bits: 2-byte types (bfloat16/half storage) are taken as they are.
-template <tc::Kind k, typename w_t>
-__device__ __forceinline__ uint32_t weight_bits(const w_t* p) {
-  if constexpr (sizeof(w_t) == 2) {
-    return *reinterpret_cast<const uint16_t*>(p);
+// The tile's element type for kind k: fp32 for TF32 (cvt.rna rounds it as fragments are
+// filled), the kind's own 16-bit type otherwise (bf16 and f16 are stored as c10's types).
+template <tc::Kind k>
+using tile_elem_bytes = std::integral_constant<int, k == tc::Kind::tf32 ? 4 : 2>;
+
+// Fragment register `reg` of lane `lane` as a 32-bit load from a row-major array with row
+// stride `stride` elements: the (row, col) of its first element. A 16-bit register holds two
+// elements of one row at columns col and col + 1 (a_col / b_row of 2*reg and 2*reg + 1), so
+// one word load fills it; a TF32 register is one fp32 element.
+template <tc::Kind k>
+__host__ __device__ constexpr int a_reg_row(int lane, int reg) {
+  return tc::a_row<k>(lane, reg * tc::Shape<k>::kPerReg);
+}
+template <tc::Kind k>
+__host__ __device__ constexpr int a_reg_col(int lane, int reg) {
+  return tc::a_col<k>(lane, reg * tc::Shape<k>::kPerReg);
+}
+// B(kk, n) is X[n][kk]: the staged row is b_col, the column b_row.
+template <tc::Kind k>
+__host__ __device__ constexpr int b_reg_row(int lane, int reg) {
+  return tc::b_col<k>(lane, reg * tc::Shape<k>::kPerReg);
+}
+template <tc::Kind k>
+__host__ __device__ constexpr int b_reg_col(int lane, int reg) {
+  return tc::b_row<k>(lane, reg * tc::Shape<k>::kPerReg);
+}
+
+// Bank conflicts of the fragment loads (the why of the padded strides in plan.h): shared
+// memory has 32 banks of one 32-bit word; a warp-wide load takes as many cycles as the most
+// distinct words any one bank must serve. Every register above is loaded from word
+//   (row * stride + col) * bytes / 4,  row = lane/4 (+ 8 for the second half of A), col = the
+// register's column base + (lane % 4) words
+// so lane (g = lane/4, t = lane%4) reads bank (g * S + t + c0) % 32 with S the stride in words
+// (the 16-bit kinds' pairs are t words apart just like TF32's single elements). For S a
+// multiple of 32 the 8 row groups land in the same 4 banks: 8 words per bank, 8 cycles. For
+// S = 4 (mod 8) the rows start 4, 12, 20, ... banks apart, g*S % 32 takes the 8 values
+// {0, 4, ..., 28} and adding t < 4 covers all 32 banks once: one cycle. plan.h's
+// padded_stride picks such S for the weight slice (A) and the staged tile (B).
+// fragment_load_ways returns the worst ways over all registers of both operands, computed
+// with the kernel's own address helpers; the host emulation checks it on every call.
+template <tc::Kind k>
+__host__ __device__ inline int fragment_load_ways(int64_t a_stride, int a_bytes, int64_t b_stride) {
+  using S = tc::Shape<k>;
+  const int b_bytes = tile_elem_bytes<k>::value;
+  int worst = 1;
+  for (int op = 0; op < 2; ++op) {
+    const int regs = op == 0 ? S::kAElems / S::kPerReg : S::kBElems / S::kPerReg;
+    for (int reg = 0; reg < regs; ++reg) {
+      int64_t words[32];
+      for (int lane = 0; lane < 32; ++lane) {
+        const int64_t e = op == 0 ? a_reg_row<k>(lane, reg) * a_stride + a_reg_col<k>(lane, reg)
+                                  : b_reg_row<k>(lane, reg) * b_stride + b_reg_col<k>(lane, reg);
+        words[lane] = e * (op == 0 ? a_bytes : b_bytes) / 4;
+      }
+      for (int bank = 0; bank < 32; ++bank) {
+        int n = 0;
+        for (int l = 0; l < 32; ++l) {
+          bool first = words[l] % 32 == bank;
+          for (int m = 0; m < l && first; ++m) first = words[m] != words[l];
+          n += first;
+        }
+        worst = n > worst ? n : worst;
+      }
+    }
+  }
+  return worst;
+}
+
+#ifdef VARLEN_RNN_HOST_EMULATION
+// Defined by the emulation: records the worst fragment-load bank conflict of a call.
+void emu_note_fragment_ways(int ways);
+#endif
+
+// Register `reg` of a fragment from a row-major array p (row stride `stride` elements) at
+// (row, col): rows >= n_rows and columns >= n_cols enter as zeros. T: float (rounded by
+// cvt) or a 16-bit type taken as raw bits, a pair per 32-bit load (stride and col even).
+template <tc::Kind k, typename T>
+__device__ __forceinline__ uint32_t frag_reg(const T* p, int64_t stride, int row, int col,
+                                             int n_rows, int n_cols) {
+  if (row >= n_rows || col >= n_cols) return 0u;
+  if constexpr (sizeof(T) == 2) {
+    const uint32_t pair = *reinterpret_cast<const uint32_t*>(p + row * stride + col);
+    return col + 1 < n_cols ? pair : pair & 0xFFFFu;  // past the end: zero, not the pad
   } else {
-    return tc::to_bits<k>(static_cast<float>(*p));
+    return tc::to_bits<k>(static_cast<float>(p[row * stride + col]));
   }
 }
 
-// kc_max: the tile's row stride (columns staged per chunk at most); tile_rows: rows staged
-// (a multiple of 8). stage(dst, row, k0, kc, lane) as in tile_matvec; ends with __syncthreads.
-template <int NG, int kWarps, tc::Kind k, typename w_t, typename Stage>
-__device__ __forceinline__ void tile_matvec_mma(const w_t* w_s, int U, int g_rows, int u_rows,
-                                                int K, int tile_rows, int kc_max, float* tile,
-                                                float* acc_s, Stage stage) {
+// kc_max: columns staged per chunk at most; kc_stride (>= kc_max) and w_stride (>= K): the
+// tile's and the weights' row strides in elements (even for 16-bit kinds). tile_rows: rows
+// staged (a multiple of 8, at most kMaxRows). The tile holds float for TF32 and the kind's
+// 16-bit type otherwise (x_t); weights w_t likewise (float rounded to TF32, or 16-bit raw).
+// locate(row) -> int64_t is called once per staged row and tile, its result handed to
+// stage(dst, handle, k0, kc, lane) for every chunk (the row's source looked up once).
+// Ends with __syncthreads.
+template <int NG, int kWarps, int kMaxRows, tc::Kind k, typename w_t, typename x_t, typename Locate,
+          typename Stage>
+__device__ __forceinline__ void tile_matvec_mma(const w_t* w_s, int64_t w_stride, int U, int g_rows,
+                                                int u_rows, int K, int tile_rows, int kc_max,
+                                                int64_t kc_stride, x_t* tile, float* acc_s,
+                                                Locate locate, Stage stage) {
   using S = tc::Shape<k>;
+  static_assert(sizeof(x_t) == tile_elem_bytes<k>::value && sizeof(w_t) == sizeof(x_t),
+                "TF32 takes float weights and tile, the 16-bit kinds their own type");
   constexpr int kN = S::N;  // staged rows per sub-tile
+  constexpr int kRegsA = S::kAElems / S::kPerReg, kRegsB = S::kBElems / S::kPerReg;
+  constexpr int kRowsPerWarp = (kMaxRows + kWarps - 1) / kWarps;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int w_rows = NG * U, m_tiles = (w_rows + S::M - 1) / S::M, subs = tile_rows / kN;
   const bool g_major = u_rows == 1;  // forward order: row g*U + u
+#ifdef VARLEN_RNN_HOST_EMULATION
+  if (threadIdx.x == 0) {
+    emu_note_fragment_ways(fragment_load_ways<k>(w_stride, sizeof(w_t), kc_stride));
+  }
+#endif
+  int64_t src[kRowsPerWarp];
+#pragma unroll
+  for (int q = 0; q < kRowsPerWarp; ++q) {
+    const int r = warp + q * kWarps;
+    src[q] = r < tile_rows ? locate(r) : -1;
+  }
   for (int k0 = 0; k0 < K; k0 += kc_max) {
     const int kc = min(kc_max, K - k0);
-    for (int r = warp; r < tile_rows; r += kWarps) stage(tile + r * kc_max, r, k0, kc, lane);
+#pragma unroll
+    for (int q = 0; q < kRowsPerWarp; ++q) {
+      const int r = warp + q * kWarps;
+      if (r < tile_rows) stage(tile + r * kc_stride, src[q], k0, kc, lane);
+    }
     __syncthreads();
     for (int task = warp; task < m_tiles * subs; task += kWarps) {  // warp-uniform
       const int m0 = (task % m_tiles) * S::M, sub = task / m_tiles;
-      const float* x = tile + sub * kN * kc_max;
+      const w_t* wa = w_s + m0 * w_stride + k0;
+      const x_t* x = tile + sub * kN * kc_stride;
       tc::FragC acc = {};
       for (int kk = 0; kk < kc; kk += S::K) {
         tc::FragA<k> fa;
         tc::FragB<k> fb;
 #pragma unroll
-        for (int i = 0; i < S::kAElems; ++i) {
-          const int w = m0 + tc::a_row<k>(lane, i), c = kk + tc::a_col<k>(lane, i);
-          tc::set_bits<k>(fa, i,
-                          w < w_rows && c < kc
-                              ? weight_bits<k>(w_s + static_cast<int64_t>(w) * K + k0 + c)
-                              : 0u);
+        for (int r = 0; r < kRegsA; ++r) {
+          fa.reg[r] = frag_reg<k>(wa, w_stride, a_reg_row<k>(lane, r), kk + a_reg_col<k>(lane, r),
+                                  w_rows - m0, kc);
         }
 #pragma unroll
-        for (int i = 0; i < S::kBElems; ++i) {
-          const int c = kk + tc::b_row<k>(lane, i);
-          tc::set(fb, i, c < kc ? x[tc::b_col<k>(lane, i) * kc_max + c] : 0.f);
+        for (int r = 0; r < kRegsB; ++r) {
+          fb.reg[r] =
+              frag_reg<k>(x, kc_stride, b_reg_row<k>(lane, r), kk + b_reg_col<k>(lane, r), kN, kc);
         }
         tc::mma(acc, fa, fb, acc);
       }

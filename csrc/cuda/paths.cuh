@@ -40,9 +40,13 @@ static_assert(plan::kThreads == kPersistThreads && plan::kRowsPerItem == kRows &
                   plan::kUnitsPerItem == kUnitsPerItem,
               "plan.h must model the kernels' geometry (persistent.cuh)");
 
+static_assert(plan::kMaxRowGroups * plan::kRowsPerItem == kMaxTileRows,
+              "plan.h's largest tile must be the one the kernels keep row sources for");
+
 PersistentShape shape_of(const plan::Cut& cut) {
-  return PersistentShape{static_cast<int>(cut.J), static_cast<int>(cut.blocks_per_dir),
-                         static_cast<int>(cut.tile_rows), static_cast<int>(cut.kc)};
+  return PersistentShape{static_cast<int>(cut.J),         static_cast<int>(cut.blocks_per_dir),
+                         static_cast<int>(cut.tile_rows), static_cast<int>(cut.kc),
+                         static_cast<int>(cut.kc_stride), static_cast<int>(cut.w_stride)};
 }
 
 // The fields both persistent launches share (see PersistentCommonArgs).
@@ -127,7 +131,14 @@ bool persistent_forward(const ForwardCall& c, const plan::Choice& choice) {
   using acc_t = at::opmath_type<scalar_t>;
   const LayerDims& dims = c.dims;
   const Lengths l = prepare_lengths(c.rows.lengths, dims.T, true, c.stream);
-  Tensor hbuf = at::empty({2, dims.D, dims.B, dims.H}, c.opts.dtype(c.acc_type));
+  // The exchange in the storage type on 16-bit tensor cores (persistent.cuh: tile_t), with the
+  // exact state of each block's own units beside it where the cell reads h.
+  const bool half_exchange = choice.mma && sizeof(scalar_t) == 2;
+  Tensor hbuf =
+      at::empty({2, dims.D, dims.B, dims.H}, half_exchange ? c.opts : c.opts.dtype(c.acc_type));
+  Tensor hown = half_exchange && Cell::kReadsHPrev
+                    ? at::empty({dims.D, dims.B, dims.H}, c.opts.dtype(c.acc_type))
+                    : Tensor();
   Tensor cbuf =
       Cell::kHasC ? at::empty({dims.D, dims.B, dims.H}, c.opts.dtype(c.acc_type)) : Tensor();
   PersistentForwardArgs<scalar_t, acc_t> a{};
@@ -135,7 +146,8 @@ bool persistent_forward(const ForwardCall& c, const plan::Choice& choice) {
   a.w_hh = c.w_hh.data_ptr<scalar_t>();
   a.b_hh = ptr_or_null<scalar_t>(c.b_hh);
   a.hx = c.hx.data_ptr<scalar_t>();
-  a.hbuf = hbuf.data_ptr<acc_t>();
+  a.hbuf = hbuf.data_ptr();
+  a.hown = ptr_or_null<acc_t>(hown);
   a.out = c.out.data_ptr<scalar_t>();
   a.h_n = c.h_n.data_ptr<scalar_t>();
   a.ws = c.need_workspace ? c.ws.data_ptr<acc_t>() : nullptr;
@@ -212,8 +224,10 @@ void run_forward(const ForwardCall& c) {
             choose(c, forward_kernel<Cell, scalar_t>, pass, sizeof(scalar_t), sizeof(acc_t));
         if (choice.path == plan::Path::kPersistent &&
             launched_or_allowed_to_fall_back(persistent_forward<Cell, scalar_t>(c, choice))) {
+          note_exchange(false, exchange_of(true, choice.mma, sizeof(scalar_t)));
           return;
         }
+        note_exchange(false, Exchange::kFallback);
         if constexpr (Cell::kHasC) {
           if (c.proj()) return fallback_forward<Cell, true, scalar_t>(c);
         }

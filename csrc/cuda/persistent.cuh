@@ -27,6 +27,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cells/cell.h"
 #include "persistent_common.cuh"
@@ -41,40 +42,48 @@ struct PersistentForwardArgs : PersistentCommonArgs {
   const scalar_t* w_hh;  // [D, GH, H]
   const scalar_t* b_hh;  // [D, GH] or nullptr
   const scalar_t* hx;    // [D, B, H]
-  acc_t* hbuf;           // [2, D, B, H] state exchange, ping-pong by step parity
-  scalar_t* out;         // [R, D*H]
-  scalar_t* h_n;         // [D, B, H]
-  acc_t* ws;             // [D, R, SH] or nullptr
-  const scalar_t* cx;    // [D, B, H] (kHasC), else nullptr
-  acc_t* cbuf;           // [D, B, H] c, each block its own units (kHasC)
-  scalar_t* c_n;         // [D, B, H] (kHasC)
+  // [2, D, B, H] the state published for the other blocks, ping-pong by step parity, in
+  // tile_t<kMma, scalar_t, acc_t>: acc_t, or the 16-bit storage type on tensor cores (the
+  // mma rounds its operand to that type anyway, so the half-size copy changes no result).
+  void* hbuf;
+  acc_t* hown;         // [D, B, H] the state of each block's own units where hbuf is 16-bit
+                       // and the cell reads h (kReadsHPrev), else nullptr
+  scalar_t* out;       // [R, D*H]
+  scalar_t* h_n;       // [D, B, H]
+  acc_t* ws;           // [D, R, SH] or nullptr
+  const scalar_t* cx;  // [D, B, H] (kHasC), else nullptr
+  acc_t* cbuf;         // [D, B, H] c, each block its own units (kHasC)
+  scalar_t* c_n;       // [D, B, H] (kHasC)
 };
 
-// Dynamic shared memory: tile [tile_rows][kc] acc_t | acc_s [items][G][kRows]
-// acc_t | w_s [G][J][H] scalar_t (acc_t first keeps every part aligned).
+// Dynamic shared memory: tile [tile_rows][kc_stride] x_t | acc_s [items][G][kRows]
+// acc_t | w_s [G][J][w_stride] scalar_t (plan.h keeps every part 16-byte aligned).
 template <typename Cell, typename scalar_t, typename acc_t, bool kMma = false>
 __global__ void __launch_bounds__(kPersistThreads)
     persistent_forward_kernel(const PersistentForwardArgs<scalar_t, acc_t> a) {
   constexpr int G = Cell::kGates;
+  using x_t = tile_t<kMma, scalar_t, acc_t>;  // the staged tile's and hbuf's type
+  constexpr bool kOwnState = !std::is_same<x_t, acc_t>::value;
   unsigned char* smem_raw = dynamic_smem();
   const PersistentShape ps = a.ps;
-  const int J = ps.J, H = a.H, B = a.B;
+  const int J = ps.J, H = a.H, B = a.B, W = ps.w_stride;
   const int d = blockIdx.x / ps.blocks_per_dir;
   const int j0 = (blockIdx.x % ps.blocks_per_dir) * J;
   const int items = tile_items(J, ps);
-  acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
-  acc_t* acc_s = tile + ps.tile_rows * ps.kc;
+  x_t* tile = reinterpret_cast<x_t*>(smem_raw);
+  acc_t* acc_s = reinterpret_cast<acc_t*>(tile + ps.tile_rows * ps.kc_stride);
   scalar_t* w_s = reinterpret_cast<scalar_t*>(acc_s + items * G * kRows);
 
   // Prologue (block-local, so no grid barrier): the W_hh slice (zero rows past
-  // H), the zeros of padded outputs, h_n (and c_n) of zero-length rows, the own
-  // units' c.
+  // H, zero padding past column H), the zeros of padded outputs, h_n (and c_n)
+  // of zero-length rows, the own units' c.
   const bool padded = has_padding(a.rows);
   const int64_t DH = static_cast<int64_t>(a.D) * H;
-  for (int e = threadIdx.x; e < G * J * H; e += blockDim.x) {
-    const int g = e / (J * H), jl = (e / H) % J, k = e % H;
+  for (int e = threadIdx.x; e < G * J * W; e += blockDim.x) {
+    const int g = e / (J * W), jl = (e / W) % J, k = e % W;
     const int j = j0 + jl;
-    w_s[e] = j < H ? a.w_hh[(static_cast<int64_t>(d) * G * H + g * H + j) * H + k] : scalar_t(0);
+    w_s[e] = j < H && k < H ? a.w_hh[(static_cast<int64_t>(d) * G * H + g * H + j) * H + k]
+                            : scalar_t(0);
   }
   for (int e = threadIdx.x; e < B * J; e += blockDim.x) {
     const int b = e / J, j = j0 + e % J;
@@ -97,20 +106,23 @@ __global__ void __launch_bounds__(kPersistThreads)
   const int max_len = a.sorted[0];
   cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   for (int s = 0; s < max_len; ++s) {
-    const acc_t* cur = a.hbuf + (s & 1) * buf_stride + static_cast<int64_t>(d) * B * H;
-    acc_t* nxt = a.hbuf + ((s + 1) & 1) * buf_stride + static_cast<int64_t>(d) * B * H;
+    const x_t* cur =
+        static_cast<const x_t*>(a.hbuf) + (s & 1) * buf_stride + static_cast<int64_t>(d) * B * H;
+    x_t* nxt =
+        static_cast<x_t*>(a.hbuf) + ((s + 1) & 1) * buf_stride + static_cast<int64_t>(d) * B * H;
     for (int base = 0; base < B && a.sorted[base] > s; base += ps.tile_rows) {
-      auto stage = [&](acc_t* dst, int r, int k0, int kc, int lane) {
+      auto locate = [&](int r) -> int64_t {  // once per row and tile: h's row offset
         const int i = base + r;
-        const bool active = i < B && a.sorted[i] > s;
-        const int64_t off = active ? static_cast<int64_t>(a.perm[i]) * H + k0 : 0;
+        return i < B && a.sorted[i] > s ? static_cast<int64_t>(a.perm[i]) * H : -1;
+      };
+      auto stage = [&](x_t* dst, int64_t off, int k0, int kc, int lane) {
         if (s == 0) {
-          stage_row<false>(dst, active ? hx_d + off : nullptr, kc, lane);
+          stage_row<false>(dst, off < 0 ? nullptr : hx_d + off + k0, kc, lane);
         } else {
-          stage_row<true>(dst, active ? cur + off : nullptr, kc, lane);
+          stage_row<true>(dst, off < 0 ? nullptr : cur + off + k0, kc, lane);
         }
       };
-      recurrent_matvec<G, kMma>(w_s, J, J, 1, H, ps, tile, acc_s, stage);
+      recurrent_matvec<G, kMma>(w_s, J, J, 1, H, ps, tile, acc_s, locate, stage);
       for (int e = threadIdx.x; e < items * kRows; e += blockDim.x) {
         const int item = e / kRows, r = e % kRows;
         const int j = j0 + item % J;
@@ -129,15 +141,22 @@ __global__ void __launch_bounds__(kPersistThreads)
         }
         const int64_t hoff = static_cast<int64_t>(b) * H + j;
         CellState<acc_t> prev, next;
-        if constexpr (Cell::kReadsHPrev) {
-          prev.h = s == 0 ? static_cast<acc_t>(hx_d[hoff]) : __ldcg(cur + hoff);
-        }
         const int64_t coff = static_cast<int64_t>(d) * B * H + hoff;
+        if constexpr (Cell::kReadsHPrev) {
+          if (s == 0) {
+            prev.h = static_cast<acc_t>(hx_d[hoff]);
+          } else if constexpr (kOwnState) {
+            prev.h = a.hown[coff];  // the exact state, not its 16-bit copy
+          } else {
+            prev.h = __ldcg(cur + hoff);
+          }
+        }
         if constexpr (Cell::kHasC) prev.c = a.cbuf[coff];
         acc_t gx[G], saved[Cell::kSaved];
         load_cols<G>(gxr, j, H, gx);
         Cell::template forward<acc_t>(gx, gh, prev, next, saved);
-        nxt[hoff] = next.h;
+        nxt[hoff] = static_cast<x_t>(next.h);
+        if constexpr (kOwnState && Cell::kReadsHPrev) a.hown[coff] = next.h;
         a.out[row * DH + static_cast<int64_t>(d) * H + j] = static_cast<scalar_t>(next.h);
         if (s == len - 1) a.h_n[coff] = static_cast<scalar_t>(next.h);
         if constexpr (Cell::kHasC) {
@@ -178,21 +197,23 @@ struct PersistentBackwardArgs : PersistentCommonArgs {
 // per step suffices; dc never leaves the block. Phase 2 groups the block's
 // units by kUnitsPerItem (U = ceil(J/3) groups), so its dot products have the
 // GRU forward's shape whatever the cell: 3 weight rows x kRows rows of dgh.
-// Shared memory: tile | acc_s [items][3][kRows] | w_s [3U][GH] (W_hh^T slice,
-// zero rows past J).
+// Shared memory: tile | acc_s [items][3][kRows] | w_s [3U][w_stride] (W_hh^T
+// slice, zero rows past J, zero columns past GH). dgh is the exchange: already
+// in the storage type, staged as it is on 16-bit tensor cores.
 template <typename Cell, typename scalar_t, typename acc_t, bool kMma = false>
 __global__ void __launch_bounds__(kPersistThreads)
     persistent_backward_kernel(const PersistentBackwardArgs<scalar_t, acc_t> a) {
   constexpr int G = Cell::kGates, NU = kUnitsPerItem;
+  using x_t = tile_t<kMma, scalar_t, acc_t>;
   unsigned char* smem_raw = dynamic_smem();
   const PersistentShape ps = a.ps;
-  const int J = ps.J, H = a.H, B = a.B, T = a.T;
+  const int J = ps.J, H = a.H, B = a.B, T = a.T, W = ps.w_stride;
   const int d = blockIdx.x / ps.blocks_per_dir;
   const int j0 = (blockIdx.x % ps.blocks_per_dir) * J;
   const int U = (J + NU - 1) / NU;
   const int items = tile_items(U, ps);
-  acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
-  acc_t* acc_s = tile + ps.tile_rows * ps.kc;
+  x_t* tile = reinterpret_cast<x_t*>(smem_raw);
+  acc_t* acc_s = reinterpret_cast<acc_t*>(tile + ps.tile_rows * ps.kc_stride);
   scalar_t* w_s = reinterpret_cast<scalar_t*>(acc_s + items * NU * kRows);
   const int64_t dBH = static_cast<int64_t>(d) * B * H;
   const int64_t DH = static_cast<int64_t>(a.D) * H;
@@ -200,10 +221,11 @@ __global__ void __launch_bounds__(kPersistThreads)
   const bool padded = has_padding(a.rows);
   const acc_t zeros[G] = {};
 
-  for (int e = threadIdx.x; e < G * H * NU * U; e += blockDim.x) {
+  for (int e = threadIdx.x; e < W * NU * U; e += blockDim.x) {
     const int jl = e % (NU * U), m = e / (NU * U), j = j0 + jl;
-    w_s[static_cast<int64_t>(jl) * GH + m] =
-        jl < J && j < H ? a.w_hh[(static_cast<int64_t>(d) * GH + m) * H + j] : scalar_t(0);
+    w_s[static_cast<int64_t>(jl) * W + m] = jl < J && j < H && m < GH
+                                                ? a.w_hh[(static_cast<int64_t>(d) * GH + m) * H + j]
+                                                : scalar_t(0);
   }
   for (int e = threadIdx.x; e < B * J; e += blockDim.x) {
     const int b = e / J, j = j0 + e % J;
@@ -249,14 +271,16 @@ __global__ void __launch_bounds__(kPersistThreads)
     grid.sync();
     const scalar_t* dgh_d = a.dgh + static_cast<int64_t>(d) * a.R * GH;
     for (int base = 0; base < B && a.sorted[base] > s; base += ps.tile_rows) {
-      auto stage = [&](acc_t* dst, int r, int k0, int kc, int lane) {
+      auto locate = [&](int r) -> int64_t {  // once per row and tile: the dgh row's offset
         const int i = base + r;
-        const bool active = i < B && a.sorted[i] > s;
-        const int64_t off =
-            active ? a.rows.row(step_time(d, a.sorted[i], s), a.perm[i]) * GH + k0 : 0;
-        stage_row<true>(dst, active ? dgh_d + off : nullptr, kc, lane);
+        return i < B && a.sorted[i] > s ? a.rows.row(step_time(d, a.sorted[i], s), a.perm[i]) * GH
+                                        : -1;
       };
-      recurrent_matvec<NU, kMma>(w_s, U, 1, NU, static_cast<int>(GH), ps, tile, acc_s, stage);
+      auto stage = [&](x_t* dst, int64_t off, int k0, int kc, int lane) {
+        stage_row<true>(dst, off < 0 ? nullptr : dgh_d + off + k0, kc, lane);
+      };
+      recurrent_matvec<NU, kMma>(w_s, U, 1, NU, static_cast<int>(GH), ps, tile, acc_s, locate,
+                                 stage);
       for (int e = threadIdx.x; e < items * NU * kRows; e += blockDim.x) {
         const int item = e / (NU * kRows), g = (e / kRows) % NU, r = e % kRows;
         const int jl = (item % U) * NU + g, j = j0 + jl;

@@ -51,6 +51,11 @@ constexpr int kRows = 8;
 // The backward's work item: the W_hh^T rows of this many hidden units (its NG,
 // whatever the cell), so its dot products have the GRU forward's shape.
 constexpr int kUnitsPerItem = 3;
+// Rows of a tile at most (plan.h: kMaxRowGroups row groups of kRows).
+constexpr int kMaxTileRows = 32;
+// Tile rows one warp stages (rows warp, warp + kPersistWarps, ...): their sources are looked
+// up once per tile and kept in registers across the K chunks.
+constexpr int kRowsPerWarp = kMaxTileRows / kPersistWarps;
 
 // How a persistent launch is cut; chosen on the host from the device's limits.
 struct PersistentShape {
@@ -58,6 +63,8 @@ struct PersistentShape {
   int blocks_per_dir;  // ceil(H / J)
   int tile_rows;       // rows staged per tile: kRows * (work items per unit group)
   int kc;              // columns of the staged tile (K is walked in chunks)
+  int kc_stride;       // the tile's row stride in elements (>= kc; padded on tensor cores)
+  int w_stride;        // the weight slice's row stride in elements (>= K; likewise)
 };
 
 // Items per tile: U unit groups times the row groups of a tile.
@@ -102,51 +109,88 @@ __device__ __forceinline__ void warp_reduce_scatter(acc_t (&a)[NG][kRows], int l
     for (int g = 0; g < NG; ++g) a[g][0] += __shfl_xor_sync(0xffffffffu, a[g][0], off);
 }
 
-// Copies kc values of one tile row from src into dst (zeros when src is
-// null, i.e. the row is inactive), the warp's lanes striding over the columns.
-// kCg: src was written by other blocks before the grid barrier (read through
-// L2). fp32 rows go as 16-byte loads where src, dst and kc allow it.
-template <bool kCg, typename acc_t, typename T>
-__device__ __forceinline__ void stage_row(acc_t* dst, const T* src, int kc, int lane) {
+#ifdef VARLEN_RNN_HOST_EMULATION
+void emu_note_staging(bool vector);  // defined by the emulation: counts stage_row's two ways
+#endif
+
+// Copies kc values of one tile row from src into dst (zeros when src is null, i.e. the row is
+// inactive), the warp's lanes striding over the columns. kCg: src was written by other blocks
+// before the grid barrier (read through L2). Where kc fills whole 16-byte vectors and src and
+// dst are 16-byte aligned (a row length H or 3H that is a multiple of 8 halves, 4 floats or 2
+// doubles), every lane moves 16 bytes per load: copied as they are when the types agree,
+// 8 halves widened to 8 floats when the exact kernel stages a 16-bit row in fp32. Otherwise
+// one element per lane and load.
+template <bool kCg, typename dst_t, typename T>
+__device__ __forceinline__ void stage_row(dst_t* dst, const T* src, int kc, int lane) {
   if (src == nullptr) {
-    for (int k = lane; k < kc; k += 32) dst[k] = acc_t(0);
+    for (int k = lane; k < kc; k += 32) dst[k] = dst_t(0);
     return;
   }
-  if constexpr (std::is_same<T, float>::value && std::is_same<acc_t, float>::value) {
-    const uintptr_t addr = reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst);
-    if ((kc & 3) == 0 && (addr & 15) == 0) {
-      const float4* s4 = reinterpret_cast<const float4*>(src);
-      float4* d4 = reinterpret_cast<float4*>(dst);
-      for (int k = lane; k < kc / 4; k += 32) d4[k] = kCg ? __ldcg(s4 + k) : s4[k];
+  constexpr bool kSame = std::is_same<T, dst_t>::value;
+  constexpr bool kWiden = sizeof(T) == 2 && std::is_same<dst_t, float>::value;
+  constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte load
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst);
+  const bool vector = (kSame || kWiden) && kc % kVec == 0 && (addr & 15) == 0;
+#ifdef VARLEN_RNN_HOST_EMULATION
+  if (lane == 0) emu_note_staging(vector);
+#endif
+  if constexpr (kSame || kWiden) {
+    if (vector) {
+      const uint4* s4 = reinterpret_cast<const uint4*>(src);
+      for (int k = lane; k < kc / kVec; k += 32) {
+        const uint4 v = kCg ? __ldcg(s4 + k) : s4[k];
+        if constexpr (kSame) {
+          reinterpret_cast<uint4*>(dst)[k] = v;
+        } else {
+          const T* h = reinterpret_cast<const T*>(&v);
+          float4* d4 = reinterpret_cast<float4*>(dst) + 2 * k;
+          d4[0] = float4{static_cast<float>(h[0]), static_cast<float>(h[1]),
+                         static_cast<float>(h[2]), static_cast<float>(h[3])};
+          d4[1] = float4{static_cast<float>(h[4]), static_cast<float>(h[5]),
+                         static_cast<float>(h[6]), static_cast<float>(h[7])};
+        }
+      }
       return;
     }
   }
-  for (int k = lane; k < kc; k += 32) dst[k] = static_cast<acc_t>(kCg ? load_cg(src + k) : src[k]);
+  for (int k = lane; k < kc; k += 32) {
+    dst[k] = static_cast<dst_t>(kCg ? load_cg(src + k) : src[k]);
+  }
 }
 
 // For every work item = sub*U + u of the block and g < NG, r < kRows:
 //   acc_s[item][g][r] = sum_k w_s[(g*g_rows + u*u_rows)*K + k] * X[sub*kRows + r][k]
-// i.e. NG rows of the on-chip weights against kRows rows of X, so each value
-// read from shared memory feeds NG (or kRows) FMAs. X is fetched chunk by
-// chunk into `tile`: warp w stages rows w, w + kPersistWarps, ... through
-// stage(dst, row, k0, kc, lane), which looks the row's source up once and
-// copies columns k0 .. k0+kc-1 (see stage_row). Ends with __syncthreads.
-template <int NG, typename acc_t, typename w_t, typename Stage>
+// (w_s rows ps.w_stride elements apart) i.e. NG rows of the on-chip weights
+// against kRows rows of X, so each value read from shared memory feeds NG (or
+// kRows) FMAs. X is fetched chunk by chunk into `tile` (rows ps.kc_stride
+// apart): warp w stages rows w, w + kPersistWarps, ..., each row's source
+// looked up once per tile by locate(r) and its columns k0 .. k0+kc-1 copied
+// per chunk by stage(dst, handle, k0, kc, lane) (see stage_row). Ends with
+// __syncthreads.
+template <int NG, typename acc_t, typename w_t, typename Locate, typename Stage>
 __device__ __forceinline__ void tile_matvec(const w_t* w_s, int U, int g_rows, int u_rows, int K,
                                             const PersistentShape& ps, acc_t* tile, acc_t* acc_s,
-                                            Stage stage) {
+                                            Locate locate, Stage stage) {
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int items = tile_items(U, ps);
+  int64_t src[kRowsPerWarp];
+#pragma unroll
+  for (int q = 0; q < kRowsPerWarp; ++q) {
+    const int r = warp + q * kPersistWarps;
+    src[q] = r < ps.tile_rows ? locate(r) : -1;
+  }
   for (int k0 = 0; k0 < K; k0 += ps.kc) {
     const int kc = min(ps.kc, K - k0);
-    for (int r = warp; r < ps.tile_rows; r += kPersistWarps) {
-      stage(tile + r * ps.kc, r, k0, kc, lane);
+#pragma unroll
+    for (int q = 0; q < kRowsPerWarp; ++q) {
+      const int r = warp + q * kPersistWarps;
+      if (r < ps.tile_rows) stage(tile + r * ps.kc_stride, src[q], k0, kc, lane);
     }
     __syncthreads();
     for (int item = warp; item < items; item += kPersistWarps) {
       const int row0 = (item % U) * u_rows;
-      const acc_t* x = tile + (item / U) * kRows * ps.kc;
+      const acc_t* x = tile + (item / U) * kRows * ps.kc_stride;
       acc_t a[NG][kRows];
 #pragma unroll
       for (int g = 0; g < NG; ++g)
@@ -156,10 +200,11 @@ __device__ __forceinline__ void tile_matvec(const w_t* w_s, int U, int g_rows, i
         acc_t w[NG];
 #pragma unroll
         for (int g = 0; g < NG; ++g)
-          w[g] = static_cast<acc_t>(w_s[static_cast<int64_t>(g * g_rows + row0) * K + k0 + k]);
+          w[g] = static_cast<acc_t>(
+              w_s[static_cast<int64_t>(g * g_rows + row0) * ps.w_stride + k0 + k]);
 #pragma unroll
         for (int r = 0; r < kRows; ++r) {
-          const acc_t xv = x[r * ps.kc + k];
+          const acc_t xv = x[r * ps.kc_stride + k];
 #pragma unroll
           for (int g = 0; g < NG; ++g) a[g][r] += w[g] * xv;
         }
@@ -184,17 +229,23 @@ template <typename scalar_t>
 constexpr tc::Kind mma_kind = std::is_same<scalar_t, c10::BFloat16>::value ? tc::Kind::bf16
                               : std::is_same<scalar_t, c10::Half>::value   ? tc::Kind::f16
                                                                            : tc::Kind::tf32;
+// The staged tile's element type: the 16-bit storage type on tensor cores (the mma's operand
+// type, so a fragment register is one 32-bit load of two elements), else acc_t.
+template <bool kMma, typename scalar_t, typename acc_t>
+using tile_t = std::conditional_t<kMma && sizeof(scalar_t) == 2, scalar_t, acc_t>;
 // NG weight rows per work item: the cell's kGates in the forward, kUnitsPerItem in the backward.
-template <int NG, bool kMma, typename w_t, typename acc_t, typename Stage>
+template <int NG, bool kMma, typename w_t, typename x_t, typename acc_t, typename Locate,
+          typename Stage>
 __device__ __forceinline__ void recurrent_matvec(const w_t* w_s, int U, int g_rows, int u_rows,
-                                                 int K, const PersistentShape& ps, acc_t* tile,
-                                                 acc_t* acc_s, Stage stage) {
+                                                 int K, const PersistentShape& ps, x_t* tile,
+                                                 acc_t* acc_s, Locate locate, Stage stage) {
   if constexpr (kMma) {
     static_assert(std::is_same<acc_t, float>::value, "tensor cores: float, half or bfloat16");
-    tile_matvec_mma<NG, kPersistWarps, mma_kind<w_t>>(w_s, U, g_rows, u_rows, K, ps.tile_rows,
-                                                      ps.kc, tile, acc_s, stage);
+    tile_matvec_mma<NG, kPersistWarps, kMaxTileRows, mma_kind<w_t>>(
+        w_s, ps.w_stride, U, g_rows, u_rows, K, ps.tile_rows, ps.kc, ps.kc_stride, tile, acc_s,
+        locate, stage);
   } else {
-    tile_matvec<NG>(w_s, U, g_rows, u_rows, K, ps, tile, acc_s, stage);
+    tile_matvec<NG>(w_s, U, g_rows, u_rows, K, ps, tile, acc_s, locate, stage);
   }
 }
 

@@ -45,6 +45,9 @@ struct Problem {
   // An LSTM with proj_size > 0: its state is W_hr h, a per-step GEMM between the cell
   // and the next step that the persistent kernels do not run, so only the fallback can.
   bool proj = false;
+  // The tensor-core kernel's shared-memory rows padded to a conflict-free stride (see
+  // padded_stride). False only to show what the padding buys (tests, the cost model).
+  bool pad_smem = true;
 };
 
 struct Device {
@@ -56,6 +59,9 @@ struct Device {
 
 struct Cut {
   int64_t J = 0, blocks_per_dir = 0, tile_rows = 0, kc = 0;
+  // Row strides in elements of the staged tile (>= kc) and of the weight slice in shared
+  // memory (>= K): equal to kc and K on CUDA cores, padded for the tensor-core kernel.
+  int64_t kc_stride = 0, w_stride = 0;
   int64_t blocks = 0;      // D * blocks_per_dir, never more than the SM count
   int64_t smem = 0;        // dynamic shared memory bytes per block
   double step_cycles = 0;  // modelled cost of one step (see CostModel)
@@ -120,22 +126,33 @@ inline double gemm_flops_per_cycle(const Problem& p) {
 // bf16/f16 ~990, FP32 on CUDA cores ~67; per SM at 1.75 GHz that is ~2100, ~4300 and ~290
 // flop/cycle. One m16n8k8 TF32 mma is 2048 flop and one m16n8k16 16-bit mma 4096: about a
 // cycle of an SM's tensor cores each, so the tensor cores are not what bounds the kernel.
-// What does, per mma: each fragment element is one warp-wide scalar load from shared memory
-// (mma_matvec.cuh; no ldmatrix), A = 16 x K_mma weights and B = K_mma x 8 staged values, i.e.
-// 4 + 2 loads (TF32) or 8 + 4 (16-bit), each taking as many cycles as its worst bank conflict.
-// Lanes read rows lane/4 (8 rows) and word columns lane%4 of a row-major array, so a row stride
-// that is a multiple of 32 words (K = 256 fp32 weights, K = 512 bf16 weights, a 256-wide chunk)
-// puts all 8 rows in 4 banks: 8-way conflicts, 8 cycles per load. Then the mma product costs
-// more shared-memory cycles than the CUDA-core product it replaces, and the model says so; a
-// padded stride (K + 4 words) brings it to one cycle per load. Beside these the step keeps
-// its fixed costs (grid barrier, staging h from L2, pointwise), which dominate at small B and
-// which tensor cores do not touch. A dependent chain of mmas per warp costs kMmaLatency cycles
-// per mma where there are fewer tasks than warps. Estimates until gpu_probe.py measures them.
+// What does, per mma: each fragment register is one warp-wide 32-bit load from shared memory
+// (mma_matvec.cuh; no ldmatrix): 4 for A and 2 for B in every kind (a 16-bit register holds
+// two adjacent elements of a row, loaded as one word; the 16-bit kinds stage h in the 16-bit
+// type for that), each taking as many cycles as its worst bank conflict. Lanes read rows
+// lane/4 (8 rows) and word columns lane%4 of a row-major array: a row stride of S words puts
+// lane (g, t) in bank (g*S + t) % 32, so a stride that is a multiple of 32 words (K = 256 fp32
+// weights, K = 512 bf16 weights, a 256-wide chunk) puts all 8 rows in 4 banks, 8-way
+// conflicts; padded_stride's S = 4 (mod 8) gives the 32 lanes 32 distinct banks. Beside these
+// the step keeps its fixed costs (grid barrier, staging h from L2, pointwise), which dominate
+// at small B and which tensor cores do not touch. A dependent chain of mmas per warp costs
+// kLatencyCycles per mma where there are fewer tasks than warps. Estimates until gpu_probe.py
+// measures them.
 struct MmaModel {
   static constexpr double kLatencyCycles =
       32;  // mma.sync issue-to-result, A100/H100 microbenchmarks
   static constexpr double kTf32FlopPerCycle = 2048, kHalfFlopPerCycle = 4096;  // per SM, dense
 };
+
+// The row stride, in elements of elem_bytes, of a shared-memory array of rows of n elements that
+// the tensor-core kernel reads as fragments: the fewest whole 32-bit words >= n elements that
+// are 4 (mod 8) words when padded (conflict-free fragment loads, and 16-byte aligned rows for
+// the vector stores that stage them); else n rounded to whole words (a 16-bit pair is one load).
+inline int64_t padded_stride(int64_t n, int64_t elem_bytes, bool pad) {
+  const int64_t per_word = std::max<int64_t>(1, 4 / elem_bytes);
+  const int64_t words = ceil_div(n, per_word);
+  return (pad ? words + ((12 - words % 8) % 8) : words) * per_word;
+}
 
 // Cycles of one warp-wide shared-memory load where lane reads word
 // (lane / 4) * row_stride + (lane % 4) * col_step: the most distinct words in one bank.
@@ -158,16 +175,15 @@ inline int64_t smem_load_cycles(int64_t row_stride_words, int64_t col_step) {
 }
 
 // Modelled cycles of one tile's recurrent product on tensor cores: w_rows weight rows of K
-// (row stride K in storage elements), `rows` staged rows in chunks of kc (row stride kc fp32).
-inline double mma_tile_cycles(const Problem& p, int64_t w_rows, int64_t rows, int64_t K,
-                              int64_t kc) {
+// (row stride w_stride storage elements), `rows` staged rows in chunks of kc (row stride
+// kc_stride elements of the storage type for 16-bit kinds, fp32 for TF32).
+inline double mma_tile_cycles(const Problem& p, int64_t w_rows, int64_t rows, int64_t K, int64_t kc,
+                              int64_t w_stride, int64_t kc_stride) {
   const bool half = p.storage_bytes == 2;
   const int64_t k_mma = half ? 16 : 8;
-  const int64_t a_loads = half ? 8 : 4, b_loads = half ? 4 : 2;
-  // 16-bit weights: two per word, lanes 4 bytes apart; staged values: fp32, lanes 1 (TF32) or
-  // 2 (16-bit: element pairs) words apart.
-  const int64_t a_cycles = smem_load_cycles(K * p.storage_bytes / 4, 1);
-  const int64_t b_cycles = smem_load_cycles(kc, half ? 2 : 1);
+  const int64_t a_loads = 4, b_loads = 2;  // 32-bit registers per fragment
+  const int64_t a_cycles = smem_load_cycles(w_stride * p.storage_bytes / 4, 1);
+  const int64_t b_cycles = smem_load_cycles(kc_stride * (half ? 2 : 4) / 4, 1);
   const double flop = 2.0 * 16 * 8 * k_mma;
   const double per_mma =
       std::max<double>(a_loads * a_cycles + b_loads * b_cycles,
@@ -183,7 +199,8 @@ inline double mma_tile_cycles(const Problem& p, int64_t w_rows, int64_t rows, in
 
 // Modelled cycles of one persistent step for a block owning J units, with
 // tiles of `rows` rows and K walked in chunks of kc (all B rows running).
-inline double persistent_step_cycles(const Problem& p, int64_t J, int64_t rows, int64_t kc) {
+inline double persistent_step_cycles(const Problem& p, int64_t J, int64_t rows, int64_t kc,
+                                     int64_t w_stride, int64_t kc_stride) {
   const bool bwd = p.pass == Pass::kBackward;
   const int64_t U = bwd ? ceil_div(J, kUnitsPerItem) : J;  // unit groups (persistent.cuh)
   const int64_t K = bwd ? p.gates * p.H : p.H;
@@ -198,11 +215,13 @@ inline double persistent_step_cycles(const Problem& p, int64_t J, int64_t rows, 
   const double fma = double(ng * kRowsPerItem) / (p.acc_bytes == 8 ? 2 : 4);
   const double item_cycles = std::max(ng * w_load + kRowsPerItem * x_load, fma);
   const double shuffles = CostModel::kShuffleCyclesPerItem * ng / 3;  // 5 x 8 per weight row
-  const double staged_bytes = bwd ? p.storage_bytes : p.acc_bytes;    // dgh, or the state h
+  // dgh; or the state h, published in the storage type by the 16-bit tensor-core kernel.
+  const double staged_bytes =
+      bwd || (p.persistent_mma && p.storage_bytes == 2) ? p.storage_bytes : p.acc_bytes;
   const double load =
       rows * K * staged_bytes / CostModel::kL2BytesPerCycle + chunks * CostModel::kPassCycles;
   const double compute = p.persistent_mma
-                             ? mma_tile_cycles(p, ng * U, rows, K, kc)
+                             ? mma_tile_cycles(p, ng * U, rows, K, kc, w_stride, kc_stride)
                              : padded_items * (iters * item_cycles + chunks * shuffles);
   const double pointwise = ceil_div(B * J, kThreads) * CostModel::kPointwiseCycles[int(p.pass)];
   return CostModel::kGridSyncCycles + tiles * (load + compute) + pointwise;
@@ -246,7 +265,15 @@ inline bool persistent_cut(const Problem& p, const Device& dev, int64_t max_kc, 
   const int64_t U = bwd ? ceil_div(J, kUnitsPerItem) : J;
   const int64_t K = bwd ? p.gates * p.H : p.H;
   const int64_t ng = bwd ? kUnitsPerItem : p.gates;  // weight rows per work item
-  const int64_t w_smem = ng * U * K * p.storage_bytes;
+  // The tensor-core kernel pads its rows (padded_stride) and, for 16-bit kinds, stages in the
+  // storage type (the mma's operand type); the CUDA-core one stages in acc_t, rows unpadded.
+  const bool mma = p.persistent_mma;
+  const int64_t tile_bytes = mma && p.storage_bytes == 2 ? 2 : p.acc_bytes;
+  const int64_t w_stride = mma ? padded_stride(K, p.storage_bytes, p.pad_smem) : K;
+  const int64_t w_smem = ng * U * w_stride * p.storage_bytes;
+  auto kc_stride_of = [&](int64_t kc) {
+    return mma ? padded_stride(kc, tile_bytes, p.pad_smem) : kc;
+  };
   const int64_t max_groups =
       std::min(kMaxRowGroups, ceil_div(std::max<int64_t>(p.B, 1), kRowsPerItem));
   bool found = false;
@@ -254,7 +281,8 @@ inline bool persistent_cut(const Problem& p, const Device& dev, int64_t max_kc, 
     const int64_t rows = kRowsPerItem * groups;
     const int64_t acc_smem = U * groups * ng * kRowsPerItem * p.acc_bytes;
     if (w_smem + acc_smem >= dev.smem_per_block) break;  // more rows only need more
-    int64_t kc = (dev.smem_per_block - w_smem - acc_smem) / (rows * p.acc_bytes);
+    const int64_t avail = (dev.smem_per_block - w_smem - acc_smem) / (rows * tile_bytes);
+    int64_t kc = avail - (mma ? 48 / tile_bytes : 0);  // room for the padding (< 12 words)
     if (max_kc > 0) kc = std::min(kc, std::max<int64_t>(32, max_kc / 32 * 32));
     if (kc < K) {
       kc = kc / 32 * 32;
@@ -267,9 +295,11 @@ inline bool persistent_cut(const Problem& p, const Device& dev, int64_t max_kc, 
     c.blocks_per_dir = bpd;
     c.tile_rows = rows;
     c.kc = kc;
+    c.kc_stride = kc_stride_of(kc);
+    c.w_stride = w_stride;
     c.blocks = p.D * bpd;
-    c.smem = rows * kc * p.acc_bytes + acc_smem + w_smem;
-    c.step_cycles = persistent_step_cycles(p, J, rows, kc);
+    c.smem = rows * c.kc_stride * tile_bytes + acc_smem + w_smem;
+    c.step_cycles = persistent_step_cycles(p, J, rows, kc, w_stride, c.kc_stride);
     if (!found || c.step_cycles < best.step_cycles) best = c;
     found = true;
   }

@@ -20,6 +20,8 @@
 using namespace varlen_rnn;
 using namespace varlen_rnn::cuda;
 
+bool g_pad_smem = true;  // plan.h's padded strides for the tensor-core kernels (set_smem_padding)
+
 #include "emu_rows.h"
 
 // An optional tensor's data, or nullptr.
@@ -57,16 +59,23 @@ std::vector<torch::Tensor> forward_t(const torch::Tensor& gx, const torch::Tenso
   if (persistent) {
     TORCH_CHECK(!proj, "an LSTM with a projection has no persistent kernel");
     const plan::Cut cut = cut_of(B, H, D, plan::Pass::kTraining, sizeof(scalar_t), sizeof(acc_t),
-                                 sms, smem, max_kc, G);
+                                 sms, smem, max_kc, G, mma, g_pad_smem);
     cut_info = cut_tensor(cut);
-    torch::Tensor hbuf = torch::full({2, D, B, H}, 777.0, acc_opts);
+    // As paths.cuh: the exchange in the storage type on 16-bit tensor cores, the own units'
+    // exact state beside it where the cell reads h.
+    const bool half_exchange = mma && sizeof(scalar_t) == 2;
+    torch::Tensor hbuf = torch::full({2, D, B, H}, 777.0, half_exchange ? opts : acc_opts);
+    torch::Tensor hown = half_exchange && Cell::kReadsHPrev
+                             ? torch::full({D, B, H}, 777.0, acc_opts)
+                             : torch::Tensor();
     torch::Tensor cbuf = Cell::kHasC ? torch::full({D, B, H}, 777.0, acc_opts) : torch::Tensor();
     PersistentForwardArgs<scalar_t, acc_t> a{};
     a.gx = gx.data_ptr<scalar_t>();
     a.w_hh = w_hh.data_ptr<scalar_t>();
     a.b_hh = b_hh ? b_hh->data_ptr<scalar_t>() : nullptr;
     a.hx = hx.data_ptr<scalar_t>();
-    a.hbuf = hbuf.data_ptr<acc_t>();
+    a.hbuf = hbuf.data_ptr();
+    a.hown = ptr_or_null<acc_t>(hown);
     a.out = out.data_ptr<scalar_t>();
     a.h_n = h_n.data_ptr<scalar_t>();
     a.ws = ws.data_ptr<acc_t>();
@@ -161,7 +170,7 @@ std::vector<torch::Tensor> backward_t(const torch::Tensor& go, const torch::Tens
   if (persistent) {
     TORCH_CHECK(!proj, "an LSTM with a projection has no persistent kernel");
     const plan::Cut cut = cut_of(B, H, D, plan::Pass::kBackward, sizeof(scalar_t), sizeof(acc_t),
-                                 sms, smem, max_kc, G);
+                                 sms, smem, max_kc, G, mma, g_pad_smem);
     cut_info = cut_tensor(cut);
     torch::Tensor dh = torch::full({D, B, H}, 777.0, acc_opts);
     torch::Tensor dc = Cell::kHasC ? torch::full({D, B, H}, 777.0, acc_opts) : torch::Tensor();
@@ -336,7 +345,32 @@ std::vector<torch::Tensor> backward(torch::Tensor go, torch::Tensor ghn, torch::
   return {r[0], r[1], r[2], r[3], r[7]};
 }
 
+// The emulation hooks' counts since the last reset: vector_rows and scalar_rows (stage_row's
+// two ways), fragment_ways (the worst bank conflict of a tensor-core fragment load).
+std::map<std::string, int64_t> stats(bool reset) {
+  EmuStats& s = emu_stats();
+  std::map<std::string, int64_t> out{{"vector_rows", s.vector_rows.load()},
+                                     {"scalar_rows", s.scalar_rows.load()},
+                                     {"fragment_ways", s.fragment_ways.load()}};
+  if (reset) {
+    s.vector_rows = 0;
+    s.scalar_rows = 0;
+    s.fragment_ways = 0;
+  }
+  return out;
+}
+
+// Whether the tensor-core cuts pad their shared-memory rows (plan.h's padded_stride); returns
+// the setting before the call.
+bool set_smem_padding(bool pad) {
+  const bool before = g_pad_smem;
+  g_pad_smem = pad;
+  return before;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("stats", &stats);
+  m.def("set_smem_padding", &set_smem_padding);
   m.def("forward", &forward);
   m.def("backward", &backward);
   m.def("cell_forward", &cell_forward);

@@ -6,10 +6,14 @@
 
 // The persistent cut the launcher would take on a device with `sms` SMs and `smem` bytes of
 // dynamic shared memory per block (max_kc: VARLEN_RNN_PERSISTENT_MAX_KC).
+// mma: the tensor-core kernel's cut (its padded strides, its tile type); pad: padded_stride's
+// padding (set_smem_padding in emu.cpp; off only to show the conflicts it removes).
 plan::Cut cut_of(int64_t B, int64_t H, int64_t D, plan::Pass pass, int64_t sb, int64_t ab,
-                 int64_t sms, int64_t smem, int64_t max_kc, int64_t gates) {
+                 int64_t sms, int64_t smem, int64_t max_kc, int64_t gates, bool mma, bool pad) {
   plan::Problem p{B, H, D, pass, sb, ab, true};
   p.gates = gates;
+  p.persistent_mma = mma;
+  p.pad_smem = pad;
   const plan::Device dev{sms, smem, true, true};
   plan::Cut cut;
   std::string why;
@@ -100,5 +104,6 @@ void fill_common(PersistentCommonArgs& a, const Rows& r, const plan::Cut& cut, i
   a.B = B;
   a.H = H;
   a.D = D;
-  a.ps = PersistentShape{(int)cut.J, (int)cut.blocks_per_dir, (int)cut.tile_rows, (int)cut.kc};
+  a.ps = PersistentShape{(int)cut.J,  (int)cut.blocks_per_dir, (int)cut.tile_rows,
+                        (int)cut.kc, (int)cut.kc_stride,      (int)cut.w_stride};
 }

@@ -5,6 +5,7 @@
 
 #include <ATen/OpMathType.h>
 #include <torch/extension.h>
+#include <atomic>
 #include <barrier>
 #include <cassert>
 #include <memory>
@@ -26,7 +27,30 @@
 
 struct alignas(16) float4 {
   float x, y, z, w;
-};  // CUDA's vector type, for 16-byte loads
+};  // CUDA's vector types, for 16-byte loads
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+
+// What the kernels report through their emulation hooks, for the tests: how many rows
+// stage_row copied with 16-byte vectors and how many one element at a time, and the worst
+// bank conflict (ways) of the tensor-core kernel's fragment loads.
+struct EmuStats {
+  std::atomic<long> vector_rows{0}, scalar_rows{0};
+  std::atomic<int> fragment_ways{0};
+};
+inline EmuStats& emu_stats() {
+  static EmuStats s;
+  return s;
+}
+namespace varlen_rnn::cuda {
+void emu_note_staging(bool vector) { ++(vector ? emu_stats().vector_rows : emu_stats().scalar_rows); }
+void emu_note_fragment_ways(int ways) {
+  int seen = emu_stats().fragment_ways.load();
+  while (ways > seen && !emu_stats().fragment_ways.compare_exchange_weak(seen, ways)) {
+  }
+}
+}  // namespace varlen_rnn::cuda
 struct EmuIdx {
   int x = 0, y = 0, z = 0;
 };

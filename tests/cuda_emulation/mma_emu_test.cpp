@@ -29,6 +29,10 @@ inline int min(int a, int b) { return a < b ? a : b; }
 
 using namespace varlen_rnn::cuda;
 
+namespace varlen_rnn::cuda {
+void emu_note_fragment_ways(int) {}  // the kernels' strides are checked in emu.cpp
+}  // namespace varlen_rnn::cuda
+
 thread_local tc::MmaExchange* tl_exchange = nullptr;
 tc::MmaExchange& tc::emu_mma_exchange() { return *tl_exchange; }
 
@@ -104,7 +108,10 @@ torch::Tensor matvec(int64_t kind, torch::Tensor w, torch::Tensor x, int64_t U, 
               "matvec: w [3U, K], x [rows, K] with rows % 8 == 0; got ", w.sizes(), x.sizes());
   TORCH_CHECK(w.scalar_type() == (kind == 0 ? torch::kFloat : torch::kShort),
               "matvec: w must be float32 for TF32 and int16 bits for bf16/f16");
-  auto wc = w.contiguous(), xc = x.to(torch::kFloat).contiguous();
+  const int64_t w_stride = kind == 0 ? K : (K + 1) / 2 * 2;
+  auto wc = torch::zeros({3 * U, w_stride}, w.options());
+  wc.narrow(1, 0, K).copy_(w);
+  auto xc = x.to(torch::kFloat).contiguous();
   auto tile = torch::full({rows, kc_max}, std::nanf(""), xc.options());
   auto acc = torch::full({rows / 8, U, 3, 8}, 777.0f, xc.options());
   const float* px = xc.data_ptr<float>();
@@ -113,10 +120,10 @@ torch::Tensor matvec(int64_t kind, torch::Tensor w, torch::Tensor x, int64_t U, 
     constexpr tc::Kind k = decltype(kc)::value;
     emu_launch(1, 32 * tc_test::kMatvecWarps, [&] {
       if constexpr (k == tc::Kind::tf32) {
-        tc_test::matvec_kernel<k>(wc.data_ptr<float>(), px, pt, pa, U, g_major, K, rows, kc_max);
-      } else {
+        tc_test::matvec_kernel<k>(wc.data_ptr<float>(), K, px, pt, pa, U, g_major, K, rows, kc_max);
+      } else {  // rows of 2-byte bits: an even stride, so pairs load as aligned words
         const auto* pw = reinterpret_cast<const uint16_t*>(wc.data_ptr<int16_t>());
-        tc_test::matvec_kernel<k>(pw, px, pt, pa, U, g_major, K, rows, kc_max);
+        tc_test::matvec_kernel<k>(pw, w_stride, px, pt, pa, U, g_major, K, rows, kc_max);
       }
     });
   });

@@ -75,14 +75,19 @@ extern "C" int mma_to_bits(int kind, const float* x, uint32_t* y, int n) {
 extern "C" int mma_matvec(int kind, const void* w, const float* x, float* acc, int U, int g_major,
                           int K, int rows, int kc_max) {
   if (kind < 0 || kind > 2 || U <= 0 || K <= 0 || rows <= 0 || rows % 8 || kc_max <= 0) return -1;
-  const size_t sw = (kind == 0 ? sizeof(float) : sizeof(uint16_t)) * 3 * U * K;
+  // 2-byte bits get rows of an even stride (zero-padded), so pairs load as aligned words.
+  const int w_stride = kind == 0 ? K : (K + 1) / 2 * 2;
+  const size_t es = kind == 0 ? sizeof(float) : sizeof(uint16_t);
+  const size_t sw = es * 3 * U * w_stride;
   const size_t sx = sizeof(float) * rows * K, sa = sizeof(float) * 3 * U * rows;
   DeviceBuffer dw, dx, dt, da;
   MMA_GPU_CHECK(cudaMalloc(&dw.p, sw));
   MMA_GPU_CHECK(cudaMalloc(&dx.p, sx));
   MMA_GPU_CHECK(cudaMalloc(&dt.p, sizeof(float) * rows * kc_max));
   MMA_GPU_CHECK(cudaMalloc(&da.p, sa));
-  MMA_GPU_CHECK(cudaMemcpy(dw.p, w, sw, cudaMemcpyHostToDevice));
+  MMA_GPU_CHECK(cudaMemset(dw.p, 0, sw));
+  MMA_GPU_CHECK(cudaMemcpy2D(dw.p, es * w_stride, w, es * K, es * K, 3 * U,
+                             cudaMemcpyHostToDevice));
   MMA_GPU_CHECK(cudaMemcpy(dx.p, x, sx, cudaMemcpyHostToDevice));
   MMA_GPU_CHECK(cudaMemset(dt.p, 0xFF, sizeof(float) * rows * kc_max));  // NaN past each chunk
   MMA_GPU_CHECK(cudaMemset(da.p, 0xFF, sa));
@@ -90,7 +95,8 @@ extern "C" int mma_matvec(int kind, const void* w, const float* x, float* acc, i
     constexpr tc::Kind k = decltype(kc)::value;
     using w_t = std::conditional_t<k == tc::Kind::tf32, float, uint16_t>;
     tc_test::matvec_kernel<k><<<1, 32 * tc_test::kMatvecWarps>>>(
-        static_cast<const w_t*>(dw.p), static_cast<const float*>(dx.p), static_cast<float*>(dt.p),
+        static_cast<const w_t*>(dw.p), w_stride, static_cast<const float*>(dx.p),
+        static_cast<float*>(dt.p),
         static_cast<float*>(da.p), U, g_major, K, rows, kc_max);
   });
   MMA_GPU_CHECK(cudaGetLastError());

@@ -109,17 +109,29 @@ bool dispatch(int kind, int variant, F&& f) {
 constexpr int kMatvecWarps = 4;
 
 // tile_matvec_mma (mma_matvec.cuh) with NG = 3 in one block of kMatvecWarps warps:
-//   acc [(sub*U + u)*3 + g][8] from W [3U, K] (w_t: float, or the kind's 2-byte bits) and the
-//   staged rows X [tile_rows, K] fp32; row order g*U + u (g_major) or u*3 + g. tile: scratch
-//   [tile_rows, kc_max].
+//   acc [(sub*U + u)*3 + g][8] from W [3U, K] (w_t: float, or the kind's 2-byte bits; row
+//   stride w_stride, even for 2-byte bits) and the staged rows X [tile_rows, K] fp32, staged
+//   into the tile in the kernel's tile type (fp32 for TF32, else rounded to the kind's bits);
+//   row order g*U + u (g_major) or u*3 + g. tile: scratch of tile_rows * kc_max floats.
 template <Kind k, typename w_t>
-__global__ void matvec_kernel(const w_t* w, const float* X, float* tile, float* acc, int U,
-                              int g_major, int K, int tile_rows, int kc_max) {
-  auto stage = [&](float* dst, int r, int k0, int kc, int lane) {
-    for (int c = lane; c < kc; c += 32) dst[c] = X[r * K + k0 + c];
+__global__ void matvec_kernel(const w_t* w, int w_stride, const float* X, float* tile, float* acc,
+                              int U, int g_major, int K, int tile_rows, int kc_max) {
+  using x_t = std::conditional_t<k == Kind::tf32, float, uint16_t>;
+  const int kc_stride = k == Kind::tf32 ? kc_max : (kc_max + 1) / 2 * 2;
+  auto locate = [&](int r) -> int64_t { return r; };
+  auto stage = [&](x_t* dst, int64_t r, int k0, int kc, int lane) {
+    for (int c = lane; c < kc; c += 32) {
+      const float v = X[r * K + k0 + c];
+      if constexpr (k == Kind::tf32) {
+        dst[c] = v;
+      } else {
+        dst[c] = static_cast<uint16_t>(to_bits<k>(v));
+      }
+    }
   };
-  tile_matvec_mma<3, kMatvecWarps, k>(w, U, g_major ? U : 1, g_major ? 1 : 3, K, tile_rows, kc_max,
-                                      tile, acc, stage);
+  tile_matvec_mma<3, kMatvecWarps, 32, k>(w, w_stride, U, g_major ? U : 1, g_major ? 1 : 3, K,
+                                          tile_rows, kc_max, kc_stride,
+                                          reinterpret_cast<x_t*>(tile), acc, locate, stage);
 }
 
 inline int k_step(int kind) { return kind == 0 ? 8 : 16; }

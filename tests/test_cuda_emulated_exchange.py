@@ -1,0 +1,177 @@
+"""The persistent kernels' exchange between blocks and their shared-memory layout, on the CPU
+emulation of the CUDA kernels (tests/cuda_emulation/emu.cpp; see test_cuda_emulated.py for what
+the emulation covers and how the bounds are set).
+
+What these cases add:
+- the 16-bit tensor-core kernels publish h in the storage type (each block keeps its own units'
+  exact fp32 state) and stage tiles in it; float32 on TF32 keeps fp32. Checked for every cell,
+  forward and backward, padded and ragged rows, against the CPU op / torch.nn in float64;
+- stage_row's two ways: 16-byte vector copies where the row length (H, or G*H for the
+  backward's dgh rows) fills whole vectors, one element per load otherwise. The emulation
+  counts the rows staged each way (emu.stats), so each case shows which way it ran;
+- the padded row strides of plan.h (padded_stride): the emulation computes the worst bank
+  conflict of every fragment load from the kernel's own address helpers (mma_matvec.cuh:
+  fragment_load_ways) and must see none; the unpadded layout must show conflicts and give
+  the same bits."""
+
+import pytest
+import test_cuda_emulated as gru
+import test_cuda_emulated_cells as cells
+import torch
+from emulation import SKIP_REASON, load_emulation
+
+pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return load_emulation()
+
+
+CASES = {
+    # H = 16: every h row and every backward dgh row (G*H) is whole 16-byte vectors in every
+    # dtype; batch-major, zero lengths, both directions.
+    "vec-padded-bf": dict(
+        T=5,
+        B=11,
+        I=3,
+        H=16,
+        D=2,
+        bias=True,
+        layout="padded",
+        bf=True,
+        lengths=[5, 0, 3, 1, 5, 2, 4, 4, 0, 5, 1],
+    ),
+    # H = 24 over packed rows, the backward's K = G*H in 32-column chunks (a tail of 8 or 24).
+    "vec-packed-chunks": dict(
+        T=6,
+        B=20,
+        I=3,
+        H=24,
+        D=2,
+        bias=False,
+        layout="packed",
+        kc=32,
+        lengths=[(i * 5) % 6 + 1 for i in range(20)],
+    ),
+    # H = 13: no row fills whole vectors; offsets rows, several row tiles.
+    "scalar-offsets-tiles": dict(
+        T=4,
+        B=40,
+        I=3,
+        H=13,
+        D=1,
+        bias=True,
+        layout="offsets",
+        lengths=[(i * 7) % 5 for i in range(40)],
+    ),
+}
+VECTOR = {"vec-padded-bf": True, "vec-packed-chunks": True, "scalar-offsets-tiles": False}
+# (dtype, mma): the tensor-core kernels in their three kinds, the exact kernels where they
+# stage differently (float64; bfloat16 widened to fp32 tiles).
+KINDS = [
+    (torch.float32, True),
+    (torch.bfloat16, True),
+    (torch.float16, True),
+    (torch.float64, False),
+    (torch.bfloat16, False),
+]
+EPS = {
+    torch.float32: 2.0**-10,  # TF32 operands
+    torch.bfloat16: torch.finfo(torch.bfloat16).eps,
+    torch.float16: torch.finfo(torch.float16).eps,
+}
+
+
+def _ok_cell(cell, dtype, mma):
+    # relu's kink: a pre-activation within a rounding of 0 (half types, or TF32 operands) takes
+    # the other side of it than the float64 oracle's, a difference of order 1 in its gradient
+    # (see test_cuda_emulated_cells._params); these cases hit it. The relu RNN runs the exact
+    # float64 kernels here; its 16-bit and TF32 code is the tanh RNN's.
+    return not (cell == "rnn-relu" and (mma or dtype != torch.float64))
+
+
+PARAMS = [
+    (cell, name, dt, mma)
+    for cell in ["gru", *cells.CELLS]
+    for name in CASES
+    for dt, mma in KINDS
+    if _ok_cell(cell, dt, mma)
+]
+
+
+def _id(p):
+    cell, name, dt, mma = p
+    return f"{cell}-{name}-{gru.DTYPE_IDS[dt]}-{'mma' if mma else 'exact'}"
+
+
+def run(emu, cell, c, dtype, mma):
+    """(got, ref) of one persistent case for `cell` ('gru' or a cells.CELLS key)."""
+    if cell == "gru":
+        got, ref, _ = gru.run_case(emu, c, dtype, True, mma=mma)
+    else:
+        got, ref, _ = cells.run_case(emu, cells.CELLS[cell], c, dtype, True, mma=mma)
+    return got, ref
+
+
+def check(cell, got, ref, dtype, mma):
+    if dtype == torch.float64:
+        c_eps = None
+    elif mma:
+        c_eps = 4 * EPS[dtype]
+    else:
+        c_eps = cells.TOL_EPS[dtype] * torch.finfo(dtype).eps
+    if cell == "gru":  # names and order of test_cuda_emulated.run_case
+        for a, e in zip(got, ref):
+            if c_eps is None:
+                torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-12)
+            else:
+                torch.testing.assert_close(
+                    a, e, atol=c_eps * max(1.0, e.abs().max().item()), rtol=c_eps
+                )
+    else:
+        cells.check(got, ref, dtype, c_eps=c_eps)
+
+
+@pytest.mark.parametrize("cell,name,dtype,mma", PARAMS, ids=[_id(p) for p in PARAMS])
+def test_emulated_exchange_and_staging_match_cpu(emu, cell, name, dtype, mma):
+    emu.stats(True)
+    got, ref = run(emu, cell, CASES[name], dtype, mma)
+    st = emu.stats(True)
+    check(cell, got, ref, dtype, mma)
+    if VECTOR[name]:
+        assert st["vector_rows"] > 0 and st["scalar_rows"] == 0, st
+    else:  # h rows of 13 never fill vectors; the backward's dgh rows of G*13 do where G*13
+        # elements are whole 16 bytes (the LSTM's 52 in float32 and float64)
+        G = 3 if cell == "gru" else cells.GATES[cells.CELLS[cell]]
+        bwd_vector = G * CASES[name]["H"] * dtype.itemsize % 16 == 0
+        assert st["scalar_rows"] > 0 and (st["vector_rows"] > 0) == bwd_vector, st
+    if mma:  # plan.h's padded strides: no fragment load waits on a bank
+        assert st["fragment_ways"] == 1, st
+
+
+# H = 32: unpadded, the weight rows are 32 (TF32) or 16 (16-bit) words apart and so are the
+# staged tile's rows (a 32-column chunk), which puts the 8 row groups of a fragment in 4 or 8
+# banks.
+CONFLICT_CASE = dict(
+    T=4, B=8, I=2, H=32, D=1, bias=True, layout="padded", bf=False, lengths=[4, 3, 4, 1, 2, 4, 0, 3]
+)
+
+
+@pytest.mark.parametrize("dtype", list(EPS), ids=[gru.DTYPE_IDS[d] for d in EPS])
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_emulated_padded_layout_is_conflict_free_and_changes_no_bit(emu, cell, dtype):
+    emu.stats(True)
+    padded, ref = run(emu, cell, CONFLICT_CASE, dtype, True)
+    ways_padded = emu.stats(True)["fragment_ways"]
+    before = emu.set_smem_padding(False)
+    try:
+        unpadded, _ = run(emu, cell, CONFLICT_CASE, dtype, True)
+        ways_unpadded = emu.stats(True)["fragment_ways"]
+    finally:
+        emu.set_smem_padding(before)
+    assert ways_padded == 1
+    assert ways_unpadded >= 4, "the unpadded layout must show the conflicts padding removes"
+    for a, b in zip(padded, unpadded):
+        assert (a is None and b is None) or torch.equal(a, b)
+    check(cell, padded, ref, dtype, True)
