@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <utility>
 
 // The Fortran BLAS that torch's CPU build carries (MKL in the x86 wheels).
@@ -21,20 +23,20 @@ void dgemm_(const char*, const char*, const int*, const int*, const int*, const 
 namespace varlen_rnn {
 namespace cpu {
 
-// Row-major c[m, n] (ldc) = a[m, k] (lda) b[k, n] (ldb), one thread.
+// Row-major c[m, n] (ldc) = a[m, k] (lda) b[k, n] (ldb) + beta c, one thread.
 inline void gemm_rm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
-                    int64_t ldb, float* c, int64_t ldc) {
+                    int64_t ldb, float* c, int64_t ldc, float beta = 0) {
   const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
   const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-  const float one = 1, zero = 0;
-  sgemm_("N", "N", &M, &N, &K, &one, b, &la, a, &lb, &zero, c, &lc);
+  const float one = 1;
+  sgemm_("N", "N", &M, &N, &K, &one, b, &la, a, &lb, &beta, c, &lc);
 }
 inline void gemm_rm(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b,
-                    int64_t ldb, double* c, int64_t ldc) {
+                    int64_t ldb, double* c, int64_t ldc, double beta = 0) {
   const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
   const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-  const double one = 1, zero = 0;
-  dgemm_("N", "N", &M, &N, &K, &one, b, &la, a, &lb, &zero, c, &lc);
+  const double one = 1;
+  dgemm_("N", "N", &M, &N, &K, &one, b, &la, a, &lb, &beta, c, &lc);
 }
 
 inline bool blas_available() {
@@ -43,6 +45,15 @@ inline bool blas_available() {
 #else
   return false;
 #endif
+}
+
+// VARLEN_RNN_CPU_STEPS=split or =gemm forces the step loops' choice (tests
+// exercise both): 1 or 0, or -1 when unset (auto).
+inline int forced_steps() {
+  const char* env = std::getenv("VARLEN_RNN_CPU_STEPS");
+  if (env != nullptr && std::strcmp(env, "split") == 0) return 1;
+  if (env != nullptr && std::strcmp(env, "gemm") == 0) return 0;
+  return -1;
 }
 
 // [lo, hi) of part k of n parts of `total`, cut at multiples of 16 (one
