@@ -6,10 +6,11 @@
 // Each step is one GEMM over the running rows (W_hh h, or dgh W_hh in the
 // backward) and one parallel gate pass over them (cpu/rows.h), or, where
 // use_split_steps / use_split_backward pick it, both split by hidden units
-// across a persistent thread team (cpu/split_steps.h, cpu/split_backward.h); the LSTM's
-// projection adds one GEMM per step (h' W_hr^T, or dh_state W_hr). Rows run in
-// the schedule's longest-first order (cpu/schedule.h). Each direction's input
-// projection is one GEMM over the N valid positions (no work on padding), and
+// across a persistent thread team (cpu/split_steps.h, cpu/split_backward.h);
+// the LSTM's projection adds one GEMM per step (h' W_hr^T, or dh_state W_hr).
+// Rows run in the schedule's longest-first order (cpu/schedule.h). Each
+// direction's input projection is one GEMM over the N valid positions (no
+// work on padding), and
 // the workspace ([D, N, S*H]: nothing for padding) stores direction d's step s
 // at rows offset[s] + i, so the backward's weight GEMMs cover exactly N rows.
 // Ragged input needs no gather: its own N rows are the projection's rows.
