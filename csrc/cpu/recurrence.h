@@ -4,12 +4,13 @@
 // instantiate it.
 //
 // Each step is one GEMM over the running rows (W_hh h, or dgh W_hh in the
-// backward) and one parallel gate pass over them (cpu/rows.h), or, in the
-// forward where use_split_steps picks it, both split by hidden units across a
-// persistent thread team (cpu/split_steps.h); the LSTM's
-// projection adds one GEMM per step (h' W_hr^T, or dh_state W_hr). Rows run in
-// the schedule's longest-first order (cpu/schedule.h). Each direction's input
-// projection is one GEMM over the N valid positions (no work on padding), and
+// backward) and one parallel gate pass over them (cpu/rows.h), or, where
+// use_split_steps / use_split_backward pick it, both split by hidden units
+// across a persistent thread team (cpu/split_steps.h, cpu/split_backward.h);
+// the LSTM's projection adds one GEMM per step (h' W_hr^T, or dh_state W_hr).
+// Rows run in the schedule's longest-first order (cpu/schedule.h). Each
+// direction's input projection is one GEMM over the N valid positions (no
+// work on padding), and
 // the workspace ([D, N, S*H]: nothing for padding) stores direction d's step s
 // at rows offset[s] + i, so the backward's weight GEMMs cover exactly N rows.
 // Ragged input needs no gather: its own N rows are the projection's rows.
@@ -23,6 +24,7 @@
 
 #include "cpu/layer_args.h"
 #include "cpu/rows.h"
+#include "cpu/split_backward.h"
 #include "cpu/split_steps.h"
 #include "layout.h"  // step_time, prev_time
 
@@ -132,9 +134,11 @@ void backward_impl(BackwardArgs& args) {
   at::Tensor hprev = at::empty({N, P}, opts);                          // [N, P] one direction
   at::Tensor dhs = proj ? at::empty({N, P}, opts) : at::Tensor();      // [N, P] dh_state
   at::Tensor hout = proj ? at::empty({N, H}, opts) : at::Tensor();     // [N, H] h'
-  const bool need_dgh = !(dgx_in_place && dims.D == 1);
+  const bool split = use_split_backward(dims);
+  // The per-step loop's step buffers (the split loop has its own).
+  const bool need_dgh = !split && !(dgx_in_place && dims.D == 1);
   at::Tensor dgh = need_dgh ? at::empty({dims.B, G}, opts) : at::Tensor();  // [B, G*H] one step
-  at::Tensor dhp = proj ? at::empty({dims.B, H}, opts) : at::Tensor();      // [B, H] dh' one step
+  at::Tensor dhp = proj && !split ? at::empty({dims.B, H}, opts) : at::Tensor();  // [B, H] dh'
   const scalar_t* go_p = args.grad_output.const_data_ptr<scalar_t>();
   const scalar_t* out_p = args.output.const_data_ptr<scalar_t>();
   const scalar_t* hx_p = args.hx.const_data_ptr<scalar_t>();
@@ -144,7 +148,8 @@ void backward_impl(BackwardArgs& args) {
   scalar_t* hp_p = hprev.data_ptr<scalar_t>();
   scalar_t* dhs_p = proj ? dhs.data_ptr<scalar_t>() : nullptr;
   scalar_t* hout_p = proj ? hout.data_ptr<scalar_t>() : nullptr;
-  scalar_t* dhp_p = proj ? dhp.data_ptr<scalar_t>() : nullptr;
+  scalar_t* dhp_p = dhp.defined() ? dhp.data_ptr<scalar_t>() : nullptr;
+  const BackwardBuffers<scalar_t> bufs{dgx_p, dghn_p, hp_p, dhs_p, hout_p};
 
   for (int64_t d = 0; d < dims.D; ++d) {
     const bool dgh_in_dgx = dgx_in_place && d == 0;
@@ -155,7 +160,10 @@ void backward_impl(BackwardArgs& args) {
     const scalar_t* ws_p = args.workspace.const_data_ptr<scalar_t>() + d * N * S;
     const at::Tensor w_hh_d = args.w_hh[d];                        // [G*H, P]
     const at::Tensor w_hr_d = proj ? args.w_hr[d] : at::Tensor();  // [P, H]
-    for (int64_t s = sched.max_len - 1; s >= 0; --s) {
+    if (split) {  // the same steps, split by hidden units (cpu/split_backward.h)
+      split_backward<Cell, scalar_t>(args, d, bufs, dgh_in_dgx, dh, dc);
+    }
+    for (int64_t s = split ? -1 : sched.max_len - 1; s >= 0; --s) {
       const int64_t n = sched.active[s];
       if (proj) {  // dh_state = dh + grad_output; dh' = dh_state W_hr
         at::parallel_for(0, n, row_grain(P), [&](int64_t i0, int64_t i1) {

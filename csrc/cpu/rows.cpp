@@ -49,12 +49,15 @@ inline void forward_any(const ForwardRow<T>& row, int64_t units, int64_t H, int6
 }
 
 // kProj: the LSTM's projection; grad_output is already in dh, and h' is
-// recomputed for dW_hr.
+// recomputed for dW_hr. units: how many units the row's pointers cover; H: the
+// gate stride of ws, dgx and dgh. Each unit's gradients read and write only
+// that unit's columns, so a slice of units (cpu/split_backward.h) gets exactly
+// the whole row's values for them.
 template <typename T, typename Cell, bool kProj>
-inline void backward_loop(const BackwardRow<T>& row, int64_t H) {
+inline void backward_loop(const BackwardRow<T>& row, int64_t units, int64_t H) {
   constexpr int G = Cell::kGates, S = Cell::kSaved;
   VR_IVDEP
-  for (int64_t j = 0; j < H; ++j) {
+  for (int64_t j = 0; j < units; ++j) {
     T saved[S], dgx[G], dgh[G];
     load_cols<S>(row.ws, j, H, saved);
     CellState<T> grad, grad_prev;
@@ -78,14 +81,14 @@ inline void backward_loop(const BackwardRow<T>& row, int64_t H) {
 }
 
 template <typename T, typename Cell>
-inline void backward_any(const BackwardRow<T>& row, int64_t H) {
+inline void backward_any(const BackwardRow<T>& row, int64_t units, int64_t H) {
   if constexpr (Cell::kHasC) {  // only the LSTM has a projection
     if (row.hout != nullptr) {
-      backward_loop<T, Cell, true>(row, H);
+      backward_loop<T, Cell, true>(row, units, H);
       return;
     }
   }
-  backward_loop<T, Cell, false>(row, H);
+  backward_loop<T, Cell, false>(row, units, H);
 }
 
 }  // namespace
@@ -111,7 +114,11 @@ inline void backward_any(const BackwardRow<T>& row, int64_t H) {
     forward_any<float, Cell, VecMathF32>(row, units, H, gh_ld);                                  \
   }                                                                                              \
   VR_CPU_CLONES void backward_row(Cell, const BackwardRow<float>& row, int64_t H) {              \
-    backward_any<float, Cell>(row, H);                                                           \
+    backward_any<float, Cell>(row, H, H);                                                        \
+  }                                                                                              \
+  VR_CPU_CLONES void backward_units(Cell, const BackwardRow<float>& row, int64_t units,          \
+                                    int64_t H) {                                                 \
+    backward_any<float, Cell>(row, units, H);                                                    \
   }                                                                                              \
   void forward_row(Cell, const ForwardRow<double>& row, int64_t H) {                             \
     forward_any<double, Cell, PreciseMath>(row, H, H, H);                                        \
@@ -121,7 +128,10 @@ inline void backward_any(const BackwardRow<T>& row, int64_t H) {
     forward_any<double, Cell, PreciseMath>(row, units, H, gh_ld);                                \
   }                                                                                              \
   void backward_row(Cell, const BackwardRow<double>& row, int64_t H) {                           \
-    backward_any<double, Cell>(row, H);                                                          \
+    backward_any<double, Cell>(row, H, H);                                                       \
+  }                                                                                              \
+  void backward_units(Cell, const BackwardRow<double>& row, int64_t units, int64_t H) {          \
+    backward_any<double, Cell>(row, units, H);                                                   \
   }
 
 VR_DEFINE_ROWS(GruCell)

@@ -29,49 +29,15 @@
 
 #include "cpu/layer_args.h"
 #include "cpu/rows.h"
+#include "cpu/team.h"  // gemm_rm, blas_available, slice_of
 #include "layout.h"  // step_time
 
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
 
-// The Fortran BLAS that torch's CPU build carries (MKL in the x86 wheels).
-// Weak: where a build lacks it, the split loop is not used (blas_available).
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
-            const float*, const int*, const float*, const int*, const float*, float*, const int*)
-    __attribute__((weak));
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
-            const double*, const int*, const double*, const int*, const double*, double*,
-            const int*) __attribute__((weak));
-}
-
 namespace varlen_rnn {
 namespace cpu {
-
-// Row-major c[m, n] (ldc) = a[m, k] (lda) b[k, n] (ldb), one thread.
-inline void gemm_rm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
-                    int64_t ldb, float* c, int64_t ldc) {
-  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
-  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-  const float one = 1, zero = 0;
-  sgemm_("N", "N", &M, &N, &K, &one, b, &la, a, &lb, &zero, c, &lc);
-}
-inline void gemm_rm(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b,
-                    int64_t ldb, double* c, int64_t ldc) {
-  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
-  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-  const double one = 1, zero = 0;
-  dgemm_("N", "N", &M, &N, &K, &one, b, &la, a, &lb, &zero, c, &lc);
-}
-
-inline bool blas_available() {
-#if defined(_OPENMP)
-  return sgemm_ != nullptr && dgemm_ != nullptr;
-#else
-  return false;
-#endif
-}
 
 // The one place the forward's step loop is chosen. VARLEN_RNN_CPU_STEPS=split
 // or =gemm forces one (tests exercise both); otherwise (auto) the split loop
@@ -86,14 +52,6 @@ inline bool use_split_steps(const LayerDims& dims) {
     if (std::strcmp(env, "gemm") == 0) return false;
   }
   return at::get_num_threads() >= 2 && (dims.H >= 256 || dims.B <= 32);
-}
-
-// [lo, hi) of part k of n parts of `total`, cut at multiples of 16 (one
-// AVX-512 vector of floats) so each slice's gate pass vectorizes fully.
-inline std::pair<int64_t, int64_t> slice_of(int64_t total, int64_t parts, int64_t k) {
-  const int64_t blocks = (total + 15) / 16;
-  const int64_t b0 = blocks * k / parts, b1 = blocks * (k + 1) / parts;
-  return {std::min(total, b0 * 16), std::min(total, b1 * 16)};
 }
 
 // One direction d of forward_impl's step loop. h: [B, P] sorted order (in:

@@ -1,0 +1,205 @@
+// The backward's step loop split by hidden units across a persistent team of
+// threads, as the forward's is (cpu/split_steps.h); cpu/recurrence.h picks it
+// or the per-step GEMM loop (use_split_backward).
+//
+// Thread k owns hidden units [u0, u1) (slice_of) and the same columns of dh.
+// Each step it runs the gate pass of its own units for every running row
+// (backward_units: a unit's gradients read and write only that unit's
+// columns), writing their columns of the step's dG [n, G*H]; after a barrier
+// it computes dh_prev[:, u0:u1] = dG W_hh[:, u0:u1] with one single-threaded
+// BLAS call against its own panel of W_hh, packed once per call. The next
+// step's gate pass of unit j reads dh[:, j] only, which the same thread just
+// wrote, so dG is the one buffer read across threads: it alternates between
+// two buffers (step s writes dgbuf[s % 2]; a thread that runs ahead writes the
+// other one while the rest still read this one), and one barrier per step
+// suffices. Where dG is dgx itself (the forward direction of the packed
+// orders, not the GRU), each step writes its own rows of dgx: no copy.
+//
+// The LSTM's projection splits dh (width P) by P columns and h' by H units:
+// per step, (A) thread k adds grad_output to its columns of dh_state, barrier,
+// (B) dh'[:, u0:u1] = dh_state W_hr[:, u0:u1] and the gate pass of its units,
+// barrier, (C) dh[:, p0:p1] = dG W_hh[:, p0:p1], which the next step's (A)
+// reads on the same thread. dh_state is read across threads in (B) and
+// written in (C); dG is written in (B) and read in (C): the two barriers
+// separate both, so neither needs a second buffer.
+//
+// The loop fills dgx, dghn, hprev (and dh_state, h') exactly as the per-step
+// loop does, so the weight gradients after it are the same GEMMs. Every value
+// is computed by one thread in a fixed order: deterministic.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "cpu/layer_args.h"
+#include "cpu/rows.h"
+#include "cpu/team.h"  // gemm_rm, blas_available, slice_of, forced_steps
+#include "layout.h"    // step_time, prev_time
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace varlen_rnn {
+namespace cpu {
+
+// The one place the backward's step loop is chosen; VARLEN_RNN_CPU_STEPS
+// forces it with the forward's (forced_steps). Otherwise the forward's rule:
+// 2+ threads at H >= 256 or B <= 32. Measured (2-core Xeon shared with other
+// jobs, load average ~4, so a guide only; float32 training step, split vs gemm
+// backward, min of 15-25 interleaved repeats): GRU 1.25x at B=64 H=256, 1.29x
+// at B=16 H=512, 1.45x at B=16 H=128, 1.01x at B=32 H=64; LSTM 1.20x / 1.11x
+// and RNN 2.4x / 1.39x at the first two; the projected LSTM (B=64 H=256 P=128)
+// 1.11x. At B=128 H=128 (2 layers, bidirectional) 0.95x, at B=64 H=128 1.02x:
+// there the per-step BLAS call already keeps both cores busy.
+inline bool use_split_backward(const LayerDims& dims) {
+  if (!blas_available() || at::in_parallel_region()) return false;
+  const int forced = forced_steps();
+  if (forced >= 0) return forced == 1;
+  return at::get_num_threads() >= 2 && (dims.H >= 256 || dims.B <= 32);
+}
+
+// backward_impl's buffers over the N positions (gx_rows' order), which the
+// weight gradients after the step loop read.
+template <typename scalar_t>
+struct BackwardBuffers {
+  scalar_t* dgx;    // [N, D*G*H]
+  scalar_t* dghn;   // [N, H] the GRU's hidden-side n gradient, else null
+  scalar_t* hprev;  // [N, P] one direction
+  scalar_t* dhs;    // [N, P] dh_state (projection), else null
+  scalar_t* hout;   // [N, H] h' (projection), else null
+};
+
+// One step's product of a thread: c[n, cols] (ldc) = a[n, k] (lda) b[k, cols]
+// (ldb: a panel) (+ c if accumulate). The one call a small-M kernel would
+// replace.
+template <typename scalar_t>
+inline void backward_step_gemm(int64_t n, int64_t cols, int64_t k, const scalar_t* a, int64_t lda,
+                               const scalar_t* b, int64_t ldb, scalar_t* c, int64_t ldc,
+                               bool accumulate) {
+  if (cols == 0) return;
+  gemm_rm(n, cols, k, a, lda, b, ldb, c, ldc, accumulate ? scalar_t(1) : scalar_t(0));
+}
+
+// One direction d of backward_impl's step loop. dh: [B, P] sorted order (in:
+// grad_h_n, out: grad_hx); dc: [B, H] likewise (Cell::kHasC); dgh_in_dgx: dG
+// is this direction's columns of dgx at rows offset[s] + i.
+template <typename Cell, typename scalar_t>
+void split_backward(BackwardArgs& args, int64_t d, const BackwardBuffers<scalar_t>& buf,
+                    bool dgh_in_dgx, at::Tensor& dh, at::Tensor& dc) {
+  constexpr bool kDiffer = Cell::kHiddenGradsDiffer;
+  const LayerDims& dims = args.dims;
+  const Schedule& sched = args.sched;
+  const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H, S = Cell::kSaved * H;
+  const int64_t DG = dims.D * G, N = sched.N();
+  const bool proj = args.w_hr.defined();
+  TORCH_INTERNAL_ASSERT(!dgh_in_dgx || !kDiffer);
+  TORCH_INTERNAL_ASSERT(proj || P == H);
+  const auto opts = dh.options();
+  const int64_t parts =
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (H + 15) / 16));
+  // Panels per slice, copied once per call so each stays in its core's cache
+  // across steps: W_hh[:, p0:p1] as [G*H, Ps] and, with a projection,
+  // W_hr[:, u0:u1] as [P, Hs].
+  std::vector<at::Tensor> panels, panels_r;
+  for (int64_t k = 0; k < parts; ++k) {
+    const auto [p0, p1] = slice_of(P, parts, k);
+    panels.push_back(args.w_hh[d].narrow(1, p0, p1 - p0).contiguous());
+    if (proj) {
+      const auto [u0, u1] = slice_of(H, parts, k);
+      panels_r.push_back(args.w_hr[d].narrow(1, u0, u1 - u0).contiguous());
+    }
+  }
+  // dG [B, G*H] per step: two alternating buffers without a projection, one
+  // with it, none when it is dgx.
+  const int64_t nbuf = dgh_in_dgx ? 0 : (proj ? 1 : 2);
+  at::Tensor dgbuf = at::empty({nbuf, dims.B, G}, opts);
+  at::Tensor dhp = proj ? at::empty({dims.B, H}, opts) : at::Tensor();  // [B, H] dh'
+  scalar_t* dgbuf_p = dgbuf.data_ptr<scalar_t>();
+  scalar_t* dh_p = dh.data_ptr<scalar_t>();
+  scalar_t* dc_p = Cell::kHasC ? dc.data_ptr<scalar_t>() : nullptr;
+  scalar_t* dhp_p = proj ? dhp.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* go_p = args.grad_output.const_data_ptr<scalar_t>();
+  const scalar_t* out_p = args.output.const_data_ptr<scalar_t>();
+  const scalar_t* hx_p = args.hx.const_data_ptr<scalar_t>();
+  const scalar_t* ws_p = args.workspace.const_data_ptr<scalar_t>() + d * N * S;
+  // h_prev of sorted row i at step s (time t): [P]
+  auto prev_of = [&](int64_t s, int64_t t, int64_t i) {
+    return s == 0 ? hx_p + (d * dims.B + sched.perm[i]) * P
+                  : out_p + output_offset(args, prev_time(d, t), i, d);
+  };
+
+#pragma omp parallel num_threads(parts)
+  {
+#if defined(_OPENMP)
+    const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+#else
+    const int64_t tid = 0, nth = 1;
+#endif
+    for (int64_t s = sched.max_len - 1; s >= 0; --s) {
+      const int64_t n = sched.active[s];
+      if (n == 0) continue;  // the same for every thread
+      scalar_t* dg = dgh_in_dgx ? buf.dgx + sched.offset[s] * DG + d * G
+                                : dgbuf_p + (proj ? 0 : s % 2) * dims.B * G;
+      const int64_t ld = dgh_in_dgx ? DG : G;
+      if (proj) {  // (A) dh_state = dh + grad_output, kept for dW_hr; h_prev
+        for (int64_t k = tid; k < parts; k += nth) {
+          const auto [p0, p1] = slice_of(P, parts, k);
+          for (int64_t i = 0; i < n; ++i) {
+            const int64_t t = step_time(d, sched.len[i], s);
+            const int64_t pos = args.gx_rows.row(t, i);
+            const scalar_t* go = go_p + output_offset(args, t, i, d);
+            scalar_t* dhi = dh_p + i * P;
+            for (int64_t p = p0; p < p1; ++p) dhi[p] += go[p];
+            std::copy(dhi + p0, dhi + p1, buf.dhs + pos * P + p0);
+            std::copy(prev_of(s, t, i) + p0, prev_of(s, t, i) + p1, buf.hprev + pos * P + p0);
+          }
+        }
+#pragma omp barrier
+      }
+      for (int64_t k = tid; k < parts; k += nth) {  // the gate pass of the own units
+        const auto [u0, u1] = slice_of(H, parts, k);
+        const int64_t Hs = u1 - u0;
+        if (proj) {  // (B) dh'[:, u0:u1] = dh_state W_hr[:, u0:u1]
+          backward_step_gemm(n, Hs, P, dh_p, P, panels_r[k].const_data_ptr<scalar_t>(), Hs,
+                             dhp_p + u0, H, false);
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t t = step_time(d, sched.len[i], s);
+          const int64_t pos = args.gx_rows.row(t, i);
+          BackwardRow<scalar_t> row;
+          row.dh = (proj ? dhp_p : dh_p) + i * H + u0;
+          row.go = proj ? nullptr : go_p + output_offset(args, t, i, d) + u0;
+          row.dc = Cell::kHasC ? dc_p + i * H + u0 : nullptr;
+          row.prev = prev_of(s, t, i) + u0;
+          row.ws = ws_p + (sched.offset[s] + i) * S + u0;
+          row.dgx = buf.dgx + pos * DG + d * G + u0;
+          row.dgh = kDiffer ? dg + i * ld + u0 : nullptr;
+          row.dghn = kDiffer ? buf.dghn + pos * H + u0 : nullptr;
+          row.hout = proj ? buf.hout + pos * H + u0 : nullptr;
+          if (!proj) std::copy_n(row.prev, Hs, buf.hprev + pos * P + u0);
+          backward_units(Cell{}, row, Hs, H);
+          if (!kDiffer && !dgh_in_dgx) {
+            for (int64_t g = 0; g < Cell::kGates; ++g) {
+              std::copy_n(row.dgx + g * H, Hs, dg + i * ld + g * H + u0);
+            }
+          }
+        }
+      }
+#pragma omp barrier
+      for (int64_t k = tid; k < parts; k += nth) {  // dh_prev[:, own columns] = dG W_hh[:, own]
+        const auto [p0, p1] = slice_of(P, parts, k);
+        // kReadsHPrev: the gate pass left the direct part in dh (accumulate).
+        backward_step_gemm(n, p1 - p0, G, dg, ld, panels[k].const_data_ptr<scalar_t>(), p1 - p0,
+                           dh_p + p0, P, Cell::kReadsHPrev);
+      }
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace varlen_rnn
