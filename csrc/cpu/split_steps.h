@@ -25,10 +25,12 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/layer_args.h"
 #include "cpu/rows.h"
+#include "cpu/small_gemm.h"
 #include "layout.h"  // step_time
 
 #if defined(_OPENMP)
@@ -110,12 +112,23 @@ void split_steps(ForwardArgs& args, int64_t d, const scalar_t* gx_p, const scala
   // Slices: as many as threads, fewer if H has fewer 16-unit blocks.
   const int64_t parts =
       std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (H + 15) / 16));
-  std::vector<at::Tensor> panels, gh;  // [P, G*Hs] and [B, G*Hs] per slice
+  // float32 may take the register-blocked micro-kernel (cpu/small_gemm.h):
+  // each slice's panel is then packed once, by the thread that uses it (so it
+  // lands in that core's cache), from its [G*Hs, P] rows of W_hh, and gh is
+  // computed kChunk rows at a time, each chunk's gate pass right after its
+  // product, while that gh tile is in L1.
+  int64_t kChunk = std::getenv("VR_DEV_CHUNK") ? std::atoll(std::getenv("VR_DEV_CHUNK")) : 16;
+  if (kChunk <= 0) kChunk = dims.B;
+  const bool kernel = std::is_same_v<scalar_t, float> && use_small_gemm();
+  std::vector<at::Tensor> panels, gh;  // [P, G*Hs] (or [G*Hs, P]) and gh per slice
+  std::vector<PackedB> packed(kernel ? parts : 0);
   const at::Tensor w3 = args.w_hh[d].view({Cell::kGates, H, P});
   for (int64_t k = 0; k < parts; ++k) {
     const auto [u0, u1] = slice_of(H, parts, k);
-    panels.push_back(w3.narrow(1, u0, u1 - u0).reshape({-1, P}).t().contiguous());
-    gh.push_back(at::empty({dims.B, Cell::kGates * (u1 - u0)}, opts));
+    const at::Tensor rows = w3.narrow(1, u0, u1 - u0).reshape({-1, P});  // [G*Hs, P]
+    panels.push_back(kernel ? rows : rows.t().contiguous());
+    // [B, G*Hs], or [kChunk, G*Hs] with the micro-kernel
+    gh.push_back(at::empty({kernel ? std::min(kChunk, dims.B) : dims.B, rows.size(0)}, opts));
   }
   const at::Tensor w_hr_t = proj ? args.w_hr[d].t().contiguous() : at::Tensor();  // [H, P]
   at::Tensor hraw = proj ? at::empty({dims.B, H}, opts) : at::Tensor();           // [B, H] h'
@@ -137,6 +150,12 @@ void split_steps(ForwardArgs& args, int64_t d, const scalar_t* gx_p, const scala
 #else
     const int64_t tid = 0, nth = 1;
 #endif
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      for (int64_t k = tid; k < (kernel ? parts : 0); k += nth) {
+        const int64_t cols = panels[k].size(0);  // G*Hs; b[p, col] = rows[col, p]
+        packed[k] = pack_b(P, cols, panels[k].const_data_ptr<float>(), 1, P);
+      }
+    }
     for (int64_t s = 0; s < sched.max_len; ++s) {
       const int64_t n = sched.active[s];
       if (n == 0) continue;  // the same for every thread
@@ -146,22 +165,36 @@ void split_steps(ForwardArgs& args, int64_t d, const scalar_t* gx_p, const scala
         const auto [u0, u1] = slice_of(H, parts, k);
         const int64_t Hs = u1 - u0, ld = Cell::kGates * Hs;
         scalar_t* ghk = gh[k].data_ptr<scalar_t>();
-        gemm_rm(n, ld, P, h_cur, P, panels[k].const_data_ptr<scalar_t>(), ld, ghk, ld);
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t t = step_time(d, sched.len[i], s);
-          scalar_t* hi = (proj ? hraw_p : h_next) + i * H + u0;
-          // The gate pass updates h in place: it starts from h_prev.
-          if (Cell::kReadsHPrev && !proj) std::copy_n(h_cur + i * H + u0, Hs, hi);
-          ForwardRow<scalar_t> row;
-          row.gx = gx_p + args.gx_rows.row(t, i) * G + u0;
-          row.gh = ghk + i * ld;
-          row.bh = bh_p + u0;
-          row.h = hi;
-          row.out = proj ? row.h : out_p + output_offset(args, t, i, d) + u0;
-          row.c = Cell::kHasC ? c_p + i * H + u0 : nullptr;
-          row.ws = ws_p ? ws_p + (sched.offset[s] + i) * S + u0 : nullptr;
-          forward_units(Cell{}, row, Hs, H, Hs);
+        // The gate pass of rows [i0, i1), whose gh row i is gh_rows[i - i0].
+        const auto gates = [&](int64_t i0, int64_t i1, const scalar_t* gh_rows) {
+          for (int64_t i = i0; i < i1; ++i) {
+            const int64_t t = step_time(d, sched.len[i], s);
+            scalar_t* hi = (proj ? hraw_p : h_next) + i * H + u0;
+            // The gate pass updates h in place: it starts from h_prev.
+            if (Cell::kReadsHPrev && !proj) std::copy_n(h_cur + i * H + u0, Hs, hi);
+            ForwardRow<scalar_t> row;
+            row.gx = gx_p + args.gx_rows.row(t, i) * G + u0;
+            row.gh = gh_rows + (i - i0) * ld;
+            row.bh = bh_p + u0;
+            row.h = hi;
+            row.out = proj ? row.h : out_p + output_offset(args, t, i, d) + u0;
+            row.c = Cell::kHasC ? c_p + i * H + u0 : nullptr;
+            row.ws = ws_p ? ws_p + (sched.offset[s] + i) * S + u0 : nullptr;
+            forward_units(Cell{}, row, Hs, H, Hs);
+          }
+        };
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (kernel) {
+            for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+              const int64_t i1 = std::min(n, i0 + kChunk);
+              small_gemm(i1 - i0, h_cur + i0 * P, P, packed[k], ghk, ld, false);
+              gates(i0, i1, ghk);
+            }
+            continue;
+          }
         }
+        gemm_rm(n, ld, P, h_cur, P, panels[k].const_data_ptr<scalar_t>(), ld, ghk, ld);
+        gates(0, n, ghk);
       }
 #pragma omp barrier
       if (proj) {  // h_state[:, p0:p1] = h' W_hr^T[:, p0:p1], also the output

@@ -1,0 +1,295 @@
+// The micro-kernels declared in small_gemm.h, one per ISA, and the packing.
+//
+// One template (tile, driver) written with GCC's vector extensions, compiled
+// into one function per ISA through target attributes: a vector of W floats
+// becomes a zmm (W = 16, AVX-512), a ymm (W = 8, AVX2) or an xmm/NEON register
+// (W = 4). `acc += a * b` on vectors compiles to FMA where the target has it
+// (GCC and clang contract it; the asm of the AVX-512 loop is one broadcast and
+// MR*NV vfmadd231ps with the strip as a memory operand per k).
+#include "cpu/small_gemm.h"
+
+#include "cpu/split_steps.h"  // gemm_rm, blas_available: the BLAS side of the op
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+namespace varlen_rnn {
+namespace cpu {
+namespace {
+
+#if defined(__GNUC__)
+#define VR_INLINE inline __attribute__((always_inline))
+#else
+#define VR_INLINE inline
+#endif
+
+// Loads and stores through these may be unaligned (aligned(4)): c and a are
+// the caller's slices; the packed strips are 64-byte aligned anyway.
+template <int W>
+struct Vec {
+  typedef float type __attribute__((vector_size(W * sizeof(float)), aligned(4)));
+};
+
+// One tile: rows x (NV vectors of W) of c from `rows` rows of a and one packed
+// strip. Only the first `cols` columns are stored (the last strip's tail).
+template <int W, int NV, int R>
+VR_INLINE void tile(int64_t K, const float* a, int64_t lda, const float* strip, float* c,
+                    int64_t ldc, int64_t cols, bool accumulate) {
+  using V = typename Vec<W>::type;
+  constexpr int NR = W * NV;
+  V acc[R][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+  }
+  const float* ar[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) ar[r] = a + r * lda;
+  for (int64_t k = 0; k < K; ++k) {
+    V b[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) b[v] = *reinterpret_cast<const V*>(strip + k * NR + v * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const float x = ar[r][k];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] += x * b[v];
+    }
+  }
+  if (cols == NR) {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        V* cv = reinterpret_cast<V*>(c + r * ldc + v * W);
+        *cv = accumulate ? *cv + acc[r][v] : acc[r][v];
+      }
+    }
+    return;
+  }
+  for (int r = 0; r < R; ++r) {  // the last strip: only `cols` columns exist in c
+    float buf[NR];
+    std::memcpy(buf, acc[r], sizeof buf);
+    float* cr = c + r * ldc;
+    for (int64_t j = 0; j < cols; ++j) cr[j] = accumulate ? cr[j] + buf[j] : buf[j];
+  }
+}
+
+// Row tiles outermost: a tile's rows of a (R x K) stay in L1 while the strips
+// stream from L2 (the panel is the same every step, so it stays there).
+template <int W, int NV, int MR>
+VR_INLINE void driver(int64_t m, const float* a, int64_t lda, const float* packed, int64_t K,
+                      int64_t N, float* c, int64_t ldc, bool accumulate) {
+  constexpr int NR = W * NV;
+  for (int64_t i0 = 0; i0 < m; i0 += MR) {
+    const int64_t rows = std::min<int64_t>(MR, m - i0);
+    const float* ai = a + i0 * lda;
+    float* ci = c + i0 * ldc;
+    for (int64_t j0 = 0; j0 < N; j0 += NR) {
+      const float* strip = packed + j0 * K;  // strip j0 / NR starts at (j0 / NR) * K * NR
+      const int64_t cols = std::min<int64_t>(NR, N - j0);
+      float* cij = ci + j0;
+      if (rows == MR) {
+        tile<W, NV, MR>(K, ai, lda, strip, cij, ldc, cols, accumulate);
+        continue;
+      }
+      // A tail tile: as many rows as exist (rows < MR <= 8).
+      switch (rows) {
+#define VR_TAIL(r) \
+  case r:          \
+    if constexpr (r < MR) tile<W, NV, r>(K, ai, lda, strip, cij, ldc, cols, accumulate); \
+    break;
+        VR_TAIL(1)
+        VR_TAIL(2)
+        VR_TAIL(3)
+        VR_TAIL(4)
+        VR_TAIL(5)
+        VR_TAIL(6)
+        VR_TAIL(7)
+#undef VR_TAIL
+        default:
+          break;
+      }
+    }
+  }
+}
+
+// Tiles per ISA, from the register file: AVX-512 has 32 zmm; 8 rows x 3
+// vectors is 24 accumulators + 3 strip vectors + 1 broadcast, and per k it
+// issues 24 FMAs against 8 broadcasts + 3 loads, within the two load ports'
+// budget; 48 columns divide the split loop's 3 * 128 and 3 * 256. AVX2 and
+// SSE/NEON have 16 registers: 6 x 2 vectors (12 accumulators).
+constexpr int kAvx512Nv = 3, kAvx512Mr = 8;
+constexpr int kAvx2Nv = 2, kAvx2Mr = 6;
+constexpr int kPortableNv = 2, kPortableMr = 6;
+
+#define VR_KERNEL_ARGS                                                                          \
+  int64_t m, const float *a, int64_t lda, const float *packed, int64_t K, int64_t N, float *c, \
+      int64_t ldc, bool accumulate
+#define VR_KERNEL_PASS m, a, lda, packed, K, N, c, ldc, accumulate
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define VR_HAVE_X86_KERNELS 1
+__attribute__((target("arch=x86-64-v4"))) void kernel_avx512(VR_KERNEL_ARGS) {
+  driver<16, kAvx512Nv, kAvx512Mr>(VR_KERNEL_PASS);
+}
+__attribute__((target("arch=x86-64-v3"))) void kernel_avx2(VR_KERNEL_ARGS) {
+  driver<8, kAvx2Nv, kAvx2Mr>(VR_KERNEL_PASS);
+}
+#else
+#define VR_HAVE_X86_KERNELS 0
+#endif
+void kernel_portable(VR_KERNEL_ARGS) { driver<4, kPortableNv, kPortableMr>(VR_KERNEL_PASS); }
+
+SmallGemmIsa best_isa() {
+#if VR_HAVE_X86_KERNELS
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
+    return SmallGemmIsa::kAvx512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return SmallGemmIsa::kAvx2;
+#endif
+  return SmallGemmIsa::kPortable;
+}
+
+}  // namespace
+
+bool small_gemm_supports(SmallGemmIsa isa) {
+  static const SmallGemmIsa best = best_isa();
+  switch (isa) {
+    case SmallGemmIsa::kAuto:
+    case SmallGemmIsa::kPortable:
+      return true;
+    case SmallGemmIsa::kAvx2:
+      return best == SmallGemmIsa::kAvx2 || best == SmallGemmIsa::kAvx512;
+    case SmallGemmIsa::kAvx512:
+      return best == SmallGemmIsa::kAvx512;
+  }
+  return false;
+}
+
+PackedB pack_b(int64_t K, int64_t N, const float* b, int64_t stride_k, int64_t stride_n,
+               SmallGemmIsa isa) {
+  TORCH_CHECK(small_gemm_supports(isa), "pack_b: this CPU or build lacks the requested kernel");
+  if (isa == SmallGemmIsa::kAuto) isa = best_isa();
+  PackedB p;
+  p.K = K;
+  p.N = N;
+  p.isa = isa;
+  switch (isa) {
+#if VR_HAVE_X86_KERNELS
+    case SmallGemmIsa::kAvx512:
+      p.nr = 16 * kAvx512Nv;
+      p.kernel = kernel_avx512;
+      break;
+    case SmallGemmIsa::kAvx2:
+      p.nr = 8 * kAvx2Nv;
+      p.kernel = kernel_avx2;
+      break;
+#endif
+    default:
+      p.nr = 4 * kPortableNv;
+      p.kernel = kernel_portable;
+      break;
+  }
+  const int64_t nr = p.nr, strips = (N + nr - 1) / nr;
+  p.strips = at::zeros({strips, K, nr}, at::kFloat);
+  float* out = p.strips.data_ptr<float>();
+  // The inner loop walks b's smaller stride (a transposed weight is read
+  // along its rows).
+  const bool k_inner = std::abs(stride_k) < std::abs(stride_n);
+  for (int64_t s = 0; s < strips; ++s) {
+    const int64_t j0 = s * nr, cols = std::min(nr, N - j0);
+    float* dst = out + s * K * nr;
+    if (k_inner) {
+      for (int64_t j = 0; j < cols; ++j) {
+        const float* src = b + (j0 + j) * stride_n;
+        for (int64_t k = 0; k < K; ++k) dst[k * nr + j] = src[k * stride_k];
+      }
+    } else {
+      for (int64_t k = 0; k < K; ++k) {
+        const float* src = b + k * stride_k + j0 * stride_n;
+        for (int64_t j = 0; j < cols; ++j) dst[k * nr + j] = src[j * stride_n];
+      }
+    }
+  }
+  return p;
+}
+
+// Measured default: see the comment in the commit that sets it (filled in
+// below with the numbers).
+bool use_small_gemm() {
+  if (const char* env = std::getenv("VARLEN_RNN_CPU_GEMM")) {
+    if (std::strcmp(env, "kernel") == 0) return true;
+    if (std::strcmp(env, "mkl") == 0) return false;
+  }
+  return best_isa() != SmallGemmIsa::kPortable;
+}
+
+namespace {
+
+SmallGemmIsa isa_named(const std::string& name) {
+  if (name == "auto") return SmallGemmIsa::kAuto;
+  if (name == "avx512") return SmallGemmIsa::kAvx512;
+  if (name == "avx2") return SmallGemmIsa::kAvx2;
+  if (name == "portable") return SmallGemmIsa::kPortable;
+  TORCH_CHECK(false, "_small_gemm: kernel must be auto, avx512, avx2, portable or blas, got '",
+              name, "'");
+}
+
+// The test and benchmark entry (ops.cpp's _small_gemm).
+at::Tensor small_gemm_op(const at::Tensor& a, const at::Tensor& b,
+                         const std::optional<at::Tensor>& c, const std::string& kernel,
+                         int64_t repeats) {
+  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == at::kFloat,
+              "_small_gemm: a must be a 2-D float32 tensor [m, K], got ", a.sizes(), " ",
+              a.scalar_type());
+  TORCH_CHECK(b.dim() == 2 && b.scalar_type() == at::kFloat && b.size(0) == a.size(1),
+              "_small_gemm: b must be a float32 [K, N] with K = a.size(1) = ", a.size(1), ", got ",
+              b.sizes(), " ", b.scalar_type());
+  TORCH_CHECK(repeats >= 0, "_small_gemm: repeats must be >= 0, got ", repeats);
+  const bool blas = kernel == "blas";
+  const SmallGemmIsa isa = blas ? SmallGemmIsa::kAuto : isa_named(kernel);
+  TORCH_CHECK(small_gemm_supports(isa), "_small_gemm: this CPU does not run kernel '", kernel, "'");
+  TORCH_CHECK(!blas || blas_available(), "_small_gemm: this build has no BLAS for kernel 'blas'");
+  TORCH_CHECK(!(blas && c), "_small_gemm: kernel 'blas' takes no c");
+  const int64_t m = a.size(0), K = a.size(1), N = b.size(1);
+  at::Tensor out;
+  if (c) {
+    TORCH_CHECK(c->sizes() == at::IntArrayRef({m, N}) && c->scalar_type() == at::kFloat,
+                "_small_gemm: c must be float32 [m, N] = [", m, ", ", N, "], got ", c->sizes(),
+                " ", c->scalar_type());
+    out = c->clone(at::MemoryFormat::Contiguous);
+  } else {
+    out = at::empty({m, N}, a.options());
+  }
+  // a keeps its row stride (rows may be padded); its columns must be unit-stride.
+  const at::Tensor ac = a.stride(1) == 1 && a.stride(0) >= K ? a : a.contiguous();
+  const float* a_p = ac.const_data_ptr<float>();
+  const int64_t lda = std::max<int64_t>(ac.stride(0), 1), ldc = std::max<int64_t>(N, 1);
+  float* c_p = out.data_ptr<float>();
+  if (blas) {
+    const at::Tensor bc = b.contiguous();  // [K, N], as the step loops pass it
+    for (int64_t r = 0; r < repeats && m > 0 && N > 0; ++r) {
+      gemm_rm(m, N, K, a_p, lda, bc.const_data_ptr<float>(), ldc, c_p, ldc);
+    }
+    return out;
+  }
+  const PackedB packed = pack_b(K, N, b.const_data_ptr<float>(), b.stride(0), b.stride(1), isa);
+  for (int64_t r = 0; r < repeats; ++r) small_gemm(m, a_p, lda, packed, c_p, ldc, c.has_value());
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(varlen_rnn, CPU, m) { m.impl("_small_gemm", &small_gemm_op); }
+
+}  // namespace cpu
+}  // namespace varlen_rnn
