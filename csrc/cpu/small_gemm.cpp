@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 
 namespace varlen_rnn {
@@ -35,23 +36,40 @@ struct Vec {
   typedef float type __attribute__((vector_size(W * sizeof(float)), aligned(4)));
 };
 
-// One tile: rows x (NV vectors of W) of c from `rows` rows of a and one packed
-// strip. Only the first `cols` columns are stored (the last strip's tail).
+// One tile: R rows x (NV vectors of W) of c, over kc values of k: from R rows
+// of a (offset to the block's first k) and one packed strip's block. The
+// accumulators start from c (load_c: a later k block, or accumulate) or 0.
+// Only the first `cols` columns of c are read or written (the last strip's
+// tail).
 template <int W, int NV, int R>
-VR_INLINE void tile(int64_t K, const float* a, int64_t lda, const float* strip, float* c,
-                    int64_t ldc, int64_t cols, bool accumulate) {
+VR_INLINE void tile(int64_t kc, const float* a, int64_t lda, const float* strip, float* c,
+                    int64_t ldc, int64_t cols, bool load_c) {
   using V = typename Vec<W>::type;
   constexpr int NR = W * NV;
   V acc[R][NV];
+  if (!load_c) {
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
+    for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+      for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+    }
+  } else if (cols == NR) {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = *reinterpret_cast<const V*>(c + r * ldc + v * W);
+    }
+  } else {
+    for (int r = 0; r < R; ++r) {
+      float buf[NR] = {};
+      std::memcpy(buf, c + r * ldc, cols * sizeof(float));
+      std::memcpy(acc[r], buf, sizeof buf);
+    }
   }
   const float* ar[R];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) ar[r] = a + r * lda;
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = 0; k < kc; ++k) {
     V b[NV];
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) b[v] = *reinterpret_cast<const V*>(strip + k * NR + v * W);
@@ -66,55 +84,58 @@ VR_INLINE void tile(int64_t K, const float* a, int64_t lda, const float* strip, 
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) {
-        V* cv = reinterpret_cast<V*>(c + r * ldc + v * W);
-        *cv = accumulate ? *cv + acc[r][v] : acc[r][v];
-      }
+      for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(c + r * ldc + v * W) = acc[r][v];
     }
     return;
   }
-  for (int r = 0; r < R; ++r) {  // the last strip: only `cols` columns exist in c
-    float buf[NR];
-    std::memcpy(buf, acc[r], sizeof buf);
-    float* cr = c + r * ldc;
-    for (int64_t j = 0; j < cols; ++j) cr[j] = accumulate ? cr[j] + buf[j] : buf[j];
-  }
+  for (int r = 0; r < R; ++r) std::memcpy(c + r * ldc, acc[r], cols * sizeof(float));
 }
 
-// Row tiles outermost: a tile's rows of a (R x K) stay in L1 while the strips
-// stream from L2 (the panel is the same every step, so it stays there).
+// Strips outermost, then blocks of kc values of k, then row tiles: a strip's
+// block (kc x NR) is loaded from L2 once per call and reused from L1 by every
+// row tile, so the panel crosses L2 -> L1 once per step whatever m. A tile
+// resumes from the partial sums the previous block left in c: floats stored
+// and reloaded exactly, so c[i, j] is still one FMA chain over k in order.
 template <int W, int NV, int MR>
 VR_INLINE void driver(int64_t m, const float* a, int64_t lda, const float* packed, int64_t K,
-                      int64_t N, float* c, int64_t ldc, bool accumulate) {
+                      int64_t N, int64_t kc, float* c, int64_t ldc, bool accumulate) {
   constexpr int NR = W * NV;
-  for (int64_t i0 = 0; i0 < m; i0 += MR) {
-    const int64_t rows = std::min<int64_t>(MR, m - i0);
-    const float* ai = a + i0 * lda;
-    float* ci = c + i0 * ldc;
-    for (int64_t j0 = 0; j0 < N; j0 += NR) {
-      const float* strip = packed + j0 * K;  // strip j0 / NR starts at (j0 / NR) * K * NR
-      const int64_t cols = std::min<int64_t>(NR, N - j0);
-      float* cij = ci + j0;
-      if (rows == MR) {
-        tile<W, NV, MR>(K, ai, lda, strip, cij, ldc, cols, accumulate);
-        continue;
-      }
-      // A tail tile: as many rows as exist (rows < MR <= 8).
-      switch (rows) {
-#define VR_TAIL(r) \
-  case r:          \
-    if constexpr (r < MR) tile<W, NV, r>(K, ai, lda, strip, cij, ldc, cols, accumulate); \
+  static_assert(MR >= 1 && MR <= 8, "the row switch below covers 1..8 rows");
+  // m rows in ceil(m / MR) tiles of near-equal size (9 rows: 5 + 4, not
+  // 8 + 1): a tile of R rows keeps 3R FMA chains in flight, and one or two
+  // rows alone are bound by the FMA latency.
+  const int64_t tiles = (m + MR - 1) / MR;
+  const auto rows_of = [&](int64_t t) { return m / tiles + (t < m % tiles ? 1 : 0); };
+  for (int64_t j0 = 0; j0 < N; j0 += NR) {
+    const float* strip = packed + j0 * K;  // strip j0 / NR starts at (j0 / NR) * K * NR
+    const int64_t cols = std::min<int64_t>(NR, N - j0);
+    for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kc) {
+      const int64_t kn = std::min(kc, K - k0);
+      const bool load_c = accumulate || k0 > 0;
+      const float* sk = strip + k0 * NR;
+      int64_t i0 = 0;
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t rows = rows_of(t);
+        const float* ai = a + i0 * lda + k0;
+        float* cij = c + i0 * ldc + j0;
+        i0 += rows;
+        switch (rows) {  // 1..MR <= 8 rows
+#define VR_ROWS(r)                                                                      \
+  case r:                                                                               \
+    if constexpr (r <= MR) tile<W, NV, r>(kn, ai, lda, sk, cij, ldc, cols, load_c); \
     break;
-        VR_TAIL(1)
-        VR_TAIL(2)
-        VR_TAIL(3)
-        VR_TAIL(4)
-        VR_TAIL(5)
-        VR_TAIL(6)
-        VR_TAIL(7)
-#undef VR_TAIL
-        default:
-          break;
+          VR_ROWS(1)
+          VR_ROWS(2)
+          VR_ROWS(3)
+          VR_ROWS(4)
+          VR_ROWS(5)
+          VR_ROWS(6)
+          VR_ROWS(7)
+          VR_ROWS(8)
+#undef VR_ROWS
+          default:
+            break;
+        }
       }
     }
   }
@@ -129,10 +150,10 @@ constexpr int kAvx512Nv = 3, kAvx512Mr = 8;
 constexpr int kAvx2Nv = 2, kAvx2Mr = 6;
 constexpr int kPortableNv = 2, kPortableMr = 6;
 
-#define VR_KERNEL_ARGS                                                                          \
-  int64_t m, const float *a, int64_t lda, const float *packed, int64_t K, int64_t N, float *c, \
-      int64_t ldc, bool accumulate
-#define VR_KERNEL_PASS m, a, lda, packed, K, N, c, ldc, accumulate
+#define VR_KERNEL_ARGS                                                                      \
+  int64_t m, const float *a, int64_t lda, const float *packed, int64_t K, int64_t N, int64_t kc, \
+      float *c, int64_t ldc, bool accumulate
+#define VR_KERNEL_PASS m, a, lda, packed, K, N, kc, c, ldc, accumulate
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #define VR_HAVE_X86_KERNELS 1
@@ -199,6 +220,11 @@ PackedB pack_b(int64_t K, int64_t N, const float* b, int64_t stride_k, int64_t s
       p.kernel = kernel_portable;
       break;
   }
+  // A strip's k block takes kStripBlockBytes of L1 (48 KiB on recent x86),
+  // the rest is for a's rows and c's tiles.
+  constexpr int64_t kStripBlockBytes = 24 * 1024;
+  p.kc = std::max<int64_t>(1, kStripBlockBytes / (p.nr * static_cast<int64_t>(sizeof(float))));
+  if (const char* e = std::getenv("VR_DEV_KC")) p.kc = std::max<int64_t>(1, std::atoll(e));
   const int64_t nr = p.nr, strips = (N + nr - 1) / nr;
   p.strips = at::zeros({strips, K, nr}, at::kFloat);
   float* out = p.strips.data_ptr<float>();
@@ -261,24 +287,24 @@ at::Tensor small_gemm_op(const at::Tensor& a, const at::Tensor& b,
   TORCH_CHECK(!blas || blas_available(), "_small_gemm: this build has no BLAS for kernel 'blas'");
   TORCH_CHECK(!(blas && c), "_small_gemm: kernel 'blas' takes no c");
   const int64_t m = a.size(0), K = a.size(1), N = b.size(1);
-  at::Tensor out;
+  // c is computed inside a NaN-filled [m + 1, N + 5] buffer (ldc = N + 5, odd,
+  // so rows start unaligned): what the kernel writes past its [m, N] shows.
+  at::Tensor out = at::full({m + 1, N + 5}, std::numeric_limits<float>::quiet_NaN(), a.options());
   if (c) {
     TORCH_CHECK(c->sizes() == at::IntArrayRef({m, N}) && c->scalar_type() == at::kFloat,
                 "_small_gemm: c must be float32 [m, N] = [", m, ", ", N, "], got ", c->sizes(),
                 " ", c->scalar_type());
-    out = c->clone(at::MemoryFormat::Contiguous);
-  } else {
-    out = at::empty({m, N}, a.options());
+    out.narrow(0, 0, m).narrow(1, 0, N).copy_(*c);
   }
   // a keeps its row stride (rows may be padded); its columns must be unit-stride.
   const at::Tensor ac = a.stride(1) == 1 && a.stride(0) >= K ? a : a.contiguous();
   const float* a_p = ac.const_data_ptr<float>();
-  const int64_t lda = std::max<int64_t>(ac.stride(0), 1), ldc = std::max<int64_t>(N, 1);
+  const int64_t lda = std::max<int64_t>(ac.stride(0), 1), ldc = N + 5;
   float* c_p = out.data_ptr<float>();
   if (blas) {
     const at::Tensor bc = b.contiguous();  // [K, N], as the step loops pass it
     for (int64_t r = 0; r < repeats && m > 0 && N > 0; ++r) {
-      gemm_rm(m, N, K, a_p, lda, bc.const_data_ptr<float>(), ldc, c_p, ldc);
+      gemm_rm(m, N, K, a_p, lda, bc.const_data_ptr<float>(), std::max<int64_t>(N, 1), c_p, ldc);
     }
     return out;
   }

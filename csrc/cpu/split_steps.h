@@ -22,6 +22,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -117,7 +119,7 @@ void split_steps(ForwardArgs& args, int64_t d, const scalar_t* gx_p, const scala
   // lands in that core's cache), from its [G*Hs, P] rows of W_hh, and gh is
   // computed kChunk rows at a time, each chunk's gate pass right after its
   // product, while that gh tile is in L1.
-  int64_t kChunk = std::getenv("VR_DEV_CHUNK") ? std::atoll(std::getenv("VR_DEV_CHUNK")) : 16;
+  int64_t kChunk = std::getenv("VR_DEV_CHUNK") ? std::atoll(std::getenv("VR_DEV_CHUNK")) : 0;
   if (kChunk <= 0) kChunk = dims.B;
   const bool kernel = std::is_same_v<scalar_t, float> && use_small_gemm();
   std::vector<at::Tensor> panels, gh;  // [P, G*Hs] (or [G*Hs, P]) and gh per slice
@@ -156,6 +158,9 @@ void split_steps(ForwardArgs& args, int64_t d, const scalar_t* gx_p, const scala
         packed[k] = pack_b(P, cols, panels[k].const_data_ptr<float>(), 1, P);
       }
     }
+    double t_gemm = 0, t_gate = 0, t_bar = 0;
+    std::vector<double> sg(sched.max_len, 0), sa(sched.max_len, 0);
+    auto clk = [] { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); };
     for (int64_t s = 0; s < sched.max_len; ++s) {
       const int64_t n = sched.active[s];
       if (n == 0) continue;  // the same for every thread
@@ -187,16 +192,26 @@ void split_steps(ForwardArgs& args, int64_t d, const scalar_t* gx_p, const scala
           if (kernel) {
             for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
               const int64_t i1 = std::min(n, i0 + kChunk);
+              double t0 = clk();
               small_gemm(i1 - i0, h_cur + i0 * P, P, packed[k], ghk, ld, false);
+              double t1 = clk();
               gates(i0, i1, ghk);
+              t_gemm += t1 - t0; t_gate += clk() - t1;
+              sg[s] += t1 - t0; sa[s] += clk() - t1;
             }
             continue;
           }
         }
+        double t0 = clk();
         gemm_rm(n, ld, P, h_cur, P, panels[k].const_data_ptr<scalar_t>(), ld, ghk, ld);
+        double t1 = clk();
         gates(0, n, ghk);
+        t_gemm += t1 - t0; t_gate += clk() - t1;
+        sg[s] += t1 - t0; sa[s] += clk() - t1;
       }
+      double tb = clk();
 #pragma omp barrier
+      t_bar += clk() - tb;
       if (proj) {  // h_state[:, p0:p1] = h' W_hr^T[:, p0:p1], also the output
         for (int64_t k = tid; k < parts; k += nth) {
           const auto [p0, p1] = slice_of(P, parts, k);
@@ -208,6 +223,19 @@ void split_steps(ForwardArgs& args, int64_t d, const scalar_t* gx_p, const scala
           }
         }
 #pragma omp barrier
+      }
+    }
+    {
+#pragma omp critical
+      {
+        static std::vector<double> mg[4], ma[4];
+        if (mg[tid].size() != sg.size()) { mg[tid].assign(sg.size(), 1e9); ma[tid].assign(sg.size(), 1e9); }
+        for (size_t q = 0; q < sg.size(); ++q) { mg[tid][q] = std::min(mg[tid][q], sg[q]); ma[tid][q] = std::min(ma[tid][q], sa[q]); }
+        if (std::getenv("VR_DEV_PROF")) {
+          double G1 = 0, A1 = 0; for (size_t q = 0; q < sg.size(); ++q) { G1 += mg[tid][q]; A1 += ma[tid][q]; }
+          fprintf(stderr, "tid %ld last: gemm %.2f gate %.2f barrier %.2f | per-step min sums: gemm %.2f gate %.2f ms\n", (long)tid, 1e3*t_gemm, 1e3*t_gate, 1e3*t_bar, 1e3*G1, 1e3*A1);
+          mg[tid].clear(); ma[tid].clear();
+        }
       }
     }
   }
