@@ -29,7 +29,7 @@ ops = torch.ops.varlen_rnn
 
 
 def load() -> str:
-    return "load %.2f" % os.getloadavg()[0]
+    return f"load {os.getloadavg()[0]:.2f}"
 
 
 def best_of(fn, repeats: int) -> float:
@@ -63,7 +63,6 @@ def gemm_part(repeats: int, peak: float | None, kernels: list[str]) -> None:
 
 
 def layer_part(repeats: int, cells: list[str]) -> None:
-    import varlen_rnn  # noqa: F401
     from bench_cases import Bench, Case, layer_flops
 
     torch.set_num_threads(2)
@@ -73,7 +72,9 @@ def layer_part(repeats: int, cells: list[str]) -> None:
     gemm = 2 * n**3 / best_of(lambda: torch.mm(a, b), 20) / 1e9
     print(f"2 threads; torch.mm {n}^3: {gemm:.0f} GFLOP/s ({load()})")
     os.environ["VARLEN_RNN_CPU_STEPS"] = "split"
-    print("case                      cell  mkl ms  kernel ms  speedup  kernel GFLOP/s (% GEMM)  load")
+    print(
+        "case                      cell  mkl ms  kernel ms  speedup  kernel GFLOP/s (% GEMM)  load"
+    )
     for B, T, I, H in ((64, 100, 256, 256), (16, 200, 256, 512)):
         for cell in cells:
             case = Case(B=B, T=T, I=I, H=H, cell=cell, modes=("infer",), competitors=("varlen",))

@@ -120,8 +120,8 @@ VR_INLINE void driver(int64_t m, const float* a, int64_t lda, const float* packe
         float* cij = c + i0 * ldc + j0;
         i0 += rows;
         switch (rows) {  // 1..MR <= 8 rows
-#define VR_ROWS(r)                                                                      \
-  case r:                                                                               \
+#define VR_ROWS(r)                                                                  \
+  case r:                                                                           \
     if constexpr (r <= MR) tile<W, NV, r>(kn, ai, lda, sk, cij, ldc, cols, load_c); \
     break;
           VR_ROWS(1)
@@ -150,7 +150,7 @@ constexpr int kAvx512Nv = 3, kAvx512Mr = 8;
 constexpr int kAvx2Nv = 2, kAvx2Mr = 6;
 constexpr int kPortableNv = 2, kPortableMr = 6;
 
-#define VR_KERNEL_ARGS                                                                      \
+#define VR_KERNEL_ARGS                                                                           \
   int64_t m, const float *a, int64_t lda, const float *packed, int64_t K, int64_t N, int64_t kc, \
       float *c, int64_t ldc, bool accumulate
 #define VR_KERNEL_PASS m, a, lda, packed, K, N, kc, c, ldc, accumulate
@@ -224,7 +224,6 @@ PackedB pack_b(int64_t K, int64_t N, const float* b, int64_t stride_k, int64_t s
   // the rest is for a's rows and c's tiles.
   constexpr int64_t kStripBlockBytes = 24 * 1024;
   p.kc = std::max<int64_t>(1, kStripBlockBytes / (p.nr * static_cast<int64_t>(sizeof(float))));
-  if (const char* e = std::getenv("VR_DEV_KC")) p.kc = std::max<int64_t>(1, std::atoll(e));
   const int64_t nr = p.nr, strips = (N + nr - 1) / nr;
   p.strips = at::zeros({strips, K, nr}, at::kFloat);
   float* out = p.strips.data_ptr<float>();
@@ -249,14 +248,26 @@ PackedB pack_b(int64_t K, int64_t N, const float* b, int64_t stride_k, int64_t s
   return p;
 }
 
-// Measured default: see the comment in the commit that sets it (filled in
-// below with the numbers).
+// The default is the micro-kernel where AVX-512 runs, from
+// benchmarks/bench_small_gemm.py on this project's 2-core Xeon (AVX-512,
+// AMX; 243 GFLOP/s FP32 per core measured), float32 inference, split loop at
+// 2 threads, per-step GEMM time summed over steps (min per step over 30 runs:
+// the machine was shared): GRU B=64 T=100 I=H=256: 3.7 ms kernel vs 4.7-4.9
+// ms BLAS per thread; B=16 T=200 I=256 H=512: 9.2 vs 10.3-11.2 ms. Single
+// calls, one thread, panel hot: 70-88% of peak for both, within noise of
+// each other. The AVX2 and portable kernels are not measured against a BLAS
+// on a machine of their own, so the BLAS stays the default there. Smaller
+// layers were measured only as single calls (one thread, in the same run):
+// K=64 N=96 n=4: 192 vs 143 GFLOP/s, n=16: 205 vs 196; K=128 N=192 n=16:
+// 209 vs 207; K=128 N=384 n=4: 180 vs 188 (whole-layer timings at H <= 128
+// were lost in the shared machine's noise).
 bool use_small_gemm() {
   if (const char* env = std::getenv("VARLEN_RNN_CPU_GEMM")) {
     if (std::strcmp(env, "kernel") == 0) return true;
     if (std::strcmp(env, "mkl") == 0) return false;
   }
-  return best_isa() != SmallGemmIsa::kPortable;
+  static const bool avx512 = best_isa() == SmallGemmIsa::kAvx512;
+  return avx512;
 }
 
 namespace {
@@ -292,8 +303,8 @@ at::Tensor small_gemm_op(const at::Tensor& a, const at::Tensor& b,
   at::Tensor out = at::full({m + 1, N + 5}, std::numeric_limits<float>::quiet_NaN(), a.options());
   if (c) {
     TORCH_CHECK(c->sizes() == at::IntArrayRef({m, N}) && c->scalar_type() == at::kFloat,
-                "_small_gemm: c must be float32 [m, N] = [", m, ", ", N, "], got ", c->sizes(),
-                " ", c->scalar_type());
+                "_small_gemm: c must be float32 [m, N] = [", m, ", ", N, "], got ", c->sizes(), " ",
+                c->scalar_type());
     out.narrow(0, 0, m).narrow(1, 0, N).copy_(*c);
   }
   // a keeps its row stride (rows may be padded); its columns must be unit-stride.

@@ -36,17 +36,16 @@ enum class SmallGemmIsa { kAuto, kAvx512, kAvx2, kPortable };
 
 // c[m, N] (ldc) = (or += with accumulate) a[m, K] (lda) b[K, N], one thread.
 // kc: the k block (small_gemm.cpp's driver).
-using SmallGemmFn = void (*)(int64_t m, const float* a, int64_t lda, const float* packed,
-                             int64_t K, int64_t N, int64_t kc, float* c, int64_t ldc,
-                             bool accumulate);
+using SmallGemmFn = void (*)(int64_t m, const float* a, int64_t lda, const float* packed, int64_t K,
+                             int64_t N, int64_t kc, float* c, int64_t ldc, bool accumulate);
 
 // b[K, N] packed for one ISA's kernel: immutable, cheap to move; one per
 // weight panel per call, shared read-only by the threads that use it.
 struct PackedB {
   int64_t K = 0, N = 0;
-  int64_t nr = 0;      // strip width (floats)
-  int64_t kc = 1;      // k block: a strip's kc x nr block fits L1 beside a's rows
-  at::Tensor strips;   // [ceil(N / nr), K, nr] float32, 64-byte aligned
+  int64_t nr = 0;     // strip width (floats)
+  int64_t kc = 1;     // k block: a strip's kc x nr block fits L1 beside a's rows
+  at::Tensor strips;  // [ceil(N / nr), K, nr] float32, 64-byte aligned
   SmallGemmFn kernel = nullptr;
   SmallGemmIsa isa = SmallGemmIsa::kPortable;
 };
@@ -61,8 +60,8 @@ PackedB pack_b(int64_t K, int64_t N, const float* b, int64_t stride_k, int64_t s
 // be 0; lda >= K and ldc >= N are the caller's to ensure.
 inline void small_gemm(int64_t m, const float* a, int64_t lda, const PackedB& b, float* c,
                        int64_t ldc, bool accumulate) {
-  if (m > 0) b.kernel(m, a, lda, b.strips.const_data_ptr<float>(), b.K, b.N, b.kc, c, ldc,
-                        accumulate);
+  if (m > 0)
+    b.kernel(m, a, lda, b.strips.const_data_ptr<float>(), b.K, b.N, b.kc, c, ldc, accumulate);
 }
 
 // Whether this CPU and build run isa (kAuto: always).

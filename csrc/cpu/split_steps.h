@@ -5,8 +5,9 @@
 // panel of W_hh^T packed once per call ([P, G*Hs], gate g of unit u0 + j at
 // column g*Hs + j), which stays in that core's L2 across steps. Each step it
 // computes its gh slice with a single-threaded BLAS call (inside the parallel
-// region the BLAS runs sequentially) and runs the gate pass for its own units,
-// so there is no per-step BLAS fork/join and no separate gate pass over
+// region the BLAS runs sequentially), or in float32 with the micro-kernel of
+// cpu/small_gemm.h on a panel packed for it, and runs the gate pass for its
+// own units, so there is no per-step BLAS fork/join and no separate gate pass over
 // [rows, G*H]. h ping-pongs between two buffers (step s reads one and writes
 // the other), so one barrier per step suffices: the next step reads all of h.
 // With the LSTM's projection the gate pass writes h' (not read by the GEMM)
@@ -22,8 +23,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <chrono>
-#include <cstdio>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -114,23 +113,19 @@ void split_steps(ForwardArgs& args, int64_t d, const scalar_t* gx_p, const scala
   // Slices: as many as threads, fewer if H has fewer 16-unit blocks.
   const int64_t parts =
       std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (H + 15) / 16));
-  // float32 may take the register-blocked micro-kernel (cpu/small_gemm.h):
-  // each slice's panel is then packed once, by the thread that uses it (so it
-  // lands in that core's cache), from its [G*Hs, P] rows of W_hh, and gh is
-  // computed kChunk rows at a time, each chunk's gate pass right after its
-  // product, while that gh tile is in L1.
-  int64_t kChunk = std::getenv("VR_DEV_CHUNK") ? std::atoll(std::getenv("VR_DEV_CHUNK")) : 0;
-  if (kChunk <= 0) kChunk = dims.B;
+  // float32 may take the register-blocked micro-kernel (cpu/small_gemm.h)
+  // instead of the BLAS: each slice's panel is then packed once per call from
+  // its [G*Hs, P] rows of W_hh, by the thread that uses it (so it lands in
+  // that core's cache).
   const bool kernel = std::is_same_v<scalar_t, float> && use_small_gemm();
-  std::vector<at::Tensor> panels, gh;  // [P, G*Hs] (or [G*Hs, P]) and gh per slice
+  std::vector<at::Tensor> panels, gh;  // [P, G*Hs] ([G*Hs, P] for the kernel), [B, G*Hs]
   std::vector<PackedB> packed(kernel ? parts : 0);
   const at::Tensor w3 = args.w_hh[d].view({Cell::kGates, H, P});
   for (int64_t k = 0; k < parts; ++k) {
     const auto [u0, u1] = slice_of(H, parts, k);
     const at::Tensor rows = w3.narrow(1, u0, u1 - u0).reshape({-1, P});  // [G*Hs, P]
     panels.push_back(kernel ? rows : rows.t().contiguous());
-    // [B, G*Hs], or [kChunk, G*Hs] with the micro-kernel
-    gh.push_back(at::empty({kernel ? std::min(kChunk, dims.B) : dims.B, rows.size(0)}, opts));
+    gh.push_back(at::empty({dims.B, rows.size(0)}, opts));
   }
   const at::Tensor w_hr_t = proj ? args.w_hr[d].t().contiguous() : at::Tensor();  // [H, P]
   at::Tensor hraw = proj ? at::empty({dims.B, H}, opts) : at::Tensor();           // [B, H] h'
@@ -158,9 +153,6 @@ void split_steps(ForwardArgs& args, int64_t d, const scalar_t* gx_p, const scala
         packed[k] = pack_b(P, cols, panels[k].const_data_ptr<float>(), 1, P);
       }
     }
-    double t_gemm = 0, t_gate = 0, t_bar = 0;
-    std::vector<double> sg(sched.max_len, 0), sa(sched.max_len, 0);
-    auto clk = [] { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); };
     for (int64_t s = 0; s < sched.max_len; ++s) {
       const int64_t n = sched.active[s];
       if (n == 0) continue;  // the same for every thread
@@ -170,48 +162,27 @@ void split_steps(ForwardArgs& args, int64_t d, const scalar_t* gx_p, const scala
         const auto [u0, u1] = slice_of(H, parts, k);
         const int64_t Hs = u1 - u0, ld = Cell::kGates * Hs;
         scalar_t* ghk = gh[k].data_ptr<scalar_t>();
-        // The gate pass of rows [i0, i1), whose gh row i is gh_rows[i - i0].
-        const auto gates = [&](int64_t i0, int64_t i1, const scalar_t* gh_rows) {
-          for (int64_t i = i0; i < i1; ++i) {
-            const int64_t t = step_time(d, sched.len[i], s);
-            scalar_t* hi = (proj ? hraw_p : h_next) + i * H + u0;
-            // The gate pass updates h in place: it starts from h_prev.
-            if (Cell::kReadsHPrev && !proj) std::copy_n(h_cur + i * H + u0, Hs, hi);
-            ForwardRow<scalar_t> row;
-            row.gx = gx_p + args.gx_rows.row(t, i) * G + u0;
-            row.gh = gh_rows + (i - i0) * ld;
-            row.bh = bh_p + u0;
-            row.h = hi;
-            row.out = proj ? row.h : out_p + output_offset(args, t, i, d) + u0;
-            row.c = Cell::kHasC ? c_p + i * H + u0 : nullptr;
-            row.ws = ws_p ? ws_p + (sched.offset[s] + i) * S + u0 : nullptr;
-            forward_units(Cell{}, row, Hs, H, Hs);
-          }
-        };
         if constexpr (std::is_same_v<scalar_t, float>) {
-          if (kernel) {
-            for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
-              const int64_t i1 = std::min(n, i0 + kChunk);
-              double t0 = clk();
-              small_gemm(i1 - i0, h_cur + i0 * P, P, packed[k], ghk, ld, false);
-              double t1 = clk();
-              gates(i0, i1, ghk);
-              t_gemm += t1 - t0; t_gate += clk() - t1;
-              sg[s] += t1 - t0; sa[s] += clk() - t1;
-            }
-            continue;
-          }
+          if (kernel) small_gemm(n, h_cur, P, packed[k], ghk, ld, false);
         }
-        double t0 = clk();
-        gemm_rm(n, ld, P, h_cur, P, panels[k].const_data_ptr<scalar_t>(), ld, ghk, ld);
-        double t1 = clk();
-        gates(0, n, ghk);
-        t_gemm += t1 - t0; t_gate += clk() - t1;
-        sg[s] += t1 - t0; sa[s] += clk() - t1;
+        if (!kernel) gemm_rm(n, ld, P, h_cur, P, panels[k].const_data_ptr<scalar_t>(), ld, ghk, ld);
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t t = step_time(d, sched.len[i], s);
+          scalar_t* hi = (proj ? hraw_p : h_next) + i * H + u0;
+          // The gate pass updates h in place: it starts from h_prev.
+          if (Cell::kReadsHPrev && !proj) std::copy_n(h_cur + i * H + u0, Hs, hi);
+          ForwardRow<scalar_t> row;
+          row.gx = gx_p + args.gx_rows.row(t, i) * G + u0;
+          row.gh = ghk + i * ld;
+          row.bh = bh_p + u0;
+          row.h = hi;
+          row.out = proj ? row.h : out_p + output_offset(args, t, i, d) + u0;
+          row.c = Cell::kHasC ? c_p + i * H + u0 : nullptr;
+          row.ws = ws_p ? ws_p + (sched.offset[s] + i) * S + u0 : nullptr;
+          forward_units(Cell{}, row, Hs, H, Hs);
+        }
       }
-      double tb = clk();
 #pragma omp barrier
-      t_bar += clk() - tb;
       if (proj) {  // h_state[:, p0:p1] = h' W_hr^T[:, p0:p1], also the output
         for (int64_t k = tid; k < parts; k += nth) {
           const auto [p0, p1] = slice_of(P, parts, k);
@@ -223,19 +194,6 @@ void split_steps(ForwardArgs& args, int64_t d, const scalar_t* gx_p, const scala
           }
         }
 #pragma omp barrier
-      }
-    }
-    {
-#pragma omp critical
-      {
-        static std::vector<double> mg[4], ma[4];
-        if (mg[tid].size() != sg.size()) { mg[tid].assign(sg.size(), 1e9); ma[tid].assign(sg.size(), 1e9); }
-        for (size_t q = 0; q < sg.size(); ++q) { mg[tid][q] = std::min(mg[tid][q], sg[q]); ma[tid][q] = std::min(ma[tid][q], sa[q]); }
-        if (std::getenv("VR_DEV_PROF")) {
-          double G1 = 0, A1 = 0; for (size_t q = 0; q < sg.size(); ++q) { G1 += mg[tid][q]; A1 += ma[tid][q]; }
-          fprintf(stderr, "tid %ld last: gemm %.2f gate %.2f barrier %.2f | per-step min sums: gemm %.2f gate %.2f ms\n", (long)tid, 1e3*t_gemm, 1e3*t_gate, 1e3*t_bar, 1e3*G1, 1e3*A1);
-          mg[tid].clear(); ma[tid].clear();
-        }
       }
     }
   }
