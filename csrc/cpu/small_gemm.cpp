@@ -31,10 +31,22 @@ namespace {
 
 // Loads and stores through these may be unaligned (aligned(4)): c and a are
 // the caller's slices; the packed strips are 64-byte aligned anyway.
+// Without GCC's vector extensions (MSVC) the portable kernel runs on plain
+// floats (W = 1).
+#if defined(__GNUC__)
 template <int W>
 struct Vec {
   typedef float type __attribute__((vector_size(W * sizeof(float)), aligned(4)));
 };
+constexpr int kPortableW = 4;
+#else
+template <int W>
+struct Vec {
+  static_assert(W == 1, "plain floats only");
+  using type = float;
+};
+constexpr int kPortableW = 1;
+#endif
 
 // One tile: R rows x (NV vectors of W) of c, over kc values of k: from R rows
 // of a (offset to the block's first k) and one packed strip's block. The
@@ -166,7 +178,9 @@ __attribute__((target("arch=x86-64-v3"))) void kernel_avx2(VR_KERNEL_ARGS) {
 #else
 #define VR_HAVE_X86_KERNELS 0
 #endif
-void kernel_portable(VR_KERNEL_ARGS) { driver<4, kPortableNv, kPortableMr>(VR_KERNEL_PASS); }
+void kernel_portable(VR_KERNEL_ARGS) {
+  driver<kPortableW, kPortableNv, kPortableMr>(VR_KERNEL_PASS);
+}
 
 SmallGemmIsa best_isa() {
 #if VR_HAVE_X86_KERNELS
@@ -216,7 +230,7 @@ PackedB pack_b(int64_t K, int64_t N, const float* b, int64_t stride_k, int64_t s
       break;
 #endif
     default:
-      p.nr = 4 * kPortableNv;
+      p.nr = kPortableW * kPortableNv;
       p.kernel = kernel_portable;
       break;
   }

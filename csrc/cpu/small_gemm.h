@@ -4,16 +4,19 @@
 //
 // b is packed once per call (pack_b) into column strips of nr floats, k-major
 // (strip j holds b[k, j*nr .. j*nr + nr) for k = 0..K-1, zero-padded past N),
-// so the inner loop streams one strip contiguously while a tile of mr rows x
-// nr columns of c stays in registers; a's rows are read in place (lda) and
-// broadcast per k. The tile is fixed per ISA, picked when packing: AVX-512
+// so the inner loop streams one strip contiguously while a tile of up to mr
+// rows x nr columns of c stays in registers; a's rows are read in place (lda)
+// and broadcast per k. Strips go outermost, then blocks of kc values of k,
+// then row tiles: each strip block is loaded into L1 once per call and reused
+// by every row tile. The tile is fixed per ISA, picked when packing: AVX-512
 // (x86-64-v4) 8 x 48, AVX2+FMA (x86-64-v3) 6 x 16, otherwise 4-wide vectors
 // 6 x 8 (small_gemm.cpp says why). Rows past m and columns past N of c are
 // never read or written, so c may be a slice of a larger buffer and a may
 // end at row m - 1.
 //
-// Every c[i, j] is one fused multiply-add chain over k = 0..K-1 in order,
-// whatever m, the row's position in its tile or the thread: results are
+// Every c[i, j] is one multiply-add chain (fused where the ISA has FMA) over
+// k = 0..K-1 in order, from 0 or, with accumulate, from c's value, whatever
+// m, the row's position in its tile or the thread: results are
 // deterministic and row i's do not depend on the other rows. They may differ
 // from a BLAS's by rounding (a BLAS may split k).
 //
