@@ -48,32 +48,33 @@ struct Vec {
 constexpr int kPortableW = 1;
 #endif
 
-// One tile: R rows x (NV vectors of W) of c, over kc values of k: from R rows
-// of a (offset to the block's first k) and one packed strip's block. The
-// accumulators start from c (load_c: a later k block, or accumulate) or 0.
-// Only the first `cols` columns of c are read or written (the last strip's
-// tail).
-template <int W, int NV, int R>
+// One tile: R rows x (NU vectors of W) of c, over kc values of k: from R rows
+// of a (offset to the block's first k) and one packed strip's block (NV
+// vectors wide; NU < NV for the last strip's tail, so its zero padding costs
+// no FMAs). The accumulators start from c (load_c: a later k block, or
+// accumulate) or 0. Only the first `cols` <= NU * W columns of c are read or
+// written.
+template <int W, int NV, int R, int NU>
 VR_INLINE void tile(int64_t kc, const float* a, int64_t lda, const float* strip, float* c,
                     int64_t ldc, int64_t cols, bool load_c) {
   using V = typename Vec<W>::type;
-  constexpr int NR = W * NV;
-  V acc[R][NV];
+  constexpr int NR = W * NV, NC = W * NU;
+  V acc[R][NU];
   if (!load_c) {
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+      for (int v = 0; v < NU; ++v) acc[r][v] = V{};
     }
-  } else if (cols == NR) {
+  } else if (cols == NC) {
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[r][v] = *reinterpret_cast<const V*>(c + r * ldc + v * W);
+      for (int v = 0; v < NU; ++v) acc[r][v] = *reinterpret_cast<const V*>(c + r * ldc + v * W);
     }
   } else {
     for (int r = 0; r < R; ++r) {
-      float buf[NR] = {};
+      float buf[NC] = {};
       std::memcpy(buf, c + r * ldc, cols * sizeof(float));
       std::memcpy(acc[r], buf, sizeof buf);
     }
@@ -82,25 +83,43 @@ VR_INLINE void tile(int64_t kc, const float* a, int64_t lda, const float* strip,
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) ar[r] = a + r * lda;
   for (int64_t k = 0; k < kc; ++k) {
-    V b[NV];
+    V b[NU];
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) b[v] = *reinterpret_cast<const V*>(strip + k * NR + v * W);
+    for (int v = 0; v < NU; ++v) b[v] = *reinterpret_cast<const V*>(strip + k * NR + v * W);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const float x = ar[r][k];
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[r][v] += x * b[v];
+      for (int v = 0; v < NU; ++v) acc[r][v] += x * b[v];
     }
   }
-  if (cols == NR) {
+  if (cols == NC) {
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(c + r * ldc + v * W) = acc[r][v];
+      for (int v = 0; v < NU; ++v) *reinterpret_cast<V*>(c + r * ldc + v * W) = acc[r][v];
     }
     return;
   }
   for (int r = 0; r < R; ++r) std::memcpy(c + r * ldc, acc[r], cols * sizeof(float));
+}
+
+// tile for the vectors `cols` needs: NV, or fewer in the last strip.
+template <int W, int NV, int R>
+VR_INLINE void tile_cols(int64_t kc, const float* a, int64_t lda, const float* strip, float* c,
+                         int64_t ldc, int64_t cols, bool load_c) {
+  static_assert(NV >= 1 && NV <= 4, "tails of 1..3 vectors");
+  const int64_t nu = (cols + W - 1) / W;
+  if constexpr (NV > 1) {
+    if (nu == 1) return tile<W, NV, R, 1>(kc, a, lda, strip, c, ldc, cols, load_c);
+  }
+  if constexpr (NV > 2) {
+    if (nu == 2) return tile<W, NV, R, 2>(kc, a, lda, strip, c, ldc, cols, load_c);
+  }
+  if constexpr (NV > 3) {
+    if (nu == 3) return tile<W, NV, R, 3>(kc, a, lda, strip, c, ldc, cols, load_c);
+  }
+  tile<W, NV, R, NV>(kc, a, lda, strip, c, ldc, cols, load_c);
 }
 
 // Strips outermost, then blocks of kc values of k, then row tiles: a strip's
@@ -132,9 +151,9 @@ VR_INLINE void driver(int64_t m, const float* a, int64_t lda, const float* packe
         float* cij = c + i0 * ldc + j0;
         i0 += rows;
         switch (rows) {  // 1..MR <= 8 rows
-#define VR_ROWS(r)                                                                  \
-  case r:                                                                           \
-    if constexpr (r <= MR) tile<W, NV, r>(kn, ai, lda, sk, cij, ldc, cols, load_c); \
+#define VR_ROWS(r)                                                                       \
+  case r:                                                                                \
+    if constexpr (r <= MR) tile_cols<W, NV, r>(kn, ai, lda, sk, cij, ldc, cols, load_c); \
     break;
           VR_ROWS(1)
           VR_ROWS(2)
@@ -262,19 +281,20 @@ PackedB pack_b(int64_t K, int64_t N, const float* b, int64_t stride_k, int64_t s
   return p;
 }
 
-// The default is the micro-kernel where AVX-512 runs, from
-// benchmarks/bench_small_gemm.py on this project's 2-core Xeon (AVX-512,
-// AMX; 243 GFLOP/s FP32 per core measured), float32 inference, split loop at
-// 2 threads, per-step GEMM time summed over steps (min per step over 30 runs:
-// the machine was shared): GRU B=64 T=100 I=H=256: 3.7 ms kernel vs 4.7-4.9
-// ms BLAS per thread; B=16 T=200 I=256 H=512: 9.2 vs 10.3-11.2 ms. Single
-// calls, one thread, panel hot: 70-88% of peak for both, within noise of
-// each other. The AVX2 and portable kernels are not measured against a BLAS
-// on a machine of their own, so the BLAS stays the default there. Smaller
-// layers were measured only as single calls (one thread, in the same run):
-// K=64 N=96 n=4: 192 vs 143 GFLOP/s, n=16: 205 vs 196; K=128 N=192 n=16:
-// 209 vs 207; K=128 N=384 n=4: 180 vs 188 (whole-layer timings at H <= 128
-// were lost in the shared machine's noise).
+// The default: the micro-kernel where AVX-512 runs, the BLAS elsewhere (the
+// AVX2 and portable kernels were not measured against a BLAS on a machine of
+// their own). Measured on this project's 2-core Xeon (AVX-512, 243 GFLOP/s
+// FP32 per core by an FMA loop), shared with other work, so as minima:
+// - In the layer (float32 inference, split loop, 2 threads; a temporary timer
+//   around each step's product, min per step over 30 runs, summed): GRU B=64
+//   T=100 I=H=256: 3.7 ms kernel vs 4.7-4.9 ms BLAS per thread; B=16 T=200
+//   I=256 H=512: 9.2 vs 10.3-11.2 ms. Whole-layer times were noise-bound.
+// - Single calls, one thread (benchmarks/bench_small_gemm.py): 70-88% of peak
+//   for both, within noise of each other, while the panel fits L2; the
+//   LSTM's H=512 panel (K=512, N=1024: 2 MiB, L2's size), which the kernel
+//   reads once per call: 124 vs 95 GFLOP/s at n=8, 154 vs 117 at 16, 183 vs
+//   159 at 64. Small layers: K=64 N=96 n=4: 192 vs 143, n=16: 205 vs 196;
+//   K=128 N=384 n=4: 180 vs 188.
 bool use_small_gemm() {
   if (const char* env = std::getenv("VARLEN_RNN_CPU_GEMM")) {
     if (std::strcmp(env, "kernel") == 0) return true;
