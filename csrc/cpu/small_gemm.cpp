@@ -4,8 +4,8 @@
 // into one function per ISA through target attributes: a vector of W floats
 // becomes a zmm (W = 16, AVX-512), a ymm (W = 8, AVX2) or an xmm/NEON register
 // (W = 4). `acc += a * b` on vectors compiles to FMA where the target has it
-// (GCC and clang contract it; the asm of the AVX-512 loop is one broadcast and
-// MR*NV vfmadd231ps with the strip as a memory operand per k).
+// (GCC and clang contract it; in the AVX-512 loop each k is, per row, one
+// vbroadcastss and NV vfmadd231ps, most with the strip as a memory operand).
 #include "cpu/small_gemm.h"
 
 #include "cpu/split_steps.h"  // gemm_rm, blas_available: the BLAS side of the op
