@@ -155,8 +155,11 @@ def test_more_threads_than_slices(monkeypatch, cell, hidden, proj):
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("kernel", ["kernel", "mkl"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_float32_split_agrees_with_gemm_and_repeats_exactly(monkeypatch, threads, cell):
+def test_float32_split_agrees_with_gemm_and_repeats_exactly(monkeypatch, threads, cell, kernel):
+    """Both products of the split loops in float32: the micro-kernel and the BLAS."""
+    monkeypatch.setenv("VARLEN_RNN_CPU_GEMM", kernel)
     lengths = [(7 * b) % 11 + 1 for b in range(24)]
     w = make_weights(cell, 2, len(lengths), hidden=48, proj=20, dtype=torch.float32)
     x, index, bf = make_input("padded", lengths, dtype=torch.float32)

@@ -7,7 +7,8 @@
 // (backward_units: a unit's gradients read and write only that unit's
 // columns), writing their columns of the step's dG [n, G*H]; after a barrier
 // it computes dh_prev[:, u0:u1] = dG W_hh[:, u0:u1] with one single-threaded
-// BLAS call against its own panel of W_hh, packed once per call. The next
+// BLAS call (in float32 the micro-kernel of cpu/small_gemm.h) against its own
+// panel of W_hh, packed once per call. The next
 // step's gate pass of unit j reads dh[:, j] only, which the same thread just
 // wrote, so dG is the one buffer read across threads: it alternates between
 // two buffers (step s writes dgbuf[s % 2]; a thread that runs ahead writes the
@@ -33,10 +34,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/layer_args.h"
 #include "cpu/rows.h"
+#include "cpu/small_gemm.h"
 #include "cpu/team.h"  // gemm_rm, blas_available, slice_of, forced_steps
 #include "layout.h"    // step_time, prev_time
 
@@ -75,8 +78,8 @@ struct BackwardBuffers {
 };
 
 // One step's product of a thread: c[n, cols] (ldc) = a[n, k] (lda) b[k, cols]
-// (ldb: a panel) (+ c if accumulate). The one call a small-M kernel would
-// replace.
+// (ldb: a panel) (+ c if accumulate), by the BLAS; float32 takes the
+// micro-kernel instead where use_small_gemm() says so.
 template <typename scalar_t>
 inline void backward_step_gemm(int64_t n, int64_t cols, int64_t k, const scalar_t* a, int64_t lda,
                                const scalar_t* b, int64_t ldb, scalar_t* c, int64_t ldc,
@@ -105,10 +108,15 @@ void split_backward(BackwardArgs& args, int64_t d, const BackwardBuffers<scalar_
   // Panels per slice, copied once per call so each stays in its core's cache
   // across steps: W_hh[:, p0:p1] as [G*H, Ps] and, with a projection,
   // W_hr[:, u0:u1] as [P, Hs].
+  // In float32 the micro-kernel (cpu/small_gemm.h) may run the dh product
+  // instead: each thread then packs its panel from W_hh's columns itself.
+  const bool kernel = std::is_same_v<scalar_t, float> && use_small_gemm();
+  const at::Tensor w_hh_d = args.w_hh[d].contiguous();  // [G*H, P]
   std::vector<at::Tensor> panels, panels_r;
+  std::vector<PackedB> packed(kernel ? parts : 0);
   for (int64_t k = 0; k < parts; ++k) {
     const auto [p0, p1] = slice_of(P, parts, k);
-    panels.push_back(args.w_hh[d].narrow(1, p0, p1 - p0).contiguous());
+    panels.push_back(kernel ? at::Tensor() : w_hh_d.narrow(1, p0, p1 - p0).contiguous());
     if (proj) {
       const auto [u0, u1] = slice_of(H, parts, k);
       panels_r.push_back(args.w_hr[d].narrow(1, u0, u1 - u0).contiguous());
@@ -140,6 +148,12 @@ void split_backward(BackwardArgs& args, int64_t d, const BackwardBuffers<scalar_
 #else
     const int64_t tid = 0, nth = 1;
 #endif
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      for (int64_t k = tid; k < (kernel ? parts : 0); k += nth) {
+        const auto [p0, p1] = slice_of(P, parts, k);
+        if (p1 > p0) packed[k] = pack_b(G, p1 - p0, w_hh_d.const_data_ptr<float>() + p0, P, 1);
+      }
+    }
     for (int64_t s = sched.max_len - 1; s >= 0; --s) {
       const int64_t n = sched.active[s];
       if (n == 0) continue;  // the same for every thread
@@ -194,6 +208,12 @@ void split_backward(BackwardArgs& args, int64_t d, const BackwardBuffers<scalar_
       for (int64_t k = tid; k < parts; k += nth) {  // dh_prev[:, own columns] = dG W_hh[:, own]
         const auto [p0, p1] = slice_of(P, parts, k);
         // kReadsHPrev: the gate pass left the direct part in dh (accumulate).
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (kernel) {
+            if (p1 > p0) small_gemm(n, dg, ld, packed[k], dh_p + p0, P, Cell::kReadsHPrev);
+            continue;
+          }
+        }
         backward_step_gemm(n, p1 - p0, G, dg, ld, panels[k].const_data_ptr<scalar_t>(), p1 - p0,
                            dh_p + p0, P, Cell::kReadsHPrev);
       }

@@ -5,8 +5,9 @@
 // panel of W_hh^T packed once per call ([P, G*Hs], gate g of unit u0 + j at
 // column g*Hs + j), which stays in that core's L2 across steps. Each step it
 // computes its gh slice with a single-threaded BLAS call (inside the parallel
-// region the BLAS runs sequentially) and runs the gate pass for its own units,
-// so there is no per-step BLAS fork/join and no separate gate pass over
+// region the BLAS runs sequentially), or in float32 with the micro-kernel of
+// cpu/small_gemm.h on a panel packed for it, and runs the gate pass for its
+// own units, so there is no per-step BLAS fork/join and no separate gate pass over
 // [rows, G*H]. h ping-pongs between two buffers (step s reads one and writes
 // the other), so one barrier per step suffices: the next step reads all of h.
 // With the LSTM's projection the gate pass writes h' (not read by the GEMM)
@@ -25,10 +26,12 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/layer_args.h"
 #include "cpu/rows.h"
+#include "cpu/small_gemm.h"
 #include "cpu/team.h"  // gemm_rm, blas_available, slice_of
 #include "layout.h"  // step_time
 
@@ -47,10 +50,7 @@ namespace cpu {
 // (0.97-1.01x), there the per-step BLAS call already keeps both cores busy.
 inline bool use_split_steps(const LayerDims& dims) {
   if (!blas_available() || at::in_parallel_region()) return false;
-  if (const char* env = std::getenv("VARLEN_RNN_CPU_STEPS")) {
-    if (std::strcmp(env, "split") == 0) return true;
-    if (std::strcmp(env, "gemm") == 0) return false;
-  }
+  if (const int forced = forced_steps(); forced >= 0) return forced == 1;
   return at::get_num_threads() >= 2 && (dims.H >= 256 || dims.B <= 32);
 }
 
@@ -68,12 +68,19 @@ void split_steps(ForwardArgs& args, int64_t d, const scalar_t* gx_p, const scala
   // Slices: as many as threads, fewer if H has fewer 16-unit blocks.
   const int64_t parts =
       std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (H + 15) / 16));
-  std::vector<at::Tensor> panels, gh;  // [P, G*Hs] and [B, G*Hs] per slice
+  // float32 may take the register-blocked micro-kernel (cpu/small_gemm.h)
+  // instead of the BLAS: each slice's panel is then packed once per call from
+  // its [G*Hs, P] rows of W_hh, by the thread that uses it (so it lands in
+  // that core's cache).
+  const bool kernel = std::is_same_v<scalar_t, float> && use_small_gemm();
+  std::vector<at::Tensor> panels, gh;  // [P, G*Hs] ([G*Hs, P] for the kernel), [B, G*Hs]
+  std::vector<PackedB> packed(kernel ? parts : 0);
   const at::Tensor w3 = args.w_hh[d].view({Cell::kGates, H, P});
   for (int64_t k = 0; k < parts; ++k) {
     const auto [u0, u1] = slice_of(H, parts, k);
-    panels.push_back(w3.narrow(1, u0, u1 - u0).reshape({-1, P}).t().contiguous());
-    gh.push_back(at::empty({dims.B, Cell::kGates * (u1 - u0)}, opts));
+    const at::Tensor rows = w3.narrow(1, u0, u1 - u0).reshape({-1, P});  // [G*Hs, P]
+    panels.push_back(kernel ? rows : rows.t().contiguous());
+    gh.push_back(at::empty({dims.B, rows.size(0)}, opts));
   }
   const at::Tensor w_hr_t = proj ? args.w_hr[d].t().contiguous() : at::Tensor();  // [H, P]
   at::Tensor hraw = proj ? at::empty({dims.B, H}, opts) : at::Tensor();           // [B, H] h'
@@ -95,6 +102,12 @@ void split_steps(ForwardArgs& args, int64_t d, const scalar_t* gx_p, const scala
 #else
     const int64_t tid = 0, nth = 1;
 #endif
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      for (int64_t k = tid; k < (kernel ? parts : 0); k += nth) {
+        const int64_t cols = panels[k].size(0);  // G*Hs; b[p, col] = rows[col, p]
+        packed[k] = pack_b(P, cols, panels[k].const_data_ptr<float>(), 1, P);
+      }
+    }
     for (int64_t s = 0; s < sched.max_len; ++s) {
       const int64_t n = sched.active[s];
       if (n == 0) continue;  // the same for every thread
@@ -104,7 +117,10 @@ void split_steps(ForwardArgs& args, int64_t d, const scalar_t* gx_p, const scala
         const auto [u0, u1] = slice_of(H, parts, k);
         const int64_t Hs = u1 - u0, ld = Cell::kGates * Hs;
         scalar_t* ghk = gh[k].data_ptr<scalar_t>();
-        gemm_rm(n, ld, P, h_cur, P, panels[k].const_data_ptr<scalar_t>(), ld, ghk, ld);
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (kernel) small_gemm(n, h_cur, P, packed[k], ghk, ld, false);
+        }
+        if (!kernel) gemm_rm(n, ld, P, h_cur, P, panels[k].const_data_ptr<scalar_t>(), ld, ghk, ld);
         for (int64_t i = 0; i < n; ++i) {
           const int64_t t = step_time(d, sched.len[i], s);
           scalar_t* hi = (proj ? hraw_p : h_next) + i * H + u0;

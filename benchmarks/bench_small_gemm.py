@@ -1,0 +1,120 @@
+"""The CPU step loops' per-step product: the float32 micro-kernel (csrc/cpu/small_gemm.h) against
+the single-threaded BLAS call it replaces, then the whole layer forward through each.
+
+    python benchmarks/bench_small_gemm.py [--part gemm|layer|both] [--repeats 15] [--peak GFLOPS]
+
+gemm: c[n, N] = h[n, K] @ panel[K, N], one thread, the shapes of the split step loop at 2 threads
+(N = 3 * Hs, Hs = H / 2, K = H), timed inside one op call (`_small_gemm` with `repeats`), so
+neither Python nor packing is counted: (t(R) - t(0)) / R, min over --repeats tries.
+layer: varlen_rnn.X inference, float32, 2 threads, lengths uniform in [1, T], with
+VARLEN_RNN_CPU_GEMM=mkl and =kernel (both through the split step loop), min over --repeats; GFLOP/s
+on valid tokens as bench.py counts them, and % of a 1024^3 torch.mm timed in the same run.
+Every table line carries the load average at the time (`uptime`): other work on the machine shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+import torch  # noqa: E402
+
+ops = torch.ops.varlen_rnn
+
+
+def load() -> str:
+    return f"load {os.getloadavg()[0]:.2f}"
+
+
+def best_of(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def gemm_part(repeats: int, peak: float | None, kernels: list[str]) -> None:
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    print(f"single thread, GFLOP/s (% of {peak} GFLOP/s per-core peak)" if peak else "GFLOP/s")
+    print("K    N    n    " + "  ".join(f"{k:>14}" for k in kernels) + "  load")
+    for K in (256, 512):
+        N = 3 * (K // 2)
+        b = torch.randn(K, N, generator=g)
+        for n in (8, 16, 32, 64, 128):
+            a = torch.randn(n, K, generator=g)
+            flop = 2.0 * n * N * K
+            reps = max(4, int(0.003 * 150e9 / flop))  # ~3 ms: short enough to run unpreempted
+            cells = []
+            for k in kernels:
+                base = best_of(lambda: ops._small_gemm(a, b, None, k, 0), repeats)
+                t = best_of(lambda: ops._small_gemm(a, b, None, k, reps), repeats)
+                gf = flop * reps / max(t - base, 1e-9) / 1e9
+                cells.append(f"{gf:7.1f}" + (f" ({100 * gf / peak:3.0f}%)" if peak else "       "))
+            print(f"{K:<4} {N:<4} {n:<4} " + "  ".join(f"{c:>14}" for c in cells) + "  " + load())
+
+
+def layer_part(repeats: int, cells: list[str]) -> None:
+    from bench_cases import Bench, Case, layer_flops
+
+    torch.set_num_threads(2)
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    gemm = 2 * n**3 / best_of(lambda: torch.mm(a, b), 20) / 1e9
+    print(f"2 threads; torch.mm {n}^3: {gemm:.0f} GFLOP/s ({load()})")
+    os.environ["VARLEN_RNN_CPU_STEPS"] = "split"
+    print(
+        "case                      cell  mkl ms  kernel ms  speedup  kernel GFLOP/s (% GEMM)  load"
+    )
+    for B, T, I, H in ((64, 100, 256, 256), (16, 200, 256, 512)):
+        for cell in cells:
+            case = Case(B=B, T=T, I=I, H=H, cell=cell, modes=("infer",), competitors=("varlen",))
+            bench = Bench(case)
+            step = bench.step("infer", "varlen")
+            times = {}
+            for _ in range(2):  # alternate, so drift hits both alike
+                for mode in ("mkl", "kernel"):
+                    os.environ["VARLEN_RNN_CPU_GEMM"] = mode
+                    step()
+                    t = best_of(step, repeats)
+                    times[mode] = min(times.get(mode, t), t)
+            flops = layer_flops(case, bench.lengths)
+            gf = flops / times["kernel"] / 1e9
+            print(
+                f"B={B:<3} T={T:<3} I={I} H={H:<4}  {cell:<4} {1e3 * times['mkl']:7.2f} "
+                f"{1e3 * times['kernel']:9.2f}  {times['mkl'] / times['kernel']:6.2f}x "
+                f"{gf:10.0f} ({100 * gf / gemm:3.0f}%)          {load()}"
+            )
+    os.environ.pop("VARLEN_RNN_CPU_GEMM")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--part", choices=("gemm", "layer", "both"), default="both")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--peak", type=float, default=None, help="per-core FP32 peak GFLOP/s, for %%")
+    p.add_argument("--kernels", default="blas,auto", help="_small_gemm kernels, comma-separated")
+    p.add_argument("--cells", default="gru,lstm,rnn")
+    a = p.parse_args(argv)
+    import varlen_rnn  # noqa: F401  (registers the ops)
+
+    if a.part in ("gemm", "both"):
+        gemm_part(a.repeats, a.peak, a.kernels.split(","))
+    if a.part in ("layer", "both"):
+        layer_part(a.repeats, a.cells.split(","))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

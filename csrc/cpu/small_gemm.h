@@ -1,0 +1,80 @@
+// A register-blocked float32 GEMM for the CPU step loops' per-step product:
+// few rows (m = the running rows, 1..~128) times a weight panel that is the
+// same at every step of a call, c[m, N] (=|+=) a[m, K] b[K, N].
+//
+// b is packed once per call (pack_b) into column strips of nr floats, k-major
+// (strip j holds b[k, j*nr .. j*nr + nr) for k = 0..K-1, zero-padded past N),
+// so the inner loop streams one strip contiguously while a tile of up to mr
+// rows x nr columns of c stays in registers; a's rows are read in place (lda)
+// and broadcast per k. Strips go outermost, then blocks of kc values of k,
+// then row tiles: each strip block is loaded into L1 once per call and reused
+// by every row tile. The tile is fixed per ISA, picked when packing: AVX-512
+// (x86-64-v4) 8 x 48, AVX2+FMA (x86-64-v3) 6 x 16, otherwise 4-wide vectors
+// 6 x 8 (small_gemm.cpp says why). Rows past m and columns past N of c are
+// never read or written, so c may be a slice of a larger buffer and a may
+// end at row m - 1.
+//
+// Every c[i, j] is one multiply-add chain (fused where the ISA has FMA) over
+// k = 0..K-1 in order, from 0 or, with accumulate, from c's value, whatever
+// m, the row's position in its tile or the thread: results are
+// deterministic and row i's do not depend on the other rows. They may differ
+// from a BLAS's by rounding (a BLAS may split k).
+//
+// The forward's split step loop (cpu/split_steps.h) computes gh[:, own gate
+// columns] = h W_hh^T[:, cols] with it; the backward's per-step
+// dh[:, own cols] (+)= dG W_hh[:, own cols] fits the same call
+// (pack_b(G*H, cols, w_hh + p0, P, 1), accumulate = true where dh holds the
+// direct part already).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace varlen_rnn {
+namespace cpu {
+
+// The micro-kernels this build carries; kAuto picks the best the CPU runs.
+enum class SmallGemmIsa { kAuto, kAvx512, kAvx2, kPortable };
+
+// c[m, N] (ldc) = (or += with accumulate) a[m, K] (lda) b[K, N], one thread.
+// kc: the k block (small_gemm.cpp's driver).
+using SmallGemmFn = void (*)(int64_t m, const float* a, int64_t lda, const float* packed, int64_t K,
+                             int64_t N, int64_t kc, float* c, int64_t ldc, bool accumulate);
+
+// b[K, N] packed for one ISA's kernel: immutable, cheap to move; one per
+// weight panel per call, shared read-only by the threads that use it.
+struct PackedB {
+  int64_t K = 0, N = 0;
+  int64_t nr = 0;     // strip width (floats)
+  int64_t kc = 1;     // k block: a strip's kc x nr block fits L1 beside a's rows
+  at::Tensor strips;  // [ceil(N / nr), K, nr] float32, 64-byte aligned
+  SmallGemmFn kernel = nullptr;
+  SmallGemmIsa isa = SmallGemmIsa::kPortable;
+};
+
+// Packs b[k, j] = b[k * stride_k + j * stride_n] (any strides: a row-major
+// [K, N] panel is (N, 1); the transpose of a row-major [N, K] weight is
+// (1, K)). Throws if isa is not one this CPU and build run.
+PackedB pack_b(int64_t K, int64_t N, const float* b, int64_t stride_k, int64_t stride_n,
+               SmallGemmIsa isa = SmallGemmIsa::kAuto);
+
+// c[m, N] (ldc) = a[m, K] (lda) b[K, N], or c += a b with accumulate. m may
+// be 0; lda >= K and ldc >= N are the caller's to ensure.
+inline void small_gemm(int64_t m, const float* a, int64_t lda, const PackedB& b, float* c,
+                       int64_t ldc, bool accumulate) {
+  if (m > 0)
+    b.kernel(m, a, lda, b.strips.const_data_ptr<float>(), b.K, b.N, b.kc, c, ldc, accumulate);
+}
+
+// Whether this CPU and build run isa (kAuto: always).
+bool small_gemm_supports(SmallGemmIsa isa);
+
+// The one place the step loops choose between the micro-kernel and the BLAS
+// (float32 only: float64 always takes the BLAS). VARLEN_RNN_CPU_GEMM=kernel or
+// =mkl forces one (tests run both); otherwise the measured default in
+// small_gemm.cpp decides.
+bool use_small_gemm();
+
+}  // namespace cpu
+}  // namespace varlen_rnn

@@ -1,0 +1,198 @@
+"""The CPU step loops' float32 micro-kernel (csrc/cpu/small_gemm.h): directly through the test op
+_small_gemm against an exact float64 product, for every kernel this CPU runs, shapes with row
+and column tails; then whole float32 layers of every cell through the split step loop with
+VARLEN_RNN_CPU_GEMM=kernel and =mkl against the float64 reference."""
+
+import dataclasses
+
+import pytest
+import torch
+from cell_ops_testing import make_batch, make_layer, op_forward, ref_forward
+from test_cpu_split_steps import gru_forward, gru_layer
+
+from varlen_rnn import reference
+
+ops = torch.ops.varlen_rnn
+KERNELS = ["auto", "avx512", "avx2", "portable"]
+
+
+def runs(kernel: str) -> bool:
+    try:
+        ops._small_gemm(torch.ones(1, 1), torch.ones(1, 1), None, kernel)
+    except RuntimeError as e:
+        assert "does not run kernel" in str(e)
+        return False
+    return True
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request):
+    if not runs(request.param):
+        pytest.skip(f"this CPU does not run the {request.param} kernel")
+    return request.param
+
+
+def product(a, b, c=None, kernel="auto"):
+    """(a @ b (+ c), the whole padded buffer the op computed in)."""
+    full = ops._small_gemm(a, b, c, kernel)
+    return full[: a.shape[0], : b.shape[1]], full
+
+
+def bound(a, b, K):
+    """A float32 rounding bound for a @ b: K ulps of |a| @ |b|, plus a floor for K = 0."""
+    return (a.double().abs() @ b.double().abs()) * (K + 2) * 2.0**-24 + 1e-30
+
+
+# Row counts around the tiles (AVX-512 8, AVX2/portable 6), column counts around the strips
+# (48, 16, 8 floats), inner sizes from 0 up to the split loop's 512.
+SHAPES = [
+    (1, 1, 1),
+    (1, 48, 256),
+    (2, 5, 3),
+    (5, 47, 17),
+    (6, 16, 64),
+    (7, 49, 33),
+    (8, 48, 512),
+    (9, 96, 40),
+    (13, 100, 19),
+    (16, 384, 256),
+    (17, 24, 128),
+    (33, 130, 7),
+    (64, 768, 64),
+    (128, 9, 300),
+    (3, 7, 0),
+    (0, 12, 5),
+]
+
+
+@pytest.mark.parametrize("m,N,K", SHAPES, ids=[f"m{m}-N{n}-K{k}" for m, n, k in SHAPES])
+def test_product_matches_an_exact_one(kernel, m, N, K):
+    g = torch.Generator().manual_seed(m * 1000 + N * 10 + K)
+    a, b = torch.randn(m, K, generator=g), torch.randn(K, N, generator=g)
+    got, full = product(a, b, kernel=kernel)
+    exact = a.double() @ b.double()
+    assert ((got.double() - exact).abs() <= bound(a, b, K)).all()
+    # Nothing written past the [m, N] result (the op's buffer is NaN there).
+    assert full[m:].isnan().all() and full[:, N:].isnan().all()
+
+
+@pytest.mark.parametrize("m,N,K", [(1, 5, 3), (11, 50, 70), (8, 96, 256)])
+def test_accumulate_adds_to_c(kernel, m, N, K):
+    g = torch.Generator().manual_seed(7)
+    a, b, c = torch.randn(m, K, generator=g), torch.randn(K, N, generator=g), torch.randn(m, N)
+    got, full = product(a, b, c, kernel)
+    exact = c.double() + a.double() @ b.double()
+    assert ((got.double() - exact).abs() <= bound(a, b, K) + c.abs().double() * 2.0**-23).all()
+    assert full[m:].isnan().all() and full[:, N:].isnan().all()
+
+
+def test_strided_operands(kernel):
+    """a with a row stride past K (a column slice of a wider buffer, as h_cur's own columns
+    would be); b transposed (the split loop packs W_hh's rows: stride_k = 1)."""
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(10, 70, generator=g)
+    a = wide[:, 3:53]  # [10, 50], lda 70
+    w = torch.randn(37, 50, generator=g)  # [N, K], b = w.t()
+    got, _ = product(a, w.t(), kernel=kernel)
+    assert ((got.double() - a.double() @ w.t().double()).abs() <= bound(a, w.t(), 50)).all()
+
+
+def test_rows_do_not_depend_on_each_other(kernel):
+    """Each result row is one FMA chain over k in order, whatever its tile: computing a row alone
+    or among others gives the same bits (what makes the step loop deterministic)."""
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(21, 200, generator=g), torch.randn(200, 61, generator=g)
+    together, _ = product(a, b, kernel=kernel)
+    for i in (0, 7, 8, 15, 20):
+        alone, _ = product(a[i : i + 1], b, kernel=kernel)
+        assert torch.equal(together[i], alone[0])
+    again, _ = product(a, b, kernel=kernel)
+    assert torch.equal(together, again)
+
+
+def test_bad_arguments_name_themselves():
+    with pytest.raises(RuntimeError, match="kernel must be auto, avx512, avx2, portable or blas"):
+        ops._small_gemm(torch.ones(2, 3), torch.ones(3, 4), None, "sse9")
+    with pytest.raises(RuntimeError, match="b must be a float32 \\[K, N\\] with K = a.size\\(1\\)"):
+        ops._small_gemm(torch.ones(2, 3), torch.ones(4, 4), None, "auto")
+    with pytest.raises(RuntimeError, match="a must be a 2-D float32"):
+        ops._small_gemm(torch.ones(2, 3, dtype=torch.float64), torch.ones(3, 4), None, "auto")
+    with pytest.raises(RuntimeError, match="c must be float32 \\[m, N\\]"):
+        ops._small_gemm(torch.ones(2, 3), torch.ones(3, 4), torch.ones(2, 5), "auto")
+
+
+def test_blas_entry_agrees():
+    """The benchmark's other side (the step loops' BLAS call) computes the same product."""
+    g = torch.Generator().manual_seed(9)
+    a, b = torch.randn(13, 300, generator=g), torch.randn(300, 100, generator=g)
+    got, full = product(a, b, kernel="blas")
+    assert ((got.double() - a.double() @ b.double()).abs() <= bound(a, b, 300)).all()
+    assert full[13:].isnan().all() and full[:, 100:].isnan().all()
+
+
+# -- whole layers through the split step loop ------------------------------------------------
+
+I = 6
+# H = 40: at 2 threads slices of 32 + 8 units, so GRU panels of 96 and 24 columns (a full
+# and a partial 48-column strip); 40 rows of lengths 1..11, so the running rows go from 40 down
+# to 1: full row tiles, tails, and more than one 16-row chunk.
+H, P = 40, 19
+LENGTHS = [(7 * b) % 11 + 1 for b in range(40)]
+
+
+@pytest.fixture(params=[2, 3], ids=["2threads", "3threads"])
+def threads(request):
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(params=["kernel", "mkl"])
+def gemm(request, monkeypatch):
+    monkeypatch.setenv("VARLEN_RNN_CPU_STEPS", "split")
+    monkeypatch.setenv("VARLEN_RNN_CPU_GEMM", request.param)
+    return request.param
+
+
+def double(t):
+    return None if t is None else t.double()
+
+
+@pytest.mark.parametrize("layout", ["padded", "offsets", "packed"])
+@pytest.mark.parametrize("D", [1, 2], ids=["uni", "bi"])
+@pytest.mark.parametrize("cell", ["gru", "lstm", "lstm_proj", "rnn_tanh", "rnn_relu"])
+def test_float32_layer_matches_the_float64_reference(gemm, threads, cell, D, layout):
+    batch = make_batch(layout, LENGTHS, I, dtype=torch.float32)
+    batch64 = dataclasses.replace(batch, x=batch.x.double())
+    if cell == "gru":
+        w = gru_layer(D, len(LENGTHS), dtype=torch.float32)
+        f = (ops.gru_layer_forward, ops.gru_layer_ragged_forward)
+        out, h_n, _ = gru_forward(w, batch, *f, False)
+        w64 = {k: v.double() for k, v in w.items()}
+        r = (reference.gru_layer_reference, reference.gru_layer_ragged_reference)
+        r_out, r_h = gru_forward(w64, batch64, *r)
+        got, want = (out, h_n), (r_out, r_h)
+    else:
+        layer = make_layer(cell, D, len(LENGTHS), I, H, P=P, dtype=torch.float32)
+        got = op_forward(layer, batch, need_workspace=False)[:3]
+        layer64 = layer.replace(**{k: double(v) for k, v in layer.tensors().items()})
+        want = ref_forward(layer64, batch64)
+    for g, r in zip(got, want):
+        if r is not None:  # float32 rounding, relative to the scale (ReLU's states grow)
+            scale = float(r.abs().max())
+            torch.testing.assert_close(g.double(), r, atol=2e-5 * max(scale, 1.0), rtol=1e-4)
+
+
+def test_kernel_loop_repeats_exactly_and_saves_the_same_workspace(threads, monkeypatch):
+    """Deterministic, and training (the workspace) takes the same path as inference."""
+    monkeypatch.setenv("VARLEN_RNN_CPU_STEPS", "split")
+    monkeypatch.setenv("VARLEN_RNN_CPU_GEMM", "kernel")
+    batch = make_batch("padded", LENGTHS, I, dtype=torch.float32)
+    layer = make_layer("lstm", 2, len(LENGTHS), I, H, dtype=torch.float32)
+    a = op_forward(layer, batch, need_workspace=True)
+    b = op_forward(layer, batch, need_workspace=True)
+    c = op_forward(layer, batch, need_workspace=False)
+    for x, y, z in zip(a[:3], b[:3], c[:3]):
+        assert torch.equal(x, y) and torch.equal(x, z)
+    assert torch.equal(a[3], b[3]) and a[3].numel() > 0
