@@ -33,7 +33,7 @@
 #include "cpu/rows.h"
 #include "cpu/small_gemm.h"
 #include "cpu/team.h"  // gemm_rm, blas_available, slice_of
-#include "layout.h"  // step_time
+#include "layout.h"    // step_time
 
 #if defined(_OPENMP)
 #include <omp.h>
