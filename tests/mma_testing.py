@@ -130,6 +130,41 @@ def matvec_reference(kind: str, w: torch.Tensor, x: torch.Tensor, U: int, g_majo
     return want, bound
 
 
+# The checks both test files run, on `lib`: the emulation's extension or the GPU library, each
+# with tile_gemm(kind, variant, a, b, c) and matvec(kind, w, x, U, g_major, kc_max).
+def assert_tile_gemm_within_bound(lib, kind: str, M: int, N: int, steps: int):
+    """lib's warp GEMM (the right fragment layout) within the fp32-accumulation bound of float64
+    products of the rounded inputs; returns (d, (a, b, c)) for the caller's own checks."""
+    K = steps * K_STEP[kind]
+    a, b, c = gemm_inputs(kind, M, N, K)
+    d = lib.tile_gemm(KINDS[kind], 0, a, b, c)
+    want, bound = fp32_accumulation_bound(element_round(kind, a), element_round(kind, b), c)
+    err = (d.double() - want).abs()
+    worst = divmod(int(err.argmax()), N)
+    assert (err <= bound).all(), f"max error {err.max():.3g} at {worst}, bound {bound[worst]:.3g}"
+    return d, (a, b, c)
+
+
+def assert_wrong_layout_fails(lib, kind: str, variant: str):
+    """A deliberately wrong fragment layout leaves the bound somewhere."""
+    M, N, K = 32, 16, 2 * K_STEP[kind]
+    a, b, c = gemm_inputs(kind, M, N, K, seed=1)
+    want, bound = fp32_accumulation_bound(element_round(kind, a), element_round(kind, b), c)
+    d = lib.tile_gemm(KINDS[kind], WRONG_VARIANTS[variant], a, b, c)
+    assert ((d.double() - want).abs() > bound).any()
+
+
+def assert_matvec_within_bound(lib, kind: str, U: int, K: int, rows: int, kc_max: int, g_major):
+    """lib's tile_matvec_mma within the bound of matvec_reference; returns (got, w, x) for the
+    caller's own checks."""
+    w_arg, w, x = matvec_inputs(kind, U, K, rows)
+    got = lib.matvec(KINDS[kind], w_arg, x, U, g_major, kc_max)
+    want, bound = matvec_reference(kind, w, x, U, g_major)
+    err = (got.double() - want).abs()
+    assert (err <= bound).all(), f"max error {err.max():.3g}"
+    return got, w, x
+
+
 def parse_table(table: str) -> dict:
     """A fragment figure as text (cell 'lane.i' at row r, column c) -> {(lane, i): (r, c)}."""
     cells = {}

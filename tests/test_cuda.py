@@ -4,21 +4,23 @@ inside the capture); no host sync; streams; half types; lengths on the CPU; nn.G
 policy; a refused cooperative launch. Every GPU test skips with a reason on a machine without
 CUDA; the registration tests run everywhere."""
 
-import ctypes
 import os
 import shutil
 import subprocess
-import sys
 
+import cuda_testing
 import pytest
 import torch
-from testing import HAS_CUDA, assert_close, grads, make_pair, packed_baseline
+from cuda_testing import PATHS, assert_device_assert, child, knob_hook, needs_cuda, set_knobs
+from testing import assert_close, grads, make_pair, packed_baseline
 
 import varlen_rnn
 from varlen_rnn.reference import gru_reference
 
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
-PATHS = ["persistent", "fallback"]
+# The shared fixtures: the path knob (indirect parameter), knobs reset and TF32 off per test.
+path = cuda_testing.path
+auto_knobs_after = cuda_testing.auto_knobs_after
+no_tf32 = cuda_testing.no_tf32
 
 
 def test_cuda_kernels_registered_when_built_with_cuda():
@@ -33,54 +35,7 @@ def test_cuda_knob_hook_exported_when_built_with_cuda():
     """The tests below switch paths through this hook (the environment is read once)."""
     if not varlen_rnn.WITH_CUDA:
         pytest.skip("varlen_rnn was built without CUDA (no toolkit, or a CPU torch)")
-    assert _knob_hook()(b"no-such-path", 0, 0) == -1
-
-
-def _knob_hook():
-    f = ctypes.CDLL(varlen_rnn._C.__file__).varlen_rnn_cuda_set_knobs_for_testing
-    f.argtypes, f.restype = [ctypes.c_char_p, ctypes.c_longlong, ctypes.c_int], ctypes.c_int
-    return f
-
-
-def set_knobs(path="auto", max_kc=0, oversubscribe=False):
-    """VARLEN_RNN_CUDA_PATH and VARLEN_RNN_PERSISTENT_MAX_KC for this process, from now on."""
-    assert _knob_hook()(path.encode(), max_kc, int(oversubscribe)) == 0
-
-
-@pytest.fixture(autouse=True)
-def auto_knobs_after():
-    yield
-    if varlen_rnn.WITH_CUDA:
-        set_knobs()
-
-
-@pytest.fixture
-def path(request):
-    set_knobs(request.param)
-    return request.param
-
-
-def _child(code, env=None, timeout=180):
-    """Runs `code` in a fresh Python process (a cold plan cache, its own warnings and knobs)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=root,
-        timeout=timeout,
-        env=dict(os.environ, **(env or {})),
-        check=False,
-    )
-
-
-@pytest.fixture(autouse=True)
-def no_tf32():
-    """float32 comparisons mean float32: TF32 off on both sides, restored after."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    assert knob_hook()(b"no-such-path", 0, 0) == -1
 
 
 def _lengths(B, T, seed=0, zeros=True):
@@ -103,6 +58,14 @@ def _inputs(T, B, I, D, H, layers, dtype, device, batch_first=False, seed=0):
     x = torch.randn((B, T, I) if batch_first else (T, B, I), generator=g, dtype=torch.float64)
     hx = torch.randn(layers * D, B, H, generator=g, dtype=torch.float64)
     return (x.to(device, dtype).requires_grad_(), hx.to(device, dtype).requires_grad_())
+
+
+def _bi_gru(T, B, I, H, dtype, lengths_seed=0):
+    """A 2-layer bidirectional GRU on the GPU (parameters from torch's global generator), its
+    input and hx as leaves, and lengths on the GPU with zeros."""
+    gru = varlen_rnn.GRU(I, H, 2, bidirectional=True, dtype=dtype, device="cuda")
+    x, hx = _inputs(T, B, I, 2, H, 2, dtype, "cuda")
+    return gru, x, hx, _lengths(B, T, seed=lengths_seed).cuda()
 
 
 # ------------------------------------------------------------------ parity
@@ -157,9 +120,7 @@ def test_cuda_persistent_equals_fallback(dtype, max_kc):
     """Many tiles of rows, rows finishing at every step, zero lengths, a partial last block."""
     T, B, I, H = 20, 45, 6, 70
     torch.manual_seed(1)
-    gru = varlen_rnn.GRU(I, H, 2, bidirectional=True, dtype=dtype, device="cuda")
-    x, hx = _inputs(T, B, I, 2, H, 2, dtype, "cuda")
-    lengths = _lengths(B, T, seed=3).cuda()
+    gru, x, hx, lengths = _bi_gru(T, B, I, H, dtype, lengths_seed=3)
     results = {}
     for p in PATHS:
         set_knobs(p, max_kc=max_kc)
@@ -298,9 +259,7 @@ def test_cuda_padding_is_never_read(path, batch_first):
 def test_cuda_deterministic(path, dtype):
     T, B, I, H = 30, 19, 16, 48
     torch.manual_seed(0)
-    gru = varlen_rnn.GRU(I, H, 2, bidirectional=True, dtype=dtype, device="cuda")
-    x, hx = _inputs(T, B, I, 2, H, 2, dtype, "cuda")
-    lengths = _lengths(B, T).cuda()
+    gru, x, hx, lengths = _bi_gru(T, B, I, H, dtype)
     a, b = _run(gru, x, lengths, hx), _run(gru, x, lengths, hx)
     for i, (u, v) in enumerate(zip(a, b)):
         assert torch.equal(u, v), f"tensor {i} differs between two identical runs"
@@ -310,9 +269,7 @@ def test_cuda_deterministic(path, dtype):
 @pytest.mark.parametrize("path", PATHS, indirect=True)
 def test_cuda_no_host_sync(path):
     T, B, I, H = 8, 5, 4, 16
-    gru = varlen_rnn.GRU(I, H, 2, bidirectional=True, device="cuda")
-    x, hx = _inputs(T, B, I, 2, H, 2, torch.float32, "cuda")
-    lengths = _lengths(B, T).cuda()
+    gru, x, hx, lengths = _bi_gru(T, B, I, H, torch.float32)
     _run(gru, x, lengths, hx)  # warm-up outside the check: first-use allocations, handles
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -367,9 +324,7 @@ def test_cuda_graph_capture_and_replay(path):
 def test_cuda_non_default_stream(path):
     T, B, I, H = 16, 7, 5, 24
     torch.manual_seed(0)
-    gru = varlen_rnn.GRU(I, H, 2, bidirectional=True, device="cuda")
-    x, hx = _inputs(T, B, I, 2, H, 2, torch.float32, "cuda")
-    lengths = _lengths(B, T).cuda()
+    gru, x, hx, lengths = _bi_gru(T, B, I, H, torch.float32)
     expected = _run(gru, x, lengths, hx)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -441,7 +396,7 @@ def test_cuda_bad_path_name_is_refused():
         "except RuntimeError as e:\n"
         "    print('refused:', e)\n"
     )
-    r = _child(code, env={"VARLEN_RNN_CUDA_PATH": "fastest"})
+    r = child(code, env={"VARLEN_RNN_CUDA_PATH": "fastest"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "VARLEN_RNN_CUDA_PATH must be auto, persistent or fallback, got 'fastest'" in r.stdout
 
@@ -457,9 +412,7 @@ def test_cuda_out_of_range_length_is_a_device_assert(bad):
         f"out, h = gru(torch.zeros(6, 2, 3, device='cuda'), lengths=torch.tensor([2, {bad}], device='cuda'))\n"
         "torch.cuda.synchronize()\n"
     )
-    r = _child(code, timeout=120)
-    assert r.returncode != 0
-    assert "assert" in r.stderr.lower(), r.stderr[-2000:]
+    assert_device_assert(code)
 
 
 # ------------------------------------------------------------- lengths on the CPU
@@ -586,7 +539,7 @@ print("cold capture ok", err)
 def test_cuda_graph_capture_first_call_inside_capture(path):
     """A cold plan cache inside the capture: the kernel-attribute queries and the shared-memory
     opt-in happen during capture (a fresh process, so no earlier test warmed them)."""
-    r = _child(COLD_CAPTURE, env={"VARLEN_RNN_CUDA_PATH": path})
+    r = child(COLD_CAPTURE, env={"VARLEN_RNN_CUDA_PATH": path})
     assert r.returncode == 0 and "cold capture ok" in r.stdout, r.stderr[-3000:]
 
 
@@ -628,7 +581,7 @@ print("refused launch ok")
 def test_cuda_refused_cooperative_launch_falls_back_once():
     """auto: a warning once, the fallback's exact result, no exception; the refusal is
     remembered, so forced persistent then reports it."""
-    r = _child(REFUSED)
+    r = child(REFUSED)
     assert r.returncode == 0 and "refused launch ok" in r.stdout, r.stderr[-3000:]
 
 

@@ -6,16 +6,20 @@ runs even where the persistent path is forced; the CPU kernels agree (zero lengt
 Every GPU test skips with a reason on a machine without CUDA; the registration test runs
 wherever the build has CUDA. The kernels' logic without a GPU: test_cuda_emulated_cells.py."""
 
+import cuda_testing
 import pytest
 import torch
-from test_cuda import PATHS, set_knobs
-from testing import HAS_CUDA
+from cuda_testing import PATHS, needs_cuda, set_knobs
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import varlen_rnn
 
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+# The shared fixtures: the path knob (indirect parameter), knobs reset and TF32 off (cuDNN and
+# ours) per test.
+path = cuda_testing.path
+auto_knobs_after = cuda_testing.auto_knobs_after
+no_tf32 = cuda_testing.no_tf32
 OPS = [
     f"{cell}_layer_{kind}{way}"
     for cell in ("lstm", "rnn")
@@ -30,28 +34,6 @@ CELLS = {
     "rnn-relu": dict(nonlinearity="relu"),
 }
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=5e-5, rtol=2e-4)}
-
-
-@pytest.fixture(autouse=True)
-def auto_knobs_after():
-    yield
-    if varlen_rnn.WITH_CUDA:
-        set_knobs()
-
-
-@pytest.fixture
-def path(request):
-    set_knobs(request.param)
-    return request.param
-
-
-@pytest.fixture(autouse=True)
-def no_tf32():
-    """float32 comparisons mean float32: TF32 off on both sides (cuDNN and ours), restored."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 def test_cuda_cell_kernels_registered_when_built_with_cuda():

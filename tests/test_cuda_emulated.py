@@ -18,26 +18,32 @@ dtype (relative error eps/2 each), the fallback's gh is a GEMM rounded to the dt
 backward reads the rounded outputs as its previous state. Each is a few eps relative to the
 values involved, propagated through T steps of a contracting recurrence and summed over all rows
 by the weight-gradient GEMMs. The bound is
-C * eps * (|ref| + max(1, max|ref|)) with C = TOL_EPS below, about five times the largest C
-these cases need (float32 1.7, float16 0.7, bfloat16 0.6: for the half types the storage
-roundings dominate, for float32 its own sums over up to 3H terms in the kernels and all rows in
-the GEMMs). A wrong bit-cast, index or missing term gives errors of order max|ref|, far above
+C * eps * (|ref| + max(1, max|ref|)) with C = TOL_EPS (tests/emulation.py), about five times
+the largest C these cases need (float32 1.7, float16 0.7, bfloat16 0.6: for the half types the
+storage roundings dominate, for float32 its own sums over up to 3H terms in the kernels and all
+rows in the GEMMs). A wrong bit-cast, index or missing term gives errors of order max|ref|, far above
 the bound for every dtype (bfloat16: 4 * 2^-7 ~ 0.03 of max|ref|)."""
 
+import emulation
 import pytest
 import torch
-from emulation import SKIP_REASON, load_emulation
-from torch.nn.utils.rnn import pack_padded_sequence
+from cuda_testing import GRU_RESULTS, assert_each_close
+from emulation import (
+    DTYPE_IDS,
+    LAYOUTS,
+    OPERAND_EPS,
+    assert_case_reaches,
+    input_gemm,
+    launch_index,
+    ragged_rows,
+    rounded_randn,
+    rounding_tol,
+    weight_grads,
+)
 
-pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
+pytestmark = emulation.needs_emulation
+emu = emulation.emu
 
-
-@pytest.fixture(scope="module")
-def emu():
-    return load_emulation()
-
-
-OFFSETS, PACKED, PADDED = 0, 1, 2
 # layout: "padded" (bf: batch-major), "offsets" or "packed" (sorted: no sorted_indices, the
 # lengths are already longest first); max_len: the ragged ops' step bound (default: T).
 # kc: the K-chunk cap (VARLEN_RNN_PERSISTENT_MAX_KC). expect: what the persistent cut must
@@ -162,42 +168,11 @@ HALF_CASES = [
     "packed-bi-K-chunks",
 ]
 F32_CASES = HALF_CASES + ["offsets-bi-zeros-loose-bound", "packed-tiles-loose-bound"]
-TOL_EPS = {torch.float32: 8, torch.float16: 4, torch.bfloat16: 4}
-DTYPE_IDS = {
-    torch.float64: "f64",
-    torch.float32: "f32",
-    torch.float16: "f16",
-    torch.bfloat16: "bf16",
-}
 PARAMS = (
     [(n, torch.float64) for n in sorted(CASES)]
     + [(n, torch.float32) for n in F32_CASES]
     + [(n, dt) for dt in (torch.float16, torch.bfloat16) for n in HALF_CASES]
 )
-SMS, SMEM = 4, 227 * 1024  # a pretend device: 4 SMs (several units per block), H100 memory
-
-
-def ragged_rows(c, L):
-    """The ragged layout of lengths L: (seq_index, sorted_indices or None, t, b) with
-    row i of the values holding the padded position (t[i], b[i])."""
-    B = len(L)
-    if c["layout"] == "offsets":
-        pos = [(t, b) for b in range(B) for t in range(L[b])]
-        seq_index = torch.tensor([0] + torch.tensor(L).cumsum(0).tolist(), dtype=torch.long)
-        si = None
-    else:
-        packed = pack_padded_sequence(
-            torch.zeros(max(L), B, 1), torch.tensor(L), enforce_sorted=bool(c.get("sorted"))
-        )
-        seq_index, si = packed.batch_sizes, packed.sorted_indices
-        order = si.tolist() if si is not None else list(range(B))
-        pos = [(t, order[i]) for t, n in enumerate(seq_index.tolist()) for i in range(n)]
-    t, b = (
-        (torch.tensor(v, dtype=torch.long) for v in zip(*pos))
-        if pos
-        else (torch.zeros(0, dtype=torch.long),) * 2
-    )
-    return seq_index, si, t, b
 
 
 def reference(c, x, L, hx, w_ih, w_hh, b_ih, b_hh, go, ghn, rows):
@@ -212,9 +187,6 @@ def reference(c, x, L, hx, w_ih, w_hh, b_ih, b_hh, go, ghn, rows):
     return [out, hn, *ops.gru_layer_ragged_backward(go, ghn, x, *index, hx, w_ih, w_hh, out, ws)]
 
 
-LAYOUTS = {"offsets": OFFSETS, "packed": PACKED, "padded": PADDED}
-
-
 def run_case(emu, c, dtype, persistent, mma=False):
     """(got, ref, cuts): the emulated kernels' results in `dtype` with the launchers' GEMMs
     around them, the CPU op's in float64 on the same (rounded) inputs, and the persistent
@@ -222,11 +194,7 @@ def run_case(emu, c, dtype, persistent, mma=False):
     persistent kernels' tensor-core path."""
     T, B, I, H, D, bias = (c[k] for k in ("T", "B", "I", "H", "D", "bias"))
     bf = c.get("bf", False)
-    g = torch.Generator().manual_seed(0)
-
-    def f(*s):  # float64 values that are exact in `dtype`
-        return torch.randn(*s, dtype=torch.float64, generator=g).to(dtype).double()
-
+    f = rounded_randn(dtype, seed=0)
     L = torch.tensor(c["lengths"], dtype=torch.long)
     rows = None if c["layout"] == "padded" else ragged_rows(c, c["lengths"])
     x = (f(B, T, I) if bf else f(T, B, I)) if rows is None else f(len(rows[2]), I)
@@ -239,30 +207,15 @@ def run_case(emu, c, dtype, persistent, mma=False):
     # The launchers' GEMMs (ops_cuda.cu), in the storage dtype around the emulated kernels.
     x, hx, w_ih, w_hh, go, ghn = (t.to(dtype) for t in (x, hx, w_ih, w_hh, go, ghn))
     b_ih, b_hh = (None, None) if not bias else (b_ih.to(dtype), b_hh.to(dtype))
-    if rows is None:
-        layout, seq_index, si, steps = PADDED, L, None, T
-    else:
-        layout, seq_index, si, steps = LAYOUTS[c["layout"]], rows[0], rows[1], c.get("max_len", T)
-    si = torch.zeros(0, dtype=torch.long) if si is None else si
-    index = (layout, seq_index, si, steps, bf, persistent, SMS, SMEM, c.get("kc", 0))
-    x2d, w2d = x.reshape(-1, I), w_ih.reshape(D * 3 * H, I)
-    gx = torch.addmm(b_ih.reshape(-1), x2d, w2d.T) if bias else x2d @ w2d.T
-    out, hn, ws, cut_f = emu.forward(gx.contiguous(), w_hh, b_hh, hx, *index, mma)
+    index = launch_index(c, L, rows, persistent)
+    x2d, w2d, gx = input_gemm(x, w_ih, b_ih)
+    out, hn, ws, cut_f = emu.forward(gx, w_hh, b_hh, hx, *index, mma)
     out = out.view(out_shape)
     dgx, dgh, hprev, ghx, cut_b = emu.backward(
         go.reshape(-1, D * H), ghn, out.reshape(-1, D * H), hx, ws, w_hh, *index, mma
     )
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    got = [
-        out,
-        hn,
-        (dgx @ w2d).view(x.shape),
-        ghx,
-        (dgx.T @ x2d).view(D, 3 * H, I),
-        torch.bmm(dgh.transpose(1, 2), hprev),
-        dgx.sum(0, dtype=acc).view(D, 3 * H),
-        dgh.sum(1, dtype=acc),
-    ]
+    grad_x, *grad_w = weight_grads(dgx, dgh, hprev, x2d, w2d, x.shape)
+    got = [out, hn, grad_x, ghx, *grad_w]
     return [t.double() for t in got], ref, (cut_f.tolist(), cut_b.tolist())
 
 
@@ -270,33 +223,11 @@ def run_case(emu, c, dtype, persistent, mma=False):
 @pytest.mark.parametrize("name,dtype", PARAMS, ids=[f"{n}-{DTYPE_IDS[d]}" for n, d in PARAMS])
 def test_emulated_cuda_kernels_match_cpu_kernels(emu, name, dtype, persistent):
     c = CASES[name]
-    got, ref, (cut_f, cut_b) = run_case(emu, c, dtype, persistent)
-    names = [
-        "output",
-        "h_n",
-        "grad input",
-        "grad hx",
-        "grad w_ih",
-        "grad w_hh",
-        "grad b_ih",
-        "grad b_hh",
-    ]
-    for n, a, e in zip(names, got, ref):
-        # Every element is written: the kernels' outputs start at 777.
-        if dtype == torch.float64:
-            tol = dict(atol=1e-12, rtol=1e-12)
-        else:
-            c_eps = TOL_EPS[dtype] * torch.finfo(dtype).eps
-            tol = dict(atol=c_eps * max(1.0, e.abs().max().item()), rtol=c_eps)  # see top
-        torch.testing.assert_close(a, e, **tol, msg=lambda m: f"{n}: {m}")
-    if persistent:  # the case reaches what it names (plan.h's cut of this pretend device)
-        J, bpd, rows_f, _, _ = cut_f
-        kc_b = cut_b[3]
-        for what in c.get("expect", []):
-            ok = {"chunks": kc_b < 3 * c["H"], "tail": J * bpd > c["H"], "tiles": rows_f < c["B"]}[
-                what
-            ]
-            assert ok, f"{name} no longer reaches '{what}': cuts {cut_f} / {cut_b}"
+    got, ref, cuts = run_case(emu, c, dtype, persistent)
+    # Every element is written: the kernels' outputs start at 777. The bound: see top.
+    assert_each_close(GRU_RESULTS, got, ref, rounding_tol(dtype))
+    if persistent:
+        assert_case_reaches(name, c, 3, cuts)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPE_IDS), ids=list(DTYPE_IDS.values()))
@@ -316,13 +247,8 @@ def test_emulated_persistent_kernels_are_deterministic(emu, dtype):
 # type's eps (TF32: 2^-10) and C about five times the largest these cases need (TF32 0.45,
 # float16 0.64, bfloat16 0.44).
 MMA_CASES = ["uni-basic", "bi-bf-zeros", "two-tiles-nobias", "K-chunks-small", "offsets-uni"]
-MMA_EPS = {
-    torch.float32: 2.0**-10,
-    torch.float16: torch.finfo(torch.float16).eps,
-    torch.bfloat16: torch.finfo(torch.bfloat16).eps,
-}
 MMA_TOL_EPS = {torch.float32: 2, torch.float16: 4, torch.bfloat16: 4}
-MMA_PARAMS = [(n, dt) for dt in MMA_EPS for n in MMA_CASES]
+MMA_PARAMS = [(n, dt) for dt in OPERAND_EPS for n in MMA_CASES]
 
 
 @pytest.mark.parametrize(
@@ -330,20 +256,8 @@ MMA_PARAMS = [(n, dt) for dt in MMA_EPS for n in MMA_CASES]
 )
 def test_emulated_tensor_core_path_matches_cpu_kernels(emu, name, dtype):
     got, ref, _ = run_case(emu, CASES[name], dtype, True, mma=True)
-    names = [
-        "output",
-        "h_n",
-        "grad input",
-        "grad hx",
-        "grad w_ih",
-        "grad w_hh",
-        "grad b_ih",
-        "grad b_hh",
-    ]
-    for n, a, e in zip(names, got, ref):
-        c_eps = MMA_TOL_EPS[dtype] * MMA_EPS[dtype]
-        tol = dict(atol=c_eps * max(1.0, e.abs().max().item()), rtol=c_eps)
-        torch.testing.assert_close(a, e, **tol, msg=lambda m: f"{n}: {m}")
+    c_eps = MMA_TOL_EPS[dtype] * OPERAND_EPS[dtype]
+    assert_each_close(GRU_RESULTS, got, ref, rounding_tol(dtype, c_eps))
 
 
 def test_emulated_tensor_core_path_rounds_float32_to_tf32(emu):

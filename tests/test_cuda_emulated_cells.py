@@ -14,14 +14,27 @@ otherwise."""
 
 import math
 
+import emulation
 import pytest
 import torch
-from emulation import SKIP_REASON, load_emulation
-from test_cuda_emulated import DTYPE_IDS, LAYOUTS, PADDED, SMEM, SMS, ragged_rows
+from cuda_testing import assert_each_close
+from emulation import (
+    DTYPE_IDS,
+    OPERAND_EPS,
+    assert_case_reaches,
+    input_gemm,
+    launch_index,
+    ragged_rows,
+    rounded_randn,
+    rounding_tol,
+    weight_grads,
+)
+from test_cuda_emulated import CASES as GRU_CASES
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
+pytestmark = emulation.needs_emulation
+emu = emulation.emu
 
 GRU, LSTM, RNN_TANH, RNN_RELU = 0, 1, 2, 3
 CELLS = {"lstm": LSTM, "rnn-tanh": RNN_TANH, "rnn-relu": RNN_RELU}
@@ -29,25 +42,11 @@ GATES = {LSTM: 4, RNN_TANH: 1, RNN_RELU: 1}
 SAVED = {LSTM: 6, RNN_TANH: 1, RNN_RELU: 1}
 
 
-@pytest.fixture(scope="module")
-def emu():
-    return load_emulation()
-
-
-# As test_cuda_emulated.CASES; P: the LSTM's proj_size (LSTM only, fallback only).
+# As test_cuda_emulated.CASES (three of them are those); P: the LSTM's proj_size (LSTM only,
+# fallback only).
 CASES = {
-    "uni-basic": dict(T=5, B=3, I=2, H=4, D=1, bias=True, layout="padded", lengths=[5, 2, 0]),
-    "bi-bf-zeros": dict(
-        T=6,
-        B=11,
-        I=3,
-        H=5,
-        D=2,
-        bias=True,
-        layout="padded",
-        bf=True,
-        lengths=[6, 0, 3, 1, 6, 2, 5, 4, 0, 6, 1],
-    ),
+    "uni-basic": GRU_CASES["uni-basic"],
+    "bi-bf-zeros": GRU_CASES["bi-bf-zeros"],
     "K-chunks-tail-block": dict(
         T=5,
         B=9,
@@ -84,9 +83,7 @@ CASES = {
         lengths=[6, 5, 4, 3, 2, 1, 1, 6, 2],
         expect=["chunks"],
     ),
-    "packed-sorted-uni": dict(
-        T=5, B=4, I=2, H=4, D=1, bias=True, layout="packed", sorted=True, lengths=[5, 3, 3, 1]
-    ),
+    "packed-sorted-uni": GRU_CASES["packed-sorted-uni"],
 }
 PROJ_CASES = {  # the LSTM with proj_size P (below H, as torch.nn.LSTM requires)
     "proj-uni-basic": dict(CASES["uni-basic"], P=3),
@@ -97,7 +94,6 @@ PROJ_CASES = {  # the LSTM with proj_size P (below H, as torch.nn.LSTM requires)
 ALL_CASES = {**CASES, **PROJ_CASES}
 HALF_CASES = ["uni-basic", "K-chunks-tail-block", "offsets-tiles-nobias", "packed-bi-K-chunks"]
 HALF_PROJ_CASES = ["proj-bi-bf-zeros", "proj-packed-bi"]
-TOL_EPS = {torch.float32: 8, torch.float16: 4, torch.bfloat16: 4}
 
 
 def _params():
@@ -217,11 +213,7 @@ def run_case(emu, cell, c, dtype, persistent, mma=False):
     proj = "P" in c
     bf = c.get("bf", False)
     lstm = cell == LSTM
-    g = torch.Generator().manual_seed(1)
-
-    def f(*s):  # float64 values that are exact in `dtype`
-        return torch.randn(*s, dtype=torch.float64, generator=g).to(dtype).double()
-
+    f = rounded_randn(dtype, seed=1)
     L = torch.tensor(c["lengths"], dtype=torch.long)
     rows = None if c["layout"] == "padded" else ragged_rows(c, c["lengths"])
     x_tm = f(T, B, I)
@@ -237,11 +229,9 @@ def run_case(emu, cell, c, dtype, persistent, mma=False):
     # The kernels' view of x, go and the reference's output and input gradient: rows.
     if rows is None:
         to_rows = (lambda t: t.transpose(0, 1)) if bf else (lambda t: t)
-        layout, seq_index, si, steps = PADDED, L, None, T
     else:
         tt, bb = rows[2], rows[3]
         to_rows = lambda t: t[tt, bb]  # noqa: E731
-        layout, seq_index, si, steps = LAYOUTS[c["layout"]], rows[0], rows[1], c.get("max_len", T)
     ref[0], ref[3] = to_rows(ref[0]), to_rows(ref[3])
     x, go = to_rows(x_tm).contiguous(), to_rows(go_tm).contiguous()
 
@@ -253,49 +243,26 @@ def run_case(emu, cell, c, dtype, persistent, mma=False):
     none = torch.zeros(0, dtype=dtype)
     w_hr = w_hr.to(dtype) if proj else none
     cx, gcn = (cx, gcn) if lstm else (none, none)
-    si = torch.zeros(0, dtype=torch.long) if si is None else si
-    index = (layout, seq_index, si, steps, bf, persistent, SMS, SMEM, c.get("kc", 0), mma)
+    index = (*launch_index(c, L, rows, persistent), mma)
     out_shape = (*x.shape[:-1], D * P)
-    x2d, w2d = x.reshape(-1, I), w_ih.reshape(D * G * H, I)
-    gx = torch.addmm(b_ih.reshape(-1), x2d, w2d.T) if bias else x2d @ w2d.T
-    out, hn, cn, ws, cut_f = emu.cell_forward(
-        cell, gx.contiguous(), w_hh, b_hh, hx, cx, w_hr, *index
-    )
+    x2d, w2d, gx = input_gemm(x, w_ih, b_ih)
+    out, hn, cn, ws, cut_f = emu.cell_forward(cell, gx, w_hh, b_hh, hx, cx, w_hr, *index)
     assert ws.shape == (D, ws.shape[1], S * H)
     dgx, dgh, hprev, ghx, gcx, dhr, hcell, cut_b = emu.cell_backward(
         cell, go.reshape(-1, D * P), ghn, gcn, out, hx, ws, w_hh, w_hr, *index
     )
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    got = [
-        out.view(out_shape),
-        hn,
-        cn if lstm else None,
-        (dgx @ w2d).view(x.shape),
-        ghx,
-        gcx if lstm else None,
-        (dgx.T @ x2d).view(D, G * H, I),
-        torch.bmm(dgh.transpose(1, 2), hprev),
-        dgx.sum(0, dtype=acc).view(D, G * H),
-        dgh.sum(1, dtype=acc),
-        None,
-    ]
+    grad_x, *grad_w = weight_grads(dgx, dgh, hprev, x2d, w2d, x.shape)
+    got = [out.view(out_shape), hn, cn if lstm else None, grad_x, ghx, gcx if lstm else None]
+    got += [*grad_w, None]
     if proj:  # dW_hr = dhr^T h' over all rows (paths_backward.cuh)
         got[10] = torch.bmm(dhr.transpose(1, 2), hcell)
     got = [None if t is None else t.double() for t in got]
     return got, ref, (cut_f.tolist(), cut_b.tolist())
 
 
-def check(got, ref, dtype, eps=None, c_eps=None):
-    for n, a, e in zip(NAMES, got, ref):
-        assert (a is None) == (e is None), n
-        if a is None:
-            continue
-        if dtype == torch.float64:
-            tol = dict(atol=1e-12, rtol=1e-12)
-        else:
-            ce = c_eps if c_eps is not None else TOL_EPS[dtype] * torch.finfo(dtype).eps
-            tol = dict(atol=ce * max(1.0, e.abs().max().item()), rtol=ce)
-        torch.testing.assert_close(a, e, **tol, msg=lambda m: f"{n}: {m}")
+def check(got, ref, dtype, c_eps=None):
+    """got against ref in NAMES' order, within test_cuda_emulated's bound (see its docstring)."""
+    assert_each_close(NAMES, got, ref, rounding_tol(dtype, c_eps))
 
 
 def _id(p):
@@ -308,14 +275,10 @@ PATHS = {True: "persistent", False: "fallback"}
 @pytest.mark.parametrize("cell,name,dtype,persistent", PARAMS, ids=[_id(p) for p in PARAMS])
 def test_emulated_cell_kernels_match_torch_nn(emu, cell, name, dtype, persistent):
     c = ALL_CASES[name]
-    got, ref, (cut_f, cut_b) = run_case(emu, CELLS[cell], c, dtype, persistent)
+    got, ref, cuts = run_case(emu, CELLS[cell], c, dtype, persistent)
     check(got, ref, dtype)
-    if persistent:  # the case reaches what it names (plan.h's cut of this pretend device)
-        J, bpd, rows_f, _, _ = cut_f
-        K = GATES[CELLS[cell]] * c["H"]
-        for what in c.get("expect", []):
-            ok = {"chunks": cut_b[3] < K, "tail": J * bpd > c["H"], "tiles": rows_f < c["B"]}
-            assert ok[what], f"{name} no longer reaches '{what}': cuts {cut_f} / {cut_b}"
+    if persistent:
+        assert_case_reaches(name, c, GATES[CELLS[cell]], cuts)
 
 
 def test_emulated_projection_refuses_the_persistent_kernel(emu):
@@ -335,16 +298,16 @@ def test_emulated_cell_persistent_kernels_are_deterministic(emu, cell):
 
 # The persistent kernels' tensor-core path with G = 4 and G = 1 gate rows per forward work item
 # (the GRU's emulation test covers G = 3); bounds as there (the operand type's eps).
-MMA_EPS = {torch.float32: 2.0**-10, torch.bfloat16: torch.finfo(torch.bfloat16).eps}
+MMA_DTYPES = [torch.float32, torch.bfloat16]
 MMA_PARAMS = [
     (cell, name, dt)
     for cell in CELLS
     for name in ("uni-basic", "offsets-tiles-nobias")
-    for dt in MMA_EPS
+    for dt in MMA_DTYPES
 ]
 
 
 @pytest.mark.parametrize("cell,name,dtype", MMA_PARAMS, ids=[_id(p) for p in MMA_PARAMS])
 def test_emulated_cell_tensor_core_path_matches_torch_nn(emu, cell, name, dtype):
     got, ref, _ = run_case(emu, CELLS[cell], CASES[name], dtype, True, mma=True)
-    check(got, ref, dtype, c_eps=4 * MMA_EPS[dtype])
+    check(got, ref, dtype, c_eps=4 * OPERAND_EPS[dtype])

@@ -14,18 +14,16 @@ What these cases add:
   fragment_load_ways) and must see none; the unpadded layout must show conflicts and give
   the same bits."""
 
+import emulation
 import pytest
 import test_cuda_emulated as gru
 import test_cuda_emulated_cells as cells
 import torch
-from emulation import SKIP_REASON, load_emulation
+from cuda_testing import GRU_RESULTS, assert_each_close
+from emulation import DTYPE_IDS, OPERAND_EPS, rounding_tol
 
-pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
-
-
-@pytest.fixture(scope="module")
-def emu():
-    return load_emulation()
+pytestmark = emulation.needs_emulation
+emu = emulation.emu
 
 
 CASES = {
@@ -76,11 +74,8 @@ KINDS = [
     (torch.float64, False),
     (torch.bfloat16, False),
 ]
-EPS = {
-    torch.float32: 2.0**-10,  # TF32 operands
-    torch.bfloat16: torch.finfo(torch.bfloat16).eps,
-    torch.float16: torch.finfo(torch.float16).eps,
-}
+# The tensor-core kernels' dtypes (TF32 operands for float32).
+MMA_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def _ok_cell(cell, dtype, mma):
@@ -102,7 +97,7 @@ PARAMS = [
 
 def _id(p):
     cell, name, dt, mma = p
-    return f"{cell}-{name}-{gru.DTYPE_IDS[dt]}-{'mma' if mma else 'exact'}"
+    return f"{cell}-{name}-{DTYPE_IDS[dt]}-{'mma' if mma else 'exact'}"
 
 
 def run(emu, cell, c, dtype, mma):
@@ -115,22 +110,10 @@ def run(emu, cell, c, dtype, mma):
 
 
 def check(cell, got, ref, dtype, mma):
-    if dtype == torch.float64:
-        c_eps = None
-    elif mma:
-        c_eps = 4 * EPS[dtype]
-    else:
-        c_eps = cells.TOL_EPS[dtype] * torch.finfo(dtype).eps
-    if cell == "gru":  # names and order of test_cuda_emulated.run_case
-        for a, e in zip(got, ref):
-            if c_eps is None:
-                torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-12)
-            else:
-                torch.testing.assert_close(
-                    a, e, atol=c_eps * max(1.0, e.abs().max().item()), rtol=c_eps
-                )
-    else:
-        cells.check(got, ref, dtype, c_eps=c_eps)
+    """Within test_cuda_emulated's bounds: the operand type's eps on the tensor-core path."""
+    names = GRU_RESULTS if cell == "gru" else cells.NAMES
+    c_eps = 4 * OPERAND_EPS[dtype] if mma else None
+    assert_each_close(names, got, ref, rounding_tol(dtype, c_eps))
 
 
 @pytest.mark.parametrize("cell,name,dtype,mma", PARAMS, ids=[_id(p) for p in PARAMS])
@@ -158,7 +141,7 @@ CONFLICT_CASE = dict(
 )
 
 
-@pytest.mark.parametrize("dtype", list(EPS), ids=[gru.DTYPE_IDS[d] for d in EPS])
+@pytest.mark.parametrize("dtype", MMA_DTYPES, ids=[DTYPE_IDS[d] for d in MMA_DTYPES])
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_emulated_padded_layout_is_conflict_free_and_changes_no_bit(emu, cell, dtype):
     emu.stats(True)

@@ -6,37 +6,30 @@ deliberately wrong layouts must fail. The same kernel runs on a GPU in test_mma_
 Compiles a small extension (~30 s); VARLEN_RNN_SKIP_EMULATION=1 skips it."""
 
 import os
-import shutil
 
+import emulation
 import pytest
 import torch
+from emulation import CSRC, EMU_SRC
 from mma_testing import (
     GEMM_CASES,
     ISA_TABLES,
-    K_STEP,
     KINDS,
     MATVEC_CASES,
     WRONG_VARIANTS,
+    assert_matvec_within_bound,
+    assert_tile_gemm_within_bound,
+    assert_wrong_layout_fails,
     conversion_values,
     element_bits,
     element_round,
     fp32_accumulation_bound,
-    gemm_inputs,
-    matvec_inputs,
-    matvec_reference,
     parse_table,
     sequential_fp32,
     tf32_round,
 )
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-CSRC = os.path.join(os.path.dirname(HERE), "csrc")
-EMU = os.path.join(HERE, "cuda_emulation")
-
-pytestmark = pytest.mark.skipif(
-    os.environ.get("VARLEN_RNN_SKIP_EMULATION") == "1" or shutil.which("c++") is None,
-    reason="emulation skipped (VARLEN_RNN_SKIP_EMULATION=1 or no C++ compiler)",
-)
+pytestmark = emulation.needs_emulation
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +39,9 @@ def emu(tmp_path_factory):
     build = tmp_path_factory.mktemp("mma_emu_build")
     return load(
         name="varlen_rnn_mma_emulation",
-        sources=[os.path.join(EMU, "mma_emu_test.cpp")],
+        sources=[os.path.join(EMU_SRC, "mma_emu_test.cpp")],
         build_directory=str(build),
-        extra_include_paths=[CSRC, EMU],
+        extra_include_paths=[CSRC, EMU_SRC],
         extra_cflags=["-O1", "-std=c++20"],
     )
 
@@ -111,15 +104,8 @@ def test_tf32_conversion_edge_values(emu):
 @pytest.mark.parametrize("M,N,steps", GEMM_CASES)
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_tile_gemm_matches_float64_within_fp32_accumulation(emu, kind, M, N, steps):
-    K = steps * K_STEP[kind]
-    a, b, c = gemm_inputs(kind, M, N, K)
+    d, (a, b, c) = assert_tile_gemm_within_bound(emu, kind, M, N, steps)
     ar, br = element_round(kind, a), element_round(kind, b)
-    d = emu.tile_gemm(KINDS[kind], 0, a, b, c)
-
-    want, bound = fp32_accumulation_bound(ar, br, c)
-    err = (d.double() - want).abs()
-    worst = divmod(int(err.argmax()), N)
-    assert (err <= bound).all(), f"max error {err.max():.3g} at {worst}, bound {bound[worst]:.3g}"
     # The emulation's own model, bit for bit: exact products added in fp32 in k order.
     assert torch.equal(d, sequential_fp32(ar, br, c))
     # The inputs really are rounded: against the unrounded inputs the result leaves the bound
@@ -132,22 +118,14 @@ def test_tile_gemm_matches_float64_within_fp32_accumulation(emu, kind, M, N, ste
 @pytest.mark.parametrize("variant", sorted(WRONG_VARIANTS))
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_wrong_fragment_layout_fails_the_check(emu, kind, variant):
-    M, N, K = 32, 16, 2 * K_STEP[kind]
-    a, b, c = gemm_inputs(kind, M, N, K, seed=1)
-    want, bound = fp32_accumulation_bound(element_round(kind, a), element_round(kind, b), c)
-    d = emu.tile_gemm(KINDS[kind], WRONG_VARIANTS[variant], a, b, c)
-    assert ((d.double() - want).abs() > bound).any()
+    assert_wrong_layout_fails(emu, kind, variant)
 
 
 @pytest.mark.parametrize("g_major", [True, False], ids=["forward-order", "backward-order"])
 @pytest.mark.parametrize("U,K,rows,kc_max", MATVEC_CASES)
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_tile_matvec_mma_matches_float64(emu, kind, U, K, rows, kc_max, g_major):
-    w_arg, w, x = matvec_inputs(kind, U, K, rows)
-    got = emu.matvec(KINDS[kind], w_arg, x, U, g_major, kc_max)
-    want, bound = matvec_reference(kind, w, x, U, g_major)
-    err = (got.double() - want).abs()
-    assert (err <= bound).all(), f"max error {err.max():.3g}"
+    got, w, x = assert_matvec_within_bound(emu, kind, U, K, rows, kc_max, g_major)
     # Bit for bit the emulation's order: each K chunk summed in fp32 from zero in k order,
     # the chunk sums added in fp32.
     xr = element_round(kind, x)

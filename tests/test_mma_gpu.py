@@ -12,24 +12,18 @@ import subprocess
 
 import pytest
 import torch
+from emulation import CSRC, EMU_SRC
 from mma_testing import (
     GEMM_CASES,
-    K_STEP,
     KINDS,
     MATVEC_CASES,
     WRONG_VARIANTS,
+    assert_matvec_within_bound,
+    assert_tile_gemm_within_bound,
+    assert_wrong_layout_fails,
     conversion_values,
     element_bits,
-    element_round,
-    fp32_accumulation_bound,
-    gemm_inputs,
-    matvec_inputs,
-    matvec_reference,
 )
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-CSRC = os.path.join(os.path.dirname(HERE), "csrc")
-EMU = os.path.join(HERE, "cuda_emulation")
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -105,10 +99,10 @@ def gpu(tmp_path_factory):
         "-I",
         CSRC,
         "-I",
-        EMU,
+        EMU_SRC,
         "-o",
         so,
-        os.path.join(EMU, "mma_gpu.cu"),
+        os.path.join(EMU_SRC, "mma_gpu.cu"),
     ]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout}{r.stderr}"
@@ -126,31 +120,17 @@ def test_gpu_element_conversions_match_the_ptx_roundings(gpu, kind):
 @pytest.mark.parametrize("M,N,steps", GEMM_CASES)
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_gpu_tile_gemm_matches_float64_within_fp32_accumulation(gpu, kind, M, N, steps):
-    K = steps * K_STEP[kind]
-    a, b, c = gemm_inputs(kind, M, N, K)
-    d = gpu.tile_gemm(KINDS[kind], 0, a, b, c)
-    want, bound = fp32_accumulation_bound(element_round(kind, a), element_round(kind, b), c)
-    err = (d.double() - want).abs()
-    worst = divmod(int(err.argmax()), N)
-    assert (err <= bound).all(), f"max error {err.max():.3g} at {worst}, bound {bound[worst]:.3g}"
+    assert_tile_gemm_within_bound(gpu, kind, M, N, steps)
 
 
 @pytest.mark.parametrize("variant", sorted(WRONG_VARIANTS))
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_gpu_wrong_fragment_layout_fails_the_check(gpu, kind, variant):
-    M, N, K = 32, 16, 2 * K_STEP[kind]
-    a, b, c = gemm_inputs(kind, M, N, K, seed=1)
-    want, bound = fp32_accumulation_bound(element_round(kind, a), element_round(kind, b), c)
-    d = gpu.tile_gemm(KINDS[kind], WRONG_VARIANTS[variant], a, b, c)
-    assert ((d.double() - want).abs() > bound).any()
+    assert_wrong_layout_fails(gpu, kind, variant)
 
 
 @pytest.mark.parametrize("g_major", [True, False], ids=["forward-order", "backward-order"])
 @pytest.mark.parametrize("U,K,rows,kc_max", MATVEC_CASES)
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_gpu_tile_matvec_mma_matches_float64(gpu, kind, U, K, rows, kc_max, g_major):
-    w_arg, w, x = matvec_inputs(kind, U, K, rows)
-    got = gpu.matvec(KINDS[kind], w_arg, x, U, g_major, kc_max)
-    want, bound = matvec_reference(kind, w, x, U, g_major)
-    err = (got.double() - want).abs()
-    assert (err <= bound).all(), f"max error {err.max():.3g}"
+    assert_matvec_within_bound(gpu, kind, U, K, rows, kc_max, g_major)
