@@ -34,7 +34,11 @@ from bench_cases import Bench, Case  # noqa: E402
 
 # (category, regex on "dso symbol"): the first match wins, so the specific come first.
 CATEGORIES = [
-    ("our small-M GEMM kernel", r"small_gemm|SmallGemm"),
+    # csrc/cpu/small_gemm.cpp's per-ISA kernels (kernel_avx512, ...) and its packing
+    (
+        "our small-M GEMM kernel",
+        r"small_gemm|pack_b|varlen_rnn::cpu::.*kernel_(avx512|avx2|portable)",
+    ),
     ("GEMM (BLAS / oneDNN)", r"mkl|sgemm|dgemm|gemm|dnnl|jit_avx|jit_uni|brgemm|openblas"),
     ("gate passes (ours)", r"forward_units|forward_row|backward_units|backward_row|Cell"),
     (

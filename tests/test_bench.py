@@ -159,9 +159,10 @@ def test_perf_profile_report_is_parsed_and_grouped():
      0.80%  libc.so.6          [.] __memmove_avx512_unaligned_erms
      0.70%  [kernel.kallsyms]  [k] finish_task_switch.isra.0
      0.30%  _C.cpython-311-x86_64-linux-gnu.so  [.] varlen_rnn::cpu::layer_forward
+    22.90%  _C.cpython-311-x86_64-linux-gnu.so  [.] varlen_rnn::cpu::(anonymous namespace)::kernel_avx512
 """
     rows = bench_perf.parse_report(text)
-    assert [r[0] for r in rows] == [55.2, 4.9, 2.8, 0.8, 0.7, 0.3]
+    assert [r[0] for r in rows] == [55.2, 4.9, 2.8, 0.8, 0.7, 0.3, 22.9]
     cats = bench_perf.categorize(rows)
     assert cats["thread team: barriers, waits"] == pytest.approx(55.2)
     assert cats["GEMM (BLAS / oneDNN)"] == pytest.approx(4.9)
@@ -169,3 +170,4 @@ def test_perf_profile_report_is_parsed_and_grouped():
     assert cats["copies and fills"] == pytest.approx(0.8)
     assert cats["kernel (OS)"] == pytest.approx(0.7)
     assert cats["other"] == pytest.approx(0.3)
+    assert cats["our small-M GEMM kernel"] == pytest.approx(22.9)
