@@ -106,6 +106,27 @@ void forward_impl(ForwardArgs& args) {
   }
 }
 
+// h_prev of every position of direction d ([N, P], gx_rows' order), the
+// right operand of dW_hh: hx at a row's first step, else the output at its
+// previous time. Gathered after the step loop, so the loop runs without it.
+template <typename scalar_t>
+void gather_hprev(const BackwardArgs& args, int64_t d, scalar_t* hprev) {
+  const Schedule& sched = args.sched;
+  const int64_t B = args.dims.B, P = args.dims.P;
+  const scalar_t* out_p = args.output.const_data_ptr<scalar_t>();
+  const scalar_t* hx_p = args.hx.const_data_ptr<scalar_t>();
+  at::parallel_for(0, sched.max_len, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      for (int64_t i = 0; i < sched.active[s]; ++i) {
+        const int64_t t = step_time(d, sched.len[i], s);
+        const scalar_t* prev = s == 0 ? hx_p + (d * B + sched.perm[i]) * P
+                                      : out_p + output_offset(args, prev_time(d, t), i, d);
+        std::copy_n(prev, P, hprev + args.gx_rows.row(t, i) * P);
+      }
+    }
+  });
+}
+
 template <typename Cell, typename scalar_t>
 void backward_impl(BackwardArgs& args) {
   // The hidden-side gate gradients differ from dgx (GRU) in the last gate
@@ -129,9 +150,12 @@ void backward_impl(BackwardArgs& args) {
   // Buffers over the N valid positions (gx_rows' order), so the weight
   // gradients are GEMMs over exactly the valid positions. Only the per-step
   // GEMMs' operands are step-sized: peak memory stays near the forward's.
+  // Without a projection h_prev ([N, P]) is gathered after each direction's
+  // step loop (gather_hprev), so it does not add to the loop's peak; with one
+  // the loop copies h_state's previous value as it goes.
   at::Tensor dgx = at::empty({N, DG}, opts);                           // [N, D*G*H]
   at::Tensor dghn = kDiffer ? at::empty({N, H}, opts) : at::Tensor();  // [N, H] one direction
-  at::Tensor hprev = at::empty({N, P}, opts);                          // [N, P] one direction
+  at::Tensor hprev = proj ? at::empty({N, P}, opts) : at::Tensor();    // [N, P] one direction
   at::Tensor dhs = proj ? at::empty({N, P}, opts) : at::Tensor();      // [N, P] dh_state
   at::Tensor hout = proj ? at::empty({N, H}, opts) : at::Tensor();     // [N, H] h'
   const bool split = use_split_backward(dims);
@@ -145,7 +169,7 @@ void backward_impl(BackwardArgs& args) {
   scalar_t* dgx_p = dgx.data_ptr<scalar_t>();
   scalar_t* dghn_p = kDiffer ? dghn.data_ptr<scalar_t>() : nullptr;
   scalar_t* dgh_p = need_dgh ? dgh.data_ptr<scalar_t>() : nullptr;
-  scalar_t* hp_p = hprev.data_ptr<scalar_t>();
+  scalar_t* hp_p = proj ? hprev.data_ptr<scalar_t>() : nullptr;
   scalar_t* dhs_p = proj ? dhs.data_ptr<scalar_t>() : nullptr;
   scalar_t* hout_p = proj ? hout.data_ptr<scalar_t>() : nullptr;
   scalar_t* dhp_p = dhp.defined() ? dhp.data_ptr<scalar_t>() : nullptr;
@@ -193,7 +217,7 @@ void backward_impl(BackwardArgs& args) {
           row.dgh = kDiffer ? dgh_p + i * G : nullptr;
           row.dghn = kDiffer ? dghn_p + pos * H : nullptr;
           row.hout = proj ? hout_p + pos * H : nullptr;
-          std::copy_n(row.prev, P, hp_p + pos * P);
+          if (proj) std::copy_n(row.prev, P, hp_p + pos * P);
           backward_row(Cell{}, row, H);
           if (!kDiffer && !dgh_in_dgx) std::copy_n(row.dgx, G, dgh_p + i * G);
         }
@@ -211,6 +235,10 @@ void backward_impl(BackwardArgs& args) {
     if (Cell::kHasC) args.grad_cx[d].index_copy_(0, perm, dc);
     // dW_hh = dgh^T hprev over all positions; dgh is dgx except kDiffer's
     // last gate.
+    if (!proj) {
+      hprev = at::empty({N, P}, opts);
+      gather_hprev(args, d, hprev.data_ptr<scalar_t>());
+    }
     const int64_t G_same = kDiffer ? G - H : G;
     const at::Tensor dgx_same = dgx.narrow(1, d * G, G_same);  // [N, G_same]
     at::Tensor gw_same = args.grad_w_hh[d].narrow(0, 0, G_same);
@@ -228,6 +256,8 @@ void backward_impl(BackwardArgs& args) {
     if (proj) {  // dW_hr = dh_state^T h' over all positions
       at::Tensor gw_hr = args.grad_w_hr[d];
       at::mm_out(gw_hr, dhs.t(), hout);
+    } else {
+      hprev.reset();  // the next direction's loop runs without it
     }
   }
   dghn.reset();

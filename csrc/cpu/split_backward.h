@@ -24,7 +24,7 @@
 // written in (C); dG is written in (B) and read in (C): the two barriers
 // separate both, so neither needs a second buffer.
 //
-// The loop fills dgx, dghn, hprev (and dh_state, h') exactly as the per-step
+// The loop fills dgx, dghn (and hprev, dh_state, h') exactly as the per-step
 // loop does, so the weight gradients after it are the same GEMMs. Every value
 // is computed by one thread in a fixed order: deterministic.
 #pragma once
@@ -72,7 +72,7 @@ template <typename scalar_t>
 struct BackwardBuffers {
   scalar_t* dgx;    // [N, D*G*H]
   scalar_t* dghn;   // [N, H] the GRU's hidden-side n gradient, else null
-  scalar_t* hprev;  // [N, P] one direction
+  scalar_t* hprev;  // [N, P] one direction (projection), else null: gathered later
   scalar_t* dhs;    // [N, P] dh_state (projection), else null
   scalar_t* hout;   // [N, H] h' (projection), else null
 };
@@ -195,7 +195,6 @@ void split_backward(BackwardArgs& args, int64_t d, const BackwardBuffers<scalar_
           row.dgh = kDiffer ? dg + i * ld + u0 : nullptr;
           row.dghn = kDiffer ? buf.dghn + pos * H + u0 : nullptr;
           row.hout = proj ? buf.hout + pos * H + u0 : nullptr;
-          if (!proj) std::copy_n(row.prev, Hs, buf.hprev + pos * P + u0);
           backward_units(Cell{}, row, Hs, H);
           if (!kDiffer && !dgh_in_dgx) {
             for (int64_t g = 0; g < Cell::kGates; ++g) {
