@@ -79,11 +79,21 @@ BAD_CONSTRUCTORS = [
 ]
 
 
-@pytest.mark.parametrize("nn_cls", [nn.LSTM, nn.RNN], ids=["LSTM", "RNN"])
-@pytest.mark.parametrize("bad", BAD_CONSTRUCTORS, ids=lambda d: "-".join(map(str, d.items())))
+# nn.LSTM takes no nonlinearity at all (a TypeError of Python's own): those cases are RNN-only.
+CONSTRUCTOR_CASES = [
+    (nn_cls, bad)
+    for nn_cls in (nn.LSTM, nn.RNN)
+    for bad in BAD_CONSTRUCTORS
+    if not (nn_cls is nn.LSTM and "nonlinearity" in bad)
+]
+
+
+@pytest.mark.parametrize(
+    "nn_cls,bad",
+    CONSTRUCTOR_CASES,
+    ids=[f"{c.__name__}-" + "-".join(map(str, b.items())) for c, b in CONSTRUCTOR_CASES],
+)
 def test_constructor_errors_are_torch_nns(nn_cls, bad):
-    if nn_cls is nn.LSTM and "nonlinearity" in bad:
-        pytest.skip("nn.LSTM takes no nonlinearity (a TypeError of Python's own)")
     kwargs = {"input_size": 3, "hidden_size": 4, **bad}
     with pytest.raises(Exception) as expected:
         nn_cls(**kwargs)
@@ -101,15 +111,26 @@ def test_positional_arguments_are_torch_nns():
     assert repr(lstm) == repr(nn.LSTM(3, 4, 2, False, True, 0.0, True, 2))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize(
-    "bad",
-    ["rank4", "features", "hx_shape", "hx_rank", "unbatched_hx_rank", "dtype", "cx_shape"],
-)
+# cx_shape only where there is a cell state (the LSTM kinds).
+FORWARD_CASES = [
+    (kind, bad)
+    for kind in KINDS
+    for bad in [
+        "rank4",
+        "features",
+        "hx_shape",
+        "hx_rank",
+        "unbatched_hx_rank",
+        "dtype",
+        "cx_shape",
+    ]
+    if bad != "cx_shape" or kind.startswith("lstm")
+]
+
+
+@pytest.mark.parametrize("kind,bad", FORWARD_CASES, ids=[f"{k}-{b}" for k, b in FORWARD_CASES])
 def test_forward_errors_are_torch_nns(kind, bad):
     """The same exception type and message as nn's module on the same bad call."""
-    if bad == "cx_shape" and not kind.startswith("lstm"):
-        pytest.skip("only the LSTM has a cell state")
     ref, ours = make_cell_pair(kind, 3, 4, 2, bidirectional=True)
     x = torch.randn(5, 2, 3, dtype=F64)
     hx = random_state(ref, 2, requires_grad=False)
