@@ -140,14 +140,6 @@ H, P = 40, 19
 LENGTHS = [(7 * b) % 11 + 1 for b in range(40)]
 
 
-@pytest.fixture(params=[2, 3], ids=["2threads", "3threads"])
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(params=["kernel", "mkl"])
 def gemm(request, monkeypatch):
     monkeypatch.setenv("VARLEN_RNN_CPU_STEPS", "split")

@@ -23,14 +23,6 @@ LAYOUTS = ["padded", "padded_bf", "offsets", "packed"]
 GATES = {"gru": 3, "lstm": 4, "rnn": 1}
 
 
-@pytest.fixture(params=[2, 3], ids=["2threads", "3threads"])
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
-
-
 def base(cell):
     return cell.split("_")[0]
 

@@ -21,14 +21,6 @@ H, P = 40, 19
 LENGTHS = [5, 1, 3, 7, 2, 7, 4]  # unsorted, ties, no zero length (the packed layout has none)
 
 
-@pytest.fixture(params=[2, 3], ids=["2threads", "3threads"])
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(params=["split", "gemm"])
 def steps(request, monkeypatch):
     monkeypatch.setenv("VARLEN_RNN_CPU_STEPS", request.param)

@@ -5,7 +5,7 @@
 //
 // Each step is one GEMM over the running rows (W_hh h, or dgh W_hh in the
 // backward) and one parallel gate pass over them (cpu/rows.h), or, where
-// use_split_steps / use_split_backward pick it, both split by hidden units
+// use_split_loops picks it, both split by hidden units
 // across a persistent thread team (cpu/split_steps.h, cpu/split_backward.h);
 // the LSTM's projection adds one GEMM per step (h' W_hr^T, or dh_state W_hr).
 // Rows run in the schedule's longest-first order (cpu/schedule.h). Each
@@ -49,7 +49,7 @@ void forward_impl(ForwardArgs& args) {
   scalar_t* hraw_p = proj ? hraw.data_ptr<scalar_t>() : nullptr;
   scalar_t* out_p = args.output.data_ptr<scalar_t>();
   const bool save = args.workspace.numel() > 0;
-  const bool split = use_split_steps(dims);
+  const bool split = use_split_loops(dims);
 
   for (int64_t d = 0; d < dims.D; ++d) {
     // [N, G*H]: this direction's input projection, one GEMM over the valid
@@ -158,7 +158,7 @@ void backward_impl(BackwardArgs& args) {
   at::Tensor hprev = proj ? at::empty({N, P}, opts) : at::Tensor();    // [N, P] one direction
   at::Tensor dhs = proj ? at::empty({N, P}, opts) : at::Tensor();      // [N, P] dh_state
   at::Tensor hout = proj ? at::empty({N, H}, opts) : at::Tensor();     // [N, H] h'
-  const bool split = use_split_backward(dims);
+  const bool split = use_split_loops(dims);
   // The per-step loop's step buffers (the split loop has its own).
   const bool need_dgh = !split && !(dgx_in_place && dims.D == 1);
   at::Tensor dgh = need_dgh ? at::empty({dims.B, G}, opts) : at::Tensor();  // [B, G*H] one step

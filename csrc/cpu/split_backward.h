@@ -1,6 +1,6 @@
 // The backward's step loop split by hidden units across a persistent team of
 // threads, as the forward's is (cpu/split_steps.h); cpu/recurrence.h picks it
-// or the per-step GEMM loop (use_split_backward).
+// or the per-step GEMM loop (use_split_loops).
 //
 // Thread k owns hidden units [u0, u1) (slice_of) and the same columns of dh.
 // Each step it runs the gate pass of its own units for every running row
@@ -40,7 +40,7 @@
 #include "cpu/layer_args.h"
 #include "cpu/rows.h"
 #include "cpu/small_gemm.h"
-#include "cpu/team.h"  // gemm_rm, blas_available, slice_of, forced_steps
+#include "cpu/team.h"  // use_split_loops, team_parts, gemm_rm, slice_of
 #include "layout.h"    // step_time, prev_time
 
 #if defined(_OPENMP)
@@ -49,22 +49,6 @@
 
 namespace varlen_rnn {
 namespace cpu {
-
-// The one place the backward's step loop is chosen; VARLEN_RNN_CPU_STEPS
-// forces it with the forward's (forced_steps). Otherwise the forward's rule:
-// 2+ threads at H >= 256 or B <= 32. Measured (2-core Xeon shared with other
-// jobs, load average ~4, so a guide only; float32 training step, split vs gemm
-// backward, min of 15-25 interleaved repeats): GRU 1.25x at B=64 H=256, 1.29x
-// at B=16 H=512, 1.45x at B=16 H=128, 1.01x at B=32 H=64; LSTM 1.20x / 1.11x
-// and RNN 2.4x / 1.39x at the first two; the projected LSTM (B=64 H=256 P=128)
-// 1.11x. At B=128 H=128 (2 layers, bidirectional) 0.95x, at B=64 H=128 1.02x:
-// there the per-step BLAS call already keeps both cores busy.
-inline bool use_split_backward(const LayerDims& dims) {
-  if (!blas_available() || at::in_parallel_region()) return false;
-  const int forced = forced_steps();
-  if (forced >= 0) return forced == 1;
-  return at::get_num_threads() >= 2 && (dims.H >= 256 || dims.B <= 32);
-}
 
 // backward_impl's buffers over the N positions (gx_rows' order), which the
 // weight gradients after the step loop read.
@@ -103,8 +87,7 @@ void split_backward(BackwardArgs& args, int64_t d, const BackwardBuffers<scalar_
   TORCH_INTERNAL_ASSERT(!dgh_in_dgx || !kDiffer);
   TORCH_INTERNAL_ASSERT(proj || P == H);
   const auto opts = dh.options();
-  const int64_t parts =
-      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (H + 15) / 16));
+  const int64_t parts = team_parts(H);
   // Panels per slice, copied once per call so each stays in its core's cache
   // across steps: W_hh[:, p0:p1] as [G*H, Ps] and, with a projection,
   // W_hr[:, u0:u1] as [P, Hs].

@@ -1,5 +1,5 @@
 // The forward's step loop split by hidden units across a persistent team of
-// threads (cpu/recurrence.h picks it or the per-step GEMM loop: use_split_steps).
+// threads (cpu/recurrence.h picks it or the per-step GEMM loop: use_split_loops).
 //
 // Thread k owns a slice of the hidden units with all of their gates: a column
 // panel of W_hh^T packed once per call ([P, G*Hs], gate g of unit u0 + j at
@@ -42,18 +42,6 @@
 namespace varlen_rnn {
 namespace cpu {
 
-// The one place the forward's step loop is chosen. VARLEN_RNN_CPU_STEPS=split
-// or =gemm forces one (tests exercise both); otherwise (auto) the split loop
-// runs with 2+ threads at H >= 256 or B <= 32. Measured (2-core Xeon, float32
-// inference, split vs gemm): 1.21x at B=16 H=512, 1.02x at B=64 H=256, 1.20x
-// at B=16 H=128, 1.33x at B=32 H=64; at B >= 128 with H = 128 the two tie
-// (0.97-1.01x), there the per-step BLAS call already keeps both cores busy.
-inline bool use_split_steps(const LayerDims& dims) {
-  if (!blas_available() || at::in_parallel_region()) return false;
-  if (const int forced = forced_steps(); forced >= 0) return forced == 1;
-  return at::get_num_threads() >= 2 && (dims.H >= 256 || dims.B <= 32);
-}
-
 // One direction d of forward_impl's step loop. h: [B, P] sorted order (in:
 // h0, out: h_n); c: [B, H] (Cell::kHasC); gx_p: [N, G*H] this direction's
 // input projection; ws_p: this direction's workspace or null.
@@ -65,9 +53,7 @@ void split_steps(ForwardArgs& args, int64_t d, const scalar_t* gx_p, const scala
   const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H, S = Cell::kSaved * H;
   const bool proj = args.w_hr.defined();
   const auto opts = h.options();
-  // Slices: as many as threads, fewer if H has fewer 16-unit blocks.
-  const int64_t parts =
-      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (H + 15) / 16));
+  const int64_t parts = team_parts(H);
   // float32 may take the register-blocked micro-kernel (cpu/small_gemm.h)
   // instead of the BLAS: each slice's panel is then packed once per call from
   // its [G*Hs, P] rows of W_hh, by the thread that uses it (so it lands in
