@@ -74,6 +74,33 @@ class Case:
         return Case(**d)
 
 
+def add_case_arguments(parser) -> None:
+    """One case's command-line options (--B --T --I --H --layers --bi --cell --dist --threads),
+    for the single-case tools (bench_profile.py, bench_perf.py); case_from_arguments reads them."""
+    for name, default in (("B", 64), ("T", 100), ("I", 256), ("H", 256), ("layers", 1)):
+        parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--bi", action="store_true", help="bidirectional")
+    parser.add_argument("--cell", default="gru", choices=sorted(CELLS))
+    parser.add_argument("--dist", default="uniform")
+    parser.add_argument("--threads", type=int, default=2)
+
+
+def case_from_arguments(a, device: str = "cpu") -> Case:
+    """The Case of add_case_arguments' options; sets torch's thread count from --threads."""
+    torch.set_num_threads(a.threads)
+    return Case(
+        B=a.B,
+        T=a.T,
+        I=a.I,
+        H=a.H,
+        layers=a.layers,
+        bidirectional=a.bi,
+        dist=a.dist,
+        cell=a.cell,
+        device=device,
+    )
+
+
 def make_lengths(dist: str, B: int, T: int, gen: torch.Generator) -> torch.Tensor:
     """Lengths in caller order (never sorted): uniform in [1, T], all T, skewed (most short, a few long),
     or one_long (one sequence of T, the rest T/50)."""

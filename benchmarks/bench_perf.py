@@ -29,8 +29,7 @@ import checkout  # noqa: E402
 
 checkout.put_varlen_rnn_on_path()
 
-import torch  # noqa: E402
-from bench_cases import Bench, Case  # noqa: E402
+from bench_cases import Bench, add_case_arguments, case_from_arguments  # noqa: E402
 
 # (category, regex on "dso symbol"): the first match wins, so the specific come first.
 CATEGORIES = [
@@ -81,14 +80,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    for name, default in (("B", 64), ("T", 100), ("I", 256), ("H", 256), ("layers", 1)):
-        p.add_argument(f"--{name}", type=int, default=default)
-    p.add_argument("--bi", action="store_true", help="bidirectional")
-    p.add_argument("--cell", default="gru", choices=("gru", "lstm", "rnn"))
-    p.add_argument("--dist", default="uniform")
+    add_case_arguments(p)
     p.add_argument("--mode", choices=("train", "infer"), default="infer")
     p.add_argument("--competitor", default="varlen", choices=("varlen", "baseline"))
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--top", type=int, default=15)
     a = p.parse_args(argv)
@@ -96,10 +90,7 @@ def main(argv=None) -> int:
     if perf is None:
         print("bench_perf: needs Linux perf on PATH (Debian: apt install linux-perf)")
         return 2
-    torch.set_num_threads(a.threads)
-    case = Case(
-        B=a.B, T=a.T, I=a.I, H=a.H, layers=a.layers, bidirectional=a.bi, dist=a.dist, cell=a.cell
-    )
+    case = case_from_arguments(a)
     step = Bench(case).step(a.mode, a.competitor)
     for _ in range(3):
         step()

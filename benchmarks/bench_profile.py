@@ -1,6 +1,6 @@
 """Where a step's time and memory go: torch.profiler tables for the baseline and varlen_rnn.
 
-    python benchmarks/bench_profile.py [--B 64 --T 100 --I 256 --H 256 --layers 1 --bi]
+    python benchmarks/bench_profile.py [--B 64 --T 100 --I 256 --H 256 --layers 1 --bi --cell gru]
         [--mode train|infer] [--competitors baseline,varlen] [--threads 2] [--rows 12]
 
 Prints, per competitor, the ops by self CPU time and by self CPU memory (allocated minus freed
@@ -19,8 +19,7 @@ import checkout  # noqa: E402
 
 checkout.put_varlen_rnn_on_path()
 
-import torch  # noqa: E402
-from bench_cases import Bench, Case  # noqa: E402
+from bench_cases import Bench, add_case_arguments, case_from_arguments  # noqa: E402
 from bench_memory import _quiet_stderr  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
@@ -29,27 +28,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    for name, default in (("B", 64), ("T", 100), ("I", 256), ("H", 256), ("layers", 1)):
-        p.add_argument(f"--{name}", type=int, default=default)
-    p.add_argument("--bi", action="store_true", help="bidirectional")
-    p.add_argument("--dist", default="uniform")
+    add_case_arguments(p)
     p.add_argument("--mode", choices=("train", "infer"), default="train")
     p.add_argument("--competitors", default="baseline,varlen")
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--rows", type=int, default=12)
     a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    case = Case(
-        B=a.B,
-        T=a.T,
-        I=a.I,
-        H=a.H,
-        layers=a.layers,
-        bidirectional=a.bi,
-        dist=a.dist,
-        device=a.device,
-    )
+    case = case_from_arguments(a, a.device)
     bench = Bench(case)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device.startswith("cuda") else [])
     for name in a.competitors.split(","):
