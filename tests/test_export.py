@@ -140,3 +140,65 @@ def test_compile_fullgraph_training_step_matches_eager(device, backend):
     for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters()):
         torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
         assert not torch.equal(q, initial[name]), f"{name} was not updated"
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+def test_aot_inductor_package_runs_new_shapes(device, tmp_path):
+    """The deployment path torch.export leads to: AOTInductor compiles the exported program into
+    a .pt2 package that runs without Python tracing; it must call our op and agree with eager on
+    batch sizes, times and lengths it was not compiled with."""
+    torch.manual_seed(0)
+    model = Classifier().to(device).eval()
+    Bd, Td = torch.export.Dim("B", min=1, max=64), torch.export.Dim("T", min=1, max=256)
+    tokens, lengths = _batch(4, 7, True, device, seed=0)
+    ep = torch.export.export(
+        model, (tokens, lengths), dynamic_shapes={"tokens": {0: Bd, 1: Td}, "lengths": {0: Bd}}
+    )
+    path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "gru.pt2"))
+    runner = torch._inductor.aoti_load_package(path)
+    for i, (B, T) in enumerate([(6, 11), (1, 3), (13, 40)]):
+        tokens, lengths = _batch(B, T, True, device, seed=i + 1)
+        with torch.no_grad():
+            expected = model(tokens, lengths)
+            got = runner(tokens, lengths)
+        for g, e in zip(got, expected, strict=True):
+            assert g.shape == e.shape
+            torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated in torch 2.14
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("cls", [varlen_rnn.GRU, varlen_rnn.LSTM, varlen_rnn.RNN])
+def test_jit_trace_and_script(cls, tmp_path):
+    """What users of TorchScript already run: torch.jit.trace of a model holding our module
+    works (saved, loaded, run on other shapes and lengths); torch.jit.script cannot type our
+    forward and says so, naming what to use instead."""
+    torch.manual_seed(0)
+    rnn = cls(4, 5, num_layers=2, bidirectional=True, batch_first=True).eval()
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = rnn
+
+        def forward(self, x, lengths):
+            out, h = self.rnn(x, lengths=lengths)
+            return out, h[0] if isinstance(h, tuple) else h
+
+    model = Model()
+    with torch.no_grad():
+        traced = torch.jit.trace(model, (torch.randn(3, 6, 4), torch.tensor([6, 2, 0])))
+        traced.save(str(tmp_path / "m.pt"))
+        loaded = torch.jit.load(str(tmp_path / "m.pt"))
+        for B, T in [(5, 7), (1, 2), (8, 30)]:
+            x = torch.randn(B, T, 4)
+            lengths = torch.randint(0, T + 1, (B,))
+            expected = model(x, lengths)
+            for g, e in zip(loaded(x, lengths), expected, strict=True):
+                torch.testing.assert_close(g, e, atol=0, rtol=0)
+    with pytest.raises(
+        RuntimeError,
+        match=rf"varlen_rnn\.{cls.__name__} cannot be compiled by "
+        r"torch\.jit\.script.*torch\.export",
+    ):
+        torch.jit.script(model)

@@ -120,6 +120,16 @@ class RNNBase(nn.Module):
                 self._all_weights.append(names)
         self.reset_parameters()
 
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this first: say plainly why scripting cannot work."""
+        raise RuntimeError(
+            f"varlen_rnn.{type(self).__name__} cannot be compiled by torch.jit.script: its "
+            "forward takes lengths, PackedSequence and nested tensors, which TorchScript cannot "
+            "type, and torch.jit.script is deprecated in PyTorch. Use torch.export.export (or "
+            "torch.compile, or AOTInductor for a deployable package); torch.jit.trace also "
+            "works (trace under torch.no_grad() for inference)."
+        )
+
     def _config(self) -> dict:
         """The constructor's keyword arguments that rebuild this configuration."""
         return {k: getattr(self, k) for k in _CONFIG}
