@@ -357,3 +357,50 @@ def test_lstm_hx_must_be_a_pair():
         lstm(x, torch.zeros(1, 2, 4, dtype=F64))
     with pytest.raises(TypeError, match=r"got tuple of length 3"):
         lstm(x, (torch.zeros(1, 2, 4, dtype=F64),) * 3)
+
+
+class _WeightDrop(nn.Module):
+    """AWD-LSTM's DropConnect on the recurrent weights, as a parametrization: a fixed random
+    mask (fixed so that both twins see the same one), scaled as dropout scales."""
+
+    def __init__(self, shape, p=0.3, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("mask", (torch.rand(shape, generator=g) > p).double() / (1 - p))
+
+    def forward(self, w):
+        return w * self.mask.to(w)
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("kind", ["gru", *KINDS])
+def test_weight_parametrizations(device, kind):
+    """What RNN users put on recurrent weights — weight_norm and a weight-drop mask through
+    torch.nn.utils.parametrize — gives nn + packing's outputs and gradients (float64), with
+    the same parameter names, so optimizers and state_dicts carry over."""
+    from torch.nn.utils import parametrizations, parametrize
+
+    if kind == "gru":
+        torch.manual_seed(0)
+        ref = nn.GRU(3, 4, num_layers=2, bidirectional=True, dtype=F64, device=device)
+        ours = varlen_rnn.GRU(3, 4, num_layers=2, bidirectional=True, dtype=F64, device=device)
+        ours.load_state_dict(ref.state_dict())
+    else:
+        ref, ours = make_cell_pair(kind, 3, 4, 2, bidirectional=True, device=device)
+    for m in (ref, ours):
+        parametrizations.weight_norm(m, "weight_hh_l0")
+        drop = _WeightDrop(m.weight_hh_l1_reverse.shape).to(device)
+        parametrize.register_parametrization(m, "weight_hh_l1_reverse", drop)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    lengths = [5, 2, 7, 1]
+    x = torch.randn(7, 4, 3, dtype=F64, device=device, requires_grad=True)
+    hx = random_state(ref, 4, device=device, seed=1)
+    got = tensors_of(ours(x, hx, lengths=lengths))
+    expected = tensors_of(packed_baseline(ref, x, lengths, hx))
+    for g, e in zip(got, expected, strict=True):
+        assert_close(g, e, F64, "outputs")
+    names = ["input", *(n for n, _ in ref.named_parameters())]
+    got_grads = grads(got, [x, *ours.parameters()])
+    expected_grads = grads(expected, [x, *ref.parameters()])
+    for name, a, b in zip(names, got_grads, expected_grads, strict=True):
+        assert_close(a, b, F64, f"grad of {name}")
