@@ -3,6 +3,10 @@ training step (forward, loss, backward, optimizer update) of a model using varle
 
 import copy
 import io
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,3 +206,70 @@ def test_jit_trace_and_script(cls, tmp_path):
         r"torch\.jit\.script.*torch\.export",
     ):
         torch.jit.script(model)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler (g++) to build the runner")
+def test_aot_inductor_package_runs_from_cpp(tmp_path):
+    """The package runs from C++ with no Python in the process (examples/aoti_runner.cpp loads
+    our extension library for the ops, then the package), on inputs of a shape it was not
+    compiled with, and agrees with eager. A varlen_rnn op error crosses into C++ as an error."""
+    from torch.utils import cpp_extension
+
+    import varlen_rnn._C
+
+    torch.manual_seed(0)
+    model = Classifier().eval()
+    Bd, Td = torch.export.Dim("B", min=1, max=64), torch.export.Dim("T", min=1, max=256)
+    ep = torch.export.export(
+        model, _batch(4, 7, True, "cpu", seed=0), dynamic_shapes=({0: Bd, 1: Td}, {0: Bd})
+    )
+    package = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "m.pt2"))
+    runner = tmp_path / "aoti_runner"
+    source = Path(__file__).resolve().parents[1] / "examples" / "aoti_runner.cpp"
+    libs = cpp_extension.library_paths()[0]
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    flags = [f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in cpp_extension.include_paths())]
+    links = [f"-L{libs}", "-Wl,--no-as-needed", "-ltorch", "-ltorch_cpu", "-lc10"]
+    build = subprocess.run(
+        [
+            "g++",
+            "-std=c++20",
+            "-O1",
+            str(source),
+            "-o",
+            str(runner),
+            *flags,
+            *links,
+            f"-Wl,-rpath,{libs}",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+
+    def run(inputs):
+        torch.save(inputs, tmp_path / "in.pt")
+        done = subprocess.run(
+            [
+                str(runner),
+                package,
+                varlen_rnn._C.__file__,
+                str(tmp_path / "in.pt"),
+                str(tmp_path / "out.pt"),
+            ],
+            capture_output=True,
+            text=True,
+            env={k: v for k, v in os.environ.items() if not k.startswith("PYTHON")},
+        )
+        return done, (torch.load(tmp_path / "out.pt") if done.returncode == 0 else None)
+
+    tokens, lengths = _batch(9, 23, True, "cpu", seed=5)
+    done, got = run((tokens, lengths))
+    assert done.returncode == 0, done.stderr
+    with torch.no_grad():
+        expected = model(tokens, lengths)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
+    lengths[1] = 24
+    done, _ = run((tokens, lengths))
+    assert done.returncode == 1 and "lengths must be in [0, T]" in done.stderr, done.stderr
