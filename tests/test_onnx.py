@@ -299,3 +299,21 @@ def test_lengths_past_T_are_refused_by_onnx_runtime():
     session = _session(program)
     with pytest.raises(Exception, match="sequence_lens"):
         _run(session, input=torch.randn(4, 2, I), lengths=torch.tensor([5, 1]))
+
+
+def test_padding_is_zero_whatever_the_runtime_leaves_there():
+    """ONNX's reference evaluator ignores sequence_lens (it runs every row for T steps), so
+    its Y past a length holds states of the padding: the graph's mask still makes our
+    output 0 there. Forward direction only: its valid steps do not see the padding."""
+    from onnx.reference import ReferenceEvaluator
+
+    torch.manual_seed(0)
+    model = varlen_rnn.GRU(I, H, num_layers=2, batch_first=True).eval()
+    x, lengths = torch.randn(3, 6, I), torch.tensor([6, 2, 4])
+    program = varlen_rnn.onnx.export(model, (x, None, lengths), verbose=False)
+    evaluator = ReferenceEvaluator(program.model_proto)
+    feeds = {"input": x.numpy(), "lengths": lengths.numpy()}
+    got = torch.from_numpy(evaluator.run(None, feeds)[0])
+    with torch.no_grad():
+        expected, _ = model(x, lengths=lengths)
+    torch.testing.assert_close(got, expected, **TOL)
