@@ -34,8 +34,9 @@ demo = importlib.import_module("demo")
 
 I, H = 3, 5
 TOL = dict(atol=1e-5, rtol=1e-5)
-# (T, lengths): unsorted, a length equal to T, zeros, B = 1; the export example is the first.
-RUNS = [(6, [6, 2, 0, 5]), (9, [3, 9, 1, 0, 7]), (1, [1]), (2, [0, 2, 1])]
+# (T, lengths): unsorted, a length equal to T, zeros, B = 1, T = 0; the export example is the
+# first.
+RUNS = [(6, [6, 2, 0, 5]), (9, [3, 9, 1, 0, 7]), (1, [1]), (2, [0, 2, 1]), (0, [0, 0])]
 CELLS = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
 
 
@@ -157,7 +158,7 @@ def _nn_config(rnn):
 
 
 def _export(model, inputs):
-    T, B = torch.export.Dim("T", min=1, max=64), torch.export.Dim("B", min=1, max=64)
+    T, B = torch.export.Dim("T", min=0, max=64), torch.export.Dim("B", min=1, max=64)
     shapes = {"x": {0: T, 1: B}, "lengths": {0: B}, "h0": {1: B}, "c0": {1: B}}
     return varlen_rnn.onnx.export(
         model,
@@ -298,16 +299,23 @@ def test_export_is_always_dynamo():
 
 
 def test_lengths_past_T_are_refused_by_onnx_runtime():
-    """The graph cannot check lengths' values; ONNX Runtime's recurrent kernels do."""
+    """The graph cannot check lengths' values; ONNX Runtime's recurrent kernels do. Exported
+    the documented way without varlen_rnn.onnx.export: torch.onnx.export plus the table."""
     model = varlen_rnn.GRU(I, H).eval()
     T, B = torch.export.Dim("T", min=1, max=64), torch.export.Dim("B", min=1, max=64)
-    program = varlen_rnn.onnx.export(
+    program = torch.onnx.export(
         model,
         (torch.randn(4, 2, I), None, torch.tensor([4, 1])),
+        dynamo=True,
+        custom_translation_table=varlen_rnn.onnx.translation_table(),
         dynamic_shapes=({0: T, 1: B}, None, {0: B}),
         verbose=False,
     )
     session = _session(program)
+    x = torch.randn(3, 2, I)
+    (out,) = _run(session, input=x, lengths=torch.tensor([3, 1]))[:1]
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x, lengths=[3, 1])[0], **TOL)
     with pytest.raises(Exception, match="sequence_lens"):
         _run(session, input=torch.randn(4, 2, I), lengths=torch.tensor([5, 1]))
 

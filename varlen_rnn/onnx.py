@@ -83,7 +83,7 @@ def _time_major(input, batch_first: bool):
     return op.Transpose(input, perm=[1, 0, 2]) if batch_first else input  # [T, B, I]
 
 
-def _output(Y, x, lengths, batch_first: bool):
+def _output(Y, x, lengths, batch_first: bool, DH: int):
     """Y [T, D, B, H] -> our output [T, B, D*H] (or [B, T, D*H]), 0 past each length.
     x [T, B, I] is the node's input (its T), lengths int64 [B]."""
     T = op.Squeeze(op.Shape(x, start=0, end=1), [0])
@@ -92,7 +92,8 @@ def _output(Y, x, lengths, batch_first: bool):
     valid = op.Unsqueeze(valid, [1, 3])  # [T, 1, B, 1]
     Y = op.Where(valid, Y, op.CastLike(0, Y))
     Y = op.Transpose(Y, perm=[2, 0, 1, 3] if batch_first else [0, 2, 1, 3])  # [., ., D, H]
-    return op.Reshape(Y, op.Constant(value_ints=[0, 0, -1]))
+    # D*H spelled out: with T or B = 0, Reshape cannot infer a -1.
+    return op.Reshape(Y, op.Constant(value_ints=[0, 0, DH]))
 
 
 def _final(Y_h, initial, lengths):
@@ -126,7 +127,7 @@ def _node(cell: str, input, lengths, states, w_ih, w_hh, b_ih, b_hh, batch_first
         **attrs,
     )
     finals = [_final(f, s, lens) for f, s in zip(finals, states)]
-    return (_output(Y, x, lens, batch_first), *finals, _no_workspace(input))
+    return (_output(Y, x, lens, batch_first, D * H), *finals, _no_workspace(input))
 
 
 def _gru(
