@@ -1,7 +1,8 @@
 """ONNX export (varlen_rnn.onnx): models with varlen_rnn.GRU/LSTM/RNN exported with
 torch.onnx.export(dynamo=True) and run in ONNX Runtime with dynamic batch and time, against
-the PyTorch module and against torch.nn + pack_padded_sequence (float32); the drop-in demo
-model; and the export-time errors for what ONNX cannot express."""
+the PyTorch module and against torch.nn + pack_padded_sequence (float32 against a float64
+reference: ONNX Runtime's GRU refuses float64); the drop-in demo model; and the export-time
+errors for what ONNX cannot express."""
 
 import copy
 import importlib
@@ -123,16 +124,19 @@ def _inputs(cell, T, lengths, seed):
 
 
 def _nn_reference(rnn, x, lengths, hx):
-    """torch.nn's twin of rnn run with packing on the rows of non-zero length (packing
-    refuses 0); a zero-length row's output is 0 and its final state is hx (or 0)."""
-    ref = CELLS[type(rnn).__name__.lower()](**_nn_config(rnn))
+    """torch.nn's twin of rnn in float64 (the exact answer, as near as float64 gets), run
+    with packing on the rows of non-zero length (packing refuses 0); a zero-length row's
+    output is 0 and its final state is hx (or 0)."""
+    ref = CELLS[type(rnn).__name__.lower()](**_nn_config(rnn), dtype=torch.float64)
     ref.load_state_dict(rnn.state_dict())
+    x = x.double()
     bdim = 0 if rnn.batch_first else 1
     B, LD = x.shape[bdim], rnn.num_layers * (2 if rnn.bidirectional else 1)
-    states = [torch.zeros(LD, B, H) for _ in range(2 if isinstance(rnn, varlen_rnn.LSTM) else 1)]
+    n = 2 if isinstance(rnn, varlen_rnn.LSTM) else 1
+    states = [torch.zeros(LD, B, H, dtype=torch.float64) for _ in range(n)]
     if hx is not None:
-        states = [s.clone() for s in (hx if isinstance(hx, tuple) else (hx,))]
-    out = torch.zeros(*x.shape[:2], H * (2 if rnn.bidirectional else 1))
+        states = [s.double() for s in (hx if isinstance(hx, tuple) else (hx,))]  # copies
+    out = torch.zeros(*x.shape[:2], H * (2 if rnn.bidirectional else 1), dtype=torch.float64)
     keep = torch.nonzero(lengths > 0).flatten()
     if len(keep):
         sub_hx = [s[:, keep] for s in states]
@@ -177,7 +181,7 @@ def test_onnx_runtime_matches_module_and_nn_packing(cell):
         inputs = _inputs(cell, T, lengths, seed)
         got = _run(session, **inputs)
         with torch.no_grad():
-            ours = [t for t in model(**inputs)]
+            ours = list(model(**inputs))
         assert len(got) == len(ours)
         at = 0
         for cfg, rnn in zip(model.configs, model.rnns):
@@ -188,7 +192,7 @@ def test_onnx_runtime_matches_module_and_nn_packing(cell):
             for k, e in enumerate(expected):
                 msg = f"{cell} {cfg} T={T} lengths={lengths} output {k}"
                 torch.testing.assert_close(got[at + k], ours[at + k], **TOL, msg=msg)
-                torch.testing.assert_close(got[at + k], e, **TOL, msg=msg)
+                torch.testing.assert_close(got[at + k].double(), e, **TOL, msg=msg)
             at += len(expected)
         assert at == len(got)
 

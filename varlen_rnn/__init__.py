@@ -4,6 +4,7 @@ torch.nn.GRU, torch.nn.LSTM and torch.nn.RNN.
 from varlen_rnn import GRU, LSTM, RNN
 out, h_n = GRU(input_size, hidden_size)(x, lengths=lengths)
 out, (h_n, c_n) = LSTM(input_size, hidden_size)(x, lengths=lengths)
+varlen_rnn.onnx.export(model, args)  # ONNX (pip install 'varlen_rnn[onnx]'); see varlen_rnn/onnx.py
 """
 
 import torch
