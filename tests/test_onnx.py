@@ -18,6 +18,7 @@ from torch import nn
 import varlen_rnn
 
 try:
+    import onnx
     import onnxruntime as ort
 
     import varlen_rnn.onnx  # imports onnxscript (and onnx)
@@ -176,7 +177,15 @@ def _export(model, inputs):
 def test_onnx_runtime_matches_module_and_nn_packing(cell):
     torch.manual_seed(0)
     model = Bank(cell).eval()
-    session = _session(_export(model, _inputs(cell, *RUNS[0], seed=0)))
+    program = _export(model, _inputs(cell, *RUNS[0], seed=0))
+    onnx.checker.check_model(program.model_proto, full_check=True)
+    # One ONNX node per layer, and nothing of ours left (no custom-domain node).
+    nodes = program.model_proto.graph.node
+    assert [n.op_type for n in nodes].count(cell.upper()) == sum(
+        c["num_layers"] for c in model.configs
+    )
+    assert {n.domain for n in nodes} <= {"", "ai.onnx"}
+    session = _session(program)
     for seed, (T, lengths) in enumerate(RUNS):
         inputs = _inputs(cell, T, lengths, seed)
         got = _run(session, **inputs)
