@@ -30,6 +30,13 @@ except ModuleNotFoundError as e:  # only a package that is not there skips; a br
         allow_module_level=True,
     )
 
+# torch.onnx's notes on naming the graph's dynamic axes (one Dim B shared by several inputs,
+# a None in dynamic_shapes): about names only, not the graph.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:# The axis name:UserWarning"),
+    pytest.mark.filterwarnings("ignore:# ONNX model has different number of inputs:UserWarning"),
+]
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))  # as `python examples/demo.py` has it
 demo = importlib.import_module("demo")
