@@ -14,9 +14,11 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "== creating $VENV"
   "$PY" -m venv "$VENV"
 fi
-echo "== installing $TORCH_SPEC and the test/demo dependencies"
+echo "== installing $TORCH_SPEC and the test/demo/ONNX dependencies"
+# onnx, onnxscript, onnxruntime: the `onnx` extra (varlen_rnn.onnx, tests/test_onnx.py).
 "$VENV/bin/pip" install -q --disable-pip-version-check "$TORCH_SPEC" ninja pybind11 pytest numpy \
-  hypothesis expecttest matplotlib setuptools wheel "wordfreq==3.1.1"
+  hypothesis expecttest matplotlib setuptools wheel "wordfreq==3.1.1" \
+  "onnx==1.23.2" "onnxscript==0.7.2" "onnxruntime==1.32.0"
 echo "== building and installing varlen_rnn (this compiles the C++/CUDA kernels)"
 start=$(date +%s)
 MAX_JOBS=${MAX_JOBS:-$(nproc)} "$VENV/bin/pip" install -q --disable-pip-version-check \

@@ -4,6 +4,7 @@ torch.nn.GRU, torch.nn.LSTM and torch.nn.RNN.
 from varlen_rnn import GRU, LSTM, RNN
 out, h_n = GRU(input_size, hidden_size)(x, lengths=lengths)
 out, (h_n, c_n) = LSTM(input_size, hidden_size)(x, lengths=lengths)
+varlen_rnn.onnx.export(model, args)  # ONNX (pip install 'varlen_rnn[onnx]'); see varlen_rnn/onnx.py
 """
 
 import torch
@@ -31,3 +32,13 @@ from .modules import GRU, LSTM, RNN, convert  # noqa: E402
 
 __all__ = ["GRU", "LSTM", "RNN", "convert", "ops", "WITH_CUDA"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """varlen_rnn.onnx (ONNX export) on first use: it needs the optional onnxscript, so
+    `import varlen_rnn` never imports it."""
+    if name == "onnx":
+        import importlib
+
+        return importlib.import_module(".onnx", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
