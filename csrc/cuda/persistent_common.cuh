@@ -136,6 +136,8 @@ __device__ __forceinline__ void stage_row(dst_t* dst, const T* src, int kc, int 
 #endif
   if constexpr (kSame || kWiden) {
     if (vector) {
+      check_aligned(src, 16);
+      check_aligned(dst, 16);
       const uint4* s4 = reinterpret_cast<const uint4*>(src);
       for (int k = lane; k < kc / kVec; k += 32) {
         const uint4 v = kCg ? __ldcg(s4 + k) : s4[k];
@@ -220,6 +222,17 @@ __device__ __forceinline__ void tile_matvec(const w_t* w_s, int U, int g_rows, i
     }
     __syncthreads();
   }
+}
+
+// The dynamic shared memory's parts each start aligned for their element type: plan.h sizes the
+// tile as whole rows of 8 (kRows) and the accumulators likewise, so no part needs padding between
+// them (checked in the emulation; see check_aligned).
+template <typename x_t, typename acc_t, typename w_t>
+__device__ __forceinline__ void check_smem_parts(const x_t* tile, const acc_t* acc_s,
+                                                 const w_t* w_s) {
+  check_aligned(tile, 16);
+  check_aligned(acc_s, sizeof(acc_t));
+  check_aligned(w_s, sizeof(w_t) == 2 ? 4 : sizeof(w_t));  // 16-bit weights: loaded in pairs
 }
 
 // The recurrent product of a step: exact in acc_t on CUDA cores (tile_matvec), or with kMma on
