@@ -5,7 +5,17 @@
 //
 // Exchange between blocks goes through global memory written with plain
 // stores before grid.sync() and read with __ldcg (L2, never a stale L1 line)
-// after it. Row conventions: see pointwise.cuh.
+// after it. That is enough on a GPU's weak memory model: cooperative_groups'
+// grid.sync() is __syncthreads, then one thread per block adds to the grid's
+// barrier word with atom.release.gpu and polls it with ld.acquire.gpu, then
+// __syncthreads again, so every store of every block before it happens-before
+// every load after it. Its barrier word flips its top bit once per generation,
+// so it serves any number of steps and launches with no reset. The
+// cooperative launch (launch.h) is refused unless all blocks fit on the device
+// at once and then keeps them resident together, so no block waits on one
+// that never runs (tests/test_cuda_device.py launches on busy streams). Nothing else
+// crosses blocks: c, hown and dh are each read only by the block that writes
+// them. Row conventions: see pointwise.cuh.
 #pragma once
 
 #include <c10/util/BFloat16.h>
