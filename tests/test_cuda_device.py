@@ -187,7 +187,7 @@ for s in streams:
 torch.cuda.synchronize()
 for (H, rep), res in got.items():
     for i, (u, v) in enumerate(zip(res, expected[H])):
-        torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-5, msg=lambda m: f"{H} {rep} {i}: {m}")
+        torch.testing.assert_close(u, v, atol=1e-4, rtol=1e-4, msg=lambda m: f"{H} {rep} {i}: {m}")
 print("concurrent ok")
 """
 )
