@@ -11,6 +11,8 @@
 # layout shows there first. If it does not pass, every later stage runs with
 # VARLEN_RNN_TENSOR_CORES=0 (the exact CUDA-core kernels) and the summary says so at the top, so
 # the rest of the run still measures and checks something sound.
+# tests_cuda ends with test_cuda_device.py: what the CPU emulation cannot show (misaligned views,
+# the exchange over every SM for hundreds of steps, persistent launches on busy streams finishing).
 # The exchange between blocks (csrc/cuda/launch.h's Exchange: fp32 h on CUDA cores and TF32, 16-bit
 # h on 16-bit tensor cores, padded shared-memory rows on tensor cores): tests_cuda's
 # test_cuda_tensor_cores.py asserts which exchange each pass took, with rows that fill 16-byte
@@ -151,6 +153,11 @@ fake_sanitizer() {  # dry run: compute-sanitizer's output around the same comman
 
 stage_sanitize() {  # memcheck | racecheck: our kernels only, float32 and bfloat16, each path
   local tool=$1 san=(compute-sanitizer) filt=() extra=() per notes=() refused=0 bad=0 path log rc s
+  # Tensor cores forced where the dtype allows them (bfloat16; float32 stays on the exact kernel,
+  # TF32 being off in gpu_smoke's children), so both persistent kernels are checked, the 16-bit
+  # one with its 32-bit shared-memory fragment loads included; a failed mma stage's
+  # VARLEN_RNN_TENSOR_CORES=0 still wins.
+  local tc="${VARLEN_RNN_TENSOR_CORES:-1}"
   per=$(((STAGE_LIMIT - 2) / 2))
   [ "$DRY" = 1 ] && san=(fake_sanitizer)
   if [ "$DRY" != 1 ] && compute-sanitizer --help 2>&1 | grep -q -- --kernel-regex; then
@@ -160,7 +167,8 @@ stage_sanitize() {  # memcheck | racecheck: our kernels only, float32 and bfloat
   for path in persistent fallback; do
     log="$WORK/${tool}_$path.log"
     # The inner timeout keeps the second path's share even if the first one hangs.
-    VARLEN_RNN_CUDA_PATH=$path timeout -k 3 "$per" bash -c '"$@"' _ "${san[@]}" --tool "$tool" \
+    VARLEN_RNN_CUDA_PATH=$path VARLEN_RNN_TENSOR_CORES=$tc timeout -k 3 "$per" \
+      bash -c '"$@"' _ "${san[@]}" --tool "$tool" \
       "${filt[@]}" "${extra[@]}" --error-exitcode 3 --print-limit 20 "$PY" "$REPO/benchmarks/gpu_smoke.py" \
       --child "$path" --device "$DEV" --sizes "$([ "$DRY" = 1 ] && echo tiny || echo sanitize)" \
       --dtypes float32,bfloat16 --no-graph --out "$WORK/${tool}_$path.pt" >"$log" 2>&1
@@ -169,7 +177,8 @@ stage_sanitize() {  # memcheck | racecheck: our kernels only, float32 and bfloat
       echo "---- $path: the kernel filter was refused; checking every kernel instead"
       cp "$log" "$log.refused-filter.log"
       filt=()
-      VARLEN_RNN_CUDA_PATH=$path timeout -k 3 "$per" compute-sanitizer --tool "$tool" "${extra[@]}" \
+      VARLEN_RNN_CUDA_PATH=$path VARLEN_RNN_TENSOR_CORES=$tc timeout -k 3 "$per" \
+        compute-sanitizer --tool "$tool" "${extra[@]}" \
         --error-exitcode 3 --print-limit 20 "$PY" "$REPO/benchmarks/gpu_smoke.py" --child "$path" \
         --device "$DEV" --sizes sanitize --dtypes float32,bfloat16 --no-graph \
         --out "$WORK/${tool}_$path.pt" >"$log" 2>&1
@@ -212,6 +221,7 @@ stage_cmd() {  # the command line of a stage, quoted for bash -c
                              --ignore="$REPO/tests/test_cuda_tensor_cores.py"
                              --ignore="$REPO/tests/test_cuda_ragged.py"
                              --ignore="$REPO/tests/test_cuda_cells.py"
+                             --ignore="$REPO/tests/test_cuda_device.py"
                              --ignore="$REPO/tests/test_cuda_emulated.py")
   [ "$DRY" = 1 ] && probe_extra=(--tiny --dtypes float32 --H 16) && rest=("$REPO/tests/test_autocast.py")
   case $1 in
@@ -220,7 +230,7 @@ stage_cmd() {  # the command line of a stage, quoted for bash -c
              --time-budget $((STAGE_LIMIT - 5)) --out "$WORK/smoke" ;;
     tests_cuda) printf '%q ' stage_pytest tests_cuda "$REPO/tests/test_cuda.py" \
                   "$REPO/tests/test_cuda_tensor_cores.py" "$REPO/tests/test_cuda_ragged.py" \
-                  "$REPO/tests/test_cuda_cells.py" ;;
+                  "$REPO/tests/test_cuda_cells.py" "$REPO/tests/test_cuda_device.py" ;;
     probe) printf '%q ' "$PY" "$REPO/benchmarks/gpu_probe.py" --device "$DEV" \
              --time-budget $((STAGE_LIMIT - 8)) --out "$WORK/probe" "${probe_extra[@]}"
            echo "${GPU_CHECK_PROBE_ARGS:-}" ;;

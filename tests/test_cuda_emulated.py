@@ -187,11 +187,12 @@ def reference(c, x, L, hx, w_ih, w_hh, b_ih, b_hh, go, ghn, rows):
     return [out, hn, *ops.gru_layer_ragged_backward(go, ghn, x, *index, hx, w_ih, w_hh, out, ws)]
 
 
-def run_case(emu, c, dtype, persistent, mma=False):
+def run_case(emu, c, dtype, persistent, mma=False, hx_offset=0):
     """(got, ref, cuts): the emulated kernels' results in `dtype` with the launchers' GEMMs
     around them, the CPU op's in float64 on the same (rounded) inputs, and the persistent
     cuts (forward, backward) as [J, blocks_per_dir, tile_rows, kc, blocks]. mma: the
-    persistent kernels' tensor-core path."""
+    persistent kernels' tensor-core path. hx_offset > 0: hx is a contiguous view that many
+    elements into its storage (a user's slice: its rows are not 16-byte aligned)."""
     T, B, I, H, D, bias = (c[k] for k in ("T", "B", "I", "H", "D", "bias"))
     bf = c.get("bf", False)
     f = rounded_randn(dtype, seed=0)
@@ -207,6 +208,9 @@ def run_case(emu, c, dtype, persistent, mma=False):
     # The launchers' GEMMs (ops_cuda.cu), in the storage dtype around the emulated kernels.
     x, hx, w_ih, w_hh, go, ghn = (t.to(dtype) for t in (x, hx, w_ih, w_hh, go, ghn))
     b_ih, b_hh = (None, None) if not bias else (b_ih.to(dtype), b_hh.to(dtype))
+    if hx_offset:
+        storage = torch.zeros(hx_offset + hx.numel(), dtype=dtype)
+        hx = storage[hx_offset:].copy_(hx.flatten()).view(hx.shape)
     index = launch_index(c, L, rows, persistent)
     x2d, w2d, gx = input_gemm(x, w_ih, b_ih)
     out, hn, ws, cut_f = emu.forward(gx, w_hh, b_hh, hx, *index, mma)

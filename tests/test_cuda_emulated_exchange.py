@@ -131,6 +131,26 @@ def test_emulated_exchange_and_staging_match_cpu(emu, cell, name, dtype, mma):
         assert st["scalar_rows"] > 0 and (st["vector_rows"] > 0) == bwd_vector, st
     if mma:  # plan.h's padded strides: no fragment load waits on a bank
         assert st["fragment_ways"] == 1, st
+    assert st["misaligned"] == 0, st  # each would fault on a GPU
+
+
+@pytest.mark.parametrize("dtype,mma", KINDS, ids=[_id(("gru", "", d, m))[5:] for d, m in KINDS])
+def test_emulated_misaligned_hx_is_staged_per_element_with_the_same_bits(emu, dtype, mma):
+    """hx a view one element into its storage (contiguous, rows not 16-byte aligned, as a slice
+    of a larger tensor is): step 0 stages it one element per load, since a 16-byte load of it
+    would fault on a GPU; later steps stage the aligned exchange in vectors. Same bits as an
+    aligned hx."""
+    c = CASES["vec-padded-bf"]
+    emu.stats(True)
+    aligned, _, _ = gru.run_case(emu, c, dtype, True, mma=mma)
+    st_aligned = emu.stats(True)
+    shifted, _, _ = gru.run_case(emu, c, dtype, True, mma=mma, hx_offset=1)
+    st_shifted = emu.stats(True)
+    for name, a, b in zip(GRU_RESULTS, aligned, shifted, strict=True):
+        assert torch.equal(a, b), name
+    assert st_aligned["scalar_rows"] == 0 and st_aligned["vector_rows"] > 0, st_aligned
+    assert st_shifted["scalar_rows"] > 0 and st_shifted["vector_rows"] > 0, st_shifted
+    assert st_aligned["misaligned"] == 0 and st_shifted["misaligned"] == 0
 
 
 # H = 32: unpadded, the weight rows are 32 (TF32) or 16 (16-bit) words apart and so are the

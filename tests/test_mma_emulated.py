@@ -125,7 +125,10 @@ def test_wrong_fragment_layout_fails_the_check(emu, kind, variant):
 @pytest.mark.parametrize("U,K,rows,kc_max", MATVEC_CASES)
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_tile_matvec_mma_matches_float64(emu, kind, U, K, rows, kc_max, g_major):
+    emu.misaligned()  # reset
     got, w, x = assert_matvec_within_bound(emu, kind, U, K, rows, kc_max, g_major)
+    # Every 16-bit pair was one aligned 32-bit load (a GPU faults on a misaligned one).
+    assert emu.misaligned() == 0
     # Bit for bit the emulation's order: each K chunk summed in fp32 from zero in k order,
     # the chunk sums added in fp32.
     xr = element_round(kind, x)

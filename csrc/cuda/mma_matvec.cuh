@@ -94,7 +94,24 @@ __host__ __device__ inline int fragment_load_ways(int64_t a_stride, int a_bytes,
 #ifdef VARLEN_RNN_HOST_EMULATION
 // Defined by the emulation: records the worst fragment-load bank conflict of a call.
 void emu_note_fragment_ways(int ways);
+// Defined by the emulation: counts an access at p that is not `bytes`-aligned.
+void emu_note_misaligned(const void* p, int bytes);
 #endif
+
+// A GPU faults on a load or store that is not aligned to its size (misaligned address, which
+// kills the context); x86, where the host emulation runs these kernels, forgives it. So every
+// access the kernels widen or reinterpret (16-byte staging, 32-bit fragment pairs) and every
+// part of the dynamic shared memory is checked there; on the device this is nothing.
+__host__ __device__ __forceinline__ void check_aligned(const void* p, int bytes) {
+#ifdef VARLEN_RNN_HOST_EMULATION
+  if ((reinterpret_cast<uintptr_t>(p) & static_cast<uintptr_t>(bytes - 1)) != 0) {
+    emu_note_misaligned(p, bytes);
+  }
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
 
 // Register `reg` of a fragment from a row-major array p (row stride `stride` elements) at
 // (row, col): rows >= n_rows and columns >= n_cols enter as zeros. T: float (rounded by
@@ -104,6 +121,7 @@ __device__ __forceinline__ uint32_t frag_reg(const T* p, int64_t stride, int row
                                              int n_rows, int n_cols) {
   if (row >= n_rows || col >= n_cols) return 0u;
   if constexpr (sizeof(T) == 2) {
+    check_aligned(p + row * stride + col, 4);  // even stride and col, 4-byte aligned p
     const uint32_t pair = *reinterpret_cast<const uint32_t*>(p + row * stride + col);
     return col + 1 < n_cols ? pair : pair & 0xFFFFu;  // past the end: zero, not the pad
   } else {

@@ -73,6 +73,7 @@ __global__ void __launch_bounds__(kPersistThreads)
   x_t* tile = reinterpret_cast<x_t*>(smem_raw);
   acc_t* acc_s = reinterpret_cast<acc_t*>(tile + ps.tile_rows * ps.kc_stride);
   scalar_t* w_s = reinterpret_cast<scalar_t*>(acc_s + items * G * kRows);
+  check_smem_parts(tile, acc_s, w_s);
 
   // Prologue (block-local, so no grid barrier): the W_hh slice (zero rows past
   // H, zero padding past column H), the zeros of padded outputs, h_n (and c_n)
@@ -215,6 +216,7 @@ __global__ void __launch_bounds__(kPersistThreads)
   x_t* tile = reinterpret_cast<x_t*>(smem_raw);
   acc_t* acc_s = reinterpret_cast<acc_t*>(tile + ps.tile_rows * ps.kc_stride);
   scalar_t* w_s = reinterpret_cast<scalar_t*>(acc_s + items * NU * kRows);
+  check_smem_parts(tile, acc_s, w_s);
   const int64_t dBH = static_cast<int64_t>(d) * B * H;
   const int64_t DH = static_cast<int64_t>(a.D) * H;
   const int64_t GH = static_cast<int64_t>(G) * H;

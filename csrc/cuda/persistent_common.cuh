@@ -5,7 +5,17 @@
 //
 // Exchange between blocks goes through global memory written with plain
 // stores before grid.sync() and read with __ldcg (L2, never a stale L1 line)
-// after it. Row conventions: see pointwise.cuh.
+// after it. That is enough on a GPU's weak memory model: cooperative_groups'
+// grid.sync() is __syncthreads, then one thread per block adds to the grid's
+// barrier word with atom.release.gpu and polls it with ld.acquire.gpu, then
+// __syncthreads again, so every store of every block before it happens-before
+// every load after it. Its barrier word flips its top bit once per generation,
+// so it serves any number of steps and launches with no reset. The
+// cooperative launch (launch.h) is refused unless all blocks fit on the device
+// at once and then keeps them resident together, so no block waits on one
+// that never runs (tests/test_cuda_device.py launches on busy streams). Nothing else
+// crosses blocks: c, hown and dh are each read only by the block that writes
+// them. Row conventions: see pointwise.cuh.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -136,6 +146,8 @@ __device__ __forceinline__ void stage_row(dst_t* dst, const T* src, int kc, int 
 #endif
   if constexpr (kSame || kWiden) {
     if (vector) {
+      check_aligned(src, 16);
+      check_aligned(dst, 16);
       const uint4* s4 = reinterpret_cast<const uint4*>(src);
       for (int k = lane; k < kc / kVec; k += 32) {
         const uint4 v = kCg ? __ldcg(s4 + k) : s4[k];
@@ -220,6 +232,17 @@ __device__ __forceinline__ void tile_matvec(const w_t* w_s, int U, int g_rows, i
     }
     __syncthreads();
   }
+}
+
+// The dynamic shared memory's parts each start aligned for their element type: plan.h sizes the
+// tile as whole rows of 8 (kRows) and the accumulators likewise, so no part needs padding between
+// them (checked in the emulation; see check_aligned).
+template <typename x_t, typename acc_t, typename w_t>
+__device__ __forceinline__ void check_smem_parts(const x_t* tile, const acc_t* acc_s,
+                                                 const w_t* w_s) {
+  check_aligned(tile, 16);
+  check_aligned(acc_s, sizeof(acc_t));
+  check_aligned(w_s, sizeof(w_t) == 2 ? 4 : sizeof(w_t));  // 16-bit weights: loaded in pairs
 }
 
 // The recurrent product of a step: exact in acc_t on CUDA cores (tile_matvec), or with kMma on

@@ -346,16 +346,19 @@ std::vector<torch::Tensor> backward(torch::Tensor go, torch::Tensor ghn, torch::
 }
 
 // The emulation hooks' counts since the last reset: vector_rows and scalar_rows (stage_row's
-// two ways), fragment_ways (the worst bank conflict of a tensor-core fragment load).
+// two ways), fragment_ways (the worst bank conflict of a tensor-core fragment load),
+// misaligned (accesses check_aligned found off their size's alignment).
 std::map<std::string, int64_t> stats(bool reset) {
   EmuStats& s = emu_stats();
   std::map<std::string, int64_t> out{{"vector_rows", s.vector_rows.load()},
                                      {"scalar_rows", s.scalar_rows.load()},
-                                     {"fragment_ways", s.fragment_ways.load()}};
+                                     {"fragment_ways", s.fragment_ways.load()},
+                                     {"misaligned", s.misaligned.load()}};
   if (reset) {
     s.vector_rows = 0;
     s.scalar_rows = 0;
     s.fragment_ways = 0;
+    s.misaligned = 0;
   }
   return out;
 }

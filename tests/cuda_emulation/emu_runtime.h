@@ -33,10 +33,12 @@ struct alignas(16) uint4 {
 };
 
 // What the kernels report through their emulation hooks, for the tests: how many rows
-// stage_row copied with 16-byte vectors and how many one element at a time, and the worst
-// bank conflict (ways) of the tensor-core kernel's fragment loads.
+// stage_row copied with 16-byte vectors and how many one element at a time, the worst
+// bank conflict (ways) of the tensor-core kernel's fragment loads, and how many widened or
+// reinterpreted accesses were not aligned to their size (check_aligned: each would fault on a
+// GPU).
 struct EmuStats {
-  std::atomic<long> vector_rows{0}, scalar_rows{0};
+  std::atomic<long> vector_rows{0}, scalar_rows{0}, misaligned{0};
   std::atomic<int> fragment_ways{0};
 };
 inline EmuStats& emu_stats() {
@@ -45,6 +47,7 @@ inline EmuStats& emu_stats() {
 }
 namespace varlen_rnn::cuda {
 void emu_note_staging(bool vector) { ++(vector ? emu_stats().vector_rows : emu_stats().scalar_rows); }
+void emu_note_misaligned(const void*, int) { ++emu_stats().misaligned; }
 void emu_note_fragment_ways(int ways) {
   int seen = emu_stats().fragment_ways.load();
   while (ways > seen && !emu_stats().fragment_ways.compare_exchange_weak(seen, ways)) {
