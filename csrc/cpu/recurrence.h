@@ -42,7 +42,7 @@ void forward_impl(ForwardArgs& args) {
   const auto opts = args.input2d.options();
   at::Tensor xp = projection_input(args);  // [N, I]
   const at::Tensor perm = perm_tensor(sched);
-  const StepLoops loops = step_loops(dims);
+  const StepLoops loops = step_loops(dims, sizeof(scalar_t));
   const bool gemm_loop = loops == StepLoops::kGemm;
   at::Tensor gh = gemm_loop ? at::empty({dims.B, G}, opts) : at::Tensor();  // [B, G*H] W_hh h
   // [B, H] one step's h' before the projection (h_state = h' W_hr^T)
@@ -183,7 +183,7 @@ void backward_impl(BackwardArgs& args) {
   // step loop (gather_hprev), so it does not add to the loop's peak; with one
   // the loop copies h_state's previous value as it goes. The buffers of one
   // direction are held once per direction whose loop runs at the same time.
-  const StepLoops loops = step_loops(dims);
+  const StepLoops loops = step_loops(dims, sizeof(scalar_t));
   const bool split = loops != StepLoops::kGemm;
   const int64_t held = loops == StepLoops::kConcurrent ? dims.D : 1;
   at::Tensor dgx = at::empty({N, DG}, opts);                                 // [N, D*G*H]
@@ -202,7 +202,9 @@ void backward_impl(BackwardArgs& args) {
   scalar_t* dgh_p = need_dgh ? dgh.data_ptr<scalar_t>() : nullptr;
   scalar_t* dhp_p = dhp.defined() ? dhp.data_ptr<scalar_t>() : nullptr;
   auto bufs_of = [&](int64_t k) {  // the k-th of the held directions' buffers
-    auto at_k = [k](const at::Tensor& t) { return t.defined() ? t[k].data_ptr<scalar_t>() : nullptr; };
+    auto at_k = [k](const at::Tensor& t) {
+      return t.defined() ? t[k].data_ptr<scalar_t>() : nullptr;
+    };
     return BackwardBuffers<scalar_t>{dgx_p, at_k(dghn), at_k(hprev), at_k(dhs), at_k(hout)};
   };
   // Direction d's hidden-side weight gradients from the k-th held buffers,
