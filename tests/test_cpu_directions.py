@@ -9,6 +9,10 @@ arithmetic; the micro-kernel's and the BLAS's results do not depend on the threa
 and repeat exactly. A failure inside a thread of the team is raised as an error, and the next
 call runs normally."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from test_cpu_split_backward import CELLS, LAYOUTS, grads, make_input, make_weights, op_fn, ref_fn
@@ -148,3 +152,38 @@ def test_a_failing_thread_raises_and_the_next_call_runs(monkeypatch, threads, ce
             torch.autograd.grad(sum(o.sum() for o in outs), leaf)
         monkeypatch.delenv("VARLEN_RNN_CPU_TEAM_FAULT")
         assert_all_equal(outputs_and_grads(monkeypatch, directions, cell, w, x, index, bf), want, k)
+
+
+# Run in a fresh process: OMP_THREAD_LIMIT is read when OpenMP starts.
+LIMITED = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(4)
+from test_cpu_split_backward import grads, make_input, make_weights, op_fn, ref_fn
+w = make_weights({cell!r}, 2, 7)
+x, index, bf = make_input("padded", [5, 1, 3, 7, 2, 7, 4])
+got, want = grads(op_fn, {cell!r}, w, x, index, bf), grads(ref_fn, {cell!r}, w, x, index, bf)
+for k in want:
+    torch.testing.assert_close(got[k], want[k], atol=1e-10, rtol=1e-10, msg=k)
+print("checked", len(want), "gradients")
+"""
+
+
+@pytest.mark.parametrize("limit", [1, 3])
+@pytest.mark.parametrize("cell", ["gru", "lstm_proj"])
+def test_fewer_threads_than_asked(cell, limit):
+    """OpenMP grants fewer threads than the halves ask for (OMP_THREAD_LIMIT under 4 threads):
+    with 3 the two teams share them out, with 1 one thread runs both directions in turn."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, OMP_THREAD_LIMIT=str(limit), VARLEN_RNN_CPU_DIRECTIONS="concurrent")
+    env.pop("VARLEN_RNN_CPU_STEPS", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", LIMITED.format(tests=tests, cell=cell)],
+        cwd=os.path.dirname(tests),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "checked" in proc.stdout
