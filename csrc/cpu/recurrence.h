@@ -5,8 +5,9 @@
 //
 // Each step is one GEMM over the running rows (W_hh h, or dgh W_hh in the
 // backward) and one parallel gate pass over them (cpu/rows.h), or, where
-// use_split_loops picks it, both split by hidden units
-// across a persistent thread team (cpu/split_steps.h, cpu/split_backward.h);
+// step_loops (cpu/team.h) picks it, both split by hidden units across a
+// persistent thread team (cpu/split_steps.h, cpu/split_backward.h), for each
+// direction in turn or for both at once, each on half of the threads;
 // the LSTM's projection adds one GEMM per step (h' W_hr^T, or dh_state W_hr).
 // Rows run in the schedule's longest-first order (cpu/schedule.h). Each
 // direction's input projection is one GEMM over the N valid positions (no
@@ -41,23 +42,51 @@ void forward_impl(ForwardArgs& args) {
   const auto opts = args.input2d.options();
   at::Tensor xp = projection_input(args);  // [N, I]
   const at::Tensor perm = perm_tensor(sched);
-  at::Tensor gh = at::empty({dims.B, G}, opts);  // [B, G*H] one step's W_hh h
+  const StepLoops loops = step_loops(dims, sizeof(scalar_t));
+  const bool gemm_loop = loops == StepLoops::kGemm;
+  at::Tensor gh = gemm_loop ? at::empty({dims.B, G}, opts) : at::Tensor();  // [B, G*H] W_hh h
   // [B, H] one step's h' before the projection (h_state = h' W_hr^T)
-  at::Tensor hraw = proj ? at::empty({dims.B, H}, opts) : at::Tensor();
+  at::Tensor hraw = proj && gemm_loop ? at::empty({dims.B, H}, opts) : at::Tensor();
   const at::Tensor b_hh = args.b_hh ? *args.b_hh : at::zeros({dims.D, G}, opts);  // [D, G*H]
-  const scalar_t* gh_p = gh.const_data_ptr<scalar_t>();
-  scalar_t* hraw_p = proj ? hraw.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* gh_p = gemm_loop ? gh.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* hraw_p = hraw.defined() ? hraw.data_ptr<scalar_t>() : nullptr;
   scalar_t* out_p = args.output.data_ptr<scalar_t>();
   const bool save = args.workspace.numel() > 0;
-  const bool split = use_split_loops(dims);
-
-  for (int64_t d = 0; d < dims.D; ++d) {
-    // [N, G*H]: this direction's input projection, one GEMM over the valid
-    // positions (one direction at a time: half the memory of both at once).
-    // Weights are transposed once per call: BLAS runs ~1.1-1.5x faster on a
-    // contiguous [K, N] right operand than on a transposed view (measured, MKL).
+  auto ws_of = [&](int64_t d) {  // direction d's workspace, or null
+    return save ? args.workspace.data_ptr<scalar_t>() + d * N * S : nullptr;
+  };
+  // [N, G*H]: direction d's input projection, one GEMM over the valid
+  // positions. Weights are transposed once per call: BLAS runs ~1.1-1.5x
+  // faster on a contiguous [K, N] right operand than on a transposed view
+  // (measured, MKL).
+  auto projection = [&](int64_t d) {
     const at::Tensor w_ih_t = args.w_ih[d].t().contiguous();  // [I, G*H]
-    const at::Tensor gx = args.b_ih ? at::addmm((*args.b_ih)[d], xp, w_ih_t) : at::mm(xp, w_ih_t);
+    return args.b_ih ? at::addmm((*args.b_ih)[d], xp, w_ih_t) : at::mm(xp, w_ih_t);
+  };
+
+  if (loops == StepLoops::kConcurrent) {
+    // Both directions at once (cpu/split_steps.h) hold both projections:
+    // [N, G*H] more than the directions in turn at the forward's peak.
+    const at::Tensor gx[2] = {projection(0), projection(1)};
+    xp.reset();
+    at::Tensor h[2], c[2];  // [B, P], [B, H] sorted order
+    for (int64_t d = 0; d < 2; ++d) {
+      h[d] = args.hx[d].index_select(0, perm);
+      if (Cell::kHasC) c[d] = args.cx[d].index_select(0, perm);
+    }
+    const scalar_t* const gx_p[2] = {gx[0].const_data_ptr<scalar_t>(),
+                                     gx[1].const_data_ptr<scalar_t>()};
+    scalar_t* const ws_p[2] = {ws_of(0), ws_of(1)};
+    concurrent_steps<Cell, scalar_t>(args, gx_p, b_hh.const_data_ptr<scalar_t>(), h, c, ws_p);
+    for (int64_t d = 0; d < 2; ++d) {
+      args.h_n[d].index_copy_(0, perm, h[d]);
+      if (Cell::kHasC) args.c_n[d].index_copy_(0, perm, c[d]);
+    }
+    return;
+  }
+  for (int64_t d = 0; d < dims.D; ++d) {
+    // One direction at a time: half the memory of both projections at once.
+    const at::Tensor gx = projection(d);  // [N, G*H]
     if (d == dims.D - 1) xp.reset();
     const at::Tensor w_hh_t = args.w_hh[d].t().contiguous();                        // [P, G*H]
     const at::Tensor w_hr_t = proj ? args.w_hr[d].t().contiguous() : at::Tensor();  // [H, P]
@@ -67,11 +96,11 @@ void forward_impl(ForwardArgs& args) {
     const scalar_t* bh_p = b_hh.const_data_ptr<scalar_t>() + d * G;
     scalar_t* h_p = h.data_ptr<scalar_t>();
     scalar_t* c_p = Cell::kHasC ? c.data_ptr<scalar_t>() : nullptr;
-    scalar_t* ws_p = save ? args.workspace.data_ptr<scalar_t>() + d * N * S : nullptr;
-    if (split) {  // the same steps, split by hidden units (cpu/split_steps.h)
+    scalar_t* ws_p = ws_of(d);
+    if (!gemm_loop) {  // the same steps, split by hidden units (cpu/split_steps.h)
       split_steps<Cell, scalar_t>(args, d, gx_p, bh_p, h, c, ws_p);
     }
-    for (int64_t s = 0; s < (split ? 0 : sched.max_len); ++s) {
+    for (int64_t s = 0; s < (gemm_loop ? sched.max_len : 0); ++s) {
       const int64_t n = sched.active[s];
       at::Tensor gh_s = gh.narrow(0, 0, n);
       at::mm_out(gh_s, h.narrow(0, 0, n), w_hh_t);
@@ -152,13 +181,16 @@ void backward_impl(BackwardArgs& args) {
   // GEMMs' operands are step-sized: peak memory stays near the forward's.
   // Without a projection h_prev ([N, P]) is gathered after each direction's
   // step loop (gather_hprev), so it does not add to the loop's peak; with one
-  // the loop copies h_state's previous value as it goes.
-  at::Tensor dgx = at::empty({N, DG}, opts);                           // [N, D*G*H]
-  at::Tensor dghn = kDiffer ? at::empty({N, H}, opts) : at::Tensor();  // [N, H] one direction
-  at::Tensor hprev = proj ? at::empty({N, P}, opts) : at::Tensor();    // [N, P] one direction
-  at::Tensor dhs = proj ? at::empty({N, P}, opts) : at::Tensor();      // [N, P] dh_state
-  at::Tensor hout = proj ? at::empty({N, H}, opts) : at::Tensor();     // [N, H] h'
-  const bool split = use_split_loops(dims);
+  // the loop copies h_state's previous value as it goes. The buffers of one
+  // direction are held once per direction whose loop runs at the same time.
+  const StepLoops loops = step_loops(dims, sizeof(scalar_t));
+  const bool split = loops != StepLoops::kGemm;
+  const int64_t held = loops == StepLoops::kConcurrent ? dims.D : 1;
+  at::Tensor dgx = at::empty({N, DG}, opts);                                 // [N, D*G*H]
+  at::Tensor dghn = kDiffer ? at::empty({held, N, H}, opts) : at::Tensor();  // [held, N, H]
+  at::Tensor hprev = proj ? at::empty({held, N, P}, opts) : at::Tensor();    // [held, N, P]
+  at::Tensor dhs = proj ? at::empty({held, N, P}, opts) : at::Tensor();  // [held, N, P] dh_state
+  at::Tensor hout = proj ? at::empty({held, N, H}, opts) : at::Tensor();  // [held, N, H] h'
   // The per-step loop's step buffers (the split loop has its own).
   const bool need_dgh = !split && !(dgx_in_place && dims.D == 1);
   at::Tensor dgh = need_dgh ? at::empty({dims.B, G}, opts) : at::Tensor();  // [B, G*H] one step
@@ -167,15 +199,63 @@ void backward_impl(BackwardArgs& args) {
   const scalar_t* out_p = args.output.const_data_ptr<scalar_t>();
   const scalar_t* hx_p = args.hx.const_data_ptr<scalar_t>();
   scalar_t* dgx_p = dgx.data_ptr<scalar_t>();
-  scalar_t* dghn_p = kDiffer ? dghn.data_ptr<scalar_t>() : nullptr;
   scalar_t* dgh_p = need_dgh ? dgh.data_ptr<scalar_t>() : nullptr;
-  scalar_t* hp_p = proj ? hprev.data_ptr<scalar_t>() : nullptr;
-  scalar_t* dhs_p = proj ? dhs.data_ptr<scalar_t>() : nullptr;
-  scalar_t* hout_p = proj ? hout.data_ptr<scalar_t>() : nullptr;
   scalar_t* dhp_p = dhp.defined() ? dhp.data_ptr<scalar_t>() : nullptr;
-  const BackwardBuffers<scalar_t> bufs{dgx_p, dghn_p, hp_p, dhs_p, hout_p};
+  auto bufs_of = [&](int64_t k) {  // the k-th of the held directions' buffers
+    auto at_k = [k](const at::Tensor& t) {
+      return t.defined() ? t[k].data_ptr<scalar_t>() : nullptr;
+    };
+    return BackwardBuffers<scalar_t>{dgx_p, at_k(dghn), at_k(hprev), at_k(dhs), at_k(hout)};
+  };
+  // Direction d's hidden-side weight gradients from the k-th held buffers,
+  // after its loop: dW_hh = dgh^T hprev over all positions (dgh is dgx but
+  // for kDiffer's last gate); dW_hr = dh_state^T h'.
+  auto hidden_weight_grads = [&](int64_t d, int64_t k) {
+    // [N, P]; without a projection gathered now (the loop ran without it)
+    const at::Tensor hp = proj ? hprev[k] : at::empty({N, P}, opts);
+    if (!proj) gather_hprev(args, d, hp.data_ptr<scalar_t>());
+    const int64_t G_same = kDiffer ? G - H : G;
+    const at::Tensor dgx_same = dgx.narrow(1, d * G, G_same);  // [N, G_same]
+    at::Tensor gw_same = args.grad_w_hh[d].narrow(0, 0, G_same);
+    at::Tensor gb_same = args.grad_b_hh[d].narrow(0, 0, G_same);
+    at::mm_out(gw_same, dgx_same.t(), hp);
+    if (kDiffer) {
+      at::Tensor gw_last = args.grad_w_hh[d].narrow(0, G_same, H);
+      at::mm_out(gw_last, dghn[k].t(), hp);
+    }
+    at::sum_out(gb_same, dgx_same, {0});
+    if (kDiffer) {
+      at::Tensor gb_last = args.grad_b_hh[d].narrow(0, G_same, H);
+      at::sum_out(gb_last, dghn[k], {0});
+    }
+    if (proj) {
+      at::Tensor gw_hr = args.grad_w_hr[d];
+      at::mm_out(gw_hr, dhs[k].t(), hout[k]);
+    }
+  };
 
-  for (int64_t d = 0; d < dims.D; ++d) {
+  if (loops == StepLoops::kConcurrent) {  // cpu/split_backward.h
+    at::Tensor dh[2], dc[2];                // [B, P], [B, H] sorted order
+    for (int64_t d = 0; d < 2; ++d) {
+      dh[d] = args.grad_h_n[d].index_select(0, perm);
+      if (Cell::kHasC) dc[d] = args.grad_c_n[d].index_select(0, perm);
+    }
+    const BackwardBuffers<scalar_t> bufs[2] = {bufs_of(0), bufs_of(1)};
+    concurrent_backward<Cell, scalar_t>(args, bufs, dgx_in_place, dh, dc);
+    for (int64_t d = 0; d < 2; ++d) {
+      args.grad_hx[d].index_copy_(0, perm, dh[d]);
+      if (Cell::kHasC) args.grad_cx[d].index_copy_(0, perm, dc[d]);
+      hidden_weight_grads(d, d);
+    }
+  }
+  // Otherwise the directions in turn, on the split loop or the per-step one.
+  const int64_t in_turn = loops == StepLoops::kConcurrent ? 0 : dims.D;
+  const BackwardBuffers<scalar_t> bufs = bufs_of(0);
+  scalar_t* dghn_p = bufs.dghn;
+  scalar_t* hp_p = bufs.hprev;
+  scalar_t* dhs_p = bufs.dhs;
+  scalar_t* hout_p = bufs.hout;
+  for (int64_t d = 0; d < in_turn; ++d) {
     const bool dgh_in_dgx = dgx_in_place && d == 0;
     at::Tensor dh = args.grad_h_n[d].index_select(0, perm);  // [B, P] sorted order
     at::Tensor dc = Cell::kHasC ? args.grad_c_n[d].index_select(0, perm) : at::Tensor();  // [B, H]
@@ -233,32 +313,7 @@ void backward_impl(BackwardArgs& args) {
     }
     args.grad_hx[d].index_copy_(0, perm, dh);
     if (Cell::kHasC) args.grad_cx[d].index_copy_(0, perm, dc);
-    // dW_hh = dgh^T hprev over all positions; dgh is dgx except kDiffer's
-    // last gate.
-    if (!proj) {
-      hprev = at::empty({N, P}, opts);
-      gather_hprev(args, d, hprev.data_ptr<scalar_t>());
-    }
-    const int64_t G_same = kDiffer ? G - H : G;
-    const at::Tensor dgx_same = dgx.narrow(1, d * G, G_same);  // [N, G_same]
-    at::Tensor gw_same = args.grad_w_hh[d].narrow(0, 0, G_same);
-    at::Tensor gb_same = args.grad_b_hh[d].narrow(0, 0, G_same);
-    at::mm_out(gw_same, dgx_same.t(), hprev);
-    if (kDiffer) {
-      at::Tensor gw_last = args.grad_w_hh[d].narrow(0, G_same, H);
-      at::mm_out(gw_last, dghn.t(), hprev);
-    }
-    at::sum_out(gb_same, dgx_same, {0});
-    if (kDiffer) {
-      at::Tensor gb_last = args.grad_b_hh[d].narrow(0, G_same, H);
-      at::sum_out(gb_last, dghn, {0});
-    }
-    if (proj) {  // dW_hr = dh_state^T h' over all positions
-      at::Tensor gw_hr = args.grad_w_hr[d];
-      at::mm_out(gw_hr, dhs.t(), hout);
-    } else {
-      hprev.reset();  // the next direction's loop runs without it
-    }
+    hidden_weight_grads(d, 0);
   }
   dghn.reset();
   hprev.reset();

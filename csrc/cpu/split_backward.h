@@ -1,6 +1,7 @@
 // The backward's step loop split by hidden units across a persistent team of
 // threads, as the forward's is (cpu/split_steps.h); cpu/recurrence.h picks it
-// or the per-step GEMM loop (use_split_loops).
+// or the per-step GEMM loop (step_loops). The team is all threads, or half of
+// them while the other half runs the other direction (concurrent_backward).
 //
 // Thread k owns hidden units [u0, u1) (slice_of) and the same columns of dh.
 // Each step it runs the gate pass of its own units for every running row
@@ -40,12 +41,8 @@
 #include "cpu/layer_args.h"
 #include "cpu/rows.h"
 #include "cpu/small_gemm.h"
-#include "cpu/team.h"  // use_split_loops, team_parts, gemm_rm, slice_of
+#include "cpu/team.h"  // run_teams, team_parts, gemm_rm, slice_of
 #include "layout.h"    // step_time, prev_time
-
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
 
 namespace varlen_rnn {
 namespace cpu {
@@ -72,48 +69,79 @@ inline void backward_step_gemm(int64_t n, int64_t cols, int64_t k, const scalar_
   gemm_rm(n, cols, k, a, lda, b, ldb, c, ldc, accumulate ? scalar_t(1) : scalar_t(0));
 }
 
-// One direction d of backward_impl's step loop. dh: [B, P] sorted order (in:
-// grad_h_n, out: grad_hx); dc: [B, H] likewise (Cell::kHasC); dgh_in_dgx: dG
-// is this direction's columns of dgx at rows offset[s] + i.
+// One direction d of backward_impl's step loop, set up for a team of
+// `threads` threads, run by that team (inside run_teams), as SplitSteps is.
+// dh: [B, P] sorted order (in: grad_h_n, out: grad_hx); dc: [B, H] likewise
+// (Cell::kHasC); buf: this direction's buffers (dgx is both directions');
+// dgh_in_dgx: dG is this direction's columns of dgx at rows offset[s] + i.
 template <typename Cell, typename scalar_t>
-void split_backward(BackwardArgs& args, int64_t d, const BackwardBuffers<scalar_t>& buf,
-                    bool dgh_in_dgx, at::Tensor& dh, at::Tensor& dc) {
+class SplitBackward {
+ public:
+  SplitBackward(BackwardArgs& args, int64_t d, const BackwardBuffers<scalar_t>& buf,
+                bool dgh_in_dgx, at::Tensor& dh, at::Tensor& dc, int64_t threads)
+      : args_(args), d_(d), buf_(buf), dgh_in_dgx_(dgh_in_dgx) {
+    const LayerDims& dims = args.dims;
+    const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H;
+    proj_ = args.w_hr.defined();
+    TORCH_INTERNAL_ASSERT(!dgh_in_dgx || !Cell::kHiddenGradsDiffer);
+    TORCH_INTERNAL_ASSERT(proj_ || P == H);
+    const auto opts = dh.options();
+    parts_ = team_parts(H, threads);
+    // Panels per slice, copied once per call so each stays in its core's
+    // cache across steps: W_hh[:, p0:p1] as [G*H, Ps] and, with a projection,
+    // W_hr[:, u0:u1] as [P, Hs]. In float32 the micro-kernel
+    // (cpu/small_gemm.h) may run the dh product instead: each thread then
+    // packs its panel from W_hh's columns itself.
+    kernel_ = std::is_same_v<scalar_t, float> && use_small_gemm();
+    w_hh_d_ = args.w_hh[d].contiguous();  // [G*H, P]
+    packed_.resize(kernel_ ? parts_ : 0);
+    for (int64_t k = 0; k < parts_; ++k) {
+      const auto [p0, p1] = slice_of(P, parts_, k);
+      panels_.push_back(kernel_ ? at::Tensor() : w_hh_d_.narrow(1, p0, p1 - p0).contiguous());
+      if (proj_) {
+        const auto [u0, u1] = slice_of(H, parts_, k);
+        panels_r_.push_back(args.w_hr[d].narrow(1, u0, u1 - u0).contiguous());
+      }
+    }
+    // dG [B, G*H] per step: two alternating buffers without a projection,
+    // one with it, none when it is dgx.
+    const int64_t nbuf = dgh_in_dgx ? 0 : (proj_ ? 1 : 2);
+    dgbuf_ = at::empty({nbuf, dims.B, G}, opts);
+    if (proj_) dhp_ = at::empty({dims.B, H}, opts);  // [B, H] dh'
+    dh_p_ = dh.data_ptr<scalar_t>();
+    dc_p_ = Cell::kHasC ? dc.data_ptr<scalar_t>() : nullptr;
+  }
+
+  void run(const Team& team);
+
+ private:
+  BackwardArgs& args_;
+  const int64_t d_;
+  const BackwardBuffers<scalar_t> buf_;
+  const bool dgh_in_dgx_;
+  int64_t parts_ = 1;
+  bool kernel_ = false, proj_ = false;
+  at::Tensor w_hh_d_, dgbuf_, dhp_;  // [G*H, P], [nbuf, B, G*H], [B, H]
+  std::vector<at::Tensor> panels_, panels_r_;
+  std::vector<PackedB> packed_;
+  scalar_t *dh_p_ = nullptr, *dc_p_ = nullptr;
+};
+
+template <typename Cell, typename scalar_t>
+void SplitBackward<Cell, scalar_t>::run(const Team& team) {
   constexpr bool kDiffer = Cell::kHiddenGradsDiffer;
+  const BackwardArgs& args = args_;
   const LayerDims& dims = args.dims;
   const Schedule& sched = args.sched;
   const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H, S = Cell::kSaved * H;
   const int64_t DG = dims.D * G, N = sched.N();
-  const bool proj = args.w_hr.defined();
-  TORCH_INTERNAL_ASSERT(!dgh_in_dgx || !kDiffer);
-  TORCH_INTERNAL_ASSERT(proj || P == H);
-  const auto opts = dh.options();
-  const int64_t parts = team_parts(H);
-  // Panels per slice, copied once per call so each stays in its core's cache
-  // across steps: W_hh[:, p0:p1] as [G*H, Ps] and, with a projection,
-  // W_hr[:, u0:u1] as [P, Hs].
-  // In float32 the micro-kernel (cpu/small_gemm.h) may run the dh product
-  // instead: each thread then packs its panel from W_hh's columns itself.
-  const bool kernel = std::is_same_v<scalar_t, float> && use_small_gemm();
-  const at::Tensor w_hh_d = args.w_hh[d].contiguous();  // [G*H, P]
-  std::vector<at::Tensor> panels, panels_r;
-  std::vector<PackedB> packed(kernel ? parts : 0);
-  for (int64_t k = 0; k < parts; ++k) {
-    const auto [p0, p1] = slice_of(P, parts, k);
-    panels.push_back(kernel ? at::Tensor() : w_hh_d.narrow(1, p0, p1 - p0).contiguous());
-    if (proj) {
-      const auto [u0, u1] = slice_of(H, parts, k);
-      panels_r.push_back(args.w_hr[d].narrow(1, u0, u1 - u0).contiguous());
-    }
-  }
-  // dG [B, G*H] per step: two alternating buffers without a projection, one
-  // with it, none when it is dgx.
-  const int64_t nbuf = dgh_in_dgx ? 0 : (proj ? 1 : 2);
-  at::Tensor dgbuf = at::empty({nbuf, dims.B, G}, opts);
-  at::Tensor dhp = proj ? at::empty({dims.B, H}, opts) : at::Tensor();  // [B, H] dh'
-  scalar_t* dgbuf_p = dgbuf.data_ptr<scalar_t>();
-  scalar_t* dh_p = dh.data_ptr<scalar_t>();
-  scalar_t* dc_p = Cell::kHasC ? dc.data_ptr<scalar_t>() : nullptr;
-  scalar_t* dhp_p = proj ? dhp.data_ptr<scalar_t>() : nullptr;
+  const int64_t d = d_, parts = parts_, tid = team.rank, nth = team.size;
+  const bool proj = proj_, kernel = kernel_, dgh_in_dgx = dgh_in_dgx_;
+  const BackwardBuffers<scalar_t>& buf = buf_;
+  scalar_t* dgbuf_p = dgbuf_.data_ptr<scalar_t>();
+  scalar_t* dh_p = dh_p_;
+  scalar_t* dc_p = dc_p_;
+  scalar_t* dhp_p = proj ? dhp_.data_ptr<scalar_t>() : nullptr;
   const scalar_t* go_p = args.grad_output.const_data_ptr<scalar_t>();
   const scalar_t* out_p = args.output.const_data_ptr<scalar_t>();
   const scalar_t* hx_p = args.hx.const_data_ptr<scalar_t>();
@@ -123,84 +151,96 @@ void split_backward(BackwardArgs& args, int64_t d, const BackwardBuffers<scalar_
     return s == 0 ? hx_p + (d * dims.B + sched.perm[i]) * P
                   : out_p + output_offset(args, prev_time(d, t), i, d);
   };
-
-#pragma omp parallel num_threads(parts)
-  {
-#if defined(_OPENMP)
-    const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
-#else
-    const int64_t tid = 0, nth = 1;
-#endif
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      for (int64_t k = tid; k < (kernel ? parts : 0); k += nth) {
-        const auto [p0, p1] = slice_of(P, parts, k);
-        if (p1 > p0) packed[k] = pack_b(G, p1 - p0, w_hh_d.const_data_ptr<float>() + p0, P, 1);
-      }
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (int64_t k = tid; k < (kernel ? parts : 0); k += nth) {
+      const auto [p0, p1] = slice_of(P, parts, k);
+      if (p1 > p0) packed_[k] = pack_b(G, p1 - p0, w_hh_d_.const_data_ptr<float>() + p0, P, 1);
     }
-    for (int64_t s = sched.max_len - 1; s >= 0; --s) {
-      const int64_t n = sched.active[s];
-      if (n == 0) continue;  // the same for every thread
-      scalar_t* dg = dgh_in_dgx ? buf.dgx + sched.offset[s] * DG + d * G
-                                : dgbuf_p + (proj ? 0 : s % 2) * dims.B * G;
-      const int64_t ld = dgh_in_dgx ? DG : G;
-      if (proj) {  // (A) dh_state = dh + grad_output, kept for dW_hr; h_prev
-        for (int64_t k = tid; k < parts; k += nth) {
-          const auto [p0, p1] = slice_of(P, parts, k);
-          for (int64_t i = 0; i < n; ++i) {
-            const int64_t t = step_time(d, sched.len[i], s);
-            const int64_t pos = args.gx_rows.row(t, i);
-            const scalar_t* go = go_p + output_offset(args, t, i, d);
-            scalar_t* dhi = dh_p + i * P;
-            for (int64_t p = p0; p < p1; ++p) dhi[p] += go[p];
-            std::copy(dhi + p0, dhi + p1, buf.dhs + pos * P + p0);
-            std::copy(prev_of(s, t, i) + p0, prev_of(s, t, i) + p1, buf.hprev + pos * P + p0);
-          }
-        }
-#pragma omp barrier
-      }
-      for (int64_t k = tid; k < parts; k += nth) {  // the gate pass of the own units
-        const auto [u0, u1] = slice_of(H, parts, k);
-        const int64_t Hs = u1 - u0;
-        if (proj) {  // (B) dh'[:, u0:u1] = dh_state W_hr[:, u0:u1]
-          backward_step_gemm(n, Hs, P, dh_p, P, panels_r[k].const_data_ptr<scalar_t>(), Hs,
-                             dhp_p + u0, H, false);
-        }
+  }
+  for (int64_t s = sched.max_len - 1; s >= 0; --s) {
+    const int64_t n = sched.active[s];
+    if (n == 0) continue;  // the same for every thread
+    scalar_t* dg = dgh_in_dgx ? buf.dgx + sched.offset[s] * DG + d * G
+                              : dgbuf_p + (proj ? 0 : s % 2) * dims.B * G;
+    const int64_t ld = dgh_in_dgx ? DG : G;
+    if (proj) {  // (A) dh_state = dh + grad_output, kept for dW_hr; h_prev
+      for (int64_t k = tid; k < parts; k += nth) {
+        const auto [p0, p1] = slice_of(P, parts, k);
         for (int64_t i = 0; i < n; ++i) {
           const int64_t t = step_time(d, sched.len[i], s);
           const int64_t pos = args.gx_rows.row(t, i);
-          BackwardRow<scalar_t> row;
-          row.dh = (proj ? dhp_p : dh_p) + i * H + u0;
-          row.go = proj ? nullptr : go_p + output_offset(args, t, i, d) + u0;
-          row.dc = Cell::kHasC ? dc_p + i * H + u0 : nullptr;
-          row.prev = prev_of(s, t, i) + u0;
-          row.ws = ws_p + (sched.offset[s] + i) * S + u0;
-          row.dgx = buf.dgx + pos * DG + d * G + u0;
-          row.dgh = kDiffer ? dg + i * ld + u0 : nullptr;
-          row.dghn = kDiffer ? buf.dghn + pos * H + u0 : nullptr;
-          row.hout = proj ? buf.hout + pos * H + u0 : nullptr;
-          backward_units(Cell{}, row, Hs, H);
-          if (!kDiffer && !dgh_in_dgx) {
-            for (int64_t g = 0; g < Cell::kGates; ++g) {
-              std::copy_n(row.dgx + g * H, Hs, dg + i * ld + g * H + u0);
-            }
-          }
+          const scalar_t* go = go_p + output_offset(args, t, i, d);
+          scalar_t* dhi = dh_p + i * P;
+          for (int64_t p = p0; p < p1; ++p) dhi[p] += go[p];
+          std::copy(dhi + p0, dhi + p1, buf.dhs + pos * P + p0);
+          std::copy(prev_of(s, t, i) + p0, prev_of(s, t, i) + p1, buf.hprev + pos * P + p0);
         }
       }
-#pragma omp barrier
-      for (int64_t k = tid; k < parts; k += nth) {  // dh_prev[:, own columns] = dG W_hh[:, own]
-        const auto [p0, p1] = slice_of(P, parts, k);
-        // kReadsHPrev: the gate pass left the direct part in dh (accumulate).
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          if (kernel) {
-            if (p1 > p0) small_gemm(n, dg, ld, packed[k], dh_p + p0, P, Cell::kReadsHPrev);
-            continue;
+      team.sync();
+    }
+    for (int64_t k = tid; k < parts; k += nth) {  // the gate pass of the own units
+      const auto [u0, u1] = slice_of(H, parts, k);
+      const int64_t Hs = u1 - u0;
+      if (proj) {  // (B) dh'[:, u0:u1] = dh_state W_hr[:, u0:u1]
+        backward_step_gemm(n, Hs, P, dh_p, P, panels_r_[k].const_data_ptr<scalar_t>(), Hs,
+                           dhp_p + u0, H, false);
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t t = step_time(d, sched.len[i], s);
+        const int64_t pos = args.gx_rows.row(t, i);
+        BackwardRow<scalar_t> row;
+        row.dh = (proj ? dhp_p : dh_p) + i * H + u0;
+        row.go = proj ? nullptr : go_p + output_offset(args, t, i, d) + u0;
+        row.dc = Cell::kHasC ? dc_p + i * H + u0 : nullptr;
+        row.prev = prev_of(s, t, i) + u0;
+        row.ws = ws_p + (sched.offset[s] + i) * S + u0;
+        row.dgx = buf.dgx + pos * DG + d * G + u0;
+        row.dgh = kDiffer ? dg + i * ld + u0 : nullptr;
+        row.dghn = kDiffer ? buf.dghn + pos * H + u0 : nullptr;
+        row.hout = proj ? buf.hout + pos * H + u0 : nullptr;
+        backward_units(Cell{}, row, Hs, H);
+        if (!kDiffer && !dgh_in_dgx) {
+          for (int64_t g = 0; g < Cell::kGates; ++g) {
+            std::copy_n(row.dgx + g * H, Hs, dg + i * ld + g * H + u0);
           }
         }
-        backward_step_gemm(n, p1 - p0, G, dg, ld, panels[k].const_data_ptr<scalar_t>(), p1 - p0,
-                           dh_p + p0, P, Cell::kReadsHPrev);
       }
     }
+    team.sync();
+    for (int64_t k = tid; k < parts; k += nth) {  // dh_prev[:, own columns] = dG W_hh[:, own]
+      const auto [p0, p1] = slice_of(P, parts, k);
+      // kReadsHPrev: the gate pass left the direct part in dh (accumulate).
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (kernel) {
+          if (p1 > p0) small_gemm(n, dg, ld, packed_[k], dh_p + p0, P, Cell::kReadsHPrev);
+          continue;
+        }
+      }
+      backward_step_gemm(n, p1 - p0, G, dg, ld, panels_[k].const_data_ptr<scalar_t>(), p1 - p0,
+                         dh_p + p0, P, Cell::kReadsHPrev);
+    }
   }
+}
+
+// Direction d's step loop on all threads (the directions in turn).
+template <typename Cell, typename scalar_t>
+void split_backward(BackwardArgs& args, int64_t d, const BackwardBuffers<scalar_t>& buf,
+                    bool dgh_in_dgx, at::Tensor& dh, at::Tensor& dc) {
+  const int64_t threads = at::get_num_threads();
+  SplitBackward<Cell, scalar_t> loop(args, d, buf, dgh_in_dgx, dh, dc, threads);
+  run_teams({team_parts(args.dims.H, threads)}, [&](int64_t, const Team& team) { loop.run(team); });
+}
+
+// Both directions' step loops at once, each on its half of the threads
+// (direction_halves); the arguments are split_backward's per direction
+// (buf[d]: direction d's buffers; dG is dgx for d = 0 only, if dgh_in_dgx).
+template <typename Cell, typename scalar_t>
+void concurrent_backward(BackwardArgs& args, const BackwardBuffers<scalar_t>* buf, bool dgh_in_dgx,
+                         at::Tensor* dh, at::Tensor* dc) {
+  const std::vector<int64_t> halves = direction_halves();
+  SplitBackward<Cell, scalar_t> loop0(args, 0, buf[0], dgh_in_dgx, dh[0], dc[0], halves[0]);
+  SplitBackward<Cell, scalar_t> loop1(args, 1, buf[1], false, dh[1], dc[1], halves[1]);
+  run_teams(halves, [&](int64_t g, const Team& team) { (g == 0 ? loop0 : loop1).run(team); });
 }
 
 }  // namespace cpu
