@@ -189,7 +189,7 @@ void backward_impl(BackwardArgs& args) {
   at::Tensor dgx = at::empty({N, DG}, opts);                                 // [N, D*G*H]
   at::Tensor dghn = kDiffer ? at::empty({held, N, H}, opts) : at::Tensor();  // [held, N, H]
   at::Tensor hprev = proj ? at::empty({held, N, P}, opts) : at::Tensor();    // [held, N, P]
-  at::Tensor dhs = proj ? at::empty({held, N, P}, opts) : at::Tensor();  // [held, N, P] dh_state
+  at::Tensor dhs = proj ? at::empty({held, N, P}, opts) : at::Tensor();   // [held, N, P] dh_state
   at::Tensor hout = proj ? at::empty({held, N, H}, opts) : at::Tensor();  // [held, N, H] h'
   // The per-step loop's step buffers (the split loop has its own).
   const bool need_dgh = !split && !(dgx_in_place && dims.D == 1);
@@ -235,7 +235,7 @@ void backward_impl(BackwardArgs& args) {
   };
 
   if (loops == StepLoops::kConcurrent) {  // cpu/split_backward.h
-    at::Tensor dh[2], dc[2];                // [B, P], [B, H] sorted order
+    at::Tensor dh[2], dc[2];              // [B, P], [B, H] sorted order
     for (int64_t d = 0; d < 2; ++d) {
       dh[d] = args.grad_h_n[d].index_select(0, perm);
       if (Cell::kHasC) dc[d] = args.grad_c_n[d].index_select(0, perm);

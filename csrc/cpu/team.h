@@ -211,8 +211,9 @@ void run_teams(const std::vector<int64_t>& sizes, const Body& body) {
   std::mutex error_mutex;
   auto run_one = [&](int64_t tid, int64_t g, const Team& team) {
     try {
-      if (tid == fault) throw std::runtime_error("VARLEN_RNN_CPU_TEAM_FAULT: thread " +
-                                                 std::to_string(tid) + " failed on purpose");
+      if (tid == fault)
+        throw std::runtime_error("VARLEN_RNN_CPU_TEAM_FAULT: thread " + std::to_string(tid) +
+                                 " failed on purpose");
       body(g, team);
     } catch (const TeamAborted&) {
     } catch (...) {
