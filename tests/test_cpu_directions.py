@@ -18,6 +18,8 @@ import torch
 from test_cpu_split_backward import CELLS, LAYOUTS, grads, make_input, make_weights, op_fn, ref_fn
 from test_cpu_split_backward import run as run_layer
 
+import varlen_rnn
+
 TIGHT = dict(atol=1e-10, rtol=1e-10)
 LENGTHS = [5, 1, 3, 7, 2, 7, 4]  # unsorted, ties, no zero length (the packed layout has none)
 
@@ -154,10 +156,12 @@ def test_a_failing_thread_raises_and_the_next_call_runs(monkeypatch, threads, ce
         assert_all_equal(outputs_and_grads(monkeypatch, directions, cell, w, x, index, bf), want, k)
 
 
-# Run in a fresh process: OMP_THREAD_LIMIT is read when OpenMP starts.
+# Run in a fresh process: OMP_THREAD_LIMIT is read when OpenMP starts. It imports the
+# varlen_rnn this process imported (installed, or an in-place build), never by accident the
+# source tree without its compiled ops.
 LIMITED = """
 import sys, torch
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{package_root!r}, {tests!r}]
 torch.set_num_threads(4)
 from test_cpu_split_backward import grads, make_input, make_weights, op_fn, ref_fn
 w = make_weights({cell!r}, 2, 7)
@@ -175,11 +179,12 @@ def test_fewer_threads_than_asked(cell, limit):
     """OpenMP grants fewer threads than the halves ask for (OMP_THREAD_LIMIT under 4 threads):
     with 3 the two teams share them out, with 1 one thread runs both directions in turn."""
     tests = os.path.dirname(os.path.abspath(__file__))
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(varlen_rnn.__file__)))
     env = dict(os.environ, OMP_THREAD_LIMIT=str(limit), VARLEN_RNN_CPU_DIRECTIONS="concurrent")
     env.pop("VARLEN_RNN_CPU_STEPS", None)
     proc = subprocess.run(
-        [sys.executable, "-c", LIMITED.format(tests=tests, cell=cell)],
-        cwd=os.path.dirname(tests),
+        [sys.executable, "-c", LIMITED.format(package_root=package_root, tests=tests, cell=cell)],
+        cwd=tests,
         env=env,
         capture_output=True,
         text=True,
