@@ -88,9 +88,11 @@ void forward_impl(ForwardArgs& args) {
     // One direction at a time: half the memory of both projections at once.
     const at::Tensor gx = projection(d);  // [N, G*H]
     if (d == dims.D - 1) xp.reset();
-    const at::Tensor w_hh_t = args.w_hh[d].t().contiguous();                        // [P, G*H]
-    const at::Tensor w_hr_t = proj ? args.w_hr[d].t().contiguous() : at::Tensor();  // [H, P]
-    at::Tensor h = args.hx[d].index_select(0, perm);  // [B, P] sorted order
+    // The per-step GEMM loop's right operands (the split loop packs its own panels).
+    const at::Tensor w_hh_t = gemm_loop ? args.w_hh[d].t().contiguous() : at::Tensor();  // [P, G*H]
+    const at::Tensor w_hr_t =
+        gemm_loop && proj ? args.w_hr[d].t().contiguous() : at::Tensor();  // [H, P]
+    at::Tensor h = args.hx[d].index_select(0, perm);                       // [B, P] sorted order
     at::Tensor c = Cell::kHasC ? args.cx[d].index_select(0, perm) : at::Tensor();  // [B, H]
     const scalar_t* gx_p = gx.const_data_ptr<scalar_t>();
     const scalar_t* bh_p = b_hh.const_data_ptr<scalar_t>() + d * G;
