@@ -3,6 +3,8 @@
     python benchmarks/bench.py --preset quick                 # about a minute on a 2-core CPU
     python benchmarks/bench.py --preset cpu-targets           # the three CPU target configs, 2 threads,
                                                               # for GRU, LSTM and RNN (--cell: one)
+    python benchmarks/bench.py --preset cpu-full              # the same at full length: bfloat16
+                                                              # and float32 vs nn.X without lengths
     python benchmarks/bench.py --preset gpu --device cuda     # the CUDA grid (training fp32/bf16, inference)
     python benchmarks/bench.py --preset full [--device cuda]  # the whole grid
     python benchmarks/bench.py --preset ragged                # issue 10: nested/PackedSequence input, memory
@@ -33,6 +35,7 @@ import torch  # noqa: E402
 from bench_cases import (  # noqa: E402
     CELLS,
     DISTRIBUTIONS,
+    MODES,
     RAGGED,
     Bench,
     Case,
@@ -48,6 +51,7 @@ EFFORT = {
     "full": dict(rounds=3, min_run_time=0.2, warmup=2),
     "gpu": dict(rounds=2, min_run_time=0.1, warmup=2),
     "ragged": dict(rounds=3, min_run_time=0.3, warmup=1),
+    "cpu-full": dict(rounds=3, min_run_time=0.3, warmup=2),
 }
 
 
@@ -67,6 +71,30 @@ def preset_cases(preset: str, device: str) -> list[Case]:
                 (16, 200, 256, 512, 1, False),
                 (128, 50, 128, 128, 2, True),
             )
+        ]
+    if preset == "cpu-full":
+        # The cpu-targets shapes with every sequence at full length, where nn.X without lengths
+        # ("padded") is correct and the competitor a user swapping modules compares with:
+        # bfloat16 (the CPU's matrix units) both modes, float32 inference.
+        shapes = ((64, 100, 256, 256, 1, False), (16, 200, 256, 512, 1, False))
+        shapes += ((128, 50, 128, 128, 2, True),)
+        return [
+            Case(
+                B=B,
+                T=T,
+                I=I,
+                H=H,
+                layers=L,
+                bidirectional=bi,
+                dist="full",
+                dtype=dtype,
+                device=device,
+                cell=cell,
+                modes=modes,
+            )
+            for dtype, modes in (("bfloat16", MODES), ("float32", ("infer",)))
+            for cell in CELLS
+            for B, T, I, H, L, bi in shapes
         ]
     if preset == "gpu":
         # Issue 12's grid: training step at T=256, lengths uniform in [1, T], float32 and bfloat16,
@@ -282,7 +310,9 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if args.preset == "gpu" else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
-    threads = args.threads or (2 if args.preset == "cpu-targets" else torch.get_num_threads())
+    threads = args.threads or (
+        2 if args.preset in ("cpu-targets", "cpu-full") else torch.get_num_threads()
+    )
     torch.set_num_threads(threads)
     budget = (
         args.time_budget

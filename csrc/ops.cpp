@@ -155,4 +155,9 @@ TORCH_LIBRARY(varlen_rnn, m) {
   m.def(
       "_small_gemm(Tensor a, Tensor b, Tensor? c, str kernel, int repeats=1) -> "
       "Tensor");
+  // Tests only: a [m, K] bfloat16 @ b [K, N] float32 rounded to bfloat16,
+  // accumulated in float32 (cpu/bf16_gemm.h), on one thread (+ c [m, N] when
+  // given) or on all (parallel, + bias [N] on every row when given). Returns
+  // [m + 1, N + 5] float32: the result in [:m, :N], NaN elsewhere.
+  m.def("_bf16_gemm(Tensor a, Tensor b, Tensor? c, Tensor? bias, bool parallel) -> Tensor");
 }

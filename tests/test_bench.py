@@ -146,6 +146,16 @@ def test_cpu_targets_preset_has_the_three_shapes_for_every_cell():
     assert cases[0].name() == "B=64 T=100 I=256 H=256 L=1 uniform float32"
 
 
+def test_cpu_full_preset_is_cpu_targets_at_full_length():
+    targets = bench.preset_cases("cpu-targets", "cpu")
+    full = bench.preset_cases("cpu-full", "cpu")
+    shape = lambda c: (c.cell, c.B, c.T, c.I, c.H, c.layers, c.bidirectional)  # noqa: E731
+    for dtype, modes in (("bfloat16", ("infer", "train")), ("float32", ("infer",))):
+        mine = [c for c in full if c.dtype == dtype]
+        assert [shape(c) for c in mine] == [shape(c) for c in targets]
+        assert all(c.dist == "full" and c.modes == modes for c in mine)
+
+
 def test_perf_profile_report_is_parsed_and_grouped():
     """bench_perf.py's reading of `perf report --stdio --sort dso,sym` (the profile itself needs
     perf and an idle machine: it is a benchmark, not a test)."""

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "cpu/bf16_gemm.h"
 #include "cpu/schedule.h"
 #include "layer.h"
 #include "layout.h"
@@ -27,8 +28,13 @@ struct ForwardArgs {
   // buffers over positions (gx, dgx, hprev, ...); out_rows: of output's
   // [rows, D*P] view. They point into sched (ForwardArgs is never copied).
   RowMap gx_rows, out_rows;
-  at::Tensor gather;                     // padded: [N] input2d row of each position; ragged: none
-  at::Tensor input2d;                    // [T*B, I] (or [B*T, I] if batch_first); ragged [N, I]
+  at::Tensor gather;  // padded: [N] input2d row of each position; ragged: none
+  // [T*B, I] (or [B*T, I] if batch_first); ragged [N, I]. In the op-math
+  // dtype, but bfloat16 as given where bf16 is set.
+  at::Tensor input2d;
+  // The forward's input projection and per-step W_hh product take bfloat16
+  // operands (cpu/bf16_gemm.h; bf16_gemm_for says where).
+  bool bf16 = false;
   at::Tensor hx;                         // [D, B, P]
   at::Tensor cx;                         // [D, B, H] for a cell with c (LSTM), else undefined
   at::Tensor w_ih;                       // [D, G*H, I]
@@ -39,6 +45,9 @@ struct ForwardArgs {
   at::Tensor h_n;                        // [D, B, P]; the backward needs none
   at::Tensor c_n;                        // [D, B, H] (LSTM); the backward needs none
   at::Tensor workspace;                  // [D, N, S*H] saved values; [0] in inference
+
+  // The op-math tensors' options (hx's: input2d may be bfloat16).
+  at::TensorOptions opts() const { return hx.options(); }
 };
 
 struct BackwardArgs : ForwardArgs {
@@ -86,10 +95,18 @@ inline void set_weight_args(ForwardArgs& args, const WeightInputs& w) {
   if (w.b_hh->has_value()) args.b_hh = opmath_contiguous(**w.b_hh);
 }
 
+// The input as the layer reads it: bfloat16 as given for the bfloat16
+// products (set with forward: the backward runs in the op-math dtype).
+inline void set_input(ForwardArgs& args, const at::Tensor& input, bool forward) {
+  args.bf16 = forward && bf16_gemm_for(input.scalar_type(), args.dims.I, args.dims.P);
+  args.input2d = args.bf16 ? input.contiguous() : opmath_contiguous(input);
+}
+
 // Checks the padded layer's arguments (shapes as in ops.cpp's schemas) and
-// fills the fields both passes read.
+// fills the fields both passes read; forward: the forward op's.
 inline void set_layer_args(ForwardArgs& args, const CellArgs& cell, const at::Tensor& input,
-                           const at::Tensor& lengths, const WeightInputs& w, bool batch_first) {
+                           const at::Tensor& lengths, const WeightInputs& w, bool batch_first,
+                           bool forward) {
   args.dims = check_layer_args(input, lengths, *w.hx, *w.w_ih, *w.w_hh, *w.b_ih, *w.b_hh,
                                batch_first, cell);
   args.sched = make_schedule(lengths, args.dims.T);
@@ -98,15 +115,16 @@ inline void set_layer_args(ForwardArgs& args, const CellArgs& cell, const at::Te
   args.gx_rows = packed_map(args.sched.offset.data(), nullptr);
   args.out_rows = padded_map(batch_first, dims.T, dims.B, args.sched.perm.data());
   args.gather = packed_rows(args.sched, args.out_rows);
-  args.input2d = opmath_contiguous(input).view({-1, dims.I});
   set_weight_args(args, w);
+  set_input(args, input, forward);
+  args.input2d = args.input2d.view({-1, dims.I});
 }
 
 // The ragged ops' version; returns the dims with N and the layout.
 inline RaggedDims set_ragged_args(ForwardArgs& args, const CellArgs& cell, const at::Tensor& input,
                                   const at::Tensor& seq_index,
                                   const std::optional<at::Tensor>& sorted_indices, int64_t layout,
-                                  int64_t max_len, const WeightInputs& w) {
+                                  int64_t max_len, const WeightInputs& w, bool forward) {
   const RaggedDims dims = check_ragged_args(input, seq_index, sorted_indices, layout, max_len,
                                             *w.hx, *w.w_ih, *w.w_hh, *w.b_ih, *w.b_hh, cell);
   args.dims = dims;
@@ -116,8 +134,8 @@ inline RaggedDims set_ragged_args(ForwardArgs& args, const CellArgs& cell, const
                      ? offsets_map(args.sched.seq_offsets.data(), args.sched.perm.data())
                      : packed_map(args.sched.offset.data(), nullptr);
   args.out_rows = args.gx_rows;
-  args.input2d = opmath_contiguous(input);
   set_weight_args(args, w);
+  set_input(args, input, forward);
   return dims;
 }
 

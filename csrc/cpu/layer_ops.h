@@ -34,12 +34,12 @@ struct BackwardResult {
 template <typename Cell>
 ForwardResult run_forward(ForwardArgs& args, at::ScalarType dtype, bool need_workspace) {
   const LayerDims& dims = args.dims;
-  const auto opts = args.input2d.options();
+  const auto opts = args.opts();
   args.h_n = at::empty({dims.D, dims.B, dims.P}, opts);
   if (Cell::kHasC) args.c_n = at::empty({dims.D, dims.B, dims.H}, opts);
   args.workspace = need_workspace ? at::empty({dims.D, args.sched.N(), Cell::kSaved * dims.H}, opts)
                                   : at::empty({0}, opts);
-  AT_DISPATCH_FLOATING_TYPES(args.input2d.scalar_type(), "varlen_rnn_layer_forward_cpu",
+  AT_DISPATCH_FLOATING_TYPES(args.hx.scalar_type(), "varlen_rnn_layer_forward_cpu",
                              [&] { forward_impl<Cell, scalar_t>(args); });
   return {args.output.to(dtype), args.h_n.to(dtype),
           Cell::kHasC ? args.c_n.to(dtype) : at::Tensor(), args.workspace};
@@ -58,7 +58,7 @@ BackwardResult run_backward(BackwardArgs& args, const at::Tensor& input,
   if (Cell::kHasC) args.grad_c_n = opmath_contiguous(*grad_c_n);
   args.output = opmath_contiguous(output);
   args.workspace = workspace.contiguous();
-  const auto opts = args.input2d.options();
+  const auto opts = args.opts();
   args.grad_hx = at::empty({D, B, P}, opts);
   if (Cell::kHasC) args.grad_cx = at::empty({D, B, H}, opts);
   args.grad_w_ih = at::empty({D, G, dims.I}, opts);
@@ -66,7 +66,7 @@ BackwardResult run_backward(BackwardArgs& args, const at::Tensor& input,
   args.grad_b_ih = at::empty({D, G}, opts);
   args.grad_b_hh = at::empty({D, G}, opts);
   args.grad_w_hr = args.w_hr.defined() ? at::empty({D, P, H}, opts) : at::empty({0}, opts);
-  AT_DISPATCH_FLOATING_TYPES(args.input2d.scalar_type(), "varlen_rnn_layer_backward_cpu",
+  AT_DISPATCH_FLOATING_TYPES(args.hx.scalar_type(), "varlen_rnn_layer_backward_cpu",
                              [&] { backward_impl<Cell, scalar_t>(args); });
   const auto dtype = input.scalar_type();
   return {args.grad_input2d.view(input.sizes()).to(dtype),
@@ -86,9 +86,9 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& lengths,
                             const WeightInputs& w, bool batch_first, bool need_workspace) {
   const NoAutocastGuard no_autocast;
   ForwardArgs args;
-  set_layer_args(args, CellArgs::of<Cell>(w.cx, w.w_hr), input, lengths, w, batch_first);
+  set_layer_args(args, CellArgs::of<Cell>(w.cx, w.w_hr), input, lengths, w, batch_first, true);
   const LayerDims& dims = args.dims;
-  args.output = at::empty(dims.output_sizes(), args.input2d.options());
+  args.output = at::empty(dims.output_sizes(), args.opts());
   args.output.view({-1, dims.D * dims.P})
       .index_fill_(0, padding_rows(args.sched, args.out_rows, dims.T), 0);
   return run_forward<Cell>(args, input.scalar_type(), need_workspace);
@@ -103,7 +103,7 @@ BackwardResult layer_backward(const at::Tensor& grad_output, const at::Tensor& g
                               bool batch_first) {
   const NoAutocastGuard no_autocast;
   BackwardArgs args;
-  set_layer_args(args, CellArgs::of<Cell>(w.cx, w.w_hr), input, lengths, w, batch_first);
+  set_layer_args(args, CellArgs::of<Cell>(w.cx, w.w_hr), input, lengths, w, batch_first, false);
   check_backward_args(args.dims, input, grad_output, grad_h_n, output, workspace, args.sched.N(),
                       grad_c_n);
   return run_backward<Cell>(args, input, grad_output, grad_h_n, grad_c_n, output, workspace);
@@ -117,8 +117,8 @@ ForwardResult ragged_forward(const at::Tensor& input, const at::Tensor& seq_inde
   const NoAutocastGuard no_autocast;
   ForwardArgs args;
   const RaggedDims dims = set_ragged_args(args, CellArgs::of<Cell>(w.cx, w.w_hr), input, seq_index,
-                                          sorted_indices, layout, max_len, w);
-  args.output = at::empty(dims.output_sizes(), args.input2d.options());
+                                          sorted_indices, layout, max_len, w, true);
+  args.output = at::empty(dims.output_sizes(), args.opts());
   return run_forward<Cell>(args, input.scalar_type(), need_workspace);
 }
 
@@ -132,7 +132,7 @@ BackwardResult ragged_backward(const at::Tensor& grad_output, const at::Tensor& 
   const NoAutocastGuard no_autocast;
   BackwardArgs args;
   const RaggedDims dims = set_ragged_args(args, CellArgs::of<Cell>(w.cx, w.w_hr), input, seq_index,
-                                          sorted_indices, layout, max_len, w);
+                                          sorted_indices, layout, max_len, w, false);
   check_backward_args(dims, input, grad_output, grad_h_n, output, workspace, dims.N, grad_c_n);
   return run_backward<Cell>(args, input, grad_output, grad_h_n, grad_c_n, output, workspace);
 }

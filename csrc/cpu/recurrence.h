@@ -22,7 +22,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
+#include "cpu/bf16_gemm.h"
 #include "cpu/layer_args.h"
 #include "cpu/rows.h"
 #include "cpu/split_backward.h"
@@ -39,8 +41,8 @@ void forward_impl(ForwardArgs& args) {
   const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H, S = Cell::kSaved * H;
   const int64_t N = sched.N();
   const bool proj = args.w_hr.defined();
-  const auto opts = args.input2d.options();
-  at::Tensor xp = projection_input(args);  // [N, I]
+  const auto opts = args.opts();
+  at::Tensor xp = projection_input(args);  // [N, I] (bfloat16 where args.bf16)
   const at::Tensor perm = perm_tensor(sched);
   const StepLoops loops = step_loops(dims, sizeof(scalar_t));
   const bool gemm_loop = loops == StepLoops::kGemm;
@@ -60,6 +62,17 @@ void forward_impl(ForwardArgs& args) {
   // faster on a contiguous [K, N] right operand than on a transposed view
   // (measured, MKL).
   auto projection = [&](int64_t d) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (args.bf16) {                      // cpu/bf16_gemm.h: b[i, j] = w_ih[d][j, i]
+        const at::Tensor w = args.w_ih[d];  // [G*H, I]
+        const PackedB16 b = pack_b16(dims.I, G, w.const_data_ptr<float>(), 1, dims.I);
+        at::Tensor gx = at::empty({N, G}, opts);
+        const float* bias = args.b_ih ? (*args.b_ih)[d].const_data_ptr<float>() : nullptr;
+        bf16_gemm_parallel(N, xp.const_data_ptr<at::BFloat16>(), dims.I, b, gx.data_ptr<float>(), G,
+                           bias);
+        return gx;
+      }
+    }
     const at::Tensor w_ih_t = args.w_ih[d].t().contiguous();  // [I, G*H]
     return args.b_ih ? at::addmm((*args.b_ih)[d], xp, w_ih_t) : at::mm(xp, w_ih_t);
   };
@@ -88,8 +101,14 @@ void forward_impl(ForwardArgs& args) {
     // One direction at a time: half the memory of both projections at once.
     const at::Tensor gx = projection(d);  // [N, G*H]
     if (d == dims.D - 1) xp.reset();
-    // The per-step GEMM loop's right operands (the split loop packs its own panels).
-    const at::Tensor w_hh_t = gemm_loop ? args.w_hh[d].t().contiguous() : at::Tensor();  // [P, G*H]
+    // The per-step GEMM loop's right operands (the split loop packs its own
+    // panels); with args.bf16 W_hh^T packed and h rounded for each step.
+    const bool bf16 = gemm_loop && args.bf16;
+    const at::Tensor w_hh_t =
+        gemm_loop && !bf16 ? args.w_hh[d].t().contiguous() : at::Tensor();  // [P, G*H]
+    const PackedB16 w_hh16 =
+        bf16 ? pack_b16(P, G, args.w_hh[d].const_data_ptr<float>(), 1, P) : PackedB16{};
+    at::Tensor hb = bf16 ? at::empty({dims.B, P}, opts.dtype(at::kBFloat16)) : at::Tensor();
     const at::Tensor w_hr_t =
         gemm_loop && proj ? args.w_hr[d].t().contiguous() : at::Tensor();  // [H, P]
     at::Tensor h = args.hx[d].index_select(0, perm);                       // [B, P] sorted order
@@ -105,7 +124,14 @@ void forward_impl(ForwardArgs& args) {
     for (int64_t s = 0; s < (gemm_loop ? sched.max_len : 0); ++s) {
       const int64_t n = sched.active[s];
       at::Tensor gh_s = gh.narrow(0, 0, n);
-      at::mm_out(gh_s, h.narrow(0, 0, n), w_hh_t);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (bf16) {
+          hb.narrow(0, 0, n).copy_(h.narrow(0, 0, n));
+          bf16_gemm_parallel(n, hb.const_data_ptr<at::BFloat16>(), P, w_hh16, gh.data_ptr<float>(),
+                             G, nullptr);
+        }
+      }
+      if (!bf16) at::mm_out(gh_s, h.narrow(0, 0, n), w_hh_t);
       at::parallel_for(0, n, row_grain(H), [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t t = step_time(d, sched.len[i], s);
@@ -176,7 +202,7 @@ void backward_impl(BackwardArgs& args) {
   // fills a step buffer. Positions are numbered by time, so only the forward
   // direction's steps are consecutive.
   const bool dgx_in_place = !kDiffer && steps_are_contiguous(args);
-  const auto opts = args.input2d.options();
+  const auto opts = args.opts();
   const at::Tensor perm = perm_tensor(sched);
   // Buffers over the N valid positions (gx_rows' order), so the weight
   // gradients are GEMMs over exactly the valid positions. Only the per-step

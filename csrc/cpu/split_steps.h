@@ -32,6 +32,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/bf16_gemm.h"
 #include "cpu/layer_args.h"
 #include "cpu/rows.h"
 #include "cpu/small_gemm.h"
@@ -60,13 +61,18 @@ class SplitSteps {
     // instead of the BLAS: each slice's panel is then packed once per call
     // from its [G*Hs, P] rows of W_hh, by the thread that uses it (so it
     // lands in that core's cache).
-    kernel_ = std::is_same_v<scalar_t, float> && use_small_gemm();
+    // With args.bf16 the product takes bfloat16 operands (cpu/bf16_gemm.h):
+    // the panels packed for it the same way, and h rounded into hb_ as the
+    // gate pass (or the projection) writes it.
+    bf16_ = std::is_same_v<scalar_t, float> && args.bf16;
+    kernel_ = !bf16_ && std::is_same_v<scalar_t, float> && use_small_gemm();
     packed_.resize(kernel_ ? parts_ : 0);
+    packed16_.resize(bf16_ ? parts_ : 0);
     const at::Tensor w3 = args.w_hh[d].view({Cell::kGates, H, P});
     for (int64_t k = 0; k < parts_; ++k) {
       const auto [u0, u1] = slice_of(H, parts_, k);
       const at::Tensor rows = w3.narrow(1, u0, u1 - u0).reshape({-1, P});  // [G*Hs, P]
-      panels_.push_back(kernel_ ? rows : rows.t().contiguous());
+      panels_.push_back(kernel_ || bf16_ ? rows : rows.t().contiguous());
       gh_.push_back(at::empty({args.dims.B, rows.size(0)}, opts));
     }
     proj_ = args.w_hr.defined();
@@ -83,6 +89,11 @@ class SplitSteps {
     hbuf_[0] = h_p;
     hbuf_[1] = proj_ ? h_p : h2_.data_ptr<scalar_t>();
     c_p_ = Cell::kHasC ? c.data_ptr<scalar_t>() : nullptr;
+    if (bf16_) {  // [B, P] each: h0 rounded, then what the steps write
+      hb_store_[0] = h.to(at::kBFloat16);
+      hb_store_[1] = proj_ ? hb_store_[0] : at::empty_like(hb_store_[0]);
+      for (int k = 0; k < 2; ++k) hb_[k] = hb_store_[k].data_ptr<at::BFloat16>();
+    }
   }
 
   void run(const Team& team);
@@ -102,9 +113,13 @@ class SplitSteps {
   const scalar_t *const gx_p_, *const bh_p_;
   scalar_t* const ws_p_;
   int64_t parts_ = 1;
-  bool kernel_ = false, proj_ = false;
-  std::vector<at::Tensor> panels_, gh_;  // [P, G*Hs] ([G*Hs, P] for the kernel), [B, G*Hs]
+  bool kernel_ = false, proj_ = false, bf16_ = false;
+  // [P, G*Hs] ([G*Hs, P] for the kernel and bf16), [B, G*Hs]
+  std::vector<at::Tensor> panels_, gh_;
   std::vector<PackedB> packed_;
+  std::vector<PackedB16> packed16_;
+  at::Tensor hb_store_[2];  // [B, P] bfloat16 h, ping-ponging like hbuf_ (one with proj)
+  at::BFloat16* hb_[2] = {nullptr, nullptr};
   at::Tensor w_hr_t_, hraw_, h2_;  // [H, P], [B, H], [B, P]
   scalar_t* hbuf_[2] = {nullptr, nullptr};
   scalar_t* c_p_ = nullptr;
@@ -116,7 +131,7 @@ void SplitSteps<Cell, scalar_t>::run(const Team& team) {
   const Schedule& sched = args_.sched;
   const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H, S = Cell::kSaved * H;
   const int64_t d = d_, parts = parts_, tid = team.rank, nth = team.size;
-  const bool proj = proj_, kernel = kernel_;
+  const bool proj = proj_, kernel = kernel_, bf16 = bf16_;
   scalar_t* h_p = hbuf_[0];
   scalar_t* hraw_p = proj ? hraw_.data_ptr<scalar_t>() : nullptr;
   const scalar_t* wr_p = proj ? w_hr_t_.const_data_ptr<scalar_t>() : nullptr;
@@ -125,6 +140,10 @@ void SplitSteps<Cell, scalar_t>::run(const Team& team) {
     for (int64_t k = tid; k < (kernel ? parts : 0); k += nth) {
       const int64_t cols = panels_[k].size(0);  // G*Hs; b[p, col] = rows[col, p]
       packed_[k] = pack_b(P, cols, panels_[k].const_data_ptr<float>(), 1, P);
+    }
+    for (int64_t k = tid; k < (bf16 ? parts : 0); k += nth) {
+      const int64_t cols = panels_[k].size(0);
+      packed16_[k] = pack_b16(P, cols, panels_[k].const_data_ptr<float>(), 1, P);
     }
   }
   for (int64_t s = 0; s < sched.max_len; ++s) {
@@ -138,8 +157,10 @@ void SplitSteps<Cell, scalar_t>::run(const Team& team) {
       scalar_t* ghk = gh_[k].data_ptr<scalar_t>();
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (kernel) small_gemm(n, h_cur, P, packed_[k], ghk, ld, false);
+        if (bf16) bf16_gemm(n, hb_[s % 2], P, packed16_[k], ghk, ld, false);
       }
-      if (!kernel) gemm_rm(n, ld, P, h_cur, P, panels_[k].const_data_ptr<scalar_t>(), ld, ghk, ld);
+      if (!kernel && !bf16)
+        gemm_rm(n, ld, P, h_cur, P, panels_[k].const_data_ptr<scalar_t>(), ld, ghk, ld);
       for (int64_t i = 0; i < n; ++i) {
         const int64_t t = step_time(d, sched.len[i], s);
         scalar_t* hi = (proj ? hraw_p : h_next) + i * H + u0;
@@ -154,6 +175,7 @@ void SplitSteps<Cell, scalar_t>::run(const Team& team) {
         row.c = Cell::kHasC ? c_p_ + i * H + u0 : nullptr;
         row.ws = ws_p_ ? ws_p_ + (sched.offset[s] + i) * S + u0 : nullptr;
         forward_units(Cell{}, row, Hs, H, Hs);
+        if (bf16 && !proj) round_bf16(hi, Hs, hb_[(s + 1) % 2] + i * P + u0);
       }
     }
     team.sync();
@@ -165,11 +187,13 @@ void SplitSteps<Cell, scalar_t>::run(const Team& team) {
         for (int64_t i = 0; i < n; ++i) {
           const int64_t t = step_time(d, sched.len[i], s);
           std::copy_n(h_p + i * P + p0, p1 - p0, out_p + output_offset(args_, t, i, d) + p0);
+          if (bf16) round_bf16(h_p + i * P + p0, p1 - p0, hb_[0] + i * P + p0);
         }
       }
       team.sync();
     }
   }
+  if (bf16) bf16_gemm_release();
 }
 
 // Direction d's step loop on all threads (the directions in turn).

@@ -1,0 +1,191 @@
+// cpu/bf16_gemm.h's products on oneDNN's BRGeMM micro-kernel (through
+// at::native::cpublas), and the test op that checks them.
+#include "cpu/bf16_gemm.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <torch/library.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <optional>
+
+namespace varlen_rnn {
+namespace cpu {
+
+namespace cpublas = at::native::cpublas;
+
+bool bf16_gemm_available() { return cpublas::could_pack(at::kBFloat16); }
+
+bool bf16_gemm_for(at::ScalarType input_dtype, int64_t I, int64_t P) {
+  if (input_dtype != at::kBFloat16 || I % 2 != 0 || P % 2 != 0) return false;
+  if (const char* env = std::getenv("VARLEN_RNN_CPU_BF16")) {
+    if (std::strcmp(env, "float") == 0) return false;
+    if (std::strcmp(env, "amx") == 0) {
+      TORCH_CHECK(bf16_gemm_available(),
+                  "VARLEN_RNN_CPU_BF16=amx: this CPU or build has no bfloat16 matrix unit "
+                  "(AMX) with oneDNN enabled");
+      return true;
+    }
+    TORCH_CHECK(std::strcmp(env, "auto") == 0,
+                "VARLEN_RNN_CPU_BF16 must be auto, amx or float, got '", env, "'");
+  }
+  return bf16_gemm_available();
+}
+
+PackedB16 pack_b16(int64_t K, int64_t N, const float* b, int64_t stride_k, int64_t stride_n) {
+  constexpr int64_t S = PackedB16::kStrip;
+  TORCH_CHECK(K % 2 == 0, "pack_b16: K must be even (k pairs), got ", K);
+  PackedB16 p;
+  p.K = K;
+  p.N = N;
+  const int64_t strips = (N + S - 1) / S;
+  const auto opts = at::TensorOptions().dtype(at::kBFloat16);
+  p.strips = at::zeros({strips, K, S}, opts);
+  // One strip at a time: rounded into a zero-padded row-major [K, S], then
+  // interleaved by the packing kernel.
+  at::Tensor plain = at::zeros({K, S}, opts);
+  at::BFloat16* pl = plain.data_ptr<at::BFloat16>();
+  for (int64_t j = 0; j < (K > 0 ? strips : 0); ++j) {
+    const int64_t j0 = j * S, nj = std::min(S, N - j0);
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t jj = 0; jj < nj; ++jj) {
+        pl[k * S + jj] = static_cast<at::BFloat16>(b[k * stride_k + (j0 + jj) * stride_n]);
+      }
+      std::fill(pl + k * S + nj, pl + (k + 1) * S, at::BFloat16(0.0f));
+    }
+    cpublas::pack(K, S, S, S, at::kBFloat16, at::kBFloat16, pl, p.strips[j].data_ptr());
+  }
+  return p;
+}
+
+void bf16_gemm(int64_t m, const at::BFloat16* a, int64_t lda, const PackedB16& b, float* c,
+               int64_t ldc, bool accumulate) {
+  constexpr int64_t S = PackedB16::kStrip;
+  if (m <= 0 || b.N <= 0) return;
+  const at::BFloat16* strips = b.strips.const_data_ptr<at::BFloat16>();
+  const int64_t strip_size = b.strips.size(1) * S;
+  for (int64_t j0 = 0, j = 0; j0 < b.N; j0 += S, ++j) {
+    const int64_t nj = std::min(S, b.N - j0);
+    if (b.K == 0) {  // an empty sum
+      for (int64_t i = 0; i < m && !accumulate; ++i) std::fill_n(c + i * ldc + j0, nj, 0.0f);
+      continue;
+    }
+    cpublas::brgemm(m, nj, b.K, lda, S, ldc, accumulate, a, strips + j * strip_size, c + j0, true);
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f,avx512bf16"))) static void round_bf16_avx512(const float* x,
+                                                                            int64_t n,
+                                                                            at::BFloat16* y) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(x + i));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), reinterpret_cast<const __m256i&>(v));
+  }
+  for (; i < n; ++i) y[i] = static_cast<at::BFloat16>(x[i]);
+}
+#endif
+
+void round_bf16(const float* x, int64_t n, at::BFloat16* y) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool avx512bf16 = __builtin_cpu_supports("avx512bf16");
+  if (avx512bf16) return round_bf16_avx512(x, n, y);
+#endif
+  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<at::BFloat16>(x[i]);
+}
+
+void bf16_gemm_release() { cpublas::brgemm_release(true); }
+
+void bf16_gemm_parallel(int64_t m, const at::BFloat16* a, int64_t lda, const PackedB16& b,
+                        float* c, int64_t ldc, const float* bias) {
+  constexpr int64_t S = PackedB16::kStrip;
+  // Row blocks of 256 (one A block stays in L2 while the strips stream past
+  // it); a task is one block times one strip.
+  constexpr int64_t kRows = 256;
+  if (m <= 0 || b.N <= 0) return;
+  const int64_t strips = (b.N + S - 1) / S, blocks = (m + kRows - 1) / kRows;
+  const at::BFloat16* sp = b.strips.const_data_ptr<at::BFloat16>();
+  const int64_t strip_size = b.strips.size(1) * S;
+  at::parallel_for(0, blocks * strips, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = (t / strips) * kRows, j0 = (t % strips) * S;
+      const int64_t mb = std::min(kRows, m - r0), nj = std::min(S, b.N - j0);
+      float* cb = c + r0 * ldc + j0;
+      for (int64_t i = 0; i < mb && (bias != nullptr || b.K == 0); ++i) {
+        if (bias != nullptr) {
+          std::copy_n(bias + j0, nj, cb + i * ldc);
+        } else {
+          std::fill_n(cb + i * ldc, nj, 0.0f);
+        }
+      }
+      if (b.K > 0) {
+        cpublas::brgemm(mb, nj, b.K, lda, S, ldc, bias != nullptr, a + r0 * lda,
+                        sp + (t % strips) * strip_size, cb, true);
+      }
+    }
+    bf16_gemm_release();
+  });
+}
+
+namespace {
+
+// The test entry (ops.cpp's _bf16_gemm): a [m, K] bfloat16 times b [K, N]
+// float32 (rounded to bfloat16 by the packing), plus c [m, N] float32 when
+// given (one thread) or plus bias [N] on every row (all threads), computed
+// inside a NaN-filled [m + 1, N + 5] buffer, so a write past [m, N] shows.
+at::Tensor bf16_gemm_op(const at::Tensor& a, const at::Tensor& b,
+                        const std::optional<at::Tensor>& c, const std::optional<at::Tensor>& bias,
+                        bool parallel) {
+  TORCH_CHECK(bf16_gemm_available(), "_bf16_gemm: this CPU or build has no bfloat16 matrix unit");
+  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == at::kBFloat16,
+              "_bf16_gemm: a must be a 2-D bfloat16 tensor [m, K], got ", a.sizes(), " ",
+              a.scalar_type());
+  TORCH_CHECK(b.dim() == 2 && b.scalar_type() == at::kFloat && b.size(0) == a.size(1),
+              "_bf16_gemm: b must be a float32 [K, N] with K = a.size(1) = ", a.size(1), ", got ",
+              b.sizes(), " ", b.scalar_type());
+  TORCH_CHECK(a.size(1) % 2 == 0, "_bf16_gemm: K must be even, got ", a.size(1));
+  TORCH_CHECK(!(c && parallel), "_bf16_gemm: c is for the one-thread product, bias for parallel");
+  TORCH_CHECK(!(bias && !parallel), "_bf16_gemm: bias is for the parallel product");
+  const int64_t m = a.size(0), K = a.size(1), N = b.size(1);
+  at::Tensor out = at::full({m + 1, N + 5}, std::numeric_limits<float>::quiet_NaN(),
+                            a.options().dtype(at::kFloat));
+  if (c) {
+    TORCH_CHECK(c->sizes() == at::IntArrayRef({m, N}) && c->scalar_type() == at::kFloat,
+                "_bf16_gemm: c must be float32 [m, N] = [", m, ", ", N, "], got ", c->sizes());
+    out.narrow(0, 0, m).narrow(1, 0, N).copy_(*c);
+  }
+  at::Tensor bias_c;
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == at::kFloat,
+                "_bf16_gemm: bias must be float32 [N] = [", N, "], got ", bias->sizes());
+    bias_c = bias->contiguous();
+  }
+  const at::Tensor ac = a.stride(1) == 1 && a.stride(0) >= K ? a : a.contiguous();
+  const int64_t lda = std::max<int64_t>(ac.stride(0), 1), ldc = N + 5;
+  const PackedB16 packed = pack_b16(K, N, b.const_data_ptr<float>(), b.stride(0), b.stride(1));
+  const at::BFloat16* a_p = ac.const_data_ptr<at::BFloat16>();
+  float* c_p = out.data_ptr<float>();
+  if (parallel) {
+    bf16_gemm_parallel(m, a_p, lda, packed, c_p, ldc,
+                       bias_c.defined() ? bias_c.const_data_ptr<float>() : nullptr);
+  } else {
+    bf16_gemm(m, a_p, lda, packed, c_p, ldc, c.has_value());
+    bf16_gemm_release();
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(varlen_rnn, CPU, m) { m.impl("_bf16_gemm", &bf16_gemm_op); }
+
+}  // namespace cpu
+}  // namespace varlen_rnn

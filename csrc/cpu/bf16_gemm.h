@@ -1,0 +1,75 @@
+// bfloat16 products with float32 accumulation for the CPU layers of bfloat16
+// models: c[m, N] (=|+=) a[m, K] b[K, N], a and b bfloat16, c float32, on
+// the CPU's matrix units (AMX) through oneDNN's BRGeMM micro-kernel as ATen
+// exposes it (at::native::cpublas::brgemm, the kernel under PyTorch's own
+// CPU flash attention).
+//
+// What it changes in a layer (the choice is bf16_gemm_for, the one place):
+// with a bfloat16 input the input projection and the per-step W_hh product
+// read the weights and the state rounded to bfloat16, as torch.nn.GRU's
+// bfloat16 CPU path does; the products accumulate, and the state, the gates
+// and everything after them stay, in float32 (torch.nn's path rounds those
+// to bfloat16 too). The weights of a bfloat16 model are bfloat16 already, so
+// the one rounding added to the float32 path is h's, once per step.
+//
+// b is packed once per call into column strips of kStrip columns in the
+// matrix unit's pair-interleaved (VNNI) layout, zero-padded past N; the
+// strips are what one BRGeMM call reads. a's rows are read in place (lda).
+// Rows past m and columns past N of c are never touched.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace varlen_rnn {
+namespace cpu {
+
+// b[K, N] packed: [ceil(N / kStrip), K, kStrip] bfloat16. K is even: the
+// matrix unit multiplies pairs of k (oneDNN's kernel faults on an odd K), so
+// a layer takes these products only where I and P are even (bf16_gemm_for).
+struct PackedB16 {
+  static constexpr int64_t kStrip = 64;  // the widest packed B oneDNN's kernel takes
+  int64_t K = 0, N = 0;
+  at::Tensor strips;
+};
+
+// Whether this CPU and build run the bfloat16 products (a CPU with AMX and
+// torch's oneDNN enabled: torch.backends.mkldnn.enabled).
+bool bf16_gemm_available();
+
+// Whether a layer with this input dtype and inner sizes (I and P, the
+// products' K) runs its products in bfloat16: a bfloat16 input with even I
+// and P where bf16_gemm_available(). VARLEN_RNN_CPU_BF16=float
+// keeps every bfloat16 layer in float32 throughout; =amx insists (an error
+// where unavailable). Read at every call.
+bool bf16_gemm_for(at::ScalarType input_dtype, int64_t I, int64_t P);
+
+// Packs b[k, j] = b[k * stride_k + j * stride_n] (float32, rounded to
+// bfloat16; K even; a row-major [N, K] weight's transpose is (1, K)).
+PackedB16 pack_b16(int64_t K, int64_t N, const float* b, int64_t stride_k, int64_t stride_n);
+
+// One thread: c[m, N] (ldc) = a[m, K] (lda) b, or c += a b with accumulate.
+// The thread must call bf16_gemm_release() when its run of products ends.
+void bf16_gemm(int64_t m, const at::BFloat16* a, int64_t lda, const PackedB16& b, float* c,
+               int64_t ldc, bool accumulate);
+
+// y[0, n) = x[0, n) rounded to nearest even (the step loops' h for the next
+// product); AVX512-BF16 where the matrix unit is (every AMX CPU has it).
+void round_bf16(const float* x, int64_t n, at::BFloat16* y);
+// float64 layers never take the bfloat16 products (the step loops are
+// templates on the op-math type, so they name this).
+inline void round_bf16(const double*, int64_t, at::BFloat16*) {
+  TORCH_INTERNAL_ASSERT(false, "bfloat16 products in a float64 layer");
+}
+
+// Frees the calling thread's matrix-unit state (after its last bf16_gemm).
+void bf16_gemm_release();
+
+// All threads (at::parallel_for over row blocks and strips): c[m, N] (ldc)
+// = a[m, K] (lda) b (+ bias[N] on every row, when bias is not null).
+void bf16_gemm_parallel(int64_t m, const at::BFloat16* a, int64_t lda, const PackedB16& b,
+                        float* c, int64_t ldc, const float* bias);
+
+}  // namespace cpu
+}  // namespace varlen_rnn
