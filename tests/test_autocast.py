@@ -8,6 +8,8 @@ casts input, hx and weights to float16. The tests compare with whatever nn.GRU r
 time, so they hold for either.
 """
 
+import copy
+
 import pytest
 import torch
 from testing import HAS_CUDA, make_pair, packed_baseline
@@ -110,13 +112,25 @@ def test_float64_model_is_left_alone(device, amp_dtype, cudnn):
 @pytest.mark.parametrize("device,amp_dtype,cudnn", CASES[:1] + CASES[3:])  # the native policy
 def test_float32_state_is_computed_in_float32(device, amp_dtype, cudnn):
     """Where nn.GRU keeps a float32 state, the kernels run in float32: the result is the one
-    outside autocast, bit for bit (the kernels' own GEMMs are not autocast behind their back)."""
+    outside autocast, bit for bit (the kernels' own GEMMs are not autocast behind their back).
+    Except on a CPU whose bfloat16 layers take their products on the matrix units (AMX): there,
+    under bfloat16 autocast, the layers run as bfloat16 layers (bfloat16 product operands,
+    float32 state and gates inside, as nn.GRU's autocast GEMMs), and the result is exactly that
+    of the same model in bfloat16, cast back to float32."""
     _, ours = make_pair(I, H, 2, bidirectional=True, dtype=F32, device=device)
     x = torch.randn(T, B, I, device=device)
-    expected = ours(x, lengths=LENGTHS)
+    if device == "cpu" and amp_dtype == BF16 and varlen_rnn._base._CPU_BF16:
+        low = copy.deepcopy(ours).to(BF16)
+        expected = [t.float() for t in low(x.to(BF16), lengths=LENGTHS)]
+        plain = ours(x, lengths=LENGTHS)
+    else:
+        expected = plain = ours(x, lengths=LENGTHS)
     with _cudnn(cudnn), torch.autocast(device, dtype=amp_dtype):
         got = ours(x, lengths=LENGTHS)
+    assert got[0].dtype == got[1].dtype == F32
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    if plain is not expected:  # the bfloat16 products really ran
+        assert not torch.equal(got[0], plain[0])
 
 
 @pytest.mark.parametrize("device,amp_dtype,cudnn", CASES)

@@ -9,6 +9,7 @@ dropout between layers; the autocast policy of torch.nn's RNNs. A subclass names
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -316,22 +317,59 @@ class RNNBase(nn.Module):
         ragged rows [N, D*P] (varlen_rnn.ops' argument layout). Returns (output, finals)."""
         D = self.num_directions
         layer_op = getattr(ops, f"{self._cell}_layer{'_ragged' if len(index) == 4 else ''}")
-        dtype = self._autocast_dtype(x, states[0]) if _inputs.autocast_on(x.device) else x.dtype
-        x, states = x.to(dtype), [s.to(dtype) for s in states]
+        amp = _inputs.autocast_on(x.device)
+        dtype = self._autocast_dtype(x, states[0]) if amp else x.dtype  # of the results
+        compute = _cpu_autocast_compute(x, dtype) if amp else dtype  # of the layer ops
+        x, states = x.to(compute), [s.to(compute) for s in states]
         finals: list[list[Tensor]] = [[] for _ in states]
         for layer in range(self.num_layers):
-            w = self._layer_weights(layer, dtype)
+            w = self._layer_weights(layer, compute)
             mine = [s[layer * D : (layer + 1) * D] for s in states]
             x, *ends = layer_op(x, *index, *mine, *w, *self._options(), *tail)
             for f, e in zip(finals, ends):
                 f.append(e)
             if self.dropout > 0 and self.training and layer + 1 < self.num_layers:
                 x = F.dropout(x, self.dropout, training=True)
-        return x, tuple(torch.cat(f, 0) if len(f) > 1 else f[0] for f in finals)
+        finals = [torch.cat(f, 0) if len(f) > 1 else f[0] for f in finals]
+        return x.to(dtype), tuple(f.to(dtype) for f in finals)
 
 
 # Read once: dynamo cannot trace the call (a torch.* function returning a bool).
 _HAS_CUDNN = torch.backends.cudnn.is_available()
+
+
+def _probe_cpu_bf16() -> bool:
+    """Whether bfloat16 layers run their products on this CPU's matrix units (AMX:
+    csrc/cpu/bf16_gemm.h) and VARLEN_RNN_CPU_BF16 allows it (the kernels read it at every
+    call; this is read once, at import, as dynamo cannot trace the probe)."""
+    if os.environ.get("VARLEN_RNN_CPU_BF16", "auto") == "float":
+        return False
+    a, b = torch.ones(1, 2, dtype=torch.bfloat16), torch.ones(2, 1)
+    try:
+        torch.ops.varlen_rnn._bf16_gemm(a, b, None, None, False)
+    except RuntimeError:
+        return False
+    return True
+
+
+_CPU_BF16 = _probe_cpu_bf16()
+
+
+def _cpu_autocast_compute(x: Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the layer ops run in under autocast, given the results' dtype. On a CPU whose
+    bfloat16 layers take their products on the matrix units, float32 results under bfloat16
+    autocast come from bfloat16 layers cast back: products with bfloat16 operands and float32
+    accumulation, state and gates float32 inside the layer, what torch.nn's autocast GEMMs
+    do (its state stays float32 between steps too; here the layers' inputs, initial states
+    and results pass through bfloat16). Elsewhere the layers run in the results' dtype."""
+    if (
+        _CPU_BF16
+        and x.device.type == "cpu"
+        and dtype == torch.float32
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    ):
+        return torch.bfloat16
+    return dtype
 
 
 def _cudnn_autocast(x: Tensor) -> torch.dtype | None:
