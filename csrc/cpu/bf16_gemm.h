@@ -68,8 +68,8 @@ void bf16_gemm_release();
 
 // All threads (at::parallel_for over row blocks and strips): c[m, N] (ldc)
 // = a[m, K] (lda) b (+ bias[N] on every row, when bias is not null).
-void bf16_gemm_parallel(int64_t m, const at::BFloat16* a, int64_t lda, const PackedB16& b,
-                        float* c, int64_t ldc, const float* bias);
+void bf16_gemm_parallel(int64_t m, const at::BFloat16* a, int64_t lda, const PackedB16& b, float* c,
+                        int64_t ldc, const float* bias);
 
 }  // namespace cpu
 }  // namespace varlen_rnn

@@ -44,7 +44,7 @@ void forward_impl(ForwardArgs& args) {
   const auto opts = args.opts();
   at::Tensor xp = projection_input(args);  // [N, I] (bfloat16 where args.bf16)
   const at::Tensor perm = perm_tensor(sched);
-  const StepLoops loops = step_loops(dims, sizeof(scalar_t));
+  const StepLoops loops = step_loops(dims, sizeof(scalar_t), args.bf16);
   const bool gemm_loop = loops == StepLoops::kGemm;
   at::Tensor gh = gemm_loop ? at::empty({dims.B, G}, opts) : at::Tensor();  // [B, G*H] W_hh h
   // [B, H] one step's h' before the projection (h_state = h' W_hr^T)
