@@ -115,6 +115,7 @@ void bf16_gemm_parallel(int64_t m, const at::BFloat16* a, int64_t lda, const Pac
   const at::BFloat16* sp = b.strips.const_data_ptr<at::BFloat16>();
   const int64_t strip_size = b.strips.size(1) * S;
   at::parallel_for(0, blocks * strips, 1, [&](int64_t t0, int64_t t1) {
+    const Bf16GemmScope scope(true);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = (t / strips) * kRows, j0 = (t % strips) * S;
       const int64_t mb = std::min(kRows, m - r0), nj = std::min(S, b.N - j0);
@@ -131,7 +132,6 @@ void bf16_gemm_parallel(int64_t m, const at::BFloat16* a, int64_t lda, const Pac
                         sp + (t % strips) * strip_size, cb, true);
       }
     }
-    bf16_gemm_release();
   });
 }
 
@@ -177,8 +177,8 @@ at::Tensor bf16_gemm_op(const at::Tensor& a, const at::Tensor& b,
     bf16_gemm_parallel(m, a_p, lda, packed, c_p, ldc,
                        bias_c.defined() ? bias_c.const_data_ptr<float>() : nullptr);
   } else {
+    const Bf16GemmScope scope(true);
     bf16_gemm(m, a_p, lda, packed, c_p, ldc, c.has_value());
-    bf16_gemm_release();
   }
   return out;
 }

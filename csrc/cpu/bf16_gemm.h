@@ -50,7 +50,8 @@ bool bf16_gemm_for(at::ScalarType input_dtype, int64_t I, int64_t P);
 PackedB16 pack_b16(int64_t K, int64_t N, const float* b, int64_t stride_k, int64_t stride_n);
 
 // One thread: c[m, N] (ldc) = a[m, K] (lda) b, or c += a b with accumulate.
-// The thread must call bf16_gemm_release() when its run of products ends.
+// The thread must call bf16_gemm_release() when its run of products ends
+// (Bf16GemmScope).
 void bf16_gemm(int64_t m, const at::BFloat16* a, int64_t lda, const PackedB16& b, float* c,
                int64_t ldc, bool accumulate);
 
@@ -65,6 +66,19 @@ inline void round_bf16(const double*, int64_t, at::BFloat16*) {
 
 // Frees the calling thread's matrix-unit state (after its last bf16_gemm).
 void bf16_gemm_release();
+
+// Calls bf16_gemm_release when the scope ends, by return or by exception: a
+// thread left configured would have ATen skip the next kernel's set-up on it,
+// after another oneDNN kernel had changed the tiles.
+struct Bf16GemmScope {
+  bool active;
+  explicit Bf16GemmScope(bool active_) : active(active_) {}
+  Bf16GemmScope(const Bf16GemmScope&) = delete;
+  Bf16GemmScope& operator=(const Bf16GemmScope&) = delete;
+  ~Bf16GemmScope() {
+    if (active) bf16_gemm_release();
+  }
+};
 
 // All threads (at::parallel_for over row blocks and strips): c[m, N] (ldc)
 // = a[m, K] (lda) b (+ bias[N] on every row, when bias is not null).

@@ -132,6 +132,7 @@ void SplitSteps<Cell, scalar_t>::run(const Team& team) {
   const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H, S = Cell::kSaved * H;
   const int64_t d = d_, parts = parts_, tid = team.rank, nth = team.size;
   const bool proj = proj_, kernel = kernel_, bf16 = bf16_;
+  const Bf16GemmScope bf16_scope(bf16);
   scalar_t* h_p = hbuf_[0];
   scalar_t* hraw_p = proj ? hraw_.data_ptr<scalar_t>() : nullptr;
   const scalar_t* wr_p = proj ? w_hr_t_.const_data_ptr<scalar_t>() : nullptr;
@@ -193,7 +194,6 @@ void SplitSteps<Cell, scalar_t>::run(const Team& team) {
       team.sync();
     }
   }
-  if (bf16) bf16_gemm_release();
 }
 
 // Direction d's step loop on all threads (the directions in turn).
