@@ -91,6 +91,7 @@ def preset_cases(preset: str, device: str) -> list[Case]:
                 device=device,
                 cell=cell,
                 modes=modes,
+                competitors=("baseline", "padded", "varlen"),
             )
             for dtype, modes in (("bfloat16", MODES), ("float32", ("infer",)))
             for cell in CELLS
