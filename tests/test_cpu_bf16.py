@@ -329,6 +329,8 @@ def train_once(cell, layout, seed=0):
     loss weights, [x.grad, *parameter grads]). The loss weights are bfloat16 values, so the
     gradients reaching the kernel are exact."""
     cls, extra, _ = CELLS[cell]
+    # P = 18: the split loop's second thread owns dh columns [16, 18) (slices are cut at 16).
+    extra = {"proj_size": 18} if extra.get("proj_size") else extra
     torch.manual_seed(seed)
     m = cls(I, H, bidirectional=True, batch_first=layout != "padded", **extra).to(BF16)
     lengths = torch.tensor(LENGTHS if layout in ("padded", "batch_first") else RAGGED_LENGTHS)
@@ -384,7 +386,7 @@ def mirror_excess(got, want):
     for a, b in zip(got, want):
         scale = b.abs().max().item() + 1e-6
         miss = (a.double() - b).abs() - 2.0**-8 * b.abs() - 1e-4 * scale
-        worst = max(worst, miss.max().item() / scale)
+        worst = max(worst, miss.nan_to_num(nan=float("inf")).max().item() / scale)
     return worst
 
 
