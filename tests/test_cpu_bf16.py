@@ -349,8 +349,9 @@ def train_once(cell, layout, seed=0):
         out, states = m(packed)
         out = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=T)[0]
     else:
-        nt = torch.nested.as_nested_tensor([x[i, :n] for i, n in enumerate(lengths.tolist())],
-                                           layout=torch.jagged)
+        nt = torch.nested.as_nested_tensor(
+            [x[i, :n] for i, n in enumerate(lengths.tolist())], layout=torch.jagged
+        )
         out, states = m(nt)
         out = torch.nn.utils.rnn.pad_sequence(list(out.unbind()), batch_first=True)
         out = F.pad(out, (0, 0, 0, T - out.shape[1]))

@@ -67,7 +67,8 @@ inline void input_grads_bf16(BackwardArgs& args, at::Tensor& dgx, int64_t G) {
       }
     });
   }
-  const at::Tensor dg16 = at::from_blob(base, {N, DG}, {2 * DG, 1}, dgx.options().dtype(at::kBFloat16));
+  const at::Tensor dg16 =
+      at::from_blob(base, {N, DG}, {2 * DG, 1}, dgx.options().dtype(at::kBFloat16));
   at::Tensor xp = projection_input(args);  // [N, I] bfloat16
   args.grad_w_ih.view({DG, I}).copy_(at::mm(dg16.t(), xp));
   xp.reset();

@@ -104,8 +104,8 @@ void round_bf16(const float* x, int64_t n, at::BFloat16* y) {
 
 void bf16_gemm_release() { cpublas::brgemm_release(true); }
 
-void bf16_gemm_parallel(int64_t m, const at::BFloat16* a, int64_t lda, const PackedB16& b,
-                        float* c, int64_t ldc, const float* bias, bool accumulate) {
+void bf16_gemm_parallel(int64_t m, const at::BFloat16* a, int64_t lda, const PackedB16& b, float* c,
+                        int64_t ldc, const float* bias, bool accumulate) {
   TORCH_INTERNAL_ASSERT(!(accumulate && bias != nullptr), "bf16_gemm_parallel: bias or accumulate");
   constexpr int64_t S = PackedB16::kStrip;
   // Row blocks of 256 (one A block stays in L2 while the strips stream past

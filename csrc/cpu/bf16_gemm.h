@@ -71,8 +71,8 @@ void bf16_gemm_release();
 // All threads (at::parallel_for over row blocks and strips): c[m, N] (ldc)
 // = a[m, K] (lda) b (+ bias[N] on every row, when bias is not null), or
 // c += a b with accumulate (then bias must be null).
-void bf16_gemm_parallel(int64_t m, const at::BFloat16* a, int64_t lda, const PackedB16& b,
-                        float* c, int64_t ldc, const float* bias, bool accumulate = false);
+void bf16_gemm_parallel(int64_t m, const at::BFloat16* a, int64_t lda, const PackedB16& b, float* c,
+                        int64_t ldc, const float* bias, bool accumulate = false);
 
 // x's rows [rows, cols] (ld floats apart) rounded to bfloat16 in place, on
 // all threads: row r's values land in the first half of its own bytes, so

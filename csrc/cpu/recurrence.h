@@ -238,7 +238,7 @@ void backward_impl(BackwardArgs& args) {
   at::Tensor dgh = need_dgh ? at::empty({dims.B, G}, opts) : at::Tensor();  // [B, G*H] one step
   const auto opts16 = opts.dtype(at::kBFloat16);
   at::Tensor dgb = bf16 && !split ? at::empty({dims.B, G}, opts16) : at::Tensor();  // [B, G*H]
-  at::Tensor dhp = proj && !split ? at::empty({dims.B, H}, opts) : at::Tensor();  // [B, H] dh'
+  at::Tensor dhp = proj && !split ? at::empty({dims.B, H}, opts) : at::Tensor();    // [B, H] dh'
   const scalar_t* go_p = args.grad_output.const_data_ptr<scalar_t>();
   const scalar_t* out_p = args.output.const_data_ptr<scalar_t>();
   const scalar_t* hx_p = args.hx.const_data_ptr<scalar_t>();
@@ -318,9 +318,9 @@ void backward_impl(BackwardArgs& args) {
     scalar_t* dh_p = dh.data_ptr<scalar_t>();
     scalar_t* dc_p = Cell::kHasC ? dc.data_ptr<scalar_t>() : nullptr;
     const scalar_t* ws_p = args.workspace.const_data_ptr<scalar_t>() + d * N * S;
-    const at::Tensor w_hh_d = args.w_hh[d];                        // [G*H, P]
-    const PackedB16 w_hh16 = bf16 && !split ? pack_b16(G, P, w_hh_d.const_data_ptr<float>(), P, 1)
-                                            : PackedB16{};
+    const at::Tensor w_hh_d = args.w_hh[d];  // [G*H, P]
+    const PackedB16 w_hh16 =
+        bf16 && !split ? pack_b16(G, P, w_hh_d.const_data_ptr<float>(), P, 1) : PackedB16{};
     const at::Tensor w_hr_d = proj ? args.w_hr[d] : at::Tensor();  // [P, H]
     if (split) {  // the same steps, split by hidden units (cpu/split_backward.h)
       split_backward<Cell, scalar_t>(args, d, bufs, dgh_in_dgx, dh, dc);

@@ -222,7 +222,7 @@ void SplitBackward<Cell, scalar_t>::run(const Team& team) {
         row.dghn = kDiffer ? buf.dghn + pos * H + u0 : nullptr;
         row.hout = proj ? buf.hout + pos * H + u0 : nullptr;
         backward_units(Cell{}, row, Hs, H);
-        if (bf16) {  // the product's operand: dG rounded
+        if (bf16) {                                           // the product's operand: dG rounded
           const scalar_t* src = kDiffer ? row.dgh : row.dgx;  // gate stride H
           for (int64_t g = 0; g < Cell::kGates; ++g) {
             round_bf16(src + g * H, Hs, dgb + i * G + g * H + u0);
