@@ -120,7 +120,8 @@ def run_ref(cell, m, x, lengths, mirror, monkeypatch):
     """The float64 reference on m's (bfloat16) weights and x (x may require grad); mirror: with
     every product's left operand rounded to bfloat16 (the state, and a layer's input: a no-op on
     bfloat16 values), except the LSTM projection's ([P, H] weight), which the kernel computes in
-    float32. The rounding passes gradients through unchanged."""
+    float32. The rounding is autograd's .to(bfloat16), whose backward rounds the gradient that
+    reaches the rounded operand to bfloat16 too (run_backward_mirror's does not)."""
     if mirror:
         projection = (m.proj_size, m.hidden_size)
 
@@ -170,9 +171,9 @@ def test_padded_forward_matches_the_mirror(cell, steps, monkeypatch):
 
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_training_gradients(cell, monkeypatch):
-    """The forward's products in bfloat16, the backward in float32: every gradient agrees with
-    the float64 mirror's (whose rounded state decides the same ReLU branches) to bfloat16
-    precision."""
+    """The products in bfloat16, forward and backward: every gradient agrees with the float64
+    mirror's (whose rounded state decides the same ReLU branches) to bfloat16 precision. This
+    mirror leaves the backward's roundings out; test_backward_matches_its_mirror has them."""
     monkeypatch.setenv("VARLEN_RNN_CPU_BF16", "amx")
     m = model(cell, batch_first=True)
     lengths = torch.tensor(LENGTHS)
