@@ -120,7 +120,8 @@ def run_ref(cell, m, x, lengths, mirror, monkeypatch):
     """The float64 reference on m's (bfloat16) weights and x (x may require grad); mirror: with
     every product's left operand rounded to bfloat16 (the state, and a layer's input: a no-op on
     bfloat16 values), except the LSTM projection's ([P, H] weight), which the kernel computes in
-    float32. The rounding passes gradients through unchanged."""
+    float32. The rounding is autograd's .to(bfloat16), whose backward rounds the gradient that
+    reaches the rounded operand to bfloat16 too (run_backward_mirror's does not)."""
     if mirror:
         projection = (m.proj_size, m.hidden_size)
 
@@ -170,9 +171,9 @@ def test_padded_forward_matches_the_mirror(cell, steps, monkeypatch):
 
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_training_gradients(cell, monkeypatch):
-    """The forward's products in bfloat16, the backward in float32: every gradient agrees with
-    the float64 mirror's (whose rounded state decides the same ReLU branches) to bfloat16
-    precision."""
+    """The products in bfloat16, forward and backward: every gradient agrees with the float64
+    mirror's (whose rounded state decides the same ReLU branches) to bfloat16 precision. This
+    mirror leaves the backward's roundings out; test_backward_matches_its_mirror has them."""
     monkeypatch.setenv("VARLEN_RNN_CPU_BF16", "amx")
     m = model(cell, batch_first=True)
     lengths = torch.tensor(LENGTHS)
@@ -236,3 +237,217 @@ def test_bad_setting_names_itself(monkeypatch):
     m = varlen_rnn.GRU(4, 8).to(BF16)
     with pytest.raises(RuntimeError, match="VARLEN_RNN_CPU_BF16 must be auto, amx or float"):
         m(torch.ones(3, 2, 4, dtype=BF16), lengths=torch.tensor([3, 2]))
+
+
+# -- the backward's products in bfloat16 -----------------------------------------------------
+# A bfloat16 layer's backward rounds dG (the gate gradients) to bfloat16 where it is a product's
+# operand: the per-step dh_prev (+)= dG W_hh, and dW_ih = dgx^T x, dW_hh = dG^T h_prev,
+# dx = dgx W_ih (float32 accumulation; the bias gradients sum the float32 dG). The mirror below
+# rounds the same operands in float64, and also reads h_prev as the kernel's backward does: from
+# the bfloat16 output (the GRU's dz = dh (h_prev - n) z (1 - z)).
+
+
+class _MirrorLinear(torch.autograd.Function):
+    """F.linear(x, w, b) with x rounded to bfloat16 (when round_x), whose backward rounds the
+    output's gradient g to bfloat16 for the two products (dx = g w, dw = g^T x) but not for the
+    bias's sum (when round_g). Gradients pass the rounding of x unchanged."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, round_x, round_g):
+        x = x.to(BF16).to(x.dtype) if round_x else x
+        ctx.save_for_backward(x, w)
+        ctx.round_g, ctx.has_b = round_g, b is not None
+        return F.linear(x, w, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        g16 = g.to(BF16).to(g.dtype) if ctx.round_g else g
+        gw = g16.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        gb = g.reshape(-1, g.shape[-1]).sum(0) if ctx.has_b else None
+        return g16 @ w, gw, gb, None, None
+
+
+class _ZTimesH(torch.autograd.Function):
+    """z * h whose gradient for z reads h rounded to bfloat16 (the GRU backward's h_prev)."""
+
+    @staticmethod
+    def forward(ctx, z, h):
+        ctx.save_for_backward(z, h)
+        return z * h
+
+    @staticmethod
+    def backward(ctx, g):
+        z, h = ctx.saved_tensors
+        return g * h.to(BF16).to(h.dtype), g * z
+
+
+def _mirror_gru_step(w_hh, b_hh):
+    H = w_hh.shape[2]
+
+    def step(d, gx, state):
+        (h,) = state
+        gh = reference.F.linear(h, w_hh[d], None if b_hh is None else b_hh[d])  # [B, 3H]
+        r = torch.sigmoid(gx[:, :H] + gh[:, :H])
+        z = torch.sigmoid(gx[:, H : 2 * H] + gh[:, H : 2 * H])
+        n = torch.tanh(gx[:, 2 * H :] + r * gh[:, 2 * H :])
+        return ((1 - z) * n + _ZTimesH.apply(z, h),)
+
+    return step
+
+
+def run_backward_mirror(cell, m, x, lengths, backward, monkeypatch):
+    """The float64 reference on m's weights: forward products' left operands rounded to
+    bfloat16 (not the LSTM projection's, which the kernel runs in float32), and with backward
+    also the products' gradient operands and the GRU's h_prev in dz. Returns (out, m64)."""
+    projection = (m.proj_size, m.hidden_size)
+
+    def linear(inp, w, b=None):
+        fp32 = m.proj_size > 0 and tuple(w.shape) == projection
+        return _MirrorLinear.apply(inp, w, b, not fp32, backward and not fp32)
+
+    gru_step = reference._gru_step
+    monkeypatch.setattr(reference, "F", types.SimpleNamespace(linear=linear))
+    if backward:
+        monkeypatch.setattr(reference, "_gru_step", _mirror_gru_step)
+    m64 = copy.deepcopy(m).double()
+    out = CELLS[cell][2](m64, x, None, lengths)
+    monkeypatch.setattr(reference, "F", F)
+    monkeypatch.setattr(reference, "_gru_step", gru_step)
+    return out, m64
+
+
+# (VARLEN_RNN_CPU_STEPS, VARLEN_RNN_CPU_DIRECTIONS): the split loops with the directions in turn
+# and at once, and the per-step GEMM loop (directions in turn).
+LOOPS = [("split", "serial"), ("split", "concurrent"), ("gemm", "serial")]
+LAYOUTS = ["padded", "batch_first", "packed", "nested"]
+RAGGED_LENGTHS = [9, 3, 7, 1, 9, 5, 2, 8, 4, 6, 9]  # packing takes no zero length
+
+
+def train_once(cell, layout, seed=0):
+    """One bidirectional one-layer bfloat16 module's gradients for a loss on every output and
+    final state, with input in the given layout. Returns (module, x [B, T, I] padded, lengths,
+    loss weights, [x.grad, *parameter grads]). The loss weights are bfloat16 values, so the
+    gradients reaching the kernel are exact."""
+    cls, extra, _ = CELLS[cell]
+    # P = 18: the split loop's second thread owns dh columns [16, 18) (slices are cut at 16).
+    extra = {"proj_size": 18} if extra.get("proj_size") else extra
+    torch.manual_seed(seed)
+    m = cls(I, H, bidirectional=True, batch_first=layout != "padded", **extra).to(BF16)
+    lengths = torch.tensor(LENGTHS if layout in ("padded", "batch_first") else RAGGED_LENGTHS)
+    B, P = len(lengths), m.proj_size or H
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(B, T, I, generator=g).to(BF16).requires_grad_()  # [B, T, I]
+    w_out = torch.randn(B, T, 2 * P, generator=g).to(BF16).float()
+    w_states = [torch.randn(2, B, n, generator=g).to(BF16).float() for n in (P, H)]
+    if layout == "padded":
+        out, states = m(x.transpose(0, 1), lengths=lengths)
+        out = out.transpose(0, 1)
+    elif layout == "batch_first":
+        out, states = m(x, lengths=lengths)
+    elif layout == "packed":
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, True, enforce_sorted=False)
+        out, states = m(packed)
+        out = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=T)[0]
+    else:
+        nt = torch.nested.as_nested_tensor(
+            [x[i, :n] for i, n in enumerate(lengths.tolist())], layout=torch.jagged
+        )
+        out, states = m(nt)
+        out = torch.nn.utils.rnn.pad_sequence(list(out.unbind()), batch_first=True)
+        out = F.pad(out, (0, 0, 0, T - out.shape[1]))
+    states = states if isinstance(states, tuple) else (states,)
+    loss = (out.float() * w_out).sum()
+    loss = loss + sum((s.float() * w).sum() for s, w in zip(states, w_states))
+    loss.backward()
+    return m, x, lengths, (w_out, w_states), [x.grad] + [p.grad for p in m.parameters()]
+
+
+def mirror_grads(cell, m, x, lengths, weights, backward, monkeypatch):
+    """The mirror's [x.grad, *parameter grads] for train_once's loss (x: [B, T, I])."""
+    x64 = x.detach().double().requires_grad_()
+    inp = x64 if m.batch_first else x64.transpose(0, 1)
+    (out, states), m64 = run_backward_mirror(cell, m, inp, lengths, backward, monkeypatch)
+    out = out if m.batch_first else out.transpose(0, 1)
+    states = states if isinstance(states, tuple) else (states,)
+    w_out, w_states = weights
+    loss = (out * w_out.double()).sum()
+    loss = loss + sum((s * w.double()).sum() for s, w in zip(states, w_states))
+    loss.backward()
+    return [x64.grad] + [p.grad for p in m64.parameters()]
+
+
+def mirror_excess(got, want):
+    """The largest amount by which any gradient misses the tolerance, relative to its scale:
+    one bfloat16 rounding of the result (rtol 2^-8, twice the half ulp each gradient gets when
+    returned in bfloat16) plus 1e-4 of the gradient's largest magnitude. The absolute part is
+    for the rare dG or state that float32 and float64 round to neighbouring bfloat16 values
+    (seen: up to 7e-6 of the scale). The float32 backward misses it by more than 1.5e-3, and
+    so does this run against the mirror without the backward's roundings."""
+    worst = -1.0
+    for a, b in zip(got, want):
+        scale = b.abs().max().item() + 1e-6
+        miss = (a.double() - b).abs() - 2.0**-8 * b.abs() - 1e-4 * scale
+        worst = max(worst, miss.nan_to_num(nan=float("inf")).max().item() / scale)
+    return worst
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("steps,directions", LOOPS, ids=["split", "concurrent", "gemm"])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_backward_matches_its_mirror(cell, steps, directions, layout, monkeypatch):
+    """Every gradient of the matrix-unit run agrees with the float64 mirror of the forward's
+    and the backward's roundings (mirror_excess says how closely, and why); the mirror without
+    the backward's roundings is further off than that, and the =float run differs bitwise: the
+    backward's bfloat16 path is the one taken."""
+    monkeypatch.setenv("VARLEN_RNN_CPU_STEPS", steps)
+    monkeypatch.setenv("VARLEN_RNN_CPU_DIRECTIONS", directions)
+    monkeypatch.setenv("VARLEN_RNN_CPU_BF16", "amx")
+    m, x, lengths, weights, amx = train_once(cell, layout)
+    mirror = mirror_grads(cell, m, x, lengths, weights, True, monkeypatch)
+    assert all(a.dtype == BF16 for a in amx)
+    assert mirror_excess(amx, mirror) <= 0
+    forward_only = mirror_grads(cell, m, x, lengths, weights, False, monkeypatch)
+    assert mirror_excess(amx, forward_only) > 5e-4
+    monkeypatch.setenv("VARLEN_RNN_CPU_BF16", "float")
+    plain = train_once(cell, layout)[4]
+    assert mirror_excess(plain, mirror) > 5e-4
+    assert any(not torch.equal(a, p) for a, p in zip(amx, plain))
+
+
+@pytest.mark.parametrize("steps,directions", LOOPS, ids=["split", "concurrent", "gemm"])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_backward_repeats_bitwise(cell, steps, directions, monkeypatch):
+    """A second training step on the same input gives the same bits (every product's rows are
+    summed by one thread in a fixed order), and the step loops agree with each other to the
+    mirror's tolerance."""
+    monkeypatch.setenv("VARLEN_RNN_CPU_STEPS", steps)
+    monkeypatch.setenv("VARLEN_RNN_CPU_DIRECTIONS", directions)
+    monkeypatch.setenv("VARLEN_RNN_CPU_BF16", "amx")
+    first = train_once(cell, "batch_first")[4]
+    second = train_once(cell, "batch_first")[4]
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    monkeypatch.setenv("VARLEN_RNN_CPU_STEPS", "gemm")
+    gemm = train_once(cell, "batch_first")[4]
+    assert mirror_excess(first, [g.double() for g in gemm]) <= 0
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm_proj"])
+def test_backward_odd_sizes_stay_float(cell, monkeypatch):
+    """An odd state width (H = 41, or P = 5 with a projection) keeps the whole layer, backward
+    included, in float32: its gradients equal the =float run's bit for bit."""
+    cls, extra, _ = CELLS[cell]
+    extra = {"proj_size": 5} if extra else {}
+    torch.manual_seed(0)
+    m = cls(I, 41, bidirectional=True, **extra).to(BF16)
+    x = torch.randn(T, len(LENGTHS), I).to(BF16)
+    lengths = torch.tensor(LENGTHS)
+
+    def grads(mode):
+        monkeypatch.setenv("VARLEN_RNN_CPU_BF16", mode)
+        m.zero_grad()
+        xg = x.clone().requires_grad_()
+        m(xg, lengths=lengths)[0].float().sum().backward()
+        return [xg.grad] + [p.grad.clone() for p in m.parameters()]
+
+    assert all(torch.equal(a, b) for a, b in zip(grads("amx"), grads("float")))

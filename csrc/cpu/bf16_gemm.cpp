@@ -105,7 +105,8 @@ void round_bf16(const float* x, int64_t n, at::BFloat16* y) {
 void bf16_gemm_release() { cpublas::brgemm_release(true); }
 
 void bf16_gemm_parallel(int64_t m, const at::BFloat16* a, int64_t lda, const PackedB16& b, float* c,
-                        int64_t ldc, const float* bias) {
+                        int64_t ldc, const float* bias, bool accumulate) {
+  TORCH_INTERNAL_ASSERT(!(accumulate && bias != nullptr), "bf16_gemm_parallel: bias or accumulate");
   constexpr int64_t S = PackedB16::kStrip;
   // Row blocks of 256 (one A block stays in L2 while the strips stream past
   // it); a task is one block times one strip.
@@ -120,7 +121,7 @@ void bf16_gemm_parallel(int64_t m, const at::BFloat16* a, int64_t lda, const Pac
       const int64_t r0 = (t / strips) * kRows, j0 = (t % strips) * S;
       const int64_t mb = std::min(kRows, m - r0), nj = std::min(S, b.N - j0);
       float* cb = c + r0 * ldc + j0;
-      for (int64_t i = 0; i < mb && (bias != nullptr || b.K == 0); ++i) {
+      for (int64_t i = 0; i < mb && !accumulate && (bias != nullptr || b.K == 0); ++i) {
         if (bias != nullptr) {
           std::copy_n(bias + j0, nj, cb + i * ldc);
         } else {
@@ -128,11 +129,34 @@ void bf16_gemm_parallel(int64_t m, const at::BFloat16* a, int64_t lda, const Pac
         }
       }
       if (b.K > 0) {
-        cpublas::brgemm(mb, nj, b.K, lda, S, ldc, bias != nullptr, a + r0 * lda,
+        cpublas::brgemm(mb, nj, b.K, lda, S, ldc, accumulate || bias != nullptr, a + r0 * lda,
                         sp + (t % strips) * strip_size, cb, true);
       }
     }
   });
+}
+
+at::Tensor round_rows_bf16(float* x, int64_t rows, int64_t cols, int64_t ld) {
+  // Chunks of kChunk values go through local buffers with memcpy (no float
+  // and bfloat16 pointers into the same bytes). Chunk j's result lands in
+  // bytes that held chunks j / 2 and before: already read.
+  constexpr int64_t kChunk = 256;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)),
+                   [&](int64_t r0, int64_t r1) {
+                     float in[kChunk];
+                     at::BFloat16 out[kChunk];
+                     for (int64_t r = r0; r < r1; ++r) {
+                       char* row = reinterpret_cast<char*>(x + r * ld);
+                       for (int64_t j0 = 0; j0 < cols; j0 += kChunk) {
+                         const int64_t nj = std::min(kChunk, cols - j0);
+                         std::memcpy(in, row + j0 * sizeof(float), nj * sizeof(float));
+                         round_bf16(in, nj, out);
+                         std::memcpy(row + j0 * sizeof(at::BFloat16), out,
+                                     nj * sizeof(at::BFloat16));
+                       }
+                     }
+                   });
+  return at::from_blob(x, {rows, cols}, {2 * ld, 1}, at::TensorOptions().dtype(at::kBFloat16));
 }
 
 namespace {

@@ -40,7 +40,9 @@ bool bf16_gemm_available();
 
 // Whether a layer with this input dtype and inner sizes (I and P, the
 // products' K) runs its products in bfloat16: a bfloat16 input with even I
-// and P where bf16_gemm_available(). VARLEN_RNN_CPU_BF16=float
+// and P where bf16_gemm_available(). The backward's per-step product dG W_hh
+// has K = G*H, even then too: P = H without a projection, and the LSTM's
+// (the one cell with a projection) G*H = 4H. VARLEN_RNN_CPU_BF16=float
 // keeps every bfloat16 layer in float32 throughout; =amx insists (an error
 // where unavailable). Read at every call.
 bool bf16_gemm_for(at::ScalarType input_dtype, int64_t I, int64_t P);
@@ -81,9 +83,21 @@ struct Bf16GemmScope {
 };
 
 // All threads (at::parallel_for over row blocks and strips): c[m, N] (ldc)
-// = a[m, K] (lda) b (+ bias[N] on every row, when bias is not null).
+// = a[m, K] (lda) b (+ bias[N] on every row, when bias is not null), or
+// c += a b with accumulate (then bias must be null).
 void bf16_gemm_parallel(int64_t m, const at::BFloat16* a, int64_t lda, const PackedB16& b, float* c,
-                        int64_t ldc, const float* bias);
+                        int64_t ldc, const float* bias, bool accumulate = false);
+
+// x's rows [rows, cols] (ld floats apart) rounded to bfloat16 in place, on
+// all threads: row r's values land in the first half of its own bytes, so
+// the result is a bfloat16 [rows, cols] matrix with row stride 2 * ld, which
+// the returned view (not owning x's memory: keep x's tensor alive) reads.
+// The rows' float values are gone afterwards. For the backward's buffers
+// over positions, whose products take bfloat16 operands: no second buffer.
+at::Tensor round_rows_bf16(float* x, int64_t rows, int64_t cols, int64_t ld);
+inline at::Tensor round_rows_bf16(double*, int64_t, int64_t, int64_t) {
+  TORCH_INTERNAL_ASSERT(false, "bfloat16 products in a float64 layer");
+}
 
 }  // namespace cpu
 }  // namespace varlen_rnn

@@ -32,8 +32,9 @@ struct ForwardArgs {
   // [T*B, I] (or [B*T, I] if batch_first); ragged [N, I]. In the op-math
   // dtype, but bfloat16 as given where bf16 is set.
   at::Tensor input2d;
-  // The forward's input projection and per-step W_hh product take bfloat16
-  // operands (cpu/bf16_gemm.h; bf16_gemm_for says where).
+  // The products take bfloat16 operands (cpu/bf16_gemm.h; bf16_gemm_for says
+  // where): the forward's input projection and per-step W_hh product, the
+  // backward's per-step dG W_hh and its weight and input gradients.
   bool bf16 = false;
   at::Tensor hx;                         // [D, B, P]
   at::Tensor cx;                         // [D, B, H] for a cell with c (LSTM), else undefined
@@ -96,17 +97,16 @@ inline void set_weight_args(ForwardArgs& args, const WeightInputs& w) {
 }
 
 // The input as the layer reads it: bfloat16 as given for the bfloat16
-// products (set with forward: the backward runs in the op-math dtype).
-inline void set_input(ForwardArgs& args, const at::Tensor& input, bool forward) {
-  args.bf16 = forward && bf16_gemm_for(input.scalar_type(), args.dims.I, args.dims.P);
+// products (both passes decide alike: bf16_gemm_for).
+inline void set_input(ForwardArgs& args, const at::Tensor& input) {
+  args.bf16 = bf16_gemm_for(input.scalar_type(), args.dims.I, args.dims.P);
   args.input2d = args.bf16 ? input.contiguous() : opmath_contiguous(input);
 }
 
 // Checks the padded layer's arguments (shapes as in ops.cpp's schemas) and
-// fills the fields both passes read; forward: the forward op's.
+// fills the fields both passes read.
 inline void set_layer_args(ForwardArgs& args, const CellArgs& cell, const at::Tensor& input,
-                           const at::Tensor& lengths, const WeightInputs& w, bool batch_first,
-                           bool forward) {
+                           const at::Tensor& lengths, const WeightInputs& w, bool batch_first) {
   args.dims = check_layer_args(input, lengths, *w.hx, *w.w_ih, *w.w_hh, *w.b_ih, *w.b_hh,
                                batch_first, cell);
   args.sched = make_schedule(lengths, args.dims.T);
@@ -116,7 +116,7 @@ inline void set_layer_args(ForwardArgs& args, const CellArgs& cell, const at::Te
   args.out_rows = padded_map(batch_first, dims.T, dims.B, args.sched.perm.data());
   args.gather = packed_rows(args.sched, args.out_rows);
   set_weight_args(args, w);
-  set_input(args, input, forward);
+  set_input(args, input);
   args.input2d = args.input2d.view({-1, dims.I});
 }
 
@@ -124,7 +124,7 @@ inline void set_layer_args(ForwardArgs& args, const CellArgs& cell, const at::Te
 inline RaggedDims set_ragged_args(ForwardArgs& args, const CellArgs& cell, const at::Tensor& input,
                                   const at::Tensor& seq_index,
                                   const std::optional<at::Tensor>& sorted_indices, int64_t layout,
-                                  int64_t max_len, const WeightInputs& w, bool forward) {
+                                  int64_t max_len, const WeightInputs& w) {
   const RaggedDims dims = check_ragged_args(input, seq_index, sorted_indices, layout, max_len,
                                             *w.hx, *w.w_ih, *w.w_hh, *w.b_ih, *w.b_hh, cell);
   args.dims = dims;
@@ -135,7 +135,7 @@ inline RaggedDims set_ragged_args(ForwardArgs& args, const CellArgs& cell, const
                      : packed_map(args.sched.offset.data(), nullptr);
   args.out_rows = args.gx_rows;
   set_weight_args(args, w);
-  set_input(args, input, forward);
+  set_input(args, input);
   return dims;
 }
 

@@ -86,7 +86,7 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& lengths,
                             const WeightInputs& w, bool batch_first, bool need_workspace) {
   const NoAutocastGuard no_autocast;
   ForwardArgs args;
-  set_layer_args(args, CellArgs::of<Cell>(w.cx, w.w_hr), input, lengths, w, batch_first, true);
+  set_layer_args(args, CellArgs::of<Cell>(w.cx, w.w_hr), input, lengths, w, batch_first);
   const LayerDims& dims = args.dims;
   args.output = at::empty(dims.output_sizes(), args.opts());
   args.output.view({-1, dims.D * dims.P})
@@ -103,7 +103,7 @@ BackwardResult layer_backward(const at::Tensor& grad_output, const at::Tensor& g
                               bool batch_first) {
   const NoAutocastGuard no_autocast;
   BackwardArgs args;
-  set_layer_args(args, CellArgs::of<Cell>(w.cx, w.w_hr), input, lengths, w, batch_first, false);
+  set_layer_args(args, CellArgs::of<Cell>(w.cx, w.w_hr), input, lengths, w, batch_first);
   check_backward_args(args.dims, input, grad_output, grad_h_n, output, workspace, args.sched.N(),
                       grad_c_n);
   return run_backward<Cell>(args, input, grad_output, grad_h_n, grad_c_n, output, workspace);
@@ -117,7 +117,7 @@ ForwardResult ragged_forward(const at::Tensor& input, const at::Tensor& seq_inde
   const NoAutocastGuard no_autocast;
   ForwardArgs args;
   const RaggedDims dims = set_ragged_args(args, CellArgs::of<Cell>(w.cx, w.w_hr), input, seq_index,
-                                          sorted_indices, layout, max_len, w, true);
+                                          sorted_indices, layout, max_len, w);
   args.output = at::empty(dims.output_sizes(), args.opts());
   return run_forward<Cell>(args, input.scalar_type(), need_workspace);
 }
@@ -132,7 +132,7 @@ BackwardResult ragged_backward(const at::Tensor& grad_output, const at::Tensor& 
   const NoAutocastGuard no_autocast;
   BackwardArgs args;
   const RaggedDims dims = set_ragged_args(args, CellArgs::of<Cell>(w.cx, w.w_hr), input, seq_index,
-                                          sorted_indices, layout, max_len, w, false);
+                                          sorted_indices, layout, max_len, w);
   check_backward_args(dims, input, grad_output, grad_h_n, output, workspace, dims.N, grad_c_n);
   return run_backward<Cell>(args, input, grad_output, grad_h_n, grad_c_n, output, workspace);
 }

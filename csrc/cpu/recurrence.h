@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cpu/backward_bf16.h"
 #include "cpu/bf16_gemm.h"
 #include "cpu/layer_args.h"
 #include "cpu/rows.h"
@@ -166,8 +167,10 @@ void forward_impl(ForwardArgs& args) {
 // h_prev of every position of direction d ([N, P], gx_rows' order), the
 // right operand of dW_hh: hx at a row's first step, else the output at its
 // previous time. Gathered after the step loop, so the loop runs without it.
-template <typename scalar_t>
-void gather_hprev(const BackwardArgs& args, int64_t d, scalar_t* hprev) {
+// out_t bfloat16: for the bfloat16 product (a bfloat16 layer's output and hx
+// are bfloat16 values: no rounding).
+template <typename scalar_t, typename out_t = scalar_t>
+void gather_hprev(const BackwardArgs& args, int64_t d, out_t* hprev) {
   const Schedule& sched = args.sched;
   const int64_t B = args.dims.B, P = args.dims.P;
   const scalar_t* out_p = args.output.const_data_ptr<scalar_t>();
@@ -178,7 +181,11 @@ void gather_hprev(const BackwardArgs& args, int64_t d, scalar_t* hprev) {
         const int64_t t = step_time(d, sched.len[i], s);
         const scalar_t* prev = s == 0 ? hx_p + (d * B + sched.perm[i]) * P
                                       : out_p + output_offset(args, prev_time(d, t), i, d);
-        std::copy_n(prev, P, hprev + args.gx_rows.row(t, i) * P);
+        if constexpr (std::is_same_v<out_t, scalar_t>) {
+          std::copy_n(prev, P, hprev + args.gx_rows.row(t, i) * P);
+        } else {
+          round_bf16(prev, P, hprev + args.gx_rows.row(t, i) * P);
+        }
       }
     }
   });
@@ -211,24 +218,36 @@ void backward_impl(BackwardArgs& args) {
   // step loop (gather_hprev), so it does not add to the loop's peak; with one
   // the loop copies h_state's previous value as it goes. The buffers of one
   // direction are held once per direction whose loop runs at the same time.
+  // The float32 rule also for bfloat16 products: the split-always rule is
+  // measured for the forward only.
   const StepLoops loops = step_loops(dims, sizeof(scalar_t));
   const bool split = loops != StepLoops::kGemm;
   const int64_t held = loops == StepLoops::kConcurrent ? dims.D : 1;
+  // bfloat16 products (cpu/bf16_gemm.h): the per-step dG W_hh on a bfloat16
+  // copy of the step's dG; dW_ih, dW_hh and dx by ATen's bfloat16 GEMM (float32
+  // accumulation, one rounding of the result, which is bfloat16 anyway) on
+  // dgx, dghn and h_prev rounded in place once the biases' sums have read
+  // them, so no buffer over positions is added. The projection's products
+  // (dh' and dW_hr) stay float32, as the forward's h' W_hr^T does.
+  const bool bf16 = std::is_same_v<scalar_t, float> && args.bf16;
   at::Tensor dgx = at::empty({N, DG}, opts);                                 // [N, D*G*H]
   at::Tensor dghn = kDiffer ? at::empty({held, N, H}, opts) : at::Tensor();  // [held, N, H]
   at::Tensor hprev = proj ? at::empty({held, N, P}, opts) : at::Tensor();    // [held, N, P]
   at::Tensor dhs = proj ? at::empty({held, N, P}, opts) : at::Tensor();   // [held, N, P] dh_state
   at::Tensor hout = proj ? at::empty({held, N, H}, opts) : at::Tensor();  // [held, N, H] h'
   // The per-step loop's step buffers (the split loop has its own).
-  const bool need_dgh = !split && !(dgx_in_place && dims.D == 1);
+  const bool need_dgh = !split && (bf16 ? kDiffer : !(dgx_in_place && dims.D == 1));
   at::Tensor dgh = need_dgh ? at::empty({dims.B, G}, opts) : at::Tensor();  // [B, G*H] one step
-  at::Tensor dhp = proj && !split ? at::empty({dims.B, H}, opts) : at::Tensor();  // [B, H] dh'
+  const auto opts16 = opts.dtype(at::kBFloat16);
+  at::Tensor dgb = bf16 && !split ? at::empty({dims.B, G}, opts16) : at::Tensor();  // [B, G*H]
+  at::Tensor dhp = proj && !split ? at::empty({dims.B, H}, opts) : at::Tensor();    // [B, H] dh'
   const scalar_t* go_p = args.grad_output.const_data_ptr<scalar_t>();
   const scalar_t* out_p = args.output.const_data_ptr<scalar_t>();
   const scalar_t* hx_p = args.hx.const_data_ptr<scalar_t>();
   scalar_t* dgx_p = dgx.data_ptr<scalar_t>();
   scalar_t* dgh_p = need_dgh ? dgh.data_ptr<scalar_t>() : nullptr;
   scalar_t* dhp_p = dhp.defined() ? dhp.data_ptr<scalar_t>() : nullptr;
+  at::BFloat16* dgb_p = dgb.defined() ? dgb.data_ptr<at::BFloat16>() : nullptr;
   auto bufs_of = [&](int64_t k) {  // the k-th of the held directions' buffers
     auto at_k = [k](const at::Tensor& t) {
       return t.defined() ? t[k].data_ptr<scalar_t>() : nullptr;
@@ -239,9 +258,20 @@ void backward_impl(BackwardArgs& args) {
   // after its loop: dW_hh = dgh^T hprev over all positions (dgh is dgx but
   // for kDiffer's last gate); dW_hr = dh_state^T h'.
   auto hidden_weight_grads = [&](int64_t d, int64_t k) {
+    if (bf16) {  // cpu/backward_bf16.h; h_prev is bfloat16 values: no rounding
+      const at::Tensor hp16 = proj ? round_rows_bf16(hprev[k].data_ptr<scalar_t>(), N, P, P)
+                                   : at::empty({N, P}, opts16);  // [N, P]
+      if (!proj) gather_hprev<scalar_t>(args, d, hp16.data_ptr<at::BFloat16>());
+      hidden_weight_grads_bf16<Cell>(args, d, dgx, kDiffer ? dghn[k] : at::Tensor(), hp16);
+      if (proj) {
+        at::Tensor gw_hr = args.grad_w_hr[d];
+        at::mm_out(gw_hr, dhs[k].t(), hout[k]);
+      }
+      return;
+    }
     // [N, P]; without a projection gathered now (the loop ran without it)
     const at::Tensor hp = proj ? hprev[k] : at::empty({N, P}, opts);
-    if (!proj) gather_hprev(args, d, hp.data_ptr<scalar_t>());
+    if (!proj) gather_hprev<scalar_t>(args, d, hp.data_ptr<scalar_t>());
     const int64_t G_same = kDiffer ? G - H : G;
     const at::Tensor dgx_same = dgx.narrow(1, d * G, G_same);  // [N, G_same]
     at::Tensor gw_same = args.grad_w_hh[d].narrow(0, 0, G_same);
@@ -290,7 +320,9 @@ void backward_impl(BackwardArgs& args) {
     scalar_t* dh_p = dh.data_ptr<scalar_t>();
     scalar_t* dc_p = Cell::kHasC ? dc.data_ptr<scalar_t>() : nullptr;
     const scalar_t* ws_p = args.workspace.const_data_ptr<scalar_t>() + d * N * S;
-    const at::Tensor w_hh_d = args.w_hh[d];                        // [G*H, P]
+    const at::Tensor w_hh_d = args.w_hh[d];  // [G*H, P]
+    const PackedB16 w_hh16 =
+        bf16 && !split ? pack_b16(G, P, w_hh_d.const_data_ptr<float>(), P, 1) : PackedB16{};
     const at::Tensor w_hr_d = proj ? args.w_hr[d] : at::Tensor();  // [P, H]
     if (split) {  // the same steps, split by hidden units (cpu/split_backward.h)
       split_backward<Cell, scalar_t>(args, d, bufs, dgh_in_dgx, dh, dc);
@@ -327,9 +359,19 @@ void backward_impl(BackwardArgs& args) {
           row.hout = proj ? hout_p + pos * H : nullptr;
           if (proj) std::copy_n(row.prev, P, hp_p + pos * P);
           backward_row(Cell{}, row, H);
-          if (!kDiffer && !dgh_in_dgx) std::copy_n(row.dgx, G, dgh_p + i * G);
+          if (bf16) {
+            round_bf16(kDiffer ? row.dgh : row.dgx, G, dgb_p + i * G);
+          } else if (!kDiffer && !dgh_in_dgx) {
+            std::copy_n(row.dgx, G, dgh_p + i * G);
+          }
         }
       });
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (bf16) {  // dh_prev (+)= dG W_hh on the matrix unit
+          bf16_gemm_parallel(n, dgb_p, G, w_hh16, dh_p, P, nullptr, Cell::kReadsHPrev);
+          continue;
+        }
+      }
       const at::Tensor dgh_s = dgh_in_dgx ? dgx.narrow(0, sched.offset[s], n).narrow(1, d * G, G)
                                           : dgh.narrow(0, 0, n);  // [n, G*H]
       at::Tensor dh_s = dh.narrow(0, 0, n);
@@ -347,6 +389,10 @@ void backward_impl(BackwardArgs& args) {
   hprev.reset();
   dhs.reset();
   hout.reset();
+  if (bf16) {
+    input_grads_bf16(args, dgx, G);
+    return;
+  }
   at::Tensor xp = projection_input(args);  // [N, I]
   at::Tensor gw = args.grad_w_ih.view({DG, dims.I}), gb = args.grad_b_ih.view({DG});
   at::mm_out(gw, dgx.t(), xp);

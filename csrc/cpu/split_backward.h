@@ -25,6 +25,13 @@
 // written in (C); dG is written in (B) and read in (C): the two barriers
 // separate both, so neither needs a second buffer.
 //
+// With args.bf16 the dh product takes bfloat16 operands (cpu/bf16_gemm.h):
+// each thread packs its columns of W_hh for the matrix unit, and the gate
+// pass rounds its units' columns of dG into a bfloat16 step buffer, which is
+// then the one buffer read across threads (alternating likewise); the float
+// dG is kept (one buffer, read by its own thread only) just where the cell
+// writes it apart from dgx (the GRU).
+//
 // The loop fills dgx, dghn (and hprev, dh_state, h') exactly as the per-step
 // loop does, so the weight gradients after it are the same GEMMs. Every value
 // is computed by one thread in a fixed order: deterministic.
@@ -38,6 +45,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/bf16_gemm.h"
 #include "cpu/layer_args.h"
 #include "cpu/rows.h"
 #include "cpu/small_gemm.h"
@@ -92,21 +100,28 @@ class SplitBackward {
     // W_hr[:, u0:u1] as [P, Hs]. In float32 the micro-kernel
     // (cpu/small_gemm.h) may run the dh product instead: each thread then
     // packs its panel from W_hh's columns itself.
-    kernel_ = std::is_same_v<scalar_t, float> && use_small_gemm();
+    // With args.bf16 the matrix unit's product runs it, packed the same way.
+    bf16_ = std::is_same_v<scalar_t, float> && args.bf16;
+    kernel_ = !bf16_ && std::is_same_v<scalar_t, float> && use_small_gemm();
     w_hh_d_ = args.w_hh[d].contiguous();  // [G*H, P]
     packed_.resize(kernel_ ? parts_ : 0);
+    packed16_.resize(bf16_ ? parts_ : 0);
     for (int64_t k = 0; k < parts_; ++k) {
       const auto [p0, p1] = slice_of(P, parts_, k);
-      panels_.push_back(kernel_ ? at::Tensor() : w_hh_d_.narrow(1, p0, p1 - p0).contiguous());
+      const bool own_pack = kernel_ || bf16_;
+      panels_.push_back(own_pack ? at::Tensor() : w_hh_d_.narrow(1, p0, p1 - p0).contiguous());
       if (proj_) {
         const auto [u0, u1] = slice_of(H, parts_, k);
         panels_r_.push_back(args.w_hr[d].narrow(1, u0, u1 - u0).contiguous());
       }
     }
     // dG [B, G*H] per step: two alternating buffers without a projection,
-    // one with it, none when it is dgx.
-    const int64_t nbuf = dgh_in_dgx ? 0 : (proj_ ? 1 : 2);
-    dgbuf_ = at::empty({nbuf, dims.B, G}, opts);
+    // one with it, none when it is dgx. With bf16 that is the bfloat16 dG's
+    // count; the float dG is then the GRU's only, in one buffer.
+    const int64_t nbuf = proj_ ? 1 : 2;
+    if (bf16_) dgb_ = at::empty({nbuf, dims.B, G}, opts.dtype(at::kBFloat16));
+    const int64_t nfloat = bf16_ ? (Cell::kHiddenGradsDiffer ? 1 : 0) : (dgh_in_dgx ? 0 : nbuf);
+    dgbuf_ = at::empty({nfloat, dims.B, G}, opts);
     if (proj_) dhp_ = at::empty({dims.B, H}, opts);  // [B, H] dh'
     dh_p_ = dh.data_ptr<scalar_t>();
     dc_p_ = Cell::kHasC ? dc.data_ptr<scalar_t>() : nullptr;
@@ -120,10 +135,12 @@ class SplitBackward {
   const BackwardBuffers<scalar_t> buf_;
   const bool dgh_in_dgx_;
   int64_t parts_ = 1;
-  bool kernel_ = false, proj_ = false;
-  at::Tensor w_hh_d_, dgbuf_, dhp_;  // [G*H, P], [nbuf, B, G*H], [B, H]
+  bool kernel_ = false, proj_ = false, bf16_ = false;
+  at::Tensor w_hh_d_, dgbuf_, dhp_;  // [G*H, P], [nfloat, B, G*H], [B, H]
+  at::Tensor dgb_;                   // [nbuf, B, G*H] bfloat16 dG (bf16)
   std::vector<at::Tensor> panels_, panels_r_;
   std::vector<PackedB> packed_;
+  std::vector<PackedB16> packed16_;
   scalar_t *dh_p_ = nullptr, *dc_p_ = nullptr;
 };
 
@@ -136,9 +153,11 @@ void SplitBackward<Cell, scalar_t>::run(const Team& team) {
   const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H, S = Cell::kSaved * H;
   const int64_t DG = dims.D * G, N = sched.N();
   const int64_t d = d_, parts = parts_, tid = team.rank, nth = team.size;
-  const bool proj = proj_, kernel = kernel_, dgh_in_dgx = dgh_in_dgx_;
+  const bool proj = proj_, kernel = kernel_, bf16 = bf16_, dgh_in_dgx = dgh_in_dgx_;
+  const Bf16GemmScope bf16_scope(bf16);
   const BackwardBuffers<scalar_t>& buf = buf_;
   scalar_t* dgbuf_p = dgbuf_.data_ptr<scalar_t>();
+  at::BFloat16* dgb_p = bf16 ? dgb_.data_ptr<at::BFloat16>() : nullptr;
   scalar_t* dh_p = dh_p_;
   scalar_t* dc_p = dc_p_;
   scalar_t* dhp_p = proj ? dhp_.data_ptr<scalar_t>() : nullptr;
@@ -156,13 +175,18 @@ void SplitBackward<Cell, scalar_t>::run(const Team& team) {
       const auto [p0, p1] = slice_of(P, parts, k);
       if (p1 > p0) packed_[k] = pack_b(G, p1 - p0, w_hh_d_.const_data_ptr<float>() + p0, P, 1);
     }
+    for (int64_t k = tid; k < (bf16 ? parts : 0); k += nth) {
+      const auto [p0, p1] = slice_of(P, parts, k);
+      if (p1 > p0) packed16_[k] = pack_b16(G, p1 - p0, w_hh_d_.const_data_ptr<float>() + p0, P, 1);
+    }
   }
   for (int64_t s = sched.max_len - 1; s >= 0; --s) {
     const int64_t n = sched.active[s];
     if (n == 0) continue;  // the same for every thread
     scalar_t* dg = dgh_in_dgx ? buf.dgx + sched.offset[s] * DG + d * G
-                              : dgbuf_p + (proj ? 0 : s % 2) * dims.B * G;
+                              : dgbuf_p + (proj || bf16 ? 0 : s % 2) * dims.B * G;
     const int64_t ld = dgh_in_dgx ? DG : G;
+    at::BFloat16* dgb = bf16 ? dgb_p + (proj ? 0 : s % 2) * dims.B * G : nullptr;  // [n, G*H]
     if (proj) {  // (A) dh_state = dh + grad_output, kept for dW_hr; h_prev
       for (int64_t k = tid; k < parts; k += nth) {
         const auto [p0, p1] = slice_of(P, parts, k);
@@ -199,7 +223,12 @@ void SplitBackward<Cell, scalar_t>::run(const Team& team) {
         row.dghn = kDiffer ? buf.dghn + pos * H + u0 : nullptr;
         row.hout = proj ? buf.hout + pos * H + u0 : nullptr;
         backward_units(Cell{}, row, Hs, H);
-        if (!kDiffer && !dgh_in_dgx) {
+        if (bf16) {                                           // the product's operand: dG rounded
+          const scalar_t* src = kDiffer ? row.dgh : row.dgx;  // gate stride H
+          for (int64_t g = 0; g < Cell::kGates; ++g) {
+            round_bf16(src + g * H, Hs, dgb + i * G + g * H + u0);
+          }
+        } else if (!kDiffer && !dgh_in_dgx) {
           for (int64_t g = 0; g < Cell::kGates; ++g) {
             std::copy_n(row.dgx + g * H, Hs, dg + i * ld + g * H + u0);
           }
@@ -213,6 +242,10 @@ void SplitBackward<Cell, scalar_t>::run(const Team& team) {
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (kernel) {
           if (p1 > p0) small_gemm(n, dg, ld, packed_[k], dh_p + p0, P, Cell::kReadsHPrev);
+          continue;
+        }
+        if (bf16) {
+          if (p1 > p0) bf16_gemm(n, dgb, G, packed16_[k], dh_p + p0, P, Cell::kReadsHPrev);
           continue;
         }
       }
