@@ -35,9 +35,11 @@ struct VecMathF32 {
     // exp(89) and exp(+inf) overflow to inf as expf does (sigmoid(-inf) = 0).
     x = x > 89.0f ? 89.0f : x;
     x = x < -87.0f ? -87.0f : x;
-    const float t = x * 1.44269504088896341f;  // round(x / ln 2), without a libm call
-    const int32_t k = static_cast<int32_t>(t + (t >= 0.0f ? 0.5f : -0.5f));
-    const float kf = static_cast<float>(k);
+    // k = round(x / ln 2) without a libm call or a select: adding and taking
+    // away 1.5 * 2^23 leaves t rounded to the nearest integer (|t| < 2^22).
+    const float t = x * 1.44269504088896341f;
+    const float kf = (t + 12582912.0f) - 12582912.0f;
+    const int32_t k = static_cast<int32_t>(kf);
     const float r = x - kf * 0.693359375f + kf * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
