@@ -24,7 +24,9 @@ def _inputs() -> torch.Tensor:
     """[n] float32: a dense sweep of [-100, 100], the exp's clamps and overflow edges, tiny and
     huge magnitudes, +-inf and NaN."""
     sweep = torch.linspace(-100, 100, 200_001, dtype=torch.float64)
-    edges = torch.tensor([87.0, 88.0, 88.72, 88.73, 89.0, 89.5, 9.0, 9.01, 10.0, 10.5, 44.0, 45.0])
+    edges = torch.tensor(
+        [87.0, 88.0, 88.38, 88.5, 88.72, 88.73, 89.0, 89.5, 9.0, 9.01, 10.0, 10.5, 45.0]
+    )
     tiny = torch.tensor([1e-30, 1e-12, 1e-7, 1e-5, 1e-3, 0.0])
     huge = torch.tensor([1e5, 3e38, float("inf")])
     special = torch.tensor([float("nan")])
