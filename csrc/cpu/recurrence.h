@@ -112,11 +112,14 @@ void forward_impl(ForwardArgs& args) {
         gemm_loop && !bf16 ? args.w_hh[d].t().contiguous() : at::Tensor();  // [P, G*H]
     const PackedB16 w_hh16 =
         bf16 ? pack_b16(P, G, args.w_hh[d].const_data_ptr<float>(), 1, P) : PackedB16{};
-    at::Tensor hb = bf16 ? at::empty({dims.B, P}, opts.dtype(at::kBFloat16)) : at::Tensor();
     const at::Tensor w_hr_t =
         gemm_loop && proj ? args.w_hr[d].t().contiguous() : at::Tensor();  // [H, P]
     at::Tensor h = args.hx[d].index_select(0, perm);                       // [B, P] sorted order
     at::Tensor c = Cell::kHasC ? args.cx[d].index_select(0, perm) : at::Tensor();  // [B, H]
+    // [B, P] h rounded for the next step's product: h0 here, then by each
+    // step's gate pass (or, with a projection, after it) while h is in cache.
+    at::Tensor hb = bf16 ? h.to(at::kBFloat16) : at::Tensor();
+    at::BFloat16* hb_p = bf16 ? hb.data_ptr<at::BFloat16>() : nullptr;
     const scalar_t* gx_p = gx.const_data_ptr<scalar_t>();
     const scalar_t* bias_p = bias.const_data_ptr<scalar_t>() + d * 2 * G;
     scalar_t* h_p = h.data_ptr<scalar_t>();
@@ -130,7 +133,6 @@ void forward_impl(ForwardArgs& args) {
       at::Tensor gh_s = gh.narrow(0, 0, n);
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (bf16) {
-          hb.narrow(0, 0, n).copy_(h.narrow(0, 0, n));
           bf16_gemm_parallel(n, hb.const_data_ptr<at::BFloat16>(), P, w_hh16, gh.data_ptr<float>(),
                              G, nullptr);
         }
@@ -150,6 +152,7 @@ void forward_impl(ForwardArgs& args) {
           row.c = Cell::kHasC ? c_p + i * H : nullptr;
           row.ws = save ? ws_p + (sched.offset[s] + i) * S : nullptr;
           forward_row(Cell{}, row, H);
+          if (bf16 && !proj) round_bf16(row.h, H, hb_p + i * P);
         }
       });
       if (proj) {
@@ -159,6 +162,7 @@ void forward_impl(ForwardArgs& args) {
           for (int64_t i = i0; i < i1; ++i) {
             const int64_t t = step_time(d, sched.len[i], s);
             std::copy_n(h_p + i * P, P, out_p + output_offset(args, t, i, d));
+            if (bf16) round_bf16(h_p + i * P, P, hb_p + i * P);
           }
         });
       }
