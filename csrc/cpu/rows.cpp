@@ -16,18 +16,22 @@ namespace {
 #endif
 
 // units: how many units the row's pointers cover; H: the gate stride of gx,
-// bh and ws; gh_ld: that of gh (a thread's own gh slice in cpu/split_steps.h).
+// bx, bh and ws; gh_ld: that of gh (a thread's own gh slice in cpu/split_steps.h).
 template <typename T, typename Cell, typename Math, bool kSave>
 inline void forward_loop(const ForwardRow<T>& row, int64_t units, int64_t H, int64_t gh_ld) {
   constexpr int G = Cell::kGates, S = Cell::kSaved;
   VR_IVDEP
   for (int64_t j = 0; j < units; ++j) {
-    T gx[G], gh[G], bh[G], saved[S];
+    T gx[G], gh[G], bx[G], bh[G], saved[S];
     load_cols<G>(row.gx, j, H, gx);
     load_cols<G>(row.gh, j, gh_ld, gh);
+    load_cols<G>(row.bx, j, H, bx);
     load_cols<G>(row.bh, j, H, bh);
     VR_UNROLL
-    for (int k = 0; k < G; ++k) gh[k] += bh[k];
+    for (int k = 0; k < G; ++k) {
+      gx[k] += bx[k];
+      gh[k] += bh[k];
+    }
     CellState<T> prev, next;
     if constexpr (Cell::kReadsHPrev) prev.h = row.h[j];
     if constexpr (Cell::kHasC) prev.c = row.c[j];

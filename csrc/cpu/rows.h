@@ -18,8 +18,9 @@ namespace varlen_rnn {
 // row of G (or S) values per unit holds value k of unit j at k*H + j.
 template <typename T>
 struct ForwardRow {
-  const T* gx;  // [G*H] input projection W_ih x + b_ih
+  const T* gx;  // [G*H] input projection W_ih x, without the bias
   const T* gh;  // [G*H] W_hh h, without the bias
+  const T* bx;  // [G*H] b_ih (zeros without biases)
   const T* bh;  // [G*H] b_hh (zeros without biases)
   T* h;         // [H] h_prev in (read only if Cell::kReadsHPrev), h' out
   T* out;       // [H] also set to h'; may be h itself
@@ -49,7 +50,7 @@ struct BackwardRow {
 };
 
 // forward_units: the same over `units` units from the row's pointers (a slice
-// of the row: gx, bh, ws, h, out, c already offset to its first unit), gate
+// of the row: gx, bx, bh, ws, h, out, c already offset to its first unit), gate
 // stride H everywhere but gh's, which is gh_ld. backward_units: likewise (every
 // pointer offset to the slice's first unit, gate stride H); the gradients of
 // those units are exactly backward_row's.

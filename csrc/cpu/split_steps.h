@@ -46,14 +46,15 @@ namespace cpu {
 // `threads` threads (its slices and panels), run by that team (run, inside
 // run_teams: one team for the directions in turn, two for both at once), then
 // finished. h: [B, P] sorted order (in: h0, out: h_n); c: [B, H]
-// (Cell::kHasC); gx_p: [N, G*H] this direction's input projection; ws_p: this
-// direction's workspace or null.
+// (Cell::kHasC); gx_p: [N, G*H] this direction's input projection (without
+// b_ih); bias_p: [2, G*H] its b_ih then b_hh; ws_p: this direction's
+// workspace or null.
 template <typename Cell, typename scalar_t>
 class SplitSteps {
  public:
-  SplitSteps(ForwardArgs& args, int64_t d, const scalar_t* gx_p, const scalar_t* bh_p,
+  SplitSteps(ForwardArgs& args, int64_t d, const scalar_t* gx_p, const scalar_t* bias_p,
              at::Tensor& h, at::Tensor& c, scalar_t* ws_p, int64_t threads)
-      : args_(args), d_(d), gx_p_(gx_p), bh_p_(bh_p), ws_p_(ws_p) {
+      : args_(args), d_(d), gx_p_(gx_p), bias_p_(bias_p), ws_p_(ws_p) {
     const int64_t H = args.dims.H, P = args.dims.P;
     const auto opts = h.options();
     parts_ = team_parts(H, threads);
@@ -110,7 +111,7 @@ class SplitSteps {
  private:
   ForwardArgs& args_;
   const int64_t d_;
-  const scalar_t *const gx_p_, *const bh_p_;
+  const scalar_t *const gx_p_, *const bias_p_;
   scalar_t* const ws_p_;
   int64_t parts_ = 1;
   bool kernel_ = false, proj_ = false, bf16_ = false;
@@ -170,7 +171,8 @@ void SplitSteps<Cell, scalar_t>::run(const Team& team) {
         ForwardRow<scalar_t> row;
         row.gx = gx_p_ + args_.gx_rows.row(t, i) * G + u0;
         row.gh = ghk + i * ld;
-        row.bh = bh_p_ + u0;
+        row.bx = bias_p_ + u0;
+        row.bh = bias_p_ + G + u0;
         row.h = hi;
         row.out = proj ? row.h : out_p + output_offset(args_, t, i, d) + u0;
         row.c = Cell::kHasC ? c_p_ + i * H + u0 : nullptr;
@@ -198,23 +200,25 @@ void SplitSteps<Cell, scalar_t>::run(const Team& team) {
 
 // Direction d's step loop on all threads (the directions in turn).
 template <typename Cell, typename scalar_t>
-void split_steps(ForwardArgs& args, int64_t d, const scalar_t* gx_p, const scalar_t* bh_p,
+void split_steps(ForwardArgs& args, int64_t d, const scalar_t* gx_p, const scalar_t* bias_p,
                  at::Tensor& h, at::Tensor& c, scalar_t* ws_p) {
   const int64_t threads = at::get_num_threads();
-  SplitSteps<Cell, scalar_t> loop(args, d, gx_p, bh_p, h, c, ws_p, threads);
+  SplitSteps<Cell, scalar_t> loop(args, d, gx_p, bias_p, h, c, ws_p, threads);
   run_teams({team_parts(args.dims.H, threads)}, [&](int64_t, const Team& team) { loop.run(team); });
   loop.finish();
 }
 
 // Both directions' step loops at once, each on its half of the threads
-// (direction_halves); the arguments are split_steps' per direction.
+// (direction_halves); the arguments are split_steps' per direction (bias_p:
+// [D, 2, G*H], both directions' biases).
 template <typename Cell, typename scalar_t>
-void concurrent_steps(ForwardArgs& args, const scalar_t* const gx_p[2], const scalar_t* bh_p,
+void concurrent_steps(ForwardArgs& args, const scalar_t* const gx_p[2], const scalar_t* bias_p,
                       at::Tensor* h, at::Tensor* c, scalar_t* const ws_p[2]) {
   const std::vector<int64_t> halves = direction_halves();
   const int64_t G = Cell::kGates * args.dims.H;
-  SplitSteps<Cell, scalar_t> loop0(args, 0, gx_p[0], bh_p, h[0], c[0], ws_p[0], halves[0]);
-  SplitSteps<Cell, scalar_t> loop1(args, 1, gx_p[1], bh_p + G, h[1], c[1], ws_p[1], halves[1]);
+  SplitSteps<Cell, scalar_t> loop0(args, 0, gx_p[0], bias_p, h[0], c[0], ws_p[0], halves[0]);
+  SplitSteps<Cell, scalar_t> loop1(args, 1, gx_p[1], bias_p + 2 * G, h[1], c[1], ws_p[1],
+                                   halves[1]);
   run_teams(halves, [&](int64_t g, const Team& team) { (g == 0 ? loop0 : loop1).run(team); });
   loop0.finish();
   loop1.finish();
