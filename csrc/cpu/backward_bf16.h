@@ -74,13 +74,7 @@ inline void input_grads_bf16(BackwardArgs& args, at::Tensor& dgx, int64_t G) {
   xp.reset();
   at::Tensor dxp = at::mm(dg16, args.w_ih.reshape({DG, I}).to(at::kBFloat16));  // [N, I]
   dgx.reset();
-  if (!args.gather.defined()) {  // ragged: the positions are grad_input's rows
-    args.grad_input2d = std::move(dxp);
-    return;
-  }
-  args.grad_input2d = at::empty({args.input2d.size(0), I}, dxp.options());
-  args.grad_input2d.index_fill_(0, padding_rows(args.sched, args.out_rows, dims.T), 0);
-  args.grad_input2d.index_copy_(0, args.gather, dxp);
+  set_grad_input(args, std::move(dxp));
 }
 
 }  // namespace cpu

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <utility>
 
 #include "cpu/bf16_gemm.h"
 #include "cpu/schedule.h"
@@ -142,6 +143,20 @@ inline RaggedDims set_ragged_args(ForwardArgs& args, const CellArgs& cell, const
 // [N, I]: the input rows the projection GEMMs run on, in gx_rows' order.
 inline at::Tensor projection_input(const ForwardArgs& args) {
   return args.gather.defined() ? args.input2d.index_select(0, args.gather) : args.input2d;
+}
+
+// grad_input from dxp [N, I], the gradient of projection_input's rows:
+// ragged input's rows are the positions; a padded input's are scattered
+// back, zero at padding. The caller frees its step buffers first: grad_input
+// is allocated last (peak memory).
+inline void set_grad_input(BackwardArgs& args, at::Tensor dxp) {
+  if (!args.gather.defined()) {
+    args.grad_input2d = std::move(dxp);
+    return;
+  }
+  args.grad_input2d = at::empty({args.input2d.size(0), args.dims.I}, dxp.options());
+  args.grad_input2d.index_fill_(0, padding_rows(args.sched, args.out_rows, args.dims.T), 0);
+  args.grad_input2d.index_copy_(0, args.gather, dxp);
 }
 
 // Whether step s's positions are the consecutive rows offset[s] + i of the

@@ -409,14 +409,7 @@ void backward_impl(BackwardArgs& args) {
   at::sum_out(gb, dgx, {0});
   at::Tensor dxp = at::mm(dgx, args.w_ih.reshape({DG, dims.I}));  // [N, I]
   dgx.reset();
-  if (!args.gather.defined()) {  // ragged: the positions are grad_input's rows
-    args.grad_input2d = std::move(dxp);
-    return;
-  }
-  // grad_input is allocated last, when the step buffers are gone: peak memory.
-  args.grad_input2d = at::empty({args.input2d.size(0), dims.I}, opts);
-  args.grad_input2d.index_fill_(0, padding_rows(sched, args.out_rows, dims.T), 0);
-  args.grad_input2d.index_copy_(0, args.gather, dxp);
+  set_grad_input(args, std::move(dxp));
 }
 
 }  // namespace cpu
