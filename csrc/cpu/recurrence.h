@@ -45,8 +45,9 @@ void forward_impl(ForwardArgs& args) {
   const auto opts = args.opts();
   at::Tensor xp = projection_input(args);  // [N, I] (bfloat16 where args.bf16)
   const at::Tensor perm = perm_tensor(sched);
-  const StepLoops loops = step_loops(dims, sizeof(scalar_t), args.bf16);
+  const StepLoops loops = step_loops(dims, sched.max_len, sizeof(scalar_t), args.bf16);
   const bool gemm_loop = loops == StepLoops::kGemm;
+  const bool few = few_steps(dims.B, sched.max_len);
   at::Tensor gh = gemm_loop ? at::empty({dims.B, G}, opts) : at::Tensor();  // [B, G*H] W_hh h
   // [B, H] one step's h' before the projection (h_state = h' W_hr^T)
   at::Tensor hraw = proj && gemm_loop ? at::empty({dims.B, H}, opts) : at::Tensor();
@@ -64,9 +65,10 @@ void forward_impl(ForwardArgs& args) {
     return save ? args.workspace.data_ptr<scalar_t>() + d * N * S : nullptr;
   };
   // [N, G*H]: direction d's input projection W_ih x (without b_ih), one GEMM
-  // over the valid positions. Weights are transposed once per call: BLAS runs ~1.1-1.5x
-  // faster on a contiguous [K, N] right operand than on a transposed view
-  // (measured, MKL).
+  // over the valid positions, on W_ih^T as a view: MKL runs it as fast as on
+  // a transposed copy from N ~ 256 rows on, and a copy costs more than the
+  // difference below (I=256, G*H=768, 1 thread: the copy 150-400 us; the
+  // view's GEMM 17 vs 10 us at N=1, 174 vs 147 at 64, 2175 vs 2184 at 1024).
   auto projection = [&](int64_t d) {
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (args.bf16) {                      // cpu/bf16_gemm.h: b[i, j] = w_ih[d][j, i]
@@ -78,8 +80,7 @@ void forward_impl(ForwardArgs& args) {
         return gx;
       }
     }
-    const at::Tensor w_ih_t = args.w_ih[d].t().contiguous();  // [I, G*H]
-    return at::mm(xp, w_ih_t);
+    return at::mm(xp, args.w_ih[d].t());  // [N, I] [I, G*H]
   };
 
   if (loops == StepLoops::kConcurrent) {
@@ -109,12 +110,16 @@ void forward_impl(ForwardArgs& args) {
     // The per-step GEMM loop's right operands (the split loop packs its own
     // panels); with args.bf16 W_hh^T packed and h rounded for each step.
     const bool bf16 = gemm_loop && args.bf16;
-    const at::Tensor w_hh_t =
-        gemm_loop && !bf16 ? args.w_hh[d].t().contiguous() : at::Tensor();  // [P, G*H]
+    // float32/64: W_hh^T (and W_hr^T) copied contiguous where the steps
+    // amortize the copy (MKL's GEMM on the view is slower per step), else the
+    // views (few_steps in cpu/team.h has the measurements).
+    auto transposed = [&](const at::Tensor& w) {  // [rows, cols] -> [cols, rows]
+      return few ? w.t() : w.t().contiguous();
+    };
+    const at::Tensor w_hh_t = gemm_loop && !bf16 ? transposed(args.w_hh[d]) : at::Tensor();  // [P, G*H]
     const PackedB16 w_hh16 =
         bf16 ? pack_b16(P, G, args.w_hh[d].const_data_ptr<float>(), 1, P) : PackedB16{};
-    const at::Tensor w_hr_t =
-        gemm_loop && proj ? args.w_hr[d].t().contiguous() : at::Tensor();  // [H, P]
+    const at::Tensor w_hr_t = gemm_loop && proj ? transposed(args.w_hr[d]) : at::Tensor();  // [H, P]
     at::Tensor h = args.hx[d].index_select(0, perm);                       // [B, P] sorted order
     at::Tensor c = Cell::kHasC ? args.cx[d].index_select(0, perm) : at::Tensor();  // [B, H]
     // [B, P] h rounded for the next step's product: h0 here, then by each
@@ -229,7 +234,7 @@ void backward_impl(BackwardArgs& args) {
   // direction are held once per direction whose loop runs at the same time.
   // The float32 rule also for bfloat16 products: the split-always rule is
   // measured for the forward only.
-  const StepLoops loops = step_loops(dims, sizeof(scalar_t));
+  const StepLoops loops = step_loops(dims, args.sched.max_len, sizeof(scalar_t));
   const bool split = loops != StepLoops::kGemm;
   const int64_t held = loops == StepLoops::kConcurrent ? dims.D : 1;
   // bfloat16 products (cpu/bf16_gemm.h): the per-step dG W_hh on a bfloat16

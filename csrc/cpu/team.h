@@ -63,14 +63,30 @@ inline bool blas_available() {
 #endif
 }
 
+// Whether a call has too few steps for the split loops' set-up to pay: each
+// of their threads packs its panel of W_hh once per call (a transposing copy
+// of the weights, ~150-400 us at H=256 here), which the per-step GEMM loop
+// skips on few steps by reading W_hh^T as a view (few_steps in
+// cpu/recurrence.h). Measured (float32 GRU forward, B=1/8/32 at
+// H=128/256/512, T=1..32, 1 and 2 threads; load ~1.5, min of 5): the split
+// loop is faster from T = 12/24/28 at B=1, 4-20 at B=8, 4-8 at B=32; below
+// that the GEMM loop on the view was up to 4.5x faster (B=1 T=1 H=256: 54 vs
+// 235 us at 2 threads). steps: the call's longest length (Schedule::max_len).
+inline bool few_steps(int64_t B, int64_t steps) {
+  return steps < std::clamp<int64_t>(128 / (B + 4), 6, 24);
+}
+
 // The one place the step loops (forward and backward) are chosen.
 // VARLEN_RNN_CPU_STEPS=split or =gemm forces both (tests exercise both);
-// otherwise (auto) the split loops run with 2+ threads at H >= 256 or B <= 32.
+// otherwise (auto) the per-step GEMM loop runs a call of few_steps, the split
+// loops run on one thread, and on 2+ threads at H >= 256 or B <= 32.
 // Measured on the 2-core Xeon, split vs per-step GEMM loop:
 // - forward (float32 inference): 1.21x at B=16 H=512, 1.02x at B=64 H=256,
 //   1.20x at B=16 H=128, 1.33x at B=32 H=64; at B >= 128 with H = 128 the two
 //   tie (0.97-1.01x): there the per-step BLAS call already keeps both cores
-//   busy;
+//   busy; on one thread (load ~1.5, min of 5) 1.02x at B=64 T=100 H=256,
+//   1.25x at B=16 T=200 H=512, 1.07x at B=128 T=50 H=128, 1.08x at B=256
+//   T=20 H=128, 1.13x at B=4 T=200 H=256;
 // - backward (float32 training step, machine shared with other jobs at load
 //   ~4, so a guide only, min of 15-25 interleaved repeats): GRU 1.25x at B=64
 //   H=256, 1.29x at B=16 H=512, 1.45x at B=16 H=128, 1.01x at B=32 H=64; LSTM
@@ -80,13 +96,17 @@ inline bool blas_available() {
 // With bfloat16 products (cpu/bf16_gemm.h) the product is a small part of a
 // step and the split loop always won at 2 threads (full-length bfloat16 GRU
 // inference, load ~1, medians of 1 s: 12.8 vs 19.6 ms at B=64 H=256, 18.6 vs
-// 20.9 ms at B=16 H=512, B=128 H=128 2 layers bidirectional 21.6 vs 23.9 ms).
-inline bool use_split_loops(const LayerDims& dims, bool bf16 = false) {
+// 20.9 ms at B=16 H=512, B=128 H=128 2 layers bidirectional 21.6 vs 23.9 ms);
+// both loops pack their weights then, so the call's steps do not count.
+inline bool use_split_loops(const LayerDims& dims, int64_t steps, bool bf16 = false) {
   if (!blas_available() || at::in_parallel_region()) return false;
   const char* env = std::getenv("VARLEN_RNN_CPU_STEPS");
   if (env != nullptr && std::strcmp(env, "split") == 0) return true;
   if (env != nullptr && std::strcmp(env, "gemm") == 0) return false;
-  return at::get_num_threads() >= 2 && (bf16 || dims.H >= 256 || dims.B <= 32);
+  const int threads = at::get_num_threads();
+  if (bf16) return threads >= 2;
+  if (few_steps(dims.B, steps)) return false;
+  return threads == 1 || dims.H >= 256 || dims.B <= 32;
 }
 
 // Whether a bidirectional layer's two directions run at once, each on its
@@ -112,15 +132,17 @@ inline bool use_split_loops(const LayerDims& dims, bool bf16 = false) {
 // forward's peak rises by one [N, G*H] (inference, the 2-layer GRU above:
 // 23.0 -> 27.8 MiB); training's peak, set by the workspace, rises by the
 // backward's second [N, H] of the GRU (62.7 -> 64.2 MiB).
-inline bool use_concurrent_directions(const LayerDims& dims, size_t scalar_bytes) {
+inline bool use_concurrent_directions(const LayerDims& dims, int64_t steps, size_t scalar_bytes,
+                                      bool bf16) {
   if (dims.D != 2 || !blas_available() || at::in_parallel_region()) return false;
   const int threads = at::get_num_threads();
   if (threads < 2) return false;
-  const char* steps = std::getenv("VARLEN_RNN_CPU_STEPS");
-  if (steps != nullptr && std::strcmp(steps, "gemm") == 0) return false;
+  const char* loop_env = std::getenv("VARLEN_RNN_CPU_STEPS");
+  if (loop_env != nullptr && std::strcmp(loop_env, "gemm") == 0) return false;
   const char* env = std::getenv("VARLEN_RNN_CPU_DIRECTIONS");
   if (env != nullptr && std::strcmp(env, "concurrent") == 0) return true;
   if (env != nullptr && std::strcmp(env, "serial") == 0) return false;
+  if (!bf16 && few_steps(dims.B, steps)) return false;
   const int64_t weights = dims.G * dims.H * dims.P + (dims.P != dims.H ? dims.P * dims.H : 0);
   const int64_t per_thread = weights * static_cast<int64_t>(scalar_bytes) / (threads / 2);
   return threads % 2 == 0 && per_thread <= 768 * 1024;
@@ -130,11 +152,14 @@ inline bool use_concurrent_directions(const LayerDims& dims, size_t scalar_bytes
 // both directions at once on the split loops, or the directions in turn on
 // the split loops or on the per-step GEMM loop.
 enum class StepLoops { kGemm, kSplit, kConcurrent };
-// scalar_bytes: the op-math type's size; bf16: the products take bfloat16
-// operands (their weight panels are 2 bytes per value).
-inline StepLoops step_loops(const LayerDims& dims, size_t scalar_bytes, bool bf16 = false) {
-  if (use_concurrent_directions(dims, bf16 ? 2 : scalar_bytes)) return StepLoops::kConcurrent;
-  return use_split_loops(dims, bf16) ? StepLoops::kSplit : StepLoops::kGemm;
+// steps: the call's longest length; scalar_bytes: the op-math type's size;
+// bf16: the products take bfloat16 operands (their weight panels are 2 bytes
+// per value).
+inline StepLoops step_loops(const LayerDims& dims, int64_t steps, size_t scalar_bytes,
+                            bool bf16 = false) {
+  if (use_concurrent_directions(dims, steps, bf16 ? 2 : scalar_bytes, bf16))
+    return StepLoops::kConcurrent;
+  return use_split_loops(dims, steps, bf16) ? StepLoops::kSplit : StepLoops::kGemm;
 }
 
 // The threads of each direction's half when they run at once.
