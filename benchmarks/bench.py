@@ -5,6 +5,7 @@
                                                               # for GRU, LSTM and RNN (--cell: one)
     python benchmarks/bench.py --preset cpu-full              # the same at full length: bfloat16
                                                               # and float32 vs nn.X without lengths
+    python benchmarks/bench.py --preset cpu-small             # small calls: one decoding step, T=16
     python benchmarks/bench.py --preset gpu --device cuda     # the CUDA grid (training fp32/bf16, inference)
     python benchmarks/bench.py --preset full [--device cuda]  # the whole grid
     python benchmarks/bench.py --preset ragged                # issue 10: nested/PackedSequence input, memory
@@ -52,6 +53,7 @@ EFFORT = {
     "gpu": dict(rounds=2, min_run_time=0.1, warmup=2),
     "ragged": dict(rounds=3, min_run_time=0.3, warmup=1),
     "cpu-full": dict(rounds=3, min_run_time=0.3, warmup=2),
+    "cpu-small": dict(rounds=5, min_run_time=0.2, warmup=2),
 }
 
 
@@ -96,6 +98,28 @@ def preset_cases(preset: str, device: str) -> list[Case]:
             for dtype, modes in (("bfloat16", MODES), ("float32", ("infer",)))
             for cell in CELLS
             for B, T, I, H, L, bi in shapes
+        ]
+    if preset == "cpu-small":
+        # Small calls, where per-call costs decide: one decoding step (T=1, every sequence of
+        # length 1, inference: what a step-by-step decoder pays per token) and short batches
+        # (T=16, lengths uniform, both modes). Against nn.X without lengths (correct here at
+        # T=1) and the recipe.
+        one_step = [(1, 1, 256), (1, 1, 512), (8, 1, 256), (64, 1, 256)]
+        short = [(1, 16, 256), (8, 16, 256)]
+        return [
+            Case(
+                B=B,
+                T=T,
+                I=H,
+                H=H,
+                dist="full" if T == 1 else "uniform",
+                device=device,
+                cell=cell,
+                modes=("infer",) if T == 1 else MODES,
+                competitors=("baseline", "padded", "varlen"),
+            )
+            for cell in ("gru", "lstm")
+            for B, T, H in one_step + short
         ]
     if preset == "gpu":
         # Issue 12's grid: training step at T=256, lengths uniform in [1, T], float32 and bfloat16,
@@ -278,7 +302,7 @@ def main(argv=None) -> int:
         "--threads",
         type=int,
         default=None,
-        help="torch CPU threads (default: 2 for cpu-targets, else torch's default)",
+        help="torch CPU threads (default: 2 for the cpu-* presets, else torch's default)",
     )
     p.add_argument(
         "--time-budget",
@@ -312,7 +336,9 @@ def main(argv=None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
     threads = args.threads or (
-        2 if args.preset in ("cpu-targets", "cpu-full") else torch.get_num_threads()
+        2
+        if args.preset in ("cpu-targets", "cpu-full", "cpu-small")
+        else torch.get_num_threads()
     )
     torch.set_num_threads(threads)
     budget = (

@@ -92,7 +92,9 @@ inline bool few_steps(int64_t B, int64_t steps) {
 //   H=256, 1.29x at B=16 H=512, 1.45x at B=16 H=128, 1.01x at B=32 H=64; LSTM
 //   1.20x / 1.11x and RNN 2.4x / 1.39x at the first two; the projected LSTM
 //   (B=64 H=256 P=128) 1.11x; 0.95x at B=128 H=128 (2 layers, bidirectional)
-//   and 1.02x at B=64 H=128.
+//   and 1.02x at B=64 H=128; on one thread (load ~2, min of 5) GRU 1.04-1.09x
+//   and LSTM 0.99-1.04x at B=64 T=100 H=256, B=16 T=200 H=512, B=128 T=50
+//   H=128 and B=8 T=50 H=128.
 // With bfloat16 products (cpu/bf16_gemm.h) the product is a small part of a
 // step and the split loop always won at 2 threads (full-length bfloat16 GRU
 // inference, load ~1, medians of 1 s: 12.8 vs 19.6 ms at B=64 H=256, 18.6 vs
