@@ -71,6 +71,11 @@ void forward_impl(ForwardArgs& args) {
   // view's GEMM 17 vs 10 us at N=1, 174 vs 147 at 64, 2175 vs 2184 at 1024).
   auto projection = [&](int64_t d) {
     if constexpr (std::is_same_v<scalar_t, float>) {
+      // Few steps (cpu/team.h few_steps): no packing. The float32 GEMM on
+      // bfloat16 values (x, and W_ih, which is bfloat16 before the float32
+      // copy) has exact products and float32 sums: the bfloat16 product's
+      // result but for the order of the sums.
+      if (args.bf16 && few) return at::mm(xp.to(at::kFloat), args.w_ih[d].t());
       if (args.bf16) {                      // cpu/bf16_gemm.h: b[i, j] = w_ih[d][j, i]
         const at::Tensor w = args.w_ih[d];  // [G*H, I]
         const PackedB16 b = pack_b16(dims.I, G, w.const_data_ptr<float>(), 1, dims.I);
@@ -108,7 +113,8 @@ void forward_impl(ForwardArgs& args) {
     const at::Tensor gx = projection(d);  // [N, G*H]
     if (d == dims.D - 1) xp.reset();
     // The per-step GEMM loop's right operands (the split loop packs its own
-    // panels); with args.bf16 W_hh^T packed and h rounded for each step.
+    // panels); with args.bf16 W_hh^T packed (few steps: read as a view by
+    // the float32 GEMM, as the projection above) and h rounded for each step.
     const bool bf16 = gemm_loop && args.bf16;
     // float32/64: W_hh^T (and W_hr^T) copied contiguous where the steps
     // amortize the copy (MKL's GEMM on the view is slower per step), else the
@@ -116,9 +122,10 @@ void forward_impl(ForwardArgs& args) {
     auto transposed = [&](const at::Tensor& w) {  // [rows, cols] -> [cols, rows]
       return few ? w.t() : w.t().contiguous();
     };
-    const at::Tensor w_hh_t = gemm_loop && !bf16 ? transposed(args.w_hh[d]) : at::Tensor();  // [P, G*H]
-    const PackedB16 w_hh16 =
-        bf16 ? pack_b16(P, G, args.w_hh[d].const_data_ptr<float>(), 1, P) : PackedB16{};
+    const at::Tensor w_hh_t =
+        gemm_loop && (!bf16 || few) ? transposed(args.w_hh[d]) : at::Tensor();  // [P, G*H]
+    const PackedB16 w_hh_packed =
+        bf16 && !few ? pack_b16(P, G, args.w_hh[d].const_data_ptr<float>(), 1, P) : PackedB16{};
     const at::Tensor w_hr_t = gemm_loop && proj ? transposed(args.w_hr[d]) : at::Tensor();  // [H, P]
     at::Tensor h = args.hx[d].index_select(0, perm);                       // [B, P] sorted order
     at::Tensor c = Cell::kHasC ? args.cx[d].index_select(0, perm) : at::Tensor();  // [B, H]
@@ -138,12 +145,14 @@ void forward_impl(ForwardArgs& args) {
       const int64_t n = sched.active[s];
       at::Tensor gh_s = gh.narrow(0, 0, n);
       if constexpr (std::is_same_v<scalar_t, float>) {
-        if (bf16) {
-          bf16_gemm_parallel(n, hb.const_data_ptr<at::BFloat16>(), P, w_hh16, gh.data_ptr<float>(),
-                             G, nullptr);
+        if (bf16 && few) {  // h's bfloat16 values, as float32 (exact)
+          at::mm_out(gh_s, hb.narrow(0, 0, n).to(at::kFloat), w_hh_t);
+        } else if (bf16) {
+          bf16_gemm_parallel(n, hb.const_data_ptr<at::BFloat16>(), P, w_hh_packed,
+                             gh.data_ptr<float>(), G, nullptr);
         }
       }
-      if (!bf16) at::mm_out(gh_s, h.narrow(0, 0, n), w_hh_t);
+      if (!bf16) at::mm_out(gh_s, h.narrow(0, 0, n), w_hh_t);  // float32/64
       at::parallel_for(0, n, row_grain(H), [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t t = step_time(d, sched.len[i], s);

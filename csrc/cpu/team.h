@@ -101,16 +101,17 @@ inline bool few_steps(int64_t B, int64_t steps) {
 // With bfloat16 products (cpu/bf16_gemm.h) the product is a small part of a
 // step and the split loop always won at 2 threads (full-length bfloat16 GRU
 // inference, load ~1, medians of 1 s: 12.8 vs 19.6 ms at B=64 H=256, 18.6 vs
-// 20.9 ms at B=16 H=512, B=128 H=128 2 layers bidirectional 21.6 vs 23.9 ms);
-// both loops pack their weights then, so the call's steps do not count.
+// 20.9 ms at B=16 H=512, B=128 H=128 2 layers bidirectional 21.6 vs 23.9 ms),
+// except on few steps, where the GEMM loop's products run as float32 GEMMs
+// on the bfloat16 values, with no packing (cpu/recurrence.h).
 inline bool use_split_loops(const LayerDims& dims, int64_t steps, bool bf16 = false) {
   if (!blas_available() || at::in_parallel_region()) return false;
   const char* env = std::getenv("VARLEN_RNN_CPU_STEPS");
   if (env != nullptr && std::strcmp(env, "split") == 0) return true;
   if (env != nullptr && std::strcmp(env, "gemm") == 0) return false;
   const int threads = at::get_num_threads();
-  if (bf16) return threads >= 2;
   if (few_steps(dims.B, steps)) return false;
+  if (bf16) return threads >= 2;
   return threads == 1 || dims.H >= 256 || dims.B <= 32;
 }
 
@@ -137,8 +138,7 @@ inline bool use_split_loops(const LayerDims& dims, int64_t steps, bool bf16 = fa
 // forward's peak rises by one [N, G*H] (inference, the 2-layer GRU above:
 // 23.0 -> 27.8 MiB); training's peak, set by the workspace, rises by the
 // backward's second [N, H] of the GRU (62.7 -> 64.2 MiB).
-inline bool use_concurrent_directions(const LayerDims& dims, int64_t steps, size_t scalar_bytes,
-                                      bool bf16) {
+inline bool use_concurrent_directions(const LayerDims& dims, int64_t steps, size_t scalar_bytes) {
   if (dims.D != 2 || !blas_available() || at::in_parallel_region()) return false;
   const int threads = at::get_num_threads();
   if (threads < 2) return false;
@@ -147,7 +147,7 @@ inline bool use_concurrent_directions(const LayerDims& dims, int64_t steps, size
   const char* env = std::getenv("VARLEN_RNN_CPU_DIRECTIONS");
   if (env != nullptr && std::strcmp(env, "concurrent") == 0) return true;
   if (env != nullptr && std::strcmp(env, "serial") == 0) return false;
-  if (!bf16 && few_steps(dims.B, steps)) return false;
+  if (few_steps(dims.B, steps)) return false;
   const int64_t weights = dims.G * dims.H * dims.P + (dims.P != dims.H ? dims.P * dims.H : 0);
   const int64_t per_thread = weights * static_cast<int64_t>(scalar_bytes) / (threads / 2);
   return threads % 2 == 0 && per_thread <= 768 * 1024;
@@ -162,7 +162,7 @@ enum class StepLoops { kGemm, kSplit, kConcurrent };
 // per value).
 inline StepLoops step_loops(const LayerDims& dims, int64_t steps, size_t scalar_bytes,
                             bool bf16 = false) {
-  if (use_concurrent_directions(dims, steps, bf16 ? 2 : scalar_bytes, bf16))
+  if (use_concurrent_directions(dims, steps, bf16 ? 2 : scalar_bytes))
     return StepLoops::kConcurrent;
   return use_split_loops(dims, steps, bf16) ? StepLoops::kSplit : StepLoops::kGemm;
 }
