@@ -66,8 +66,8 @@ inline bool blas_available() {
 // Whether a call has too few steps for the split loops' set-up to pay: each
 // of their threads packs its panel of W_hh once per call (a transposing copy
 // of the weights, ~150-400 us at H=256 here), which the per-step GEMM loop
-// skips on few steps by reading W_hh^T as a view (few_steps in
-// cpu/recurrence.h). Measured (float32 GRU forward, B=1/8/32 at
+// skips on few steps by reading W_hh^T as a view (cpu/recurrence.h's
+// forward_impl). Measured (float32 GRU forward, B=1/8/32 at
 // H=128/256/512, T=1..32, 1 and 2 threads; load ~1.5, min of 5): the split
 // loop is faster from T = 12/24/28 at B=1, 4-20 at B=8, 4-8 at B=32; below
 // that the GEMM loop on the view was up to 4.5x faster (B=1 T=1 H=256: 54 vs
