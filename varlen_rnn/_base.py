@@ -337,7 +337,7 @@ class RNNBase(nn.Module):
                 _inputs.check_hx_shape(s, shape, what)
         _inputs.check_devices(input, flat, states or ())
         if states is None:
-            return tuple(input.new_zeros(s) for s in expected)
+            return tuple(torch.zeros(s, dtype=input.dtype, device=input.device) for s in expected)
         for s, name in zip(states, ("hx", "cx")):
             _inputs.check_hx_dtype(s, input, name)
         return states
