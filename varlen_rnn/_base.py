@@ -167,20 +167,44 @@ class RNNBase(nn.Module):
     def _layer_weights(self, layer: int, dtype: torch.dtype):
         """LayerWeights, or ProjectedLayerWeights for a cell with a projection: the
         layer op's weight arguments."""
-
-        def stacked(kind: str) -> Tensor:  # [D, ...]
-            ws = [getattr(self, f"{kind}_{sfx}").to(dtype) for sfx in self._suffixes(layer)]
-            return ws[0].unsqueeze(0) if len(ws) == 1 else torch.stack(ws)
-
-        weights = (stacked("weight_ih"), stacked("weight_hh"))
-        weights += (stacked("bias_ih"), stacked("bias_hh")) if self.bias else (None, None)
+        weights = self._stacked(self._flat_weights, layer, dtype, self.num_directions)
         if not ops.CELLS[self._cell].proj:
             return LayerWeights(*weights)
-        return ProjectedLayerWeights(*weights, stacked("weight_hr") if self.proj_size else None)
+        return ProjectedLayerWeights(*weights)
+
+    def _stacked(self, flat: list[Tensor], layer: int, dtype: torch.dtype, D: int) -> list:
+        """Layer `layer`'s weight arguments of the layer op, taken from flat (_flat_weights,
+        read in this call): each [D, ...] in dtype (w[None], a view, when D == 1; a
+        stack of the two directions when D == 2), None for absent biases and projection.
+        flat holds, per layer and direction in that order, weight_ih, weight_hh[, bias_ih,
+        bias_hh][, weight_hr] (__init__'s registration order). D = num_directions."""
+        n = len(flat) // (self.num_layers * D)  # weights per direction
+        start = layer * D * n
+        # .to(dtype) returns the tensor itself when the dtype matches; the test skips its
+        # argument parsing.
+        if D == 1:
+            ws = flat[start : start + n]
+            out = [(w if w.dtype == dtype else w.to(dtype))[None] for w in ws]
+        else:
+            ws = [w if w.dtype == dtype else w.to(dtype) for w in flat[start : start + 2 * n]]
+            out = [torch.stack((f, r)) for f, r in zip(ws[:n], ws[n:])]
+        if not self.bias:
+            out[2:2] = [None, None]
+        if ops.CELLS[self._cell].proj and not self.proj_size:
+            out.append(None)
+        return out
 
     @property
     def _flat_weights(self) -> list[Tensor]:
-        return [getattr(self, n) for n in self._flat_weights_names]
+        """The weights in _flat_weights_names' order, read at every call (nothing here is
+        kept between calls): a parameter straight from _parameters, which is what
+        nn.Module.__getattr__ would return for it, at a dict lookup's cost; getattr for a
+        name that is not there (a parametrization's property, a tensor set after `del`)."""
+        params, flat = self._parameters, []
+        for n in self._flat_weights_names:  # a loop: dynamo refuses a walrus in a comprehension
+            p = params.get(n)
+            flat.append(getattr(self, n) if p is None else p)
+        return flat
 
     @property
     def all_weights(self) -> list[list[nn.Parameter]]:
@@ -228,9 +252,10 @@ class RNNBase(nn.Module):
         return _cudnn_autocast(x) or hx.dtype
 
     def _state_shapes(self, B: int) -> list[tuple[int, int, int]]:
-        LD = self.num_layers * self.num_directions
-        widths = [self.proj_size or self.hidden_size, self.hidden_size]
-        return [(LD, B, w) for w in widths[: len(self._state_messages)]]
+        LD = self.num_layers * (2 if self.bidirectional else 1)
+        if len(self._state_messages) == 1:
+            return [(LD, B, self.hidden_size)]
+        return [(LD, B, self.proj_size or self.hidden_size), (LD, B, self.hidden_size)]
 
     # ----------------------------------------------------------------- forward
     def forward(self, input, hx=None, lengths=None):
@@ -252,18 +277,21 @@ class RNNBase(nn.Module):
                     "tensor carries its own lengths (its offsets)"
                 )
             return self._forward_nested(input, hx)
-        if input.dim() not in (2, 3):
-            raise ValueError(self._rank_message.format(type(self).__name__, input.dim()))
-        batched = input.dim() == 3
+        rank = input.dim()
+        if rank != 3 and rank != 2:
+            raise ValueError(self._rank_message.format(type(self).__name__, rank))
+        batched = rank == 3
         batch_dim = 0 if self.batch_first else 1
         states = self._states_of(hx, batched)
         if not batched:
             input = input.unsqueeze(batch_dim)
             states = None if states is None else tuple(s.unsqueeze(1) for s in states)
-        B, T = input.size(batch_dim), input.size(1 - batch_dim)
-        states = self._checked_states(states, input, B)
+        shape = input.shape
+        B, T = shape[batch_dim], shape[1 - batch_dim]
+        flat = self._flat_weights
+        states = self._checked_states(states, input, B, flat)
         lengths = _inputs.as_lengths(lengths, B, T, input.device)
-        output, finals = self._run(input, states, (lengths,), (self.batch_first,))
+        output, finals = self._run(input, states, (lengths,), (self.batch_first,), flat)
         if not batched:
             output, finals = output.squeeze(batch_dim), tuple(f.squeeze(1) for f in finals)
         return output, self._result(finals)
@@ -277,9 +305,10 @@ class RNNBase(nn.Module):
         states = self._states_of(hx, batched=True)
         # batch_sizes lives on the CPU (PackedSequence keeps it there): no host sync.
         B = int(batch_sizes[0]) if batch_sizes.numel() else 0
-        states = self._checked_states(states, data, B)
+        flat = self._flat_weights
+        states = self._checked_states(states, data, B, flat)
         index = (batch_sizes, sorted_indices, 1, batch_sizes.numel())
-        out, finals = self._run(data, states, index, ())
+        out, finals = self._run(data, states, index, (), flat)
         out = PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices)
         return out, self._result(finals)
 
@@ -287,8 +316,9 @@ class RNNBase(nn.Module):
         """A jagged nested tensor's values [N, I] as they are (layout 0, sequence-major)."""
         values, offsets, max_len = _inputs.jagged_parts(input)
         states = self._states_of(hx, batched=True)
-        states = self._checked_states(states, values, offsets.size(0) - 1)
-        out, finals = self._run(values, states, (offsets, None, 0, max_len), ())
+        flat = self._flat_weights
+        states = self._checked_states(states, values, offsets.size(0) - 1, flat)
+        out, finals = self._run(values, states, (offsets, None, 0, max_len), (), flat)
         # The same offsets tensor, so out's ragged dimension is input's (out + input works);
         # max_len goes along, so the next layer or module on out needs no host read to find it.
         out = torch.nested.nested_tensor_from_jagged(
@@ -296,42 +326,52 @@ class RNNBase(nn.Module):
         )
         return out, self._result(finals)
 
-    def _checked_states(self, states, input: Tensor, B: int) -> tuple[Tensor, ...]:
+    def _checked_states(self, states, input: Tensor, B: int, flat: list[Tensor]):
         """Every check of input [..., I] and the states [L*D, B, P or H] in torch.nn's order
-        (dtype, feature size, state shapes, devices); the states, or zeros where None."""
-        _inputs.check_input(input, self.weight_ih_l0, self.input_size)
+        (dtype, feature size, state shapes, devices) against flat (_flat_weights, read in
+        this call); the states, or zeros where None."""
+        _inputs.check_input(input, flat[0], self.input_size)  # flat[0]: weight_ih_l0
         expected = self._state_shapes(B)
         if states is not None:
             for s, shape, what in zip(states, expected, self._state_messages):
                 _inputs.check_hx_shape(s, shape, what)
-        _inputs.check_devices(input, self._flat_weights, states or ())
+        _inputs.check_devices(input, flat, states or ())
         if states is None:
             return tuple(torch.zeros(s, dtype=input.dtype, device=input.device) for s in expected)
         for s, name in zip(states, ("hx", "cx")):
             _inputs.check_hx_dtype(s, input, name)
         return states
 
-    def _run(self, x: Tensor, states: tuple[Tensor, ...], index: tuple, tail: tuple):
+    def _run(self, x: Tensor, states: tuple[Tensor, ...], index: tuple, tail: tuple, flat: list):
         """The layer loop over x's layout: index = (lengths,) and tail = (batch_first,) for a
         padded batch, index = (seq_index, sorted_indices, layout, max_len) and tail = () for
-        ragged rows [N, D*P] (varlen_rnn.ops' argument layout). Returns (output, finals)."""
-        D = self.num_directions
-        layer_op = getattr(ops, f"{self._cell}_layer{'_ragged' if len(index) == 4 else ''}")
+        ragged rows [N, D*P] (varlen_rnn.ops' argument layout); flat = _flat_weights, read
+        in this call. Returns (output, finals).
+
+        Called for every step of a step-by-step decoder, so it does no work it can skip:
+        no cast where the dtype already matches (.to would return the tensor itself), no
+        slice of the states with one layer, the layer ops' shared body called directly."""
+        D, L = self.num_directions, self.num_layers
+        cell, ragged = ops.CELLS[self._cell], len(index) == 4
         amp = _inputs.autocast_on(x.device)
         dtype = self._autocast_dtype(x, states[0]) if amp else x.dtype  # of the results
         compute = _cpu_autocast_compute(x, dtype) if amp else dtype  # of the layer ops
-        x, states = x.to(compute), [s.to(compute) for s in states]
-        finals: list[list[Tensor]] = [[] for _ in states]
-        for layer in range(self.num_layers):
-            w = self._layer_weights(layer, compute)
-            mine = [s[layer * D : (layer + 1) * D] for s in states]
-            x, *ends = layer_op(x, *index, *mine, *w, *self._options(), *tail)
-            for f, e in zip(finals, ends):
-                f.append(e)
-            if self.dropout > 0 and self.training and layer + 1 < self.num_layers:
+        if x.dtype != compute:
+            x = x.to(compute)
+        states = [s if s.dtype == compute else s.to(compute) for s in states]
+        options = self._options()
+        ends = []  # per layer: its final states [D, B, .]
+        for layer in range(L):
+            w = self._stacked(flat, layer, compute, D)
+            mine = states if L == 1 else [s[layer * D : (layer + 1) * D] for s in states]
+            x, *end = ops._layer(cell, ragged, (x, *index, *mine, *w, *options, *tail))
+            ends.append(end)
+            if self.dropout > 0 and self.training and layer + 1 < L:
                 x = F.dropout(x, self.dropout, training=True)
-        finals = [torch.cat(f, 0) if len(f) > 1 else f[0] for f in finals]
-        return x.to(dtype), tuple(f.to(dtype) for f in finals)
+        finals = ends[0] if L == 1 else [torch.cat(f, 0) for f in zip(*ends)]
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        return x, tuple(f if f.dtype == dtype else f.to(dtype) for f in finals)
 
 
 # Read once: dynamo cannot trace the call (a torch.* function returning a bool).

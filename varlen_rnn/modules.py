@@ -125,11 +125,11 @@ class LSTM(RNNBase):
     def _result(self, finals: tuple[Tensor, ...]):
         return finals[0], finals[1]
 
-    def _run(self, x: Tensor, states: tuple[Tensor, ...], index: tuple, tail: tuple):
+    def _run(self, x: Tensor, states: tuple[Tensor, ...], index: tuple, tail: tuple, flat):
         """With a projection and autocast off cuDNN, nn.LSTM's h is the output of an autocast
         GEMM (w_hr): output and h_n come back in the autocast dtype, c_n in c_0's. The
         kernels run in the state's dtype; output and h_n are cast to match."""
-        out, (h_n, c_n) = super()._run(x, states, index, tail)
+        out, (h_n, c_n) = super()._run(x, states, index, tail, flat)
         if (
             self.proj_size
             and _inputs.autocast_on(out.device)

@@ -71,6 +71,7 @@ class _Layout(NamedTuple):
     n: int  # the argument count
     consts: tuple[int, ...]  # the non-tensor arguments (layout, max_len, options, tail)
     tensors: tuple[int, ...]  # the others: tensors, and optional tensors that may be None
+    differentiable: slice  # after the input: the states and weights (not the index)
 
 
 def _layout(cell: Cell, ragged: bool) -> _Layout:
@@ -85,8 +86,17 @@ def _make_layout(cell: Cell, ragged: bool) -> _Layout:
     n = d + (0 if ragged else 1)
     consts = ((3, 4) if ragged else ()) + tuple(range(c, n))
     tensors = tuple(k for k in range(n) if k not in consts)
+    differentiable = slice(a, c)
     return _Layout(
-        slice(1, a), slice(a, b), slice(b, c), slice(c, d), slice(d, n), n, consts, tensors
+        slice(1, a),
+        slice(a, b),
+        slice(b, c),
+        slice(c, d),
+        slice(d, n),
+        n,
+        consts,
+        tensors,
+        differentiable,
     )
 
 
@@ -118,7 +128,18 @@ class _Args(NamedTuple):
 
 
 def _op(cell: Cell, ragged: bool, kind: str):
-    return getattr(torch.ops.varlen_rnn, f"{cell.name}_layer{'_ragged' if ragged else ''}_{kind}")
+    return _OPS[cell.name, ragged, kind]
+
+
+# The twelve ops of csrc/ops.cpp (varlen_rnn/__init__.py loads _C before importing this).
+_OPS = {
+    (c.name, r, kind): getattr(
+        torch.ops.varlen_rnn, f"{c.name}_layer{'_ragged' if r else ''}_{kind}"
+    )
+    for c in CELLS.values()
+    for r in (False, True)
+    for kind in ("forward", "backward")
+}
 
 
 def _reference(cell: Cell, ragged: bool):
@@ -158,8 +179,7 @@ def _need_workspace(tensors) -> bool:
 
 def _layer(cell: Cell, ragged: bool, args) -> tuple[Tensor, ...]:
     """Any cell's layer: (output, h_n[, c_n]) from the op's arguments minus need_workspace."""
-    a = _Args.split(cell, ragged, args)
-    tensors = (a.input, *a.states, *a.weights)
+    tensors = (args[0], *args[_LAYOUTS[cell.name, ragged].differentiable])  # input, states, w
     if _needs_differentiable_path(tensors):
         return tuple(_reference(cell, ragged)(*args))
     # The kernels run with autocast excluded (csrc/gru.h NoAutocastGuard); the modules
