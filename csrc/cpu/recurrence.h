@@ -43,10 +43,14 @@ void forward_impl(ForwardArgs& args) {
   const int64_t N = sched.N();
   const bool proj = args.w_hr.defined();
   const auto opts = args.opts();
-  at::Tensor xp = projection_input(args);  // [N, I] (bfloat16 where args.bf16)
   const at::Tensor perm = perm_tensor(sched);
   const StepLoops loops = step_loops(dims, sched.max_len, sizeof(scalar_t), args.bf16);
   const bool gemm_loop = loops == StepLoops::kGemm;
+  // The split loops may compute the projection themselves, a chunk of steps
+  // at a time per thread (cpu/chunked_projection.h): then neither xp nor gx.
+  const bool chunked = !gemm_loop && chunked_projection_for(args.bf16);
+  // [N, I] (bfloat16 where args.bf16)
+  at::Tensor xp = chunked ? at::Tensor() : projection_input(args);
   const bool few = few_steps(dims.B, sched.max_len);
   at::Tensor gh = gemm_loop ? at::empty({dims.B, G}, opts) : at::Tensor();  // [B, G*H] W_hh h
   // [B, H] one step's h' before the projection (h_state = h' W_hr^T)
@@ -70,6 +74,7 @@ void forward_impl(ForwardArgs& args) {
   // difference below (I=256, G*H=768, 1 thread: the copy 150-400 us; the
   // view's GEMM 17 vs 10 us at N=1, 174 vs 147 at 64, 2175 vs 2184 at 1024).
   auto projection = [&](int64_t d) {
+    if (chunked) return at::Tensor();
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (args.bf16) {                      // cpu/bf16_gemm.h: b[i, j] = w_ih[d][j, i]
         const at::Tensor w = args.w_ih[d];  // [G*H, I]
@@ -93,8 +98,8 @@ void forward_impl(ForwardArgs& args) {
       h[d] = args.hx[d].index_select(0, perm);
       if (Cell::kHasC) c[d] = args.cx[d].index_select(0, perm);
     }
-    const scalar_t* const gx_p[2] = {gx[0].const_data_ptr<scalar_t>(),
-                                     gx[1].const_data_ptr<scalar_t>()};
+    const scalar_t* const gx_p[2] = {chunked ? nullptr : gx[0].const_data_ptr<scalar_t>(),
+                                     chunked ? nullptr : gx[1].const_data_ptr<scalar_t>()};
     scalar_t* const ws_p[2] = {ws_of(0), ws_of(1)};
     concurrent_steps<Cell, scalar_t>(args, gx_p, bias.const_data_ptr<scalar_t>(), h, c, ws_p);
     for (int64_t d = 0; d < 2; ++d) {
@@ -105,7 +110,7 @@ void forward_impl(ForwardArgs& args) {
   }
   for (int64_t d = 0; d < dims.D; ++d) {
     // One direction at a time: half the memory of both projections at once.
-    const at::Tensor gx = projection(d);  // [N, G*H]
+    const at::Tensor gx = projection(d);  // [N, G*H], or none where chunked
     if (d == dims.D - 1) xp.reset();
     // The per-step GEMM loop's right operands (the split loop packs its own
     // panels); with args.bf16 W_hh^T packed and h rounded for each step.
@@ -126,7 +131,7 @@ void forward_impl(ForwardArgs& args) {
     // step's gate pass (or, with a projection, after it) while h is in cache.
     at::Tensor hb = bf16 ? h.to(at::kBFloat16) : at::Tensor();
     at::BFloat16* hb_p = bf16 ? hb.data_ptr<at::BFloat16>() : nullptr;
-    const scalar_t* gx_p = gx.const_data_ptr<scalar_t>();
+    const scalar_t* gx_p = chunked ? nullptr : gx.const_data_ptr<scalar_t>();
     const scalar_t* bias_p = bias.const_data_ptr<scalar_t>() + d * 2 * G;
     scalar_t* h_p = h.data_ptr<scalar_t>();
     scalar_t* c_p = Cell::kHasC ? c.data_ptr<scalar_t>() : nullptr;

@@ -1,0 +1,183 @@
+// The forward split loop's input projection computed by each thread for its
+// own gate columns, a chunk of steps at a time (cpu/split_steps.h), instead
+// of one GEMM over all N positions before the loop (cpu/recurrence.h).
+//
+// Thread k of a split loop owns units [u0, u1) with all their gates; the gate
+// pass of those units reads only gx[:, g*H + u0 .. g*H + u1) for each gate g.
+// So the thread packs the matching rows of W_ih once per call (a panel
+// [G*Hs, I], like its W_hh panel) and, at the first step of each chunk,
+// computes gx for the chunk's running rows into a buffer of its own
+// ([chunk rows, G*Hs], gate g of unit u0 + j at column g*Hs + j): one GEMM
+// whose result stays in that core's L2 until the chunk's steps read it. The
+// [N, G*H] projection (26 MB for a bfloat16 LSTM at B=64 T=100 H=256) is then
+// never written to memory and read back, nor held at the forward's peak, and
+// neither is the [N, I] gathered input: the chunk's rows are read from the
+// layer's input in place where they are consecutive there (time-major padded
+// input at full lengths, packed input's forward direction), else gathered
+// into a [chunk rows, I] buffer of the thread's (a copy of I values per row,
+// small next to the row's G*Hs*I multiply-adds).
+//
+// A chunk's rows are its steps' running rows in the schedule's order:
+// step s's row i is chunk row (offset[s] - offset[s0]) + i, as in the
+// buffers over positions (cpu/schedule.h), and its input is the position
+// gx_rows.row(step_time(d, len[i], s), i), whichever the direction.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/bf16_gemm.h"
+#include "cpu/layer_args.h"
+#include "cpu/team.h"  // gemm_rm, slice_of
+#include "layout.h"    // step_time
+
+namespace varlen_rnn {
+namespace cpu {
+
+// The one place that decides whether the forward's split loops project in
+// chunks (else one GEMM over all positions before the loop). bf16: the
+// layer's products are bfloat16 (cpu/bf16_gemm.h). VARLEN_RNN_CPU_PROJECTION
+// =chunked or =whole forces one (tests run both), read at every call.
+inline bool chunked_projection_for(bool bf16) {
+  const char* env = std::getenv("VARLEN_RNN_CPU_PROJECTION");
+  if (env != nullptr && std::string(env) == "chunked") return true;
+  if (env != nullptr && std::string(env) == "whole") return false;
+  // On the matrix unit the product is cheap and the [N, G*H] buffer's
+  // memory traffic dominates; float32 and float64 keep the big BLAS GEMM.
+  return bf16;
+}
+
+// Steps per chunk: the chunk's gx buffer of one thread (B rows a step, cols
+// = G*Hs float32 values each) about kChunkBytes, which with the thread's
+// W_ih and W_hh panels and its gh slice fits a 2 MB L2.
+// VARLEN_RNN_CPU_CHUNK_STEPS=n forces n (tests put chunk boundaries where
+// they want them).
+inline int64_t chunk_steps(int64_t B, int64_t cols) {
+  const char* env = std::getenv("VARLEN_RNN_CPU_CHUNK_STEPS");
+  if (env != nullptr && std::atoll(env) > 0) return std::atoll(env);
+  constexpr int64_t kChunkBytes = 512 * 1024;
+  const int64_t row_bytes = std::max<int64_t>(1, B * cols * 4);
+  return std::clamp<int64_t>(kChunkBytes / row_bytes, 1, 32);
+}
+
+// Direction d's projection for a split loop of `parts` slices of H. Part k's
+// members are used only by the thread that owns it, from prepare on.
+template <typename scalar_t>
+class ChunkedProjection {
+ public:
+  // gates: the cell's G; bf16: bfloat16 products (scalar_t float, input2d
+  // bfloat16); otherwise a single-threaded BLAS call in scalar_t.
+  ChunkedProjection(const ForwardArgs& args, int64_t d, int64_t gates, int64_t parts, bool bf16)
+      : args_(args), d_(d), bf16_(bf16) {
+    const int64_t H = args.dims.H, I = args.dims.I, B = args.dims.B;
+    const Schedule& sched = args.sched;
+    parts_.resize(parts);
+    // Active counts never grow: the first chunk has the most rows.
+    int64_t widest = 0;
+    for (int64_t k = 0; k < parts; ++k) {
+      const auto [u0, u1] = slice_of(H, parts, k);
+      widest = std::max(widest, gates * (u1 - u0));
+    }
+    steps_ = chunk_steps(B, widest);
+    max_rows_ = sched.offset[std::min(steps_, sched.max_len)];
+    const at::Tensor w3 = args.w_ih[d].view({gates, H, I});
+    for (int64_t k = 0; k < parts; ++k) {
+      const auto [u0, u1] = slice_of(H, parts, k);
+      Part& p = parts_[k];
+      p.cols = gates * (u1 - u0);
+      const at::Tensor rows = w3.narrow(1, u0, u1 - u0).reshape({-1, I});  // [G*Hs, I]
+      p.panel = bf16 ? rows : rows.t().contiguous();                       // or [I, G*Hs]
+    }
+  }
+
+  int64_t steps() const { return steps_; }
+
+  // Part k's packed panel and buffers, allocated by the thread that uses them.
+  void prepare(int64_t k) {
+    Part& p = parts_[k];
+    const int64_t I = args_.dims.I;
+    if (p.cols == 0) return;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (bf16_) p.packed16 = pack_b16(I, p.cols, p.panel.template const_data_ptr<float>(), 1, I);
+    }
+    p.gx = at::empty({max_rows_, p.cols}, args_.opts());
+    p.x = at::empty({max_rows_, I}, args_.input2d.options());
+    p.rows.resize(max_rows_);
+  }
+
+  // Part k's gx for the chunk that starts at step s, if one does (a no-op at
+  // the chunk's other steps).
+  void step(int64_t k, int64_t s) {
+    if (s % steps_ != 0) return;
+    Part& p = parts_[k];
+    if (p.cols == 0) return;
+    const Schedule& sched = args_.sched;
+    const int64_t s1 = std::min(s + steps_, sched.max_len), m = sched.offset[s1] - sched.offset[s];
+    const int64_t* gather =
+        args_.gather.defined() ? args_.gather.template const_data_ptr<int64_t>() : nullptr;
+    bool consecutive = true;
+    for (int64_t ss = s; ss < s1; ++ss) {
+      int64_t* r = p.rows.data() + (sched.offset[ss] - sched.offset[s]);
+      for (int64_t i = 0; i < sched.active[ss]; ++i) {
+        const int64_t pos = args_.gx_rows.row(step_time(d_, sched.len[i], ss), i);
+        r[i] = gather != nullptr ? gather[pos] : pos;
+      }
+    }
+    for (int64_t j = 1; j < m && consecutive; ++j) consecutive = p.rows[j] == p.rows[0] + j;
+    if (bf16_) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        const at::BFloat16* a = input_rows<at::BFloat16>(p, m, consecutive);
+        bf16_gemm(m, a, args_.dims.I, p.packed16, p.gx.template data_ptr<float>(), p.cols, false);
+      }
+      return;
+    }
+    const scalar_t* a = input_rows<scalar_t>(p, m, consecutive);
+    gemm_rm(m, p.cols, args_.dims.I, a, args_.dims.I, p.panel.template const_data_ptr<scalar_t>(),
+            p.cols, p.gx.template data_ptr<scalar_t>(), p.cols);
+  }
+
+  // Part k's gx row of step s's running row i ([G*Hs], gate stride Hs), in
+  // the chunk step(k, s) (or an earlier step of its chunk) computed.
+  const scalar_t* gx(int64_t k, int64_t s, int64_t i) const {
+    const Schedule& sched = args_.sched;
+    const int64_t row = sched.offset[s] - sched.offset[s - s % steps_] + i;
+    return parts_[k].gx.template const_data_ptr<scalar_t>() + row * parts_[k].cols;
+  }
+
+ private:
+  struct Part {
+    int64_t cols = 0;  // G*Hs
+    at::Tensor panel;  // [G*Hs, I] for bf16 (packed from), else [I, G*Hs]
+    PackedB16 packed16;
+    at::Tensor gx;              // [max rows, G*Hs] this chunk's projection
+    at::Tensor x;               // [max rows, I] this chunk's input, where gathered
+    std::vector<int64_t> rows;  // [max rows] input2d row of each chunk row
+  };
+
+  // [m, I] the chunk's input rows: in place, or gathered into p.x.
+  template <typename in_t>
+  const in_t* input_rows(Part& p, int64_t m, bool consecutive) const {
+    const int64_t I = args_.dims.I;
+    const in_t* in = args_.input2d.template const_data_ptr<in_t>();
+    if (consecutive) return in + (m > 0 ? p.rows[0] * I : 0);
+    in_t* x = p.x.template data_ptr<in_t>();
+    for (int64_t j = 0; j < m; ++j) std::memcpy(x + j * I, in + p.rows[j] * I, I * sizeof(in_t));
+    return x;
+  }
+
+  const ForwardArgs& args_;
+  const int64_t d_;
+  const bool bf16_;
+  int64_t steps_ = 1, max_rows_ = 0;
+  std::vector<Part> parts_;
+};
+
+}  // namespace cpu
+}  // namespace varlen_rnn
