@@ -1,11 +1,11 @@
 """The forward split loop's input projection computed per thread in chunks of steps
-(csrc/cpu/chunked_projection.h), forced through VARLEN_RNN_CPU_PROJECTION=chunked, with the chunk
-size forced through VARLEN_RNN_CPU_CHUNK_STEPS so the boundaries fall where the lengths make
-them interesting: the longest row spans more than two chunks and its length is no multiple of
-the chunk, rows end mid-chunk, at a chunk's last step and at its first, a row has length 0
-(padded and offsets layouts), and the reverse direction starts each row at its own last step.
-float64 against the plain-PyTorch reference to 1e-10 (forward and, through the workspace the
-chunked forward saved, every gradient); float32 and bfloat16 against the whole-projection run."""
+(csrc/cpu/chunked_projection.h; VARLEN_RNN_CPU_PROJECTION=whole is the one GEMM before the
+loop), with the chunk size forced through VARLEN_RNN_CPU_CHUNK_STEPS so the boundaries fall where
+the lengths make them interesting: the longest row spans more than two chunks and its length is
+no multiple of the chunk, rows end mid-chunk, at a chunk's last step and at its first, a row has
+length 0 (padded and offsets layouts), and the reverse direction starts each row at its own last
+step. float64 against the plain-PyTorch reference to 1e-10 (forward and, through the workspace
+the chunked forward saved, every gradient); float32 and bfloat16 against the whole projection."""
 
 import pytest
 import torch
@@ -32,9 +32,17 @@ def lengths_of(layout):
 
 @pytest.fixture
 def chunked(monkeypatch):
+    """The split loop, projecting in chunks of CHUNK steps."""
     monkeypatch.setenv("VARLEN_RNN_CPU_STEPS", "split")
     monkeypatch.setenv("VARLEN_RNN_CPU_PROJECTION", "chunked")
     monkeypatch.setenv("VARLEN_RNN_CPU_CHUNK_STEPS", str(CHUNK))
+
+
+@pytest.fixture(params=["chunked", "whole"])
+def projection(request, chunked, monkeypatch):
+    """Either projection in the split loop (the reference tests hold both to 1e-10)."""
+    monkeypatch.setenv("VARLEN_RNN_CPU_PROJECTION", request.param)
+    return request.param
 
 
 @pytest.fixture
@@ -53,7 +61,7 @@ def directions(request, monkeypatch):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("D", [1, 2], ids=["uni", "bi"])
-def test_gru_matches_the_reference(chunked, threads, directions, D, layout):
+def test_gru_matches_the_reference(projection, threads, directions, D, layout):
     lengths = lengths_of(layout)
     w = gru_layer(D, len(lengths))
     batch = make_batch(layout, lengths, I)
@@ -68,7 +76,7 @@ def test_gru_matches_the_reference(chunked, threads, directions, D, layout):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("D", [1, 2], ids=["uni", "bi"])
 @pytest.mark.parametrize("cell", ["lstm", "lstm_proj", "rnn_tanh"])
-def test_cells_match_the_reference(chunked, threads, directions, cell, D, layout):
+def test_cells_match_the_reference(projection, threads, directions, cell, D, layout):
     """Forward and, through the saved workspace, every gradient of the backward op."""
     lengths = lengths_of(layout)
     layer = make_layer(cell, D, len(lengths), I, H, P=P)

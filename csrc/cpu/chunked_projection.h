@@ -42,28 +42,35 @@ namespace varlen_rnn {
 namespace cpu {
 
 // The one place that decides whether the forward's split loops project in
-// chunks (else one GEMM over all positions before the loop). bf16: the
-// layer's products are bfloat16 (cpu/bf16_gemm.h). VARLEN_RNN_CPU_PROJECTION
-// =chunked or =whole forces one (tests run both), read at every call.
-inline bool chunked_projection_for(bool bf16) {
+// chunks (else one GEMM over all positions before the loop): always, unless
+// VARLEN_RNN_CPU_PROJECTION=whole (=chunked also accepted; read at every
+// call, for tests and measurement). Measured on the 2-core Xeon (inference,
+// B=64 T=100 I=H=256, full / uniform random lengths, min of 8-20 interleaved
+// repeats while other jobs held the load average at ~5: a guide),
+// chunked vs whole: bfloat16 (AMX) at 2 threads LSTM 1.70x / 1.24x, GRU
+// 1.89x / 1.74x (the split loop forced at 1 thread: 1.42x / 1.23x, 1.34x /
+// 1.87x); float32 at 2 threads LSTM 1.16x / 1.07x, GRU 1.17x / 1.03x, at 1
+// thread 0.98x-1.05x (a tie: MKL's big GEMM is no faster than the chunks');
+// float64 2 threads 1.05x-1.24x. The forward's peak memory falls by the
+// [N, G*H] projection and the [N, I] gathered input: bfloat16 LSTM 37.3 ->
+// 12.3 MiB (nn.LSTM 18.0), GRU 30.2 -> 11.1 MiB (nn.GRU 15.7); float32
+// LSTM 37.8 -> 10.3 MiB, GRU 31.4 -> 9.4 MiB.
+inline bool chunked_projection() {
   const char* env = std::getenv("VARLEN_RNN_CPU_PROJECTION");
-  if (env != nullptr && std::string(env) == "chunked") return true;
-  if (env != nullptr && std::string(env) == "whole") return false;
-  // On the matrix unit the product is cheap and the [N, G*H] buffer's
-  // memory traffic dominates; float32 and float64 keep the big BLAS GEMM.
-  return bf16;
+  return env == nullptr || std::string(env) != "whole";
 }
 
 // Steps per chunk: the chunk's gx buffer of one thread (B rows a step, cols
-// = G*Hs float32 values each) about kChunkBytes, which with the thread's
-// W_ih and W_hh panels and its gh slice fits a 2 MB L2.
+// = G*Hs values of `bytes` bytes each) about kChunkBytes, which with the
+// thread's W_ih and W_hh panels and its gh slice fits a 2 MB L2 (the
+// bfloat16 LSTM above: 4 steps at 2 threads; 2 to 8 steps timed alike).
 // VARLEN_RNN_CPU_CHUNK_STEPS=n forces n (tests put chunk boundaries where
 // they want them).
-inline int64_t chunk_steps(int64_t B, int64_t cols) {
+inline int64_t chunk_steps(int64_t B, int64_t cols, int64_t bytes) {
   const char* env = std::getenv("VARLEN_RNN_CPU_CHUNK_STEPS");
   if (env != nullptr && std::atoll(env) > 0) return std::atoll(env);
   constexpr int64_t kChunkBytes = 512 * 1024;
-  const int64_t row_bytes = std::max<int64_t>(1, B * cols * 4);
+  const int64_t row_bytes = std::max<int64_t>(1, B * cols * bytes);
   return std::clamp<int64_t>(kChunkBytes / row_bytes, 1, 32);
 }
 
@@ -85,7 +92,7 @@ class ChunkedProjection {
       const auto [u0, u1] = slice_of(H, parts, k);
       widest = std::max(widest, gates * (u1 - u0));
     }
-    steps_ = chunk_steps(B, widest);
+    steps_ = chunk_steps(B, widest, sizeof(scalar_t));
     max_rows_ = sched.offset[std::min(steps_, sched.max_len)];
     const at::Tensor w3 = args.w_ih[d].view({gates, H, I});
     for (int64_t k = 0; k < parts; ++k) {

@@ -48,7 +48,7 @@ void forward_impl(ForwardArgs& args) {
   const bool gemm_loop = loops == StepLoops::kGemm;
   // The split loops may compute the projection themselves, a chunk of steps
   // at a time per thread (cpu/chunked_projection.h): then neither xp nor gx.
-  const bool chunked = !gemm_loop && chunked_projection_for(args.bf16);
+  const bool chunked = !gemm_loop && chunked_projection();
   // [N, I] (bfloat16 where args.bf16)
   at::Tensor xp = chunked ? at::Tensor() : projection_input(args);
   const bool few = few_steps(dims.B, sched.max_len);
