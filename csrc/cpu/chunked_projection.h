@@ -1,6 +1,7 @@
-// The forward split loop's input projection computed by each thread for its
-// own gate columns, a chunk of steps at a time (cpu/split_steps.h), instead
-// of one GEMM over all N positions before the loop (cpu/recurrence.h).
+// The forward's input projection: in the split loops computed by each thread
+// for its own gate columns, a chunk of steps at a time (cpu/split_steps.h),
+// else one GEMM over all N positions before the steps (whole_projection; the
+// choice: chunked_projection).
 //
 // Thread k of a split loop owns units [u0, u1) with all their gates; the gate
 // pass of those units reads only gx[:, g*H + u0 .. g*H + u1) for each gate g.
@@ -58,6 +59,28 @@ namespace cpu {
 inline bool chunked_projection() {
   const char* env = std::getenv("VARLEN_RNN_CPU_PROJECTION");
   return env == nullptr || std::string(env) != "whole";
+}
+
+// [N, G*H]: direction d's input projection W_ih x (without b_ih) where it is
+// not chunked, one GEMM over the valid positions xp ([N, I], bfloat16 where
+// args.bf16), on W_ih^T as a view: MKL runs it as fast as on a transposed
+// copy from N ~ 256 rows on, and a copy costs more than the difference below
+// (I=256, G*H=768, 1 thread: the copy 150-400 us; the view's GEMM 17 vs 10 us
+// at N=1, 174 vs 147 at 64, 2175 vs 2184 at 1024). G: the cell's G*H.
+template <typename scalar_t>
+at::Tensor whole_projection(const ForwardArgs& args, const at::Tensor& xp, int64_t d, int64_t G) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (args.bf16) {                      // cpu/bf16_gemm.h: b[i, j] = w_ih[d][j, i]
+      const at::Tensor w = args.w_ih[d];  // [G*H, I]
+      const int64_t I = args.dims.I, N = xp.size(0);
+      const PackedB16 b = pack_b16(I, G, w.const_data_ptr<float>(), 1, I);
+      at::Tensor gx = at::empty({N, G}, args.opts());
+      bf16_gemm_parallel(N, xp.const_data_ptr<at::BFloat16>(), I, b, gx.data_ptr<float>(), G,
+                         nullptr);
+      return gx;
+    }
+  }
+  return at::mm(xp, args.w_ih[d].t());  // [N, I] [I, G*H]
 }
 
 // Steps per chunk: the chunk's gx buffer of one thread (B rows a step, cols

@@ -10,10 +10,10 @@
 // direction in turn or for both at once, each on half of the threads;
 // the LSTM's projection adds one GEMM per step (h' W_hr^T, or dh_state W_hr).
 // Rows run in the schedule's longest-first order (cpu/schedule.h). Each
-// direction's input projection is one GEMM over the N valid positions (no
-// work on padding), and
-// the workspace ([D, N, S*H]: nothing for padding) stores direction d's step s
-// at rows offset[s] + i, so the backward's weight GEMMs cover exactly N rows.
+// direction's input projection covers the N valid positions only: in the
+// split loops per thread, a chunk of steps at a time, else one GEMM before
+// the steps (cpu/chunked_projection.h). The workspace ([D, N, S*H]) stores
+// direction d's step s at rows offset[s] + i, so the backward's weight GEMMs cover exactly N rows.
 // Ragged input needs no gather: its own N rows are the projection's rows.
 #pragma once
 
@@ -26,6 +26,7 @@
 
 #include "cpu/backward_bf16.h"
 #include "cpu/bf16_gemm.h"
+#include "cpu/chunked_projection.h"
 #include "cpu/layer_args.h"
 #include "cpu/rows.h"
 #include "cpu/split_backward.h"
@@ -68,29 +69,13 @@ void forward_impl(ForwardArgs& args) {
   auto ws_of = [&](int64_t d) {  // direction d's workspace, or null
     return save ? args.workspace.data_ptr<scalar_t>() + d * N * S : nullptr;
   };
-  // [N, G*H]: direction d's input projection W_ih x (without b_ih), one GEMM
-  // over the valid positions, on W_ih^T as a view: MKL runs it as fast as on
-  // a transposed copy from N ~ 256 rows on, and a copy costs more than the
-  // difference below (I=256, G*H=768, 1 thread: the copy 150-400 us; the
-  // view's GEMM 17 vs 10 us at N=1, 174 vs 147 at 64, 2175 vs 2184 at 1024).
-  auto projection = [&](int64_t d) {
-    if (chunked) return at::Tensor();
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      if (args.bf16) {                      // cpu/bf16_gemm.h: b[i, j] = w_ih[d][j, i]
-        const at::Tensor w = args.w_ih[d];  // [G*H, I]
-        const PackedB16 b = pack_b16(dims.I, G, w.const_data_ptr<float>(), 1, dims.I);
-        at::Tensor gx = at::empty({N, G}, opts);
-        bf16_gemm_parallel(N, xp.const_data_ptr<at::BFloat16>(), dims.I, b, gx.data_ptr<float>(), G,
-                           nullptr);
-        return gx;
-      }
-    }
-    return at::mm(xp, args.w_ih[d].t());  // [N, I] [I, G*H]
+  auto projection = [&](int64_t d) {  // [N, G*H], or none where chunked
+    return chunked ? at::Tensor() : whole_projection<scalar_t>(args, xp, d, G);
   };
 
   if (loops == StepLoops::kConcurrent) {
-    // Both directions at once (cpu/split_steps.h) hold both projections:
-    // [N, G*H] more than the directions in turn at the forward's peak.
+    // Both directions at once (cpu/split_steps.h); whole projections are
+    // held both: [N, G*H] more than the directions in turn at the peak.
     const at::Tensor gx[2] = {projection(0), projection(1)};
     xp.reset();
     at::Tensor h[2], c[2];  // [B, P], [B, H] sorted order
@@ -121,11 +106,13 @@ void forward_impl(ForwardArgs& args) {
     auto transposed = [&](const at::Tensor& w) {  // [rows, cols] -> [cols, rows]
       return few ? w.t() : w.t().contiguous();
     };
-    const at::Tensor w_hh_t = gemm_loop && !bf16 ? transposed(args.w_hh[d]) : at::Tensor();  // [P, G*H]
+    const at::Tensor w_hh_t =
+        gemm_loop && !bf16 ? transposed(args.w_hh[d]) : at::Tensor();  // [P, G*H]
     const PackedB16 w_hh16 =
         bf16 ? pack_b16(P, G, args.w_hh[d].const_data_ptr<float>(), 1, P) : PackedB16{};
-    const at::Tensor w_hr_t = gemm_loop && proj ? transposed(args.w_hr[d]) : at::Tensor();  // [H, P]
-    at::Tensor h = args.hx[d].index_select(0, perm);                       // [B, P] sorted order
+    const at::Tensor w_hr_t =
+        gemm_loop && proj ? transposed(args.w_hr[d]) : at::Tensor();  // [H, P]
+    at::Tensor h = args.hx[d].index_select(0, perm);                  // [B, P] sorted order
     at::Tensor c = Cell::kHasC ? args.cx[d].index_select(0, perm) : at::Tensor();  // [B, H]
     // [B, P] h rounded for the next step's product: h0 here, then by each
     // step's gate pass (or, with a projection, after it) while h is in cache.

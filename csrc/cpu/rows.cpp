@@ -112,33 +112,33 @@ inline void backward_any(const BackwardRow<T>& row, int64_t units, int64_t H) {
 #endif
 
 // double keeps libm's exp/tanh: the precision gradcheck needs.
-#define VR_DEFINE_ROWS(Cell)                                                                     \
-  VR_CPU_CLONES void forward_row(Cell, const ForwardRow<float>& row, int64_t H) {                \
-    forward_any<float, Cell, VecMathF32>(row, H, H, H, H);                                          \
-  }                                                                                              \
-  VR_CPU_CLONES void forward_units(Cell, const ForwardRow<float>& row, int64_t units, int64_t H, \
-                                   int64_t gh_ld, int64_t gx_ld) {                               \
-    forward_any<float, Cell, VecMathF32>(row, units, H, gh_ld, gx_ld);                           \
-  }                                                                                              \
-  VR_CPU_CLONES void backward_row(Cell, const BackwardRow<float>& row, int64_t H) {              \
-    backward_any<float, Cell>(row, H, H);                                                        \
-  }                                                                                              \
-  VR_CPU_CLONES void backward_units(Cell, const BackwardRow<float>& row, int64_t units,          \
-                                    int64_t H) {                                                 \
-    backward_any<float, Cell>(row, units, H);                                                    \
-  }                                                                                              \
-  void forward_row(Cell, const ForwardRow<double>& row, int64_t H) {                             \
-    forward_any<double, Cell, PreciseMath>(row, H, H, H, H);                                        \
-  }                                                                                              \
-  void forward_units(Cell, const ForwardRow<double>& row, int64_t units, int64_t H,              \
-                     int64_t gh_ld, int64_t gx_ld) {                                             \
-    forward_any<double, Cell, PreciseMath>(row, units, H, gh_ld, gx_ld);                         \
-  }                                                                                              \
-  void backward_row(Cell, const BackwardRow<double>& row, int64_t H) {                           \
-    backward_any<double, Cell>(row, H, H);                                                       \
-  }                                                                                              \
-  void backward_units(Cell, const BackwardRow<double>& row, int64_t units, int64_t H) {          \
-    backward_any<double, Cell>(row, units, H);                                                   \
+#define VR_DEFINE_ROWS(Cell)                                                                       \
+  VR_CPU_CLONES void forward_row(Cell, const ForwardRow<float>& row, int64_t H) {                  \
+    forward_any<float, Cell, VecMathF32>(row, H, H, H, H);                                         \
+  }                                                                                                \
+  VR_CPU_CLONES void forward_units(Cell, const ForwardRow<float>& row, int64_t units, int64_t H,   \
+                                   int64_t gh_ld, int64_t gx_ld) {                                 \
+    forward_any<float, Cell, VecMathF32>(row, units, H, gh_ld, gx_ld);                             \
+  }                                                                                                \
+  VR_CPU_CLONES void backward_row(Cell, const BackwardRow<float>& row, int64_t H) {                \
+    backward_any<float, Cell>(row, H, H);                                                          \
+  }                                                                                                \
+  VR_CPU_CLONES void backward_units(Cell, const BackwardRow<float>& row, int64_t units,            \
+                                    int64_t H) {                                                   \
+    backward_any<float, Cell>(row, units, H);                                                      \
+  }                                                                                                \
+  void forward_row(Cell, const ForwardRow<double>& row, int64_t H) {                               \
+    forward_any<double, Cell, PreciseMath>(row, H, H, H, H);                                       \
+  }                                                                                                \
+  void forward_units(Cell, const ForwardRow<double>& row, int64_t units, int64_t H, int64_t gh_ld, \
+                     int64_t gx_ld) {                                                              \
+    forward_any<double, Cell, PreciseMath>(row, units, H, gh_ld, gx_ld);                           \
+  }                                                                                                \
+  void backward_row(Cell, const BackwardRow<double>& row, int64_t H) {                             \
+    backward_any<double, Cell>(row, H, H);                                                         \
+  }                                                                                                \
+  void backward_units(Cell, const BackwardRow<double>& row, int64_t units, int64_t H) {            \
+    backward_any<double, Cell>(row, units, H);                                                     \
   }
 
 VR_DEFINE_ROWS(GruCell)

@@ -52,8 +52,8 @@ namespace cpu {
 // run_teams: one team for the directions in turn, two for both at once), then
 // finished. h: [B, P] sorted order (in: h0, out: h_n); c: [B, H]
 // (Cell::kHasC); gx_p: [N, G*H] this direction's input projection (without
-// b_ih), or null: computed in chunks by the loop (ChunkedProjection); bias_p: [2, G*H] its b_ih then b_hh; ws_p: this direction's
-// workspace or null.
+// b_ih), or null: computed in chunks by the loop (ChunkedProjection); bias_p: [2, G*H] its b_ih
+// then b_hh; ws_p: this direction's workspace or null.
 template <typename Cell, typename scalar_t>
 class SplitSteps {
  public:
