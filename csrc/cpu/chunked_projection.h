@@ -5,11 +5,14 @@
 //
 // Thread k of a split loop owns units [u0, u1) with all their gates; the gate
 // pass of those units reads only gx[:, g*H + u0 .. g*H + u1) for each gate g.
-// So the thread packs the matching rows of W_ih once per call (a panel
-// [G*Hs, I], like its W_hh panel) and, at the first step of each chunk,
-// computes gx for the chunk's running rows into a buffer of its own
-// ([chunk rows, G*Hs], gate g of unit u0 + j at column g*Hs + j): one GEMM
-// whose result stays in that core's L2 until the chunk's steps read it. The
+// So at the first step of each chunk the thread computes gx for the chunk's
+// running rows and its columns into a buffer of its own ([chunk rows, G*Hs],
+// gate g of unit u0 + j at column g*Hs + j), whose result stays in that
+// core's L2 until the chunk's steps read it: with bfloat16 products one
+// matrix-unit GEMM on the matching rows of W_ih packed once per call (like
+// its W_hh panel); otherwise one single-threaded BLAS call per gate on those
+// rows of W_ih in place (transposed operand: no per-call copy, which at
+// B=8 T=16 H=256 cost ~10% of a float32 call). The
 // [N, G*H] projection (26 MB for a bfloat16 LSTM at B=64 T=100 H=256) is then
 // never written to memory and read back, nor held at the forward's peak, and
 // neither is the [N, I] gathered input: the chunk's rows are read from the
@@ -36,7 +39,7 @@
 
 #include "cpu/bf16_gemm.h"
 #include "cpu/layer_args.h"
-#include "cpu/team.h"  // gemm_rm, slice_of
+#include "cpu/team.h"  // sgemm_, dgemm_, slice_of
 #include "layout.h"    // step_time
 
 namespace varlen_rnn {
@@ -45,17 +48,18 @@ namespace cpu {
 // The one place that decides whether the forward's split loops project in
 // chunks (else one GEMM over all positions before the loop): always, unless
 // VARLEN_RNN_CPU_PROJECTION=whole (=chunked also accepted; read at every
-// call, for tests and measurement). Measured on the 2-core Xeon (inference,
-// B=64 T=100 I=H=256, full / uniform random lengths, min of 8-20 interleaved
-// repeats while other jobs held the load average at ~5: a guide),
-// chunked vs whole: bfloat16 (AMX) at 2 threads LSTM 1.70x / 1.24x, GRU
-// 1.89x / 1.74x (the split loop forced at 1 thread: 1.42x / 1.23x, 1.34x /
-// 1.87x); float32 at 2 threads LSTM 1.16x / 1.07x, GRU 1.17x / 1.03x, at 1
-// thread 0.98x-1.05x (a tie: MKL's big GEMM is no faster than the chunks');
-// float64 2 threads 1.05x-1.24x. The forward's peak memory falls by the
-// [N, G*H] projection and the [N, I] gathered input: bfloat16 LSTM 37.3 ->
-// 12.3 MiB (nn.LSTM 18.0), GRU 30.2 -> 11.1 MiB (nn.GRU 15.7); float32
-// LSTM 37.8 -> 10.3 MiB, GRU 31.4 -> 9.4 MiB.
+// call, for tests and measurement). Measured on the 2-core Xeon, inference,
+// B=64 T=100 I=H=256, full / uniform random lengths, min of 15-20
+// interleaved repeats, load average ~1.5 (benchmarks/
+// bench_chunked_projection.py), chunked vs whole: bfloat16 (AMX) 2 threads
+// LSTM 1.50x / 1.28x, GRU 1.52x / 1.44x; the split loop forced on 1 thread
+// LSTM 1.25x / 1.16x, GRU 1.52x / 1.45x; float32 2 threads LSTM 1.07x /
+// 1.05x, GRU 1.00x / 0.99x, 1 thread 0.98x-1.05x (a tie: MKL's big GEMM is
+// no faster than the chunks'); float32 B=8 T=16 1 thread 0.99x-1.04x;
+// float64 (load ~5, a guide) 1.05x-1.24x. The forward's peak memory falls
+// by the [N, G*H] projection and the [N, I] gathered input: bfloat16 LSTM
+// 37.3 -> 12.3 MiB (nn.LSTM 18.0), GRU 30.2 -> 11.1 MiB (nn.GRU 15.7);
+// float32 LSTM 37.8 -> 9.3 MiB (nn 34.9), GRU 31.4 -> 8.7 MiB (nn 31.3).
 inline bool chunked_projection() {
   const char* env = std::getenv("VARLEN_RNN_CPU_PROJECTION");
   return env == nullptr || std::string(env) != "whole";
@@ -83,6 +87,24 @@ at::Tensor whole_projection(const ForwardArgs& args, const at::Tensor& xp, int64
   return at::mm(xp, args.w_ih[d].t());  // [N, I] [I, G*H]
 }
 
+// c[m, n] (ldc) = a[m, k] (lda) w[n, k]^T (ldw), row-major, one thread (the
+// BLAS runs sequentially inside a parallel region). Only where
+// blas_available() (the split loops' condition).
+inline void gemm_rm_bt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* w,
+                       int64_t ldw, float* c, int64_t ldc) {
+  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+  const int la = static_cast<int>(ldw), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  const float one = 1, zero = 0;
+  sgemm_("T", "N", &M, &N, &K, &one, w, &la, a, &lb, &zero, c, &lc);
+}
+inline void gemm_rm_bt(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda,
+                       const double* w, int64_t ldw, double* c, int64_t ldc) {
+  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+  const int la = static_cast<int>(ldw), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  const double one = 1, zero = 0;
+  dgemm_("T", "N", &M, &N, &K, &one, w, &la, a, &lb, &zero, c, &lc);
+}
+
 // Steps per chunk: the chunk's gx buffer of one thread (B rows a step, cols
 // = G*Hs values of `bytes` bytes each) about kChunkBytes, which with the
 // thread's W_ih and W_hh panels and its gh slice fits a 2 MB L2 (the
@@ -105,7 +127,7 @@ class ChunkedProjection {
   // gates: the cell's G; bf16: bfloat16 products (scalar_t float, input2d
   // bfloat16); otherwise a single-threaded BLAS call in scalar_t.
   ChunkedProjection(const ForwardArgs& args, int64_t d, int64_t gates, int64_t parts, bool bf16)
-      : args_(args), d_(d), bf16_(bf16) {
+      : args_(args), d_(d), gates_(gates), bf16_(bf16) {
     const int64_t H = args.dims.H, I = args.dims.I, B = args.dims.B;
     const Schedule& sched = args.sched;
     parts_.resize(parts);
@@ -121,9 +143,9 @@ class ChunkedProjection {
     for (int64_t k = 0; k < parts; ++k) {
       const auto [u0, u1] = slice_of(H, parts, k);
       Part& p = parts_[k];
+      p.u0 = u0;
       p.cols = gates * (u1 - u0);
-      const at::Tensor rows = w3.narrow(1, u0, u1 - u0).reshape({-1, I});  // [G*Hs, I]
-      p.panel = bf16 ? rows : rows.t().contiguous();                       // or [I, G*Hs]
+      if (bf16) p.panel = w3.narrow(1, u0, u1 - u0).reshape({-1, I});  // [G*Hs, I]
     }
   }
 
@@ -169,8 +191,12 @@ class ChunkedProjection {
       return;
     }
     const scalar_t* a = input_rows<scalar_t>(p, m, consecutive);
-    gemm_rm(m, p.cols, args_.dims.I, a, args_.dims.I, p.panel.template const_data_ptr<scalar_t>(),
-            p.cols, p.gx.template data_ptr<scalar_t>(), p.cols);
+    const int64_t H = args_.dims.H, I = args_.dims.I, Hs = p.cols / gates_;
+    const scalar_t* w = args_.w_ih.template const_data_ptr<scalar_t>() + d_ * gates_ * H * I;
+    for (int64_t g = 0; g < gates_; ++g) {  // gx[:, g*Hs ..] = a W_ih[g*H + u0 .., :]^T
+      gemm_rm_bt(m, Hs, I, a, I, w + (g * H + p.u0) * I, I,
+                 p.gx.template data_ptr<scalar_t>() + g * Hs, p.cols);
+    }
   }
 
   // Part k's gx row of step s's running row i ([G*Hs], gate stride Hs), in
@@ -183,8 +209,8 @@ class ChunkedProjection {
 
  private:
   struct Part {
-    int64_t cols = 0;  // G*Hs
-    at::Tensor panel;  // [G*Hs, I] for bf16 (packed from), else [I, G*Hs]
+    int64_t u0 = 0, cols = 0;  // first unit, G*Hs
+    at::Tensor panel;          // [G*Hs, I] for bf16 (packed from), else none
     PackedB16 packed16;
     at::Tensor gx;              // [max rows, G*Hs] this chunk's projection
     at::Tensor x;               // [max rows, I] this chunk's input, where gathered
@@ -203,7 +229,7 @@ class ChunkedProjection {
   }
 
   const ForwardArgs& args_;
-  const int64_t d_;
+  const int64_t d_, gates_;
   const bool bf16_;
   int64_t steps_ = 1, max_rows_ = 0;
   std::vector<Part> parts_;
