@@ -10,10 +10,10 @@
 // direction in turn or for both at once, each on half of the threads;
 // the LSTM's projection adds one GEMM per step (h' W_hr^T, or dh_state W_hr).
 // Rows run in the schedule's longest-first order (cpu/schedule.h). Each
-// direction's input projection is one GEMM over the N valid positions (no
-// work on padding), and
-// the workspace ([D, N, S*H]: nothing for padding) stores direction d's step s
-// at rows offset[s] + i, so the backward's weight GEMMs cover exactly N rows.
+// direction's input projection covers the N valid positions only: in the
+// split loops per thread, a chunk of steps at a time, else one GEMM before
+// the steps (cpu/chunked_projection.h). The workspace ([D, N, S*H]) stores
+// direction d's step s at rows offset[s] + i, so the backward's weight GEMMs cover exactly N rows.
 // Ragged input needs no gather: its own N rows are the projection's rows.
 #pragma once
 
@@ -26,6 +26,7 @@
 
 #include "cpu/backward_bf16.h"
 #include "cpu/bf16_gemm.h"
+#include "cpu/chunked_projection.h"
 #include "cpu/layer_args.h"
 #include "cpu/rows.h"
 #include "cpu/split_backward.h"
@@ -43,10 +44,14 @@ void forward_impl(ForwardArgs& args) {
   const int64_t N = sched.N();
   const bool proj = args.w_hr.defined();
   const auto opts = args.opts();
-  at::Tensor xp = projection_input(args);  // [N, I] (bfloat16 where args.bf16)
   const at::Tensor perm = perm_tensor(sched);
   const StepLoops loops = step_loops(dims, sched.max_len, sizeof(scalar_t), args.bf16);
   const bool gemm_loop = loops == StepLoops::kGemm;
+  // The split loops may compute the projection themselves, a chunk of steps
+  // at a time per thread (cpu/chunked_projection.h): then neither xp nor gx.
+  const bool chunked = !gemm_loop && chunked_projection();
+  // [N, I] (bfloat16 where args.bf16)
+  at::Tensor xp = chunked ? at::Tensor() : projection_input(args);
   const bool few = few_steps(dims.B, sched.max_len);
   at::Tensor gh = gemm_loop ? at::empty({dims.B, G}, opts) : at::Tensor();  // [B, G*H] W_hh h
   // [B, H] one step's h' before the projection (h_state = h' W_hr^T)
@@ -64,33 +69,13 @@ void forward_impl(ForwardArgs& args) {
   auto ws_of = [&](int64_t d) {  // direction d's workspace, or null
     return save ? args.workspace.data_ptr<scalar_t>() + d * N * S : nullptr;
   };
-  // [N, G*H]: direction d's input projection W_ih x (without b_ih), one GEMM
-  // over the valid positions, on W_ih^T as a view: MKL runs it as fast as on
-  // a transposed copy from N ~ 256 rows on, and a copy costs more than the
-  // difference below (I=256, G*H=768, 1 thread: the copy 150-400 us; the
-  // view's GEMM 17 vs 10 us at N=1, 174 vs 147 at 64, 2175 vs 2184 at 1024).
-  auto projection = [&](int64_t d) {
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      // Few steps (cpu/team.h few_steps): no packing. The float32 GEMM on
-      // bfloat16 values (x, and W_ih, which is bfloat16 before the float32
-      // copy) has exact products and float32 sums: the bfloat16 product's
-      // result but for the order of the sums.
-      if (args.bf16 && few) return at::mm(xp.to(at::kFloat), args.w_ih[d].t());
-      if (args.bf16) {                      // cpu/bf16_gemm.h: b[i, j] = w_ih[d][j, i]
-        const at::Tensor w = args.w_ih[d];  // [G*H, I]
-        const PackedB16 b = pack_b16(dims.I, G, w.const_data_ptr<float>(), 1, dims.I);
-        at::Tensor gx = at::empty({N, G}, opts);
-        bf16_gemm_parallel(N, xp.const_data_ptr<at::BFloat16>(), dims.I, b, gx.data_ptr<float>(), G,
-                           nullptr);
-        return gx;
-      }
-    }
-    return at::mm(xp, args.w_ih[d].t());  // [N, I] [I, G*H]
+  auto projection = [&](int64_t d) {  // [N, G*H], or none where chunked
+    return chunked ? at::Tensor() : whole_projection<scalar_t>(args, xp, d, G, few);
   };
 
   if (loops == StepLoops::kConcurrent) {
-    // Both directions at once (cpu/split_steps.h) hold both projections:
-    // [N, G*H] more than the directions in turn at the forward's peak.
+    // Both directions at once (cpu/split_steps.h); whole projections are
+    // held both: [N, G*H] more than the directions in turn at the peak.
     const at::Tensor gx[2] = {projection(0), projection(1)};
     xp.reset();
     at::Tensor h[2], c[2];  // [B, P], [B, H] sorted order
@@ -98,8 +83,8 @@ void forward_impl(ForwardArgs& args) {
       h[d] = args.hx[d].index_select(0, perm);
       if (Cell::kHasC) c[d] = args.cx[d].index_select(0, perm);
     }
-    const scalar_t* const gx_p[2] = {gx[0].const_data_ptr<scalar_t>(),
-                                     gx[1].const_data_ptr<scalar_t>()};
+    const scalar_t* const gx_p[2] = {chunked ? nullptr : gx[0].const_data_ptr<scalar_t>(),
+                                     chunked ? nullptr : gx[1].const_data_ptr<scalar_t>()};
     scalar_t* const ws_p[2] = {ws_of(0), ws_of(1)};
     concurrent_steps<Cell, scalar_t>(args, gx_p, bias.const_data_ptr<scalar_t>(), h, c, ws_p);
     for (int64_t d = 0; d < 2; ++d) {
@@ -110,7 +95,7 @@ void forward_impl(ForwardArgs& args) {
   }
   for (int64_t d = 0; d < dims.D; ++d) {
     // One direction at a time: half the memory of both projections at once.
-    const at::Tensor gx = projection(d);  // [N, G*H]
+    const at::Tensor gx = projection(d);  // [N, G*H], or none where chunked
     if (d == dims.D - 1) xp.reset();
     // The per-step GEMM loop's right operands (the split loop packs its own
     // panels); with args.bf16 W_hh^T packed (few steps: read as a view by
@@ -126,14 +111,15 @@ void forward_impl(ForwardArgs& args) {
         gemm_loop && (!bf16 || few) ? transposed(args.w_hh[d]) : at::Tensor();  // [P, G*H]
     const PackedB16 w_hh_packed =
         bf16 && !few ? pack_b16(P, G, args.w_hh[d].const_data_ptr<float>(), 1, P) : PackedB16{};
-    const at::Tensor w_hr_t = gemm_loop && proj ? transposed(args.w_hr[d]) : at::Tensor();  // [H, P]
-    at::Tensor h = args.hx[d].index_select(0, perm);                       // [B, P] sorted order
+    const at::Tensor w_hr_t =
+        gemm_loop && proj ? transposed(args.w_hr[d]) : at::Tensor();  // [H, P]
+    at::Tensor h = args.hx[d].index_select(0, perm);                  // [B, P] sorted order
     at::Tensor c = Cell::kHasC ? args.cx[d].index_select(0, perm) : at::Tensor();  // [B, H]
     // [B, P] h rounded for the next step's product: h0 here, then by each
     // step's gate pass (or, with a projection, after it) while h is in cache.
     at::Tensor hb = bf16 ? h.to(at::kBFloat16) : at::Tensor();
     at::BFloat16* hb_p = bf16 ? hb.data_ptr<at::BFloat16>() : nullptr;
-    const scalar_t* gx_p = gx.const_data_ptr<scalar_t>();
+    const scalar_t* gx_p = chunked ? nullptr : gx.const_data_ptr<scalar_t>();
     const scalar_t* bias_p = bias.const_data_ptr<scalar_t>() + d * 2 * G;
     scalar_t* h_p = h.data_ptr<scalar_t>();
     scalar_t* c_p = Cell::kHasC ? c.data_ptr<scalar_t>() : nullptr;

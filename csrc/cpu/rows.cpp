@@ -15,15 +15,17 @@ namespace {
 #define VR_IVDEP
 #endif
 
-// units: how many units the row's pointers cover; H: the gate stride of gx,
-// bx, bh and ws; gh_ld: that of gh (a thread's own gh slice in cpu/split_steps.h).
+// units: how many units the row's pointers cover; H: the gate stride of bx,
+// bh and ws; gh_ld and gx_ld: those of gh and gx (a thread's own slices in
+// cpu/split_steps.h and cpu/chunked_projection.h).
 template <typename T, typename Cell, typename Math, bool kSave>
-inline void forward_loop(const ForwardRow<T>& row, int64_t units, int64_t H, int64_t gh_ld) {
+inline void forward_loop(const ForwardRow<T>& row, int64_t units, int64_t H, int64_t gh_ld,
+                         int64_t gx_ld) {
   constexpr int G = Cell::kGates, S = Cell::kSaved;
   VR_IVDEP
   for (int64_t j = 0; j < units; ++j) {
     T gx[G], gh[G], bx[G], bh[G], saved[S];
-    load_cols<G>(row.gx, j, H, gx);
+    load_cols<G>(row.gx, j, gx_ld, gx);
     load_cols<G>(row.gh, j, gh_ld, gh);
     load_cols<G>(row.bx, j, H, bx);
     load_cols<G>(row.bh, j, H, bh);
@@ -44,11 +46,12 @@ inline void forward_loop(const ForwardRow<T>& row, int64_t units, int64_t H, int
 }
 
 template <typename T, typename Cell, typename Math>
-inline void forward_any(const ForwardRow<T>& row, int64_t units, int64_t H, int64_t gh_ld) {
+inline void forward_any(const ForwardRow<T>& row, int64_t units, int64_t H, int64_t gh_ld,
+                        int64_t gx_ld) {
   if (row.ws != nullptr) {
-    forward_loop<T, Cell, Math, true>(row, units, H, gh_ld);
+    forward_loop<T, Cell, Math, true>(row, units, H, gh_ld, gx_ld);
   } else {
-    forward_loop<T, Cell, Math, false>(row, units, H, gh_ld);
+    forward_loop<T, Cell, Math, false>(row, units, H, gh_ld, gx_ld);
   }
 }
 
@@ -109,33 +112,33 @@ inline void backward_any(const BackwardRow<T>& row, int64_t units, int64_t H) {
 #endif
 
 // double keeps libm's exp/tanh: the precision gradcheck needs.
-#define VR_DEFINE_ROWS(Cell)                                                                     \
-  VR_CPU_CLONES void forward_row(Cell, const ForwardRow<float>& row, int64_t H) {                \
-    forward_any<float, Cell, VecMathF32>(row, H, H, H);                                          \
-  }                                                                                              \
-  VR_CPU_CLONES void forward_units(Cell, const ForwardRow<float>& row, int64_t units, int64_t H, \
-                                   int64_t gh_ld) {                                              \
-    forward_any<float, Cell, VecMathF32>(row, units, H, gh_ld);                                  \
-  }                                                                                              \
-  VR_CPU_CLONES void backward_row(Cell, const BackwardRow<float>& row, int64_t H) {              \
-    backward_any<float, Cell>(row, H, H);                                                        \
-  }                                                                                              \
-  VR_CPU_CLONES void backward_units(Cell, const BackwardRow<float>& row, int64_t units,          \
-                                    int64_t H) {                                                 \
-    backward_any<float, Cell>(row, units, H);                                                    \
-  }                                                                                              \
-  void forward_row(Cell, const ForwardRow<double>& row, int64_t H) {                             \
-    forward_any<double, Cell, PreciseMath>(row, H, H, H);                                        \
-  }                                                                                              \
-  void forward_units(Cell, const ForwardRow<double>& row, int64_t units, int64_t H,              \
-                     int64_t gh_ld) {                                                            \
-    forward_any<double, Cell, PreciseMath>(row, units, H, gh_ld);                                \
-  }                                                                                              \
-  void backward_row(Cell, const BackwardRow<double>& row, int64_t H) {                           \
-    backward_any<double, Cell>(row, H, H);                                                       \
-  }                                                                                              \
-  void backward_units(Cell, const BackwardRow<double>& row, int64_t units, int64_t H) {          \
-    backward_any<double, Cell>(row, units, H);                                                   \
+#define VR_DEFINE_ROWS(Cell)                                                                       \
+  VR_CPU_CLONES void forward_row(Cell, const ForwardRow<float>& row, int64_t H) {                  \
+    forward_any<float, Cell, VecMathF32>(row, H, H, H, H);                                         \
+  }                                                                                                \
+  VR_CPU_CLONES void forward_units(Cell, const ForwardRow<float>& row, int64_t units, int64_t H,   \
+                                   int64_t gh_ld, int64_t gx_ld) {                                 \
+    forward_any<float, Cell, VecMathF32>(row, units, H, gh_ld, gx_ld);                             \
+  }                                                                                                \
+  VR_CPU_CLONES void backward_row(Cell, const BackwardRow<float>& row, int64_t H) {                \
+    backward_any<float, Cell>(row, H, H);                                                          \
+  }                                                                                                \
+  VR_CPU_CLONES void backward_units(Cell, const BackwardRow<float>& row, int64_t units,            \
+                                    int64_t H) {                                                   \
+    backward_any<float, Cell>(row, units, H);                                                      \
+  }                                                                                                \
+  void forward_row(Cell, const ForwardRow<double>& row, int64_t H) {                               \
+    forward_any<double, Cell, PreciseMath>(row, H, H, H, H);                                       \
+  }                                                                                                \
+  void forward_units(Cell, const ForwardRow<double>& row, int64_t units, int64_t H, int64_t gh_ld, \
+                     int64_t gx_ld) {                                                              \
+    forward_any<double, Cell, PreciseMath>(row, units, H, gh_ld, gx_ld);                           \
+  }                                                                                                \
+  void backward_row(Cell, const BackwardRow<double>& row, int64_t H) {                             \
+    backward_any<double, Cell>(row, H, H);                                                         \
+  }                                                                                                \
+  void backward_units(Cell, const BackwardRow<double>& row, int64_t units, int64_t H) {            \
+    backward_any<double, Cell>(row, units, H);                                                     \
   }
 
 VR_DEFINE_ROWS(GruCell)

@@ -51,17 +51,19 @@ struct BackwardRow {
 
 // forward_units: the same over `units` units from the row's pointers (a slice
 // of the row: gx, bx, bh, ws, h, out, c already offset to its first unit), gate
-// stride H everywhere but gh's, which is gh_ld. backward_units: likewise (every
-// pointer offset to the slice's first unit, gate stride H); the gradients of
-// those units are exactly backward_row's.
-#define VR_DECLARE_ROWS(Cell)                                                                    \
-  void forward_row(Cell, const ForwardRow<float>& row, int64_t H);                               \
-  void forward_row(Cell, const ForwardRow<double>& row, int64_t H);                              \
-  void forward_units(Cell, const ForwardRow<float>& row, int64_t units, int64_t H, int64_t ld);  \
-  void forward_units(Cell, const ForwardRow<double>& row, int64_t units, int64_t H, int64_t ld); \
-  void backward_row(Cell, const BackwardRow<float>& row, int64_t H);                             \
-  void backward_row(Cell, const BackwardRow<double>& row, int64_t H);                            \
-  void backward_units(Cell, const BackwardRow<float>& row, int64_t units, int64_t H);            \
+// stride H everywhere but gh's, which is gh_ld, and gx's, which is gx_ld. backward_units: likewise
+// (every pointer offset to the slice's first unit, gate stride H); the gradients of those units are
+// exactly backward_row's.
+#define VR_DECLARE_ROWS(Cell)                                                                      \
+  void forward_row(Cell, const ForwardRow<float>& row, int64_t H);                                 \
+  void forward_row(Cell, const ForwardRow<double>& row, int64_t H);                                \
+  void forward_units(Cell, const ForwardRow<float>& row, int64_t units, int64_t H, int64_t gh_ld,  \
+                     int64_t gx_ld);                                                               \
+  void forward_units(Cell, const ForwardRow<double>& row, int64_t units, int64_t H, int64_t gh_ld, \
+                     int64_t gx_ld);                                                               \
+  void backward_row(Cell, const BackwardRow<float>& row, int64_t H);                               \
+  void backward_row(Cell, const BackwardRow<double>& row, int64_t H);                              \
+  void backward_units(Cell, const BackwardRow<float>& row, int64_t units, int64_t H);              \
   void backward_units(Cell, const BackwardRow<double>& row, int64_t units, int64_t H);
 
 VR_DECLARE_ROWS(GruCell)

@@ -17,6 +17,9 @@
 // and a second barrier follows the projection, which is split by columns of
 // h_state the same way.
 //
+// With gx_p null each thread computes its own gate columns of the input
+// projection in chunks of steps (cpu/chunked_projection.h).
+//
 // Every output element is computed by one thread in a fixed order, so the
 // results are deterministic (they may differ from the per-step loop's by the
 // BLAS's rounding in float32; the cell math is the same code).
@@ -29,10 +32,12 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
 #include "cpu/bf16_gemm.h"
+#include "cpu/chunked_projection.h"
 #include "cpu/layer_args.h"
 #include "cpu/rows.h"
 #include "cpu/small_gemm.h"
@@ -47,8 +52,8 @@ namespace cpu {
 // run_teams: one team for the directions in turn, two for both at once), then
 // finished. h: [B, P] sorted order (in: h0, out: h_n); c: [B, H]
 // (Cell::kHasC); gx_p: [N, G*H] this direction's input projection (without
-// b_ih); bias_p: [2, G*H] its b_ih then b_hh; ws_p: this direction's
-// workspace or null.
+// b_ih), or null: computed in chunks by the loop (ChunkedProjection); bias_p: [2, G*H] its b_ih
+// then b_hh; ws_p: this direction's workspace or null.
 template <typename Cell, typename scalar_t>
 class SplitSteps {
  public:
@@ -69,6 +74,7 @@ class SplitSteps {
     kernel_ = !bf16_ && std::is_same_v<scalar_t, float> && use_small_gemm();
     packed_.resize(kernel_ ? parts_ : 0);
     packed16_.resize(bf16_ ? parts_ : 0);
+    if (gx_p == nullptr) chunks_.emplace(args, d, Cell::kGates, parts_, bf16_);
     const at::Tensor w3 = args.w_hh[d].view({Cell::kGates, H, P});
     for (int64_t k = 0; k < parts_; ++k) {
       const auto [u0, u1] = slice_of(H, parts_, k);
@@ -119,6 +125,7 @@ class SplitSteps {
   std::vector<at::Tensor> panels_, gh_;
   std::vector<PackedB> packed_;
   std::vector<PackedB16> packed16_;
+  std::optional<ChunkedProjection<scalar_t>> chunks_;  // where gx_p_ is null
   at::Tensor hb_store_[2];  // [B, P] bfloat16 h, ping-ponging like hbuf_ (one with proj)
   at::BFloat16* hb_[2] = {nullptr, nullptr};
   at::Tensor w_hr_t_, hraw_, h2_;  // [H, P], [B, H], [B, P]
@@ -138,6 +145,8 @@ void SplitSteps<Cell, scalar_t>::run(const Team& team) {
   scalar_t* hraw_p = proj ? hraw_.data_ptr<scalar_t>() : nullptr;
   const scalar_t* wr_p = proj ? w_hr_t_.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* out_p = args_.output.data_ptr<scalar_t>();
+  ChunkedProjection<scalar_t>* chunks = chunks_ ? &*chunks_ : nullptr;
+  for (int64_t k = tid; k < (chunks ? parts : 0); k += nth) chunks->prepare(k);
   if constexpr (std::is_same_v<scalar_t, float>) {
     for (int64_t k = tid; k < (kernel ? parts : 0); k += nth) {
       const int64_t cols = panels_[k].size(0);  // G*Hs; b[p, col] = rows[col, p]
@@ -157,6 +166,7 @@ void SplitSteps<Cell, scalar_t>::run(const Team& team) {
       const auto [u0, u1] = slice_of(H, parts, k);
       const int64_t Hs = u1 - u0, ld = Cell::kGates * Hs;
       scalar_t* ghk = gh_[k].data_ptr<scalar_t>();
+      if (chunks) chunks->step(k, s);
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (kernel) small_gemm(n, h_cur, P, packed_[k], ghk, ld, false);
         if (bf16) bf16_gemm(n, hb_[s % 2], P, packed16_[k], ghk, ld, false);
@@ -169,7 +179,7 @@ void SplitSteps<Cell, scalar_t>::run(const Team& team) {
         // The gate pass updates h in place: it starts from h_prev.
         if (Cell::kReadsHPrev && !proj) std::copy_n(h_cur + i * H + u0, Hs, hi);
         ForwardRow<scalar_t> row;
-        row.gx = gx_p_ + args_.gx_rows.row(t, i) * G + u0;
+        row.gx = chunks ? chunks->gx(k, s, i) : gx_p_ + args_.gx_rows.row(t, i) * G + u0;
         row.gh = ghk + i * ld;
         row.bx = bias_p_ + u0;
         row.bh = bias_p_ + G + u0;
@@ -177,7 +187,7 @@ void SplitSteps<Cell, scalar_t>::run(const Team& team) {
         row.out = proj ? row.h : out_p + output_offset(args_, t, i, d) + u0;
         row.c = Cell::kHasC ? c_p_ + i * H + u0 : nullptr;
         row.ws = ws_p_ ? ws_p_ + (sched.offset[s] + i) * S + u0 : nullptr;
-        forward_units(Cell{}, row, Hs, H, Hs);
+        forward_units(Cell{}, row, Hs, H, Hs, chunks ? Hs : H);
         if (bf16 && !proj) round_bf16(hi, Hs, hb_[(s + 1) % 2] + i * P + u0);
       }
     }

@@ -82,7 +82,8 @@ inline bool few_steps(int64_t B, int64_t steps) {
 // The one place the step loops (forward and backward) are chosen.
 // VARLEN_RNN_CPU_STEPS=split or =gemm forces both (tests exercise both);
 // otherwise (auto) the per-step GEMM loop runs a call of few_steps, the split
-// loops run on one thread, and on 2+ threads at H >= 256 or B <= 32.
+// loops run on one thread, with bfloat16 products, and on 2+ threads at
+// H >= 256 or B <= 32.
 // Measured on the 2-core Xeon, split vs per-step GEMM loop:
 // - forward (float32 inference): 1.21x at B=16 H=512, 1.02x at B=64 H=256,
 //   1.20x at B=16 H=128, 1.33x at B=32 H=64; at B >= 128 with H = 128 the two
@@ -101,7 +102,10 @@ inline bool few_steps(int64_t B, int64_t steps) {
 // With bfloat16 products (cpu/bf16_gemm.h) the product is a small part of a
 // step and the split loop always won at 2 threads (full-length bfloat16 GRU
 // inference, load ~1, medians of 1 s: 12.8 vs 19.6 ms at B=64 H=256, 18.6 vs
-// 20.9 ms at B=16 H=512, B=128 H=128 2 layers bidirectional 21.6 vs 23.9 ms),
+// 20.9 ms at B=16 H=512, B=128 H=128 2 layers bidirectional 21.6 vs 23.9 ms)
+// and, with the projection chunked (cpu/chunked_projection.h), on one thread
+// (B=64 T=100 I=H=256, load ~1.5, min of 15-20: LSTM 19.6 -> 12.7 ms at full
+// lengths, 11.7 -> 12.0 uniform; GRU 13.5 -> 11.0 and 9.5 -> 8.2 ms),
 // except on few steps, where the GEMM loop's products run as float32 GEMMs
 // on the bfloat16 values, with no packing (cpu/recurrence.h).
 inline bool use_split_loops(const LayerDims& dims, int64_t steps, bool bf16 = false) {
@@ -111,8 +115,7 @@ inline bool use_split_loops(const LayerDims& dims, int64_t steps, bool bf16 = fa
   if (env != nullptr && std::strcmp(env, "gemm") == 0) return false;
   const int threads = at::get_num_threads();
   if (few_steps(dims.B, steps)) return false;
-  if (bf16) return threads >= 2;
-  return threads == 1 || dims.H >= 256 || dims.B <= 32;
+  return bf16 || threads == 1 || dims.H >= 256 || dims.B <= 32;
 }
 
 // Whether a bidirectional layer's two directions run at once, each on its
@@ -134,9 +137,10 @@ inline bool use_split_loops(const LayerDims& dims, int64_t steps, bool bf16 = fa
 // T=100 I=H=256 1 layer (in turn: the split loop) GRU (768 KiB) 1.07x
 // inference, 1.08x training, but LSTM (1 MiB) 0.92x; GRU H=384 (1.7 MiB)
 // 1.02x at B=64 and 0.97x at B=16, H=512 (3 MiB) B=16 0.92x inference,
-// 0.93x training. Both directions' input projections are held at once: the
-// forward's peak rises by one [N, G*H] (inference, the 2-layer GRU above:
-// 23.0 -> 27.8 MiB); training's peak, set by the workspace, rises by the
+// 0.93x training. With VARLEN_RNN_CPU_PROJECTION=whole both directions'
+// input projections are held at once: the forward's peak rises by one
+// [N, G*H] (inference, the 2-layer GRU above: 23.0 -> 27.8 MiB; chunked, the
+// default, holds neither); training's peak, set by the workspace, rises by the
 // backward's second [N, H] of the GRU (62.7 -> 64.2 MiB).
 inline bool use_concurrent_directions(const LayerDims& dims, int64_t steps, size_t scalar_bytes) {
   if (dims.D != 2 || !blas_available() || at::in_parallel_region()) return false;

@@ -1,0 +1,246 @@
+// The forward's input projection: in the split loops computed by each thread
+// for its own gate columns, a chunk of steps at a time (cpu/split_steps.h),
+// else one GEMM over all N positions before the steps (whole_projection; the
+// choice: chunked_projection).
+//
+// Thread k of a split loop owns units [u0, u1) with all their gates; the gate
+// pass of those units reads only gx[:, g*H + u0 .. g*H + u1) for each gate g.
+// So at the first step of each chunk the thread computes gx for the chunk's
+// running rows and its columns into a buffer of its own ([chunk rows, G*Hs],
+// gate g of unit u0 + j at column g*Hs + j), whose result stays in that
+// core's L2 until the chunk's steps read it: with bfloat16 products one
+// matrix-unit GEMM on the matching rows of W_ih packed once per call (like
+// its W_hh panel); otherwise one single-threaded BLAS call per gate on those
+// rows of W_ih in place (transposed operand: no per-call copy, which at
+// B=8 T=16 H=256 cost ~10% of a float32 call). The
+// [N, G*H] projection (26 MB for a bfloat16 LSTM at B=64 T=100 H=256) is then
+// never written to memory and read back, nor held at the forward's peak, and
+// neither is the [N, I] gathered input: the chunk's rows are read from the
+// layer's input in place where they are consecutive there (time-major padded
+// input at full lengths, packed input's forward direction), else gathered
+// into a [chunk rows, I] buffer of the thread's (a copy of I values per row,
+// small next to the row's G*Hs*I multiply-adds).
+//
+// A chunk's rows are its steps' running rows in the schedule's order:
+// step s's row i is chunk row (offset[s] - offset[s0]) + i, as in the
+// buffers over positions (cpu/schedule.h), and its input is the position
+// gx_rows.row(step_time(d, len[i], s), i), whichever the direction.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/bf16_gemm.h"
+#include "cpu/layer_args.h"
+#include "cpu/team.h"  // sgemm_, dgemm_, slice_of
+#include "layout.h"    // step_time
+
+namespace varlen_rnn {
+namespace cpu {
+
+// The one place that decides whether the forward's split loops project in
+// chunks (else one GEMM over all positions before the loop): always, unless
+// VARLEN_RNN_CPU_PROJECTION=whole (=chunked also accepted; read at every
+// call, for tests and measurement). Measured on the 2-core Xeon, inference,
+// B=64 T=100 I=H=256, full / uniform random lengths, min of 15-20
+// interleaved repeats, load average ~1.5 (benchmarks/
+// bench_chunked_projection.py), chunked vs whole: bfloat16 (AMX) 2 threads
+// LSTM 1.50x / 1.28x, GRU 1.52x / 1.44x; the split loop forced on 1 thread
+// LSTM 1.25x / 1.16x, GRU 1.52x / 1.45x; float32 2 threads LSTM 1.07x /
+// 1.05x, GRU 1.00x / 0.99x, 1 thread 0.98x-1.05x (a tie: MKL's big GEMM is
+// no faster than the chunks'); float32 B=8 T=16 1 thread 0.99x-1.04x;
+// float64 (load ~5, a guide) 1.05x-1.24x. The forward's peak memory falls
+// by the [N, G*H] projection and the [N, I] gathered input: bfloat16 LSTM
+// 37.3 -> 12.3 MiB (nn.LSTM 18.0), GRU 30.2 -> 11.1 MiB (nn.GRU 15.7);
+// float32 LSTM 37.8 -> 9.3 MiB (nn 34.9), GRU 31.4 -> 8.7 MiB (nn 31.3).
+inline bool chunked_projection() {
+  const char* env = std::getenv("VARLEN_RNN_CPU_PROJECTION");
+  return env == nullptr || std::string(env) != "whole";
+}
+
+// [N, G*H]: direction d's input projection W_ih x (without b_ih) where it is
+// not chunked, one GEMM over the valid positions xp ([N, I], bfloat16 where
+// args.bf16), on W_ih^T as a view: MKL runs it as fast as on a transposed
+// copy from N ~ 256 rows on, and a copy costs more than the difference below
+// (I=256, G*H=768, 1 thread: the copy 150-400 us; the view's GEMM 17 vs 10 us
+// at N=1, 174 vs 147 at 64, 2175 vs 2184 at 1024). G: the cell's G*H; few:
+// the call has few_steps (cpu/team.h).
+template <typename scalar_t>
+at::Tensor whole_projection(const ForwardArgs& args, const at::Tensor& xp, int64_t d, int64_t G,
+                            bool few) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    // A call of few steps (cpu/team.h few_steps): no packing. The float32
+    // GEMM on bfloat16 values (x, and W_ih, which is bfloat16 before its
+    // float32 copy) has exact products and float32 sums: the bfloat16
+    // product's result but for the order of the sums.
+    if (args.bf16 && few) return at::mm(xp.to(at::kFloat), args.w_ih[d].t());
+    if (args.bf16) {                      // cpu/bf16_gemm.h: b[i, j] = w_ih[d][j, i]
+      const at::Tensor w = args.w_ih[d];  // [G*H, I]
+      const int64_t I = args.dims.I, N = xp.size(0);
+      const PackedB16 b = pack_b16(I, G, w.const_data_ptr<float>(), 1, I);
+      at::Tensor gx = at::empty({N, G}, args.opts());
+      bf16_gemm_parallel(N, xp.const_data_ptr<at::BFloat16>(), I, b, gx.data_ptr<float>(), G,
+                         nullptr);
+      return gx;
+    }
+  }
+  return at::mm(xp, args.w_ih[d].t());  // [N, I] [I, G*H]
+}
+
+// c[m, n] (ldc) = a[m, k] (lda) w[n, k]^T (ldw), row-major, one thread (the
+// BLAS runs sequentially inside a parallel region). Only where
+// blas_available() (the split loops' condition).
+inline void gemm_rm_bt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* w,
+                       int64_t ldw, float* c, int64_t ldc) {
+  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+  const int la = static_cast<int>(ldw), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  const float one = 1, zero = 0;
+  sgemm_("T", "N", &M, &N, &K, &one, w, &la, a, &lb, &zero, c, &lc);
+}
+inline void gemm_rm_bt(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda,
+                       const double* w, int64_t ldw, double* c, int64_t ldc) {
+  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+  const int la = static_cast<int>(ldw), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  const double one = 1, zero = 0;
+  dgemm_("T", "N", &M, &N, &K, &one, w, &la, a, &lb, &zero, c, &lc);
+}
+
+// Steps per chunk: the chunk's gx buffer of one thread (B rows a step, cols
+// = G*Hs values of `bytes` bytes each) about kChunkBytes, which with the
+// thread's W_ih and W_hh panels and its gh slice fits a 2 MB L2 (the
+// bfloat16 LSTM above: 4 steps at 2 threads; 2 to 8 steps timed alike).
+// VARLEN_RNN_CPU_CHUNK_STEPS=n forces n (tests put chunk boundaries where
+// they want them).
+inline int64_t chunk_steps(int64_t B, int64_t cols, int64_t bytes) {
+  const char* env = std::getenv("VARLEN_RNN_CPU_CHUNK_STEPS");
+  if (env != nullptr && std::atoll(env) > 0) return std::atoll(env);
+  constexpr int64_t kChunkBytes = 512 * 1024;
+  const int64_t row_bytes = std::max<int64_t>(1, B * cols * bytes);
+  return std::clamp<int64_t>(kChunkBytes / row_bytes, 1, 32);
+}
+
+// Direction d's projection for a split loop of `parts` slices of H. Part k's
+// members are used only by the thread that owns it, from prepare on.
+template <typename scalar_t>
+class ChunkedProjection {
+ public:
+  // gates: the cell's G; bf16: bfloat16 products (scalar_t float, input2d
+  // bfloat16); otherwise a single-threaded BLAS call in scalar_t.
+  ChunkedProjection(const ForwardArgs& args, int64_t d, int64_t gates, int64_t parts, bool bf16)
+      : args_(args), d_(d), gates_(gates), bf16_(bf16) {
+    const int64_t H = args.dims.H, I = args.dims.I, B = args.dims.B;
+    const Schedule& sched = args.sched;
+    parts_.resize(parts);
+    // Active counts never grow: the first chunk has the most rows.
+    int64_t widest = 0;
+    for (int64_t k = 0; k < parts; ++k) {
+      const auto [u0, u1] = slice_of(H, parts, k);
+      widest = std::max(widest, gates * (u1 - u0));
+    }
+    steps_ = chunk_steps(B, widest, sizeof(scalar_t));
+    max_rows_ = sched.offset[std::min(steps_, sched.max_len)];
+    const at::Tensor w3 = args.w_ih[d].view({gates, H, I});
+    for (int64_t k = 0; k < parts; ++k) {
+      const auto [u0, u1] = slice_of(H, parts, k);
+      Part& p = parts_[k];
+      p.u0 = u0;
+      p.cols = gates * (u1 - u0);
+      if (bf16) p.panel = w3.narrow(1, u0, u1 - u0).reshape({-1, I});  // [G*Hs, I]
+    }
+  }
+
+  int64_t steps() const { return steps_; }
+
+  // Part k's packed panel and buffers, allocated by the thread that uses them.
+  void prepare(int64_t k) {
+    Part& p = parts_[k];
+    const int64_t I = args_.dims.I;
+    if (p.cols == 0) return;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (bf16_) p.packed16 = pack_b16(I, p.cols, p.panel.template const_data_ptr<float>(), 1, I);
+    }
+    p.gx = at::empty({max_rows_, p.cols}, args_.opts());
+    p.x = at::empty({max_rows_, I}, args_.input2d.options());
+    p.rows.resize(max_rows_);
+  }
+
+  // Part k's gx for the chunk that starts at step s, if one does (a no-op at
+  // the chunk's other steps).
+  void step(int64_t k, int64_t s) {
+    if (s % steps_ != 0) return;
+    Part& p = parts_[k];
+    if (p.cols == 0) return;
+    const Schedule& sched = args_.sched;
+    const int64_t s1 = std::min(s + steps_, sched.max_len), m = sched.offset[s1] - sched.offset[s];
+    const int64_t* gather =
+        args_.gather.defined() ? args_.gather.template const_data_ptr<int64_t>() : nullptr;
+    bool consecutive = true;
+    for (int64_t ss = s; ss < s1; ++ss) {
+      int64_t* r = p.rows.data() + (sched.offset[ss] - sched.offset[s]);
+      for (int64_t i = 0; i < sched.active[ss]; ++i) {
+        const int64_t pos = args_.gx_rows.row(step_time(d_, sched.len[i], ss), i);
+        r[i] = gather != nullptr ? gather[pos] : pos;
+      }
+    }
+    for (int64_t j = 1; j < m && consecutive; ++j) consecutive = p.rows[j] == p.rows[0] + j;
+    if (bf16_) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        const at::BFloat16* a = input_rows<at::BFloat16>(p, m, consecutive);
+        bf16_gemm(m, a, args_.dims.I, p.packed16, p.gx.template data_ptr<float>(), p.cols, false);
+      }
+      return;
+    }
+    const scalar_t* a = input_rows<scalar_t>(p, m, consecutive);
+    const int64_t H = args_.dims.H, I = args_.dims.I, Hs = p.cols / gates_;
+    const scalar_t* w = args_.w_ih.template const_data_ptr<scalar_t>() + d_ * gates_ * H * I;
+    for (int64_t g = 0; g < gates_; ++g) {  // gx[:, g*Hs ..] = a W_ih[g*H + u0 .., :]^T
+      gemm_rm_bt(m, Hs, I, a, I, w + (g * H + p.u0) * I, I,
+                 p.gx.template data_ptr<scalar_t>() + g * Hs, p.cols);
+    }
+  }
+
+  // Part k's gx row of step s's running row i ([G*Hs], gate stride Hs), in
+  // the chunk step(k, s) (or an earlier step of its chunk) computed.
+  const scalar_t* gx(int64_t k, int64_t s, int64_t i) const {
+    const Schedule& sched = args_.sched;
+    const int64_t row = sched.offset[s] - sched.offset[s - s % steps_] + i;
+    return parts_[k].gx.template const_data_ptr<scalar_t>() + row * parts_[k].cols;
+  }
+
+ private:
+  struct Part {
+    int64_t u0 = 0, cols = 0;  // first unit, G*Hs
+    at::Tensor panel;          // [G*Hs, I] for bf16 (packed from), else none
+    PackedB16 packed16;
+    at::Tensor gx;              // [max rows, G*Hs] this chunk's projection
+    at::Tensor x;               // [max rows, I] this chunk's input, where gathered
+    std::vector<int64_t> rows;  // [max rows] input2d row of each chunk row
+  };
+
+  // [m, I] the chunk's input rows: in place, or gathered into p.x.
+  template <typename in_t>
+  const in_t* input_rows(Part& p, int64_t m, bool consecutive) const {
+    const int64_t I = args_.dims.I;
+    const in_t* in = args_.input2d.template const_data_ptr<in_t>();
+    if (consecutive) return in + (m > 0 ? p.rows[0] * I : 0);
+    in_t* x = p.x.template data_ptr<in_t>();
+    for (int64_t j = 0; j < m; ++j) std::memcpy(x + j * I, in + p.rows[j] * I, I * sizeof(in_t));
+    return x;
+  }
+
+  const ForwardArgs& args_;
+  const int64_t d_, gates_;
+  const bool bf16_;
+  int64_t steps_ = 1, max_rows_ = 0;
+  std::vector<Part> parts_;
+};
+
+}  // namespace cpu
+}  // namespace varlen_rnn

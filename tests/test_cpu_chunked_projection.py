@@ -1,0 +1,152 @@
+"""The forward split loop's input projection computed per thread in chunks of steps
+(csrc/cpu/chunked_projection.h; VARLEN_RNN_CPU_PROJECTION=whole is the one GEMM before the
+loop), with the chunk size forced through VARLEN_RNN_CPU_CHUNK_STEPS so the boundaries fall where
+the lengths make them interesting: the longest row spans more than two chunks and its length is
+no multiple of the chunk, rows end mid-chunk, at a chunk's last step and at its first, a row has
+length 0 (padded and offsets layouts), and the reverse direction starts each row at its own last
+step. float64 against the plain-PyTorch reference to 1e-10 (forward and, through the workspace
+the chunked forward saved, every gradient); float32 and bfloat16 against the whole projection."""
+
+import pytest
+import torch
+from cell_ops_testing import make_batch, make_layer
+from test_cell_ops import check_against_reference
+from test_cpu_split_steps import H, I, P, gru_forward, gru_layer
+
+import varlen_rnn
+from varlen_rnn import reference
+
+ops = torch.ops.varlen_rnn
+TIGHT = dict(atol=1e-10, rtol=1e-10)
+CHUNK = 4
+# Longest 11 = 2 chunks of 4 + 3; 4 and 8 end at a chunk's last step, 5 and 9 at its first,
+# 3 and 6 mid-chunk; a zero length.
+LENGTHS = [11, 4, 0, 9, 3, 11, 5, 8, 6]
+PACKED_LENGTHS = [n for n in LENGTHS if n > 0]  # packed rows have length >= 1
+LAYOUTS = ["padded", "padded_bf", "offsets", "packed"]
+
+
+def lengths_of(layout):
+    return PACKED_LENGTHS if layout == "packed" else LENGTHS
+
+
+@pytest.fixture
+def chunked(monkeypatch):
+    """The split loop, projecting in chunks of CHUNK steps."""
+    monkeypatch.setenv("VARLEN_RNN_CPU_STEPS", "split")
+    monkeypatch.setenv("VARLEN_RNN_CPU_PROJECTION", "chunked")
+    monkeypatch.setenv("VARLEN_RNN_CPU_CHUNK_STEPS", str(CHUNK))
+
+
+@pytest.fixture(params=["chunked", "whole"])
+def projection(request, chunked, monkeypatch):
+    """Either projection in the split loop (the reference tests hold both to 1e-10)."""
+    monkeypatch.setenv("VARLEN_RNN_CPU_PROJECTION", request.param)
+    return request.param
+
+
+@pytest.fixture
+def two_threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(params=["serial", "concurrent"])
+def directions(request, monkeypatch):
+    monkeypatch.setenv("VARLEN_RNN_CPU_DIRECTIONS", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("D", [1, 2], ids=["uni", "bi"])
+def test_gru_matches_the_reference(projection, threads, directions, D, layout):
+    lengths = lengths_of(layout)
+    w = gru_layer(D, len(lengths))
+    batch = make_batch(layout, lengths, I)
+    out, h_n, _ = gru_forward(w, batch, ops.gru_layer_forward, ops.gru_layer_ragged_forward, True)
+    r_out, r_h = gru_forward(
+        w, batch, reference.gru_layer_reference, reference.gru_layer_ragged_reference
+    )
+    torch.testing.assert_close(out, r_out, **TIGHT)
+    torch.testing.assert_close(h_n, r_h, **TIGHT)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("D", [1, 2], ids=["uni", "bi"])
+@pytest.mark.parametrize("cell", ["lstm", "lstm_proj", "rnn_tanh"])
+def test_cells_match_the_reference(projection, threads, directions, cell, D, layout):
+    """Forward and, through the saved workspace, every gradient of the backward op."""
+    lengths = lengths_of(layout)
+    layer = make_layer(cell, D, len(lengths), I, H, P=P)
+    check_against_reference(layer, make_batch(layout, lengths, I))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_one_step_and_one_whole_chunk(chunked, two_threads, monkeypatch, chunk):
+    """Chunks of one step, of 3 (the longest length 11 is no multiple), and one chunk for all."""
+    monkeypatch.setenv("VARLEN_RNN_CPU_CHUNK_STEPS", str(chunk))
+    layer = make_layer("lstm", 2, len(LENGTHS), I, H)
+    check_against_reference(layer, make_batch("padded", LENGTHS, I))
+
+
+def float_runs(monkeypatch, dtype, layout, D, make_model):
+    """Outputs of the whole-projection run and the chunked one, on a module of dtype."""
+    torch.manual_seed(0)
+    m = make_model().to(dtype)
+    lengths = lengths_of(layout)
+    x = torch.randn(max(lengths) + 1, len(lengths), m.input_size).to(dtype)
+    if layout == "packed":
+        x = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
+    runs = []
+    for mode in ["whole", "chunked"]:
+        monkeypatch.setenv("VARLEN_RNN_CPU_PROJECTION", mode)
+        with torch.no_grad():
+            out, state = m(x) if layout == "packed" else m(x, lengths=torch.tensor(lengths))
+        out = out.data if layout == "packed" else out
+        runs.append([out, *(state if isinstance(state, tuple) else (state,))])
+    return runs
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("D", [1, 2], ids=["uni", "bi"])
+def test_float32_agrees_with_the_whole_projection(
+    chunked, threads, directions, D, layout, monkeypatch
+):
+    whole, chunks = float_runs(
+        monkeypatch, torch.float32, layout, D, lambda: varlen_rnn.LSTM(8, 48, bidirectional=D == 2)
+    )
+    for a, b in zip(whole, chunks):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _amx() -> bool:
+    try:
+        ops._bf16_gemm(torch.ones(1, 2, dtype=torch.bfloat16), torch.ones(2, 1), None, None, False)
+    except RuntimeError as e:
+        assert "no bfloat16 matrix unit" in str(e)
+        return False
+    return True
+
+
+@pytest.mark.skipif(
+    not _amx(), reason="this CPU has no bfloat16 matrix unit (AMX) with oneDNN enabled"
+)
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("D", [1, 2], ids=["uni", "bi"])
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_bfloat16_equals_the_whole_projection(
+    chunked, two_threads, directions, cell, D, layout, monkeypatch
+):
+    """On the matrix unit each row of a product is computed alone, over all of K in the same
+    order, so the chunked projection's rows are bitwise the whole GEMM's: the chunked run (the
+    bfloat16 default, here with chunk boundaries at every 4 steps) equals the whole one, which
+    test_cpu_bf16.py holds to its float64 mirror."""
+    monkeypatch.setenv("VARLEN_RNN_CPU_BF16", "amx")
+    cls = varlen_rnn.GRU if cell == "gru" else varlen_rnn.LSTM
+    whole, chunks = float_runs(
+        monkeypatch, torch.bfloat16, layout, D, lambda: cls(16, 64, bidirectional=D == 2)
+    )
+    for a, b in zip(whole, chunks):
+        assert torch.equal(a, b)
