@@ -336,9 +336,7 @@ def main(argv=None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
     threads = args.threads or (
-        2
-        if args.preset in ("cpu-targets", "cpu-full", "cpu-small")
-        else torch.get_num_threads()
+        2 if args.preset in ("cpu-targets", "cpu-full", "cpu-small") else torch.get_num_threads()
     )
     torch.set_num_threads(threads)
     budget = (
