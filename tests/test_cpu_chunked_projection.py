@@ -11,10 +11,9 @@ import pytest
 import torch
 from cell_ops_testing import make_batch, make_layer
 from test_cell_ops import check_against_reference
-from test_cpu_split_steps import H, I, P, gru_forward, gru_layer
+from test_cpu_split_steps import H, I, P, check_gru_against_reference, gru_layer
 
 import varlen_rnn
-from varlen_rnn import reference
 
 ops = torch.ops.varlen_rnn
 TIGHT = dict(atol=1e-10, rtol=1e-10)
@@ -63,14 +62,7 @@ def directions(request, monkeypatch):
 @pytest.mark.parametrize("D", [1, 2], ids=["uni", "bi"])
 def test_gru_matches_the_reference(projection, threads, directions, D, layout):
     lengths = lengths_of(layout)
-    w = gru_layer(D, len(lengths))
-    batch = make_batch(layout, lengths, I)
-    out, h_n, _ = gru_forward(w, batch, ops.gru_layer_forward, ops.gru_layer_ragged_forward, True)
-    r_out, r_h = gru_forward(
-        w, batch, reference.gru_layer_reference, reference.gru_layer_ragged_reference
-    )
-    torch.testing.assert_close(out, r_out, **TIGHT)
-    torch.testing.assert_close(h_n, r_h, **TIGHT)
+    check_gru_against_reference(gru_layer(D, len(lengths)), make_batch(layout, lengths, I))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

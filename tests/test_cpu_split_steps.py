@@ -58,15 +58,19 @@ def gru_forward(w, batch, fn_padded, fn_ragged, *tail):
 @pytest.mark.parametrize("layout", ["padded", "padded_bf", "offsets", "packed"])
 @pytest.mark.parametrize("D", [1, 2], ids=["uni", "bi"])
 def test_gru_steps_match_the_reference(steps, threads, D, layout, lengths):
-    w = gru_layer(D, len(lengths))
-    batch = make_batch(layout, lengths, I)
+    ws = check_gru_against_reference(gru_layer(D, len(lengths)), make_batch(layout, lengths, I))
+    assert ws.numel() > 0
+
+
+def check_gru_against_reference(w, batch):
+    """The GRU op's output and h_n against the float64 reference to 1e-10; its workspace."""
     out, h_n, ws = gru_forward(w, batch, ops.gru_layer_forward, ops.gru_layer_ragged_forward, True)
     r_out, r_h = gru_forward(
         w, batch, reference.gru_layer_reference, reference.gru_layer_ragged_reference
     )
     torch.testing.assert_close(out, r_out, **TIGHT)
     torch.testing.assert_close(h_n, r_h, **TIGHT)
-    assert ws.numel() > 0
+    return ws
 
 
 @pytest.mark.parametrize("layout", ["padded", "offsets", "packed"])
