@@ -39,7 +39,7 @@
 
 #include "cpu/bf16_gemm.h"
 #include "cpu/layer_args.h"
-#include "cpu/team.h"  // sgemm_, dgemm_, slice_of
+#include "cpu/team.h"  // gemm_rm, slice_of
 #include "layout.h"    // step_time
 
 namespace varlen_rnn {
@@ -92,24 +92,6 @@ at::Tensor whole_projection(const ForwardArgs& args, const at::Tensor& xp, int64
     }
   }
   return at::mm(xp, args.w_ih[d].t());  // [N, I] [I, G*H]
-}
-
-// c[m, n] (ldc) = a[m, k] (lda) w[n, k]^T (ldw), row-major, one thread (the
-// BLAS runs sequentially inside a parallel region). Only where
-// blas_available() (the split loops' condition).
-inline void gemm_rm_bt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* w,
-                       int64_t ldw, float* c, int64_t ldc) {
-  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
-  const int la = static_cast<int>(ldw), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-  const float one = 1, zero = 0;
-  sgemm_("T", "N", &M, &N, &K, &one, w, &la, a, &lb, &zero, c, &lc);
-}
-inline void gemm_rm_bt(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda,
-                       const double* w, int64_t ldw, double* c, int64_t ldc) {
-  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
-  const int la = static_cast<int>(ldw), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-  const double one = 1, zero = 0;
-  dgemm_("T", "N", &M, &N, &K, &one, w, &la, a, &lb, &zero, c, &lc);
 }
 
 // Steps per chunk: the chunk's gx buffer of one thread (B rows a step, cols
@@ -201,8 +183,8 @@ class ChunkedProjection {
     const int64_t H = args_.dims.H, I = args_.dims.I, Hs = p.cols / gates_;
     const scalar_t* w = args_.w_ih.template const_data_ptr<scalar_t>() + d_ * gates_ * H * I;
     for (int64_t g = 0; g < gates_; ++g) {  // gx[:, g*Hs ..] = a W_ih[g*H + u0 .., :]^T
-      gemm_rm_bt(m, Hs, I, a, I, w + (g * H + p.u0) * I, I,
-                 p.gx.template data_ptr<scalar_t>() + g * Hs, p.cols);
+      gemm_rm(m, Hs, I, a, I, w + (g * H + p.u0) * I, I,
+              p.gx.template data_ptr<scalar_t>() + g * Hs, p.cols, scalar_t(0), true);
     }
   }
 

@@ -40,19 +40,21 @@ namespace varlen_rnn {
 namespace cpu {
 
 // Row-major c[m, n] (ldc) = a[m, k] (lda) b[k, n] (ldb) + beta c, one thread.
+// With b_t, b is the transpose of a row-major w[n, k] (ldb its row stride):
+// a weight's rows read in place.
 inline void gemm_rm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
-                    int64_t ldb, float* c, int64_t ldc, float beta = 0) {
+                    int64_t ldb, float* c, int64_t ldc, float beta = 0, bool b_t = false) {
   const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
   const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
   const float one = 1;
-  sgemm_("N", "N", &M, &N, &K, &one, b, &la, a, &lb, &beta, c, &lc);
+  sgemm_(b_t ? "T" : "N", "N", &M, &N, &K, &one, b, &la, a, &lb, &beta, c, &lc);
 }
 inline void gemm_rm(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b,
-                    int64_t ldb, double* c, int64_t ldc, double beta = 0) {
+                    int64_t ldb, double* c, int64_t ldc, double beta = 0, bool b_t = false) {
   const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
   const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
   const double one = 1;
-  dgemm_("N", "N", &M, &N, &K, &one, b, &la, a, &lb, &beta, c, &lc);
+  dgemm_(b_t ? "T" : "N", "N", &M, &N, &K, &one, b, &la, a, &lb, &beta, c, &lc);
 }
 
 inline bool blas_available() {
