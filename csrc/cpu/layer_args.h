@@ -29,7 +29,9 @@ struct ForwardArgs {
   // buffers over positions (gx, dgx, hprev, ...); out_rows: of output's
   // [rows, D*P] view. They point into sched (ForwardArgs is never copied).
   RowMap gx_rows, out_rows;
-  at::Tensor gather;  // padded: [N] input2d row of each position; ragged: none
+  // padded: [N] input2d row of each position, or none where that row is the
+  // position itself (packed_rows); ragged: none
+  at::Tensor gather;
   // [T*B, I] (or [B*T, I] if batch_first); ragged [N, I]. In the op-math
   // dtype, but bfloat16 as given where bf16 is set.
   at::Tensor input2d;
@@ -67,8 +69,12 @@ struct BackwardArgs : ForwardArgs {
 };
 
 // Half types run in float (layer.h's opmath_dtype) and round at the end.
+// The common case, already so, returns t without a dispatcher call: a
+// one-step call reads a dozen tensors through here.
 inline at::Tensor opmath_contiguous(const at::Tensor& t) {
-  return t.to(opmath_dtype(t.scalar_type())).contiguous();
+  const at::ScalarType opmath = opmath_dtype(t.scalar_type());
+  if (t.scalar_type() == opmath && t.is_contiguous()) return t;
+  return t.to(opmath).contiguous();
 }
 
 // A None for the optional tensors an op does not take.
@@ -115,7 +121,7 @@ inline void set_layer_args(ForwardArgs& args, const CellArgs& cell, const at::Te
   // The projection runs on the N valid positions, gathered in packed order.
   args.gx_rows = packed_map(args.sched.offset.data(), nullptr);
   args.out_rows = padded_map(batch_first, dims.T, dims.B, args.sched.perm.data());
-  args.gather = packed_rows(args.sched, args.out_rows);
+  args.gather = packed_rows(args.sched, args.out_rows, dims.T);
   set_weight_args(args, w);
   set_input(args, input);
   args.input2d = args.input2d.view({-1, dims.I});
@@ -155,7 +161,9 @@ inline void set_grad_input(BackwardArgs& args, at::Tensor dxp) {
     return;
   }
   args.grad_input2d = at::empty({args.input2d.size(0), args.dims.I}, dxp.options());
-  args.grad_input2d.index_fill_(0, padding_rows(args.sched, args.out_rows, args.dims.T), 0);
+  if (args.sched.N() < args.input2d.size(0)) {  // zeros at the padding
+    args.grad_input2d.index_fill_(0, padding_rows(args.sched, args.out_rows, args.dims.T), 0);
+  }
   args.grad_input2d.index_copy_(0, args.gather, dxp);
 }
 

@@ -41,8 +41,11 @@ ForwardResult run_forward(ForwardArgs& args, at::ScalarType dtype, bool need_wor
                                   : at::empty({0}, opts);
   AT_DISPATCH_FLOATING_TYPES(args.hx.scalar_type(), "varlen_rnn_layer_forward_cpu",
                              [&] { forward_impl<Cell, scalar_t>(args); });
-  return {args.output.to(dtype), args.h_n.to(dtype),
-          Cell::kHasC ? args.c_n.to(dtype) : at::Tensor(), args.workspace};
+  auto result = [dtype](const at::Tensor& t) {  // a dispatcher call only to round
+    return t.scalar_type() == dtype ? t : t.to(dtype);
+  };
+  return {result(args.output), result(args.h_n), Cell::kHasC ? result(args.c_n) : at::Tensor(),
+          args.workspace};
 }
 
 // The same for each backward op, after its arguments are set and checked.
@@ -89,8 +92,10 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& lengths,
   set_layer_args(args, CellArgs::of<Cell>(w.cx, w.w_hr), input, lengths, w, batch_first);
   const LayerDims& dims = args.dims;
   args.output = at::empty(dims.output_sizes(), args.opts());
-  args.output.view({-1, dims.D * dims.P})
-      .index_fill_(0, padding_rows(args.sched, args.out_rows, dims.T), 0);
+  if (args.sched.N() < dims.T * dims.B) {  // zeros at the padding
+    args.output.view({-1, dims.D * dims.P})
+        .index_fill_(0, padding_rows(args.sched, args.out_rows, dims.T), 0);
+  }
   return run_forward<Cell>(args, input.scalar_type(), need_workspace);
 }
 

@@ -36,6 +36,23 @@
 namespace varlen_rnn {
 namespace cpu {
 
+// [D, 2, G]: direction d's b_ih then b_hh (G = the cell's G*H), zeros without
+// biases; copied rather than at::stack'ed, which costs several times more on
+// a call of one step.
+template <typename scalar_t>
+at::Tensor gate_biases(const ForwardArgs& args, int64_t G) {
+  if (!args.b_ih) return at::zeros({args.dims.D, 2, G}, args.opts());
+  at::Tensor bias = at::empty({args.dims.D, 2, G}, args.opts());
+  scalar_t* p = bias.data_ptr<scalar_t>();
+  const scalar_t* b_ih = args.b_ih->const_data_ptr<scalar_t>();  // [D, G] contiguous
+  const scalar_t* b_hh = args.b_hh->const_data_ptr<scalar_t>();
+  for (int64_t d = 0; d < args.dims.D; ++d) {
+    std::copy_n(b_ih + d * G, G, p + 2 * d * G);
+    std::copy_n(b_hh + d * G, G, p + (2 * d + 1) * G);
+  }
+  return bias;
+}
+
 template <typename Cell, typename scalar_t>
 void forward_impl(ForwardArgs& args) {
   const LayerDims& dims = args.dims;
@@ -44,7 +61,7 @@ void forward_impl(ForwardArgs& args) {
   const int64_t N = sched.N();
   const bool proj = args.w_hr.defined();
   const auto opts = args.opts();
-  const at::Tensor perm = perm_tensor(sched);
+  const SortedOrder order(sched);
   const StepLoops loops = step_loops(dims, sched.max_len, sizeof(scalar_t), args.bf16);
   const bool gemm_loop = loops == StepLoops::kGemm;
   // The split loops may compute the projection themselves, a chunk of steps
@@ -60,8 +77,7 @@ void forward_impl(ForwardArgs& args) {
   // gate pass adds both: a bias folded into the projection GEMM (addmm)
   // costs a broadcast write of the whole [N, G*H] result before the GEMM
   // reads it back, ~5% of an LSTM layer's forward at B=64 H=256.
-  const at::Tensor bias = args.b_ih ? at::stack({*args.b_ih, *args.b_hh}, 1).contiguous()
-                                    : at::zeros({dims.D, 2, G}, opts);
+  const at::Tensor bias = gate_biases<scalar_t>(args, G);
   const scalar_t* gh_p = gemm_loop ? gh.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* hraw_p = hraw.defined() ? hraw.data_ptr<scalar_t>() : nullptr;
   scalar_t* out_p = args.output.data_ptr<scalar_t>();
@@ -80,16 +96,16 @@ void forward_impl(ForwardArgs& args) {
     xp.reset();
     at::Tensor h[2], c[2];  // [B, P], [B, H] sorted order
     for (int64_t d = 0; d < 2; ++d) {
-      h[d] = args.hx[d].index_select(0, perm);
-      if (Cell::kHasC) c[d] = args.cx[d].index_select(0, perm);
+      h[d] = order.gather(args.hx[d]);
+      if (Cell::kHasC) c[d] = order.gather(args.cx[d]);
     }
     const scalar_t* const gx_p[2] = {chunked ? nullptr : gx[0].const_data_ptr<scalar_t>(),
                                      chunked ? nullptr : gx[1].const_data_ptr<scalar_t>()};
     scalar_t* const ws_p[2] = {ws_of(0), ws_of(1)};
     concurrent_steps<Cell, scalar_t>(args, gx_p, bias.const_data_ptr<scalar_t>(), h, c, ws_p);
     for (int64_t d = 0; d < 2; ++d) {
-      args.h_n[d].index_copy_(0, perm, h[d]);
-      if (Cell::kHasC) args.c_n[d].index_copy_(0, perm, c[d]);
+      order.scatter(args.h_n[d], h[d]);
+      if (Cell::kHasC) order.scatter(args.c_n[d], c[d]);
     }
     return;
   }
@@ -112,9 +128,9 @@ void forward_impl(ForwardArgs& args) {
     const PackedB16 w_hh_packed =
         bf16 && !few ? pack_b16(P, G, args.w_hh[d].const_data_ptr<float>(), 1, P) : PackedB16{};
     const at::Tensor w_hr_t =
-        gemm_loop && proj ? transposed(args.w_hr[d]) : at::Tensor();  // [H, P]
-    at::Tensor h = args.hx[d].index_select(0, perm);                  // [B, P] sorted order
-    at::Tensor c = Cell::kHasC ? args.cx[d].index_select(0, perm) : at::Tensor();  // [B, H]
+        gemm_loop && proj ? transposed(args.w_hr[d]) : at::Tensor();       // [H, P]
+    at::Tensor h = order.gather(args.hx[d]);                               // [B, P] sorted order
+    at::Tensor c = Cell::kHasC ? order.gather(args.cx[d]) : at::Tensor();  // [B, H]
     // [B, P] h rounded for the next step's product: h0 here, then by each
     // step's gate pass (or, with a projection, after it) while h is in cache.
     at::Tensor hb = bf16 ? h.to(at::kBFloat16) : at::Tensor();
@@ -168,8 +184,8 @@ void forward_impl(ForwardArgs& args) {
         });
       }
     }
-    args.h_n[d].index_copy_(0, perm, h);
-    if (Cell::kHasC) args.c_n[d].index_copy_(0, perm, c);
+    order.scatter(args.h_n[d], h);
+    if (Cell::kHasC) order.scatter(args.c_n[d], c);
   }
 }
 
@@ -219,7 +235,7 @@ void backward_impl(BackwardArgs& args) {
   // direction's steps are consecutive.
   const bool dgx_in_place = !kDiffer && steps_are_contiguous(args);
   const auto opts = args.opts();
-  const at::Tensor perm = perm_tensor(sched);
+  const SortedOrder order(sched);
   // Buffers over the N valid positions (gx_rows' order), so the weight
   // gradients are GEMMs over exactly the valid positions. Only the per-step
   // GEMMs' operands are step-sized: peak memory stays near the forward's.
@@ -304,14 +320,14 @@ void backward_impl(BackwardArgs& args) {
   if (loops == StepLoops::kConcurrent) {  // cpu/split_backward.h
     at::Tensor dh[2], dc[2];              // [B, P], [B, H] sorted order
     for (int64_t d = 0; d < 2; ++d) {
-      dh[d] = args.grad_h_n[d].index_select(0, perm);
-      if (Cell::kHasC) dc[d] = args.grad_c_n[d].index_select(0, perm);
+      dh[d] = order.gather(args.grad_h_n[d]);
+      if (Cell::kHasC) dc[d] = order.gather(args.grad_c_n[d]);
     }
     const BackwardBuffers<scalar_t> bufs[2] = {bufs_of(0), bufs_of(1)};
     concurrent_backward<Cell, scalar_t>(args, bufs, dgx_in_place, dh, dc);
     for (int64_t d = 0; d < 2; ++d) {
-      args.grad_hx[d].index_copy_(0, perm, dh[d]);
-      if (Cell::kHasC) args.grad_cx[d].index_copy_(0, perm, dc[d]);
+      order.scatter(args.grad_hx[d], dh[d]);
+      if (Cell::kHasC) order.scatter(args.grad_cx[d], dc[d]);
       hidden_weight_grads(d, d);
     }
   }
@@ -324,8 +340,8 @@ void backward_impl(BackwardArgs& args) {
   scalar_t* hout_p = bufs.hout;
   for (int64_t d = 0; d < in_turn; ++d) {
     const bool dgh_in_dgx = dgx_in_place && d == 0;
-    at::Tensor dh = args.grad_h_n[d].index_select(0, perm);  // [B, P] sorted order
-    at::Tensor dc = Cell::kHasC ? args.grad_c_n[d].index_select(0, perm) : at::Tensor();  // [B, H]
+    at::Tensor dh = order.gather(args.grad_h_n[d]);  // [B, P] sorted order
+    at::Tensor dc = Cell::kHasC ? order.gather(args.grad_c_n[d]) : at::Tensor();  // [B, H]
     scalar_t* dh_p = dh.data_ptr<scalar_t>();
     scalar_t* dc_p = Cell::kHasC ? dc.data_ptr<scalar_t>() : nullptr;
     const scalar_t* ws_p = args.workspace.const_data_ptr<scalar_t>() + d * N * S;
@@ -390,8 +406,8 @@ void backward_impl(BackwardArgs& args) {
         at::mm_out(dh_s, dgh_s, w_hh_d);
       }
     }
-    args.grad_hx[d].index_copy_(0, perm, dh);
-    if (Cell::kHasC) args.grad_cx[d].index_copy_(0, perm, dc);
+    order.scatter(args.grad_hx[d], dh);
+    if (Cell::kHasC) order.scatter(args.grad_cx[d], dc);
     hidden_weight_grads(d, 0);
   }
   dghn.reset();

@@ -123,14 +123,21 @@ inline Schedule make_ragged_schedule(const RaggedDims& dims, const at::Tensor& s
 }
 
 // [N] int64: the row in `rows` (a padded map over the schedule's sorted rows)
-// of each packed position offset[t] + i.
-inline at::Tensor packed_rows(const Schedule& sched, const RowMap& rows) {
+// of each packed position offset[t] + i; undefined where the positions are
+// all T*B rows, each its own (full lengths, time-major or of one step or one
+// sequence): the input is then read in place, not gathered.
+inline at::Tensor packed_rows(const Schedule& sched, const RowMap& rows, int64_t T) {
   at::Tensor idx = at::empty({sched.N()}, at::kLong);
   int64_t* q = idx.data_ptr<int64_t>();
+  bool identity = sched.N() == T * static_cast<int64_t>(sched.len.size());
   for (int64_t t = 0; t < sched.max_len; ++t) {
-    for (int64_t i = 0; i < sched.active[t]; ++i) q[sched.offset[t] + i] = rows.row(t, i);
+    for (int64_t i = 0; i < sched.active[t]; ++i) {
+      const int64_t pos = sched.offset[t] + i;
+      q[pos] = rows.row(t, i);
+      identity = identity && q[pos] == pos;
+    }
   }
-  return idx;
+  return identity ? at::Tensor() : idx;
 }
 
 // [T*B - N] int64: the padded rows (of `rows`, as above) at the positions
@@ -146,9 +153,34 @@ inline at::Tensor padding_rows(const Schedule& sched, const RowMap& rows, int64_
   return idx;
 }
 
-// [B] int64: perm as a tensor, for index_select / index_copy_.
-inline at::Tensor perm_tensor(const Schedule& sched) {
-  return at::tensor(sched.perm, at::TensorOptions().dtype(at::kLong));
-}
+// Moves [B, ...] per-sequence tensors (states and their gradients) between
+// the caller's order b and the schedule's sorted order i = perm^-1(b). Where
+// perm is the identity (equal or already descending lengths, one sequence)
+// that is a copy, with no index tensor: a call of one step at small B pays
+// for every ATen op it runs.
+class SortedOrder {
+ public:
+  explicit SortedOrder(const Schedule& sched)
+      : identity_(std::is_sorted(sched.perm.begin(), sched.perm.end())) {
+    // A permutation of 0..B-1 in ascending order is the identity.
+    if (!identity_) perm_ = at::tensor(sched.perm, at::TensorOptions().dtype(at::kLong));
+  }
+  // [B, ...] contiguous, sorted order: row i = src[perm[i]].
+  at::Tensor gather(const at::Tensor& src) const {
+    return identity_ ? src.clone(at::MemoryFormat::Contiguous) : src.index_select(0, perm_);
+  }
+  // dst[perm[i]] = src[i].
+  void scatter(at::Tensor dst, const at::Tensor& src) const {
+    if (identity_) {
+      dst.copy_(src);
+    } else {
+      dst.index_copy_(0, perm_, src);
+    }
+  }
+
+ private:
+  bool identity_;
+  at::Tensor perm_;  // [B] int64 where not the identity
+};
 
 }  // namespace varlen_rnn

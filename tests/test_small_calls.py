@@ -1,0 +1,166 @@
+"""The shortcuts of a small call on the CPU, against torch.nn + packing in float64:
+
+- input rows read in place, without a gather, where the valid positions are all T*B rows in
+  order (full lengths time-major, one sequence, one step), and gathered where they are a prefix
+  of the rows but not all of them (batch_first [T, 0, 0]: the positions are rows 0..T-1);
+- the states moved to and from the kernels' sorted order by a copy where that order is the
+  caller's (lengths already descending), by an index elsewhere;
+- the op called below its autograd kernel when no gradient is wanted: the results of the
+  gradient-recording call, bit for bit, and the input untouched;
+- a decoder's loop of one-step calls, the state carried between them.
+"""
+
+import pytest
+import torch
+from testing import CELL_KINDS, TOL, make_cell_pair, make_pair
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+KINDS = ["gru", *CELL_KINDS]
+
+
+def pair(kind, I, H, **kw):
+    if kind == "gru":
+        return make_pair(I, H, **kw)
+    return make_cell_pair(kind, I, H, **kw)
+
+
+def states_of(kind, B, H, L, D, g):
+    """Random initial states: h (and c) [L*D, B, P or H], as the module takes them."""
+    h = torch.randn(
+        L * D, B, H // 2 if kind == "lstm_proj" else H, generator=g, dtype=torch.float64
+    )
+    if kind.startswith("lstm"):
+        return (h, torch.randn(L * D, B, H, generator=g, dtype=torch.float64))
+    return h
+
+
+def baseline(ref, x, lengths, hx):
+    """nn + packing over the rows of nonzero length (packing refuses zero lengths), put back in
+    place: zero-length rows get output 0 and their hx as the final state."""
+    bf = ref.batch_first
+    T = x.shape[1] if bf else x.shape[0]
+    keep = [b for b, n in enumerate(lengths) if n > 0]
+    xs = x[keep] if bf else x[:, keep]
+    pick = lambda s: s[:, keep]  # noqa: E731
+    hxs = tuple(pick(s) for s in hx) if isinstance(hx, tuple) else pick(hx)
+    packed = pack_padded_sequence(xs, [lengths[b] for b in keep], bf, enforce_sorted=False)
+    out_k, fin_k = ref(packed, hxs)
+    out_k, _ = pad_packed_sequence(out_k, bf, total_length=T)
+    out = x.new_zeros((*x.shape[:2], out_k.shape[-1]))
+    if bf:
+        out[keep] = out_k
+    else:
+        out[:, keep] = out_k
+
+    def place(init, fin):
+        full = init.clone()
+        full[:, keep] = fin
+        return full
+
+    if isinstance(hx, tuple):
+        return out, tuple(place(i, f) for i, f in zip(hx, fin_k))
+    return out, place(hx, fin_k)
+
+
+def flat(result):
+    out, fin = result
+    return [out, *(fin if isinstance(fin, tuple) else (fin,))]
+
+
+# (lengths, T): positions that are all T*B rows in order (read in place in time-major, and in
+# batch_first where B == 1 or T == 1), a prefix of the rows (batch_first [T, 0, 0]), already
+# descending (the sorted order is the caller's), and unsorted.
+CASES = {
+    "full": ([5, 5, 5], 5),
+    "one_sequence": ([5], 5),
+    "one_step": ([1, 1, 1, 1], 1),
+    "first_only": ([5, 0, 0], 5),
+    "descending": ([5, 3, 3, 0], 5),
+    "unsorted": ([2, 5, 0, 4], 5),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time_major", "batch_first"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_small_call_shortcuts_match_nn_with_packing(kind, bidirectional, batch_first, case):
+    lengths, T = CASES[case]
+    B, I, H, L, D = len(lengths), 3, 4, 2, 2 if bidirectional else 1
+    ref, ours = pair(kind, I, H, num_layers=L, batch_first=batch_first, bidirectional=bidirectional)
+    g = torch.Generator().manual_seed(1)
+    shape = (B, T, I) if batch_first else (T, B, I)
+    x = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    hx = states_of(kind, B, H, L, D, g)
+    hxs = hx if isinstance(hx, tuple) else (hx,)
+    for s in hxs:
+        s.requires_grad_()
+    got = flat(ours(x, hx, lengths=lengths))
+    want = flat(baseline(ref, x, lengths, hx))
+    for a, b, what in zip(got, want, ["output", "h_n", "c_n"]):
+        torch.testing.assert_close(a, b, **TOL[torch.float64], msg=lambda m: f"{what}: {m}")
+    seeds = torch.Generator().manual_seed(2)
+    weights = [torch.randn(o.shape, generator=seeds, dtype=torch.float64) for o in got]
+    inputs_ours = [x, *hxs, *ours.parameters()]
+    inputs_ref = [x, *hxs, *ref.parameters()]
+    grad_ours = torch.autograd.grad(sum((o * w).sum() for o, w in zip(got, weights)), inputs_ours)
+    grad_ref = torch.autograd.grad(sum((o * w).sum() for o, w in zip(want, weights)), inputs_ref)
+    for k, (a, b) in enumerate(zip(grad_ours, grad_ref)):
+        torch.testing.assert_close(a, b, **TOL[torch.float64], msg=lambda m: f"grad {k}: {m}")
+
+
+@pytest.mark.parametrize("case", ["full", "one_step", "first_only", "unsorted"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("kind", KINDS)
+def test_inference_call_equals_the_recording_call(kind, dtype, case):
+    """No gradient wanted (torch.no_grad, torch.inference_mode, or nothing requiring grad): the
+    op runs below its autograd kernel, with the kernels of the recording call, so the results
+    are those of a call that records a graph, bit for bit; the input, read in place where its
+    rows are the positions, is left as it was."""
+    lengths, T = CASES[case]
+    B, I, H = len(lengths), 4, 6
+    _, ours = pair(kind, I, H, num_layers=2, dtype=dtype)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(T, B, I, generator=g).to(dtype)
+    before = x.clone()
+    recorded = flat(ours(x.clone().requires_grad_(), lengths=lengths))
+    assert recorded[0].requires_grad
+    with torch.no_grad():
+        no_grad = flat(ours(x, lengths=lengths))
+    with torch.inference_mode():
+        inference = flat(ours(x, lengths=lengths))
+    for p in ours.parameters():
+        p.requires_grad_(False)
+    frozen = flat(ours(x, lengths=lengths))
+    for results in (no_grad, inference, frozen):
+        for a, b in zip(results, recorded):
+            assert not a.requires_grad
+            assert torch.equal(a, b.detach())
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("kind", KINDS)
+def test_decoder_loop_of_one_step_calls_matches_nn(kind, B):
+    """out, h = rnn(x_t, h) for t in range(T), the state carried between calls: at length 1
+    every call is nn's without packing. Inference and training, the loss of every step
+    differentiated back through the chain of calls."""
+    I, H, T = 3, 5, 6
+    ref, ours = pair(kind, I, H, num_layers=2)
+    g = torch.Generator().manual_seed(4)
+    xs = torch.randn(T, 1, B, I, generator=g, dtype=torch.float64, requires_grad=True)
+    h_ours = h_ref = states_of(kind, B, H, 2, 1, g)
+    outs_ours, outs_ref = [], []
+    for t in range(T):
+        o, h_ours = ours(xs[t], h_ours)
+        r, h_ref = ref(xs[t], h_ref)
+        outs_ours.append(o)
+        outs_ref.append(r)
+    torch.testing.assert_close(torch.cat(outs_ours), torch.cat(outs_ref), **TOL[torch.float64])
+    for a, b in zip(flat((None, h_ours))[1:], flat((None, h_ref))[1:]):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+    w = torch.randn(T, B, outs_ours[0].shape[-1], generator=g, dtype=torch.float64)
+    ga = torch.autograd.grad((torch.cat(outs_ours) * w).sum(), [xs, *ours.parameters()])
+    gb = torch.autograd.grad((torch.cat(outs_ref) * w).sum(), [xs, *ref.parameters()])
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
