@@ -91,7 +91,7 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& lengths,
   ForwardArgs args;
   set_layer_args(args, CellArgs::of<Cell>(w.cx, w.w_hr), input, lengths, w, batch_first);
   const LayerDims& dims = args.dims;
-  args.output = at::empty(dims.output_sizes(), args.opts());
+  args.output = at::empty(dims.output_sizes(), args.output_opts());
   if (args.sched.N() < dims.T * dims.B) {  // zeros at the padding
     args.output.view({-1, dims.D * dims.P})
         .index_fill_(0, padding_rows(args.sched, args.out_rows, dims.T), 0);
@@ -123,7 +123,7 @@ ForwardResult ragged_forward(const at::Tensor& input, const at::Tensor& seq_inde
   ForwardArgs args;
   const RaggedDims dims = set_ragged_args(args, CellArgs::of<Cell>(w.cx, w.w_hr), input, seq_index,
                                           sorted_indices, layout, max_len, w);
-  args.output = at::empty(dims.output_sizes(), args.opts());
+  args.output = at::empty(dims.output_sizes(), args.output_opts());
   return run_forward<Cell>(args, input.scalar_type(), need_workspace);
 }
 
