@@ -178,7 +178,7 @@ def _need_workspace(tensors) -> bool:
 def _layer(cell: Cell, ragged: bool, args) -> tuple[Tensor, ...]:
     """Any cell's layer: (output, h_n[, c_n]) from the op's arguments minus need_workspace.
 
-    The kernels run with autocast excluded (csrc/gru.h NoAutocastGuard); the modules pick
+    The kernels run with autocast excluded (csrc/layer.h NoAutocastGuard); the modules pick
     the dtypes by torch.nn's autocast policy."""
     tensors = (args[0], *args[_LAYOUTS[cell.name, ragged].differentiable])  # input, states, w
     op = _op(cell, ragged, "forward")
