@@ -12,8 +12,7 @@
 
 import pytest
 import torch
-from testing import CELL_KINDS, TOL, make_cell_pair, make_pair
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from testing import CELL_KINDS, TOL, make_cell_pair, make_pair, packed_baseline
 
 KINDS = ["gru", *CELL_KINDS]
 
@@ -38,14 +37,11 @@ def baseline(ref, x, lengths, hx):
     """nn + packing over the rows of nonzero length (packing refuses zero lengths), put back in
     place: zero-length rows get output 0 and their hx as the final state."""
     bf = ref.batch_first
-    T = x.shape[1] if bf else x.shape[0]
     keep = [b for b, n in enumerate(lengths) if n > 0]
     xs = x[keep] if bf else x[:, keep]
     pick = lambda s: s[:, keep]  # noqa: E731
     hxs = tuple(pick(s) for s in hx) if isinstance(hx, tuple) else pick(hx)
-    packed = pack_padded_sequence(xs, [lengths[b] for b in keep], bf, enforce_sorted=False)
-    out_k, fin_k = ref(packed, hxs)
-    out_k, _ = pad_packed_sequence(out_k, bf, total_length=T)
+    out_k, fin_k = packed_baseline(ref, xs, [lengths[b] for b in keep], hxs)
     out = x.new_zeros((*x.shape[:2], out_k.shape[-1]))
     if bf:
         out[keep] = out_k

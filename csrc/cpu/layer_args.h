@@ -191,5 +191,30 @@ inline int64_t output_offset(const ForwardArgs& args, int64_t t, int64_t i, int6
   return args.out_rows.row(t, i) * args.dims.D * args.dims.P + d * args.dims.P;
 }
 
+// The forward's output as the step loops write it: op-math, or bfloat16
+// (ForwardArgs::output_opts), then copied from hb, the rounded copy of h that
+// the next step's product reads.
+template <typename scalar_t>
+struct OutputWriter {
+  explicit OutputWriter(const at::Tensor& output) {
+    if (output.scalar_type() == at::kBFloat16) {
+      out16 = output.data_ptr<at::BFloat16>();
+    } else {
+      out = output.data_ptr<scalar_t>();
+    }
+  }
+  bool bf16() const { return out16 != nullptr; }
+  // n values at element offset `at` (output_offset): h's, or hb's where bf16.
+  void write(int64_t at, const scalar_t* h, const at::BFloat16* hb, int64_t n) const {
+    if (out16 != nullptr) {
+      std::copy_n(hb, n, out16 + at);
+    } else {
+      std::copy_n(h, n, out + at);
+    }
+  }
+  scalar_t* out = nullptr;        // op-math output, or null
+  at::BFloat16* out16 = nullptr;  // bfloat16 output, or null
+};
+
 }  // namespace cpu
 }  // namespace varlen_rnn

@@ -80,10 +80,7 @@ void forward_impl(ForwardArgs& args) {
   const at::Tensor bias = gate_biases<scalar_t>(args, G);
   const scalar_t* gh_p = gemm_loop ? gh.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* hraw_p = hraw.defined() ? hraw.data_ptr<scalar_t>() : nullptr;
-  // A bfloat16 output (ForwardArgs::output_opts) is copied from hb below.
-  const bool out16 = args.output.scalar_type() == at::kBFloat16;
-  scalar_t* out_p = out16 ? nullptr : args.output.data_ptr<scalar_t>();
-  at::BFloat16* out16_p = out16 ? args.output.data_ptr<at::BFloat16>() : nullptr;
+  const OutputWriter<scalar_t> out(args.output);
   const bool save = args.workspace.numel() > 0;
   auto ws_of = [&](int64_t d) {  // direction d's workspace, or null
     return save ? args.workspace.data_ptr<scalar_t>() + d * N * S : nullptr;
@@ -168,12 +165,13 @@ void forward_impl(ForwardArgs& args) {
           row.bh = bias_p + G;
           // With a projection h' goes to hraw; the state and output follow.
           row.h = proj ? hraw_p + i * H : h_p + i * H;
-          row.out = proj || out16 ? row.h : out_p + output_offset(args, t, i, d);
+          // The gate pass writes an op-math output itself (row.h twice otherwise).
+          row.out = proj || out.bf16() ? row.h : out.out + output_offset(args, t, i, d);
           row.c = Cell::kHasC ? c_p + i * H : nullptr;
           row.ws = save ? ws_p + (sched.offset[s] + i) * S : nullptr;
           forward_row(Cell{}, row, H);
           if (bf16 && !proj) round_bf16(row.h, H, hb_p + i * P);
-          if (out16 && !proj) std::copy_n(hb_p + i * P, H, out16_p + output_offset(args, t, i, d));
+          if (out.bf16() && !proj) out.write(output_offset(args, t, i, d), row.h, hb_p + i * P, H);
         }
       });
       if (proj) {
@@ -183,11 +181,7 @@ void forward_impl(ForwardArgs& args) {
           for (int64_t i = i0; i < i1; ++i) {
             const int64_t t = step_time(d, sched.len[i], s);
             if (bf16) round_bf16(h_p + i * P, P, hb_p + i * P);
-            if (out16) {
-              std::copy_n(hb_p + i * P, P, out16_p + output_offset(args, t, i, d));
-            } else {
-              std::copy_n(h_p + i * P, P, out_p + output_offset(args, t, i, d));
-            }
+            out.write(output_offset(args, t, i, d), h_p + i * P, hb_p + i * P, P);
           }
         });
       }

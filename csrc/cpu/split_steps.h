@@ -144,10 +144,7 @@ void SplitSteps<Cell, scalar_t>::run(const Team& team) {
   scalar_t* h_p = hbuf_[0];
   scalar_t* hraw_p = proj ? hraw_.data_ptr<scalar_t>() : nullptr;
   const scalar_t* wr_p = proj ? w_hr_t_.const_data_ptr<scalar_t>() : nullptr;
-  // A bfloat16 output (ForwardArgs::output_opts) is copied from hb_.
-  const bool out16 = args_.output.scalar_type() == at::kBFloat16;
-  scalar_t* out_p = out16 ? nullptr : args_.output.data_ptr<scalar_t>();
-  at::BFloat16* out16_p = out16 ? args_.output.data_ptr<at::BFloat16>() : nullptr;
+  const OutputWriter<scalar_t> out(args_.output);
   ChunkedProjection<scalar_t>* chunks = chunks_ ? &*chunks_ : nullptr;
   for (int64_t k = tid; k < (chunks ? parts : 0); k += nth) chunks->prepare(k);
   if constexpr (std::is_same_v<scalar_t, float>) {
@@ -187,14 +184,14 @@ void SplitSteps<Cell, scalar_t>::run(const Team& team) {
         row.bx = bias_p_ + u0;
         row.bh = bias_p_ + G + u0;
         row.h = hi;
-        row.out = proj || out16 ? row.h : out_p + output_offset(args_, t, i, d) + u0;
+        // The gate pass writes an op-math output itself (row.h twice otherwise).
+        row.out = proj || out.bf16() ? row.h : out.out + output_offset(args_, t, i, d) + u0;
         row.c = Cell::kHasC ? c_p_ + i * H + u0 : nullptr;
         row.ws = ws_p_ ? ws_p_ + (sched.offset[s] + i) * S + u0 : nullptr;
         forward_units(Cell{}, row, Hs, H, Hs, chunks ? Hs : H);
         if (bf16 && !proj) round_bf16(hi, Hs, hb_[(s + 1) % 2] + i * P + u0);
-        if (out16 && !proj) {
-          std::copy_n(hb_[(s + 1) % 2] + i * P + u0, Hs,
-                      out16_p + output_offset(args_, t, i, d) + u0);
+        if (out.bf16() && !proj) {
+          out.write(output_offset(args_, t, i, d) + u0, hi, hb_[(s + 1) % 2] + i * P + u0, Hs);
         }
       }
     }
@@ -207,11 +204,8 @@ void SplitSteps<Cell, scalar_t>::run(const Team& team) {
         for (int64_t i = 0; i < n; ++i) {
           const int64_t t = step_time(d, sched.len[i], s);
           if (bf16) round_bf16(h_p + i * P + p0, p1 - p0, hb_[0] + i * P + p0);
-          if (out16) {
-            std::copy_n(hb_[0] + i * P + p0, p1 - p0, out16_p + output_offset(args_, t, i, d) + p0);
-          } else {
-            std::copy_n(h_p + i * P + p0, p1 - p0, out_p + output_offset(args_, t, i, d) + p0);
-          }
+          out.write(output_offset(args_, t, i, d) + p0, h_p + i * P + p0, hb_[0] + i * P + p0,
+                    p1 - p0);
         }
       }
       team.sync();
