@@ -34,10 +34,16 @@ TORCH_LIBRARY(varlen_rnn, m) {
   // output, grad_h_n like h_n, workspace as the forward returned it.
   // Returns grad_input, grad_hx, grad_w_ih, grad_w_hh, and grad_b_ih,
   // grad_b_hh of shape [D, 3H] (computed whether or not the layer has biases).
+  // output_mask = [input, weights] says which are wanted (cuDNN's
+  // _cudnn_rnn_backward has the same): grad_input, or the weight and bias
+  // gradients, where masked are not computed and come back as [0] tensors
+  // (the first input of a model is often data, its weights frozen in
+  // fine-tuning). grad_hx is always computed: the recurrence gives it.
   m.def(
       "gru_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, "
       "Tensor lengths, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor output, "
-      "Tensor workspace, bool batch_first) -> (Tensor grad_input, "
+      "Tensor workspace, bool batch_first, bool[2] output_mask=[True, True]) -> (Tensor "
+      "grad_input, "
       "Tensor grad_hx, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, "
       "Tensor grad_b_hh)");
 
@@ -78,7 +84,7 @@ TORCH_LIBRARY(varlen_rnn, m) {
       "gru_layer_ragged_backward(Tensor grad_output, Tensor grad_h_n, "
       "Tensor input, Tensor seq_index, Tensor? sorted_indices, int layout, "
       "SymInt max_len, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor output, "
-      "Tensor workspace) -> (Tensor grad_input, Tensor grad_hx, "
+      "Tensor workspace, bool[2] output_mask=[True, True]) -> (Tensor grad_input, Tensor grad_hx, "
       "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
 
   // ---- LSTM and RNN: the GRU ops' contract with another cell --------------
@@ -101,7 +107,8 @@ TORCH_LIBRARY(varlen_rnn, m) {
       "lstm_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, "
       "Tensor input, Tensor lengths, Tensor hx, Tensor cx, Tensor w_ih, "
       "Tensor w_hh, Tensor? w_hr, Tensor output, Tensor workspace, "
-      "bool batch_first) -> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, "
+      "bool batch_first, bool[2] output_mask=[True, True]) -> (Tensor grad_input, Tensor grad_hx, "
+      "Tensor grad_cx, "
       "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh, "
       "Tensor grad_w_hr)");
   m.def(
@@ -114,7 +121,8 @@ TORCH_LIBRARY(varlen_rnn, m) {
       "lstm_layer_ragged_backward(Tensor grad_output, Tensor grad_h_n, "
       "Tensor grad_c_n, Tensor input, Tensor seq_index, Tensor? sorted_indices, "
       "int layout, SymInt max_len, Tensor hx, Tensor cx, Tensor w_ih, "
-      "Tensor w_hh, Tensor? w_hr, Tensor output, Tensor workspace) -> "
+      "Tensor w_hh, Tensor? w_hr, Tensor output, Tensor workspace, bool[2] output_mask=[True, "
+      "True]) -> "
       "(Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor grad_w_ih, "
       "Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr)");
 
@@ -129,7 +137,7 @@ TORCH_LIBRARY(varlen_rnn, m) {
   m.def(
       "rnn_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, "
       "Tensor lengths, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor output, "
-      "Tensor workspace, str nonlinearity, bool batch_first) -> "
+      "Tensor workspace, str nonlinearity, bool batch_first, bool[2] output_mask=[True, True]) -> "
       "(Tensor grad_input, Tensor grad_hx, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_b_ih, Tensor grad_b_hh)");
   m.def(
@@ -141,7 +149,8 @@ TORCH_LIBRARY(varlen_rnn, m) {
       "rnn_layer_ragged_backward(Tensor grad_output, Tensor grad_h_n, "
       "Tensor input, Tensor seq_index, Tensor? sorted_indices, int layout, "
       "SymInt max_len, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor output, "
-      "Tensor workspace, str nonlinearity) -> (Tensor grad_input, "
+      "Tensor workspace, str nonlinearity, bool[2] output_mask=[True, True]) -> (Tensor "
+      "grad_input, "
       "Tensor grad_hx, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, "
       "Tensor grad_b_hh)");
   // Tests and benchmarks only (not a public op): a [m, K] @ b [K, N] (+ c

@@ -48,14 +48,18 @@ def _backward_fake(cell: Cell, ragged: bool, args):
     at = n + 1 + (4 if ragged else 1)
     states = args[at : at + cell.states]
     w_ih, w_hh = args[at + cell.states : at + cell.states + 2]
+    # output_mask, the last argument (defaulted: [True, True]), ends the list.
+    want_input, want_weights = args[-1] if isinstance(args[-1], (list, tuple)) else (True, True)
     like = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
+    empty = lambda: input.new_empty((0,))  # noqa: E731  (what a mask leaves out)
     D, G = w_ih.shape[0], w_ih.shape[1]
-    grads = (like(input), *map(like, states), like(w_ih), like(w_hh))
-    grads += (input.new_empty((D, G)), input.new_empty((D, G)))
+    weights = [like(w_ih), like(w_hh), input.new_empty((D, G)), input.new_empty((D, G))]
     if cell.proj:
         w_hr = args[at + cell.states + 2]
-        grads += (input.new_empty((0,)) if w_hr is None else like(w_hr),)
-    return grads
+        weights.append(empty() if w_hr is None else like(w_hr))
+    if not want_weights:
+        weights = [empty() for _ in weights]
+    return (like(input) if want_input else empty(), *map(like, states), *weights)
 
 
 # ------------------------------------------------------------------ autograd
@@ -95,6 +99,11 @@ def _backward(cell: Cell, ragged: bool, ctx, *grads):
     if torch.is_grad_enabled():  # backward(create_graph=True): the gradients need a graph
         reference = _reference(cell, ragged)
         return _differentiable_backward(ctx, grads, args, reference, at.n + 1)
+    # Only what autograd asks for: the input's gradient is not wanted where the input is
+    # data, the weights' where they are frozen; the op then skips those GEMMs.
+    needs = ctx.needs_input_grad
+    want_input = needs[0]
+    want_weights = any(needs[at.weights])
     result = _op(cell, ragged, "backward")(
         *grads,
         args[0],
@@ -106,14 +115,15 @@ def _backward(cell: Cell, ragged: bool, ctx, *grads):
         workspace,
         *args[at.options],
         *args[at.tail],
+        [want_input, want_weights],
     )
-    g_w = list(result[1 + cell.states :])  # w_ih, w_hh, b_ih, b_hh[, w_hr]
+    g_w = list(result[1 + cell.states :]) if want_weights else [None] * len(weights)
     if weights[2] is None:  # no biases: their gradients are computed but not wanted
         g_w[2] = g_w[3] = None
     if cell.proj and weights[4] is None:
         g_w[4] = None
     found: list[Tensor | None] = [None] * (at.n + 1)
-    found[0] = result[0]
+    found[0] = result[0] if want_input else None
     found[at.states] = result[1 : 1 + cell.states]
     found[at.weights] = g_w
     return tuple(found)

@@ -51,11 +51,13 @@ void hidden_weight_grads_bf16(BackwardArgs& args, int64_t d, const at::Tensor& d
 }
 
 // After every direction's hidden_weight_grads_bf16: dW_ih = dgx^T x and
-// grad_input (dx = dgx W_ih, zero at padding), both bfloat16. dgx: [N, D*G*H]
-// as hidden_weight_grads_bf16 left it; released here (before grad_input is
-// allocated: peak memory).
+// grad_input (dx = dgx W_ih, zero at padding), both bfloat16, each where
+// args wants it. dgx: [N, D*G*H] as hidden_weight_grads_bf16 left it (or,
+// with the weights masked, rounded alike); released here (before grad_input
+// is allocated: peak memory).
 inline void input_grads_bf16(BackwardArgs& args, at::Tensor& dgx, int64_t G) {
   const LayerDims& dims = args.dims;
+  if (!args.want_weights && !args.want_input) return;
   const int64_t DG = dims.D * G, N = dgx.size(0), I = dims.I;
   // Direction d's bfloat16 values start at bfloat16 column 2*d*G of a row:
   // moved to d*G, the rows are one [N, D*G] matrix (row stride 2*D*G).
@@ -69,9 +71,11 @@ inline void input_grads_bf16(BackwardArgs& args, at::Tensor& dgx, int64_t G) {
   }
   const at::Tensor dg16 =
       at::from_blob(base, {N, DG}, {2 * DG, 1}, dgx.options().dtype(at::kBFloat16));
-  at::Tensor xp = projection_input(args);  // [N, I] bfloat16
-  args.grad_w_ih.view({DG, I}).copy_(at::mm(dg16.t(), xp));
-  xp.reset();
+  if (args.want_weights) {
+    at::Tensor xp = projection_input(args);  // [N, I] bfloat16
+    args.grad_w_ih.view({DG, I}).copy_(at::mm(dg16.t(), xp));
+  }
+  if (!args.want_input) return;
   at::Tensor dxp = at::mm(dg16, args.w_ih.reshape({DG, I}).to(at::kBFloat16));  // [N, I]
   dgx.reset();
   set_grad_input(args, std::move(dxp));

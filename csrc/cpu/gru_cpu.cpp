@@ -3,6 +3,7 @@
 // with the GRU's cell policy (cells/gru.h).
 #include <torch/library.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
 
@@ -36,10 +37,12 @@ Backward gru_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor&
                                 const at::Tensor& input, const at::Tensor& lengths,
                                 const at::Tensor& hx, const at::Tensor& w_ih,
                                 const at::Tensor& w_hh, const at::Tensor& output,
-                                const at::Tensor& workspace, bool batch_first) {
+                                const at::Tensor& workspace, bool batch_first,
+                                std::array<bool, 2> output_mask) {
   const cpu::WeightInputs w{&hx, nullptr, &w_ih, &w_hh, &kNone, &kNone, &kNone};
   return backward_tuple(cpu::layer_backward<GruCell>(grad_output, grad_h_n, nullptr, input, lengths,
-                                                     w, output, workspace, batch_first));
+                                                     w, output, workspace, batch_first,
+                                                     output_mask));
 }
 
 Forward gru_layer_ragged_forward_cpu(const at::Tensor& input, const at::Tensor& seq_index,
@@ -58,11 +61,12 @@ Backward gru_layer_ragged_backward_cpu(const at::Tensor& grad_output, const at::
                                        const std::optional<at::Tensor>& sorted_indices,
                                        int64_t layout, int64_t max_len, const at::Tensor& hx,
                                        const at::Tensor& w_ih, const at::Tensor& w_hh,
-                                       const at::Tensor& output, const at::Tensor& workspace) {
+                                       const at::Tensor& output, const at::Tensor& workspace,
+                                       std::array<bool, 2> output_mask) {
   const cpu::WeightInputs w{&hx, nullptr, &w_ih, &w_hh, &kNone, &kNone, &kNone};
   return backward_tuple(cpu::ragged_backward<GruCell>(grad_output, grad_h_n, nullptr, input,
                                                       seq_index, sorted_indices, layout, max_len, w,
-                                                      output, workspace));
+                                                      output, workspace, output_mask));
 }
 
 }  // namespace

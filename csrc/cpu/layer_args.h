@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <utility>
@@ -72,6 +73,14 @@ struct BackwardArgs : ForwardArgs {
   at::Tensor grad_b_ih;     // [D, G*H]
   at::Tensor grad_b_hh;     // [D, G*H]
   at::Tensor grad_w_hr;     // [D, P, H] with a projection
+  // The op's output_mask (ops.cpp): grad_input, and the weight and bias
+  // gradients, are computed only where wanted (else their tensors stay
+  // undefined). The recurrence runs alike either way.
+  bool want_input = true, want_weights = true;
+  void set_output_mask(std::array<bool, 2> mask) {
+    want_input = mask[0];
+    want_weights = mask[1];
+  }
 };
 
 // Half types run in float (layer.h's opmath_dtype) and round at the end.

@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <utility>
@@ -64,22 +65,29 @@ BackwardResult run_backward(BackwardArgs& args, const at::Tensor& input,
   const auto opts = args.opts();
   args.grad_hx = at::empty({D, B, P}, opts);
   if (Cell::kHasC) args.grad_cx = at::empty({D, B, H}, opts);
-  args.grad_w_ih = at::empty({D, G, dims.I}, opts);
-  args.grad_w_hh = at::empty({D, G, P}, opts);
-  args.grad_b_ih = at::empty({D, G}, opts);
-  args.grad_b_hh = at::empty({D, G}, opts);
-  args.grad_w_hr = args.w_hr.defined() ? at::empty({D, P, H}, opts) : at::empty({0}, opts);
+  if (args.want_weights) {
+    args.grad_w_ih = at::empty({D, G, dims.I}, opts);
+    args.grad_w_hh = at::empty({D, G, P}, opts);
+    args.grad_b_ih = at::empty({D, G}, opts);
+    args.grad_b_hh = at::empty({D, G}, opts);
+    if (args.w_hr.defined()) args.grad_w_hr = at::empty({D, P, H}, opts);
+  }
   AT_DISPATCH_FLOATING_TYPES(args.hx.scalar_type(), "varlen_rnn_layer_backward_cpu",
                              [&] { backward_impl<Cell, scalar_t>(args); });
   const auto dtype = input.scalar_type();
-  return {args.grad_input2d.view(input.sizes()).to(dtype),
-          args.grad_hx.to(dtype),
-          Cell::kHasC ? args.grad_cx.to(dtype) : at::Tensor(),
-          args.grad_w_ih.to(dtype),
-          args.grad_w_hh.to(dtype),
-          args.grad_b_ih.to(dtype),
-          args.grad_b_hh.to(dtype),
-          args.grad_w_hr.to(dtype)};
+  // What was not computed (masked, or grad_w_hr without a projection) is [0].
+  auto result = [&](const at::Tensor& t) {
+    return t.defined() ? t.to(dtype) : at::empty({0}, input.options());
+  };
+  const at::Tensor& g_in = args.grad_input2d;
+  return {result(g_in.defined() ? g_in.view(input.sizes()) : g_in),
+          result(args.grad_hx),
+          Cell::kHasC ? result(args.grad_cx) : at::Tensor(),
+          result(args.grad_w_ih),
+          result(args.grad_w_hh),
+          result(args.grad_b_ih),
+          result(args.grad_b_hh),
+          result(args.grad_w_hr)};
 }
 
 // The ops' arguments and results, with their shapes, are documented once in
@@ -105,9 +113,10 @@ BackwardResult layer_backward(const at::Tensor& grad_output, const at::Tensor& g
                               const at::Tensor* grad_c_n, const at::Tensor& input,
                               const at::Tensor& lengths, const WeightInputs& w,
                               const at::Tensor& output, const at::Tensor& workspace,
-                              bool batch_first) {
+                              bool batch_first, std::array<bool, 2> output_mask) {
   const NoAutocastGuard no_autocast;
   BackwardArgs args;
+  args.set_output_mask(output_mask);
   set_layer_args(args, CellArgs::of<Cell>(w.cx, w.w_hr), input, lengths, w, batch_first);
   check_backward_args(args.dims, input, grad_output, grad_h_n, output, workspace, args.sched.N(),
                       grad_c_n);
@@ -133,9 +142,10 @@ BackwardResult ragged_backward(const at::Tensor& grad_output, const at::Tensor& 
                                const at::Tensor& seq_index,
                                const std::optional<at::Tensor>& sorted_indices, int64_t layout,
                                int64_t max_len, const WeightInputs& w, const at::Tensor& output,
-                               const at::Tensor& workspace) {
+                               const at::Tensor& workspace, std::array<bool, 2> output_mask) {
   const NoAutocastGuard no_autocast;
   BackwardArgs args;
+  args.set_output_mask(output_mask);
   const RaggedDims dims = set_ragged_args(args, CellArgs::of<Cell>(w.cx, w.w_hr), input, seq_index,
                                           sorted_indices, layout, max_len, w);
   check_backward_args(dims, input, grad_output, grad_h_n, output, workspace, dims.N, grad_c_n);

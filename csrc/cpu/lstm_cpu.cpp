@@ -3,6 +3,7 @@
 // with the LSTM's cell policy (cells/lstm.h) and its optional projection w_hr.
 #include <torch/library.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
 
@@ -42,10 +43,11 @@ Backward lstm_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor
                                  const at::Tensor& cx, const at::Tensor& w_ih,
                                  const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
                                  const at::Tensor& output, const at::Tensor& workspace,
-                                 bool batch_first) {
+                                 bool batch_first, std::array<bool, 2> output_mask) {
   const cpu::WeightInputs w{&hx, &cx, &w_ih, &w_hh, &kNone, &kNone, &w_hr};
   return backward_tuple(cpu::layer_backward<LstmCell>(grad_output, grad_h_n, &grad_c_n, input,
-                                                      lengths, w, output, workspace, batch_first));
+                                                      lengths, w, output, workspace, batch_first,
+                                                      output_mask));
 }
 
 Forward lstm_layer_ragged_forward_cpu(const at::Tensor& input, const at::Tensor& seq_index,
@@ -65,11 +67,12 @@ Backward lstm_layer_ragged_backward_cpu(
     const at::Tensor& input, const at::Tensor& seq_index,
     const std::optional<at::Tensor>& sorted_indices, int64_t layout, int64_t max_len,
     const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& w_hr, const at::Tensor& output, const at::Tensor& workspace) {
+    const std::optional<at::Tensor>& w_hr, const at::Tensor& output, const at::Tensor& workspace,
+    std::array<bool, 2> output_mask) {
   const cpu::WeightInputs w{&hx, &cx, &w_ih, &w_hh, &kNone, &kNone, &w_hr};
   return backward_tuple(cpu::ragged_backward<LstmCell>(grad_output, grad_h_n, &grad_c_n, input,
                                                        seq_index, sorted_indices, layout, max_len,
-                                                       w, output, workspace));
+                                                       w, output, workspace, output_mask));
 }
 
 }  // namespace

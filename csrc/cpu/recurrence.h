@@ -285,6 +285,10 @@ void backward_impl(BackwardArgs& args) {
   // after its loop: dW_hh = dgh^T hprev over all positions (dgh is dgx but
   // for kDiffer's last gate); dW_hr = dh_state^T h'.
   auto hidden_weight_grads = [&](int64_t d, int64_t k) {
+    if (!args.want_weights) {  // masked: nothing to form, but dx's operand in bfloat16
+      if (bf16 && args.want_input) round_rows_bf16(dgx.data_ptr<float>() + d * G, N, G, DG);
+      return;
+    }
     if (bf16) {  // cpu/backward_bf16.h; h_prev is bfloat16 values: no rounding
       const at::Tensor hp16 = proj ? round_rows_bf16(hprev[k].data_ptr<scalar_t>(), N, P, P)
                                    : at::empty({N, P}, opts16);  // [N, P]
@@ -420,11 +424,14 @@ void backward_impl(BackwardArgs& args) {
     input_grads_bf16(args, dgx, G);
     return;
   }
-  at::Tensor xp = projection_input(args);  // [N, I]
-  at::Tensor gw = args.grad_w_ih.view({DG, dims.I}), gb = args.grad_b_ih.view({DG});
-  at::mm_out(gw, dgx.t(), xp);
-  xp.reset();
-  at::sum_out(gb, dgx, {0});
+  if (args.want_weights) {
+    at::Tensor xp = projection_input(args);  // [N, I]
+    at::Tensor gw = args.grad_w_ih.view({DG, dims.I}), gb = args.grad_b_ih.view({DG});
+    at::mm_out(gw, dgx.t(), xp);
+    xp.reset();
+    at::sum_out(gb, dgx, {0});
+  }
+  if (!args.want_input) return;
   at::Tensor dxp = at::mm(dgx, args.w_ih.reshape({DG, dims.I}));  // [N, I]
   dgx.reset();
   set_grad_input(args, std::move(dxp));

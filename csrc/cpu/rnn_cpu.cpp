@@ -4,6 +4,7 @@
 // parameter chosen once per call.
 #include <torch/library.h>
 
+#include <array>
 #include <optional>
 #include <string_view>
 #include <tuple>
@@ -48,12 +49,13 @@ Backward rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor&
                                 const at::Tensor& hx, const at::Tensor& w_ih,
                                 const at::Tensor& w_hh, const at::Tensor& output,
                                 const at::Tensor& workspace, c10::string_view nonlinearity,
-                                bool batch_first) {
+                                bool batch_first, std::array<bool, 2> output_mask) {
   const cpu::WeightInputs w{&hx, nullptr, &w_ih, &w_hh, &kNone, &kNone, &kNone};
   return with_nonlinearity(nonlinearity, [&](auto cell) {
     using Cell = decltype(cell);
     return backward_tuple(cpu::layer_backward<Cell>(grad_output, grad_h_n, nullptr, input, lengths,
-                                                    w, output, workspace, batch_first));
+                                                    w, output, workspace, batch_first,
+                                                    output_mask));
   });
 }
 
@@ -78,13 +80,14 @@ Backward rnn_layer_ragged_backward_cpu(const at::Tensor& grad_output, const at::
                                        int64_t layout, int64_t max_len, const at::Tensor& hx,
                                        const at::Tensor& w_ih, const at::Tensor& w_hh,
                                        const at::Tensor& output, const at::Tensor& workspace,
-                                       c10::string_view nonlinearity) {
+                                       c10::string_view nonlinearity,
+                                       std::array<bool, 2> output_mask) {
   const cpu::WeightInputs w{&hx, nullptr, &w_ih, &w_hh, &kNone, &kNone, &kNone};
   return with_nonlinearity(nonlinearity, [&](auto cell) {
     using Cell = decltype(cell);
     return backward_tuple(cpu::ragged_backward<Cell>(grad_output, grad_h_n, nullptr, input,
                                                      seq_index, sorted_indices, layout, max_len, w,
-                                                     output, workspace));
+                                                     output, workspace, output_mask));
   });
 }
 

@@ -71,6 +71,9 @@ struct BackwardCall : LayerCall {
   Tensor hprev;                        // [D, R, P]
   Tensor grad_hx, grad_cx;             // [D, B, P], kHasC: [D, B, H]
   Tensor dhr, hcell;  // with a projection: [D, R, P] and [D, R, H], dW_hr's operands
+  // The op's output_mask (ops.cpp): the GEMMs of grad_input and of the weight
+  // gradients run only where wanted; the recurrence runs alike.
+  bool want_input = true, want_weights = true;
 };
 
 // The path of one pass; errors when persistent is forced but cannot run, so tests

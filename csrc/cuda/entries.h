@@ -12,6 +12,7 @@
 #include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <array>
 #include <optional>
 #include <vector>
 
@@ -143,6 +144,7 @@ ForwardResult ragged_forward(const Tensor& input, const Tensor& seq_index,
 // a kHasC cell (else null), grad_output, grad_h_n, output, workspace.
 struct BackwardInputs {
   const Tensor *grad_output, *grad_h_n, *grad_c_n, *output, *workspace;
+  std::array<bool, 2> output_mask;  // [input, weights] (ops.cpp)
 };
 
 // The backward's saved and incoming tensors, contiguous (rank order when
@@ -150,6 +152,8 @@ struct BackwardInputs {
 template <typename Cell>
 void set_backward_buffers(BackwardCall& c, const BackwardInputs& g) {
   const int64_t D = c.dims.D, H = c.dims.H, B = c.dims.B, GH = Cell::kGates * H;
+  c.want_input = g.output_mask[0];
+  c.want_weights = g.output_mask[1];
   c.grad_out = g.grad_output->contiguous();
   c.out = g.output->contiguous();
   c.grad_h_n = to_rank_order(c.rows, *g.grad_h_n);
@@ -174,9 +178,10 @@ LayerGrads empty_backward(const LayerCall& c, const Tensor& input, const Backwar
                           const Tensor& w_ih) {
   const int64_t D = c.dims.D, GH = Cell::kGates * c.dims.H;
   LayerGrads r;
-  r.grad_input = at::zeros_like(input, at::MemoryFormat::Contiguous);
+  if (g.output_mask[0]) r.grad_input = at::zeros_like(input, at::MemoryFormat::Contiguous);
   r.grad_hx = g.grad_h_n->clone(at::MemoryFormat::Contiguous);
   if constexpr (Cell::kHasC) r.grad_cx = g.grad_c_n->clone(at::MemoryFormat::Contiguous);
+  if (!g.output_mask[1]) return r;
   r.grad_w_ih = at::zeros_like(w_ih);
   r.grad_w_hh = at::zeros_like(c.w_hh);
   r.grad_b_ih = at::zeros({D, GH}, c.opts);
@@ -208,15 +213,18 @@ LayerGrads padded_backward(const BackwardInputs& g, const Tensor& input, const T
   set_backward_buffers<Cell>(c, g);
   // Padded positions of x are never read, whatever they hold (NaN included): their dgx rows
   // are 0, but 0 * NaN is not, so the GEMM sees them zeroed (a mask built on the device).
-  const Tensor& lengths_d = c.rows.lengths;
-  const Tensor valid =
-      at::arange(T, lengths_d.options()).unsqueeze(1).lt(lengths_d.unsqueeze(0));  // [T, B]
-  const Tensor x_valid =
-      input.contiguous()
-          .masked_fill((batch_first ? valid.t() : valid).logical_not().unsqueeze(2), 0)
-          .view({T * B, I});
+  // Only dW_ih reads x.
+  Tensor x_valid;
+  if (c.want_weights) {
+    const Tensor& lengths_d = c.rows.lengths;
+    const Tensor valid =
+        at::arange(T, lengths_d.options()).unsqueeze(1).lt(lengths_d.unsqueeze(0));  // [T, B]
+    x_valid = input.contiguous()
+                  .masked_fill((batch_first ? valid.t() : valid).logical_not().unsqueeze(2), 0)
+                  .view({T * B, I});
+  }
   LayerGrads r = run_backward<Cell>(c, x_valid, w_ih);
-  r.grad_input = r.grad_input.view(input.sizes());
+  if (r.grad_input.defined()) r.grad_input = r.grad_input.view(input.sizes());
   return r;
 }
 
@@ -242,7 +250,7 @@ LayerGrads ragged_backward(const BackwardInputs& g, const Tensor& input, const T
   if (dims.N == 0 || dims.T == 0) return empty_backward<Cell>(c, input, g, w_ih);
   c.hx = to_rank_order(c.rows, hx);
   set_backward_buffers<Cell>(c, g);
-  LayerGrads r = run_backward<Cell>(c, input.contiguous(), w_ih);
+  LayerGrads r = run_backward<Cell>(c, c.want_weights ? input.contiguous() : Tensor(), w_ih);
   r.grad_hx = to_sequence_order(c.rows, r.grad_hx);
   if constexpr (Cell::kHasC) r.grad_cx = to_sequence_order(c.rows, r.grad_cx);
   return r;

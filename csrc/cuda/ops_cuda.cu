@@ -30,6 +30,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <array>
 #include <optional>
 #include <string_view>
 #include <tuple>
@@ -50,15 +51,20 @@ using at::Tensor;
 using Grads6 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 using Grads8 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
-Grads6 grads6(const LayerGrads& g) {
-  return {g.grad_input, g.grad_hx, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh};
+// What was not computed (output_mask, or grad_w_hr without a projection) is [0].
+Tensor or_empty(const Tensor& t, const Tensor& input) {
+  return t.defined() ? t : at::empty({0}, input.options());
 }
-// The LSTM's: grad_w_hr [0] without a projection.
+Grads6 grads6(const LayerGrads& g, const Tensor& input) {
+  auto e = [&](const Tensor& t) { return or_empty(t, input); };
+  return {e(g.grad_input), g.grad_hx,      e(g.grad_w_ih),
+          e(g.grad_w_hh),  e(g.grad_b_ih), e(g.grad_b_hh)};
+}
+// The LSTM's.
 Grads8 grads8(const LayerGrads& g, const Tensor& input) {
-  return {g.grad_input, g.grad_hx,
-          g.grad_cx,    g.grad_w_ih,
-          g.grad_w_hh,  g.grad_b_ih,
-          g.grad_b_hh,  g.grad_w_hr.defined() ? g.grad_w_hr : at::zeros({0}, input.options())};
+  auto e = [&](const Tensor& t) { return or_empty(t, input); };
+  return {e(g.grad_input), g.grad_hx,      g.grad_cx,      e(g.grad_w_ih),
+          e(g.grad_w_hh),  e(g.grad_b_ih), e(g.grad_b_hh), e(g.grad_w_hr)};
 }
 
 // The RNN's nonlinearity as a cell (a compile-time choice in the kernels).
@@ -92,9 +98,11 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_ragged_forward_cuda(
 Grads6 gru_layer_backward_cuda(const Tensor& grad_output, const Tensor& grad_h_n,
                                const Tensor& input, const Tensor& lengths, const Tensor& hx,
                                const Tensor& w_ih, const Tensor& w_hh, const Tensor& output,
-                               const Tensor& workspace, bool batch_first) {
-  const BackwardInputs g{&grad_output, &grad_h_n, nullptr, &output, &workspace};
-  return grads6(padded_backward<GruCell>(g, input, lengths, hx, {}, w_ih, w_hh, batch_first));
+                               const Tensor& workspace, bool batch_first,
+                               std::array<bool, 2> output_mask) {
+  const BackwardInputs g{&grad_output, &grad_h_n, nullptr, &output, &workspace, output_mask};
+  return grads6(padded_backward<GruCell>(g, input, lengths, hx, {}, w_ih, w_hh, batch_first),
+                input);
 }
 
 Grads6 gru_layer_ragged_backward_cuda(const Tensor& grad_output, const Tensor& grad_h_n,
@@ -102,10 +110,11 @@ Grads6 gru_layer_ragged_backward_cuda(const Tensor& grad_output, const Tensor& g
                                       const std::optional<Tensor>& sorted_indices, int64_t layout,
                                       c10::SymInt max_len, const Tensor& hx, const Tensor& w_ih,
                                       const Tensor& w_hh, const Tensor& output,
-                                      const Tensor& workspace) {
-  const BackwardInputs g{&grad_output, &grad_h_n, nullptr, &output, &workspace};
+                                      const Tensor& workspace, std::array<bool, 2> output_mask) {
+  const BackwardInputs g{&grad_output, &grad_h_n, nullptr, &output, &workspace, output_mask};
   return grads6(ragged_backward<GruCell>(g, input, seq_index, sorted_indices, layout,
-                                         max_len.expect_int(), hx, {}, w_ih, w_hh));
+                                         max_len.expect_int(), hx, {}, w_ih, w_hh),
+                input);
 }
 
 // ---- LSTM -------------------------------------------------------------------
@@ -134,19 +143,23 @@ Grads8 lstm_layer_backward_cuda(const Tensor& grad_output, const Tensor& grad_h_
                                 const Tensor& grad_c_n, const Tensor& input, const Tensor& lengths,
                                 const Tensor& hx, const Tensor& cx, const Tensor& w_ih,
                                 const Tensor& w_hh, const std::optional<Tensor>& w_hr,
-                                const Tensor& output, const Tensor& workspace, bool batch_first) {
-  const BackwardInputs g{&grad_output, &grad_h_n, &grad_c_n, &output, &workspace};
+                                const Tensor& output, const Tensor& workspace, bool batch_first,
+                                std::array<bool, 2> output_mask) {
+  const BackwardInputs g{&grad_output, &grad_h_n, &grad_c_n, &output, &workspace, output_mask};
   return grads8(
       padded_backward<LstmCell>(g, input, lengths, hx, {&cx, &w_hr}, w_ih, w_hh, batch_first),
       input);
 }
 
-Grads8 lstm_layer_ragged_backward_cuda(
-    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& input,
-    const Tensor& seq_index, const std::optional<Tensor>& sorted_indices, int64_t layout,
-    c10::SymInt max_len, const Tensor& hx, const Tensor& cx, const Tensor& w_ih, const Tensor& w_hh,
-    const std::optional<Tensor>& w_hr, const Tensor& output, const Tensor& workspace) {
-  const BackwardInputs g{&grad_output, &grad_h_n, &grad_c_n, &output, &workspace};
+Grads8 lstm_layer_ragged_backward_cuda(const Tensor& grad_output, const Tensor& grad_h_n,
+                                       const Tensor& grad_c_n, const Tensor& input,
+                                       const Tensor& seq_index,
+                                       const std::optional<Tensor>& sorted_indices, int64_t layout,
+                                       c10::SymInt max_len, const Tensor& hx, const Tensor& cx,
+                                       const Tensor& w_ih, const Tensor& w_hh,
+                                       const std::optional<Tensor>& w_hr, const Tensor& output,
+                                       const Tensor& workspace, std::array<bool, 2> output_mask) {
+  const BackwardInputs g{&grad_output, &grad_h_n, &grad_c_n, &output, &workspace, output_mask};
   return grads8(ragged_backward<LstmCell>(g, input, seq_index, sorted_indices, layout,
                                           max_len.expect_int(), hx, {&cx, &w_hr}, w_ih, w_hh),
                 input);
@@ -181,11 +194,11 @@ Grads6 rnn_layer_backward_cuda(const Tensor& grad_output, const Tensor& grad_h_n
                                const Tensor& input, const Tensor& lengths, const Tensor& hx,
                                const Tensor& w_ih, const Tensor& w_hh, const Tensor& output,
                                const Tensor& workspace, std::string_view nonlinearity,
-                               bool batch_first) {
-  const BackwardInputs g{&grad_output, &grad_h_n, nullptr, &output, &workspace};
+                               bool batch_first, std::array<bool, 2> output_mask) {
+  const BackwardInputs g{&grad_output, &grad_h_n, nullptr, &output, &workspace, output_mask};
   return with_rnn_cell(nonlinearity, [&](auto cell) {
     return grads6(
-        padded_backward<decltype(cell)>(g, input, lengths, hx, {}, w_ih, w_hh, batch_first));
+        padded_backward<decltype(cell)>(g, input, lengths, hx, {}, w_ih, w_hh, batch_first), input);
   });
 }
 
@@ -194,11 +207,13 @@ Grads6 rnn_layer_ragged_backward_cuda(const Tensor& grad_output, const Tensor& g
                                       const std::optional<Tensor>& sorted_indices, int64_t layout,
                                       c10::SymInt max_len, const Tensor& hx, const Tensor& w_ih,
                                       const Tensor& w_hh, const Tensor& output,
-                                      const Tensor& workspace, std::string_view nonlinearity) {
-  const BackwardInputs g{&grad_output, &grad_h_n, nullptr, &output, &workspace};
+                                      const Tensor& workspace, std::string_view nonlinearity,
+                                      std::array<bool, 2> output_mask) {
+  const BackwardInputs g{&grad_output, &grad_h_n, nullptr, &output, &workspace, output_mask};
   return with_rnn_cell(nonlinearity, [&](auto cell) {
     return grads6(ragged_backward<decltype(cell)>(g, input, seq_index, sorted_indices, layout,
-                                                  max_len.expect_int(), hx, {}, w_ih, w_hh));
+                                                  max_len.expect_int(), hx, {}, w_ih, w_hh),
+                  input);
   });
 }
 

@@ -126,8 +126,9 @@ void fallback_backward(const BackwardCall& c) {
 
 // The recurrence of one backward call (inputs, rows and the R-row buffers set),
 // then the weight and input gradients as GEMMs over all R rows (no atomics).
-// x_rows [R, I]: the input's rows, padded ones zeroed. With a projection,
-// dW_hr = dhr^T h' over all rows.
+// x_rows [R, I]: the input's rows, padded ones zeroed (undefined when the
+// weights are masked). With a projection, dW_hr = dhr^T h' over all rows.
+// What c's output_mask masks stays undefined.
 template <typename Cell>
 LayerGrads run_backward(BackwardCall& c, const Tensor& x_rows, const Tensor& w_ih) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -148,11 +149,11 @@ LayerGrads run_backward(BackwardCall& c, const Tensor& x_rows, const Tensor& w_i
       });
   const int64_t I = c.dims.I, GH = c.G * c.dims.H, D = c.dims.D;
   const auto dtype = c.opts.dtype().toScalarType();
-  const Tensor w_ih2d = w_ih.contiguous().view({D * GH, I});
   LayerGrads g;
-  g.grad_input = at::mm(c.dgx, w_ih2d);  // [R, I]
+  if (c.want_input) g.grad_input = at::mm(c.dgx, w_ih.contiguous().view({D * GH, I}));  // [R, I]
   g.grad_hx = c.grad_hx;
   g.grad_cx = c.grad_cx;
+  if (!c.want_weights) return g;
   g.grad_w_ih = at::mm(c.dgx.t(), x_rows).view({D, GH, I});
   g.grad_b_ih = at::sum(c.dgx, {0}, false, c.acc_type).view({D, GH}).to(dtype);
   g.grad_w_hh = at::bmm(c.dgh.transpose(1, 2), c.hprev);
