@@ -181,3 +181,12 @@ def test_perf_profile_report_is_parsed_and_grouped():
     assert cats["kernel (OS)"] == pytest.approx(0.7)
     assert cats["other"] == pytest.approx(0.3)
     assert cats["our small-M GEMM kernel"] == pytest.approx(22.9)
+
+
+def test_grad_mask_bench_smoke(tmp_path):
+    """benchmarks/bench_grad_mask.py on tiny shapes: every case timed, the table written."""
+    import bench_grad_mask
+
+    path = bench_grad_mask.main(["--quick", "--min-run-time", "0.01", "--out", str(tmp_path)])
+    text = open(path).read()
+    assert text.count("| GRU B=3") == 1 and text.count("| LSTM B=3") == 1
