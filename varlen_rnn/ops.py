@@ -188,8 +188,10 @@ def _layer(cell: Cell, ragged: bool, args) -> tuple[Tensor, ...]:
     if _needs_differentiable_path(tensors, stack):
         return tuple(_reference(cell, ragged)(*args))
     need_workspace = _need_workspace(tensors)
-    if need_workspace or stack or torch.jit.is_tracing():
+    if stack or torch.jit.is_tracing():
         return tuple(op(*args, need_workspace)[:-1])
+    if need_workspace:  # eager, recording: the op's autograd applied directly (_autograd.EAGER)
+        return tuple(_autograd.EAGER[cell.name, ragged].apply(*args, True)[:-1])
     # Eager with no gradient wanted: the op's autograd kernel (torch.library's, in Python)
     # would only redispatch below autograd, so call below it directly. That kernel's round
     # trip through Python cost more than the rest of a one-step call's Python (B=1 T=1
