@@ -190,3 +190,13 @@ def test_grad_mask_bench_smoke(tmp_path):
     path = bench_grad_mask.main(["--quick", "--min-run-time", "0.01", "--out", str(tmp_path)])
     text = open(path).read()
     assert text.count("| GRU B=3") == 1 and text.count("| LSTM B=3") == 1
+
+
+def test_decoder_loop_bench_smoke(tmp_path):
+    """benchmarks/bench_decoder_loop.py on tiny shapes: both cells timed, the table written."""
+    import bench_decoder_loop
+
+    argv = ["--steps", "2", "--hidden", "4", "--batches", "1", "--min-run-time", "0.01"]
+    path = bench_decoder_loop.main([*argv, "--out", str(tmp_path)])
+    text = open(path).read()
+    assert "| GRU | 1 |" in text and "| LSTM | 1 |" in text

@@ -1,0 +1,96 @@
+"""A decoder's training loop, one call per step: out, h = rnn(x_t, h) for t in range(T), the
+state carried between calls, then the loss of every step's output differentiated back through
+the chain (teacher forcing). x_t requires grad, as an embedding's output does. varlen_rnn
+against torch.nn on the same inputs (T=1 calls need no lengths, so nn runs without packing);
+medians of torch.utils.benchmark, the two interleaved; a markdown table on stdout and in
+benchmarks/results/decoder-loop_cpu_<date>.md.
+
+    python benchmarks/bench_decoder_loop.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import subprocess
+import sys
+
+import torch
+from torch.utils.benchmark import Timer
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import varlen_rnn  # noqa: E402
+
+
+def loop_of(module, xs):
+    def step():
+        h, outs = None, []
+        for x in xs:
+            out, h = module(x, h)
+            outs.append(out)
+        torch.stack(outs).sum().backward()
+
+    return step
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--cells", nargs="+", default=["GRU", "LSTM"])
+    p.add_argument("--min-run-time", type=float, default=2.0)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    H, T = args.hidden, args.steps
+    rows = []
+    for cell in args.cells:
+        for B in args.batches:
+            torch.manual_seed(0)
+            ref = getattr(torch.nn, cell)(H, H)
+            ours = getattr(varlen_rnn, cell).from_torch(ref)
+            xs = torch.randn(T, 1, B, H, requires_grad=True).unbind(0)
+            times = {}
+            for name, module in (("nn", ref), ("ours", ours)):
+                t = Timer("step()", globals={"step": loop_of(module, xs)}, num_threads=args.threads)
+                times[name] = t.blocked_autorange(min_run_time=args.min_run_time).median / T
+            print(
+                f"{cell} B={B} H={H}: nn {times['nn'] * 1e6:.0f} us, ours {times['ours'] * 1e6:.0f} us"
+            )
+            rows.append((cell, B, times))
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    lines = [
+        "# A decoder's training loop, one call per step",
+        "",
+        f"{args.threads} threads; torch {torch.__version__}; {now.isoformat(timespec='seconds')};"
+        f" commit {commit}; load average {os.getloadavg()[0]:.1f}",
+        "",
+        f"T={T} calls of one step (I=H={H}), forward and backward through the chain; median time",
+        "per step (forward + its share of the backward), us.",
+        "",
+        "| cell | B | torch.nn | varlen_rnn | speedup |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for cell, B, t in rows:
+        lines.append(
+            f"| {cell} | {B} | {t['nn'] * 1e6:.0f} | {t['ours'] * 1e6:.0f} | "
+            f"{t['nn'] / t['ours']:.2f}x |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"decoder-loop_cpu_{now.strftime('%Y%m%d-%H%M%S')}.md")
+    with open(path, "w") as f:
+        f.write(text)
+    print("wrote", path)
+    return path
+
+
+if __name__ == "__main__":
+    main()
