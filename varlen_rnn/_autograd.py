@@ -104,19 +104,22 @@ def _backward(cell: Cell, ragged: bool, ctx, *grads):
     needs = ctx.needs_input_grad
     want_input = needs[0]
     want_weights = any(needs[at.weights])
-    result = _op(cell, ragged, "backward")(
-        *grads,
-        args[0],
-        *args[at.index],
-        *states,
-        *weights[:2],
-        *weights[4:],
-        out,
-        workspace,
-        *args[at.options],
-        *args[at.tail],
-        [want_input, want_weights],
-    )
+    # Below autograd: the backward op's own autograd kernel (_not_differentiable, reached
+    # from the dispatcher in Python) would only redispatch, ~30 us a call.
+    with torch._C._AutoDispatchBelowAutograd():
+        result = _op(cell, ragged, "backward")(
+            *grads,
+            args[0],
+            *args[at.index],
+            *states,
+            *weights[:2],
+            *weights[4:],
+            out,
+            workspace,
+            *args[at.options],
+            *args[at.tail],
+            [want_input, want_weights],
+        )
     g_w = list(result[1 + cell.states :]) if want_weights else [None] * len(weights)
     if weights[2] is None:  # no biases: their gradients are computed but not wanted
         g_w[2] = g_w[3] = None
