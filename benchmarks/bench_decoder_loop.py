@@ -19,7 +19,10 @@ import sys
 import torch
 from torch.utils.benchmark import Timer
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import checkout  # noqa: E402
+
+checkout.put_varlen_rnn_on_path()  # the checkout's build if built in place, else the installed
 import varlen_rnn  # noqa: E402
 
 
@@ -62,7 +65,7 @@ def main(argv=None):
             )
             rows.append((cell, B, times))
     commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=checkout.ROOT
     ).stdout.strip()
     now = datetime.datetime.now(datetime.timezone.utc)
     lines = [

@@ -20,7 +20,10 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch.utils.benchmark import Timer
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import checkout  # noqa: E402
+
+checkout.put_varlen_rnn_on_path()  # the checkout's build if built in place, else the installed
 import varlen_rnn  # noqa: E402
 
 SHAPES = [("GRU", 64, 100, 256, 256), ("LSTM", 64, 100, 256, 256), ("GRU", 16, 200, 256, 512)]
@@ -72,7 +75,7 @@ def main(argv=None):
                 print(f"{cell} B={B} T={T} H={H} {case} {name}: {times[case, name] * 1e3:.1f} ms")
         rows.append((f"{cell} B={B} T={T} I={I} H={H}", times))
     commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=checkout.ROOT
     ).stdout.strip()
     now = datetime.datetime.now(datetime.timezone.utc)
     lines = [

@@ -200,3 +200,32 @@ def test_decoder_loop_bench_smoke(tmp_path):
     path = bench_decoder_loop.main([*argv, "--out", str(tmp_path)])
     text = open(path).read()
     assert "| GRU | 1 |" in text and "| LSTM | 1 |" in text
+
+
+def test_double_backward_bench_smoke(tmp_path):
+    """benchmarks/bench_double_backward.py on tiny shapes: both cells timed, the table written."""
+    import bench_double_backward
+
+    argv = ["--quick", "--min-run-time", "0.01", "--out", str(tmp_path)]
+    text = open(bench_double_backward.main(argv)).read()
+    assert text.count("| GRU B=3") == 1 and text.count("| LSTM B=3") == 1
+
+
+def test_bench_modules_leave_the_import_path_to_the_installed_package():
+    """Importing the benchmark scripts (as these tests do) must not put a checkout that was
+    never built in place ahead of the installed varlen_rnn: processes spawned later from this
+    one (test_ddp.py's workers) inherit sys.path and must import the same package."""
+    import subprocess
+
+    import bench_decoder_loop  # noqa: F401
+    import bench_double_backward  # noqa: F401
+    import bench_grad_mask  # noqa: F401
+
+    import varlen_rnn
+
+    code = "import varlen_rnn; print(varlen_rnn.__file__)"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    run = dict(env=env, capture_output=True, text=True, cwd=os.path.dirname(os.__file__))
+    child = subprocess.run([sys.executable, "-c", code], **run)  # cwd: not a checkout
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.strip() == varlen_rnn.__file__

@@ -84,10 +84,11 @@ def _layer_reference(
             new = step(d, gx[t], state)
             keep = valid[t].unsqueeze(1)  # [B, 1]
             state = tuple(torch.where(keep, n, s) for n, s in zip(new, state))
-            ys.append(torch.where(keep, new[0], 0))
+            ys.append(new[0])
         P = state[0].shape[1]
-        y = torch.stack(ys) if ys else x.new_zeros(0, B, P)  # [T, B, P]
-        outs.append(y.gather(0, flip.expand(T, B, P)) if d else y)
+        # Zero past each length, once for all steps (what each step's kept state is not).
+        y = torch.where(valid.unsqueeze(2), torch.stack(ys), 0) if ys else x.new_zeros(0, B, P)
+        outs.append(y.gather(0, flip.expand(T, B, P)) if d else y)  # [T, B, P]
         finals.append(state)
     out = torch.cat(outs, 2) if D > 1 else outs[0]
     out = out.transpose(0, 1) if batch_first else out
@@ -100,10 +101,9 @@ def _gru_step(w_hh: Tensor, b_hh: Tensor | None) -> Step:
     def step(d, gx, state):
         (h,) = state
         gh = F.linear(h, w_hh[d], _at(b_hh, d))  # [B, 3H]
-        r = torch.sigmoid(gx[:, :H] + gh[:, :H])
-        z = torch.sigmoid(gx[:, H : 2 * H] + gh[:, H : 2 * H])
-        n = torch.tanh(gx[:, 2 * H :] + r * gh[:, 2 * H :])
-        return ((1 - z) * n + z * h,)
+        r, z = torch.sigmoid(gx[:, : 2 * H] + gh[:, : 2 * H]).chunk(2, 1)  # each [B, H]
+        n = torch.tanh(torch.addcmul(gx[:, 2 * H :], r, gh[:, 2 * H :]))
+        return (torch.lerp(n, h, z),)  # (1 - z) * n + z * h
 
     return step
 
@@ -111,9 +111,11 @@ def _gru_step(w_hh: Tensor, b_hh: Tensor | None) -> Step:
 def _lstm_step(w_hh: Tensor, b_hh: Tensor | None, w_hr: Tensor | None) -> Step:
     def step(d, gx, state):
         h, c = state
-        i, f, g, o = (gx + F.linear(h, w_hh[d], _at(b_hh, d))).chunk(4, 1)  # each [B, H]
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
+        gates = gx + F.linear(h, w_hh[d], _at(b_hh, d))  # [B, 4H]
+        i, f, _, o = torch.sigmoid(gates).chunk(4, 1)  # each [B, H]
+        g = torch.tanh(gates.chunk(4, 1)[2])
+        c = torch.addcmul(f * c, i, g)
+        h = o * torch.tanh(c)
         return (h if w_hr is None else F.linear(h, w_hr[d])), c
 
     return step
