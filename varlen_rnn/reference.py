@@ -77,7 +77,10 @@ def _layer_reference(
     outs, finals = [], []
     for d in range(D):
         xd = x.gather(0, flip.expand(T, B, x.shape[2])) if d else x
-        gx = F.linear(xd, w_ih[d], _at(b_ih, d))  # [T, B, G*H]
+        # Unbound once: indexing gx[t] at every step would give each step's gradient a
+        # zero-filled [T, B, G*H] of its own in the backward (T^2 work), unbind's backward
+        # stacks them once.
+        gx = F.linear(xd, w_ih[d], _at(b_ih, d)).unbind(0)  # T x [B, G*H]
         state = tuple(s[d] for s in states)  # each [B, *]
         ys = []
         for t in range(T):
