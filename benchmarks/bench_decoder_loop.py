@@ -11,15 +11,14 @@ benchmarks/results/decoder-loop_cpu_<date>.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import subprocess
 import sys
 
 import torch
 from torch.utils.benchmark import Timer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_report  # noqa: E402
 import checkout  # noqa: E402
 
 checkout.put_varlen_rnn_on_path()  # the checkout's build if built in place, else the installed
@@ -64,16 +63,7 @@ def main(argv=None):
                 f"{cell} B={B} H={H}: nn {times['nn'] * 1e6:.0f} us, ours {times['ours'] * 1e6:.0f} us"
             )
             rows.append((cell, B, times))
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=checkout.ROOT
-    ).stdout.strip()
-    now = datetime.datetime.now(datetime.timezone.utc)
     lines = [
-        "# A decoder's training loop, one call per step",
-        "",
-        f"{args.threads} threads; torch {torch.__version__}; {now.isoformat(timespec='seconds')};"
-        f" commit {commit}; load average {os.getloadavg()[0]:.1f}",
-        "",
         f"T={T} calls of one step (I=H={H}), forward and backward through the chain; median time",
         "per step (forward + its share of the backward), us.",
         "",
@@ -85,14 +75,13 @@ def main(argv=None):
             f"| {cell} | {B} | {t['nn'] * 1e6:.0f} | {t['ours'] * 1e6:.0f} | "
             f"{t['nn'] / t['ours']:.2f}x |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"decoder-loop_cpu_{now.strftime('%Y%m%d-%H%M%S')}.md")
-    with open(path, "w") as f:
-        f.write(text)
-    print("wrote", path)
-    return path
+    return bench_report.write_table(
+        args.out,
+        "decoder-loop",
+        "A decoder's training loop, one call per step",
+        args.threads,
+        lines,
+    )
 
 
 if __name__ == "__main__":

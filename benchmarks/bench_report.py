@@ -343,6 +343,23 @@ def _write(path: str, text: str) -> None:
     os.replace(tmp, path)  # a kill mid-write leaves the previous complete file
 
 
+def write_table(out_dir: str, kind: str, title: str, threads: int, body: list[str]) -> str:
+    """A small CPU benchmark's result (bench_grad_mask, bench_decoder_loop,
+    bench_double_backward): the title, the machine line (machine_info: CPU, threads, torch,
+    date, commit, which varlen_rnn, load average), then body, printed and written to
+    out_dir/{kind}_cpu_<date>.md. Returns the path."""
+    info = machine_info("cpu", threads)
+    where = f"Machine: {machine_line(info)}; load average {info['loadavg_at_start']:.1f}"
+    text = "\n".join([f"# {title}", "", where, "", *body]) + "\n"
+    print(text)
+    os.makedirs(out_dir, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(out_dir, f"{kind}_cpu_{stamp}.md")
+    _write(path, text)
+    print("wrote", path)
+    return path
+
+
 def write_all(results: dict, out_dir: str, stem: str, plot: bool = True) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     paths = {
