@@ -200,6 +200,9 @@ def test_decoder_loop_bench_smoke(tmp_path):
     path = bench_decoder_loop.main([*argv, "--out", str(tmp_path)])
     text = open(path).read()
     assert "| GRU | 1 |" in text and "| LSTM | 1 |" in text
+    argv += ["--inference", "--dtype", "bfloat16"]
+    text = open(bench_decoder_loop.main([*argv, "--out", str(tmp_path)])).read()
+    assert "inference loop" in text and "bfloat16" in text and "| LSTM | 1 |" in text
 
 
 def test_double_backward_bench_smoke(tmp_path):

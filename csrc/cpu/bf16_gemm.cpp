@@ -102,6 +102,59 @@ void round_bf16(const float* x, int64_t n, at::BFloat16* y) {
   for (int64_t i = 0; i < n; ++i) y[i] = static_cast<at::BFloat16>(x[i]);
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// Rows j0..j1 of w against a's rows i0..i1 (i1 - i0 <= kDotBlock): 32
+// bfloat16 of k at a time, one load of w for all of them.
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) static void dot_rows_avx512(
+    int64_t i0, int64_t i1, const at::BFloat16* a, int64_t lda, const at::BFloat16* wj, int64_t K,
+    float* cj, int64_t ldc) {
+  constexpr int64_t kDotBlock = 8;
+  const int64_t full = K / 32 * 32;
+  const __mmask32 tail = static_cast<__mmask32>((uint64_t{1} << (K - full)) - 1);
+  __m512 acc[kDotBlock];
+  const int64_t m = i1 - i0;
+  for (int64_t i = 0; i < m; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < full; k += 32) {
+    const __m512bh wv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(wj + k));
+    for (int64_t i = 0; i < m; ++i) {
+      const __m512bh av = reinterpret_cast<__m512bh>(_mm512_loadu_si512(a + (i0 + i) * lda + k));
+      acc[i] = _mm512_dpbf16_ps(acc[i], av, wv);
+    }
+  }
+  if (tail) {
+    const __m512bh wv = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(tail, wj + full));
+    for (int64_t i = 0; i < m; ++i) {
+      const __m512bh av =
+          reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(tail, a + (i0 + i) * lda + full));
+      acc[i] = _mm512_dpbf16_ps(acc[i], av, wv);
+    }
+  }
+  for (int64_t i = 0; i < m; ++i) cj[(i0 + i) * ldc] = _mm512_reduce_add_ps(acc[i]);
+}
+#endif
+
+void bf16_dot_rows(int64_t m, const at::BFloat16* a, int64_t lda, const at::BFloat16* w, int64_t J,
+                   int64_t K, float* c, int64_t ldc) {
+  TORCH_INTERNAL_ASSERT(m <= kDotRows && K % 2 == 0, "bf16_dot_rows: m <= kDotRows, K even");
+  if (m <= 0 || J <= 0) return;
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool avx512bf16 = __builtin_cpu_supports("avx512bf16");
+  TORCH_INTERNAL_ASSERT(avx512bf16, "bf16_dot_rows: needs AVX512-BF16 (every AMX CPU has it)");
+  // ~64 rows of w a task (32 KiB of bfloat16 at K = 256); each row of w,
+  // loaded once into L1, meets a's rows 8 at a time.
+  at::parallel_for(0, J, std::max<int64_t>(16, 16384 / std::max<int64_t>(K, 1)),
+                   [&](int64_t j0, int64_t j1) {
+                     for (int64_t j = j0; j < j1; ++j) {
+                       for (int64_t i0 = 0; i0 < m; i0 += 8) {
+                         dot_rows_avx512(i0, std::min(m, i0 + 8), a, lda, w + j * K, K, c + j, ldc);
+                       }
+                     }
+                   });
+#else
+  TORCH_INTERNAL_ASSERT(false, "bf16_dot_rows: needs an x86-64 build with AVX512-BF16");
+#endif
+}
+
 void bf16_gemm_release() { cpublas::brgemm_release(true); }
 
 void bf16_gemm_parallel(int64_t m, const at::BFloat16* a, int64_t lda, const PackedB16& b, float* c,

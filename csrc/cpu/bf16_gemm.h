@@ -66,6 +66,17 @@ inline void round_bf16(const double*, int64_t, at::BFloat16*) {
   TORCH_INTERNAL_ASSERT(false, "bfloat16 products in a float64 layer");
 }
 
+// Few rows against a bfloat16 weight as stored: c[i, j] = sum_k a[i, k] w[j, k]
+// for i < m <= kDotRows, a [m, K] bfloat16 (lda), w [J, K] bfloat16 row-major
+// (a torch weight), c float32 (ldc), K even. AVX512-BF16 dot products of
+// pairs (every AMX CPU has them): exact products, float32 sums, denormals
+// flushed as on the matrix unit. On all threads, over j. A bfloat16 layer's
+// call of few positions (one decoding step) takes its products so: no float32
+// copy of the weights and no packing (cpu/recurrence.h forward_impl).
+constexpr int64_t kDotRows = 32;
+void bf16_dot_rows(int64_t m, const at::BFloat16* a, int64_t lda, const at::BFloat16* w, int64_t J,
+                   int64_t K, float* c, int64_t ldc);
+
 // Frees the calling thread's matrix-unit state (after its last bf16_gemm).
 void bf16_gemm_release();
 

@@ -40,10 +40,15 @@ struct ForwardArgs {
   // where): the forward's input projection and per-step W_hh product, the
   // backward's per-step dG W_hh and its weight and input gradients.
   bool bf16 = false;
-  at::Tensor hx;                         // [D, B, P]
-  at::Tensor cx;                         // [D, B, H] for a cell with c (LSTM), else undefined
-  at::Tensor w_ih;                       // [D, G*H, I]
-  at::Tensor w_hh;                       // [D, G*H, P]
+  at::Tensor hx;    // [D, B, P]
+  at::Tensor cx;    // [D, B, H] for a cell with c (LSTM), else undefined
+  at::Tensor w_ih;  // [D, G*H, I]
+  at::Tensor w_hh;  // [D, G*H, P]
+  // A bfloat16 layer's W_ih and W_hh as given (contiguous), where both are
+  // bfloat16: converted to w_ih, w_hh by weights_to_opmath where the pass
+  // needs float32 weights, else read as they are (bf16_dot_rows). Undefined
+  // otherwise (w_ih, w_hh set at once).
+  at::Tensor w_ih16, w_hh16;
   at::Tensor w_hr;                       // [D, P, H] the LSTM's projection, or undefined
   std::optional<at::Tensor> b_ih, b_hh;  // [D, G*H]; the backward needs neither
   at::Tensor output;                     // [T, B, D*P] (or [B, T, D*P]); ragged [N, D*P]
@@ -111,18 +116,33 @@ struct WeightInputs {
 inline void set_weight_args(ForwardArgs& args, const WeightInputs& w) {
   args.hx = opmath_contiguous(*w.hx);
   if (w.cx != nullptr) args.cx = opmath_contiguous(*w.cx);
-  args.w_ih = opmath_contiguous(*w.w_ih);
-  args.w_hh = opmath_contiguous(*w.w_hh);
+  if (args.bf16 && w.w_ih->scalar_type() == at::kBFloat16 &&
+      w.w_hh->scalar_type() == at::kBFloat16) {
+    args.w_ih16 = w.w_ih->contiguous();
+    args.w_hh16 = w.w_hh->contiguous();
+  } else {
+    args.w_ih = opmath_contiguous(*w.w_ih);
+    args.w_hh = opmath_contiguous(*w.w_hh);
+  }
   if (w.w_hr->has_value()) args.w_hr = opmath_contiguous(**w.w_hr);
   if (w.b_ih->has_value()) args.b_ih = opmath_contiguous(**w.b_ih);
   if (w.b_hh->has_value()) args.b_hh = opmath_contiguous(**w.b_hh);
 }
 
 // The input as the layer reads it: bfloat16 as given for the bfloat16
-// products (both passes decide alike: bf16_gemm_for).
+// products (both passes decide alike: bf16_gemm_for). Before
+// set_weight_args, which reads args.bf16.
 inline void set_input(ForwardArgs& args, const at::Tensor& input) {
   args.bf16 = bf16_gemm_for(input.scalar_type(), args.dims.I, args.dims.P);
   args.input2d = args.bf16 ? input.contiguous() : opmath_contiguous(input);
+}
+
+// w_ih, w_hh in float32 from a bfloat16 layer's w_ih16, w_hh16 (the values
+// exactly), where not yet.
+inline void weights_to_opmath(ForwardArgs& args) {
+  if (args.w_ih.defined()) return;
+  args.w_ih = args.w_ih16.to(at::kFloat);
+  args.w_hh = args.w_hh16.to(at::kFloat);
 }
 
 // Checks the padded layer's arguments (shapes as in ops.cpp's schemas) and
@@ -137,8 +157,8 @@ inline void set_layer_args(ForwardArgs& args, const CellArgs& cell, const at::Te
   args.gx_rows = packed_map(args.sched.offset.data(), nullptr);
   args.out_rows = padded_map(batch_first, dims.T, dims.B, args.sched.perm.data());
   args.gather = packed_rows(args.sched, args.out_rows, dims.T);
-  set_weight_args(args, w);
   set_input(args, input);
+  set_weight_args(args, w);
   args.input2d = args.input2d.view({-1, dims.I});
 }
 
@@ -156,8 +176,8 @@ inline RaggedDims set_ragged_args(ForwardArgs& args, const CellArgs& cell, const
                      ? offsets_map(args.sched.seq_offsets.data(), args.sched.perm.data())
                      : packed_map(args.sched.offset.data(), nullptr);
   args.out_rows = args.gx_rows;
-  set_weight_args(args, w);
   set_input(args, input);
+  set_weight_args(args, w);
   return dims;
 }
 
