@@ -460,3 +460,22 @@ def test_backward_odd_sizes_stay_float(cell, monkeypatch):
         return [xg.grad] + [p.grad.clone() for p in m.parameters()]
 
     assert all(torch.equal(a, b) for a, b in zip(grads("amx"), grads("float")))
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_decoding_step_with_gate_rows_not_a_multiple_of_8(cell, monkeypatch):
+    """One decoding step (kDotRows positions or fewer) at H=6, I=10: the dot products take the
+    weights' rows 8 at a time, and the last G*H % 8 rows one by one (K = 10 and 6: the masked
+    tail of a 32-value chunk only)."""
+    cls, extra, _ = CELLS[cell]
+    extra = {"proj_size": 4} if "proj_size" in extra else extra
+    torch.manual_seed(3)
+    m = cls(10, 6, num_layers=2, **extra).to(BF16)
+    lengths = torch.tensor([1, 1, 1])
+    x = torch.randn(1, 3, 10).to(BF16)
+    monkeypatch.setenv("VARLEN_RNN_CPU_BF16", "amx")
+    with torch.no_grad():
+        got = flat(m(x, lengths=lengths))
+    mirror = flat(run_ref(cell, m, x, lengths, True, monkeypatch)[0])
+    for a, b in zip(got, mirror):
+        torch.testing.assert_close(a.double(), b, rtol=2.0**-8, atol=5e-4)
