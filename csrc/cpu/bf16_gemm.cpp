@@ -103,37 +103,17 @@ void round_bf16(const float* x, int64_t n, at::BFloat16* y) {
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// acc += a[0, K) . w[0, K) in 16 lanes of pairs: 32 bfloat16 of k at a time,
-// the tail (K even) masked.
-__attribute__((target("avx512f,avx512bw,avx512dq,avx512bf16"))) static inline __m512 dot_lanes(
-    __m512 acc, const at::BFloat16* a, const at::BFloat16* w, int64_t K) {
-  const int64_t full = K / 32 * 32;
-  for (int64_t k = 0; k < full; k += 32) {
-    acc = _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(_mm512_loadu_si512(a + k)),
-                           reinterpret_cast<__m512bh>(_mm512_loadu_si512(w + k)));
-  }
-  if (K > full) {
-    const __mmask32 tail = static_cast<__mmask32>((uint64_t{1} << (K - full)) - 1);
-    acc =
-        _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(tail, a + full)),
-                         reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(tail, w + full)));
-  }
-  return acc;
-}
-
-// c[i, j0 + 0..8) for R (1 or 2) rows of a from i, against 8 rows of w (w8:
-// row j0): 8 * R independent sums (one chain would wait on each dot
-// product's latency), a's chunks loaded once for the 8 rows of w and w's once
-// for the R rows of a; then the 8 lane sums of each row reduced together
-// (halves added, then three rounds of pairwise adds), one store of 8 results.
-// c[i, j0 + 0..8) for rows i0..i1 of a, against 8 rows of w (w8: row j0):
-// eight independent sums per row of a (one chain would wait on each dot
-// product's latency), a's chunk loaded once for them; then their lane sums
-// reduced together (halves added, then three rounds of pairwise adds), one
-// store of 8 results.
-__attribute__((target("avx512f,avx512bw,avx512dq,avx512bf16"))) static void dot_rows8(
-    int64_t i0, int64_t i1, const at::BFloat16* a, int64_t lda, const at::BFloat16* w8, int64_t K,
-    float* c8, int64_t ldc) {
+// c[i, j0 + q] for rows i0..i1 of a and q < rows (<= 8) of w from w8 (row
+// j0): an independent sum per row of w (one chain would wait on each dot
+// product's latency), a's 32 bfloat16 of k loaded once for them, the tail of
+// K (even) masked; then their lane sums reduced together (halves added,
+// three rounds of pairwise adds) and stored at once. kFull: rows is 8, known
+// at compile time (the loop over w's rows unrolled, its sums in registers).
+template <bool kFull>
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))) static void dot_rows8(
+    int64_t i0, int64_t i1, const at::BFloat16* a, int64_t lda, const at::BFloat16* w8,
+    int rows_given, int64_t K, float* c8, int64_t ldc) {
+  const int rows = kFull ? 8 : rows_given;
   const int64_t full = K / 32 * 32;
   const __mmask32 tail = static_cast<__mmask32>((uint64_t{1} << (K - full)) - 1);
   for (int64_t i = i0; i < i1; ++i) {
@@ -143,7 +123,7 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512bf16"))) static void dot_
     for (int64_t k = 0; k < K; k += 32) {
       const __mmask32 mask = k < full ? ~__mmask32{0} : tail;
       const __m512bh av = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(mask, ai + k));
-      for (int q = 0; q < 8; ++q) {
+      for (int q = 0; q < rows; ++q) {
         const __m512bh wv =
             reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(mask, w8 + q * K + k));
         acc[q] = _mm512_dpbf16_ps(acc[q], av, wv);
@@ -158,16 +138,7 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512bf16"))) static void dot_
     // t0 = [s0 s1 s2 s3 | s0' s1' s2' s3'] (low and high 128-bit halves' sums), t1 alike
     const __m256 sums =
         _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
-    _mm256_storeu_ps(c8 + i * ldc, sums);
-  }
-}
-
-// One row of w (j) for rows i0..i1: the columns past the last 8.
-__attribute__((target("avx512f,avx512bw,avx512dq,avx512bf16"))) static void dot_rows1(
-    int64_t i0, int64_t i1, const at::BFloat16* a, int64_t lda, const at::BFloat16* wj, int64_t K,
-    float* cj, int64_t ldc) {
-  for (int64_t i = i0; i < i1; ++i) {
-    cj[i * ldc] = _mm512_reduce_add_ps(dot_lanes(_mm512_setzero_ps(), a + i * lda, wj, K));
+    _mm256_mask_storeu_ps(c8 + i * ldc, static_cast<__mmask8>((1u << rows) - 1), sums);
   }
 }
 #endif
@@ -182,18 +153,17 @@ void bf16_dot_rows(int64_t m, const at::BFloat16* a, int64_t lda, const at::BFlo
   // Tasks of 8-row groups of w (~64 rows, 32 KiB of bfloat16 at K = 256); a
   // group's rows stay in L1 while a's rows pass them.
   const int64_t groups = (J + 7) / 8;
-  at::parallel_for(0, groups, std::max<int64_t>(2, 2048 / std::max<int64_t>(K, 1)),
-                   [&](int64_t g0, int64_t g1) {
-                     for (int64_t g = g0; g < g1; ++g) {
-                       const int64_t j0 = g * 8;
-                       if (j0 + 8 <= J) {
-                         dot_rows8(0, m, a, lda, w + j0 * K, K, c + j0, ldc);
-                       } else {
-                         for (int64_t j = j0; j < J; ++j)
-                           dot_rows1(0, m, a, lda, w + j * K, K, c + j, ldc);
-                       }
-                     }
-                   });
+  at::parallel_for(
+      0, groups, std::max<int64_t>(2, 2048 / std::max<int64_t>(K, 1)), [&](int64_t g0, int64_t g1) {
+        for (int64_t g = g0; g < g1; ++g) {
+          const int64_t j0 = g * 8;
+          if (J - j0 >= 8) {
+            dot_rows8<true>(0, m, a, lda, w + j0 * K, 8, K, c + j0, ldc);
+          } else {
+            dot_rows8<false>(0, m, a, lda, w + j0 * K, static_cast<int>(J - j0), K, c + j0, ldc);
+          }
+        }
+      });
 #else
   TORCH_INTERNAL_ASSERT(false, "bf16_dot_rows: needs an x86-64 build with AVX512-BF16");
 #endif
