@@ -169,4 +169,9 @@ TORCH_LIBRARY(varlen_rnn, m) {
   // given) or on all (parallel, + bias [N] on every row when given). Returns
   // [m + 1, N + 5] float32: the result in [:m, :N], NaN elsewhere.
   m.def("_bf16_gemm(Tensor a, Tensor b, Tensor? c, Tensor? bias, bool parallel) -> Tensor");
+  // Test entry: a [m, K] bfloat16 times w [J, K] bfloat16 transposed, the
+  // product on a weight as stored (cpu/bf16_gemm.h bf16_weight_product) by
+  // method: 0 its own choice, 1 the dot products, 2 the matrix unit. Returns
+  // [m + 1, J + 5] float32: the result in [:m, :J], NaN elsewhere.
+  m.def("_bf16_weight_product(Tensor a, Tensor w, int method) -> Tensor");
 }

@@ -86,6 +86,38 @@ def test_strided_operands():
     assert ((got.double() - exact).abs() <= bound(a, w.t().to(BF16), 50)).all()
 
 
+# The product on a weight as stored (bf16_weight_product): rows of a around the dot products'
+# limit (kDotRows = 3) and the matrix unit's 64-position strips, weight rows around its 64-row
+# blocks and 16-row tiles, K even from 0 to 512.
+WEIGHT_SHAPES = [(1, 8, 2), (3, 17, 10), (4, 64, 256), (5, 65, 34), (16, 100, 64), (63, 129, 128)]
+WEIGHT_SHAPES += [(64, 768, 256), (65, 7, 16), (130, 200, 512), (3, 5, 0), (70, 5, 0), (0, 9, 8)]
+
+
+@pytest.mark.parametrize("method", [0, 1, 2], ids=["auto", "dots", "matrix-unit"])
+@pytest.mark.parametrize(
+    "m,J,K", WEIGHT_SHAPES, ids=[f"m{m}-J{j}-K{k}" for m, j, k in WEIGHT_SHAPES]
+)
+def test_product_on_a_stored_weight_matches_an_exact_one(m, J, K, method):
+    g = torch.Generator().manual_seed(m * 1000 + J * 10 + K)
+    a, w = torch.randn(m, K, generator=g).to(BF16), torch.randn(J, K, generator=g).to(BF16)
+    full = ops._bf16_weight_product(a, w, method)
+    exact = a.double() @ w.double().t()
+    assert ((full[:m, :J].double() - exact).abs() <= bound(a, w.t(), K)).all()
+    assert full[m:].isnan().all() and full[:, J:].isnan().all()  # nothing written past [m, J]
+
+
+@pytest.mark.parametrize("method", [1, 2], ids=["dots", "matrix-unit"])
+def test_product_on_a_stored_weight_reads_strided_rows(method):
+    """a's rows with a stride past K (a slice of a wider buffer, as the step loop's h)."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(70, 90, generator=g).to(BF16)[:, 6:70]  # [70, 64], lda 90
+    w = torch.randn(97, 64, generator=g).to(BF16)
+    for rows in (2, 70):
+        got = ops._bf16_weight_product(a[:rows], w, method)[:rows, :97]
+        exact = a[:rows].double() @ w.double().t()
+        assert ((got.double() - exact).abs() <= bound(a[:rows], w.t(), 64)).all()
+
+
 def test_bad_arguments_name_themselves():
     with pytest.raises(RuntimeError, match="K must be even"):
         ops._bf16_gemm(torch.ones(2, 3, dtype=BF16), torch.ones(3, 4), None, None, False)
@@ -93,6 +125,10 @@ def test_bad_arguments_name_themselves():
         ops._bf16_gemm(torch.ones(2, 4), torch.ones(4, 4), None, None, False)
     with pytest.raises(RuntimeError, match="b must be a float32 \\[K, N\\]"):
         ops._bf16_gemm(torch.ones(2, 4, dtype=BF16), torch.ones(6, 4), None, None, False)
+    with pytest.raises(RuntimeError, match="w must be a bfloat16 \\[J, K\\]"):
+        ops._bf16_weight_product(torch.ones(2, 4, dtype=BF16), torch.ones(3, 4), 0)
+    with pytest.raises(RuntimeError, match="method must be 0"):
+        ops._bf16_weight_product(torch.ones(2, 4, dtype=BF16), torch.ones(3, 4, dtype=BF16), 3)
 
 
 # -- whole modules ---------------------------------------------------------------------------
@@ -107,12 +143,15 @@ CELLS = {
 }
 I, H, T = 12, 40, 9
 LENGTHS = [9, 0, 3, 7, 1, 9, 5, 2, 8, 4, 6, 9]  # unsorted, ties, a zero length
-# Few steps for 5 rows (csrc/cpu/team.h few_steps): the per-step GEMM loop then takes float32
-# GEMMs on the bfloat16 values instead of packing the weights (the products are the same).
+# Few steps for 5 rows (csrc/cpu/team.h few_steps): the per-step GEMM loop then takes its
+# products on the weights as stored instead of packing them (see BATCH_STEP).
 FEW = [4, 0, 2, 3, 1]
-# One decoding step: at most cpu/bf16_gemm.h's kDotRows positions of few steps take their
-# products as dot products on the bfloat16 weights as stored (FEW's 10 positions too).
+# A call of few steps takes its products on the bfloat16 weights as stored (cpu/bf16_gemm.h
+# bf16_weight_product): dot products for at most kDotRows (3) rows, the matrix unit with the
+# operands' roles swapped for more (FEW's steps take both). One decoding step: of 8 rows; of 70
+# rows, past one 64-position strip, its 3H and 4H gate rows past one 64-row block.
 ONE_STEP = [1] * 8
+BATCH_STEP = [1] * 70
 
 
 def model(cell, batch_first=False, seed=0):
@@ -150,7 +189,9 @@ def flat(out):
 
 @pytest.mark.parametrize("steps", ["split", "gemm"])
 @pytest.mark.parametrize("cell", list(CELLS))
-@pytest.mark.parametrize("lengths", [LENGTHS, FEW, ONE_STEP], ids=["many", "few", "one_step"])
+@pytest.mark.parametrize(
+    "lengths", [LENGTHS, FEW, ONE_STEP, BATCH_STEP], ids=["many", "few", "one_step", "batch_step"]
+)
 def test_padded_forward_matches_the_mirror(cell, steps, lengths, monkeypatch):
     monkeypatch.setenv("VARLEN_RNN_CPU_STEPS", steps)
     m = model(cell)

@@ -39,7 +39,12 @@ bool bf16_gemm_for(at::ScalarType input_dtype, int64_t I, int64_t P) {
   return bf16_gemm_available();
 }
 
-PackedB16 pack_b16(int64_t K, int64_t N, const float* b, int64_t stride_k, int64_t stride_n) {
+namespace {
+
+// pack_b16 for either source type (float32 values are rounded to nearest
+// even, bfloat16 ones copied).
+template <typename src_t>
+PackedB16 pack_b16_from(int64_t K, int64_t N, const src_t* b, int64_t stride_k, int64_t stride_n) {
   constexpr int64_t S = PackedB16::kStrip;
   TORCH_CHECK(K % 2 == 0, "pack_b16: K must be even (k pairs), got ", K);
   PackedB16 p;
@@ -63,6 +68,17 @@ PackedB16 pack_b16(int64_t K, int64_t N, const float* b, int64_t stride_k, int64
     cpublas::pack(K, S, S, S, at::kBFloat16, at::kBFloat16, pl, p.strips[j].data_ptr());
   }
   return p;
+}
+
+}  // namespace
+
+PackedB16 pack_b16(int64_t K, int64_t N, const float* b, int64_t stride_k, int64_t stride_n) {
+  return pack_b16_from(K, N, b, stride_k, stride_n);
+}
+
+PackedB16 pack_b16(int64_t K, int64_t N, const at::BFloat16* b, int64_t stride_k,
+                   int64_t stride_n) {
+  return pack_b16_from(K, N, b, stride_k, stride_n);
 }
 
 void bf16_gemm(int64_t m, const at::BFloat16* a, int64_t lda, const PackedB16& b, float* c,
@@ -145,7 +161,7 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))) static 
 
 void bf16_dot_rows(int64_t m, const at::BFloat16* a, int64_t lda, const at::BFloat16* w, int64_t J,
                    int64_t K, float* c, int64_t ldc) {
-  TORCH_INTERNAL_ASSERT(m <= kDotRows && K % 2 == 0, "bf16_dot_rows: m <= kDotRows, K even");
+  TORCH_INTERNAL_ASSERT(K % 2 == 0, "bf16_dot_rows: K must be even");
   if (m <= 0 || J <= 0) return;
 #if defined(__x86_64__) && defined(__GNUC__)
   static const bool avx512bf16 = __builtin_cpu_supports("avx512bf16");
@@ -167,6 +183,104 @@ void bf16_dot_rows(int64_t m, const at::BFloat16* a, int64_t lda, const at::BFlo
 #else
   TORCH_INTERNAL_ASSERT(false, "bf16_dot_rows: needs an x86-64 build with AVX512-BF16");
 #endif
+}
+
+namespace {
+
+constexpr int64_t kBlock = 64;  // c^T's blocks: rows of w, and positions (one strip)
+
+// c[i, r] = block[r, i] for r < rows, i < n (block [kBlock, kBlock], every
+// value initialised), c's rows ldc apart.
+void store_transposed(const float* block, int64_t rows, int64_t n, float* c, int64_t ldc) {
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t r = 0; r < rows; ++r) c[i * ldc + r] = block[r * kBlock + i];
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// The same, 16 x 16 tiles transposed in registers: rows unpacked in pairs,
+// then pairs of pairs, then 128-bit lanes exchanged twice; the last tile's
+// rows past `rows` masked off at the store.
+__attribute__((target("avx512f"))) void store_transposed_avx512(const float* block, int64_t rows,
+                                                                int64_t n, float* c, int64_t ldc) {
+  for (int64_t i0 = 0; i0 < n; i0 += 16) {
+    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+      __m512 x[16], t[16];
+      for (int q = 0; q < 16; ++q) x[q] = _mm512_loadu_ps(block + (r0 + q) * kBlock + i0);
+      for (int q = 0; q < 8; ++q) {
+        t[2 * q] = _mm512_unpacklo_ps(x[2 * q], x[2 * q + 1]);
+        t[2 * q + 1] = _mm512_unpackhi_ps(x[2 * q], x[2 * q + 1]);
+      }
+      // x[4q + j], lane L: column 4L + j of rows 4q..4q+3.
+      for (int q = 0; q < 4; ++q) {
+        const __m512d a = _mm512_castps_pd(t[4 * q]), b = _mm512_castps_pd(t[4 * q + 1]);
+        const __m512d c2 = _mm512_castps_pd(t[4 * q + 2]), d = _mm512_castps_pd(t[4 * q + 3]);
+        x[4 * q] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c2));
+        x[4 * q + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c2));
+        x[4 * q + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        x[4 * q + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+      }
+      const __mmask16 mask =
+          static_cast<__mmask16>(rows - r0 >= 16 ? 0xFFFF : (1u << (rows - r0)) - 1);
+      const int64_t cols = std::min<int64_t>(16, n - i0);
+      for (int j = 0; j < 4; ++j) {
+        const __m512 u0 = _mm512_shuffle_f32x4(x[j], x[4 + j], 0x88);
+        const __m512 u1 = _mm512_shuffle_f32x4(x[j], x[4 + j], 0xDD);
+        const __m512 u2 = _mm512_shuffle_f32x4(x[8 + j], x[12 + j], 0x88);
+        const __m512 u3 = _mm512_shuffle_f32x4(x[8 + j], x[12 + j], 0xDD);
+        const __m512 col[4] = {
+            _mm512_shuffle_f32x4(u0, u2, 0x88), _mm512_shuffle_f32x4(u1, u3, 0x88),
+            _mm512_shuffle_f32x4(u0, u2, 0xDD), _mm512_shuffle_f32x4(u1, u3, 0xDD)};
+        for (int L = 0; L < 4; ++L) {  // column 4L + j of the tile
+          const int64_t i = 4 * L + j;
+          if (i < cols) _mm512_mask_storeu_ps(c + (i0 + i) * ldc + r0, mask, col[L]);
+        }
+      }
+    }
+  }
+}
+#endif
+
+}  // namespace
+
+void bf16_weight_product_amx(int64_t m, const at::BFloat16* a, int64_t lda, const at::BFloat16* w,
+                             int64_t J, int64_t K, float* c, int64_t ldc) {
+  constexpr int64_t S = PackedB16::kStrip;  // positions per strip of a^T
+  static_assert(S == kBlock, "a task's block is one strip of positions wide");
+  if (m <= 0 || J <= 0) return;
+  if (K == 0) {  // an empty sum
+    for (int64_t i = 0; i < m; ++i) std::fill_n(c + i * ldc, J, 0.0f);
+    return;
+  }
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  const auto store = avx512 ? store_transposed_avx512 : store_transposed;
+#else
+  const auto store = store_transposed;
+#endif
+  // a^T [K, m]: b[k, i] = a[i * lda + k].
+  const PackedB16 at = pack_b16(K, m, a, 1, lda);
+  const at::BFloat16* sp = at.strips.const_data_ptr<at::BFloat16>();
+  const int64_t strips = (m + S - 1) / S, blocks = (J + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks * strips, 1, [&](int64_t t0, int64_t t1) {
+    const Bf16GemmScope scope(true);
+    // c^T's [rows of w, positions]; zeroed once, so a tile past a short
+    // block's rows or positions reads values, not garbage.
+    alignas(64) float block[kBlock * kBlock] = {};
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = (t / strips) * kBlock, i0 = (t % strips) * S;
+      const int64_t rows = std::min(kBlock, J - r0), n = std::min(S, m - i0);
+      cpublas::brgemm(rows, n, K, K, S, kBlock, false, w + r0 * K, sp + (t % strips) * K * S, block,
+                      true);
+      store(block, rows, n, c + i0 * ldc + r0, ldc);
+    }
+  });
+}
+
+void bf16_weight_product(int64_t m, const at::BFloat16* a, int64_t lda, const at::BFloat16* w,
+                         int64_t J, int64_t K, float* c, int64_t ldc) {
+  if (m <= kDotRows) return bf16_dot_rows(m, a, lda, w, J, K, c, ldc);
+  bf16_weight_product_amx(m, a, lda, w, J, K, c, ldc);
 }
 
 void bf16_gemm_release() { cpublas::brgemm_release(true); }
@@ -274,9 +388,44 @@ at::Tensor bf16_gemm_op(const at::Tensor& a, const at::Tensor& b,
   return out;
 }
 
+// The test entry (ops.cpp's _bf16_weight_product): a [m, K] bfloat16 times
+// w [J, K] bfloat16 transposed, by method (0: bf16_weight_product's choice,
+// 1: the dot products, 2: the matrix unit), computed inside a NaN-filled
+// [m + 1, J + 5] buffer, so a write past [m, J] shows.
+at::Tensor bf16_weight_product_op(const at::Tensor& a, const at::Tensor& w, int64_t method) {
+  TORCH_CHECK(bf16_gemm_available(),
+              "_bf16_weight_product: this CPU or build has no bfloat16 matrix unit");
+  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == at::kBFloat16,
+              "_bf16_weight_product: a must be a 2-D bfloat16 tensor [m, K], got ", a.sizes(), " ",
+              a.scalar_type());
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.size(1) == a.size(1),
+              "_bf16_weight_product: w must be a bfloat16 [J, K] with K = a.size(1) = ", a.size(1),
+              ", got ", w.sizes(), " ", w.scalar_type());
+  TORCH_CHECK(a.size(1) % 2 == 0, "_bf16_weight_product: K must be even, got ", a.size(1));
+  TORCH_CHECK(method >= 0 && method <= 2,
+              "_bf16_weight_product: method must be 0 (auto), 1 (dots) or 2 (matrix unit), got ",
+              method);
+  const int64_t m = a.size(0), K = a.size(1), J = w.size(0), ldc = J + 5;
+  at::Tensor out = at::full({m + 1, ldc}, std::numeric_limits<float>::quiet_NaN(),
+                            a.options().dtype(at::kFloat));
+  const at::Tensor ac = a.stride(1) == 1 && a.stride(0) >= K ? a : a.contiguous();
+  const at::Tensor wc = w.contiguous();
+  const int64_t lda = std::max<int64_t>(ac.stride(0), 1);
+  const at::BFloat16* a_p = ac.const_data_ptr<at::BFloat16>();
+  const at::BFloat16* w_p = wc.const_data_ptr<at::BFloat16>();
+  float* c_p = out.data_ptr<float>();
+  if (method == 0) bf16_weight_product(m, a_p, lda, w_p, J, K, c_p, ldc);
+  if (method == 1) bf16_dot_rows(m, a_p, lda, w_p, J, K, c_p, ldc);
+  if (method == 2) bf16_weight_product_amx(m, a_p, lda, w_p, J, K, c_p, ldc);
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(varlen_rnn, CPU, m) { m.impl("_bf16_gemm", &bf16_gemm_op); }
+TORCH_LIBRARY_IMPL(varlen_rnn, CPU, m) {
+  m.impl("_bf16_gemm", &bf16_gemm_op);
+  m.impl("_bf16_weight_product", &bf16_weight_product_op);
+}
 
 }  // namespace cpu
 }  // namespace varlen_rnn

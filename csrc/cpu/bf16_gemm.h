@@ -48,8 +48,10 @@ bool bf16_gemm_available();
 bool bf16_gemm_for(at::ScalarType input_dtype, int64_t I, int64_t P);
 
 // Packs b[k, j] = b[k * stride_k + j * stride_n] (float32, rounded to
-// bfloat16; K even; a row-major [N, K] weight's transpose is (1, K)).
+// bfloat16, or bfloat16 as it is; K even; a row-major [N, K] weight's
+// transpose is (1, K)).
 PackedB16 pack_b16(int64_t K, int64_t N, const float* b, int64_t stride_k, int64_t stride_n);
+PackedB16 pack_b16(int64_t K, int64_t N, const at::BFloat16* b, int64_t stride_k, int64_t stride_n);
 
 // One thread: c[m, N] (ldc) = a[m, K] (lda) b, or c += a b with accumulate.
 // The thread must call bf16_gemm_release() when its run of products ends
@@ -66,16 +68,35 @@ inline void round_bf16(const double*, int64_t, at::BFloat16*) {
   TORCH_INTERNAL_ASSERT(false, "bfloat16 products in a float64 layer");
 }
 
-// Few rows against a bfloat16 weight as stored: c[i, j] = sum_k a[i, k] w[j, k]
-// for i < m <= kDotRows, a [m, K] bfloat16 (lda), w [J, K] bfloat16 row-major
-// (a torch weight), c float32 (ldc), K even. AVX512-BF16 dot products of
-// pairs (every AMX CPU has them): exact products, float32 sums, denormals
-// flushed as on the matrix unit. On all threads, over j. A bfloat16 layer's
-// call of few positions (one decoding step) takes its products so: no float32
-// copy of the weights and no packing (cpu/recurrence.h forward_impl).
-constexpr int64_t kDotRows = 32;
+// Rows against a bfloat16 weight as stored: c[i, j] = sum_k a[i, k] w[j, k]
+// for i < m, a [m, K] bfloat16 (lda), w [J, K] bfloat16 row-major (a torch
+// weight), c float32 (ldc), K even; on all threads. Exact products, float32
+// sums, denormals flushed as on the matrix unit. A bfloat16 layer's call of
+// few steps (a decoding step) takes its products so: no float32 copy of the
+// weights and no packing of them (cpu/recurrence.h forward_impl).
+// - m <= kDotRows: bf16_dot_rows;
+// - more rows: bf16_weight_product_amx.
+// Measured (the test op, 2 threads, min of 5; J x K = 768 x 256, 1024 x 256,
+// 1536 x 512): the dot products take 7-17 us at m = 1 against the matrix
+// unit's 17-36 (its per-call set-up), tie at m = 4 (17-52 vs 19-40), and at
+// m = 32 take 108-363 us against 42-70; float32 GEMMs on weights already
+// float32 took 63-322 us there, 82-394 with the weights' conversion.
+constexpr int64_t kDotRows = 3;
+void bf16_weight_product(int64_t m, const at::BFloat16* a, int64_t lda, const at::BFloat16* w,
+                         int64_t J, int64_t K, float* c, int64_t ldc);
+
+// AVX512-BF16 dot products of pairs (every AMX CPU has them): eight rows of
+// w at a time, each with its own sum, over j; a row of a passes them at a
+// time (m rows: m passes over w).
 void bf16_dot_rows(int64_t m, const at::BFloat16* a, int64_t lda, const at::BFloat16* w, int64_t J,
                    int64_t K, float* c, int64_t ldc);
+
+// The matrix unit with the operands' roles swapped, c^T = w a^T: w is the
+// left operand, which the kernel reads in place, and a^T the right one,
+// packed per call (m K values, not the weight's J K); each task's block of
+// c^T (64 rows of w by 64 rows of a) is transposed into c.
+void bf16_weight_product_amx(int64_t m, const at::BFloat16* a, int64_t lda, const at::BFloat16* w,
+                             int64_t J, int64_t K, float* c, int64_t ldc);
 
 // Frees the calling thread's matrix-unit state (after its last bf16_gemm).
 void bf16_gemm_release();

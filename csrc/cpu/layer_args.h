@@ -46,7 +46,7 @@ struct ForwardArgs {
   at::Tensor w_hh;  // [D, G*H, P]
   // A bfloat16 layer's W_ih and W_hh as given (contiguous), where both are
   // bfloat16: converted to w_ih, w_hh by weights_to_opmath where the pass
-  // needs float32 weights, else read as they are (bf16_dot_rows). Undefined
+  // needs float32 weights, else read as they are (bf16_weight_product). Undefined
   // otherwise (w_ih, w_hh set at once).
   at::Tensor w_ih16, w_hh16;
   at::Tensor w_hr;                       // [D, P, H] the LSTM's projection, or undefined

@@ -70,15 +70,13 @@ void forward_impl(ForwardArgs& args) {
   // [N, I] (bfloat16 where args.bf16)
   at::Tensor xp = chunked ? at::Tensor() : projection_input(args);
   const bool few = few_steps(dims.B, sched.max_len);
-  // A bfloat16 layer's call of few steps and at most kDotRows (32) positions
-  // (a decoding step) takes its products as dot products on the bfloat16
-  // weights as stored (bf16_dot_rows): their float32 copies, fresh memory at
-  // every call, cost more than the products (an LSTM step at B=1 H=256, 2
-  // threads: 55% of the call, the copies page-faulting). Past 32 positions
-  // the float32 GEMMs measured faster (B=64: GRU 336 vs 418 us a step).
-  // Elsewhere the weights become float32.
-  const bool dots = args.w_ih16.defined() && gemm_loop && few && N <= kDotRows;
-  if (!dots) weights_to_opmath(args);
+  // A bfloat16 layer's call of few steps (a decoding step) takes its
+  // products on the bfloat16 weights as stored (bf16_weight_product): their
+  // float32 copies, fresh memory at every call, cost more than the products
+  // (an LSTM step at B=1 H=256, 2 threads: 55% of the call, the copies
+  // page-faulting). Elsewhere the weights become float32.
+  const bool stored = args.w_ih16.defined() && gemm_loop && few;
+  if (!stored) weights_to_opmath(args);
   at::Tensor gh = gemm_loop ? at::empty({dims.B, G}, opts) : at::Tensor();  // [B, G*H] W_hh h
   // [B, H] one step's h' before the projection (h_state = h' W_hr^T)
   at::Tensor hraw = proj && gemm_loop ? at::empty({dims.B, H}, opts) : at::Tensor();
@@ -95,11 +93,11 @@ void forward_impl(ForwardArgs& args) {
     return save ? args.workspace.data_ptr<scalar_t>() + d * N * S : nullptr;
   };
   auto projection = [&](int64_t d) {  // [N, G*H], or none where chunked
-    if (dots) {
+    if (stored) {
       at::Tensor gx = at::empty({N, G}, opts);
-      bf16_dot_rows(N, xp.const_data_ptr<at::BFloat16>(), dims.I,
-                    args.w_ih16[d].const_data_ptr<at::BFloat16>(), G, dims.I, gx.data_ptr<float>(),
-                    G);
+      bf16_weight_product(N, xp.const_data_ptr<at::BFloat16>(), dims.I,
+                          args.w_ih16[d].const_data_ptr<at::BFloat16>(), G, dims.I,
+                          gx.data_ptr<float>(), G);
       return gx;
     }
     return chunked ? at::Tensor() : whole_projection<scalar_t>(args, xp, d, G, few);
@@ -130,8 +128,8 @@ void forward_impl(ForwardArgs& args) {
     const at::Tensor gx = projection(d);  // [N, G*H], or none where chunked
     if (d == dims.D - 1) xp.reset();
     // The per-step GEMM loop's right operands (the split loop packs its own
-    // panels); with args.bf16 W_hh^T packed (few steps: read as a view by
-    // the float32 GEMM, as the projection above) and h rounded for each step.
+    // panels); with args.bf16 W_hh^T packed (few steps: W_hh as stored) and
+    // h rounded for each step.
     const bool bf16 = gemm_loop && args.bf16;
     // float32/64: W_hh^T (and W_hr^T) copied contiguous where the steps
     // amortize the copy (MKL's GEMM on the view is slower per step), else the
@@ -140,9 +138,9 @@ void forward_impl(ForwardArgs& args) {
       return few ? w.t() : w.t().contiguous();
     };
     const at::Tensor w_hh_t =
-        gemm_loop && !dots && (!bf16 || few) ? transposed(args.w_hh[d]) : at::Tensor();  // [P, G*H]
+        gemm_loop && !bf16 ? transposed(args.w_hh[d]) : at::Tensor();  // [P, G*H]
     const PackedB16 w_hh_packed =
-        bf16 && !few ? pack_b16(P, G, args.w_hh[d].const_data_ptr<float>(), 1, P) : PackedB16{};
+        bf16 && !stored ? pack_b16(P, G, args.w_hh[d].const_data_ptr<float>(), 1, P) : PackedB16{};
     const at::Tensor w_hr_t =
         gemm_loop && proj ? transposed(args.w_hr[d]) : at::Tensor();       // [H, P]
     at::Tensor h = order.gather(args.hx[d]);                               // [B, P] sorted order
@@ -163,12 +161,10 @@ void forward_impl(ForwardArgs& args) {
       const int64_t n = sched.active[s];
       at::Tensor gh_s = gh.narrow(0, 0, n);
       if constexpr (std::is_same_v<scalar_t, float>) {
-        if (dots) {
-          bf16_dot_rows(n, hb.const_data_ptr<at::BFloat16>(), P,
-                        args.w_hh16[d].const_data_ptr<at::BFloat16>(), G, P, gh.data_ptr<float>(),
-                        G);
-        } else if (bf16 && few) {  // h's bfloat16 values, as float32 (exact)
-          at::mm_out(gh_s, hb.narrow(0, 0, n).to(at::kFloat), w_hh_t);
+        if (stored) {
+          bf16_weight_product(n, hb.const_data_ptr<at::BFloat16>(), P,
+                              args.w_hh16[d].const_data_ptr<at::BFloat16>(), G, P,
+                              gh.data_ptr<float>(), G);
         } else if (bf16) {
           bf16_gemm_parallel(n, hb.const_data_ptr<at::BFloat16>(), P, w_hh_packed,
                              gh.data_ptr<float>(), G, nullptr);
