@@ -187,13 +187,17 @@ def flat(out):
     return [o, *(s if isinstance(s, tuple) else (s,))]
 
 
+@pytest.mark.parametrize("projection", ["chunked", "whole"])
 @pytest.mark.parametrize("steps", ["split", "gemm"])
 @pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize(
     "lengths", [LENGTHS, FEW, ONE_STEP, BATCH_STEP], ids=["many", "few", "one_step", "batch_step"]
 )
-def test_padded_forward_matches_the_mirror(cell, steps, lengths, monkeypatch):
+def test_padded_forward_matches_the_mirror(cell, steps, projection, lengths, monkeypatch):
+    """Every step loop and input projection (the split loop's chunks or one product before it:
+    with few steps, on W_ih as stored) on the weights as they are."""
     monkeypatch.setenv("VARLEN_RNN_CPU_STEPS", steps)
+    monkeypatch.setenv("VARLEN_RNN_CPU_PROJECTION", projection)
     m = model(cell)
     lengths = torch.tensor(lengths)
     x = torch.randn(T, len(lengths), I).to(BF16)

@@ -76,7 +76,7 @@ inline void input_grads_bf16(BackwardArgs& args, at::Tensor& dgx, int64_t G) {
     args.grad_w_ih.view({DG, I}).copy_(at::mm(dg16.t(), xp));
   }
   if (!args.want_input) return;
-  at::Tensor dxp = at::mm(dg16, args.w_ih.reshape({DG, I}).to(at::kBFloat16));  // [N, I]
+  at::Tensor dxp = at::mm(dg16, args.w_ih.reshape({DG, I}));  // [N, I]
   dgx.reset();
   set_grad_input(args, std::move(dxp));
 }

@@ -76,16 +76,18 @@ template <typename scalar_t>
 at::Tensor whole_projection(const ForwardArgs& args, const at::Tensor& xp, int64_t d, int64_t G,
                             bool few) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    // A call of few steps (cpu/team.h few_steps): no packing. The float32
-    // GEMM on bfloat16 values (x, and W_ih, which is bfloat16 before its
-    // float32 copy) has exact products and float32 sums: the bfloat16
-    // product's result but for the order of the sums.
-    if (args.bf16 && few) return at::mm(xp.to(at::kFloat), args.w_ih[d].t());
-    if (args.bf16) {                      // cpu/bf16_gemm.h: b[i, j] = w_ih[d][j, i]
-      const at::Tensor w = args.w_ih[d];  // [G*H, I]
+    if (args.bf16) {
+      const at::BFloat16* w = args.w_ih[d].const_data_ptr<at::BFloat16>();  // [G*H, I]
       const int64_t I = args.dims.I, N = xp.size(0);
-      const PackedB16 b = pack_b16(I, G, w.const_data_ptr<float>(), 1, I);
       at::Tensor gx = at::empty({N, G}, args.opts());
+      // A call of few steps (cpu/team.h few_steps): on W_ih as stored, no
+      // packing of it.
+      if (few) {
+        bf16_weight_product(N, xp.const_data_ptr<at::BFloat16>(), I, w, G, I, gx.data_ptr<float>(),
+                            G);
+        return gx;
+      }
+      const PackedB16 b = pack_b16(I, G, w, 1, I);  // b[i, j] = w_ih[d][j, i]
       bf16_gemm_parallel(N, xp.const_data_ptr<at::BFloat16>(), I, b, gx.data_ptr<float>(), G,
                          nullptr);
       return gx;
@@ -146,7 +148,8 @@ class ChunkedProjection {
     const int64_t I = args_.dims.I;
     if (p.cols == 0) return;
     if constexpr (std::is_same_v<scalar_t, float>) {
-      if (bf16_) p.packed16 = pack_b16(I, p.cols, p.panel.template const_data_ptr<float>(), 1, I);
+      if (bf16_)
+        p.packed16 = pack_b16(I, p.cols, p.panel.template const_data_ptr<at::BFloat16>(), 1, I);
     }
     p.gx = at::empty({max_rows_, p.cols}, args_.opts());
     p.x = at::empty({max_rows_, I}, args_.input2d.options());

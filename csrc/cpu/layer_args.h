@@ -21,7 +21,8 @@ namespace varlen_rnn {
 namespace cpu {
 
 // What the forward reads and writes; the backward reads the same and adds
-// its gradients (BackwardArgs). Tensors are contiguous, in the op-math dtype.
+// its gradients (BackwardArgs). Tensors are contiguous, in the op-math dtype
+// (but a bfloat16 layer's input, W_ih and W_hh: see bf16).
 // G = gates, S = saved values, P = state width (layer.h's legend).
 struct ForwardArgs {
   LayerDims dims;  // ragged: T = max_len, batch_first false
@@ -38,17 +39,14 @@ struct ForwardArgs {
   at::Tensor input2d;
   // The products take bfloat16 operands (cpu/bf16_gemm.h; bf16_gemm_for says
   // where): the forward's input projection and per-step W_hh product, the
-  // backward's per-step dG W_hh and its weight and input gradients.
+  // backward's per-step dG W_hh and its weight and input gradients. Then
+  // w_ih and w_hh are the layer's bfloat16 weights as given: every product
+  // packs or reads them as they are, and no float32 copy is made.
   bool bf16 = false;
-  at::Tensor hx;    // [D, B, P]
-  at::Tensor cx;    // [D, B, H] for a cell with c (LSTM), else undefined
-  at::Tensor w_ih;  // [D, G*H, I]
-  at::Tensor w_hh;  // [D, G*H, P]
-  // A bfloat16 layer's W_ih and W_hh as given (contiguous), where both are
-  // bfloat16: converted to w_ih, w_hh by weights_to_opmath where the pass
-  // needs float32 weights, else read as they are (bf16_weight_product). Undefined
-  // otherwise (w_ih, w_hh set at once).
-  at::Tensor w_ih16, w_hh16;
+  at::Tensor hx;                         // [D, B, P]
+  at::Tensor cx;                         // [D, B, H] for a cell with c (LSTM), else undefined
+  at::Tensor w_ih;                       // [D, G*H, I] (bfloat16 where bf16)
+  at::Tensor w_hh;                       // [D, G*H, P] (bfloat16 where bf16)
   at::Tensor w_hr;                       // [D, P, H] the LSTM's projection, or undefined
   std::optional<at::Tensor> b_ih, b_hh;  // [D, G*H]; the backward needs neither
   at::Tensor output;                     // [T, B, D*P] (or [B, T, D*P]); ragged [N, D*P]
@@ -112,14 +110,16 @@ struct WeightInputs {
   const std::optional<at::Tensor>* w_hr;  // [D, P, H] or None
 };
 
-// The op-math, contiguous states and weights.
+// The op-math, contiguous states and weights; a bfloat16 layer's W_ih and
+// W_hh contiguous as given (the checks made them the input's dtype).
 inline void set_weight_args(ForwardArgs& args, const WeightInputs& w) {
   args.hx = opmath_contiguous(*w.hx);
   if (w.cx != nullptr) args.cx = opmath_contiguous(*w.cx);
-  if (args.bf16 && w.w_ih->scalar_type() == at::kBFloat16 &&
-      w.w_hh->scalar_type() == at::kBFloat16) {
-    args.w_ih16 = w.w_ih->contiguous();
-    args.w_hh16 = w.w_hh->contiguous();
+  if (args.bf16) {
+    TORCH_INTERNAL_ASSERT(w.w_ih->scalar_type() == at::kBFloat16 &&
+                          w.w_hh->scalar_type() == at::kBFloat16);
+    args.w_ih = w.w_ih->contiguous();
+    args.w_hh = w.w_hh->contiguous();
   } else {
     args.w_ih = opmath_contiguous(*w.w_ih);
     args.w_hh = opmath_contiguous(*w.w_hh);
@@ -135,14 +135,6 @@ inline void set_weight_args(ForwardArgs& args, const WeightInputs& w) {
 inline void set_input(ForwardArgs& args, const at::Tensor& input) {
   args.bf16 = bf16_gemm_for(input.scalar_type(), args.dims.I, args.dims.P);
   args.input2d = args.bf16 ? input.contiguous() : opmath_contiguous(input);
-}
-
-// w_ih, w_hh in float32 from a bfloat16 layer's w_ih16, w_hh16 (the values
-// exactly), where not yet.
-inline void weights_to_opmath(ForwardArgs& args) {
-  if (args.w_ih.defined()) return;
-  args.w_ih = args.w_ih16.to(at::kFloat);
-  args.w_hh = args.w_hh16.to(at::kFloat);
 }
 
 // Checks the padded layer's arguments (shapes as in ops.cpp's schemas) and

@@ -71,12 +71,9 @@ void forward_impl(ForwardArgs& args) {
   at::Tensor xp = chunked ? at::Tensor() : projection_input(args);
   const bool few = few_steps(dims.B, sched.max_len);
   // A bfloat16 layer's call of few steps (a decoding step) takes its
-  // products on the bfloat16 weights as stored (bf16_weight_product): their
-  // float32 copies, fresh memory at every call, cost more than the products
-  // (an LSTM step at B=1 H=256, 2 threads: 55% of the call, the copies
-  // page-faulting). Elsewhere the weights become float32.
-  const bool stored = args.w_ih16.defined() && gemm_loop && few;
-  if (!stored) weights_to_opmath(args);
+  // products on the bfloat16 weights as stored (bf16_weight_product), with
+  // no packing of them either.
+  const bool stored = args.bf16 && gemm_loop && few;
   at::Tensor gh = gemm_loop ? at::empty({dims.B, G}, opts) : at::Tensor();  // [B, G*H] W_hh h
   // [B, H] one step's h' before the projection (h_state = h' W_hr^T)
   at::Tensor hraw = proj && gemm_loop ? at::empty({dims.B, H}, opts) : at::Tensor();
@@ -96,7 +93,7 @@ void forward_impl(ForwardArgs& args) {
     if (stored) {
       at::Tensor gx = at::empty({N, G}, opts);
       bf16_weight_product(N, xp.const_data_ptr<at::BFloat16>(), dims.I,
-                          args.w_ih16[d].const_data_ptr<at::BFloat16>(), G, dims.I,
+                          args.w_ih[d].const_data_ptr<at::BFloat16>(), G, dims.I,
                           gx.data_ptr<float>(), G);
       return gx;
     }
@@ -140,7 +137,8 @@ void forward_impl(ForwardArgs& args) {
     const at::Tensor w_hh_t =
         gemm_loop && !bf16 ? transposed(args.w_hh[d]) : at::Tensor();  // [P, G*H]
     const PackedB16 w_hh_packed =
-        bf16 && !stored ? pack_b16(P, G, args.w_hh[d].const_data_ptr<float>(), 1, P) : PackedB16{};
+        bf16 && !stored ? pack_b16(P, G, args.w_hh[d].const_data_ptr<at::BFloat16>(), 1, P)
+                        : PackedB16{};
     const at::Tensor w_hr_t =
         gemm_loop && proj ? transposed(args.w_hr[d]) : at::Tensor();       // [H, P]
     at::Tensor h = order.gather(args.hx[d]);                               // [B, P] sorted order
@@ -163,7 +161,7 @@ void forward_impl(ForwardArgs& args) {
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (stored) {
           bf16_weight_product(n, hb.const_data_ptr<at::BFloat16>(), P,
-                              args.w_hh16[d].const_data_ptr<at::BFloat16>(), G, P,
+                              args.w_hh[d].const_data_ptr<at::BFloat16>(), G, P,
                               gh.data_ptr<float>(), G);
         } else if (bf16) {
           bf16_gemm_parallel(n, hb.const_data_ptr<at::BFloat16>(), P, w_hh_packed,
@@ -236,7 +234,6 @@ void gather_hprev(const BackwardArgs& args, int64_t d, out_t* hprev) {
 
 template <typename Cell, typename scalar_t>
 void backward_impl(BackwardArgs& args) {
-  weights_to_opmath(args);  // a bfloat16 layer's: the backward reads float32 weights
   // The hidden-side gate gradients differ from dgx (GRU) in the last gate
   // only: that part is kept apart (dghn), the rest read from dgx.
   constexpr bool kDiffer = Cell::kHiddenGradsDiffer;
@@ -370,7 +367,7 @@ void backward_impl(BackwardArgs& args) {
     const scalar_t* ws_p = args.workspace.const_data_ptr<scalar_t>() + d * N * S;
     const at::Tensor w_hh_d = args.w_hh[d];  // [G*H, P]
     const PackedB16 w_hh16 =
-        bf16 && !split ? pack_b16(G, P, w_hh_d.const_data_ptr<float>(), P, 1) : PackedB16{};
+        bf16 && !split ? pack_b16(G, P, w_hh_d.const_data_ptr<at::BFloat16>(), P, 1) : PackedB16{};
     const at::Tensor w_hr_d = proj ? args.w_hr[d] : at::Tensor();  // [P, H]
     if (split) {  // the same steps, split by hidden units (cpu/split_backward.h)
       split_backward<Cell, scalar_t>(args, d, bufs, dgh_in_dgx, dh, dc);

@@ -177,7 +177,8 @@ void SplitBackward<Cell, scalar_t>::run(const Team& team) {
     }
     for (int64_t k = tid; k < (bf16 ? parts : 0); k += nth) {
       const auto [p0, p1] = slice_of(P, parts, k);
-      if (p1 > p0) packed16_[k] = pack_b16(G, p1 - p0, w_hh_d_.const_data_ptr<float>() + p0, P, 1);
+      if (p1 > p0)
+        packed16_[k] = pack_b16(G, p1 - p0, w_hh_d_.const_data_ptr<at::BFloat16>() + p0, P, 1);
     }
   }
   for (int64_t s = sched.max_len - 1; s >= 0; --s) {

@@ -154,7 +154,7 @@ void SplitSteps<Cell, scalar_t>::run(const Team& team) {
     }
     for (int64_t k = tid; k < (bf16 ? parts : 0); k += nth) {
       const int64_t cols = panels_[k].size(0);
-      packed16_[k] = pack_b16(P, cols, panels_[k].const_data_ptr<float>(), 1, P);
+      packed16_[k] = pack_b16(P, cols, panels_[k].const_data_ptr<at::BFloat16>(), 1, P);
     }
   }
   for (int64_t s = 0; s < sched.max_len; ++s) {
