@@ -162,18 +162,22 @@ def test_decoder_loop_of_one_step_calls_matches_nn(kind, B):
         torch.testing.assert_close(a, b, **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("D", [1, 2], ids=["squeezed", "bi"])
 @pytest.mark.parametrize("ragged", [False, True], ids=["padded", "ragged"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_eager_autograd_equals_the_registered_autograd(kind, ragged):
+def test_eager_autograd_equals_the_registered_autograd(kind, ragged, D):
     """An eager call that records a graph applies the forward op's autograd directly
     (varlen_rnn._autograd.EAGER); the op called through the dispatcher runs its registered
-    autograd kernel. Same outputs, same gradients, bit for bit, and the eager node is ours."""
+    autograd kernel. Same outputs, same gradients and gradients of gradients, bit for bit,
+    and the eager node is ours. With one direction the eager function takes the weights
+    without their D dimension (the parameters themselves, ops._layer's squeezed), the op
+    their [1, ...] views: the graph then holds our node alone, no view node per weight."""
     from varlen_rnn import _autograd, ops
 
     cell = ops.CELLS[kind.split("_")[0]]
-    ref, _ = pair(kind, 3, 4, bidirectional=True)
+    ref, _ = pair(kind, 3, 4, bidirectional=D == 2)
     g = torch.Generator().manual_seed(8)
-    D, B, T, H = 2, 3, 4, 4
+    B, T, H = 3, 4, 4
     P = H // 2 if kind == "lstm_proj" else H
     lengths = [4, 0, 2]
     x = torch.randn(sum(lengths) if ragged else T, *(() if ragged else (B,)), 3, generator=g)
@@ -182,29 +186,45 @@ def test_eager_autograd_equals_the_registered_autograd(kind, ragged):
     if cell.states == 2:
         states.append(torch.randn(D, B, H, generator=g, dtype=torch.float64, requires_grad=True))
     names = ["weight_ih", "weight_hh", "bias_ih", "bias_hh"] + (["weight_hr"] if cell.proj else [])
-    sfx = ["l0", "l0_reverse"]
-    weights = []
+    sfx = ["l0", "l0_reverse"][:D]
+    weights = []  # the leaves: [D, ...], or the parameters' shapes with one direction
     for n in names:
         if hasattr(ref, f"{n}_l0"):
-            w = torch.stack([getattr(ref, f"{n}_{s}") for s in sfx]).detach().requires_grad_()
+            w = torch.stack([getattr(ref, f"{n}_{s}") for s in sfx]).detach()
+            w = (w[0] if D == 1 else w).clone().requires_grad_()
         else:
             w = None
         weights.append(w)
+    op_weights = ops._unsqueezed(weights) if D == 1 else weights
     if ragged:
         index = (torch.tensor([0, 4, 4, 6]), None, 0, T)
     else:
         index = (torch.tensor(lengths),)
     options = (kind.split("_")[1],) if cell.options else ()
-    args = (x, *index, *states, *weights, *options, *(() if ragged else (False,)))
+    tail = (*options, *(() if ragged else (False,)))
+    args = (x, *index, *states, *weights, *tail)
     leaves = [t for t in (x, *states, *weights) if t is not None]
-    eager = _autograd.EAGER[cell.name, ragged].apply(*args, True)
-    dispatched = ops._op(cell, ragged, "forward")(*args, True)
+    eager = _autograd.EAGER[cell.name, ragged, D == 1].apply(*args, True)
+    dispatched = ops._op(cell, ragged, "forward")(x, *index, *states, *op_weights, *tail, True)
     assert type(eager[0].grad_fn).__name__.startswith(f"{cell.name.upper()}Layer")
     assert type(eager[0].grad_fn) is not type(dispatched[0].grad_fn)
+    if D == 1:  # the weights are the node's inputs themselves
+        inputs = {id(fn.variable) for fn, _ in eager[0].grad_fn.next_functions if fn is not None}
+        assert all(id(w) in inputs for w in weights if w is not None)
     w = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in eager[:-1]]
-    ge = torch.autograd.grad(sum((o * v).sum() for o, v in zip(eager[:-1], w)), leaves)
-    gd = torch.autograd.grad(sum((o * v).sum() for o, v in zip(dispatched[:-1], w)), leaves)
+    loss_e = sum((o * v).sum() for o, v in zip(eager[:-1], w))
+    loss_d = sum((o * v).sum() for o, v in zip(dispatched[:-1], w))
+    ge = torch.autograd.grad(loss_e, leaves, create_graph=True)
+    gd = torch.autograd.grad(loss_d, leaves, create_graph=True)
     for a, b in zip(eager[:-1], dispatched[:-1]):
         assert torch.equal(a, b)
     for k, (a, b) in enumerate(zip(ge, gd)):
-        assert torch.equal(a, b), f"gradient {k}"
+        assert a.shape == b.shape and torch.equal(a, b), f"gradient {k}"
+    # Gradients of gradients (the recomputed, differentiable backward) agree too.
+    gge = torch.autograd.grad(sum(a.square().sum() for a in ge), leaves, allow_unused=True)
+    ggd = torch.autograd.grad(sum(b.square().sum() for b in gd), leaves, allow_unused=True)
+    for k, (a, b) in enumerate(zip(gge, ggd)):
+        assert (a is None) == (b is None), f"second-order gradient {k}"
+        assert a is None or torch.equal(a, b), f"second-order gradient {k}"
+        if D == 1 and any(leaves[k] is w for w in weights):
+            assert a is not None, f"second-order gradient {k} is missing"

@@ -168,14 +168,17 @@ class RNNBase(nn.Module):
         """LayerWeights, or ProjectedLayerWeights for a cell with a projection: the
         layer op's weight arguments."""
         weights = self._stacked(self._flat_weights, layer, dtype, self.num_directions)
+        if not self.bidirectional:
+            weights = ops._unsqueezed(weights)
         if not ops.CELLS[self._cell].proj:
             return LayerWeights(*weights)
         return ProjectedLayerWeights(*weights)
 
     def _stacked(self, flat: list[Tensor], layer: int, dtype: torch.dtype, D: int) -> list:
         """Layer `layer`'s weight arguments of the layer op, taken from flat (_flat_weights,
-        read in this call): each [D, ...] in dtype (w[None], a view, when D == 1; a
-        stack of the two directions when D == 2), None for absent biases and projection.
+        read in this call): each in dtype, [D, ...] (a stack of the two directions) when
+        D == 2, the parameters as they are when D == 1 (the layer op's weights without
+        their D dimension: ops._layer's squeezed), None for absent biases and projection.
         flat holds, per layer and direction in that order, weight_ih, weight_hh[, bias_ih,
         bias_hh][, weight_hr] (__init__'s registration order). D = num_directions."""
         n = len(flat) // (self.num_layers * D)  # weights per direction
@@ -183,8 +186,7 @@ class RNNBase(nn.Module):
         # .to(dtype) returns the tensor itself when the dtype matches; the test skips its
         # argument parsing.
         if D == 1:
-            ws = flat[start : start + n]
-            out = [(w if w.dtype == dtype else w.to(dtype))[None] for w in ws]
+            out = [w if w.dtype == dtype else w.to(dtype) for w in flat[start : start + n]]
         else:
             ws = [w if w.dtype == dtype else w.to(dtype) for w in flat[start : start + 2 * n]]
             out = [torch.stack((f, r)) for f, r in zip(ws[:n], ws[n:])]
@@ -364,7 +366,8 @@ class RNNBase(nn.Module):
         for layer in range(L):
             w = self._stacked(flat, layer, compute, D)
             mine = states if L == 1 else [s[layer * D : (layer + 1) * D] for s in states]
-            x, *end = ops._layer(cell, ragged, (x, *index, *mine, *w, *options, *tail))
+            args = (x, *index, *mine, *w, *options, *tail)
+            x, *end = ops._layer(cell, ragged, args, squeezed=D == 1)
             ends.append(end)
             if self.dropout > 0 and self.training and layer + 1 < L:
                 x = F.dropout(x, self.dropout, training=True)

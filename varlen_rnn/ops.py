@@ -175,29 +175,50 @@ def _need_workspace(tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _layer(cell: Cell, ragged: bool, args) -> tuple[Tensor, ...]:
+def _unsqueezed(weights) -> list:
+    """One direction's weights as the layer op takes them: each with a D dimension of 1 (a
+    view), None left as it is."""
+    return [None if w is None else w[None] for w in weights]
+
+
+def _full(cell: Cell, ragged: bool, args, squeezed: bool) -> tuple:
+    """The op's arguments: args, with the weights' D dimension put back where squeezed (see
+    _layer)."""
+    if not squeezed:
+        return args
+    at = _LAYOUTS[cell.name, ragged].weights
+    return (*args[: at.start], *_unsqueezed(args[at]), *args[at.stop :])
+
+
+def _layer(cell: Cell, ragged: bool, args, squeezed: bool = False) -> tuple[Tensor, ...]:
     """Any cell's layer: (output, h_n[, c_n]) from the op's arguments minus need_workspace.
+
+    squeezed: one direction whose weights come without their D dimension (a module's
+    parameters as they are, [G*H, I] for [1, G*H, I]). An eager call that records a graph
+    then adds them to the op's arguments inside its autograd function (_autograd.EAGER), so
+    the graph holds no view node per weight, which the backward of every one-step call
+    would run; other calls take the views here.
 
     The kernels run with autocast excluded (csrc/layer.h NoAutocastGuard); the modules pick
     the dtypes by torch.nn's autocast policy."""
     tensors = (args[0], *args[_LAYOUTS[cell.name, ragged].differentiable])  # input, states, w
     op = _op(cell, ragged, "forward")
     if torch.compiler.is_compiling():  # dynamo/export: no functorch interpreters to look at
-        return tuple(op(*args, _need_workspace(tensors))[:-1])
+        return tuple(op(*_full(cell, ragged, args, squeezed), _need_workspace(tensors))[:-1])
     stack = torch._C._functorch.get_interpreter_stack()
     if _needs_differentiable_path(tensors, stack):
-        return tuple(_reference(cell, ragged)(*args))
+        return tuple(_reference(cell, ragged)(*_full(cell, ragged, args, squeezed)))
     need_workspace = _need_workspace(tensors)
     if stack or torch.jit.is_tracing():
-        return tuple(op(*args, need_workspace)[:-1])
+        return tuple(op(*_full(cell, ragged, args, squeezed), need_workspace)[:-1])
     if need_workspace:  # eager, recording: the op's autograd applied directly (_autograd.EAGER)
-        return tuple(_autograd.EAGER[cell.name, ragged].apply(*args, True)[:-1])
+        return tuple(_autograd.EAGER[cell.name, ragged, squeezed].apply(*args, True)[:-1])
     # Eager with no gradient wanted: the op's autograd kernel (torch.library's, in Python)
     # would only redispatch below autograd, so call below it directly. That kernel's round
     # trip through Python cost more than the rest of a one-step call's Python (B=1 T=1
     # H=16, 1 thread: 45 -> 29 us for the op).
     with torch._C._AutoDispatchBelowAutograd():
-        return tuple(op(*args, False)[:-1])
+        return tuple(op(*_full(cell, ragged, args, squeezed), False)[:-1])
 
 
 # ------------------------------------------------------------------ the public layers
