@@ -104,22 +104,27 @@ def preset_cases(preset: str, device: str) -> list[Case]:
         # length 1, inference: what a step-by-step decoder pays per token) and short batches
         # (T=16, lengths uniform, both modes). Against nn.X without lengths (correct here at
         # T=1) and the recipe.
-        one_step = [(1, 1, 256), (1, 1, 512), (8, 1, 256), (64, 1, 256)]
-        short = [(1, 16, 256), (8, 16, 256)]
+        # Then a bidirectional encoder over one short sentence (B=1, T=20, full length,
+        # inference), where a module's per-call handling of its weights shows.
+        one_step = [(1, 1, 256, False), (1, 1, 512, False), (8, 1, 256, False)]
+        one_step += [(64, 1, 256, False)]
+        short = [(1, 16, 256, False), (8, 16, 256, False)]
+        encoder = [(1, 20, 256, True), (1, 20, 512, True)]
         return [
             Case(
                 B=B,
                 T=T,
                 I=H,
                 H=H,
-                dist="full" if T == 1 else "uniform",
+                bidirectional=bi,
+                dist="full" if T == 1 or bi else "uniform",
                 device=device,
                 cell=cell,
-                modes=("infer",) if T == 1 else MODES,
+                modes=("infer",) if T == 1 or bi else MODES,
                 competitors=("baseline", "padded", "varlen"),
             )
             for cell in ("gru", "lstm")
-            for B, T, H in one_step + short
+            for B, T, H, bi in one_step + short + encoder
         ]
     if preset == "gpu":
         # Issue 12's grid: training step at T=256, lengths uniform in [1, T], float32 and bfloat16,
