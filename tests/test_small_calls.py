@@ -228,3 +228,48 @@ def test_eager_autograd_equals_the_registered_autograd(kind, ragged, D):
         assert a is None or torch.equal(a, b), f"second-order gradient {k}"
         if D == 1 and any(leaves[k] is w for w in weights):
             assert a is not None, f"second-order gradient {k} is missing"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time_major", "batch_first"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_short_bidirectional_call_runs_directions_apart(kind, batch_first, dtype, monkeypatch):
+    """A bidirectional padded call of few positions (varlen_rnn._base._APART_POSITIONS) runs its
+    directions as two one-direction calls, the reverse one over each sequence's steps reversed:
+    no stack of the weights, and the results of the one call on stacked weights bit for bit
+    (forced with the limit at 0), zero and unsorted lengths included. The gradients agree to
+    rounding: a layer's input gradient sums its two directions' parts after their products
+    here, inside one product there. nn + packing in float64
+    (test_small_call_shortcuts_match_nn_with_packing) checks both against torch.nn."""
+    from torch.profiler import profile
+
+    from varlen_rnn import _base
+
+    lengths, T = [3, 0, 4, 1, 4], 4
+    B, I, H = len(lengths), 3, 4
+    _, ours = pair(kind, I, H, num_layers=2, batch_first=batch_first, bidirectional=True)
+    ours = ours.to(dtype)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn((B, T, I) if batch_first else (T, B, I), generator=g).to(dtype)
+    assert T * B <= _base._APART_POSITIONS
+
+    def run():
+        xg = x.clone().requires_grad_()
+        with profile() as prof:
+            got = flat(ours(xg, lengths=lengths))
+        stacks = sum(e.count for e in prof.key_averages() if e.key == "aten::stack")
+        w = torch.Generator().manual_seed(6)
+        loss = sum((o.float() * torch.randn(o.shape, generator=w)).sum() for o in got)
+        grads = torch.autograd.grad(loss, [xg, *ours.parameters()])
+        return got, grads, stacks
+
+    apart, grads_apart, stacks_apart = run()
+    monkeypatch.setattr(_base, "_APART_POSITIONS", 0)
+    one, grads_one, stacks_one = run()
+    assert stacks_apart == 0 and stacks_one > 0
+    for k, (a, b) in enumerate(zip(apart, one)):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"result {k}"
+    tol = TOL.get(dtype, dict(atol=2e-2, rtol=2e-2))  # bfloat16: its gradients' rounding
+    for k, (a, b) in enumerate(zip(grads_apart, grads_one)):
+        assert a.dtype == b.dtype, f"gradient {k}"
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"gradient {k}: {m}")

@@ -174,18 +174,22 @@ class RNNBase(nn.Module):
             return LayerWeights(*weights)
         return ProjectedLayerWeights(*weights)
 
-    def _stacked(self, flat: list[Tensor], layer: int, dtype: torch.dtype, D: int) -> list:
+    def _stacked(
+        self, flat: list[Tensor], layer: int, dtype: torch.dtype, D: int, direction=None
+    ) -> list:
         """Layer `layer`'s weight arguments of the layer op, taken from flat (_flat_weights,
         read in this call): each in dtype, [D, ...] (a stack of the two directions) when
-        D == 2, the parameters as they are when D == 1 (the layer op's weights without
-        their D dimension: ops._layer's squeezed), None for absent biases and projection.
+        D == 2, the parameters as they are when D == 1 or for one `direction` of a
+        bidirectional layer (the layer op's weights without their D dimension: ops._layer's
+        squeezed), None for absent biases and projection.
         flat holds, per layer and direction in that order, weight_ih, weight_hh[, bias_ih,
         bias_hh][, weight_hr] (__init__'s registration order). D = num_directions."""
         n = len(flat) // (self.num_layers * D)  # weights per direction
         start = layer * D * n
         # .to(dtype) returns the tensor itself when the dtype matches; the test skips its
         # argument parsing.
-        if D == 1:
+        if D == 1 or direction is not None:
+            start += 0 if direction is None else direction * n
             out = [w if w.dtype == dtype else w.to(dtype) for w in flat[start : start + n]]
         else:
             ws = [w if w.dtype == dtype else w.to(dtype) for w in flat[start : start + 2 * n]]
@@ -363,11 +367,15 @@ class RNNBase(nn.Module):
         states = [s if s.dtype == compute else s.to(compute) for s in states]
         options = self._options()
         ends = []  # per layer: its final states [D, B, .]
+        apart = D == 2 and not ragged and _directions_apart(x)
         for layer in range(L):
-            w = self._stacked(flat, layer, compute, D)
             mine = states if L == 1 else [s[layer * D : (layer + 1) * D] for s in states]
-            args = (x, *index, *mine, *w, *options, *tail)
-            x, *end = ops._layer(cell, ragged, args, squeezed=D == 1)
+            if apart:
+                x, *end = self._layer_apart(x, index[0], mine, flat, layer, compute, tail)
+            else:
+                w = self._stacked(flat, layer, compute, D)
+                args = (x, *index, *mine, *w, *options, *tail)
+                x, *end = ops._layer(cell, ragged, args, squeezed=D == 1)
             ends.append(end)
             if self.dropout > 0 and self.training and layer + 1 < L:
                 x = F.dropout(x, self.dropout, training=True)
@@ -375,6 +383,69 @@ class RNNBase(nn.Module):
         if x.dtype != dtype:
             x = x.to(dtype)
         return x, tuple(f if f.dtype == dtype else f.to(dtype) for f in finals)
+
+    def _layer_apart(
+        self,
+        x: Tensor,
+        lengths: Tensor,
+        states: list,
+        flat: list,
+        layer: int,
+        dtype: torch.dtype,
+        tail: tuple,
+    ):
+        """A bidirectional padded layer as two one-direction calls (see _directions_apart):
+        the reverse direction is the forward recurrence over each sequence's valid steps
+        reversed, a gather of x's rows and of that call's output back (the same positions
+        as the layer op's reverse direction, in the same order, from the same state).
+        x [T, B, I] (or [B, T, I]), states [2, B, .] each. Returns (output [.., 2P], finals
+        [2, B, .] ...)."""
+        cell, batch_first = ops.CELLS[self._cell], tail[0]
+        outs, ends = [], []
+        for d in range(2):
+            w = self._stacked(flat, layer, dtype, 2, direction=d)
+            mine = [s[d : d + 1] for s in states]
+            if d == 1:  # after the forward call, whose kernel has checked the lengths
+                x = _reversed_steps(x, lengths, batch_first)
+            out, *end = ops._layer(
+                cell, False, (x, lengths, *mine, *w, *self._options(), *tail), squeezed=True
+            )
+            outs.append(out if d == 0 else _reversed_steps(out, lengths, batch_first))
+            ends.append(end)
+        return (torch.cat(outs, -1), *[torch.cat(e, 0) for e in zip(*ends)])
+
+
+# A bidirectional padded call of at most this many positions (T*B) runs its directions
+# apart (RNNBase._layer_apart). The layer op takes both directions' weights as one
+# [2, ...] tensor, and stacking them copies every weight at every call: fresh memory that
+# costs more than a short call's recurrence (B=1 T=20 H=512, 2 threads: the GRU's stack
+# alone ~3 ms, the op ~1.8 ms).
+_APART_POSITIONS = 32
+
+
+def _directions_apart(x: Tensor) -> bool:
+    """Whether a bidirectional layer on padded x ([T, B, I] or [B, T, I]) runs its two
+    directions as two one-direction calls, which read the parameters as they are: in eager
+    mode, where the call has at most _APART_POSITIONS positions. torch.compile, export and
+    jit tracing keep the one call."""
+    # The mode first: under export a test of the shapes would guard them.
+    return (
+        not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and x.shape[0] * x.shape[1] <= _APART_POSITIONS
+    )
+
+
+def _reversed_steps(x: Tensor, lengths: Tensor, batch_first: bool) -> Tensor:
+    """x [T, B, F] (or [B, T, F]) with each sequence's first lengths[b] steps in reverse
+    order, the steps past its length left where they are (a gather; its own inverse)."""
+    T = x.shape[1 if batch_first else 0]
+    t = torch.arange(T, device=x.device)[:, None]  # [T, 1]
+    n = lengths.to(device=x.device, dtype=torch.int64)[None, :]  # [1, B]
+    src = torch.where(t < n, n - 1 - t, t)  # [T, B]: the step each position reads
+    if batch_first:
+        src = src.t()
+    return x.gather(1 if batch_first else 0, src[:, :, None].expand(x.shape))
 
 
 # Read once: dynamo cannot trace the call (a torch.* function returning a bool).
