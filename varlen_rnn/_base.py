@@ -401,51 +401,58 @@ class RNNBase(nn.Module):
         x [T, B, I] (or [B, T, I]), states [2, B, .] each. Returns (output [.., 2P], finals
         [2, B, .] ...)."""
         cell, batch_first = ops.CELLS[self._cell], tail[0]
-        outs, ends = [], []
+        outs, ends, src = [], [], None
         for d in range(2):
             w = self._stacked(flat, layer, dtype, 2, direction=d)
             mine = [s[d : d + 1] for s in states]
             if d == 1:  # after the forward call, whose kernel has checked the lengths
-                x = _reversed_steps(x, lengths, batch_first)
+                src = _reversal(lengths, x, batch_first)
+                x = x.gather(1 if batch_first else 0, src.expand(x.shape))
             out, *end = ops._layer(
                 cell, False, (x, lengths, *mine, *w, *self._options(), *tail), squeezed=True
             )
-            outs.append(out if d == 0 else _reversed_steps(out, lengths, batch_first))
+            if d == 1:
+                out = out.gather(1 if batch_first else 0, src.expand(out.shape))
+            outs.append(out)
             ends.append(end)
         return (torch.cat(outs, -1), *[torch.cat(e, 0) for e in zip(*ends)])
 
 
-# A bidirectional padded call of at most this many positions (T*B) runs its directions
-# apart (RNNBase._layer_apart). The layer op takes both directions' weights as one
-# [2, ...] tensor, and stacking them copies every weight at every call: fresh memory that
-# costs more than a short call's recurrence (B=1 T=20 H=512, 2 threads: the GRU's stack
-# alone ~3 ms, the op ~1.8 ms).
+# A bidirectional padded call on the CPU of at most this many positions (T*B) runs its
+# directions apart (RNNBase._layer_apart). The layer op takes both directions' weights as
+# one [2, ...] tensor, and stacking them copies every weight at every call: fresh memory
+# that costs more than a short call's recurrence (B=1 T=20 H=512, 2 threads: the GRU's
+# stack alone ~3 ms, the op ~1.8 ms). On a GPU the copy is cheap and the one call runs
+# both directions at once, so CUDA input keeps it.
 _APART_POSITIONS = 32
 
 
 def _directions_apart(x: Tensor) -> bool:
     """Whether a bidirectional layer on padded x ([T, B, I] or [B, T, I]) runs its two
-    directions as two one-direction calls, which read the parameters as they are: in eager
-    mode, where the call has at most _APART_POSITIONS positions. torch.compile, export and
-    jit tracing keep the one call."""
+    directions as two one-direction calls, which read the parameters as they are: on the
+    CPU in eager mode, where the call has at most _APART_POSITIONS positions.
+    torch.compile, export and jit tracing keep the one call."""
     # The mode first: under export a test of the shapes would guard them.
     return (
         not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
+        and x.device.type == "cpu"
         and x.shape[0] * x.shape[1] <= _APART_POSITIONS
     )
 
 
-def _reversed_steps(x: Tensor, lengths: Tensor, batch_first: bool) -> Tensor:
-    """x [T, B, F] (or [B, T, F]) with each sequence's first lengths[b] steps in reverse
-    order, the steps past its length left where they are (a gather; its own inverse)."""
+def _reversal(lengths: Tensor, x: Tensor, batch_first: bool) -> Tensor:
+    """The gather index [T, B, 1] (or [B, T, 1]) on x's device that puts each sequence's first
+    lengths[b] steps of x [T, B, F] (or [B, T, F]) in reverse order and leaves the steps past
+    its length where they are (its own inverse). Made where lengths live, then moved to x's
+    device (without waiting for it, as the CUDA backend sends lengths)."""
     T = x.shape[1 if batch_first else 0]
-    t = torch.arange(T, device=x.device)[:, None]  # [T, 1]
-    n = lengths.to(device=x.device, dtype=torch.int64)[None, :]  # [1, B]
+    t = torch.arange(T, device=lengths.device)[:, None]  # [T, 1]
+    n = lengths.to(torch.int64)[None, :]  # [1, B]
     src = torch.where(t < n, n - 1 - t, t)  # [T, B]: the step each position reads
     if batch_first:
         src = src.t()
-    return x.gather(1 if batch_first else 0, src[:, :, None].expand(x.shape))
+    return src[:, :, None].to(x.device, non_blocking=True)
 
 
 # Read once: dynamo cannot trace the call (a torch.* function returning a bool).
