@@ -195,9 +195,9 @@ def _layer(cell: Cell, ragged: bool, args, squeezed: bool = False) -> tuple[Tens
 
     squeezed: one direction whose weights come without their D dimension (a module's
     parameters as they are, [G*H, I] for [1, G*H, I]). An eager call that records a graph
-    then adds them to the op's arguments inside its autograd function (_autograd.EAGER), so
-    the graph holds no view node per weight, which the backward of every one-step call
-    would run; other calls take the views here.
+    puts the dimension back inside its autograd function (_autograd.EAGER), so the graph
+    holds no view node per weight, which the backward of every one-step call would run;
+    other calls take the views here.
 
     The kernels run with autocast excluded (csrc/layer.h NoAutocastGuard); the modules pick
     the dtypes by torch.nn's autocast policy."""
