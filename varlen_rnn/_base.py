@@ -371,7 +371,8 @@ class RNNBase(nn.Module):
         for layer in range(L):
             mine = states if L == 1 else [s[layer * D : (layer + 1) * D] for s in states]
             if apart:
-                x, *end = self._layer_apart(x, index[0], mine, flat, layer, compute, tail)
+                args = (x, index[0], mine, flat, layer, compute, options, tail)
+                x, *end = self._layer_apart(*args)
             else:
                 w = self._stacked(flat, layer, compute, D)
                 args = (x, *index, *mine, *w, *options, *tail)
@@ -392,6 +393,7 @@ class RNNBase(nn.Module):
         flat: list,
         layer: int,
         dtype: torch.dtype,
+        options: tuple,
         tail: tuple,
     ):
         """A bidirectional padded layer as two one-direction calls (see _directions_apart):
@@ -409,7 +411,7 @@ class RNNBase(nn.Module):
                 src = _reversal(lengths, x, batch_first)
                 x = x.gather(1 if batch_first else 0, src.expand(x.shape))
             out, *end = ops._layer(
-                cell, False, (x, lengths, *mine, *w, *self._options(), *tail), squeezed=True
+                cell, False, (x, lengths, *mine, *w, *options, *tail), squeezed=True
             )
             if d == 1:
                 out = out.gather(1 if batch_first else 0, src.expand(out.shape))
@@ -442,17 +444,16 @@ def _directions_apart(x: Tensor) -> bool:
 
 
 def _reversal(lengths: Tensor, x: Tensor, batch_first: bool) -> Tensor:
-    """The gather index [T, B, 1] (or [B, T, 1]) on x's device that puts each sequence's first
-    lengths[b] steps of x [T, B, F] (or [B, T, F]) in reverse order and leaves the steps past
-    its length where they are (its own inverse). Made where lengths live, then moved to x's
-    device (without waiting for it, as the CUDA backend sends lengths)."""
+    """The gather index [T, B, 1] (or [B, T, 1]) that puts each sequence's first lengths[b]
+    steps of x [T, B, F] (or [B, T, F]) in reverse order and leaves the steps past its length
+    where they are (its own inverse). x and lengths are on the CPU (_directions_apart)."""
     T = x.shape[1 if batch_first else 0]
-    t = torch.arange(T, device=lengths.device)[:, None]  # [T, 1]
+    t = torch.arange(T)[:, None]  # [T, 1]
     n = lengths.to(torch.int64)[None, :]  # [1, B]
     src = torch.where(t < n, n - 1 - t, t)  # [T, B]: the step each position reads
     if batch_first:
         src = src.t()
-    return src[:, :, None].to(x.device, non_blocking=True)
+    return src[:, :, None]
 
 
 # Read once: dynamo cannot trace the call (a torch.* function returning a bool).

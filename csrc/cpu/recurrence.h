@@ -89,14 +89,9 @@ void forward_impl(ForwardArgs& args) {
   auto ws_of = [&](int64_t d) {  // direction d's workspace, or null
     return save ? args.workspace.data_ptr<scalar_t>() + d * N * S : nullptr;
   };
-  auto projection = [&](int64_t d) {  // [N, G*H], or none where chunked
-    if (stored) {
-      at::Tensor gx = at::empty({N, G}, opts);
-      bf16_weight_product(N, xp.const_data_ptr<at::BFloat16>(), dims.I,
-                          args.w_ih[d].const_data_ptr<at::BFloat16>(), G, dims.I,
-                          gx.data_ptr<float>(), G);
-      return gx;
-    }
+  // [N, G*H], or none where chunked; where stored, on W_ih as stored too
+  // (whole_projection with few).
+  auto projection = [&](int64_t d) {
     return chunked ? at::Tensor() : whole_projection<scalar_t>(args, xp, d, G, few);
   };
 
