@@ -15,7 +15,16 @@ import sys
 
 import pytest
 import torch
-from test_cpu_split_backward import CELLS, LAYOUTS, grads, make_input, make_weights, op_fn, ref_fn
+from test_cpu_split_backward import (
+    CELLS,
+    LAYOUTS,
+    assert_float32_grads_close,
+    grads,
+    make_input,
+    make_weights,
+    op_fn,
+    ref_fn,
+)
 from test_cpu_split_backward import run as run_layer
 
 import varlen_rnn
@@ -107,16 +116,25 @@ def assert_all_equal(a, b, what):
 def test_float32_concurrent_is_bitwise_the_split_loops_in_turn(
     monkeypatch, threads, cell, kernel, layout
 ):
-    """The same per-direction arithmetic in both orders (the micro-kernel and the BLAS
-    compute each element the same way whatever the slice or thread count): equal bits, and
-    the concurrent order repeats exactly."""
+    """The same per-direction arithmetic in both orders: with the micro-kernel, which computes
+    each element the same way whatever the slice or thread count, equal bits; the concurrent
+    order repeats exactly. The BLAS may round an element differently by the width of the
+    slice it is given (MKL on an AMD EPYC does, for the LSTM projection's 20 columns split
+    16 + 4), so with it the two orders agree to float32 tolerance."""
     monkeypatch.setenv("VARLEN_RNN_CPU_GEMM", kernel)
     w, x, index, bf = float32_case(cell, layout)
     serial = outputs_and_grads(monkeypatch, "serial", cell, w, x, index, bf)
     concurrent = outputs_and_grads(monkeypatch, "concurrent", cell, w, x, index, bf)
     again = outputs_and_grads(monkeypatch, "concurrent", cell, w, x, index, bf)
     assert_all_equal(concurrent, again, "concurrent twice")
-    assert_all_equal(concurrent, serial, "concurrent vs serial")
+    if kernel == "kernel":
+        assert_all_equal(concurrent, serial, "concurrent vs serial")
+        return
+    for a, b in zip(concurrent[0], serial[0], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert set(concurrent[1]) == set(serial[1])
+    for name in serial[1]:
+        assert_float32_grads_close(cell, concurrent[1][name], serial[1][name], name)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -129,7 +147,7 @@ def test_float32_concurrent_agrees_with_the_gemm_loop(monkeypatch, cell):
     for a, b in zip(concurrent[0], gemm[0], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     for name in gemm[1]:
-        torch.testing.assert_close(concurrent[1][name], gemm[1][name], atol=1e-4, rtol=1e-4)
+        assert_float32_grads_close(cell, concurrent[1][name], gemm[1][name], name)
 
 
 @pytest.mark.parametrize("directions", ["serial", "concurrent"])

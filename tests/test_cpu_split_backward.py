@@ -95,6 +95,21 @@ def grads(fn_of, cell, w, x, index, bf, seed=2):
     return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
 
 
+def assert_float32_grads_close(cell, got, want, name):
+    """Two float32 runs that round their products differently: gradients agree to 1e-4.
+    Except at relu's kink: where a pre-activation is within a rounding of zero the two runs
+    may take different sides, and the gradient flowing through that position differs by the
+    whole of its dh. So the relu RNN may have a few elements (at most 0.5%) outside the
+    tolerance; a wrong product moves every element."""
+    if cell != "rnn_relu":
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        return
+    outside = ~torch.isclose(got, want, atol=1e-4, rtol=1e-4)
+    assert outside.sum().item() <= 0.005 * got.numel(), (
+        f"{name}: {outside.sum().item()} of {got.numel()} elements differ beyond 1e-4"
+    )
+
+
 def split_and_gemm(monkeypatch, cell, w, x, index, bf):
     got = {}
     for steps in ("split", "gemm"):
@@ -159,4 +174,4 @@ def test_float32_split_agrees_with_gemm_and_repeats_exactly(monkeypatch, threads
     split_b, _ = split_and_gemm(monkeypatch, cell, w, x, index, bf)
     for name in split_a:
         assert torch.equal(split_a[name], split_b[name]), name
-        torch.testing.assert_close(split_a[name], gemm[name], atol=1e-4, rtol=1e-4)
+        assert_float32_grads_close(cell, split_a[name], gemm[name], name)

@@ -105,12 +105,16 @@ class SplitBackward {
     kernel_ = !bf16_ && std::is_same_v<scalar_t, float> && use_small_gemm();
     w_hh_d_ = args.w_hh[d].contiguous();  // [G*H, P]
     packed_.resize(kernel_ ? parts_ : 0);
+    // The micro-kernel takes (B) dh' = dh_state W_hr too (each element's
+    // chain then does not depend on the team's slices).
+    if (proj_ && kernel_) w_hr_d_ = args.w_hr[d].contiguous();  // [P, H]
+    packed_r_.resize(proj_ && kernel_ ? parts_ : 0);
     packed16_.resize(bf16_ ? parts_ : 0);
     for (int64_t k = 0; k < parts_; ++k) {
       const auto [p0, p1] = slice_of(P, parts_, k);
       const bool own_pack = kernel_ || bf16_;
       panels_.push_back(own_pack ? at::Tensor() : w_hh_d_.narrow(1, p0, p1 - p0).contiguous());
-      if (proj_) {
+      if (proj_ && !kernel_) {
         const auto [u0, u1] = slice_of(H, parts_, k);
         panels_r_.push_back(args.w_hr[d].narrow(1, u0, u1 - u0).contiguous());
       }
@@ -139,8 +143,9 @@ class SplitBackward {
   at::Tensor w_hh_d_, dgbuf_, dhp_;  // [G*H, P], [nfloat, B, G*H], [B, H]
   at::Tensor dgb_;                   // [nbuf, B, G*H] bfloat16 dG (bf16)
   std::vector<at::Tensor> panels_, panels_r_;
-  std::vector<PackedB> packed_;
+  std::vector<PackedB> packed_, packed_r_;  // W_hh[:, p0:p1]; W_hr[:, u0:u1] (kernel_)
   std::vector<PackedB16> packed16_;
+  at::Tensor w_hr_d_;  // [P, H] (kernel_ with a projection)
   scalar_t *dh_p_ = nullptr, *dc_p_ = nullptr;
 };
 
@@ -180,6 +185,10 @@ void SplitBackward<Cell, scalar_t>::run(const Team& team) {
       if (p1 > p0)
         packed16_[k] = pack_b16(G, p1 - p0, w_hh_d_.const_data_ptr<at::BFloat16>() + p0, P, 1);
     }
+    for (int64_t k = tid; k < (kernel && proj ? parts : 0); k += nth) {
+      const auto [u0, u1] = slice_of(H, parts, k);  // b[p, j] = W_hr[p, u0 + j]
+      packed_r_[k] = pack_b(P, u1 - u0, w_hr_d_.const_data_ptr<float>() + u0, H, 1);
+    }
   }
   for (int64_t s = sched.max_len - 1; s >= 0; --s) {
     const int64_t n = sched.active[s];
@@ -207,8 +216,13 @@ void SplitBackward<Cell, scalar_t>::run(const Team& team) {
       const auto [u0, u1] = slice_of(H, parts, k);
       const int64_t Hs = u1 - u0;
       if (proj) {  // (B) dh'[:, u0:u1] = dh_state W_hr[:, u0:u1]
-        backward_step_gemm(n, Hs, P, dh_p, P, panels_r_[k].const_data_ptr<scalar_t>(), Hs,
-                           dhp_p + u0, H, false);
+        if (kernel) {
+          if constexpr (std::is_same_v<scalar_t, float>)
+            small_gemm(n, dh_p, P, packed_r_[k], dhp_p + u0, H, false);
+        } else {
+          backward_step_gemm(n, Hs, P, dh_p, P, panels_r_[k].const_data_ptr<scalar_t>(), Hs,
+                             dhp_p + u0, H, false);
+        }
       }
       for (int64_t i = 0; i < n; ++i) {
         const int64_t t = step_time(d, sched.len[i], s);

@@ -84,7 +84,15 @@ class SplitSteps {
     }
     proj_ = args.w_hr.defined();
     if (proj_) {
-      w_hr_t_ = args.w_hr[d].t().contiguous();    // [H, P]
+      // With the micro-kernel the projection takes it too: each element of
+      // h_state is then one multiply-add chain over H in order, however the
+      // team slices P (a BLAS's rounding may depend on the slice's width).
+      if (kernel_) {
+        w_hr_ = args.w_hr[d].contiguous();  // [P, H]
+        packed_r_.resize(parts_);
+      } else {
+        w_hr_t_ = args.w_hr[d].t().contiguous();  // [H, P]
+      }
       hraw_ = at::empty({args.dims.B, H}, opts);  // [B, H] h'
     } else {
       h2_ = at::empty_like(h);  // [B, P]
@@ -128,7 +136,8 @@ class SplitSteps {
   std::optional<ChunkedProjection<scalar_t>> chunks_;  // where gx_p_ is null
   at::Tensor hb_store_[2];  // [B, P] bfloat16 h, ping-ponging like hbuf_ (one with proj)
   at::BFloat16* hb_[2] = {nullptr, nullptr};
-  at::Tensor w_hr_t_, hraw_, h2_;  // [H, P], [B, H], [B, P]
+  std::vector<PackedB> packed_r_;         // kernel_: W_hr^T[:, p0:p1] per part
+  at::Tensor w_hr_, w_hr_t_, hraw_, h2_;  // [P, H] (kernel_) or [H, P], [B, H], [B, P]
   scalar_t* hbuf_[2] = {nullptr, nullptr};
   scalar_t* c_p_ = nullptr;
 };
@@ -143,7 +152,7 @@ void SplitSteps<Cell, scalar_t>::run(const Team& team) {
   const Bf16GemmScope bf16_scope(bf16);
   scalar_t* h_p = hbuf_[0];
   scalar_t* hraw_p = proj ? hraw_.data_ptr<scalar_t>() : nullptr;
-  const scalar_t* wr_p = proj ? w_hr_t_.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* wr_p = w_hr_t_.defined() ? w_hr_t_.const_data_ptr<scalar_t>() : nullptr;
   const OutputWriter<scalar_t> out(args_.output);
   ChunkedProjection<scalar_t>* chunks = chunks_ ? &*chunks_ : nullptr;
   for (int64_t k = tid; k < (chunks ? parts : 0); k += nth) chunks->prepare(k);
@@ -155,6 +164,11 @@ void SplitSteps<Cell, scalar_t>::run(const Team& team) {
     for (int64_t k = tid; k < (bf16 ? parts : 0); k += nth) {
       const int64_t cols = panels_[k].size(0);
       packed16_[k] = pack_b16(P, cols, panels_[k].const_data_ptr<at::BFloat16>(), 1, P);
+    }
+    for (int64_t k = tid; k < (kernel && proj ? parts : 0); k += nth) {
+      // b[h, j] = W_hr[p0 + j, h]
+      const auto [p0, p1] = slice_of(P, parts, k);
+      packed_r_[k] = pack_b(H, p1 - p0, w_hr_.const_data_ptr<float>() + p0 * H, 1, H);
     }
   }
   for (int64_t s = 0; s < sched.max_len; ++s) {
@@ -200,7 +214,12 @@ void SplitSteps<Cell, scalar_t>::run(const Team& team) {
       for (int64_t k = tid; k < parts; k += nth) {
         const auto [p0, p1] = slice_of(P, parts, k);
         if (p1 == p0) continue;
-        gemm_rm(n, p1 - p0, H, hraw_p, H, wr_p + p0, P, h_p + p0, P);
+        if (kernel) {
+          if constexpr (std::is_same_v<scalar_t, float>)
+            small_gemm(n, hraw_p, H, packed_r_[k], h_p + p0, P, false);
+        } else {
+          gemm_rm(n, p1 - p0, H, hraw_p, H, wr_p + p0, P, h_p + p0, P);
+        }
         for (int64_t i = 0; i < n; ++i) {
           const int64_t t = step_time(d, sched.len[i], s);
           if (bf16) round_bf16(h_p + i * P + p0, p1 - p0, hb_[0] + i * P + p0);
