@@ -171,7 +171,8 @@ TORCH_LIBRARY(varlen_rnn, m) {
   m.def("_bf16_gemm(Tensor a, Tensor b, Tensor? c, Tensor? bias, bool parallel) -> Tensor");
   // Test entry: a [m, K] bfloat16 times w [J, K] bfloat16 transposed, the
   // product on a weight as stored (cpu/bf16_gemm.h bf16_weight_product) by
-  // method: 0 its own choice, 1 the dot products, 2 the matrix unit. Returns
+  // method: 0 its own choice, 1 the dot products, 2 the swapped product on
+  // the unit VARLEN_RNN_CPU_BF16 gives (cpu/bf16_gemm.h bf16_unit). Returns
   // [m + 1, J + 5] float32: the result in [:m, :J], NaN elsewhere.
   m.def("_bf16_weight_product(Tensor a, Tensor w, int method) -> Tensor");
 }

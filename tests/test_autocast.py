@@ -113,8 +113,8 @@ def test_float64_model_is_left_alone(device, amp_dtype, cudnn):
 def test_float32_state_is_computed_in_float32(device, amp_dtype, cudnn):
     """Where nn.GRU keeps a float32 state, the kernels run in float32: the result is the one
     outside autocast, bit for bit (the kernels' own GEMMs are not autocast behind their back).
-    Except on a CPU whose bfloat16 layers take their products on the matrix units (AMX): there,
-    under bfloat16 autocast, the layers run as bfloat16 layers (bfloat16 product operands,
+    Except on a CPU whose bfloat16 layers take their products in bfloat16 (AMX or AVX512-BF16):
+    there, under bfloat16 autocast, the layers run as bfloat16 layers (bfloat16 product operands,
     float32 state and gates inside, as nn.GRU's autocast GEMMs), and the result is exactly that
     of the same model in bfloat16, cast back to float32."""
     _, ours = make_pair(I, H, 2, bidirectional=True, dtype=F32, device=device)

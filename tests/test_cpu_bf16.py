@@ -1,18 +1,20 @@
-"""bfloat16 layers on the CPU's matrix units (csrc/cpu/bf16_gemm.h): the product itself through
-the test op _bf16_gemm against an exact float64 one (row and column tails, accumulate, bias,
-one thread and all), then whole bfloat16 modules of every cell and input kind, run with the
-products in bfloat16 (VARLEN_RNN_CPU_BF16=amx) and in float32 throughout (=float), against
+"""bfloat16 layers on the CPU's bfloat16 units (csrc/cpu/bf16_gemm.h), each test on each unit the
+CPU has (the matrix unit, AMX; AVX512-BF16's dot products in our own kernel, which AMX CPUs run
+too; a unit the CPU lacks is skipped, saying so): the product itself through the test op
+_bf16_gemm against an exact float64 one (row and column tails, accumulate, bias, one thread and
+all), then whole bfloat16 modules of every cell and input kind, run with the products in
+bfloat16 (VARLEN_RNN_CPU_BF16=amx or avx512) and in float32 throughout (=float), against
 float64 references:
 - the plain reference on the bfloat16 weights and input: both runs agree with it to bfloat16
   precision, forward and every gradient;
 - a mirror of the bfloat16 products (the reference with each product's state operand rounded
-  to bfloat16, as the kernel rounds h): the matrix-unit run agrees with it to one bfloat16
+  to bfloat16, as the kernel rounds h): the bfloat16 run agrees with it to one bfloat16
   rounding of the result, its own definition, whichever step loop runs. At these sizes the
   mirror tells the two runs apart for the RNN (the float32 run fails it); for the GRU and LSTM
-  the rounding of h stays inside the tolerance, and the runs are told apart by their bits.
-Skipped where the CPU has no bfloat16 matrix unit (no AMX, or torch.backends.mkldnn off)."""
+  the rounding of h stays inside the tolerance, and the runs are told apart by their bits."""
 
 import copy
+import os
 import types
 
 import pytest
@@ -26,18 +28,34 @@ ops = torch.ops.varlen_rnn
 BF16 = torch.bfloat16
 
 
-def _available() -> bool:
+# The two units (csrc/cpu/bf16_gemm.h bf16_unit): the matrix unit, and AVX512-BF16's dot
+# products of pairs in a kernel of our own (which every CPU with the matrix unit runs too).
+UNITS = {"amx": "bfloat16 matrix unit (AMX) with oneDNN enabled", "avx512": "AVX512-BF16"}
+
+
+def _available(unit) -> bool:
+    old = os.environ.get("VARLEN_RNN_CPU_BF16")
+    os.environ["VARLEN_RNN_CPU_BF16"] = unit
     try:
         ops._bf16_gemm(torch.ones(1, 2, dtype=BF16), torch.ones(2, 1), None, None, False)
     except RuntimeError as e:
-        assert "no bfloat16 matrix unit" in str(e)
+        assert f"VARLEN_RNN_CPU_BF16={unit}: this CPU or build has no" in str(e)
         return False
+    finally:
+        if old is None:
+            del os.environ["VARLEN_RNN_CPU_BF16"]
+        else:
+            os.environ["VARLEN_RNN_CPU_BF16"] = old
     return True
 
 
-pytestmark = pytest.mark.skipif(
-    not _available(), reason="this CPU has no bfloat16 matrix unit (AMX) with oneDNN enabled"
-)
+@pytest.fixture(autouse=True, params=list(UNITS))
+def unit(request, monkeypatch):
+    """Every test on each unit this CPU has (VARLEN_RNN_CPU_BF16 set to it)."""
+    if not _available(request.param):
+        pytest.skip(f"this CPU has no {UNITS[request.param]}")
+    monkeypatch.setenv("VARLEN_RNN_CPU_BF16", request.param)
+    return request.param
 
 
 def bound(a, b, K):
@@ -93,7 +111,7 @@ WEIGHT_SHAPES = [(1, 8, 2), (3, 17, 10), (4, 64, 256), (5, 65, 34), (16, 100, 64
 WEIGHT_SHAPES += [(64, 768, 256), (65, 7, 16), (130, 200, 512), (3, 5, 0), (70, 5, 0), (0, 9, 8)]
 
 
-@pytest.mark.parametrize("method", [0, 1, 2], ids=["auto", "dots", "matrix-unit"])
+@pytest.mark.parametrize("method", [0, 1, 2], ids=["auto", "dots", "swapped"])
 @pytest.mark.parametrize(
     "m,J,K", WEIGHT_SHAPES, ids=[f"m{m}-J{j}-K{k}" for m, j, k in WEIGHT_SHAPES]
 )
@@ -106,7 +124,7 @@ def test_product_on_a_stored_weight_matches_an_exact_one(m, J, K, method):
     assert full[m:].isnan().all() and full[:, J:].isnan().all()  # nothing written past [m, J]
 
 
-@pytest.mark.parametrize("method", [1, 2], ids=["dots", "matrix-unit"])
+@pytest.mark.parametrize("method", [1, 2], ids=["dots", "swapped"])
 def test_product_on_a_stored_weight_reads_strided_rows(method):
     """a's rows with a stride past K (a slice of a wider buffer, as the step loop's h)."""
     g = torch.Generator().manual_seed(5)
@@ -193,7 +211,7 @@ def flat(out):
 @pytest.mark.parametrize(
     "lengths", [LENGTHS, FEW, ONE_STEP, BATCH_STEP], ids=["many", "few", "one_step", "batch_step"]
 )
-def test_padded_forward_matches_the_mirror(cell, steps, projection, lengths, monkeypatch):
+def test_padded_forward_matches_the_mirror(cell, steps, projection, lengths, monkeypatch, unit):
     """Every step loop and input projection (the split loop's chunks or one product before it:
     with few steps, on W_ih as stored) on the weights as they are."""
     monkeypatch.setenv("VARLEN_RNN_CPU_STEPS", steps)
@@ -201,34 +219,34 @@ def test_padded_forward_matches_the_mirror(cell, steps, projection, lengths, mon
     m = model(cell)
     lengths = torch.tensor(lengths)
     x = torch.randn(T, len(lengths), I).to(BF16)
-    monkeypatch.setenv("VARLEN_RNN_CPU_BF16", "amx")
+    monkeypatch.setenv("VARLEN_RNN_CPU_BF16", unit)
     with torch.no_grad():
-        amx = flat(m(x, lengths=lengths))
+        bf16 = flat(m(x, lengths=lengths))
     monkeypatch.setenv("VARLEN_RNN_CPU_BF16", "float")
     with torch.no_grad():
         plain = flat(m(x, lengths=lengths))
     mirror = flat(run_ref(cell, m, x, lengths, True, monkeypatch)[0])
     truth = flat(run_ref(cell, m, x, lengths, False, monkeypatch)[0])
-    for got, want in zip(amx, mirror):
+    for got, want in zip(bf16, mirror):
         assert got.dtype == BF16
         # One bfloat16 rounding of the result (2^-8 relative), plus the rare state that float32
         # and float64 round to neighbouring bfloat16 values (seen: 4 of 8640 outputs off by
         # 1.3e-4; the unmirrored reference is up to 3.5e-3 away).
         torch.testing.assert_close(got.double(), want, rtol=2.0**-8, atol=5e-4)
-    for got, want in zip(amx + plain, truth + truth):
+    for got, want in zip(bf16 + plain, truth + truth):
         torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2)
-    # The matrix-unit run is not the float32 one: its h was rounded for each product (not
+    # The bfloat16 run is not the float32 one: its h was rounded for each product (not
     # in one step from h0 = 0, where the products' operands are the same).
     if lengths.max() > 1:
-        assert any(not torch.equal(a, p) for a, p in zip(amx, plain))
+        assert any(not torch.equal(a, p) for a, p in zip(bf16, plain))
 
 
 @pytest.mark.parametrize("cell", list(CELLS))
-def test_training_gradients(cell, monkeypatch):
+def test_training_gradients(cell, monkeypatch, unit):
     """The products in bfloat16, forward and backward: every gradient agrees with the float64
     mirror's (whose rounded state decides the same ReLU branches) to bfloat16 precision. This
     mirror leaves the backward's roundings out; test_backward_matches_its_mirror has them."""
-    monkeypatch.setenv("VARLEN_RNN_CPU_BF16", "amx")
+    monkeypatch.setenv("VARLEN_RNN_CPU_BF16", unit)
     m = model(cell, batch_first=True)
     lengths = torch.tensor(LENGTHS)
     x = torch.randn(len(LENGTHS), T, I).to(BF16).requires_grad_()
@@ -247,9 +265,9 @@ def test_training_gradients(cell, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["packed", "nested"])
-def test_ragged_input(kind, monkeypatch):
+def test_ragged_input(kind, monkeypatch, unit):
     """PackedSequence and nested-tensor input take the same products as padded input."""
-    monkeypatch.setenv("VARLEN_RNN_CPU_BF16", "amx")
+    monkeypatch.setenv("VARLEN_RNN_CPU_BF16", unit)
     m = model("gru")
     lengths = [n for n in LENGTHS if n > 0]
     seqs = [torch.randn(n, I).to(BF16) for n in lengths]
@@ -268,10 +286,10 @@ def test_ragged_input(kind, monkeypatch):
     torch.testing.assert_close(h, h_want, rtol=2.0**-8, atol=1e-5)
 
 
-def test_deterministic_and_odd_sizes(monkeypatch):
+def test_deterministic_and_odd_sizes(monkeypatch, unit):
     """Repeated calls give the same bits; an odd inner size (I = 13) keeps the layer in float32
-    throughout (the matrix unit multiplies pairs), equal to the =float run."""
-    monkeypatch.setenv("VARLEN_RNN_CPU_BF16", "amx")
+    throughout (both units multiply pairs), equal to the =float run."""
+    monkeypatch.setenv("VARLEN_RNN_CPU_BF16", unit)
     m = model("lstm")
     lengths = torch.tensor(LENGTHS)
     x = torch.randn(T, len(LENGTHS), I).to(BF16)
@@ -289,7 +307,9 @@ def test_deterministic_and_odd_sizes(monkeypatch):
 def test_bad_setting_names_itself(monkeypatch):
     monkeypatch.setenv("VARLEN_RNN_CPU_BF16", "fast")
     m = varlen_rnn.GRU(4, 8).to(BF16)
-    with pytest.raises(RuntimeError, match="VARLEN_RNN_CPU_BF16 must be auto, amx or float"):
+    with pytest.raises(
+        RuntimeError, match="VARLEN_RNN_CPU_BF16 must be auto, amx, avx512 or float"
+    ):
         m(torch.ones(3, 2, 4, dtype=BF16), lengths=torch.tensor([3, 2]))
 
 
@@ -449,35 +469,35 @@ def mirror_excess(got, want):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("steps,directions", LOOPS, ids=["split", "concurrent", "gemm"])
 @pytest.mark.parametrize("cell", list(CELLS))
-def test_backward_matches_its_mirror(cell, steps, directions, layout, monkeypatch):
-    """Every gradient of the matrix-unit run agrees with the float64 mirror of the forward's
+def test_backward_matches_its_mirror(cell, steps, directions, layout, monkeypatch, unit):
+    """Every gradient of the bfloat16 run agrees with the float64 mirror of the forward's
     and the backward's roundings (mirror_excess says how closely, and why); the mirror without
     the backward's roundings is further off than that, and the =float run differs bitwise: the
     backward's bfloat16 path is the one taken."""
     monkeypatch.setenv("VARLEN_RNN_CPU_STEPS", steps)
     monkeypatch.setenv("VARLEN_RNN_CPU_DIRECTIONS", directions)
-    monkeypatch.setenv("VARLEN_RNN_CPU_BF16", "amx")
-    m, x, lengths, weights, amx = train_once(cell, layout)
+    monkeypatch.setenv("VARLEN_RNN_CPU_BF16", unit)
+    m, x, lengths, weights, bf16 = train_once(cell, layout)
     mirror = mirror_grads(cell, m, x, lengths, weights, True, monkeypatch)
-    assert all(a.dtype == BF16 for a in amx)
-    assert mirror_excess(amx, mirror) <= 0
+    assert all(a.dtype == BF16 for a in bf16)
+    assert mirror_excess(bf16, mirror) <= 0
     forward_only = mirror_grads(cell, m, x, lengths, weights, False, monkeypatch)
-    assert mirror_excess(amx, forward_only) > 5e-4
+    assert mirror_excess(bf16, forward_only) > 5e-4
     monkeypatch.setenv("VARLEN_RNN_CPU_BF16", "float")
     plain = train_once(cell, layout)[4]
     assert mirror_excess(plain, mirror) > 5e-4
-    assert any(not torch.equal(a, p) for a, p in zip(amx, plain))
+    assert any(not torch.equal(a, p) for a, p in zip(bf16, plain))
 
 
 @pytest.mark.parametrize("steps,directions", LOOPS, ids=["split", "concurrent", "gemm"])
 @pytest.mark.parametrize("cell", list(CELLS))
-def test_backward_repeats_bitwise(cell, steps, directions, monkeypatch):
+def test_backward_repeats_bitwise(cell, steps, directions, monkeypatch, unit):
     """A second training step on the same input gives the same bits (every product's rows are
     summed by one thread in a fixed order), and the step loops agree with each other to the
     mirror's tolerance."""
     monkeypatch.setenv("VARLEN_RNN_CPU_STEPS", steps)
     monkeypatch.setenv("VARLEN_RNN_CPU_DIRECTIONS", directions)
-    monkeypatch.setenv("VARLEN_RNN_CPU_BF16", "amx")
+    monkeypatch.setenv("VARLEN_RNN_CPU_BF16", unit)
     first = train_once(cell, "batch_first")[4]
     second = train_once(cell, "batch_first")[4]
     assert all(torch.equal(a, b) for a, b in zip(first, second))
@@ -487,7 +507,7 @@ def test_backward_repeats_bitwise(cell, steps, directions, monkeypatch):
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm_proj"])
-def test_backward_odd_sizes_stay_float(cell, monkeypatch):
+def test_backward_odd_sizes_stay_float(cell, monkeypatch, unit):
     """An odd state width (H = 41, or P = 5 with a projection) keeps the whole layer, backward
     included, in float32: its gradients equal the =float run's bit for bit."""
     cls, extra, _ = CELLS[cell]
@@ -504,11 +524,11 @@ def test_backward_odd_sizes_stay_float(cell, monkeypatch):
         m(xg, lengths=lengths)[0].float().sum().backward()
         return [xg.grad] + [p.grad.clone() for p in m.parameters()]
 
-    assert all(torch.equal(a, b) for a, b in zip(grads("amx"), grads("float")))
+    assert all(torch.equal(a, b) for a, b in zip(grads(unit), grads("float")))
 
 
 @pytest.mark.parametrize("cell", list(CELLS))
-def test_decoding_step_with_gate_rows_not_a_multiple_of_8(cell, monkeypatch):
+def test_decoding_step_with_gate_rows_not_a_multiple_of_8(cell, monkeypatch, unit):
     """One decoding step (kDotRows positions or fewer) at H=6, I=10: the dot products take the
     weights' rows 8 at a time, and the last G*H % 8 rows one by one (K = 10 and 6: the masked
     tail of a 32-value chunk only)."""
@@ -518,7 +538,7 @@ def test_decoding_step_with_gate_rows_not_a_multiple_of_8(cell, monkeypatch):
     m = cls(10, 6, num_layers=2, **extra).to(BF16)
     lengths = torch.tensor([1, 1, 1])
     x = torch.randn(1, 3, 10).to(BF16)
-    monkeypatch.setenv("VARLEN_RNN_CPU_BF16", "amx")
+    monkeypatch.setenv("VARLEN_RNN_CPU_BF16", unit)
     with torch.no_grad():
         got = flat(m(x, lengths=lengths))
     mirror = flat(run_ref(cell, m, x, lengths, True, monkeypatch)[0])

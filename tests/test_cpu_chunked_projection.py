@@ -11,6 +11,7 @@ import pytest
 import torch
 from cell_ops_testing import make_batch, make_layer
 from test_cell_ops import check_against_reference
+from test_cpu_bf16 import UNITS, _available
 from test_cpu_split_steps import H, I, P, check_gru_against_reference, gru_layer
 
 import varlen_rnn
@@ -113,29 +114,20 @@ def test_float32_agrees_with_the_whole_projection(
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def _amx() -> bool:
-    try:
-        ops._bf16_gemm(torch.ones(1, 2, dtype=torch.bfloat16), torch.ones(2, 1), None, None, False)
-    except RuntimeError as e:
-        assert "no bfloat16 matrix unit" in str(e)
-        return False
-    return True
-
-
-@pytest.mark.skipif(
-    not _amx(), reason="this CPU has no bfloat16 matrix unit (AMX) with oneDNN enabled"
-)
+@pytest.mark.parametrize("unit", list(UNITS))
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 @pytest.mark.parametrize("D", [1, 2], ids=["uni", "bi"])
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_bfloat16_equals_the_whole_projection(
-    chunked, two_threads, directions, cell, D, layout, monkeypatch
+    chunked, two_threads, directions, cell, D, layout, unit, monkeypatch
 ):
-    """On the matrix unit each row of a product is computed alone, over all of K in the same
-    order, so the chunked projection's rows are bitwise the whole GEMM's: the chunked run (the
-    bfloat16 default, here with chunk boundaries at every 4 steps) equals the whole one, which
-    test_cpu_bf16.py holds to its float64 mirror."""
-    monkeypatch.setenv("VARLEN_RNN_CPU_BF16", "amx")
+    """On either bfloat16 unit each row of a product is computed alone, over all of K in the
+    same order, so the chunked projection's rows are bitwise the whole GEMM's: the chunked run
+    (the bfloat16 default, here with chunk boundaries at every 4 steps) equals the whole one,
+    which test_cpu_bf16.py holds to its float64 mirror."""
+    if not _available(unit):
+        pytest.skip(f"this CPU has no {UNITS[unit]}")
+    monkeypatch.setenv("VARLEN_RNN_CPU_BF16", unit)
     cls = varlen_rnn.GRU if cell == "gru" else varlen_rnn.LSTM
     whole, chunks = float_runs(
         monkeypatch, torch.bfloat16, layout, D, lambda: cls(16, 64, bidirectional=D == 2)

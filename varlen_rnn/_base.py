@@ -461,9 +461,10 @@ _HAS_CUDNN = torch.backends.cudnn.is_available()
 
 
 def _probe_cpu_bf16() -> bool:
-    """Whether bfloat16 layers run their products on this CPU's matrix units (AMX:
-    csrc/cpu/bf16_gemm.h) and VARLEN_RNN_CPU_BF16 allows it (the kernels read it at every
-    call; this is read once, at import, as dynamo cannot trace the probe)."""
+    """Whether bfloat16 layers run their products in bfloat16 on this CPU (its matrix units,
+    AMX, or AVX512-BF16's dot products: csrc/cpu/bf16_gemm.h) and VARLEN_RNN_CPU_BF16 allows
+    it (the kernels read it at every call; this is read once, at import, as dynamo cannot
+    trace the probe)."""
     if os.environ.get("VARLEN_RNN_CPU_BF16", "auto") == "float":
         return False
     a, b = torch.ones(1, 2, dtype=torch.bfloat16), torch.ones(2, 1)
@@ -479,11 +480,12 @@ _CPU_BF16 = _probe_cpu_bf16()
 
 def _cpu_autocast_compute(x: Tensor, dtype: torch.dtype) -> torch.dtype:
     """The dtype the layer ops run in under autocast, given the results' dtype. On a CPU whose
-    bfloat16 layers take their products on the matrix units, float32 results under bfloat16
-    autocast come from bfloat16 layers cast back: products with bfloat16 operands and float32
-    accumulation, state and gates float32 inside the layer, what torch.nn's autocast GEMMs
-    do (its state stays float32 between steps too; here the layers' inputs, initial states
-    and results pass through bfloat16). Elsewhere the layers run in the results' dtype."""
+    bfloat16 layers take their products in bfloat16 (AMX or AVX512-BF16), float32 results
+    under bfloat16 autocast come from bfloat16 layers cast back: products with bfloat16
+    operands and float32 accumulation, state and gates float32 inside the layer, what
+    torch.nn's autocast GEMMs do (its state stays float32 between steps too; here the layers'
+    inputs, initial states and results pass through bfloat16). Elsewhere the layers run in
+    the results' dtype."""
     if (
         _CPU_BF16
         and x.device.type == "cpu"

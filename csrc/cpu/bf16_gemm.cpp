@@ -21,28 +21,55 @@ namespace cpu {
 
 namespace cpublas = at::native::cpublas;
 
-bool bf16_gemm_available() { return cpublas::could_pack(at::kBFloat16); }
+namespace {
+
+bool amx_available() { return cpublas::could_pack(at::kBFloat16); }
+
+bool avx512bf16_available() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512bf16");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+Bf16Unit bf16_unit() {
+  if (const char* env = std::getenv("VARLEN_RNN_CPU_BF16")) {
+    if (std::strcmp(env, "float") == 0) return Bf16Unit::kFloat;
+    if (std::strcmp(env, "amx") == 0) {
+      TORCH_CHECK(amx_available(),
+                  "VARLEN_RNN_CPU_BF16=amx: this CPU or build has no bfloat16 matrix unit "
+                  "(AMX) with oneDNN enabled");
+      return Bf16Unit::kAmx;
+    }
+    if (std::strcmp(env, "avx512") == 0) {
+      TORCH_CHECK(avx512bf16_available(),
+                  "VARLEN_RNN_CPU_BF16=avx512: this CPU or build has no AVX512-BF16");
+      return Bf16Unit::kAvx512;
+    }
+    TORCH_CHECK(std::strcmp(env, "auto") == 0,
+                "VARLEN_RNN_CPU_BF16 must be auto, amx, avx512 or float, got '", env, "'");
+  }
+  if (amx_available()) return Bf16Unit::kAmx;
+  if (avx512bf16_available()) return Bf16Unit::kAvx512;
+  return Bf16Unit::kFloat;
+}
 
 bool bf16_gemm_for(at::ScalarType input_dtype, int64_t I, int64_t P) {
   if (input_dtype != at::kBFloat16 || I % 2 != 0 || P % 2 != 0) return false;
-  if (const char* env = std::getenv("VARLEN_RNN_CPU_BF16")) {
-    if (std::strcmp(env, "float") == 0) return false;
-    if (std::strcmp(env, "amx") == 0) {
-      TORCH_CHECK(bf16_gemm_available(),
-                  "VARLEN_RNN_CPU_BF16=amx: this CPU or build has no bfloat16 matrix unit "
-                  "(AMX) with oneDNN enabled");
-      return true;
-    }
-    TORCH_CHECK(std::strcmp(env, "auto") == 0,
-                "VARLEN_RNN_CPU_BF16 must be auto, amx or float, got '", env, "'");
-  }
-  return bf16_gemm_available();
+  return bf16_unit() != Bf16Unit::kFloat;
 }
 
 namespace {
 
 // pack_b16 for either source type (float32 values are rounded to nearest
-// even, bfloat16 ones copied).
+// even, bfloat16 ones copied), for the matrix unit (its own packing kernel)
+// or the AVX512-BF16 kernel (strip j's pair of k q at [q][kStrip][2]: each
+// column's two values of k side by side, what vdpbf16ps multiplies).
 template <typename src_t>
 PackedB16 pack_b16_from(int64_t K, int64_t N, const src_t* b, int64_t stride_k, int64_t stride_n) {
   constexpr int64_t S = PackedB16::kStrip;
@@ -50,9 +77,25 @@ PackedB16 pack_b16_from(int64_t K, int64_t N, const src_t* b, int64_t stride_k, 
   PackedB16 p;
   p.K = K;
   p.N = N;
+  p.unit = bf16_unit();
+  TORCH_INTERNAL_ASSERT(p.unit != Bf16Unit::kFloat, "pack_b16: no bfloat16 unit");
   const int64_t strips = (N + S - 1) / S;
   const auto opts = at::TensorOptions().dtype(at::kBFloat16);
   p.strips = at::zeros({strips, K, S}, opts);
+  if (p.unit == Bf16Unit::kAvx512) {
+    at::BFloat16* out = p.strips.data_ptr<at::BFloat16>();
+    for (int64_t j = 0; j < strips; ++j) {
+      const int64_t j0 = j * S, nj = std::min(S, N - j0);
+      for (int64_t k = 0; k < K; ++k) {
+        at::BFloat16* row = out + j * K * S + (k / 2) * 2 * S + (k % 2);
+        const src_t* bk = b + k * stride_k + j0 * stride_n;
+        for (int64_t jj = 0; jj < nj; ++jj) {
+          row[2 * jj] = static_cast<at::BFloat16>(bk[jj * stride_n]);
+        }
+      }
+    }
+    return p;
+  }
   // One strip at a time: rounded into a zero-padded row-major [K, S], then
   // interleaved by the packing kernel.
   at::Tensor plain = at::zeros({K, S}, opts);
@@ -68,6 +111,136 @@ PackedB16 pack_b16_from(int64_t K, int64_t N, const src_t* b, int64_t stride_k, 
     cpublas::pack(K, S, S, S, at::kBFloat16, at::kBFloat16, pl, p.strips[j].data_ptr());
   }
   return p;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define VR_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
+
+// The AVX512-BF16 kernel's tile: R rows x NU vectors of 16 columns of c, over
+// kp pairs of k, from R rows of a (offset to the block's first k) and one
+// strip's block (pairs [kp][kStrip][2]). Per pair: NU loads of the strip, and
+// per row a's two values broadcast as one 32-bit lane and NU vdpbf16ps. The
+// accumulators start from c (load_c) or 0; only c's first `cols` columns are
+// read or written (masked).
+template <int R, int NU>
+VR_BF16_TARGET inline __attribute__((always_inline)) void bf16_tile(
+    int64_t kp, const at::BFloat16* a, int64_t lda, const at::BFloat16* strip, float* c,
+    int64_t ldc, int64_t cols, bool load_c) {
+  constexpr int64_t S = PackedB16::kStrip;
+  __mmask16 mask[NU];
+#pragma GCC unroll 4
+  for (int v = 0; v < NU; ++v) {
+    const int64_t lanes = std::clamp<int64_t>(cols - 16 * v, 0, 16);
+    mask[v] = static_cast<__mmask16>((1u << lanes) - 1);
+  }
+  __m512 acc[R][NU];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NU; ++v) {
+      acc[r][v] =
+          load_c ? _mm512_maskz_loadu_ps(mask[v], c + r * ldc + 16 * v) : _mm512_setzero_ps();
+    }
+  }
+  for (int64_t q = 0; q < kp; ++q) {
+    __m512bh bv[NU];
+#pragma GCC unroll 4
+    for (int v = 0; v < NU; ++v) {
+      bv[v] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(strip + q * 2 * S + 32 * v));
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a + r * lda + 2 * q, sizeof pair);
+      const __m512bh av = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+#pragma GCC unroll 4
+      for (int v = 0; v < NU; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NU; ++v) _mm512_mask_storeu_ps(c + r * ldc + 16 * v, mask[v], acc[r][v]);
+  }
+}
+
+// bf16_tile for the vectors `cols` (1..kStrip) needs.
+template <int R>
+VR_BF16_TARGET inline __attribute__((always_inline)) void bf16_tile_cols(
+    int64_t kp, const at::BFloat16* a, int64_t lda, const at::BFloat16* strip, float* c,
+    int64_t ldc, int64_t cols, bool load_c) {
+  switch ((cols + 15) / 16) {
+    case 1:
+      return bf16_tile<R, 1>(kp, a, lda, strip, c, ldc, cols, load_c);
+    case 2:
+      return bf16_tile<R, 2>(kp, a, lda, strip, c, ldc, cols, load_c);
+    case 3:
+      return bf16_tile<R, 3>(kp, a, lda, strip, c, ldc, cols, load_c);
+    default:
+      return bf16_tile<R, 4>(kp, a, lda, strip, c, ldc, cols, load_c);
+  }
+}
+
+// One strip on the AVX512-BF16 unit, what one BRGeMM call does on the matrix
+// unit: c[m, nj] (ldc) = (or += with accumulate) a[m, K] (lda) strip, nj <=
+// kStrip, K even. Blocks of kKc pairs of k (the strip's block stays in L1
+// while every row tile passes it), then row tiles of at most 6 rows (24
+// accumulators, 4 strip vectors and a broadcast: 29 of the 32 registers), m
+// split into near-equal tiles. A tile resumes from the partial sums the
+// previous block left in c (floats stored and reloaded exactly), so each
+// c[i, j] is one chain of pair products over k in order, whatever m.
+VR_BF16_TARGET void strip_avx512(int64_t m, int64_t nj, int64_t K, int64_t lda, int64_t ldc,
+                                 bool accumulate, const at::BFloat16* a, const at::BFloat16* strip,
+                                 float* c) {
+  constexpr int64_t S = PackedB16::kStrip, kKc = 96, kMr = 6;  // 96 pairs: 24 KiB of strip
+  const int64_t pairs = K / 2, tiles = (m + kMr - 1) / kMr;
+  for (int64_t q0 = 0; q0 < pairs; q0 += kKc) {
+    const int64_t kp = std::min(kKc, pairs - q0);
+    const bool load_c = accumulate || q0 > 0;
+    const at::BFloat16* sq = strip + q0 * 2 * S;
+    for (int64_t t = 0, i0 = 0; t < tiles; ++t) {
+      const int64_t rows = m / tiles + (t < m % tiles ? 1 : 0);
+      const at::BFloat16* ai = a + i0 * lda + 2 * q0;
+      float* ci = c + i0 * ldc;
+      switch (rows) {
+        case 1:
+          bf16_tile_cols<1>(kp, ai, lda, sq, ci, ldc, nj, load_c);
+          break;
+        case 2:
+          bf16_tile_cols<2>(kp, ai, lda, sq, ci, ldc, nj, load_c);
+          break;
+        case 3:
+          bf16_tile_cols<3>(kp, ai, lda, sq, ci, ldc, nj, load_c);
+          break;
+        case 4:
+          bf16_tile_cols<4>(kp, ai, lda, sq, ci, ldc, nj, load_c);
+          break;
+        case 5:
+          bf16_tile_cols<5>(kp, ai, lda, sq, ci, ldc, nj, load_c);
+          break;
+        default:
+          bf16_tile_cols<6>(kp, ai, lda, sq, ci, ldc, nj, load_c);
+          break;
+      }
+      i0 += rows;
+    }
+  }
+}
+#endif
+
+// One strip's product (c[m, nj] (=|+=) a[m, K] strip, K > 0) on a unit.
+void strip_product(Bf16Unit unit, int64_t m, int64_t nj, int64_t K, int64_t lda, int64_t ldc,
+                   bool accumulate, const at::BFloat16* a, const at::BFloat16* strip, float* c) {
+  if (unit == Bf16Unit::kAmx) {
+    cpublas::brgemm(m, nj, K, lda, PackedB16::kStrip, ldc, accumulate, a, strip, c, true);
+    return;
+  }
+#if defined(__x86_64__) && defined(__GNUC__)
+  TORCH_INTERNAL_ASSERT(unit == Bf16Unit::kAvx512 && avx512bf16_available());
+  strip_avx512(m, nj, K, lda, ldc, accumulate, a, strip, c);
+#else
+  TORCH_INTERNAL_ASSERT(false, "bfloat16 products: no unit in this build");
+#endif
 }
 
 }  // namespace
@@ -93,7 +266,7 @@ void bf16_gemm(int64_t m, const at::BFloat16* a, int64_t lda, const PackedB16& b
       for (int64_t i = 0; i < m && !accumulate; ++i) std::fill_n(c + i * ldc + j0, nj, 0.0f);
       continue;
     }
-    cpublas::brgemm(m, nj, b.K, lda, S, ldc, accumulate, a, strips + j * strip_size, c + j0, true);
+    strip_product(b.unit, m, nj, b.K, lda, ldc, accumulate, a, strips + j * strip_size, c + j0);
   }
 }
 
@@ -243,8 +416,9 @@ __attribute__((target("avx512f"))) void store_transposed_avx512(const float* blo
 
 }  // namespace
 
-void bf16_weight_product_amx(int64_t m, const at::BFloat16* a, int64_t lda, const at::BFloat16* w,
-                             int64_t J, int64_t K, float* c, int64_t ldc) {
+void bf16_weight_product_swapped(int64_t m, const at::BFloat16* a, int64_t lda,
+                                 const at::BFloat16* w, int64_t J, int64_t K, float* c,
+                                 int64_t ldc) {
   constexpr int64_t S = PackedB16::kStrip;  // positions per strip of a^T
   static_assert(S == kBlock, "a task's block is one strip of positions wide");
   if (m <= 0 || J <= 0) return;
@@ -270,8 +444,8 @@ void bf16_weight_product_amx(int64_t m, const at::BFloat16* a, int64_t lda, cons
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = (t / strips) * kBlock, i0 = (t % strips) * S;
       const int64_t rows = std::min(kBlock, J - r0), n = std::min(S, m - i0);
-      cpublas::brgemm(rows, n, K, K, S, kBlock, false, w + r0 * K, sp + (t % strips) * K * S, block,
-                      true);
+      strip_product(at.unit, rows, n, K, K, kBlock, false, w + r0 * K, sp + (t % strips) * K * S,
+                    block);
       store(block, rows, n, c + i0 * ldc + r0, ldc);
     }
   });
@@ -280,10 +454,12 @@ void bf16_weight_product_amx(int64_t m, const at::BFloat16* a, int64_t lda, cons
 void bf16_weight_product(int64_t m, const at::BFloat16* a, int64_t lda, const at::BFloat16* w,
                          int64_t J, int64_t K, float* c, int64_t ldc) {
   if (m <= kDotRows) return bf16_dot_rows(m, a, lda, w, J, K, c, ldc);
-  bf16_weight_product_amx(m, a, lda, w, J, K, c, ldc);
+  bf16_weight_product_swapped(m, a, lda, w, J, K, c, ldc);
 }
 
-void bf16_gemm_release() { cpublas::brgemm_release(true); }
+void bf16_gemm_release() {
+  if (amx_available()) cpublas::brgemm_release(true);
+}
 
 void bf16_gemm_parallel(int64_t m, const at::BFloat16* a, int64_t lda, const PackedB16& b, float* c,
                         int64_t ldc, const float* bias, bool accumulate) {
@@ -310,8 +486,8 @@ void bf16_gemm_parallel(int64_t m, const at::BFloat16* a, int64_t lda, const Pac
         }
       }
       if (b.K > 0) {
-        cpublas::brgemm(mb, nj, b.K, lda, S, ldc, accumulate || bias != nullptr, a + r0 * lda,
-                        sp + (t % strips) * strip_size, cb, true);
+        strip_product(b.unit, mb, nj, b.K, lda, ldc, accumulate || bias != nullptr, a + r0 * lda,
+                      sp + (t % strips) * strip_size, cb);
       }
     }
   });
@@ -349,7 +525,9 @@ namespace {
 at::Tensor bf16_gemm_op(const at::Tensor& a, const at::Tensor& b,
                         const std::optional<at::Tensor>& c, const std::optional<at::Tensor>& bias,
                         bool parallel) {
-  TORCH_CHECK(bf16_gemm_available(), "_bf16_gemm: this CPU or build has no bfloat16 matrix unit");
+  TORCH_CHECK(bf16_unit() != Bf16Unit::kFloat,
+              "_bf16_gemm: no bfloat16 unit (neither AMX nor AVX512-BF16, or "
+              "VARLEN_RNN_CPU_BF16=float)");
   TORCH_CHECK(a.dim() == 2 && a.scalar_type() == at::kBFloat16,
               "_bf16_gemm: a must be a 2-D bfloat16 tensor [m, K], got ", a.sizes(), " ",
               a.scalar_type());
@@ -390,11 +568,12 @@ at::Tensor bf16_gemm_op(const at::Tensor& a, const at::Tensor& b,
 
 // The test entry (ops.cpp's _bf16_weight_product): a [m, K] bfloat16 times
 // w [J, K] bfloat16 transposed, by method (0: bf16_weight_product's choice,
-// 1: the dot products, 2: the matrix unit), computed inside a NaN-filled
+// 1: the dot products, 2: the swapped product on bf16_unit()), computed inside a NaN-filled
 // [m + 1, J + 5] buffer, so a write past [m, J] shows.
 at::Tensor bf16_weight_product_op(const at::Tensor& a, const at::Tensor& w, int64_t method) {
-  TORCH_CHECK(bf16_gemm_available(),
-              "_bf16_weight_product: this CPU or build has no bfloat16 matrix unit");
+  TORCH_CHECK(bf16_unit() != Bf16Unit::kFloat,
+              "_bf16_weight_product: no bfloat16 unit (neither AMX nor AVX512-BF16, or "
+              "VARLEN_RNN_CPU_BF16=float)");
   TORCH_CHECK(a.dim() == 2 && a.scalar_type() == at::kBFloat16,
               "_bf16_weight_product: a must be a 2-D bfloat16 tensor [m, K], got ", a.sizes(), " ",
               a.scalar_type());
@@ -403,7 +582,7 @@ at::Tensor bf16_weight_product_op(const at::Tensor& a, const at::Tensor& w, int6
               ", got ", w.sizes(), " ", w.scalar_type());
   TORCH_CHECK(a.size(1) % 2 == 0, "_bf16_weight_product: K must be even, got ", a.size(1));
   TORCH_CHECK(method >= 0 && method <= 2,
-              "_bf16_weight_product: method must be 0 (auto), 1 (dots) or 2 (matrix unit), got ",
+              "_bf16_weight_product: method must be 0 (auto), 1 (dots) or 2 (swapped), got ",
               method);
   const int64_t m = a.size(0), K = a.size(1), J = w.size(0), ldc = J + 5;
   at::Tensor out = at::full({m + 1, ldc}, std::numeric_limits<float>::quiet_NaN(),
@@ -416,7 +595,7 @@ at::Tensor bf16_weight_product_op(const at::Tensor& a, const at::Tensor& w, int6
   float* c_p = out.data_ptr<float>();
   if (method == 0) bf16_weight_product(m, a_p, lda, w_p, J, K, c_p, ldc);
   if (method == 1) bf16_dot_rows(m, a_p, lda, w_p, J, K, c_p, ldc);
-  if (method == 2) bf16_weight_product_amx(m, a_p, lda, w_p, J, K, c_p, ldc);
+  if (method == 2) bf16_weight_product_swapped(m, a_p, lda, w_p, J, K, c_p, ldc);
   return out;
 }
 

@@ -1,8 +1,12 @@
 // bfloat16 products with float32 accumulation for the CPU layers of bfloat16
 // models: c[m, N] (=|+=) a[m, K] b[K, N], a and b bfloat16, c float32, on
-// the CPU's matrix units (AMX) through oneDNN's BRGeMM micro-kernel as ATen
-// exposes it (at::native::cpublas::brgemm, the kernel under PyTorch's own
-// CPU flash attention).
+// one of two units (Bf16Unit):
+// - the CPU's matrix units (AMX) through oneDNN's BRGeMM micro-kernel as ATen
+//   exposes it (at::native::cpublas::brgemm, the kernel under PyTorch's own
+//   CPU flash attention): Intel Xeon from Sapphire Rapids on;
+// - AVX512-BF16's pair dot products (vdpbf16ps) in a register-blocked
+//   micro-kernel of our own, where there is no matrix unit: AMD EPYC from
+//   Zen 4 on, Intel Cooper Lake.
 //
 // What it changes in a layer (the choice is bf16_gemm_for, the one place):
 // with a bfloat16 input the input projection and the per-step W_hh product
@@ -13,9 +17,11 @@
 // the one rounding added to the float32 path is h's, once per step.
 //
 // b is packed once per call into column strips of kStrip columns in the
-// matrix unit's pair-interleaved (VNNI) layout, zero-padded past N; the
-// strips are what one BRGeMM call reads. a's rows are read in place (lda).
-// Rows past m and columns past N of c are never touched.
+// pair-interleaved (VNNI) layout, zero-padded past N; a strip is what one
+// kernel call reads. a's rows are read in place (lda). Rows past m and
+// columns past N of c are never touched. On either unit every product of
+// two bfloat16 values is exact and the sums are float32, with denormals
+// flushed; the order of the sums is the unit's own.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -25,42 +31,50 @@
 namespace varlen_rnn {
 namespace cpu {
 
-// b[K, N] packed: [ceil(N / kStrip), K, kStrip] bfloat16. K is even: the
-// matrix unit multiplies pairs of k (oneDNN's kernel faults on an odd K), so
-// a layer takes these products only where I and P are even (bf16_gemm_for).
+// Where the products run: kFloat means nowhere (the layer stays float32).
+enum class Bf16Unit { kFloat, kAmx, kAvx512 };
+
+// b[K, N] packed for one unit: [ceil(N / kStrip), K, kStrip] bfloat16. K is
+// even: both units multiply pairs of k (oneDNN's kernel faults on an odd K),
+// so a layer takes these products only where I and P are even
+// (bf16_gemm_for).
 struct PackedB16 {
   static constexpr int64_t kStrip = 64;  // the widest packed B oneDNN's kernel takes
   int64_t K = 0, N = 0;
+  Bf16Unit unit = Bf16Unit::kFloat;  // the unit it was packed for
   at::Tensor strips;
 };
 
-// Whether this CPU and build run the bfloat16 products (a CPU with AMX and
-// torch's oneDNN enabled: torch.backends.mkldnn.enabled).
-bool bf16_gemm_available();
+// The unit this CPU, build and VARLEN_RNN_CPU_BF16 give (read at every call):
+// unset or =auto the matrix unit where there is one (a CPU with AMX and
+// torch's oneDNN enabled: torch.backends.mkldnn.enabled), else AVX512-BF16
+// where the CPU has it, else kFloat; =float kFloat, keeping every bfloat16
+// layer in float32 throughout; =amx and =avx512 insist on one (an error where
+// unavailable; the AVX512-BF16 kernel runs on every CPU with AMX too, so
+// tests there cover both).
+Bf16Unit bf16_unit();
 
 // Whether a layer with this input dtype and inner sizes (I and P, the
 // products' K) runs its products in bfloat16: a bfloat16 input with even I
-// and P where bf16_gemm_available(). The backward's per-step product dG W_hh
-// has K = G*H, even then too: P = H without a projection, and the LSTM's
-// (the one cell with a projection) G*H = 4H. VARLEN_RNN_CPU_BF16=float
-// keeps every bfloat16 layer in float32 throughout; =amx insists (an error
-// where unavailable). Read at every call.
+// and P where bf16_unit() is not kFloat. The backward's per-step product
+// dG W_hh has K = G*H, even then too: P = H without a projection, and the
+// LSTM's (the one cell with a projection) G*H = 4H.
 bool bf16_gemm_for(at::ScalarType input_dtype, int64_t I, int64_t P);
 
 // Packs b[k, j] = b[k * stride_k + j * stride_n] (float32, rounded to
 // bfloat16, or bfloat16 as it is; K even; a row-major [N, K] weight's
-// transpose is (1, K)).
+// transpose is (1, K)) for bf16_unit() (not kFloat).
 PackedB16 pack_b16(int64_t K, int64_t N, const float* b, int64_t stride_k, int64_t stride_n);
 PackedB16 pack_b16(int64_t K, int64_t N, const at::BFloat16* b, int64_t stride_k, int64_t stride_n);
 
-// One thread: c[m, N] (ldc) = a[m, K] (lda) b, or c += a b with accumulate.
-// The thread must call bf16_gemm_release() when its run of products ends
-// (Bf16GemmScope).
+// One thread: c[m, N] (ldc) = a[m, K] (lda) b, or c += a b with accumulate,
+// on the unit b was packed for. The thread must call bf16_gemm_release()
+// when its run of products ends (Bf16GemmScope).
 void bf16_gemm(int64_t m, const at::BFloat16* a, int64_t lda, const PackedB16& b, float* c,
                int64_t ldc, bool accumulate);
 
 // y[0, n) = x[0, n) rounded to nearest even (the step loops' h for the next
-// product); AVX512-BF16 where the matrix unit is (every AMX CPU has it).
+// product); AVX512-BF16 where the CPU has it (every AMX CPU does).
 void round_bf16(const float* x, int64_t n, at::BFloat16* y);
 // float64 layers never take the bfloat16 products (the step loops are
 // templates on the op-math type, so they name this).
@@ -75,7 +89,7 @@ inline void round_bf16(const double*, int64_t, at::BFloat16*) {
 // few steps (a decoding step) takes its products so: no float32 copy of the
 // weights and no packing of them (cpu/recurrence.h forward_impl).
 // - m <= kDotRows: bf16_dot_rows;
-// - more rows: bf16_weight_product_amx.
+// - more rows: bf16_weight_product_swapped on bf16_unit().
 // Measured (the test op, 2 threads, min of 5; J x K = 768 x 256, 1024 x 256,
 // 1536 x 512): the dot products take 7-17 us at m = 1 against the matrix
 // unit's 17-36 (its per-call set-up), tie at m = 4 (17-52 vs 19-40), and at
@@ -91,14 +105,16 @@ void bf16_weight_product(int64_t m, const at::BFloat16* a, int64_t lda, const at
 void bf16_dot_rows(int64_t m, const at::BFloat16* a, int64_t lda, const at::BFloat16* w, int64_t J,
                    int64_t K, float* c, int64_t ldc);
 
-// The matrix unit with the operands' roles swapped, c^T = w a^T: w is the
+// The unit's kernel with the operands' roles swapped, c^T = w a^T: w is the
 // left operand, which the kernel reads in place, and a^T the right one,
 // packed per call (m K values, not the weight's J K); each task's block of
 // c^T (64 rows of w by 64 rows of a) is transposed into c.
-void bf16_weight_product_amx(int64_t m, const at::BFloat16* a, int64_t lda, const at::BFloat16* w,
-                             int64_t J, int64_t K, float* c, int64_t ldc);
+void bf16_weight_product_swapped(int64_t m, const at::BFloat16* a, int64_t lda,
+                                 const at::BFloat16* w, int64_t J, int64_t K, float* c,
+                                 int64_t ldc);
 
-// Frees the calling thread's matrix-unit state (after its last bf16_gemm).
+// Frees the calling thread's matrix-unit state (after its last bf16_gemm;
+// nothing to free on the AVX512-BF16 unit).
 void bf16_gemm_release();
 
 // Calls bf16_gemm_release when the scope ends, by return or by exception: a
