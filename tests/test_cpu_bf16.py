@@ -105,9 +105,11 @@ def test_strided_operands():
 
 
 # The product on a weight as stored (bf16_weight_product): rows of a around the dot products'
-# limit (kDotRows = 3) and the matrix unit's 64-position strips, weight rows around its 64-row
-# blocks and 16-row tiles, K even from 0 to 512.
+# limits (kDotRows = 3 on the matrix unit, kDotRowsAvx512 = 12) and the swapped product's
+# 64-position strips, weight rows around its 64-row blocks and 16-row (AMX) or 6-row (AVX512-BF16)
+# tiles, K even from 0 to 512 (past the AVX512-BF16 kernel's 96-pair blocks).
 WEIGHT_SHAPES = [(1, 8, 2), (3, 17, 10), (4, 64, 256), (5, 65, 34), (16, 100, 64), (63, 129, 128)]
+WEIGHT_SHAPES += [(12, 13, 200), (13, 31, 194)]
 WEIGHT_SHAPES += [(64, 768, 256), (65, 7, 16), (130, 200, 512), (3, 5, 0), (70, 5, 0), (0, 9, 8)]
 
 
@@ -165,9 +167,10 @@ LENGTHS = [9, 0, 3, 7, 1, 9, 5, 2, 8, 4, 6, 9]  # unsorted, ties, a zero length
 # products on the weights as stored instead of packing them (see BATCH_STEP).
 FEW = [4, 0, 2, 3, 1]
 # A call of few steps takes its products on the bfloat16 weights as stored (cpu/bf16_gemm.h
-# bf16_weight_product): dot products for at most kDotRows (3) rows, the matrix unit with the
-# operands' roles swapped for more (FEW's steps take both). One decoding step: of 8 rows; of 70
-# rows, past one 64-position strip, its 3H and 4H gate rows past one 64-row block.
+# bf16_weight_product): dot products for at most kDotRows (3; 12 on AVX512-BF16) rows, the unit
+# with the operands' roles swapped for more (FEW's steps take both on the matrix unit). One
+# decoding step: of 8 rows; of 70 rows (the swapped product on either unit), past one
+# 64-position strip, its 3H and 4H gate rows past one 64-row block.
 ONE_STEP = [1] * 8
 BATCH_STEP = [1] * 70
 

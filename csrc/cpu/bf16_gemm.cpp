@@ -453,7 +453,8 @@ void bf16_weight_product_swapped(int64_t m, const at::BFloat16* a, int64_t lda,
 
 void bf16_weight_product(int64_t m, const at::BFloat16* a, int64_t lda, const at::BFloat16* w,
                          int64_t J, int64_t K, float* c, int64_t ldc) {
-  if (m <= kDotRows) return bf16_dot_rows(m, a, lda, w, J, K, c, ldc);
+  const int64_t dots = bf16_unit() == Bf16Unit::kAmx ? kDotRows : kDotRowsAvx512;
+  if (m <= dots) return bf16_dot_rows(m, a, lda, w, J, K, c, ldc);
   bf16_weight_product_swapped(m, a, lda, w, J, K, c, ldc);
 }
 

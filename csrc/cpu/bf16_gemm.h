@@ -88,14 +88,19 @@ inline void round_bf16(const double*, int64_t, at::BFloat16*) {
 // sums, denormals flushed as on the matrix unit. A bfloat16 layer's call of
 // few steps (a decoding step) takes its products so: no float32 copy of the
 // weights and no packing of them (cpu/recurrence.h forward_impl).
-// - m <= kDotRows: bf16_dot_rows;
+// - m <= kDotRows (the matrix unit) or kDotRowsAvx512: bf16_dot_rows;
 // - more rows: bf16_weight_product_swapped on bf16_unit().
 // Measured (the test op, 2 threads, min of 5; J x K = 768 x 256, 1024 x 256,
-// 1536 x 512): the dot products take 7-17 us at m = 1 against the matrix
-// unit's 17-36 (its per-call set-up), tie at m = 4 (17-52 vs 19-40), and at
-// m = 32 take 108-363 us against 42-70; float32 GEMMs on weights already
-// float32 took 63-322 us there, 82-394 with the weights' conversion.
+// 1536 x 512): on an Intel Xeon with AMX the dot products take 7-17 us at
+// m = 1 against the matrix unit's 17-36 (its per-call set-up), tie at m = 4
+// (17-52 vs 19-40), and at m = 32 take 108-363 us against 42-70; float32
+// GEMMs on weights already float32 took 63-322 us there, 82-394 with the
+// weights' conversion. On an AMD EPYC (Zen 4, AVX512-BF16 only) the swapped
+// kernel broadcasts the weight's pairs one at a time (load-bound at few
+// positions): 24-77 us at m = 1 against the dots' 6-14, 26-81 vs 17-55 at
+// m = 8, 28-82 vs 31-110 at m = 16, 47-147 vs 56-191 at m = 32.
 constexpr int64_t kDotRows = 3;
+constexpr int64_t kDotRowsAvx512 = 12;
 void bf16_weight_product(int64_t m, const at::BFloat16* a, int64_t lda, const at::BFloat16* w,
                          int64_t J, int64_t K, float* c, int64_t ldc);
 
