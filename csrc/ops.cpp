@@ -156,8 +156,10 @@ TORCH_LIBRARY(varlen_rnn, m) {
   // Tests and benchmarks only (not a public op): a [m, K] @ b [K, N] (+ c
   // [m, N] when given) through the CPU step loops' float32 micro-kernel
   // (cpu/small_gemm.h), b packed first. kernel: "auto", "avx512", "avx2" or
-  // "portable" (an error where the CPU lacks it), or "blas": the step loops'
-  // single-threaded BLAS call instead (no c). The product runs `repeats`
+  // "portable" (an error where the CPU lacks it), "blas": the step loops'
+  // single-threaded BLAS call instead (no c), or "dots": the product on b^T
+  // as a stored weight, f32_dot_rows on all threads (AVX-512; no c). The
+  // product runs `repeats`
   // times into the same output, a timing loop: c + repeats * a b with c
   // (repeats = 0 packs only). Returns [m + 1, N + 5]: the result in [:m, :N],
   // NaN elsewhere unless the kernel wrote past its output.

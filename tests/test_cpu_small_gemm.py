@@ -1,7 +1,8 @@
 """The CPU step loops' float32 micro-kernel (csrc/cpu/small_gemm.h): directly through the test op
 _small_gemm against an exact float64 product, for every kernel this CPU runs, shapes with row
 and column tails; then whole float32 layers of every cell through the split step loop with
-VARLEN_RNN_CPU_GEMM=kernel and =mkl against the float64 reference."""
+VARLEN_RNN_CPU_GEMM=kernel and =mkl against the float64 reference. The same for the products of
+few-step calls on the weights as stored (f32_dot_rows, cpu/dot_rows.h; AVX-512 only)."""
 
 import dataclasses
 
@@ -111,7 +112,9 @@ def test_rows_do_not_depend_on_each_other(kernel):
 
 
 def test_bad_arguments_name_themselves():
-    with pytest.raises(RuntimeError, match="kernel must be auto, avx512, avx2, portable or blas"):
+    with pytest.raises(
+        RuntimeError, match="kernel must be auto, avx512, avx2, portable, blas or dots"
+    ):
         ops._small_gemm(torch.ones(2, 3), torch.ones(3, 4), None, "sse9")
     with pytest.raises(RuntimeError, match="b must be a float32 \\[K, N\\] with K = a.size\\(1\\)"):
         ops._small_gemm(torch.ones(2, 3), torch.ones(4, 4), None, "auto")
@@ -188,3 +191,65 @@ def test_kernel_loop_repeats_exactly_and_saves_the_same_workspace(threads, monke
     for x, y, z in zip(a[:3], b[:3], c[:3]):
         assert torch.equal(x, y) and torch.equal(x, z)
     assert torch.equal(a[3], b[3]) and a[3].numel() > 0
+
+
+# -- few-step calls: the products on the weights as stored (f32_dot_rows) --------------------
+
+DOTS = pytest.mark.skipif(not runs("avx512"), reason="this CPU has no AVX-512 (f32_dot_rows)")
+# Row counts around the 8-row groups of w (the task) and the call's limit (kF32DotRows = 32),
+# K around the 16-lane vectors (masked tails) and past them.
+DOT_SHAPES = [(1, 1, 1), (1, 8, 16), (2, 9, 17), (3, 15, 31), (8, 64, 256), (16, 100, 33)]
+DOT_SHAPES += [(32, 768, 256), (5, 7, 0), (0, 9, 8), (33, 130, 512)]
+
+
+@DOTS
+@pytest.mark.parametrize("m,N,K", DOT_SHAPES, ids=[f"m{m}-N{n}-K{k}" for m, n, k in DOT_SHAPES])
+def test_dots_match_an_exact_one(m, N, K):
+    g = torch.Generator().manual_seed(m * 1000 + N * 10 + K)
+    a, w = torch.randn(m, K, generator=g), torch.randn(N, K, generator=g)
+    got, full = product(a, w.t(), kernel="dots")
+    exact = a.double() @ w.t().double()
+    assert ((got.double() - exact).abs() <= bound(a, w.t(), K)).all()
+    assert full[m:].isnan().all() and full[:, N:].isnan().all()
+
+
+@DOTS
+def test_dots_rows_do_not_depend_on_each_other():
+    """Each result is one sum in a fixed order: a row alone or among others, the same bits."""
+    g = torch.Generator().manual_seed(5)
+    a, w = torch.randn(21, 200, generator=g), torch.randn(61, 200, generator=g)
+    together, _ = product(a, w.t(), kernel="dots")
+    for i in (0, 7, 20):
+        assert torch.equal(together[i], product(a[i : i + 1], w.t(), kernel="dots")[0][0])
+
+
+# Few steps (csrc/cpu/team.h few_steps): the per-step GEMM loop, whose products for at most
+# kF32DotRows rows take f32_dot_rows. 40 rows: the first steps past the limit (the BLAS), the
+# later ones under it.
+FEW_LENGTHS = {"one-row": [3], "eight": [4, 1, 3, 2, 4, 4, 1, 2], "forty": LENGTHS[:40]}
+
+
+@DOTS
+@pytest.mark.parametrize("steps_rows", list(FEW_LENGTHS))
+@pytest.mark.parametrize("cell", ["gru", "lstm", "lstm_proj", "rnn_tanh", "rnn_relu"])
+def test_few_step_float32_layer_matches_the_float64_reference(
+    cell, steps_rows, threads, monkeypatch
+):
+    """On the weights as stored (auto) and on the BLAS (VARLEN_RNN_CPU_GEMM=mkl), both to float32
+    rounding of the reference."""
+    lengths = [min(n, 4) for n in FEW_LENGTHS[steps_rows]]
+    batch = make_batch("padded", lengths, I, dtype=torch.float32)
+    batch64 = dataclasses.replace(batch, x=batch.x.double())
+    layer = make_layer(cell, 2, len(lengths), I, H, P=P, dtype=torch.float32)
+    layer64 = layer.replace(**{k: double(v) for k, v in layer.tensors().items()})
+    want = ref_forward(layer64, batch64)
+    runs_ = {}
+    for setting in ("auto", "mkl"):
+        monkeypatch.setenv("VARLEN_RNN_CPU_GEMM", setting)
+        runs_[setting] = op_forward(layer, batch, need_workspace=False)[:3]
+        for g, r in zip(runs_[setting], want):
+            if r is not None:
+                scale = float(r.abs().max())
+                torch.testing.assert_close(g.double(), r, atol=2e-5 * max(scale, 1.0), rtol=1e-4)
+    # The two settings took different products (their roundings differ somewhere).
+    assert any(not torch.equal(a, b) for a, b in zip(runs_["auto"], runs_["mkl"]) if a is not None)

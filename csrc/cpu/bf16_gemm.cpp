@@ -2,6 +2,8 @@
 // at::native::cpublas), and the test op that checks them.
 #include "cpu/bf16_gemm.h"
 
+#include "cpu/dot_rows.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
@@ -291,68 +293,14 @@ void round_bf16(const float* x, int64_t n, at::BFloat16* y) {
   for (int64_t i = 0; i < n; ++i) y[i] = static_cast<at::BFloat16>(x[i]);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-// c[i, j0 + q] for rows i0..i1 of a and q < rows (<= 8) of w from w8 (row
-// j0): an independent sum per row of w (one chain would wait on each dot
-// product's latency), a's 32 bfloat16 of k loaded once for them, the tail of
-// K (even) masked; then their lane sums reduced together (halves added,
-// three rounds of pairwise adds) and stored at once. kFull: rows is 8, known
-// at compile time (the loop over w's rows unrolled, its sums in registers).
-template <bool kFull>
-__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))) static void dot_rows8(
-    int64_t i0, int64_t i1, const at::BFloat16* a, int64_t lda, const at::BFloat16* w8,
-    int rows_given, int64_t K, float* c8, int64_t ldc) {
-  const int rows = kFull ? 8 : rows_given;
-  const int64_t full = K / 32 * 32;
-  const __mmask32 tail = static_cast<__mmask32>((uint64_t{1} << (K - full)) - 1);
-  for (int64_t i = i0; i < i1; ++i) {
-    const at::BFloat16* ai = a + i * lda;
-    __m512 acc[8];
-    for (int q = 0; q < 8; ++q) acc[q] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 32) {
-      const __mmask32 mask = k < full ? ~__mmask32{0} : tail;
-      const __m512bh av = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(mask, ai + k));
-      for (int q = 0; q < rows; ++q) {
-        const __m512bh wv =
-            reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(mask, w8 + q * K + k));
-        acc[q] = _mm512_dpbf16_ps(acc[q], av, wv);
-      }
-    }
-    __m256 h[8];
-    for (int q = 0; q < 8; ++q) {
-      h[q] = _mm256_add_ps(_mm512_castps512_ps256(acc[q]), _mm512_extractf32x8_ps(acc[q], 1));
-    }
-    const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
-    const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(h[4], h[5]), _mm256_hadd_ps(h[6], h[7]));
-    // t0 = [s0 s1 s2 s3 | s0' s1' s2' s3'] (low and high 128-bit halves' sums), t1 alike
-    const __m256 sums =
-        _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
-    _mm256_mask_storeu_ps(c8 + i * ldc, static_cast<__mmask8>((1u << rows) - 1), sums);
-  }
-}
-#endif
-
 void bf16_dot_rows(int64_t m, const at::BFloat16* a, int64_t lda, const at::BFloat16* w, int64_t J,
                    int64_t K, float* c, int64_t ldc) {
   TORCH_INTERNAL_ASSERT(K % 2 == 0, "bf16_dot_rows: K must be even");
   if (m <= 0 || J <= 0) return;
 #if defined(__x86_64__) && defined(__GNUC__)
-  static const bool avx512bf16 = __builtin_cpu_supports("avx512bf16");
-  TORCH_INTERNAL_ASSERT(avx512bf16, "bf16_dot_rows: needs AVX512-BF16 (every AMX CPU has it)");
-  // Tasks of 8-row groups of w (~64 rows, 32 KiB of bfloat16 at K = 256); a
-  // group's rows stay in L1 while a's rows pass them.
-  const int64_t groups = (J + 7) / 8;
-  at::parallel_for(
-      0, groups, std::max<int64_t>(2, 2048 / std::max<int64_t>(K, 1)), [&](int64_t g0, int64_t g1) {
-        for (int64_t g = g0; g < g1; ++g) {
-          const int64_t j0 = g * 8;
-          if (J - j0 >= 8) {
-            dot_rows8<true>(0, m, a, lda, w + j0 * K, 8, K, c + j0, ldc);
-          } else {
-            dot_rows8<false>(0, m, a, lda, w + j0 * K, static_cast<int>(J - j0), K, c + j0, ldc);
-          }
-        }
-      });
+  TORCH_INTERNAL_ASSERT(avx512bf16_available(),
+                        "bf16_dot_rows: needs AVX512-BF16 (every AMX CPU has it)");
+  dot_rows(m, a, lda, w, J, K, c, ldc);
 #else
   TORCH_INTERNAL_ASSERT(false, "bf16_dot_rows: needs an x86-64 build with AVX512-BF16");
 #endif

@@ -93,6 +93,15 @@ at::Tensor whole_projection(const ForwardArgs& args, const at::Tensor& xp, int64
                          nullptr);
       return gx;
     }
+    // float32, few steps of few rows: on W_ih as stored (f32_dots_for).
+    if (few && f32_dots_for(xp.size(0))) {
+      const at::Tensor a = xp.contiguous();  // [N, I]
+      const int64_t I = args.dims.I, N = a.size(0);
+      at::Tensor gx = at::empty({N, G}, args.opts());
+      f32_dot_rows(N, a.const_data_ptr<float>(), I, args.w_ih[d].const_data_ptr<float>(), G, I,
+                   gx.data_ptr<float>(), G);
+      return gx;
+    }
   }
   return at::mm(xp, args.w_ih[d].t());  // [N, I] [I, G*H]
 }

@@ -74,6 +74,8 @@ void forward_impl(ForwardArgs& args) {
   // products on the bfloat16 weights as stored (bf16_weight_product), with
   // no packing of them either.
   const bool stored = args.bf16 && gemm_loop && few;
+  // A float32 one's W_hh products too, at few rows (f32_dots_for, per step).
+  const bool dots = std::is_same_v<scalar_t, float> && !args.bf16 && gemm_loop && few;
   at::Tensor gh = gemm_loop ? at::empty({dims.B, G}, opts) : at::Tensor();  // [B, G*H] W_hh h
   // [B, H] one step's h' before the projection (h_state = h' W_hr^T)
   at::Tensor hraw = proj && gemm_loop ? at::empty({dims.B, H}, opts) : at::Tensor();
@@ -153,7 +155,13 @@ void forward_impl(ForwardArgs& args) {
     for (int64_t s = 0; s < (gemm_loop ? sched.max_len : 0); ++s) {
       const int64_t n = sched.active[s];
       at::Tensor gh_s = gh.narrow(0, 0, n);
+      bool done = false;
       if constexpr (std::is_same_v<scalar_t, float>) {
+        if (dots && f32_dots_for(n)) {
+          f32_dot_rows(n, h_p, P, args.w_hh[d].const_data_ptr<float>(), G, P, gh.data_ptr<float>(),
+                       G);
+          done = true;
+        }
         if (stored) {
           bf16_weight_product(n, hb.const_data_ptr<at::BFloat16>(), P,
                               args.w_hh[d].const_data_ptr<at::BFloat16>(), G, P,
@@ -163,7 +171,7 @@ void forward_impl(ForwardArgs& args) {
                              gh.data_ptr<float>(), G, nullptr);
         }
       }
-      if (!bf16) at::mm_out(gh_s, h.narrow(0, 0, n), w_hh_t);  // float32/64
+      if (!bf16 && !done) at::mm_out(gh_s, h.narrow(0, 0, n), w_hh_t);  // float32/64
       at::parallel_for(0, n, row_grain(H), [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t t = step_time(d, sched.len[i], s);

@@ -8,6 +8,8 @@
 // vbroadcastss and NV vfmadd231ps, most with the strip as a memory operand).
 #include "cpu/small_gemm.h"
 
+#include "cpu/dot_rows.h"
+
 #include "cpu/team.h"  // gemm_rm, blas_available: the BLAS side of the op
 
 #include <ATen/ATen.h>
@@ -304,6 +306,25 @@ bool use_small_gemm() {
   return avx512;
 }
 
+bool f32_dots_for(int64_t rows) {
+  if (rows > kF32DotRows) return false;
+  if (const char* env = std::getenv("VARLEN_RNN_CPU_GEMM")) {
+    if (std::strcmp(env, "mkl") == 0) return false;
+  }
+  static const bool avx512 = best_isa() == SmallGemmIsa::kAvx512;
+  return avx512;
+}
+
+void f32_dot_rows(int64_t m, const float* a, int64_t lda, const float* w, int64_t J, int64_t K,
+                  float* c, int64_t ldc) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  TORCH_INTERNAL_ASSERT(best_isa() == SmallGemmIsa::kAvx512, "f32_dot_rows: needs AVX-512");
+  dot_rows(m, a, lda, w, J, K, c, ldc);
+#else
+  TORCH_INTERNAL_ASSERT(false, "f32_dot_rows: needs an x86-64 build with AVX-512");
+#endif
+}
+
 namespace {
 
 SmallGemmIsa isa_named(const std::string& name) {
@@ -311,8 +332,9 @@ SmallGemmIsa isa_named(const std::string& name) {
   if (name == "avx512") return SmallGemmIsa::kAvx512;
   if (name == "avx2") return SmallGemmIsa::kAvx2;
   if (name == "portable") return SmallGemmIsa::kPortable;
-  TORCH_CHECK(false, "_small_gemm: kernel must be auto, avx512, avx2, portable or blas, got '",
-              name, "'");
+  TORCH_CHECK(false,
+              "_small_gemm: kernel must be auto, avx512, avx2, portable, blas or dots, got '", name,
+              "'");
 }
 
 // The test and benchmark entry (ops.cpp's _small_gemm).
@@ -326,11 +348,13 @@ at::Tensor small_gemm_op(const at::Tensor& a, const at::Tensor& b,
               "_small_gemm: b must be a float32 [K, N] with K = a.size(1) = ", a.size(1), ", got ",
               b.sizes(), " ", b.scalar_type());
   TORCH_CHECK(repeats >= 0, "_small_gemm: repeats must be >= 0, got ", repeats);
-  const bool blas = kernel == "blas";
-  const SmallGemmIsa isa = blas ? SmallGemmIsa::kAuto : isa_named(kernel);
+  const bool blas = kernel == "blas", dots = kernel == "dots";
+  const SmallGemmIsa isa = blas   ? SmallGemmIsa::kAuto
+                           : dots ? SmallGemmIsa::kAvx512
+                                  : isa_named(kernel);
   TORCH_CHECK(small_gemm_supports(isa), "_small_gemm: this CPU does not run kernel '", kernel, "'");
   TORCH_CHECK(!blas || blas_available(), "_small_gemm: this build has no BLAS for kernel 'blas'");
-  TORCH_CHECK(!(blas && c), "_small_gemm: kernel 'blas' takes no c");
+  TORCH_CHECK(!((blas || dots) && c), "_small_gemm: kernel '", kernel, "' takes no c");
   const int64_t m = a.size(0), K = a.size(1), N = b.size(1);
   // c is computed inside a NaN-filled [m + 1, N + 5] buffer (ldc = N + 5, odd,
   // so rows start unaligned): what the kernel writes past its [m, N] shows.
@@ -350,6 +374,13 @@ at::Tensor small_gemm_op(const at::Tensor& a, const at::Tensor& b,
     const at::Tensor bc = b.contiguous();  // [K, N], as the step loops pass it
     for (int64_t r = 0; r < repeats && m > 0 && N > 0; ++r) {
       gemm_rm(m, N, K, a_p, lda, bc.const_data_ptr<float>(), std::max<int64_t>(N, 1), c_p, ldc);
+    }
+    return out;
+  }
+  if (dots) {
+    const at::Tensor w = b.t().contiguous();  // [N, K], a weight as stored
+    for (int64_t r = 0; r < repeats; ++r) {
+      f32_dot_rows(m, a_p, lda, w.const_data_ptr<float>(), N, K, c_p, ldc);
     }
     return out;
   }

@@ -76,5 +76,21 @@ bool small_gemm_supports(SmallGemmIsa isa);
 // small_gemm.cpp decides.
 bool use_small_gemm();
 
+// A float32 call of few steps (cpu/team.h few_steps) takes its products on
+// the weights as stored (cpu/dot_rows.h: AVX-512 dot products, no packing,
+// no transposed view for the BLAS) where the rows (positions) are at most
+// kF32DotRows and the CPU runs AVX-512 (f32_dots_for; VARLEN_RNN_CPU_GEMM=mkl
+// keeps the BLAS, for tests and measurement). MKL's GEMM on the transposed
+// weight is slow at few rows on an AMD EPYC (Zen 4, 2 threads, weight
+// [768, 256] to [2048, 512]: 19-94 us at one row, 20-22 GFLOP/s; 34-35 at
+// 4 rows, 55-74 at 8); the numbers the limit comes from are in small_gemm.cpp.
+constexpr int64_t kF32DotRows = 32;
+bool f32_dots_for(int64_t rows);
+
+// c[m, J] (ldc) = a[m, K] (lda) w[J, K]^T, w row-major as stored, on all
+// threads (f32_dots_for must hold).
+void f32_dot_rows(int64_t m, const float* a, int64_t lda, const float* w, int64_t J, int64_t K,
+                  float* c, int64_t ldc);
+
 }  // namespace cpu
 }  // namespace varlen_rnn
