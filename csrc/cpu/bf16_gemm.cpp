@@ -17,6 +17,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <utility>
 
 namespace varlen_rnn {
 namespace cpu {
@@ -183,6 +184,16 @@ VR_BF16_TARGET inline __attribute__((always_inline)) void bf16_tile_cols(
   }
 }
 
+// bf16_tile_cols for `rows` (1..sizeof...(R)) rows: R + 1 == rows picks.
+template <int... R>
+VR_BF16_TARGET inline __attribute__((always_inline)) void tile_rows(
+    std::integer_sequence<int, R...>, int64_t rows, int64_t kp, const at::BFloat16* a, int64_t lda,
+    const at::BFloat16* strip, float* c, int64_t ldc, int64_t cols, bool load_c) {
+  ((rows == R + 1 ? (bf16_tile_cols<R + 1>(kp, a, lda, strip, c, ldc, cols, load_c), true)
+                  : false) ||
+   ...);
+}
+
 // One strip on the AVX512-BF16 unit, what one BRGeMM call does on the matrix
 // unit: c[m, nj] (ldc) = (or += with accumulate) a[m, K] (lda) strip, nj <=
 // kStrip, K even. Blocks of kKc pairs of k (the strip's block stays in L1
@@ -204,26 +215,7 @@ VR_BF16_TARGET void strip_avx512(int64_t m, int64_t nj, int64_t K, int64_t lda, 
       const int64_t rows = m / tiles + (t < m % tiles ? 1 : 0);
       const at::BFloat16* ai = a + i0 * lda + 2 * q0;
       float* ci = c + i0 * ldc;
-      switch (rows) {
-        case 1:
-          bf16_tile_cols<1>(kp, ai, lda, sq, ci, ldc, nj, load_c);
-          break;
-        case 2:
-          bf16_tile_cols<2>(kp, ai, lda, sq, ci, ldc, nj, load_c);
-          break;
-        case 3:
-          bf16_tile_cols<3>(kp, ai, lda, sq, ci, ldc, nj, load_c);
-          break;
-        case 4:
-          bf16_tile_cols<4>(kp, ai, lda, sq, ci, ldc, nj, load_c);
-          break;
-        case 5:
-          bf16_tile_cols<5>(kp, ai, lda, sq, ci, ldc, nj, load_c);
-          break;
-        default:
-          bf16_tile_cols<6>(kp, ai, lda, sq, ci, ldc, nj, load_c);
-          break;
-      }
+      tile_rows(std::make_integer_sequence<int, kMr>{}, rows, kp, ai, lda, sq, ci, ldc, nj, load_c);
       i0 += rows;
     }
   }
