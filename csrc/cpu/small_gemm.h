@@ -81,9 +81,12 @@ bool use_small_gemm();
 // no transposed view for the BLAS) where the rows (positions) are at most
 // kF32DotRows and the CPU runs AVX-512 (f32_dots_for; VARLEN_RNN_CPU_GEMM=mkl
 // keeps the BLAS, for tests and measurement). MKL's GEMM on the transposed
-// weight is slow at few rows on an AMD EPYC (Zen 4, 2 threads, weight
-// [768, 256] to [2048, 512]: 19-94 us at one row, 20-22 GFLOP/s; 34-35 at
-// 4 rows, 55-74 at 8); the numbers the limit comes from are in small_gemm.cpp.
+// weight is slow at few rows on an AMD EPYC (Zen 4, 2 threads, weights
+// [768, 256] to [2048, 512]: 19-94 us at one row, 20-22 GFLOP/s). Measured
+// there (the test op's "dots" against torch.mm(a, w.t()), 2 threads): 5-34
+// against 20-130 us at 1 row, 22-133 vs 50-279 at 8, 39-232 vs 69-370 at 16,
+// 79-450 vs 106-598 at 32 (the limit: still ahead, past it untimed). Not
+// measured on a Xeon, where the same rule applies (AVX-512).
 constexpr int64_t kF32DotRows = 32;
 bool f32_dots_for(int64_t rows);
 
