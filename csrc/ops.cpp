@@ -157,10 +157,10 @@ TORCH_LIBRARY(varlen_rnn, m) {
   // [m, N] when given) through the CPU step loops' float32 micro-kernel
   // (cpu/small_gemm.h), b packed first. kernel: "auto", "avx512", "avx2" or
   // "portable" (an error where the CPU lacks it), "blas": the step loops'
-  // single-threaded BLAS call instead (no c), or "dots": the product on b^T
-  // as a stored weight, f32_dot_rows on all threads (AVX-512; no c). The
-  // product runs `repeats`
-  // times into the same output, a timing loop: c + repeats * a b with c
+  // single-threaded BLAS call instead (no c), "dots": the product on b^T as
+  // a stored weight, f32_dot_rows on all threads (AVX-512; no c), or "rows":
+  // on b as a stored [K, N] weight, f32_rows_times (AVX-512). The product
+  // runs `repeats` times into the same output, a timing loop: c + repeats * a b with c
   // (repeats = 0 packs only). Returns [m + 1, N + 5]: the result in [:m, :N],
   // NaN elsewhere unless the kernel wrote past its output.
   m.def(

@@ -113,7 +113,7 @@ def test_rows_do_not_depend_on_each_other(kernel):
 
 def test_bad_arguments_name_themselves():
     with pytest.raises(
-        RuntimeError, match="kernel must be auto, avx512, avx2, portable, blas or dots"
+        RuntimeError, match="kernel must be auto, avx512, avx2, portable, blas, dots or rows"
     ):
         ops._small_gemm(torch.ones(2, 3), torch.ones(3, 4), None, "sse9")
     with pytest.raises(RuntimeError, match="b must be a float32 \\[K, N\\] with K = a.size\\(1\\)"):
@@ -211,6 +211,25 @@ def test_dots_match_an_exact_one(m, N, K):
     exact = a.double() @ w.t().double()
     assert ((got.double() - exact).abs() <= bound(a, w.t(), K)).all()
     assert full[m:].isnan().all() and full[:, N:].isnan().all()
+
+
+# The backward's dh = dG W_hh on W_hh as stored (f32_rows_times): rows around its 6-row tiles,
+# columns around its 64-column tasks (masked tails).
+ROWS_SHAPES = [(1, 1, 1), (1, 64, 16), (5, 65, 17), (6, 63, 100), (7, 130, 768), (32, 256, 33)]
+ROWS_SHAPES += [(3, 5, 0), (0, 9, 8)]
+
+
+@DOTS
+@pytest.mark.parametrize("m,N,K", ROWS_SHAPES, ids=[f"m{m}-N{n}-K{k}" for m, n, k in ROWS_SHAPES])
+def test_rows_times_a_stored_weight_matches_an_exact_one(m, N, K):
+    g = torch.Generator().manual_seed(m * 1000 + N * 10 + K)
+    a, w, c = torch.randn(m, K, generator=g), torch.randn(K, N, generator=g), torch.randn(m, N)
+    got, full = product(a, w, kernel="rows")
+    assert ((got.double() - a.double() @ w.double()).abs() <= bound(a, w, K)).all()
+    assert full[m:].isnan().all() and full[:, N:].isnan().all()
+    got, _ = product(a, w, c, kernel="rows")  # accumulate
+    exact = c.double() + a.double() @ w.double()
+    assert ((got.double() - exact).abs() <= bound(a, w, K) + c.abs().double() * 2.0**-23).all()
 
 
 @DOTS

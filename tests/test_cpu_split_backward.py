@@ -175,3 +175,23 @@ def test_float32_split_agrees_with_gemm_and_repeats_exactly(monkeypatch, threads
     for name in split_a:
         assert torch.equal(split_a[name], split_b[name]), name
         assert_float32_grads_close(cell, split_a[name], gemm[name], name)
+
+
+@pytest.mark.parametrize("lengths", [[3], [4, 1, 3, 2, 4, 4, 1, 2]], ids=["one-row", "eight"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_few_step_float32_gradients(monkeypatch, cell, lengths):
+    """A call of few steps runs the per-step GEMM loop, whose float32 products at few rows take
+    the weights as stored (cpu/small_gemm.h: f32_dot_rows forward, f32_rows_times for the
+    backward's dG W_hh; VARLEN_RNN_CPU_GEMM=mkl keeps the BLAS): every gradient agrees with the
+    plain-PyTorch reference's (run in float32 too, so that the cotangents drawn are the same),
+    on either product, and the two took different products."""
+    w32 = make_weights(cell, 2, len(lengths), dtype=torch.float32)
+    x32, index, bf = make_input("padded", lengths, dtype=torch.float32)
+    want = grads(ref_fn, cell, w32, x32, index, bf)
+    got = {}
+    for setting in ("auto", "mkl"):
+        monkeypatch.setenv("VARLEN_RNN_CPU_GEMM", setting)
+        got[setting] = grads(op_fn, cell, w32, x32, index, bf)
+        for name in want:
+            assert_float32_grads_close(cell, got[setting][name], want[name], name)
+    assert any(not torch.equal(got["auto"][k], got["mkl"][k]) for k in want)

@@ -266,6 +266,7 @@ void backward_impl(BackwardArgs& args) {
   // measured for the forward only.
   const StepLoops loops = step_loops(dims, args.sched.max_len, sizeof(scalar_t));
   const bool split = loops != StepLoops::kGemm;
+  const bool few = few_steps(dims.B, sched.max_len);
   const int64_t held = loops == StepLoops::kConcurrent ? dims.D : 1;
   // bfloat16 products (cpu/bf16_gemm.h): the per-step dG W_hh on a bfloat16
   // copy of the step's dG; dW_ih, dW_hh and dx by ATen's bfloat16 GEMM (float32
@@ -423,6 +424,15 @@ void backward_impl(BackwardArgs& args) {
       const at::Tensor dgh_s = dgh_in_dgx ? dgx.narrow(0, sched.offset[s], n).narrow(1, d * G, G)
                                           : dgh.narrow(0, 0, n);  // [n, G*H]
       at::Tensor dh_s = dh.narrow(0, 0, n);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        // A call of few steps at few rows: on W_hh as stored, as the
+        // forward's dot products (cpu/small_gemm.h f32_rows_times).
+        if (few && f32_dots_for(n)) {
+          f32_rows_times(n, dgh_s.const_data_ptr<float>(), dgh_s.stride(0),
+                         w_hh_d.const_data_ptr<float>(), G, P, dh_p, P, Cell::kReadsHPrev);
+          continue;
+        }
+      }
       if (Cell::kReadsHPrev) {  // the gate pass left the direct part in dh
         dh_s.addmm_(dgh_s, w_hh_d);
       } else {

@@ -13,6 +13,7 @@
 #include "cpu/team.h"  // gemm_rm, blas_available: the BLAS side of the op
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -20,6 +21,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <utility>
 
 namespace varlen_rnn {
 namespace cpu {
@@ -306,6 +308,90 @@ bool use_small_gemm() {
   return avx512;
 }
 
+#if VR_HAVE_X86_KERNELS
+namespace {
+
+// f32_rows_times's tile: R rows x 64 columns (4 vectors, the last ones
+// masked past `cols`) of c over all of K: per k, the four vectors of w's row
+// loaded once for the R rows, each row's a[r, k] broadcast. Each c[i, j] is
+// one FMA chain over k in order, from c (load_c) or 0.
+template <int R>
+__attribute__((target("avx512f"))) inline __attribute__((always_inline)) void rows_times_tile(
+    int64_t K, const float* a, int64_t lda, const float* w, int64_t ldw, float* c, int64_t ldc,
+    int64_t cols, bool load_c) {
+  __mmask16 mask[4];
+  for (int v = 0; v < 4; ++v) {
+    mask[v] = static_cast<__mmask16>((1u << std::clamp<int64_t>(cols - 16 * v, 0, 16)) - 1);
+  }
+  __m512 acc[R][4];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) {
+      acc[r][v] =
+          load_c ? _mm512_maskz_loadu_ps(mask[v], c + r * ldc + 16 * v) : _mm512_setzero_ps();
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 wv[4];
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) wv[v] = _mm512_maskz_loadu_ps(mask[v], w + k * ldw + 16 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 x = _mm512_set1_ps(a[r * lda + k]);
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_fmadd_ps(x, wv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) _mm512_mask_storeu_ps(c + r * ldc + 16 * v, mask[v], acc[r][v]);
+  }
+}
+
+template <int... R>
+__attribute__((target("avx512f"))) inline __attribute__((always_inline)) void rows_times_rows(
+    std::integer_sequence<int, R...>, int64_t rows, int64_t K, const float* a, int64_t lda,
+    const float* w, int64_t ldw, float* c, int64_t ldc, int64_t cols, bool load_c) {
+  ((rows == R + 1 ? (rows_times_tile<R + 1>(K, a, lda, w, ldw, c, ldc, cols, load_c), true)
+                  : false) ||
+   ...);
+}
+
+// Columns [j0, j0 + 64) of the product, every row, in tiles of up to 6 rows.
+__attribute__((target("avx512f"))) void rows_times_block(int64_t m, const float* a, int64_t lda,
+                                                         const float* w, int64_t K, int64_t N,
+                                                         int64_t j0, float* c, int64_t ldc,
+                                                         bool accumulate) {
+  constexpr int kMr = 6;
+  const int64_t tiles = (m + kMr - 1) / kMr, cols = std::min<int64_t>(64, N - j0);
+  for (int64_t t = 0, i0 = 0; t < tiles; ++t) {
+    const int64_t rows = m / tiles + (t < m % tiles ? 1 : 0);
+    rows_times_rows(std::make_integer_sequence<int, kMr>{}, rows, K, a + i0 * lda, lda, w + j0, N,
+                    c + i0 * ldc + j0, ldc, cols, accumulate);
+    i0 += rows;
+  }
+}
+
+}  // namespace
+#endif
+
+void f32_rows_times(int64_t m, const float* a, int64_t lda, const float* w, int64_t K, int64_t N,
+                    float* c, int64_t ldc, bool accumulate) {
+  if (m <= 0 || N <= 0) return;
+#if VR_HAVE_X86_KERNELS
+  TORCH_INTERNAL_ASSERT(best_isa() == SmallGemmIsa::kAvx512, "f32_rows_times: needs AVX-512");
+  const int64_t blocks = (N + 63) / 64;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      rows_times_block(m, a, lda, w, K, N, b * 64, c, ldc, accumulate);
+  });
+#else
+  TORCH_INTERNAL_ASSERT(false, "f32_rows_times: needs an x86-64 build with AVX-512");
+#endif
+}
+
 bool f32_dots_for(int64_t rows) {
   if (rows > kF32DotRows) return false;
   if (const char* env = std::getenv("VARLEN_RNN_CPU_GEMM")) {
@@ -333,8 +419,8 @@ SmallGemmIsa isa_named(const std::string& name) {
   if (name == "avx2") return SmallGemmIsa::kAvx2;
   if (name == "portable") return SmallGemmIsa::kPortable;
   TORCH_CHECK(false,
-              "_small_gemm: kernel must be auto, avx512, avx2, portable, blas or dots, got '", name,
-              "'");
+              "_small_gemm: kernel must be auto, avx512, avx2, portable, blas, dots or rows, got '",
+              name, "'");
 }
 
 // The test and benchmark entry (ops.cpp's _small_gemm).
@@ -348,10 +434,10 @@ at::Tensor small_gemm_op(const at::Tensor& a, const at::Tensor& b,
               "_small_gemm: b must be a float32 [K, N] with K = a.size(1) = ", a.size(1), ", got ",
               b.sizes(), " ", b.scalar_type());
   TORCH_CHECK(repeats >= 0, "_small_gemm: repeats must be >= 0, got ", repeats);
-  const bool blas = kernel == "blas", dots = kernel == "dots";
-  const SmallGemmIsa isa = blas   ? SmallGemmIsa::kAuto
-                           : dots ? SmallGemmIsa::kAvx512
-                                  : isa_named(kernel);
+  const bool blas = kernel == "blas", dots = kernel == "dots", rows = kernel == "rows";
+  const SmallGemmIsa isa = blas           ? SmallGemmIsa::kAuto
+                           : dots || rows ? SmallGemmIsa::kAvx512
+                                          : isa_named(kernel);
   TORCH_CHECK(small_gemm_supports(isa), "_small_gemm: this CPU does not run kernel '", kernel, "'");
   TORCH_CHECK(!blas || blas_available(), "_small_gemm: this build has no BLAS for kernel 'blas'");
   TORCH_CHECK(!((blas || dots) && c), "_small_gemm: kernel '", kernel, "' takes no c");
@@ -374,6 +460,13 @@ at::Tensor small_gemm_op(const at::Tensor& a, const at::Tensor& b,
     const at::Tensor bc = b.contiguous();  // [K, N], as the step loops pass it
     for (int64_t r = 0; r < repeats && m > 0 && N > 0; ++r) {
       gemm_rm(m, N, K, a_p, lda, bc.const_data_ptr<float>(), std::max<int64_t>(N, 1), c_p, ldc);
+    }
+    return out;
+  }
+  if (rows) {
+    const at::Tensor w = b.contiguous();  // [K, N], a weight as stored
+    for (int64_t r = 0; r < repeats; ++r) {
+      f32_rows_times(m, a_p, lda, w.const_data_ptr<float>(), K, N, c_p, ldc, c.has_value());
     }
     return out;
   }

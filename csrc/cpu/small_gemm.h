@@ -95,5 +95,12 @@ bool f32_dots_for(int64_t rows);
 void f32_dot_rows(int64_t m, const float* a, int64_t lda, const float* w, int64_t J, int64_t K,
                   float* c, int64_t ldc);
 
+// c[m, N] (ldc) = a[m, K] (lda) w[K, N] (or c += with accumulate), w
+// row-major as stored (not transposed: the backward's dh = dG W_hh reads
+// W_hh [G*H, P] so), on all threads (tasks of 64 columns; f32_dots_for must
+// hold). Each c[i, j] is one FMA chain over k in order.
+void f32_rows_times(int64_t m, const float* a, int64_t lda, const float* w, int64_t K, int64_t N,
+                    float* c, int64_t ldc, bool accumulate);
+
 }  // namespace cpu
 }  // namespace varlen_rnn
