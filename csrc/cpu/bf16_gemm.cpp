@@ -17,7 +17,6 @@
 #include <cstring>
 #include <limits>
 #include <optional>
-#include <utility>
 
 namespace varlen_rnn {
 namespace cpu {
@@ -117,107 +116,20 @@ PackedB16 pack_b16_from(int64_t K, int64_t N, const src_t* b, int64_t stride_k, 
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#define VR_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
-
-// The AVX512-BF16 kernel's tile: R rows x NU vectors of 16 columns of c, over
-// kp pairs of k, from R rows of a (offset to the block's first k) and one
-// strip's block (pairs [kp][kStrip][2]). Per pair: NU loads of the strip, and
-// per row a's two values broadcast as one 32-bit lane and NU vdpbf16ps. The
-// accumulators start from c (load_c) or 0; only c's first `cols` columns are
-// read or written (masked).
-template <int R, int NU>
-VR_BF16_TARGET inline __attribute__((always_inline)) void bf16_tile(
-    int64_t kp, const at::BFloat16* a, int64_t lda, const at::BFloat16* strip, float* c,
-    int64_t ldc, int64_t cols, bool load_c) {
-  constexpr int64_t S = PackedB16::kStrip;
-  __mmask16 mask[NU];
-#pragma GCC unroll 4
-  for (int v = 0; v < NU; ++v) {
-    const int64_t lanes = std::clamp<int64_t>(cols - 16 * v, 0, 16);
-    mask[v] = static_cast<__mmask16>((1u << lanes) - 1);
-  }
-  __m512 acc[R][NU];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < NU; ++v) {
-      acc[r][v] =
-          load_c ? _mm512_maskz_loadu_ps(mask[v], c + r * ldc + 16 * v) : _mm512_setzero_ps();
-    }
-  }
-  for (int64_t q = 0; q < kp; ++q) {
-    __m512bh bv[NU];
-#pragma GCC unroll 4
-    for (int v = 0; v < NU; ++v) {
-      bv[v] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(strip + q * 2 * S + 32 * v));
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, a + r * lda + 2 * q, sizeof pair);
-      const __m512bh av = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
-#pragma GCC unroll 4
-      for (int v = 0; v < NU; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < NU; ++v) _mm512_mask_storeu_ps(c + r * ldc + 16 * v, mask[v], acc[r][v]);
-  }
-}
-
-// bf16_tile for the vectors `cols` (1..kStrip) needs.
-template <int R>
-VR_BF16_TARGET inline __attribute__((always_inline)) void bf16_tile_cols(
-    int64_t kp, const at::BFloat16* a, int64_t lda, const at::BFloat16* strip, float* c,
-    int64_t ldc, int64_t cols, bool load_c) {
-  switch ((cols + 15) / 16) {
-    case 1:
-      return bf16_tile<R, 1>(kp, a, lda, strip, c, ldc, cols, load_c);
-    case 2:
-      return bf16_tile<R, 2>(kp, a, lda, strip, c, ldc, cols, load_c);
-    case 3:
-      return bf16_tile<R, 3>(kp, a, lda, strip, c, ldc, cols, load_c);
-    default:
-      return bf16_tile<R, 4>(kp, a, lda, strip, c, ldc, cols, load_c);
-  }
-}
-
-// bf16_tile_cols for `rows` (1..sizeof...(R)) rows: R + 1 == rows picks.
-template <int... R>
-VR_BF16_TARGET inline __attribute__((always_inline)) void tile_rows(
-    std::integer_sequence<int, R...>, int64_t rows, int64_t kp, const at::BFloat16* a, int64_t lda,
-    const at::BFloat16* strip, float* c, int64_t ldc, int64_t cols, bool load_c) {
-  ((rows == R + 1 ? (bf16_tile_cols<R + 1>(kp, a, lda, strip, c, ldc, cols, load_c), true)
-                  : false) ||
-   ...);
-}
-
 // One strip on the AVX512-BF16 unit, what one BRGeMM call does on the matrix
 // unit: c[m, nj] (ldc) = (or += with accumulate) a[m, K] (lda) strip, nj <=
 // kStrip, K even. Blocks of kKc pairs of k (the strip's block stays in L1
-// while every row tile passes it), then row tiles of at most 6 rows (24
-// accumulators, 4 strip vectors and a broadcast: 29 of the 32 registers), m
-// split into near-equal tiles. A tile resumes from the partial sums the
-// previous block left in c (floats stored and reloaded exactly), so each
-// c[i, j] is one chain of pair products over k in order, whatever m.
-VR_BF16_TARGET void strip_avx512(int64_t m, int64_t nj, int64_t K, int64_t lda, int64_t ldc,
-                                 bool accumulate, const at::BFloat16* a, const at::BFloat16* strip,
-                                 float* c) {
-  constexpr int64_t S = PackedB16::kStrip, kKc = 96, kMr = 6;  // 96 pairs: 24 KiB of strip
-  const int64_t pairs = K / 2, tiles = (m + kMr - 1) / kMr;
-  for (int64_t q0 = 0; q0 < pairs; q0 += kKc) {
-    const int64_t kp = std::min(kKc, pairs - q0);
-    const bool load_c = accumulate || q0 > 0;
-    const at::BFloat16* sq = strip + q0 * 2 * S;
-    for (int64_t t = 0, i0 = 0; t < tiles; ++t) {
-      const int64_t rows = m / tiles + (t < m % tiles ? 1 : 0);
-      const at::BFloat16* ai = a + i0 * lda + 2 * q0;
-      float* ci = c + i0 * ldc;
-      tile_rows(std::make_integer_sequence<int, kMr>{}, rows, kp, ai, lda, sq, ci, ldc, nj, load_c);
-      i0 += rows;
-    }
+// while every row tile passes it), each by row_tiles (cpu/dot_rows.h). A
+// tile resumes from the partial sums the previous block left in c (floats
+// stored and reloaded exactly), so each c[i, j] is one chain of pair
+// products over k in order, whatever m.
+VR_DOT_TARGET void strip_avx512(int64_t m, int64_t nj, int64_t K, int64_t lda, int64_t ldc,
+                                bool accumulate, const at::BFloat16* a, const at::BFloat16* strip,
+                                float* c) {
+  constexpr int64_t S = PackedB16::kStrip, kKc = 96;  // 96 pairs: 24 KiB of strip
+  for (int64_t q0 = 0; q0 < K / 2; q0 += kKc) {
+    row_tiles(m, std::min(kKc, K / 2 - q0), a + 2 * q0, lda, strip + q0 * 2 * S, 2 * S, c, ldc, nj,
+              accumulate || q0 > 0);
   }
 }
 #endif

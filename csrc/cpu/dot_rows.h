@@ -11,6 +11,12 @@
 // group of 8 rows of w, whose rows stay in L1 while a's rows pass them.
 // Every c[i, j] is one sum in a fixed order (lanes of k, then the lanes'
 // reduction), whatever m or the thread: deterministic.
+//
+// Below it, the other form, written once for both too: rows of a times an
+// operand whose rows are k (row_tiles), register tiles of rows x 64 columns.
+// The AVX512-BF16 unit's strips (cpu/bf16_gemm.cpp strip_avx512) and the
+// backward's dG W_hh on W_hh as stored (cpu/small_gemm.cpp f32_rows_times)
+// run on it.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -22,7 +28,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
+#include <utility>
 
 namespace varlen_rnn {
 namespace cpu {
@@ -35,23 +43,38 @@ namespace cpu {
 template <typename T>
 struct DotTraits;
 
+// kPair: values of k one float32 lane multiplies (a pair for vdpbf16ps);
+// lanes: the masked load of 16 lanes' worth (16 columns of a row-tile's
+// operand); bcast: a's kPair values at p in every lane.
 template <>
 struct DotTraits<at::BFloat16> {
-  static constexpr int64_t kStep = 32;
+  static constexpr int64_t kStep = 32, kPair = 2;
   using Mask = __mmask32;
   using Vec = __m512bh;
   VR_DOT_TARGET static Vec load(Mask m, const at::BFloat16* p) {
     return reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(m, p));
+  }
+  VR_DOT_TARGET static Vec lanes(__mmask16 m, const at::BFloat16* p) {
+    return reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi32(m, p));
+  }
+  VR_DOT_TARGET static Vec bcast(const at::BFloat16* p) {
+    int32_t pair;
+    std::memcpy(&pair, p, sizeof pair);
+    return reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
   }
   VR_DOT_TARGET static __m512 madd(__m512 acc, Vec a, Vec w) { return _mm512_dpbf16_ps(acc, a, w); }
 };
 
 template <>
 struct DotTraits<float> {
-  static constexpr int64_t kStep = 16;
+  static constexpr int64_t kStep = 16, kPair = 1;
   using Mask = __mmask16;
   using Vec = __m512;
   VR_DOT_TARGET static Vec load(Mask m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+  VR_DOT_TARGET static Vec lanes(__mmask16 m, const float* p) {
+    return _mm512_maskz_loadu_ps(m, p);
+  }
+  VR_DOT_TARGET static Vec bcast(const float* p) { return _mm512_set1_ps(*p); }
   VR_DOT_TARGET static __m512 madd(__m512 acc, Vec a, Vec w) { return _mm512_fmadd_ps(a, w, acc); }
 };
 
@@ -109,6 +132,93 @@ void dot_rows(int64_t m, const T* a, int64_t lda, const T* w, int64_t J, int64_t
       }
     }
   });
+}
+
+// The other form, rows times an operand whose rows are k (a packed strip, or
+// a weight [K, N] as stored): c[i, j] (=|+=) sum_k a[i, k] b[k, j] for R
+// rows and NU vectors of 16 columns, over `steps` steps of kPair values of
+// k. Step q reads b's 16 * NU lanes at b + q * ldb (bfloat16: a strip's
+// pairs [q][kStrip][2]; float32: a weight's row q), masked past `cols`, once
+// for the R rows, each row's kPair values broadcast. The accumulators start
+// from c (load_c) or 0, only c's first `cols` columns are read or written,
+// and each c[i, j] is one chain over k in order.
+template <typename T, int R, int NU>
+VR_DOT_TARGET inline __attribute__((always_inline)) void row_tile(int64_t steps, const T* a,
+                                                                  int64_t lda, const T* b,
+                                                                  int64_t ldb, float* c,
+                                                                  int64_t ldc, int64_t cols,
+                                                                  bool load_c) {
+  using D = DotTraits<T>;
+  constexpr int64_t kLane = 16 * D::kPair;  // values of T per 16 columns
+  __mmask16 mask[NU];
+#pragma GCC unroll 4
+  for (int v = 0; v < NU; ++v) {
+    mask[v] = static_cast<__mmask16>((1u << std::clamp<int64_t>(cols - 16 * v, 0, 16)) - 1);
+  }
+  __m512 acc[R][NU];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NU; ++v) {
+      acc[r][v] =
+          load_c ? _mm512_maskz_loadu_ps(mask[v], c + r * ldc + 16 * v) : _mm512_setzero_ps();
+    }
+  }
+  for (int64_t q = 0; q < steps; ++q) {
+    typename D::Vec bv[NU];
+#pragma GCC unroll 4
+    for (int v = 0; v < NU; ++v) bv[v] = D::lanes(mask[v], b + q * ldb + kLane * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const typename D::Vec av = D::bcast(a + r * lda + D::kPair * q);
+#pragma GCC unroll 4
+      for (int v = 0; v < NU; ++v) acc[r][v] = D::madd(acc[r][v], av, bv[v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NU; ++v) _mm512_mask_storeu_ps(c + r * ldc + 16 * v, mask[v], acc[r][v]);
+  }
+}
+
+// row_tile for R rows and the vectors `cols` (1..64) needs.
+template <typename T, int R>
+VR_DOT_TARGET inline __attribute__((always_inline)) void row_tile_cols(int64_t steps, const T* a,
+                                                                       int64_t lda, const T* b,
+                                                                       int64_t ldb, float* c,
+                                                                       int64_t ldc, int64_t cols,
+                                                                       bool load_c) {
+  const int64_t nu = (cols + 15) / 16;
+  if (nu == 1) return row_tile<T, R, 1>(steps, a, lda, b, ldb, c, ldc, cols, load_c);
+  if (nu == 2) return row_tile<T, R, 2>(steps, a, lda, b, ldb, c, ldc, cols, load_c);
+  if (nu == 3) return row_tile<T, R, 3>(steps, a, lda, b, ldb, c, ldc, cols, load_c);
+  row_tile<T, R, 4>(steps, a, lda, b, ldb, c, ldc, cols, load_c);
+}
+
+// row_tile_cols for `rows` (1..sizeof...(Rm1)) rows: Rm1 + 1 == rows picks.
+template <typename T, int... Rm1>
+VR_DOT_TARGET inline __attribute__((always_inline)) void row_tile_of(
+    std::integer_sequence<int, Rm1...>, int64_t rows, int64_t steps, const T* a, int64_t lda,
+    const T* b, int64_t ldb, float* c, int64_t ldc, int64_t cols, bool load_c) {
+  ((rows == Rm1 + 1 ? (row_tile_cols<T, Rm1 + 1>(steps, a, lda, b, ldb, c, ldc, cols, load_c), true)
+                    : false) ||
+   ...);
+}
+
+// All m rows, in near-equal tiles of at most 6 rows (24 accumulators, 4
+// vectors of b and a broadcast: 29 of the 32 registers), one thread.
+template <typename T>
+VR_DOT_TARGET inline void row_tiles(int64_t m, int64_t steps, const T* a, int64_t lda, const T* b,
+                                    int64_t ldb, float* c, int64_t ldc, int64_t cols, bool load_c) {
+  constexpr int kMr = 6;
+  const int64_t tiles = (m + kMr - 1) / kMr;
+  for (int64_t t = 0, i0 = 0; t < tiles; ++t) {
+    const int64_t rows = m / tiles + (t < m % tiles ? 1 : 0);
+    row_tile_of<T>(std::make_integer_sequence<int, kMr>{}, rows, steps, a + i0 * lda, lda, b, ldb,
+                   c + i0 * ldc, ldc, cols, load_c);
+    i0 += rows;
+  }
 }
 #endif
 

@@ -21,7 +21,6 @@
 #include <cstring>
 #include <limits>
 #include <string>
-#include <utility>
 
 namespace varlen_rnn {
 namespace cpu {
@@ -308,84 +307,16 @@ bool use_small_gemm() {
   return avx512;
 }
 
-#if VR_HAVE_X86_KERNELS
-namespace {
-
-// f32_rows_times's tile: R rows x 64 columns (4 vectors, the last ones
-// masked past `cols`) of c over all of K: per k, the four vectors of w's row
-// loaded once for the R rows, each row's a[r, k] broadcast. Each c[i, j] is
-// one FMA chain over k in order, from c (load_c) or 0.
-template <int R>
-__attribute__((target("avx512f"))) inline __attribute__((always_inline)) void rows_times_tile(
-    int64_t K, const float* a, int64_t lda, const float* w, int64_t ldw, float* c, int64_t ldc,
-    int64_t cols, bool load_c) {
-  __mmask16 mask[4];
-  for (int v = 0; v < 4; ++v) {
-    mask[v] = static_cast<__mmask16>((1u << std::clamp<int64_t>(cols - 16 * v, 0, 16)) - 1);
-  }
-  __m512 acc[R][4];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v) {
-      acc[r][v] =
-          load_c ? _mm512_maskz_loadu_ps(mask[v], c + r * ldc + 16 * v) : _mm512_setzero_ps();
-    }
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    __m512 wv[4];
-#pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v) wv[v] = _mm512_maskz_loadu_ps(mask[v], w + k * ldw + 16 * v);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m512 x = _mm512_set1_ps(a[r * lda + k]);
-#pragma GCC unroll 4
-      for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_fmadd_ps(x, wv[v], acc[r][v]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v) _mm512_mask_storeu_ps(c + r * ldc + 16 * v, mask[v], acc[r][v]);
-  }
-}
-
-template <int... R>
-__attribute__((target("avx512f"))) inline __attribute__((always_inline)) void rows_times_rows(
-    std::integer_sequence<int, R...>, int64_t rows, int64_t K, const float* a, int64_t lda,
-    const float* w, int64_t ldw, float* c, int64_t ldc, int64_t cols, bool load_c) {
-  ((rows == R + 1 ? (rows_times_tile<R + 1>(K, a, lda, w, ldw, c, ldc, cols, load_c), true)
-                  : false) ||
-   ...);
-}
-
-// Columns [j0, j0 + 64) of the product, every row, in tiles of up to 6 rows.
-__attribute__((target("avx512f"))) void rows_times_block(int64_t m, const float* a, int64_t lda,
-                                                         const float* w, int64_t K, int64_t N,
-                                                         int64_t j0, float* c, int64_t ldc,
-                                                         bool accumulate) {
-  constexpr int kMr = 6;
-  const int64_t tiles = (m + kMr - 1) / kMr, cols = std::min<int64_t>(64, N - j0);
-  for (int64_t t = 0, i0 = 0; t < tiles; ++t) {
-    const int64_t rows = m / tiles + (t < m % tiles ? 1 : 0);
-    rows_times_rows(std::make_integer_sequence<int, kMr>{}, rows, K, a + i0 * lda, lda, w + j0, N,
-                    c + i0 * ldc + j0, ldc, cols, accumulate);
-    i0 += rows;
-  }
-}
-
-}  // namespace
-#endif
-
 void f32_rows_times(int64_t m, const float* a, int64_t lda, const float* w, int64_t K, int64_t N,
                     float* c, int64_t ldc, bool accumulate) {
   if (m <= 0 || N <= 0) return;
 #if VR_HAVE_X86_KERNELS
   TORCH_INTERNAL_ASSERT(best_isa() == SmallGemmIsa::kAvx512, "f32_rows_times: needs AVX-512");
-  const int64_t blocks = (N + 63) / 64;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      rows_times_block(m, a, lda, w, K, N, b * 64, c, ldc, accumulate);
+  // Tasks of 64 columns, all rows (cpu/dot_rows.h row_tiles).
+  at::parallel_for(0, (N + 63) / 64, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t j0 = b0 * 64; j0 < std::min(N, b1 * 64); j0 += 64) {
+      row_tiles(m, K, a, lda, w + j0, N, c + j0, ldc, std::min<int64_t>(64, N - j0), accumulate);
+    }
   });
 #else
   TORCH_INTERNAL_ASSERT(false, "f32_rows_times: needs an x86-64 build with AVX-512");
