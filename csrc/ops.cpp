@@ -12,6 +12,28 @@
 // tensors are [N, ...] (N valid positions).
 #include <torch/library.h>
 
+#include <string>
+
+namespace {
+
+// The schema of a layer op that decides need_workspace itself (below) from
+// its forward's: "<name>_forward(..., bool need_workspace) -> (..., Tensor
+// workspace)" becomes "<name>(...) -> (...)".
+std::string deciding_workspace(const std::string& forward) {
+  std::string s = forward;
+  const auto cut = [&s](const std::string& part) {
+    const auto at = s.find(part);
+    TORCH_CHECK(at != std::string::npos, "varlen_rnn: no '", part, "' in ", s);
+    s.erase(at, part.size());
+  };
+  cut("_forward");
+  cut(", bool need_workspace");
+  cut(", Tensor workspace");
+  return s;
+}
+
+}  // namespace
+
 TORCH_LIBRARY(varlen_rnn, m) {
   // One GRU layer over a padded batch, both directions when D == 2.
   //   input    [T, B, I] (or [B, T, I] if batch_first)
@@ -26,10 +48,11 @@ TORCH_LIBRARY(varlen_rnn, m) {
   //             [0]: what the backward needs. Its rows and their layout are
   //             the backend's: N = sum(lengths) on the CPU (nothing for
   //             padding), T*B on CUDA (N is not known without a host sync).
-  m.def(
+  const std::string gru_layer =
       "gru_layer_forward(Tensor input, Tensor lengths, Tensor hx, Tensor w_ih, "
       "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, bool batch_first, "
-      "bool need_workspace) -> (Tensor output, Tensor h_n, Tensor workspace)");
+      "bool need_workspace) -> (Tensor output, Tensor h_n, Tensor workspace)";
+  m.def(gru_layer.c_str());
   // The gradient of gru_layer_forward. grad_output/output like the forward's
   // output, grad_h_n like h_n, workspace as the forward returned it.
   // Returns grad_input, grad_hx, grad_w_ih, grad_w_hh, and grad_b_ih,
@@ -71,11 +94,12 @@ TORCH_LIBRARY(varlen_rnn, m) {
   //             its own last step, hx where the length is 0
   //   workspace [D, N, 4H] in the op-math dtype when need_workspace, else
   //             [0]; its row order is the backend's.
-  m.def(
+  const std::string gru_layer_ragged =
       "gru_layer_ragged_forward(Tensor input, Tensor seq_index, "
       "Tensor? sorted_indices, int layout, SymInt max_len, Tensor hx, "
       "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
-      "bool need_workspace) -> (Tensor output, Tensor h_n, Tensor workspace)");
+      "bool need_workspace) -> (Tensor output, Tensor h_n, Tensor workspace)";
+  m.def(gru_layer_ragged.c_str());
   // The gradient of gru_layer_ragged_forward, shaped like
   // gru_layer_backward's: grad_input [N, I], grad_hx [D, B, H], and the
   // weight and bias gradients (grad_b_* [D, 3H] whether or not the layer has
@@ -97,11 +121,12 @@ TORCH_LIBRARY(varlen_rnn, m) {
   //   b_ih/b_hh [D, 4H] or None, w_hr [D, P, H] or None (proj_size = 0).
   // Returns output [T, B, D*P] (or [B, T, D*P]), h_n [D, B, P], c_n [D, B, H],
   // workspace [D, rows, 6H].
-  m.def(
+  const std::string lstm_layer =
       "lstm_layer_forward(Tensor input, Tensor lengths, Tensor hx, Tensor cx, "
       "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, "
       "bool batch_first, bool need_workspace) -> (Tensor output, Tensor h_n, "
-      "Tensor c_n, Tensor workspace)");
+      "Tensor c_n, Tensor workspace)";
+  m.def(lstm_layer.c_str());
   // grad_w_hr [D, P, H], or [0] when w_hr is None.
   m.def(
       "lstm_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, "
@@ -111,12 +136,13 @@ TORCH_LIBRARY(varlen_rnn, m) {
       "Tensor grad_cx, "
       "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh, "
       "Tensor grad_w_hr)");
-  m.def(
+  const std::string lstm_layer_ragged =
       "lstm_layer_ragged_forward(Tensor input, Tensor seq_index, "
       "Tensor? sorted_indices, int layout, SymInt max_len, Tensor hx, Tensor cx, "
       "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, "
       "bool need_workspace) -> (Tensor output, Tensor h_n, Tensor c_n, "
-      "Tensor workspace)");
+      "Tensor workspace)";
+  m.def(lstm_layer_ragged.c_str());
   m.def(
       "lstm_layer_ragged_backward(Tensor grad_output, Tensor grad_h_n, "
       "Tensor grad_c_n, Tensor input, Tensor seq_index, Tensor? sorted_indices, "
@@ -129,22 +155,24 @@ TORCH_LIBRARY(varlen_rnn, m) {
   // One Elman RNN layer (torch.nn.RNN): nonlinearity "tanh" or "relu".
   //   w_ih [D, H, I], w_hh [D, H, H], b_ih/b_hh [D, H] or None.
   // Returns as gru_layer_forward, workspace [D, rows, H].
-  m.def(
+  const std::string rnn_layer =
       "rnn_layer_forward(Tensor input, Tensor lengths, Tensor hx, Tensor w_ih, "
       "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, str nonlinearity, "
       "bool batch_first, bool need_workspace) -> (Tensor output, Tensor h_n, "
-      "Tensor workspace)");
+      "Tensor workspace)";
+  m.def(rnn_layer.c_str());
   m.def(
       "rnn_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, "
       "Tensor lengths, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor output, "
       "Tensor workspace, str nonlinearity, bool batch_first, bool[2] output_mask=[True, True]) -> "
       "(Tensor grad_input, Tensor grad_hx, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_b_ih, Tensor grad_b_hh)");
-  m.def(
+  const std::string rnn_layer_ragged =
       "rnn_layer_ragged_forward(Tensor input, Tensor seq_index, "
       "Tensor? sorted_indices, int layout, SymInt max_len, Tensor hx, "
       "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, str nonlinearity, "
-      "bool need_workspace) -> (Tensor output, Tensor h_n, Tensor workspace)");
+      "bool need_workspace) -> (Tensor output, Tensor h_n, Tensor workspace)";
+  m.def(rnn_layer_ragged.c_str());
   m.def(
       "rnn_layer_ragged_backward(Tensor grad_output, Tensor grad_h_n, "
       "Tensor input, Tensor seq_index, Tensor? sorted_indices, int layout, "
@@ -153,6 +181,18 @@ TORCH_LIBRARY(varlen_rnn, m) {
       "grad_input, "
       "Tensor grad_hx, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, "
       "Tensor grad_b_hh)");
+  // ---- The layers deciding need_workspace themselves ----------------------
+  // {gru,lstm,rnn}_layer[_ragged]: the forward op's arguments without
+  // need_workspace, its results without the workspace. Whether to keep what
+  // the backward needs is decided when the op runs (a gradient is wanted:
+  // grad mode on and an input requiring one), as for torch.nn's RNN ops, so
+  // a torch.jit.trace of a layer runs for training or inference alike.
+  // CompositeImplicitAutograd (csrc/deciding_workspace.cpp): the forward op
+  // with its autograd does the work.
+  for (const std::string* forward : {&gru_layer, &gru_layer_ragged, &lstm_layer, &lstm_layer_ragged,
+                                     &rnn_layer, &rnn_layer_ragged}) {
+    m.def(deciding_workspace(*forward).c_str());
+  }
   // Tests and benchmarks only (not a public op): a [m, K] @ b [K, N] (+ c
   // [m, N] when given) through the CPU step loops' float32 micro-kernel
   // (cpu/small_gemm.h), b packed first. kernel: "auto", "avx512", "avx2" or

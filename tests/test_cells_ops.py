@@ -104,6 +104,23 @@ def test_opcheck_forward(device, dtype, kind, layout, D, bias, batch_first):
     torch.library.opcheck(op(kind, layout is not None), (*no_ws, False))
 
 
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layout", [None, 0, 1], ids=["padded", "offsets", "packed"])
+def test_op_deciding_workspace(device, kind, layout):
+    """{lstm,rnn}_layer[_ragged] (what jit traces record): opcheck, its gradients (gradcheck),
+    and the forward op's results without the workspace."""
+    ragged = layout is not None
+    deciding = getattr(ops, f"{_cell(kind)}_layer{'_ragged' if ragged else ''}").default
+    for grad in (True, False):
+        args = op_args(kind, device, layout=layout, grad=grad)
+        torch.library.opcheck(deciding, args)
+        for g, e in zip(deciding(*args), op(kind, ragged)(*args, grad)[:-1], strict=True):
+            torch.testing.assert_close(g, e, atol=0, rtol=0)
+    args = op_args(kind, device, layout=layout)
+    assert torch.autograd.gradcheck(lambda *a: deciding(*a), args, eps=1e-6, atol=1e-8)
+
+
 def _backward_args(kind, layout, device, dtype):
     """A forward's results turned into its backward op's arguments."""
     cell = varlen_rnn.ops.CELLS[_cell(kind)]

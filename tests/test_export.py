@@ -13,6 +13,7 @@ import torch
 from testing import ALL_DEVICES
 from torch import nn
 from torch.optim.sgd import sgd
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import varlen_rnn
 
@@ -206,6 +207,115 @@ def test_jit_trace_and_script(cls, tmp_path):
         r"torch\.jit\.script.*torch\.export",
     ):
         torch.jit.script(model)
+
+
+class _Recorder(TorchDispatchMode):
+    """The need_workspace argument of every varlen_rnn forward op that runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.flags = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name()
+        if name.startswith("varlen_rnn::") and name.endswith("_forward"):
+            self.flags.append(args[-1])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated in torch 2.14
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("cls", [varlen_rnn.GRU, varlen_rnn.LSTM, varlen_rnn.RNN])
+def test_jit_trace_with_gradients_on_trains_and_infers(cls, tmp_path):
+    """torch.jit.trace as most users call it: gradients on, trainable parameters, the default
+    check_trace (which retraces under no_grad and compares the graphs). The trace records the
+    layer op that decides at run time whether to keep what the backward needs, as nn.GRU's
+    trace does: the loaded trace trains (gradients equal eager's) and, under no_grad, keeps
+    nothing for a backward."""
+    torch.manual_seed(0)
+    rnn = cls(4, 5, num_layers=2, bidirectional=True, batch_first=True)
+
+    def run(module, x, lengths):
+        out, h = module(x, lengths=lengths)
+        return out, h[0] if isinstance(h, tuple) else h
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = rnn
+
+        def forward(self, x, lengths):
+            return run(self.rnn, x, lengths)
+
+    model = Model()
+    traced = torch.jit.trace(model, (torch.randn(3, 6, 4), torch.tensor([6, 2, 0])))
+    nodes = traced.inlined_graph.nodes()
+    kinds = {n.kind() for n in nodes if n.kind().startswith("varlen_rnn::")}
+    assert kinds == {f"varlen_rnn::{cls.__name__.lower()}_layer"}
+    traced.save(str(tmp_path / "m.pt"))
+    loaded = torch.jit.load(str(tmp_path / "m.pt"))
+    x = torch.randn(5, 7, 4, requires_grad=True)
+    lengths = torch.tensor([7, 0, 3, 5, 1])
+    with _Recorder() as rec:
+        got = loaded(x, lengths)
+    assert rec.flags == [True, True]  # two layers, each keeping its workspace
+    expected = model(x, lengths)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=0, rtol=0)
+    cotangents = [torch.randn_like(e) for e in expected]
+    found = torch.autograd.grad(got, [x, *loaded.parameters()], cotangents)
+    wanted = torch.autograd.grad(expected, [x, *rnn.parameters()], cotangents)
+    assert len(found) == len(wanted) == 1 + 2 * 2 * 4  # x, 2 layers x 2 directions x 4
+    for g, e in zip(found, wanted, strict=True):
+        torch.testing.assert_close(g, e, atol=0, rtol=0)
+    with torch.no_grad(), _Recorder() as rec:
+        got = loaded(x, lengths)
+    assert rec.flags == [False, False]
+    # inference_mode skips the autograd keys, where the layer op decides: a dispatch mode
+    # sees that op itself then, not the forward it calls, so only the results are checked.
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            got = loaded(x, lengths)
+        assert not got[0].requires_grad
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("cls", [varlen_rnn.GRU, varlen_rnn.LSTM, varlen_rnn.RNN])
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_fx_symbolic_trace_keeps_the_module_a_leaf(cls, with_lengths):
+    """torch.fx.symbolic_trace of a model holding our module, as of one holding torch.nn's:
+    the same graph (one call_module node for the RNN, then getitem for the unpacking), and
+    the GraphModule computes what the model does."""
+    torch.manual_seed(0)
+
+    class Model(nn.Module):
+        def __init__(self, rnn):
+            super().__init__()
+            self.rnn = rnn
+            self.fc = nn.Linear(5, 2)
+
+        def forward(self, x, lengths):
+            out, _ = self.rnn(x, lengths=lengths) if with_lengths else self.rnn(x)
+            return self.fc(out)
+
+    ours = Model(cls(4, 5))
+    theirs = Model(cls._torch_cls(4, 5))
+
+    def structure(gm):
+        return [
+            (n.op, n.target if n.op != "call_function" else n.target.__name__)
+            for n in gm.graph.nodes
+        ]
+
+    gm = torch.fx.symbolic_trace(ours)
+    if not with_lengths:
+        assert structure(gm) == structure(torch.fx.symbolic_trace(theirs))
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "rnn"]
+    assert len(calls) == 1
+    assert ("lengths" in calls[0].kwargs) is with_lengths
+    x, lengths = torch.randn(6, 3, 4), torch.tensor([6, 0, 2])
+    torch.testing.assert_close(gm(x, lengths), ours(x, lengths), atol=0, rtol=0)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler (g++) to build the runner")

@@ -200,3 +200,46 @@ def test_layer_weights_are_the_named_parameters_stacked(bidirectional, bias):
     assert w.w_ih.shape == (D, 12, 4 * D)
     if D == 1:  # one direction: a view of the parameter, no copy per forward
         assert w.w_hh.data_ptr() == gru.weight_hh_l1.data_ptr()
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [
+        (varlen_rnn.GRU, {}),
+        (varlen_rnn.LSTM, {}),
+        (varlen_rnn.LSTM, {"proj_size": 3}),
+        (varlen_rnn.RNN, {"nonlinearity": "relu"}),
+    ],
+    ids=["gru", "lstm", "lstm_proj", "rnn_relu"],
+)
+@pytest.mark.parametrize("given", ["nothing", "lengths", "packed"])
+def test_meta_device_forward_and_backward_like_nn(cls, kwargs, given):
+    """On the meta device (shape inference with no data: models built there before their
+    weights load) our module runs forward and backward as torch.nn's does, with the same
+    output and gradient shapes."""
+    config = dict(num_layers=2, bidirectional=True, batch_first=True, device="meta", **kwargs)
+    results = []
+    for module in (cls._torch_cls(5, 6, **config), cls(5, 6, **config)):
+        x = torch.randn(4, 7, 5, device="meta", requires_grad=True)
+        if given == "packed":
+            cpu = pack_padded_sequence(
+                torch.randn(4, 7, 5), [7, 2, 5, 1], batch_first=True, enforce_sorted=False
+            )
+            meta = cpu.to("meta")  # data and indices; batch_sizes stays on the CPU
+            args, kw = (meta._replace(data=meta.data.requires_grad_()),), {}
+        elif given == "lengths" and module.__class__ is cls:
+            args, kw = (x,), {"lengths": torch.tensor([7, 0, 3, 5], device="meta")}
+        else:
+            args, kw = (x,), {}
+        out, state = module(*args, **kw)
+        out = out.data if given == "packed" else out
+        states = state if isinstance(state, tuple) else (state,)
+        loss = out.sum() + sum(s.sum() for s in states)
+        leaves = [args[0].data if given == "packed" else x, *module.parameters()]
+        found = torch.autograd.grad(loss, leaves, allow_unused=True)
+        results.append([t.device.type for t in (out, *states, *found) if t is not None])
+        results.append([tuple(t.shape) for t in (out, *states)])
+        results.append([None if g is None else tuple(g.shape) for g in found])
+    assert results[0] == results[3] and set(results[0]) == {"meta"}
+    assert results[1] == results[4]
+    assert results[2] == results[5]

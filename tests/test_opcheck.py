@@ -28,6 +28,21 @@ def test_opcheck_forward(device, dtype, D, bias, batch_first):
 
 
 @pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_op_deciding_workspace(device, batch_first):
+    """gru_layer (what jit traces record): opcheck, its gradients (gradcheck), and the forward
+    op's results without the workspace."""
+    for grad in (True, False):
+        *args, _ = _forward_args(device, torch.float64, batch_first=batch_first, requires_grad=grad)
+        torch.library.opcheck(ops.gru_layer.default, args)
+        expected = ops.gru_layer_forward(*args, grad)[:-1]
+        for g, e in zip(ops.gru_layer(*args), expected, strict=True):
+            torch.testing.assert_close(g, e, atol=0, rtol=0)
+    *args, _ = _forward_args(device, torch.float64, batch_first=batch_first)
+    assert torch.autograd.gradcheck(lambda *a: ops.gru_layer(*a), args, eps=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("D", [1, 2])
 @pytest.mark.parametrize("batch_first", [False, True])

@@ -34,8 +34,15 @@ def _forward_fake(cell: Cell, ragged: bool, args):
         T, B = (input.shape[1], input.shape[0]) if batch_first else input.shape[:2]
         output = input.new_empty((B, T, D * P) if batch_first else (T, B, D * P))
         # Rows are the backend's choice: the N valid positions on the CPU (a value
-        # known only from lengths' data), T*B on CUDA (no host sync to learn N).
-        rows = torch.library.get_ctx().new_dynamic_size() if need_workspace else 0
+        # known only from lengths' data), T*B on CUDA (no host sync to learn N). Meta
+        # tensors (a real call on device "meta", not a fake tensor) have no data to learn N
+        # from: there it is T*B, as on CUDA.
+        if not need_workspace:
+            rows = 0
+        elif input.device.type == "meta":
+            rows = T * B
+        else:
+            rows = torch.library.get_ctx().new_dynamic_size()
     finals = [input.new_empty((D, B, P))] + [input.new_empty((D, B, H))] * (cell.states - 1)
     shape = (D, rows, cell.saved * H) if need_workspace else (0,)
     workspace = input.new_empty(shape, dtype=_opmath(input.dtype))

@@ -265,6 +265,8 @@ class RNNBase(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward(self, input, hx=None, lengths=None):
+        if isinstance(input, torch.fx.Proxy):
+            return _fx_leaf_call(self, input, hx, lengths)
         if isinstance(input, PackedSequence):
             if lengths is not None:
                 raise ValueError(
@@ -427,6 +429,16 @@ class RNNBase(nn.Module):
 # stack alone ~3 ms, the op ~1.8 ms). On a GPU the copy is cheap and the one call runs
 # both directions at once, so CUDA input keeps it.
 _APART_POSITIONS = 32
+
+
+def _fx_leaf_call(module: RNNBase, input, hx, lengths):
+    """torch.fx.symbolic_trace reaching our forward: one call_module node, as fx records for
+    torch.nn's RNNs (its default Tracer keeps every torch.nn module a leaf, but it would trace
+    into ours, whose checks cannot take a Proxy). The GraphModule then calls the module."""
+    args = (input,) if hx is None else (input, hx)
+    kwargs = {} if lengths is None else {"lengths": lengths}
+    tracer = input.tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, kwargs)
 
 
 def _directions_apart(x: Tensor) -> bool:

@@ -131,14 +131,15 @@ def _op(cell: Cell, ragged: bool, kind: str):
     return _OPS[cell.name, ragged, kind]
 
 
-# The twelve ops of csrc/ops.cpp (varlen_rnn/__init__.py loads _C before importing this).
+# The layer ops of csrc/ops.cpp (varlen_rnn/__init__.py loads _C before importing this):
+# kind "forward", "backward", and "" for the one that decides need_workspace itself.
 _OPS = {
     (c.name, r, kind): getattr(
-        torch.ops.varlen_rnn, f"{c.name}_layer{'_ragged' if r else ''}_{kind}"
+        torch.ops.varlen_rnn, f"{c.name}_layer{'_ragged' if r else ''}{kind and '_' + kind}"
     )
     for c in CELLS.values()
     for r in (False, True)
-    for kind in ("forward", "backward")
+    for kind in ("forward", "backward", "")
 }
 
 
@@ -208,8 +209,13 @@ def _layer(cell: Cell, ragged: bool, args, squeezed: bool = False) -> tuple[Tens
     stack = torch._C._functorch.get_interpreter_stack()
     if _needs_differentiable_path(tensors, stack):
         return tuple(_reference(cell, ragged)(*_full(cell, ragged, args, squeezed)))
+    if torch.jit.is_tracing():
+        # The graph records the op that decides need_workspace when it runs (csrc/ops.cpp):
+        # a flag decided here would be a constant of the graph, whatever the grad mode
+        # the traced module later runs in.
+        return tuple(_op(cell, ragged, "")(*_full(cell, ragged, args, squeezed)))
     need_workspace = _need_workspace(tensors)
-    if stack or torch.jit.is_tracing():
+    if stack:
         return tuple(op(*_full(cell, ragged, args, squeezed), need_workspace)[:-1])
     if need_workspace:  # eager, recording: the op's autograd applied directly (_autograd.EAGER)
         return tuple(_autograd.EAGER[cell.name, ragged, squeezed].apply(*args, True)[:-1])
