@@ -75,13 +75,14 @@ class Case:
 
 
 def add_case_arguments(parser) -> None:
-    """One case's command-line options (--B --T --I --H --layers --bi --cell --dist --threads),
-    for the single-case tools (bench_profile.py, bench_perf.py); case_from_arguments reads them."""
+    """One case's command-line options (--B --T --I --H --layers --bi --cell --dist --dtype
+    --threads), for the single-case tools (bench_profile.py, bench_perf.py); case_from_arguments reads them."""
     for name, default in (("B", 64), ("T", 100), ("I", 256), ("H", 256), ("layers", 1)):
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--bi", action="store_true", help="bidirectional")
     parser.add_argument("--cell", default="gru", choices=sorted(CELLS))
     parser.add_argument("--dist", default="uniform")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float64"))
     parser.add_argument("--threads", type=int, default=2)
 
 
@@ -96,6 +97,7 @@ def case_from_arguments(a, device: str = "cpu") -> Case:
         layers=a.layers,
         bidirectional=a.bi,
         dist=a.dist,
+        dtype=a.dtype,
         cell=a.cell,
         device=device,
     )
