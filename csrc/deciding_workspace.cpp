@@ -1,5 +1,6 @@
 // The kernels of {gru,lstm,rnn}_layer[_ragged] (csrc/ops.cpp): the forward op
-// with need_workspace decided when the call runs, its workspace dropped.
+// with need_workspace decided when the call runs, its workspace dropped (and,
+// for packed rows, the step count read from batch_sizes).
 //
 // Why an op of its own: a traced graph (torch.jit.trace) records each op with
 // its arguments, so a flag computed in Python from the grad mode at trace time
@@ -35,6 +36,14 @@ void deciding_workspace(const c10::OperatorHandle& op, torch::jit::Stack* stack)
   const std::string forward_name = schema.name() + "_forward";
   const c10::OperatorHandle forward =
       c10::Dispatcher::singleton().findSchemaOrThrow(forward_name.c_str(), "");
+  // Packed rows (layout 1): the steps are batch_sizes.size(0), read here rather than
+  // taken from max_len, which a trace holds as the traced call's constant.
+  const auto layout = schema.argumentIndexWithName("layout");
+  if (layout && (*stack)[first + *layout].toInt() == 1) {
+    const int64_t steps =
+        (*stack)[first + *schema.argumentIndexWithName("seq_index")].toTensor().size(0);
+    (*stack)[first + *schema.argumentIndexWithName("max_len")] = c10::IValue(c10::SymInt(steps));
+  }
   stack->emplace_back(gradient_wanted(*stack, first, n));
   forward.callBoxed(stack);  // the forward's results, the workspace last
   stack->pop_back();

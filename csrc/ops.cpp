@@ -186,7 +186,9 @@ TORCH_LIBRARY(varlen_rnn, m) {
   // need_workspace, its results without the workspace. Whether to keep what
   // the backward needs is decided when the op runs (a gradient is wanted:
   // grad mode on and an input requiring one), as for torch.nn's RNN ops, so
-  // a torch.jit.trace of a layer runs for training or inference alike.
+  // a torch.jit.trace of a layer runs for training or inference alike. With
+  // packed rows (layout 1) max_len is batch_sizes.size(0), whatever is passed:
+  // a trace holds the traced call's max_len as a constant.
   // CompositeImplicitAutograd (csrc/deciding_workspace.cpp): the forward op
   // with its autograd does the work.
   for (const std::string* forward : {&gru_layer, &gru_layer_ragged, &lstm_layer, &lstm_layer_ragged,

@@ -12,6 +12,7 @@ import pytest
 import torch
 from testing import ALL_DEVICES
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch.optim.sgd import sgd
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -226,17 +227,24 @@ class _Recorder(TorchDispatchMode):
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated in torch 2.14
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 @pytest.mark.parametrize("cls", [varlen_rnn.GRU, varlen_rnn.LSTM, varlen_rnn.RNN])
-def test_jit_trace_with_gradients_on_trains_and_infers(cls, tmp_path):
+@pytest.mark.parametrize("recipe", ["lengths", "packed"])
+def test_jit_trace_with_gradients_on_trains_and_infers(cls, recipe, tmp_path):
     """torch.jit.trace as most users call it: gradients on, trainable parameters, the default
     check_trace (which retraces under no_grad and compares the graphs). The trace records the
     layer op that decides at run time whether to keep what the backward needs, as nn.GRU's
     trace does: the loaded trace trains (gradients equal eager's) and, under no_grad, keeps
-    nothing for a backward."""
+    nothing for a backward. "packed": the model packs inside its forward (the recipe, our
+    module in nn's place), and the trace follows the batch size and step count of new input."""
     torch.manual_seed(0)
     rnn = cls(4, 5, num_layers=2, bidirectional=True, batch_first=True)
 
     def run(module, x, lengths):
-        out, h = module(x, lengths=lengths)
+        if recipe == "packed":
+            packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            out, h = module(packed)
+            out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        else:
+            out, h = module(x, lengths=lengths)
         return out, h[0] if isinstance(h, tuple) else h
 
     class Model(nn.Module):
@@ -248,14 +256,15 @@ def test_jit_trace_with_gradients_on_trains_and_infers(cls, tmp_path):
             return run(self.rnn, x, lengths)
 
     model = Model()
-    traced = torch.jit.trace(model, (torch.randn(3, 6, 4), torch.tensor([6, 2, 0])))
+    traced = torch.jit.trace(model, (torch.randn(3, 6, 4), torch.tensor([6, 2, 1])))
     nodes = traced.inlined_graph.nodes()
     kinds = {n.kind() for n in nodes if n.kind().startswith("varlen_rnn::")}
-    assert kinds == {f"varlen_rnn::{cls.__name__.lower()}_layer"}
+    ragged = "_ragged" if recipe == "packed" else ""
+    assert kinds == {f"varlen_rnn::{cls.__name__.lower()}_layer{ragged}"}
     traced.save(str(tmp_path / "m.pt"))
     loaded = torch.jit.load(str(tmp_path / "m.pt"))
-    x = torch.randn(5, 7, 4, requires_grad=True)
-    lengths = torch.tensor([7, 0, 3, 5, 1])
+    x = torch.randn(5, 7, 4, requires_grad=True)  # more rows and steps than traced
+    lengths = torch.tensor([7, 2 if recipe == "packed" else 0, 3, 5, 1])
     with _Recorder() as rec:
         got = loaded(x, lengths)
     assert rec.flags == [True, True]  # two layers, each keeping its workspace

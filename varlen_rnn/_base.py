@@ -311,11 +311,16 @@ class RNNBase(nn.Module):
         if data.dim() != 2:
             raise RuntimeError(f"input must have 2 dimensions, got {data.dim()}")
         states = self._states_of(hx, batched=True)
-        # batch_sizes lives on the CPU (PackedSequence keeps it there): no host sync.
+        # batch_sizes lives on the CPU (PackedSequence keeps it there): no host sync. Under
+        # jit tracing B and the step count stay values of the graph (batch_sizes[0] and
+        # batch_sizes.size(0), as nn.GRU's packed path takes them), not constants of the
+        # traced batch.
         B = int(batch_sizes[0]) if batch_sizes.numel() else 0
+        if torch.jit.is_tracing() and batch_sizes.numel():
+            B = batch_sizes[0]
         flat = self._flat_weights
         states = self._checked_states(states, data, B, flat)
-        index = (batch_sizes, sorted_indices, 1, batch_sizes.numel())
+        index = (batch_sizes, sorted_indices, 1, batch_sizes.size(0))
         out, finals = self._run(data, states, index, (), flat)
         out = PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices)
         return out, self._result(finals)
