@@ -325,6 +325,10 @@ def test_fx_symbolic_trace_keeps_the_module_a_leaf(cls, with_lengths):
     assert ("lengths" in calls[0].kwargs) is with_lengths
     x, lengths = torch.randn(6, 3, 4), torch.tensor([6, 0, 2])
     torch.testing.assert_close(gm(x, lengths), ours(x, lengths), atol=0, rtol=0)
+    # The module itself as the root: nothing to record a call to, and fx cannot trace into
+    # it (nor into nn's): a TraceError that says what to do instead.
+    with pytest.raises(torch.fx.proxy.TraceError, match="trace a model that holds it"):
+        torch.fx.symbolic_trace(ours.rnn)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler (g++) to build the runner")

@@ -443,7 +443,14 @@ def _fx_leaf_call(module: RNNBase, input, hx, lengths):
     args = (input,) if hx is None else (input, hx)
     kwargs = {} if lengths is None else {"lengths": lengths}
     tracer = input.tracer
-    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, kwargs)
+    path = tracer.path_of_module(module)
+    if not path:  # the module itself is the root being traced: there is no call to record
+        raise torch.fx.proxy.TraceError(
+            f"torch.fx.symbolic_trace cannot trace varlen_rnn.{type(module).__name__} itself "
+            "(its forward branches on its input, as nn.GRU's does); trace a model that holds "
+            "it, where it becomes one call_module node, or use torch.export"
+        )
+    return tracer.create_proxy("call_module", path, args, kwargs)
 
 
 def _directions_apart(x: Tensor) -> bool:
