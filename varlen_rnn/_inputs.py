@@ -71,6 +71,8 @@ def autocast_on(device: torch.device) -> bool:
     if not torch._C._is_any_autocast_enabled() and (device == _CPU or device.type == "cuda"):
         return False
     kind = device.type
+    if kind in ("cpu", "cuda"):  # always available; torch 2.11's dynamo cannot trace the check
+        return torch.is_autocast_enabled(kind)
     return torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
 
 

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The oldest torch varlen_rnn supports, checked: torch 2.11.0+cu130, the GPU machines' torch (PyPI's
+# torch 2.11.0 is that build). In a virtual environment of its own (default .venv-floor) it builds
+# the extension against that torch, CPU and CUDA kernels (sm_90, as benchmarks/gpu_check.sh builds
+# on the GPU machine), in a copy of the tracked files, then runs the tests that lean hardest on
+# torch's own APIs: torch.compile and export, autocast, torch.library (opcheck), nested tensors,
+# torch.func, jit tracing, ONNX, DDP, torch's ModuleInfo data. So a change that only works on the
+# newest torch fails here, not on the GPU machine, whose time is short.
+#   FLOOR_VENV=path   where the environment lives (default: .venv-floor in the repository)
+#   TORCH_FLOOR       the torch to install (default: torch==2.11.0)
+# Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${FLOOR_VENV:-.venv-floor}
+TORCH_FLOOR=${TORCH_FLOOR:-torch==2.11.0}
+PY=${PYTHON:-python3}
+start=$(date +%s)
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "== creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+VENV=$(cd "$VENV" && pwd)
+echo "== installing $TORCH_FLOOR and the test dependencies"
+"$VENV/bin/pip" install -q --disable-pip-version-check "$TORCH_FLOOR" ninja pybind11 pytest numpy \
+  hypothesis expecttest setuptools wheel "onnx==1.23.2" "onnxscript==0.7.2" "onnxruntime==1.32.0"
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+git ls-files -z | xargs -0 cp --parents -t "$work"
+echo "== building against $("$VENV/bin/python" -c 'import torch; print(torch.__version__)')" \
+  "(CPU and CUDA kernels, sm_90)"
+built=$(date +%s)
+(cd "$work" && TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+  "$VENV/bin/python" setup.py -q build_ext --inplace >"$work/build.log" 2>&1) ||
+  { tail -50 "$work/build.log"; echo "== the build against $TORCH_FLOOR failed"; exit 1; }
+echo "== built in $(($(date +%s) - built)) s"
+cd "$work"
+PYTHONPATH="$work" VARLEN_RNN_SKIP_EMULATION=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
+  tests/test_build.py tests/test_module.py tests/test_module_db.py tests/test_autocast.py \
+  tests/test_cells_autocast.py tests/test_export.py tests/test_opcheck.py tests/test_cells_ops.py \
+  tests/test_ragged.py tests/test_higher_order.py tests/test_small_calls.py tests/test_onnx.py \
+  tests/test_ddp.py "$@"
+echo "== $TORCH_FLOOR: passed in $(($(date +%s) - start)) s"
