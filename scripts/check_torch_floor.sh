@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The oldest torch varlen_rnn supports, checked: torch 2.11.0+cu130, the GPU machines' torch (PyPI's
-# torch 2.11.0 is that build). In a virtual environment of its own (default .venv-floor) it builds
+# The oldest torch varlen_rnn supports, checked: torch 2.11.0+cu130 on Python 3.12, the GPU
+# machines' pair (PyPI's torch 2.11.0 is that build; Python 3.12 where this machine has it, else
+# python3). In a virtual environment of its own (default .venv-floor) it builds
 # the extension against that torch, CPU and CUDA kernels (sm_90, as benchmarks/gpu_check.sh builds
 # on the GPU machine), in a copy of the tracked files, then runs the tests that lean hardest on
 # torch's own APIs: torch.compile and export, autocast, torch.library (opcheck), nested tensors,
@@ -8,16 +9,26 @@
 # newest torch fails here, not on the GPU machine, whose time is short.
 #   FLOOR_VENV=path   where the environment lives (default: .venv-floor in the repository)
 #   TORCH_FLOOR       the torch to install (default: torch==2.11.0)
+#   PYTHON            the interpreter of the environment (default: python3.12, else python3)
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${FLOOR_VENV:-.venv-floor}
 TORCH_FLOOR=${TORCH_FLOOR:-torch==2.11.0}
-PY=${PYTHON:-python3}
+pick_python() {  # a Python 3.12 that runs (a pyenv shim may exist and refuse), else python3
+  for p in python3.12 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12; do
+    if "$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
+      echo "$p"
+      return
+    fi
+  done
+  echo python3
+}
+PY=${PYTHON:-$(pick_python)}
 start=$(date +%s)
 
 if [ ! -x "$VENV/bin/python" ]; then
-  echo "== creating $VENV"
+  echo "== creating $VENV ($("$PY" --version))"
   "$PY" -m venv "$VENV"
 fi
 VENV=$(cd "$VENV" && pwd)
