@@ -76,7 +76,8 @@ class Case:
 
 def add_case_arguments(parser) -> None:
     """One case's command-line options (--B --T --I --H --layers --bi --cell --dist --dtype
-    --threads), for the single-case tools (bench_profile.py, bench_perf.py); case_from_arguments reads them."""
+    --threads), for the single-case tools (bench_profile.py, bench_perf.py);
+    case_from_arguments reads them."""
     for name, default in (("B", 64), ("T", 100), ("I", 256), ("H", 256), ("layers", 1)):
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--bi", action="store_true", help="bidirectional")

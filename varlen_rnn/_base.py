@@ -315,9 +315,12 @@ class RNNBase(nn.Module):
         # jit tracing B and the step count stay values of the graph (batch_sizes[0] and
         # batch_sizes.size(0), as nn.GRU's packed path takes them), not constants of the
         # traced batch.
-        B = int(batch_sizes[0]) if batch_sizes.numel() else 0
-        if torch.jit.is_tracing() and batch_sizes.numel():
+        if not batch_sizes.numel():
+            B = 0
+        elif torch.jit.is_tracing():
             B = batch_sizes[0]
+        else:
+            B = int(batch_sizes[0])
         flat = self._flat_weights
         states = self._checked_states(states, data, B, flat)
         index = (batch_sizes, sorted_indices, 1, batch_sizes.size(0))
