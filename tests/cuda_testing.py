@@ -6,11 +6,22 @@ here: the emulated tests import this module and must collect without the build."
 
 import ctypes
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+
+
+def nvcc_path():
+    """The nvcc that compiles: the toolkit's when torch's CUDA_HOME holds one, else PATH's."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return os.path.join(CUDA_HOME, "bin", "nvcc")
+    return shutil.which("nvcc")
+
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 PATHS = ["persistent", "fallback"]

@@ -7,11 +7,11 @@ Run: python -m pytest tests/test_mma_gpu.py -q"""
 
 import ctypes
 import os
-import shutil
 import subprocess
 
 import pytest
 import torch
+from cuda_testing import nvcc_path
 from emulation import CSRC, EMU_SRC
 from mma_testing import (
     GEMM_CASES,
@@ -26,14 +26,6 @@ from mma_testing import (
 )
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-
-
-def _nvcc():
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    if CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
-        return os.path.join(CUDA_HOME, "bin", "nvcc")
-    return shutil.which("nvcc")
 
 
 class _Lib:
@@ -84,7 +76,7 @@ def gpu(tmp_path_factory):
     major, minor = torch.cuda.get_device_capability()
     if major < 8:
         pytest.skip(f"mma.sync for TF32/bf16 needs sm_80 or newer; the device is sm_{major}{minor}")
-    nvcc = _nvcc()
+    nvcc = nvcc_path()
     if nvcc is None:
         pytest.skip("nvcc not found (CUDA_HOME/bin or PATH)")
     so = str(tmp_path_factory.mktemp("mma_gpu_build") / "libmma_gpu.so")

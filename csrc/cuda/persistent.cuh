@@ -59,7 +59,7 @@ struct PersistentForwardArgs : PersistentCommonArgs {
 // Dynamic shared memory: tile [tile_rows][kc_stride] x_t | acc_s [items][G][kRows]
 // acc_t | w_s [G][J][w_stride] scalar_t (plan.h keeps every part 16-byte aligned).
 template <typename Cell, typename scalar_t, typename acc_t, bool kMma = false>
-__global__ void __launch_bounds__(kPersistThreads)
+__global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
     persistent_forward_kernel(const PersistentForwardArgs<scalar_t, acc_t> a) {
   constexpr int G = Cell::kGates;
   using x_t = tile_t<kMma, scalar_t, acc_t>;  // the staged tile's and hbuf's type
@@ -202,7 +202,7 @@ struct PersistentBackwardArgs : PersistentCommonArgs {
 // slice, zero rows past J, zero columns past GH). dgh is the exchange: already
 // in the storage type, staged as it is on 16-bit tensor cores.
 template <typename Cell, typename scalar_t, typename acc_t, bool kMma = false>
-__global__ void __launch_bounds__(kPersistThreads)
+__global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
     persistent_backward_kernel(const PersistentBackwardArgs<scalar_t, acc_t> a) {
   constexpr int G = Cell::kGates, NU = kUnitsPerItem;
   using x_t = tile_t<kMma, scalar_t, acc_t>;

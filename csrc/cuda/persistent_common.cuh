@@ -55,6 +55,13 @@ __device__ __forceinline__ unsigned char* dynamic_smem() {
 
 constexpr int kPersistThreads = 256;
 constexpr int kPersistWarps = kPersistThreads / 32;
+// Blocks per SM the persistent kernels are built for (__launch_bounds__'s second argument):
+// one, since a launch has at most one block per SM (plan.h), so ptxas may give each thread up
+// to 255 registers (they take 80-166). Without it, nvcc 13.0 gave some of them 64-128 and
+// they spilled to local memory, on every step: 14 kernels on sm_90, 26 on sm_80, up to 68
+// bytes per thread. tests/test_build.py compiles ops_cuda.cu with ptxas -v and fails on any
+// spill.
+constexpr int kPersistMinBlocks = 1;
 // Rows per warp work item: the warp reduces kRows x NG dot products at once
 // and lanes 0..kRows-1 finish one row each.
 constexpr int kRows = 8;
