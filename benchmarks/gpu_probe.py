@@ -56,6 +56,25 @@ def parse_ints(s: str) -> list[int]:
     return [int(v) for v in s.split(",") if v]
 
 
+def probe_lengths(B: int, H: int, T: int) -> torch.Tensor:
+    """The lengths [B] of configuration (B, H): uniform in [1, T], seeded, so every child times
+    the same batch and gpu_calibrate.py can rebuild the steps each path ran."""
+    return torch.randint(1, T + 1, (B,), generator=torch.Generator().manual_seed(B * 7919 + H))
+
+
+def device_facts(device: str) -> dict:
+    """What plan.h's cut and cost model read of the device (gpu_calibrate.py rebuilds them)."""
+    if not device.startswith("cuda"):
+        return {"name": "CPU"}
+    p = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return {
+        "name": p.name,
+        "sms": p.multi_processor_count,
+        "capability": [p.major, p.minor],
+        "smem_per_block_optin": getattr(p, "shared_memory_per_block_optin", None),
+    }
+
+
 def build(impl: str, B: int, H: int, T: int, dtype: str, device: str):
     """Module, two input sets [T, B, H], lengths [B] (CPU and device), loss weights."""
     import varlen_rnn
@@ -68,7 +87,7 @@ def build(impl: str, B: int, H: int, T: int, dtype: str, device: str):
         mod.load_state_dict(ref.state_dict())
     else:
         mod = ref
-    lengths = torch.randint(1, T + 1, (B,), generator=torch.Generator().manual_seed(B * 7919 + H))
+    lengths = probe_lengths(B, H, T)
     # Drawn on the device (seeded: every child gets the same data); a CPU draw of B=256 x H=1024
     # inputs would cost seconds per configuration.
     g = torch.Generator(device).manual_seed(B * 7919 + H)
@@ -373,7 +392,9 @@ def main(argv=None) -> int:
     with open(os.path.join(out_dir, "probe.md"), "w") as f:
         f.write(head + md + "\n")
     with open(os.path.join(out_dir, "probe.json"), "w") as f:
-        json.dump({"args": vars(a), "children": merged}, f, indent=1)
+        json.dump(
+            {"args": vars(a), "device": device_facts(a.device), "children": merged}, f, indent=1
+        )
     print(head + md)
     print(key)
     return 0 if all(m.get("child_status") == "ok" for m in merged.values()) else 1

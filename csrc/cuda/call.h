@@ -79,9 +79,8 @@ struct BackwardCall : LayerCall {
 // The path of one pass; errors when persistent is forced but cannot run, so tests
 // that compare the paths never compare the fallback with itself. kernel_of(mma) is
 // the persistent kernel's instantiation. Where the call may use tensor cores
-// (c.mma), the tensor-core and the exact persistent kernel are both priced and the
-// faster one runs: the model (plan.h) finds the tensor-core kernel slower where its
-// fragment loads conflict in shared memory, and auto never picks a slower path.
+// (c.mma), the tensor-core and the exact persistent kernel are both priced and
+// plan::prefer_tensor_cores picks.
 template <typename KernelOf>
 plan::Choice choose(const LayerCall& c, KernelOf kernel_of, plan::Pass pass, int64_t storage_bytes,
                     int64_t acc_bytes) {
@@ -103,15 +102,7 @@ plan::Choice choose(const LayerCall& c, KernelOf kernel_of, plan::Pass pass, int
     return choice;
   };
   plan::Choice choice = one(false);
-  if (c.mma) {
-    plan::Choice tc = one(true);
-    const bool tc_runs = tc.path == plan::Path::kPersistent;
-    const bool exact_runs = choice.path == plan::Path::kPersistent;
-    const bool forced = knobs().tensor_cores == 1;
-    if (tc_runs && (forced || !exact_runs || tc.persistent_us <= choice.persistent_us)) {
-      choice = tc;
-    }
-  }
+  if (c.mma) choice = plan::prefer_tensor_cores(choice, one(true), knobs().tensor_cores == 1);
   TORCH_CHECK(choice.fits || requested == plan::Path::kAuto,
               "VARLEN_RNN_CUDA_PATH=persistent but the persistent kernel cannot run: ", choice.why);
   return choice;

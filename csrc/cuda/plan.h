@@ -98,7 +98,8 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 // "1.2-2x" won at small B and "1.2-7x" / "4-15x" lost against cuDNN. The
 // resulting crossover on an H100, float32, D = 1: the fallback from B = 97 at
 // H = 256 and B = 17 at H = 1024 (forward), B = 33 and always (backward).
-// These are estimates until benchmarks/gpu_check.sh measures the crossover.
+// These are estimates until benchmarks/gpu_check.sh measures the crossover; then
+// benchmarks/gpu_calibrate.py fits them to its timing probe.
 struct CostModel {
   static constexpr double kClockGHz = 1.75;        // sustained SM clock
   static constexpr double kGridSyncCycles = 3000;  // grid.sync with one block per SM (~1.7 us)
@@ -113,6 +114,10 @@ struct CostModel {
   // about half of dense peak on tensor cores, ~70% of CUDA-core peak without.
   static constexpr double kGemmHalf = 2048, kGemmTf32 = 1024, kGemmFloat64 = 200,
                           kGemmFloat32 = 180;
+  // Measured over modelled, for the persistent kernel's recurrent product on CUDA cores and on
+  // tensor cores (MmaModel): 1 until benchmarks/gpu_calibrate.py fits them to a GPU run's
+  // timing probe, as it fits every constant above.
+  static constexpr double kCudaCoreScale = 1, kMmaScale = 1;
 };
 
 inline double gemm_flops_per_cycle(const Problem& p) {
@@ -197,10 +202,18 @@ inline double mma_tile_cycles(const Problem& p, int64_t w_rows, int64_t rows, in
   return std::max(loads, chain);
 }
 
-// Modelled cycles of one persistent step for a block owning J units, with
-// tiles of `rows` rows and K walked in chunks of kc (all B rows running).
-inline double persistent_step_cycles(const Problem& p, int64_t J, int64_t rows, int64_t kc,
-                                     int64_t w_stride, int64_t kc_stride) {
+// Modelled cycles of one persistent step, by term: the grid barrier, staging the tiles' rows
+// from L2, their recurrent product, the pointwise part. gpu_calibrate.py scales each term to fit
+// measured times, so they are kept apart here.
+struct StepTerms {
+  double sync = 0, load = 0, compute = 0, pointwise = 0;
+  double total() const { return sync + load + compute + pointwise; }
+};
+
+// The terms of one persistent step for a block owning J units, with tiles of `rows` rows and K
+// walked in chunks of kc, p.B rows running.
+inline StepTerms persistent_step_terms(const Problem& p, int64_t J, int64_t rows, int64_t kc,
+                                       int64_t w_stride, int64_t kc_stride) {
   const bool bwd = p.pass == Pass::kBackward;
   const int64_t U = bwd ? ceil_div(J, kUnitsPerItem) : J;  // unit groups (persistent.cuh)
   const int64_t K = bwd ? p.gates * p.H : p.H;
@@ -220,20 +233,42 @@ inline double persistent_step_cycles(const Problem& p, int64_t J, int64_t rows, 
       bwd || (p.persistent_mma && p.storage_bytes == 2) ? p.storage_bytes : p.acc_bytes;
   const double load =
       rows * K * staged_bytes / CostModel::kL2BytesPerCycle + chunks * CostModel::kPassCycles;
-  const double compute = p.persistent_mma
-                             ? mma_tile_cycles(p, ng * U, rows, K, kc, w_stride, kc_stride)
-                             : padded_items * (iters * item_cycles + chunks * shuffles);
-  const double pointwise = ceil_div(B * J, kThreads) * CostModel::kPointwiseCycles[int(p.pass)];
-  return CostModel::kGridSyncCycles + tiles * (load + compute) + pointwise;
+  const double compute =
+      p.persistent_mma
+          ? CostModel::kMmaScale * mma_tile_cycles(p, ng * U, rows, K, kc, w_stride, kc_stride)
+          : CostModel::kCudaCoreScale * padded_items * (iters * item_cycles + chunks * shuffles);
+  StepTerms t;
+  t.sync = CostModel::kGridSyncCycles;
+  t.load = tiles * load;
+  t.compute = tiles * compute;
+  t.pointwise = ceil_div(B * J, kThreads) * CostModel::kPointwiseCycles[int(p.pass)];
+  return t;
 }
 
-inline double fallback_step_us(const Problem& p, const Device& dev) {
+// Modelled cycles of one persistent step, all B rows running.
+inline double persistent_step_cycles(const Problem& p, int64_t J, int64_t rows, int64_t kc,
+                                     int64_t w_stride, int64_t kc_stride) {
+  return persistent_step_terms(p, J, rows, kc, w_stride, kc_stride).total();
+}
+
+// One fallback step, by term (microseconds): the host's cost of issuing it, which bounds it
+// below, and the GPU's, its two kernels' fixed cost plus the GEMM.
+struct FallbackTerms {
+  double host = 0, kernel = 0, gemm = 0;
+  double total() const { return std::max(host, kernel + gemm); }
+};
+
+inline FallbackTerms fallback_step_terms(const Problem& p, const Device& dev) {
   const double per_us = dev.sms * CostModel::kClockGHz * 1e3;  // SM-cycles per microsecond
   const double flops = 2.0 * p.D * std::max<int64_t>(p.B, 1) * p.gates * p.H * p.H;
   const double w_bytes = double(p.D) * p.gates * p.H * p.H * p.storage_bytes;
   const double gemm =
       std::max(flops / gemm_flops_per_cycle(p), w_bytes / CostModel::kL2BytesPerCycle);
-  return std::max(CostModel::kFallbackHostUs, CostModel::kFallbackKernelUs + gemm / per_us);
+  return {CostModel::kFallbackHostUs, CostModel::kFallbackKernelUs, gemm / per_us};
+}
+
+inline double fallback_step_us(const Problem& p, const Device& dev) {
+  return fallback_step_terms(p, dev).total();
 }
 
 // The persistent cut with the least modelled step time, or false and why not.
@@ -323,6 +358,17 @@ inline Choice choose_path(const Problem& p, const Device& dev, Path requested, i
   const bool persistent = requested == Path::kPersistent || c.persistent_us < c.fallback_us;
   c.path = persistent ? Path::kPersistent : Path::kFallback;
   return c;
+}
+
+// Where a call may run its persistent product on tensor cores, both persistent kernels are
+// priced (choose_path with persistent_mma false, then true) and this picks: the tensor-core
+// kernel where it runs and is not modelled slower than the exact one (the model finds it
+// slower where its fragment loads conflict in shared memory; auto never picks a slower path),
+// or wherever it runs when forced (VARLEN_RNN_TENSOR_CORES=1).
+inline Choice prefer_tensor_cores(const Choice& exact, const Choice& tc, bool forced) {
+  const bool tc_runs = tc.path == Path::kPersistent;
+  const bool exact_runs = exact.path == Path::kPersistent;
+  return tc_runs && (forced || !exact_runs || tc.persistent_us <= exact.persistent_us) ? tc : exact;
 }
 
 }  // namespace plan
