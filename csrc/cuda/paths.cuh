@@ -11,7 +11,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
-#include <ATen/ops/baddbmm.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -175,8 +174,6 @@ void fallback_forward(const ForwardCall& c) {
   Tensor h_lo = half ? c.hx.clone() : h;
   Tensor cs = c_state<Cell>(c);
   const Tensor w_hh_t = c.w_hh.transpose(1, 2);  // [D, P, GH]
-  const Tensor bias =
-      c.b_hh.defined() ? c.b_hh.view({D, 1, G * H}).expand({D, B, G * H}) : Tensor();  // [D, B, GH]
   Tensor gh = at::empty({D, B, G * H}, c.opts);
   Tensor hcell = kProj ? at::empty({D, B, H}, c.opts) : Tensor();
   Tensor hr = kProj ? at::empty({D, B, P}, c.opts) : Tensor();
@@ -184,16 +181,12 @@ void fallback_forward(const ForwardCall& c) {
   const int blocks = static_cast<int>(plan::ceil_div(D * B * H, kPointwiseThreads));
   const int proj_blocks = static_cast<int>(plan::ceil_div(D * B * P, kPointwiseThreads));
   for (int64_t s = 0; s < T; ++s) {
-    if (bias.defined()) {
-      at::baddbmm_out(gh, bias, h_lo, w_hh_t);
-    } else {
-      at::bmm_out(gh, h_lo, w_hh_t);
-    }
+    at::bmm_out(gh, h_lo, w_hh_t);  // b_hh: added by the step kernel
     fallback_forward_step_kernel<Cell, kProj, scalar_t, acc_t>
         <<<blocks, kPointwiseThreads, 0, c.stream>>>(
-            c.gx.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(), l.lens.data_ptr<int>(),
-            h.data_ptr<acc_t>(), half ? h_lo.data_ptr<scalar_t>() : nullptr, ptr_or_null<acc_t>(cs),
-            kProj ? hcell.data_ptr<scalar_t>() : c.out.data_ptr<scalar_t>(),
+            c.gx.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(c.b_hh),
+            l.lens.data_ptr<int>(), h.data_ptr<acc_t>(), half ? h_lo.data_ptr<scalar_t>() : nullptr,
+            ptr_or_null<acc_t>(cs), kProj ? hcell.data_ptr<scalar_t>() : c.out.data_ptr<scalar_t>(),
             c.need_workspace ? c.ws.data_ptr<acc_t>() : nullptr, static_cast<int>(s),
             static_cast<int>(B), static_cast<int>(H), static_cast<int>(D), c.rows.map, c.rows.R);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

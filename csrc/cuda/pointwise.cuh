@@ -123,9 +123,12 @@ inline void packed_rows(const int64_t* batch_sizes, int64_t T, int64_t B, int64_
 }
 
 // One forward step of the fallback path, for every (d, b, j). gh already
-// holds h @ W_hh^T + b_hh for all rows, from a GEMM in the storage dtype (tensor
+// holds h @ W_hh^T for all rows, from a GEMM in the storage dtype (tensor
 // cores for half types, which therefore also get a rounded copy h_lo of the
-// state to multiply; the state itself stays in acc_t). Rows past their length
+// state to multiply; the state itself stays in acc_t); b_hh is added here, in
+// acc_t, as the persistent kernel adds it (a GEMM with the bias as its C
+// operand would first copy the broadcast bias into gh: one more kernel per
+// step). Rows past their length
 // keep their state (and c); with padding they write the zero of the padded
 // position t = s (every padded position t >= length is visited exactly once
 // that way, at step s = t).
@@ -135,14 +138,15 @@ inline void packed_rows(const int64_t* batch_sizes, int64_t T, int64_t B, int64_
 // projected state and output from that GEMM.
 template <typename Cell, bool kProj, typename scalar_t, typename acc_t>
 __global__ void fallback_forward_step_kernel(
-    const scalar_t* __restrict__ gx,  // [R, D*GH]
-    const scalar_t* __restrict__ gh,  // [D, B, GH]
-    const int* __restrict__ lens,     // [B]
-    acc_t* __restrict__ h,            // [D, B, H], updated in place (not kProj)
-    scalar_t* __restrict__ h_lo,      // [D, B, H] copy of h for the GEMM, or nullptr
-    acc_t* __restrict__ c,            // [D, B, H] updated in place (kHasC), else nullptr
-    scalar_t* __restrict__ out,       // [R, D*H]; kProj: hcell [D, B, H]
-    acc_t* __restrict__ ws,           // [D, R, SH] or nullptr
+    const scalar_t* __restrict__ gx,    // [R, D*GH]
+    const scalar_t* __restrict__ gh,    // [D, B, GH]
+    const scalar_t* __restrict__ b_hh,  // [D, GH] or nullptr
+    const int* __restrict__ lens,       // [B]
+    acc_t* __restrict__ h,              // [D, B, H], updated in place (not kProj)
+    scalar_t* __restrict__ h_lo,        // [D, B, H] copy of h for the GEMM, or nullptr
+    acc_t* __restrict__ c,              // [D, B, H] updated in place (kHasC), else nullptr
+    scalar_t* __restrict__ out,         // [R, D*H]; kProj: hcell [D, B, H]
+    acc_t* __restrict__ ws,             // [D, R, SH] or nullptr
     int s, int B, int H, int D, RowMap rows, int64_t R) {
   constexpr int G = Cell::kGates;
   static_assert(!kProj || !Cell::kReadsHPrev, "a projected state cannot enter the cell's math");
@@ -166,6 +170,12 @@ __global__ void fallback_forward_step_kernel(
   acc_t gxv[G], ghv[G];
   load_cols<G>(gx + row * D * GH + d * GH, j, H, gxv);
   load_cols<G>(gh + (static_cast<int64_t>(d) * B + b) * GH, j, H, ghv);
+  if (b_hh != nullptr) {
+    acc_t bias[G];
+    load_cols<G>(b_hh + d * GH, j, H, bias);
+    VR_UNROLL
+    for (int g = 0; g < G; ++g) ghv[g] += bias[g];
+  }
   CellState<acc_t> prev, next;
   if constexpr (Cell::kReadsHPrev) prev.h = h[idx];
   if constexpr (Cell::kHasC) prev.c = c[idx];

@@ -105,18 +105,16 @@ std::vector<torch::Tensor> forward_t(const torch::Tensor& gx, const torch::Tenso
     torch::Tensor hcell = torch::full({D, B, H}, 777.0, opts);
     torch::Tensor hr = torch::empty({D, B, P}, opts);
     for (int64_t s = 0; s < T; ++s) {
-      if (b_hh)
-        torch::baddbmm_out(gh, b_hh->view({D, 1, G * H}).expand({D, B, G * H}), h_lo, w_t);
-      else
-        torch::bmm_out(gh, h_lo, w_t);
+      torch::bmm_out(gh, h_lo, w_t);
       auto step = [&](auto proj_tag) {
         constexpr bool kProj = decltype(proj_tag)::value;
         emu_launch_seq((D * B * H + 255) / 256, 256, [&] {
           fallback_forward_step_kernel<Cell, kProj, scalar_t, acc_t>(
-              gx.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(), r.l.lens.data(),
-              h.data_ptr<acc_t>(), half ? h_lo.data_ptr<scalar_t>() : nullptr,
-              ptr_or_null<acc_t>(c), kProj ? hcell.data_ptr<scalar_t>() : out.data_ptr<scalar_t>(),
-              ws.data_ptr<acc_t>(), s, B, H, D, r.map, r.R);
+              gx.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(),
+              b_hh ? b_hh->data_ptr<scalar_t>() : nullptr, r.l.lens.data(), h.data_ptr<acc_t>(),
+              half ? h_lo.data_ptr<scalar_t>() : nullptr, ptr_or_null<acc_t>(c),
+              kProj ? hcell.data_ptr<scalar_t>() : out.data_ptr<scalar_t>(), ws.data_ptr<acc_t>(),
+              s, B, H, D, r.map, r.R);
         });
       };
       if constexpr (Cell::kHasC) {
