@@ -404,3 +404,48 @@ def test_weight_parametrizations(device, kind):
     expected_grads = grads(expected, [x, *ref.parameters()])
     for name, a, b in zip(names, got_grads, expected_grads, strict=True):
         assert_close(a, b, F64, f"grad of {name}")
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("kind", ["gru", *KINDS])
+def test_tied_weights(device, kind):
+    """One Parameter assigned to two of a module's weights (a layer's recurrent weights shared
+    with the next layer's, a direction's bias with the other's), as users tie them on nn's
+    RNNs: the outputs and the tied parameter's gradient (the sum of its uses) are nn +
+    packing's (float64), it is one parameter to the optimizer, and after an SGD step both uses
+    still see the one updated tensor."""
+    if kind == "gru":
+        torch.manual_seed(0)
+        ref = nn.GRU(3, 4, num_layers=2, bidirectional=True, dtype=F64, device=device)
+        ours = varlen_rnn.GRU(3, 4, num_layers=2, bidirectional=True, dtype=F64, device=device)
+        ours.load_state_dict(ref.state_dict())
+    else:
+        ref, ours = make_cell_pair(kind, 3, 4, 2, bidirectional=True, device=device)
+    for m in (ref, ours):
+        m.weight_hh_l1 = m.weight_hh_l0
+        m.bias_ih_l0_reverse = m.bias_ih_l0
+    assert ours.weight_hh_l1 is ours.weight_hh_l0
+    names = [n for n, _ in ref.named_parameters()]
+    assert [n for n, _ in ours.named_parameters()] == names
+    assert "weight_hh_l1" not in names  # the tied one is listed once, under its first name
+    lengths = [5, 2, 7, 1]
+    x = torch.randn(7, 4, 3, dtype=F64, device=device)
+    hx = random_state(ref, 4, device=device, seed=1)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (ref, ours)]
+    for _ in range(2):  # a second forward sees the step's update through both uses
+        got = tensors_of(ours(x, hx, lengths=lengths))
+        expected = tensors_of(packed_baseline(ref, x, lengths, hx))
+        for g, e in zip(got, expected, strict=True):
+            assert_close(g, e, F64, "outputs")
+        for opt in opts:
+            opt.zero_grad()
+        loss_weights = torch.Generator().manual_seed(2)
+        for outs in (got, expected):
+            w = [torch.randn(o.shape, generator=loss_weights, dtype=F64).to(device) for o in outs]
+            loss_weights.manual_seed(2)
+            sum((o * wi).sum() for o, wi in zip(outs, w)).backward()
+        for (name, a), b in zip(ours.named_parameters(), ref.parameters(), strict=True):
+            assert_close(a.grad, b.grad, F64, f"grad of {name}")
+        for opt in opts:
+            opt.step()
+        assert ours.weight_hh_l1 is ours.weight_hh_l0
