@@ -196,10 +196,10 @@ def test_kernel_loop_repeats_exactly_and_saves_the_same_workspace(threads, monke
 # -- few-step calls: the products on the weights as stored (f32_dot_rows) --------------------
 
 DOTS = pytest.mark.skipif(not runs("avx512"), reason="this CPU has no AVX-512 (f32_dot_rows)")
-# Row counts around the 8-row groups of w (the task) and the call's limit (kF32DotRows = 32),
+# Row counts around the 8-row groups of w (the task) and the call's limit (kF32DotRows = 256),
 # K around the 16-lane vectors (masked tails) and past them.
 DOT_SHAPES = [(1, 1, 1), (1, 8, 16), (2, 9, 17), (3, 15, 31), (8, 64, 256), (16, 100, 33)]
-DOT_SHAPES += [(32, 768, 256), (5, 7, 0), (0, 9, 8), (33, 130, 512)]
+DOT_SHAPES += [(32, 768, 256), (5, 7, 0), (0, 9, 8), (33, 130, 512), (256, 77, 40), (257, 9, 33)]
 
 
 @DOTS
@@ -216,7 +216,7 @@ def test_dots_match_an_exact_one(m, N, K):
 # The backward's dh = dG W_hh on W_hh as stored (f32_rows_times): rows around its 6-row tiles,
 # columns around its 64-column tasks (masked tails).
 ROWS_SHAPES = [(1, 1, 1), (1, 64, 16), (5, 65, 17), (6, 63, 100), (7, 130, 768), (32, 256, 33)]
-ROWS_SHAPES += [(3, 5, 0), (0, 9, 8)]
+ROWS_SHAPES += [(3, 5, 0), (0, 9, 8), (256, 70, 21), (257, 3, 40)]
 
 
 @DOTS
@@ -243,9 +243,14 @@ def test_dots_rows_do_not_depend_on_each_other():
 
 
 # Few steps (csrc/cpu/team.h few_steps): the per-step GEMM loop, whose products for at most
-# kF32DotRows rows take f32_dot_rows. 40 rows: the first steps past the limit (the BLAS), the
-# later ones under it.
-FEW_LENGTHS = {"one-row": [3], "eight": [4, 1, 3, 2, 4, 4, 1, 2], "forty": LENGTHS[:40]}
+# kF32DotRows (256) rows take f32_dot_rows. 264 rows: the input projection and the first step
+# past the limit (the BLAS), the later steps (240 rows and fewer) under it.
+FEW_LENGTHS = {
+    "one-row": [3],
+    "eight": [4, 1, 3, 2, 4, 4, 1, 2],
+    "forty": LENGTHS[:40],
+    "past-the-limit": [(7 * b) % 11 + 1 for b in range(264)],
+}
 
 
 @DOTS

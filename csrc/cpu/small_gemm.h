@@ -85,9 +85,15 @@ bool use_small_gemm();
 // [768, 256] to [2048, 512]: 19-94 us at one row, 20-22 GFLOP/s). Measured
 // there (the test op's "dots" against torch.mm(a, w.t()), 2 threads): 5-34
 // against 20-130 us at 1 row, 22-133 vs 50-279 at 8, 39-232 vs 69-370 at 16,
-// 79-450 vs 106-598 at 32 (the limit: still ahead, past it untimed). Not
-// measured on a Xeon, where the same rule applies (AVX-512).
-constexpr int64_t kF32DotRows = 32;
+// 79-450 vs 106-598 at 32; and again (min of 15, 20 calls each) 78-398 vs
+// 148-642 us at 32 rows, 148-766 vs 286-1157 at 64, 287-1492 vs 563-2447 at
+// 128, 574-3034 vs 993-3723 at 256 (1.2-2.1x; at 512 and 1024 rows MKL ties
+// or wins one of the four). The backward's f32_rows_times against
+// torch.mm(dG, W_hh) there, dG [m, G*H], W_hh [768, 256] to [2048, 512]:
+// 1.50-1.64x at 32 rows, 1.32-1.37x at 64, 1.22-1.25x at 128, 1.17-1.20x at
+// 256. Hence the limit. Not measured on a Xeon, where the same rule applies
+// (AVX-512).
+constexpr int64_t kF32DotRows = 256;
 bool f32_dots_for(int64_t rows);
 
 // c[m, J] (ldc) = a[m, K] (lda) w[J, K]^T, w row-major as stored, on all
