@@ -372,6 +372,18 @@ class _WeightDrop(nn.Module):
         return w * self.mask.to(w)
 
 
+def _two_layer_bidirectional_pair(kind, device):
+    """nn's module and ours, I=3 H=4, 2 layers, bidirectional, float64, the same weights; kind:
+    "gru" or one of CELL_KINDS."""
+    if kind != "gru":
+        return make_cell_pair(kind, 3, 4, 2, bidirectional=True, device=device)
+    torch.manual_seed(0)
+    ref = nn.GRU(3, 4, num_layers=2, bidirectional=True, dtype=F64, device=device)
+    ours = varlen_rnn.GRU(3, 4, num_layers=2, bidirectional=True, dtype=F64, device=device)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
 @pytest.mark.parametrize("device", ALL_DEVICES)
 @pytest.mark.parametrize("kind", ["gru", *KINDS])
 def test_weight_parametrizations(device, kind):
@@ -380,13 +392,7 @@ def test_weight_parametrizations(device, kind):
     the same parameter names, so optimizers and state_dicts carry over."""
     from torch.nn.utils import parametrizations, parametrize
 
-    if kind == "gru":
-        torch.manual_seed(0)
-        ref = nn.GRU(3, 4, num_layers=2, bidirectional=True, dtype=F64, device=device)
-        ours = varlen_rnn.GRU(3, 4, num_layers=2, bidirectional=True, dtype=F64, device=device)
-        ours.load_state_dict(ref.state_dict())
-    else:
-        ref, ours = make_cell_pair(kind, 3, 4, 2, bidirectional=True, device=device)
+    ref, ours = _two_layer_bidirectional_pair(kind, device)
     for m in (ref, ours):
         parametrizations.weight_norm(m, "weight_hh_l0")
         drop = _WeightDrop(m.weight_hh_l1_reverse.shape).to(device)
@@ -414,13 +420,7 @@ def test_tied_weights(device, kind):
     RNNs: the outputs and the tied parameter's gradient (the sum of its uses) are nn +
     packing's (float64), it is one parameter to the optimizer, and after an SGD step both uses
     still see the one updated tensor."""
-    if kind == "gru":
-        torch.manual_seed(0)
-        ref = nn.GRU(3, 4, num_layers=2, bidirectional=True, dtype=F64, device=device)
-        ours = varlen_rnn.GRU(3, 4, num_layers=2, bidirectional=True, dtype=F64, device=device)
-        ours.load_state_dict(ref.state_dict())
-    else:
-        ref, ours = make_cell_pair(kind, 3, 4, 2, bidirectional=True, device=device)
+    ref, ours = _two_layer_bidirectional_pair(kind, device)
     for m in (ref, ours):
         m.weight_hh_l1 = m.weight_hh_l0
         m.bias_ih_l0_reverse = m.bias_ih_l0
