@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -60,46 +61,72 @@ DRIVER = r"""
 #include <vector>
 #include "cuda/plan.h"
 using namespace varlen_rnn::plan;
-// In: B H D pass storage_bytes acc_bytes gemm_tc mma gates sms smem k n_0 .. n_{k-1}
-// Out: fits path persistent_us fallback_us J tile_rows kc,
-//      full-B step terms (sync load compute pointwise), the same summed over n_0..n_{k-1},
-//      fallback terms (host kernel gemm); a line of constants first.
+// First line: the constants (Constants below, in order). Then per problem line
+//   In:  B H D pass storage_bytes acc_bytes gemm_tc mma_allowed gates sms smem k n_0 .. n_{k-1}
+//   Out: auto's pick (0 fallback, 1 the exact persistent kernel, 2 the tensor-core one, as
+//        prefer_tensor_cores picks), then for the exact kernel and the tensor-core one each:
+//        fits persistent_us fallback_us, the full-B step terms (sync load compute pointwise),
+//        the same summed over n_0 .. n_{k-1}, the fallback terms (host kernel gemm).
+void put(const Problem& p, const Device& dev, const Choice& c, const std::vector<long long>& n) {
+  StepTerms full, sum;
+  if (c.fits) {
+    const Cut& u = c.cut;
+    full = persistent_step_terms(p, u.J, u.tile_rows, u.kc, u.w_stride, u.kc_stride);
+    for (long long rows : n) {
+      Problem q = p;
+      q.B = rows;
+      const StepTerms t = persistent_step_terms(q, u.J, u.tile_rows, u.kc, u.w_stride, u.kc_stride);
+      sum.sync += t.sync, sum.load += t.load, sum.compute += t.compute;
+      sum.pointwise += t.pointwise;
+    }
+  }
+  const FallbackTerms f = fallback_step_terms(p, dev);
+  std::printf(" %d %.17g %.17g %.17g %.17g %.17g %.17g %.17g %.17g %.17g %.17g %.17g %.17g %.17g",
+              int(c.fits), c.persistent_us, c.fallback_us, full.sync, full.load, full.compute,
+              full.pointwise, sum.sync, sum.load, sum.compute, sum.pointwise, f.host, f.kernel,
+              f.gemm);
+}
 int main() {
-  std::printf("%.17g %.17g %.17g\n", CostModel::kClockGHz, CostModel::kFallbackHostUs,
-              CostModel::kFallbackKernelUs);
-  long long B, H, D, pass, sb, ab, tc, mma, gates, sms, smem, k;
+  std::printf("%.17g %.17g %.17g %.17g %.17g %.17g %.17g %.17g %.17g %.17g %.17g\n",
+              CostModel::kClockGHz, CostModel::kFallbackHostUs, CostModel::kFallbackKernelUs,
+              CostModel::kGridSyncCycles, CostModel::kPassCycles, CostModel::kL2BytesPerCycle,
+              CostModel::kCudaCoreScale, CostModel::kMmaScale, CostModel::kPointwiseCycles[0],
+              CostModel::kPointwiseCycles[1], CostModel::kPointwiseCycles[2]);
+  long long B, H, D, pass, sb, ab, tc, allowed, gates, sms, smem, k;
   while (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld", &B, &H, &D,
-                    &pass, &sb, &ab, &tc, &mma, &gates, &sms, &smem, &k) == 12) {
+                    &pass, &sb, &ab, &tc, &allowed, &gates, &sms, &smem, &k) == 12) {
     std::vector<long long> n(k);
     for (auto& v : n) std::scanf("%lld", &v);
     Problem p{B, H, D, Pass(pass), sb, ab, tc != 0};
-    p.persistent_mma = mma != 0;
     p.gates = gates;
+    Problem q = p;
+    q.persistent_mma = true;
     const Device dev{sms, smem, true, true};
-    const Choice c = choose_path(p, dev, Path::kAuto, 0);
-    StepTerms full, sum;
-    if (c.fits) {
-      const Cut& u = c.cut;
-      full = persistent_step_terms(p, u.J, u.tile_rows, u.kc, u.w_stride, u.kc_stride);
-      for (long long rows : n) {
-        Problem q = p;
-        q.B = rows;
-        const StepTerms t = persistent_step_terms(q, u.J, u.tile_rows, u.kc, u.w_stride,
-                                                  u.kc_stride);
-        sum.sync += t.sync, sum.load += t.load, sum.compute += t.compute;
-        sum.pointwise += t.pointwise;
-      }
-    }
-    const FallbackTerms f = fallback_step_terms(p, dev);
-    std::printf("%d %d %.17g %.17g %lld %lld %lld %.17g %.17g %.17g %.17g %.17g %.17g %.17g %.17g"
-                " %.17g %.17g %.17g\n",
-                int(c.fits), int(c.path), c.persistent_us, c.fallback_us, (long long)c.cut.J,
-                (long long)c.cut.tile_rows, (long long)c.cut.kc, full.sync, full.load,
-                full.compute, full.pointwise, sum.sync, sum.load, sum.compute, sum.pointwise,
-                f.host, f.kernel, f.gemm);
+    const Choice exact = choose_path(p, dev, Path::kAuto, 0);
+    Choice mma = choose_path(q, dev, Path::kAuto, 0);
+    mma.mma = true;  // as choose() in call.h marks the tensor-core kernel's choice
+    const Choice pick = allowed ? prefer_tensor_cores(exact, mma, false) : exact;
+    std::printf("%d", pick.path != Path::kPersistent ? 0 : pick.mma ? 2 : 1);
+    put(p, dev, exact, n);
+    put(q, dev, mma, n);
+    std::printf("\n");
   }
 }
 """
+
+
+class Constants(NamedTuple):
+    """plan.h's CostModel constants, as the driver was compiled with them."""
+
+    clock_ghz: float
+    fallback_host_us: float
+    fallback_kernel_us: float
+    grid_sync_cycles: float
+    pass_cycles: float
+    l2_bytes_per_cycle: float
+    cuda_core_scale: float
+    mma_scale: float
+    pointwise_cycles: tuple
 
 
 @dataclass
@@ -107,10 +134,8 @@ class Pass:
     """plan.h's answer for one pass of one configuration on one persistent kernel."""
 
     fits: bool
-    path: int  # plan::Path: 1 persistent, 2 fallback (auto's choice for this kernel alone)
     persistent_us: float
     fallback_us: float
-    cut: tuple
     full: np.ndarray  # [sync, load, compute, pointwise] cycles of one step, all B rows
     summed: np.ndarray  # the same, summed over the steps the kernel ran
     fallback: np.ndarray  # [host, kernel, gemm] us of one fallback step
@@ -126,6 +151,8 @@ class Config:
     mma_allowed: bool
     # pass name -> {"exact": Pass, "tc": Pass}
     passes: dict = field(default_factory=dict)
+    # plan.h's own choice per pass with today's constants: "fallback", "exact" or "tc"
+    plan_picks: list = field(default_factory=list)
 
 
 class Model:
@@ -147,29 +174,31 @@ class Model:
         if r.returncode != 0:
             raise RuntimeError(f"compiling plan.h's driver failed:\n{r.stderr[-3000:]}")
 
-    def query(self, lines: list[str]) -> tuple[tuple, list[Pass]]:
+    def query(self, lines: list[str]) -> tuple[Constants, list[tuple[str, Pass, Pass]]]:
+        """plan.h's constants, and per problem line auto's pick ("fallback", "exact" or "tc")
+        with the exact and the tensor-core kernel's answers."""
         r = subprocess.run(
             [self.exe], input="\n".join(lines) + "\n", capture_output=True, text=True, check=True
         )
         out = r.stdout.splitlines()
-        consts = tuple(float(v) for v in out[0].split())
-        passes = []
+        c = [float(v) for v in out[0].split()]
+        consts = Constants(*c[:8], tuple(c[8:11]))
+        answers = []
         for line in out[1:]:
-            v = line.split()
-            f = [float(x) for x in v]
-            passes.append(
+            v = [float(x) for x in line.split()]
+            kernels = [
                 Pass(
-                    fits=v[0] == "1",
-                    path=int(v[1]),
-                    persistent_us=f[2],
-                    fallback_us=f[3],
-                    cut=tuple(int(x) for x in v[4:7]),
-                    full=np.array(f[7:11]),
-                    summed=np.array(f[11:15]),
-                    fallback=np.array(f[15:18]),
+                    fits=f[0] == 1,
+                    persistent_us=f[1],
+                    fallback_us=f[2],
+                    full=np.array(f[3:7]),
+                    summed=np.array(f[7:11]),
+                    fallback=np.array(f[11:14]),
                 )
-            )
-        return consts, passes
+                for f in (v[1:15], v[15:29])
+            ]
+            answers.append((("fallback", "exact", "tc")[int(v[0])], *kernels))
+        return consts, answers
 
 
 def running_rows(lengths: list[int]) -> list[int]:
@@ -204,7 +233,7 @@ def tf32_on(probe: dict) -> bool:
     return True
 
 
-def build_configs(probe: dict, model: Model, lengths_of) -> tuple[tuple, list[Config]]:
+def build_configs(probe: dict, model: Model, lengths_of) -> tuple[Constants, list[Config]]:
     """Every configuration the probe timed on at least one of our paths, with plan.h's answers.
     lengths_of(B, H, T) gives the probe's lengths."""
     T = probe["args"]["T"]
@@ -220,24 +249,24 @@ def build_configs(probe: dict, model: Model, lengths_of) -> tuple[tuple, list[Co
         n = running_rows([int(v) for v in lengths_of(B, H, T)])
         c = Config(H, dtype, mode, B, meas, mma_allowed)
         for pname in MODE_PASSES[mode]:
-            for mma in (False, True):
-                lines.append(
-                    f"{B} {H} 1 {PASSES[pname]} {sb} {ab} {int(gemm_tc)} {int(mma)} 3 "
-                    f"{dev['sms']} {dev['smem_per_block_optin']} {len(n)} {' '.join(map(str, n))}"
-                )
+            lines.append(
+                f"{B} {H} 1 {PASSES[pname]} {sb} {ab} {int(gemm_tc)} {int(mma_allowed)} 3 "
+                f"{dev['sms']} {dev['smem_per_block_optin']} {len(n)} {' '.join(map(str, n))}"
+            )
         configs.append(c)
     consts, answers = model.query(lines)
     it = iter(answers)
     for c in configs:
         for pname in MODE_PASSES[c.mode]:
-            c.passes[pname] = {"exact": next(it), "tc": next(it)}
+            pick, exact, tc = next(it)
+            c.passes[pname] = {"exact": exact, "tc": tc}
+            c.plan_picks.append(pick)
     return consts, configs
 
 
 # ---- The model as a function of the scales ------------------------------------------------
-def theta0(consts: tuple) -> np.ndarray:
-    _, host, kernel = consts
-    return np.array([1, 1, 1, 1, 1, host, kernel, 1], dtype=float)
+def theta0(consts: Constants) -> np.ndarray:
+    return np.array([1, 1, 1, 1, 1, consts.fallback_host_us, consts.fallback_kernel_us, 1])
 
 
 def persistent_row(ps: Pass, mma: bool, clock: float, summed: bool = True) -> np.ndarray:
@@ -250,8 +279,7 @@ def persistent_row(ps: Pass, mma: bool, clock: float, summed: bool = True) -> np
 
 
 def fallback_step(ps: Pass, th: np.ndarray) -> float:
-    host, kernel, gemm = ps.fallback
-    return max(th[5], th[6] + th[7] * gemm)
+    return max(th[5], th[6] + th[7] * ps.fallback[2])
 
 
 def fallback_row(ps: Pass, th: np.ndarray, steps: int) -> np.ndarray:
@@ -306,19 +334,14 @@ def auto_choice(c: Config, th: np.ndarray, clock: float) -> list[str]:
 
 
 def check_against_plan(configs: list[Config], th0: np.ndarray, clock: float) -> list[str]:
-    """With today's constants Python must choose as plan.h does (its choose_path per kernel and
-    prefer_tensor_cores). Returns the disagreements."""
+    """With today's constants Python must price and choose as plan.h does (choose_path per
+    kernel, then prefer_tensor_cores, which the driver runs). Returns the disagreements."""
+    impl = {"fallback": "fallback", "tc": "persistent"}
     bad = []
     for c in configs:
-        for (pname, kernels), got in zip(c.passes.items(), auto_choice(c, th0, clock)):
-            ex, tc = kernels["exact"], kernels["tc"]
-            tc_runs = c.mma_allowed and tc.path == 1
-            if tc_runs and (ex.path != 1 or tc.persistent_us <= ex.persistent_us):
-                want = "persistent"
-            elif ex.path == 1:
-                want = "persistent_exact" if c.mma_allowed else "persistent"
-            else:
-                want = "fallback"
+        got_all = auto_choice(c, th0, clock)
+        for (pname, kernels), got, pick in zip(c.passes.items(), got_all, c.plan_picks):
+            want = impl.get(pick, "persistent_exact" if c.mma_allowed else "persistent")
             for k in ("exact", "tc"):
                 ps = kernels[k]
                 if ps.fits:
@@ -392,32 +415,37 @@ def fastest(c: Config) -> str | None:
     return min(ours, key=ours.get) if ours else None
 
 
-def plan_lines(th0: np.ndarray, th: np.ndarray) -> list[tuple[str, str, str]]:
-    """(constant, before, after) for plan.h from the fitted scales."""
+def plan_lines(consts: Constants, th0: np.ndarray, th: np.ndarray) -> list[tuple[str, str, str]]:
+    """(constant, today, fitted) for plan.h: today's values as the driver was compiled with them,
+    scaled by the fitted scales."""
     s = th / th0
 
     def fmt(v):
         return f"{v:.4g}"
 
+    def pair(name, today, scale):
+        return (f"CostModel::{name}", fmt(today), fmt(today * scale))
+
+    pw = consts.pointwise_cycles
     return [
-        ("CostModel::kGridSyncCycles", "3000", fmt(3000 * s[0])),
-        ("CostModel::kPassCycles", "1000", fmt(1000 * s[1])),
-        ("CostModel::kL2BytesPerCycle", "24", fmt(24 / s[1])),
-        ("CostModel::kCudaCoreScale", "1", fmt(s[2])),
-        ("CostModel::kMmaScale", "1", fmt(s[3])),
+        pair("kGridSyncCycles", consts.grid_sync_cycles, s[0]),
+        pair("kPassCycles", consts.pass_cycles, s[1]),
+        pair("kL2BytesPerCycle", consts.l2_bytes_per_cycle, 1 / s[1]),
+        pair("kCudaCoreScale", consts.cuda_core_scale, s[2]),
+        pair("kMmaScale", consts.mma_scale, s[3]),
         (
             "CostModel::kPointwiseCycles",
-            "{400, 600, 800}",
-            "{" + ", ".join(fmt(v * s[4]) for v in (400, 600, 800)) + "}",
+            "{" + ", ".join(fmt(v) for v in pw) + "}",
+            "{" + ", ".join(fmt(v * s[4]) for v in pw) + "}",
         ),
-        ("CostModel::kFallbackHostUs", fmt(th0[5]), fmt(th[5])),
-        ("CostModel::kFallbackKernelUs", fmt(th0[6]), fmt(th[6])),
+        pair("kFallbackHostUs", th0[5], s[5]),
+        pair("kFallbackKernelUs", th0[6], s[6]),
         ("CostModel::kGemm* (all four)", "x1", f"x{fmt(1 / s[7])}"),
     ]
 
 
-def report(probe: dict, consts: tuple, configs: list[Config]) -> tuple[str, str]:
-    clock = consts[0]
+def report(probe: dict, consts: Constants, configs: list[Config]) -> tuple[str, str]:
+    clock = consts.clock_ghz
     T = probe["args"]["T"]
     th0 = theta0(consts)
     bad = check_against_plan(configs, th0, clock)
@@ -436,7 +464,7 @@ def report(probe: dict, consts: tuple, configs: list[Config]) -> tuple[str, str]
         "| constant in csrc/cuda/plan.h | today | fitted |",
         "|---|---:|---:|",
     ]
-    lines += [f"| `{n}` | {a} | {b} |" for n, a, b in plan_lines(th0, th)]
+    lines += [f"| `{n}` | {a} | {b} |" for n, a, b in plan_lines(consts, th0, th)]
     lines += [
         "",
         "Per configuration: measured ms; persistent - fallback in ms, modelled today / fitted / "

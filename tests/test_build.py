@@ -94,7 +94,10 @@ def _cuda_build_reason():
     return None
 
 
-@pytest.mark.skipif(_cuda_build_reason() is not None, reason=str(_cuda_build_reason()))
+_NO_CUDA_BUILD = _cuda_build_reason()
+
+
+@pytest.mark.skipif(_NO_CUDA_BUILD is not None, reason=str(_NO_CUDA_BUILD))
 def test_cuda_kernels_do_not_spill_registers():
     """Every kernel of the CUDA build keeps its values in registers on both architectures
     setup.py builds by default (sm_80, sm_90): ptxas -v reports no spill stores or loads. A
