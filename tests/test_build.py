@@ -98,7 +98,7 @@ _NO_CUDA_BUILD = _cuda_build_reason()
 
 
 @pytest.mark.skipif(_NO_CUDA_BUILD is not None, reason=str(_NO_CUDA_BUILD))
-def test_cuda_kernels_do_not_spill_registers():
+def test_cuda_kernels_do_not_spill_registers(tmp_path):
     """Every kernel of the CUDA build keeps its values in registers on both architectures
     setup.py builds by default (sm_80, sm_90): ptxas -v reports no spill stores or loads. A
     persistent kernel runs every step of a layer in one launch, so a spill would be paid on
@@ -127,11 +127,9 @@ def test_cuda_kernels_do_not_spill_registers():
     assert source.exists()
 
     def ptxas_log(arch):
-        cubin = f"{os.environ.get('TMPDIR', '/tmp')}/varlen_rnn_spills_{os.getpid()}_{arch}.cubin"
+        cubin = tmp_path / f"sm_{arch}.cubin"
         cmd = [nvcc_path(), "-cubin", f"-arch=sm_{arch}", *flags, *[f"-I{p}" for p in includes]]
-        r = subprocess.run([*cmd, str(source), "-o", cubin], capture_output=True, text=True)
-        if os.path.exists(cubin):
-            os.remove(cubin)
+        r = subprocess.run([*cmd, str(source), "-o", str(cubin)], capture_output=True, text=True)
         assert r.returncode == 0, f"sm_{arch}: {' '.join(cmd)}\n{r.stderr[-3000:]}"
         return r.stdout + r.stderr
 
