@@ -157,8 +157,10 @@ def test_a_spent_budget_skips_the_later_stages(tmp_path):
     )
     summary = (out / "summary.md").read_text()
     st = _statuses(summary)
-    # 16 s less the 8 s kept back for the summary: env gets 8 s, then nothing is left.
-    assert st["env"][0] == "timed out (after 8s)"
+    # 16 s less the 8 s kept back for the summary: env gets 8 s, then nothing is left. The
+    # script counts whole seconds ($SECONDS), so the start-up before env (nvidia-smi, git) may
+    # already have crossed a second boundary on a loaded machine: 7 s then.
+    assert st["env"][0] in ("timed out (after 8s)", "timed out (after 7s)"), st["env"]
     for stage in ("smoke", "bench"):
         assert st[stage][0].startswith("skipped (no time left"), st[stage]
     assert seconds < 16 + 5
