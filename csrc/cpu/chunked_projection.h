@@ -10,9 +10,10 @@
 // gate g of unit u0 + j at column g*Hs + j), whose result stays in that
 // core's L2 until the chunk's steps read it: with bfloat16 products one
 // matrix-unit GEMM on the matching rows of W_ih packed once per call (like
-// its W_hh panel); otherwise one single-threaded BLAS call per gate on those
-// rows of W_ih in place (transposed operand: no per-call copy, which at
-// B=8 T=16 H=256 cost ~10% of a float32 call). The
+// its W_hh panel); in float32 where use_small_gemm() holds, the micro-kernel
+// on those rows packed the same way; otherwise one single-threaded BLAS call
+// per gate on those rows of W_ih in place (transposed operand: no per-call
+// copy, which at B=8 T=16 H=256 cost ~10% of a float32 call). The
 // [N, G*H] projection (26 MB for a bfloat16 LSTM at B=64 T=100 H=256) is then
 // never written to memory and read back, nor held at the forward's peak, and
 // neither is the [N, I] gathered input: the chunk's rows are read from the
