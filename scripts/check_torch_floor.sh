@@ -47,9 +47,13 @@ built=$(date +%s)
   { tail -50 "$work/build.log"; echo "== the build against $TORCH_FLOOR failed"; exit 1; }
 echo "== built in $(($(date +%s) - built)) s"
 cd "$work"
+# The register-spill test is left out (35 s): it checks ptxas's register allocation for our own
+# kernels, which the main suite does against the newest torch; the build above has compiled the
+# same kernels against this one.
 PYTHONPATH="$work" VARLEN_RNN_SKIP_EMULATION=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
   tests/test_build.py tests/test_module.py tests/test_module_db.py tests/test_autocast.py \
   tests/test_cells_autocast.py tests/test_export.py tests/test_opcheck.py tests/test_cells_ops.py \
   tests/test_ragged.py tests/test_higher_order.py tests/test_small_calls.py tests/test_onnx.py \
-  tests/test_ddp.py "$@"
+  tests/test_ddp.py \
+  --deselect tests/test_build.py::test_cuda_kernels_do_not_spill_registers "$@"
 echo "== $TORCH_FLOOR: passed in $(($(date +%s) - start)) s"

@@ -100,9 +100,9 @@ _NO_CUDA_BUILD = _cuda_build_reason()
 @pytest.mark.skipif(_NO_CUDA_BUILD is not None, reason=str(_NO_CUDA_BUILD))
 def test_cuda_kernels_do_not_spill_registers(tmp_path):
     """Every kernel of the CUDA build keeps its values in registers on both architectures
-    setup.py builds by default (sm_80, sm_90): ptxas -v reports no spill stores or loads. A
-    persistent kernel runs every step of a layer in one launch, so a spill would be paid on
-    every step of every layer. Device code only (-cubin) with setup.py's nvcc flags; about 35 s
+    setup.py builds by default (sm_80, sm_90): ptxas -v reports no stack frame and no spill
+    stores or loads. A persistent kernel runs every step of a layer in one launch, so local
+    memory would be paid on every step of every layer. Device code only (-cubin) with setup.py's nvcc flags; about 35 s
     on 2 cores. Without __launch_bounds__'s one block per SM (kPersistMinBlocks), 14 persistent
     kernels spilled on sm_90 and 26 on sm_80 with nvcc 13.0."""
     from concurrent.futures import ThreadPoolExecutor
@@ -142,9 +142,11 @@ def test_cuda_kernels_do_not_spill_registers(tmp_path):
         assert len(spills) == log.count("Function properties for"), arch
         persistent = [n for n in spills if "persistent_" in n]
         assert len(persistent) == 56, (arch, len(persistent))
-        spilled = {n: s for n, s in spills.items() if s[1] or s[2]}
+        # A stack frame is local memory too (an array indexed at run time, a register
+        # reinterpreted through a pointer): none either.
+        spilled = {n: s for n, s in spills.items() if any(s)}
         names = demangle(sorted(spilled))
         assert not spilled, f"sm_{arch}: " + "; ".join(
-            f"{names[n]}: {s[1]} bytes spill stores, {s[2]} loads"
+            f"{names[n]}: {s[0]} bytes stack frame, {s[1]} bytes spill stores, {s[2]} loads"
             for n, s in sorted(spilled.items())
         )
