@@ -168,6 +168,32 @@ def test_a_spent_budget_skips_the_later_stages(tmp_path):
     _assert_device_tool_can_return(out)
 
 
+def test_a_cooperative_launch_refused_under_the_sanitizer_is_not_a_finding(tmp_path):
+    """compute-sanitizer's reserved resources may make the driver refuse the persistent kernel's
+    cooperative launch; with VARLEN_RNN_CUDA_PATH=persistent the op then raises. The stage says
+    the persistent kernel did not run under the tool, and still checks the fallback."""
+    proc, out, _ = _check(
+        tmp_path, 300, GPU_CHECK_STAGES="memcheck", GPU_CHECK_SANITIZER="refuse-cooperative"
+    )
+    summary = (out / "summary.md").read_text()
+    st = _statuses(summary)
+    assert st["memcheck"][0] == "ok", (st, proc.stdout[-2000:])
+    row = next(line for line in summary.splitlines() if line.startswith("| memcheck |"))
+    assert "persistent: not run (the driver refused its cooperative launch under memcheck)" in row
+    assert "fallback: ERROR SUMMARY: 0 errors" in row, row
+    # The text the script looks for is what the ops raise: paths.cuh for a launch refused now,
+    # call.h (with launch.h's reason) for one refused earlier in the process.
+    wanted = re.search(r'^COOPERATIVE_REFUSED="([^"]+)"', SCRIPT.read_text(), re.MULTILINE)
+    assert wanted, "gpu_check.sh no longer names the refusal it looks for"
+    src = {
+        name: re.sub(r'"\s*\n\s*"', "", (REPO / "csrc" / "cuda" / name).read_text())
+        for name in ("paths.cuh", "call.h", "launch.h")
+    }
+    assert wanted.group(1) in src["paths.cuh"]
+    assert 'persistent kernel cannot run: ", choice.why' in src["call.h"]
+    assert '"the driver refused its cooperative launch (' in src["launch.h"]
+
+
 def _knob(out: Path, stage: str) -> str:
     """The VARLEN_RNN_TENSOR_CORES a stage's processes inherited (its log's first line)."""
     return _archived_text(out, f"{stage}.log").splitlines()[0]
