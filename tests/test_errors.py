@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import varlen_rnn
 from varlen_rnn._inputs import as_lengths
@@ -146,6 +146,11 @@ def test_input_rank(pair, shape):
     )
 
 
+def test_packed_data_must_be_2d(pair):
+    packed = PackedSequence(torch.randn(2, 2, I), torch.tensor([1, 1]))
+    raises_like_nn_gru(pair, RuntimeError, "input must have 2 dimensions, got 3", packed)
+
+
 def test_wrong_feature_size(pair):
     raises_like_nn_gru(
         pair,
@@ -273,6 +278,7 @@ def test_input_type(gru):
         (dict(bias=1), TypeError, "bias should be of type bool, got: int"),
         (dict(batch_first=None), TypeError, "batch_first should be of type bool, got: NoneType"),
         (dict(proj_size=2), ValueError, "proj_size argument is only supported for LSTM"),
+        (dict(hiden_size=4), TypeError, "unexpected keyword argument"),
     ],
 )
 def test_constructor_errors_match_nn_gru(kwargs, exc, match):
@@ -282,6 +288,20 @@ def test_constructor_errors_match_nn_gru(kwargs, exc, match):
         varlen_rnn.GRU(**args)
     with pytest.raises(exc, match=match):  # the same type and wording as torch.nn.GRU
         torch.nn.GRU(**args)
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "RNN"])
+def test_the_other_cells_refuse_unknown_keywords_as_nn_does(cell):
+    for module in (varlen_rnn, torch.nn):
+        with pytest.raises(TypeError, match="unexpected keyword argument"):
+            getattr(module, cell)(3, 4, hiden_size=4)
+
+
+@pytest.mark.parametrize("cell", ["GRU", "LSTM", "RNN"])
+def test_dropout_on_one_layer_warns_as_nn_does(cell):
+    for module in (varlen_rnn, torch.nn):
+        with pytest.warns(UserWarning, match="dropout option adds dropout after all but last"):
+            getattr(module, cell)(3, 4, num_layers=1, dropout=0.5)
 
 
 @pytest.mark.parametrize("bad", ["w_ih", "w_hh", "b_ih", "hx", "lengths_dtype"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 from testing import ALL_DEVICES, assert_close, make_pair
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import varlen_rnn
 
@@ -78,6 +78,19 @@ def test_zero_size_batch_runs_forward_and_backward(device, lengths):
     (out.sum() + h.sum()).backward()
     assert x.grad.shape == x.shape
     assert all(p.grad is not None and not p.grad.any() for p in ours.parameters())
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+def test_an_empty_packed_sequence_is_a_zero_size_batch(device):
+    """A PackedSequence with no steps (nn.GRU fails on it with an IndexError): an empty output
+    and an [L*D, 0, H] h_n, as the zero-size padded batch above; backward runs."""
+    _, ours = make_pair(IN, HID, LAYERS, bidirectional=True, device=device)
+    data = torch.zeros(0, IN, dtype=F64, device=device, requires_grad=True)
+    out, h = ours(PackedSequence(data, torch.zeros(0, dtype=torch.int64)))
+    assert isinstance(out, PackedSequence) and out.data.shape == (0, 2 * HID)
+    assert h.shape == (LAYERS * 2, 0, HID)
+    (out.data.sum() + h.sum()).backward()
+    assert data.grad.shape == data.shape
 
 
 def test_backward_twice_over_a_retained_graph():
