@@ -102,9 +102,10 @@ def test_cuda_kernels_do_not_spill_registers(tmp_path):
     """Every kernel of the CUDA build keeps its values in registers on both architectures
     setup.py builds by default (sm_80, sm_90): ptxas -v reports no stack frame and no spill
     stores or loads. A persistent kernel runs every step of a layer in one launch, so local
-    memory would be paid on every step of every layer. Device code only (-cubin) with setup.py's nvcc flags; about 35 s
-    on 2 cores. Without __launch_bounds__'s one block per SM (kPersistMinBlocks), 14 persistent
-    kernels spilled on sm_90 and 26 on sm_80 with nvcc 13.0."""
+    memory would be paid on every step of every layer. Device code only (-cubin) with
+    setup.py's nvcc flags; about 35 s on 2 cores. Without __launch_bounds__'s one block per SM
+    (kPersistMinBlocks), 14 persistent kernels spilled on sm_90 and 26 on sm_80 with nvcc
+    13.0."""
     from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
 
