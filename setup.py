@@ -48,15 +48,22 @@ def _find_cuda_home():
 
 
 def _want_cuda():
+    """(build the CUDA kernels?, why not: None when they are built). The reason goes into
+    _build_info.py, so the tests can tell a CUDA build left out on request from one lost."""
     flag = os.environ.get("VARLEN_RNN_CUDA")
     if flag is not None and flag.strip() not in ("", "auto"):
-        return flag.strip().lower() not in ("0", "false", "no", "off")
+        on = flag.strip().lower() not in ("0", "false", "no", "off")
+        return on, None if on else f"VARLEN_RNN_CUDA={flag.strip()}"
     import torch
 
-    return torch.version.cuda is not None and _find_cuda_home() is not None
+    if torch.version.cuda is None:
+        return False, "torch has no CUDA (a CPU build of torch)"
+    if _find_cuda_home() is None:
+        return False, "no CUDA toolkit found (nvcc, CUDA_HOME)"
+    return True, None
 
 
-WITH_CUDA = _want_cuda()
+WITH_CUDA, CUDA_LEFT_OUT = _want_cuda()
 if WITH_CUDA:
     cuda_home = _find_cuda_home()
     if cuda_home is None:
@@ -115,6 +122,7 @@ def _build_info():
         f.write("# Written by setup.py at build time.\n")
         f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
         f.write(f"WITH_CUDA = {WITH_CUDA!r}\n")
+        f.write(f"CUDA_LEFT_OUT = {CUDA_LEFT_OUT!r}  # why the CUDA kernels were not built\n")
 
 
 _build_info()

@@ -98,6 +98,21 @@ _NO_CUDA_BUILD = _cuda_build_reason()
 
 
 @pytest.mark.skipif(_NO_CUDA_BUILD is not None, reason=str(_NO_CUDA_BUILD))
+def test_the_cuda_kernels_are_built_where_they_can_be():
+    """With a CUDA torch and nvcc, the build has the CUDA kernels unless it was asked not to
+    (VARLEN_RNN_CUDA=0): CI has no GPU, so every CUDA test there skips, and this is what fails
+    if the CUDA build is lost (setup.py deciding wrongly, a wheel without the kernels)."""
+    from varlen_rnn import _build_info
+
+    left_out = getattr(_build_info, "CUDA_LEFT_OUT", "not recorded (an older build)")
+    if not varlen_rnn.WITH_CUDA and str(left_out).startswith("VARLEN_RNN_CUDA="):
+        pytest.skip(f"built with {left_out}")
+    assert varlen_rnn.WITH_CUDA, f"the CUDA kernels were left out: {left_out}"
+    for op in ("gru_layer_forward", "lstm_layer_backward", "rnn_layer_ragged_forward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"varlen_rnn::{op}", "CUDA"), op
+
+
+@pytest.mark.skipif(_NO_CUDA_BUILD is not None, reason=str(_NO_CUDA_BUILD))
 def test_cuda_kernels_do_not_spill_registers(tmp_path):
     """Every kernel of the CUDA build keeps its values in registers on both architectures
     setup.py builds by default (sm_80, sm_90): ptxas -v reports no stack frame and no spill

@@ -24,7 +24,9 @@ no_tf32 = cuda_testing.no_tf32
 
 
 def test_cuda_kernels_registered_when_built_with_cuda():
-    """CI has no GPU: this is what fails there if the CUDA build silently disappears."""
+    """The CUDA build registers its kernels. That a machine with nvcc and a CUDA torch makes a
+    CUDA build at all is tests/test_build.py's test_the_cuda_kernels_are_built_where_they_can_be:
+    there, without a GPU, this skips."""
     if not varlen_rnn.WITH_CUDA:
         pytest.skip("varlen_rnn was built without CUDA (no toolkit, or a CPU torch)")
     for op in ("gru_layer_forward", "gru_layer_backward"):
