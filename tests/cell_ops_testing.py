@@ -56,6 +56,7 @@ def make_layer(cell, D, B, I, H, P=3, bias=True, dtype=torch.float64, seed=0) ->
     def rnd(*shape):
         return ((torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1) * 0.6).to(dtype)
 
+    assert cell in CELLS, f"cell_ops_testing knows {CELLS}, not {cell!r}"
     lstm = cell.startswith("lstm")
     G, P = (4 if lstm else 1), (P if cell == "lstm_proj" else H)
     return Layer(

@@ -154,29 +154,37 @@ def double(t):
     return None if t is None else t.double()
 
 
+def float32_layer(cell, D, batch):
+    """(run, want): run() is the float32 op's forward without a workspace, (output, h_n[, c_n]);
+    want is the float64 reference's on the same values (None where the cell has no c_n)."""
+    batch64 = dataclasses.replace(batch, x=batch.x.double())
+    B = len(batch.lengths)
+    if cell == "gru":
+        w = gru_layer(D, B, dtype=torch.float32)
+        f = (ops.gru_layer_forward, ops.gru_layer_ragged_forward)
+        w64 = {k: v.double() for k, v in w.items()}
+        r = (reference.gru_layer_reference, reference.gru_layer_ragged_reference)
+        return (lambda: gru_forward(w, batch, *f, False)[:2]), gru_forward(w64, batch64, *r)
+    layer = make_layer(cell, D, B, I, H, P=P, dtype=torch.float32)
+    layer64 = layer.replace(**{k: double(v) for k, v in layer.tensors().items()})
+    return (lambda: op_forward(layer, batch, need_workspace=False)[:3]), ref_forward(
+        layer64, batch64
+    )
+
+
+def assert_float32_rounding(got, want):
+    for g, r in zip(got, want, strict=True):
+        if r is not None:  # float32 rounding, relative to the scale (ReLU's states grow)
+            scale = float(r.abs().max())
+            torch.testing.assert_close(g.double(), r, atol=2e-5 * max(scale, 1.0), rtol=1e-4)
+
+
 @pytest.mark.parametrize("layout", ["padded", "offsets", "packed"])
 @pytest.mark.parametrize("D", [1, 2], ids=["uni", "bi"])
 @pytest.mark.parametrize("cell", ["gru", "lstm", "lstm_proj", "rnn_tanh", "rnn_relu"])
 def test_float32_layer_matches_the_float64_reference(gemm, threads, cell, D, layout):
-    batch = make_batch(layout, LENGTHS, I, dtype=torch.float32)
-    batch64 = dataclasses.replace(batch, x=batch.x.double())
-    if cell == "gru":
-        w = gru_layer(D, len(LENGTHS), dtype=torch.float32)
-        f = (ops.gru_layer_forward, ops.gru_layer_ragged_forward)
-        out, h_n, _ = gru_forward(w, batch, *f, False)
-        w64 = {k: v.double() for k, v in w.items()}
-        r = (reference.gru_layer_reference, reference.gru_layer_ragged_reference)
-        r_out, r_h = gru_forward(w64, batch64, *r)
-        got, want = (out, h_n), (r_out, r_h)
-    else:
-        layer = make_layer(cell, D, len(LENGTHS), I, H, P=P, dtype=torch.float32)
-        got = op_forward(layer, batch, need_workspace=False)[:3]
-        layer64 = layer.replace(**{k: double(v) for k, v in layer.tensors().items()})
-        want = ref_forward(layer64, batch64)
-    for g, r in zip(got, want):
-        if r is not None:  # float32 rounding, relative to the scale (ReLU's states grow)
-            scale = float(r.abs().max())
-            torch.testing.assert_close(g.double(), r, atol=2e-5 * max(scale, 1.0), rtol=1e-4)
+    run, want = float32_layer(cell, D, make_batch(layout, LENGTHS, I, dtype=torch.float32))
+    assert_float32_rounding(run(), want)
 
 
 def test_kernel_loop_repeats_exactly_and_saves_the_same_workspace(threads, monkeypatch):
@@ -262,18 +270,11 @@ def test_few_step_float32_layer_matches_the_float64_reference(
     """On the weights as stored (auto) and on the BLAS (VARLEN_RNN_CPU_GEMM=mkl), both to float32
     rounding of the reference."""
     lengths = [min(n, 4) for n in FEW_LENGTHS[steps_rows]]
-    batch = make_batch("padded", lengths, I, dtype=torch.float32)
-    batch64 = dataclasses.replace(batch, x=batch.x.double())
-    layer = make_layer(cell, 2, len(lengths), I, H, P=P, dtype=torch.float32)
-    layer64 = layer.replace(**{k: double(v) for k, v in layer.tensors().items()})
-    want = ref_forward(layer64, batch64)
+    run, want = float32_layer(cell, 2, make_batch("padded", lengths, I, dtype=torch.float32))
     runs_ = {}
     for setting in ("auto", "mkl"):
         monkeypatch.setenv("VARLEN_RNN_CPU_GEMM", setting)
-        runs_[setting] = op_forward(layer, batch, need_workspace=False)[:3]
-        for g, r in zip(runs_[setting], want):
-            if r is not None:
-                scale = float(r.abs().max())
-                torch.testing.assert_close(g.double(), r, atol=2e-5 * max(scale, 1.0), rtol=1e-4)
+        runs_[setting] = run()
+        assert_float32_rounding(runs_[setting], want)
     # The two settings took different products (their roundings differ somewhere).
     assert any(not torch.equal(a, b) for a, b in zip(runs_["auto"], runs_["mkl"]) if a is not None)
