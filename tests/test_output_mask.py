@@ -3,7 +3,8 @@ cuDNN's _cudnn_rnn_backward has the same): no input gradient where the input is 
 gradients where the weights are frozen.
 
 - through the modules, every layout: what is still computed equals the unmasked backward's
-  gradients bit for bit, frozen parameters get no .grad, and float64 agrees with nn + packing;
+  gradients bit for bit, each layer's backward op is asked for exactly what is wanted, and
+  float64 agrees with nn + packing;
 - at the op: masked gradients come back as [0] tensors, the others equal the unmasked call's,
   opcheck (fake kernels included) with each mask;
 - the masked GEMMs do not run (the op's matrix products counted by the profiler).
@@ -13,6 +14,7 @@ import pytest
 import torch
 from testing import ALL_DEVICES, CELL_KINDS, TOL, make_cell_pair, make_pair, packed_baseline
 from torch.nn.utils.rnn import pack_padded_sequence
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import varlen_rnn
 
@@ -86,13 +88,37 @@ def test_masked_backward_equals_the_full_backward(kind, bidirectional, dtype, la
     full = {k: torch.autograd.grad(loss, v, retain_graph=True) for k, v in leaves.items()}
     for case, requires in WANTED.items():
         leaves, loss = run(ours, x, layout, requires)
-        loss.backward()
+        with _MaskRecorder() as rec:
+            loss.backward()
         for k, v in leaves.items():
             for n, (t, want) in enumerate(zip(v, full[k])):
                 if k in requires:
                     assert torch.equal(t.grad, want), f"{case}: {k}[{n}]"
-                else:
-                    assert t.grad is None, f"{case}: {k}[{n}] got a gradient"
+        # What the backward ops were asked for, top layer first (one call per layer, or per
+        # direction where a short bidirectional call runs them apart): the first layer's
+        # input gradient only where the input requires grad (the upper layer's input is the
+        # lower layer's output, which does), the weights' only where they are trained.
+        n = len(rec.masks) // 2
+        assert len(rec.masks) in (2, 4), (case, rec.masks)
+        top, first = [True, "weights" in requires], ["input" in requires, "weights" in requires]
+        assert rec.masks == [top] * n + [first] * n, (case, rec.masks)
+
+
+class _MaskRecorder(TorchDispatchMode):
+    """The output_mask of every varlen_rnn backward op that runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.masks = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name()
+        if name.startswith("varlen_rnn::") and name.endswith("_backward"):
+            arguments = func._schema.arguments  # a mask equal to its default is left out
+            k = [a.name for a in arguments].index("output_mask")
+            mask = args[k] if len(args) > k else kwargs.get("output_mask")
+            self.masks.append(list(arguments[k].default_value if mask is None else mask))
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("case", list(WANTED))
