@@ -148,6 +148,11 @@ def _poison(kind, x, hx, lengths):
         hx[2, 6, 0] = float("inf")
 
 
+# The gradients' finite values: sums over every position of the batch, so float32's bound is
+# looser than the outputs' (TOL).
+GRAD_TOL = {torch.float64: TOL[torch.float64], torch.float32: dict(atol=1e-4, rtol=1e-4)}
+
+
 @pytest.mark.parametrize("device", ALL_DEVICES)
 @pytest.mark.parametrize("kind", ["nan", "inf", "huge", "mixed", "padding", "hx"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -176,3 +181,8 @@ def test_nonfinite_inputs_propagate_like_nn_gru(device, kind, dtype):
     grads = [(n, p.grad, q.grad) for (n, p), q in zip(ours.named_parameters(), ref.parameters())]
     for name, a, e in [("input", x_o.grad, x_r.grad)] + grads:
         assert torch.equal(a.isnan(), e.isnan()), f"grad of {name}: NaN positions differ"
+        assert torch.equal(a.isinf(), e.isinf()), f"grad of {name}: inf positions differ"
+        finite = e.isfinite()
+        torch.testing.assert_close(
+            a[finite], e[finite], **GRAD_TOL[dtype], msg=lambda m: f"grad of {name}: {m}"
+        )
