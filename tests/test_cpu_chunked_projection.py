@@ -53,21 +53,31 @@ def two_threads():
     torch.set_num_threads(old)
 
 
-@pytest.fixture(params=["serial", "concurrent"])
-def directions(request, monkeypatch):
-    monkeypatch.setenv("VARLEN_RNN_CPU_DIRECTIONS", request.param)
-    return request.param
+# D and how a bidirectional layer runs its directions (VARLEN_RNN_CPU_DIRECTIONS): one
+# direction has only one way.
+DIRECTIONS = [(1, "serial"), (2, "serial"), (2, "concurrent")]
+D_AND_DIRECTIONS = pytest.mark.parametrize(
+    "D,directions", DIRECTIONS, ids=["uni", "bi-serial", "bi-concurrent"]
+)
+
+
+@pytest.fixture(autouse=True)
+def _set_directions(request, monkeypatch):
+    """Sets VARLEN_RNN_CPU_DIRECTIONS for the tests parametrized by D_AND_DIRECTIONS."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and "directions" in callspec.params:
+        monkeypatch.setenv("VARLEN_RNN_CPU_DIRECTIONS", callspec.params["directions"])
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("D", [1, 2], ids=["uni", "bi"])
+@D_AND_DIRECTIONS
 def test_gru_matches_the_reference(projection, threads, directions, D, layout):
     lengths = lengths_of(layout)
     check_gru_against_reference(gru_layer(D, len(lengths)), make_batch(layout, lengths, I))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("D", [1, 2], ids=["uni", "bi"])
+@D_AND_DIRECTIONS
 @pytest.mark.parametrize("cell", ["lstm", "lstm_proj", "rnn_tanh"])
 def test_cells_match_the_reference(projection, threads, directions, cell, D, layout):
     """Forward and, through the saved workspace, every gradient of the backward op."""
@@ -103,7 +113,7 @@ def float_runs(monkeypatch, dtype, layout, D, make_model):
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
-@pytest.mark.parametrize("D", [1, 2], ids=["uni", "bi"])
+@D_AND_DIRECTIONS
 def test_float32_agrees_with_the_whole_projection(
     chunked, threads, directions, D, layout, monkeypatch
 ):
@@ -116,7 +126,7 @@ def test_float32_agrees_with_the_whole_projection(
 
 @pytest.mark.parametrize("unit", list(UNITS))
 @pytest.mark.parametrize("layout", ["padded", "packed"])
-@pytest.mark.parametrize("D", [1, 2], ids=["uni", "bi"])
+@D_AND_DIRECTIONS
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_bfloat16_equals_the_whole_projection(
     chunked, two_threads, directions, cell, D, layout, unit, monkeypatch

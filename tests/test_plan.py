@@ -222,7 +222,12 @@ def test_every_cut_fits_the_device(ask, device):
         for dt in DTYPES
         for cap in (0, 32, 100)
     ]
-    for case, a in zip(cases, ask(cases)):
+    answers = ask(cases)
+    # The checks below are of the cuts that fit: the small ones all must (H <= 256 fits every
+    # dtype and pass on both devices), so they cannot pass by finding nothing to check.
+    small = [a for case, a in zip(cases, answers) if case["H"] <= 256]
+    assert small and all(a.fits for a in small), [a.why for a in small if not a.fits][:3]
+    for case, a in zip(cases, answers):
         if not a.fits:
             assert "does not fit" in a.why, (case, a)
             continue
@@ -382,7 +387,10 @@ def test_cells_cuts_fit_the_device(ask, cell):
         for dt in ("f32", "f64", "bf16")
     ]
     gru = ask([dict(c, gates=3) for c in cases])
-    for case, a, g in zip(cases, ask(cases), gru):
+    answers = ask(cases)
+    small = [a for case, a in zip(cases, answers) if case["H"] <= 256]
+    assert all(a.fits for a in small), [a.why for a in small if not a.fits][:3]
+    for case, a, g in zip(cases, answers, gru):
         if not a.fits:
             assert "does not fit" in a.why and (G > 3 or not g.fits), (case, a, g)
             continue
