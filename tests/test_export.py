@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from testing import ALL_DEVICES
+from testing import ALL_DEVICES, OpArguments
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch.optim.sgd import sgd
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import varlen_rnn
 
@@ -210,20 +209,6 @@ def test_jit_trace_and_script(cls, tmp_path):
         torch.jit.script(model)
 
 
-class _Recorder(TorchDispatchMode):
-    """The need_workspace argument of every varlen_rnn forward op that runs."""
-
-    def __init__(self):
-        super().__init__()
-        self.flags = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.name()
-        if name.startswith("varlen_rnn::") and name.endswith("_forward"):
-            self.flags.append(args[-1])
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated in torch 2.14
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 @pytest.mark.parametrize("cls", [varlen_rnn.GRU, varlen_rnn.LSTM, varlen_rnn.RNN])
@@ -265,9 +250,9 @@ def test_jit_trace_with_gradients_on_trains_and_infers(cls, recipe, tmp_path):
     loaded = torch.jit.load(str(tmp_path / "m.pt"))
     x = torch.randn(5, 7, 4, requires_grad=True)  # more rows and steps than traced
     lengths = torch.tensor([7, 2 if recipe == "packed" else 0, 3, 5, 1])
-    with _Recorder() as rec:
+    with OpArguments("_forward", "need_workspace") as rec:
         got = loaded(x, lengths)
-    assert rec.flags == [True, True]  # two layers, each keeping its workspace
+    assert rec.values == [True, True]  # two layers, each keeping its workspace
     expected = model(x, lengths)
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, atol=0, rtol=0)
@@ -277,9 +262,9 @@ def test_jit_trace_with_gradients_on_trains_and_infers(cls, recipe, tmp_path):
     assert len(found) == len(wanted) == 1 + 2 * 2 * 4  # x, 2 layers x 2 directions x 4
     for g, e in zip(found, wanted, strict=True):
         torch.testing.assert_close(g, e, atol=0, rtol=0)
-    with torch.no_grad(), _Recorder() as rec:
+    with torch.no_grad(), OpArguments("_forward", "need_workspace") as rec:
         got = loaded(x, lengths)
-    assert rec.flags == [False, False]
+    assert rec.values == [False, False]
     # inference_mode skips the autograd keys, where the layer op decides: a dispatch mode
     # sees that op itself then, not the forward it calls, so only the results are checked.
     for context in (torch.no_grad, torch.inference_mode):

@@ -12,9 +12,16 @@ gradients where the weights are frozen.
 
 import pytest
 import torch
-from testing import ALL_DEVICES, CELL_KINDS, TOL, make_cell_pair, make_pair, packed_baseline
+from testing import (
+    ALL_DEVICES,
+    CELL_KINDS,
+    TOL,
+    OpArguments,
+    make_cell_pair,
+    make_pair,
+    packed_baseline,
+)
 from torch.nn.utils.rnn import pack_padded_sequence
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import varlen_rnn
 
@@ -88,7 +95,7 @@ def test_masked_backward_equals_the_full_backward(kind, bidirectional, dtype, la
     full = {k: torch.autograd.grad(loss, v, retain_graph=True) for k, v in leaves.items()}
     for case, requires in WANTED.items():
         leaves, loss = run(ours, x, layout, requires)
-        with _MaskRecorder() as rec:
+        with OpArguments("_backward", "output_mask") as rec:
             loss.backward()
         for k, v in leaves.items():
             for n, (t, want) in enumerate(zip(v, full[k])):
@@ -98,27 +105,10 @@ def test_masked_backward_equals_the_full_backward(kind, bidirectional, dtype, la
         # direction where a short bidirectional call runs them apart): the first layer's
         # input gradient only where the input requires grad (the upper layer's input is the
         # lower layer's output, which does), the weights' only where they are trained.
-        n = len(rec.masks) // 2
-        assert len(rec.masks) in (2, 4), (case, rec.masks)
+        n = len(rec.values) // 2
+        assert len(rec.values) in (2, 4), (case, rec.values)
         top, first = [True, "weights" in requires], ["input" in requires, "weights" in requires]
-        assert rec.masks == [top] * n + [first] * n, (case, rec.masks)
-
-
-class _MaskRecorder(TorchDispatchMode):
-    """The output_mask of every varlen_rnn backward op that runs."""
-
-    def __init__(self):
-        super().__init__()
-        self.masks = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.name()
-        if name.startswith("varlen_rnn::") and name.endswith("_backward"):
-            arguments = func._schema.arguments  # a mask equal to its default is left out
-            k = [a.name for a in arguments].index("output_mask")
-            mask = args[k] if len(args) > k else kwargs.get("output_mask")
-            self.masks.append(list(arguments[k].default_value if mask is None else mask))
-        return func(*args, **(kwargs or {}))
+        assert rec.values == [top] * n + [first] * n, (case, rec.values)
 
 
 @pytest.mark.parametrize("case", list(WANTED))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import varlen_rnn
 
@@ -182,3 +183,22 @@ def tensors_of(result):
     """(output, h_n) or (output, (h_n, c_n)) -> a flat list of tensors."""
     out, state = result
     return [out, *(state if isinstance(state, tuple) else (state,))]
+
+
+class OpArguments(TorchDispatchMode):
+    """Inside it, every varlen_rnn op whose name ends with `suffix` records the value of its
+    argument `name` in `values`: as called, or the schema's default, which the dispatcher leaves
+    out of the arguments when the call passes it."""
+
+    def __init__(self, suffix: str, name: str):
+        super().__init__()
+        self.suffix, self.name, self.values = suffix, name, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.name().startswith("varlen_rnn::") and func.name().endswith(self.suffix):
+            arguments = func._schema.arguments
+            k = [a.name for a in arguments].index(self.name)
+            value = args[k] if len(args) > k else kwargs.get(self.name, arguments[k].default_value)
+            self.values.append(list(value) if isinstance(value, (list, tuple)) else value)
+        return func(*args, **kwargs)
