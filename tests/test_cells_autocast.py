@@ -41,14 +41,29 @@ def test_dtypes_and_values_follow_nn(device, amp_dtype, cudnn, kind, x_kind, hx_
     to = {"f32": F32, "low": amp_dtype, None: None}
     ref, ours = make_cell_pair(kind, I, H, 2, bidirectional=True, dtype=F32, device=device)
     x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(1)).to(device, to[x_kind])
+    x_r, x_o = x.clone().requires_grad_(), x.clone().requires_grad_()
     hx = _state(ref, to[hx_kind], device)
     with torch.backends.cudnn.flags(enabled=cudnn), torch.autocast(device, dtype=amp_dtype):
-        expected = tensors_of(packed_baseline(ref, x, LENGTHS, hx))
-        got = tensors_of(ours(x, hx, lengths=LENGTHS))
+        expected = tensors_of(packed_baseline(ref, x_r, LENGTHS, hx))
+        got = tensors_of(ours(x_o, hx, lengths=LENGTHS))
     assert [t.dtype for t in got] == [t.dtype for t in expected]
     for a, e in zip(got, expected):
         assert (a.float() - e.float()).abs().max() < TOL[amp_dtype]
-    got[0].float().sum().backward()  # the backward runs in the forward's dtypes
+    # Backward outside the region, as the GRU's test: the gradients have the leaves' dtypes
+    # and are close to nn's (both round in their own places, hence 5x the outputs' bound).
+    w = [torch.randn(t.shape, generator=torch.Generator().manual_seed(3)).to(device) for t in got]
+    sum((e.float() * v).sum() for e, v in zip(expected, w)).backward()
+    sum((a.float() * v).sum() for a, v in zip(got, w)).backward()
+    assert x_o.grad.dtype == x_r.grad.dtype == x.dtype
+    torch.testing.assert_close(
+        x_o.grad.float(), x_r.grad.float(), atol=5 * TOL[amp_dtype], rtol=0, msg="grad of input"
+    )
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters(), strict=True):
+        assert p.grad.dtype == q.grad.dtype == F32, name
+        scale = q.grad.abs().max().item() + 1
+        torch.testing.assert_close(
+            p.grad, q.grad, atol=5 * TOL[amp_dtype] * scale, rtol=0, msg=f"grad of {name}"
+        )
 
 
 @pytest.mark.parametrize("kind", ["lstm_proj", "rnn_tanh"])
