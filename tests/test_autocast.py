@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from testing import HAS_CUDA, make_pair, packed_baseline
+from testing import HAS_CUDA, assert_autocast_grads_close, make_pair, packed_baseline
 
 import varlen_rnn
 
@@ -67,18 +67,7 @@ def test_dtypes_and_values_follow_nn_gru(device, amp_dtype, cudnn, x_kind, hx_ki
     w = torch.randn(out.shape, device=device)
     (out_r.float() * w).sum().add(h_r.float().sum()).backward()
     (out.float() * w).sum().add(h.float().sum()).backward()
-    assert x_o.grad.dtype == x_r.grad.dtype
-    torch.testing.assert_close(x_o.grad.float(), x_r.grad.float(), atol=5 * TOL[amp_dtype], rtol=0)
-    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
-        assert p.grad.dtype == q.grad.dtype == F32, name
-        scale = q.grad.abs().max().item() + 1
-        torch.testing.assert_close(
-            p.grad,
-            q.grad,
-            atol=5 * TOL[amp_dtype] * scale,
-            rtol=0,
-            msg=lambda m: f"grad of {name}: {m}",
-        )
+    assert_autocast_grads_close(ours, ref, x_o, x_r, TOL[amp_dtype])
 
 
 @pytest.mark.parametrize("device,amp_dtype,cudnn", CASES)

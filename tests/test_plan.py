@@ -210,6 +210,13 @@ def test_tile_rows_follow_the_batch(ask):
     assert a.tile_rows == 8
 
 
+def _assert_small_cuts_fit(cases, answers):
+    """The fit tests check the cuts that fit: the small ones all must (H <= 256 fits every
+    dtype and pass on both devices), so they cannot pass by finding nothing to check."""
+    small = [a for case, a in zip(cases, answers) if case["H"] <= 256]
+    assert small and all(a.fits for a in small), [a.why for a in small if not a.fits][:3]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_every_cut_fits_the_device(ask, device):
     sms, smem = DEVICES[device]
@@ -223,10 +230,7 @@ def test_every_cut_fits_the_device(ask, device):
         for cap in (0, 32, 100)
     ]
     answers = ask(cases)
-    # The checks below are of the cuts that fit: the small ones all must (H <= 256 fits every
-    # dtype and pass on both devices), so they cannot pass by finding nothing to check.
-    small = [a for case, a in zip(cases, answers) if case["H"] <= 256]
-    assert small and all(a.fits for a in small), [a.why for a in small if not a.fits][:3]
+    _assert_small_cuts_fit(cases, answers)
     for case, a in zip(cases, answers):
         if not a.fits:
             assert "does not fit" in a.why, (case, a)
@@ -388,8 +392,7 @@ def test_cells_cuts_fit_the_device(ask, cell):
     ]
     gru = ask([dict(c, gates=3) for c in cases])
     answers = ask(cases)
-    small = [a for case, a in zip(cases, answers) if case["H"] <= 256]
-    assert all(a.fits for a in small), [a.why for a in small if not a.fits][:3]
+    _assert_small_cuts_fit(cases, answers)
     for case, a, g in zip(cases, answers, gru):
         if not a.fits:
             assert "does not fit" in a.why and (G > 3 or not g.fits), (case, a, g)

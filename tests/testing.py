@@ -202,3 +202,20 @@ class OpArguments(TorchDispatchMode):
             value = args[k] if len(args) > k else kwargs.get(self.name, arguments[k].default_value)
             self.values.append(list(value) if isinstance(value, (list, tuple)) else value)
         return func(*args, **kwargs)
+
+
+def assert_autocast_grads_close(ours, ref, x_o, x_r, tol):
+    """After the same backward through ours and nn (autocast outputs, the backward outside the
+    region, as the autocast docs recommend): the gradients have the leaves' dtypes (float32
+    parameters, the input's dtype) and are within 5x the outputs' bound `tol` of nn's (both
+    round in their own places), the parameters' relative to their largest gradient."""
+    assert x_o.grad.dtype == x_r.grad.dtype
+    torch.testing.assert_close(
+        x_o.grad.float(), x_r.grad.float(), atol=5 * tol, rtol=0, msg="grad of input"
+    )
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters(), strict=True):
+        assert p.grad.dtype == q.grad.dtype == torch.float32, name
+        scale = q.grad.abs().max().item() + 1
+        torch.testing.assert_close(
+            p.grad, q.grad, atol=5 * tol * scale, rtol=0, msg=lambda m: f"grad of {name}: {m}"
+        )
