@@ -208,7 +208,7 @@ TORCH_LIBRARY(varlen_rnn, m) {
   m.def(
       "_small_gemm(Tensor a, Tensor b, Tensor? c, str kernel, int repeats=1) -> "
       "Tensor");
-  // Tests only: a [m, K] bfloat16 @ b [K, N] float32 rounded to bfloat16,
+  // Tests only: a [m, K] bfloat16 @ b [K, N] (float32 rounded to bfloat16, or bfloat16),
   // accumulated in float32 (cpu/bf16_gemm.h), on one thread (+ c [m, N] when
   // given) or on all (parallel, + bias [N] on every row when given). Returns
   // [m + 1, N + 5] float32: the result in [:m, :N], NaN elsewhere.
@@ -219,4 +219,8 @@ TORCH_LIBRARY(varlen_rnn, m) {
   // the unit VARLEN_RNN_CPU_BF16 gives (cpu/bf16_gemm.h bf16_unit). Returns
   // [m + 1, J + 5] float32: the result in [:m, :J], NaN elsewhere.
   m.def("_bf16_weight_product(Tensor a, Tensor w, int method) -> Tensor");
+  // Test entry: a [n, G] and b [n, P] bfloat16, a^T b over few positions
+  // (cpu/bf16_gemm.h bf16_weight_grad, n <= kGradRows). Returns [G + 1, P + 5]
+  // bfloat16: the result in [:G, :P], NaN elsewhere.
+  m.def("_bf16_weight_grad(Tensor a, Tensor b) -> Tensor");
 }

@@ -69,11 +69,22 @@ SHAPES = [(1, 1, 2), (3, 5, 16), (16, 64, 256), (17, 65, 34), (64, 100, 256), (7
 SHAPES += [(300, 200, 128), (600, 65, 64), (5, 3, 0), (0, 9, 8), (257, 128, 2)]
 
 
+# b's source: float32 (rounded by the packing, k-major), bfloat16 as a row-major [K, N] (the
+# backward's W_hh as stored: its rows interleaved in pairs) and bfloat16 as a weight's transpose
+# (the forward's panels).
+B_KINDS = ["float32", "bfloat16_rows", "bfloat16_transposed"]
+
+
+@pytest.mark.parametrize("b_kind", B_KINDS)
 @pytest.mark.parametrize("parallel", [False, True], ids=["one-thread", "parallel"])
 @pytest.mark.parametrize("m,N,K", SHAPES, ids=[f"m{m}-N{n}-K{k}" for m, n, k in SHAPES])
-def test_product_matches_an_exact_one(m, N, K, parallel):
+def test_product_matches_an_exact_one(m, N, K, parallel, b_kind):
     g = torch.Generator().manual_seed(m * 1000 + N * 10 + K)
     a, b = torch.randn(m, K, generator=g).to(BF16), torch.randn(K, N, generator=g)
+    if b_kind == "bfloat16_rows":
+        b = b.to(BF16)
+    elif b_kind == "bfloat16_transposed":
+        b = b.t().contiguous().to(BF16).t()
     full = ops._bf16_gemm(a, b, None, None, parallel)
     b16 = b.to(BF16)
     exact = a.double() @ b16.double()
@@ -138,17 +149,45 @@ def test_product_on_a_stored_weight_reads_strided_rows(method):
         assert ((got.double() - exact).abs() <= bound(a[:rows], w.t(), 64)).all()
 
 
+# A weight's gradient over few positions (bf16_weight_grad, n <= kGradRows = 16): n odd and even
+# (pairs of rows, a zero row past n), rows of c around the 4-row tiles, columns around the
+# 16-column vectors and 64-column tiles.
+GRAD_SHAPES = [(1, 1, 1), (2, 5, 15), (3, 4, 16), (7, 17, 17), (16, 768, 256), (15, 13, 130)]
+GRAD_SHAPES += [(4, 3, 65), (9, 64, 63), (1, 1536, 512)]
+
+
+@pytest.mark.parametrize("n,G,P", GRAD_SHAPES, ids=[f"n{n}-G{g}-P{p}" for n, g, p in GRAD_SHAPES])
+def test_weight_grad_matches_an_exact_one(n, G, P):
+    """a^T b rounded once to bfloat16: within half a bfloat16 ulp (2^-8 relative) of the float32 sum, which is
+    within float32 accumulation of the exact one; a's rows strided as the backward's rounded
+    buffers are (a slice of wider rows); nothing written past [G, P]."""
+    g = torch.Generator().manual_seed(n * 1000 + G + P)
+    a = torch.randn(n, G + 7, generator=g).to(BF16)[:, 3 : 3 + G]  # lda G + 7
+    b = torch.randn(n, P, generator=g).to(BF16)
+    full = ops._bf16_weight_grad(a, b)
+    exact = a.double().t() @ b.double()
+    tol = 2.0**-8 * exact.abs() + bound(a.t(), b, n) * (1 + 2.0**-8)
+    assert ((full[:G, :P].double() - exact).abs() <= tol).all()
+    assert full[G:].isnan().all() and full[:, P:].isnan().all()
+
+
 def test_bad_arguments_name_themselves():
     with pytest.raises(RuntimeError, match="K must be even"):
         ops._bf16_gemm(torch.ones(2, 3, dtype=BF16), torch.ones(3, 4), None, None, False)
     with pytest.raises(RuntimeError, match="a must be a 2-D bfloat16"):
         ops._bf16_gemm(torch.ones(2, 4), torch.ones(4, 4), None, None, False)
-    with pytest.raises(RuntimeError, match="b must be a float32 \\[K, N\\]"):
+    with pytest.raises(RuntimeError, match="b must be a float32 or bfloat16 \\[K, N\\]"):
         ops._bf16_gemm(torch.ones(2, 4, dtype=BF16), torch.ones(6, 4), None, None, False)
     with pytest.raises(RuntimeError, match="w must be a bfloat16 \\[J, K\\]"):
         ops._bf16_weight_product(torch.ones(2, 4, dtype=BF16), torch.ones(3, 4), 0)
     with pytest.raises(RuntimeError, match="method must be 0"):
         ops._bf16_weight_product(torch.ones(2, 4, dtype=BF16), torch.ones(3, 4, dtype=BF16), 3)
+    with pytest.raises(
+        RuntimeError, match="b must be a bfloat16 \\[n, P\\] with n = a.size\\(0\\)"
+    ):
+        ops._bf16_weight_grad(torch.ones(2, 4, dtype=BF16), torch.ones(3, 4, dtype=BF16))
+    with pytest.raises(RuntimeError, match="takes at most 16 rows"):
+        ops._bf16_weight_grad(torch.ones(17, 4, dtype=BF16), torch.ones(17, 4, dtype=BF16))
 
 
 # -- whole modules ---------------------------------------------------------------------------
@@ -405,17 +444,20 @@ LAYOUTS = ["padded", "batch_first", "packed", "nested"]
 RAGGED_LENGTHS = [9, 3, 7, 1, 9, 5, 2, 8, 4, 6, 9]  # packing takes no zero length
 
 
-def train_once(cell, layout, seed=0):
+def train_once(cell, layout, seed=0, lengths=None):
     """One bidirectional one-layer bfloat16 module's gradients for a loss on every output and
-    final state, with input in the given layout. Returns (module, x [B, T, I] padded, lengths,
-    loss weights, [x.grad, *parameter grads]). The loss weights are bfloat16 values, so the
-    gradients reaching the kernel are exact."""
+    final state, with input in the given layout (lengths: LENGTHS or RAGGED_LENGTHS unless
+    given). Returns (module, x [B, T, I] padded, lengths, loss weights, [x.grad, *parameter
+    grads]). The loss weights are bfloat16 values, so the gradients reaching the kernel are
+    exact."""
     cls, extra, _ = CELLS[cell]
     # P = 18: the split loop's second thread owns dh columns [16, 18) (slices are cut at 16).
     extra = {"proj_size": 18} if extra.get("proj_size") else extra
     torch.manual_seed(seed)
     m = cls(I, H, bidirectional=True, batch_first=layout != "padded", **extra).to(BF16)
-    lengths = torch.tensor(LENGTHS if layout in ("padded", "batch_first") else RAGGED_LENGTHS)
+    if lengths is None:
+        lengths = LENGTHS if layout in ("padded", "batch_first") else RAGGED_LENGTHS
+    lengths = torch.tensor(lengths)
     B, P = len(lengths), m.proj_size or H
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(B, T, I, generator=g).to(BF16).requires_grad_()  # [B, T, I]
@@ -493,6 +535,22 @@ def test_backward_matches_its_mirror(cell, steps, directions, layout, monkeypatc
     monkeypatch.setenv("VARLEN_RNN_CPU_BF16", "float")
     plain = train_once(cell, layout)[4]
     assert mirror_excess(plain, mirror) > 5e-4
+    assert any(not torch.equal(a, p) for a, p in zip(bf16, plain))
+
+
+@pytest.mark.parametrize("ones", [ONE_STEP, [1] * 40], ids=["8_positions", "40_positions"])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_decoding_step_backward_matches_its_mirror(cell, ones, monkeypatch, unit):
+    """A call of one step (a decoder's, at 8 and 40 rows): its weight gradients over at most
+    kGradRows (16) positions are our own kernel's (bf16_weight_grad), over more ATen's GEMM;
+    either agrees with the mirror as the longer calls do, and =float differs bitwise."""
+    monkeypatch.setenv("VARLEN_RNN_CPU_BF16", unit)
+    m, x, lengths, weights, bf16 = train_once(cell, "batch_first", lengths=ones)
+    mirror = mirror_grads(cell, m, x, lengths, weights, True, monkeypatch)
+    assert all(a.dtype == BF16 for a in bf16)
+    assert mirror_excess(bf16, mirror) <= 0
+    monkeypatch.setenv("VARLEN_RNN_CPU_BF16", "float")
+    plain = train_once(cell, "batch_first", lengths=ones)[4]
     assert any(not torch.equal(a, p) for a, p in zip(bf16, plain))
 
 

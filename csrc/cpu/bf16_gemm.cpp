@@ -17,6 +17,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <type_traits>
 
 namespace varlen_rnn {
 namespace cpu {
@@ -68,6 +69,27 @@ bool bf16_gemm_for(at::ScalarType input_dtype, int64_t I, int64_t P) {
 
 namespace {
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// The AVX512-BF16 layout of one strip's pair of rows of a row-major bfloat16
+// b: out[2 jj + e] = (e ? r1 : r0)[jj] for jj < nj, 0 for nj <= jj < kStrip
+// (every value of the pair's kStrip x 2 written).
+VR_DOT_TARGET void interleave_pair(const at::BFloat16* r0, const at::BFloat16* r1, int64_t nj,
+                                   at::BFloat16* out) {
+  // Lane 2i takes r0[i] (word i), lane 2i + 1 r1[i] (word 16 + i).
+  alignas(64) static const uint16_t kOrder[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,
+                                                  21, 6,  22, 7,  23, 8,  24, 9,  25, 10, 26,
+                                                  11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i order = _mm512_load_si512(kOrder);
+  for (int64_t jj = 0; jj < PackedB16::kStrip; jj += 16) {
+    const auto m = static_cast<__mmask16>((1u << std::clamp<int64_t>(nj - jj, 0, 16)) - 1);
+    const __m256i a = _mm256_maskz_loadu_epi16(m, r0 + jj),
+                  b = _mm256_maskz_loadu_epi16(m, r1 + jj);
+    const __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+    _mm512_storeu_si512(out + 2 * jj, _mm512_permutexvar_epi16(order, ab));
+  }
+}
+#endif
+
 // pack_b16 for either source type (float32 values are rounded to nearest
 // even, bfloat16 ones copied), for the matrix unit (its own packing kernel)
 // or the AVX512-BF16 kernel (strip j's pair of k q at [q][kStrip][2]: each
@@ -83,6 +105,26 @@ PackedB16 pack_b16_from(int64_t K, int64_t N, const src_t* b, int64_t stride_k, 
   TORCH_INTERNAL_ASSERT(p.unit != Bf16Unit::kFloat, "pack_b16: no bfloat16 unit");
   const int64_t strips = (N + S - 1) / S;
   const auto opts = at::TensorOptions().dtype(at::kBFloat16);
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (std::is_same_v<src_t, at::BFloat16>) {
+    // Rows of b (the backward's W_hh as stored): pairs of rows interleaved by
+    // vector permutes, on all threads (a decoding step's backward packs its
+    // W_hh at every call).
+    if (p.unit == Bf16Unit::kAvx512 && stride_n == 1) {
+      p.strips = at::empty({strips, K, S}, opts);
+      at::BFloat16* out = p.strips.data_ptr<at::BFloat16>();
+      const int64_t pairs = K / 2;
+      at::parallel_for(0, strips * pairs, 64, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t j = t / pairs, q = t % pairs, j0 = j * S;
+          const at::BFloat16* r0 = b + 2 * q * stride_k + j0;
+          interleave_pair(r0, r0 + stride_k, std::min(S, N - j0), out + (j * pairs + q) * 2 * S);
+        }
+      });
+      return p;
+    }
+  }
+#endif
   p.strips = at::zeros({strips, K, S}, opts);
   if (p.unit == Bf16Unit::kAvx512) {
     at::BFloat16* out = p.strips.data_ptr<at::BFloat16>();
@@ -372,7 +414,7 @@ at::Tensor round_rows_bf16(float* x, int64_t rows, int64_t cols, int64_t ld) {
 namespace {
 
 // The test entry (ops.cpp's _bf16_gemm): a [m, K] bfloat16 times b [K, N]
-// float32 (rounded to bfloat16 by the packing), plus c [m, N] float32 when
+// float32 (rounded to bfloat16 by the packing) or bfloat16, any strides, plus c [m, N] float32 when
 // given (one thread) or plus bias [N] on every row (all threads), computed
 // inside a NaN-filled [m + 1, N + 5] buffer, so a write past [m, N] shows.
 at::Tensor bf16_gemm_op(const at::Tensor& a, const at::Tensor& b,
@@ -384,9 +426,10 @@ at::Tensor bf16_gemm_op(const at::Tensor& a, const at::Tensor& b,
   TORCH_CHECK(a.dim() == 2 && a.scalar_type() == at::kBFloat16,
               "_bf16_gemm: a must be a 2-D bfloat16 tensor [m, K], got ", a.sizes(), " ",
               a.scalar_type());
-  TORCH_CHECK(b.dim() == 2 && b.scalar_type() == at::kFloat && b.size(0) == a.size(1),
-              "_bf16_gemm: b must be a float32 [K, N] with K = a.size(1) = ", a.size(1), ", got ",
-              b.sizes(), " ", b.scalar_type());
+  TORCH_CHECK(b.dim() == 2 && (b.scalar_type() == at::kFloat || b.scalar_type() == at::kBFloat16) &&
+                  b.size(0) == a.size(1),
+              "_bf16_gemm: b must be a float32 or bfloat16 [K, N] with K = a.size(1) = ", a.size(1),
+              ", got ", b.sizes(), " ", b.scalar_type());
   TORCH_CHECK(a.size(1) % 2 == 0, "_bf16_gemm: K must be even, got ", a.size(1));
   TORCH_CHECK(!(c && parallel), "_bf16_gemm: c is for the one-thread product, bias for parallel");
   TORCH_CHECK(!(bias && !parallel), "_bf16_gemm: bias is for the parallel product");
@@ -406,7 +449,10 @@ at::Tensor bf16_gemm_op(const at::Tensor& a, const at::Tensor& b,
   }
   const at::Tensor ac = a.stride(1) == 1 && a.stride(0) >= K ? a : a.contiguous();
   const int64_t lda = std::max<int64_t>(ac.stride(0), 1), ldc = N + 5;
-  const PackedB16 packed = pack_b16(K, N, b.const_data_ptr<float>(), b.stride(0), b.stride(1));
+  const PackedB16 packed =
+      b.scalar_type() == at::kFloat
+          ? pack_b16(K, N, b.const_data_ptr<float>(), b.stride(0), b.stride(1))
+          : pack_b16(K, N, b.const_data_ptr<at::BFloat16>(), b.stride(0), b.stride(1));
   const at::BFloat16* a_p = ac.const_data_ptr<at::BFloat16>();
   float* c_p = out.data_ptr<float>();
   if (parallel) {

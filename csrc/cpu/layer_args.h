@@ -71,8 +71,8 @@ struct BackwardArgs : ForwardArgs {
   at::Tensor grad_input2d;  // like input2d
   at::Tensor grad_hx;       // [D, B, P]
   at::Tensor grad_cx;       // [D, B, H] (LSTM)
-  at::Tensor grad_w_ih;     // [D, G*H, I]
-  at::Tensor grad_w_hh;     // [D, G*H, P]
+  at::Tensor grad_w_ih;     // [D, G*H, I] (bfloat16 where bf16)
+  at::Tensor grad_w_hh;     // [D, G*H, P] (bfloat16 where bf16)
   at::Tensor grad_b_ih;     // [D, G*H]
   at::Tensor grad_b_hh;     // [D, G*H]
   at::Tensor grad_w_hr;     // [D, P, H] with a projection

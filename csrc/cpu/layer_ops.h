@@ -66,8 +66,11 @@ BackwardResult run_backward(BackwardArgs& args, const at::Tensor& input,
   args.grad_hx = at::empty({D, B, P}, opts);
   if (Cell::kHasC) args.grad_cx = at::empty({D, B, H}, opts);
   if (args.want_weights) {
-    args.grad_w_ih = at::empty({D, G, dims.I}, opts);
-    args.grad_w_hh = at::empty({D, G, P}, opts);
+    // bfloat16 where the products are (cpu/backward_bf16.h writes them in
+    // place): no float32 copy to round at the end.
+    const auto opts_w = args.bf16 ? opts.dtype(at::kBFloat16) : opts;
+    args.grad_w_ih = at::empty({D, G, dims.I}, opts_w);
+    args.grad_w_hh = at::empty({D, G, P}, opts_w);
     args.grad_b_ih = at::empty({D, G}, opts);
     args.grad_b_hh = at::empty({D, G}, opts);
     if (args.w_hr.defined()) args.grad_w_hr = at::empty({D, P, H}, opts);
