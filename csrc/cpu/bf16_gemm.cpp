@@ -88,6 +88,21 @@ VR_DOT_TARGET void interleave_pair(const at::BFloat16* r0, const at::BFloat16* r
     _mm512_storeu_si512(out + 2 * jj, _mm512_permutexvar_epi16(order, ab));
   }
 }
+
+// The same pair of a weight's transpose, b[k, j] = w[j, k] (k's pairs side
+// by side in each row of w, ld values apart): out[2 jj + e] = w[j0 + jj,
+// 2q + e] for jj < nj, 0 past nj, 16 rows' pairs per gather. p: w + j0 ld +
+// 2q.
+VR_DOT_TARGET void gather_pairs(const at::BFloat16* p, int64_t ld, int64_t nj, at::BFloat16* out) {
+  const __m512i rows =
+      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                         _mm512_set1_epi32(static_cast<int32_t>(ld)));
+  for (int64_t jj = 0; jj < PackedB16::kStrip; jj += 16) {
+    const auto m = static_cast<__mmask16>((1u << std::clamp<int64_t>(nj - jj, 0, 16)) - 1);
+    const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, rows, p + jj * ld, 2);
+    _mm512_storeu_si512(out + 2 * jj, v);
+  }
+}
 #endif
 
 // pack_b16 for either source type (float32 values are rounded to nearest
@@ -110,15 +125,24 @@ PackedB16 pack_b16_from(int64_t K, int64_t N, const src_t* b, int64_t stride_k, 
     // Rows of b (the backward's W_hh as stored): pairs of rows interleaved by
     // vector permutes, on all threads (a decoding step's backward packs its
     // W_hh at every call).
-    if (p.unit == Bf16Unit::kAvx512 && stride_n == 1) {
+    // A weight's transpose (the forward's panels): each column's pairs
+    // gathered, 16 columns at a time (indices in int32: S ld < 2^31).
+    const bool rows = stride_n == 1,
+               transposed = stride_k == 1 && S * stride_n < (int64_t{1} << 31);
+    if (p.unit == Bf16Unit::kAvx512 && (rows || transposed)) {
       p.strips = at::empty({strips, K, S}, opts);
       at::BFloat16* out = p.strips.data_ptr<at::BFloat16>();
       const int64_t pairs = K / 2;
       at::parallel_for(0, strips * pairs, 64, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
-          const int64_t j = t / pairs, q = t % pairs, j0 = j * S;
-          const at::BFloat16* r0 = b + 2 * q * stride_k + j0;
-          interleave_pair(r0, r0 + stride_k, std::min(S, N - j0), out + (j * pairs + q) * 2 * S);
+          const int64_t j = t / pairs, q = t % pairs, j0 = j * S, nj = std::min(S, N - j0);
+          at::BFloat16* o = out + (j * pairs + q) * 2 * S;
+          if (rows) {
+            const at::BFloat16* r0 = b + 2 * q * stride_k + j0;
+            interleave_pair(r0, r0 + stride_k, nj, o);
+          } else {
+            gather_pairs(b + j0 * stride_n + 2 * q, stride_n, nj, o);
+          }
         }
       });
       return p;

@@ -34,9 +34,11 @@ namespace {
 // the tile; a's R words of the pair are broadcast.
 constexpr int kVecs = 4;
 template <int R>
-VR_GRAD_TARGET inline __attribute__((always_inline)) void grad_tile(
-    int64_t pairs, const uint32_t* a2, int64_t lda, const uint32_t* b2, int64_t ldb, int64_t cols,
-    at::BFloat16* c, int64_t ldc) {
+VR_GRAD_TARGET inline __attribute__((always_inline)) void grad_tile(int64_t pairs,
+                                                                    const uint32_t* a2, int64_t lda,
+                                                                    const uint32_t* b2, int64_t ldb,
+                                                                    int64_t cols, at::BFloat16* c,
+                                                                    int64_t ldc) {
   __mmask16 mask[kVecs];
 #pragma GCC unroll 4
   for (int v = 0; v < kVecs; ++v) {
@@ -56,8 +58,8 @@ VR_GRAD_TARGET inline __attribute__((always_inline)) void grad_tile(
     }
 #pragma GCC unroll 4
     for (int i = 0; i < R; ++i) {
-      const auto av = reinterpret_cast<__m512bh>(
-          _mm512_set1_epi32(static_cast<int32_t>(a2[q * lda + i])));
+      const auto av =
+          reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int32_t>(a2[q * lda + i])));
 #pragma GCC unroll 4
       for (int v = 0; v < kVecs; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], av, bv[v]);
     }
@@ -115,8 +117,7 @@ bool bf16_weight_grad_for(int64_t n) {
 }
 
 void bf16_weight_grad(int64_t n, const at::BFloat16* a, int64_t lda, int64_t G,
-                      const at::BFloat16* b, int64_t ldb, int64_t P, at::BFloat16* c,
-                      int64_t ldc) {
+                      const at::BFloat16* b, int64_t ldb, int64_t P, at::BFloat16* c, int64_t ldc) {
   TORCH_INTERNAL_ASSERT(bf16_weight_grad_for(n), "bf16_weight_grad: n = ", n,
                         " rows, or no AVX512-BF16");
   if (G <= 0 || P <= 0) return;
