@@ -219,8 +219,9 @@ TORCH_LIBRARY(varlen_rnn, m) {
   // the unit VARLEN_RNN_CPU_BF16 gives (cpu/bf16_gemm.h bf16_unit). Returns
   // [m + 1, J + 5] float32: the result in [:m, :J], NaN elsewhere.
   m.def("_bf16_weight_product(Tensor a, Tensor w, int method) -> Tensor");
-  // Test entry: a [n, G] and b [n, P] bfloat16, a^T b over few positions
-  // (cpu/bf16_gemm.h bf16_weight_grad, n <= kGradRows). Returns [G + 1, P + 5]
-  // bfloat16: the result in [:G, :P], NaN elsewhere.
-  m.def("_bf16_weight_grad(Tensor a, Tensor b) -> Tensor");
+  // Test entry: a [n, G] and b [n, P], both bfloat16 or both float32, a^T b
+  // over few positions (cpu/weight_grad.cpp: bf16_weight_grad for n <=
+  // kGradRows, f32_weight_grad for n <= kF32GradRows). Returns [G + 1, P + 5]
+  // of their dtype: the result in [:G, :P], NaN elsewhere.
+  m.def("_weight_grad(Tensor a, Tensor b) -> Tensor");
 }

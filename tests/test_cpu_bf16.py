@@ -164,7 +164,7 @@ def test_weight_grad_matches_an_exact_one(n, G, P):
     g = torch.Generator().manual_seed(n * 1000 + G + P)
     a = torch.randn(n, G + 7, generator=g).to(BF16)[:, 3 : 3 + G]  # lda G + 7
     b = torch.randn(n, P, generator=g).to(BF16)
-    full = ops._bf16_weight_grad(a, b)
+    full = ops._weight_grad(a, b)
     exact = a.double().t() @ b.double()
     tol = 2.0**-8 * exact.abs() + bound(a.t(), b, n) * (1 + 2.0**-8)
     assert ((full[:G, :P].double() - exact).abs() <= tol).all()
@@ -183,11 +183,11 @@ def test_bad_arguments_name_themselves():
     with pytest.raises(RuntimeError, match="method must be 0"):
         ops._bf16_weight_product(torch.ones(2, 4, dtype=BF16), torch.ones(3, 4, dtype=BF16), 3)
     with pytest.raises(
-        RuntimeError, match="b must be a bfloat16 \\[n, P\\] with n = a.size\\(0\\)"
+        RuntimeError, match="b must be a BFloat16 \\[n, P\\] with n = a.size\\(0\\)"
     ):
-        ops._bf16_weight_grad(torch.ones(2, 4, dtype=BF16), torch.ones(3, 4, dtype=BF16))
-    with pytest.raises(RuntimeError, match="takes at most 16 rows"):
-        ops._bf16_weight_grad(torch.ones(17, 4, dtype=BF16), torch.ones(17, 4, dtype=BF16))
+        ops._weight_grad(torch.ones(2, 4, dtype=BF16), torch.ones(3, 4, dtype=BF16))
+    with pytest.raises(RuntimeError, match="takes at most 16 bfloat16 rows"):
+        ops._weight_grad(torch.ones(17, 4, dtype=BF16), torch.ones(17, 4, dtype=BF16))
 
 
 # -- whole modules ---------------------------------------------------------------------------

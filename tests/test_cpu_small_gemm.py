@@ -240,6 +240,28 @@ def test_rows_times_a_stored_weight_matches_an_exact_one(m, N, K):
     assert ((got.double() - exact).abs() <= bound(a, w, K) + c.abs().double() * 2.0**-23).all()
 
 
+# A weight's gradient over few positions (f32_weight_grad, n <= kF32GradRows = 16): rows of c
+# around the 4-row tiles, columns around the 16-column vectors and 64-column tiles.
+GRAD_SHAPES = [(1, 1, 1), (2, 5, 15), (3, 4, 16), (7, 17, 17), (16, 768, 256), (15, 13, 130)]
+GRAD_SHAPES += [(4, 3, 65), (9, 64, 63), (1, 1536, 512), (0, 5, 7)]
+
+
+@DOTS
+@pytest.mark.parametrize("n,G,P", GRAD_SHAPES, ids=[f"n{n}-G{g}-P{p}" for n, g, p in GRAD_SHAPES])
+def test_weight_grad_matches_an_exact_one(n, G, P):
+    """a^T b to float32 accumulation of the exact one, a's rows strided as a slice of the
+    backward's [N, D*G*H] buffer is; nothing written past [G, P]; over no positions, zeros."""
+    g = torch.Generator().manual_seed(n * 1000 + G + P)
+    a = torch.randn(n, G + 7, generator=g)[:, 3 : 3 + G]  # lda G + 7
+    b = torch.randn(n, P, generator=g)
+    full = ops._weight_grad(a, b)
+    exact = a.double().t() @ b.double()
+    assert ((full[:G, :P].double() - exact).abs() <= bound(a.t(), b, n)).all()
+    assert full[G:].isnan().all() and full[:, P:].isnan().all()
+    with pytest.raises(RuntimeError, match="takes at most 16 float32 rows"):
+        ops._weight_grad(torch.ones(17, 4), torch.ones(17, 4))
+
+
 @DOTS
 def test_dots_rows_do_not_depend_on_each_other():
     """Each result is one sum in a fixed order: a row alone or among others, the same bits."""

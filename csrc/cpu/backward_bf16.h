@@ -2,7 +2,7 @@
 // (args.bf16; cpu/recurrence.h's backward_impl calls these after the step
 // loops): ATen's bfloat16 GEMM (oneDNN, on the matrix unit where there is
 // one: float32 accumulation, one rounding of the result) on bfloat16
-// operands, and over few positions our own (weight_grad_bf16). The weight
+// operands, and over few positions our own (cpu/weight_grad.h). The weight
 // gradients are written in bfloat16 where they are returned (their tensors
 // are bfloat16, cpu/layer_ops.h), so that rounding is the one they get
 // anyway; the operands dgx and dghn are rounded once (dG is, by
@@ -19,29 +19,15 @@
 #include <ATen/Parallel.h>
 
 #include <cstdint>
-#include <algorithm>
 #include <cstring>
 #include <utility>
 
 #include "cpu/bf16_gemm.h"
 #include "cpu/layer_args.h"
+#include "cpu/weight_grad.h"
 
 namespace varlen_rnn {
 namespace cpu {
-
-// c [G, P] bfloat16 (rows contiguous, a slice of a weight's gradient) = a^T
-// b for a [N, G] and b [N, P] bfloat16 with unit column strides: over few
-// positions our own kernel (bf16_weight_grad), else ATen's bfloat16 GEMM.
-inline void weight_grad_bf16(at::Tensor c, const at::Tensor& a, const at::Tensor& b) {
-  const int64_t N = a.size(0);
-  if (bf16_weight_grad_for(N)) {
-    bf16_weight_grad(N, a.const_data_ptr<at::BFloat16>(), std::max<int64_t>(a.stride(0), 1),
-                     a.size(1), b.const_data_ptr<at::BFloat16>(), std::max<int64_t>(b.stride(0), 1),
-                     b.size(1), c.data_ptr<at::BFloat16>(), c.stride(0));
-    return;
-  }
-  at::mm_out(c, a.t(), b);
-}
 
 // Direction d's hidden-side gradients after its step loop: db_ih, db_hh from
 // the float32 values, then dW_hh = dG^T h_prev in bfloat16. dgx: [N, D*G*H]
@@ -58,12 +44,12 @@ void hidden_weight_grads_bf16(BackwardArgs& args, int64_t d, const at::Tensor& d
   at::sum_out(gb_ih, dgx.narrow(1, d * G, G), {0});
   at::sum_out(gb_same, dgx.narrow(1, d * G, G_same), {0});
   const at::Tensor dg16 = round_rows_bf16(dgx.data_ptr<float>() + d * G, N, G, DG);  // [N, G*H]
-  weight_grad_bf16(args.grad_w_hh[d].narrow(0, 0, G_same), dg16.narrow(1, 0, G_same), hp16);
+  weight_grad(args.grad_w_hh[d].narrow(0, 0, G_same), dg16.narrow(1, 0, G_same), hp16);
   if (kDiffer) {
     at::Tensor gb_last = args.grad_b_hh[d].narrow(0, G_same, H);
     at::sum_out(gb_last, dghn, {0});
     const at::Tensor dn16 = round_rows_bf16(dghn.data_ptr<float>(), N, H, H);  // [N, H]
-    weight_grad_bf16(args.grad_w_hh[d].narrow(0, G_same, H), dn16, hp16);
+    weight_grad(args.grad_w_hh[d].narrow(0, G_same, H), dn16, hp16);
   }
 }
 
@@ -90,7 +76,7 @@ inline void input_grads_bf16(BackwardArgs& args, at::Tensor& dgx, int64_t G) {
       at::from_blob(base, {N, DG}, {2 * DG, 1}, dgx.options().dtype(at::kBFloat16));
   if (args.want_weights) {
     at::Tensor xp = projection_input(args);  // [N, I] bfloat16
-    weight_grad_bf16(args.grad_w_ih.view({DG, I}), dg16, xp);
+    weight_grad(args.grad_w_ih.view({DG, I}), dg16, xp);
   }
   if (!args.want_input) return;
   at::Tensor dxp = at::mm(dg16, args.w_ih.reshape({DG, I}));  // [N, I]

@@ -118,25 +118,6 @@ void bf16_weight_product_swapped(int64_t m, const at::BFloat16* a, int64_t lda,
                                  const at::BFloat16* w, int64_t J, int64_t K, float* c,
                                  int64_t ldc);
 
-// A weight's gradient over few positions, c[g, j] = sum_{r < n} a[r, g]
-// b[r, j] (c = a^T b) for g < G, j < P: a [n, G] (lda) and b [n, P] (ldb)
-// bfloat16, c [G, P] bfloat16 (ldc), on all threads. Exact products, one
-// float32 sum per element over the pairs of r in order (AVX512-BF16's dot
-// products of pairs, as the unit's strips), one rounding to nearest even
-// (subnormals flushed). For the backward of a call of at most kGradRows
-// positions (decoding steps), where ATen's bfloat16 GEMM (oneDNN) costs more
-// than the products. Measured on the AMD EPYC (2 threads, the test op, its
-// NaN fill of the result included; against torch.mm(a.t(), b, out=c) on the
-// same operands): G x P = 768 x 256 12 us against 24 at n = 1, 20 vs 29 at
-// 8, 28 vs 35 at 16, 46 vs 51 at 32, 122 vs 87 at 64; 1536 x 512 39 vs 43
-// at 1, 65 vs 62 at 8, 98 vs 104 at 16, 198 vs 152 at 32. So up to 16.
-// bf16_weight_grad_for(n): whether it runs (n <= kGradRows on a CPU with
-// AVX512-BF16, as every bfloat16 unit's CPU has).
-constexpr int64_t kGradRows = 16;
-bool bf16_weight_grad_for(int64_t n);
-void bf16_weight_grad(int64_t n, const at::BFloat16* a, int64_t lda, int64_t G,
-                      const at::BFloat16* b, int64_t ldb, int64_t P, at::BFloat16* c, int64_t ldc);
-
 // Frees the calling thread's matrix-unit state (after its last bf16_gemm;
 // nothing to free on the AVX512-BF16 unit).
 void bf16_gemm_release();

@@ -19,6 +19,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -31,6 +32,7 @@
 #include "cpu/rows.h"
 #include "cpu/split_backward.h"
 #include "cpu/split_steps.h"
+#include "cpu/weight_grad.h"
 #include "layout.h"  // step_time, prev_time
 
 namespace varlen_rnn {
@@ -325,11 +327,8 @@ void backward_impl(BackwardArgs& args) {
     const at::Tensor dgx_same = dgx.narrow(1, d * G, G_same);  // [N, G_same]
     at::Tensor gw_same = args.grad_w_hh[d].narrow(0, 0, G_same);
     at::Tensor gb_same = args.grad_b_hh[d].narrow(0, 0, G_same);
-    at::mm_out(gw_same, dgx_same.t(), hp);
-    if (kDiffer) {
-      at::Tensor gw_last = args.grad_w_hh[d].narrow(0, G_same, H);
-      at::mm_out(gw_last, dghn[k].t(), hp);
-    }
+    weight_grad(gw_same, dgx_same, hp);
+    if (kDiffer) weight_grad(args.grad_w_hh[d].narrow(0, G_same, H), dghn[k], hp);
     at::sum_out(gb_same, dgx_same, {0});
     if (kDiffer) {
       at::Tensor gb_last = args.grad_b_hh[d].narrow(0, G_same, H);
@@ -454,12 +453,23 @@ void backward_impl(BackwardArgs& args) {
   if (args.want_weights) {
     at::Tensor xp = projection_input(args);  // [N, I]
     at::Tensor gw = args.grad_w_ih.view({DG, dims.I}), gb = args.grad_b_ih.view({DG});
-    at::mm_out(gw, dgx.t(), xp);
+    weight_grad(gw, dgx, xp);
     xp.reset();
     at::sum_out(gb, dgx, {0});
   }
   if (!args.want_input) return;
-  at::Tensor dxp = at::mm(dgx, args.w_ih.reshape({DG, dims.I}));  // [N, I]
+  const at::Tensor w_ih = args.w_ih.reshape({DG, dims.I});  // [D*G*H, I]
+  at::Tensor dxp;                                           // [N, I]
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    // Over few positions on W_ih as stored, as the steps' dh (f32_rows_times).
+    if (f32_dots_for(N)) {
+      RECORD_FUNCTION("varlen_rnn::f32_rows_times", std::vector<c10::IValue>());  // for profiles
+      dxp = at::empty({N, dims.I}, opts);
+      f32_rows_times(N, dgx.const_data_ptr<float>(), DG, w_ih.const_data_ptr<float>(), DG, dims.I,
+                     dxp.data_ptr<float>(), dims.I, false);
+    }
+  }
+  if (!dxp.defined()) dxp = at::mm(dgx, w_ih);
   dgx.reset();
   set_grad_input(args, std::move(dxp));
 }

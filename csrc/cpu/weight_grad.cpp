@@ -1,0 +1,251 @@
+// The weight gradients over few positions (cpu/weight_grad.h): one kernel
+// written for bfloat16 and float32, and the choice.
+#include "cpu/weight_grad.h"
+
+#include "cpu/small_gemm.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/record_function.h>
+#include <torch/library.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace varlen_rnn {
+namespace cpu {
+
+namespace {
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define VR_GRAD_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// What differs between the two kernels, bfloat16 and float32: the element
+// of a and b the tiles read (a pair of bfloat16 values of two positions as
+// one 32-bit word, or a float), its load (16 columns, masked) and broadcast,
+// the multiply-add into float32 lanes, and the store of 16 results.
+struct PairsBf16 {
+  using In = uint32_t;
+  using Out = at::BFloat16;
+  using Vec = __m512bh;
+  VR_GRAD_TARGET static Vec load(__mmask16 m, const In* p) {
+    return reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi32(m, p));
+  }
+  VR_GRAD_TARGET static Vec bcast(const In* p) {
+    return reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int32_t>(*p)));
+  }
+  VR_GRAD_TARGET static __m512 madd(__m512 acc, Vec a, Vec b) {
+    return _mm512_dpbf16_ps(acc, a, b);
+  }
+  VR_GRAD_TARGET static void store(Out* c, __mmask16 m, __m512 acc) {
+    const __m256bh h = _mm512_cvtneps_pbh(acc);
+    _mm256_mask_storeu_epi16(c, m, reinterpret_cast<const __m256i&>(h));
+  }
+};
+
+struct Floats {
+  using In = float;
+  using Out = float;
+  using Vec = __m512;
+  VR_GRAD_TARGET static Vec load(__mmask16 m, const In* p) { return _mm512_maskz_loadu_ps(m, p); }
+  VR_GRAD_TARGET static Vec bcast(const In* p) { return _mm512_set1_ps(*p); }
+  VR_GRAD_TARGET static __m512 madd(__m512 acc, Vec a, Vec b) { return _mm512_fmadd_ps(a, b, acc); }
+  VR_GRAD_TARGET static void store(Out* c, __mmask16 m, __m512 acc) {
+    _mm512_mask_storeu_ps(c, m, acc);
+  }
+};
+
+// A tile of c: rows g..g+R, columns j0..j0+cols (cols <= 16 kVecs):
+// c[g + i, j] = sum_q a[q, g + i] b[q, j] over the steps q < steps, one
+// float32 sum per element in q's order. Floats: q is a position, one fused
+// multiply-add each, stored as float32. PairsBf16: q is a pair of positions,
+// a and b with their pairs of rows interleaved (pair q, column g of a: the
+// 32-bit word (a[2q, g], a[2q + 1, g]), a zero row past n), vdpbf16ps's
+// exact products of pairs (the unit's own order within a pair, subnormals
+// flushed), rounded once to nearest even by vcvtneps2bf16. Each step's row
+// of b (in L1) is loaded once for the R rows of the tile; a's R elements of
+// the step are broadcast.
+constexpr int kVecs = 4;
+template <typename Tr, int R>
+VR_GRAD_TARGET inline __attribute__((always_inline)) void grad_tile(
+    int64_t steps, const typename Tr::In* a, int64_t lda, const typename Tr::In* b, int64_t ldb,
+    int64_t cols, typename Tr::Out* c, int64_t ldc) {
+  __mmask16 mask[kVecs];
+#pragma GCC unroll 4
+  for (int v = 0; v < kVecs; ++v) {
+    mask[v] = static_cast<__mmask16>((1u << std::clamp<int64_t>(cols - 16 * v, 0, 16)) - 1);
+  }
+  __m512 acc[R][kVecs];
+#pragma GCC unroll 4
+  for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < kVecs; ++v) acc[i][v] = _mm512_setzero_ps();
+  }
+  for (int64_t q = 0; q < steps; ++q) {
+    typename Tr::Vec bv[kVecs];
+#pragma GCC unroll 4
+    for (int v = 0; v < kVecs; ++v) bv[v] = Tr::load(mask[v], b + q * ldb + 16 * v);
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+      const typename Tr::Vec av = Tr::bcast(a + q * lda + i);
+#pragma GCC unroll 4
+      for (int v = 0; v < kVecs; ++v) acc[i][v] = Tr::madd(acc[i][v], av, bv[v]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < kVecs; ++v) Tr::store(c + i * ldc + 16 * v, mask[v], acc[i][v]);
+  }
+}
+
+// Rows g0..g1 of c, in tiles of 4 rows (16 sums, 4 vectors of b and a
+// broadcast: 21 of the 32 registers) by 64 columns.
+template <typename Tr>
+VR_GRAD_TARGET void grad_rows(int64_t g0, int64_t g1, int64_t steps, const typename Tr::In* a,
+                              int64_t lda, const typename Tr::In* b, int64_t ldb, int64_t P,
+                              typename Tr::Out* c, int64_t ldc) {
+  constexpr int64_t kCols = 16 * kVecs;
+  for (int64_t j0 = 0; j0 < P; j0 += kCols) {
+    const int64_t cols = std::min(kCols, P - j0);
+    int64_t g = g0;
+    for (; g + 4 <= g1; g += 4) {
+      grad_tile<Tr, 4>(steps, a + g, lda, b + j0, ldb, cols, c + g * ldc + j0, ldc);
+    }
+    for (; g < g1; ++g)
+      grad_tile<Tr, 1>(steps, a + g, lda, b + j0, ldb, cols, c + g * ldc + j0, ldc);
+  }
+}
+
+// The product on all threads: tasks of rows of c, about 64 KiB of results.
+template <typename Tr>
+void grad_all(int64_t steps, const typename Tr::In* a, int64_t lda, int64_t G,
+              const typename Tr::In* b, int64_t ldb, int64_t P, typename Tr::Out* c, int64_t ldc) {
+  const int64_t grain = std::max<int64_t>(1, 65536 / sizeof(typename Tr::Out) / P);
+  at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
+    grad_rows<Tr>(g0, g1, steps, a, lda, b, ldb, P, c, ldc);
+  });
+}
+
+// Rows 2q and 2q + 1 of x (ld values apart; the second 0 past n) as one row
+// of 32-bit words, for q < ceil(n / 2): out[q * cols + j] = (x[2q, j],
+// x[2q + 1, j]).
+void interleave_rows(int64_t n, const at::BFloat16* x, int64_t ld, int64_t cols, uint32_t* out) {
+  for (int64_t q = 0; 2 * q < n; ++q) {
+    const at::BFloat16* r0 = x + 2 * q * ld;
+    for (int64_t j = 0; j < cols; ++j) {
+      const uint32_t lo = r0[j].x, hi = 2 * q + 1 < n ? r0[ld + j].x : 0;
+      out[q * cols + j] = lo | (hi << 16);
+    }
+  }
+}
+#endif
+
+}  // namespace
+
+bool bf16_weight_grad_for(int64_t n) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool avx512bf16 = __builtin_cpu_supports("avx512bf16");
+  return n <= kGradRows && avx512bf16;
+#else
+  (void)n;
+  return false;
+#endif
+}
+
+void bf16_weight_grad(int64_t n, const at::BFloat16* a, int64_t lda, int64_t G,
+                      const at::BFloat16* b, int64_t ldb, int64_t P, at::BFloat16* c, int64_t ldc) {
+  TORCH_INTERNAL_ASSERT(bf16_weight_grad_for(n), "bf16_weight_grad: n = ", n,
+                        " rows, or no AVX512-BF16");
+  if (G <= 0 || P <= 0) return;
+#if defined(__x86_64__) && defined(__GNUC__)
+  // a's and b's rows paired once (n G + n P values): what the tiles
+  // broadcast and load.
+  const int64_t pairs = (n + 1) / 2;
+  const at::Tensor paired = at::empty({pairs, G + P}, at::TensorOptions().dtype(at::kInt));
+  auto* a2 = reinterpret_cast<uint32_t*>(paired.data_ptr<int32_t>());
+  uint32_t* b2 = a2 + pairs * G;
+  interleave_rows(n, a, lda, G, a2);
+  interleave_rows(n, b, ldb, P, b2);
+  grad_all<PairsBf16>(pairs, a2, G, G, b2, P, P, c, ldc);
+#else
+  (void)a, (void)lda, (void)b, (void)ldb, (void)c, (void)ldc;
+#endif
+}
+
+void weight_grad(at::Tensor c, const at::Tensor& a, const at::Tensor& b) {
+  const int64_t N = a.size(0), G = a.size(1), P = b.size(1);
+  const int64_t lda = std::max<int64_t>(a.stride(0), 1), ldb = std::max<int64_t>(b.stride(0), 1);
+  // Named for profiles as the GEMM they replace is (tests count the products).
+  if (c.scalar_type() == at::kBFloat16 && bf16_weight_grad_for(N)) {
+    RECORD_FUNCTION("varlen_rnn::bf16_weight_grad", std::vector<c10::IValue>());
+    bf16_weight_grad(N, a.const_data_ptr<at::BFloat16>(), lda, G, b.const_data_ptr<at::BFloat16>(),
+                     ldb, P, c.data_ptr<at::BFloat16>(), c.stride(0));
+    return;
+  }
+  if (c.scalar_type() == at::kFloat && f32_weight_grad_for(N)) {
+    RECORD_FUNCTION("varlen_rnn::f32_weight_grad", std::vector<c10::IValue>());
+    f32_weight_grad(N, a.const_data_ptr<float>(), lda, G, b.const_data_ptr<float>(), ldb, P,
+                    c.data_ptr<float>(), c.stride(0));
+    return;
+  }
+  at::mm_out(c, a.t(), b);
+}
+
+bool f32_weight_grad_for(int64_t n) { return n <= kF32GradRows && f32_dots_for(n); }
+
+void f32_weight_grad(int64_t n, const float* a, int64_t lda, int64_t G, const float* b, int64_t ldb,
+                     int64_t P, float* c, int64_t ldc) {
+  TORCH_INTERNAL_ASSERT(f32_weight_grad_for(n), "f32_weight_grad: n = ", n, " rows, or no AVX-512");
+  if (G <= 0 || P <= 0) return;
+#if defined(__x86_64__) && defined(__GNUC__)
+  grad_all<Floats>(n, a, lda, G, b, ldb, P, c, ldc);
+#else
+  (void)a, (void)lda, (void)b, (void)ldb, (void)c, (void)ldc;
+#endif
+}
+
+namespace {
+
+// The test entry (ops.cpp's _weight_grad): a [n, G] and b [n, P], both
+// bfloat16 or both float32, any row strides; c = a^T b computed inside a
+// NaN-filled [G + 1, P + 5] buffer of their dtype, so a write past [G, P]
+// shows.
+at::Tensor weight_grad_op(const at::Tensor& a, const at::Tensor& b) {
+  const auto dtype = a.scalar_type();
+  TORCH_CHECK(a.dim() == 2 && (dtype == at::kBFloat16 || dtype == at::kFloat) && a.stride(1) == 1,
+              "_weight_grad: a must be a 2-D bfloat16 or float32 tensor [n, G] with unit column "
+              "stride, got ",
+              a.sizes(), " ", a.scalar_type(), " strides ", a.strides());
+  TORCH_CHECK(
+      b.dim() == 2 && b.scalar_type() == dtype && b.stride(1) == 1 && b.size(0) == a.size(0),
+      "_weight_grad: b must be a ", dtype, " [n, P] with n = a.size(0) = ", a.size(0),
+      " and unit column stride, got ", b.sizes(), " ", b.scalar_type());
+  const int64_t n = a.size(0), G = a.size(1), P = b.size(1);
+  const int64_t lda = std::max<int64_t>(a.stride(0), 1), ldb = std::max<int64_t>(b.stride(0), 1);
+  at::Tensor out = at::full({G + 1, P + 5}, std::numeric_limits<float>::quiet_NaN(), a.options());
+  if (dtype == at::kBFloat16) {
+    TORCH_CHECK(bf16_weight_grad_for(n), "_weight_grad: takes at most ", kGradRows,
+                " bfloat16 rows on a CPU with AVX512-BF16, got ", n);
+    bf16_weight_grad(n, a.const_data_ptr<at::BFloat16>(), lda, G, b.const_data_ptr<at::BFloat16>(),
+                     ldb, P, out.data_ptr<at::BFloat16>(), P + 5);
+  } else {
+    TORCH_CHECK(f32_weight_grad_for(n), "_weight_grad: takes at most ", kF32GradRows,
+                " float32 rows on a CPU with AVX-512 (and VARLEN_RNN_CPU_GEMM not mkl), got ", n);
+    f32_weight_grad(n, a.const_data_ptr<float>(), lda, G, b.const_data_ptr<float>(), ldb, P,
+                    out.data_ptr<float>(), P + 5);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(varlen_rnn, CPU, m) { m.impl("_weight_grad", &weight_grad_op); }
+
+}  // namespace cpu
+}  // namespace varlen_rnn
