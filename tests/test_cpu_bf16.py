@@ -153,7 +153,7 @@ def test_product_on_a_stored_weight_reads_strided_rows(method):
 # (pairs of rows, a zero row past n), rows of c around the 4-row tiles, columns around the
 # 16-column vectors and 64-column tiles.
 GRAD_SHAPES = [(1, 1, 1), (2, 5, 15), (3, 4, 16), (7, 17, 17), (16, 768, 256), (15, 13, 130)]
-GRAD_SHAPES += [(4, 3, 65), (9, 64, 63), (1, 1536, 512)]
+GRAD_SHAPES += [(4, 3, 65), (9, 64, 63), (1, 1536, 512), (0, 5, 7)]
 
 
 @pytest.mark.parametrize("n,G,P", GRAD_SHAPES, ids=[f"n{n}-G{g}-P{p}" for n, g, p in GRAD_SHAPES])
@@ -545,7 +545,11 @@ def test_decoding_step_backward_matches_its_mirror(cell, ones, monkeypatch, unit
     kGradRows (16) positions are our own kernel's (bf16_weight_grad), over more ATen's GEMM;
     either agrees with the mirror as the longer calls do, and =float differs bitwise."""
     monkeypatch.setenv("VARLEN_RNN_CPU_BF16", unit)
-    m, x, lengths, weights, bf16 = train_once(cell, "batch_first", lengths=ones)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        m, x, lengths, weights, bf16 = train_once(cell, "batch_first", lengths=ones)
+    ours = sum(e.count for e in prof.key_averages() if e.key == "varlen_rnn::bf16_weight_grad")
+    # dW_hh per direction (the GRU's in two parts, its n gate's apart), dW_ih for both at once
+    assert ours == ((5 if cell == "gru" else 3) if len(ones) <= 16 else 0)
     mirror = mirror_grads(cell, m, x, lengths, weights, True, monkeypatch)
     assert all(a.dtype == BF16 for a in bf16)
     assert mirror_excess(bf16, mirror) <= 0

@@ -64,14 +64,14 @@ void forward_impl(ForwardArgs& args) {
   const bool proj = args.w_hr.defined();
   const auto opts = args.opts();
   const SortedOrder order(sched);
-  const StepLoops loops = step_loops(dims, sched.max_len, sizeof(scalar_t), args.bf16);
+  const StepLoops loops = step_loops(dims, sched.max_len, sizeof(scalar_t), args.bf16, args.bf16);
   const bool gemm_loop = loops == StepLoops::kGemm;
   // The split loops may compute the projection themselves, a chunk of steps
   // at a time per thread (cpu/chunked_projection.h): then neither xp nor gx.
   const bool chunked = !gemm_loop && chunked_projection();
   // [N, I] (bfloat16 where args.bf16)
   at::Tensor xp = chunked ? at::Tensor() : projection_input(args);
-  const bool few = few_steps(dims.B, sched.max_len);
+  const bool few = few_steps(dims, sched.max_len, args.bf16);
   // A bfloat16 layer's call of few steps (a decoding step) takes its
   // products on the bfloat16 weights as stored (bf16_weight_product), with
   // no packing of them either.
@@ -264,14 +264,15 @@ void backward_impl(BackwardArgs& args) {
   // step loop (gather_hprev), so it does not add to the loop's peak; with one
   // the loop copies h_state's previous value as it goes. The buffers of one
   // direction are held once per direction whose loop runs at the same time.
-  // The float32 rule also for bfloat16 products: the split-always rule is
-  // measured for the forward only.
-  const StepLoops loops = step_loops(dims, args.sched.max_len, sizeof(scalar_t));
+  // The float32 rules also for bfloat16 products, but few_steps's: the
+  // split-always rule is measured for the forward only.
+  const StepLoops loops = step_loops(dims, args.sched.max_len, sizeof(scalar_t), false, args.bf16);
   const bool split = loops != StepLoops::kGemm;
-  const bool few = few_steps(dims.B, sched.max_len);
+  const bool few = few_steps(dims, sched.max_len, args.bf16);
   const int64_t held = loops == StepLoops::kConcurrent ? dims.D : 1;
   // bfloat16 products (cpu/bf16_gemm.h): the per-step dG W_hh on a bfloat16
-  // copy of the step's dG; dW_ih, dW_hh and dx by ATen's bfloat16 GEMM (float32
+  // copy of the step's dG; dW_ih, dW_hh and dx by ATen's bfloat16 GEMM, the
+  // weights' over few positions by ours (cpu/weight_grad.h) (float32
   // accumulation, one rounding of the result, which is bfloat16 anyway) on
   // dgx, dghn and h_prev rounded in place once the biases' sums have read
   // them, so no buffer over positions is added. The projection's products

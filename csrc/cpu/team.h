@@ -77,8 +77,24 @@ inline bool blas_available() {
 // one thread (load ~1-2, min of 7, GRU and LSTM, H=128/256/512, B=1/8/32)
 // its GEMM loop was 1.0-3.2x faster at T=1 and 4, 0.96-1.25x at T=16.
 // steps: the call's longest length (Schedule::max_len).
-inline bool few_steps(int64_t B, int64_t steps) {
-  return steps < std::clamp<int64_t>(128 / (B + 4), 6, 24);
+// With bfloat16 products (bf16: the layer's products take bfloat16 operands)
+// the calls of few steps take theirs on the weights as stored (dot products,
+// or the swapped product; cpu/bf16_gemm.h bf16_weight_product), and they win
+// over more steps, the more the wider the state: measured (the AMD EPYC, 2
+// threads, GRU and LSTM, min of 10 x 10 calls, both forced by a temporary
+// switch; ad hoc at 17bb803) inference at H=256 from B=1 T=24 (1.21-1.51x)
+// to T=48 (0.91-1.02x), B=8 T=10 (0.99-1.22x) to T=16 (0.84-0.88x), B=32
+// T=6 (1.04-1.06x) to T=12 (0.95-1.08x); at H=512 from B=1 T=48 (1.45-2.40x)
+// to T=96 (0.93-1.11x), B=8 T=16 (1.05x) to T=32 (0.87-0.88x), B=32 T=12
+// (1.07-1.14x) to T=24 (0.99-1.05x), B=64 T=8 (1.05-1.07x) to T=16
+// (0.97-0.98x); a training step (forward and backward) within 0.78-1.11x
+// at H=256 and 0.98-1.86x at H=512 over the same calls. So the float32
+// limit times 1.5 at H=256 and 3 at H=512 (not measured past H=512 or
+// below H=256, where the float32 rule stays).
+inline bool few_steps(const LayerDims& dims, int64_t steps, bool bf16) {
+  const int64_t limit = std::clamp<int64_t>(128 / (dims.B + 4), 6, 24);
+  if (bf16 && dims.H >= 256) return steps < limit * 3 * std::min<int64_t>(dims.H, 512) / 512;
+  return steps < limit;
 }
 
 // The one place the step loops (forward and backward) are chosen.
@@ -117,13 +133,15 @@ inline bool few_steps(int64_t B, int64_t steps) {
 // lengths, 11.7 -> 12.0 uniform; GRU 13.5 -> 11.0 and 9.5 -> 8.2 ms),
 // except on few steps, where the GEMM loop's products run as float32 GEMMs
 // on the bfloat16 values, with no packing (cpu/recurrence.h).
-inline bool use_split_loops(const LayerDims& dims, int64_t steps, bool bf16 = false) {
+// bf16: the split loops always (the forward's rule); bf16_products: the
+// products take bfloat16 operands (few_steps).
+inline bool use_split_loops(const LayerDims& dims, int64_t steps, bool bf16, bool bf16_products) {
   if (!blas_available() || at::in_parallel_region()) return false;
   const char* env = std::getenv("VARLEN_RNN_CPU_STEPS");
   if (env != nullptr && std::strcmp(env, "split") == 0) return true;
   if (env != nullptr && std::strcmp(env, "gemm") == 0) return false;
   const int threads = at::get_num_threads();
-  if (few_steps(dims.B, steps)) return false;
+  if (few_steps(dims, steps, bf16_products)) return false;
   return bf16 || threads <= 2 || dims.H >= 256 || dims.B <= 32;
 }
 
@@ -151,7 +169,8 @@ inline bool use_split_loops(const LayerDims& dims, int64_t steps, bool bf16 = fa
 // [N, G*H] (inference, the 2-layer GRU above: 23.0 -> 27.8 MiB; chunked, the
 // default, holds neither); training's peak, set by the workspace, rises by the
 // backward's second [N, H] of the GRU (62.7 -> 64.2 MiB).
-inline bool use_concurrent_directions(const LayerDims& dims, int64_t steps, size_t scalar_bytes) {
+inline bool use_concurrent_directions(const LayerDims& dims, int64_t steps, size_t scalar_bytes,
+                                      bool bf16_products) {
   if (dims.D != 2 || !blas_available() || at::in_parallel_region()) return false;
   const int threads = at::get_num_threads();
   if (threads < 2) return false;
@@ -160,7 +179,7 @@ inline bool use_concurrent_directions(const LayerDims& dims, int64_t steps, size
   const char* env = std::getenv("VARLEN_RNN_CPU_DIRECTIONS");
   if (env != nullptr && std::strcmp(env, "concurrent") == 0) return true;
   if (env != nullptr && std::strcmp(env, "serial") == 0) return false;
-  if (few_steps(dims.B, steps)) return false;
+  if (few_steps(dims, steps, bf16_products)) return false;
   const int64_t weights = dims.G * dims.H * dims.P + (dims.P != dims.H ? dims.P * dims.H : 0);
   const int64_t per_thread = weights * static_cast<int64_t>(scalar_bytes) / (threads / 2);
   return threads % 2 == 0 && per_thread <= 768 * 1024;
@@ -171,13 +190,14 @@ inline bool use_concurrent_directions(const LayerDims& dims, int64_t steps, size
 // the split loops or on the per-step GEMM loop.
 enum class StepLoops { kGemm, kSplit, kConcurrent };
 // steps: the call's longest length; scalar_bytes: the op-math type's size;
-// bf16: the products take bfloat16 operands (their weight panels are 2 bytes
-// per value).
+// bf16: the forward's rules for bfloat16 products (their weight panels are 2
+// bytes per value, the split loops always); bf16_products: the products take
+// bfloat16 operands (few_steps; the backward passes it alone).
 inline StepLoops step_loops(const LayerDims& dims, int64_t steps, size_t scalar_bytes,
-                            bool bf16 = false) {
-  if (use_concurrent_directions(dims, steps, bf16 ? 2 : scalar_bytes))
+                            bool bf16 = false, bool bf16_products = false) {
+  if (use_concurrent_directions(dims, steps, bf16 ? 2 : scalar_bytes, bf16_products))
     return StepLoops::kConcurrent;
-  return use_split_loops(dims, steps, bf16) ? StepLoops::kSplit : StepLoops::kGemm;
+  return use_split_loops(dims, steps, bf16, bf16_products) ? StepLoops::kSplit : StepLoops::kGemm;
 }
 
 // The threads of each direction's half when they run at once.

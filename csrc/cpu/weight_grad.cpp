@@ -180,6 +180,12 @@ void bf16_weight_grad(int64_t n, const at::BFloat16* a, int64_t lda, int64_t G,
 
 void weight_grad(at::Tensor c, const at::Tensor& a, const at::Tensor& b) {
   const int64_t N = a.size(0), G = a.size(1), P = b.size(1);
+  TORCH_INTERNAL_ASSERT(
+      a.dim() == 2 && b.dim() == 2 && b.size(0) == N && c.dim() == 2 && c.size(0) == G &&
+          c.size(1) == P && a.stride(1) == 1 && b.stride(1) == 1 && c.stride(1) == 1 &&
+          a.scalar_type() == c.scalar_type() && b.scalar_type() == c.scalar_type(),
+      "weight_grad: c [G, P] = a [N, G]^T b [N, P], unit column strides, one "
+      "dtype");
   const int64_t lda = std::max<int64_t>(a.stride(0), 1), ldb = std::max<int64_t>(b.stride(0), 1);
   // Named for profiles as the GEMM they replace is (tests count the products).
   if (c.scalar_type() == at::kBFloat16 && bf16_weight_grad_for(N)) {

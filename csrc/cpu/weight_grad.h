@@ -42,8 +42,8 @@ void bf16_weight_grad(int64_t n, const at::BFloat16* a, int64_t lda, int64_t G,
 // and VARLEN_RNN_CPU_GEMM not mkl).
 constexpr int64_t kF32GradRows = 16;
 bool f32_weight_grad_for(int64_t n);
-void f32_weight_grad(int64_t n, const float* a, int64_t lda, int64_t G, const float* b,
-                     int64_t ldb, int64_t P, float* c, int64_t ldc);
+void f32_weight_grad(int64_t n, const float* a, int64_t lda, int64_t G, const float* b, int64_t ldb,
+                     int64_t P, float* c, int64_t ldc);
 
 }  // namespace cpu
 }  // namespace varlen_rnn
