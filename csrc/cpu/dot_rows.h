@@ -137,17 +137,24 @@ void dot_rows(int64_t m, const T* a, int64_t lda, const T* w, int64_t J, int64_t
 // The other form, rows times an operand whose rows are k (a packed strip, or
 // a weight [K, N] as stored): c[i, j] (=|+=) sum_k a[i, k] b[k, j] for R
 // rows and NU vectors of 16 columns, over `steps` steps of kPair values of
-// k. Step q reads b's 16 * NU lanes at b + q * ldb (bfloat16: a strip's
-// pairs [q][kStrip][2]; float32: a weight's row q), masked past `cols`, once
-// for the R rows, each row's kPair values broadcast. The accumulators start
-// from c (load_c) or 0, only c's first `cols` columns are read or written,
-// and each c[i, j] is one chain over k in order.
-template <typename T, int R, int NU>
+// k. Row i's kPair values of step q are at a + i * as.row + q * as.step
+// (as.step = kPair for a row-major a; a weight gradient's a^T reads a's
+// columns: cpu/weight_grad.cpp). Step q reads b's 16 * NU lanes at b + q *
+// ldb (bfloat16: a strip's pairs [q][kStrip][2]; float32: a weight's row q),
+// masked past `cols`, once for the R rows, each row's kPair values
+// broadcast. The accumulators start from c (load_c, float32 c only) or 0,
+// only c's first `cols` columns are read or written, and each c[i, j] is
+// one chain over k in order, stored as float32 or rounded once to bfloat16
+// (Out).
+struct AStrides {
+  int64_t row, step;
+};
+
+template <typename T, typename Out, int R, int NU>
 VR_DOT_TARGET inline __attribute__((always_inline)) void row_tile(int64_t steps, const T* a,
-                                                                  int64_t lda, const T* b,
-                                                                  int64_t ldb, float* c,
-                                                                  int64_t ldc, int64_t cols,
-                                                                  bool load_c) {
+                                                                  AStrides as, const T* b,
+                                                                  int64_t ldb, Out* c, int64_t ldc,
+                                                                  int64_t cols, bool load_c) {
   using D = DotTraits<T>;
   constexpr int64_t kLane = 16 * D::kPair;  // values of T per 16 columns
   __mmask16 mask[NU];
@@ -160,8 +167,12 @@ VR_DOT_TARGET inline __attribute__((always_inline)) void row_tile(int64_t steps,
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
     for (int v = 0; v < NU; ++v) {
-      acc[r][v] =
-          load_c ? _mm512_maskz_loadu_ps(mask[v], c + r * ldc + 16 * v) : _mm512_setzero_ps();
+      if constexpr (std::is_same_v<Out, float>) {
+        acc[r][v] =
+            load_c ? _mm512_maskz_loadu_ps(mask[v], c + r * ldc + 16 * v) : _mm512_setzero_ps();
+      } else {
+        acc[r][v] = _mm512_setzero_ps();
+      }
     }
   }
   for (int64_t q = 0; q < steps; ++q) {
@@ -170,7 +181,7 @@ VR_DOT_TARGET inline __attribute__((always_inline)) void row_tile(int64_t steps,
     for (int v = 0; v < NU; ++v) bv[v] = D::lanes(mask[v], b + q * ldb + kLane * v);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const typename D::Vec av = D::bcast(a + r * lda + D::kPair * q);
+      const typename D::Vec av = D::bcast(a + r * as.row + q * as.step);
 #pragma GCC unroll 4
       for (int v = 0; v < NU; ++v) acc[r][v] = D::madd(acc[r][v], av, bv[v]);
     }
@@ -178,47 +189,64 @@ VR_DOT_TARGET inline __attribute__((always_inline)) void row_tile(int64_t steps,
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
-    for (int v = 0; v < NU; ++v) _mm512_mask_storeu_ps(c + r * ldc + 16 * v, mask[v], acc[r][v]);
+    for (int v = 0; v < NU; ++v) {
+      if constexpr (std::is_same_v<Out, float>) {
+        _mm512_mask_storeu_ps(c + r * ldc + 16 * v, mask[v], acc[r][v]);
+      } else {  // rounded to nearest even (subnormals flushed)
+        const __m256bh h = _mm512_cvtneps_pbh(acc[r][v]);
+        _mm256_mask_storeu_epi16(c + r * ldc + 16 * v, mask[v],
+                                 reinterpret_cast<const __m256i&>(h));
+      }
+    }
   }
 }
 
 // row_tile for R rows and the vectors `cols` (1..64) needs.
-template <typename T, int R>
+template <typename T, typename Out, int R>
 VR_DOT_TARGET inline __attribute__((always_inline)) void row_tile_cols(int64_t steps, const T* a,
-                                                                       int64_t lda, const T* b,
-                                                                       int64_t ldb, float* c,
+                                                                       AStrides as, const T* b,
+                                                                       int64_t ldb, Out* c,
                                                                        int64_t ldc, int64_t cols,
                                                                        bool load_c) {
   const int64_t nu = (cols + 15) / 16;
-  if (nu == 1) return row_tile<T, R, 1>(steps, a, lda, b, ldb, c, ldc, cols, load_c);
-  if (nu == 2) return row_tile<T, R, 2>(steps, a, lda, b, ldb, c, ldc, cols, load_c);
-  if (nu == 3) return row_tile<T, R, 3>(steps, a, lda, b, ldb, c, ldc, cols, load_c);
-  row_tile<T, R, 4>(steps, a, lda, b, ldb, c, ldc, cols, load_c);
+  if (nu == 1) return row_tile<T, Out, R, 1>(steps, a, as, b, ldb, c, ldc, cols, load_c);
+  if (nu == 2) return row_tile<T, Out, R, 2>(steps, a, as, b, ldb, c, ldc, cols, load_c);
+  if (nu == 3) return row_tile<T, Out, R, 3>(steps, a, as, b, ldb, c, ldc, cols, load_c);
+  row_tile<T, Out, R, 4>(steps, a, as, b, ldb, c, ldc, cols, load_c);
 }
 
 // row_tile_cols for `rows` (1..sizeof...(Rm1)) rows: Rm1 + 1 == rows picks.
-template <typename T, int... Rm1>
+template <typename T, typename Out, int... Rm1>
 VR_DOT_TARGET inline __attribute__((always_inline)) void row_tile_of(
-    std::integer_sequence<int, Rm1...>, int64_t rows, int64_t steps, const T* a, int64_t lda,
-    const T* b, int64_t ldb, float* c, int64_t ldc, int64_t cols, bool load_c) {
-  ((rows == Rm1 + 1 ? (row_tile_cols<T, Rm1 + 1>(steps, a, lda, b, ldb, c, ldc, cols, load_c), true)
-                    : false) ||
+    std::integer_sequence<int, Rm1...>, int64_t rows, int64_t steps, const T* a, AStrides as,
+    const T* b, int64_t ldb, Out* c, int64_t ldc, int64_t cols, bool load_c) {
+  ((rows == Rm1 + 1
+        ? (row_tile_cols<T, Out, Rm1 + 1>(steps, a, as, b, ldb, c, ldc, cols, load_c), true)
+        : false) ||
    ...);
 }
 
 // All m rows, in near-equal tiles of at most 6 rows (24 accumulators, 4
 // vectors of b and a broadcast: 29 of the 32 registers), one thread.
-template <typename T>
-VR_DOT_TARGET inline void row_tiles(int64_t m, int64_t steps, const T* a, int64_t lda, const T* b,
-                                    int64_t ldb, float* c, int64_t ldc, int64_t cols, bool load_c) {
+template <typename T, typename Out = float>
+VR_DOT_TARGET inline void row_tiles(int64_t m, int64_t steps, const T* a, AStrides as, const T* b,
+                                    int64_t ldb, Out* c, int64_t ldc, int64_t cols, bool load_c) {
   constexpr int kMr = 6;
   const int64_t tiles = (m + kMr - 1) / kMr;
   for (int64_t t = 0, i0 = 0; t < tiles; ++t) {
     const int64_t rows = m / tiles + (t < m % tiles ? 1 : 0);
-    row_tile_of<T>(std::make_integer_sequence<int, kMr>{}, rows, steps, a + i0 * lda, lda, b, ldb,
-                   c + i0 * ldc, ldc, cols, load_c);
+    row_tile_of<T, Out>(std::make_integer_sequence<int, kMr>{}, rows, steps, a + i0 * as.row, as, b,
+                        ldb, c + i0 * ldc, ldc, cols, load_c);
     i0 += rows;
   }
+}
+
+// The same for a row-major a (row i's values of k at a + i * lda).
+template <typename T>
+VR_DOT_TARGET inline void row_tiles(int64_t m, int64_t steps, const T* a, int64_t lda, const T* b,
+                                    int64_t ldb, float* c, int64_t ldc, int64_t cols, bool load_c) {
+  row_tiles<T, float>(m, steps, a, AStrides{lda, DotTraits<T>::kPair}, b, ldb, c, ldc, cols,
+                      load_c);
 }
 #endif
 

@@ -2,6 +2,7 @@
 // written for bfloat16 and float32, and the choice.
 #include "cpu/weight_grad.h"
 
+#include "cpu/dot_rows.h"
 #include "cpu/small_gemm.h"
 
 #include <ATen/Parallel.h>
@@ -23,112 +24,33 @@ namespace cpu {
 namespace {
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#define VR_GRAD_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-
-// What differs between the two kernels, bfloat16 and float32: the element
-// of a and b the tiles read (a pair of bfloat16 values of two positions as
-// one 32-bit word, or a float), its load (16 columns, masked) and broadcast,
-// the multiply-add into float32 lanes, and the store of 16 results.
-struct PairsBf16 {
-  using In = uint32_t;
-  using Out = at::BFloat16;
-  using Vec = __m512bh;
-  VR_GRAD_TARGET static Vec load(__mmask16 m, const In* p) {
-    return reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi32(m, p));
-  }
-  VR_GRAD_TARGET static Vec bcast(const In* p) {
-    return reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int32_t>(*p)));
-  }
-  VR_GRAD_TARGET static __m512 madd(__m512 acc, Vec a, Vec b) {
-    return _mm512_dpbf16_ps(acc, a, b);
-  }
-  VR_GRAD_TARGET static void store(Out* c, __mmask16 m, __m512 acc) {
-    const __m256bh h = _mm512_cvtneps_pbh(acc);
-    _mm256_mask_storeu_epi16(c, m, reinterpret_cast<const __m256i&>(h));
-  }
-};
-
-struct Floats {
-  using In = float;
-  using Out = float;
-  using Vec = __m512;
-  VR_GRAD_TARGET static Vec load(__mmask16 m, const In* p) { return _mm512_maskz_loadu_ps(m, p); }
-  VR_GRAD_TARGET static Vec bcast(const In* p) { return _mm512_set1_ps(*p); }
-  VR_GRAD_TARGET static __m512 madd(__m512 acc, Vec a, Vec b) { return _mm512_fmadd_ps(a, b, acc); }
-  VR_GRAD_TARGET static void store(Out* c, __mmask16 m, __m512 acc) {
-    _mm512_mask_storeu_ps(c, m, acc);
-  }
-};
-
-// A tile of c: rows g..g+R, columns j0..j0+cols (cols <= 16 kVecs):
-// c[g + i, j] = sum_q a[q, g + i] b[q, j] over the steps q < steps, one
-// float32 sum per element in q's order. Floats: q is a position, one fused
-// multiply-add each, stored as float32. PairsBf16: q is a pair of positions,
+// c's rows g0..g1 on one thread: c[g, j] = sum_q a[q, g] b[q, j] over the
+// steps q, one float32 sum per element in q's order, by the row tiles the
+// steps' products use (cpu/dot_rows.h row_tiles), reading a's columns (a
+// row of c is a column of a). float32: q is a position, one fused
+// multiply-add each, stored as float32. bfloat16: q is a pair of positions,
 // a and b with their pairs of rows interleaved (pair q, column g of a: the
-// 32-bit word (a[2q, g], a[2q + 1, g]), a zero row past n), vdpbf16ps's
-// exact products of pairs (the unit's own order within a pair, subnormals
-// flushed), rounded once to nearest even by vcvtneps2bf16. Each step's row
-// of b (in L1) is loaded once for the R rows of the tile; a's R elements of
-// the step are broadcast.
-constexpr int kVecs = 4;
-template <typename Tr, int R>
-VR_GRAD_TARGET inline __attribute__((always_inline)) void grad_tile(
-    int64_t steps, const typename Tr::In* a, int64_t lda, const typename Tr::In* b, int64_t ldb,
-    int64_t cols, typename Tr::Out* c, int64_t ldc) {
-  __mmask16 mask[kVecs];
-#pragma GCC unroll 4
-  for (int v = 0; v < kVecs; ++v) {
-    mask[v] = static_cast<__mmask16>((1u << std::clamp<int64_t>(cols - 16 * v, 0, 16)) - 1);
-  }
-  __m512 acc[R][kVecs];
-#pragma GCC unroll 4
-  for (int i = 0; i < R; ++i) {
-#pragma GCC unroll 4
-    for (int v = 0; v < kVecs; ++v) acc[i][v] = _mm512_setzero_ps();
-  }
-  for (int64_t q = 0; q < steps; ++q) {
-    typename Tr::Vec bv[kVecs];
-#pragma GCC unroll 4
-    for (int v = 0; v < kVecs; ++v) bv[v] = Tr::load(mask[v], b + q * ldb + 16 * v);
-#pragma GCC unroll 4
-    for (int i = 0; i < R; ++i) {
-      const typename Tr::Vec av = Tr::bcast(a + q * lda + i);
-#pragma GCC unroll 4
-      for (int v = 0; v < kVecs; ++v) acc[i][v] = Tr::madd(acc[i][v], av, bv[v]);
-    }
-  }
-#pragma GCC unroll 4
-  for (int i = 0; i < R; ++i) {
-#pragma GCC unroll 4
-    for (int v = 0; v < kVecs; ++v) Tr::store(c + i * ldc + 16 * v, mask[v], acc[i][v]);
-  }
-}
-
-// Rows g0..g1 of c, in tiles of 4 rows (16 sums, 4 vectors of b and a
-// broadcast: 21 of the 32 registers) by 64 columns.
-template <typename Tr>
-VR_GRAD_TARGET void grad_rows(int64_t g0, int64_t g1, int64_t steps, const typename Tr::In* a,
-                              int64_t lda, const typename Tr::In* b, int64_t ldb, int64_t P,
-                              typename Tr::Out* c, int64_t ldc) {
-  constexpr int64_t kCols = 16 * kVecs;
+// values (a[2q, g], a[2q + 1, g]) side by side, a zero row past n),
+// vdpbf16ps's exact products of pairs (the unit's own order within a pair,
+// subnormals flushed), rounded once to nearest even. In blocks of 64
+// columns (row_tiles' widest tile).
+template <typename T>
+void grad_rows(int64_t g0, int64_t g1, int64_t steps, const T* a, AStrides as, const T* b,
+               int64_t ldb, int64_t P, T* c, int64_t ldc) {
+  constexpr int64_t kCols = 64, kPair = DotTraits<T>::kPair;
   for (int64_t j0 = 0; j0 < P; j0 += kCols) {
-    const int64_t cols = std::min(kCols, P - j0);
-    int64_t g = g0;
-    for (; g + 4 <= g1; g += 4) {
-      grad_tile<Tr, 4>(steps, a + g, lda, b + j0, ldb, cols, c + g * ldc + j0, ldc);
-    }
-    for (; g < g1; ++g)
-      grad_tile<Tr, 1>(steps, a + g, lda, b + j0, ldb, cols, c + g * ldc + j0, ldc);
+    row_tiles<T, T>(g1 - g0, steps, a + g0 * as.row, as, b + j0 * kPair, ldb, c + g0 * ldc + j0,
+                    ldc, std::min(kCols, P - j0), false);
   }
 }
 
 // The product on all threads: tasks of rows of c, about 64 KiB of results.
-template <typename Tr>
-void grad_all(int64_t steps, const typename Tr::In* a, int64_t lda, int64_t G,
-              const typename Tr::In* b, int64_t ldb, int64_t P, typename Tr::Out* c, int64_t ldc) {
-  const int64_t grain = std::max<int64_t>(1, 65536 / sizeof(typename Tr::Out) / P);
+template <typename T>
+void grad_all(int64_t steps, const T* a, AStrides as, int64_t G, const T* b, int64_t ldb, int64_t P,
+              T* c, int64_t ldc) {
+  const int64_t grain = std::max<int64_t>(1, 65536 / static_cast<int64_t>(sizeof(T)) / P);
   at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
-    grad_rows<Tr>(g0, g1, steps, a, lda, b, ldb, P, c, ldc);
+    grad_rows<T>(g0, g1, steps, a, as, b, ldb, P, c, ldc);
   });
 }
 
@@ -172,7 +94,9 @@ void bf16_weight_grad(int64_t n, const at::BFloat16* a, int64_t lda, int64_t G,
   uint32_t* b2 = a2 + pairs * G;
   interleave_rows(n, a, lda, G, a2);
   interleave_rows(n, b, ldb, P, b2);
-  grad_all<PairsBf16>(pairs, a2, G, G, b2, P, P, c, ldc);
+  const auto* a16 = reinterpret_cast<const at::BFloat16*>(a2);  // [pairs, G, 2]
+  const auto* b16 = reinterpret_cast<const at::BFloat16*>(b2);  // [pairs, P, 2]
+  grad_all<at::BFloat16>(pairs, a16, AStrides{2, 2 * G}, G, b16, 2 * P, P, c, ldc);
 #else
   (void)a, (void)lda, (void)b, (void)ldb, (void)c, (void)ldc;
 #endif
@@ -210,7 +134,7 @@ void f32_weight_grad(int64_t n, const float* a, int64_t lda, int64_t G, const fl
   TORCH_INTERNAL_ASSERT(f32_weight_grad_for(n), "f32_weight_grad: n = ", n, " rows, or no AVX-512");
   if (G <= 0 || P <= 0) return;
 #if defined(__x86_64__) && defined(__GNUC__)
-  grad_all<Floats>(n, a, lda, G, b, ldb, P, c, ldc);
+  grad_all<float>(n, a, AStrides{1, lda}, G, b, ldb, P, c, ldc);
 #else
   (void)a, (void)lda, (void)b, (void)ldb, (void)c, (void)ldc;
 #endif
