@@ -8,8 +8,9 @@ import pytest
 import torch
 from testing import (
     HAS_CUDA,
+    assert_as_accurate_as_nn,
     assert_autocast_grads_close,
-    float64_grads,
+    float64_run,
     make_cell_pair,
     packed_baseline,
     tensors_of,
@@ -24,7 +25,6 @@ CASES = [
     pytest.param("cuda", F16, True, id="cuda-f16-cudnn", marks=_cuda),
     pytest.param("cuda", BF16, False, id="cuda-bf16-native", marks=_cuda),
 ]
-TOL = {BF16: 3e-2, F16: 5e-3}  # max abs difference from nn under the same autocast
 
 
 def _state(ref, dtype, device):
@@ -54,13 +54,12 @@ def test_dtypes_and_values_follow_nn(device, amp_dtype, cudnn, kind, x_kind, hx_
         expected = tensors_of(packed_baseline(ref, x_r, LENGTHS, hx))
         got = tensors_of(ours(x_o, hx, lengths=LENGTHS))
     assert [t.dtype for t in got] == [t.dtype for t in expected]
-    for a, e in zip(got, expected):
-        assert (a.float() - e.float()).abs().max() < TOL[amp_dtype]
-    # Backward outside the region, as the GRU's test.
     w = [torch.randn(t.shape, generator=torch.Generator().manual_seed(3)).to(device) for t in got]
-    truth = float64_grads(
+    outs64, truth = float64_run(
         ref, x, hx, LENGTHS, lambda ts: sum((t * v.double()).sum() for t, v in zip(ts, w))
     )
+    assert_as_accurate_as_nn(["output", "h_n", "c_n"][: len(got)], got, expected, outs64)
+    # Backward outside the region, as the GRU's test.
     sum((e.float() * v).sum() for e, v in zip(expected, w)).backward()
     sum((a.float() * v).sum() for a, v in zip(got, w)).backward()
     assert x_o.grad.dtype == x.dtype

@@ -206,10 +206,10 @@ class OpArguments(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def float64_grads(ref, x, hx, lengths, loss_of):
-    """The truth an autocast run's gradients are held to: nn + packing in float64 on ref's
-    weights, x and hx (no autocast), for the loss loss_of(outputs as tensors_of lists them).
-    Returns [grad of x, *parameter grads]."""
+def float64_run(ref, x, hx, lengths, loss_of):
+    """The truth an autocast run is held to: nn + packing in float64 on ref's weights, x and hx
+    (no autocast), and the gradients of the loss loss_of(outputs). Returns (the outputs as
+    tensors_of lists them, [grad of x, *parameter grads])."""
     ref64 = copy.deepcopy(ref).double()
     x64 = x.detach().double().requires_grad_()
     if hx is None:
@@ -218,29 +218,35 @@ def float64_grads(ref, x, hx, lengths, loss_of):
         hx64 = tuple(t.detach().double() for t in hx)
     else:
         hx64 = hx.detach().double()
-    loss_of(tensors_of(packed_baseline(ref64, x64, lengths, hx64))).backward()
-    return [x64.grad] + [p.grad for p in ref64.parameters()]
+    outputs = tensors_of(packed_baseline(ref64, x64, lengths, hx64))
+    loss_of(outputs).backward()
+    return [t.detach() for t in outputs], [x64.grad] + [p.grad for p in ref64.parameters()]
+
+
+def assert_as_accurate_as_nn(names, ours, theirs, truth):
+    """Each of ours is as close to the float64 run's (truth) as nn's are: its largest difference,
+    relative to that tensor's largest magnitude, within twice the worst such relative difference
+    of nn's tensors (what the autocast dtype's roundings cost nn here)."""
+
+    def rel(t, want):
+        return ((t.double() - want).abs().max() / (want.abs().max() + 1e-12)).item()
+
+    nn_worst = max(rel(q, t) for q, t in zip(theirs, truth, strict=True))
+    for name, p, t in zip(names, ours, truth, strict=True):
+        assert rel(p, t) <= 2 * nn_worst, (
+            f"{name}: {rel(p, t):.3g} of its scale from float64, nn's worst {nn_worst:.3g}"
+        )
 
 
 def assert_autocast_grads_close(ours, ref, x_o, x_r, truth):
     """After the same backward through ours and nn (autocast outputs, the backward outside the
     region, as the autocast docs recommend): the gradients have the leaves' dtypes (float32
-    parameters, the input's dtype), and each of ours is as close to the float64 run's (truth,
-    float64_grads) as nn's are: its largest difference, relative to that gradient's largest
-    magnitude, within twice the worst such relative difference of nn's gradients (what the
-    autocast dtype's roundings cost nn here)."""
+    parameters, the input's dtype), and are as accurate as nn's against the float64 run's (truth:
+    float64_run's; assert_as_accurate_as_nn)."""
     assert x_o.grad.dtype == x_r.grad.dtype
-    names = ["input"] + [name for name, _ in ours.named_parameters()]
+    names = ["grad of input"] + [f"grad of {name}" for name, _ in ours.named_parameters()]
     got = [x_o.grad] + [p.grad for p in ours.parameters()]
     theirs = [x_r.grad] + [q.grad for q in ref.parameters()]
     for name, p, q in zip(names[1:], got[1:], theirs[1:], strict=True):
         assert p.dtype == q.dtype == torch.float32, name
-
-    def rel(g, t):
-        return ((g.double() - t).abs().max() / (t.abs().max() + 1e-12)).item()
-
-    nn_worst = max(rel(q, t) for q, t in zip(theirs, truth, strict=True))
-    for name, p, t in zip(names, got, truth, strict=True):
-        assert rel(p, t) <= 2 * nn_worst, (
-            f"grad of {name}: {rel(p, t):.3g} of its scale from float64, nn's worst {nn_worst:.3g}"
-        )
+    assert_as_accurate_as_nn(names, got, theirs, truth)
