@@ -84,7 +84,8 @@ inline bool blas_available() {
 // threads, GRU and LSTM, min of 10 x 10 calls, both forced by a temporary
 // switch; ad hoc at 17bb803) inference at H=256 from B=1 T=24 (1.21-1.51x)
 // to T=48 (0.91-1.02x), B=8 T=10 (0.99-1.22x) to T=16 (0.84-0.88x), B=32
-// T=6 (1.04-1.06x) to T=12 (0.95-1.08x); at H=512 from B=1 T=48 (1.45-2.40x)
+// T=6 (1.04-1.06x) to T=12 (0.95-1.08x), B=64 T=4 (1.04-1.11x) to T=8
+// (0.86-0.99x, where the limit, 9, keeps few); at H=512 from B=1 T=48 (1.45-2.40x)
 // to T=96 (0.93-1.11x), B=8 T=16 (1.05x) to T=32 (0.87-0.88x), B=32 T=12
 // (1.07-1.14x) to T=24 (0.99-1.05x), B=64 T=8 (1.05-1.07x) to T=16
 // (0.97-0.98x); a training step (forward and backward) within 0.78-1.11x
