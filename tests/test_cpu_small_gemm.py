@@ -258,6 +258,10 @@ def test_weight_grad_matches_an_exact_one(n, G, P):
     exact = a.double().t() @ b.double()
     assert ((full[:G, :P].double() - exact).abs() <= bound(a.t(), b, n)).all()
     assert full[G:].isnan().all() and full[:, P:].isnan().all()
+
+
+@DOTS
+def test_weight_grad_refuses_more_rows():
     with pytest.raises(RuntimeError, match="takes at most 16 float32 rows"):
         ops._weight_grad(torch.ones(17, 4), torch.ones(17, 4))
 

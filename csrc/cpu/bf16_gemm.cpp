@@ -75,17 +75,17 @@ namespace {
 // (every value of the pair's kStrip x 2 written).
 VR_DOT_TARGET void interleave_pair(const at::BFloat16* r0, const at::BFloat16* r1, int64_t nj,
                                    at::BFloat16* out) {
-  // Lane 2i takes r0[i] (word i), lane 2i + 1 r1[i] (word 16 + i).
-  alignas(64) static const uint16_t kOrder[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,
-                                                  21, 6,  22, 7,  23, 8,  24, 9,  25, 10, 26,
-                                                  11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  // Lane 2i takes r0[i] (word i of the first operand), lane 2i + 1 r1[i]
+  // (word i of the second: index 32 + i); the upper halves are never read.
+  alignas(64) static const uint16_t kOrder[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
+                                                  37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
+                                                  11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
   const __m512i order = _mm512_load_si512(kOrder);
   for (int64_t jj = 0; jj < PackedB16::kStrip; jj += 16) {
     const auto m = static_cast<__mmask16>((1u << std::clamp<int64_t>(nj - jj, 0, 16)) - 1);
-    const __m256i a = _mm256_maskz_loadu_epi16(m, r0 + jj),
-                  b = _mm256_maskz_loadu_epi16(m, r1 + jj);
-    const __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
-    _mm512_storeu_si512(out + 2 * jj, _mm512_permutexvar_epi16(order, ab));
+    const __m512i a = _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(m, r0 + jj));
+    const __m512i b = _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(m, r1 + jj));
+    _mm512_storeu_si512(out + 2 * jj, _mm512_permutex2var_epi16(a, order, b));
   }
 }
 
@@ -122,11 +122,11 @@ PackedB16 pack_b16_from(int64_t K, int64_t N, const src_t* b, int64_t stride_k, 
   const auto opts = at::TensorOptions().dtype(at::kBFloat16);
 #if defined(__x86_64__) && defined(__GNUC__)
   if constexpr (std::is_same_v<src_t, at::BFloat16>) {
-    // Rows of b (the backward's W_hh as stored): pairs of rows interleaved by
-    // vector permutes, on all threads (a decoding step's backward packs its
-    // W_hh at every call).
-    // A weight's transpose (the forward's panels): each column's pairs
-    // gathered, 16 columns at a time (indices in int32: S ld < 2^31).
+    // On all threads (a decoding step's backward packs its W_hh at every
+    // call): rows of b (the backward's W_hh as stored) interleaved in pairs
+    // by vector permutes; a weight's transpose (the forward's panels) by
+    // gathers of each column's pairs, 16 columns at a time (indices in
+    // int32: S ld < 2^31).
     const bool rows = stride_n == 1,
                transposed = stride_k == 1 && S * stride_n < (int64_t{1} << 31);
     if (p.unit == Bf16Unit::kAvx512 && (rows || transposed)) {

@@ -9,13 +9,8 @@
 #include <ATen/record_function.h>
 #include <torch/library.h>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#endif
-
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 
 namespace varlen_rnn {
@@ -157,19 +152,15 @@ at::Tensor weight_grad_op(const at::Tensor& a, const at::Tensor& b) {
       "_weight_grad: b must be a ", dtype, " [n, P] with n = a.size(0) = ", a.size(0),
       " and unit column stride, got ", b.sizes(), " ", b.scalar_type());
   const int64_t n = a.size(0), G = a.size(1), P = b.size(1);
-  const int64_t lda = std::max<int64_t>(a.stride(0), 1), ldb = std::max<int64_t>(b.stride(0), 1);
-  at::Tensor out = at::full({G + 1, P + 5}, std::numeric_limits<float>::quiet_NaN(), a.options());
   if (dtype == at::kBFloat16) {
     TORCH_CHECK(bf16_weight_grad_for(n), "_weight_grad: takes at most ", kGradRows,
                 " bfloat16 rows on a CPU with AVX512-BF16, got ", n);
-    bf16_weight_grad(n, a.const_data_ptr<at::BFloat16>(), lda, G, b.const_data_ptr<at::BFloat16>(),
-                     ldb, P, out.data_ptr<at::BFloat16>(), P + 5);
   } else {
     TORCH_CHECK(f32_weight_grad_for(n), "_weight_grad: takes at most ", kF32GradRows,
                 " float32 rows on a CPU with AVX-512 (and VARLEN_RNN_CPU_GEMM not mkl), got ", n);
-    f32_weight_grad(n, a.const_data_ptr<float>(), lda, G, b.const_data_ptr<float>(), ldb, P,
-                    out.data_ptr<float>(), P + 5);
   }
+  at::Tensor out = at::full({G + 1, P + 5}, std::numeric_limits<float>::quiet_NaN(), a.options());
+  weight_grad(out.narrow(0, 0, G).narrow(1, 0, P), a, b);  // our kernel: checked above
   return out;
 }
 
