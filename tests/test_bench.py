@@ -215,6 +215,18 @@ def test_double_backward_bench_smoke(tmp_path):
     assert text.count("| GRU B=3") == 1 and text.count("| LSTM B=3") == 1
 
 
+def test_huge_pages_bench_smoke(tmp_path):
+    """benchmarks/bench_huge_pages.py on tiny shapes: worker processes with the advice off and
+    on, both modes of both cases in the table, which names the kernel's THP settings."""
+    import bench_huge_pages
+
+    argv = ["--quick", "--rounds", "1", "--min-run-time", "0.01", "--out", str(tmp_path)]
+    text = open(bench_huge_pages.main(argv)).read()
+    assert "Kernel THP settings: enabled" in text
+    for case in ("GRU B=3 T=4 I=2 H=5, uniform lengths", "LSTM B=3 T=4 I=2 H=5, full lengths"):
+        assert text.count(f"| {case} | train |") == 1 and text.count(f"| {case} | infer |") == 1
+
+
 def test_bench_modules_leave_the_import_path_to_the_installed_package():
     """Importing the benchmark scripts (as these tests do) must not put a checkout that was
     never built in place ahead of the installed varlen_rnn: processes spawned later from this
@@ -224,6 +236,7 @@ def test_bench_modules_leave_the_import_path_to_the_installed_package():
     import bench_decoder_loop  # noqa: F401
     import bench_double_backward  # noqa: F401
     import bench_grad_mask  # noqa: F401
+    import bench_huge_pages  # noqa: F401
 
     import varlen_rnn
 

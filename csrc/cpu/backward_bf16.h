@@ -79,7 +79,8 @@ inline void input_grads_bf16(BackwardArgs& args, at::Tensor& dgx, int64_t G) {
     weight_grad(args.grad_w_ih.view({DG, I}), dg16, xp);
   }
   if (!args.want_input) return;
-  at::Tensor dxp = at::mm(dg16, args.w_ih.reshape({DG, I}));  // [N, I]
+  at::Tensor dxp = empty_large({N, I}, dg16.options());  // [N, I] bfloat16
+  at::mm_out(dxp, dg16, args.w_ih.reshape({DG, I}));
   dgx.reset();
   set_grad_input(args, std::move(dxp));
 }

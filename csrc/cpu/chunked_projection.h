@@ -81,7 +81,7 @@ at::Tensor whole_projection(const ForwardArgs& args, const at::Tensor& xp, int64
     if (args.bf16) {
       const at::BFloat16* w = args.w_ih[d].const_data_ptr<at::BFloat16>();  // [G*H, I]
       const int64_t I = args.dims.I, N = xp.size(0);
-      at::Tensor gx = at::empty({N, G}, args.opts());
+      at::Tensor gx = empty_large({N, G}, args.opts());
       // A call of few steps (cpu/team.h few_steps): on W_ih as stored, no
       // packing of it.
       if (few) {
@@ -104,7 +104,8 @@ at::Tensor whole_projection(const ForwardArgs& args, const at::Tensor& xp, int64
       return gx;
     }
   }
-  return at::mm(xp, args.w_ih[d].t());  // [N, I] [I, G*H]
+  at::Tensor gx = empty_large({xp.size(0), G}, args.opts());
+  return at::mm_out(gx, xp, args.w_ih[d].t());  // [N, I] [I, G*H]
 }
 
 // Steps per chunk: the chunk's gx buffer of one thread (B rows a step, cols

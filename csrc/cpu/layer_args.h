@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "cpu/bf16_gemm.h"
+#include "cpu/large_tensors.h"
 #include "cpu/schedule.h"
 #include "layer.h"
 #include "layout.h"
@@ -92,7 +93,7 @@ struct BackwardArgs : ForwardArgs {
 inline at::Tensor opmath_contiguous(const at::Tensor& t) {
   const at::ScalarType opmath = opmath_dtype(t.scalar_type());
   if (t.scalar_type() == opmath && t.is_contiguous()) return t;
-  return t.to(opmath).contiguous();
+  return contiguous_large(t, opmath);
 }
 
 // A None for the optional tensors an op does not take.
@@ -175,7 +176,9 @@ inline RaggedDims set_ragged_args(ForwardArgs& args, const CellArgs& cell, const
 
 // [N, I]: the input rows the projection GEMMs run on, in gx_rows' order.
 inline at::Tensor projection_input(const ForwardArgs& args) {
-  return args.gather.defined() ? args.input2d.index_select(0, args.gather) : args.input2d;
+  if (!args.gather.defined()) return args.input2d;
+  at::Tensor xp = empty_large({args.gather.size(0), args.dims.I}, args.input2d.options());
+  return at::index_select_out(xp, args.input2d, 0, args.gather);
 }
 
 // grad_input from dxp [N, I], the gradient of projection_input's rows:
@@ -187,7 +190,7 @@ inline void set_grad_input(BackwardArgs& args, at::Tensor dxp) {
     args.grad_input2d = std::move(dxp);
     return;
   }
-  args.grad_input2d = at::empty({args.input2d.size(0), args.dims.I}, dxp.options());
+  args.grad_input2d = empty_large({args.input2d.size(0), args.dims.I}, dxp.options());
   if (args.sched.N() < args.input2d.size(0)) {  // zeros at the padding
     args.grad_input2d.index_fill_(0, padding_rows(args.sched, args.out_rows, args.dims.T), 0);
   }

@@ -38,12 +38,13 @@ ForwardResult run_forward(ForwardArgs& args, at::ScalarType dtype, bool need_wor
   const auto opts = args.opts();
   args.h_n = at::empty({dims.D, dims.B, dims.P}, opts);
   if (Cell::kHasC) args.c_n = at::empty({dims.D, dims.B, dims.H}, opts);
-  args.workspace = need_workspace ? at::empty({dims.D, args.sched.N(), Cell::kSaved * dims.H}, opts)
-                                  : at::empty({0}, opts);
+  args.workspace = need_workspace
+                       ? empty_large({dims.D, args.sched.N(), Cell::kSaved * dims.H}, opts)
+                       : at::empty({0}, opts);
   AT_DISPATCH_FLOATING_TYPES(args.hx.scalar_type(), "varlen_rnn_layer_forward_cpu",
                              [&] { forward_impl<Cell, scalar_t>(args); });
   auto result = [dtype](const at::Tensor& t) {  // a dispatcher call only to round
-    return t.scalar_type() == dtype ? t : t.to(dtype);
+    return t.scalar_type() == dtype ? t : contiguous_large(t, dtype);
   };
   return {result(args.output), result(args.h_n), Cell::kHasC ? result(args.c_n) : at::Tensor(),
           args.workspace};
@@ -80,7 +81,7 @@ BackwardResult run_backward(BackwardArgs& args, const at::Tensor& input,
   const auto dtype = input.scalar_type();
   // What was not computed (masked, or grad_w_hr without a projection) is [0].
   auto result = [&](const at::Tensor& t) {
-    return t.defined() ? t.to(dtype) : at::empty({0}, input.options());
+    return t.defined() ? contiguous_large(t, dtype) : at::empty({0}, input.options());
   };
   const at::Tensor& g_in = args.grad_input2d;
   return {result(g_in.defined() ? g_in.view(input.sizes()) : g_in),
@@ -102,7 +103,7 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& lengths,
   ForwardArgs args;
   set_layer_args(args, CellArgs::of<Cell>(w.cx, w.w_hr), input, lengths, w, batch_first);
   const LayerDims& dims = args.dims;
-  args.output = at::empty(dims.output_sizes(), args.output_opts());
+  args.output = empty_large(dims.output_sizes(), args.output_opts());
   if (args.sched.N() < dims.T * dims.B) {  // zeros at the padding
     args.output.view({-1, dims.D * dims.P})
         .index_fill_(0, padding_rows(args.sched, args.out_rows, dims.T), 0);
@@ -135,7 +136,7 @@ ForwardResult ragged_forward(const at::Tensor& input, const at::Tensor& seq_inde
   ForwardArgs args;
   const RaggedDims dims = set_ragged_args(args, CellArgs::of<Cell>(w.cx, w.w_hr), input, seq_index,
                                           sorted_indices, layout, max_len, w);
-  args.output = at::empty(dims.output_sizes(), args.output_opts());
+  args.output = empty_large(dims.output_sizes(), args.output_opts());
   return run_forward<Cell>(args, input.scalar_type(), need_workspace);
 }
 

@@ -278,11 +278,11 @@ void backward_impl(BackwardArgs& args) {
   // them, so no buffer over positions is added. The projection's products
   // (dh' and dW_hr) stay float32, as the forward's h' W_hr^T does.
   const bool bf16 = std::is_same_v<scalar_t, float> && args.bf16;
-  at::Tensor dgx = at::empty({N, DG}, opts);                                 // [N, D*G*H]
-  at::Tensor dghn = kDiffer ? at::empty({held, N, H}, opts) : at::Tensor();  // [held, N, H]
-  at::Tensor hprev = proj ? at::empty({held, N, P}, opts) : at::Tensor();    // [held, N, P]
-  at::Tensor dhs = proj ? at::empty({held, N, P}, opts) : at::Tensor();   // [held, N, P] dh_state
-  at::Tensor hout = proj ? at::empty({held, N, H}, opts) : at::Tensor();  // [held, N, H] h'
+  at::Tensor dgx = empty_large({N, DG}, opts);                                 // [N, D*G*H]
+  at::Tensor dghn = kDiffer ? empty_large({held, N, H}, opts) : at::Tensor();  // [held, N, H]
+  at::Tensor hprev = proj ? empty_large({held, N, P}, opts) : at::Tensor();    // [held, N, P]
+  at::Tensor dhs = proj ? empty_large({held, N, P}, opts) : at::Tensor();   // [held, N, P] dh_state
+  at::Tensor hout = proj ? empty_large({held, N, H}, opts) : at::Tensor();  // [held, N, H] h'
   // The per-step loop's step buffers (the split loop has its own).
   const bool need_dgh = !split && (bf16 ? kDiffer : !(dgx_in_place && dims.D == 1));
   at::Tensor dgh = need_dgh ? at::empty({dims.B, G}, opts) : at::Tensor();  // [B, G*H] one step
@@ -312,7 +312,7 @@ void backward_impl(BackwardArgs& args) {
     }
     if (bf16) {  // cpu/backward_bf16.h; h_prev is bfloat16 values: no rounding
       const at::Tensor hp16 = proj ? round_rows_bf16(hprev[k].data_ptr<scalar_t>(), N, P, P)
-                                   : at::empty({N, P}, opts16);  // [N, P]
+                                   : empty_large({N, P}, opts16);  // [N, P]
       if (!proj) gather_hprev<scalar_t>(args, d, hp16.data_ptr<at::BFloat16>());
       hidden_weight_grads_bf16<Cell>(args, d, dgx, kDiffer ? dghn[k] : at::Tensor(), hp16);
       if (proj) {
@@ -322,7 +322,7 @@ void backward_impl(BackwardArgs& args) {
       return;
     }
     // [N, P]; without a projection gathered now (the loop ran without it)
-    const at::Tensor hp = proj ? hprev[k] : at::empty({N, P}, opts);
+    const at::Tensor hp = proj ? hprev[k] : empty_large({N, P}, opts);
     if (!proj) gather_hprev<scalar_t>(args, d, hp.data_ptr<scalar_t>());
     const int64_t G_same = kDiffer ? G - H : G;
     const at::Tensor dgx_same = dgx.narrow(1, d * G, G_same);  // [N, G_same]
@@ -465,12 +465,15 @@ void backward_impl(BackwardArgs& args) {
     // Over few positions on W_ih as stored, as the steps' dh (f32_rows_times).
     if (f32_dots_for(N)) {
       RECORD_FUNCTION("varlen_rnn::f32_rows_times", std::vector<c10::IValue>());  // for profiles
-      dxp = at::empty({N, dims.I}, opts);
+      dxp = empty_large({N, dims.I}, opts);
       f32_rows_times(N, dgx.const_data_ptr<float>(), DG, w_ih.const_data_ptr<float>(), DG, dims.I,
                      dxp.data_ptr<float>(), dims.I, false);
     }
   }
-  if (!dxp.defined()) dxp = at::mm(dgx, w_ih);
+  if (!dxp.defined()) {
+    dxp = empty_large({N, dims.I}, opts);
+    at::mm_out(dxp, dgx, w_ih);
+  }
   dgx.reset();
   set_grad_input(args, std::move(dxp));
 }
