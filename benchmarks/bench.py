@@ -6,6 +6,8 @@
     python benchmarks/bench.py --preset cpu-full              # the same at full length: bfloat16
                                                               # and float32 vs nn.X without lengths
     python benchmarks/bench.py --preset cpu-small             # small calls: one decoding step, T=16
+    python benchmarks/bench.py --preset cpu-shapes            # H 32-1024, B 1-512, T 20-1000, full
+                                                              # lengths, float32, GRU/LSTM vs nn
     python benchmarks/bench.py --preset gpu --device cuda     # the CUDA grid (training fp32/bf16, inference)
     python benchmarks/bench.py --preset full [--device cuda]  # the whole grid
     python benchmarks/bench.py --preset ragged                # issue 10: nested/PackedSequence input, memory
@@ -54,7 +56,23 @@ EFFORT = {
     "ragged": dict(rounds=3, min_run_time=0.3, warmup=1),
     "cpu-full": dict(rounds=3, min_run_time=0.3, warmup=2),
     "cpu-small": dict(rounds=5, min_run_time=0.2, warmup=2),
+    "cpu-shapes": dict(rounds=3, min_run_time=0.3, warmup=2),
 }
+
+
+# (H, B, T) of the cpu-shapes preset
+SHAPE_SWEEP = [
+    (32, 256, 200),
+    (48, 32, 300),
+    (64, 8, 500),
+    (64, 256, 100),
+    (128, 1, 1000),
+    (128, 512, 50),
+    (200, 16, 100),
+    (512, 1, 200),
+    (1024, 8, 50),
+    (1024, 64, 20),
+]
 
 
 def preset_cases(preset: str, device: str) -> list[Case]:
@@ -125,6 +143,24 @@ def preset_cases(preset: str, device: str) -> list[Case]:
             )
             for cell in ("gru", "lstm")
             for B, T, H, bi in one_step + short + encoder
+        ]
+    if preset == "cpu-shapes":
+        # Beyond the three table shapes: small and large H, B from 1 to 512, T from 20 to 1000,
+        # every sequence at full length, float32, both modes, against nn.X without lengths (what
+        # a user swapping modules runs there): where we win and where we lose.
+        return [
+            Case(
+                B=B,
+                T=T,
+                I=H,
+                H=H,
+                dist="full",
+                device=device,
+                cell=cell,
+                competitors=("padded", "varlen"),
+            )
+            for cell in ("gru", "lstm")
+            for H, B, T in SHAPE_SWEEP
         ]
     if preset == "gpu":
         # Issue 12's grid: training step at T=256, lengths uniform in [1, T], float32 and bfloat16,
@@ -341,7 +377,9 @@ def main(argv=None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
     threads = args.threads or (
-        2 if args.preset in ("cpu-targets", "cpu-full", "cpu-small") else torch.get_num_threads()
+        2
+        if args.preset in ("cpu-targets", "cpu-full", "cpu-small", "cpu-shapes")
+        else torch.get_num_threads()
     )
     torch.set_num_threads(threads)
     budget = (

@@ -156,6 +156,18 @@ def test_cpu_full_preset_is_cpu_targets_at_full_length():
         assert all(c.dist == "full" and c.modes == modes for c in mine)
 
 
+def test_cpu_shapes_preset_is_the_sweep_at_full_length_against_nn():
+    cases = bench.preset_cases("cpu-shapes", "cpu")
+    assert len(cases) == 2 * len(bench.SHAPE_SWEEP)
+    for cell in ("gru", "lstm"):
+        mine = [c for c in cases if c.cell == cell]
+        assert [(c.H, c.B, c.T) for c in mine] == bench.SHAPE_SWEEP
+        assert all(c.I == c.H and c.dist == "full" and c.dtype == "float32" for c in mine)
+        assert all(
+            c.competitors == ("padded", "varlen") and c.modes == ("infer", "train") for c in mine
+        )
+
+
 def test_perf_profile_report_is_parsed_and_grouped():
     """bench_perf.py's reading of `perf report --stdio --sort dso,sym` (the profile itself needs
     perf and an idle machine: it is a benchmark, not a test)."""

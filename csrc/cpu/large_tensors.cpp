@@ -25,9 +25,9 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   at::Tensor t = at::empty(sizes, opts);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;  // x86-64's and aarch64's (4 KiB base) size
-  // glibc serves smaller blocks from its heap once a block of their size has
-  // been freed (its mmap threshold adapts, up to 32 MiB on 64-bit), and they
-  // are reused without faults; advice there would outlive the buffer.
+  // glibc may serve smaller blocks from its heap (its mmap threshold adapts
+  // to blocks freed, up to 32 MiB on 64-bit), where advice would outlive the
+  // buffer; from 32 MiB on every block is a fresh mapping, unmapped when freed.
   constexpr size_t kFreshMmap = size_t(32) << 20;
   const auto p = reinterpret_cast<uintptr_t>(t.data_ptr());
   const uintptr_t first = (p + kHuge - 1) & ~(kHuge - 1), last = (p + t.nbytes()) & ~(kHuge - 1);

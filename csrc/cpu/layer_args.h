@@ -177,7 +177,7 @@ inline RaggedDims set_ragged_args(ForwardArgs& args, const CellArgs& cell, const
 // [N, I]: the input rows the projection GEMMs run on, in gx_rows' order.
 inline at::Tensor projection_input(const ForwardArgs& args) {
   if (!args.gather.defined()) return args.input2d;
-  at::Tensor xp = empty_large({args.gather.size(0), args.dims.I}, args.input2d.options());
+  at::Tensor xp = empty_large({args.gather.size(0), args.input2d.size(1)}, args.input2d.options());
   return at::index_select_out(xp, args.input2d, 0, args.gather);
 }
 
