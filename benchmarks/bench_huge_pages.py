@@ -14,6 +14,7 @@ stdout and in benchmarks/results/huge-pages_cpu_<date>.md, with the kernel's THP
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -115,7 +116,7 @@ def thp_settings() -> str:
 def main(argv=None) -> str:
     p = step_cases.parser(__doc__)
     p.add_argument("--rounds", type=int, default=3, help="worker runs per setting, alternating")
-    p.add_argument("--worker", action="store_true", help=argparse_hidden())
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one setting's run
     args = p.parse_args(argv)
     cases = QUICK if args.quick else CASES
     if args.worker:
@@ -169,12 +170,6 @@ def main(argv=None) -> str:
         args.threads,
         lines,
     )
-
-
-def argparse_hidden():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":
