@@ -27,7 +27,9 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;  // x86-64's and aarch64's (4 KiB base) size
   // glibc may serve smaller blocks from its heap (its mmap threshold adapts
   // to blocks freed, up to 32 MiB on 64-bit), where advice would outlive the
-  // buffer; from 32 MiB on every block is a fresh mapping, unmapped when freed.
+  // buffer; from 32 MiB on a block is a fresh mapping, unmapped when freed,
+  // unless the heap has that much free (then the advice stays on that memory:
+  // harmless, huge pages are what it would get anyway).
   constexpr size_t kFreshMmap = size_t(32) << 20;
   const auto p = reinterpret_cast<uintptr_t>(t.data_ptr());
   const uintptr_t first = (p + kHuge - 1) & ~(kHuge - 1), last = (p + t.nbytes()) & ~(kHuge - 1);
