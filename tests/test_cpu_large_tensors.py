@@ -74,9 +74,13 @@ def advised_in_a_fresh_process(setting, sizes) -> bool:
         f"import test_cpu_large_tensors as t; out, _ = t.run(**t.{sizes}); "
         "print(out.nbytes, t.advised(out))"
     )
+    # This file's folder, then this process's path (so the child imports the varlen_rnn this
+    # process did, installed or built in place), run from outside the checkout: a source tree
+    # that was never built in place must not come first.
     here = os.path.dirname(os.path.abspath(__file__))
-    env["PYTHONPATH"] = os.pathsep.join([here, *sys.path])
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    env["PYTHONPATH"] = os.pathsep.join([here, *(p for p in sys.path if p)])
+    run = dict(env=env, capture_output=True, text=True, cwd=os.path.dirname(os.__file__))
+    done = subprocess.run([sys.executable, "-c", code], **run)
     assert done.returncode == 0, done.stderr[-3000:]
     nbytes, flag = done.stdout.split()[-2:]
     limits = {"BIG": (32 * MIB, 64 * MIB), "SMALL": (4 * HUGE, 32 * MIB)}[sizes]
