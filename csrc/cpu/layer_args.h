@@ -91,9 +91,7 @@ struct BackwardArgs : ForwardArgs {
 // The common case, already so, returns t without a dispatcher call: a
 // one-step call reads a dozen tensors through here.
 inline at::Tensor opmath_contiguous(const at::Tensor& t) {
-  const at::ScalarType opmath = opmath_dtype(t.scalar_type());
-  if (t.scalar_type() == opmath && t.is_contiguous()) return t;
-  return contiguous_large(t, opmath);
+  return contiguous_large(t, opmath_dtype(t.scalar_type()));
 }
 
 // A None for the optional tensors an op does not take.
