@@ -22,10 +22,12 @@
 // into a [chunk rows, I] buffer of the thread's (a copy of I values per row,
 // small next to the row's G*Hs*I multiply-adds).
 //
-// A chunk's rows are its steps' running rows in the schedule's order:
-// step s's row i is chunk row (offset[s] - offset[s0]) + i, as in the
-// buffers over positions (cpu/schedule.h), and its input is the position
-// gx_rows.row(step_time(d, len[i], s), i), whichever the direction.
+// A chunk's rows are its steps' running rows of the loop's row range (all
+// rows, or a team's own: cpu/schedule.h RowRange) in the schedule's order:
+// step s's row r0 + j is chunk row (o[s] - o[s0]) + j with o the range's
+// offsets (the schedule's own for all rows, as in the buffers over
+// positions), and its input is the position gx_rows.row(step_time(d, len[i],
+// s), i), whichever the direction.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -122,8 +124,9 @@ inline int64_t chunk_steps(int64_t B, int64_t cols, int64_t bytes) {
   return std::clamp<int64_t>(kChunkBytes / row_bytes, 1, 32);
 }
 
-// Direction d's projection for a split loop of `parts` slices of H. Part k's
-// members are used only by the thread that owns it, from prepare on.
+// Direction d's projection for a split loop of `parts` slices of H over the
+// sorted rows `rows`. Part k's members are used only by the thread that owns
+// it, from prepare on.
 template <typename scalar_t>
 class ChunkedProjection {
  public:
@@ -136,13 +139,16 @@ class ChunkedProjection {
   // slice); on the AMD EPYC it timed as the BLAS calls did (2 threads,
   // inference, LSTM/GRU at B=64 T=100 H=256 and B=16/32 H=512, alternating
   // builds, within the runs' spread of about 10%).
-  ChunkedProjection(const ForwardArgs& args, int64_t d, int64_t gates, int64_t parts, bool bf16)
+  ChunkedProjection(const ForwardArgs& args, int64_t d, int64_t gates, int64_t parts, bool bf16,
+                    const RowRange& rows)
       : args_(args),
         d_(d),
         gates_(gates),
         bf16_(bf16),
-        kernel_(!bf16 && std::is_same_v<scalar_t, float> && use_small_gemm()) {
-    const int64_t H = args.dims.H, I = args.dims.I, B = args.dims.B;
+        kernel_(!bf16 && std::is_same_v<scalar_t, float> && use_small_gemm()),
+        rows_(rows),
+        offsets_(rows.offsets(args.sched)) {
+    const int64_t H = args.dims.H, I = args.dims.I;
     const Schedule& sched = args.sched;
     parts_.resize(parts);
     // Active counts never grow: the first chunk has the most rows.
@@ -151,8 +157,8 @@ class ChunkedProjection {
       const auto [u0, u1] = slice_of(H, parts, k);
       widest = std::max(widest, gates * (u1 - u0));
     }
-    steps_ = chunk_steps(B, widest, sizeof(scalar_t));
-    max_rows_ = sched.offset[std::min(steps_, sched.max_len)];
+    steps_ = chunk_steps(rows.size(), widest, sizeof(scalar_t));
+    max_rows_ = offsets_[std::min(steps_, sched.max_len)];
     const at::Tensor w3 = args.w_ih[d].view({gates, H, I});
     for (int64_t k = 0; k < parts; ++k) {
       const auto [u0, u1] = slice_of(H, parts, k);
@@ -187,15 +193,16 @@ class ChunkedProjection {
     Part& p = parts_[k];
     if (p.cols == 0) return;
     const Schedule& sched = args_.sched;
-    const int64_t s1 = std::min(s + steps_, sched.max_len), m = sched.offset[s1] - sched.offset[s];
+    const int64_t s1 = std::min(s + steps_, sched.max_len), m = offsets_[s1] - offsets_[s];
     const int64_t* gather =
         args_.gather.defined() ? args_.gather.template const_data_ptr<int64_t>() : nullptr;
     bool consecutive = true;
     for (int64_t ss = s; ss < s1; ++ss) {
-      int64_t* r = p.rows.data() + (sched.offset[ss] - sched.offset[s]);
-      for (int64_t i = 0; i < sched.active[ss]; ++i) {
+      int64_t* r = p.rows.data() + (offsets_[ss] - offsets_[s]);
+      for (int64_t j = 0, n = rows_.active(sched, ss); j < n; ++j) {
+        const int64_t i = rows_.r0 + j;
         const int64_t pos = args_.gx_rows.row(step_time(d_, sched.len[i], ss), i);
-        r[i] = gather != nullptr ? gather[pos] : pos;
+        r[j] = gather != nullptr ? gather[pos] : pos;
       }
     }
     for (int64_t j = 1; j < m && consecutive; ++j) consecutive = p.rows[j] == p.rows[0] + j;
@@ -221,11 +228,11 @@ class ChunkedProjection {
     }
   }
 
-  // Part k's gx row of step s's running row i ([G*Hs], gate stride Hs), in
-  // the chunk step(k, s) (or an earlier step of its chunk) computed.
+  // Part k's gx row of step s's running row i ([G*Hs], gate stride Hs; i in
+  // the range), in the chunk step(k, s) (or an earlier step of its chunk)
+  // computed.
   const scalar_t* gx(int64_t k, int64_t s, int64_t i) const {
-    const Schedule& sched = args_.sched;
-    const int64_t row = sched.offset[s] - sched.offset[s - s % steps_] + i;
+    const int64_t row = offsets_[s] - offsets_[s - s % steps_] + (i - rows_.r0);
     return parts_[k].gx.template const_data_ptr<scalar_t>() + row * parts_[k].cols;
   }
 
@@ -254,6 +261,8 @@ class ChunkedProjection {
   const ForwardArgs& args_;
   const int64_t d_, gates_;
   const bool bf16_, kernel_;
+  const RowRange rows_;
+  const std::vector<int64_t> offsets_;  // [max_len + 1] rows_.offsets
   int64_t steps_ = 1, max_rows_ = 0;
   std::vector<Part> parts_;
 };

@@ -122,6 +122,52 @@ inline Schedule make_ragged_schedule(const RaggedDims& dims, const at::Tensor& s
   return sched;
 }
 
+// A range [r0, r1) of the schedule's sorted rows: the rows one team of a
+// split step loop runs (cpu/split_steps.h, cpu/split_backward.h; the whole
+// batch unless the loop splits the rows between teams, row_ranges). Its
+// running rows at step s are r0 .. r0 + active(s) - 1: the sorted order keeps
+// them a contiguous block, as the whole batch's are.
+struct RowRange {
+  int64_t r0 = 0, r1 = 0;
+  int64_t size() const { return r1 - r0; }
+  int64_t active(const Schedule& sched, int64_t s) const {
+    return std::clamp<int64_t>(sched.active[s] - r0, 0, r1 - r0);
+  }
+  // [max_len + 1] this range's own offsets: step s's running row r0 + j is
+  // the range's position offsets[s] + j (the schedule's offset for all rows).
+  std::vector<int64_t> offsets(const Schedule& sched) const {
+    std::vector<int64_t> o(sched.max_len + 1, 0);
+    for (int64_t s = 0; s < sched.max_len; ++s) o[s + 1] = o[s] + active(sched, s);
+    return o;
+  }
+};
+
+// `groups` consecutive ranges of the sorted rows, with near-equal work: the
+// sum of their lengths (a step of a row costs about the same at any step).
+// The sorted order puts the longest first, so the first ranges have fewer
+// rows. A range may be empty (more groups than rows with work).
+inline std::vector<RowRange> row_ranges(const Schedule& sched, int64_t groups) {
+  const int64_t B = static_cast<int64_t>(sched.len.size());
+  std::vector<RowRange> ranges(groups);
+  int64_t total = 0;
+  for (int64_t l : sched.len) total += l;
+  int64_t i = 0, done = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    ranges[g].r0 = i;
+    // Take rows while the work done stays at or below this group's share;
+    // the last group takes the rest (zero-length rows included).
+    const int64_t until = g + 1 == groups ? total : total * (g + 1) / groups;
+    while (i < B && (g + 1 == groups || done + sched.len[i] <= until ||
+                     (ranges[g].r0 == i && done < until))) {
+      done += sched.len[i];
+      ++i;
+    }
+    ranges[g].r1 = i;
+  }
+  ranges.back().r1 = B;
+  return ranges;
+}
+
 // [N] int64: the row in `rows` (a padded map over the schedule's sorted rows)
 // of each packed position offset[t] + i; undefined where the positions are
 // all T*B rows, each its own (full lengths, time-major or of one step or one

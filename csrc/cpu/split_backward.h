@@ -32,6 +32,11 @@
 // dG is kept (one buffer, read by its own thread only) just where the cell
 // writes it apart from dgx (the GRU).
 //
+// Like the forward's, a loop runs a range of the sorted rows (all, or one
+// team's own where team_layout splits the batch: then each team runs its
+// rows' steps with no synchronisation with the others, and a team of one
+// thread with no barrier at all).
+//
 // The loop fills dgx, dghn (and hprev, dh_state, h') exactly as the per-step
 // loop does, so the weight gradients after it are the same GEMMs. Every value
 // is computed by one thread in a fixed order: deterministic.
@@ -42,6 +47,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <deque>
 #include <type_traits>
 #include <vector>
 
@@ -81,15 +87,17 @@ inline void backward_step_gemm(int64_t n, int64_t cols, int64_t k, const scalar_
 // `threads` threads, run by that team (inside run_teams), as SplitSteps is.
 // dh: [B, P] sorted order (in: grad_h_n, out: grad_hx); dc: [B, H] likewise
 // (Cell::kHasC); buf: this direction's buffers (dgx is both directions');
-// dgh_in_dgx: dG is this direction's columns of dgx at rows offset[s] + i.
+// dgh_in_dgx: dG is this direction's columns of dgx at rows offset[s] + i;
+// rows: the sorted rows this loop runs (their rows of dh and dc only).
 template <typename Cell, typename scalar_t>
 class SplitBackward {
  public:
   SplitBackward(BackwardArgs& args, int64_t d, const BackwardBuffers<scalar_t>& buf,
-                bool dgh_in_dgx, at::Tensor& dh, at::Tensor& dc, int64_t threads)
-      : args_(args), d_(d), buf_(buf), dgh_in_dgx_(dgh_in_dgx) {
+                bool dgh_in_dgx, at::Tensor& dh, at::Tensor& dc, int64_t threads,
+                const RowRange& rows)
+      : args_(args), d_(d), buf_(buf), dgh_in_dgx_(dgh_in_dgx), rows_(rows) {
     const LayerDims& dims = args.dims;
-    const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H;
+    const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H, R = rows.size();
     proj_ = args.w_hr.defined();
     TORCH_INTERNAL_ASSERT(!dgh_in_dgx || !Cell::kHiddenGradsDiffer);
     TORCH_INTERNAL_ASSERT(proj_ || P == H);
@@ -119,16 +127,17 @@ class SplitBackward {
         panels_r_.push_back(args.w_hr[d].narrow(1, u0, u1 - u0).contiguous());
       }
     }
-    // dG [B, G*H] per step: two alternating buffers without a projection,
+    // dG [R, G*H] per step: two alternating buffers without a projection,
     // one with it, none when it is dgx. With bf16 that is the bfloat16 dG's
     // count; the float dG is then the GRU's only, in one buffer.
     const int64_t nbuf = proj_ ? 1 : 2;
-    if (bf16_) dgb_ = at::empty({nbuf, dims.B, G}, opts.dtype(at::kBFloat16));
+    if (bf16_) dgb_ = at::empty({nbuf, R, G}, opts.dtype(at::kBFloat16));
     const int64_t nfloat = bf16_ ? (Cell::kHiddenGradsDiffer ? 1 : 0) : (dgh_in_dgx ? 0 : nbuf);
-    dgbuf_ = at::empty({nfloat, dims.B, G}, opts);
-    if (proj_) dhp_ = at::empty({dims.B, H}, opts);  // [B, H] dh'
-    dh_p_ = dh.data_ptr<scalar_t>();
-    dc_p_ = Cell::kHasC ? dc.data_ptr<scalar_t>() : nullptr;
+    dgbuf_ = at::empty({nfloat, R, G}, opts);
+    if (proj_) dhp_ = at::empty({R, H}, opts);  // [R, H] dh'
+    // From the range's first row: the loop's row r0 + j is their row j.
+    dh_p_ = dh.data_ptr<scalar_t>() + rows.r0 * P;
+    dc_p_ = Cell::kHasC ? dc.data_ptr<scalar_t>() + rows.r0 * H : nullptr;
   }
 
   void run(const Team& team);
@@ -138,10 +147,11 @@ class SplitBackward {
   const int64_t d_;
   const BackwardBuffers<scalar_t> buf_;
   const bool dgh_in_dgx_;
+  const RowRange rows_;
   int64_t parts_ = 1;
   bool kernel_ = false, proj_ = false, bf16_ = false;
-  at::Tensor w_hh_d_, dgbuf_, dhp_;  // [G*H, P], [nfloat, B, G*H], [B, H]
-  at::Tensor dgb_;                   // [nbuf, B, G*H] bfloat16 dG (bf16)
+  at::Tensor w_hh_d_, dgbuf_, dhp_;  // [G*H, P], [nfloat, R, G*H], [R, H] (R rows in the range)
+  at::Tensor dgb_;                   // [nbuf, R, G*H] bfloat16 dG (bf16)
   std::vector<at::Tensor> panels_, panels_r_;
   std::vector<PackedB> packed_, packed_r_;  // W_hh[:, p0:p1]; W_hr[:, u0:u1] (kernel_)
   std::vector<PackedB16> packed16_;
@@ -158,6 +168,7 @@ void SplitBackward<Cell, scalar_t>::run(const Team& team) {
   const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H, S = Cell::kSaved * H;
   const int64_t DG = dims.D * G, N = sched.N();
   const int64_t d = d_, parts = parts_, tid = team.rank, nth = team.size;
+  const int64_t r0 = rows_.r0, R = rows_.size();
   const bool proj = proj_, kernel = kernel_, bf16 = bf16_, dgh_in_dgx = dgh_in_dgx_;
   const Bf16GemmScope bf16_scope(bf16);
   const BackwardBuffers<scalar_t>& buf = buf_;
@@ -191,20 +202,20 @@ void SplitBackward<Cell, scalar_t>::run(const Team& team) {
     }
   }
   for (int64_t s = sched.max_len - 1; s >= 0; --s) {
-    const int64_t n = sched.active[s];
-    if (n == 0) continue;  // the same for every thread
-    scalar_t* dg = dgh_in_dgx ? buf.dgx + sched.offset[s] * DG + d * G
-                              : dgbuf_p + (proj || bf16 ? 0 : s % 2) * dims.B * G;
+    const int64_t n = rows_.active(sched, s);  // rows r0 .. r0 + n - 1 run
+    if (n == 0) continue;                      // the same for every thread of the team
+    scalar_t* dg = dgh_in_dgx ? buf.dgx + (sched.offset[s] + r0) * DG + d * G
+                              : dgbuf_p + (proj || bf16 ? 0 : s % 2) * R * G;
     const int64_t ld = dgh_in_dgx ? DG : G;
-    at::BFloat16* dgb = bf16 ? dgb_p + (proj ? 0 : s % 2) * dims.B * G : nullptr;  // [n, G*H]
+    at::BFloat16* dgb = bf16 ? dgb_p + (proj ? 0 : s % 2) * R * G : nullptr;  // [n, G*H]
     if (proj) {  // (A) dh_state = dh + grad_output, kept for dW_hr; h_prev
       for (int64_t k = tid; k < parts; k += nth) {
         const auto [p0, p1] = slice_of(P, parts, k);
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t t = step_time(d, sched.len[i], s);
+        for (int64_t j = 0; j < n; ++j) {  // the loop's row j: sorted row i
+          const int64_t i = r0 + j, t = step_time(d, sched.len[i], s);
           const int64_t pos = args.gx_rows.row(t, i);
           const scalar_t* go = go_p + output_offset(args, t, i, d);
-          scalar_t* dhi = dh_p + i * P;
+          scalar_t* dhi = dh_p + j * P;
           for (int64_t p = p0; p < p1; ++p) dhi[p] += go[p];
           std::copy(dhi + p0, dhi + p1, buf.dhs + pos * P + p0);
           std::copy(prev_of(s, t, i) + p0, prev_of(s, t, i) + p1, buf.hprev + pos * P + p0);
@@ -224,28 +235,28 @@ void SplitBackward<Cell, scalar_t>::run(const Team& team) {
                              dhp_p + u0, H, false);
         }
       }
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t t = step_time(d, sched.len[i], s);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t i = r0 + j, t = step_time(d, sched.len[i], s);
         const int64_t pos = args.gx_rows.row(t, i);
         BackwardRow<scalar_t> row;
-        row.dh = (proj ? dhp_p : dh_p) + i * H + u0;
+        row.dh = (proj ? dhp_p : dh_p) + j * H + u0;
         row.go = proj ? nullptr : go_p + output_offset(args, t, i, d) + u0;
-        row.dc = Cell::kHasC ? dc_p + i * H + u0 : nullptr;
+        row.dc = Cell::kHasC ? dc_p + j * H + u0 : nullptr;
         row.prev = prev_of(s, t, i) + u0;
         row.ws = ws_p + (sched.offset[s] + i) * S + u0;
         row.dgx = buf.dgx + pos * DG + d * G + u0;
-        row.dgh = kDiffer ? dg + i * ld + u0 : nullptr;
+        row.dgh = kDiffer ? dg + j * ld + u0 : nullptr;
         row.dghn = kDiffer ? buf.dghn + pos * H + u0 : nullptr;
         row.hout = proj ? buf.hout + pos * H + u0 : nullptr;
         backward_units(Cell{}, row, Hs, H);
         if (bf16) {                                           // the product's operand: dG rounded
           const scalar_t* src = kDiffer ? row.dgh : row.dgx;  // gate stride H
           for (int64_t g = 0; g < Cell::kGates; ++g) {
-            round_bf16(src + g * H, Hs, dgb + i * G + g * H + u0);
+            round_bf16(src + g * H, Hs, dgb + j * G + g * H + u0);
           }
         } else if (!kDiffer && !dgh_in_dgx) {
           for (int64_t g = 0; g < Cell::kGates; ++g) {
-            std::copy_n(row.dgx + g * H, Hs, dg + i * ld + g * H + u0);
+            std::copy_n(row.dgx + g * H, Hs, dg + j * ld + g * H + u0);
           }
         }
       }
@@ -274,9 +285,11 @@ void SplitBackward<Cell, scalar_t>::run(const Team& team) {
 template <typename Cell, typename scalar_t>
 void split_backward(BackwardArgs& args, int64_t d, const BackwardBuffers<scalar_t>& buf,
                     bool dgh_in_dgx, at::Tensor& dh, at::Tensor& dc) {
-  const int64_t threads = at::get_num_threads();
-  SplitBackward<Cell, scalar_t> loop(args, d, buf, dgh_in_dgx, dh, dc, threads);
-  run_teams({team_parts(args.dims.H, threads)}, [&](int64_t, const Team& team) { loop.run(team); });
+  using Loop = SplitBackward<Cell, scalar_t>;
+  run_split_loops<Loop>(args.dims, args.sched, {{d, at::get_num_threads()}},
+                        [&](std::deque<Loop>& l, int64_t, int64_t threads, const RowRange& rows) {
+                          l.emplace_back(args, d, buf, dgh_in_dgx, dh, dc, threads, rows);
+                        });
 }
 
 // Both directions' step loops at once, each on its half of the threads
@@ -285,10 +298,13 @@ void split_backward(BackwardArgs& args, int64_t d, const BackwardBuffers<scalar_
 template <typename Cell, typename scalar_t>
 void concurrent_backward(BackwardArgs& args, const BackwardBuffers<scalar_t>* buf, bool dgh_in_dgx,
                          at::Tensor* dh, at::Tensor* dc) {
+  using Loop = SplitBackward<Cell, scalar_t>;
   const std::vector<int64_t> halves = direction_halves();
-  SplitBackward<Cell, scalar_t> loop0(args, 0, buf[0], dgh_in_dgx, dh[0], dc[0], halves[0]);
-  SplitBackward<Cell, scalar_t> loop1(args, 1, buf[1], false, dh[1], dc[1], halves[1]);
-  run_teams(halves, [&](int64_t g, const Team& team) { (g == 0 ? loop0 : loop1).run(team); });
+  run_split_loops<Loop>(
+      args.dims, args.sched, {{0, halves[0]}, {1, halves[1]}},
+      [&](std::deque<Loop>& l, int64_t d, int64_t threads, const RowRange& rows) {
+        l.emplace_back(args, d, buf[d], dgh_in_dgx && d == 0, dh[d], dc[d], threads, rows);
+      });
 }
 
 }  // namespace cpu

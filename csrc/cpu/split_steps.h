@@ -20,6 +20,13 @@
 // With gx_p null each thread computes its own gate columns of the input
 // projection in chunks of steps (cpu/chunked_projection.h).
 //
+// A loop runs a range of the sorted rows (cpu/schedule.h RowRange): all of
+// them, or, where team_layout (cpu/team.h) splits the batch, one team's own,
+// while other teams run the other ranges as loops of their own. Rows never
+// read each other's state, so the teams do not synchronise at all; a team
+// of one thread runs its rows' steps with no barrier, all units of a row in
+// one gate pass.
+//
 // Every output element is computed by one thread in a fixed order, so the
 // results are deterministic (they may differ from the per-step loop's by the
 // BLAS's rounding in float32; the cell math is the same code).
@@ -32,6 +39,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -53,14 +61,15 @@ namespace cpu {
 // finished. h: [B, P] sorted order (in: h0, out: h_n); c: [B, H]
 // (Cell::kHasC); gx_p: [N, G*H] this direction's input projection (without
 // b_ih), or null: computed in chunks by the loop (ChunkedProjection); bias_p: [2, G*H] its b_ih
-// then b_hh; ws_p: this direction's workspace or null.
+// then b_hh; ws_p: this direction's workspace or null; rows: the sorted
+// rows this loop runs (their rows of h and c only are read and written).
 template <typename Cell, typename scalar_t>
 class SplitSteps {
  public:
   SplitSteps(ForwardArgs& args, int64_t d, const scalar_t* gx_p, const scalar_t* bias_p,
-             at::Tensor& h, at::Tensor& c, scalar_t* ws_p, int64_t threads)
-      : args_(args), d_(d), gx_p_(gx_p), bias_p_(bias_p), ws_p_(ws_p) {
-    const int64_t H = args.dims.H, P = args.dims.P;
+             at::Tensor& h, at::Tensor& c, scalar_t* ws_p, int64_t threads, const RowRange& rows)
+      : args_(args), d_(d), gx_p_(gx_p), bias_p_(bias_p), ws_p_(ws_p), rows_(rows) {
+    const int64_t H = args.dims.H, P = args.dims.P, R = rows.size();
     const auto opts = h.options();
     parts_ = team_parts(H, threads);
     // float32 may take the register-blocked micro-kernel (cpu/small_gemm.h)
@@ -74,13 +83,13 @@ class SplitSteps {
     kernel_ = !bf16_ && std::is_same_v<scalar_t, float> && use_small_gemm();
     packed_.resize(kernel_ ? parts_ : 0);
     packed16_.resize(bf16_ ? parts_ : 0);
-    if (gx_p == nullptr) chunks_.emplace(args, d, Cell::kGates, parts_, bf16_);
+    if (gx_p == nullptr) chunks_.emplace(args, d, Cell::kGates, parts_, bf16_, rows);
     const at::Tensor w3 = args.w_hh[d].view({Cell::kGates, H, P});
     for (int64_t k = 0; k < parts_; ++k) {
       const auto [u0, u1] = slice_of(H, parts_, k);
       const at::Tensor rows = w3.narrow(1, u0, u1 - u0).reshape({-1, P});  // [G*Hs, P]
       panels_.push_back(kernel_ || bf16_ ? rows : rows.t().contiguous());
-      gh_.push_back(at::empty({args.dims.B, rows.size(0)}, opts));
+      gh_.push_back(at::empty({R, rows.size(0)}, opts));
     }
     proj_ = args.w_hr.defined();
     if (proj_) {
@@ -93,19 +102,21 @@ class SplitSteps {
       } else {
         w_hr_t_ = args.w_hr[d].t().contiguous();  // [H, P]
       }
-      hraw_ = at::empty({args.dims.B, H}, opts);  // [B, H] h'
+      hraw_ = at::empty({R, H}, opts);  // [R, H] h'
     } else {
-      h2_ = at::empty_like(h);  // [B, P]
+      h2_ = at::empty({R, P}, opts);  // [R, P]
     }
     // Without a projection, step s reads hbuf[s % 2] and writes
     // hbuf[(s + 1) % 2] (a row's final state is in hbuf[len % 2]); with one,
     // h' is hraw and the state is rewritten in place after the barrier.
-    scalar_t* h_p = h.data_ptr<scalar_t>();
+    // All of them start at the range's first row: the loop's row r0 + j is
+    // their row j.
+    scalar_t* h_p = h.data_ptr<scalar_t>() + rows.r0 * P;
     hbuf_[0] = h_p;
     hbuf_[1] = proj_ ? h_p : h2_.data_ptr<scalar_t>();
-    c_p_ = Cell::kHasC ? c.data_ptr<scalar_t>() : nullptr;
-    if (bf16_) {  // [B, P] each: h0 rounded, then what the steps write
-      hb_store_[0] = h.to(at::kBFloat16);
+    c_p_ = Cell::kHasC ? c.data_ptr<scalar_t>() + rows.r0 * H : nullptr;
+    if (bf16_) {  // [R, P] each: h0 rounded, then what the steps write
+      hb_store_[0] = h.narrow(0, rows.r0, R).to(at::kBFloat16).contiguous();
       hb_store_[1] = proj_ ? hb_store_[0] : at::empty_like(hb_store_[0]);
       for (int k = 0; k < 2; ++k) hb_[k] = hb_store_[k].data_ptr<at::BFloat16>();
     }
@@ -117,8 +128,9 @@ class SplitSteps {
   void finish() {
     if (proj_) return;
     const int64_t P = args_.dims.P;
-    for (int64_t i = 0; i < args_.dims.B; ++i) {
-      if (args_.sched.len[i] % 2 == 1) std::copy_n(hbuf_[1] + i * P, P, hbuf_[0] + i * P);
+    for (int64_t j = 0; j < rows_.size(); ++j) {
+      if (args_.sched.len[rows_.r0 + j] % 2 == 1)
+        std::copy_n(hbuf_[1] + j * P, P, hbuf_[0] + j * P);
     }
   }
 
@@ -127,17 +139,18 @@ class SplitSteps {
   const int64_t d_;
   const scalar_t *const gx_p_, *const bias_p_;
   scalar_t* const ws_p_;
+  const RowRange rows_;
   int64_t parts_ = 1;
   bool kernel_ = false, proj_ = false, bf16_ = false;
-  // [P, G*Hs] ([G*Hs, P] for the kernel and bf16), [B, G*Hs]
+  // [P, G*Hs] ([G*Hs, P] for the kernel and bf16), [R, G*Hs] (R rows in the range)
   std::vector<at::Tensor> panels_, gh_;
   std::vector<PackedB> packed_;
   std::vector<PackedB16> packed16_;
   std::optional<ChunkedProjection<scalar_t>> chunks_;  // where gx_p_ is null
-  at::Tensor hb_store_[2];  // [B, P] bfloat16 h, ping-ponging like hbuf_ (one with proj)
+  at::Tensor hb_store_[2];  // [R, P] bfloat16 h, ping-ponging like hbuf_ (one with proj)
   at::BFloat16* hb_[2] = {nullptr, nullptr};
   std::vector<PackedB> packed_r_;         // kernel_: W_hr^T[:, p0:p1] per part
-  at::Tensor w_hr_, w_hr_t_, hraw_, h2_;  // [P, H] (kernel_) or [H, P], [B, H], [B, P]
+  at::Tensor w_hr_, w_hr_t_, hraw_, h2_;  // [P, H] (kernel_) or [H, P], [R, H], [R, P]
   scalar_t* hbuf_[2] = {nullptr, nullptr};
   scalar_t* c_p_ = nullptr;
 };
@@ -147,7 +160,7 @@ void SplitSteps<Cell, scalar_t>::run(const Team& team) {
   const LayerDims& dims = args_.dims;
   const Schedule& sched = args_.sched;
   const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H, S = Cell::kSaved * H;
-  const int64_t d = d_, parts = parts_, tid = team.rank, nth = team.size;
+  const int64_t d = d_, parts = parts_, tid = team.rank, nth = team.size, r0 = rows_.r0;
   const bool proj = proj_, kernel = kernel_, bf16 = bf16_;
   const Bf16GemmScope bf16_scope(bf16);
   scalar_t* h_p = hbuf_[0];
@@ -172,8 +185,8 @@ void SplitSteps<Cell, scalar_t>::run(const Team& team) {
     }
   }
   for (int64_t s = 0; s < sched.max_len; ++s) {
-    const int64_t n = sched.active[s];
-    if (n == 0) continue;  // the same for every thread
+    const int64_t n = rows_.active(sched, s);  // rows r0 .. r0 + n - 1 run
+    if (n == 0) continue;                      // the same for every thread of the team
     const scalar_t* h_cur = hbuf_[s % 2];
     scalar_t* h_next = hbuf_[(s + 1) % 2];
     for (int64_t k = tid; k < parts; k += nth) {
@@ -187,25 +200,25 @@ void SplitSteps<Cell, scalar_t>::run(const Team& team) {
       }
       if (!kernel && !bf16)
         gemm_rm(n, ld, P, h_cur, P, panels_[k].const_data_ptr<scalar_t>(), ld, ghk, ld);
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t t = step_time(d, sched.len[i], s);
-        scalar_t* hi = (proj ? hraw_p : h_next) + i * H + u0;
+      for (int64_t j = 0; j < n; ++j) {  // the loop's row j: sorted row i
+        const int64_t i = r0 + j, t = step_time(d, sched.len[i], s);
+        scalar_t* hi = (proj ? hraw_p : h_next) + j * H + u0;
         // The gate pass updates h in place: it starts from h_prev.
-        if (Cell::kReadsHPrev && !proj) std::copy_n(h_cur + i * H + u0, Hs, hi);
+        if (Cell::kReadsHPrev && !proj) std::copy_n(h_cur + j * H + u0, Hs, hi);
         ForwardRow<scalar_t> row;
         row.gx = chunks ? chunks->gx(k, s, i) : gx_p_ + args_.gx_rows.row(t, i) * G + u0;
-        row.gh = ghk + i * ld;
+        row.gh = ghk + j * ld;
         row.bx = bias_p_ + u0;
         row.bh = bias_p_ + G + u0;
         row.h = hi;
         // The gate pass writes an op-math output itself (row.h twice otherwise).
         row.out = proj || out.bf16() ? row.h : out.out + output_offset(args_, t, i, d) + u0;
-        row.c = Cell::kHasC ? c_p_ + i * H + u0 : nullptr;
+        row.c = Cell::kHasC ? c_p_ + j * H + u0 : nullptr;
         row.ws = ws_p_ ? ws_p_ + (sched.offset[s] + i) * S + u0 : nullptr;
         forward_units(Cell{}, row, Hs, H, Hs, chunks ? Hs : H);
-        if (bf16 && !proj) round_bf16(hi, Hs, hb_[(s + 1) % 2] + i * P + u0);
+        if (bf16 && !proj) round_bf16(hi, Hs, hb_[(s + 1) % 2] + j * P + u0);
         if (out.bf16() && !proj) {
-          out.write(output_offset(args_, t, i, d) + u0, hi, hb_[(s + 1) % 2] + i * P + u0, Hs);
+          out.write(output_offset(args_, t, i, d) + u0, hi, hb_[(s + 1) % 2] + j * P + u0, Hs);
         }
       }
     }
@@ -220,10 +233,10 @@ void SplitSteps<Cell, scalar_t>::run(const Team& team) {
         } else {
           gemm_rm(n, p1 - p0, H, hraw_p, H, wr_p + p0, P, h_p + p0, P);
         }
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t t = step_time(d, sched.len[i], s);
-          if (bf16) round_bf16(h_p + i * P + p0, p1 - p0, hb_[0] + i * P + p0);
-          out.write(output_offset(args_, t, i, d) + p0, h_p + i * P + p0, hb_[0] + i * P + p0,
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t i = r0 + j, t = step_time(d, sched.len[i], s);
+          if (bf16) round_bf16(h_p + j * P + p0, p1 - p0, hb_[0] + j * P + p0);
+          out.write(output_offset(args_, t, i, d) + p0, h_p + j * P + p0, hb_[0] + j * P + p0,
                     p1 - p0);
         }
       }
@@ -236,10 +249,13 @@ void SplitSteps<Cell, scalar_t>::run(const Team& team) {
 template <typename Cell, typename scalar_t>
 void split_steps(ForwardArgs& args, int64_t d, const scalar_t* gx_p, const scalar_t* bias_p,
                  at::Tensor& h, at::Tensor& c, scalar_t* ws_p) {
-  const int64_t threads = at::get_num_threads();
-  SplitSteps<Cell, scalar_t> loop(args, d, gx_p, bias_p, h, c, ws_p, threads);
-  run_teams({team_parts(args.dims.H, threads)}, [&](int64_t, const Team& team) { loop.run(team); });
-  loop.finish();
+  using Loop = SplitSteps<Cell, scalar_t>;
+  auto loops = run_split_loops<Loop>(
+      args.dims, args.sched, {{d, at::get_num_threads()}},
+      [&](std::deque<Loop>& l, int64_t, int64_t threads, const RowRange& rows) {
+        l.emplace_back(args, d, gx_p, bias_p, h, c, ws_p, threads, rows);
+      });
+  for (Loop& loop : loops) loop.finish();
 }
 
 // Both directions' step loops at once, each on its half of the threads
@@ -248,14 +264,15 @@ void split_steps(ForwardArgs& args, int64_t d, const scalar_t* gx_p, const scala
 template <typename Cell, typename scalar_t>
 void concurrent_steps(ForwardArgs& args, const scalar_t* const gx_p[2], const scalar_t* bias_p,
                       at::Tensor* h, at::Tensor* c, scalar_t* const ws_p[2]) {
+  using Loop = SplitSteps<Cell, scalar_t>;
   const std::vector<int64_t> halves = direction_halves();
   const int64_t G = Cell::kGates * args.dims.H;
-  SplitSteps<Cell, scalar_t> loop0(args, 0, gx_p[0], bias_p, h[0], c[0], ws_p[0], halves[0]);
-  SplitSteps<Cell, scalar_t> loop1(args, 1, gx_p[1], bias_p + 2 * G, h[1], c[1], ws_p[1],
-                                   halves[1]);
-  run_teams(halves, [&](int64_t g, const Team& team) { (g == 0 ? loop0 : loop1).run(team); });
-  loop0.finish();
-  loop1.finish();
+  auto loops = run_split_loops<Loop>(
+      args.dims, args.sched, {{0, halves[0]}, {1, halves[1]}},
+      [&](std::deque<Loop>& l, int64_t d, int64_t threads, const RowRange& rows) {
+        l.emplace_back(args, d, gx_p[d], bias_p + d * 2 * G, h[d], c[d], ws_p[d], threads, rows);
+      });
+  for (Loop& loop : loops) loop.finish();
 }
 
 }  // namespace cpu

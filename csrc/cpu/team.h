@@ -11,7 +11,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <exception>
+#include <initializer_list>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -19,7 +21,8 @@
 #include <utility>
 #include <vector>
 
-#include "layer.h"  // LayerDims
+#include "cpu/schedule.h"  // Schedule, RowRange, row_ranges
+#include "layer.h"         // LayerDims
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -213,6 +216,25 @@ inline int64_t team_parts(int64_t H, int64_t threads) {
   return std::max<int64_t>(1, std::min<int64_t>(threads, (H + 15) / 16));
 }
 
+// How one direction's split loop spreads over its `threads` threads:
+// `groups` teams, each running its own range of the sorted rows (row_ranges
+// in cpu/schedule.h) with no synchronisation between teams, of `size`
+// threads that split the hidden units (team_parts) and meet at a barrier
+// each step. VARLEN_RNN_CPU_ROW_GROUPS=n forces n groups (at most threads;
+// read at every call, for tests and measurement).
+struct TeamLayout {
+  int64_t groups = 1, size = 1;
+};
+inline TeamLayout team_layout(const LayerDims& dims, int64_t threads) {
+  threads = std::max<int64_t>(threads, 1);
+  int64_t groups = 1;
+  if (const char* env = std::getenv("VARLEN_RNN_CPU_ROW_GROUPS")) {
+    groups = std::clamp<int64_t>(std::atoll(env), 1, threads);
+  }
+  (void)dims;
+  return {groups, threads / groups};
+}
+
 // Thrown at a barrier whose team has a failed member: unwinds the threads
 // waiting there (run_teams catches it and rethrows the failure itself).
 struct TeamAborted {};
@@ -316,6 +338,29 @@ void run_teams(const std::vector<int64_t>& sizes, const Body& body) {
     }
   }
   if (error) std::rethrow_exception(error);
+}
+
+// Runs split step loops (cpu/split_steps.h, cpu/split_backward.h) at once:
+// for each (direction d, threads) of dirs, team_layout's groups of those
+// threads, one loop per range of rows (row_ranges), each on its own team of
+// team_parts threads (run_teams). make(loops, d, threads, rows) appends the
+// loop of direction d for a team of `threads` threads over `rows` (a deque:
+// the loops stay where they are built). Returns the loops, which have run.
+template <typename Loop, typename Make>
+std::deque<Loop> run_split_loops(const LayerDims& dims, const Schedule& sched,
+                                 std::initializer_list<std::pair<int64_t, int64_t>> dirs,
+                                 const Make& make) {
+  std::deque<Loop> loops;
+  std::vector<int64_t> sizes;
+  for (const auto& [d, threads] : dirs) {
+    const TeamLayout layout = team_layout(dims, threads);
+    for (const RowRange& rows : row_ranges(sched, layout.groups)) {
+      make(loops, d, layout.size, rows);
+      sizes.push_back(team_parts(dims.H, layout.size));
+    }
+  }
+  run_teams(sizes, [&](int64_t g, const Team& team) { loops[g].run(team); });
+  return loops;
 }
 
 // [lo, hi) of part k of n parts of `total`, cut at multiples of 16 (one
