@@ -97,6 +97,13 @@ inline at::Tensor opmath_contiguous(const at::Tensor& t) {
 // A None for the optional tensors an op does not take.
 inline const std::optional<at::Tensor> kNone;
 
+// The size of a layer's product operands (the split loops' weight panels):
+// 2 with bfloat16 products, else the op-math type's.
+template <typename scalar_t>
+size_t product_bytes(const ForwardArgs& args) {
+  return args.bf16 ? 2 : sizeof(scalar_t);
+}
+
 // The state and weights every layer op takes; cx and w_hr are the LSTM's
 // (null / None for the other cells).
 struct WeightInputs {

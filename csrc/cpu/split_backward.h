@@ -286,7 +286,7 @@ template <typename Cell, typename scalar_t>
 void split_backward(BackwardArgs& args, int64_t d, const BackwardBuffers<scalar_t>& buf,
                     bool dgh_in_dgx, at::Tensor& dh, at::Tensor& dc) {
   using Loop = SplitBackward<Cell, scalar_t>;
-  run_split_loops<Loop>(args.dims, args.sched, {{d, at::get_num_threads()}},
+  run_split_loops<Loop>(args.dims, args.sched, product_bytes<scalar_t>(args), {{d, at::get_num_threads()}},
                         [&](std::deque<Loop>& l, int64_t, int64_t threads, const RowRange& rows) {
                           l.emplace_back(args, d, buf, dgh_in_dgx, dh, dc, threads, rows);
                         });
@@ -301,7 +301,7 @@ void concurrent_backward(BackwardArgs& args, const BackwardBuffers<scalar_t>* bu
   using Loop = SplitBackward<Cell, scalar_t>;
   const std::vector<int64_t> halves = direction_halves();
   run_split_loops<Loop>(
-      args.dims, args.sched, {{0, halves[0]}, {1, halves[1]}},
+      args.dims, args.sched, product_bytes<scalar_t>(args), {{0, halves[0]}, {1, halves[1]}},
       [&](std::deque<Loop>& l, int64_t d, int64_t threads, const RowRange& rows) {
         l.emplace_back(args, d, buf[d], dgh_in_dgx && d == 0, dh[d], dc[d], threads, rows);
       });

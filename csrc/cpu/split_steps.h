@@ -251,7 +251,7 @@ void split_steps(ForwardArgs& args, int64_t d, const scalar_t* gx_p, const scala
                  at::Tensor& h, at::Tensor& c, scalar_t* ws_p) {
   using Loop = SplitSteps<Cell, scalar_t>;
   auto loops = run_split_loops<Loop>(
-      args.dims, args.sched, {{d, at::get_num_threads()}},
+      args.dims, args.sched, product_bytes<scalar_t>(args), {{d, at::get_num_threads()}},
       [&](std::deque<Loop>& l, int64_t, int64_t threads, const RowRange& rows) {
         l.emplace_back(args, d, gx_p, bias_p, h, c, ws_p, threads, rows);
       });
@@ -268,7 +268,7 @@ void concurrent_steps(ForwardArgs& args, const scalar_t* const gx_p[2], const sc
   const std::vector<int64_t> halves = direction_halves();
   const int64_t G = Cell::kGates * args.dims.H;
   auto loops = run_split_loops<Loop>(
-      args.dims, args.sched, {{0, halves[0]}, {1, halves[1]}},
+      args.dims, args.sched, product_bytes<scalar_t>(args), {{0, halves[0]}, {1, halves[1]}},
       [&](std::deque<Loop>& l, int64_t d, int64_t threads, const RowRange& rows) {
         l.emplace_back(args, d, gx_p[d], bias_p + d * 2 * G, h[d], c[d], ws_p[d], threads, rows);
       });

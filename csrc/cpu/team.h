@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <atomic>
@@ -220,18 +221,41 @@ inline int64_t team_parts(int64_t H, int64_t threads) {
 // `groups` teams, each running its own range of the sorted rows (row_ranges
 // in cpu/schedule.h) with no synchronisation between teams, of `size`
 // threads that split the hidden units (team_parts) and meet at a barrier
-// each step. VARLEN_RNN_CPU_ROW_GROUPS=n forces n groups (at most threads;
-// read at every call, for tests and measurement).
+// each step. Each team reads all of W_hh (and W_hr) every step, where a team
+// of all threads has each read its slice: so groups only where those
+// weights stay in a core's L2 (at most 1 MiB, the AMD EPYC's L2), and with
+// at least kGroupRows rows a group, what the micro-kernel's row tiles need
+// (cpu/small_gemm.cpp: 8 rows). scalar_bytes: the products' operand size
+// (2 with bfloat16 products). VARLEN_RNN_CPU_ROW_GROUPS=n forces n groups
+// (at most threads; read at every call, for tests and measurement).
+// Measured on the 2-core AMD EPYC (2 threads: two groups of one thread
+// against one team of two; float32, GRU and LSTM, min of 3 alternating
+// medians per case, ad hoc at 820de5e): inference at full lengths 1.21x /
+// 1.23x at H=32 B=256, 1.37x / 1.71x (LSTM) at H=32 B=64, 1.31x / 1.37x at
+// H=48 B=32, 1.08-1.13x at H=64 B=16-256, 1.36-1.39x / 1.04-1.37x at H=128
+// B=32-512, 1.01-1.13x / 0.97-1.08x at H=256 B=16-256; lengths uniform in
+// [1, T] 1.02-1.88x but 0.98x at H=128 B=32 (GRU); training steps at full
+// lengths 1.01-1.25x but 0.97x at H=256 B=16 (GRU) and 0.96x at H=128 B=32
+// (LSTM). Past L2: 0.96-1.00x at H=512 B=16-64, 0.77-0.92x at H=1024; at
+// B=4 H=128 0.87x (GRU) and 1.14x (LSTM), B=4 H=512 0.81-0.82x.
+constexpr int64_t kGroupRows = 8;
 struct TeamLayout {
   int64_t groups = 1, size = 1;
 };
-inline TeamLayout team_layout(const LayerDims& dims, int64_t threads) {
+inline TeamLayout team_layout(const LayerDims& dims, int64_t threads, size_t scalar_bytes) {
   threads = std::max<int64_t>(threads, 1);
   int64_t groups = 1;
   if (const char* env = std::getenv("VARLEN_RNN_CPU_ROW_GROUPS")) {
-    groups = std::clamp<int64_t>(std::atoll(env), 1, threads);
+    char* end = nullptr;
+    const long long n = std::strtoll(env, &end, 10);
+    TORCH_CHECK(end != env && *end == '\0' && n >= 1,
+                "VARLEN_RNN_CPU_ROW_GROUPS must be a positive integer, got '", env, "'");
+    groups = std::min<int64_t>(n, threads);
+  } else {
+    const int64_t weights = dims.G * dims.H * dims.P + (dims.P != dims.H ? dims.P * dims.H : 0);
+    if (weights * static_cast<int64_t>(scalar_bytes) <= 1024 * 1024)
+      groups = std::clamp<int64_t>(dims.B / kGroupRows, 1, threads);
   }
-  (void)dims;
   return {groups, threads / groups};
 }
 
@@ -346,14 +370,15 @@ void run_teams(const std::vector<int64_t>& sizes, const Body& body) {
 // team_parts threads (run_teams). make(loops, d, threads, rows) appends the
 // loop of direction d for a team of `threads` threads over `rows` (a deque:
 // the loops stay where they are built). Returns the loops, which have run.
+// scalar_bytes: team_layout's.
 template <typename Loop, typename Make>
-std::deque<Loop> run_split_loops(const LayerDims& dims, const Schedule& sched,
+std::deque<Loop> run_split_loops(const LayerDims& dims, const Schedule& sched, size_t scalar_bytes,
                                  std::initializer_list<std::pair<int64_t, int64_t>> dirs,
                                  const Make& make) {
   std::deque<Loop> loops;
   std::vector<int64_t> sizes;
   for (const auto& [d, threads] : dirs) {
-    const TeamLayout layout = team_layout(dims, threads);
+    const TeamLayout layout = team_layout(dims, threads, scalar_bytes);
     for (const RowRange& rows : row_ranges(sched, layout.groups)) {
       make(loops, d, layout.size, rows);
       sizes.push_back(team_parts(dims.H, layout.size));
