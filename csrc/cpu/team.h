@@ -236,8 +236,10 @@ inline int64_t team_parts(int64_t H, int64_t threads) {
 // B=32-512, 1.01-1.13x / 0.97-1.08x at H=256 B=16-256; lengths uniform in
 // [1, T] 1.02-1.88x but 0.98x at H=128 B=32 (GRU); training steps at full
 // lengths 1.01-1.25x but 0.97x at H=256 B=16 (GRU) and 0.96x at H=128 B=32
-// (LSTM). Past L2: 0.96-1.00x at H=512 B=16-64, 0.77-0.92x at H=1024; at
-// B=4 H=128 0.87x (GRU) and 1.14x (LSTM), B=4 H=512 0.81-0.82x.
+// (LSTM), uniform 1.01-1.61x; bfloat16 products (uniform, H=32-256 B=16-256)
+// inference 1.11-1.71x, training 1.15-1.51x but 0.95x at H=128 B=128 (LSTM).
+// Past L2: 0.96-1.00x at H=512 B=16-64, 0.77-0.92x at H=1024; at B=4 H=128
+// 0.87x (GRU) and 1.14x (LSTM), B=4 H=512 0.81-0.82x.
 constexpr int64_t kGroupRows = 8;
 struct TeamLayout {
   int64_t groups = 1, size = 1;
