@@ -36,7 +36,9 @@ def configure(monkeypatch, groups, directions="serial"):
 @pytest.mark.parametrize("threads", [2, 4], indirect=True)
 @pytest.mark.parametrize("groups", [2, 3])
 @pytest.mark.parametrize(
-    "D,directions", [(1, "serial"), (2, "serial"), (2, "concurrent")], ids=["uni", "bi", "bi_at_once"]
+    "D,directions",
+    [(1, "serial"), (2, "serial"), (2, "concurrent")],
+    ids=["uni", "bi", "bi_at_once"],
 )
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("cell", CELLS)

@@ -6,8 +6,9 @@
 // Each step is one GEMM over the running rows (W_hh h, or dgh W_hh in the
 // backward) and one parallel gate pass over them (cpu/rows.h), or, where
 // step_loops (cpu/team.h) picks it, both split by hidden units across a
-// persistent thread team (cpu/split_steps.h, cpu/split_backward.h), for each
-// direction in turn or for both at once, each on half of the threads;
+// persistent thread team (cpu/split_steps.h, cpu/split_backward.h), or by
+// rows between teams (team_layout), for each direction in turn or for both
+// at once, each on half of the threads;
 // the LSTM's projection adds one GEMM per step (h' W_hr^T, or dh_state W_hr).
 // Rows run in the schedule's longest-first order (cpu/schedule.h). Each
 // direction's input projection covers the N valid positions only: in the
@@ -151,7 +152,7 @@ void forward_impl(ForwardArgs& args) {
     scalar_t* h_p = h.data_ptr<scalar_t>();
     scalar_t* c_p = Cell::kHasC ? c.data_ptr<scalar_t>() : nullptr;
     scalar_t* ws_p = ws_of(d);
-    if (!gemm_loop) {  // the same steps, split by hidden units (cpu/split_steps.h)
+    if (!gemm_loop) {  // the same steps, split by units or rows (cpu/split_steps.h)
       split_steps<Cell, scalar_t>(args, d, gx_p, bias_p, h, c, ws_p);
     }
     for (int64_t s = 0; s < (gemm_loop ? sched.max_len : 0); ++s) {
@@ -373,7 +374,7 @@ void backward_impl(BackwardArgs& args) {
     const PackedB16 w_hh16 =
         bf16 && !split ? pack_b16(G, P, w_hh_d.const_data_ptr<at::BFloat16>(), P, 1) : PackedB16{};
     const at::Tensor w_hr_d = proj ? args.w_hr[d] : at::Tensor();  // [P, H]
-    if (split) {  // the same steps, split by hidden units (cpu/split_backward.h)
+    if (split) {  // the same steps, split by units or rows (cpu/split_backward.h)
       split_backward<Cell, scalar_t>(args, d, bufs, dgh_in_dgx, dh, dc);
     }
     for (int64_t s = split ? -1 : sched.max_len - 1; s >= 0; --s) {

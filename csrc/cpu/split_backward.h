@@ -286,7 +286,8 @@ template <typename Cell, typename scalar_t>
 void split_backward(BackwardArgs& args, int64_t d, const BackwardBuffers<scalar_t>& buf,
                     bool dgh_in_dgx, at::Tensor& dh, at::Tensor& dc) {
   using Loop = SplitBackward<Cell, scalar_t>;
-  run_split_loops<Loop>(args.dims, args.sched, product_bytes<scalar_t>(args), {{d, at::get_num_threads()}},
+  run_split_loops<Loop>(args.dims, args.sched, product_bytes<scalar_t>(args),
+                        {{d, at::get_num_threads()}},
                         [&](std::deque<Loop>& l, int64_t, int64_t threads, const RowRange& rows) {
                           l.emplace_back(args, d, buf, dgh_in_dgx, dh, dc, threads, rows);
                         });

@@ -1,7 +1,8 @@
 // Helpers shared by the CPU step loops that run split by hidden units across
 // a persistent thread team (cpu/split_steps.h forward, cpu/split_backward.h
-// backward): which loops run (step_loops), the teams and their barrier
-// (run_teams), the single-threaded BLAS call and the slices.
+// backward): which loops run (step_loops), how a direction's threads form
+// teams over ranges of rows (team_layout, run_split_loops), the teams and
+// their barrier (run_teams), the single-threaded BLAS call and the slices.
 #pragma once
 
 #include <ATen/Parallel.h>
