@@ -240,7 +240,10 @@ inline int64_t team_parts(int64_t H, int64_t threads) {
 // (LSTM), uniform 1.01-1.61x; bfloat16 products (uniform, H=32-256 B=16-256)
 // inference 1.11-1.71x, training 1.15-1.51x but 0.95x at H=128 B=128 (LSTM).
 // Past L2: 0.96-1.00x at H=512 B=16-64, 0.77-0.92x at H=1024; at B=4 H=128
-// 0.87x (GRU) and 1.14x (LSTM), B=4 H=512 0.81-0.82x.
+// 0.87x (GRU) and 1.14x (LSTM), B=4 H=512 0.81-0.82x. Short calls, where
+// each group packs the whole of W_hh (and W_ih's panel) instead of a slice:
+// 0.96-1.07x (T=8-16, H=64-256, B=16-64, both modes, min of 4; ad hoc at
+// e52e6f4).
 constexpr int64_t kGroupRows = 8;
 struct TeamLayout {
   int64_t groups = 1, size = 1;
