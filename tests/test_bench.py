@@ -238,6 +238,19 @@ def test_huge_pages_bench_smoke(tmp_path):
         assert text.count(f"| {case} | train |") == 1 and text.count(f"| {case} | infer |") == 1
 
 
+def test_row_groups_bench_smoke(tmp_path):
+    """benchmarks/bench_row_groups.py on tiny shapes: one team, a group per thread and the rule,
+    both modes of both cases in the table, with nn beside them."""
+    import bench_row_groups
+
+    argv = ["--quick", "--rounds", "1", "--min-run-time", "0.01", "--out", str(tmp_path)]
+    text = open(bench_row_groups.main(argv)).read()
+    assert "| case | mode | nn ms | one team ms | 2 groups ms (vs one team) | rule ms |" in text
+    for case in ("GRU B=9 T=4 I=2 H=5, uniform lengths, float32", "LSTM B=9 T=4 I=2 H=5, full"):
+        assert text.count(f"| {case}") == 2, case
+    assert os.environ.get("VARLEN_RNN_CPU_ROW_GROUPS") is None  # the script restores it
+
+
 def test_bench_modules_leave_the_import_path_to_the_installed_package():
     """Importing the benchmark scripts (as these tests do) must not put a checkout that was
     never built in place ahead of the installed varlen_rnn: processes spawned later from this
@@ -248,6 +261,7 @@ def test_bench_modules_leave_the_import_path_to_the_installed_package():
     import bench_double_backward  # noqa: F401
     import bench_grad_mask  # noqa: F401
     import bench_huge_pages  # noqa: F401
+    import bench_row_groups  # noqa: F401
 
     import varlen_rnn
 
