@@ -229,21 +229,18 @@ inline int64_t team_parts(int64_t H, int64_t threads) {
 // (cpu/small_gemm.cpp: 8 rows). scalar_bytes: the products' operand size
 // (2 with bfloat16 products). VARLEN_RNN_CPU_ROW_GROUPS=n forces n groups
 // (at most threads; read at every call, for tests and measurement).
-// Measured on the 2-core AMD EPYC (2 threads: two groups of one thread
-// against one team of two; float32, GRU and LSTM, min of 3 alternating
-// medians per case, ad hoc at 820de5e): inference at full lengths 1.21x /
-// 1.23x at H=32 B=256, 1.37x / 1.71x (LSTM) at H=32 B=64, 1.31x / 1.37x at
-// H=48 B=32, 1.08-1.13x at H=64 B=16-256, 1.36-1.39x / 1.04-1.37x at H=128
-// B=32-512, 1.01-1.13x / 0.97-1.08x at H=256 B=16-256; lengths uniform in
-// [1, T] 1.02-1.88x but 0.98x at H=128 B=32 (GRU); training steps at full
-// lengths 1.01-1.25x but 0.97x at H=256 B=16 (GRU) and 0.96x at H=128 B=32
-// (LSTM), uniform 1.01-1.61x; bfloat16 products (uniform, H=32-256 B=16-256)
-// inference 1.11-1.71x, training 1.15-1.51x but 0.95x at H=128 B=128 (LSTM).
-// Past L2: 0.96-1.00x at H=512 B=16-64, 0.77-0.92x at H=1024; at B=4 H=128
-// 0.87x (GRU) and 1.14x (LSTM), B=4 H=512 0.81-0.82x. Short calls, where
-// each group packs the whole of W_hh (and W_ih's panel) instead of a slice:
-// 0.96-1.07x (T=8-16, H=64-256, B=16-64, both modes, min of 4; ad hoc at
-// e52e6f4).
+// Measured on the 2-core AMD EPYC (benchmarks/bench_row_groups.py reruns a
+// set of these cases; 2 threads: two groups of one thread against one team of two; float32, GRU and
+// LSTM, min of 3 alternating medians per case, ad hoc at 820de5e): inference at full lengths 1.21x
+// / 1.23x at H=32 B=256, 1.37x / 1.71x (LSTM) at H=32 B=64, 1.31x / 1.37x at H=48 B=32, 1.08-1.13x
+// at H=64 B=16-256, 1.36-1.39x / 1.04-1.37x at H=128 B=32-512, 1.01-1.13x / 0.97-1.08x at H=256
+// B=16-256; lengths uniform in [1, T] 1.02-1.88x but 0.98x at H=128 B=32 (GRU); training steps at
+// full lengths 1.01-1.25x but 0.97x at H=256 B=16 (GRU) and 0.96x at H=128 B=32 (LSTM),
+// uniform 1.01-1.61x; bfloat16 products (uniform, H=32-256 B=16-256) inference 1.11-1.71x,
+// training 1.15-1.51x but 0.95x at H=128 B=128 (LSTM). Past L2: 0.96-1.00x at H=512 B=16-64,
+// 0.77-0.92x at H=1024; at B=4 H=128 0.87x (GRU) and 1.14x (LSTM), B=4 H=512 0.81-0.82x. Short
+// calls, where each group packs the whole of W_hh (and W_ih's panel) instead of a slice: 0.96-1.07x
+// (T=8-16, H=64-256, B=16-64, both modes, min of 4; ad hoc at e52e6f4).
 constexpr int64_t kGroupRows = 8;
 struct TeamLayout {
   int64_t groups = 1, size = 1;
