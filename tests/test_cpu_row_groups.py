@@ -3,8 +3,8 @@ cpu/schedule.h row_ranges; VARLEN_RNN_CPU_ROW_GROUPS=n forces n groups): each te
 range of the sorted rows with no synchronisation with the others. Every cell, every layout, both
 directions (in turn and at once), 2 and 4 threads, 2 and 3 groups, chunks of 3 steps so chunk
 boundaries fall inside the sequences: the forward without a workspace and every gradient of the
-backward against the plain-PyTorch reference in float64 to 1e-10, with zero lengths, more groups
-than rows with work, and ranges of unequal size. float32 and bfloat16 products: the groups give
+backward against the plain-PyTorch reference in float64 to 1e-10, with zero lengths, ranges of
+unequal size, and more groups than rows with work (groups with no rows at all). float32 and bfloat16 products: the groups give
 bit for bit what one team gives (each element is one chain of multiply-adds either way). A bad
 setting is refused with its name."""
 
@@ -56,6 +56,20 @@ def test_row_groups_match_the_reference(monkeypatch, threads, groups, D, directi
     want_g = grads(ref_fn, cell, w, x, index, bf)
     for name in want_g:
         torch.testing.assert_close(got_g[name], want_g[name], **TIGHT, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("threads", [4], indirect=True)
+@pytest.mark.parametrize("lengths", [[3, 0], [0, 0, 0], [6]], ids=["one_with_work", "none", "one"])
+@pytest.mark.parametrize("cell", ["gru", "lstm", "lstm_proj"])
+def test_more_groups_than_rows_with_work(monkeypatch, threads, cell, lengths):
+    """Groups left with zero-length rows only, or with no rows at all: nothing to run there."""
+    configure(monkeypatch, 3)
+    w = make_weights(cell, 2, len(lengths))
+    x, index, bf = make_input("padded", lengths)
+    got = grads(op_fn, cell, w, x, index, bf)
+    want = grads(ref_fn, cell, w, x, index, bf)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **TIGHT, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("threads", [2], indirect=True)
