@@ -151,6 +151,12 @@ inline bool use_split_loops(const LayerDims& dims, int64_t steps, bool bf16, boo
   return bf16 || threads <= 2 || dims.H >= 256 || dims.B <= 32;
 }
 
+// The values a step reads from the recurrent weights of one direction:
+// W_hh ([G*H, P]) and, with a projection, W_hr ([P, H]).
+inline int64_t recurrent_weights(const LayerDims& dims) {
+  return dims.G * dims.H * dims.P + (dims.P != dims.H ? dims.P * dims.H : 0);
+}
+
 // Whether a bidirectional layer's two directions run at once, each on its
 // half of the threads (the first (threads + 1) / 2 run d = 0), with the split
 // loops over each half: a half of one thread runs its direction alone, with
@@ -186,8 +192,8 @@ inline bool use_concurrent_directions(const LayerDims& dims, int64_t steps, size
   if (env != nullptr && std::strcmp(env, "concurrent") == 0) return true;
   if (env != nullptr && std::strcmp(env, "serial") == 0) return false;
   if (few_steps(dims, steps, bf16_products)) return false;
-  const int64_t weights = dims.G * dims.H * dims.P + (dims.P != dims.H ? dims.P * dims.H : 0);
-  const int64_t per_thread = weights * static_cast<int64_t>(scalar_bytes) / (threads / 2);
+  const int64_t per_thread =
+      recurrent_weights(dims) * static_cast<int64_t>(scalar_bytes) / (threads / 2);
   return threads % 2 == 0 && per_thread <= 768 * 1024;
 }
 
@@ -255,8 +261,7 @@ inline TeamLayout team_layout(const LayerDims& dims, int64_t threads, size_t sca
                 "VARLEN_RNN_CPU_ROW_GROUPS must be a positive integer, got '", env, "'");
     groups = std::min<int64_t>(n, threads);
   } else {
-    const int64_t weights = dims.G * dims.H * dims.P + (dims.P != dims.H ? dims.P * dims.H : 0);
-    if (weights * static_cast<int64_t>(scalar_bytes) <= 1024 * 1024)
+    if (recurrent_weights(dims) * static_cast<int64_t>(scalar_bytes) <= 1024 * 1024)
       groups = std::clamp<int64_t>(dims.B / kGroupRows, 1, threads);
   }
   return {groups, threads / groups};
