@@ -5,8 +5,10 @@ identical to single-process training, and the GRU's parameters are the same obje
 construction to the last step."""
 
 import copy
+import faulthandler
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -161,6 +163,7 @@ def _check_against_single(rank, model_cls, wrap):
 
 
 def _worker(rank, port, errors, which):
+    faulthandler.enable(all_threads=True)  # a crash prints every thread's Python stack
     try:
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
         torch.set_num_threads(1)
@@ -180,6 +183,18 @@ def _worker(rank, port, errors, which):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    # Every check has passed. Leave without the interpreter's finalization: destroy_process_group
+    # does not stop gloo's worker threads while Python objects (DDP, FSDP2's device mesh) still
+    # hold the process group, and a thread that drops the last reference to a finished
+    # collective's tensors then needs the GIL while the main thread finalizes the interpreter:
+    # Python ends that thread by unwinding it through a noexcept destructor, and the rank dies
+    # of "terminate called without an active exception" (SIGABRT) after its checks passed. A core
+    # of it showed ~AsyncBarrierWork -> ~AsyncAllgatherCoalescedWork -> decref_pyobject ->
+    # take_gil -> pthread_exit on the thread of ProcessGroupGloo::runLoop, the main thread in
+    # Py_FinalizeEx. It hit about one run in three of the whole suite.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port():
