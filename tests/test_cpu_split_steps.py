@@ -97,3 +97,37 @@ def test_float32_split_agrees_with_gemm_and_repeats_exactly(threads, monkeypatch
     for a, b, g in zip(split_a[:2], split_b[:2], gemm[:2]):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, g, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("projection", ["chunked", "whole"])
+@pytest.mark.parametrize("cell", ["GRU", "LSTM", "LSTM_proj", "RNN"])
+def test_a_slice_of_one_unit(threads, monkeypatch, cell, projection, dtype):
+    """H = 16 (threads - 1) + 1: the team's last slice of the hidden units is one unit. The
+    float32 micro-kernel and the bfloat16 products pack each slice's rows of W_hh and W_ih
+    (gates x units); a slice of one unit once packed a view with W's gate stride as if it were
+    contiguous (wrong outputs, GRU and LSTM). The layer against itself in float64."""
+    import varlen_rnn
+
+    monkeypatch.setenv("VARLEN_RNN_CPU_STEPS", "split")
+    monkeypatch.setenv("VARLEN_RNN_CPU_ROW_GROUPS", "1")  # one team: the units are split
+    monkeypatch.setenv("VARLEN_RNN_CPU_PROJECTION", projection)
+    Hs = 16 * (threads - 1) + 1
+    kw = dict(proj_size=7) if cell == "LSTM_proj" else {}
+    torch.manual_seed(0)
+    ref = getattr(varlen_rnn, cell.split("_")[0])(9, Hs, dtype=torch.float64, **kw)
+    mod = getattr(varlen_rnn, cell.split("_")[0])(9, Hs, dtype=dtype, **kw)
+    mod.load_state_dict(ref.state_dict())
+    lengths = torch.tensor([12, 3, 12, 7, 1])  # T = 12: past the few-step calls
+    x = torch.randn(12, 5, 9, dtype=torch.float64)
+    outs = []
+    for m in (ref, mod):
+        xi = x.to(m.weight_ih_l0.dtype).requires_grad_()
+        out, h = m(xi, lengths=lengths)
+        h = h if isinstance(h, torch.Tensor) else torch.cat([h[0].flatten(), h[1].flatten()])
+        loss = (out.double() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum()
+        (gx,) = torch.autograd.grad(loss + h.double().sum(), xi)
+        outs.append((out.double(), h.double(), gx.double()))
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    for name, a, b in zip(["output", "h_n", "grad_input"], outs[1], outs[0]):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}: {m}")

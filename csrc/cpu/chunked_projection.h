@@ -165,7 +165,9 @@ class ChunkedProjection {
       Part& p = parts_[k];
       p.u0 = u0;
       p.cols = gates * (u1 - u0);
-      if (bf16 || kernel_) p.panel = w3.narrow(1, u0, u1 - u0).reshape({-1, I});  // [G*Hs, I]
+      // [G*Hs, I], contiguous: the packing reads it with row stride I (a slice of one unit
+      // reshapes to a view with W_ih's gate stride, H*I).
+      if (bf16 || kernel_) p.panel = w3.narrow(1, u0, u1 - u0).reshape({-1, I}).contiguous();
     }
   }
 

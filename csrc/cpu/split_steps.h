@@ -87,7 +87,9 @@ class SplitSteps {
     const at::Tensor w3 = args.w_hh[d].view({Cell::kGates, H, P});
     for (int64_t k = 0; k < parts_; ++k) {
       const auto [u0, u1] = slice_of(H, parts_, k);
-      const at::Tensor rows = w3.narrow(1, u0, u1 - u0).reshape({-1, P});  // [G*Hs, P]
+      // [G*Hs, P], contiguous: the packing reads it with row stride P. (A slice of one
+      // unit reshapes to a view with W_hh's gate stride, H*P.)
+      const at::Tensor rows = w3.narrow(1, u0, u1 - u0).reshape({-1, P}).contiguous();
       panels_.push_back(kernel_ || bf16_ ? rows : rows.t().contiguous());
       gh_.push_back(at::empty({R, rows.size(0)}, opts));
     }
