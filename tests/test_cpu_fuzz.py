@@ -13,7 +13,8 @@ draws, ad hoc) found a team's slice of one hidden unit packed wrongly (the GRU a
 
 pytest runs SEEDS draws. Tolerances: float32 3e-4 absolute + 3e-3 relative on outputs, 1e-3 +
 5e-3 on gradients, elementwise; bfloat16 (weights, inputs and states rounded) the largest error
-within 5% of the largest value, + 0.05 (BF16_TOL), which a wrong value still fails."""
+within 5% of the largest value, + 0.05 (BF16_TOL), and the relu RNN in float32 within 1%
+(RELU_F32_TOL), which a wrong value still fails."""
 
 from __future__ import annotations
 
@@ -44,6 +45,12 @@ F32_TOL = (dict(atol=3e-4, rtol=3e-3), dict(atol=1e-3, rtol=5e-3))
 # such products over every position: the largest error within 5% of the largest value (+ 0.05),
 # which a wrong value (an error of the order of the values themselves) does not meet.
 BF16_TOL = 0.05
+# relu in float32: the same kink as below for bfloat16, rarer (a pre-activation within float32's
+# rounding of 0), but with hundreds of thousands of them a draw meets some: its gradients are
+# held to the largest error within 1% of the largest value (+ 1e-2). nn.RNN in float32 against
+# float64 misses the elementwise bound by as much (seed 1763: 0.23 on a bias gradient, 0.1% of
+# its largest value).
+RELU_F32_TOL = 0.01
 
 
 @dataclasses.dataclass
@@ -179,8 +186,10 @@ def mismatches(d: Draw) -> list[str]:
     ):
         for label, a, b in zip(labels, got, want, strict=True):
             a = a.double()
-            if d.dtype == torch.bfloat16:
-                err, bound = (a - b).abs().max().item(), BF16_TOL * (b.abs().max().item() + 1)
+            relu = d.kwargs.get("nonlinearity") == "relu"
+            share = BF16_TOL if d.dtype == torch.bfloat16 else RELU_F32_TOL if relu else None
+            if share is not None:
+                err, bound = (a - b).abs().max().item(), share * (b.abs().max().item() + 1)
                 if not err <= bound:
                     bad.append(f"{kind}{label}: largest error {err:.3g}, allowed {bound:.3g}")
                 continue
