@@ -3,7 +3,7 @@ float64. The other CPU tests set each switch on purpose over chosen shapes; here
 combines a cell (GRU, LSTM with or without a projection, RNN tanh/relu), shapes from 1 to a few
 hundred (with the edges the kernels cut at: multiples of 16 and 48 units, 16k + 1), layers,
 directions, batch_first, bias, hx, the input form (lengths, PackedSequence, jagged nested tensor),
-float32 or bfloat16, 1-4 threads, and the CPU switches (VARLEN_RNN_CPU_STEPS, _ROW_GROUPS,
+float32 or bfloat16, 1-8 threads, and the CPU switches (VARLEN_RNN_CPU_STEPS, _ROW_GROUPS,
 _DIRECTIONS, _PROJECTION, _GEMM, _CHUNK_STEPS), then checks the output, the final states and
 every gradient (input, initial states, weights). An earlier form of this file (about 5,000
 draws, ad hoc) found a team's slice of one hidden unit packed wrongly (the GRU and LSTM at H=17 on
@@ -13,7 +13,7 @@ draws, ad hoc) found a team's slice of one hidden unit packed wrongly (the GRU a
 
 pytest runs SEEDS draws. Tolerances: float32 3e-4 absolute + 3e-3 relative on outputs, 1e-3 +
 5e-3 on gradients, elementwise; bfloat16 (weights, inputs and states rounded) the largest error
-within 5% of the largest value, + 0.05 (BF16_TOL), and the relu RNN in float32 within 1%
+within 5% of the largest value, + 0.05 (BF16_TOL), and the relu RNN in float32 the same
 (RELU_F32_TOL), which a wrong value still fails."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ SEEDS = range(120)
 # Each switch: its values, None for unset (the library's own choice).
 SWITCHES = {
     "VARLEN_RNN_CPU_STEPS": [None, "split", "gemm"],
-    "VARLEN_RNN_CPU_ROW_GROUPS": [None, None, "1", "2", "3"],
+    "VARLEN_RNN_CPU_ROW_GROUPS": [None, None, "1", "2", "3", "4"],
     "VARLEN_RNN_CPU_DIRECTIONS": [None, "concurrent", "serial"],
     "VARLEN_RNN_CPU_PROJECTION": [None, "whole"],
     "VARLEN_RNN_CPU_GEMM": [None, "mkl", "kernel"],
@@ -46,11 +46,12 @@ F32_TOL = (dict(atol=3e-4, rtol=3e-3), dict(atol=1e-3, rtol=5e-3))
 # which a wrong value (an error of the order of the values themselves) does not meet.
 BF16_TOL = 0.05
 # relu in float32: the same kink as below for bfloat16, rarer (a pre-activation within float32's
-# rounding of 0), but with hundreds of thousands of them a draw meets some: its gradients are
-# held to the largest error within 1% of the largest value (+ 1e-2). nn.RNN in float32 against
-# float64 misses the elementwise bound by as much (seed 1763: 0.23 on a bias gradient, 0.1% of
-# its largest value).
-RELU_F32_TOL = 0.01
+# rounding of 0), but with hundreds of thousands of them a draw meets some: its outputs and
+# gradients are held to the largest error within 5% of the largest value (+ 5e-2), as bfloat16.
+# nn.RNN in float32 against float64 misses the elementwise bound by as much: seed 1763, 0.23 on
+# a bias gradient (0.1% of its largest value); a two-layer draw, 1.23 on weight_ih_l1 (2.3%),
+# ours the same to three digits on 1, 2 and 8 threads, either step loop.
+RELU_F32_TOL = 0.05
 
 
 @dataclasses.dataclass
@@ -109,7 +110,7 @@ def draw(seed: int) -> Draw:
         with_hx=rng.random() < 0.5,
         form=rng.choice(["lengths", "lengths", "packed", "nested"]),
         dtype=dtype,
-        threads=rng.choice([1, 2, 2, 3, 4]),
+        threads=rng.choice([1, 2, 2, 3, 4, 6, 8]),
         switches={k: rng.choice(v) for k, v in SWITCHES.items()},
     )
 
