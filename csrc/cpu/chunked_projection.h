@@ -148,7 +148,7 @@ class ChunkedProjection {
         kernel_(!bf16 && std::is_same_v<scalar_t, float> && use_small_gemm()),
         rows_(rows),
         offsets_(rows.offsets(args.sched)) {
-    const int64_t H = args.dims.H, I = args.dims.I;
+    const int64_t H = args.dims.H;
     const Schedule& sched = args.sched;
     parts_.resize(parts);
     // Active counts never grow: the first chunk has the most rows.
@@ -159,15 +159,12 @@ class ChunkedProjection {
     }
     steps_ = chunk_steps(rows.size(), widest, sizeof(scalar_t));
     max_rows_ = offsets_[std::min(steps_, sched.max_len)];
-    const at::Tensor w3 = args.w_ih[d].view({gates, H, I});
     for (int64_t k = 0; k < parts; ++k) {
       const auto [u0, u1] = slice_of(H, parts, k);
       Part& p = parts_[k];
       p.u0 = u0;
       p.cols = gates * (u1 - u0);
-      // [G*Hs, I], contiguous: the packing reads it with row stride I (a slice of one unit
-      // reshapes to a view with W_ih's gate stride, H*I).
-      if (bf16 || kernel_) p.panel = w3.narrow(1, u0, u1 - u0).reshape({-1, I}).contiguous();
+      if (bf16 || kernel_) p.panel = unit_rows(args.w_ih[d], gates, u0, u1);  // [G*Hs, I]
     }
   }
 

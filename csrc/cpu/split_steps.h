@@ -84,12 +84,9 @@ class SplitSteps {
     packed_.resize(kernel_ ? parts_ : 0);
     packed16_.resize(bf16_ ? parts_ : 0);
     if (gx_p == nullptr) chunks_.emplace(args, d, Cell::kGates, parts_, bf16_, rows);
-    const at::Tensor w3 = args.w_hh[d].view({Cell::kGates, H, P});
     for (int64_t k = 0; k < parts_; ++k) {
       const auto [u0, u1] = slice_of(H, parts_, k);
-      // [G*Hs, P], contiguous: the packing reads it with row stride P. (A slice of one
-      // unit reshapes to a view with W_hh's gate stride, H*P.)
-      const at::Tensor rows = w3.narrow(1, u0, u1 - u0).reshape({-1, P}).contiguous();
+      const at::Tensor rows = unit_rows(args.w_hh[d], Cell::kGates, u0, u1);  // [G*Hs, P]
       panels_.push_back(kernel_ || bf16_ ? rows : rows.t().contiguous());
       gh_.push_back(at::empty({R, rows.size(0)}, opts));
     }
