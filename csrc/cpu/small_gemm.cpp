@@ -284,10 +284,19 @@ PackedB pack_b(int64_t K, int64_t N, const float* b, int64_t stride_k, int64_t s
   return p;
 }
 
-// The default: the micro-kernel where AVX-512 runs, the BLAS elsewhere (the
-// AVX2 and portable kernels were not measured against a BLAS on a machine of
-// their own). Measured on this project's 2-core Xeon (AVX-512, 243 GFLOP/s
-// FP32 per core by an FMA loop), shared with other work, so as minima:
+// The default: the micro-kernel where AVX-512 or AVX2+FMA runs, the BLAS
+// elsewhere (the portable kernel was not measured against a BLAS on a machine
+// of its own). With the BLAS, whose rounding depends on the number of rows,
+// row groups (cpu/team.h) did not give one team's results bit for bit
+// (test_cpu_row_groups.py failed on an AVX2 EPYC until the AVX2 kernel
+// became its default).
+// - AVX2, a 2-core AMD EPYC (Zen 3, no AVX-512), bench_small_gemm.py
+//   (benchmarks/results/small-gemm_cpu_20261130-102409.md): whole inference forwards
+//   through the split loop 1.16-1.92x faster than with MKL (GRU, LSTM, RNN at
+//   B=64 H=256 and B=16 H=512); single calls 71-87 GFLOP/s against MKL's
+//   46-75, but 63 vs 72 at K=512 n=64.
+// - AVX-512: measured on this project's 2-core Xeon (243 GFLOP/s FP32 per core
+//   by an FMA loop), shared with other work, so as minima:
 // - In the layer (float32 inference, split loop, 2 threads; a temporary timer
 //   around each step's product, min per step over 30 runs, summed): GRU B=64
 //   T=100 I=H=256: 3.7 ms kernel vs 4.7-4.9 ms BLAS per thread; B=16 T=200
@@ -303,8 +312,8 @@ bool use_small_gemm() {
     if (std::strcmp(env, "kernel") == 0) return true;
     if (std::strcmp(env, "mkl") == 0) return false;
   }
-  static const bool avx512 = best_isa() == SmallGemmIsa::kAvx512;
-  return avx512;
+  static const bool x86_kernel = best_isa() != SmallGemmIsa::kPortable;
+  return x86_kernel;
 }
 
 void f32_rows_times(int64_t m, const float* a, int64_t lda, const float* w, int64_t K, int64_t N,
