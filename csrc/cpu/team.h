@@ -29,6 +29,9 @@
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
+#if __has_include(<unistd.h>)
+#include <unistd.h>  // sysconf: the L2's size
+#endif
 
 // The Fortran BLAS that torch's CPU build carries (MKL in the x86 wheels).
 // Weak: where a build lacks it, the split loop is not used (blas_available).
@@ -157,6 +160,25 @@ inline int64_t recurrent_weights(const LayerDims& dims) {
   return dims.G * dims.H * dims.P + (dims.P != dims.H ? dims.P * dims.H : 0);
 }
 
+// A core's L2 in bytes as the OS reports it (sysconf on Linux), 1 MiB where
+// it reports none. The rules below keep a thread's recurrent weights within
+// it; their limits were measured where the L2 is 1 MiB (AMD EPYC, Zen 4) and
+// 2 MiB (Xeon), and are capped at the L2 where it is smaller: on an EPYC with
+// 512 KiB (Zen 3) the limits measured elsewhere lost (GRU H=256, 768 KiB of
+// W_hh: two row groups 0.82-0.94x of one team at B=16 and 0.93x at B=64 in
+// inference, benchmarks/results/row-groups_cpu_20261130-103734.md; the
+// directions at once 0.78-0.96x at B=16 and 0.81x at B=64 in inference, ad hoc).
+inline int64_t l2_bytes() {
+  static const int64_t bytes = [] {
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    const long reported = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    if (reported > 0) return static_cast<int64_t>(reported);
+#endif
+    return int64_t{1} << 20;
+  }();
+  return bytes;
+}
+
 // Whether a bidirectional layer's two directions run at once, each on its
 // half of the threads (the first (threads + 1) / 2 run d = 0), with the split
 // loops over each half: a half of one thread runs its direction alone, with
@@ -166,7 +188,8 @@ inline int64_t recurrent_weights(const LayerDims& dims) {
 // form) always runs the directions in turn. Auto: with an even thread count
 // (with an odd one the smaller half would set the pace) while each thread's
 // share of its direction's recurrent weights (W_hh, and W_hr with a
-// projection, over the half's threads) is at most 768 KiB: a thread then
+// projection, over the half's threads) is at most 768 KiB and the L2
+// (l2_bytes): a thread then
 // reads twice the weights per step that it reads with the directions in
 // turn, and past that they no longer stay in its core's L2 (2 MiB here).
 // Measured float32, 2 threads, on the 2-core Xeon (machine otherwise idle,
@@ -194,7 +217,7 @@ inline bool use_concurrent_directions(const LayerDims& dims, int64_t steps, size
   if (few_steps(dims, steps, bf16_products)) return false;
   const int64_t per_thread =
       recurrent_weights(dims) * static_cast<int64_t>(scalar_bytes) / (threads / 2);
-  return threads % 2 == 0 && per_thread <= 768 * 1024;
+  return threads % 2 == 0 && per_thread <= std::min<int64_t>(768 * 1024, l2_bytes());
 }
 
 // The one place a layer's step loops are chosen (forward and backward):
@@ -230,7 +253,8 @@ inline int64_t team_parts(int64_t H, int64_t threads) {
 // threads that split the hidden units (team_parts) and meet at a barrier
 // each step. Each team reads all of W_hh (and W_hr) every step, where a team
 // of all threads has each read its slice: so groups only where those
-// weights stay in a core's L2 (at most 1 MiB, the AMD EPYC's L2), and with
+// weights stay in a core's L2 (at most 1 MiB, the Zen 4 EPYC's L2, and at
+// most l2_bytes()), and with
 // at least kGroupRows rows a group, what the micro-kernel's row tiles need
 // (cpu/small_gemm.cpp: 8 rows). scalar_bytes: the products' operand size
 // (2 with bfloat16 products). VARLEN_RNN_CPU_ROW_GROUPS=n forces n groups
@@ -261,7 +285,8 @@ inline TeamLayout team_layout(const LayerDims& dims, int64_t threads, size_t sca
                 "VARLEN_RNN_CPU_ROW_GROUPS must be a positive integer, got '", env, "'");
     groups = std::min<int64_t>(n, threads);
   } else {
-    if (recurrent_weights(dims) * static_cast<int64_t>(scalar_bytes) <= 1024 * 1024)
+    if (recurrent_weights(dims) * static_cast<int64_t>(scalar_bytes) <=
+        std::min<int64_t>(1024 * 1024, l2_bytes()))
       groups = std::clamp<int64_t>(dims.B / kGroupRows, 1, threads);
   }
   return {groups, threads / groups};
