@@ -5,7 +5,8 @@
 // weight for a GEMM costs more than the steps' products (cpu/recurrence.h):
 // - bfloat16 a and w: AVX512-BF16's dot products of pairs (vdpbf16ps), K
 //   even (bf16_dot_rows, cpu/bf16_gemm.h);
-// - float32: AVX-512 FMAs (f32_dot_rows, cpu/small_gemm.h).
+// - float32: AVX-512 FMAs (f32_dot_rows, cpu/small_gemm.h), or AVX2 FMAs
+//   on a CPU without AVX-512 (dot_rows8_avx2: the same loop on 8 lanes).
 // Written once for both (DotTraits): eight rows of w at a time, each with
 // its own sum over k, a's row of k values loaded once for them; a task is a
 // group of 8 rows of w, whose rows stay in L1 while a's rows pass them.
@@ -114,11 +115,52 @@ VR_DOT_TARGET void dot_rows8(int64_t i0, int64_t i1, const T* a, int64_t lda, co
   }
 }
 
-// The whole product on all threads (the caller checks the CPU runs it).
-// Tasks of 8-row groups of w (~64 rows, 32 KiB of bfloat16 at K = 256).
+// dot_rows8 on AVX2 (float32 only: AVX2 has no bfloat16 products): the same
+// sums on 8 lanes, the tail of K loaded through an integer mask vector (no
+// mask registers), and the same pairwise reduction from the 8 lanes on.
+template <bool kFull>
+__attribute__((target("avx2,fma"))) void dot_rows8_avx2(int64_t i0, int64_t i1, const float* a,
+                                                        int64_t lda, const float* w8,
+                                                        int rows_given, int64_t K, float* c8,
+                                                        int64_t ldc) {
+  // lanes[8 - n .. 16 - n): n ones (-1) then zeros, the mask of n lanes.
+  alignas(32) static const int32_t lanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1,
+                                                0,  0,  0,  0,  0,  0,  0,  0};
+  const int rows = kFull ? 8 : rows_given;
+  const int64_t full = K / 8 * 8;
+  const __m256i all = _mm256_set1_epi32(-1);
+  const __m256i tail = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + 8 - (K - full)));
+  const __m256i store = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + 8 - rows));
+  for (int64_t i = i0; i < i1; ++i) {
+    const float* ai = a + i * lda;
+    __m256 acc[8];
+    for (int q = 0; q < 8; ++q) acc[q] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+      const __m256i mask = k < full ? all : tail;
+      const __m256 av = _mm256_maskload_ps(ai + k, mask);
+      for (int q = 0; q < rows; ++q) {
+        acc[q] = _mm256_fmadd_ps(av, _mm256_maskload_ps(w8 + q * K + k, mask), acc[q]);
+      }
+    }
+    const __m256 t0 =
+        _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    const __m256 t1 =
+        _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+    const __m256 sums =
+        _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+    _mm256_maskstore_ps(c8 + i * ldc, store, sums);
+  }
+}
+
+// The whole product on all threads, by groups of 8 rows of w through one
+// ISA's 8-row function (full: 8 rows, part: fewer). Tasks of 8-row groups of
+// w (~64 rows, 32 KiB of bfloat16 at K = 256).
 template <typename T>
-void dot_rows(int64_t m, const T* a, int64_t lda, const T* w, int64_t J, int64_t K, float* c,
-              int64_t ldc) {
+using DotRows8 = void (*)(int64_t, int64_t, const T*, int64_t, const T*, int, int64_t, float*,
+                          int64_t);
+template <typename T>
+void dot_rows_with(DotRows8<T> full, DotRows8<T> part, int64_t m, const T* a, int64_t lda,
+                   const T* w, int64_t J, int64_t K, float* c, int64_t ldc) {
   if (m <= 0 || J <= 0) return;
   const int64_t groups = (J + 7) / 8;
   const int64_t grain = std::max<int64_t>(2, 2048 * 2 / sizeof(T) / std::max<int64_t>(K, 1));
@@ -126,12 +168,25 @@ void dot_rows(int64_t m, const T* a, int64_t lda, const T* w, int64_t J, int64_t
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t j0 = g * 8;
       if (J - j0 >= 8) {
-        dot_rows8<T, true>(0, m, a, lda, w + j0 * K, 8, K, c + j0, ldc);
+        full(0, m, a, lda, w + j0 * K, 8, K, c + j0, ldc);
       } else {
-        dot_rows8<T, false>(0, m, a, lda, w + j0 * K, static_cast<int>(J - j0), K, c + j0, ldc);
+        part(0, m, a, lda, w + j0 * K, static_cast<int>(J - j0), K, c + j0, ldc);
       }
     }
   });
+}
+
+// The AVX-512 product (the caller checks the CPU runs it).
+template <typename T>
+void dot_rows(int64_t m, const T* a, int64_t lda, const T* w, int64_t J, int64_t K, float* c,
+              int64_t ldc) {
+  dot_rows_with<T>(&dot_rows8<T, true>, &dot_rows8<T, false>, m, a, lda, w, J, K, c, ldc);
+}
+
+// The AVX2 one, float32 (the caller checks the CPU runs it).
+inline void dot_rows_avx2(int64_t m, const float* a, int64_t lda, const float* w, int64_t J,
+                          int64_t K, float* c, int64_t ldc) {
+  dot_rows_with<float>(&dot_rows8_avx2<true>, &dot_rows8_avx2<false>, m, a, lda, w, J, K, c, ldc);
 }
 
 // The other form, rows times an operand whose rows are k (a packed strip, or

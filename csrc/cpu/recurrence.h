@@ -428,7 +428,7 @@ void backward_impl(BackwardArgs& args) {
       if constexpr (std::is_same_v<scalar_t, float>) {
         // A call of few steps at few rows: on W_hh as stored, as the
         // forward's dot products (cpu/small_gemm.h f32_rows_times).
-        if (few && f32_dots_for(n)) {
+        if (few && f32_rows_times_for(n)) {
           f32_rows_times(n, dgh_s.const_data_ptr<float>(), dgh_s.stride(0),
                          w_hh_d.const_data_ptr<float>(), G, P, dh_p, P, Cell::kReadsHPrev);
           continue;
@@ -464,7 +464,7 @@ void backward_impl(BackwardArgs& args) {
   at::Tensor dxp;                                           // [N, I]
   if constexpr (std::is_same_v<scalar_t, float>) {
     // Over few positions on W_ih as stored, as the steps' dh (f32_rows_times).
-    if (f32_dots_for(N)) {
+    if (f32_rows_times_for(N)) {
       RECORD_FUNCTION("varlen_rnn::f32_rows_times", std::vector<c10::IValue>());  // for profiles
       dxp = empty_large({N, dims.I}, opts);
       f32_rows_times(N, dgx.const_data_ptr<float>(), DG, w_ih.const_data_ptr<float>(), DG, dims.I,

@@ -321,6 +321,7 @@ void f32_rows_times(int64_t m, const float* a, int64_t lda, const float* w, int6
   if (m <= 0 || N <= 0) return;
 #if VR_HAVE_X86_KERNELS
   TORCH_INTERNAL_ASSERT(best_isa() == SmallGemmIsa::kAvx512, "f32_rows_times: needs AVX-512");
+  // (f32_rows_times_for holds)
   // Tasks of 64 columns, all rows (cpu/dot_rows.h row_tiles).
   at::parallel_for(0, (N + 63) / 64, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t j0 = b0 * 64; j0 < std::min(N, b1 * 64); j0 += 64) {
@@ -332,23 +333,41 @@ void f32_rows_times(int64_t m, const float* a, int64_t lda, const float* w, int6
 #endif
 }
 
-bool f32_dots_for(int64_t rows) {
+namespace {
+// rows within kF32DotRows, VARLEN_RNN_CPU_GEMM not mkl, and `isa_ok`.
+bool stored_products_for(int64_t rows, bool isa_ok) {
   if (rows > kF32DotRows) return false;
   if (const char* env = std::getenv("VARLEN_RNN_CPU_GEMM")) {
     if (std::strcmp(env, "mkl") == 0) return false;
   }
+  return isa_ok;
+}
+}  // namespace
+
+bool f32_dots_for(int64_t rows) {
+  static const SmallGemmIsa isa = best_isa();
+  if (isa == SmallGemmIsa::kAvx2) return stored_products_for(rows, rows <= kF32DotRowsAvx2);
+  return stored_products_for(rows, isa == SmallGemmIsa::kAvx512);
+}
+
+bool f32_rows_times_for(int64_t rows) {
   static const bool avx512 = best_isa() == SmallGemmIsa::kAvx512;
-  return avx512;
+  return stored_products_for(rows, avx512);
 }
 
 void f32_dot_rows(int64_t m, const float* a, int64_t lda, const float* w, int64_t J, int64_t K,
                   float* c, int64_t ldc) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  TORCH_INTERNAL_ASSERT(best_isa() == SmallGemmIsa::kAvx512, "f32_dot_rows: needs AVX-512");
-  dot_rows(m, a, lda, w, J, K, c, ldc);
-#else
-  TORCH_INTERNAL_ASSERT(false, "f32_dot_rows: needs an x86-64 build with AVX-512");
+#if VR_HAVE_X86_KERNELS
+  switch (best_isa()) {
+    case SmallGemmIsa::kAvx512:
+      return dot_rows(m, a, lda, w, J, K, c, ldc);
+    case SmallGemmIsa::kAvx2:
+      return dot_rows_avx2(m, a, lda, w, J, K, c, ldc);
+    default:
+      break;
+  }
 #endif
+  TORCH_INTERNAL_ASSERT(false, "f32_dot_rows: needs an x86-64 build and AVX2 or AVX-512");
 }
 
 namespace {
@@ -375,9 +394,10 @@ at::Tensor small_gemm_op(const at::Tensor& a, const at::Tensor& b,
               b.sizes(), " ", b.scalar_type());
   TORCH_CHECK(repeats >= 0, "_small_gemm: repeats must be >= 0, got ", repeats);
   const bool blas = kernel == "blas", dots = kernel == "dots", rows = kernel == "rows";
-  const SmallGemmIsa isa = blas           ? SmallGemmIsa::kAuto
-                           : dots || rows ? SmallGemmIsa::kAvx512
-                                          : isa_named(kernel);
+  const SmallGemmIsa isa = blas   ? SmallGemmIsa::kAuto
+                           : dots ? SmallGemmIsa::kAvx2  // AVX2 or AVX-512
+                           : rows ? SmallGemmIsa::kAvx512
+                                  : isa_named(kernel);
   TORCH_CHECK(small_gemm_supports(isa), "_small_gemm: this CPU does not run kernel '", kernel, "'");
   TORCH_CHECK(!blas || blas_available(), "_small_gemm: this build has no BLAS for kernel 'blas'");
   TORCH_CHECK(!((blas || dots) && c), "_small_gemm: kernel '", kernel, "' takes no c");

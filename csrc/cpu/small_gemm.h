@@ -77,10 +77,12 @@ bool small_gemm_supports(SmallGemmIsa isa);
 bool use_small_gemm();
 
 // A float32 call of few steps (cpu/team.h few_steps) takes its products on
-// the weights as stored (cpu/dot_rows.h: AVX-512 dot products, no packing,
-// no transposed view for the BLAS) where the rows (positions) are at most
-// kF32DotRows and the CPU runs AVX-512 (f32_dots_for; VARLEN_RNN_CPU_GEMM=mkl
-// keeps the BLAS, for tests and measurement). MKL's GEMM on the transposed
+// the weights as stored (cpu/dot_rows.h: AVX-512 or AVX2 dot products, no
+// packing, no transposed view for the BLAS) where the rows (positions) are at
+// most kF32DotRows (AVX-512) or kF32DotRowsAvx2 (AVX2) (f32_dots_for); its
+// backward's products on the weights as stored need AVX-512
+// (f32_rows_times_for). VARLEN_RNN_CPU_GEMM=mkl keeps the BLAS for both, for
+// tests and measurement. MKL's GEMM on the transposed
 // weight is slow at few rows on an AMD EPYC (Zen 4, 2 threads, weights
 // [768, 256] to [2048, 512]: 19-94 us at one row, 20-22 GFLOP/s). Measured
 // there (the test op's "dots" against torch.mm(a, w.t()), 2 threads): 5-34
@@ -92,9 +94,14 @@ bool use_small_gemm();
 // torch.mm(dG, W_hh) there, dG [m, G*H], W_hh [768, 256] to [2048, 512]:
 // 1.50-1.64x at 32 rows, 1.32-1.37x at 64, 1.22-1.25x at 128, 1.17-1.20x at
 // 256. Hence the limit. Not measured on a Xeon, where the same rule applies
-// (AVX-512).
-constexpr int64_t kF32DotRows = 256;
+// (AVX-512). On AVX2 (a 2-core EPYC, Zen 3, no AVX-512; the same
+// comparison, min of 15, 20 calls each) the dot products won at few rows
+// only: 24-78 against 32-134 us at 1 row, 31-151 vs 75-359 at 4 (2.1-2.4x),
+// 61-274 vs 89-402 at 8, 0.92-1.10x at 16, 0.79-1.13x at 32, 0.68-1.08x at
+// 64 and 0.54-0.93x from 128 rows on: hence kF32DotRowsAvx2.
+constexpr int64_t kF32DotRows = 256, kF32DotRowsAvx2 = 16;
 bool f32_dots_for(int64_t rows);
+bool f32_rows_times_for(int64_t rows);
 
 // c[m, J] (ldc) = a[m, K] (lda) w[J, K]^T, w row-major as stored, on all
 // threads (f32_dots_for must hold).
@@ -103,8 +110,8 @@ void f32_dot_rows(int64_t m, const float* a, int64_t lda, const float* w, int64_
 
 // c[m, N] (ldc) = a[m, K] (lda) w[K, N] (or c += with accumulate), w
 // row-major as stored (not transposed: the backward's dh = dG W_hh reads
-// W_hh [G*H, P] so), on all threads (tasks of 64 columns; f32_dots_for must
-// hold). Each c[i, j] is one FMA chain over k in order.
+// W_hh [G*H, P] so), on all threads (tasks of 64 columns; f32_rows_times_for
+// must hold). Each c[i, j] is one FMA chain over k in order.
 void f32_rows_times(int64_t m, const float* a, int64_t lda, const float* w, int64_t K, int64_t N,
                     float* c, int64_t ldc, bool accumulate);
 

@@ -122,7 +122,7 @@ void weight_grad(at::Tensor c, const at::Tensor& a, const at::Tensor& b) {
   at::mm_out(c, a.t(), b);
 }
 
-bool f32_weight_grad_for(int64_t n) { return n <= kF32GradRows && f32_dots_for(n); }
+bool f32_weight_grad_for(int64_t n) { return n <= kF32GradRows && f32_rows_times_for(n); }
 
 void f32_weight_grad(int64_t n, const float* a, int64_t lda, int64_t G, const float* b, int64_t ldb,
                      int64_t P, float* c, int64_t ldc) {

@@ -38,7 +38,7 @@ void bf16_weight_grad(int64_t n, const at::BFloat16* a, int64_t lda, int64_t G,
 // in order. Measured as above against MKL's sgemm (the fill, 8-40 us,
 // subtracted): 768 x 256 10 us against 19 at n = 1, 22 vs 33 at 8, 35 vs 44
 // at 16; 1536 x 512 34 vs 63 at 1, 82 vs 138 at 8, 141 vs 186 at 16.
-// f32_weight_grad_for(n): n <= kF32GradRows and f32_dots_for(n) (AVX-512,
+// f32_weight_grad_for(n): n <= kF32GradRows and f32_rows_times_for(n) (AVX-512,
 // and VARLEN_RNN_CPU_GEMM not mkl).
 constexpr int64_t kF32GradRows = 16;
 bool f32_weight_grad_for(int64_t n);
