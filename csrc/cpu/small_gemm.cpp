@@ -334,25 +334,24 @@ void f32_rows_times(int64_t m, const float* a, int64_t lda, const float* w, int6
 }
 
 namespace {
-// rows within kF32DotRows, VARLEN_RNN_CPU_GEMM not mkl, and `isa_ok`.
-bool stored_products_for(int64_t rows, bool isa_ok) {
-  if (rows > kF32DotRows) return false;
-  if (const char* env = std::getenv("VARLEN_RNN_CPU_GEMM")) {
-    if (std::strcmp(env, "mkl") == 0) return false;
-  }
-  return isa_ok;
+// rows within `limit` (-1: this CPU runs none) and VARLEN_RNN_CPU_GEMM not mkl.
+bool stored_products_for(int64_t rows, int64_t limit) {
+  if (rows > limit) return false;
+  const char* env = std::getenv("VARLEN_RNN_CPU_GEMM");
+  return env == nullptr || std::strcmp(env, "mkl") != 0;
 }
 }  // namespace
 
 bool f32_dots_for(int64_t rows) {
-  static const SmallGemmIsa isa = best_isa();
-  if (isa == SmallGemmIsa::kAvx2) return stored_products_for(rows, rows <= kF32DotRowsAvx2);
-  return stored_products_for(rows, isa == SmallGemmIsa::kAvx512);
+  static const int64_t limit = best_isa() == SmallGemmIsa::kAvx512 ? kF32DotRows
+                               : best_isa() == SmallGemmIsa::kAvx2 ? kF32DotRowsAvx2
+                                                                   : -1;
+  return stored_products_for(rows, limit);
 }
 
 bool f32_rows_times_for(int64_t rows) {
-  static const bool avx512 = best_isa() == SmallGemmIsa::kAvx512;
-  return stored_products_for(rows, avx512);
+  static const int64_t limit = best_isa() == SmallGemmIsa::kAvx512 ? kF32DotRows : -1;
+  return stored_products_for(rows, limit);
 }
 
 void f32_dot_rows(int64_t m, const float* a, int64_t lda, const float* w, int64_t J, int64_t K,
