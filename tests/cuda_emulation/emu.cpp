@@ -1,5 +1,5 @@
 // Host emulation of the CUDA kernels in csrc/cuda/*.cuh, for machines without a GPU: every CUDA
-// thread is a std::thread, __syncthreads and grid.sync() are std::barriers, warp shuffles go
+// thread is a fiber, __syncthreads and grid.sync() are its barriers (fibers.h), warp shuffles go
 // through a per-warp exchange (emu_runtime.h). It runs the real kernel code in every dtype the
 // CUDA build dispatches (double, float, c10::Half, c10::BFloat16 with float op-math) and for
 // every cell (GRU, LSTM with and without a projection, RNN tanh and relu), so tests can check

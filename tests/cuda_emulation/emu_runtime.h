@@ -1,18 +1,18 @@
-// The CUDA runtime on CPU threads, for tests/cuda_emulation/emu.cpp: every CUDA thread is a
-// std::thread, __syncthreads and grid.sync() are std::barriers, warp shuffles go through a
+// The CUDA runtime on the CPU, for tests/cuda_emulation/emu.cpp: every CUDA thread is a fiber
+// (fibers.h), __syncthreads and grid.sync() are its barriers, warp shuffles go through a
 // per-warp exchange, mma.sync is mma_emu.h's. Included before any kernel header.
 #pragma once
 
 #include <ATen/OpMathType.h>
 #include <torch/extension.h>
 #include <atomic>
-#include <barrier>
 #include <cassert>
 #include <memory>
-#include <thread>
 #include <vector>
 #include <algorithm>
 #include <type_traits>
+
+#include "fibers.h"
 
 #define VARLEN_RNN_HOST_EMULATION 1
 #define __global__
@@ -54,29 +54,26 @@ void emu_note_fragment_ways(int ways) {
   }
 }
 }  // namespace varlen_rnn::cuda
-struct EmuIdx {
-  int x = 0, y = 0, z = 0;
-};
-thread_local EmuIdx threadIdx, blockIdx, blockDim, gridDim;
 #include "mma_emu.h"
 struct EmuWarp {
-  std::barrier<> bar{32};
+  emu::Barrier bar{32};
   double slot[2][32];
   varlen_rnn::cuda::tc::MmaExchange mma;
 };
 struct EmuBlock {
   explicit EmuBlock(int n, size_t smem) : bar(n), smem(smem + 16, 0xCD), warps(n / 32) {}
-  std::barrier<> bar;
+  emu::Barrier bar;
   std::vector<unsigned char> smem;
   std::vector<EmuWarp> warps;
 };
-thread_local EmuBlock* tl_block = nullptr;
-thread_local std::barrier<>* tl_grid = nullptr;
-inline void __syncthreads() { tl_block->bar.arrive_and_wait(); }
+// The running thread's block and grid barrier (fibers.h swaps them with the thread).
+inline EmuBlock* tl_block() { return static_cast<EmuBlock*>(emu::tl_own.block); }
+inline emu::Barrier* tl_grid() { return static_cast<emu::Barrier*>(emu::tl_own.grid); }
+inline void __syncthreads() { tl_block()->bar.arrive_and_wait(); }
 varlen_rnn::cuda::tc::MmaExchange& varlen_rnn::cuda::tc::emu_mma_exchange() {
-  return tl_block->warps[threadIdx.x / 32].mma;
+  return tl_block()->warps[threadIdx.x / 32].mma;
 }
-inline unsigned char* dynamic_smem() { return tl_block->smem.data(); }
+inline unsigned char* dynamic_smem() { return tl_block()->smem.data(); }
 template <typename T>
 inline T __ldcg(const T* p) {
   return *p;
@@ -91,42 +88,37 @@ inline int min(int a, int b) { return a < b ? a : b; }
 // barrier of all 32 lanes. Consecutive shuffles alternate between two slot arrays, so a lane
 // writing shuffle i+2's value cannot overwrite one that a slower lane still reads for shuffle i
 // (everyone has passed shuffle i+1's barrier, hence finished reading shuffle i).
-thread_local unsigned tl_shfl_phase = 0;
+// (The phase is emu::tl_own.phase, the thread's own.)
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int off) {
   assert(mask == 0xffffffffu);
-  EmuWarp& w = tl_block->warps[threadIdx.x / 32];
+  EmuWarp& w = tl_block()->warps[threadIdx.x / 32];
   const int lane = threadIdx.x % 32;
-  double* slot = w.slot[tl_shfl_phase++ & 1];
+  double* slot = w.slot[emu::tl_own.phase++ & 1];
   slot[lane] = static_cast<double>(v);  // exact for float and double
   w.bar.arrive_and_wait();
   return static_cast<T>(slot[lane ^ off]);
 }
 namespace cooperative_groups {
 struct grid_group {
-  void sync() const { tl_grid->arrive_and_wait(); }
+  void sync() const { tl_grid()->arrive_and_wait(); }
 };
 inline grid_group this_grid() { return {}; }
 }  // namespace cooperative_groups
 
 template <typename F>
 void emu_launch(int grid, int block, size_t smem, F body) {
-  std::barrier<> gbar(grid * block);
+  emu::Barrier gbar(grid * block);
   std::vector<std::unique_ptr<EmuBlock>> blocks;
   for (int b = 0; b < grid; ++b) blocks.emplace_back(new EmuBlock(block, smem));
-  std::vector<std::thread> th;
-  for (int b = 0; b < grid; ++b)
-    for (int t = 0; t < block; ++t)
-      th.emplace_back([&, b, t] {
-        threadIdx.x = t;
-        blockIdx.x = b;
-        blockDim.x = block;
-        gridDim.x = grid;
-        tl_block = blocks[b].get();
-        tl_grid = &gbar;
-        body();
-      });
-  for (auto& t : th) t.join();
+  emu::run(grid * block, [&](int i) {
+    threadIdx = {i % block, 0, 0};
+    blockIdx = {i / block, 0, 0};
+    blockDim = {block, 1, 1};
+    gridDim = {grid, 1, 1};
+    emu::tl_own = {blocks[i / block].get(), &gbar, 0};
+    body();
+  });
 }
 
 // Sequential launch for kernels without barriers.

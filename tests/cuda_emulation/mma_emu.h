@@ -1,5 +1,5 @@
 // Host emulation of the tensor-core wrapper csrc/cuda/mma.cuh, for the CPU-thread emulation of
-// CUDA kernels (one std::thread per CUDA thread). Test-only.
+// CUDA kernels (one fiber per CUDA thread, fibers.h). Test-only.
 //
 // mma(): the 32 lanes of a warp post their fragments to the warp's MmaExchange, wait, and each
 // lane rebuilds the whole A and B from all lanes' registers with the wrapper's own fragment
@@ -10,12 +10,12 @@
 // Element conversions emulate the PTX instructions: cvt.rna.tf32.f32 (ties away from zero),
 // cvt.rn.bf16.f32 and cvt.rn.f16.f32 (ties to even).
 //
-// The including file must first define VARLEN_RNN_HOST_EMULATION, the CUDA qualifiers as empty
-// macros, a thread-local `threadIdx` (this thread's lane is threadIdx.x % 32), and afterwards
-// define emu_mma_exchange(): the exchange of the calling thread's warp.
+// The including file must first include fibers.h (the threads, `threadIdx`: this thread's lane
+// is threadIdx.x % 32) and define VARLEN_RNN_HOST_EMULATION and the CUDA qualifiers as empty
+// macros, and afterwards define emu_mma_exchange(): the exchange of the calling thread's warp.
 #pragma once
 
-#include <barrier>
+#include "fibers.h"
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -31,7 +31,7 @@ namespace cuda {
 namespace tc {
 
 struct MmaExchange {
-  std::barrier<> bar{32};
+  emu::Barrier bar{32};
   uint32_t a[32][4];  // each lane's A registers (4 in every shape)
   uint32_t b[32][2];  // each lane's B registers (2 in every shape)
 };

@@ -1,15 +1,15 @@
 // The tensor-core wrapper's test kernels (mma_tile.cuh) on CPU threads, through the emulated
-// mma() of mma_emu.h: each block's threads run concurrently as std::threads (a warp's lanes must
-// meet in mma() and the block in __syncthreads), blocks one after another. Test-only; see
+// mma() of mma_emu.h: each block's threads run as fibers (fibers.h: a warp's lanes meet in mma()
+// and the block in __syncthreads), blocks one after another. Test-only; see
 // tests/test_mma_emulated.py.
 #include <torch/extension.h>
 
 #include <atomic>
-#include <barrier>
 #include <cmath>
 #include <memory>
-#include <thread>
 #include <vector>
+
+#include "fibers.h"
 
 #define VARLEN_RNN_HOST_EMULATION 1
 #define __global__
@@ -17,12 +17,8 @@
 #define __host__
 #define __forceinline__ inline
 
-struct EmuIdx {
-  int x = 0, y = 0, z = 0;
-};
-thread_local EmuIdx threadIdx, blockIdx, blockDim, gridDim;
-thread_local std::barrier<>* tl_block_barrier = nullptr;
-inline void __syncthreads() { tl_block_barrier->arrive_and_wait(); }
+// The running thread's block barrier and warp exchange: emu::tl_own's block and grid.
+inline void __syncthreads() { static_cast<emu::Barrier*>(emu::tl_own.block)->arrive_and_wait(); }
 inline int min(int a, int b) { return a < b ? a : b; }
 
 #include "mma_emu.h"
@@ -38,28 +34,24 @@ void emu_note_fragment_ways(int) {}  // the kernels' strides are checked in emu.
 void emu_note_misaligned(const void*, int) { ++g_misaligned; }
 }  // namespace varlen_rnn::cuda
 
-thread_local tc::MmaExchange* tl_exchange = nullptr;
-tc::MmaExchange& tc::emu_mma_exchange() { return *tl_exchange; }
+tc::MmaExchange& tc::emu_mma_exchange() {
+  return static_cast<tc::MmaExchange*>(emu::tl_own.grid)[threadIdx.x / 32];
+}
 
 template <typename F>
 void emu_launch(int grid, int block, F body) {
   TORCH_CHECK(block % 32 == 0, "block must be whole warps, got ", block);
   for (int b = 0; b < grid; ++b) {
-    std::barrier<> block_barrier(block);
-    std::vector<std::unique_ptr<tc::MmaExchange>> warps;
-    for (int w = 0; w < block / 32; ++w) warps.emplace_back(new tc::MmaExchange);
-    std::vector<std::thread> th;
-    for (int t = 0; t < block; ++t)
-      th.emplace_back([&, b, t] {
-        threadIdx.x = t;
-        blockIdx.x = b;
-        blockDim.x = block;
-        gridDim.x = grid;
-        tl_exchange = warps[t / 32].get();
-        tl_block_barrier = &block_barrier;
-        body();
-      });
-    for (auto& t : th) t.join();
+    emu::Barrier block_barrier(block);
+    std::vector<tc::MmaExchange> warps(block / 32);
+    emu::run(block, [&](int t) {
+      threadIdx = {t, 0, 0};
+      blockIdx = {b, 0, 0};
+      blockDim = {block, 1, 1};
+      gridDim = {grid, 1, 1};
+      emu::tl_own = {&block_barrier, warps.data(), 0};
+      body();
+    });
   }
 }
 
