@@ -10,7 +10,9 @@
 #   FLOOR_VENV=path   where the environment lives (default: .venv-floor in the repository)
 #   TORCH_FLOOR       the torch to install (default: torch==2.11.0)
 #   PYTHON            the interpreter of the environment (default: python3.12, else python3)
-# Extra arguments go to pytest.
+# --install-only (the first argument) sets up the environment and stops: .ci/run does that in the
+# background while the main suite runs (it is mostly torch's download). Other arguments go to
+# pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${FLOOR_VENV:-.venv-floor}
@@ -35,6 +37,10 @@ VENV=$(cd "$VENV" && pwd)
 echo "== installing $TORCH_FLOOR and the test dependencies"
 "$VENV/bin/pip" install -q --disable-pip-version-check "$TORCH_FLOOR" ninja pybind11 pytest numpy \
   hypothesis expecttest setuptools wheel "onnx==1.23.2" "onnxscript==0.7.2" "onnxruntime==1.32.0"
+echo "== installed in $(($(date +%s) - start)) s"
+if [ "${1:-}" = "--install-only" ]; then
+  exit 0
+fi
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -47,13 +53,22 @@ built=$(date +%s)
   { tail -50 "$work/build.log"; echo "== the build against $TORCH_FLOOR failed"; exit 1; }
 echo "== built in $(($(date +%s) - built)) s"
 cd "$work"
-# The register-spill test is left out (35 s): it checks ptxas's register allocation for our own
-# kernels, which the main suite does against the newest torch; the build above has compiled the
-# same kernels against this one.
+# Left out, as the main suite runs them against the newest torch and they test our code rather
+# than torch's APIs (on CI's 2-core Zen 3, in the main suite's timing): the register-spill test
+# (87 s; the build above compiled the same kernels against this torch), the aarch64 syntax check
+# (87 s), the LSTM's and RNN's double backward through torch's ModuleInfo data (48 s; the GRU's
+# stays), and the cell ops' gradgradcheck, gradcheck on padded rows and workspace-deciding tests
+# (44 s; their opcheck and torch.compile tests stay).
 PYTHONPATH="$work" VARLEN_RNN_SKIP_EMULATION=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
   tests/test_build.py tests/test_module.py tests/test_module_db.py tests/test_autocast.py \
   tests/test_cells_autocast.py tests/test_export.py tests/test_opcheck.py tests/test_cells_ops.py \
   tests/test_ragged.py tests/test_higher_order.py tests/test_small_calls.py tests/test_onnx.py \
   tests/test_ddp.py \
-  --deselect tests/test_build.py::test_cuda_kernels_do_not_spill_registers "$@"
+  --deselect tests/test_build.py::test_cuda_kernels_do_not_spill_registers \
+  --deselect tests/test_build.py::test_cpu_sources_compile_for_aarch64 \
+  --deselect "tests/test_module_db.py::test_gradgrad[LSTM" \
+  --deselect "tests/test_module_db.py::test_gradgrad[RNN" \
+  --deselect tests/test_cells_ops.py::test_gradgradcheck_op \
+  --deselect tests/test_cells_ops.py::test_gradcheck_padded_op \
+  --deselect tests/test_cells_ops.py::test_op_deciding_workspace "$@"
 echo "== $TORCH_FLOOR: passed in $(($(date +%s) - start)) s"
