@@ -10,9 +10,11 @@
 #   FLOOR_VENV=path   where the environment lives (default: .venv-floor in the repository)
 #   TORCH_FLOOR       the torch to install (default: torch==2.11.0)
 #   PYTHON            the interpreter of the environment (default: python3.12, else python3)
-# --install-only (the first argument) sets up the environment and stops: .ci/run does that in the
-# background while the main suite runs (it is mostly torch's download). Other arguments go to
-# pytest.
+#   FLOOR_WORK        the folder of the build (kept; a later run reuses a build of the same
+#                     commit and changes there); default: a temporary folder, removed after
+# --prepare (the first argument) installs and builds, and stops: .ci/run does that in the
+# background, niced, while the main suite runs (which leaves a core mostly idle), then runs the
+# tests with the same FLOOR_WORK. Other arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${FLOOR_VENV:-.venv-floor}
@@ -38,24 +40,39 @@ echo "== installing $TORCH_FLOOR and the test dependencies"
 "$VENV/bin/pip" install -q --disable-pip-version-check "$TORCH_FLOOR" ninja pybind11 pytest numpy \
   hypothesis expecttest setuptools wheel "onnx==1.23.2" "onnxscript==0.7.2" "onnxruntime==1.32.0"
 echo "== installed in $(($(date +%s) - start)) s"
-if [ "${1:-}" = "--install-only" ]; then
+
+if [ -n "${FLOOR_WORK:-}" ]; then
+  mkdir -p "$FLOOR_WORK"
+  work=$(cd "$FLOOR_WORK" && pwd)
+else
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+fi
+# What the build is of: the commit and the working tree's changes.
+source_id="$TORCH_FLOOR $(git rev-parse HEAD) $(git status --porcelain | md5sum | cut -c1-12)"
+if [ -f "$work/.floor_built" ] && [ "$(cat "$work/.floor_built")" = "$source_id" ]; then
+  echo "== reusing the build in $work (built against $TORCH_FLOOR)"
+else
+  rm -f "$work/.floor_built"
+  git ls-files -z | xargs -0 cp --parents -t "$work"
+  echo "== building against $("$VENV/bin/python" -c 'import torch; print(torch.__version__)')" \
+    "(CPU and CUDA kernels, sm_90)"
+  built=$(date +%s)
+  (cd "$work" && TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
+    MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$VENV/bin/python" setup.py -q build_ext --inplace \
+    >"$work/build.log" 2>&1) ||
+    { tail -50 "$work/build.log"; echo "== the build against $TORCH_FLOOR failed"; exit 1; }
+  echo "== built in $(($(date +%s) - built)) s"
+  echo "$source_id" >"$work/.floor_built"
+fi
+if [ "${1:-}" = "--prepare" ]; then
   exit 0
 fi
-
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-git ls-files -z | xargs -0 cp --parents -t "$work"
-echo "== building against $("$VENV/bin/python" -c 'import torch; print(torch.__version__)')" \
-  "(CPU and CUDA kernels, sm_90)"
-built=$(date +%s)
-(cd "$work" && TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
-  "$VENV/bin/python" setup.py -q build_ext --inplace >"$work/build.log" 2>&1) ||
-  { tail -50 "$work/build.log"; echo "== the build against $TORCH_FLOOR failed"; exit 1; }
-echo "== built in $(($(date +%s) - built)) s"
 cd "$work"
 # Left out, as the main suite runs them against the newest torch and they test our code rather
 # than torch's APIs (on CI's 2-core Zen 3, in the main suite's timing): the register-spill test
-# (87 s; the build above compiled the same kernels against this torch), the aarch64 syntax check
+# (it reads the main build's binary; the build above compiled the same kernels against this
+# torch), the aarch64 syntax check
 # (87 s), the LSTM's and RNN's double backward through torch's ModuleInfo data (48 s; the GRU's
 # stays), and the cell ops' gradgradcheck, gradcheck on padded rows and workspace-deciding tests
 # (44 s; their opcheck and torch.compile tests stay).

@@ -19,6 +19,11 @@ echo "== installing $TORCH_SPEC and the test/demo/ONNX dependencies"
 "$VENV/bin/pip" install -q --disable-pip-version-check "$TORCH_SPEC" ninja pybind11 pytest numpy \
   hypothesis expecttest matplotlib setuptools wheel "wordfreq==3.1.1" \
   "onnx==1.23.2" "onnxscript==0.7.2" "onnxruntime==1.32.0"
+# cuobjdump, for tests/test_build.py's check of the built CUDA kernels' registers (the toolkit
+# here has nvcc and ptxas only): a small wheel, with a CUDA 13 torch only.
+if "$VENV/bin/python" -c 'import sys, torch; sys.exit(not (torch.version.cuda or "").startswith("13."))'; then
+  "$VENV/bin/pip" install -q --disable-pip-version-check "nvidia-cuda-cuobjdump==13.5.37"
+fi
 echo "== building and installing varlen_rnn (this compiles the C++/CUDA kernels)"
 start=$(date +%s)
 MAX_JOBS=${MAX_JOBS:-$(nproc)} "$VENV/bin/pip" install -q --disable-pip-version-check \
