@@ -110,10 +110,7 @@ def extensions():
         return [CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)]
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-    # The CUDA source first: ninja starts jobs in this order, and ops_cuda.cu is the longest job
-    # (210 s for sm_80 and sm_90 on a 2-core Zen 3, against 20-45 s for each C++ source); last,
-    # it ran alone after them.
-    sources = sorted(glob.glob("csrc/cuda/*.cu")) + sources
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
     kwargs["include_dirs"] += _extra_cuda_includes()
     nvcc = (["-O0", "-g"] if debug else ["-O3"]) + ["-lineinfo", "--expt-relaxed-constexpr"]
     nvcc.append("--threads=0")  # one thread per architecture built (sm_80 and sm_90 at once)

@@ -72,10 +72,9 @@ cd "$work"
 # Left out, as the main suite runs them against the newest torch and they test our code rather
 # than torch's APIs (on CI's 2-core Zen 3, in the main suite's timing): the register-spill test
 # (it reads the main build's binary; the build above compiled the same kernels against this
-# torch), the aarch64 syntax check
-# (87 s), the LSTM's and RNN's double backward through torch's ModuleInfo data (48 s; the GRU's
-# stays), and the cell ops' gradgradcheck, gradcheck on padded rows and workspace-deciding tests
-# (44 s; their opcheck and torch.compile tests stay).
+# torch), the aarch64 syntax check (87 s), the LSTM's and RNN's double backward through torch's
+# ModuleInfo data (48 s; the GRU's stays), and the cell ops' gradgradcheck, gradcheck on padded
+# rows and workspace-deciding tests (44 s; their opcheck and torch.compile tests stay).
 PYTHONPATH="$work" VARLEN_RNN_SKIP_EMULATION=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
   tests/test_build.py tests/test_module.py tests/test_module_db.py tests/test_autocast.py \
   tests/test_cells_autocast.py tests/test_export.py tests/test_opcheck.py tests/test_cells_ops.py \
