@@ -45,12 +45,15 @@ def _aarch64_compiler():
     _aarch64_compiler() is None,
     reason="no aarch64 cross compiler (apt install g++-12-aarch64-linux-gnu; CI installs it)",
 )
-def test_cpu_sources_compile_for_aarch64():
+def test_cpu_sources_compile_for_aarch64(tmp_path):
     """`pip install .` on an ARM Linux machine (Graviton, Ampere, Apple silicon under Linux):
     every C++ source of the CPU build compiles for aarch64 with setup.py's flags, the
     x86-only kernels (AVX-512, AVX2, AMX) behind their guards. Syntax and templates only
     (-fsyntax-only): nothing here runs the result; a source with an unguarded x86 intrinsic
-    fails, as the control below shows the compiler does."""
+    fails, as the control below shows the compiler does. ATen's and torch.library's headers
+    are parsed once, into a precompiled header each source is compiled after (-include): on
+    CI's 2 cores, 175 s of compiler time in all without it, 85 s with it (-Winvalid-pch: an
+    unusable one is reported and the headers parsed as text instead, as correct and slower)."""
     from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
 
@@ -59,14 +62,27 @@ def test_cpu_sources_compile_for_aarch64():
     root = Path(__file__).resolve().parents[1]
     sources = sorted(root.glob("csrc/*.cpp")) + sorted(root.glob("csrc/cpu/*.cpp"))
     assert len(sources) >= 9
-    flags = ["-fsyntax-only", "-std=c++20", "-O3", "-fno-trapping-math", "-fopenmp"]
+    flags = ["-std=c++20", "-O3", "-fno-trapping-math", "-fopenmp"]
     includes = [f"-I{root / 'csrc'}", f"-I{sysconfig.get_paths()['include']}"]
     includes += [f"-I{p}" for p in include_paths()]
     compiler = _aarch64_compiler()
+    header = tmp_path / "torch_headers.h"
+    header.write_text(
+        "#include <ATen/ATen.h>\n#include <ATen/Parallel.h>\n#include <torch/library.h>\n"
+    )
+    pch = subprocess.run(
+        [compiler, *flags, *includes, "-x", "c++-header", str(header), "-o", f"{header}.gch"],
+        capture_output=True,
+        text=True,
+    )
+    assert pch.returncode == 0, pch.stderr[-3000:]
 
     def compile_one(source):
         r = subprocess.run(
-            [compiler, *flags, *includes, str(source)], capture_output=True, text=True
+            [compiler, "-fsyntax-only", *flags, *includes, "-include", str(header)]
+            + ["-Winvalid-pch", str(source)],
+            capture_output=True,
+            text=True,
         )
         return source.name, r.returncode, r.stderr[-3000:]
 
@@ -74,9 +90,11 @@ def test_cpu_sources_compile_for_aarch64():
         results = list(pool.map(compile_one, sources))
     failed = [f"{name}:\n{err}" for name, rc, err in results if rc != 0]
     assert not failed, "\n".join(failed)
+    unused = [name for name, rc, err in results if "invalid-pch" in err or ".gch" in err]
+    assert not unused, f"the precompiled header was not used for {unused}"
     # The control: an x86 intrinsic outside the guards does not compile for aarch64.
     bad = subprocess.run(
-        [compiler, *flags, "-x", "c++", "-"],
+        [compiler, "-fsyntax-only", *flags, "-x", "c++", "-"],
         input="#include <immintrin.h>\nfloat f() { return _mm512_reduce_add_ps(_mm512_setzero_ps()); }\n",
         capture_output=True,
         text=True,
