@@ -1,7 +1,8 @@
 """The CPU step loops' per-step product: the float32 micro-kernel (csrc/cpu/small_gemm.h) against
 the single-threaded BLAS call it replaces, then the whole layer forward through each.
 
-    python benchmarks/bench_small_gemm.py [--part gemm|layer|both] [--repeats 15] [--peak GFLOPS]
+    python benchmarks/bench_small_gemm.py [--part gemm|layer|stored|both] [--repeats 15]
+                                          [--peak GFLOPS]
 
 gemm: c[n, N] = h[n, K] @ panel[K, N], one thread, the shapes of the split step loop at 2 threads
 (N = 3 * Hs, Hs = H / 2, K = H), timed inside one op call (`_small_gemm` with `repeats`), so
@@ -9,6 +10,12 @@ neither Python nor packing is counted: (t(R) - t(0)) / R, min over --repeats tri
 layer: varlen_rnn.X inference, float32, 2 threads, lengths uniform in [1, T], with
 VARLEN_RNN_CPU_GEMM=mkl and =kernel (both through the split step loop), min over --repeats; GFLOP/s
 on valid tokens as bench.py counts them, and % of a 1024^3 torch.mm timed in the same run.
+stored: a few-step call's backward products on the weights as stored (csrc/cpu/dot_rows.h row
+tiles), 2 threads, against the BLAS they replace, for weights [G*H, H] of the GRU and LSTM at
+H=256 and 512: dh = dG W_hh over m rows (f32_rows_times, `_small_gemm` kernel "rows", against
+kernel "blas", both timed inside the op as above), and a weight's gradient dG^T h over n positions
+(f32_weight_grad through `_weight_grad`, less the NaN fill of its output timed alone, against
+`torch.mm(dG.t(), h, out=c)`), min over --repeats of 20 calls each, us per call.
 Every table line carries the load average at the time (`uptime`): other work on the machine shows.
 """
 
@@ -97,11 +104,61 @@ def layer_part(repeats: int, cells: list[str]) -> None:
     os.environ.pop("VARLEN_RNN_CPU_GEMM")
 
 
+def per_call(fn, calls: int, repeats: int) -> float:
+    """us per call: the min over `repeats` of `calls` calls."""
+    return 1e6 * best_of(lambda: [fn() for _ in range(calls)], repeats) / calls
+
+
+def stored_part(repeats: int) -> None:
+    torch.set_num_threads(2)
+    g = torch.Generator().manual_seed(0)
+    weights = {"GRU H=256": (768, 256), "LSTM H=256": (1024, 256)}
+    weights |= {"GRU H=512": (1536, 512), "LSTM H=512": (2048, 512)}
+    print(
+        f"2 threads, us per call (min of {repeats} x 20 calls); ours / BLAS as 'x' (>1: ours faster)"
+    )
+    print("dh = dG W_hh: m rows, f32_rows_times ('rows') against the BLAS ('blas')")
+    print("weight   " + "".join(f"{'m=' + str(m):>22}" for m in (1, 4, 8, 16, 32, 64)) + "  load")
+    for name, (G, P) in weights.items():
+        w = torch.randn(G, P, generator=g)
+        cells = []
+        for m in (1, 4, 8, 16, 32, 64):
+            a = torch.randn(m, G, generator=g)
+            reps = max(2, int(2e7 / (2 * m * G * P)))
+            t = {}
+            for k in ("blas", "rows", "blas", "rows"):  # alternated: drift hits both alike
+                base = best_of(lambda: ops._small_gemm(a, w, None, k, 0), repeats)
+                run = best_of(lambda: ops._small_gemm(a, w, None, k, reps), repeats)
+                t[k] = min(t.get(k, float("inf")), 1e6 * max(run - base, 0.0) / reps)
+            cells.append(f"{t['rows']:6.1f} vs {t['blas']:6.1f} {t['blas'] / t['rows']:4.2f}x")
+        print(f"{name:<10}" + "".join(f"{c:>22}" for c in cells) + "  " + load())
+    try:
+        ops._weight_grad(torch.ones(1, 1), torch.ones(1, 1))
+    except RuntimeError:
+        print("dW = dG^T h: f32_weight_grad does not run on this CPU (AVX-512 only)")
+        return
+    print("dW = dG^T h: n positions, f32_weight_grad against torch.mm(dG.t(), h)")
+    print("weight   " + "".join(f"{'n=' + str(n):>22}" for n in (1, 2, 4, 8, 16)) + "  load")
+    for name, (G, P) in weights.items():
+        cells = []
+        for n in (1, 2, 4, 8, 16):
+            a, b = torch.randn(n, G, generator=g), torch.randn(n, P, generator=g)
+            c = torch.empty(G, P)
+            t = {}
+            for _ in range(2):
+                fill = per_call(lambda: torch.full((G + 1, P + 5), float("nan")), 20, repeats)
+                ours = per_call(lambda: ops._weight_grad(a, b), 20, repeats) - fill
+                mm = per_call(lambda: torch.mm(a.t(), b, out=c), 20, repeats)
+                t["ours"], t["mm"] = min(t.get("ours", ours), ours), min(t.get("mm", mm), mm)
+            cells.append(f"{t['ours']:6.1f} vs {t['mm']:6.1f} {t['mm'] / t['ours']:4.2f}x")
+        print(f"{name:<10}" + "".join(f"{c:>22}" for c in cells) + "  " + load())
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--part", choices=("gemm", "layer", "both"), default="both")
+    p.add_argument("--part", choices=("gemm", "layer", "stored", "both"), default="both")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--peak", type=float, default=None, help="per-core FP32 peak GFLOP/s, for %%")
     p.add_argument("--kernels", default="blas,auto", help="_small_gemm kernels, comma-separated")
@@ -113,6 +170,8 @@ def main(argv=None) -> int:
         gemm_part(a.repeats, a.peak, a.kernels.split(","))
     if a.part in ("layer", "both"):
         layer_part(a.repeats, a.cells.split(","))
+    if a.part == "stored":
+        stored_part(a.repeats)
     return 0
 
 

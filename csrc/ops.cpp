@@ -201,7 +201,7 @@ TORCH_LIBRARY(varlen_rnn, m) {
   // "portable" (an error where the CPU lacks it), "blas": the step loops'
   // single-threaded BLAS call instead (no c), "dots": the product on b^T as
   // a stored weight, f32_dot_rows on all threads (AVX-512 or AVX2; no c), or "rows":
-  // on b as a stored [K, N] weight, f32_rows_times (AVX-512). The product
+  // on b as a stored [K, N] weight, f32_rows_times (AVX-512 or AVX2). The product
   // runs `repeats` times into the same output, a timing loop: c + repeats * a b with c
   // (repeats = 0 packs only). Returns [m + 1, N + 5]: the result in [:m, :N],
   // NaN elsewhere unless the kernel wrote past its output.

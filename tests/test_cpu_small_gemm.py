@@ -2,8 +2,8 @@
 _small_gemm against an exact float64 product, for every kernel this CPU runs, shapes with row
 and column tails; then whole float32 layers of every cell through the split step loop with
 VARLEN_RNN_CPU_GEMM=kernel and =mkl against the float64 reference. The same for the products of
-few-step calls on the weights as stored (f32_dot_rows, cpu/dot_rows.h: AVX-512 or AVX2;
-f32_rows_times and f32_weight_grad: AVX-512 only)."""
+few-step calls on the weights as stored (f32_dot_rows and f32_rows_times, cpu/dot_rows.h: AVX-512
+or AVX2; f32_weight_grad: AVX-512)."""
 
 import dataclasses
 
@@ -204,10 +204,10 @@ def test_kernel_loop_repeats_exactly_and_saves_the_same_workspace(threads, monke
 
 # -- few-step calls: the products on the weights as stored (f32_dot_rows) --------------------
 
-# f32_dot_rows runs on AVX-512 or AVX2 (a CPU with AVX-512 runs both: "avx2" holds there too);
-# f32_rows_times and f32_weight_grad on AVX-512 only.
+# f32_dot_rows and f32_rows_times run on AVX-512 or AVX2 (a CPU with AVX-512 runs both: "avx2"
+# holds there too); f32_weight_grad on AVX-512 only.
 DOTS = pytest.mark.skipif(not runs("avx2"), reason="this CPU has neither AVX-512 nor AVX2")
-ROWS = pytest.mark.skipif(not runs("avx512"), reason="this CPU has no AVX-512 (f32_rows_times)")
+GRAD = pytest.mark.skipif(not runs("avx512"), reason="this CPU has no AVX-512 (f32_weight_grad)")
 # Row counts around the 8-row groups of w (the task) and the call's limit (kF32DotRows = 256),
 # K around the 16-lane vectors (masked tails) and past them.
 DOT_SHAPES = [(1, 1, 1), (1, 8, 16), (2, 9, 17), (3, 15, 31), (8, 64, 256), (16, 100, 33)]
@@ -226,12 +226,12 @@ def test_dots_match_an_exact_one(m, N, K):
 
 
 # The backward's dh = dG W_hh on W_hh as stored (f32_rows_times): rows around its 6-row tiles,
-# columns around its 64-column tasks (masked tails).
+# columns around its 64-column tasks and AVX2's 8-column vectors (masked tails).
 ROWS_SHAPES = [(1, 1, 1), (1, 64, 16), (5, 65, 17), (6, 63, 100), (7, 130, 768), (32, 256, 33)]
 ROWS_SHAPES += [(3, 5, 0), (0, 9, 8), (256, 70, 21), (257, 3, 40)]
 
 
-@ROWS
+@DOTS
 @pytest.mark.parametrize("m,N,K", ROWS_SHAPES, ids=[f"m{m}-N{n}-K{k}" for m, n, k in ROWS_SHAPES])
 def test_rows_times_a_stored_weight_matches_an_exact_one(m, N, K):
     g = torch.Generator().manual_seed(m * 1000 + N * 10 + K)
@@ -250,7 +250,7 @@ GRAD_SHAPES = [(1, 1, 1), (2, 5, 15), (3, 4, 16), (7, 17, 17), (16, 768, 256), (
 GRAD_SHAPES += [(4, 3, 65), (9, 64, 63), (1, 1536, 512), (0, 5, 7)]
 
 
-@ROWS
+@GRAD
 @pytest.mark.parametrize("n,G,P", GRAD_SHAPES, ids=[f"n{n}-G{g}-P{p}" for n, g, p in GRAD_SHAPES])
 def test_weight_grad_matches_an_exact_one(n, G, P):
     """a^T b to float32 accumulation of the exact one, a's rows strided as a slice of the
@@ -264,7 +264,7 @@ def test_weight_grad_matches_an_exact_one(n, G, P):
     assert full[G:].isnan().all() and full[:, P:].isnan().all()
 
 
-@ROWS
+@GRAD
 def test_weight_grad_refuses_more_rows():
     with pytest.raises(RuntimeError, match="takes at most 16 float32 rows"):
         ops._weight_grad(torch.ones(17, 4), torch.ones(17, 4))

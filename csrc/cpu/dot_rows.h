@@ -15,9 +15,10 @@
 //
 // Below it, the other form, written once for both too: rows of a times an
 // operand whose rows are k (row_tiles), register tiles of rows x 64 columns.
-// The AVX512-BF16 unit's strips (cpu/bf16_gemm.cpp strip_avx512) and the
+// The AVX512-BF16 unit's strips (cpu/bf16_gemm.cpp strip_avx512), the
 // backward's dG W_hh on W_hh as stored (cpu/small_gemm.cpp f32_rows_times)
-// run on it.
+// and the weight gradients of few positions (cpu/weight_grad.cpp) run on it;
+// dG W_hh on AVX2 too (row_tiles_avx2: the same tiles on 8 lanes).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -28,6 +29,7 @@
 #endif
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -118,19 +120,24 @@ VR_DOT_TARGET void dot_rows8(int64_t i0, int64_t i1, const T* a, int64_t lda, co
 // dot_rows8 on AVX2 (float32 only: AVX2 has no bfloat16 products): the same
 // sums on 8 lanes, the tail of K loaded through an integer mask vector (no
 // mask registers), and the same pairwise reduction from the 8 lanes on.
+// AVX2 has no mask registers: the mask of the first n of 8 lanes (0..8) is an
+// integer vector, n ones (-1) then zeros, read from kAvx2Lanes + 8 - n.
+alignas(32) inline constexpr int32_t kAvx2Lanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1,
+                                                       0,  0,  0,  0,  0,  0,  0,  0};
+__attribute__((target("avx2"))) inline __m256i avx2_lanes(int64_t n) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kAvx2Lanes + 8 - n));
+}
+
 template <bool kFull>
 __attribute__((target("avx2,fma"))) void dot_rows8_avx2(int64_t i0, int64_t i1, const float* a,
                                                         int64_t lda, const float* w8,
                                                         int rows_given, int64_t K, float* c8,
                                                         int64_t ldc) {
-  // lanes[8 - n .. 16 - n): n ones (-1) then zeros, the mask of n lanes.
-  alignas(32) static const int32_t lanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1,
-                                                0,  0,  0,  0,  0,  0,  0,  0};
   const int rows = kFull ? 8 : rows_given;
   const int64_t full = K / 8 * 8;
   const __m256i all = _mm256_set1_epi32(-1);
-  const __m256i tail = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + 8 - (K - full)));
-  const __m256i store = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + 8 - rows));
+  const __m256i tail = avx2_lanes(K - full);
+  const __m256i store = avx2_lanes(rows);
   for (int64_t i = i0; i < i1; ++i) {
     const float* ai = a + i * lda;
     __m256 acc[8];
@@ -148,7 +155,11 @@ __attribute__((target("avx2,fma"))) void dot_rows8_avx2(int64_t i0, int64_t i1, 
         _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
     const __m256 sums =
         _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
-    _mm256_maskstore_ps(c8 + i * ldc, store, sums);
+    if (kFull) {  // (a masked store is slow on AMD's Zen cores)
+      _mm256_storeu_ps(c8 + i * ldc, sums);
+    } else {
+      _mm256_maskstore_ps(c8 + i * ldc, store, sums);
+    }
   }
 }
 
@@ -302,6 +313,89 @@ VR_DOT_TARGET inline void row_tiles(int64_t m, int64_t steps, const T* a, int64_
                                     int64_t ldb, float* c, int64_t ldc, int64_t cols, bool load_c) {
   row_tiles<T, float>(m, steps, a, AStrides{lda, DotTraits<T>::kPair}, b, ldb, c, ldc, cols,
                       load_c);
+}
+
+// row_tile on AVX2, float32 (a CPU without AVX-512; GCC cannot compile one
+// intrinsic template for both targets): R rows x NU vectors of 8 columns, R *
+// NU accumulators, NU vectors of b and a's broadcast value (at most 15 of the
+// 16 registers). kMasked: the columns past `cols` masked by integer vectors,
+// else all 8 * NU columns taken with plain loads and stores (AMD's Zen cores
+// run a masked store slowly: the weight gradient at one position, all
+// stores, took 3.6x MKL's time with masks throughout). The same sums as
+// row_tile's: each c[i, j] one chain over k in order, from c (load_c) or 0.
+template <bool kMasked>
+__attribute__((target("avx2"), always_inline)) inline __m256 avx2_load(const float* p,
+                                                                       __m256i mask) {
+  return kMasked ? _mm256_maskload_ps(p, mask) : _mm256_loadu_ps(p);
+}
+
+template <int R, int NU, bool kMasked>
+__attribute__((target("avx2,fma"))) void row_tile_avx2(int64_t steps, const float* a, AStrides as,
+                                                       const float* b, int64_t ldb, float* c,
+                                                       int64_t ldc, int64_t cols, bool load_c) {
+  __m256i mask[NU];
+#pragma GCC unroll 2
+  for (int v = 0; v < NU; ++v) mask[v] = avx2_lanes(std::clamp<int64_t>(cols - 8 * v, 0, 8));
+  __m256 acc[R][NU];
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 2
+    for (int v = 0; v < NU; ++v) {
+      acc[r][v] = load_c ? avx2_load<kMasked>(c + r * ldc + 8 * v, mask[v]) : _mm256_setzero_ps();
+    }
+  }
+  for (int64_t q = 0; q < steps; ++q) {
+    __m256 bv[NU];
+#pragma GCC unroll 2
+    for (int v = 0; v < NU; ++v) bv[v] = avx2_load<kMasked>(b + q * ldb + 8 * v, mask[v]);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const __m256 av = _mm256_broadcast_ss(a + r * as.row + q * as.step);
+#pragma GCC unroll 2
+      for (int v = 0; v < NU; ++v) acc[r][v] = _mm256_fmadd_ps(av, bv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 2
+    for (int v = 0; v < NU; ++v) {
+      if (kMasked) {
+        _mm256_maskstore_ps(c + r * ldc + 8 * v, mask[v], acc[r][v]);
+      } else {
+        _mm256_storeu_ps(c + r * ldc + 8 * v, acc[r][v]);
+      }
+    }
+  }
+}
+
+// All m rows and `cols` columns on AVX2, one thread: blocks of 16 columns
+// (2 vectors; the last masked unless whole vectors), each over all rows in
+// near-equal tiles of at most 6 rows (as row_tiles), so a block's 16
+// columns of b are read once per tile.
+using RowTileAvx2 = void (*)(int64_t, const float*, AStrides, const float*, int64_t, float*,
+                             int64_t, int64_t, bool);
+// [R - 1][NU - 1][kMasked]
+template <int... Rm1>
+constexpr std::array<std::array<std::array<RowTileAvx2, 2>, 2>, sizeof...(Rm1)>
+row_tiles_avx2_table(std::integer_sequence<int, Rm1...>) {
+  return {{{{{&row_tile_avx2<Rm1 + 1, 1, false>, &row_tile_avx2<Rm1 + 1, 1, true>},
+             {&row_tile_avx2<Rm1 + 1, 2, false>, &row_tile_avx2<Rm1 + 1, 2, true>}}}...}};
+}
+
+inline void row_tiles_avx2(int64_t m, int64_t steps, const float* a, AStrides as, const float* b,
+                           int64_t ldb, float* c, int64_t ldc, int64_t cols, bool load_c) {
+  constexpr int kMr = 6;
+  static constexpr auto kTiles = row_tiles_avx2_table(std::make_integer_sequence<int, kMr>{});
+  const int64_t tiles = (m + kMr - 1) / kMr;
+  for (int64_t j0 = 0; j0 < cols; j0 += 16) {
+    const int64_t w = std::min<int64_t>(16, cols - j0), nu = (w + 7) / 8;
+    for (int64_t t = 0, i0 = 0; t < tiles; ++t) {
+      const int64_t rows = m / tiles + (t < m % tiles ? 1 : 0);
+      kTiles[rows - 1][nu - 1][w % 8 != 0](steps, a + i0 * as.row, as, b + j0, ldb,
+                                           c + i0 * ldc + j0, ldc, w, load_c);
+      i0 += rows;
+    }
+  }
 }
 #endif
 

@@ -320,16 +320,22 @@ void f32_rows_times(int64_t m, const float* a, int64_t lda, const float* w, int6
                     float* c, int64_t ldc, bool accumulate) {
   if (m <= 0 || N <= 0) return;
 #if VR_HAVE_X86_KERNELS
-  TORCH_INTERNAL_ASSERT(best_isa() == SmallGemmIsa::kAvx512, "f32_rows_times: needs AVX-512");
-  // (f32_rows_times_for holds)
-  // Tasks of 64 columns, all rows (cpu/dot_rows.h row_tiles).
+  const SmallGemmIsa isa = best_isa();
+  TORCH_INTERNAL_ASSERT(isa == SmallGemmIsa::kAvx512 || isa == SmallGemmIsa::kAvx2,
+                        "f32_rows_times: needs AVX-512 or AVX2");  // (f32_rows_times_for holds)
+  // Tasks of 64 columns, all rows (cpu/dot_rows.h row_tiles, row_tiles_avx2).
   at::parallel_for(0, (N + 63) / 64, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t j0 = b0 * 64; j0 < std::min(N, b1 * 64); j0 += 64) {
-      row_tiles(m, K, a, lda, w + j0, N, c + j0, ldc, std::min<int64_t>(64, N - j0), accumulate);
+      const int64_t cols = std::min<int64_t>(64, N - j0);
+      if (isa == SmallGemmIsa::kAvx512) {
+        row_tiles(m, K, a, lda, w + j0, N, c + j0, ldc, cols, accumulate);
+      } else {
+        row_tiles_avx2(m, K, a, AStrides{lda, 1}, w + j0, N, c + j0, ldc, cols, accumulate);
+      }
     }
   });
 #else
-  TORCH_INTERNAL_ASSERT(false, "f32_rows_times: needs an x86-64 build with AVX-512");
+  TORCH_INTERNAL_ASSERT(false, "f32_rows_times: needs an x86-64 build with AVX-512 or AVX2");
 #endif
 }
 
@@ -350,7 +356,9 @@ bool f32_dots_for(int64_t rows) {
 }
 
 bool f32_rows_times_for(int64_t rows) {
-  static const int64_t limit = best_isa() == SmallGemmIsa::kAvx512 ? kF32DotRows : -1;
+  static const int64_t limit = best_isa() == SmallGemmIsa::kAvx512 ? kF32DotRows
+                               : best_isa() == SmallGemmIsa::kAvx2 ? kF32RowsTimesAvx2
+                                                                   : -1;
   return stored_products_for(rows, limit);
 }
 
@@ -395,7 +403,7 @@ at::Tensor small_gemm_op(const at::Tensor& a, const at::Tensor& b,
   const bool blas = kernel == "blas", dots = kernel == "dots", rows = kernel == "rows";
   const SmallGemmIsa isa = blas   ? SmallGemmIsa::kAuto
                            : dots ? SmallGemmIsa::kAvx2  // AVX2 or AVX-512
-                           : rows ? SmallGemmIsa::kAvx512
+                           : rows ? SmallGemmIsa::kAvx2  // AVX2 or AVX-512
                                   : isa_named(kernel);
   TORCH_CHECK(small_gemm_supports(isa), "_small_gemm: this CPU does not run kernel '", kernel, "'");
   TORCH_CHECK(!blas || blas_available(), "_small_gemm: this build has no BLAS for kernel 'blas'");

@@ -80,8 +80,9 @@ bool use_small_gemm();
 // the weights as stored (cpu/dot_rows.h: AVX-512 or AVX2 dot products, no
 // packing, no transposed view for the BLAS) where the rows (positions) are at
 // most kF32DotRows (AVX-512) or kF32DotRowsAvx2 (AVX2) (f32_dots_for); its
-// backward's products on the weights as stored need AVX-512
-// (f32_rows_times_for). VARLEN_RNN_CPU_GEMM=mkl keeps the BLAS for both, for
+// backward's dh = dG W_hh on W_hh as stored where the rows are at most
+// kF32DotRows (AVX-512) or kF32RowsTimesAvx2 (AVX2) (f32_rows_times_for).
+// VARLEN_RNN_CPU_GEMM=mkl keeps the BLAS for both, for
 // tests and measurement. MKL's GEMM on the transposed
 // weight is slow at few rows on an AMD EPYC (Zen 4, 2 threads, weights
 // [768, 256] to [2048, 512]: 19-94 us at one row, 20-22 GFLOP/s). Measured
@@ -98,8 +99,13 @@ bool use_small_gemm();
 // comparison, min of 15, 20 calls each) the dot products won at few rows
 // only: 24-78 against 32-134 us at 1 row, 31-151 vs 75-359 at 4 (2.1-2.4x),
 // 61-274 vs 89-402 at 8, 0.92-1.10x at 16, 0.79-1.13x at 32, 0.68-1.08x at
-// 64 and 0.54-0.93x from 128 rows on: hence kF32DotRowsAvx2.
-constexpr int64_t kF32DotRows = 256, kF32DotRowsAvx2 = 16;
+// 64 and 0.54-0.93x from 128 rows on: hence kF32DotRowsAvx2. There
+// f32_rows_times (row_tiles_avx2) against the BLAS's dG W_hh, W_hh [768,
+// 256] to [2048, 512] (benchmarks/bench_small_gemm.py --part stored, min of
+// 15, timed inside the op): 1.27-1.67x at 1 row, 2.31-2.86x at 4, 1.30-1.75x
+// at 8, 0.98-1.49x at 16, 0.78-1.22x at 32, 0.57-1.05x at 64: hence
+// kF32RowsTimesAvx2.
+constexpr int64_t kF32DotRows = 256, kF32DotRowsAvx2 = 16, kF32RowsTimesAvx2 = 16;
 bool f32_dots_for(int64_t rows);
 bool f32_rows_times_for(int64_t rows);
 
