@@ -52,7 +52,7 @@ def test_cpu_sources_compile_for_aarch64(tmp_path):
     (-fsyntax-only): nothing here runs the result; a source with an unguarded x86 intrinsic
     fails, as the control below shows the compiler does. ATen's and torch.library's headers
     are parsed once, into a precompiled header each source is compiled after (-include): on
-    CI's 2 cores, 175 s of compiler time in all without it, 85 s with it (-Winvalid-pch: an
+    CI's 2 cores, 175 s of compiler time in all without it, 88 s with it (-Winvalid-pch: an
     unusable one is reported and the headers parsed as text instead, as correct and slower)."""
     from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
