@@ -117,9 +117,6 @@ VR_DOT_TARGET void dot_rows8(int64_t i0, int64_t i1, const T* a, int64_t lda, co
   }
 }
 
-// dot_rows8 on AVX2 (float32 only: AVX2 has no bfloat16 products): the same
-// sums on 8 lanes, the tail of K loaded through an integer mask vector (no
-// mask registers), and the same pairwise reduction from the 8 lanes on.
 // AVX2 has no mask registers: the mask of the first n of 8 lanes (0..8) is an
 // integer vector, n ones (-1) then zeros, read from kAvx2Lanes + 8 - n.
 alignas(32) inline constexpr int32_t kAvx2Lanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1,
@@ -128,6 +125,9 @@ __attribute__((target("avx2"))) inline __m256i avx2_lanes(int64_t n) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kAvx2Lanes + 8 - n));
 }
 
+// dot_rows8 on AVX2 (float32 only: AVX2 has no bfloat16 products): the same
+// sums on 8 lanes, the tail of K loaded through an integer mask vector (no
+// mask registers), and the same pairwise reduction from the 8 lanes on.
 template <bool kFull>
 __attribute__((target("avx2,fma"))) void dot_rows8_avx2(int64_t i0, int64_t i1, const float* a,
                                                         int64_t lda, const float* w8,
@@ -315,6 +315,13 @@ VR_DOT_TARGET inline void row_tiles(int64_t m, int64_t steps, const T* a, int64_
                       load_c);
 }
 
+// A load of 8 lanes, masked or plain.
+template <bool kMasked>
+__attribute__((target("avx2"), always_inline)) inline __m256 avx2_load(const float* p,
+                                                                       __m256i mask) {
+  return kMasked ? _mm256_maskload_ps(p, mask) : _mm256_loadu_ps(p);
+}
+
 // row_tile on AVX2, float32 (a CPU without AVX-512; GCC cannot compile one
 // intrinsic template for both targets): R rows x NU vectors of 8 columns, R *
 // NU accumulators, NU vectors of b and a's broadcast value (at most 15 of the
@@ -323,12 +330,6 @@ VR_DOT_TARGET inline void row_tiles(int64_t m, int64_t steps, const T* a, int64_
 // run a masked store slowly: the weight gradient at one position, all
 // stores, took 3.6x MKL's time with masks throughout). The same sums as
 // row_tile's: each c[i, j] one chain over k in order, from c (load_c) or 0.
-template <bool kMasked>
-__attribute__((target("avx2"), always_inline)) inline __m256 avx2_load(const float* p,
-                                                                       __m256i mask) {
-  return kMasked ? _mm256_maskload_ps(p, mask) : _mm256_loadu_ps(p);
-}
-
 template <int R, int NU, bool kMasked>
 __attribute__((target("avx2,fma"))) void row_tile_avx2(int64_t steps, const float* a, AStrides as,
                                                        const float* b, int64_t ldb, float* c,
