@@ -26,22 +26,21 @@ bool g_pad_smem = true;  // plan.h's padded strides for the tensor-core kernels 
 
 // An optional tensor's data, or nullptr.
 template <typename T>
-T* ptr_or_null(const torch::Tensor& t) {
+T* ptr_or_null(const at::Tensor& t) {
   return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
 }
-torch::Tensor or_empty(const torch::Tensor& t) { return t.defined() ? t : torch::empty({0}); }
+at::Tensor or_empty(const at::Tensor& t) { return t.defined() ? t : at::empty({0}); }
 
 // The launchers' tensor set-up (paths.cuh), in the storage dtype scalar_t with acc_t state,
 // workspace and exchange buffers, around the emulated kernels. hx [D, B, P], cx [D, B, H]
 // (kHasC, else empty), h_n, c_n in sequence order; w_hr [D, P, H] or empty (no projection).
 // Returns out, h_n, c_n (or empty), ws, the persistent cut.
 template <typename Cell, typename scalar_t>
-std::vector<torch::Tensor> forward_t(const torch::Tensor& gx, const torch::Tensor& w_hh,
-                                     const c10::optional<torch::Tensor>& b_hh,
-                                     const torch::Tensor& hx_b, const torch::Tensor& cx_b,
-                                     const torch::Tensor& w_hr, const Rows& r, int64_t T,
-                                     bool persistent, int64_t sms, int64_t smem, int64_t max_kc,
-                                     bool mma) {
+std::vector<at::Tensor> forward_t(const at::Tensor& gx, const at::Tensor& w_hh,
+                                  const c10::optional<at::Tensor>& b_hh, const at::Tensor& hx_b,
+                                  const at::Tensor& cx_b, const at::Tensor& w_hr, const Rows& r,
+                                  int64_t T, bool persistent, int64_t sms, int64_t smem,
+                                  int64_t max_kc, bool mma) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t G = Cell::kGates, S = Cell::kSaved;
   const int64_t D = w_hh.size(0), H = w_hh.size(1) / G, B = hx_b.size(1), P = hx_b.size(2);
@@ -49,13 +48,13 @@ std::vector<torch::Tensor> forward_t(const torch::Tensor& gx, const torch::Tenso
   const at::TensorOptions opts = gx.options();
   const at::TensorOptions acc_opts = opts.dtype(c10::CppTypeToScalarType<acc_t>::value);
   const bool half = !std::is_same<scalar_t, acc_t>::value;
-  const torch::Tensor hx = to_rank(r, hx_b);
-  const torch::Tensor cx = Cell::kHasC ? to_rank(r, cx_b) : torch::Tensor();
-  torch::Tensor out = torch::full({r.R, D * P}, 777.0, opts);
-  torch::Tensor h_n = torch::full({D, B, P}, 777.0, opts);
-  torch::Tensor c_n = Cell::kHasC ? torch::full({D, B, H}, 777.0, opts) : torch::Tensor();
-  torch::Tensor ws = torch::full({D, r.R, S * H}, 777.0, acc_opts);
-  torch::Tensor cut_info = torch::empty({0}, torch::kLong);
+  const at::Tensor hx = to_rank(r, hx_b);
+  const at::Tensor cx = Cell::kHasC ? to_rank(r, cx_b) : at::Tensor();
+  at::Tensor out = at::full({r.R, D * P}, 777.0, opts);
+  at::Tensor h_n = at::full({D, B, P}, 777.0, opts);
+  at::Tensor c_n = Cell::kHasC ? at::full({D, B, H}, 777.0, opts) : at::Tensor();
+  at::Tensor ws = at::full({D, r.R, S * H}, 777.0, acc_opts);
+  at::Tensor cut_info = at::empty({0}, at::kLong);
   if (persistent) {
     TORCH_CHECK(!proj, "an LSTM with a projection has no persistent kernel");
     const plan::Cut cut = cut_of(B, H, D, plan::Pass::kTraining, sizeof(scalar_t), sizeof(acc_t),
@@ -64,11 +63,10 @@ std::vector<torch::Tensor> forward_t(const torch::Tensor& gx, const torch::Tenso
     // As paths.cuh: the exchange in the storage type on 16-bit tensor cores, the own units'
     // exact state beside it where the cell reads h.
     const bool half_exchange = mma && sizeof(scalar_t) == 2;
-    torch::Tensor hbuf = torch::full({2, D, B, H}, 777.0, half_exchange ? opts : acc_opts);
-    torch::Tensor hown = half_exchange && Cell::kReadsHPrev
-                             ? torch::full({D, B, H}, 777.0, acc_opts)
-                             : torch::Tensor();
-    torch::Tensor cbuf = Cell::kHasC ? torch::full({D, B, H}, 777.0, acc_opts) : torch::Tensor();
+    at::Tensor hbuf = at::full({2, D, B, H}, 777.0, half_exchange ? opts : acc_opts);
+    at::Tensor hown =
+        half_exchange && Cell::kReadsHPrev ? at::full({D, B, H}, 777.0, acc_opts) : at::Tensor();
+    at::Tensor cbuf = Cell::kHasC ? at::full({D, B, H}, 777.0, acc_opts) : at::Tensor();
     PersistentForwardArgs<scalar_t, acc_t> a{};
     a.gx = gx.data_ptr<scalar_t>();
     a.w_hh = w_hh.data_ptr<scalar_t>();
@@ -97,15 +95,15 @@ std::vector<torch::Tensor> forward_t(const torch::Tensor& gx, const torch::Tenso
                  [&] { persistent_forward_kernel<Cell, scalar_t, acc_t>(a); });
     }
   } else {
-    torch::Tensor h = hx.to(acc_opts.dtype(), false, /*copy=*/true);  // updated in place
-    torch::Tensor h_lo = half ? hx.clone() : h;  // the GEMM's operand, rounded for half types
-    torch::Tensor c = Cell::kHasC ? cx.to(acc_opts.dtype(), false, true) : torch::Tensor();
-    torch::Tensor w_t = w_hh.transpose(1, 2);
-    torch::Tensor gh = torch::empty({D, B, G * H}, opts);
-    torch::Tensor hcell = torch::full({D, B, H}, 777.0, opts);
-    torch::Tensor hr = torch::empty({D, B, P}, opts);
+    at::Tensor h = hx.to(acc_opts.dtype(), false, /*copy=*/true);  // updated in place
+    at::Tensor h_lo = half ? hx.clone() : h;  // the GEMM's operand, rounded for half types
+    at::Tensor c = Cell::kHasC ? cx.to(acc_opts.dtype(), false, true) : at::Tensor();
+    at::Tensor w_t = w_hh.transpose(1, 2);
+    at::Tensor gh = at::empty({D, B, G * H}, opts);
+    at::Tensor hcell = at::full({D, B, H}, 777.0, opts);
+    at::Tensor hr = at::empty({D, B, P}, opts);
     for (int64_t s = 0; s < T; ++s) {
-      torch::bmm_out(gh, h_lo, w_t);
+      at::bmm_out(gh, h_lo, w_t);
       auto step = [&](auto proj_tag) {
         constexpr bool kProj = decltype(proj_tag)::value;
         emu_launch_seq((D * B * H + 255) / 256, 256, [&] {
@@ -120,7 +118,7 @@ std::vector<torch::Tensor> forward_t(const torch::Tensor& gx, const torch::Tenso
       if constexpr (Cell::kHasC) {
         if (proj) {
           step(std::true_type{});
-          torch::bmm_out(hr, hcell, w_hr.transpose(1, 2));
+          at::bmm_out(hr, hcell, w_hr.transpose(1, 2));
           emu_launch_seq((D * B * P + 255) / 256, 256, [&] {
             fallback_proj_forward_kernel<scalar_t, acc_t>(
                 hr.data_ptr<scalar_t>(), r.l.lens.data(), h.data_ptr<acc_t>(),
@@ -135,7 +133,7 @@ std::vector<torch::Tensor> forward_t(const torch::Tensor& gx, const torch::Tenso
     h_n.copy_(h);
     if (Cell::kHasC) c_n.copy_(c);
   }
-  return {out, to_sequence(r, h_n), Cell::kHasC ? to_sequence(r, c_n) : torch::empty({0}), ws,
+  return {out, to_sequence(r, h_n), Cell::kHasC ? to_sequence(r, c_n) : at::empty({0}), ws,
           cut_info};
 }
 
@@ -143,35 +141,35 @@ std::vector<torch::Tensor> forward_t(const torch::Tensor& gx, const torch::Tenso
 // empty). Returns dgx, dgh, hprev, grad_hx, grad_cx (or empty), dhr and hcell (the
 // projection's [D, R, P] and [D, R, H] rows, or empty), the persistent cut.
 template <typename Cell, typename scalar_t>
-std::vector<torch::Tensor> backward_t(const torch::Tensor& go, const torch::Tensor& ghn_b,
-                                      const torch::Tensor& gcn_b, const torch::Tensor& out,
-                                      const torch::Tensor& hx_b, const torch::Tensor& ws,
-                                      const torch::Tensor& w_hh, const torch::Tensor& w_hr,
-                                      const Rows& r, int64_t T, bool persistent, int64_t sms,
-                                      int64_t smem, int64_t max_kc, bool mma) {
+std::vector<at::Tensor> backward_t(const at::Tensor& go, const at::Tensor& ghn_b,
+                                   const at::Tensor& gcn_b, const at::Tensor& out,
+                                   const at::Tensor& hx_b, const at::Tensor& ws,
+                                   const at::Tensor& w_hh, const at::Tensor& w_hr, const Rows& r,
+                                   int64_t T, bool persistent, int64_t sms, int64_t smem,
+                                   int64_t max_kc, bool mma) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t G = Cell::kGates;
   const int64_t D = w_hh.size(0), H = w_hh.size(1) / G, B = hx_b.size(1), P = hx_b.size(2);
   const bool proj = w_hr.numel() > 0;
   const at::TensorOptions opts = go.options();
   const at::TensorOptions acc_opts = opts.dtype(c10::CppTypeToScalarType<acc_t>::value);
-  const torch::Tensor hx = to_rank(r, hx_b), ghn = to_rank(r, ghn_b);
-  const torch::Tensor gcn = Cell::kHasC ? to_rank(r, gcn_b) : torch::Tensor();
-  torch::Tensor dgx = torch::full({r.R, D * G * H}, 777.0, opts);
-  torch::Tensor dgh = torch::full({D, r.R, G * H}, 777.0, opts);
-  torch::Tensor hprev = torch::full({D, r.R, P}, 777.0, opts);
-  torch::Tensor grad_hx = torch::full({D, B, P}, 777.0, opts);
-  torch::Tensor grad_cx = Cell::kHasC ? torch::full({D, B, H}, 777.0, opts) : torch::Tensor();
-  torch::Tensor dhr = proj ? torch::full({D, r.R, P}, 777.0, opts) : torch::Tensor();
-  torch::Tensor hcell_rows = proj ? torch::full({D, r.R, H}, 777.0, opts) : torch::Tensor();
-  torch::Tensor cut_info = torch::empty({0}, torch::kLong);
+  const at::Tensor hx = to_rank(r, hx_b), ghn = to_rank(r, ghn_b);
+  const at::Tensor gcn = Cell::kHasC ? to_rank(r, gcn_b) : at::Tensor();
+  at::Tensor dgx = at::full({r.R, D * G * H}, 777.0, opts);
+  at::Tensor dgh = at::full({D, r.R, G * H}, 777.0, opts);
+  at::Tensor hprev = at::full({D, r.R, P}, 777.0, opts);
+  at::Tensor grad_hx = at::full({D, B, P}, 777.0, opts);
+  at::Tensor grad_cx = Cell::kHasC ? at::full({D, B, H}, 777.0, opts) : at::Tensor();
+  at::Tensor dhr = proj ? at::full({D, r.R, P}, 777.0, opts) : at::Tensor();
+  at::Tensor hcell_rows = proj ? at::full({D, r.R, H}, 777.0, opts) : at::Tensor();
+  at::Tensor cut_info = at::empty({0}, at::kLong);
   if (persistent) {
     TORCH_CHECK(!proj, "an LSTM with a projection has no persistent kernel");
     const plan::Cut cut = cut_of(B, H, D, plan::Pass::kBackward, sizeof(scalar_t), sizeof(acc_t),
                                  sms, smem, max_kc, G, mma, g_pad_smem);
     cut_info = cut_tensor(cut);
-    torch::Tensor dh = torch::full({D, B, H}, 777.0, acc_opts);
-    torch::Tensor dc = Cell::kHasC ? torch::full({D, B, H}, 777.0, acc_opts) : torch::Tensor();
+    at::Tensor dh = at::full({D, B, H}, 777.0, acc_opts);
+    at::Tensor dc = Cell::kHasC ? at::full({D, B, H}, 777.0, acc_opts) : at::Tensor();
     PersistentBackwardArgs<scalar_t, acc_t> a{};
     a.grad_out = go.data_ptr<scalar_t>();
     a.out = out.data_ptr<scalar_t>();
@@ -202,13 +200,13 @@ std::vector<torch::Tensor> backward_t(const torch::Tensor& go, const torch::Tens
                  [&] { persistent_backward_kernel<Cell, scalar_t, acc_t>(a); });
     }
   } else {
-    torch::Tensor dh_a = ghn.to(acc_opts.dtype(), false, /*copy=*/true);
-    torch::Tensor dh_a_next = torch::full_like(dh_a, 777.0);
-    torch::Tensor dh_b = torch::zeros_like(ghn);  // the GEMM part, in the storage dtype
-    torch::Tensor dgh_step = torch::full({D, B, G * H}, 777.0, opts);
-    torch::Tensor dc = Cell::kHasC ? gcn.to(acc_opts.dtype(), false, true) : torch::Tensor();
-    torch::Tensor dhr_step = torch::full({D, B, P}, 777.0, opts);
-    torch::Tensor dhcell = torch::full({D, B, H}, 777.0, opts);
+    at::Tensor dh_a = ghn.to(acc_opts.dtype(), false, /*copy=*/true);
+    at::Tensor dh_a_next = at::full_like(dh_a, 777.0);
+    at::Tensor dh_b = at::zeros_like(ghn);  // the GEMM part, in the storage dtype
+    at::Tensor dgh_step = at::full({D, B, G * H}, 777.0, opts);
+    at::Tensor dc = Cell::kHasC ? gcn.to(acc_opts.dtype(), false, true) : at::Tensor();
+    at::Tensor dhr_step = at::full({D, B, P}, 777.0, opts);
+    at::Tensor dhcell = at::full({D, B, H}, 777.0, opts);
     for (int64_t s = T - 1; s >= 0; --s) {
       auto step = [&](auto proj_tag) {
         constexpr bool kProj = decltype(proj_tag)::value;
@@ -233,14 +231,14 @@ std::vector<torch::Tensor> backward_t(const torch::Tensor& go, const torch::Tens
                 dh_a_next.data_ptr<acc_t>(), dhr.data_ptr<scalar_t>(),
                 dhr_step.data_ptr<scalar_t>(), hprev.data_ptr<scalar_t>(), s, B, P, D, r.map, r.R);
           });
-          torch::bmm_out(dhcell, dhr_step, w_hr);
+          at::bmm_out(dhcell, dhr_step, w_hr);
           step(std::true_type{});
           stepped = true;
         }
       }
       if (!stepped) step(std::false_type{});
       std::swap(dh_a, dh_a_next);
-      torch::bmm_out(dh_b, dgh_step, w_hh);
+      at::bmm_out(dh_b, dgh_step, w_hh);
     }
     grad_hx.copy_(dh_a.add_(dh_b));
     if (Cell::kHasC) grad_cx.copy_(dc);
@@ -249,7 +247,7 @@ std::vector<torch::Tensor> backward_t(const torch::Tensor& go, const torch::Tens
           dgh,
           hprev,
           to_sequence(r, grad_hx),
-          Cell::kHasC ? to_sequence(r, grad_cx) : torch::empty({0}),
+          Cell::kHasC ? to_sequence(r, grad_cx) : at::empty({0}),
           or_empty(dhr),
           or_empty(hcell_rows),
           cut_info};
@@ -277,15 +275,14 @@ void with_cell(int64_t cell, F f) {
 // layout, seq_index, sorted_indices, T, bf: see rows_of. The knobs: persistent or fallback;
 // the pretend device's SM count and shared memory per block; the K-chunk cap. cx, grad_c_n
 // and w_hr: empty tensors where the cell has no c or no projection.
-std::vector<torch::Tensor> cell_forward(int64_t cell, torch::Tensor gx, torch::Tensor w_hh,
-                                        c10::optional<torch::Tensor> b_hh, torch::Tensor hx,
-                                        torch::Tensor cx, torch::Tensor w_hr, int64_t layout,
-                                        torch::Tensor seq_index, torch::Tensor sorted_indices,
-                                        int64_t T, bool bf, bool persistent, int64_t sms,
-                                        int64_t smem, int64_t max_kc, bool mma) {
+std::vector<at::Tensor> cell_forward(int64_t cell, at::Tensor gx, at::Tensor w_hh,
+                                     c10::optional<at::Tensor> b_hh, at::Tensor hx, at::Tensor cx,
+                                     at::Tensor w_hr, int64_t layout, at::Tensor seq_index,
+                                     at::Tensor sorted_indices, int64_t T, bool bf, bool persistent,
+                                     int64_t sms, int64_t smem, int64_t max_kc, bool mma) {
   const Rows r =
       rows_of(layout, seq_index, sorted_indices, T, bf, hx.size(1), layout == 2 ? 0 : gx.size(0));
-  std::vector<torch::Tensor> res;
+  std::vector<at::Tensor> res;
   with_cell(cell, [&](auto c) {
     using Cell = decltype(c);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gx.scalar_type(), "emu_forward", [&] {
@@ -296,16 +293,15 @@ std::vector<torch::Tensor> cell_forward(int64_t cell, torch::Tensor gx, torch::T
   return res;
 }
 
-std::vector<torch::Tensor> cell_backward(int64_t cell, torch::Tensor go, torch::Tensor ghn,
-                                         torch::Tensor gcn, torch::Tensor out, torch::Tensor hx,
-                                         torch::Tensor ws, torch::Tensor w_hh, torch::Tensor w_hr,
-                                         int64_t layout, torch::Tensor seq_index,
-                                         torch::Tensor sorted_indices, int64_t T, bool bf,
-                                         bool persistent, int64_t sms, int64_t smem, int64_t max_kc,
-                                         bool mma) {
+std::vector<at::Tensor> cell_backward(int64_t cell, at::Tensor go, at::Tensor ghn, at::Tensor gcn,
+                                      at::Tensor out, at::Tensor hx, at::Tensor ws, at::Tensor w_hh,
+                                      at::Tensor w_hr, int64_t layout, at::Tensor seq_index,
+                                      at::Tensor sorted_indices, int64_t T, bool bf,
+                                      bool persistent, int64_t sms, int64_t smem, int64_t max_kc,
+                                      bool mma) {
   const Rows r =
       rows_of(layout, seq_index, sorted_indices, T, bf, hx.size(1), layout == 2 ? 0 : go.size(0));
-  std::vector<torch::Tensor> res;
+  std::vector<at::Tensor> res;
   with_cell(cell, [&](auto c) {
     using Cell = decltype(c);
     AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -319,25 +315,22 @@ std::vector<torch::Tensor> cell_backward(int64_t cell, torch::Tensor go, torch::
 
 // The GRU's entry points (tests/test_cuda_emulated.py): cell_forward / cell_backward of cell 0,
 // returning out, h_n, ws, cut and dgx, dgh, hprev, grad_hx, cut.
-std::vector<torch::Tensor> forward(torch::Tensor gx, torch::Tensor w_hh,
-                                   c10::optional<torch::Tensor> b_hh, torch::Tensor hx,
-                                   int64_t layout, torch::Tensor seq_index,
-                                   torch::Tensor sorted_indices, int64_t T, bool bf,
-                                   bool persistent, int64_t sms, int64_t smem, int64_t max_kc,
-                                   bool mma) {
-  const torch::Tensor none = torch::empty({0}, gx.options());
+std::vector<at::Tensor> forward(at::Tensor gx, at::Tensor w_hh, c10::optional<at::Tensor> b_hh,
+                                at::Tensor hx, int64_t layout, at::Tensor seq_index,
+                                at::Tensor sorted_indices, int64_t T, bool bf, bool persistent,
+                                int64_t sms, int64_t smem, int64_t max_kc, bool mma) {
+  const at::Tensor none = at::empty({0}, gx.options());
   auto r = cell_forward(kGru, gx, w_hh, b_hh, hx, none, none, layout, seq_index, sorted_indices, T,
                         bf, persistent, sms, smem, max_kc, mma);
   return {r[0], r[1], r[3], r[4]};
 }
 
-std::vector<torch::Tensor> backward(torch::Tensor go, torch::Tensor ghn, torch::Tensor out,
-                                    torch::Tensor hx, torch::Tensor ws, torch::Tensor w_hh,
-                                    int64_t layout, torch::Tensor seq_index,
-                                    torch::Tensor sorted_indices, int64_t T, bool bf,
-                                    bool persistent, int64_t sms, int64_t smem, int64_t max_kc,
-                                    bool mma) {
-  const torch::Tensor none = torch::empty({0}, go.options());
+std::vector<at::Tensor> backward(at::Tensor go, at::Tensor ghn, at::Tensor out, at::Tensor hx,
+                                 at::Tensor ws, at::Tensor w_hh, int64_t layout,
+                                 at::Tensor seq_index, at::Tensor sorted_indices, int64_t T,
+                                 bool bf, bool persistent, int64_t sms, int64_t smem,
+                                 int64_t max_kc, bool mma) {
+  const at::Tensor none = at::empty({0}, go.options());
   auto r = cell_backward(kGru, go, ghn, none, out, hx, ws, w_hh, none, layout, seq_index,
                          sorted_indices, T, bf, persistent, sms, smem, max_kc, mma);
   return {r[0], r[1], r[2], r[3], r[7]};

@@ -21,8 +21,8 @@ plan::Cut cut_of(int64_t B, int64_t H, int64_t D, plan::Pass pass, int64_t sb, i
   return cut;
 }
 
-torch::Tensor cut_tensor(const plan::Cut& c) {
-  return torch::tensor({c.J, c.blocks_per_dir, c.tile_rows, c.kc, c.blocks}, torch::kLong);
+at::Tensor cut_tensor(const plan::Cut& c) {
+  return at::tensor({c.J, c.blocks_per_dir, c.tile_rows, c.kc, c.blocks}, at::kLong);
 }
 
 struct Lens {
@@ -43,13 +43,13 @@ struct Rows {
   RowMap map;
   int64_t R = 0;
   std::vector<int64_t> starts, lengths;
-  torch::Tensor order;  // packed: rank -> sequence, or undefined
+  at::Tensor order;  // packed: rank -> sequence, or undefined
   Lens l;
 };
-Rows rows_of(int64_t layout, const torch::Tensor& seq_index, const torch::Tensor& sorted_indices,
+Rows rows_of(int64_t layout, const at::Tensor& seq_index, const at::Tensor& sorted_indices,
              int64_t T, bool bf, int64_t B, int64_t N) {
   Rows r;
-  const torch::Tensor idx = seq_index.to(torch::kLong).contiguous();
+  const at::Tensor idx = seq_index.to(at::kLong).contiguous();
   const int64_t* p = idx.data_ptr<int64_t>();
   if (layout == 2) {
     r.map = padded_map(bf, T, B, nullptr);
@@ -71,9 +71,9 @@ Rows rows_of(int64_t layout, const torch::Tensor& seq_index, const torch::Tensor
     packed_rows(p, steps, B, r.starts.data(), r.lengths.data());
     r.map = packed_map(r.starts.data(), nullptr);
     if (sorted_indices.numel() > 0) {
-      const torch::Tensor si = sorted_indices.contiguous();
+      const at::Tensor si = sorted_indices.contiguous();
       std::vector<int> count(B, 0);
-      r.order = torch::empty({B}, torch::kLong);
+      r.order = at::empty({B}, at::kLong);
       emu_launch_seq((B + 255) / 256, 256, [&] {
         permutation_count_kernel(si.data_ptr<int64_t>(), B, count.data(),
                                  r.order.data_ptr<int64_t>());
@@ -85,11 +85,11 @@ Rows rows_of(int64_t layout, const torch::Tensor& seq_index, const torch::Tensor
   return r;
 }
 
-torch::Tensor to_rank(const Rows& r, const torch::Tensor& t) {
+at::Tensor to_rank(const Rows& r, const at::Tensor& t) {
   return r.order.defined() ? t.index_select(1, r.order).contiguous() : t.contiguous();
 }
-torch::Tensor to_sequence(const Rows& r, const torch::Tensor& t) {
-  return r.order.defined() ? torch::empty_like(t).index_copy_(1, r.order, t) : t;
+at::Tensor to_sequence(const Rows& r, const at::Tensor& t) {
+  return r.order.defined() ? at::empty_like(t).index_copy_(1, r.order, t) : t;
 }
 
 template <typename scalar_t, typename acc_t>

@@ -3,8 +3,11 @@
 // per-warp exchange, mma.sync is mma_emu.h's. Included before any kernel header.
 #pragma once
 
+// ATen and torch's pybind11 casters rather than torch/extension.h, whose C++ frontend (nn,
+// optim, data) nothing here uses: it took 22 s of this file's ~75 s compile.
+#include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <torch/extension.h>
+#include <torch/csrc/utils/pybind.h>
 #include <atomic>
 #include <cassert>
 #include <memory>

@@ -2,7 +2,9 @@
 // mma() of mma_emu.h: each block's threads run as fibers (fibers.h: a warp's lanes meet in mma()
 // and the block in __syncthreads), blocks one after another. Test-only; see
 // tests/test_mma_emulated.py.
-#include <torch/extension.h>
+// Not torch/extension.h: its C++ frontend doubled this file's compile time (emu_runtime.h).
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <atomic>
 #include <cmath>
@@ -56,17 +58,16 @@ void emu_launch(int grid, int block, F body) {
 }
 
 // a [M, K], b [K, N], c [M, N] float32 -> d [M, N]: tile_gemm_kernel<kind, variant>.
-torch::Tensor tile_gemm(int64_t kind, int64_t variant, torch::Tensor a, torch::Tensor b,
-                        torch::Tensor c) {
+at::Tensor tile_gemm(int64_t kind, int64_t variant, at::Tensor a, at::Tensor b, at::Tensor c) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2, "a, b, c must be 2-D");
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   TORCH_CHECK(M % 16 == 0 && N % 8 == 0 && K % tc_test::k_step(kind) == 0 && b.size(0) == K &&
                   c.size(0) == M && c.size(1) == N,
               "shapes: a [M, K], b [K, N], c [M, N] with M % 16, N % 8, K % k_step == 0; got ",
               a.sizes(), b.sizes(), c.sizes());
-  auto a32 = a.to(torch::kFloat).contiguous(), b32 = b.to(torch::kFloat).contiguous();
-  auto c32 = c.to(torch::kFloat).contiguous();
-  auto d = torch::full({M, N}, 777.0f, a32.options());
+  auto a32 = a.to(at::kFloat).contiguous(), b32 = b.to(at::kFloat).contiguous();
+  auto c32 = c.to(at::kFloat).contiguous();
+  auto d = at::full({M, N}, 777.0f, a32.options());
   const float *pa = a32.data_ptr<float>(), *pb = b32.data_ptr<float>(), *pc = c32.data_ptr<float>();
   float* pd = d.data_ptr<float>();
   const bool ok = tc_test::dispatch(kind, variant, [&](auto kc, auto vc) {
@@ -79,8 +80,8 @@ torch::Tensor tile_gemm(int64_t kind, int64_t variant, torch::Tensor a, torch::T
 }
 
 // x float32 [n] -> int64 [n]: the element bits to_bits<kind> gives each value.
-torch::Tensor to_bits(int64_t kind, torch::Tensor x) {
-  auto x32 = x.to(torch::kFloat).contiguous();
+at::Tensor to_bits(int64_t kind, at::Tensor x) {
+  auto x32 = x.to(at::kFloat).contiguous();
   const int n = x32.numel();
   std::vector<uint32_t> y(n);
   const float* px = x32.data_ptr<float>();
@@ -93,24 +94,24 @@ torch::Tensor to_bits(int64_t kind, torch::Tensor x) {
     }
   });
   TORCH_CHECK(ok, "kind must be 0..2, got ", kind);
-  return torch::tensor(std::vector<int64_t>(y.begin(), y.end()), torch::kLong);
+  return at::tensor(std::vector<int64_t>(y.begin(), y.end()), at::kLong);
 }
 
 // w [3U, K] (float32 for kind 0, int16 bits for 1/2), x [tile_rows, K] float32 ->
 // acc [tile_rows / 8, U, 3, 8]: matvec_kernel<kind>, the tile chunked by kc_max columns.
-torch::Tensor matvec(int64_t kind, torch::Tensor w, torch::Tensor x, int64_t U, bool g_major,
-                     int64_t kc_max) {
+at::Tensor matvec(int64_t kind, at::Tensor w, at::Tensor x, int64_t U, bool g_major,
+                  int64_t kc_max) {
   const int64_t K = w.size(1), rows = x.size(0);
   TORCH_CHECK(w.size(0) == 3 * U && x.size(1) == K && rows % 8 == 0 && kc_max > 0,
               "matvec: w [3U, K], x [rows, K] with rows % 8 == 0; got ", w.sizes(), x.sizes());
-  TORCH_CHECK(w.scalar_type() == (kind == 0 ? torch::kFloat : torch::kShort),
+  TORCH_CHECK(w.scalar_type() == (kind == 0 ? at::kFloat : at::kShort),
               "matvec: w must be float32 for TF32 and int16 bits for bf16/f16");
   const int64_t w_stride = kind == 0 ? K : (K + 1) / 2 * 2;
-  auto wc = torch::zeros({3 * U, w_stride}, w.options());
+  auto wc = at::zeros({3 * U, w_stride}, w.options());
   wc.narrow(1, 0, K).copy_(w);
-  auto xc = x.to(torch::kFloat).contiguous();
-  auto tile = torch::full({rows, kc_max}, std::nanf(""), xc.options());
-  auto acc = torch::full({rows / 8, U, 3, 8}, 777.0f, xc.options());
+  auto xc = x.to(at::kFloat).contiguous();
+  auto tile = at::full({rows, kc_max}, std::nanf(""), xc.options());
+  auto acc = at::full({rows / 8, U, 3, 8}, 777.0f, xc.options());
   const float* px = xc.data_ptr<float>();
   float *pt = tile.data_ptr<float>(), *pa = acc.data_ptr<float>();
   tc_test::dispatch(kind, 0, [&](auto kc, auto) {
@@ -129,13 +130,13 @@ torch::Tensor matvec(int64_t kind, torch::Tensor w, torch::Tensor x, int64_t U, 
 
 // The wrapper's fragment layouts for kind: {"A", "B", "C"} -> int64 [32, elements, 2] of (row,
 // col).
-std::map<std::string, torch::Tensor> layout(int64_t kind) {
-  std::map<std::string, torch::Tensor> out;
+std::map<std::string, at::Tensor> layout(int64_t kind) {
+  std::map<std::string, at::Tensor> out;
   tc_test::dispatch(kind, 0, [&](auto kc, auto) {
     constexpr tc::Kind k = decltype(kc)::value;
     using S = tc::Shape<k>;
     auto t = [](int elems, auto row, auto col) {
-      auto r = torch::empty({32, elems, 2}, torch::kLong);
+      auto r = at::empty({32, elems, 2}, at::kLong);
       for (int l = 0; l < 32; ++l)
         for (int i = 0; i < elems; ++i) {
           r[l][i][0] = row(l, i);
