@@ -419,6 +419,11 @@ def main(argv=None) -> int:
         if (args.match is None or args.match in c.name()) and args.cell in (None, c.cell)
     ]
     cases = cases[: args.limit]
+    if not cases:
+        raise SystemExit(
+            f"no case of --preset {args.preset} matches --match {args.match!r} --cell {args.cell}"
+            " (case names look like 'LSTM B=64 T=20 I=1024 H=1024 L=1 full float32')"
+        )
     results = {
         "preset": args.preset,
         "machine": bench_report.machine_info(device, threads),

@@ -152,6 +152,63 @@ def test_forward_errors_are_torch_nns(kind, bad):
     assert str(got.value) == str(expected.value)
 
 
+@pytest.mark.parametrize("kind", ["gru", *KINDS])
+def test_public_attributes_and_helpers_are_torch_nns(kind):
+    """Every public name of nn's module exists on ours, and nn.RNNBase's checking helpers
+    (check_forward_args, check_input, get_expected_hidden_size, check_hidden_size,
+    permute_hidden; the LSTM's get_expected_cell_size) return and raise what nn's do, for
+    padded and packed input, so code written against nn's modules runs unchanged."""
+    ref, ours = _two_layer_bidirectional_pair(kind, "cpu")
+
+    def public(m):
+        return {n for n in dir(m) if not n.startswith("_")}
+
+    assert public(ref) - public(ours) == set()
+    hx = random_state(ref, 2, requires_grad=False, seed=2)
+    lstm = isinstance(hx, tuple)
+    h, c = hx if lstm else (hx, None)
+    x = torch.randn(5, 2, 3, dtype=F64)
+    packed = pack_padded_sequence(x, [5, 3], enforce_sorted=False)
+    order = torch.tensor([1, 0])
+    for inp, sizes in ((x, None), (packed.data, packed.batch_sizes)):
+        assert ours.get_expected_hidden_size(inp, sizes) == ref.get_expected_hidden_size(inp, sizes)
+        if lstm:
+            got = ours.get_expected_cell_size(inp, sizes)
+            assert got == ref.get_expected_cell_size(inp, sizes) == (4, 2, 4)
+        assert ours.check_forward_args(inp, hx, sizes) is None
+    expected = ref.permute_hidden(hx, order)
+    got = ours.permute_hidden(hx, order)
+    for g, e in zip(got if lstm else [got], expected if lstm else [expected], strict=True):
+        assert torch.equal(g, e)
+    assert ours.permute_hidden(hx, None) is hx
+    bad_calls = [
+        lambda m: m.check_forward_args(x, (h[:, :1], c) if lstm else h[:, :1], None),
+        lambda m: m.check_forward_args(x, hx, packed.batch_sizes),  # rank 3 with batch_sizes
+        lambda m: m.check_input(torch.randn(5, 2, 7, dtype=F64), None),
+        lambda m: m.check_input(x.float(), None),
+        lambda m: m.check_hidden_size(h, (1, 2, 3)),
+    ]
+    if lstm:
+        bad_calls.append(lambda m: m.check_forward_args(x, (h, c[:3]), None))
+    for call in bad_calls:
+        with pytest.raises(Exception) as want:
+            call(ref)
+        with pytest.raises(want.type) as got:
+            call(ours)
+        assert str(got.value) == str(want.value)
+
+
+def test_isinstance_checks_name_varlen_rnn_rnnbase():
+    """Ours are not subclasses of nn's (torch.compile refuses any nn.RNN/GRU/LSTM instance
+    unless torch._dynamo.config.allow_rnn): code that dispatches on nn.RNNBase can add
+    varlen_rnn.RNNBase, the base of all three."""
+    for cls in (varlen_rnn.GRU, varlen_rnn.LSTM, varlen_rnn.RNN):
+        m = cls(3, 4)
+        assert isinstance(m, varlen_rnn.RNNBase) and not isinstance(m, nn.RNNBase)
+    assert not isinstance(nn.GRU(3, 4), varlen_rnn.RNNBase)
+    assert "RNNBase" in varlen_rnn.__all__
+
+
 @pytest.mark.parametrize("device", ALL_DEVICES)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("enforce_sorted", [True, False])

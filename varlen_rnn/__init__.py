@@ -28,9 +28,10 @@ from . import (
     _C,  # noqa: E402,F401  registers torch.ops.varlen_rnn.*
     ops,  # noqa: E402  autograd + fake kernels
 )
+from ._base import RNNBase  # noqa: E402  the base of all three, for isinstance checks
 from .modules import GRU, LSTM, RNN, convert  # noqa: E402
 
-__all__ = ["GRU", "LSTM", "RNN", "convert", "ops", "WITH_CUDA"]
+__all__ = ["GRU", "LSTM", "RNN", "RNNBase", "convert", "ops", "WITH_CUDA"]
 __version__ = "0.1.0"
 
 

@@ -219,6 +219,17 @@ class RNNBase(nn.Module):
     def flatten_parameters(self) -> None:
         """No-op, kept so code written for torch.nn's RNNs runs unchanged."""
 
+    # torch.nn.RNNBase's public helpers, nn's own functions (not copies): code written for
+    # nn's modules calls them (a wrapper checking its states, a subclass's forward). They
+    # read only what this class has too: input_size, hidden_size, proj_size, num_layers,
+    # batch_first, bidirectional and _flat_weights. forward does its own checks (the same
+    # messages) and does not call them.
+    check_input = nn.RNNBase.check_input
+    get_expected_hidden_size = nn.RNNBase.get_expected_hidden_size
+    check_hidden_size = nn.RNNBase.check_hidden_size
+    check_forward_args = nn.RNNBase.check_forward_args
+    permute_hidden = nn.RNNBase.permute_hidden
+
     def extra_repr(self) -> str:
         """torch.nn's: the sizes, then every argument that differs from its default."""
         changed = [k for k, default in _DEFAULTS.items() if getattr(self, k) != default]

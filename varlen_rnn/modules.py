@@ -88,6 +88,10 @@ class LSTM(RNNBase):
     _cell = "lstm"
     _torch_cls = nn.LSTM
     _state_messages = ("Expected hidden[0] size", "Expected hidden[1] size")
+    # nn.LSTM's versions of RNNBase's helpers (a state pair; see RNNBase.check_input)
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
 
     def __init__(
         self,
