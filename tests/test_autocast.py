@@ -117,7 +117,7 @@ def test_float32_state_is_computed_in_float32(device, amp_dtype, cudnn):
     of the same model in bfloat16, cast back to float32."""
     _, ours = make_pair(I, H, 2, bidirectional=True, dtype=F32, device=device)
     x = torch.randn(T, B, I, device=device)
-    if device == "cpu" and amp_dtype == BF16 and varlen_rnn._base._CPU_BF16:
+    if device == "cpu" and amp_dtype == BF16 and varlen_rnn._autocast.CPU_BF16:
         low = copy.deepcopy(ours).to(BF16)
         expected = [t.float() for t in low(x.to(BF16), lengths=LENGTHS)]
         plain = ours(x, lengths=LENGTHS)

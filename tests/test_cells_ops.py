@@ -123,10 +123,10 @@ def test_op_deciding_workspace(device, kind, layout):
 
 def _backward_args(kind, layout, device, dtype):
     """A forward's results turned into its backward op's arguments."""
-    cell = varlen_rnn.ops.CELLS[_cell(kind)]
+    cell = varlen_rnn._schema.CELLS[_cell(kind)]
     ragged = layout is not None
     args = op_args(kind, device, dtype, layout=layout, grad=False)
-    a = varlen_rnn.ops._Args.split(cell, ragged, args)
+    a = varlen_rnn._schema._Args.split(cell, ragged, args)
     *outs, ws = op(kind, ragged)(*args, True)
     grads = [torch.randn_like(t) for t in outs]
     w = a.weights[:2] + a.weights[4:]

@@ -143,7 +143,7 @@ def test_masked_backward_matches_nn_with_packing(kind, case):
 # ------------------------------------------------------------------ the ops
 def op_and_args(kind, layout, device, dtype, D=2):
     """A backward op and its arguments (without output_mask), from a forward's results."""
-    cell = varlen_rnn.ops.CELLS[kind.split("_")[0]]
+    cell = varlen_rnn._schema.CELLS[kind.split("_")[0]]
     ragged = layout != "padded"
     G = cell.gates
     P = H // 2 if kind == "lstm_proj" else H

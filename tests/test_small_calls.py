@@ -172,9 +172,9 @@ def test_eager_autograd_equals_the_registered_autograd(kind, ragged, D):
     and the eager node is ours. With one direction the eager function takes the weights
     without their D dimension (the parameters themselves, ops._layer's squeezed), the op
     their [1, ...] views: the graph then holds our node alone, no view node per weight."""
-    from varlen_rnn import _autograd, ops
+    from varlen_rnn import _autograd, _schema
 
-    cell = ops.CELLS[kind.split("_")[0]]
+    cell = _schema.CELLS[kind.split("_")[0]]
     ref, _ = pair(kind, 3, 4, bidirectional=D == 2)
     g = torch.Generator().manual_seed(8)
     B, T, H = 3, 4, 4
@@ -195,7 +195,7 @@ def test_eager_autograd_equals_the_registered_autograd(kind, ragged, D):
         else:
             w = None
         weights.append(w)
-    op_weights = ops._unsqueezed(weights) if D == 1 else weights
+    op_weights = _schema._unsqueezed(weights) if D == 1 else weights
     if ragged:
         index = (torch.tensor([0, 4, 4, 6]), None, 0, T)
     else:
@@ -205,7 +205,7 @@ def test_eager_autograd_equals_the_registered_autograd(kind, ragged, D):
     args = (x, *index, *states, *weights, *tail)
     leaves = [t for t in (x, *states, *weights) if t is not None]
     eager = _autograd.EAGER[cell.name, ragged, D == 1].apply(*args, True)
-    dispatched = ops._op(cell, ragged, "forward")(x, *index, *states, *op_weights, *tail, True)
+    dispatched = _schema._op(cell, ragged, "forward")(x, *index, *states, *op_weights, *tail, True)
     assert type(eager[0].grad_fn).__name__.startswith(f"{cell.name.upper()}Layer")
     assert type(eager[0].grad_fn) is not type(dispatched[0].grad_fn)
     if D == 1:  # the weights are the node's inputs themselves
@@ -234,7 +234,7 @@ def test_eager_autograd_equals_the_registered_autograd(kind, ragged, D):
 @pytest.mark.parametrize("batch_first", [False, True], ids=["time_major", "batch_first"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_short_bidirectional_call_runs_directions_apart(kind, batch_first, dtype, monkeypatch):
-    """A bidirectional padded call of few positions (varlen_rnn._base._APART_POSITIONS) runs its
+    """A bidirectional padded call of few positions (varlen_rnn._apart.APART_POSITIONS) runs its
     directions as two one-direction calls, the reverse one over each sequence's steps reversed:
     no stack of the weights, and the results of the one call on stacked weights bit for bit
     (forced with the limit at 0), zero and unsorted lengths included. The gradients agree to
@@ -243,7 +243,7 @@ def test_short_bidirectional_call_runs_directions_apart(kind, batch_first, dtype
     (test_small_call_shortcuts_match_nn_with_packing) checks both against torch.nn."""
     from torch.profiler import profile
 
-    from varlen_rnn import _base
+    from varlen_rnn import _apart
 
     lengths, T = [3, 0, 4, 1, 4], 4
     B, I, H = len(lengths), 3, 4
@@ -251,7 +251,7 @@ def test_short_bidirectional_call_runs_directions_apart(kind, batch_first, dtype
     ours = ours.to(dtype)
     g = torch.Generator().manual_seed(5)
     x = torch.randn((B, T, I) if batch_first else (T, B, I), generator=g).to(dtype)
-    assert T * B <= _base._APART_POSITIONS
+    assert T * B <= _apart.APART_POSITIONS
 
     def run():
         xg = x.clone().requires_grad_()
@@ -264,7 +264,7 @@ def test_short_bidirectional_call_runs_directions_apart(kind, batch_first, dtype
         return got, grads, stacks
 
     apart, grads_apart, stacks_apart = run()
-    monkeypatch.setattr(_base, "_APART_POSITIONS", 0)
+    monkeypatch.setattr(_apart, "APART_POSITIONS", 0)
     one, grads_one, stacks_one = run()
     assert stacks_apart == 0 and stacks_one > 0
     for k, (a, b) in enumerate(zip(apart, one)):

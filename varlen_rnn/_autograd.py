@@ -1,5 +1,6 @@
 """The fake kernels and autograd formulas of every op in csrc/ops.cpp, registered once per
-cell of varlen_rnn.ops.CELLS (that module's docstring has the ops' shared argument layout).
+cell of varlen_rnn._schema.CELLS (that module's docstring has the ops' shared argument
+layout).
 
 Importing varlen_rnn.ops imports this module; nothing here is public.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .ops import CELLS, Cell, _Args, _full, _layout, _op, _opmath, _reference, _unsqueezed
+from ._schema import CELLS, Cell, _Args, _full, _layout, _op, _opmath, _reference, _unsqueezed
 
 
 # ------------------------------------------------------------------ fake kernels

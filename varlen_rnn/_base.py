@@ -3,13 +3,12 @@
 Parameters with torch.nn's names, shapes, order and initialisation; forward on every input
 kind (padded + lengths, unbatched, PackedSequence, jagged nested tensor); the layer loop with
 dropout between layers; the autocast policy of torch.nn's RNNs. A subclass names its cell
-(a key of varlen_rnn.ops.CELLS) and says how its state looks (h, or the LSTM's (h, c)).
+(a key of varlen_rnn._schema.CELLS) and says how its state looks (h, or the LSTM's (h, c)).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 import torch
@@ -17,7 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import _inputs, ops
+from . import _apart, _inputs, ops
+from ._autocast import cpu_autocast_compute, cudnn_autocast
+from ._schema import CELLS, _unsqueezed
 
 __all__ = ["RNNBase"]
 
@@ -67,7 +68,7 @@ _CONFIG = (
 class RNNBase(nn.Module):
     """The shared machinery; see varlen_rnn.GRU for forward's arguments and results."""
 
-    _cell: str  # a key of varlen_rnn.ops.CELLS
+    _cell: str  # a key of varlen_rnn._schema.CELLS
     _torch_cls: type  # the torch.nn class this one replaces
     # nn's message for an input of the wrong rank ({} is the rank it got).
     _rank_message = "{}: Expected input to be 2D or 3D, got {}D instead"
@@ -101,7 +102,7 @@ class RNNBase(nn.Module):
         self.proj_size = proj_size
         self._flat_weights_names: list[str] = []
         self._all_weights: list[list[str]] = []
-        G, H = ops.CELLS[self._cell].gates, hidden_size
+        G, H = CELLS[self._cell].gates, hidden_size
         P = proj_size or H
         # Registration order matches torch.nn's so that reset_parameters draws the same
         # numbers from the same seed and state_dicts line up key for key.
@@ -169,8 +170,8 @@ class RNNBase(nn.Module):
         layer op's weight arguments."""
         weights = self._stacked(self._flat_weights, layer, dtype, self.num_directions)
         if not self.bidirectional:
-            weights = ops._unsqueezed(weights)
-        if not ops.CELLS[self._cell].proj:
+            weights = _unsqueezed(weights)
+        if not CELLS[self._cell].proj:
             return LayerWeights(*weights)
         return ProjectedLayerWeights(*weights)
 
@@ -196,7 +197,7 @@ class RNNBase(nn.Module):
             out = [torch.stack((f, r)) for f, r in zip(ws[:n], ws[n:])]
         if not self.bias:
             out[2:2] = [None, None]
-        if ops.CELLS[self._cell].proj and not self.proj_size:
+        if CELLS[self._cell].proj and not self.proj_size:
             out.append(None)
         return out
 
@@ -259,14 +260,14 @@ class RNNBase(nn.Module):
         """The dtype torch.nn's module computes in and returns under autocast, so that
         swapping it for its varlen_rnn twin changes no dtype downstream.
 
-        cuDNN (see _cudnn_autocast): float16. Otherwise torch.nn.GRU and LSTM (given a
+        cuDNN (see cudnn_autocast): float16. Otherwise torch.nn.GRU and LSTM (given a
         PackedSequence, what lengths replace) have no autocast rule of their own: the state
         and outputs keep hx's dtype (the input's when hx is None) and only their internal
         GEMMs are autocast; the kernels here then run in that dtype (float32 state: float32
         throughout). (nn.LSTM on a padded CPU batch runs oneDNN, whose autocast rule
         returns the autocast dtype; the packed call it replaces does not.)
         """
-        return _cudnn_autocast(x) or hx.dtype
+        return cudnn_autocast(x) or hx.dtype
 
     def _state_shapes(self, B: int) -> list[tuple[int, int, int]]:
         LD = self.num_layers * (2 if self.bidirectional else 1)
@@ -379,21 +380,21 @@ class RNNBase(nn.Module):
         no cast where the dtype already matches (.to would return the tensor itself), no
         slice of the states with one layer, the layer ops' shared body called directly."""
         D, L = self.num_directions, self.num_layers
-        cell, ragged = ops.CELLS[self._cell], len(index) == 4
+        cell, ragged = CELLS[self._cell], len(index) == 4
         amp = _inputs.autocast_on(x.device)
         dtype = self._autocast_dtype(x, states[0]) if amp else x.dtype  # of the results
-        compute = _cpu_autocast_compute(x, dtype) if amp else dtype  # of the layer ops
+        compute = cpu_autocast_compute(x, dtype) if amp else dtype  # of the layer ops
         if x.dtype != compute:
             x = x.to(compute)
         states = [s if s.dtype == compute else s.to(compute) for s in states]
         options = self._options()
         ends = []  # per layer: its final states [D, B, .]
-        apart = D == 2 and not ragged and _directions_apart(x)
+        apart = D == 2 and not ragged and _apart.directions_apart(x)
         for layer in range(L):
             mine = states if L == 1 else [s[layer * D : (layer + 1) * D] for s in states]
             if apart:
-                args = (x, index[0], mine, flat, layer, compute, options, tail)
-                x, *end = self._layer_apart(*args)
+                w = [self._stacked(flat, layer, compute, 2, direction=d) for d in range(2)]
+                x, *end = _apart.layer_apart(cell, x, index[0], mine, w, options, tail[0])
             else:
                 w = self._stacked(flat, layer, compute, D)
                 args = (x, *index, *mine, *w, *options, *tail)
@@ -405,49 +406,6 @@ class RNNBase(nn.Module):
         if x.dtype != dtype:
             x = x.to(dtype)
         return x, tuple(f if f.dtype == dtype else f.to(dtype) for f in finals)
-
-    def _layer_apart(
-        self,
-        x: Tensor,
-        lengths: Tensor,
-        states: list,
-        flat: list,
-        layer: int,
-        dtype: torch.dtype,
-        options: tuple,
-        tail: tuple,
-    ):
-        """A bidirectional padded layer as two one-direction calls (see _directions_apart):
-        the reverse direction is the forward recurrence over each sequence's valid steps
-        reversed, a gather of x's rows and of that call's output back (the same positions
-        as the layer op's reverse direction, in the same order, from the same state).
-        x [T, B, I] (or [B, T, I]), states [2, B, .] each. Returns (output [.., 2P], finals
-        [2, B, .] ...)."""
-        cell, batch_first = ops.CELLS[self._cell], tail[0]
-        outs, ends, src = [], [], None
-        for d in range(2):
-            w = self._stacked(flat, layer, dtype, 2, direction=d)
-            mine = [s[d : d + 1] for s in states]
-            if d == 1:  # after the forward call, whose kernel has checked the lengths
-                src = _reversal(lengths, x, batch_first)
-                x = x.gather(1 if batch_first else 0, src.expand(x.shape))
-            out, *end = ops._layer(
-                cell, False, (x, lengths, *mine, *w, *options, *tail), squeezed=True
-            )
-            if d == 1:
-                out = out.gather(1 if batch_first else 0, src.expand(out.shape))
-            outs.append(out)
-            ends.append(end)
-        return (torch.cat(outs, -1), *[torch.cat(e, 0) for e in zip(*ends)])
-
-
-# A bidirectional padded call on the CPU of at most this many positions (T*B) runs its
-# directions apart (RNNBase._layer_apart). The layer op takes both directions' weights as
-# one [2, ...] tensor, and stacking them copies every weight at every call: fresh memory
-# that costs more than a short call's recurrence (B=1 T=20 H=512, 2 threads: the GRU's
-# stack alone ~3 ms, the op ~1.8 ms). On a GPU the copy is cheap and the one call runs
-# both directions at once, so CUDA input keeps it.
-_APART_POSITIONS = 32
 
 
 def _fx_leaf_call(module: RNNBase, input, hx, lengths):
@@ -465,86 +423,3 @@ def _fx_leaf_call(module: RNNBase, input, hx, lengths):
             "it, where it becomes one call_module node, or use torch.export"
         )
     return tracer.create_proxy("call_module", path, args, kwargs)
-
-
-def _directions_apart(x: Tensor) -> bool:
-    """Whether a bidirectional layer on padded x ([T, B, I] or [B, T, I]) runs its two
-    directions as two one-direction calls, which read the parameters as they are: on the
-    CPU in eager mode, where the call has at most _APART_POSITIONS positions.
-    torch.compile, export and jit tracing keep the one call."""
-    # The mode first: under export a test of the shapes would guard them.
-    return (
-        not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
-        and x.device.type == "cpu"
-        and x.shape[0] * x.shape[1] <= _APART_POSITIONS
-    )
-
-
-def _reversal(lengths: Tensor, x: Tensor, batch_first: bool) -> Tensor:
-    """The gather index [T, B, 1] (or [B, T, 1]) that puts each sequence's first lengths[b]
-    steps of x [T, B, F] (or [B, T, F]) in reverse order and leaves the steps past its length
-    where they are (its own inverse). x and lengths are on the CPU (_directions_apart)."""
-    T = x.shape[1 if batch_first else 0]
-    t = torch.arange(T)[:, None]  # [T, 1]
-    n = lengths.to(torch.int64)[None, :]  # [1, B]
-    src = torch.where(t < n, n - 1 - t, t)  # [T, B]: the step each position reads
-    if batch_first:
-        src = src.t()
-    return src[:, :, None]
-
-
-# Read once: dynamo cannot trace the call (a torch.* function returning a bool).
-_HAS_CUDNN = torch.backends.cudnn.is_available()
-
-
-def _probe_cpu_bf16() -> bool:
-    """Whether bfloat16 layers run their products in bfloat16 on this CPU (its matrix units,
-    AMX, or AVX512-BF16's dot products: csrc/cpu/bf16_gemm.h) and VARLEN_RNN_CPU_BF16 allows
-    it (the kernels read it at every call; this is read once, at import, as dynamo cannot
-    trace the probe)."""
-    if os.environ.get("VARLEN_RNN_CPU_BF16", "auto") == "float":
-        return False
-    a, b = torch.ones(1, 2, dtype=torch.bfloat16), torch.ones(2, 1)
-    try:
-        torch.ops.varlen_rnn._bf16_gemm(a, b, None, None, False)
-    except RuntimeError:
-        return False
-    return True
-
-
-_CPU_BF16 = _probe_cpu_bf16()
-
-
-def _cpu_autocast_compute(x: Tensor, dtype: torch.dtype) -> torch.dtype:
-    """The dtype the layer ops run in under autocast, given the results' dtype. On a CPU whose
-    bfloat16 layers take their products in bfloat16 (AMX or AVX512-BF16), float32 results
-    under bfloat16 autocast come from bfloat16 layers cast back: products with bfloat16
-    operands and float32 accumulation, state and gates float32 inside the layer, what
-    torch.nn's autocast GEMMs do (its state stays float32 between steps too; here the layers'
-    inputs, initial states and results pass through bfloat16). Elsewhere the layers run in
-    the results' dtype."""
-    if (
-        _CPU_BF16
-        and x.device.type == "cpu"
-        and dtype == torch.float32
-        and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    ):
-        return torch.bfloat16
-    return dtype
-
-
-def _cudnn_autocast(x: Tensor) -> torch.dtype | None:
-    """The dtype of torch.nn's RNNs under autocast when they run cuDNN (CUDA input of
-    float32/float16/float64 with cuDNN enabled): autocast's _cudnn_rnn wrapper casts input,
-    hx and weights to float16 (whatever the autocast dtype; float64 is left alone). None
-    when cuDNN would not run."""
-    if (
-        x.device.type == "cuda"
-        and x.dtype in (torch.float32, torch.float16, torch.float64)
-        and x.numel() > 0
-        and torch.backends.cudnn.enabled
-        and _HAS_CUDNN
-    ):
-        return torch.float64 if x.dtype == torch.float64 else torch.float16
-    return None

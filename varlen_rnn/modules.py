@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from . import _inputs
-from ._base import RNNBase, _cudnn_autocast
+from ._autocast import cudnn_autocast
+from ._base import RNNBase
 
 __all__ = ["GRU", "LSTM", "RNN", "convert"]
 
@@ -138,7 +139,7 @@ class LSTM(RNNBase):
             self.proj_size
             and _inputs.autocast_on(out.device)
             and out.dtype != torch.float64
-            and _cudnn_autocast(x) is None
+            and cudnn_autocast(x) is None
         ):
             low = torch.get_autocast_dtype(out.device.type)
             out, h_n = out.to(low), h_n.to(low)
@@ -203,7 +204,7 @@ class RNN(RNNBase):
         it returns the autocast dtype (a float64 input stays float64)."""
         if x.dtype == torch.float64:
             return torch.float64
-        return _cudnn_autocast(x) or torch.get_autocast_dtype(x.device.type)
+        return cudnn_autocast(x) or torch.get_autocast_dtype(x.device.type)
 
 
 _REPLACEMENTS = ((nn.GRU, GRU), (nn.LSTM, LSTM), (nn.RNN, RNN))

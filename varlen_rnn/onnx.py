@@ -41,7 +41,7 @@ except ImportError as e:  # the optional extra is not installed
         "pip install 'varlen_rnn[onnx]'"
     ) from e
 
-from .ops import CELLS
+from ._schema import CELLS
 
 __all__ = ["export", "translation_table"]
 
