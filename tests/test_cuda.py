@@ -624,6 +624,38 @@ def test_cuda_float32_gemms_follow_cudnn_tf32_flag(path):
     assert 1e-5 < diff < 3e-2, f"relative difference {diff:.2e} is not TF32-sized"
 
 
+@needs_cuda
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("setting", ["matmul", "all"])
+def test_cuda_float32_under_the_per_op_precision_api(path, setting):
+    """TF32 set through torch's per-op precision API alone (torch.backends.cuda.matmul.
+    fp32_precision, or torch.backends.fp32_precision for every backend) leaves the legacy
+    matmul flag behind, and reading that flag then raises torch's "mix of the legacy and new
+    APIs" error: a float32 call must still run, give what the legacy flags give, and leave the
+    setting as the user made it."""
+    x, hx, *w = _layer_args(T=8, B=32, I=64, H=48)
+    args, lengths = [x, hx, *w], torch.arange(8, 0, -1).repeat(4).cuda()
+    expected = _tf32_run(True, True, args, lengths)
+    torch.backends.cuda.matmul.allow_tf32 = False  # both APIs: legacy off, per-op ieee
+    try:
+        if setting == "matmul":
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
+        else:
+            torch.backends.cuda.matmul.fp32_precision = "none"  # follows torch.backends'
+            torch.backends.fp32_precision = "tf32"
+        out, h = varlen_rnn.ops.gru_layer(args[0], lengths, *args[1:])
+        got = [out, h] + list(grads([out, h], args))
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        if setting == "all":  # still following torch.backends', not set on its own
+            torch.backends.fp32_precision = "ieee"
+            assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    finally:
+        torch.backends.fp32_precision = "none"
+        torch.backends.cuda.matmul.allow_tf32 = False
+    for a, e in zip(got, expected, strict=True):
+        assert torch.equal(a, e)
+
+
 TF32_GUARD_PROGRAM = r"""
 #include "cuda/launch.h"
 #include <cstdio>
@@ -654,6 +686,28 @@ int main() {
   ctx.setAllowTF32CuDNN(false);
   std::printf("cudnn-off %d\n", int(cudnn_rnn_allows_tf32()));
   { MatmulTf32Guard d(false, true); std::printf("not-float32 %d\n", mm()); }
+  // The per-op precision API alone (torch.backends.cuda.matmul.fp32_precision = "tf32"):
+  // the legacy allowTF32CuBLAS() would raise on the mix; the guard reads the new setting.
+  using B = at::Float32Backend;
+  using O = at::Float32Op;
+  using P = at::Float32Precision;
+  auto prec = [&](B b, O o) { return at::precision2str(ctx.float32Precision(b, o)); };
+  ctx.setAllowTF32CuDNN(true);
+  ctx.setFloat32Precision(B::CUDA, O::MATMUL, P::TF32);
+  { MatmulTf32Guard e(true, true); std::printf("new-api %d %s\n", int(cublas_matmul_allows_tf32()), prec(B::CUDA, O::MATMUL).c_str()); }
+  std::printf("new-api-after %s\n", prec(B::CUDA, O::MATMUL).c_str());
+  // torch.backends.fp32_precision = "ieee" with the matmul entry unset: the guard turns TF32
+  // on and back off, leaving the entry to follow its parent as before.
+  ctx.setFloat32Precision(B::CUDA, O::MATMUL, P::NONE);
+  ctx.setFloat32Precision(B::GENERIC, O::ALL, P::IEEE);
+  { MatmulTf32Guard f(true, true); std::printf("inherited-held %d\n", int(cublas_matmul_allows_tf32())); }
+  ctx.setFloat32Precision(B::GENERIC, O::ALL, P::TF32);
+  std::printf("inherited-after %s\n", prec(B::CUDA, O::MATMUL).c_str());
+  // set on its own: put back as it was
+  ctx.setFloat32Precision(B::GENERIC, O::ALL, P::TF32);
+  ctx.setFloat32Precision(B::CUDA, O::MATMUL, P::IEEE);
+  { MatmulTf32Guard g(true, true); }
+  std::printf("own-after %s\n", prec(B::CUDA, O::MATMUL).c_str());
 }
 """
 
@@ -697,7 +751,7 @@ def test_cuda_tf32_guard_on_the_host(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     got = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.split("\n")
-    assert got[:8] == [
+    assert got[:13] == [
         "default 1 0",
         "enabled 1",
         "inner-exit 1",
@@ -706,4 +760,9 @@ def test_cuda_tf32_guard_on_the_host(tmp_path):
         "after 0 1",
         "cudnn-off 0",
         "not-float32 0",
+        "new-api 1 tf32",
+        "new-api-after tf32",
+        "inherited-held 1",
+        "inherited-after tf32",
+        "own-after ieee",
     ], got

@@ -126,7 +126,9 @@ ForwardResult ragged_forward(const Tensor& input, const Tensor& seq_index,
   const MatmulTf32Guard tf32(input.scalar_type() == at::kFloat, c.tf32);
   c.rows = ragged_rows(dims, seq_index, sorted_indices, input.device(), c.stream);
   make_forward_outputs<Cell>(c, dims.output_sizes(), need_workspace);
-  if (N == 0 || dims.T == 0) {  // every length is 0 (the offsets kernel asserts it)
+  // No step: every length is 0 (the offsets kernel asserts it), or no sequence at all (B = 0
+  // with N > 0: offsets the kernel refuses; no zero-block launch may hide its assert).
+  if (N == 0 || dims.T == 0 || B == 0) {
     return no_step_forward<Cell>(c, hx, in);
   }
   c.hx = to_rank_order(c.rows, hx);
@@ -200,6 +202,8 @@ LayerGrads padded_backward(const BackwardInputs& g, const Tensor& input, const T
   check_backward_args(dims, input, *g.grad_output, *g.grad_h_n, *g.output, *g.workspace,
                       dims.T * dims.B, g.grad_c_n);
   const int64_t T = dims.T, B = dims.B, I = dims.I;
+  TORCH_CHECK(T * B < (int64_t{1} << 31) && B < (int64_t{1} << 30),  // as the forward's
+              "T*B must be below 2^31, got T=", T, ", B=", B);
   c10::cuda::CUDAGuard guard(input.device());
   BackwardCall c;
   set_layer_call(c, dims, input, hx, w_hh);
@@ -247,7 +251,7 @@ LayerGrads ragged_backward(const BackwardInputs& g, const Tensor& input, const T
   set_cell_inputs<Cell>(c, in);
   const MatmulTf32Guard tf32(input.scalar_type() == at::kFloat, c.tf32);
   c.rows = ragged_rows(dims, seq_index, sorted_indices, input.device(), c.stream);
-  if (dims.N == 0 || dims.T == 0) return empty_backward<Cell>(c, input, g, w_ih);
+  if (dims.N == 0 || dims.T == 0 || dims.B == 0) return empty_backward<Cell>(c, input, g, w_ih);
   c.hx = to_rank_order(c.rows, hx);
   set_backward_buffers<Cell>(c, g);
   LayerGrads r = run_backward<Cell>(c, c.want_weights ? input.contiguous() : Tensor(), w_ih);

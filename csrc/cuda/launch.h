@@ -244,10 +244,20 @@ struct FirstArg<R (C::*)(A, B) const> {
   using type = std::decay_t<A>;
 };
 
+//
+// matmul_tf32: whether cuBLAS float32 matmuls may use TF32 now. With per-op
+// precisions, the legacy allowTF32CuBLAS() raises ("mix of the legacy and new
+// APIs") once a user sets torch.backends.cuda.matmul.fp32_precision or
+// torch.backends.fp32_precision, and ATen's own matmuls read the per-op
+// precision, so that is what is read here. restore_matmul_precision puts back
+// what matmul_precision saved; where that equals what CUDA's "all" setting
+// resolves to, the matmul entry goes back to NONE (it follows its parent, as
+// it did unless set on its own), so a later change of the parent still reaches it.
 template <typename Ctx, typename Arg = typename FirstArg<decltype(&Ctx::allowTF32CuDNN)>::type>
 struct Fp32Api {  // allowTF32CuDNN(const std::string& op)
   using Saved = bool;
   static bool rnn_tf32(const Ctx& c) { return c.allowTF32CuDNN(Arg("rnn")); }
+  static bool matmul_tf32(const Ctx& c) { return c.allowTF32CuBLAS(); }
   static Saved matmul_precision(const Ctx&) { return false; }
   static void restore_matmul_precision(Ctx&, Saved) {}
 };
@@ -255,6 +265,7 @@ template <typename Ctx>
 struct Fp32Api<Ctx, void> {  // allowTF32CuDNN(): one flag for all of cuDNN
   using Saved = bool;
   static bool rnn_tf32(const Ctx& c) { return c.allowTF32CuDNN(); }
+  static bool matmul_tf32(const Ctx& c) { return c.allowTF32CuBLAS(); }
   static Saved matmul_precision(const Ctx&) { return false; }
   static void restore_matmul_precision(Ctx&, Saved) {}
 };
@@ -263,16 +274,19 @@ struct Fp32Api<Ctx, std::optional<Op>> {  // allowTF32CuDNN(optional<Float32Op>)
   using Backend = typename FirstArg<decltype(&Ctx::float32Precision)>::type;
   using Saved = decltype(std::declval<const Ctx&>().float32Precision(Backend::CUDA, Op::MATMUL));
   static bool rnn_tf32(const Ctx& c) { return c.allowTF32CuDNN(Op::RNN); }
+  static bool matmul_tf32(const Ctx& c) { return matmul_precision(c) == Saved::TF32; }
   static Saved matmul_precision(const Ctx& c) {
     return c.float32Precision(Backend::CUDA, Op::MATMUL);
   }
   static void restore_matmul_precision(Ctx& c, Saved s) {
-    c.setFloat32Precision(Backend::CUDA, Op::MATMUL, s);
+    const bool inherited = s == c.float32Precision(Backend::CUDA, Op::ALL);
+    c.setFloat32Precision(Backend::CUDA, Op::MATMUL, inherited ? Saved::NONE : s);
   }
 };
 using TorchFp32Api = Fp32Api<at::Context>;
 
 inline bool cudnn_rnn_allows_tf32() { return TorchFp32Api::rnn_tf32(at::globalContext()); }
+inline bool cublas_matmul_allows_tf32() { return TorchFp32Api::matmul_tf32(at::globalContext()); }
 
 // Makes ATen's cuBLAS calls of this op follow `tf32` for float32.
 // Turning TF32 off uses ATen's thread-local NoTF32Guard: exact, no shared
@@ -296,7 +310,7 @@ class MatmulTf32Guard {
     State& st = state();
     std::lock_guard<std::mutex> lock(st.mutex);
     if (st.holders == 0) {
-      if (at::globalContext().allowTF32CuBLAS()) return;  // the user's own setting
+      if (cublas_matmul_allows_tf32()) return;  // the user's own setting
       st.saved = TorchFp32Api::matmul_precision(at::globalContext());
       at::globalContext().setAllowTF32CuBLAS(true);
     }

@@ -81,7 +81,7 @@ Tensor input_projection(const LayerCall& c, const Tensor& x2d, const Tensor& w_i
   if (!b_ih.has_value()) return at::mm(x2d, w_ih2d.t());
   const Tensor b = b_ih->contiguous().view({-1});
   const bool float32 = c.opts.dtype().toScalarType() == at::kFloat;
-  if (float32 && !c.tf32 && at::globalContext().allowTF32CuBLAS()) {
+  if (float32 && !c.tf32 && cublas_matmul_allows_tf32()) {
     return at::mm(x2d, w_ih2d.t()).add_(b);
   }
   return at::addmm(b, x2d, w_ih2d.t());
