@@ -27,7 +27,9 @@
 # above), GPU_CHECK_LIMITS="probe=60 bench=120" (own limits), GPU_CHECK_PROBE_ARGS and
 # GPU_CHECK_BENCH_ARGS (added to gpu_probe.py's and bench.py's arguments, e.g. "--impls
 # persistent,fallback,auto,cudnn" or "--tf32 off"), PYTHON (default python3),
-# VARLEN_RNN_COMMIT (the commit measured, for a copy without .git), MAX_JOBS, TORCH_CUDA_ARCH_LIST.
+# VARLEN_RNN_COMMIT (the commit measured, for a copy without .git), MAX_JOBS, TORCH_CUDA_ARCH_LIST,
+# GPU_CHECK_TEST_TIMEOUT (seconds a test, default 60), GPU_CHECK_TEST_WORKERS (pytest-xdist
+# workers for the test stages where it is installed, default 4; 1: none).
 # Dry run on a CPU machine: GPU_CHECK_DRY_RUN=1 replaces every GPU stage by a cheap CPU stand-in
 # through the same plumbing; GPU_CHECK_HANG=<stage> makes that stage hang (SIGTERM ignored, so
 # only the kill ends it), GPU_CHECK_FAIL=<stage> makes it fail, GPU_CHECK_SANITIZER=refuse fakes
@@ -124,9 +126,16 @@ stage_pytest() {  # NAME PYTEST_ARGS...: per-test timeout where pytest-timeout i
   else
     echo "pytest-timeout not installed: no per-test timeout"
   fi
+  # Workers (pytest-xdist, in the GPU image): the tests' child processes and compiles overlap,
+  # and a test past its timeout ends only its worker (the thread method's os._exit), which
+  # xdist replaces, not the whole stage with its summary and XML. -v names each test as it
+  # ends, so a stage cut off by its own limit still says which ran and which failed.
+  if [ "${GPU_CHECK_TEST_WORKERS:-4}" -gt 1 ] && "$PY" -c "import xdist" 2>/dev/null; then
+    extra+=(-n "${GPU_CHECK_TEST_WORKERS:-4}")
+  fi
   # A file that cannot be imported there (a module the image lacks) is an error of its own, not
   # the end of the stage: the other files' tests still run.
-  "$PY" -m pytest -q -rfEs -p no:cacheprovider --continue-on-collection-errors --rootdir "$REPO" \
+  "$PY" -m pytest -v -rfEs -p no:cacheprovider --continue-on-collection-errors --rootdir "$REPO" \
     --junitxml "$WORK/$name.xml" "${extra[@]}" "$@"
   rc=$?
   [ $rc = 5 ] && { echo "KEY: no tests selected"; return 0; }
@@ -134,7 +143,8 @@ stage_pytest() {  # NAME PYTEST_ARGS...: per-test timeout where pytest-timeout i
 }
 
 stage_mma() {  # the tensor-core wrapper on the GPU; on a GPU, a run where no test passed fails
-  stage_pytest mma "$REPO/tests/test_mma_gpu.py" -ra || return $?
+  # one process: its module fixture compiles the wrapper's test kernels once
+  GPU_CHECK_TEST_WORKERS=1 stage_pytest mma "$REPO/tests/test_mma_gpu.py" -ra || return $?
   [ "$DRY" = 1 ] && return 0
   "$PY" - "$WORK/mma.xml" <<'PYEOF'
 import sys, xml.etree.ElementTree as ET

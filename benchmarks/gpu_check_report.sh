@@ -69,7 +69,12 @@ write_summary() {
     grep -ah '^FAIL \|^ERROR \|^child .*\(failed\|timed out\)' "$WORK/smoke.log" 2>/dev/null | head -25
   } >"$tmp"
   _add "Smoke failures" "$tmp" 30 "$s"
-  grep -ahE '^(FAILED|ERROR) ' "$WORK/mma.log" "$WORK/tests_cuda.log" "$WORK/tests_rest.log" 2>/dev/null | cut -c1-240 >"$tmp"
+  local logs=("$WORK/mma.log" "$WORK/tests_cuda.log" "$WORK/tests_rest.log")
+  grep -ahE '^(FAILED|ERROR) ' "${logs[@]}" 2>/dev/null | cut -c1-240 >"$tmp"
+  # A stage cut off before pytest's summary: its -v lines ("... FAILED tests/x.py::t" with
+  # workers, "tests/x.py::t FAILED" without).
+  [ -s "$tmp" ] || grep -ahE ' (FAILED|ERROR)( |$)' "${logs[@]}" 2>/dev/null | grep -a '::' \
+    | cut -c1-240 >"$tmp"
   _add "Failed tests" "$tmp" 30 "$s"
   grep -ahE '^=+ +(Invalid|Error|ERROR|Race|.*[Hh]azard)' "$WORK"/memcheck_*.log "$WORK"/racecheck_*.log \
     2>/dev/null | grep -v 'SUMMARY' | cut -c1-200 >"$tmp"

@@ -1,8 +1,9 @@
 """The CUDA tests' shared setup (test_cuda.py, test_cuda_cells.py, test_cuda_ragged.py): the
-path knobs and the fixtures that set and reset them, TF32 off, a child process for what must
-not touch this one's CUDA context, and the GRU layer's results by name with their comparison
-(which the emulated kernels' tests use too). varlen_rnn is imported where a knob is set, not
-here: the emulated tests import this module and must collect without the build."""
+path knobs and the fixtures that set and reset them (TF32 off is conftest.py's), a child
+process for what must not touch this one's CUDA context, and the GRU layer's results by name
+with their comparison (which the emulated kernels' tests use too). varlen_rnn is imported
+where a knob is set, not here: the emulated tests import this module and must collect without
+the build."""
 
 import ctypes
 import os
@@ -80,18 +81,9 @@ def path(request):
     return request.param
 
 
-@pytest.fixture(autouse=True)
-def no_tf32():
-    """float32 comparisons mean float32: TF32 off on both sides (cuBLAS, cuDNN and ours),
-    restored after."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-def child(code, env=None, timeout=180):
-    """Runs `code` in a fresh Python process (a cold plan cache, its own warnings and knobs)."""
+def child(code, env=None, timeout=45):
+    """Runs `code` in a fresh Python process (a cold plan cache, its own warnings and knobs).
+    The timeout stays under the GPU check's 60 s a test, so a hung child fails its own test."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return subprocess.run(
         [sys.executable, "-c", code],
@@ -107,6 +99,6 @@ def child(code, env=None, timeout=180):
 def assert_device_assert(code):
     """`code` ends in a device-side assert: run in a child process, since an assert leaves the
     CUDA context unusable."""
-    r = child(code, timeout=120)
+    r = child(code)
     assert r.returncode != 0
     assert "assert" in r.stderr.lower(), r.stderr[-2000:]

@@ -17,10 +17,10 @@ from testing import assert_close, grads, make_pair, packed_baseline
 import varlen_rnn
 from varlen_rnn.reference import gru_reference
 
-# The shared fixtures: the path knob (indirect parameter), knobs reset and TF32 off per test.
+# The shared fixtures: the path knob (indirect parameter) and knobs reset per test (TF32 is
+# off for every test: conftest.py).
 path = cuda_testing.path
 auto_knobs_after = cuda_testing.auto_knobs_after
-no_tf32 = cuda_testing.no_tf32
 
 
 def test_cuda_kernels_registered_when_built_with_cuda():

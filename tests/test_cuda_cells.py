@@ -15,11 +15,10 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import varlen_rnn
 
-# The shared fixtures: the path knob (indirect parameter), knobs reset and TF32 off (cuDNN and
-# ours) per test.
+# The shared fixtures: the path knob (indirect parameter) and knobs reset per test (TF32 is
+# off for every test: conftest.py).
 path = cuda_testing.path
 auto_knobs_after = cuda_testing.auto_knobs_after
-no_tf32 = cuda_testing.no_tf32
 OPS = [
     f"{cell}_layer_{kind}{way}"
     for cell in ("lstm", "rnn")

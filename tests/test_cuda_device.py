@@ -25,9 +25,8 @@ from testing import TOL
 
 import varlen_rnn
 
-# The shared fixtures: knobs reset and TF32 off per test.
+# The shared fixtures: knobs reset per test (TF32 is off for every test: conftest.py).
 auto_knobs_after = cuda_testing.auto_knobs_after
-no_tf32 = cuda_testing.no_tf32
 
 # The child processes' common part: the ctypes hooks and a GRU layer's results.
 HOOKS = r"""

@@ -16,10 +16,10 @@ from torch.nn.utils.rnn import pack_sequence
 
 import varlen_rnn
 
-# The shared fixtures: the path knob (indirect parameter), knobs reset and TF32 off per test.
+# The shared fixtures: the path knob (indirect parameter) and knobs reset per test (TF32 is
+# off for every test: conftest.py).
 path = cuda_testing.path
 auto_knobs_after = cuda_testing.auto_knobs_after
-no_tf32 = cuda_testing.no_tf32
 
 ops = torch.ops.varlen_rnn
 OFFSETS, PACKED = 0, 1

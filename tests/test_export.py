@@ -82,11 +82,14 @@ def test_export_dynamic_batch_and_time(device, batch_first, strict):
                 for g, e in zip(got, expected):
                     assert g.shape == e.shape
                     torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
-    # The kernels still check values the graph cannot see.
-    tokens, lengths = _batch(3, 5, batch_first, device, seed=9)
-    lengths[2] = 6
-    with pytest.raises(RuntimeError, match=r"lengths must be in \[0, T\]"):
-        ep.module()(tokens, lengths)
+    # The kernels still check values the graph cannot see: here on the host (lengths on the
+    # device are checked by a device-side assert instead, which leaves the CUDA context
+    # unusable: test_cuda.py's test_cuda_out_of_range_length_is_a_device_assert).
+    if device == "cpu":
+        tokens, lengths = _batch(3, 5, batch_first, device, seed=9)
+        lengths[2] = 6
+        with pytest.raises(RuntimeError, match=r"lengths must be in \[0, T\]"):
+            ep.module()(tokens, lengths)
 
 
 def _train_step(model, params, momentum_buffers, tokens, lengths, labels, lr):

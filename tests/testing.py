@@ -84,10 +84,13 @@ def packed_baseline(gru: torch.nn.GRU, x, lengths, hx=None):
 
 
 def grads(outputs, inputs, seed=1):
-    """Gradients of a random projection of outputs: every element gets its own weight."""
+    """Gradients of a random projection of outputs: every element gets its own weight, drawn
+    in float64 and cast, so runs in different dtypes get the same weights (torch.randn's
+    stream depends on the dtype from 16 elements on)."""
     g = torch.Generator().manual_seed(seed)
     loss = sum(
-        (o * torch.randn(o.shape, generator=g, dtype=o.dtype).to(o.device)).sum() for o in outputs
+        (o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device, o.dtype)).sum()
+        for o in outputs
     )
     return torch.autograd.grad(loss, inputs, allow_unused=True, retain_graph=True)
 
