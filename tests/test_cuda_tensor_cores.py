@@ -50,11 +50,9 @@ def restore_knobs():
         yield
         return
     before = set_tensor_cores(-1)
-    tf32 = torch.backends.cudnn.allow_tf32
-    yield
+    yield  # (TF32 flags: conftest.py's no_tf32 restores them)
     set_tensor_cores(before)
     set_path(os.environ.get("VARLEN_RNN_CUDA_PATH", "auto") or "auto")
-    torch.backends.cudnn.allow_tf32 = tf32
 
 
 def test_tensor_core_hook_exported_when_built_with_cuda():
