@@ -7,6 +7,7 @@ CUDA; the registration tests run everywhere."""
 import os
 import shutil
 import subprocess
+import time
 
 import cuda_testing
 import pytest
@@ -460,6 +461,59 @@ def test_cuda_cpu_lengths_no_host_sync(path):
         (out.sum() + h.sum()).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def _host_and_total_seconds_behind_a_busy_gpu(call, busy_s=0.5):
+    """Queues about busy_s seconds of GPU work (torch.cuda._sleep, calibrated here), then runs
+    call(): the seconds the host spent in call() and until the GPU had run it all."""
+    call()  # warm-up: first-use allocations (pinned buffers too), handles, plans
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    end.synchronize()
+    cycles = int(10_000_000 * busy_s * 1000 / start.elapsed_time(end))
+    torch.cuda._sleep(cycles)
+    t0 = time.perf_counter()
+    call()
+    host = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return host, time.perf_counter() - t0
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("form", ["lengths", "packed", "packed-cpu-order"])
+def test_cuda_index_tensors_on_the_cpu_do_not_wait_for_the_gpu(path, form):
+    """CPU lengths, a PackedSequence's batch_sizes (always on the CPU) and sorted_indices given
+    on the CPU are copied to the device from pinned buffers: a copy from pageable memory may
+    first synchronize with the stream (CUDA's "API synchronization behavior"), which
+    set_sync_debug_mode does not see. Behind half a second of queued GPU work, the host must
+    be back from forward + backward long before the GPU is."""
+    T, B, I, H = 12, 5, 4, 16
+    gru, x, hx, _ = _bi_gru(T, B, I, H, torch.float32)
+    lengths = [12, 0, 7, 3, 12] if form == "lengths" else [12, 1, 7, 3, 12]
+    if form == "lengths":
+        args = (x,)
+    else:
+        p = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+        order = p.sorted_indices.cpu() if form == "packed-cpu-order" else p.sorted_indices
+        # data a leaf: the backward timed is ours, not pack_padded_sequence's
+        args = (
+            torch.nn.utils.rnn.PackedSequence(
+                p.data.detach().requires_grad_(), p.batch_sizes, order, None
+            ),
+        )
+
+    def call():
+        out, h = gru(*args, hx, lengths=lengths) if form == "lengths" else gru(*args, hx)
+        data = out if form == "lengths" else out.data
+        (data.sum() + h.sum()).backward()
+
+    host, total = _host_and_total_seconds_behind_a_busy_gpu(call)
+    assert total > 0.4, f"the queued GPU work took {total:.3f} s, not the 0.5 s asked for"
+    assert host < 0.1, f"the host waited {host:.3f} s of the GPU's {total:.3f} s"
 
 
 @needs_cuda

@@ -9,6 +9,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -342,14 +343,36 @@ class MatmulTf32Guard {
   bool holding_ = false;
 };
 
-// ---- Lengths -----------------------------------------------------------------
+// ---- Index tensors from the CPU ----------------------------------------------
+// A host-side index tensor the backend copies to the device (CPU lengths, offsets,
+// batch_sizes' rows, sorted_indices) lives in a pinned buffer from torch's caching
+// host allocator: a copy from pageable memory may synchronize with the stream before
+// it starts (CUDA's "API synchronization behavior"), which would make the host wait
+// for every kernel queued before the call. The pinned copy is asynchronous, and the
+// allocator keeps the buffer until the copy has run. The buffer is ours, so what is
+// checked in it is what is sent.
+inline at::Tensor pinned_like(at::IntArrayRef sizes, at::ScalarType dtype) {
+  return at::empty(sizes, at::TensorOptions().dtype(dtype).pinned_memory(true));
+}
+
+// A pinned host tensor (pinned_like) -> `device`, asynchronously.
+inline at::Tensor pinned_to_device(const at::Tensor& pinned, at::Device device) {
+  return pinned.to(device, pinned.scalar_type(), /*non_blocking=*/true);
+}
+
+// Neither copy can be captured in a CUDA graph: inside a capture, index tensors must
+// already be on the device.
+inline void check_not_capturing(const char* name) {
+  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+              name,
+              " on the CPU cannot be used inside a CUDA graph capture (a copy from the CPU "
+              "cannot be captured); pass it on the input's device");
+}
+
 // lengths [B] on `device`. CPU lengths (the common case: lists, NumPy arrays
 // and pack_padded_sequence's lengths all live there) are checked here, with the
-// CPU backend's message, before any kernel runs, then copied without a host
-// sync (a copy from pageable memory is staged before it returns). Lengths
-// already on the device are checked by lengths_prep_kernel's device assert.
-// A copy from the CPU cannot be captured in a CUDA graph: inside a capture,
-// lengths must already be on the device.
+// CPU backend's message, before any kernel runs, then copied without a host sync.
+// Lengths already on the device are checked by lengths_prep_kernel's device assert.
 inline at::Tensor lengths_on_device(const at::Tensor& lengths, int64_t T, at::Device device) {
   if (lengths.device() == device) return lengths;
   TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
@@ -357,9 +380,8 @@ inline at::Tensor lengths_on_device(const at::Tensor& lengths, int64_t T, at::De
               " inside a CUDA graph capture (a copy from the CPU cannot be captured), got lengths "
               "on ",
               lengths.device());
-  // Our own pageable copy: what is checked is what is sent (a pinned source could be
-  // rewritten by the caller while an asynchronous copy of it is in flight).
-  const at::Tensor l = lengths.clone(at::MemoryFormat::Contiguous);
+  at::Tensor l = pinned_like(lengths.sizes(), lengths.scalar_type());
+  l.copy_(lengths);
   AT_DISPATCH_INDEX_TYPES(l.scalar_type(), "varlen_rnn_check_lengths", [&] {
     const index_t* p = l.data_ptr<index_t>();
     for (int64_t b = 0; b < l.numel(); ++b) {
@@ -367,20 +389,17 @@ inline at::Tensor lengths_on_device(const at::Tensor& lengths, int64_t T, at::De
                   " (the input's time dimension), got lengths[", b, "]=", p[b]);
     }
   });
-  return l.to(l.options().device(device), /*non_blocking=*/true);
+  return pinned_to_device(l, device);
 }
 
 // A ragged op's index tensor on the CPU (batch_sizes, or offsets and
-// sorted_indices given there): our own contiguous int64 copy, checked by
-// `check` (layer.h's value checks) and returned for the copy to the device, so
-// what is checked is what is sent. Like CPU lengths, not capturable.
+// sorted_indices given there): our own pinned contiguous int64 copy, checked by
+// `check` (layer.h's value checks) and returned for the copy to the device.
 template <typename Check>
 at::Tensor host_checked_copy(const at::Tensor& t, const char* name, Check check) {
-  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
-              name,
-              " on the CPU cannot be used inside a CUDA graph capture (a copy from the CPU "
-              "cannot be captured); pass it on the input's device");
-  const at::Tensor c = t.to(at::kLong).clone(at::MemoryFormat::Contiguous);
+  check_not_capturing(name);
+  at::Tensor c = pinned_like(t.sizes(), at::kLong);
+  c.copy_(t);
   check(c.data_ptr<int64_t>());
   return c;
 }

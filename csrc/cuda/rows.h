@@ -115,8 +115,9 @@ inline DeviceRows ragged_rows(const RaggedDims& dims, const at::Tensor& seq_inde
     at::Tensor offsets = seq_index;
     if (offsets.is_cpu()) {
       offsets = host_checked_copy(seq_index, "seq_index (offsets)", [&](const int64_t* p) {
-                  check_offsets_values(p, B, N, max_len);
-                }).to(device, /*non_blocking=*/true);
+        check_offsets_values(p, B, N, max_len);
+      });
+      offsets = pinned_to_device(offsets, device);
     }
     offsets = offsets.contiguous();
     r.starts = at::empty({B + 1}, long_opts.device(device));
@@ -132,21 +133,23 @@ inline DeviceRows ragged_rows(const RaggedDims& dims, const at::Tensor& seq_inde
     return r;
   }
   const int64_t T = seq_index.size(0);
-  const at::Tensor host_rows = at::empty({T + 1 + B}, long_opts);  // starts [T+1] | lengths [B]
+  const at::Tensor host_rows = pinned_like({T + 1 + B}, at::kLong);  // starts [T+1] | lengths [B]
   host_checked_copy(seq_index, "seq_index (batch_sizes)", [&](const int64_t* p) {
     check_batch_sizes_values(p, T, B, N);
     packed_rows(p, T, B, host_rows.data_ptr<int64_t>(), host_rows.data_ptr<int64_t>() + T + 1);
   });
-  const at::Tensor dev_rows = host_rows.to(device, /*non_blocking=*/true);
+  const at::Tensor dev_rows = pinned_to_device(host_rows, device);
   r.starts = dev_rows.narrow(0, 0, T + 1);
   r.lengths = dev_rows.narrow(0, T + 1, B);
   r.map = packed_map(r.starts.data_ptr<int64_t>(), nullptr);
   if (sorted_indices.has_value()) {
-    r.order = sorted_indices->is_cpu()
-                  ? host_checked_copy(*sorted_indices, "sorted_indices",
-                                      [&](const int64_t* p) { check_sorted_indices_values(p, B); })
-                        .to(device, /*non_blocking=*/true)
-                  : checked_permutation(*sorted_indices, stream);
+    r.order =
+        sorted_indices->is_cpu()
+            ? pinned_to_device(
+                  host_checked_copy(*sorted_indices, "sorted_indices",
+                                    [&](const int64_t* p) { check_sorted_indices_values(p, B); }),
+                  device)
+            : checked_permutation(*sorted_indices, stream);
   }
   return r;
 }
