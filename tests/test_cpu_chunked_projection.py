@@ -144,3 +144,31 @@ def test_bfloat16_equals_the_whole_projection(
     )
     for a, b in zip(whole, chunks):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layout", ["padded", "offsets"])
+def test_float32_chunks_sized_by_a_wide_input(two_threads, layout, monkeypatch):
+    """Where a thread's W_ih panel outgrows the L2 (here 2100 x 4*64 floats, 2.1 MB, past any
+    L2 this runs on), chunk_steps makes each chunk span enough steps for I/2 rows, capped by
+    the panel's size (here 228 rows: 6 steps of B=40): the default chunks, in several per
+    call, rows ending within them, rows gathered (padded time-major with mixed lengths, and
+    offsets), against the whole projection."""
+    monkeypatch.setenv("VARLEN_RNN_CPU_STEPS", "split")
+    monkeypatch.delenv("VARLEN_RNN_CPU_CHUNK_STEPS", raising=False)
+    torch.manual_seed(0)
+    m = varlen_rnn.LSTM(2100, 128)
+    lengths = torch.randint(0, 21, (40,))
+    lengths[0] = 20
+    x = torch.randn(20, 40, 2100)
+    if layout == "offsets":
+        x = torch.nested.nested_tensor(
+            [x[: int(n), b] for b, n in enumerate(lengths)], layout=torch.jagged
+        )
+    runs = []
+    for mode in ["whole", "chunked"]:
+        monkeypatch.setenv("VARLEN_RNN_CPU_PROJECTION", mode)
+        with torch.no_grad():
+            out, (h, c) = m(x) if layout == "offsets" else m(x, lengths=lengths)
+        runs.append([out.values() if layout == "offsets" else out, h, c])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)

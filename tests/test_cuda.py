@@ -466,7 +466,7 @@ def test_cuda_cpu_lengths_no_host_sync(path):
 def _host_and_total_seconds_behind_a_busy_gpu(call, busy_s=0.5):
     """Queues about busy_s seconds of GPU work (torch.cuda._sleep, calibrated here), then runs
     call(): the seconds the host spent in call() and until the GPU had run it all."""
-    call()  # warm-up: first-use allocations (pinned buffers too), handles, plans
+    call()  # warm-up: first-use allocations, handles, plans
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -474,6 +474,11 @@ def _host_and_total_seconds_behind_a_busy_gpu(call, busy_s=0.5):
     end.record()
     end.synchronize()
     cycles = int(10_000_000 * busy_s * 1000 / start.elapsed_time(end))
+    # A second warm-up behind queued work: pinned buffers are reused only once their copies
+    # have run, so a busy GPU needs more of them than an idle one (first allocations here).
+    torch.cuda._sleep(cycles // 10)
+    call()
+    torch.cuda.synchronize()
     torch.cuda._sleep(cycles)
     t0 = time.perf_counter()
     call()

@@ -20,7 +20,9 @@
 // layer's input in place where they are consecutive there (time-major padded
 // input at full lengths, packed input's forward direction), else gathered
 // into a [chunk rows, I] buffer of the thread's (a copy of I values per row,
-// small next to the row's G*Hs*I multiply-adds).
+// small next to the row's G*Hs*I multiply-adds). Where the thread's W_ih
+// panel outgrows the L2, chunk_steps lets a chunk's buffers grow to the
+// panel's size (they leave the L2 then too, but stay far below [N, G*H]).
 //
 // A chunk's rows are its steps' running rows of the loop's row range (all
 // rows, or a team's own: cpu/schedule.h RowRange) in the schedule's order:
@@ -114,27 +116,30 @@ at::Tensor whole_projection(const ForwardArgs& args, const at::Tensor& xp, int64
 // = G*Hs values of gx_bytes each) about kChunkBytes, which with the
 // thread's W_ih and W_hh panels and its gh slice fits a 2 MB L2 (the
 // bfloat16 LSTM above: 4 steps at 2 threads; 2 to 8 steps timed alike).
-// But each chunk also streams the thread's W_ih panel (I x cols values of
-// w_bytes) through its core once: where that panel does not fit the L2
-// (l2_bytes), a chunk of R rows reads I*cols*w_bytes bytes of weights where a
-// whole projection writes and reads back 2*R*cols*gx_bytes of gx, so a chunk
-// has at least R = I*w_bytes / (2*gx_bytes) rows (I/2 in float32), its buffer
-// then about half the panel. Measured on the 2-core Zen 3 (512 KiB of L2;
-// float32 inference, 2 threads, full lengths, min of 3 alternating runs):
-// LSTM I=H=1024 B=64 T=20 0.92x of the whole projection with 1 step a chunk,
-// 1.03x with 8; B=8 T=50 0.87x with 8, 1.02x with 50; GRU I=H=1024 0.87-0.93x
-// at B=8 and 64, LSTM I=H=512 B=1 T=200 0.91x with 32 steps; at I=H=256 B=64
-// (panel within the L2) the chunks 1.09x faster than the whole projection.
+// In float32 (wide: scalar_t float without bfloat16 products) each chunk
+// also streams the thread's W_ih panel (I x cols floats) through its core
+// once: where that panel does not fit the L2 (l2_bytes), a chunk of R rows
+// reads 4*I*cols bytes of weights where a whole projection writes and reads
+// back 8*R*cols bytes of gx, so a chunk spans enough steps for R = I/2 rows
+// while all B rows run (fewer once rows end), but its buffers (gx and the
+// gathered input, R*(cols + I) floats) at most the panel's size. Measured on
+// the 2-core Zen 3 (512 KiB of L2; float32 inference, 2 threads, full
+// lengths, alternating runs, min of 3): LSTM I=H=1024 B=64 T=20 1.18x faster
+// than with 1 step a chunk (1.09x the whole projection), B=8 T=50 1.21x than
+// with 8 steps; GRU I=H=1024 B=64 1.10x, LSTM I=H=512 B=1 T=200 1.10x than
+// with 32 steps; at I=H=256 B=64 (panel within the L2) the chunks of 4 steps
+// stay, 1.09x faster than the whole projection. bfloat16 products (no
+// bfloat16 unit on that CPU) and float64 keep the L2 rule alone.
 // VARLEN_RNN_CPU_CHUNK_STEPS=n forces n (tests put chunk boundaries where
 // they want them).
-inline int64_t chunk_steps(int64_t B, int64_t cols, int64_t gx_bytes, int64_t I, int64_t w_bytes) {
+inline int64_t chunk_steps(int64_t B, int64_t cols, int64_t gx_bytes, int64_t I, bool wide) {
   const char* env = std::getenv("VARLEN_RNN_CPU_CHUNK_STEPS");
   if (env != nullptr && std::atoll(env) > 0) return std::atoll(env);
   constexpr int64_t kChunkBytes = 512 * 1024;
   const int64_t row_bytes = std::max<int64_t>(1, B * cols * gx_bytes);
   const int64_t steps = std::clamp<int64_t>(kChunkBytes / row_bytes, 1, 32);
-  if (B == 0 || I * cols * w_bytes <= l2_bytes()) return steps;
-  const int64_t rows = (I * w_bytes + 2 * gx_bytes - 1) / (2 * gx_bytes);
+  if (!wide || B == 0 || cols == 0 || I * cols * 4 <= l2_bytes()) return steps;
+  const int64_t rows = std::min((I + 1) / 2, I * cols / (cols + I));
   return std::max(steps, (rows + B - 1) / B);
 }
 
@@ -172,7 +177,7 @@ class ChunkedProjection {
       widest = std::max(widest, gates * (u1 - u0));
     }
     steps_ = chunk_steps(rows.size(), widest, sizeof(scalar_t), args.dims.I,
-                         bf16 ? sizeof(at::BFloat16) : sizeof(scalar_t));
+                         std::is_same_v<scalar_t, float> && !bf16);
     max_rows_ = offsets_[std::min(steps_, sched.max_len)];
     for (int64_t k = 0; k < parts; ++k) {
       const auto [u0, u1] = slice_of(H, parts, k);

@@ -393,12 +393,15 @@ inline at::Tensor lengths_on_device(const at::Tensor& lengths, int64_t T, at::De
 }
 
 // A ragged op's index tensor on the CPU (batch_sizes, or offsets and
-// sorted_indices given there): our own pinned contiguous int64 copy, checked by
-// `check` (layer.h's value checks) and returned for the copy to the device.
+// sorted_indices given there): our own contiguous int64 copy, checked by
+// `check` (layer.h's value checks) and returned for the copy to the device
+// (pinned; with pinned = false one only read on the host).
 template <typename Check>
-at::Tensor host_checked_copy(const at::Tensor& t, const char* name, Check check) {
+at::Tensor host_checked_copy(const at::Tensor& t, const char* name, Check check,
+                             bool pinned = true) {
   check_not_capturing(name);
-  at::Tensor c = pinned_like(t.sizes(), at::kLong);
+  at::Tensor c = pinned ? pinned_like(t.sizes(), at::kLong)
+                        : at::empty(t.sizes(), at::TensorOptions().dtype(at::kLong));
   c.copy_(t);
   check(c.data_ptr<int64_t>());
   return c;

@@ -133,11 +133,15 @@ inline DeviceRows ragged_rows(const RaggedDims& dims, const at::Tensor& seq_inde
     return r;
   }
   const int64_t T = seq_index.size(0);
+  check_not_capturing("seq_index (batch_sizes)");                    // before any pinned allocation
   const at::Tensor host_rows = pinned_like({T + 1 + B}, at::kLong);  // starts [T+1] | lengths [B]
-  host_checked_copy(seq_index, "seq_index (batch_sizes)", [&](const int64_t* p) {
-    check_batch_sizes_values(p, T, B, N);
-    packed_rows(p, T, B, host_rows.data_ptr<int64_t>(), host_rows.data_ptr<int64_t>() + T + 1);
-  });
+  host_checked_copy(
+      seq_index, "seq_index (batch_sizes)",
+      [&](const int64_t* p) {
+        check_batch_sizes_values(p, T, B, N);
+        packed_rows(p, T, B, host_rows.data_ptr<int64_t>(), host_rows.data_ptr<int64_t>() + T + 1);
+      },
+      /*pinned=*/false);
   const at::Tensor dev_rows = pinned_to_device(host_rows, device);
   r.starts = dev_rows.narrow(0, 0, T + 1);
   r.lengths = dev_rows.narrow(0, T + 1, B);
