@@ -29,7 +29,9 @@
 # persistent,fallback,auto,cudnn" or "--tf32 off"), PYTHON (default python3),
 # VARLEN_RNN_COMMIT (the commit measured, for a copy without .git), MAX_JOBS, TORCH_CUDA_ARCH_LIST,
 # GPU_CHECK_TEST_TIMEOUT (seconds a test, default 60), GPU_CHECK_TEST_WORKERS (pytest-xdist
-# workers for the test stages where it is installed, default 4; 1: none).
+# workers for the test stages where it is installed, default 4; 1: none), GPU_CHECK_PREBUILT (a
+# prebuilt extension's folder, default build/gpu_prebuilt: benchmarks/gpu_prebuild.sh makes it on
+# the development machine; the build stage uses it where it matches, else builds).
 # Dry run on a CPU machine: GPU_CHECK_DRY_RUN=1 replaces every GPU stage by a cheap CPU stand-in
 # through the same plumbing; GPU_CHECK_HANG=<stage> makes that stage hang (SIGTERM ignored, so
 # only the kill ends it), GPU_CHECK_FAIL=<stage> makes it fail, GPU_CHECK_SANITIZER=refuse fakes
@@ -48,6 +50,9 @@ RESERVE=8      # seconds kept back for the kill grace, the summary and the archi
 KILL_AFTER="${GPU_CHECK_KILL_AFTER:-5}"  # SIGKILL this long after a stage's SIGTERM
 STAGES="${GPU_CHECK_STAGES:-env build mma resources smoke tests_cuda probe memcheck racecheck bench tests_rest cpu_bench16 cpu_bench1}"
 KERNEL_REGEX='persistent_(forward|backward)_kernel|fallback_[a-z]+_step_kernel|lengths_prep_kernel'
+PREBUILT="${GPU_CHECK_PREBUILT:-$REPO/build/gpu_prebuilt}"  # benchmarks/gpu_prebuild.sh's output
+# shellcheck source=benchmarks/gpu_prebuilt.sh
+. "$REPO/benchmarks/gpu_prebuilt.sh"
 ARCHIVE="$OUT_DIR/gpu_check_logs.tar.gz"
 TABLE="$WORK/stages.tsv"
 : >"$TABLE"
@@ -59,7 +64,7 @@ DEV=cuda
 BUILD_OK=1  # set to 0 by a build that fails; stages that need the extension are then skipped
 TC_OFF=""   # why the later stages run with VARLEN_RNN_TENSOR_CORES=0 (empty: they do not)
 COMMIT="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo "${VARLEN_RNN_COMMIT:-unknown}")"
-export PY REPO WORK DEV DRY KERNEL_REGEX PYTHONUNBUFFERED=1
+export PY REPO WORK DEV DRY KERNEL_REGEX PREBUILT PYTHONUNBUFFERED=1
 # An in-place build wins over an installed package (the GPU machine has only the in-place one);
 # every Python command runs from $WORK, so the source tree is never imported by accident.
 # The sign of an in-place build is the compiled extension beside the sources (setup.py writes
@@ -89,20 +94,47 @@ print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', t
 print('KEY: %s, driver ${driver:-none}, torch %s, CUDA %s, commit $COMMIT' % (gpu, torch.__version__, torch.version.cuda))"
 }
 
-stage_build() {
-  if [ "$DRY" = 1 ]; then
-    echo "dry run: would run MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 python3 setup.py build_ext --inplace"
-  else
-    (cd "$REPO" && MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
-      VARLEN_RNN_CUDA="${VARLEN_RNN_CUDA:-1}" NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:--Xptxas=-v}" \
-      "$PY" setup.py build_ext --inplace) || return 1
-    export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-  fi
+check_built() {  # the extension imports and registers its CUDA kernels (any kernels in a dry run)
   "$PY" -c "
 import torch, varlen_rnn
 ok = torch._C._dispatch_has_kernel_for_dispatch_key('varlen_rnn::gru_layer_forward', 'CUDA')
 print('KEY: WITH_CUDA %s, CUDA kernels registered: %s (%s)' % (varlen_rnn.WITH_CUDA, ok, varlen_rnn.__file__))
 raise SystemExit(0 if ok or '$DRY' == '1' else 1)"
+}
+
+# A prebuilt extension (benchmarks/gpu_prebuild.sh, carried to the GPU machine) is used when it was
+# built from these sources for this Python and torch, and loads; otherwise the stage builds.
+stage_build() {
+  local why
+  if [ "$DRY" = 1 ]; then
+    if why="$(prebuilt_usable "$PREBUILT" "$REPO" "$PY")"; then
+      echo "dry run: would use the prebuilt extension in $PREBUILT"
+    else
+      echo "dry run: no prebuilt extension ($why)"
+    fi
+    echo "dry run: would run MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 python3 setup.py build_ext --inplace"
+    check_built
+    return
+  fi
+  if why="$(prebuilt_usable "$PREBUILT" "$REPO" "$PY")"; then
+    echo "the prebuilt extension in $PREBUILT (its build log below, for the resources stage)"
+    cat "$PREBUILT/build.log"
+    cp "$PREBUILT"/_C*.so "$PREBUILT/_build_info.py" "$REPO/varlen_rnn/"
+    export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+    if check_built; then
+      echo "KEY: prebuilt extension used ($(cat "$PREBUILT/fingerprint")), no build here"
+      return 0
+    fi
+    echo "the prebuilt extension does not load here: building"
+    rm -f "$REPO"/varlen_rnn/_C*.so "$REPO/varlen_rnn/_build_info.py"
+  else
+    echo "no prebuilt extension used: $why"
+  fi
+  (cd "$REPO" && MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
+    VARLEN_RNN_CUDA="${VARLEN_RNN_CUDA:-1}" NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:--Xptxas=-v}" \
+    "$PY" setup.py build_ext --inplace) || return 1
+  export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+  check_built
 }
 
 stage_resources() {
@@ -267,8 +299,8 @@ stage_cmd() {  # the command line of a stage, quoted for bash -c
     tests_rest) printf '%q ' stage_pytest tests_rest "${rest[@]}" -k "cuda and not emulated" ;;
   esac
 }
-export -f stage_env stage_build stage_resources stage_pytest stage_mma fake_sanitizer stage_sanitize \
-  stage_bench
+export -f stage_env check_built stage_build sources_fingerprint prebuilt_usable stage_resources \
+  stage_pytest stage_mma fake_sanitizer stage_sanitize stage_bench
 export COMMIT BUDGET
 
 # ------------------------------------------------------------------------------ bookkeeping

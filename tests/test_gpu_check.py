@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import time
 from pathlib import Path
@@ -166,6 +167,43 @@ def test_a_spent_budget_skips_the_later_stages(tmp_path):
     assert seconds < 16 + 5
     assert proc.returncode != 0 and proc.stdout.rstrip().endswith(summary.rstrip())
     _assert_device_tool_can_return(out)
+
+
+def test_a_prebuilt_extension_is_used_only_where_it_matches(tmp_path):
+    """benchmarks/gpu_prebuild.sh's folder, carried to the GPU machine, stands in for the build
+    there only when it was built from the same csrc/ and setup.py, for this Python and this
+    torch (the dry run's build stage says which it would do and why)."""
+    fingerprint = subprocess.run(
+        ["bash", "-c", '. "$0/benchmarks/gpu_prebuilt.sh"; sources_fingerprint "$0"', str(REPO)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{16}", fingerprint), fingerprint
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    cases = {
+        "match": (fingerprint, suffix, torch.__version__, "would use the prebuilt extension"),
+        "sources": ("0" * 16, suffix, torch.__version__, "built from other sources"),
+        "python": (
+            fingerprint,
+            ".cpython-299-x86_64-linux-gnu.so",
+            torch.__version__,
+            "another Python",
+        ),
+        "torch": (fingerprint, suffix, "1.0.0", "built against torch 1.0.0, here torch"),
+    }
+    for name, (fp, ext, built, expected) in cases.items():
+        pre = tmp_path / name / "prebuilt"
+        pre.mkdir(parents=True)
+        (pre / f"_C{ext}").write_bytes(b"")
+        (pre / "_build_info.py").write_text(f"TORCH_VERSION = '{built}'\nWITH_CUDA = True\n")
+        (pre / "fingerprint").write_text(fp + "\n")
+        proc, out, _ = _check(
+            tmp_path / name, 60, GPU_CHECK_STAGES="build", GPU_CHECK_PREBUILT=str(pre)
+        )
+        log = (tmp_path / name / "work" / "build.log").read_text()
+        assert expected in log, (name, log)
+        assert _statuses((out / "summary.md").read_text())["build"][0] == "ok", name
 
 
 def test_a_cooperative_launch_refused_under_the_sanitizer_is_not_a_finding(tmp_path):
