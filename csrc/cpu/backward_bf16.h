@@ -40,9 +40,9 @@ void hidden_weight_grads_bf16(BackwardArgs& args, int64_t d, const at::Tensor& d
   constexpr bool kDiffer = Cell::kHiddenGradsDiffer;
   const int64_t H = args.dims.H, G = Cell::kGates * H, DG = args.dims.D * G, N = dgx.size(0);
   const int64_t G_same = kDiffer ? G - H : G;  // the gates whose dgh is dgx
-  at::Tensor gb_ih = args.grad_b_ih[d], gb_same = args.grad_b_hh[d].narrow(0, 0, G_same);
+  at::Tensor gb_ih = args.grad_b_ih[d];        // db_hh: the same sums but dghn's gate
   at::sum_out(gb_ih, dgx.narrow(1, d * G, G), {0});
-  at::sum_out(gb_same, dgx.narrow(1, d * G, G_same), {0});
+  args.grad_b_hh[d].narrow(0, 0, G_same).copy_(gb_ih.narrow(0, 0, G_same));
   const at::Tensor dg16 = round_rows_bf16(dgx.data_ptr<float>() + d * G, N, G, DG);  // [N, G*H]
   weight_grad(args.grad_w_hh[d].narrow(0, 0, G_same), dg16.narrow(1, 0, G_same), hp16);
   if (kDiffer) {
@@ -62,18 +62,30 @@ inline void input_grads_bf16(BackwardArgs& args, at::Tensor& dgx, int64_t G) {
   const LayerDims& dims = args.dims;
   if (!args.want_weights && !args.want_input) return;
   const int64_t DG = dims.D * G, N = dgx.size(0), I = dims.I;
-  // Direction d's bfloat16 values start at bfloat16 column 2*d*G of a row:
-  // moved to d*G, the rows are one [N, D*G] matrix (row stride 2*D*G).
+  // Row r's direction d's bfloat16 values start at bfloat16 column 2*d*G of
+  // its float32 row, bfloat16 element 2*r*D*G. Moved to r*D*G + d*G, the rows
+  // are one contiguous [N, D*G] matrix in dgx's first half. Contiguous, not
+  // rows strided past their length: there ATen's bfloat16 GEMM (oneDNN, torch
+  // 2.14.1, on a Xeon with AMX) read past a row's D*G values for most D*G not a
+  // multiple of 32 (e.g. 54, 400, 516; from 32 rows on), and the rounded-over
+  // float32 bits it found there made whole rows of dx NaN where they decoded
+  // to NaN or inf (a bfloat16 LSTM at H=100 or H=129 with a projection; found
+  // by tests/test_cpu_fuzz.py on that Xeon). Rows [2^k, 2^(k+1)) move at once:
+  // their destinations end where their sources begin; row 0's directions
+  // overlap (memmove).
   auto* base = reinterpret_cast<at::BFloat16*>(dgx.data_ptr<float>());
-  if (dims.D == 2) {
-    at::parallel_for(0, N, 256, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        std::memcpy(base + r * 2 * DG + G, base + r * 2 * DG + 2 * G, G * sizeof(at::BFloat16));
-      }
+  auto move_row = [&](int64_t r) {
+    for (int64_t d = 0; d < dims.D; ++d) {
+      std::memmove(base + r * DG + d * G, base + 2 * r * DG + 2 * d * G, G * sizeof(at::BFloat16));
+    }
+  };
+  if (N > 0) move_row(0);
+  for (int64_t lo = 1; lo < N; lo *= 2) {
+    at::parallel_for(lo, std::min(N, 2 * lo), 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) move_row(r);
     });
   }
-  const at::Tensor dg16 =
-      at::from_blob(base, {N, DG}, {2 * DG, 1}, dgx.options().dtype(at::kBFloat16));
+  const at::Tensor dg16 = at::from_blob(base, {N, DG}, dgx.options().dtype(at::kBFloat16));
   if (args.want_weights) {
     at::Tensor xp = projection_input(args);  // [N, I] bfloat16
     weight_grad(args.grad_w_ih.view({DG, I}), dg16, xp);

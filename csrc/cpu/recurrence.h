@@ -328,10 +328,13 @@ void backward_impl(BackwardArgs& args) {
     const int64_t G_same = kDiffer ? G - H : G;
     const at::Tensor dgx_same = dgx.narrow(1, d * G, G_same);  // [N, G_same]
     at::Tensor gw_same = args.grad_w_hh[d].narrow(0, 0, G_same);
-    at::Tensor gb_same = args.grad_b_hh[d].narrow(0, 0, G_same);
     weight_grad(gw_same, dgx_same, hp);
     if (kDiffer) weight_grad(args.grad_w_hh[d].narrow(0, G_same, H), dghn[k], hp);
-    at::sum_out(gb_same, dgx_same, {0});
+    // db_ih sums every gate's dgx; db_hh is the same sums but for a GRU's
+    // last gate, whose hidden side has dghn.
+    at::Tensor gb_ih = args.grad_b_ih[d];
+    at::sum_out(gb_ih, dgx.narrow(1, d * G, G), {0});
+    args.grad_b_hh[d].narrow(0, 0, G_same).copy_(gb_ih.narrow(0, 0, G_same));
     if (kDiffer) {
       at::Tensor gb_last = args.grad_b_hh[d].narrow(0, G_same, H);
       at::sum_out(gb_last, dghn[k], {0});
@@ -453,11 +456,10 @@ void backward_impl(BackwardArgs& args) {
     return;
   }
   if (args.want_weights) {
-    at::Tensor xp = projection_input(args);  // [N, I]
-    at::Tensor gw = args.grad_w_ih.view({DG, dims.I}), gb = args.grad_b_ih.view({DG});
+    at::Tensor xp = projection_input(args);             // [N, I]
+    at::Tensor gw = args.grad_w_ih.view({DG, dims.I});  // db_ih: hidden_weight_grads
     weight_grad(gw, dgx, xp);
     xp.reset();
-    at::sum_out(gb, dgx, {0});
   }
   if (!args.want_input) return;
   const at::Tensor w_ih = args.w_ih.reshape({DG, dims.I});  // [D*G*H, I]
