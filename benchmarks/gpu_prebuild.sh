@@ -18,8 +18,15 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DIR="${1:-$REPO/build/gpu_prebuilt}"
 VENV="${GPU_VENV:-$REPO/.venv-gpu}"
 if [ ! -x "$VENV/bin/python" ]; then
-  echo "== creating $VENV with ${GPU_PYTHON:-python3.12}"
-  "${GPU_PYTHON:-python3.12}" -m venv "$VENV"
+  py="${GPU_PYTHON:-python3.12}"
+  # pyenv's shim answers "command not found" for a version not selected: take it from pyenv's tree
+  if ! "$py" --version >/dev/null 2>&1 && [ -z "${GPU_PYTHON:-}" ]; then
+    py="$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 2>/dev/null | tail -1)"
+  fi
+  [ -n "$py" ] && "$py" --version >/dev/null 2>&1 ||
+    { echo "== no Python 3.12 found: set GPU_PYTHON"; exit 1; }
+  echo "== creating $VENV with $py"
+  "$py" -m venv "$VENV"
 fi
 echo "== installing ${GPU_TORCH:-torch==2.11.0} and the build's dependencies into $VENV"
 "$VENV/bin/pip" install -q --disable-pip-version-check "${GPU_TORCH:-torch==2.11.0}" ninja pybind11 \
