@@ -630,6 +630,33 @@ def test_input_gradient_with_gate_columns_not_a_multiple_of_32(cell, H, monkeypa
         assert ((a - b).abs() <= 2.0**-6 * b.abs() + 0.02 * b.abs().max()).all()
 
 
+@pytest.mark.parametrize("cell,H", ODD_GATES, ids=[f"{c}-H{h}" for c, h in ODD_GATES])
+def test_a_nan_gradient_stays_in_its_sequence(cell, H, monkeypatch, unit):
+    """A NaN in one sequence's output gradient makes that sequence's input gradient NaN, and
+    no other's: the input gradient's NaN positions are =float's. (Handed the positions' dG as
+    contiguous rows, oneDNN's AMX matmul let a row's NaN into its neighbour's dx, oneDNN issue
+    5717; each row of dG is followed by zeros instead.)"""
+    cls, extra, _ = CELLS[cell]
+    torch.manual_seed(0)
+    m = cls(16, H, **extra).to(BF16)
+    lengths = torch.randint(1, 41, (24,), generator=torch.Generator().manual_seed(1))
+    lengths[5] = 40
+    x = torch.randn(40, 24, 16).to(BF16)
+
+    def input_grad(mode):
+        monkeypatch.setenv("VARLEN_RNN_CPU_BF16", mode)
+        xg = x.clone().requires_grad_()
+        out = m(xg, lengths=lengths)[0]
+        g = torch.ones_like(out)
+        g[30, 5, 0] = float("nan")  # sequence 5 at step 30
+        out.backward(g)
+        return xg.grad
+
+    got, plain = input_grad(unit), input_grad("float")
+    assert plain[:31, 5].isnan().all() and plain[31:, 5].isfinite().all()
+    assert torch.equal(got.isnan(), plain.isnan())
+
+
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_decoding_step_with_gate_rows_not_a_multiple_of_8(cell, monkeypatch, unit):
     """One decoding step (kDotRows positions or fewer) at H=6, I=10: the dot products take the

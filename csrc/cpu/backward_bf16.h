@@ -62,30 +62,26 @@ inline void input_grads_bf16(BackwardArgs& args, at::Tensor& dgx, int64_t G) {
   const LayerDims& dims = args.dims;
   if (!args.want_weights && !args.want_input) return;
   const int64_t DG = dims.D * G, N = dgx.size(0), I = dims.I;
-  // Row r's direction d's bfloat16 values start at bfloat16 column 2*d*G of
-  // its float32 row, bfloat16 element 2*r*D*G. Moved to r*D*G + d*G, the rows
-  // are one contiguous [N, D*G] matrix in dgx's first half. Contiguous, not
-  // rows strided past their length: there ATen's bfloat16 GEMM (oneDNN, torch
-  // 2.14.1, on a Xeon with AMX) read past a row's D*G values for most D*G not a
-  // multiple of 32 (e.g. 54, 400, 516; from 32 rows on), and the rounded-over
-  // float32 bits it found there made whole rows of dx NaN where they decoded
-  // to NaN or inf (a bfloat16 LSTM at H=100 or H=129 with a projection; found
-  // by tests/test_cpu_fuzz.py on that Xeon). Rows [2^k, 2^(k+1)) move at once:
-  // their destinations end where their sources begin; row 0's directions
-  // overlap (memmove).
+  // Direction d's bfloat16 values start at bfloat16 column 2*d*G of a row:
+  // moved to d*G, the rows are one [N, D*G] matrix (row stride 2*D*G), and the
+  // rest of each row, [D*G, 2*D*G), is zeroed. ATen's bfloat16 GEMM (oneDNN's
+  // AMX matmul in torch 2.14.1; oneDNN issue 5717) reads up to 31 values past
+  // a row's K = D*G where K > 32 is not a multiple of 32, and multiplies them
+  // by zeros: the rounded-over float32 bits left there made whole rows of dx
+  // NaN where they decoded to NaN or inf (found by tests/test_cpu_fuzz.py on
+  // a Xeon with AMX: a bfloat16 LSTM at H=129 with a projection), and with
+  // the rows contiguous a position's NaN reached its neighbour's dx. Zeros
+  // past each row keep every row's dx its own.
   auto* base = reinterpret_cast<at::BFloat16*>(dgx.data_ptr<float>());
-  auto move_row = [&](int64_t r) {
-    for (int64_t d = 0; d < dims.D; ++d) {
-      std::memmove(base + r * DG + d * G, base + 2 * r * DG + 2 * d * G, G * sizeof(at::BFloat16));
+  at::parallel_for(0, N, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      at::BFloat16* row = base + r * 2 * DG;
+      if (dims.D == 2) std::memcpy(row + G, row + 2 * G, G * sizeof(at::BFloat16));
+      std::fill_n(row + DG, DG, at::BFloat16(0.0f));
     }
-  };
-  if (N > 0) move_row(0);
-  for (int64_t lo = 1; lo < N; lo *= 2) {
-    at::parallel_for(lo, std::min(N, 2 * lo), 64, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) move_row(r);
-    });
-  }
-  const at::Tensor dg16 = at::from_blob(base, {N, DG}, dgx.options().dtype(at::kBFloat16));
+  });
+  const at::Tensor dg16 =
+      at::from_blob(base, {N, DG}, {2 * DG, 1}, dgx.options().dtype(at::kBFloat16));
   if (args.want_weights) {
     at::Tensor xp = projection_input(args);  // [N, I] bfloat16
     weight_grad(args.grad_w_ih.view({DG, I}), dg16, xp);
