@@ -130,9 +130,7 @@ stage_build() {
   else
     echo "no prebuilt extension used: $why"
   fi
-  (cd "$REPO" && MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
-    VARLEN_RNN_CUDA="${VARLEN_RNN_CUDA:-1}" NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:--Xptxas=-v}" \
-    "$PY" setup.py build_ext --inplace) || return 1
+  build_gpu_extension "$REPO" "$PY" || return 1
   export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
   check_built
 }
@@ -299,7 +297,7 @@ stage_cmd() {  # the command line of a stage, quoted for bash -c
     tests_rest) printf '%q ' stage_pytest tests_rest "${rest[@]}" -k "cuda and not emulated" ;;
   esac
 }
-export -f stage_env check_built stage_build sources_fingerprint prebuilt_usable stage_resources \
+export -f stage_env check_built stage_build build_gpu_extension sources_fingerprint prebuilt_usable stage_resources \
   stage_pytest stage_mma fake_sanitizer stage_sanitize stage_bench
 export COMMIT BUDGET
 

@@ -36,9 +36,7 @@ trap 'rm -rf "$src"' EXIT
 (cd "$REPO" && git ls-files -z -co --exclude-standard | tar --null -T - -cf -) | tar -C "$src" -xf -
 echo "== building in $src (log: $DIR/build.log)"
 start=$SECONDS
-if ! (cd "$src" && MAX_JOBS="${MAX_JOBS:-$(nproc)}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
-  VARLEN_RNN_CUDA=1 NVCC_APPEND_FLAGS="-Xptxas=-v" "$VENV/bin/python" setup.py build_ext --inplace) \
-  >"$src/build.log" 2>&1; then
+if ! build_gpu_extension "$src" "$VENV/bin/python" >"$src/build.log" 2>&1; then
   tail -40 "$src/build.log"
   echo "== the build failed"
   exit 1

@@ -1,6 +1,15 @@
 # Sourced by benchmarks/gpu_prebuild.sh, which builds the GPU machine's extension here, and by
-# benchmarks/gpu_check.sh, whose build stage uses it there instead of building: what decides
-# whether a prebuilt extension is the one the sources on that machine would build.
+# benchmarks/gpu_check.sh, whose build stage uses it there instead of building: how that
+# extension is built, and what decides whether a prebuilt one is the one the sources on that
+# machine would build.
+
+# The GPU machine's build, in place in REPO with PYTHON: sm_90, ptxas -v in the log for the
+# check's resources stage. One definition, so a prebuilt extension is the one the check builds.
+build_gpu_extension() {  # REPO PYTHON
+  (cd "$1" && MAX_JOBS="${MAX_JOBS:-$(nproc)}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
+    VARLEN_RNN_CUDA="${VARLEN_RNN_CUDA:-1}" NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:--Xptxas=-v}" \
+    "$2" setup.py build_ext --inplace)
+}
 
 # A hash of what the build reads: csrc/ and setup.py, file names and contents (16 hex digits).
 sources_fingerprint() {  # REPO

@@ -362,9 +362,12 @@ inline at::Tensor pinned_to_device(const at::Tensor& pinned, at::Device device) 
 
 // Neither copy can be captured in a CUDA graph: inside a capture, index tensors must
 // already be on the device.
+inline bool capturing() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
+
 inline void check_not_capturing(const char* name) {
-  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
-              name,
+  TORCH_CHECK(!capturing(), name,
               " on the CPU cannot be used inside a CUDA graph capture (a copy from the CPU "
               "cannot be captured); pass it on the input's device");
 }
@@ -375,8 +378,7 @@ inline void check_not_capturing(const char* name) {
 // Lengths already on the device are checked by lengths_prep_kernel's device assert.
 inline at::Tensor lengths_on_device(const at::Tensor& lengths, int64_t T, at::Device device) {
   if (lengths.device() == device) return lengths;
-  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
-              "lengths must be on the input's device ", device,
+  TORCH_CHECK(!capturing(), "lengths must be on the input's device ", device,
               " inside a CUDA graph capture (a copy from the CPU cannot be captured), got lengths "
               "on ",
               lengths.device());
