@@ -203,12 +203,16 @@ TORCH_LIBRARY(varlen_rnn, m) {
   // a stored weight, f32_dot_rows on all threads (AVX-512 or AVX2; no c), or "rows":
   // on b as a stored [K, N] weight, f32_rows_times (AVX-512 or AVX2). The product
   // runs `repeats` times into the same output, a timing loop: c + repeats * a b with c
-  // (repeats = 0 packs only). Returns [m + 1, N + 5]: the result in [:m, :N],
-  // NaN elsewhere unless the kernel wrote past its output.
+  // (repeats = 0 packs only). b may also be a stack of column groups
+  // [groups, K, n] (N = groups * n; the micro-kernels only): a weight's gate
+  // slices read where they are, as the split step loops pack them. Returns
+  // [m + 1, N + 5]: the result in [:m, :N], NaN elsewhere unless the kernel
+  // wrote past its output.
   m.def(
       "_small_gemm(Tensor a, Tensor b, Tensor? c, str kernel, int repeats=1) -> "
       "Tensor");
-  // Tests only: a [m, K] bfloat16 @ b [K, N] (float32 rounded to bfloat16, or bfloat16),
+  // Tests only: a [m, K] bfloat16 @ b [K, N] or [groups, K, n] as _small_gemm's
+  // (float32 rounded to bfloat16, or bfloat16),
   // accumulated in float32 (cpu/bf16_gemm.h), on one thread (+ c [m, N] when
   // given) or on all (parallel, + bias [N] on every row when given). Returns
   // [m + 1, N + 5] float32: the result in [:m, :N], NaN elsewhere.

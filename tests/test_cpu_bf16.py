@@ -115,6 +115,38 @@ def test_strided_operands():
     assert ((got.double() - exact).abs() <= bound(a, w.t().to(BF16), 50)).all()
 
 
+# Units [u0, u1) of every gate of W [G*H, K]: the split step loops' slices (cut at multiples of
+# 16), a last slice's ragged width, one gate, a slice whose columns cross a 64-column strip.
+GATE_SLICES = [(3, 40, 34, 16, 40), (4, 64, 50, 0, 16), (1, 20, 8, 3, 20), (3, 100, 64, 48, 96)]
+
+
+@pytest.mark.parametrize("source", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "G,H,K,u0,u1", GATE_SLICES, ids=[f"G{c[0]}-H{c[1]}-K{c[2]}-u{c[3]}:{c[4]}" for c in GATE_SLICES]
+)
+def test_gate_slices_read_where_the_weight_is(G, H, K, u0, u1, source):
+    """The split loops pack units [u0, u1) of every gate of W_ih/W_hh [G*H, K] in place (b given
+    as [G, K, Hs], its groups H*K apart): the same bits as the product on those rows copied out
+    (the packing before), and within bfloat16 accumulation of an exact product."""
+    g = torch.Generator().manual_seed(G * 100 + H + K)
+    w = torch.randn(G * H, K, generator=g).to(torch.float32 if source == "float32" else BF16)
+    a = torch.randn(21, K, generator=g).to(BF16)
+    N = G * (u1 - u0)
+    slices = w.view(G, H, K)[:, u0:u1]  # [G, Hs, K], a view
+    copied = slices.reshape(N, K).t()  # [K, N]: the rows copied, read transposed
+    got = ops._bf16_gemm(a, slices.transpose(1, 2), None, None, False)
+    want = ops._bf16_gemm(a, copied, None, None, False)
+    assert torch.equal(got[:21, :N], want[:21, :N])
+    exact = a.double() @ copied.to(BF16).double()
+    assert ((got[:21, :N].double() - exact).abs() <= bound(a, copied.to(BF16), K)).all()
+    assert got[21:].isnan().all() and got[:, N:].isnan().all()
+    # Groups of row-major [K, Hs] panels (b's rows read along k).
+    panels = torch.randn(G, K, u1 - u0, generator=g).to(w.dtype)
+    got = ops._bf16_gemm(a, panels, None, None, False)
+    want = ops._bf16_gemm(a, torch.cat(list(panels), dim=1), None, None, False)
+    assert torch.equal(got[:21, :N], want[:21, :N])
+
+
 # The product on a weight as stored (bf16_weight_product): rows of a around the dot products'
 # limits (kDotRows = 3 on the matrix unit, kDotRowsAvx512 = 12) and the swapped product's
 # 64-position strips, weight rows around its 64-row blocks and 16-row (AMX) or 6-row (AVX512-BF16)

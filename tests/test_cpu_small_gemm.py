@@ -99,6 +99,36 @@ def test_strided_operands(kernel):
     assert ((got.double() - a.double() @ w.t().double()).abs() <= bound(a, w.t(), 50)).all()
 
 
+# Units [u0, u1) of every gate of W [G*H, K]: the split step loops' slices (cut at multiples of
+# 16), a last slice's ragged width, one gate, a slice whose columns cross strips.
+GATE_SLICES = [(3, 40, 33, 16, 40), (4, 64, 50, 0, 16), (1, 20, 7, 3, 20), (3, 100, 64, 48, 96)]
+
+
+@pytest.mark.parametrize(
+    "G,H,K,u0,u1", GATE_SLICES, ids=[f"G{c[0]}-H{c[1]}-K{c[2]}-u{c[3]}:{c[4]}" for c in GATE_SLICES]
+)
+def test_gate_slices_read_where_the_weight_is(kernel, G, H, K, u0, u1):
+    """The split loops pack units [u0, u1) of every gate of W_ih/W_hh [G*H, K] in place (b given
+    as [G, K, Hs], its groups H*K apart): the same bits as the product on those rows copied out
+    (the packing before), and within float32 rounding of an exact product."""
+    g = torch.Generator().manual_seed(G * 100 + H + K)
+    w, a = torch.randn(G * H, K, generator=g), torch.randn(13, K, generator=g)
+    N = G * (u1 - u0)
+    slices = w.view(G, H, K)[:, u0:u1]  # [G, Hs, K], a view
+    copied = slices.reshape(N, K).t()  # [K, N]: the rows copied, read transposed
+    got = ops._small_gemm(a, slices.transpose(1, 2), None, kernel)
+    want, _ = product(a, copied, kernel=kernel)
+    assert torch.equal(got[:13, :N], want)
+    exact = a.double() @ copied.double()
+    assert ((got[:13, :N].double() - exact).abs() <= bound(a, copied, K)).all()
+    assert got[13:].isnan().all() and got[:, N:].isnan().all()
+    # Groups of row-major [K, Hs] panels (b's columns read along k's rows, the other packing loop).
+    panels = torch.randn(G, K, u1 - u0, generator=g)
+    got = ops._small_gemm(a, panels, None, kernel)
+    want, _ = product(a, torch.cat(list(panels), dim=1), kernel=kernel)
+    assert torch.equal(got[:13, :N], want)
+
+
 def test_rows_do_not_depend_on_each_other(kernel):
     """Each result row is one FMA chain over k in order, whatever its tile: computing a row alone
     or among others gives the same bits (what makes the step loop deterministic)."""
@@ -117,8 +147,13 @@ def test_bad_arguments_name_themselves():
         RuntimeError, match="kernel must be auto, avx512, avx2, portable, blas, dots or rows"
     ):
         ops._small_gemm(torch.ones(2, 3), torch.ones(3, 4), None, "sse9")
-    with pytest.raises(RuntimeError, match="b must be a float32 \\[K, N\\] with K = a.size\\(1\\)"):
+    with pytest.raises(
+        RuntimeError,
+        match="b must be a float32 \\[K, N\\] or \\[groups, K, n\\] with K = a.size\\(1\\)",
+    ):
         ops._small_gemm(torch.ones(2, 3), torch.ones(4, 4), None, "auto")
+    with pytest.raises(RuntimeError, match="kernel 'blas' takes a 2-D b"):
+        ops._small_gemm(torch.ones(2, 3), torch.ones(2, 3, 4), None, "blas")
     with pytest.raises(RuntimeError, match="a must be a 2-D float32"):
         ops._small_gemm(torch.ones(2, 3, dtype=torch.float64), torch.ones(3, 4), None, "auto")
     with pytest.raises(RuntimeError, match="c must be float32 \\[m, N\\]"):

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 #include <limits>
 #include <optional>
 #include <type_traits>
@@ -90,16 +91,16 @@ VR_DOT_TARGET void interleave_pair(const at::BFloat16* r0, const at::BFloat16* r
 }
 
 // The same pair of a weight's transpose, b[k, j] = w[j, k] (k's pairs side
-// by side in each row of w, ld values apart): out[2 jj + e] = w[j0 + jj,
-// 2q + e] for jj < nj, 0 past nj, 16 rows' pairs per gather. p: w + j0 ld +
-// 2q.
-VR_DOT_TARGET void gather_pairs(const at::BFloat16* p, int64_t ld, int64_t nj, at::BFloat16* out) {
-  const __m512i rows =
-      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                         _mm512_set1_epi32(static_cast<int32_t>(ld)));
+// by side in each row of w): out[2 jj + e] = p[offs[jj] + 2q + e] for jj < nj,
+// 0 past nj, 16 rows' pairs per gather. p: where the strip's first row
+// starts; offs: each of its rows' offset from p (kStrip of them, those past nj
+// unread).
+VR_DOT_TARGET void gather_pairs(const at::BFloat16* p, const int32_t* offs, int64_t nj,
+                                at::BFloat16* out) {
   for (int64_t jj = 0; jj < PackedB16::kStrip; jj += 16) {
     const auto m = static_cast<__mmask16>((1u << std::clamp<int64_t>(nj - jj, 0, 16)) - 1);
-    const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, rows, p + jj * ld, 2);
+    const __m512i rows = _mm512_maskz_loadu_epi32(m, offs + jj);
+    const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, rows, p, 2);
     _mm512_storeu_si512(out + 2 * jj, v);
   }
 }
@@ -110,7 +111,7 @@ VR_DOT_TARGET void gather_pairs(const at::BFloat16* p, int64_t ld, int64_t nj, a
 // or the AVX512-BF16 kernel (strip j's pair of k q at [q][kStrip][2]: each
 // column's two values of k side by side, what vdpbf16ps multiplies).
 template <typename src_t>
-PackedB16 pack_b16_from(int64_t K, int64_t N, const src_t* b, int64_t stride_k, int64_t stride_n) {
+PackedB16 pack_b16_from(int64_t K, int64_t N, const src_t* b, const BLayout& layout) {
   constexpr int64_t S = PackedB16::kStrip;
   TORCH_CHECK(K % 2 == 0, "pack_b16: K must be even (k pairs), got ", K);
   PackedB16 p;
@@ -118,21 +119,26 @@ PackedB16 pack_b16_from(int64_t K, int64_t N, const src_t* b, int64_t stride_k, 
   p.N = N;
   p.unit = bf16_unit();
   TORCH_INTERNAL_ASSERT(p.unit != Bf16Unit::kFloat, "pack_b16: no bfloat16 unit");
-  const int64_t strips = (N + S - 1) / S;
+  const int64_t strips = (N + S - 1) / S, stride_k = layout.stride_k;
   const auto opts = at::TensorOptions().dtype(at::kBFloat16);
 #if defined(__x86_64__) && defined(__GNUC__)
   if constexpr (std::is_same_v<src_t, at::BFloat16>) {
     // On all threads (a decoding step's backward packs its W_hh at every
     // call): rows of b (the backward's W_hh as stored) interleaved in pairs
-    // by vector permutes; a weight's transpose (the forward's panels) by
-    // gathers of each column's pairs, 16 columns at a time (indices in
-    // int32: S ld < 2^31).
-    const bool rows = stride_n == 1,
-               transposed = stride_k == 1 && S * stride_n < (int64_t{1} << 31);
+    // by vector permutes; a weight's transpose (the forward's panels, gate
+    // slices too) by gathers of each column's pairs, 16 columns at a time
+    // (offsets in int32).
+    const bool rows = layout.stride_n == 1 && layout.even(N),
+               transposed = stride_k == 1 && N > 0 && layout.col(N - 1) < (int64_t{1} << 31);
     if (p.unit == Bf16Unit::kAvx512 && (rows || transposed)) {
       p.strips = at::empty({strips, K, S}, opts);
       at::BFloat16* out = p.strips.data_ptr<at::BFloat16>();
       const int64_t pairs = K / 2;
+      // Each strip's rows' offsets from its first (the transposed case).
+      std::vector<int32_t> offs(rows ? 0 : strips * S, 0);
+      for (int64_t j = 0; j < (rows ? 0 : N); ++j) {
+        offs[j] = static_cast<int32_t>(layout.col(j) - layout.col(j / S * S));
+      }
       at::parallel_for(0, strips * pairs, 64, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t j = t / pairs, q = t % pairs, j0 = j * S, nj = std::min(S, N - j0);
@@ -141,7 +147,7 @@ PackedB16 pack_b16_from(int64_t K, int64_t N, const src_t* b, int64_t stride_k, 
             const at::BFloat16* r0 = b + 2 * q * stride_k + j0;
             interleave_pair(r0, r0 + stride_k, nj, o);
           } else {
-            gather_pairs(b + j0 * stride_n + 2 * q, stride_n, nj, o);
+            gather_pairs(b + layout.col(j0) + 2 * q, offs.data() + j0, nj, o);
           }
         }
       });
@@ -154,11 +160,11 @@ PackedB16 pack_b16_from(int64_t K, int64_t N, const src_t* b, int64_t stride_k, 
     at::BFloat16* out = p.strips.data_ptr<at::BFloat16>();
     for (int64_t j = 0; j < strips; ++j) {
       const int64_t j0 = j * S, nj = std::min(S, N - j0);
-      for (int64_t k = 0; k < K; ++k) {
-        at::BFloat16* row = out + j * K * S + (k / 2) * 2 * S + (k % 2);
-        const src_t* bk = b + k * stride_k + j0 * stride_n;
-        for (int64_t jj = 0; jj < nj; ++jj) {
-          row[2 * jj] = static_cast<at::BFloat16>(bk[jj * stride_n]);
+      for (int64_t jj = 0; jj < nj; ++jj) {
+        const src_t* bj = b + layout.col(j0 + jj);
+        for (int64_t k = 0; k < K; ++k) {
+          out[j * K * S + (k / 2) * 2 * S + (k % 2) + 2 * jj] =
+              static_cast<at::BFloat16>(bj[k * stride_k]);
         }
       }
     }
@@ -170,12 +176,12 @@ PackedB16 pack_b16_from(int64_t K, int64_t N, const src_t* b, int64_t stride_k, 
   at::BFloat16* pl = plain.data_ptr<at::BFloat16>();
   for (int64_t j = 0; j < (K > 0 ? strips : 0); ++j) {
     const int64_t j0 = j * S, nj = std::min(S, N - j0);
-    for (int64_t k = 0; k < K; ++k) {
-      for (int64_t jj = 0; jj < nj; ++jj) {
-        pl[k * S + jj] = static_cast<at::BFloat16>(b[k * stride_k + (j0 + jj) * stride_n]);
-      }
-      std::fill(pl + k * S + nj, pl + (k + 1) * S, at::BFloat16(0.0f));
+    for (int64_t jj = 0; jj < nj; ++jj) {
+      const src_t* bj = b + layout.col(j0 + jj);
+      for (int64_t k = 0; k < K; ++k) pl[k * S + jj] = static_cast<at::BFloat16>(bj[k * stride_k]);
     }
+    for (int64_t k = 0; k < K; ++k)
+      std::fill(pl + k * S + nj, pl + (k + 1) * S, at::BFloat16(0.0f));
     cpublas::pack(K, S, S, S, at::kBFloat16, at::kBFloat16, pl, p.strips[j].data_ptr());
   }
   return p;
@@ -217,13 +223,12 @@ void strip_product(Bf16Unit unit, int64_t m, int64_t nj, int64_t K, int64_t lda,
 
 }  // namespace
 
-PackedB16 pack_b16(int64_t K, int64_t N, const float* b, int64_t stride_k, int64_t stride_n) {
-  return pack_b16_from(K, N, b, stride_k, stride_n);
+PackedB16 pack_b16(int64_t K, int64_t N, const float* b, const BLayout& layout) {
+  return pack_b16_from(K, N, b, layout);
 }
 
-PackedB16 pack_b16(int64_t K, int64_t N, const at::BFloat16* b, int64_t stride_k,
-                   int64_t stride_n) {
-  return pack_b16_from(K, N, b, stride_k, stride_n);
+PackedB16 pack_b16(int64_t K, int64_t N, const at::BFloat16* b, const BLayout& layout) {
+  return pack_b16_from(K, N, b, layout);
 }
 
 void bf16_gemm(int64_t m, const at::BFloat16* a, int64_t lda, const PackedB16& b, float* c,
@@ -450,14 +455,16 @@ at::Tensor bf16_gemm_op(const at::Tensor& a, const at::Tensor& b,
   TORCH_CHECK(a.dim() == 2 && a.scalar_type() == at::kBFloat16,
               "_bf16_gemm: a must be a 2-D bfloat16 tensor [m, K], got ", a.sizes(), " ",
               a.scalar_type());
-  TORCH_CHECK(b.dim() == 2 && (b.scalar_type() == at::kFloat || b.scalar_type() == at::kBFloat16) &&
-                  b.size(0) == a.size(1),
-              "_bf16_gemm: b must be a float32 or bfloat16 [K, N] with K = a.size(1) = ", a.size(1),
-              ", got ", b.sizes(), " ", b.scalar_type());
+  TORCH_CHECK((b.dim() == 2 || b.dim() == 3) &&
+                  (b.scalar_type() == at::kFloat || b.scalar_type() == at::kBFloat16) &&
+                  b.size(-2) == a.size(1),
+              "_bf16_gemm: b must be a float32 or bfloat16 [K, N] or [groups, K, n] with K = "
+              "a.size(1) = ",
+              a.size(1), ", got ", b.sizes(), " ", b.scalar_type());
   TORCH_CHECK(a.size(1) % 2 == 0, "_bf16_gemm: K must be even, got ", a.size(1));
   TORCH_CHECK(!(c && parallel), "_bf16_gemm: c is for the one-thread product, bias for parallel");
   TORCH_CHECK(!(bias && !parallel), "_bf16_gemm: bias is for the parallel product");
-  const int64_t m = a.size(0), K = a.size(1), N = b.size(1);
+  const int64_t m = a.size(0), K = a.size(1), N = b.dim() == 2 ? b.size(1) : b.size(0) * b.size(2);
   at::Tensor out = at::full({m + 1, N + 5}, std::numeric_limits<float>::quiet_NaN(),
                             a.options().dtype(at::kFloat));
   if (c) {
@@ -473,10 +480,9 @@ at::Tensor bf16_gemm_op(const at::Tensor& a, const at::Tensor& b,
   }
   const at::Tensor ac = a.stride(1) == 1 && a.stride(0) >= K ? a : a.contiguous();
   const int64_t lda = std::max<int64_t>(ac.stride(0), 1), ldc = N + 5;
-  const PackedB16 packed =
-      b.scalar_type() == at::kFloat
-          ? pack_b16(K, N, b.const_data_ptr<float>(), b.stride(0), b.stride(1))
-          : pack_b16(K, N, b.const_data_ptr<at::BFloat16>(), b.stride(0), b.stride(1));
+  const PackedB16 packed = b.scalar_type() == at::kFloat
+                               ? pack_b16(K, N, b.const_data_ptr<float>(), layout_of(b))
+                               : pack_b16(K, N, b.const_data_ptr<at::BFloat16>(), layout_of(b));
   const at::BFloat16* a_p = ac.const_data_ptr<at::BFloat16>();
   float* c_p = out.data_ptr<float>();
   if (parallel) {

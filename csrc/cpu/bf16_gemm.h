@@ -28,6 +28,8 @@
 
 #include <cstdint>
 
+#include "cpu/b_layout.h"
+
 namespace varlen_rnn {
 namespace cpu {
 
@@ -61,11 +63,16 @@ Bf16Unit bf16_unit();
 // LSTM's (the one cell with a projection) G*H = 4H.
 bool bf16_gemm_for(at::ScalarType input_dtype, int64_t I, int64_t P);
 
-// Packs b[k, j] = b[k * stride_k + j * stride_n] (float32, rounded to
-// bfloat16, or bfloat16 as it is; K even; a row-major [N, K] weight's
-// transpose is (1, K)) for bf16_unit() (not kFloat).
-PackedB16 pack_b16(int64_t K, int64_t N, const float* b, int64_t stride_k, int64_t stride_n);
-PackedB16 pack_b16(int64_t K, int64_t N, const at::BFloat16* b, int64_t stride_k, int64_t stride_n);
+// Packs b[k, j] = b[k * stride_k + layout.col(j)] (float32, rounded to
+// bfloat16, or bfloat16 as it is; K even; cpu/b_layout.h) for bf16_unit()
+// (not kFloat); the second pair takes b[k * stride_k + j * stride_n] (a
+// row-major [N, K] weight's transpose is (1, K)).
+PackedB16 pack_b16(int64_t K, int64_t N, const float* b, const BLayout& layout);
+PackedB16 pack_b16(int64_t K, int64_t N, const at::BFloat16* b, const BLayout& layout);
+template <typename src_t>
+PackedB16 pack_b16(int64_t K, int64_t N, const src_t* b, int64_t stride_k, int64_t stride_n) {
+  return pack_b16(K, N, b, strided(stride_k, stride_n));
+}
 
 // One thread: c[m, N] (ldc) = a[m, K] (lda) b, or c += a b with accumulate,
 // on the unit b was packed for. The thread must call bf16_gemm_release()

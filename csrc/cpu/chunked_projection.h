@@ -184,7 +184,6 @@ class ChunkedProjection {
       Part& p = parts_[k];
       p.u0 = u0;
       p.cols = gates * (u1 - u0);
-      if (bf16 || kernel_) p.panel = unit_rows(args.w_ih[d], gates, u0, u1);  // [G*Hs, I]
     }
   }
 
@@ -196,9 +195,13 @@ class ChunkedProjection {
     const int64_t I = args_.dims.I;
     if (p.cols == 0) return;
     if constexpr (std::is_same_v<scalar_t, float>) {
+      // b[i, g*Hs + j] = W_ih[g*H + u0 + j, i], read where it is
+      const int64_t H = args_.dims.H, u1 = p.u0 + p.cols / gates_;
+      const BLayout cols = unit_columns(H, I, p.u0, u1);
+      const at::Tensor& w = args_.w_ih[d_];
       if (bf16_)
-        p.packed16 = pack_b16(I, p.cols, p.panel.template const_data_ptr<at::BFloat16>(), 1, I);
-      if (kernel_) p.packed = pack_b(I, p.cols, p.panel.template const_data_ptr<float>(), 1, I);
+        p.packed16 = pack_b16(I, p.cols, w.const_data_ptr<at::BFloat16>() + p.u0 * I, cols);
+      if (kernel_) p.packed = pack_b(I, p.cols, w.const_data_ptr<float>() + p.u0 * I, cols);
     }
     p.gx = at::empty({max_rows_, p.cols}, args_.opts());
     p.x = at::empty({max_rows_, I}, args_.input2d.options());
@@ -258,7 +261,6 @@ class ChunkedProjection {
  private:
   struct Part {
     int64_t u0 = 0, cols = 0;  // first unit, G*Hs
-    at::Tensor panel;          // [G*Hs, I] for bf16 or the kernel (packed from), else none
     PackedB16 packed16;
     PackedB packed;
     at::Tensor gx;              // [max rows, G*Hs] this chunk's projection

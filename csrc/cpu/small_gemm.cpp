@@ -21,6 +21,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <vector>
 
 namespace varlen_rnn {
 namespace cpu {
@@ -232,8 +233,7 @@ bool small_gemm_supports(SmallGemmIsa isa) {
   return false;
 }
 
-PackedB pack_b(int64_t K, int64_t N, const float* b, int64_t stride_k, int64_t stride_n,
-               SmallGemmIsa isa) {
+PackedB pack_b(int64_t K, int64_t N, const float* b, const BLayout& layout, SmallGemmIsa isa) {
   TORCH_CHECK(small_gemm_supports(isa), "pack_b: this CPU or build lacks the requested kernel");
   if (isa == SmallGemmIsa::kAuto) isa = best_isa();
   PackedB p;
@@ -260,26 +260,32 @@ PackedB pack_b(int64_t K, int64_t N, const float* b, int64_t stride_k, int64_t s
   // the rest is for a's rows and c's tiles.
   constexpr int64_t kStripBlockBytes = 24 * 1024;
   p.kc = std::max<int64_t>(1, kStripBlockBytes / (p.nr * static_cast<int64_t>(sizeof(float))));
-  const int64_t nr = p.nr, strips = (N + nr - 1) / nr;
-  p.strips = at::zeros({strips, K, nr}, at::kFloat);
+  const int64_t nr = p.nr, strips = (N + nr - 1) / nr, stride_k = layout.stride_k;
+  // Every value is written below (the last strip's columns past N as zeros),
+  // so the strips are not zeroed first: one pass over them, not two.
+  p.strips = at::empty({strips, K, nr}, at::kFloat);
   float* out = p.strips.data_ptr<float>();
   // The inner loop walks b's smaller stride (a transposed weight is read
   // along its rows).
-  const bool k_inner = std::abs(stride_k) < std::abs(stride_n);
+  const bool k_inner = std::abs(stride_k) < std::abs(layout.stride_n);
+  std::vector<int64_t> col(nr);
   for (int64_t s = 0; s < strips; ++s) {
     const int64_t j0 = s * nr, cols = std::min(nr, N - j0);
+    for (int64_t j = 0; j < cols; ++j) col[j] = layout.col(j0 + j);
     float* dst = out + s * K * nr;
     if (k_inner) {
       for (int64_t j = 0; j < cols; ++j) {
-        const float* src = b + (j0 + j) * stride_n;
+        const float* src = b + col[j];
         for (int64_t k = 0; k < K; ++k) dst[k * nr + j] = src[k * stride_k];
       }
     } else {
       for (int64_t k = 0; k < K; ++k) {
-        const float* src = b + k * stride_k + j0 * stride_n;
-        for (int64_t j = 0; j < cols; ++j) dst[k * nr + j] = src[j * stride_n];
+        const float* src = b + k * stride_k;
+        for (int64_t j = 0; j < cols; ++j) dst[k * nr + j] = src[col[j]];
       }
     }
+    for (int64_t k = 0; k < (cols < nr ? K : 0); ++k)
+      std::fill(dst + k * nr + cols, dst + (k + 1) * nr, 0.0f);
   }
   return p;
 }
@@ -396,9 +402,12 @@ at::Tensor small_gemm_op(const at::Tensor& a, const at::Tensor& b,
   TORCH_CHECK(a.dim() == 2 && a.scalar_type() == at::kFloat,
               "_small_gemm: a must be a 2-D float32 tensor [m, K], got ", a.sizes(), " ",
               a.scalar_type());
-  TORCH_CHECK(b.dim() == 2 && b.scalar_type() == at::kFloat && b.size(0) == a.size(1),
-              "_small_gemm: b must be a float32 [K, N] with K = a.size(1) = ", a.size(1), ", got ",
-              b.sizes(), " ", b.scalar_type());
+  TORCH_CHECK(
+      (b.dim() == 2 || b.dim() == 3) && b.scalar_type() == at::kFloat && b.size(-2) == a.size(1),
+      "_small_gemm: b must be a float32 [K, N] or [groups, K, n] with K = a.size(1) = ", a.size(1),
+      ", got ", b.sizes(), " ", b.scalar_type());
+  TORCH_CHECK(b.dim() == 2 || (kernel != "blas" && kernel != "dots" && kernel != "rows"),
+              "_small_gemm: kernel '", kernel, "' takes a 2-D b");
   TORCH_CHECK(repeats >= 0, "_small_gemm: repeats must be >= 0, got ", repeats);
   const bool blas = kernel == "blas", dots = kernel == "dots", rows = kernel == "rows";
   const SmallGemmIsa isa = blas   ? SmallGemmIsa::kAuto
@@ -408,7 +417,7 @@ at::Tensor small_gemm_op(const at::Tensor& a, const at::Tensor& b,
   TORCH_CHECK(small_gemm_supports(isa), "_small_gemm: this CPU does not run kernel '", kernel, "'");
   TORCH_CHECK(!blas || blas_available(), "_small_gemm: this build has no BLAS for kernel 'blas'");
   TORCH_CHECK(!((blas || dots) && c), "_small_gemm: kernel '", kernel, "' takes no c");
-  const int64_t m = a.size(0), K = a.size(1), N = b.size(1);
+  const int64_t m = a.size(0), K = a.size(1), N = b.dim() == 2 ? b.size(1) : b.size(0) * b.size(2);
   // c is computed inside a NaN-filled [m + 1, N + 5] buffer (ldc = N + 5, odd,
   // so rows start unaligned): what the kernel writes past its [m, N] shows.
   at::Tensor out = at::full({m + 1, N + 5}, std::numeric_limits<float>::quiet_NaN(), a.options());
@@ -444,7 +453,7 @@ at::Tensor small_gemm_op(const at::Tensor& a, const at::Tensor& b,
     }
     return out;
   }
-  const PackedB packed = pack_b(K, N, b.const_data_ptr<float>(), b.stride(0), b.stride(1), isa);
+  const PackedB packed = pack_b(K, N, b.const_data_ptr<float>(), layout_of(b), isa);
   for (int64_t r = 0; r < repeats; ++r) small_gemm(m, a_p, lda, packed, c_p, ldc, c.has_value());
   return out;
 }

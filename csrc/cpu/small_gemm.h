@@ -31,6 +31,8 @@
 
 #include <cstdint>
 
+#include "cpu/b_layout.h"
+
 namespace varlen_rnn {
 namespace cpu {
 
@@ -53,11 +55,17 @@ struct PackedB {
   SmallGemmIsa isa = SmallGemmIsa::kPortable;
 };
 
-// Packs b[k, j] = b[k * stride_k + j * stride_n] (any strides: a row-major
-// [K, N] panel is (N, 1); the transpose of a row-major [N, K] weight is
-// (1, K)). Throws if isa is not one this CPU and build run.
-PackedB pack_b(int64_t K, int64_t N, const float* b, int64_t stride_k, int64_t stride_n,
+// Packs b[k, j] = b[k * stride_k + layout.col(j)] (cpu/b_layout.h: any
+// strides, or a weight's gate slices read in place). Throws if isa is not
+// one this CPU and build run.
+PackedB pack_b(int64_t K, int64_t N, const float* b, const BLayout& layout,
                SmallGemmIsa isa = SmallGemmIsa::kAuto);
+// b[k, j] = b[k * stride_k + j * stride_n]: a row-major [K, N] panel is
+// (N, 1); the transpose of a row-major [N, K] weight is (1, K).
+inline PackedB pack_b(int64_t K, int64_t N, const float* b, int64_t stride_k, int64_t stride_n,
+                      SmallGemmIsa isa = SmallGemmIsa::kAuto) {
+  return pack_b(K, N, b, strided(stride_k, stride_n), isa);
+}
 
 // c[m, N] (ldc) = a[m, K] (lda) b[K, N], or c += a b with accumulate. m may
 // be 0; lda >= K and ldc >= N are the caller's to ensure.

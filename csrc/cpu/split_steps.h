@@ -86,9 +86,10 @@ class SplitSteps {
     if (gx_p == nullptr) chunks_.emplace(args, d, Cell::kGates, parts_, bf16_, rows);
     for (int64_t k = 0; k < parts_; ++k) {
       const auto [u0, u1] = slice_of(H, parts_, k);
-      const at::Tensor rows = unit_rows(args.w_hh[d], Cell::kGates, u0, u1);  // [G*Hs, P]
-      panels_.push_back(kernel_ || bf16_ ? rows : rows.t().contiguous());
-      gh_.push_back(at::empty({R, rows.size(0)}, opts));
+      // The BLAS takes the slice's W_hh^T [P, G*Hs] copied; the packings
+      // read W_hh where it is (unit_columns).
+      if (!kernel_ && !bf16_) panels_.push_back(unit_rows_t(args.w_hh[d], Cell::kGates, u0, u1));
+      gh_.push_back(at::empty({R, Cell::kGates * (u1 - u0)}, opts));
     }
     proj_ = args.w_hr.defined();
     if (proj_) {
@@ -169,13 +170,16 @@ void SplitSteps<Cell, scalar_t>::run(const Team& team) {
   ChunkedProjection<scalar_t>* chunks = chunks_ ? &*chunks_ : nullptr;
   for (int64_t k = tid; k < (chunks ? parts : 0); k += nth) chunks->prepare(k);
   if constexpr (std::is_same_v<scalar_t, float>) {
+    // b[p, g*Hs + i] = W_hh[g*H + u0 + i, p]
     for (int64_t k = tid; k < (kernel ? parts : 0); k += nth) {
-      const int64_t cols = panels_[k].size(0);  // G*Hs; b[p, col] = rows[col, p]
-      packed_[k] = pack_b(P, cols, panels_[k].const_data_ptr<float>(), 1, P);
+      const auto [u0, u1] = slice_of(H, parts, k);
+      const float* w = args_.w_hh[d].template const_data_ptr<float>() + u0 * P;
+      packed_[k] = pack_b(P, Cell::kGates * (u1 - u0), w, unit_columns(H, P, u0, u1));
     }
     for (int64_t k = tid; k < (bf16 ? parts : 0); k += nth) {
-      const int64_t cols = panels_[k].size(0);
-      packed16_[k] = pack_b16(P, cols, panels_[k].const_data_ptr<at::BFloat16>(), 1, P);
+      const auto [u0, u1] = slice_of(H, parts, k);
+      const at::BFloat16* w = args_.w_hh[d].template const_data_ptr<at::BFloat16>() + u0 * P;
+      packed16_[k] = pack_b16(P, Cell::kGates * (u1 - u0), w, unit_columns(H, P, u0, u1));
     }
     for (int64_t k = tid; k < (kernel && proj ? parts : 0); k += nth) {
       // b[h, j] = W_hr[p0 + j, h]

@@ -429,13 +429,16 @@ inline std::pair<int64_t, int64_t> slice_of(int64_t total, int64_t parts, int64_
   return {std::min(total, b0 * 16), std::min(total, b1 * 16)};
 }
 
-// Units [u0, u1) of every gate of a weight [gates * H, K] (a slice_of H):
-// their rows as one contiguous [gates * (u1 - u0), K], what the packings
-// read with row stride K. (The reshape alone is a view when u1 - u0 == 1,
-// its rows then H * K apart.)
-inline at::Tensor unit_rows(const at::Tensor& w, int64_t gates, int64_t u0, int64_t u1) {
+// Units [u0, u1) of every gate of a weight [gates * H, K] (a slice_of H),
+// transposed: the BLAS's b [K, gates * (u1 - u0)], one copy. (The packings
+// read the weight in place: unit_columns in cpu/b_layout.h.)
+inline at::Tensor unit_rows_t(const at::Tensor& w, int64_t gates, int64_t u0, int64_t u1) {
   const int64_t K = w.size(-1);
-  return w.view({gates, -1, K}).narrow(1, u0, u1 - u0).reshape({-1, K}).contiguous();
+  return w.view({gates, -1, K})
+      .narrow(1, u0, u1 - u0)
+      .permute({2, 0, 1})
+      .reshape({K, -1})
+      .contiguous();
 }
 
 }  // namespace cpu
