@@ -84,6 +84,11 @@ inline bool blas_available() {
 // 235 us at 2 threads). The backward's split loop packs its panels too: on
 // one thread (load ~1-2, min of 7, GRU and LSTM, H=128/256/512, B=1/8/32)
 // its GEMM loop was 1.0-3.2x faster at T=1 and 4, 0.96-1.25x at T=16.
+// Measured again after the packing became 2.5-3x faster (e8e033b; the Xeon,
+// float32 inference, GRU and LSTM at H=256/512, B=1/8/32, both loops forced
+// in one process, min of 8 rounds of 5 calls): the split loop still lost
+// below these limits (B=1: 0.39-0.70x up to T=16; B=8: 0.87-0.95x at T=8,
+// 1.43-1.89x at T=12; B=32: 0.84-1.05x at T=4, 1.10-1.45x at T=8).
 // steps: the call's longest length (Schedule::max_len).
 // With bfloat16 products (bf16: the layer's products take bfloat16 operands)
 // the calls of few steps take theirs on the weights as stored (dot products,
