@@ -87,7 +87,7 @@ inline bool blas_available() {
 // Measured again after the packing became 2.5-3x faster (e8e033b; the Xeon,
 // float32 inference, GRU and LSTM at H=256/512, B=1/8/32, both loops forced
 // in one process, min of 8 rounds of 5 calls): the split loop still lost
-// below these limits (B=1: 0.39-0.70x up to T=16; B=8: 0.87-0.95x at T=8,
+// below these limits (B=1: 0.31-0.70x up to T=16; B=8: 0.87-0.95x at T=8,
 // 1.43-1.89x at T=12; B=32: 0.84-1.05x at T=4, 1.10-1.45x at T=8).
 // steps: the call's longest length (Schedule::max_len).
 // With bfloat16 products (bf16: the layer's products take bfloat16 operands)
