@@ -442,7 +442,7 @@ inline at::Tensor unit_rows_t(const at::Tensor& w, int64_t gates, int64_t u0, in
   return w.view({gates, -1, K})
       .narrow(1, u0, u1 - u0)
       .permute({2, 0, 1})
-      .reshape({K, -1})
+      .reshape({K, gates * (u1 - u0)})
       .contiguous();
 }
 
