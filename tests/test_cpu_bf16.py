@@ -20,6 +20,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from test_cpu_small_gemm import gate_slices, slice_ids
 
 import varlen_rnn
 from varlen_rnn import reference
@@ -121,9 +122,7 @@ GATE_SLICES = [(3, 40, 34, 16, 40), (4, 64, 50, 0, 16), (1, 20, 8, 3, 20), (3, 1
 
 
 @pytest.mark.parametrize("source", ["float32", "bfloat16"])
-@pytest.mark.parametrize(
-    "G,H,K,u0,u1", GATE_SLICES, ids=[f"G{c[0]}-H{c[1]}-K{c[2]}-u{c[3]}:{c[4]}" for c in GATE_SLICES]
-)
+@pytest.mark.parametrize("G,H,K,u0,u1", GATE_SLICES, ids=slice_ids(GATE_SLICES))
 def test_gate_slices_read_where_the_weight_is(G, H, K, u0, u1, source):
     """The split loops pack units [u0, u1) of every gate of W_ih/W_hh [G*H, K] in place (b given
     as [G, K, Hs], its groups H*K apart): the same bits as the product on those rows copied out
@@ -132,9 +131,8 @@ def test_gate_slices_read_where_the_weight_is(G, H, K, u0, u1, source):
     w = torch.randn(G * H, K, generator=g).to(torch.float32 if source == "float32" else BF16)
     a = torch.randn(21, K, generator=g).to(BF16)
     N = G * (u1 - u0)
-    slices = w.view(G, H, K)[:, u0:u1]  # [G, Hs, K], a view
-    copied = slices.reshape(N, K).t()  # [K, N]: the rows copied, read transposed
-    got = ops._bf16_gemm(a, slices.transpose(1, 2), None, None, False)
+    in_place, copied = gate_slices(w, G, H, K, u0, u1)
+    got = ops._bf16_gemm(a, in_place, None, None, False)
     want = ops._bf16_gemm(a, copied, None, None, False)
     assert torch.equal(got[:21, :N], want[:21, :N])
     exact = a.double() @ copied.to(BF16).double()

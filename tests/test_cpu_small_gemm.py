@@ -104,9 +104,18 @@ def test_strided_operands(kernel):
 GATE_SLICES = [(3, 40, 33, 16, 40), (4, 64, 50, 0, 16), (1, 20, 7, 3, 20), (3, 100, 64, 48, 96)]
 
 
-@pytest.mark.parametrize(
-    "G,H,K,u0,u1", GATE_SLICES, ids=[f"G{c[0]}-H{c[1]}-K{c[2]}-u{c[3]}:{c[4]}" for c in GATE_SLICES]
-)
+def slice_ids(cases):
+    return [f"G{c[0]}-H{c[1]}-K{c[2]}-u{c[3]}:{c[4]}" for c in cases]
+
+
+def gate_slices(w, G, H, K, u0, u1):
+    """Units [u0, u1) of every gate of w [G*H, K] as a product's b: [G, K, Hs] read where w is
+    (a view), and the same [K, G*Hs] with the rows copied out (read transposed)."""
+    slices = w.view(G, H, K)[:, u0:u1]  # [G, Hs, K]
+    return slices.transpose(1, 2), slices.reshape(-1, K).t()
+
+
+@pytest.mark.parametrize("G,H,K,u0,u1", GATE_SLICES, ids=slice_ids(GATE_SLICES))
 def test_gate_slices_read_where_the_weight_is(kernel, G, H, K, u0, u1):
     """The split loops pack units [u0, u1) of every gate of W_ih/W_hh [G*H, K] in place (b given
     as [G, K, Hs], its groups H*K apart): the same bits as the product on those rows copied out
@@ -114,9 +123,8 @@ def test_gate_slices_read_where_the_weight_is(kernel, G, H, K, u0, u1):
     g = torch.Generator().manual_seed(G * 100 + H + K)
     w, a = torch.randn(G * H, K, generator=g), torch.randn(13, K, generator=g)
     N = G * (u1 - u0)
-    slices = w.view(G, H, K)[:, u0:u1]  # [G, Hs, K], a view
-    copied = slices.reshape(N, K).t()  # [K, N]: the rows copied, read transposed
-    got = ops._small_gemm(a, slices.transpose(1, 2), None, kernel)
+    in_place, copied = gate_slices(w, G, H, K, u0, u1)
+    got = ops._small_gemm(a, in_place, None, kernel)
     want, _ = product(a, copied, kernel=kernel)
     assert torch.equal(got[:13, :N], want)
     exact = a.double() @ copied.double()
