@@ -15,10 +15,10 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <vector>
 #include <limits>
 #include <optional>
 #include <type_traits>
+#include <vector>
 
 namespace varlen_rnn {
 namespace cpu {
@@ -111,7 +111,7 @@ VR_DOT_TARGET void gather_pairs(const at::BFloat16* p, const int32_t* offs, int6
 // bfloat16 B tiles hold pairs of k side by side, as vdpbf16ps reads them):
 // then both units take the same packing by permutes and gathers (below), 2.7x
 // faster than a rounded copy through cpublas::pack for a [3072, 1024]
-// weight's transpose (the Xeon, one thread: 10.2 -> 3.7 ms). Checked once,
+// weight's transpose (the Xeon, one thread: 10.2 -> 4.0 ms). Checked once,
 // on one strip of distinct values; a different layout keeps cpublas::pack.
 bool amx_packs_pairs() {
   static const bool same = [] {
@@ -152,9 +152,9 @@ PackedB16 pack_b16_from(int64_t K, int64_t N, const src_t* b, const BLayout& lay
     // (offsets in int32).
     const bool rows = layout.stride_n == 1 && layout.even(N),
                transposed = stride_k == 1 && N > 0 && layout.col(N - 1) < (int64_t{1} << 31);
-    const bool pairs =
+    const bool pair_layout =
         p.unit == Bf16Unit::kAvx512 || (p.unit == Bf16Unit::kAmx && amx_packs_pairs());
-    if (pairs && (rows || transposed) && avx512bf16_available()) {
+    if (pair_layout && (rows || transposed) && avx512bf16_available()) {
       p.strips = at::empty({strips, K, S}, opts);
       at::BFloat16* out = p.strips.data_ptr<at::BFloat16>();
       const int64_t pairs = K / 2;
