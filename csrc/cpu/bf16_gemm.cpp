@@ -70,42 +70,6 @@ bool bf16_gemm_for(at::ScalarType input_dtype, int64_t I, int64_t P) {
 
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__)
-// The AVX512-BF16 layout of one strip's pair of rows of a row-major bfloat16
-// b: out[2 jj + e] = (e ? r1 : r0)[jj] for jj < nj, 0 for nj <= jj < kStrip
-// (every value of the pair's kStrip x 2 written).
-VR_DOT_TARGET void interleave_pair(const at::BFloat16* r0, const at::BFloat16* r1, int64_t nj,
-                                   at::BFloat16* out) {
-  // Lane 2i takes r0[i] (word i of the first operand), lane 2i + 1 r1[i]
-  // (word i of the second: index 32 + i); the upper halves are never read.
-  alignas(64) static const uint16_t kOrder[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
-                                                  37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
-                                                  11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  const __m512i order = _mm512_load_si512(kOrder);
-  for (int64_t jj = 0; jj < PackedB16::kStrip; jj += 16) {
-    const auto m = static_cast<__mmask16>((1u << std::clamp<int64_t>(nj - jj, 0, 16)) - 1);
-    const __m512i a = _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(m, r0 + jj));
-    const __m512i b = _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(m, r1 + jj));
-    _mm512_storeu_si512(out + 2 * jj, _mm512_permutex2var_epi16(a, order, b));
-  }
-}
-
-// The same pair of a weight's transpose, b[k, j] = w[j, k] (k's pairs side
-// by side in each row of w): out[2 jj + e] = p[offs[jj] + 2q + e] for jj < nj,
-// 0 past nj, 16 rows' pairs per gather. p: where the strip's first row
-// starts; offs: each of its rows' offset from p (kStrip of them, those past nj
-// unread).
-VR_DOT_TARGET void gather_pairs(const at::BFloat16* p, const int32_t* offs, int64_t nj,
-                                at::BFloat16* out) {
-  for (int64_t jj = 0; jj < PackedB16::kStrip; jj += 16) {
-    const auto m = static_cast<__mmask16>((1u << std::clamp<int64_t>(nj - jj, 0, 16)) - 1);
-    const __m512i rows = _mm512_maskz_loadu_epi32(m, offs + jj);
-    const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, rows, p, 2);
-    _mm512_storeu_si512(out + 2 * jj, v);
-  }
-}
-#endif
-
 // Whether oneDNN's packing for the matrix unit (cpublas::pack) writes the
 // layout the AVX512-BF16 kernel reads, each strip [K/2][kStrip][2] (AMX's
 // bfloat16 B tiles hold pairs of k side by side, as vdpbf16ps reads them):
@@ -143,42 +107,16 @@ PackedB16 pack_b16_from(int64_t K, int64_t N, const src_t* b, const BLayout& lay
   TORCH_INTERNAL_ASSERT(p.unit != Bf16Unit::kFloat, "pack_b16: no bfloat16 unit");
   const int64_t strips = (N + S - 1) / S, stride_k = layout.stride_k;
   const auto opts = at::TensorOptions().dtype(at::kBFloat16);
-#if defined(__x86_64__) && defined(__GNUC__)
   if constexpr (std::is_same_v<src_t, at::BFloat16>) {
-    // On all threads (a decoding step's backward packs its W_hh at every
-    // call): rows of b (the backward's W_hh as stored) interleaved in pairs
-    // by vector permutes; a weight's transpose (the forward's panels, gate
-    // slices too) by gathers of each column's pairs, 16 columns at a time
-    // (offsets in int32).
-    const bool rows = layout.stride_n == 1 && layout.even(N),
-               transposed = stride_k == 1 && N > 0 && layout.col(N - 1) < (int64_t{1} << 31);
+    // Where both units read the same pairs: by permutes or gathers, on all
+    // threads (a decoding step's backward packs its W_hh at every call).
     const bool pair_layout =
         p.unit == Bf16Unit::kAvx512 || (p.unit == Bf16Unit::kAmx && amx_packs_pairs());
-    if (pair_layout && (rows || transposed) && avx512bf16_available()) {
-      p.strips = at::empty({strips, K, S}, opts);
-      at::BFloat16* out = p.strips.data_ptr<at::BFloat16>();
-      const int64_t pairs = K / 2;
-      // Each strip's rows' offsets from its first (the transposed case).
-      std::vector<int32_t> offs(rows ? 0 : strips * S, 0);
-      for (int64_t j = 0; j < (rows ? 0 : N); ++j) {
-        offs[j] = static_cast<int32_t>(layout.col(j) - layout.col(j / S * S));
-      }
-      at::parallel_for(0, strips * pairs, 64, [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t j = t / pairs, q = t % pairs, j0 = j * S, nj = std::min(S, N - j0);
-          at::BFloat16* o = out + (j * pairs + q) * 2 * S;
-          if (rows) {
-            const at::BFloat16* r0 = b + 2 * q * stride_k + j0;
-            interleave_pair(r0, r0 + stride_k, nj, o);
-          } else {
-            gather_pairs(b + layout.col(j0) + 2 * q, offs.data() + j0, nj, o);
-          }
-        }
-      });
-      return p;
+    if (pair_layout && avx512bf16_available()) {
+      p.strips = pack_pairs(K, N, S, b, layout);
+      if (p.strips.defined()) return p;
     }
   }
-#endif
   p.strips = at::zeros({strips, K, S}, opts);
   if (p.unit == Bf16Unit::kAvx512) {
     at::BFloat16* out = p.strips.data_ptr<at::BFloat16>();

@@ -28,7 +28,7 @@
 
 #include <cstdint>
 
-#include "cpu/b_layout.h"
+#include "cpu/packing.h"
 
 namespace varlen_rnn {
 namespace cpu {
@@ -64,7 +64,7 @@ Bf16Unit bf16_unit();
 bool bf16_gemm_for(at::ScalarType input_dtype, int64_t I, int64_t P);
 
 // Packs b[k, j] = b[k * stride_k + layout.col(j)] (float32, rounded to
-// bfloat16, or bfloat16 as it is; K even; cpu/b_layout.h) for bf16_unit()
+// bfloat16, or bfloat16 as it is; K even; cpu/packing.h) for bf16_unit()
 // (not kFloat); the second pair takes b[k * stride_k + j * stride_n] (a
 // row-major [N, K] weight's transpose is (1, K)).
 PackedB16 pack_b16(int64_t K, int64_t N, const float* b, const BLayout& layout);

@@ -21,7 +21,6 @@
 #include <cstring>
 #include <limits>
 #include <string>
-#include <vector>
 
 namespace varlen_rnn {
 namespace cpu {
@@ -198,27 +197,6 @@ __attribute__((target("arch=x86-64-v4"))) void kernel_avx512(VR_KERNEL_ARGS) {
 __attribute__((target("arch=x86-64-v3"))) void kernel_avx2(VR_KERNEL_ARGS) {
   driver<8, kAvx2Nv, kAvx2Mr>(VR_KERNEL_PASS);
 }
-// dst[k * ldd + j] = src[j * lds + k] for j, k < 8: an 8 x 8 block of a
-// weight's transpose, in registers (pack_b's columns read along k).
-__attribute__((target("avx"))) void transpose8(const float* src, int64_t lds, float* dst,
-                                               int64_t ldd) {
-  __m256 r[8], t[8], u[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);  // row j = i, k = 0..7
-  for (int i = 0; i < 8; i += 2) {  // [r_i[0], r_i+1[0], r_i[1], r_i+1[1] | same at 4, 5]
-    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);  // ... at 2, 3 | 6, 7
-  }
-  for (int i = 0; i < 8; i += 4) {  // u[i + q]: k = q | q + 4 of rows i .. i + 3
-    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-  }
-  for (int q = 0; q < 4; ++q) {
-    _mm256_storeu_ps(dst + q * ldd, _mm256_permute2f128_ps(u[q], u[q + 4], 0x20));
-    _mm256_storeu_ps(dst + (q + 4) * ldd, _mm256_permute2f128_ps(u[q], u[q + 4], 0x31));
-  }
-}
 #else
 #define VR_HAVE_X86_KERNELS 0
 #endif
@@ -281,55 +259,8 @@ PackedB pack_b(int64_t K, int64_t N, const float* b, const BLayout& layout, Smal
   // the rest is for a's rows and c's tiles.
   constexpr int64_t kStripBlockBytes = 24 * 1024;
   p.kc = std::max<int64_t>(1, kStripBlockBytes / (p.nr * static_cast<int64_t>(sizeof(float))));
-  const int64_t nr = p.nr, strips = (N + nr - 1) / nr, stride_k = layout.stride_k;
-  // Every value is written below (the last strip's columns past N as zeros),
-  // so the strips are not zeroed first: one pass over them, not two.
-  p.strips = at::empty({strips, K, nr}, at::kFloat);
-  float* out = p.strips.data_ptr<float>();
-  // The inner loop walks b's smaller stride (a transposed weight is read
-  // along its rows).
-  const bool k_inner = std::abs(stride_k) < std::abs(layout.stride_n);
-  // The transposes where b's values of k are adjacent (the AVX2 and AVX-512
-  // kernels' CPUs have AVX).
-  [[maybe_unused]] const bool avx = stride_k == 1 && isa != SmallGemmIsa::kPortable;
-  std::vector<int64_t> col(nr);
-  for (int64_t s = 0; s < strips; ++s) {
-    const int64_t j0 = s * nr, cols = std::min(nr, N - j0);
-    for (int64_t j = 0; j < cols; ++j) col[j] = layout.col(j0 + j);
-    float* dst = out + s * K * nr;
-    if (k_inner) {
-      // Blocks of 8 values of k (the block's rows of the strip stay in L1),
-      // by 8 x 8 transposes in registers where 8 columns lie evenly
-      // (a weight's rows, each read along k), element by element elsewhere.
-      for (int64_t k0 = 0; k0 < K; k0 += 8) {
-        const int64_t k1 = std::min(K, k0 + 8);
-        for (int64_t j0 = 0; j0 < cols; j0 += 8) {
-          const int64_t j1 = std::min(cols, j0 + 8);
-#if VR_HAVE_X86_KERNELS
-          if (avx && k1 - k0 == 8 && j1 - j0 == 8 && col[j0 + 7] - col[j0] == 7 * layout.stride_n) {
-            transpose8(b + col[j0] + k0, layout.stride_n, dst + k0 * nr + j0, nr);
-            continue;
-          }
-#endif
-          for (int64_t j = j0; j < j1; ++j) {
-            const float* src = b + col[j];
-            for (int64_t k = k0; k < k1; ++k) dst[k * nr + j] = src[k * stride_k];
-          }
-        }
-      }
-    } else if (layout.stride_n == 1 && col[cols - 1] - col[0] == cols - 1) {
-      for (int64_t k = 0; k < K; ++k) {  // the strip's columns side by side in b
-        std::memcpy(dst + k * nr, b + k * stride_k + col[0], cols * sizeof(float));
-      }
-    } else {
-      for (int64_t k = 0; k < K; ++k) {
-        const float* src = b + k * stride_k;
-        for (int64_t j = 0; j < cols; ++j) dst[k * nr + j] = src[col[j]];
-      }
-    }
-    for (int64_t k = 0; k < (cols < nr ? K : 0); ++k)
-      std::fill(dst + k * nr + cols, dst + (k + 1) * nr, 0.0f);
-  }
+  // The transposes where the CPU runs AVX (the AVX2 and AVX-512 kernels').
+  p.strips = pack_strips(K, N, p.nr, b, layout, isa != SmallGemmIsa::kPortable);
   return p;
 }
 

@@ -31,7 +31,7 @@
 
 #include <cstdint>
 
-#include "cpu/b_layout.h"
+#include "cpu/packing.h"
 
 namespace varlen_rnn {
 namespace cpu {
@@ -55,7 +55,7 @@ struct PackedB {
   SmallGemmIsa isa = SmallGemmIsa::kPortable;
 };
 
-// Packs b[k, j] = b[k * stride_k + layout.col(j)] (cpu/b_layout.h: any
+// Packs b[k, j] = b[k * stride_k + layout.col(j)] (cpu/packing.h: any
 // strides, or a weight's gate slices read in place). Throws if isa is not
 // one this CPU and build run.
 PackedB pack_b(int64_t K, int64_t N, const float* b, const BLayout& layout,

@@ -436,7 +436,7 @@ inline std::pair<int64_t, int64_t> slice_of(int64_t total, int64_t parts, int64_
 
 // Units [u0, u1) of every gate of a weight [gates * H, K] (a slice_of H),
 // transposed: the BLAS's b [K, gates * (u1 - u0)], one copy. (The packings
-// read the weight in place: unit_columns in cpu/b_layout.h.)
+// read the weight in place: unit_columns in cpu/packing.h.)
 inline at::Tensor unit_rows_t(const at::Tensor& w, int64_t gates, int64_t u0, int64_t u1) {
   const int64_t K = w.size(-1);
   return w.view({gates, -1, K})
