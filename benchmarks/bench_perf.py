@@ -33,11 +33,13 @@ from bench_cases import Bench, add_case_arguments, case_from_arguments  # noqa: 
 
 # (category, regex on "dso symbol"): the first match wins, so the specific come first.
 CATEGORIES = [
-    # csrc/cpu/small_gemm.cpp's per-ISA kernels (kernel_avx512, ...) and its packing; the
-    # AVX512-BF16 strips and the float32 products on weights as stored (cpu/dot_rows.h)
+    # csrc/cpu/small_gemm.cpp's per-ISA kernels (kernel_avx512, ...), the packing of their
+    # strips (cpu/packing.cpp); the AVX512-BF16 strips and the float32 products on weights as
+    # stored (cpu/dot_rows.h)
     (
         "our GEMM kernels",
-        r"small_gemm|pack_b|varlen_rnn::cpu::.*kernel_(avx512|avx2|portable)"
+        r"small_gemm|pack_b|pack_strips|pack_pairs|transpose8|interleave_pair|gather_pairs"
+        r"|varlen_rnn::cpu::.*kernel_(avx512|avx2|portable)"
         r"|varlen_rnn::cpu::(row_tiles|dot_rows|strip_|f32_rows_times|bf16_dot_rows)",
     ),
     ("GEMM (BLAS / oneDNN)", r"mkl|sgemm|dgemm|gemm|dnnl|jit_avx|jit_uni|brgemm|openblas"),
