@@ -170,16 +170,14 @@ void SplitSteps<Cell, scalar_t>::run(const Team& team) {
   ChunkedProjection<scalar_t>* chunks = chunks_ ? &*chunks_ : nullptr;
   for (int64_t k = tid; k < (chunks ? parts : 0); k += nth) chunks->prepare(k);
   if constexpr (std::is_same_v<scalar_t, float>) {
-    // b[p, g*Hs + i] = W_hh[g*H + u0 + i, p]
-    for (int64_t k = tid; k < (kernel ? parts : 0); k += nth) {
+    // b[p, g*Hs + i] = W_hh[g*H + u0 + i, p], read where W_hh is
+    for (int64_t k = tid; k < (kernel || bf16 ? parts : 0); k += nth) {
       const auto [u0, u1] = slice_of(H, parts, k);
-      const float* w = args_.w_hh[d].template const_data_ptr<float>() + u0 * P;
-      packed_[k] = pack_b(P, Cell::kGates * (u1 - u0), w, unit_columns(H, P, u0, u1));
-    }
-    for (int64_t k = tid; k < (bf16 ? parts : 0); k += nth) {
-      const auto [u0, u1] = slice_of(H, parts, k);
-      const at::BFloat16* w = args_.w_hh[d].template const_data_ptr<at::BFloat16>() + u0 * P;
-      packed16_[k] = pack_b16(P, Cell::kGates * (u1 - u0), w, unit_columns(H, P, u0, u1));
+      const int64_t cols = Cell::kGates * (u1 - u0);
+      const BLayout layout = unit_columns(H, P, u0, u1);
+      const at::Tensor& w = args_.w_hh[d];
+      if (kernel) packed_[k] = pack_b(P, cols, w.const_data_ptr<float>() + u0 * P, layout);
+      if (bf16) packed16_[k] = pack_b16(P, cols, w.const_data_ptr<at::BFloat16>() + u0 * P, layout);
     }
     for (int64_t k = tid; k < (kernel && proj ? parts : 0); k += nth) {
       // b[h, j] = W_hr[p0 + j, h]

@@ -360,12 +360,13 @@ inline at::Tensor pinned_to_device(const at::Tensor& pinned, at::Device device) 
   return pinned.to(device, pinned.scalar_type(), /*non_blocking=*/true);
 }
 
-// Neither copy can be captured in a CUDA graph: inside a capture, index tensors must
-// already be on the device.
+// Whether the current stream is capturing a CUDA graph.
 inline bool capturing() {
   return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
 }
 
+// Neither copy can be captured in a CUDA graph: inside a capture, index tensors must
+// already be on the device.
 inline void check_not_capturing(const char* name) {
   TORCH_CHECK(!capturing(), name,
               " on the CPU cannot be used inside a CUDA graph capture (a copy from the CPU "
