@@ -120,7 +120,7 @@ TORCH_LIBRARY(varlen_rnn, m) {
   //   hx [D, B, P], cx [D, B, H]; w_ih [D, 4H, I], w_hh [D, 4H, P],
   //   b_ih/b_hh [D, 4H] or None, w_hr [D, P, H] or None (proj_size = 0).
   // Returns output [T, B, D*P] (or [B, T, D*P]), h_n [D, B, P], c_n [D, B, H],
-  // workspace [D, rows, 6H].
+  // workspace [D, rows, 5H].
   const std::string lstm_layer =
       "lstm_layer_forward(Tensor input, Tensor lengths, Tensor hx, Tensor cx, "
       "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, "

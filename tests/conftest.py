@@ -1,7 +1,37 @@
 """Fixtures shared by the test files (pytest finds them here)."""
 
+import hashlib
+import importlib.util
+import os
+import tempfile
+
 import pytest
 import torch
+
+
+def _inductor_cache_dir() -> str:
+    """torch.compile's on-disk caches, one directory per build of varlen_rnn: Inductor keys a
+    cached graph by its code, which names our ops but not their implementation, so a graph
+    compiled against an earlier build (whose op returned another shape) would be reused. Keyed
+    by the extension's size and time and the Python layer's sources; shared by the test
+    processes of one run and by later runs of the same build."""
+    spec = importlib.util.find_spec("varlen_rnn")
+    key = hashlib.sha256()
+    if spec is not None and spec.submodule_search_locations:
+        where = list(spec.submodule_search_locations)[0]
+        for name in sorted(os.listdir(where)):
+            path = os.path.join(where, name)
+            if name.endswith(".py"):
+                with open(path, "rb") as f:
+                    key.update(name.encode() + f.read())
+            elif name.startswith("_C") and name.endswith((".so", ".pyd")):
+                st = os.stat(path)
+                key.update(f"{name} {st.st_size} {st.st_mtime_ns}".encode())
+    return os.path.join(tempfile.gettempdir(), f"varlen_rnn_inductor_{key.hexdigest()[:16]}")
+
+
+# Before anything compiles; a directory the caller chose is kept.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _inductor_cache_dir())
 
 
 @pytest.fixture(params=[2, 3], ids=["2threads", "3threads"])

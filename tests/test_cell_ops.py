@@ -262,7 +262,7 @@ def test_lstm_backward_checks_grad_c_n_and_the_workspace_width():
     out, h_n, c_n, ws = op_forward(layer, batch)
     with pytest.raises(RuntimeError, match=r"grad_c_n must be \[D, B, H\] = \[1, 3, 5\]"):
         op_backward(layer, batch, out, ws, out, h_n, z(1, 3, 4))
-    with pytest.raises(RuntimeError, match=r"workspace must be \[D, 6, 6H\]"):
+    with pytest.raises(RuntimeError, match=r"workspace must be \[D, 6, 5H\]"):
         op_backward(layer, batch, out, ws[..., :-1], out, h_n, c_n)
 
 

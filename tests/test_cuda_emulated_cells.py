@@ -33,13 +33,21 @@ from test_cuda_emulated import CASES as GRU_CASES
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from varlen_rnn._schema import CELLS as CELL_INFO
+
 pytestmark = emulation.needs_emulation
 emu = emulation.emu
 
 GRU, LSTM, RNN_TANH, RNN_RELU = 0, 1, 2, 3
 CELLS = {"lstm": LSTM, "rnn-tanh": RNN_TANH, "rnn-relu": RNN_RELU}
 GATES = {LSTM: 4, RNN_TANH: 1, RNN_RELU: 1}
-SAVED = {LSTM: 6, RNN_TANH: 1, RNN_RELU: 1}
+# The workspace width the Python layer declares for each cell (its fake kernels allocate it):
+# the emulated kernels' workspace must be as wide.
+SAVED = {
+    LSTM: CELL_INFO["lstm"].saved,
+    RNN_TANH: CELL_INFO["rnn"].saved,
+    RNN_RELU: CELL_INFO["rnn"].saved,
+}
 
 
 # As test_cuda_emulated.CASES (three of them are those); P: the LSTM's proj_size (LSTM only,

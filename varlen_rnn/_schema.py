@@ -40,7 +40,7 @@ class Cell(NamedTuple):
 
 CELLS = {
     "gru": Cell("gru", 3, 4, 1, False, 0),
-    "lstm": Cell("lstm", 4, 6, 2, True, 0),
+    "lstm": Cell("lstm", 4, 5, 2, True, 0),
     "rnn": Cell("rnn", 1, 1, 1, False, 1),
 }
 

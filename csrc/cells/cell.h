@@ -23,12 +23,14 @@
 //       gx [kGates]: W_ih x + b_ih at unit j; gh [kGates]: W_hh h + b_hh
 //       prev: the state before the step; next: after it (next.h is the
 //       cell's output, before any projection); saved [kSaved]
-//   backward<T>(grad, prev_h, saved, dgx, dgh, grad_prev)
+//   backward<T, Math>(grad, prev_h, saved, dgx, dgh, grad_prev)
 //       grad: the total gradient reaching next (h and, with kHasC, c);
 //       prev_h: h_prev (read only if kReadsHPrev); saved as the forward wrote
 //       it; dgx / dgh [kGates]: gradients of the input- and hidden-side
 //       pre-activations (equal unless kHiddenGradsDiffer); grad_prev: the
-//       direct parts of the gradient of prev (the W_hh^T part is a GEMM)
+//       direct parts of the gradient of prev (the W_hh^T part is a GEMM);
+//       Math: the forward's, where the backward recomputes a value rather
+//       than saving it (the LSTM's tanh(c'))
 //
 // The state and gradients are op-math values (float for half types).
 #pragma once

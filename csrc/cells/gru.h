@@ -32,7 +32,7 @@ struct GruCell {
     next.h = n + z * (prev.h - n);
   }
 
-  template <typename T>
+  template <typename T, typename Math = PreciseMath>
   static VR_HOST_DEVICE void backward(const CellState<T>& grad, T h_prev, const T (&saved)[4],
                                       T (&dgx)[3], T (&dgh)[3], CellState<T>& grad_prev) {
     const T r = saved[0], z = saved[1], n = saved[2], ghn = saved[3];

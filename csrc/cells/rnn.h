@@ -30,7 +30,7 @@ struct RnnCell {
     saved[0] = next.h;
   }
 
-  template <typename T>
+  template <typename T, typename Math = PreciseMath>
   static VR_HOST_DEVICE void backward(const CellState<T>& grad, T /*h_prev*/, const T (&saved)[1],
                                       T (&dgx)[1], T (&dgh)[1], CellState<T>& grad_prev) {
     const T h = saved[0];

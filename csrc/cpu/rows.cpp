@@ -60,7 +60,7 @@ inline void forward_any(const ForwardRow<T>& row, int64_t units, int64_t H, int6
 // gate stride of ws, dgx and dgh. Each unit's gradients read and write only
 // that unit's columns, so a slice of units (cpu/split_backward.h) gets exactly
 // the whole row's values for them.
-template <typename T, typename Cell, bool kProj>
+template <typename T, typename Cell, typename Math, bool kProj>
 inline void backward_loop(const BackwardRow<T>& row, int64_t units, int64_t H) {
   constexpr int G = Cell::kGates, S = Cell::kSaved;
   VR_IVDEP
@@ -75,7 +75,7 @@ inline void backward_loop(const BackwardRow<T>& row, int64_t units, int64_t H) {
     }
     if constexpr (Cell::kHasC) grad.c = row.dc[j];
     const T h_prev = Cell::kReadsHPrev ? row.prev[j] : T(0);
-    Cell::template backward<T>(grad, h_prev, saved, dgx, dgh, grad_prev);
+    Cell::template backward<T, Math>(grad, h_prev, saved, dgx, dgh, grad_prev);
     store_cols<G>(row.dgx, j, H, dgx);
     if constexpr (Cell::kHiddenGradsDiffer) {
       store_cols<G>(row.dgh, j, H, dgh);
@@ -83,19 +83,19 @@ inline void backward_loop(const BackwardRow<T>& row, int64_t units, int64_t H) {
     }
     if constexpr (Cell::kReadsHPrev) row.dh[j] = grad_prev.h;
     if constexpr (Cell::kHasC) row.dc[j] = grad_prev.c;
-    if constexpr (kProj) row.hout[j] = Cell::output_from_saved(saved);
+    if constexpr (kProj) row.hout[j] = Cell::template output_from_saved<T, Math>(saved);
   }
 }
 
-template <typename T, typename Cell>
+template <typename T, typename Cell, typename Math>
 inline void backward_any(const BackwardRow<T>& row, int64_t units, int64_t H) {
   if constexpr (Cell::kHasC) {  // only the LSTM has a projection
     if (row.hout != nullptr) {
-      backward_loop<T, Cell, true>(row, units, H);
+      backward_loop<T, Cell, Math, true>(row, units, H);
       return;
     }
   }
-  backward_loop<T, Cell, false>(row, units, H);
+  backward_loop<T, Cell, Math, false>(row, units, H);
 }
 
 }  // namespace
@@ -121,11 +121,11 @@ inline void backward_any(const BackwardRow<T>& row, int64_t units, int64_t H) {
     forward_any<float, Cell, VecMathF32>(row, units, H, gh_ld, gx_ld);                             \
   }                                                                                                \
   VR_CPU_CLONES void backward_row(Cell, const BackwardRow<float>& row, int64_t H) {                \
-    backward_any<float, Cell>(row, H, H);                                                          \
+    backward_any<float, Cell, VecMathF32>(row, H, H);                                              \
   }                                                                                                \
   VR_CPU_CLONES void backward_units(Cell, const BackwardRow<float>& row, int64_t units,            \
                                     int64_t H) {                                                   \
-    backward_any<float, Cell>(row, units, H);                                                      \
+    backward_any<float, Cell, VecMathF32>(row, units, H);                                          \
   }                                                                                                \
   void forward_row(Cell, const ForwardRow<double>& row, int64_t H) {                               \
     forward_any<double, Cell, PreciseMath>(row, H, H, H, H);                                       \
@@ -135,10 +135,10 @@ inline void backward_any(const BackwardRow<T>& row, int64_t units, int64_t H) {
     forward_any<double, Cell, PreciseMath>(row, units, H, gh_ld, gx_ld);                           \
   }                                                                                                \
   void backward_row(Cell, const BackwardRow<double>& row, int64_t H) {                             \
-    backward_any<double, Cell>(row, H, H);                                                         \
+    backward_any<double, Cell, PreciseMath>(row, H, H);                                            \
   }                                                                                                \
   void backward_units(Cell, const BackwardRow<double>& row, int64_t units, int64_t H) {            \
-    backward_any<double, Cell>(row, units, H);                                                     \
+    backward_any<double, Cell, PreciseMath>(row, units, H);                                        \
   }
 
 VR_DEFINE_ROWS(GruCell)
