@@ -10,6 +10,7 @@
 #include <array>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <utility>
 
 #include "cpu/bf16_gemm.h"
@@ -92,6 +93,12 @@ struct BackwardArgs : ForwardArgs {
 // one-step call reads a dozen tensors through here.
 inline at::Tensor opmath_contiguous(const at::Tensor& t) {
   return contiguous_large(t, opmath_dtype(t.scalar_type()));
+}
+
+// The backward's output and grad_output as OutputRows reads them: a bfloat16
+// layer's as given (contiguous), else op-math.
+inline at::Tensor backward_operand(const at::Tensor& t, bool bf16) {
+  return bf16 && t.scalar_type() == at::kBFloat16 ? t.contiguous() : opmath_contiguous(t);
 }
 
 // A None for the optional tensors an op does not take.
@@ -243,6 +250,39 @@ struct OutputWriter {
   }
   scalar_t* out = nullptr;        // op-math output, or null
   at::BFloat16* out16 = nullptr;  // bfloat16 output, or null
+};
+
+// The backward's reads of a layer's output and grad_output (output-shaped,
+// at output_offset), OutputWriter's twin. In op-math they are read in place;
+// in a bfloat16 layer (scalar_t float) straight from the bfloat16 tensors,
+// each piece a step reads converted into the reader's buffer, so the backward
+// holds no float32 copy of either (2 * [T, B, D*P] floats). A float16 layer,
+// float32 throughout, reads op-math copies (backward_operand).
+template <typename scalar_t>
+class OutputRows {
+ public:
+  explicit OutputRows(const at::Tensor& t) {
+    if (t.scalar_type() == at::kBFloat16 && std::is_same_v<scalar_t, float>) {
+      p16_ = t.const_data_ptr<at::BFloat16>();
+    } else {
+      p_ = t.const_data_ptr<scalar_t>();
+    }
+  }
+  // Whether reads convert (and so need a buffer).
+  bool converts() const { return p16_ != nullptr; }
+  // Values [off, off + n) as scalar_t: in place, or converted into buf ([n]).
+  const scalar_t* at(int64_t off, int64_t n, scalar_t* buf) const {
+    if (p_ != nullptr) return p_ + off;
+    const at::BFloat16* src = p16_ + off;
+    for (int64_t k = 0; k < n; ++k) buf[k] = static_cast<scalar_t>(src[k]);
+    return buf;
+  }
+  // The bfloat16 values themselves (converts() only).
+  const at::BFloat16* bf16(int64_t off) const { return p16_ + off; }
+
+ private:
+  const scalar_t* p_ = nullptr;
+  const at::BFloat16* p16_ = nullptr;
 };
 
 }  // namespace cpu

@@ -58,10 +58,10 @@ BackwardResult run_backward(BackwardArgs& args, const at::Tensor& input,
                             const at::Tensor& workspace) {
   const LayerDims& dims = args.dims;
   const int64_t D = dims.D, B = dims.B, H = dims.H, P = dims.P, G = Cell::kGates * H;
-  args.grad_output = opmath_contiguous(grad_output);
+  args.grad_output = backward_operand(grad_output, args.bf16);
   args.grad_h_n = opmath_contiguous(grad_h_n);
   if (Cell::kHasC) args.grad_c_n = opmath_contiguous(*grad_c_n);
-  args.output = opmath_contiguous(output);
+  args.output = backward_operand(output, args.bf16);
   args.workspace = workspace.contiguous();
   const auto opts = args.opts();
   args.grad_hx = at::empty({D, B, P}, opts);

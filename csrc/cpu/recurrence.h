@@ -220,18 +220,27 @@ template <typename scalar_t, typename out_t = scalar_t>
 void gather_hprev(const BackwardArgs& args, int64_t d, out_t* hprev) {
   const Schedule& sched = args.sched;
   const int64_t B = args.dims.B, P = args.dims.P;
-  const scalar_t* out_p = args.output.const_data_ptr<scalar_t>();
+  const OutputRows<scalar_t> out(args.output);
   const scalar_t* hx_p = args.hx.const_data_ptr<scalar_t>();
   at::parallel_for(0, sched.max_len, 1, [&](int64_t s0, int64_t s1) {
+    std::vector<scalar_t> buf(out.converts() ? P : 0);
     for (int64_t s = s0; s < s1; ++s) {
       for (int64_t i = 0; i < sched.active[s]; ++i) {
         const int64_t t = step_time(d, sched.len[i], s);
-        const scalar_t* prev = s == 0 ? hx_p + (d * B + sched.perm[i]) * P
-                                      : out_p + output_offset(args, prev_time(d, t), i, d);
+        out_t* dst = hprev + args.gx_rows.row(t, i) * P;
+        if constexpr (std::is_same_v<out_t, at::BFloat16>) {
+          if (s > 0 && out.converts()) {  // bfloat16 values already
+            std::copy_n(out.bf16(output_offset(args, prev_time(d, t), i, d)), P, dst);
+            continue;
+          }
+        }
+        const scalar_t* prev =
+            s == 0 ? hx_p + (d * B + sched.perm[i]) * P
+                   : out.at(output_offset(args, prev_time(d, t), i, d), P, buf.data());
         if constexpr (std::is_same_v<out_t, scalar_t>) {
-          std::copy_n(prev, P, hprev + args.gx_rows.row(t, i) * P);
+          std::copy_n(prev, P, dst);
         } else {
-          round_bf16(prev, P, hprev + args.gx_rows.row(t, i) * P);
+          round_bf16(prev, P, dst);
         }
       }
     }
@@ -290,8 +299,7 @@ void backward_impl(BackwardArgs& args) {
   const auto opts16 = opts.dtype(at::kBFloat16);
   at::Tensor dgb = bf16 && !split ? at::empty({dims.B, G}, opts16) : at::Tensor();  // [B, G*H]
   at::Tensor dhp = proj && !split ? at::empty({dims.B, H}, opts) : at::Tensor();    // [B, H] dh'
-  const scalar_t* go_p = args.grad_output.const_data_ptr<scalar_t>();
-  const scalar_t* out_p = args.output.const_data_ptr<scalar_t>();
+  const OutputRows<scalar_t> go_rows(args.grad_output), out_rows(args.output);
   const scalar_t* hx_p = args.hx.const_data_ptr<scalar_t>();
   scalar_t* dgx_p = dgx.data_ptr<scalar_t>();
   scalar_t* dgh_p = need_dgh ? dgh.data_ptr<scalar_t>() : nullptr;
@@ -384,9 +392,10 @@ void backward_impl(BackwardArgs& args) {
       const int64_t n = sched.active[s];
       if (proj) {  // dh_state = dh + grad_output; dh' = dh_state W_hr
         at::parallel_for(0, n, row_grain(P), [&](int64_t i0, int64_t i1) {
+          std::vector<scalar_t> buf(go_rows.converts() ? P : 0);
           for (int64_t i = i0; i < i1; ++i) {
             const int64_t t = step_time(d, sched.len[i], s);
-            const scalar_t* go = go_p + output_offset(args, t, i, d);
+            const scalar_t* go = go_rows.at(output_offset(args, t, i, d), P, buf.data());
             scalar_t* dhi = dh_p + i * P;
             for (int64_t k = 0; k < P; ++k) dhi[k] += go[k];
             std::copy_n(dhi, P, dhs_p + args.gx_rows.row(t, i) * P);
@@ -396,15 +405,20 @@ void backward_impl(BackwardArgs& args) {
         at::mm_out(dhp_s, dh.narrow(0, 0, n), w_hr_d);
       }
       at::parallel_for(0, n, row_grain(H), [&](int64_t i0, int64_t i1) {
+        // converted grad_output [H] and h_prev [P] of a bfloat16 layer's row
+        std::vector<scalar_t> buf(go_rows.converts() || out_rows.converts() ? H + P : 0);
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t t = step_time(d, sched.len[i], s);
           const int64_t pos = args.gx_rows.row(t, i);
           BackwardRow<scalar_t> row;
           row.dh = proj ? dhp_p + i * H : dh_p + i * H;
-          row.go = proj ? nullptr : go_p + output_offset(args, t, i, d);
+          row.go = proj ? nullptr : go_rows.at(output_offset(args, t, i, d), H, buf.data());
           row.dc = Cell::kHasC ? dc_p + i * H : nullptr;
-          row.prev = s == 0 ? hx_p + (d * dims.B + sched.perm[i]) * P
-                            : out_p + output_offset(args, prev_time(d, t), i, d);
+          const bool reads_prev = Cell::kReadsHPrev || proj;
+          row.prev = s == 0       ? hx_p + (d * dims.B + sched.perm[i]) * P
+                     : reads_prev ? out_rows.at(output_offset(args, prev_time(d, t), i, d), P,
+                                                buf.data() + H)
+                                  : nullptr;
           row.ws = ws_p + (sched.offset[s] + i) * S;
           row.dgx = dgx_p + pos * DG + d * G;
           row.dgh = kDiffer ? dgh_p + i * G : nullptr;

@@ -177,14 +177,21 @@ void SplitBackward<Cell, scalar_t>::run(const Team& team) {
   scalar_t* dh_p = dh_p_;
   scalar_t* dc_p = dc_p_;
   scalar_t* dhp_p = proj ? dhp_.data_ptr<scalar_t>() : nullptr;
-  const scalar_t* go_p = args.grad_output.const_data_ptr<scalar_t>();
-  const scalar_t* out_p = args.output.const_data_ptr<scalar_t>();
+  const OutputRows<scalar_t> go_rows(args.grad_output), out_rows(args.output);
   const scalar_t* hx_p = args.hx.const_data_ptr<scalar_t>();
   const scalar_t* ws_p = args.workspace.const_data_ptr<scalar_t>() + d * N * S;
-  // h_prev of sorted row i at step s (time t): [P]
-  auto prev_of = [&](int64_t s, int64_t t, int64_t i) {
-    return s == 0 ? hx_p + (d * dims.B + sched.perm[i]) * P
-                  : out_p + output_offset(args, prev_time(d, t), i, d);
+  // This thread's converted pieces of a bfloat16 layer's grad_output and h_prev.
+  const int64_t wide = std::max(H, P);
+  std::vector<scalar_t> stage(go_rows.converts() || out_rows.converts() ? 2 * wide : 0);
+  // grad_output of sorted row i at time t, values [a, b)
+  auto go_of = [&](int64_t t, int64_t i, int64_t a, int64_t b) {
+    return go_rows.at(output_offset(args, t, i, d) + a, b - a, stage.data());
+  };
+  // h_prev of sorted row i at step s (time t), values [a, b) of its P
+  auto prev_of = [&](int64_t s, int64_t t, int64_t i, int64_t a, int64_t b) {
+    return s == 0 ? hx_p + (d * dims.B + sched.perm[i]) * P + a
+                  : out_rows.at(output_offset(args, prev_time(d, t), i, d) + a, b - a,
+                                stage.data() + wide);
   };
   if constexpr (std::is_same_v<scalar_t, float>) {
     for (int64_t k = tid; k < (kernel ? parts : 0); k += nth) {
@@ -214,11 +221,11 @@ void SplitBackward<Cell, scalar_t>::run(const Team& team) {
         for (int64_t j = 0; j < n; ++j) {  // the loop's row j: sorted row i
           const int64_t i = r0 + j, t = step_time(d, sched.len[i], s);
           const int64_t pos = args.gx_rows.row(t, i);
-          const scalar_t* go = go_p + output_offset(args, t, i, d);
+          const scalar_t* go = go_of(t, i, p0, p1);  // [p1 - p0]
           scalar_t* dhi = dh_p + j * P;
-          for (int64_t p = p0; p < p1; ++p) dhi[p] += go[p];
+          for (int64_t p = p0; p < p1; ++p) dhi[p] += go[p - p0];
           std::copy(dhi + p0, dhi + p1, buf.dhs + pos * P + p0);
-          std::copy(prev_of(s, t, i) + p0, prev_of(s, t, i) + p1, buf.hprev + pos * P + p0);
+          std::copy_n(prev_of(s, t, i, p0, p1), p1 - p0, buf.hprev + pos * P + p0);
         }
       }
       team.sync();
@@ -240,9 +247,9 @@ void SplitBackward<Cell, scalar_t>::run(const Team& team) {
         const int64_t pos = args.gx_rows.row(t, i);
         BackwardRow<scalar_t> row;
         row.dh = (proj ? dhp_p : dh_p) + j * H + u0;
-        row.go = proj ? nullptr : go_p + output_offset(args, t, i, d) + u0;
+        row.go = proj ? nullptr : go_of(t, i, u0, u1);
         row.dc = Cell::kHasC ? dc_p + j * H + u0 : nullptr;
-        row.prev = prev_of(s, t, i) + u0;
+        row.prev = Cell::kReadsHPrev ? prev_of(s, t, i, u0, u1) : nullptr;
         row.ws = ws_p + (sched.offset[s] + i) * S + u0;
         row.dgx = buf.dgx + pos * DG + d * G + u0;
         row.dgh = kDiffer ? dg + j * ld + u0 : nullptr;
