@@ -635,8 +635,9 @@ def test_input_gradient_with_gate_columns_not_a_multiple_of_32(cell, H, monkeypa
     """dx = dG W_ih runs on ATen's bfloat16 GEMM over hundreds of positions. Handed dG's rows
     strided past their D*G values (bfloat16 rounded in place over the float32 dG), oneDNN on a
     Xeon with AMX read past each row's end for such D*G, and rows of dx came out NaN where the
-    float32 bits there decoded to NaN or inf (csrc/cpu/backward_bf16.h input_grads_bf16 now
-    hands it a contiguous dG). Every gradient finite and within bfloat16 precision of =float's."""
+    float32 bits there decoded to NaN or inf (csrc/cpu/backward_bf16.h Bf16GateGrads now pads
+    each row of dG with zeros to a multiple of 32 values). Every gradient finite and within
+    bfloat16 precision of =float's."""
     cls, extra, _ = CELLS[cell]
     torch.manual_seed(0)
     m = cls(16, H, **extra).to(BF16)
@@ -665,7 +666,7 @@ def test_a_nan_gradient_stays_in_its_sequence(cell, H, monkeypatch, unit):
     """A NaN in one sequence's output gradient makes that sequence's input gradient NaN, and
     no other's: the input gradient's NaN positions are =float's. (Handed the positions' dG as
     contiguous rows, oneDNN's AMX matmul let a row's NaN into its neighbour's dx, oneDNN issue
-    5717; each row of dG is followed by zeros instead.)"""
+    5717; each row of dG is padded with zeros instead.)"""
     cls, extra, _ = CELLS[cell]
     torch.manual_seed(0)
     m = cls(16, H, **extra).to(BF16)

@@ -4,9 +4,11 @@ range of the sorted rows with no synchronisation with the others. Every cell, ev
 directions (in turn and at once), 2 and 4 threads, 2 and 3 groups, chunks of 3 steps so chunk
 boundaries fall inside the sequences: the forward without a workspace and every gradient of the
 backward against the plain-PyTorch reference in float64 to 1e-10, with zero lengths, ranges of
-unequal size, and more groups than rows with work (groups with no rows at all). float32 and bfloat16 products: the groups give
-bit for bit what one team gives (each element is one chain of multiply-adds either way). A bad
-setting is refused with its name."""
+unequal size, and more groups than rows with work (groups with no rows at all). float32 and
+bfloat16 products: the groups give bit for bit what one team gives (each element is one chain of
+multiply-adds either way; a bfloat16 layer's bias gradients are float64 sums per team, added in
+the teams' order, which differ from one team's sum by float64 rounding only, far below the
+bfloat16 rounding of the result). A bad setting is refused with its name."""
 
 import pytest
 import torch

@@ -152,8 +152,9 @@ void bf16_gemm_parallel(int64_t m, const at::BFloat16* a, int64_t lda, const Pac
 // all threads: row r's values land in the first half of its own bytes, so
 // the result is a bfloat16 [rows, cols] matrix with row stride 2 * ld, which
 // the returned view (not owning x's memory: keep x's tensor alive) reads.
-// The rows' float values are gone afterwards. For the backward's buffers
-// over positions, whose products take bfloat16 operands: no second buffer.
+// The rows' float values are gone afterwards. For the backward's h_prev over
+// positions with a projection (float32, the projection's copy of the state),
+// the operand of a bfloat16 dW_hh: no second buffer.
 at::Tensor round_rows_bf16(float* x, int64_t rows, int64_t cols, int64_t ld);
 inline at::Tensor round_rows_bf16(double*, int64_t, int64_t, int64_t) {
   TORCH_INTERNAL_ASSERT(false, "bfloat16 products in a float64 layer");

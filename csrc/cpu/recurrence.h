@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <type_traits>
 
 #include "cpu/backward_bf16.h"
@@ -260,11 +261,6 @@ void backward_impl(BackwardArgs& args) {
   // The projection is the LSTM's, whose cell math does not read h_prev: the
   // state's gradient reaches h_prev through W_hh alone.
   TORCH_INTERNAL_ASSERT(!proj || !Cell::kReadsHPrev);
-  // When dgh = dgx and step s's positions are the consecutive rows
-  // offset[s] + i, the step's GEMM reads dgx in place; otherwise the gate pass
-  // fills a step buffer. Positions are numbered by time, so only the forward
-  // direction's steps are consecutive.
-  const bool dgx_in_place = !kDiffer && steps_are_contiguous(args);
   const auto opts = args.opts();
   const SortedOrder order(sched);
   // Buffers over the N valid positions (gx_rows' order), so the weight
@@ -284,46 +280,66 @@ void backward_impl(BackwardArgs& args) {
   // copy of the step's dG; dW_ih, dW_hh and dx by ATen's bfloat16 GEMM, the
   // weights' over few positions by ours (cpu/weight_grad.h) (float32
   // accumulation, one rounding of the result, which is bfloat16 anyway) on
-  // dgx, dghn and h_prev rounded in place once the biases' sums have read
-  // them, so no buffer over positions is added. The projection's products
-  // (dh' and dW_hr) stay float32, as the forward's h' W_hr^T does.
+  // dgx and dghn kept as bfloat16 over the positions, the bias gradients
+  // summed from their float32 values as the loops go (cpu/backward_bf16.h),
+  // and h_prev, rounded in place. The projection's products (dh' and dW_hr)
+  // stay float32, as the forward's h' W_hr^T does.
   const bool bf16 = std::is_same_v<scalar_t, float> && args.bf16;
-  at::Tensor dgx = empty_large({N, DG}, opts);                                 // [N, D*G*H]
-  at::Tensor dghn = kDiffer ? empty_large({held, N, H}, opts) : at::Tensor();  // [held, N, H]
-  at::Tensor hprev = proj ? empty_large({held, N, P}, opts) : at::Tensor();    // [held, N, P]
+  // When dgh = dgx and step s's positions are the consecutive rows
+  // offset[s] + i, the step's GEMM reads dgx in place; otherwise the gate pass
+  // fills a step buffer. Positions are numbered by time, so only the forward
+  // direction's steps are consecutive.
+  const bool dgx_in_place = !bf16 && !kDiffer && steps_are_contiguous(args);
+  std::optional<Bf16GateGrads> g16;
+  if (bf16) g16.emplace(N, dims.D, G, H, held, kDiffer, opts);
+  at::Tensor dgx = bf16 ? at::Tensor() : empty_large({N, DG}, opts);  // [N, D*G*H]
+  at::Tensor dghn =
+      kDiffer && !bf16 ? empty_large({held, N, H}, opts) : at::Tensor();     // [held, N, H]
+  at::Tensor hprev = proj ? empty_large({held, N, P}, opts) : at::Tensor();  // [held, N, P]
   at::Tensor dhs = proj ? empty_large({held, N, P}, opts) : at::Tensor();   // [held, N, P] dh_state
   at::Tensor hout = proj ? empty_large({held, N, H}, opts) : at::Tensor();  // [held, N, H] h'
-  // The per-step loop's step buffers (the split loop has its own).
+  // The per-step loop's step buffers (the split loop has its own). With bf16
+  // the step's float gradients: dgx in dgf; the GRU's dgh in dgh, dghn in dgn.
   const bool need_dgh = !split && (bf16 ? kDiffer : !(dgx_in_place && dims.D == 1));
   at::Tensor dgh = need_dgh ? at::empty({dims.B, G}, opts) : at::Tensor();  // [B, G*H] one step
+  const bool step_f = bf16 && !split;
+  at::Tensor dgf = step_f ? at::empty({dims.B, G}, opts) : at::Tensor();             // [B, G*H]
+  at::Tensor dgn = step_f && kDiffer ? at::empty({dims.B, H}, opts) : at::Tensor();  // [B, H]
   const auto opts16 = opts.dtype(at::kBFloat16);
-  at::Tensor dgb = bf16 && !split ? at::empty({dims.B, G}, opts16) : at::Tensor();  // [B, G*H]
-  at::Tensor dhp = proj && !split ? at::empty({dims.B, H}, opts) : at::Tensor();    // [B, H] dh'
+  at::Tensor dgb = step_f ? at::empty({dims.B, G}, opts16) : at::Tensor();        // [B, G*H]
+  at::Tensor dhp = proj && !split ? at::empty({dims.B, H}, opts) : at::Tensor();  // [B, H] dh'
   const OutputRows<scalar_t> go_rows(args.grad_output), out_rows(args.output);
   const scalar_t* hx_p = args.hx.const_data_ptr<scalar_t>();
-  scalar_t* dgx_p = dgx.data_ptr<scalar_t>();
+  scalar_t* dgx_p = bf16 ? nullptr : dgx.data_ptr<scalar_t>();
   scalar_t* dgh_p = need_dgh ? dgh.data_ptr<scalar_t>() : nullptr;
+  scalar_t* dgf_p = step_f ? dgf.data_ptr<scalar_t>() : nullptr;
+  scalar_t* dgn_p = dgn.defined() ? dgn.data_ptr<scalar_t>() : nullptr;
   scalar_t* dhp_p = dhp.defined() ? dhp.data_ptr<scalar_t>() : nullptr;
   at::BFloat16* dgb_p = dgb.defined() ? dgb.data_ptr<at::BFloat16>() : nullptr;
-  auto bufs_of = [&](int64_t k) {  // the k-th of the held directions' buffers
+  // the k-th of the held directions' buffers, for direction d
+  auto bufs_of = [&](int64_t k, int64_t d) {
     auto at_k = [k](const at::Tensor& t) {
       return t.defined() ? t[k].data_ptr<scalar_t>() : nullptr;
     };
-    return BackwardBuffers<scalar_t>{dgx_p, at_k(dghn), at_k(hprev), at_k(dhs), at_k(hout)};
+    BackwardBuffers<scalar_t> b{dgx_p, at_k(dghn), at_k(hprev), at_k(dhs), at_k(hout)};
+    if (bf16) {
+      b.dgx16 = g16->dgx.data_ptr<at::BFloat16>();
+      b.ld16 = g16->ld;
+      b.dghn16 = kDiffer ? g16->dghn[k].data_ptr<at::BFloat16>() : nullptr;
+      b.sums = g16->sums[d].data_ptr<double>();
+    }
+    return b;
   };
   // Direction d's hidden-side weight gradients from the k-th held buffers,
   // after its loop: dW_hh = dgh^T hprev over all positions (dgh is dgx but
   // for kDiffer's last gate); dW_hr = dh_state^T h'.
   auto hidden_weight_grads = [&](int64_t d, int64_t k) {
-    if (!args.want_weights) {  // masked: nothing to form, but dx's operand in bfloat16
-      if (bf16 && args.want_input) round_rows_bf16(dgx.data_ptr<float>() + d * G, N, G, DG);
-      return;
-    }
-    if (bf16) {  // cpu/backward_bf16.h; h_prev is bfloat16 values: no rounding
+    if (!args.want_weights) return;  // masked: nothing to form
+    if (bf16) {                      // cpu/backward_bf16.h; h_prev is bfloat16 values: no rounding
       const at::Tensor hp16 = proj ? round_rows_bf16(hprev[k].data_ptr<scalar_t>(), N, P, P)
                                    : empty_large({N, P}, opts16);  // [N, P]
       if (!proj) gather_hprev<scalar_t>(args, d, hp16.data_ptr<at::BFloat16>());
-      hidden_weight_grads_bf16<Cell>(args, d, dgx, kDiffer ? dghn[k] : at::Tensor(), hp16);
+      hidden_weight_grads_bf16<Cell>(args, d, *g16, kDiffer ? g16->dghn[k] : at::Tensor(), hp16);
       if (proj) {
         at::Tensor gw_hr = args.grad_w_hr[d];
         at::mm_out(gw_hr, dhs[k].t(), hout[k]);
@@ -359,7 +375,7 @@ void backward_impl(BackwardArgs& args) {
       dh[d] = order.gather(args.grad_h_n[d]);
       if (Cell::kHasC) dc[d] = order.gather(args.grad_c_n[d]);
     }
-    const BackwardBuffers<scalar_t> bufs[2] = {bufs_of(0), bufs_of(1)};
+    const BackwardBuffers<scalar_t> bufs[2] = {bufs_of(0, 0), bufs_of(1, 1)};
     concurrent_backward<Cell, scalar_t>(args, bufs, dgx_in_place, dh, dc);
     for (int64_t d = 0; d < 2; ++d) {
       order.scatter(args.grad_hx[d], dh[d]);
@@ -369,12 +385,12 @@ void backward_impl(BackwardArgs& args) {
   }
   // Otherwise the directions in turn, on the split loop or the per-step one.
   const int64_t in_turn = loops == StepLoops::kConcurrent ? 0 : dims.D;
-  const BackwardBuffers<scalar_t> bufs = bufs_of(0);
-  scalar_t* dghn_p = bufs.dghn;
-  scalar_t* hp_p = bufs.hprev;
-  scalar_t* dhs_p = bufs.dhs;
-  scalar_t* hout_p = bufs.hout;
   for (int64_t d = 0; d < in_turn; ++d) {
+    const BackwardBuffers<scalar_t> bufs = bufs_of(0, d);
+    scalar_t* dghn_p = bufs.dghn;
+    scalar_t* hp_p = bufs.hprev;
+    scalar_t* dhs_p = bufs.dhs;
+    scalar_t* hout_p = bufs.hout;
     const bool dgh_in_dgx = dgx_in_place && d == 0;
     at::Tensor dh = order.gather(args.grad_h_n[d]);  // [B, P] sorted order
     at::Tensor dc = Cell::kHasC ? order.gather(args.grad_c_n[d]) : at::Tensor();  // [B, H]
@@ -420,13 +436,16 @@ void backward_impl(BackwardArgs& args) {
                                                 buf.data() + H)
                                   : nullptr;
           row.ws = ws_p + (sched.offset[s] + i) * S;
-          row.dgx = dgx_p + pos * DG + d * G;
+          row.dgx = bf16 ? dgf_p + i * G : dgx_p + pos * DG + d * G;
           row.dgh = kDiffer ? dgh_p + i * G : nullptr;
-          row.dghn = kDiffer ? dghn_p + pos * H : nullptr;
+          row.dghn = !kDiffer ? nullptr : bf16 ? dgn_p + i * H : dghn_p + pos * H;
           row.hout = proj ? hout_p + pos * H : nullptr;
           if (proj) std::copy_n(row.prev, P, hp_p + pos * P);
           backward_row(Cell{}, row, H);
-          if (bf16) {
+          if (bf16) {  // the bias sums: below, per column
+            keep_row_bf16<Cell::kGates, kDiffer>(
+                row.dgx, row.dghn, H, H, bufs.dgx16 + pos * bufs.ld16 + d * G,
+                kDiffer ? bufs.dghn16 + pos * H : nullptr, nullptr);
             round_bf16(kDiffer ? row.dgh : row.dgx, G, dgb_p + i * G);
           } else if (!kDiffer && !dgh_in_dgx) {
             std::copy_n(row.dgx, G, dgh_p + i * G);
@@ -434,7 +453,8 @@ void backward_impl(BackwardArgs& args) {
         }
       });
       if constexpr (std::is_same_v<scalar_t, float>) {
-        if (bf16) {  // dh_prev (+)= dG W_hh on the matrix unit
+        if (bf16) {  // the step's rows added to the bias sums, then dh_prev (+)= dG W_hh
+          sum_step_rows(n, dgf_p, G, dgn_p, kDiffer ? H : 0, bufs.sums);
           bf16_gemm_parallel(n, dgb_p, G, w_hh16, dh_p, P, nullptr, Cell::kReadsHPrev);
           continue;
         }
@@ -466,7 +486,7 @@ void backward_impl(BackwardArgs& args) {
   dhs.reset();
   hout.reset();
   if (bf16) {
-    input_grads_bf16(args, dgx, G);
+    input_grads_bf16(args, *g16);
     return;
   }
   if (args.want_weights) {

@@ -28,18 +28,24 @@
 // With args.bf16 the dh product takes bfloat16 operands (cpu/bf16_gemm.h):
 // each thread packs its columns of W_hh for the matrix unit, and the gate
 // pass rounds its units' columns of dG into a bfloat16 step buffer, which is
-// then the one buffer read across threads (alternating likewise); the float
-// dG is kept (one buffer, read by its own thread only) just where the cell
-// writes it apart from dgx (the GRU).
+// then the one buffer read across threads (alternating likewise). A row's
+// float32 gate gradients live only in the thread's own scratch: rounded into
+// the bfloat16 rows over positions (cpu/backward_bf16.h keep_row_bf16), and
+// summed for the biases into the loop's own float64 sums, each column by the
+// one thread that owns its unit, over the loop's rows in a fixed order (steps
+// from the last, rows in sorted order). split_backward adds the loops' sums
+// in the order of their rows: one team's sums are exactly the per-step
+// loop's; several teams' agree with them to float64 rounding.
 //
 // Like the forward's, a loop runs a range of the sorted rows (all, or one
 // team's own where team_layout splits the batch: then each team runs its
 // rows' steps with no synchronisation with the others, and a team of one
 // thread with no barrier at all).
 //
-// The loop fills dgx, dghn (and hprev, dh_state, h') exactly as the per-step
-// loop does, so the weight gradients after it are the same GEMMs. Every value
-// is computed by one thread in a fixed order: deterministic.
+// The loop fills dgx, dghn (with args.bf16 their bfloat16 rows), and hprev,
+// dh_state, h', exactly as the per-step loop does, so the weight gradients
+// after it are the same GEMMs. Every value is computed by one thread in a
+// fixed order: deterministic.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -51,6 +57,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/backward_bf16.h"  // keep_row_bf16
 #include "cpu/bf16_gemm.h"
 #include "cpu/layer_args.h"
 #include "cpu/rows.h"
@@ -65,11 +72,16 @@ namespace cpu {
 // weight gradients after the step loop read.
 template <typename scalar_t>
 struct BackwardBuffers {
-  scalar_t* dgx;    // [N, D*G*H]
-  scalar_t* dghn;   // [N, H] the GRU's hidden-side n gradient, else null
+  scalar_t* dgx;    // [N, D*G*H] (null with args.bf16: dgx16)
+  scalar_t* dghn;   // [N, H] the GRU's hidden-side n gradient, else null (and with args.bf16)
   scalar_t* hprev;  // [N, P] one direction (projection), else null: gathered later
   scalar_t* dhs;    // [N, P] dh_state (projection), else null
   scalar_t* hout;   // [N, H] h' (projection), else null
+  // With args.bf16 (cpu/backward_bf16.h Bf16GateGrads), else null:
+  at::BFloat16* dgx16 = nullptr;   // [N, ld16] every direction's dG
+  int64_t ld16 = 0;                // dgx16's row stride
+  at::BFloat16* dghn16 = nullptr;  // [N, H] the GRU's dn*r
+  double* sums = nullptr;          // [G*H + Hn] this direction's bias sums
 };
 
 // One step's product of a thread: c[n, cols] (ldc) = a[n, k] (lda) b[k, cols]
@@ -129,11 +141,11 @@ class SplitBackward {
     }
     // dG [R, G*H] per step: two alternating buffers without a projection,
     // one with it, none when it is dgx. With bf16 that is the bfloat16 dG's
-    // count; the float dG is then the GRU's only, in one buffer.
+    // count, and the float values are each thread's own scratch (run).
     const int64_t nbuf = proj_ ? 1 : 2;
     if (bf16_) dgb_ = at::empty({nbuf, R, G}, opts.dtype(at::kBFloat16));
-    const int64_t nfloat = bf16_ ? (Cell::kHiddenGradsDiffer ? 1 : 0) : (dgh_in_dgx ? 0 : nbuf);
-    dgbuf_ = at::empty({nfloat, R, G}, opts);
+    dgbuf_ = at::empty({bf16_ || dgh_in_dgx ? 0 : nbuf, R, G}, opts);
+    sums_.assign(bf16_ ? G + (Cell::kHiddenGradsDiffer ? H : 0) : 0, 0.0);
     if (proj_) dhp_ = at::empty({R, H}, opts);  // [R, H] dh'
     // From the range's first row: the loop's row r0 + j is their row j.
     dh_p_ = dh.data_ptr<scalar_t>() + rows.r0 * P;
@@ -141,6 +153,12 @@ class SplitBackward {
   }
 
   void run(const Team& team);
+
+  // With args.bf16, after every loop of the direction has run: adds this
+  // loop's bias sums to the direction's (split_backward, in the loops' order).
+  void add_sums() const {
+    for (size_t c = 0; c < sums_.size(); ++c) buf_.sums[c] += sums_[c];
+  }
 
  private:
   BackwardArgs& args_;
@@ -150,8 +168,9 @@ class SplitBackward {
   const RowRange rows_;
   int64_t parts_ = 1;
   bool kernel_ = false, proj_ = false, bf16_ = false;
-  at::Tensor w_hh_d_, dgbuf_, dhp_;  // [G*H, P], [nfloat, R, G*H], [R, H] (R rows in the range)
+  at::Tensor w_hh_d_, dgbuf_, dhp_;  // [G*H, P], [nbuf or 0, R, G*H], [R, H] (R rows in the range)
   at::Tensor dgb_;                   // [nbuf, R, G*H] bfloat16 dG (bf16)
+  std::vector<double> sums_;         // [G*H + Hn] this loop's bias sums (bf16)
   std::vector<at::Tensor> panels_, panels_r_;
   std::vector<PackedB> packed_, packed_r_;  // W_hh[:, p0:p1]; W_hr[:, u0:u1] (kernel_)
   std::vector<PackedB16> packed16_;
@@ -183,6 +202,11 @@ void SplitBackward<Cell, scalar_t>::run(const Team& team) {
   // This thread's converted pieces of a bfloat16 layer's grad_output and h_prev.
   const int64_t wide = std::max(H, P);
   std::vector<scalar_t> stage(go_rows.converts() || out_rows.converts() ? 2 * wide : 0);
+  // With bf16 a row's float gate gradients: dgx [G*H], dgh [G*H], dghn [H]
+  // (the last two the GRU's), each unit at its own columns.
+  std::vector<scalar_t> scratch(bf16 ? (kDiffer ? 2 * G + H : G) : 0);
+  scalar_t* const sx = scratch.data();
+  double* const sums = sums_.data();
   // grad_output of sorted row i at time t, values [a, b)
   auto go_of = [&](int64_t t, int64_t i, int64_t a, int64_t b) {
     return go_rows.at(output_offset(args, t, i, d) + a, b - a, stage.data());
@@ -251,13 +275,16 @@ void SplitBackward<Cell, scalar_t>::run(const Team& team) {
         row.dc = Cell::kHasC ? dc_p + j * H + u0 : nullptr;
         row.prev = Cell::kReadsHPrev ? prev_of(s, t, i, u0, u1) : nullptr;
         row.ws = ws_p + (sched.offset[s] + i) * S + u0;
-        row.dgx = buf.dgx + pos * DG + d * G + u0;
-        row.dgh = kDiffer ? dg + j * ld + u0 : nullptr;
-        row.dghn = kDiffer ? buf.dghn + pos * H + u0 : nullptr;
+        row.dgx = bf16 ? sx + u0 : buf.dgx + pos * DG + d * G + u0;
+        row.dgh = !kDiffer ? nullptr : bf16 ? sx + G + u0 : dg + j * ld + u0;
+        row.dghn = !kDiffer ? nullptr : bf16 ? sx + 2 * G + u0 : buf.dghn + pos * H + u0;
         row.hout = proj ? buf.hout + pos * H + u0 : nullptr;
         backward_units(Cell{}, row, Hs, H);
-        if (bf16) {                                           // the product's operand: dG rounded
-          const scalar_t* src = kDiffer ? row.dgh : row.dgx;  // gate stride H
+        if (bf16) {
+          keep_row_bf16<Cell::kGates, kDiffer>(
+              row.dgx, row.dghn, Hs, H, buf.dgx16 + pos * buf.ld16 + d * G + u0,
+              kDiffer ? buf.dghn16 + pos * H + u0 : nullptr, sums + u0);
+          const scalar_t* src = kDiffer ? row.dgh : row.dgx;  // the product's operand: dG rounded
           for (int64_t g = 0; g < Cell::kGates; ++g) {
             round_bf16(src + g * H, Hs, dgb + j * G + g * H + u0);
           }
@@ -293,11 +320,12 @@ template <typename Cell, typename scalar_t>
 void split_backward(BackwardArgs& args, int64_t d, const BackwardBuffers<scalar_t>& buf,
                     bool dgh_in_dgx, at::Tensor& dh, at::Tensor& dc) {
   using Loop = SplitBackward<Cell, scalar_t>;
-  run_split_loops<Loop>(args.dims, args.sched, product_bytes<scalar_t>(args),
-                        {{d, at::get_num_threads()}},
-                        [&](std::deque<Loop>& l, int64_t, int64_t threads, const RowRange& rows) {
-                          l.emplace_back(args, d, buf, dgh_in_dgx, dh, dc, threads, rows);
-                        });
+  const std::deque<Loop> loops = run_split_loops<Loop>(
+      args.dims, args.sched, product_bytes<scalar_t>(args), {{d, at::get_num_threads()}},
+      [&](std::deque<Loop>& l, int64_t, int64_t threads, const RowRange& rows) {
+        l.emplace_back(args, d, buf, dgh_in_dgx, dh, dc, threads, rows);
+      });
+  for (const Loop& loop : loops) loop.add_sums();
 }
 
 // Both directions' step loops at once, each on its half of the threads
@@ -308,11 +336,12 @@ void concurrent_backward(BackwardArgs& args, const BackwardBuffers<scalar_t>* bu
                          at::Tensor* dh, at::Tensor* dc) {
   using Loop = SplitBackward<Cell, scalar_t>;
   const std::vector<int64_t> halves = direction_halves();
-  run_split_loops<Loop>(
+  const std::deque<Loop> loops = run_split_loops<Loop>(
       args.dims, args.sched, product_bytes<scalar_t>(args), {{0, halves[0]}, {1, halves[1]}},
       [&](std::deque<Loop>& l, int64_t d, int64_t threads, const RowRange& rows) {
         l.emplace_back(args, d, buf[d], dgh_in_dgx && d == 0, dh[d], dc[d], threads, rows);
       });
+  for (const Loop& loop : loops) loop.add_sums();  // each into its direction's
 }
 
 }  // namespace cpu
