@@ -11,7 +11,9 @@ float64 references:
   to bfloat16, as the kernel rounds h): the bfloat16 run agrees with it to one bfloat16
   rounding of the result, its own definition, whichever step loop runs. At these sizes the
   mirror tells the two runs apart for the RNN (the float32 run fails it); for the GRU and LSTM
-  the rounding of h stays inside the tolerance, and the runs are told apart by their bits."""
+  the rounding of h stays inside the tolerance, and the runs are told apart by their bits.
+The backward's own buffers are checked too: none holds float32 gate gradients over the
+positions (torch.profiler's memory trace)."""
 
 import copy
 import os
@@ -705,3 +707,62 @@ def test_decoding_step_with_gate_rows_not_a_multiple_of_8(cell, monkeypatch, uni
     mirror = flat(run_ref(cell, m, x, lengths, True, monkeypatch)[0])
     for a, b in zip(got, mirror):
         torch.testing.assert_close(a.double(), b, rtol=2.0**-8, atol=5e-4)
+
+
+def backward_buffers(outputs, inputs, grads, tmp_path):
+    """The sizes in bytes of the buffers torch.autograd.grad(outputs, inputs, grads) allocates
+    (torch.profiler's memory trace: the allocations made by aten::empty, so not the scratch a
+    GEMM library allocates inside aten::mm)."""
+    import json
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        torch.autograd.grad(outputs, inputs, grads)
+    path = tmp_path / "trace.json"
+    prof.export_chrome_trace(str(path))
+    events = json.loads(path.read_text())["traceEvents"]
+    ops = [e for e in events if e.get("ph") == "X" and e.get("cat") == "cpu_op"]
+
+    def innermost(ts):
+        around = [o for o in ops if o["ts"] <= ts <= o["ts"] + o["dur"]]
+        return min(around, key=lambda o: o["dur"])["name"] if around else None
+
+    allocations = [
+        e
+        for e in events
+        if e.get("name") == "[memory]"
+        and e["args"].get("Device Type", 0) == 0
+        and e["args"]["Bytes"] > 0
+    ]
+    return [
+        e["args"]["Bytes"]
+        for e in allocations
+        if innermost(e["ts"]) in ("aten::empty", "aten::empty_strided")
+    ]
+
+
+@pytest.mark.parametrize("steps", ["split", "gemm"])
+@pytest.mark.parametrize("cell,gates", [("gru", 3), ("lstm", 4), ("rnn_tanh", 1)])
+def test_the_backward_holds_no_float32_gate_gradients_over_positions(
+    cell, gates, steps, monkeypatch, tmp_path
+):
+    """A bfloat16 layer's backward keeps the gate gradients dG over the N valid positions as
+    bfloat16 (csrc/cpu/backward_bf16.h Bf16GateGrads), the float32 values only a row or a step
+    at a time: none of the buffers it allocates comes near the bytes of a float32 dG over the
+    positions of both directions ([N, 2*G*H], which it held until 4014367), while it does
+    allocate the bfloat16 one (half that, and a row's padding). Both step loops, both
+    directions."""
+    cls, extra, _ = CELLS[cell]
+    monkeypatch.setenv("VARLEN_RNN_CPU_STEPS", steps)
+    torch.manual_seed(0)
+    H, B, T = 64, 16, 20
+    m = cls(H, H, bidirectional=True, **extra).to(BF16)
+    lengths = torch.randint(1, T + 1, (B,), generator=torch.Generator().manual_seed(2))
+    x = torch.randn(T, B, H).to(BF16).requires_grad_()
+    out = m(x, lengths=lengths)[0]
+    grad_out = torch.randn(out.shape).to(BF16)
+    sizes = backward_buffers(out, [x, *m.parameters()], grad_out, tmp_path)
+    f32_dg = int(lengths.sum()) * 2 * gates * H * 4
+    assert max(sizes) < 0.75 * f32_dg, sorted(sizes)[-5:]
+    assert max(sizes) >= 0.45 * f32_dg, sorted(sizes)[-5:]
