@@ -19,6 +19,7 @@ within 5% of the largest value, + 0.05 (BF16_TOL), and the relu RNN in float32 t
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import os
 import random
@@ -50,7 +51,11 @@ BF16_TOL = 0.05
 # gradients are held to the largest error within 5% of the largest value (+ 5e-2), as bfloat16.
 # nn.RNN in float32 against float64 misses the elementwise bound by as much: seed 1763, 0.23 on
 # a bias gradient (0.1% of its largest value); a two-layer draw, 1.23 on weight_ih_l1 (2.3%),
-# ours the same to three digits on 1, 2 and 8 threads, either step loop.
+# ours the same to three digits on 1, 2 and 8 threads, either step loop. Where such a kink
+# moves a gradient by more than that share, nn.RNN in float32 (+ packing, run on the same draw)
+# misses it as well, and ours is held to twice nn's own float32 error instead: seed 18246, the
+# input gradient 0.334 off (11% of its largest value), and seed 19194, weight_hh_l0_reverse
+# 2.41 off (5.6%), in nn's float32 run and in ours alike, to three digits.
 RELU_F32_TOL = 0.05
 
 
@@ -159,8 +164,12 @@ def mismatches(d: Draw) -> list[str]:
         hx = [torch.randn(n, d.B, d.kwargs.get("proj_size") or d.H, generator=g)]
         if d.cell == "LSTM":
             hx.append(torch.randn(n, d.B, d.H, generator=g))
+    relu = d.kwargs.get("nonlinearity") == "relu"
+    runs = [(ref, torch.float64), (ours, d.dtype)]
+    if relu and d.dtype == torch.float32:  # nn in float32: the error a kink gives it
+        runs.append((copy.deepcopy(ref).float(), torch.float32))
     results = []
-    for module, dtype in ((ref, torch.float64), (ours, d.dtype)):
+    for module, dtype in runs:
         xi = x.to(dtype).requires_grad_()
         hi = None if hx is None else [h.to(dtype).requires_grad_() for h in hx]
         out, finals = _run(
@@ -185,12 +194,14 @@ def mismatches(d: Draw) -> list[str]:
         ("", names, F32_TOL[0], results[1][0], results[0][0]),
         ("grad of ", names_g, F32_TOL[1], results[1][1], results[0][1]),
     ):
-        for label, a, b in zip(labels, got, want, strict=True):
+        nn32 = results[2][0 if kind == "" else 1] if len(results) > 2 else [None] * len(got)
+        for label, a, b, c in zip(labels, got, want, nn32, strict=True):
             a = a.double()
-            relu = d.kwargs.get("nonlinearity") == "relu"
             share = BF16_TOL if d.dtype == torch.bfloat16 else RELU_F32_TOL if relu else None
             if share is not None:
                 err, bound = (a - b).abs().max().item(), share * (b.abs().max().item() + 1)
+                if c is not None:  # not worse than twice nn's float32 error
+                    bound = max(bound, 2 * (c.double() - b).abs().max().item())
                 if not err <= bound:
                     bad.append(f"{kind}{label}: largest error {err:.3g}, allowed {bound:.3g}")
                 continue
