@@ -71,20 +71,27 @@ struct Bf16GateGrads {
 };
 
 // One row's gate gradients of `units` units (gate stride H; every pointer at
-// the first of them): dgx [G*H] and, with kDiffer, dghn [H] rounded to
-// dgx16 and dghn16; their values added to sums (db_ih's, then dghn's at
-// G*H) unless sums is null (the per-step loop sums a step's rows apart).
+// the first of them), each value rounded to bfloat16 once: the hidden-side
+// dG (dgx, but the GRU's last gate dghn) into dgb, the step's product
+// operand, and copied from there into dgx16 (and dghn16) over positions; the
+// GRU's input-side last gate rounded into dgx16 apart. Their float values
+// added to sums (db_ih's, then dghn's at G*H) unless sums is null (the
+// per-step loop sums a step's rows apart).
 template <int kGates, bool kDiffer, typename T>
-inline void keep_row_bf16(const T* dgx, const T* dghn, int64_t units, int64_t H,
+inline void keep_row_bf16(const T* dgx, const T* dghn, int64_t units, int64_t H, at::BFloat16* dgb,
                           at::BFloat16* dgx16, at::BFloat16* dghn16, double* sums) {
   for (int64_t g = 0; g < kGates; ++g) {
-    round_bf16(dgx + g * H, units, dgx16 + g * H);
+    const bool apart = kDiffer && g == kGates - 1;  // dgh differs from dgx here
+    round_bf16(apart ? dghn : dgx + g * H, units, dgb + g * H);
+    if (apart) {
+      std::copy_n(dgb + g * H, units, dghn16);
+      round_bf16(dgx + g * H, units, dgx16 + g * H);
+    } else {
+      std::copy_n(dgb + g * H, units, dgx16 + g * H);
+    }
     if (sums == nullptr) continue;
     for (int64_t k = 0; k < units; ++k) sums[g * H + k] += dgx[g * H + k];
-  }
-  if constexpr (kDiffer) {
-    round_bf16(dghn, units, dghn16);
-    if (sums != nullptr) {
+    if (apart) {
       for (int64_t k = 0; k < units; ++k) sums[kGates * H + k] += dghn[k];
     }
   }

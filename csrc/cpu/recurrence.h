@@ -444,9 +444,8 @@ void backward_impl(BackwardArgs& args) {
           backward_row(Cell{}, row, H);
           if (bf16) {  // the bias sums: below, per column
             keep_row_bf16<Cell::kGates, kDiffer>(
-                row.dgx, row.dghn, H, H, bufs.dgx16 + pos * bufs.ld16 + d * G,
+                row.dgx, row.dghn, H, H, dgb_p + i * G, bufs.dgx16 + pos * bufs.ld16 + d * G,
                 kDiffer ? bufs.dghn16 + pos * H : nullptr, nullptr);
-            round_bf16(kDiffer ? row.dgh : row.dgx, G, dgb_p + i * G);
           } else if (!kDiffer && !dgh_in_dgx) {
             std::copy_n(row.dgx, G, dgh_p + i * G);
           }

@@ -29,8 +29,9 @@
 // each thread packs its columns of W_hh for the matrix unit, and the gate
 // pass rounds its units' columns of dG into a bfloat16 step buffer, which is
 // then the one buffer read across threads (alternating likewise). A row's
-// float32 gate gradients live only in the thread's own scratch: rounded into
-// the bfloat16 rows over positions (cpu/backward_bf16.h keep_row_bf16), and
+// float32 gate gradients live only in the thread's own scratch: rounded once
+// into the step buffer and copied into the bfloat16 rows over positions
+// (cpu/backward_bf16.h keep_row_bf16), and
 // summed for the biases into the loop's own float64 sums, each column by the
 // one thread that owns its unit, over the loop's rows in a fixed order (steps
 // from the last, rows in sorted order). split_backward adds the loops' sums
@@ -280,14 +281,10 @@ void SplitBackward<Cell, scalar_t>::run(const Team& team) {
         row.dghn = !kDiffer ? nullptr : bf16 ? sx + 2 * G + u0 : buf.dghn + pos * H + u0;
         row.hout = proj ? buf.hout + pos * H + u0 : nullptr;
         backward_units(Cell{}, row, Hs, H);
-        if (bf16) {
+        if (bf16) {  // the product's operand dgb, and dG over positions
           keep_row_bf16<Cell::kGates, kDiffer>(
-              row.dgx, row.dghn, Hs, H, buf.dgx16 + pos * buf.ld16 + d * G + u0,
+              row.dgx, row.dghn, Hs, H, dgb + j * G + u0, buf.dgx16 + pos * buf.ld16 + d * G + u0,
               kDiffer ? buf.dghn16 + pos * H + u0 : nullptr, sums + u0);
-          const scalar_t* src = kDiffer ? row.dgh : row.dgx;  // the product's operand: dG rounded
-          for (int64_t g = 0; g < Cell::kGates; ++g) {
-            round_bf16(src + g * H, Hs, dgb + j * G + g * H + u0);
-          }
         } else if (!kDiffer && !dgh_in_dgx) {
           for (int64_t g = 0; g < Cell::kGates; ++g) {
             std::copy_n(row.dgx + g * H, Hs, dg + j * ld + g * H + u0);
