@@ -5,7 +5,7 @@
 //   I  input features                  H  hidden features
 //   D  directions (1, or 2 if bidirectional)
 //   G  gates of the cell (GRU 3: r|z|n, LSTM 4: i|f|g|o, RNN 1; torch.nn's order)
-//   S  op-math values the cell saves per unit for the backward (csrc/cells/)
+//   S  values the cell saves per unit for the backward (csrc/cells/)
 //   P  the state and output width: the LSTM's proj_size, else H
 //   N  sum of lengths: the valid (t, b) positions
 // Padded tensors are time-major [T, B, ...] unless batch_first ([B, T, ...]).
@@ -36,10 +36,18 @@ struct LayerDims {
   int64_t stride_b(int64_t features) const { return batch_first ? T * features : features; }
 };
 
-// Half types are computed in float (their op-math type): the state, the saved
-// gates and every accumulation. The one C++ statement of that rule.
+// Half types are computed in float (their op-math type): the state, the gates
+// and every accumulation. The one C++ statement of that rule.
 inline at::ScalarType opmath_dtype(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
+// The workspace's dtype (the saved values the backward reads): the op-math
+// one, but bfloat16 for a bfloat16 input on the CPU, where the gate pass
+// rounds each saved value once as it stores it (cpu/rows.h Workspace), as
+// nn's bfloat16 CPU path keeps its saved values in bfloat16.
+inline at::ScalarType workspace_dtype(at::ScalarType input, c10::Device device) {
+  return input == at::kBFloat16 && device.is_cpu() ? input : opmath_dtype(input);
 }
 
 // Kernels call ATen GEMMs internally; under torch.autocast those would be
@@ -321,7 +329,7 @@ inline void check_backward_args(const Dims& dims, const at::Tensor& input,
               "] as this backend's "
               "forward (need_workspace=True) returns it, got shape ",
               workspace.sizes());
-  const auto ws_dtype = opmath_dtype(input.scalar_type());
+  const auto ws_dtype = workspace_dtype(input.scalar_type(), input.device());
   TORCH_CHECK(workspace.device() == input.device() && workspace.scalar_type() == ws_dtype,
               "workspace must be a ", ws_dtype, " tensor on ", input.device(),
               " as the forward returns it, got ", workspace.scalar_type(), " on ",

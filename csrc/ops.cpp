@@ -44,7 +44,8 @@ TORCH_LIBRARY(varlen_rnn, m) {
   //   output    [T, B, D*H] (or [B, T, D*H]); 0 at positions t >= lengths[b]
   //   h_n       [D, B, H]: state after each row's own last valid step
   //             (the reverse direction starts at that step), hx where length 0
-  //   workspace [D, rows, 4H] in the op-math dtype when need_workspace, else
+  //   workspace [D, rows, 4H] when need_workspace (the op-math dtype, but
+  //             bfloat16 for a bfloat16 input on the CPU: layer.h), else
   //             [0]: what the backward needs. Its rows and their layout are
   //             the backend's: N = sum(lengths) on the CPU (nothing for
   //             padding), T*B on CUDA (N is not known without a host sync).
@@ -92,7 +93,7 @@ TORCH_LIBRARY(varlen_rnn, m) {
   //   output    [N, D*H], the input's row order
   //   h_n       [D, B, H] in sequence order b: each sequence's state after
   //             its own last step, hx where the length is 0
-  //   workspace [D, N, 4H] in the op-math dtype when need_workspace, else
+  //   workspace [D, N, 4H] when need_workspace (dtype as above), else
   //             [0]; its row order is the backend's.
   const std::string gru_layer_ragged =
       "gru_layer_ragged_forward(Tensor input, Tensor seq_index, "

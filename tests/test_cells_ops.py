@@ -14,6 +14,8 @@ from torch.optim.sgd import sgd
 import varlen_rnn
 
 ops = torch.ops.varlen_rnn
+# bfloat16: the fake kernels know its workspace dtype (bfloat16 on the CPU, float32 on CUDA).
+OPCHECK_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 F64 = torch.float64
 KINDS = sorted(CELL_KINDS)
 LENGTHS = (3, 5, 0, 1)  # padded and offsets layouts: a zero length, unsorted
@@ -93,7 +95,7 @@ def test_gradcheck_each_output_alone(device, kind):
 
 
 @pytest.mark.parametrize("device", ALL_DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("dtype", OPCHECK_DTYPES, ids=["f32", "f64", "bf16"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("layout", [None, 0, 1], ids=["padded", "offsets", "packed"])
 @pytest.mark.parametrize("D,bias,batch_first", [(1, True, False), (2, False, True)])
@@ -134,7 +136,7 @@ def _backward_args(kind, layout, device, dtype):
 
 
 @pytest.mark.parametrize("device", ALL_DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("dtype", OPCHECK_DTYPES, ids=["f32", "f64", "bf16"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("layout", [None, 0, 1], ids=["padded", "offsets", "packed"])
 def test_opcheck_backward(device, dtype, kind, layout):

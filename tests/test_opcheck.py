@@ -7,6 +7,8 @@ from testing import ALL_DEVICES, assert_close, gru_op_args
 import varlen_rnn
 
 ops = torch.ops.varlen_rnn
+# bfloat16: the fake kernels know its workspace dtype (bfloat16 on the CPU, float32 on CUDA).
+OPCHECK_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
 
 def _forward_args(device, dtype, D=2, bias=True, batch_first=False, need_workspace=True, **kw):
@@ -14,7 +16,7 @@ def _forward_args(device, dtype, D=2, bias=True, batch_first=False, need_workspa
 
 
 @pytest.mark.parametrize("device", ALL_DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("dtype", OPCHECK_DTYPES, ids=["f32", "f64", "bf16"])
 @pytest.mark.parametrize("D", [1, 2])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("batch_first", [False, True])
@@ -43,7 +45,7 @@ def test_op_deciding_workspace(device, batch_first):
 
 
 @pytest.mark.parametrize("device", ALL_DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("dtype", OPCHECK_DTYPES, ids=["f32", "f64", "bf16"])
 @pytest.mark.parametrize("D", [1, 2])
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_opcheck_backward(device, dtype, D, batch_first):

@@ -10,7 +10,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._schema import CELLS, Cell, _Args, _full, _layout, _op, _opmath, _reference, _unsqueezed
+from ._schema import (
+    CELLS,
+    Cell,
+    _Args,
+    _full,
+    _layout,
+    _op,
+    _reference,
+    _unsqueezed,
+    _workspace_dtype,
+)
 
 
 # ------------------------------------------------------------------ fake kernels
@@ -46,7 +56,7 @@ def _forward_fake(cell: Cell, ragged: bool, args):
             rows = torch.library.get_ctx().new_dynamic_size()
     finals = [input.new_empty((D, B, P))] + [input.new_empty((D, B, H))] * (cell.states - 1)
     shape = (D, rows, cell.saved * H) if need_workspace else (0,)
-    workspace = input.new_empty(shape, dtype=_opmath(input.dtype))
+    workspace = input.new_empty(shape, dtype=_workspace_dtype(input))
     return (output, *finals, workspace)
 
 

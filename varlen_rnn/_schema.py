@@ -140,6 +140,14 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _HALF else dtype
 
 
+def _workspace_dtype(input: Tensor) -> torch.dtype:
+    """The forward's workspace dtype (csrc/layer.h workspace_dtype): the op-math one, but
+    bfloat16 for a bfloat16 input on the CPU, whose kernels save their values rounded."""
+    if input.dtype == torch.bfloat16 and input.device.type == "cpu":
+        return torch.bfloat16
+    return _opmath(input.dtype)
+
+
 def _unsqueezed(weights) -> list:
     """One direction's weights as the layer op takes them: each with a D dimension of 1 (a
     view), None left as it is."""

@@ -15,6 +15,7 @@
 
 #include "cpu/bf16_gemm.h"
 #include "cpu/large_tensors.h"
+#include "cpu/rows.h"
 #include "cpu/schedule.h"
 #include "layer.h"
 #include "layout.h"
@@ -56,6 +57,7 @@ struct ForwardArgs {
   at::Tensor h_n;                        // [D, B, P]; the backward needs none
   at::Tensor c_n;                        // [D, B, H] (LSTM); the backward needs none
   at::Tensor workspace;                  // [D, N, S*H] saved values; [0] in inference
+                                         // (bfloat16 for a bfloat16 input: workspace_of)
 
   // The op-math tensors' options (hx's: input2d may be bfloat16).
   at::TensorOptions opts() const { return hx.options(); }
@@ -87,6 +89,22 @@ struct BackwardArgs : ForwardArgs {
     want_weights = mask[1];
   }
 };
+
+// Direction d's rows of args.workspace (S values each), bfloat16 or op-math
+// as the forward allocated it (cpu/layer_ops.h); none in inference.
+template <typename scalar_t>
+Workspace<scalar_t> workspace_of(const ForwardArgs& args, int64_t d, int64_t S) {
+  Workspace<scalar_t> w;
+  w.S = S;
+  if (args.workspace.numel() == 0) return w;
+  const int64_t first = d * args.sched.N() * S;
+  if (args.workspace.scalar_type() == at::kBFloat16) {
+    w.ws16 = args.workspace.data_ptr<at::BFloat16>() + first;
+  } else {
+    w.ws = args.workspace.data_ptr<scalar_t>() + first;
+  }
+  return w;
+}
 
 // Half types run in float (layer.h's opmath_dtype) and round at the end.
 // The common case, already so, returns t without a dispatcher call: a

@@ -38,9 +38,10 @@ ForwardResult run_forward(ForwardArgs& args, at::ScalarType dtype, bool need_wor
   const auto opts = args.opts();
   args.h_n = at::empty({dims.D, dims.B, dims.P}, opts);
   if (Cell::kHasC) args.c_n = at::empty({dims.D, dims.B, dims.H}, opts);
+  const auto opts_ws = opts.dtype(workspace_dtype(dtype, opts.device()));
   args.workspace = need_workspace
-                       ? empty_large({dims.D, args.sched.N(), Cell::kSaved * dims.H}, opts)
-                       : at::empty({0}, opts);
+                       ? empty_large({dims.D, args.sched.N(), Cell::kSaved * dims.H}, opts_ws)
+                       : at::empty({0}, opts_ws);
   AT_DISPATCH_FLOATING_TYPES(args.hx.scalar_type(), "varlen_rnn_layer_forward_cpu",
                              [&] { forward_impl<Cell, scalar_t>(args); });
   auto result = [dtype](const at::Tensor& t) {  // a dispatcher call only to round

@@ -62,7 +62,6 @@ void forward_impl(ForwardArgs& args) {
   const LayerDims& dims = args.dims;
   const Schedule& sched = args.sched;
   const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H, S = Cell::kSaved * H;
-  const int64_t N = sched.N();
   const bool proj = args.w_hr.defined();
   const auto opts = args.opts();
   const SortedOrder order(sched);
@@ -91,10 +90,8 @@ void forward_impl(ForwardArgs& args) {
   const scalar_t* gh_p = gemm_loop ? gh.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* hraw_p = hraw.defined() ? hraw.data_ptr<scalar_t>() : nullptr;
   const OutputWriter<scalar_t> out(args.output);
-  const bool save = args.workspace.numel() > 0;
-  auto ws_of = [&](int64_t d) {  // direction d's workspace, or null
-    return save ? args.workspace.data_ptr<scalar_t>() + d * N * S : nullptr;
-  };
+  // direction d's workspace rows (none in inference)
+  auto ws_of = [&](int64_t d) { return workspace_of<scalar_t>(args, d, S); };
   // [N, G*H], or none where chunked; where stored, on W_ih as stored too
   // (whole_projection with few).
   auto projection = [&](int64_t d) {
@@ -113,8 +110,8 @@ void forward_impl(ForwardArgs& args) {
     }
     const scalar_t* const gx_p[2] = {chunked ? nullptr : gx[0].const_data_ptr<scalar_t>(),
                                      chunked ? nullptr : gx[1].const_data_ptr<scalar_t>()};
-    scalar_t* const ws_p[2] = {ws_of(0), ws_of(1)};
-    concurrent_steps<Cell, scalar_t>(args, gx_p, bias.const_data_ptr<scalar_t>(), h, c, ws_p);
+    const Workspace<scalar_t> ws[2] = {ws_of(0), ws_of(1)};
+    concurrent_steps<Cell, scalar_t>(args, gx_p, bias.const_data_ptr<scalar_t>(), h, c, ws);
     for (int64_t d = 0; d < 2; ++d) {
       order.scatter(args.h_n[d], h[d]);
       if (Cell::kHasC) order.scatter(args.c_n[d], c[d]);
@@ -152,9 +149,9 @@ void forward_impl(ForwardArgs& args) {
     const scalar_t* bias_p = bias.const_data_ptr<scalar_t>() + d * 2 * G;
     scalar_t* h_p = h.data_ptr<scalar_t>();
     scalar_t* c_p = Cell::kHasC ? c.data_ptr<scalar_t>() : nullptr;
-    scalar_t* ws_p = ws_of(d);
+    const Workspace<scalar_t> ws = ws_of(d);
     if (!gemm_loop) {  // the same steps, split by units or rows (cpu/split_steps.h)
-      split_steps<Cell, scalar_t>(args, d, gx_p, bias_p, h, c, ws_p);
+      split_steps<Cell, scalar_t>(args, d, gx_p, bias_p, h, c, ws);
     }
     for (int64_t s = 0; s < (gemm_loop ? sched.max_len : 0); ++s) {
       const int64_t n = sched.active[s];
@@ -189,7 +186,7 @@ void forward_impl(ForwardArgs& args) {
           // The gate pass writes an op-math output itself (row.h twice otherwise).
           row.out = proj || out.bf16() ? row.h : out.out + output_offset(args, t, i, d);
           row.c = Cell::kHasC ? c_p + i * H : nullptr;
-          row.ws = save ? ws_p + (sched.offset[s] + i) * S : nullptr;
+          ws.point(row, sched.offset[s] + i);
           forward_row(Cell{}, row, H);
           if (bf16 && !proj) round_bf16(row.h, H, hb_p + i * P);
           if (out.bf16() && !proj) out.write(output_offset(args, t, i, d), row.h, hb_p + i * P, H);
@@ -396,7 +393,7 @@ void backward_impl(BackwardArgs& args) {
     at::Tensor dc = Cell::kHasC ? order.gather(args.grad_c_n[d]) : at::Tensor();  // [B, H]
     scalar_t* dh_p = dh.data_ptr<scalar_t>();
     scalar_t* dc_p = Cell::kHasC ? dc.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* ws_p = args.workspace.const_data_ptr<scalar_t>() + d * N * S;
+    const Workspace<scalar_t> ws = workspace_of<scalar_t>(args, d, S);
     const at::Tensor w_hh_d = args.w_hh[d];  // [G*H, P]
     const PackedB16 w_hh16 =
         bf16 && !split ? pack_b16(G, P, w_hh_d.const_data_ptr<at::BFloat16>(), P, 1) : PackedB16{};
@@ -435,7 +432,7 @@ void backward_impl(BackwardArgs& args) {
                      : reads_prev ? out_rows.at(output_offset(args, prev_time(d, t), i, d), P,
                                                 buf.data() + H)
                                   : nullptr;
-          row.ws = ws_p + (sched.offset[s] + i) * S;
+          ws.point(row, sched.offset[s] + i);
           row.dgx = bf16 ? dgf_p + i * G : dgx_p + pos * DG + d * G;
           row.dgh = kDiffer ? dgh_p + i * G : nullptr;
           row.dghn = !kDiffer ? nullptr : bf16 ? dgn_p + i * H : dghn_p + pos * H;

@@ -4,6 +4,8 @@
 
 #include "cpu/vec_math.h"
 
+#include <type_traits>
+
 namespace varlen_rnn {
 namespace {
 
@@ -18,8 +20,10 @@ namespace {
 // units: how many units the row's pointers cover; H: the gate stride of bx,
 // bh and ws; gh_ld and gx_ld: those of gh and gx (a thread's own slices in
 // cpu/split_steps.h and cpu/chunked_projection.h).
-template <typename T, typename Cell, typename Math, bool kSave>
-inline void forward_loop(const ForwardRow<T>& row, int64_t units, int64_t H, int64_t gh_ld,
+// W: the workspace's type (T, or bfloat16: c10's rounding to nearest even,
+// which GCC vectorizes as integer operations).
+template <typename T, typename Cell, typename Math, bool kSave, typename W = T>
+inline void forward_loop(const ForwardRow<T>& row, W* ws, int64_t units, int64_t H, int64_t gh_ld,
                          int64_t gx_ld) {
   constexpr int G = Cell::kGates, S = Cell::kSaved;
   VR_IVDEP
@@ -41,17 +45,23 @@ inline void forward_loop(const ForwardRow<T>& row, int64_t units, int64_t H, int
     row.h[j] = next.h;
     row.out[j] = next.h;
     if constexpr (Cell::kHasC) row.c[j] = next.c;
-    if constexpr (kSave) store_cols<S>(row.ws, j, H, saved);
+    if constexpr (kSave) store_cols<S>(ws, j, H, saved);
   }
 }
 
 template <typename T, typename Cell, typename Math>
 inline void forward_any(const ForwardRow<T>& row, int64_t units, int64_t H, int64_t gh_ld,
                         int64_t gx_ld) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (row.ws16 != nullptr) {
+      forward_loop<T, Cell, Math, true>(row, row.ws16, units, H, gh_ld, gx_ld);
+      return;
+    }
+  }
   if (row.ws != nullptr) {
-    forward_loop<T, Cell, Math, true>(row, units, H, gh_ld, gx_ld);
+    forward_loop<T, Cell, Math, true>(row, row.ws, units, H, gh_ld, gx_ld);
   } else {
-    forward_loop<T, Cell, Math, false>(row, units, H, gh_ld, gx_ld);
+    forward_loop<T, Cell, Math, false>(row, row.ws, units, H, gh_ld, gx_ld);
   }
 }
 
@@ -60,13 +70,13 @@ inline void forward_any(const ForwardRow<T>& row, int64_t units, int64_t H, int6
 // gate stride of ws, dgx and dgh. Each unit's gradients read and write only
 // that unit's columns, so a slice of units (cpu/split_backward.h) gets exactly
 // the whole row's values for them.
-template <typename T, typename Cell, typename Math, bool kProj>
-inline void backward_loop(const BackwardRow<T>& row, int64_t units, int64_t H) {
+template <typename T, typename Cell, typename Math, bool kProj, typename W = T>
+inline void backward_loop(const BackwardRow<T>& row, const W* ws, int64_t units, int64_t H) {
   constexpr int G = Cell::kGates, S = Cell::kSaved;
   VR_IVDEP
   for (int64_t j = 0; j < units; ++j) {
     T saved[S], dgx[G], dgh[G];
-    load_cols<S>(row.ws, j, H, saved);
+    load_cols<S>(ws, j, H, saved);
     CellState<T> grad, grad_prev;
     if constexpr (kProj) {
       grad.h = row.dh[j];
@@ -87,15 +97,26 @@ inline void backward_loop(const BackwardRow<T>& row, int64_t units, int64_t H) {
   }
 }
 
-template <typename T, typename Cell, typename Math>
-inline void backward_any(const BackwardRow<T>& row, int64_t units, int64_t H) {
+template <typename T, typename Cell, typename Math, typename W>
+inline void backward_ws(const BackwardRow<T>& row, const W* ws, int64_t units, int64_t H) {
   if constexpr (Cell::kHasC) {  // only the LSTM has a projection
     if (row.hout != nullptr) {
-      backward_loop<T, Cell, Math, true>(row, units, H);
+      backward_loop<T, Cell, Math, true>(row, ws, units, H);
       return;
     }
   }
-  backward_loop<T, Cell, Math, false>(row, units, H);
+  backward_loop<T, Cell, Math, false>(row, ws, units, H);
+}
+
+template <typename T, typename Cell, typename Math>
+inline void backward_any(const BackwardRow<T>& row, int64_t units, int64_t H) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (row.ws16 != nullptr) {
+      backward_ws<T, Cell, Math>(row, row.ws16, units, H);
+      return;
+    }
+  }
+  backward_ws<T, Cell, Math>(row, row.ws, units, H);
 }
 
 }  // namespace

@@ -6,6 +6,8 @@
 // ISAs (rows.cpp).
 #pragma once
 
+#include <c10/util/BFloat16.h>
+
 #include <cstdint>
 
 #include "cells/gru.h"
@@ -25,7 +27,8 @@ struct ForwardRow {
   T* h;         // [H] h_prev in (read only if Cell::kReadsHPrev), h' out
   T* out;       // [H] also set to h'; may be h itself
   T* c;         // [H] c in, c' out (Cell::kHasC); unused otherwise
-  T* ws;        // [S*H] the saved values, or null in inference
+  T* ws;        // [S*H] the saved values, or null (inference, or ws16)
+  c10::BFloat16* ws16 = nullptr;  // [S*H] the same rounded to bfloat16 (Workspace)
 };
 
 // The backward's rows at one (d, s, i).
@@ -38,7 +41,8 @@ struct BackwardRow {
                   //     (grad_output is then in dh already)
   T* dc;          // [H] (Cell::kHasC) in: the gradient reaching c'; out: c's
   const T* prev;  // [H] h_prev (read only if Cell::kReadsHPrev)
-  const T* ws;    // [S*H] the forward's saved values
+  const T* ws;    // [S*H] the forward's saved values (null with ws16)
+  const c10::BFloat16* ws16 = nullptr;  // [S*H] the same as bfloat16 (Workspace)
   T* dgx;         // [G*H] input-side gate gradients
   T* dgh;         // [G*H] hidden-side gate gradients, the operand of this
                   //     step's GEMM: written only if Cell::kHiddenGradsDiffer
@@ -47,6 +51,26 @@ struct BackwardRow {
                   //     gradient, kept over all steps for dW_hh (GRU's dn*r)
   T* hout;        // [H] h' recomputed from ws, kept for dW_hr: with a
                   //     projection (Cell::kHasC cells only), else null
+};
+
+// A direction's workspace ([N, S*H]): op-math values, or, for a bfloat16
+// layer, bfloat16 ones (each float32 value rounded to nearest even as the
+// gate pass stores it, read back exact), as nn's bfloat16 CPU path keeps its
+// saved values: half the training memory of the saved values. Null in
+// inference. point(row, r, u0) sets a row struct's ws or ws16 to row r's
+// unit u0.
+template <typename T>
+struct Workspace {
+  T* ws = nullptr;
+  c10::BFloat16* ws16 = nullptr;
+  int64_t S = 0;  // values per row (Cell::kSaved * H)
+
+  explicit operator bool() const { return ws != nullptr || ws16 != nullptr; }
+  template <typename Row>
+  void point(Row& row, int64_t r, int64_t u0 = 0) const {
+    row.ws = ws != nullptr ? ws + r * S + u0 : nullptr;
+    row.ws16 = ws16 != nullptr ? ws16 + r * S + u0 : nullptr;
+  }
 };
 
 // forward_units: the same over `units` units from the row's pointers (a slice

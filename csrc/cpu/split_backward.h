@@ -186,7 +186,7 @@ void SplitBackward<Cell, scalar_t>::run(const Team& team) {
   const LayerDims& dims = args.dims;
   const Schedule& sched = args.sched;
   const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H, S = Cell::kSaved * H;
-  const int64_t DG = dims.D * G, N = sched.N();
+  const int64_t DG = dims.D * G;
   const int64_t d = d_, parts = parts_, tid = team.rank, nth = team.size;
   const int64_t r0 = rows_.r0, R = rows_.size();
   const bool proj = proj_, kernel = kernel_, bf16 = bf16_, dgh_in_dgx = dgh_in_dgx_;
@@ -199,7 +199,7 @@ void SplitBackward<Cell, scalar_t>::run(const Team& team) {
   scalar_t* dhp_p = proj ? dhp_.data_ptr<scalar_t>() : nullptr;
   const OutputRows<scalar_t> go_rows(args.grad_output), out_rows(args.output);
   const scalar_t* hx_p = args.hx.const_data_ptr<scalar_t>();
-  const scalar_t* ws_p = args.workspace.const_data_ptr<scalar_t>() + d * N * S;
+  const Workspace<scalar_t> ws = workspace_of<scalar_t>(args, d, S);
   // This thread's converted pieces of a bfloat16 layer's grad_output and h_prev.
   const int64_t wide = std::max(H, P);
   std::vector<scalar_t> stage(go_rows.converts() || out_rows.converts() ? 2 * wide : 0);
@@ -275,7 +275,7 @@ void SplitBackward<Cell, scalar_t>::run(const Team& team) {
         row.go = proj ? nullptr : go_of(t, i, u0, u1);
         row.dc = Cell::kHasC ? dc_p + j * H + u0 : nullptr;
         row.prev = Cell::kReadsHPrev ? prev_of(s, t, i, u0, u1) : nullptr;
-        row.ws = ws_p + (sched.offset[s] + i) * S + u0;
+        ws.point(row, sched.offset[s] + i, u0);
         row.dgx = bf16 ? sx + u0 : buf.dgx + pos * DG + d * G + u0;
         row.dgh = !kDiffer ? nullptr : bf16 ? sx + G + u0 : dg + j * ld + u0;
         row.dghn = !kDiffer ? nullptr : bf16 ? sx + 2 * G + u0 : buf.dghn + pos * H + u0;

@@ -61,14 +61,15 @@ namespace cpu {
 // finished. h: [B, P] sorted order (in: h0, out: h_n); c: [B, H]
 // (Cell::kHasC); gx_p: [N, G*H] this direction's input projection (without
 // b_ih), or null: computed in chunks by the loop (ChunkedProjection); bias_p: [2, G*H] its b_ih
-// then b_hh; ws_p: this direction's workspace or null; rows: the sorted
+// then b_hh; ws: this direction's workspace rows (none in inference); rows: the sorted
 // rows this loop runs (their rows of h and c only are read and written).
 template <typename Cell, typename scalar_t>
 class SplitSteps {
  public:
   SplitSteps(ForwardArgs& args, int64_t d, const scalar_t* gx_p, const scalar_t* bias_p,
-             at::Tensor& h, at::Tensor& c, scalar_t* ws_p, int64_t threads, const RowRange& rows)
-      : args_(args), d_(d), gx_p_(gx_p), bias_p_(bias_p), ws_p_(ws_p), rows_(rows) {
+             at::Tensor& h, at::Tensor& c, const Workspace<scalar_t>& ws, int64_t threads,
+             const RowRange& rows)
+      : args_(args), d_(d), gx_p_(gx_p), bias_p_(bias_p), ws_(ws), rows_(rows) {
     const int64_t H = args.dims.H, P = args.dims.P, R = rows.size();
     const auto opts = h.options();
     parts_ = team_parts(H, threads);
@@ -138,7 +139,7 @@ class SplitSteps {
   ForwardArgs& args_;
   const int64_t d_;
   const scalar_t *const gx_p_, *const bias_p_;
-  scalar_t* const ws_p_;
+  const Workspace<scalar_t> ws_;
   const RowRange rows_;
   int64_t parts_ = 1;
   bool kernel_ = false, proj_ = false, bf16_ = false;
@@ -159,7 +160,7 @@ template <typename Cell, typename scalar_t>
 void SplitSteps<Cell, scalar_t>::run(const Team& team) {
   const LayerDims& dims = args_.dims;
   const Schedule& sched = args_.sched;
-  const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H, S = Cell::kSaved * H;
+  const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H;
   const int64_t d = d_, parts = parts_, tid = team.rank, nth = team.size, r0 = rows_.r0;
   const bool proj = proj_, kernel = kernel_, bf16 = bf16_;
   const Bf16GemmScope bf16_scope(bf16);
@@ -215,7 +216,7 @@ void SplitSteps<Cell, scalar_t>::run(const Team& team) {
         // The gate pass writes an op-math output itself (row.h twice otherwise).
         row.out = proj || out.bf16() ? row.h : out.out + output_offset(args_, t, i, d) + u0;
         row.c = Cell::kHasC ? c_p_ + j * H + u0 : nullptr;
-        row.ws = ws_p_ ? ws_p_ + (sched.offset[s] + i) * S + u0 : nullptr;
+        ws_.point(row, sched.offset[s] + i, u0);
         forward_units(Cell{}, row, Hs, H, Hs, chunks ? Hs : H);
         if (bf16 && !proj) round_bf16(hi, Hs, hb_[(s + 1) % 2] + j * P + u0);
         if (out.bf16() && !proj) {
@@ -249,12 +250,12 @@ void SplitSteps<Cell, scalar_t>::run(const Team& team) {
 // Direction d's step loop on all threads (the directions in turn).
 template <typename Cell, typename scalar_t>
 void split_steps(ForwardArgs& args, int64_t d, const scalar_t* gx_p, const scalar_t* bias_p,
-                 at::Tensor& h, at::Tensor& c, scalar_t* ws_p) {
+                 at::Tensor& h, at::Tensor& c, const Workspace<scalar_t>& ws) {
   using Loop = SplitSteps<Cell, scalar_t>;
   auto loops = run_split_loops<Loop>(
       args.dims, args.sched, product_bytes<scalar_t>(args), {{d, at::get_num_threads()}},
       [&](std::deque<Loop>& l, int64_t, int64_t threads, const RowRange& rows) {
-        l.emplace_back(args, d, gx_p, bias_p, h, c, ws_p, threads, rows);
+        l.emplace_back(args, d, gx_p, bias_p, h, c, ws, threads, rows);
       });
   for (Loop& loop : loops) loop.finish();
 }
@@ -264,14 +265,14 @@ void split_steps(ForwardArgs& args, int64_t d, const scalar_t* gx_p, const scala
 // [D, 2, G*H], both directions' biases).
 template <typename Cell, typename scalar_t>
 void concurrent_steps(ForwardArgs& args, const scalar_t* const gx_p[2], const scalar_t* bias_p,
-                      at::Tensor* h, at::Tensor* c, scalar_t* const ws_p[2]) {
+                      at::Tensor* h, at::Tensor* c, const Workspace<scalar_t> ws[2]) {
   using Loop = SplitSteps<Cell, scalar_t>;
   const std::vector<int64_t> halves = direction_halves();
   const int64_t G = Cell::kGates * args.dims.H;
   auto loops = run_split_loops<Loop>(
       args.dims, args.sched, product_bytes<scalar_t>(args), {{0, halves[0]}, {1, halves[1]}},
       [&](std::deque<Loop>& l, int64_t d, int64_t threads, const RowRange& rows) {
-        l.emplace_back(args, d, gx_p[d], bias_p + d * 2 * G, h[d], c[d], ws_p[d], threads, rows);
+        l.emplace_back(args, d, gx_p[d], bias_p + d * 2 * G, h[d], c[d], ws[d], threads, rows);
       });
   for (Loop& loop : loops) loop.finish();
 }
