@@ -51,7 +51,8 @@ struct PackedB16 {
 // unset or =auto the matrix unit where there is one (a CPU with AMX and
 // torch's oneDNN enabled: torch.backends.mkldnn.enabled), else AVX512-BF16
 // where the CPU has it, else kFloat; =float kFloat, keeping every bfloat16
-// layer in float32 throughout; =amx and =avx512 insist on one (an error where
+// layer's products in float32 (its workspace is bfloat16 all the same:
+// layer.h workspace_dtype); =amx and =avx512 insist on one (an error where
 // unavailable; the AVX512-BF16 kernel runs on every CPU with AMX too, so
 // tests there cover both).
 Bf16Unit bf16_unit();

@@ -13,8 +13,9 @@
 // Rows run in the schedule's longest-first order (cpu/schedule.h). Each
 // direction's input projection covers the N valid positions only: in the
 // split loops per thread, a chunk of steps at a time, else one GEMM before
-// the steps (cpu/chunked_projection.h). The workspace ([D, N, S*H]) stores
-// direction d's step s at rows offset[s] + i, so the backward's weight GEMMs cover exactly N rows.
+// the steps (cpu/chunked_projection.h). The workspace ([D, N, S*H], bfloat16
+// for a bfloat16 layer: cpu/rows.h Workspace) stores direction d's step s at
+// rows offset[s] + i, so the backward's weight GEMMs cover exactly N rows.
 // Ragged input needs no gather: its own N rows are the projection's rows.
 #pragma once
 
