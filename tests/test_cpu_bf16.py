@@ -537,7 +537,8 @@ def test_mirror_cells_match_autograd():
     def leaf(*shape):
         return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
 
-    gx, gh, h, c, a, a1 = leaf(B, 3 * Hm), leaf(B, 3 * Hm), leaf(B, Hm), leaf(B, Hm), leaf(B, 4 * Hm), leaf(B, Hm)
+    gx, gh, a = leaf(B, 3 * Hm), leaf(B, 3 * Hm), leaf(B, 4 * Hm)  # GRU's gx, gh; LSTM's gates
+    h, c, a1 = leaf(B, Hm), leaf(B, Hm), leaf(B, Hm)  # states; the RNN's pre-activation
     assert torch.autograd.gradcheck(lambda *t: _MirrorGru.apply(*t, False), (gx, gh, h))
     assert torch.autograd.gradcheck(lambda *t: _MirrorLstm.apply(*t, False), (a, c))
     for relu in (False, True):
@@ -552,7 +553,9 @@ def test_mirror_cells_match_autograd():
     w_hh = torch.randn(1, Hm, Hm, dtype=torch.float64)
     for act in ("tanh", "relu"):
         want = reference._rnn_step(w_hh, None, act)(0, a1, (h,))
-        torch.testing.assert_close(_mirror_steps(False)["_rnn_step"](w_hh, None, act)(0, a1, (h,)), want)
+        torch.testing.assert_close(
+            _mirror_steps(False)["_rnn_step"](w_hh, None, act)(0, a1, (h,)), want
+        )
 
 
 def run_backward_mirror(cell, m, x, lengths, backward, monkeypatch):

@@ -28,7 +28,8 @@ struct ForwardRow {
   T* out;       // [H] also set to h'; may be h itself
   T* c;         // [H] c in, c' out (Cell::kHasC); unused otherwise
   T* ws;        // [S*H] the saved values, or null (inference, or ws16)
-  c10::BFloat16* ws16 = nullptr;  // [S*H] the same rounded to bfloat16 (Workspace)
+  // [S*H] the saved values rounded to bfloat16 (a bfloat16 layer's Workspace)
+  c10::BFloat16* ws16 = nullptr;
 };
 
 // The backward's rows at one (d, s, i).
@@ -42,15 +43,16 @@ struct BackwardRow {
   T* dc;          // [H] (Cell::kHasC) in: the gradient reaching c'; out: c's
   const T* prev;  // [H] h_prev (read only if Cell::kReadsHPrev)
   const T* ws;    // [S*H] the forward's saved values (null with ws16)
-  const c10::BFloat16* ws16 = nullptr;  // [S*H] the same as bfloat16 (Workspace)
-  T* dgx;         // [G*H] input-side gate gradients
-  T* dgh;         // [G*H] hidden-side gate gradients, the operand of this
-                  //     step's GEMM: written only if Cell::kHiddenGradsDiffer
-                  //     (otherwise they equal dgx)
-  T* dghn;        // [H] (kHiddenGradsDiffer) the last gate's hidden-side
-                  //     gradient, kept over all steps for dW_hh (GRU's dn*r)
-  T* hout;        // [H] h' recomputed from ws, kept for dW_hr: with a
-                  //     projection (Cell::kHasC cells only), else null
+  // [S*H] the same as bfloat16 (a bfloat16 layer's Workspace)
+  const c10::BFloat16* ws16 = nullptr;
+  T* dgx;   // [G*H] input-side gate gradients
+  T* dgh;   // [G*H] hidden-side gate gradients, the operand of this
+            //     step's GEMM: written only if Cell::kHiddenGradsDiffer
+            //     (otherwise they equal dgx)
+  T* dghn;  // [H] (kHiddenGradsDiffer) the last gate's hidden-side
+            //     gradient, kept over all steps for dW_hh (GRU's dn*r)
+  T* hout;  // [H] h' recomputed from ws, kept for dW_hr: with a
+            //     projection (Cell::kHasC cells only), else null
 };
 
 // A direction's workspace ([N, S*H]): op-math values, or, for a bfloat16
