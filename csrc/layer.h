@@ -322,7 +322,7 @@ inline void check_backward_args(const Dims& dims, const at::Tensor& input,
   const bool has_c = grad_c_n != nullptr;
   check_state(dims, input, grad_h_n, "grad_h_n", dims.P, has_c ? "P" : "H");
   if (has_c) check_state(dims, input, *grad_c_n, "grad_c_n", dims.H, "H");
-  const std::string SH = gate_rows(dims.S);
+  const std::string SH = dims.S == 0 ? "0" : gate_rows(dims.S);
   TORCH_CHECK(workspace.dim() == 3 && workspace.size(0) == dims.D &&
                   workspace.size(1) == workspace_rows && workspace.size(2) == dims.S * dims.H,
               "workspace must be [D, ", workspace_rows, ", ", SH,

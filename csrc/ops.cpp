@@ -155,7 +155,8 @@ TORCH_LIBRARY(varlen_rnn, m) {
 
   // One Elman RNN layer (torch.nn.RNN): nonlinearity "tanh" or "relu".
   //   w_ih [D, H, I], w_hh [D, H, H], b_ih/b_hh [D, H] or None.
-  // Returns as gru_layer_forward, workspace [D, rows, H].
+  // Returns as gru_layer_forward, workspace [D, rows, H] (h'), but [D, N, 0]
+  // on the CPU, whose backward reads h' from the output it is given.
   const std::string rnn_layer =
       "rnn_layer_forward(Tensor input, Tensor lengths, Tensor hx, Tensor w_ih, "
       "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, str nonlinearity, "

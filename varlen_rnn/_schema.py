@@ -36,12 +36,15 @@ class Cell(NamedTuple):
     states: int  # 1 (h) or 2 (h, c)
     proj: bool  # an optional projection w_hr [D, P, H] after the biases
     options: int  # non-tensor cell arguments after the weights (the RNN's nonlinearity)
+    # The saved values are the output itself (the RNN's h'): the CPU's workspace has no columns
+    # (its backward reads the output), CUDA's has S (csrc/cells/cell.h kSavedIsOutput).
+    saved_is_output: bool = False
 
 
 CELLS = {
     "gru": Cell("gru", 3, 4, 1, False, 0),
     "lstm": Cell("lstm", 4, 5, 2, True, 0),
-    "rnn": Cell("rnn", 1, 1, 1, False, 1),
+    "rnn": Cell("rnn", 1, 1, 1, False, 1, saved_is_output=True),
 }
 
 
@@ -138,6 +141,12 @@ def _reference(cell: Cell, ragged: bool):
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _HALF else dtype
+
+
+def _workspace_width(cell: Cell, input: Tensor) -> int:
+    """S of the forward's [D, rows, S*H] workspace on input's device (csrc/cpu/layer_ops.h
+    cpu_cell_args): none on the CPU where the saved values are the output."""
+    return 0 if cell.saved_is_output and input.device.type == "cpu" else cell.saved
 
 
 def _workspace_dtype(input: Tensor) -> torch.dtype:

@@ -8,8 +8,14 @@
 //
 //   kGates   gate blocks of W_ih / W_hh / b_*: their rows are [kGates*H, ...],
 //            gate g of unit j at row g*H + j (torch.nn's gate order)
-//   kSaved   op-math values the forward saves per unit for the backward: the
+//   kSaved   values the forward saves per unit for the backward: the
 //            workspace is [D, rows, kSaved*H], value k of unit j at k*H + j
+//            (op-math, but a bfloat16 layer's are stored as bfloat16 on the
+//            CPU: layer.h workspace_dtype)
+//   kSavedIsOutput
+//            the saved values are the cell's output h' itself (the RNN's), so
+//            a backend may read them from the layer's output instead (the
+//            CPU's workspace then has no columns: cpu/layer_ops.h)
 //   kHasC    the cell carries a second state c beside h (LSTM)
 //   kHiddenGradsDiffer
 //            the hidden-side gate gradients (the operand of the W_hh^T GEMM

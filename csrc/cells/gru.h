@@ -15,6 +15,7 @@ namespace varlen_rnn {
 struct GruCell {
   static constexpr int kGates = 3;
   static constexpr int kSaved = 4;
+  static constexpr bool kSavedIsOutput = false;
   static constexpr bool kHasC = false;
   static constexpr bool kHiddenGradsDiffer = true;  // hidden-side n: dn * r
   static constexpr bool kReadsHPrev = true;

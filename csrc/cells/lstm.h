@@ -23,6 +23,7 @@ namespace varlen_rnn {
 struct LstmCell {
   static constexpr int kGates = 4;
   static constexpr int kSaved = 5;
+  static constexpr bool kSavedIsOutput = false;
   static constexpr bool kHasC = true;
   static constexpr bool kHiddenGradsDiffer = false;
   static constexpr bool kReadsHPrev = false;

@@ -12,6 +12,7 @@ template <bool kRelu>
 struct RnnCell {
   static constexpr int kGates = 1;
   static constexpr int kSaved = 1;
+  static constexpr bool kSavedIsOutput = true;  // h' (no projection)
   static constexpr bool kHasC = false;
   static constexpr bool kHiddenGradsDiffer = false;
   static constexpr bool kReadsHPrev = false;

@@ -297,6 +297,13 @@ class OutputRows {
   }
   // The bfloat16 values themselves (converts() only).
   const at::BFloat16* bf16(int64_t off) const { return p16_ + off; }
+  // A backward row's saved values at offset off, where they are the output
+  // (Cell::kSavedIsOutput): in place, as scalar_t or bfloat16.
+  template <typename Row>
+  void point(Row& row, int64_t off) const {
+    row.ws = p_ != nullptr ? p_ + off : nullptr;
+    row.ws16 = p16_ != nullptr ? p16_ + off : nullptr;
+  }
 
  private:
   const scalar_t* p_ = nullptr;

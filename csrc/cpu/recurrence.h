@@ -62,7 +62,7 @@ template <typename Cell, typename scalar_t>
 void forward_impl(ForwardArgs& args) {
   const LayerDims& dims = args.dims;
   const Schedule& sched = args.sched;
-  const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H, S = Cell::kSaved * H;
+  const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H, S = dims.S * H;
   const bool proj = args.w_hr.defined();
   const auto opts = args.opts();
   const SortedOrder order(sched);
@@ -253,7 +253,7 @@ void backward_impl(BackwardArgs& args) {
   constexpr bool kDiffer = Cell::kHiddenGradsDiffer;
   const LayerDims& dims = args.dims;
   const Schedule& sched = args.sched;
-  const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H, S = Cell::kSaved * H;
+  const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H, S = dims.S * H;
   const int64_t DG = dims.D * G, N = sched.N();
   const bool proj = args.w_hr.defined();
   // The projection is the LSTM's, whose cell math does not read h_prev: the
@@ -433,7 +433,11 @@ void backward_impl(BackwardArgs& args) {
                      : reads_prev ? out_rows.at(output_offset(args, prev_time(d, t), i, d), P,
                                                 buf.data() + H)
                                   : nullptr;
-          ws.point(row, sched.offset[s] + i);
+          if constexpr (Cell::kSavedIsOutput) {  // cpu_cell_args
+            out_rows.point(row, output_offset(args, t, i, d));
+          } else {
+            ws.point(row, sched.offset[s] + i);
+          }
           row.dgx = bf16 ? dgf_p + i * G : dgx_p + pos * DG + d * G;
           row.dgh = kDiffer ? dgh_p + i * G : nullptr;
           row.dghn = !kDiffer ? nullptr : bf16 ? dgn_p + i * H : dghn_p + pos * H;

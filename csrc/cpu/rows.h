@@ -65,7 +65,7 @@ template <typename T>
 struct Workspace {
   T* ws = nullptr;
   c10::BFloat16* ws16 = nullptr;
-  int64_t S = 0;  // values per row (Cell::kSaved * H)
+  int64_t S = 0;  // values per row (the layer's dims.S * H)
 
   explicit operator bool() const { return ws != nullptr || ws16 != nullptr; }
   template <typename Row>

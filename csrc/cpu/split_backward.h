@@ -185,7 +185,7 @@ void SplitBackward<Cell, scalar_t>::run(const Team& team) {
   const BackwardArgs& args = args_;
   const LayerDims& dims = args.dims;
   const Schedule& sched = args.sched;
-  const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H, S = Cell::kSaved * H;
+  const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H, S = dims.S * H;
   const int64_t DG = dims.D * G;
   const int64_t d = d_, parts = parts_, tid = team.rank, nth = team.size;
   const int64_t r0 = rows_.r0, R = rows_.size();
@@ -275,7 +275,11 @@ void SplitBackward<Cell, scalar_t>::run(const Team& team) {
         row.go = proj ? nullptr : go_of(t, i, u0, u1);
         row.dc = Cell::kHasC ? dc_p + j * H + u0 : nullptr;
         row.prev = Cell::kReadsHPrev ? prev_of(s, t, i, u0, u1) : nullptr;
-        ws.point(row, sched.offset[s] + i, u0);
+        if constexpr (Cell::kSavedIsOutput) {  // cpu_cell_args
+          out_rows.point(row, output_offset(args, t, i, d) + u0);
+        } else {
+          ws.point(row, sched.offset[s] + i, u0);
+        }
         row.dgx = bf16 ? sx + u0 : buf.dgx + pos * DG + d * G + u0;
         row.dgh = !kDiffer ? nullptr : bf16 ? sx + G + u0 : dg + j * ld + u0;
         row.dghn = !kDiffer ? nullptr : bf16 ? sx + 2 * G + u0 : buf.dghn + pos * H + u0;
