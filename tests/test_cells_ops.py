@@ -7,15 +7,20 @@ import io
 
 import pytest
 import torch
-from testing import ALL_DEVICES, CELL_KINDS, assert_close, make_cell_pair, tensors_of
+from testing import (
+    ALL_DEVICES,
+    CELL_KINDS,
+    OPCHECK_DTYPES,
+    assert_close,
+    make_cell_pair,
+    tensors_of,
+)
 from torch import nn
 from torch.optim.sgd import sgd
 
 import varlen_rnn
 
 ops = torch.ops.varlen_rnn
-# bfloat16: the fake kernels know its workspace dtype (bfloat16 on the CPU, float32 on CUDA).
-OPCHECK_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 F64 = torch.float64
 KINDS = sorted(CELL_KINDS)
 LENGTHS = (3, 5, 0, 1)  # padded and offsets layouts: a zero length, unsorted

@@ -2,13 +2,11 @@
 
 import pytest
 import torch
-from testing import ALL_DEVICES, assert_close, gru_op_args
+from testing import ALL_DEVICES, OPCHECK_DTYPES, assert_close, gru_op_args
 
 import varlen_rnn
 
 ops = torch.ops.varlen_rnn
-# bfloat16: the fake kernels know its workspace dtype (bfloat16 on the CPU, float32 on CUDA).
-OPCHECK_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
 
 def _forward_args(device, dtype, D=2, bias=True, batch_first=False, need_workspace=True, **kw):

@@ -90,14 +90,14 @@ struct BackwardArgs : ForwardArgs {
   }
 };
 
-// Direction d's rows of args.workspace (S values each), bfloat16 or op-math
-// as the forward allocated it (cpu/layer_ops.h); none in inference.
+// Direction d's rows of args.workspace (dims.S * H values each), bfloat16 or
+// op-math as the forward allocated it (cpu/layer_ops.h); none in inference.
 template <typename scalar_t>
-Workspace<scalar_t> workspace_of(const ForwardArgs& args, int64_t d, int64_t S) {
+Workspace<scalar_t> workspace_of(const ForwardArgs& args, int64_t d) {
   Workspace<scalar_t> w;
-  w.S = S;
+  w.S = args.dims.S * args.dims.H;
   if (args.workspace.numel() == 0) return w;
-  const int64_t first = d * args.sched.N() * S;
+  const int64_t first = d * args.sched.N() * w.S;
   if (args.workspace.scalar_type() == at::kBFloat16) {
     w.ws16 = args.workspace.data_ptr<at::BFloat16>() + first;
   } else {

@@ -62,7 +62,7 @@ template <typename Cell, typename scalar_t>
 void forward_impl(ForwardArgs& args) {
   const LayerDims& dims = args.dims;
   const Schedule& sched = args.sched;
-  const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H, S = dims.S * H;
+  const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H;
   const bool proj = args.w_hr.defined();
   const auto opts = args.opts();
   const SortedOrder order(sched);
@@ -91,8 +91,6 @@ void forward_impl(ForwardArgs& args) {
   const scalar_t* gh_p = gemm_loop ? gh.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* hraw_p = hraw.defined() ? hraw.data_ptr<scalar_t>() : nullptr;
   const OutputWriter<scalar_t> out(args.output);
-  // direction d's workspace rows (none in inference)
-  auto ws_of = [&](int64_t d) { return workspace_of<scalar_t>(args, d, S); };
   // [N, G*H], or none where chunked; where stored, on W_ih as stored too
   // (whole_projection with few).
   auto projection = [&](int64_t d) {
@@ -111,7 +109,8 @@ void forward_impl(ForwardArgs& args) {
     }
     const scalar_t* const gx_p[2] = {chunked ? nullptr : gx[0].const_data_ptr<scalar_t>(),
                                      chunked ? nullptr : gx[1].const_data_ptr<scalar_t>()};
-    const Workspace<scalar_t> ws[2] = {ws_of(0), ws_of(1)};
+    const Workspace<scalar_t> ws[2] = {workspace_of<scalar_t>(args, 0),
+                                       workspace_of<scalar_t>(args, 1)};
     concurrent_steps<Cell, scalar_t>(args, gx_p, bias.const_data_ptr<scalar_t>(), h, c, ws);
     for (int64_t d = 0; d < 2; ++d) {
       order.scatter(args.h_n[d], h[d]);
@@ -150,7 +149,7 @@ void forward_impl(ForwardArgs& args) {
     const scalar_t* bias_p = bias.const_data_ptr<scalar_t>() + d * 2 * G;
     scalar_t* h_p = h.data_ptr<scalar_t>();
     scalar_t* c_p = Cell::kHasC ? c.data_ptr<scalar_t>() : nullptr;
-    const Workspace<scalar_t> ws = ws_of(d);
+    const Workspace<scalar_t> ws = workspace_of<scalar_t>(args, d);  // none in inference
     if (!gemm_loop) {  // the same steps, split by units or rows (cpu/split_steps.h)
       split_steps<Cell, scalar_t>(args, d, gx_p, bias_p, h, c, ws);
     }
@@ -253,7 +252,7 @@ void backward_impl(BackwardArgs& args) {
   constexpr bool kDiffer = Cell::kHiddenGradsDiffer;
   const LayerDims& dims = args.dims;
   const Schedule& sched = args.sched;
-  const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H, S = dims.S * H;
+  const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H;
   const int64_t DG = dims.D * G, N = sched.N();
   const bool proj = args.w_hr.defined();
   // The projection is the LSTM's, whose cell math does not read h_prev: the
@@ -394,7 +393,7 @@ void backward_impl(BackwardArgs& args) {
     at::Tensor dc = Cell::kHasC ? order.gather(args.grad_c_n[d]) : at::Tensor();  // [B, H]
     scalar_t* dh_p = dh.data_ptr<scalar_t>();
     scalar_t* dc_p = Cell::kHasC ? dc.data_ptr<scalar_t>() : nullptr;
-    const Workspace<scalar_t> ws = workspace_of<scalar_t>(args, d, S);
+    const Workspace<scalar_t> ws = workspace_of<scalar_t>(args, d);
     const at::Tensor w_hh_d = args.w_hh[d];  // [G*H, P]
     const PackedB16 w_hh16 =
         bf16 && !split ? pack_b16(G, P, w_hh_d.const_data_ptr<at::BFloat16>(), P, 1) : PackedB16{};

@@ -67,7 +67,6 @@ struct Workspace {
   c10::BFloat16* ws16 = nullptr;
   int64_t S = 0;  // values per row (the layer's dims.S * H)
 
-  explicit operator bool() const { return ws != nullptr || ws16 != nullptr; }
   template <typename Row>
   void point(Row& row, int64_t r, int64_t u0 = 0) const {
     row.ws = ws != nullptr ? ws + r * S + u0 : nullptr;

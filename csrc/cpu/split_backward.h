@@ -185,7 +185,7 @@ void SplitBackward<Cell, scalar_t>::run(const Team& team) {
   const BackwardArgs& args = args_;
   const LayerDims& dims = args.dims;
   const Schedule& sched = args.sched;
-  const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H, S = dims.S * H;
+  const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H;
   const int64_t DG = dims.D * G;
   const int64_t d = d_, parts = parts_, tid = team.rank, nth = team.size;
   const int64_t r0 = rows_.r0, R = rows_.size();
@@ -199,7 +199,7 @@ void SplitBackward<Cell, scalar_t>::run(const Team& team) {
   scalar_t* dhp_p = proj ? dhp_.data_ptr<scalar_t>() : nullptr;
   const OutputRows<scalar_t> go_rows(args.grad_output), out_rows(args.output);
   const scalar_t* hx_p = args.hx.const_data_ptr<scalar_t>();
-  const Workspace<scalar_t> ws = workspace_of<scalar_t>(args, d, S);
+  const Workspace<scalar_t> ws = workspace_of<scalar_t>(args, d);
   // This thread's converted pieces of a bfloat16 layer's grad_output and h_prev.
   const int64_t wide = std::max(H, P);
   std::vector<scalar_t> stage(go_rows.converts() || out_rows.converts() ? 2 * wide : 0);
