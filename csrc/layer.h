@@ -5,7 +5,7 @@
 //   I  input features                  H  hidden features
 //   D  directions (1, or 2 if bidirectional)
 //   G  gates of the cell (GRU 3: r|z|n, LSTM 4: i|f|g|o, RNN 1; torch.nn's order)
-//   S  values the cell saves per unit for the backward (csrc/cells/)
+//   S  values per unit the workspace keeps for the backward (cells/cell.h kWorkspaceSaved)
 //   P  the state and output width: the LSTM's proj_size, else H
 //   N  sum of lengths: the valid (t, b) positions
 // Padded tensors are time-major [T, B, ...] unless batch_first ([B, T, ...]).
@@ -20,12 +20,14 @@
 #include <string_view>
 #include <vector>
 
+#include "cells/cell.h"
+
 namespace varlen_rnn {
 
 struct LayerDims {
   int64_t T, B, I, H, D;
   bool batch_first;
-  int64_t G = 3, S = 4;  // the cell's gates and saved values (GRU unless set)
+  int64_t G = 3, S = 4;  // the cell's gates and workspace values (GRU unless set)
   int64_t P = 0;         // state width: H, or the LSTM's proj_size
   // output's shape: [T, B, D*P], or [B, T, D*P] if batch_first.
   std::vector<int64_t> output_sizes() const {
@@ -43,11 +45,11 @@ inline at::ScalarType opmath_dtype(at::ScalarType t) {
 }
 
 // The workspace's dtype (the saved values the backward reads): the op-math
-// one, but bfloat16 for a bfloat16 input on the CPU, where the gate pass
-// rounds each saved value once as it stores it (cpu/rows.h Workspace), as
-// nn's bfloat16 CPU path keeps its saved values in bfloat16.
-inline at::ScalarType workspace_dtype(at::ScalarType input, c10::Device device) {
-  return input == at::kBFloat16 && device.is_cpu() ? input : opmath_dtype(input);
+// one, but bfloat16 for a bfloat16 input, where the forward rounds each saved
+// value once as it stores it (cpu/rows.h Workspace; the CUDA kernels'
+// workspace_t), as nn's bfloat16 CPU path keeps its saved values in bfloat16.
+inline at::ScalarType workspace_dtype(at::ScalarType input) {
+  return input == at::kBFloat16 ? input : opmath_dtype(input);
 }
 
 // Kernels call ATen GEMMs internally; under torch.autocast those would be
@@ -68,14 +70,14 @@ inline void check_same_device_dtype(const at::Tensor& ref, const at::Tensor& t, 
 // default is the GRU's.
 struct CellArgs {
   int64_t gates = 3;                                // Cell::kGates
-  int64_t saved = 4;                                // Cell::kSaved
+  int64_t saved = 4;                                // kWorkspaceSaved<Cell> (cells/cell.h)
   const at::Tensor* cx = nullptr;                   // [D, B, H] for a cell with c (LSTM)
   const std::optional<at::Tensor>* w_hr = nullptr;  // [D, P, H] or None (LSTM's projection)
 
   template <typename Cell>
   static CellArgs of(const at::Tensor* cx = nullptr,
                      const std::optional<at::Tensor>* w_hr = nullptr) {
-    return CellArgs{Cell::kGates, Cell::kSaved, cx, w_hr};
+    return CellArgs{Cell::kGates, kWorkspaceSaved<Cell>, cx, w_hr};
   }
   bool has_c() const { return cx != nullptr; }
 };
@@ -329,7 +331,7 @@ inline void check_backward_args(const Dims& dims, const at::Tensor& input,
               "] as this backend's "
               "forward (need_workspace=True) returns it, got shape ",
               workspace.sizes());
-  const auto ws_dtype = workspace_dtype(input.scalar_type(), input.device());
+  const auto ws_dtype = workspace_dtype(input.scalar_type());
   TORCH_CHECK(workspace.device() == input.device() && workspace.scalar_type() == ws_dtype,
               "workspace must be a ", ws_dtype, " tensor on ", input.device(),
               " as the forward returns it, got ", workspace.scalar_type(), " on ",

@@ -45,7 +45,7 @@ TORCH_LIBRARY(varlen_rnn, m) {
   //   h_n       [D, B, H]: state after each row's own last valid step
   //             (the reverse direction starts at that step), hx where length 0
   //   workspace [D, rows, 4H] when need_workspace (the op-math dtype, but
-  //             bfloat16 for a bfloat16 input on the CPU: layer.h), else
+  //             bfloat16 for a bfloat16 input: layer.h), else
   //             [0]: what the backward needs. Its rows and their layout are
   //             the backend's: N = sum(lengths) on the CPU (nothing for
   //             padding), T*B on CUDA (N is not known without a host sync).
@@ -155,8 +155,8 @@ TORCH_LIBRARY(varlen_rnn, m) {
 
   // One Elman RNN layer (torch.nn.RNN): nonlinearity "tanh" or "relu".
   //   w_ih [D, H, I], w_hh [D, H, H], b_ih/b_hh [D, H] or None.
-  // Returns as gru_layer_forward, workspace [D, rows, H] (h'), but [D, N, 0]
-  // on the CPU, whose backward reads h' from the output it is given.
+  // Returns as gru_layer_forward, workspace [D, rows, 0]: the backward reads
+  // h' (what the cell saves) from the output it is given.
   const std::string rnn_layer =
       "rnn_layer_forward(Tensor input, Tensor lengths, Tensor hx, Tensor w_ih, "
       "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, str nonlinearity, "

@@ -301,8 +301,8 @@ def test_rnn_weights_have_one_gate_block():
         op_forward(layer.replace(w_hh=z(1, 3 * H, H)), batch)
     with pytest.raises(RuntimeError, match=r"hx must be \[D, B, H\] = \[1, 3, 5\]"):
         op_forward(layer.replace(hx=z(1, 3, 4)), batch)
-    # The CPU's workspace has no columns (the backward reads h' from the output): one of
-    # H columns, CUDA's, is refused.
+    # The workspace has no columns (the backward reads h' from the output): one of H columns
+    # (what the forward returned before 7d819f2) is refused.
     out, h_n, _, ws = op_forward(layer, batch)
     assert ws.shape == (1, 6, 0)
     with pytest.raises(RuntimeError, match=r"workspace must be \[D, 6, 0\]"):

@@ -19,8 +19,8 @@ ALL_DEVICES = [
     pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")),
 ]
 DTYPES = [torch.float32, torch.float64]
-# opcheck's dtypes: bfloat16 too, whose workspace dtype the fake kernels must know (bfloat16 on
-# the CPU, float32 on CUDA).
+# opcheck's dtypes: bfloat16 too, whose workspace dtype the fake kernels must know (bfloat16,
+# where float16's is float32).
 OPCHECK_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 # Absolute/relative tolerance of a comparison with torch.nn.GRU + packing.
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=1e-4)}

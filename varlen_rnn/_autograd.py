@@ -20,7 +20,6 @@ from ._schema import (
     _reference,
     _unsqueezed,
     _workspace_dtype,
-    _workspace_width,
 )
 
 
@@ -56,7 +55,7 @@ def _forward_fake(cell: Cell, ragged: bool, args):
         else:
             rows = torch.library.get_ctx().new_dynamic_size()
     finals = [input.new_empty((D, B, P))] + [input.new_empty((D, B, H))] * (cell.states - 1)
-    shape = (D, rows, _workspace_width(cell, input) * H) if need_workspace else (0,)
+    shape = (D, rows, cell.saved * H) if need_workspace else (0,)
     workspace = input.new_empty(shape, dtype=_workspace_dtype(input))
     return (output, *finals, workspace)
 

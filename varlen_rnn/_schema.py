@@ -32,19 +32,18 @@ class Cell(NamedTuple):
 
     name: str  # the ops are {name}_layer[_ragged]_forward / _backward
     gates: int  # G: w_ih is [D, G*H, I]
-    saved: int  # S: the workspace is [D, rows, S*H]
+    # S: the workspace is [D, rows, S*H]; 0 where the saved values are the output itself (the
+    # RNN's h': its backward reads the output; csrc/cells/cell.h kWorkspaceSaved).
+    saved: int
     states: int  # 1 (h) or 2 (h, c)
     proj: bool  # an optional projection w_hr [D, P, H] after the biases
     options: int  # non-tensor cell arguments after the weights (the RNN's nonlinearity)
-    # The saved values are the output itself (the RNN's h'): the CPU's workspace has no columns
-    # (its backward reads the output), CUDA's has S (csrc/cells/cell.h kSavedIsOutput).
-    saved_is_output: bool = False
 
 
 CELLS = {
     "gru": Cell("gru", 3, 4, 1, False, 0),
     "lstm": Cell("lstm", 4, 5, 2, True, 0),
-    "rnn": Cell("rnn", 1, 1, 1, False, 1, saved_is_output=True),
+    "rnn": Cell("rnn", 1, 0, 1, False, 1),
 }
 
 
@@ -143,18 +142,10 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _HALF else dtype
 
 
-def _workspace_width(cell: Cell, input: Tensor) -> int:
-    """S of the forward's [D, rows, S*H] workspace on input's device (csrc/cpu/layer_ops.h
-    cpu_cell_args): none on the CPU where the saved values are the output."""
-    return 0 if cell.saved_is_output and input.device.type == "cpu" else cell.saved
-
-
 def _workspace_dtype(input: Tensor) -> torch.dtype:
     """The forward's workspace dtype (csrc/layer.h workspace_dtype): the op-math one, but
-    bfloat16 for a bfloat16 input on the CPU, whose kernels save their values rounded."""
-    if input.dtype == torch.bfloat16 and input.device.type == "cpu":
-        return torch.bfloat16
-    return _opmath(input.dtype)
+    bfloat16 for a bfloat16 input, whose kernels save their values rounded."""
+    return torch.bfloat16 if input.dtype == torch.bfloat16 else _opmath(input.dtype)
 
 
 def _unsqueezed(weights) -> list:

@@ -30,18 +30,6 @@ struct BackwardResult {
   at::Tensor grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr;
 };
 
-// The cell's arguments on the CPU: a cell whose saved values are its output
-// (Cell::kSavedIsOutput: the RNN's h') saves none, its backward reads them
-// from the output the op is given (OutputRows::point): the workspace is
-// [D, N, 0], and the output is not held twice (B=64 T=100 H=256: 6.25 MiB
-// in float32).
-template <typename Cell>
-CellArgs cpu_cell_args(const WeightInputs& w) {
-  CellArgs cell = CellArgs::of<Cell>(w.cx, w.w_hr);
-  if (Cell::kSavedIsOutput) cell.saved = 0;
-  return cell;
-}
-
 // The part of each forward op after its arguments are set and its output is
 // allocated: the results in the input's dtype.
 template <typename Cell>
@@ -50,7 +38,7 @@ ForwardResult run_forward(ForwardArgs& args, at::ScalarType dtype, bool need_wor
   const auto opts = args.opts();
   args.h_n = at::empty({dims.D, dims.B, dims.P}, opts);
   if (Cell::kHasC) args.c_n = at::empty({dims.D, dims.B, dims.H}, opts);
-  const auto opts_ws = opts.dtype(workspace_dtype(dtype, opts.device()));
+  const auto opts_ws = opts.dtype(workspace_dtype(dtype));
   args.workspace = need_workspace ? empty_large({dims.D, args.sched.N(), dims.S * dims.H}, opts_ws)
                                   : at::empty({0}, opts_ws);
   AT_DISPATCH_FLOATING_TYPES(args.hx.scalar_type(), "varlen_rnn_layer_forward_cpu",
@@ -113,7 +101,7 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& lengths,
                             const WeightInputs& w, bool batch_first, bool need_workspace) {
   const NoAutocastGuard no_autocast;
   ForwardArgs args;
-  set_layer_args(args, cpu_cell_args<Cell>(w), input, lengths, w, batch_first);
+  set_layer_args(args, CellArgs::of<Cell>(w.cx, w.w_hr), input, lengths, w, batch_first);
   const LayerDims& dims = args.dims;
   args.output = empty_large(dims.output_sizes(), args.output_opts());
   if (args.sched.N() < dims.T * dims.B) {  // zeros at the padding
@@ -133,7 +121,7 @@ BackwardResult layer_backward(const at::Tensor& grad_output, const at::Tensor& g
   const NoAutocastGuard no_autocast;
   BackwardArgs args;
   args.set_output_mask(output_mask);
-  set_layer_args(args, cpu_cell_args<Cell>(w), input, lengths, w, batch_first);
+  set_layer_args(args, CellArgs::of<Cell>(w.cx, w.w_hr), input, lengths, w, batch_first);
   check_backward_args(args.dims, input, grad_output, grad_h_n, output, workspace, args.sched.N(),
                       grad_c_n);
   return run_backward<Cell>(args, input, grad_output, grad_h_n, grad_c_n, output, workspace);
@@ -146,7 +134,7 @@ ForwardResult ragged_forward(const at::Tensor& input, const at::Tensor& seq_inde
                              int64_t max_len, const WeightInputs& w, bool need_workspace) {
   const NoAutocastGuard no_autocast;
   ForwardArgs args;
-  const RaggedDims dims = set_ragged_args(args, cpu_cell_args<Cell>(w), input, seq_index,
+  const RaggedDims dims = set_ragged_args(args, CellArgs::of<Cell>(w.cx, w.w_hr), input, seq_index,
                                           sorted_indices, layout, max_len, w);
   args.output = empty_large(dims.output_sizes(), args.output_opts());
   return run_forward<Cell>(args, input.scalar_type(), need_workspace);
@@ -162,7 +150,7 @@ BackwardResult ragged_backward(const at::Tensor& grad_output, const at::Tensor& 
   const NoAutocastGuard no_autocast;
   BackwardArgs args;
   args.set_output_mask(output_mask);
-  const RaggedDims dims = set_ragged_args(args, cpu_cell_args<Cell>(w), input, seq_index,
+  const RaggedDims dims = set_ragged_args(args, CellArgs::of<Cell>(w.cx, w.w_hr), input, seq_index,
                                           sorted_indices, layout, max_len, w);
   check_backward_args(dims, input, grad_output, grad_h_n, output, workspace, dims.N, grad_c_n);
   return run_backward<Cell>(args, input, grad_output, grad_h_n, grad_c_n, output, workspace);

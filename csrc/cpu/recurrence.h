@@ -432,7 +432,7 @@ void backward_impl(BackwardArgs& args) {
                      : reads_prev ? out_rows.at(output_offset(args, prev_time(d, t), i, d), P,
                                                 buf.data() + H)
                                   : nullptr;
-          if constexpr (Cell::kSavedIsOutput) {  // cpu_cell_args
+          if constexpr (Cell::kSavedIsOutput) {  // kWorkspaceSaved: no workspace columns
             out_rows.point(row, output_offset(args, t, i, d));
           } else {
             ws.point(row, sched.offset[s] + i);

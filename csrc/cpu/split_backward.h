@@ -275,7 +275,7 @@ void SplitBackward<Cell, scalar_t>::run(const Team& team) {
         row.go = proj ? nullptr : go_of(t, i, u0, u1);
         row.dc = Cell::kHasC ? dc_p + j * H + u0 : nullptr;
         row.prev = Cell::kReadsHPrev ? prev_of(s, t, i, u0, u1) : nullptr;
-        if constexpr (Cell::kSavedIsOutput) {  // cpu_cell_args
+        if constexpr (Cell::kSavedIsOutput) {  // kWorkspaceSaved: no workspace columns
           out_rows.point(row, output_offset(args, t, i, d) + u0);
         } else {
           ws.point(row, sched.offset[s] + i, u0);

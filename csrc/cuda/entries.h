@@ -61,9 +61,9 @@ void make_forward_outputs(ForwardCall& c, const std::vector<int64_t>& out_sizes,
   c.out = at::empty(out_sizes, c.opts);
   c.h_n = at::empty({dims.D, dims.B, c.P}, c.opts);
   if constexpr (Cell::kHasC) c.c_n = at::empty({dims.D, dims.B, dims.H}, c.opts);
-  c.ws = need_workspace
-             ? at::empty({dims.D, c.rows.R, Cell::kSaved * dims.H}, c.opts.dtype(c.acc_type))
-             : at::empty({0}, c.opts.dtype(c.acc_type));
+  const auto ws_opts = c.opts.dtype(workspace_dtype(c.opts.dtype().toScalarType()));
+  c.ws = need_workspace ? at::empty({dims.D, c.rows.R, dims.S * dims.H}, ws_opts)
+                        : at::empty({0}, ws_opts);
 }
 
 // Where no step runs: h_n = hx, c_n = cx.

@@ -149,7 +149,7 @@ bool persistent_forward(const ForwardCall& c, const plan::Choice& choice) {
   a.hown = ptr_or_null<acc_t>(hown);
   a.out = c.out.data_ptr<scalar_t>();
   a.h_n = c.h_n.data_ptr<scalar_t>();
-  a.ws = c.need_workspace ? c.ws.data_ptr<acc_t>() : nullptr;
+  a.ws = c.need_workspace ? c.ws.data_ptr<workspace_t<scalar_t, acc_t>>() : nullptr;
   a.cx = ptr_or_null<scalar_t>(c.cx);
   a.cbuf = ptr_or_null<acc_t>(cbuf);
   a.c_n = ptr_or_null<scalar_t>(c.c_n);
@@ -187,8 +187,9 @@ void fallback_forward(const ForwardCall& c) {
             c.gx.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(c.b_hh),
             l.lens.data_ptr<int>(), h.data_ptr<acc_t>(), half ? h_lo.data_ptr<scalar_t>() : nullptr,
             ptr_or_null<acc_t>(cs), kProj ? hcell.data_ptr<scalar_t>() : c.out.data_ptr<scalar_t>(),
-            c.need_workspace ? c.ws.data_ptr<acc_t>() : nullptr, static_cast<int>(s),
-            static_cast<int>(B), static_cast<int>(H), static_cast<int>(D), c.rows.map, c.rows.R);
+            c.need_workspace ? c.ws.data_ptr<workspace_t<scalar_t, acc_t>>() : nullptr,
+            static_cast<int>(s), static_cast<int>(B), static_cast<int>(H), static_cast<int>(D),
+            c.rows.map, c.rows.R);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if constexpr (kProj) {
       at::bmm_out(hr, hcell, w_hr_t);  // [D, B, H] @ [D, H, P]

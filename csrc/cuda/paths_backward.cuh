@@ -52,7 +52,7 @@ bool persistent_backward(const BackwardCall& c, const plan::Choice& choice) {
   a.out = c.out.data_ptr<scalar_t>();
   a.hx = c.hx.data_ptr<scalar_t>();
   a.grad_h_n = c.grad_h_n.data_ptr<scalar_t>();
-  a.ws = c.ws.data_ptr<acc_t>();
+  a.ws = c.ws.data_ptr<workspace_t<scalar_t, acc_t>>();
   a.w_hh = c.w_hh.data_ptr<scalar_t>();
   a.dh = dh.data_ptr<acc_t>();
   a.dgx = c.dgx.data_ptr<scalar_t>();
@@ -108,7 +108,7 @@ void fallback_backward(const BackwardCall& c) {
     fallback_backward_step_kernel<Cell, kProj, scalar_t, acc_t>
         <<<blocks, kPointwiseThreads, 0, c.stream>>>(
             c.grad_out.data_ptr<scalar_t>(), c.out.data_ptr<scalar_t>(), c.hx.data_ptr<scalar_t>(),
-            c.ws.data_ptr<acc_t>(), l.lens.data_ptr<int>(),
+            c.ws.data_ptr<workspace_t<scalar_t, acc_t>>(), l.lens.data_ptr<int>(),
             kProj ? nullptr : dh_a.data_ptr<acc_t>(),
             kProj ? dhcell.data_ptr<scalar_t>() : dh_b.data_ptr<scalar_t>(),
             kProj ? nullptr : dh_a_next.data_ptr<acc_t>(), ptr_or_null<acc_t>(dc),

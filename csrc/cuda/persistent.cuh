@@ -10,10 +10,11 @@
 //
 // Both kernels are templates on the cell policy (csrc/cells/): the forward's
 // work item is one unit's Cell::kGates rows of W_hh, the pointwise part is
-// Cell::forward / Cell::backward, the workspace holds Cell::kSaved values per
-// unit. A cell with kHasC (LSTM) keeps c, and its gradient, in a buffer
-// [D, B, H] of which each block reads and writes only its own units: c never
-// crosses blocks, so it needs no exchange and no barrier of its own.
+// Cell::forward / Cell::backward, the workspace holds the cell's saved values
+// per unit (none where they are the output: pointwise.cuh load_saved). A cell
+// with kHasC (LSTM) keeps c, and its gradient, in a buffer [D, B, H] of which
+// each block reads and writes only its own units: c never crosses blocks, so
+// it needs no exchange and no barrier of its own.
 //
 // The pieces both kernels share (staging, tile_matvec, the common args):
 // persistent_common.cuh. Row conventions: see pointwise.cuh.
@@ -46,14 +47,14 @@ struct PersistentForwardArgs : PersistentCommonArgs {
   // tile_t<kMma, scalar_t, acc_t>: acc_t, or the 16-bit storage type on tensor cores (the
   // mma rounds its operand to that type anyway, so the half-size copy changes no result).
   void* hbuf;
-  acc_t* hown;         // [D, B, H] the state of each block's own units where hbuf is 16-bit
-                       // and the cell reads h (kReadsHPrev), else nullptr
-  scalar_t* out;       // [R, D*H]
-  scalar_t* h_n;       // [D, B, H]
-  acc_t* ws;           // [D, R, SH] or nullptr
-  const scalar_t* cx;  // [D, B, H] (kHasC), else nullptr
-  acc_t* cbuf;         // [D, B, H] c, each block its own units (kHasC)
-  scalar_t* c_n;       // [D, B, H] (kHasC)
+  acc_t* hown;    // [D, B, H] the state of each block's own units where hbuf is 16-bit
+                  // and the cell reads h (kReadsHPrev), else nullptr
+  scalar_t* out;  // [R, D*H]
+  scalar_t* h_n;  // [D, B, H]
+  workspace_t<scalar_t, acc_t>* ws;  // [D, R, SH] (pointwise.cuh) or nullptr
+  const scalar_t* cx;                // [D, B, H] (kHasC), else nullptr
+  acc_t* cbuf;                       // [D, B, H] c, each block its own units (kHasC)
+  scalar_t* c_n;                     // [D, B, H] (kHasC)
 };
 
 // Dynamic shared memory: tile [tile_rows][kc_stride] x_t | acc_s [items][G][kRows]
@@ -164,9 +165,8 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
           a.cbuf[coff] = next.c;
           if (s == len - 1) a.c_n[coff] = static_cast<scalar_t>(next.c);
         }
-        if (a.ws != nullptr) {
-          store_cols(a.ws + (static_cast<int64_t>(d) * a.R + row) * Cell::kSaved * H, j, H, saved);
-        }
+        store_saved<Cell>(a.ws, (static_cast<int64_t>(d) * a.R + row) * Cell::kSaved * H, j, H,
+                          saved);
       }
     }
     grid.sync();
@@ -175,12 +175,12 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
 
 template <typename scalar_t, typename acc_t>
 struct PersistentBackwardArgs : PersistentCommonArgs {
-  const scalar_t* grad_out;  // [R, D*H]
-  const scalar_t* out;       // [R, D*H] forward output
-  const scalar_t* hx;        // [D, B, H]
-  const scalar_t* grad_h_n;  // [D, B, H]
-  const acc_t* ws;           // [D, R, SH]
-  const scalar_t* w_hh;      // [D, GH, H]
+  const scalar_t* grad_out;                // [R, D*H]
+  const scalar_t* out;                     // [R, D*H] forward output
+  const scalar_t* hx;                      // [D, B, H]
+  const scalar_t* grad_h_n;                // [D, B, H]
+  const workspace_t<scalar_t, acc_t>* ws;  // [D, R, SH] (pointwise.cuh)
+  const scalar_t* w_hh;                    // [D, GH, H]
   acc_t* dh;                 // [D, B, H] gradient reaching the state; each block its slice
   scalar_t* dgx;             // [R, D*GH]
   scalar_t* dgh;             // [D, R, GH], also the exchange between blocks
@@ -262,7 +262,8 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
           s == 0 ? a.hx[hoff] : a.out[a.rows.row(prev_time(d, t), b) * DH + col];
       const int64_t drow = static_cast<int64_t>(d) * a.R + row;
       acc_t saved[Cell::kSaved], dgx[G], dgh[G];
-      load_cols<Cell::kSaved>(a.ws + drow * Cell::kSaved * H, j, H, saved);
+      load_saved<Cell>(a.ws, drow * Cell::kSaved * H, a.out, row * DH + static_cast<int64_t>(d) * H,
+                       j, H, saved);
       Cell::backward(grad, static_cast<acc_t>(h_prev_s), saved, dgx, dgh, grad_prev);
       store_cols(a.dgx + row * G * DH + static_cast<int64_t>(d) * GH, j, H, dgx);
       store_cols(a.dgh + drow * GH, j, H, dgh);

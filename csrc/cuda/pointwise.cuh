@@ -8,7 +8,9 @@
 // N for ragged input):
 //   gx / dgx   [R, D*GH]    row rows.row(t, b), direction d at columns d*GH
 //   output     [R, D*H]     row rows.row(t, b), direction d at columns d*H
-//   workspace  [D, R, SH]   the cell's saved values (cells/cell.h), op-math
+//   workspace  [D, R, SH]   the cell's saved values (cells/cell.h kWorkspaceSaved:
+//              none for the RNN, whose backward reads them from output), in
+//              workspace_t: op-math, bfloat16 for bfloat16 (layer.h workspace_dtype)
 //   dgh, hprev [D, R, GH] / [D, R, H] in the storage dtype (they only feed
 //              GEMMs: tensor cores for half types)
 // G = Cell::kGates, S = Cell::kSaved; an LSTM with a projection has P-wide
@@ -21,6 +23,9 @@
 #pragma once
 
 #include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+
+#include <type_traits>
 
 #include "cells/cell.h"
 #include "layout.h"
@@ -29,6 +34,39 @@ namespace varlen_rnn {
 namespace cuda {
 
 constexpr int kPointwiseThreads = 256;
+
+// The workspace's element type (layer.h workspace_dtype): bfloat16 for a
+// bfloat16 layer (each saved value rounded once as it is stored, as on the
+// CPU), acc_t otherwise.
+template <typename scalar_t, typename acc_t>
+using workspace_t =
+    std::conditional_t<std::is_same<scalar_t, c10::BFloat16>::value, scalar_t, acc_t>;
+
+// Writes unit j's saved values to the workspace row at ws + row_off, where
+// the cell keeps any (kWorkspaceSaved) and the call wants them (ws not null).
+template <typename Cell, typename W, typename A>
+__host__ __device__ __forceinline__ void store_saved(W* ws, int64_t row_off, int j, int H,
+                                                     const A (&saved)[Cell::kSaved]) {
+  if constexpr (kWorkspaceSaved<Cell> > 0) {
+    if (ws != nullptr) store_cols(ws + row_off, j, H, saved);
+  }
+}
+
+// Reads unit j's saved values at a position: from the workspace row at
+// ws + ws_off, or, for a cell whose saved values are its output
+// (kSavedIsOutput: one value, h'; its workspace has no columns), from the
+// output at out + out_off (the position's row, at its direction's columns).
+template <typename Cell, typename W, typename S, typename A>
+__host__ __device__ __forceinline__ void load_saved(const W* ws, int64_t ws_off, const S* out,
+                                                    int64_t out_off, int j, int H,
+                                                    A (&saved)[Cell::kSaved]) {
+  if constexpr (Cell::kSavedIsOutput) {
+    static_assert(Cell::kSaved == 1, "a cell's output is one value per unit");
+    saved[0] = static_cast<A>(out[out_off + j]);
+  } else {
+    load_cols<Cell::kSaved>(ws + ws_off, j, H, saved);
+  }
+}
 
 // Whether the layout has padded positions (t >= length) to write zeros to.
 __host__ __device__ inline bool has_padding(const RowMap& rows) {
@@ -146,7 +184,7 @@ __global__ void fallback_forward_step_kernel(
     scalar_t* __restrict__ h_lo,        // [D, B, H] copy of h for the GEMM, or nullptr
     acc_t* __restrict__ c,              // [D, B, H] updated in place (kHasC), else nullptr
     scalar_t* __restrict__ out,         // [R, D*H]; kProj: hcell [D, B, H]
-    acc_t* __restrict__ ws,             // [D, R, SH] or nullptr
+    workspace_t<scalar_t, acc_t>* __restrict__ ws,  // [D, R, SH] or nullptr
     int s, int B, int H, int D, RowMap rows, int64_t R) {
   constexpr int G = Cell::kGates;
   static_assert(!kProj || !Cell::kReadsHPrev, "a projected state cannot enter the cell's math");
@@ -189,8 +227,7 @@ __global__ void fallback_forward_step_kernel(
     if (h_lo != nullptr) h_lo[idx] = static_cast<scalar_t>(next.h);
     out[row * D * H + static_cast<int64_t>(d) * H + j] = static_cast<scalar_t>(next.h);
   }
-  if (ws != nullptr)
-    store_cols(ws + (static_cast<int64_t>(d) * R + row) * Cell::kSaved * H, j, H, saved);
+  store_saved<Cell>(ws, (static_cast<int64_t>(d) * R + row) * Cell::kSaved * H, j, H, saved);
 }
 
 // kProj's second pass of a forward step, for every (d, b, p): the projected
@@ -239,17 +276,17 @@ __global__ void fallback_backward_step_kernel(
     const scalar_t* __restrict__ grad_out,  // [R, D*H] (not kProj)
     const scalar_t* __restrict__ out,       // [R, D*H] forward output (h of valid steps)
     const scalar_t* __restrict__ hx,        // [D, B, H]
-    const acc_t* __restrict__ ws,           // [D, R, SH]
-    const int* __restrict__ lens,           // [B]
-    const acc_t* __restrict__ dh_in,        // [D, B, H] (not kProj)
-    const scalar_t* __restrict__ dh_gemm,   // [D, B, H]
-    acc_t* __restrict__ dh_out,             // [D, B, H] (not kProj)
-    acc_t* __restrict__ dc,                 // [D, B, H] (kHasC), else nullptr
-    scalar_t* __restrict__ dgx,             // [R, D*GH]
-    scalar_t* __restrict__ dgh,             // [D, R, GH]
-    scalar_t* __restrict__ dgh_step,        // [D, B, GH]
-    scalar_t* __restrict__ hprev,           // [D, R, H] (not kProj)
-    scalar_t* __restrict__ hcell,           // [D, R, H] (kProj), else nullptr
+    const workspace_t<scalar_t, acc_t>* __restrict__ ws,  // [D, R, SH]
+    const int* __restrict__ lens,                         // [B]
+    const acc_t* __restrict__ dh_in,                      // [D, B, H] (not kProj)
+    const scalar_t* __restrict__ dh_gemm,                 // [D, B, H]
+    acc_t* __restrict__ dh_out,                           // [D, B, H] (not kProj)
+    acc_t* __restrict__ dc,                               // [D, B, H] (kHasC), else nullptr
+    scalar_t* __restrict__ dgx,                           // [R, D*GH]
+    scalar_t* __restrict__ dgh,                           // [D, R, GH]
+    scalar_t* __restrict__ dgh_step,                      // [D, B, GH]
+    scalar_t* __restrict__ hprev,                         // [D, R, H] (not kProj)
+    scalar_t* __restrict__ hcell,                         // [D, R, H] (kProj), else nullptr
     int s, int B, int H, int D, RowMap rows, int64_t R) {
   constexpr int G = Cell::kGates;
   static_assert(!kProj || !Cell::kReadsHPrev, "a projected state cannot enter the cell's math");
@@ -291,7 +328,8 @@ __global__ void fallback_backward_step_kernel(
     h_prev = s == 0 ? hx[idx] : out[rows.row(prev_time(d, t), b) * D * H + col];
   }
   acc_t saved[Cell::kSaved], dgxv[G], dghv[G];
-  load_cols<Cell::kSaved>(ws + (static_cast<int64_t>(d) * R + row) * Cell::kSaved * H, j, H, saved);
+  load_saved<Cell>(ws, (static_cast<int64_t>(d) * R + row) * Cell::kSaved * H, out,
+                   row * D * H + static_cast<int64_t>(d) * H, j, H, saved);
   Cell::backward(grad, static_cast<acc_t>(h_prev), saved, dgxv, dghv, grad_prev);
   store_cols(dgx + row * D * GH + d * GH, j, H, dgxv);
   store_cols(dgh + (static_cast<int64_t>(d) * R + row) * GH, j, H, dghv);

@@ -42,7 +42,8 @@ std::vector<at::Tensor> forward_t(const at::Tensor& gx, const at::Tensor& w_hh,
                                   int64_t T, bool persistent, int64_t sms, int64_t smem,
                                   int64_t max_kc, bool mma) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int64_t G = Cell::kGates, S = Cell::kSaved;
+  constexpr int64_t G = Cell::kGates, S = kWorkspaceSaved<Cell>;
+  using ws_t = workspace_t<scalar_t, acc_t>;
   const int64_t D = w_hh.size(0), H = w_hh.size(1) / G, B = hx_b.size(1), P = hx_b.size(2);
   const bool proj = w_hr.numel() > 0;
   const at::TensorOptions opts = gx.options();
@@ -53,7 +54,8 @@ std::vector<at::Tensor> forward_t(const at::Tensor& gx, const at::Tensor& w_hh,
   at::Tensor out = at::full({r.R, D * P}, 777.0, opts);
   at::Tensor h_n = at::full({D, B, P}, 777.0, opts);
   at::Tensor c_n = Cell::kHasC ? at::full({D, B, H}, 777.0, opts) : at::Tensor();
-  at::Tensor ws = at::full({D, r.R, S * H}, 777.0, acc_opts);
+  at::Tensor ws =
+      at::full({D, r.R, S * H}, 777.0, opts.dtype(c10::CppTypeToScalarType<ws_t>::value));
   at::Tensor cut_info = at::empty({0}, at::kLong);
   if (persistent) {
     TORCH_CHECK(!proj, "an LSTM with a projection has no persistent kernel");
@@ -76,7 +78,7 @@ std::vector<at::Tensor> forward_t(const at::Tensor& gx, const at::Tensor& w_hh,
     a.hown = ptr_or_null<acc_t>(hown);
     a.out = out.data_ptr<scalar_t>();
     a.h_n = h_n.data_ptr<scalar_t>();
-    a.ws = ws.data_ptr<acc_t>();
+    a.ws = ptr_or_null<ws_t>(ws);
     a.cx = ptr_or_null<scalar_t>(cx);
     a.cbuf = ptr_or_null<acc_t>(cbuf);
     a.c_n = ptr_or_null<scalar_t>(c_n);
@@ -111,7 +113,7 @@ std::vector<at::Tensor> forward_t(const at::Tensor& gx, const at::Tensor& w_hh,
               gx.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(),
               b_hh ? b_hh->data_ptr<scalar_t>() : nullptr, r.l.lens.data(), h.data_ptr<acc_t>(),
               half ? h_lo.data_ptr<scalar_t>() : nullptr, ptr_or_null<acc_t>(c),
-              kProj ? hcell.data_ptr<scalar_t>() : out.data_ptr<scalar_t>(), ws.data_ptr<acc_t>(),
+              kProj ? hcell.data_ptr<scalar_t>() : out.data_ptr<scalar_t>(), ptr_or_null<ws_t>(ws),
               s, B, H, D, r.map, r.R);
         });
       };
@@ -175,7 +177,7 @@ std::vector<at::Tensor> backward_t(const at::Tensor& go, const at::Tensor& ghn_b
     a.out = out.data_ptr<scalar_t>();
     a.hx = hx.data_ptr<scalar_t>();
     a.grad_h_n = ghn.data_ptr<scalar_t>();
-    a.ws = ws.data_ptr<acc_t>();
+    a.ws = ptr_or_null<workspace_t<scalar_t, acc_t>>(ws);
     a.w_hh = w_hh.data_ptr<scalar_t>();
     a.dh = dh.data_ptr<acc_t>();
     a.dgx = dgx.data_ptr<scalar_t>();
@@ -213,7 +215,8 @@ std::vector<at::Tensor> backward_t(const at::Tensor& go, const at::Tensor& ghn_b
         emu_launch_seq((D * B * H + 255) / 256, 256, [&] {
           fallback_backward_step_kernel<Cell, kProj, scalar_t, acc_t>(
               go.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), hx.data_ptr<scalar_t>(),
-              ws.data_ptr<acc_t>(), r.l.lens.data(), kProj ? nullptr : dh_a.data_ptr<acc_t>(),
+              ptr_or_null<workspace_t<scalar_t, acc_t>>(ws), r.l.lens.data(),
+              kProj ? nullptr : dh_a.data_ptr<acc_t>(),
               kProj ? dhcell.data_ptr<scalar_t>() : dh_b.data_ptr<scalar_t>(),
               kProj ? nullptr : dh_a_next.data_ptr<acc_t>(), ptr_or_null<acc_t>(dc),
               dgx.data_ptr<scalar_t>(), dgh.data_ptr<scalar_t>(), dgh_step.data_ptr<scalar_t>(),
