@@ -78,7 +78,7 @@ def rounding_tol(dtype, c_eps=None):
     if dtype == torch.float64:
         return lambda e: dict(atol=1e-12, rtol=1e-12)
     ce = c_eps if c_eps is not None else TOL_EPS[dtype] * torch.finfo(dtype).eps
-    return lambda e: dict(atol=ce * max(1.0, e.abs().max().item()), rtol=ce)
+    return lambda e: dict(atol=ce * max(1.0, e.abs().max().item() if e.numel() else 0.0), rtol=ce)
 
 
 def rounded_randn(dtype, seed):
@@ -117,7 +117,7 @@ def ragged_rows(c, L):
 def launch_index(c, L, rows, persistent):
     """The emulated kernels' row and launch arguments for case c (lengths L, ragged_rows or
     None): layout, seq_index, sorted_indices, steps, batch_first, persistent, the pretend
-    device and the K-chunk cap."""
+    device (c's "sms" and "smem" where it names them, else SMS and SMEM) and the K-chunk cap."""
     if rows is None:
         layout, seq_index, si, steps = PADDED, L, None, c["T"]
     else:
@@ -125,7 +125,8 @@ def launch_index(c, L, rows, persistent):
         steps = c.get("max_len", c["T"])
     si = torch.zeros(0, dtype=torch.long) if si is None else si
     bf = c.get("bf", False)
-    return (layout, seq_index, si, steps, bf, persistent, SMS, SMEM, c.get("kc", 0))
+    sms, smem = c.get("sms", SMS), c.get("smem", SMEM)
+    return (layout, seq_index, si, steps, bf, persistent, sms, smem, c.get("kc", 0))
 
 
 def input_gemm(x, w_ih, b_ih):

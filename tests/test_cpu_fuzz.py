@@ -74,6 +74,7 @@ class Draw:
     dtype: torch.dtype
     threads: int
     switches: dict
+    lengths_device: str = "cpu"  # where the lengths tensor lives (test_cuda_fuzz.py: "cuda" too)
 
 
 def draw(seed: int) -> Draw:
@@ -134,7 +135,7 @@ def _run(module, x, hx, d: Draw):
         else "packed"
     )
     if form == "lengths":
-        out, h = module(x, hx, lengths=lengths)
+        out, h = module(x, hx, lengths=lengths.to(d.lengths_device))
         return out, _states(h)
     if form == "nested":
         rows = x if bf else x.transpose(0, 1)
@@ -150,12 +151,13 @@ def _run(module, x, hx, d: Draw):
     return out, _states(h)
 
 
-def mismatches(d: Draw) -> list[str]:
-    """What differs between varlen_rnn (d's dtype, threads and switches) and torch.nn in float64
-    (+ packing); empty when all agree."""
+def mismatches(d: Draw, device: str = "cpu") -> list[str]:
+    """What differs between varlen_rnn (d's dtype, threads and switches, on `device`) and
+    torch.nn in float64 (+ packing) on the CPU; empty when all agree (test_cuda_fuzz.py runs
+    it on CUDA)."""
     torch.manual_seed(d.seed)
     ref = getattr(torch.nn, d.cell)(d.I, d.H, dtype=torch.float64, **d.kwargs)
-    ours = getattr(varlen_rnn, d.cell).from_torch(ref).to(d.dtype)
+    ours = getattr(varlen_rnn, d.cell).from_torch(ref).to(device, d.dtype)
     g = torch.Generator().manual_seed(d.seed)
     x = torch.randn((d.B, d.T, d.I) if d.kwargs["batch_first"] else (d.T, d.B, d.I), generator=g)
     hx = None
@@ -165,20 +167,20 @@ def mismatches(d: Draw) -> list[str]:
         if d.cell == "LSTM":
             hx.append(torch.randn(n, d.B, d.H, generator=g))
     relu = d.kwargs.get("nonlinearity") == "relu"
-    runs = [(ref, torch.float64), (ours, d.dtype)]
+    runs = [(ref, torch.float64, "cpu"), (ours, d.dtype, device)]
     if relu and d.dtype == torch.float32:  # nn in float32: the error a kink gives it
-        runs.append((copy.deepcopy(ref).float(), torch.float32))
+        runs.append((copy.deepcopy(ref).float(), torch.float32, "cpu"))
     results = []
-    for module, dtype in runs:
-        xi = x.to(dtype).requires_grad_()
-        hi = None if hx is None else [h.to(dtype).requires_grad_() for h in hx]
+    for module, dtype, dev in runs:
+        xi = x.to(dev, dtype).requires_grad_()
+        hi = None if hx is None else [h.to(dev, dtype).requires_grad_() for h in hx]
         out, finals = _run(
             module, xi, None if hi is None else (tuple(hi) if d.cell == "LSTM" else hi[0]), d
         )
         outs = [out, *finals]
         w = torch.Generator().manual_seed(d.seed + 1)
         loss = sum(
-            (o.double() * torch.randn(o.shape, generator=w, dtype=torch.float64)).sum()
+            (o.double().cpu() * torch.randn(o.shape, generator=w, dtype=torch.float64)).sum()
             for o in outs
         )
         inputs = [xi, *(hi or []), *module.parameters()]
@@ -196,8 +198,9 @@ def mismatches(d: Draw) -> list[str]:
     ):
         nn32 = results[2][0 if kind == "" else 1] if len(results) > 2 else [None] * len(got)
         for label, a, b, c in zip(labels, got, want, nn32, strict=True):
-            a = a.double()
-            share = BF16_TOL if d.dtype == torch.bfloat16 else RELU_F32_TOL if relu else None
+            a = a.double().cpu()
+            half = d.dtype in (torch.bfloat16, torch.float16)
+            share = BF16_TOL if half else RELU_F32_TOL if relu else None
             if share is not None:
                 err, bound = (a - b).abs().max().item(), share * (b.abs().max().item() + 1)
                 if c is not None:  # not worse than twice nn's float32 error

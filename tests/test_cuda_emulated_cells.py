@@ -40,10 +40,11 @@ emu = emulation.emu
 
 GRU, LSTM, RNN_TANH, RNN_RELU = 0, 1, 2, 3
 CELLS = {"lstm": LSTM, "rnn-tanh": RNN_TANH, "rnn-relu": RNN_RELU}
-GATES = {LSTM: 4, RNN_TANH: 1, RNN_RELU: 1}
+GATES = {GRU: 3, LSTM: 4, RNN_TANH: 1, RNN_RELU: 1}  # GRU: for test_cuda_emulated_fuzz.py
 # The workspace width the Python layer declares for each cell (its fake kernels allocate it):
 # the emulated kernels' workspace must be as wide.
 SAVED = {
+    GRU: CELL_INFO["gru"].saved,
     LSTM: CELL_INFO["lstm"].saved,
     RNN_TANH: CELL_INFO["rnn"].saved,
     RNN_RELU: CELL_INFO["rnn"].saved,
@@ -156,6 +157,8 @@ def reference(cell, c, x_tm, L, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, go_tm, ghn
     kw = dict(bias=True, bidirectional=D == 2, dtype=torch.float64)
     if lstm:
         m = nn.LSTM(I, H, proj_size=P if w_hr is not None else 0, **kw)
+    elif cell == GRU:
+        m = nn.GRU(I, H, **kw)
     else:
         m = nn.RNN(I, H, nonlinearity="relu" if cell == RNN_RELU else "tanh", **kw)
     with torch.no_grad():
@@ -184,7 +187,9 @@ def reference(cell, c, x_tm, L, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, go_tm, ghn
             c_n = c_n.index_copy(1, live, s[1])
     loss = (out * go_tm).sum() + (h_n * ghn).sum() + ((c_n * gcn).sum() if lstm else 0)
     leaves = [x, h0] + ([c0] if lstm else [])
-    grads = torch.autograd.grad(loss, leaves + list(m.parameters()), allow_unused=True)
+    inputs = leaves + list(m.parameters())
+    # Where no row has a length, x and the weights do not reach the loss: their gradients are 0.
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True)
     g = dict(zip(["x", "hx"] + (["cx"] if lstm else []), grads))
     named = dict(zip([n for n, _ in m.named_parameters()], grads[len(leaves) :]))
 

@@ -1,0 +1,102 @@
+"""test_cpu_fuzz.py's random draws on a GPU: each draw's cell, shapes, layers, directions,
+batch_first, bias, hx and input form (lengths on the CPU or the device, PackedSequence, jagged
+nested tensor) run on CUDA in float32 (exact: the tests turn TF32 off), bfloat16 or float16,
+with the CUDA knobs drawn too (the recurrence path: auto, persistent or fallback; tensor cores:
+the dtype's policy, off, or wherever it allows; the K-chunk cap), against torch.nn in float64
+(+ packing) on the CPU, with test_cpu_fuzz.py's bounds (the half types: the largest error within
+5% of the largest value). Skipped without a CUDA device; the GPU check runs it (its tests_rest
+stage).
+
+    python tests/test_cuda_fuzz.py --seeds 1000:2000   # more draws; prints each failing draw"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import random
+
+import pytest
+import torch
+from test_cpu_fuzz import draw, mismatches
+
+import varlen_rnn
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+SEEDS = range(24)
+KNOBS = {
+    "path": ["auto", "auto", "persistent", "fallback"],
+    "tensor_cores": [2, 2, 0, 1],  # 2: the dtype's policy, VARLEN_RNN_TENSOR_CORES=auto (launch.h)
+    "max_kc": [0, 0, 32, 64],
+}
+
+
+def cuda_draw(seed: int):
+    """(test_cpu_fuzz.draw(seed) for CUDA, its knobs): a quarter of the float32 draws in
+    float16 (not relu, as bfloat16 is not), the lengths on the device half the time, and the
+    CPU's threads and switches left unset (they do not reach the CUDA kernels)."""
+    d = draw(seed)
+    rng = random.Random(seed + 7_000_000)
+    dtype = d.dtype
+    if dtype == torch.float32 and d.kwargs.get("nonlinearity") != "relu" and rng.random() < 0.25:
+        dtype = torch.float16
+    d = dataclasses.replace(
+        d,
+        dtype=dtype,
+        threads=torch.get_num_threads(),
+        switches={},
+        lengths_device=rng.choice(["cpu", "cuda"]),
+    )
+    return d, {k: rng.choice(v) for k, v in KNOBS.items()}
+
+
+def _hooks():
+    lib = ctypes.CDLL(varlen_rnn._C.__file__)
+    knobs, tc = (
+        lib.varlen_rnn_cuda_set_knobs_for_testing,
+        lib.varlen_rnn_cuda_set_tensor_cores_for_testing,
+    )
+    knobs.argtypes, knobs.restype = [ctypes.c_char_p, ctypes.c_longlong, ctypes.c_int], ctypes.c_int
+    tc.argtypes, tc.restype = [ctypes.c_int], ctypes.c_int
+    return knobs, tc
+
+
+def check(seed: int) -> tuple:
+    """(draw, knobs, mismatches) with the knobs set for the draw, then put back."""
+    d, k = cuda_draw(seed)
+    set_knobs, set_tc = _hooks()
+    before = set_tc(k["tensor_cores"])
+    assert set_knobs(k["path"].encode(), k["max_kc"], 0) == 0
+    try:
+        return d, k, mismatches(d, device="cuda")
+    finally:
+        set_tc(before)
+        set_knobs(b"auto", 0, 0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("seed", SEEDS)
+def test_cuda_drawn_cases_match_nn(seed):
+    d, k, bad = check(seed)
+    assert not bad, f"{d}\n{k}:\n" + "\n".join(bad)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--seeds", default="0:200", help="first:last (last excluded)")
+    args = p.parse_args(argv)
+    first, last = (int(v) for v in args.seeds.split(":"))
+    # As the tests (conftest.py): TF32 off, so that float32 is exact.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    failed = 0
+    for seed in range(first, last):
+        d, k, bad = check(seed)
+        if bad:
+            failed += 1
+            print(f"FAIL {d}\n  {k}", *bad, sep="\n  ", flush=True)
+    print(f"{last - first} draws, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
