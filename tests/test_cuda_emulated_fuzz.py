@@ -11,6 +11,7 @@ to draw: units per block, row tiles, chunks. A persistent draw whose weights do 
 pretend device's shared memory runs the fallback, as `auto` would.
 
     python tests/test_cuda_emulated_fuzz.py --seeds 1000:2000   # more draws; prints each failure
+    python tests/test_cuda_emulated_fuzz.py --large --seeds 0:100  # B up to 160, H up to 200
 
 pytest runs SEEDS draws. The bounds have test_cuda_emulated_cells.py's form (its docstring):
 float64 to 1e-12, the others C * eps * (|ref| + max(1, max|ref|)) with the dtype's eps, the
@@ -39,6 +40,11 @@ SEEDS = range(200)
 # over test_cuda_emulated_cells.py's C of 4 for the half types); 3.7 on tensor cores. A wrong
 # index or term is off by the order of the values themselves.
 FUZZ_C = 8
+# draw(large=True) (H up to 200, K = H in the forward's products, G*H in the backward's): 16.
+# Seeds 0:150 of it (ad hoc, as above) found three float32 tanh RNNs at H = 114-193 whose
+# outputs were 1.3-1.6e-6 off (up to 13.7 eps) where 8 eps (9.5e-7) was allowed; on large seed
+# 40, the 1.6e-6 one, torch.nn.RNN in float32 on the same inputs was off by exactly as much.
+FUZZ_C_LARGE = 16
 CELL_NAMES = {GRU: "gru", LSTM: "lstm", RNN_TANH: "rnn-tanh", RNN_RELU: "rnn-relu"}
 HALF = (torch.float16, torch.bfloat16)
 
@@ -56,10 +62,11 @@ def _lengths(r: random.Random, B: int, T: int, zeros: bool) -> list[int]:
     return [r.randint(lo, T) for _ in range(B)]
 
 
-def draw(seed: int) -> tuple:
+def draw(seed: int, large: bool = False) -> tuple:
     """(cell, case, dtype, persistent, mma) for seed: case as test_cuda_emulated.CASES' entries,
-    with the pretend device's "sms" and "smem"."""
-    r = random.Random(seed)
+    with the pretend device's "sms" and "smem". large: B up to 160 and H up to 200 in at most 4
+    steps (several row groups and row tiles, and more units per block; 1-20 s a draw)."""
+    r = random.Random(seed + (10**9 if large else 0))
     cell = r.choice([GRU, GRU, LSTM, LSTM, RNN_TANH, RNN_RELU])
     dtype = r.choice([torch.float64, torch.float32, torch.float32, torch.float16, torch.bfloat16])
     if cell == RNN_RELU and dtype in HALF:
@@ -72,6 +79,8 @@ def draw(seed: int) -> tuple:
     H = r.choice([1, 2, 8, 32, 33, r.randint(1, 16), r.randint(16, 72)])
     I = r.choice([1, r.randint(1, 8), r.randint(1, 40)])
     T = r.randint(1, 9)
+    if large:
+        B, H, T = r.randint(40, 160), r.randint(64, 200), r.randint(1, 4)
     c = dict(I=I, H=H, D=D, B=B, bias=r.random() < 0.75, layout=layout)
     L = _lengths(r, B, T, zeros=layout != "packed")  # pack_padded_sequence refuses 0
     if layout == "packed":
@@ -99,16 +108,16 @@ def draw(seed: int) -> tuple:
     return cell, c, dtype, persistent, mma
 
 
-def describe(seed: int) -> str:
-    cell, c, dtype, persistent, mma = draw(seed)
+def describe(seed: int, large: bool = False) -> str:
+    cell, c, dtype, persistent, mma = draw(seed, large)
     path = ("persistent-mma" if mma else "persistent") if persistent else "fallback"
     return f"seed {seed}: {CELL_NAMES[cell]} {str(dtype)[6:]} {path} {c}"
 
 
-def run_draw(emu_mod, seed: int) -> str:
+def run_draw(emu_mod, seed: int, large: bool = False) -> str:
     """Runs draw(seed) and checks it (an AssertionError names what differs). Returns the path
     it ran: a persistent draw the pretend device cannot hold runs the fallback."""
-    cell, c, dtype, persistent, mma = draw(seed)
+    cell, c, dtype, persistent, mma = draw(seed, large)
     try:
         got, ref, _ = run_case(emu_mod, cell, c, dtype, persistent, mma=mma)
     except RuntimeError as e:
@@ -118,7 +127,7 @@ def run_draw(emu_mod, seed: int) -> str:
         got, ref, _ = run_case(emu_mod, cell, c, dtype, False)
     if dtype != torch.float64:
         eps = OPERAND_EPS[dtype] if mma else torch.finfo(dtype).eps
-        check(got, ref, dtype, c_eps=FUZZ_C * eps)
+        check(got, ref, dtype, c_eps=(FUZZ_C_LARGE if large else FUZZ_C) * eps)
     else:
         check(got, ref, dtype)
     return ("persistent-mma" if mma else "persistent") if persistent else "fallback"
@@ -135,17 +144,18 @@ def test_emulated_kernels_on_random_draws(emu, seed):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="0:200", help="A:B, the seeds to draw")
+    ap.add_argument("--large", action="store_true", help="draw(large=True): larger B and H")
     args = ap.parse_args(argv)
     a, b = (int(v) for v in args.seeds.split(":"))
     mod = emulation.load_emulation()
     failed, paths, start = [], {}, time.time()
     for seed in range(a, b):
         try:
-            path = run_draw(mod, seed)
+            path = run_draw(mod, seed, args.large)
             paths[path] = paths.get(path, 0) + 1
         except Exception as e:  # noqa: BLE001  every failure is reported, then the next draw
             failed.append(seed)
-            print(f"FAILED {describe(seed)}\n{type(e).__name__}: {e}\n", flush=True)
+            print(f"FAILED {describe(seed, args.large)}\n{type(e).__name__}: {e}\n", flush=True)
     n = b - a
     print(f"{n} draws in {time.time() - start:.0f} s, {len(failed)} failed {failed}; paths {paths}")
     return 1 if failed else 0
