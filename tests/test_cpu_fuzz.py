@@ -243,22 +243,28 @@ def test_drawn_switches_match_nn(seed):
     assert not bad, f"{d}:\n" + "\n".join(bad)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--seeds", default="0:1000", help="first:last (last excluded)")
+def run_seeds(argv, check_one, doc: str, default="0:1000") -> int:
+    """The command line of a fuzz file (doc: its docstring; --seeds first:last): check_one(seed)
+    gives (what was drawn, what differs); prints each failing draw and a count every 500,
+    returns 1 if any failed."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--seeds", default=default, help="first:last (last excluded)")
     args = p.parse_args(argv)
     first, last = (int(v) for v in args.seeds.split(":"))
     failed = 0
     for seed in range(first, last):
-        d = draw(seed)
-        bad = check(d)
+        what, bad = check_one(seed)
         if bad:
             failed += 1
-            print(f"FAIL {d}", *bad, sep="\n  ", flush=True)
+            print(f"FAIL {what}", *bad, sep="\n  ", flush=True)
         if (seed - first + 1) % 500 == 0:
             print(f"{seed - first + 1} draws, {failed} failed", flush=True)
     print(f"{last - first} draws, {failed} failed")
     return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    return run_seeds(argv, lambda seed: ((d := draw(seed)), check(d)), __doc__)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,13 @@ stage).
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import dataclasses
 import random
 
 import pytest
 import torch
-from test_cpu_fuzz import draw, mismatches
+from test_cpu_fuzz import draw, mismatches, run_seeds
 
 import varlen_rnn
 
@@ -82,20 +81,14 @@ def test_cuda_drawn_cases_match_nn(seed):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--seeds", default="0:200", help="first:last (last excluded)")
-    args = p.parse_args(argv)
-    first, last = (int(v) for v in args.seeds.split(":"))
     # As the tests (conftest.py): TF32 off, so that float32 is exact.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    failed = 0
-    for seed in range(first, last):
+
+    def check_one(seed):
         d, k, bad = check(seed)
-        if bad:
-            failed += 1
-            print(f"FAIL {d}\n  {k}", *bad, sep="\n  ", flush=True)
-    print(f"{last - first} draws, {failed} failed")
-    return 1 if failed else 0
+        return f"{d}\n  {k}", bad
+
+    return run_seeds(argv, check_one, __doc__, default="0:200")
 
 
 if __name__ == "__main__":
