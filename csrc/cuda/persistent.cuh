@@ -165,8 +165,7 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
           a.cbuf[coff] = next.c;
           if (s == len - 1) a.c_n[coff] = static_cast<scalar_t>(next.c);
         }
-        store_saved<Cell>(a.ws, (static_cast<int64_t>(d) * a.R + row) * Cell::kSaved * H, j, H,
-                          saved);
+        store_saved<Cell>(a.ws, static_cast<int64_t>(d) * a.R + row, j, H, saved);
       }
     }
     grid.sync();
@@ -262,8 +261,7 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
           s == 0 ? a.hx[hoff] : a.out[a.rows.row(prev_time(d, t), b) * DH + col];
       const int64_t drow = static_cast<int64_t>(d) * a.R + row;
       acc_t saved[Cell::kSaved], dgx[G], dgh[G];
-      load_saved<Cell>(a.ws, drow * Cell::kSaved * H, a.out, row * DH + static_cast<int64_t>(d) * H,
-                       j, H, saved);
+      load_saved<Cell>(a.ws, drow, a.out, row * DH + static_cast<int64_t>(d) * H, j, H, saved);
       Cell::backward(grad, static_cast<acc_t>(h_prev_s), saved, dgx, dgh, grad_prev);
       store_cols(a.dgx + row * G * DH + static_cast<int64_t>(d) * GH, j, H, dgx);
       store_cols(a.dgh + drow * GH, j, H, dgh);

@@ -13,7 +13,7 @@
 //              workspace_t: op-math, bfloat16 for bfloat16 (layer.h workspace_dtype)
 //   dgh, hprev [D, R, GH] / [D, R, H] in the storage dtype (they only feed
 //              GEMMs: tensor cores for half types)
-// G = Cell::kGates, S = Cell::kSaved; an LSTM with a projection has P-wide
+// G = Cell::kGates, S = kWorkspaceSaved<Cell>; an LSTM with a projection has P-wide
 // output, hprev and state (P for H in those three).
 // Padded input has positions t >= length: the kernels write 0 there in
 // output, dgx, dgh and hprev, so that the output is defined and the
@@ -42,29 +42,30 @@ template <typename scalar_t, typename acc_t>
 using workspace_t =
     std::conditional_t<std::is_same<scalar_t, c10::BFloat16>::value, scalar_t, acc_t>;
 
-// Writes unit j's saved values to the workspace row at ws + row_off, where
-// the cell keeps any (kWorkspaceSaved) and the call wants them (ws not null).
+// Writes unit j's saved values to workspace row drow (d * R + row: rows of
+// kWorkspaceSaved * H values), where the cell keeps any and the call wants
+// them (ws not null).
 template <typename Cell, typename W, typename A>
-__host__ __device__ __forceinline__ void store_saved(W* ws, int64_t row_off, int j, int H,
+__host__ __device__ __forceinline__ void store_saved(W* ws, int64_t drow, int j, int H,
                                                      const A (&saved)[Cell::kSaved]) {
   if constexpr (kWorkspaceSaved<Cell> > 0) {
-    if (ws != nullptr) store_cols(ws + row_off, j, H, saved);
+    if (ws != nullptr) store_cols(ws + drow * kWorkspaceSaved<Cell> * H, j, H, saved);
   }
 }
 
-// Reads unit j's saved values at a position: from the workspace row at
-// ws + ws_off, or, for a cell whose saved values are its output
-// (kSavedIsOutput: one value, h'; its workspace has no columns), from the
-// output at out + out_off (the position's row, at its direction's columns).
+// Reads unit j's saved values at a position: from workspace row drow, or, for
+// a cell whose saved values are its output (kSavedIsOutput: one value, h';
+// its workspace has no columns), from the output at out + out_off (the
+// position's row, at its direction's columns).
 template <typename Cell, typename W, typename S, typename A>
-__host__ __device__ __forceinline__ void load_saved(const W* ws, int64_t ws_off, const S* out,
+__host__ __device__ __forceinline__ void load_saved(const W* ws, int64_t drow, const S* out,
                                                     int64_t out_off, int j, int H,
                                                     A (&saved)[Cell::kSaved]) {
   if constexpr (Cell::kSavedIsOutput) {
     static_assert(Cell::kSaved == 1, "a cell's output is one value per unit");
     saved[0] = static_cast<A>(out[out_off + j]);
   } else {
-    load_cols<Cell::kSaved>(ws + ws_off, j, H, saved);
+    load_cols<Cell::kSaved>(ws + drow * kWorkspaceSaved<Cell> * H, j, H, saved);
   }
 }
 
@@ -227,7 +228,7 @@ __global__ void fallback_forward_step_kernel(
     if (h_lo != nullptr) h_lo[idx] = static_cast<scalar_t>(next.h);
     out[row * D * H + static_cast<int64_t>(d) * H + j] = static_cast<scalar_t>(next.h);
   }
-  store_saved<Cell>(ws, (static_cast<int64_t>(d) * R + row) * Cell::kSaved * H, j, H, saved);
+  store_saved<Cell>(ws, static_cast<int64_t>(d) * R + row, j, H, saved);
 }
 
 // kProj's second pass of a forward step, for every (d, b, p): the projected
@@ -328,7 +329,7 @@ __global__ void fallback_backward_step_kernel(
     h_prev = s == 0 ? hx[idx] : out[rows.row(prev_time(d, t), b) * D * H + col];
   }
   acc_t saved[Cell::kSaved], dgxv[G], dghv[G];
-  load_saved<Cell>(ws, (static_cast<int64_t>(d) * R + row) * Cell::kSaved * H, out,
+  load_saved<Cell>(ws, static_cast<int64_t>(d) * R + row, out,
                    row * D * H + static_cast<int64_t>(d) * H, j, H, saved);
   Cell::backward(grad, static_cast<acc_t>(h_prev), saved, dgxv, dghv, grad_prev);
   store_cols(dgx + row * D * GH + d * GH, j, H, dgxv);

@@ -150,6 +150,7 @@ std::vector<at::Tensor> backward_t(const at::Tensor& go, const at::Tensor& ghn_b
                                    int64_t T, bool persistent, int64_t sms, int64_t smem,
                                    int64_t max_kc, bool mma) {
   using acc_t = at::opmath_type<scalar_t>;
+  using ws_t = workspace_t<scalar_t, acc_t>;
   constexpr int64_t G = Cell::kGates;
   const int64_t D = w_hh.size(0), H = w_hh.size(1) / G, B = hx_b.size(1), P = hx_b.size(2);
   const bool proj = w_hr.numel() > 0;
@@ -177,7 +178,7 @@ std::vector<at::Tensor> backward_t(const at::Tensor& go, const at::Tensor& ghn_b
     a.out = out.data_ptr<scalar_t>();
     a.hx = hx.data_ptr<scalar_t>();
     a.grad_h_n = ghn.data_ptr<scalar_t>();
-    a.ws = ptr_or_null<workspace_t<scalar_t, acc_t>>(ws);
+    a.ws = ptr_or_null<ws_t>(ws);
     a.w_hh = w_hh.data_ptr<scalar_t>();
     a.dh = dh.data_ptr<acc_t>();
     a.dgx = dgx.data_ptr<scalar_t>();
@@ -215,8 +216,7 @@ std::vector<at::Tensor> backward_t(const at::Tensor& go, const at::Tensor& ghn_b
         emu_launch_seq((D * B * H + 255) / 256, 256, [&] {
           fallback_backward_step_kernel<Cell, kProj, scalar_t, acc_t>(
               go.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), hx.data_ptr<scalar_t>(),
-              ptr_or_null<workspace_t<scalar_t, acc_t>>(ws), r.l.lens.data(),
-              kProj ? nullptr : dh_a.data_ptr<acc_t>(),
+              ptr_or_null<ws_t>(ws), r.l.lens.data(), kProj ? nullptr : dh_a.data_ptr<acc_t>(),
               kProj ? dhcell.data_ptr<scalar_t>() : dh_b.data_ptr<scalar_t>(),
               kProj ? nullptr : dh_a_next.data_ptr<acc_t>(), ptr_or_null<acc_t>(dc),
               dgx.data_ptr<scalar_t>(), dgh.data_ptr<scalar_t>(), dgh_step.data_ptr<scalar_t>(),
