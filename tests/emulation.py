@@ -1,6 +1,7 @@
 """The emulated CUDA kernels' shared test setup: builds tests/cuda_emulation/emu.cpp (the CUDA
 kernels on CPU threads) once per test process, and holds what every test module that runs it
-(test_cuda_emulated.py, test_cuda_emulated_cells.py, test_cuda_emulated_exchange.py) shares:
+(test_cuda_emulated.py, test_cuda_emulated_cells.py, test_cuda_emulated_exchange.py,
+test_cuda_emulated_backend.py, test_cuda_emulated_fuzz.py) shares:
 the row layouts, the pretend device, the inputs rounded to the dtype under test, the launchers'
 GEMMs around the kernels, the bounds and the check that a case reaches the paths it names. The
 tensor-core wrapper's tests take its source paths (test_mma_emulated.py its skip as well)."""

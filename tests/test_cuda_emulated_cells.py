@@ -13,6 +13,7 @@ emulation test (see its docstring): 1e-12 for float64, C * eps * (|ref| + max(1,
 otherwise."""
 
 import math
+from types import SimpleNamespace
 
 import emulation
 import pytest
@@ -20,7 +21,10 @@ import torch
 from cuda_testing import assert_each_close
 from emulation import (
     DTYPE_IDS,
+    LAYOUTS,
     OPERAND_EPS,
+    SMEM,
+    SMS,
     assert_case_reaches,
     input_gemm,
     launch_index,
@@ -216,16 +220,17 @@ def _scale(fan_in):
     return min(0.5, 2.0 ** -round(math.log2(math.sqrt(fan_in))))
 
 
-def run_case(emu, cell, c, dtype, persistent, mma=False):
-    """(got, ref, cuts) as test_cuda_emulated.run_case, for `cell`, in NAMES' order; ref from
-    torch.nn (reference) mapped to the case's layout, None where the cell lacks the tensor or
-    the layer the bias."""
+def case_inputs(cell, c, dtype):
+    """Case c's inputs in `dtype` and the reference (torch.nn, reference()) mapped to the case's
+    layout, as a namespace: x [rows..., I] and go [rows..., D*P] in the layout (padded time- or
+    batch-major, or ragged rows), hx, cx, w_ih, w_hh, b_ih, b_hh (None without bias), w_hr (None
+    without a projection), ghn, gcn, the lengths L, rows (ragged_rows, or None when padded),
+    D, P and ref in NAMES' order."""
     T, B, I, H, D, bias = (c[k] for k in ("T", "B", "I", "H", "D", "bias"))
-    G, S = GATES[cell], SAVED[cell]
+    G = GATES[cell]
     P = c.get("P", H)
     proj = "P" in c
     bf = c.get("bf", False)
-    lstm = cell == LSTM
     f = rounded_randn(dtype, seed=1)
     L = torch.tensor(c["lengths"], dtype=torch.long)
     rows = None if c["layout"] == "padded" else ragged_rows(c, c["lengths"])
@@ -247,30 +252,100 @@ def run_case(emu, cell, c, dtype, persistent, mma=False):
         to_rows = lambda t: t[tt, bb]  # noqa: E731
     ref[0], ref[3] = to_rows(ref[0]), to_rows(ref[3])
     x, go = to_rows(x_tm).contiguous(), to_rows(go_tm).contiguous()
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return SimpleNamespace(
+        x=cast(x), go=cast(go), hx=cast(hx), cx=cast(cx), w_ih=cast(w_ih), w_hh=cast(w_hh),
+        b_ih=cast(b_ih), b_hh=cast(b_hh), w_hr=cast(w_hr), ghn=cast(ghn), gcn=cast(gcn),
+        L=L, rows=rows, D=D, P=P, ref=ref,
+    )  # fmt: skip
 
-    # The launchers' GEMMs (paths.cuh, paths_backward.cuh) around the emulated kernels.
-    x, hx, cx, w_ih, w_hh, go, ghn, gcn = (
-        t.to(dtype) for t in (x, hx, cx, w_ih, w_hh, go, ghn, gcn)
-    )
-    b_ih, b_hh = (None, None) if not bias else (b_ih.to(dtype), b_hh.to(dtype))
+
+def run_case(emu, cell, c, dtype, persistent, mma=False):
+    """(got, ref, cuts) as test_cuda_emulated.run_case, for `cell`, in NAMES' order: the emulated
+    kernels with the launchers' GEMMs written out around them (emulation.py); ref from torch.nn
+    (reference) mapped to the case's layout, None where the cell lacks the tensor or the layer
+    the bias."""
+    k = case_inputs(cell, c, dtype)
+    D, P, H, S, lstm = k.D, k.P, c["H"], SAVED[cell], cell == LSTM
     none = torch.zeros(0, dtype=dtype)
-    w_hr = w_hr.to(dtype) if proj else none
-    cx, gcn = (cx, gcn) if lstm else (none, none)
-    index = (*launch_index(c, L, rows, persistent), mma)
-    out_shape = (*x.shape[:-1], D * P)
-    x2d, w2d, gx = input_gemm(x, w_ih, b_ih)
-    out, hn, cn, ws, cut_f = emu.cell_forward(cell, gx, w_hh, b_hh, hx, cx, w_hr, *index)
+    w_hr = none if k.w_hr is None else k.w_hr
+    cx, gcn = (k.cx, k.gcn) if lstm else (none, none)
+    index = (*launch_index(c, k.L, k.rows, persistent), mma)
+    out_shape = (*k.x.shape[:-1], D * P)
+    x2d, w2d, gx = input_gemm(k.x, k.w_ih, k.b_ih)
+    out, hn, cn, ws, cut_f = emu.cell_forward(cell, gx, k.w_hh, k.b_hh, k.hx, cx, w_hr, *index)
     assert ws.shape == (D, ws.shape[1], S * H)
     dgx, dgh, hprev, ghx, gcx, dhr, hcell, cut_b = emu.cell_backward(
-        cell, go.reshape(-1, D * P), ghn, gcn, out, hx, ws, w_hh, w_hr, *index
+        cell, k.go.reshape(-1, D * P), k.ghn, gcn, out, k.hx, ws, k.w_hh, w_hr, *index
     )
-    grad_x, *grad_w = weight_grads(dgx, dgh, hprev, x2d, w2d, x.shape)
+    grad_x, *grad_w = weight_grads(dgx, dgh, hprev, x2d, w2d, k.x.shape)
     got = [out.view(out_shape), hn, cn if lstm else None, grad_x, ghx, gcx if lstm else None]
     got += [*grad_w, None]
-    if proj:  # dW_hr = dhr^T h' over all rows (paths_backward.cuh)
+    if k.w_hr is not None:  # dW_hr = dhr^T h' over all rows (paths_backward.cuh)
         got[10] = torch.bmm(dhr.transpose(1, 2), hcell)
     got = [None if t is None else t.double() for t in got]
-    return got, ref, (cut_f.tolist(), cut_b.tolist())
+    return got, k.ref, (cut_f.tolist(), cut_b.tolist())
+
+
+OP_NAMES = {GRU: "gru", LSTM: "lstm", RNN_TANH: "rnn", RNN_RELU: "rnn"}
+
+
+def run_backend_case(emu, cell, c, dtype, path, mma=False, output_mask=(True, True), tf32=None):
+    """(got, ref) in NAMES' order from the CUDA backend itself (ops_cuda.cu's op entries, the
+    emulation's `backend`) called as the ops are, on case c's pretend device ("sms", "smem") with
+    path ("persistent", "fallback" or "auto"), tensor cores on (mma) or off and c's K-chunk cap.
+    tf32: torch.backends.cudnn.allow_tf32 for the call (default: mma), which float32 needs to
+    take tensor cores. Gradients output_mask leaves out are None on both sides (the op returns
+    them empty)."""
+    k = case_inputs(cell, c, dtype)
+    be = emu.backend
+    be.set_device(c.get("sms", SMS), c.get("smem", SMEM), 9)
+    be.set_knobs(path, c.get("kc", 0), False, 1 if mma else 0, True)
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = mma if tf32 is None else tf32
+    try:
+        got = _backend_call(be, cell, c, k, output_mask)
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+    ref = list(k.ref)
+    masked = [3] * (not output_mask[0]) + [6, 7, 8, 9, 10] * (not output_mask[1])
+    for i in masked:
+        assert got[i] is None or got[i].numel() == 0, f"{NAMES[i]} was computed"
+        got[i] = ref[i] = None
+    return [None if t is None else t.double() for t in got], ref
+
+
+def _backend_call(be, cell, c, k, output_mask):
+    """The forward and backward op of case c (inputs k) on the backend: results in NAMES'
+    order, what the cell lacks None."""
+    lstm, name = cell == LSTM, OP_NAMES[cell]
+    c_in = [k.cx] if lstm else []
+    tail = [k.w_hr] if lstm else ["relu" if cell == RNN_RELU else "tanh"] if name == "rnn" else []
+    if k.rows is None:
+        index, bf = [k.L], [c.get("bf", False)]
+        op = name + "_layer_"
+    else:
+        seq_index, si = k.rows[0], k.rows[1]
+        index, bf = [seq_index, si, LAYOUTS[c["layout"]], c.get("max_len", c["T"])], []
+        op = name + "_layer_ragged_"
+    fwd = getattr(be, op + "forward")(
+        k.x, *index, k.hx, *c_in, k.w_ih, k.w_hh, k.b_ih, k.b_hh, *tail, *bf, True
+    )
+    out, hn, ws = fwd[0], fwd[1], fwd[-1]
+    grad_c = [k.gcn] if lstm else []
+    # The backward's tail: w_hr before output and workspace (LSTM), the nonlinearity after.
+    pre, post = ([k.w_hr], []) if lstm else ([], tail)
+    grads = getattr(be, op + "backward")(
+        k.go, k.ghn, *grad_c, k.x, *index, k.hx, *c_in, k.w_ih, k.w_hh, *pre, out, ws, *post,
+        *bf, list(output_mask),
+    )  # fmt: skip
+    grads = list(grads)
+    if not lstm:  # grad_cx and grad_w_hr: none without c
+        grads = grads[:2] + [None] + grads[2:] + [None]
+    elif k.w_hr is None:
+        assert grads[7].numel() == 0
+        grads[7] = None
+    return [out, hn, fwd[2] if lstm else None, *grads]
 
 
 def check(got, ref, dtype, c_eps=None):

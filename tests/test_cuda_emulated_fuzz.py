@@ -8,7 +8,10 @@ zeros, ties and one long row among short ones, hidden sizes across the kernels' 
 of a block's units, K chunks of 32 with a tail), a K-chunk cap, and a pretend device (1 to 16
 SMs, 48 to 227 KiB of shared memory per block), so the persistent cut (plan.h) differs from draw
 to draw: units per block, row tiles, chunks. A persistent draw whose weights do not fit the
-pretend device's shared memory runs the fallback, as `auto` would.
+pretend device's shared memory runs the fallback, as `auto` would. Half the draws run the kernels
+with the launchers' GEMMs written out around them (test_cuda_emulated_cells.run_case), half the
+backend's op entries themselves (run_backend_case: ops_cuda.cu's launchers, GEMMs and checks as
+they are, test_cuda_emulated_backend.py) with an output_mask drawn too.
 
     python tests/test_cuda_emulated_fuzz.py --seeds 1000:2000   # more draws; prints each failure
     python tests/test_cuda_emulated_fuzz.py --large --seeds 0:100  # B up to 160, H up to 200
@@ -28,7 +31,15 @@ import emulation
 import pytest
 import torch
 from emulation import OPERAND_EPS
-from test_cuda_emulated_cells import GRU, LSTM, RNN_RELU, RNN_TANH, check, run_case
+from test_cuda_emulated_cells import (
+    GRU,
+    LSTM,
+    RNN_RELU,
+    RNN_TANH,
+    check,
+    run_backend_case,
+    run_case,
+)
 
 pytestmark = emulation.needs_emulation
 emu = emulation.emu
@@ -109,6 +120,12 @@ def draw(seed: int, large: bool = False) -> tuple:
     c["kc"] = r.choice([0, 0, 32, 64])
     c["sms"] = r.choice([1, 2, 3, 4, 8, 16])
     c["smem"] = r.choice([227, 227, 100, 48]) * 1024
+    # Drawn last, so the draws above are those of the seeds before it: through the kernels with
+    # the launchers' GEMMs written out (run_case), or through the backend's op entries
+    # (run_backend_case) with an output_mask.
+    c["via"] = r.choice(["kernels", "backend"])
+    if c["via"] == "backend":
+        c["mask"] = r.choice([(True, True), (True, True), (True, False), (False, True)])
     return cell, c, dtype, persistent, mma
 
 
@@ -122,13 +139,21 @@ def run_draw(emu_mod, seed: int, large: bool = False) -> str:
     """Runs draw(seed) and checks it (an AssertionError names what differs). Returns the path
     it ran: a persistent draw the pretend device cannot hold runs the fallback."""
     cell, c, dtype, persistent, mma = draw(seed, large)
+
+    def run(persistent, mma):
+        if c["via"] == "kernels":
+            return run_case(emu_mod, cell, c, dtype, persistent, mma=mma)[:2]
+        path = "persistent" if persistent else "fallback"
+        return run_backend_case(emu_mod, cell, c, dtype, path, mma=mma, output_mask=c["mask"])
+
     try:
-        got, ref, _ = run_case(emu_mod, cell, c, dtype, persistent, mma=mma)
+        got, ref = run(persistent, mma)
     except RuntimeError as e:
-        if not (persistent and "no persistent cut" in str(e)):
+        cannot = ("no persistent cut", "the persistent kernel cannot run")
+        if not (persistent and any(m in str(e) for m in cannot)):
             raise
         persistent, mma = False, False
-        got, ref, _ = run_case(emu_mod, cell, c, dtype, False)
+        got, ref = run(False, False)
     if dtype != torch.float64:
         eps = OPERAND_EPS[dtype] if mma else torch.finfo(dtype).eps
         C = FUZZ_C_F32 if dtype == torch.float32 and not mma else FUZZ_C

@@ -6,12 +6,12 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 
 #include "layer.h"
 #include "launch.h"
 #include "plan.h"
 #include "rows.h"
+#include "runtime.h"
 
 namespace varlen_rnn {
 namespace cuda {
@@ -48,9 +48,8 @@ void set_layer_call(LayerCall& c, const LayerDims& dims, const Tensor& input, co
   // Tensor cores (sm_80+) where the fallback's cuBLAS GEMMs would use them too: the half
   // types, and float32 where TF32 is allowed; float64 and exact float32 stay on CUDA cores.
   c.mma = knobs().tensor_cores != 0 && input.scalar_type() != at::kDouble &&
-          (input.scalar_type() != at::kFloat || c.tf32) &&
-          at::cuda::getCurrentDeviceProperties()->major >= 8;
-  c.stream = at::cuda::getCurrentCUDAStream();
+          (input.scalar_type() != at::kFloat || c.tf32) && device_properties().major >= 8;
+  c.stream = current_stream();
   c.hx = hx.contiguous();
   c.w_hh = w_hh.contiguous();
 }
@@ -89,7 +88,7 @@ plan::Choice choose(const LayerCall& c, KernelOf kernel_of, plan::Pass pass, int
   // fallback whatever VARLEN_RNN_CUDA_PATH asks, rather than failing every call.
   if (requested == plan::Path::kFallback || c.proj()) return plan::Choice{};
   auto one = [&](bool mma) {
-    const KernelFacts facts = kernel_facts(kernel_of(mma));
+    const KernelFacts facts = kernel_facts(reinterpret_cast<const void*>(kernel_of(mma)));
     plan::Device dev = facts.dev;
     if (!facts.unavailable.empty()) dev.cooperative = false;
     plan::Problem p{

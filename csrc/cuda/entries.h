@@ -10,7 +10,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
-#include <c10/cuda/CUDAGuard.h>
 
 #include <array>
 #include <optional>
@@ -24,6 +23,7 @@
 #include "paths_backward.cuh"
 #include "plan.h"
 #include "rows.h"
+#include "runtime.h"
 
 namespace varlen_rnn {
 namespace cuda {
@@ -85,7 +85,7 @@ ForwardResult padded_forward(const Tensor& input, const Tensor& lengths, const T
   const int64_t T = dims.T, B = dims.B, I = dims.I, H = dims.H, D = dims.D;
   TORCH_CHECK(T * B < (int64_t{1} << 31) && B < (int64_t{1} << 30),
               "T*B must be below 2^31, got T=", T, ", B=", B);
-  c10::cuda::CUDAGuard guard(input.device());
+  const DeviceGuard guard(input.device());
   ForwardCall c;
   set_layer_call(c, dims, input, hx, w_hh);
   set_cell_inputs<Cell>(c, in);
@@ -119,7 +119,7 @@ ForwardResult ragged_forward(const Tensor& input, const Tensor& seq_index,
   const int64_t B = dims.B, N = dims.N, H = dims.H, D = dims.D;
   TORCH_CHECK(dims.T < (int64_t{1} << 31) && B < (int64_t{1} << 30),
               "max_len must be below 2^31 and B below 2^30, got max_len=", dims.T, ", B=", B);
-  c10::cuda::CUDAGuard guard(input.device());
+  const DeviceGuard guard(input.device());
   ForwardCall c;
   set_layer_call(c, dims, input, hx, w_hh);
   set_cell_inputs<Cell>(c, in);
@@ -204,7 +204,7 @@ LayerGrads padded_backward(const BackwardInputs& g, const Tensor& input, const T
   const int64_t T = dims.T, B = dims.B, I = dims.I;
   TORCH_CHECK(T * B < (int64_t{1} << 31) && B < (int64_t{1} << 30),  // as the forward's
               "T*B must be below 2^31, got T=", T, ", B=", B);
-  c10::cuda::CUDAGuard guard(input.device());
+  const DeviceGuard guard(input.device());
   BackwardCall c;
   set_layer_call(c, dims, input, hx, w_hh);
   set_cell_inputs<Cell>(c, in);
@@ -245,7 +245,7 @@ LayerGrads ragged_backward(const BackwardInputs& g, const Tensor& input, const T
                       g.grad_c_n);
   TORCH_CHECK(dims.T < (int64_t{1} << 31) && dims.B < (int64_t{1} << 30),
               "max_len must be below 2^31 and B below 2^30, got max_len=", dims.T, ", B=", dims.B);
-  c10::cuda::CUDAGuard guard(input.device());
+  const DeviceGuard guard(input.device());
   BackwardCall c;
   set_layer_call(c, dims, input, hx, w_hh);
   set_cell_inputs<Cell>(c, in);

@@ -8,11 +8,7 @@
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
-#include <c10/cuda/CUDAFunctions.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -27,6 +23,7 @@
 #include <utility>
 
 #include "plan.h"
+#include "runtime.h"
 
 namespace varlen_rnn {
 namespace cuda {
@@ -146,12 +143,12 @@ inline KernelFactsCache& kernel_facts_cache() {
 }
 
 inline KernelFacts kernel_facts(const void* kernel) {
-  const auto key = std::make_pair(static_cast<int>(c10::cuda::current_device()), kernel);
+  const auto key = std::make_pair(current_device(), kernel);
   KernelFactsCache& cache = kernel_facts_cache();
   std::lock_guard<std::mutex> lock(cache.mutex);
   auto it = cache.facts.find(key);
   if (it != cache.facts.end()) return it->second;
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const cudaDeviceProp* prop = &device_properties();
   KernelFacts f;
   f.dev.sms = prop->multiProcessorCount;
   f.dev.cooperative = prop->cooperativeLaunch != 0;
@@ -190,14 +187,15 @@ inline bool is_refusal(cudaError_t err) {
 // the error, is remembered for this (device, kernel) so later calls plan the
 // fallback directly, warns once, and returns false: the caller runs the
 // fallback path on the same (untouched) outputs. Any other error throws.
-inline bool launch_cooperative(const void* kernel, int64_t blocks, int64_t smem, void* args,
-                               cudaStream_t stream) {
-  const KernelFacts facts = kernel_facts(kernel);
+template <typename Args>
+bool launch_cooperative(void (*kernel)(Args), int64_t blocks, int64_t smem, Args* args,
+                        cudaStream_t stream) {
+  const void* const id = reinterpret_cast<const void*>(kernel);
+  const KernelFacts facts = kernel_facts(id);
   if (knobs().oversubscribe) blocks = facts.max_resident_blocks + 1;
-  void* arg_list[] = {args};
-  const cudaError_t err = cudaLaunchCooperativeKernel(kernel, dim3(static_cast<unsigned>(blocks)),
-                                                      dim3(static_cast<unsigned>(plan::kThreads)),
-                                                      arg_list, static_cast<size_t>(smem), stream);
+  const cudaError_t err =
+      launch_cooperative_kernel(kernel, static_cast<int>(blocks), static_cast<int>(plan::kThreads),
+                                static_cast<size_t>(smem), args, stream);
   if (err == cudaSuccess) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return true;
@@ -207,8 +205,8 @@ inline bool launch_cooperative(const void* kernel, int64_t blocks, int64_t smem,
   {
     KernelFactsCache& cache = kernel_facts_cache();
     std::lock_guard<std::mutex> lock(cache.mutex);
-    const int device = static_cast<int>(c10::cuda::current_device());
-    KernelFacts& f = cache.facts[std::make_pair(device, kernel)];
+    const int device = current_device();
+    KernelFacts& f = cache.facts[std::make_pair(device, id)];
     f.unavailable =
         std::string("the driver refused its cooperative launch (") + cudaGetErrorString(err) + ")";
   }
@@ -352,17 +350,12 @@ class MatmulTf32Guard {
 // allocator keeps the buffer until the copy has run. The buffer is ours, so what is
 // checked in it is what is sent.
 inline at::Tensor pinned_like(at::IntArrayRef sizes, at::ScalarType dtype) {
-  return at::empty(sizes, at::TensorOptions().dtype(dtype).pinned_memory(true));
+  return at::empty(sizes, host_staging(dtype));
 }
 
 // A pinned host tensor (pinned_like) -> `device`, asynchronously.
 inline at::Tensor pinned_to_device(const at::Tensor& pinned, at::Device device) {
   return pinned.to(device, pinned.scalar_type(), /*non_blocking=*/true);
-}
-
-// Whether the current stream is capturing a CUDA graph.
-inline bool capturing() {
-  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
 }
 
 // Neither copy can be captured in a CUDA graph: inside a capture, index tensors must

@@ -236,6 +236,7 @@ extern "C" __attribute__((visibility("default"))) int varlen_rnn_cuda_set_knobs_
   return 0;
 }
 
+#ifndef VARLEN_RNN_HOST_EMULATION  // tests/cuda_emulation/emu.cpp binds the entries itself
 TORCH_LIBRARY_IMPL(varlen_rnn, CUDA, m) {
   m.impl("gru_layer_forward", TORCH_FN(varlen_rnn::cuda::gru_layer_forward_cuda));
   m.impl("gru_layer_backward", TORCH_FN(varlen_rnn::cuda::gru_layer_backward_cuda));
@@ -250,3 +251,4 @@ TORCH_LIBRARY_IMPL(varlen_rnn, CUDA, m) {
   m.impl("rnn_layer_ragged_forward", TORCH_FN(varlen_rnn::cuda::rnn_layer_ragged_forward_cuda));
   m.impl("rnn_layer_ragged_backward", TORCH_FN(varlen_rnn::cuda::rnn_layer_ragged_backward_cuda));
 }
+#endif  // VARLEN_RNN_HOST_EMULATION

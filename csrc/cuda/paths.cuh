@@ -16,7 +16,6 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
 
 #include <optional>
 #include <tuple>
@@ -29,6 +28,7 @@
 #include "plan.h"
 #include "pointwise.cuh"
 #include "rows.h"
+#include "runtime.h"
 
 namespace varlen_rnn {
 namespace cuda {
@@ -88,25 +88,25 @@ Tensor input_projection(const LayerCall& c, const Tensor& x2d, const Tensor& w_i
 }
 
 // The persistent kernel instantiation for the call: kMma (tensor cores) or not.
+template <typename scalar_t>
+using ForwardKernel = void (*)(PersistentForwardArgs<scalar_t, at::opmath_type<scalar_t>>);
+template <typename scalar_t>
+using BackwardKernel = void (*)(PersistentBackwardArgs<scalar_t, at::opmath_type<scalar_t>>);
 template <typename Cell, typename scalar_t>
-const void* forward_kernel(bool mma) {
+ForwardKernel<scalar_t> forward_kernel(bool mma) {
   using acc_t = at::opmath_type<scalar_t>;
   if constexpr (std::is_same<acc_t, float>::value) {
-    if (mma) {
-      return reinterpret_cast<const void*>(persistent_forward_kernel<Cell, scalar_t, acc_t, true>);
-    }
+    if (mma) return persistent_forward_kernel<Cell, scalar_t, acc_t, true>;
   }
-  return reinterpret_cast<const void*>(persistent_forward_kernel<Cell, scalar_t, acc_t>);
+  return persistent_forward_kernel<Cell, scalar_t, acc_t>;
 }
 template <typename Cell, typename scalar_t>
-const void* backward_kernel(bool mma) {
+BackwardKernel<scalar_t> backward_kernel(bool mma) {
   using acc_t = at::opmath_type<scalar_t>;
   if constexpr (std::is_same<acc_t, float>::value) {
-    if (mma) {
-      return reinterpret_cast<const void*>(persistent_backward_kernel<Cell, scalar_t, acc_t, true>);
-    }
+    if (mma) return persistent_backward_kernel<Cell, scalar_t, acc_t, true>;
   }
-  return reinterpret_cast<const void*>(persistent_backward_kernel<Cell, scalar_t, acc_t>);
+  return persistent_backward_kernel<Cell, scalar_t, acc_t>;
 }
 
 // A kHasC cell's c state in acc_t [D, B, H], starting at c.cx; else undefined.
@@ -182,24 +182,21 @@ void fallback_forward(const ForwardCall& c) {
   const int proj_blocks = static_cast<int>(plan::ceil_div(D * B * P, kPointwiseThreads));
   for (int64_t s = 0; s < T; ++s) {
     at::bmm_out(gh, h_lo, w_hh_t);  // b_hh: added by the step kernel
-    fallback_forward_step_kernel<Cell, kProj, scalar_t, acc_t>
-        <<<blocks, kPointwiseThreads, 0, c.stream>>>(
-            c.gx.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(c.b_hh),
-            l.lens.data_ptr<int>(), h.data_ptr<acc_t>(), half ? h_lo.data_ptr<scalar_t>() : nullptr,
-            ptr_or_null<acc_t>(cs), kProj ? hcell.data_ptr<scalar_t>() : c.out.data_ptr<scalar_t>(),
-            c.need_workspace ? c.ws.data_ptr<workspace_t<scalar_t, acc_t>>() : nullptr,
-            static_cast<int>(s), static_cast<int>(B), static_cast<int>(H), static_cast<int>(D),
-            c.rows.map, c.rows.R);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(fallback_forward_step_kernel<Cell, kProj, scalar_t, acc_t>, blocks,
+                  kPointwiseThreads, c.stream, c.gx.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(),
+                  ptr_or_null<scalar_t>(c.b_hh), l.lens.data_ptr<int>(), h.data_ptr<acc_t>(),
+                  half ? h_lo.data_ptr<scalar_t>() : nullptr, ptr_or_null<acc_t>(cs),
+                  kProj ? hcell.data_ptr<scalar_t>() : c.out.data_ptr<scalar_t>(),
+                  c.need_workspace ? c.ws.data_ptr<workspace_t<scalar_t, acc_t>>() : nullptr,
+                  static_cast<int>(s), static_cast<int>(B), static_cast<int>(H),
+                  static_cast<int>(D), c.rows.map, c.rows.R);
     if constexpr (kProj) {
       at::bmm_out(hr, hcell, w_hr_t);  // [D, B, H] @ [D, H, P]
-      fallback_proj_forward_kernel<scalar_t, acc_t>
-          <<<proj_blocks, kPointwiseThreads, 0, c.stream>>>(
-              hr.data_ptr<scalar_t>(), l.lens.data_ptr<int>(), h.data_ptr<acc_t>(),
-              half ? h_lo.data_ptr<scalar_t>() : nullptr, c.out.data_ptr<scalar_t>(),
-              static_cast<int>(s), static_cast<int>(B), static_cast<int>(P), static_cast<int>(D),
-              c.rows.map);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(fallback_proj_forward_kernel<scalar_t, acc_t>, proj_blocks, kPointwiseThreads,
+                    c.stream, hr.data_ptr<scalar_t>(), l.lens.data_ptr<int>(), h.data_ptr<acc_t>(),
+                    half ? h_lo.data_ptr<scalar_t>() : nullptr, c.out.data_ptr<scalar_t>(),
+                    static_cast<int>(s), static_cast<int>(B), static_cast<int>(P),
+                    static_cast<int>(D), c.rows.map);
     }
   }
   c.h_n.copy_(h);

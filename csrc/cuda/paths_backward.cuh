@@ -14,7 +14,6 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
 
 #include <utility>
 
@@ -25,6 +24,7 @@
 #include "plan.h"
 #include "pointwise.cuh"
 #include "rows.h"
+#include "runtime.h"
 
 namespace varlen_rnn {
 namespace cuda {
@@ -95,28 +95,26 @@ void fallback_backward(const BackwardCall& c) {
   const int proj_blocks = static_cast<int>(plan::ceil_div(D * B * P, kPointwiseThreads));
   for (int64_t s = T - 1; s >= 0; --s) {
     if constexpr (kProj) {
-      fallback_proj_backward_kernel<scalar_t, acc_t>
-          <<<proj_blocks, kPointwiseThreads, 0, c.stream>>>(
-              c.grad_out.data_ptr<scalar_t>(), c.out.data_ptr<scalar_t>(),
-              c.hx.data_ptr<scalar_t>(), l.lens.data_ptr<int>(), dh_a.data_ptr<acc_t>(),
-              dh_b.data_ptr<scalar_t>(), dh_a_next.data_ptr<acc_t>(), c.dhr.data_ptr<scalar_t>(),
-              dhr_step.data_ptr<scalar_t>(), c.hprev.data_ptr<scalar_t>(), static_cast<int>(s),
-              static_cast<int>(B), static_cast<int>(P), static_cast<int>(D), c.rows.map, c.rows.R);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(fallback_proj_backward_kernel<scalar_t, acc_t>, proj_blocks, kPointwiseThreads,
+                    c.stream, c.grad_out.data_ptr<scalar_t>(), c.out.data_ptr<scalar_t>(),
+                    c.hx.data_ptr<scalar_t>(), l.lens.data_ptr<int>(), dh_a.data_ptr<acc_t>(),
+                    dh_b.data_ptr<scalar_t>(), dh_a_next.data_ptr<acc_t>(),
+                    c.dhr.data_ptr<scalar_t>(), dhr_step.data_ptr<scalar_t>(),
+                    c.hprev.data_ptr<scalar_t>(), static_cast<int>(s), static_cast<int>(B),
+                    static_cast<int>(P), static_cast<int>(D), c.rows.map, c.rows.R);
       at::bmm_out(dhcell, dhr_step, c.w_hr);  // [D, B, P] @ [D, P, H]
     }
-    fallback_backward_step_kernel<Cell, kProj, scalar_t, acc_t>
-        <<<blocks, kPointwiseThreads, 0, c.stream>>>(
-            c.grad_out.data_ptr<scalar_t>(), c.out.data_ptr<scalar_t>(), c.hx.data_ptr<scalar_t>(),
-            c.ws.data_ptr<workspace_t<scalar_t, acc_t>>(), l.lens.data_ptr<int>(),
-            kProj ? nullptr : dh_a.data_ptr<acc_t>(),
-            kProj ? dhcell.data_ptr<scalar_t>() : dh_b.data_ptr<scalar_t>(),
-            kProj ? nullptr : dh_a_next.data_ptr<acc_t>(), ptr_or_null<acc_t>(dc),
-            c.dgx.data_ptr<scalar_t>(), c.dgh.data_ptr<scalar_t>(), dgh_step.data_ptr<scalar_t>(),
-            kProj ? nullptr : c.hprev.data_ptr<scalar_t>(),
-            kProj ? c.hcell.data_ptr<scalar_t>() : nullptr, static_cast<int>(s),
-            static_cast<int>(B), static_cast<int>(H), static_cast<int>(D), c.rows.map, c.rows.R);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(
+        fallback_backward_step_kernel<Cell, kProj, scalar_t, acc_t>, blocks, kPointwiseThreads,
+        c.stream, c.grad_out.data_ptr<scalar_t>(), c.out.data_ptr<scalar_t>(),
+        c.hx.data_ptr<scalar_t>(), c.ws.data_ptr<workspace_t<scalar_t, acc_t>>(),
+        l.lens.data_ptr<int>(), kProj ? nullptr : dh_a.data_ptr<acc_t>(),
+        kProj ? dhcell.data_ptr<scalar_t>() : dh_b.data_ptr<scalar_t>(),
+        kProj ? nullptr : dh_a_next.data_ptr<acc_t>(), ptr_or_null<acc_t>(dc),
+        c.dgx.data_ptr<scalar_t>(), c.dgh.data_ptr<scalar_t>(), dgh_step.data_ptr<scalar_t>(),
+        kProj ? nullptr : c.hprev.data_ptr<scalar_t>(),
+        kProj ? c.hcell.data_ptr<scalar_t>() : nullptr, static_cast<int>(s), static_cast<int>(B),
+        static_cast<int>(H), static_cast<int>(D), c.rows.map, c.rows.R);
     std::swap(dh_a, dh_a_next);
     at::bmm_out(dh_b, dgh_step, c.w_hh);  // [D, B, GH] @ [D, GH, P]
   }

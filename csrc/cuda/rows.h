@@ -12,7 +12,6 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/sort.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
 
 #include <optional>
 #include <tuple>
@@ -22,6 +21,7 @@
 #include "layout.h"
 #include "plan.h"
 #include "pointwise.cuh"
+#include "runtime.h"
 
 namespace varlen_rnn {
 namespace cuda {
@@ -49,11 +49,10 @@ inline Lengths prepare_lengths(const at::Tensor& lengths, int64_t T, bool with_p
   const at::Tensor src = lengths.contiguous();
   const int blocks = static_cast<int>(plan::ceil_div(B, kPointwiseThreads));
   AT_DISPATCH_INDEX_TYPES(src.scalar_type(), "varlen_rnn_lengths_prep", [&] {
-    lengths_prep_kernel<index_t><<<blocks, kPointwiseThreads, 0, stream>>>(
-        src.data_ptr<index_t>(), static_cast<int>(B), static_cast<int>(T), l.lens.data_ptr<int>(),
-        l.perm.defined() ? l.perm.data_ptr<int>() : nullptr,
-        l.sorted.defined() ? l.sorted.data_ptr<int>() : nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(lengths_prep_kernel<index_t>, blocks, kPointwiseThreads, stream,
+                  src.data_ptr<index_t>(), static_cast<int>(B), static_cast<int>(T),
+                  l.lens.data_ptr<int>(), l.perm.defined() ? l.perm.data_ptr<int>() : nullptr,
+                  l.sorted.defined() ? l.sorted.data_ptr<int>() : nullptr);
   });
   if (big) {
     auto sorted = at::sort(l.lens, /*stable=*/true, /*dim=*/0, /*descending=*/true);
@@ -91,11 +90,10 @@ inline at::Tensor checked_permutation(const at::Tensor& sorted_indices, cudaStre
   if (B == 0) return order;
   at::Tensor count = at::zeros({B}, idx.options().dtype(at::kInt));
   const int blocks = static_cast<int>(plan::ceil_div(B, kPointwiseThreads));
-  permutation_count_kernel<<<blocks, kPointwiseThreads, 0, stream>>>(
-      idx.data_ptr<int64_t>(), B, count.data_ptr<int>(), order.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  permutation_check_kernel<<<blocks, kPointwiseThreads, 0, stream>>>(count.data_ptr<int>(), B);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(permutation_count_kernel, blocks, kPointwiseThreads, stream,
+                idx.data_ptr<int64_t>(), B, count.data_ptr<int>(), order.data_ptr<int64_t>());
+  launch_kernel(permutation_check_kernel, blocks, kPointwiseThreads, stream, count.data_ptr<int>(),
+                B);
   return order;
 }
 
@@ -124,10 +122,9 @@ inline DeviceRows ragged_rows(const RaggedDims& dims, const at::Tensor& seq_inde
     r.lengths = at::empty({B}, long_opts.device(device));
     const int blocks = static_cast<int>(plan::ceil_div(B + 1, kPointwiseThreads));
     AT_DISPATCH_INDEX_TYPES(offsets.scalar_type(), "varlen_rnn_offsets_prep", [&] {
-      offsets_prep_kernel<index_t><<<blocks, kPointwiseThreads, 0, stream>>>(
-          offsets.data_ptr<index_t>(), B, N, max_len, r.starts.data_ptr<int64_t>(),
-          r.lengths.data_ptr<int64_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(offsets_prep_kernel<index_t>, blocks, kPointwiseThreads, stream,
+                    offsets.data_ptr<index_t>(), B, N, max_len, r.starts.data_ptr<int64_t>(),
+                    r.lengths.data_ptr<int64_t>());
     });
     r.map = offsets_map(r.starts.data_ptr<int64_t>(), nullptr);
     return r;

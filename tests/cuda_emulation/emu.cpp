@@ -6,17 +6,26 @@
 // the index math, padding, sorting, the half-type bit-cast loads, the cells' gate and state
 // handling and the one-barrier-per-step schemes against CPU references, for padded and ragged
 // (offsets, packed) rows. The persistent launches are cut by csrc/cuda/plan.h's persistent_cut
-// for a pretend device, as on a GPU; the launchers' host set-up (paths.cuh,
-// paths_backward.cuh) is mirrored here around the kernels. The tensor-core path (kMma) runs
-// through the emulated mma.sync of mma_emu.h. Test-only; see tests/test_cuda_emulated.py and
-// tests/test_cuda_emulated_cells.py.
+// for a pretend device, as on a GPU. Two ways in: the kernel-level harness below writes the
+// launchers' tensor set-up out around the kernels (tests hand them gx and read back the workspace,
+// dgh, hprev and the cut), and emu_backend.h binds the backend's own op entries (ops_cuda.cu,
+// included whole: launchers, GEMMs, checks) with csrc/cuda/runtime.h's names defined on the CPU
+// by emu_runtime.h. The tensor-core path (kMma) runs through the emulated mma.sync of
+// mma_emu.h. Test-only; see tests/test_cuda_emulated.py, tests/test_cuda_emulated_cells.py and
+// tests/test_cuda_emulated_backend.py.
 #include "emu_runtime.h"
 
 #include "cells/gru.h"
 #include "cells/lstm.h"
 #include "cells/rnn.h"
+#include "cuda/ops_cuda.cu"  // the whole backend, bound below as backend_* (emu_backend)
 #include "cuda/persistent.cuh"
 #include "cuda/plan.h"
+
+// The kernel-level harness: the launchers' tensor set-up written out around the kernels, so
+// tests can hand the kernels gx and read back what the launchers keep internal (workspace,
+// dgh, hprev, the cut) on a pretend device of their choosing.
+namespace harness {
 using namespace varlen_rnn;
 using namespace varlen_rnn::cuda;
 
@@ -365,11 +374,17 @@ bool set_smem_padding(bool pad) {
   return before;
 }
 
+}  // namespace harness
+
+#include "emu_backend.h"
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace harness;
   m.def("stats", &stats);
   m.def("set_smem_padding", &set_smem_padding);
   m.def("forward", &forward);
   m.def("backward", &backward);
   m.def("cell_forward", &cell_forward);
   m.def("cell_backward", &cell_backward);
+  bind_backend(m);
 }

@@ -136,3 +136,102 @@ void emu_launch_seq(int grid, int block, F body) {
       body();
     }
 }
+
+// ---- csrc/cuda/runtime.h's names on the CPU -----------------------------------------------
+// With these the backend's host code (entries.h, call.h, launch.h, rows.h, paths.cuh,
+// paths_backward.cuh: ops_cuda.cu as a whole) runs here on CPU tensors: its ATen ops (the input
+// projection, the per-step and weight-gradient GEMMs, sums, sorts, copies) run on the CPU, its
+// launches run the kernels above. The device is a pretend one (emu_device: SM count, shared
+// memory per block, compute capability), as the tests set it.
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorLaunchOutOfResources = 701,
+  cudaErrorCooperativeLaunchTooLarge = 720,
+  cudaErrorNotPermitted = 800,
+  cudaErrorNotSupported = 801,
+};
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+struct EmuStream {};
+using cudaStream_t = EmuStream*;
+struct cudaDeviceProp {
+  int multiProcessorCount = 0, cooperativeLaunch = 1, maxThreadsPerMultiProcessor = 2048;
+  size_t sharedMemPerBlockOptin = 0;
+  int major = 9;
+};
+struct cudaFuncAttributes {
+  int maxThreadsPerBlock = 0;
+  size_t sharedSizeBytes = 0;
+};
+struct EmuDevice {
+  cudaDeviceProp prop;
+  int generation = 0;  // the pretend device's id: a new one for every change (kernel_facts' cache)
+  int64_t last_blocks = 0, last_smem = 0;  // the last cooperative launch's grid and shared memory
+  size_t max_dynamic_smem = 0;             // what cudaFuncSetAttribute allowed
+};
+inline EmuDevice& emu_device() {
+  static EmuDevice d;
+  return d;
+}
+inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void*) {
+  attr->maxThreadsPerBlock = 1024;
+  attr->sharedSizeBytes = 0;  // the kernels' shared memory is all dynamic
+  return cudaSuccess;
+}
+inline cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute, int value) {
+  if (value < 0 || static_cast<size_t>(value) > emu_device().prop.sharedMemPerBlockOptin) {
+    return cudaErrorInvalidValue;
+  }
+  emu_device().max_dynamic_smem = static_cast<size_t>(value);
+  return cudaSuccess;
+}
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline const char* cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess:
+      return "no error";
+    case cudaErrorCooperativeLaunchTooLarge:
+      return "too many blocks in cooperative launch";
+    case cudaErrorInvalidValue:
+      return "invalid argument";
+    default:
+      return "emulated CUDA error";
+  }
+}
+#define C10_CUDA_KERNEL_LAUNCH_CHECK() ((void)0)
+#define C10_CUDA_CHECK(e) TORCH_CHECK((e) == cudaSuccess, "CUDA error: ", cudaGetErrorString(e))
+
+namespace varlen_rnn::cuda {
+struct DeviceGuard {
+  explicit DeviceGuard(at::Device) {}
+};
+inline const cudaDeviceProp& device_properties() { return emu_device().prop; }
+inline int current_device() { return emu_device().generation; }
+inline cudaStream_t current_stream() { return nullptr; }
+inline bool capturing() { return false; }
+inline at::TensorOptions host_staging(at::ScalarType dtype) {
+  return at::TensorOptions().dtype(dtype);  // the CPU's own memory: nothing to pin
+}
+// A grid of kernels without barriers (the lengths, offsets and fallback step kernels):
+// one CUDA thread after another.
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), int blocks, int threads, cudaStream_t,
+                   Args&&... args) {
+  emu_launch_seq(blocks, threads, [&] { kernel(args...); });
+}
+// A cooperative launch as the driver takes it: refused where the grid cannot be co-resident
+// on the pretend device, an error where it asks more shared memory than was set aside.
+template <typename Args>
+cudaError_t launch_cooperative_kernel(void (*kernel)(Args), int blocks, int threads, size_t smem,
+                                      Args* args, cudaStream_t) {
+  const cudaDeviceProp& p = emu_device().prop;
+  if (blocks > p.maxThreadsPerMultiProcessor / threads * p.multiProcessorCount) {
+    return cudaErrorCooperativeLaunchTooLarge;
+  }
+  if (smem > emu_device().max_dynamic_smem) return cudaErrorInvalidValue;
+  emu_device().last_blocks = blocks;
+  emu_device().last_smem = static_cast<int64_t>(smem);
+  emu_launch(blocks, threads, smem, [&] { kernel(*args); });
+  return cudaSuccess;
+}
+}  // namespace varlen_rnn::cuda
