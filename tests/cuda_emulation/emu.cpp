@@ -6,11 +6,11 @@
 // the index math, padding, sorting, the half-type bit-cast loads, the cells' gate and state
 // handling and the one-barrier-per-step schemes against CPU references, for padded and ragged
 // (offsets, packed) rows. The persistent launches are cut by csrc/cuda/plan.h's persistent_cut
-// for a pretend device, as on a GPU. Two ways in: the kernel-level harness below writes the
-// launchers' tensor set-up out around the kernels (tests hand them gx and read back the workspace,
-// dgh, hprev and the cut), and emu_backend.h binds the backend's own op entries (ops_cuda.cu,
-// included whole: launchers, GEMMs, checks) with csrc/cuda/runtime.h's names defined on the CPU
-// by emu_runtime.h. The tensor-core path (kMma) runs through the emulated mma.sync of
+// for a pretend device, as on a GPU. ops_cuda.cu is included whole, with csrc/cuda/runtime.h's
+// names defined on the CPU by emu_runtime.h, and entered two ways: the kernel-level harness below
+// calls the backend's launchers on a call it sets up (tests hand the kernels gx and read back the
+// workspace, dgh, hprev and the cut), and emu_backend.h binds the op entries themselves
+// (launchers, GEMMs, checks). The tensor-core path (kMma) runs through the emulated mma.sync of
 // mma_emu.h. Test-only; see tests/test_cuda_emulated.py, tests/test_cuda_emulated_cells.py and
 // tests/test_cuda_emulated_backend.py.
 #include "emu_runtime.h"
@@ -18,251 +18,185 @@
 #include "cells/gru.h"
 #include "cells/lstm.h"
 #include "cells/rnn.h"
-#include "cuda/ops_cuda.cu"  // the whole backend, bound below as backend_* (emu_backend)
+#include "cuda/ops_cuda.cu"  // the whole backend: the harness's launchers, emu_backend.h's entries
 #include "cuda/persistent.cuh"
 #include "cuda/plan.h"
 
-// The kernel-level harness: the launchers' tensor set-up written out around the kernels, so
-// tests can hand the kernels gx and read back what the launchers keep internal (workspace,
-// dgh, hprev, the cut) on a pretend device of their choosing.
+// The kernel-level harness: the backend's own launchers (paths.cuh, paths_backward.cuh) called
+// on a call the harness sets up itself, so tests can hand the kernels gx, choose the path, the
+// cut's pretend device and the tensor-core kernel directly, and read back what the launchers keep
+// internal (workspace, dgh, hprev, the cut). Outputs start as 777 where nothing was written.
 namespace harness {
 using namespace varlen_rnn;
 using namespace varlen_rnn::cuda;
 
-bool g_pad_smem = true;  // plan.h's padded strides for the tensor-core kernels (set_smem_padding)
-
-#include "emu_rows.h"
-
-// An optional tensor's data, or nullptr.
-template <typename T>
-T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
+// The persistent cut the launcher would take on a device with `sms` SMs and `smem` bytes of
+// dynamic shared memory per block (max_kc: VARLEN_RNN_PERSISTENT_MAX_KC). mma: the tensor-core
+// kernel's cut (its padded strides, its tile type); the padding is knobs().pad_smem
+// (set_smem_padding; off only to show the conflicts it removes).
+plan::Choice persistent_choice(const LayerCall& c, plan::Pass pass, int64_t storage_bytes,
+                               int64_t acc_bytes, int64_t sms, int64_t smem, int64_t max_kc,
+                               bool mma) {
+  TORCH_CHECK(!c.proj(), "an LSTM with a projection has no persistent kernel");
+  plan::Problem p{c.dims.B, c.dims.H, c.dims.D, pass, storage_bytes, acc_bytes, true};
+  p.gates = c.G;
+  p.persistent_mma = mma;
+  p.pad_smem = knobs().pad_smem;
+  const plan::Device dev{sms, smem, true, true};
+  plan::Choice choice;
+  choice.path = plan::Path::kPersistent;
+  choice.mma = mma;
+  std::string why;
+  choice.fits = plan::persistent_cut(p, dev, max_kc, choice.cut, why);
+  TORCH_CHECK(choice.fits, "no persistent cut: ", why);
+  return choice;
 }
-at::Tensor or_empty(const at::Tensor& t) { return t.defined() ? t : at::empty({0}); }
 
-// The launchers' tensor set-up (paths.cuh), in the storage dtype scalar_t with acc_t state,
-// workspace and exchange buffers, around the emulated kernels. hx [D, B, P], cx [D, B, H]
-// (kHasC, else empty), h_n, c_n in sequence order; w_hr [D, P, H] or empty (no projection).
-// Returns out, h_n, c_n (or empty), ws, the persistent cut.
+at::Tensor cut_tensor(const plan::Cut& c) {
+  return at::tensor({c.J, c.blocks_per_dir, c.tile_rows, c.kc, c.blocks}, at::kLong);
+}
+
+// The call's dims, rows and states as the ops set them (entries.h), on the pretend device
+// (`sms` SMs, `smem` bytes of shared memory per block). layout: 0 offsets (seq_index = offsets
+// [B+1]), 1 packed (batch_sizes [T], sorted_indices or an empty tensor), 2 padded (seq_index =
+// lengths [B], bf: batch-major); T the padded time dimension or max_len; N the ragged rows.
+// hx [D, B, P] and cx [D, B, H] (kHasC) in sequence order; w_hr [D, P, H] or empty.
+template <typename Cell>
+void set_call(LayerCall& c, const at::Tensor& like, const at::Tensor& w_hh, const at::Tensor& hx,
+              const at::Tensor& cx, const at::Tensor& w_hr, int64_t layout,
+              const at::Tensor& seq_index, const at::Tensor& sorted_indices, int64_t T, bool bf,
+              int64_t N, int64_t sms, int64_t smem) {
+  emu_set_device(sms, smem, 9);
+  RaggedDims dims;
+  dims.T = T, dims.B = hx.size(1), dims.I = 0, dims.H = w_hh.size(1) / Cell::kGates;
+  dims.D = w_hh.size(0), dims.batch_first = bf, dims.G = Cell::kGates;
+  dims.S = kWorkspaceSaved<Cell>, dims.P = hx.size(2), dims.N = N;
+  dims.layout = static_cast<int32_t>(layout);
+  set_layer_call(c, dims, like, hx, w_hh);
+  if (layout == 2) {
+    c.rows = padded_rows(dims, seq_index, like.device());
+  } else {
+    c.rows = ragged_rows(dims, seq_index, std::nullopt, like.device(), c.stream);
+    // sorted_indices through the device's check (rows.h's kernels), not the host's.
+    if (sorted_indices.numel() > 0) c.rows.order = checked_permutation(sorted_indices, c.stream);
+  }
+  c.hx = to_rank_order(c.rows, hx);
+  if constexpr (Cell::kHasC) {
+    if (cx.defined()) c.cx = to_rank_order(c.rows, cx);
+  }
+  if (w_hr.numel() > 0) c.w_hr = w_hr.contiguous();
+}
+
+at::Tensor sentinel(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  return at::full(sizes, 777.0, opts);
+}
+
+// The forward launchers on gx [R, D*G*H]. Returns out [R, D*P], h_n, c_n (or empty) in
+// sequence order, the workspace, the persistent cut (or empty).
 template <typename Cell, typename scalar_t>
 std::vector<at::Tensor> forward_t(const at::Tensor& gx, const at::Tensor& w_hh,
-                                  const c10::optional<at::Tensor>& b_hh, const at::Tensor& hx_b,
-                                  const at::Tensor& cx_b, const at::Tensor& w_hr, const Rows& r,
-                                  int64_t T, bool persistent, int64_t sms, int64_t smem,
+                                  const c10::optional<at::Tensor>& b_hh, const at::Tensor& hx,
+                                  const at::Tensor& cx, const at::Tensor& w_hr, int64_t layout,
+                                  const at::Tensor& seq_index, const at::Tensor& sorted_indices,
+                                  int64_t T, bool bf, bool persistent, int64_t sms, int64_t smem,
                                   int64_t max_kc, bool mma) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int64_t G = Cell::kGates, S = kWorkspaceSaved<Cell>;
-  using ws_t = workspace_t<scalar_t, acc_t>;
-  const int64_t D = w_hh.size(0), H = w_hh.size(1) / G, B = hx_b.size(1), P = hx_b.size(2);
-  const bool proj = w_hr.numel() > 0;
-  const at::TensorOptions opts = gx.options();
-  const at::TensorOptions acc_opts = opts.dtype(c10::CppTypeToScalarType<acc_t>::value);
-  const bool half = !std::is_same<scalar_t, acc_t>::value;
-  const at::Tensor hx = to_rank(r, hx_b);
-  const at::Tensor cx = Cell::kHasC ? to_rank(r, cx_b) : at::Tensor();
-  at::Tensor out = at::full({r.R, D * P}, 777.0, opts);
-  at::Tensor h_n = at::full({D, B, P}, 777.0, opts);
-  at::Tensor c_n = Cell::kHasC ? at::full({D, B, H}, 777.0, opts) : at::Tensor();
-  at::Tensor ws =
-      at::full({D, r.R, S * H}, 777.0, opts.dtype(c10::CppTypeToScalarType<ws_t>::value));
-  at::Tensor cut_info = at::empty({0}, at::kLong);
+  ForwardCall c;
+  set_call<Cell>(c, gx, w_hh, hx, cx, w_hr, layout, seq_index, sorted_indices, T, bf, gx.size(0),
+                 sms, smem);
+  const LayerDims& d = c.dims;
+  const int64_t R = c.rows.R;
+  c.gx = gx.contiguous();
+  if (b_hh.has_value()) c.b_hh = b_hh->contiguous();
+  c.need_workspace = true;
+  c.out = sentinel({R, d.D * c.P}, c.opts);
+  c.h_n = sentinel({d.D, d.B, c.P}, c.opts);
+  if constexpr (Cell::kHasC) c.c_n = sentinel({d.D, d.B, d.H}, c.opts);
+  c.ws =
+      sentinel({d.D, R, d.S * d.H}, c.opts.dtype(workspace_dtype(c.opts.dtype().toScalarType())));
+  at::Tensor cut = at::empty({0}, at::kLong);
   if (persistent) {
-    TORCH_CHECK(!proj, "an LSTM with a projection has no persistent kernel");
-    const plan::Cut cut = cut_of(B, H, D, plan::Pass::kTraining, sizeof(scalar_t), sizeof(acc_t),
-                                 sms, smem, max_kc, G, mma, g_pad_smem);
-    cut_info = cut_tensor(cut);
-    // As paths.cuh: the exchange in the storage type on 16-bit tensor cores, the own units'
-    // exact state beside it where the cell reads h.
-    const bool half_exchange = mma && sizeof(scalar_t) == 2;
-    at::Tensor hbuf = at::full({2, D, B, H}, 777.0, half_exchange ? opts : acc_opts);
-    at::Tensor hown =
-        half_exchange && Cell::kReadsHPrev ? at::full({D, B, H}, 777.0, acc_opts) : at::Tensor();
-    at::Tensor cbuf = Cell::kHasC ? at::full({D, B, H}, 777.0, acc_opts) : at::Tensor();
-    PersistentForwardArgs<scalar_t, acc_t> a{};
-    a.gx = gx.data_ptr<scalar_t>();
-    a.w_hh = w_hh.data_ptr<scalar_t>();
-    a.b_hh = b_hh ? b_hh->data_ptr<scalar_t>() : nullptr;
-    a.hx = hx.data_ptr<scalar_t>();
-    a.hbuf = hbuf.data_ptr();
-    a.hown = ptr_or_null<acc_t>(hown);
-    a.out = out.data_ptr<scalar_t>();
-    a.h_n = h_n.data_ptr<scalar_t>();
-    a.ws = ptr_or_null<ws_t>(ws);
-    a.cx = ptr_or_null<scalar_t>(cx);
-    a.cbuf = ptr_or_null<acc_t>(cbuf);
-    a.c_n = ptr_or_null<scalar_t>(c_n);
-    fill_common<scalar_t, acc_t>(a, r, cut, T, B, H, D);
+    const plan::Choice choice = persistent_choice(c, plan::Pass::kTraining, sizeof(scalar_t),
+                                                  sizeof(acc_t), sms, smem, max_kc, mma);
+    cut = cut_tensor(choice.cut);
+    const bool launched = persistent_forward<Cell, scalar_t>(c, choice);
+    TORCH_CHECK(launched, "the pretend device refused the cooperative launch");
+  } else {
+    TORCH_CHECK(!mma, "the tensor-core path is the persistent kernels'");
     bool done = false;
-    if constexpr (std::is_same<acc_t, float>::value) {
-      if (mma) {
-        emu_launch(cut.blocks, kPersistThreads, cut.smem,
-                   [&] { persistent_forward_kernel<Cell, scalar_t, acc_t, true>(a); });
+    if constexpr (Cell::kHasC) {
+      if (c.proj()) {
+        fallback_forward<Cell, true, scalar_t>(c);
         done = true;
       }
     }
-    if (!done) {
-      TORCH_CHECK(!mma, "the tensor-core path takes float32, float16 or bfloat16");
-      emu_launch(cut.blocks, kPersistThreads, cut.smem,
-                 [&] { persistent_forward_kernel<Cell, scalar_t, acc_t>(a); });
-    }
-  } else {
-    at::Tensor h = hx.to(acc_opts.dtype(), false, /*copy=*/true);  // updated in place
-    at::Tensor h_lo = half ? hx.clone() : h;  // the GEMM's operand, rounded for half types
-    at::Tensor c = Cell::kHasC ? cx.to(acc_opts.dtype(), false, true) : at::Tensor();
-    at::Tensor w_t = w_hh.transpose(1, 2);
-    at::Tensor gh = at::empty({D, B, G * H}, opts);
-    at::Tensor hcell = at::full({D, B, H}, 777.0, opts);
-    at::Tensor hr = at::empty({D, B, P}, opts);
-    for (int64_t s = 0; s < T; ++s) {
-      at::bmm_out(gh, h_lo, w_t);
-      auto step = [&](auto proj_tag) {
-        constexpr bool kProj = decltype(proj_tag)::value;
-        emu_launch_seq((D * B * H + 255) / 256, 256, [&] {
-          fallback_forward_step_kernel<Cell, kProj, scalar_t, acc_t>(
-              gx.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(),
-              b_hh ? b_hh->data_ptr<scalar_t>() : nullptr, r.l.lens.data(), h.data_ptr<acc_t>(),
-              half ? h_lo.data_ptr<scalar_t>() : nullptr, ptr_or_null<acc_t>(c),
-              kProj ? hcell.data_ptr<scalar_t>() : out.data_ptr<scalar_t>(), ptr_or_null<ws_t>(ws),
-              s, B, H, D, r.map, r.R);
-        });
-      };
-      if constexpr (Cell::kHasC) {
-        if (proj) {
-          step(std::true_type{});
-          at::bmm_out(hr, hcell, w_hr.transpose(1, 2));
-          emu_launch_seq((D * B * P + 255) / 256, 256, [&] {
-            fallback_proj_forward_kernel<scalar_t, acc_t>(
-                hr.data_ptr<scalar_t>(), r.l.lens.data(), h.data_ptr<acc_t>(),
-                half ? h_lo.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), s, B, P, D,
-                r.map);
-          });
-          continue;
-        }
-      }
-      step(std::false_type{});
-    }
-    h_n.copy_(h);
-    if (Cell::kHasC) c_n.copy_(c);
+    if (!done) fallback_forward<Cell, false, scalar_t>(c);
   }
-  return {out, to_sequence(r, h_n), Cell::kHasC ? to_sequence(r, c_n) : at::empty({0}), ws,
-          cut_info};
+  return {c.out, to_sequence_order(c.rows, c.h_n),
+          Cell::kHasC ? to_sequence_order(c.rows, c.c_n) : at::empty({0}), c.ws, cut};
 }
 
-// The backward launchers' set-up (paths_backward.cuh). grad_c_n [D, B, H] (kHasC, else
-// empty). Returns dgx, dgh, hprev, grad_hx, grad_cx (or empty), dhr and hcell (the
-// projection's [D, R, P] and [D, R, H] rows, or empty), the persistent cut.
+// The backward launchers' recurrence. grad_c_n [D, B, H] (kHasC, else empty). Returns dgx,
+// dgh, hprev, grad_hx, grad_cx (or empty), dhr and hcell (the projection's [D, R, P] and
+// [D, R, H] rows, or empty), the persistent cut (or empty).
 template <typename Cell, typename scalar_t>
-std::vector<at::Tensor> backward_t(const at::Tensor& go, const at::Tensor& ghn_b,
-                                   const at::Tensor& gcn_b, const at::Tensor& out,
-                                   const at::Tensor& hx_b, const at::Tensor& ws,
-                                   const at::Tensor& w_hh, const at::Tensor& w_hr, const Rows& r,
-                                   int64_t T, bool persistent, int64_t sms, int64_t smem,
+std::vector<at::Tensor> backward_t(const at::Tensor& go, const at::Tensor& ghn,
+                                   const at::Tensor& gcn, const at::Tensor& out,
+                                   const at::Tensor& hx, const at::Tensor& ws,
+                                   const at::Tensor& w_hh, const at::Tensor& w_hr, int64_t layout,
+                                   const at::Tensor& seq_index, const at::Tensor& sorted_indices,
+                                   int64_t T, bool bf, bool persistent, int64_t sms, int64_t smem,
                                    int64_t max_kc, bool mma) {
   using acc_t = at::opmath_type<scalar_t>;
-  using ws_t = workspace_t<scalar_t, acc_t>;
-  constexpr int64_t G = Cell::kGates;
-  const int64_t D = w_hh.size(0), H = w_hh.size(1) / G, B = hx_b.size(1), P = hx_b.size(2);
-  const bool proj = w_hr.numel() > 0;
-  const at::TensorOptions opts = go.options();
-  const at::TensorOptions acc_opts = opts.dtype(c10::CppTypeToScalarType<acc_t>::value);
-  const at::Tensor hx = to_rank(r, hx_b), ghn = to_rank(r, ghn_b);
-  const at::Tensor gcn = Cell::kHasC ? to_rank(r, gcn_b) : at::Tensor();
-  at::Tensor dgx = at::full({r.R, D * G * H}, 777.0, opts);
-  at::Tensor dgh = at::full({D, r.R, G * H}, 777.0, opts);
-  at::Tensor hprev = at::full({D, r.R, P}, 777.0, opts);
-  at::Tensor grad_hx = at::full({D, B, P}, 777.0, opts);
-  at::Tensor grad_cx = Cell::kHasC ? at::full({D, B, H}, 777.0, opts) : at::Tensor();
-  at::Tensor dhr = proj ? at::full({D, r.R, P}, 777.0, opts) : at::Tensor();
-  at::Tensor hcell_rows = proj ? at::full({D, r.R, H}, 777.0, opts) : at::Tensor();
-  at::Tensor cut_info = at::empty({0}, at::kLong);
+  BackwardCall c;
+  // The backward reads no cx: c's first state comes from the workspace's rows.
+  set_call<Cell>(c, go, w_hh, hx, at::Tensor(), w_hr, layout, seq_index, sorted_indices, T, bf,
+                 go.size(0), sms, smem);
+  const LayerDims& d = c.dims;
+  const int64_t R = c.rows.R, GH = c.G * d.H;
+  c.grad_out = go.contiguous();
+  c.out = out.contiguous();
+  c.grad_h_n = to_rank_order(c.rows, ghn);
+  c.ws = ws.contiguous();
+  c.dgx = sentinel({R, d.D * GH}, c.opts);
+  c.dgh = sentinel({d.D, R, GH}, c.opts);
+  c.hprev = sentinel({d.D, R, c.P}, c.opts);
+  c.grad_hx = sentinel({d.D, d.B, c.P}, c.opts);
+  if constexpr (Cell::kHasC) {
+    c.grad_c_n = to_rank_order(c.rows, gcn);
+    c.grad_cx = sentinel({d.D, d.B, d.H}, c.opts);
+  }
+  if (c.proj()) {
+    c.dhr = sentinel({d.D, R, c.P}, c.opts);
+    c.hcell = sentinel({d.D, R, d.H}, c.opts);
+  }
+  at::Tensor cut = at::empty({0}, at::kLong);
   if (persistent) {
-    TORCH_CHECK(!proj, "an LSTM with a projection has no persistent kernel");
-    const plan::Cut cut = cut_of(B, H, D, plan::Pass::kBackward, sizeof(scalar_t), sizeof(acc_t),
-                                 sms, smem, max_kc, G, mma, g_pad_smem);
-    cut_info = cut_tensor(cut);
-    at::Tensor dh = at::full({D, B, H}, 777.0, acc_opts);
-    at::Tensor dc = Cell::kHasC ? at::full({D, B, H}, 777.0, acc_opts) : at::Tensor();
-    PersistentBackwardArgs<scalar_t, acc_t> a{};
-    a.grad_out = go.data_ptr<scalar_t>();
-    a.out = out.data_ptr<scalar_t>();
-    a.hx = hx.data_ptr<scalar_t>();
-    a.grad_h_n = ghn.data_ptr<scalar_t>();
-    a.ws = ptr_or_null<ws_t>(ws);
-    a.w_hh = w_hh.data_ptr<scalar_t>();
-    a.dh = dh.data_ptr<acc_t>();
-    a.dgx = dgx.data_ptr<scalar_t>();
-    a.dgh = dgh.data_ptr<scalar_t>();
-    a.hprev = hprev.data_ptr<scalar_t>();
-    a.grad_hx = grad_hx.data_ptr<scalar_t>();
-    a.grad_c_n = ptr_or_null<scalar_t>(gcn);
-    a.dc = ptr_or_null<acc_t>(dc);
-    a.grad_cx = ptr_or_null<scalar_t>(grad_cx);
-    fill_common<scalar_t, acc_t>(a, r, cut, T, B, H, D);
+    const plan::Choice choice = persistent_choice(c, plan::Pass::kBackward, sizeof(scalar_t),
+                                                  sizeof(acc_t), sms, smem, max_kc, mma);
+    cut = cut_tensor(choice.cut);
+    const bool launched = persistent_backward<Cell, scalar_t>(c, choice);
+    TORCH_CHECK(launched, "the pretend device refused the cooperative launch");
+  } else {
+    TORCH_CHECK(!mma, "the tensor-core path is the persistent kernels'");
     bool done = false;
-    if constexpr (std::is_same<acc_t, float>::value) {
-      if (mma) {
-        emu_launch(cut.blocks, kPersistThreads, cut.smem,
-                   [&] { persistent_backward_kernel<Cell, scalar_t, acc_t, true>(a); });
+    if constexpr (Cell::kHasC) {
+      if (c.proj()) {
+        fallback_backward<Cell, true, scalar_t>(c);
         done = true;
       }
     }
-    if (!done) {
-      TORCH_CHECK(!mma, "the tensor-core path takes float32, float16 or bfloat16");
-      emu_launch(cut.blocks, kPersistThreads, cut.smem,
-                 [&] { persistent_backward_kernel<Cell, scalar_t, acc_t>(a); });
-    }
-  } else {
-    at::Tensor dh_a = ghn.to(acc_opts.dtype(), false, /*copy=*/true);
-    at::Tensor dh_a_next = at::full_like(dh_a, 777.0);
-    at::Tensor dh_b = at::zeros_like(ghn);  // the GEMM part, in the storage dtype
-    at::Tensor dgh_step = at::full({D, B, G * H}, 777.0, opts);
-    at::Tensor dc = Cell::kHasC ? gcn.to(acc_opts.dtype(), false, true) : at::Tensor();
-    at::Tensor dhr_step = at::full({D, B, P}, 777.0, opts);
-    at::Tensor dhcell = at::full({D, B, H}, 777.0, opts);
-    for (int64_t s = T - 1; s >= 0; --s) {
-      auto step = [&](auto proj_tag) {
-        constexpr bool kProj = decltype(proj_tag)::value;
-        emu_launch_seq((D * B * H + 255) / 256, 256, [&] {
-          fallback_backward_step_kernel<Cell, kProj, scalar_t, acc_t>(
-              go.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), hx.data_ptr<scalar_t>(),
-              ptr_or_null<ws_t>(ws), r.l.lens.data(), kProj ? nullptr : dh_a.data_ptr<acc_t>(),
-              kProj ? dhcell.data_ptr<scalar_t>() : dh_b.data_ptr<scalar_t>(),
-              kProj ? nullptr : dh_a_next.data_ptr<acc_t>(), ptr_or_null<acc_t>(dc),
-              dgx.data_ptr<scalar_t>(), dgh.data_ptr<scalar_t>(), dgh_step.data_ptr<scalar_t>(),
-              kProj ? nullptr : hprev.data_ptr<scalar_t>(),
-              kProj ? hcell_rows.data_ptr<scalar_t>() : nullptr, s, B, H, D, r.map, r.R);
-        });
-      };
-      bool stepped = false;
-      if constexpr (Cell::kHasC) {
-        if (proj) {
-          emu_launch_seq((D * B * P + 255) / 256, 256, [&] {
-            fallback_proj_backward_kernel<scalar_t, acc_t>(
-                go.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), hx.data_ptr<scalar_t>(),
-                r.l.lens.data(), dh_a.data_ptr<acc_t>(), dh_b.data_ptr<scalar_t>(),
-                dh_a_next.data_ptr<acc_t>(), dhr.data_ptr<scalar_t>(),
-                dhr_step.data_ptr<scalar_t>(), hprev.data_ptr<scalar_t>(), s, B, P, D, r.map, r.R);
-          });
-          at::bmm_out(dhcell, dhr_step, w_hr);
-          step(std::true_type{});
-          stepped = true;
-        }
-      }
-      if (!stepped) step(std::false_type{});
-      std::swap(dh_a, dh_a_next);
-      at::bmm_out(dh_b, dgh_step, w_hh);
-    }
-    grad_hx.copy_(dh_a.add_(dh_b));
-    if (Cell::kHasC) grad_cx.copy_(dc);
+    if (!done) fallback_backward<Cell, false, scalar_t>(c);
   }
-  return {dgx,
-          dgh,
-          hprev,
-          to_sequence(r, grad_hx),
-          Cell::kHasC ? to_sequence(r, grad_cx) : at::empty({0}),
-          or_empty(dhr),
-          or_empty(hcell_rows),
-          cut_info};
+  auto or_empty = [](const at::Tensor& t) { return t.defined() ? t : at::empty({0}); };
+  return {c.dgx,
+          c.dgh,
+          c.hprev,
+          to_sequence_order(c.rows, c.grad_hx),
+          Cell::kHasC ? to_sequence_order(c.rows, c.grad_cx) : at::empty({0}),
+          or_empty(c.dhr),
+          or_empty(c.hcell),
+          cut};
 }
 
 // The cells by number, as the tests name them.
@@ -284,7 +218,7 @@ void with_cell(int64_t cell, F f) {
   }
 }
 
-// layout, seq_index, sorted_indices, T, bf: see rows_of. The knobs: persistent or fallback;
+// layout, seq_index, sorted_indices, T, bf: see set_call. The knobs: persistent or fallback;
 // the pretend device's SM count and shared memory per block; the K-chunk cap. cx, grad_c_n
 // and w_hr: empty tensors where the cell has no c or no projection.
 std::vector<at::Tensor> cell_forward(int64_t cell, at::Tensor gx, at::Tensor w_hh,
@@ -292,14 +226,12 @@ std::vector<at::Tensor> cell_forward(int64_t cell, at::Tensor gx, at::Tensor w_h
                                      at::Tensor w_hr, int64_t layout, at::Tensor seq_index,
                                      at::Tensor sorted_indices, int64_t T, bool bf, bool persistent,
                                      int64_t sms, int64_t smem, int64_t max_kc, bool mma) {
-  const Rows r =
-      rows_of(layout, seq_index, sorted_indices, T, bf, hx.size(1), layout == 2 ? 0 : gx.size(0));
   std::vector<at::Tensor> res;
   with_cell(cell, [&](auto c) {
     using Cell = decltype(c);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gx.scalar_type(), "emu_forward", [&] {
-      res = forward_t<Cell, scalar_t>(gx, w_hh, b_hh, hx, cx, w_hr, r, T, persistent, sms, smem,
-                                      max_kc, mma);
+      res = forward_t<Cell, scalar_t>(gx, w_hh, b_hh, hx, cx, w_hr, layout, seq_index,
+                                      sorted_indices, T, bf, persistent, sms, smem, max_kc, mma);
     });
   });
   return res;
@@ -311,15 +243,14 @@ std::vector<at::Tensor> cell_backward(int64_t cell, at::Tensor go, at::Tensor gh
                                       at::Tensor sorted_indices, int64_t T, bool bf,
                                       bool persistent, int64_t sms, int64_t smem, int64_t max_kc,
                                       bool mma) {
-  const Rows r =
-      rows_of(layout, seq_index, sorted_indices, T, bf, hx.size(1), layout == 2 ? 0 : go.size(0));
   std::vector<at::Tensor> res;
   with_cell(cell, [&](auto c) {
     using Cell = decltype(c);
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, go.scalar_type(), "emu_backward", [&] {
-          res = backward_t<Cell, scalar_t>(go, ghn, gcn, out, hx, ws, w_hh, w_hr, r, T, persistent,
-                                           sms, smem, max_kc, mma);
+          res =
+              backward_t<Cell, scalar_t>(go, ghn, gcn, out, hx, ws, w_hh, w_hr, layout, seq_index,
+                                         sorted_indices, T, bf, persistent, sms, smem, max_kc, mma);
         });
   });
   return res;
@@ -369,8 +300,8 @@ std::map<std::string, int64_t> stats(bool reset) {
 // Whether the tensor-core cuts pad their shared-memory rows (plan.h's padded_stride); returns
 // the setting before the call.
 bool set_smem_padding(bool pad) {
-  const bool before = g_pad_smem;
-  g_pad_smem = pad;
+  const bool before = knobs().pad_smem;
+  knobs().pad_smem = pad;
   return before;
 }
 

@@ -11,17 +11,6 @@
 
 namespace emu_backend {
 
-// The pretend device: SM count, shared memory a block may opt into, compute capability
-// (tensor cores from 8). A new device to the backend's per-device caches.
-inline void set_device(int64_t sms, int64_t smem, int64_t major) {
-  EmuDevice& d = emu_device();
-  d.prop.multiProcessorCount = static_cast<int>(sms);
-  d.prop.sharedMemPerBlockOptin = static_cast<size_t>(smem);
-  d.prop.major = static_cast<int>(major);
-  d.max_dynamic_smem = 0;
-  ++d.generation;
-}
-
 // VARLEN_RNN_CUDA_PATH, VARLEN_RNN_PERSISTENT_MAX_KC, the oversubscribing test launch,
 // VARLEN_RNN_TENSOR_CORES (0, 1, 2 = auto) and VARLEN_RNN_PERSISTENT_PAD, as the backend's
 // testing hooks set them on a GPU.
@@ -49,7 +38,7 @@ inline std::map<std::string, int64_t> last_launch() {
 inline void bind_backend(pybind11::module_& m) {
   namespace vc = varlen_rnn::cuda;
   pybind11::module_ b = m.def_submodule("backend", "ops_cuda.cu's entries on the CPU");
-  b.def("set_device", &emu_backend::set_device);
+  b.def("set_device", &emu_set_device);
   b.def("set_knobs", &emu_backend::set_knobs);
   b.def("last_launch", &emu_backend::last_launch);
   b.def("gru_layer_forward", &vc::gru_layer_forward_cuda);

@@ -173,6 +173,16 @@ inline EmuDevice& emu_device() {
   static EmuDevice d;
   return d;
 }
+// The pretend device: SM count, shared memory a block may opt into, compute capability
+// (tensor cores from 8). A new device to the backend's per-device caches.
+inline void emu_set_device(int64_t sms, int64_t smem, int64_t major) {
+  EmuDevice& d = emu_device();
+  d.prop.multiProcessorCount = static_cast<int>(sms);
+  d.prop.sharedMemPerBlockOptin = static_cast<size_t>(smem);
+  d.prop.major = static_cast<int>(major);
+  d.max_dynamic_smem = 0;
+  ++d.generation;
+}
 inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void*) {
   attr->maxThreadsPerBlock = 1024;
   attr->sharedSizeBytes = 0;  // the kernels' shared memory is all dynamic
