@@ -6,10 +6,12 @@ the row layouts, the pretend device, the inputs rounded to the dtype under test,
 GEMMs around the kernels, the bounds and the check that a case reaches the paths it names. The
 tensor-core wrapper's tests take its source paths (test_mma_emulated.py its skip as well)."""
 
+import contextlib
 import functools
 import os
 import shutil
 import tempfile
+import warnings
 
 import pytest
 import torch
@@ -163,3 +165,38 @@ def assert_case_reaches(name, c, G, cuts):
     reached = {"chunks": cut_b[3] < G * c["H"], "tail": J * bpd > c["H"], "tiles": rows_f < c["B"]}
     for what in c.get("expect", []):
         assert reached[what], f"{name} no longer reaches '{what}': cuts {cuts[0]} / {cut_b}"
+
+
+BACKEND_OPS = [
+    f"{cell}_layer{ragged}_{kind}"
+    for cell in ("gru", "lstm", "rnn")
+    for ragged in ("", "_ragged")
+    for kind in ("forward", "backward")
+]
+
+
+@contextlib.contextmanager
+def cuda_backend_on_cpu(emu_mod):
+    """Within: the ops' CPU kernels are the CUDA backend's entries on the emulation (its
+    `backend`: ops_cuda.cu's code, its kernels on CPU threads, the device a pretend one), so the
+    modules, autograd and every input form run through the CUDA backend on CPU tensors. The CPU
+    kernels are back on leaving."""
+    lib = torch.library.Library("varlen_rnn", "IMPL")
+
+    def kernel(name):
+        entry = getattr(emu_mod.backend, name)
+        schema = getattr(torch.ops.varlen_rnn, name).default._schema
+
+        def call(*args):  # the schema's defaults (output_mask) where the caller left them out
+            return entry(*args, *(a.default_value for a in schema.arguments[len(args) :]))
+
+        return call
+
+    with warnings.catch_warnings():  # "Overriding a previously registered kernel"
+        warnings.simplefilter("ignore")
+        for name in BACKEND_OPS:
+            lib.impl(name, kernel(name), "CPU")
+    try:
+        yield
+    finally:
+        lib._destroy()
