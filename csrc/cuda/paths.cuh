@@ -203,6 +203,15 @@ void fallback_forward(const ForwardCall& c) {
   if constexpr (Cell::kHasC) c.c_n.copy_(cs);
 }
 
+// The fallback's forward, with the projection's GEMMs and kernels where the LSTM has one.
+template <typename Cell, typename scalar_t>
+void run_fallback_forward(const ForwardCall& c) {
+  if constexpr (Cell::kHasC) {
+    if (c.proj()) return fallback_forward<Cell, true, scalar_t>(c);
+  }
+  fallback_forward<Cell, false, scalar_t>(c);
+}
+
 // The recurrence of one forward call (c.gx, the outputs and the rows set), on
 // the path plan.h chooses.
 template <typename Cell>
@@ -219,10 +228,7 @@ void run_forward(const ForwardCall& c) {
           return;
         }
         note_exchange(false, Exchange::kFallback);
-        if constexpr (Cell::kHasC) {
-          if (c.proj()) return fallback_forward<Cell, true, scalar_t>(c);
-        }
-        fallback_forward<Cell, false, scalar_t>(c);
+        run_fallback_forward<Cell, scalar_t>(c);
       });
 }
 

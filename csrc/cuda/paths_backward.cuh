@@ -122,6 +122,15 @@ void fallback_backward(const BackwardCall& c) {
   if constexpr (Cell::kHasC) c.grad_cx.copy_(dc);
 }
 
+// The fallback's backward, with the projection's GEMMs and kernels where the LSTM has one.
+template <typename Cell, typename scalar_t>
+void run_fallback_backward(const BackwardCall& c) {
+  if constexpr (Cell::kHasC) {
+    if (c.proj()) return fallback_backward<Cell, true, scalar_t>(c);
+  }
+  fallback_backward<Cell, false, scalar_t>(c);
+}
+
 // The recurrence of one backward call (inputs, rows and the R-row buffers set),
 // then the weight and input gradients as GEMMs over all R rows (no atomics).
 // x_rows [R, I]: the input's rows, padded ones zeroed (undefined when the
@@ -140,10 +149,7 @@ LayerGrads run_backward(BackwardCall& c, const Tensor& x_rows, const Tensor& w_i
           return;
         }
         note_exchange(true, Exchange::kFallback);
-        if constexpr (Cell::kHasC) {
-          if (c.proj()) return fallback_backward<Cell, true, scalar_t>(c);
-        }
-        fallback_backward<Cell, false, scalar_t>(c);
+        run_fallback_backward<Cell, scalar_t>(c);
       });
   const int64_t I = c.dims.I, GH = c.G * c.dims.H, D = c.dims.D;
   const auto dtype = c.opts.dtype().toScalarType();

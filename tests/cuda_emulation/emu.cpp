@@ -123,14 +123,7 @@ std::vector<at::Tensor> forward_t(const at::Tensor& gx, const at::Tensor& w_hh,
     TORCH_CHECK(launched, "the pretend device refused the cooperative launch");
   } else {
     TORCH_CHECK(!mma, "the tensor-core path is the persistent kernels'");
-    bool done = false;
-    if constexpr (Cell::kHasC) {
-      if (c.proj()) {
-        fallback_forward<Cell, true, scalar_t>(c);
-        done = true;
-      }
-    }
-    if (!done) fallback_forward<Cell, false, scalar_t>(c);
+    run_fallback_forward<Cell, scalar_t>(c);
   }
   return {c.out, to_sequence_order(c.rows, c.h_n),
           Cell::kHasC ? to_sequence_order(c.rows, c.c_n) : at::empty({0}), c.ws, cut};
@@ -179,14 +172,7 @@ std::vector<at::Tensor> backward_t(const at::Tensor& go, const at::Tensor& ghn,
     TORCH_CHECK(launched, "the pretend device refused the cooperative launch");
   } else {
     TORCH_CHECK(!mma, "the tensor-core path is the persistent kernels'");
-    bool done = false;
-    if constexpr (Cell::kHasC) {
-      if (c.proj()) {
-        fallback_backward<Cell, true, scalar_t>(c);
-        done = true;
-      }
-    }
-    if (!done) fallback_backward<Cell, false, scalar_t>(c);
+    run_fallback_backward<Cell, scalar_t>(c);
   }
   auto or_empty = [](const at::Tensor& t) { return t.defined() ? t : at::empty({0}); };
   return {c.dgx,
