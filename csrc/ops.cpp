@@ -48,7 +48,8 @@ TORCH_LIBRARY(varlen_rnn, m) {
   //             bfloat16 for a bfloat16 input: layer.h), else
   //             [0]: what the backward needs. Its rows and their layout are
   //             the backend's: N = sum(lengths) on the CPU (nothing for
-  //             padding), T*B on CUDA (N is not known without a host sync).
+  //             padding), T*B on CUDA (N is not known without a host sync),
+  //             where the rows of padded positions hold 0, as the output's.
   const std::string gru_layer =
       "gru_layer_forward(Tensor input, Tensor lengths, Tensor hx, Tensor w_ih, "
       "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, bool batch_first, "

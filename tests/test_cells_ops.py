@@ -34,11 +34,12 @@ def _cell(kind):
 def op_args(
     kind, device, dtype=F64, D=2, bias=True, batch_first=False, layout=None, grad=True, H=4
 ):
-    """The arguments of varlen_rnn.ops.{lstm,rnn}_layer[_ragged] (the op's, without
-    need_workspace): layout None = padded [T, B, I] + lengths, 0 = offsets, 1 = packed."""
+    """The arguments of varlen_rnn.ops.{gru,lstm,rnn}_layer[_ragged] (the op's, without
+    need_workspace) for kind ("gru" or one of KINDS): layout None = padded [T, B, I] + lengths,
+    0 = offsets, 1 = packed."""
     T, B, I = 5, 4, 3
     P = H // 2 if kind == "lstm_proj" else H
-    G = 4 if kind.startswith("lstm") else 1
+    G = 4 if kind.startswith("lstm") else 3 if kind == "gru" else 1
     f = lambda *s: torch.randn(*s, dtype=dtype, device=device, requires_grad=grad)  # noqa: E731
     if layout is None:
         x = f(B, T, I) if batch_first else f(T, B, I)

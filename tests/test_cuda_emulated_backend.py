@@ -16,7 +16,7 @@ import re
 import emulation
 import pytest
 import torch
-from emulation import DTYPE_IDS, OPERAND_EPS
+from emulation import DTYPE_IDS, OPERAND_EPS, input_gemm, launch_index
 from test_cuda_emulated import CASES as GRU_CASES
 from test_cuda_emulated_cells import (
     CASES,
@@ -27,6 +27,7 @@ from test_cuda_emulated_cells import (
     PROJ_CASES,
     RNN_RELU,
     RNN_TANH,
+    case_inputs,
     check,
     run_backend_case,
 )
@@ -280,3 +281,35 @@ def test_backend_refuses_bad_index_tensors_on_the_host_as_the_cpu_op(
     message = str(cpu.value).splitlines()[0]
     with pytest.raises(RuntimeError, match=re.escape(message)):
         be.gru_layer_ragged_forward(*args)
+
+
+PAD_PARAMS = [(cell, "bi-bf-zeros", p) for cell in ("gru", "lstm") for p in (True, False)]
+PAD_PARAMS.append(("lstm", "proj-bi-bf-zeros", False))  # a projection: the fallback only
+
+
+@pytest.mark.parametrize(
+    "cell,case,persistent",
+    PAD_PARAMS,
+    ids=[f"{c}-{n}-{'persistent' if p else 'fallback'}" for c, n, p in PAD_PARAMS],
+)
+def test_workspace_rows_of_padded_positions_are_zero(emu, cell, case, persistent):
+    """The kernels write every workspace row of a padded layout: the saved values where a
+    sequence runs, 0 past its length (as the output), so the op's results are the same bits
+    on every call (opcheck compares eager and traced runs). The launchers' buffers start as
+    777 in the emulation's harness: a row left unwritten would show."""
+    c = {**CASES, **PROJ_CASES}[case]
+    cid = CELLS[cell]
+    k = case_inputs(cid, c, torch.float64)
+    none = torch.zeros(0, dtype=torch.float64)
+    cx = k.cx if cid == LSTM else none
+    w_hr = none if k.w_hr is None else k.w_hr
+    gx = input_gemm(k.x, k.w_ih, k.b_ih)[2]
+    index = (*launch_index(c, k.L, None, persistent), False)
+    ws = emu.cell_forward(cid, gx, k.w_hh, k.b_hh, k.hx, cx, w_hr, *index)[3]
+    T, B = c["T"], c["B"]
+    t = torch.arange(T).view(T, 1) if not c.get("bf") else torch.arange(T).view(1, T)
+    L = k.L.view(1, B) if not c.get("bf") else k.L.view(B, 1)
+    padded = (t >= L).flatten()  # the rows in the layout's order
+    assert padded.any() and (~padded).any()
+    assert torch.equal(ws[:, padded], torch.zeros_like(ws[:, padded]))
+    assert not (ws[:, ~padded] == 777).all(-1).any()

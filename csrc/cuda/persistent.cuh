@@ -77,8 +77,8 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
   check_smem_parts(tile, acc_s, w_s);
 
   // Prologue (block-local, so no grid barrier): the W_hh slice (zero rows past
-  // H, zero padding past column H), the zeros of padded outputs, h_n (and c_n)
-  // of zero-length rows, the own units' c.
+  // H, zero padding past column H), the zeros of padded outputs and of their
+  // workspace rows, h_n (and c_n) of zero-length rows, the own units' c.
   const bool padded = has_padding(a.rows);
   const int64_t DH = static_cast<int64_t>(a.D) * H;
   for (int e = threadIdx.x; e < G * J * W; e += blockDim.x) {
@@ -87,12 +87,15 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
     w_s[e] = j < H && k < H ? a.w_hh[(static_cast<int64_t>(d) * G * H + g * H + j) * H + k]
                             : scalar_t(0);
   }
+  const acc_t no_saved[Cell::kSaved] = {};
   for (int e = threadIdx.x; e < B * J; e += blockDim.x) {
     const int b = e / J, j = j0 + e % J;
     if (j >= H) continue;
     const int len = a.lens[b];
     for (int t = padded ? len : a.T; t < a.T; ++t) {
-      a.out[a.rows.row(t, b) * DH + static_cast<int64_t>(d) * H + j] = scalar_t(0);
+      const int64_t row = a.rows.row(t, b);
+      a.out[row * DH + static_cast<int64_t>(d) * H + j] = scalar_t(0);
+      store_saved<Cell>(a.ws, static_cast<int64_t>(d) * a.R + row, j, H, no_saved);
     }
     const int64_t off = (static_cast<int64_t>(d) * B + b) * H + j;
     if (len == 0) a.h_n[off] = a.hx[off];

@@ -10,7 +10,8 @@
 //   output     [R, D*H]     row rows.row(t, b), direction d at columns d*H
 //   workspace  [D, R, SH]   the cell's saved values (cells/cell.h kWorkspaceSaved:
 //              none for the RNN, whose backward reads them from output), in
-//              workspace_t: op-math, bfloat16 for bfloat16 (layer.h workspace_dtype)
+//              workspace_t: op-math, bfloat16 for bfloat16 (layer.h workspace_dtype);
+//              0 at padded positions, as the output
 //   dgh, hprev [D, R, GH] / [D, R, H] in the storage dtype (they only feed
 //              GEMMs: tensor cores for half types)
 // G = Cell::kGates, S = kWorkspaceSaved<Cell>; an LSTM with a projection has P-wide
@@ -168,9 +169,9 @@ inline void packed_rows(const int64_t* batch_sizes, int64_t T, int64_t B, int64_
 // acc_t, as the persistent kernel adds it (a GEMM with the bias as its C
 // operand would first copy the broadcast bias into gh: one more kernel per
 // step). Rows past their length
-// keep their state (and c); with padding they write the zero of the padded
-// position t = s (every padded position t >= length is visited exactly once
-// that way, at step s = t).
+// keep their state (and c); with padding they write the zeros of the padded
+// position t = s, its output and its workspace row (every padded position
+// t >= length is visited exactly once that way, at step s = t).
 // kProj (an LSTM with proj_size > 0): the cell's output h' goes to `out` =
 // hcell [D, B, H] (0 for rows that do not run), the operand of the projection
 // GEMM, and h / h_lo are not touched: fallback_proj_forward_kernel makes the
@@ -197,11 +198,13 @@ __global__ void fallback_forward_step_kernel(
   const int len = lens[b];
   const int64_t GH = static_cast<int64_t>(G) * H;
   if (s >= len) {
-    if constexpr (kProj) {
-      out[idx] = scalar_t(0);
-    } else if (has_padding(rows)) {
-      out[rows.row(s, b) * D * H + static_cast<int64_t>(d) * H + j] = scalar_t(0);
+    if (has_padding(rows)) {  // the padded position t = s: a zero output and workspace row
+      const int64_t row = rows.row(s, b);
+      if constexpr (!kProj) out[row * D * H + static_cast<int64_t>(d) * H + j] = scalar_t(0);
+      const acc_t no_saved[Cell::kSaved] = {};
+      store_saved<Cell>(ws, static_cast<int64_t>(d) * R + row, j, H, no_saved);
     }
+    if constexpr (kProj) out[idx] = scalar_t(0);
     return;
   }
   const int t = step_time(d, len, s);
