@@ -53,3 +53,21 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+# VARLEN_RNN_TEST_CUDA_EMULATED=auto|persistent|fallback: every test runs with the ops' CPU
+# kernels replaced by the CUDA backend on the emulation (emulation.cuda_backend_on_cpu; a pretend
+# device of 8 SMs, that path), so the CPU tests exercise the CUDA backend's code without a GPU.
+# For runs by hand over the files whose tests are not about the CPU kernels themselves.
+_EMULATED_PATH = os.environ.get("VARLEN_RNN_TEST_CUDA_EMULATED")
+
+
+@pytest.fixture(autouse=_EMULATED_PATH is not None)
+def cuda_backend_emulated():
+    import emulation
+
+    emu_mod = emulation.load_emulation()
+    emu_mod.backend.set_device(8, 227 * 1024, 9)
+    emu_mod.backend.set_knobs(_EMULATED_PATH, 0, False, 2, True)
+    with emulation.cuda_backend_on_cpu(emu_mod):
+        yield

@@ -24,9 +24,11 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
-#ifndef CUDA_KERNEL_ASSERT
-#define CUDA_KERNEL_ASSERT(c) assert(c)
-#endif
+// A device-side assert as an error of the launch. The kernels that assert (pointwise.cuh's
+// index checks) run one CUDA thread after another on the caller's thread (launch_kernel), so the
+// error reaches the op's caller, where a GPU's would surface at the next synchronization.
+#undef CUDA_KERNEL_ASSERT
+#define CUDA_KERNEL_ASSERT(c) TORCH_CHECK((c), "device-side assert triggered (emulated): ", #c)
 
 struct alignas(16) float4 {
   float x, y, z, w;
