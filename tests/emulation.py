@@ -44,7 +44,11 @@ def load_emulation():
         sources=[os.path.join(EMU_SRC, "emu.cpp")],
         build_directory=build,
         extra_include_paths=[CSRC],
-        extra_cflags=["-O1", "-std=c++20"],
+        # Hidden symbols, bound within the module: the backend's inline functions with static
+        # state (launch.h's knobs, the kernel facts' cache) and its testing hooks would
+        # otherwise be one instance with the real extension's (a CUDA build defines them too).
+        extra_cflags=["-O1", "-std=c++20", "-fvisibility=hidden", "-fvisibility-inlines-hidden"],
+        extra_ldflags=["-Wl,-Bsymbolic"],
     )
 
 

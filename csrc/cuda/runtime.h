@@ -39,6 +39,7 @@ inline at::TensorOptions host_staging(at::ScalarType dtype) {
   return at::TensorOptions().dtype(dtype).pinned_memory(true);
 }
 
+#ifdef __CUDACC__  // the launch syntax is nvcc's; host-only code (tests' programs) has no use
 // kernel<<<blocks, threads, 0, stream>>>(args...), checked.
 template <typename... Params, typename... Args>
 void launch_kernel(void (*kernel)(Params...), int blocks, int threads, cudaStream_t stream,
@@ -46,6 +47,7 @@ void launch_kernel(void (*kernel)(Params...), int blocks, int threads, cudaStrea
   kernel<<<blocks, threads, 0, stream>>>(std::forward<Args>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+#endif
 
 // A cooperative launch of a kernel taking one argument struct; the driver's
 // answer, unchecked (launch.h tells a refusal from a fault).

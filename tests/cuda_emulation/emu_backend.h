@@ -14,12 +14,19 @@ namespace emu_backend {
 // VARLEN_RNN_CUDA_PATH, VARLEN_RNN_PERSISTENT_MAX_KC, the oversubscribing test launch,
 // VARLEN_RNN_TENSOR_CORES (0, 1, 2 = auto) and VARLEN_RNN_PERSISTENT_PAD, as the backend's
 // testing hooks set them on a GPU.
+// Set here, in this module's own knobs (emulation.py builds it with hidden symbols, so neither
+// these nor the testing hooks' names reach the real extension's).
 inline void set_knobs(const std::string& path, int64_t max_kc, bool oversubscribe,
                       int64_t tensor_cores, bool pad_smem) {
-  TORCH_CHECK(varlen_rnn_cuda_set_knobs_for_testing(path.c_str(), max_kc, oversubscribe) == 0,
+  varlen_rnn::plan::Path p;
+  TORCH_CHECK(varlen_rnn::cuda::parse_path(path.c_str(), p),
               "path must be auto, persistent or fallback, got ", path);
-  varlen_rnn_cuda_set_tensor_cores_for_testing(static_cast<int>(tensor_cores));
-  varlen_rnn::cuda::knobs().pad_smem = pad_smem;
+  varlen_rnn::cuda::Knobs& k = varlen_rnn::cuda::knobs();
+  k.path = static_cast<int>(p);
+  k.max_kc = max_kc > 0 ? max_kc : 0;
+  k.oversubscribe = oversubscribe;
+  k.tensor_cores = static_cast<int>(tensor_cores);
+  k.pad_smem = pad_smem;
 }
 
 // What the last calls ran: the exchange of the last forward and backward pass (launch.h's
