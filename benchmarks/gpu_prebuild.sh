@@ -37,6 +37,7 @@ trap 'rm -rf "$src"' EXIT
 echo "== building in $src (log: $DIR/build.log)"
 start=$SECONDS
 if ! build_gpu_extension "$src" "$VENV/bin/python" >"$src/build.log" 2>&1; then
+  grep -E -m 20 "error|Error" "$src/build.log" || true  # the compiler's errors, above the traceback
   tail -40 "$src/build.log"
   echo "== the build failed"
   exit 1

@@ -145,11 +145,16 @@ def input_gemm(x, w_ih, b_ih):
     return x2d, w2d, gx.contiguous()
 
 
-def weight_grads(dgx, dgh, hprev, x2d, w2d, x_shape):
+def weight_grads(dgx, dghn, hprev, x2d, w2d, x_shape):
     """The launchers' GEMMs after the backward kernel: grad input (x_shape), grad w_ih, grad w_hh,
-    grad b_ih, grad b_hh, from dgx [N, D*G*H], dgh [D, N, G*H] and hprev [D, N, H] (the bias
-    sums accumulate in float32 below float64)."""
-    D = dgh.shape[0]
+    grad b_ih, grad b_hh, from dgx [N, D*G*H], dghn [D, N, H] (a GRU's; empty otherwise) and
+    hprev [D, N, H] (the bias sums accumulate in float32 below float64). The hidden-side
+    gradients dgh [D, N, G*H] are dgx's but for a GRU's last gate, which is dghn."""
+    D, N = hprev.shape[:2]
+    dgh = dgx.view(N, D, dgx.shape[1] // D).transpose(0, 1)
+    if dghn.numel():
+        dgh = torch.cat([dgh[..., : -dghn.shape[2]], dghn], 2)
+    dgh = dgh.contiguous()  # the CPU's bmm sums a strided operand in another order
     acc = torch.float64 if x2d.dtype == torch.float64 else torch.float32
     return [
         (dgx @ w2d).view(x_shape),

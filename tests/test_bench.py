@@ -204,6 +204,23 @@ def test_grad_mask_bench_smoke(tmp_path):
     assert text.count("| GRU B=3") == 1 and text.count("| LSTM B=3") == 1
 
 
+@pytest.mark.skipif(
+    os.environ.get("VARLEN_RNN_SKIP_EMULATION") == "1", reason="VARLEN_RNN_SKIP_EMULATION=1"
+)
+def test_cuda_memory_emulated_bench_smoke(tmp_path):
+    """benchmarks/bench_cuda_memory_emulated.py on tiny shapes: the CUDA backend's training peak
+    of every cell, one and two directions, measured on the emulation (a subprocess building it)."""
+    import re
+
+    import bench_cuda_memory_emulated
+
+    text = open(bench_cuda_memory_emulated.main(["--quick", "--out", str(tmp_path)])).read()
+    for cell in ("GRU", "LSTM", "RNN"):
+        for D in (1, 2):
+            row = re.search(rf"\| {cell} B=4 T=6 I=8 H=8 D={D} \| ([0-9.]+) \|", text)
+            assert row and float(row.group(1)) > 0, (cell, D, text)
+
+
 def test_decoder_loop_bench_smoke(tmp_path):
     """benchmarks/bench_decoder_loop.py on tiny shapes: both cells timed, the table written."""
     import bench_decoder_loop
@@ -257,6 +274,7 @@ def test_bench_modules_leave_the_import_path_to_the_installed_package():
     one (test_ddp.py's workers) inherit sys.path and must import the same package."""
     import subprocess
 
+    import bench_cuda_memory_emulated  # noqa: F401
     import bench_decoder_loop  # noqa: F401
     import bench_double_backward  # noqa: F401
     import bench_grad_mask  # noqa: F401

@@ -13,7 +13,7 @@ VARLEN_RNN_SKIP_EMULATION=1 skips it.
 The reference is always a CPU op in float64 (the padded op for padded cases, the ragged op for
 ragged ones). For float64 the kernels must match it to rounding (1e-12). For float32, float16
 and bfloat16 the reference runs on the same inputs rounded to the dtype, so the only differences
-left are the kernels' own roundings: gx, the outputs, dgx, dgh and hprev are stored in the
+left are the kernels' own roundings: gx, the outputs, dgx, dghn and hprev are stored in the
 dtype (relative error eps/2 each), the fallback's gh is a GEMM rounded to the dtype, and the
 backward reads the rounded outputs as its previous state. Each is a few eps relative to the
 values involved, propagated through T steps of a contracting recurrence and summed over all rows
@@ -215,10 +215,10 @@ def run_case(emu, c, dtype, persistent, mma=False, hx_offset=0):
     x2d, w2d, gx = input_gemm(x, w_ih, b_ih)
     out, hn, ws, cut_f = emu.forward(gx, w_hh, b_hh, hx, *index, mma)
     out = out.view(out_shape)
-    dgx, dgh, hprev, ghx, cut_b = emu.backward(
+    dgx, dghn, hprev, ghx, cut_b = emu.backward(
         go.reshape(-1, D * H), ghn, out.reshape(-1, D * H), hx, ws, w_hh, *index, mma
     )
-    grad_x, *grad_w = weight_grads(dgx, dgh, hprev, x2d, w2d, x.shape)
+    grad_x, *grad_w = weight_grads(dgx, dghn, hprev, x2d, w2d, x.shape)
     got = [out, hn, grad_x, ghx, *grad_w]
     return [t.double() for t in got], ref, (cut_f.tolist(), cut_b.tolist())
 

@@ -275,10 +275,10 @@ def run_case(emu, cell, c, dtype, persistent, mma=False):
     x2d, w2d, gx = input_gemm(k.x, k.w_ih, k.b_ih)
     out, hn, cn, ws, cut_f = emu.cell_forward(cell, gx, k.w_hh, k.b_hh, k.hx, cx, w_hr, *index)
     assert ws.shape == (D, ws.shape[1], S * H)
-    dgx, dgh, hprev, ghx, gcx, dhr, hcell, cut_b = emu.cell_backward(
+    dgx, dghn, hprev, ghx, gcx, dhr, hcell, cut_b = emu.cell_backward(
         cell, k.go.reshape(-1, D * P), k.ghn, gcn, out, k.hx, ws, k.w_hh, w_hr, *index
     )
-    grad_x, *grad_w = weight_grads(dgx, dgh, hprev, x2d, w2d, k.x.shape)
+    grad_x, *grad_w = weight_grads(dgx, dghn, hprev, x2d, w2d, k.x.shape)
     got = [out.view(out_shape), hn, cn if lstm else None, grad_x, ghx, gcx if lstm else None]
     got += [*grad_w, None]
     if k.w_hr is not None:  # dW_hr = dhr^T h' over all rows (paths_backward.cuh)

@@ -6,8 +6,9 @@ What these cases add:
 - the 16-bit tensor-core kernels publish h in the storage type (each block keeps its own units'
   exact fp32 state) and stage tiles in it; float32 on TF32 keeps fp32. Checked for every cell,
   forward and backward, padded and ragged rows, against the CPU op / torch.nn in float64;
-- stage_row's two ways: 16-byte vector copies where the row length (H, or G*H for the
-  backward's dgh rows) fills whole vectors, one element per load otherwise. The emulation
+- stage_row's two ways: 16-byte vector copies where the row length (H, or the backward's dgh
+  row segments: G*H columns of dgx, a GRU's 2H of dgx and H of dghn) fills whole vectors, one
+  element per load otherwise. The emulation
   counts the rows staged each way (emu.stats), so each case shows which way it ran;
 - the padded row strides of plan.h (padded_stride): the emulation computes the worst bank
   conflict of every fragment load from the kernel's own address helpers (mma_matvec.cuh:
@@ -27,7 +28,7 @@ emu = emulation.emu
 
 
 CASES = {
-    # H = 16: every h row and every backward dgh row (G*H) is whole 16-byte vectors in every
+    # H = 16: every h row and every backward dgh row segment is whole 16-byte vectors in every
     # dtype; batch-major, zero lengths, both directions.
     "vec-padded-bf": dict(
         T=5,
@@ -124,10 +125,14 @@ def test_emulated_exchange_and_staging_match_cpu(emu, cell, name, dtype, mma):
     check(cell, got, ref, dtype, mma)
     if VECTOR[name]:
         assert st["vector_rows"] > 0 and st["scalar_rows"] == 0, st
-    else:  # h rows of 13 never fill vectors; the backward's dgh rows of G*13 do where G*13
-        # elements are whole 16 bytes (the LSTM's 52 in float32 and float64)
-        G = 3 if cell == "gru" else cells.GATES[cells.CELLS[cell]]
-        bwd_vector = G * CASES[name]["H"] * dtype.itemsize % 16 == 0
+    else:  # h rows of 13 never fill vectors. The backward stages a dgh row in segments
+        # (dgx's G*H columns; a GRU's first 2H there, then its last gate's H from dghn:
+        # csrc/cuda/pointwise.cuh), and a segment of whole 16-byte vectors goes in vectors at
+        # the rows where it is aligned: the LSTM's 52 in float32 and float64, the GRU's 26 in
+        # float64 (at even rows: 39 doubles apart)
+        H = CASES[name]["H"]
+        segments = [2 * H, H] if cell == "gru" else [cells.GATES[cells.CELLS[cell]] * H]
+        bwd_vector = any(n * dtype.itemsize % 16 == 0 for n in segments)
         assert st["scalar_rows"] > 0 and (st["vector_rows"] > 0) == bwd_vector, st
     if mma:  # plan.h's padded strides: no fragment load waits on a bank
         assert st["fragment_ways"] == 1, st

@@ -66,10 +66,10 @@ struct BackwardCall : LayerCall {
   Tensor grad_out, out, grad_h_n, ws;  // contiguous, as the forward gave them
   Tensor grad_c_n;                     // kHasC: [D, B, H] contiguous, rank order
   Tensor dgx;                          // [R, D*GH] the input's rows
-  Tensor dgh;                          // [D, R, GH] storage dtype (only feeds GEMMs)
-  Tensor hprev;                        // [D, R, P]
-  Tensor grad_hx, grad_cx;             // [D, B, P], kHasC: [D, B, H]
-  Tensor dhr, hcell;  // with a projection: [D, R, P] and [D, R, H], dW_hr's operands
+  Tensor dghn;  // [D, R, H] a GRU's hidden-side last-gate gradients, else undefined (pointwise.cuh)
+  Tensor hprev;             // [D, R, P]
+  Tensor grad_hx, grad_cx;  // [D, B, P], kHasC: [D, B, H]
+  Tensor dhr, hcell;        // with a projection: [D, R, P] and [D, R, H], dW_hr's operands
   // The op's output_mask (ops.cpp): the GEMMs of grad_input and of the weight
   // gradients run only where wanted; the recurrence runs alike.
   bool want_input = true, want_weights = true;

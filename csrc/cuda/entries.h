@@ -166,7 +166,7 @@ void set_backward_buffers(BackwardCall& c, const BackwardInputs& g) {
     c.grad_cx = at::empty({D, B, H}, c.opts);
   }
   c.dgx = at::empty({c.rows.R, D * GH}, c.opts);
-  c.dgh = at::empty({D, c.rows.R, GH}, c.opts);
+  if constexpr (Cell::kHiddenGradsDiffer) c.dghn = at::empty({D, c.rows.R, H}, c.opts);
   c.hprev = at::empty({D, c.rows.R, c.P}, c.opts);
   if (c.proj()) {
     c.dhr = at::empty({D, c.rows.R, c.P}, c.opts);

@@ -10,6 +10,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
@@ -56,7 +57,7 @@ bool persistent_backward(const BackwardCall& c, const plan::Choice& choice) {
   a.w_hh = c.w_hh.data_ptr<scalar_t>();
   a.dh = dh.data_ptr<acc_t>();
   a.dgx = c.dgx.data_ptr<scalar_t>();
-  a.dgh = c.dgh.data_ptr<scalar_t>();
+  a.dghn = ptr_or_null<scalar_t>(c.dghn);
   a.hprev = c.hprev.data_ptr<scalar_t>();
   a.grad_hx = c.grad_hx.data_ptr<scalar_t>();
   a.grad_c_n = ptr_or_null<scalar_t>(c.grad_c_n);
@@ -111,7 +112,7 @@ void fallback_backward(const BackwardCall& c) {
         l.lens.data_ptr<int>(), kProj ? nullptr : dh_a.data_ptr<acc_t>(),
         kProj ? dhcell.data_ptr<scalar_t>() : dh_b.data_ptr<scalar_t>(),
         kProj ? nullptr : dh_a_next.data_ptr<acc_t>(), ptr_or_null<acc_t>(dc),
-        c.dgx.data_ptr<scalar_t>(), c.dgh.data_ptr<scalar_t>(), dgh_step.data_ptr<scalar_t>(),
+        c.dgx.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(c.dghn), dgh_step.data_ptr<scalar_t>(),
         kProj ? nullptr : c.hprev.data_ptr<scalar_t>(),
         kProj ? c.hcell.data_ptr<scalar_t>() : nullptr, static_cast<int>(s), static_cast<int>(B),
         static_cast<int>(H), static_cast<int>(D), c.rows.map, c.rows.R);
@@ -134,8 +135,10 @@ void run_fallback_backward(const BackwardCall& c) {
 // The recurrence of one backward call (inputs, rows and the R-row buffers set),
 // then the weight and input gradients as GEMMs over all R rows (no atomics).
 // x_rows [R, I]: the input's rows, padded ones zeroed (undefined when the
-// weights are masked). With a projection, dW_hr = dhr^T h' over all rows.
-// What c's output_mask masks stays undefined.
+// weights are masked). dW_hh = dgh^T h_prev, dgh being dgx's rows (direction
+// d's columns, read in place) but for a GRU's last gate, whose hidden side is
+// dghn (pointwise.cuh); db_hh sums the same. With a projection, dW_hr = dhr^T
+// h' over all rows. What c's output_mask masks stays undefined.
 template <typename Cell>
 LayerGrads run_backward(BackwardCall& c, const Tensor& x_rows, const Tensor& w_ih) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -151,7 +154,7 @@ LayerGrads run_backward(BackwardCall& c, const Tensor& x_rows, const Tensor& w_i
         note_exchange(true, Exchange::kFallback);
         run_fallback_backward<Cell, scalar_t>(c);
       });
-  const int64_t I = c.dims.I, GH = c.G * c.dims.H, D = c.dims.D;
+  const int64_t I = c.dims.I, H = c.dims.H, GH = c.G * H, D = c.dims.D, R = c.rows.R;
   const auto dtype = c.opts.dtype().toScalarType();
   LayerGrads g;
   if (c.want_input) g.grad_input = at::mm(c.dgx, w_ih.contiguous().view({D * GH, I}));  // [R, I]
@@ -160,8 +163,17 @@ LayerGrads run_backward(BackwardCall& c, const Tensor& x_rows, const Tensor& w_i
   if (!c.want_weights) return g;
   g.grad_w_ih = at::mm(c.dgx.t(), x_rows).view({D, GH, I});
   g.grad_b_ih = at::sum(c.dgx, {0}, false, c.acc_type).view({D, GH}).to(dtype);
-  g.grad_w_hh = at::bmm(c.dgh.transpose(1, 2), c.hprev);
-  g.grad_b_hh = at::sum(c.dgh, {1}, false, c.acc_type).to(dtype);
+  constexpr bool kDiffer = Cell::kHiddenGradsDiffer;
+  const int64_t shared = kDiffer ? GH - H : GH;  // dgh's columns that are dgx's
+  const Tensor dgh_shared = c.dgx.view({R, D, GH}).transpose(0, 1).narrow(2, 0, shared);
+  g.grad_w_hh = at::bmm(dgh_shared.transpose(1, 2), c.hprev);  // [D, shared, P]
+  g.grad_b_hh = g.grad_b_ih.narrow(1, 0, shared);
+  if constexpr (kDiffer) {
+    g.grad_w_hh = at::cat({g.grad_w_hh, at::bmm(c.dghn.transpose(1, 2), c.hprev)}, 1);
+    g.grad_b_hh = at::cat({g.grad_b_hh, at::sum(c.dghn, {1}, false, c.acc_type).to(dtype)}, 1);
+  } else {
+    g.grad_b_hh = g.grad_b_hh.clone();
+  }
   if (c.proj()) g.grad_w_hr = at::bmm(c.dhr.transpose(1, 2), c.hcell);  // [D, P, H]
   return g;
 }

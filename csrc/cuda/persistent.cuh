@@ -184,8 +184,8 @@ struct PersistentBackwardArgs : PersistentCommonArgs {
   const workspace_t<scalar_t, acc_t>* ws;  // [D, R, SH] (pointwise.cuh)
   const scalar_t* w_hh;                    // [D, GH, H]
   acc_t* dh;                 // [D, B, H] gradient reaching the state; each block its slice
-  scalar_t* dgx;             // [R, D*GH]
-  scalar_t* dgh;             // [D, R, GH], also the exchange between blocks
+  scalar_t* dgx;             // [R, D*GH], with dghn also the exchange between blocks
+  scalar_t* dghn;            // [D, R, H] (Cell::kHiddenGradsDiffer), else nullptr
   scalar_t* hprev;           // [D, R, H]
   scalar_t* grad_hx;         // [D, B, H]
   const scalar_t* grad_c_n;  // [D, B, H] (kHasC), else nullptr
@@ -201,8 +201,10 @@ struct PersistentBackwardArgs : PersistentCommonArgs {
 // units by kUnitsPerItem (U = ceil(J/3) groups), so its dot products have the
 // GRU forward's shape whatever the cell: 3 weight rows x kRows rows of dgh.
 // Shared memory: tile | acc_s [items][3][kRows] | w_s [3U][w_stride] (W_hh^T
-// slice, zero rows past J, zero columns past GH). dgh is the exchange: already
-// in the storage type, staged as it is on 16-bit tensor cores.
+// slice, zero rows past J, zero columns past GH). dgh is the exchange, kept
+// where the weight gradients read it (dgx's rows, and dghn for a GRU's last
+// gate: pointwise.cuh): already in the storage type, staged as it is on
+// 16-bit tensor cores.
 template <typename Cell, typename scalar_t, typename acc_t, bool kMma = false>
 __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
     persistent_backward_kernel(const PersistentBackwardArgs<scalar_t, acc_t> a) {
@@ -224,6 +226,11 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
   const int64_t GH = static_cast<int64_t>(G) * H;
   const bool padded = has_padding(a.rows);
   const acc_t zeros[G] = {};
+  // The exchange: dgh's columns below `shared` are dgx's (direction d's columns of a row),
+  // the rest (a GRU's last gate) dghn's.
+  const scalar_t* dgx_d = a.dgx + static_cast<int64_t>(d) * GH;
+  const int shared = Cell::kHiddenGradsDiffer ? (G - 1) * H : G * H;
+  const int64_t dR = static_cast<int64_t>(d) * a.R;
 
   for (int e = threadIdx.x; e < W * NU * U; e += blockDim.x) {
     const int jl = e % (NU * U), m = e / (NU * U), j = j0 + jl;
@@ -240,7 +247,7 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
     for (int t = padded ? a.lens[b] : T; t < T; ++t) {  // padded (t, b): zero gradients
       const int64_t row = a.rows.row(t, b);
       store_cols(a.dgx + row * G * DH + static_cast<int64_t>(d) * GH, j, H, zeros);
-      store_cols(a.dgh + (static_cast<int64_t>(d) * a.R + row) * GH, j, H, zeros);
+      store_dghn<Cell>(a.dghn, dR + row, j, H, zeros);
       a.hprev[(static_cast<int64_t>(d) * a.R + row) * H + j] = scalar_t(0);
     }
   }
@@ -267,21 +274,28 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
       load_saved<Cell>(a.ws, drow, a.out, row * DH + static_cast<int64_t>(d) * H, j, H, saved);
       Cell::backward(grad, static_cast<acc_t>(h_prev_s), saved, dgx, dgh, grad_prev);
       store_cols(a.dgx + row * G * DH + static_cast<int64_t>(d) * GH, j, H, dgx);
-      store_cols(a.dgh + drow * GH, j, H, dgh);
+      store_dghn<Cell>(a.dghn, drow, j, H, dgh);
       a.hprev[drow * H + j] = h_prev_s;
       a.dh[hoff] = grad_prev.h;
       if constexpr (Cell::kHasC) a.dc[hoff] = grad_prev.c;
     }
     grid.sync();
-    const scalar_t* dgh_d = a.dgh + static_cast<int64_t>(d) * a.R * GH;
     for (int base = 0; base < B && a.sorted[base] > s; base += ps.tile_rows) {
-      auto locate = [&](int r) -> int64_t {  // once per row and tile: the dgh row's offset
+      auto locate = [&](int r) -> int64_t {  // once per row and tile: the position's row
         const int i = base + r;
-        return i < B && a.sorted[i] > s ? a.rows.row(step_time(d, a.sorted[i], s), a.perm[i]) * GH
-                                        : -1;
+        return i < B && a.sorted[i] > s ? a.rows.row(step_time(d, a.sorted[i], s), a.perm[i]) : -1;
       };
-      auto stage = [&](x_t* dst, int64_t off, int k0, int kc, int lane) {
-        stage_row<true>(dst, off < 0 ? nullptr : dgh_d + off + k0, kc, lane);
+      // A row of dgh_s, columns [k0, k0 + kc): direction d's columns of dgx's row up to
+      // `shared`, then (a GRU's last gate) dghn's row.
+      auto stage = [&](x_t* dst, int64_t row, int k0, int kc, int lane) {
+        if (row < 0) return stage_row<true>(dst, static_cast<const scalar_t*>(nullptr), kc, lane);
+        const int n = shared <= k0 ? 0 : min(kc, shared - k0);  // columns from dgx
+        if (n > 0) stage_row<true>(dst, dgx_d + row * G * DH + k0, n, lane);
+        if constexpr (Cell::kHiddenGradsDiffer) {
+          if (n < kc) {
+            stage_row<true>(dst + n, a.dghn + (dR + row) * H + (k0 + n - shared), kc - n, lane);
+          }
+        }
       };
       recurrent_matvec<NU, kMma>(w_s, U, 1, NU, static_cast<int>(GH), ps, tile, acc_s, locate,
                                  stage);

@@ -12,12 +12,15 @@
 //              none for the RNN, whose backward reads them from output), in
 //              workspace_t: op-math, bfloat16 for bfloat16 (layer.h workspace_dtype);
 //              0 at padded positions, as the output
-//   dgh, hprev [D, R, GH] / [D, R, H] in the storage dtype (they only feed
-//              GEMMs: tensor cores for half types)
+//   dghn, hprev [D, R, H] in the storage dtype (they only feed GEMMs: tensor
+//              cores for half types). The hidden-side gate gradients dgh (the
+//              operand of dW_hh and of the backward's dgh @ W_hh) are dgx's
+//              values but for a GRU's last gate (Cell::kHiddenGradsDiffer: dn * r),
+//              so only that gate is kept apart, in dghn; the other cells have none
 // G = Cell::kGates, S = kWorkspaceSaved<Cell>; an LSTM with a projection has P-wide
 // output, hprev and state (P for H in those three).
 // Padded input has positions t >= length: the kernels write 0 there in
-// output, dgx, dgh and hprev, so that the output is defined and the
+// output, dgx, dghn and hprev, so that the output is defined and the
 // weight-gradient GEMMs can run over all rows. Ragged input has none.
 // For the packed layout b is the rank (longest first): the launcher permutes
 // hx in and h_n / grad_hx out by sorted_indices.
@@ -68,6 +71,15 @@ __host__ __device__ __forceinline__ void load_saved(const W* ws, int64_t drow, c
   } else {
     load_cols<Cell::kSaved>(ws + drow * kWorkspaceSaved<Cell> * H, j, H, saved);
   }
+}
+
+// Stores unit j's hidden-side gradient of a GRU's last gate (dgh[G-1]) to dghn
+// row drow (d * R + row); the cells whose dgh is dgx keep nothing.
+template <typename Cell, typename S, typename A>
+__host__ __device__ __forceinline__ void store_dghn(S* dghn, int64_t drow, int j, int H,
+                                                    const A (&dgh)[Cell::kGates]) {
+  if constexpr (Cell::kHiddenGradsDiffer)
+    dghn[drow * H + j] = static_cast<S>(dgh[Cell::kGates - 1]);
 }
 
 // Whether the layout has padded positions (t >= length) to write zeros to.
@@ -266,7 +278,7 @@ __global__ void fallback_proj_forward_kernel(const scalar_t* __restrict__ hr,  /
 // gradient reaching h after step s comes in two parts: dh_in (acc_t, the
 // direct part and grad_h_n) and dh_gemm (the previous step's dgh @ W_hh, a
 // GEMM in the storage dtype). Writes the gate gradients of step s (to the
-// position's rows of dgx and dgh, and to dgh_step, the next GEMM's operand:
+// position's rows of dgx and dghn, and dgh to dgh_step, the next GEMM's operand:
 // 0 for finished rows) and the direct part of dh_prev to dh_out; the next GEMM
 // adds the W_hh^T part. dc (kHasC) is the gradient reaching c, updated in
 // place: c never goes through a GEMM.
@@ -287,7 +299,7 @@ __global__ void fallback_backward_step_kernel(
     acc_t* __restrict__ dh_out,                           // [D, B, H] (not kProj)
     acc_t* __restrict__ dc,                               // [D, B, H] (kHasC), else nullptr
     scalar_t* __restrict__ dgx,                           // [R, D*GH]
-    scalar_t* __restrict__ dgh,                           // [D, R, GH]
+    scalar_t* __restrict__ dghn,                          // [D, R, H] (kHiddenGradsDiffer)
     scalar_t* __restrict__ dgh_step,                      // [D, B, GH]
     scalar_t* __restrict__ hprev,                         // [D, R, H] (not kProj)
     scalar_t* __restrict__ hcell,                         // [D, R, H] (kProj), else nullptr
@@ -310,7 +322,7 @@ __global__ void fallback_backward_step_kernel(
     if (has_padding(rows)) {
       const int64_t row = rows.row(s, b);
       store_cols(dgx + row * D * GH + d * GH, j, H, zeros);
-      store_cols(dgh + (static_cast<int64_t>(d) * R + row) * GH, j, H, zeros);
+      store_dghn<Cell>(dghn, static_cast<int64_t>(d) * R + row, j, H, zeros);
       const int64_t hrow = (static_cast<int64_t>(d) * R + row) * H + j;
       if constexpr (kProj) {
         hcell[hrow] = scalar_t(0);
@@ -336,7 +348,7 @@ __global__ void fallback_backward_step_kernel(
                    row * D * H + static_cast<int64_t>(d) * H, j, H, saved);
   Cell::backward(grad, static_cast<acc_t>(h_prev), saved, dgxv, dghv, grad_prev);
   store_cols(dgx + row * D * GH + d * GH, j, H, dgxv);
-  store_cols(dgh + (static_cast<int64_t>(d) * R + row) * GH, j, H, dghv);
+  store_dghn<Cell>(dghn, static_cast<int64_t>(d) * R + row, j, H, dghv);
   store_cols(dgh_s, j, H, dghv);
   if constexpr (kProj) {
     hcell[(static_cast<int64_t>(d) * R + row) * H + j] =

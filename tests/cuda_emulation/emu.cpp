@@ -9,7 +9,7 @@
 // for a pretend device, as on a GPU. ops_cuda.cu is included whole, with csrc/cuda/runtime.h's
 // names defined on the CPU by emu_runtime.h, and entered two ways: the kernel-level harness below
 // calls the backend's launchers on a call it sets up (tests hand the kernels gx and read back the
-// workspace, dgh, hprev and the cut), and emu_backend.h binds the op entries themselves
+// workspace, dghn, hprev and the cut), and emu_backend.h binds the op entries themselves
 // (launchers, GEMMs, checks). The tensor-core path (kMma) runs through the emulated mma.sync of
 // mma_emu.h. Test-only; see tests/test_cuda_emulated.py, tests/test_cuda_emulated_cells.py and
 // tests/test_cuda_emulated_backend.py.
@@ -25,7 +25,7 @@
 // The kernel-level harness: the backend's own launchers (paths.cuh, paths_backward.cuh) called
 // on a call the harness sets up itself, so tests can hand the kernels gx, choose the path, the
 // cut's pretend device and the tensor-core kernel directly, and read back what the launchers keep
-// internal (workspace, dgh, hprev, the cut). Outputs start as 777 where nothing was written.
+// internal (workspace, dghn, hprev, the cut). Outputs start as 777 where nothing was written.
 namespace harness {
 using namespace varlen_rnn;
 using namespace varlen_rnn::cuda;
@@ -130,8 +130,8 @@ std::vector<at::Tensor> forward_t(const at::Tensor& gx, const at::Tensor& w_hh,
 }
 
 // The backward launchers' recurrence. grad_c_n [D, B, H] (kHasC, else empty). Returns dgx,
-// dgh, hprev, grad_hx, grad_cx (or empty), dhr and hcell (the projection's [D, R, P] and
-// [D, R, H] rows, or empty), the persistent cut (or empty).
+// dghn (a GRU's, else empty), hprev, grad_hx, grad_cx (or empty), dhr and hcell (the projection's
+// [D, R, P] and [D, R, H] rows, or empty), the persistent cut (or empty).
 template <typename Cell, typename scalar_t>
 std::vector<at::Tensor> backward_t(const at::Tensor& go, const at::Tensor& ghn,
                                    const at::Tensor& gcn, const at::Tensor& out,
@@ -152,7 +152,7 @@ std::vector<at::Tensor> backward_t(const at::Tensor& go, const at::Tensor& ghn,
   c.grad_h_n = to_rank_order(c.rows, ghn);
   c.ws = ws.contiguous();
   c.dgx = sentinel({R, d.D * GH}, c.opts);
-  c.dgh = sentinel({d.D, R, GH}, c.opts);
+  if constexpr (Cell::kHiddenGradsDiffer) c.dghn = sentinel({d.D, R, d.H}, c.opts);
   c.hprev = sentinel({d.D, R, c.P}, c.opts);
   c.grad_hx = sentinel({d.D, d.B, c.P}, c.opts);
   if constexpr (Cell::kHasC) {
@@ -176,7 +176,7 @@ std::vector<at::Tensor> backward_t(const at::Tensor& go, const at::Tensor& ghn,
   }
   auto or_empty = [](const at::Tensor& t) { return t.defined() ? t : at::empty({0}); };
   return {c.dgx,
-          c.dgh,
+          or_empty(c.dghn),
           c.hprev,
           to_sequence_order(c.rows, c.grad_hx),
           Cell::kHasC ? to_sequence_order(c.rows, c.grad_cx) : at::empty({0}),
@@ -243,7 +243,7 @@ std::vector<at::Tensor> cell_backward(int64_t cell, at::Tensor go, at::Tensor gh
 }
 
 // The GRU's entry points (tests/test_cuda_emulated.py): cell_forward / cell_backward of cell 0,
-// returning out, h_n, ws, cut and dgx, dgh, hprev, grad_hx, cut.
+// returning out, h_n, ws, cut and dgx, dghn, hprev, grad_hx, cut.
 std::vector<at::Tensor> forward(at::Tensor gx, at::Tensor w_hh, c10::optional<at::Tensor> b_hh,
                                 at::Tensor hx, int64_t layout, at::Tensor seq_index,
                                 at::Tensor sorted_indices, int64_t T, bool bf, bool persistent,
