@@ -16,6 +16,7 @@ from testing import (
     HAS_CUDA,
     assert_as_accurate_as_nn,
     assert_autocast_grads_close,
+    cudnn_enabled,
     float64_run,
     make_pair,
     packed_baseline,
@@ -41,10 +42,6 @@ CASES = [
 TOL = {BF16: 3e-2, F16: 5e-3}
 
 
-def _cudnn(enabled):
-    return torch.backends.cudnn.flags(enabled=enabled)
-
-
 @pytest.mark.parametrize("device,amp_dtype,cudnn", CASES)
 # "low" is the case's autocast dtype; None: no hx.
 @pytest.mark.parametrize(
@@ -63,7 +60,7 @@ def test_dtypes_and_values_follow_nn_gru(device, amp_dtype, cudnn, x_kind, hx_ki
     x = torch.randn((B, T, I) if batch_first else (T, B, I), device=device).to(x_dtype)
     hx = None if hx_dtype is None else torch.randn(4, B, H, device=device).to(hx_dtype)
     x_r, x_o = x.clone().requires_grad_(), x.clone().requires_grad_()
-    with _cudnn(cudnn), torch.autocast(device, dtype=amp_dtype):
+    with cudnn_enabled(cudnn), torch.autocast(device, dtype=amp_dtype):
         out_r, h_r = packed_baseline(ref, x_r, LENGTHS, hx)
         out, h = ours(x_o, hx, lengths=LENGTHS)
     assert (out.dtype, h.dtype) == (out_r.dtype, h_r.dtype)
@@ -86,7 +83,7 @@ def test_packed_sequence_under_autocast(device, amp_dtype, cudnn):
     ref, ours = make_pair(I, H, 2, dtype=F32, device=device)
     x = torch.randn(T, B, I, device=device)
     packed = pack_padded_sequence(x, LENGTHS, enforce_sorted=False)
-    with _cudnn(cudnn), torch.autocast(device, dtype=amp_dtype):
+    with cudnn_enabled(cudnn), torch.autocast(device, dtype=amp_dtype):
         out_r, h_r = ref(packed)
         out, h = ours(packed)
     assert (out.data.dtype, h.dtype) == (out_r.data.dtype, h_r.dtype)
@@ -100,7 +97,7 @@ def test_float64_model_is_left_alone(device, amp_dtype, cudnn):
     ref, ours = make_pair(I, H, 2, bidirectional=True, dtype=F64, device=device)
     x = torch.randn(T, B, I, dtype=F64, device=device)
     expected = ours(x, lengths=LENGTHS)
-    with _cudnn(cudnn), torch.autocast(device, dtype=amp_dtype):
+    with cudnn_enabled(cudnn), torch.autocast(device, dtype=amp_dtype):
         out_r, h_r = packed_baseline(ref, x, LENGTHS)
         out, h = ours(x, lengths=LENGTHS)
     assert out.dtype == h.dtype == out_r.dtype == h_r.dtype == F64
@@ -123,7 +120,7 @@ def test_float32_state_is_computed_in_float32(device, amp_dtype, cudnn):
         plain = ours(x, lengths=LENGTHS)
     else:
         expected = plain = ours(x, lengths=LENGTHS)
-    with _cudnn(cudnn), torch.autocast(device, dtype=amp_dtype):
+    with cudnn_enabled(cudnn), torch.autocast(device, dtype=amp_dtype):
         got = ours(x, lengths=LENGTHS)
     assert got[0].dtype == got[1].dtype == F32
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
@@ -148,7 +145,7 @@ def test_op_and_backward_inside_the_autocast_region(device, amp_dtype, cudnn):
     )
     expected = varlen_rnn.ops.gru_layer(*args)
     g_expected = torch.autograd.grad(expected[0].sum() + expected[1].sum(), args[0])
-    with _cudnn(cudnn), torch.autocast(device, dtype=amp_dtype):
+    with cudnn_enabled(cudnn), torch.autocast(device, dtype=amp_dtype):
         out, h = varlen_rnn.ops.gru_layer(*args)
         (g,) = torch.autograd.grad(out.sum() + h.sum(), args[0])
     assert out.dtype == h.dtype == F32
@@ -166,7 +163,7 @@ def test_compiled_under_autocast_matches_eager_dtypes(device, amp_dtype, cudnn):
         with torch.autocast(device, dtype=amp_dtype):
             return ours(x, lengths=lengths)
 
-    with _cudnn(cudnn):
+    with cudnn_enabled(cudnn):
         expected = run(x, lengths)
         got = torch.compile(run, fullgraph=True, backend="aot_eager")(x, lengths)
     for g, e in zip(got, expected):

@@ -10,6 +10,7 @@ from testing import (
     HAS_CUDA,
     assert_as_accurate_as_nn,
     assert_autocast_grads_close,
+    cudnn_enabled,
     float64_run,
     make_cell_pair,
     packed_baseline,
@@ -50,7 +51,7 @@ def test_dtypes_and_values_follow_nn(device, amp_dtype, cudnn, kind, x_kind, hx_
     x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(1)).to(device, to[x_kind])
     x_r, x_o = x.clone().requires_grad_(), x.clone().requires_grad_()
     hx = _state(ref, to[hx_kind], device)
-    with torch.backends.cudnn.flags(enabled=cudnn), torch.autocast(device, dtype=amp_dtype):
+    with cudnn_enabled(cudnn), torch.autocast(device, dtype=amp_dtype):
         expected = tensors_of(packed_baseline(ref, x_r, LENGTHS, hx))
         got = tensors_of(ours(x_o, hx, lengths=LENGTHS))
     assert [t.dtype for t in got] == [t.dtype for t in expected]

@@ -229,6 +229,14 @@ def float64_run(ref, x, hx, lengths, loss_of):
     return [t.detach() for t in outputs], [x64.grad] + [p.grad for p in ref64.parameters()]
 
 
+def cudnn_enabled(enabled: bool):
+    """torch.backends.cudnn.flags(enabled=...) keeping the session's TF32 setting: flags() would
+    also set allow_tf32 to its default, True, which puts the CUDA backend's float32 products on
+    TF32 (nn.GRU's cuDNN policy) where a test compares with a float32 run outside the context
+    (the session keeps TF32 off: conftest.py)."""
+    return torch.backends.cudnn.flags(enabled=enabled, allow_tf32=torch.backends.cudnn.allow_tf32)
+
+
 def assert_as_accurate_as_nn(names, ours, theirs, truth):
     """Each of ours is as close to the float64 run's (truth) as nn's are: its largest difference,
     relative to that tensor's largest magnitude, within twice the worst such relative difference
