@@ -105,6 +105,19 @@ inline Knobs& knobs() {
   return *k;
 }
 
+// The testing hooks' setting of the knobs the environment gives once per process (path:
+// "auto" | "persistent" | "fallback"; max_kc <= 0 lifts the cap; oversubscribe launches
+// persistent grids too large to be co-resident). False, changing nothing, for a bad path.
+inline bool set_knobs_for_testing(const char* path, int64_t max_kc, bool oversubscribe) {
+  plan::Path p;
+  if (!parse_path(path, p)) return false;
+  Knobs& k = knobs();
+  k.path = static_cast<int>(p);
+  k.max_kc = max_kc > 0 ? max_kc : 0;
+  k.oversubscribe = oversubscribe;
+  return true;
+}
+
 inline void note_exchange(bool backward, Exchange e) {
   knobs().last_exchange[backward ? 1 : 0] = static_cast<int>(e);
 }

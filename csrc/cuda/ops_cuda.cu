@@ -227,13 +227,7 @@ Grads6 rnn_layer_ragged_backward_cuda(const Tensor& grad_output, const Tensor& g
 // co-resident, which the driver must refuse. Returns 0, or -1 for a bad path.
 extern "C" __attribute__((visibility("default"))) int varlen_rnn_cuda_set_knobs_for_testing(
     const char* path, long long max_kc, int oversubscribe) {
-  varlen_rnn::plan::Path p;
-  if (!varlen_rnn::cuda::parse_path(path, p)) return -1;
-  varlen_rnn::cuda::Knobs& k = varlen_rnn::cuda::knobs();
-  k.path = static_cast<int>(p);
-  k.max_kc = max_kc > 0 ? max_kc : 0;
-  k.oversubscribe = oversubscribe != 0;
-  return 0;
+  return varlen_rnn::cuda::set_knobs_for_testing(path, max_kc, oversubscribe != 0) ? 0 : -1;
 }
 
 #ifndef VARLEN_RNN_HOST_EMULATION  // tests/cuda_emulation/emu.cpp binds the entries itself

@@ -18,13 +18,9 @@ namespace emu_backend {
 // these nor the testing hooks' names reach the real extension's).
 inline void set_knobs(const std::string& path, int64_t max_kc, bool oversubscribe,
                       int64_t tensor_cores, bool pad_smem) {
-  varlen_rnn::plan::Path p;
-  TORCH_CHECK(varlen_rnn::cuda::parse_path(path.c_str(), p),
+  TORCH_CHECK(varlen_rnn::cuda::set_knobs_for_testing(path.c_str(), max_kc, oversubscribe),
               "path must be auto, persistent or fallback, got ", path);
   varlen_rnn::cuda::Knobs& k = varlen_rnn::cuda::knobs();
-  k.path = static_cast<int>(p);
-  k.max_kc = max_kc > 0 ? max_kc : 0;
-  k.oversubscribe = oversubscribe;
   k.tensor_cores = static_cast<int>(tensor_cores);
   k.pad_smem = pad_smem;
 }
