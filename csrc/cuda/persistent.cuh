@@ -226,11 +226,11 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
   const int64_t GH = static_cast<int64_t>(G) * H;
   const bool padded = has_padding(a.rows);
   const acc_t zeros[G] = {};
+  const int64_t dR = static_cast<int64_t>(d) * a.R;  // direction d's first row of [D, R, .]
   // The exchange: dgh's columns below `shared` are dgx's (direction d's columns of a row),
   // the rest (a GRU's last gate) dghn's.
   const scalar_t* dgx_d = a.dgx + static_cast<int64_t>(d) * GH;
   const int shared = Cell::kHiddenGradsDiffer ? (G - 1) * H : G * H;
-  const int64_t dR = static_cast<int64_t>(d) * a.R;
 
   for (int e = threadIdx.x; e < W * NU * U; e += blockDim.x) {
     const int jl = e % (NU * U), m = e / (NU * U), j = j0 + jl;
@@ -248,7 +248,7 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
       const int64_t row = a.rows.row(t, b);
       store_cols(a.dgx + row * G * DH + static_cast<int64_t>(d) * GH, j, H, zeros);
       store_dghn<Cell>(a.dghn, dR + row, j, H, zeros);
-      a.hprev[(static_cast<int64_t>(d) * a.R + row) * H + j] = scalar_t(0);
+      a.hprev[(dR + row) * H + j] = scalar_t(0);
     }
   }
   __syncthreads();
@@ -269,7 +269,7 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
       if constexpr (Cell::kHasC) grad.c = a.dc[hoff];
       const scalar_t h_prev_s =
           s == 0 ? a.hx[hoff] : a.out[a.rows.row(prev_time(d, t), b) * DH + col];
-      const int64_t drow = static_cast<int64_t>(d) * a.R + row;
+      const int64_t drow = dR + row;
       acc_t saved[Cell::kSaved], dgx[G], dgh[G];
       load_saved<Cell>(a.ws, drow, a.out, row * DH + static_cast<int64_t>(d) * H, j, H, saved);
       Cell::backward(grad, static_cast<acc_t>(h_prev_s), saved, dgx, dgh, grad_prev);
