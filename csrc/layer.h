@@ -308,18 +308,21 @@ inline void check_sorted_indices_values(const int64_t* sorted_indices, int64_t B
 // Extra checks of the backward's tensors against the forward's dims, the same
 // for every backend (padded or ragged). workspace_rows: how many rows the
 // backend's forward gives the workspace. grad_c_n: the LSTM's [D, B, H], null
-// for the other cells.
+// for the other cells. grad_output None: zero (ops.cpp).
 template <typename Dims>  // LayerDims or RaggedDims
 inline void check_backward_args(const Dims& dims, const at::Tensor& input,
-                                const at::Tensor& grad_output, const at::Tensor& grad_h_n,
-                                const at::Tensor& output, const at::Tensor& workspace,
-                                int64_t workspace_rows, const at::Tensor* grad_c_n = nullptr) {
+                                const std::optional<at::Tensor>& grad_output,
+                                const at::Tensor& grad_h_n, const at::Tensor& output,
+                                const at::Tensor& workspace, int64_t workspace_rows,
+                                const at::Tensor* grad_c_n = nullptr) {
   const auto out_sizes = dims.output_sizes();
   const c10::IntArrayRef want(out_sizes);  // prints as [a, b, c]
-  TORCH_CHECK(grad_output.sizes() == want, "grad_output must have shape ", want, ", got ",
-              grad_output.sizes());
+  if (grad_output.has_value()) {
+    TORCH_CHECK(grad_output->sizes() == want, "grad_output must have shape ", want, ", got ",
+                grad_output->sizes());
+    check_same_device_dtype(input, *grad_output, "grad_output");
+  }
   TORCH_CHECK(output.sizes() == want, "output must have shape ", want, ", got ", output.sizes());
-  check_same_device_dtype(input, grad_output, "grad_output");
   check_same_device_dtype(input, output, "output");
   const bool has_c = grad_c_n != nullptr;
   check_state(dims, input, grad_h_n, "grad_h_n", dims.P, has_c ? "P" : "H");

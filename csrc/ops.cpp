@@ -57,6 +57,9 @@ TORCH_LIBRARY(varlen_rnn, m) {
   m.def(gru_layer.c_str());
   // The gradient of gru_layer_forward. grad_output/output like the forward's
   // output, grad_h_n like h_n, workspace as the forward returned it.
+  // grad_output None: a zero gradient (the output is not used, as in a
+  // classifier that reads only h_n), read as zeros without an output-sized
+  // tensor of them.
   // Returns grad_input, grad_hx, grad_w_ih, grad_w_hh, and grad_b_ih,
   // grad_b_hh of shape [D, 3H] (computed whether or not the layer has biases).
   // output_mask = [input, weights] says which are wanted (cuDNN's
@@ -65,7 +68,7 @@ TORCH_LIBRARY(varlen_rnn, m) {
   // (the first input of a model is often data, its weights frozen in
   // fine-tuning). grad_hx is always computed: the recurrence gives it.
   m.def(
-      "gru_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, "
+      "gru_layer_backward(Tensor? grad_output, Tensor grad_h_n, Tensor input, "
       "Tensor lengths, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor output, "
       "Tensor workspace, bool batch_first, bool[2] output_mask=[True, True]) -> (Tensor "
       "grad_input, "
@@ -107,7 +110,7 @@ TORCH_LIBRARY(varlen_rnn, m) {
   // weight and bias gradients (grad_b_* [D, 3H] whether or not the layer has
   // biases).
   m.def(
-      "gru_layer_ragged_backward(Tensor grad_output, Tensor grad_h_n, "
+      "gru_layer_ragged_backward(Tensor? grad_output, Tensor grad_h_n, "
       "Tensor input, Tensor seq_index, Tensor? sorted_indices, int layout, "
       "SymInt max_len, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor output, "
       "Tensor workspace, bool[2] output_mask=[True, True]) -> (Tensor grad_input, Tensor grad_hx, "
@@ -131,7 +134,7 @@ TORCH_LIBRARY(varlen_rnn, m) {
   m.def(lstm_layer.c_str());
   // grad_w_hr [D, P, H], or [0] when w_hr is None.
   m.def(
-      "lstm_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, "
+      "lstm_layer_backward(Tensor? grad_output, Tensor grad_h_n, Tensor grad_c_n, "
       "Tensor input, Tensor lengths, Tensor hx, Tensor cx, Tensor w_ih, "
       "Tensor w_hh, Tensor? w_hr, Tensor output, Tensor workspace, "
       "bool batch_first, bool[2] output_mask=[True, True]) -> (Tensor grad_input, Tensor grad_hx, "
@@ -146,7 +149,7 @@ TORCH_LIBRARY(varlen_rnn, m) {
       "Tensor workspace)";
   m.def(lstm_layer_ragged.c_str());
   m.def(
-      "lstm_layer_ragged_backward(Tensor grad_output, Tensor grad_h_n, "
+      "lstm_layer_ragged_backward(Tensor? grad_output, Tensor grad_h_n, "
       "Tensor grad_c_n, Tensor input, Tensor seq_index, Tensor? sorted_indices, "
       "int layout, SymInt max_len, Tensor hx, Tensor cx, Tensor w_ih, "
       "Tensor w_hh, Tensor? w_hr, Tensor output, Tensor workspace, bool[2] output_mask=[True, "
@@ -165,7 +168,7 @@ TORCH_LIBRARY(varlen_rnn, m) {
       "Tensor workspace)";
   m.def(rnn_layer.c_str());
   m.def(
-      "rnn_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, "
+      "rnn_layer_backward(Tensor? grad_output, Tensor grad_h_n, Tensor input, "
       "Tensor lengths, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor output, "
       "Tensor workspace, str nonlinearity, bool batch_first, bool[2] output_mask=[True, True]) -> "
       "(Tensor grad_input, Tensor grad_hx, Tensor grad_w_ih, Tensor grad_w_hh, "
@@ -177,7 +180,7 @@ TORCH_LIBRARY(varlen_rnn, m) {
       "bool need_workspace) -> (Tensor output, Tensor h_n, Tensor workspace)";
   m.def(rnn_layer_ragged.c_str());
   m.def(
-      "rnn_layer_ragged_backward(Tensor grad_output, Tensor grad_h_n, "
+      "rnn_layer_ragged_backward(Tensor? grad_output, Tensor grad_h_n, "
       "Tensor input, Tensor seq_index, Tensor? sorted_indices, int layout, "
       "SymInt max_len, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor output, "
       "Tensor workspace, str nonlinearity, bool[2] output_mask=[True, True]) -> (Tensor "

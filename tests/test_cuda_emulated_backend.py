@@ -130,6 +130,31 @@ def test_backend_output_mask_skips_only_what_is_masked(emu, cell, path):
             assert a is None or torch.equal(a, b), f"{n} under output_mask={mask}"
 
 
+# (cell, case, path): every cell on both paths, and the LSTM's projection (the fallback's).
+NONE_GRAD_PARAMS = [
+    (cell, case, path)
+    for cell in CELLS
+    for case in ("offsets-tiles-nobias", "packed-bi-K-chunks")
+    for path in ("persistent", "fallback")
+] + [("lstm", "proj-packed-bi", "fallback")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize(
+    "cell,case,path", NONE_GRAD_PARAMS, ids=["-".join(p) for p in NONE_GRAD_PARAMS]
+)
+def test_backend_none_output_grad_reads_as_zeros(emu, cell, case, path, dtype):
+    """grad_output None (an unused output: the kernels get a null pointer) gives the results
+    of a zero tensor bit for bit, on both paths, the projection's kernels included."""
+    c = (PROJ_CASES if case.startswith("proj") else CASES)[case]
+    zeros, _ = run_backend_case(emu, CELLS[cell], c, dtype, path, grad_output="zeros")
+    none, _ = run_backend_case(emu, CELLS[cell], c, dtype, path, grad_output="none")
+    given, _ = run_backend_case(emu, CELLS[cell], c, dtype, path)
+    for n, a, b in zip(NAMES, none, zeros):
+        assert (a is None and b is None) or torch.equal(a, b), n
+    assert not torch.equal(none[NAMES.index("grad input")], given[NAMES.index("grad input")])
+
+
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_backend_persistent_runs_are_deterministic(emu, cell):
     """Equal bits over two runs of the whole op whose threads interleave differently."""

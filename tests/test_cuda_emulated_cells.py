@@ -290,13 +290,16 @@ def run_case(emu, cell, c, dtype, persistent, mma=False):
 OP_NAMES = {GRU: "gru", LSTM: "lstm", RNN_TANH: "rnn", RNN_RELU: "rnn"}
 
 
-def run_backend_case(emu, cell, c, dtype, path, mma=False, output_mask=(True, True), tf32=None):
+def run_backend_case(
+    emu, cell, c, dtype, path, mma=False, output_mask=(True, True), tf32=None, grad_output="given"
+):
     """(got, ref) in NAMES' order from the CUDA backend itself (ops_cuda.cu's op entries, the
     emulation's `backend`) called as the ops are, on case c's pretend device ("sms", "smem") with
     path ("persistent", "fallback" or "auto"), tensor cores on (mma) or off and c's K-chunk cap.
     tf32: torch.backends.cudnn.allow_tf32 for the call (default: mma), which float32 needs to
     take tensor cores. Gradients output_mask leaves out are None on both sides (the op returns
-    them empty)."""
+    them empty). grad_output "zeros" or "none" replaces the case's output gradient with a zero
+    tensor or None (the output unused; ref is then not the truth of the call)."""
     k = case_inputs(cell, c, dtype)
     be = emu.backend
     be.set_device(c.get("sms", SMS), c.get("smem", SMEM), 9)
@@ -304,7 +307,7 @@ def run_backend_case(emu, cell, c, dtype, path, mma=False, output_mask=(True, Tr
     before = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = mma if tf32 is None else tf32
     try:
-        got = _backend_call(be, cell, c, k, output_mask)
+        got = _backend_call(be, cell, c, k, output_mask, grad_output)
     finally:
         torch.backends.cudnn.allow_tf32 = before
     ref = list(k.ref)
@@ -315,9 +318,9 @@ def run_backend_case(emu, cell, c, dtype, path, mma=False, output_mask=(True, Tr
     return [None if t is None else t.double() for t in got], ref
 
 
-def _backend_call(be, cell, c, k, output_mask):
+def _backend_call(be, cell, c, k, output_mask, grad_output="given"):
     """The forward and backward op of case c (inputs k) on the backend: results in NAMES'
-    order, what the cell lacks None."""
+    order, what the cell lacks None. grad_output: as run_backend_case's."""
     lstm, name = cell == LSTM, OP_NAMES[cell]
     c_in = [k.cx] if lstm else []
     tail = [k.w_hr] if lstm else ["relu" if cell == RNN_RELU else "tanh"] if name == "rnn" else []
@@ -335,8 +338,9 @@ def _backend_call(be, cell, c, k, output_mask):
     grad_c = [k.gcn] if lstm else []
     # The backward's tail: w_hr before output and workspace (LSTM), the nonlinearity after.
     pre, post = ([k.w_hr], []) if lstm else ([], tail)
+    go = {"given": k.go, "zeros": torch.zeros_like(k.go), "none": None}[grad_output]
     grads = getattr(be, op + "backward")(
-        k.go, k.ghn, *grad_c, k.x, *index, k.hx, *c_in, k.w_ih, k.w_hh, *pre, out, ws, *post,
+        go, k.ghn, *grad_c, k.x, *index, k.hx, *c_in, k.w_ih, k.w_hh, *pre, out, ws, *post,
         *bf, list(output_mask),
     )  # fmt: skip
     grads = list(grads)

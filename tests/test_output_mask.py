@@ -17,13 +17,12 @@ from testing import (
     CELL_KINDS,
     TOL,
     OpArguments,
+    backward_op_and_args,
     make_cell_pair,
     make_pair,
     packed_baseline,
 )
 from torch.nn.utils.rnn import pack_padded_sequence
-
-import varlen_rnn
 
 KINDS = ["gru", *CELL_KINDS]
 LENGTHS = [4, 6, 1, 3]
@@ -143,33 +142,7 @@ def test_masked_backward_matches_nn_with_packing(kind, case):
 # ------------------------------------------------------------------ the ops
 def op_and_args(kind, layout, device, dtype, D=2):
     """A backward op and its arguments (without output_mask), from a forward's results."""
-    cell = varlen_rnn._schema.CELLS[kind.split("_")[0]]
-    ragged = layout != "padded"
-    G = cell.gates
-    P = H // 2 if kind == "lstm_proj" else H
-    g = torch.Generator().manual_seed(7)
-    f = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device, dtype)  # noqa: E731
-    lengths = torch.tensor(LENGTHS)
-    if ragged:
-        x = f(sum(LENGTHS), I)
-        offsets = torch.tensor([0, *lengths.cumsum(0).tolist()], device=device)
-        index = (offsets, None, 0, T)
-    else:
-        x = f(T, B, I)
-        index = (lengths.to(device),)
-    states = (f(D, B, P),) + ((f(D, B, H),) if cell.states == 2 else ())
-    weights = (f(D, G * H, I), f(D, G * H, P), f(D, G * H), f(D, G * H))
-    if cell.proj:
-        weights += (f(D, P, H) if kind == "lstm_proj" else None,)
-    options = (kind.split("_")[1],) if cell.options else ()
-    tail = () if ragged else (False,)
-    name = f"{cell.name}_layer{'_ragged' if ragged else ''}"
-    *outs, ws = getattr(torch.ops.varlen_rnn, f"{name}_forward")(
-        x, *index, *states, *weights, *options, *tail, True
-    )
-    grads = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(device, dtype) for o in outs]
-    args = (*grads, x, *index, *states, *weights[:2], *weights[4:], outs[0], ws, *options, *tail)
-    return getattr(torch.ops.varlen_rnn, f"{name}_backward").default, args, cell
+    return backward_op_and_args(kind, layout, device, dtype, LENGTHS, I, H, D=D)
 
 
 MASKS = [[False, True], [True, False], [False, False]]

@@ -264,3 +264,41 @@ def assert_autocast_grads_close(ours, ref, x_o, x_r, truth):
     for name, p, q in zip(names[1:], got[1:], theirs[1:], strict=True):
         assert p.dtype == q.dtype == torch.float32, name
     assert_as_accurate_as_nn(names, got, theirs, truth)
+
+
+def backward_op_and_args(kind, layout, device, dtype, lengths, I, H, D=2, seed=7):
+    """A backward op (torch.ops.varlen_rnn.*_backward.default) and its arguments without
+    output_mask, from its forward op's results on random inputs and weights: kind "gru" or a
+    CELL_KINDS key; layout "padded" (time-major), "offsets" or "packed" (ragged rows); the
+    incoming gradients random. Returns (op, args, the cell of varlen_rnn._schema.CELLS)."""
+    cell = varlen_rnn._schema.CELLS[kind.split("_")[0]]
+    G, B, T = cell.gates, len(lengths), max(lengths)
+    P = max(1, H // 2) if kind == "lstm_proj" else H
+    g = torch.Generator().manual_seed(seed)
+    f = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device, dtype)  # noqa: E731
+    lens = torch.tensor(lengths)
+    N = int(lens.sum())
+    if layout == "padded":
+        x = f(T, B, I)
+        index = (lens.to(device),)
+    elif layout == "offsets":
+        x = f(N, I)
+        index = (torch.tensor([0, *lens.cumsum(0).tolist()], device=device), None, 0, T)
+    else:  # PackedSequence's rows: batch_sizes on the CPU, sorted_indices on the device
+        x = f(N, I)
+        sorted_indices = torch.sort(lens, descending=True, stable=True).indices
+        batch_sizes = (lens.unsqueeze(0) > torch.arange(T).unsqueeze(1)).sum(1)
+        index = (batch_sizes, sorted_indices.to(device), 1, T)
+    states = (f(D, B, P),) + ((f(D, B, H),) if cell.states == 2 else ())
+    weights = (f(D, G * H, I), f(D, G * H, P), f(D, G * H), f(D, G * H))
+    if cell.proj:
+        weights += (f(D, P, H) if kind == "lstm_proj" else None,)
+    options = (kind.split("_")[1],) if cell.options else ()
+    tail = () if layout != "padded" else (False,)
+    name = f"{cell.name}_layer{'' if layout == 'padded' else '_ragged'}"
+    *outs, ws = getattr(torch.ops.varlen_rnn, f"{name}_forward")(
+        x, *index, *states, *weights, *options, *tail, True
+    )
+    grads = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(device, dtype) for o in outs]
+    args = (*grads, x, *index, *states, *weights[:2], *weights[4:], outs[0], ws, *options, *tail)
+    return getattr(torch.ops.varlen_rnn, f"{name}_backward").default, args, cell

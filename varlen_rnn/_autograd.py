@@ -117,9 +117,13 @@ def _backward(cell: Cell, ragged: bool, ctx, *grads):
     if ctx.squeezed:  # the op's [1, ...] weights: views of the saved ones (graphed if need be)
         args[at.weights] = _unsqueezed(args[at.weights])
     states, weights = args[at.states], args[at.weights]
-    # Zeros for an unused output's gradient (set_materialize_grads(False) passes None).
-    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, (out, *states))]
+    # An unused output's gradient arrives as None (set_materialize_grads(False)). The states'
+    # become zeros ([D, B, H]); the output's stays None, which the backward op reads as
+    # zeros without a [T, B, D*H] tensor of them (a classifier reading only h_n).
+    grad_out, *grad_states = grads
+    grad_states = [torch.zeros_like(t) if g is None else g for g, t in zip(grad_states, states)]
     if torch.is_grad_enabled():  # backward(create_graph=True): the gradients need a graph
+        grads = [torch.zeros_like(out) if grad_out is None else grad_out, *grad_states]
         reference = _reference(cell, ragged)
         found = _differentiable_backward(ctx, grads, args, reference, at.n + 1)
         return _squeezed(found, at.weights) if ctx.squeezed else found
@@ -132,7 +136,8 @@ def _backward(cell: Cell, ragged: bool, ctx, *grads):
     # from the dispatcher in Python) would only redispatch, ~30 us a call.
     with torch._C._AutoDispatchBelowAutograd():
         result = _op(cell, ragged, "backward")(
-            *grads,
+            grad_out,
+            *grad_states,
             args[0],
             *args[at.index],
             *states,

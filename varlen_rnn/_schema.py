@@ -10,6 +10,7 @@ for ragged rows, states = (hx,) or (hx, cx) for the LSTM, w_hr the LSTM's projec
 options the RNN's nonlinearity; batch_first only for a padded batch. Its backward takes
     grad_output, grad_states, input, index, states, w_ih, w_hh, [w_hr], output, workspace,
     [options], [batch_first]
+(grad_output None: zero, an output not used)
 and returns grad_input, grad_states, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, [grad_w_hr].
 Shape legend: T time, B batch, I input, H hidden, D directions, G gates, P the LSTM's
 state width (proj_size or H), S values saved per unit (see csrc/ops.cpp).

@@ -33,12 +33,12 @@ Forward gru_layer_forward_cpu(const at::Tensor& input, const at::Tensor& lengths
   return forward_tuple(cpu::layer_forward<GruCell>(input, lengths, w, batch_first, need_workspace));
 }
 
-Backward gru_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
-                                const at::Tensor& input, const at::Tensor& lengths,
-                                const at::Tensor& hx, const at::Tensor& w_ih,
-                                const at::Tensor& w_hh, const at::Tensor& output,
-                                const at::Tensor& workspace, bool batch_first,
-                                std::array<bool, 2> output_mask) {
+Backward gru_layer_backward_cpu(const std::optional<at::Tensor>& grad_output,
+                                const at::Tensor& grad_h_n, const at::Tensor& input,
+                                const at::Tensor& lengths, const at::Tensor& hx,
+                                const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                const at::Tensor& output, const at::Tensor& workspace,
+                                bool batch_first, std::array<bool, 2> output_mask) {
   const cpu::WeightInputs w{&hx, nullptr, &w_ih, &w_hh, &kNone, &kNone, &kNone};
   return backward_tuple(cpu::layer_backward<GruCell>(grad_output, grad_h_n, nullptr, input, lengths,
                                                      w, output, workspace, batch_first,
@@ -56,8 +56,9 @@ Forward gru_layer_ragged_forward_cpu(const at::Tensor& input, const at::Tensor& 
                                                     max_len, w, need_workspace));
 }
 
-Backward gru_layer_ragged_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
-                                       const at::Tensor& input, const at::Tensor& seq_index,
+Backward gru_layer_ragged_backward_cpu(const std::optional<at::Tensor>& grad_output,
+                                       const at::Tensor& grad_h_n, const at::Tensor& input,
+                                       const at::Tensor& seq_index,
                                        const std::optional<at::Tensor>& sorted_indices,
                                        int64_t layout, int64_t max_len, const at::Tensor& hx,
                                        const at::Tensor& w_ih, const at::Tensor& w_hh,

@@ -69,7 +69,7 @@ struct ForwardArgs {
 };
 
 struct BackwardArgs : ForwardArgs {
-  at::Tensor grad_output;   // like output
+  at::Tensor grad_output;   // like output; undefined: zero (the op's None)
   at::Tensor grad_h_n;      // [D, B, P]
   at::Tensor grad_c_n;      // [D, B, H] (LSTM)
   at::Tensor grad_input2d;  // like input2d
@@ -275,22 +275,32 @@ struct OutputWriter {
 // in a bfloat16 layer (scalar_t float) straight from the bfloat16 tensors,
 // each piece a step reads converted into the reader's buffer, so the backward
 // holds no float32 copy of either (2 * [T, B, D*P] floats). A float16 layer,
-// float32 throughout, reads op-math copies (backward_operand).
+// float32 throughout, reads op-math copies (backward_operand). An undefined
+// tensor (grad_output None) reads as zeros, written into the buffer.
 template <typename scalar_t>
 class OutputRows {
  public:
   explicit OutputRows(const at::Tensor& t) {
-    if (t.scalar_type() == at::kBFloat16 && std::is_same_v<scalar_t, float>) {
+    if (!t.defined()) {
+      zeros_ = true;
+    } else if (t.scalar_type() == at::kBFloat16 && std::is_same_v<scalar_t, float>) {
       p16_ = t.const_data_ptr<at::BFloat16>();
     } else {
       p_ = t.const_data_ptr<scalar_t>();
     }
   }
-  // Whether reads convert (and so need a buffer).
+  // Whether reads convert from bfloat16 (and so need a buffer).
   bool converts() const { return p16_ != nullptr; }
-  // Values [off, off + n) as scalar_t: in place, or converted into buf ([n]).
+  // Whether reads need a buffer: they convert, or are zeros.
+  bool buffered() const { return converts() || zeros_; }
+  // Values [off, off + n) as scalar_t: in place, or converted into (or zeros
+  // written to) buf ([n]).
   const scalar_t* at(int64_t off, int64_t n, scalar_t* buf) const {
     if (p_ != nullptr) return p_ + off;
+    if (zeros_) {
+      std::fill_n(buf, n, scalar_t(0));
+      return buf;
+    }
     const at::BFloat16* src = p16_ + off;
     for (int64_t k = 0; k < n; ++k) buf[k] = static_cast<scalar_t>(src[k]);
     return buf;
@@ -308,6 +318,7 @@ class OutputRows {
  private:
   const scalar_t* p_ = nullptr;
   const at::BFloat16* p16_ = nullptr;
+  bool zeros_ = false;
 };
 
 }  // namespace cpu

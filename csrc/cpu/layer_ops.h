@@ -53,12 +53,13 @@ ForwardResult run_forward(ForwardArgs& args, at::ScalarType dtype, bool need_wor
 // The same for each backward op, after its arguments are set and checked.
 template <typename Cell>
 BackwardResult run_backward(BackwardArgs& args, const at::Tensor& input,
-                            const at::Tensor& grad_output, const at::Tensor& grad_h_n,
-                            const at::Tensor* grad_c_n, const at::Tensor& output,
-                            const at::Tensor& workspace) {
+                            const std::optional<at::Tensor>& grad_output,
+                            const at::Tensor& grad_h_n, const at::Tensor* grad_c_n,
+                            const at::Tensor& output, const at::Tensor& workspace) {
   const LayerDims& dims = args.dims;
   const int64_t D = dims.D, B = dims.B, H = dims.H, P = dims.P, G = Cell::kGates * H;
-  args.grad_output = backward_operand(grad_output, args.bf16);
+  // None (a zero gradient): undefined, read as zeros (OutputRows)
+  if (grad_output.has_value()) args.grad_output = backward_operand(*grad_output, args.bf16);
   args.grad_h_n = opmath_contiguous(grad_h_n);
   if (Cell::kHasC) args.grad_c_n = opmath_contiguous(*grad_c_n);
   args.output = backward_operand(output, args.bf16);
@@ -113,11 +114,12 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& lengths,
 
 // w's biases are not read (the backward needs none).
 template <typename Cell>
-BackwardResult layer_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
-                              const at::Tensor* grad_c_n, const at::Tensor& input,
-                              const at::Tensor& lengths, const WeightInputs& w,
-                              const at::Tensor& output, const at::Tensor& workspace,
-                              bool batch_first, std::array<bool, 2> output_mask) {
+BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
+                              const at::Tensor& grad_h_n, const at::Tensor* grad_c_n,
+                              const at::Tensor& input, const at::Tensor& lengths,
+                              const WeightInputs& w, const at::Tensor& output,
+                              const at::Tensor& workspace, bool batch_first,
+                              std::array<bool, 2> output_mask) {
   const NoAutocastGuard no_autocast;
   BackwardArgs args;
   args.set_output_mask(output_mask);
@@ -141,9 +143,9 @@ ForwardResult ragged_forward(const at::Tensor& input, const at::Tensor& seq_inde
 }
 
 template <typename Cell>
-BackwardResult ragged_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
-                               const at::Tensor* grad_c_n, const at::Tensor& input,
-                               const at::Tensor& seq_index,
+BackwardResult ragged_backward(const std::optional<at::Tensor>& grad_output,
+                               const at::Tensor& grad_h_n, const at::Tensor* grad_c_n,
+                               const at::Tensor& input, const at::Tensor& seq_index,
                                const std::optional<at::Tensor>& sorted_indices, int64_t layout,
                                int64_t max_len, const WeightInputs& w, const at::Tensor& output,
                                const at::Tensor& workspace, std::array<bool, 2> output_mask) {

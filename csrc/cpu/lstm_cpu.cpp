@@ -37,10 +37,10 @@ Forward lstm_layer_forward_cpu(const at::Tensor& input, const at::Tensor& length
       cpu::layer_forward<LstmCell>(input, lengths, w, batch_first, need_workspace));
 }
 
-Backward lstm_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
-                                 const at::Tensor& grad_c_n, const at::Tensor& input,
-                                 const at::Tensor& lengths, const at::Tensor& hx,
-                                 const at::Tensor& cx, const at::Tensor& w_ih,
+Backward lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_output,
+                                 const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+                                 const at::Tensor& input, const at::Tensor& lengths,
+                                 const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
                                  const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
                                  const at::Tensor& output, const at::Tensor& workspace,
                                  bool batch_first, std::array<bool, 2> output_mask) {
@@ -63,8 +63,8 @@ Forward lstm_layer_ragged_forward_cpu(const at::Tensor& input, const at::Tensor&
 }
 
 Backward lstm_layer_ragged_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
-    const at::Tensor& input, const at::Tensor& seq_index,
+    const std::optional<at::Tensor>& grad_output, const at::Tensor& grad_h_n,
+    const at::Tensor& grad_c_n, const at::Tensor& input, const at::Tensor& seq_index,
     const std::optional<at::Tensor>& sorted_indices, int64_t layout, int64_t max_len,
     const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& w_hr, const at::Tensor& output, const at::Tensor& workspace,

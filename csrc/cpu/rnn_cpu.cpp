@@ -44,12 +44,13 @@ Forward rnn_layer_forward_cpu(const at::Tensor& input, const at::Tensor& lengths
   });
 }
 
-Backward rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
-                                const at::Tensor& input, const at::Tensor& lengths,
-                                const at::Tensor& hx, const at::Tensor& w_ih,
-                                const at::Tensor& w_hh, const at::Tensor& output,
-                                const at::Tensor& workspace, c10::string_view nonlinearity,
-                                bool batch_first, std::array<bool, 2> output_mask) {
+Backward rnn_layer_backward_cpu(const std::optional<at::Tensor>& grad_output,
+                                const at::Tensor& grad_h_n, const at::Tensor& input,
+                                const at::Tensor& lengths, const at::Tensor& hx,
+                                const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                const at::Tensor& output, const at::Tensor& workspace,
+                                c10::string_view nonlinearity, bool batch_first,
+                                std::array<bool, 2> output_mask) {
   const cpu::WeightInputs w{&hx, nullptr, &w_ih, &w_hh, &kNone, &kNone, &kNone};
   return with_nonlinearity(nonlinearity, [&](auto cell) {
     using Cell = decltype(cell);
@@ -74,14 +75,12 @@ Forward rnn_layer_ragged_forward_cpu(const at::Tensor& input, const at::Tensor& 
   });
 }
 
-Backward rnn_layer_ragged_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
-                                       const at::Tensor& input, const at::Tensor& seq_index,
-                                       const std::optional<at::Tensor>& sorted_indices,
-                                       int64_t layout, int64_t max_len, const at::Tensor& hx,
-                                       const at::Tensor& w_ih, const at::Tensor& w_hh,
-                                       const at::Tensor& output, const at::Tensor& workspace,
-                                       c10::string_view nonlinearity,
-                                       std::array<bool, 2> output_mask) {
+Backward rnn_layer_ragged_backward_cpu(
+    const std::optional<at::Tensor>& grad_output, const at::Tensor& grad_h_n,
+    const at::Tensor& input, const at::Tensor& seq_index,
+    const std::optional<at::Tensor>& sorted_indices, int64_t layout, int64_t max_len,
+    const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output,
+    const at::Tensor& workspace, c10::string_view nonlinearity, std::array<bool, 2> output_mask) {
   const cpu::WeightInputs w{&hx, nullptr, &w_ih, &w_hh, &kNone, &kNone, &kNone};
   return with_nonlinearity(nonlinearity, [&](auto cell) {
     using Cell = decltype(cell);

@@ -63,7 +63,7 @@ struct ForwardCall : LayerCall {
 };
 
 struct BackwardCall : LayerCall {
-  Tensor grad_out, out, grad_h_n, ws;  // contiguous, as the forward gave them
+  Tensor grad_out, out, grad_h_n, ws;  // contiguous, as given (grad_out undefined: None)
   Tensor grad_c_n;                     // kHasC: [D, B, H] contiguous, rank order
   Tensor dgx;                          // [R, D*GH] the input's rows
   Tensor dghn;  // [D, R, H] a GRU's hidden-side last-gate gradients, else undefined (pointwise.cuh)

@@ -142,10 +142,12 @@ ForwardResult ragged_forward(const Tensor& input, const Tensor& seq_index,
   return r;
 }
 
-// What the backward gets besides the forward's inputs: grad_c_n [D, B, H] for
-// a kHasC cell (else null), grad_output, grad_h_n, output, workspace.
+// What the backward gets besides the forward's inputs: grad_output (None:
+// zero), grad_h_n, grad_c_n [D, B, H] for a kHasC cell (else null), output,
+// workspace.
 struct BackwardInputs {
-  const Tensor *grad_output, *grad_h_n, *grad_c_n, *output, *workspace;
+  const std::optional<Tensor>* grad_output;
+  const Tensor *grad_h_n, *grad_c_n, *output, *workspace;
   std::array<bool, 2> output_mask;  // [input, weights] (ops.cpp)
 };
 
@@ -156,7 +158,7 @@ void set_backward_buffers(BackwardCall& c, const BackwardInputs& g) {
   const int64_t D = c.dims.D, H = c.dims.H, B = c.dims.B, GH = Cell::kGates * H;
   c.want_input = g.output_mask[0];
   c.want_weights = g.output_mask[1];
-  c.grad_out = g.grad_output->contiguous();
+  if (g.grad_output->has_value()) c.grad_out = (*g.grad_output)->contiguous();
   c.out = g.output->contiguous();
   c.grad_h_n = to_rank_order(c.rows, *g.grad_h_n);
   c.ws = g.workspace->contiguous();

@@ -95,7 +95,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_ragged_forward_cuda(
   return {r.out, r.h_n, r.ws};
 }
 
-Grads6 gru_layer_backward_cuda(const Tensor& grad_output, const Tensor& grad_h_n,
+Grads6 gru_layer_backward_cuda(const std::optional<Tensor>& grad_output, const Tensor& grad_h_n,
                                const Tensor& input, const Tensor& lengths, const Tensor& hx,
                                const Tensor& w_ih, const Tensor& w_hh, const Tensor& output,
                                const Tensor& workspace, bool batch_first,
@@ -105,8 +105,9 @@ Grads6 gru_layer_backward_cuda(const Tensor& grad_output, const Tensor& grad_h_n
                 input);
 }
 
-Grads6 gru_layer_ragged_backward_cuda(const Tensor& grad_output, const Tensor& grad_h_n,
-                                      const Tensor& input, const Tensor& seq_index,
+Grads6 gru_layer_ragged_backward_cuda(const std::optional<Tensor>& grad_output,
+                                      const Tensor& grad_h_n, const Tensor& input,
+                                      const Tensor& seq_index,
                                       const std::optional<Tensor>& sorted_indices, int64_t layout,
                                       c10::SymInt max_len, const Tensor& hx, const Tensor& w_ih,
                                       const Tensor& w_hh, const Tensor& output,
@@ -139,7 +140,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_ragged_forward_cuda(
   return {r.out, r.h_n, r.c_n, r.ws};
 }
 
-Grads8 lstm_layer_backward_cuda(const Tensor& grad_output, const Tensor& grad_h_n,
+Grads8 lstm_layer_backward_cuda(const std::optional<Tensor>& grad_output, const Tensor& grad_h_n,
                                 const Tensor& grad_c_n, const Tensor& input, const Tensor& lengths,
                                 const Tensor& hx, const Tensor& cx, const Tensor& w_ih,
                                 const Tensor& w_hh, const std::optional<Tensor>& w_hr,
@@ -151,9 +152,9 @@ Grads8 lstm_layer_backward_cuda(const Tensor& grad_output, const Tensor& grad_h_
       input);
 }
 
-Grads8 lstm_layer_ragged_backward_cuda(const Tensor& grad_output, const Tensor& grad_h_n,
-                                       const Tensor& grad_c_n, const Tensor& input,
-                                       const Tensor& seq_index,
+Grads8 lstm_layer_ragged_backward_cuda(const std::optional<Tensor>& grad_output,
+                                       const Tensor& grad_h_n, const Tensor& grad_c_n,
+                                       const Tensor& input, const Tensor& seq_index,
                                        const std::optional<Tensor>& sorted_indices, int64_t layout,
                                        c10::SymInt max_len, const Tensor& hx, const Tensor& cx,
                                        const Tensor& w_ih, const Tensor& w_hh,
@@ -190,7 +191,7 @@ std::tuple<Tensor, Tensor, Tensor> rnn_layer_ragged_forward_cuda(
   });
 }
 
-Grads6 rnn_layer_backward_cuda(const Tensor& grad_output, const Tensor& grad_h_n,
+Grads6 rnn_layer_backward_cuda(const std::optional<Tensor>& grad_output, const Tensor& grad_h_n,
                                const Tensor& input, const Tensor& lengths, const Tensor& hx,
                                const Tensor& w_ih, const Tensor& w_hh, const Tensor& output,
                                const Tensor& workspace, std::string_view nonlinearity,
@@ -202,8 +203,9 @@ Grads6 rnn_layer_backward_cuda(const Tensor& grad_output, const Tensor& grad_h_n
   });
 }
 
-Grads6 rnn_layer_ragged_backward_cuda(const Tensor& grad_output, const Tensor& grad_h_n,
-                                      const Tensor& input, const Tensor& seq_index,
+Grads6 rnn_layer_ragged_backward_cuda(const std::optional<Tensor>& grad_output,
+                                      const Tensor& grad_h_n, const Tensor& input,
+                                      const Tensor& seq_index,
                                       const std::optional<Tensor>& sorted_indices, int64_t layout,
                                       c10::SymInt max_len, const Tensor& hx, const Tensor& w_ih,
                                       const Tensor& w_hh, const Tensor& output,

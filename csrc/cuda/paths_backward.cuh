@@ -49,7 +49,7 @@ bool persistent_backward(const BackwardCall& c, const plan::Choice& choice) {
   Tensor dc =
       Cell::kHasC ? at::empty({dims.D, dims.B, dims.H}, c.opts.dtype(c.acc_type)) : Tensor();
   PersistentBackwardArgs<scalar_t, acc_t> a{};
-  a.grad_out = c.grad_out.data_ptr<scalar_t>();
+  a.grad_out = ptr_or_null<scalar_t>(c.grad_out);
   a.out = c.out.data_ptr<scalar_t>();
   a.hx = c.hx.data_ptr<scalar_t>();
   a.grad_h_n = c.grad_h_n.data_ptr<scalar_t>();
@@ -97,7 +97,7 @@ void fallback_backward(const BackwardCall& c) {
   for (int64_t s = T - 1; s >= 0; --s) {
     if constexpr (kProj) {
       launch_kernel(fallback_proj_backward_kernel<scalar_t, acc_t>, proj_blocks, kPointwiseThreads,
-                    c.stream, c.grad_out.data_ptr<scalar_t>(), c.out.data_ptr<scalar_t>(),
+                    c.stream, ptr_or_null<scalar_t>(c.grad_out), c.out.data_ptr<scalar_t>(),
                     c.hx.data_ptr<scalar_t>(), l.lens.data_ptr<int>(), dh_a.data_ptr<acc_t>(),
                     dh_b.data_ptr<scalar_t>(), dh_a_next.data_ptr<acc_t>(),
                     c.dhr.data_ptr<scalar_t>(), dhr_step.data_ptr<scalar_t>(),
@@ -107,7 +107,7 @@ void fallback_backward(const BackwardCall& c) {
     }
     launch_kernel(
         fallback_backward_step_kernel<Cell, kProj, scalar_t, acc_t>, blocks, kPointwiseThreads,
-        c.stream, c.grad_out.data_ptr<scalar_t>(), c.out.data_ptr<scalar_t>(),
+        c.stream, ptr_or_null<scalar_t>(c.grad_out), c.out.data_ptr<scalar_t>(),
         c.hx.data_ptr<scalar_t>(), c.ws.data_ptr<workspace_t<scalar_t, acc_t>>(),
         l.lens.data_ptr<int>(), kProj ? nullptr : dh_a.data_ptr<acc_t>(),
         kProj ? dhcell.data_ptr<scalar_t>() : dh_b.data_ptr<scalar_t>(),

@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
 
 template <typename scalar_t, typename acc_t>
 struct PersistentBackwardArgs : PersistentCommonArgs {
-  const scalar_t* grad_out;                // [R, D*H]
+  const scalar_t* grad_out;                // [R, D*H], or null: zero
   const scalar_t* out;                     // [R, D*H] forward output
   const scalar_t* hx;                      // [D, B, H]
   const scalar_t* grad_h_n;                // [D, B, H]
@@ -265,7 +265,7 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
       const int64_t hoff = dBH + static_cast<int64_t>(b) * H + j;
       const int64_t row = a.rows.row(t, b);
       CellState<acc_t> grad, grad_prev;
-      grad.h = a.dh[hoff] + static_cast<acc_t>(a.grad_out[row * DH + col]);
+      grad.h = a.dh[hoff] + grad_output_at<acc_t>(a.grad_out, row * DH + col);
       if constexpr (Cell::kHasC) grad.c = a.dc[hoff];
       const scalar_t h_prev_s =
           s == 0 ? a.hx[hoff] : a.out[a.rows.row(prev_time(d, t), b) * DH + col];

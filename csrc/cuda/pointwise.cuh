@@ -82,6 +82,13 @@ __host__ __device__ __forceinline__ void store_dghn(S* dghn, int64_t drow, int j
     dghn[drow * H + j] = static_cast<S>(dgh[Cell::kGates - 1]);
 }
 
+// grad_output's value at i as acc_t; 0 where the op was given None (null: the
+// output is not used, and no zero tensor of its size exists).
+template <typename A, typename S>
+__host__ __device__ __forceinline__ A grad_output_at(const S* grad_out, int64_t i) {
+  return grad_out != nullptr ? static_cast<A>(grad_out[i]) : A(0);
+}
+
 // Whether the layout has padded positions (t >= length) to write zeros to.
 __host__ __device__ inline bool has_padding(const RowMap& rows) {
   return rows.kind == kPaddedTimeMajor || rows.kind == kPaddedBatchMajor;
@@ -289,7 +296,7 @@ __global__ void fallback_proj_forward_kernel(const scalar_t* __restrict__ hr,  /
 // output_from_saved; 0 where padded), the dW_hr GEMM's other operand.
 template <typename Cell, bool kProj, typename scalar_t, typename acc_t>
 __global__ void fallback_backward_step_kernel(
-    const scalar_t* __restrict__ grad_out,  // [R, D*H] (not kProj)
+    const scalar_t* __restrict__ grad_out,  // [R, D*H] (not kProj), or null: zero
     const scalar_t* __restrict__ out,       // [R, D*H] forward output (h of valid steps)
     const scalar_t* __restrict__ hx,        // [D, B, H]
     const workspace_t<scalar_t, acc_t>* __restrict__ ws,  // [D, R, SH]
@@ -337,7 +344,7 @@ __global__ void fallback_backward_step_kernel(
   const int64_t row = rows.row(t, b);
   const int64_t col = static_cast<int64_t>(d) * H + j;
   CellState<acc_t> grad, grad_prev;
-  grad.h = kProj ? dh : dh + static_cast<acc_t>(grad_out[row * D * H + col]);
+  grad.h = kProj ? dh : dh + grad_output_at<acc_t>(grad_out, row * D * H + col);
   if constexpr (Cell::kHasC) grad.c = dc[idx];
   scalar_t h_prev = scalar_t(0);
   if constexpr (!kProj) {
@@ -369,17 +376,18 @@ __global__ void fallback_backward_step_kernel(
 // read. A running row's direct part for the next step is 0 (hr_prev enters
 // the step only through W_hh); a finished row carries its gradient on.
 template <typename scalar_t, typename acc_t>
-__global__ void fallback_proj_backward_kernel(const scalar_t* __restrict__ grad_out,  // [R, D*P]
-                                              const scalar_t* __restrict__ out,       // [R, D*P]
-                                              const scalar_t* __restrict__ hx,        // [D, B, P]
-                                              const int* __restrict__ lens,           // [B]
-                                              const acc_t* __restrict__ dhr_in,       // [D, B, P]
-                                              const scalar_t* __restrict__ dhr_gemm,  // [D, B, P]
-                                              acc_t* __restrict__ dhr_out,            // [D, B, P]
-                                              scalar_t* __restrict__ drows,           // [D, R, P]
-                                              scalar_t* __restrict__ dhr_step,        // [D, B, P]
-                                              scalar_t* __restrict__ hprev,           // [D, R, P]
-                                              int s, int B, int P, int D, RowMap rows, int64_t R) {
+__global__ void fallback_proj_backward_kernel(
+    const scalar_t* __restrict__ grad_out,  // [R, D*P]|null
+    const scalar_t* __restrict__ out,       // [R, D*P]
+    const scalar_t* __restrict__ hx,        // [D, B, P]
+    const int* __restrict__ lens,           // [B]
+    const acc_t* __restrict__ dhr_in,       // [D, B, P]
+    const scalar_t* __restrict__ dhr_gemm,  // [D, B, P]
+    acc_t* __restrict__ dhr_out,            // [D, B, P]
+    scalar_t* __restrict__ drows,           // [D, R, P]
+    scalar_t* __restrict__ dhr_step,        // [D, B, P]
+    scalar_t* __restrict__ hprev,           // [D, R, P]
+    int s, int B, int P, int D, RowMap rows, int64_t R) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= static_cast<int64_t>(D) * B * P) return;
   const int p = static_cast<int>(idx % P);
@@ -400,7 +408,8 @@ __global__ void fallback_proj_backward_kernel(const scalar_t* __restrict__ grad_
   const int t = step_time(d, len, s);
   const int64_t row = rows.row(t, b);
   const int64_t col = static_cast<int64_t>(d) * P + p;
-  const scalar_t g = static_cast<scalar_t>(dhr + static_cast<acc_t>(grad_out[row * D * P + col]));
+  const scalar_t g =
+      static_cast<scalar_t>(dhr + grad_output_at<acc_t>(grad_out, row * D * P + col));
   drows[(static_cast<int64_t>(d) * R + row) * P + p] = g;
   dhr_step[idx] = g;
   hprev[(static_cast<int64_t>(d) * R + row) * P + p] =
