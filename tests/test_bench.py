@@ -204,6 +204,23 @@ def test_grad_mask_bench_smoke(tmp_path):
     assert text.count("| GRU B=3") == 1 and text.count("| LSTM B=3") == 1
 
 
+def test_last_state_bench_smoke(tmp_path):
+    """benchmarks/bench_last_state.py on tiny shapes: both competitors timed and their peaks
+    measured (a few KiB here, printed as 0.0 MiB), the table written."""
+    import re
+
+    import bench_last_state
+
+    path = bench_last_state.main(["--quick", "--min-run-time", "0.01", "--out", str(tmp_path)])
+    rows = re.findall(r"^\| (GRU|LSTM) B=3 .*\|$", open(path).read(), re.M)
+    assert rows == ["GRU", "LSTM"]
+    for line in open(path).read().splitlines():
+        if line.startswith("| GRU B=3") or line.startswith("| LSTM B=3"):
+            *_, ms_nn, ms_ours, _, peak_nn, peak_ours = line.strip("|").split("|")
+            assert float(ms_nn) > 0 and float(ms_ours) > 0, line
+            assert float(peak_nn) >= 0 and float(peak_ours) >= 0, line
+
+
 @pytest.mark.skipif(
     os.environ.get("VARLEN_RNN_SKIP_EMULATION") == "1", reason="VARLEN_RNN_SKIP_EMULATION=1"
 )
