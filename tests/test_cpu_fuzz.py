@@ -3,8 +3,9 @@ float64. The other CPU tests set each switch on purpose over chosen shapes; here
 combines a cell (GRU, LSTM with or without a projection, RNN tanh/relu), shapes from 1 to a few
 hundred (with the edges the kernels cut at: multiples of 16 and 48 units, 16k + 1), layers,
 directions, batch_first, bias, hx, the input form (lengths, PackedSequence, jagged nested tensor),
-float32 or bfloat16, 1-8 threads, and the CPU switches (VARLEN_RNN_CPU_STEPS, _ROW_GROUPS,
-_DIRECTIONS, _PROJECTION, _GEMM, _CHUNK_STEPS), then checks the output, the final states and
+what the loss reads (everything, only the final states, only the output), float32 or bfloat16,
+1-8 threads, and the CPU switches (VARLEN_RNN_CPU_STEPS, _ROW_GROUPS, _DIRECTIONS, _PROJECTION,
+_GEMM, _CHUNK_STEPS), then checks the output, the final states and
 every gradient (input, initial states, weights). An earlier form of this file (about 5,000
 draws, ad hoc) found a team's slice of one hidden unit packed wrongly (the GRU and LSTM at H=17 on
 2 threads; fixed, and test_cpu_split_steps.py keeps that case).
@@ -75,6 +76,9 @@ class Draw:
     threads: int
     switches: dict
     lengths_device: str = "cpu"  # where the lengths tensor lives (test_cuda_fuzz.py: "cuda" too)
+    # What the loss reads: "all" (the output and final states), "states" (a classifier's: the
+    # output gets no gradient, None at the backward op) or "output".
+    loss_reads: str = "all"
 
 
 def draw(seed: int) -> Draw:
@@ -118,6 +122,8 @@ def draw(seed: int) -> Draw:
         dtype=dtype,
         threads=rng.choice([1, 2, 2, 3, 4, 6, 8]),
         switches={k: rng.choice(v) for k, v in SWITCHES.items()},
+        # Its own stream: what each seed drew before this field existed stays as it was.
+        loss_reads=random.Random(seed + 9_000_000).choice(["all", "all", "states", "output"]),
     )
 
 
@@ -179,9 +185,10 @@ def mismatches(d: Draw, device: str = "cpu") -> list[str]:
         )
         outs = [out, *finals]
         w = torch.Generator().manual_seed(d.seed + 1)
+        read = {"all": outs, "states": finals, "output": [out]}[d.loss_reads]
         loss = sum(
             (o.double().cpu() * torch.randn(o.shape, generator=w, dtype=torch.float64)).sum()
-            for o in outs
+            for o in read
         )
         inputs = [xi, *(hi or []), *module.parameters()]
         results.append((outs, torch.autograd.grad(loss, inputs)))
