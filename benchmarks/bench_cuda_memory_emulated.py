@@ -5,10 +5,13 @@ a pretend one), and bench_memory.cpu_peak counts the most bytes its tensors held
 forward + backward of out.sum() (lengths uniform in [1, T], one at T, float32, batch-first
 input). These are the allocations a GPU would get; its caching allocator's rounding is not
 counted. --commit REV measures that commit's CUDA backend (its csrc/ and tests/, exported) on the
-same inputs beside this checkout's. A markdown table on stdout and in
+same inputs beside this checkout's. --loss last-state: the loss is h_n[-1].sum() (a classifier's:
+the output gets no gradient, None at the backward op), beside the same step given a zero tensor
+for the output's gradient (what the op got before 5662507). A markdown table on stdout and in
 benchmarks/results/cuda-memory-emulated_cpu_<date>.md.
 
     python benchmarks/bench_cuda_memory_emulated.py --commit HEAD~1 [--path fallback|persistent]
+    python benchmarks/bench_cuda_memory_emulated.py --loss last-state
 
 Each tree is measured in a subprocess of its own (the profiler slows a process's later ops, and
 each tree builds its emulation, ~1 minute).
@@ -57,9 +60,16 @@ def _worker(spec: dict) -> None:
             lengths = torch.randint(1, T + 1, (B,), generator=g)
             lengths[0] = T
 
-            def step(module=module, x=x, lengths=lengths):
-                out, _ = module(x, lengths=lengths)
-                out.sum().backward()
+            def step(module=module, x=x, lengths=lengths, loss=spec["loss"]):
+                out, h_n = module(x, lengths=lengths)
+                if loss == "output":
+                    out.sum().backward()
+                    return
+                h_n = h_n[0] if isinstance(h_n, tuple) else h_n  # the LSTM's (h_n, c_n)
+                if loss == "last-state":  # the output unused: its gradient is None
+                    h_n[-1].sum().backward()
+                else:  # "last-state-zeros": a zero tensor for the output's gradient
+                    torch.autograd.backward([h_n[-1].sum(), out], [None, torch.zeros_like(out)])
 
             def reset(module=module, x=x):
                 x.grad = None
@@ -72,8 +82,8 @@ def _worker(spec: dict) -> None:
     print(json.dumps(result))
 
 
-def measure(tests_dir: str, path: str, shapes) -> dict:
-    spec = json.dumps({"tests": tests_dir, "path": path, "shapes": shapes})
+def measure(tests_dir: str, path: str, shapes, loss: str = "output") -> dict:
+    spec = json.dumps({"tests": tests_dir, "path": path, "shapes": shapes, "loss": loss})
     proc = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--worker", spec],
         capture_output=True,
@@ -100,6 +110,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--commit", help="also measure this commit's CUDA backend")
     p.add_argument("--path", default="fallback", choices=["fallback", "persistent", "auto"])
+    p.add_argument("--loss", default="output", choices=["output", "last-state"])
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--quick", action="store_true", help="tiny shapes, a smoke test")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -113,20 +124,21 @@ def main(argv=None):
     import bench_report
 
     shapes = QUICK if args.quick else SHAPES
-    ours = measure(os.path.join(ROOT, "tests"), args.path, shapes)
-    theirs = None
-    if args.commit:
+    tests = os.path.join(ROOT, "tests")
+    ours = measure(tests, args.path, shapes, args.loss)
+    theirs, names = None, ("this checkout", args.commit)
+    if args.loss == "last-state":
+        theirs = measure(tests, args.path, shapes, "last-state-zeros")
+        names = ("output's gradient None", "a zero tensor for it")
+    elif args.commit:
         with tempfile.TemporaryDirectory() as tmp:
             theirs = measure(export(args.commit, tmp), args.path, shapes)
     mib = 2.0**20
-    head = (
-        f"| case | this checkout, MiB | {args.commit}, MiB | change |"
-        if theirs
-        else "| case | MiB |"
-    )
+    head = f"| case | {names[0]}, MiB | {names[1]}, MiB | change |" if theirs else "| case | MiB |"
+    loss = "h_n[-1].sum()" if args.loss == "last-state" else "out.sum()"
     lines = [
         f"Training-step peak of the CUDA backend's tensors, {args.path} path, float32, on the CPU",
-        "emulation (8 pretend SMs).",
+        f"emulation (8 pretend SMs); the loss {loss}.",
         "",
         head,
         "|---|---|---|---|" if theirs else "|---|---|",

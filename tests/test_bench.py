@@ -236,6 +236,12 @@ def test_cuda_memory_emulated_bench_smoke(tmp_path):
         for D in (1, 2):
             row = re.search(rf"\| {cell} B=4 T=6 I=8 H=8 D={D} \| ([0-9.]+) \|", text)
             assert row and float(row.group(1)) > 0, (cell, D, text)
+    # A classifier's loss: the output's gradient None never holds more than a zero tensor.
+    argv = ["--quick", "--loss", "last-state", "--out", str(tmp_path)]
+    text = open(bench_cuda_memory_emulated.main(argv)).read()
+    rows = re.findall(r"\| \w+ B=4 T=6 I=8 H=8 D=\d \| ([0-9.]+) \| ([0-9.]+) \|", text)
+    assert len(rows) == 6, text
+    assert all(0 < float(none) <= float(zeros) for none, zeros in rows), text
 
 
 def test_decoder_loop_bench_smoke(tmp_path):
