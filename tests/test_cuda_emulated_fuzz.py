@@ -11,7 +11,8 @@ to draw: units per block, row tiles, chunks. A persistent draw whose weights do 
 pretend device's shared memory runs the fallback, as `auto` would. Half the draws run the kernels
 with the launchers' GEMMs written out around them (test_cuda_emulated_cells.run_case), half the
 backend's op entries themselves (run_backend_case: ops_cuda.cu's launchers, GEMMs and checks as
-they are, test_cuda_emulated_backend.py) with an output_mask drawn too.
+they are, test_cuda_emulated_backend.py) with an output_mask drawn too, and a quarter of those
+with the output unused (grad_output None).
 
     python tests/test_cuda_emulated_fuzz.py --seeds 1000:2000   # more draws; prints each failure
     python tests/test_cuda_emulated_fuzz.py --large --seeds 0:100  # B up to 160, H up to 200
@@ -126,6 +127,9 @@ def draw(seed: int, large: bool = False) -> tuple:
     c["via"] = r.choice(["kernels", "backend"])
     if c["via"] == "backend":
         c["mask"] = r.choice([(True, True), (True, True), (True, False), (False, True)])
+        # The output unused (a classifier's): the op gets grad_output None. Drawn after the
+        # rest, as above.
+        c["unused_output"] = r.random() < 0.25
     return cell, c, dtype, persistent, mma
 
 
@@ -144,7 +148,10 @@ def run_draw(emu_mod, seed: int, large: bool = False) -> str:
         if c["via"] == "kernels":
             return run_case(emu_mod, cell, c, dtype, persistent, mma=mma)[:2]
         path = "persistent" if persistent else "fallback"
-        return run_backend_case(emu_mod, cell, c, dtype, path, mma=mma, output_mask=c["mask"])
+        none = "none" if c["unused_output"] else "given"
+        return run_backend_case(
+            emu_mod, cell, c, dtype, path, mma=mma, output_mask=c["mask"], grad_output=none
+        )
 
     try:
         got, ref = run(persistent, mma)
