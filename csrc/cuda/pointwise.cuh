@@ -375,19 +375,19 @@ __global__ void fallback_backward_step_kernel(
 // reaching h'; 0 for rows that do not run); hprev gets the state the step
 // read. A running row's direct part for the next step is 0 (hr_prev enters
 // the step only through W_hh); a finished row carries its gradient on.
+// grad_out null: zero (grad_output_at).
 template <typename scalar_t, typename acc_t>
-__global__ void fallback_proj_backward_kernel(
-    const scalar_t* __restrict__ grad_out,  // [R, D*P]|null
-    const scalar_t* __restrict__ out,       // [R, D*P]
-    const scalar_t* __restrict__ hx,        // [D, B, P]
-    const int* __restrict__ lens,           // [B]
-    const acc_t* __restrict__ dhr_in,       // [D, B, P]
-    const scalar_t* __restrict__ dhr_gemm,  // [D, B, P]
-    acc_t* __restrict__ dhr_out,            // [D, B, P]
-    scalar_t* __restrict__ drows,           // [D, R, P]
-    scalar_t* __restrict__ dhr_step,        // [D, B, P]
-    scalar_t* __restrict__ hprev,           // [D, R, P]
-    int s, int B, int P, int D, RowMap rows, int64_t R) {
+__global__ void fallback_proj_backward_kernel(const scalar_t* __restrict__ grad_out,  // [R, D*P]
+                                              const scalar_t* __restrict__ out,       // [R, D*P]
+                                              const scalar_t* __restrict__ hx,        // [D, B, P]
+                                              const int* __restrict__ lens,           // [B]
+                                              const acc_t* __restrict__ dhr_in,       // [D, B, P]
+                                              const scalar_t* __restrict__ dhr_gemm,  // [D, B, P]
+                                              acc_t* __restrict__ dhr_out,            // [D, B, P]
+                                              scalar_t* __restrict__ drows,           // [D, R, P]
+                                              scalar_t* __restrict__ dhr_step,        // [D, B, P]
+                                              scalar_t* __restrict__ hprev,           // [D, R, P]
+                                              int s, int B, int P, int D, RowMap rows, int64_t R) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= static_cast<int64_t>(D) * B * P) return;
   const int p = static_cast<int>(idx % P);
