@@ -15,7 +15,8 @@ draws, ad hoc) found a team's slice of one hidden unit packed wrongly (the GRU a
 pytest runs SEEDS draws. Tolerances: float32 3e-4 absolute + 3e-3 relative on outputs, 1e-3 +
 5e-3 on gradients, elementwise; bfloat16 (weights, inputs and states rounded) the largest error
 within 5% of the largest value, + 0.05 (BF16_TOL), and the relu RNN in float32 the same
-(RELU_F32_TOL), which a wrong value still fails."""
+(RELU_F32_TOL), or within twice nn's own error in that dtype where larger; which a wrong value
+still fails."""
 
 from __future__ import annotations
 
@@ -45,7 +46,12 @@ SWITCHES = {
 F32_TOL = (dict(atol=3e-4, rtol=3e-3), dict(atol=1e-3, rtol=5e-3))
 # bfloat16 rounds weights, inputs and states to 8 bits of mantissa, and a weight's gradient sums
 # such products over every position: the largest error within 5% of the largest value (+ 0.05),
-# which a wrong value (an error of the order of the values themselves) does not meet.
+# which a wrong value (an error of the order of the values themselves) does not meet. Where the
+# gradients are small (a loss on the final states only), nn in bfloat16 misses that share as
+# well, and ours is held to twice nn's own bfloat16 error instead: seed 3051 (a two-layer
+# bidirectional tanh RNN at H=1, the loss on h_n), bias_ih_l0's gradient 0.143 off at a
+# largest value of 1.23 (the share allows 0.111), nn.RNN in bfloat16 0.135 and 0.150 off on the
+# two bias gradients; ours passes float32's elementwise bound on the same draw.
 BF16_TOL = 0.05
 # relu in float32: the same kink as below for bfloat16, rarer (a pre-activation within float32's
 # rounding of 0), but with hundreds of thousands of them a draw meets some: its outputs and
@@ -174,8 +180,10 @@ def mismatches(d: Draw, device: str = "cpu") -> list[str]:
             hx.append(torch.randn(n, d.B, d.H, generator=g))
     relu = d.kwargs.get("nonlinearity") == "relu"
     runs = [(ref, torch.float64, "cpu"), (ours, d.dtype, device)]
-    if relu and d.dtype == torch.float32:  # nn in float32: the error a kink gives it
-        runs.append((copy.deepcopy(ref).float(), torch.float32, "cpu"))
+    # Where ours is held to a share of the largest value (bfloat16, the relu RNN in float32),
+    # nn in the same dtype too: the error its rounding (or a kink) gives nn itself.
+    if d.dtype == torch.bfloat16 or (relu and d.dtype == torch.float32):
+        runs.append((copy.deepcopy(ref).to(d.dtype), d.dtype, "cpu"))
     results = []
     for module, dtype, dev in runs:
         xi = x.to(dev, dtype).requires_grad_()
@@ -203,14 +211,14 @@ def mismatches(d: Draw, device: str = "cpu") -> list[str]:
         ("", names, F32_TOL[0], results[1][0], results[0][0]),
         ("grad of ", names_g, F32_TOL[1], results[1][1], results[0][1]),
     ):
-        nn32 = results[2][0 if kind == "" else 1] if len(results) > 2 else [None] * len(got)
-        for label, a, b, c in zip(labels, got, want, nn32, strict=True):
+        nn_same = results[2][0 if kind == "" else 1] if len(results) > 2 else [None] * len(got)
+        for label, a, b, c in zip(labels, got, want, nn_same, strict=True):
             a = a.double().cpu()
             half = d.dtype in (torch.bfloat16, torch.float16)
             share = BF16_TOL if half else RELU_F32_TOL if relu else None
             if share is not None:
                 err, bound = (a - b).abs().max().item(), share * (b.abs().max().item() + 1)
-                if c is not None:  # not worse than twice nn's float32 error
+                if c is not None:  # not worse than twice nn's error in the same dtype
                     bound = max(bound, 2 * (c.double() - b).abs().max().item())
                 if not err <= bound:
                     bad.append(f"{kind}{label}: largest error {err:.3g}, allowed {bound:.3g}")
