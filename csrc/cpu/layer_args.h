@@ -12,6 +12,7 @@
 #include <optional>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "cpu/bf16_gemm.h"
 #include "cpu/large_tensors.h"
@@ -276,30 +277,29 @@ struct OutputWriter {
 // each piece a step reads converted into the reader's buffer, so the backward
 // holds no float32 copy of either (2 * [T, B, D*P] floats). A float16 layer,
 // float32 throughout, reads op-math copies (backward_operand). An undefined
-// tensor (grad_output None) reads as zeros, written into the buffer.
+// tensor (grad_output None) reads as zeros: up to zeros_width values a read,
+// from one row of them held here.
 template <typename scalar_t>
 class OutputRows {
  public:
-  explicit OutputRows(const at::Tensor& t) {
+  explicit OutputRows(const at::Tensor& t, int64_t zeros_width = 0) {
     if (!t.defined()) {
-      zeros_ = true;
+      zeros_.assign(zeros_width, scalar_t(0));
     } else if (t.scalar_type() == at::kBFloat16 && std::is_same_v<scalar_t, float>) {
       p16_ = t.const_data_ptr<at::BFloat16>();
     } else {
       p_ = t.const_data_ptr<scalar_t>();
     }
   }
-  // Whether reads convert from bfloat16 (and so need a buffer).
+  // Whether reads convert (and so need a buffer).
   bool converts() const { return p16_ != nullptr; }
-  // Whether reads need a buffer: they convert, or are zeros.
-  bool buffered() const { return converts() || zeros_; }
-  // Values [off, off + n) as scalar_t: in place, or converted into (or zeros
-  // written to) buf ([n]).
+  // Values [off, off + n) as scalar_t: in place, zeros, or converted into
+  // buf ([n]).
   const scalar_t* at(int64_t off, int64_t n, scalar_t* buf) const {
     if (p_ != nullptr) return p_ + off;
-    if (zeros_) {
-      std::fill_n(buf, n, scalar_t(0));
-      return buf;
+    if (p16_ == nullptr) {
+      TORCH_INTERNAL_ASSERT(n <= static_cast<int64_t>(zeros_.size()));
+      return zeros_.data();
     }
     const at::BFloat16* src = p16_ + off;
     for (int64_t k = 0; k < n; ++k) buf[k] = static_cast<scalar_t>(src[k]);
@@ -318,7 +318,7 @@ class OutputRows {
  private:
   const scalar_t* p_ = nullptr;
   const at::BFloat16* p16_ = nullptr;
-  bool zeros_ = false;
+  std::vector<scalar_t> zeros_;  // [zeros_width] where t is undefined
 };
 
 }  // namespace cpu

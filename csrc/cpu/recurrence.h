@@ -305,7 +305,7 @@ void backward_impl(BackwardArgs& args) {
   const auto opts16 = opts.dtype(at::kBFloat16);
   at::Tensor dgb = step_f ? at::empty({dims.B, G}, opts16) : at::Tensor();        // [B, G*H]
   at::Tensor dhp = proj && !split ? at::empty({dims.B, H}, opts) : at::Tensor();  // [B, H] dh'
-  const OutputRows<scalar_t> go_rows(args.grad_output), out_rows(args.output);
+  const OutputRows<scalar_t> go_rows(args.grad_output, std::max(H, P)), out_rows(args.output);
   const scalar_t* hx_p = args.hx.const_data_ptr<scalar_t>();
   scalar_t* dgx_p = bf16 ? nullptr : dgx.data_ptr<scalar_t>();
   scalar_t* dgh_p = need_dgh ? dgh.data_ptr<scalar_t>() : nullptr;
@@ -405,7 +405,7 @@ void backward_impl(BackwardArgs& args) {
       const int64_t n = sched.active[s];
       if (proj) {  // dh_state = dh + grad_output; dh' = dh_state W_hr
         at::parallel_for(0, n, row_grain(P), [&](int64_t i0, int64_t i1) {
-          std::vector<scalar_t> buf(go_rows.buffered() ? P : 0);
+          std::vector<scalar_t> buf(go_rows.converts() ? P : 0);
           for (int64_t i = i0; i < i1; ++i) {
             const int64_t t = step_time(d, sched.len[i], s);
             const scalar_t* go = go_rows.at(output_offset(args, t, i, d), P, buf.data());
@@ -419,7 +419,7 @@ void backward_impl(BackwardArgs& args) {
       }
       at::parallel_for(0, n, row_grain(H), [&](int64_t i0, int64_t i1) {
         // converted grad_output [H] and h_prev [P] of a bfloat16 layer's row
-        std::vector<scalar_t> buf(go_rows.buffered() || out_rows.converts() ? H + P : 0);
+        std::vector<scalar_t> buf(go_rows.converts() || out_rows.converts() ? H + P : 0);
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t t = step_time(d, sched.len[i], s);
           const int64_t pos = args.gx_rows.row(t, i);

@@ -197,12 +197,12 @@ void SplitBackward<Cell, scalar_t>::run(const Team& team) {
   scalar_t* dh_p = dh_p_;
   scalar_t* dc_p = dc_p_;
   scalar_t* dhp_p = proj ? dhp_.data_ptr<scalar_t>() : nullptr;
-  const OutputRows<scalar_t> go_rows(args.grad_output), out_rows(args.output);
+  const OutputRows<scalar_t> go_rows(args.grad_output, std::max(H, P)), out_rows(args.output);
   const scalar_t* hx_p = args.hx.const_data_ptr<scalar_t>();
   const Workspace<scalar_t> ws = workspace_of<scalar_t>(args, d);
   // This thread's converted pieces of a bfloat16 layer's grad_output and h_prev.
   const int64_t wide = std::max(H, P);
-  std::vector<scalar_t> stage(go_rows.buffered() || out_rows.converts() ? 2 * wide : 0);
+  std::vector<scalar_t> stage(go_rows.converts() || out_rows.converts() ? 2 * wide : 0);
   // With bf16 a row's float gate gradients: dgx [G*H], dgh [G*H], dghn [H]
   // (the last two the GRU's), each unit at its own columns.
   std::vector<scalar_t> scratch(bf16 ? (kDiffer ? 2 * G + H : G) : 0);
