@@ -18,8 +18,7 @@ from testing import (
     TOL,
     OpArguments,
     backward_op_and_args,
-    make_cell_pair,
-    make_pair,
+    make_kind_pair,
     packed_baseline,
 )
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -27,12 +26,6 @@ from torch.nn.utils.rnn import pack_padded_sequence
 KINDS = ["gru", *CELL_KINDS]
 LENGTHS = [4, 6, 1, 3]
 T, B, I, H = 6, 4, 3, 5
-
-
-def pair(kind, **kw):
-    if kind == "gru":
-        return make_pair(I, H, **kw)
-    return make_cell_pair(kind, I, H, **kw)
 
 
 def run(module, x, layout, requires):
@@ -88,7 +81,7 @@ WANTED = {
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_masked_backward_equals_the_full_backward(kind, bidirectional, dtype, layout):
-    _, ours = pair(kind, num_layers=2, bidirectional=bidirectional, dtype=dtype)
+    _, ours = make_kind_pair(kind, I, H, num_layers=2, bidirectional=bidirectional, dtype=dtype)
     x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     leaves, loss = run(ours, x, layout, ("input", "state", "weights"))
     full = {k: torch.autograd.grad(loss, v, retain_graph=True) for k, v in leaves.items()}
@@ -114,7 +107,7 @@ def test_masked_backward_equals_the_full_backward(kind, bidirectional, dtype, la
 @pytest.mark.parametrize("kind", KINDS)
 def test_masked_backward_matches_nn_with_packing(kind, case):
     requires = WANTED[case]
-    ref, ours = pair(kind, num_layers=2, bidirectional=True)
+    ref, ours = make_kind_pair(kind, I, H, num_layers=2, bidirectional=True)
     x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     leaves_ours, loss_ours = run(ours, x, "padded", requires)
     # The same inputs through nn + packing.
@@ -213,7 +206,7 @@ def test_masked_gemms_do_not_run(kind, dtype):
 def test_module_backward_asks_for_what_autograd_needs(kind):
     """Through a module: data input -> the op skips dx, frozen weights -> it skips the weight
     GEMMs (one layer, so the layer's input is the module's)."""
-    _, ours = pair(kind, dtype=torch.float32)
+    _, ours = make_kind_pair(kind, I, H, dtype=torch.float32)
     x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
 
     def products(requires):

@@ -12,15 +12,9 @@
 
 import pytest
 import torch
-from testing import CELL_KINDS, TOL, make_cell_pair, make_pair, packed_baseline
+from testing import CELL_KINDS, TOL, make_kind_pair, packed_baseline
 
 KINDS = ["gru", *CELL_KINDS]
-
-
-def pair(kind, I, H, **kw):
-    if kind == "gru":
-        return make_pair(I, H, **kw)
-    return make_cell_pair(kind, I, H, **kw)
 
 
 def states_of(kind, B, H, L, D, g):
@@ -83,7 +77,9 @@ CASES = {
 def test_small_call_shortcuts_match_nn_with_packing(kind, bidirectional, batch_first, case):
     lengths, T = CASES[case]
     B, I, H, L, D = len(lengths), 3, 4, 2, 2 if bidirectional else 1
-    ref, ours = pair(kind, I, H, num_layers=L, batch_first=batch_first, bidirectional=bidirectional)
+    ref, ours = make_kind_pair(
+        kind, I, H, num_layers=L, batch_first=batch_first, bidirectional=bidirectional
+    )
     g = torch.Generator().manual_seed(1)
     shape = (B, T, I) if batch_first else (T, B, I)
     x = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
@@ -115,7 +111,7 @@ def test_inference_call_equals_the_recording_call(kind, dtype, case):
     rows are the positions, is left as it was."""
     lengths, T = CASES[case]
     B, I, H = len(lengths), 4, 6
-    _, ours = pair(kind, I, H, num_layers=2, dtype=dtype)
+    _, ours = make_kind_pair(kind, I, H, num_layers=2, dtype=dtype)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(T, B, I, generator=g).to(dtype)
     before = x.clone()
@@ -142,7 +138,7 @@ def test_decoder_loop_of_one_step_calls_matches_nn(kind, B):
     every call is nn's without packing. Inference and training, the loss of every step
     differentiated back through the chain of calls."""
     I, H, T = 3, 5, 6
-    ref, ours = pair(kind, I, H, num_layers=2)
+    ref, ours = make_kind_pair(kind, I, H, num_layers=2)
     g = torch.Generator().manual_seed(4)
     xs = torch.randn(T, 1, B, I, generator=g, dtype=torch.float64, requires_grad=True)
     h_ours = h_ref = states_of(kind, B, H, 2, 1, g)
@@ -175,7 +171,7 @@ def test_eager_autograd_equals_the_registered_autograd(kind, ragged, D):
     from varlen_rnn import _autograd, _schema
 
     cell = _schema.CELLS[kind.split("_")[0]]
-    ref, _ = pair(kind, 3, 4, bidirectional=D == 2)
+    ref, _ = make_kind_pair(kind, 3, 4, bidirectional=D == 2)
     g = torch.Generator().manual_seed(8)
     B, T, H = 3, 4, 4
     P = H // 2 if kind == "lstm_proj" else H
@@ -247,7 +243,7 @@ def test_short_bidirectional_call_runs_directions_apart(kind, batch_first, dtype
 
     lengths, T = [3, 0, 4, 1, 4], 4
     B, I, H = len(lengths), 3, 4
-    _, ours = pair(kind, I, H, num_layers=2, batch_first=batch_first, bidirectional=True)
+    _, ours = make_kind_pair(kind, I, H, num_layers=2, batch_first=batch_first, bidirectional=True)
     ours = ours.to(dtype)
     g = torch.Generator().manual_seed(5)
     x = torch.randn((B, T, I) if batch_first else (T, B, I), generator=g).to(dtype)

@@ -18,8 +18,7 @@ from testing import (
     TOL,
     OpArguments,
     backward_op_and_args,
-    make_cell_pair,
-    make_pair,
+    make_kind_pair,
     packed_baseline,
 )
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -75,12 +74,6 @@ def test_op_still_checks_a_given_output_grad():
 
 
 # ------------------------------------------------------------------ the modules
-def pair(kind, **kw):
-    if kind == "gru":
-        return make_pair(I, H, **kw)
-    return make_cell_pair(kind, I, H, **kw)
-
-
 def last_states(module, x, layout):
     """(the output as a tensor, h_n) of module on x [T, B, I] in layout, lengths LENGTHS (at
     least 1 where packed: PackedSequence takes no zero lengths)."""
@@ -111,7 +104,7 @@ def classifier_loss(h_n):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", KINDS)
 def test_loss_on_h_n_only(kind, dtype, layout, device):
-    _, ours = pair(kind, num_layers=2, bidirectional=True, dtype=dtype)
+    _, ours = make_kind_pair(kind, I, H, num_layers=2, bidirectional=True, dtype=dtype)
     ours = ours.to(device)
     x0 = torch.randn(T, B, I, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     x = x0.to(device, dtype).requires_grad_()
@@ -134,7 +127,7 @@ def test_loss_on_h_n_only(kind, dtype, layout, device):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_loss_on_h_n_only_matches_nn_with_packing(kind):
-    ref, ours = pair(kind, num_layers=2, bidirectional=True)
+    ref, ours = make_kind_pair(kind, I, H, num_layers=2, bidirectional=True)
     lengths = [max(n, 1) for n in LENGTHS]  # nn's packing takes no zero lengths
     x0 = torch.randn(T, B, I, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     x_ours, x_ref = x0.clone().requires_grad_(), x0.clone().requires_grad_()
@@ -153,7 +146,7 @@ def test_loss_on_h_n_only_matches_nn_with_packing(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_gradients_of_gradients_with_h_n_only(kind):
     """The double-backward path recomputes with plain ops and needs a zero tensor; it makes one."""
-    _, ours = pair(kind, num_layers=1, bidirectional=True)
+    _, ours = make_kind_pair(kind, I, H, num_layers=1, bidirectional=True)
     lengths = torch.tensor(LENGTHS)
     x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     names = [n for n, _ in ours.named_parameters()]

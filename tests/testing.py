@@ -172,6 +172,13 @@ def make_cell_pair(
     return ref, ours
 
 
+def make_kind_pair(kind, input_size, hidden_size, **kw):
+    """make_pair for kind "gru", else make_cell_pair (kind a CELL_KINDS key)."""
+    if kind == "gru":
+        return make_pair(input_size, hidden_size, **kw)
+    return make_cell_pair(kind, input_size, hidden_size, **kw)
+
+
 def random_state(module, B, dtype=torch.float64, device="cpu", requires_grad=True, seed=None):
     """An initial state for module (an nn or varlen_rnn GRU/LSTM/RNN): hx, or (h_0, c_0)."""
     g = torch.Generator().manual_seed(seed) if seed is not None else None
