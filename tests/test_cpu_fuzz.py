@@ -5,7 +5,7 @@ hundred (with the edges the kernels cut at: multiples of 16 and 48 units, 16k + 
 directions, batch_first, bias, hx, the input form (lengths, PackedSequence, jagged nested tensor),
 what the loss reads (everything, only the final states, only the output), float32 or bfloat16,
 1-8 threads, and the CPU switches (VARLEN_RNN_CPU_STEPS, _ROW_GROUPS, _DIRECTIONS, _PROJECTION,
-_GEMM, _CHUNK_STEPS), then checks the output, the final states and
+_GEMM, _CHUNK_STEPS, _HPREV_ROWS), then checks the output, the final states and
 every gradient (input, initial states, weights). An earlier form of this file (about 5,000
 draws, ad hoc) found a team's slice of one hidden unit packed wrongly (the GRU and LSTM at H=17 on
 2 threads; fixed, and test_cpu_split_steps.py keeps that case).
@@ -41,6 +41,8 @@ SWITCHES = {
     "VARLEN_RNN_CPU_PROJECTION": [None, "whole"],
     "VARLEN_RNN_CPU_GEMM": [None, "mkl", "kernel"],
     "VARLEN_RNN_CPU_CHUNK_STEPS": [None, None, "1", "3", "7"],
+    # Last: drawn after the others, so each seed's earlier draws stay as they were.
+    "VARLEN_RNN_CPU_HPREV_ROWS": [None, None, "1", "5", "64"],
 }
 # float32: elementwise (absolute, relative), outputs then gradients.
 F32_TOL = (dict(atol=3e-4, rtol=3e-3), dict(atol=1e-3, rtol=5e-3))

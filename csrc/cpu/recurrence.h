@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
 #include <type_traits>
 
@@ -209,13 +210,14 @@ void forward_impl(ForwardArgs& args) {
   }
 }
 
-// h_prev of every position of direction d ([N, P], gx_rows' order), the
-// right operand of dW_hh: hx at a row's first step, else the output at its
-// previous time. Gathered after the step loop, so the loop runs without it.
-// out_t bfloat16: for the bfloat16 product (a bfloat16 layer's output and hx
-// are bfloat16 values: no rounding).
+// h_prev of direction d's positions r0 <= r < r1 (rows of gx_rows' order;
+// row r of them at hprev + (r - r0) * P), the right operand of dW_hh: hx at
+// a row's first step, else the output at its previous time. Gathered after
+// the step loop, so the loop runs without it. out_t bfloat16: for the
+// bfloat16 product (a bfloat16 layer's output and hx are bfloat16 values: no
+// rounding).
 template <typename scalar_t, typename out_t = scalar_t>
-void gather_hprev(const BackwardArgs& args, int64_t d, out_t* hprev) {
+void gather_hprev(const BackwardArgs& args, int64_t d, out_t* hprev, int64_t r0, int64_t r1) {
   const Schedule& sched = args.sched;
   const int64_t B = args.dims.B, P = args.dims.P;
   const OutputRows<scalar_t> out(args.output);
@@ -224,8 +226,9 @@ void gather_hprev(const BackwardArgs& args, int64_t d, out_t* hprev) {
     std::vector<scalar_t> buf(out.converts() ? P : 0);
     for (int64_t s = s0; s < s1; ++s) {
       for (int64_t i = 0; i < sched.active[s]; ++i) {
-        const int64_t t = step_time(d, sched.len[i], s);
-        out_t* dst = hprev + args.gx_rows.row(t, i) * P;
+        const int64_t t = step_time(d, sched.len[i], s), r = args.gx_rows.row(t, i);
+        if (r < r0 || r >= r1) continue;
+        out_t* dst = hprev + (r - r0) * P;
         if constexpr (std::is_same_v<out_t, at::BFloat16>) {
           if (s > 0 && out.converts()) {  // bfloat16 values already
             std::copy_n(out.bf16(output_offset(args, prev_time(d, t), i, d)), P, dst);
@@ -243,6 +246,22 @@ void gather_hprev(const BackwardArgs& args, int64_t d, out_t* hprev) {
       }
     }
   });
+}
+
+// Positions per chunk of h_prev for dW_hh (hidden_weight_grads below): 1
+// MiB of rows, at least 256 (a GEMM over fewer wastes its packing of the
+// operands), N split evenly; N itself where that takes one chunk (then the
+// product is the one GEMM, or weight_grad's own kernel over few positions, as
+// before chunks). VARLEN_RNN_CPU_HPREV_ROWS=n forces n (tests put chunk
+// boundaries where they want them).
+inline int64_t hprev_chunk_rows(int64_t N, int64_t P, int64_t elem_bytes) {
+  const char* env = std::getenv("VARLEN_RNN_CPU_HPREV_ROWS");
+  if (env != nullptr && std::atoll(env) > 0) return std::atoll(env);
+  const int64_t row_bytes = std::max<int64_t>(1, P * elem_bytes);
+  const int64_t most = std::max<int64_t>(256, (int64_t(1) << 20) / row_bytes);
+  if (N <= most) return std::max<int64_t>(N, 1);
+  const int64_t chunks = (N + most - 1) / most;
+  return (N + chunks - 1) / chunks;
 }
 
 template <typename Cell, typename scalar_t>
@@ -263,9 +282,10 @@ void backward_impl(BackwardArgs& args) {
   // Buffers over the N valid positions (gx_rows' order), so the weight
   // gradients are GEMMs over exactly the valid positions. Only the per-step
   // GEMMs' operands are step-sized: peak memory stays near the forward's.
-  // Without a projection h_prev ([N, P]) is gathered after each direction's
-  // step loop (gather_hprev), so it does not add to the loop's peak; with one
-  // the loop copies h_state's previous value as it goes. The buffers of one
+  // Without a projection h_prev is gathered after each direction's step loop
+  // (gather_hprev), so it does not add to the loop's peak, and in chunks of
+  // positions (hprev_chunk_rows), so it adds little to the weight
+  // gradients'; with one the loop copies h_state's previous value as it goes. The buffers of one
   // direction are held once per direction whose loop runs at the same time.
   // The float32 rules also for bfloat16 products, but few_steps's: the
   // split-always rule is measured for the forward only.
@@ -335,7 +355,7 @@ void backward_impl(BackwardArgs& args) {
     if (bf16) {                      // cpu/backward_bf16.h; h_prev is bfloat16 values: no rounding
       const at::Tensor hp16 = proj ? round_rows_bf16(hprev[k].data_ptr<scalar_t>(), N, P, P)
                                    : empty_large({N, P}, opts16);  // [N, P]
-      if (!proj) gather_hprev<scalar_t>(args, d, hp16.data_ptr<at::BFloat16>());
+      if (!proj) gather_hprev<scalar_t>(args, d, hp16.data_ptr<at::BFloat16>(), 0, N);
       hidden_weight_grads_bf16<Cell>(args, d, *g16, kDiffer ? g16->dghn[k] : at::Tensor(), hp16);
       if (proj) {
         at::Tensor gw_hr = args.grad_w_hr[d];
@@ -343,14 +363,35 @@ void backward_impl(BackwardArgs& args) {
       }
       return;
     }
-    // [N, P]; without a projection gathered now (the loop ran without it)
-    const at::Tensor hp = proj ? hprev[k] : empty_large({N, P}, opts);
-    if (!proj) gather_hprev<scalar_t>(args, d, hp.data_ptr<scalar_t>());
     const int64_t G_same = kDiffer ? G - H : G;
     const at::Tensor dgx_same = dgx.narrow(1, d * G, G_same);  // [N, G_same]
     at::Tensor gw_same = args.grad_w_hh[d].narrow(0, 0, G_same);
-    weight_grad(gw_same, dgx_same, hp);
-    if (kDiffer) weight_grad(args.grad_w_hh[d].narrow(0, G_same, H), dghn[k], hp);
+    at::Tensor gw_last = kDiffer ? args.grad_w_hh[d].narrow(0, G_same, H) : at::Tensor();
+    if (proj) {  // the loop kept h_prev: [N, P]
+      weight_grad(gw_same, dgx_same, hprev[k]);
+      if (kDiffer) weight_grad(gw_last, dghn[k], hprev[k]);
+    } else {
+      // Without a projection h_prev is gathered now (the loop ran without
+      // it), hprev_chunk_rows positions at a time, each chunk's product
+      // added to the first's: its [N, P] is never whole (it was the GRU's
+      // training peak's last buffer: cpu-peaks in benchmarks/README.md).
+      // N = 0 takes one empty chunk (the product's zeros).
+      const int64_t rows = hprev_chunk_rows(N, P, sizeof(scalar_t));
+      at::Tensor hp = empty_large({std::min(rows, N), P}, opts);  // [rows, P]
+      for (int64_t r0 = 0; r0 == 0 || r0 < N; r0 += rows) {
+        const int64_t n = std::min(rows, N - r0);
+        const at::Tensor hpc = hp.narrow(0, 0, n);
+        gather_hprev<scalar_t>(args, d, hpc.data_ptr<scalar_t>(), r0, r0 + n);
+        const at::Tensor dgc = dgx_same.narrow(0, r0, n);
+        if (r0 == 0) {
+          weight_grad(gw_same, dgc, hpc);
+          if (kDiffer) weight_grad(gw_last, dghn[k].narrow(0, 0, n), hpc);
+        } else {
+          gw_same.addmm_(dgc.t(), hpc);
+          if (kDiffer) gw_last.addmm_(dghn[k].narrow(0, r0, n).t(), hpc);
+        }
+      }
+    }
     // db_ih sums every gate's dgx; db_hh is the same sums but for a GRU's
     // last gate, whose hidden side has dghn.
     at::Tensor gb_ih = args.grad_b_ih[d];
