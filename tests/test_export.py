@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from testing import ALL_DEVICES, OpArguments
+from testing import ALL_DEVICES, OpArguments, make_kind_pair
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch.optim.sgd import sgd
@@ -384,3 +384,39 @@ def test_aot_inductor_package_runs_from_cpp(tmp_path):
     lengths[1] = 24
     done, _ = run((tokens, lengths))
     assert done.returncode == 1 and "lengths must be in [0, T]" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm_proj", "rnn_tanh"])
+def test_compile_of_the_recipe_with_our_module(kind):
+    """The recipe that packs inside a compiled function, our module in nn's place: torch.compile
+    (not fullgraph: torch's pack_padded_sequence breaks the graph, for nn's modules too, and our
+    PackedSequence path reads batch_sizes on the host) runs it and gives nn + packing's numbers,
+    forward and every gradient, in float64, on the first shapes and on new ones."""
+    ref, ours = make_kind_pair(kind, 4, 5, num_layers=2, bidirectional=True, batch_first=True)
+
+    def recipe(module, x, lengths):
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        out, h = module(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        h = h if isinstance(h, tuple) else (h,)
+        return (out, *h)
+
+    torch.compiler.reset()
+    compiled = torch.compile(recipe, backend="aot_eager")
+    for seed, (B, T) in enumerate([(3, 6), (3, 6), (5, 9)]):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(B, T, 4, generator=g, dtype=torch.float64)
+        lengths = torch.randint(1, T + 1, (B,), generator=g)
+        lengths[-1] = T
+        results = []
+        for fn, module in ((compiled, ours), (recipe, ref)):
+            xi = x.clone().requires_grad_()
+            outs = fn(module, xi, lengths)
+            loss = sum(
+                (o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum() for o in outs
+            )
+            params = [xi, *module.parameters()]
+            results.append([*outs, *torch.autograd.grad(loss, params)])
+        assert len(results[0]) == len(results[1])
+        for k, (a, b) in enumerate(zip(*results)):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=lambda m: f"{k}: {m}")
