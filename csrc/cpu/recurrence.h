@@ -374,7 +374,7 @@ void backward_impl(BackwardArgs& args) {
       // Without a projection h_prev is gathered now (the loop ran without
       // it), hprev_chunk_rows positions at a time, each chunk's product
       // added to the first's: its [N, P] is never whole (it was the GRU's
-      // training peak's last buffer: cpu-peaks in benchmarks/README.md).
+      // training peak's last buffer: "Memory" in benchmarks/README.md).
       // N = 0 takes one empty chunk (the product's zeros).
       const int64_t rows = hprev_chunk_rows(N, P, sizeof(scalar_t));
       at::Tensor hp = empty_large({std::min(rows, N), P}, opts);  // [rows, P]
