@@ -2,13 +2,17 @@
 carried between calls. Training (the default): then the loss of every step's output
 differentiated back through the chain (teacher forcing), x_t requiring grad as an embedding's
 output does. --inference: the loop alone under torch.inference_mode (greedy decoding's calls),
-e.g. in bfloat16 (--dtype bfloat16). varlen_rnn against torch.nn on the same inputs (T=1 calls
-need no lengths, so nn runs without packing); medians of torch.utils.benchmark, the two
-interleaved; a markdown table on stdout and in benchmarks/results/decoder-loop_cpu_<date>.md
-(decoder-loop-inference_... with --inference).
+e.g. in bfloat16 (--dtype bfloat16). --inference --vocab V: greedy decoding as a model runs it,
+an embedding of V tokens feeding each step and a Linear onto V logits and their argmax after it,
+so the step's weights compete for the caches with that work; the same loop with the RNN left out
+is timed too, and the RNN's time is the difference. varlen_rnn against torch.nn on the same
+inputs (T=1 calls need no lengths, so nn runs without packing); medians of
+torch.utils.benchmark, the competitors interleaved; a markdown table on stdout and in
+benchmarks/results/decoder-loop_cpu_<date>.md (decoder-loop-inference_... with --inference).
 
     python benchmarks/bench_decoder_loop.py --threads 2
     python benchmarks/bench_decoder_loop.py --inference --dtype bfloat16 --batches 1 8 32 64
+    python benchmarks/bench_decoder_loop.py --inference --vocab 10000 --cells GRU
 """
 
 from __future__ import annotations
@@ -26,6 +30,22 @@ import checkout  # noqa: E402
 
 checkout.put_varlen_rnn_on_path()  # the checkout's build if built in place, else the installed
 import varlen_rnn  # noqa: E402
+
+
+def greedy_of(module, emb, head, first, T: int):
+    """T steps of greedy decoding from the tokens `first` [B]: x = emb(token) [1, B, H], one
+    step of module (None: no RNN, the step's output is x itself), the argmax of head's logits
+    the next token."""
+
+    def decode():
+        with torch.inference_mode():
+            h, tok = None, first
+            for _ in range(T):
+                x = emb(tok).unsqueeze(0)
+                out, h = (x, None) if module is None else module(x, h)
+                tok = head(out[0]).argmax(-1)
+
+    return decode
 
 
 def loop_of(module, xs, inference: bool):
@@ -54,9 +74,18 @@ def main(argv=None):
     p.add_argument("--cells", nargs="+", default=["GRU", "LSTM"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--inference", action="store_true", help="no backward, inference mode")
+    p.add_argument(
+        "--vocab",
+        type=int,
+        default=0,
+        help="with --inference: greedy decoding with an embedding and an output layer of this "
+        "many tokens around each step (0: the steps alone)",
+    )
     p.add_argument("--min-run-time", type=float, default=2.0)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args(argv)
+    if args.vocab and not args.inference:
+        p.error("--vocab needs --inference (greedy decoding)")
     torch.set_num_threads(args.threads)
     H, T = args.hidden, args.steps
     rows = []
@@ -67,16 +96,24 @@ def main(argv=None):
             ref = getattr(torch.nn, cell)(H, H).to(dtype)
             ours = getattr(varlen_rnn, cell).from_torch(ref)
             xs = torch.randn(T, 1, B, H).to(dtype).requires_grad_(not args.inference).unbind(0)
-            times = {}
-            for name, module in (("nn", ref), ("ours", ours)):
-                t = Timer(
-                    "step()",
-                    globals={"step": loop_of(module, xs, args.inference)},
-                    num_threads=args.threads,
+            competitors = {"nn": ref, "ours": ours}
+            if args.vocab:
+                emb = torch.nn.Embedding(args.vocab, H).to(dtype)
+                head = torch.nn.Linear(H, args.vocab).to(dtype)
+                first = torch.randint(
+                    0, args.vocab, (B,), generator=torch.Generator().manual_seed(B)
                 )
+                competitors["rest"] = None  # the loop without the RNN
+                loops = {k: greedy_of(m, emb, head, first, T) for k, m in competitors.items()}
+            else:
+                loops = {k: loop_of(m, xs, args.inference) for k, m in competitors.items()}
+            times = {}
+            for name, loop in loops.items():
+                t = Timer("step()", globals={"step": loop}, num_threads=args.threads)
                 times[name] = t.blocked_autorange(min_run_time=args.min_run_time).median / T
             print(
-                f"{cell} B={B} H={H}: nn {times['nn'] * 1e6:.0f} us, ours {times['ours'] * 1e6:.0f} us"
+                f"{cell} B={B} H={H}: "
+                + ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in times.items())
             )
             rows.append((cell, B, times))
     what = (
@@ -85,17 +122,39 @@ def main(argv=None):
         else "forward and backward through the chain; median time\nper step (forward + its"
         " share of the backward), us."
     )
-    lines = [
-        f"T={T} calls of one step (I=H={H}, {args.dtype}), {what}",
-        "",
-        "| cell | B | torch.nn | varlen_rnn | speedup |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for cell, B, t in rows:
-        lines.append(
-            f"| {cell} | {B} | {t['nn'] * 1e6:.0f} | {t['ours'] * 1e6:.0f} | "
-            f"{t['nn'] / t['ours']:.2f}x |"
+    if args.vocab:
+        what = (
+            f"greedy decoding over {args.vocab} tokens (embedding -> step -> Linear -> argmax), "
+            "under torch.inference_mode;\nmedian time per step, us; the RNN's share = the "
+            "step's time minus that of the loop without the RNN."
         )
+        lines = [
+            f"T={T} calls of one step (I=H={H}, {args.dtype}), {what}",
+            "",
+            "| cell | B | without an RNN | torch.nn (its share) | varlen_rnn (its share) | "
+            "speedup of the shares |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for cell, B, t in rows:
+            nn_share, our_share = t["nn"] - t["rest"], t["ours"] - t["rest"]
+            ratio = f"{nn_share / our_share:.2f}x" if our_share > 0 else "-"
+            lines.append(
+                f"| {cell} | {B} | {t['rest'] * 1e6:.0f} | {t['nn'] * 1e6:.0f} "
+                f"({nn_share * 1e6:.0f}) | {t['ours'] * 1e6:.0f} ({our_share * 1e6:.0f}) | "
+                f"{ratio} |"
+            )
+    else:
+        lines = [
+            f"T={T} calls of one step (I=H={H}, {args.dtype}), {what}",
+            "",
+            "| cell | B | torch.nn | varlen_rnn | speedup |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for cell, B, t in rows:
+            lines.append(
+                f"| {cell} | {B} | {t['nn'] * 1e6:.0f} | {t['ours'] * 1e6:.0f} | "
+                f"{t['nn'] / t['ours']:.2f}x |"
+            )
     kind, title = (
         ("decoder-loop-inference", "A decoder's inference loop, one call per step")
         if args.inference

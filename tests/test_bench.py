@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -207,7 +208,6 @@ def test_grad_mask_bench_smoke(tmp_path):
 def test_last_state_bench_smoke(tmp_path):
     """benchmarks/bench_last_state.py on tiny shapes: both competitors timed and their peaks
     measured (a few KiB here, printed as 0.0 MiB), the table written."""
-    import re
 
     import bench_last_state
 
@@ -227,7 +227,6 @@ def test_last_state_bench_smoke(tmp_path):
 def test_cuda_memory_emulated_bench_smoke(tmp_path):
     """benchmarks/bench_cuda_memory_emulated.py on tiny shapes: the CUDA backend's training peak
     of every cell, one and two directions, measured on the emulation (a subprocess building it)."""
-    import re
 
     import bench_cuda_memory_emulated
 
@@ -255,6 +254,12 @@ def test_decoder_loop_bench_smoke(tmp_path):
     argv += ["--inference", "--dtype", "bfloat16"]
     text = open(bench_decoder_loop.main([*argv, "--out", str(tmp_path)])).read()
     assert "inference loop" in text and "bfloat16" in text and "| LSTM | 1 |" in text
+    argv[-1] = "float32"
+    text = open(bench_decoder_loop.main([*argv, "--vocab", "11", "--out", str(tmp_path)])).read()
+    assert "greedy decoding over 11 tokens" in text, text
+    assert re.search(r"\| GRU \| 1 \| \d+ \| \d+ \(-?\d+\) \| \d+ \(-?\d+\) \|", text), text
+    with pytest.raises(SystemExit):  # greedy decoding is inference
+        bench_decoder_loop.main(["--vocab", "11", "--out", str(tmp_path)])
 
 
 def test_double_backward_bench_smoke(tmp_path):
