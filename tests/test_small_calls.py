@@ -12,7 +12,9 @@
 
 import pytest
 import torch
-from testing import CELL_KINDS, TOL, make_kind_pair, packed_baseline
+from testing import CELL_KINDS, TOL, OpArguments, make_kind_pair, packed_baseline
+
+import varlen_rnn
 
 KINDS = ["gru", *CELL_KINDS]
 
@@ -269,3 +271,95 @@ def test_short_bidirectional_call_runs_directions_apart(kind, batch_first, dtype
     for k, (a, b) in enumerate(zip(grads_apart, grads_one)):
         assert a.dtype == b.dtype, f"gradient {k}"
         torch.testing.assert_close(a, b, **tol, msg=lambda m: f"gradient {k}: {m}")
+
+
+def _full_path_only(monkeypatch):
+    """forward without its eager inference shortcut."""
+    monkeypatch.setattr(varlen_rnn.RNNBase, "_eager_inference", lambda *a: None)
+
+
+@pytest.mark.parametrize("hx_given", [False, True], ids=["hx0", "hx"])
+@pytest.mark.parametrize("lengths_kind", ["none", "list", "tensor"])
+@pytest.mark.parametrize("layers,batch_first,bias", [(1, False, True), (2, True, False)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_eager_inference_shortcut(
+    monkeypatch, kind, layers, batch_first, bias, lengths_kind, hx_given
+):
+    """A call that wants no gradient, one direction, padded: forward's shortcut
+    (RNNBase._eager_inference) runs it without the full path's layer loop (RNNBase._run is not
+    called), with the same op calls (one per layer, no workspace kept): outputs and final states
+    equal the full path's bit for bit, and nn + packing's in float64."""
+    lengths, T = [2, 5, 0, 4], 5
+    B, I, H = len(lengths), 3, 6
+    ref, ours = make_kind_pair(kind, I, H, num_layers=layers, batch_first=batch_first, bias=bias)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn((B, T, I) if batch_first else (T, B, I), generator=g, dtype=torch.float64)
+    hx = states_of(kind, B, H, layers, 1, g) if hx_given else None
+    arg = {"none": None, "list": lengths, "tensor": torch.tensor(lengths)}[lengths_kind]
+    if arg is None:
+        lengths = [T] * B
+    with torch.no_grad():
+        with monkeypatch.context() as m, OpArguments("_forward", "need_workspace") as rec:
+            m.setattr(varlen_rnn.RNNBase, "_run", None)  # calling it fails the test
+            short = flat(ours(x, hx, lengths=arg))
+        assert rec.values == [False] * layers  # each layer's op, keeping nothing
+        with monkeypatch.context() as m:
+            _full_path_only(m)
+            full = flat(ours(x, hx, lengths=arg))
+    for a, b in zip(short, full, strict=True):
+        assert torch.equal(a, b)
+    zeros = tuple(
+        torch.zeros_like(s) for s in flat((None, states_of(kind, B, H, layers, 1, g)))[1:]
+    )
+    init = hx if hx_given else (zeros if kind.startswith("lstm") else zeros[0])
+    for a, b in zip(short, flat(baseline(ref, x, lengths, init)), strict=True):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+def test_eager_inference_shortcut_declines(monkeypatch):
+    """What the shortcut leaves to the full path: a gradient wanted, two directions, unbatched
+    or ragged input, autocast, dropout between layers in training, torch.func and forward AD,
+    arguments forward's checks refuse (which then raise the full path's errors, unchanged)."""
+    from torch.nn.utils.rnn import pack_sequence
+
+    ours = varlen_rnn.GRU(3, 4, num_layers=2, dropout=0.5)
+    bi = varlen_rnn.GRU(3, 4, bidirectional=True)
+    x, h = torch.randn(5, 2, 3), torch.zeros(2, 2, 4)
+    ours.eval()
+    with torch.no_grad():
+        assert ours._eager_inference(x, h, None) is not None  # the one that takes it
+        declined = [
+            (bi, x, None),
+            (ours, x[:, 0], h[:, 0]),  # unbatched
+            (ours, pack_sequence([x[:, 0], x[:3, 1]]), None),
+            (ours, torch.nested.nested_tensor([x[:, 0], x[:3, 1]], layout=torch.jagged), None),
+            (ours, x.double(), h),  # the input's dtype is not the weights'
+            (ours, x, h.double()),
+            (ours, x, h[:1]),  # hx of the wrong shape
+            (ours, x, (h,)),  # a tuple for a GRU
+            (ours, torch.randn(5, 2, 4), h),  # the wrong feature size
+        ]
+        for module, inp, state in declined:
+            assert module._eager_inference(inp, state, None) is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert ours._eager_inference(x, h, None) is None
+        ours.train()
+        assert ours._eager_inference(x, h, None) is None  # dropout between the two layers
+        ours.eval()
+        seen = []
+        torch.func.vmap(lambda xi: seen.append(ours._eager_inference(xi, None, None)) or xi)(
+            x.unsqueeze(0)
+        )
+        assert seen == [None]
+        import torch.autograd.forward_ad as fwAD
+
+        with fwAD.dual_level():
+            assert ours._eager_inference(x, h, None) is None
+    assert ours._eager_inference(x, h, None) is None  # a gradient wanted
+    # Refused arguments raise as before: the same error with and without a gradient.
+    for inp, state in [(x.double(), h), (x, h[:1]), (torch.randn(5, 2, 4), h)]:
+        with pytest.raises(Exception) as with_grad:
+            ours(inp, state)
+        with torch.no_grad(), pytest.raises(type(with_grad.value)) as without:
+            ours(inp, state)
+        assert str(without.value) == str(with_grad.value)

@@ -18,7 +18,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import _apart, _inputs, ops
 from ._autocast import cpu_autocast_compute, cudnn_autocast
-from ._schema import CELLS, _unsqueezed
+from ._schema import CELLS, _op, _unsqueezed
 
 __all__ = ["RNNBase"]
 
@@ -277,6 +277,9 @@ class RNNBase(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward(self, input, hx=None, lengths=None):
+        shortcut = self._eager_inference(input, hx, lengths)
+        if shortcut is not None:
+            return shortcut
         if isinstance(input, torch.fx.Proxy):
             return _fx_leaf_call(self, input, hx, lengths)
         if isinstance(input, PackedSequence):
@@ -315,6 +318,68 @@ class RNNBase(nn.Module):
         if not batched:
             output, finals = output.squeeze(batch_dim), tuple(f.squeeze(1) for f in finals)
         return output, self._result(finals)
+
+    def _eager_inference(self, input, hx, lengths):
+        """forward's shortcut for a decoder's step and other eager calls that want no
+        gradient: a padded batch of one direction, every argument as forward's checks want
+        it, nothing that changes the op or its dtypes (autocast, compile, tracing, torch.func,
+        forward AD, dropout between layers). The same op calls with the same arguments as the
+        full path, so the same results bit for bit; only what runs around them is less.
+        Returns None, and forward takes its full path (which raises what is wrong), unless
+        all of that holds.
+
+        Why: such a call's time is the op's plus the Python around it, and between two steps
+        of a decoder (an output layer, an embedding) that Python runs from cold caches, where
+        the full path's many small functions cost a decoder's GRU step more than nn.GRU's
+        whole step did ("Small calls" in benchmarks/README.md has the measurements)."""
+        if (
+            torch.is_grad_enabled()
+            or type(input) is not Tensor  # a PackedSequence, fx Proxy, nested or fake tensor
+            or torch.compiler.is_compiling()
+            or torch.jit.is_tracing()
+            or self.bidirectional
+            or input.dim() != 3
+            or input.is_nested
+            or (self.training and self.dropout > 0 and self.num_layers > 1)
+            or torch._C._functorch.get_interpreter_stack()
+            or ops.fwAD._current_level >= 0
+            or _inputs.autocast_on(input.device)
+        ):
+            return None
+        flat = self._flat_weights
+        dtype, device = input.dtype, input.device
+        if input.shape[-1] != self.input_size:
+            return None
+        for w in flat:
+            if w.dtype != dtype or w.device != device:
+                return None
+        B, T = (input.shape[0], input.shape[1]) if self.batch_first else input.shape[1::-1]
+        expected = self._state_shapes(B)
+        if hx is None:
+            states = tuple(torch.zeros(s, dtype=dtype, device=device) for s in expected)
+        elif len(expected) == 1:
+            states = (hx,)
+        elif type(hx) in (tuple, list) and len(hx) == 2:
+            states = tuple(hx)
+        else:
+            return None
+        for s, shape in zip(states, expected):
+            if type(s) is not Tensor or s.shape != shape or s.dtype != dtype or s.device != device:
+                return None
+        lengths = _inputs.as_lengths(lengths, B, T, device)
+        op = _op(CELLS[self._cell], False, "forward")
+        options, L = self._options(), self.num_layers
+        x, ends = input, []
+        # The op's own autograd kernel only redispatches when no gradient is wanted: below it
+        # (ops._layer does the same).
+        with torch._C._AutoDispatchBelowAutograd():
+            for layer in range(L):
+                mine = states if L == 1 else [s[layer : layer + 1] for s in states]
+                w = _unsqueezed(self._stacked(flat, layer, dtype, 1))
+                x, *end, _ = op(x, lengths, *mine, *w, *options, self.batch_first, False)
+                ends.append(end)
+        finals = ends[0] if L == 1 else [torch.cat(f, 0) for f in zip(*ends)]
+        return x, self._result(tuple(finals))
 
     def _forward_packed(self, packed: PackedSequence, hx):
         """PackedSequence.data [N, I] as it is (layout 1, time-major): the states stay in
