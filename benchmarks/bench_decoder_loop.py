@@ -13,12 +13,17 @@ benchmarks/results/decoder-loop_cpu_<date>.md (decoder-loop-inference_... with -
     python benchmarks/bench_decoder_loop.py --threads 2
     python benchmarks/bench_decoder_loop.py --inference --dtype bfloat16 --batches 1 8 32 64
     python benchmarks/bench_decoder_loop.py --inference --vocab 10000 --cells GRU
+    python benchmarks/bench_decoder_loop.py --inference --vocab 10000 --full-path --rounds 9
+
+--full-path times ours without forward's eager inference shortcut as well (the full path, as
+before that shortcut), --rounds R repeats the interleaved timing R times (medians over them).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import torch
@@ -30,6 +35,11 @@ import checkout  # noqa: E402
 
 checkout.put_varlen_rnn_on_path()  # the checkout's build if built in place, else the installed
 import varlen_rnn  # noqa: E402
+
+
+def _no_shortcut(self, *args):
+    """RNNBase._eager_inference declining every call: forward's full path."""
+    return None
 
 
 def greedy_of(module, emb, head, first, T: int):
@@ -81,11 +91,25 @@ def main(argv=None):
         help="with --inference: greedy decoding with an embedding and an output layer of this "
         "many tokens around each step (0: the steps alone)",
     )
+    p.add_argument(
+        "--full-path",
+        action="store_true",
+        help="with --inference: ours without forward's eager inference shortcut as well "
+        "(RNNBase._eager_inference), the change's before and after in one process",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="interleaved rounds of every competitor; a time is the median over the rounds",
+    )
     p.add_argument("--min-run-time", type=float, default=2.0)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args(argv)
     if args.vocab and not args.inference:
         p.error("--vocab needs --inference (greedy decoding)")
+    if args.full_path and not args.inference:
+        p.error("--full-path needs --inference (the shortcut is for calls without a gradient)")
     torch.set_num_threads(args.threads)
     H, T = args.hidden, args.steps
     rows = []
@@ -97,6 +121,9 @@ def main(argv=None):
             ours = getattr(varlen_rnn, cell).from_torch(ref)
             xs = torch.randn(T, 1, B, H).to(dtype).requires_grad_(not args.inference).unbind(0)
             competitors = {"nn": ref, "ours": ours}
+            if args.full_path:
+                full = type(f"Full{cell}", (type(ours),), {"_eager_inference": _no_shortcut})
+                competitors["full"] = full.from_torch(ref)
             if args.vocab:
                 emb = torch.nn.Embedding(args.vocab, H).to(dtype)
                 head = torch.nn.Linear(H, args.vocab).to(dtype)
@@ -107,10 +134,23 @@ def main(argv=None):
                 loops = {k: greedy_of(m, emb, head, first, T) for k, m in competitors.items()}
             else:
                 loops = {k: loop_of(m, xs, args.inference) for k, m in competitors.items()}
-            times = {}
-            for name, loop in loops.items():
-                t = Timer("step()", globals={"step": loop}, num_threads=args.threads)
-                times[name] = t.blocked_autorange(min_run_time=args.min_run_time).median / T
+            rounds = {name: [] for name in loops}
+            for _ in range(args.rounds):
+                for name, loop in loops.items():
+                    t = Timer("step()", globals={"step": loop}, num_threads=args.threads)
+                    run = t.blocked_autorange(min_run_time=args.min_run_time)
+                    rounds[name].append(run.median / T)
+            times = {name: statistics.median(v) for name, v in rounds.items()}
+            if args.vocab:  # each round's share, less noisy than the difference of medians
+                times.update(
+                    {
+                        f"{name} share": statistics.median(
+                            a - b for a, b in zip(rounds[name], rounds["rest"])
+                        )
+                        for name in rounds
+                        if name != "rest"
+                    }
+                )
             print(
                 f"{cell} B={B} H={H}: "
                 + ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in times.items())
@@ -128,33 +168,37 @@ def main(argv=None):
             "under torch.inference_mode;\nmedian time per step, us; the RNN's share = the "
             "step's time minus that of the loop without the RNN."
         )
+        full_head = (
+            " varlen_rnn without the shortcut (its share) | speedup |" if args.full_path else ""
+        )
         lines = [
             f"T={T} calls of one step (I=H={H}, {args.dtype}), {what}",
             "",
             "| cell | B | without an RNN | torch.nn (its share) | varlen_rnn (its share) | "
-            "speedup of the shares |",
-            "|---|---:|---:|---:|---:|---:|",
+            "speedup of the shares |" + full_head,
+            "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.full_path else ""),
         ]
         for cell, B, t in rows:
-            nn_share, our_share = t["nn"] - t["rest"], t["ours"] - t["rest"]
-            ratio = f"{nn_share / our_share:.2f}x" if our_share > 0 else "-"
-            lines.append(
-                f"| {cell} | {B} | {t['rest'] * 1e6:.0f} | {t['nn'] * 1e6:.0f} "
-                f"({nn_share * 1e6:.0f}) | {t['ours'] * 1e6:.0f} ({our_share * 1e6:.0f}) | "
-                f"{ratio} |"
-            )
+            cells = [f"{cell}", f"{B}", f"{t['rest'] * 1e6:.0f}"]
+            for name in ("nn", "ours", "full") if args.full_path else ("nn", "ours"):
+                cells.append(f"{t[name] * 1e6:.0f} ({t[name + ' share'] * 1e6:.0f})")
+                if name != "nn":
+                    share = t[name + " share"]
+                    cells.append(f"{t['nn share'] / share:.2f}x" if share > 0 else "-")
+            lines.append("| " + " | ".join(cells) + " |")
     else:
+        full_head = " varlen_rnn without the shortcut | speedup |" if args.full_path else ""
         lines = [
             f"T={T} calls of one step (I=H={H}, {args.dtype}), {what}",
             "",
-            "| cell | B | torch.nn | varlen_rnn | speedup |",
-            "|---|---:|---:|---:|---:|",
+            "| cell | B | torch.nn | varlen_rnn | speedup |" + full_head,
+            "|---|---:|---:|---:|---:|" + ("---:|---:|" if args.full_path else ""),
         ]
         for cell, B, t in rows:
-            lines.append(
-                f"| {cell} | {B} | {t['nn'] * 1e6:.0f} | {t['ours'] * 1e6:.0f} | "
-                f"{t['nn'] / t['ours']:.2f}x |"
-            )
+            cells = [f"{cell}", f"{B}", f"{t['nn'] * 1e6:.0f}"]
+            for name in ("ours", "full") if args.full_path else ("ours",):
+                cells += [f"{t[name] * 1e6:.0f}", f"{t['nn'] / t[name]:.2f}x"]
+            lines.append("| " + " | ".join(cells) + " |")
     kind, title = (
         ("decoder-loop-inference", "A decoder's inference loop, one call per step")
         if args.inference

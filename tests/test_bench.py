@@ -260,6 +260,12 @@ def test_decoder_loop_bench_smoke(tmp_path):
     assert re.search(r"\| GRU \| 1 \| \d+ \| \d+ \(-?\d+\) \| \d+ \(-?\d+\) \|", text), text
     with pytest.raises(SystemExit):  # greedy decoding is inference
         bench_decoder_loop.main(["--vocab", "11", "--out", str(tmp_path)])
+    argv += ["--full-path", "--rounds", "2", "--cells", "GRU"]
+    text = open(bench_decoder_loop.main([*argv, "--vocab", "11", "--out", str(tmp_path)])).read()
+    assert "without the shortcut (its share)" in text, text
+    assert re.search(r"\| GRU \| 1 \| \d+( \| \d+ \(-?\d+\)( \| [0-9.-]+x?)?){3} \|", text), text
+    text = open(bench_decoder_loop.main([*argv, "--out", str(tmp_path)])).read()
+    assert re.search(r"\| GRU \| 1 \| \d+ \| \d+ \| [0-9.]+x \| \d+ \| [0-9.]+x \|", text), text
 
 
 def test_double_backward_bench_smoke(tmp_path):
