@@ -285,8 +285,9 @@ void backward_impl(BackwardArgs& args) {
   // Without a projection h_prev is gathered after each direction's step loop
   // (gather_hprev), so it does not add to the loop's peak, and in chunks of
   // positions (hprev_chunk_rows), so it adds little to the weight
-  // gradients'; with one the loop copies h_state's previous value as it goes. The buffers of one
-  // direction are held once per direction whose loop runs at the same time.
+  // gradients'; with one the loop copies h_state's previous value as it
+  // goes. The buffers of one direction are held once per direction whose loop
+  // runs at the same time.
   // The float32 rules also for bfloat16 products, but few_steps's: the
   // split-always rule is measured for the forward only.
   const StepLoops loops = step_loops(dims, args.sched.max_len, sizeof(scalar_t), false, args.bf16);
