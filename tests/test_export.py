@@ -386,6 +386,14 @@ def test_aot_inductor_package_runs_from_cpp(tmp_path):
     assert done.returncode == 1 and "lengths must be in [0, T]" in done.stderr, done.stderr
 
 
+@pytest.mark.xfail(
+    torch.__version__ < "2.14",
+    reason="torch 2.11's dynamo, resuming after our module's graph break, traces "
+    "pad_packed_sequence with fake batch_sizes and fails there (nn's modules, which dynamo "
+    "skips, compile); torch 2.14 runs it",
+    raises=torch._dynamo.exc.TorchRuntimeError,
+    strict=True,
+)
 @pytest.mark.parametrize("kind", ["gru", "lstm_proj", "rnn_tanh"])
 def test_compile_of_the_recipe_with_our_module(kind):
     """The recipe that packs inside a compiled function, our module in nn's place: torch.compile
