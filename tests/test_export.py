@@ -388,9 +388,9 @@ def test_aot_inductor_package_runs_from_cpp(tmp_path):
 
 @pytest.mark.xfail(
     torch.__version__ < "2.14",
-    reason="torch 2.11's dynamo, resuming after our module's graph break, traces "
-    "pad_packed_sequence with fake batch_sizes and fails there (nn's modules, which dynamo "
-    "skips, compile); torch 2.14 runs it",
+    reason="torch 2.11's dynamo fails inside pad_packed_sequence on any PackedSequence a "
+    "traced module returns, ours or a three-line Python module that rewraps its input's (nn's "
+    "RNNs, which dynamo skips, compile); torch 2.14 compiles both",
     raises=torch._dynamo.exc.TorchRuntimeError,
     strict=True,
 )
