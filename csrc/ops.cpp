@@ -32,6 +32,22 @@ std::string deciding_workspace(const std::string& forward) {
   return s;
 }
 
+// The schema of a layer op's recording op (below) from its forward's:
+// "<name>_forward(..., bool need_workspace) -> (..., Tensor workspace)"
+// becomes "<name>_recording(..., bool squeezed) -> (...)".
+std::string recording(const std::string& forward) {
+  std::string s = forward;
+  const auto replace = [&s](const std::string& part, const std::string& by) {
+    const auto at = s.find(part);
+    TORCH_CHECK(at != std::string::npos, "varlen_rnn: no '", part, "' in ", s);
+    s.replace(at, part.size(), by);
+  };
+  replace("_forward(", "_recording(");
+  replace("bool need_workspace", "bool squeezed");
+  replace(", Tensor workspace", "");
+  return s;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(varlen_rnn, m) {
@@ -200,6 +216,19 @@ TORCH_LIBRARY(varlen_rnn, m) {
   for (const std::string* forward : {&gru_layer, &gru_layer_ragged, &lstm_layer, &lstm_layer_ragged,
                                      &rnn_layer, &rnn_layer_ragged}) {
     m.def(deciding_workspace(*forward).c_str());
+  }
+  // {gru,lstm,rnn}_layer[_ragged]_recording: what an eager call that records a
+  // graph runs (varlen_rnn/ops.py _layer; not a public op). The forward op's
+  // arguments, need_workspace's place taking `bool squeezed`: true where one
+  // direction's weights come without their D dimension of 1 (w_ih [G*H, I],
+  // b_ih [G*H], ...: a module's parameters as they are), whose gradients are
+  // then returned so. Returns the forward's results but the workspace, which
+  // the recorded node keeps. Its Autograd kernel (csrc/recording.cpp) runs the
+  // forward op below autograd and records one C++ node whose backward calls the
+  // backward op; below autograd it is the forward op without a workspace.
+  for (const std::string* forward : {&gru_layer, &gru_layer_ragged, &lstm_layer, &lstm_layer_ragged,
+                                     &rnn_layer, &rnn_layer_ragged}) {
+    m.def(recording(*forward).c_str());
   }
   // Tests and benchmarks only (not a public op): a [m, K] @ b [K, N] (+ c
   // [m, N] when given) through the CPU step loops' float32 micro-kernel

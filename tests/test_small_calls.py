@@ -164,13 +164,14 @@ def test_decoder_loop_of_one_step_calls_matches_nn(kind, B):
 @pytest.mark.parametrize("ragged", [False, True], ids=["padded", "ragged"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_eager_autograd_equals_the_registered_autograd(kind, ragged, D):
-    """An eager call that records a graph applies the forward op's autograd directly
-    (varlen_rnn._autograd.EAGER); the op called through the dispatcher runs its registered
-    autograd kernel. Same outputs, same gradients and gradients of gradients, bit for bit,
-    and the eager node is ours. With one direction the eager function takes the weights
-    without their D dimension (the parameters themselves, ops._layer's squeezed), the op
-    their [1, ...] views: the graph then holds our node alone, no view node per weight."""
-    from varlen_rnn import _autograd, _schema
+    """An eager call that records a graph runs the recording op, whose C++ node calls the
+    backward op (csrc/recording.cpp); the forward op called through the dispatcher runs its
+    registered autograd kernel (varlen_rnn/_autograd.py). Same outputs, same gradients and
+    gradients of gradients, bit for bit, and the eager node is the C++ one. With one
+    direction the recording op takes the weights without their D dimension (the parameters
+    themselves, ops._layer's squeezed), the forward op their [1, ...] views: the graph then
+    holds our node alone, no view node per weight."""
+    from varlen_rnn import _schema
 
     cell = _schema.CELLS[kind.split("_")[0]]
     ref, _ = make_kind_pair(kind, 3, 4, bidirectional=D == 2)
@@ -202,19 +203,22 @@ def test_eager_autograd_equals_the_registered_autograd(kind, ragged, D):
     tail = (*options, *(() if ragged else (False,)))
     args = (x, *index, *states, *weights, *tail)
     leaves = [t for t in (x, *states, *weights) if t is not None]
-    eager = _autograd.EAGER[cell.name, ragged, D == 1].apply(*args, True)
+    eager = _schema._op(cell, ragged, "recording")(*args, D == 1)
     dispatched = _schema._op(cell, ragged, "forward")(x, *index, *states, *op_weights, *tail, True)
-    assert type(eager[0].grad_fn).__name__.startswith(f"{cell.name.upper()}Layer")
+    node = f"{cell.name.upper()}Layer{'Ragged' if ragged else ''}Backward"
+    assert all(o.grad_fn is eager[0].grad_fn for o in eager)
+    assert eager[0].grad_fn.name() == node
     assert type(eager[0].grad_fn) is not type(dispatched[0].grad_fn)
     if D == 1:  # the weights are the node's inputs themselves
         inputs = {id(fn.variable) for fn, _ in eager[0].grad_fn.next_functions if fn is not None}
         assert all(id(w) in inputs for w in weights if w is not None)
-    w = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in eager[:-1]]
-    loss_e = sum((o * v).sum() for o, v in zip(eager[:-1], w))
+    w = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in eager]
+    loss_e = sum((o * v).sum() for o, v in zip(eager, w))
     loss_d = sum((o * v).sum() for o, v in zip(dispatched[:-1], w))
     ge = torch.autograd.grad(loss_e, leaves, create_graph=True)
     gd = torch.autograd.grad(loss_d, leaves, create_graph=True)
-    for a, b in zip(eager[:-1], dispatched[:-1]):
+    assert len(eager) == len(dispatched) - 1  # no workspace: the node keeps it
+    for a, b in zip(eager, dispatched[:-1]):
         assert torch.equal(a, b)
     for k, (a, b) in enumerate(zip(ge, gd)):
         assert a.shape == b.shape and torch.equal(a, b), f"gradient {k}"

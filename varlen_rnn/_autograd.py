@@ -14,11 +14,9 @@ from ._schema import (
     CELLS,
     Cell,
     _Args,
-    _full,
     _layout,
     _op,
     _reference,
-    _unsqueezed,
     _workspace_dtype,
 )
 
@@ -81,11 +79,8 @@ def _backward_fake(cell: Cell, ragged: bool, args):
 
 
 # ------------------------------------------------------------------ autograd
-def _setup_context(cell: Cell, ragged: bool, ctx, inputs, output, squeezed: bool = False):
-    """squeezed: the weights in inputs come without their D dimension of 1 (ops._layer's
-    squeezed; the eager function's only): saved so, their gradients returned so."""
+def _setup_context(cell: Cell, ragged: bool, ctx, inputs, output):
     *args, ctx.need_workspace = inputs
-    ctx.squeezed = squeezed
     out, workspace = output[0], output[-1]
     ctx.mark_non_differentiable(workspace)
     # Unused outputs reach the backward as None instead of zero tensors: autograd would
@@ -114,8 +109,6 @@ def _backward(cell: Cell, ragged: bool, ctx, *grads):
         args[k] = t
     for k, v in zip(at.consts, ctx.consts):
         args[k] = v
-    if ctx.squeezed:  # the op's [1, ...] weights: views of the saved ones (graphed if need be)
-        args[at.weights] = _unsqueezed(args[at.weights])
     states, weights = args[at.states], args[at.weights]
     # An unused output's gradient arrives as None (set_materialize_grads(False)). The states'
     # become zeros ([D, B, H]); the output's stays None, which the backward op reads as
@@ -126,7 +119,7 @@ def _backward(cell: Cell, ragged: bool, ctx, *grads):
         grads = [torch.zeros_like(out) if grad_out is None else grad_out, *grad_states]
         reference = _reference(cell, ragged)
         found = _differentiable_backward(ctx, grads, args, reference, at.n + 1)
-        return _squeezed(found, at.weights) if ctx.squeezed else found
+        return found
     # Only what autograd asks for: the input's gradient is not wanted where the input is
     # data, the weights' where they are frozen; the op then skips those GEMMs.
     needs = ctx.needs_input_grad
@@ -158,13 +151,6 @@ def _backward(cell: Cell, ragged: bool, ctx, *grads):
     found[0] = result[0] if want_input else None
     found[at.states] = result[1 : 1 + cell.states]
     found[at.weights] = g_w
-    return _squeezed(found, at.weights) if ctx.squeezed else tuple(found)
-
-
-def _squeezed(found, weights: slice) -> tuple:
-    """Gradients with the weights' D dimension of 1 dropped (ctx.squeezed)."""
-    found = list(found)
-    found[weights] = [None if g is None else g[0] for g in found[weights]]
     return tuple(found)
 
 
@@ -212,47 +198,6 @@ def _not_differentiable(op: str, wrapper: str, module: str):
 
 def _setup_nothing(ctx, inputs, output):
     pass
-
-
-def _eager_function(cell: Cell, ragged: bool, squeezed: bool) -> type[torch.autograd.Function]:
-    """The forward op's autograd, applied directly: what an eager call that records a graph
-    runs (varlen_rnn.ops._layer). The same context and backward as the op's registered
-    autograd kernel below (_setup_context, _backward), without its route through the
-    dispatcher: that kernel is Python reached from the dispatcher, which then redispatches the
-    op below autograd from Python, ~35 us a call (B=32 T=1 H=256, 2 threads: the op's forward
-    195 -> 155 us). torch.compile, export, jit tracing and torch.func call the op, and so its
-    registered kernel.
-
-    squeezed (ops._layer's): the weights come without their D dimension of 1, the module's
-    parameters as they are; the views with it are taken here, where autograd does not
-    record them, and the gradients are returned without it. A one-step call's graph then
-    holds this function's node alone, not a view node per weight as well."""
-    op = _op(cell, ragged, "forward")
-
-    def forward(ctx, *args):
-        with torch._C._AutoDispatchBelowAutograd():
-            output = op(*_full(cell, ragged, args[:-1], squeezed), args[-1])
-        _setup_context(cell, ragged, ctx, args, output, squeezed)
-        return output
-
-    def backward(ctx, *grads):
-        return _backward(cell, ragged, ctx, *grads)
-
-    name = f"{cell.name.upper()}Layer{'Ragged' if ragged else ''}"
-    return type(
-        name,
-        (torch.autograd.Function,),
-        {"forward": staticmethod(forward), "backward": staticmethod(backward)},
-    )
-
-
-# (cell name, ragged, squeezed) -> the eager autograd function of that forward op.
-EAGER = {
-    (c.name, r, s): _eager_function(c, r, s)
-    for c in CELLS.values()
-    for r in (False, True)
-    for s in (False, True)
-}
 
 
 def _register(cell: Cell, ragged: bool) -> None:

@@ -121,14 +121,15 @@ def _op(cell: Cell, ragged: bool, kind: str):
 
 
 # The layer ops of csrc/ops.cpp (varlen_rnn/__init__.py loads _C before importing ops):
-# kind "forward", "backward", and "" for the one that decides need_workspace itself.
+# kind "forward", "backward", "" for the one that decides need_workspace itself, and
+# "recording" for an eager call that records a graph (csrc/recording.cpp).
 _OPS = {
     (c.name, r, kind): getattr(
         torch.ops.varlen_rnn, f"{c.name}_layer{'_ragged' if r else ''}{kind and '_' + kind}"
     )
     for c in CELLS.values()
     for r in (False, True)
-    for kind in ("forward", "backward", "")
+    for kind in ("forward", "backward", "", "recording")
 }
 
 

@@ -13,7 +13,6 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from . import _autograd  # the fake kernels and autograd formulas, registered on import
 from ._schema import _LAYOUTS, CELLS, Cell, _full, _op, _reference
 
 __all__ = [
@@ -52,9 +51,9 @@ def _layer(cell: Cell, ragged: bool, args, squeezed: bool = False) -> tuple[Tens
 
     squeezed: one direction whose weights come without their D dimension (a module's
     parameters as they are, [G*H, I] for [1, G*H, I]). An eager call that records a graph
-    puts the dimension back inside its autograd function (_autograd.EAGER), so the graph
-    holds no view node per weight, which the backward of every one-step call would run;
-    other calls take the views here.
+    runs the recording op (csrc/recording.cpp), which puts the dimension back below
+    autograd, so the graph holds no view node per weight, which the backward of every
+    one-step call would run; other calls take the views here.
 
     The kernels run with autocast excluded (csrc/layer.h NoAutocastGuard); the modules pick
     the dtypes by torch.nn's autocast policy."""
@@ -73,8 +72,8 @@ def _layer(cell: Cell, ragged: bool, args, squeezed: bool = False) -> tuple[Tens
     need_workspace = _need_workspace(tensors)
     if stack:
         return tuple(op(*_full(cell, ragged, args, squeezed), need_workspace)[:-1])
-    if need_workspace:  # eager, recording: the op's autograd applied directly (_autograd.EAGER)
-        return tuple(_autograd.EAGER[cell.name, ragged, squeezed].apply(*args, True)[:-1])
+    if need_workspace:  # eager, recording: one C++ node (csrc/recording.cpp)
+        return tuple(_op(cell, ragged, "recording")(*args, squeezed))
     return _layer_below_autograd(cell, ragged, args, squeezed)
 
 
