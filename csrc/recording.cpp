@@ -51,8 +51,8 @@ namespace ag = torch::autograd;
 // release, c10::intrusive_ptr<Node> in 2.14 (both are supported).
 using NodePtr = decltype(ag::Edge::function);
 
-const char* const kLayerOps[] = {"gru_layer", "gru_layer_ragged", "lstm_layer",
-                                 "lstm_layer_ragged", "rnn_layer", "rnn_layer_ragged"};
+const char* const kLayerOps[] = {"gru_layer",         "gru_layer_ragged", "lstm_layer",
+                                 "lstm_layer_ragged", "rnn_layer",        "rnn_layer_ragged"};
 
 // Where one argument of a backward op comes from.
 enum class From { kGrad, kArg, kOutput, kWorkspace, kMask };
@@ -65,12 +65,12 @@ struct Source {
 struct Plan {
   std::string node_name;  // "GRULayerBackward", "LSTMLayerRaggedBackward", ...
   std::optional<c10::OperatorHandle> forward, backward;  // set by make_plan
-  size_t n_args = 0;    // the recording op's: the forward's, need_workspace's place holding squeezed
+  size_t n_args = 0;  // the recording op's: the forward's, need_workspace's place holding squeezed
   size_t n_states = 0;  // 1 (h) or 2 (h, c)
   // The differentiable arguments (forward positions), in the node's edge order and the
   // backward op's result order: input, hx[, cx], w_ih, w_hh, b_ih, b_hh[, w_hr].
   std::vector<size_t> diff;
-  size_t first_weight = 0;  // diff's index of w_ih
+  size_t first_weight = 0;      // diff's index of w_ih
   std::vector<Source> sources;  // the backward op's arguments, in order
 };
 
@@ -119,7 +119,8 @@ Plan make_plan(const std::string& name) {
   // "gru_layer_ragged" -> "GRULayerRaggedBackward"
   const std::string cell = name.substr(0, name.find('_'));
   for (char c : cell) p.node_name += static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
-  p.node_name += name.find("_ragged") != std::string::npos ? "LayerRaggedBackward" : "LayerBackward";
+  p.node_name +=
+      name.find("_ragged") != std::string::npos ? "LayerRaggedBackward" : "LayerBackward";
   return p;
 }
 
@@ -262,7 +263,7 @@ struct LayerBackward : public ag::Node {
         args[p.diff[k]] = op_weight(args[p.diff[k]]);
       }
     }
-    args.emplace_back(true);  // need_workspace
+    args.emplace_back(true);      // need_workspace
     p.forward->callBoxed(&args);  // output, states, workspace
     ag::variable_list outputs, grad_outputs;
     for (size_t j = 0; j < g.size(); ++j) {
@@ -327,7 +328,7 @@ void recording(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
       }
     }
     call.back() = c10::IValue(record);  // need_workspace
-    p.forward->callBoxed(&call);         // output, states, workspace
+    p.forward->callBoxed(&call);        // output, states, workspace
   }
   const size_t n_out = 1 + p.n_states;
   if (record) {
