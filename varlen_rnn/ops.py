@@ -13,6 +13,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
+from . import _autograd  # noqa: F401  (the fake kernels and autograd formulas, registered on import)
 from ._schema import _LAYOUTS, CELLS, Cell, _full, _op, _reference
 
 __all__ = [
