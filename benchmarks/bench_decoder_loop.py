@@ -15,8 +15,8 @@ benchmarks/results/decoder-loop_cpu_<date>.md (decoder-loop-inference_... with -
     python benchmarks/bench_decoder_loop.py --inference --vocab 10000 --cells GRU
     python benchmarks/bench_decoder_loop.py --inference --vocab 10000 --full-path --rounds 9
 
---full-path times ours without forward's eager inference shortcut as well (the full path, as
-before that shortcut), --rounds R repeats the interleaved timing R times (medians over them).
+--full-path times ours without forward's eager shortcut as well (the full path, as before
+that shortcut; training loops too since it takes calls that record a graph), --rounds R repeats the interleaved timing R times (medians over them).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import varlen_rnn  # noqa: E402
 
 
 def _no_shortcut(self, *args):
-    """RNNBase._eager_inference declining every call: forward's full path."""
+    """RNNBase._eager_shortcut declining every call: forward's full path."""
     return None
 
 
@@ -94,8 +94,8 @@ def main(argv=None):
     p.add_argument(
         "--full-path",
         action="store_true",
-        help="with --inference: ours without forward's eager inference shortcut as well "
-        "(RNNBase._eager_inference), the change's before and after in one process",
+        help="ours without forward's eager shortcut as well (RNNBase._eager_shortcut), the "
+        "shortcut's before and after in one process",
     )
     p.add_argument(
         "--rounds",
@@ -108,8 +108,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.vocab and not args.inference:
         p.error("--vocab needs --inference (greedy decoding)")
-    if args.full_path and not args.inference:
-        p.error("--full-path needs --inference (the shortcut is for calls without a gradient)")
     torch.set_num_threads(args.threads)
     H, T = args.hidden, args.steps
     rows = []
@@ -122,7 +120,7 @@ def main(argv=None):
             xs = torch.randn(T, 1, B, H).to(dtype).requires_grad_(not args.inference).unbind(0)
             competitors = {"nn": ref, "ours": ours}
             if args.full_path:
-                full = type(f"Full{cell}", (type(ours),), {"_eager_inference": _no_shortcut})
+                full = type(f"Full{cell}", (type(ours),), {"_eager_shortcut": _no_shortcut})
                 competitors["full"] = full.from_torch(ref)
             if args.vocab:
                 emb = torch.nn.Embedding(args.vocab, H).to(dtype)

@@ -278,19 +278,19 @@ def test_short_bidirectional_call_runs_directions_apart(kind, batch_first, dtype
 
 
 def _full_path_only(monkeypatch):
-    """forward without its eager inference shortcut."""
-    monkeypatch.setattr(varlen_rnn.RNNBase, "_eager_inference", lambda *a: None)
+    """forward without its eager shortcut."""
+    monkeypatch.setattr(varlen_rnn.RNNBase, "_eager_shortcut", lambda *a: None)
 
 
 @pytest.mark.parametrize("hx_given", [False, True], ids=["hx0", "hx"])
 @pytest.mark.parametrize("lengths_kind", ["none", "list", "tensor"])
 @pytest.mark.parametrize("layers,batch_first,bias", [(1, False, True), (2, True, False)])
 @pytest.mark.parametrize("kind", KINDS)
-def test_eager_inference_shortcut(
+def test_eager_shortcut_shortcut(
     monkeypatch, kind, layers, batch_first, bias, lengths_kind, hx_given
 ):
     """A call that wants no gradient, one direction, padded: forward's shortcut
-    (RNNBase._eager_inference) runs it without the full path's layer loop (RNNBase._run is not
+    (RNNBase._eager_shortcut) runs it without the full path's layer loop (RNNBase._run is not
     called), with the same op calls (one per layer, no workspace kept): outputs and final states
     equal the full path's bit for bit, and nn + packing's in float64."""
     lengths, T = [2, 5, 0, 4], 5
@@ -320,10 +320,63 @@ def test_eager_inference_shortcut(
         torch.testing.assert_close(a, b, **TOL[torch.float64])
 
 
-def test_eager_inference_shortcut_declines(monkeypatch):
-    """What the shortcut leaves to the full path: a gradient wanted, two directions, unbatched
-    or ragged input, autocast, dropout between layers in training, torch.func and forward AD,
-    arguments forward's checks refuse (which then raise the full path's errors, unchanged)."""
+@pytest.mark.parametrize("wants", ["all", "parameters", "input", "state"])
+@pytest.mark.parametrize("layers,batch_first,bias", [(1, False, True), (2, True, False)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_eager_shortcut_of_a_recording_call(monkeypatch, kind, layers, batch_first, bias, wants):
+    """A call that records a graph, one direction, padded: the shortcut runs it too, each layer
+    through the recording op (one node per layer, RNNBase._run not called), with what requires
+    a gradient varied (everything; the parameters only, the input being data; the input or the
+    initial state only, the parameters frozen). Outputs, final states and every gradient equal
+    the full path's bit for bit, and nn + packing's in float64."""
+    lengths, T = [2, 5, 0, 4], 5
+    B, I, H = len(lengths), 3, 6
+    ref, ours = make_kind_pair(kind, I, H, num_layers=layers, batch_first=batch_first, bias=bias)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn((B, T, I) if batch_first else (T, B, I), generator=g, dtype=torch.float64)
+    hx = states_of(kind, B, H, layers, 1, g)
+    states = list(hx) if isinstance(hx, tuple) else [hx]
+    x.requires_grad_(wants in ("all", "input"))
+    for s in states:
+        s.requires_grad_(wants in ("all", "state"))
+    for p in (*ours.parameters(), *ref.parameters()):
+        p.requires_grad_(wants in ("all", "parameters"))
+    leaves = [t for t in (x, *states, *ours.parameters()) if t.requires_grad]
+    v = torch.Generator().manual_seed(7)
+
+    def loss_of(result):
+        return sum(
+            (t * torch.randn(t.shape, generator=v, dtype=t.dtype)).sum() for t in flat(result)
+        )
+
+    with monkeypatch.context() as m, OpArguments("_forward", "need_workspace") as rec:
+        m.setattr(varlen_rnn.RNNBase, "_run", None)  # calling it fails the test
+        short = ours(x, hx, lengths=lengths)
+    assert rec.values == [True] * layers  # each layer's forward op, keeping its workspace
+    node = f"{kind.split('_')[0].upper()}LayerBackward"
+    last = flat(short)[0].grad_fn
+    assert last.name() == node  # the recording op's node (its C++ name)
+    v.manual_seed(7)
+    g_short = torch.autograd.grad(loss_of(short), leaves)
+    with monkeypatch.context() as m:
+        _full_path_only(m)
+        full = ours(x, hx, lengths=lengths)
+    v.manual_seed(7)
+    g_full = torch.autograd.grad(loss_of(full), leaves)
+    for a, b in zip((*flat(short), *g_short), (*flat(full), *g_full), strict=True):
+        assert torch.equal(a, b)
+    leaves_nn = [t for t in (x, *states, *ref.parameters()) if t.requires_grad]
+    v.manual_seed(7)
+    g_nn = torch.autograd.grad(loss_of(baseline(ref, x, lengths, hx)), leaves_nn)
+    for a, b in zip(g_short, g_nn, strict=True):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+def test_eager_shortcut_declines(monkeypatch):
+    """What the shortcut leaves to the full path: two directions, unbatched or ragged input,
+    autocast, dropout between layers in training, torch.func and forward AD, arguments
+    forward's checks refuse (which then raise the full path's errors, unchanged, with and
+    without a gradient)."""
     from torch.nn.utils.rnn import pack_sequence
 
     ours = varlen_rnn.GRU(3, 4, num_layers=2, dropout=0.5)
@@ -331,7 +384,7 @@ def test_eager_inference_shortcut_declines(monkeypatch):
     x, h = torch.randn(5, 2, 3), torch.zeros(2, 2, 4)
     ours.eval()
     with torch.no_grad():
-        assert ours._eager_inference(x, h, None) is not None  # the one that takes it
+        assert ours._eager_shortcut(x, h, None) is not None  # the one that takes it
         declined = [
             (bi, x, None),
             (ours, x[:, 0], h[:, 0]),  # unbatched
@@ -344,22 +397,22 @@ def test_eager_inference_shortcut_declines(monkeypatch):
             (ours, torch.randn(5, 2, 4), h),  # the wrong feature size
         ]
         for module, inp, state in declined:
-            assert module._eager_inference(inp, state, None) is None
+            assert module._eager_shortcut(inp, state, None) is None
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert ours._eager_inference(x, h, None) is None
+            assert ours._eager_shortcut(x, h, None) is None
         ours.train()
-        assert ours._eager_inference(x, h, None) is None  # dropout between the two layers
+        assert ours._eager_shortcut(x, h, None) is None  # dropout between the two layers
         ours.eval()
         seen = []
-        torch.func.vmap(lambda xi: seen.append(ours._eager_inference(xi, None, None)) or xi)(
+        torch.func.vmap(lambda xi: seen.append(ours._eager_shortcut(xi, None, None)) or xi)(
             x.unsqueeze(0)
         )
         assert seen == [None]
         import torch.autograd.forward_ad as fwAD
 
         with fwAD.dual_level():
-            assert ours._eager_inference(x, h, None) is None
-    assert ours._eager_inference(x, h, None) is None  # a gradient wanted
+            assert ours._eager_shortcut(x, h, None) is None
+    assert ours._eager_shortcut(x, h, None) is not None  # a gradient wanted: taken too
     # Refused arguments raise as before: the same error with and without a gradient.
     for inp, state in [(x.double(), h), (x, h[:1]), (torch.randn(5, 2, 4), h)]:
         with pytest.raises(Exception) as with_grad:

@@ -277,7 +277,7 @@ class RNNBase(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward(self, input, hx=None, lengths=None):
-        shortcut = self._eager_inference(input, hx, lengths)
+        shortcut = self._eager_shortcut(input, hx, lengths)
         if shortcut is not None:
             return shortcut
         if isinstance(input, torch.fx.Proxy):
@@ -319,22 +319,22 @@ class RNNBase(nn.Module):
             output, finals = output.squeeze(batch_dim), tuple(f.squeeze(1) for f in finals)
         return output, self._result(finals)
 
-    def _eager_inference(self, input, hx, lengths):
-        """forward's shortcut for a decoder's step and other eager calls that want no
-        gradient: a padded batch of one direction, every argument as forward's checks want
-        it, nothing that changes the op or its dtypes (autocast, compile, tracing, torch.func,
-        forward AD, dropout between layers). The same op calls with the same arguments as the
-        full path, so the same results bit for bit; only what runs around them is less.
-        Returns None, and forward takes its full path (which raises what is wrong), unless
-        all of that holds.
+    def _eager_shortcut(self, input, hx, lengths):
+        """forward's shortcut for a decoder's step and other eager calls: a padded batch of
+        one direction, every argument as forward's checks want it, nothing that changes the
+        op or its dtypes (autocast, compile, tracing, torch.func, forward AD, dropout between
+        layers). The same op calls with the same arguments as the full path, so the same
+        results bit for bit (and, for a call that wants a gradient, the same graph: one
+        recording op's node per layer); only what runs around them is less. Returns None,
+        and forward takes its full path (which raises what is wrong), unless all of that
+        holds.
 
         Why: such a call's time is the op's plus the Python around it, and between two steps
         of a decoder (an output layer, an embedding) that Python runs from cold caches, where
         the full path's many small functions cost a decoder's GRU step more than nn.GRU's
         whole step did ("Small calls" in benchmarks/README.md has the measurements)."""
         if (
-            torch.is_grad_enabled()
-            or type(input) is not Tensor  # a PackedSequence, fx Proxy, nested or fake tensor
+            type(input) is not Tensor  # a PackedSequence, fx Proxy, nested or fake tensor
             or torch.compiler.is_compiling()
             or torch.jit.is_tracing()
             or self.bidirectional
@@ -369,13 +369,18 @@ class RNNBase(nn.Module):
         lengths = _inputs.as_lengths(lengths, B, T, device)
         # _run's layer loop, less what it needs for the other calls (autocast's dtypes, two
         # directions, dropout, ops._layer's checks): through _run the shortcut saved about half
-        # as much (greedy decoding, GRU B=1 and 8: 5-8 us a step against 15).
+        # as much (greedy decoding, GRU B=1 and 8: 5-8 us a step against 15). Each layer's op
+        # as ops._layer picks it: the recording op where a gradient is wanted.
         cell, options, L = CELLS[self._cell], self._options(), self.num_layers
         x, ends = input, []
         for layer in range(L):
             mine = states if L == 1 else [s[layer : layer + 1] for s in states]
-            args = (x, lengths, *mine, *self._stacked(flat, layer, dtype, 1), *options)
-            x, *end = ops._layer_below_autograd(cell, False, (*args, self.batch_first), True)
+            w = self._stacked(flat, layer, dtype, 1)
+            args = (x, lengths, *mine, *w, *options, self.batch_first)
+            if ops._need_workspace((x, *mine, *w)):
+                x, *end = ops._layer_recording(cell, False, args, True)
+            else:
+                x, *end = ops._layer_below_autograd(cell, False, args, True)
             ends.append(end)
         finals = ends[0] if L == 1 else [torch.cat(f, 0) for f in zip(*ends)]
         return x, self._result(tuple(finals))

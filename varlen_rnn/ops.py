@@ -73,14 +73,21 @@ def _layer(cell: Cell, ragged: bool, args, squeezed: bool = False) -> tuple[Tens
     need_workspace = _need_workspace(tensors)
     if stack:
         return tuple(op(*_full(cell, ragged, args, squeezed), need_workspace)[:-1])
-    if need_workspace:  # eager, recording: one C++ node (csrc/recording.cpp)
-        return tuple(_op(cell, ragged, "recording")(*args, squeezed))
+    if need_workspace:
+        return _layer_recording(cell, ragged, args, squeezed)
     return _layer_below_autograd(cell, ragged, args, squeezed)
+
+
+def _layer_recording(cell: Cell, ragged: bool, args, squeezed: bool) -> tuple[Tensor, ...]:
+    """_layer of an eager call that records a graph (the caller knows: _layer, or forward's
+    shortcut RNNBase._eager_shortcut): the recording op, whose C++ node calls the backward op
+    (csrc/recording.cpp)."""
+    return tuple(_op(cell, ragged, "recording")(*args, squeezed))
 
 
 def _layer_below_autograd(cell: Cell, ragged: bool, args, squeezed: bool) -> tuple[Tensor, ...]:
     """_layer of an eager call with no gradient wanted (the caller knows: _layer, or forward's
-    shortcut RNNBase._eager_inference). The op's autograd kernel (torch.library's, in Python)
+    shortcut RNNBase._eager_shortcut). The op's autograd kernel (torch.library's, in Python)
     would only redispatch below autograd, so call below it directly. That kernel's round trip
     through Python cost more than the rest of a one-step call's Python (B=1 T=1 H=16, 1
     thread: 45 -> 29 us for the op)."""
