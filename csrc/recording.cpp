@@ -157,6 +157,17 @@ struct LayerBackward : public ag::Node {
 
   std::string name() const override { return plan_.node_name; }
 
+  // Compiled autograd compiles every node of a graph; this one it cannot. ops._layer records
+  // the registered autograd's node instead where compiled autograd is on at the forward.
+  void compiled_args(ag::CompiledNodeArgs& /*args*/) const override {
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        false, name(),
+        " (varlen_rnn) is not supported by compiled autograd: turn compiled autograd on "
+        "before the forward call as well (torch._dynamo.config.compiled_autograd = True, or "
+        "its context around forward and backward), and varlen_rnn records a node it "
+        "supports");
+  }
+
   void release_variables() override {
     for (auto& s : saved_) s.reset_data();
     output_.reset_data();

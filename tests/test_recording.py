@@ -189,3 +189,31 @@ def test_the_decoder_loop_matches_nn_in_float64(kind):
         grads.append(torch.autograd.grad(loss, [xs, *s0, *m.parameters()]))
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm_proj", "rnn_relu"])
+def test_compiled_autograd(kind):
+    """Compiled autograd (torch._dynamo.compiled_autograd), on at the forward call as its docs
+    ask, compiles the backward of a graph holding our layer: the call then records the
+    registered autograd's node, which it can compile (the C++ node it cannot), and the
+    gradients are the eager ones. On only around the backward, it meets the C++ node, which
+    refuses with an error that says what to do."""
+    from torch._dynamo import compiled_autograd
+    from torch._dynamo.utils import counters
+
+    _, ours, x, lengths = setup(kind, "cpu")
+    params = [x, *ours.parameters()]
+    want = torch.autograd.grad(loss_of(ours(x, lengths=lengths)), params)
+    compiler = torch.compile(backend="eager")
+    counters.clear()
+    with compiled_autograd._enable(compiler):
+        result = ours(x, lengths=lengths)
+        assert result[0].grad_fn.name() != NODES.get(kind, "RNNLayerBackward")  # not ours
+        loss_of(result).backward()
+    assert counters["compiled_autograd"]["captures"] >= 1  # it did compile the backward
+    for p, w in zip(params, want, strict=True):
+        torch.testing.assert_close(p.grad, w, **TOL[torch.float64])
+    loss = loss_of(ours(x, lengths=lengths))
+    with compiled_autograd._enable(compiler):
+        with pytest.raises(NotImplementedError, match="before the forward call as well"):
+            loss.backward()

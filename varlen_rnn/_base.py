@@ -344,6 +344,7 @@ class RNNBase(nn.Module):
             or torch._C._functorch.get_interpreter_stack()
             or ops.fwAD._current_level >= 0
             or _inputs.autocast_on(input.device)
+            or (torch.is_grad_enabled() and ops._compiled_autograd_on())  # ops._layer's choice
         ):
             return None
         flat = self._flat_weights

@@ -9,6 +9,8 @@ layout and the table of cells are varlen_rnn._schema's.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
@@ -74,8 +76,23 @@ def _layer(cell: Cell, ragged: bool, args, squeezed: bool = False) -> tuple[Tens
     if stack:
         return tuple(op(*_full(cell, ragged, args, squeezed), need_workspace)[:-1])
     if need_workspace:
+        if _compiled_autograd_on():  # the registered autograd's node, which it compiles
+            return tuple(op(*_full(cell, ragged, args, squeezed), True)[:-1])
         return _layer_recording(cell, ragged, args, squeezed)
     return _layer_below_autograd(cell, ragged, args, squeezed)
+
+
+def _compiled_autograd_on() -> bool:
+    """Whether compiled autograd (torch._dynamo.compiled_autograd) may run this call's
+    backward: its context is active, or torch._dynamo.config.compiled_autograd is set. It
+    compiles every node of the graph, which the recording op's C++ node does not support, the
+    registered autograd's node does. (Neither is on before torch._dynamo is imported.)"""
+    ca = sys.modules.get("torch._dynamo.compiled_autograd")
+    config = sys.modules.get("torch._dynamo.config")
+    return bool(
+        (ca is not None and getattr(ca, "compiled_autograd_enabled", False))
+        or (config is not None and getattr(config, "compiled_autograd", False))
+    )
 
 
 def _layer_recording(cell: Cell, ragged: bool, args, squeezed: bool) -> tuple[Tensor, ...]:
