@@ -96,9 +96,9 @@ def _compiled_autograd_on() -> bool:
 
 
 def _layer_recording(cell: Cell, ragged: bool, args, squeezed: bool) -> tuple[Tensor, ...]:
-    """_layer of an eager call that records a graph (the caller knows: _layer, or forward's
-    shortcut RNNBase._eager_shortcut): the recording op, whose C++ node calls the backward op
-    (csrc/recording.cpp)."""
+    """_layer of an eager call through the recording op (the caller knows: _layer, or
+    forward's shortcut RNNBase._eager_shortcut), which records one C++ node calling the
+    backward op where a gradient is wanted, and nothing otherwise (csrc/recording.cpp)."""
     return tuple(_op(cell, ragged, "recording")(*args, squeezed))
 
 
@@ -107,10 +107,17 @@ def _layer_below_autograd(cell: Cell, ragged: bool, args, squeezed: bool) -> tup
     shortcut RNNBase._eager_shortcut). The op's autograd kernel (torch.library's, in Python)
     would only redispatch below autograd, so call below it directly. That kernel's round trip
     through Python cost more than the rest of a one-step call's Python (B=1 T=1 H=16, 1
-    thread: 45 -> 29 us for the op)."""
+    thread: 45 -> 29 us for the op).
+
+    Squeezed weights go through the recording op, which records nothing here (no gradient is
+    wanted: its condition is _need_workspace's) and makes their [1, ...] views in C++: four
+    views in Python cost a greedy decoder's GRU step 9-11 us more (ad hoc, I=H=256, B=1-8, 2
+    threads, from cold caches: "Small calls" in benchmarks/README.md)."""
+    if squeezed:
+        return _layer_recording(cell, ragged, args, True)
     with torch._C._AutoDispatchBelowAutograd():
         op = _op(cell, ragged, "forward")
-        return tuple(op(*_full(cell, ragged, args, squeezed), False)[:-1])
+        return tuple(op(*args, False)[:-1])
 
 
 # ------------------------------------------------------------------ the public layers
