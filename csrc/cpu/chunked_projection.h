@@ -103,8 +103,9 @@ at::Tensor whole_projection(const ForwardArgs& args, const at::Tensor& xp, int64
       const at::Tensor a = xp.contiguous();  // [N, I]
       const int64_t I = args.dims.I, N = a.size(0);
       at::Tensor gx = at::empty({N, G}, args.opts());
-      f32_dot_rows(N, a.const_data_ptr<float>(), I, args.w_ih[d].const_data_ptr<float>(), G, I,
-                   gx.data_ptr<float>(), G);
+      // W_ih [D, G*H, I] contiguous: direction d's, without a select of it
+      f32_dot_rows(N, a.const_data_ptr<float>(), I, args.w_ih.const_data_ptr<float>() + d * G * I,
+                   G, I, gx.data_ptr<float>(), G);
       return gx;
     }
   }

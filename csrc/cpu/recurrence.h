@@ -105,8 +105,8 @@ void forward_impl(ForwardArgs& args) {
     xp.reset();
     at::Tensor h[2], c[2];  // [B, P], [B, H] sorted order
     for (int64_t d = 0; d < 2; ++d) {
-      h[d] = order.gather(args.hx[d]);
-      if (Cell::kHasC) c[d] = order.gather(args.cx[d]);
+      h[d] = order.gather(args.hx, d);
+      if (Cell::kHasC) c[d] = order.gather(args.cx, d);
     }
     const scalar_t* const gx_p[2] = {chunked ? nullptr : gx[0].const_data_ptr<scalar_t>(),
                                      chunked ? nullptr : gx[1].const_data_ptr<scalar_t>()};
@@ -114,8 +114,8 @@ void forward_impl(ForwardArgs& args) {
                                        workspace_of<scalar_t>(args, 1)};
     concurrent_steps<Cell, scalar_t>(args, gx_p, bias.const_data_ptr<scalar_t>(), h, c, ws);
     for (int64_t d = 0; d < 2; ++d) {
-      order.scatter(args.h_n[d], h[d]);
-      if (Cell::kHasC) order.scatter(args.c_n[d], c[d]);
+      order.scatter(args.h_n, d, h[d]);
+      if (Cell::kHasC) order.scatter(args.c_n, d, c[d]);
     }
     return;
   }
@@ -133,15 +133,18 @@ void forward_impl(ForwardArgs& args) {
     auto transposed = [&](const at::Tensor& w) {  // [rows, cols] -> [cols, rows]
       return few ? w.t() : w.t().contiguous();
     };
+    // Where every step's product is f32_dot_rows (at most B rows, the first step's), W_hh
+    // is read as stored and no view of it is made.
+    const bool all_dots = dots && f32_dots_for(dims.B);
     const at::Tensor w_hh_t =
-        gemm_loop && !bf16 ? transposed(args.w_hh[d]) : at::Tensor();  // [P, G*H]
+        gemm_loop && !bf16 && !all_dots ? transposed(args.w_hh[d]) : at::Tensor();  // [P, G*H]
     const PackedB16 w_hh_packed =
         bf16 && !stored ? pack_b16(P, G, args.w_hh[d].const_data_ptr<at::BFloat16>(), 1, P)
                         : PackedB16{};
     const at::Tensor w_hr_t =
         gemm_loop && proj ? transposed(args.w_hr[d]) : at::Tensor();       // [H, P]
-    at::Tensor h = order.gather(args.hx[d]);                               // [B, P] sorted order
-    at::Tensor c = Cell::kHasC ? order.gather(args.cx[d]) : at::Tensor();  // [B, H]
+    at::Tensor h = order.gather(args.hx, d);                               // [B, P] sorted order
+    at::Tensor c = Cell::kHasC ? order.gather(args.cx, d) : at::Tensor();  // [B, H]
     // [B, P] h rounded for the next step's product: h0 here, then by each
     // step's gate pass (or, with a projection, after it) while h is in cache.
     at::Tensor hb = bf16 ? h.to(at::kBFloat16) : at::Tensor();
@@ -156,12 +159,11 @@ void forward_impl(ForwardArgs& args) {
     }
     for (int64_t s = 0; s < (gemm_loop ? sched.max_len : 0); ++s) {
       const int64_t n = sched.active[s];
-      at::Tensor gh_s = gh.narrow(0, 0, n);
       bool done = false;
       if constexpr (std::is_same_v<scalar_t, float>) {
-        if (dots && f32_dots_for(n)) {
-          f32_dot_rows(n, h_p, P, args.w_hh[d].const_data_ptr<float>(), G, P, gh.data_ptr<float>(),
-                       G);
+        if (dots && f32_dots_for(n)) {  // W_hh [D, G*H, P] contiguous: direction d's
+          f32_dot_rows(n, h_p, P, args.w_hh.const_data_ptr<float>() + d * G * P, G, P,
+                       gh.data_ptr<float>(), G);
           done = true;
         }
         if (stored) {
@@ -173,7 +175,10 @@ void forward_impl(ForwardArgs& args) {
                              gh.data_ptr<float>(), G, nullptr);
         }
       }
-      if (!bf16 && !done) at::mm_out(gh_s, h.narrow(0, 0, n), w_hh_t);  // float32/64
+      if (!bf16 && !done) {  // float32/64
+        at::Tensor gh_s = gh.narrow(0, 0, n);
+        at::mm_out(gh_s, h.narrow(0, 0, n), w_hh_t);
+      }
       at::parallel_for(0, n, row_grain(H), [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t t = step_time(d, sched.len[i], s);
@@ -205,8 +210,8 @@ void forward_impl(ForwardArgs& args) {
         });
       }
     }
-    order.scatter(args.h_n[d], h);
-    if (Cell::kHasC) order.scatter(args.c_n[d], c);
+    order.scatter(args.h_n, d, h);
+    if (Cell::kHasC) order.scatter(args.c_n, d, c);
   }
 }
 
@@ -411,14 +416,14 @@ void backward_impl(BackwardArgs& args) {
   if (loops == StepLoops::kConcurrent) {  // cpu/split_backward.h
     at::Tensor dh[2], dc[2];              // [B, P], [B, H] sorted order
     for (int64_t d = 0; d < 2; ++d) {
-      dh[d] = order.gather(args.grad_h_n[d]);
-      if (Cell::kHasC) dc[d] = order.gather(args.grad_c_n[d]);
+      dh[d] = order.gather(args.grad_h_n, d);
+      if (Cell::kHasC) dc[d] = order.gather(args.grad_c_n, d);
     }
     const BackwardBuffers<scalar_t> bufs[2] = {bufs_of(0, 0), bufs_of(1, 1)};
     concurrent_backward<Cell, scalar_t>(args, bufs, dgx_in_place, dh, dc);
     for (int64_t d = 0; d < 2; ++d) {
-      order.scatter(args.grad_hx[d], dh[d]);
-      if (Cell::kHasC) order.scatter(args.grad_cx[d], dc[d]);
+      order.scatter(args.grad_hx, d, dh[d]);
+      if (Cell::kHasC) order.scatter(args.grad_cx, d, dc[d]);
       hidden_weight_grads(d, d);
     }
   }
@@ -431,8 +436,8 @@ void backward_impl(BackwardArgs& args) {
     scalar_t* dhs_p = bufs.dhs;
     scalar_t* hout_p = bufs.hout;
     const bool dgh_in_dgx = dgx_in_place && d == 0;
-    at::Tensor dh = order.gather(args.grad_h_n[d]);  // [B, P] sorted order
-    at::Tensor dc = Cell::kHasC ? order.gather(args.grad_c_n[d]) : at::Tensor();  // [B, H]
+    at::Tensor dh = order.gather(args.grad_h_n, d);  // [B, P] sorted order
+    at::Tensor dc = Cell::kHasC ? order.gather(args.grad_c_n, d) : at::Tensor();  // [B, H]
     scalar_t* dh_p = dh.data_ptr<scalar_t>();
     scalar_t* dc_p = Cell::kHasC ? dc.data_ptr<scalar_t>() : nullptr;
     const Workspace<scalar_t> ws = workspace_of<scalar_t>(args, d);
@@ -519,8 +524,8 @@ void backward_impl(BackwardArgs& args) {
         at::mm_out(dh_s, dgh_s, w_hh_d);
       }
     }
-    order.scatter(args.grad_hx[d], dh);
-    if (Cell::kHasC) order.scatter(args.grad_cx[d], dc);
+    order.scatter(args.grad_hx, d, dh);
+    if (Cell::kHasC) order.scatter(args.grad_cx, d, dc);
     hidden_weight_grads(d, 0);
   }
   dghn.reset();

@@ -17,6 +17,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cstdint>
 #include <numeric>
 #include <optional>
@@ -211,17 +212,32 @@ class SortedOrder {
     // A permutation of 0..B-1 in ascending order is the identity.
     if (!identity_) perm_ = at::tensor(sched.perm, at::TensorOptions().dtype(at::kLong));
   }
-  // [B, ...] contiguous, sorted order: row i = src[perm[i]].
-  at::Tensor gather(const at::Tensor& src) const {
-    return identity_ ? src.clone(at::MemoryFormat::Contiguous) : src.index_select(0, perm_);
+  // Direction d of all [D, B, X] (contiguous): [B, X] contiguous, sorted
+  // order, row i = all[d][perm[i]]. The identity's copy is a memcpy: a
+  // decoder's one-step call does this for every state, and each ATen call
+  // (select, clone's empty_like and copy_) costs it more than the copy.
+  at::Tensor gather(const at::Tensor& all, int64_t d) const {
+    TORCH_INTERNAL_ASSERT(all.dim() == 3 && all.is_contiguous());
+    if (!identity_) return all[d].index_select(0, perm_);
+    at::Tensor out = at::empty({all.size(1), all.size(2)}, all.options());
+    const size_t bytes = out.nbytes();
+    if (bytes)
+      std::memcpy(out.data_ptr(), static_cast<const char*>(all.const_data_ptr()) + d * bytes,
+                  bytes);
+    return out;
   }
-  // dst[perm[i]] = src[i].
-  void scatter(at::Tensor dst, const at::Tensor& src) const {
-    if (identity_) {
-      dst.copy_(src);
-    } else {
-      dst.index_copy_(0, perm_, src);
+  // all[d][perm[i]] = src[i] for all [D, B, X] (contiguous) and src [B, X].
+  void scatter(const at::Tensor& all, int64_t d, const at::Tensor& src) const {
+    TORCH_INTERNAL_ASSERT(all.dim() == 3 && all.is_contiguous());
+    if (!identity_) {
+      all[d].index_copy_(0, perm_, src);
+      return;
     }
+    TORCH_INTERNAL_ASSERT(src.is_contiguous() && src.scalar_type() == all.scalar_type() &&
+                          src.numel() == all.size(1) * all.size(2));
+    const size_t bytes = src.nbytes();
+    if (bytes)
+      std::memcpy(static_cast<char*>(all.data_ptr()) + d * bytes, src.const_data_ptr(), bytes);
   }
 
  private:
