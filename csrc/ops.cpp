@@ -16,36 +16,27 @@
 
 namespace {
 
+// s with `part` (which must be there) replaced by `by`.
+std::string replaced(std::string s, const std::string& part, const std::string& by) {
+  const auto at = s.find(part);
+  TORCH_CHECK(at != std::string::npos, "varlen_rnn: no '", part, "' in ", s);
+  return s.replace(at, part.size(), by);
+}
+
 // The schema of a layer op that decides need_workspace itself (below) from
 // its forward's: "<name>_forward(..., bool need_workspace) -> (..., Tensor
 // workspace)" becomes "<name>(...) -> (...)".
 std::string deciding_workspace(const std::string& forward) {
-  std::string s = forward;
-  const auto cut = [&s](const std::string& part) {
-    const auto at = s.find(part);
-    TORCH_CHECK(at != std::string::npos, "varlen_rnn: no '", part, "' in ", s);
-    s.erase(at, part.size());
-  };
-  cut("_forward");
-  cut(", bool need_workspace");
-  cut(", Tensor workspace");
-  return s;
+  const std::string s = replaced(forward, "_forward", "");
+  return replaced(replaced(s, ", bool need_workspace", ""), ", Tensor workspace", "");
 }
 
 // The schema of a layer op's recording op (below) from its forward's:
 // "<name>_forward(..., bool need_workspace) -> (..., Tensor workspace)"
 // becomes "<name>_recording(..., bool squeezed) -> (...)".
 std::string recording(const std::string& forward) {
-  std::string s = forward;
-  const auto replace = [&s](const std::string& part, const std::string& by) {
-    const auto at = s.find(part);
-    TORCH_CHECK(at != std::string::npos, "varlen_rnn: no '", part, "' in ", s);
-    s.replace(at, part.size(), by);
-  };
-  replace("_forward(", "_recording(");
-  replace("bool need_workspace", "bool squeezed");
-  replace(", Tensor workspace", "");
-  return s;
+  const std::string s = replaced(forward, "_forward(", "_recording(");
+  return replaced(replaced(s, "bool need_workspace", "bool squeezed"), ", Tensor workspace", "");
 }
 
 }  // namespace
@@ -216,6 +207,7 @@ TORCH_LIBRARY(varlen_rnn, m) {
   for (const std::string* forward : {&gru_layer, &gru_layer_ragged, &lstm_layer, &lstm_layer_ragged,
                                      &rnn_layer, &rnn_layer_ragged}) {
     m.def(deciding_workspace(*forward).c_str());
+    m.def(recording(*forward).c_str());  // the recording ops: below
   }
   // {gru,lstm,rnn}_layer[_ragged]_recording: what an eager call that records a
   // graph runs (varlen_rnn/ops.py _layer; not a public op). The forward op's
@@ -226,10 +218,7 @@ TORCH_LIBRARY(varlen_rnn, m) {
   // the recorded node keeps. Its Autograd kernel (csrc/recording.cpp) runs the
   // forward op below autograd and records one C++ node whose backward calls the
   // backward op; below autograd it is the forward op without a workspace.
-  for (const std::string* forward : {&gru_layer, &gru_layer_ragged, &lstm_layer, &lstm_layer_ragged,
-                                     &rnn_layer, &rnn_layer_ragged}) {
-    m.def(recording(*forward).c_str());
-  }
+  // (Defined in the loop above, beside the deciding ops.)
   // Tests and benchmarks only (not a public op): a [m, K] @ b [K, N] (+ c
   // [m, N] when given) through the CPU step loops' float32 micro-kernel
   // (cpu/small_gemm.h), b packed first. kernel: "auto", "avx512", "avx2" or

@@ -134,17 +134,14 @@ const Plan& plan_of(const c10::OperatorHandle& op) {
   return plans.at(full.substr(full.find("::") + 2));
 }
 
-bool is_weight(const Plan& p, size_t arg) {
+// Squeezed weights in a forward op's arguments as the ops take them: each its
+// [1, ...] view, None left as it is (no graph where the caller is below autograd;
+// recorded where it differentiates them).
+void op_weights(const Plan& p, std::vector<c10::IValue>& args) {
   for (size_t k = p.first_weight; k < p.diff.size(); ++k) {
-    if (p.diff[k] == arg) return true;
+    c10::IValue& w = args[p.diff[k]];
+    if (w.isTensor()) w = c10::IValue(w.toTensor().unsqueeze(0));
   }
-  return false;
-}
-
-// A squeezed weight as the ops take it: its [1, ...] view (no graph: made below
-// autograd by the callers, or recorded where the caller differentiates it).
-c10::IValue op_weight(const c10::IValue& w) {
-  return w.isTensor() ? c10::IValue(w.toTensor().unsqueeze(0)) : w;
 }
 
 struct LayerBackward : public ag::Node {
@@ -219,13 +216,14 @@ struct LayerBackward : public ag::Node {
     ag::variable_list result(p.diff.size());
     {
       at::AutoDispatchBelowADInplaceOrView below;
+      if (squeezed_) op_weights(p, args);
       for (const Source& s : p.sources) {
         switch (s.from) {
           case From::kGrad:
             stack.emplace_back(g[s.at].defined() ? c10::IValue(g[s.at]) : c10::IValue());
             break;
           case From::kArg:
-            stack.push_back(squeezed_ && is_weight(p, s.at) ? op_weight(args[s.at]) : args[s.at]);
+            stack.push_back(args[s.at]);
             break;
           case From::kOutput:
             stack.emplace_back(output_.unpack(self));
@@ -269,13 +267,9 @@ struct LayerBackward : public ag::Node {
     }
     ag::variable_list result(p.diff.size());
     if (wrt.empty()) return result;
-    if (squeezed_) {  // recorded views: the gradients reach the parameters through them
-      for (size_t k = p.first_weight; k < p.diff.size(); ++k) {
-        args[p.diff[k]] = op_weight(args[p.diff[k]]);
-      }
-    }
-    args.emplace_back(true);      // need_workspace
-    p.forward->callBoxed(&args);  // output, states, workspace
+    if (squeezed_) op_weights(p, args);  // recorded: the gradients reach the parameters
+    args.emplace_back(true);             // need_workspace
+    p.forward->callBoxed(&args);         // output, states, workspace
     ag::variable_list outputs, grad_outputs;
     for (size_t j = 0; j < g.size(); ++j) {
       if (!g[j].defined()) continue;
@@ -333,11 +327,7 @@ void recording(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   std::vector<c10::IValue> call = args;
   {
     at::AutoDispatchBelowADInplaceOrView below;
-    if (squeezed) {
-      for (size_t k = p.first_weight; k < p.diff.size(); ++k) {
-        call[p.diff[k]] = op_weight(call[p.diff[k]]);
-      }
-    }
+    if (squeezed) op_weights(p, call);
     call.back() = c10::IValue(record);  // need_workspace
     p.forward->callBoxed(&call);        // output, states, workspace
   }

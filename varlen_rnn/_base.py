@@ -370,18 +370,16 @@ class RNNBase(nn.Module):
         lengths = _inputs.as_lengths(lengths, B, T, device)
         # _run's layer loop, less what it needs for the other calls (autocast's dtypes, two
         # directions, dropout, ops._layer's checks): through _run the shortcut saved about half
-        # as much (greedy decoding, GRU B=1 and 8: 5-8 us a step against 15). Each layer's op
-        # as ops._layer picks it: the recording op where a gradient is wanted.
+        # as much (greedy decoding, GRU B=1 and 8: 5-8 us a step against 15). Each layer
+        # through the recording op, as ops._layer sends a one-direction call with or without a
+        # gradient: it records a node where one is wanted.
         cell, options, L = CELLS[self._cell], self._options(), self.num_layers
         x, ends = input, []
         for layer in range(L):
             mine = states if L == 1 else [s[layer : layer + 1] for s in states]
             w = self._stacked(flat, layer, dtype, 1)
             args = (x, lengths, *mine, *w, *options, self.batch_first)
-            if ops._need_workspace((x, *mine, *w)):
-                x, *end = ops._layer_recording(cell, False, args, True)
-            else:
-                x, *end = ops._layer_below_autograd(cell, False, args, True)
+            x, *end = ops._layer_recording(cell, False, args, True)
             ends.append(end)
         finals = ends[0] if L == 1 else [torch.cat(f, 0) for f in zip(*ends)]
         return x, self._result(tuple(finals))
