@@ -1,8 +1,8 @@
 """The CPU step loops' per-step product: the float32 micro-kernel (csrc/cpu/small_gemm.h) against
 the single-threaded BLAS call it replaces, then the whole layer forward through each.
 
-    python benchmarks/bench_small_gemm.py [--part gemm|layer|stored|both] [--repeats 15]
-                                          [--peak GFLOPS]
+    python benchmarks/bench_small_gemm.py [--part gemm|layer|stored|dots|both] [--repeats 15]
+                                          [--peak GFLOPS] [--threads 1 2]
 
 gemm: c[n, N] = h[n, K] @ panel[K, N], one thread, the shapes of the split step loop at 2 threads
 (N = 3 * Hs, Hs = H / 2, K = H), timed inside one op call (`_small_gemm` with `repeats`), so
@@ -16,6 +16,9 @@ H=256 and 512: dh = dG W_hh over m rows (f32_rows_times, `_small_gemm` kernel "r
 kernel "blas", both timed inside the op as above), and a weight's gradient dG^T h over n positions
 (f32_weight_grad through `_weight_grad`, less the NaN fill of its output timed alone, against
 `torch.mm(dG.t(), h, out=c)`), min over --repeats of 20 calls each, us per call.
+dots: a few-step call's forward products on the weights as stored (f32_dot_rows, cpu/dot_rows.h:
+`_small_gemm` kernel "dots", timed inside the op as above) against `torch.mm(a, w.t(), out=c)`, the
+BLAS call they replace, for the same weights and m = 1 to 256 rows, with 1 and 2 threads (--threads).
 Every table line carries the load average at the time (`uptime`): other work on the machine shows.
 """
 
@@ -154,15 +157,49 @@ def stored_part(repeats: int) -> None:
         print(f"{name:<10}" + "".join(f"{c:>22}" for c in cells) + "  " + load())
 
 
+def dots_part(repeats: int, threads: list[int]) -> None:
+    g = torch.Generator().manual_seed(0)
+    weights = {"GRU H=256": (768, 256), "LSTM H=256": (1024, 256)}
+    weights |= {"GRU H=512": (1536, 512), "LSTM H=512": (2048, 512)}
+    rows = (1, 8, 16, 32, 64, 128, 256)
+    for n in threads:
+        torch.set_num_threads(n)
+        print(
+            f"{n} thread(s), us per call (min of {repeats}); f32_dot_rows ('dots') against "
+            "torch.mm(a, w.t()) as 'x' (>1: ours faster)"
+        )
+        print("weight   " + "".join(f"{'m=' + str(m):>22}" for m in rows) + "  load")
+        for name, (J, K) in weights.items():
+            w = torch.randn(J, K, generator=g)
+            cells = []
+            for m in rows:
+                a, c = torch.randn(m, K, generator=g), torch.empty(m, J)
+                reps = max(2, int(2e7 / (2 * m * J * K)))
+                t = {}
+                for k in ("mm", "dots", "mm", "dots"):  # alternated: drift hits both alike
+                    if k == "dots":
+                        base = best_of(lambda: ops._small_gemm(a, w.t(), None, "dots", 0), repeats)
+                        run = best_of(
+                            lambda: ops._small_gemm(a, w.t(), None, "dots", reps), repeats
+                        )
+                        us = 1e6 * max(run - base, 0.0) / reps
+                    else:
+                        us = per_call(lambda: torch.mm(a, w.t(), out=c), reps, repeats)
+                    t[k] = min(t.get(k, float("inf")), us)
+                cells.append(f"{t['dots']:6.1f} vs {t['mm']:6.1f} {t['mm'] / t['dots']:4.2f}x")
+            print(f"{name:<10}" + "".join(f"{c:>22}" for c in cells) + "  " + load())
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--part", choices=("gemm", "layer", "stored", "both"), default="both")
+    p.add_argument("--part", choices=("gemm", "layer", "stored", "dots", "both"), default="both")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--peak", type=float, default=None, help="per-core FP32 peak GFLOP/s, for %%")
     p.add_argument("--kernels", default="blas,auto", help="_small_gemm kernels, comma-separated")
     p.add_argument("--cells", default="gru,lstm,rnn")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="dots: thread counts")
     a = p.parse_args(argv)
     import varlen_rnn  # noqa: F401  (registers the ops)
 
@@ -172,6 +209,8 @@ def main(argv=None) -> int:
         layer_part(a.repeats, a.cells.split(","))
     if a.part == "stored":
         stored_part(a.repeats)
+    if a.part == "dots":
+        dots_part(a.repeats, a.threads)
     return 0
 
 

@@ -196,6 +196,28 @@ def test_perf_profile_report_is_parsed_and_grouped():
     assert cats["our GEMM kernels"] == pytest.approx(22.9 + 6.0)  # the bfloat16 strips too
 
 
+def test_small_gemm_dots_bench_smoke(capsys):
+    """benchmarks/bench_small_gemm.py --part dots, one try each: a row of 7 timings (ours against
+    torch.mm) for each of the four weights."""
+    import bench_small_gemm
+
+    import varlen_rnn  # noqa: F401  (registers the ops)
+
+    try:
+        torch.ops.varlen_rnn._small_gemm(torch.ones(1, 1), torch.ones(1, 1), None, "dots", 0)
+    except RuntimeError as e:
+        pytest.skip(f"this CPU runs no dot products: {e}")
+    threads = torch.get_num_threads()
+    try:
+        assert bench_small_gemm.main(["--part", "dots", "--repeats", "1", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if re.match(r"(GRU|LSTM) H=", ln)]
+    assert len(rows) == 4
+    for ln in rows:
+        assert len(re.findall(r"\d+\.\d vs +\d+\.\d +\d+\.\d\dx", ln)) == 7, ln
+
+
 def test_grad_mask_bench_smoke(tmp_path):
     """benchmarks/bench_grad_mask.py on tiny shapes: every case timed, the table written."""
     import bench_grad_mask

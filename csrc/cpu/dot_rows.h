@@ -7,11 +7,12 @@
 //   even (bf16_dot_rows, cpu/bf16_gemm.h);
 // - float32: AVX-512 FMAs (f32_dot_rows, cpu/small_gemm.h), or AVX2 FMAs
 //   on a CPU without AVX-512 (dot_rows8_avx2: the same loop on 8 lanes).
-// Written once for both (DotTraits): eight rows of w at a time, each with
-// its own sum over k, a's row of k values loaded once for them; a task is a
-// group of 8 rows of w, whose rows stay in L1 while a's rows pass them.
-// Every c[i, j] is one sum in a fixed order (lanes of k, then the lanes'
-// reduction), whatever m or the thread: deterministic.
+// Written once for both (DotTraits): eight rows of w against three rows of a
+// at a time, each pair with its own sum over k, each row's k values loaded
+// once for the other side's rows; a task is a group of 8 rows of w, whose
+// rows stay in L1 while a's rows pass them. Every c[i, j] is one sum in a
+// fixed order (lanes of k, then the lanes' reduction), whatever m, the rows
+// beside it or the thread: deterministic.
 //
 // Below it, the other form, written once for both too: rows of a times an
 // operand whose rows are k (row_tiles), register tiles of rows x 64 columns.
@@ -81,39 +82,92 @@ struct DotTraits<float> {
   VR_DOT_TARGET static __m512 madd(__m512 acc, Vec a, Vec w) { return _mm512_fmadd_ps(a, w, acc); }
 };
 
-// c[i, j0 + q] for rows i0..i1 of a and q < rows (<= 8) of w from w8 (row
-// j0): an independent sum per row of w (one chain would wait on each
-// multiply-add's latency), a's kStep values of k loaded once for them, the
-// tail of K masked; then their lane sums reduced together (halves added,
-// three rounds of pairwise adds) and stored at once. kFull: rows is 8, known
-// at compile time (the loop over w's rows unrolled, its sums in registers).
-template <typename T, bool kFull>
-VR_DOT_TARGET void dot_rows8(int64_t i0, int64_t i1, const T* a, int64_t lda, const T* w8,
-                             int rows_given, int64_t K, float* c8, int64_t ldc) {
+// The 8 lane sums of acc[0..8) (an 8-row group's sums for one row of a):
+// sums[q] = acc[q]'s 16 lanes summed, the same tree for every row and group.
+// Pairs of vectors halve their lanes together (quarters of 4 lanes moved by
+// one shuffle each): 8 vectors of 16 -> 4 of 2 x 8 -> 2 of 4 x 4 -> 1 of
+// 8 x 2 -> the sums, 16 shuffles and 8 adds (a vector's halves added first,
+// then hadd rounds, took 22 shuffles and 15 adds).
+VR_DOT_TARGET inline __attribute__((always_inline)) __m256 lane_sums8(const __m512* acc) {
+  __m512 s[4];  // s[p]: acc[2p]'s 8 partial sums in the low half, acc[2p+1]'s in the high
+  for (int p = 0; p < 4; ++p) {
+    s[p] = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2 * p], acc[2 * p + 1], 0x44),
+                         _mm512_shuffle_f32x4(acc[2 * p], acc[2 * p + 1], 0xEE));
+  }
+  // t[u]: quarter j holds acc[4u + j]'s 4 partial sums
+  __m512 t[2];
+  for (int u = 0; u < 2; ++u) {
+    t[u] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * u], s[2 * u + 1], 0x88),
+                         _mm512_shuffle_f32x4(s[2 * u], s[2 * u + 1], 0xDD));
+  }
+  // x: quarter j holds acc[j]'s 2 partial sums, then acc[j + 4]'s
+  const __m512d t0 = _mm512_castps_pd(t[0]), t1 = _mm512_castps_pd(t[1]);
+  const __m512 x = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(t0, t1)),
+                                 _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t1)));
+  // y: lane 4j acc[j]'s sum, lane 4j + 2 acc[j + 4]'s
+  const __m512 y = _mm512_add_ps(x, _mm512_permute_ps(x, 0xB1));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_castps512_ps256(_mm512_permutexvar_ps(order, y));
+}
+
+// c[i + r, j0 + q] for kA rows of a from row i and q < rows (<= 8) of w from
+// w8 (row j0): an independent sum per pair of rows (one chain would wait on
+// each multiply-add's latency), each row of w's kStep values of k loaded
+// once for the kA rows of a (two rows of a: 10 loads for 16 multiply-adds,
+// where one row took 9 for 8 and the loads bound it), the tail of K masked;
+// then each row's lane sums reduced (lane_sums8) and stored at once. kFull:
+// rows is 8, known at compile time (the loop over w's rows unrolled, its sums
+// in registers). A row's sums do not depend on kA: the same bits alone or
+// beside another row.
+template <typename T, bool kFull, int kA>
+VR_DOT_TARGET inline __attribute__((always_inline)) void dot_rows8_tile(int64_t i, const T* a,
+                                                                        int64_t lda, const T* w8,
+                                                                        int rows_given, int64_t K,
+                                                                        float* c8, int64_t ldc) {
   using D = DotTraits<T>;
   using Mask = typename D::Mask;
   const int rows = kFull ? 8 : rows_given;
   const int64_t full = K / D::kStep * D::kStep;
   const Mask tail = static_cast<Mask>((uint64_t{1} << (K - full)) - 1);
-  for (int64_t i = i0; i < i1; ++i) {
-    const T* ai = a + i * lda;
-    __m512 acc[8];
-    for (int q = 0; q < 8; ++q) acc[q] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += D::kStep) {
-      const Mask mask = k < full ? static_cast<Mask>(~Mask{0}) : tail;
-      const typename D::Vec av = D::load(mask, ai + k);
-      for (int q = 0; q < rows; ++q) acc[q] = D::madd(acc[q], av, D::load(mask, w8 + q * K + k));
+  __m512 acc[kA][8];
+#pragma GCC unroll 3
+  for (int r = 0; r < kA; ++r) {
+#pragma GCC unroll 8
+    for (int q = 0; q < 8; ++q) acc[r][q] = _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; k += D::kStep) {
+    const Mask mask = k < full ? static_cast<Mask>(~Mask{0}) : tail;
+    typename D::Vec av[kA];
+#pragma GCC unroll 3
+    for (int r = 0; r < kA; ++r) av[r] = D::load(mask, a + (i + r) * lda + k);
+#pragma GCC unroll 8
+    for (int q = 0; q < rows; ++q) {
+      typename D::Vec wv = D::load(mask, w8 + q * K + k);
+      // In a register for the kA rows: folded into each multiply-add as a
+      // memory operand (what the compiler does unasked) it is loaded kA times.
+      if constexpr (kA > 1) asm("" : "+v"(wv));
+#pragma GCC unroll 3
+      for (int r = 0; r < kA; ++r) acc[r][q] = D::madd(acc[r][q], av[r], wv);
     }
-    __m256 h[8];
-    for (int q = 0; q < 8; ++q) {
-      h[q] = _mm256_add_ps(_mm512_castps512_ps256(acc[q]), _mm512_extractf32x8_ps(acc[q], 1));
-    }
-    const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
-    const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(h[4], h[5]), _mm256_hadd_ps(h[6], h[7]));
-    // t0 = [s0 s1 s2 s3 | s0' s1' s2' s3'] (low and high 128-bit halves' sums), t1 alike
-    const __m256 sums =
-        _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
-    _mm256_mask_storeu_ps(c8 + i * ldc, static_cast<__mmask8>((1u << rows) - 1), sums);
+  }
+#pragma GCC unroll 3
+  for (int r = 0; r < kA; ++r) {
+    _mm256_mask_storeu_ps(c8 + (i + r) * ldc, static_cast<__mmask8>((1u << rows) - 1),
+                          lane_sums8(acc[r]));
+  }
+}
+
+// Rows i0..i1 of a against the 8-row group w8: pairs of rows, the last one
+// alone.
+template <typename T, bool kFull>
+VR_DOT_TARGET void dot_rows8(int64_t i0, int64_t i1, const T* a, int64_t lda, const T* w8,
+                             int rows_given, int64_t K, float* c8, int64_t ldc) {
+  int64_t i = i0;
+  for (; i + 3 <= i1; i += 3) dot_rows8_tile<T, kFull, 3>(i, a, lda, w8, rows_given, K, c8, ldc);
+  if (i + 2 <= i1) {
+    dot_rows8_tile<T, kFull, 2>(i, a, lda, w8, rows_given, K, c8, ldc);
+  } else if (i < i1) {
+    dot_rows8_tile<T, kFull, 1>(i, a, lda, w8, rows_given, K, c8, ldc);
   }
 }
 
@@ -335,30 +389,30 @@ __attribute__((target("avx2,fma"))) void row_tile_avx2(int64_t steps, const floa
                                                        const float* b, int64_t ldb, float* c,
                                                        int64_t ldc, int64_t cols, bool load_c) {
   __m256i mask[NU];
-#pragma GCC unroll 2
+#pragma GCC unroll 3
   for (int v = 0; v < NU; ++v) mask[v] = avx2_lanes(std::clamp<int64_t>(cols - 8 * v, 0, 8));
   __m256 acc[R][NU];
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 2
+#pragma GCC unroll 3
     for (int v = 0; v < NU; ++v) {
       acc[r][v] = load_c ? avx2_load<kMasked>(c + r * ldc + 8 * v, mask[v]) : _mm256_setzero_ps();
     }
   }
   for (int64_t q = 0; q < steps; ++q) {
     __m256 bv[NU];
-#pragma GCC unroll 2
+#pragma GCC unroll 3
     for (int v = 0; v < NU; ++v) bv[v] = avx2_load<kMasked>(b + q * ldb + 8 * v, mask[v]);
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r) {
       const __m256 av = _mm256_broadcast_ss(a + r * as.row + q * as.step);
-#pragma GCC unroll 2
+#pragma GCC unroll 3
       for (int v = 0; v < NU; ++v) acc[r][v] = _mm256_fmadd_ps(av, bv[v], acc[r][v]);
     }
   }
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 2
+#pragma GCC unroll 3
     for (int v = 0; v < NU; ++v) {
       if (kMasked) {
         _mm256_maskstore_ps(c + r * ldc + 8 * v, mask[v], acc[r][v]);
