@@ -88,7 +88,11 @@ struct DotTraits<float> {
 // one shuffle each): 8 vectors of 16 -> 4 of 2 x 8 -> 2 of 4 x 4 -> 1 of
 // 8 x 2 -> the sums, 16 shuffles and 8 adds (a vector's halves added first,
 // then hadd rounds, took 22 shuffles and 15 adds).
-VR_DOT_TARGET inline __attribute__((always_inline)) __m256 lane_sums8(const __m512* acc) {
+struct Sums8 {
+  __m512 v[8];
+};
+VR_DOT_TARGET inline __attribute__((always_inline)) __m256 lane_sums8(Sums8 a) {
+  const __m512* acc = a.v;
   __m512 s[4];  // s[p]: acc[2p]'s 8 partial sums in the low half, acc[2p+1]'s in the high
   for (int p = 0; p < 4; ++p) {
     s[p] = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2 * p], acc[2 * p + 1], 0x44),
@@ -129,11 +133,11 @@ VR_DOT_TARGET inline __attribute__((always_inline)) void dot_rows8_tile(int64_t 
   const int rows = kFull ? 8 : rows_given;
   const int64_t full = K / D::kStep * D::kStep;
   const Mask tail = static_cast<Mask>((uint64_t{1} << (K - full)) - 1);
-  __m512 acc[kA][8];
+  Sums8 acc[kA];
 #pragma GCC unroll 3
   for (int r = 0; r < kA; ++r) {
 #pragma GCC unroll 8
-    for (int q = 0; q < 8; ++q) acc[r][q] = _mm512_setzero_ps();
+    for (int q = 0; q < 8; ++q) acc[r].v[q] = _mm512_setzero_ps();
   }
   for (int64_t k = 0; k < K; k += D::kStep) {
     const Mask mask = k < full ? static_cast<Mask>(~Mask{0}) : tail;
@@ -147,7 +151,7 @@ VR_DOT_TARGET inline __attribute__((always_inline)) void dot_rows8_tile(int64_t 
       // memory operand (what the compiler does unasked) it is loaded kA times.
       if constexpr (kA > 1) asm("" : "+v"(wv));
 #pragma GCC unroll 3
-      for (int r = 0; r < kA; ++r) acc[r][q] = D::madd(acc[r][q], av[r], wv);
+      for (int r = 0; r < kA; ++r) acc[r].v[q] = D::madd(acc[r].v[q], av[r], wv);
     }
   }
 #pragma GCC unroll 3
