@@ -5,7 +5,8 @@ output does. --inference: the loop alone under torch.inference_mode (greedy deco
 e.g. in bfloat16 (--dtype bfloat16). --inference --vocab V: greedy decoding as a model runs it,
 an embedding of V tokens feeding each step and a Linear onto V logits and their argmax after it,
 so the step's weights compete for the caches with that work; the same loop with the RNN left out
-is timed too, and the RNN's time is the difference. varlen_rnn against torch.nn on the same
+is timed too, and the RNN's time is the difference (its share); the RNN's calls are also timed
+where they run (in place), which leaves out what a call does to the time of the step's other work. varlen_rnn against torch.nn on the same
 inputs (T=1 calls need no lengths, so nn runs without packing); medians of
 torch.utils.benchmark, the competitors interleaved; a markdown table on stdout and in
 benchmarks/results/decoder-loop_cpu_<date>.md (decoder-loop-inference_... with --inference).
@@ -25,6 +26,7 @@ import argparse
 import os
 import statistics
 import sys
+import time
 
 import torch
 from torch.utils.benchmark import Timer
@@ -54,6 +56,26 @@ def greedy_of(module, emb, head, first, T: int):
                 x = emb(tok).unsqueeze(0)
                 out, h = (x, None) if module is None else module(x, h)
                 tok = head(out[0]).argmax(-1)
+
+    return decode
+
+
+def in_place_of(module, emb, head, first, T: int):
+    """greedy_of's loop, returning the RNN's calls' own time per step (s), each call timed with
+    perf_counter where it runs: what the call costs among the step's other work, without what it
+    does to the time of that work (which the share includes)."""
+
+    def decode():
+        spent = 0.0
+        with torch.inference_mode():
+            h, tok = None, first
+            for _ in range(T):
+                x = emb(tok).unsqueeze(0)
+                t0 = time.perf_counter()
+                out, h = module(x, h)
+                spent += time.perf_counter() - t0
+                tok = head(out[0]).argmax(-1)
+        return spent / T
 
     return decode
 
@@ -139,6 +161,14 @@ def main(argv=None):
                     run = t.blocked_autorange(min_run_time=args.min_run_time)
                     rounds[name].append(run.median / T)
             times = {name: statistics.median(v) for name, v in rounds.items()}
+            if args.vocab:  # the calls timed in place, 10 decodes a competitor a round, interleaved
+                placed = {k: in_place_of(m, emb, head, first, T) for k, m in competitors.items()}
+                placed.pop("rest")
+                spent = {k: [] for k in placed}
+                for _ in range(10 * args.rounds):
+                    for k, decode in placed.items():
+                        spent[k].append(decode())
+                times.update({f"{k} in place": statistics.median(v) for k, v in spent.items()})
             if args.vocab:  # each round's share, less noisy than the difference of medians
                 times.update(
                     {
@@ -164,7 +194,8 @@ def main(argv=None):
         what = (
             f"greedy decoding over {args.vocab} tokens (embedding -> step -> Linear -> argmax), "
             "under torch.inference_mode;\nmedian time per step, us; the RNN's share = the "
-            "step's time minus that of the loop without the RNN."
+            "step's time minus that of the loop without the RNN; in place: the RNN's call alone,\n"
+            "timed where it runs in the same loop (median of 10 decodes a round, interleaved)."
         )
         full_head = (
             " varlen_rnn without the shortcut (its share) | speedup |" if args.full_path else ""
@@ -173,8 +204,8 @@ def main(argv=None):
             f"T={T} calls of one step (I=H={H}, {args.dtype}), {what}",
             "",
             "| cell | B | without an RNN | torch.nn (its share) | varlen_rnn (its share) | "
-            "speedup of the shares |" + full_head,
-            "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.full_path else ""),
+            "speedup of the shares |" + full_head + " in place: torch.nn → varlen_rnn |",
+            "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.full_path else "") + "---:|",
         ]
         for cell, B, t in rows:
             cells = [f"{cell}", f"{B}", f"{t['rest'] * 1e6:.0f}"]
@@ -183,6 +214,10 @@ def main(argv=None):
                 if name != "nn":
                     share = t[name + " share"]
                     cells.append(f"{t['nn share'] / share:.2f}x" if share > 0 else "-")
+            placed = t["nn in place"], t["ours in place"]
+            cells.append(
+                f"{placed[0] * 1e6:.0f} → {placed[1] * 1e6:.0f} ({placed[0] / placed[1]:.2f}x)"
+            )
             lines.append("| " + " | ".join(cells) + " |")
     else:
         full_head = " varlen_rnn without the shortcut | speedup |" if args.full_path else ""

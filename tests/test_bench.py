@@ -280,6 +280,8 @@ def test_decoder_loop_bench_smoke(tmp_path):
     text = open(bench_decoder_loop.main([*argv, "--vocab", "11", "--out", str(tmp_path)])).read()
     assert "greedy decoding over 11 tokens" in text, text
     assert re.search(r"\| GRU \| 1 \| \d+ \| \d+ \(-?\d+\) \| \d+ \(-?\d+\) \|", text), text
+    # the calls timed in place, both competitors: "nn → ours (speedup)" last
+    assert re.search(r"\| GRU \| 1 \|.* \| \d+ → \d+ \([0-9.]+x\) \|$", text, re.M), text
     with pytest.raises(SystemExit):  # greedy decoding is inference
         bench_decoder_loop.main(["--vocab", "11", "--out", str(tmp_path)])
     argv += ["--full-path", "--rounds", "2", "--cells", "GRU"]
