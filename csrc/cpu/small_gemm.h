@@ -102,8 +102,12 @@ bool use_small_gemm();
 // or wins one of the four). The backward's f32_rows_times against
 // torch.mm(dG, W_hh) there, dG [m, G*H], W_hh [768, 256] to [2048, 512]:
 // 1.50-1.64x at 32 rows, 1.32-1.37x at 64, 1.22-1.25x at 128, 1.17-1.20x at
-// 256. Hence the limit. Not measured on a Xeon, where the same rule applies
-// (AVX-512). On AVX2 (a 2-core EPYC, Zen 3, no AVX-512; the same
+// 256. Hence the limit. On a Xeon (AVX-512 and AMX, the same rule), after
+// dot_rows8 took three rows of a per tile (min of 15,
+// bench_small_gemm.py --part dots): 1.37-2.06x at 1 row, 1.32-1.54x at 8,
+// 1.17-1.58x at 32, 0.93-1.16x at 64, 0.82-1.01x at 256 (2 threads; 0.61-0.71x
+// at 256 with one row per tile), and MKL's GEMM there packs nothing either
+// (its "nocopy" kernels). On AVX2 (a 2-core EPYC, Zen 3, no AVX-512; the same
 // comparison, min of 15, 20 calls each) the dot products won at few rows
 // only: 24-78 against 32-134 us at 1 row, 31-151 vs 75-359 at 4 (2.1-2.4x),
 // 61-274 vs 89-402 at 8, 0.92-1.10x at 16, 0.79-1.13x at 32, 0.68-1.08x at
