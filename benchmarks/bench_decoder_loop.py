@@ -16,8 +16,10 @@ benchmarks/results/decoder-loop_cpu_<date>.md (decoder-loop-inference_... with -
     python benchmarks/bench_decoder_loop.py --inference --vocab 10000 --cells GRU
     python benchmarks/bench_decoder_loop.py --inference --vocab 10000 --full-path --rounds 9
 
+--gemm kernel mkl times ours under VARLEN_RNN_CPU_GEMM=kernel and =mkl as well (the CPU products'
+choice forced each way, against the build's own choice), interleaved in one process.
 --full-path times ours without forward's eager shortcut as well (the full path, as before
-that shortcut; training loops too since it takes calls that record a graph), --rounds R repeats the interleaved timing R times (medians over them).
+that shortcut; training loops too since it takes calls that record a graph), --rounds R repeats the interleaved timing R times (medians over them), each round in another order.
 """
 
 from __future__ import annotations
@@ -80,6 +82,23 @@ def in_place_of(module, emb, head, first, T: int):
     return decode
 
 
+def with_gemm(setting: str, loop):
+    """loop run under VARLEN_RNN_CPU_GEMM=setting (read by the kernels at each call)."""
+
+    def run():
+        before = os.environ.get("VARLEN_RNN_CPU_GEMM")
+        os.environ["VARLEN_RNN_CPU_GEMM"] = setting
+        try:
+            loop()
+        finally:
+            if before is None:
+                os.environ.pop("VARLEN_RNN_CPU_GEMM")
+            else:
+                os.environ["VARLEN_RNN_CPU_GEMM"] = before
+
+    return run
+
+
 def loop_of(module, xs, inference: bool):
     def step():
         h, outs = None, []
@@ -120,6 +139,14 @@ def main(argv=None):
         "shortcut's before and after in one process",
     )
     p.add_argument(
+        "--gemm",
+        nargs="+",
+        default=[],
+        choices=["kernel", "mkl"],
+        help="ours under VARLEN_RNN_CPU_GEMM=SETTING as well (the CPU products' choice forced), "
+        "beside ours as built (not with --vocab)",
+    )
+    p.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -130,6 +157,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.vocab and not args.inference:
         p.error("--vocab needs --inference (greedy decoding)")
+    if args.vocab and args.gemm:
+        p.error("--gemm is for the loops without --vocab")
     torch.set_num_threads(args.threads)
     H, T = args.hidden, args.steps
     rows = []
@@ -154,9 +183,13 @@ def main(argv=None):
                 loops = {k: greedy_of(m, emb, head, first, T) for k, m in competitors.items()}
             else:
                 loops = {k: loop_of(m, xs, args.inference) for k, m in competitors.items()}
+                for setting in args.gemm:
+                    loops[f"ours {setting}"] = with_gemm(setting, loop_of(ours, xs, args.inference))
             rounds = {name: [] for name in loops}
-            for _ in range(args.rounds):
-                for name, loop in loops.items():
+            for r in range(args.rounds):
+                names = list(loops)  # each round in another order: no competitor always first
+                for name in names[r % len(names) :] + names[: r % len(names)]:
+                    loop = loops[name]
                     t = Timer("step()", globals={"step": loop}, num_threads=args.threads)
                     run = t.blocked_autorange(min_run_time=args.min_run_time)
                     rounds[name].append(run.median / T)
@@ -220,16 +253,20 @@ def main(argv=None):
             )
             lines.append("| " + " | ".join(cells) + " |")
     else:
-        full_head = " varlen_rnn without the shortcut | speedup |" if args.full_path else ""
+        ours_names = ["ours"] + (["full"] if args.full_path else [])
+        ours_names += [f"ours {setting}" for setting in args.gemm]
+        heads = {"full": "varlen_rnn without the shortcut"}
+        heads |= {f"ours {g}": f"varlen_rnn, VARLEN_RNN_CPU_GEMM={g}" for g in args.gemm}
         lines = [
             f"T={T} calls of one step (I=H={H}, {args.dtype}), {what}",
             "",
-            "| cell | B | torch.nn | varlen_rnn | speedup |" + full_head,
-            "|---|---:|---:|---:|---:|" + ("---:|---:|" if args.full_path else ""),
+            "| cell | B | torch.nn | varlen_rnn | speedup |"
+            + "".join(f" {heads[n]} | speedup |" for n in ours_names[1:]),
+            "|---|---:|---:|---:|---:|" + "---:|---:|" * (len(ours_names) - 1),
         ]
         for cell, B, t in rows:
             cells = [f"{cell}", f"{B}", f"{t['nn'] * 1e6:.0f}"]
-            for name in ("ours", "full") if args.full_path else ("ours",):
+            for name in ours_names:
                 cells += [f"{t[name] * 1e6:.0f}", f"{t['nn'] / t[name]:.2f}x"]
             lines.append("| " + " | ".join(cells) + " |")
     kind, title = (

@@ -290,6 +290,13 @@ def test_decoder_loop_bench_smoke(tmp_path):
     assert re.search(r"\| GRU \| 1 \| \d+( \| \d+ \(-?\d+\)( \| [0-9.-]+x?)?){3} \|", text), text
     text = open(bench_decoder_loop.main([*argv, "--out", str(tmp_path)])).read()
     assert re.search(r"\| GRU \| 1 \| \d+ \| \d+ \| [0-9.]+x \| \d+ \| [0-9.]+x \|", text), text
+    gemm = ["--gemm", "kernel", "mkl"]
+    text = open(bench_decoder_loop.main([*argv, *gemm, "--out", str(tmp_path)])).read()
+    assert "VARLEN_RNN_CPU_GEMM=kernel | speedup | varlen_rnn, VARLEN_RNN_CPU_GEMM=mkl" in text, (
+        text
+    )
+    assert re.search(r"\| GRU \| 1 \| \d+( \| \d+ \| [0-9.]+x){4} \|", text), text
+    assert "VARLEN_RNN_CPU_GEMM" not in os.environ  # put back as it was
 
 
 def test_double_backward_bench_smoke(tmp_path):

@@ -272,6 +272,8 @@ def test_dots_match_an_exact_one(m, N, K):
 # columns around its 64-column tasks and AVX2's 8-column vectors (masked tails).
 ROWS_SHAPES = [(1, 1, 1), (1, 64, 16), (5, 65, 17), (6, 63, 100), (7, 130, 768), (32, 256, 33)]
 ROWS_SHAPES += [(3, 5, 0), (0, 9, 8), (256, 70, 21), (257, 3, 40)]
+# Past one tile of rows with more than 256 KiB of w a task (K > 1024): k in pieces of 256.
+ROWS_SHAPES += [(7, 70, 1100), (13, 64, 1537)]
 
 
 @DOTS
@@ -311,6 +313,18 @@ def test_weight_grad_matches_an_exact_one(n, G, P):
 def test_weight_grad_refuses_more_rows():
     with pytest.raises(RuntimeError, match="takes at most 16 float32 rows"):
         ops._weight_grad(torch.ones(17, 4), torch.ones(17, 4))
+
+
+@DOTS
+@pytest.mark.parametrize("m,K", [(8, 300), (13, 1300)], ids=["one-piece", "pieces-of-k"])
+def test_rows_times_rows_do_not_depend_on_each_other(m, K):
+    """Each result is one chain over k in order: rows in tiles, over k in pieces (13 rows, K =
+    1300: resumed from c at every 256 values of k) or alone, the same bits."""
+    g = torch.Generator().manual_seed(K)
+    a, w = torch.randn(m, K, generator=g), torch.randn(K, 70, generator=g)
+    together, _ = product(a, w, kernel="rows")
+    for i in (0, 6, m - 1):
+        assert torch.equal(together[i], product(a[i : i + 1], w, kernel="rows")[0][0])
 
 
 @DOTS

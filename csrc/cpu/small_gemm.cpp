@@ -304,13 +304,31 @@ void f32_rows_times(int64_t m, const float* a, int64_t lda, const float* w, int6
   TORCH_INTERNAL_ASSERT(isa == SmallGemmIsa::kAvx512 || isa == SmallGemmIsa::kAvx2,
                         "f32_rows_times: needs AVX-512 or AVX2");  // (f32_rows_times_for holds)
   // Tasks of 64 columns, all rows (cpu/dot_rows.h row_tiles, row_tiles_avx2).
+  // Where the rows need more than one register tile (6 rows) and a task's
+  // columns of w (K x 64 floats) pass 256 KiB, the task takes them kKc values
+  // of k at a time, every tile of rows over each piece before the next (each
+  // c[i, j] the same chain over k, resumed from c, so the same bits): a piece
+  // (64 KiB) is read once from memory and by the later tiles from the caches,
+  // where all K x 64 were read again for each tile. Measured on the Xeon
+  // (bench_small_gemm.py --part stored, 2 threads, min of 15): W_hh 1536 x
+  // 512 at 8 rows 115 -> 86 us, at 64 rows 655 -> 357; 2048 x 512 at 64 rows
+  // 1082 -> 444 (pieces of 128 values: 356 and 468; of 512: 323 and 466);
+  // rows within one tile, and weights of at most 256 KiB a task (W_hh 768 x
+  // 256, 1024 x 256), keep one piece, as they gained nothing.
+  constexpr int64_t kKc = 256;
+  const int64_t kc = m > 6 && K * 64 * 4 > 256 * 1024 ? kKc : std::max<int64_t>(K, 1);
   at::parallel_for(0, (N + 63) / 64, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t j0 = b0 * 64; j0 < std::min(N, b1 * 64); j0 += 64) {
       const int64_t cols = std::min<int64_t>(64, N - j0);
-      if (isa == SmallGemmIsa::kAvx512) {
-        row_tiles(m, K, a, lda, w + j0, N, c + j0, ldc, cols, accumulate);
-      } else {
-        row_tiles_avx2(m, K, a, AStrides{lda, 1}, w + j0, N, c + j0, ldc, cols, accumulate);
+      for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kc) {  // (K = 0: one empty piece)
+        const int64_t steps = std::min(kc, K - k0);
+        const bool resume = accumulate || k0 > 0;
+        if (isa == SmallGemmIsa::kAvx512) {
+          row_tiles(m, steps, a + k0, lda, w + k0 * N + j0, N, c + j0, ldc, cols, resume);
+        } else {
+          row_tiles_avx2(m, steps, a + k0, AStrides{lda, 1}, w + k0 * N + j0, N, c + j0, ldc, cols,
+                         resume);
+        }
       }
     }
   });
@@ -320,6 +338,16 @@ void f32_rows_times(int64_t m, const float* a, int64_t lda, const float* w, int6
 }
 
 namespace {
+// Whether the CPU is Intel's (GCC's cpu model, x86 only).
+bool cpu_is_intel() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_is("intel");
+#else
+  return false;
+#endif
+}
+
 // rows within `limit` (-1: this CPU runs none) and VARLEN_RNN_CPU_GEMM not mkl.
 bool stored_products_for(int64_t rows, int64_t limit) {
   if (rows > limit) return false;
@@ -339,6 +367,11 @@ bool f32_rows_times_for(int64_t rows) {
   static const int64_t limit = best_isa() == SmallGemmIsa::kAvx512 ? kF32DotRows
                                : best_isa() == SmallGemmIsa::kAvx2 ? kF32RowsTimesAvx2
                                                                    : -1;
+  // On Intel's CPUs MKL's GEMM takes the backward's products unless
+  // VARLEN_RNN_CPU_GEMM=kernel (small_gemm.h has the measurements).
+  static const bool intel = cpu_is_intel();
+  const char* env = std::getenv("VARLEN_RNN_CPU_GEMM");
+  if (intel && (env == nullptr || std::strcmp(env, "kernel") != 0)) return false;
   return stored_products_for(rows, limit);
 }
 

@@ -122,15 +122,18 @@ void weight_grad(at::Tensor c, const at::Tensor& a, const at::Tensor& b) {
   at::mm_out(c, a.t(), b);
 }
 
-bool f32_weight_grad_for(int64_t n) {
+bool f32_weight_grad_runs(int64_t n) {
   // AVX-512 only: on AVX2 (Zen 3) the same tiles took 1.0-2.2x MKL's time (weight_grad.h).
   static const bool avx512 = small_gemm_supports(SmallGemmIsa::kAvx512);
-  return avx512 && n <= kF32GradRows && f32_rows_times_for(n);
+  return avx512 && n <= kF32GradRows;
 }
+
+bool f32_weight_grad_for(int64_t n) { return f32_weight_grad_runs(n) && f32_rows_times_for(n); }
 
 void f32_weight_grad(int64_t n, const float* a, int64_t lda, int64_t G, const float* b, int64_t ldb,
                      int64_t P, float* c, int64_t ldc) {
-  TORCH_INTERNAL_ASSERT(f32_weight_grad_for(n), "f32_weight_grad: n = ", n, " rows, or no AVX-512");
+  TORCH_INTERNAL_ASSERT(f32_weight_grad_runs(n), "f32_weight_grad: n = ", n,
+                        " rows, or no AVX-512");
   if (G <= 0 || P <= 0) return;
 #if defined(__x86_64__) && defined(__GNUC__)
   grad_all<float>(n, a, AStrides{1, lda}, G, b, ldb, P, c, ldc);
@@ -160,11 +163,17 @@ at::Tensor weight_grad_op(const at::Tensor& a, const at::Tensor& b) {
     TORCH_CHECK(bf16_weight_grad_for(n), "_weight_grad: takes at most ", kGradRows,
                 " bfloat16 rows on a CPU with AVX512-BF16, got ", n);
   } else {
-    TORCH_CHECK(f32_weight_grad_for(n), "_weight_grad: takes at most ", kF32GradRows,
-                " float32 rows on a CPU with AVX-512 (and VARLEN_RNN_CPU_GEMM not mkl), got ", n);
+    TORCH_CHECK(f32_weight_grad_runs(n), "_weight_grad: takes at most ", kF32GradRows,
+                " float32 rows on a CPU with AVX-512, got ", n);
   }
   at::Tensor out = at::full({G + 1, P + 5}, std::numeric_limits<float>::quiet_NaN(), a.options());
-  weight_grad(out.narrow(0, 0, G).narrow(1, 0, P), a, b);  // our kernel: checked above
+  if (dtype == at::kBFloat16) {
+    weight_grad(out.narrow(0, 0, G).narrow(1, 0, P), a, b);  // our kernel: checked above
+  } else {  // our kernel whatever the layers' choice (f32_weight_grad_for)
+    f32_weight_grad(n, a.const_data_ptr<float>(), std::max<int64_t>(a.stride(0), 1), G,
+                    b.const_data_ptr<float>(), std::max<int64_t>(b.stride(0), 1), P,
+                    out.data_ptr<float>(), out.stride(0));
+  }
   return out;
 }
 

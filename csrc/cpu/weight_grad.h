@@ -39,11 +39,14 @@ void bf16_weight_grad(int64_t n, const at::BFloat16* a, int64_t lda, int64_t G,
 // subtracted): 768 x 256 10 us against 19 at n = 1, 22 vs 33 at 8, 35 vs 44
 // at 16; 1536 x 512 34 vs 63 at 1, 82 vs 138 at 8, 141 vs 186 at 16.
 // f32_weight_grad_for(n): n <= kF32GradRows and f32_rows_times_for(n) (AVX-512,
-// and VARLEN_RNN_CPU_GEMM not mkl). On AVX2 the same tiles on 8 lanes
+// VARLEN_RNN_CPU_GEMM not mkl, and on Intel's CPUs =kernel: there MKL's GEMM
+// won in the layer, cpu/small_gemm.h). On AVX2 the same tiles on 8 lanes
 // (cpu/dot_rows.h row_tiles_avx2) lost to MKL on a 2-core Zen 3 EPYC (2
 // threads, G x P = 768 x 256 to 2048 x 512, n = 1-16, min of 15 x 20 calls,
 // 2026-11-30): 0.46-0.97x, so there the weight gradients keep the BLAS.
+// f32_weight_grad_runs(n): this CPU runs it for n rows (the test op's check).
 constexpr int64_t kF32GradRows = 16;
+bool f32_weight_grad_runs(int64_t n);
 bool f32_weight_grad_for(int64_t n);
 void f32_weight_grad(int64_t n, const float* a, int64_t lda, int64_t G, const float* b, int64_t ldb,
                      int64_t P, float* c, int64_t ldc);
