@@ -93,18 +93,17 @@ bool use_small_gemm();
 // except on Intel's CPUs, where MKL's GEMM takes the backward's products
 // (dh, and the weight gradients of few positions, cpu/weight_grad.h) unless
 // VARLEN_RNN_CPU_GEMM=kernel: in the layer it won there. A decoder's
-// teacher-forced step (one-step calls, one backward through 20 of them,
-// 2 threads, the settings interleaved in one process, their order rotated
-// each round, medians of 20 rounds, Xeon with AMX, 2026-12-02), us per step,
-// our products on the stored weights for both -> MKL's for both: I=H=512 GRU
-// B=1 1076 -> 999, B=8 1428 -> 1417, B=32 2039 -> 2008, LSTM 1186 -> 1048,
-// 1395 -> 1213, 2252 -> 2084; I=H=256 GRU 242 -> 237, 347 -> 347, 500 ->
-// 492, LSTM 273 -> 252, 375 -> 376, 657 -> 610; MKL's for dh alone 232-2085,
-// within 4% of both; another run with MKL's for both 1-18% faster in 11 of
-// 12. Hot, in a loop of the product alone, our dh won 1.1-2.9x at 256 columns
-// but lost 0.3-0.8x at 512 (the Xeon, bench_small_gemm.py --part stored),
-// and our weight gradients lost 0.43-0.99x at both: in a step of a layer, a
-// weight read once comes from farther than L1. VARLEN_RNN_CPU_GEMM=mkl keeps
+// teacher-forced step (one-step calls, one backward through 20 of them, 2
+// threads, bench_decoder_loop.py --gemm kernel mkl: the settings in one
+// process, each round in another order, medians of 7 rounds; the Xeon with
+// AMX, benchmarks/results/decoder-loop_cpu_20261202-120658.md), us per step,
+// =kernel -> as built: I=H=512 GRU B=1 947 -> 884, B=8 1161 -> 1067, B=32
+// 1787 -> 1736, LSTM 1168 -> 1023, 1526 -> 1322, 2223 -> 2111; at I=H=256
+// (-120519.md) within 6% either way (GRU 201 -> 197, 333 -> 346, 527 ->
+// 540, LSTM 264 -> 249). Hot, in a loop of the product alone, our dh won 1.1-2.9x at 256
+// columns but lost 0.3-0.8x at 512 (bench_small_gemm.py --part stored), and
+// our weight gradients lost 0.43-0.99x at both (in a layer's step the
+// weights come from farther than in that loop, presumably). VARLEN_RNN_CPU_GEMM=mkl keeps
 // the BLAS for both, for tests and measurement. MKL's GEMM on the transposed
 // weight is slow at few rows on an AMD EPYC (Zen 4, 2 threads, weights
 // [768, 256] to [2048, 512]: 19-94 us at one row, 20-22 GFLOP/s). Measured
