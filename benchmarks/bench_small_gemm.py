@@ -29,10 +29,10 @@ import os
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import checkout  # noqa: E402
 
+checkout.put_varlen_rnn_on_path()  # the checkout's build if built in place, else the installed
 import torch  # noqa: E402
 
 ops = torch.ops.varlen_rnn

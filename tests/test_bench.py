@@ -345,6 +345,7 @@ def test_bench_modules_leave_the_import_path_to_the_installed_package():
     import bench_grad_mask  # noqa: F401
     import bench_huge_pages  # noqa: F401
     import bench_row_groups  # noqa: F401
+    import bench_small_gemm  # noqa: F401
 
     import varlen_rnn
 

@@ -117,7 +117,7 @@ VR_DOT_TARGET inline __attribute__((always_inline)) __m256 lane_sums8(Sums8 a) {
 // c[i + r, j0 + q] for kA rows of a from row i and q < rows (<= 8) of w from
 // w8 (row j0): an independent sum per pair of rows (one chain would wait on
 // each multiply-add's latency), each row of w's kStep values of k loaded
-// once for the kA rows of a (two rows of a: 10 loads for 16 multiply-adds,
+// once for the kA rows of a (three rows of a: 11 loads for 24 multiply-adds,
 // where one row took 9 for 8 and the loads bound it), the tail of K masked;
 // then each row's lane sums reduced (lane_sums8) and stored at once. kFull:
 // rows is 8, known at compile time (the loop over w's rows unrolled, its sums
@@ -161,8 +161,8 @@ VR_DOT_TARGET inline __attribute__((always_inline)) void dot_rows8_tile(int64_t 
   }
 }
 
-// Rows i0..i1 of a against the 8-row group w8: pairs of rows, the last one
-// alone.
+// Rows i0..i1 of a against the 8-row group w8: three rows at a time, then
+// the last two or one.
 template <typename T, bool kFull>
 VR_DOT_TARGET void dot_rows8(int64_t i0, int64_t i1, const T* a, int64_t lda, const T* w8,
                              int rows_given, int64_t K, float* c8, int64_t ldc) {
@@ -393,30 +393,30 @@ __attribute__((target("avx2,fma"))) void row_tile_avx2(int64_t steps, const floa
                                                        const float* b, int64_t ldb, float* c,
                                                        int64_t ldc, int64_t cols, bool load_c) {
   __m256i mask[NU];
-#pragma GCC unroll 3
+#pragma GCC unroll 2
   for (int v = 0; v < NU; ++v) mask[v] = avx2_lanes(std::clamp<int64_t>(cols - 8 * v, 0, 8));
   __m256 acc[R][NU];
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 3
+#pragma GCC unroll 2
     for (int v = 0; v < NU; ++v) {
       acc[r][v] = load_c ? avx2_load<kMasked>(c + r * ldc + 8 * v, mask[v]) : _mm256_setzero_ps();
     }
   }
   for (int64_t q = 0; q < steps; ++q) {
     __m256 bv[NU];
-#pragma GCC unroll 3
+#pragma GCC unroll 2
     for (int v = 0; v < NU; ++v) bv[v] = avx2_load<kMasked>(b + q * ldb + 8 * v, mask[v]);
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r) {
       const __m256 av = _mm256_broadcast_ss(a + r * as.row + q * as.step);
-#pragma GCC unroll 3
+#pragma GCC unroll 2
       for (int v = 0; v < NU; ++v) acc[r][v] = _mm256_fmadd_ps(av, bv[v], acc[r][v]);
     }
   }
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 3
+#pragma GCC unroll 2
     for (int v = 0; v < NU; ++v) {
       if (kMasked) {
         _mm256_maskstore_ps(c + r * ldc + 8 * v, mask[v], acc[r][v]);
