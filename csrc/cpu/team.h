@@ -89,6 +89,16 @@ inline bool blas_available() {
 // in one process, min of 8 rounds of 5 calls): the split loop still lost
 // below these limits (B=1: 0.31-0.70x up to T=16; B=8: 0.87-0.95x at T=8,
 // 1.43-1.89x at T=12; B=32: 0.84-1.05x at T=4, 1.10-1.45x at T=8).
+// Measured again after the dot products took three rows per tile (0e4cedb;
+// the Xeon, float32 GRU and LSTM at H=256/512, B=1/8/32, few_steps forced
+// true by a temporary switch against VARLEN_RNN_CPU_STEPS=split, one process,
+// min of 8 alternating rounds of 5 calls; ad hoc, 2026-12-02), per-step loop
+// / split: inference crosses over later than these limits (GRU H=256 B=1 at
+// T=48-64, 1.34x at T=24; B=8 at T=12-14; B=32 at T=8-12; at H=512 later
+// still, 1.28x at B=1 T=64), training near them (GRU H=256 B=1 1.04x at
+// T=24, 1.00x at 32, 0.86x at 64; B=8 0.97x at T=10; B=32 1.00x at T=6;
+// H=512 B=1 1.14x at T=24, 1.00x at 48). One rule serves both, so the limits
+// stay; an inference-only limit at B=1 (48) is left for later.
 // steps: the call's longest length (Schedule::max_len).
 // With bfloat16 products (bf16: the layer's products take bfloat16 operands)
 // the calls of few steps take theirs on the weights as stored (dot products,
