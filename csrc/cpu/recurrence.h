@@ -67,14 +67,18 @@ void forward_impl(ForwardArgs& args) {
   const bool proj = args.w_hr.defined();
   const auto opts = args.opts();
   const SortedOrder order(sched);
-  const StepLoops loops = step_loops(dims, sched.max_len, sizeof(scalar_t), args.bf16, args.bf16);
+  // A float32 forward that keeps no workspace: few_steps' longer limits.
+  const bool f32_inference =
+      std::is_same_v<scalar_t, float> && !args.bf16 && args.workspace.numel() == 0;
+  const StepLoops loops =
+      step_loops(dims, sched.max_len, sizeof(scalar_t), args.bf16, args.bf16, f32_inference);
   const bool gemm_loop = loops == StepLoops::kGemm;
   // The split loops may compute the projection themselves, a chunk of steps
   // at a time per thread (cpu/chunked_projection.h): then neither xp nor gx.
   const bool chunked = !gemm_loop && chunked_projection();
   // [N, I] (bfloat16 where args.bf16)
   at::Tensor xp = chunked ? at::Tensor() : projection_input(args);
-  const bool few = few_steps(dims, sched.max_len, args.bf16);
+  const bool few = few_steps(dims, sched.max_len, args.bf16, f32_inference);
   // A bfloat16 layer's call of few steps (a decoding step) takes its
   // products on the bfloat16 weights as stored (bf16_weight_product), with
   // no packing of them either.

@@ -97,8 +97,9 @@ inline bool blas_available() {
 // T=48-64, 1.34x at T=24; B=8 at T=12-14; B=32 at T=8-12; at H=512 later
 // still, 1.28x at B=1 T=64), training near them (GRU H=256 B=1 1.04x at
 // T=24, 1.00x at 32, 0.86x at 64; B=8 0.97x at T=10; B=32 1.00x at T=6;
-// H=512 B=1 1.14x at T=24, 1.00x at 48). One rule serves both, so the limits
-// stay; an inference-only limit at B=1 (48) is left for later.
+// H=512 B=1 1.14x at T=24, 1.00x at 48). So a float32 inference forward
+// takes its own, longer limits (f32_inference), kept short of the crossovers
+// measured (LSTM H=256 B=8 0.93x at T=18), and training keeps these.
 // steps: the call's longest length (Schedule::max_len).
 // With bfloat16 products (bf16: the layer's products take bfloat16 operands)
 // the calls of few steps take theirs on the weights as stored (dot products,
@@ -115,9 +116,14 @@ inline bool blas_available() {
 // at H=256 and 0.98-1.86x at H=512 over the same calls. So the float32
 // limit times 1.5 at H=256 and 3 at H=512 (not measured past H=512 or
 // below H=256, where the float32 rule stays).
-inline bool few_steps(const LayerDims& dims, int64_t steps, bool bf16) {
+// f32_inference: a float32 forward that keeps no workspace (float32
+// products, no backward to follow), whose per-step loop wins longer (above):
+// under 32 steps at B = 1, 13 at B = 8 (160 / (B + 4)), 6 as before from
+// B = 19 (benchmarks/results/few-steps-inference_cpu_20261202-125300.md).
+inline bool few_steps(const LayerDims& dims, int64_t steps, bool bf16, bool f32_inference = false) {
   const int64_t limit = std::clamp<int64_t>(128 / (dims.B + 4), 6, 24);
   if (bf16 && dims.H >= 256) return steps < limit * 3 * std::min<int64_t>(dims.H, 512) / 512;
+  if (f32_inference) return steps < std::clamp<int64_t>(160 / (dims.B + 4), 6, 32);
   return steps < limit;
 }
 
@@ -159,13 +165,14 @@ inline bool few_steps(const LayerDims& dims, int64_t steps, bool bf16) {
 // on the bfloat16 values, with no packing (cpu/recurrence.h).
 // bf16: the split loops always (the forward's rule); bf16_products: the
 // products take bfloat16 operands (few_steps).
-inline bool use_split_loops(const LayerDims& dims, int64_t steps, bool bf16, bool bf16_products) {
+inline bool use_split_loops(const LayerDims& dims, int64_t steps, bool bf16, bool bf16_products,
+                            bool f32_inference = false) {
   if (!blas_available() || at::in_parallel_region()) return false;
   const char* env = std::getenv("VARLEN_RNN_CPU_STEPS");
   if (env != nullptr && std::strcmp(env, "split") == 0) return true;
   if (env != nullptr && std::strcmp(env, "gemm") == 0) return false;
   const int threads = at::get_num_threads();
-  if (few_steps(dims, steps, bf16_products)) return false;
+  if (few_steps(dims, steps, bf16_products, f32_inference)) return false;
   return bf16 || threads <= 2 || dims.H >= 256 || dims.B <= 32;
 }
 
@@ -220,7 +227,7 @@ inline int64_t l2_bytes() {
 // default, holds neither); training's peak, set by the workspace, rises by the
 // backward's second [N, H] of the GRU (62.7 -> 64.2 MiB).
 inline bool use_concurrent_directions(const LayerDims& dims, int64_t steps, size_t scalar_bytes,
-                                      bool bf16_products) {
+                                      bool bf16_products, bool f32_inference = false) {
   if (dims.D != 2 || !blas_available() || at::in_parallel_region()) return false;
   const int threads = at::get_num_threads();
   if (threads < 2) return false;
@@ -229,7 +236,7 @@ inline bool use_concurrent_directions(const LayerDims& dims, int64_t steps, size
   const char* env = std::getenv("VARLEN_RNN_CPU_DIRECTIONS");
   if (env != nullptr && std::strcmp(env, "concurrent") == 0) return true;
   if (env != nullptr && std::strcmp(env, "serial") == 0) return false;
-  if (few_steps(dims, steps, bf16_products)) return false;
+  if (few_steps(dims, steps, bf16_products, f32_inference)) return false;
   const int64_t per_thread =
       recurrent_weights(dims) * static_cast<int64_t>(scalar_bytes) / (threads / 2);
   return threads % 2 == 0 && per_thread <= std::min<int64_t>(768 * 1024, l2_bytes());
@@ -242,12 +249,15 @@ enum class StepLoops { kGemm, kSplit, kConcurrent };
 // steps: the call's longest length; scalar_bytes: the op-math type's size;
 // bf16: the forward's rules for bfloat16 products (their weight panels are 2
 // bytes per value, the split loops always); bf16_products: the products take
-// bfloat16 operands (few_steps; the backward passes it alone).
+// bfloat16 operands (few_steps; the backward passes it alone);
+// f32_inference: few_steps' (a float32 forward without a workspace).
 inline StepLoops step_loops(const LayerDims& dims, int64_t steps, size_t scalar_bytes,
-                            bool bf16 = false, bool bf16_products = false) {
-  if (use_concurrent_directions(dims, steps, bf16 ? 2 : scalar_bytes, bf16_products))
+                            bool bf16 = false, bool bf16_products = false,
+                            bool f32_inference = false) {
+  if (use_concurrent_directions(dims, steps, bf16 ? 2 : scalar_bytes, bf16_products, f32_inference))
     return StepLoops::kConcurrent;
-  return use_split_loops(dims, steps, bf16, bf16_products) ? StepLoops::kSplit : StepLoops::kGemm;
+  return use_split_loops(dims, steps, bf16, bf16_products, f32_inference) ? StepLoops::kSplit
+                                                                          : StepLoops::kGemm;
 }
 
 // The threads of each direction's half when they run at once.
