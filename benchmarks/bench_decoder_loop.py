@@ -46,26 +46,12 @@ def _no_shortcut(self, *args):
     return None
 
 
-def greedy_of(module, emb, head, first, T: int):
+def greedy_of(module, emb, head, first, T: int, in_place: bool = False):
     """T steps of greedy decoding from the tokens `first` [B]: x = emb(token) [1, B, H], one
     step of module (None: no RNN, the step's output is x itself), the argmax of head's logits
-    the next token."""
-
-    def decode():
-        with torch.inference_mode():
-            h, tok = None, first
-            for _ in range(T):
-                x = emb(tok).unsqueeze(0)
-                out, h = (x, None) if module is None else module(x, h)
-                tok = head(out[0]).argmax(-1)
-
-    return decode
-
-
-def in_place_of(module, emb, head, first, T: int):
-    """greedy_of's loop, returning the RNN's calls' own time per step (s), each call timed with
-    perf_counter where it runs: what the call costs among the step's other work, without what it
-    does to the time of that work (which the share includes)."""
+    the next token. in_place: decode() returns the module's calls' own time per step (s), each
+    call timed with perf_counter where it runs: what the call costs among the step's other work,
+    without what it does to the time of that work (which the share includes)."""
 
     def decode():
         spent = 0.0
@@ -73,9 +59,10 @@ def in_place_of(module, emb, head, first, T: int):
             h, tok = None, first
             for _ in range(T):
                 x = emb(tok).unsqueeze(0)
-                t0 = time.perf_counter()
-                out, h = module(x, h)
-                spent += time.perf_counter() - t0
+                t0 = time.perf_counter() if in_place else 0.0
+                out, h = (x, None) if module is None else module(x, h)
+                if in_place:
+                    spent += time.perf_counter() - t0
                 tok = head(out[0]).argmax(-1)
         return spent / T
 
@@ -195,8 +182,11 @@ def main(argv=None):
                     rounds[name].append(run.median / T)
             times = {name: statistics.median(v) for name, v in rounds.items()}
             if args.vocab:  # the calls timed in place, 10 decodes a competitor a round, interleaved
-                placed = {k: in_place_of(m, emb, head, first, T) for k, m in competitors.items()}
-                placed.pop("rest")
+                placed = {
+                    k: greedy_of(m, emb, head, first, T, in_place=True)
+                    for k, m in competitors.items()
+                    if k != "rest"
+                }
                 spent = {k: [] for k in placed}
                 for _ in range(10 * args.rounds):
                     for k, decode in placed.items():

@@ -36,6 +36,9 @@ checkout.put_varlen_rnn_on_path()  # the checkout's build if built in place, els
 import torch  # noqa: E402
 
 ops = torch.ops.varlen_rnn
+# The recurrent weights [G*H, H] the stored and dots parts time (W_hh of a GRU and an LSTM).
+WEIGHTS = {"GRU H=256": (768, 256), "LSTM H=256": (1024, 256)}
+WEIGHTS |= {"GRU H=512": (1536, 512), "LSTM H=512": (2048, 512)}
 
 
 def load() -> str:
@@ -115,14 +118,12 @@ def per_call(fn, calls: int, repeats: int) -> float:
 def stored_part(repeats: int) -> None:
     torch.set_num_threads(2)
     g = torch.Generator().manual_seed(0)
-    weights = {"GRU H=256": (768, 256), "LSTM H=256": (1024, 256)}
-    weights |= {"GRU H=512": (1536, 512), "LSTM H=512": (2048, 512)}
     print(
         f"2 threads, us per call (min of {repeats} x 20 calls); ours / BLAS as 'x' (>1: ours faster)"
     )
     print("dh = dG W_hh: m rows, f32_rows_times ('rows') against the BLAS ('blas')")
     print("weight   " + "".join(f"{'m=' + str(m):>22}" for m in (1, 4, 8, 16, 32, 64)) + "  load")
-    for name, (G, P) in weights.items():
+    for name, (G, P) in WEIGHTS.items():
         w = torch.randn(G, P, generator=g)
         cells = []
         for m in (1, 4, 8, 16, 32, 64):
@@ -142,7 +143,7 @@ def stored_part(repeats: int) -> None:
         return
     print("dW = dG^T h: n positions, f32_weight_grad against torch.mm(dG.t(), h)")
     print("weight   " + "".join(f"{'n=' + str(n):>22}" for n in (1, 2, 4, 8, 16)) + "  load")
-    for name, (G, P) in weights.items():
+    for name, (G, P) in WEIGHTS.items():
         cells = []
         for n in (1, 2, 4, 8, 16):
             a, b = torch.randn(n, G, generator=g), torch.randn(n, P, generator=g)
@@ -159,8 +160,6 @@ def stored_part(repeats: int) -> None:
 
 def dots_part(repeats: int, threads: list[int]) -> None:
     g = torch.Generator().manual_seed(0)
-    weights = {"GRU H=256": (768, 256), "LSTM H=256": (1024, 256)}
-    weights |= {"GRU H=512": (1536, 512), "LSTM H=512": (2048, 512)}
     rows = (1, 8, 16, 32, 64, 128, 256)
     for n in threads:
         torch.set_num_threads(n)
@@ -169,7 +168,7 @@ def dots_part(repeats: int, threads: list[int]) -> None:
             "torch.mm(a, w.t()) as 'x' (>1: ours faster)"
         )
         print("weight   " + "".join(f"{'m=' + str(m):>22}" for m in rows) + "  load")
-        for name, (J, K) in weights.items():
+        for name, (J, K) in WEIGHTS.items():
             w = torch.randn(J, K, generator=g)
             cells = []
             for m in rows:

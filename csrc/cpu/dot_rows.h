@@ -350,12 +350,15 @@ VR_DOT_TARGET inline __attribute__((always_inline)) void row_tile_of(
    ...);
 }
 
-// All m rows, in near-equal tiles of at most 6 rows (24 accumulators, 4
-// vectors of b and a broadcast: 29 of the 32 registers), one thread.
+// Rows of a register tile at most (row_tiles, row_tiles_avx2).
+constexpr int kRowTile = 6;
+
+// All m rows, in near-equal tiles of at most kRowTile rows (24 accumulators,
+// 4 vectors of b and a broadcast: 29 of the 32 registers), one thread.
 template <typename T, typename Out = float>
 VR_DOT_TARGET inline void row_tiles(int64_t m, int64_t steps, const T* a, AStrides as, const T* b,
                                     int64_t ldb, Out* c, int64_t ldc, int64_t cols, bool load_c) {
-  constexpr int kMr = 6;
+  constexpr int kMr = kRowTile;
   const int64_t tiles = (m + kMr - 1) / kMr;
   for (int64_t t = 0, i0 = 0; t < tiles; ++t) {
     const int64_t rows = m / tiles + (t < m % tiles ? 1 : 0);
@@ -443,7 +446,7 @@ row_tiles_avx2_table(std::integer_sequence<int, Rm1...>) {
 
 inline void row_tiles_avx2(int64_t m, int64_t steps, const float* a, AStrides as, const float* b,
                            int64_t ldb, float* c, int64_t ldc, int64_t cols, bool load_c) {
-  constexpr int kMr = 6;
+  constexpr int kMr = kRowTile;
   static constexpr auto kTiles = row_tiles_avx2_table(std::make_integer_sequence<int, kMr>{});
   const int64_t tiles = (m + kMr - 1) / kMr;
   for (int64_t j0 = 0; j0 < cols; j0 += 16) {

@@ -304,7 +304,7 @@ void f32_rows_times(int64_t m, const float* a, int64_t lda, const float* w, int6
   TORCH_INTERNAL_ASSERT(isa == SmallGemmIsa::kAvx512 || isa == SmallGemmIsa::kAvx2,
                         "f32_rows_times: needs AVX-512 or AVX2");  // (f32_rows_times_for holds)
   // Tasks of 64 columns, all rows (cpu/dot_rows.h row_tiles, row_tiles_avx2).
-  // Where the rows need more than one register tile (6 rows) and a task's
+  // Where the rows need more than one register tile (kRowTile) and a task's
   // columns of w (K x 64 floats) pass 256 KiB, the task takes them kKc values
   // of k at a time, every tile of rows over each piece before the next (each
   // c[i, j] the same chain over k, resumed from c, so the same bits): a piece
@@ -316,7 +316,7 @@ void f32_rows_times(int64_t m, const float* a, int64_t lda, const float* w, int6
   // rows within one tile, and weights of at most 256 KiB a task (W_hh 768 x
   // 256, 1024 x 256), keep one piece, as they gained nothing.
   constexpr int64_t kKc = 256;
-  const int64_t kc = m > 6 && K * 64 * 4 > 256 * 1024 ? kKc : std::max<int64_t>(K, 1);
+  const int64_t kc = m > kRowTile && K * 64 * 4 > 256 * 1024 ? kKc : std::max<int64_t>(K, 1);
   at::parallel_for(0, (N + 63) / 64, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t j0 = b0 * 64; j0 < std::min(N, b1 * 64); j0 += 64) {
       const int64_t cols = std::min<int64_t>(64, N - j0);
@@ -348,11 +348,13 @@ bool cpu_is_intel() {
 #endif
 }
 
-// rows within `limit` (-1: this CPU runs none) and VARLEN_RNN_CPU_GEMM not mkl.
-bool stored_products_for(int64_t rows, int64_t limit) {
+// rows within `limit` (-1: this CPU runs none) and VARLEN_RNN_CPU_GEMM not
+// mkl; with kernel_only, only where it is kernel.
+bool stored_products_for(int64_t rows, int64_t limit, bool kernel_only = false) {
   if (rows > limit) return false;
   const char* env = std::getenv("VARLEN_RNN_CPU_GEMM");
-  return env == nullptr || std::strcmp(env, "mkl") != 0;
+  if (env == nullptr) return !kernel_only;
+  return kernel_only ? std::strcmp(env, "kernel") == 0 : std::strcmp(env, "mkl") != 0;
 }
 }  // namespace
 
@@ -370,9 +372,7 @@ bool f32_rows_times_for(int64_t rows) {
   // On Intel's CPUs MKL's GEMM takes the backward's products unless
   // VARLEN_RNN_CPU_GEMM=kernel (small_gemm.h has the measurements).
   static const bool intel = cpu_is_intel();
-  const char* env = std::getenv("VARLEN_RNN_CPU_GEMM");
-  if (intel && (env == nullptr || std::strcmp(env, "kernel") != 0)) return false;
-  return stored_products_for(rows, limit);
+  return stored_products_for(rows, limit, intel);
 }
 
 void f32_dot_rows(int64_t m, const float* a, int64_t lda, const float* w, int64_t J, int64_t K,
