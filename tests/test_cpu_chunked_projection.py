@@ -7,11 +7,15 @@ length 0 (padded and offsets layouts), and the reverse direction starts each row
 step. float64 against the plain-PyTorch reference to 1e-10 (forward and, through the workspace
 the chunked forward saved, every gradient); float32 and bfloat16 against the whole projection."""
 
+import ctypes
+import sys
+
 import pytest
 import torch
 from cell_ops_testing import make_batch, make_layer
 from test_cell_ops import check_against_reference
 from test_cpu_bf16 import UNITS, _available
+from test_cpu_split_backward import _intel_cpu
 from test_cpu_split_steps import H, I, P, check_gru_against_reference, gru_layer
 
 import varlen_rnn
@@ -172,3 +176,43 @@ def test_float32_chunks_sized_by_a_wide_input(two_threads, layout, monkeypatch):
         runs.append([out.values() if layout == "offsets" else out, h, c])
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+
+def _l2_bytes() -> int:
+    """The L2's size as the extension reads it (glibc's sysconf(_SC_LEVEL2_CACHE_SIZE), which
+    Python's os.sysconf does not name), 1 MiB where unknown, as there."""
+    if sys.platform.startswith("linux"):
+        size = ctypes.CDLL(None).sysconf(191)  # _SC_LEVEL2_CACHE_SIZE in glibc's confname.h
+        if size > 0:
+            return size
+    return 1 << 20
+
+
+@pytest.mark.parametrize("case", ["wide", "wide-many-positions", "narrow"])
+def test_the_choice_of_projection(two_threads, monkeypatch, case):
+    """The default (chunked_projection): on Intel's CPUs, in float32, with a thread's W_ih
+    panel past the L2 and at most I + P positions, the whole projection (MKL's GEMM: its sums,
+    bit for bit); else the chunks (the micro-kernel's, where they differ). The panel: a GRU's
+    3 * H gate columns over the 2 threads, I values each, I sized from this machine's L2
+    (just past it, or 64 for a panel within it)."""
+    monkeypatch.setenv("VARLEN_RNN_CPU_STEPS", "split")
+    H = 1024
+    I = 64 if case == "narrow" else _l2_bytes() // (4 * 3 * H // 2) + 64
+    B = 4 if case != "wide-many-positions" else 24
+    T = 16 if case != "wide-many-positions" else (I + H) // B + 2  # N = B * T > I + P
+    torch.manual_seed(0)
+    gru = varlen_rnn.GRU(I, H)
+    x, lengths = torch.randn(T, B, I), torch.full((B,), T)
+    runs = {}
+    for mode in [None, "whole", "chunked"]:
+        if mode is None:
+            monkeypatch.delenv("VARLEN_RNN_CPU_PROJECTION", raising=False)
+        else:
+            monkeypatch.setenv("VARLEN_RNN_CPU_PROJECTION", mode)
+        with torch.inference_mode():
+            runs[mode] = torch.cat([t.flatten() for t in gru(x, lengths=lengths)])
+    # the two sums differ (else this test could not tell them apart), both near each other
+    assert not torch.equal(runs["whole"], runs["chunked"])
+    torch.testing.assert_close(runs["whole"], runs["chunked"], atol=1e-4, rtol=1e-3)
+    whole = _intel_cpu() and case == "wide"
+    assert torch.equal(runs[None], runs["whole" if whole else "chunked"])

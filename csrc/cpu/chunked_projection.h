@@ -51,24 +51,51 @@
 namespace varlen_rnn {
 namespace cpu {
 
+// Whether a thread's panel of W_ih ([I, cols] float32 values: its units'
+// gate columns) outgrows its core's L2 (l2_bytes).
+inline bool panel_outgrows_l2(int64_t I, int64_t cols) {
+  return I * cols * static_cast<int64_t>(sizeof(float)) > l2_bytes();
+}
+
 // The one place that decides whether the forward's split loops project in
-// chunks (else one GEMM over all positions before the loop): always, unless
-// VARLEN_RNN_CPU_PROJECTION=whole (=chunked also accepted; read at every
-// call, for tests and measurement). Measured on the 2-core Xeon, inference,
-// B=64 T=100 I=H=256, full / uniform random lengths, min of 15-20
-// interleaved repeats, load average ~1.5 (benchmarks/
-// bench_chunked_projection.py), chunked vs whole: bfloat16 (AMX) 2 threads
-// LSTM 1.50x / 1.28x, GRU 1.52x / 1.44x; the split loop forced on 1 thread
-// LSTM 1.25x / 1.16x, GRU 1.52x / 1.45x; float32 2 threads LSTM 1.07x /
-// 1.05x, GRU 1.00x / 0.99x, 1 thread 0.98x-1.05x (a tie: MKL's big GEMM is
-// no faster than the chunks'); float32 B=8 T=16 1 thread 0.99x-1.04x;
-// float64 (load ~5, a guide) 1.05x-1.24x. The forward's peak memory falls
-// by the [N, G*H] projection and the [N, I] gathered input: bfloat16 LSTM
-// 37.3 -> 12.3 MiB (nn.LSTM 18.0), GRU 30.2 -> 11.1 MiB (nn.GRU 15.7);
-// float32 LSTM 37.8 -> 9.3 MiB (nn 34.9), GRU 31.4 -> 8.7 MiB (nn 31.3).
-inline bool chunked_projection() {
-  const char* env = std::getenv("VARLEN_RNN_CPU_PROJECTION");
-  return env == nullptr || std::string(env) != "whole";
+// chunks (else one GEMM over all positions before the loop):
+// VARLEN_RNN_CPU_PROJECTION=whole or =chunked forces one (read at every call,
+// for tests and measurement); otherwise chunks, but for one case on Intel's
+// CPUs (below). Measured on the 2-core Xeon, inference, B=64 T=100 I=H=256,
+// full / uniform random lengths, min of 15-20 interleaved repeats, load
+// average ~1.5 (benchmarks/bench_chunked_projection.py), chunked vs whole:
+// bfloat16 (AMX) 2 threads LSTM 1.50x / 1.28x, GRU 1.52x / 1.44x; the split
+// loop forced on 1 thread LSTM 1.25x / 1.16x, GRU 1.52x / 1.45x; float32 2
+// threads LSTM 1.07x / 1.05x, GRU 1.00x / 0.99x, 1 thread 0.98x-1.05x (a
+// tie: MKL's big GEMM is no faster than the chunks'); float32 B=8 T=16 1
+// thread 0.99x-1.04x; float64 (load ~5, a guide) 1.05x-1.24x. The forward's
+// peak memory falls by the [N, G*H] projection and the [N, I] gathered
+// input: bfloat16 LSTM 37.3 -> 12.3 MiB (nn.LSTM 18.0), GRU 30.2 -> 11.1 MiB
+// (nn.GRU 15.7); float32 LSTM 37.8 -> 9.3 MiB (nn 34.9), GRU 31.4 -> 8.7 MiB
+// (nn 31.3).
+// The case: float32 products on an Intel CPU where each thread's W_ih panel
+// outgrows the L2 (panel_outgrows_l2, with the direction's G*H columns over
+// `threads`) and the [N, G*H] projection is at most the direction's weights
+// (N <= I + P: the memory it costs stays within what the layer already
+// holds). There MKL's one GEMM beat the chunks (the 2-core Xeon, float32, 2
+// threads, full lengths, the two forced in one process, min of 7 rotating
+// rounds; ad hoc, 2026-12-02), whole vs chunked: inference LSTM I=H=1024
+// B=64 T=20 1.12-1.17x, B=8 T=50 1.12x, B=1 T=200 1.04x; GRU 1.12x, 1.07x,
+// 1.02x; a training step (forward and backward) LSTM and GRU at B=64 T=20
+// 1.02x and 1.03x. Outside it they tied or the chunks won (GRU I=H=768
+// B=32 T=50, N = 1600: 0.96x; LSTM I=1024 H=512 B=16 T=100, N = 1600:
+// 1.00x), and on the Zen 3 (AMD, 512 KiB of L2) the chunks won at I=H=1024
+// B=64 T=20 (1.09x, chunk_steps).
+// N: the positions; threads: the threads over one direction's units.
+inline bool chunked_projection(const LayerDims& dims, int64_t N, bool f32_products,
+                               int64_t threads) {
+  if (const char* env = std::getenv("VARLEN_RNN_CPU_PROJECTION")) {
+    if (std::strcmp(env, "whole") == 0) return false;
+    if (std::strcmp(env, "chunked") == 0) return true;
+  }
+  static const bool intel = cpu_is_intel();
+  const int64_t cols = (dims.G * dims.H + threads - 1) / std::max<int64_t>(threads, 1);
+  return !(intel && f32_products && panel_outgrows_l2(dims.I, cols) && N <= dims.I + dims.P);
 }
 
 // [N, G*H]: direction d's input projection W_ih x (without b_ih) where it is
@@ -139,7 +166,7 @@ inline int64_t chunk_steps(int64_t B, int64_t cols, int64_t gx_bytes, int64_t I,
   constexpr int64_t kChunkBytes = 512 * 1024;
   const int64_t row_bytes = std::max<int64_t>(1, B * cols * gx_bytes);
   const int64_t steps = std::clamp<int64_t>(kChunkBytes / row_bytes, 1, 32);
-  if (!wide || B == 0 || cols == 0 || I * cols * 4 <= l2_bytes()) return steps;
+  if (!wide || B == 0 || cols == 0 || !panel_outgrows_l2(I, cols)) return steps;
   const int64_t rows = std::min((I + 1) / 2, I * cols / (cols + I));
   return std::max(steps, (rows + B - 1) / B);
 }

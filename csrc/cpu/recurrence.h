@@ -75,7 +75,11 @@ void forward_impl(ForwardArgs& args) {
   const bool gemm_loop = loops == StepLoops::kGemm;
   // The split loops may compute the projection themselves, a chunk of steps
   // at a time per thread (cpu/chunked_projection.h): then neither xp nor gx.
-  const bool chunked = !gemm_loop && chunked_projection();
+  const int64_t threads = at::get_num_threads();
+  const bool chunked =
+      !gemm_loop &&
+      chunked_projection(dims, sched.N(), std::is_same_v<scalar_t, float> && !args.bf16,
+                         loops == StepLoops::kConcurrent ? (threads + 1) / 2 : threads);
   // [N, I] (bfloat16 where args.bf16)
   at::Tensor xp = chunked ? at::Tensor() : projection_input(args);
   const bool few = few_steps(dims, sched.max_len, args.bf16, f32_inference);

@@ -337,8 +337,6 @@ void f32_rows_times(int64_t m, const float* a, int64_t lda, const float* w, int6
 #endif
 }
 
-namespace {
-// Whether the CPU is Intel's (GCC's cpu model, x86 only).
 bool cpu_is_intel() {
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
@@ -347,6 +345,8 @@ bool cpu_is_intel() {
   return false;
 #endif
 }
+
+namespace {
 
 // rows within `limit` (-1: this CPU runs none) and VARLEN_RNN_CPU_GEMM not
 // mkl; with kernel_only, only where it is kernel.
