@@ -56,9 +56,12 @@ struct VecMathF32 {
     return p * as_float((k + 127) << 23);
   }
   static inline float tanh(float x) {
-    // At |x| = 10 the formula rounds to exactly +-1, as tanhf does from 9.01 on.
-    x = x > 10.0f ? 10.0f : x;
-    x = x < -10.0f ? -10.0f : x;
+    // Exactly +-1 from |x| ~ 9 on, as tanhf from 9.01 on, with no clamp of
+    // its own: 2 / (exp(2x) + 1) rounds away against 1 there, exp's clamps
+    // give inf (2 / inf = 0) and a normal float below, and NaN stays NaN.
+    // A clamp at +-10, here until 2026-12-02, changed no result (all 2^32
+    // inputs compared, built for x86-64, -v3 and -v4) and cost two compares
+    // and blends per call.
     return 1.0f - 2.0f / (exp(2.0f * x) + 1.0f);
   }
 };
