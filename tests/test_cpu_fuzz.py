@@ -38,7 +38,7 @@ SWITCHES = {
     "VARLEN_RNN_CPU_STEPS": [None, "split", "gemm"],
     "VARLEN_RNN_CPU_ROW_GROUPS": [None, None, "1", "2", "3", "4"],
     "VARLEN_RNN_CPU_DIRECTIONS": [None, "concurrent", "serial"],
-    "VARLEN_RNN_CPU_PROJECTION": [None, "whole"],
+    "VARLEN_RNN_CPU_PROJECTION": [None, "whole", "chunked"],
     "VARLEN_RNN_CPU_GEMM": [None, "mkl", "kernel"],
     "VARLEN_RNN_CPU_CHUNK_STEPS": [None, None, "1", "3", "7"],
     # Last: drawn after the others, so each seed's earlier draws stay as they were.
