@@ -84,10 +84,11 @@ inline bool panel_outgrows_l2(int64_t I, int64_t cols) {
 // 1.02x; a training step (forward and backward) LSTM and GRU at B=64 T=20
 // 1.02x and 1.03x; on one thread (a panel of all G*H columns: wide from
 // I=H=512) inference GRU I=H=512 B=8 T=50 1.05x, LSTM B=16 T=50 1.06x, GRU
-// I=H=1024 B=8 T=50 1.11x, the LSTM's training step 1.04x. Outside it they tied or the chunks won (GRU I=H=768
-// B=32 T=50, N = 1600: 0.96x; LSTM I=1024 H=512 B=16 T=100, N = 1600:
-// 1.00x), and on the Zen 3 (AMD, 512 KiB of L2) the chunks won at I=H=1024
-// B=64 T=20 (1.09x, chunk_steps).
+// I=H=1024 B=8 T=50 1.11x, the LSTM's training step 1.04x. Outside it
+// they tied or the chunks won (GRU I=H=768 B=32 T=50, N = 1600: 0.96x;
+// LSTM I=1024 H=512 B=16 T=100, N = 1600: 1.00x), and on the Zen 3 (AMD,
+// 512 KiB of L2) the chunks won at I=H=1024 B=64 T=20 (1.09x, chunk_steps).
+//
 // N: the positions; threads: the threads over one direction's units.
 inline bool chunked_projection(const LayerDims& dims, int64_t N, bool f32_products,
                                int64_t threads) {
