@@ -96,9 +96,9 @@ inline bool chunked_projection(const LayerDims& dims, int64_t N, bool f32_produc
     if (std::strcmp(env, "whole") == 0) return false;
     if (std::strcmp(env, "chunked") == 0) return true;
   }
-  static const bool intel = cpu_is_intel();
   const int64_t cols = (dims.G * dims.H + threads - 1) / std::max<int64_t>(threads, 1);
-  return !(intel && f32_products && panel_outgrows_l2(dims.I, cols) && N <= dims.I + dims.P);
+  return !(cpu_is_intel() && f32_products && panel_outgrows_l2(dims.I, cols) &&
+           N <= dims.I + dims.P);
 }
 
 // [N, G*H]: direction d's input projection W_ih x (without b_ih) where it is

@@ -339,8 +339,11 @@ void f32_rows_times(int64_t m, const float* a, int64_t lda, const float* w, int6
 
 bool cpu_is_intel() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  __builtin_cpu_init();
-  return __builtin_cpu_is("intel");
+  static const bool intel = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") != 0;
+  }();
+  return intel;
 #else
   return false;
 #endif
@@ -371,8 +374,7 @@ bool f32_rows_times_for(int64_t rows) {
                                                                    : -1;
   // On Intel's CPUs MKL's GEMM takes the backward's products unless
   // VARLEN_RNN_CPU_GEMM=kernel (small_gemm.h has the measurements).
-  static const bool intel = cpu_is_intel();
-  return stored_products_for(rows, limit, intel);
+  return stored_products_for(rows, limit, cpu_is_intel());
 }
 
 void f32_dot_rows(int64_t m, const float* a, int64_t lda, const float* w, int64_t J, int64_t K,

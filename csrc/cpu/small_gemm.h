@@ -132,8 +132,9 @@ bool use_small_gemm();
 // kF32RowsTimesAvx2.
 constexpr int64_t kF32DotRows = 256, kF32DotRowsAvx2 = 16, kF32RowsTimesAvx2 = 16;
 bool f32_dots_for(int64_t rows);
-// Whether the CPU is Intel's (x86 with GCC or clang; false elsewhere): MKL's
-// GEMM takes some products there (f32_rows_times_for, chunked_projection).
+// Whether the CPU is Intel's (x86 with GCC or clang; false elsewhere; asked
+// once): MKL's GEMM takes some products there (f32_rows_times_for,
+// chunked_projection).
 bool cpu_is_intel();
 bool f32_rows_times_for(int64_t rows);
 
