@@ -1,0 +1,172 @@
+"""The last backward through a layer writes its gate gradients over the forward's workspace.
+
+An eager call that records a graph keeps its workspace in its node (csrc/recording.cpp). Where
+autograd frees it right after the node's backward (the graph is not kept, nothing else holds
+it), the CPU backward writes dG over it (csrc/cpu/recurrence.h backward_impl), in the rows and
+columns of the saved values it comes from, and takes no buffer of its own for it. Checked here:
+the gradients are bit for bit those of a kept graph (autograd.grad with retain_graph, which
+leaves the workspace alone), for every cell, both directions, every layout, the per-step and
+the split loops, the directions in turn and at once; a kept graph's backward can be run again
+with the same results, and the last one after it too; and the backward's peak memory is lower
+by at least dG's size than a kept graph's, so the workspace was indeed written over.
+"""
+
+import json
+import os
+import tempfile
+
+import pytest
+import torch
+from testing import ALL_DEVICES, make_kind_pair
+from torch.nn.utils.rnn import pack_padded_sequence
+
+LENGTHS = [9, 3, 9, 1, 6, 0, 4]  # unsorted, ties, a zero length (padded and nested only)
+I, H = 5, 16
+
+
+def run(module, kind, x, lengths):
+    """The layer's output and states as plain tensors, for the input in `kind`'s layout."""
+    if kind == "padded":
+        out, states = module(x, lengths=lengths)
+    elif kind == "packed":
+        keep = lengths > 0  # a PackedSequence has no empty sequence
+        packed = pack_padded_sequence(x[:, keep], lengths[keep], enforce_sorted=False)
+        out, states = module(packed)
+        out = out.data
+    else:  # a jagged nested tensor of the rows, batch first
+        rows = [x[: int(n), b] for b, n in enumerate(lengths)]
+        values = torch.cat(rows)
+        offsets = torch.tensor([0] + lengths.cumsum(0).tolist(), device=x.device)
+        out, states = module(torch.nested.nested_tensor_from_jagged(values, offsets))
+        out = out.values()
+    return [out, *(states if isinstance(states, tuple) else (states,))]
+
+
+def loss_of(tensors):
+    # weights that differ across positions and units, so no gradient is symmetric by chance
+    return sum(
+        (t * torch.linspace(-1, 2, t.numel(), dtype=t.dtype, device=t.device).view_as(t)).sum()
+        for t in tensors
+    )
+
+
+def make(kind_cell, bidirectional, dtype, device, kind):
+    _, module = make_kind_pair(
+        kind_cell,
+        I,
+        H,
+        bidirectional=bidirectional,
+        dtype=dtype,
+        device=device,
+        batch_first=kind == "nested",
+        num_layers=2,
+    )
+    g = torch.Generator().manual_seed(3)
+    T = max(LENGTHS)
+    x = torch.randn(T, len(LENGTHS), I, generator=g, dtype=dtype).to(device).requires_grad_()
+    return module, x, torch.tensor(LENGTHS)
+
+
+def kept_and_last(module, kind, x, lengths):
+    """The gradients of a kept graph's backward, then of the last one through the same graph."""
+    params = [x, *module.parameters()]
+    loss = loss_of(run(module, kind, x, lengths))
+    kept = torch.autograd.grad(loss, params, retain_graph=True)
+    for p in params:
+        p.grad = None
+    loss.backward()
+    return kept, [p.grad for p in params]
+
+
+# (bidirectional, the CPU's step loops, its directions: in turn or at once)
+LOOPS = {
+    "uni-split": (False, "split", "serial"),
+    "uni-gemm": (False, "gemm", "serial"),
+    "bi-split": (True, "split", "serial"),
+    "bi-gemm": (True, "gemm", "serial"),
+    "bi-concurrent": (True, "split", "concurrent"),
+}
+CASES = [("cpu", k) for k in LOOPS] + [
+    pytest.param(
+        "cuda", k, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+    )
+    for k in ("uni-split", "bi-split")
+]
+
+
+@pytest.mark.parametrize("device, loops", CASES)
+@pytest.mark.parametrize("kind", ["padded", "packed", "nested"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("cell", ["gru", "lstm", "lstm_proj", "rnn_tanh"])
+def test_the_last_backward_gives_a_kept_graphs_gradients(
+    monkeypatch, device, loops, kind, dtype, cell
+):
+    bidirectional, steps, directions = LOOPS[loops]
+    monkeypatch.setenv("VARLEN_RNN_CPU_STEPS", steps)
+    monkeypatch.setenv("VARLEN_RNN_CPU_DIRECTIONS", directions)
+    module, x, lengths = make(cell, bidirectional, dtype, device, kind)
+    kept, last = kept_and_last(module, kind, x, lengths)
+    for name, a, b in zip(["input", *dict(module.named_parameters())], kept, last, strict=True):
+        assert torch.equal(a, b), f"{name}: max |diff| {(a - b).abs().max().item():.3g}"
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_a_kept_graph_runs_again(device, cell):
+    module, x, lengths = make(cell, True, torch.float32, device, "padded")
+    params = [x, *module.parameters()]
+    loss = loss_of(run(module, "padded", x, lengths))
+    first = torch.autograd.grad(loss, params, retain_graph=True)
+    second = torch.autograd.grad(loss, params, retain_graph=True)
+    third = torch.autograd.grad(loss, params)  # the last: may consume the workspace
+    for a, b, c in zip(first, second, third, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(loss, params)
+
+
+def backward_peak(step) -> int:
+    """The most bytes torch's CPU allocator held during step(), above what it held before."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    finally:
+        os.unlink(path)
+    mem = [
+        e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0
+    ]
+    mem.sort(key=lambda e: e["args"].get("Ev Idx", 0))
+    held = peak = 0
+    for e in mem:
+        held += e["args"]["Bytes"]
+        peak = max(peak, held)
+    return peak
+
+
+@pytest.mark.parametrize("cell, gates", [("gru", 4), ("lstm", 4)])  # the GRU's dG: 3 gates + dghn
+def test_the_last_backward_holds_no_gate_gradients_of_its_own(cell, gates):
+    T, B, Hb = 40, 32, 64
+    _, module = make_kind_pair(cell, Hb, Hb, dtype=torch.float32)
+    x = torch.randn(T, B, Hb, requires_grad=True)
+    lengths = torch.full((B,), T)
+    params = [x, *module.parameters()]
+
+    def kept():
+        loss = loss_of(run(module, "padded", x, lengths))
+        return backward_peak(lambda: torch.autograd.grad(loss, params, retain_graph=True))
+
+    def last():
+        loss = loss_of(run(module, "padded", x, lengths))
+        return backward_peak(lambda: torch.autograd.grad(loss, params))
+
+    kept(), last()  # one-time allocations (thread pools) outside the measured steps
+    dg_bytes = T * B * gates * Hb * 4  # [N, G*H] float32 (the GRU's with its [N, H] dghn)
+    saved = kept() - last()
+    assert saved >= dg_bytes, f"the last backward held {saved} bytes fewer, dG is {dg_bytes}"
