@@ -59,6 +59,31 @@ struct NoAutocastGuard {
   c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
 };
 
+// The workspace a backward op may write over (the CPU's gate gradients: its
+// dG, cpu/recurrence.h backward_impl): set, for its own call of the backward
+// op only, by the node an eager call records (recording.cpp), where autograd
+// frees the workspace right after that call (the graph is not kept) and
+// nothing else holds it. The backward consumes only the tensor whose data is
+// at this address; every other call (the op called directly, the registered
+// autograd's backward, a kept graph) leaves its workspace unmodified, as the
+// schema says. Not in the schema: no caller but that node may ask it.
+class ConsumableWorkspace {
+ public:
+  explicit ConsumableWorkspace(const void* data) : saved_(current_) { current_ = data; }
+  ~ConsumableWorkspace() { current_ = saved_; }
+  ConsumableWorkspace(const ConsumableWorkspace&) = delete;
+  ConsumableWorkspace& operator=(const ConsumableWorkspace&) = delete;
+  // Whether the backward op now running may consume this workspace.
+  static bool allows(const at::Tensor& workspace) {
+    return current_ != nullptr && workspace.defined() && workspace.numel() > 0 &&
+           workspace.const_data_ptr() == current_;
+  }
+
+ private:
+  const void* const saved_;
+  static inline thread_local const void* current_ = nullptr;
+};
+
 inline void check_same_device_dtype(const at::Tensor& ref, const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device() == ref.device(), name, " must be on the input's device ", ref.device(),
               ", got ", t.device());

@@ -30,6 +30,7 @@
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/graph_task.h>  // get_current_graph_task_keep_graph
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
@@ -41,6 +42,8 @@
 #include <unordered_map>
 #include <utility>
 #include <vector>
+
+#include "layer.h"  // ConsumableWorkspace
 
 namespace varlen_rnn {
 namespace {
@@ -211,6 +214,12 @@ struct LayerBackward : public ag::Node {
     for (size_t k = p.first_weight; k < p.diff.size(); ++k) {
       want_weights = want_weights || task_should_compute_output(k);
     }
+    // Unless the graph is kept, autograd frees the workspace right after this call
+    // (release_variables): if nothing else holds it, the backward op may write over it
+    // (layer.h ConsumableWorkspace; the CPU's dG then takes no memory of its own).
+    const bool consumable = workspace_.defined() && workspace_.use_count() == 1 &&
+                            workspace_.storage().use_count() == 1 &&
+                            !ag::get_current_graph_task_keep_graph();
     std::vector<c10::IValue> stack;
     stack.reserve(p.sources.size());
     ag::variable_list result(p.diff.size());
@@ -236,7 +245,10 @@ struct LayerBackward : public ag::Node {
             break;
         }
       }
-      p.backward->callBoxed(&stack);
+      {
+        const ConsumableWorkspace consume(consumable ? workspace_.const_data_ptr() : nullptr);
+        p.backward->callBoxed(&stack);
+      }
       // stack: grad_input, the states' gradients, then the weights' in diff's order
       if (want_input) result[0] = stack[0].toTensor();
       for (size_t s = 0; s < p.n_states; ++s) result[1 + s] = stack[1 + s].toTensor();
@@ -291,7 +303,7 @@ struct LayerBackward : public ag::Node {
   std::vector<c10::IValue> consts_;       // by forward argument: the rest (None for tensors)
   std::vector<bool> is_tensor_;           // by forward argument: saved_ holds it
   ag::SavedVariable output_;
-  at::Tensor workspace_;  // the forward's: not the user's, never modified
+  at::Tensor workspace_;  // the forward's, not the user's: consumed by a last backward only
 };
 
 template <typename T>

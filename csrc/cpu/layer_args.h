@@ -85,6 +85,8 @@ struct BackwardArgs : ForwardArgs {
   // gradients, are computed only where wanted (else their tensors stay
   // undefined). The recurrence runs alike either way.
   bool want_input = true, want_weights = true;
+  // The workspace is this call's to write over (layer.h ConsumableWorkspace).
+  bool consume_workspace = false;
   void set_output_mask(std::array<bool, 2> mask) {
     want_input = mask[0];
     want_weights = mask[1];

@@ -64,6 +64,8 @@ BackwardResult run_backward(BackwardArgs& args, const at::Tensor& input,
   if (Cell::kHasC) args.grad_c_n = opmath_contiguous(*grad_c_n);
   args.output = backward_operand(output, args.bf16);
   args.workspace = workspace.contiguous();
+  args.consume_workspace =
+      ConsumableWorkspace::allows(workspace) && args.workspace.is_same(workspace);
   const auto opts = args.opts();
   args.grad_hx = at::empty({D, B, P}, opts);
   if (Cell::kHasC) args.grad_cx = at::empty({D, B, H}, opts);

@@ -14,9 +14,12 @@
 // direction's input projection covers the N valid positions only: in the
 // split loops per thread, a chunk of steps at a time, else one GEMM before
 // the steps (cpu/chunked_projection.h). The workspace ([D, N, S*H], bfloat16
-// for a bfloat16 layer: cpu/rows.h Workspace) stores direction d's step s at
-// rows offset[s] + i, so the backward's weight GEMMs cover exactly N rows.
-// Ragged input needs no gather: its own N rows are the projection's rows.
+// for a bfloat16 layer: cpu/rows.h Workspace) stores a position's saved
+// values at its row of the projection (gx_rows), in both directions, as the
+// backward's dG over the positions is laid out: so the last backward can
+// write dG over the values it reads (backward_impl), and the weight GEMMs
+// cover exactly N rows. Ragged input needs no gather: its own N rows are the
+// projection's rows.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -200,7 +203,7 @@ void forward_impl(ForwardArgs& args) {
           // The gate pass writes an op-math output itself (row.h twice otherwise).
           row.out = proj || out.bf16() ? row.h : out.out + output_offset(args, t, i, d);
           row.c = Cell::kHasC ? c_p + i * H : nullptr;
-          ws.point(row, sched.offset[s] + i);
+          ws.point(row, args.gx_rows.row(t, i));
           forward_row(Cell{}, row, H);
           if (bf16 && !proj) round_bf16(row.h, H, hb_p + i * P);
           if (out.bf16() && !proj) out.write(output_offset(args, t, i, d), row.h, hb_p + i * P, H);
@@ -323,9 +326,28 @@ void backward_impl(BackwardArgs& args) {
   const bool dgx_in_place = !bf16 && !kDiffer && steps_are_contiguous(args);
   std::optional<Bf16GateGrads> g16;
   if (bf16) g16.emplace(N, dims.D, G, H, held, kDiffer, opts);
-  at::Tensor dgx = bf16 ? at::Tensor() : empty_large({N, DG}, opts);  // [N, D*G*H]
+  // Where the workspace is this call's to consume (args.consume_workspace:
+  // autograd frees it after this backward), dG is written over it: a row's
+  // gate gradients (and the GRU's dghn) go to the columns of the saved values
+  // they come from, in the same row, which the gate pass has read by then (a
+  // unit's values are read before its gradients are written, and no other
+  // unit's columns are touched). dgx and dghn then take no memory of their
+  // own: they were the backward's largest buffers (the GRU's [N, 4H] of the
+  // 4H per unit the workspace holds).
+  const bool in_ws = args.consume_workspace && !bf16 && !Cell::kSavedIsOutput &&
+                     args.workspace.scalar_type() == c10::CppTypeToScalarType<scalar_t>::value &&
+                     dims.S >= Cell::kGates + (kDiffer ? 1 : 0);
+  at::Tensor dgx = bf16 || in_ws ? at::Tensor() : empty_large({N, DG}, opts);  // [N, D*G*H]
   at::Tensor dghn =
-      kDiffer && !bf16 ? empty_large({held, N, H}, opts) : at::Tensor();     // [held, N, H]
+      kDiffer && !bf16 && !in_ws ? empty_large({held, N, H}, opts) : at::Tensor();  // [held, N, H]
+  // Direction d's dG [N, G*H] and the GRU's dghn [N, H] (its k-th held
+  // buffer), views with their row strides.
+  auto dgx_of = [&](int64_t d) {
+    return in_ws ? args.workspace[d].narrow(1, 0, G) : dgx.narrow(1, d * G, G);
+  };
+  auto dghn_of = [&](int64_t d, int64_t k) {
+    return in_ws ? args.workspace[d].narrow(1, G, H) : dghn[k];
+  };
   at::Tensor hprev = proj ? empty_large({held, N, P}, opts) : at::Tensor();  // [held, N, P]
   at::Tensor dhs = proj ? empty_large({held, N, P}, opts) : at::Tensor();   // [held, N, P] dh_state
   at::Tensor hout = proj ? empty_large({held, N, H}, opts) : at::Tensor();  // [held, N, H] h'
@@ -341,7 +363,6 @@ void backward_impl(BackwardArgs& args) {
   at::Tensor dhp = proj && !split ? at::empty({dims.B, H}, opts) : at::Tensor();  // [B, H] dh'
   const OutputRows<scalar_t> go_rows(args.grad_output, std::max(H, P)), out_rows(args.output);
   const scalar_t* hx_p = args.hx.const_data_ptr<scalar_t>();
-  scalar_t* dgx_p = bf16 ? nullptr : dgx.data_ptr<scalar_t>();
   scalar_t* dgh_p = need_dgh ? dgh.data_ptr<scalar_t>() : nullptr;
   scalar_t* dgf_p = step_f ? dgf.data_ptr<scalar_t>() : nullptr;
   scalar_t* dgn_p = dgn.defined() ? dgn.data_ptr<scalar_t>() : nullptr;
@@ -352,7 +373,20 @@ void backward_impl(BackwardArgs& args) {
     auto at_k = [k](const at::Tensor& t) {
       return t.defined() ? t[k].data_ptr<scalar_t>() : nullptr;
     };
-    BackwardBuffers<scalar_t> b{dgx_p, at_k(dghn), at_k(hprev), at_k(dhs), at_k(hout)};
+    BackwardBuffers<scalar_t> b{};
+    if (!bf16) {
+      const at::Tensor gd = dgx_of(d);
+      b.dgx = gd.data_ptr<scalar_t>();
+      b.ldx = gd.stride(0);
+    }
+    if (kDiffer && !bf16) {
+      const at::Tensor gn = dghn_of(d, k);
+      b.dghn = gn.data_ptr<scalar_t>();
+      b.ldn = gn.stride(0);
+    }
+    b.hprev = at_k(hprev);
+    b.dhs = at_k(dhs);
+    b.hout = at_k(hout);
     if (bf16) {
       b.dgx16 = g16->dgx.data_ptr<at::BFloat16>();
       b.ld16 = g16->ld;
@@ -378,12 +412,13 @@ void backward_impl(BackwardArgs& args) {
       return;
     }
     const int64_t G_same = kDiffer ? G - H : G;
-    const at::Tensor dgx_same = dgx.narrow(1, d * G, G_same);  // [N, G_same]
+    const at::Tensor dgx_same = dgx_of(d).narrow(1, 0, G_same);        // [N, G_same]
+    const at::Tensor dghn_d = kDiffer ? dghn_of(d, k) : at::Tensor();  // [N, H]
     at::Tensor gw_same = args.grad_w_hh[d].narrow(0, 0, G_same);
     at::Tensor gw_last = kDiffer ? args.grad_w_hh[d].narrow(0, G_same, H) : at::Tensor();
     if (proj) {  // the loop kept h_prev: [N, P]
       weight_grad(gw_same, dgx_same, hprev[k]);
-      if (kDiffer) weight_grad(gw_last, dghn[k], hprev[k]);
+      if (kDiffer) weight_grad(gw_last, dghn_d, hprev[k]);
     } else {
       // Without a projection h_prev is gathered now (the loop ran without
       // it), hprev_chunk_rows positions at a time, each chunk's product
@@ -399,21 +434,21 @@ void backward_impl(BackwardArgs& args) {
         const at::Tensor dgc = dgx_same.narrow(0, r0, n);
         if (r0 == 0) {
           weight_grad(gw_same, dgc, hpc);
-          if (kDiffer) weight_grad(gw_last, dghn[k].narrow(0, 0, n), hpc);
+          if (kDiffer) weight_grad(gw_last, dghn_d.narrow(0, 0, n), hpc);
         } else {
           gw_same.addmm_(dgc.t(), hpc);
-          if (kDiffer) gw_last.addmm_(dghn[k].narrow(0, r0, n).t(), hpc);
+          if (kDiffer) gw_last.addmm_(dghn_d.narrow(0, r0, n).t(), hpc);
         }
       }
     }
     // db_ih sums every gate's dgx; db_hh is the same sums but for a GRU's
     // last gate, whose hidden side has dghn.
     at::Tensor gb_ih = args.grad_b_ih[d];
-    at::sum_out(gb_ih, dgx.narrow(1, d * G, G), {0});
+    at::sum_out(gb_ih, dgx_of(d), {0});
     args.grad_b_hh[d].narrow(0, 0, G_same).copy_(gb_ih.narrow(0, 0, G_same));
     if (kDiffer) {
       at::Tensor gb_last = args.grad_b_hh[d].narrow(0, G_same, H);
-      at::sum_out(gb_last, dghn[k], {0});
+      at::sum_out(gb_last, dghn_d, {0});
     }
     if (proj) {
       at::Tensor gw_hr = args.grad_w_hr[d];
@@ -439,7 +474,6 @@ void backward_impl(BackwardArgs& args) {
   const int64_t in_turn = loops == StepLoops::kConcurrent ? 0 : dims.D;
   for (int64_t d = 0; d < in_turn; ++d) {
     const BackwardBuffers<scalar_t> bufs = bufs_of(0, d);
-    scalar_t* dghn_p = bufs.dghn;
     scalar_t* hp_p = bufs.hprev;
     scalar_t* dhs_p = bufs.dhs;
     scalar_t* hout_p = bufs.hout;
@@ -490,11 +524,11 @@ void backward_impl(BackwardArgs& args) {
           if constexpr (Cell::kSavedIsOutput) {  // kWorkspaceSaved: no workspace columns
             out_rows.point(row, output_offset(args, t, i, d));
           } else {
-            ws.point(row, sched.offset[s] + i);
+            ws.point(row, pos);
           }
-          row.dgx = bf16 ? dgf_p + i * G : dgx_p + pos * DG + d * G;
+          row.dgx = bf16 ? dgf_p + i * G : bufs.dgx + pos * bufs.ldx;
           row.dgh = kDiffer ? dgh_p + i * G : nullptr;
-          row.dghn = !kDiffer ? nullptr : bf16 ? dgn_p + i * H : dghn_p + pos * H;
+          row.dghn = !kDiffer ? nullptr : bf16 ? dgn_p + i * H : bufs.dghn + pos * bufs.ldn;
           row.hout = proj ? hout_p + pos * H : nullptr;
           if (proj) std::copy_n(row.prev, P, hp_p + pos * P);
           backward_row(Cell{}, row, H);
@@ -514,8 +548,8 @@ void backward_impl(BackwardArgs& args) {
           continue;
         }
       }
-      const at::Tensor dgh_s = dgh_in_dgx ? dgx.narrow(0, sched.offset[s], n).narrow(1, d * G, G)
-                                          : dgh.narrow(0, 0, n);  // [n, G*H]
+      const at::Tensor dgh_s =
+          dgh_in_dgx ? dgx_of(d).narrow(0, sched.offset[s], n) : dgh.narrow(0, 0, n);  // [n, G*H]
       at::Tensor dh_s = dh.narrow(0, 0, n);
       if constexpr (std::is_same_v<scalar_t, float>) {
         // A call of few steps at few rows: on W_hh as stored, as the
@@ -544,27 +578,33 @@ void backward_impl(BackwardArgs& args) {
     input_grads_bf16(args, *g16);
     return;
   }
+  // The input side's GEMMs, a direction at a time (its dG against its rows of
+  // W_ih, dx summed over the directions): the same sums whether dG is in dgx
+  // or in the workspace.
   if (args.want_weights) {
-    at::Tensor xp = projection_input(args);             // [N, I]
-    at::Tensor gw = args.grad_w_ih.view({DG, dims.I});  // db_ih: hidden_weight_grads
-    weight_grad(gw, dgx, xp);
-    xp.reset();
+    at::Tensor xp = projection_input(args);  // [N, I]
+    for (int64_t d = 0; d < dims.D; ++d) weight_grad(args.grad_w_ih[d], dgx_of(d), xp);
+    xp.reset();  // db_ih: hidden_weight_grads
   }
   if (!args.want_input) return;
-  const at::Tensor w_ih = args.w_ih.reshape({DG, dims.I});  // [D*G*H, I]
-  at::Tensor dxp;                                           // [N, I]
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    // Over few positions on W_ih as stored, as the steps' dh (f32_rows_times).
-    if (f32_rows_times_for(N)) {
-      RECORD_FUNCTION("varlen_rnn::f32_rows_times", std::vector<c10::IValue>());  // for profiles
-      dxp = empty_large({N, dims.I}, opts);
-      f32_rows_times(N, dgx.const_data_ptr<float>(), DG, w_ih.const_data_ptr<float>(), DG, dims.I,
-                     dxp.data_ptr<float>(), dims.I, false);
+  at::Tensor dxp = empty_large({N, dims.I}, opts);  // [N, I]
+  for (int64_t d = 0; d < dims.D; ++d) {
+    const at::Tensor a = dgx_of(d);     // [N, G*H]
+    const at::Tensor w = args.w_ih[d];  // [G*H, I]
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      // Over few positions on W_ih as stored, as the steps' dh (f32_rows_times).
+      if (f32_rows_times_for(N)) {
+        RECORD_FUNCTION("varlen_rnn::f32_rows_times", std::vector<c10::IValue>());  // profiles
+        f32_rows_times(N, a.const_data_ptr<float>(), a.stride(0), w.const_data_ptr<float>(), G,
+                       dims.I, dxp.data_ptr<float>(), dims.I, d > 0);
+        continue;
+      }
     }
-  }
-  if (!dxp.defined()) {
-    dxp = empty_large({N, dims.I}, opts);
-    at::mm_out(dxp, dgx, w_ih);
+    if (d == 0) {
+      at::mm_out(dxp, a, w);
+    } else {
+      dxp.addmm_(a, w);
+    }
   }
   dgx.reset();
   set_grad_input(args, std::move(dxp));

@@ -45,7 +45,10 @@ struct BackwardRow {
   const T* ws;    // [S*H] the forward's saved values (null with ws16)
   // [S*H] the same as bfloat16 (a bfloat16 layer's Workspace)
   const c10::BFloat16* ws16 = nullptr;
-  T* dgx;   // [G*H] input-side gate gradients
+  T* dgx;   // [G*H] input-side gate gradients; with dghn, possibly over ws's
+            //     own columns (a last backward: cpu/recurrence.h), so a
+            //     unit's saved values are read before its gradients are
+            //     written, and no other unit's columns are touched
   T* dgh;   // [G*H] hidden-side gate gradients, the operand of this
             //     step's GEMM: written only if Cell::kHiddenGradsDiffer
             //     (otherwise they equal dgx)

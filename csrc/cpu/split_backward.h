@@ -73,11 +73,13 @@ namespace cpu {
 // weight gradients after the step loop read.
 template <typename scalar_t>
 struct BackwardBuffers {
-  scalar_t* dgx;    // [N, D*G*H] (null with args.bf16: dgx16)
-  scalar_t* dghn;   // [N, H] the GRU's hidden-side n gradient, else null (and with args.bf16)
-  scalar_t* hprev;  // [N, P] one direction (projection), else null: gathered later
-  scalar_t* dhs;    // [N, P] dh_state (projection), else null
-  scalar_t* hout;   // [N, H] h' (projection), else null
+  scalar_t* dgx = nullptr;    // [N, G*H] this direction's dG, row stride ldx (null with args.bf16)
+  int64_t ldx = 0;            // (dgx's columns of the direction, or its workspace rows)
+  scalar_t* dghn = nullptr;   // [N, H] the GRU's hidden-side n gradient, row stride ldn, else null
+  int64_t ldn = 0;            // (and with args.bf16)
+  scalar_t* hprev = nullptr;  // [N, P] one direction (projection), else null: gathered later
+  scalar_t* dhs = nullptr;    // [N, P] dh_state (projection), else null
+  scalar_t* hout = nullptr;   // [N, H] h' (projection), else null
   // With args.bf16 (cpu/backward_bf16.h Bf16GateGrads), else null:
   at::BFloat16* dgx16 = nullptr;   // [N, ld16] every direction's dG
   int64_t ld16 = 0;                // dgx16's row stride
@@ -99,8 +101,8 @@ inline void backward_step_gemm(int64_t n, int64_t cols, int64_t k, const scalar_
 // One direction d of backward_impl's step loop, set up for a team of
 // `threads` threads, run by that team (inside run_teams), as SplitSteps is.
 // dh: [B, P] sorted order (in: grad_h_n, out: grad_hx); dc: [B, H] likewise
-// (Cell::kHasC); buf: this direction's buffers (dgx is both directions');
-// dgh_in_dgx: dG is this direction's columns of dgx at rows offset[s] + i;
+// (Cell::kHasC); buf: this direction's buffers;
+// dgh_in_dgx: dG is this direction's dgx at rows offset[s] + i;
 // rows: the sorted rows this loop runs (their rows of dh and dc only).
 template <typename Cell, typename scalar_t>
 class SplitBackward {
@@ -186,7 +188,6 @@ void SplitBackward<Cell, scalar_t>::run(const Team& team) {
   const LayerDims& dims = args.dims;
   const Schedule& sched = args.sched;
   const int64_t H = dims.H, P = dims.P, G = Cell::kGates * H;
-  const int64_t DG = dims.D * G;
   const int64_t d = d_, parts = parts_, tid = team.rank, nth = team.size;
   const int64_t r0 = rows_.r0, R = rows_.size();
   const bool proj = proj_, kernel = kernel_, bf16 = bf16_, dgh_in_dgx = dgh_in_dgx_;
@@ -236,9 +237,9 @@ void SplitBackward<Cell, scalar_t>::run(const Team& team) {
   for (int64_t s = sched.max_len - 1; s >= 0; --s) {
     const int64_t n = rows_.active(sched, s);  // rows r0 .. r0 + n - 1 run
     if (n == 0) continue;                      // the same for every thread of the team
-    scalar_t* dg = dgh_in_dgx ? buf.dgx + (sched.offset[s] + r0) * DG + d * G
+    scalar_t* dg = dgh_in_dgx ? buf.dgx + (sched.offset[s] + r0) * buf.ldx
                               : dgbuf_p + (proj || bf16 ? 0 : s % 2) * R * G;
-    const int64_t ld = dgh_in_dgx ? DG : G;
+    const int64_t ld = dgh_in_dgx ? buf.ldx : G;
     at::BFloat16* dgb = bf16 ? dgb_p + (proj ? 0 : s % 2) * R * G : nullptr;  // [n, G*H]
     if (proj) {  // (A) dh_state = dh + grad_output, kept for dW_hr; h_prev
       for (int64_t k = tid; k < parts; k += nth) {
@@ -278,11 +279,11 @@ void SplitBackward<Cell, scalar_t>::run(const Team& team) {
         if constexpr (Cell::kSavedIsOutput) {  // kWorkspaceSaved: no workspace columns
           out_rows.point(row, output_offset(args, t, i, d) + u0);
         } else {
-          ws.point(row, sched.offset[s] + i, u0);
+          ws.point(row, pos, u0);
         }
-        row.dgx = bf16 ? sx + u0 : buf.dgx + pos * DG + d * G + u0;
+        row.dgx = bf16 ? sx + u0 : buf.dgx + pos * buf.ldx + u0;
         row.dgh = !kDiffer ? nullptr : bf16 ? sx + G + u0 : dg + j * ld + u0;
-        row.dghn = !kDiffer ? nullptr : bf16 ? sx + 2 * G + u0 : buf.dghn + pos * H + u0;
+        row.dghn = !kDiffer ? nullptr : bf16 ? sx + 2 * G + u0 : buf.dghn + pos * buf.ldn + u0;
         row.hout = proj ? buf.hout + pos * H + u0 : nullptr;
         backward_units(Cell{}, row, Hs, H);
         if (bf16) {  // the product's operand dgb, and dG over positions

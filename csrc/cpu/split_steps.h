@@ -216,7 +216,7 @@ void SplitSteps<Cell, scalar_t>::run(const Team& team) {
         // The gate pass writes an op-math output itself (row.h twice otherwise).
         row.out = proj || out.bf16() ? row.h : out.out + output_offset(args_, t, i, d) + u0;
         row.c = Cell::kHasC ? c_p_ + j * H + u0 : nullptr;
-        ws_.point(row, sched.offset[s] + i, u0);
+        ws_.point(row, args_.gx_rows.row(t, i), u0);
         forward_units(Cell{}, row, Hs, H, Hs, chunks ? Hs : H);
         if (bf16 && !proj) round_bf16(hi, Hs, hb_[(s + 1) % 2] + j * P + u0);
         if (out.bf16() && !proj) {
