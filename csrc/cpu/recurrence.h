@@ -478,7 +478,8 @@ void backward_impl(BackwardArgs& args) {
     scalar_t* dhs_p = bufs.dhs;
     scalar_t* hout_p = bufs.hout;
     const bool dgh_in_dgx = dgx_in_place && d == 0;
-    at::Tensor dh = order.gather(args.grad_h_n, d);  // [B, P] sorted order
+    const at::Tensor dgx_d = dgh_in_dgx ? dgx_of(d) : at::Tensor();  // [N, G*H] the steps' dG
+    at::Tensor dh = order.gather(args.grad_h_n, d);                  // [B, P] sorted order
     at::Tensor dc = Cell::kHasC ? order.gather(args.grad_c_n, d) : at::Tensor();  // [B, H]
     scalar_t* dh_p = dh.data_ptr<scalar_t>();
     scalar_t* dc_p = Cell::kHasC ? dc.data_ptr<scalar_t>() : nullptr;
@@ -549,7 +550,7 @@ void backward_impl(BackwardArgs& args) {
         }
       }
       const at::Tensor dgh_s =
-          dgh_in_dgx ? dgx_of(d).narrow(0, sched.offset[s], n) : dgh.narrow(0, 0, n);  // [n, G*H]
+          dgh_in_dgx ? dgx_d.narrow(0, sched.offset[s], n) : dgh.narrow(0, 0, n);  // [n, G*H]
       at::Tensor dh_s = dh.narrow(0, 0, n);
       if constexpr (std::is_same_v<scalar_t, float>) {
         // A call of few steps at few rows: on W_hh as stored, as the
