@@ -7,14 +7,20 @@
 // D directions (1 or 2), G gates (GRU 3: r|z|n, LSTM 4: i|f|g|o, RNN 1, in
 // torch.nn's order), P the LSTM's state width (proj_size, or H without a
 // projection), S the values a cell saves per unit (csrc/cells/: GRU 4,
-// LSTM 6, RNN 1). Tensors are
+// LSTM 5, RNN none: it reads h' from the output). Tensors are
 // time-major [T, B, ...] unless batch_first, then [B, T, ...]; ragged
 // tensors are [N, ...] (N valid positions).
 #include <torch/library.h>
 
 #include <string>
 
+#include "layer.h"  // ConsumableWorkspace
+
 namespace {
+
+bool workspace_consumable(const at::Tensor& workspace) {
+  return varlen_rnn::ConsumableWorkspace::allows(workspace);
+}
 
 // s with `part` (which must be there) replaced by `by`.
 std::string replaced(std::string s, const std::string& part, const std::string& by) {
@@ -252,4 +258,9 @@ TORCH_LIBRARY(varlen_rnn, m) {
   // kGradRows, f32_weight_grad for n <= kF32GradRows). Returns [G + 1, P + 5]
   // of their dtype: the result in [:G, :P], NaN elsewhere.
   m.def("_weight_grad(Tensor a, Tensor b) -> Tensor");
+  // Tests only: whether a backward op running now may write over `workspace`
+  // (layer.h ConsumableWorkspace, set by the node an eager call records). The
+  // emulated CUDA backend (tests/emulation.py), a module of its own, passes it
+  // on to its own copy of the setting.
+  m.def("_workspace_consumable(Tensor workspace) -> bool", &workspace_consumable);
 }

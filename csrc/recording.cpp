@@ -32,6 +32,7 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/graph_task.h>  // get_current_graph_task_keep_graph
 #include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/autograd/variable.h>  // impl::is_tensor_stealable
 #include <torch/library.h>
 
 #include <cctype>
@@ -217,7 +218,10 @@ struct LayerBackward : public ag::Node {
     // Unless the graph is kept, autograd frees the workspace right after this call
     // (release_variables): if nothing else holds it, the backward op may write over it
     // (layer.h ConsumableWorkspace; the CPU's dG then takes no memory of its own).
-    const bool consumable = workspace_.defined() && workspace_.use_count() == 1 &&
+    // A workspace that has had a Python wrapper (one a Python kernel returned) is also
+    // held by it while C++ holds it: torch's own test of a tensor nothing else holds
+    // counts that wrapper's reference where nothing in Python holds the wrapper.
+    const bool consumable = workspace_.defined() && ag::impl::is_tensor_stealable(workspace_) &&
                             workspace_.storage().use_count() == 1 &&
                             !ag::get_current_graph_task_keep_graph();
     std::vector<c10::IValue> stack;

@@ -149,15 +149,20 @@ def weight_grads(dgx, dghn, hprev, x2d, w2d, x_shape):
     """The launchers' GEMMs after the backward kernel: grad input (x_shape), grad w_ih, grad w_hh,
     grad b_ih, grad b_hh, from dgx [N, D*G*H], dghn [D, N, H] (a GRU's; empty otherwise) and
     hprev [D, N, H] (the bias sums accumulate in float32 below float64). The hidden-side
-    gradients dgh [D, N, G*H] are dgx's but for a GRU's last gate, which is dghn."""
+    gradients dgh [D, N, G*H] are dgx's but for a GRU's last gate, which is dghn. The input's
+    gradient adds the directions' products one after the other, as the launcher does."""
     D, N = hprev.shape[:2]
     dgh = dgx.view(N, D, dgx.shape[1] // D).transpose(0, 1)
     if dghn.numel():
         dgh = torch.cat([dgh[..., : -dghn.shape[2]], dghn], 2)
     dgh = dgh.contiguous()  # the CPU's bmm sums a strided operand in another order
     acc = torch.float64 if x2d.dtype == torch.float64 else torch.float32
+    GH = dgx.shape[1] // D
+    grad_x = dgx[:, :GH] @ w2d[:GH]
+    for d in range(1, D):
+        grad_x = torch.addmm(grad_x, dgx[:, d * GH : (d + 1) * GH], w2d[d * GH : (d + 1) * GH])
     return [
-        (dgx @ w2d).view(x_shape),
+        grad_x.view(x_shape),
         (dgx.T @ x2d).view(D, -1, x2d.shape[1]),
         torch.bmm(dgh.transpose(1, 2), hprev),
         dgx.sum(0, dtype=acc).view(D, -1),
@@ -195,9 +200,17 @@ def cuda_backend_on_cpu(emu_mod):
     def kernel(name):
         entry = getattr(emu_mod.backend, name)
         schema = getattr(torch.ops.varlen_rnn, name).default._schema
+        names = [a.name for a in schema.arguments]
+        ws_at = names.index("workspace") if name.endswith("_backward") else None
 
         def call(*args):  # the schema's defaults (output_mask) where the caller left them out
-            return entry(*args, *(a.default_value for a in schema.arguments[len(args) :]))
+            args = (*args, *(a.default_value for a in schema.arguments[len(args) :]))
+            # Where the node autograd runs lets the backward write over the workspace
+            # (csrc/layer.h ConsumableWorkspace), the emulation's own copy of that setting
+            # says so too, as the CUDA backend in the real extension would read it.
+            if ws_at is not None and torch.ops.varlen_rnn._workspace_consumable(args[ws_at]):
+                return emu_mod.backend.consuming(args[ws_at], lambda: entry(*args))
+            return entry(*args)
 
         return call
 

@@ -2,18 +2,23 @@
 
 An eager call that records a graph keeps its workspace in its node (csrc/recording.cpp). Where
 autograd frees it right after the node's backward (the graph is not kept, nothing else holds
-it), the CPU backward writes dG over it (csrc/cpu/recurrence.h backward_impl), in the rows and
-columns of the saved values it comes from, and takes no buffer of its own for it. Checked here:
-the gradients are bit for bit those of a kept graph (autograd.grad with retain_graph, which
-leaves the workspace alone), for every cell, both directions, every layout, the per-step and
-the split loops, the directions in turn and at once; a kept graph's backward can be run again
-with the same results, and the last one after it too; and the backward's peak memory is lower
-by at least dG's size than a kept graph's, so the workspace was indeed written over.
+it), the backward writes dG over it, in the rows and columns of the saved values it comes from,
+and takes no buffer of its own for it: the CPU's (csrc/cpu/recurrence.h backward_impl) and the
+CUDA backend's (csrc/cuda/entries.h set_backward_buffers; its kernels write a unit's gradients
+where they have just read its saved values). Checked here: the gradients are bit for bit those
+of a kept graph (autograd.grad with retain_graph, which leaves the workspace alone), for every
+cell, both directions, every layout, the CPU's per-step and split loops, the directions in turn
+and at once, the CUDA backend's persistent and fallback paths (on a GPU, and on the emulation:
+its code on CPU threads, tests/emulation.py); a kept graph's backward can be run again with the
+same results, and the last one after it too; and the backward's peak memory is lower by at
+least dG's size than a kept graph's, so the workspace was indeed written over.
 """
 
+import contextlib
 import os
 import sys
 
+import emulation
 import pytest
 import torch
 from testing import ALL_DEVICES, make_kind_pair
@@ -109,6 +114,32 @@ def test_the_last_backward_gives_a_kept_graphs_gradients(
         assert torch.equal(a, b), f"{name}: max |diff| {(a - b).abs().max().item():.3g}"
 
 
+@contextlib.contextmanager
+def emulated_cuda_backend(path):
+    """Within: the ops run on the CUDA backend's code on the emulation (CPU tensors, a pretend
+    device of 8 SMs), on `path`."""
+    emu = emulation.load_emulation()
+    emu.backend.set_device(8, 227 * 1024, 9)
+    emu.backend.set_knobs(path, 0, False, 2, True)
+    with emulation.cuda_backend_on_cpu(emu):
+        yield
+
+
+@emulation.needs_emulation
+@pytest.mark.parametrize("path", ["persistent", "fallback"])
+@pytest.mark.parametrize("kind", ["padded", "packed", "nested"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("cell", ["gru", "lstm", "lstm_proj", "rnn_tanh"])
+def test_the_emulated_cuda_backends_last_backward_gives_a_kept_graphs_gradients(
+    path, kind, dtype, cell
+):
+    module, x, lengths = make(cell, True, dtype, "cpu", kind)
+    with emulated_cuda_backend(path):
+        kept, last = kept_and_last(module, kind, x, lengths)
+    for name, a, b in zip(["input", *dict(module.named_parameters())], kept, last, strict=True):
+        assert torch.equal(a, b), f"{name}: max |diff| {(a - b).abs().max().item():.3g}"
+
+
 @pytest.mark.parametrize("device", ALL_DEVICES)
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_a_kept_graph_runs_again(device, cell):
@@ -124,36 +155,54 @@ def test_a_kept_graph_runs_again(device, cell):
         torch.autograd.grad(loss, params)
 
 
-def backward_peak(step) -> int:
-    """The most bytes torch's CPU allocator held during step(), above what it held before: the
-    profiler count benchmarks/bench_memory.py reports."""
+def backward_peak(step, device="cpu") -> int:
+    """The most bytes torch's allocator held during step(), above what it held before: the
+    count benchmarks/bench_memory.py reports (the profiler's on the CPU, max_memory_allocated on
+    CUDA)."""
     bench_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
     if not os.path.exists(os.path.join(bench_dir, "bench_memory.py")):
         pytest.skip("benchmarks/ is not next to tests/ (not a source checkout)")
     if bench_dir not in sys.path:
         sys.path.insert(0, bench_dir)
-    from bench_memory import cpu_peak
+    from bench_memory import cpu_peak, cuda_peak
 
-    return cpu_peak(step)
+    return cuda_peak(step) if device == "cuda" else cpu_peak(step)
 
 
+# Where the backward runs: the CPU's kernels, a GPU, or the CUDA backend on the emulation (a
+# path of it); the emulated cases use a smaller batch (its kernels are CPU threads).
+BACKENDS = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+    ),
+    pytest.param("emulated-persistent", marks=emulation.needs_emulation),
+    pytest.param("emulated-fallback", marks=emulation.needs_emulation),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cell, gates", [("gru", 4), ("lstm", 4)])  # the GRU's dG: 3 gates + dghn
-def test_the_last_backward_holds_no_gate_gradients_of_its_own(cell, gates):
-    T, B, Hb = 40, 32, 64
-    _, module = make_kind_pair(cell, Hb, Hb, dtype=torch.float32)
-    x = torch.randn(T, B, Hb, requires_grad=True)
+def test_the_last_backward_holds_no_gate_gradients_of_its_own(backend, cell, gates):
+    emulated = backend.startswith("emulated-")
+    device = "cuda" if backend == "cuda" else "cpu"
+    T, B, Hb = (12, 8, 32) if emulated else (40, 32, 64)
+    _, module = make_kind_pair(cell, Hb, Hb, dtype=torch.float32, device=device)
+    x = torch.randn(T, B, Hb, device=device, requires_grad=True)
     lengths = torch.full((B,), T)
     params = [x, *module.parameters()]
 
     def kept():
         loss = loss_of(run(module, "padded", x, lengths))
-        return backward_peak(lambda: torch.autograd.grad(loss, params, retain_graph=True))
+        return backward_peak(lambda: torch.autograd.grad(loss, params, retain_graph=True), device)
 
     def last():
         loss = loss_of(run(module, "padded", x, lengths))
-        return backward_peak(lambda: torch.autograd.grad(loss, params))
+        return backward_peak(lambda: torch.autograd.grad(loss, params), device)
 
-    kept(), last()  # one-time allocations (thread pools) outside the measured steps
+    backend_on = emulated_cuda_backend(backend[9:]) if emulated else contextlib.nullcontext()
+    with backend_on:
+        kept(), last()  # one-time allocations (thread pools) outside the measured steps
+        saved = kept() - last()
     dg_bytes = T * B * gates * Hb * 4  # [N, G*H] float32 (the GRU's with its [N, H] dghn)
-    saved = kept() - last()
     assert saved >= dg_bytes, f"the last backward held {saved} bytes fewer, dG is {dg_bytes}"

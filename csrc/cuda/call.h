@@ -65,9 +65,13 @@ struct ForwardCall : LayerCall {
 struct BackwardCall : LayerCall {
   Tensor grad_out, out, grad_h_n, ws;  // contiguous, as given (grad_out undefined: None)
   Tensor grad_c_n;                     // kHasC: [D, B, H] contiguous, rank order
-  Tensor dgx;                          // [R, D*GH] the input's rows
-  Tensor dghn;  // [D, R, H] a GRU's hidden-side last-gate gradients, else undefined (pointwise.cuh)
-  Tensor hprev;             // [D, R, P]
+  // [D, R, GH (+H)] a view with row stride ldg: the gate gradients dG of each
+  // direction's rows (dgx), then a GRU's hidden-side last-gate gradients (dghn,
+  // pointwise.cuh). Its own buffer, or the first columns of the forward's
+  // workspace where this backward may write over it (set_backward_buffers).
+  Tensor dg;
+  int64_t ldg = 0;  // dg's row stride: (G + 1) * H for a GRU, G * H otherwise, or the workspace's
+  Tensor hprev;     // [D, R, P]
   Tensor grad_hx, grad_cx;  // [D, B, P], kHasC: [D, B, H]
   Tensor dhr, hcell;        // with a projection: [D, R, P] and [D, R, H], dW_hr's operands
   // The op's output_mask (ops.cpp): the GEMMs of grad_input and of the weight

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "call.h"
+#include "cells/cell.h"
 #include "layer.h"
 #include "launch.h"
 #include "layout.h"
@@ -167,8 +168,17 @@ void set_backward_buffers(BackwardCall& c, const BackwardInputs& g) {
     c.grad_c_n = to_rank_order(c.rows, *g.grad_c_n);
     c.grad_cx = at::empty({D, B, H}, c.opts);
   }
-  c.dgx = at::empty({c.rows.R, D * GH}, c.opts);
-  if constexpr (Cell::kHiddenGradsDiffer) c.dghn = at::empty({D, c.rows.R, H}, c.opts);
+  // dG's columns per row: dgx's G*H, then a GRU's dghn's H. Where autograd frees the
+  // workspace after this call (layer.h ConsumableWorkspace) and it holds the storage dtype,
+  // dG goes to its first columns: a unit's saved values are read by the thread that then
+  // writes its gradients to the same row (pointwise.cuh, persistent.cuh), and the columns
+  // past them (an LSTM's c) are never written. dG then takes no memory of its own.
+  const int64_t width = GH + (Cell::kHiddenGradsDiffer ? H : 0);
+  const bool in_ws = ConsumableWorkspace::allows(*g.workspace) && c.ws.is_same(*g.workspace) &&
+                     c.ws.scalar_type() == c.opts.dtype().toScalarType() &&
+                     kWorkspaceSaved<Cell> * H >= width;
+  c.dg = in_ws ? c.ws.narrow(2, 0, width) : at::empty({D, c.rows.R, width}, c.opts);
+  c.ldg = c.dg.stride(1);
   c.hprev = at::empty({D, c.rows.R, c.P}, c.opts);
   if (c.proj()) {
     c.dhr = at::empty({D, c.rows.R, c.P}, c.opts);
@@ -217,7 +227,7 @@ LayerGrads padded_backward(const BackwardInputs& g, const Tensor& input, const T
     return empty_backward<Cell>(c, input, g, w_ih);
   }
   set_backward_buffers<Cell>(c, g);
-  // Padded positions of x are never read, whatever they hold (NaN included): their dgx rows
+  // Padded positions of x are never read, whatever they hold (NaN included): their dG rows
   // are 0, but 0 * NaN is not, so the GEMM sees them zeroed (a mask built on the device).
   // Only dW_ih reads x.
   Tensor x_valid;

@@ -23,7 +23,7 @@
 // capturable.
 //
 // The ragged ops run the same kernels: every per-position buffer (gx, output,
-// workspace, dgx, dghn, hprev) has the input's rows through layout.h's RowMap,
+// workspace, dg, hprev) has the input's rows through layout.h's RowMap,
 // N of them (input.size(0), known without a host sync) instead of T*B. The
 // persistent kernel's step loop ends at the longest length, read on the
 // device; the fallback's host loop runs max_len steps.

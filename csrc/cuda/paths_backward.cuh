@@ -12,6 +12,7 @@
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
@@ -56,8 +57,8 @@ bool persistent_backward(const BackwardCall& c, const plan::Choice& choice) {
   a.ws = c.ws.data_ptr<workspace_t<scalar_t, acc_t>>();
   a.w_hh = c.w_hh.data_ptr<scalar_t>();
   a.dh = dh.data_ptr<acc_t>();
-  a.dgx = c.dgx.data_ptr<scalar_t>();
-  a.dghn = ptr_or_null<scalar_t>(c.dghn);
+  a.dg = c.dg.data_ptr<scalar_t>();
+  a.ldg = c.ldg;
   a.hprev = c.hprev.data_ptr<scalar_t>();
   a.grad_hx = c.grad_hx.data_ptr<scalar_t>();
   a.grad_c_n = ptr_or_null<scalar_t>(c.grad_c_n);
@@ -112,7 +113,7 @@ void fallback_backward(const BackwardCall& c) {
         l.lens.data_ptr<int>(), kProj ? nullptr : dh_a.data_ptr<acc_t>(),
         kProj ? dhcell.data_ptr<scalar_t>() : dh_b.data_ptr<scalar_t>(),
         kProj ? nullptr : dh_a_next.data_ptr<acc_t>(), ptr_or_null<acc_t>(dc),
-        c.dgx.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(c.dghn), dgh_step.data_ptr<scalar_t>(),
+        c.dg.data_ptr<scalar_t>(), c.ldg, dgh_step.data_ptr<scalar_t>(),
         kProj ? nullptr : c.hprev.data_ptr<scalar_t>(),
         kProj ? c.hcell.data_ptr<scalar_t>() : nullptr, static_cast<int>(s), static_cast<int>(B),
         static_cast<int>(H), static_cast<int>(D), c.rows.map, c.rows.R);
@@ -133,12 +134,14 @@ void run_fallback_backward(const BackwardCall& c) {
 }
 
 // The recurrence of one backward call (inputs, rows and the R-row buffers set),
-// then the weight and input gradients as GEMMs over all R rows (no atomics).
+// then the weight and input gradients as GEMMs over all R rows (no atomics),
+// one direction at a time (dg's rows are direction-major and may be the
+// workspace's, whose row stride is not G*H: the same products either way).
 // x_rows [R, I]: the input's rows, padded ones zeroed (undefined when the
-// weights are masked). dW_hh = dgh^T h_prev, dgh being dgx's rows (direction
-// d's columns, read in place) but for a GRU's last gate, whose hidden side is
-// dghn (pointwise.cuh); db_hh sums the same. With a projection, dW_hr = dhr^T
-// h' over all rows. What c's output_mask masks stays undefined.
+// weights are masked). dW_hh = dgh^T h_prev, dgh being dgx's columns of dg
+// (read in place) but for a GRU's last gate, whose hidden side is dghn
+// (pointwise.cuh); db_hh sums the same. With a projection, dW_hr = dhr^T h'
+// over all rows. What c's output_mask masks stays undefined.
 template <typename Cell>
 LayerGrads run_backward(BackwardCall& c, const Tensor& x_rows, const Tensor& w_ih) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -154,23 +157,33 @@ LayerGrads run_backward(BackwardCall& c, const Tensor& x_rows, const Tensor& w_i
         note_exchange(true, Exchange::kFallback);
         run_fallback_backward<Cell, scalar_t>(c);
       });
-  const int64_t I = c.dims.I, H = c.dims.H, GH = c.G * H, D = c.dims.D, R = c.rows.R;
+  const int64_t I = c.dims.I, H = c.dims.H, GH = c.G * H, D = c.dims.D;
   const auto dtype = c.opts.dtype().toScalarType();
   LayerGrads g;
-  if (c.want_input) g.grad_input = at::mm(c.dgx, w_ih.contiguous().view({D * GH, I}));  // [R, I]
+  const Tensor dgx = c.dg.narrow(2, 0, GH);  // [D, R, GH], row stride ldg
+  if (c.want_input) {
+    const Tensor w = w_ih.contiguous().view({D, GH, I});
+    g.grad_input = at::mm(dgx[0], w[0]);  // [R, I]
+    for (int64_t d = 1; d < D; ++d) g.grad_input.addmm_(dgx[d], w[d]);
+  }
   g.grad_hx = c.grad_hx;
   g.grad_cx = c.grad_cx;
   if (!c.want_weights) return g;
-  g.grad_w_ih = at::mm(c.dgx.t(), x_rows).view({D, GH, I});
-  g.grad_b_ih = at::sum(c.dgx, {0}, false, c.acc_type).view({D, GH}).to(dtype);
+  g.grad_w_ih = at::empty({D, GH, I}, c.opts);
+  for (int64_t d = 0; d < D; ++d) {
+    Tensor out_d = g.grad_w_ih[d];  // [GH, I]
+    at::mm_out(out_d, dgx[d].t(), x_rows);
+  }
+  g.grad_b_ih = at::sum(dgx, {1}, false, c.acc_type).to(dtype);  // [D, GH]
   constexpr bool kDiffer = Cell::kHiddenGradsDiffer;
   const int64_t shared = kDiffer ? GH - H : GH;  // dgh's columns that are dgx's
-  const Tensor dgh_shared = c.dgx.view({R, D, GH}).transpose(0, 1).narrow(2, 0, shared);
+  const Tensor dgh_shared = dgx.narrow(2, 0, shared);
   g.grad_w_hh = at::bmm(dgh_shared.transpose(1, 2), c.hprev);  // [D, shared, P]
   g.grad_b_hh = g.grad_b_ih.narrow(1, 0, shared);
   if constexpr (kDiffer) {
-    g.grad_w_hh = at::cat({g.grad_w_hh, at::bmm(c.dghn.transpose(1, 2), c.hprev)}, 1);
-    g.grad_b_hh = at::cat({g.grad_b_hh, at::sum(c.dghn, {1}, false, c.acc_type).to(dtype)}, 1);
+    const Tensor dghn = c.dg.narrow(2, GH, H);  // [D, R, H]
+    g.grad_w_hh = at::cat({g.grad_w_hh, at::bmm(dghn.transpose(1, 2), c.hprev)}, 1);
+    g.grad_b_hh = at::cat({g.grad_b_hh, at::sum(dghn, {1}, false, c.acc_type).to(dtype)}, 1);
   } else {
     g.grad_b_hh = g.grad_b_hh.clone();
   }

@@ -183,9 +183,9 @@ struct PersistentBackwardArgs : PersistentCommonArgs {
   const scalar_t* grad_h_n;                // [D, B, H]
   const workspace_t<scalar_t, acc_t>* ws;  // [D, R, SH] (pointwise.cuh)
   const scalar_t* w_hh;                    // [D, GH, H]
-  acc_t* dh;                 // [D, B, H] gradient reaching the state; each block its slice
-  scalar_t* dgx;             // [R, D*GH], with dghn also the exchange between blocks
-  scalar_t* dghn;            // [D, R, H] (Cell::kHiddenGradsDiffer), else nullptr
+  acc_t* dh;     // [D, B, H] gradient reaching the state; each block its slice
+  scalar_t* dg;  // [D, R, >= GH] row stride ldg (pointwise.cuh): the exchange too
+  int64_t ldg;
   scalar_t* hprev;           // [D, R, H]
   scalar_t* grad_hx;         // [D, B, H]
   const scalar_t* grad_c_n;  // [D, B, H] (kHasC), else nullptr
@@ -202,9 +202,11 @@ struct PersistentBackwardArgs : PersistentCommonArgs {
 // GRU forward's shape whatever the cell: 3 weight rows x kRows rows of dgh.
 // Shared memory: tile | acc_s [items][3][kRows] | w_s [3U][w_stride] (W_hh^T
 // slice, zero rows past J, zero columns past GH). dgh is the exchange, kept
-// where the weight gradients read it (dgx's rows, and dghn for a GRU's last
-// gate: pointwise.cuh): already in the storage type, staged as it is on
-// 16-bit tensor cores.
+// where the weight gradients read it (dg's rows: dgx's columns, and dghn's for
+// a GRU's last gate: pointwise.cuh): already in the storage type, staged as it
+// is on 16-bit tensor cores. dg may be the workspace's first columns: phase 1's
+// thread of a unit and position reads its saved values, then writes its
+// gradients over them; phase 2 reads only gradients, after the barrier.
 template <typename Cell, typename scalar_t, typename acc_t, bool kMma = false>
 __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
     persistent_backward_kernel(const PersistentBackwardArgs<scalar_t, acc_t> a) {
@@ -227,9 +229,9 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
   const bool padded = has_padding(a.rows);
   const acc_t zeros[G] = {};
   const int64_t dR = static_cast<int64_t>(d) * a.R;  // direction d's first row of [D, R, .]
-  // The exchange: dgh's columns below `shared` are dgx's (direction d's columns of a row),
-  // the rest (a GRU's last gate) dghn's.
-  const scalar_t* dgx_d = a.dgx + static_cast<int64_t>(d) * GH;
+  // The exchange: dgh's columns below `shared` are dgx's (the first of a dg row), the rest
+  // (a GRU's last gate) dghn's, which follow dgx's GH columns.
+  const scalar_t* dg_d = a.dg + dR * a.ldg;  // direction d's row 0
   const int shared = Cell::kHiddenGradsDiffer ? (G - 1) * H : G * H;
 
   for (int e = threadIdx.x; e < W * NU * U; e += blockDim.x) {
@@ -246,8 +248,7 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
     if constexpr (Cell::kHasC) a.dc[off] = static_cast<acc_t>(a.grad_c_n[off]);
     for (int t = padded ? a.lens[b] : T; t < T; ++t) {  // padded (t, b): zero gradients
       const int64_t row = a.rows.row(t, b);
-      store_cols(a.dgx + row * G * DH + static_cast<int64_t>(d) * GH, j, H, zeros);
-      store_dghn<Cell>(a.dghn, dR + row, j, H, zeros);
+      store_gate_grads<Cell>(a.dg + (dR + row) * a.ldg, j, H, zeros, zeros);
       a.hprev[(dR + row) * H + j] = scalar_t(0);
     }
   }
@@ -273,8 +274,7 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
       acc_t saved[Cell::kSaved], dgx[G], dgh[G];
       load_saved<Cell>(a.ws, drow, a.out, row * DH + static_cast<int64_t>(d) * H, j, H, saved);
       Cell::backward(grad, static_cast<acc_t>(h_prev_s), saved, dgx, dgh, grad_prev);
-      store_cols(a.dgx + row * G * DH + static_cast<int64_t>(d) * GH, j, H, dgx);
-      store_dghn<Cell>(a.dghn, drow, j, H, dgh);
+      store_gate_grads<Cell>(a.dg + drow * a.ldg, j, H, dgx, dgh);
       a.hprev[drow * H + j] = h_prev_s;
       a.dh[hoff] = grad_prev.h;
       if constexpr (Cell::kHasC) a.dc[hoff] = grad_prev.c;
@@ -285,16 +285,15 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
         const int i = base + r;
         return i < B && a.sorted[i] > s ? a.rows.row(step_time(d, a.sorted[i], s), a.perm[i]) : -1;
       };
-      // A row of dgh_s, columns [k0, k0 + kc): direction d's columns of dgx's row up to
-      // `shared`, then (a GRU's last gate) dghn's row.
+      // A row of dgh_s, columns [k0, k0 + kc): dg's row up to `shared`, then (a GRU's last
+      // gate) its dghn columns from GH on.
       auto stage = [&](x_t* dst, int64_t row, int k0, int kc, int lane) {
         if (row < 0) return stage_row<true>(dst, static_cast<const scalar_t*>(nullptr), kc, lane);
         const int n = shared <= k0 ? 0 : min(kc, shared - k0);  // columns from dgx
-        if (n > 0) stage_row<true>(dst, dgx_d + row * G * DH + k0, n, lane);
+        const scalar_t* dg_row = dg_d + row * a.ldg;
+        if (n > 0) stage_row<true>(dst, dg_row + k0, n, lane);
         if constexpr (Cell::kHiddenGradsDiffer) {
-          if (n < kc) {
-            stage_row<true>(dst + n, a.dghn + (dR + row) * H + (k0 + n - shared), kc - n, lane);
-          }
+          if (n < kc) stage_row<true>(dst + n, dg_row + GH + (k0 + n - shared), kc - n, lane);
         }
       };
       recurrent_matvec<NU, kMma>(w_s, U, 1, NU, static_cast<int>(GH), ps, tile, acc_s, locate,

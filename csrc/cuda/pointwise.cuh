@@ -6,21 +6,28 @@
 // per-position buffer has the input's rows: RowMap `rows` (layout.h) maps a
 // valid position (t, b) to a row, R rows per direction (T*B for padded input,
 // N for ragged input):
-//   gx / dgx   [R, D*GH]    row rows.row(t, b), direction d at columns d*GH
+//   gx         [R, D*GH]    row rows.row(t, b), direction d at columns d*GH
 //   output     [R, D*H]     row rows.row(t, b), direction d at columns d*H
 //   workspace  [D, R, SH]   the cell's saved values (cells/cell.h kWorkspaceSaved:
 //              none for the RNN, whose backward reads them from output), in
 //              workspace_t: op-math, bfloat16 for bfloat16 (layer.h workspace_dtype);
 //              0 at padded positions, as the output
-//   dghn, hprev [D, R, H] in the storage dtype (they only feed GEMMs: tensor
-//              cores for half types). The hidden-side gate gradients dgh (the
-//              operand of dW_hh and of the backward's dgh @ W_hh) are dgx's
-//              values but for a GRU's last gate (Cell::kHiddenGradsDiffer: dn * r),
-//              so only that gate is kept apart, in dghn; the other cells have none
+//   dg         [D, R, >= GH] row stride ldg, in the storage dtype (it only
+//              feeds GEMMs: tensor cores for half types): the gate gradients
+//              dgx at columns [0, GH); a GRU's dghn at [GH, GH + H). The
+//              hidden-side gate gradients dgh (the operand of dW_hh and of the
+//              backward's dgh @ W_hh) are dgx's values but for a GRU's last gate
+//              (Cell::kHiddenGradsDiffer: dn * r), so only that gate is kept
+//              apart, in dghn; the other cells have none. dg is its own buffer
+//              (ldg = GH (+ H)) or the workspace's first columns (ldg = SH),
+//              written over where the backward may consume it (entries.h): the
+//              thread that reads a unit's saved values at a position writes its
+//              gradients there, after reading, and nothing reads them again
+//   hprev      [D, R, H] in the storage dtype
 // G = Cell::kGates, S = kWorkspaceSaved<Cell>; an LSTM with a projection has P-wide
 // output, hprev and state (P for H in those three).
 // Padded input has positions t >= length: the kernels write 0 there in
-// output, dgx, dghn and hprev, so that the output is defined and the
+// output, dg and hprev, so that the output is defined and the
 // weight-gradient GEMMs can run over all rows. Ragged input has none.
 // For the packed layout b is the rank (longest first): the launcher permutes
 // hx in and h_n / grad_hx out by sorted_indices.
@@ -73,13 +80,17 @@ __host__ __device__ __forceinline__ void load_saved(const W* ws, int64_t drow, c
   }
 }
 
-// Stores unit j's hidden-side gradient of a GRU's last gate (dgh[G-1]) to dghn
-// row drow (d * R + row); the cells whose dgh is dgx keep nothing.
+// Stores unit j's gate gradients to dg_row, a row of dg (pointwise.cuh's
+// header): dgx's G values at columns g*H + j, then a GRU's hidden-side
+// gradient of its last gate (dgh[G-1], dghn) at G*H + j; the cells whose dgh
+// is dgx keep no more.
 template <typename Cell, typename S, typename A>
-__host__ __device__ __forceinline__ void store_dghn(S* dghn, int64_t drow, int j, int H,
-                                                    const A (&dgh)[Cell::kGates]) {
+__host__ __device__ __forceinline__ void store_gate_grads(S* dg_row, int j, int H,
+                                                          const A (&dgx)[Cell::kGates],
+                                                          const A (&dgh)[Cell::kGates]) {
+  store_cols(dg_row, j, H, dgx);
   if constexpr (Cell::kHiddenGradsDiffer)
-    dghn[drow * H + j] = static_cast<S>(dgh[Cell::kGates - 1]);
+    dg_row[static_cast<int64_t>(Cell::kGates) * H + j] = static_cast<S>(dgh[Cell::kGates - 1]);
 }
 
 // grad_output's value at i as acc_t; 0 where the op was given None (null: the
@@ -285,7 +296,7 @@ __global__ void fallback_proj_forward_kernel(const scalar_t* __restrict__ hr,  /
 // gradient reaching h after step s comes in two parts: dh_in (acc_t, the
 // direct part and grad_h_n) and dh_gemm (the previous step's dgh @ W_hh, a
 // GEMM in the storage dtype). Writes the gate gradients of step s (to the
-// position's rows of dgx and dghn, and dgh to dgh_step, the next GEMM's operand:
+// position's row of dg, and dgh to dgh_step, the next GEMM's operand:
 // 0 for finished rows) and the direct part of dh_prev to dh_out; the next GEMM
 // adds the W_hh^T part. dc (kHasC) is the gradient reaching c, updated in
 // place: c never goes through a GEMM.
@@ -294,22 +305,23 @@ __global__ void fallback_proj_forward_kernel(const scalar_t* __restrict__ hr,  /
 // grad_out); dh_in, dh_out and hprev are unused (the P-wide state's rows are
 // the projection kernel's), and hcell gets h' of the position (the cell's
 // output_from_saved; 0 where padded), the dW_hr GEMM's other operand.
+// ws and dg are not __restrict__: dg may be the workspace's first columns.
 template <typename Cell, bool kProj, typename scalar_t, typename acc_t>
 __global__ void fallback_backward_step_kernel(
-    const scalar_t* __restrict__ grad_out,  // [R, D*H] (not kProj), or null: zero
-    const scalar_t* __restrict__ out,       // [R, D*H] forward output (h of valid steps)
-    const scalar_t* __restrict__ hx,        // [D, B, H]
-    const workspace_t<scalar_t, acc_t>* __restrict__ ws,  // [D, R, SH]
-    const int* __restrict__ lens,                         // [B]
-    const acc_t* __restrict__ dh_in,                      // [D, B, H] (not kProj)
-    const scalar_t* __restrict__ dh_gemm,                 // [D, B, H]
-    acc_t* __restrict__ dh_out,                           // [D, B, H] (not kProj)
-    acc_t* __restrict__ dc,                               // [D, B, H] (kHasC), else nullptr
-    scalar_t* __restrict__ dgx,                           // [R, D*GH]
-    scalar_t* __restrict__ dghn,                          // [D, R, H] (kHiddenGradsDiffer)
-    scalar_t* __restrict__ dgh_step,                      // [D, B, GH]
-    scalar_t* __restrict__ hprev,                         // [D, R, H] (not kProj)
-    scalar_t* __restrict__ hcell,                         // [D, R, H] (kProj), else nullptr
+    const scalar_t* __restrict__ grad_out,   // [R, D*H] (not kProj), or null: zero
+    const scalar_t* __restrict__ out,        // [R, D*H] forward output (h of valid steps)
+    const scalar_t* __restrict__ hx,         // [D, B, H]
+    const workspace_t<scalar_t, acc_t>* ws,  // [D, R, SH]
+    const int* __restrict__ lens,            // [B]
+    const acc_t* __restrict__ dh_in,         // [D, B, H] (not kProj)
+    const scalar_t* __restrict__ dh_gemm,    // [D, B, H]
+    acc_t* __restrict__ dh_out,              // [D, B, H] (not kProj)
+    acc_t* __restrict__ dc,                  // [D, B, H] (kHasC), else nullptr
+    scalar_t* dg,                            // [D, R, >= GH], row stride ldg
+    int64_t ldg,
+    scalar_t* __restrict__ dgh_step,  // [D, B, GH]
+    scalar_t* __restrict__ hprev,     // [D, R, H] (not kProj)
+    scalar_t* __restrict__ hcell,     // [D, R, H] (kProj), else nullptr
     int s, int B, int H, int D, RowMap rows, int64_t R) {
   constexpr int G = Cell::kGates;
   static_assert(!kProj || !Cell::kReadsHPrev, "a projected state cannot enter the cell's math");
@@ -328,8 +340,7 @@ __global__ void fallback_backward_step_kernel(
     store_cols(dgh_s, j, H, zeros);
     if (has_padding(rows)) {
       const int64_t row = rows.row(s, b);
-      store_cols(dgx + row * D * GH + d * GH, j, H, zeros);
-      store_dghn<Cell>(dghn, static_cast<int64_t>(d) * R + row, j, H, zeros);
+      store_gate_grads<Cell>(dg + (static_cast<int64_t>(d) * R + row) * ldg, j, H, zeros, zeros);
       const int64_t hrow = (static_cast<int64_t>(d) * R + row) * H + j;
       if constexpr (kProj) {
         hcell[hrow] = scalar_t(0);
@@ -354,8 +365,7 @@ __global__ void fallback_backward_step_kernel(
   load_saved<Cell>(ws, static_cast<int64_t>(d) * R + row, out,
                    row * D * H + static_cast<int64_t>(d) * H, j, H, saved);
   Cell::backward(grad, static_cast<acc_t>(h_prev), saved, dgxv, dghv, grad_prev);
-  store_cols(dgx + row * D * GH + d * GH, j, H, dgxv);
-  store_dghn<Cell>(dghn, static_cast<int64_t>(d) * R + row, j, H, dghv);
+  store_gate_grads<Cell>(dg + (static_cast<int64_t>(d) * R + row) * ldg, j, H, dgxv, dghv);
   store_cols(dgh_s, j, H, dghv);
   if constexpr (kProj) {
     hcell[(static_cast<int64_t>(d) * R + row) * H + j] =

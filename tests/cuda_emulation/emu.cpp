@@ -151,8 +151,9 @@ std::vector<at::Tensor> backward_t(const at::Tensor& go, const at::Tensor& ghn,
   c.out = out.contiguous();
   c.grad_h_n = to_rank_order(c.rows, ghn);
   c.ws = ws.contiguous();
-  c.dgx = sentinel({R, d.D * GH}, c.opts);
-  if constexpr (Cell::kHiddenGradsDiffer) c.dghn = sentinel({d.D, R, d.H}, c.opts);
+  const int64_t width = GH + (Cell::kHiddenGradsDiffer ? d.H : 0);
+  c.dg = sentinel({d.D, R, width}, c.opts);  // [D, R, GH (+H)], as set_backward_buffers makes it
+  c.ldg = width;
   c.hprev = sentinel({d.D, R, c.P}, c.opts);
   c.grad_hx = sentinel({d.D, d.B, c.P}, c.opts);
   if constexpr (Cell::kHasC) {
@@ -175,8 +176,10 @@ std::vector<at::Tensor> backward_t(const at::Tensor& go, const at::Tensor& ghn,
     run_fallback_backward<Cell, scalar_t>(c);
   }
   auto or_empty = [](const at::Tensor& t) { return t.defined() ? t : at::empty({0}); };
-  return {c.dgx,
-          or_empty(c.dghn),
+  // dgx as the tests take it, [R, D*GH] (direction d at columns d*GH), and a GRU's dghn [D, R, H]
+  const at::Tensor dgx = c.dg.narrow(2, 0, GH).transpose(0, 1).reshape({R, d.D * GH});
+  return {dgx,
+          Cell::kHiddenGradsDiffer ? c.dg.narrow(2, GH, d.H).contiguous() : at::empty({0}),
           c.hprev,
           to_sequence_order(c.rows, c.grad_hx),
           Cell::kHasC ? to_sequence_order(c.rows, c.grad_cx) : at::empty({0}),

@@ -36,6 +36,16 @@ inline std::map<std::string, int64_t> last_launch() {
           {"smem", emu_device().last_smem}};
 }
 
+// Calls f() as the node an eager call records calls a backward op where autograd frees the
+// workspace after it (csrc/recording.cpp): with layer.h's ConsumableWorkspace set to ws, which
+// the backward may then write over. This module's ConsumableWorkspace is its own (hidden
+// symbols), so the real extension's setting does not reach it; emulation.py's
+// cuda_backend_on_cpu passes it on through this.
+inline pybind11::object consuming(const at::Tensor& ws, const pybind11::function& f) {
+  const varlen_rnn::ConsumableWorkspace consume(ws.const_data_ptr());
+  return f();
+}
+
 }  // namespace emu_backend
 
 inline void bind_backend(pybind11::module_& m) {
@@ -44,6 +54,7 @@ inline void bind_backend(pybind11::module_& m) {
   b.def("set_device", &emu_set_device);
   b.def("set_knobs", &emu_backend::set_knobs);
   b.def("last_launch", &emu_backend::last_launch);
+  b.def("consuming", &emu_backend::consuming);
   b.def("gru_layer_forward", &vc::gru_layer_forward_cuda);
   b.def("gru_layer_backward", &vc::gru_layer_backward_cuda);
   b.def("gru_layer_ragged_forward", &vc::gru_layer_ragged_forward_cuda);
