@@ -114,6 +114,24 @@ def test_the_last_backward_gives_a_kept_graphs_gradients(
         assert torch.equal(a, b), f"{name}: max |diff| {(a - b).abs().max().item():.3g}"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("path", ["persistent", "fallback"])
+@pytest.mark.parametrize("kind", ["padded", "packed", "nested"])
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_a_cuda_bfloat16_last_backward_gives_a_kept_graphs_gradients(path, kind, cell):
+    # bfloat16 layers keep a bfloat16 workspace on CUDA, which their dG then goes over
+    import cuda_testing
+
+    module, x, lengths = make(cell, True, torch.bfloat16, "cuda", kind)
+    cuda_testing.set_knobs(path)
+    try:
+        kept, last = kept_and_last(module, kind, x, lengths)
+    finally:
+        cuda_testing.set_knobs()
+    for name, a, b in zip(["input", *dict(module.named_parameters())], kept, last, strict=True):
+        assert torch.equal(a, b), f"{name}: max |diff| {(a - b).abs().max().item():.3g}"
+
+
 @contextlib.contextmanager
 def emulated_cuda_backend(path):
     """Within: the ops run on the CUDA backend's code on the emulation (CPU tensors, a pretend
