@@ -82,6 +82,12 @@ def kept_and_last(module, kind, x, lengths):
     return kept, [p.grad for p in params]
 
 
+def assert_same_gradients(module, kept, last):
+    """The two backwards' gradients (the input's, then the parameters') are the same bits."""
+    for name, a, b in zip(["input", *dict(module.named_parameters())], kept, last, strict=True):
+        assert torch.equal(a, b), f"{name}: max |diff| {(a - b).abs().max().item():.3g}"
+
+
 # (bidirectional, the CPU's step loops, its directions: in turn or at once)
 LOOPS = {
     "uni-split": (False, "split", "serial"),
@@ -110,8 +116,7 @@ def test_the_last_backward_gives_a_kept_graphs_gradients(
     monkeypatch.setenv("VARLEN_RNN_CPU_DIRECTIONS", directions)
     module, x, lengths = make(cell, bidirectional, dtype, device, kind)
     kept, last = kept_and_last(module, kind, x, lengths)
-    for name, a, b in zip(["input", *dict(module.named_parameters())], kept, last, strict=True):
-        assert torch.equal(a, b), f"{name}: max |diff| {(a - b).abs().max().item():.3g}"
+    assert_same_gradients(module, kept, last)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -128,8 +133,7 @@ def test_a_cuda_bfloat16_last_backward_gives_a_kept_graphs_gradients(path, kind,
         kept, last = kept_and_last(module, kind, x, lengths)
     finally:
         cuda_testing.set_knobs()
-    for name, a, b in zip(["input", *dict(module.named_parameters())], kept, last, strict=True):
-        assert torch.equal(a, b), f"{name}: max |diff| {(a - b).abs().max().item():.3g}"
+    assert_same_gradients(module, kept, last)
 
 
 @contextlib.contextmanager
@@ -154,8 +158,7 @@ def test_the_emulated_cuda_backends_last_backward_gives_a_kept_graphs_gradients(
     module, x, lengths = make(cell, True, dtype, "cpu", kind)
     with emulated_cuda_backend(path):
         kept, last = kept_and_last(module, kind, x, lengths)
-    for name, a, b in zip(["input", *dict(module.named_parameters())], kept, last, strict=True):
-        assert torch.equal(a, b), f"{name}: max |diff| {(a - b).abs().max().item():.3g}"
+    assert_same_gradients(module, kept, last)
 
 
 @pytest.mark.parametrize("device", ALL_DEVICES)
