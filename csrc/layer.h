@@ -59,14 +59,15 @@ struct NoAutocastGuard {
   c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
 };
 
-// The workspace a backward op may write over (the CPU's gate gradients: its
-// dG, cpu/recurrence.h backward_impl): set, for its own call of the backward
-// op only, by the node an eager call records (recording.cpp), where autograd
-// frees the workspace right after that call (the graph is not kept) and
-// nothing else holds it. The backward consumes only the tensor whose data is
-// at this address; every other call (the op called directly, the registered
-// autograd's backward, a kept graph) leaves its workspace unmodified, as the
-// schema says. Not in the schema: no caller but that node may ask it.
+// The workspace a backward op may write over (its gate gradients dG: the CPU's
+// cpu/recurrence.h backward_impl, CUDA's cuda/entries.h set_backward_buffers):
+// set, for its own call of the backward op only, by the node an eager call
+// records (recording.cpp), where autograd frees the workspace right after that
+// call (the graph is not kept) and nothing else holds it. The backward
+// consumes only the tensor whose data is at this address; every other call
+// (the op called directly, the registered autograd's backward, a kept graph)
+// leaves its workspace unmodified, as the schema says. Not in the schema: no
+// caller but that node may ask it.
 class ConsumableWorkspace {
  public:
   explicit ConsumableWorkspace(const void* data) : saved_(current_) { current_ = data; }

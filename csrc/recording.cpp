@@ -217,7 +217,7 @@ struct LayerBackward : public ag::Node {
     }
     // Unless the graph is kept, autograd frees the workspace right after this call
     // (release_variables): if nothing else holds it, the backward op may write over it
-    // (layer.h ConsumableWorkspace; the CPU's dG then takes no memory of its own).
+    // (layer.h ConsumableWorkspace; the backend's dG then takes no memory of its own).
     // A workspace that has had a Python wrapper (one a Python kernel returned) is also
     // held by it while C++ holds it: torch's own test of a tensor nothing else holds
     // counts that wrapper's reference where nothing in Python holds the wrapper.
