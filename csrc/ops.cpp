@@ -247,6 +247,11 @@ TORCH_LIBRARY(varlen_rnn, m) {
   // given) or on all (parallel, + bias [N] on every row when given). Returns
   // [m + 1, N + 5] float32: the result in [:m, :N], NaN elsewhere.
   m.def("_bf16_gemm(Tensor a, Tensor b, Tensor? c, Tensor? bias, bool parallel) -> Tensor");
+  // Tests only: sum over i of a[i] [m, K_i] @ b[i] [K_i, N], all bfloat16,
+  // float32 sums rounded to bfloat16 once (cpu/bf16_gemm.h
+  // bf16_gemm_sum_rounded: a bfloat16 layer's dx over its directions).
+  // Returns [m + 1, N + 5] bfloat16: the result in [:m, :N], NaN elsewhere.
+  m.def("_bf16_gemm_sum_rounded(Tensor[] a, Tensor[] b) -> Tensor");
   // Test entry: a [m, K] bfloat16 times w [J, K] bfloat16 transposed, the
   // product on a weight as stored (cpu/bf16_gemm.h bf16_weight_product) by
   // method: 0 its own choice, 1 the dot products, 2 the swapped product on

@@ -54,10 +54,10 @@ def loss_of(tensors):
     )
 
 
-def make(kind_cell, bidirectional, dtype, device, kind):
+def make(kind_cell, bidirectional, dtype, device, kind, inputs=I):
     _, module = make_kind_pair(
         kind_cell,
-        I,
+        inputs,
         H,
         bidirectional=bidirectional,
         dtype=dtype,
@@ -67,7 +67,7 @@ def make(kind_cell, bidirectional, dtype, device, kind):
     )
     g = torch.Generator().manual_seed(3)
     T = max(LENGTHS)
-    x = torch.randn(T, len(LENGTHS), I, generator=g, dtype=dtype).to(device).requires_grad_()
+    x = torch.randn(T, len(LENGTHS), inputs, generator=g, dtype=dtype).to(device).requires_grad_()
     return module, x, torch.tensor(LENGTHS)
 
 
@@ -115,6 +115,32 @@ def test_the_last_backward_gives_a_kept_graphs_gradients(
     monkeypatch.setenv("VARLEN_RNN_CPU_STEPS", steps)
     monkeypatch.setenv("VARLEN_RNN_CPU_DIRECTIONS", directions)
     module, x, lengths = make(cell, bidirectional, dtype, device, kind)
+    kept, last = kept_and_last(module, kind, x, lengths)
+    assert_same_gradients(module, kept, last)
+
+
+def cpu_bf16_unit():
+    """Whether this CPU runs bfloat16 layers' products in bfloat16 (csrc/cpu/bf16_gemm.h)."""
+    try:
+        torch.ops.varlen_rnn._bf16_gemm(
+            torch.ones(1, 2, dtype=torch.bfloat16), torch.ones(2, 1), None, None, False
+        )
+    except RuntimeError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not cpu_bf16_unit(), reason="this CPU has no bfloat16 unit (AMX, AVX512-BF16)")
+@pytest.mark.parametrize("loops", list(LOOPS))
+@pytest.mark.parametrize("kind", ["padded", "packed", "nested"])
+@pytest.mark.parametrize("cell", ["gru", "lstm", "lstm_proj", "rnn_tanh"])
+def test_a_cpu_bfloat16_last_backward_gives_a_kept_graphs_gradients(monkeypatch, loops, kind, cell):
+    # a bfloat16 layer (even I and P) on the CPU's bfloat16 products keeps a bfloat16 workspace,
+    # which its dG, bfloat16 over the positions too, then goes over (csrc/cpu/backward_bf16.h)
+    bidirectional, steps, directions = LOOPS[loops]
+    monkeypatch.setenv("VARLEN_RNN_CPU_STEPS", steps)
+    monkeypatch.setenv("VARLEN_RNN_CPU_DIRECTIONS", directions)
+    module, x, lengths = make(cell, bidirectional, torch.bfloat16, "cpu", kind, inputs=6)
     kept, last = kept_and_last(module, kind, x, lengths)
     assert_same_gradients(module, kept, last)
 

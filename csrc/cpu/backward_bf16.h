@@ -3,20 +3,46 @@
 //
 // The step loops (the per-step one in cpu/recurrence.h, the split ones in
 // cpu/split_backward.h) keep each row's float32 gate gradients only while
-// they handle that row: keep_row_bf16 rounds them into Bf16GateGrads'
-// bfloat16 rows over the positions, which the products after the loops read,
-// and the bias gradients are sums of the float32 values taken as the loops
-// go (in float64, in a fixed order; below). So the buffers over positions
-// are half the bytes of float32 ones (B=64 T=100 H=256: the GRU's dG and dn*r
-// 25.0 -> 12.5 MiB), and the values the products read are the same
-// roundings as before (one rounding of each float32 value to nearest even).
+// they handle that row: keep_row_bf16 rounds them into bfloat16 rows over the
+// positions (backward_impl's dgx and dghn, bfloat16 here, or, where the
+// backward may consume it, the workspace, which is bfloat16 too: each row's
+// dG over the saved values it was computed from), which the products after
+// the loops read, and the bias gradients are sums of the float32 values taken
+// as the loops go (in float64, in a fixed order; below). So the buffers over
+// positions are half the bytes of float32 ones (B=64 T=100 H=256: the GRU's
+// dG and dn*r 25.0 -> 12.5 MiB), or none, and the values the products read
+// are the same roundings either way (one rounding of each float32 value to
+// nearest even).
 //
-// The products: ATen's bfloat16 GEMM (oneDNN, on the matrix unit where there
-// is one: float32 accumulation, one rounding of the result) on bfloat16
-// operands, and over few positions our own (cpu/weight_grad.h). The weight
-// gradients are written in bfloat16 where they are returned (their tensors
-// are bfloat16, cpu/layer_ops.h), so that rounding is the one they get
-// anyway; h_prev and the input are bfloat16 values already.
+// The products, a direction at a time, on bfloat16 operands with float32
+// accumulation and one rounding of the result: the weight gradients dG^T x
+// and dG^T h_prev by ATen's bfloat16 GEMM (oneDNN, on the matrix unit where
+// there is one), over few positions by our own (cpu/weight_grad.h); the
+// input gradient dx = sum over d of dG_d W_ih[d] by ATen's or by ours
+// (below). The weight gradients are written in bfloat16 where they are
+// returned (their tensors are bfloat16, cpu/layer_ops.h), so that rounding is
+// the one they get anyway; h_prev and the input are bfloat16 values already.
+//
+// dx and oneDNN: its AMX matmul in torch 2.14.1 (oneDNN issue 5717) reads the
+// values past each row of its left operand up to the next multiple of 32
+// where that row's K (here G*H) is over 32 and not a multiple of 32
+// (onednn_reach), and multiplies them by zeros: values there that decode to
+// NaN or inf made whole rows of dx NaN (found by tests/test_cpu_fuzz.py on a
+// Xeon with AMX: a bfloat16 LSTM at H=129 with a projection), and handed
+// contiguous rows, a position's NaN gradient reached its neighbour's dx. So
+// dx takes ATen's product (one direction) only on rows whose columns up to
+// onednn_reach are their own position's: dG's own buffer pads each row with
+// zeros (dg16_rows), and a workspace row holds, after dG, the same
+// position's dn*r (GRU) or c (LSTM), finite wherever its dG is. Otherwise
+// (two directions: one rounding of both directions' sum, which two ATen
+// products in bfloat16 would not give; or a workspace row too short) dx is
+// our product, which reads no row past K (cpu/bf16_gemm.h
+// bf16_gemm_sum_rounded; tests/test_cpu_bf16.py puts NaN there). dG^T, the
+// weight gradients' left operand, is dG's memory transposed: there NaN after
+// each row's G*H values leaves oneDNN's product finite (checked with torch
+// 2.14.1 on the Xeon, K = N from 64 to 1000 positions, G*H from 54 to 768).
+// Measured there (2 threads, [3200, 768] x [768, 256]): ATen's product 3.5
+// ms, ours 5.6 ms, hence ATen's where it is safe.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -24,7 +50,7 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <utility>
+#include <vector>
 
 #include "cpu/bf16_gemm.h"
 #include "cpu/large_tensors.h"
@@ -34,41 +60,18 @@
 namespace varlen_rnn {
 namespace cpu {
 
-// The gate gradients of every direction over the N positions (gx_rows'
-// order), as bfloat16, and their float32 values' sums.
-//
-// ATen's bfloat16 GEMM (oneDNN's AMX matmul in torch 2.14.1; oneDNN issue
-// 5717) reads up to 31 values past a row's K = D*G where K > 32 is not a
-// multiple of 32, and multiplies them by zeros: values there that decode to
-// NaN or inf made whole rows of dx NaN (found by tests/test_cpu_fuzz.py on a
-// Xeon with AMX: a bfloat16 LSTM at H=129 with a projection), and a
-// position's NaN gradient would reach its neighbour's dx. So each row of dgx
-// is padded with zeros to a multiple of 32 values, and 32 more follow the
-// last row: every row's dx is its own.
-struct Bf16GateGrads {
-  at::Tensor dgx;   // [N, D*G*H] bfloat16 (row stride ld): the input-side dG
-  at::Tensor dghn;  // [held, N, H] bfloat16: the GRU's hidden-side n gradient dn*r, else undefined
-  at::Tensor sums;  // [D, G*H + Hn] float64: db_ih's sums, then (GRU, Hn = H) dghn's
-  int64_t ld = 0;
+// The columns of a row of K bfloat16 values oneDNN's matmul reads as its left
+// operand (above): K, or K rounded up to a multiple of 32 where K > 32.
+inline int64_t onednn_reach(int64_t K) { return K > 32 ? (K + 31) / 32 * 32 : K; }
 
-  Bf16GateGrads(int64_t N, int64_t D, int64_t G, int64_t H, int64_t held, bool differ,
-                const at::TensorOptions& opts) {
-    const int64_t DG = D * G;
-    ld = DG > 32 && DG % 32 != 0 ? (DG + 31) / 32 * 32 : DG;
-    const auto opts16 = opts.dtype(at::kBFloat16);
-    at::Tensor flat = empty_large({N * ld + 32}, opts16);
-    auto* p = flat.data_ptr<at::BFloat16>();
-    if (ld > DG) {
-      at::parallel_for(0, N, 4096, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) std::fill(p + r * ld + DG, p + (r + 1) * ld, 0.0f);
-      });
-    }
-    std::fill_n(p + N * ld, 32, at::BFloat16(0.0f));
-    dgx = flat.as_strided({N, DG}, {ld, 1});
-    if (differ) dghn = empty_large({held, N, H}, opts16);
-    sums = at::zeros({D, G + (differ ? H : 0)}, opts.dtype(at::kDouble));
-  }
-};
+// A bfloat16 dG over positions in a buffer of its own: [N, K] with each row
+// padded by zeros to onednn_reach(K) (the row stride).
+inline at::Tensor dg16_rows(int64_t N, int64_t K, const at::TensorOptions& opts) {
+  const int64_t ld = onednn_reach(K);
+  at::Tensor rows = empty_large({N, ld}, opts.dtype(at::kBFloat16));
+  if (ld > K) rows.narrow(1, K, ld - K).zero_();
+  return rows.narrow(1, 0, K);
+}
 
 // One row's gate gradients of `units` units (gate stride H; every pointer at
 // the first of them), each value rounded to bfloat16 once: the hidden-side
@@ -113,40 +116,59 @@ inline void sum_step_rows(int64_t n, const T* a, int64_t ga, const T* b, int64_t
 }
 
 // Direction d's hidden-side gradients after its step loop: db_ih, db_hh from
-// the sums, then dW_hh = dG^T h_prev in bfloat16. dghn: [N, H] the GRU's
-// hidden-side n gradients, else undefined; hp16: [N, P] bfloat16 h_prev.
+// the sums, then dW_hh = dG^T h_prev in bfloat16. sums: [G*H + Hn] its bias
+// sums; dg16: [N, G*H] its dG; dghn: [N, H] the GRU's hidden-side n
+// gradients, else undefined (both bfloat16, rows strided: their own buffers'
+// or the workspace's); hp16: [N, P] bfloat16 h_prev.
 template <typename Cell>
-void hidden_weight_grads_bf16(BackwardArgs& args, int64_t d, const Bf16GateGrads& g16,
-                              const at::Tensor& dghn, const at::Tensor& hp16) {
+void hidden_weight_grads_bf16(BackwardArgs& args, int64_t d, const at::Tensor& sums,
+                              const at::Tensor& dg16, const at::Tensor& dghn,
+                              const at::Tensor& hp16) {
   constexpr bool kDiffer = Cell::kHiddenGradsDiffer;
   const int64_t H = args.dims.H, G = Cell::kGates * H;
   const int64_t G_same = kDiffer ? G - H : G;  // the gates whose dgh is dgx
-  const at::Tensor sums = g16.sums[d];         // [G + Hn]
   at::Tensor gb_ih = args.grad_b_ih[d];        // db_hh: the same sums but dghn's gate
   gb_ih.copy_(sums.narrow(0, 0, G));
   args.grad_b_hh[d].narrow(0, 0, G_same).copy_(gb_ih.narrow(0, 0, G_same));
-  const at::Tensor dg16 = g16.dgx.narrow(1, d * G, G_same);  // [N, G_same]
-  weight_grad(args.grad_w_hh[d].narrow(0, 0, G_same), dg16, hp16);
+  weight_grad(args.grad_w_hh[d].narrow(0, 0, G_same), dg16.narrow(1, 0, G_same), hp16);
   if (kDiffer) {
     args.grad_b_hh[d].narrow(0, G_same, H).copy_(sums.narrow(0, G, H));
     weight_grad(args.grad_w_hh[d].narrow(0, G_same, H), dghn, hp16);
   }
 }
 
-// After every direction's step loop: dW_ih = dgx^T x and grad_input (dx =
-// dgx W_ih, zero at padding), both bfloat16, each where args wants it. dgx
-// is released here, before grad_input's layout is formed (peak memory).
-inline void input_grads_bf16(BackwardArgs& args, Bf16GateGrads& g16) {
-  const int64_t N = g16.dgx.size(0), DG = g16.dgx.size(1), I = args.dims.I;
-  if (args.want_weights) {
-    at::Tensor xp = projection_input(args);  // [N, I] bfloat16
-    weight_grad(args.grad_w_ih.view({DG, I}), g16.dgx, xp);
+// The input gradient over positions, dx = sum over directions d of dG_d
+// W_ih[d] ([N, I] bfloat16, zero rows nowhere: set_grad_input places them),
+// each dG_d = dg_of(d) ([N, G*H] bfloat16, rows strided: dg16_rows' or the
+// workspace's) read in place, float32 sums rounded once: ATen's product for
+// one direction whose rows oneDNN may read to its reach, else ours
+// (cpu/bf16_gemm.h bf16_gemm_sum_rounded).
+template <typename DgOf>
+at::Tensor input_grad_bf16(const BackwardArgs& args, const DgOf& dg_of) {
+  const int64_t D = args.dims.D, I = args.dims.I;
+  if (D == 1) {
+    const at::Tensor dg = dg_of(0);  // [N, G*H]
+    if (onednn_reach(dg.size(1)) <= dg.stride(0)) {
+      at::Tensor dxp = empty_large({dg.size(0), I}, dg.options());  // [N, I]
+      at::mm_out(dxp, dg, args.w_ih[0]);
+      return dxp;
+    }
   }
-  if (!args.want_input) return;
-  at::Tensor dxp = empty_large({N, I}, g16.dgx.options());  // [N, I]
-  at::mm_out(dxp, g16.dgx, args.w_ih.reshape({DG, I}));
-  g16.dgx.reset();
-  set_grad_input(args, std::move(dxp));
+  std::vector<at::Tensor> dg(D);
+  std::vector<PackedB16> w(D);
+  std::vector<Bf16Term> terms;
+  for (int64_t d = 0; d < D; ++d) {
+    dg[d] = dg_of(d);
+    const at::Tensor w_d = args.w_ih[d];  // [G*H, I] bfloat16: b[k, j] = W_ih[d][k, j]
+    w[d] = pack_b16(w_d.size(0), I, w_d.const_data_ptr<at::BFloat16>(), I, 1);
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    terms.push_back({dg[d].const_data_ptr<at::BFloat16>(), dg[d].stride(0), &w[d]});
+  }
+  const int64_t N = dg[0].size(0);
+  at::Tensor dxp = empty_large({N, I}, dg[0].options());  // [N, I]
+  bf16_gemm_sum_rounded(N, terms, dxp.data_ptr<at::BFloat16>(), I);
+  return dxp;
 }
 
 }  // namespace cpu

@@ -379,6 +379,34 @@ void bf16_gemm_parallel(int64_t m, const at::BFloat16* a, int64_t lda, const Pac
   });
 }
 
+void bf16_gemm_sum_rounded(int64_t m, c10::ArrayRef<Bf16Term> terms, at::BFloat16* y, int64_t ldy) {
+  constexpr int64_t S = PackedB16::kStrip, kRows = 256;
+  if (m <= 0 || terms.empty() || terms[0].b->N <= 0) return;
+  const int64_t N = terms[0].b->N;
+  for (const Bf16Term& t : terms) TORCH_INTERNAL_ASSERT(t.b->N == N);
+  const int64_t strips = (N + S - 1) / S, blocks = (m + kRows - 1) / kRows;
+  at::parallel_for(0, blocks * strips, 1, [&](int64_t t0, int64_t t1) {
+    const Bf16GemmScope scope(true);
+    std::vector<float> tile(kRows * S);  // [mb, nj] of the task, row stride S
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = (t / strips) * kRows, j = t % strips, j0 = j * S;
+      const int64_t mb = std::min(kRows, m - r0), nj = std::min(S, N - j0);
+      bool written = false;
+      for (const Bf16Term& term : terms) {
+        const PackedB16& b = *term.b;
+        if (b.K == 0) continue;  // an empty sum
+        const at::BFloat16* strip =
+            b.strips.const_data_ptr<at::BFloat16>() + j * b.strips.size(1) * S;
+        strip_product(b.unit, mb, nj, b.K, term.lda, S, written, term.a + r0 * term.lda, strip,
+                      tile.data());
+        written = true;
+      }
+      if (!written) std::fill(tile.begin(), tile.end(), 0.0f);
+      for (int64_t i = 0; i < mb; ++i) round_bf16(tile.data() + i * S, nj, y + (r0 + i) * ldy + j0);
+    }
+  });
+}
+
 at::Tensor round_rows_bf16(float* x, int64_t rows, int64_t cols, int64_t ld) {
   // Chunks of kChunk values go through local buffers with memcpy (no float
   // and bfloat16 pointers into the same bytes). Chunk j's result lands in
@@ -490,10 +518,50 @@ at::Tensor bf16_weight_product_op(const at::Tensor& a, const at::Tensor& w, int6
   return out;
 }
 
+// The test entry (ops.cpp's _bf16_gemm_sum_rounded): the sum of a[i] [m, K_i]
+// bfloat16 (rows may stride past K_i) times b[i] [K_i, N] bfloat16, rounded
+// once (bf16_gemm_sum_rounded), inside a NaN-filled [m + 1, N + 5] bfloat16
+// buffer, so a write past [m, N] shows.
+at::Tensor bf16_gemm_sum_rounded_op(at::TensorList a, at::TensorList b) {
+  TORCH_CHECK(bf16_unit() != Bf16Unit::kFloat,
+              "_bf16_gemm_sum_rounded: no bfloat16 unit (neither AMX nor AVX512-BF16, or "
+              "VARLEN_RNN_CPU_BF16=float)");
+  TORCH_CHECK(!a.empty() && a.size() == b.size(),
+              "_bf16_gemm_sum_rounded: a and b must be as many tensors, at least one, got ",
+              a.size(), " and ", b.size());
+  const int64_t m = a[0].size(0), N = b[0].size(1);
+  std::vector<at::Tensor> kept;
+  std::vector<PackedB16> packed;
+  for (size_t i = 0; i < a.size(); ++i) {
+    TORCH_CHECK(a[i].dim() == 2 && a[i].scalar_type() == at::kBFloat16 && a[i].size(0) == m &&
+                    a[i].stride(1) == 1 && a[i].stride(0) >= a[i].size(1),
+                "_bf16_gemm_sum_rounded: a[", i, "] must be a bfloat16 [m, K] with m = ", m,
+                " and rows in place, got ", a[i].sizes(), " ", a[i].strides());
+    TORCH_CHECK(b[i].dim() == 2 && b[i].scalar_type() == at::kBFloat16 &&
+                    b[i].size(0) == a[i].size(1) && b[i].size(1) == N && b[i].size(0) % 2 == 0,
+                "_bf16_gemm_sum_rounded: b[", i,
+                "] must be a bfloat16 [K, N] with K = ", a[i].size(1), " (even) and N = ", N,
+                ", got ", b[i].sizes());
+    kept.push_back(a[i]);
+    packed.push_back(
+        pack_b16(b[i].size(0), N, b[i].const_data_ptr<at::BFloat16>(), layout_of(b[i])));
+  }
+  std::vector<Bf16Term> terms;
+  for (size_t i = 0; i < a.size(); ++i) {
+    terms.push_back({kept[i].const_data_ptr<at::BFloat16>(),
+                     std::max<int64_t>(kept[i].stride(0), 1), &packed[i]});
+  }
+  at::Tensor out = at::full({m + 1, N + 5}, std::numeric_limits<float>::quiet_NaN(),
+                            a[0].options().dtype(at::kBFloat16));
+  bf16_gemm_sum_rounded(m, terms, out.data_ptr<at::BFloat16>(), N + 5);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(varlen_rnn, CPU, m) {
   m.impl("_bf16_gemm", &bf16_gemm_op);
+  m.impl("_bf16_gemm_sum_rounded", &bf16_gemm_sum_rounded_op);
   m.impl("_bf16_weight_product", &bf16_weight_product_op);
 }
 

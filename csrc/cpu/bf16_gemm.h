@@ -149,6 +149,23 @@ struct Bf16GemmScope {
 void bf16_gemm_parallel(int64_t m, const at::BFloat16* a, int64_t lda, const PackedB16& b, float* c,
                         int64_t ldc, const float* bias, bool accumulate = false);
 
+// One term a[m, K] (lda) b of bf16_gemm_sum_rounded.
+struct Bf16Term {
+  const at::BFloat16* a;
+  int64_t lda;
+  const PackedB16* b;
+};
+
+// All threads: y[m, N] (ldy, bfloat16) = the sum of the terms' products
+// (every b of the same N, any K), each element's float32 sum over the terms
+// in order rounded to nearest even once: a bfloat16 layer's input gradient
+// dx = sum over directions of dG_d W_ih[d], each dG_d read in place (a
+// direction's columns of dG, or its rows of the workspace, which the
+// backward wrote dG over). Tasks of 256 rows by one strip, each with a
+// float32 tile of its own: no float32 [m, N] buffer. Neither unit reads a's
+// rows past K (oneDNN's matmul did: cpu/backward_bf16.h).
+void bf16_gemm_sum_rounded(int64_t m, c10::ArrayRef<Bf16Term> terms, at::BFloat16* y, int64_t ldy);
+
 // x's rows [rows, cols] (ld floats apart) rounded to bfloat16 in place, on
 // all threads: row r's values land in the first half of its own bytes, so
 // the result is a bfloat16 [rows, cols] matrix with row stride 2 * ld, which

@@ -29,7 +29,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
-#include <optional>
 #include <type_traits>
 
 #include "cpu/backward_bf16.h"
@@ -324,8 +323,14 @@ void backward_impl(BackwardArgs& args) {
   // fills a step buffer. Positions are numbered by time, so only the forward
   // direction's steps are consecutive.
   const bool dgx_in_place = !bf16 && !kDiffer && steps_are_contiguous(args);
-  std::optional<Bf16GateGrads> g16;
-  if (bf16) g16.emplace(N, dims.D, G, H, held, kDiffer, opts);
+  const auto opts16 = opts.dtype(at::kBFloat16);
+  // dG over the positions is bfloat16 where the products are (bf16: the
+  // float32 values only a row or a step at a time, cpu/backward_bf16.h).
+  const auto opts_dg = bf16 ? opts16 : opts;
+  const at::ScalarType dg_dtype = bf16 ? at::kBFloat16 : c10::CppTypeToScalarType<scalar_t>::value;
+  // bf16: the bias sums, [D, G*H + Hn] (cpu/backward_bf16.h)
+  at::Tensor sums16 =
+      bf16 ? at::zeros({dims.D, G + (kDiffer ? H : 0)}, opts.dtype(at::kDouble)) : at::Tensor();
   // Where the workspace is this call's to consume (args.consume_workspace:
   // autograd frees it after this backward), dG is written over it: a row's
   // gate gradients (and the GRU's dghn) go to the columns of the saved values
@@ -333,13 +338,16 @@ void backward_impl(BackwardArgs& args) {
   // unit's values are read before its gradients are written, and no other
   // unit's columns are touched). dgx and dghn then take no memory of their
   // own: they were the backward's largest buffers (the GRU's [N, 4H] of the
-  // 4H per unit the workspace holds).
-  const bool in_ws = args.consume_workspace && !bf16 && !Cell::kSavedIsOutput &&
-                     args.workspace.scalar_type() == c10::CppTypeToScalarType<scalar_t>::value &&
+  // 4H per unit the workspace holds). A bfloat16 layer's workspace is
+  // bfloat16, as its dG is.
+  const bool in_ws = args.consume_workspace && !Cell::kSavedIsOutput &&
+                     args.workspace.scalar_type() == dg_dtype &&
                      dims.S >= Cell::kGates + (kDiffer ? 1 : 0);
-  at::Tensor dgx = bf16 || in_ws ? at::Tensor() : empty_large({N, DG}, opts);  // [N, D*G*H]
+  at::Tensor dgx = in_ws  ? at::Tensor()
+                   : bf16 ? dg16_rows(N, DG, opts)       // (rows padded: cpu/backward_bf16.h)
+                          : empty_large({N, DG}, opts);  // [N, D*G*H]
   at::Tensor dghn =
-      kDiffer && !bf16 && !in_ws ? empty_large({held, N, H}, opts) : at::Tensor();  // [held, N, H]
+      kDiffer && !in_ws ? empty_large({held, N, H}, opts_dg) : at::Tensor();  // [held, N, H]
   // Direction d's dG [N, G*H] and the GRU's dghn [N, H] (its k-th held
   // buffer), views with their row strides.
   auto dgx_of = [&](int64_t d) {
@@ -358,9 +366,8 @@ void backward_impl(BackwardArgs& args) {
   const bool step_f = bf16 && !split;
   at::Tensor dgf = step_f ? at::empty({dims.B, G}, opts) : at::Tensor();             // [B, G*H]
   at::Tensor dgn = step_f && kDiffer ? at::empty({dims.B, H}, opts) : at::Tensor();  // [B, H]
-  const auto opts16 = opts.dtype(at::kBFloat16);
-  at::Tensor dgb = step_f ? at::empty({dims.B, G}, opts16) : at::Tensor();        // [B, G*H]
-  at::Tensor dhp = proj && !split ? at::empty({dims.B, H}, opts) : at::Tensor();  // [B, H] dh'
+  at::Tensor dgb = step_f ? at::empty({dims.B, G}, opts16) : at::Tensor();           // [B, G*H]
+  at::Tensor dhp = proj && !split ? at::empty({dims.B, H}, opts) : at::Tensor();     // [B, H] dh'
   const OutputRows<scalar_t> go_rows(args.grad_output, std::max(H, P)), out_rows(args.output);
   const scalar_t* hx_p = args.hx.const_data_ptr<scalar_t>();
   scalar_t* dgh_p = need_dgh ? dgh.data_ptr<scalar_t>() : nullptr;
@@ -374,25 +381,26 @@ void backward_impl(BackwardArgs& args) {
       return t.defined() ? t[k].data_ptr<scalar_t>() : nullptr;
     };
     BackwardBuffers<scalar_t> b{};
-    if (!bf16) {
-      const at::Tensor gd = dgx_of(d);
+    const at::Tensor gd = dgx_of(d);
+    b.ldx = gd.stride(0);
+    if (bf16) {
+      b.dgx16 = gd.data_ptr<at::BFloat16>();
+      b.sums = sums16[d].data_ptr<double>();
+    } else {
       b.dgx = gd.data_ptr<scalar_t>();
-      b.ldx = gd.stride(0);
     }
-    if (kDiffer && !bf16) {
+    if (kDiffer) {
       const at::Tensor gn = dghn_of(d, k);
-      b.dghn = gn.data_ptr<scalar_t>();
       b.ldn = gn.stride(0);
+      if (bf16) {
+        b.dghn16 = gn.data_ptr<at::BFloat16>();
+      } else {
+        b.dghn = gn.data_ptr<scalar_t>();
+      }
     }
     b.hprev = at_k(hprev);
     b.dhs = at_k(dhs);
     b.hout = at_k(hout);
-    if (bf16) {
-      b.dgx16 = g16->dgx.data_ptr<at::BFloat16>();
-      b.ld16 = g16->ld;
-      b.dghn16 = kDiffer ? g16->dghn[k].data_ptr<at::BFloat16>() : nullptr;
-      b.sums = g16->sums[d].data_ptr<double>();
-    }
     return b;
   };
   // Direction d's hidden-side weight gradients from the k-th held buffers,
@@ -404,7 +412,8 @@ void backward_impl(BackwardArgs& args) {
       const at::Tensor hp16 = proj ? round_rows_bf16(hprev[k].data_ptr<scalar_t>(), N, P, P)
                                    : empty_large({N, P}, opts16);  // [N, P]
       if (!proj) gather_hprev<scalar_t>(args, d, hp16.data_ptr<at::BFloat16>(), 0, N);
-      hidden_weight_grads_bf16<Cell>(args, d, *g16, kDiffer ? g16->dghn[k] : at::Tensor(), hp16);
+      hidden_weight_grads_bf16<Cell>(args, d, sums16[d], dgx_of(d),
+                                     kDiffer ? dghn_of(d, k) : at::Tensor(), hp16);
       if (proj) {
         at::Tensor gw_hr = args.grad_w_hr[d];
         at::mm_out(gw_hr, dhs[k].t(), hout[k]);
@@ -535,8 +544,8 @@ void backward_impl(BackwardArgs& args) {
           backward_row(Cell{}, row, H);
           if (bf16) {  // the bias sums: below, per column
             keep_row_bf16<Cell::kGates, kDiffer>(
-                row.dgx, row.dghn, H, H, dgb_p + i * G, bufs.dgx16 + pos * bufs.ld16 + d * G,
-                kDiffer ? bufs.dghn16 + pos * H : nullptr, nullptr);
+                row.dgx, row.dghn, H, H, dgb_p + i * G, bufs.dgx16 + pos * bufs.ldx,
+                kDiffer ? bufs.dghn16 + pos * bufs.ldn : nullptr, nullptr);
           } else if (!kDiffer && !dgh_in_dgx) {
             std::copy_n(row.dgx, G, dgh_p + i * G);
           }
@@ -575,19 +584,21 @@ void backward_impl(BackwardArgs& args) {
   hprev.reset();
   dhs.reset();
   hout.reset();
-  if (bf16) {
-    input_grads_bf16(args, *g16);
-    return;
-  }
   // The input side's GEMMs, a direction at a time (its dG against its rows of
   // W_ih, dx summed over the directions): the same sums whether dG is in dgx
   // or in the workspace.
   if (args.want_weights) {
-    at::Tensor xp = projection_input(args);  // [N, I]
+    at::Tensor xp = projection_input(args);  // [N, I] (bfloat16 where bf16)
     for (int64_t d = 0; d < dims.D; ++d) weight_grad(args.grad_w_ih[d], dgx_of(d), xp);
     xp.reset();  // db_ih: hidden_weight_grads
   }
   if (!args.want_input) return;
+  if (bf16) {
+    at::Tensor dxp = input_grad_bf16(args, dgx_of);  // [N, I] bfloat16
+    dgx.reset();
+    set_grad_input(args, std::move(dxp));
+    return;
+  }
   at::Tensor dxp = empty_large({N, dims.I}, opts);  // [N, I]
   for (int64_t d = 0; d < dims.D; ++d) {
     const at::Tensor a = dgx_of(d);     // [N, G*H]

@@ -80,9 +80,9 @@ struct BackwardBuffers {
   scalar_t* hprev = nullptr;  // [N, P] one direction (projection), else null: gathered later
   scalar_t* dhs = nullptr;    // [N, P] dh_state (projection), else null
   scalar_t* hout = nullptr;   // [N, H] h' (projection), else null
-  // With args.bf16 (cpu/backward_bf16.h Bf16GateGrads), else null:
-  at::BFloat16* dgx16 = nullptr;   // [N, ld16] every direction's dG
-  int64_t ld16 = 0;                // dgx16's row stride
+  // With args.bf16 the same two in bfloat16 (row strides ldx and ldn), and
+  // the bias sums (cpu/backward_bf16.h), else null:
+  at::BFloat16* dgx16 = nullptr;   // [N, G*H] this direction's dG
   at::BFloat16* dghn16 = nullptr;  // [N, H] the GRU's dn*r
   double* sums = nullptr;          // [G*H + Hn] this direction's bias sums
 };
@@ -288,8 +288,8 @@ void SplitBackward<Cell, scalar_t>::run(const Team& team) {
         backward_units(Cell{}, row, Hs, H);
         if (bf16) {  // the product's operand dgb, and dG over positions
           keep_row_bf16<Cell::kGates, kDiffer>(
-              row.dgx, row.dghn, Hs, H, dgb + j * G + u0, buf.dgx16 + pos * buf.ld16 + d * G + u0,
-              kDiffer ? buf.dghn16 + pos * H + u0 : nullptr, sums + u0);
+              row.dgx, row.dghn, Hs, H, dgb + j * G + u0, buf.dgx16 + pos * buf.ldx + u0,
+              kDiffer ? buf.dghn16 + pos * buf.ldn + u0 : nullptr, sums + u0);
         } else if (!kDiffer && !dgh_in_dgx) {
           for (int64_t g = 0; g < Cell::kGates; ++g) {
             std::copy_n(row.dgx + g * H, Hs, dg + j * ld + g * H + u0);
