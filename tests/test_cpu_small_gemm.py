@@ -367,3 +367,41 @@ def test_few_step_float32_layer_matches_the_float64_reference(
         assert_float32_rounding(runs_[setting], want)
     # The two settings took different products (their roundings differ somewhere).
     assert any(not torch.equal(a, b) for a, b in zip(runs_["auto"], runs_["mkl"]) if a is not None)
+
+
+# A float32 inference call (no workspace) whose layer's recurrent weights pass 1 MiB a direction
+# takes the per-step loop, on the dot products, for longer (csrc/cpu/team.h few_steps): up to
+# twice the steps at 2 MiB. (cell, H, B, the first step count that takes the split loops):
+# GRU H=512 (3 MiB) and LSTM H=384 (2.25 MiB) twice the old limits, the RNN at H=512 (1 MiB) and
+# the GRU at H=256 (0.75 MiB) the old ones (160 / (B + 4), at least 6, at most 32).
+LONGER = [("GRU", 512, 1, 64), ("LSTM", 384, 8, 26), ("RNN", 512, 1, 32), ("GRU", 256, 1, 32)]
+
+
+@DOTS
+@pytest.mark.parametrize("cell,H,B,limit", LONGER, ids=[f"{c}-H{h}-B{b}" for c, h, b, _ in LONGER])
+def test_float32_inference_takes_the_per_step_loop_up_to_its_limit(
+    cell, H, B, limit, threads, monkeypatch
+):
+    """Below the limit a call's outputs are the bits of the per-step loop forced
+    (VARLEN_RNN_CPU_STEPS=gemm), at it those of the split loops forced; the two loops' bits
+    differ, so each equality names the loop that ran."""
+    import varlen_rnn
+
+    monkeypatch.delenv("VARLEN_RNN_CPU_GEMM", raising=False)
+    torch.manual_seed(0)
+    layer = getattr(varlen_rnn, cell)(16, H)
+    for T, loop, other in ((limit - 1, "gemm", "split"), (limit, "split", "gemm")):
+        x, lengths = torch.randn(T, B, 16), torch.full((B,), T)
+
+        def run(steps):
+            if steps is None:
+                monkeypatch.delenv("VARLEN_RNN_CPU_STEPS", raising=False)
+            else:
+                monkeypatch.setenv("VARLEN_RNN_CPU_STEPS", steps)
+            with torch.inference_mode():
+                out, state = layer(x, lengths=lengths)
+            return [out, *(state if isinstance(state, tuple) else (state,))]  # the LSTM's (h, c)
+
+        built, forced, elsewhere = run(None), run(loop), run(other)
+        assert all(torch.equal(a, b) for a, b in zip(built, forced)), (T, loop)
+        assert not torch.equal(built[0], elsewhere[0]), (T, other)

@@ -23,8 +23,9 @@
 #include <utility>
 #include <vector>
 
-#include "cpu/schedule.h"  // Schedule, RowRange, row_ranges
-#include "layer.h"         // LayerDims
+#include "cpu/schedule.h"    // Schedule, RowRange, row_ranges
+#include "cpu/small_gemm.h"  // f32_dots_for
+#include "layer.h"           // LayerDims
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -73,6 +74,12 @@ inline bool blas_available() {
 #endif
 }
 
+// The values a step reads from the recurrent weights of one direction:
+// W_hh ([G*H, P]) and, with a projection, W_hr ([P, H]).
+inline int64_t recurrent_weights(const LayerDims& dims) {
+  return dims.G * dims.H * dims.P + (dims.P != dims.H ? dims.P * dims.H : 0);
+}
+
 // Whether a call has too few steps for the split loops' set-up to pay: each
 // of their threads packs its panel of W_hh once per call (a transposing copy
 // of the weights, ~150-400 us at H=256 here), which the per-step GEMM loop
@@ -119,11 +126,34 @@ inline bool blas_available() {
 // f32_inference: a float32 forward that keeps no workspace (float32
 // products, no backward to follow), whose per-step loop wins longer (above):
 // under 32 steps at B = 1, 13 at B = 8 (160 / (B + 4)), 6 as before from
-// B = 19 (benchmarks/results/few-steps-inference_cpu_20261202-125300.md).
+// B = 19 (benchmarks/results/few-steps-inference_cpu_20261202-125300.md),
+// where a direction's recurrent weights (recurrent_weights) are at most 1 MiB
+// of float32. Past that, where the step's products are the dot products on
+// W_hh as stored (f32_dots_for: AVX-512 up to 256 rows, AVX2 up to 16;
+// elsewhere the BLAS's, not measured past these limits), the limits grow
+// with the weights up to twice at 2 MiB: GRU H=384 1.7x, LSTM H=384 and
+// H >= 512, GRU H >= 512 and RNN H >= 724 2x (under 64 steps at B = 1, 26
+// at B = 8, 16 at B = 16, 8 at B = 32). Measured on the AMD EPYC (Zen 4, 2
+// threads, min of 10 rounds of 5 calls, as built against the split loops
+// forced; benchmarks/results/few-steps-inference_cpu_20261204-*.md): where
+// the per-step loop now runs and the split loops ran before (from the old
+// limit to the new), GRU and LSTM at H=384, 512 and 1024, B = 1-32, 0.94-1.99x
+// (most 1.0-1.3x; 0.94-0.98x at B = 4 past T = 25 and at B = 8 past T = 19 at
+// H=1024), RNN H=1024 0.94-1.30x, and bidirectional at H=512 0.96-1.34x. The
+// RNN at H=384 and 512 (0.56 and 1 MiB) lost there in two runs of three
+// (0.83-0.98x), and so keeps the old limits, as do smaller layers: H=128
+// crossed over near them (GRU B=1 T=24-32, B=8 T=13-20), H=64 earlier (B=1
+// T=8-12), H=32 later (B=1 past T=12). The Xeon's B=1 at H=512 agrees (1.28x
+// at T=64, above); its B >= 2 past the old limits was not measured.
 inline bool few_steps(const LayerDims& dims, int64_t steps, bool bf16, bool f32_inference = false) {
   const int64_t limit = std::clamp<int64_t>(128 / (dims.B + 4), 6, 24);
   if (bf16 && dims.H >= 256) return steps < limit * 3 * std::min<int64_t>(dims.H, 512) / 512;
-  if (f32_inference) return steps < std::clamp<int64_t>(160 / (dims.B + 4), 6, 32);
+  if (f32_inference) {
+    // 1024..2048: the limits' scale in 1024ths, the weights' KiB of float32 (1-2 MiB)
+    const int64_t kib = recurrent_weights(dims) * 4 / 1024;
+    const int64_t s = kib > 1024 && f32_dots_for(dims.B) ? std::min<int64_t>(kib, 2048) : 1024;
+    return steps < std::clamp<int64_t>(160 * s / (1024 * (dims.B + 4)), 6, 32 * s / 1024);
+  }
   return steps < limit;
 }
 
@@ -174,12 +204,6 @@ inline bool use_split_loops(const LayerDims& dims, int64_t steps, bool bf16, boo
   const int threads = at::get_num_threads();
   if (few_steps(dims, steps, bf16_products, f32_inference)) return false;
   return bf16 || threads <= 2 || dims.H >= 256 || dims.B <= 32;
-}
-
-// The values a step reads from the recurrent weights of one direction:
-// W_hh ([G*H, P]) and, with a projection, W_hr ([P, H]).
-inline int64_t recurrent_weights(const LayerDims& dims) {
-  return dims.G * dims.H * dims.P + (dims.P != dims.H ? dims.P * dims.H : 0);
 }
 
 // A core's L2 in bytes as the OS reports it (sysconf on Linux), 1 MiB where
