@@ -135,11 +135,12 @@ inline int64_t recurrent_weights(const LayerDims& dims) {
 // H >= 512, GRU H >= 512 and RNN H >= 724 2x (under 64 steps at B = 1, 26
 // at B = 8, 16 at B = 16, 8 at B = 32). Measured on the AMD EPYC (Zen 4, 2
 // threads, min of 10 rounds of 5 calls, as built against the split loops
-// forced; benchmarks/results/few-steps-inference_cpu_20261204-*.md): where
-// the per-step loop now runs and the split loops ran before (from the old
-// limit to the new), GRU and LSTM at H=384, 512 and 1024, B = 1-32, 0.94-1.99x
-// (most 1.0-1.3x; 0.94-0.98x at B = 4 past T = 25 and at B = 8 past T = 19 at
-// H=1024), RNN H=1024 0.94-1.30x, and bidirectional at H=512 0.96-1.34x. The
+// forced; benchmarks/results/few-steps-inference_cpu_20261204-032600.md)
+// where the per-step loop now runs and the split loops ran before (from the
+// old limit to the new; GRU and LSTM at H=384, 512, 1024, the RNN at 768
+// and 1024, B = 1-32, and bidirectional at H=512): 0.94-1.99x, median 1.13x
+// over 169 points, 16 of them under 1.00x (B = 4 from T = 30, whose 4 rows
+// make a 3-row tile and a 1-row one; H=1024 B=8 T=25; single points). The
 // RNN at H=384 and 512 (0.56 and 1 MiB) lost there in two runs of three
 // (0.83-0.98x), and so keeps the old limits, as do smaller layers: H=128
 // crossed over near them (GRU B=1 T=24-32, B=8 T=13-20), H=64 earlier (B=1
