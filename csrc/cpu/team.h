@@ -145,7 +145,10 @@ inline int64_t recurrent_weights(const LayerDims& dims) {
 // (0.83-0.98x), and so keeps the old limits, as do smaller layers: H=128
 // crossed over near them (GRU B=1 T=24-32, B=8 T=13-20), H=64 earlier (B=1
 // T=8-12), H=32 later (B=1 past T=12). The Xeon's B=1 at H=512 agrees (1.28x
-// at T=64, above); its B >= 2 past the old limits was not measured.
+// at T=64, above); its B >= 2 past the old limits was not measured. A
+// float32 training step past its limits at H=384-1024 (the same file) was
+// mixed, 0.73-1.23x (losing at small B, winning at B = 16-32), so training
+// keeps them.
 inline bool few_steps(const LayerDims& dims, int64_t steps, bool bf16, bool f32_inference = false) {
   const int64_t limit = std::clamp<int64_t>(128 / (dims.B + 4), 6, 24);
   if (bf16 && dims.H >= 256) return steps < limit * 3 * std::min<int64_t>(dims.H, 512) / 512;
