@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -122,7 +123,13 @@ inline int64_t recurrent_weights(const LayerDims& dims) {
 // (0.97-0.98x); a training step (forward and backward) within 0.78-1.11x
 // at H=256 and 0.98-1.86x at H=512 over the same calls. So the float32
 // limit times 1.5 at H=256 and 3 at H=512 (not measured past H=512 or
-// below H=256, where the float32 rule stays).
+// below H=256, where the float32 rule stays). The RNN's weights are a third
+// of the GRU's at the same H, and its calls lost there (as built against the
+// split loops forced, the same machine, 2026-12-04, ad hoc: H=256 0.74-1.23x
+// in inference, most under 0.95x, 0.89-1.04x in training; H=512 at the old
+// 3x 0.96-1.57x and 0.89-1.27x, losing past 2x), so H counts no further than
+// a GRU's with as many recurrent weights (sqrt(recurrent_weights / 3)): the
+// RNN at H=256 keeps the float32 rule, at H=512 takes 1.73x.
 // f32_inference: a float32 forward that keeps no workspace (float32
 // products, no backward to follow), whose per-step loop wins longer (above):
 // under 32 steps at B = 1, 13 at B = 8 (160 / (B + 4)), 6 as before from
@@ -151,7 +158,12 @@ inline int64_t recurrent_weights(const LayerDims& dims) {
 // keeps them.
 inline bool few_steps(const LayerDims& dims, int64_t steps, bool bf16, bool f32_inference = false) {
   const int64_t limit = std::clamp<int64_t>(128 / (dims.B + 4), 6, 24);
-  if (bf16 && dims.H >= 256) return steps < limit * 3 * std::min<int64_t>(dims.H, 512) / 512;
+  if (bf16) {
+    // H, or a GRU's with as many recurrent weights where that is smaller (the RNN's)
+    const int64_t h =
+        std::min<int64_t>(dims.H, std::llround(std::sqrt(recurrent_weights(dims) / 3.0)));
+    if (h >= 256) return steps < limit * 3 * std::min<int64_t>(h, 512) / 512;
+  }
   if (f32_inference) {
     // 1024..2048: the limits' scale in 1024ths, the weights' KiB of float32 (1-2 MiB)
     const int64_t kib = recurrent_weights(dims) * 4 / 1024;
