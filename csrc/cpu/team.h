@@ -125,11 +125,14 @@ inline int64_t recurrent_weights(const LayerDims& dims) {
 // limit times 1.5 at H=256 and 3 at H=512 (not measured past H=512 or
 // below H=256, where the float32 rule stays). The RNN's weights are a third
 // of the GRU's at the same H, and its calls lost there (as built against the
-// split loops forced, the same machine, 2026-12-04, ad hoc: H=256 0.74-1.23x
-// in inference, most under 0.95x, 0.89-1.04x in training; H=512 at the old
-// 3x 0.96-1.57x and 0.89-1.27x, losing past 2x), so H counts no further than
-// a GRU's with as many recurrent weights (sqrt(recurrent_weights / 3)): the
-// RNN at H=256 keeps the float32 rule, at H=512 takes 1.73x.
+// split loops forced, the same machine, 2026-12-04: H=256 0.74-1.23x in
+// inference, 8 of 15 points under 0.95x, 0.89-1.04x in training; H=512
+// 0.96-1.57x and 0.89-1.27x, its last points, just under 3x, 0.89-1.06x but
+// one; benchmarks/results/few-steps-inference_cpu_20261204-032600.md), so H
+// counts no further than a GRU's with as many recurrent weights
+// (sqrt(recurrent_weights / 3)): the RNN at H=256 keeps the float32 rule,
+// at H=512 takes 1.73x (then 1.07-1.37x in inference, 0.80-1.15x in
+// training, the same file).
 // f32_inference: a float32 forward that keeps no workspace (float32
 // products, no backward to follow), whose per-step loop wins longer (above):
 // under 32 steps at B = 1, 13 at B = 8 (160 / (B + 4)), 6 as before from
