@@ -132,7 +132,8 @@ inline int64_t recurrent_weights(const LayerDims& dims) {
 // counts no further than a GRU's with as many recurrent weights
 // (sqrt(recurrent_weights / 3)): the RNN at H=256 keeps the float32 rule,
 // at H=512 takes 1.73x (then 1.07-1.37x in inference, 0.80-1.15x in
-// training, the same file).
+// training, the same file); an LSTM with a projection under 0.6 H counts
+// less than H too (not measured).
 // f32_inference: a float32 forward that keeps no workspace (float32
 // products, no backward to follow), whose per-step loop wins longer (above):
 // under 32 steps at B = 1, 13 at B = 8 (160 / (B + 4)), 6 as before from
