@@ -12,6 +12,7 @@ import torch
 from cell_ops_testing import make_batch, make_layer, op_forward, ref_forward
 from test_cpu_split_steps import gru_forward, gru_layer
 
+import varlen_rnn
 from varlen_rnn import reference
 
 ops = torch.ops.varlen_rnn
@@ -385,8 +386,6 @@ def test_float32_inference_takes_the_per_step_loop_up_to_its_limit(
     """Below the limit a call's outputs are the bits of the per-step loop forced
     (VARLEN_RNN_CPU_STEPS=gemm), at it those of the split loops forced; the two loops' bits
     differ, so each equality names the loop that ran."""
-    import varlen_rnn
-
     monkeypatch.delenv("VARLEN_RNN_CPU_GEMM", raising=False)
     torch.manual_seed(0)
     layer = getattr(varlen_rnn, cell)(16, H)
