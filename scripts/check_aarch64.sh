@@ -85,16 +85,20 @@ PLATFORMS=()
 for t in manylinux_2_17 manylinux_2_24 manylinux_2_26 manylinux_2_27 manylinux_2_28 manylinux2014; do
   PLATFORMS+=(--platform "${t}_aarch64")
 done
-if [ ! -f "$SITE/.installed" ] || [ "$(cat "$SITE/.installed")" != "$TORCH_SPEC" ]; then
+# torch's own dependencies but NVIDIA's, and the tests' (setuptools and ninja: torch.compile's
+# C++ and the helper extensions some tests compile).
+DEPS='filelock typing-extensions>=4.10.0 sympy networkx jinja2 fsspec setuptools ninja numpy pytest
+  pytest-xdist hypothesis expecttest'
+if [ ! -f "$SITE/.installed" ] || [ "$(cat "$SITE/.installed")" != "$TORCH_SPEC $DEPS" ]; then
   say "installing $TORCH_SPEC for aarch64 and the test dependencies into $SITE"
   rm -rf "$SITE"
   pip_arm=("$HOST_PY" -m pip install -q --disable-pip-version-check --target "$SITE"
     "${PLATFORMS[@]}" --only-binary=:all: --python-version 3.11 --implementation cp)
   # torch without its CUDA dependencies (NVIDIA's wheels): the stubs stand in for them.
   "${pip_arm[@]}" --no-deps "$TORCH_SPEC"
-  "${pip_arm[@]}" --upgrade filelock "typing-extensions>=4.10.0" sympy networkx jinja2 fsspec \
-    numpy pytest pytest-xdist hypothesis expecttest
-  echo "$TORCH_SPEC" >"$SITE/.installed"
+  # shellcheck disable=SC2086
+  "${pip_arm[@]}" --upgrade $DEPS
+  echo "$TORCH_SPEC $DEPS" >"$SITE/.installed"
 fi
 if [ ! -d "$STUBS" ]; then
   say "writing the CUDA libraries' stand-ins into $STUBS"
@@ -158,6 +162,9 @@ DESELECT=(
 )
 say "pytest under QEMU (aarch64): ${*:-$ARM_TESTS}"
 cd "$SRC"
-# shellcheck disable=SC2086
-"${PY[@]}" -m pytest -p no:cacheprovider -q -rfE "${WORKERS[@]}" "${DESELECT[@]}" ${*:-$ARM_TESTS}
+if [ $# -eq 0 ]; then
+  # shellcheck disable=SC2086
+  set -- $ARM_TESTS
+fi
+"${PY[@]}" -m pytest -p no:cacheprovider -q -rfE "${WORKERS[@]}" "${DESELECT[@]}" "$@"
 say "done"
