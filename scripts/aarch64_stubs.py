@@ -2,7 +2,7 @@
 wheel imports on a machine without them (scripts/check_aarch64.sh: our CPU build under QEMU).
 
     python scripts/aarch64_stubs.py TORCH_DIR OUT_DIR [--readelf aarch64-linux-gnu-readelf]
-        [--cc aarch64-linux-gnu-gcc] [--sysroot DIR]
+        [--cc aarch64-linux-gnu-gcc] [--sysroot DIR ...] [--python TARGET_PYTHON]
 
 PyPI's torch for aarch64 is a CUDA build: its libraries need libcudart.so.13, libcudnn.so.9,
 libnccl.so.2 and the rest, which come from NVIDIA's wheels (about 3 GB). Nothing on a CPU-only

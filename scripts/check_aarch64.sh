@@ -16,7 +16,7 @@
 #   stubs/  empty stand-ins for the CUDA libraries that torch's aarch64 wheel (a CUDA build)
 #           links against, instead of NVIDIA's 3 GB of wheels (scripts/aarch64_stubs.py)
 #   src/    a copy of the tracked files with the aarch64 extension built in varlen_rnn/
-# Tests that cannot run in this harness are deselected, each with its reason (ARM_DESELECT).
+# Tests that cannot run in this harness are deselected, each with its reason (DESELECT below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -44,12 +44,16 @@ if [ ! -x "$ROOT/usr/bin/python3.11" ]; then
     apt-get update -q >/dev/null
   fi
   debs=$(mktemp -d)
-  pkgs="libc6 libgcc-s1 libstdc++6 libgomp1 zlib1g libexpat1 libffi8 libssl3 libbz2-1.0 liblzma5
-    libsqlite3-0 libncursesw6 libtinfo6 libreadline8 libuuid1 libcrypt1 libnsl2 libtirpc3
-    libgssapi-krb5-2 libkrb5-3 libk5crypto3 libkrb5support0 libcom-err2 libkeyutils1 libdb5.3
-    libgdbm6 python3.11-minimal libpython3.11-minimal libpython3.11-stdlib libpython3.11-dev"
-  (cd "$debs" && apt-get download -q $(for p in $pkgs; do echo "$p:arm64"; done) >/dev/null 2>&1) ||
-    { apt-get update -q >/dev/null && (cd "$debs" && apt-get download -q $(for p in $pkgs; do echo "$p:arm64"; done) >/dev/null); }
+  pkgs=()
+  for p in libc6 libgcc-s1 libstdc++6 libgomp1 zlib1g libexpat1 libffi8 libssl3 libbz2-1.0 \
+    liblzma5 libsqlite3-0 libncursesw6 libtinfo6 libreadline8 libuuid1 libcrypt1 libnsl2 \
+    libtirpc3 libgssapi-krb5-2 libkrb5-3 libk5crypto3 libkrb5support0 libcom-err2 libkeyutils1 \
+    libdb5.3 libgdbm6 python3.11-minimal libpython3.11-minimal libpython3.11-stdlib \
+    libpython3.11-dev; do
+    pkgs+=("$p:arm64")
+  done
+  download() { (cd "$debs" && apt-get download -q "${pkgs[@]}" >/dev/null 2>&1); }
+  download || { apt-get update -q >/dev/null && download; }
   for d in "$debs"/*.deb; do dpkg -x "$d" "$ROOT"; done
   rm -rf "$debs"
   # QEMU opens an absolute path under its -L prefix first, where one exists there. torch's CPU
