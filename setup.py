@@ -6,6 +6,8 @@ Environment variables:
   CUDA_HOME             the CUDA toolkit; found from nvcc when unset
   TORCH_CUDA_ARCH_LIST  defaults to "8.0;9.0" when no GPU is visible
   MAX_JOBS              parallel compile jobs (ninja)
+  CC, CXX               the compiler, as for any extension: GCC, or clang (CC=clang
+                        CXX=clang++; scripts/check_clang.sh builds and tests that build)
   VARLEN_RNN_FAST_MATH=1  nvcc --use_fast_math (off by default: parity with nn.GRU first)
   DEBUG=1               a build for a debugger: C++ -O0 -g, nvcc -O0 -g -lineinfo
                         (the default is -O3 without debug information, -g0 overriding
@@ -14,7 +16,9 @@ Environment variables:
 
 import glob
 import os
+import shlex
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -91,6 +95,24 @@ def _extra_cuda_includes():
     return found
 
 
+def _cxx_version():
+    """The first line of `--version` of the C++ compiler the build runs (CXX, else c++, as
+    cpp_extension picks), or "" where it does not answer."""
+    try:
+        cxx = shlex.split(os.environ.get("CXX", "c++"))
+        version = subprocess.run([*cxx, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return ""
+    return (version.stdout.splitlines() or [""])[0].strip()
+
+
+CXX_VERSION = _cxx_version()
+
+
+def _cxx_is_clang():
+    return "clang" in CXX_VERSION.lower()
+
+
 def extensions():
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     debug = os.environ.get("DEBUG", "0") == "1"
@@ -99,8 +121,17 @@ def extensions():
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     # -fno-trapping-math changes no result; it lets GCC vectorize the gate loops.
     cxx = opt + ["-fno-trapping-math"]
-    if sys.platform.startswith("linux"):
+    # GCC's OpenMP is libgomp, the runtime torch's Linux wheels load. Clang's -fopenmp would
+    # bring LLVM's runtime beside it: a clang build has no -fopenmp, and its thread teams
+    # call that loaded runtime's entry points themselves (csrc/cpu/team.h).
+    clang = _cxx_is_clang()
+    if sys.platform.startswith("linux") and not clang:
         cxx.append("-fopenmp")
+    if clang:
+        # Clang splits 512-bit vectors in two by default (GCC does not): its AVX-512 micro-kernel
+        # ran on ymm halves. The float64 gate loops call libm: scalar, though told they may
+        # vectorize (cpu/rows.cpp).
+        cxx += ["-mprefer-vector-width=512", "-Wno-pass-failed"]
     kwargs = dict(
         name="varlen_rnn._C",
         include_dirs=[os.path.join(HERE, "csrc")],
@@ -127,25 +158,39 @@ def _build_info():
         f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
         f.write(f"WITH_CUDA = {WITH_CUDA!r}\n")
         f.write(f"CUDA_LEFT_OUT = {CUDA_LEFT_OUT!r}  # why the CUDA kernels were not built\n")
+        f.write(f"CXX = {CXX_VERSION!r}  # the C++ compiler\n")
 
 
 class _BuildExt(BuildExtension):
     """torch's BuildExtension, compiling the CUDA sources first. setuptools sorts the sources
     and ninja starts them in that order, so ops_cuda.cu, the longest compile (143 s of a 2-core
     build's 270 s for sm_80 alone), came after csrc/cpu/ and ran alone at the end while the other
-    core idled. First, the C++ files fill the other core beside it."""
+    core idled. First, the C++ files fill the other core beside it.
+
+    On Linux it links with --as-needed (Debian's GCC does by default, clang and other
+    distributions' GCC do not): only the libraries the extension uses become its dependencies,
+    so a C++ program that loads it without Python (an AOTInductor package's runner) needs no
+    libtorch_python.so."""
 
     def build_extension(self, ext):
         compile_ = self.compiler.compile
+        link_ = self.compiler.link_shared_object
 
         def cuda_first(sources, *args, **kwargs):  # a stable sort: the rest stay in order
             return compile_(sorted(sources, key=lambda s: not s.endswith(".cu")), *args, **kwargs)
 
+        def as_needed(*args, **kwargs):  # before the libraries, which come before extra_postargs
+            kwargs["extra_preargs"] = ["-Wl,--as-needed", *(kwargs.get("extra_preargs") or [])]
+            return link_(*args, **kwargs)
+
         self.compiler.compile = cuda_first
+        if sys.platform.startswith("linux"):
+            self.compiler.link_shared_object = as_needed
         try:
             super().build_extension(ext)
         finally:
             self.compiler.compile = compile_
+            self.compiler.link_shared_object = link_
 
 
 _build_info()

@@ -28,6 +28,7 @@ def machine_info(device: str, threads: int) -> dict:
         # Which varlen_rnn ran: the checkout's in-place build (then git_commit is its code) or
         # an installed copy (built from whatever was installed).
         "varlen_rnn": _package_origin(),
+        "compiler": _compiler(),
     }
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device))
@@ -50,6 +51,16 @@ def _package_origin() -> str:
     pkg = os.path.dirname(os.path.abspath(varlen_rnn.__file__))
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return "checkout" if os.path.dirname(pkg) == repo else f"installed copy {pkg}"
+
+
+def _compiler() -> str | None:
+    """The C++ compiler of the varlen_rnn that ran, as its build recorded it (builds before
+    the record: None)."""
+    try:
+        from varlen_rnn import _build_info
+    except ImportError:
+        return None
+    return getattr(_build_info, "CXX", None) or None
 
 
 def _driver() -> str | None:
@@ -121,7 +132,8 @@ def machine_line(info: dict) -> str:
         where = f"{info['cpu']}, {info['threads']} threads"
     commit = f"; commit {info['git_commit']}" if info.get("git_commit") else ""
     origin = f"; varlen_rnn from the {info['varlen_rnn']}" if info.get("varlen_rnn") else ""
-    return f"{where}; torch {info['torch']}; {info['date']}{commit}{origin}"
+    compiler = f" (built by {info['compiler']})" if info.get("compiler") else ""
+    return f"{where}; torch {info['torch']}; {info['date']}{commit}{origin}{compiler}"
 
 
 def _ms(s):

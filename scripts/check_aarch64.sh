@@ -32,8 +32,10 @@ say() { echo "== [$(($(date +%s) - start)) s] $*"; }
 # ---------------------------------------------------------------- the emulator and the compiler
 if ! command -v qemu-aarch64 >/dev/null || ! command -v aarch64-linux-gnu-g++-12 >/dev/null; then
   say "installing qemu-user and the aarch64 cross compiler"
-  apt-get install -y -q qemu-user g++-12-aarch64-linux-gnu >/dev/null ||
-    { apt-get update -q >/dev/null && apt-get install -y -q qemu-user g++-12-aarch64-linux-gnu >/dev/null; }
+  # Waiting for apt's lock: CI runs check_clang.sh beside this, which may be installing too.
+  apt=(apt-get -o DPkg::Lock::Timeout=600)
+  "${apt[@]}" install -y -q qemu-user g++-12-aarch64-linux-gnu >/dev/null ||
+    { "${apt[@]}" update -q >/dev/null && "${apt[@]}" install -y -q qemu-user g++-12-aarch64-linux-gnu >/dev/null; }
 fi
 
 # ---------------------------------------------------------------- an aarch64 Python 3.11
@@ -41,7 +43,7 @@ if [ ! -x "$ROOT/usr/bin/python3.11" ]; then
   say "unpacking Debian's arm64 Python 3.11 into $ROOT"
   if ! dpkg --print-foreign-architectures | grep -qx arm64; then
     dpkg --add-architecture arm64
-    apt-get update -q >/dev/null
+    apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null
   fi
   debs=$(mktemp -d)
   pkgs=()
@@ -53,7 +55,7 @@ if [ ! -x "$ROOT/usr/bin/python3.11" ]; then
     pkgs+=("$p:arm64")
   done
   download() { (cd "$debs" && apt-get download -q "${pkgs[@]}" >/dev/null 2>&1); }
-  download || { apt-get update -q >/dev/null && download; }
+  download || { apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null && download; }
   for d in "$debs"/*.deb; do dpkg -x "$d" "$ROOT"; done
   rm -rf "$debs"
   # QEMU opens an absolute path under its -L prefix first, where one exists there. torch's CPU

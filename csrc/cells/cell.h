@@ -45,6 +45,10 @@
 
 #if defined(__CUDACC__)
 #define VR_HOST_DEVICE __host__ __device__ __forceinline__
+#elif defined(__clang__)
+// clang's inliner left the LSTM's forward (five exp) a call, which kept the
+// CPU's gate loop (cpu/rows.cpp) scalar; GCC's flatten inlines it there.
+#define VR_HOST_DEVICE inline __attribute__((always_inline))
 #else
 #define VR_HOST_DEVICE inline
 #endif
@@ -52,7 +56,9 @@
 // Full unrolling of the short loops over a cell's gates or saved values.
 #if defined(__CUDACC__)
 #define VR_UNROLL _Pragma("unroll")
-#elif defined(__GNUC__) && !defined(__clang__)
+#elif defined(__clang__)
+#define VR_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
 #define VR_UNROLL _Pragma("GCC unroll 8")
 #else
 #define VR_UNROLL

@@ -54,19 +54,30 @@ template <>
 struct DotTraits<at::BFloat16> {
   static constexpr int64_t kStep = 32, kPair = 2;
   using Mask = __mmask32;
-  using Vec = __m512bh;
+  // Integer vectors, the bfloat16 type only at vdpbf16ps: clang (16) cannot
+  // hold a bfloat16 vector in an asm register operand (dot_rows8_tile's).
+  using Vec = __m512i;
   VR_DOT_TARGET static Vec load(Mask m, const at::BFloat16* p) {
-    return reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(m, p));
+    return _mm512_maskz_loadu_epi16(m, p);
   }
   VR_DOT_TARGET static Vec lanes(__mmask16 m, const at::BFloat16* p) {
-    return reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi32(m, p));
+    return _mm512_maskz_loadu_epi32(m, p);
   }
   VR_DOT_TARGET static Vec bcast(const at::BFloat16* p) {
     int32_t pair;
     std::memcpy(&pair, p, sizeof pair);
-    return reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+    __m512i v = _mm512_set1_epi32(pair);
+#if defined(__clang__)
+    // Hidden from clang's optimizer, whose vector combining (clang 16) recursed
+    // until its stack overflowed on this broadcast feeding vdpbf16ps. GCC folds
+    // it into the multiply-add as a {1to16} memory operand.
+    asm("" : "+v"(v));
+#endif
+    return v;
   }
-  VR_DOT_TARGET static __m512 madd(__m512 acc, Vec a, Vec w) { return _mm512_dpbf16_ps(acc, a, w); }
+  VR_DOT_TARGET static __m512 madd(__m512 acc, Vec a, Vec w) {
+    return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(w));
+  }
 };
 
 template <>
@@ -344,10 +355,10 @@ template <typename T, typename Out, int... Rm1>
 VR_DOT_TARGET inline __attribute__((always_inline)) void row_tile_of(
     std::integer_sequence<int, Rm1...>, int64_t rows, int64_t steps, const T* a, AStrides as,
     const T* b, int64_t ldb, Out* c, int64_t ldc, int64_t cols, bool load_c) {
-  ((rows == Rm1 + 1
-        ? (row_tile_cols<T, Out, Rm1 + 1>(steps, a, as, b, ldb, c, ldc, cols, load_c), true)
-        : false) ||
-   ...);
+  (void)((rows == Rm1 + 1
+              ? (row_tile_cols<T, Out, Rm1 + 1>(steps, a, as, b, ldb, c, ldc, cols, load_c), true)
+              : false) ||
+         ...);
 }
 
 // Rows of a register tile at most (row_tiles, row_tiles_avx2).

@@ -9,9 +9,20 @@
 namespace varlen_rnn {
 namespace {
 
-// The rows of one call never overlap: ivdep tells GCC so, and it vectorizes
-// without run-time alias checks (the loops have too many pointers for those).
-#if defined(__GNUC__) && !defined(__clang__)
+// Each clone of the float rows gets its own copy of the loops below, built
+// for its ISA: GCC's flatten (VR_CPU_CLONES) inlines them, clang's always_inline.
+#if defined(__clang__)
+#define VR_ROW_INLINE __attribute__((always_inline)) inline
+#else
+#define VR_ROW_INLINE inline
+#endif
+
+// The rows of one call never overlap: ivdep tells GCC so (assume_safety
+// clang), and it vectorizes without run-time alias checks (the loops have too
+// many pointers for those).
+#if defined(__clang__)
+#define VR_IVDEP _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
 #define VR_IVDEP _Pragma("GCC ivdep")
 #else
 #define VR_IVDEP
@@ -23,8 +34,8 @@ namespace {
 // W: the workspace's type (T, or bfloat16: c10's rounding to nearest even,
 // which GCC vectorizes as integer operations).
 template <typename T, typename Cell, typename Math, bool kSave, typename W = T>
-inline void forward_loop(const ForwardRow<T>& row, W* ws, int64_t units, int64_t H, int64_t gh_ld,
-                         int64_t gx_ld) {
+VR_ROW_INLINE void forward_loop(const ForwardRow<T>& row, W* ws, int64_t units, int64_t H,
+                                int64_t gh_ld, int64_t gx_ld) {
   constexpr int G = Cell::kGates, S = Cell::kSaved;
   VR_IVDEP
   for (int64_t j = 0; j < units; ++j) {
@@ -50,8 +61,8 @@ inline void forward_loop(const ForwardRow<T>& row, W* ws, int64_t units, int64_t
 }
 
 template <typename T, typename Cell, typename Math>
-inline void forward_any(const ForwardRow<T>& row, int64_t units, int64_t H, int64_t gh_ld,
-                        int64_t gx_ld) {
+VR_ROW_INLINE void forward_any(const ForwardRow<T>& row, int64_t units, int64_t H, int64_t gh_ld,
+                               int64_t gx_ld) {
   if constexpr (std::is_same_v<T, float>) {
     if (row.ws16 != nullptr) {
       forward_loop<T, Cell, Math, true>(row, row.ws16, units, H, gh_ld, gx_ld);
@@ -71,7 +82,7 @@ inline void forward_any(const ForwardRow<T>& row, int64_t units, int64_t H, int6
 // that unit's columns, so a slice of units (cpu/split_backward.h) gets exactly
 // the whole row's values for them.
 template <typename T, typename Cell, typename Math, bool kProj, typename W = T>
-inline void backward_loop(const BackwardRow<T>& row, const W* ws, int64_t units, int64_t H) {
+VR_ROW_INLINE void backward_loop(const BackwardRow<T>& row, const W* ws, int64_t units, int64_t H) {
   constexpr int G = Cell::kGates, S = Cell::kSaved;
   VR_IVDEP
   for (int64_t j = 0; j < units; ++j) {
@@ -98,7 +109,7 @@ inline void backward_loop(const BackwardRow<T>& row, const W* ws, int64_t units,
 }
 
 template <typename T, typename Cell, typename Math, typename W>
-inline void backward_ws(const BackwardRow<T>& row, const W* ws, int64_t units, int64_t H) {
+VR_ROW_INLINE void backward_ws(const BackwardRow<T>& row, const W* ws, int64_t units, int64_t H) {
   if constexpr (Cell::kHasC) {  // only the LSTM has a projection
     if (row.hout != nullptr) {
       backward_loop<T, Cell, Math, true>(row, ws, units, H);
@@ -109,7 +120,7 @@ inline void backward_ws(const BackwardRow<T>& row, const W* ws, int64_t units, i
 }
 
 template <typename T, typename Cell, typename Math>
-inline void backward_any(const BackwardRow<T>& row, int64_t units, int64_t H) {
+VR_ROW_INLINE void backward_any(const BackwardRow<T>& row, int64_t units, int64_t H) {
   if constexpr (std::is_same_v<T, float>) {
     if (row.ws16 != nullptr) {
       backward_ws<T, Cell, Math>(row, row.ws16, units, H);
@@ -121,13 +132,16 @@ inline void backward_any(const BackwardRow<T>& row, int64_t units, int64_t H) {
 
 }  // namespace
 
-// float rows are compiled for several ISAs and picked at load time (GCC
-// target_clones), so one wheel runs everywhere and uses AVX-512/AVX2 where
-// present. flatten inlines the loop and the cell math into each clone. The
-// overloads are plain functions (not templates), which target_clones needs.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define VR_CPU_CLONES \
-  __attribute__((flatten, target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+// float rows are compiled for several ISAs and picked at load time
+// (target_clones, VR_CLONE_ISAS in rows.h), so one wheel runs everywhere and
+// uses AVX-512/AVX2 where present. flatten inlines the loop and the cell math
+// into each clone; clang refuses flatten beside target_clones, and there the
+// loops are always_inline (VR_ROW_INLINE). The overloads are plain functions
+// (not templates), which target_clones needs.
+#if defined(__clang__) && defined(__x86_64__)
+#define VR_CPU_CLONES VR_ROWS_CLONES
+#elif defined(__GNUC__) && defined(__x86_64__)
+#define VR_CPU_CLONES __attribute__((flatten, VR_CLONE_ISAS))
 #else
 #define VR_CPU_CLONES
 #endif

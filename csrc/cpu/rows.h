@@ -77,21 +77,36 @@ struct Workspace {
   }
 };
 
+// The float overloads are compiled for each ISA of VR_CLONE_ISAS and picked
+// at load time (rows.cpp). Clang wants target_clones on every declaration of
+// such a function (without it here it quietly built one baseline version),
+// GCC on the definition. Clang's (16) resolver takes "arch=x86-64-v4" for a
+// CPU model and picked the baseline clone on an AVX-512 CPU: there the clones
+// are by feature (its avx512f implies FMA, its avx2 does not).
+#if defined(__clang__) && defined(__x86_64__)
+#define VR_CLONE_ISAS target_clones("avx512f", "avx2", "default")
+#define VR_ROWS_CLONES __attribute__((VR_CLONE_ISAS))
+#else
+#define VR_CLONE_ISAS target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")
+#define VR_ROWS_CLONES
+#endif
+
 // forward_units: the same over `units` units from the row's pointers (a slice
 // of the row: gx, bx, bh, ws, h, out, c already offset to its first unit), gate
 // stride H everywhere but gh's, which is gh_ld, and gx's, which is gx_ld. backward_units: likewise
 // (every pointer offset to the slice's first unit, gate stride H); the gradients of those units are
 // exactly backward_row's.
 #define VR_DECLARE_ROWS(Cell)                                                                      \
-  void forward_row(Cell, const ForwardRow<float>& row, int64_t H);                                 \
+  VR_ROWS_CLONES void forward_row(Cell, const ForwardRow<float>& row, int64_t H);                  \
   void forward_row(Cell, const ForwardRow<double>& row, int64_t H);                                \
-  void forward_units(Cell, const ForwardRow<float>& row, int64_t units, int64_t H, int64_t gh_ld,  \
-                     int64_t gx_ld);                                                               \
+  VR_ROWS_CLONES void forward_units(Cell, const ForwardRow<float>& row, int64_t units, int64_t H,  \
+                                    int64_t gh_ld, int64_t gx_ld);                                 \
   void forward_units(Cell, const ForwardRow<double>& row, int64_t units, int64_t H, int64_t gh_ld, \
                      int64_t gx_ld);                                                               \
-  void backward_row(Cell, const BackwardRow<float>& row, int64_t H);                               \
+  VR_ROWS_CLONES void backward_row(Cell, const BackwardRow<float>& row, int64_t H);                \
   void backward_row(Cell, const BackwardRow<double>& row, int64_t H);                              \
-  void backward_units(Cell, const BackwardRow<float>& row, int64_t units, int64_t H);              \
+  VR_ROWS_CLONES void backward_units(Cell, const BackwardRow<float>& row, int64_t units,           \
+                                     int64_t H);                                                   \
   void backward_units(Cell, const BackwardRow<double>& row, int64_t units, int64_t H);
 
 VR_DECLARE_ROWS(GruCell)

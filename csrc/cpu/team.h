@@ -30,6 +30,20 @@
 
 #if defined(_OPENMP)
 #include <omp.h>
+#elif defined(__linux__) && defined(__GNUC__)
+// Built without OpenMP (clang: its -fopenmp would bring LLVM's runtime, a
+// second one beside torch's, whose idle threads spin while torch's work): the
+// teams' parallel region goes through the GNU entry points of the OpenMP
+// runtime torch has loaded, as GCC's -fopenmp build does (libgomp in torch's
+// Linux wheels; LLVM's and Intel's runtimes export them too). Weak: without
+// such a runtime the teams run on one thread.
+extern "C" {
+void GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags)
+    __attribute__((weak));
+int omp_get_thread_num() __attribute__((weak));
+int omp_get_num_threads() __attribute__((weak));
+}
+#define VR_GOMP_ENTRY 1
 #endif
 #if __has_include(<unistd.h>)
 #include <unistd.h>  // sysconf: the L2's size
@@ -67,12 +81,20 @@ inline void gemm_rm(int64_t m, int64_t n, int64_t k, const double* a, int64_t ld
   dgemm_(b_t ? "T" : "N", "N", &M, &N, &K, &one, b, &la, a, &lb, &beta, c, &lc);
 }
 
-inline bool blas_available() {
+// Whether run_teams has threads: OpenMP, or the entry points above.
+inline bool parallel_region_available() {
 #if defined(_OPENMP)
-  return sgemm_ != nullptr && dgemm_ != nullptr;
+  return true;
+#elif defined(VR_GOMP_ENTRY)
+  return GOMP_parallel != nullptr && omp_get_thread_num != nullptr &&
+         omp_get_num_threads != nullptr;
 #else
   return false;
 #endif
+}
+
+inline bool blas_available() {
+  return parallel_region_available() && sgemm_ != nullptr && dgemm_ != nullptr;
 }
 
 // The values a step reads from the recurrent weights of one direction:
@@ -439,13 +461,8 @@ void run_teams(const std::vector<int64_t>& sizes, const Body& body) {
       if (!error) error = std::current_exception();
     }
   };
-#pragma omp parallel num_threads(total)
-  {
-#if defined(_OPENMP)
-    const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
-#else
-    const int64_t tid = 0, nth = 1;
-#endif
+  // Thread tid of the nth the region was granted.
+  auto region = [&](int64_t tid, int64_t nth) {
     if (nth < teams) {  // one thread runs every team in turn
       for (int64_t g = 0; g < teams && tid == 0; ++g) run_one(tid, g, Team{0, 1, &barriers[g]});
     } else {
@@ -462,7 +479,25 @@ void run_teams(const std::vector<int64_t>& sizes, const Body& body) {
       while (first(g + 1) <= tid) ++g;
       run_one(tid, g, Team{tid - first(g), first(g + 1) - first(g), &barriers[g]});
     }
+  };
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(total)
+  region(omp_get_thread_num(), omp_get_num_threads());
+#elif defined(VR_GOMP_ENTRY)
+  if (parallel_region_available()) {
+    // run_one catches every exception: none crosses the runtime's C frames.
+    using Region = decltype(region);
+    GOMP_parallel(
+        [](void* data) {
+          (*static_cast<Region*>(data))(omp_get_thread_num(), omp_get_num_threads());
+        },
+        &region, static_cast<unsigned>(total), 0);
+  } else {
+    region(0, 1);
   }
+#else
+  region(0, 1);
+#endif
   if (error) std::rethrow_exception(error);
 }
 
