@@ -138,7 +138,7 @@ VR_ROW_INLINE void backward_any(const BackwardRow<T>& row, int64_t units, int64_
 // into each clone; clang refuses flatten beside target_clones, and there the
 // loops are always_inline (VR_ROW_INLINE). The overloads are plain functions
 // (not templates), which target_clones needs.
-#if defined(__clang__) && defined(__x86_64__)
+#if defined(__clang__)
 #define VR_CPU_CLONES VR_ROWS_CLONES
 #elif defined(__GNUC__) && defined(__x86_64__)
 #define VR_CPU_CLONES __attribute__((flatten, VR_CLONE_ISAS))
