@@ -109,10 +109,6 @@ def _cxx_version():
 CXX_VERSION = _cxx_version()
 
 
-def _cxx_is_clang():
-    return "clang" in CXX_VERSION.lower()
-
-
 def extensions():
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     debug = os.environ.get("DEBUG", "0") == "1"
@@ -124,7 +120,7 @@ def extensions():
     # GCC's OpenMP is libgomp, the runtime torch's Linux wheels load. Clang's -fopenmp would
     # bring LLVM's runtime beside it: a clang build has no -fopenmp, and its thread teams
     # call that loaded runtime's entry points themselves (csrc/cpu/team.h).
-    clang = _cxx_is_clang()
+    clang = "clang" in CXX_VERSION.lower()
     if sys.platform.startswith("linux") and not clang:
         cxx.append("-fopenmp")
     if clang:

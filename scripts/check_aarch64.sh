@@ -28,14 +28,13 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.14.1}
 HOST_PY=${PYTHON:-python3}
 start=$(date +%s)
 say() { echo "== [$(($(date +%s) - start)) s] $*"; }
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
 # ---------------------------------------------------------------- the emulator and the compiler
 if ! command -v qemu-aarch64 >/dev/null || ! command -v aarch64-linux-gnu-g++-12 >/dev/null; then
   say "installing qemu-user and the aarch64 cross compiler"
-  # Waiting for apt's lock: CI runs check_clang.sh beside this, which may be installing too.
-  apt=(apt-get -o DPkg::Lock::Timeout=600)
-  "${apt[@]}" install -y -q qemu-user g++-12-aarch64-linux-gnu >/dev/null ||
-    { "${apt[@]}" update -q >/dev/null && "${apt[@]}" install -y -q qemu-user g++-12-aarch64-linux-gnu >/dev/null; }
+  apt_install qemu-user g++-12-aarch64-linux-gnu
 fi
 
 # ---------------------------------------------------------------- an aarch64 Python 3.11
@@ -121,8 +120,8 @@ export CC=aarch64-linux-gnu-gcc-12 CXX=aarch64-linux-gnu-g++-12
 
 # ---------------------------------------------------------------- the build
 say "copying the tracked files to $SRC and building the CPU extension for aarch64"
-rm -rf "$SRC" && mkdir -p "$SRC"
-git ls-files -z | tar -C "$REPO" --null -T - -cf - | tar -C "$SRC" -xf -
+rm -rf "$SRC"
+copy_tracked "$REPO" "$SRC"
 obj=$WORK/obj
 rm -rf "$obj" && mkdir -p "$obj"
 TV=$("${PY[@]}" -c 'import torch; print(torch.__version__)')

@@ -25,20 +25,19 @@ PY=${PYTHON:-.venv/bin/python}
 PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")
 start=$(date +%s)
 say() { echo "== [$(($(date +%s) - start)) s] $*"; }
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
 if ! command -v "clang++-$VERSION" >/dev/null; then
   say "installing clang-$VERSION"
-  # Waiting for apt's lock: CI runs this beside check_aarch64.sh, which may be installing too.
-  apt=(apt-get -o DPkg::Lock::Timeout=600)
-  "${apt[@]}" install -y -q "clang-$VERSION" >/dev/null ||
-    { "${apt[@]}" update -q >/dev/null && "${apt[@]}" install -y -q "clang-$VERSION" >/dev/null; }
+  apt_install "clang-$VERSION"
 fi
 
 # The tracked files as they are in the working tree; build/ stays, so ninja rebuilds only what changed.
 say "copying the tracked files into $SRC"
 mkdir -p "$SRC"
 find "$SRC" -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +
-git ls-files -z | tar -C "$REPO" --null -T - -cf - | tar -C "$SRC" -xf -
+copy_tracked "$REPO" "$SRC"
 
 say "building the CPU extension with clang++-$VERSION"
 (cd "$SRC" && CC="clang-$VERSION" CXX="clang++-$VERSION" VARLEN_RNN_CUDA=0 \
