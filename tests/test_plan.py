@@ -155,7 +155,9 @@ def test_small_batch_inference_and_training_take_persistent(ask, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_large_batch_training_takes_fallback(ask, device):
-    """Issue 9's roofline: at B = 256, H = 1024 in training the persistent kernel loses 4-15x."""
+    """At B = 256, H = 1024 in training the persistent kernel loses (issue 9's roofline said
+    4-15x; the H200's probe measured 2.9x exact float32 and 4x bfloat16 on tensor cores, the
+    calibrated model 1.37x and more)."""
     cases = [
         q(256, 1024, D, p, dt, device=device)
         for D in (1, 2)
@@ -165,7 +167,7 @@ def test_large_batch_training_takes_fallback(ask, device):
     for case, a in zip(cases, ask(cases)):
         assert a.path == FALLBACK, (case, a)
         if a.fits:
-            assert a.persistent_us > 2 * a.fallback_us, (case, a)
+            assert a.persistent_us > 1.3 * a.fallback_us, (case, a)
 
 
 def test_choice_is_monotone_in_batch(ask):
@@ -272,26 +274,27 @@ def test_tensor_cores_choice_is_monotone_in_batch(ask):
                 assert set(paths[_first_fallback(paths) :]) <= {FALLBACK}, (H, p, dt)
 
 
-def test_tensor_cores_move_the_choice_toward_persistent_where_loads_are_conflict_free(ask):
-    """H = 260 (a weight row stride of 260 words: 8 rows in 32 distinct banks): 6 conflict-free
-    fragment loads per 16x8x8 TF32 mma do the work of ~5 CUDA-core item passes, so every step is
-    modelled cheaper and `auto` keeps persistent up to at least the same batch."""
+def test_tensor_cores_never_move_the_choice_toward_persistent(ask):
+    """H = 260 (a weight row stride of 260 words: 8 rows in 32 distinct banks, conflict-free
+    fragment loads). The H200's probe measured the tensor-core kernel slower than the exact one
+    it replaces (H = 256 float32 training at B = 8: 5.6 against 2.4 ms; kMmaScale 3.98 after the
+    fit), so with the calibrated model the tensor-core kernel never keeps persistent to a larger
+    batch than the exact one; the fallback's modelled time does not depend on it."""
     Bs = [1, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512]
     for p in ("inference", "training"):
         exact = ask([q(B, 260, 1, p, "f32-tf32") for B in Bs])
         mma = ask([q(B, 260, 1, p, "f32-tf32", mma=True) for B in Bs])
         for B, e, m in zip(Bs, exact, mma):
-            assert m.persistent_us < e.persistent_us, (p, B, e, m)
+            assert m.persistent_us > e.persistent_us, (p, B, e, m)
             assert m.fallback_us == e.fallback_us
-        assert _first_fallback([m.path for m in mma]) >= _first_fallback([e.path for e in exact])
+        assert _first_fallback([m.path for m in mma]) <= _first_fallback([e.path for e in exact])
 
 
 def test_tensor_cores_pay_for_bank_conflicts_unless_padded(ask):
     """H = 256 bf16 training, B = 64: unpadded (weight rows 128 words apart, a 256-wide staged
-    chunk) every fragment load is an 8-way bank conflict, so the mma product is modelled slower
-    than the CUDA-core one it replaces; the padded strides plan.h cuts (4 mod 8 words) remove
-    the conflicts and the mma product is modelled faster. The fallback's modelled time does
-    not depend on either."""
+    chunk) every fragment load is an 8-way bank conflict; the padded strides plan.h cuts (4 mod
+    8 words) remove the conflicts and the mma product is modelled faster than unpadded. The
+    fallback's modelled time does not depend on either."""
     for dt in ("bf16", "f32-tf32"):
         e, m, u = ask(
             [
@@ -300,14 +303,13 @@ def test_tensor_cores_pay_for_bank_conflicts_unless_padded(ask):
                 q(64, 256, 1, "training", dt, mma=True, pad=False),
             ]
         )
-        assert m.persistent_us < e.persistent_us < u.persistent_us, (dt, e, m, u)
+        assert m.persistent_us < u.persistent_us, (dt, e, m, u)
         assert m.fallback_us == e.fallback_us == u.fallback_us
         assert (m.w_stride - u.w_stride) * (2 if dt == "bf16" else 4) in (16, 32, 48), (m, u)
-    # At B = 1 the fixed costs (grid barrier, staging, pointwise) dominate; the 16-bit kernel
-    # stages h in bf16 (half the bytes of the exact kernel's fp32), so it stays ahead, by less
-    # than the staging it saves.
+    # At B = 1 the fixed costs (grid barrier, staging) dominate: both persistent, the 16-bit
+    # kernel within 1.5x of the exact one (measured on the H200: 1.34 against 1.18 ms).
     e, m = ask([q(1, 256, 1, "training", "bf16"), q(1, 256, 1, "training", "bf16", mma=True)])
-    assert 0.6 * e.persistent_us < m.persistent_us < e.persistent_us, (e, m)
+    assert e.persistent_us < m.persistent_us < 1.5 * e.persistent_us, (e, m)
     assert m.path == e.path == PERSISTENT
 
 

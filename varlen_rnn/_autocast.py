@@ -50,13 +50,13 @@ def cpu_autocast_compute(x: Tensor, dtype: torch.dtype) -> torch.dtype:
 
 
 def cudnn_autocast(x: Tensor) -> torch.dtype | None:
-    """The dtype of torch.nn's RNNs under autocast when they run cuDNN (CUDA input of
-    float32/float16/float64 with cuDNN enabled): autocast's _cudnn_rnn wrapper casts input,
-    hx and weights to float16 (whatever the autocast dtype; float64 is left alone). None
-    when cuDNN would not run."""
+    """The dtype of torch.nn's RNNs under autocast when they run cuDNN (CUDA input, cuDNN
+    enabled; torch >= 2.11's cudnn_is_acceptable takes bfloat16 too, as the H200's first run
+    showed): autocast's _cudnn_rnn wrapper casts input, hx and weights to float16 (whatever
+    the autocast dtype; float64 is left alone). None when cuDNN would not run."""
     if (
         x.device.type == "cuda"
-        and x.dtype in (torch.float32, torch.float16, torch.float64)
+        and x.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
         and x.numel() > 0
         and torch.backends.cudnn.enabled
         and HAS_CUDNN

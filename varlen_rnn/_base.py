@@ -260,14 +260,22 @@ class RNNBase(nn.Module):
         """The dtype torch.nn's module computes in and returns under autocast, so that
         swapping it for its varlen_rnn twin changes no dtype downstream.
 
-        cuDNN (see cudnn_autocast): float16. Otherwise torch.nn.GRU and LSTM (given a
-        PackedSequence, what lengths replace) have no autocast rule of their own: the state
-        and outputs keep hx's dtype (the input's when hx is None) and only their internal
-        GEMMs are autocast; the kernels here then run in that dtype (float32 state: float32
-        throughout). (nn.LSTM on a padded CPU batch runs oneDNN, whose autocast rule
-        returns the autocast dtype; the packed call it replaces does not.)
+        cuDNN (see cudnn_autocast): float16. On CUDA without cuDNN, torch.nn's steps are
+        its fused GRU/LSTM cell kernels, which autocast runs in the autocast dtype: that
+        dtype throughout (a float64 input stays float64; seen on the H200's first run). On
+        the CPU torch.nn.GRU and LSTM (given a PackedSequence, what lengths replace) have no
+        autocast rule of their own: the state and outputs keep hx's dtype (the input's when
+        hx is None) and only their internal GEMMs are autocast; the kernels here then run in
+        that dtype (float32 state: float32 throughout). (nn.LSTM on a padded CPU batch runs
+        oneDNN, whose autocast rule returns the autocast dtype; the packed call it replaces
+        does not.)
         """
-        return cudnn_autocast(x) or hx.dtype
+        cudnn = cudnn_autocast(x)
+        if cudnn is not None:
+            return cudnn
+        if x.device.type == "cuda" and x.dtype != torch.float64:
+            return torch.get_autocast_dtype("cuda")
+        return hx.dtype
 
     def _state_shapes(self, B: int) -> list[tuple[int, int, int]]:
         LD = self.num_layers * (2 if self.bidirectional else 1)

@@ -131,9 +131,10 @@ class LSTM(RNNBase):
         return finals[0], finals[1]
 
     def _run(self, x: Tensor, states: tuple[Tensor, ...], index: tuple, tail: tuple, flat):
-        """With a projection and autocast off cuDNN, nn.LSTM's h is the output of an autocast
-        GEMM (w_hr): output and h_n come back in the autocast dtype, c_n in c_0's. The
-        kernels run in the state's dtype; output and h_n are cast to match."""
+        """With a projection and autocast off cuDNN on the CPU, nn.LSTM's h is the output of
+        an autocast GEMM (w_hr): output and h_n come back in the autocast dtype, c_n in c_0's.
+        The kernels run in the state's dtype; output and h_n are cast to match. (On CUDA
+        the base rule already gives the autocast dtype throughout.)"""
         out, (h_n, c_n) = super()._run(x, states, index, tail, flat)
         if (
             self.proj_size

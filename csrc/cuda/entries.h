@@ -100,7 +100,7 @@ ForwardResult padded_forward(const Tensor& input, const Tensor& lengths, const T
   }
   const Tensor x2d = input.contiguous().view({T * B, I});
   const Tensor w_ih2d = w_ih.contiguous().view({D * Cell::kGates * H, I});
-  c.gx = input_projection(c, x2d, w_ih2d, b_ih);
+  c.gx = input_projection(x2d, w_ih2d, b_ih);
   if (b_hh.has_value()) c.b_hh = b_hh->contiguous();
   run_forward<Cell>(c);
   return {c.out, c.h_n, c.c_n, c.ws};
@@ -135,7 +135,7 @@ ForwardResult ragged_forward(const Tensor& input, const Tensor& seq_index,
   c.hx = to_rank_order(c.rows, hx);
   if constexpr (Cell::kHasC) c.cx = to_rank_order(c.rows, *in.cx);
   const Tensor w_ih2d = w_ih.contiguous().view({D * Cell::kGates * H, dims.I});
-  c.gx = input_projection(c, input.contiguous(), w_ih2d, b_ih);
+  c.gx = input_projection(input.contiguous(), w_ih2d, b_ih);
   if (b_hh.has_value()) c.b_hh = b_hh->contiguous();
   run_forward<Cell>(c);
   ForwardResult r{c.out, to_sequence_order(c.rows, c.h_n), c.c_n, c.ws};

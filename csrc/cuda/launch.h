@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -300,42 +301,48 @@ using TorchFp32Api = Fp32Api<at::Context>;
 inline bool cudnn_rnn_allows_tf32() { return TorchFp32Api::rnn_tf32(at::globalContext()); }
 inline bool cublas_matmul_allows_tf32() { return TorchFp32Api::matmul_tf32(at::globalContext()); }
 
-// Makes ATen's cuBLAS calls of this op follow `tf32` for float32.
-// Turning TF32 off uses ATen's thread-local NoTF32Guard: exact, no shared
-// state; it reaches the GEMMs ATen runs on its cuBLAS handle (mm, bmm,
-// baddbmm by default), not cuBLASLt ones (ops_cuda.cu keeps its addmm off
-// that path when it matters; with preferred_blas_library="cublaslt" the flag
-// is not guaranteed off). Turning it on (the default flags: cuDNN on, matmul off) can only be
-// done through the process-wide matmul flag, so the holders are counted under
-// a mutex: the first sets the flag, the last restores the user's setting, and
-// concurrent varlen_rnn calls never restore each other's change. While any
-// holder runs, a float32 matmul of another thread also sees TF32 allowed;
-// that is the price of ATen offering no thread-local way to enable it.
+// Makes ATen's cuBLAS calls of this op follow `tf32` for float32, either way.
+// ATen offers no thread-local switch that reaches every float32 GEMM: its
+// NoTF32Guard reaches the math mode of its cuBLAS handle, not the cuBLASLt
+// path that torch 2.11 on an H200 took for mm (its first GPU run: float32 with
+// TF32 off in cuDNN but on for matmul gave TF32-sized differences). So the
+// guard sets the process-wide matmul flag while it is held. Holders are
+// counted under a mutex: the first sets the flag, the last restores the
+// user's setting, and concurrent varlen_rnn calls never restore each other's
+// change. A holder of the other setting (the cuDNN flag changed between two
+// threads' calls) waits until the last holder is gone: a guard spans only
+// the host side of one call (its launches), never a GPU wait. While any holder
+// runs, a float32 matmul of another thread also sees the held setting; that
+// is the price of ATen offering no thread-local way to set it.
 class MatmulTf32Guard {
  public:
   MatmulTf32Guard(bool float32, bool tf32) {
     if (!float32) return;
-    if (!tf32) {
-      no_tf32_.emplace();
-      return;
-    }
     State& st = state();
-    std::lock_guard<std::mutex> lock(st.mutex);
+    std::unique_lock<std::mutex> lock(st.mutex);
+    // This thread's own holder of the other setting (no such nesting today) is not
+    // waited for, which would never end: the call runs under that holder's setting.
+    if (st.holders > 0 && st.tf32 != tf32 && held_here() > 0) return;
+    st.released.wait(lock, [&] { return st.holders == 0 || st.tf32 == tf32; });
     if (st.holders == 0) {
-      if (cublas_matmul_allows_tf32()) return;  // the user's own setting
+      if (cublas_matmul_allows_tf32() == tf32) return;  // the user's own setting
       st.saved = TorchFp32Api::matmul_precision(at::globalContext());
-      at::globalContext().setAllowTF32CuBLAS(true);
+      st.tf32 = tf32;
+      at::globalContext().setAllowTF32CuBLAS(tf32);
     }
     ++st.holders;
+    ++held_here();
     holding_ = true;
   }
   ~MatmulTf32Guard() {
     if (!holding_) return;
     State& st = state();
     std::lock_guard<std::mutex> lock(st.mutex);
+    --held_here();
     if (--st.holders > 0) return;
-    at::globalContext().setAllowTF32CuBLAS(false);
+    at::globalContext().setAllowTF32CuBLAS(!st.tf32);
     TorchFp32Api::restore_matmul_precision(at::globalContext(), st.saved);
+    st.released.notify_all();
   }
   MatmulTf32Guard(const MatmulTf32Guard&) = delete;
   MatmulTf32Guard& operator=(const MatmulTf32Guard&) = delete;
@@ -343,14 +350,19 @@ class MatmulTf32Guard {
  private:
   struct State {
     std::mutex mutex;
+    std::condition_variable released;
     int holders = 0;
+    bool tf32 = false;  // the setting held (meaningful while holders > 0)
     TorchFp32Api::Saved saved{};
   };
   static State& state() {
     static State* const s = new State();
     return *s;
   }
-  std::optional<at::NoTF32Guard> no_tf32_;
+  static int& held_here() {
+    static thread_local int n = 0;
+    return n;
+  }
   bool holding_ = false;
 };
 

@@ -73,18 +73,11 @@ bool launched_or_allowed_to_fall_back(bool launched) {
 }
 
 // gx = x @ w_ih^T + b_ih: [T*B, D*GH], rows in the input's layout, one GEMM for all
-// steps and directions. ATen may run an addmm with a bias through cuBLASLt, which takes
-// TF32 from the global matmul flag alone (NoTF32Guard does not reach it): where TF32
-// must be off but that flag is on, the bias is added on its own.
-Tensor input_projection(const LayerCall& c, const Tensor& x2d, const Tensor& w_ih2d,
+// steps and directions (float32: under the call's MatmulTf32Guard).
+Tensor input_projection(const Tensor& x2d, const Tensor& w_ih2d,
                         const std::optional<Tensor>& b_ih) {
   if (!b_ih.has_value()) return at::mm(x2d, w_ih2d.t());
-  const Tensor b = b_ih->contiguous().view({-1});
-  const bool float32 = c.opts.dtype().toScalarType() == at::kFloat;
-  if (float32 && !c.tf32 && cublas_matmul_allows_tf32()) {
-    return at::mm(x2d, w_ih2d.t()).add_(b);
-  }
-  return at::addmm(b, x2d, w_ih2d.t());
+  return at::addmm(b_ih->contiguous().view({-1}), x2d, w_ih2d.t());
 }
 
 // The persistent kernel instantiation for the call: kMma (tensor cores) or not.

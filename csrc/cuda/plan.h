@@ -101,23 +101,26 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 // These are estimates until benchmarks/gpu_check.sh measures the crossover; then
 // benchmarks/gpu_calibrate.py fits them to its timing probe.
 struct CostModel {
-  static constexpr double kClockGHz = 1.75;        // sustained SM clock
-  static constexpr double kGridSyncCycles = 3000;  // grid.sync with one block per SM (~1.7 us)
-  static constexpr double kPassCycles = 1000;      // per chunk: two __syncthreads + L2 latency
-  static constexpr double kL2BytesPerCycle = 24;   // per SM: 5.5 TB/s / 132 SMs / 1.75 GHz
+  static constexpr double kClockGHz = 1.75;          // sustained SM clock
+  static constexpr double kGridSyncCycles = 5327;    // grid.sync with one block per SM (~3 us)
+  static constexpr double kPassCycles = 3697;        // per chunk: two __syncthreads + L2 latency
+  static constexpr double kL2BytesPerCycle = 6.491;  // per SM, as staged (5.5 TB/s peak: 24)
   static constexpr double kShuffleCyclesPerItem = 5 * 24;  // butterfly, one warp shuffle per cycle
   // One thread's pointwise work per step: a few dependent global loads/stores.
-  static constexpr double kPointwiseCycles[3] = {400, 600, 800};  // inference, training, backward
-  static constexpr double kFallbackHostUs = 10;   // ATen GEMM call + kernel launch per step
-  static constexpr double kFallbackKernelUs = 4;  // fixed GPU cost of the step's two kernels
+  static constexpr double kPointwiseCycles[3] = {8, 12, 16};  // inference, training, backward
+  static constexpr double kFallbackHostUs = 17.63;    // ATen GEMM call + kernel launch per step
+  static constexpr double kFallbackKernelUs = 5.776;  // fixed GPU cost of the step's two kernels
   // Effective GEMM flop per cycle per SM at the skinny [B, H] x [H, 3H] shape:
   // about half of dense peak on tensor cores, ~70% of CUDA-core peak without.
-  static constexpr double kGemmHalf = 2048, kGemmTf32 = 1024, kGemmFloat64 = 200,
-                          kGemmFloat32 = 180;
+  static constexpr double kGemmHalf = 2048 * 0.5695, kGemmTf32 = 1024 * 0.5695,
+                          kGemmFloat64 = 200 * 0.5695, kGemmFloat32 = 180 * 0.5695;
   // Measured over modelled, for the persistent kernel's recurrent product on CUDA cores and on
-  // tensor cores (MmaModel): 1 until benchmarks/gpu_calibrate.py fits them to a GPU run's
-  // timing probe, as it fits every constant above.
-  static constexpr double kCudaCoreScale = 1, kMmaScale = 1;
+  // tensor cores (MmaModel). Every constant above with a fitted value: benchmarks/gpu_calibrate.py
+  // on the H200's first timing probe (benchmarks/results/gpu_check_H200_20261204-122542/
+  // probe.json; calibration.md beside it): auto then picks the fastest path measured in 27 of
+  // its 32 configurations (13 before), the tensor-core kernel (4x its model) losing to the
+  // exact one nearly everywhere. The pointwise term is what a ridge fit leaves of it (tiny).
+  static constexpr double kCudaCoreScale = 0.2281, kMmaScale = 3.98;
 };
 
 inline double gemm_flops_per_cycle(const Problem& p) {
