@@ -197,7 +197,11 @@ PYEOF
 }
 
 # What csrc/cuda/paths.cuh says when VARLEN_RNN_CUDA_PATH=persistent meets a refused launch.
+# Exported: the stages run in child shells, where an unexported name reads as empty, and
+# `grep -q ""` matches every log (the H200's first run reported both persistent kernels "not
+# run" under the sanitizers that had run them with 0 errors).
 COOPERATIVE_REFUSED="persistent kernel cannot run: the driver refused its cooperative launch"
+export COOPERATIVE_REFUSED
 fake_sanitizer() {  # dry run: compute-sanitizer's output around the same command
   while [ $# -gt 0 ] && [ "$1" != "$PY" ]; do shift; done
   if [ "${GPU_CHECK_SANITIZER:-}" = refuse ]; then

@@ -232,6 +232,18 @@ def test_a_cooperative_launch_refused_under_the_sanitizer_is_not_a_finding(tmp_p
     assert '"the driver refused its cooperative launch (' in src["launch.h"]
 
 
+def test_a_sanitizer_run_of_the_persistent_kernel_is_reported_as_run(tmp_path):
+    """Where nothing refuses the launch, the stage reports the persistent kernel's sanitizer
+    summary, not "not run" (the H200's first run said "not run" for runs that had happened: the
+    refusal's text was an unexported variable, empty in the stage's shell, and an empty pattern
+    matches every log)."""
+    proc, out, _ = _check(tmp_path, 300, GPU_CHECK_STAGES="racecheck")
+    summary = (out / "summary.md").read_text()
+    assert _statuses(summary)["racecheck"][0] == "ok", proc.stdout[-2000:]
+    row = next(line for line in summary.splitlines() if line.startswith("| racecheck |"))
+    assert re.search(r"persistent: (ERROR|RACECHECK) SUMMARY", row) and "not run" not in row, row
+
+
 def _knob(out: Path, stage: str) -> str:
     """The VARLEN_RNN_TENSOR_CORES a stage's processes inherited (its log's first line)."""
     return _archived_text(out, f"{stage}.log").splitlines()[0]
