@@ -92,14 +92,13 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 // barrier. The fallback runs per step one cuBLAS GEMM (tensor cores for
 // half types, float64 (DMMA), and float32 under TF32) plus one pointwise
 // kernel, and is bounded below by the host cost of issuing them.
-// Calibration against the issue-9 roofline: fp32 inference at B <= 8 and
-// H = 256..1024 gives the persistent path 1.8-2.7x over the fallback; B = 64,
-// H = 1024 training loses 2.7x and B = 256, H = 1024 training ~10x, matching
-// "1.2-2x" won at small B and "1.2-7x" / "4-15x" lost against cuDNN. The
-// resulting crossover on an H100, float32, D = 1: the fallback from B = 97 at
-// H = 256 and B = 17 at H = 1024 (forward), B = 33 and always (backward).
-// These are estimates until benchmarks/gpu_check.sh measures the crossover; then
-// benchmarks/gpu_calibrate.py fits them to its timing probe.
+// The constants began as that roofline's estimates (issue 9); since 2026-12-04
+// they are benchmarks/gpu_calibrate.py's fit to the H200's timing probe (the
+// persistent and fallback paths of one layer, T = 256, B in {1, 8, 64, 256}, H in
+// {256, 1024}, float32 and bfloat16, inference and training): where the model's
+// structure (the terms) is kept, the scales are measured. The probe's crossovers,
+// exact float32 inference: the fallback from B = 256 at H = 256, B = 256 at
+// H = 1024 (64 in bfloat16); training from B = 256 at H = 256 and B = 64 at H = 1024.
 struct CostModel {
   static constexpr double kClockGHz = 1.75;          // sustained SM clock
   static constexpr double kGridSyncCycles = 5327;    // grid.sync with one block per SM (~3 us)
