@@ -252,10 +252,17 @@ def assert_as_accurate_as_nn(names, ours, theirs, truth):
     def rel(t, want):
         return ((t.double() - want).abs().max() / (want.abs().max() + 1e-12)).item()
 
-    nn_worst = max(rel(q, t) for q, t in zip(theirs, truth, strict=True))
+    nn_rel = [rel(q, t) for q, t in zip(theirs, truth, strict=True)]
+    nn_worst = max(nn_rel)
     for name, p, t in zip(names, ours, truth, strict=True):
         assert rel(p, t) <= 2 * nn_worst, (
             f"{name}: {rel(p, t):.3g} of its scale from float64, nn's worst {nn_worst:.3g}"
+            # every tensor's pair (ours, nn's), for a failure seen only where it cannot be rerun
+            + "; all (ours/nn): "
+            + ", ".join(
+                f"{n} {rel(o, u):.3g}/{r:.3g}"
+                for n, o, u, r in zip(names, ours, truth, nn_rel, strict=True)
+            )
         )
 
 
