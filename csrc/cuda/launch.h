@@ -309,11 +309,12 @@ inline bool cublas_matmul_allows_tf32() { return TorchFp32Api::matmul_tf32(at::g
 // guard sets the process-wide matmul flag while it is held. Holders are
 // counted under a mutex: the first sets the flag, the last restores the
 // user's setting, and concurrent varlen_rnn calls never restore each other's
-// change. A holder of the other setting (the cuDNN flag changed between two
-// threads' calls) waits until the last holder is gone: a guard spans only
-// the host side of one call (its launches), never a GPU wait. While any holder
-// runs, a float32 matmul of another thread also sees the held setting; that
-// is the price of ATen offering no thread-local way to set it.
+// change; a call that finds the user's setting is what it needs holds it too, so
+// that no other thread's call changes it under it. A holder of the other setting (the cuDNN flag
+// changed between two threads' calls) waits until the last holder is gone: a guard spans only the
+// host side of one call (its launches), never a GPU wait. While any holder runs, a float32 matmul
+// of another thread also sees the held setting; that is the price of ATen offering no thread-local
+// way to set it.
 class MatmulTf32Guard {
  public:
   MatmulTf32Guard(bool float32, bool tf32) {
@@ -324,11 +325,13 @@ class MatmulTf32Guard {
     // waited for, which would never end: the call runs under that holder's setting.
     if (st.holders > 0 && st.tf32 != tf32 && held_here() > 0) return;
     st.released.wait(lock, [&] { return st.holders == 0 || st.tf32 == tf32; });
-    if (st.holders == 0) {
-      if (cublas_matmul_allows_tf32() == tf32) return;  // the user's own setting
-      st.saved = TorchFp32Api::matmul_precision(at::globalContext());
+    if (st.holders == 0) {  // held even where it is the user's own setting, which then stays
       st.tf32 = tf32;
-      at::globalContext().setAllowTF32CuBLAS(tf32);
+      st.changed = cublas_matmul_allows_tf32() != tf32;
+      if (st.changed) {
+        st.saved = TorchFp32Api::matmul_precision(at::globalContext());
+        at::globalContext().setAllowTF32CuBLAS(tf32);
+      }
     }
     ++st.holders;
     ++held_here();
@@ -340,8 +343,10 @@ class MatmulTf32Guard {
     std::lock_guard<std::mutex> lock(st.mutex);
     --held_here();
     if (--st.holders > 0) return;
-    at::globalContext().setAllowTF32CuBLAS(!st.tf32);
-    TorchFp32Api::restore_matmul_precision(at::globalContext(), st.saved);
+    if (st.changed) {
+      at::globalContext().setAllowTF32CuBLAS(!st.tf32);
+      TorchFp32Api::restore_matmul_precision(at::globalContext(), st.saved);
+    }
     st.released.notify_all();
   }
   MatmulTf32Guard(const MatmulTf32Guard&) = delete;
@@ -352,7 +357,8 @@ class MatmulTf32Guard {
     std::mutex mutex;
     std::condition_variable released;
     int holders = 0;
-    bool tf32 = false;  // the setting held (meaningful while holders > 0)
+    bool tf32 = false;     // the setting held (meaningful while holders > 0)
+    bool changed = false;  // whether the first holder changed the user's setting
     TorchFp32Api::Saved saved{};
   };
   static State& state() {
