@@ -244,39 +244,53 @@ def cudnn_enabled(enabled: bool):
     return torch.backends.cudnn.flags(enabled=enabled, allow_tf32=torch.backends.cudnn.allow_tf32)
 
 
-def assert_as_accurate_as_nn(names, ours, theirs, truth):
-    """Each of ours is as close to the float64 run's (truth) as nn's are: its largest difference,
-    relative to that tensor's largest magnitude, within twice the worst such relative difference
-    of nn's tensors (what the autocast dtype's roundings cost nn here)."""
+def relative_errors(tensors, truth):
+    """Each tensor's largest difference from its float64 counterpart (truth), relative to that
+    counterpart's largest magnitude."""
 
     def rel(t, want):
         return ((t.double() - want).abs().max() / (want.abs().max() + 1e-12)).item()
 
-    nn_rel = [rel(q, t) for q, t in zip(theirs, truth, strict=True)]
+    return [rel(t, want) for t, want in zip(tensors, truth, strict=True)]
+
+
+def assert_errors_within_nn(names, ours_rel, nn_rel, what=""):
+    """ours_rel[i] (tensor names[i]) within twice max(nn_rel): see assert_as_accurate_as_nn."""
     nn_worst = max(nn_rel)
-    for name, p, t in zip(names, ours, truth, strict=True):
-        assert rel(p, t) <= 2 * nn_worst, (
-            f"{name}: {rel(p, t):.3g} of its scale from float64, nn's worst {nn_worst:.3g}"
+    for name, e in zip(names, ours_rel, strict=True):
+        assert e <= 2 * nn_worst, (
+            f"{name}: {e:.3g}{what} of its scale from float64, nn's worst {nn_worst:.3g}"
             # every tensor's pair (ours, nn's), for a failure seen only where it cannot be rerun
             + "; all (ours/nn): "
-            + ", ".join(
-                f"{n} {rel(o, u):.3g}/{r:.3g}"
-                for n, o, u, r in zip(names, ours, truth, nn_rel, strict=True)
-            )
+            + ", ".join(f"{n} {o:.3g}/{r:.3g}" for n, o, r in zip(names, ours_rel, nn_rel))
         )
 
 
-def assert_autocast_grads_close(ours, ref, x_o, x_r, truth):
+def assert_as_accurate_as_nn(names, ours, theirs, truth):
+    """Each of ours is as close to the float64 run's (truth) as nn's are: its largest difference,
+    relative to that tensor's largest magnitude, within twice the worst such relative difference
+    of nn's tensors (what the autocast dtype's roundings cost nn here)."""
+    assert_errors_within_nn(names, relative_errors(ours, truth), relative_errors(theirs, truth))
+
+
+def autocast_grads(ours, ref, x_o, x_r):
     """After the same backward through ours and nn (autocast outputs, the backward outside the
-    region, as the autocast docs recommend): the gradients have the leaves' dtypes (float32
-    parameters, the input's dtype), and are as accurate as nn's against the float64 run's (truth:
-    float64_run's; assert_as_accurate_as_nn)."""
+    region, as the autocast docs recommend): checks that the gradients have the leaves' dtypes
+    (float32 parameters, the input's dtype) and returns (names, ours' gradients, nn's) in the
+    order float64_run's truth lists them."""
     assert x_o.grad.dtype == x_r.grad.dtype
     names = ["grad of input"] + [f"grad of {name}" for name, _ in ours.named_parameters()]
     got = [x_o.grad] + [p.grad for p in ours.parameters()]
     theirs = [x_r.grad] + [q.grad for q in ref.parameters()]
     for name, p, q in zip(names[1:], got[1:], theirs[1:], strict=True):
         assert p.dtype == q.dtype == torch.float32, name
+    return names, got, theirs
+
+
+def assert_autocast_grads_close(ours, ref, x_o, x_r, truth):
+    """autocast_grads' gradients are as accurate as nn's against the float64 run's (truth:
+    float64_run's; assert_as_accurate_as_nn)."""
+    names, got, theirs = autocast_grads(ours, ref, x_o, x_r)
     assert_as_accurate_as_nn(names, got, theirs, truth)
 
 
