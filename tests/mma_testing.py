@@ -100,17 +100,58 @@ def sequential_fp32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.
 
 
 # tile_matvec_mma cases: (U, K, staged rows, kc_max) - K tails that are not a multiple of the
-# mma's K, K in several chunks, one and several sub-tiles of 8 rows, 3U not a multiple of 16.
-MATVEC_CASES = [(5, 16, 8, 16), (6, 37, 16, 64), (11, 70, 24, 32), (3, 8, 8, 8), (16, 48, 8, 32)]
+# mma's K, K in several chunks, one and several sub-tiles of 8 rows, 3U not a multiple of 16,
+# fewer tasks than warps (K steps split among 2 and 4 warps; a chunk with fewer steps than
+# warps, so one part is empty).
+MATVEC_CASES = [
+    (5, 16, 8, 16),
+    (6, 37, 16, 64),
+    (11, 70, 24, 32),
+    (3, 8, 8, 8),
+    (16, 48, 8, 32),
+    (4, 100, 8, 64),
+    (2, 200, 16, 256),
+]
+# Warps of the matvec test kernel's block (tests/cuda_emulation/mma_tile.cuh: kMatvecWarps).
+MATVEC_WARPS = 4
+
+
+def matvec_emulated_order(kind: str, xr: torch.Tensor, w: torch.Tensor, kc_max: int):
+    """tile_matvec_mma's sums [rows, 3U] in the emulation's order, bit for bit, from the rounded
+    staged rows xr [rows, K] and weight values w [3U, K]: per K chunk, the K steps of each task
+    split among `splits` warps (mma_matvec.cuh's mma_splits), each warp's even and odd steps in
+    two accumulators (each mma adding its K products in fp32 in k order) added at the end, the
+    parts added in order, the chunk sums added in fp32."""
+    rows, K = xr.shape
+    step = K_STEP[kind]
+    tasks = -(-w.shape[0] // 16) * (rows // 8)
+    max_steps = -(-kc_max // step)
+    splits = 1 if tasks >= MATVEC_WARPS else min(MATVEC_WARPS // tasks, max_steps)
+    total = None
+    for k0 in range(0, K, kc_max):
+        kc = min(kc_max, K - k0)
+        steps = -(-kc // step)
+        chunk = None
+        for part in range(splits):
+            acc = [torch.zeros(rows, w.shape[0]), torch.zeros(rows, w.shape[0])]
+            s0, s1 = part * steps // splits, (part + 1) * steps // splits
+            for s in range(s0, s1):
+                cols = slice(k0 + s * step, k0 + min((s + 1) * step, kc))
+                acc[(s - s0) & 1] = sequential_fp32(xr[:, cols], w[:, cols].T, acc[(s - s0) & 1])
+            summed = acc[0] + acc[1]
+            chunk = summed if chunk is None else chunk + summed
+        total = chunk if total is None else total + chunk
+    return total
 
 
 def matvec_inputs(kind: str, U: int, K: int, rows: int, seed: int = 0):
-    """(w for the extension, w's float32 element values, x float32): w [3U, K] as float32 for
-    TF32, as int16 bits of bfloat16/float16 otherwise (the kernel takes 2-byte weights raw)."""
+    """(w for the extension, w's float32 element values, x float32): w [3U, K] as float32
+    rounded to TF32 for TF32 (the kernels round their weights once, as they put them in shared
+    memory), as int16 bits of bfloat16/float16 otherwise (the kernel takes 2-byte weights raw)."""
     g = torch.Generator().manual_seed(seed)
     w, x = torch.randn(3 * U, K, generator=g), torch.randn(rows, K, generator=g)
     if kind == "tf32":
-        return w, tf32_round(w), x
+        return tf32_round(w), tf32_round(w), x
     half = w.to(torch.bfloat16 if kind == "bf16" else torch.float16)
     return half.view(torch.int16), half.float(), x
 

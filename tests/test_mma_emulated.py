@@ -24,6 +24,7 @@ from mma_testing import (
     element_bits,
     element_round,
     fp32_accumulation_bound,
+    matvec_emulated_order,
     parse_table,
     sequential_fp32,
     tf32_round,
@@ -129,15 +130,9 @@ def test_tile_matvec_mma_matches_float64(emu, kind, U, K, rows, kc_max, g_major)
     got, w, x = assert_matvec_within_bound(emu, kind, U, K, rows, kc_max, g_major)
     # Every 16-bit pair was one aligned 32-bit load (a GPU faults on a misaligned one).
     assert emu.misaligned() == 0
-    # Bit for bit the emulation's order: each K chunk summed in fp32 from zero in k order,
-    # the chunk sums added in fp32.
-    xr = element_round(kind, x)
-    total = None
-    for k0 in range(0, K, kc_max):
-        part = sequential_fp32(
-            xr[:, k0 : k0 + kc_max], w[:, k0 : k0 + kc_max].T, torch.zeros(rows, 1)
-        )
-        total = part if total is None else total + part
+    # Bit for bit the emulation's order (matvec_emulated_order: the split of K among warps,
+    # two accumulators a warp, the chunk sums added in fp32).
+    total = matvec_emulated_order(kind, element_round(kind, x), w, kc_max)
     exact = torch.empty_like(got)
     for row in range(3 * U):
         g, u = divmod(row, U) if g_major else (row % 3, row // 3)

@@ -306,10 +306,11 @@ def test_tensor_cores_pay_for_bank_conflicts_unless_padded(ask):
         assert m.persistent_us < u.persistent_us, (dt, e, m, u)
         assert m.fallback_us == e.fallback_us == u.fallback_us
         assert (m.w_stride - u.w_stride) * (2 if dt == "bf16" else 4) in (16, 32, 48), (m, u)
-    # At B = 1 the fixed costs (grid barrier, staging) dominate: both persistent, the 16-bit
-    # kernel within 1.5x of the exact one (measured on the H200: 1.34 against 1.18 ms).
+    # At B = 1 the fixed costs (grid barrier, staging) dominate: both persistent, the two
+    # kernels within 1.5x of each other (measured on the H200 before the tensor-core kernel
+    # split its K steps among idle warps: 1.34 against the exact one's 1.18 ms).
     e, m = ask([q(1, 256, 1, "training", "bf16"), q(1, 256, 1, "training", "bf16", mma=True)])
-    assert e.persistent_us < m.persistent_us < 1.5 * e.persistent_us, (e, m)
+    assert max(e.persistent_us, m.persistent_us) < 1.5 * min(e.persistent_us, m.persistent_us)
     assert m.path == e.path == PERSISTENT
 
 

@@ -23,6 +23,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 namespace varlen_rnn {
 namespace cuda {
@@ -105,6 +106,21 @@ __device__ __forceinline__ uint32_t to_bits(float v) {
 #else
   return 0;  // nvcc's host pass; never called there
 #endif
+}
+
+// v rounded to TF32 (cvt.rna) and kept as a float: weights rounded once where they are put in
+// shared memory, so that their fragments take the bits as they are (as_bits) with no cvt at
+// every load. mma.sync reads only a TF32 operand's top 19 bits, which these already are.
+__device__ __forceinline__ float tf32_rounded(float v) {
+  const uint32_t bits = to_bits<Kind::tf32>(v);
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+__host__ __device__ __forceinline__ uint32_t as_bits(float v) {
+  uint32_t bits;
+  memcpy(&bits, &v, sizeof bits);
+  return bits;
 }
 
 // Element i of a fragment from raw element bits (a bf16/f16 already in memory needs no

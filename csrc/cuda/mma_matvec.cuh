@@ -8,11 +8,22 @@
 // rows, walking K in steps of the mma's K. Two row orders are supported, the two the kernels
 // use: u_rows == 1 with g_rows == U (forward: row g*U + u) and g_rows == 1 with u_rows == NG
 // (backward: row u*NG + g).
-// Precision: for TF32 the staged rows and weights are fp32, rounded by cvt.rna as fragments are
-// filled; for bf16/f16 both are already in the kind's type in shared memory (the kernels stage
-// h and dgh in it: round-to-nearest-even once, as cvt.rn would as the fragments are filled) and
-// go in as raw bits, two per 32-bit load. Products are exact and summed in fp32, chunk sums
-// added in fp32. Columns past K or past the staged chunk enter as zeros.
+// Precision: for TF32 the staged rows are fp32, rounded by cvt.rna as fragments are filled, and
+// the weights fp32 already rounded to TF32 where they were put in shared memory
+// (tc::tf32_rounded), their bits taken as they are; for bf16/f16 both are already in the kind's
+// type in shared memory (the kernels stage h and dgh in it: round-to-nearest-even once, as cvt.rn
+// would as the fragments are filled) and go in as raw bits, two per 32-bit load. Products are exact
+// and summed in fp32, chunk sums added in fp32. Columns past K or past the staged chunk enter as
+// zeros.
+//
+// Latency, not the tensor cores' rate, bounds a warp's chain of mmas (each waits for its fragment
+// loads and for the previous mma's sum): the H200's first run found the kernel slower than the
+// exact CUDA-core one nearly everywhere, most at small B where a block has one or two tasks (16
+// weight rows x 8 staged rows) for its 8 warps, each task's whole K on one warp while the others
+// wait. So the K steps of a task are split among kWarps / tasks warps where there are fewer
+// tasks than warps (each warp's partial sums go to part_s and the first warp of the task adds
+// them in order: deterministic, as every sum here), and a warp keeps two accumulators, the even
+// and the odd K steps, so that two independent chains overlap.
 #pragma once
 
 #include <cstdint>
@@ -114,9 +125,10 @@ __host__ __device__ __forceinline__ void check_aligned(const void* p, int bytes)
 }
 
 // Register `reg` of a fragment from a row-major array p (row stride `stride` elements) at
-// (row, col): rows >= n_rows and columns >= n_cols enter as zeros. T: float (rounded by
-// cvt) or a 16-bit type taken as raw bits, a pair per 32-bit load (stride and col even).
-template <tc::Kind k, typename T>
+// (row, col): rows >= n_rows and columns >= n_cols enter as zeros. T: float (rounded by cvt, or
+// with kRounded already TF32 and taken as bits) or a 16-bit type taken as raw bits, a pair per
+// 32-bit load (stride and col even).
+template <tc::Kind k, bool kRounded, typename T>
 __device__ __forceinline__ uint32_t frag_reg(const T* p, int64_t stride, int row, int col,
                                              int n_rows, int n_cols) {
   if (row >= n_rows || col >= n_cols) return 0u;
@@ -124,24 +136,37 @@ __device__ __forceinline__ uint32_t frag_reg(const T* p, int64_t stride, int row
     check_aligned(p + row * stride + col, 4);  // even stride and col, 4-byte aligned p
     const uint32_t pair = *reinterpret_cast<const uint32_t*>(p + row * stride + col);
     return col + 1 < n_cols ? pair : pair & 0xFFFFu;  // past the end: zero, not the pad
+  } else if constexpr (kRounded) {
+    return tc::as_bits(static_cast<float>(p[row * stride + col]));
   } else {
     return tc::to_bits<k>(static_cast<float>(p[row * stride + col]));
   }
 }
 
+// Floats of part_s, tile_matvec_mma's scratch for the split of K: a C fragment (4 floats a
+// lane in every shape) per warp.
+template <int kWarps>
+constexpr int kMmaPartFloats = kWarps * 32 * 4;
+
+// How a chunk's tasks are spread over the warps: `splits` warps share each task's K steps when
+// there are fewer tasks than warps (never more warps than K steps), else one warp a task.
+__host__ __device__ constexpr int mma_splits(int tasks, int warps, int k_steps) {
+  return tasks >= warps ? 1 : (warps / tasks < k_steps ? warps / tasks : k_steps);
+}
+
 // kc_max: columns staged per chunk at most; kc_stride (>= kc_max) and w_stride (>= K): the
 // tile's and the weights' row strides in elements (even for 16-bit kinds). tile_rows: rows
 // staged (a multiple of 8, at most kMaxRows). The tile holds float for TF32 and the kind's
-// 16-bit type otherwise (x_t); weights w_t likewise (float rounded to TF32, or 16-bit raw).
-// locate(row) -> int64_t is called once per staged row and tile, its result handed to
-// stage(dst, handle, k0, kc, lane) for every chunk (the row's source looked up once).
-// Ends with __syncthreads.
+// 16-bit type otherwise (x_t); weights w_t likewise (float already rounded to TF32, or 16-bit
+// raw). part_s: kMmaPartFloats<kWarps> floats of scratch. locate(row) -> int64_t is called
+// once per staged row and tile, its result handed to stage(dst, handle, k0, kc, lane) for
+// every chunk (the row's source looked up once). Ends with __syncthreads.
 template <int NG, int kWarps, int kMaxRows, tc::Kind k, typename w_t, typename x_t, typename Locate,
           typename Stage>
 __device__ __forceinline__ void tile_matvec_mma(const w_t* w_s, int64_t w_stride, int U, int g_rows,
                                                 int u_rows, int K, int tile_rows, int kc_max,
                                                 int64_t kc_stride, x_t* tile, float* acc_s,
-                                                Locate locate, Stage stage) {
+                                                float* part_s, Locate locate, Stage stage) {
   using S = tc::Shape<k>;
   static_assert(sizeof(x_t) == tile_elem_bytes<k>::value && sizeof(w_t) == sizeof(x_t),
                 "TF32 takes float weights and tile, the 16-bit kinds their own type");
@@ -150,12 +175,26 @@ __device__ __forceinline__ void tile_matvec_mma(const w_t* w_s, int64_t w_stride
   constexpr int kRowsPerWarp = (kMaxRows + kWarps - 1) / kWarps;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int w_rows = NG * U, m_tiles = (w_rows + S::M - 1) / S::M, subs = tile_rows / kN;
+  const int tasks = m_tiles * subs;
+  const int splits = mma_splits(tasks, kWarps, (kc_max + S::K - 1) / S::K);
   const bool g_major = u_rows == 1;  // forward order: row g*U + u
 #ifdef VARLEN_RNN_HOST_EMULATION
   if (threadIdx.x == 0) {
     emu_note_fragment_ways(fragment_load_ways<k>(w_stride, sizeof(w_t), kc_stride));
   }
 #endif
+  // A task's sums (this lane's C elements) into acc_s: the chunk's, added to the earlier ones.
+  auto emit = [&](int task, int k0, const float (&x)[S::kCElems]) {
+    const int m0 = (task % m_tiles) * S::M, sub = task / m_tiles;
+#pragma unroll
+    for (int i = 0; i < S::kCElems; ++i) {
+      const int w = m0 + tc::c_row(lane, i), r = tc::c_col(lane, i);
+      if (w >= w_rows) continue;
+      const int g = g_major ? w / U : w % NG, u = g_major ? w % U : w / NG;
+      float* dst = acc_s + ((sub * U + u) * NG + g) * kN + r;
+      *dst = (k0 == 0 ? 0.f : *dst) + x[i];
+    }
+  };
   int64_t src[kRowsPerWarp];
 #pragma unroll
   for (int q = 0; q < kRowsPerWarp; ++q) {
@@ -164,39 +203,60 @@ __device__ __forceinline__ void tile_matvec_mma(const w_t* w_s, int64_t w_stride
   }
   for (int k0 = 0; k0 < K; k0 += kc_max) {
     const int kc = min(kc_max, K - k0);
+    const int steps = (kc + S::K - 1) / S::K;
 #pragma unroll
     for (int q = 0; q < kRowsPerWarp; ++q) {
       const int r = warp + q * kWarps;
       if (r < tile_rows) stage(tile + r * kc_stride, src[q], k0, kc, lane);
     }
     __syncthreads();
-    for (int task = warp; task < m_tiles * subs; task += kWarps) {  // warp-uniform
+    for (int slot = warp; slot < tasks * splits; slot += kWarps) {  // warp-uniform
+      const int task = slot / splits, part = slot % splits;
       const int m0 = (task % m_tiles) * S::M, sub = task / m_tiles;
       const w_t* wa = w_s + m0 * w_stride + k0;
       const x_t* x = tile + sub * kN * kc_stride;
-      tc::FragC acc = {};
-      for (int kk = 0; kk < kc; kk += S::K) {
+      tc::FragC acc[2] = {};
+      // This warp's K steps [s0, s1) of the chunk's `steps`, balanced over the task's warps.
+      const int s0 = part * steps / splits, s1 = (part + 1) * steps / splits;
+      for (int s = s0; s < s1; ++s) {
+        const int kk = s * S::K;
         tc::FragA<k> fa;
         tc::FragB<k> fb;
 #pragma unroll
         for (int r = 0; r < kRegsA; ++r) {
-          fa.reg[r] = frag_reg<k>(wa, w_stride, a_reg_row<k>(lane, r), kk + a_reg_col<k>(lane, r),
-                                  w_rows - m0, kc);
+          fa.reg[r] = frag_reg<k, true>(wa, w_stride, a_reg_row<k>(lane, r),
+                                        kk + a_reg_col<k>(lane, r), w_rows - m0, kc);
         }
 #pragma unroll
         for (int r = 0; r < kRegsB; ++r) {
-          fb.reg[r] =
-              frag_reg<k>(x, kc_stride, b_reg_row<k>(lane, r), kk + b_reg_col<k>(lane, r), kN, kc);
+          fb.reg[r] = frag_reg<k, false>(x, kc_stride, b_reg_row<k>(lane, r),
+                                         kk + b_reg_col<k>(lane, r), kN, kc);
         }
-        tc::mma(acc, fa, fb, acc);
+        tc::mma(acc[(s - s0) & 1], fa, fb, acc[(s - s0) & 1]);
       }
+      float sum[S::kCElems];
 #pragma unroll
-      for (int i = 0; i < S::kCElems; ++i) {
-        const int w = m0 + tc::c_row(lane, i), r = tc::c_col(lane, i);
-        if (w >= w_rows) continue;
-        const int g = g_major ? w / U : w % NG, u = g_major ? w % U : w / NG;
-        float* dst = acc_s + ((sub * U + u) * NG + g) * kN + r;
-        *dst = (k0 == 0 ? 0.f : *dst) + acc.x[i];
+      for (int i = 0; i < S::kCElems; ++i) sum[i] = acc[0].x[i] + acc[1].x[i];
+      if (splits == 1) {
+        emit(task, k0, sum);
+      } else {
+#pragma unroll
+        for (int i = 0; i < S::kCElems; ++i) part_s[(slot * S::kCElems + i) * 32 + lane] = sum[i];
+      }
+    }
+    if (splits > 1) {
+      __syncthreads();
+      // The task's first warp adds its parts in order: the same sums whatever the timing.
+      for (int slot = warp; slot < tasks * splits; slot += kWarps) {
+        if (slot % splits != 0) continue;
+        float sum[S::kCElems];
+#pragma unroll
+        for (int i = 0; i < S::kCElems; ++i) {
+          sum[i] = part_s[(slot * S::kCElems + i) * 32 + lane];
+          for (int p = 1; p < splits; ++p)
+            sum[i] += part_s[((slot + p) * S::kCElems + i) * 32 + lane];
+        }
+        emit(slot / splits, k0, sum);
       }
     }
     __syncthreads();

@@ -39,6 +39,9 @@ static_assert(plan::kThreads == kPersistThreads && plan::kRowsPerItem == kRows &
                   plan::kUnitsPerItem == kUnitsPerItem,
               "plan.h must model the kernels' geometry (persistent.cuh)");
 
+static_assert(plan::kMmaPartBytes == kPartBytes<true>,
+              "plan.h must reserve the tensor-core product's scratch (mma_matvec.cuh)");
+
 static_assert(plan::kMaxRowGroups * plan::kRowsPerItem == kMaxTileRows,
               "plan.h's largest tile must be the one the kernels keep row sources for");
 

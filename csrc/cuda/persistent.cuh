@@ -57,8 +57,9 @@ struct PersistentForwardArgs : PersistentCommonArgs {
   scalar_t* c_n;                     // [D, B, H] (kHasC)
 };
 
-// Dynamic shared memory: tile [tile_rows][kc_stride] x_t | acc_s [items][G][kRows]
-// acc_t | w_s [G][J][w_stride] scalar_t (plan.h keeps every part 16-byte aligned).
+// Dynamic shared memory: part_s (tensor cores: kPartBytes) | tile [tile_rows][kc_stride] x_t |
+// acc_s [items][G][kRows] acc_t | w_s [G][J][w_stride] scalar_t (plan.h keeps every part
+// 16-byte aligned).
 template <typename Cell, typename scalar_t, typename acc_t, bool kMma = false>
 __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
     persistent_forward_kernel(const PersistentForwardArgs<scalar_t, acc_t> a) {
@@ -71,7 +72,8 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
   const int d = blockIdx.x / ps.blocks_per_dir;
   const int j0 = (blockIdx.x % ps.blocks_per_dir) * J;
   const int items = tile_items(J, ps);
-  x_t* tile = reinterpret_cast<x_t*>(smem_raw);
+  float* part_s = reinterpret_cast<float*>(smem_raw);
+  x_t* tile = reinterpret_cast<x_t*>(smem_raw + kPartBytes<kMma>);
   acc_t* acc_s = reinterpret_cast<acc_t*>(tile + ps.tile_rows * ps.kc_stride);
   scalar_t* w_s = reinterpret_cast<scalar_t*>(acc_s + items * G * kRows);
   check_smem_parts(tile, acc_s, w_s);
@@ -84,8 +86,9 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
   for (int e = threadIdx.x; e < G * J * W; e += blockDim.x) {
     const int g = e / (J * W), jl = (e / W) % J, k = e % W;
     const int j = j0 + jl;
-    w_s[e] = j < H && k < H ? a.w_hh[(static_cast<int64_t>(d) * G * H + g * H + j) * H + k]
-                            : scalar_t(0);
+    w_s[e] = j < H && k < H
+                 ? smem_weight<kMma>(a.w_hh[(static_cast<int64_t>(d) * G * H + g * H + j) * H + k])
+                 : scalar_t(0);
   }
   const acc_t no_saved[Cell::kSaved] = {};
   for (int e = threadIdx.x; e < B * J; e += blockDim.x) {
@@ -127,7 +130,7 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
           stage_row<true>(dst, off < 0 ? nullptr : cur + off + k0, kc, lane);
         }
       };
-      recurrent_matvec<G, kMma>(w_s, J, J, 1, H, ps, tile, acc_s, locate, stage);
+      recurrent_matvec<G, kMma>(w_s, J, J, 1, H, ps, tile, acc_s, part_s, locate, stage);
       for (int e = threadIdx.x; e < items * kRows; e += blockDim.x) {
         const int item = e / kRows, r = e % kRows;
         const int j = j0 + item % J;
@@ -200,8 +203,8 @@ struct PersistentBackwardArgs : PersistentCommonArgs {
 // per step suffices; dc never leaves the block. Phase 2 groups the block's
 // units by kUnitsPerItem (U = ceil(J/3) groups), so its dot products have the
 // GRU forward's shape whatever the cell: 3 weight rows x kRows rows of dgh.
-// Shared memory: tile | acc_s [items][3][kRows] | w_s [3U][w_stride] (W_hh^T
-// slice, zero rows past J, zero columns past GH). dgh is the exchange, kept
+// Shared memory: part_s (tensor cores) | tile | acc_s [items][3][kRows] | w_s [3U][w_stride]
+// (W_hh^T slice, zero rows past J, zero columns past GH). dgh is the exchange, kept
 // where the weight gradients read it (dg's rows: dgx's columns, and dghn's for
 // a GRU's last gate: pointwise.cuh): already in the storage type, staged as it
 // is on 16-bit tensor cores. dg may be the workspace's first columns: phase 1's
@@ -219,7 +222,8 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
   const int j0 = (blockIdx.x % ps.blocks_per_dir) * J;
   const int U = (J + NU - 1) / NU;
   const int items = tile_items(U, ps);
-  x_t* tile = reinterpret_cast<x_t*>(smem_raw);
+  float* part_s = reinterpret_cast<float*>(smem_raw);
+  x_t* tile = reinterpret_cast<x_t*>(smem_raw + kPartBytes<kMma>);
   acc_t* acc_s = reinterpret_cast<acc_t*>(tile + ps.tile_rows * ps.kc_stride);
   scalar_t* w_s = reinterpret_cast<scalar_t*>(acc_s + items * NU * kRows);
   check_smem_parts(tile, acc_s, w_s);
@@ -236,9 +240,10 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
 
   for (int e = threadIdx.x; e < W * NU * U; e += blockDim.x) {
     const int jl = e % (NU * U), m = e / (NU * U), j = j0 + jl;
-    w_s[static_cast<int64_t>(jl) * W + m] = jl < J && j < H && m < GH
-                                                ? a.w_hh[(static_cast<int64_t>(d) * GH + m) * H + j]
-                                                : scalar_t(0);
+    w_s[static_cast<int64_t>(jl) * W + m] =
+        jl < J && j < H && m < GH
+            ? smem_weight<kMma>(a.w_hh[(static_cast<int64_t>(d) * GH + m) * H + j])
+            : scalar_t(0);
   }
   for (int e = threadIdx.x; e < B * J; e += blockDim.x) {
     const int b = e / J, j = j0 + e % J;
@@ -296,8 +301,8 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
           if (n < kc) stage_row<true>(dst + n, dg_row + GH + (k0 + n - shared), kc - n, lane);
         }
       };
-      recurrent_matvec<NU, kMma>(w_s, U, 1, NU, static_cast<int>(GH), ps, tile, acc_s, locate,
-                                 stage);
+      recurrent_matvec<NU, kMma>(w_s, U, 1, NU, static_cast<int>(GH), ps, tile, acc_s, part_s,
+                                 locate, stage);
       for (int e = threadIdx.x; e < items * NU * kRows; e += blockDim.x) {
         const int item = e / (NU * kRows), g = (e / kRows) % NU, r = e % kRows;
         const int jl = (item % U) * NU + g, j = j0 + jl;

@@ -263,18 +263,35 @@ constexpr tc::Kind mma_kind = std::is_same<scalar_t, c10::BFloat16>::value ? tc:
 // type, so a fragment register is one 32-bit load of two elements), else acc_t.
 template <bool kMma, typename scalar_t, typename acc_t>
 using tile_t = std::conditional_t<kMma && sizeof(scalar_t) == 2, scalar_t, acc_t>;
+// The bytes of dynamic shared memory before the tile: the tensor-core product's scratch
+// (mma_matvec.cuh's part_s; plan.h's kMmaPartBytes), none on CUDA cores.
+template <bool kMma>
+constexpr int kPartBytes = kMma ? kMmaPartFloats<kPersistWarps> * 4 : 0;
+// A weight as the kernel keeps it in shared memory: rounded to TF32 once for the tensor cores'
+// float32 product (mma_matvec.cuh takes its bits as they are), else as it is.
+template <bool kMma, typename scalar_t>
+__device__ __forceinline__ scalar_t smem_weight(scalar_t w) {
+  if constexpr (kMma && std::is_same<scalar_t, float>::value) {
+    return tc::tf32_rounded(w);
+  } else {
+    return w;
+  }
+}
 // NG weight rows per work item: the cell's kGates in the forward, kUnitsPerItem in the backward.
+// part_s: kPartBytes<kMma> bytes of scratch.
 template <int NG, bool kMma, typename w_t, typename x_t, typename acc_t, typename Locate,
           typename Stage>
 __device__ __forceinline__ void recurrent_matvec(const w_t* w_s, int U, int g_rows, int u_rows,
                                                  int K, const PersistentShape& ps, x_t* tile,
-                                                 acc_t* acc_s, Locate locate, Stage stage) {
+                                                 acc_t* acc_s, float* part_s, Locate locate,
+                                                 Stage stage) {
   if constexpr (kMma) {
     static_assert(std::is_same<acc_t, float>::value, "tensor cores: float, half or bfloat16");
     tile_matvec_mma<NG, kPersistWarps, kMaxTileRows, mma_kind<w_t>>(
         w_s, ps.w_stride, U, g_rows, u_rows, K, ps.tile_rows, ps.kc, ps.kc_stride, tile, acc_s,
-        locate, stage);
+        part_s, locate, stage);
   } else {
+    (void)part_s;
     tile_matvec<NG>(w_s, U, g_rows, u_rows, K, ps, tile, acc_s, locate, stage);
   }
 }

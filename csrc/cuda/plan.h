@@ -28,6 +28,9 @@ constexpr int64_t kUnitsPerItem = 3;
 // At most this many row groups per tile: beyond it the accumulators eat the
 // shared memory that K chunks need.
 constexpr int64_t kMaxRowGroups = 4;
+// The tensor-core kernel's scratch for the split of K among warps (mma_matvec.cuh's part_s: a
+// C fragment, 4 floats a lane, per warp), at the start of its shared memory.
+constexpr int64_t kMmaPartBytes = kWarps * 32 * 4 * 4;
 
 enum class Path { kAuto, kPersistent, kFallback };
 enum class Pass { kInference, kTraining, kBackward };
@@ -119,6 +122,8 @@ struct CostModel {
   // probe.json; calibration.md beside it): auto then picks the fastest path measured in 27 of
   // its 32 configurations (13 before), the tensor-core kernel (4x its model) losing to the
   // exact one nearly everywhere. The pointwise term is what a ridge fit leaves of it (tiny).
+  // kMmaScale was fitted to the tensor-core kernel before its K steps were split among idle
+  // warps and its chains doubled (mma_tile_cycles models both); no GPU has run that one yet.
   static constexpr double kCudaCoreScale = 0.2281, kMmaScale = 3.98;
 };
 
@@ -143,12 +148,15 @@ inline double gemm_flops_per_cycle(const Problem& p) {
 // conflicts; padded_stride's S = 4 (mod 8) gives the 32 lanes 32 distinct banks. Beside these
 // the step keeps its fixed costs (grid barrier, staging h from L2, pointwise), which dominate
 // at small B and which tensor cores do not touch. A dependent chain of mmas per warp costs
-// kLatencyCycles per mma where there are fewer tasks than warps. Estimates until gpu_probe.py
-// measures them.
+// kLatencyCycles per mma, half of it with the kernel's two accumulators, and where there are
+// fewer tasks than warps the warps split each task's K steps (mma_matvec.cuh). Estimates,
+// scaled as a whole by CostModel::kMmaScale.
 struct MmaModel {
   static constexpr double kLatencyCycles =
       32;  // mma.sync issue-to-result, A100/H100 microbenchmarks
   static constexpr double kTf32FlopPerCycle = 2048, kHalfFlopPerCycle = 4096;  // per SM, dense
+  // Adding a split task's parts: a __syncthreads and splits dependent shared-memory loads.
+  static constexpr double kSplitSumCycles = 200;
 };
 
 // The row stride, in elements of elem_bytes, of a shared-memory array of rows of n elements that
@@ -200,7 +208,12 @@ inline double mma_tile_cycles(const Problem& p, int64_t w_rows, int64_t rows, in
       (chunks - 1) * ceil_div(kc, k_mma) + ceil_div(K - (chunks - 1) * kc, k_mma);
   const int64_t tasks = ceil_div(w_rows, 16) * (rows / kRowsPerItem);
   const double loads = tasks * k_steps * per_mma;  // one shared-memory pipe per SM
-  const double chain = ceil_div(tasks, kWarps) * k_steps * MmaModel::kLatencyCycles;
+  // A warp's chain: its share of a task's K steps where fewer tasks than warps split them
+  // (mma_splits), two accumulators in flight, and then the parts' sum behind a __syncthreads.
+  const int64_t splits = tasks >= kWarps ? 1 : std::min(kWarps / tasks, ceil_div(kc, k_mma));
+  const double chain =
+      ceil_div(tasks * splits, kWarps) * ceil_div(k_steps, splits) * MmaModel::kLatencyCycles / 2 +
+      (splits > 1 ? chunks * MmaModel::kSplitSumCycles : 0);
   return std::max(loads, chain);
 }
 
@@ -317,8 +330,9 @@ inline bool persistent_cut(const Problem& p, const Device& dev, int64_t max_kc, 
   for (int64_t groups = 1; groups <= max_groups; ++groups) {
     const int64_t rows = kRowsPerItem * groups;
     const int64_t acc_smem = U * groups * ng * kRowsPerItem * p.acc_bytes;
-    if (w_smem + acc_smem >= dev.smem_per_block) break;  // more rows only need more
-    const int64_t avail = (dev.smem_per_block - w_smem - acc_smem) / (rows * tile_bytes);
+    const int64_t fixed = w_smem + acc_smem + (mma ? kMmaPartBytes : 0);
+    if (fixed >= dev.smem_per_block) break;  // more rows only need more
+    const int64_t avail = (dev.smem_per_block - fixed) / (rows * tile_bytes);
     int64_t kc = avail - (mma ? 48 / tile_bytes : 0);  // room for the padding (< 12 words)
     if (max_kc > 0) kc = std::min(kc, std::max<int64_t>(32, max_kc / 32 * 32));
     if (kc < K) {
@@ -335,7 +349,7 @@ inline bool persistent_cut(const Problem& p, const Device& dev, int64_t max_kc, 
     c.kc_stride = kc_stride_of(kc);
     c.w_stride = w_stride;
     c.blocks = p.D * bpd;
-    c.smem = rows * c.kc_stride * tile_bytes + acc_smem + w_smem;
+    c.smem = (mma ? kMmaPartBytes : 0) + rows * c.kc_stride * tile_bytes + acc_smem + w_smem;
     c.step_cycles = persistent_step_cycles(p, J, rows, kc, w_stride, c.kc_stride);
     if (!found || c.step_cycles < best.step_cycles) best = c;
     found = true;

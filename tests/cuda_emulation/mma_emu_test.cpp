@@ -97,7 +97,7 @@ at::Tensor to_bits(int64_t kind, at::Tensor x) {
   return at::tensor(std::vector<int64_t>(y.begin(), y.end()), at::kLong);
 }
 
-// w [3U, K] (float32 for kind 0, int16 bits for 1/2), x [tile_rows, K] float32 ->
+// w [3U, K] (float32 rounded to TF32 for kind 0, int16 bits for 1/2), x [tile_rows, K] float32 ->
 // acc [tile_rows / 8, U, 3, 8]: matvec_kernel<kind>, the tile chunked by kc_max columns.
 at::Tensor matvec(int64_t kind, at::Tensor w, at::Tensor x, int64_t U, bool g_major,
                   int64_t kc_max) {
@@ -110,7 +110,9 @@ at::Tensor matvec(int64_t kind, at::Tensor w, at::Tensor x, int64_t U, bool g_ma
   auto wc = at::zeros({3 * U, w_stride}, w.options());
   wc.narrow(1, 0, K).copy_(w);
   auto xc = x.to(at::kFloat).contiguous();
-  auto tile = at::full({rows, kc_max}, std::nanf(""), xc.options());
+  auto tile =
+      at::full({tc_test::matvec_scratch_floats(static_cast<int>(rows), static_cast<int>(kc_max))},
+               std::nanf(""), xc.options());
   auto acc = at::full({rows / 8, U, 3, 8}, 777.0f, xc.options());
   const float* px = xc.data_ptr<float>();
   float *pt = tile.data_ptr<float>(), *pa = acc.data_ptr<float>();

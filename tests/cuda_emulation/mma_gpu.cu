@@ -83,13 +83,14 @@ extern "C" int mma_matvec(int kind, const void* w, const float* x, float* acc, i
   DeviceBuffer dw, dx, dt, da;
   MMA_GPU_CHECK(cudaMalloc(&dw.p, sw));
   MMA_GPU_CHECK(cudaMalloc(&dx.p, sx));
-  MMA_GPU_CHECK(cudaMalloc(&dt.p, sizeof(float) * rows * kc_max));
+  const size_t st = sizeof(float) * tc_test::matvec_scratch_floats(rows, kc_max);
+  MMA_GPU_CHECK(cudaMalloc(&dt.p, st));
   MMA_GPU_CHECK(cudaMalloc(&da.p, sa));
   MMA_GPU_CHECK(cudaMemset(dw.p, 0, sw));
   MMA_GPU_CHECK(cudaMemcpy2D(dw.p, es * w_stride, w, es * K, es * K, 3 * U,
                              cudaMemcpyHostToDevice));
   MMA_GPU_CHECK(cudaMemcpy(dx.p, x, sx, cudaMemcpyHostToDevice));
-  MMA_GPU_CHECK(cudaMemset(dt.p, 0xFF, sizeof(float) * rows * kc_max));  // NaN past each chunk
+  MMA_GPU_CHECK(cudaMemset(dt.p, 0xFF, st));  // NaN past each chunk
   MMA_GPU_CHECK(cudaMemset(da.p, 0xFF, sa));
   tc_test::dispatch(kind, 0, [&](auto kc, auto) {
     constexpr tc::Kind k = decltype(kc)::value;

@@ -112,7 +112,13 @@ constexpr int kMatvecWarps = 4;
 //   acc [(sub*U + u)*3 + g][8] from W [3U, K] (w_t: float, or the kind's 2-byte bits; row
 //   stride w_stride, even for 2-byte bits) and the staged rows X [tile_rows, K] fp32, staged
 //   into the tile in the kernel's tile type (fp32 for TF32, else rounded to the kind's bits);
-//   row order g*U + u (g_major) or u*3 + g. tile: scratch of tile_rows * kc_max floats.
+//   row order g*U + u (g_major) or u*3 + g. TF32 weights already rounded (tc::tf32_rounded),
+//   as the kernels keep them. tile: scratch of matvec_scratch_floats(tile_rows, kc_max).
+// The tile and, after it, the split's partial sums (kMmaPartFloats).
+inline int matvec_scratch_floats(int tile_rows, int kc_max) {
+  return tile_rows * kc_max + kMmaPartFloats<kMatvecWarps>;
+}
+
 template <Kind k, typename w_t>
 __global__ void matvec_kernel(const w_t* w, int w_stride, const float* X, float* tile, float* acc,
                               int U, int g_major, int K, int tile_rows, int kc_max) {
@@ -131,7 +137,8 @@ __global__ void matvec_kernel(const w_t* w, int w_stride, const float* X, float*
   };
   tile_matvec_mma<3, kMatvecWarps, 32, k>(w, w_stride, U, g_major ? U : 1, g_major ? 1 : 3, K,
                                           tile_rows, kc_max, kc_stride,
-                                          reinterpret_cast<x_t*>(tile), acc, locate, stage);
+                                          reinterpret_cast<x_t*>(tile), acc,
+                                          tile + tile_rows * kc_max, locate, stage);
 }
 
 inline int k_step(int kind) { return kind == 0 ? 8 : 16; }
