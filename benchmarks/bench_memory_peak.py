@@ -42,9 +42,10 @@ def _events(step, device: str) -> list:
     if device == "cuda":
         activities.append(ProfilerActivity.CUDA)
         torch.cuda.synchronize()
-    with bench_memory._quiet_stderr(), profile(
-        activities=activities, profile_memory=True, record_shapes=True
-    ) as prof:
+    with (
+        bench_memory._quiet_stderr(),
+        profile(activities=activities, profile_memory=True, record_shapes=True) as prof,
+    ):
         step()
         if device == "cuda":
             torch.cuda.synchronize()
