@@ -215,10 +215,8 @@ __device__ __forceinline__ void tile_matvec_mma(const w_t* w_s, int64_t w_stride
       const int m0 = (task % m_tiles) * S::M, sub = task / m_tiles;
       const w_t* wa = w_s + m0 * w_stride + k0;
       const x_t* x = tile + sub * kN * kc_stride;
-      tc::FragC acc[2] = {};
-      // This warp's K steps [s0, s1) of the chunk's `steps`, balanced over the task's warps.
-      const int s0 = part * steps / splits, s1 = (part + 1) * steps / splits;
-      for (int s = s0; s < s1; ++s) {
+      // K step s of the chunk into acc: its fragments loaded, one mma.
+      auto step = [&](int s, tc::FragC& acc) {
         const int kk = s * S::K;
         tc::FragA<k> fa;
         tc::FragB<k> fb;
@@ -232,11 +230,22 @@ __device__ __forceinline__ void tile_matvec_mma(const w_t* w_s, int64_t w_stride
           fb.reg[r] = frag_reg<k, false>(x, kc_stride, b_reg_row<k>(lane, r),
                                          kk + b_reg_col<k>(lane, r), kN, kc);
         }
-        tc::mma(acc[(s - s0) & 1], fa, fb, acc[(s - s0) & 1]);
+        tc::mma(acc, fa, fb, acc);
+      };
+      // This warp's K steps [s0, s1) of the chunk's `steps`, balanced over the task's warps,
+      // alternately into two accumulators (named, not indexed: an indexed pair would live in
+      // local memory).
+      const int s0 = part * steps / splits, s1 = (part + 1) * steps / splits;
+      tc::FragC even = {}, odd = {};
+      int s = s0;
+      for (; s + 1 < s1; s += 2) {
+        step(s, even);
+        step(s + 1, odd);
       }
+      if (s < s1) step(s, even);
       float sum[S::kCElems];
 #pragma unroll
-      for (int i = 0; i < S::kCElems; ++i) sum[i] = acc[0].x[i] + acc[1].x[i];
+      for (int i = 0; i < S::kCElems; ++i) sum[i] = even.x[i] + odd.x[i];
       if (splits == 1) {
         emit(task, k0, sum);
       } else {
