@@ -37,6 +37,7 @@ import bench_report  # noqa: E402
 import torch  # noqa: E402
 from bench_cases import (  # noqa: E402
     CELLS,
+    COMPETITORS,
     DISTRIBUTIONS,
     MODES,
     RAGGED,
@@ -172,7 +173,21 @@ def preset_cases(preset: str, device: str) -> list[Case]:
             (256, 512, 1024), (1, 8, 64, 256), ("float32", "bfloat16")
         ):
             modes = ("infer", "train") if B <= 8 else ("train",)
-            cases.append(Case(B=B, T=256, I=H, H=H, dtype=dtype, device=device, modes=modes))
+            # varlen_host: the lengths on the CPU, as the recipe's users have them (a training
+            # call then runs on the valid rows: _inputs.valid_rows).
+            competitors = COMPETITORS + ("varlen_host",)
+            cases.append(
+                Case(
+                    B=B,
+                    T=256,
+                    I=H,
+                    H=H,
+                    dtype=dtype,
+                    device=device,
+                    modes=modes,
+                    competitors=competitors,
+                )
+            )
         return cases
     if preset == "ragged":
         # Issue 10. The skewed batch (one sequence of 1000, 255 of 20): training-step memory of

@@ -24,6 +24,8 @@ LABELS = {
     "baseline": "nn.X + pack/pad (baseline)",
     "padded": "nn.X padded, no lengths (wrong results)",
     "varlen": "varlen_rnn.X(x, lengths=)",
+    "varlen_host": "varlen_rnn.X(x, lengths=) with the lengths on the CPU (on CUDA a training "
+    "call then runs on the valid rows only)",
     "varlen_packed": "varlen_rnn.X(PackedSequence), packed from and padded back to x",
     "varlen_packseq": "varlen_rnn.X(PackedSequence) -> PackedSequence",
     "varlen_nested": "varlen_rnn.X(jagged nested tensor)",
@@ -231,6 +233,8 @@ class Bench:
             return self.ref(x)
         if name == "varlen":
             return self.var(x, lengths=self.lengths_dev)
+        if name == "varlen_host":
+            return self.var(x, lengths=self.lengths)
         if name == "varlen_packed":
             return self._packed(self.var, x)
         if name in RAGGED:  # x: a PackedSequence or a nested tensor; returns rows [N, D*H]

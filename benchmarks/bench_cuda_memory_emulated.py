@@ -7,11 +7,14 @@ input). These are the allocations a GPU would get; its caching allocator's round
 counted. --commit REV measures that commit's CUDA backend (its csrc/ and tests/, exported) on the
 same inputs beside this checkout's. --loss last-state: the loss is h_n[-1].sum() (a classifier's:
 the output gets no gradient, None at the backward op), beside the same step given a zero tensor
-for the output's gradient (what the op got before 5662507). A markdown table on stdout and in
+for the output's gradient (what the op got before 5662507). --valid-rows: the lengths on the CPU,
+which a CUDA training call runs on the valid rows only (varlen_rnn._inputs.valid_rows), beside
+lengths on the GPU (the padded op). A markdown table on stdout and in
 benchmarks/results/cuda-memory-emulated_cpu_<date>.md.
 
     python benchmarks/bench_cuda_memory_emulated.py --commit HEAD~1 [--path fallback|persistent]
     python benchmarks/bench_cuda_memory_emulated.py --loss last-state
+    python benchmarks/bench_cuda_memory_emulated.py --valid-rows
 
 Each tree is measured in a subprocess of its own (the profiler slows a process's later ops, and
 each tree builds its emulation, ~1 minute).
@@ -47,6 +50,8 @@ def _worker(spec: dict) -> None:
 
     import varlen_rnn
 
+    if spec.get("valid_rows"):  # the CPU stands in for CUDA: a CUDA user's CPU lengths
+        varlen_rnn._inputs.VALID_ROWS_DEVICES.add("cpu")
     emu = emulation.load_emulation()
     emu.backend.set_device(8, 227 * 1024, 9)  # 8 SMs, an H100's shared memory per block
     emu.backend.set_knobs(spec["path"], 0, False, 0, True)  # tensor cores off: float32 exact
@@ -82,8 +87,12 @@ def _worker(spec: dict) -> None:
     print(json.dumps(result))
 
 
-def measure(tests_dir: str, path: str, shapes, loss: str = "output") -> dict:
-    spec = json.dumps({"tests": tests_dir, "path": path, "shapes": shapes, "loss": loss})
+def measure(
+    tests_dir: str, path: str, shapes, loss: str = "output", valid_rows: bool = False
+) -> dict:
+    spec = json.dumps(
+        {"tests": tests_dir, "path": path, "shapes": shapes, "loss": loss, "valid_rows": valid_rows}
+    )
     proc = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--worker", spec],
         capture_output=True,
@@ -113,6 +122,12 @@ def main(argv=None):
     p.add_argument("--loss", default="output", choices=["output", "last-state"])
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--quick", action="store_true", help="tiny shapes, a smoke test")
+    p.add_argument(
+        "--valid-rows",
+        action="store_true",
+        help="the same steps with the lengths on the CPU (a CUDA training call then runs on the "
+        "valid rows: varlen_rnn._inputs.valid_rows) beside lengths on the GPU (the padded op)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -127,7 +142,11 @@ def main(argv=None):
     tests = os.path.join(ROOT, "tests")
     ours = measure(tests, args.path, shapes, args.loss)
     theirs, names = None, ("this checkout", args.commit)
-    if args.loss == "last-state":
+    if args.valid_rows:
+        theirs = ours
+        ours = measure(tests, args.path, shapes, args.loss, valid_rows=True)
+        names = ("lengths on the CPU (valid rows)", "lengths on the GPU (padded op)")
+    elif args.loss == "last-state":
         theirs = measure(tests, args.path, shapes, "last-state-zeros")
         names = ("output's gradient None", "a zero tensor for it")
     elif args.commit:

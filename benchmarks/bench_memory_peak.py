@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_case_arguments(p)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--competitors", default="baseline,varlen")
+    p.add_argument("--competitors", default="baseline,varlen,varlen_host")
     p.add_argument("--top", type=int, default=15, help="allocations listed per competitor")
     p.add_argument("--out", help="also write the report to this file")
     a = p.parse_args(argv)

@@ -208,6 +208,7 @@ _SHORT = {
     "baseline": "baseline",
     "padded": "padded",
     "varlen": "varlen",
+    "varlen_host": "varlen, CPU lengths",
     "varlen_packed": "varlen packed",
     "varlen_packseq": "varlen PackedSequence",
     "varlen_nested": "varlen nested",

@@ -16,10 +16,13 @@ NODES = {"gru": "GRULayerBackward", "lstm": "LSTMLayerBackward", "lstm_proj": "L
 
 
 def setup(kind, device, B=3, T=5, H=4, seed=0, **kw):
+    """The lengths on the input's device: a CUDA training call with CPU lengths runs on the
+    valid rows (index ops around the ragged op's node: test_valid_rows.py), not the padded op
+    whose node these tests are about."""
     ref, ours = make_kind_pair(kind, 3, H, device=device, **kw)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, B, 3, generator=g, dtype=torch.float64).to(device).requires_grad_()
-    lengths = torch.tensor([T, 2, 0, T - 1, 1][:B])
+    lengths = torch.tensor([T, 2, 0, T - 1, 1][:B], device=device)
     return ref, ours, x, lengths
 
 

@@ -322,7 +322,16 @@ class RNNBase(nn.Module):
         flat = self._flat_weights
         states = self._checked_states(states, input, B, flat)
         lengths = _inputs.as_lengths(lengths, B, T, input.device)
-        output, finals = self._run(input, states, (lengths,), (self.batch_first,), flat)
+        grads = torch.is_grad_enabled() and (
+            input.requires_grad
+            or any(s.requires_grad for s in states)
+            or any(w.requires_grad for w in flat)
+        )
+        valid = _inputs.valid_rows(lengths, input, T, B, self.batch_first, grads)
+        if valid is not None:
+            output, finals = self._run_valid_rows(input, states, valid, flat)
+        else:
+            output, finals = self._run(input, states, (lengths,), (self.batch_first,), flat)
         if not batched:
             output, finals = output.squeeze(batch_dim), tuple(f.squeeze(1) for f in finals)
         return output, self._result(finals)
@@ -353,6 +362,12 @@ class RNNBase(nn.Module):
             or ops.fwAD._current_level >= 0
             or _inputs.autocast_on(input.device)
             or (torch.is_grad_enabled() and ops._compiled_autograd_on())  # ops._layer's choice
+            # forward's choice of the valid rows for a training call (_inputs.valid_rows)
+            or (
+                lengths is not None
+                and input.device.type in _inputs.VALID_ROWS_DEVICES
+                and torch.is_grad_enabled()
+            )
         ):
             return None
         flat = self._flat_weights
@@ -391,6 +406,19 @@ class RNNBase(nn.Module):
             ends.append(end)
         finals = ends[0] if L == 1 else [torch.cat(f, 0) for f in zip(*ends)]
         return x, self._result(tuple(finals))
+
+    def _run_valid_rows(self, input: Tensor, states, valid, flat: list):
+        """A padded batch input [T, B, I] (or batch-first) run as the ragged rows of its valid
+        positions (valid = _inputs.valid_rows'), the output [T, B, D*P] zero at padded
+        positions, as the padded op returns it: the same numbers, and a training step keeps
+        its per-position buffers for the valid rows only (on the CUDA backend the padded op
+        keeps them for all T*B)."""
+        rows, offsets, max_len = valid
+        shape = input.shape
+        x = input.reshape(shape[0] * shape[1], shape[2]).index_select(0, rows)  # [N, I]
+        out, finals = self._run(x, states, (offsets, None, 0, max_len), (), flat)  # [N, D*P]
+        padded = out.new_zeros(shape[0] * shape[1], out.shape[1]).index_copy(0, rows, out)
+        return padded.view(shape[0], shape[1], out.shape[1]), finals
 
     def _forward_packed(self, packed: PackedSequence, hx):
         """PackedSequence.data [N, I] as it is (layout 1, time-major): the states stay in

@@ -231,3 +231,51 @@ def jagged_parts(input: Tensor) -> tuple[Tensor, Tensor, int]:
     if max_len is None:
         max_len = int(offsets.diff().max()) if offsets.numel() > 1 else 0
     return input.values(), offsets, max_len
+
+
+# Devices whose training calls on a padded batch with host-known lengths run on the valid rows
+# only (valid_rows): the CUDA backend keeps its per-position buffers (the workspace the backward
+# reads, the gate gradients, the gathered states) for every position of its input, padded ones
+# included, while the CPU backend keeps them for the valid positions already. Tests add "cpu"
+# to run the same route through the CPU kernels.
+VALID_ROWS_DEVICES = {"cuda"}
+
+
+def valid_rows(lengths: Tensor, input: Tensor, T: int, B: int, batch_first: bool, grads: bool):
+    """For a padded batch input [T, B, I] (or [B, T, I]) whose lengths live on the CPU, in a
+    call that records a backward (grads): (rows, offsets, max_len) to run it as ragged rows,
+    rows [N] on input's device the valid positions' rows of input.reshape(-1, I) sequence by
+    sequence, offsets [B+1] on the CPU, max_len = max(lengths). None where the call keeps the
+    padded layout: other devices, lengths on the device (reading them would wait for the
+    GPU), no padding, nothing valid, values out of range (the padded op raises its error),
+    inside a CUDA graph capture (a copy from the CPU cannot be captured), torch.compile,
+    tracing and torch.func (their graphs keep the padded op, whose shapes do not depend on
+    the lengths' values)."""
+    if (
+        not grads
+        or input.device.type not in VALID_ROWS_DEVICES
+        or lengths.device.type != "cpu"
+        or type(input) is not Tensor  # fake, functional or other subclasses: export's tracing
+        or type(lengths) is not Tensor
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch._C._functorch.get_interpreter_stack()
+        or (input.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    ):
+        return None
+    lengths = lengths.to(torch.int64)
+    if B == 0 or bool((lengths < 0).any()) or bool((lengths > T).any()):
+        return None
+    n = int(lengths.sum())
+    if n == 0 or n == T * B:
+        return None
+    offsets = torch.zeros(B + 1, dtype=torch.int64)
+    torch.cumsum(lengths, 0, out=offsets[1:])
+    b = torch.repeat_interleave(torch.arange(B), lengths)  # [N] each row's sequence
+    t = torch.arange(n) - torch.repeat_interleave(offsets[:-1], lengths)  # [N] its time
+    rows = b * T + t if batch_first else t * B + b
+    if input.device.type == "cuda":  # from pinned memory: no wait for the queued kernels
+        rows = rows.pin_memory().to(input.device, non_blocking=True)
+    else:
+        rows = rows.to(input.device)
+    return rows, offsets, int(lengths.max())
