@@ -362,11 +362,13 @@ class RNNBase(nn.Module):
             or ops.fwAD._current_level >= 0
             or _inputs.autocast_on(input.device)
             or (torch.is_grad_enabled() and ops._compiled_autograd_on())  # ops._layer's choice
-            # forward's choice of the valid rows for a training call (_inputs.valid_rows)
+            # forward's choice of the valid rows for a training call with host lengths
+            # (_inputs.valid_rows; lengths on the device keep the padded op and this shortcut)
             or (
                 lengths is not None
                 and input.device.type in _inputs.VALID_ROWS_DEVICES
                 and torch.is_grad_enabled()
+                and not (isinstance(lengths, Tensor) and lengths.device.type != "cpu")
             )
         ):
             return None
