@@ -294,6 +294,10 @@ stage_cmd() {  # the command line of a stage, quoted for bash -c
                              --ignore="$REPO/tests/test_cuda_device.py"
                              --ignore="$REPO/tests/test_cuda_emulated.py"
                              --ignore="$REPO/tests/test_build.py")  # its spill check: stage resources
+  local first=("$REPO/tests/test_autocast.py" "$REPO/tests/test_cells_autocast.py"
+               "$REPO/tests/test_module_db.py" "$REPO/tests/test_recording.py"
+               "$REPO/tests/test_valid_rows.py") f
+  for f in "${first[@]}"; do rest+=(--ignore="$f"); done
   local memory_case=(--B 64 --T 256 --I 256 --H 256)
   [ "$DRY" = 1 ] && probe_extra=(--tiny --dtypes float32 --H 16) && rest=("$REPO/tests/test_autocast.py") \
     && memory_case=(--B 8 --T 16 --I 8 --H 8)
@@ -301,9 +305,13 @@ stage_cmd() {  # the command line of a stage, quoted for bash -c
     env|build|resources|mma) echo "stage_$1" ;;
     smoke) printf '%q ' "$PY" "$REPO/benchmarks/gpu_smoke.py" --device "$DEV" \
              --time-budget $((STAGE_LIMIT - 5)) --out "$WORK/smoke" ;;
+    # With the CUDA files, the CUDA cases of the files whose fixes only a GPU verifies (the
+    # autocast dtypes and the ReLU's seeds, the module tests, the recording node, the valid
+    # rows of CPU lengths), ahead of tests_rest, which the first run's budget cut off.
     tests_cuda) printf '%q ' stage_pytest tests_cuda "$REPO/tests/test_cuda.py" \
                   "$REPO/tests/test_cuda_tensor_cores.py" "$REPO/tests/test_cuda_ragged.py" \
-                  "$REPO/tests/test_cuda_cells.py" "$REPO/tests/test_cuda_device.py" ;;
+                  "$REPO/tests/test_cuda_cells.py" "$REPO/tests/test_cuda_device.py" \
+                  "${first[@]}" -k cuda ;;
     probe) printf '%q ' "$PY" "$REPO/benchmarks/gpu_probe.py" --device "$DEV" \
              --time-budget $((STAGE_LIMIT - 8)) --out "$WORK/probe" "${probe_extra[@]}"
            echo "${GPU_CHECK_PROBE_ARGS:-}" ;;
@@ -402,7 +410,7 @@ run_stage build 300 30 none
 run_stage mma 60 15 gpu
 run_stage resources 20 5 gpu
 run_stage smoke 60 15 gpu
-run_stage tests_cuda 150 20 gpu
+run_stage tests_cuda 200 20 gpu
 run_stage probe 100 20 gpu
 run_stage memcheck 80 20 gpu
 run_stage racecheck 80 20 gpu
