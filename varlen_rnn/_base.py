@@ -322,11 +322,7 @@ class RNNBase(nn.Module):
         flat = self._flat_weights
         states = self._checked_states(states, input, B, flat)
         lengths = _inputs.as_lengths(lengths, B, T, input.device)
-        grads = torch.is_grad_enabled() and (
-            input.requires_grad
-            or any(s.requires_grad for s in states)
-            or any(w.requires_grad for w in flat)
-        )
+        grads = ops._need_workspace((input, *states, *flat))  # a backward is recorded
         valid = _inputs.valid_rows(lengths, input, T, B, self.batch_first, grads)
         if valid is not None:
             output, finals = self._run_valid_rows(input, states, valid, flat)

@@ -271,8 +271,8 @@ def valid_rows(lengths: Tensor, input: Tensor, T: int, B: int, batch_first: bool
         return None
     offsets = torch.zeros(B + 1, dtype=torch.int64)
     torch.cumsum(lengths, 0, out=offsets[1:])
-    b = torch.repeat_interleave(torch.arange(B), lengths)  # [N] each row's sequence
-    t = torch.arange(n) - torch.repeat_interleave(offsets[:-1], lengths)  # [N] its time
+    # The valid (b, t), sequence by sequence: [N] each.
+    b, t = (torch.arange(T) < lengths[:, None]).nonzero(as_tuple=True)
     rows = b * T + t if batch_first else t * B + b
     if input.device.type == "cuda":  # from pinned memory: no wait for the queued kernels
         rows = rows.pin_memory().to(input.device, non_blocking=True)

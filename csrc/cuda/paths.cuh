@@ -41,6 +41,16 @@ static_assert(plan::kThreads == kPersistThreads && plan::kRowsPerItem == kRows &
 
 static_assert(plan::kMmaPartBytes == kPartBytes<true>,
               "plan.h must reserve the tensor-core product's scratch (mma_matvec.cuh)");
+static_assert(
+    [] {
+      for (int tasks = 1; tasks <= 2 * kPersistWarps; ++tasks)
+        for (int steps = 1; steps <= 2 * kPersistWarps; ++steps)
+          if (plan::mma_splits(tasks, kPersistWarps, steps) !=
+              mma_splits(tasks, kPersistWarps, steps))
+            return false;
+      return true;
+    }(),
+    "plan.h must model the tensor-core product's split of K (mma_matvec.cuh)");
 
 static_assert(plan::kMaxRowGroups * plan::kRowsPerItem == kMaxTileRows,
               "plan.h's largest tile must be the one the kernels keep row sources for");

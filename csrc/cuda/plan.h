@@ -189,6 +189,13 @@ inline int64_t smem_load_cycles(int64_t row_stride_words, int64_t col_step) {
   return worst;
 }
 
+// How many warps share each task's K steps in the tensor-core product (mma_matvec.cuh's
+// mma_splits, which paths.cuh checks against this one): where there are fewer tasks than warps,
+// warps / tasks of them, never more than the K steps; else one warp a task.
+constexpr int64_t mma_splits(int64_t tasks, int64_t warps, int64_t k_steps) {
+  return tasks >= warps ? 1 : std::min(warps / tasks, k_steps);
+}
+
 // Modelled cycles of one tile's recurrent product on tensor cores: w_rows weight rows of K
 // (row stride w_stride storage elements), `rows` staged rows in chunks of kc (row stride
 // kc_stride elements of the storage type for 16-bit kinds, fp32 for TF32).
@@ -210,7 +217,7 @@ inline double mma_tile_cycles(const Problem& p, int64_t w_rows, int64_t rows, in
   const double loads = tasks * k_steps * per_mma;  // one shared-memory pipe per SM
   // A warp's chain: its share of a task's K steps where fewer tasks than warps split them
   // (mma_splits), two accumulators in flight, and then the parts' sum behind a __syncthreads.
-  const int64_t splits = tasks >= kWarps ? 1 : std::min(kWarps / tasks, ceil_div(kc, k_mma));
+  const int64_t splits = mma_splits(tasks, kWarps, ceil_div(kc, k_mma));
   const double chain =
       ceil_div(tasks * splits, kWarps) * ceil_div(k_steps, splits) * MmaModel::kLatencyCycles / 2 +
       (splits > 1 ? chunks * MmaModel::kSplitSumCycles : 0);
@@ -321,6 +328,7 @@ inline bool persistent_cut(const Problem& p, const Device& dev, int64_t max_kc, 
   const int64_t tile_bytes = mma && p.storage_bytes == 2 ? 2 : p.acc_bytes;
   const int64_t w_stride = mma ? padded_stride(K, p.storage_bytes, p.pad_smem) : K;
   const int64_t w_smem = ng * U * w_stride * p.storage_bytes;
+  const int64_t part_smem = mma ? kMmaPartBytes : 0;  // the split's scratch (mma_matvec.cuh)
   auto kc_stride_of = [&](int64_t kc) {
     return mma ? padded_stride(kc, tile_bytes, p.pad_smem) : kc;
   };
@@ -330,7 +338,7 @@ inline bool persistent_cut(const Problem& p, const Device& dev, int64_t max_kc, 
   for (int64_t groups = 1; groups <= max_groups; ++groups) {
     const int64_t rows = kRowsPerItem * groups;
     const int64_t acc_smem = U * groups * ng * kRowsPerItem * p.acc_bytes;
-    const int64_t fixed = w_smem + acc_smem + (mma ? kMmaPartBytes : 0);
+    const int64_t fixed = part_smem + w_smem + acc_smem;
     if (fixed >= dev.smem_per_block) break;  // more rows only need more
     const int64_t avail = (dev.smem_per_block - fixed) / (rows * tile_bytes);
     int64_t kc = avail - (mma ? 48 / tile_bytes : 0);  // room for the padding (< 12 words)
@@ -349,7 +357,7 @@ inline bool persistent_cut(const Problem& p, const Device& dev, int64_t max_kc, 
     c.kc_stride = kc_stride_of(kc);
     c.w_stride = w_stride;
     c.blocks = p.D * bpd;
-    c.smem = (mma ? kMmaPartBytes : 0) + rows * c.kc_stride * tile_bytes + acc_smem + w_smem;
+    c.smem = fixed + rows * c.kc_stride * tile_bytes;
     c.step_cycles = persistent_step_cycles(p, J, rows, kc, w_stride, c.kc_stride);
     if (!found || c.step_cycles < best.step_cycles) best = c;
     found = true;
