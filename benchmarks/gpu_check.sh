@@ -32,7 +32,8 @@
 # workers for the test stages where it is installed, default 4, 12 for tests_rest; 1: none),
 # GPU_CHECK_PREBUILT (a prebuilt extension's folder, default build/gpu_prebuilt:
 # benchmarks/gpu_prebuild.sh makes it on the development machine; the build stage uses it where
-# it matches, else builds).
+# it matches, else builds), GPU_CHECK_PREVIOUS_PROBE (a probe.json the probe compares its times with,
+# default the first H200 run's; "" for none).
 # Dry run on a CPU machine: GPU_CHECK_DRY_RUN=1 replaces every GPU stage by a cheap CPU stand-in
 # through the same plumbing; GPU_CHECK_HANG=<stage> makes that stage hang (SIGTERM ignored, so
 # only the kill ends it), GPU_CHECK_FAIL=<stage> makes it fail, GPU_CHECK_SANITIZER=refuse fakes
@@ -301,6 +302,8 @@ stage_cmd() {  # the command line of a stage, quoted for bash -c
                "$REPO/tests/test_valid_rows.py") f
   for f in "${first[@]}"; do rest+=(--ignore="$f"); done
   local memory_case=(--B 64 --T 256 --I 256 --H 256)
+  local previous_probe=() prev="${GPU_CHECK_PREVIOUS_PROBE-$REPO/benchmarks/results/gpu_check_H200_20261204-122542/probe.json}"
+  [ -n "$prev" ] && [ -f "$prev" ] && previous_probe=(--previous "$prev")
   [ "$DRY" = 1 ] && probe_extra=(--tiny --dtypes float32 --H 16) && rest=("$REPO/tests/test_autocast.py") \
     && memory_case=(--B 8 --T 16 --I 8 --H 8)
   case $1 in
@@ -314,8 +317,10 @@ stage_cmd() {  # the command line of a stage, quoted for bash -c
                   "$REPO/tests/test_cuda_tensor_cores.py" "$REPO/tests/test_cuda_ragged.py" \
                   "$REPO/tests/test_cuda_cells.py" "$REPO/tests/test_cuda_device.py" \
                   "${first[@]}" -k cuda ;;
+    # Against the last committed probe (GPU_CHECK_PREVIOUS_PROBE: another file, or "" for none).
     probe) printf '%q ' "$PY" "$REPO/benchmarks/gpu_probe.py" --device "$DEV" \
-             --time-budget $((STAGE_LIMIT - 8)) --out "$WORK/probe" "${probe_extra[@]}"
+             --time-budget $((STAGE_LIMIT - 8)) --out "$WORK/probe" --commit "$COMMIT" \
+             "${previous_probe[@]}" "${probe_extra[@]}"
            echo "${GPU_CHECK_PROBE_ARGS:-}" ;;
     memcheck|racecheck) echo "stage_sanitize $1" ;;
     # What a training step holds at its peak, ours and the recipe's (the first run measured ours

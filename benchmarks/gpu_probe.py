@@ -235,7 +235,7 @@ def render(merged: dict, impls: list[str], Bs: list[int], T: int) -> tuple[str, 
     lines = [
         "| H | dtype | mode | B | "
         + " | ".join(f"{i} ms" for i in impls)
-        + " | best ours vs cudnn | best ours µs/step |",
+        + " | best ours vs cudnn | best ours µs/step (steps) |",
         "|---|---|---|---|" + "---:|" * len(impls) + "---:|---:|",
     ]
     for key in sorted(table):
@@ -243,11 +243,13 @@ def render(merged: dict, impls: list[str], Bs: list[int], T: int) -> tuple[str, 
         cells = [f"{t[i]:.3f}" if i in t else "-" for i in impls]
         best = min((t[i] for i in ours if i in t), default=None)
         speed = f"{t['cudnn'] / best:.2f}x" if best and "cudnn" in t else "-"
-        step = f"{best * 1e3 / T:.1f}" if best else "-"
+        # per step of the recurrence: the longest of the configuration's lengths, not T
+        steps = int(probe_lengths(key[3], key[0], T).max())
+        step = f"{best * 1e3 / steps:.1f}" if best else "-"
         lines.append(
             f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | "
             + " | ".join(cells)
-            + f" | {speed} | {step} |"
+            + f" | {speed} | {step} ({steps}) |"
         )
     lines += [
         "",
@@ -292,6 +294,47 @@ def render(merged: dict, impls: list[str], Bs: list[int], T: int) -> tuple[str, 
     return "\n".join(lines), key_line
 
 
+def compare(merged: dict, previous: dict, source: str) -> tuple[str, str]:
+    """(markdown, KEY line): each implementation's medians against a previous probe's (another
+    commit's kernels on the same configurations): previous ms, now ms, previous / now (above 1:
+    faster now)."""
+    prev_dev = previous.get("device", {}).get("name", "?")
+    prev = {}
+    for impl, res in previous.get("children", {}).items():
+        for r in res.get("results", []):
+            if "median_ms" in r:
+                prev[(impl, r["H"], r["dtype"], r["mode"], r["B"])] = r["median_ms"]
+    rows, ratios = [], {}
+    for impl, res in merged.items():
+        for r in res.get("results", []):
+            k = (impl, r["H"], r["dtype"], r["mode"], r["B"])
+            if "median_ms" in r and k in prev:
+                ratio = prev[k] / r["median_ms"]
+                ratios.setdefault(impl, []).append(ratio)
+                rows.append(
+                    f"| {impl} | {k[1]} | {k[2]} | {k[3]} | {k[4]} | {prev[k]:.3f} | "
+                    f"{r['median_ms']:.3f} | {ratio:.2f}x |"
+                )
+    commit = previous.get("commit") or "its commit in the folder's README"
+    head = f"## Against the previous probe (`{source}`: {prev_dev}, {commit})"
+    if not rows:
+        return head + "\n\nNo configuration in common.\n", "KEY: vs previous probe: none in common"
+    lines = [
+        head,
+        "",
+        "previous / now: above 1, faster now. The cuDNN recipe's row shows the two runs' noise.",
+        "",
+        "| impl | H | dtype | mode | B | previous ms | now ms | previous / now |",
+        "|---|---|---|---|---|---:|---:|---:|",
+        *sorted(rows),
+    ]
+    key = "KEY: vs previous probe, median (range) of previous / now: " + "; ".join(
+        f"{i} {statistics.median(v):.2f}x ({min(v):.2f}-{max(v):.2f})"
+        for i, v in sorted(ratios.items())
+    )
+    return "\n".join(lines) + "\n", key
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -318,6 +361,12 @@ def main(argv=None) -> int:
     p.add_argument(
         "--out", default=None, help="folder for probe.json, probe.md, the children's logs"
     )
+    p.add_argument(
+        "--previous",
+        default=None,
+        help="a previous probe.json: each configuration's time against it (probe.md's last section)",
+    )
+    p.add_argument("--commit", default=None, help="the commit measured, for probe.json")
     p.add_argument("--child", default=None, help="run one implementation (internal)")
     p.add_argument("--json", default=None, help="the child's result file (internal)")
     a = p.parse_args(argv)
@@ -389,14 +438,27 @@ def main(argv=None) -> int:
             "**VARLEN_RNN_TENSOR_CORES=0 in the probe's environment: `persistent` ran without "
             "tensor cores too.**\n\n"
         )
+    keys = [key]
+    if a.previous:
+        with open(a.previous) as f:
+            vs_md, vs_key = compare(merged, json.load(f), a.previous)
+        md += "\n\n" + vs_md
+        keys.append(vs_key)
     with open(os.path.join(out_dir, "probe.md"), "w") as f:
         f.write(head + md + "\n")
     with open(os.path.join(out_dir, "probe.json"), "w") as f:
         json.dump(
-            {"args": vars(a), "device": device_facts(a.device), "children": merged}, f, indent=1
+            {
+                "args": vars(a),
+                "device": device_facts(a.device),
+                "commit": a.commit,
+                "children": merged,
+            },
+            f,
+            indent=1,
         )
     print(head + md)
-    print(key)
+    print("\n".join(keys))
     return 0 if all(m.get("child_status") == "ok" for m in merged.values()) else 1
 
 

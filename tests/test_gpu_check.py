@@ -319,6 +319,58 @@ def test_probe_reports_a_crossover_for_each_persistent_variant():
     assert crossovers(table, [1], "persistent_exact")[(256, "bfloat16", "train")][0] == "1"
 
 
+def test_probe_per_step_time_counts_the_steps_that_ran():
+    """The µs/step column divides by the longest of the configuration's lengths, the steps the
+    recurrence ran, not by T (at B = 1 the one length can be a third of T)."""
+    from gpu_probe import probe_lengths, render
+
+    steps = int(probe_lengths(1, 256, 256).max())
+    assert steps < 256  # the case this guards: B = 1 drew a short length
+    merged = {
+        "persistent_exact": {
+            "results": [
+                {"H": 256, "dtype": "float32", "mode": "fwd", "B": 1, "median_ms": steps * 2e-3}
+            ]
+        }
+    }
+    md, _ = render(merged, ["persistent_exact"], [1], 256)
+    assert f"| 2.0 ({steps}) |" in md
+
+
+def test_probe_compares_each_time_with_a_previous_probe():
+    from gpu_probe import compare
+
+    def run(times):
+        return {
+            "results": [
+                {"H": 256, "dtype": "float32", "mode": "fwd", "B": B, "median_ms": t}
+                for B, t in zip((1, 8), times)
+            ]
+        }
+
+    previous = {
+        "device": {"name": "GPU X"},
+        "commit": "abc1234",
+        "children": {"persistent_exact": run((2.0, 3.0)), "cudnn": run((4.0, 4.0))},
+    }
+    now = {
+        "persistent_exact": run((1.0, 3.0)),
+        "cudnn": run((4.0, 5.0)),
+        "fallback": run((1.0, 1.0)),
+    }
+    md, key = compare(now, previous, "old/probe.json")
+    assert "`old/probe.json`: GPU X, abc1234" in md
+    assert "| persistent_exact | 256 | float32 | fwd | 1 | 2.000 | 1.000 | 2.00x |" in md
+    assert "| cudnn | 256 | float32 | fwd | 8 | 4.000 | 5.000 | 0.80x |" in md
+    assert "fallback" not in md  # not in the previous probe
+    assert key == (
+        "KEY: vs previous probe, median (range) of previous / now: "
+        "cudnn 0.90x (0.80-1.00); persistent_exact 1.50x (1.00-2.00)"
+    )
+    md, key = compare(now, {"children": {}}, "none.json")
+    assert "No configuration in common" in md and key.endswith("none in common")
+
+
 def test_smoke_comparison_flags_a_wrong_path_and_a_missing_one():
     from gpu_smoke import SIZES, case_name, compare, run_one
 

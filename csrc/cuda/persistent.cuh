@@ -112,6 +112,9 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
   const scalar_t* hx_d = a.hx + static_cast<int64_t>(d) * B * H;
   const int64_t buf_stride = static_cast<int64_t>(a.D) * B * H;
   const int max_len = a.sorted[0];
+  // The exact kernel with K in one chunk still holds every running row's whole state in its tile
+  // after the product: the cell's h_prev is read there, not from L2 (a trip per step saved).
+  const bool h_in_tile = !kMma && ps.kc >= H;
   cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   for (int s = 0; s < max_len; ++s) {
     const x_t* cur =
@@ -130,38 +133,59 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
           stage_row<true>(dst, off < 0 ? nullptr : cur + off + k0, kc, lane);
         }
       };
+      // Pointwise element e of the tile: unit j's row i (sorted order), its position's row.
+      auto unit_of = [&](int e) { return j0 + (e / kRows) % J; };
+      auto sorted_of = [&](int e) { return base + (e / kRows / J) * kRows + e % kRows; };
+      auto runs = [&](int j, int i) { return j < H && i < B && a.sorted[i] > s; };
+      auto row_of = [&](int i) { return a.rows.row(step_time(d, a.sorted[i], s), a.perm[i]); };
+      // A running element's gate inputs: gx, and b_hh (zero where there is none).
+      auto gate_inputs = [&](int j, int64_t row, acc_t(&gx)[G], acc_t(&bias)[G]) {
+        load_cols<G>(a.gx + row * G * DH + static_cast<int64_t>(d) * G * H, j, H, gx);
+        VR_UNROLL
+        for (int g = 0; g < G; ++g)
+          bias[g] =
+              a.b_hh != nullptr ? static_cast<acc_t>(a.b_hh[d * G * H + g * H + j]) : acc_t(0);
+      };
+      // The thread's first element's gate inputs are loaded before the product, so that their
+      // trip to memory overlaps the staging's instead of following the product.
+      const int e0 = threadIdx.x;
+      acc_t gx0[G] = {}, bias0[G] = {};
+      if (e0 < items * kRows && runs(unit_of(e0), sorted_of(e0)))
+        gate_inputs(unit_of(e0), row_of(sorted_of(e0)), gx0, bias0);
       recurrent_matvec<G, kMma>(w_s, J, J, 1, H, ps, tile, acc_s, part_s, locate, stage);
-      for (int e = threadIdx.x; e < items * kRows; e += blockDim.x) {
-        const int item = e / kRows, r = e % kRows;
-        const int j = j0 + item % J;
-        const int i = base + (item / J) * kRows + r;
-        if (j >= H || i >= B || a.sorted[i] <= s) continue;
+      for (int e = e0; e < items * kRows; e += blockDim.x) {
+        const int j = unit_of(e), i = sorted_of(e);
+        if (!runs(j, i)) continue;
         const int b = a.perm[i], len = a.sorted[i];
-        const int t = step_time(d, len, s);
-        const int64_t row = a.rows.row(t, b);
-        const scalar_t* gxr = a.gx + row * G * DH + static_cast<int64_t>(d) * G * H;
-        const acc_t* acc = acc_s + item * G * kRows + r;
+        const int64_t row = row_of(i);
+        acc_t gx[G], bias[G];
+        if (e == e0) {
+          VR_UNROLL
+          for (int g = 0; g < G; ++g) gx[g] = gx0[g], bias[g] = bias0[g];
+        } else {
+          gate_inputs(j, row, gx, bias);
+        }
+        const acc_t* acc = acc_s + (e / kRows) * G * kRows + e % kRows;
         acc_t gh[G];
         VR_UNROLL
         for (int g = 0; g < G; ++g) {
           gh[g] = acc[g * kRows];
-          if (a.b_hh != nullptr) gh[g] += static_cast<acc_t>(a.b_hh[d * G * H + g * H + j]);
+          if (a.b_hh != nullptr) gh[g] += bias[g];
         }
         const int64_t hoff = static_cast<int64_t>(b) * H + j;
         CellState<acc_t> prev, next;
         const int64_t coff = static_cast<int64_t>(d) * B * H + hoff;
         if constexpr (Cell::kReadsHPrev) {
-          if (s == 0) {
-            prev.h = static_cast<acc_t>(hx_d[hoff]);
-          } else if constexpr (kOwnState) {
-            prev.h = a.hown[coff];  // the exact state, not its 16-bit copy
+          if constexpr (kOwnState) {
+            prev.h = s == 0 ? static_cast<acc_t>(hx_d[hoff]) : a.hown[coff];  // not the 16-bit copy
+          } else if (h_in_tile) {
+            prev.h = tile[(i - base) * ps.kc_stride + j];  // as staged: cur's, or hx's at s = 0
           } else {
-            prev.h = __ldcg(cur + hoff);
+            prev.h = s == 0 ? static_cast<acc_t>(hx_d[hoff]) : __ldcg(cur + hoff);
           }
         }
         if constexpr (Cell::kHasC) prev.c = a.cbuf[coff];
-        acc_t gx[G], saved[Cell::kSaved];
-        load_cols<G>(gxr, j, H, gx);
+        acc_t saved[Cell::kSaved];
         Cell::template forward<acc_t>(gx, gh, prev, next, saved);
         nxt[hoff] = static_cast<x_t>(next.h);
         if constexpr (kOwnState && Cell::kReadsHPrev) a.hown[coff] = next.h;
@@ -173,6 +197,9 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
         }
         store_saved<Cell>(a.ws, static_cast<int64_t>(d) * a.R + row, j, H, saved);
       }
+      // The next tile's staging overwrites this one, which the loop above may still read.
+      if (h_in_tile && base + ps.tile_rows < B && a.sorted[base + ps.tile_rows] > s)
+        __syncthreads();
     }
     grid.sync();
   }

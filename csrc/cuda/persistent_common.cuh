@@ -89,26 +89,26 @@ __device__ __forceinline__ int tile_items(int U, const PersistentShape& ps) {
   return U * (ps.tile_rows / kRows);
 }
 
-// Sums a[g][r] over the warp's 32 lanes so that lane r (and r + kRows, ...)
-// ends with row r's sums in a[g][0], for every g: a reduce-scatter. Each of
-// the log2(kRows) halving steps sends half of the rows a lane still holds to
-// the partner lane ^ off and keeps the other half (the rows whose bit matches
-// the lane's bit), then two butterfly steps add up the 32 / kRows lanes that
-// hold the same row. NG * (kRows/2 + kRows/4 + ... + 1 + 2) = 27 shuffles for
-// NG = 3 instead of the butterfly's 5 * NG * kRows = 120. Every lane runs the
-// same shuffles (full mask), and each sum has a fixed order, so the result is
-// bitwise the same every run.
-template <int NG, typename acc_t>
-__device__ __forceinline__ void warp_reduce_scatter(acc_t (&a)[NG][kRows], int lane) {
-  static_assert((kRows & (kRows - 1)) == 0 && kRows <= 32, "kRows must be a power of two <= 32");
+// Sums a[g][r] over the warp's 32 lanes so that lane r (and r + R, ...) ends with row r's sums
+// in a[g][0], for every g: a reduce-scatter. Each of the log2(R) halving steps sends half of the
+// rows a lane still holds to the partner lane ^ off and keeps the other half (the rows whose bit
+// matches the lane's bit), then butterfly steps add up the 32 / R lanes that hold the same row.
+// NG * (R/2 + R/4 + ... + 1 + log2(32/R)) shuffles: 27 for NG = 3 and R = 8 instead of the
+// butterfly's 5 * NG * R = 120. Every lane runs the same shuffles (full mask), and each sum has
+// a fixed order. Whatever R, row r's total is the same tree over the lanes, pairs differing in
+// bit 0 first, then bit 1, ... bit 4 (a halving step adds the same two partial sums a butterfly
+// step would), so a row's bits do not depend on R: tile_matvec takes R from the rows in use.
+template <int NG, int R, typename acc_t>
+__device__ __forceinline__ void warp_reduce_scatter(acc_t (&a)[NG][R], int lane) {
+  static_assert((R & (R - 1)) == 0 && R <= 32, "R must be a power of two <= 32");
   // Invariant: after the step with offset off, a[g][m] holds the partial sum of
   // row (lane & (2*off - 1)) + m * 2*off over the lanes that differ from this
   // one in bits below 2*off.
 #pragma unroll
-  for (int off = 1, n = kRows; off < kRows; off *= 2, n /= 2) {
+  for (int off = 1, n = R; off < R; off *= 2, n /= 2) {
     const bool upper = (lane & off) != 0;
 #pragma unroll
-    for (int m = 0; m < kRows / 2; ++m) {
+    for (int m = 0; m < R / 2; ++m) {
       if (2 * m < n) {  // compile-time after unrolling
 #pragma unroll
         for (int g = 0; g < NG; ++g) {
@@ -121,7 +121,7 @@ __device__ __forceinline__ void warp_reduce_scatter(acc_t (&a)[NG][kRows], int l
     }
   }
 #pragma unroll
-  for (int off = kRows; off < 32; off *= 2)
+  for (int off = R; off < 32; off *= 2)
 #pragma unroll
     for (int g = 0; g < NG; ++g) a[g][0] += __shfl_xor_sync(0xffffffffu, a[g][0], off);
 }
@@ -177,15 +177,65 @@ __device__ __forceinline__ void stage_row(dst_t* dst, const T* src, int kc, int 
   }
 }
 
+// One work item's dot products over a chunk: NG weight rows (w, g_stride elements apart) against
+// the first R rows of the staged tile x (kc_stride apart), columns lane, lane + 32, ... < kc.
+// Returns with lane r < R holding row r's NG sums in a[.][0] (warp_reduce_scatter).
+template <int R, int NG, typename acc_t, typename w_t>
+__device__ __forceinline__ void item_dots(const w_t* w, int64_t g_stride, const acc_t* x,
+                                          int kc_stride, int kc, int lane, acc_t (&a)[NG][R]) {
+#pragma unroll
+  for (int g = 0; g < NG; ++g)
+#pragma unroll
+    for (int r = 0; r < R; ++r) a[g][r] = acc_t(0);
+  for (int k = lane; k < kc; k += 32) {
+    acc_t wv[NG];
+#pragma unroll
+    for (int g = 0; g < NG; ++g) wv[g] = static_cast<acc_t>(w[g * g_stride + k]);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const acc_t xv = x[r * kc_stride + k];
+#pragma unroll
+      for (int g = 0; g < NG; ++g) a[g][r] += wv[g] * xv;
+    }
+  }
+  warp_reduce_scatter<NG, R>(a, lane);
+}
+
+// Adds an item's sums for the chunk at k0 to acc_s (its kRows x NG accumulators): lanes r < R
+// row r's, lanes R .. kRows-1 zero (rows past those in use).
+template <int R, int NG, typename acc_t>
+__device__ __forceinline__ void add_item_sums(acc_t* acc_item, int k0, int lane,
+                                              const acc_t (&a)[NG][R]) {
+  if (lane < kRows) {
+#pragma unroll
+    for (int g = 0; g < NG; ++g) {
+      acc_t* dst = acc_item + g * kRows + lane;
+      *dst = (k0 == 0 ? acc_t(0) : *dst) + (lane < R ? a[g][0] : acc_t(0));
+    }
+  }
+}
+
+// The rows of a row group the product needs: 1 + the last running one (bit r of `running`: the
+// group's row r runs; the others are staged as zeros), rounded up to 1, 2, 4 or kRows.
+__device__ __forceinline__ int rows_in_use(unsigned running) {
+  static_assert(kRows == 8, "rows_in_use rounds to 1, 2, 4 or 8");
+  running &= (1u << kRows) - 1;
+  return running == 0 ? 0 : running < 2 ? 1 : running < 4 ? 2 : running < 16 ? 4 : kRows;
+}
+
 // For every work item = sub*U + u of the block and g < NG, r < kRows:
 //   acc_s[item][g][r] = sum_k w_s[(g*g_rows + u*u_rows)*K + k] * X[sub*kRows + r][k]
 // (w_s rows ps.w_stride elements apart) i.e. NG rows of the on-chip weights
 // against kRows rows of X, so each value read from shared memory feeds NG (or
 // kRows) FMAs. X is fetched chunk by chunk into `tile` (rows ps.kc_stride
 // apart): warp w stages rows w, w + kPersistWarps, ..., each row's source
-// looked up once per tile by locate(r) and its columns k0 .. k0+kc-1 copied
-// per chunk by stage(dst, handle, k0, kc, lane) (see stage_row). Ends with
-// __syncthreads.
+// looked up once per tile by locate(r) (negative: the row does not run, staged
+// as zeros) and its columns k0 .. k0+kc-1 copied per chunk by stage(dst,
+// handle, k0, kc, lane) (see stage_row). An item's product covers only the
+// rows of its group up to the last running one (1, 2, 4 or all kRows:
+// rows_in_use), the rest of its accumulators set to zero: at B = 1 one row of
+// eight, at a step where most rows have finished their few. A row's sums are
+// the same bits either way (warp_reduce_scatter). Ends with __syncthreads.
 template <int NG, typename acc_t, typename w_t, typename Locate, typename Stage>
 __device__ __forceinline__ void tile_matvec(const w_t* w_s, int U, int g_rows, int u_rows, int K,
                                             const PersistentShape& ps, acc_t* tile, acc_t* acc_s,
@@ -199,6 +249,9 @@ __device__ __forceinline__ void tile_matvec(const w_t* w_s, int U, int g_rows, i
     const int r = warp + q * kPersistWarps;
     src[q] = r < ps.tile_rows ? locate(r) : -1;
   }
+  // Bit r: tile row r runs (every warp asks for all of them: lane r for row r).
+  const unsigned running = __ballot_sync(0xffffffffu, lane < ps.tile_rows && locate(lane) >= 0);
+  const int64_t g_stride = static_cast<int64_t>(g_rows) * ps.w_stride;
   for (int k0 = 0; k0 < K; k0 += ps.kc) {
     const int kc = min(ps.kc, K - k0);
 #pragma unroll
@@ -208,33 +261,31 @@ __device__ __forceinline__ void tile_matvec(const w_t* w_s, int U, int g_rows, i
     }
     __syncthreads();
     for (int item = warp; item < items; item += kPersistWarps) {
-      const int row0 = (item % U) * u_rows;
-      const acc_t* x = tile + (item / U) * kRows * ps.kc_stride;
-      acc_t a[NG][kRows];
+      const int sub = item / U;
+      const w_t* w = w_s + static_cast<int64_t>((item % U) * u_rows) * ps.w_stride + k0;
+      const acc_t* x = tile + sub * kRows * ps.kc_stride;
+      acc_t* acc_item = acc_s + item * NG * kRows;
+      const int rows = rows_in_use(running >> (sub * kRows));
+      if (rows == kRows) {
+        acc_t a[NG][kRows];
+        item_dots<kRows>(w, g_stride, x, ps.kc_stride, kc, lane, a);
+        add_item_sums<kRows>(acc_item, k0, lane, a);
+      } else if (rows == 4) {
+        acc_t a[NG][4];
+        item_dots<4>(w, g_stride, x, ps.kc_stride, kc, lane, a);
+        add_item_sums<4>(acc_item, k0, lane, a);
+      } else if (rows == 2) {
+        acc_t a[NG][2];
+        item_dots<2>(w, g_stride, x, ps.kc_stride, kc, lane, a);
+        add_item_sums<2>(acc_item, k0, lane, a);
+      } else if (rows == 1) {
+        acc_t a[NG][1];
+        item_dots<1>(w, g_stride, x, ps.kc_stride, kc, lane, a);
+        add_item_sums<1>(acc_item, k0, lane, a);
+      } else {  // no row of the group runs
+        if (lane < kRows)
 #pragma unroll
-      for (int g = 0; g < NG; ++g)
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) a[g][r] = acc_t(0);
-      for (int k = lane; k < kc; k += 32) {
-        acc_t w[NG];
-#pragma unroll
-        for (int g = 0; g < NG; ++g)
-          w[g] = static_cast<acc_t>(
-              w_s[static_cast<int64_t>(g * g_rows + row0) * ps.w_stride + k0 + k]);
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          const acc_t xv = x[r * ps.kc_stride + k];
-#pragma unroll
-          for (int g = 0; g < NG; ++g) a[g][r] += w[g] * xv;
-        }
-      }
-      warp_reduce_scatter<NG>(a, lane);
-      if (lane < kRows) {
-#pragma unroll
-        for (int g = 0; g < NG; ++g) {
-          acc_t* dst = acc_s + (item * NG + g) * kRows + lane;
-          *dst = (k0 == 0 ? acc_t(0) : *dst) + a[g][0];
-        }
+          for (int g = 0; g < NG; ++g) acc_item[g * kRows + lane] = acc_t(0);
       }
     }
     __syncthreads();

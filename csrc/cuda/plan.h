@@ -89,7 +89,8 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 // ~990 dense TFLOP/s). The persistent kernel runs on CUDA cores: per work
 // item and 32 columns every lane loads 3 weights and 8 staged values from
 // shared memory (one warp-wide 4-byte load per cycle per SM) for 24 FMAs, so
-// shared memory, not FMA, bounds it at ~11 cycles per item and 32 columns;
+// shared memory, not FMA, bounds it at ~11 cycles per item and 32 columns
+// (below B = 8, 1, 2 or 4 staged values: the rows in use);
 // the butterfly costs 5 x 24 shuffles per item and chunk; each step every
 // block stages the state of the running rows from L2 and ends with a grid
 // barrier. The fallback runs per step one cuBLAS GEMM (tensor cores for
@@ -247,8 +248,11 @@ inline StepTerms persistent_step_terms(const Problem& p, int64_t J, int64_t rows
   const int64_t padded_items = round_up(U * rows / kRowsPerItem, kWarps);  // idle warps cost too
   const double w_load = std::max<double>(1, p.storage_bytes / 4.0);
   const double x_load = std::max<double>(1, p.acc_bytes / 4.0);
-  const double fma = double(ng * kRowsPerItem) / (p.acc_bytes == 8 ? 2 : 4);
-  const double item_cycles = std::max(ng * w_load + kRowsPerItem * x_load, fma);
+  // The rows an item's product covers (persistent_common.cuh's rows_in_use): all kRowsPerItem
+  // of its group, or fewer below B = 8, rounded up to 1, 2 or 4.
+  const int64_t item_rows = B >= kRowsPerItem ? kRowsPerItem : B > 2 ? 4 : B;
+  const double fma = double(ng * item_rows) / (p.acc_bytes == 8 ? 2 : 4);
+  const double item_cycles = std::max(ng * w_load + item_rows * x_load, fma);
   const double shuffles = CostModel::kShuffleCyclesPerItem * ng / 3;  // 5 x 8 per weight row
   // dgh; or the state h, published in the storage type by the 16-bit tensor-core kernel.
   const double staged_bytes =

@@ -104,6 +104,18 @@ inline T __shfl_xor_sync(unsigned mask, T v, int off) {
   w.bar.arrive_and_wait();
   return static_cast<T>(slot[lane ^ off]);
 }
+// Bit l: lane l's predicate. One barrier of the warp's 32 lanes, through the same alternating
+// slots as the shuffles.
+inline unsigned __ballot_sync(unsigned mask, bool p) {
+  assert(mask == 0xffffffffu);
+  EmuWarp& w = tl_block()->warps[threadIdx.x / 32];
+  double* slot = w.slot[emu::tl_own.phase++ & 1];
+  slot[threadIdx.x % 32] = p ? 1.0 : 0.0;
+  w.bar.arrive_and_wait();
+  unsigned bits = 0;
+  for (int l = 0; l < 32; ++l) bits |= slot[l] != 0.0 ? 1u << l : 0u;
+  return bits;
+}
 namespace cooperative_groups {
 struct grid_group {
   void sync() const { tl_grid()->arrive_and_wait(); }
