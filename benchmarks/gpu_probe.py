@@ -14,10 +14,11 @@ included), as a user gets them. Times are medians of CUDA-event intervals after 
 two input sets used in turn (fresh random data, never zeros). Prints a table and, per (H, dtype,
 mode), the measured crossover: the smallest B at which persistent is no longer faster than fallback,
 the number the path-choice model's constants are set from. Writes probe.json and probe.md to --out.
-The persistent path is measured twice: `persistent` with tensor cores where the library allows
-them (bfloat16/float16 always, float32 under cudnn.allow_tf32, which is on by default; sm_80+),
-and `persistent_exact` with VARLEN_RNN_TENSOR_CORES=0 in its child (the CUDA-core kernels); each
-gets its crossover. A VARLEN_RNN_TENSOR_CORES=0 in the probe's own environment (gpu_check.sh sets
+The persistent path is measured three times: `persistent` with tensor cores where the library
+allows them (bfloat16/float16 always, float32 under cudnn.allow_tf32, which is on by default;
+sm_80+), `persistent_exact` with VARLEN_RNN_TENSOR_CORES=0 in its child (the CUDA-core kernels),
+and `persistent_tagged`, those with VARLEN_RNN_EXCHANGE=tagged (the forward's blocks share h
+without a grid barrier per step); each gets its crossover. A VARLEN_RNN_TENSOR_CORES=0 in the probe's own environment (gpu_check.sh sets
 it when the wrapper test failed) reaches both children, and the header says so.
 """
 
@@ -37,8 +38,8 @@ import_path()
 import torch  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
 
-OURS = ("persistent", "persistent_exact", "fallback", "auto")
-PERSISTENT = ("persistent", "persistent_exact")
+OURS = ("persistent", "persistent_exact", "persistent_tagged", "fallback", "auto")
+PERSISTENT = ("persistent", "persistent_exact", "persistent_tagged")
 # Each implementation's child environment: the path, and the tensor-core knob.
 # `persistent` forces the tensor-core kernel where the dtype allows (auto would price it against the
 # exact one), unless the check turned tensor cores off for the whole run after a failed mma stage.
@@ -46,6 +47,12 @@ _TC = "0" if os.environ.get("VARLEN_RNN_TENSOR_CORES") == "0" else "1"
 CHILD_ENV = {
     "persistent": {"VARLEN_RNN_CUDA_PATH": "persistent", "VARLEN_RNN_TENSOR_CORES": _TC},
     "persistent_exact": {"VARLEN_RNN_CUDA_PATH": "persistent", "VARLEN_RNN_TENSOR_CORES": "0"},
+    # the exact kernels with the tagged exchange (no grid barrier per forward step; launch.h)
+    "persistent_tagged": {
+        "VARLEN_RNN_CUDA_PATH": "persistent",
+        "VARLEN_RNN_TENSOR_CORES": "0",
+        "VARLEN_RNN_EXCHANGE": "tagged",
+    },
     "fallback": {"VARLEN_RNN_CUDA_PATH": "fallback"},
     "auto": {"VARLEN_RNN_CUDA_PATH": "auto"},
     "cudnn": {},
@@ -256,7 +263,8 @@ def render(merged: dict, impls: list[str], Bs: list[int], T: int) -> tuple[str, 
         (
             "Crossover (smallest B where persistent is not faster than fallback; "
             "persistent/fallback time per B), `persistent` on tensor cores where allowed, "
-            "`persistent_exact` with VARLEN_RNN_TENSOR_CORES=0:"
+            "`persistent_exact` with VARLEN_RNN_TENSOR_CORES=0, `persistent_tagged` with "
+            "VARLEN_RNN_EXCHANGE=tagged too:"
         ),
         "",
     ]
@@ -282,7 +290,7 @@ def render(merged: dict, impls: list[str], Bs: list[int], T: int) -> tuple[str, 
         if res.get("not_reached"):
             lines.append(f"- {impl}: {res['not_reached']} configs not reached in its time share")
     short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64"}
-    tag = {"persistent": "tc", "persistent_exact": "exact"}
+    tag = {"persistent": "tc", "persistent_exact": "exact", "persistent_tagged": "tagged"}
     key_line = "KEY: crossover B " + (
         "; ".join(
             f"{tag[v]} H{k[0]} {short.get(k[1], k[1])} {k[2]} {c}"
@@ -349,9 +357,10 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="fwd,train", help="fwd (inference) and/or train (fwd+bwd)")
     p.add_argument(
         "--impls",
-        default="persistent,persistent_exact,fallback,cudnn",
+        default="persistent,persistent_exact,persistent_tagged,fallback,cudnn",
         help="persistent (tensor cores where allowed), persistent_exact (without), "
-        "fallback, auto (our paths) and cudnn (nn.GRU + packing)",
+        "persistent_tagged (without, VARLEN_RNN_EXCHANGE=tagged), fallback, auto (our paths) "
+        "and cudnn (nn.GRU + packing)",
     )
     p.add_argument("--min-time", type=float, default=0.2, help="seconds of timed calls per config")
     p.add_argument("--time-budget", type=float, default=90.0, help="seconds for all children")

@@ -9,6 +9,9 @@ that. So, on a device:
 - the exchange between blocks under load: a grid of one block per SM over hundreds of steps, each
   step reading h that every other block wrote before the grid barrier (a stale L1 line or a missing
   fence shows as a result that differs run to run or from the fallback);
+- the tagged exchange (VARLEN_RNN_EXCHANGE=tagged: the forward's blocks poll words of value and
+  step instead of meeting at a grid barrier) on the GPU's weak memory model: the barrier's bits
+  for every cell, over every SM, with several row tiles and with K in chunks;
 - forward progress: persistent launches on two streams at once while a GEMM fills the device must
   finish (a grid barrier whose blocks are not all resident waits forever: hence a child process
   with a timeout under the check script's per-test limit);
@@ -151,6 +154,64 @@ def test_cuda_exchange_over_every_sm_is_deterministic(dtype, tensor_cores):
                 assert torch.equal(a, e), f"tensor {i} differs between identical runs"
     finally:
         hook(before)
+
+
+TAGGED = (
+    HOOKS
+    + r"""
+set_exchange = lib.varlen_rnn_cuda_set_exchange_for_testing
+set_exchange.argtypes, set_exchange.restype = [ctypes.c_int], ctypes.c_int
+tensor_cores(0)  # the exact kernels, where the tagged exchange runs
+torch.backends.cudnn.allow_tf32 = False
+sms = torch.cuda.get_device_properties(0).multi_processor_count
+T, I = 300, 8
+
+def results(mod, B):
+    g = torch.Generator(device="cuda").manual_seed(B)
+    x = torch.randn(T, B, I, generator=g, device="cuda", dtype=mod.weight_hh_l0.dtype)
+    x.requires_grad_()
+    lengths = torch.randint(1, T + 1, (B,), generator=g, device="cuda")
+    lengths[0], lengths[-1] = T, 1
+    out, h = mod(x, lengths=lengths)
+    hs = list(h) if isinstance(h, tuple) else [h]  # the LSTM's (h, c)
+    w = torch.randn(out.shape, generator=g, device="cuda", dtype=out.dtype)
+    loss = (out * w).sum() + hs[0].sum()
+    return [out, *hs, *torch.autograd.grad(loss, [x, *mod.parameters()])]
+
+n = 0
+for cls in (varlen_rnn.GRU, varlen_rnn.LSTM, varlen_rnn.RNN):
+    for dtype in (torch.float32, torch.bfloat16):
+        # (B, K-chunk cap, directions): one block per SM with both directions; two row tiles;
+        # K in chunks of 64 (h_prev from the tagged words, not the tile)
+        for B, max_kc, D in ((5, 0, 2), (40, 0, 1), (5, 64, 1)):
+            torch.manual_seed(0)
+            mod = cls(I, 4 * (sms // D), bidirectional=D == 2, device="cuda", dtype=dtype)
+            assert knobs(b"persistent", max_kc, 0) == 0
+            set_exchange(0)
+            expected = results(mod, B)
+            assert exchange(0) == 1, exchange(0)
+            set_exchange(1)
+            for rep in range(2):
+                got = results(mod, B)
+                assert exchange(0) == 4, exchange(0)
+                for i, (a, e) in enumerate(zip(got, expected)):
+                    assert torch.equal(a, e), (cls.__name__, dtype, B, max_kc, D, rep, i,
+                                               (a - e).abs().max().item())
+            n += 1
+torch.cuda.synchronize()
+print("tagged ok", n)
+"""
+)
+
+
+@needs_cuda
+def test_cuda_tagged_exchange_gives_the_barriers_bits():
+    """The forward's tagged exchange against its grid barrier, each cell in float32 and bfloat16
+    (exact kernels), one block per SM over 300 steps: every output and gradient bit for bit, twice.
+    A word read before its writer's store, or a buffer overwritten while a slower block still
+    reads it, changes bits; a poll that never ends is the child's timeout."""
+    r = child(TAGGED, timeout=50)
+    assert r.returncode == 0 and "tagged ok" in r.stdout, r.stderr[-3000:]
 
 
 CONCURRENT = (

@@ -183,3 +183,71 @@ def test_emulated_padded_layout_is_conflict_free_and_changes_no_bit(emu, cell, d
     for a, b in zip(padded, unpadded):
         assert (a is None and b is None) or torch.equal(a, b)
     check(cell, padded, ref, dtype, True)
+
+
+# The tagged exchange (csrc/cuda/tagged_exchange.cuh, VARLEN_RNN_EXCHANGE=tagged): the exact
+# forward's blocks poll words of value and step instead of meeting at a grid barrier each step.
+# It changes how h travels, not what is computed: every output and gradient must keep the
+# barrier's bits. The cases cover both directions, zero lengths, several row tiles (tiles whose
+# staging polls while others compute), K in chunks (h_prev read from the tagged words rather
+# than the tile), a block past H, ragged rows; the fibers' shuffled order interleaves the blocks
+# differently on every launch, and a poll lets the others run.
+TAGGED_GRU = [
+    "uni-basic",
+    "bi-bf-zeros",
+    "two-tiles-nobias",
+    "K-chunks-tail-block",
+    "K-chunks-small",
+    "offsets-K-chunks-tiles-nobias",
+    "packed-bi-K-chunks",
+    "all-zero",
+]
+TAGGED_CELLS = [("lstm", "K-chunks-tail-block"), ("rnn-tanh", "offsets-tiles-nobias")]
+TAGGED_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def _barrier_and_tagged(emu, run):
+    """run() with the barrier, then with the tagged exchange: (results, results, tagged loads)."""
+    barrier = run()
+    before = emu.set_tagged_exchange(True)
+    try:
+        emu.stats(True)
+        tagged = run()
+        loads = emu.stats(True)["tagged_loads"]
+    finally:
+        emu.set_tagged_exchange(before)
+    return barrier, tagged, loads
+
+
+def _assert_same_bits(barrier, tagged, what):
+    for i, (x, y) in enumerate(zip(barrier, tagged)):
+        if x is None:
+            assert y is None
+            continue
+        assert torch.equal(x, y), f"{what}: result {i} differs, max {(x - y).abs().max().item()}"
+
+
+def _expect_tagged(lengths, dtype):
+    """The tagged exchange runs for a float state (not float64), and polls once a step follows
+    another (the first step reads hx)."""
+    return dtype != torch.float64 and max(lengths) >= 2
+
+
+@pytest.mark.parametrize("dtype", TAGGED_DTYPES, ids=[DTYPE_IDS[d] for d in TAGGED_DTYPES])
+@pytest.mark.parametrize("name", TAGGED_GRU)
+def test_tagged_exchange_keeps_the_barriers_bits(emu, name, dtype):
+    c = gru.CASES[name]
+    barrier, tagged, loads = _barrier_and_tagged(emu, lambda: gru.run_case(emu, c, dtype, True)[0])
+    assert (loads > 0) == _expect_tagged(c["lengths"], dtype), loads
+    _assert_same_bits(barrier, tagged, name)
+
+
+@pytest.mark.parametrize("dtype", TAGGED_DTYPES[:2], ids=[DTYPE_IDS[d] for d in TAGGED_DTYPES[:2]])
+@pytest.mark.parametrize("cell,name", TAGGED_CELLS)
+def test_tagged_exchange_keeps_the_barriers_bits_for_each_cell(emu, cell, name, dtype):
+    c = cells.CASES[name]
+    barrier, tagged, loads = _barrier_and_tagged(
+        emu, lambda: cells.run_case(emu, cells.CELLS[cell], c, dtype, True)[0]
+    )
+    assert loads > 0
+    _assert_same_bits(barrier, tagged, f"{cell} {name}")

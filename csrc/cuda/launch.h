@@ -40,6 +40,12 @@ namespace cuda {
 // through varlen_rnn_cuda_set_tensor_cores_for_testing (end of this file).
 // VARLEN_RNN_PERSISTENT_PAD=0 gives the tensor-core kernels unpadded shared-memory rows (plan.h
 // padded_stride), only to measure on a GPU what the padding buys.
+// VARLEN_RNN_EXCHANGE=barrier|tagged: how the persistent forward's blocks share h between steps
+// on the exact kernels with a float state (float32, and the 16-bit types off tensor cores):
+// barrier (default) a grid barrier per step, tagged the words of value and step of
+// tagged_exchange.cuh, polled, with no barrier per step. Same results to the bit; tagged stays
+// opt-in until a GPU has measured it. Tests switch it through
+// varlen_rnn_cuda_set_exchange_for_testing (end of this file).
 constexpr int kTensorCoresAuto = 2;  // VARLEN_RNN_TENSOR_CORES unset or "auto"
 
 struct Knobs {
@@ -48,7 +54,9 @@ struct Knobs {
   std::atomic<bool> oversubscribe{false};           // tests: launch a grid the driver must refuse
   std::atomic<int> tensor_cores{kTensorCoresAuto};  // VARLEN_RNN_TENSOR_CORES: 0, 1 or auto
   std::atomic<bool> pad_smem{true};                 // VARLEN_RNN_PERSISTENT_PAD (not "0")
-  std::string bad_path;  // an unparsable VARLEN_RNN_CUDA_PATH, reported per call
+  std::atomic<bool> tagged{false};                  // VARLEN_RNN_EXCHANGE=tagged
+  std::string bad_path;      // an unparsable VARLEN_RNN_CUDA_PATH, reported per call
+  std::string bad_exchange;  // an unparsable VARLEN_RNN_EXCHANGE, likewise
   // The exchange between blocks of the last forward [0] and backward [1] pass (Exchange), for
   // benchmarks and tests (varlen_rnn_cuda_last_exchange_for_testing).
   std::atomic<int> last_exchange[2] = {0, 0};
@@ -56,14 +64,15 @@ struct Knobs {
 
 // How the recurrence of a pass shared h (forward) or dgh (backward) between steps.
 enum class Exchange : int {
-  kFallback = 0,  // per-step GEMM kernels: through global memory, no persistent exchange
-  kExact = 1,     // persistent on CUDA cores: h in acc_t, tiles in acc_t
-  kMmaFp32 = 2,   // persistent on TF32 tensor cores: h and tiles fp32, padded strides
-  kMma16 = 3,     // persistent on 16-bit tensor cores: h and tiles in the storage type
+  kFallback = 0,     // per-step GEMM kernels: through global memory, no persistent exchange
+  kExact = 1,        // persistent on CUDA cores: h in acc_t, tiles in acc_t
+  kMmaFp32 = 2,      // persistent on TF32 tensor cores: h and tiles fp32, padded strides
+  kMma16 = 3,        // persistent on 16-bit tensor cores: h and tiles in the storage type
+  kExactTagged = 4,  // persistent on CUDA cores, h in tagged words (tagged_exchange.cuh)
 };
-inline Exchange exchange_of(bool persistent, bool mma, int64_t storage_bytes) {
+inline Exchange exchange_of(bool persistent, bool mma, int64_t storage_bytes, bool tagged = false) {
   if (!persistent) return Exchange::kFallback;
-  if (!mma) return Exchange::kExact;
+  if (!mma) return tagged ? Exchange::kExactTagged : Exchange::kExact;
   return storage_bytes == 2 ? Exchange::kMma16 : Exchange::kMmaFp32;
 }
 
@@ -98,6 +107,13 @@ inline Knobs& knobs() {
     if (const char* pad = std::getenv("VARLEN_RNN_PERSISTENT_PAD")) {
       n->pad_smem = std::strcmp(pad, "0") != 0;
     }
+    if (const char* ex = std::getenv("VARLEN_RNN_EXCHANGE")) {
+      if (std::strcmp(ex, "tagged") == 0) {
+        n->tagged = true;
+      } else if (*ex != '\0' && std::strcmp(ex, "barrier") != 0) {
+        n->bad_exchange = ex;
+      }
+    }
     if (const char* cap = std::getenv("VARLEN_RNN_PERSISTENT_MAX_KC")) {
       n->max_kc = std::max<long long>(0, std::atoll(cap));
     }
@@ -127,6 +143,8 @@ inline plan::Path requested_path() {
   const Knobs& k = knobs();
   TORCH_CHECK(k.bad_path.empty(),
               "VARLEN_RNN_CUDA_PATH must be auto, persistent or fallback, got '", k.bad_path, "'");
+  TORCH_CHECK(k.bad_exchange.empty(), "VARLEN_RNN_EXCHANGE must be barrier or tagged, got '",
+              k.bad_exchange, "'");
   return static_cast<plan::Path>(k.path.load());
 }
 
@@ -452,9 +470,20 @@ extern "C" __attribute__((visibility("default"))) int varlen_rnn_cuda_set_tensor
   return before;
 }
 
+// Test hook (ctypes, tests/test_cuda_device.py): sets what VARLEN_RNN_EXCHANGE gives once per
+// process: tagged 1, barrier 0, < 0 only reads. Returns the setting before the call.
+extern "C" __attribute__((visibility("default"))) int varlen_rnn_cuda_set_exchange_for_testing(
+    int tagged) {
+  varlen_rnn::cuda::Knobs& k = varlen_rnn::cuda::knobs();
+  const int before = k.tagged.load() ? 1 : 0;
+  if (tagged >= 0) k.tagged = tagged > 0;
+  return before;
+}
+
 // Test and benchmark hook (ctypes, benchmarks/bench.py): the Exchange code of the last forward
 // (backward = 0) or backward (1) pass this process ran: 0 fallback, 1 persistent exact, 2
-// persistent TF32 tensor cores (fp32 h), 3 persistent 16-bit tensor cores (16-bit h).
+// persistent TF32 tensor cores (fp32 h), 3 persistent 16-bit tensor cores (16-bit h), 4
+// persistent exact with the tagged exchange.
 extern "C" __attribute__((visibility("default"))) int varlen_rnn_cuda_last_exchange_for_testing(
     int backward) {
   return varlen_rnn::cuda::knobs().last_exchange[backward != 0 ? 1 : 0].load();

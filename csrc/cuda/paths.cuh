@@ -115,6 +115,13 @@ BackwardKernel<scalar_t> backward_kernel(bool mma) {
   return persistent_backward_kernel<Cell, scalar_t, acc_t>;
 }
 
+// Whether a persistent forward shares h through the tagged exchange (VARLEN_RNN_EXCHANGE): the
+// exact kernels with a float state only (persistent.cuh's kTaggable).
+template <typename scalar_t>
+bool tagged_exchange(const plan::Choice& choice) {
+  return knobs().tagged && !choice.mma && std::is_same<at::opmath_type<scalar_t>, float>::value;
+}
+
 // A kHasC cell's c state in acc_t [D, B, H], starting at c.cx; else undefined.
 template <typename Cell>
 Tensor c_state(const LayerCall& c) {
@@ -139,8 +146,11 @@ bool persistent_forward(const ForwardCall& c, const plan::Choice& choice) {
   // The exchange in the storage type on 16-bit tensor cores (persistent.cuh: tile_t), with the
   // exact state of each block's own units beside it where the cell reads h.
   const bool half_exchange = choice.mma && sizeof(scalar_t) == 2;
-  Tensor hbuf =
-      at::empty({2, dims.D, dims.B, dims.H}, half_exchange ? c.opts : c.opts.dtype(c.acc_type));
+  const bool tagged = tagged_exchange<scalar_t>(choice);
+  Tensor hbuf = at::empty({2, dims.D, dims.B, dims.H},
+                          tagged ? c.opts.dtype(at::kLong)  // 64-bit words of value and tag
+                          : half_exchange ? c.opts
+                                          : c.opts.dtype(c.acc_type));
   Tensor hown = half_exchange && Cell::kReadsHPrev
                     ? at::empty({dims.D, dims.B, dims.H}, c.opts.dtype(c.acc_type))
                     : Tensor();
@@ -152,6 +162,7 @@ bool persistent_forward(const ForwardCall& c, const plan::Choice& choice) {
   a.b_hh = ptr_or_null<scalar_t>(c.b_hh);
   a.hx = c.hx.data_ptr<scalar_t>();
   a.hbuf = hbuf.data_ptr();
+  a.tagged = tagged;
   a.hown = ptr_or_null<acc_t>(hown);
   a.out = c.out.data_ptr<scalar_t>();
   a.h_n = c.h_n.data_ptr<scalar_t>();
@@ -230,7 +241,8 @@ void run_forward(const ForwardCall& c) {
             choose(c, forward_kernel<Cell, scalar_t>, pass, sizeof(scalar_t), sizeof(acc_t));
         if (choice.path == plan::Path::kPersistent &&
             launched_or_allowed_to_fall_back(persistent_forward<Cell, scalar_t>(c, choice))) {
-          note_exchange(false, exchange_of(true, choice.mma, sizeof(scalar_t)));
+          note_exchange(false, exchange_of(true, choice.mma, sizeof(scalar_t),
+                                           tagged_exchange<scalar_t>(choice)));
           return;
         }
         note_exchange(false, Exchange::kFallback);

@@ -33,6 +33,7 @@
 #include "cells/cell.h"
 #include "persistent_common.cuh"
 #include "pointwise.cuh"
+#include "tagged_exchange.cuh"
 
 namespace varlen_rnn {
 namespace cuda {
@@ -45,8 +46,10 @@ struct PersistentForwardArgs : PersistentCommonArgs {
   const scalar_t* hx;    // [D, B, H]
   // [2, D, B, H] the state published for the other blocks, ping-pong by step parity, in
   // tile_t<kMma, scalar_t, acc_t>: acc_t, or the 16-bit storage type on tensor cores (the
-  // mma rounds its operand to that type anyway, so the half-size copy changes no result).
+  // mma rounds its operand to that type anyway, so the half-size copy changes no result);
+  // words of value and tag (tagged_exchange.cuh) where `tagged`.
   void* hbuf;
+  bool tagged;    // the exchange without a barrier per step (exact kernels, float acc_t only)
   acc_t* hown;    // [D, B, H] the state of each block's own units where hbuf is 16-bit
                   // and the cell reads h (kReadsHPrev), else nullptr
   scalar_t* out;  // [R, D*H]
@@ -90,6 +93,9 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
                  ? smem_weight<kMma>(a.w_hh[(static_cast<int64_t>(d) * G * H + g * H + j) * H + k])
                  : scalar_t(0);
   }
+  // The tagged exchange (tagged_exchange.cuh): on CUDA cores with a float state only.
+  constexpr bool kTaggable = !kMma && std::is_same<acc_t, float>::value;
+  const bool tagged = kTaggable && a.tagged;
   const acc_t no_saved[Cell::kSaved] = {};
   for (int e = threadIdx.x; e < B * J; e += blockDim.x) {
     const int b = e / J, j = j0 + e % J;
@@ -106,6 +112,11 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
       a.cbuf[off] = static_cast<acc_t>(a.cx[off]);
       if (len == 0) a.c_n[off] = a.cx[off];
     }
+    if (tagged) {  // tag 0 in both buffers: no earlier launch's word passes for this one's
+      uint64_t* words = static_cast<uint64_t*>(a.hbuf);
+      words[off] = 0;
+      words[static_cast<int64_t>(a.D) * B * H + off] = 0;
+    }
   }
   __syncthreads();
 
@@ -116,11 +127,14 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
   // after the product: the cell's h_prev is read there, not from L2 (a trip per step saved).
   const bool h_in_tile = !kMma && ps.kc >= H;
   cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  if (tagged) grid.sync();  // the zeroed tags, before any block's first poll
   for (int s = 0; s < max_len; ++s) {
-    const x_t* cur =
-        static_cast<const x_t*>(a.hbuf) + (s & 1) * buf_stride + static_cast<int64_t>(d) * B * H;
-    x_t* nxt =
-        static_cast<x_t*>(a.hbuf) + ((s + 1) & 1) * buf_stride + static_cast<int64_t>(d) * B * H;
+    const int64_t cur_off = (s & 1) * buf_stride + static_cast<int64_t>(d) * B * H;
+    const int64_t nxt_off = ((s + 1) & 1) * buf_stride + static_cast<int64_t>(d) * B * H;
+    const x_t* cur = static_cast<const x_t*>(a.hbuf) + cur_off;
+    x_t* nxt = static_cast<x_t*>(a.hbuf) + nxt_off;
+    const uint64_t* cur_tagged = static_cast<const uint64_t*>(a.hbuf) + cur_off;
+    uint64_t* nxt_tagged = static_cast<uint64_t*>(a.hbuf) + nxt_off;
     for (int base = 0; base < B && a.sorted[base] > s; base += ps.tile_rows) {
       auto locate = [&](int r) -> int64_t {  // once per row and tile: h's row offset
         const int i = base + r;
@@ -129,6 +143,9 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
       auto stage = [&](x_t* dst, int64_t off, int k0, int kc, int lane) {
         if (s == 0) {
           stage_row<false>(dst, off < 0 ? nullptr : hx_d + off + k0, kc, lane);
+        } else if (tagged) {
+          if constexpr (kTaggable)  // h_s: the words step s - 1 wrote, tag s
+            stage_row_tagged(dst, off < 0 ? nullptr : cur_tagged + off + k0, kc, lane, s);
         } else {
           stage_row<true>(dst, off < 0 ? nullptr : cur + off + k0, kc, lane);
         }
@@ -153,6 +170,7 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
       if (e0 < items * kRows && runs(unit_of(e0), sorted_of(e0)))
         gate_inputs(unit_of(e0), row_of(sorted_of(e0)), gx0, bias0);
       recurrent_matvec<G, kMma>(w_s, J, J, 1, H, ps, tile, acc_s, part_s, locate, stage);
+      if (tagged) fence_tagged();  // release: the block's reads of h_s before its words of h_s+1
       for (int e = e0; e < items * kRows; e += blockDim.x) {
         const int j = unit_of(e), i = sorted_of(e);
         if (!runs(j, i)) continue;
@@ -180,14 +198,22 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
             prev.h = s == 0 ? static_cast<acc_t>(hx_d[hoff]) : a.hown[coff];  // not the 16-bit copy
           } else if (h_in_tile) {
             prev.h = tile[(i - base) * ps.kc_stride + j];  // as staged: cur's, or hx's at s = 0
+          } else if (s == 0) {
+            prev.h = static_cast<acc_t>(hx_d[hoff]);
+          } else if (tagged) {  // the thread's own word of the last step
+            prev.h = static_cast<acc_t>(tagged_value(load_tagged(cur_tagged + hoff)));
           } else {
-            prev.h = s == 0 ? static_cast<acc_t>(hx_d[hoff]) : __ldcg(cur + hoff);
+            prev.h = __ldcg(cur + hoff);
           }
         }
         if constexpr (Cell::kHasC) prev.c = a.cbuf[coff];
         acc_t saved[Cell::kSaved];
         Cell::template forward<acc_t>(gx, gh, prev, next, saved);
-        nxt[hoff] = static_cast<x_t>(next.h);
+        if (tagged) {
+          store_tagged(nxt_tagged + hoff, tag_word(static_cast<float>(next.h), s + 1));
+        } else {
+          nxt[hoff] = static_cast<x_t>(next.h);
+        }
         if constexpr (kOwnState && Cell::kReadsHPrev) a.hown[coff] = next.h;
         a.out[row * DH + static_cast<int64_t>(d) * H + j] = static_cast<scalar_t>(next.h);
         if (s == len - 1) a.h_n[coff] = static_cast<scalar_t>(next.h);
@@ -201,7 +227,11 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
       if (h_in_tile && base + ps.tile_rows < B && a.sorted[base + ps.tile_rows] > s)
         __syncthreads();
     }
-    grid.sync();
+    if (tagged) {
+      __syncthreads();  // the tile and accumulators, which the next step's staging overwrites
+    } else {
+      grid.sync();
+    }
   }
 }
 

@@ -270,18 +270,21 @@ std::vector<at::Tensor> backward(at::Tensor go, at::Tensor ghn, at::Tensor out, 
 
 // The emulation hooks' counts since the last reset: vector_rows and scalar_rows (stage_row's
 // two ways), fragment_ways (the worst bank conflict of a tensor-core fragment load),
-// misaligned (accesses check_aligned found off their size's alignment).
+// misaligned (accesses check_aligned found off their size's alignment), tagged_loads (words
+// of the tagged exchange loaded).
 std::map<std::string, int64_t> stats(bool reset) {
   EmuStats& s = emu_stats();
   std::map<std::string, int64_t> out{{"vector_rows", s.vector_rows.load()},
                                      {"scalar_rows", s.scalar_rows.load()},
                                      {"fragment_ways", s.fragment_ways.load()},
-                                     {"misaligned", s.misaligned.load()}};
+                                     {"misaligned", s.misaligned.load()},
+                                     {"tagged_loads", s.tagged_loads.load()}};
   if (reset) {
     s.vector_rows = 0;
     s.scalar_rows = 0;
     s.fragment_ways = 0;
     s.misaligned = 0;
+    s.tagged_loads = 0;
   }
   return out;
 }
@@ -294,6 +297,14 @@ bool set_smem_padding(bool pad) {
   return before;
 }
 
+// Whether persistent forwards share h through the tagged exchange (VARLEN_RNN_EXCHANGE=tagged);
+// returns the setting before the call.
+bool set_tagged_exchange(bool tagged) {
+  const bool before = knobs().tagged;
+  knobs().tagged = tagged;
+  return before;
+}
+
 }  // namespace harness
 
 #include "emu_backend.h"
@@ -302,6 +313,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace harness;
   m.def("stats", &stats);
   m.def("set_smem_padding", &set_smem_padding);
+  m.def("set_tagged_exchange", &set_tagged_exchange);
   m.def("forward", &forward);
   m.def("backward", &backward);
   m.def("cell_forward", &cell_forward);

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cassert>
 #include <memory>
+#include <utility>
 #include <vector>
 #include <algorithm>
 #include <type_traits>
@@ -38,12 +39,13 @@ struct alignas(16) uint4 {
 };
 
 // What the kernels report through their emulation hooks, for the tests: how many rows
-// stage_row copied with 16-byte vectors and how many one element at a time, the worst
+// stage_row copied with 16-byte vectors and how many one element at a time, how many tagged
+// words (tagged_exchange.cuh) were loaded, the worst
 // bank conflict (ways) of the tensor-core kernel's fragment loads, and how many widened or
 // reinterpreted accesses were not aligned to their size (check_aligned: each would fault on a
 // GPU).
 struct EmuStats {
-  std::atomic<long> vector_rows{0}, scalar_rows{0}, misaligned{0};
+  std::atomic<long> vector_rows{0}, scalar_rows{0}, misaligned{0}, tagged_loads{0};
   std::atomic<int> fragment_ways{0};
 };
 inline EmuStats& emu_stats() {
@@ -74,7 +76,25 @@ struct EmuBlock {
 // The running thread's block and grid barrier (fibers.h swaps them with the thread).
 inline EmuBlock* tl_block() { return static_cast<EmuBlock*>(emu::tl_own.block); }
 inline emu::Barrier* tl_grid() { return static_cast<emu::Barrier*>(emu::tl_own.grid); }
-inline void __syncthreads() { tl_block()->bar.arrive_and_wait(); }
+// tagged_exchange.cuh's stores wait in their CUDA thread's buffer until it fences, polls, meets
+// a barrier or ends, as a GPU's stores may reach L2 late: a reader that does not wait for its
+// step's tag reads an older word (and the tests see wrong values).
+using TaggedStores = std::vector<std::pair<uint64_t*, uint64_t>>;
+inline TaggedStores& pending_tagged() {
+  thread_local std::vector<TaggedStores> per_fiber;  // by fiber id; emptied as each one ends
+  const size_t id = static_cast<size_t>(emu::tl_scheduler->current->id);
+  if (per_fiber.size() <= id) per_fiber.resize(id + 1);
+  return per_fiber[id];
+}
+inline void flush_tagged() {
+  TaggedStores& p = pending_tagged();
+  for (auto& [where, word] : p) std::atomic_ref<uint64_t>(*where).store(word);
+  p.clear();
+}
+inline void __syncthreads() {
+  flush_tagged();
+  tl_block()->bar.arrive_and_wait();
+}
 varlen_rnn::cuda::tc::MmaExchange& varlen_rnn::cuda::tc::emu_mma_exchange() {
   return tl_block()->warps[threadIdx.x / 32].mma;
 }
@@ -89,6 +109,27 @@ inline int atomicAdd(int* p, int v) {
   return old;
 }  // sequential launches
 inline int min(int a, int b) { return a < b ? a : b; }
+// tagged_exchange.cuh's words on CPU atomics (whole 64-bit loads and stores, the fence as one),
+// a poll's pause a switch to another fiber, and a wait that never ends an error of the launch.
+namespace varlen_rnn::cuda {
+inline uint64_t load_tagged(const uint64_t* p) {
+  ++emu_stats().tagged_loads;
+  return std::atomic_ref<uint64_t>(*const_cast<uint64_t*>(p)).load(std::memory_order_relaxed);
+}
+inline void store_tagged(uint64_t* p, uint64_t v) { pending_tagged().emplace_back(p, v); }
+inline void fence_tagged() {
+  flush_tagged();
+  std::atomic_thread_fence(std::memory_order_acq_rel);
+}
+inline void poll_pause() {
+  flush_tagged();
+  emu::yield();
+}
+inline void tagged_wait_timed_out() {
+  std::fprintf(stderr, "emulation: a tagged exchange's poll never saw its step's tag\n");
+  std::abort();
+}
+}  // namespace varlen_rnn::cuda
 // Every lane of the warp must call it (the kernels use the full mask): each shuffle is one
 // barrier of all 32 lanes. Consecutive shuffles alternate between two slot arrays, so a lane
 // writing shuffle i+2's value cannot overwrite one that a slower lane still reads for shuffle i
@@ -118,7 +159,10 @@ inline unsigned __ballot_sync(unsigned mask, bool p) {
 }
 namespace cooperative_groups {
 struct grid_group {
-  void sync() const { tl_grid()->arrive_and_wait(); }
+  void sync() const {
+    flush_tagged();
+    tl_grid()->arrive_and_wait();
+  }
 };
 inline grid_group this_grid() { return {}; }
 }  // namespace cooperative_groups
@@ -135,6 +179,7 @@ void emu_launch(int grid, int block, size_t smem, F body) {
     gridDim = {grid, 1, 1};
     emu::tl_own = {blocks[i / block].get(), &gbar, 0};
     body();
+    flush_tagged();
   });
 }
 

@@ -80,10 +80,12 @@ struct Scheduler {
     seed ^= seed >> 27;
     return seed * 0x2545F4914F6CDD1Dull;
   }
-  // Makes `fs` ready in a shuffled order.
+  // Makes `fs` ready in a shuffled order, behind those already ready or, one time in two, ahead
+  // of them: a block released from its barrier may then run on (its next step, say) before the
+  // other blocks reach theirs, as a GPU's blocks race.
   void make_ready(std::vector<Fiber*>& fs) {
     for (size_t i = fs.size(); i > 1; --i) std::swap(fs[i - 1], fs[next_random() % i]);
-    ready.insert(ready.begin(), fs.begin(), fs.end());  // behind those already ready
+    ready.insert(next_random() % 2 ? ready.begin() : ready.end(), fs.begin(), fs.end());
   }
   // Switches from `me` (parked or finished) to the next ready fiber, or back to the launcher
   // once every fiber has finished.
@@ -146,6 +148,16 @@ class Barrier {
   int n_;
   std::vector<Fiber*> waiting_;
 };
+
+// Lets the other ready fibers run before the caller goes on (a polling loop's pause): the caller
+// goes back among the ready ones at a random place.
+inline void yield() {
+  Scheduler& s = *tl_scheduler;
+  if (s.ready.empty()) return;
+  s.ready.insert(s.ready.begin() + static_cast<long>(s.next_random() % (s.ready.size() + 1)),
+                 s.current);
+  s.switch_from(s.current);
+}
 
 // (Out of line: getcontext returns twice, and the launch's loop stays out of its way.)
 [[gnu::noinline]] inline void init_fiber(Fiber& f, int id) {
