@@ -13,10 +13,11 @@ Every comparison is ||a - b|| / ||b|| over output, h_n and every gradient, TF32 
 float32); the reference is varlen_rnn.reference.gru_reference in float64 on the same inputs and
 weights rounded to the dtype under test, so the tolerance measures the computation, not the inputs.
 
-The persistent path runs in three children: `persistent` (tensor cores where the library allows
+The persistent path runs in four children: `persistent` (tensor cores where the library allows
 them: bfloat16 and float16 on sm_80+; float32 stays on the exact path because TF32 is off in the
-children), `persistent_exact` (VARLEN_RNN_TENSOR_CORES=0: the CUDA-core kernels in every dtype) and
-`persistent_tf32` (float32 only, cudnn.allow_tf32 on: the TF32 mma path). Tensor-core results are
+children), `persistent_exact` (VARLEN_RNN_TENSOR_CORES=0: the CUDA-core kernels in every dtype),
+`persistent_tf32` (float32 only, cudnn.allow_tf32 on: the TF32 mma path) and `persistent_tagged`
+(the exact kernels with VARLEN_RNN_EXCHANGE=tagged; a float state only). Tensor-core results are
 held to MMA_TOL (the compute precision's rounding of h and, for TF32, of W_hh), the others to TOL.
 """
 
@@ -69,6 +70,16 @@ CHILDREN = {
         {"VARLEN_RNN_CUDA_PATH": "persistent", "VARLEN_RNN_TENSOR_CORES": _TC},
         True,
         ("float32",),
+    ),
+    # the exact kernels' forward with the tagged exchange (launch.h): a float state only
+    "persistent_tagged": (
+        {
+            "VARLEN_RNN_CUDA_PATH": "persistent",
+            "VARLEN_RNN_TENSOR_CORES": "0",
+            "VARLEN_RNN_EXCHANGE": "tagged",
+        },
+        False,
+        ("float32", "float16", "bfloat16"),
     ),
     "fallback": ({"VARLEN_RNN_CUDA_PATH": "fallback"}, False, None),
     "auto": ({"VARLEN_RNN_CUDA_PATH": "auto"}, False, None),
@@ -324,7 +335,7 @@ def main(argv=None) -> int:
     )
     p.add_argument(
         "--paths",
-        default="persistent,persistent_exact,fallback,persistent_tf32",
+        default="persistent,persistent_exact,persistent_tagged,fallback,persistent_tf32",
         help=f"CUDA children to compare, among {', '.join(CHILDREN)}; neighbours are "
         "compared with each other",
     )

@@ -25,7 +25,7 @@
 namespace varlen_rnn {
 namespace cuda {
 
-constexpr int kTagBatch = 8;                 // words a lane has in flight while staging a row
+constexpr int kTagBatch = 8;                // words a lane has in flight while staging a row
 constexpr long long kMaxPolls = 1ll << 26;  // ~1 minute of polls of L2
 
 __host__ __device__ __forceinline__ uint64_t tag_word(float v, uint32_t tag) {
@@ -74,8 +74,8 @@ __device__ __forceinline__ void tagged_wait_timed_out() {
 // word holds tag `want` (zeros, with no wait, when src is null: the row does not run). The
 // lane's words go out kTagBatch at a time before any is checked, so one trip to L2 covers them.
 // Ends with the acquire fence.
-__device__ __forceinline__ void stage_row_tagged(float* dst, const uint64_t* src, int kc,
-                                                 int lane, uint32_t want) {
+__device__ __forceinline__ void stage_row_tagged(float* dst, const uint64_t* src, int kc, int lane,
+                                                 uint32_t want) {
   if (src == nullptr) {
     for (int k = lane; k < kc; k += 32) dst[k] = 0.0f;
     return;
