@@ -224,6 +224,10 @@ stage_sanitize() {  # memcheck | racecheck: our kernels only, float32 and bfloat
   # one with its 32-bit shared-memory fragment loads included; a failed mma stage's
   # VARLEN_RNN_TENSOR_CORES=0 still wins.
   local tc="${VARLEN_RNN_TENSOR_CORES:-1}"
+  # memcheck: the exact float32 forward through the tagged exchange (its 64-bit words are global
+  # accesses the first run's memcheck of the barrier did not see); racecheck keeps the barrier.
+  local exchange=barrier
+  [ "$tool" = memcheck ] && exchange=tagged
   per=$(((STAGE_LIMIT - 2) / 2))
   [ "$DRY" = 1 ] && san=(fake_sanitizer)
   if [ "$DRY" != 1 ] && compute-sanitizer --help 2>&1 | grep -q -- --kernel-regex; then
@@ -233,8 +237,8 @@ stage_sanitize() {  # memcheck | racecheck: our kernels only, float32 and bfloat
   for path in persistent fallback; do
     log="$WORK/${tool}_$path.log"
     # The inner timeout keeps the second path's share even if the first one hangs.
-    VARLEN_RNN_CUDA_PATH=$path VARLEN_RNN_TENSOR_CORES=$tc timeout -k 3 "$per" \
-      bash -c '"$@"' _ "${san[@]}" --tool "$tool" \
+    VARLEN_RNN_CUDA_PATH=$path VARLEN_RNN_TENSOR_CORES=$tc VARLEN_RNN_EXCHANGE=$exchange \
+      timeout -k 3 "$per" bash -c '"$@"' _ "${san[@]}" --tool "$tool" \
       "${filt[@]}" "${extra[@]}" --error-exitcode 3 --print-limit 20 "$PY" "$REPO/benchmarks/gpu_smoke.py" \
       --child "$path" --device "$DEV" --sizes "$([ "$DRY" = 1 ] && echo tiny || echo sanitize)" \
       --dtypes float32,bfloat16 --no-graph --out "$WORK/${tool}_$path.pt" >"$log" 2>&1
@@ -243,8 +247,8 @@ stage_sanitize() {  # memcheck | racecheck: our kernels only, float32 and bfloat
       echo "---- $path: the kernel filter was refused; checking every kernel instead"
       cp "$log" "$log.refused-filter.log"
       filt=()
-      VARLEN_RNN_CUDA_PATH=$path VARLEN_RNN_TENSOR_CORES=$tc timeout -k 3 "$per" \
-        compute-sanitizer --tool "$tool" "${extra[@]}" \
+      VARLEN_RNN_CUDA_PATH=$path VARLEN_RNN_TENSOR_CORES=$tc VARLEN_RNN_EXCHANGE=$exchange \
+        timeout -k 3 "$per" compute-sanitizer --tool "$tool" "${extra[@]}" \
         --error-exitcode 3 --print-limit 20 "$PY" "$REPO/benchmarks/gpu_smoke.py" --child "$path" \
         --device "$DEV" --sizes sanitize --dtypes float32,bfloat16 --no-graph \
         --out "$WORK/${tool}_$path.pt" >"$log" 2>&1
