@@ -9,9 +9,10 @@ that. So, on a device:
 - the exchange between blocks under load: a grid of one block per SM over hundreds of steps, each
   step reading h that every other block wrote before the grid barrier (a stale L1 line or a missing
   fence shows as a result that differs run to run or from the fallback);
-- the tagged exchange (VARLEN_RNN_EXCHANGE=tagged: the forward's blocks poll words of value and
-  step instead of meeting at a grid barrier) on the GPU's weak memory model: the barrier's bits
-  for every cell, over every SM, with several row tiles and with K in chunks;
+- the tagged exchange (VARLEN_RNN_EXCHANGE=tagged: the blocks poll words of value and step, h in
+  the forward and dgh in the backward, instead of meeting at a grid barrier) on the GPU's weak
+  memory model: the barrier's bits for every cell, over every SM, with several row tiles and with
+  K in chunks;
 - forward progress: persistent launches on two streams at once while a GEMM fills the device must
   finish (a grid barrier whose blocks are not all resident waits forever: hence a child process
   with a timeout under the check script's per-test limit);
@@ -189,11 +190,11 @@ for cls in (varlen_rnn.GRU, varlen_rnn.LSTM, varlen_rnn.RNN):
             assert knobs(b"persistent", max_kc, 0) == 0
             set_exchange(0)
             expected = results(mod, B)
-            assert exchange(0) == 1, exchange(0)
+            assert (exchange(0), exchange(1)) == (1, 1), (exchange(0), exchange(1))
             set_exchange(1)
             for rep in range(2):
                 got = results(mod, B)
-                assert exchange(0) == 4, exchange(0)
+                assert (exchange(0), exchange(1)) == (4, 4), (exchange(0), exchange(1))
                 for i, (a, e) in enumerate(zip(got, expected)):
                     assert torch.equal(a, e), (cls.__name__, dtype, B, max_kc, D, rep, i,
                                                (a - e).abs().max().item())
@@ -206,8 +207,9 @@ print("tagged ok", n)
 
 @needs_cuda
 def test_cuda_tagged_exchange_gives_the_barriers_bits():
-    """The forward's tagged exchange against its grid barrier, each cell in float32 and bfloat16
-    (exact kernels), one block per SM over 300 steps: every output and gradient bit for bit, twice.
+    """The tagged exchange (forward and backward) against the grid barrier, each cell in float32
+    and bfloat16 (exact kernels), one block per SM over 300 steps: every output and gradient bit
+    for bit, twice.
     A word read before its writer's store, or a buffer overwritten while a slower block still
     reads it, changes bits; a poll that never ends is the child's timeout."""
     r = child(TAGGED, timeout=50)

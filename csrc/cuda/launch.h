@@ -40,11 +40,11 @@ namespace cuda {
 // through varlen_rnn_cuda_set_tensor_cores_for_testing (end of this file).
 // VARLEN_RNN_PERSISTENT_PAD=0 gives the tensor-core kernels unpadded shared-memory rows (plan.h
 // padded_stride), only to measure on a GPU what the padding buys.
-// VARLEN_RNN_EXCHANGE=barrier|tagged: how the persistent forward's blocks share h between steps
-// on the exact kernels with a float state (float32, and the 16-bit types off tensor cores):
-// barrier (default) a grid barrier per step, tagged the words of value and step of
-// tagged_exchange.cuh, polled, with no barrier per step. Same results to the bit; tagged stays
-// opt-in until a GPU has measured it. Tests switch it through
+// VARLEN_RNN_EXCHANGE=barrier|tagged: how the persistent kernels' blocks share h (forward) and
+// dgh (backward) between steps on the exact kernels with a float state (float32, and the 16-bit
+// types off tensor cores): barrier (default) a grid barrier per step, tagged the words of value
+// and step of tagged_exchange.cuh, polled, with no barrier per step. Same results to the bit;
+// tagged stays opt-in until a GPU has measured it. Tests switch it through
 // varlen_rnn_cuda_set_exchange_for_testing (end of this file).
 constexpr int kTensorCoresAuto = 2;  // VARLEN_RNN_TENSOR_CORES unset or "auto"
 
@@ -68,7 +68,7 @@ enum class Exchange : int {
   kExact = 1,        // persistent on CUDA cores: h in acc_t, tiles in acc_t
   kMmaFp32 = 2,      // persistent on TF32 tensor cores: h and tiles fp32, padded strides
   kMma16 = 3,        // persistent on 16-bit tensor cores: h and tiles in the storage type
-  kExactTagged = 4,  // persistent on CUDA cores, h in tagged words (tagged_exchange.cuh)
+  kExactTagged = 4,  // persistent on CUDA cores, h or dgh in tagged words (tagged_exchange.cuh)
 };
 inline Exchange exchange_of(bool persistent, bool mma, int64_t storage_bytes, bool tagged = false) {
   if (!persistent) return Exchange::kFallback;

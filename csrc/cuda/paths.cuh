@@ -115,8 +115,8 @@ BackwardKernel<scalar_t> backward_kernel(bool mma) {
   return persistent_backward_kernel<Cell, scalar_t, acc_t>;
 }
 
-// Whether a persistent forward shares h through the tagged exchange (VARLEN_RNN_EXCHANGE): the
-// exact kernels with a float state only (persistent.cuh's kTaggable).
+// Whether a persistent pass shares h (dgh) through the tagged exchange (VARLEN_RNN_EXCHANGE):
+// the exact kernels with a float state only (persistent.cuh's kTaggable).
 template <typename scalar_t>
 bool tagged_exchange(const plan::Choice& choice) {
   return knobs().tagged && !choice.mma && std::is_same<at::opmath_type<scalar_t>, float>::value;

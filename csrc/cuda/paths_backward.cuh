@@ -64,6 +64,11 @@ bool persistent_backward(const BackwardCall& c, const plan::Choice& choice) {
   a.grad_c_n = ptr_or_null<scalar_t>(c.grad_c_n);
   a.dc = ptr_or_null<acc_t>(dc);
   a.grad_cx = ptr_or_null<scalar_t>(c.grad_cx);
+  // dgh_s in words of value and tag by step parity where the exchange is tagged (launch.h)
+  const Tensor tagged = tagged_exchange<scalar_t>(choice)
+                            ? at::empty({2, dims.D, dims.B, c.G * dims.H}, c.opts.dtype(at::kLong))
+                            : Tensor();
+  a.tagged = tagged.defined() ? static_cast<uint64_t*>(tagged.data_ptr()) : nullptr;
   fill_common(a, c, l, cut);
   return launch_cooperative(backward_kernel<Cell, scalar_t>(choice.mma), cut.blocks, cut.smem, &a,
                             c.stream);
@@ -151,7 +156,8 @@ LayerGrads run_backward(BackwardCall& c, const Tensor& x_rows, const Tensor& w_i
                                            plan::Pass::kBackward, sizeof(scalar_t), sizeof(acc_t));
         if (choice.path == plan::Path::kPersistent &&
             launched_or_allowed_to_fall_back(persistent_backward<Cell, scalar_t>(c, choice))) {
-          note_exchange(true, exchange_of(true, choice.mma, sizeof(scalar_t)));
+          note_exchange(true, exchange_of(true, choice.mma, sizeof(scalar_t),
+                                          tagged_exchange<scalar_t>(choice)));
           return;
         }
         note_exchange(true, Exchange::kFallback);

@@ -251,6 +251,9 @@ struct PersistentBackwardArgs : PersistentCommonArgs {
   const scalar_t* grad_c_n;  // [D, B, H] (kHasC), else nullptr
   acc_t* dc;                 // [D, B, H] gradient reaching c, each block its units (kHasC)
   scalar_t* grad_cx;         // [D, B, H] (kHasC)
+  // [2, D, B, GH] the exchange of dgh_s in words of value and tag (tagged_exchange.cuh), by step
+  // parity, each row in the order phase 2 stages it; nullptr: through dg and the grid barrier.
+  uint64_t* tagged;
 };
 
 // Per step (s = max_len-1 .. 0): phase 1 turns the block's own dh (and dc)
@@ -294,6 +297,11 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
   // (a GRU's last gate) dghn's, which follow dgx's GH columns.
   const scalar_t* dg_d = a.dg + dR * a.ldg;  // direction d's row 0
   const int shared = Cell::kHiddenGradsDiffer ? (G - 1) * H : G * H;
+  // The tagged exchange (tagged_exchange.cuh): on CUDA cores with a float state only. A row of
+  // words holds dgh_s as phase 2 stages it: dgx's columns below `shared`, then dghn's.
+  constexpr bool kTaggable = !kMma && std::is_same<acc_t, float>::value;
+  const bool tagged = kTaggable && a.tagged != nullptr;
+  const int64_t tag_stride = static_cast<int64_t>(a.D) * B * GH;  // one parity's words
 
   for (int e = threadIdx.x; e < W * NU * U; e += blockDim.x) {
     const int jl = e % (NU * U), m = e / (NU * U), j = j0 + jl;
@@ -313,11 +321,23 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
       store_gate_grads<Cell>(a.dg + (dR + row) * a.ldg, j, H, zeros, zeros);
       a.hprev[(dR + row) * H + j] = scalar_t(0);
     }
+    if (tagged) {  // tag 0 in both buffers: no earlier launch's word passes for this one's
+      for (int g = 0; g < G; ++g) {
+        const int64_t w = (static_cast<int64_t>(d) * B + b) * GH + g * H + j;
+        a.tagged[w] = 0;
+        a.tagged[tag_stride + w] = 0;
+      }
+    }
   }
   __syncthreads();
 
   cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  if (tagged) grid.sync();  // the zeroed tags, before any block's first poll
   for (int s = a.sorted[0] - 1; s >= 0; --s) {
+    // dgh_s's words: step s writes them with tag s + 1, by parity
+    uint64_t* words =
+        tagged ? a.tagged + (s & 1) * tag_stride + static_cast<int64_t>(d) * B * GH : nullptr;
+    if (tagged) fence_tagged();  // release: the last step's reads of dgh before these words
     for (int e = threadIdx.x; e < B * J; e += blockDim.x) {
       const int i = e / J, j = j0 + e % J;
       if (a.sorted[i] <= s) break;  // sorted descending: the rest are finished too
@@ -336,20 +356,39 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
       acc_t saved[Cell::kSaved], dgx[G], dgh[G];
       load_saved<Cell>(a.ws, drow, a.out, row * DH + static_cast<int64_t>(d) * H, j, H, saved);
       Cell::backward(grad, static_cast<acc_t>(h_prev_s), saved, dgx, dgh, grad_prev);
+      if (tagged) {  // the words first: the staging of other blocks waits on them
+        VR_UNROLL
+        for (int g = 0; g < G; ++g) {
+          const acc_t v = Cell::kHiddenGradsDiffer && g == G - 1 ? dgh[g] : dgx[g];
+          const float staged = static_cast<float>(static_cast<scalar_t>(v));  // as dg holds it
+          store_tagged(words + static_cast<int64_t>(b) * GH + g * H + j, tag_word(staged, s + 1));
+        }
+      }
       store_gate_grads<Cell>(a.dg + drow * a.ldg, j, H, dgx, dgh);
       a.hprev[drow * H + j] = h_prev_s;
       a.dh[hoff] = grad_prev.h;
       if constexpr (Cell::kHasC) a.dc[hoff] = grad_prev.c;
     }
-    grid.sync();
+    if (tagged) {
+      __syncthreads();  // dh, which phase 2 adds to, from phase 1's threads
+    } else {
+      grid.sync();
+    }
     for (int base = 0; base < B && a.sorted[base] > s; base += ps.tile_rows) {
       auto locate = [&](int r) -> int64_t {  // once per row and tile: the position's row
-        const int i = base + r;
-        return i < B && a.sorted[i] > s ? a.rows.row(step_time(d, a.sorted[i], s), a.perm[i]) : -1;
+        const int i = base + r;              // (tagged: the row's words, by batch index)
+        if (i >= B || a.sorted[i] <= s) return -1;
+        return tagged ? static_cast<int64_t>(a.perm[i]) * GH
+                      : a.rows.row(step_time(d, a.sorted[i], s), a.perm[i]);
       };
       // A row of dgh_s, columns [k0, k0 + kc): dg's row up to `shared`, then (a GRU's last
-      // gate) its dghn columns from GH on.
+      // gate) its dghn columns from GH on; or its words, in that order already.
       auto stage = [&](x_t* dst, int64_t row, int k0, int kc, int lane) {
+        if (tagged) {
+          if constexpr (kTaggable)
+            stage_row_tagged(dst, row < 0 ? nullptr : words + row + k0, kc, lane, s + 1);
+          return;
+        }
         if (row < 0) return stage_row<true>(dst, static_cast<const scalar_t*>(nullptr), kc, lane);
         const int n = shared <= k0 ? 0 : min(kc, shared - k0);  // columns from dgx
         const scalar_t* dg_row = dg_d + row * a.ldg;

@@ -1,22 +1,24 @@
-// The tagged exchange: the persistent forward's state shared between blocks without a grid
-// barrier per step (VARLEN_RNN_EXCHANGE=tagged; launch.h). Each value of h travels with the step
-// that wrote it, in one 64-bit word (value bits low, tag high), stored and loaded whole: a
+// The tagged exchange: what the persistent kernels share between blocks each step (the forward's
+// h, the backward's dgh) without a grid barrier per step (VARLEN_RNN_EXCHANGE=tagged; launch.h).
+// Each value travels with the step that wrote it, in one 64-bit word (value bits low, tag high),
+// stored and loaded whole: a
 // naturally aligned 64-bit access is single-copy atomic in the PTX memory model, so a reader that
 // sees the tag it waits for sees that step's value, with no fence between the data and a flag.
 // A block stages the rows it needs by polling their words until every tag is the step's: the
 // wait for the other blocks and the read of their data are one trip to L2, where grid.sync() is
 // a fence, an atomic, a poll of the barrier word and then the read.
 //
-// Why two buffers by step parity suffice without a barrier: a block writes h_{s+2} over h_s of a
-// row only after it has read h_{s+1} of that row from every block, and every block wrote its part
-// of h_{s+1} only after it had read all of h_s of that row (its product over the row comes before
-// its pointwise part). The fences make that order hold on a weak memory model: a thread fences
-// after its polls (acquire) and before its stores of the next state (release), so a block's reads
-// of h_s happen before its stores of h_{s+1}, which happen before any block's overwrite of h_s.
-// Tags are 1 + the step that wrote them; the launch sets both buffers' words to tag 0 before its
-// first step (and one grid.sync() makes that visible), so a word left by an earlier launch on the
-// same memory never passes for this one's. Every block of a cooperative launch is resident, so a
-// poll always ends; a wait past kMaxPolls polls traps (a launch error, not a hang).
+// Why two buffers by step parity suffice without a barrier (the forward; the backward is the same
+// with dgh and s descending): a block writes h_{s+2} over h_s of a row only after it has read
+// h_{s+1} of that row from every block, and every block wrote its part of h_{s+1} only after it
+// had read all of h_s of that row (its product over the row comes before its pointwise part). The
+// fences make that order hold on a weak memory model: a thread fences after its polls (acquire) and
+// before its stores of the next state (release), so a block's reads of h_s happen before its stores
+// of h_{s+1}, which happen before any block's overwrite of h_s. Tags are 1 + the step that wrote
+// them; the launch sets both buffers' words to tag 0 before its first step (and one grid.sync()
+// makes that visible), so a word left by an earlier launch on the same memory never passes for this
+// one's. Every block of a cooperative launch is resident, so a poll always ends; a wait past
+// kMaxPolls polls traps (a launch error, not a hang).
 #pragma once
 
 #include <cstdint>
@@ -25,8 +27,12 @@
 namespace varlen_rnn {
 namespace cuda {
 
-constexpr int kTagBatch = 8;                // words a lane has in flight while staging a row
+constexpr int kTagBatch = 8;  // words a lane has in flight while staging a row
+#ifdef VARLEN_RNN_HOST_EMULATION
+constexpr long long kMaxPolls = 1ll << 20;  // each a switch to another fiber: a few seconds
+#else
 constexpr long long kMaxPolls = 1ll << 26;  // ~1 minute of polls of L2
+#endif
 
 __host__ __device__ __forceinline__ uint64_t tag_word(float v, uint32_t tag) {
   uint32_t bits;
