@@ -133,8 +133,9 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
     const int64_t nxt_off = ((s + 1) & 1) * buf_stride + static_cast<int64_t>(d) * B * H;
     const x_t* cur = static_cast<const x_t*>(a.hbuf) + cur_off;
     x_t* nxt = static_cast<x_t*>(a.hbuf) + nxt_off;
-    const uint64_t* cur_tagged = static_cast<const uint64_t*>(a.hbuf) + cur_off;
-    uint64_t* nxt_tagged = static_cast<uint64_t*>(a.hbuf) + nxt_off;
+    uint64_t* const words = tagged ? static_cast<uint64_t*>(a.hbuf) : nullptr;
+    const uint64_t* cur_tagged = tagged ? words + cur_off : nullptr;
+    uint64_t* nxt_tagged = tagged ? words + nxt_off : nullptr;
     for (int base = 0; base < B && a.sorted[base] > s; base += ps.tile_rows) {
       auto locate = [&](int r) -> int64_t {  // once per row and tile: h's row offset
         const int i = base + r;
