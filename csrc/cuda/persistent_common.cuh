@@ -177,12 +177,15 @@ __device__ __forceinline__ void stage_row(dst_t* dst, const T* src, int kc, int 
   }
 }
 
-// One work item's dot products over a chunk: NG weight rows (w, g_stride elements apart) against
-// the first R rows of the staged tile x (kc_stride apart), columns lane, lane + 32, ... < kc.
-// Returns with lane r < R holding row r's NG sums in a[.][0] (warp_reduce_scatter).
+// One work item's product over a chunk, added to acc_item (its kRows x NG accumulators): NG
+// weight rows (w, g_stride elements apart) against the first R rows of the staged tile x
+// (kc_stride apart), columns lane, lane + 32, ... < kc. Lane r < R adds row r's sums (after
+// warp_reduce_scatter), lanes R .. kRows-1 add zero (rows past those in use).
 template <int R, int NG, typename acc_t, typename w_t>
-__device__ __forceinline__ void item_dots(const w_t* w, int64_t g_stride, const acc_t* x,
-                                          int kc_stride, int kc, int lane, acc_t (&a)[NG][R]) {
+__device__ __forceinline__ void item_product(const w_t* w, int64_t g_stride, const acc_t* x,
+                                             int kc_stride, int kc, int k0, int lane,
+                                             acc_t* acc_item) {
+  acc_t a[NG][R];
 #pragma unroll
   for (int g = 0; g < NG; ++g)
 #pragma unroll
@@ -199,13 +202,6 @@ __device__ __forceinline__ void item_dots(const w_t* w, int64_t g_stride, const 
     }
   }
   warp_reduce_scatter<NG, R>(a, lane);
-}
-
-// Adds an item's sums for the chunk at k0 to acc_s (its kRows x NG accumulators): lanes r < R
-// row r's, lanes R .. kRows-1 zero (rows past those in use).
-template <int R, int NG, typename acc_t>
-__device__ __forceinline__ void add_item_sums(acc_t* acc_item, int k0, int lane,
-                                              const acc_t (&a)[NG][R]) {
   if (lane < kRows) {
 #pragma unroll
     for (int g = 0; g < NG; ++g) {
@@ -266,26 +262,18 @@ __device__ __forceinline__ void tile_matvec(const w_t* w_s, int U, int g_rows, i
       const acc_t* x = tile + sub * kRows * ps.kc_stride;
       acc_t* acc_item = acc_s + item * NG * kRows;
       const int rows = rows_in_use(running >> (sub * kRows));
+      const int stride = ps.kc_stride;
       if (rows == kRows) {
-        acc_t a[NG][kRows];
-        item_dots<kRows>(w, g_stride, x, ps.kc_stride, kc, lane, a);
-        add_item_sums<kRows>(acc_item, k0, lane, a);
+        item_product<kRows, NG>(w, g_stride, x, stride, kc, k0, lane, acc_item);
       } else if (rows == 4) {
-        acc_t a[NG][4];
-        item_dots<4>(w, g_stride, x, ps.kc_stride, kc, lane, a);
-        add_item_sums<4>(acc_item, k0, lane, a);
+        item_product<4, NG>(w, g_stride, x, stride, kc, k0, lane, acc_item);
       } else if (rows == 2) {
-        acc_t a[NG][2];
-        item_dots<2>(w, g_stride, x, ps.kc_stride, kc, lane, a);
-        add_item_sums<2>(acc_item, k0, lane, a);
+        item_product<2, NG>(w, g_stride, x, stride, kc, k0, lane, acc_item);
       } else if (rows == 1) {
-        acc_t a[NG][1];
-        item_dots<1>(w, g_stride, x, ps.kc_stride, kc, lane, a);
-        add_item_sums<1>(acc_item, k0, lane, a);
-      } else {  // no row of the group runs
-        if (lane < kRows)
+        item_product<1, NG>(w, g_stride, x, stride, kc, k0, lane, acc_item);
+      } else if (lane < kRows) {  // no row of the group runs
 #pragma unroll
-          for (int g = 0; g < NG; ++g) acc_item[g * kRows + lane] = acc_t(0);
+        for (int g = 0; g < NG; ++g) acc_item[g * kRows + lane] = acc_t(0);
       }
     }
     __syncthreads();

@@ -1,9 +1,9 @@
 // The tagged exchange: what the persistent kernels share between blocks each step (the forward's
 // h, the backward's dgh) without a grid barrier per step (VARLEN_RNN_EXCHANGE=tagged; launch.h).
 // Each value travels with the step that wrote it, in one 64-bit word (value bits low, tag high),
-// stored and loaded whole: a
-// naturally aligned 64-bit access is single-copy atomic in the PTX memory model, so a reader that
-// sees the tag it waits for sees that step's value, with no fence between the data and a flag.
+// stored and loaded whole: a naturally aligned 64-bit access is single-copy atomic in the PTX
+// memory model, so a reader that sees the tag it waits for sees that step's value, with no fence
+// between the data and a flag.
 // A block stages the rows it needs by polling their words until every tag is the step's: the
 // wait for the other blocks and the read of their data are one trip to L2, where grid.sync() is
 // a fence, an atomic, a poll of the barrier word and then the read.
