@@ -18,7 +18,10 @@ The persistent path is measured three times: `persistent` with tensor cores wher
 allows them (bfloat16/float16 always, float32 under cudnn.allow_tf32, which is on by default;
 sm_80+), `persistent_exact` with VARLEN_RNN_TENSOR_CORES=0 in its child (the CUDA-core kernels),
 and `persistent_tagged`, those with VARLEN_RNN_EXCHANGE=tagged (the forward's blocks share h
-without a grid barrier per step); each gets its crossover. A VARLEN_RNN_TENSOR_CORES=0 in the probe's own environment (gpu_check.sh sets
+without a grid barrier per step); each gets its crossover. The exact kernels and the recipe also
+time float32 forward calls with every length 1 (`--one-step`, B=1 and 8): a call's fixed cost
+(launches, the input projection, the host's work), and from it a step's, in probe.md's section
+"One-step calls". A VARLEN_RNN_TENSOR_CORES=0 in the probe's own environment (gpu_check.sh sets
 it when the wrapper test failed) reaches both children, and the header says so.
 """
 
@@ -40,6 +43,9 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa
 
 OURS = ("persistent", "persistent_exact", "persistent_tagged", "fallback", "auto")
 PERSISTENT = ("persistent", "persistent_exact", "persistent_tagged")
+# Those timed on one-step calls too (--one-step): the exact kernels that inference at small B runs,
+# and the recipe.
+ONE_STEP_IMPLS = ("persistent_exact", "persistent_tagged", "cudnn")
 # Each implementation's child environment: the path, and the tensor-core knob.
 # `persistent` forces the tensor-core kernel where the dtype allows (auto would price it against the
 # exact one), unless the check turned tensor cores off for the whole run after a failed mma stage.
@@ -82,8 +88,9 @@ def device_facts(device: str) -> dict:
     }
 
 
-def build(impl: str, B: int, H: int, T: int, dtype: str, device: str):
-    """Module, two input sets [T, B, H], lengths [B] (CPU and device), loss weights."""
+def build(impl: str, B: int, H: int, T: int, dtype: str, device: str, one_step: bool = False):
+    """Module, two input sets [T, B, H], lengths [B] (CPU and device), loss weights. one_step:
+    every length 1 (the same padded input, so the call's fixed work is the full call's)."""
     import varlen_rnn
 
     dt = getattr(torch, dtype)
@@ -94,7 +101,7 @@ def build(impl: str, B: int, H: int, T: int, dtype: str, device: str):
         mod.load_state_dict(ref.state_dict())
     else:
         mod = ref
-    lengths = probe_lengths(B, H, T)
+    lengths = torch.ones(B, dtype=torch.int64) if one_step else probe_lengths(B, H, T)
     # Drawn on the device (seeded: every child gets the same data); a CPU draw of B=256 x H=1024
     # inputs would cost seconds per configuration.
     g = torch.Generator(device).manual_seed(B * 7919 + H)
@@ -176,6 +183,7 @@ def child(impl: str, a, out: str, deadline: Deadline) -> int:
         },
         "T": a.T,
         "results": [],
+        "one_step": [],
         "not_reached": 0,
     }
     configs = [
@@ -185,22 +193,29 @@ def child(impl: str, a, out: str, deadline: Deadline) -> int:
         for m in a.modes.split(",")
         for B in parse_ints(a.B)
     ]
-    for H, dtype, mode, B in configs:
+    # Then the one-step calls (every length 1: the call's fixed cost), where asked for.
+    one = [] if impl not in ONE_STEP_IMPLS else parse_ints(a.one_step)
+    configs += [(H, "float32", "fwd", B, True) for H in parse_ints(a.H) for B in one]
+    for H, dtype, mode, B, *short in configs:
         if deadline.left() < 2 * a.min_time + 1:
             res["not_reached"] += 1
             continue
         r = {"H": H, "dtype": dtype, "mode": mode, "B": B}
         parts = None
         try:
-            parts = build(impl, B, H, a.T, dtype, a.device)
+            parts = build(impl, B, H, a.T, dtype, a.device, one_step=bool(short))
             ts = time_fn(step_fn(impl, mode, *parts, a.T), a.device, a.min_time)
             q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
             r.update(median_ms=statistics.median(ts), iqr_ms=q[2] - q[0], reps=len(ts))
-            print(f"{impl} H={H} {dtype} {mode} B={B}: {r['median_ms']:.3f} ms", flush=True)
+            print(
+                f"{impl} H={H} {dtype} {mode} B={B}{' one step' if short else ''}: "
+                f"{r['median_ms']:.3f} ms",
+                flush=True,
+            )
         except Exception as e:  # noqa: BLE001  e.g. a shape the persistent path refuses: recorded, not fatal
             r["error"] = f"{type(e).__name__}: {e}"[:300]
             print(f"{impl} H={H} {dtype} {mode} B={B}: ERROR {r['error']}", flush=True)
-        res["results"].append(r)
+        res["one_step" if short else "results"].append(r)
         del parts
         if a.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -302,6 +317,47 @@ def render(merged: dict, impls: list[str], Bs: list[int], T: int) -> tuple[str, 
     return "\n".join(lines), key_line
 
 
+def one_step_section(merged: dict, T: int) -> tuple[str, str]:
+    """(markdown, KEY line) of the one-step calls: a call's fixed cost (every length 1, the
+    same padded input: the launches, the input projection, the host's work), and the time of a
+    step beside it, (full call - one-step call) / (steps - 1), from the forward of the same H
+    and B in the main table. Empty where none was timed."""
+    rows, keys = [], []
+    for impl, res in merged.items():
+        full = {
+            (r["H"], r["B"]): r["median_ms"]
+            for r in res.get("results", [])
+            if "median_ms" in r and r["mode"] == "fwd" and r["dtype"] == "float32"
+        }
+        for r in res.get("one_step", []):
+            if "median_ms" not in r:
+                continue
+            H, B, one = r["H"], r["B"], r["median_ms"]
+            steps = int(probe_lengths(B, H, T).max())
+            t = full.get((H, B))
+            per_step = f"{(t - one) * 1e3 / (steps - 1):.2f}" if t and steps > 1 else "-"
+            share = f"{one / t:.0%}" if t else "-"
+            rows.append(
+                f"| {impl} | {H} | {B} | {one:.3f} | "
+                + (f"{t:.3f} ({steps})" if t else "-")
+                + f" | {share} | {per_step} |"
+            )
+            keys.append(f"{impl} H{H} B{B} {one * 1e3:.0f} us")
+    if not rows:
+        return "", ""
+    lines = [
+        "## One-step calls: a call's fixed cost",
+        "",
+        "float32 forward (inference), every length 1, the same padded input [T, B, H]: what a "
+        "call costs apart from its steps. µs/step: (full call - one-step call) / (steps - 1).",
+        "",
+        "| impl | H | B | one step ms | full call ms (steps) | fixed share | µs/step |",
+        "|---|---|---|---:|---:|---:|---:|",
+        *sorted(rows),
+    ]
+    return "\n".join(lines), "KEY: one-step call " + "; ".join(sorted(keys))
+
+
 def compare(merged: dict, previous: dict, source: str) -> tuple[str, str]:
     """(markdown, KEY line): each implementation's medians against a previous probe's (another
     commit's kernels on the same configurations): previous ms, now ms, previous / now (above 1:
@@ -362,6 +418,12 @@ def main(argv=None) -> int:
         "persistent_tagged (without, VARLEN_RNN_EXCHANGE=tagged), fallback, auto (our paths) "
         "and cudnn (nn.GRU + packing)",
     )
+    p.add_argument(
+        "--one-step",
+        default="1,8",
+        help="batch sizes of float32 forward calls with every length 1, timed on "
+        f"{', '.join(ONE_STEP_IMPLS)}: a call's fixed cost, apart from its steps ('' for none)",
+    )
     p.add_argument("--min-time", type=float, default=0.2, help="seconds of timed calls per config")
     p.add_argument("--time-budget", type=float, default=90.0, help="seconds for all children")
     p.add_argument(
@@ -380,7 +442,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="the child's result file (internal)")
     a = p.parse_args(argv)
     if a.tiny:
-        a.B, a.T, a.min_time = "1,4", 16, 0.02
+        a.B, a.T, a.min_time, a.one_step = "1,4", 16, 0.02, "1"
     a.H = a.H or ("16,32" if a.tiny else "256,1024")
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error(
@@ -421,6 +483,8 @@ def main(argv=None) -> int:
                 a.modes,
                 "--min-time",
                 str(a.min_time),
+                "--one-step",
+                a.one_step,
                 "--time-budget",
                 str(max(1.0, share - 3)),
             ]
@@ -448,6 +512,10 @@ def main(argv=None) -> int:
             "tensor cores too.**\n\n"
         )
     keys = [key]
+    one_md, one_key = one_step_section(merged, a.T)
+    if one_md:
+        md += "\n\n" + one_md
+        keys.append(one_key)
     if a.previous:
         with open(a.previous) as f:
             vs_md, vs_key = compare(merged, json.load(f), a.previous)

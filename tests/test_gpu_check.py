@@ -337,6 +337,34 @@ def test_probe_per_step_time_counts_the_steps_that_ran():
     assert f"| 2.0 ({steps}) |" in md
 
 
+def test_probe_one_step_calls_split_a_call_into_fixed_cost_and_steps():
+    """A one-step call's time is the fixed cost; the rest of the full call's time, over the
+    steps after the first, is a step's."""
+    from gpu_probe import one_step_section, probe_lengths
+
+    steps = int(probe_lengths(8, 1024, 256).max())
+    full = 0.1 + (steps - 1) * 5e-3  # 100 us fixed, 5 us a step
+    merged = {
+        "persistent_exact": {
+            "results": [
+                {"H": 1024, "dtype": "float32", "mode": "fwd", "B": 8, "median_ms": full},
+                {"H": 1024, "dtype": "float32", "mode": "train", "B": 8, "median_ms": 9.0},
+            ],
+            "one_step": [{"H": 1024, "dtype": "float32", "mode": "fwd", "B": 8, "median_ms": 0.1}],
+        },
+        "cudnn": {"results": [], "one_step": [{"H": 1024, "B": 1, "error": "x"}]},
+        "fallback": {"results": []},
+    }
+    md, key = one_step_section(merged, 256)
+    row = (
+        f"| persistent_exact | 1024 | 8 | 0.100 | {full:.3f} ({steps}) | {0.1 / full:.0%} | 5.00 |"
+    )
+    assert row in md
+    assert "cudnn |" not in md  # its one-step call raised: no row
+    assert key == "KEY: one-step call persistent_exact H1024 B8 100 us"
+    assert one_step_section({"fallback": {"results": []}}, 256) == ("", "")
+
+
 def test_probe_compares_each_time_with_a_previous_probe():
     from gpu_probe import compare
 
