@@ -6,7 +6,7 @@
 # Stages, most valuable first; each runs under `timeout -k` with min(its own limit, what is left of
 # the budget), and one that cannot get its minimum is "skipped (no time left)":
 #   env -> build -> mma -> resources (cuobjdump) -> smoke -> tests_cuda -> probe -> memcheck
-#   -> racecheck -> bench -> memory -> tests_rest -> cpu_bench16 -> cpu_bench1
+#   -> racecheck -> memory -> bench -> tests_rest -> cpu_bench16 -> cpu_bench1
 # mma is the tensor-core wrapper's GPU unit test (tests/test_mma_gpu.py, seconds): a wrong fragment
 # layout shows there first. If it does not pass, every later stage runs with
 # VARLEN_RNN_TENSOR_CORES=0 (the exact CUDA-core kernels) and the summary says so at the top, so
@@ -50,7 +50,7 @@ mkdir -p "$WORK" && WORK="$(cd "$WORK" && pwd)"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 RESERVE=8      # seconds kept back for the kill grace, the summary and the archive
 KILL_AFTER="${GPU_CHECK_KILL_AFTER:-5}"  # SIGKILL this long after a stage's SIGTERM
-STAGES="${GPU_CHECK_STAGES:-env build mma resources smoke tests_cuda probe memcheck racecheck bench memory tests_rest cpu_bench16 cpu_bench1}"
+STAGES="${GPU_CHECK_STAGES:-env build mma resources smoke tests_cuda probe memcheck racecheck memory bench tests_rest cpu_bench16 cpu_bench1}"
 KERNEL_REGEX='persistent_(forward|backward)_kernel|fallback_[a-z]+_step_kernel|lengths_prep_kernel'
 PREBUILT="${GPU_CHECK_PREBUILT:-$REPO/build/gpu_prebuilt}"  # benchmarks/gpu_prebuild.sh's output
 # shellcheck source=benchmarks/gpu_prebuilt.sh
@@ -425,8 +425,8 @@ run_stage tests_cuda 200 20 gpu
 run_stage probe 100 20 gpu
 run_stage memcheck 80 20 gpu
 run_stage racecheck 80 20 gpu
+run_stage memory 40 20 gpu  # before bench, which takes what its limit allows
 run_stage bench 200 40 gpu
-run_stage memory 40 20 gpu
 run_stage tests_rest 150 20 gpu
 run_stage cpu_bench16 100 30 build
 run_stage cpu_bench1 100 30 build
