@@ -125,6 +125,9 @@ def test_emulated_exchange_and_staging_match_cpu(emu, cell, name, dtype, mma):
     check(cell, got, ref, dtype, mma)
     if VECTOR[name]:
         assert st["vector_rows"] > 0 and st["scalar_rows"] == 0, st
+        # rows in the tile's own type went by copy_async_16 (at least the forward's exchange of
+        # h in acc_t or, on 16-bit tensor cores, in the storage type)
+        assert st["async_copies"] > 0, st
     else:  # h rows of 13 never fill vectors. The backward stages a dgh row in segments
         # (dgx's G*H columns; a GRU's first 2H there, then its last gate's H from dghn:
         # csrc/cuda/pointwise.cuh), and a segment of whole 16-byte vectors goes in vectors at

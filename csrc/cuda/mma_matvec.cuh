@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "copy_async.cuh"
 #include "mma.cuh"
 
 namespace varlen_rnn {
@@ -209,6 +210,7 @@ __device__ __forceinline__ void tile_matvec_mma(const w_t* w_s, int64_t w_stride
       const int r = warp + q * kWarps;
       if (r < tile_rows) stage(tile + r * kc_stride, src[q], k0, kc, lane);
     }
+    copy_async_wait();  // the staging's copies (stage_row), before the barrier shows them
     __syncthreads();
     for (int slot = warp; slot < tasks * splits; slot += kWarps) {  // warp-uniform
       const int task = slot / splits, part = slot % splits;

@@ -134,9 +134,10 @@ void emu_note_staging(bool vector);  // defined by the emulation: counts stage_r
 // inactive), the warp's lanes striding over the columns. kCg: src was written by other blocks
 // before the grid barrier (read through L2). Where kc fills whole 16-byte vectors and src and
 // dst are 16-byte aligned (a row length H or 3H that is a multiple of 8 halves, 4 floats or 2
-// doubles), every lane moves 16 bytes per load: copied as they are when the types agree,
-// 8 halves widened to 8 floats when the exact kernel stages a 16-bit row in fp32. Otherwise
-// one element per lane and load.
+// doubles), every lane moves 16 bytes per load: copied as they are when the types agree (by
+// copy_async_16: the caller waits with copy_async_wait before its barrier), 8 halves widened to
+// 8 floats when the exact kernel stages a 16-bit row in fp32. Otherwise one element per lane
+// and load.
 template <bool kCg, typename dst_t, typename T>
 __device__ __forceinline__ void stage_row(dst_t* dst, const T* src, int kc, int lane) {
   if (src == nullptr) {
@@ -157,10 +158,10 @@ __device__ __forceinline__ void stage_row(dst_t* dst, const T* src, int kc, int 
       check_aligned(dst, 16);
       const uint4* s4 = reinterpret_cast<const uint4*>(src);
       for (int k = lane; k < kc / kVec; k += 32) {
-        const uint4 v = kCg ? __ldcg(s4 + k) : s4[k];
         if constexpr (kSame) {
-          reinterpret_cast<uint4*>(dst)[k] = v;
+          copy_async_16(reinterpret_cast<uint4*>(dst) + k, s4 + k);  // through L2 either way
         } else {
+          const uint4 v = kCg ? __ldcg(s4 + k) : s4[k];
           const T* h = reinterpret_cast<const T*>(&v);
           float4* d4 = reinterpret_cast<float4*>(dst) + 2 * k;
           d4[0] = float4{static_cast<float>(h[0]), static_cast<float>(h[1]),
@@ -255,6 +256,7 @@ __device__ __forceinline__ void tile_matvec(const w_t* w_s, int U, int g_rows, i
       const int r = warp + q * kPersistWarps;
       if (r < ps.tile_rows) stage(tile + r * ps.kc_stride, src[q], k0, kc, lane);
     }
+    copy_async_wait();
     __syncthreads();
     for (int item = warp; item < items; item += kPersistWarps) {
       const int sub = item / U;

@@ -104,10 +104,12 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 // exact float32 inference: the fallback from B = 256 at H = 256, B = 256 at
 // H = 1024 (64 in bfloat16); training from B = 256 at H = 256 and B = 64 at H = 1024.
 struct CostModel {
-  static constexpr double kClockGHz = 1.75;          // sustained SM clock
-  static constexpr double kGridSyncCycles = 5327;    // grid.sync with one block per SM (~3 us)
-  static constexpr double kPassCycles = 3697;        // per chunk: two __syncthreads + L2 latency
-  static constexpr double kL2BytesPerCycle = 6.491;  // per SM, as staged (5.5 TB/s peak: 24)
+  static constexpr double kClockGHz = 1.75;        // sustained SM clock
+  static constexpr double kGridSyncCycles = 5327;  // grid.sync with one block per SM (~3 us)
+  // per chunk: two __syncthreads + L2 latency (fitted when a warp's rows were staged one after
+  // another; since then by cp.async, all at once: the next probe refits it)
+  static constexpr double kPassCycles = 3697;
+  static constexpr double kL2BytesPerCycle = 6.491;        // per SM, as staged (5.5 TB/s peak: 24)
   static constexpr double kShuffleCyclesPerItem = 5 * 24;  // butterfly, one warp shuffle per cycle
   // One thread's pointwise work per step: a few dependent global loads/stores.
   static constexpr double kPointwiseCycles[3] = {8, 12, 16};  // inference, training, backward

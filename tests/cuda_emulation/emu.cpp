@@ -271,20 +271,21 @@ std::vector<at::Tensor> backward(at::Tensor go, at::Tensor ghn, at::Tensor out, 
 // The emulation hooks' counts since the last reset: vector_rows and scalar_rows (stage_row's
 // two ways), fragment_ways (the worst bank conflict of a tensor-core fragment load),
 // misaligned (accesses check_aligned found off their size's alignment), tagged_loads (words
-// of the tagged exchange loaded).
+// of the tagged exchange loaded), async_copies (16-byte copies stage_row left to land at
+// copy_async_wait).
 std::map<std::string, int64_t> stats(bool reset) {
   EmuStats& s = emu_stats();
-  std::map<std::string, int64_t> out{{"vector_rows", s.vector_rows.load()},
-                                     {"scalar_rows", s.scalar_rows.load()},
-                                     {"fragment_ways", s.fragment_ways.load()},
-                                     {"misaligned", s.misaligned.load()},
-                                     {"tagged_loads", s.tagged_loads.load()}};
+  std::map<std::string, int64_t> out{
+      {"vector_rows", s.vector_rows.load()},     {"scalar_rows", s.scalar_rows.load()},
+      {"fragment_ways", s.fragment_ways.load()}, {"misaligned", s.misaligned.load()},
+      {"tagged_loads", s.tagged_loads.load()},   {"async_copies", s.async_copies.load()}};
   if (reset) {
     s.vector_rows = 0;
     s.scalar_rows = 0;
     s.fragment_ways = 0;
     s.misaligned = 0;
     s.tagged_loads = 0;
+    s.async_copies = 0;
   }
   return out;
 }

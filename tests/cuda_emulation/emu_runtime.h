@@ -10,6 +10,7 @@
 #include <torch/csrc/utils/pybind.h>
 #include <atomic>
 #include <cassert>
+#include <cstring>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -40,12 +41,13 @@ struct alignas(16) uint4 {
 
 // What the kernels report through their emulation hooks, for the tests: how many rows
 // stage_row copied with 16-byte vectors and how many one element at a time, how many tagged
-// words (tagged_exchange.cuh) were loaded, the worst
+// words (tagged_exchange.cuh) were loaded, how many 16-byte copies were left to land at
+// copy_async_wait (cp.async), the worst
 // bank conflict (ways) of the tensor-core kernel's fragment loads, and how many widened or
 // reinterpreted accesses were not aligned to their size (check_aligned: each would fault on a
 // GPU).
 struct EmuStats {
-  std::atomic<long> vector_rows{0}, scalar_rows{0}, misaligned{0}, tagged_loads{0};
+  std::atomic<long> vector_rows{0}, scalar_rows{0}, misaligned{0}, tagged_loads{0}, async_copies{0};
   std::atomic<int> fragment_ways{0};
 };
 inline EmuStats& emu_stats() {
@@ -91,6 +93,31 @@ inline void flush_tagged() {
   for (auto& [where, word] : p) std::atomic_ref<uint64_t>(*where).store(word);
   p.clear();
 }
+// persistent_common.cuh's copy_async_16 (cp.async): the copy lands when its CUDA thread calls
+// copy_async_wait (or ends), not at a barrier, as on a GPU: a tile read without that wait reads
+// its old bytes (and the tests see wrong values). The source is read when the copy is issued.
+struct AsyncCopy {
+  void* dst;
+  unsigned char bytes[16];
+};
+inline std::vector<AsyncCopy>& pending_copies() {
+  thread_local std::vector<std::vector<AsyncCopy>> per_fiber;  // by fiber id, as the stores above
+  const size_t id = static_cast<size_t>(emu::tl_scheduler->current->id);
+  if (per_fiber.size() <= id) per_fiber.resize(id + 1);
+  return per_fiber[id];
+}
+namespace varlen_rnn::cuda {
+inline void copy_async_16(void* dst, const void* src) {
+  AsyncCopy c{dst, {}};
+  std::memcpy(c.bytes, src, 16);
+  pending_copies().push_back(c);
+  ++emu_stats().async_copies;
+}
+inline void copy_async_wait() {
+  for (const AsyncCopy& c : pending_copies()) std::memcpy(c.dst, c.bytes, 16);
+  pending_copies().clear();
+}
+}  // namespace varlen_rnn::cuda
 inline void __syncthreads() {
   flush_tagged();
   tl_block()->bar.arrive_and_wait();
@@ -180,6 +207,7 @@ void emu_launch(int grid, int block, size_t smem, F body) {
     emu::tl_own = {blocks[i / block].get(), &gbar, 0};
     body();
     flush_tagged();
+    varlen_rnn::cuda::copy_async_wait();
   });
 }
 

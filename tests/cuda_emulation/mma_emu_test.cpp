@@ -24,6 +24,9 @@ inline void __syncthreads() { static_cast<emu::Barrier*>(emu::tl_own.block)->arr
 inline int min(int a, int b) { return a < b ? a : b; }
 
 #include "mma_emu.h"
+namespace varlen_rnn::cuda {  // copy_async.cuh's wait: these tests' stages copy rows themselves
+inline void copy_async_wait() {}
+}  // namespace varlen_rnn::cuda
 #include "mma_tile.cuh"
 
 using namespace varlen_rnn::cuda;
