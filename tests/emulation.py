@@ -170,13 +170,30 @@ def weight_grads(dgx, dghn, hprev, x2d, w2d, x_shape):
     ]
 
 
+@contextlib.contextmanager
+def tile_rows_cap(emu_mod, c):
+    """Within: the persistent tiles of case c hold at most c["rows"] rows, where it names them
+    (VARLEN_RNN_PERSISTENT_MAX_ROWS: a case that needs several tiles), else plan.h's own limit."""
+    before = emu_mod.set_max_tile_rows(c.get("rows", 0))
+    try:
+        yield
+    finally:
+        emu_mod.set_max_tile_rows(before)
+
+
 def assert_case_reaches(name, c, G, cuts):
     """Case `name` still reaches the code paths its "expect" names in plan.h's persistent cut of
     the pretend device: "chunks" (the backward walks K = G*H in chunks), "tail" (the last block
-    owns units past H), "tiles" (several row tiles). cuts: (forward, backward), each
+    owns units past H), "tiles" (several row tiles), "wide" (a forward tile of more than 32 rows,
+    which only the CUDA-core kernels take). cuts: (forward, backward), each
     [J, blocks_per_dir, tile_rows, kc, blocks]."""
     (J, bpd, rows_f, _, _), cut_b = cuts
-    reached = {"chunks": cut_b[3] < G * c["H"], "tail": J * bpd > c["H"], "tiles": rows_f < c["B"]}
+    reached = {
+        "chunks": cut_b[3] < G * c["H"],
+        "tail": J * bpd > c["H"],
+        "tiles": rows_f < c["B"],
+        "wide": rows_f > 32,
+    }
     for what in c.get("expect", []):
         assert reached[what], f"{name} no longer reaches '{what}': cuts {cuts[0]} / {cut_b}"
 

@@ -38,6 +38,7 @@ from emulation import (
     ragged_rows,
     rounded_randn,
     rounding_tol,
+    tile_rows_cap,
     weight_grads,
 )
 
@@ -48,7 +49,8 @@ emu = emulation.emu
 # lengths are already longest first); max_len: the ragged ops' step bound (default: T).
 # kc: the K-chunk cap (VARLEN_RNN_PERSISTENT_MAX_KC). expect: what the persistent cut must
 # show, so that a case keeps reaching the code path it names: "chunks" (the backward walks K in
-# chunks), "tail" (the last block owns units past H), "tiles" (several row tiles).
+# chunks), "tail" (the last block owns units past H), "tiles" (several row tiles), "wide" (a tile
+# of more than 32 rows). rows: the tiles' cap (VARLEN_RNN_PERSISTENT_MAX_ROWS), for several tiles.
 CASES = {
     "uni-basic": dict(
         T=5, B=3, I=2, H=4, D=1, bias=True, layout="padded", bf=False, lengths=[5, 2, 0]
@@ -64,7 +66,7 @@ CASES = {
         bf=True,
         lengths=[6, 0, 3, 1, 6, 2, 5, 4, 0, 6, 1],
     ),
-    "two-tiles-nobias": dict(
+    "wide-tile-nobias": dict(
         T=4,
         B=40,
         I=3,
@@ -74,7 +76,7 @@ CASES = {
         layout="padded",
         bf=False,
         lengths=[(i * 7) % 5 for i in range(40)],
-        expect=["tiles"],
+        expect=["wide"],
     ),
     "K-chunks-tail-block": dict(
         T=7,
@@ -125,6 +127,7 @@ CASES = {
         bias=False,
         layout="offsets",
         kc=32,
+        rows=16,
         lengths=[(i * 7) % 6 for i in range(40)],
         expect=["chunks", "tail", "tiles"],
     ),
@@ -150,6 +153,7 @@ CASES = {
         bias=False,
         layout="packed",
         max_len=6,
+        rows=32,
         lengths=[(i * 7) % 4 + 1 for i in range(40)],
         expect=["tiles"],
     ),
@@ -162,7 +166,7 @@ CASES = {
 # layout), to keep the emulation's run time down.
 HALF_CASES = [
     "uni-basic",
-    "two-tiles-nobias",
+    "wide-tile-nobias",
     "K-chunks-small",
     "offsets-K-chunks-tiles-nobias",
     "packed-bi-K-chunks",
@@ -213,11 +217,12 @@ def run_case(emu, c, dtype, persistent, mma=False, hx_offset=0):
         hx = storage[hx_offset:].copy_(hx.flatten()).view(hx.shape)
     index = launch_index(c, L, rows, persistent)
     x2d, w2d, gx = input_gemm(x, w_ih, b_ih)
-    out, hn, ws, cut_f = emu.forward(gx, w_hh, b_hh, hx, *index, mma)
-    out = out.view(out_shape)
-    dgx, dghn, hprev, ghx, cut_b = emu.backward(
-        go.reshape(-1, D * H), ghn, out.reshape(-1, D * H), hx, ws, w_hh, *index, mma
-    )
+    with tile_rows_cap(emu, c):
+        out, hn, ws, cut_f = emu.forward(gx, w_hh, b_hh, hx, *index, mma)
+        out = out.view(out_shape)
+        dgx, dghn, hprev, ghx, cut_b = emu.backward(
+            go.reshape(-1, D * H), ghn, out.reshape(-1, D * H), hx, ws, w_hh, *index, mma
+        )
     grad_x, *grad_w = weight_grads(dgx, dghn, hprev, x2d, w2d, x.shape)
     got = [out, hn, grad_x, ghx, *grad_w]
     return [t.double() for t in got], ref, (cut_f.tolist(), cut_b.tolist())
@@ -238,7 +243,7 @@ def test_emulated_cuda_kernels_match_cpu_kernels(emu, name, dtype, persistent):
 def test_emulated_persistent_kernels_are_deterministic(emu, dtype):
     # The emulated threads interleave differently every run, so equal bits show that no sum
     # (the warp reduction, the K chunks, the dh updates) depends on timing.
-    for name in ("two-tiles-nobias", "offsets-K-chunks-tiles-nobias"):
+    for name in ("wide-tile-nobias", "offsets-K-chunks-tiles-nobias"):
         runs = [run_case(emu, CASES[name], dtype, True)[0] for _ in range(2)]
         for a, b in zip(*runs):
             assert torch.equal(a, b)
@@ -250,7 +255,7 @@ def test_emulated_persistent_kernels_are_deterministic(emu, dtype):
 # fallback's cuBLAS GEMMs do - and fp32 sums. The bound is the one above with the operand
 # type's eps (TF32: 2^-10) and C about five times the largest these cases need (TF32 0.45,
 # float16 0.64, bfloat16 0.44).
-MMA_CASES = ["uni-basic", "bi-bf-zeros", "two-tiles-nobias", "K-chunks-small", "offsets-uni"]
+MMA_CASES = ["uni-basic", "bi-bf-zeros", "wide-tile-nobias", "K-chunks-small", "offsets-uni"]
 MMA_TOL_EPS = {torch.float32: 2, torch.float16: 4, torch.bfloat16: 4}
 MMA_PARAMS = [(n, dt) for dt in OPERAND_EPS for n in MMA_CASES]
 
@@ -267,7 +272,7 @@ def test_emulated_tensor_core_path_matches_cpu_kernels(emu, name, dtype):
 def test_emulated_tensor_core_path_rounds_float32_to_tf32(emu):
     # The TF32 path is not the exact one: its results differ from the exact kernels' by far
     # more than float32 rounding (and by less than bfloat16's).
-    exact = run_case(emu, CASES["two-tiles-nobias"], torch.float32, True)[0]
-    tf32 = run_case(emu, CASES["two-tiles-nobias"], torch.float32, True, mma=True)[0]
+    exact = run_case(emu, CASES["wide-tile-nobias"], torch.float32, True)[0]
+    tf32 = run_case(emu, CASES["wide-tile-nobias"], torch.float32, True, mma=True)[0]
     rel = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(tf32, exact))
     assert 2.0**-20 < rel < 2.0**-7, rel

@@ -37,7 +37,7 @@ emu = emulation.emu
 
 CELLS = {"gru": GRU, "lstm": LSTM, "rnn-tanh": RNN_TANH, "rnn-relu": RNN_RELU}
 HALF = (torch.float16, torch.bfloat16)
-GRU_HALF_CASES = ["uni-basic", "two-tiles-nobias", "offsets-K-chunks-tiles-nobias"]
+GRU_HALF_CASES = ["uni-basic", "wide-tile-nobias", "offsets-K-chunks-tiles-nobias"]
 
 
 def _params():

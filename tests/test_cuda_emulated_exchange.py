@@ -62,6 +62,7 @@ CASES = {
         D=1,
         bias=True,
         layout="offsets",
+        rows=32,
         lengths=[(i * 7) % 5 for i in range(40)],
     ),
 }
@@ -198,7 +199,7 @@ def test_emulated_padded_layout_is_conflict_free_and_changes_no_bit(emu, cell, d
 TAGGED_GRU = [
     "uni-basic",
     "bi-bf-zeros",
-    "two-tiles-nobias",
+    "wide-tile-nobias",
     "K-chunks-tail-block",
     "K-chunks-small",
     "offsets-K-chunks-tiles-nobias",

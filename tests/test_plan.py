@@ -17,16 +17,18 @@ DRIVER = r"""
 #include "cuda/plan.h"
 using namespace varlen_rnn::plan;
 int main() {
-  long long B, H, D, pass, sb, ab, tc, sms, smem, coop, fit, req, max_kc, mma, gates, proj, pad;
-  while (std::scanf(
-             "%lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld",
-             &B, &H, &D, &pass, &sb, &ab, &tc, &sms, &smem, &coop, &fit, &req, &max_kc, &mma,
-             &gates, &proj, &pad) == 17) {
+  long long B, H, D, pass, sb, ab, tc, sms, smem, coop, fit, req, max_kc, mma, gates, proj, pad,
+      max_rows;
+  while (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld "
+                    "%lld %lld %lld",
+                    &B, &H, &D, &pass, &sb, &ab, &tc, &sms, &smem, &coop, &fit, &req, &max_kc, &mma,
+                    &gates, &proj, &pad, &max_rows) == 18) {
     Problem p{B, H, D, Pass(pass), sb, ab, tc != 0};  // the GRU's aggregate, then the fields
     p.persistent_mma = mma != 0;
     p.gates = gates;
     p.proj = proj != 0;
     p.pad_smem = pad != 0;
+    p.max_tile_rows = max_rows;
     const Device d{sms, smem, coop != 0, fit != 0};
     const Choice c = choose_path(p, d, Path(req), max_kc);
     std::printf("%d %d %lld %lld %lld %lld %lld %lld %lld %lld %.6f %.6f %s\n", int(c.path),
@@ -82,8 +84,9 @@ def ask(tmp_path_factory):
     def run(queries):
         """queries: dicts with B, H, D, pass_, dtype, device, and optional requested, max_kc,
         cooperative, mma (the persistent kernel on tensor cores), gates (the cell's: GRU 3,
-        LSTM 4, RNN 1), proj (an LSTM with proj_size > 0) and pad (the tensor-core kernel's
-        padded shared-memory strides, default on)."""
+        LSTM 4, RNN 1), proj (an LSTM with proj_size > 0), pad (the tensor-core kernel's
+        padded shared-memory strides, default on) and max_rows (VARLEN_RNN_PERSISTENT_MAX_ROWS,
+        default none)."""
         lines = []
         for q in queries:
             sb, ab, tc = DTYPES[q["dtype"]]
@@ -109,6 +112,7 @@ def ask(tmp_path_factory):
                         q.get("gates", 3),
                         int(q.get("proj", False)),
                         int(q.get("pad", True)),
+                        q.get("max_rows", 0),
                     )
                 )
             )
@@ -189,11 +193,12 @@ def test_k_chunk_is_chosen_after_the_rows(ask):
     """Issue 9's two examples on an H100, float32 backward, B = 64 rows:
     D=2, H=1024: 16 units per block leave ~10 KiB beside W_hh^T; one row group of 8 gives a
     320-wide chunk (10 chunks over K = 3H = 3072), two give 128 (24 chunks).
-    D=1, H=512: K = 1536 fits in two chunks; balanced they are 768 + 768, not 1504 + 32."""
+    D=1, H=512: K = 1536 fits in two chunks; balanced they are 768 + 768, not 1504 + 32.
+    (With tiles of at most 32 rows, as then: with more, the chunks follow the wider tile.)"""
     a, b = ask(
         [
-            q(64, 1024, 2, "backward", "f32", requested=PERSISTENT),
-            q(64, 512, 1, "backward", "f32", requested=PERSISTENT),
+            q(64, 1024, 2, "backward", "f32", requested=PERSISTENT, max_rows=32),
+            q(64, 512, 1, "backward", "f32", requested=PERSISTENT, max_rows=32),
         ]
     )
     assert a.fits and a.tile_rows == 8 and -(-3072 // a.kc) == 10, a
@@ -244,7 +249,22 @@ def test_every_cut_fits_the_device(ask, device):
         assert 0 < a.kc <= K and (a.kc == K or a.kc % 32 == 0), (case, a)
         if case["max_kc"] and a.kc < K:
             assert a.kc <= max(32, case["max_kc"]), (case, a)
-        assert a.tile_rows % 8 == 0 and 8 <= a.tile_rows <= 32, (case, a)
+        assert a.tile_rows % 8 == 0 and 8 <= a.tile_rows <= 128, (case, a)
+
+
+def test_tiles_grow_to_128_rows_on_cuda_cores_and_32_on_tensor_cores(ask):
+    """A tile costs a pass per K chunk (barriers, a trip to L2), so at B = 64 and 128 the exact
+    kernels take one tile of all the rows (float32 inference at H = 256 on an H100), at B = 300
+    no more than 128 rows; the tensor-core kernel keeps at most 32, and
+    VARLEN_RNN_PERSISTENT_MAX_ROWS caps them (rounded down to whole groups of 8)."""
+    cases = [q(B, 256, 1, "inference", requested=PERSISTENT) for B in (64, 128, 300)]
+    cases += [q(128, 256, 1, "inference", "bf16", mma=True, requested=PERSISTENT)]
+    cases += [q(128, 256, 1, "inference", requested=PERSISTENT, max_rows=r) for r in (32, 20, 1)]
+    b64, b128, b300, mma, cap32, cap20, cap1 = ask(cases)
+    assert (b64.tile_rows, b128.tile_rows) == (64, 128), (b64, b128)
+    assert b300.tile_rows <= 128, b300
+    assert mma.tile_rows <= 32, mma
+    assert (cap32.tile_rows, cap20.tile_rows, cap1.tile_rows) == (32, 16, 8)
 
 
 def test_what_cannot_run_persistent_says_why(ask):

@@ -99,6 +99,7 @@ plan::Choice choose(const LayerCall& c, KernelOf kernel_of, plan::Pass pass, int
         c.dims.B, c.dims.H, c.dims.D, pass, storage_bytes, acc_bytes, storage_bytes != 4 || c.tf32,
         mma,      c.G,      c.proj()};
     p.pad_smem = knobs().pad_smem;
+    p.max_tile_rows = knobs().max_rows;
     plan::Choice choice = plan::choose_path(p, dev, requested, knobs().max_kc.load());
     if (!facts.unavailable.empty()) choice.why = facts.unavailable;
     choice.mma = mma;

@@ -39,7 +39,9 @@ namespace cuda {
 // path in every dtype), to compare or bisect. Tests switch it
 // through varlen_rnn_cuda_set_tensor_cores_for_testing (end of this file).
 // VARLEN_RNN_PERSISTENT_PAD=0 gives the tensor-core kernels unpadded shared-memory rows (plan.h
-// padded_stride), only to measure on a GPU what the padding buys.
+// padded_stride), only to measure on a GPU what the padding buys. VARLEN_RNN_PERSISTENT_MAX_ROWS=n
+// caps a persistent tile's rows (rounded down to whole row groups of 8; plan.h's Problem::
+// max_tile_rows), to measure what larger tiles buy and for tests that need several tiles.
 // VARLEN_RNN_EXCHANGE=barrier|tagged: how the persistent kernels' blocks share h (forward) and
 // dgh (backward) between steps on the exact kernels with a float state (float32, and the 16-bit
 // types off tensor cores): barrier (default) a grid barrier per step, tagged the words of value
@@ -51,6 +53,7 @@ constexpr int kTensorCoresAuto = 2;  // VARLEN_RNN_TENSOR_CORES unset or "auto"
 struct Knobs {
   std::atomic<int> path{static_cast<int>(plan::Path::kAuto)};
   std::atomic<int64_t> max_kc{0};
+  std::atomic<int64_t> max_rows{0};  // VARLEN_RNN_PERSISTENT_MAX_ROWS: the tiles' rows at most
   std::atomic<bool> oversubscribe{false};           // tests: launch a grid the driver must refuse
   std::atomic<int> tensor_cores{kTensorCoresAuto};  // VARLEN_RNN_TENSOR_CORES: 0, 1 or auto
   std::atomic<bool> pad_smem{true};                 // VARLEN_RNN_PERSISTENT_PAD (not "0")
@@ -116,6 +119,9 @@ inline Knobs& knobs() {
     }
     if (const char* cap = std::getenv("VARLEN_RNN_PERSISTENT_MAX_KC")) {
       n->max_kc = std::max<long long>(0, std::atoll(cap));
+    }
+    if (const char* cap = std::getenv("VARLEN_RNN_PERSISTENT_MAX_ROWS")) {
+      n->max_rows = std::max<long long>(0, std::atoll(cap));
     }
     return n;
   }();

@@ -52,8 +52,9 @@ static_assert(
     }(),
     "plan.h must model the tensor-core product's split of K (mma_matvec.cuh)");
 
-static_assert(plan::kMaxRowGroups * plan::kRowsPerItem == kMaxTileRows,
-              "plan.h's largest tile must be the one the kernels keep row sources for");
+static_assert(plan::kMaxRowGroups * plan::kRowsPerItem == kMaxTileRows &&
+                  plan::kMaxRowGroupsMma * plan::kRowsPerItem == kMaxTileRowsMma,
+              "plan.h's largest tiles must be the kernels' (persistent_common.cuh)");
 
 PersistentShape shape_of(const plan::Cut& cut) {
   return PersistentShape{static_cast<int>(cut.J),         static_cast<int>(cut.blocks_per_dir),

@@ -68,11 +68,10 @@ constexpr int kRows = 8;
 // The backward's work item: the W_hh^T rows of this many hidden units (its NG,
 // whatever the cell), so its dot products have the GRU forward's shape.
 constexpr int kUnitsPerItem = 3;
-// Rows of a tile at most (plan.h: kMaxRowGroups row groups of kRows).
-constexpr int kMaxTileRows = 32;
-// Tile rows one warp stages (rows warp, warp + kPersistWarps, ...): their sources are looked
-// up once per tile and kept in registers across the K chunks.
-constexpr int kRowsPerWarp = kMaxTileRows / kPersistWarps;
+// Rows of a tile at most (plan.h: kMaxRowGroups row groups of kRows on CUDA cores,
+// kMaxRowGroupsMma on tensor cores, whose warps keep their rows' sources in registers).
+constexpr int kMaxTileRows = 128;
+constexpr int kMaxTileRowsMma = 32;
 
 // How a persistent launch is cut; chosen on the host from the device's limits.
 struct PersistentShape {
@@ -226,9 +225,9 @@ __device__ __forceinline__ int rows_in_use(unsigned running) {
 // against kRows rows of X, so each value read from shared memory feeds NG (or
 // kRows) FMAs. X is fetched chunk by chunk into `tile` (rows ps.kc_stride
 // apart): warp w stages rows w, w + kPersistWarps, ..., each row's source
-// looked up once per tile by locate(r) (negative: the row does not run, staged
-// as zeros) and its columns k0 .. k0+kc-1 copied per chunk by stage(dst,
-// handle, k0, kc, lane) (see stage_row). An item's product covers only the
+// looked up by locate(r) (negative: the row does not run, staged as zeros)
+// and its columns k0 .. k0+kc-1 copied per chunk by stage(dst, handle, k0, kc,
+// lane) (see stage_row; copies in flight together). An item's product covers only the
 // rows of its group up to the last running one (1, 2, 4 or all kRows:
 // rows_in_use), the rest of its accumulators set to zero: at B = 1 one row of
 // eight, at a step where most rows have finished their few. A row's sums are
@@ -240,30 +239,22 @@ __device__ __forceinline__ void tile_matvec(const w_t* w_s, int U, int g_rows, i
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int items = tile_items(U, ps);
-  int64_t src[kRowsPerWarp];
-#pragma unroll
-  for (int q = 0; q < kRowsPerWarp; ++q) {
-    const int r = warp + q * kPersistWarps;
-    src[q] = r < ps.tile_rows ? locate(r) : -1;
-  }
-  // Bit r: tile row r runs (every warp asks for all of them: lane r for row r).
-  const unsigned running = __ballot_sync(0xffffffffu, lane < ps.tile_rows && locate(lane) >= 0);
   const int64_t g_stride = static_cast<int64_t>(g_rows) * ps.w_stride;
   for (int k0 = 0; k0 < K; k0 += ps.kc) {
     const int kc = min(ps.kc, K - k0);
-#pragma unroll
-    for (int q = 0; q < kRowsPerWarp; ++q) {
-      const int r = warp + q * kPersistWarps;
-      if (r < ps.tile_rows) stage(tile + r * ps.kc_stride, src[q], k0, kc, lane);
-    }
+    for (int r = warp; r < ps.tile_rows; r += kPersistWarps)
+      stage(tile + r * ps.kc_stride, locate(r), k0, kc, lane);
     copy_async_wait();
     __syncthreads();
-    for (int item = warp; item < items; item += kPersistWarps) {
+    for (int item = warp; item < items; item += kPersistWarps) {  // warp-uniform
       const int sub = item / U;
       const w_t* w = w_s + static_cast<int64_t>((item % U) * u_rows) * ps.w_stride + k0;
       const acc_t* x = tile + sub * kRows * ps.kc_stride;
       acc_t* acc_item = acc_s + item * NG * kRows;
-      const int rows = rows_in_use(running >> (sub * kRows));
+      // Bit r: row r of the item's group runs (lane r asks for it).
+      const unsigned running =
+          __ballot_sync(0xffffffffu, lane < kRows && locate(sub * kRows + lane) >= 0);
+      const int rows = rows_in_use(running);
       const int stride = ps.kc_stride;
       if (rows == kRows) {
         item_product<kRows, NG>(w, g_stride, x, stride, kc, k0, lane, acc_item);
@@ -328,7 +319,7 @@ __device__ __forceinline__ void recurrent_matvec(const w_t* w_s, int U, int g_ro
                                                  Stage stage) {
   if constexpr (kMma) {
     static_assert(std::is_same<acc_t, float>::value, "tensor cores: float, half or bfloat16");
-    tile_matvec_mma<NG, kPersistWarps, kMaxTileRows, mma_kind<w_t>>(
+    tile_matvec_mma<NG, kPersistWarps, kMaxTileRowsMma, mma_kind<w_t>>(
         w_s, ps.w_stride, U, g_rows, u_rows, K, ps.tile_rows, ps.kc, ps.kc_stride, tile, acc_s,
         part_s, locate, stage);
   } else {

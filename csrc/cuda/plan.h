@@ -25,9 +25,12 @@ constexpr int64_t kThreads = 256;
 constexpr int64_t kWarps = kThreads / 32;
 constexpr int64_t kRowsPerItem = 8;
 constexpr int64_t kUnitsPerItem = 3;
-// At most this many row groups per tile: beyond it the accumulators eat the
-// shared memory that K chunks need.
-constexpr int64_t kMaxRowGroups = 4;
+// At most this many row groups per tile (persistent_cut takes the cheapest count that fits, the
+// accumulators and the tile growing with it): 16 (128 rows) on CUDA cores, 4 on tensor cores
+// (mma_matvec.cuh keeps a warp's row sources in registers). A tile costs a pass per K chunk
+// (barriers and a trip to L2), so at B = 64 one tile of 64 rows, not two of 32.
+constexpr int64_t kMaxRowGroups = 16;
+constexpr int64_t kMaxRowGroupsMma = 4;
 // The tensor-core kernel's scratch for the split of K among warps (mma_matvec.cuh's part_s: a
 // C fragment, 4 floats a lane, per warp), at the start of its shared memory.
 constexpr int64_t kMmaPartBytes = kWarps * 32 * 4 * 4;
@@ -51,6 +54,9 @@ struct Problem {
   // The tensor-core kernel's shared-memory rows padded to a conflict-free stride (see
   // padded_stride). False only to show what the padding buys (tests, the cost model).
   bool pad_smem = true;
+  // A cap on the tile's rows (VARLEN_RNN_PERSISTENT_MAX_ROWS, rounded down to whole row groups,
+  // at least one); 0: none.
+  int64_t max_tile_rows = 0;
 };
 
 struct Device {
@@ -338,8 +344,10 @@ inline bool persistent_cut(const Problem& p, const Device& dev, int64_t max_kc, 
   auto kc_stride_of = [&](int64_t kc) {
     return mma ? padded_stride(kc, tile_bytes, p.pad_smem) : kc;
   };
-  const int64_t max_groups =
-      std::min(kMaxRowGroups, ceil_div(std::max<int64_t>(p.B, 1), kRowsPerItem));
+  int64_t max_groups = std::min(mma ? kMaxRowGroupsMma : kMaxRowGroups,
+                                ceil_div(std::max<int64_t>(p.B, 1), kRowsPerItem));
+  if (p.max_tile_rows > 0)
+    max_groups = std::min(max_groups, std::max<int64_t>(1, p.max_tile_rows / kRowsPerItem));
   bool found = false;
   for (int64_t groups = 1; groups <= max_groups; ++groups) {
     const int64_t rows = kRowsPerItem * groups;

@@ -42,6 +42,7 @@ plan::Choice persistent_choice(const LayerCall& c, plan::Pass pass, int64_t stor
   p.gates = c.G;
   p.persistent_mma = mma;
   p.pad_smem = knobs().pad_smem;
+  p.max_tile_rows = knobs().max_rows;
   const plan::Device dev{sms, smem, true, true};
   plan::Choice choice;
   choice.path = plan::Path::kPersistent;
@@ -298,6 +299,14 @@ bool set_smem_padding(bool pad) {
   return before;
 }
 
+// The persistent tiles' rows at most (VARLEN_RNN_PERSISTENT_MAX_ROWS; 0: plan.h's own limit);
+// returns the setting before the call.
+int64_t set_max_tile_rows(int64_t rows) {
+  const int64_t before = knobs().max_rows;
+  knobs().max_rows = rows > 0 ? rows : 0;
+  return before;
+}
+
 // Whether persistent forwards share h through the tagged exchange (VARLEN_RNN_EXCHANGE=tagged);
 // returns the setting before the call.
 bool set_tagged_exchange(bool tagged) {
@@ -315,6 +324,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stats", &stats);
   m.def("set_smem_padding", &set_smem_padding);
   m.def("set_tagged_exchange", &set_tagged_exchange);
+  m.def("set_max_tile_rows", &set_max_tile_rows);
   m.def("forward", &forward);
   m.def("backward", &backward);
   m.def("cell_forward", &cell_forward);
