@@ -194,9 +194,10 @@ def test_cuda_cells_match_torch_nn_with_packing(path, dtype, cell, D, batch_firs
 @pytest.mark.parametrize("max_kc", [0, 32], ids=["whole-K", "K-chunks-of-32"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_cuda_cells_persistent_equals_fallback(cell, max_kc):
-    """Many row tiles, a partial last block, K chunks; the projected LSTM runs the fallback on
-    both settings (forcing persistent is no error for it)."""
-    T, B, I, H, D = 15, 45, 6, 70, 2
+    """Many row tiles (B past the exact kernels' 128 rows a tile), a partial last block, K
+    chunks; the projected LSTM runs the fallback on both settings (forcing persistent is no
+    error for it)."""
+    T, B, I, H, D = 15, 150, 6, 70, 2
     m = _module(cell, I, H, D, True, torch.float64, "cuda", seed=1)
     c = _case(cell, T, B, I, H, D, torch.float64, "cuda", seed=3)
     results = {}

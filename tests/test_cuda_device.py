@@ -212,7 +212,7 @@ def test_cuda_tagged_exchange_gives_the_barriers_bits():
     for bit, twice.
     A word read before its writer's store, or a buffer overwritten while a slower block still
     reads it, changes bits; a poll that never ends is the child's timeout."""
-    r = child(TAGGED, timeout=50)
+    r = child(TAGGED, env={"VARLEN_RNN_PERSISTENT_MAX_ROWS": "32"}, timeout=50)  # B=40: two tiles
     assert r.returncode == 0 and "tagged ok" in r.stdout, r.stderr[-3000:]
 
 
