@@ -34,7 +34,8 @@ from gpu_children import Deadline, import_path, run_child
 import_path()
 import torch  # noqa: E402
 
-# name: (T, B, I, H, layers, D). "smoke": several row tiles and K > one warp's worth; "sanitize":
+# name: (T, B, I, H, layers, D). "smoke": a tile of more than 32 rows (B=70: one of 72 on the
+# exact kernels, three of 24 on tensor cores; an H100) and K > one warp's worth; "sanitize":
 # small enough for compute-sanitizer; "tiny": the CPU dry run.
 SIZES = {
     "smoke": [(17, 11, 8, 40, 2, 1), (17, 11, 8, 40, 2, 2), (33, 70, 16, 96, 1, 2)],
