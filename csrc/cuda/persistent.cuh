@@ -137,7 +137,7 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
     const uint64_t* cur_tagged = tagged ? words + cur_off : nullptr;
     uint64_t* nxt_tagged = tagged ? words + nxt_off : nullptr;
     for (int base = 0; base < B && a.sorted[base] > s; base += ps.tile_rows) {
-      auto locate = [&](int r) -> int64_t {  // once per row and tile: h's row offset
+      auto locate = [&](int r) -> int64_t {  // a tile row's h offset (tile_matvec: per K chunk)
         const int i = base + r;
         return i < B && a.sorted[i] > s ? static_cast<int64_t>(a.perm[i]) * H : -1;
       };
@@ -376,7 +376,7 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
       grid.sync();
     }
     for (int base = 0; base < B && a.sorted[base] > s; base += ps.tile_rows) {
-      auto locate = [&](int r) -> int64_t {  // once per row and tile: the position's row
+      auto locate = [&](int r) -> int64_t {  // a tile row's position (tile_matvec: per K chunk)
         const int i = base + r;              // (tagged: the row's words, by batch index)
         if (i >= B || a.sorted[i] <= s) return -1;
         return tagged ? static_cast<int64_t>(a.perm[i]) * GH

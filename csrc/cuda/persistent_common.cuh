@@ -227,7 +227,9 @@ __device__ __forceinline__ int rows_in_use(unsigned running) {
 // apart): warp w stages rows w, w + kPersistWarps, ..., each row's source
 // looked up by locate(r) (negative: the row does not run, staged as zeros)
 // and its columns k0 .. k0+kc-1 copied per chunk by stage(dst, handle, k0, kc,
-// lane) (see stage_row; copies in flight together). An item's product covers only the
+// lane) (see stage_row; copies in flight together). locate runs again in each
+// chunk (a few cached loads) rather than holding up to 16 sources a warp in
+// registers. An item's product covers only the
 // rows of its group up to the last running one (1, 2, 4 or all kRows:
 // rows_in_use), the rest of its accumulators set to zero: at B = 1 one row of
 // eight, at a step where most rows have finished their few. A row's sums are

@@ -78,34 +78,32 @@ struct EmuBlock {
 // The running thread's block and grid barrier (fibers.h swaps them with the thread).
 inline EmuBlock* tl_block() { return static_cast<EmuBlock*>(emu::tl_own.block); }
 inline emu::Barrier* tl_grid() { return static_cast<emu::Barrier*>(emu::tl_own.grid); }
-// tagged_exchange.cuh's stores wait in their CUDA thread's buffer until it fences, polls, meets
-// a barrier or ends, as a GPU's stores may reach L2 late: a reader that does not wait for its
-// step's tag reads an older word (and the tests see wrong values).
-using TaggedStores = std::vector<std::pair<uint64_t*, uint64_t>>;
-inline TaggedStores& pending_tagged() {
-  thread_local std::vector<TaggedStores> per_fiber;  // by fiber id; emptied as each one ends
+// The running CUDA thread's own T (by fiber id; what it buffers is emptied as each one ends).
+template <typename T>
+inline T& fiber_local() {
+  thread_local std::vector<T> per_fiber;
   const size_t id = static_cast<size_t>(emu::tl_scheduler->current->id);
   if (per_fiber.size() <= id) per_fiber.resize(id + 1);
   return per_fiber[id];
 }
+// tagged_exchange.cuh's stores wait in their CUDA thread's buffer until it fences, polls, meets
+// a barrier or ends, as a GPU's stores may reach L2 late: a reader that does not wait for its
+// step's tag reads an older word (and the tests see wrong values).
+using TaggedStores = std::vector<std::pair<uint64_t*, uint64_t>>;
+inline TaggedStores& pending_tagged() { return fiber_local<TaggedStores>(); }
 inline void flush_tagged() {
   TaggedStores& p = pending_tagged();
   for (auto& [where, word] : p) std::atomic_ref<uint64_t>(*where).store(word);
   p.clear();
 }
-// persistent_common.cuh's copy_async_16 (cp.async): the copy lands when its CUDA thread calls
+// copy_async.cuh's copy_async_16 (cp.async): the copy lands when its CUDA thread calls
 // copy_async_wait (or ends), not at a barrier, as on a GPU: a tile read without that wait reads
 // its old bytes (and the tests see wrong values). The source is read when the copy is issued.
 struct AsyncCopy {
   void* dst;
   unsigned char bytes[16];
 };
-inline std::vector<AsyncCopy>& pending_copies() {
-  thread_local std::vector<std::vector<AsyncCopy>> per_fiber;  // by fiber id, as the stores above
-  const size_t id = static_cast<size_t>(emu::tl_scheduler->current->id);
-  if (per_fiber.size() <= id) per_fiber.resize(id + 1);
-  return per_fiber[id];
-}
+inline std::vector<AsyncCopy>& pending_copies() { return fiber_local<std::vector<AsyncCopy>>(); }
 namespace varlen_rnn::cuda {
 inline void copy_async_16(void* dst, const void* src) {
   AsyncCopy c{dst, {}};
