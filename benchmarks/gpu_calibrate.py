@@ -71,11 +71,11 @@ void put(const Problem& p, const Device& dev, const Choice& c, const std::vector
   StepTerms full, sum;
   if (c.fits) {
     const Cut& u = c.cut;
-    full = persistent_step_terms(p, u.J, u.tile_rows, u.kc, u.w_stride, u.kc_stride);
+    full = cut_step_terms(p, u);
     for (long long rows : n) {
       Problem q = p;
       q.B = rows;
-      const StepTerms t = persistent_step_terms(q, u.J, u.tile_rows, u.kc, u.w_stride, u.kc_stride);
+      const StepTerms t = cut_step_terms(q, u);  // the largest row slice's rows
       sum.sync += t.sync, sum.load += t.load, sum.compute += t.compute;
       sum.pointwise += t.pointwise;
     }

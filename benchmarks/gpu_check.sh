@@ -422,7 +422,7 @@ run_stage mma 60 15 gpu
 run_stage resources 20 5 gpu
 run_stage smoke 60 15 gpu
 run_stage tests_cuda 200 20 gpu
-run_stage probe 100 20 gpu
+run_stage probe 120 20 gpu  # five of our paths and the recipe (the first run: 62 s with four)
 run_stage memcheck 80 20 gpu
 run_stage racecheck 80 20 gpu
 run_stage memory 40 20 gpu  # before bench, which takes what its limit allows

@@ -17,8 +17,10 @@ the number the path-choice model's constants are set from. Writes probe.json and
 The persistent path is measured three times: `persistent` with tensor cores where the library
 allows them (bfloat16/float16 always, float32 under cudnn.allow_tf32, which is on by default;
 sm_80+), `persistent_exact` with VARLEN_RNN_TENSOR_CORES=0 in its child (the CUDA-core kernels),
-and `persistent_tagged`, those with VARLEN_RNN_EXCHANGE=tagged (the forward's blocks share h
-without a grid barrier per step); each gets its crossover. The exact kernels and the recipe also
+`persistent_tagged`, those with VARLEN_RNN_EXCHANGE=tagged (the forward's blocks share h
+without a grid barrier per step), and `persistent_unsliced`, the exact ones with
+VARLEN_RNN_PERSISTENT_ROW_SLICES=1 (every block stages all rows, as before row slices: what
+splitting the rows between blocks buys); each gets its crossover. The exact kernels and the recipe also
 time float32 forward calls with every length 1 (`--one-step`, B=1 and 8): a call's fixed cost
 (launches, the input projection, the host's work), and from it a step's, in probe.md's section
 "One-step calls". A VARLEN_RNN_TENSOR_CORES=0 in the probe's own environment (gpu_check.sh sets
@@ -41,8 +43,15 @@ import_path()
 import torch  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
 
-OURS = ("persistent", "persistent_exact", "persistent_tagged", "fallback", "auto")
-PERSISTENT = ("persistent", "persistent_exact", "persistent_tagged")
+OURS = (
+    "persistent",
+    "persistent_exact",
+    "persistent_tagged",
+    "persistent_unsliced",
+    "fallback",
+    "auto",
+)
+PERSISTENT = ("persistent", "persistent_exact", "persistent_tagged", "persistent_unsliced")
 # Those timed on one-step calls too (--one-step): the exact kernels that inference at small B runs,
 # and the recipe.
 ONE_STEP_IMPLS = ("persistent_exact", "persistent_tagged", "cudnn")
@@ -58,6 +67,12 @@ CHILD_ENV = {
         "VARLEN_RNN_CUDA_PATH": "persistent",
         "VARLEN_RNN_TENSOR_CORES": "0",
         "VARLEN_RNN_EXCHANGE": "tagged",
+    },
+    # the exact kernels, every row in each block (no row slices; plan.h)
+    "persistent_unsliced": {
+        "VARLEN_RNN_CUDA_PATH": "persistent",
+        "VARLEN_RNN_TENSOR_CORES": "0",
+        "VARLEN_RNN_PERSISTENT_ROW_SLICES": "1",
     },
     "fallback": {"VARLEN_RNN_CUDA_PATH": "fallback"},
     "auto": {"VARLEN_RNN_CUDA_PATH": "auto"},
@@ -279,7 +294,8 @@ def render(merged: dict, impls: list[str], Bs: list[int], T: int) -> tuple[str, 
             "Crossover (smallest B where persistent is not faster than fallback; "
             "persistent/fallback time per B), `persistent` on tensor cores where allowed, "
             "`persistent_exact` with VARLEN_RNN_TENSOR_CORES=0, `persistent_tagged` with "
-            "VARLEN_RNN_EXCHANGE=tagged too:"
+            "VARLEN_RNN_EXCHANGE=tagged too, `persistent_unsliced` the exact kernels with "
+            "VARLEN_RNN_PERSISTENT_ROW_SLICES=1:"
         ),
         "",
     ]
@@ -305,7 +321,12 @@ def render(merged: dict, impls: list[str], Bs: list[int], T: int) -> tuple[str, 
         if res.get("not_reached"):
             lines.append(f"- {impl}: {res['not_reached']} configs not reached in its time share")
     short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64"}
-    tag = {"persistent": "tc", "persistent_exact": "exact", "persistent_tagged": "tagged"}
+    tag = {
+        "persistent": "tc",
+        "persistent_exact": "exact",
+        "persistent_tagged": "tagged",
+        "persistent_unsliced": "unsliced",
+    }
     key_line = "KEY: crossover B " + (
         "; ".join(
             f"{tag[v]} H{k[0]} {short.get(k[1], k[1])} {k[2]} {c}"
@@ -413,9 +434,10 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="fwd,train", help="fwd (inference) and/or train (fwd+bwd)")
     p.add_argument(
         "--impls",
-        default="persistent,persistent_exact,persistent_tagged,fallback,cudnn",
+        default="persistent,persistent_exact,persistent_tagged,persistent_unsliced,fallback,cudnn",
         help="persistent (tensor cores where allowed), persistent_exact (without), "
-        "persistent_tagged (without, VARLEN_RNN_EXCHANGE=tagged), fallback, auto (our paths) "
+        "persistent_tagged (without, VARLEN_RNN_EXCHANGE=tagged), persistent_unsliced (without, "
+        "VARLEN_RNN_PERSISTENT_ROW_SLICES=1), fallback, auto (our paths) "
         "and cudnn (nn.GRU + packing)",
     )
     p.add_argument(

@@ -171,28 +171,34 @@ def weight_grads(dgx, dghn, hprev, x2d, w2d, x_shape):
 
 
 @contextlib.contextmanager
-def tile_rows_cap(emu_mod, c):
+def cut_knobs(emu_mod, c):
     """Within: the persistent tiles of case c hold at most c["rows"] rows, where it names them
-    (VARLEN_RNN_PERSISTENT_MAX_ROWS: a case that needs several tiles), else plan.h's own limit."""
-    before = emu_mod.set_max_tile_rows(c.get("rows", 0))
+    (VARLEN_RNN_PERSISTENT_MAX_ROWS: a case that needs several tiles), else plan.h's own limit,
+    and its rows are split between c["slices"] blocks per unit slice, where it names them
+    (VARLEN_RNN_PERSISTENT_ROW_SLICES; 1: every row in each block), else as the model picks."""
+    rows_before = emu_mod.set_max_tile_rows(c.get("rows", 0))
+    slices_before = emu_mod.set_row_slices(c.get("slices", 0))
     try:
         yield
     finally:
-        emu_mod.set_max_tile_rows(before)
+        emu_mod.set_max_tile_rows(rows_before)
+        emu_mod.set_row_slices(slices_before)
 
 
 def assert_case_reaches(name, c, G, cuts):
     """Case `name` still reaches the code paths its "expect" names in plan.h's persistent cut of
     the pretend device: "chunks" (the backward walks K = G*H in chunks), "tail" (the last block
-    owns units past H), "tiles" (several row tiles), "wide" (a forward tile of more than 32 rows,
-    which only the CUDA-core kernels take). cuts: (forward, backward), each
-    [J, blocks_per_dir, tile_rows, kc, blocks]."""
-    (J, bpd, rows_f, _, _), cut_b = cuts
+    owns units past H), "tiles" (several row tiles of a block), "wide" (a forward tile of more
+    than 32 rows, which only the CUDA-core kernels take), "sliced" (the rows split between
+    blocks, forward and backward). cuts: (forward, backward), each
+    [J, blocks_per_dir, tile_rows, kc, blocks, row_slices]."""
+    (J, bpd, rows_f, _, _, slices_f), cut_b = cuts
     reached = {
         "chunks": cut_b[3] < G * c["H"],
-        "tail": J * bpd > c["H"],
-        "tiles": rows_f < c["B"],
+        "tail": J * (bpd // slices_f) > c["H"],
+        "tiles": rows_f < -(-c["B"] // slices_f),
         "wide": rows_f > 32,
+        "sliced": slices_f > 1 and cut_b[5] > 1,
     }
     for what in c.get("expect", []):
         assert reached[what], f"{name} no longer reaches '{what}': cuts {cuts[0]} / {cut_b}"

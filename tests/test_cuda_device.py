@@ -42,6 +42,10 @@ tensor_cores = lib.varlen_rnn_cuda_set_tensor_cores_for_testing
 tensor_cores.argtypes, tensor_cores.restype = [ctypes.c_int], ctypes.c_int
 exchange = lib.varlen_rnn_cuda_last_exchange_for_testing
 exchange.argtypes, exchange.restype = [ctypes.c_int], ctypes.c_int
+row_slices = lib.varlen_rnn_cuda_set_row_slices_for_testing
+row_slices.argtypes, row_slices.restype = [ctypes.c_longlong], ctypes.c_longlong
+last_slices = lib.varlen_rnn_cuda_last_row_slices_for_testing
+last_slices.argtypes, last_slices.restype = [ctypes.c_int], ctypes.c_longlong
 
 def layer(args, lengths):
     args = [a.detach().requires_grad_() for a in args]
@@ -182,15 +186,20 @@ def results(mod, B):
 n = 0
 for cls in (varlen_rnn.GRU, varlen_rnn.LSTM, varlen_rnn.RNN):
     for dtype in (torch.float32, torch.bfloat16):
-        # (B, K-chunk cap, directions): one block per SM with both directions; two row tiles;
-        # K in chunks of 64 (h_prev from the tagged words, not the tile)
-        for B, max_kc, D in ((5, 0, 2), (40, 0, 1), (5, 64, 1)):
+        # (B, K-chunk cap, directions, row slices): one block per SM with both directions; two
+        # row tiles (of 32 rows: the child's VARLEN_RNN_PERSISTENT_MAX_ROWS) in every block; the
+        # rows split between 4 blocks per unit slice; K in chunks of 64 (h_prev from the tagged
+        # words, not the tile)
+        for B, max_kc, D, slices in ((5, 0, 2, 0), (40, 0, 1, 1), (40, 0, 1, 4), (5, 64, 1, 0)):
             torch.manual_seed(0)
             mod = cls(I, 4 * (sms // D), bidirectional=D == 2, device="cuda", dtype=dtype)
             assert knobs(b"persistent", max_kc, 0) == 0
+            row_slices(slices)
             set_exchange(0)
             expected = results(mod, B)
             assert (exchange(0), exchange(1)) == (1, 1), (exchange(0), exchange(1))
+            if slices:
+                assert last_slices(0) == last_slices(1) == slices, (last_slices(0), last_slices(1))
             set_exchange(1)
             for rep in range(2):
                 got = results(mod, B)
@@ -212,8 +221,61 @@ def test_cuda_tagged_exchange_gives_the_barriers_bits():
     for bit, twice.
     A word read before its writer's store, or a buffer overwritten while a slower block still
     reads it, changes bits; a poll that never ends is the child's timeout."""
-    r = child(TAGGED, env={"VARLEN_RNN_PERSISTENT_MAX_ROWS": "32"}, timeout=50)  # B=40: two tiles
+    r = child(TAGGED, env={"VARLEN_RNN_PERSISTENT_MAX_ROWS": "32"}, timeout=60)  # B=40: two tiles
     assert r.returncode == 0 and "tagged ok" in r.stdout, r.stderr[-3000:]
+
+
+ROW_SLICES = (
+    HOOKS
+    + r"""
+torch.backends.cudnn.allow_tf32 = False
+T, B, I, H = 60, 150, 8, 64  # K = H and 3H (4H) in one chunk whatever the slices
+assert knobs(b"persistent", 0, 0) == 0
+
+def results(mod):
+    g = torch.Generator(device="cuda").manual_seed(B)
+    x = torch.randn(T, B, I, generator=g, device="cuda", dtype=mod.weight_hh_l0.dtype)
+    x.requires_grad_()
+    lengths = torch.randint(0, T + 1, (B,), generator=g, device="cuda")
+    lengths[0] = T
+    out, h = mod(x, lengths=lengths)
+    hs = list(h) if isinstance(h, tuple) else [h]
+    w = torch.randn(out.shape, generator=g, device="cuda", dtype=out.dtype)
+    loss = (out * w).sum() + hs[0].sum()
+    return [out, *hs, *torch.autograd.grad(loss, [x, *mod.parameters()])]
+
+n = 0
+tensor_cores(0)  # the exact kernels (on tensor cores the split of K among warps follows the cut)
+for cls in (varlen_rnn.GRU, varlen_rnn.LSTM, varlen_rnn.RNN):
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        mod = cls(I, H, bidirectional=True, device="cuda", dtype=dtype)
+        row_slices(1)
+        expected = results(mod)
+        assert last_slices(0) == last_slices(1) == 1
+        for slices in (3, 16, 0):  # 0: the cost model's
+            row_slices(slices)
+            got = results(mod)
+            used = (last_slices(0), last_slices(1))
+            assert used[0] > 1 and used[1] > 1 and (slices == 0 or used == (slices, slices)), used
+            for i, (a, e) in enumerate(zip(got, expected)):
+                assert torch.equal(a, e), (cls.__name__, dtype, slices, i,
+                                           (a - e).abs().max().item())
+            n += 1
+torch.cuda.synchronize()
+print("row slices ok", n)
+"""
+)
+
+
+@needs_cuda
+def test_cuda_row_slices_give_one_slices_bits():
+    """The rows split between blocks (VARLEN_RNN_PERSISTENT_ROW_SLICES 3, 16 and the cost
+    model's choice) against every row in each block: each cell, float32 and bfloat16 on the exact
+    kernels, both directions, B = 150 with zero lengths, every output and gradient bit for bit. A block that staged another slice's rows, skipped one of its own or
+    wrote outside its rows changes bits."""
+    r = child(ROW_SLICES, timeout=60)
+    assert r.returncode == 0 and "row slices ok" in r.stdout, r.stderr[-3000:]
 
 
 CONCURRENT = (

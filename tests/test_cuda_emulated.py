@@ -33,12 +33,12 @@ from emulation import (
     LAYOUTS,
     OPERAND_EPS,
     assert_case_reaches,
+    cut_knobs,
     input_gemm,
     launch_index,
     ragged_rows,
     rounded_randn,
     rounding_tol,
-    tile_rows_cap,
     weight_grads,
 )
 
@@ -49,8 +49,11 @@ emu = emulation.emu
 # lengths are already longest first); max_len: the ragged ops' step bound (default: T).
 # kc: the K-chunk cap (VARLEN_RNN_PERSISTENT_MAX_KC). expect: what the persistent cut must
 # show, so that a case keeps reaching the code path it names: "chunks" (the backward walks K in
-# chunks), "tail" (the last block owns units past H), "tiles" (several row tiles), "wide" (a tile
-# of more than 32 rows). rows: the tiles' cap (VARLEN_RNN_PERSISTENT_MAX_ROWS), for several tiles.
+# chunks), "tail" (the last block owns units past H), "tiles" (several row tiles of a block),
+# "wide" (a tile of more than 32 rows), "sliced" (the rows split between blocks). rows: the tiles'
+# cap (VARLEN_RNN_PERSISTENT_MAX_ROWS), for several tiles; slices: the row slices
+# (VARLEN_RNN_PERSISTENT_ROW_SLICES; 1 in the cases that name what the cut must show, so that
+# they keep their cut; else the model's); sms: the pretend device's SMs (emulation.SMS).
 CASES = {
     "uni-basic": dict(
         T=5, B=3, I=2, H=4, D=1, bias=True, layout="padded", bf=False, lengths=[5, 2, 0]
@@ -76,6 +79,7 @@ CASES = {
         layout="padded",
         bf=False,
         lengths=[(i * 7) % 5 for i in range(40)],
+        slices=1,
         expect=["wide"],
     ),
     "K-chunks-tail-block": dict(
@@ -89,6 +93,7 @@ CASES = {
         bf=False,
         lengths=[7, 6, 5, 4, 3, 2, 1, 0, 7],
         kc=32,
+        slices=1,
         expect=["chunks", "tail"],
     ),
     "K-chunks-small": dict(
@@ -102,6 +107,7 @@ CASES = {
         bf=True,
         lengths=[3, 2, 0, 1, 3, 1, 2, 0, 3],
         kc=32,
+        slices=1,
         expect=["chunks"],
     ),
     "all-zero": dict(T=3, B=2, I=2, H=3, D=2, bias=True, layout="padded", bf=False, lengths=[0, 0]),
@@ -129,6 +135,7 @@ CASES = {
         kc=32,
         rows=16,
         lengths=[(i * 7) % 6 for i in range(40)],
+        slices=1,
         expect=["chunks", "tail", "tiles"],
     ),
     "offsets-all-zero": dict(T=3, B=2, I=2, H=3, D=2, bias=True, layout="offsets", lengths=[0, 0]),
@@ -142,6 +149,7 @@ CASES = {
         layout="packed",
         kc=32,
         lengths=[7, 6, 5, 4, 3, 2, 1, 1, 7],
+        slices=1,
         expect=["chunks"],
     ),
     "packed-tiles-loose-bound": dict(
@@ -155,10 +163,55 @@ CASES = {
         max_len=6,
         rows=32,
         lengths=[(i * 7) % 4 + 1 for i in range(40)],
+        slices=1,
         expect=["tiles"],
     ),
     "packed-sorted-uni": dict(
         T=5, B=4, I=2, H=4, D=1, bias=True, layout="packed", sorted=True, lengths=[5, 3, 3, 1]
+    ),
+    # Rows split between blocks: three slices of 4, 4 and 3 rows (zero lengths among them) times
+    # two unit slices, the second past H; then two slices, each walking its rows in two tiles
+    # with K in chunks; then more slices than rows run (the model's choice on 16 SMs, B = 3).
+    "sliced-3-bi-bf-zeros-tail": dict(
+        T=6,
+        B=11,
+        I=3,
+        H=5,
+        D=2,
+        bias=True,
+        layout="padded",
+        bf=True,
+        lengths=[6, 0, 3, 1, 6, 2, 5, 4, 0, 6, 1],
+        sms=12,
+        slices=3,
+        expect=["sliced", "tail"],
+    ),
+    "sliced-offsets-K-chunks-tiles": dict(
+        T=5,
+        B=40,
+        I=3,
+        H=37,
+        D=2,
+        bias=False,
+        layout="offsets",
+        kc=32,
+        rows=8,
+        lengths=[(i * 7) % 6 for i in range(40)],
+        sms=8,
+        slices=2,
+        expect=["sliced", "chunks", "tail", "tiles"],
+    ),
+    "sliced-model-packed-few-rows": dict(
+        T=4,
+        B=3,
+        I=2,
+        H=4,
+        D=1,
+        bias=True,
+        layout="packed",
+        lengths=[4, 1, 2],
+        sms=16,
+        expect=["sliced"],
     ),
 }
 # The lower-precision dtypes run the cases that reach every code path between them (D=1 and 2,
@@ -170,8 +223,13 @@ HALF_CASES = [
     "K-chunks-small",
     "offsets-K-chunks-tiles-nobias",
     "packed-bi-K-chunks",
+    "sliced-offsets-K-chunks-tiles",
 ]
-F32_CASES = HALF_CASES + ["offsets-bi-zeros-loose-bound", "packed-tiles-loose-bound"]
+F32_CASES = HALF_CASES + [
+    "offsets-bi-zeros-loose-bound",
+    "packed-tiles-loose-bound",
+    "sliced-3-bi-bf-zeros-tail",
+]
 PARAMS = (
     [(n, torch.float64) for n in sorted(CASES)]
     + [(n, torch.float32) for n in F32_CASES]
@@ -194,7 +252,7 @@ def reference(c, x, L, hx, w_ih, w_hh, b_ih, b_hh, go, ghn, rows):
 def run_case(emu, c, dtype, persistent, mma=False, hx_offset=0):
     """(got, ref, cuts): the emulated kernels' results in `dtype` with the launchers' GEMMs
     around them, the CPU op's in float64 on the same (rounded) inputs, and the persistent
-    cuts (forward, backward) as [J, blocks_per_dir, tile_rows, kc, blocks]. mma: the
+    cuts (forward, backward) as [J, blocks_per_dir, tile_rows, kc, blocks, row_slices]. mma: the
     persistent kernels' tensor-core path. hx_offset > 0: hx is a contiguous view that many
     elements into its storage (a user's slice: its rows are not 16-byte aligned)."""
     T, B, I, H, D, bias = (c[k] for k in ("T", "B", "I", "H", "D", "bias"))
@@ -217,7 +275,7 @@ def run_case(emu, c, dtype, persistent, mma=False, hx_offset=0):
         hx = storage[hx_offset:].copy_(hx.flatten()).view(hx.shape)
     index = launch_index(c, L, rows, persistent)
     x2d, w2d, gx = input_gemm(x, w_ih, b_ih)
-    with tile_rows_cap(emu, c):
+    with cut_knobs(emu, c):
         out, hn, ws, cut_f = emu.forward(gx, w_hh, b_hh, hx, *index, mma)
         out = out.view(out_shape)
         dgx, dghn, hprev, ghx, cut_b = emu.backward(
@@ -237,6 +295,30 @@ def test_emulated_cuda_kernels_match_cpu_kernels(emu, name, dtype, persistent):
     assert_each_close(GRU_RESULTS, got, ref, rounding_tol(dtype))
     if persistent:
         assert_case_reaches(name, c, 3, cuts)
+
+
+# Cases whose cut keeps its K chunk whatever the row slices (K in one chunk, or capped by kc), on
+# a pretend device of 12 SMs (6 a direction): bi-directional, batch-major with zero lengths;
+# offsets rows in tiles of 16 and K chunks with a tail block; packed rows in tiles of 32.
+SLICE_CASES = ["bi-bf-zeros", "offsets-K-chunks-tiles-nobias", "packed-tiles-loose-bound"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", SLICE_CASES)
+def test_row_slices_change_no_bit(emu, name, dtype):
+    """Splitting the rows between blocks (VARLEN_RNN_PERSISTENT_ROW_SLICES) changes which block
+    computes a row on the exact kernels, not how: every row's sums keep their order, so 2, 3 and
+    6 slices give the bits of one, forward and backward. (On tensor cores a block splits K among
+    its idle warps by how many tasks its cut gives it, so their bits follow the cut, slices and
+    tile rows alike.)"""
+    one = run_case(emu, dict(CASES[name], sms=12, slices=1), dtype, True)
+    assert one[2][0][5] == one[2][1][5] == 1
+    for slices in (2, 3, 6):
+        got = run_case(emu, dict(CASES[name], sms=12, slices=slices), dtype, True)
+        assert got[2][0][5] == got[2][1][5] == slices, got[2]
+        assert got[2][0][3] == one[2][0][3] and got[2][1][3] == one[2][1][3]  # the same K chunks
+        for i, (x, y) in enumerate(zip(one[0], got[0])):
+            assert torch.equal(x, y), f"{slices} slices: result {i} differs"
 
 
 @pytest.mark.parametrize("dtype", list(DTYPE_IDS), ids=list(DTYPE_IDS.values()))

@@ -26,12 +26,12 @@ from emulation import (
     SMEM,
     SMS,
     assert_case_reaches,
+    cut_knobs,
     input_gemm,
     launch_index,
     ragged_rows,
     rounded_randn,
     rounding_tol,
-    tile_rows_cap,
     weight_grads,
 )
 from test_cuda_emulated import CASES as GRU_CASES
@@ -71,6 +71,7 @@ CASES = {
         layout="padded",
         lengths=[5, 4, 3, 2, 1, 0, 5, 4, 3],
         kc=32,
+        slices=1,
         expect=["chunks", "tail"],
     ),
     "offsets-tiles-nobias": dict(
@@ -84,6 +85,7 @@ CASES = {
         max_len=6,
         rows=32,
         lengths=[(i * 7) % 5 for i in range(40)],
+        slices=1,
         expect=["tiles"],
     ),
     "packed-bi-K-chunks": dict(
@@ -96,6 +98,7 @@ CASES = {
         layout="packed",
         kc=32,
         lengths=[6, 5, 4, 3, 2, 1, 1, 6, 2],
+        slices=1,
         expect=["chunks"],
     ),
     "packed-sorted-uni": GRU_CASES["packed-sorted-uni"],
@@ -277,7 +280,7 @@ def run_case(emu, cell, c, dtype, persistent, mma=False):
     index = (*launch_index(c, k.L, k.rows, persistent), mma)
     out_shape = (*k.x.shape[:-1], D * P)
     x2d, w2d, gx = input_gemm(k.x, k.w_ih, k.b_ih)
-    with tile_rows_cap(emu, c):
+    with cut_knobs(emu, c):
         out, hn, cn, ws, cut_f = emu.cell_forward(cell, gx, k.w_hh, k.b_hh, k.hx, cx, w_hr, *index)
         assert ws.shape == (D, ws.shape[1], S * H)
         dgx, dghn, hprev, ghx, gcx, dhr, hcell, cut_b = emu.cell_backward(

@@ -100,6 +100,7 @@ plan::Choice choose(const LayerCall& c, KernelOf kernel_of, plan::Pass pass, int
         mma,      c.G,      c.proj()};
     p.pad_smem = knobs().pad_smem;
     p.max_tile_rows = knobs().max_rows;
+    p.row_slices = knobs().row_slices;
     plan::Choice choice = plan::choose_path(p, dev, requested, knobs().max_kc.load());
     if (!facts.unavailable.empty()) choice.why = facts.unavailable;
     choice.mma = mma;

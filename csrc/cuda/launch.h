@@ -42,6 +42,9 @@ namespace cuda {
 // padded_stride), only to measure on a GPU what the padding buys. VARLEN_RNN_PERSISTENT_MAX_ROWS=n
 // caps a persistent tile's rows (rounded down to whole row groups of 8; plan.h's Problem::
 // max_tile_rows), to measure what larger tiles buy and for tests that need several tiles.
+// VARLEN_RNN_PERSISTENT_ROW_SLICES=n splits a direction's rows between n blocks per unit slice
+// (at most B and the SMs of a direction; plan.h's Problem::row_slices): 1 keeps every row in
+// each block, as before row slices; unset or 0, the cost model's choice.
 // VARLEN_RNN_EXCHANGE=barrier|tagged: how the persistent kernels' blocks share h (forward) and
 // dgh (backward) between steps on the exact kernels with a float state (float32, and the 16-bit
 // types off tensor cores): barrier (default) a grid barrier per step, tagged the words of value
@@ -53,7 +56,8 @@ constexpr int kTensorCoresAuto = 2;  // VARLEN_RNN_TENSOR_CORES unset or "auto"
 struct Knobs {
   std::atomic<int> path{static_cast<int>(plan::Path::kAuto)};
   std::atomic<int64_t> max_kc{0};
-  std::atomic<int64_t> max_rows{0};  // VARLEN_RNN_PERSISTENT_MAX_ROWS: the tiles' rows at most
+  std::atomic<int64_t> max_rows{0};    // VARLEN_RNN_PERSISTENT_MAX_ROWS: the tiles' rows at most
+  std::atomic<int64_t> row_slices{0};  // VARLEN_RNN_PERSISTENT_ROW_SLICES: 0 the model's choice
   std::atomic<bool> oversubscribe{false};           // tests: launch a grid the driver must refuse
   std::atomic<int> tensor_cores{kTensorCoresAuto};  // VARLEN_RNN_TENSOR_CORES: 0, 1 or auto
   std::atomic<bool> pad_smem{true};                 // VARLEN_RNN_PERSISTENT_PAD (not "0")
@@ -63,6 +67,9 @@ struct Knobs {
   // The exchange between blocks of the last forward [0] and backward [1] pass (Exchange), for
   // benchmarks and tests (varlen_rnn_cuda_last_exchange_for_testing).
   std::atomic<int> last_exchange[2] = {0, 0};
+  // The row slices of the last forward [0] and backward [1] pass's persistent cut (0: the
+  // fallback), likewise (varlen_rnn_cuda_last_row_slices_for_testing).
+  std::atomic<int64_t> last_row_slices[2] = {0, 0};
 };
 
 // How the recurrence of a pass shared h (forward) or dgh (backward) between steps.
@@ -123,6 +130,9 @@ inline Knobs& knobs() {
     if (const char* cap = std::getenv("VARLEN_RNN_PERSISTENT_MAX_ROWS")) {
       n->max_rows = std::max<long long>(0, std::atoll(cap));
     }
+    if (const char* slices = std::getenv("VARLEN_RNN_PERSISTENT_ROW_SLICES")) {
+      n->row_slices = std::max<long long>(0, std::atoll(slices));
+    }
     return n;
   }();
   return *k;
@@ -141,8 +151,9 @@ inline bool set_knobs_for_testing(const char* path, int64_t max_kc, bool oversub
   return true;
 }
 
-inline void note_exchange(bool backward, Exchange e) {
+inline void note_exchange(bool backward, Exchange e, int64_t row_slices = 0) {
   knobs().last_exchange[backward ? 1 : 0] = static_cast<int>(e);
+  knobs().last_row_slices[backward ? 1 : 0] = row_slices;
 }
 
 inline plan::Path requested_path() {
@@ -493,4 +504,21 @@ extern "C" __attribute__((visibility("default"))) int varlen_rnn_cuda_set_exchan
 extern "C" __attribute__((visibility("default"))) int varlen_rnn_cuda_last_exchange_for_testing(
     int backward) {
   return varlen_rnn::cuda::knobs().last_exchange[backward != 0 ? 1 : 0].load();
+}
+
+// Test hook (ctypes, tests/test_cuda_device.py): sets what VARLEN_RNN_PERSISTENT_ROW_SLICES gives
+// once per process (0: the cost model's choice; < 0 only reads). Returns the setting before.
+extern "C" __attribute__((visibility("default"))) long long
+varlen_rnn_cuda_set_row_slices_for_testing(long long slices) {
+  varlen_rnn::cuda::Knobs& k = varlen_rnn::cuda::knobs();
+  const long long before = k.row_slices.load();
+  if (slices >= 0) k.row_slices = slices;
+  return before;
+}
+
+// Test and benchmark hook: the row slices of the last forward (backward = 0) or backward (1)
+// pass's persistent cut, 0 where it ran the fallback.
+extern "C" __attribute__((visibility("default"))) long long
+varlen_rnn_cuda_last_row_slices_for_testing(int backward) {
+  return varlen_rnn::cuda::knobs().last_row_slices[backward != 0 ? 1 : 0].load();
 }

@@ -59,7 +59,8 @@ static_assert(plan::kMaxRowGroups * plan::kRowsPerItem == kMaxTileRows &&
 PersistentShape shape_of(const plan::Cut& cut) {
   return PersistentShape{static_cast<int>(cut.J),         static_cast<int>(cut.blocks_per_dir),
                          static_cast<int>(cut.tile_rows), static_cast<int>(cut.kc),
-                         static_cast<int>(cut.kc_stride), static_cast<int>(cut.w_stride)};
+                         static_cast<int>(cut.kc_stride), static_cast<int>(cut.w_stride),
+                         static_cast<int>(cut.row_slices)};
 }
 
 // The fields both persistent launches share (see PersistentCommonArgs).
@@ -242,8 +243,10 @@ void run_forward(const ForwardCall& c) {
             choose(c, forward_kernel<Cell, scalar_t>, pass, sizeof(scalar_t), sizeof(acc_t));
         if (choice.path == plan::Path::kPersistent &&
             launched_or_allowed_to_fall_back(persistent_forward<Cell, scalar_t>(c, choice))) {
-          note_exchange(false, exchange_of(true, choice.mma, sizeof(scalar_t),
-                                           tagged_exchange<scalar_t>(choice)));
+          note_exchange(
+              false,
+              exchange_of(true, choice.mma, sizeof(scalar_t), tagged_exchange<scalar_t>(choice)),
+              choice.cut.row_slices);
           return;
         }
         note_exchange(false, Exchange::kFallback);

@@ -156,8 +156,10 @@ LayerGrads run_backward(BackwardCall& c, const Tensor& x_rows, const Tensor& w_i
                                            plan::Pass::kBackward, sizeof(scalar_t), sizeof(acc_t));
         if (choice.path == plan::Path::kPersistent &&
             launched_or_allowed_to_fall_back(persistent_backward<Cell, scalar_t>(c, choice))) {
-          note_exchange(true, exchange_of(true, choice.mma, sizeof(scalar_t),
-                                          tagged_exchange<scalar_t>(choice)));
+          note_exchange(
+              true,
+              exchange_of(true, choice.mma, sizeof(scalar_t), tagged_exchange<scalar_t>(choice)),
+              choice.cut.row_slices);
           return;
         }
         note_exchange(true, Exchange::kFallback);

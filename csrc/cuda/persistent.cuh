@@ -2,10 +2,11 @@
 // layer (both directions), with the block's slice of W_hh resident in shared
 // memory for the whole pass and one grid-wide barrier per step.
 //
-// Work split: direction d = blockIdx.x / blocks_per_dir owns hidden units
-// [j0, j0 + J). Rows are visited in the order `perm` (lengths descending), so
-// at step s the running rows are a prefix and whole tiles of finished rows
-// are skipped. Nothing is atomic: every sum has a fixed order, so results are
+// Work split (persistent_common.cuh's block_part): a block of direction d owns
+// hidden units [j0, j0 + J) of the rows of its row slice. Rows are visited in
+// the order `perm` (lengths descending), so at step s the running rows are a
+// prefix (of each slice's rows too) and whole tiles of finished rows are
+// skipped. Nothing is atomic: every sum has a fixed order, so results are
 // bitwise identical run to run.
 //
 // Both kernels are templates on the cell policy (csrc/cells/): the forward's
@@ -72,8 +73,8 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
   unsigned char* smem_raw = dynamic_smem();
   const PersistentShape ps = a.ps;
   const int J = ps.J, H = a.H, B = a.B, W = ps.w_stride;
-  const int d = blockIdx.x / ps.blocks_per_dir;
-  const int j0 = (blockIdx.x % ps.blocks_per_dir) * J;
+  const BlockPart part = block_part(ps, B);
+  const int d = part.d, j0 = part.j0, n = part.n;  // n rows: the m-th at position part.pos(m)
   const int items = tile_items(J, ps);
   float* part_s = reinterpret_cast<float*>(smem_raw);
   x_t* tile = reinterpret_cast<x_t*>(smem_raw + kPartBytes<kMma>);
@@ -82,8 +83,9 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
   check_smem_parts(tile, acc_s, w_s);
 
   // Prologue (block-local, so no grid barrier): the W_hh slice (zero rows past
-  // H, zero padding past column H), the zeros of padded outputs and of their
-  // workspace rows, h_n (and c_n) of zero-length rows, the own units' c.
+  // H, zero padding past column H), then for the own rows and units the zeros
+  // of padded outputs and of their workspace rows, h_n (and c_n) of
+  // zero-length rows, c.
   const bool padded = has_padding(a.rows);
   const int64_t DH = static_cast<int64_t>(a.D) * H;
   for (int e = threadIdx.x; e < G * J * W; e += blockDim.x) {
@@ -97,10 +99,10 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
   constexpr bool kTaggable = !kMma && std::is_same<acc_t, float>::value;
   const bool tagged = kTaggable && a.tagged;
   const acc_t no_saved[Cell::kSaved] = {};
-  for (int e = threadIdx.x; e < B * J; e += blockDim.x) {
-    const int b = e / J, j = j0 + e % J;
+  for (int e = threadIdx.x; e < n * J; e += blockDim.x) {
+    const int i = part.pos(e / J), j = j0 + e % J;
     if (j >= H) continue;
-    const int len = a.lens[b];
+    const int b = a.perm[i], len = a.sorted[i];
     for (int t = padded ? len : a.T; t < a.T; ++t) {
       const int64_t row = a.rows.row(t, b);
       a.out[row * DH + static_cast<int64_t>(d) * H + j] = scalar_t(0);
@@ -136,10 +138,13 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
     uint64_t* const words = tagged ? static_cast<uint64_t*>(a.hbuf) : nullptr;
     const uint64_t* cur_tagged = tagged ? words + cur_off : nullptr;
     uint64_t* nxt_tagged = tagged ? words + nxt_off : nullptr;
-    for (int base = 0; base < B && a.sorted[base] > s; base += ps.tile_rows) {
+    // The own rows m = base .. base + tile_rows - 1, a tile at a time, while they run.
+    for (int base = 0; base < n && a.sorted[part.pos(base)] > s; base += ps.tile_rows) {
       auto locate = [&](int r) -> int64_t {  // a tile row's h offset (tile_matvec: per K chunk)
-        const int i = base + r;
-        return i < B && a.sorted[i] > s ? static_cast<int64_t>(a.perm[i]) * H : -1;
+        const int m = base + r;
+        if (m >= n) return -1;
+        const int i = part.pos(m);
+        return a.sorted[i] > s ? static_cast<int64_t>(a.perm[i]) * H : -1;
       };
       auto stage = [&](x_t* dst, int64_t off, int k0, int kc, int lane) {
         if (s == 0) {
@@ -151,11 +156,14 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
           stage_row<true>(dst, off < 0 ? nullptr : cur + off + k0, kc, lane);
         }
       };
-      // Pointwise element e of the tile: unit j's row i (sorted order), its position's row.
+      // Pointwise element e of the tile: unit j's own row m, its position's row.
       auto unit_of = [&](int e) { return j0 + (e / kRows) % J; };
-      auto sorted_of = [&](int e) { return base + (e / kRows / J) * kRows + e % kRows; };
-      auto runs = [&](int j, int i) { return j < H && i < B && a.sorted[i] > s; };
-      auto row_of = [&](int i) { return a.rows.row(step_time(d, a.sorted[i], s), a.perm[i]); };
+      auto slot_of = [&](int e) { return base + (e / kRows / J) * kRows + e % kRows; };
+      auto runs = [&](int j, int m) { return j < H && m < n && a.sorted[part.pos(m)] > s; };
+      auto row_of = [&](int m) {
+        const int i = part.pos(m);
+        return a.rows.row(step_time(d, a.sorted[i], s), a.perm[i]);
+      };
       // A running element's gate inputs: gx, and b_hh (zero where there is none).
       auto gate_inputs = [&](int j, int64_t row, acc_t(&gx)[G], acc_t(&bias)[G]) {
         load_cols<G>(a.gx + row * G * DH + static_cast<int64_t>(d) * G * H, j, H, gx);
@@ -168,15 +176,15 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
       // trip to memory overlaps the staging's instead of following the product.
       const int e0 = threadIdx.x;
       acc_t gx0[G] = {}, bias0[G] = {};
-      if (e0 < items * kRows && runs(unit_of(e0), sorted_of(e0)))
-        gate_inputs(unit_of(e0), row_of(sorted_of(e0)), gx0, bias0);
+      if (e0 < items * kRows && runs(unit_of(e0), slot_of(e0)))
+        gate_inputs(unit_of(e0), row_of(slot_of(e0)), gx0, bias0);
       recurrent_matvec<G, kMma>(w_s, J, J, 1, H, ps, tile, acc_s, part_s, locate, stage);
       if (tagged) fence_tagged();  // release: the block's reads of h_s before its words of h_s+1
       for (int e = e0; e < items * kRows; e += blockDim.x) {
-        const int j = unit_of(e), i = sorted_of(e);
-        if (!runs(j, i)) continue;
-        const int b = a.perm[i], len = a.sorted[i];
-        const int64_t row = row_of(i);
+        const int j = unit_of(e), m = slot_of(e);
+        if (!runs(j, m)) continue;
+        const int b = a.perm[part.pos(m)], len = a.sorted[part.pos(m)];
+        const int64_t row = row_of(m);
         acc_t gx[G], bias[G];
         if (e == e0) {
           VR_UNROLL
@@ -198,7 +206,7 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
           if constexpr (kOwnState) {
             prev.h = s == 0 ? static_cast<acc_t>(hx_d[hoff]) : a.hown[coff];  // not the 16-bit copy
           } else if (h_in_tile) {
-            prev.h = tile[(i - base) * ps.kc_stride + j];  // as staged: cur's, or hx's at s = 0
+            prev.h = tile[(m - base) * ps.kc_stride + j];  // as staged: cur's, or hx's at s = 0
           } else if (s == 0) {
             prev.h = static_cast<acc_t>(hx_d[hoff]);
           } else if (tagged) {  // the thread's own word of the last step
@@ -225,7 +233,7 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
         store_saved<Cell>(a.ws, static_cast<int64_t>(d) * a.R + row, j, H, saved);
       }
       // The next tile's staging overwrites this one, which the loop above may still read.
-      if (h_in_tile && base + ps.tile_rows < B && a.sorted[base + ps.tile_rows] > s)
+      if (h_in_tile && base + ps.tile_rows < n && a.sorted[part.pos(base + ps.tile_rows)] > s)
         __syncthreads();
     }
     if (tagged) {
@@ -279,8 +287,8 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
   unsigned char* smem_raw = dynamic_smem();
   const PersistentShape ps = a.ps;
   const int J = ps.J, H = a.H, B = a.B, T = a.T, W = ps.w_stride;
-  const int d = blockIdx.x / ps.blocks_per_dir;
-  const int j0 = (blockIdx.x % ps.blocks_per_dir) * J;
+  const BlockPart part = block_part(ps, B);
+  const int d = part.d, j0 = part.j0, n = part.n;  // n rows: the m-th at position part.pos(m)
   const int U = (J + NU - 1) / NU;
   const int items = tile_items(U, ps);
   float* part_s = reinterpret_cast<float*>(smem_raw);
@@ -311,13 +319,14 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
             ? smem_weight<kMma>(a.w_hh[(static_cast<int64_t>(d) * GH + m) * H + j])
             : scalar_t(0);
   }
-  for (int e = threadIdx.x; e < B * J; e += blockDim.x) {
-    const int b = e / J, j = j0 + e % J;
+  for (int e = threadIdx.x; e < n * J; e += blockDim.x) {  // the own rows and units
+    const int i = part.pos(e / J), j = j0 + e % J;
     if (j >= H) continue;
+    const int b = a.perm[i];
     const int64_t off = dBH + static_cast<int64_t>(b) * H + j;
     a.dh[off] = static_cast<acc_t>(a.grad_h_n[off]);
     if constexpr (Cell::kHasC) a.dc[off] = static_cast<acc_t>(a.grad_c_n[off]);
-    for (int t = padded ? a.lens[b] : T; t < T; ++t) {  // padded (t, b): zero gradients
+    for (int t = padded ? a.sorted[i] : T; t < T; ++t) {  // padded (t, b): zero gradients
       const int64_t row = a.rows.row(t, b);
       store_gate_grads<Cell>(a.dg + (dR + row) * a.ldg, j, H, zeros, zeros);
       a.hprev[(dR + row) * H + j] = scalar_t(0);
@@ -339,8 +348,8 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
     uint64_t* words =
         tagged ? a.tagged + (s & 1) * tag_stride + static_cast<int64_t>(d) * B * GH : nullptr;
     if (tagged) fence_tagged();  // release: the last step's reads of dgh before these words
-    for (int e = threadIdx.x; e < B * J; e += blockDim.x) {
-      const int i = e / J, j = j0 + e % J;
+    for (int e = threadIdx.x; e < n * J; e += blockDim.x) {
+      const int i = part.pos(e / J), j = j0 + e % J;
       if (a.sorted[i] <= s) break;  // sorted descending: the rest are finished too
       if (j >= H) continue;
       const int b = a.perm[i], len = a.sorted[i];
@@ -375,10 +384,12 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
     } else {
       grid.sync();
     }
-    for (int base = 0; base < B && a.sorted[base] > s; base += ps.tile_rows) {
+    for (int base = 0; base < n && a.sorted[part.pos(base)] > s; base += ps.tile_rows) {
       auto locate = [&](int r) -> int64_t {  // a tile row's position (tile_matvec: per K chunk)
-        const int i = base + r;              // (tagged: the row's words, by batch index)
-        if (i >= B || a.sorted[i] <= s) return -1;
+        const int m = base + r;              // (tagged: the row's words, by batch index)
+        if (m >= n) return -1;
+        const int i = part.pos(m);
+        if (a.sorted[i] <= s) return -1;
         return tagged ? static_cast<int64_t>(a.perm[i]) * GH
                       : a.rows.row(step_time(d, a.sorted[i], s), a.perm[i]);
       };
@@ -403,15 +414,15 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
       for (int e = threadIdx.x; e < items * NU * kRows; e += blockDim.x) {
         const int item = e / (NU * kRows), g = (e / kRows) % NU, r = e % kRows;
         const int jl = (item % U) * NU + g, j = j0 + jl;
-        const int i = base + (item / U) * kRows + r;
-        if (jl >= J || j >= H || i >= B || a.sorted[i] <= s) continue;
-        a.dh[dBH + static_cast<int64_t>(a.perm[i]) * H + j] += acc_s[e];
+        const int m = base + (item / U) * kRows + r;
+        if (jl >= J || j >= H || m >= n || a.sorted[part.pos(m)] <= s) continue;
+        a.dh[dBH + static_cast<int64_t>(a.perm[part.pos(m)]) * H + j] += acc_s[e];
       }
     }
     __syncthreads();
   }
-  for (int e = threadIdx.x; e < B * J; e += blockDim.x) {
-    const int b = e / J, j = j0 + e % J;
+  for (int e = threadIdx.x; e < n * J; e += blockDim.x) {
+    const int b = a.perm[part.pos(e / J)], j = j0 + e % J;
     if (j >= H) continue;
     const int64_t hoff = dBH + static_cast<int64_t>(b) * H + j;
     a.grad_hx[hoff] = static_cast<scalar_t>(a.dh[hoff]);

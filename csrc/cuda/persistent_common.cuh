@@ -73,15 +73,37 @@ constexpr int kUnitsPerItem = 3;
 constexpr int kMaxTileRows = 128;
 constexpr int kMaxTileRowsMma = 32;
 
-// How a persistent launch is cut; chosen on the host from the device's limits.
+// How a persistent launch is cut; chosen on the host from the device's limits (plan.h).
 struct PersistentShape {
   int J;               // hidden units per block
-  int blocks_per_dir;  // ceil(H / J)
+  int blocks_per_dir;  // row_slices * ceil(H / J)
   int tile_rows;       // rows staged per tile: kRows * (work items per unit group)
   int kc;              // columns of the staged tile (K is walked in chunks)
   int kc_stride;       // the tile's row stride in elements (>= kc; padded on tensor cores)
   int w_stride;        // the weight slice's row stride in elements (>= K; likewise)
+  int row_slices;      // the direction's rows are split between this many blocks per unit slice
 };
+
+// What one block of a persistent launch owns: direction d, hidden units [j0, j0 + J), and the
+// rows of row slice q of Q: the rows by length (perm / sorted) at positions q, q + Q, q + 2Q...,
+// its m-th row at pos(m), n of them. Interleaved, so that every slice keeps about B / Q of the
+// rows still running at any step (the rows by length run as a prefix). Each block stages only
+// its own rows' h (backward: dgh) each step, a Q-th of what one block would stage for all B.
+struct BlockPart {
+  int d, j0, q, Q, n;
+  __device__ __forceinline__ int pos(int m) const { return q + Q * m; }
+};
+__device__ __forceinline__ BlockPart block_part(const PersistentShape& ps, int B) {
+  const int in_dir = blockIdx.x % ps.blocks_per_dir;
+  const int unit_slices = ps.blocks_per_dir / ps.row_slices;
+  BlockPart p;
+  p.d = blockIdx.x / ps.blocks_per_dir;
+  p.j0 = (in_dir % unit_slices) * ps.J;
+  p.q = in_dir / unit_slices;
+  p.Q = ps.row_slices;
+  p.n = p.q < B ? (B - p.q + p.Q - 1) / p.Q : 0;
+  return p;
+}
 
 // Items per tile: U unit groups times the row groups of a tile.
 __device__ __forceinline__ int tile_items(int U, const PersistentShape& ps) {

@@ -5,7 +5,8 @@
 // Vocabulary (see layer.h for the shape legend): a *pass* is one layer's forward
 // (inference or training, which also saves the gates) or backward; a *step* s
 // is one time step of the recurrence; a *cut* is how a persistent launch is
-// divided: blocks_per_dir blocks per direction own J hidden units each, rows
+// divided: blocks_per_dir blocks per direction, row_slices slices of the rows
+// times unit slices of J hidden units each (a block owns one of each), rows
 // are staged tile_rows at a time, and the reduction dimension K is walked in
 // chunks of kc columns.
 #pragma once
@@ -57,6 +58,9 @@ struct Problem {
   // A cap on the tile's rows (VARLEN_RNN_PERSISTENT_MAX_ROWS, rounded down to whole row groups,
   // at least one); 0: none.
   int64_t max_tile_rows = 0;
+  // The row slices (VARLEN_RNN_PERSISTENT_ROW_SLICES): 0 the cost model picks them, n > 0 forces
+  // n (at most B, and at most the SMs a direction has).
+  int64_t row_slices = 0;
 };
 
 struct Device {
@@ -67,7 +71,9 @@ struct Device {
 };
 
 struct Cut {
-  int64_t J = 0, blocks_per_dir = 0, tile_rows = 0, kc = 0;
+  // blocks_per_dir = row_slices * unit slices; a block owns J units of one unit slice for the
+  // rows of one row slice: the rows by length at positions q, q + row_slices, q + 2 row_slices...
+  int64_t J = 0, blocks_per_dir = 0, tile_rows = 0, kc = 0, row_slices = 1;
   // Row strides in elements of the staged tile (>= kc) and of the weight slice in shared
   // memory (>= K): equal to kc and K on CUDA cores, padded for the tensor-core kernel.
   int64_t kc_stride = 0, w_stride = 0;
@@ -279,10 +285,12 @@ inline StepTerms persistent_step_terms(const Problem& p, int64_t J, int64_t rows
   return t;
 }
 
-// Modelled cycles of one persistent step, all B rows running.
-inline double persistent_step_cycles(const Problem& p, int64_t J, int64_t rows, int64_t kc,
-                                     int64_t w_stride, int64_t kc_stride) {
-  return persistent_step_terms(p, J, rows, kc, w_stride, kc_stride).total();
+// The terms of one persistent step of cut u with p.B rows running: its largest row slice's
+// (each block stages and multiplies only the rows of its slice, ceil(B / row_slices) at most).
+inline StepTerms cut_step_terms(const Problem& p, const Cut& u) {
+  Problem q = p;
+  q.B = ceil_div(std::max<int64_t>(p.B, 1), std::max<int64_t>(u.row_slices, 1));
+  return persistent_step_terms(q, u.J, u.tile_rows, u.kc, u.w_stride, u.kc_stride);
 }
 
 // One fallback step, by term (microseconds): the host's cost of issuing it, which bounds it
@@ -305,11 +313,24 @@ inline double fallback_step_us(const Problem& p, const Device& dev) {
   return fallback_step_terms(p, dev).total();
 }
 
+// The most row slices persistent_cut prices (1, 2, 4, ... up to it): as many as a direction has
+// SMs, whatever B, so the set of cuts it prices does not change with B and a step's modelled
+// time never falls as B grows (B = 7 may take 8 slices of one row: the eighth block idles); or
+// the forced count (Problem::row_slices), at most B and the SMs of a direction.
+inline int64_t max_row_slices(const Problem& p, const Device& dev) {
+  const int64_t per_dir = std::max<int64_t>(1, dev.sms / p.D);
+  if (p.row_slices > 0) return std::min({p.row_slices, std::max<int64_t>(p.B, 1), per_dir});
+  return per_dir;
+}
+
 // The persistent cut with the least modelled step time, or false and why not.
-// Rows per tile follow B (no 32-row tiles for B = 3); the K chunk is chosen
-// after the row count, as wide as the shared memory left allows and then
-// balanced (K = 1536 in two chunks of 768, not 1504 + 32). max_kc > 0 caps the
-// chunk (a test knob).
+// Each block stages, every step, the whole state (backward: dgh) of the rows it
+// owns from L2, so at large B splitting the rows between blocks as well as the
+// units divides that traffic by the row slices (each block then holds more
+// units' weights). Rows per tile follow B (no 32-row tiles for B = 3); the K
+// chunk is chosen after the row count, as wide as the shared memory left
+// allows and then balanced (K = 1536 in two chunks of 768, not 1504 + 32).
+// max_kc > 0 caps the chunk (a test knob).
 inline bool persistent_cut(const Problem& p, const Device& dev, int64_t max_kc, Cut& best,
                            std::string& why) {
   if (p.proj) {
@@ -327,11 +348,6 @@ inline bool persistent_cut(const Problem& p, const Device& dev, int64_t max_kc, 
     return false;
   }
   const bool bwd = p.pass == Pass::kBackward;
-  // The fewest units per block that keeps every block on its own SM, then
-  // the same block count with balanced slices.
-  const int64_t bpd = ceil_div(p.H, ceil_div(p.H, std::max<int64_t>(1, dev.sms / p.D)));
-  const int64_t J = ceil_div(p.H, bpd);
-  const int64_t U = bwd ? ceil_div(J, kUnitsPerItem) : J;
   const int64_t K = bwd ? p.gates * p.H : p.H;
   const int64_t ng = bwd ? kUnitsPerItem : p.gates;  // weight rows per work item
   // The tensor-core kernel pads its rows (padded_stride) and, for 16-bit kinds, stages in the
@@ -339,45 +355,58 @@ inline bool persistent_cut(const Problem& p, const Device& dev, int64_t max_kc, 
   const bool mma = p.persistent_mma;
   const int64_t tile_bytes = mma && p.storage_bytes == 2 ? 2 : p.acc_bytes;
   const int64_t w_stride = mma ? padded_stride(K, p.storage_bytes, p.pad_smem) : K;
-  const int64_t w_smem = ng * U * w_stride * p.storage_bytes;
   const int64_t part_smem = mma ? kMmaPartBytes : 0;  // the split's scratch (mma_matvec.cuh)
   auto kc_stride_of = [&](int64_t kc) {
     return mma ? padded_stride(kc, tile_bytes, p.pad_smem) : kc;
   };
-  int64_t max_groups = std::min(mma ? kMaxRowGroupsMma : kMaxRowGroups,
-                                ceil_div(std::max<int64_t>(p.B, 1), kRowsPerItem));
-  if (p.max_tile_rows > 0)
-    max_groups = std::min(max_groups, std::max<int64_t>(1, p.max_tile_rows / kRowsPerItem));
+  const int64_t per_dir = std::max<int64_t>(1, dev.sms / p.D);
+  const int64_t max_slices = max_row_slices(p, dev);
   bool found = false;
-  for (int64_t groups = 1; groups <= max_groups; ++groups) {
-    const int64_t rows = kRowsPerItem * groups;
-    const int64_t acc_smem = U * groups * ng * kRowsPerItem * p.acc_bytes;
-    const int64_t fixed = part_smem + w_smem + acc_smem;
-    if (fixed >= dev.smem_per_block) break;  // more rows only need more
-    const int64_t avail = (dev.smem_per_block - fixed) / (rows * tile_bytes);
-    int64_t kc = avail - (mma ? 48 / tile_bytes : 0);  // room for the padding (< 12 words)
-    if (max_kc > 0) kc = std::min(kc, std::max<int64_t>(32, max_kc / 32 * 32));
-    if (kc < K) {
-      kc = kc / 32 * 32;
-      if (kc < 32) break;
-      kc = round_up(ceil_div(K, ceil_div(K, kc)), 32);  // same chunk count, balanced
+  int64_t w_smem_1 = 0;  // the W_hh slice of one row slice, for the error
+  for (int64_t slices = p.row_slices > 0 ? max_slices : 1; slices <= max_slices; slices *= 2) {
+    // The fewest units per block that keeps every block on its own SM, then the same block count
+    // with balanced slices.
+    const int64_t unit_slices = ceil_div(p.H, ceil_div(p.H, per_dir / slices));
+    const int64_t J = ceil_div(p.H, unit_slices);
+    const int64_t U = bwd ? ceil_div(J, kUnitsPerItem) : J;
+    const int64_t w_smem = ng * U * w_stride * p.storage_bytes;
+    if (w_smem_1 == 0) w_smem_1 = w_smem;
+    const int64_t slice_rows = ceil_div(std::max<int64_t>(p.B, 1), slices);  // the largest slice
+    int64_t max_groups =
+        std::min(mma ? kMaxRowGroupsMma : kMaxRowGroups, ceil_div(slice_rows, kRowsPerItem));
+    if (p.max_tile_rows > 0)
+      max_groups = std::min(max_groups, std::max<int64_t>(1, p.max_tile_rows / kRowsPerItem));
+    for (int64_t groups = 1; groups <= max_groups; ++groups) {
+      const int64_t rows = kRowsPerItem * groups;
+      const int64_t acc_smem = U * groups * ng * kRowsPerItem * p.acc_bytes;
+      const int64_t fixed = part_smem + w_smem + acc_smem;
+      if (fixed >= dev.smem_per_block) break;  // more rows only need more
+      const int64_t avail = (dev.smem_per_block - fixed) / (rows * tile_bytes);
+      int64_t kc = avail - (mma ? 48 / tile_bytes : 0);  // room for the padding (< 12 words)
+      if (max_kc > 0) kc = std::min(kc, std::max<int64_t>(32, max_kc / 32 * 32));
+      if (kc < K) {
+        kc = kc / 32 * 32;
+        if (kc < 32) break;
+        kc = round_up(ceil_div(K, ceil_div(K, kc)), 32);  // same chunk count, balanced
+      }
+      kc = std::min(kc, K);
+      Cut c;
+      c.J = J;
+      c.row_slices = slices;
+      c.blocks_per_dir = slices * unit_slices;
+      c.tile_rows = rows;
+      c.kc = kc;
+      c.kc_stride = kc_stride_of(kc);
+      c.w_stride = w_stride;
+      c.blocks = p.D * c.blocks_per_dir;
+      c.smem = fixed + rows * c.kc_stride * tile_bytes;
+      c.step_cycles = cut_step_terms(p, c).total();
+      if (!found || c.step_cycles < best.step_cycles) best = c;
+      found = true;
     }
-    kc = std::min(kc, K);
-    Cut c;
-    c.J = J;
-    c.blocks_per_dir = bpd;
-    c.tile_rows = rows;
-    c.kc = kc;
-    c.kc_stride = kc_stride_of(kc);
-    c.w_stride = w_stride;
-    c.blocks = p.D * bpd;
-    c.smem = fixed + rows * c.kc_stride * tile_bytes;
-    c.step_cycles = persistent_step_cycles(p, J, rows, kc, w_stride, c.kc_stride);
-    if (!found || c.step_cycles < best.step_cycles) best = c;
-    found = true;
   }
   if (!found) {
-    why = "W_hh slice of " + std::to_string(w_smem) + " bytes per block does not fit in " +
+    why = "W_hh slice of " + std::to_string(w_smem_1) + " bytes per block does not fit in " +
           std::to_string(dev.smem_per_block) + " bytes of shared memory";
   }
   return found;

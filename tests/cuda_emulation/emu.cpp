@@ -43,6 +43,7 @@ plan::Choice persistent_choice(const LayerCall& c, plan::Pass pass, int64_t stor
   p.persistent_mma = mma;
   p.pad_smem = knobs().pad_smem;
   p.max_tile_rows = knobs().max_rows;
+  p.row_slices = knobs().row_slices;
   const plan::Device dev{sms, smem, true, true};
   plan::Choice choice;
   choice.path = plan::Path::kPersistent;
@@ -54,7 +55,7 @@ plan::Choice persistent_choice(const LayerCall& c, plan::Pass pass, int64_t stor
 }
 
 at::Tensor cut_tensor(const plan::Cut& c) {
-  return at::tensor({c.J, c.blocks_per_dir, c.tile_rows, c.kc, c.blocks}, at::kLong);
+  return at::tensor({c.J, c.blocks_per_dir, c.tile_rows, c.kc, c.blocks, c.row_slices}, at::kLong);
 }
 
 // The call's dims, rows and states as the ops set them (entries.h), on the pretend device
@@ -307,6 +308,14 @@ int64_t set_max_tile_rows(int64_t rows) {
   return before;
 }
 
+// The persistent launches' row slices (VARLEN_RNN_PERSISTENT_ROW_SLICES; 0: the cost model's
+// choice); returns the setting before the call.
+int64_t set_row_slices(int64_t slices) {
+  const int64_t before = knobs().row_slices;
+  knobs().row_slices = slices > 0 ? slices : 0;
+  return before;
+}
+
 // Whether persistent forwards share h through the tagged exchange (VARLEN_RNN_EXCHANGE=tagged);
 // returns the setting before the call.
 bool set_tagged_exchange(bool tagged) {
@@ -325,6 +334,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_smem_padding", &set_smem_padding);
   m.def("set_tagged_exchange", &set_tagged_exchange);
   m.def("set_max_tile_rows", &set_max_tile_rows);
+  m.def("set_row_slices", &set_row_slices);
   m.def("forward", &forward);
   m.def("backward", &backward);
   m.def("cell_forward", &cell_forward);
