@@ -303,7 +303,8 @@ def run_backend_case(
 ):
     """(got, ref) in NAMES' order from the CUDA backend itself (ops_cuda.cu's op entries, the
     emulation's `backend`) called as the ops are, on case c's pretend device ("sms", "smem") with
-    path ("persistent", "fallback" or "auto"), tensor cores on (mma) or off and c's K-chunk cap.
+    path ("persistent", "fallback" or "auto"), tensor cores on (mma) or off, c's K-chunk cap and
+    its tiles' rows and row slices (emulation.cut_knobs).
     tf32: torch.backends.cudnn.allow_tf32 for the call (default: mma), which float32 needs to
     take tensor cores. Gradients output_mask leaves out are None on both sides (the op returns
     them empty). grad_output "zeros" or "none" replaces the case's output gradient with a zero
@@ -315,7 +316,8 @@ def run_backend_case(
     before = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = mma if tf32 is None else tf32
     try:
-        got = _backend_call(be, cell, c, k, output_mask, grad_output)
+        with cut_knobs(emu, c):
+            got = _backend_call(be, cell, c, k, output_mask, grad_output)
     finally:
         torch.backends.cudnn.allow_tf32 = before
     ref = list(k.ref)

@@ -5,9 +5,10 @@ cell (GRU, LSTM with or without a projection, RNN tanh/relu), a dtype, a path (p
 CUDA cores or tensor cores, or the fallback's per-step kernels), a row layout (padded time- or
 batch-major, offsets, packed, sorted or not), one or two directions, bias or none, lengths with
 zeros, ties and one long row among short ones, hidden sizes across the kernels' edges (1, tails
-of a block's units, K chunks of 32 with a tail), a K-chunk cap, and a pretend device (1 to 16
-SMs, 48 to 227 KiB of shared memory per block), so the persistent cut (plan.h) differs from draw
-to draw: units per block, row tiles, chunks. A persistent draw whose weights do not fit the
+of a block's units, K chunks of 32 with a tail), a K-chunk cap, a pretend device (1 to 16 SMs,
+48 to 227 KiB of shared memory per block) and the row slices (the model's, or forced: 1, 2, 3 or
+5, at most B and the SMs a direction has), so the persistent cut (plan.h) differs from draw to
+draw: units per block, row slices, row tiles, chunks. A persistent draw whose weights do not fit the
 pretend device's shared memory runs the fallback, as `auto` would. Half the draws run the kernels
 with the launchers' GEMMs written out around them (test_cuda_emulated_cells.run_case), half the
 backend's op entries themselves (run_backend_case: ops_cuda.cu's launchers, GEMMs and checks as
@@ -130,6 +131,9 @@ def draw(seed: int, large: bool = False) -> tuple:
         # The output unused (a classifier's): the op gets grad_output None. Drawn after the
         # rest, as above.
         c["unused_output"] = r.random() < 0.25
+    # VARLEN_RNN_PERSISTENT_ROW_SLICES: 0 the cost model's choice (which the draws above take
+    # too), else forced, odd counts included. Drawn last, as above.
+    c["slices"] = r.choice([0, 0, 1, 2, 3, 5])
     return cell, c, dtype, persistent, mma
 
 
