@@ -3,9 +3,12 @@
     python benchmarks/gpu_calibrate.py PROBE_DIR_OR_JSON [--out calibration.md]
 
 gpu_probe.py times one GRU layer per configuration (H, dtype, mode, B) on each of our paths: the
-persistent kernel on tensor cores (`persistent`), the exact one (`persistent_exact`) and the
-fallback. For each configuration this rebuilds what those paths ran: the probe's lengths, the
-rows still running at each step, and the cut plan.h makes on the probe's device. plan.h itself,
+persistent kernel on tensor cores (`persistent`), the exact one (`persistent_exact`), the exact
+one with every row in each block (`persistent_unsliced`, VARLEN_RNN_PERSISTENT_ROW_SLICES=1) and
+the fallback. For each configuration this rebuilds what those paths ran: the probe's lengths, the
+rows still running at each step, and the cut plan.h makes on the probe's device (a probe from
+before row slices, without probe.json's "row_slices", timed one slice everywhere: its cuts are
+priced so). plan.h itself,
 compiled here with the host C++ compiler, gives each path's modelled cost by term: per
 persistent step the grid barrier, the staging from L2, the recurrent product (CUDA cores or
 tensor cores) and the pointwise part, summed over the steps the kernel ran; per fallback step
@@ -48,7 +51,7 @@ CSRC = os.path.join(os.path.dirname(HERE), "csrc")
 DTYPE_BYTES = {"float64": (8, 8), "float32": (4, 4), "bfloat16": (2, 4), "float16": (2, 4)}
 PASSES = {"inference": 0, "training": 1, "backward": 2}
 MODE_PASSES = {"fwd": ("inference",), "train": ("training", "backward")}
-OURS = ("persistent", "persistent_exact", "fallback")
+OURS = ("persistent", "persistent_exact", "persistent_unsliced", "fallback")
 # The fitted scales, in the order of the design matrix's columns. Persistent terms scale the
 # modelled cycles; host_us and kernel_us are the fallback's constants themselves; gemm scales its
 # GEMM time.
@@ -62,11 +65,13 @@ DRIVER = r"""
 #include "cuda/plan.h"
 using namespace varlen_rnn::plan;
 // First line: the constants (Constants below, in order). Then per problem line
-//   In:  B H D pass storage_bytes acc_bytes gemm_tc mma_allowed gates sms smem k n_0 .. n_{k-1}
+//   In:  B H D pass storage_bytes acc_bytes gemm_tc mma_allowed gates slices sms smem k
+//        n_0 .. n_{k-1}   (slices: Problem::row_slices, 0 the model's)
 //   Out: auto's pick (0 fallback, 1 the exact persistent kernel, 2 the tensor-core one, as
-//        prefer_tensor_cores picks), then for the exact kernel and the tensor-core one each:
-//        fits persistent_us fallback_us, the full-B step terms (sync load compute pointwise),
-//        the same summed over n_0 .. n_{k-1}, the fallback terms (host kernel gemm).
+//        prefer_tensor_cores picks), then for the exact kernel, the tensor-core one and the
+//        exact one in one row slice each: fits persistent_us fallback_us, the full-B step terms
+//        (sync load compute pointwise), the same summed over n_0 .. n_{k-1}, the fallback terms
+//        (host kernel gemm).
 void put(const Problem& p, const Device& dev, const Choice& c, const std::vector<long long>& n) {
   StepTerms full, sum;
   if (c.fits) {
@@ -92,15 +97,18 @@ int main() {
               CostModel::kGridSyncCycles, CostModel::kPassCycles, CostModel::kL2BytesPerCycle,
               CostModel::kCudaCoreScale, CostModel::kMmaScale, CostModel::kPointwiseCycles[0],
               CostModel::kPointwiseCycles[1], CostModel::kPointwiseCycles[2]);
-  long long B, H, D, pass, sb, ab, tc, allowed, gates, sms, smem, k;
-  while (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld", &B, &H, &D,
-                    &pass, &sb, &ab, &tc, &allowed, &gates, &sms, &smem, &k) == 12) {
+  long long B, H, D, pass, sb, ab, tc, allowed, gates, slices, sms, smem, k;
+  while (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld", &B, &H,
+                    &D, &pass, &sb, &ab, &tc, &allowed, &gates, &slices, &sms, &smem, &k) == 13) {
     std::vector<long long> n(k);
     for (auto& v : n) std::scanf("%lld", &v);
     Problem p{B, H, D, Pass(pass), sb, ab, tc != 0};
     p.gates = gates;
+    p.row_slices = slices;
     Problem q = p;
     q.persistent_mma = true;
+    Problem one = p;
+    one.row_slices = 1;
     const Device dev{sms, smem, true, true};
     const Choice exact = choose_path(p, dev, Path::kAuto, 0);
     Choice mma = choose_path(q, dev, Path::kAuto, 0);
@@ -109,6 +117,7 @@ int main() {
     std::printf("%d", pick.path != Path::kPersistent ? 0 : pick.mma ? 2 : 1);
     put(p, dev, exact, n);
     put(q, dev, mma, n);
+    put(one, dev, choose_path(one, dev, Path::kAuto, 0), n);
     std::printf("\n");
   }
 }
@@ -176,7 +185,7 @@ class Model:
 
     def query(self, lines: list[str]) -> tuple[Constants, list[tuple[str, Pass, Pass]]]:
         """plan.h's constants, and per problem line auto's pick ("fallback", "exact" or "tc")
-        with the exact and the tensor-core kernel's answers."""
+        with the exact, the tensor-core and the one-slice exact kernel's answers."""
         r = subprocess.run(
             [self.exe], input="\n".join(lines) + "\n", capture_output=True, text=True, check=True
         )
@@ -195,7 +204,7 @@ class Model:
                     summed=np.array(f[7:11]),
                     fallback=np.array(f[11:14]),
                 )
-                for f in (v[1:15], v[15:29])
+                for f in (v[1:15], v[15:29], v[29:43])
             ]
             answers.append((("fallback", "exact", "tc")[int(v[0])], *kernels))
         return consts, answers
@@ -239,6 +248,7 @@ def build_configs(probe: dict, model: Model, lengths_of) -> tuple[Constants, lis
     T = probe["args"]["T"]
     dev = {**DEFAULT_DEVICE, **{k: v for k, v in probe.get("device", {}).items() if v}}
     tf32 = tf32_on(probe)
+    slices = 0 if "row_slices" in probe else 1  # before row slices: one slice everywhere
     configs, lines = [], []
     for (H, dtype, mode, B), meas in sorted(measured_table(probe).items()):
         if dtype not in DTYPE_BYTES or not any(i in meas for i in OURS):
@@ -251,15 +261,16 @@ def build_configs(probe: dict, model: Model, lengths_of) -> tuple[Constants, lis
         for pname in MODE_PASSES[mode]:
             lines.append(
                 f"{B} {H} 1 {PASSES[pname]} {sb} {ab} {int(gemm_tc)} {int(mma_allowed)} 3 "
-                f"{dev['sms']} {dev['smem_per_block_optin']} {len(n)} {' '.join(map(str, n))}"
+                f"{slices} {dev['sms']} {dev['smem_per_block_optin']} {len(n)} "
+                f"{' '.join(map(str, n))}"
             )
         configs.append(c)
     consts, answers = model.query(lines)
     it = iter(answers)
     for c in configs:
         for pname in MODE_PASSES[c.mode]:
-            pick, exact, tc = next(it)
-            c.passes[pname] = {"exact": exact, "tc": tc}
+            pick, exact, tc, unsliced = next(it)
+            c.passes[pname] = {"exact": exact, "tc": tc, "unsliced": unsliced}
             c.plan_picks.append(pick)
     return consts, configs
 
@@ -294,7 +305,10 @@ def fallback_row(ps: Pass, th: np.ndarray, steps: int) -> np.ndarray:
 
 
 def kernel_of(c: Config, impl: str) -> str:
-    """Which persistent kernel a probe child ran: tensor cores where allowed (forced on)."""
+    """Which persistent kernel a probe child ran: tensor cores where allowed (forced on), the
+    exact one in one row slice, or the exact one."""
+    if impl == "persistent_unsliced":
+        return "unsliced"
     return "tc" if impl == "persistent" and c.mma_allowed else "exact"
 
 
@@ -361,7 +375,7 @@ def compared(configs: list[Config]):
     for c in configs:
         if "fallback" not in c.measured:
             continue
-        for impl in ("persistent", "persistent_exact"):
+        for impl in ("persistent", "persistent_exact", "persistent_unsliced"):
             k = kernel_of(c, impl)
             if impl in c.measured and all(ks[k].fits for ks in c.passes.values()):
                 yield c, impl
@@ -471,10 +485,10 @@ def report(probe: dict, consts: Constants, configs: list[Config]) -> tuple[str, 
         "measured; the fastest of our paths measured; auto's choice per pass today and fitted "
         "(a train step's forward, then backward).",
         "",
-        "| H | dtype | mode | B | persistent | persistent_exact | fallback | auto | "
-        "tc - fb: today / fitted / measured | exact - fb: today / fitted / measured | fastest | "
-        "auto today | auto fitted |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|---|---|---|---|",
+        "| H | dtype | mode | B | persistent | persistent_exact | persistent_unsliced | fallback | "
+        "auto | tc - fb: today / fitted / measured | exact - fb: today / fitted / measured | "
+        "unsliced - fb: today / fitted / measured | fastest | auto today | auto fitted |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---|---|---|---|",
     ]
     right = {"today": 0, "fitted": 0}
     lost = {"today": 0.0, "fitted": 0.0}
@@ -491,7 +505,7 @@ def report(probe: dict, consts: Constants, configs: list[Config]) -> tuple[str, 
             f"{c.measured[i] - c.measured['fallback']:+.3f}"
             if i in priced
             else "-"
-            for i in ("persistent", "persistent_exact")
+            for i in ("persistent", "persistent_exact", "persistent_unsliced")
         ]
         best = fastest(c)
         picks = {}
@@ -504,8 +518,9 @@ def report(probe: dict, consts: Constants, configs: list[Config]) -> tuple[str, 
         n += best is not None
         lines.append(
             f"| {c.H} | {c.dtype} | {c.mode} | {c.B} | {ms(c, 'persistent')} | "
-            f"{ms(c, 'persistent_exact')} | {ms(c, 'fallback')} | {ms(c, 'auto')} | "
-            f"{diffs[0]} | {diffs[1]} | {best or '-'} | {picks['today']} | {picks['fitted']} |"
+            f"{ms(c, 'persistent_exact')} | {ms(c, 'persistent_unsliced')} | {ms(c, 'fallback')} | "
+            f"{ms(c, 'auto')} | {diffs[0]} | {diffs[1]} | {diffs[2]} | {best or '-'} | "
+            f"{picks['today']} | {picks['fitted']} |"
         )
     key = (
         f"KEY: calibration: auto picks the fastest measured path in {right['today']}/{n} "

@@ -551,6 +551,10 @@ def main(argv=None) -> int:
                 "args": vars(a),
                 "device": device_facts(a.device),
                 "commit": a.commit,
+                # The persistent kernels split rows between blocks by plan.h's model (row
+                # slices); a probe without this key timed kernels from before them, every row in
+                # each block (gpu_calibrate.py models it so).
+                "row_slices": "model",
                 "children": merged,
             },
             f,

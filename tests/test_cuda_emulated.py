@@ -321,6 +321,27 @@ def test_row_slices_change_no_bit(emu, name, dtype):
             assert torch.equal(x, y), f"{slices} slices: result {i} differs"
 
 
+def test_row_slices_stage_only_each_blocks_rows(emu):
+    """What row slices are for: a block stages only its own rows. The rows staged over a call
+    (stage_row's count, forward and backward, every step, tile and K chunk) are the rows each
+    block owns summed over blocks, so with every row in each block they are the unit slices
+    times the running rows, and with Q slices the (fewer) unit slices times them: 3 slices on 12
+    SMs (two directions) take the unit slices from 6 to 2, the rows staged likewise. A kernel
+    that staged every row in every block, slices or not, gives the same bits but not this."""
+    c = dict(CASES["offsets-K-chunks-tiles-nobias"], sms=12)
+    staged, unit_slices = [], []
+    for slices in (1, 3):
+        emu.stats(True)
+        cuts = run_case(emu, dict(c, slices=slices), torch.float32, True)[2]
+        st = emu.stats(True)
+        staged.append(st["vector_rows"] + st["scalar_rows"])
+        (_, bpd, _, kc, _, q), cut_b = cuts
+        assert q == cut_b[5] == slices and bpd == cut_b[1] and kc == 32 and cut_b[3] == 32
+        unit_slices.append(bpd // slices)
+    assert unit_slices == [6, 2], unit_slices
+    assert staged[0] > 0 and staged[0] * unit_slices[1] == staged[1] * unit_slices[0], staged
+
+
 @pytest.mark.parametrize("dtype", list(DTYPE_IDS), ids=list(DTYPE_IDS.values()))
 def test_emulated_persistent_kernels_are_deterministic(emu, dtype):
     # The emulated threads interleave differently every run, so equal bits show that no sum

@@ -282,6 +282,32 @@ def test_tiles_grow_to_128_rows_on_cuda_cores_and_32_on_tensor_cores(ask):
     assert (cap32.tile_rows, cap20.tile_rows, cap1.tile_rows) == (32, 16, 8)
 
 
+def test_row_slices_split_the_rows_where_staging_them_costs(ask):
+    """Each block stages its rows' state from L2 every step, so at B = 64 and 256 (float32, H =
+    256, an H100) the model splits the rows between blocks (row slices) and prices the step far
+    below the cut with every row in each block (VARLEN_RNN_PERSISTENT_ROW_SLICES=1), while at B =
+    1 there is nothing to split. Forced counts are clamped to B and to the SMs a direction has,
+    and a forced count whose weights no longer fit a block is refused as any cut that does not
+    fit."""
+    cases = [q(B, 256, 1, "inference", "f32", requested=PERSISTENT) for B in (1, 64, 256)]
+    cases += [
+        q(B, 256, 1, "inference", "f32", requested=PERSISTENT, row_slices=1) for B in (64, 256)
+    ]
+    cases += [
+        q(5, 256, 2, "training", "f32", requested=PERSISTENT, row_slices=100),
+        q(300, 32, 2, "backward", "bf16", requested=PERSISTENT, row_slices=100),
+        q(64, 1024, 1, "backward", "f32", requested=PERSISTENT, row_slices=64),
+    ]
+    b1, b64, b256, one64, one256, few_rows, few_sms, too_big = ask(cases)
+    assert b1.row_slices == 1, b1
+    for auto, one in ((b64, one64), (b256, one256)):
+        assert auto.row_slices > 1 and one.row_slices == 1, (auto, one)
+        assert auto.persistent_us < 0.75 * one.persistent_us, (auto, one)
+    assert few_rows.fits and few_rows.row_slices == 5, few_rows
+    assert few_sms.fits and few_sms.row_slices == 132 // 2, few_sms  # an H100, two directions
+    assert not too_big.fits and "does not fit" in too_big.why, too_big
+
+
 def test_what_cannot_run_persistent_says_why(ask):
     big, no_coop, fallback = ask(
         [
