@@ -169,38 +169,8 @@ CASES = {
     "packed-sorted-uni": dict(
         T=5, B=4, I=2, H=4, D=1, bias=True, layout="packed", sorted=True, lengths=[5, 3, 3, 1]
     ),
-    # Rows split between blocks: three slices of 4, 4 and 3 rows (zero lengths among them) times
-    # two unit slices, the second past H; then two slices, each walking its rows in two tiles
-    # with K in chunks; then more slices than rows run (the model's choice on 16 SMs, B = 3).
-    "sliced-3-bi-bf-zeros-tail": dict(
-        T=6,
-        B=11,
-        I=3,
-        H=5,
-        D=2,
-        bias=True,
-        layout="padded",
-        bf=True,
-        lengths=[6, 0, 3, 1, 6, 2, 5, 4, 0, 6, 1],
-        sms=12,
-        slices=3,
-        expect=["sliced", "tail"],
-    ),
-    "sliced-offsets-K-chunks-tiles": dict(
-        T=5,
-        B=40,
-        I=3,
-        H=37,
-        D=2,
-        bias=False,
-        layout="offsets",
-        kc=32,
-        rows=8,
-        lengths=[(i * 7) % 6 for i in range(40)],
-        sms=8,
-        slices=2,
-        expect=["sliced", "chunks", "tail", "tiles"],
-    ),
+    # More slices than rows run: the model's choice on 16 SMs at B = 3 (one block of each unit
+    # slice without a row).
     "sliced-model-packed-few-rows": dict(
         T=4,
         B=3,
@@ -214,6 +184,19 @@ CASES = {
         expect=["sliced"],
     ),
 }
+# Rows split between blocks, on cases above: three slices of 4, 4 and 3 rows (zero lengths among
+# them) times two unit slices, the second past H; two slices, each walking its rows in two tiles
+# with K in chunks.
+CASES["sliced-3-bi-bf-zeros-tail"] = dict(
+    CASES["bi-bf-zeros"], sms=12, slices=3, expect=["sliced", "tail"]
+)
+CASES["sliced-offsets-K-chunks-tiles"] = dict(
+    CASES["offsets-K-chunks-tiles-nobias"],
+    rows=8,
+    sms=8,
+    slices=2,
+    expect=["sliced", "chunks", "tail", "tiles"],
+)
 # The lower-precision dtypes run the cases that reach every code path between them (D=1 and 2,
 # zero lengths, batch_first, several row tiles, K chunks with a tail, a block past H, each row
 # layout), to keep the emulation's run time down.

@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
       for (int e = e0; e < items * kRows; e += blockDim.x) {
         const int j = unit_of(e), m = slot_of(e);
         if (!runs(j, m)) continue;
-        const int b = a.perm[part.pos(m)], len = a.sorted[part.pos(m)];
+        const int i = part.pos(m), b = a.perm[i], len = a.sorted[i];
         const int64_t row = row_of(m);
         acc_t gx[G], bias[G];
         if (e == e0) {
@@ -415,8 +415,10 @@ __global__ void __launch_bounds__(kPersistThreads, kPersistMinBlocks)
         const int item = e / (NU * kRows), g = (e / kRows) % NU, r = e % kRows;
         const int jl = (item % U) * NU + g, j = j0 + jl;
         const int m = base + (item / U) * kRows + r;
-        if (jl >= J || j >= H || m >= n || a.sorted[part.pos(m)] <= s) continue;
-        a.dh[dBH + static_cast<int64_t>(a.perm[part.pos(m)]) * H + j] += acc_s[e];
+        if (jl >= J || j >= H || m >= n) continue;
+        const int i = part.pos(m);
+        if (a.sorted[i] <= s) continue;
+        a.dh[dBH + static_cast<int64_t>(a.perm[i]) * H + j] += acc_s[e];
       }
     }
     __syncthreads();
